@@ -1,0 +1,1 @@
+"""Calibration data, observers on the layer stream, routing statistics and accuracy checks."""

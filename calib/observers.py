@@ -1,0 +1,160 @@
+"""Observers on the layer stream.
+
+They attach to a loaded decoder layer (``attach(i, layer)``), accumulate while the
+stream runs the calibration batches through it, and detach. Sums are float64,
+counts int64, so statistics over millions of tokens stay exact; every observer can
+``merge`` another of its kind (ranks of a distributed run, shards of a dataset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moepress.compress.moe import DecoderLayer
+
+
+@dataclass
+class LayerRouting:
+    """Routing statistics of one MoE layer, per routed expert."""
+
+    num_experts: int
+    top_k: int
+    tokens: int = 0
+    counts: torch.Tensor = None  # int64 [E]: tokens routed to each expert
+    gate_sum: torch.Tensor = None  # float64 [E]: sum of routing weights received
+    norm_sum: torch.Tensor = None  # float64 [E]: sum of ||expert output||_2 over routed tokens
+    reap_sum: torch.Tensor = None  # float64 [E]: sum of gate * ||expert output||_2 (REAP)
+    coselect: torch.Tensor = None  # int64 [E, E]: tokens routed to both i and j
+
+    def __post_init__(self):
+        e = self.num_experts
+        if self.counts is None:
+            self.counts = torch.zeros(e, dtype=torch.int64)
+            self.gate_sum = torch.zeros(e, dtype=torch.float64)
+            self.norm_sum = torch.zeros(e, dtype=torch.float64)
+            self.reap_sum = torch.zeros(e, dtype=torch.float64)
+            self.coselect = torch.zeros(e, e, dtype=torch.int64)
+
+    # observer protocol (moepress.compress.moe.MoEObserver)
+    def on_route(self, moe, x, logits, weights, indices) -> None:
+        self.tokens += x.shape[0]
+        hit = torch.zeros(x.shape[0], self.num_experts, dtype=torch.int64)
+        hit.scatter_(1, indices, 1)
+        self.coselect += hit.T @ hit
+
+    def on_expert(self, moe, e, tokens, slots, gate, x_e, y_e) -> None:
+        n = y_e.detach().double().norm(dim=-1)
+        g = gate.detach().double()
+        self.counts[e] += tokens.numel()
+        self.gate_sum[e] += g.sum()
+        self.norm_sum[e] += n.sum()
+        self.reap_sum[e] += (g * n).sum()
+
+    # derived
+    def _per_token(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.counts > 0, s / self.counts.clamp(min=1), torch.zeros_like(s))
+
+    @property
+    def share(self) -> torch.Tensor:
+        """Fraction of routing slots each expert received (sums to 1)."""
+        return self.counts.double() / max(int(self.counts.sum()), 1)
+
+    @property
+    def mean_norm(self) -> torch.Tensor:
+        return self._per_token(self.norm_sum)
+
+    @property
+    def reap(self) -> torch.Tensor:
+        """REAP saliency: mean over routed tokens of gate weight x ||expert output||_2."""
+        return self._per_token(self.reap_sum)
+
+    def merge(self, other: "LayerRouting") -> None:
+        self.tokens += other.tokens
+        for k in ("counts", "gate_sum", "norm_sum", "reap_sum", "coselect"):
+            getattr(self, k).add_(getattr(other, k))
+
+    def to_dict(self) -> dict:
+        return {"num_experts": self.num_experts, "top_k": self.top_k, "tokens": self.tokens,
+                **{k: getattr(self, k).tolist() for k in ("counts", "gate_sum", "norm_sum", "reap_sum", "coselect")}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerRouting":
+        out = cls(d["num_experts"], d["top_k"], d["tokens"])
+        for k, dt in (("counts", torch.int64), ("gate_sum", torch.float64), ("norm_sum", torch.float64),
+                      ("reap_sum", torch.float64), ("coselect", torch.int64)):
+            setattr(out, k, torch.tensor(d[k], dtype=dt))
+        return out
+
+
+@dataclass
+class RoutingStats:
+    """Routing statistics of every MoE layer the stream has run."""
+
+    layers: dict[int, LayerRouting] = field(default_factory=dict)
+
+    def attach(self, i: int, layer: DecoderLayer) -> LayerRouting | None:
+        moe = layer.moe
+        if moe is None:
+            return None
+        obs = self.layers.setdefault(i, LayerRouting(moe.num_experts, moe.top_k))
+        moe.observers.append(obs)
+        return obs
+
+    @staticmethod
+    def detach(layer: DecoderLayer) -> None:
+        if layer.moe is not None:
+            layer.moe.observers = [o for o in layer.moe.observers if not isinstance(o, LayerRouting)]
+
+    def merge(self, other: "RoutingStats") -> None:
+        for i, lr in other.layers.items():
+            if i in self.layers:
+                self.layers[i].merge(lr)
+            else:
+                self.layers[i] = lr
+
+    def to_dict(self) -> dict:
+        return {str(i): lr.to_dict() for i, lr in sorted(self.layers.items())}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RoutingStats":
+        return cls({int(i): LayerRouting.from_dict(v) for i, v in d.items()})
+
+
+class InputAbsMax:
+    """Per ``nn.Linear`` of a layer: running max |x| per input channel (float32), via pre-hooks.
+
+    Keys are the linear's name inside the layer (``mlp.experts.3.down_proj``). An expert
+    that received no tokens has no entry: the quantizer decides what it gets.
+    """
+
+    def __init__(self):
+        self.amax: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def attach(self, layer: nn.Module, include=lambda name: True) -> None:
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear) and include(name):
+                self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def fn(mod, args):
+            x = args[0]
+            if x.numel() == 0:
+                return
+            a = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+            prev = self.amax.get(name)
+            self.amax[name] = a if prev is None else torch.maximum(prev, a)
+        return fn
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def merge(self, other: "InputAbsMax") -> None:
+        for k, v in other.amax.items():
+            self.amax[k] = v if k not in self.amax else torch.maximum(self.amax[k], v)
+

@@ -1,0 +1,1 @@
+"""Checkpoint I/O, architecture adapters, the layer stream, pruning and quantization."""

@@ -1,0 +1,37 @@
+"""Architecture adapters, one file per family, registered by config.model_type / architectures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from moepress.errors import MoepressError
+
+FAMILIES: dict[str, type] = {}
+
+
+def register(cls):
+    FAMILIES[cls.family] = cls
+    return cls
+
+
+def _load_all() -> None:
+    from moepress.compress.arch import deepseek_v3, mixtral, qwen3_moe  # noqa: F401
+
+
+def adapter_class(config: dict, where: str = "config.json"):
+    _load_all()
+    mt = config.get("model_type")
+    archs = config.get("architectures") or []
+    for cls in FAMILIES.values():
+        if mt in cls.model_types:
+            return cls
+    for cls in FAMILIES.values():
+        if any(a in cls.architectures for a in archs):
+            return cls
+    supported = ", ".join(sorted(t for c in FAMILIES.values() for t in c.model_types))
+    raise MoepressError(f"{where}: unsupported architecture (model_type={mt!r}, architectures={archs}); "
+                        f"expected an MoE family: {supported}")
+
+
+def get_adapter(config: dict, names: Iterable[str] | None = None, where: str = "config.json"):
+    return adapter_class(config, where)(config, names)

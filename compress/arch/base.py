@@ -1,0 +1,161 @@
+"""What every architecture adapter knows: checkpoint layout, config keys, routing, layer building."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from moepress.compress.moe import DecoderLayer, ExpertMLP, Router, SparseMoE
+from moepress.errors import MoepressError
+
+
+class Adapter:
+    """One MoE family. Subclasses set the class attributes and implement the hooks below.
+
+    An adapter is built from a checkpoint's config.json (a dict) and, when known, the
+    checkpoint's tensor names (a family may have more than one naming on disk).
+    """
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    architectures: ClassVar[tuple[str, ...]]
+    experts_keys: ClassVar[tuple[str, ...]]  # config keys for the routed-expert count
+    scoring: ClassVar[str] = "softmax"
+    ffn_attr: ClassVar[str] = "mlp"
+    expert_names: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, config: dict, names: Iterable[str] | None = None):
+        self.config = dict(config)
+        self.hf_config = self.make_hf_config(self.config)
+        self.hf_config._attn_implementation = "sdpa"
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "vocab_size") if not config.get(k)]
+        if missing or self.experts_key() is None:
+            need = missing or [" or ".join(self.experts_keys)]
+            raise MoepressError(f"config.json: {self.family} config lacks {', '.join(need)}")
+
+    # ---- hooks for subclasses --------------------------------------------------------------
+    def make_hf_config(self, config: dict):
+        raise NotImplementedError
+
+    def build_attention(self, i: int) -> nn.Module:
+        raise NotImplementedError
+
+    def build_norm(self, size: int) -> nn.Module:
+        raise NotImplementedError
+
+    def build_rotary(self) -> nn.Module:
+        raise NotImplementedError
+
+    def route(self, moe: SparseMoE, x: torch.Tensor):
+        raise NotImplementedError
+
+    def is_moe_layer(self, i: int) -> bool:
+        raise NotImplementedError
+
+    def routing(self) -> dict:
+        """Routing facts for inspect/stats: scoring, top_k, renormalisation, groups, bias."""
+        raise NotImplementedError
+
+    def dense_intermediate_size(self, i: int) -> int:
+        return int(self.hf_config.intermediate_size)
+
+    def moe_intermediate_size(self) -> int:
+        return int(self.hf_config.moe_intermediate_size)
+
+    def n_shared_experts(self) -> int:
+        return 0
+
+    # ---- facts ---------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.hf_config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf_config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    @property
+    def top_k(self) -> int:
+        return int(self.hf_config.num_experts_per_tok)
+
+    def experts_key(self) -> str | None:
+        for k in self.experts_keys:
+            if self.config.get(k):
+                return k
+        return None
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.config[self.experts_key()])
+
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    # ---- checkpoint names ----------------------------------------------------------------------
+    embed_name: ClassVar[str] = "model.embed_tokens.weight"
+    norm_name: ClassVar[str] = "model.norm.weight"
+    head_name: ClassVar[str] = "lm_head.weight"
+
+    def layer_prefix(self, i: int) -> str:
+        return f"model.layers.{i}."
+
+    def router_prefix(self, i: int) -> str:
+        return f"{self.layer_prefix(i)}{self.ffn_attr}.gate."
+
+    def expert_prefix(self, i: int, e: int) -> str:
+        return f"{self.layer_prefix(i)}{self.ffn_attr}.experts.{e}."
+
+    def expert_index(self, name: str) -> tuple[int, int] | None:
+        """(layer, expert) for a routed-expert tensor name, else None."""
+        m = re.match(rf"model\.layers\.(\d+)\.{re.escape(self.ffn_attr)}\.experts\.(\d+)\.", name)
+        return (int(m.group(1)), int(m.group(2))) if m else None
+
+    def keep_fp32(self, name: str) -> bool:
+        """Tensors kept in float32 whatever the compute dtype (router scores need it)."""
+        return ".gate." in name and (name.endswith("e_score_correction_bias"))
+
+    # ---- building ------------------------------------------------------------------------------
+    def build_experts(self, num: int) -> list[ExpertMLP]:
+        act = self.hf_config.hidden_act
+        return [ExpertMLP(self.hidden_size, self.moe_intermediate_size(), act, self.expert_names)
+                for _ in range(num)]
+
+    def build_ffn(self, i: int) -> nn.Module:
+        act = self.hf_config.hidden_act
+        if not self.is_moe_layer(i):
+            return ExpertMLP(self.hidden_size, self.dense_intermediate_size(i), act, self.expert_names)
+        shared = None
+        if self.n_shared_experts():
+            shared = ExpertMLP(self.hidden_size, self.moe_intermediate_size() * self.n_shared_experts(), act)
+        gate = Router(self.num_experts, self.hidden_size, correction_bias=self.scoring == "sigmoid")
+        return SparseMoE(gate, self.build_experts(self.num_experts), self.route, shared, i, self.top_k)
+
+    def build_layer(self, i: int) -> DecoderLayer:
+        """The decoder layer module, parameters uninitialised (build under torch.device('meta'))."""
+        return DecoderLayer(self.build_attention(i), self.build_ffn(i), self.build_norm(self.hidden_size),
+                            self.build_norm(self.hidden_size), self.ffn_attr, i)
+
+    # ---- config rewriting ------------------------------------------------------------------------
+    def config_with_experts(self, n: int) -> dict:
+        """config.json with the routed-expert count set to n, under the key the source used."""
+        out = dict(self.config)
+        for k in self.experts_keys:
+            if k in out:
+                out[k] = n
+        return out
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

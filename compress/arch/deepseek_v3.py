@@ -1,0 +1,92 @@
+"""DeepSeek-V3 and Kimi K2: MLA attention, sigmoid scores with noaux_tc correction bias,
+group-limited top-k, shared experts, routed scaling, dense first layers.
+
+Kimi K2's config says ``model_type: kimi_k2`` with an ``auto_map`` to remote code; it is the
+DeepseekV3ForCausalLM architecture, so it is recognised here natively and no remote code runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+
+from moepress.compress.arch import register
+from moepress.compress.arch.base import Adapter
+
+
+def sigmoid_group_topk(logits: torch.Tensor, bias: torch.Tensor, k: int, n_group: int, topk_group: int,
+                       renormalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 noaux_tc routing (transformers' DeepseekV3TopkRouter, the reference's MoEGate).
+
+    Choice uses sigmoid(logits) + bias; groups are ranked by the sum of their two best
+    biased scores and only the best ``topk_group`` groups compete; the weights are the
+    unbiased sigmoid scores of the chosen experts, renormalised, times ``scale``.
+    """
+    scores = logits.sigmoid()
+    choice = scores + bias
+    t, e = choice.shape
+    group_scores = choice.view(t, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+    indices = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, indices)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scale, indices
+
+
+@register
+class DeepseekV3Adapter(Adapter):
+    family = "deepseek_v3"
+    model_types = ("deepseek_v3", "kimi_k2")
+    architectures = ("DeepseekV3ForCausalLM",)
+    experts_keys = ("n_routed_experts",)
+    scoring = "sigmoid"
+
+    def make_hf_config(self, config):
+        cfg = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}
+        return DeepseekV3Config(**cfg)
+
+    def build_attention(self, i):
+        return hf.DeepseekV3Attention(self.hf_config, i)
+
+    def build_norm(self, size):
+        return hf.DeepseekV3RMSNorm(size, eps=self.hf_config.rms_norm_eps)
+
+    def build_rotary(self):
+        return hf.DeepseekV3RotaryEmbedding(self.hf_config)
+
+    def is_moe_layer(self, i):
+        freq = int(self.config.get("moe_layer_freq", 1) or 1)
+        return i >= int(self.hf_config.first_k_dense_replace) and i % freq == 0
+
+    def n_shared_experts(self):
+        return int(self.hf_config.n_shared_experts or 0)
+
+    def keep_fp32(self, name):
+        # transformers keeps DeepSeek's router weight and bias in float32 (_keep_in_fp32_modules_strict).
+        return ".gate." in name
+
+    def route(self, moe, x):
+        c = self.hf_config
+        logits = F.linear(x.float(), moe.gate.weight.float())
+        weights, indices = sigmoid_group_topk(logits, moe.gate.e_score_correction_bias, moe.top_k,
+                                              int(c.n_group), int(c.topk_group), bool(c.norm_topk_prob),
+                                              float(c.routed_scaling_factor))
+        return logits, weights, indices
+
+    def routing(self):
+        c = self.hf_config
+        return {"scoring": "sigmoid", "top_k": self.top_k, "renormalize": bool(c.norm_topk_prob),
+                "n_group": int(c.n_group), "topk_group": int(c.topk_group), "correction_bias": True,
+                "routed_scaling_factor": float(c.routed_scaling_factor),
+                "topk_method": self.config.get("topk_method", "noaux_tc")}
+
+    def mtp_layers(self) -> list[int]:
+        """Multi-token-prediction layers stored after the trunk (DeepSeek-V3: model.layers.61)."""
+        n = int(self.config.get("num_nextn_predict_layers", 0) or 0)
+        return list(range(self.num_layers, self.num_layers + n))

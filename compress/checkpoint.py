@@ -1,0 +1,416 @@
+"""The checkpoint layer: the only code in moepress that opens model files.
+
+Reads Hugging Face safetensors checkpoints lazily (one shard file or several
+through ``model.safetensors.index.json``) and writes sharded checkpoints through
+a ``.partial`` directory that is renamed into place only when complete, so an
+interrupted run never leaves something that looks finished.
+
+Stored weights may be quantized (DeepSeek/Kimi block-FP8 with ``weight_scale_inv``,
+or the formats moepress writes); :meth:`CheckpointReader.weight` returns them
+dequantized through decoders that the quantization formats register
+(:func:`register_weight_decoder`), one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import struct
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moepress.errors import MoepressError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+# safetensors dtype codes -> (torch dtype, bytes per element)
+_DTYPES: dict[str, tuple[torch.dtype, float]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+DTYPE_NAMES = {v[0]: k for k, v in _DTYPES.items()}
+
+# Files that travel with a checkpoint whatever moepress does to its weights
+# (tokenizer, chat template, generation defaults, remote code such as Kimi K2's).
+AUX_FILE_PATTERNS = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*",
+    "generation_config.json", "vocab*", "merges.txt", "*.tiktoken", "tokenization_*.py",
+    "configuration_*.py", "modeling_*.py", "preprocessor_config.json",
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """Parse a safetensors header and check the file holds all the data it announces.
+
+    Returns (header, offset of the data section)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise MoepressError(f"{path}: truncated safetensors file (only {size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100 * 1024 * 1024:
+                raise MoepressError(f"{path}: truncated or corrupt safetensors file "
+                                    f"(header of {n} bytes announced, file has {size} bytes)")
+            header = json.loads(f.read(n))
+    except PermissionError as e:
+        raise MoepressError(f"{path}: cannot read shard ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MoepressError(f"{path}: corrupt safetensors header (not JSON)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise MoepressError(f"{path}: truncated shard: header says {8 + n + end} bytes, file has {size}")
+    return header, 8 + n
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MoepressError(f"{path}: file not found") from None
+    except PermissionError as e:
+        raise MoepressError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoepressError(f"{path}: not valid JSON ({e})") from None
+
+
+# A weight decoder turns stored tensors into a float weight: decoder(reader, base, dtype)
+# gets the module prefix (e.g. "model.layers.3.mlp.experts.7.down_proj") and returns the
+# dequantized weight, or None if the stored form is not its own.
+WeightDecoder = Callable[["CheckpointReader", str, torch.dtype], "torch.Tensor | None"]
+_DECODERS: list[WeightDecoder] = []
+
+
+def register_weight_decoder(fn: WeightDecoder) -> WeightDecoder:
+    _DECODERS.append(fn)
+    return fn
+
+
+class CheckpointReader:
+    """Lazy, read-only view of a Hugging Face checkpoint directory.
+
+    Opening reads config.json and every shard header (a few KB each) and checks them
+    against each other; tensor data is read only when asked for, one tensor at a time.
+    A directory with only config.json is valid (``has_weights`` is False): inspect and
+    planning work on configs alone.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            raise MoepressError(f"{self.path}: no such checkpoint directory") from None
+        except PermissionError:
+            raise MoepressError(f"{self.path}: checkpoint directory is not readable") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise MoepressError(f"{self.path}: expected a checkpoint directory (with config.json), got a file")
+        if not os.access(self.path, os.R_OK | os.X_OK):
+            raise MoepressError(f"{self.path}: checkpoint directory is not readable")
+        self.config: dict = _json(self.path / "config.json")
+        if not isinstance(self.config, dict):
+            raise MoepressError(f"{self.path / 'config.json'}: expected a JSON object")
+        self._tensors: dict[str, TensorInfo] = {}
+        self._fds: dict[Path, int] = {}
+        self._load_headers()
+        self._by_layer: dict[int, list[str]] = defaultdict(list)
+        for name in self._tensors:
+            m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+            if m:
+                self._by_layer[int(m.group(1))].append(name)
+
+    # ---- structure -------------------------------------------------------------------
+    def _load_headers(self) -> None:
+        index = self.path / INDEX_NAME
+        single = self.path / SINGLE_NAME
+        if index.exists():
+            weight_map = _json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise MoepressError(f"{index}: expected a 'weight_map' object")
+            by_file: dict[str, list[str]] = defaultdict(list)
+            for name, fname in weight_map.items():
+                by_file[fname].append(name)
+            for fname, names in sorted(by_file.items()):
+                shard = self.path / fname
+                if not shard.exists():
+                    raise MoepressError(f"{index}: shard '{fname}' (holding {len(names)} tensors, "
+                                        f"e.g. {names[0]}) is missing")
+                header, base = _read_header(shard)
+                for name in names:
+                    if name not in header:
+                        raise MoepressError(f"{shard}: tensor '{name}' named in {INDEX_NAME} is not in this shard")
+                    self._add(name, header[name], shard, base)
+        elif single.exists():
+            header, base = _read_header(single)
+            for name, meta in header.items():
+                if name != "__metadata__":
+                    self._add(name, meta, single, base)
+        else:
+            others = sorted(self.path.glob("*.safetensors"))
+            if others:
+                raise MoepressError(f"{self.path}: found {others[0].name} but no {INDEX_NAME} or {SINGLE_NAME}")
+
+    def _add(self, name: str, meta: dict, file: Path, base: int) -> None:
+        code = meta.get("dtype")
+        if code not in _DTYPES:
+            raise MoepressError(f"{file}: tensor '{name}' has unsupported dtype {code}")
+        shape = tuple(int(s) for s in meta["shape"])
+        begin, end = meta["data_offsets"]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * _DTYPES[code][1]:
+            raise MoepressError(f"{file}: tensor '{name}' holds {end - begin} bytes, "
+                                f"expected {numel * _DTYPES[code][1]} for {code} {list(shape)}")
+        self._tensors[name] = TensorInfo(name, code, shape, file, base + begin, end - begin)
+
+    @property
+    def has_weights(self) -> bool:
+        return bool(self._tensors)
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def layer_names(self, layer: int) -> list[str]:
+        return list(self._by_layer.get(layer, ()))
+
+    def layer_indices(self) -> list[int]:
+        return sorted(self._by_layer)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise MoepressError(f"{self.path}: tensor '{name}' not found in checkpoint") from None
+
+    def bytes_by_dtype(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for t in self._tensors.values():
+            out[t.dtype] += t.nbytes
+        return dict(out)
+
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self._tensors.values()})
+
+    # ---- data ------------------------------------------------------------------------
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            try:
+                fd = os.open(file, os.O_RDONLY)
+            except OSError as e:
+                raise MoepressError(f"{file}: cannot open shard ({e.strerror})") from None
+            self._fds[file] = fd
+        return fd
+
+    def get(self, name: str) -> torch.Tensor:
+        """The stored tensor, as stored (no dequantization).
+
+        Read with pread into a fresh buffer rather than through mmap: resident memory
+        stays bounded by what the caller holds (mapped pages of a 1 TB checkpoint would
+        count against RSS), and reads from several threads (prefetch) are safe.
+        """
+        info = self.info(name)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
+        fd, done = self._fd(info.file), 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], info.offset + done)
+            if n <= 0:
+                raise MoepressError(f"{info.file}: truncated shard while reading tensor '{name}'")
+            done += n
+        dtype = _DTYPES[info.dtype][0]
+        return buf.view(dtype).reshape(info.shape)
+
+    def weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A weight in float ``dtype``, dequantized if it is stored quantized."""
+        if name.endswith(".weight"):
+            import moepress.compress.quant  # noqa: F401  (registers the decoders)
+
+            base = name[: -len(".weight")]
+            for dec in _DECODERS:
+                out = dec(self, base, dtype)
+                if out is not None:
+                    return out
+        return self.get(name).to(dtype)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def aux_files(src: Path) -> list[Path]:
+    """Tokenizer, chat template, generation config and remote-code files of a checkpoint."""
+    out: set[Path] = set()
+    for pat in AUX_FILE_PATTERNS:
+        out.update(p for p in src.glob(pat) if p.is_file())
+    return sorted(out)
+
+
+class CheckpointWriter:
+    """Writes a sharded safetensors checkpoint atomically.
+
+    Tensors are buffered and written in shards of at most ``max_shard_bytes`` (a shard
+    also ends where the caller calls :meth:`end_shard`, e.g. at a layer boundary).
+    Everything goes to ``<out>.partial/``; :meth:`commit` names the shards
+    ``model-0000i-of-0000N.safetensors``, writes the index and renames the directory to
+    ``<out>``. Until then nothing named ``<out>`` exists (or the old one stays, with --force).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, force: bool = False,
+                 max_shard_bytes: int = 4 * 1024**3, resume: bool = False):
+        self.out = Path(out_dir)
+        if self.out.exists() and not self.out.is_dir():
+            raise MoepressError(f"{self.out}: output path exists and is not a directory")
+        if self.out.exists() and any(self.out.iterdir()) and not force:
+            raise MoepressError(f"{self.out}: output directory is not empty (pass --force to replace it)")
+        self.partial = self.out.parent / (self.out.name + ".partial")
+        if self.partial.exists() and not resume:
+            shutil.rmtree(self.partial)
+        try:
+            self.partial.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MoepressError(f"{self.partial}: cannot create output directory ({e.strerror})") from None
+        self.max_shard_bytes = max_shard_bytes
+        self._buf: dict[str, torch.Tensor] = {}
+        self._buf_bytes = 0
+        self._shards: list[tuple[str, list[str], int]] = []  # (file, names, bytes)
+        self._names: set[str] = set()
+        if resume:
+            self._shards = [tuple(s) for s in self._read_journal().get("shards", [])]  # type: ignore[misc]
+            self._names = {n for _, names, _ in self._shards for n in names}
+
+    # ---- journal (which shards are complete) for resumable stages -----------------------
+    def _journal_path(self) -> Path:
+        return self.partial / "writer-journal.json"
+
+    def _read_journal(self) -> dict:
+        p = self._journal_path()
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def _write_journal(self) -> None:
+        tmp = self._journal_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps({"shards": self._shards}))
+        os.replace(tmp, self._journal_path())
+
+    # ---- tensors -------------------------------------------------------------------------
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names or name in self._buf:
+            raise ValueError(f"tensor {name} written twice")
+        t = tensor.detach().to("cpu").contiguous()
+        self._buf[name] = t
+        self._buf_bytes += t.numel() * t.element_size()
+        if self._buf_bytes >= self.max_shard_bytes:
+            self.end_shard()
+
+    def end_shard(self) -> None:
+        """Write the buffered tensors as one shard (no-op if nothing is buffered)."""
+        if not self._buf:
+            return
+        fname = f"shard-{len(self._shards):05d}.safetensors"
+        tmp = self.partial / (fname + ".tmp")
+        save_file(self._buf, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, self.partial / fname)
+        self._shards.append((fname, sorted(self._buf), self._buf_bytes))
+        self._names.update(self._buf)
+        self._buf, self._buf_bytes = {}, 0
+        self._write_journal()
+
+    @property
+    def written_names(self) -> set[str]:
+        return self._names | set(self._buf)
+
+    # ---- other files ---------------------------------------------------------------------
+    def write_json(self, relname: str, obj) -> None:
+        path = self.partial / relname
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+    def write_text(self, relname: str, text: str) -> None:
+        path = self.partial / relname
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    def copy_aux_files(self, src: str | os.PathLike) -> list[str]:
+        copied = []
+        for p in aux_files(Path(src)):
+            shutil.copy2(p, self.partial / p.name)
+            copied.append(p.name)
+        return copied
+
+    # ---- finish --------------------------------------------------------------------------
+    def commit(self) -> Path:
+        self.end_shard()
+        n = len(self._shards)
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, (fname, names, nbytes) in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.partial / fname, self.partial / final)
+            weight_map.update({name: final for name in names})
+            total += nbytes
+        if n:
+            self.write_json(INDEX_NAME, {"metadata": {"total_size": total},
+                                         "weight_map": dict(sorted(weight_map.items()))})
+        self._journal_path().unlink(missing_ok=True)
+        old = None
+        if self.out.exists():
+            old = self.out.parent / (self.out.name + f".old-{os.getpid()}")
+            os.replace(self.out, old)
+        os.replace(self.partial, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+

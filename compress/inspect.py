@@ -1,0 +1,162 @@
+"""`moepress inspect`: what a checkpoint (or a config-only directory) holds.
+
+Parameter counts come from the layer modules built on the meta device (no weights
+needed), so the numbers are the ones the stream will really load.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from moepress.compress.arch import get_adapter
+from moepress.compress.arch.base import Adapter, count_params
+from moepress.compress.checkpoint import CheckpointReader
+
+
+def _layer_counts(adapter: Adapter, i: int) -> tuple[int, int]:
+    """(total, active-per-token) parameters of decoder layer i."""
+    with torch.device("meta"):
+        layer = adapter.build_layer(i)
+    total = count_params(layer)
+    moe = layer.moe
+    if moe is None:
+        return total, total
+    per_expert = count_params(moe.experts[0])
+    return total, total - (moe.num_experts - moe.top_k) * per_expert
+
+
+def param_counts(adapter: Adapter) -> dict:
+    """Total and active parameters, embeddings and head included (head counted once if tied)."""
+    cache = lru_cache(maxsize=None)(lambda moe: _layer_counts(adapter, first[moe]))
+    first = {}
+    for i in range(adapter.num_layers):
+        first.setdefault(adapter.is_moe_layer(i), i)
+    total = active = 0
+    for i in range(adapter.num_layers):
+        t, a = cache(adapter.is_moe_layer(i))
+        total += t
+        active += a
+    per_expert = 3 * adapter.hidden_size * adapter.moe_intermediate_size()
+    experts = len(adapter.moe_layers()) * adapter.num_experts * per_expert
+    emb = adapter.vocab_size * adapter.hidden_size
+    head = 0 if adapter.tie_word_embeddings else emb
+    norm = adapter.hidden_size
+    return {
+        "total": total + emb + head + norm,
+        "active": active + emb + head + norm,
+        "routed_experts": experts,
+        "embeddings": emb,
+        "lm_head": head,
+    }
+
+
+def storage_format(config: dict) -> str:
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") == "fp8" and qc.get("weight_block_size"):
+        return "fp8-block"
+    if qc:
+        return str(qc.get("quant_method") or qc.get("format") or "quantized")
+    return str(config.get("torch_dtype") or config.get("dtype") or "unknown")
+
+
+def summarize(path: str) -> dict:
+    reader = CheckpointReader(path)
+    a = get_adapter(reader.config, reader.names(), where=str(reader.path / "config.json"))
+    if reader.has_weights:
+        from moepress.compress.stream import StreamedModel
+
+        StreamedModel(reader)  # checks config against the shard headers (reads no tensor data)
+    moe_layers = a.moe_layers()
+    dense = [i for i in range(a.num_layers) if i not in moe_layers]
+    out = {
+        "path": str(reader.path),
+        "family": a.family,
+        "model_type": reader.config.get("model_type"),
+        "architectures": reader.config.get("architectures"),
+        "layers": {"total": a.num_layers, "moe": moe_layers, "dense": dense},
+        "hidden_size": a.hidden_size,
+        "vocab_size": a.vocab_size,
+        "experts": {
+            "routed": a.num_experts,
+            "config_key": a.experts_key(),
+            "shared": a.n_shared_experts(),
+            "top_k": a.top_k,
+            "moe_intermediate_size": a.moe_intermediate_size(),
+        },
+        "routing": a.routing(),
+        "params": param_counts(a),
+        "storage": storage_format(reader.config),
+        "has_weights": reader.has_weights,
+        "bytes_on_disk": reader.bytes_by_dtype(),
+        "remote_code": bool(reader.config.get("auto_map")),
+    }
+    mtp = getattr(a, "mtp_layers", lambda: [])()
+    if mtp:
+        out["layers"]["mtp"] = mtp
+    return out
+
+
+def _fmt_count(n: int) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def _ranges(xs: list[int]) -> str:
+    if not xs:
+        return "none"
+    parts, start, prev = [], xs[0], xs[0]
+    for x in xs[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ",".join(parts)
+
+
+def render(s: dict) -> str:
+    e, r, p, lay = s["experts"], s["routing"], s["params"], s["layers"]
+    route = f"{r['scoring']} top-{r['top_k']}"
+    if r.get("renormalize"):
+        route += ", renormalised"
+    if r.get("correction_bias"):
+        route += f", correction bias ({r.get('topk_method', 'noaux_tc')})"
+    if r.get("n_group", 1) > 1:
+        route += f", {r['n_group']} groups (top {r['topk_group']})"
+    if r.get("routed_scaling_factor", 1.0) != 1.0:
+        route += f", scaled x{r['routed_scaling_factor']}"
+    lines = [
+        f"model      {s['path']}",
+        f"family     {s['family']} (model_type {s['model_type']}"
+        + (", remote code not needed" if s["remote_code"] else "") + ")",
+        f"layers     {lay['total']}: MoE {_ranges(lay['moe'])}; dense {_ranges(lay['dense'])}"
+        + (f"; MTP {_ranges(lay['mtp'])}" if lay.get("mtp") else ""),
+        f"experts    {e['routed']} routed ({e['config_key']}) + {e['shared']} shared, "
+        f"intermediate {e['moe_intermediate_size']}",
+        f"routing    {route}",
+        f"params     {_fmt_count(p['total'])} total, {_fmt_count(p['active'])} active per token "
+        f"(routed experts {_fmt_count(p['routed_experts'])})",
+        f"storage    {s['storage']}",
+    ]
+    if s["has_weights"]:
+        disk = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(s["bytes_on_disk"].items()))
+        lines.append(f"on disk    {_fmt_bytes(sum(s['bytes_on_disk'].values()))} ({disk})")
+    else:
+        lines.append("on disk    no weights (config only)")
+    if "formats" in s:
+        lines.append(f"formats    {', '.join(s['formats'])}")
+    if "targets" in s:
+        lines.append(f"targets    {s['targets']}")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""The pieces of a decoder layer that moepress owns: router, experts, sparse MoE block.
+
+Attention and norms are transformers' own modules (built per family by the
+adapters); the MoE block is ours so that every expert is a plain ``nn.Linear``
+triple whose parameter names equal the checkpoint's tensor names
+(``mlp.experts.7.down_proj.weight``, Mixtral ``block_sparse_moe.experts.7.w2.weight``).
+That gives observers and quantizers one hook point per expert linear, and a layer's
+``state_dict`` is exactly its slice of the checkpoint.
+
+Routing functions live in the family adapters and replicate transformers exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+# route(moe, x2d) -> (router_logits, topk_weights [T, k], topk_indices [T, k])
+RouteFn = Callable[["SparseMoE", torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class MoEObserver(Protocol):
+    """What a MoE block tells observers while it runs (all methods optional).
+
+    on_route(moe, x, logits, weights, indices): once per forward, x is [T, H].
+    on_expert(moe, e, tokens, slots, gate, x_e, y_e): per expert hit; tokens [n] index x,
+        slots [n] the top-k position, gate [n] the routing weight, x_e its input [n, H]
+        and y_e its output [n, H] before the routing weight is applied.
+    """
+
+
+class Router(nn.Module):
+    """Router weight [E, H] and, for DeepSeek-V3/Kimi K2, the noaux_tc correction bias."""
+
+    def __init__(self, num_experts: int, hidden: int, correction_bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        if correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+
+class ExpertMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), with the family's parameter names."""
+
+    def __init__(self, hidden: int, inter: int, act: str = "silu",
+                 names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")):
+        super().__init__()
+        self.names = names
+        g, u, d = names
+        setattr(self, g, nn.Linear(hidden, inter, bias=False))
+        setattr(self, u, nn.Linear(hidden, inter, bias=False))
+        setattr(self, d, nn.Linear(inter, hidden, bias=False))
+        self.act_fn = ACT2FN[act]
+
+    def linears(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        return tuple(getattr(self, n) for n in self.names)  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u, d = self.linears()
+        return d(self.act_fn(g(x)) * u(x))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts (+ optional shared experts), observable per expert."""
+
+    def __init__(self, gate: Router, experts: list[ExpertMLP], route: RouteFn,
+                 shared_experts: ExpertMLP | None = None, layer_idx: int = -1, top_k: int = 1):
+        super().__init__()
+        self.gate = gate
+        self.experts = nn.ModuleList(experts)
+        if shared_experts is not None:
+            self.shared_experts = shared_experts
+        else:
+            self.shared_experts = None
+        self.route = route
+        self.layer_idx = layer_idx
+        self.top_k = top_k
+        self.observers: list[MoEObserver] = []
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        logits, weights, indices = self.route(self, x)
+        for obs in self.observers:
+            fn = getattr(obs, "on_route", None)
+            if fn is not None:
+                fn(self, x, logits, weights, indices)
+        out = torch.zeros_like(x)
+        # Same order of accumulation as transformers' experts loop: ascending expert id.
+        for e in torch.unique(indices).tolist():
+            tokens, slots = torch.where(indices == e)
+            x_e = x[tokens]
+            y_e = self.experts[e](x_e)
+            gate = weights[tokens, slots]
+            for obs in self.observers:
+                fn = getattr(obs, "on_expert", None)
+                if fn is not None:
+                    fn(self, e, tokens, slots, gate, x_e, y_e)
+            out.index_add_(0, tokens, (y_e * gate[:, None]).to(out.dtype))
+        out = out.view(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden_states)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: h + attn(norm(h)), then h + ffn(norm(h)).
+
+    ``ffn_attr`` is the family's name for the feed-forward block ("mlp", or Mixtral's
+    "block_sparse_moe") so that state_dict names match the checkpoint.
+    """
+
+    def __init__(self, self_attn: nn.Module, ffn: nn.Module, input_layernorm: nn.Module,
+                 post_attention_layernorm: nn.Module, ffn_attr: str = "mlp", layer_idx: int = -1):
+        super().__init__()
+        self.self_attn = self_attn
+        self.input_layernorm = input_layernorm
+        self.post_attention_layernorm = post_attention_layernorm
+        self.ffn_attr = ffn_attr
+        setattr(self, ffn_attr, ffn)
+        self.layer_idx = layer_idx
+
+    @property
+    def ffn(self) -> nn.Module:
+        return getattr(self, self.ffn_attr)
+
+    @property
+    def moe(self) -> SparseMoE | None:
+        f = self.ffn
+        return f if isinstance(f, SparseMoE) else None
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        residual = hidden_states
+        h = self.input_layernorm(hidden_states)
+        h, _ = self.self_attn(hidden_states=h, position_embeddings=position_embeddings,
+                              attention_mask=attention_mask)
+        h = residual + h
+        residual = h
+        h = self.ffn(self.post_attention_layernorm(h))
+        return residual + h

@@ -1,0 +1,6 @@
+"""Numeric formats, one file each (fp8.py, ...), each starting with its pure tensor functions.
+
+Importing this package registers the formats' checkpoint weight decoders.
+"""
+
+from moepress.compress.quant import fp8  # noqa: F401

@@ -1,0 +1,57 @@
+"""FP8 (E4M3) weights: per-tensor and 128x128 block scales.
+
+Block layout is DeepSeek-V3's (deepseek-ai/DeepSeek-V3 README_WEIGHTS.md): a float8_e4m3fn
+weight [out, in] and a float32 ``weight_scale_inv`` [ceil(out/128), ceil(in/128)];
+dequantized weight = fp8 block * its scale_inv (partial edge blocks included).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moepress.compress.checkpoint import CheckpointReader, register_weight_decoder
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
+DEFAULT_BLOCK = (128, 128)
+
+
+def _expand_blocks(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+    br, bc = block
+    return scale.repeat_interleave(br, 0)[: shape[0]].repeat_interleave(bc, 1)[:, : shape[1]]
+
+
+def block_amax(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
+    """Max |w| per block, [ceil(out/br), ceil(in/bc)], float32."""
+    out, inp = w.shape
+    br, bc = block
+    pr, pc = (-out) % br, (-inp) % bc
+    wp = torch.nn.functional.pad(w.float().abs(), (0, pc, 0, pr))
+    return wp.view((out + pr) // br, br, (inp + pc) // bc, bc).amax(dim=(1, 3))
+
+
+def quantize_block(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (fp8 weight, float32 scale_inv per block). scale_inv = amax / 448."""
+    scale = (block_amax(w, block) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    q = (w.float() / _expand_blocks(scale, tuple(w.shape), block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def dequantize_block(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * _expand_blocks(scale_inv.float(), tuple(q.shape), block)).to(dtype)
+
+
+def block_size_of(config: dict) -> tuple[int, int]:
+    qc = config.get("quantization_config") or {}
+    bs = qc.get("weight_block_size") or DEFAULT_BLOCK
+    return int(bs[0]), int(bs[1])
+
+
+@register_weight_decoder
+def _decode_block_fp8(reader: CheckpointReader, base: str, dtype: torch.dtype):
+    if base + ".weight_scale_inv" not in reader:
+        return None
+    q = reader.get(base + ".weight")
+    s = reader.get(base + ".weight_scale_inv")
+    return dequantize_block(q, s, block_size_of(reader.config), dtype)

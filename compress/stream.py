@@ -1,0 +1,199 @@
+"""Layer-streamed model: embeddings -> each decoder layer (load, run every batch, free) -> norm -> head.
+
+Memory is one decoder layer plus the activations of the batches in flight, whatever the
+model's size. Stages drive the loop themselves (``embed`` / ``layers`` / ``run_layer`` /
+``head``) or use :meth:`StreamedModel.forward` with callbacks where observers and
+transforms attach.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+from moepress.compress.arch import get_adapter
+from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.moe import DecoderLayer
+from moepress.errors import MoepressError
+
+# Tensors stored next to a weight by quantized formats; a layer module has no parameter
+# for them, the checkpoint's weight decoders consume them.
+COMPANION_SUFFIXES = (
+    ".weight_scale_inv", ".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale",
+    ".weight_packed", ".weight_shape", ".weight_zero_point", ".k_scale", ".v_scale",
+    ".weight_global_scale", ".input_global_scale",
+)
+
+LayerCallback = Callable[[int, DecoderLayer], None]
+
+
+class StreamedModel:
+    """A checkpoint seen as a stream of decoder layers.
+
+    ``dtype`` is the compute dtype (float32 for exact comparisons); router tensors that the
+    family keeps in float32 stay float32.
+    """
+
+    def __init__(self, source: str | CheckpointReader, *, dtype: torch.dtype = torch.float32,
+                 prefetch: bool = True):
+        self.ckpt = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
+        self.adapter = get_adapter(self.ckpt.config, self.ckpt.names(), where=str(self.ckpt.path / "config.json"))
+        self.dtype = dtype
+        self.prefetch = prefetch
+        self._rotary = None
+        self._pos_cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.check_weights()
+
+    @property
+    def config(self) -> dict:
+        return self.ckpt.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    # ---- validation ----------------------------------------------------------------------------
+    def _where(self) -> str:
+        return str(self.ckpt.path)
+
+    def check_weights(self) -> None:
+        """Cheap structural check of config against the shard headers (no tensor data read)."""
+        a, ck = self.adapter, self.ckpt
+        if not ck.has_weights:
+            raise MoepressError(f"{self._where()}: no weights found (config-only directory); "
+                                f"expected model.safetensors or {'model.safetensors.index.json'}")
+        top = [(a.embed_name, (a.vocab_size, a.hidden_size)), (a.norm_name, (a.hidden_size,))]
+        if not (a.tie_word_embeddings and a.head_name not in ck):
+            top.append((a.head_name, (a.vocab_size, a.hidden_size)))
+        for name, shape in top:
+            if name not in ck:
+                raise MoepressError(f"{self._where()}: tensor '{name}' is missing from the checkpoint")
+            got = self._stored_shape(name)
+            if got is not None and got != shape:
+                raise MoepressError(f"{self._where()}: tensor '{name}' has shape {list(got)}, "
+                                    f"config.json implies {list(shape)}")
+        present = set(ck.layer_indices())
+        missing = [i for i in range(a.num_layers) if i not in present]
+        if missing:
+            raise MoepressError(f"{self._where()}: config.json has num_hidden_layers={a.num_layers} "
+                                f"but the weights lack layer(s) {missing[:5]}")
+        for i in a.moe_layers():
+            pat = re.compile(rf"{re.escape(a.layer_prefix(i) + a.ffn_attr)}\.experts\.(\d+)\.")
+            found = {int(m.group(1)) for n in ck.layer_names(i) if (m := pat.match(n))}
+            if len(found) != a.num_experts or (found and max(found) != a.num_experts - 1):
+                raise MoepressError(f"{self._where()}: config.json says {a.experts_key()}={a.num_experts} "
+                                    f"but layer {i} stores {len(found)} routed experts")
+
+    def _stored_shape(self, name: str) -> tuple[int, ...] | None:
+        """Shape of a plain or FP8 tensor from its header; None where the stored form differs (packed)."""
+        info = self.ckpt.info(name)
+        if info.dtype in ("U8", "I8", "I32") and name.endswith(".weight"):
+            return None
+        return info.shape
+
+    def expected_layer_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            layer = self.adapter.build_layer(i)
+        return {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def _read(self, name: str) -> torch.Tensor:
+        dtype = torch.float32 if self.adapter.keep_fp32(name) else self.dtype
+        return self.ckpt.weight(name, dtype) if name.endswith(".weight") else self.ckpt.get(name).to(dtype)
+
+    def read_layer_state(self, i: int) -> dict[str, torch.Tensor]:
+        """The layer's tensors, dequantized to the compute dtype, keyed as in the layer module."""
+        prefix = self.adapter.layer_prefix(i)
+        expected = self.expected_layer_shapes(i)
+        stored = self.ckpt.layer_names(i)
+        extra = [n for n in stored if n[len(prefix):] not in expected and not n.endswith(COMPANION_SUFFIXES)]
+        if extra:
+            raise MoepressError(f"{self._where()}: tensor '{extra[0]}' does not belong to a {self.adapter.family} "
+                                f"layer as config.json describes it")
+        state = {}
+        for key, shape in expected.items():
+            name = prefix + key
+            if name not in self.ckpt:
+                raise MoepressError(f"{self._where()}: tensor '{name}' is missing from the checkpoint")
+            t = self._read(name)
+            if tuple(t.shape) != shape:
+                raise MoepressError(f"{self._where()}: tensor '{name}' has shape {list(t.shape)}, "
+                                    f"config.json implies {list(shape)}")
+            state[key] = t
+        return state
+
+    def build_layer(self, i: int, state: dict[str, torch.Tensor]) -> DecoderLayer:
+        with torch.device("meta"):
+            layer = self.adapter.build_layer(i)
+        layer.load_state_dict(state, assign=True, strict=True)
+        return layer.eval()
+
+    def load_layer(self, i: int) -> DecoderLayer:
+        return self.build_layer(i, self.read_layer_state(i))
+
+    def layers(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, DecoderLayer]]:
+        """Yield (i, layer) with weights loaded; layer i+1 is read in the background while i runs."""
+        stop = self.num_layers if stop is None else stop
+        if not self.prefetch:
+            for i in range(start, stop):
+                yield i, self.load_layer(i)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepress-prefetch") as pool:
+            nxt: Future | None = pool.submit(self.read_layer_state, start) if start < stop else None
+            for i in range(start, stop):
+                state = nxt.result()
+                nxt = pool.submit(self.read_layer_state, i + 1) if i + 1 < stop else None
+                layer = self.build_layer(i, state)
+                del state
+                yield i, layer
+                del layer
+
+    def embed(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        w = self._read(self.adapter.embed_name)
+        for b in batches:
+            if b.numel() and (int(b.max()) >= w.shape[0] or int(b.min()) < 0):
+                raise MoepressError(f"token id {int(b.max())} out of range for vocab_size {w.shape[0]}")
+        return [F.embedding(b, w) for b in batches]
+
+    def position_embeddings(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (h.shape[1], h.dtype)
+        if key not in self._pos_cache:
+            if self._rotary is None:
+                self._rotary = self.adapter.build_rotary()
+            pos = torch.arange(h.shape[1]).unsqueeze(0)
+            self._pos_cache[key] = self._rotary(h, pos)
+        return self._pos_cache[key]
+
+    @torch.no_grad()
+    def run_layer(self, layer: DecoderLayer, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [layer(h, self.position_embeddings(h)) for h in hs]
+
+    def head_weights(self) -> tuple[torch.nn.Module, torch.Tensor]:
+        a = self.adapter
+        norm = a.build_norm(a.hidden_size)
+        norm.weight.data = self._read(a.norm_name)
+        head = a.head_name if a.head_name in self.ckpt else a.embed_name
+        return norm, self._read(head)
+
+    @torch.no_grad()
+    def head(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        norm, w = self.head_weights()
+        return [F.linear(norm(h), w) for h in hs]
+
+    @torch.no_grad()
+    def forward(self, batches: list[torch.Tensor], *, before_layer: LayerCallback | None = None,
+                after_layer: Callable[[int, DecoderLayer, list[torch.Tensor]], None] | None = None,
+                ) -> list[torch.Tensor]:
+        """Logits for each batch of token ids [B, S], streaming layers once for all batches."""
+        hs = self.embed(batches)
+        for i, layer in self.layers():
+            if before_layer is not None:
+                before_layer(i, layer)
+            hs = self.run_layer(layer, hs)
+            if after_layer is not None:
+                after_layer(i, layer, hs)
+        return self.head(hs)

@@ -1,0 +1,1 @@
+"""Output formats, GPU targets and engine builds."""

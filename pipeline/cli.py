@@ -1,0 +1,49 @@
+"""The `moepress` command: one Click group, one subcommand per stage.
+
+Exit codes: 0 success, 1 a failed accuracy check, 2 bad input (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import click
+
+from moepress import __version__
+from moepress.errors import CheckFailed, MoepressError
+
+
+class MoepressGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MoepressError as e:
+            click.echo(f"moepress: error: {' '.join(str(e).split())}", err=True)
+            ctx.exit(MoepressError.exit_code)
+        except CheckFailed as e:
+            click.echo(f"moepress: check failed: {' '.join(str(e).split())}", err=True)
+            ctx.exit(CheckFailed.exit_code)
+
+
+@click.group(cls=MoepressGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="moepress")
+def cli():
+    """Prune, quantize, export and build Mixture-of-Experts LLMs, one decoder layer at a time.
+
+    Stages: prune | quantize | export | build | check, chained by `run`.
+    MODEL is a Hugging Face checkpoint directory or a bundled model name (tiny-qwen3-moe,
+    tiny-mixtral, tiny-deepseek-v3).
+    """
+
+
+def _register() -> None:
+    from moepress import cli_build, cli_calib, cli_check, cli_export, cli_inspect, cli_prune, cli_quantize, cli_run
+
+    for mod in (cli_inspect, cli_calib, cli_prune, cli_quantize, cli_export, cli_build, cli_check, cli_run):
+        for cmd in mod.COMMANDS:
+            cli.add_command(cmd)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="moepress")

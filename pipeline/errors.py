@@ -1,0 +1,17 @@
+"""Errors with a meaning for the CLI: exit 2 for bad input, exit 1 for a failed check."""
+
+
+class MoepressError(Exception):
+    """Bad input: a file, tensor or option that is not what was expected.
+
+    The message is one line naming the file/tensor/option and what was expected;
+    the CLI prints it without a traceback and exits with code 2.
+    """
+
+    exit_code = 2
+
+
+class CheckFailed(Exception):
+    """An accuracy gate failed (exit code 1); the message names the metric."""
+
+    exit_code = 1

@@ -1,0 +1,54 @@
+"""Options shared by every stage: one name, one meaning everywhere (STYLE.md, click section)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from moepress.errors import MoepressError
+
+
+def resolve_model(arg: str) -> Path:
+    """A checkpoint directory, or the name of a bundled model (e.g. ``tiny-qwen3-moe``)."""
+    from moepress import models
+
+    p = Path(arg)
+    if p.exists():
+        return p
+    if arg in models.BUNDLED:
+        return models.path(arg)
+    raise MoepressError(f"{arg}: no such checkpoint directory "
+                        f"(bundled models: {', '.join(models.BUNDLED)})")
+
+
+def model_argument(f):
+    return click.argument("model", metavar="MODEL")(f)
+
+
+def output_options(f):
+    f = click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")(f)
+    f = click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+                     help="Output directory (written to OUT.partial, renamed into place when complete).")(f)
+    return f
+
+
+def progress_options(f):
+    f = click.option("--json", "json_out", is_flag=True,
+                     help="Machine-readable: JSON result on stdout, JSON-lines events on stderr.")(f)
+    f = click.option("--quiet", "-q", is_flag=True, help="No progress output.")(f)
+    return f
+
+
+def calib_options(f):
+    """Calibration data options (see calib/data.py for the source syntax)."""
+    f = click.option("--trust-remote-code", is_flag=True,
+                     help="Allow the tokenizer's own Python code to run (Kimi K2's tiktoken tokenizer).")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")(f)
+    f = click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
+                     help="Tokens per calibration sample.")(f)
+    f = click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Number of calibration samples.")(f)
+    f = click.option("--calib", "calib", multiple=True, metavar="SOURCE",
+                     help="Calibration source (repeatable); default: the bundled calibration text.")(f)
+    return f

@@ -1,0 +1,49 @@
+"""Test helpers: small random checkpoints of each family, written the way transformers writes them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+TINY = {
+    "qwen3_moe": dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
+    "mixtral": dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                        n_group=4, topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=32,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                        num_nextn_predict_layers=0),
+}
+
+
+def make_random_checkpoint(family: str, out: Path, seed: int = 0, max_shard_size: str = "100KB", **overrides) -> Path:
+    import transformers as tf
+
+    cls = {"qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
+           "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM),
+           "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM)}[family]
+    torch.manual_seed(seed)
+    cfg = cls[0](**{**TINY[family], **overrides})
+    model = cls[1](cfg)
+    for m in model.modules():
+        if getattr(m, "e_score_correction_bias", None) is not None:
+            m.e_score_correction_bias.data = torch.randn_like(m.e_score_correction_bias) * 0.1
+    model.save_pretrained(str(out), max_shard_size=max_shard_size)
+    return Path(out)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_json(path: Path, **changes) -> None:
+    d = json.loads(path.read_text())
+    d.update(changes)
+    path.write_text(json.dumps(d))

@@ -1,0 +1,116 @@
+"""Bad input: one line naming the file/tensor and what was expected, exit code 2, no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import copy_checkpoint, edit_json, make_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return make_random_checkpoint("qwen3_moe", tmp_path_factory.mktemp("good") / "ckpt")
+
+
+def shards(ckpt):
+    return sorted(ckpt.glob("model-*.safetensors"))
+
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("moepress: error:")
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_missing_shard(good, tmp_path, cli_run):
+    ck = copy_checkpoint(good, tmp_path / "c")
+    gone = shards(ck)[1]
+    gone.unlink()
+    assert_one_line_error(cli_run("inspect", ck), gone.name, "missing")
+
+
+def test_truncated_shard(good, tmp_path, cli_run):
+    ck = copy_checkpoint(good, tmp_path / "c")
+    s = shards(ck)[0]
+    s.write_bytes(s.read_bytes()[:-100])
+    assert_one_line_error(cli_run("inspect", ck), s.name, "truncated")
+
+
+def test_index_names_missing_tensor(good, tmp_path, cli_run):
+    ck = copy_checkpoint(good, tmp_path / "c")
+    idx = ck / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    d["weight_map"]["model.layers.0.mlp.experts.99.up_proj.weight"] = shards(ck)[0].name
+    idx.write_text(json.dumps(d))
+    assert_one_line_error(cli_run("inspect", ck), "model.layers.0.mlp.experts.99.up_proj.weight", shards(ck)[0].name)
+
+
+def test_unsupported_architecture(good, tmp_path, cli_run):
+    ck = copy_checkpoint(good, tmp_path / "c")
+    edit_json(ck / "config.json", model_type="llama", architectures=["LlamaForCausalLM"])
+    assert_one_line_error(cli_run("inspect", ck), "config.json", "llama", "unsupported")
+
+
+def test_config_and_weights_disagree_expert_count(good, tmp_path, cli_run):
+    ck = copy_checkpoint(good, tmp_path / "c")
+    edit_json(ck / "config.json", num_local_experts=16)
+    assert_one_line_error(cli_run("inspect", ck), "16", "8 routed experts")
+
+
+def test_config_and_weights_disagree_shape(good, tmp_path, cli_run):
+    ck = copy_checkpoint(good, tmp_path / "c")
+    edit_json(ck / "config.json", vocab_size=300)
+    assert_one_line_error(cli_run("inspect", ck), "model.embed_tokens.weight", "[300, 64]")
+
+
+def test_config_and_weights_disagree_inside_layer(good, tmp_path):
+    from moepress.compress.stream import StreamedModel
+    from moepress.errors import MoepressError
+
+    ck = copy_checkpoint(good, tmp_path / "c")
+    edit_json(ck / "config.json", moe_intermediate_size=48)
+    with pytest.raises(MoepressError, match=r"experts\.0\.(gate|up|down)_proj\.weight' has shape"):
+        StreamedModel(str(ck)).load_layer(0)
+
+
+def test_not_a_directory_and_missing_config(tmp_path, cli_run):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert_one_line_error(cli_run("inspect", f), str(f), "directory")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(cli_run("inspect", tmp_path / "empty"), "config.json", "not found")
+
+
+def test_unreadable_directory(good, tmp_path, cli_run, monkeypatch):
+    ck = copy_checkpoint(good, tmp_path / "c")
+    os.chmod(ck, 0)
+    if os.geteuid() == 0:
+        # root reads through any mode bits: make the access check answer as it would for a user
+        import moepress.compress.checkpoint as cp
+
+        real = os.access
+        monkeypatch.setattr(cp.os, "access", lambda p, m: False if Path(p) == ck else real(p, m))
+    try:
+        assert_one_line_error(cli_run("inspect", ck), str(ck), "not readable")
+    finally:
+        os.chmod(ck, 0o755)
+
+
+def test_real_process_exit_code_and_no_traceback(good, tmp_path):
+    """Through the installed console entry point, not click's test runner."""
+    ck = copy_checkpoint(good, tmp_path / "c")
+    s = shards(ck)[-1]
+    s.write_bytes(s.read_bytes()[:20])
+    p = subprocess.run([sys.executable, "-m", "moepress", "inspect", str(ck)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and s.name in lines[0] and "truncated" in lines[0]

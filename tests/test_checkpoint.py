@@ -1,0 +1,76 @@
+"""Checkpoint layer: lazy reads, sharded atomic writes (issue #2)."""
+
+import json
+
+import pytest
+import torch
+
+from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+from moepress.errors import MoepressError
+
+
+def test_roundtrip_dtypes_and_shards(tmp_path):
+    tensors = {
+        "a.weight": torch.randn(64, 32).to(torch.bfloat16),
+        "b.weight": torch.randn(16, 16).to(torch.float8_e4m3fn),
+        "c.bias": torch.randn(7, dtype=torch.float16),
+        "d.scale": torch.tensor(3.5),
+        "e.packed": torch.randint(0, 255, (5, 3), dtype=torch.uint8),
+        "f.ids": torch.arange(10, dtype=torch.int32),
+    }
+    out = tmp_path / "out"
+    with CheckpointWriter(out, max_shard_bytes=2048) as w:
+        for k, v in tensors.items():
+            w.add(k, v)
+        w.end_shard()
+        w.write_json("config.json", {"model_type": "x"})
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    r = CheckpointReader(out)
+    assert set(r.names()) == set(tensors)
+    for k, v in tensors.items():
+        got = r.get(k)
+        assert got.dtype == v.dtype and got.shape == v.shape
+        assert torch.equal(got.reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8))
+    assert r.bytes_by_dtype()["BF16"] == 64 * 32 * 2
+
+
+def test_interrupted_write_leaves_nothing_that_looks_finished(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with CheckpointWriter(out, max_shard_bytes=10) as w:
+            w.add("a", torch.zeros(100))
+            assert (tmp_path / "out.partial").is_dir() and not out.exists()
+            raise RuntimeError("killed")
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_output_not_empty_needs_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    with pytest.raises(MoepressError, match="not empty.*--force"):
+        CheckpointWriter(out)
+    with CheckpointWriter(out, force=True) as w:
+        w.add("a", torch.ones(3))
+    assert not (out / "old.txt").exists() and (out / "model.safetensors.index.json").exists()
+
+
+def test_resume_keeps_finished_shards(tmp_path):
+    out = tmp_path / "out"
+    w = CheckpointWriter(out)
+    w.add("layer0", torch.ones(3))
+    w.end_shard()
+    w.add("layer1-unfinished", torch.ones(3))  # buffered, never flushed: lost on a kill
+    del w
+    w = CheckpointWriter(out, resume=True)
+    assert w.written_names == {"layer0"}
+    w.add("layer1", torch.zeros(3))
+    w.commit()
+    assert set(CheckpointReader_names(out)) == {"layer0", "layer1"}
+
+
+def CheckpointReader_names(path):
+    (path / "config.json").write_text("{}")
+    return CheckpointReader(path).names()
