@@ -30,6 +30,18 @@ COMPANION_SUFFIXES = (
 
 LayerCallback = Callable[[int, DecoderLayer], None]
 
+# A layer preparer runs on every layer the stream builds: preparer(stream, i, layer).
+# Quantized formats register one to attach activation fake-quantization where the
+# checkpoint stores input scales, so any stream over a quantized checkpoint is its
+# fake-quant forward.
+LayerPreparer = Callable[["StreamedModel", int, DecoderLayer], None]
+_PREPARERS: list[LayerPreparer] = []
+
+
+def register_layer_preparer(fn: LayerPreparer) -> LayerPreparer:
+    _PREPARERS.append(fn)
+    return fn
+
 
 class StreamedModel:
     """A checkpoint seen as a stream of decoder layers.
@@ -130,6 +142,10 @@ class StreamedModel:
         with torch.device("meta"):
             layer = self.adapter.build_layer(i)
         layer.load_state_dict(state, assign=True, strict=True)
+        import moepress.compress.quant  # noqa: F401  (registers the formats' preparers)
+
+        for prep in _PREPARERS:
+            prep(self, i, layer)
         return layer.eval()
 
     def load_layer(self, i: int) -> DecoderLayer:
