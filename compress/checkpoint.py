@@ -13,6 +13,7 @@ dequantized through decoders that the quantization formats register
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
 from moepress.errors import MoepressError
 
@@ -298,7 +299,7 @@ class CheckpointWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, force: bool = False,
-                 max_shard_bytes: int = 4 * 1024**3, resume: bool = False):
+                 max_shard_bytes: int = 2 * 1024**3, resume: bool = False):
         self.out = Path(out_dir)
         if self.out.exists() and not self.out.is_dir():
             raise MoepressError(f"{self.out}: output path exists and is not a directory")
@@ -316,8 +317,14 @@ class CheckpointWriter:
         self._buf_bytes = 0
         self._shards: list[tuple[str, list[str], int]] = []  # (file, names, bytes)
         self._names: set[str] = set()
+        self._digests: dict[str, dict] = {}  # shard file -> {sha256, size}, hashed while written
+        # Stages fill this (stage, config, inputs ...); commit adds files and versions and
+        # writes it as moepress-manifest.json.
+        self.manifest: dict = {}
         if resume:
-            self._shards = [tuple(s) for s in self._read_journal().get("shards", [])]  # type: ignore[misc]
+            j = self._read_journal()
+            self._shards = [tuple(s) for s in j.get("shards", [])]  # type: ignore[misc]
+            self._digests = j.get("digests", {})
             self._names = {n for _, names, _ in self._shards for n in names}
 
     # ---- journal (which shards are complete) for resumable stages -----------------------
@@ -330,7 +337,7 @@ class CheckpointWriter:
 
     def _write_journal(self) -> None:
         tmp = self._journal_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps({"shards": self._shards}))
+        tmp.write_text(json.dumps({"shards": self._shards, "digests": self._digests}))
         os.replace(tmp, self._journal_path())
 
     # ---- tensors -------------------------------------------------------------------------
@@ -349,7 +356,11 @@ class CheckpointWriter:
             return
         fname = f"shard-{len(self._shards):05d}.safetensors"
         tmp = self.partial / (fname + ".tmp")
-        save_file(self._buf, str(tmp), metadata={"format": "pt"})
+        data = save_bytes(self._buf, metadata={"format": "pt"})
+        with open(tmp, "wb") as f:
+            f.write(data)
+        self._digests[fname] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        del data
         os.replace(tmp, self.partial / fname)
         self._shards.append((fname, sorted(self._buf), self._buf_bytes))
         self._names.update(self._buf)
@@ -384,15 +395,22 @@ class CheckpointWriter:
         n = len(self._shards)
         weight_map: dict[str, str] = {}
         total = 0
+        known = {}
         for i, (fname, names, nbytes) in enumerate(self._shards):
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             os.replace(self.partial / fname, self.partial / final)
             weight_map.update({name: final for name in names})
             total += nbytes
+            if fname in self._digests:
+                known[final] = self._digests[fname]
         if n:
             self.write_json(INDEX_NAME, {"metadata": {"total_size": total},
                                          "weight_map": dict(sorted(weight_map.items()))})
         self._journal_path().unlink(missing_ok=True)
+        from moepress.manifest import file_digests, versions, write_manifest
+
+        write_manifest(self.partial, {**self.manifest, "versions": versions(),
+                                      "files": file_digests(self.partial, known)})
         old = None
         if self.out.exists():
             old = self.out.parent / (self.out.name + f".old-{os.getpid()}")

@@ -74,3 +74,20 @@ def test_resume_keeps_finished_shards(tmp_path):
 def CheckpointReader_names(path):
     (path / "config.json").write_text("{}")
     return CheckpointReader(path).names()
+
+
+def test_manifest_lists_every_file_with_its_sha256(tmp_path):
+    from moepress.manifest import MANIFEST_NAME, read_manifest, sha256_file
+
+    out = tmp_path / "out"
+    with CheckpointWriter(out, max_shard_bytes=100) as w:
+        w.manifest["stage"] = "test"
+        for i in range(3):
+            w.add(f"t{i}", torch.full((40,), float(i)))
+        w.write_json("config.json", {"a": 1})
+    m = read_manifest(out)
+    assert m["stage"] == "test" and "torch" in m["versions"]
+    files = {p.name for p in out.iterdir() if p.name != MANIFEST_NAME}
+    assert set(m["files"]) == files
+    for name, d in m["files"].items():
+        assert d["sha256"] == sha256_file(out / name) and d["size"] == (out / name).stat().st_size

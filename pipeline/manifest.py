@@ -1,0 +1,71 @@
+"""Artifact manifests: ``moepress-manifest.json`` in every directory moepress writes.
+
+It says what the artifact is and how it was made: the stage and its config (verbatim),
+the inputs, every file's sha256 and size, tool versions, and (added by `check`) the
+accuracy metrics. Publishing verifies the files against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+MANIFEST_NAME = "moepress-manifest.json"
+
+_PACKAGES = ("moepress", "torch", "transformers", "safetensors", "nvidia-modelopt", "compressed-tensors",
+             "onnx", "onnxruntime", "tensorrt", "tensorrt-llm")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 16 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    p = Path(directory) / MANIFEST_NAME
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
+    p = Path(directory) / MANIFEST_NAME
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    os.replace(tmp, p)
+
+
+def update_manifest(directory: str | os.PathLike, **sections) -> dict:
+    """Merge top-level sections into an artifact's manifest (e.g. ``accuracy=...``)."""
+    m = read_manifest(directory)
+    m.update(sections)
+    write_manifest(directory, m)
+    return m
+
+
+def file_digests(directory: str | os.PathLike, known: dict[str, dict] | None = None) -> dict[str, dict]:
+    """sha256 and size of every file under directory (the manifest itself excluded)."""
+    root = Path(directory)
+    known = known or {}
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name == MANIFEST_NAME:
+            continue
+        rel = p.relative_to(root).as_posix()
+        out[rel] = known.get(rel) or {"sha256": sha256_file(p), "size": p.stat().st_size}
+    return out
