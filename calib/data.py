@@ -1,25 +1,65 @@
 """Calibration and evaluation text -> token batches.
 
-(Minimal version from the foundation issue; the calibration issue extends it with
-sources, mixing, caching.)
+``calibration_batches(model_dir, sources, num_samples, seq_len, seed)`` is the one entry
+point every stage uses: sources (see :mod:`moepress.calib.sources` for the ``--calib``
+syntax) are tokenized with the model's tokenizer, sampled by seed, mixed by weight, and
+cached on disk (:mod:`moepress.calib.cache`) keyed by tokenizer, sources and parameters.
+
+Sampling, per source (weights split ``num_samples`` by largest remainder):
+
+* ``pack``: documents in a seeded random order are tokenized (no special tokens) and
+  concatenated with EOS after each until the stream holds enough tokens for the source's
+  share; the stream is cut into ``seq_len`` windows and the samples drawn from them by
+  seed. A single long document (the bundled text) thus gives random windows of it.
+* ``truncate``: documents in a seeded random order, tokenized with the tokenizer's
+  special tokens (chat documents through the chat template), each one sample of its first
+  ``seq_len`` tokens; documents shorter than ``seq_len`` are skipped.
+
+With several sources the samples are shuffled together by seed.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from moepress.calib.sources import BUNDLED_CALIB, SourceSpec, content_hash, parse_sources
 from moepress.errors import MoepressError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-DEFAULT_CALIB = DATA_DIR / "calib.txt"
+DEFAULT_CALIB = BUNDLED_CALIB
 DEFAULT_EVAL = DATA_DIR / "eval.txt"
+
+# Files that decide how a checkpoint tokenizes (their bytes make the tokenizer's fingerprint).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "tiktoken.model", "vocab.json", "vocab.txt", "merges.txt", "spiece.model")
+TOKENIZER_GLOBS = ("*.tiktoken", "tokenization_*.py", "chat_template*")
+
+
+def _tokenizer_config(model_dir: Path) -> dict:
+    p = model_dir / "tokenizer_config.json"
+    try:
+        return json.loads(p.read_text()) if p.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MoepressError(f"{p}: not valid JSON") from None
+
+
+def needs_remote_code(model_dir: str | Path) -> bool:
+    """True when the tokenizer is a class shipped as Python code in the checkpoint (Kimi K2's)."""
+    auto = _tokenizer_config(Path(model_dir)).get("auto_map") or {}
+    return bool(auto.get("AutoTokenizer")) if isinstance(auto, dict) else bool(auto)
 
 
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if needs_remote_code(model_dir) and not trust_remote_code:
+        raise MoepressError(f"{model_dir}: the tokenizer needs its own Python code; "
+                            f"pass --trust-remote-code to allow it")
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except ValueError as e:
@@ -29,6 +69,24 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
         raise MoepressError(f"{model_dir}: cannot load tokenizer ({e})") from None
     except OSError as e:
         raise MoepressError(f"{model_dir}: no tokenizer found ({str(e).splitlines()[0]})") from None
+
+
+def tokenizer_fingerprint(model_dir: str | Path, memo: dict | None = None) -> dict:
+    """sha256 over the tokenizer's files (names and bytes); raises if the model has none."""
+    from moepress.calib.sources import _file_sha
+
+    d = Path(model_dir)
+    files = {p for p in (d / n for n in TOKENIZER_FILES) if p.is_file()}
+    for g in TOKENIZER_GLOBS:
+        files.update(p for p in d.glob(g) if p.is_file())
+    if not any(p.name != "tokenizer_config.json" and p.name != "special_tokens_map.json" for p in files):
+        raise MoepressError(f"{d}: no tokenizer found (expected tokenizer.json, tokenizer.model, "
+                            f"tiktoken.model or vocab files next to config.json)")
+    per = {p.name: _file_sha(p, memo) for p in sorted(files)}
+    import hashlib
+
+    h = hashlib.sha256("".join(f"{k}\0{v}\0" for k, v in per.items()).encode()).hexdigest()
+    return {"sha256": h, "files": per}
 
 
 def read_text(path: str | Path) -> str:
@@ -57,26 +115,242 @@ def windows(ids: list[int] | torch.Tensor, seq_len: int, max_windows: int | None
 def eval_batches(model_dir: str | Path, text_path: str | Path = DEFAULT_EVAL, seq_len: int = 256,
                  max_windows: int | None = None, trust_remote_code: bool = False) -> list[torch.Tensor]:
     tok = load_tokenizer(model_dir, trust_remote_code)
-    return windows(tok(read_text(text_path))["input_ids"], seq_len, max_windows)
+    return windows(tok(read_text(text_path), verbose=False)["input_ids"], seq_len, max_windows)
+
+
+# ---- calibration sets ------------------------------------------------------------------------
+
+@dataclass
+class CalibSet:
+    """Calibration samples: token ids [N, S], the source index of each, and what made them."""
+
+    input_ids: torch.Tensor
+    source: torch.Tensor
+    meta: dict = field(default_factory=dict)
+    cached: bool = False  # loaded from the cache rather than built
+
+    def batches(self, batch_size: int = 8) -> list[torch.Tensor]:
+        if batch_size < 1:
+            raise MoepressError(f"--batch-size {batch_size}: expected a positive number")
+        return list(self.input_ids.split(batch_size))
+
+
+def allocate(n: int, weights: list[float]) -> list[int]:
+    """Split n samples by weight: floors, then the remainder to the largest fractions (ties: first)."""
+    total = sum(weights)
+    raw = [n * w / total for w in weights]
+    out = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: (-(raw[i] - out[i]), i))[: n - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def _render(tok, doc, where: str) -> tuple[str, bool]:
+    """(text, is_chat): chat messages through the tokenizer's chat template when it has one."""
+    if isinstance(doc, str):
+        return doc, False
+    if getattr(tok, "chat_template", None):
+        try:
+            return tok.apply_chat_template(doc, tokenize=False), True
+        except Exception as e:  # jinja errors for roles a template rejects, etc.
+            raise MoepressError(f"{where}: the chat template rejects these messages ({e})") from None
+    return "".join(f"{m['role']}: {m['content']}\n" for m in doc), False
+
+
+def _encode(tok, texts: list[str], special: list[bool]) -> list[list[int]]:
+    out: list[list[int] | None] = [None] * len(texts)
+    for flag in (False, True):
+        idx = [i for i, s in enumerate(special) if s == flag]
+        if idx:
+            enc = tok([texts[i] for i in idx], add_special_tokens=flag, verbose=False)["input_ids"]
+            for i, ids in zip(idx, enc, strict=True):
+                out[i] = list(ids)
+    return out  # type: ignore[return-value]
+
+
+def _random_order(n: int, g: torch.Generator):
+    """0..n-1 in a seeded random order; lazily for huge n (sampling usually stops after a few thousand)."""
+    if n <= 10_000_000:
+        yield from torch.randperm(n, generator=g).tolist()
+        return
+    seen: set[int] = set()
+    while len(seen) < n:
+        for i in torch.randint(n, (4096,), generator=g).tolist():
+            if i not in seen:
+                seen.add(i)
+                yield i
+
+
+def _ordered_docs(docs, g: torch.Generator):
+    """(where, document) in a seeded random order."""
+    if hasattr(docs, "__len__"):
+        for i in _random_order(len(docs), g):
+            yield docs.where(i), docs[i]
+    else:  # a streamed (Hub) dataset, already shuffled by seed
+        for i, d in enumerate(docs):
+            yield f"document {i + 1}", d
+
+
+def _chunks(it, sizes=(4, 16, 64, 256)):
+    """Growing chunks, so a source that needs few documents tokenizes few."""
+    k = 0
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) >= sizes[min(k, len(sizes) - 1)]:
+            yield buf
+            buf, k = [], k + 1
+    if buf:
+        yield buf
+
+
+def _sample_source(tok, src: SourceSpec, n: int, seq_len: int, seed: int, index: int,
+                   tokenizer_sha: str) -> tuple[torch.Tensor, dict]:
+    """n samples [n, seq_len] from one source, and what was used."""
+    info = {"samples": n}
+    if src.type == "tokens":
+        from moepress.calib.cache import load_token_file
+
+        ids, _, side = load_token_file(src.path)
+        if side.get("tokenizer", {}).get("sha256") != tokenizer_sha:
+            raise MoepressError(f"{src.path}: prepared with a different tokenizer "
+                                f"({side.get('tokenizer', {}).get('model', '?')}) than this model's")
+        if ids.shape[1] != seq_len:
+            raise MoepressError(f"{src.path}: samples of {ids.shape[1]} tokens; --seq-len {seq_len} asked")
+        if ids.shape[0] < n:
+            raise MoepressError(f"{src.path}: holds {ids.shape[0]} samples, fewer than the {n} asked")
+        return ids[:n], {**info, "documents": int(ids.shape[0]), "documents_used": n}
+    if n == 0:
+        return torch.empty(0, seq_len, dtype=torch.long), {**info, "documents_used": 0}
+
+    from moepress.calib.sources import hub_documents, open_documents
+
+    docs = hub_documents(src, seed + index) if src.type == "hub" else open_documents(src)
+    g_docs = torch.Generator().manual_seed(seed + index)
+    g_pick = torch.Generator().manual_seed(seed + index)
+    eos = tok.eos_token_id
+    used = 0
+    total = 0
+    if src.mode == "pack":
+        stream: list[int] = []
+        need = n * seq_len
+        for chunk in _chunks(_ordered_docs(docs, g_docs)):
+            rendered = [_render(tok, d, w) for w, d in chunk]
+            for ids in _encode(tok, [t for t, _ in rendered], [False] * len(rendered)):
+                used += 1
+                stream.extend(ids)
+                if eos is not None:
+                    stream.append(eos)
+                if len(stream) >= need:
+                    break
+            if len(stream) >= need:
+                break
+        total = len(stream)
+        nwin = total // seq_len
+        if nwin == 0:
+            raise MoepressError(f"{src.location}: {total} tokens, fewer than one sample of --seq-len {seq_len} needs")
+        if nwin < n:
+            raise MoepressError(f"{src.location}: {total} tokens give {nwin} samples of --seq-len {seq_len}, "
+                                f"fewer than the {n} asked (lower --num-samples or --seq-len, or add data)")
+        rows = torch.tensor(stream[: nwin * seq_len], dtype=torch.long).view(nwin, seq_len)
+        out = rows[torch.randperm(nwin, generator=g_pick)[:n]]
+    else:
+        rows_l: list[list[int]] = []
+        longest = 0
+        for chunk in _chunks(_ordered_docs(docs, g_docs)):
+            rendered = [_render(tok, d, w) for w, d in chunk]
+            for ids in _encode(tok, [t for t, _ in rendered], [not chat for _, chat in rendered]):
+                used += 1
+                longest = max(longest, len(ids))
+                total += len(ids)
+                if len(ids) >= seq_len:
+                    rows_l.append(ids[:seq_len])
+                    if len(rows_l) == n:
+                        break
+            if len(rows_l) == n:
+                break
+        if not rows_l:
+            raise MoepressError(f"{src.location}: no document has the {seq_len} tokens one sample needs "
+                                f"(longest: {longest} tokens; mode=truncate)")
+        if len(rows_l) < n:
+            raise MoepressError(f"{src.location}: only {len(rows_l)} document(s) have {seq_len} tokens or more, "
+                                f"fewer than the {n} samples asked (mode=truncate; try mode=pack)")
+        out = torch.tensor(rows_l, dtype=torch.long)
+    n_docs = len(docs) if hasattr(docs, "__len__") else None
+    return out, {**info, "documents": n_docs, "documents_used": used, "tokens_read": total}
+
+
+def _check_params(num_samples: int, seq_len: int) -> None:
+    if num_samples < 1:
+        raise MoepressError(f"--num-samples {num_samples}: expected a positive number")
+    if seq_len < 2:
+        raise MoepressError(f"--seq-len {seq_len}: expected at least 2")
+
+
+def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] = (), num_samples: int = 64,
+                    seq_len: int = 256, seed: int = 0, trust_remote_code: bool = False, *,
+                    cache: bool = True) -> CalibSet:
+    """The calibration samples for ``model_dir``'s tokenizer, from the cache when it holds them."""
+    from moepress.calib import cache as cache_mod
+
+    _check_params(num_samples, seq_len)
+    model_dir = Path(model_dir)
+    specs = parse_sources(tuple(sources))
+    if needs_remote_code(model_dir) and not trust_remote_code:
+        raise MoepressError(f"{model_dir}: the tokenizer needs its own Python code; "
+                            f"pass --trust-remote-code to allow it")
+    memo = cache_mod.load_hash_memo() if cache else {}
+    n_memo = len(memo)
+    tok_fp = tokenizer_fingerprint(model_dir, memo)
+    hashes = [content_hash(s, memo) for s in specs]
+    if cache and len(memo) != n_memo:
+        cache_mod.save_hash_memo(memo)
+    key_fields = {"tokenizer": tok_fp["sha256"], "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
+                  "sources": [{**s.describe(), "spec": None, "location": None, "sha256": h}
+                              for s, h in zip(specs, hashes, strict=True)]}
+    cacheable = cache and all(h is not None for h in hashes) and not all(s.type == "tokens" for s in specs)
+    key = cache_mod.cache_key(key_fields)
+    if cacheable:
+        hit = cache_mod.cache_get(key)
+        if hit is not None:
+            ids, src, side = hit
+            return CalibSet(ids, src, side, cached=True)
+
+    tok = load_tokenizer(model_dir, trust_remote_code)
+    counts = allocate(num_samples, [s.weight for s in specs])
+    parts, infos = [], []
+    for i, (s, n) in enumerate(zip(specs, counts, strict=True)):
+        rows, info = _sample_source(tok, s, n, seq_len, seed, i, tok_fp["sha256"])
+        parts.append(rows)
+        infos.append({**s.describe(), "sha256": hashes[i], **info})
+    ids = torch.cat(parts)
+    src = torch.cat([torch.full((p.shape[0],), i, dtype=torch.long) for i, p in enumerate(parts)])
+    if len(specs) > 1:
+        perm = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))
+        ids, src = ids[perm], src[perm]
+    vocab = len(tok)
+    if ids.numel() and int(ids.max()) >= vocab:
+        raise MoepressError(f"token id {int(ids.max())} is outside the tokenizer's vocabulary ({vocab})")
+    from moepress import __version__
+
+    meta = {"key": key, "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
+            "tokens": int(ids.numel()),
+            "tokenizer": {**tok_fp, "model": str(model_dir), "eos_token_id": tok.eos_token_id, "vocab": vocab},
+            "sources": infos, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "moepress": __version__}
+    if cacheable:
+        cache_mod.cache_put(key, ids, src, meta)
+    return CalibSet(ids, src, meta)
 
 
 def calibration_batches(model_dir: str | Path, sources: tuple[str, ...] = (), num_samples: int = 64,
                         seq_len: int = 256, seed: int = 0, batch_size: int = 8,
-                        trust_remote_code: bool = False) -> list[torch.Tensor]:
+                        trust_remote_code: bool = False, *, cache: bool = True) -> list[torch.Tensor]:
     """Calibration token batches [B, seq_len] for a model: the stable entry point every stage uses.
 
-    Minimal version: plain text files (default: the bundled calibration text), tokenized,
-    cut into seq_len windows, ``num_samples`` of them drawn with ``seed``.
+    ``sources`` are ``--calib`` values (default: the bundled calibration text); ``num_samples``
+    samples of ``seq_len`` tokens drawn with ``seed``; reused from the on-disk cache when the
+    same tokenizer, sources and parameters made them before.
     """
-    tok = load_tokenizer(model_dir, trust_remote_code)
-    paths = sources or (str(DEFAULT_CALIB),)
-    ids: list[int] = []
-    for p in paths:
-        ids.extend(tok(read_text(p))["input_ids"])
-    rows = torch.cat(windows(ids, seq_len, batch_size=1 << 30))
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(rows.shape[0], generator=g)[:num_samples]
-    if pick.numel() < num_samples:
-        raise MoepressError(f"calibration text gives {rows.shape[0]} samples of --seq-len {seq_len}, "
-                            f"fewer than --num-samples {num_samples}")
-    return list(rows[pick].split(batch_size))
+    return calibration_set(model_dir, sources, num_samples, seq_len, seed, trust_remote_code,
+                           cache=cache).batches(batch_size)

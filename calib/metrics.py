@@ -1,11 +1,20 @@
-"""Language-model metrics on logits (perplexity; the accuracy-check issue adds KL, top-1 ...)."""
+"""Language-model metrics: perplexity, next-token KL divergence, top-1 agreement, hidden-state error.
+
+Everything a gate looks at is computed in float64 from the float32 logits / hidden states,
+in chunks of tokens so a 160k vocabulary never needs a [B, S, V] float64 tensor. The
+``*Stats`` accumulators add batches as a streamed check produces them.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+# Tokens per float64 chunk: CHUNK_ELEMENTS / vocab (16 MB per float64 [T, V] temporary).
+CHUNK_ELEMENTS = 2 * 1024 * 1024
 
 
 def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
@@ -21,3 +30,111 @@ def perplexity(logits: list[torch.Tensor], batches: list[torch.Tensor]) -> float
         s, k = nll_sum(lg, ids)
         tot, n = tot + s, n + k
     return math.exp(tot / n)
+
+
+def _token_chunks(ref: torch.Tensor, cand: torch.Tensor):
+    """(ref, cand) as [T, V] row chunks, in float64."""
+    v = ref.shape[-1]
+    r, c = ref.reshape(-1, v), cand.reshape(-1, v)
+    step = max(1, CHUNK_ELEMENTS // v)
+    for s in range(0, r.shape[0], step):
+        yield r[s:s + step].double(), c[s:s + step].double()
+
+
+def token_kl(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> torch.Tensor:
+    """KL(ref || cand) of the next-token distributions at every position, float64 [T] (nats)."""
+    out = []
+    for r, c in _token_chunks(ref_logits, cand_logits):
+        lr, lc = F.log_softmax(r, -1), F.log_softmax(c, -1)
+        out.append((lr.exp() * (lr - lc)).sum(-1).clamp(min=0.0))  # rounding can give -1e-17
+    return torch.cat(out)
+
+
+def top1_matches(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> tuple[int, int]:
+    """Positions where both models' most likely next token is the same, and the number of positions."""
+    a, b = ref_logits.argmax(-1), cand_logits.argmax(-1)
+    return int((a == b).sum()), a.numel()
+
+
+def hidden_error(ref: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: cosine similarity and relative L2 error ||cand - ref|| / ||ref||, float64 [T] each."""
+    h = ref.shape[-1]
+    r, c = ref.reshape(-1, h).double(), cand.reshape(-1, h).double()
+    rn = r.norm(dim=-1)
+    cos = F.cosine_similarity(r, c, dim=-1, eps=1e-30)
+    rel = (c - r).norm(dim=-1) / rn.clamp(min=1e-30)
+    both_zero = (rn == 0) & (c.norm(dim=-1) == 0)
+    return torch.where(both_zero, 1.0, cos), torch.where(both_zero, 0.0, rel)
+
+
+def quantile(x: torch.Tensor, q: float) -> float:
+    """q-quantile (linear interpolation, as numpy) of a 1-D tensor of any length."""
+    if x.numel() == 0:
+        return float("nan")
+    s = x.double().sort().values
+    pos = q * (s.numel() - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, s.numel() - 1)
+    return float(s[lo] + (s[hi] - s[lo]) * (pos - lo))
+
+
+@dataclass
+class LogitStats:
+    """Candidate-vs-reference statistics of next-token distributions, accumulated over batches."""
+
+    nll_ref: float = 0.0
+    nll_cand: float = 0.0
+    predicted: int = 0  # positions with a next token (for perplexity)
+    top1: int = 0
+    positions: int = 0  # every position (for KL and top-1)
+    kl: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, ref_logits: torch.Tensor, cand_logits: torch.Tensor, ids: torch.Tensor) -> None:
+        a, n = nll_sum(ref_logits, ids)
+        b, _ = nll_sum(cand_logits, ids)
+        self.nll_ref += a
+        self.nll_cand += b
+        self.predicted += n
+        m, k = top1_matches(ref_logits, cand_logits)
+        self.top1 += m
+        self.positions += k
+        self.kl.append(token_kl(ref_logits, cand_logits))
+
+    def summary(self) -> dict:
+        kl = torch.cat(self.kl) if self.kl else torch.empty(0, dtype=torch.float64)
+        ppl_r = math.exp(self.nll_ref / self.predicted)
+        ppl_c = math.exp(self.nll_cand / self.predicted) if math.isfinite(self.nll_cand) else float("nan")
+        return {"ppl_reference": ppl_r, "ppl_candidate": ppl_c, "ppl_increase": ppl_c / ppl_r - 1.0,
+                "kl_mean": float(kl.mean()) if kl.numel() else float("nan"), "kl_p99": quantile(kl, 0.99),
+                "kl_max": float(kl.max()) if kl.numel() else float("nan"),
+                "top1_agreement": self.top1 / max(self.positions, 1), "tokens": self.positions}
+
+
+@dataclass
+class LayerStats:
+    """Hidden-state agreement at one layer's output, accumulated over batches."""
+
+    cos: list[torch.Tensor] = field(default_factory=list)
+    rel: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, ref: torch.Tensor, cand: torch.Tensor) -> None:
+        c, r = hidden_error(ref, cand)
+        self.cos.append(c)
+        self.rel.append(r)
+
+    def summary(self) -> dict:
+        c, r = torch.cat(self.cos), torch.cat(self.rel)
+        return {"cosine": float(c.mean()), "cosine_min": float(c.min()),
+                "rel_error": float(r.mean()), "rel_error_p99": quantile(r, 0.99)}
+
+
+def error_jump(rel_errors: list[float], start: float = 0.0) -> int | None:
+    """Index of the layer whose output error grows most over its input's (``start`` before layer 0)."""
+    best, where, prev = -math.inf, None, start
+    for i, e in enumerate(rel_errors):
+        e = e if math.isfinite(e) else math.inf  # NaN/inf: the error exploded here
+        step = -math.inf if prev == math.inf else e - prev
+        if step > best:
+            best, where = step, i
+        prev = e
+    return where

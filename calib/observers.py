@@ -38,12 +38,19 @@ class LayerRouting:
             self.reap_sum = torch.zeros(e, dtype=torch.float64)
             self.coselect = torch.zeros(e, e, dtype=torch.int64)
 
+    _FIELDS = ("counts", "gate_sum", "norm_sum", "reap_sum", "coselect")
+
     # observer protocol (moepress.compress.moe.MoEObserver)
     def on_route(self, moe, x, logits, weights, indices) -> None:
+        if self.counts.device != x.device:  # accumulate where the layer runs (CUDA has no int64 matmul)
+            self.to(x.device)
         self.tokens += x.shape[0]
-        hit = torch.zeros(x.shape[0], self.num_experts, dtype=torch.int64)
-        hit.scatter_(1, indices, 1)
-        self.coselect += hit.T @ hit
+        # co-selection: every ordered pair of a token's top-k slots, counted with one bincount
+        # (same numbers as hit.T @ hit for the one-hot hit matrix; diagonal = tokens per expert)
+        idx = indices.detach().long()
+        e = self.num_experts
+        pairs = (idx[:, :, None] * e + idx[:, None, :]).reshape(-1)
+        self.coselect += torch.bincount(pairs, minlength=e * e).view(e, e)
 
     def on_expert(self, moe, e, tokens, slots, gate, x_e, y_e) -> None:
         n = y_e.detach().double().norm(dim=-1)
@@ -52,6 +59,11 @@ class LayerRouting:
         self.gate_sum[e] += g.sum()
         self.norm_sum[e] += n.sum()
         self.reap_sum[e] += (g * n).sum()
+
+    def to(self, device) -> "LayerRouting":
+        for k in self._FIELDS:
+            setattr(self, k, getattr(self, k).to(device))
+        return self
 
     # derived
     def _per_token(self, s: torch.Tensor) -> torch.Tensor:
@@ -71,10 +83,19 @@ class LayerRouting:
         """REAP saliency: mean over routed tokens of gate weight x ||expert output||_2."""
         return self._per_token(self.reap_sum)
 
+    @property
+    def mean_gate(self) -> torch.Tensor:
+        """Mean routing weight an expert receives when it is selected."""
+        return self._per_token(self.gate_sum)
+
     def merge(self, other: "LayerRouting") -> None:
+        if (other.num_experts, other.top_k) != (self.num_experts, self.top_k):
+            raise ValueError(f"cannot merge routing of {other.num_experts} experts top-{other.top_k} into "
+                             f"{self.num_experts} experts top-{self.top_k}")
         self.tokens += other.tokens
-        for k in ("counts", "gate_sum", "norm_sum", "reap_sum", "coselect"):
-            getattr(self, k).add_(getattr(other, k))
+        for k in self._FIELDS:
+            mine = getattr(self, k)
+            mine.add_(getattr(other, k).to(mine.device))
 
     def to_dict(self) -> dict:
         return {"num_experts": self.num_experts, "top_k": self.top_k, "tokens": self.tokens,
@@ -103,6 +124,10 @@ class RoutingStats:
         moe.observers.append(obs)
         return obs
 
+    def ensure(self, i: int, num_experts: int, top_k: int) -> LayerRouting:
+        """The layer's statistics, created empty if absent (so every rank of a run holds the same layers)."""
+        return self.layers.setdefault(i, LayerRouting(num_experts, top_k))
+
     @staticmethod
     def detach(layer: DecoderLayer) -> None:
         if layer.moe is not None:
@@ -121,6 +146,36 @@ class RoutingStats:
     @classmethod
     def from_dict(cls, d: dict) -> "RoutingStats":
         return cls({int(i): LayerRouting.from_dict(v) for i, v in d.items()})
+
+    # exact binary form: layers.{i}.{counts,gate_sum,norm_sum,reap_sum,coselect} (+ sizes in the metadata)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"layers.{i}.{k}": getattr(lr, k).detach().cpu().contiguous()
+                for i, lr in sorted(self.layers.items()) for k in LayerRouting._FIELDS}
+
+    def save(self, path) -> None:
+        import json
+
+        from safetensors.torch import save_file
+
+        meta = {str(i): {"num_experts": lr.num_experts, "top_k": lr.top_k, "tokens": lr.tokens}
+                for i, lr in sorted(self.layers.items())}
+        save_file(self.state_dict(), str(path), metadata={"format": "moepress-routing", "layers": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path) -> "RoutingStats":
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["layers"])
+            out = cls()
+            for i, m in meta.items():
+                lr = LayerRouting(m["num_experts"], m["top_k"], m["tokens"])
+                for k in LayerRouting._FIELDS:
+                    setattr(lr, k, f.get_tensor(f"layers.{i}.{k}"))
+                out.layers[int(i)] = lr
+        return out
 
 
 class InputAbsMax:
@@ -156,5 +211,22 @@ class InputAbsMax:
 
     def merge(self, other: "InputAbsMax") -> None:
         for k, v in other.amax.items():
-            self.amax[k] = v if k not in self.amax else torch.maximum(self.amax[k], v)
+            self.amax[k] = v if k not in self.amax else torch.maximum(self.amax[k], v.to(self.amax[k].device))
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """``{prefix + linear name: amax}``, e.g. prefix ``model.layers.3.`` gives checkpoint-style names."""
+        return {prefix + k: v.detach().cpu().contiguous() for k, v in sorted(self.amax.items())}
+
+    def save(self, path, prefix: str = "") -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.state_dict(prefix), str(path), metadata={"format": "moepress-input-absmax"})
+
+    @classmethod
+    def load(cls, path, prefix: str = "") -> "InputAbsMax":
+        from safetensors.torch import load_file
+
+        out = cls()
+        out.amax = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+        return out
 

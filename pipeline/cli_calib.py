@@ -2,12 +2,144 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
+
+from moepress.errors import MoepressError
+from moepress.options import calib_options, model_argument, output_options, progress_options, resolve_model
 
 
 @click.group("calib")
 def calib_group():
-    """Calibration data and routing statistics (not implemented yet: issue #3)."""
+    """Calibration data (prepare a token file, reused by every stage) and routing statistics."""
+
+
+def _prepare_text(path: Path, side: dict, cached: bool) -> str:
+    srcs = "; ".join(f"{s['spec']}: {s['samples']} samples" for s in side["sources"])
+    return (f"{path}: {side['num_samples']} samples x {side['seq_len']} tokens ({side['tokens']} tokens), "
+            f"seed {side['seed']}, tokenizer {side['tokenizer']['sha256'][:12]}"
+            f"{' (from the cache)' if cached else ''}; {srcs}")
+
+
+@calib_group.command("prepare")
+@model_argument
+@calib_options
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+              help="Token file to write: NAME.safetensors or NAME.pt, with NAME.<ext>.json describing it. "
+                   "Any stage takes it back as --calib FILE.")
+@click.option("--force", is_flag=True, help="Replace the file if it exists.")
+@progress_options
+def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, output, force, quiet, json_out):
+    """Tokenize and sample MODEL's calibration set into a token file (reused from the cache when it
+    holds the same tokenizer, sources and parameters)."""
+    from moepress.calib.cache import save_token_file
+    from moepress.calib.data import calibration_set
+    from moepress.calib.sources import sidecar_path
+
+    src = resolve_model(model)
+    if not output.name.endswith((".safetensors", ".pt")):
+        raise MoepressError(f"-o {output}: expected a file name ending in .safetensors or .pt")
+    for p in (output, sidecar_path(output)):
+        if p.exists() and not force:
+            raise MoepressError(f"{p}: exists (pass --force to replace it)")
+    if output.is_dir():
+        raise MoepressError(f"{output}: is a directory; expected a file name ending in .safetensors or .pt")
+    cs = calibration_set(src, calib, num_samples, seq_len, seed, trust_remote_code)
+    meta = {k: v for k, v in cs.meta.items() if k != "file"}
+    try:
+        side = save_token_file(output, cs.input_ids, cs.source, meta)
+    except OSError as e:
+        raise MoepressError(f"{output}: cannot write ({e.strerror})") from None
+    click.echo(json.dumps({"path": str(output), "cached": cs.cached, **side}) if json_out
+               else _prepare_text(output, side, cs.cached))
+
+
+def _check_output_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise MoepressError(f"{out}: output path exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise MoepressError(f"{out}: output directory is not empty (pass --force to replace it)")
+
+
+@calib_group.command("stats")
+@model_argument
+@calib_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Samples per forward batch (under torchrun, whole batches are split across ranks).")
+@click.option("--rare", type=click.FloatRange(min=0, max=1), default=0.1, show_default=True,
+              help="An expert is rarely routed when its token share is below RARE x the uniform share 1/E.")
+@click.option("--absmax", is_flag=True,
+              help="Also write input_absmax.safetensors: per linear input, the max |x| per channel.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Compute dtype of the layer stream (routers stay float32 where the family keeps them so).")
+@output_options
+@progress_options
+def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch_size, rare, absmax, dtype,
+              output, force, quiet, json_out):
+    """Routing statistics of MODEL over its calibration set, streamed one layer at a time.
+
+    Writes OUT/stats.json (per MoE layer and expert: routed tokens, share, gate-weight
+    mass, mean expert output norm, REAP saliency; the summary; the calibration set),
+    OUT/routing.safetensors (exact sums and co-selection counts, RoutingStats.load),
+    OUT/heatmap.png (token share per layer x expert, never-routed experts marked) and
+    OUT/summary.txt; prints the summary (JSON with --json).
+
+    Under `torchrun --nproc_per_node N -m moepress calib stats ...` the batches are split
+    across ranks and the statistics reduced (gloo on CPU, NCCL on GPUs); rank 0 writes.
+    """
+    import torch
+
+    from moepress.calib import distributed as dist
+    from moepress.calib.data import calibration_set
+    from moepress.calib.heatmap import plot_share
+    from moepress.calib.stats import collect, per_expert, render, summarize
+    from moepress.compress.checkpoint import CheckpointWriter
+    from moepress.progress import Progress
+
+    src = resolve_model(model)
+    _check_output_dir(output, force)
+    env = dist.init()
+    try:
+        prog = Progress.from_flags(quiet or not env.is_main, json_out and env.is_main)
+        cs = dist.run_main_first(env, lambda: calibration_set(src, calib, num_samples, seq_len, seed,
+                                                              trust_remote_code))
+        batches = dist.shard(cs.batches(batch_size), env.rank, env.world_size)
+        stats, amax, facts = collect(src, batches, absmax=absmax, progress=prog,
+                                     dtype=getattr(torch, dtype))
+        dist.all_reduce_routing(stats, env)
+        if absmax:
+            amax = dist.all_reduce_absmax(amax, env)
+        summary = summarize(stats, rare)
+        tokens = int(cs.input_ids.numel())
+        text = render(summary, facts, tokens)
+        if env.is_main:
+            calib_meta = {k: v for k, v in cs.meta.items() if k != "file"}
+            config = {"calib": list(calib), "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
+                      "batch_size": batch_size, "rare": rare, "absmax": absmax, "dtype": dtype}
+            with CheckpointWriter(output, force=force) as w:
+                w.manifest.update({"stage": "calib-stats", "config": config,
+                                   "inputs": {"model": str(src), "calibration": calib_meta.get("key"),
+                                              "calibration_tokens": tokens}, "world_size": env.world_size})
+                w.write_json("stats.json", {"model": str(src), **facts, "world_size": env.world_size,
+                                            "calibration": calib_meta, "summary": summary,
+                                            "layers": per_expert(stats)})
+                w.write_text("summary.txt", text + "\n")
+                stats.save(w.partial / "routing.safetensors")
+                if absmax:
+                    from safetensors.torch import save_file
+
+                    save_file(amax, str(w.partial / "input_absmax.safetensors"),
+                              metadata={"format": "moepress-input-absmax"})
+                plot_share(stats, w.partial / "heatmap.png",
+                           f"{src.name}: routed-token share per layer x expert ({tokens} calibration tokens, "
+                           f"top-{facts['top_k']})")
+            click.echo(json.dumps({"output": str(output), "tokens": tokens, "world_size": env.world_size,
+                                   **summary}) if json_out else text + f"\nwrote {output}")
+        dist.barrier(env)
+    finally:
+        dist.shutdown()
 
 
 COMMANDS = [calib_group]

@@ -1,17 +1,160 @@
-"""`moepress check` (issue #8)."""
+"""`moepress check`: does a compressed artifact still behave like its original? (issue #8)"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
 
-from moepress.errors import MoepressError
+from moepress.errors import CheckFailed, MoepressError
+from moepress.options import progress_options
 
 
-@click.command("check", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def check_cmd(args):
-    """Not implemented yet (issue #8)."""
-    raise MoepressError("moepress check is not implemented yet (issue #8)")
+class KindChoice(click.ParamType):
+    """Candidate kinds from the registry in moepress.calib.checks, read when the option is used
+    (so that `moepress --help` does not import torch)."""
+
+    name = "kind"
+
+    @staticmethod
+    def kinds() -> list[str]:
+        from moepress.calib.checks import CANDIDATE_KINDS
+
+        return ["auto", *CANDIDATE_KINDS]
+
+    def get_metavar(self, param, ctx=None):
+        return "[auto|checkpoint|transformers|onnx|engine|...]"
+
+    def convert(self, value, param, ctx):
+        if value not in self.kinds():
+            raise MoepressError(f"--kind {value}: unknown candidate kind (expected {', '.join(self.kinds())})")
+        return value
+
+
+def _path(arg: str, what: str) -> Path:
+    """A path, or the name of a bundled model."""
+    p = Path(arg)
+    if p.exists():
+        return p
+    from moepress import models
+
+    if arg in models.BUNDLED:
+        return models.path(arg)
+    raise MoepressError(f"{what}{arg}: {'reference checkpoint' if what else 'candidate'} not found "
+                        f"(bundled models: {', '.join(models.BUNDLED)})")
+
+
+def _human(result: dict) -> list[str]:
+    from moepress.calib.checks.config import fmt
+
+    m, d, c = result["metrics"], result["data"], result["candidate"]
+    gates = {g["metric"]: g for g in result["gates"]}
+
+    def gate(metric):
+        g = gates.get(metric)
+        if g is None:
+            return ""
+        verdict = {True: "pass", False: "FAIL"}.get(g["passed"], "n/a")
+        return f"   [{g['op']} {fmt(g['threshold'], g.get('percent', False))}: {verdict}]"
+
+    out = [f"{Path(c['path']).name} ({c['kind']}) vs {Path(result['reference']).name}: {d['samples']} x "
+           f"{d['seq_len']} tokens of {Path(d['source']).name}",
+           f"  perplexity       {m['ppl_reference']:.4g} -> {m['ppl_candidate']:.4g} "
+           f"({fmt(m['ppl_increase'], True)}){gate('ppl_increase')}",
+           f"  KL(ref||cand)    mean {m['kl_mean']:.4g}, p99 {m['kl_p99']:.4g} nats/token{gate('kl_mean')}"
+           f"{gate('kl_p99')}",
+           f"  top-1 agreement  {m['top1_agreement']:.4f}{gate('top1_agreement')}"]
+    if result["layers"]:
+        errs = ", ".join(f"{p['layer']}: {p['rel_error']:.3g}" for p in result["layers"])
+        out.append(f"  hidden rel. error per layer  {errs}{gate('min_layer_cosine')}")
+        if result["error_jump"] is not None and result["error_jump"]["after"] > 0:
+            out.append(f"  error jumps at layer {result['error_jump']['layer']}")
+    out += [f"  note: {n}" for n in result["notes"]]
+    gen = result.get("generations") or {}
+    for s in gen.get("samples", []):
+        out += [f"  prompt     {s['prompt']!r}", f"  reference  {s['reference']!r}",
+                f"  candidate  {s['candidate']!r}  (same first {s['same_prefix_tokens']}/{s['new_tokens']} tokens)"]
+    out.append("PASS" if result["passed"] else "FAIL: " + ", ".join(result["failed"]))
+    return out
+
+
+@click.command("check")
+@click.argument("candidate", metavar="CANDIDATE")
+@click.option("--reference", "-r", required=True, metavar="REF",
+              help="The original checkpoint directory (or bundled model name) the candidate was made from.")
+@click.option("--data", default=None, metavar="EVAL",
+              help="Held-out evaluation data: a text file (consecutive windows) or any --calib source "
+                   "(JSONL, Parquet, dataset folder, token file, hf:NAME; sampled by --seed). "
+                   "Default: the bundled held-out text calib/data/eval.txt.")
+@click.option("--max-ppl-increase", default="2%", metavar="FRACTION", show_default=True,
+              help="Gate: largest relative perplexity increase (2% or 0.02; 'none' turns it off).")
+@click.option("--min-top1", default="0.95", metavar="FRACTION", show_default=True,
+              help="Gate: lowest top-1 next-token agreement with the reference ('none': off).")
+@click.option("--max-kl", default="0.05", metavar="NATS", show_default=True,
+              help="Gate: largest mean KL(reference || candidate) per token, nats ('none': off).")
+@click.option("--max-kl-p99", default="none", metavar="NATS", show_default=True,
+              help="Gate: largest 99th-percentile KL per token.")
+@click.option("--min-cosine", default="none", metavar="COS", show_default=True,
+              help="Gate: lowest per-layer mean cosine similarity of hidden states.")
+@click.option("--kind", type=KindChoice(), default="auto", show_default=True,
+              help="Candidate kind; auto detects it from the path.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sample.")
+@click.option("--max-samples", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Evaluation samples (windows of --seq-len tokens).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Samples per batch.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed for non-text --data.")
+@click.option("--generate", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Greedy generations side by side for N prompts (no KV cache: each new token streams the "
+                   "whole model once; fine for small models, slow for large ones).")
+@click.option("--gen-tokens", type=click.IntRange(min=1), default=24, show_default=True,
+              help="New tokens per --generate prompt.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the tokenizer's / model's own Python code to run.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Write report.json, report.md and layer_error.png into DIR.")
+@progress_options
+def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, max_kl_p99, min_cosine, kind, seq_len,
+              max_samples, batch_size, seed, generate, gen_tokens, trust_remote_code, report_dir, quiet, json_out):
+    """Compare CANDIDATE with the reference checkpoint on held-out text and gate on the result.
+
+    Metrics: perplexity of both and its relative change; KL(reference || candidate) of
+    next-token distributions (mean, p99); top-1 agreement; per decoder layer the cosine
+    similarity and relative error of hidden states (layer outputs), with the layer where
+    the error jumps. The reference is streamed one layer at a time; a checkpoint candidate
+    is streamed beside it. CANDIDATE kinds: a checkpoint moepress streams (pruned,
+    block-FP8, quantized), a directory transformers loads (compressed-tensors), an ONNX
+    model, a TensorRT / TensorRT-LLM engine (GPU).
+
+    Exit code 0: every gate passed; 1: a gate failed (the metric is named on stderr);
+    2: bad input. The metrics are added to the candidate's moepress-manifest.json when
+    moepress wrote it.
+    """
+    from moepress.calib.checks import CheckConfig, jsonable, record_in_manifest, run_check, write_report
+    from moepress.calib.checks.config import failure_line, parse_fraction
+    from moepress.progress import Progress
+
+    gates = {name: parse_fraction(value, "--" + name.replace("_", "-")) for name, value in
+             (("max_ppl_increase", max_ppl_increase), ("min_top1", min_top1), ("max_kl", max_kl),
+              ("max_kl_p99", max_kl_p99), ("min_cosine", min_cosine))}
+    cfg = CheckConfig(**gates, data=data, seq_len=seq_len, max_samples=max_samples,
+                      batch_size=batch_size, seed=seed, generate=generate, gen_tokens=gen_tokens, kind=kind,
+                      trust_remote_code=trust_remote_code)
+    cand = _path(candidate, "")
+    ref = _path(reference, "--reference ")
+    prog = Progress.from_flags(quiet, json_out)
+    result = run_check(cand, ref, cfg, progress=prog)
+    result["manifest_updated"] = record_in_manifest(cand, result)
+    if report_dir is not None:
+        result["report"] = str(write_report(result, report_dir))
+    if json_out:
+        click.echo(json.dumps(jsonable(result), default=str))
+    else:
+        for line in _human(result):
+            click.echo(line)
+        if report_dir is not None:
+            click.echo(f"wrote {report_dir}/report.md")
+    if not result["passed"]:
+        raise CheckFailed(failure_line(result["gates"], result["error_jump"]))
 
 
 COMMANDS = [check_cmd]

@@ -1,17 +1,87 @@
-"""`moepress prune` (issue #4)."""
+"""`moepress prune`: remove the routed experts a calibration set says matter least (issue #4)."""
 
 from __future__ import annotations
+
+import json
 
 import click
 
 from moepress.errors import MoepressError
+from moepress.options import calib_options, model_argument, output_options, progress_options, resolve_model
 
 
-@click.command("prune", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def prune_cmd(args):
-    """Not implemented yet (issue #4)."""
-    raise MoepressError("moepress prune is not implemented yet (issue #4)")
+class MethodChoice(click.ParamType):
+    """The pruning methods registered in moepress.compress.prune, read when the option is used
+    (so that `moepress --help` does not import torch); a bad name is a one-line error."""
+
+    name = "method"
+
+    @staticmethod
+    def methods() -> dict:
+        from moepress.compress.prune import METHODS
+
+        return METHODS
+
+    def get_metavar(self, param, ctx=None):
+        return "[" + "|".join(self.methods()) + "]"
+
+    def convert(self, value, param, ctx):
+        if value not in self.methods():
+            raise MoepressError(f"--method {value}: expected one of {', '.join(self.methods())}")
+        return value
+
+
+def _method_help() -> str:
+    return ("Which experts to drop: frequency = routed token counts; ean = summed expert output norm; "
+            "reap = mean gate x output norm (REAP); reroute = greedy search minimising the MoE block's "
+            "output error with the pruned router re-routing tokens. Default: reroute, the best in "
+            "bench/prune_quality.py.")
+
+
+@click.command("prune")
+@model_argument
+@click.option("--ratio", type=float, default=None, help="Fraction of routed experts to drop per layer, e.g. 0.25 "
+              "(the kept count is rounded down to a valid count).")
+@click.option("--keep", type=int, default=None, help="Routed experts to keep per layer (exact).")
+@click.option("--method", type=MethodChoice(), default=None, help=_method_help())
+@click.option("--ep-size", type=int, default=1, show_default=True,
+              help="Expert-parallel size: the kept count is made a multiple of it.")
+@click.option("--protect", default="", metavar="L:E,...", help="Experts that always stay, e.g. 3:5,3:7.")
+@click.option("--sequential", is_flag=True,
+              help="Gather layer i+1's statistics on the already pruned layers 0..i.")
+@click.option("--search-tokens", type=int, default=16384, show_default=True,
+              help="reroute: calibration tokens the search evaluates (a seeded subsample when more).")
+@calib_options
+@output_options
+@progress_options
+def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_tokens, calib, num_samples,
+              seq_len, seed, trust_remote_code, output, force, quiet, json_out):
+    """Drop the least useful routed experts of every MoE layer of MODEL (one count for all layers).
+
+    Writes OUT in MODEL's format (block-FP8 stays block-FP8), with prune_report.json:
+    per layer the kept and dropped experts, their scores and token shares, and the
+    constraint decisions. Shared experts and dense layers are copied unchanged.
+    """
+    from moepress.compress.prune import DEFAULT_METHOD, PruneConfig, parse_protect, prune_checkpoint
+    from moepress.progress import Progress
+
+    if search_tokens < 1:
+        raise MoepressError(f"--search-tokens {search_tokens}: expected a positive number")
+    cfg = PruneConfig(method=method or DEFAULT_METHOD, ratio=ratio, keep=keep, ep_size=ep_size,
+                      protect=parse_protect(protect), sequential=sequential, calib=tuple(calib),
+                      num_samples=num_samples, seq_len=seq_len, seed=seed, search_tokens=search_tokens)
+    src = resolve_model(model)
+    result = prune_checkpoint(src, output, cfg, force=force, progress=Progress.from_flags(quiet, json_out),
+                              trust_remote_code=trust_remote_code)
+    if json_out:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{src.name}: kept {result['kept']} of {result['num_experts']} routed experts in "
+                   f"{result['moe_layers']} MoE layers ({cfg.method}); dropped experts took "
+                   f"{100 * result['dropped_token_share_mean']:.1f}% of routed tokens on calibration data")
+        for note in result["constraints"]:
+            click.echo(f"  {note}")
+        click.echo(f"wrote {output} ({result['seconds']:.1f} s)")
 
 
 COMMANDS = [prune_cmd]

@@ -50,5 +50,12 @@ def calib_options(f):
     f = click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True,
                      help="Number of calibration samples.")(f)
     f = click.option("--calib", "calib", multiple=True, metavar="SOURCE",
-                     help="Calibration source (repeatable); default: the bundled calibration text.")(f)
+                     help="Calibration source, repeatable (mixed by weight): LOCATION[@WEIGHT][,KEY=VALUE...]. "
+                          "LOCATION: a text file or folder (.txt .md .rst), JSONL (.jsonl; field text, or chat "
+                          "messages rendered with the chat template), Parquet, a datasets save_to_disk folder, "
+                          "a token file from `calib prepare` (.safetensors/.pt), `bundled`, or hf:NAME (Hub). "
+                          "Keys: weight, field, mode=pack|truncate (default pack: documents joined with EOS "
+                          "and cut into --seq-len windows; truncate: one document per sample, shorter ones "
+                          "skipped), split, type, config, revision. Default: the bundled calibration text. "
+                          "Example: --calib code.jsonl@3,field=content --calib chat.jsonl,mode=truncate.")(f)
     return f

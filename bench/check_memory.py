@@ -1,0 +1,101 @@
+"""Peak memory and time of `moepress check` against one streamed forward (issue #8).
+
+Writes a synthetic Qwen3-MoE-shaped checkpoint (compress/synthetic.py; the bundled
+tokenizer copied in), then in child processes measures the resident-set growth of
+(a) one streamed forward of the checkpoint over the evaluation batches, and
+(b) `run_check` of the checkpoint against itself (two streams in lockstep),
+and prints both against the size of one layer and of the whole model in float32.
+
+    python bench/check_memory.py                      # 8 layers x 32 experts, hidden 256
+    python bench/check_memory.py --layers 16 --experts 64 --samples 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+from moepress import models
+from moepress.compress.synthetic import write_synthetic
+
+PROBE = textwrap.dedent("""
+    import json, sys, threading, time, torch
+    torch.set_num_threads(1)
+    from moepress.calib.checks import CheckConfig, run_check
+    from moepress.calib.checks.runner import eval_data
+    from moepress.compress.stream import StreamedModel
+
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+
+    peak = [0]
+    def sample():
+        while True:
+            peak[0] = max(peak[0], rss()); time.sleep(0.002)
+    what, path, samples = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    cfg = CheckConfig(seq_len=64, max_samples=samples, batch_size=4)
+    if what == "forward":
+        batches, _ = eval_data(__import__("pathlib").Path(path), cfg)
+        run = lambda: StreamedModel(path).forward(batches)
+    else:
+        run = lambda: run_check(path, path, cfg)
+    run()  # warm-up
+    base = rss()
+    threading.Thread(target=sample, daemon=True).start()
+    t0 = time.monotonic()
+    run()
+    dt = time.monotonic() - t0
+    time.sleep(0.05)
+    print(json.dumps({"grew": peak[0] - base, "seconds": dt}))
+""")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--inter", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=8, help="evaluation samples of 64 tokens")
+    args = ap.parse_args()
+    cfg = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=4096,
+               hidden_size=args.hidden, intermediate_size=args.inter, moe_intermediate_size=args.inter,
+               num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+               num_experts=args.experts, num_experts_per_tok=4, norm_topk_prob=True)
+    h = args.hidden
+    layer = args.experts * 3 * h * args.inter * 4 + 4 * (h * 256 * 2 + h * 128 * 2) + args.experts * h * 4
+    model = args.layers * layer + 2 * 4096 * h * 4
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_synthetic(cfg, Path(tmp) / "synthetic", seed=0)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(models.path("tiny-qwen3-moe") / f, ckpt / f)
+        res = {}
+        for what in ("forward", "check"):
+            p = subprocess.run([sys.executable, "-c", PROBE, what, str(ckpt), str(args.samples)],
+                               capture_output=True, text=True)
+            if p.returncode:
+                print(p.stderr, file=sys.stderr)
+                return 1
+            res[what] = json.loads(p.stdout)
+    mb = 2**20
+    print(f"synthetic qwen3_moe: {args.layers} layers x {args.experts} experts, hidden {h}; "
+          f"one layer {layer / mb:.0f} MB, model {model / mb:.0f} MB (float32); {args.samples} x 64 tokens")
+    for what, label in (("forward", "one streamed forward"), ("check", "check (two streams in lockstep)")):
+        g = res[what]["grew"]
+        print(f"  {label:34s} peak RSS growth {g / mb:6.0f} MB = {g / layer:4.1f} layers = "
+              f"{100 * g / model:5.1f}% of one model   ({res[what]['seconds']:.1f} s)")
+    print(f"  check / forward: {res['check']['grew'] / max(res['forward']['grew'], 1):.2f}x memory, "
+          f"{res['check']['seconds'] / res['forward']['seconds']:.2f}x time")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Tokenized calibration sets on disk: the token file format and the cache that reuses it.
+
+A token file is ``NAME.safetensors`` (tensors ``input_ids`` int32 [N, S] and ``source``
+int32 [N], the index of the ``--calib`` source each sample came from) or ``NAME.pt``
+(``torch.save`` of the same dict), next to ``NAME.safetensors.json`` describing it:
+tokenizer fingerprint, sources with their content hashes, parameters, per-source
+counts, and the token file's own sha256. ``moepress calib prepare`` writes one; the
+cache (``$MOEPRESS_CACHE/calib/<key>.safetensors``, default ``~/.cache/moepress``) holds
+the same files named by the key of what made them, so every stage that asks for the
+same calibration set with the same tokenizer reuses the tokens.
+``MOEPRESS_CACHE=off`` turns the cache off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from moepress.calib.sources import sidecar_path
+from moepress.errors import MoepressError
+
+FORMAT = "moepress-calib"
+VERSION = 1
+
+
+def cache_root() -> Path | None:
+    v = os.environ.get("MOEPRESS_CACHE")
+    if v is not None and v.strip().lower() in ("", "0", "off", "none", "false"):
+        return None
+    return Path(v).expanduser() if v else Path.home() / ".cache" / "moepress"
+
+
+def calib_cache_dir() -> Path | None:
+    root = cache_root()
+    return None if root is None else root / "calib"
+
+
+def cache_key(fields: dict) -> str:
+    """sha256 of what decides the token ids (tokenizer, sources' contents, parameters, format)."""
+    blob = json.dumps({"format": FORMAT, "version": VERSION, **fields}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_token_file(path: str | os.PathLike, input_ids: torch.Tensor, source: torch.Tensor, meta: dict) -> dict:
+    """Write ``path`` (.safetensors or .pt) and its JSON sidecar; returns the sidecar dict."""
+    path = Path(path)
+    tensors = {"input_ids": input_ids.to(torch.int32).contiguous(), "source": source.to(torch.int32).contiguous()}
+    if path.name.endswith(".safetensors"):
+        from safetensors.torch import save
+
+        data = save(tensors, metadata={"format": FORMAT, "version": str(VERSION)})
+    elif path.name.endswith(".pt"):
+        import io
+
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        data = buf.getvalue()
+    else:
+        raise MoepressError(f"{path}: expected a file name ending in .safetensors or .pt")
+    side = {"format": FORMAT, "version": VERSION, **meta,
+            "file": {"name": path.name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+                     "tensors": {"input_ids": ["int32", list(input_ids.shape)], "source": ["int32", [source.numel()]]}}}
+    _atomic_write(path, data)
+    _atomic_write(sidecar_path(path), (json.dumps(side, indent=2) + "\n").encode())
+    return side
+
+
+def load_token_file(path: str | os.PathLike, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(input_ids int64 [N, S], source int64 [N], sidecar) of a token file; bad files raise MoepressError."""
+    path = Path(path)
+    side_p = sidecar_path(path)
+    if not path.is_file():
+        raise MoepressError(f"{path}: token file not found")
+    if not side_p.is_file():
+        raise MoepressError(f"{path}: no sidecar {side_p.name}; token files are made by `moepress calib prepare`")
+    try:
+        side = json.loads(side_p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoepressError(f"{side_p}: not valid JSON ({e})") from None
+    if side.get("format") != FORMAT or side.get("version") != VERSION:
+        raise MoepressError(f"{side_p}: expected format {FORMAT!r} version {VERSION}, "
+                            f"got {side.get('format')!r} version {side.get('version')}")
+    data = path.read_bytes()
+    if verify and hashlib.sha256(data).hexdigest() != side.get("file", {}).get("sha256"):
+        raise MoepressError(f"{path}: contents do not match the sha256 in {side_p.name} (file changed or damaged)")
+    try:
+        if path.name.endswith(".safetensors"):
+            from safetensors.torch import load
+
+            t = load(data)
+        else:
+            import io
+
+            t = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as e:
+        raise MoepressError(f"{path}: cannot read token file ({type(e).__name__}: {e})") from None
+    ids, src = t.get("input_ids"), t.get("source")
+    n, s = side.get("num_samples"), side.get("seq_len")
+    if ids is None or src is None or ids.ndim != 2 or list(ids.shape) != [n, s] or src.shape != (n,):
+        raise MoepressError(f"{path}: expected tensors input_ids [{n}, {s}] and source [{n}] as {side_p.name} says")
+    return ids.long(), src.long(), side
+
+
+def cache_paths(key: str) -> Path | None:
+    d = calib_cache_dir()
+    return None if d is None else d / f"{key}.safetensors"
+
+
+def cache_get(key: str):
+    """(input_ids, source, sidecar) for key, or None (absent, damaged, or cache off)."""
+    p = cache_paths(key)
+    if p is None or not p.exists() or not sidecar_path(p).exists():
+        return None
+    try:
+        ids, src, side = load_token_file(p)
+    except MoepressError:
+        return None
+    return (ids, src, side) if side.get("key") == key else None
+
+
+def cache_put(key: str, input_ids: torch.Tensor, source: torch.Tensor, meta: dict) -> Path | None:
+    """Store a calibration set under key; a cache that cannot be written is skipped (returns None)."""
+    p = cache_paths(key)
+    if p is None:
+        return None
+    try:
+        save_token_file(p, input_ids, source, {**meta, "key": key})
+    except OSError:
+        return None
+    return p
+
+
+def load_hash_memo() -> dict:
+    """Content-hash memo (path -> size, mtime, sha256) kept in the cache so big sources are hashed once."""
+    d = calib_cache_dir()
+    if d is None:
+        return {}
+    try:
+        return json.loads((d / "file-hashes.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def save_hash_memo(memo: dict) -> None:
+    d = calib_cache_dir()
+    if d is None or not memo:
+        return
+    try:
+        _atomic_write(d / "file-hashes.json", json.dumps(memo).encode())
+    except OSError:
+        pass

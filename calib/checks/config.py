@@ -1,0 +1,146 @@
+"""What a check measures and the gates it must pass: one frozen config, built from flags or a recipe."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from moepress.errors import MoepressError
+
+OFF = ("none", "off", "")
+
+
+def parse_fraction(value, option: str) -> float | None:
+    """``2%`` -> 0.02, ``0.02`` -> 0.02, ``none``/``off`` -> None (the gate is off)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise MoepressError(f"{option} {value}: expected a number such as 0.02 or 2%, or 'none'")
+    if isinstance(value, (int, float)):
+        out = float(value)
+    else:
+        s = str(value).strip().lower()
+        if s in OFF:
+            return None
+        try:
+            out = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
+        except ValueError:
+            raise MoepressError(f"{option} {value}: expected a number such as 0.02 or 2%, or 'none'") from None
+    if not math.isfinite(out) or out < 0:
+        raise MoepressError(f"{option} {value}: expected a non-negative number")
+    return out
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """Accuracy check of a candidate against its reference checkpoint.
+
+    Gates (None turns one off): ``max_ppl_increase`` relative perplexity increase
+    (0.02 = 2%); ``min_top1`` top-1 next-token agreement; ``max_kl`` mean KL(ref || cand)
+    per token in nats; ``max_kl_p99`` its 99th percentile; ``min_cosine`` the lowest
+    per-layer mean cosine similarity of hidden states.
+    Data: ``data`` (None: the bundled held-out text), ``seq_len`` tokens per sample,
+    ``max_samples`` samples, ``batch_size``. ``generate`` prompts decoded greedily for
+    ``gen_tokens`` tokens each, side by side. ``kind`` the candidate kind (``auto``: detected).
+    """
+
+    max_ppl_increase: float | None = 0.02
+    min_top1: float | None = 0.95
+    max_kl: float | None = 0.05
+    max_kl_p99: float | None = None
+    min_cosine: float | None = None
+    data: str | None = None
+    seq_len: int = 256
+    max_samples: int = 32
+    batch_size: int = 8
+    seed: int = 0
+    generate: int = 0
+    gen_tokens: int = 24
+    kind: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        for name in ("max_ppl_increase", "min_top1", "max_kl", "max_kl_p99", "min_cosine"):
+            object.__setattr__(self, name, parse_fraction(getattr(self, name), name))
+        for name, low in (("seq_len", 2), ("max_samples", 1), ("batch_size", 1), ("generate", 0),
+                          ("gen_tokens", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise MoepressError(f"{name} {v!r}: expected an integer >= {low}")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "check") -> "CheckConfig":
+        """From a recipe's ``check:`` section (keys as the fields, ``-`` or ``_``)."""
+        known = {f.name for f in fields(cls)}
+        norm = {str(k).replace("-", "_"): v for k, v in (d or {}).items()}
+        bad = sorted(set(norm) - known)
+        if bad:
+            raise MoepressError(f"{where}: unknown key '{bad[0]}' (expected {', '.join(sorted(known))})")
+        return cls(**norm)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One threshold on one metric: ``metric op threshold`` must hold."""
+
+    metric: str  # key in the result's metrics
+    field: str  # CheckConfig field holding the threshold
+    op: str  # "<=" or ">="
+    option: str  # the CLI flag
+    percent: bool = False  # show as a percentage
+
+
+GATES = (
+    Gate("ppl_increase", "max_ppl_increase", "<=", "--max-ppl-increase", percent=True),
+    Gate("top1_agreement", "min_top1", ">=", "--min-top1"),
+    Gate("kl_mean", "max_kl", "<=", "--max-kl"),
+    Gate("kl_p99", "max_kl_p99", "<=", "--max-kl-p99"),
+    Gate("min_layer_cosine", "min_cosine", ">=", "--min-cosine"),
+)
+
+
+def fmt(value: float, percent: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    if percent:
+        return f"{100 * value:+.2f}%"
+    return f"{value:.4g}"
+
+
+def evaluate_gates(cfg: CheckConfig, metrics: dict) -> list[dict]:
+    """Every gate that is on: metric, value, op, threshold, passed (a NaN never passes)."""
+    out = []
+    for g in GATES:
+        thr = getattr(cfg, g.field)
+        if thr is None:
+            continue
+        v = metrics.get(g.metric)
+        if v is None:  # e.g. no per-layer hidden states from this candidate kind
+            out.append({"metric": g.metric, "value": None, "op": g.op, "threshold": thr, "option": g.option,
+                        "passed": None, "note": "not measured for this candidate"})
+            continue
+        ok = (v <= thr) if g.op == "<=" else (v >= thr)
+        out.append({"metric": g.metric, "value": v, "op": g.op, "threshold": thr, "option": g.option,
+                    "passed": bool(ok and math.isfinite(v)), "percent": g.percent})
+    return out
+
+
+def failure_line(gates: list[dict], jump: dict | None) -> str:
+    """One line: the first failing metric, its value and threshold, the others, and where the error jumps."""
+    failed = [g for g in gates if g["passed"] is False]
+    first = failed[0]
+    worse = ">" if first["op"] == "<=" else "<"
+    bound = "max" if first["op"] == "<=" else "min"
+    pct = first.get("percent", False)
+    line = (f"{first['metric']} {fmt(first['value'], pct)} {worse} {bound} {fmt(first['threshold'], pct)} "
+            f"({first['option']})")
+    if len(failed) > 1:
+        line += "; also " + ", ".join(f"{g['metric']} {fmt(g['value'], g.get('percent', False))}"
+                                      for g in failed[1:])
+    if jump is not None:
+        line += (f"; hidden-state error jumps at layer {jump['layer']} "
+                 f"(rel. error {jump['before']:.3g} -> {jump['after']:.3g})")
+    return line

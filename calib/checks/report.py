@@ -1,0 +1,163 @@
+"""A check's report (report.json, report.md, layer_error.png) and the accuracy section of the
+candidate's manifest."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from moepress.calib.checks.config import fmt
+from moepress.errors import MoepressError
+from moepress.manifest import MANIFEST_NAME, file_digests, update_manifest, versions, write_manifest
+
+PLOT_NAME = "layer_error.png"
+
+
+def jsonable(obj):
+    """The result with NaN/inf floats as null, so strict JSON readers (jq, JavaScript) accept it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def accuracy_section(result: dict) -> dict:
+    """What goes into the candidate's manifest: the verdict, the headline metrics, the gates."""
+    keep = ("ppl_reference", "ppl_candidate", "ppl_increase", "kl_mean", "kl_p99", "top1_agreement",
+            "min_layer_cosine", "final_layer_rel_error", "tokens")
+    return {"passed": result["passed"], "failed": result["failed"], "reference": result["reference"],
+            "data": result["data"], "metrics": {k: result["metrics"][k] for k in keep if k in result["metrics"]},
+            "error_jump": result["error_jump"],
+            "gates": [{k: g[k] for k in ("metric", "value", "op", "threshold", "passed")} for g in result["gates"]],
+            "kind": result["candidate"]["kind"]}
+
+
+def record_in_manifest(candidate: str | Path, result: dict) -> bool:
+    """Add ``accuracy`` to the candidate's manifest when moepress wrote the candidate; True if it did.
+
+    The candidate is a directory with ``moepress-manifest.json``, or a file (an ONNX model,
+    an engine) that the manifest of its directory lists.
+    """
+    from moepress.manifest import read_manifest
+
+    p = Path(candidate)
+    d = p if p.is_dir() else p.parent
+    if not (d / MANIFEST_NAME).is_file():
+        return False
+    if p.is_file() and p.name not in read_manifest(d).get("files", {}):
+        return False
+    try:
+        update_manifest(d, accuracy=jsonable(accuracy_section(result)))
+    except OSError as e:
+        raise MoepressError(f"{d / MANIFEST_NAME}: cannot record the accuracy metrics ({e.strerror})") from None
+    return True
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def markdown(result: dict) -> str:
+    m = result["metrics"]
+    verdict = "PASS" if result["passed"] else "FAIL (" + ", ".join(result["failed"]) + ")"
+    c = result["candidate"]
+    lines = [f"# Accuracy check: {verdict}", "",
+             f"- candidate: `{c['path']}` ({c['kind']})", f"- reference: `{result['reference']}`",
+             f"- data: `{result['data']['source']}`, {result['data']['samples']} samples x "
+             f"{result['data']['seq_len']} tokens ({result['data']['windows']})", ""]
+    rows = [["perplexity (reference)", fmt(m["ppl_reference"])],
+            ["perplexity (candidate)", fmt(m["ppl_candidate"])],
+            ["perplexity change", fmt(m["ppl_increase"], True)],
+            ["KL(ref \\|\\| cand) mean, nats/token", fmt(m["kl_mean"])],
+            ["KL p99", fmt(m["kl_p99"])], ["KL max", fmt(m["kl_max"])],
+            ["top-1 agreement", fmt(m["top1_agreement"])], ["positions compared", str(m["tokens"])]]
+    lines += ["## Next-token distributions", "", _md_table(["metric", "value"], rows), ""]
+    if result["gates"]:
+        verdict = {True: "pass", False: "FAIL"}
+        g_rows = [[g["metric"], fmt(g["value"], g.get("percent", False)),
+                   f"{g['op']} {fmt(g['threshold'], g.get('percent', False))}", verdict.get(g["passed"], "n/a")]
+                  for g in result["gates"]]
+        lines += ["## Gates", "", _md_table(["metric", "value", "gate", "result"], g_rows), ""]
+    if result["layers"]:
+        jump = result["error_jump"]
+        l_rows = [[str(p["layer"]), f"{p['cosine']:.6f}", f"{p['cosine_min']:.4f}", f"{p['rel_error']:.4g}",
+                   f"{p['rel_error_p99']:.4g}"] for p in result["layers"]]
+        header = ["layer", "cosine (mean)", "cosine (min)", "rel. error (mean)", "rel. error (p99)"]
+        lines += ["## Hidden states per layer (candidate vs reference, layer outputs)", "",
+                  _md_table(header, l_rows), ""]
+        if jump is not None:
+            lines += [f"The error grows most at layer {jump['layer']} (rel. error {jump['before']:.3g} -> "
+                      f"{jump['after']:.3g}).", ""]
+        lines += [f"![per-layer error]({PLOT_NAME})", ""]
+    for n in result.get("notes") or []:
+        lines += [f"Note: {n}", ""]
+    gen = result.get("generations")
+    if gen and gen.get("samples"):
+        lines += ["## Greedy generations", ""]
+        for i, s in enumerate(gen["samples"]):
+            lines += [f"### Prompt {i + 1} (same first {s['same_prefix_tokens']} of {s['new_tokens']} tokens)", "",
+                      "```", s["prompt"], "```", "reference:", "```", s["reference"], "```", "candidate:", "```",
+                      s["candidate"], "```", ""]
+    elif gen and gen.get("skipped"):
+        lines += [f"Generations skipped: {gen['skipped']}", ""]
+    return "\n".join(lines)
+
+
+def plot_layers(result: dict, path: Path) -> None:
+    """Per-layer relative error (log scale) and 1 - cosine of hidden states, the jump marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = result["layers"]
+    x = [p["layer"] for p in layers]
+    floor = 1e-8  # identical hidden states (error 0) are drawn at the floor rather than at log(0)
+    rel = [max(p["rel_error"], floor) if math.isfinite(p["rel_error"]) else float("nan") for p in layers]
+    p99 = [max(p["rel_error_p99"], floor) if math.isfinite(p["rel_error_p99"]) else float("nan") for p in layers]
+    cos = [max(1 - p["cosine"], floor) if math.isfinite(p["cosine"]) else float("nan") for p in layers]
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
+    ax.plot(x, rel, "o-", label="relative error (mean over tokens)")
+    ax.plot(x, p99, "^--", alpha=0.6, label="relative error (p99)")
+    ax.plot(x, cos, "s-", label="1 - cosine similarity (mean)")
+    jump = result.get("error_jump")
+    if jump is not None:
+        ax.axvline(jump["layer"], color="red", alpha=0.3, lw=6, label=f"error jumps at layer {jump['layer']}")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder layer (output)")
+    ax.set_ylabel("candidate vs reference" + (" (0 drawn at 1e-8)" if min(rel + cos) <= floor else ""))
+    ax.set_xticks(x)
+    verdict = "pass" if result["passed"] else "FAIL: " + ", ".join(result["failed"])
+    ax.set_title(f"{Path(result['candidate']['path']).name} vs {Path(result['reference']).name} ({verdict})",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(result: dict, out: str | Path) -> Path:
+    """report.json, report.md, layer_error.png (when per-layer states were compared) and a manifest."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MoepressError(f"--report {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MoepressError(f"--report {out}: cannot create directory ({e.strerror})") from None
+    (out / "report.json").write_text(json.dumps(jsonable(result), indent=2, default=str) + "\n")
+    (out / "report.md").write_text(markdown(result))
+    if result["layers"]:
+        plot_layers(result, out / PLOT_NAME)
+    write_manifest(out, {"stage": "check", "config": result["config"],
+                         "inputs": {"candidate": result["candidate"]["path"], "reference": result["reference"],
+                                    "data": result["data"]["source"]},
+                         "versions": versions(), "files": file_digests(out)})
+    return out

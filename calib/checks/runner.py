@@ -1,0 +1,233 @@
+"""Run a check: the reference streamed layer by layer, the candidate beside it, metrics, gates.
+
+A streamed candidate advances in lockstep with the reference: read reference layer i,
+run it on every batch, free it; read candidate layer i, run it, compare the two outputs,
+free it. The next layer is read in the background while one runs, so memory is about two
+layers plus the activations of both models, whatever the models' sizes. A whole
+candidate (transformers, ONNX, engine) runs in its own runtime; the reference keeps each
+layer's output (activations only) until the candidate's are compared at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moepress.calib.checks.candidates import Candidate, open_candidate
+from moepress.calib.checks.config import CheckConfig, evaluate_gates
+from moepress.calib.metrics import LayerStats, LogitStats, error_jump
+from moepress.errors import MoepressError
+
+PROMPT_TOKENS = 16
+# Relative hidden-state error below which two runs count as equal (float32 rounding between runtimes).
+JUMP_FLOOR = 1e-5
+
+
+def eval_data(ref_dir: Path, cfg: CheckConfig) -> tuple[list[torch.Tensor], dict]:
+    """Token batches [B, seq_len] from the held-out data, tokenized with the reference's tokenizer.
+
+    A text file gives consecutive windows (the first ``max_samples``); any other source
+    ``calib.data`` reads (JSONL, Parquet, a dataset folder, a token file, hf:NAME) gives
+    ``max_samples`` samples drawn with ``seed``.
+    """
+    from moepress.calib.data import DEFAULT_EVAL, calibration_set, eval_batches
+    from moepress.calib.sources import TEXT_SUFFIXES
+
+    src = cfg.data
+    if src is None or (Path(src).suffix.lower() in TEXT_SUFFIXES and not Path(src).is_dir()):
+        path = Path(src) if src else DEFAULT_EVAL
+        rows = torch.cat(eval_batches(ref_dir, path, cfg.seq_len, cfg.max_samples, cfg.trust_remote_code))
+        info = {"source": str(path), "windows": "consecutive"}
+    else:
+        cs = calibration_set(ref_dir, (src,), cfg.max_samples, cfg.seq_len, cfg.seed, cfg.trust_remote_code)
+        rows = cs.input_ids
+        info = {"source": src, "windows": f"sampled (seed {cfg.seed})"}
+    batches = list(rows.split(cfg.batch_size))
+    return batches, {**info, "samples": int(rows.shape[0]), "seq_len": cfg.seq_len, "tokens": int(rows.numel())}
+
+
+class _Lockstep:
+    """Reads layer states in the order the loop runs them, one ahead, in a background thread."""
+
+    def __init__(self, order: list[tuple[object, int]]):
+        self.order = order
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepress-check")
+
+    def __iter__(self):
+        try:
+            nxt = self.pool.submit(self.order[0][0].read_layer_state, self.order[0][1]) if self.order else None
+            for k, (sm, i) in enumerate(self.order):
+                state = nxt.result()
+                nxt = (self.pool.submit(self.order[k + 1][0].read_layer_state, self.order[k + 1][1])
+                       if k + 1 < len(self.order) else None)
+                layer = sm.build_layer(i, state)
+                del state
+                yield sm, i, layer
+                del layer
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@torch.no_grad()
+def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit_stats: LogitStats, task):
+    cs = cand.stream
+    hr, hc = ref.embed(batches), cs.embed(batches)
+    embed = LayerStats()
+    for a, b in zip(hr, hc, strict=True):
+        embed.add(a, b)
+    n = max(ref.num_layers, cs.num_layers)
+    order = [(m, i) for i in range(n) for m in (ref, cs) if i < m.num_layers]
+    for sm, i, layer in _Lockstep(order):
+        if sm is ref:
+            hr = ref.run_layer(layer, hr)
+            del layer  # freed before the next one is built: one layer runs, the next is being read
+            continue
+        hc = cs.run_layer(layer, hc)
+        del layer
+        if layers is not None:
+            for a, b in zip(hr, hc, strict=True):
+                layers[i].add(a, b)
+        if task is not None:
+            note = f"rel. error {layers[i].summary()['rel_error']:.3g}" if layers is not None else ""
+            task.advance(note=note)
+    nr, wr = ref.head_weights()
+    nc, wc = cs.head_weights()
+    for ids, a, b in zip(batches, hr, hc, strict=True):
+        logit_stats.add(F.linear(nr(a), wr), F.linear(nc(b), wc), ids)
+    return embed
+
+
+@torch.no_grad()
+def _whole(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit_stats: LogitStats, task):
+    hr = ref.embed(batches)
+    emb_ref = hr if cand.has_hidden else None
+    kept: list[list[torch.Tensor]] = []
+    for _i, layer in ref.layers():
+        hr = ref.run_layer(layer, hr)
+        if layers is not None:
+            kept.append(hr)  # activations only: one [B, S, H] per batch and layer
+        if task is not None:
+            task.advance(note="reference")
+    norm, w = ref.head_weights()
+    embed = LayerStats()
+    for b, ids in enumerate(batches):
+        out = cand.run(ids)
+        if out.logits.shape[-1] != w.shape[0]:
+            raise MoepressError(f"{cand.path}: candidate logits have {out.logits.shape[-1]} entries per token, "
+                                f"the reference vocabulary has {w.shape[0]}")
+        logit_stats.add(F.linear(norm(hr[b]), w), out.logits, ids)
+        if layers is not None and out.hidden is not None:
+            if len(out.hidden) != len(kept):
+                raise MoepressError(f"{cand.path}: the candidate returned {len(out.hidden)} hidden states, "
+                                    f"expected one per decoder layer ({len(kept)})")
+            for i, h in enumerate(out.hidden):
+                r = kept[i][b]
+                if out.last_normed and i == len(out.hidden) - 1:
+                    r = norm(r)
+                layers[i].add(r, h)
+            if out.embed is not None and emb_ref is not None:
+                embed.add(emb_ref[b], out.embed)
+    return embed if embed.cos else None
+
+
+@torch.no_grad()
+def _greedy(fn, prompts: torch.Tensor, n: int) -> torch.Tensor:
+    """n new tokens per prompt, greedy, recomputing the whole prefix each step (no KV cache)."""
+    ids = prompts
+    for _ in range(n):
+        nxt = fn(ids)[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt.to(ids.dtype)], dim=1)
+    return ids[:, prompts.shape[1]:]
+
+
+def generations(ref, cand: Candidate, batches, ref_dir: Path, cfg: CheckConfig) -> dict:
+    """Greedy continuations of ``cfg.generate`` prompts (the start of evaluation windows), side by side.
+
+    Each new token streams every layer of a streamed model once: cheap for small models,
+    a full read of the checkpoint per token for large ones.
+    """
+    if cand.fixed_seq is not None:
+        return {"skipped": f"the candidate accepts sequences of {cand.fixed_seq} tokens only"}
+    from moepress.calib.data import load_tokenizer
+
+    rows = torch.cat(batches)
+    k = min(cfg.generate, rows.shape[0])
+    pick = torch.linspace(0, rows.shape[0] - 1, k).round().long()
+    prompts = rows[pick, : min(PROMPT_TOKENS, rows.shape[1])]
+    r = _greedy(lambda ids: ref.forward([ids])[0], prompts, cfg.gen_tokens)
+    c = _greedy(cand.logits, prompts, cfg.gen_tokens)
+    tok = load_tokenizer(ref_dir, cfg.trust_remote_code)
+    out = []
+    for p, a, b in zip(prompts, r, c, strict=True):
+        same = int((a == b).int().cumprod(0).sum())
+        out.append({"prompt": tok.decode(p), "reference": tok.decode(a), "candidate": tok.decode(b),
+                    "same_prefix_tokens": same, "new_tokens": cfg.gen_tokens})
+    return {"samples": out, "mean_same_prefix": sum(s["same_prefix_tokens"] for s in out) / max(len(out), 1)}
+
+
+def run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, progress=None) -> dict:
+    """Compare ``candidate`` with the ``reference`` checkpoint; returns the result (metrics, gates, ...)."""
+    from moepress.compress.stream import StreamedModel
+
+    t0 = time.monotonic()
+    ref_dir = Path(reference)
+    if not ref_dir.exists():
+        raise MoepressError(f"--reference {reference}: reference checkpoint not found")
+    if not (ref_dir / "config.json").is_file():
+        raise MoepressError(f"--reference {reference}: not a checkpoint directory (no config.json)")
+    ref = StreamedModel(str(ref_dir))
+    cand = open_candidate(candidate, cfg)
+    try:
+        if cand.vocab_size is not None and cand.vocab_size != ref.adapter.vocab_size:
+            raise MoepressError(f"{candidate}: vocabulary of {cand.vocab_size} tokens, the reference "
+                                f"{reference} has {ref.adapter.vocab_size}")
+        batches, data = eval_data(ref_dir, cfg)
+        notes = []
+        tok_r, tok_c = ref_dir / "tokenizer.json", Path(candidate) / "tokenizer.json"
+        if tok_c.is_file() and tok_r.is_file() and tok_c.read_bytes() != tok_r.read_bytes():
+            notes.append("the candidate's tokenizer.json differs from the reference's; "
+                         "the data was tokenized with the reference's")
+        comparable = cand.has_hidden and cand.num_layers == ref.num_layers
+        if cand.has_hidden and not comparable:
+            notes.append(f"per-layer comparison off: the candidate has {cand.num_layers} layers, "
+                         f"the reference {ref.num_layers}")
+        elif not cand.has_hidden:
+            notes.append(f"per-layer comparison off: a {cand.kind} candidate gives logits only")
+        if cand.streamed and cand.stream.adapter.hidden_size != ref.adapter.hidden_size:
+            raise MoepressError(f"{candidate}: hidden size {cand.stream.adapter.hidden_size}, the reference has "
+                                f"{ref.adapter.hidden_size}")
+        layers = [LayerStats() for _ in range(ref.num_layers)] if comparable else None
+        logit_stats = LogitStats()
+        total = max(ref.num_layers, cand.num_layers or 0) if cand.streamed else ref.num_layers
+        if progress is not None:
+            with progress.task("check", total) as task:
+                embed = (_streamed if cand.streamed else _whole)(ref, cand, batches, layers, logit_stats, task)
+        else:
+            embed = (_streamed if cand.streamed else _whole)(ref, cand, batches, layers, logit_stats, None)
+        metrics = logit_stats.summary()
+        per_layer, jump = [], None
+        if layers is not None:
+            per_layer = [{"layer": i, **s.summary()} for i, s in enumerate(layers)]
+            start = embed.summary()["rel_error"] if embed is not None else 0.0
+            k = error_jump([p["rel_error"] for p in per_layer], start)
+            before = (per_layer[k - 1]["rel_error"] if k else start) if k is not None else None
+            # grows there (or turns NaN), above float32 rounding noise between two runtimes
+            if k is not None and not per_layer[k]["rel_error"] <= max(before, JUMP_FLOOR):
+                jump = {"layer": k, "before": before, "after": per_layer[k]["rel_error"]}
+            metrics["min_layer_cosine"] = min(p["cosine"] for p in per_layer)
+            metrics["final_layer_rel_error"] = per_layer[-1]["rel_error"]
+        gates = evaluate_gates(cfg, metrics)
+        gen = generations(ref, cand, batches, ref_dir, cfg) if cfg.generate else None
+        failed = [g["metric"] for g in gates if g["passed"] is False]
+        return {"passed": not failed, "failed": failed, "candidate": cand.describe(),
+                "reference": str(ref_dir), "data": data, "metrics": metrics,
+                "embedding": embed.summary() if embed is not None else None, "layers": per_layer,
+                "error_jump": jump, "gates": gates, "generations": gen, "notes": notes,
+                "config": cfg.to_dict(), "seconds": round(time.monotonic() - t0, 3)}
+    finally:
+        cand.close()
+

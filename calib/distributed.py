@@ -1,0 +1,216 @@
+"""Several processes over one calibration set (``torchrun --nproc_per_node N -m moepress ...``).
+
+Small helpers that any stage can use: every rank streams the whole model over its own
+share of the calibration batches, then the statistics are reduced (sums for routing,
+max for activation ranges) and rank 0 alone writes outputs. Splitting by whole batches
+keeps each batch exactly as the single-process run forms it, so every per-token number
+is bit-identical and only the order of the float64 sums differs.
+
+Backend: NCCL when CUDA is available, else gloo (CPU). Outside torchrun (no
+``WORLD_SIZE``) everything is a no-op over one rank.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from moepress.errors import MoepressError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # None: single process
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def device(self) -> torch.device:
+        """Where collectives need their tensors (NCCL: this rank's GPU)."""
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+
+def detect() -> DistEnv:
+    """The torchrun environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), or one rank."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise MoepressError("WORLD_SIZE / RANK / LOCAL_RANK: expected integers (set by torchrun)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise MoepressError(f"RANK={rank} WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")
+    return DistEnv(rank, world, local, None)
+
+
+def init(backend: str | None = None) -> DistEnv:
+    """Join the process group torchrun describes (idempotent); one rank when not under torchrun."""
+    import torch.distributed as dist
+
+    env = detect()
+    if not env.enabled:
+        return env
+    if backend is None:
+        # NCCL wants one GPU per rank on a node; fewer GPUs than local ranks -> gloo on CPU
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(env.world_size)))
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        backend = "nccl" if dist.is_nccl_available() and gpus >= local_world else "gloo"
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(backend=backend)
+    return DistEnv(env.rank, env.world_size, env.local_rank, dist.get_backend())
+
+
+def current() -> DistEnv:
+    """The process group already joined, or one rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        env = detect()
+        return DistEnv(dist.get_rank(), dist.get_world_size(), env.local_rank, dist.get_backend())
+    return DistEnv()
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def run_main_first(env: DistEnv, fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 first (e.g. it fills a cache), then on the other ranks.
+
+    If rank 0 fails, the others raise the same one-line error instead of waiting for it.
+    """
+    if not env.enabled:
+        return fn()
+    import torch.distributed as dist
+
+    box: list = [None]
+    result = None
+    if env.is_main:
+        try:
+            result = fn()
+        except MoepressError as e:
+            box[0] = str(e)
+            dist.broadcast_object_list(box, src=0)
+            raise
+        except Exception as e:
+            box[0] = f"rank 0 failed: {type(e).__name__}: {e}"
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise MoepressError(box[0])
+    return fn() if not env.is_main else result
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Rank's contiguous share of items: sizes differ by at most one, earlier ranks take the extra."""
+    n = len(items)
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return list(items[start:start + base + (1 if rank < extra else 0)])
+
+
+def _check_same(env: DistEnv, what: str, value) -> None:
+    import torch.distributed as dist
+
+    got: list = [None] * env.world_size
+    dist.all_gather_object(got, value)
+    if any(g != got[0] for g in got):
+        raise MoepressError(f"distributed run: ranks disagree on {what} ({got[0]!r} vs {got[1:]!r})")
+
+
+def all_reduce_routing(stats, env: DistEnv):
+    """Sum every rank's RoutingStats into every rank's (in place; counts stay int64, sums float64)."""
+    if not env.enabled:
+        return stats
+    import torch.distributed as dist
+
+    from moepress.calib.observers import LayerRouting
+
+    layers = sorted(stats.layers)
+    _check_same(env, "MoE layers and expert counts",
+                [(i, stats.layers[i].num_experts, stats.layers[i].top_k) for i in layers])
+    ints = torch.cat([torch.cat([torch.tensor([stats.layers[i].tokens], dtype=torch.int64),
+                                 stats.layers[i].counts.cpu().reshape(-1),
+                                 stats.layers[i].coselect.cpu().reshape(-1)]) for i in layers])
+    floats = torch.cat([torch.cat([getattr(stats.layers[i], k).cpu().reshape(-1)
+                                   for k in ("gate_sum", "norm_sum", "reap_sum")]) for i in layers])
+    ints, floats = ints.to(env.device), floats.to(env.device)
+    dist.all_reduce(ints, op=dist.ReduceOp.SUM)
+    dist.all_reduce(floats, op=dist.ReduceOp.SUM)
+    ints, floats = ints.cpu(), floats.cpu()
+    a = b = 0
+    for i in layers:
+        lr: LayerRouting = stats.layers[i]
+        e = lr.num_experts
+        lr.tokens = int(ints[a])
+        lr.counts = ints[a + 1:a + 1 + e].clone()
+        lr.coselect = ints[a + 1 + e:a + 1 + e + e * e].view(e, e).clone()
+        a += 1 + e + e * e
+        for k in ("gate_sum", "norm_sum", "reap_sum"):
+            setattr(lr, k, floats[b:b + e].clone())
+            b += e
+    return stats
+
+
+def all_reduce_absmax(amax, env: DistEnv):
+    """Elementwise max of every rank's ``{name: amax}`` (a dict, or an InputAbsMax whose ``amax``
+    is replaced in place); a name seen by any rank is kept.
+
+    An expert that got no tokens on one rank has no entry there: that rank contributes
+    zeros, which a max of absolute values ignores.
+    """
+    if not env.enabled:
+        return amax
+    if hasattr(amax, "amax"):
+        amax.amax = all_reduce_absmax(amax.amax, env)
+        return amax
+    import torch.distributed as dist
+
+    shapes: list = [None] * env.world_size
+    dist.all_gather_object(shapes, {k: tuple(v.shape) for k, v in amax.items()})
+    union: dict[str, tuple] = {}
+    for s in shapes:
+        for k, shp in s.items():
+            if union.setdefault(k, shp) != shp:
+                raise MoepressError(f"distributed run: ranks disagree on the shape of {k} ({union[k]} vs {shp})")
+    names = sorted(union)
+    if not names:
+        return {}
+    sizes = [int(torch.Size(union[k]).numel()) for k in names]
+    flat = torch.cat([amax[k].float().cpu().reshape(-1) if k in amax else torch.zeros(n)
+                      for k, n in zip(names, sizes, strict=True)]).to(env.device)
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+    flat = flat.cpu()
+    out, a = {}, 0
+    for k, n in zip(names, sizes, strict=True):
+        out[k] = flat[a:a + n].view(union[k]).clone()
+        a += n
+    return out

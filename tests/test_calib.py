@@ -1,0 +1,397 @@
+"""Calibration data, cache, observers and `moepress calib prepare | stats` (issue #3)."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from moepress import models
+from moepress.calib.data import allocate, calibration_batches, calibration_set, load_tokenizer
+from moepress.calib.distributed import shard
+from moepress.calib.observers import InputAbsMax, LayerRouting, RoutingStats
+from moepress.calib.stats import collect
+
+QWEN = "tiny-qwen3-moe"
+ROUTERS = {"Qwen3MoeTopKRouter", "MixtralTopKRouter", "DeepseekV3TopkRouter"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache_dir(tmp_path_factory):
+    """A cache of our own, so tests see cold and warm caches they made themselves."""
+    old = os.environ.get("MOEPRESS_CACHE")
+    os.environ["MOEPRESS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield Path(os.environ["MOEPRESS_CACHE"])
+    if old is None:
+        os.environ.pop("MOEPRESS_CACHE")
+    else:
+        os.environ["MOEPRESS_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return models.path(QWEN)
+
+
+@pytest.fixture(scope="module")
+def tok(qwen):
+    return load_tokenizer(qwen)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("moepress: error:")
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+# ---- acceptance: routed counts == transformers' own routers ------------------------------------
+
+def transformers_router_counts(model_dir, batches):
+    """Per MoE layer: tokens routed to each expert, gate mass, from hooks on transformers' router modules."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    counts, mass, hooks = {}, {}, []
+    for name, mod in model.named_modules():
+        if type(mod).__name__ in ROUTERS:
+            i = int(name.split("layers.")[1].split(".")[0])
+            e = mod.weight.shape[0]
+            counts[i] = torch.zeros(e, dtype=torch.int64)
+            mass[i] = torch.zeros(e, dtype=torch.float64)
+
+            def hook(mod, args, out, i=i):
+                _logits, weights, indices = out
+                counts[i] += torch.bincount(indices.reshape(-1), minlength=counts[i].numel())
+                mass[i].index_add_(0, indices.reshape(-1), weights.reshape(-1).double())
+            hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+    return counts, mass
+
+
+@pytest.mark.parametrize("name", models.BUNDLED)
+def test_routed_counts_equal_transformers_routers(name):
+    path = models.path(name)
+    batches = calibration_batches(path, num_samples=8, seq_len=128, seed=3, batch_size=4)
+    stats, _, facts = collect(path, batches)
+    want, mass = transformers_router_counts(path, batches)
+    assert sorted(want) == sorted(stats.layers) == facts["moe_layers"] and want
+    tokens = sum(b.numel() for b in batches)
+    for i, lr in stats.layers.items():
+        assert torch.equal(lr.counts, want[i]), f"{name} layer {i}"
+        assert lr.tokens == tokens and int(lr.counts.sum()) == tokens * facts["top_k"]
+        assert torch.equal(lr.coselect.diagonal(), lr.counts)
+        torch.testing.assert_close(lr.gate_sum, mass[i], rtol=1e-5, atol=1e-5)
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+def test_sampling_is_reproducible_and_cached(qwen, _cache_dir):
+    a = calibration_set(qwen, num_samples=16, seq_len=64, seed=0)
+    assert not a.cached and a.input_ids.shape == (16, 64) and a.input_ids.dtype == torch.long
+    b = calibration_set(qwen, num_samples=16, seq_len=64, seed=0)
+    assert b.cached and torch.equal(a.input_ids, b.input_ids)
+    fresh = calibration_set(qwen, num_samples=16, seq_len=64, seed=0, cache=False)
+    assert torch.equal(a.input_ids, fresh.input_ids)
+    named = calibration_set(qwen, ("bundled",), num_samples=16, seq_len=64, seed=0)
+    assert named.cached and torch.equal(a.input_ids, named.input_ids)  # same contents, same key
+    c = calibration_set(qwen, num_samples=16, seq_len=64, seed=1, cache=False)
+    assert not torch.equal(a.input_ids, c.input_ids)
+    # different seed: different windows, not just another order
+    assert {tuple(r) for r in a.input_ids.tolist()} != {tuple(r) for r in c.input_ids.tolist()}
+    # the cache holds one token file + sidecar per set, keyed by what made it
+    files = sorted(p.name for p in (_cache_dir / "calib").glob("*.safetensors"))
+    assert f"{a.meta['key']}.safetensors" in files
+    # batches keep their meaning: num_samples rows of seq_len, split by batch_size
+    batches = calibration_batches(qwen, num_samples=16, seq_len=64, seed=0, batch_size=5)
+    assert [tuple(x.shape) for x in batches] == [(5, 64), (5, 64), (5, 64), (1, 64)]
+    assert torch.equal(torch.cat(batches), a.input_ids)
+
+
+def test_windows_are_real_text_windows(qwen, tok):
+    """Pack mode over the bundled text: every sample is a contiguous window of the tokenized text."""
+    cs = calibration_set(qwen, num_samples=8, seq_len=32, seed=5, cache=False)
+    text = (Path(models.__file__).parent.parent / "calib" / "data" / "calib.txt").read_text()
+    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"] + [tok.eos_token_id]
+    rows = {tuple(ids[k * 32:(k + 1) * 32]) for k in range(len(ids) // 32)}
+    assert all(tuple(r) in rows for r in cs.input_ids.tolist())
+
+
+def test_allocate_and_shard():
+    assert allocate(10, [1, 1, 1]) == [4, 3, 3]
+    assert allocate(7, [3, 1]) == [5, 2]
+    assert allocate(5, [1]) == [5]
+    items = list(range(11))
+    parts = [shard(items, r, 3) for r in range(3)]
+    assert parts == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    assert shard(items[:1], 1, 2) == []
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """The same documents as JSONL, Parquet and a saved datasets folder, plus text, chat and bad files."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path_factory.mktemp("sources")
+    text = (Path(models.__file__).parent.parent / "calib" / "data" / "eval.txt").read_text()
+    docs = [p for p in text.split("\n\n") if len(p) > 200][:60]
+    with open(d / "docs.jsonl", "w") as f:
+        for k, t in enumerate(docs):
+            f.write(json.dumps({"id": k, "content": t}) + "\n")
+    pq.write_table(pa.table({"id": list(range(len(docs))), "content": docs}), d / "docs.parquet")
+    datasets.Dataset.from_dict({"content": docs}).save_to_disk(str(d / "docs_ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:30]}),
+                          "test": datasets.Dataset.from_dict({"text": docs[30:]})}).save_to_disk(str(d / "dd"))
+    (d / "folder").mkdir()
+    for k in range(4):
+        (d / "folder" / f"part{k}.txt").write_text("\n\n".join(docs[k::4]))
+    (d / "folder" / "empty.txt").write_text("")
+    (d / "folder" / "ignored.bin").write_bytes(b"\xff\xfe")
+    with open(d / "chat.jsonl", "w") as f:
+        for k, t in enumerate(docs[:20]):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Explain this code {k}."},
+                                             {"role": "assistant", "content": t}]}) + "\n")
+    (d / "empty.txt").write_text("")
+    (d / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (d / "short.txt").write_text("def f(): pass\n")
+    (d / "nofield.jsonl").write_text('{"body": "x"}\n{"body": "y"}\n')
+    (d / "data.xyz").write_text("hello")
+    return d
+
+
+def test_jsonl_parquet_dataset_give_the_same_samples(qwen, sources):
+    kw = dict(num_samples=12, seq_len=48, seed=2, cache=False)
+    j = calibration_set(qwen, (f"{sources}/docs.jsonl,field=content",), **kw)
+    p = calibration_set(qwen, (f"{sources}/docs.parquet,field=content",), **kw)
+    ds = calibration_set(qwen, (f"{sources}/docs_ds,field=content",), **kw)
+    assert torch.equal(j.input_ids, p.input_ids) and torch.equal(j.input_ids, ds.input_ids)
+    assert j.meta["sources"][0]["type"] == "jsonl" and p.meta["sources"][0]["type"] == "parquet"
+    assert ds.meta["sources"][0]["type"] == "dataset"
+    # pack mode joins documents with EOS (id 0 in the tiny tokenizer)
+    assert (j.input_ids == 0).any()
+    # truncate: one document per sample, its first seq-len tokens
+    t = calibration_set(qwen, (f"{sources}/docs.jsonl,field=content,mode=truncate",), **kw)
+    tok = load_tokenizer(qwen)
+    starts = {tuple(tok(json.loads(line)["content"], verbose=False)["input_ids"][:48])
+              for line in (sources / "docs.jsonl").read_text().splitlines()}
+    assert all(tuple(r) in starts for r in t.input_ids.tolist())
+    # a DatasetDict picks its split
+    a = calibration_set(qwen, (f"{sources}/dd",), **kw)
+    b = calibration_set(qwen, (f"{sources}/dd,split=test",), **kw)
+    assert a.meta["sources"][0]["documents"] == 30 and not torch.equal(a.input_ids, b.input_ids)
+
+
+def test_chat_messages_use_the_chat_template(qwen, sources, tok):
+    cs = calibration_set(qwen, (f"{sources}/chat.jsonl,mode=truncate",), num_samples=6, seq_len=24, seed=0,
+                         cache=False)
+    head = tok("<|im_start|>user\nExplain this code", add_special_tokens=False)["input_ids"]
+    assert all(r[: len(head)] == head for r in cs.input_ids.tolist())
+
+
+def test_mixing_by_weight_and_folders(qwen, sources):
+    cs = calibration_set(qwen, (f"{sources}/folder@3", f"{sources}/docs.jsonl,field=content,weight=1"),
+                         num_samples=12, seq_len=32, seed=0, cache=False)
+    assert [s["samples"] for s in cs.meta["sources"]] == [9, 3]
+    assert torch.bincount(cs.source).tolist() == [9, 3]
+    assert cs.meta["sources"][0]["documents"] == 4  # the empty file and the .bin are left out
+    assert cs.source.tolist() != sorted(cs.source.tolist())  # shuffled together
+    again = calibration_set(qwen, (f"{sources}/folder@3", f"{sources}/docs.jsonl,field=content,weight=1"),
+                            num_samples=12, seq_len=32, seed=0)
+    assert torch.equal(cs.input_ids, again.input_ids)
+
+
+def test_prepare_writes_a_token_file_stages_take_back(qwen, sources, tmp_path, cli_run):
+    from safetensors import safe_open
+
+    out = tmp_path / "calib.safetensors"
+    r = cli_run("calib", "prepare", QWEN, "--calib", f"{sources}/docs.jsonl,field=content", "--num-samples", 10,
+                "--seq-len", 40, "--seed", 4, "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "calib.safetensors.json").read_text())
+    assert side["format"] == "moepress-calib" and side["num_samples"] == 10 and side["seq_len"] == 40
+    assert side["tokenizer"]["sha256"] and side["sources"][0]["sha256"]
+    with safe_open(str(out), "pt") as f:
+        ids = f.get_tensor("input_ids")
+    want = calibration_set(qwen, (f"{sources}/docs.jsonl,field=content",), num_samples=10, seq_len=40, seed=4)
+    assert torch.equal(ids.long(), want.input_ids)
+    # a stage passes the token file as a source and gets exactly these samples
+    back = calibration_batches(qwen, (str(out),), num_samples=10, seq_len=40, batch_size=10)
+    assert torch.equal(back[0], want.input_ids)
+    # .pt variant, loadable with torch.load(weights_only=True)
+    pt = tmp_path / "calib.pt"
+    assert cli_run("calib", "prepare", QWEN, "--num-samples", 4, "--seq-len", 40, "-o", pt).exit_code == 0
+    assert torch.load(pt, weights_only=True)["input_ids"].shape == (4, 40)
+    # existing output without --force
+    assert_one_line_error(cli_run("calib", "prepare", QWEN, "-o", pt), "exists")
+    # the token file must match the seq-len asked and the model's tokenizer
+    assert_one_line_error(cli_run("calib", "prepare", QWEN, "--calib", out, "--seq-len", 64, "-o",
+                                  tmp_path / "x.pt"), "calib.safetensors", "--seq-len 64")
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec,needles", [
+    ("empty.txt", ["empty.txt", "empty file"]),
+    ("nofield.jsonl", ["nofield.jsonl:1", "no 'text' or 'messages' field", "body"]),
+    ("nofield.jsonl,field=text", ["nofield.jsonl:1", "no field 'text'"]),
+    ("latin1.txt", ["latin1.txt", "not UTF-8"]),
+    ("short.txt", ["short.txt", "fewer than one sample"]),
+    ("data.xyz", ["data.xyz", "unknown source type"]),
+    ("docs.jsonl,colour=red", ["unknown option"]),
+    ("docs.jsonl@0", ["positive"]),
+    ("missing.txt", ["missing.txt", "no such file"]),
+])
+def test_bad_sources_one_line_exit_2(spec, needles, sources, tmp_path, cli_run):
+    r = cli_run("calib", "prepare", QWEN, "--calib", f"{sources}/{spec}", "--seq-len", 64, "--num-samples", 2,
+                "-o", tmp_path / "c.safetensors")
+    assert_one_line_error(r, *needles)
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_hub_dataset_without_network_is_one_line(qwen, tmp_path, cli_run, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = cli_run("calib", "prepare", QWEN, "--calib", "allenai/c4,config=en", "-o", tmp_path / "c.pt")
+    assert_one_line_error(r, "allenai/c4", "Hugging Face Hub", "save_to_disk")
+
+
+def test_missing_tokenizer_and_remote_code(qwen, tmp_path, cli_run):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for p in qwen.iterdir():
+        if not p.name.startswith("tokenizer"):
+            (bare / p.name).symlink_to(p)
+    assert_one_line_error(cli_run("calib", "prepare", bare, "-o", tmp_path / "c.pt"), "bare", "no tokenizer")
+    assert_one_line_error(cli_run("calib", "stats", bare, "-o", tmp_path / "s"), "no tokenizer")
+    # a tokenizer shipped as Python code loads only with --trust-remote-code
+    remote = tmp_path / "remote"
+    shutil.copytree(qwen, remote)
+    cfg = json.loads((remote / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": [None, "tokenization_tiny.TinyTokenizer"]}
+    (remote / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (remote / "tokenization_tiny.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass TinyTokenizer(PreTrainedTokenizerFast):\n"
+        "    pass\n")
+    args = ("calib", "prepare", remote, "--num-samples", 4, "--seq-len", 32, "-o")
+    assert_one_line_error(cli_run(*args, tmp_path / "r.pt"), "--trust-remote-code")
+    r = cli_run(*args, tmp_path / "r.pt", "--trust-remote-code")
+    assert r.exit_code == 0, r.output
+    want = calibration_set(qwen, num_samples=4, seq_len=32, cache=False).input_ids
+    assert torch.equal(torch.load(tmp_path / "r.pt", weights_only=True)["input_ids"].long(), want)
+    assert type(load_tokenizer(remote, trust_remote_code=True)).__name__ == "TinyTokenizer"
+
+
+# ---- observers ---------------------------------------------------------------------------------
+
+def test_layer_routing_coselect_merge_and_serialisation(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    e, k = 12, 3
+
+    def feed(lr, t):
+        idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+        w = torch.rand(t, k, generator=g)
+        lr.on_route(None, torch.zeros(t, 4), None, w, idx)
+        for x in torch.unique(idx).tolist():
+            tok_, slot = torch.where(idx == x)
+            lr.on_expert(None, x, tok_, slot, w[tok_, slot], None, torch.rand(tok_.numel(), 4, generator=g))
+        return idx
+
+    a, b, both = LayerRouting(e, k), LayerRouting(e, k), LayerRouting(e, k)
+    ia = feed(a, 50)
+    ib = feed(b, 30)
+    hit = torch.zeros(80, e, dtype=torch.int64).scatter_(1, torch.cat([ia, ib]), 1)
+    both = LayerRouting(e, k)
+    both.merge(a)
+    both.merge(b)
+    assert torch.equal(both.coselect, hit.T @ hit)
+    assert torch.equal(both.counts, hit.sum(0)) and both.tokens == 80
+    assert both.gate_sum.dtype == torch.float64 and both.counts.dtype == torch.int64
+    torch.testing.assert_close(both.reap, torch.where(both.counts > 0, both.reap_sum / both.counts.clamp(min=1), 0.))
+    rs = RoutingStats({3: both})
+    rs.save(tmp_path / "r.safetensors")
+    back = RoutingStats.load(tmp_path / "r.safetensors")
+    for f in ("counts", "gate_sum", "norm_sum", "reap_sum", "coselect"):
+        assert torch.equal(getattr(back.layers[3], f), getattr(both, f))
+    assert RoutingStats.from_dict(json.loads(json.dumps(rs.to_dict()))).layers[3].tokens == 80
+    with pytest.raises(ValueError):
+        both.merge(LayerRouting(e + 1, k))
+
+
+def test_input_absmax_merge_and_save(tmp_path):
+    lin = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    obs1, obs2 = InputAbsMax(), InputAbsMax()
+    x1, x2 = torch.randn(5, 4), torch.randn(7, 4) * 3
+    obs1.attach(lin)
+    lin(x1)
+    obs1.detach()
+    obs2.attach(lin)
+    lin(x2)
+    obs2.detach()
+    obs1.merge(obs2)
+    torch.testing.assert_close(obs1.amax["0"], torch.cat([x1, x2]).abs().amax(0), rtol=0, atol=0)
+    obs1.save(tmp_path / "a.safetensors", prefix="model.layers.0.")
+    back = InputAbsMax.load(tmp_path / "a.safetensors", prefix="model.layers.0.")
+    assert set(back.amax) == {"0", "1"} and torch.equal(back.amax["1"], obs1.amax["1"])
+
+
+# ---- moepress calib stats ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stats_run(tmp_path_factory):
+    from click.testing import CliRunner
+
+    from moepress.cli import cli
+
+    out = tmp_path_factory.mktemp("stats") / "out"
+    r = CliRunner().invoke(cli, ["calib", "stats", QWEN, "--num-samples", "2", "--seq-len", "8", "--batch-size", "1",
+                                 "--absmax", "-o", str(out), "--json"], catch_exceptions=False)
+    return r, out
+
+
+def test_stats_outputs(stats_run, qwen):
+    import matplotlib.image
+
+    r, out = stats_run
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    doc = json.loads((out / "stats.json").read_text())
+    assert doc["family"] == "qwen3_moe" and doc["calibration"]["tokens"] == 16 == summary["tokens"]
+    routing = RoutingStats.load(out / "routing.safetensors")
+    for i, layer in doc["layers"].items():
+        lr = routing.layers[int(i)]
+        assert layer["counts"] == lr.counts.tolist() and layer["tokens"] == 16
+        never = [e for e, c in enumerate(layer["counts"]) if c == 0]
+        assert summary["layers"][i]["never_routed"] == never == doc["summary"]["layers"][i]["never_routed"]
+        assert abs(sum(layer["share"]) - 1) < 1e-12
+    assert summary["never_routed_total"] > 0  # 16 tokens x top-4 over 16 experts leaves some idle
+    img = matplotlib.image.imread(out / "heatmap.png")
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
+    for i, layer in doc["layers"].items():
+        amax = InputAbsMax.load(out / "input_absmax.safetensors", prefix=f"model.layers.{i}.").amax
+        assert amax["self_attn.q_proj"].shape == (128,) and amax["mlp.experts.0.gate_proj"].dtype == torch.float32 \
+            if layer["counts"][0] else "mlp.experts.0.gate_proj" not in amax
+        # an expert has input ranges exactly when it received tokens
+        seen = {int(k.split(".")[2]) for k in amax if k.startswith("mlp.experts.") and k.endswith("down_proj")}
+        assert seen == {e for e, c in enumerate(layer["counts"]) if c}
+    manifest = json.loads((out / "moepress-manifest.json").read_text())
+    assert manifest["stage"] == "calib-stats" and "heatmap.png" in manifest["files"]
+    # progress: one JSON event per layer on stderr
+    events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert sum(ev["event"] == "progress" for ev in events) == 4
+
+
+def test_stats_terminal_summary(qwen, tmp_path, cli_run):
+    r = cli_run("calib", "stats", qwen, "--num-samples", "4", "--seq-len", "32", "-o", tmp_path / "s", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "max/mean" in r.stdout and "never routed" in r.stdout and r.stderr == ""
+    assert (tmp_path / "s" / "summary.txt").read_text().strip() in r.stdout
+    assert_one_line_error(cli_run("calib", "stats", qwen, "-o", tmp_path / "s"), "not empty")

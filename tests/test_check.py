@@ -1,0 +1,243 @@
+"""`moepress check` (issue #8): metrics, gates, exit codes, report, manifest.
+
+- a model checked against itself: perplexity change 0, KL 0, top-1 1.0, hidden states identical;
+- a damaged candidate (INT2 weights in one decoder layer) fails the default gates with
+  exit 1, and the one-line message names the failing metric and the layer where the
+  hidden-state error jumps; the metrics land in the candidate's manifest;
+- one hot expert zeroed (the most-routed one, found with RoutingStats): the error is
+  localised to its layer;
+- bad input is one line and exit 2.
+"""
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_random_checkpoint
+from moepress import models
+from moepress.calib.checks import CheckConfig, run_check
+from moepress.calib.checks.config import evaluate_gates, failure_line
+from moepress.calib.data import calibration_batches
+from moepress.calib.metrics import error_jump, hidden_error, quantile, token_kl
+from moepress.calib.observers import RoutingStats
+from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+from moepress.compress.quant.fp8 import quantize_block
+from moepress.compress.stream import StreamedModel
+from moepress.errors import MoepressError
+from moepress.manifest import read_manifest
+
+MODEL = "tiny-qwen3-moe"
+ROUTER = re.compile(r"\.(mlp|block_sparse_moe)\.gate\.weight$")
+SMALL = ["--seq-len", "64", "--max-samples", "8"]
+
+
+def quantizable(name: str, t: torch.Tensor) -> bool:
+    """A decoder-layer linear weight other than a router (Qwen/DeepSeek mlp.gate, Mixtral block_sparse_moe.gate)."""
+    return ".layers." in name and name.endswith(".weight") and t.ndim == 2 and not ROUTER.search(name)
+
+
+def int2(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric 2-bit fake quantization per output channel: levels {-2, -1, 0, 1} x absmax / 2."""
+    s = (w.float().abs().amax(dim=1, keepdim=True) / 2).clamp(min=1e-12)
+    return ((w.float() / s).round().clamp(-2, 1) * s).to(w.dtype)
+
+
+def rewrite(src, dst, change, note: dict):
+    """A copy of checkpoint src written by CheckpointWriter (so it has a manifest), tensors mapped by change."""
+    r = CheckpointReader(src)
+    with CheckpointWriter(dst) as w:
+        for name in r.names():
+            w.add(name, change(name, r.get(name)))
+        w.write_json("config.json", r.config)
+        w.copy_aux_files(src)
+        w.manifest = {"stage": "test-damage", "inputs": note}
+    return dst
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models' ops are too small to gain from a second thread, and on a loaded 2-core
+    machine two OpenMP threads per op make them 10-20x slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return models.path(MODEL)
+
+
+@pytest.fixture(scope="module")
+def int2_layer1(ref, tmp_path_factory):
+    def change(name, t):
+        return int2(t) if name.startswith("model.layers.1.") and quantizable(name, t) else t
+
+    return rewrite(ref, tmp_path_factory.mktemp("int2") / "int2-layer1", change, {"int2_layer": 1})
+
+
+def test_self_check_is_exact(cli_run, ref, tmp_path):
+    rep = tmp_path / "report"
+    r = cli_run("check", ref, "--reference", ref, *SMALL, "--generate", "2", "--gen-tokens", "4", "--json",
+                "--quiet", "--report", rep)
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    m = res["metrics"]
+    assert res["passed"] and res["candidate"]["kind"] == "checkpoint"
+    assert m["ppl_increase"] == 0.0 and m["ppl_candidate"] == m["ppl_reference"]
+    assert m["kl_mean"] == 0.0 and m["kl_p99"] == 0.0 and m["kl_max"] == 0.0
+    assert m["top1_agreement"] == 1.0 and m["tokens"] == 8 * 64
+    assert len(res["layers"]) == StreamedModel(str(ref)).num_layers
+    assert all(p["rel_error"] == 0.0 and p["cosine"] == pytest.approx(1.0, abs=1e-12) for p in res["layers"])
+    assert all(g["passed"] for g in res["gates"]) and [g["metric"] for g in res["gates"]] == \
+        ["ppl_increase", "top1_agreement", "kl_mean"]
+    gen = res["generations"]["samples"]
+    assert len(gen) == 2 and all(s["same_prefix_tokens"] == 4 and s["reference"] == s["candidate"] for s in gen)
+    # report: JSON equal to stdout's, markdown, a real PNG, and a manifest of the report directory
+    assert json.loads((rep / "report.json").read_text())["metrics"] == m
+    md = (rep / "report.md").read_text()
+    assert md.startswith("# Accuracy check: PASS") and "| top1_agreement | 1 | >= 0.95 | pass |" in md
+    assert (rep / "layer_error.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(read_manifest(rep)["files"]) == {"report.json", "report.md", "layer_error.png"}
+    # the bundled model was not written by a moepress stage: its directory is left alone
+    assert res["manifest_updated"] is False and not (ref / "moepress-manifest.json").exists()
+
+
+def test_int2_layer_fails_default_gates_naming_metric_and_layer(cli_run, ref, int2_layer1):
+    r = cli_run("check", int2_layer1, "--reference", ref, *SMALL, "--quiet")
+    assert r.exit_code == 1, r.output
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moepress: check failed: "), r.stderr
+    assert any(k in err[0] for k in ("ppl_increase", "top1_agreement", "kl_mean")), err[0]
+    assert "hidden-state error jumps at layer 1 (rel. error 0 ->" in err[0], err[0]
+    assert "FAIL" in r.stdout
+    acc = read_manifest(int2_layer1)["accuracy"]
+    assert acc["passed"] is False and acc["failed"] and acc["error_jump"]["layer"] == 1
+    assert acc["metrics"]["kl_mean"] > 0 and acc["metrics"]["top1_agreement"] < 0.95
+    # gates off: the same candidate passes, the manifest says so
+    r = cli_run("check", int2_layer1, "--reference", ref, *SMALL, "--quiet", "--min-top1", "none",
+                "--max-kl", "none", "--max-ppl-increase", "none", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["gates"] == [] and read_manifest(int2_layer1)["accuracy"]["passed"] is True
+
+
+def test_hot_expert_zeroed_is_localised_to_its_layer(ref, tmp_path):
+    layer = 2
+    sm = StreamedModel(str(ref))
+    stats = RoutingStats()
+    sm.forward(calibration_batches(ref, num_samples=8, seq_len=64), before_layer=lambda i, lay: stats.attach(i, lay))
+    hot = int(stats.layers[layer].counts.argmax())
+    prefix = sm.adapter.expert_prefix(layer, hot)
+    cand = rewrite(ref, tmp_path / "zeroed", lambda n, t: torch.zeros_like(t) if n.startswith(prefix) else t,
+                   {"zeroed": prefix})
+    res = run_check(cand, ref, CheckConfig(seq_len=64, max_samples=8))
+    assert res["error_jump"]["layer"] == layer
+    rel = [p["rel_error"] for p in res["layers"]]
+    assert all(e == 0.0 for e in rel[:layer]) and rel[layer] > 1e-3
+    assert res["metrics"]["kl_mean"] > 0 and res["metrics"]["top1_agreement"] < 1.0
+
+
+def test_pruned_and_block_fp8_checkpoints(cli_run, ref, tmp_path):
+    """Checkpoint candidates other stages write: a pruned one (fewer experts, same layers) and a
+    DeepSeek-style block-FP8 one (dequantized by the registered weight decoder while streamed)."""
+    pruned = tmp_path / "pruned"
+    r = cli_run("prune", ref, "--ratio", "0.25", "--method", "frequency", "--num-samples", "8", "--seq-len", "64",
+                "-o", pruned, "--quiet")
+    assert r.exit_code == 0, r.output
+    r = cli_run("check", pruned, "--reference", ref, *SMALL, "--quiet", "--json", "--max-ppl-increase", "none",
+                "--min-top1", "none", "--max-kl", "none")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    n = StreamedModel(str(ref)).adapter.num_experts
+    assert res["candidate"]["num_experts"] == n - n // 4 and len(res["layers"]) == 4
+    assert res["metrics"]["kl_mean"] > 0 and all(p["rel_error"] > 0 for p in res["layers"])
+    assert read_manifest(pruned)["stage"] == "prune" and read_manifest(pruned)["accuracy"]["passed"] is True
+
+    r0 = CheckpointReader(ref)
+    fp8 = tmp_path / "fp8"
+    with CheckpointWriter(fp8) as w:
+        for name in r0.names():
+            t = r0.get(name)
+            if quantizable(name, t):
+                q, scale_inv = quantize_block(t)
+                w.add(name, q)
+                w.add(name[: -len(".weight")] + ".weight_scale_inv", scale_inv)
+            else:
+                w.add(name, t)
+        w.write_json("config.json", {**r0.config, "quantization_config": {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}})
+        w.copy_aux_files(ref)
+    res = run_check(fp8, ref, CheckConfig(seq_len=64, max_samples=8))
+    assert res["candidate"]["kind"] == "checkpoint" and res["candidate"]["quantization"] == "fp8"
+    assert all(0 < p["rel_error"] < 0.2 for p in res["layers"]) and 0 < res["metrics"]["kl_mean"] < 0.05
+
+
+def test_bad_input_is_one_line_exit_2(cli_run, ref, tmp_path):
+    def err(*args):
+        r = cli_run("check", *args)
+        assert r.exit_code == 2, r.output
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("moepress: error: "), r.stderr
+        return lines[0]
+
+    assert "reference checkpoint not found" in err(ref, "--reference", tmp_path / "nope")
+    assert "candidate not found" in err(tmp_path / "nope", "--reference", ref)
+    assert "--kind tensorflow: unknown candidate kind" in err(ref, "--reference", ref, "--kind", "tensorflow")
+    assert "--max-kl lots" in err(ref, "--reference", ref, "--max-kl", "lots")
+    other = make_random_checkpoint("qwen3_moe", tmp_path / "vocab256")  # vocab 256 vs the bundled 4096
+    assert "vocabulary of 256 tokens" in err(other, "--reference", ref, *SMALL)
+    (tmp_path / "empty").mkdir()
+    assert "not a candidate moepress can run" in err(tmp_path / "empty", "--reference", ref)
+    assert "file not found" in err(ref, "--reference", ref, "--data", tmp_path / "missing.txt")
+
+
+def test_jsonl_data_is_sampled_with_the_seed(ref, tmp_path):
+    docs = [{"text": f"def f(x):\n    return x * {i}\n" * 20} for i in range(12)]
+    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    cfg = CheckConfig(data=str(tmp_path / "eval.jsonl"), seq_len=32, max_samples=4)
+    res = run_check(ref, ref, cfg)
+    assert res["data"]["windows"] == "sampled (seed 0)" and res["data"]["samples"] == 4
+    assert res["metrics"]["tokens"] == 4 * 32 and res["metrics"]["kl_mean"] == 0.0
+
+
+def test_check_config_from_recipe():
+    cfg = CheckConfig.from_dict({"max-ppl-increase": "5%", "min_top1": 0.9, "max_kl": "none", "seq-len": 128})
+    assert (cfg.max_ppl_increase, cfg.min_top1, cfg.max_kl, cfg.seq_len) == (0.05, 0.9, None, 128)
+    with pytest.raises(MoepressError, match="check: unknown key 'max_ppl'"):
+        CheckConfig.from_dict({"max_ppl": 1})
+    with pytest.raises(MoepressError, match="seq_len 1"):
+        CheckConfig(seq_len=1)
+    with pytest.raises(AttributeError):
+        cfg.max_kl = 1.0  # frozen: what the manifest records is what ran
+
+
+def test_gates_fail_on_nan_and_name_the_first_failure():
+    cfg = CheckConfig(max_kl_p99=0.5)
+    gates = evaluate_gates(cfg, {"ppl_increase": 0.031, "top1_agreement": 0.97, "kl_mean": float("nan"),
+                                 "kl_p99": 0.1})
+    assert [g["passed"] for g in gates] == [False, True, False, True]
+    line = failure_line(gates, {"layer": 3, "before": 0.01, "after": 0.4})
+    assert line == ("ppl_increase +3.10% > max +2.00% (--max-ppl-increase); also kl_mean nan; "
+                    "hidden-state error jumps at layer 3 (rel. error 0.01 -> 0.4)")
+
+
+def test_metrics_against_independent_formulas():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 5, 50, generator=g), torch.randn(2, 5, 50, generator=g)
+    want = torch.nn.functional.kl_div(torch.log_softmax(b.double(), -1), torch.log_softmax(a.double(), -1),
+                                      reduction="none", log_target=True).sum(-1).flatten()
+    assert torch.allclose(token_kl(a, b), want, atol=1e-12) and torch.all(token_kl(a, a) == 0)
+    h1, h2 = torch.randn(3, 4, 16, generator=g), torch.randn(3, 4, 16, generator=g)
+    cos, rel = hidden_error(h1, h2)
+    x, y = h1.reshape(-1, 16).double().numpy(), h2.reshape(-1, 16).double().numpy()
+    np.testing.assert_allclose(cos.numpy(), (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1))
+    np.testing.assert_allclose(rel.numpy(), np.linalg.norm(y - x, axis=1) / np.linalg.norm(x, axis=1))
+    v = torch.rand(1001, generator=g)
+    assert quantile(v, 0.99) == pytest.approx(float(np.percentile(v.numpy(), 99)), abs=1e-12)
+    assert error_jump([0.0, 0.01, 0.3, 0.32]) == 2 and error_jump([0.0, float("nan"), float("nan")]) == 1
+    assert math.isnan(quantile(torch.empty(0), 0.5))

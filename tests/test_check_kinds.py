@@ -1,0 +1,224 @@
+"""`moepress check` on every candidate kind that runs on a CPU (issue #8), plus the GPU engine kind.
+
+- transformers: a compressed-tensors W4A16 (pack-quantized) checkpoint made here with the
+  compressed-tensors library from the bundled model, loaded by transformers (auto-detected);
+  the check's candidate perplexity equals one computed with transformers directly; and the
+  bundled model itself run through transformers matches the streamed reference layer by layer;
+- onnx: the bundled model exported with torch.onnx.export (logits + hidden_states.{i}),
+  run with onnxruntime, matches the reference; an ONNX file that breaks the contract is
+  one line, exit 2;
+- engine: needs a GPU and TensorRT (skipped here, with the reason).
+"""
+
+import json
+import re
+import shutil
+import warnings
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from moepress import models
+from moepress.calib.checks import CheckConfig, run_check
+from moepress.calib.checks.candidates import detect_kind
+from moepress.calib.data import eval_batches
+from moepress.compress.checkpoint import CheckpointReader
+from moepress.manifest import file_digests, read_manifest, write_manifest
+
+MODEL = "tiny-qwen3-moe"
+ROUTER = re.compile(r"\.(mlp|block_sparse_moe)\.gate\.weight$")
+SMALL = ["--seq-len", "64", "--max-samples", "8"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models' ops are too small to gain from a second thread, and on a loaded 2-core
+    machine two OpenMP threads per op make them 10-20x slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return models.path(MODEL)
+
+
+def write_compressed_tensors(src, out, preset="W4A16"):
+    """Every decoder-layer linear (attention and each expert; routers, embeddings and lm_head
+    excluded) quantized with compressed-tensors' own lifecycle: apply the preset scheme,
+    min-max scales per group, compress (pack-quantized for W4A16), save, write the config."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    r = CheckpointReader(src)
+    root, linears = torch.nn.Module(), {}
+    for name in r.names():
+        t = r.get(name)
+        # routers stay unquantized (Qwen/DeepSeek mlp.gate, Mixtral block_sparse_moe.gate), as llm-compressor's
+        # recipes ignore them
+        if ".layers." in name and name.endswith(".weight") and t.ndim == 2 and not ROUTER.search(name):
+            lin = torch.nn.Linear(t.shape[1], t.shape[0], bias=False, dtype=t.dtype)
+            lin.weight.data = t
+            parent = root
+            *path, leaf = name[: -len(".weight")].split(".")
+            for p in path:
+                if not hasattr(parent, p):
+                    parent.add_module(p, torch.nn.Module())
+                parent = getattr(parent, p)
+            parent.add_module(leaf, lin)
+            linears[name] = lin
+    qc = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(preset, ["Linear"])})
+    apply_quantization_config(root, qc, show_progress=False)
+    for lin in linears.values():
+        args = lin.quantization_scheme.weights
+        w = lin.weight.data.float()
+        g = w.view(w.shape[0], -1, args.group_size) if args.group_size else w.unsqueeze(1)
+        scale, zp = calculate_qparams(g.amin(-1), g.amax(-1), args)
+        lin.weight_scale.data.copy_(scale.to(lin.weight_scale.dtype).view_as(lin.weight_scale))
+        lin.weight_zero_point.data.copy_(zp.view_as(lin.weight_zero_point))
+    comp = ModelCompressor.from_pretrained_model(root)
+    comp.quantization_config.ignore = ["lm_head"]
+    comp.compress_model(root)
+    tensors = {n: r.get(n) for n in r.names() if n not in linears}
+    tensors.update({k: v.contiguous() for k, v in root.state_dict().items()})
+    out.mkdir()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.name in ("config.json", "generation_config.json") or f.name.startswith("tokenizer"):
+            shutil.copy(f, out / f.name)
+    comp.update_config(str(out))
+    return out
+
+
+def test_compressed_tensors_checkpoint_through_transformers(cli_run, ref, tmp_path):
+    ct = write_compressed_tensors(ref, tmp_path / "w4a16")
+    qc = json.loads((ct / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert detect_kind(ct) == "transformers"  # StreamedModel cannot read weight_packed
+    r = cli_run("check", ct, "--reference", ref, *SMALL, "--json", "--quiet", "--max-kl", "none",
+                "--min-top1", "none", "--max-ppl-increase", "none")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["candidate"]["kind"] == "transformers" and res["candidate"]["quantization"] == "compressed-tensors"
+    m = res["metrics"]
+    assert 0 < m["kl_mean"] < 1 and 0.5 < m["top1_agreement"] < 1
+    assert len(res["layers"]) == 4 and all(0 < p["rel_error"] < 1 for p in res["layers"])
+    # independent: transformers' own perplexity of the same windows
+    model = AutoModelForCausalLM.from_pretrained(str(ct), dtype=torch.float32).eval()
+    ids = torch.cat(eval_batches(ref, seq_len=64, max_windows=8))
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss
+    assert m["ppl_candidate"] == pytest.approx(float(torch.exp(loss)), rel=1e-5)
+
+
+def test_transformers_kind_matches_the_streamed_reference_layer_by_layer(ref):
+    res = run_check(ref, ref, CheckConfig(seq_len=64, max_samples=8, kind="transformers"))
+    assert res["passed"] and res["candidate"]["kind"] == "transformers"
+    m = res["metrics"]
+    assert m["kl_mean"] < 1e-8 and m["top1_agreement"] >= 0.998 and abs(m["ppl_increase"]) < 1e-5
+    # every layer, the last one included (transformers returns it after the final norm)
+    assert len(res["layers"]) == 4 and all(p["rel_error"] < 1e-4 for p in res["layers"])
+    assert res["embedding"]["rel_error"] == 0.0
+
+
+class _OnnxContract(torch.nn.Module):
+    """input_ids -> (logits, hidden_states.0 .. L-1): each decoder layer's output, before the final norm."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self._last = None
+        # transformers' last hidden state is after the final norm: take the last layer's own output
+        model.model.layers[-1].register_forward_hook(self._keep_last)
+
+    def _keep_last(self, module, args, out):
+        self._last = out[0] if isinstance(out, tuple) else out
+
+    def forward(self, input_ids):
+        s = input_ids.shape[1]
+        pos = torch.arange(s, device=input_ids.device)
+        # an explicit causal mask: transformers' own mask helper uses aten::diff, which has no ONNX export
+        causal = (pos[None, :] <= pos[:, None])[None, None].expand(input_ids.shape[0], 1, s, s)
+        out = self.model(input_ids=input_ids, attention_mask=causal, output_hidden_states=True, use_cache=False)
+        return (out.logits, *out.hidden_states[1:-1], self._last)
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(ref, tmp_path_factory):
+    """The bundled model exported to ONNX with torch.onnx.export (TorchScript exporter)."""
+    # batched_mm: experts as gathers + batched matmuls, which trace to a static graph (the eager
+    # loop over hit experts would bake the example's routing into the trace)
+    model = AutoModelForCausalLM.from_pretrained(str(ref), dtype=torch.float32,
+                                                 experts_implementation="batched_mm").eval()
+    n = model.config.num_hidden_layers
+    out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
+    out.mkdir()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():  # tracer notes on transformers' Python branches, the exporter's deprecation
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_OnnxContract(model), (ids,), str(out / "model.onnx"), input_names=["input_ids"],
+                          output_names=["logits"] + [f"hidden_states.{i}" for i in range(n)],
+                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"}}, dynamo=False, opset_version=17)
+    write_manifest(out, {"stage": "export", "files": file_digests(out)})  # as an exporter's output would have
+    return out
+
+
+def test_onnx_export_matches_the_reference(cli_run, ref, onnx_dir, tmp_path):
+    assert detect_kind(onnx_dir) == "onnx" and detect_kind(onnx_dir / "model.onnx") == "onnx"
+    r = cli_run("check", onnx_dir / "model.onnx", "--reference", ref, *SMALL, "--json", "--quiet",
+                "--report", tmp_path / "rep", "--generate", "1", "--gen-tokens", "3")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    m = res["metrics"]
+    assert res["candidate"]["kind"] == "onnx" and res["candidate"]["hidden_states"] == 4
+    assert m["kl_mean"] < 1e-8 and m["top1_agreement"] >= 0.998 and abs(m["ppl_increase"]) < 1e-5
+    assert len(res["layers"]) == 4 and all(p["rel_error"] < 1e-4 for p in res["layers"])
+    assert res["generations"]["samples"][0]["same_prefix_tokens"] == 3
+    assert (tmp_path / "rep" / "layer_error.png").exists()
+    # the file is listed in its directory's manifest: the metrics are recorded there
+    assert res["manifest_updated"] and read_manifest(onnx_dir)["accuracy"]["kind"] == "onnx"
+
+
+def test_onnx_outside_the_contract_is_exit_2(cli_run, ref, tmp_path):
+    x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "s"])
+    graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["out"], to=TensorProto.FLOAT)], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "bad.onnx"))
+    r = cli_run("check", tmp_path / "bad.onnx", "--reference", ref, *SMALL)
+    assert r.exit_code == 2 and "no output 'logits'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_engine_needs_a_gpu_here(cli_run, ref, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: test_engine_on_gpu covers it")
+    (tmp_path / "model.engine").write_bytes(b"\0")
+    r = cli_run("check", tmp_path / "model.engine", "--reference", ref, *SMALL)
+    assert r.exit_code == 2 and "runs on an NVIDIA GPU only" in r.stderr
+
+
+@pytest.mark.gpu
+def test_engine_on_gpu(ref, onnx_dir, tmp_path):
+    """A TensorRT engine built from the ONNX export (same tensor names) matches the reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    trt = pytest.importorskip("tensorrt", reason="needs TensorRT (pip install moepress[tensorrt])")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(onnx_dir / "model.onnx")), [parser.get_error(i) for i in range(parser.num_errors)]
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profile.set_shape("input_ids", (1, 1), (8, 64), (8, 64))
+    config.add_optimization_profile(profile)
+    (tmp_path / "model.engine").write_bytes(bytes(builder.build_serialized_network(network, config)))
+    res = run_check(tmp_path / "model.engine", ref, CheckConfig(seq_len=64, max_samples=8))
+    assert res["candidate"]["kind"] == "engine"
+    assert res["metrics"]["kl_mean"] < 1e-4 and res["metrics"]["top1_agreement"] >= 0.99

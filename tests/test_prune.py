@@ -1,0 +1,314 @@
+"""Expert pruning (issue #4): constraints, routing simulation, surgery, MTP + block-FP8, sequential mode.
+
+The bundled-model acceptance (transformers loads the pruned checkpoints, CLI) is in test_prune_bundled.py.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_random_checkpoint
+from moepress.calib.observers import RoutingStats
+from moepress.compress.arch import get_adapter
+from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+from moepress.compress.prune import (
+    METHODS,
+    PruneConfig,
+    group_of,
+    keep_top,
+    parse_protect,
+    plan_budget,
+    prune_checkpoint,
+    prune_moe_module,
+    route_masked,
+)
+from moepress.compress.quant.fp8 import quantize_block
+from moepress.compress.stream import StreamedModel
+from moepress.compress.synthetic import random_tensor, write_synthetic
+from moepress.errors import MoepressError
+
+KIMI = json.loads((Path(__file__).parent / "data" / "kimi-k2-config.json").read_text())
+QWEN = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=256, hidden_size=64,
+            intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True)
+DSV3 = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], vocab_size=256, hidden_size=64,
+            intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=4, n_routed_experts=32, n_shared_experts=1, n_group=4, topk_group=2,
+            num_experts_per_tok=4, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5, norm_topk_prob=True,
+            num_nextn_predict_layers=0)
+
+
+def budget(config, **kw):
+    return plan_budget(get_adapter(config), PruneConfig(**kw))
+
+
+def refuse(config, *needles, **kw):
+    with pytest.raises(MoepressError) as e:
+        budget(config, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+# ---- constraints ----------------------------------------------------------------------------------
+
+def test_budget_ratio_keep_and_ep_rounding():
+    assert budget(QWEN, ratio=0.25).keep == 12 and budget(QWEN, ratio=0.5).keep == 8
+    assert budget(QWEN, keep=7).keep == 7
+    b = budget(QWEN, ratio=0.25, ep_size=5)  # 12 -> 10: rounded down, the size budget holds
+    assert b.keep == 10 and any("rounded down to 10" in d for d in b.decisions)
+    k = budget(KIMI, ratio=0.25, ep_size=64)  # 288 -> 256: a multiple of the EP size
+    assert k.keep == 256 and k.keep % 64 == 0
+    refuse(QWEN, "--keep 12", "multiple of 8", "nearest valid: 8", keep=12, ep_size=8)
+    refuse(QWEN, "--ratio 0.9", "fewer than top_k=4", "largest valid ratio is 0.75", "--keep 4", ratio=0.9)
+    refuse(QWEN, "--ratio / --keep", ratio=0.5, keep=8)
+    refuse(QWEN, "--ratio / --keep")
+    refuse(QWEN, "--ratio 1.0", "(0, 1)", ratio=1.0)
+    refuse(QWEN, "--keep 16", "1..15", keep=16)
+
+
+def test_budget_groups_drop_equally_and_keep_top_k_reachable():
+    b = budget(DSV3, ratio=0.25)
+    assert (b.keep, b.keep_per_group) == (24, 6)
+    assert budget(DSV3, ratio=0.3).keep == 20  # floor(22.4) = 22 -> 20, a multiple of n_group=4
+    refuse(DSV3, "--keep 10", "multiple of 4", "n_group=4", "nearest valid: 8 or 12", keep=10)
+    # 4 kept = 1 per group: DeepSeek's group score needs each group's two best
+    refuse(DSV3, "1 per group", "--keep 8", ratio=0.85)
+    # topk_group=1: 2 per group x 1 reachable group < top_k=4
+    refuse({**DSV3, "topk_group": 1}, "topk_group=1", "fewer than top_k=4", keep=8)
+    assert budget({**DSV3, "topk_group": 1}, keep=16).keep == 16
+    refuse({**DSV3, "n_routed_experts": 30}, "n_group=4 equal groups", ratio=0.5)
+    # EP and groups together: a multiple of lcm(4, 6) = 12
+    assert budget(DSV3, ratio=0.25, ep_size=6).keep == 24 and budget(DSV3, ratio=0.3, ep_size=6).keep == 12
+
+
+def test_protect_parsing_and_validation():
+    assert parse_protect("3:5, 1:0,3:5") == ((1, 0), (3, 5))
+    with pytest.raises(MoepressError, match="--protect 'x'"):
+        parse_protect("x")
+    refuse(DSV3, "--protect 0:1", "not an MoE layer", protect=((0, 1),), ratio=0.25)
+    refuse(DSV3, "expert 40 does not exist", protect=((1, 40),), ratio=0.25)
+    refuse(DSV3, "3 experts protected in group 0", "2 kept per group", protect=((1, 0), (1, 1), (1, 2)), ratio=0.75)
+    b = budget(DSV3, protect=((1, 0), (1, 1)), ratio=0.5)
+    scores = torch.arange(32, dtype=torch.float64)  # experts 0 and 1 score lowest of group 0
+    kept = keep_top(scores, b, 1)
+    assert kept[:2] == [0, 1] and len(kept) == 16
+    assert [sum(1 for e in kept if group_of(32, 4)[e] == g) for g in range(4)] == [4, 4, 4, 4]
+
+
+# ---- routing simulation == the sliced router ------------------------------------------------------
+
+@pytest.mark.parametrize("family,overrides", [("qwen3_moe", {}), ("qwen3_moe", {"norm_topk_prob": False}),
+                                              ("mixtral", {}), ("deepseek_v3", {"n_routed_experts": 16})])
+def test_route_masked_equals_sliced_router(tmp_path, family, overrides):
+    ckpt = make_random_checkpoint(family, tmp_path / "m", **overrides)
+    sm = StreamedModel(str(ckpt))
+    i = sm.adapter.moe_layers()[0]
+    moe = sm.load_layer(i).moe
+    E, r = moe.num_experts, sm.adapter.routing()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, sm.adapter.hidden_size, generator=g)
+    if r["n_group"] > 1:  # the same number per group
+        per = E // r["n_group"]
+        kept = sorted(gi * per + e for gi in range(r["n_group"]) for e in torch.randperm(per, generator=g)[:2].tolist())
+    else:
+        kept = sorted(torch.randperm(E, generator=g)[: E // 2].tolist())
+    logits, w0, i0 = sm.adapter.route(moe, x)
+    keep = torch.zeros(E, dtype=torch.bool)
+    keep[kept] = True
+    w_sim, i_sim = route_masked(logits, torch.ones(E, dtype=torch.bool), r, moe.gate.e_score_correction_bias)
+    assert torch.equal(i_sim.sort(1)[0], i0.sort(1)[0]) and torch.allclose(w_sim.sort(1)[0], w0.float().sort(1)[0])
+    w_sim, i_sim = route_masked(logits, keep, r, moe.gate.e_score_correction_bias)
+    pruned = prune_moe_module(moe, kept)
+    _, w1, i1 = sm.adapter.route(pruned, x)
+    mapped = torch.tensor(kept)[i1]
+    o_sim, o1 = i_sim.argsort(1), mapped.argsort(1)
+    assert torch.equal(i_sim.gather(1, o_sim), mapped.gather(1, o1))
+    assert torch.allclose(w_sim.gather(1, o_sim), w1.float().gather(1, o1), rtol=1e-5, atol=1e-6)
+
+
+def test_qwen3_without_renormalisation_scales_kept_tokens_by_the_softmax_mass(tmp_path):
+    """norm_topk_prob=False cannot be exact: the softmax denominator loses the dropped experts'
+    mass. Documented behaviour: same choices, output x sum(exp(all)) / sum(exp(kept))."""
+    ckpt = make_random_checkpoint("qwen3_moe", tmp_path / "m", norm_topk_prob=False)
+    sm = StreamedModel(str(ckpt))
+    moe = sm.load_layer(0).moe
+    x = torch.randn(2000, sm.adapter.hidden_size, generator=torch.Generator().manual_seed(1))
+    logits, _, i0 = sm.adapter.route(moe, x)
+    want = moe(x)
+    kept = [0, 2, 3, 5, 6, 7]
+    got = prune_moe_module(moe, kept)(x)
+    all_kept = torch.isin(i0, torch.tensor(kept)).all(1)
+    mass = torch.logsumexp(logits, 1) - torch.logsumexp(logits[:, kept], 1)
+    assert all_kept.sum() > 500
+    torch.testing.assert_close(got[all_kept], want[all_kept] * mass.exp()[all_kept, None], rtol=1e-4, atol=1e-5)
+
+
+# ---- MTP + block-FP8 ------------------------------------------------------------------------------
+
+MTP_CFG = {**DSV3, "num_hidden_layers": 2, "n_routed_experts": 16, "num_experts_per_tok": 2,
+           "num_nextn_predict_layers": 1}
+
+
+def write_deepseek_with_mtp(tmp_path) -> Path:
+    """A block-FP8 DeepSeek-V3 checkpoint with one MTP layer stored as model.layers.{num_hidden_layers}
+    (decoder layer + enorm, hnorm, eh_proj, embed_tokens, shared_head), as DeepSeek ships layer 61."""
+    trunk = write_synthetic(MTP_CFG, tmp_path / "trunk", block_fp8=True)
+    a = get_adapter(MTP_CFG)
+    n, h, v = a.num_layers, a.hidden_size, a.vocab_size
+    reader = CheckpointReader(trunk)
+    out = tmp_path / "dsv3-mtp-fp8"
+    with CheckpointWriter(out) as w:
+        for name in reader.names():
+            w.add(name, reader.get(name))
+        with torch.device("meta"):
+            layer = a.build_layer(n)
+        p = a.layer_prefix(n)
+        for key, t in layer.state_dict().items():
+            x = random_tensor(p + key, tuple(t.shape), seed=7)
+            if key.endswith(".weight") and x.ndim == 2 and "gate.weight" not in key:
+                q, s = quantize_block(x)
+                w.add(p + key, q)
+                w.add(p + key[: -len(".weight")] + ".weight_scale_inv", s)
+            else:
+                w.add(p + key, x if "e_score_correction_bias" in key else x.bfloat16())
+        for key, shape in {"enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h),
+                           "embed_tokens.weight": (v, h), "shared_head.norm.weight": (h,),
+                           "shared_head.head.weight": (v, h)}.items():
+            w.add(p + key, random_tensor(p + key, shape, seed=7).bfloat16())
+        w.write_json("config.json", reader.config)
+    return out
+
+
+def test_block_fp8_with_mtp_layer_prunes_consistently(tmp_path):
+    src = write_deepseek_with_mtp(tmp_path)
+    ids = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "pruned"
+    res = prune_checkpoint(src, out, PruneConfig(method="reap", ratio=0.5), batches=[ids])
+    assert res["kept"] == 8 and res["mtp_layers"] == 1
+    rep = json.loads((out / "prune_report.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["n_routed_experts"] == 8 and cfg["num_nextn_predict_layers"] == 1
+    assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
+    by_layer = {r["layer"]: r for r in rep["layers"]}
+    assert by_layer[1]["kind"] == "trunk" and by_layer[2]["kind"] == "mtp"
+    assert by_layer[1]["tokens"] == 4 * 48 and by_layer[2]["tokens"] == 4 * 47  # MTP sees t_{i+1}: one fewer
+    s, o = CheckpointReader(src), CheckpointReader(out)
+    for i in (1, 2):  # the trunk MoE layer and the MTP layer, each with its own kept set
+        kept = [k["expert"] for k in by_layer[i]["kept"]]
+        assert len(kept) == 8 and [sum(1 for e in kept if e // 4 == g) for g in range(4)] == [2, 2, 2, 2]
+        p = f"model.layers.{i}.mlp."
+        assert torch.equal(o.get(p + "gate.weight"), s.get(p + "gate.weight")[kept])
+        assert torch.equal(o.get(p + "gate.e_score_correction_bias"), s.get(p + "gate.e_score_correction_bias")[kept])
+        for j, e in enumerate(kept):  # FP8 bytes and block scales copied as stored, renumbered densely
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                for suffix in ("weight", "weight_scale_inv"):
+                    a_, b_ = o.get(f"{p}experts.{j}.{proj}.{suffix}"), s.get(f"{p}experts.{e}.{proj}.{suffix}")
+                    assert a_.dtype == b_.dtype and torch.equal(a_.view(torch.uint8), b_.view(torch.uint8))
+        assert not any(f"{p}experts.{j}." in n for n in o.layer_names(i) for j in range(8, 16))
+    for name in s.names():  # everything that is not a routed expert or router is copied untouched
+        if ".experts." not in name and ".gate." not in name:
+            assert torch.equal(o.get(name).view(torch.uint8), s.get(name).view(torch.uint8)), name
+    assert o.info("model.layers.1.mlp.experts.0.down_proj.weight").dtype == "F8_E4M3"
+    # the pruned trunk's stream equals the source's stream with the same experts removed in memory
+    kept1 = [k["expert"] for k in by_layer[1]["kept"]]
+    want = StreamedModel(str(src)).forward(
+        [ids], before_layer=lambda i, layer: i == 1 and prune_moe_module(layer.moe, kept1))[0]
+    got = StreamedModel(str(out)).forward([ids])[0]
+    assert torch.equal(got, want)
+
+
+# ---- sequential: layer i+1's statistics gathered on the pruned layers 0..i -------------------------
+
+def test_sequential_statistics_come_from_the_pruned_prefix(tmp_path):
+    src = make_random_checkpoint("qwen3_moe", tmp_path / "m", num_experts=16, num_experts_per_tok=2)
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    reports = {}
+    for seq in (False, True):
+        out = tmp_path / f"seq{seq}"
+        prune_checkpoint(src, out, PruneConfig(method="frequency", ratio=0.5, sequential=seq), batches=[ids])
+        reports[seq] = {r["layer"]: r for r in json.loads((out / "prune_report.json").read_text())["layers"]}
+
+    def counts(rep):
+        return {k["expert"]: k["tokens"] for k in rep["kept"] + rep["dropped"]}
+
+    def layer1_counts(prefix_ckpt):
+        stats = RoutingStats()
+        hs = StreamedModel(str(prefix_ckpt)).embed([ids])
+        hs = StreamedModel(str(prefix_ckpt)).run_layer(StreamedModel(str(prefix_ckpt)).load_layer(0), hs)
+        layer1 = StreamedModel(str(src)).load_layer(1)  # the unpruned layer 1 sees the (pruned) prefix
+        stats.attach(1, layer1)
+        StreamedModel(str(src)).run_layer(layer1, hs)
+        return dict(enumerate(stats.layers[1].counts.tolist()))
+
+    assert counts(reports[True][1]) == layer1_counts(tmp_path / "seqTrue")
+    assert counts(reports[False][1]) == layer1_counts(src)
+    assert counts(reports[True][1]) != counts(reports[False][1])
+    assert counts(reports[True][0]) == counts(reports[False][0])
+
+
+def test_methods_registry_and_reroute_report(tmp_path):
+    assert {"frequency", "ean", "reap", "reroute"} <= set(METHODS)
+    src = make_random_checkpoint("mixtral", tmp_path / "m", num_local_experts=8)
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "p"
+    prune_checkpoint(src, out, PruneConfig(method="reroute", keep=4, protect=((1, 3),)), batches=[ids])
+    rep = json.loads((out / "prune_report.json").read_text())
+    for lr in rep["layers"]:
+        assert len(lr["kept"]) == 4 and len(lr["dropped"]) == 4 and len(lr["drop_order"]) == 4
+        assert 0 <= lr["moe_output_rel_error"] < 1
+        assert abs(sum(k["share"] for k in lr["kept"] + lr["dropped"]) - 1) < 1e-4
+    assert any(k["expert"] == 3 and k.get("protected") for k in rep["layers"][1]["kept"])
+    man = json.loads((out / "moepress-manifest.json").read_text())
+    assert man["stage"] == "prune" and man["config"]["keep"] == 4 and "prune_report.json" in man["files"]
+
+
+@pytest.mark.parametrize("family,overrides", [("qwen3_moe", {"num_experts": 12, "num_experts_per_tok": 3}),
+                                              ("qwen3_moe", {"norm_topk_prob": False}),
+                                              ("deepseek_v3", {"n_routed_experts": 16, "num_experts_per_tok": 3})])
+def test_reroute_incremental_search_equals_brute_force_greedy(tmp_path, family, overrides):
+    from moepress.compress.prune import LayerEvidence, RerouteSearch, RouteRecorder
+
+    ckpt = make_random_checkpoint(family, tmp_path / "m", **overrides)
+    sm = StreamedModel(str(ckpt))
+    i = sm.adapter.moe_layers()[0]
+    moe = sm.load_layer(i).moe
+    E, r, bias = moe.num_experts, sm.adapter.routing(), moe.gate.e_score_correction_bias
+    x = torch.randn(600, sm.adapter.hidden_size, generator=torch.Generator().manual_seed(2))
+    rec = RouteRecorder(600, 600, 0)
+    moe.observers = [rec]
+    with torch.no_grad():
+        moe(x)
+    moe.observers = []
+    b = plan_budget(sm.adapter, PruneConfig(keep=E // 2 if r["n_group"] == 1 else 8))
+    sel = RerouteSearch(LayerEvidence(i, moe, None, r, rec), b).run()
+    # brute force: every expert's output for every token, full routing of every token per candidate
+    with torch.no_grad():
+        f = torch.stack([ex(x) for ex in moe.experts], 1)  # [T, E, H]
+        logits, w0, i0 = sm.adapter.route(moe, x)
+
+    def out(w, idx):
+        return (f.gather(1, idx[..., None].expand(-1, -1, f.shape[-1])) * w[..., None]).sum(1)
+
+    y0 = out(w0.float(), i0)
+    keep, order = torch.ones(E, dtype=torch.bool), []
+    while int(keep.sum()) > b.keep:
+        best = None
+        for c in range(E):
+            g = group_of(E, b.n_group)
+            if not keep[c] or int(keep[g == g[c]].sum()) <= b.keep_per_group:
+                continue
+            k2 = keep.clone()
+            k2[c] = False
+            err = float(((y0 - out(*route_masked(logits, k2, r, bias))).double() ** 2).sum())
+            if best is None or err < best[0] - 1e-9:
+                best = (err, c)
+        order.append(best[1])
+        keep[best[1]] = False
+    assert sel.extra["drop_order"] == order
+    assert sel.kept == keep.nonzero(as_tuple=True)[0].tolist()
