@@ -1,17 +1,78 @@
-"""`moepress export` (issue #6)."""
+"""`moepress export`: write what NVIDIA's stack and its neighbours load (issue #6)."""
 
 from __future__ import annotations
+
+import json
 
 import click
 
 from moepress.errors import MoepressError
+from moepress.options import model_argument, output_options, progress_options, resolve_model
 
 
-@click.command("export", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def export_cmd(args):
-    """Not implemented yet (issue #6)."""
-    raise MoepressError("moepress export is not implemented yet (issue #6)")
+class FormatChoice(click.ParamType):
+    """Formats registered in moepress.exporters, read when used (so `--help` stays fast)."""
+
+    name = "format"
+
+    @staticmethod
+    def formats() -> dict:
+        from moepress.exporters import exporters
+
+        return exporters()
+
+    def convert(self, value, param, ctx):
+        if value not in self.formats():
+            raise MoepressError(f"--format {value}: expected one of {', '.join(sorted(self.formats()))}")
+        return value
 
 
-COMMANDS = [export_cmd]
+def _parse_options(values) -> tuple[tuple[str, str], ...]:
+    out = []
+    for v in values:
+        if "=" not in v:
+            raise MoepressError(f"--option {v}: expected KEY=VALUE")
+        k, _, val = v.partition("=")
+        out.append((k.strip(), val.strip()))
+    return tuple(out)
+
+
+@click.command("export")
+@model_argument
+@click.option("--format", "fmt", required=True, type=FormatChoice(),
+              help="hf-modelopt | hf-fp8-block | compressed-tensors | trtllm-ckpt | onnx "
+                   "(`moepress formats` describes each).")
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel size (trtllm-ckpt).")
+@click.option("--ep", type=int, default=1, show_default=True, help="Expert-parallel size (trtllm-ckpt).")
+@click.option("--opset", type=int, default=21, show_default=True, help="ONNX opset (onnx).")
+@click.option("--option", "extra", multiple=True, metavar="KEY=VALUE", help="Exporter-specific option.")
+@output_options
+@progress_options
+def export_cmd(model, fmt, tp, ep, opset, extra, output, force, quiet, json_out):
+    """Export MODEL (a bf16, pruned or `moepress quantize`d checkpoint) as FORMAT into OUT.
+
+    Writes OUT.partial and renames it to OUT when complete; OUT gets export.json (format,
+    source hashes, versions) and moepress-manifest.json.
+    """
+    from moepress.exporters import ExportConfig, export
+    from moepress.progress import Progress
+
+    src = resolve_model(model)
+    cfg = ExportConfig(format=fmt, tp=tp, ep=ep, opset=opset, options=_parse_options(extra))
+    prog = Progress(mode="json" if json_out else "quiet" if quiet else "human")
+    info = export(src, output, cfg, force=force, progress=prog)
+    if json_out:
+        click.echo(json.dumps({"output": str(output), **info}, default=str))
+    else:
+        click.echo(f"exported {src} as {fmt} -> {output}")
+
+
+@click.command("formats")
+def formats_cmd():
+    """List the export formats, their families and consumers."""
+    for name, ex in sorted(FormatChoice.formats().items()):
+        fam = ", ".join(ex.families) if ex.families else "all families"
+        click.echo(f"{name:20s} {ex.description} ({fam}){'; loaded by ' + ex.consumers if ex.consumers else ''}")
+
+
+COMMANDS = [export_cmd, formats_cmd]
