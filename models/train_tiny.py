@@ -367,7 +367,7 @@ def eval_loss(model, ids: torch.Tensor) -> float:
 
 def train(kind: str, model, train_ids: torch.Tensor, eval_ids: torch.Tensor, steps: int) -> dict:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         (no_decay if p.ndim < 2 else decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
@@ -430,7 +430,7 @@ def routing_stats(model, ids: torch.Tensor) -> list[dict]:
         model(input_ids=wins[b : b + EVAL_BATCH], use_cache=False)
     counter.remove()
     stats = []
-    for i, gate in counter.layers:
+    for i, _gate in counter.layers:
         c = counter.counts[i]
         share = c.double() / c.sum()
         e = c.numel()
@@ -527,7 +527,7 @@ def save_and_verify(kind: str, model, tok_dir: Path, out_root: Path, eval_ids, c
     assert abs(re_loss - ref_bf16) < 2e-3, (re_loss, ref_bf16)
     assert abs(re_loss - info["eval_loss_fp32"]) < 0.05, (re_loss, info["eval_loss_fp32"])
     if kind == "deepseek":
-        b = torch.stack([l.mlp.gate.e_score_correction_bias for l in re_model.model.layers[1:]])
+        b = torch.stack([layer.mlp.gate.e_score_correction_bias for layer in re_model.model.layers[1:]])
         log(f"{dirname}: e_score_correction_bias per layer min/max "
             + ", ".join(f"[{r.min():+.4f},{r.max():+.4f}]" for r in b))
         assert b.abs().max() > 0
@@ -596,8 +596,9 @@ code: not useful for anything but tests.
 ## Training
 
 `models/train_tiny.py` (seed {SEED}): fp32, AdamW (betas 0.9/0.95, weight decay {WEIGHT_DECAY}),
-peak LR {LR:g}, {WARMUP_STEPS} warmup steps then cosine to {MIN_LR_FRAC:g}x, batch {BATCH_SIZE} x {SEQ_LEN} tokens,
-grad clip {GRAD_CLIP}.  {info['steps']} steps = {info['tokens']:,} tokens seen, {info['wall_s'] / 60:.1f} min on 2 CPU cores.
+peak LR {LR:g}, {WARMUP_STEPS} warmup steps then cosine to {MIN_LR_FRAC:g}x,
+batch {BATCH_SIZE} x {SEQ_LEN} tokens, grad clip {GRAD_CLIP}.
+{info['steps']} steps = {info['tokens']:,} tokens seen, {info['wall_s'] / 60:.1f} min on 2 CPU cores.
 {balance}
 
 | | value |
@@ -664,7 +665,7 @@ def main() -> None:
                 x = train_ids[s * SEQ_LEN * BATCH_SIZE : (s + 1) * SEQ_LEN * BATCH_SIZE].view(BATCH_SIZE, SEQ_LEN)
                 model(input_ids=x, labels=x).loss.backward()
                 t.append(time.time() - t0)
-            log(f"{kind}: bench s/step (fwd+bwd, no optimizer) {['%.3f' % v for v in t]}")
+            log(f"{kind}: bench s/step (fwd+bwd, no optimizer) {[f'{v:.3f}' for v in t]}")
             continue
         steps = args.steps or MODEL_SPECS[kind][2]
         info = train(kind, model, train_ids, eval_ids, steps)
