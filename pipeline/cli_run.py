@@ -1,58 +1,97 @@
-"""`moepress run` (issue #9 turns this into the full recipe runner)."""
+"""`moepress run`, `moepress recipe show`, `moepress publish` (issue #9)."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import click
 
+from moepress.errors import CheckFailed
 from moepress.options import progress_options
 from moepress.progress import Progress
+from moepress.recipe import STAGES
 
 
 @click.command("run")
-@click.argument("recipe", required=False)
-@click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=Path("moepress-out"),
-              show_default=True, help="Where the stages write.")
+@click.argument("recipe", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
+              help="Run directory (default: the recipe's `output`, else ./moepress-out).")
+@click.option("--from", "force_from", type=click.Choice(STAGES), default=None,
+              help="Re-run this stage and everything after it even if unchanged.")
+@click.option("--model", default=None, help="Override the recipe's model (a directory or a bundled name).")
 @progress_options
-def run_cmd(recipe, output, quiet, json_out):
-    """Run the pipeline. Without RECIPE: the embedded default recipe on the bundled model.
+def run_cmd(recipe, output, force_from, model, quiet, json_out):
+    """Run a recipe's stages: prune -> quantize -> export -> check -> build.
 
-    Today this inspects the bundled model and measures its held-out perplexity through
-    the layer stream; prune/quantize/export/build/check are added by their issues.
+    Without RECIPE: the embedded default recipe on the bundled model (`moepress recipe show`
+    prints it). Stages whose inputs and config are unchanged are skipped; a stage killed
+    mid-way resumes at the layer it stopped. Exit 0: every check passed; 1: a check failed;
+    2: bad input.
     """
-    from moepress import models
-    from moepress.calib.data import eval_batches
-    from moepress.calib.metrics import perplexity
-    from moepress.compress.inspect import summarize
-    from moepress.compress.stream import StreamedModel
+    from moepress.recipe import load_recipe
+    from moepress.runner import run_recipe
 
+    r, src = load_recipe(recipe, {"model": model} if model else None)
+    out = output or Path(r.get("output") or "moepress-out")
     prog = Progress.from_flags(quiet, json_out)
-    model = models.path()
-    output.mkdir(parents=True, exist_ok=True)
-    summary = summarize(str(model))
-    (output / "inspect.json").write_text(json.dumps(summary, indent=2))
-    sm = StreamedModel(str(model))
-    batches = eval_batches(model, seq_len=256, max_windows=32)
-    hs = sm.embed(batches)
-    t0 = time.monotonic()
-    with prog.task("eval", sm.num_layers) as task:
-        for i, layer in sm.layers():
-            hs = sm.run_layer(layer, hs)
-            task.advance(note=f"layer {i}")
-    ppl = perplexity(sm.head(hs), batches)
-    result = {"model": str(model), "perplexity": ppl, "tokens": sum(b.numel() for b in batches),
-              "seconds": round(time.monotonic() - t0, 3),
-              "not_yet": ["prune (#4)", "quantize (#5)", "export (#6)", "build (#7)", "check (#8)"]}
-    (output / "eval.json").write_text(json.dumps(result, indent=2))
+    summary = run_recipe(r, out, prog, force_from, src)
     if json_out:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps(summary, default=str))
     else:
-        click.echo(f"{model.name}: held-out perplexity {ppl:.3f} over {result['tokens']} tokens")
-        click.echo(f"wrote {output}/inspect.json, {output}/eval.json")
-        click.echo("not implemented yet: " + ", ".join(result["not_yet"]))
+        for line in _human(summary):
+            click.echo(line)
+    if summary["failed_checks"]:
+        raise CheckFailed(f"accuracy check failed for {', '.join(summary['failed_checks'])} "
+                          f"(reports in {out}/check/)")
 
 
-COMMANDS = [run_cmd]
+def _human(s: dict) -> list[str]:
+    lines = [f"moepress run: {s['recipe']} on {s['model']}"]
+    for sid, rec in s["stages"].items():
+        what = rec["status"] + (f" in {rec['seconds']:.1f}s" if rec.get("seconds") is not None else "")
+        lines.append(f"  {sid:34s} {what:18s} {rec['output']}")
+    for name, c in s["checks"].items():
+        m = c.get("metrics") or {}
+        verdict = "passed" if c.get("passed") else "FAILED " + ",".join(c.get("failed") or [])
+        lines.append(f"  accuracy {name:25s} {verdict}: ppl {m.get('ppl_candidate', float('nan')):.3f} "
+                     f"(original {m.get('ppl_reference', float('nan')):.3f}), "
+                     f"top-1 {m.get('top1_agreement', float('nan')):.3f}, KL {m.get('kl_mean', float('nan')):.4f}")
+    for b, res in s["builds"].items():
+        lines.append(f"  build {b:28s} {'refused: ' + res['refused'] if res.get('refused') else 'planned'}")
+    if s["stages"] and all(rec["status"] == "skipped" for rec in s["stages"].values()):
+        lines.append("nothing to do: every stage's inputs and config are unchanged")
+    lines.append(f"everything is in {s['output']}/ (run.json lists it)")
+    return lines
+
+
+@click.group("recipe")
+def recipe_group():
+    """Recipes: the YAML files `moepress run` takes."""
+
+
+@recipe_group.command("show")
+@click.argument("recipe", required=False, type=click.Path(path_type=Path, dir_okay=False))
+def recipe_show(recipe):
+    """Print the effective recipe (defaults filled in); without RECIPE the embedded default."""
+    from moepress.recipe import dump, load_recipe
+
+    r, src = load_recipe(recipe)
+    click.echo(f"# effective recipe from {src}")
+    click.echo(dump(r), nl=False)
+
+
+@click.command("publish")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--to", "to", required=True, metavar="DIR|hf://ORG/NAME", help="Destination directory or Hub repo.")
+@click.option("--force", is_flag=True, help="Publish even if the checks failed or the files changed.")
+@click.option("--json", "json_out", is_flag=True, help="JSON result on stdout.")
+def publish_cmd(artifact, to, force, json_out):
+    """Publish ARTIFACT after verifying every file against its manifest and that its checks passed."""
+    from moepress.publish import publish
+
+    res = publish(artifact, to, force=force)
+    click.echo(json.dumps(res) if json_out else f"published {artifact} -> {res['published']}")
+
+
+COMMANDS = [run_cmd, recipe_group, publish_cmd]

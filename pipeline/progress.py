@@ -5,11 +5,16 @@ logs, JSON events with --json, nothing with --quiet. Always on stderr (stdout is
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
+
+# MOEPRESS_KILL_AT=STAGE:N sends SIGKILL to this process when STAGE finishes step N (tests only).
+_KILL_AT = os.environ.get("MOEPRESS_KILL_AT", "")
 
 
 def _fmt_s(s: float) -> str:
@@ -34,6 +39,9 @@ class Task:
 
     def advance(self, n: int = 1, note: str = "") -> None:
         self.done += n
+        if _KILL_AT and _KILL_AT == f"{self.stage}:{self.done}":
+            # fault injection for resume tests: die like `kill -9` right after this step
+            os.kill(os.getpid(), signal.SIGKILL)
         el = time.monotonic() - self.t0
         eta = self.eta()
         if self.r.mode == "json":

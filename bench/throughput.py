@@ -1,0 +1,134 @@
+"""Throughput at the I/O limit: moepress quantize vs the time to just read the checkpoint.
+
+    python bench/throughput.py MODEL [--modes fp8-block,fp8,int4-awq] [--num-samples 16 --seq-len 256]
+
+For one checkpoint (e.g. from bench/make_synthetic.py), in one run:
+  * the I/O floor: reading every shard once, sequentially, with the page cache for those
+    files dropped first (posix_fadvise DONTNEED, so the number is the disk's, not RAM's);
+  * `moepress quantize` for each mode (calibration-free fp8-block; calibrated fp8 and int4-awq),
+    each in its own process, cache dropped before each: wall time, ratio to the floor, peak RSS
+    (from wait4 of that process alone), and the largest layer's size for scale;
+  * llm-compressor's `model_free_ptq` FP8_BLOCK as the peer, where llmcompressor is installed.
+Prints a Markdown table. Target (issue #10): calibration-free quantization within 1.5x of the
+raw read and faster than the peer; peak RSS under 2x the largest layer plus activations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def drop_cache(paths) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd) if os.access(p, os.W_OK) else None
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read(files: list[Path], chunk: int = 64 << 20) -> float:
+    drop_cache(files)
+    t0 = time.monotonic()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+    return time.monotonic() - t0
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, float, int, str]:
+    """(wall seconds, peak RSS MB of that process, exit code, stderr tail)."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.monotonic() - t0
+    err = p.stderr.read() if p.stderr else ""
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return wall, ru.ru_maxrss / 1024, p.returncode, err[-400:]
+
+
+def largest_layer_bytes(model: Path) -> int:
+    idx = json.loads((model / "model.safetensors.index.json").read_text())
+    from moepress.compress.checkpoint import CheckpointReader
+
+    r = CheckpointReader(model)
+    per: dict[int, int] = {}
+    for name in idx["weight_map"]:
+        parts = name.split(".")
+        if "layers" in parts:
+            i = int(parts[parts.index("layers") + 1])
+            info = r.info(name)
+            per[i] = per.get(i, 0) + info.nbytes
+    return max(per.values()) if per else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--modes", default="fp8-block,fp8,int4-awq")
+    ap.add_argument("--num-samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workdir", type=Path, default=None, help="Where outputs go (default: next to MODEL).")
+    a = ap.parse_args(argv)
+
+    files = sorted(a.model.glob("*.safetensors"))
+    total = sum(p.stat().st_size for p in files)
+    work = Path(tempfile.mkdtemp(prefix="moepress-bench-", dir=a.workdir or a.model.parent))
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    rows = []
+    try:
+        floor = raw_read(files)
+        rows.append(("raw read (I/O floor)", floor, 1.0, None, "ok"))
+        exe = [sys.executable, "-m", "moepress"]
+        for mode in [m for m in a.modes.split(",") if m]:
+            out = work / mode
+            calib = [] if mode == "fp8-block" else ["--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len)]
+            drop_cache(files)
+            wall, rss, rc, err = timed(exe + ["quantize", str(a.model), "--format", mode, "-o", str(out),
+                                              "--force", "--quiet", *calib], env)
+            rows.append((f"moepress quantize {mode}", wall, wall / floor, rss,
+                         "ok" if rc == 0 else f"exit {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}"))
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            import llmcompressor  # noqa: F401
+
+            peer = [sys.executable, "-c",
+                    "import sys; from llmcompressor import model_free_ptq; "
+                    "model_free_ptq(sys.argv[1], sys.argv[2], scheme='FP8_BLOCK', ignore=['lm_head', 're:.*mlp.gate$'])",
+                    str(a.model), str(work / "peer")]
+            drop_cache(files)
+            wall, rss, rc, err = timed(peer, env)
+            rows.append(("llm-compressor model_free_ptq FP8_BLOCK", wall, wall / floor, rss,
+                         "ok" if rc == 0 else f"exit {rc}"))
+        except ImportError:
+            rows.append(("llm-compressor model_free_ptq FP8_BLOCK", None, None, None, "not installed here"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    layer = largest_layer_bytes(a.model)
+    print(f"checkpoint {a.model}: {total / 1e9:.2f} GB in {len(files)} shards; largest layer {layer / 1e6:.0f} MB; "
+          f"{a.threads} threads; {os.cpu_count()} CPUs")
+    print("| run | seconds | x I/O floor | peak RSS MB | x largest layer | status |")
+    print("|---|---|---|---|---|---|")
+    for name, secs, ratio, rss, status in rows:
+        f = (lambda v, fmt: "-" if v is None else format(v, fmt))
+        print(f"| {name} | {f(secs, '.1f')} | {f(ratio, '.2f')} | {f(rss, '.0f')} | "
+              f"{f(rss * 1e6 / layer if rss and layer else None, '.2f')} | {status} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

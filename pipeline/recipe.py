@@ -1,0 +1,109 @@
+"""Recipes: one YAML file naming the model, calibration, prune, quantize, export, check and build.
+
+A recipe is plain data; :func:`load_recipe` validates it (unknown keys and wrong types are
+one-line errors naming the file and the key) and fills defaults, so ``moepress recipe show``
+prints exactly what ``moepress run`` will do. Each stage's section becomes that stage's own
+frozen config (``PruneConfig``, ``QuantConfig``, ``ExportConfig``, ``CheckConfig``) in the runner.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from moepress.errors import MoepressError
+
+DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
+
+# section -> {key: (type(s), default)}; None as a default means "not set"
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "calib": {"sources": (list, []), "num_samples": (int, 64), "seq_len": (int, 256), "seed": (int, 0),
+              "trust_remote_code": (bool, False)},
+    "prune": {"ratio": ((float, int), None), "keep": (int, None), "method": (str, None), "ep_size": (int, 1),
+              "protect": (str, ""), "sequential": (bool, False), "search_tokens": (int, 16384)},
+    "quantize": {"format": (str, None), "group_size": (int, 128), "kv_cache": (str, None), "rules": (dict, {}),
+                 "sequential": (bool, True)},
+    "export": {"formats": (list, []), "tp": (int, 1), "ep": (int, 1), "opset": (int, 21), "options": (dict, {})},
+    "check": None,  # validated by CheckConfig.from_dict
+    "build": {"targets": (list, []), "dry_run": (bool, True), "gpus": (int, None), "max_seq_len": (int, 4096),
+              "max_batch": (int, 8)},
+}
+TOP = {"model", "output", *SCHEMA}
+STAGES = ("prune", "quantize", "export", "check", "build")
+
+
+def _where(src: str, *keys) -> str:
+    return f"{src}: " + ".".join(str(k) for k in keys)
+
+
+def normalise(raw: dict, src: str = "recipe") -> dict:
+    """Validate ``raw`` and return the effective recipe (defaults filled; skipped stages None)."""
+    if not isinstance(raw, dict):
+        raise MoepressError(f"{src}: expected a YAML mapping at the top level")
+    bad = sorted(set(raw) - TOP)
+    if bad:
+        raise MoepressError(f"{src}: unknown key '{bad[0]}' (expected {', '.join(sorted(TOP))})")
+    if not isinstance(raw.get("model"), str) or not raw["model"]:
+        raise MoepressError(f"{src}: 'model' must name a checkpoint directory or a bundled model")
+    out: dict = {"model": raw["model"], "output": raw.get("output")}
+    for section, schema in SCHEMA.items():
+        val = raw.get(section, {} if section in ("calib", "check") else None)
+        if val is None:
+            out[section] = None
+            continue
+        if not isinstance(val, dict):
+            raise MoepressError(f"{_where(src, section)}: expected a mapping (or null to skip the stage)")
+        if schema is None:  # check
+            from moepress.calib.checks.config import CheckConfig
+
+            CheckConfig.from_dict(val, where=_where(src, section))
+            out[section] = copy.deepcopy(val)
+            continue
+        norm = {str(k).replace("-", "_"): v for k, v in val.items()}
+        unknown = sorted(set(norm) - set(schema))
+        if unknown:
+            raise MoepressError(f"{_where(src, section, unknown[0])}: unknown key "
+                                f"(expected {', '.join(sorted(schema))})")
+        sec = {}
+        for key, (typ, default) in schema.items():
+            v = norm.get(key, copy.deepcopy(default))
+            if v is not None and (not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool)):
+                tname = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+                raise MoepressError(f"{_where(src, section, key)}: expected {tname}, got {v!r}")
+            sec[key] = v
+        out[section] = sec
+    if out["prune"] is not None and (out["prune"]["ratio"] is None) == (out["prune"]["keep"] is None):
+        raise MoepressError(f"{_where(src, 'prune')}: give exactly one of ratio and keep")
+    if out["quantize"] is not None and not out["quantize"]["format"] and not out["quantize"]["rules"]:
+        raise MoepressError(f"{_where(src, 'quantize', 'format')}: required (or rules)")
+    if out["export"] is not None and not out["export"]["formats"]:
+        out["export"] = None
+    if out["build"] is not None and not out["build"]["targets"]:
+        out["build"] = None
+    return out
+
+
+def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -> tuple[dict, str]:
+    """The effective recipe from ``path`` (None: the embedded default) and its source name."""
+    p = Path(path) if path is not None else DEFAULT_RECIPE
+    src = str(p) if path is not None else "default recipe"
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MoepressError(f"{p}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MoepressError(f"{p}: cannot read the recipe ({e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise MoepressError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    raw = raw or {}
+    for key, value in (overrides or {}).items():
+        raw[key] = value
+    return normalise(raw, src), src
+
+
+def dump(recipe: dict) -> str:
+    return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)

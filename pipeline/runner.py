@@ -1,0 +1,306 @@
+"""`moepress run`: chain the stages of a recipe, skip what is unchanged, resume what was cut off.
+
+Layout of the run directory OUT::
+
+    OUT/recipe.yaml            the effective recipe
+    OUT/prune/                 pruned checkpoint            (stage "prune")
+    OUT/quantize/              quantized checkpoint         (stage "quantize")
+    OUT/export/<format>/       one directory per export     (stage "export:<format>")
+    OUT/check/<artifact>/      report.json/.md/.png         (stage "check:<artifact>")
+    OUT/build/<target>-<builder>/  plan + commands (dry run) (stage "build:<target>:<builder>")
+    OUT/run.json               where everything is, per stage: ran / skipped, key, result
+    OUT/.state/<stage>.json    the stage's key and result
+
+A stage's *key* is the sha256 of its config and its inputs' keys (the source model's
+content hashes for the first stage, the calibration set's key), so changing one recipe
+field changes the keys of that stage and everything downstream, and nothing else. A stage
+whose key matches its state file and whose output is complete (its manifest lists files
+that are there with their sizes) is skipped. ``--from STAGE`` forces STAGE and everything
+after it. A stage cut off mid-way (killed) leaves ``<dir>.partial/`` with a journal of the
+finished layers; the next run with the same key resumes there (the quantize stage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from moepress.errors import CheckFailed, MoepressError
+from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest
+from moepress.progress import Progress
+from moepress.recipe import STAGES, dump
+
+# exports a CPU consumer here can check, and the candidate kind it runs as
+CHECKABLE = {"hf-modelopt": "checkpoint", "hf-fp8-block": "checkpoint", "compressed-tensors": "transformers",
+             "onnx": "onnx"}
+# which builder turns which export into an engine / deployment (issue #7)
+BUILDERS = {"hf-modelopt": "trtllm-pytorch", "trtllm-ckpt": "trtllm-engine", "onnx": "tensorrt"}
+
+
+def _key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def source_digest(model: Path) -> dict[str, str]:
+    """sha256 of the model's files (weights, configs, tokenizer), memoised by (size, mtime)."""
+    from moepress.calib.cache import load_hash_memo, save_hash_memo
+    from moepress.calib.sources import _file_sha
+
+    memo = load_hash_memo()
+    n = len(memo)
+    out = {p.name: _file_sha(p, memo) for p in sorted(model.iterdir())
+           if p.is_file() and p.name != MANIFEST_NAME and p.suffix in (".safetensors", ".json", ".jinja", ".txt",
+                                                                      ".model", ".tiktoken", ".py")}
+    if len(memo) != n:
+        save_hash_memo(memo)
+    return out
+
+
+def output_complete(d: Path) -> bool:
+    """The directory exists and holds every file its manifest lists, with the listed size."""
+    if not (d / MANIFEST_NAME).is_file():
+        return False
+    files = read_manifest(d).get("files", {})
+    return bool(files) and all((d / f).is_file() and (d / f).stat().st_size == v["size"] for f, v in files.items())
+
+
+class Runner:
+    def __init__(self, recipe: dict, out: Path, progress: Progress, force_from: str | None = None,
+                 recipe_src: str = "recipe"):
+        from moepress.options import resolve_model
+
+        self.recipe, self.out, self.prog = recipe, Path(out), progress
+        self.recipe_src = recipe_src
+        if force_from is not None and force_from not in STAGES:
+            raise MoepressError(f"--from {force_from}: expected one of {', '.join(STAGES)}")
+        self.force_from = force_from
+        self.model = resolve_model(recipe["model"])
+        self.state_dir = self.out / ".state"
+        self.record: dict[str, dict] = {}
+        self.failed_checks: list[str] = []
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def _forced(self, sid: str) -> bool:
+        if self.force_from is None:
+            return False
+        return STAGES.index(sid.split(":")[0]) >= STAGES.index(self.force_from)
+
+    def _state_path(self, sid: str) -> Path:
+        return self.state_dir / (sid.replace(":", "__") + ".json")
+
+    def _load_state(self, sid: str) -> dict:
+        p = self._state_path(sid)
+        try:
+            return json.loads(p.read_text()) if p.exists() else {}
+        except json.JSONDecodeError:
+            return {}
+
+    def _save_state(self, sid: str, state: dict) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        p = self._state_path(sid)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2, default=str))
+        tmp.replace(p)
+
+    def stage(self, sid: str, key: str, out: Path, fn, complete=output_complete) -> dict:
+        """Run ``fn(resume: bool) -> result`` into ``out`` unless its key and output are unchanged."""
+        st = self._load_state(sid)
+        if not self._forced(sid) and st.get("key") == key and st.get("done") and complete(out):
+            self.prog.info(f"{sid}: unchanged, skipped ({out})")
+            self.record[sid] = {"status": "skipped", "key": key, "output": str(out), "result": st.get("result")}
+            return st.get("result") or {}
+        partial = out.parent / (out.name + ".partial")
+        resume = st.get("key") == key and not st.get("done") and partial.exists() and not self._forced(sid)
+        if not resume and partial.exists():
+            shutil.rmtree(partial)
+        self._save_state(sid, {"key": key, "done": False, "started": time.time()})
+        self.prog.info(f"{sid}: {'resuming' if resume else 'running'} -> {out}")
+        t0 = time.monotonic()
+        result = fn(resume) or {}
+        secs = round(time.monotonic() - t0, 3)
+        self._save_state(sid, {"key": key, "done": True, "result": result, "seconds": secs})
+        self.record[sid] = {"status": "resumed" if resume else "ran", "key": key, "output": str(out),
+                            "seconds": secs, "result": result}
+        return result
+
+    # ---- stages --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        r = self.recipe
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "recipe.yaml").write_text(dump(r))
+        self.prog.info(f"run: {self.recipe_src} on {self.model} -> {self.out}")
+        src_key = _key({"source": source_digest(self.model)})
+        calib_key = self._calib_key()
+        current, cur_key, cur_kind = self.model, src_key, "source"
+
+        if r["prune"] is not None:
+            current = self._prune(current, cur_key, calib_key)
+            cur_key = self.record["prune"]["key"]
+            cur_kind = "pruned"
+        if r["quantize"] is not None:
+            current = self._quantize(current, cur_key, calib_key)
+            cur_key = self.record["quantize"]["key"]
+            cur_kind = "quantized"
+        artifacts: dict[str, tuple[Path, str]] = {}
+        if r["export"] is not None:
+            for fmt in r["export"]["formats"]:
+                artifacts[fmt] = (self._export(fmt, current, cur_key), self.record[f"export:{fmt}"]["key"])
+        # accuracy: the last checkpoint stage's output and every export a CPU consumer runs
+        cands = {cur_kind: (current, cur_key, "checkpoint")} if cur_kind != "source" else {}
+        for fmt, (d, k) in artifacts.items():
+            if fmt in CHECKABLE:
+                cands[fmt] = (d, k, CHECKABLE[fmt])
+        checks = {name: self._check(name, d, k, kind, src_key) for name, (d, k, kind) in cands.items()}
+        for fmt, (d, _) in artifacts.items():
+            self._card(fmt, d, checks.get(fmt) or checks.get(cur_kind))
+        builds = {}
+        if r["build"] is not None:
+            for target in r["build"]["targets"]:
+                for fmt, (d, k) in artifacts.items():
+                    if fmt in BUILDERS:
+                        builds[f"{target}:{BUILDERS[fmt]}"] = self._build(target, fmt, d, k)
+        summary = {"recipe": self.recipe_src, "model": str(self.model), "output": str(self.out),
+                   "stages": self.record, "artifacts": {f: str(d) for f, (d, _) in artifacts.items()},
+                   "checks": {n: {"passed": c.get("passed"), "failed": c.get("failed"),
+                                  "metrics": c.get("metrics")} for n, c in checks.items()},
+                   "builds": builds, "failed_checks": self.failed_checks}
+        (self.out / "run.json").write_text(json.dumps(summary, indent=2, default=str))
+        return summary
+
+    def _calib_key(self) -> str:
+        from moepress.calib.data import calibration_set
+
+        c = self.recipe["calib"]
+        if self.recipe["prune"] is None and self.recipe["quantize"] is None:
+            return ""
+        cs = calibration_set(self.model, tuple(c["sources"]), c["num_samples"], c["seq_len"], c["seed"],
+                             c["trust_remote_code"])
+        return cs.meta["key"]
+
+    def _prune(self, src: Path, src_key: str, calib_key: str) -> Path:
+        from moepress.compress.prune import DEFAULT_METHOD, PruneConfig, parse_protect, prune_checkpoint
+
+        p, c = self.recipe["prune"], self.recipe["calib"]
+        cfg = PruneConfig(method=p["method"] or DEFAULT_METHOD, ratio=p["ratio"], keep=p["keep"],
+                          ep_size=p["ep_size"], protect=parse_protect(p["protect"]), sequential=p["sequential"],
+                          calib=tuple(c["sources"]), num_samples=c["num_samples"], seq_len=c["seq_len"],
+                          seed=c["seed"], search_tokens=p["search_tokens"])
+        out = self.out / "prune"
+        key = _key({"stage": "prune", "input": src_key, "calib": calib_key, "config": dataclasses.asdict(cfg)})
+
+        def fn(resume):
+            res = prune_checkpoint(src, out, cfg, force=True, progress=self.prog,
+                                   trust_remote_code=c["trust_remote_code"])
+            return {k: res[k] for k in ("method", "num_experts", "kept") if k in res}
+
+        self.stage("prune", key, out, fn)
+        return out
+
+    def _quantize(self, src: Path, src_key: str, calib_key: str) -> Path:
+        from moepress.compress import quantize as qmod
+
+        q, c = self.recipe["quantize"], self.recipe["calib"]
+        cfg = qmod.config_from_recipe(q, c)
+        out = self.out / "quantize"
+        key = _key({"stage": "quantize", "input": src_key, "calib": calib_key, "config": dataclasses.asdict(cfg)})
+
+        def fn(resume):
+            res = qmod.quantize_checkpoint(src, out, cfg, force=True, resume=resume, progress=self.prog,
+                                           trust_remote_code=c["trust_remote_code"])
+            return {k: res[k] for k in ("format", "borrowed", "layers") if isinstance(res, dict) and k in res}
+
+        self.stage("quantize", key, out, fn)
+        return out
+
+    def _export(self, fmt: str, src: Path, src_key: str) -> Path:
+        from moepress.exporters import ExportConfig, export
+
+        e = self.recipe["export"]
+        cfg = ExportConfig(format=fmt, tp=e["tp"], ep=e["ep"], opset=e["opset"],
+                           options=tuple(sorted((str(k), str(v)) for k, v in e["options"].items())))
+        out = self.out / "export" / fmt
+        out.parent.mkdir(parents=True, exist_ok=True)
+        key = _key({"stage": "export", "input": src_key, "config": dataclasses.asdict(cfg)})
+        self.stage(f"export:{fmt}", key, out, lambda resume: _summary(export(src, out, cfg, force=True,
+                                                                             progress=self.prog)))
+        return out
+
+    def _check(self, name: str, cand: Path, cand_key: str, kind: str, ref_key: str) -> dict:
+        from moepress.calib.checks import CheckConfig, jsonable, record_in_manifest, run_check, write_report
+
+        cfg = CheckConfig.from_dict({**self.recipe["check"], "kind": kind}, where="recipe check")
+        out = self.out / "check" / name
+        key = _key({"stage": "check", "candidate": cand_key, "reference": ref_key, "config": cfg.to_dict()})
+
+        def fn(resume):
+            result = run_check(cand, self.model, cfg, progress=self.prog)
+            record_in_manifest(cand, result)
+            write_report(result, out)
+            res = jsonable({k: result[k] for k in ("passed", "failed", "metrics", "error_jump")})
+            return res
+
+        res = self.stage(f"check:{name}", key, out, fn, complete=lambda d: (d / "report.json").is_file())
+        verdict = "passed" if res.get("passed") else f"FAILED ({', '.join(res.get('failed') or [])})"
+        m = res.get("metrics") or {}
+        self.prog.info(f"check:{name}: {verdict}; ppl {m.get('ppl_candidate', float('nan')):.3f} vs "
+                       f"{m.get('ppl_reference', float('nan')):.3f}, top-1 {m.get('top1_agreement', float('nan')):.3f}")
+        if not res.get("passed"):
+            self.failed_checks.append(name)
+        return res
+
+    def _card(self, fmt: str, d: Path, check: dict | None) -> None:
+        from moepress.card import model_card
+
+        text = model_card(d, fmt, self.recipe, self.model, check)
+        p = d / "README.md"
+        if p.exists() and p.read_text() == text:
+            return
+        p.write_text(text)
+        m = read_manifest(d)
+        known = {k: v for k, v in m.get("files", {}).items() if k != "README.md"}
+        update_manifest(d, files=file_digests(d, known))
+
+    def _build(self, target: str, fmt: str, artifact: Path, art_key: str) -> dict:
+        from moepress.exporters import build as bmod
+
+        b = self.recipe["build"]
+        builder = BUILDERS[fmt]
+        out = self.out / "build" / f"{target}-{builder}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        key = _key({"stage": "build", "artifact": art_key, "target": target, "builder": builder, "config": b})
+
+        def fn(resume):
+            try:
+                res = bmod.build(artifact, target, out, dry_run=b["dry_run"], builder=builder, gpus=b["gpus"],
+                                 max_seq_len=b["max_seq_len"], max_batch=b["max_batch"], force=True,
+                                 reference=self.model)
+            except MoepressError as e:  # a target that cannot run this artifact: recorded, not fatal
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "refused.txt").write_text(str(e) + "\n")
+                return {"refused": str(e)}
+            return _summary(res)
+
+        return self.stage(f"build:{target}:{builder}", key, out, fn,
+                          complete=lambda d: d.is_dir() and any(d.iterdir()))
+
+
+def _summary(d) -> dict:
+    if not isinstance(d, dict):
+        return {}
+    return json.loads(json.dumps({k: v for k, v in d.items() if k not in ("versions", "source_sha256")},
+                                 default=str))
+
+
+def run_recipe(recipe: dict, out: Path, progress: Progress, force_from: str | None = None,
+               recipe_src: str = "recipe") -> dict:
+    summary = Runner(recipe, out, progress, force_from, recipe_src).run()
+    if summary["failed_checks"]:
+        summary["exit"] = 1
+    return summary
+
+
+__all__ = ["Runner", "run_recipe", "CheckFailed", "source_digest", "output_complete"]

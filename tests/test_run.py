@@ -1,0 +1,172 @@
+"""`moepress run` recipes: skip what is unchanged, re-run what changed, resume a killed stage, publish (issue #9)."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moepress.recipe import load_recipe
+
+MODEL = "tiny-mixtral"  # 8 experts top-2: the quickest bundled model to prune
+
+
+def write_recipe(path: Path, **sections) -> Path:
+    r = {"model": MODEL, "calib": {"num_samples": 8, "seq_len": 128},
+         "prune": {"ratio": 0.25, "method": "reap"},
+         "check": {"max_samples": 4, "seq_len": 128, "max_ppl_increase": "200%", "min_top1": 0.3, "max_kl": 2.0}}
+    r.update(sections)
+    r = {k: v for k, v in r.items() if v != "skip"}
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def statuses(out: Path) -> dict:
+    return {k: v["status"] for k, v in json.loads((out / "run.json").read_text())["stages"].items()}
+
+
+def one_line_error(r, *needles):
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moepress: error:"), r.output
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_default_recipe_is_valid_and_shown(cli_run):
+    r, src = load_recipe()
+    assert src == "default recipe" and r["model"] == "tiny-qwen3-moe"
+    assert r["prune"]["ratio"] == 0.25 and r["quantize"]["format"]
+    res = cli_run("recipe", "show")
+    assert res.exit_code == 0
+    shown = yaml.safe_load(res.output)
+    assert shown == r  # the effective recipe, defaults filled in
+
+
+def test_rerun_is_a_noop_and_a_change_reruns_only_downstream(cli_run, tmp_path):
+    out = tmp_path / "run"
+    rec = write_recipe(tmp_path / "r.yaml")
+    r = cli_run("run", rec, "-o", out)
+    assert r.exit_code == 0, r.output
+    first = statuses(out)
+    assert first == {"prune": "ran", "check:pruned": "ran"}
+    pruned = (out / "prune" / "model.safetensors.index.json").read_bytes()
+
+    r = cli_run("run", rec, "-o", out)
+    assert r.exit_code == 0 and "nothing to do" in r.output
+    assert set(statuses(out).values()) == {"skipped"}
+
+    # a check gate changes: only the check re-runs
+    write_recipe(rec, check={"max_samples": 4, "seq_len": 128, "max_ppl_increase": "300%", "min_top1": 0.3,
+                             "max_kl": 2.0})
+    r = cli_run("run", rec, "-o", out)
+    assert r.exit_code == 0
+    assert statuses(out) == {"prune": "skipped", "check:pruned": "ran"}
+
+    # the prune ratio changes: prune and everything downstream re-run
+    write_recipe(rec, prune={"keep": 4, "method": "reap"}, check={"max_samples": 4, "seq_len": 128,
+                                                                   "max_ppl_increase": "300%", "min_top1": 0.3,
+                                                                   "max_kl": 2.0})
+    r = cli_run("run", rec, "-o", out)
+    assert statuses(out) == {"prune": "ran", "check:pruned": "ran"}
+    assert json.loads((out / "prune" / "config.json").read_text())["num_local_experts"] == 4
+    assert (out / "prune" / "model.safetensors.index.json").read_bytes() != pruned
+
+    # --from forces a stage and what follows it
+    r = cli_run("run", rec, "-o", out, "--from", "check")
+    assert statuses(out) == {"prune": "skipped", "check:pruned": "ran"}
+
+
+def test_failed_gate_exits_1_and_names_the_artifact(cli_run, tmp_path):
+    rec = write_recipe(tmp_path / "r.yaml", check={"max_samples": 4, "seq_len": 128, "max_ppl_increase": "0.1%"})
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    assert r.exit_code == 1
+    assert "accuracy check failed for pruned" in r.output
+
+
+def test_publish_verifies_hashes_and_refuses_tampered_or_failed(cli_run, tmp_path):
+    out = tmp_path / "run"
+    assert cli_run("run", write_recipe(tmp_path / "r.yaml"), "-o", out).exit_code == 0
+    art = out / "prune"
+    assert json.loads((art / "moepress-manifest.json").read_text())["accuracy"]["passed"] is True
+    r = cli_run("publish", art, "--to", tmp_path / "pub")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "pub" / "config.json").read_bytes() == (art / "config.json").read_bytes()
+    # the destination must be new or empty
+    one_line_error(cli_run("publish", art, "--to", tmp_path / "pub"), "not empty")
+
+    # tampered: one byte of a shard changed after the manifest was written
+    shard = sorted(art.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    one_line_error(cli_run("publish", art, "--to", tmp_path / "pub2"), shard.name, "sha256 differs")
+    assert not (tmp_path / "pub2").exists()
+    # an unlisted file is refused too
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (art / "extra.bin").write_bytes(b"x")
+    one_line_error(cli_run("publish", art, "--to", tmp_path / "pub3"), "extra.bin", "not listed")
+    (art / "extra.bin").unlink()
+    assert cli_run("publish", art, "--to", tmp_path / "pub3").exit_code == 0
+
+    # a failed check is refused unless --force
+    rec = write_recipe(tmp_path / "r2.yaml", check={"max_samples": 4, "seq_len": 128, "max_ppl_increase": "0.1%"})
+    assert cli_run("run", rec, "-o", tmp_path / "run2").exit_code == 1
+    one_line_error(cli_run("publish", tmp_path / "run2" / "prune", "--to", tmp_path / "pub4"),
+                   "accuracy check failed", "ppl_increase")
+    assert cli_run("publish", tmp_path / "run2" / "prune", "--to", tmp_path / "pub4", "--force").exit_code == 0
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("model: tiny-mixtral\nprun: {ratio: 0.25}\n", ["unknown key 'prun'"]),
+    ("model: tiny-mixtral\nprune: {ratio: 0.25, methd: reap}\n", ["prune.methd", "unknown key"]),
+    ("model: tiny-mixtral\ncalib: {num_samples: many}\n", ["calib.num_samples", "expected int"]),
+    ("model: tiny-mixtral\nprune: {ratio: 0.25, keep: 4}\n", ["exactly one of ratio and keep"]),
+    ("model: tiny-mixtral\ncheck: {max_kll: 1}\n", ["check", "unknown key 'max_kll'"]),
+    ("model: [1, 2\n", ["not valid YAML"]),
+    ("prune: {ratio: 0.25}\n", ["'model'"]),
+    ("model: no-such-model\n", ["no-such-model", "no such checkpoint"]),
+])
+def test_bad_recipes_are_one_line(cli_run, tmp_path, text, needles):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    one_line_error(cli_run("run", p, "-o", tmp_path / "out"), *needles)
+
+
+def test_missing_recipe_file(cli_run, tmp_path):
+    one_line_error(cli_run("run", tmp_path / "nope.yaml"), "nope.yaml", "no such recipe")
+
+
+def _tree_digest(d: Path) -> dict:
+    return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file() and p.name != "moepress-manifest.json"}
+
+
+@pytest.mark.slow
+def test_killed_quantize_resumes_at_its_layer_and_is_byte_identical(tmp_path):
+    pytest.importorskip("moepress.compress.quantize")
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check="skip", quantize={"format": "int4-awq"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "moepress", "run", str(rec), "--json"]
+    # uninterrupted reference run
+    ref = subprocess.run(cmd + ["-o", str(tmp_path / "ref")], env=env, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    # killed (SIGKILL) right after the quantize stage finished layer 2
+    out = tmp_path / "run"
+    p = subprocess.run(cmd + ["-o", str(out)], env={**env, "MOEPRESS_KILL_AT": "quantize:2"},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, (p.returncode, p.stderr[-2000:])
+    assert not (out / "quantize").exists() and (out / "quantize.partial").is_dir()
+    # re-run: resumes at layer 2 (layers 0-1 are not computed again) and ends identical
+    p = subprocess.run(cmd + ["-o", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert statuses(out)["quantize"] == "resumed"
+    events = [json.loads(ln) for ln in p.stderr.splitlines() if ln.startswith("{")]
+    resumed = [e for e in events if e.get("event") == "info" and "resume" in e.get("message", "")]
+    assert resumed, "the quantize stage says where it resumed"
+    assert _tree_digest(out / "quantize") == _tree_digest(tmp_path / "ref" / "quantize")
