@@ -288,6 +288,47 @@ def aux_files(src: Path) -> list[Path]:
     return sorted(out)
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict:
+    """Write a safetensors file straight from the tensors' memory (no serialised copy of the
+    shard in RAM, unlike ``safetensors.torch.save``), hashing while writing.
+
+    Format (huggingface/safetensors README): u64 little-endian header length, JSON header
+    {name: {dtype, shape, data_offsets}}, ``__metadata__``, padded with spaces to 8 bytes, then
+    the tensors' bytes back to back in header order. Returns {"sha256", "size"}.
+    """
+    if any(t.dtype not in DTYPE_NAMES for t in tensors.values()):
+        data = save_bytes(tensors, metadata=metadata)  # dtypes we have no code for: the library's way
+        path.write_bytes(data)
+        return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    # largest alignment first, then by name (what safetensors.torch does), so every tensor is aligned
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    off = 0
+    for n in order:
+        t = tensors[n]
+        nb = t.numel() * t.element_size()
+        header[n] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nb]}
+        off += nb
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "wb") as f:
+        for chunk in (struct.pack("<Q", len(hb)), hb):
+            f.write(chunk)
+            h.update(chunk)
+            size += len(chunk)
+        for n in order:
+            t = tensors[n].contiguous()
+            if t.numel() == 0:
+                continue
+            mv = memoryview(t.view(-1).view(torch.uint8).numpy())
+            f.write(mv)
+            h.update(mv)
+            size += len(mv)
+    return {"sha256": h.hexdigest(), "size": size}
+
+
 class CheckpointWriter:
     """Writes a sharded safetensors checkpoint atomically.
 
@@ -356,11 +397,7 @@ class CheckpointWriter:
             return
         fname = f"shard-{len(self._shards):05d}.safetensors"
         tmp = self.partial / (fname + ".tmp")
-        data = save_bytes(self._buf, metadata={"format": "pt"})
-        with open(tmp, "wb") as f:
-            f.write(data)
-        self._digests[fname] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-        del data
+        self._digests[fname] = write_safetensors(tmp, self._buf, {"format": "pt"})
         os.replace(tmp, self.partial / fname)
         self._shards.append((fname, sorted(self._buf), self._buf_bytes))
         self._names.update(self._buf)
