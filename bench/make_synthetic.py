@@ -102,8 +102,7 @@ def main(argv=None) -> int:
         el = time.monotonic() - t0
         print(f"  layer {i + 1}/{n} written, {el:.0f}s, ETA {el / (i + 1) * (n - i - 1):.0f}s", flush=True)
 
-    write_synthetic(cfg, a.output, seed=a.seed, block_fp8=a.block_fp8, force=a.force, on_layer=on_layer,
-)
+    write_synthetic(cfg, a.output, seed=a.seed, block_fp8=a.block_fp8, force=a.force, on_layer=on_layer)
     if a.tokenizer:
         import shutil
 
