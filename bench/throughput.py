@@ -107,7 +107,8 @@ def main(argv=None) -> int:
 
             peer = [sys.executable, "-c",
                     "import sys; from llmcompressor import model_free_ptq; "
-                    "model_free_ptq(sys.argv[1], sys.argv[2], scheme='FP8_BLOCK', ignore=['lm_head', 're:.*mlp.gate$'])",
+                    "model_free_ptq(sys.argv[1], sys.argv[2], scheme='FP8_BLOCK', "
+                    "ignore=['lm_head', 're:.*mlp.gate$'])",
                     str(a.model), str(work / "peer")]
             drop_cache(files)
             wall, rss, rc, err = timed(peer, env)
@@ -123,8 +124,10 @@ def main(argv=None) -> int:
           f"{a.threads} threads; {os.cpu_count()} CPUs")
     print("| run | seconds | x I/O floor | peak RSS MB | x largest layer | status |")
     print("|---|---|---|---|---|---|")
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
     for name, secs, ratio, rss, status in rows:
-        f = (lambda v, fmt: "-" if v is None else format(v, fmt))
         print(f"| {name} | {f(secs, '.1f')} | {f(ratio, '.2f')} | {f(rss, '.0f')} | "
               f"{f(rss * 1e6 / layer if rss and layer else None, '.2f')} | {status} |")
     return 0
