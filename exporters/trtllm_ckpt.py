@@ -1,0 +1,381 @@
+"""TensorRT-LLM checkpoint (``config.json`` + ``rank{N}.safetensors``) for ``trtllm-build``.
+
+Layout facts, with their sources in NVIDIA/TensorRT-LLM:
+
+* ``docs/source/architecture/checkpoint.md``: one ``config.json`` (``architecture``, ``dtype``,
+  sizes, ``mapping``, ``quantization``) and one ``rank{N}.safetensors`` per rank of
+  ``mapping.world_size`` with names ``transformer.vocab_embedding.weight``,
+  ``transformer.layers.{i}.attention.qkv.weight``, ``...attention.dense.weight``,
+  ``...input_layernorm.weight``, ``...post_layernorm.weight``, ``transformer.ln_f.weight``,
+  ``lm_head.weight``.
+* ``tensorrt_llm/layers/moe.py`` (``MixtureOfExperts``, ``MOEWeightWrapper``): ``mlp.router.weight``
+  [E, H] float32 (RowLinear with ``tp_size=1``, never split); ``mlp.fc.weight``
+  [E/ep, 2*I/moe_tp, H] = cat(stack(w3), stack(w1)) on the output dim (w3, up, BEFORE w1, gate;
+  ``"fc": [experts.E.w3 ...] + [experts.E.w1 ...]``), split on dim 0 of each half (tp_dim 0);
+  ``mlp.proj.weight`` [E/ep, H, I/moe_tp] split on the input dim (tp_dim 1). FP8:
+  ``weights_scaling_factor`` [E/ep, 1] and ``activation_scaling_factor`` [1] float32 per MoE
+  weight. Experts per rank: ``Mapping.ep_experts`` (contiguous blocks of E/ep).
+* ``tensorrt_llm/mapping.py``: ``moe_tp_size * moe_ep_size == tp_size``;
+  ``moe_tp_rank = tp_rank // moe_ep_size``, ``moe_ep_rank = tp_rank % moe_ep_size``.
+* ``tensorrt_llm/quantization/layers.py`` (FP8Linear): ``weights_scaling_factor`` and
+  ``activation_scaling_factor`` float32 [1]; dequantized weight = fp8 * weights_scaling_factor
+  (modelopt's convention, amax / 448). ``attention.kv_cache_scaling_factor`` [1] for FP8 KV cache.
+* ``tensorrt_llm/quantization/mode.py`` (QuantAlgo): ``"FP8"``; kv cache ``"FP8"``.
+* ``tensorrt_llm/models/__init__.py`` (MODEL_MAP): ``MixtralForCausalLM`` -> LLaMAForCausalLM,
+  ``Qwen3MoeForCausalLM`` -> QWenForCausalLM. ``tensorrt_llm/models/qwen/config.py``:
+  ``qwen_type`` "qwen3_moe", ``hidden_act`` "swiglu", ``moe_intermediate_size``,
+  ``mlp_only_layers``, ``decoder_sparse_step``, no attention bias; ``qwen/model.py`` builds the
+  experts with ``moe_intermediate_size`` and Q/K RMSNorm (``attention.q_layernorm.weight``,
+  ``attention.k_layernorm.weight`` [head_size]) for qwen3 / qwen3_moe (``qwen/convert.py``).
+
+Releases that accept it: the checkpoint format and ``trtllm-build`` exist from TensorRT-LLM
+v0.8 on; Mixtral loads in every release that ships ``trtllm-build``. Qwen3-MoE needs a release
+whose MODEL_MAP lists ``Qwen3MoeForCausalLM`` and whose QWen attention has ``qk_layernorm``
+(the 2025 0.2x releases); the newest releases removed the TensorRT engine backend
+(``docs/source/legacy/tensorrt-backend-removal.md``): there, use ``hf-modelopt`` (PyTorch backend).
+DeepSeek-V3 / Kimi K2 never had a TensorRT-engine path: refused here.
+
+Qwen3-MoE note: TensorRT-LLM's own converter writes ``normalization_mode`` NONE for every Qwen
+MoE; we write RENORMALIZE (1) when ``norm_topk_prob`` is set because that is what the model
+computes (transformers' Qwen3MoeTopKRouter renormalises the top-k probabilities).
+
+Quantized inputs (a ``moepress quantize`` output): FP8 per-tensor (``weight_scale`` scalar,
+``input_scale`` scalar) is converted; TensorRT-LLM fuses q/k/v and w3/w1 into one weight with one
+scale, so members quantized with a smaller scale are re-rounded to the fused (max) scale
+(exact for the max-scale member, within half an FP8 step otherwise, as modelopt's own
+TRT-LLM export does). INT4 AWQ into this format is not written (partial): use ``hf-modelopt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moepress.compress.arch import get_adapter
+from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
+from moepress.errors import MoepressError
+from moepress.exporters import register_exporter
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+# ---- pure tensor functions -------------------------------------------------------------------
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """U8 [out, in/2] -> int8 [out, in], two signed int4 per byte, low nibble first."""
+    p = packed.to(torch.int16)
+    lo, hi = p & 0xF, (p >> 4) & 0xF
+    q = torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
+    return torch.where(q >= 8, q - 16, q).to(torch.int8)
+
+
+def fp8_requantize(q: torch.Tensor, scale: float, new_scale: float) -> torch.Tensor:
+    """FP8 values at ``scale`` re-rounded to ``new_scale`` (>= scale); exact when equal."""
+    if scale == new_scale:
+        return q
+    return (q.float() * (scale / new_scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def split_rows(w: torch.Tensor, parts: int, rank: int) -> torch.Tensor:
+    return w.chunk(parts, dim=0)[rank].contiguous() if parts > 1 else w
+
+
+def split_cols(w: torch.Tensor, parts: int, rank: int) -> torch.Tensor:
+    return w.chunk(parts, dim=-1)[rank].contiguous() if parts > 1 else w
+
+
+# ---- reading one linear from a bf16 or quantized checkpoint ----------------------------------
+@dataclass
+class Linear:
+    """One stored linear: ``scheme`` none | fp8 | fp8-dynamic | fp8-block | int4."""
+
+    scheme: str
+    weight: torch.Tensor  # float (none), float8 (fp8*), int8 unpacked [out, in] (int4)
+    scale: torch.Tensor | None = None  # fp8: [] ; fp8-dynamic: [out,1]; fp8-block: [ro, ci]; int4: [out, in/g]
+    input_scale: torch.Tensor | None = None
+    pre_quant_scale: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        if self.scheme == "none":
+            return self.weight.float()
+        if self.scheme in ("fp8", "fp8-dynamic"):
+            return self.weight.float() * self.scale.float()
+        if self.scheme == "fp8-block":
+            from moepress.compress.quant.fp8 import dequantize_block
+
+            return dequantize_block(self.weight, self.scale)
+        g = self.weight.shape[1] // self.scale.shape[1]
+        w = self.weight.float() * self.scale.float().repeat_interleave(g, dim=1)
+        return w * self.pre_quant_scale.float()[None, :] if self.pre_quant_scale is not None else w
+
+
+def read_linear(reader: CheckpointReader, prefix: str) -> Linear:
+    """The linear stored under ``prefix`` (``...q_proj``) as the quantized-checkpoint contract says."""
+    name = prefix + ".weight"
+    if name not in reader:
+        raise MoepressError(f"{reader.path}: tensor '{name}' is missing from the checkpoint")
+    code = reader.info(name).dtype
+
+    def opt(suffix):
+        return reader.get(prefix + suffix) if prefix + suffix in reader else None
+
+    if code == "F8_E4M3":
+        if prefix + ".weight_scale_inv" in reader:
+            return Linear("fp8-block", reader.get(name), reader.get(prefix + ".weight_scale_inv"))
+        s = opt(".weight_scale")
+        if s is None:
+            raise MoepressError(f"{reader.path}: FP8 tensor '{name}' has no weight_scale")
+        scheme = "fp8" if s.numel() == 1 else "fp8-dynamic" if s.dim() == 2 and s.shape[1] == 1 else "fp8-block"
+        return Linear(scheme, reader.get(name), s.float().reshape(()) if scheme == "fp8" else s.float(),
+                      opt(".input_scale"))
+    if code == "U8":
+        s = opt(".weight_scale")
+        if s is None:
+            raise MoepressError(f"{reader.path}: packed tensor '{name}' has no weight_scale")
+        return Linear("int4", _unpack(reader.get(name)), s.float(), opt(".input_scale"), opt(".pre_quant_scale"))
+    return Linear("none", reader.get(name))
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    try:  # the quantize stage's own packing order, once it exists (issue #5)
+        from moepress.compress.quant.int4 import unpack_int4 as stage_unpack
+    except ImportError:
+        return unpack_int4(packed)
+    return stage_unpack(packed).to(torch.int8)
+
+
+# ---- a safetensors file written one tensor at a time -----------------------------------------
+class StreamingSafetensors:
+    """rank{N}.safetensors written as tensors arrive: data goes to a side file, the header
+    (which must come first) is written at :meth:`close`. Memory: one tensor."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data_path = path.with_suffix(".data.tmp")
+        self.f = open(self.data_path, "wb")
+        self.header: dict[str, dict] = {}
+        self.offset = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        self.header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                             "data_offsets": [self.offset, self.offset + len(raw)]}
+        self.f.write(raw)
+        self.offset += len(raw)
+
+    def close(self) -> None:
+        self.f.close()
+        head = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        head += b" " * ((-len(head)) % 8)
+        with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(head)))
+            out.write(head)
+            while chunk := data.read(64 << 20):
+                out.write(chunk)
+        os.unlink(self.data_path)
+
+
+# ---- config ----------------------------------------------------------------------------------
+SUPPORTED = ("mixtral", "qwen3_moe")
+TRTLLM_ARCH = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def _quant_algo(reader: CheckpointReader, adapter) -> tuple[str | None, str | None]:
+    probe = adapter.expert_prefix(adapter.moe_layers()[0], 0) + adapter.expert_names[0]
+    lin = read_linear(reader, probe)
+    kv = "FP8" if any(n.endswith((".k_scale", ".v_scale")) for n in reader.layer_names(0)) else None
+    if lin.scheme == "none":
+        return None, kv
+    if lin.scheme != "fp8":
+        raise MoepressError(f"--format trtllm-ckpt: {reader.path} is quantized as {lin.scheme}; this exporter "
+                            f"writes bf16 and FP8 per-tensor (moepress quantize --format fp8); for INT4 AWQ or "
+                            f"block FP8 use --format hf-modelopt (TensorRT-LLM's PyTorch backend)")
+    return "FP8", kv
+
+
+def trtllm_config(adapter, cfg, quant_algo, kv_algo) -> dict:
+    c = adapter.hf_config
+    tp, ep = cfg.tp, cfg.ep
+    rope = (adapter.config.get("rope_parameters") or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    head = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    routing = adapter.routing()
+    out = {
+        "architecture": TRTLLM_ARCH[adapter.family],
+        "dtype": cfg.dtype,
+        "logits_dtype": "float32",
+        "vocab_size": adapter.vocab_size,
+        "hidden_size": adapter.hidden_size,
+        "num_hidden_layers": adapter.num_layers,
+        "num_attention_heads": int(c.num_attention_heads),
+        "num_key_value_heads": int(c.num_key_value_heads),
+        "head_size": head,
+        "hidden_act": "swiglu",
+        "intermediate_size": int(c.intermediate_size),
+        "norm_epsilon": float(c.rms_norm_eps),
+        "position_embedding_type": "rope_gpt_neox",
+        "max_position_embeddings": int(c.max_position_embeddings),
+        "rotary_base": float(rope),
+        "rotary_scaling": None,
+        "use_parallel_embedding": False,
+        "embedding_sharding_dim": 0,
+        "share_embedding_table": False,
+        "tie_word_embeddings": adapter.tie_word_embeddings,
+        "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1, "moe_tp_size": tp // ep, "moe_ep_size": ep},
+        "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": kv_algo, "group_size": 128,
+                         "has_zero_point": False, "pre_quant_scale": False,
+                         "exclude_modules": ["lm_head", "*router"] if quant_algo else None},
+        # layers/moe.py MoeConfig: ExpertScaleNormalizationMode NONE=0, RENORMALIZE=1
+        "moe": {"num_experts": adapter.num_experts, "top_k": adapter.top_k,
+                "normalization_mode": 1 if routing["renormalize"] else 0,
+                "sparse_mixer_epsilon": 0.01},
+    }
+    if adapter.family == "qwen3_moe":
+        out.update({"qwen_type": "qwen3_moe", "moe_intermediate_size": adapter.moe_intermediate_size(),
+                    "moe_shared_expert_intermediate_size": 0, "attn_bias": False, "mlp_bias": False,
+                    "mlp_only_layers": list(c.mlp_only_layers or []),
+                    "decoder_sparse_step": int(c.decoder_sparse_step), "qk_layernorm": True,
+                    "seq_length": int(c.max_position_embeddings)})
+    return out
+
+
+def check_mapping(adapter, tp: int, ep: int) -> None:
+    c = adapter.hf_config
+    heads, kv = int(c.num_attention_heads), int(c.num_key_value_heads)
+    if tp % ep:
+        raise MoepressError(f"--ep {ep}: must divide --tp {tp} (TensorRT-LLM: moe_tp_size * moe_ep_size == tp_size)")
+    if adapter.num_experts % ep:
+        raise MoepressError(f"--ep {ep}: must divide the {adapter.num_experts} experts "
+                            f"(TensorRT-LLM's fused MoE needs num_experts % ep == 0)")
+    if heads % tp or kv % tp:
+        raise MoepressError(f"--tp {tp}: must divide num_attention_heads={heads} and num_key_value_heads={kv}")
+    inter = adapter.moe_intermediate_size()
+    if inter % (tp // ep):
+        raise MoepressError(f"--tp {tp} --ep {ep}: moe_tp_size={tp // ep} must divide the expert "
+                            f"intermediate size {inter}")
+
+
+# ---- the exporter ------------------------------------------------------------------------------
+def _fuse_fp8(lins: list[Linear]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """FP8 members re-rounded to one shared (max) weight scale; activation scale = max."""
+    s = max(float(x.scale) for x in lins)
+    qs = [fp8_requantize(x.weight, float(x.scale), s) for x in lins]
+    act = max(float(x.input_scale) if x.input_scale is not None else 0.0 for x in lins)
+    return qs, torch.tensor([s], dtype=torch.float32), torch.tensor([act], dtype=torch.float32)
+
+
+# families=None: DeepSeek-V3 / Kimi K2 get the one-line "PyTorch backend only" error from the
+# exporter itself rather than export()'s generic family message.
+@register_exporter("trtllm-ckpt", description="TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) "
+                   "for trtllm-build; Mixtral and Qwen3-MoE", families=None,
+                   consumers="TensorRT-LLM trtllm-build (v0.8+, TensorRT backend)")
+def export_trtllm(src: Path, writer, cfg, progress) -> dict:
+    reader = CheckpointReader(src)
+    adapter = get_adapter(reader.config, reader.names())
+    if adapter.family not in SUPPORTED:  # export() checks families; a direct call should too
+        raise MoepressError(f"--format trtllm-ckpt: {adapter.family} models ({src}) run only in TensorRT-LLM's "
+                            f"PyTorch backend (no trtllm-build engine path); use --format hf-modelopt")
+    tp, ep = cfg.tp, cfg.ep
+    check_mapping(adapter, tp, ep)
+    moe_tp = tp // ep
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(cfg.dtype)
+    if dtype is None:
+        raise MoepressError(f"--dtype {cfg.dtype}: expected bfloat16, float16 or float32")
+    qalgo, kvalgo = _quant_algo(reader, adapter)
+    config = trtllm_config(adapter, cfg, qalgo, kvalgo)
+    writer.write_json("config.json", config)
+    files = [StreamingSafetensors(writer.partial / f"rank{r}.safetensors") for r in range(tp)]
+    g, u, d = adapter.expert_names
+    E = adapter.num_experts
+    per_rank = E // ep
+    fp = lambda t: t.to(dtype)  # noqa: E731
+
+    def put(r, name, t):
+        files[r].add(name, t)
+
+    emb = reader.get(adapter.embed_name)
+    for r in range(tp):
+        put(r, "transformer.vocab_embedding.weight", fp(emb))
+    del emb
+    with progress.task("export trtllm-ckpt", adapter.num_layers) as task:
+        for i in range(adapter.num_layers):
+            lp, tl = adapter.layer_prefix(i), f"transformer.layers.{i}."
+            attn = [read_linear(reader, f"{lp}self_attn.{p}_proj") for p in "qkvo"]
+            q, k, v, o = attn
+            quant = qalgo is not None and q.scheme == "fp8"
+            if quant:
+                (wq, wk, wv), s_qkv, a_qkv = _fuse_fp8([q, k, v])
+                (wo,), s_o, a_o = _fuse_fp8([o])
+            else:
+                wq, wk, wv, wo = (fp(x.dequantize()) for x in attn)
+            for r in range(tp):
+                put(r, tl + "attention.qkv.weight",
+                    torch.cat([split_rows(wq, tp, r), split_rows(wk, tp, r), split_rows(wv, tp, r)], 0))
+                put(r, tl + "attention.dense.weight", split_cols(wo, tp, r))
+                if quant:
+                    put(r, tl + "attention.qkv.weights_scaling_factor", s_qkv)
+                    put(r, tl + "attention.qkv.activation_scaling_factor", a_qkv)
+                    put(r, tl + "attention.dense.weights_scaling_factor", s_o)
+                    put(r, tl + "attention.dense.activation_scaling_factor", a_o)
+                if kvalgo:
+                    kv = max(float(reader.get(lp + f"self_attn.{n}_scale")) for n in "kv")
+                    put(r, tl + "attention.kv_cache_scaling_factor", torch.tensor([kv], dtype=torch.float32))
+                put(r, tl + "input_layernorm.weight", fp(reader.get(lp + "input_layernorm.weight")))
+                put(r, tl + "post_layernorm.weight", fp(reader.get(lp + "post_attention_layernorm.weight")))
+                if adapter.family == "qwen3_moe":
+                    put(r, tl + "attention.q_layernorm.weight", fp(reader.get(lp + "self_attn.q_norm.weight")))
+                    put(r, tl + "attention.k_layernorm.weight", fp(reader.get(lp + "self_attn.k_norm.weight")))
+            del attn, q, k, v, o, wq, wk, wv, wo
+            if not adapter.is_moe_layer(i):
+                raise MoepressError(f"{src}: layer {i} is dense (mlp_only_layers); this exporter writes MoE layers "
+                                    f"only (partial)")
+            router = reader.get(adapter.router_prefix(i) + "weight").float()
+            for r in range(tp):
+                put(r, tl + "mlp.router.weight", router)
+            for r in range(tp):
+                mtp, mep = r // ep, r % ep  # mapping.py: moe_tp_rank = tp_rank // ep, moe_ep_rank = tp_rank % ep
+                experts = range(mep * per_rank, (mep + 1) * per_rank)
+                ups, gates, downs, s_fc, s_proj, a_fc, a_proj = [], [], [], [], [], [], []
+                for e in experts:
+                    ep_ = adapter.expert_prefix(i, e)
+                    lg, lu, ld = (read_linear(reader, ep_ + n) for n in (g, u, d))
+                    if quant:
+                        (qu, qg), s1, a1 = _fuse_fp8([lu, lg])
+                        (qd,), s2, a2 = _fuse_fp8([ld])
+                        s_fc.append(s1)
+                        s_proj.append(s2)
+                        a_fc.append(a1)
+                        a_proj.append(a2)
+                    else:
+                        qu, qg, qd = fp(lu.dequantize()), fp(lg.dequantize()), fp(ld.dequantize())
+                    ups.append(split_rows(qu, moe_tp, mtp))
+                    gates.append(split_rows(qg, moe_tp, mtp))
+                    downs.append(split_cols(qd, moe_tp, mtp))
+                # layers/moe.py: fc = cat([stack(w3...), stack(w1...)], dim=-2)
+                put(r, tl + "mlp.fc.weight", torch.cat([torch.stack(ups), torch.stack(gates)], dim=-2))
+                put(r, tl + "mlp.proj.weight", torch.stack(downs))
+                if quant:
+                    put(r, tl + "mlp.fc.weights_scaling_factor", torch.stack(s_fc))  # [E/ep, 1]
+                    put(r, tl + "mlp.proj.weights_scaling_factor", torch.stack(s_proj))
+                    put(r, tl + "mlp.fc.activation_scaling_factor", torch.stack(a_fc).amax(0))  # [1]
+                    put(r, tl + "mlp.proj.activation_scaling_factor", torch.stack(a_proj).amax(0))
+                del ups, gates, downs
+            task.advance(note=f"layer {i}")
+    norm = reader.get(adapter.norm_name)
+    head = reader.get(adapter.head_name if adapter.head_name in reader else adapter.embed_name)
+    pad = (-head.shape[0]) % tp  # _utils.pad_vocab_size: lm_head rows padded to a multiple of tp
+    if pad:
+        head = torch.cat([head, head.new_zeros(pad, head.shape[1])])
+    for r in range(tp):
+        put(r, "transformer.ln_f.weight", fp(norm))
+        put(r, "lm_head.weight", fp(split_rows(head, tp, r)))
+    for f in files:
+        f.close()
+    writer.copy_aux_files(src)
+    return {"trtllm": {"architecture": config["architecture"], "quant_algo": qalgo, "kv_cache_quant_algo": kvalgo,
+                       "mapping": config["mapping"], "ranks": [f.path.name for f in files]}}

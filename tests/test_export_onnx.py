@@ -1,0 +1,105 @@
+"""onnx: onnx.checker (external data), onnxruntime logits vs the torch (fake-quant) forward,
+Q/DQ forms in the graph, `moepress check` on the bf16 export, bad input.
+
+Quantized inputs come from test_export_onnx_quant.make_quantized (the contract's layout) until
+`moepress quantize` exists; the reference is the streamed forward with fake-quant hooks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from test_export_onnx_quant import make_quantized, reference_forward
+
+from moepress import models
+from moepress.compress.stream import StreamedModel
+
+CASES = [(m, "bf16") for m in models.BUNDLED] + [(m, "fp8") for m in models.BUNDLED] + \
+    [("tiny-qwen3-moe", "int4"), ("tiny-deepseek-v3", "int4")]
+# bf16 and INT4 weight-only: the same float32 math in another order. FP8 with static input scales:
+# an activation on an FP8 rounding boundary may round the other way (seen: 0.03 on logits of ~13).
+TOL = {"bf16": (1e-4, 1e-5), "int4": (1e-4, 1e-5), "fp8": (0.05, 1e-3)}  # (max abs, mean abs) / max|ref|
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from moepress.exporters import ExportConfig, export
+
+    root = tmp_path_factory.mktemp("onnx")
+    ids = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for model, kind in CASES:
+        src = models.path(model)
+        if kind == "bf16":
+            hidden: list[torch.Tensor] = []
+            ref_logits = StreamedModel(src).forward(
+                [ids], after_layer=lambda i, layer, hs, acc=hidden: acc.append(hs[0]))[0]
+        else:
+            src, refdir = make_quantized(src, root / f"{model}-{kind}", root / f"{model}-{kind}-ref", kind)
+            ref_logits, hidden = reference_forward(src, refdir, [ids])[0], None
+        dst = root / f"{model}-{kind}-onnx"
+        info = export(src, dst, ExportConfig(format="onnx"))
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        sess = ort.InferenceSession(str(dst / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        res = dict(zip(names, sess.run(None, {"input_ids": ids.numpy()}), strict=True))
+        out[(model, kind)] = {"dir": dst, "info": info, "res": res, "ref": ref_logits, "hidden": hidden, "src": src}
+    return out
+
+
+@pytest.mark.parametrize("model,kind", CASES)
+def test_checker_and_external_data(exported, model, kind):
+    d = exported[(model, kind)]["dir"]
+    onnx.checker.check_model(str(d / "model.onnx"), full_check=True)  # path form: reads model.onnx.data
+    m = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    assert m.opset_import[0].version == 21
+    big = [t for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert big and all(e.value == "model.onnx.data" for t in big for e in t.external_data if e.key == "location")
+    assert (d / "model.onnx").stat().st_size < (d / "model.onnx.data").stat().st_size
+    assert [i.name for i in m.graph.input] == ["input_ids"]
+    L = 4
+    assert [o.name for o in m.graph.output] == ["logits"] + [f"hidden_states.{i}" for i in range(L)]
+    ops = {n.op_type for n in m.graph.node}
+    types = {t.data_type for t in m.graph.initializer}
+    if kind == "fp8":
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops and onnx.TensorProto.FLOAT8E4M3FN in types
+    elif kind == "int4":
+        assert "DequantizeLinear" in ops and onnx.TensorProto.INT4 in types
+        assert any(a.name == "block_size" and a.i == 32 for n in m.graph.node if n.op_type == "DequantizeLinear"
+                   for a in n.attribute)
+    else:
+        assert "DequantizeLinear" not in ops and onnx.TensorProto.BFLOAT16 in types
+
+
+@pytest.mark.parametrize("model,kind", CASES)
+def test_onnxruntime_logits_match_torch(exported, model, kind):
+    e = exported[(model, kind)]
+    got, ref = torch.from_numpy(e["res"]["logits"]), e["ref"]
+    assert got.shape == ref.shape == (2, 12, 4096)
+    scale = ref.abs().max().item()
+    max_tol, mean_tol = TOL[kind]
+    diff = (got - ref).abs()
+    assert diff.max().item() <= max_tol * scale, diff.max().item()
+    assert diff.mean().item() <= mean_tol * scale, diff.mean().item()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+    if e["hidden"] is not None:
+        for i, h in enumerate(e["hidden"]):
+            assert np.allclose(e["res"][f"hidden_states.{i}"], h.numpy(), atol=1e-4 * h.abs().max().item())
+
+
+def test_moepress_check_passes_on_bf16_export(exported, cli_run):
+    d = exported[("tiny-qwen3-moe", "bf16")]["dir"]
+    r = cli_run("check", d, "--reference", models.path("tiny-qwen3-moe"), "--quiet")
+    assert r.exit_code == 0, r.stderr
+
+
+def test_opset_below_21_is_one_line_exit_2(cli_run, tmp_path):
+    r = cli_run("export", models.path("tiny-mixtral"), "--format", "onnx", "--opset", "17", "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "--opset 17" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not Path(tmp_path / "o").exists()

@@ -1,0 +1,199 @@
+"""trtllm-ckpt: config fields, tensor names/shapes/dtypes against TensorRT-LLM's documented layout,
+and the shards dequantized back equal the source weights.
+
+Expected layout, written from NVIDIA/TensorRT-LLM (not from our exporter):
+docs/source/architecture/checkpoint.md (config.json keys, rank{N}.safetensors, transformer.* names),
+tensorrt_llm/layers/moe.py (router [E, H] float32 unsplit; fc [E/ep, 2*I/moe_tp, H] = w3 then w1;
+proj [E/ep, H, I/moe_tp]; FP8 weights_scaling_factor [E/ep, 1], activation_scaling_factor [1]),
+tensorrt_llm/mapping.py (moe_tp_rank = tp_rank // moe_ep_size, moe_ep_rank = tp_rank % moe_ep_size).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_export_onnx_quant import make_quantized
+
+from moepress import models
+from moepress.compress.checkpoint import CheckpointReader
+
+QWEN, MIXTRAL = models.path("tiny-qwen3-moe"), models.path("tiny-mixtral")
+
+
+def load_rank(out: Path, r: int) -> dict[str, torch.Tensor]:
+    with safe_open(str(out / f"rank{r}.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def expected_layout(cfg: dict, tp: int, ep: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """rank-local names -> (shape, dtype) as TensorRT-LLM documents them."""
+    H, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or H // nh
+    E = cfg.get("num_local_experts") or cfg["num_experts"]
+    inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    bf = torch.bfloat16
+    out = {"transformer.vocab_embedding.weight": ((V, H), bf), "transformer.ln_f.weight": ((H,), bf),
+           "lm_head.weight": ((V // tp, H), bf)}
+    for i in range(L):
+        p = f"transformer.layers.{i}."
+        out.update({
+            p + "attention.qkv.weight": (((nh + 2 * nkv) * hd // tp, H), bf),
+            p + "attention.dense.weight": ((H, nh * hd // tp), bf),
+            p + "input_layernorm.weight": ((H,), bf),
+            p + "post_layernorm.weight": ((H,), bf),
+            p + "mlp.router.weight": ((E, H), torch.float32),
+            p + "mlp.fc.weight": ((E // ep, 2 * inter // (tp // ep), H), bf),
+            p + "mlp.proj.weight": ((E // ep, H, inter // (tp // ep)), bf),
+        })
+        if cfg["model_type"] == "qwen3_moe":
+            out[p + "attention.q_layernorm.weight"] = ((hd,), bf)
+            out[p + "attention.k_layernorm.weight"] = ((hd,), bf)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    from moepress.exporters import ExportConfig, export
+
+    root = tmp_path_factory.mktemp("trtllm")
+    outs = {}
+    for key, src, tp, ep in (("qwen_tp1", QWEN, 1, 1), ("mixtral_tp2_ep2", MIXTRAL, 2, 2),
+                             ("qwen_tp2_ep1", QWEN, 2, 1)):
+        export(src, root / key, ExportConfig(format="trtllm-ckpt", tp=tp, ep=ep))
+        outs[key] = root / key
+    q, _ = make_quantized(MIXTRAL, root / "mixtral-fp8", root / "mixtral-fp8-ref", "fp8")
+    export(q, root / "fp8_tp2_ep2", ExportConfig(format="trtllm-ckpt", tp=2, ep=2))
+    outs["fp8_tp2_ep2"], outs["fp8_src"] = root / "fp8_tp2_ep2", q
+    return outs
+
+
+@pytest.mark.parametrize("key,src,tp,ep,arch", [("qwen_tp1", QWEN, 1, 1, "Qwen3MoeForCausalLM"),
+                                                ("mixtral_tp2_ep2", MIXTRAL, 2, 2, "MixtralForCausalLM"),
+                                                ("qwen_tp2_ep1", QWEN, 2, 1, "Qwen3MoeForCausalLM")])
+def test_config_and_layout(exports, key, src, tp, ep, arch):
+    out = exports[key]
+    hf = json.loads((src / "config.json").read_text())
+    c = json.loads((out / "config.json").read_text())
+    assert c["architecture"] == arch and c["dtype"] == "bfloat16"
+    for k_trt, k_hf in (("num_hidden_layers", "num_hidden_layers"), ("hidden_size", "hidden_size"),
+                        ("num_attention_heads", "num_attention_heads"), ("vocab_size", "vocab_size"),
+                        ("num_key_value_heads", "num_key_value_heads"), ("head_size", "head_dim"),
+                        ("norm_epsilon", "rms_norm_eps"), ("max_position_embeddings", "max_position_embeddings"),
+                        ("intermediate_size", "intermediate_size")):
+        assert c[k_trt] == hf[k_hf], k_trt
+    assert c["position_embedding_type"] == "rope_gpt_neox"
+    assert c["rotary_base"] == hf["rope_parameters"]["rope_theta"]
+    assert c["mapping"] == {"world_size": tp, "tp_size": tp, "pp_size": 1, "moe_tp_size": tp // ep, "moe_ep_size": ep}
+    assert c["quantization"]["quant_algo"] is None and c["quantization"]["kv_cache_quant_algo"] is None
+    E = hf.get("num_local_experts") or hf.get("num_experts")
+    assert c["moe"]["num_experts"] == E and c["moe"]["top_k"] == hf["num_experts_per_tok"]
+    assert c["moe"]["normalization_mode"] == 1  # RENORMALIZE: both models renormalise the top-k weights
+    if arch.startswith("Qwen3"):
+        assert c["qwen_type"] == "qwen3_moe" and c["moe_intermediate_size"] == hf["moe_intermediate_size"]
+    want = expected_layout(hf, tp, ep)
+    for r in range(tp):
+        got = load_rank(out, r)
+        assert set(got) == set(want)
+        for name, (shape, dtype) in want.items():
+            assert tuple(got[name].shape) == shape and got[name].dtype == dtype, name
+
+
+@pytest.mark.parametrize("key,src,tp,ep", [("qwen_tp1", QWEN, 1, 1), ("mixtral_tp2_ep2", MIXTRAL, 2, 2),
+                                           ("qwen_tp2_ep1", QWEN, 2, 1)])
+def test_shards_reassemble_bf16_exactly(exports, key, src, tp, ep):
+    """Undo the documented split (fc = [w3; w1], experts by ep, heads by tp) and compare bit for bit."""
+    reader = CheckpointReader(src)
+    hf = reader.config
+    ranks = [load_rank(exports[key], r) for r in range(tp)]
+    nh, nkv, hd = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+    E = hf.get("num_local_experts") or hf.get("num_experts")
+    mixtral = hf["model_type"] == "mixtral"
+    ffn, (g, u, d) = (("block_sparse_moe", ("w1", "w3", "w2")) if mixtral
+                      else ("mlp", ("gate_proj", "up_proj", "down_proj")))
+    moe_tp = tp // ep
+    assert torch.equal(ranks[0]["transformer.vocab_embedding.weight"], reader.get("model.embed_tokens.weight"))
+    assert torch.equal(torch.cat([r["lm_head.weight"] for r in ranks]), reader.get("lm_head.weight"))
+    for i in range(hf["num_hidden_layers"]):
+        p, t = f"model.layers.{i}.", f"transformer.layers.{i}."
+        qs, ks, vs = [], [], []
+        for r in ranks:
+            q, k, v = r[t + "attention.qkv.weight"].split([nh * hd // tp, nkv * hd // tp, nkv * hd // tp])
+            qs.append(q)
+            ks.append(k)
+            vs.append(v)
+        for parts, n in ((qs, "q"), (ks, "k"), (vs, "v")):
+            assert torch.equal(torch.cat(parts), reader.get(p + f"self_attn.{n}_proj.weight"))
+        assert torch.equal(torch.cat([r[t + "attention.dense.weight"] for r in ranks], 1),
+                           reader.get(p + "self_attn.o_proj.weight"))
+        assert torch.equal(ranks[-1][t + "mlp.router.weight"], reader.get(p + f"{ffn}.gate.weight").float())
+        for e in range(E):
+            mep = e // (E // ep)
+            slot = e % (E // ep)
+            ups, gates, downs = [], [], []
+            for mtp in range(moe_tp):
+                r = ranks[mtp * ep + mep]  # tp_rank with moe_tp_rank = mtp, moe_ep_rank = mep
+                fc = r[t + "mlp.fc.weight"][slot]
+                half = fc.shape[0] // 2
+                ups.append(fc[:half])  # w3 (up) first
+                gates.append(fc[half:])
+                downs.append(r[t + "mlp.proj.weight"][slot])
+            ep_ = f"{p}{ffn}.experts.{e}."
+            assert torch.equal(torch.cat(ups), reader.get(ep_ + f"{u}.weight"))
+            assert torch.equal(torch.cat(gates), reader.get(ep_ + f"{g}.weight"))
+            assert torch.equal(torch.cat(downs, 1), reader.get(ep_ + f"{d}.weight"))
+
+
+def test_fp8_scales_and_dequantized_weights(exports):
+    """FP8: per-expert weights_scaling_factor [E/ep, 1], activation_scaling_factor [1]; fp8 * scale
+    equals the quantized checkpoint's dequantized weight (exact for the member holding the fused
+    max scale, within half an FP8 step of the shared scale for the re-rounded one)."""
+    out, src = exports["fp8_tp2_ep2"], exports["fp8_src"]
+    c = json.loads((out / "config.json").read_text())
+    assert c["quantization"]["quant_algo"] == "FP8" and "lm_head" in c["quantization"]["exclude_modules"]
+    reader = CheckpointReader(src)
+    E, ep = 8, 2
+    ranks = [load_rank(out, r) for r in range(2)]
+    for i in range(reader.config["num_hidden_layers"]):
+        t, p = f"transformer.layers.{i}.", f"model.layers.{i}.block_sparse_moe.experts."
+        for rk, r in enumerate(ranks):
+            fc, s = r[t + "mlp.fc.weight"], r[t + "mlp.fc.weights_scaling_factor"]
+            assert fc.dtype == torch.float8_e4m3fn and s.shape == (E // ep, 1) and s.dtype == torch.float32
+            assert r[t + "mlp.fc.activation_scaling_factor"].shape == (1,)
+            assert r[t + "attention.qkv.weights_scaling_factor"].shape == (1,)
+            for slot in range(E // ep):
+                e = rk % ep * (E // ep) + slot
+                got = fc[slot].float() * s[slot]
+                half = got.shape[0] // 2
+                for part, n in ((got[:half], "w3"), (got[half:], "w1")):
+                    q, sc = reader.get(p + f"{e}.{n}.weight"), reader.get(p + f"{e}.{n}.weight_scale")
+                    want = q.float() * sc
+                    bound = want.abs() * 2.0 ** -4 + float(s[slot]) * 2.0 ** -9
+                    assert ((part - want).abs() <= bound).all()
+                    if float(sc) == float(s[slot]):
+                        assert torch.equal(part, want)
+                down = r[t + "mlp.proj.weight"][slot].float() * r[t + "mlp.proj.weights_scaling_factor"][slot]
+                want = reader.get(p + f"{e}.w2.weight").float() * reader.get(p + f"{e}.w2.weight_scale")
+                assert torch.equal(down, want)
+
+
+@pytest.mark.parametrize("model,args,expect", [
+    ("tiny-deepseek-v3", [], "PyTorch backend"),
+    ("tiny-mixtral", ["--tp", "3", "--ep", "3"], "must divide the 8 experts"),
+    ("tiny-qwen3-moe", ["--tp", "4", "--ep", "1"], "num_key_value_heads=2"),
+    ("tiny-mixtral", ["--tp", "2", "--ep", "4"], "must divide --tp 2"),
+])
+def test_bad_mapping_is_one_line_exit_2(cli_run, tmp_path, model, args, expect):
+    r = cli_run("export", models.path(model), "--format", "trtllm-ckpt", "-o", tmp_path / "o", *args)
+    assert r.exit_code == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_int4_input_is_refused(cli_run, tmp_path):
+    q, _ = make_quantized(MIXTRAL, tmp_path / "q", tmp_path / "r", "int4")
+    r = cli_run("export", q, "--format", "trtllm-ckpt", "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "hf-modelopt" in r.stderr
