@@ -1,17 +1,69 @@
-"""`moepress quantize` (issue #5)."""
+"""`moepress quantize`: FP8 / INT4 with calibration, streamed layer by layer (issue #5)."""
 
 from __future__ import annotations
+
+import json
 
 import click
 
 from moepress.errors import MoepressError
+from moepress.options import calib_options, model_argument, output_options, progress_options, resolve_model
+
+FORMAT_HELP = ("fp8 (E4M3 per-tensor weights, static activation scales) | fp8-block (128x128 weight blocks, dynamic "
+               "activations; no calibration) | fp8-dynamic (per-channel weights, per-token activations; no "
+               "calibration) | int4-awq | int4-gptq (weight-only INT4, --group-size) | w4a8-awq (INT4 AWQ weights + "
+               "FP8 activations)")
 
 
-@click.command("quantize", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def quantize_cmd(args):
-    """Not implemented yet (issue #5)."""
-    raise MoepressError("moepress quantize is not implemented yet (issue #5)")
+def _rules(values) -> tuple[tuple[str, str], ...]:
+    out = []
+    for v in values:
+        pat, eq, fmt = v.rpartition("=")
+        if not eq or not pat:
+            raise MoepressError(f"--rule {v}: expected PATTERN=FORMAT, e.g. 'mlp.experts.*=int4-awq'")
+        out.append((pat.strip(), fmt.strip()))
+    return tuple(out)
+
+
+@click.command("quantize")
+@model_argument
+@click.option("--format", "fmt", default=None, metavar="FORMAT", help=FORMAT_HELP)
+@click.option("--rule", "rules", multiple=True, metavar="PATTERN=FORMAT",
+              help="Per-module format (fnmatch on the module name within the layer, e.g. 'mlp.experts.*=int4-awq', "
+                   "'self_attn.*=fp8', 'mlp.shared_experts.*=none'); first match wins, --format for the rest.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="INT4 group size: 128, 64 or 32.")
+@click.option("--kv-cache", type=click.Choice(["fp8"]), default=None, help="Also compute FP8 K/V cache scales.")
+@click.option("--no-sequential", is_flag=True,
+              help="Calibrate every layer on the original model's activations instead of the quantized prefix's.")
+@click.option("--resume", is_flag=True, help="Continue a killed run from OUT.partial (finished layers are kept).")
+@calib_options
+@output_options
+@progress_options
+def quantize_cmd(model, fmt, rules, group_size, kv_cache, no_sequential, resume, calib, num_samples, seq_len, seed,
+                 trust_remote_code, output, force, quiet, json_out):
+    """Quantize MODEL's decoder-layer linears to FORMAT, one layer at a time, into OUT.
+
+    Writes Model-Optimizer's Hugging Face layout (hf_quant_config.json, weight_scale /
+    input_scale / pre_quant_scale tensors) plus moepress_quant.json and quant_report.json;
+    `moepress export` turns it into what each runtime loads. Routers, embeddings, lm_head
+    and norms stay unquantized.
+    """
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+    from moepress.progress import Progress
+
+    src = resolve_model(model)
+    cfg = QuantConfig(format=fmt, rules=_rules(rules), group_size=group_size, kv_cache=kv_cache,
+                      sequential=not no_sequential, calib=tuple(calib), num_samples=num_samples, seq_len=seq_len,
+                      seed=seed)
+    prog = Progress.from_flags(quiet, json_out)
+    res = quantize_checkpoint(src, output, cfg, force=force, resume=resume, progress=prog,
+                              trust_remote_code=trust_remote_code)
+    if json_out:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(f"quantized {src} ({res['quant_algo']}, {res['quantized_linears']} linears"
+                   + (f", {res['borrowed']} experts with borrowed scales" if res["borrowed"] else "")
+                   + f") -> {output} in {res['seconds']:.1f}s")
 
 
 COMMANDS = [quantize_cmd]

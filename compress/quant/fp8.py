@@ -55,3 +55,48 @@ def _decode_block_fp8(reader: CheckpointReader, base: str, dtype: torch.dtype):
     q = reader.get(base + ".weight")
     s = reader.get(base + ".weight_scale_inv")
     return dequantize_block(q, s, block_size_of(reader.config), dtype)
+
+
+# ---- per-tensor / per-channel weights, activation fake-quant ---------------------------------
+# Model-Optimizer's FP8 numerics (modelopt/torch/export/quant_utils.py: get_scaling_factor =
+# amax / maxbound (448 for E4M3); to_quantized_weight = (weight / scale).to(float8_e4m3fn)).
+
+def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """amax -> FP8 scale (amax / 448), never zero (an all-zero tensor gets the smallest normal)."""
+    return (amax.float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def quantize_tensor(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor: w -> (fp8 weight, float32 scalar scale); dequantized = q * scale."""
+    if scale is None:
+        scale = scale_from_amax(w.float().abs().amax())
+    return (w.float() / scale).to(FP8_DTYPE), scale.float().reshape(())
+
+
+def quantize_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output channel: w [out, in] -> (fp8 weight, float32 scale [out, 1])."""
+    scale = scale_from_amax(w.float().abs().amax(dim=1, keepdim=True))
+    return (w.float() / scale).to(FP8_DTYPE), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-tensor ([] scale), per-channel ([out, 1]) or 128x128 block ([ceil(out/128), ceil(in/128)])."""
+    s = scale.float()
+    if s.ndim == 2 and tuple(s.shape) != (q.shape[0], 1):
+        return dequantize_block(q, s, DEFAULT_BLOCK, dtype)
+    return (q.float() * s).to(dtype)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Static FP8 activation quantization, back to x's dtype: clamp(x / s) -> e4m3 -> * s."""
+    s = scale.to(x.dtype)
+    return (x / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).to(x.dtype) * s
+
+
+def fake_quant_per_token(x: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    """Dynamic FP8 activations: one scale per token (``group`` None) or per token and ``group``
+    channels (DeepSeek-V3's 1x128 activation blocks for block-FP8 weights)."""
+    shape = x.shape
+    xs = x if group is None else x.reshape(*shape[:-1], -1, group) if shape[-1] % group == 0 else x
+    s = scale_from_amax(xs.detach().abs().amax(dim=-1, keepdim=True)).to(x.dtype)
+    return ((xs / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).to(x.dtype) * s).reshape(shape)

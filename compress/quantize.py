@@ -1,0 +1,652 @@
+"""`moepress quantize`: FP8 / INT4 quantization, streamed one decoder layer at a time.
+
+Output: Model-Optimizer's unified Hugging Face layout (what
+``modelopt.torch.export.export_hf_checkpoint`` writes; NVIDIA/Model-Optimizer
+``modelopt/torch/export/unified_export_hf.py`` and ``quant_utils.py``). For a quantized linear
+with prefix ``P`` (e.g. ``model.layers.1.mlp.experts.3.gate_proj``):
+
+=============  ==================================================================================
+format         tensors
+=============  ==================================================================================
+fp8            ``P.weight`` F8_E4M3 [out, in]; ``P.weight_scale`` F32 [] (dequant = q * s);
+               ``P.input_scale`` F32 [] (static activation scale, amax / 448)
+fp8-block      ``P.weight`` F8_E4M3; ``P.weight_scale`` F32 [ceil(out/128), ceil(in/128)]
+               (DeepSeek's ``weight_scale_inv`` values); activations dynamic, 1 x 128 per token
+fp8-dynamic    ``P.weight`` F8_E4M3; ``P.weight_scale`` F32 [out, 1]; activations per token
+int4-awq       ``P.weight`` U8 [out/2, in] (two rows per byte, low nibble = even row:
+               quant_utils.pack_int4_in_uint8); ``P.weight_scale`` F32 [out, in/group] (amax / 7);
+               ``P.pre_quant_scale`` F32 [in] (the input is multiplied by it)
+int4-gptq      as int4-awq without ``pre_quant_scale``
+w4a8-awq       as int4-awq plus ``P.input_scale`` F32 [] (FP8 activations, of x * pre_quant_scale)
+               and ``P.weight_scale_2`` F32 [] (= amax(W / pre_quant_scale) / 448, modelopt's
+               second weight quantizer)
+kv cache fp8   ``model.layers.N.self_attn.k_scale`` / ``v_scale`` F32 [] = amax / 448 of the k / v
+               projections' outputs (the values the cache holds before RoPE; see quant_report)
+=============  ==================================================================================
+
+Everything else keeps its name and stored dtype (routers, norms, embeddings, lm_head are
+never quantized). ``config.json`` gets ``quantization_config`` ({quant_method: modelopt,
+quant_algo, ...}), ``hf_quant_config.json`` holds modelopt's {producer, quantization{quant_algo,
+kv_cache_quant_algo, group_size, exclude_modules}} (``MIXED_PRECISION`` + ``quantized_layers``
+for recipes with several formats), and the sidecar ``moepress_quant.json`` lists every
+quantized module: {"format", "group_size", "modules": {P: {"format", "group"}}, "shared":
+[[P, ...]], "borrowed": [...]} — what :func:`read_quant_layout` returns.
+
+Scale conventions for TensorRT-LLM's fused kernels (tensorrt_llm/_torch/modules/fused_moe;
+modelopt's ``preprocess_linear_fusion``): linears that read the same input (q/k/v; gate/up,
+fused into one GEMM) share ``input_scale``, the FP8 ``weight_scale``, ``weight_scale_2`` and the
+AWQ ``pre_quant_scale``; all routed experts of a layer share one input scale per projection
+(the maximum), which is also how an expert that calibration sent no tokens gets a valid one.
+Its weight scales come from its weights; its AWQ search uses the layer's MoE input instead of
+its own tokens (reported as borrowed).
+
+Streaming: layer i is calibrated on the outputs of the already quantized layers 0..i-1
+(``sequential``, the default) and written as one shard; the writer's journal makes a killed
+run resume at the first unfinished layer with byte-identical output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, register_weight_decoder
+from moepress.compress.quant import awq, fp8, int4
+from moepress.compress.stream import StreamedModel, register_layer_preparer
+from moepress.errors import MoepressError
+from moepress.progress import QUIET, Progress
+
+SIDECAR = "moepress_quant.json"
+REPORT = "quant_report.json"
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    quant_algo: str  # modelopt / TensorRT-LLM QuantAlgo string
+    kind: str  # fp8 | int4
+    calibrated: bool  # needs calibration data
+    static_input: bool  # stores input_scale
+    awq: bool = False
+    description: str = ""
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("fp8", "FP8", "fp8", True, True, description="E4M3 per-tensor weights, static per-tensor activations"),
+    Format("fp8-block", "FP8_BLOCK_SCALES", "fp8", False, False,
+           description="128x128 block weight scales, dynamic 1x128 activations (DeepSeek style)"),
+    Format("fp8-dynamic", "FP8_PER_CHANNEL_PER_TOKEN", "fp8", False, False,
+           description="per-channel weights, per-token dynamic activations"),
+    Format("int4-awq", "W4A16_AWQ", "int4", True, False, awq=True, description="INT4 weights, AWQ scales"),
+    Format("int4-gptq", "W4A16_GPTQ", "int4", True, False, description="INT4 weights, GPTQ"),
+    Format("w4a8-awq", "W4A8_AWQ", "int4", True, True, awq=True,
+           description="INT4 AWQ weights + FP8 activations (TensorRT-LLM W4A8_AWQ)"),
+)}
+
+# Linears that read the same input tensor (siblings under one parent): fused by TensorRT-LLM.
+SHARED_INPUT = ({"q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa"}, {"gate_proj", "up_proj", "w1", "w3"})
+MIN_EXPERT_TOKENS = 8  # fewer routed calibration tokens: the expert's AWQ/GPTQ statistics are borrowed
+AWQ_SAMPLE_ROWS = 1024  # rows of calibration input the AWQ search evaluates per linear group
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One quantize run. ``format`` applies to every linear of every decoder layer unless
+    ``rules`` ((pattern, format|"none"), ...) say otherwise for modules whose name (relative to
+    the layer, e.g. ``mlp.experts.3.gate_proj``, or full) matches the fnmatch pattern; the first
+    matching rule wins."""
+
+    format: str | None = "fp8"
+    rules: tuple[tuple[str, str], ...] = ()
+    group_size: int = 128
+    kv_cache: str | None = None
+    sequential: bool = True
+    calib: tuple[str, ...] = ()
+    num_samples: int = 64
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int = 8
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+
+    def __post_init__(self):
+        for fmt in [self.format, *(f for _, f in self.rules)]:
+            if fmt is not None and fmt != "none" and fmt not in FORMATS:
+                raise MoepressError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+        if self.format is None and not self.rules:
+            raise MoepressError("--format: required (or --rule PATTERN=FORMAT)")
+        if self.group_size not in (32, 64, 128):
+            raise MoepressError(f"--group-size {self.group_size}: expected 128, 64 or 32")
+        if self.kv_cache not in (None, "fp8"):
+            raise MoepressError(f"--kv-cache {self.kv_cache}: expected fp8")
+
+    def format_of(self, rel: str, full: str) -> str | None:
+        for pat, fmt in self.rules:
+            if fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(full, pat):
+                return None if fmt == "none" else fmt
+        return self.format
+
+    def formats(self) -> set[str]:
+        return {f for f in [self.format, *(f for _, f in self.rules)] if f and f != "none"}
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(FORMATS[f].calibrated for f in self.formats()) or self.kv_cache is not None
+
+
+def config_from_recipe(q: dict, c: dict) -> QuantConfig:
+    rules = tuple((str(k), str(v)) for k, v in (q.get("rules") or {}).items())
+    return QuantConfig(format=q.get("format"), rules=rules, group_size=q.get("group_size", 128),
+                       kv_cache=q.get("kv_cache"), sequential=q.get("sequential", True),
+                       calib=tuple(c.get("sources") or ()), num_samples=c.get("num_samples", 64),
+                       seq_len=c.get("seq_len", 256), seed=c.get("seed", 0))
+
+
+# ---- reading a quantized checkpoint: weight decoder + activation fake-quant -------------------------
+
+def read_quant_layout(model_dir: str | Path) -> dict | None:
+    p = Path(model_dir) / SIDECAR
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+@register_weight_decoder
+def _decode_modelopt(reader: CheckpointReader, base: str, dtype: torch.dtype):
+    if base + ".weight_scale" not in reader:
+        return None
+    q, s = reader.get(base + ".weight"), reader.get(base + ".weight_scale")
+    if q.dtype == torch.uint8:
+        return int4.dequantize(int4.unpack_int4(q), s, dtype)
+    if q.dtype == fp8.FP8_DTYPE:
+        return fp8.dequantize(q, s, dtype)
+    return None
+
+
+def _layout(reader: CheckpointReader) -> dict | None:
+    if not hasattr(reader, "_moepress_quant"):
+        reader._moepress_quant = read_quant_layout(reader.path)  # type: ignore[attr-defined]
+    return reader._moepress_quant  # type: ignore[attr-defined]
+
+
+def act_hook(fmt: str, pre_quant_scale: torch.Tensor | None, input_scale: torch.Tensor | None):
+    """The forward pre-hook a linear of format ``fmt`` runs on its input (fake quantization)."""
+
+    def hook(module, args):
+        x = args[0]
+        if pre_quant_scale is not None:
+            x = x * pre_quant_scale.to(x.dtype)
+        if input_scale is not None:
+            x = fp8.fake_quant(x, input_scale)
+        elif fmt == "fp8-dynamic":
+            x = fp8.fake_quant_per_token(x)
+        elif fmt == "fp8-block":
+            x = fp8.fake_quant_per_token(x, 128)
+        return (x, *args[1:])
+
+    return hook
+
+
+def attach_fake_quant(layer: nn.Module, specs: dict[str, tuple[str, torch.Tensor | None, torch.Tensor | None]]):
+    """specs: module name in the layer -> (format, pre_quant_scale, input_scale)."""
+    mods = dict(layer.named_modules())
+    for name, (fmt, pqs, isc) in specs.items():
+        if pqs is None and isc is None and fmt not in ("fp8-dynamic", "fp8-block"):
+            continue
+        mods[name].register_forward_pre_hook(act_hook(fmt, pqs, isc))
+
+
+@register_layer_preparer
+def _prepare(stream: StreamedModel, i: int, layer: nn.Module) -> None:
+    lay = _layout(stream.ckpt)
+    if not lay:
+        return
+    prefix = stream.adapter.layer_prefix(i)
+    specs = {}
+    for full, m in lay["modules"].items():
+        if not full.startswith(prefix):
+            continue
+        opt = {s: stream.ckpt.get(full + s).float() if full + s in stream.ckpt else None
+               for s in (".pre_quant_scale", ".input_scale")}
+        specs[full[len(prefix):]] = (m["format"], opt[".pre_quant_scale"], opt[".input_scale"])
+    attach_fake_quant(layer, specs)
+
+
+# ---- calibration statistics of one layer --------------------------------------------------------
+
+class LinearStats:
+    """Inputs seen by one linear (or one group sharing an input): amax and mean |x| per channel,
+    a sample of rows (AWQ), the Hessian (GPTQ)."""
+
+    def __init__(self, hessian: bool):
+        self.amax = None
+        self.abs_sum = None
+        self.n = 0
+        self.rows: list[torch.Tensor] = []
+        self.n_rows = 0
+        self.hessian = hessian
+        self.H = None
+
+    def add(self, x: torch.Tensor) -> None:
+        from moepress.compress.quant.gptq import hessian_update
+
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if x.shape[0] == 0:
+            return
+        a = x.abs()
+        self.amax = a.amax(0) if self.amax is None else torch.maximum(self.amax, a.amax(0))
+        s = a.sum(0, dtype=torch.float64)
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        if self.n_rows < AWQ_SAMPLE_ROWS:
+            take = x[: AWQ_SAMPLE_ROWS - self.n_rows]
+            self.rows.append(take.clone())
+            self.n_rows += take.shape[0]
+        if self.hessian:
+            self.H, _ = hessian_update(self.H, self.n, x)
+        self.n += x.shape[0]
+
+    @property
+    def act_mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.n, 1)).float()
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.rows) if self.rows else torch.zeros(0)
+
+
+def _groups(names: list[str]) -> list[list[str]]:
+    """Linears (module names in a layer) grouped by shared input; order preserved."""
+    out, seen = [], set()
+    for n in names:
+        if n in seen:
+            continue
+        parent, _, leaf = n.rpartition(".")
+        grp = [n]
+        for fam in SHARED_INPUT:
+            if leaf in fam:
+                grp = [m for m in names if m.rpartition(".")[0] == parent and m.rpartition(".")[2] in fam]
+                break
+        seen.update(grp)
+        out.append(grp)
+    return out
+
+
+# ---- the stage ------------------------------------------------------------------------------------
+
+@dataclass
+class LayerResult:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # names relative to the layer
+    modules: dict[str, dict] = field(default_factory=dict)
+    specs: dict[str, tuple] = field(default_factory=dict)
+    shared: list[list[str]] = field(default_factory=list)
+    borrowed: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    awq_alpha: dict[str, float] = field(default_factory=dict)
+
+
+def _quantize_group(res: LayerResult, cfg: QuantConfig, fmt: str, names: list[str], ws: list[torch.Tensor],
+                    st: LinearStats | None, input_amax_override: torch.Tensor | None = None) -> None:
+    f = FORMATS[fmt]
+    tensors = {}
+    if f.kind == "fp8":
+        if fmt == "fp8":
+            shared = fp8.scale_from_amax(torch.stack([w.abs().amax() for w in ws]).amax())
+            for n, w in zip(names, ws, strict=True):
+                q, s = fp8.quantize_tensor(w, shared)
+                tensors[n] = {"weight": q, "weight_scale": s}
+        elif fmt == "fp8-dynamic":
+            for n, w in zip(names, ws, strict=True):
+                q, s = fp8.quantize_channel(w)
+                tensors[n] = {"weight": q, "weight_scale": s}
+        else:
+            for n, w in zip(names, ws, strict=True):
+                q, s = fp8.quantize_block(w)
+                tensors[n] = {"weight": q, "weight_scale": s}
+        pqs = None
+    else:
+        group = int4.effective_group(ws[0].shape[1], cfg.group_size)
+        if group is None:
+            res.skipped.extend({"module": n, "reason": f"in_features {ws[0].shape[1]} not divisible by a group "
+                                                       f"<= {cfg.group_size}"} for n in names)
+            return
+        pqs = None
+        if f.awq and st is not None and st.n > 0:
+            pqs, alpha, _ = awq.search(ws, st.sample(), st.act_mean, group)
+            res.awq_alpha[names[0]] = alpha
+        elif f.awq:  # no statistics (an expert without tokens): identity scales, every expert has one
+            pqs = torch.ones(ws[0].shape[1])
+        for n, w in zip(names, ws, strict=True):
+            wq = w.float() / pqs[None, :] if pqs is not None else w.float()
+            if fmt == "int4-gptq" and st is not None and st.H is not None and st.n > 0:
+                from moepress.compress.quant.gptq import gptq_quantize
+
+                q, s = gptq_quantize(wq, st.H, group, cfg.gptq_damp, cfg.gptq_act_order)
+            else:
+                q, s = int4.quantize(wq, group)
+            tensors[n] = {"weight": int4.pack_int4(q), "weight_scale": s}
+            if pqs is not None:
+                tensors[n]["pre_quant_scale"] = pqs
+        if fmt == "w4a8-awq":
+            s2 = torch.stack([(w.float() / (pqs[None, :] if pqs is not None else 1.0)).abs().amax() for w in ws])
+            s2 = fp8.scale_from_amax(s2.amax())
+            for n in names:
+                tensors[n]["weight_scale_2"] = s2.reshape(())
+    isc = None
+    if f.static_input:
+        amax = input_amax_override
+        if amax is None:
+            a = st.amax if st is not None and st.amax is not None else torch.zeros(ws[0].shape[1])
+            amax = (a * pqs).amax() if pqs is not None else a.amax()
+        isc = fp8.scale_from_amax(amax).reshape(())
+        for n in names:
+            tensors[n]["input_scale"] = isc
+    for n in names:
+        for k, v in tensors[n].items():
+            res.tensors[f"{n}.{k}"] = v
+        res.modules[n] = {"format": fmt, **({"group": int(ws[0].shape[1] // tensors[n]["weight_scale"].shape[1])}
+                                            if f.kind == "int4" else {})}
+        res.specs[n] = (fmt, pqs, isc)
+    if len(names) > 1:
+        res.shared.append(list(names))
+
+
+def _input_amax_for_awq(st: LinearStats | None, pqs: torch.Tensor | None) -> torch.Tensor | None:
+    if st is None or st.amax is None:
+        return None
+    return (st.amax * pqs).amax() if pqs is not None else st.amax.amax()
+
+
+@torch.no_grad()
+def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg: QuantConfig):
+    """Calibrate and quantize decoder layer i (running on ``hs``); returns (LayerResult, original outputs)."""
+    a = sm.adapter
+    prefix = a.layer_prefix(i)
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    moe = layer.moe
+    expert_names = set()
+    if moe is not None:
+        for e, ex in enumerate(moe.experts):
+            for ln in ex.names:
+                expert_names.add(f"{layer.ffn_attr}.experts.{e}.{ln}")
+    fmt_of = {n: cfg.format_of(n, prefix + n) for n in linears}
+    targets = [n for n in linears if fmt_of[n] is not None]
+    needs = {n for n in targets if FORMATS[fmt_of[n]].calibrated}
+    hooks, stats = [], {}
+    for grp in _groups([n for n in targets if n not in expert_names]):
+        if not any(n in needs for n in grp):
+            continue
+        st = LinearStats(hessian=any(fmt_of[n] == "int4-gptq" for n in grp))
+        for n in grp:
+            stats[n] = st
+        hooks.append(linears[grp[0]].register_forward_pre_hook(lambda m, args, st=st: st.add(args[0])))
+    moe_inputs, routes = [], []
+    kv = {}
+    if cfg.kv_cache:
+        for n in ("self_attn.k_proj", "self_attn.v_proj", "self_attn.kv_a_proj_with_mqa"):
+            if n in linears:
+                kv[n] = torch.zeros(())
+                hooks.append(linears[n].register_forward_hook(
+                    lambda m, args, out, n=n: kv.__setitem__(n, torch.maximum(kv[n], out.detach().abs().amax()))))
+    if moe is not None and any(n in needs for n in expert_names):
+        hooks.append(moe.register_forward_pre_hook(
+            lambda m, args: moe_inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())))
+
+        class _Routes:
+            def on_route(self, m, x, logits, weights, indices):
+                routes.append(indices.detach().clone())
+
+        obs = _Routes()
+        moe.observers.append(obs)
+    need_run = bool(needs) or bool(kv) or not cfg.sequential
+    outs = sm.run_layer(layer, hs) if need_run else None
+    for h in hooks:
+        h.remove()
+    if moe is not None and routes:
+        moe.observers.remove(obs)
+
+    res = LayerResult()
+    weights = {n: linears[n].weight.detach().float() for n in targets}
+    # attention, dense MLP, shared experts
+    for grp in _groups([n for n in targets if n not in expert_names]):
+        by_fmt: dict[str, list[str]] = {}
+        for n in grp:
+            by_fmt.setdefault(fmt_of[n], []).append(n)
+        for fmt, names in by_fmt.items():
+            _quantize_group(res, cfg, fmt, names, [weights[n] for n in names], stats.get(names[0]))
+    # routed experts, one at a time from the layer's MoE input and its routing
+    if moe is not None:
+        X = torch.cat(moe_inputs) if moe_inputs else None
+        idx = torch.cat(routes) if routes else None
+        per_proj_amax: dict[str, torch.Tensor] = {}
+        expert_groups: list[tuple[int, str, list[str]]] = []
+        layer_stats = None
+        if X is not None:
+            layer_stats = LinearStats(hessian=False)
+            layer_stats.add(X)
+        for e, ex in enumerate(moe.experts):
+            g, u, d = (f"{layer.ffn_attr}.experts.{e}.{ln}" for ln in ex.names)
+            toks = (idx == e).any(-1).nonzero().squeeze(-1) if idx is not None else torch.zeros(0, dtype=torch.long)
+            x_e = X[toks] if X is not None else None
+            few = x_e is None or x_e.shape[0] < MIN_EXPERT_TOKENS
+            if few and any(n in needs for n in (g, u, d)):
+                res.borrowed.append({"layer": i, "expert": e, "tokens": 0 if x_e is None else int(x_e.shape[0]),
+                                     "gate_up": "AWQ/GPTQ statistics and input scale from the layer's MoE input",
+                                     "down": "input scale from the other experts; AWQ/GPTQ off (round to nearest)"})
+            st_gu = st_d = None
+            if any(n in needs for n in (g, u, d)):
+                src = layer_stats if few else None
+                if src is None:
+                    st_gu = LinearStats(hessian=fmt_of[g] == "int4-gptq")
+                    st_gu.add(x_e)
+                else:
+                    st_gu = src
+                    if fmt_of[g] == "int4-gptq" and layer_stats.H is None:
+                        from moepress.compress.quant.gptq import hessian_update
+
+                        layer_stats.H, _ = hessian_update(None, 0, X)
+                if not few:
+                    h = ex.act_fn(nn.functional.linear(x_e, weights.get(g, linears[g].weight.float()))) * \
+                        nn.functional.linear(x_e, weights.get(u, linears[u].weight.float()))
+                    st_d = LinearStats(hessian=fmt_of.get(d) == "int4-gptq")
+                    st_d.add(h)
+            gu = [n for n in (g, u) if fmt_of[n] is not None]
+            by_fmt = {}
+            for n in gu:
+                by_fmt.setdefault(fmt_of[n], []).append(n)
+            for fmt, names in by_fmt.items():
+                _quantize_group(res, cfg, fmt, names, [weights[n] for n in names], st_gu)
+                expert_groups.append((e, "gate_up", names))
+            if fmt_of[d] is not None:
+                _quantize_group(res, cfg, fmt_of[d], [d], [weights[d]], st_d)
+                expert_groups.append((e, "down", [d]))
+        # one input scale per projection for all routed experts (TensorRT-LLM's fused MoE):
+        # the max over the experts that saw tokens; experts without tokens take it too.
+        for _, proj, names in expert_groups:
+            key = f"{proj}:{fmt_of[names[0]]}"
+            if f"{names[0]}.input_scale" in res.tensors and not any(
+                    b["expert"] == int(names[0].split(".")[-2]) for b in res.borrowed):
+                v = res.tensors[f"{names[0]}.input_scale"]
+                per_proj_amax[key] = v if key not in per_proj_amax else torch.maximum(per_proj_amax[key], v)
+        for _, proj, names in expert_groups:
+            key = f"{proj}:{fmt_of[names[0]]}"
+            if key in per_proj_amax:
+                for n in names:
+                    res.tensors[f"{n}.input_scale"] = per_proj_amax[key].clone()
+                    fmt, pqs, _ = res.specs[n]
+                    res.specs[n] = (fmt, pqs, per_proj_amax[key].clone())
+    if kv:
+        for n, amax in kv.items():
+            attn = n.rpartition(".")[0]
+            kind = "v_scale" if n.endswith("v_proj") else "k_scale"
+            res.tensors[f"{attn}.{kind}"] = fp8.scale_from_amax(amax).reshape(())
+            if n.endswith("kv_a_proj_with_mqa"):
+                res.tensors[f"{attn}.v_scale"] = fp8.scale_from_amax(amax).reshape(())
+    return res, outs
+
+
+def _apply(layer, res: LayerResult) -> None:
+    """Turn the layer into its fake-quant self: dequantized weights + activation hooks."""
+    mods = dict(layer.named_modules())
+    for n, m in res.modules.items():
+        w = res.tensors[f"{n}.weight"]
+        s = res.tensors[f"{n}.weight_scale"]
+        deq = int4.dequantize(int4.unpack_int4(w), s) if w.dtype == torch.uint8 else fp8.dequantize(w, s)
+        mods[n].weight.data = deq.to(mods[n].weight.dtype)
+        del m
+    attach_fake_quant(layer, res.specs)
+
+
+def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
+                        batches: list[torch.Tensor] | None = None, force: bool = False, resume: bool = False,
+                        progress: Progress = QUIET, trust_remote_code: bool = False) -> dict:
+    """Quantize ``model`` into ``out``; returns the summary (also in quant_report.json)."""
+    from moepress import __version__
+    from moepress.calib.data import calibration_batches
+
+    t0 = time.monotonic()
+    reader = CheckpointReader(model)
+    if read_quant_layout(reader.path) is not None:
+        raise MoepressError(f"{reader.path}: already quantized by moepress ({SIDECAR}); quantize the original")
+    sm = StreamedModel(reader)
+    a = sm.adapter
+    sm.check_weights()
+    if batches is None and cfg.needs_calibration:
+        batches = calibration_batches(reader.path, cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed,
+                                      cfg.batch_size, trust_remote_code)
+    calibrated = batches is not None and cfg.needs_calibration
+    modules, shared, borrowed, skipped, alphas = {}, [], [], [], {}
+    with CheckpointWriter(out, force=force, resume=resume) as w:
+        done = w.written_names
+        start = 0
+        while start < a.num_layers and all(a.layer_prefix(start) + k in done or
+                                           _quantized_name(a.layer_prefix(start) + k, done)
+                                           for k in sm.expected_layer_shapes(start)):
+            start += 1
+        if start:
+            progress.info(f"quantize: resuming at layer {start} ({start} finished layers kept from the killed run)")
+        if a.embed_name not in done:
+            w.add(a.embed_name, reader.get(a.embed_name))
+            w.end_shard()
+        hs = sm.embed(batches) if calibrated else None
+        prev = _load_prev_report(w.partial) if start else {}
+        modules.update(prev.get("modules", {}))
+        shared += prev.get("shared", [])
+        borrowed += prev.get("borrowed", [])
+        skipped += prev.get("skipped", [])
+        alphas.update(prev.get("awq_alpha", {}))
+        with progress.task("quantize", a.num_layers) as task:
+            if start:
+                task.advance(start, note=f"layers 0-{start - 1} already written")
+            for i, layer in sm.layers(0 if calibrated else start):
+                prefix = a.layer_prefix(i)
+                if i < start:
+                    # finished before the kill: only its (quantized) outputs are needed, as inputs of layer i+1
+                    if calibrated:
+                        res, outs = quantize_layer(sm, i, layer, hs, cfg)
+                        if cfg.sequential:
+                            _apply(layer, res)
+                            outs = sm.run_layer(layer, hs)
+                        hs = outs
+                    continue
+                res, outs = quantize_layer(sm, i, layer, hs, cfg) if calibrated else \
+                    quantize_layer(sm, i, layer, [], cfg)
+                if calibrated and cfg.sequential:
+                    _apply(layer, res)
+                    outs = sm.run_layer(layer, hs)
+                if calibrated:
+                    hs = outs
+                # write: quantized tensors replace their linear's weight; the rest as stored
+                qnames = {f"{n}.weight" for n in res.modules}
+                for name in sorted(reader.layer_names(i)):
+                    rel = name[len(prefix):]
+                    if rel in qnames or name.endswith(".weight_scale_inv"):
+                        continue
+                    t = reader.get(name)
+                    if t.dtype == fp8.FP8_DTYPE:  # block-FP8 input, module left unquantized: bf16
+                        t = reader.weight(name, torch.bfloat16)
+                    w.add(name, t)
+                for rel, t in sorted(res.tensors.items()):
+                    w.add(prefix + rel, t.contiguous())
+                w.end_shard()
+                modules.update({prefix + n: m for n, m in res.modules.items()})
+                shared += [[prefix + n for n in g] for g in res.shared]
+                borrowed += res.borrowed
+                skipped += [{**s, "module": prefix + s["module"]} for s in res.skipped]
+                alphas.update({prefix + k: v for k, v in res.awq_alpha.items()})
+                _save_prev_report(w.partial, {"modules": modules, "shared": shared, "borrowed": borrowed,
+                                              "skipped": skipped, "awq_alpha": alphas})
+                del layer
+                task.advance(note=f"layer {i}: {len(res.modules)} linears quantized"
+                             + (f", {len(res.borrowed)} experts borrowed scales" if res.borrowed else ""))
+        for name in (a.norm_name, a.head_name):
+            if name in reader and name not in done:
+                w.add(name, reader.get(name))
+        (w.partial / "moepress-quant-progress.json").unlink(missing_ok=True)
+        fmts = sorted({m["format"] for m in modules.values()})
+        algo = FORMATS[fmts[0]].quant_algo if len(fmts) == 1 else "MIXED_PRECISION"
+        group = cfg.group_size if any(FORMATS[f].kind == "int4" for f in fmts) else None
+        exclude = sorted({_module_pattern(n) for n in _unquantized_linears(reader, a, modules)})
+        hf_quant = {"producer": {"name": "moepress", "version": __version__},
+                    "quantization": {"quant_algo": algo, "kv_cache_quant_algo": "FP8" if cfg.kv_cache else None,
+                                     **({"group_size": group} if group else {}), "exclude_modules": exclude}}
+        if algo == "MIXED_PRECISION":
+            hf_quant["quantization"]["quantized_layers"] = {
+                n: {"quant_algo": FORMATS[m["format"]].quant_algo, **({"group_size": m["group"]} if "group" in m else {})}
+                for n, m in sorted(modules.items())}
+        conf = dict(reader.config)
+        conf.pop("quantization_config", None)
+        conf["quantization_config"] = {"quant_method": "modelopt", **hf_quant["quantization"]}
+        conf["torch_dtype"] = conf.get("torch_dtype") or "bfloat16"
+        w.write_json("config.json", conf)
+        w.write_json("hf_quant_config.json", hf_quant)
+        sidecar = {"format": cfg.format, "rules": [list(r) for r in cfg.rules], "group_size": cfg.group_size,
+                   "kv_cache": cfg.kv_cache, "modules": dict(sorted(modules.items())), "shared": shared,
+                   "borrowed": borrowed, "skipped": skipped}
+        w.write_json(SIDECAR, sidecar)
+        report = {"model": str(reader.path), "family": a.family, "config": dataclasses.asdict(cfg),
+                  "quant_algo": algo, "quantized_linears": len(modules), "experts_with_borrowed_scales": borrowed,
+                  "left_unquantized": skipped, "awq_alpha": alphas,
+                  "calibration_tokens": sum(b.numel() for b in batches) if calibrated else 0}
+        w.write_json(REPORT, report)
+        w.copy_aux_files(reader.path)
+        w.manifest.update({"stage": "quantize", "config": dataclasses.asdict(cfg),
+                           "inputs": {"model": str(reader.path)}})
+    return {"output": str(out), "format": cfg.format, "quant_algo": algo, "layers": a.num_layers,
+            "quantized_linears": len(modules), "borrowed": len(borrowed), "skipped": len(skipped),
+            "seconds": round(time.monotonic() - t0, 3)}
+
+
+def _quantized_name(name: str, done: set[str]) -> bool:
+    return name.endswith(".weight") and name[: -len(".weight")] + ".weight_scale" in done
+
+
+def _load_prev_report(partial: Path) -> dict:
+    p = partial / "moepress-quant-progress.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _save_prev_report(partial: Path, d: dict) -> None:
+    p = partial / "moepress-quant-progress.json"
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(d, default=float))
+    tmp.replace(p)
+
+
+def _unquantized_linears(reader: CheckpointReader, a, modules: dict) -> list[str]:
+    out = []
+    for n in reader.names():
+        if n.endswith(".weight") and reader.info(n).shape and len(reader.info(n).shape) == 2:
+            base = n[: -len(".weight")]
+            if base not in modules and not base.endswith(("embed_tokens",)) and "norm" not in base.rsplit(".", 1)[-1]:
+                out.append(base)
+    return out
+
+
+def _module_pattern(name: str) -> str:
+    """model.layers.3.mlp.gate -> model.layers.*.mlp.gate (modelopt's exclude_modules wildcards)."""
+    parts = name.split(".")
+    return ".".join("*" if p.isdigit() else p for p in parts)
