@@ -595,7 +595,8 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
                                      **({"group_size": group} if group else {}), "exclude_modules": exclude}}
         if algo == "MIXED_PRECISION":
             hf_quant["quantization"]["quantized_layers"] = {
-                n: {"quant_algo": FORMATS[m["format"]].quant_algo, **({"group_size": m["group"]} if "group" in m else {})}
+                n: {"quant_algo": FORMATS[m["format"]].quant_algo,
+                    **({"group_size": m["group"]} if "group" in m else {})}
                 for n, m in sorted(modules.items())}
         conf = dict(reader.config)
         conf.pop("quantization_config", None)

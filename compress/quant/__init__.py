@@ -3,5 +3,5 @@
 Importing this package registers the formats' checkpoint weight decoders.
 """
 
-from moepress.compress.quant import fp8  # noqa: F401
 from moepress.compress import quantize  # noqa: F401,E402  (modelopt-layout decoder and fake-quant preparer)
+from moepress.compress.quant import fp8  # noqa: F401
