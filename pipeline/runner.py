@@ -154,6 +154,8 @@ class Runner:
         for fmt, (d, k) in artifacts.items():
             if fmt in CHECKABLE:
                 cands[fmt] = (d, k, CHECKABLE[fmt])
+        if r["check"] is None:
+            cands = {}
         checks = {name: self._check(name, d, k, kind, src_key) for name, (d, k, kind) in cands.items()}
         for fmt, (d, _) in artifacts.items():
             self._card(fmt, d, checks.get(fmt) or checks.get(cur_kind))
