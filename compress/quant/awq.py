@@ -3,9 +3,9 @@
 
     act_scale    = mean over tokens of |x|                       per input channel
     weight_scale = mean over output rows of |w| / max|w| of its quantization group
-    s(alpha)     = clamp(act_scale^alpha / (weight_scale^(1-alpha) + 1e-4), min=1e-4)
+    s(alpha)     = clamp(act_scale^alpha / (weight_scale^(1-alpha) + tiny), 1e-4, 1e4)
     s           /= sqrt(max(s) * min(s))
-    alpha*       = argmin over alpha in {0, 1/n, ..., 1} of || x W^T - (x / s) Q(W * s)^T ||^2
+    alpha*       = argmin over alpha in {0, 0.1, ..., 1} of mean (x W^T - (x / s) Q(W * s)^T)^2
 
 The stored ``pre_quant_scale`` is 1 / s: a consumer multiplies the input by it and uses the
 quantized weight Q(W * s) (= Q(W / pre_quant_scale)). Linears that read the same input (q/k/v;
@@ -19,17 +19,20 @@ import torch
 from moepress.compress.quant import int4
 
 
+TINY = torch.finfo(torch.float32).tiny
+
+
 def weight_scale(ws: list[torch.Tensor], group: int) -> torch.Tensor:
     rows = []
     for w in ws:
         out, inp = w.shape
         g = w.float().abs().reshape(out, inp // group, group)
-        rows.append((g / g.amax(dim=-1, keepdim=True).clamp(min=1e-12)).reshape(out, inp))
+        rows.append((g / (g.amax(dim=-1, keepdim=True) + TINY)).reshape(out, inp))
     return torch.cat(rows).mean(dim=0)
 
 
 def candidate_scales(act: torch.Tensor, wsc: torch.Tensor, alpha: float) -> torch.Tensor:
-    s = (act.float().pow(alpha) / (wsc.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+    s = (act.float().pow(alpha) / (wsc.pow(1 - alpha) + TINY)).clamp(min=1e-4, max=1e4)
     return s / (s.max() * s.min()).sqrt()
 
 
@@ -40,7 +43,7 @@ def fake_int4(w: torch.Tensor, group: int) -> torch.Tensor:
 
 @torch.no_grad()
 def search(ws: list[torch.Tensor], x: torch.Tensor, act_mean: torch.Tensor, group: int,
-           n_grid: int = 20) -> tuple[torch.Tensor, float, float]:
+           n_grid: int = 10) -> tuple[torch.Tensor, float, float]:
     """Best shared pre_quant_scale for the linears ``ws`` (each [out, in]) reading inputs ``x`` [n, in].
 
     Returns (pre_quant_scale [in] float32, alpha, relative output error at alpha).
@@ -51,7 +54,7 @@ def search(ws: list[torch.Tensor], x: torch.Tensor, act_mean: torch.Tensor, grou
     wsc = weight_scale(ws, group)
     best = (float("inf"), 0.0, torch.ones_like(act_mean, dtype=torch.float32))
     for k in range(n_grid + 1):
-        alpha = k / n_grid
+        alpha = k / n_grid  # modelopt: torch.arange(0, 1 + step, step), step 0.1
         s = candidate_scales(act_mean, wsc, alpha)
         xs = x / s
         err = 0.0

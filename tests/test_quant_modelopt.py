@@ -1,0 +1,99 @@
+"""Numerics parity with NVIDIA Model-Optimizer (the reference TensorRT-LLM's kernels expect), issue #5:
+our quantized weights and scales equal modelopt's for the same weights and calibration data."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from moepress.compress.quant import awq, fp8, int4
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export.quant_utils import (
+        get_activation_scaling_factor,
+        get_prequant_scaling_factor,
+        get_weight_scaling_factor,
+        pack_int4_in_uint8,
+        to_quantized_weight,
+    )
+    from modelopt.torch.quantization.qtensor import FP8QTensor
+
+
+def _inputs(n_batches=4, tokens=128, d=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # a few salient channels, as real activations have (what AWQ is for)
+    ch = torch.ones(d)
+    ch[torch.randperm(d, generator=g)[:8]] = 20.0
+    return [torch.randn(tokens, d, generator=g) * ch for _ in range(n_batches)]
+
+
+def _linear(d_in=256, d_out=64, seed=1):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, d_out, bias=False))
+
+
+@torch.no_grad()
+def test_fp8_per_tensor_weights_and_input_scales_equal_modelopt():
+    xs = _inputs()
+    model = _linear()
+    w = model[0].weight.detach().clone()
+    mtq.quantize(model, copy.deepcopy(mtq.FP8_DEFAULT_CFG), lambda m: [m(x) for x in xs])
+    lin = model[0]
+    ref_ws, ref_is = get_weight_scaling_factor(lin), get_activation_scaling_factor(lin)
+    ref_q = to_quantized_weight(lin.weight, ref_ws, "fp8")
+    q, s = fp8.quantize_tensor(w)
+    in_scale = fp8.scale_from_amax(torch.cat(xs).abs().amax())
+    assert torch.equal(s, ref_ws.float().reshape(()))
+    assert torch.equal(in_scale, ref_is.float().reshape(()))
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))  # bit-identical FP8
+
+
+@torch.no_grad()
+def test_fp8_block_weights_equal_modelopt():
+    w = torch.randn(300, 200) * torch.linspace(0.1, 5, 200)  # partial edge blocks both ways
+    ref_q, ref_s = FP8QTensor.quantize(w, block_sizes={-1: 128, -2: 128})
+    q, s = fp8.quantize_block(w)
+    ref_s = ref_s.float().reshape(s.shape)
+    torch.testing.assert_close(s, ref_s, rtol=0, atol=0)
+    assert torch.equal(q.view(torch.uint8), ref_q._quantized_data.view(torch.uint8))
+
+
+@torch.no_grad()
+def test_int4_packing_equals_modelopt():
+    w = torch.randn(64, 256)
+    scales = int4.group_scales(w, 128)
+    ref = pack_int4_in_uint8(w, scales, 128)
+    ours = int4.pack_int4(int4.quantize_with_scales(w, scales))
+    assert ours.dtype == ref.dtype == torch.uint8 and ours.shape == ref.shape == (32, 256)
+    assert torch.equal(ours, ref)
+    assert torch.equal(int4.unpack_int4(ours), int4.quantize_with_scales(w, scales))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("group", [128, 64])
+def test_awq_pre_quant_scales_and_int4_weights_equal_modelopt(group):
+    xs = _inputs()
+    model = _linear()
+    w = model[0].weight.detach().clone()
+    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["block_sizes"][-1 if -1 in entry["cfg"]["block_sizes"] else "-1"] = group
+    mtq.quantize(model, cfg, lambda m: [m(x) for x in xs])
+    lin = model[0]
+    ref_pqs = get_prequant_scaling_factor(lin).float()
+    ref_ws = get_weight_scaling_factor(lin).float()  # amax / 7 per group, of W * s
+    ref_packed = to_quantized_weight(lin.weight, ref_ws, "int4_awq", None, group)
+
+    x = torch.cat(xs)
+    pqs, alpha, _ = awq.search([w], x, x.abs().mean(0), group)
+    torch.testing.assert_close(pqs, ref_pqs.reshape(-1), rtol=1e-5, atol=0)
+    q, s = int4.quantize(w / pqs[None, :], group)
+    torch.testing.assert_close(s, ref_ws.reshape(s.shape), rtol=1e-5, atol=0)
+    agree = (int4.pack_int4(q) == ref_packed).float().mean().item()
+    assert agree > 0.999, f"packed INT4 bytes agree {agree:.4%}"  # rounding ties at 1e-5 relative scale noise
+    assert 0.0 <= alpha <= 1.0
