@@ -488,6 +488,27 @@ def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg
     return res, outs
 
 
+@torch.no_grad()
+def quantize_tensors(sm: StreamedModel, i: int, cfg: QuantConfig) -> LayerResult:
+    """Calibration-free formats: read each targeted linear's weight, quantize it, drop it."""
+    a = sm.adapter
+    prefix = a.layer_prefix(i)
+    with torch.device("meta"):
+        meta = a.build_layer(i)
+    names = [n for n, m in meta.named_modules() if isinstance(m, nn.Linear)]
+    fmt_of = {n: cfg.format_of(n, prefix + n) for n in names}
+    res = LayerResult()
+    for grp in _groups([n for n in names if fmt_of[n] is not None]):
+        by_fmt: dict[str, list[str]] = {}
+        for n in grp:
+            by_fmt.setdefault(fmt_of[n], []).append(n)
+        for fmt, ns in by_fmt.items():
+            ws = [sm.ckpt.weight(prefix + n + ".weight", torch.float32) for n in ns]
+            _quantize_group(res, cfg, fmt, ns, ws, None)
+            del ws
+    return res
+
+
 def _apply(layer, res: LayerResult) -> None:
     """Turn the layer into its fake-quant self: dequantized weights + activation hooks."""
     mods = dict(layer.named_modules())
@@ -541,7 +562,8 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
         with progress.task("quantize", a.num_layers) as task:
             if start:
                 task.advance(start, note=f"layers 0-{start - 1} already written")
-            for i, layer in sm.layers(0 if calibrated else start):
+            stream = sm.layers(0) if calibrated else ((i, None) for i in range(start, a.num_layers))
+            for i, layer in stream:
                 prefix = a.layer_prefix(i)
                 if i < start:
                     # finished before the kill: only its (quantized) outputs are needed, as inputs of layer i+1
@@ -552,8 +574,10 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
                             outs = sm.run_layer(layer, hs)
                         hs = outs
                     continue
-                res, outs = quantize_layer(sm, i, layer, hs, cfg) if calibrated else \
-                    quantize_layer(sm, i, layer, [], cfg)
+                if calibrated:
+                    res, outs = quantize_layer(sm, i, layer, hs, cfg)
+                else:  # calibration-free: tensor by tensor, no layer module, no activations
+                    res = quantize_tensors(sm, i, cfg)
                 if calibrated and cfg.sequential:
                     _apply(layer, res)
                     outs = sm.run_layer(layer, hs)
@@ -579,7 +603,7 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
                 alphas.update({prefix + k: v for k, v in res.awq_alpha.items()})
                 _save_prev_report(w.partial, {"modules": modules, "shared": shared, "borrowed": borrowed,
                                               "skipped": skipped, "awq_alpha": alphas})
-                del layer
+                layer = None
                 task.advance(note=f"layer {i}: {len(res.modules)} linears quantized"
                              + (f", {len(res.borrowed)} experts borrowed scales" if res.borrowed else ""))
         for name in (a.norm_name, a.head_name):

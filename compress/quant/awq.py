@@ -18,7 +18,6 @@ import torch
 
 from moepress.compress.quant import int4
 
-
 TINY = torch.finfo(torch.float32).tiny
 
 
