@@ -120,7 +120,8 @@ def test_expert_without_calibration_tokens_gets_finite_nonzero_scales(tmp_path):
                     v = r.get(p + t).float()
                     assert torch.isfinite(v).all() and (v > 0).all(), (fmt, p + t)
             if p + ".input_scale" in r:  # the peers' (shared) scale
-                assert torch.equal(r.get(p + ".input_scale"), r.get(p.replace("experts.5", "experts.0") + ".input_scale"))
+                peer = p.replace("experts.5", "experts.0") + ".input_scale"
+                assert torch.equal(r.get(p + ".input_scale"), r.get(peer))
             w = r.weight(p + ".weight")
             assert torch.isfinite(w).all() and w.abs().max() > 0
         ev = eval_batches(biased, seq_len=128, max_windows=2)
@@ -154,7 +155,8 @@ def test_kv_cache_scales(tmp_path):
         for k in ("k_scale", "v_scale"):
             v = r.get(f"model.layers.{i}.self_attn.{k}")
             assert v.shape == () and torch.isfinite(v) and v > 0
-    assert json.loads((tmp_path / "q" / "hf_quant_config.json").read_text())["quantization"]["kv_cache_quant_algo"] == "FP8"
+    hq = json.loads((tmp_path / "q" / "hf_quant_config.json").read_text())["quantization"]
+    assert hq["kv_cache_quant_algo"] == "FP8"
 
 
 def _one_line(r, *needles):
