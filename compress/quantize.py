@@ -221,34 +221,66 @@ def _prepare(stream: StreamedModel, i: int, layer: nn.Module) -> None:
 
 class LinearStats:
     """Inputs seen by one linear (or one group sharing an input): amax and mean |x| per channel,
-    a sample of rows (AWQ), the Hessian (GPTQ)."""
+    a sample of rows (AWQ), the Hessian (GPTQ).
 
-    def __init__(self, hessian: bool):
+    Each forward call contributes (sum |x| in float64, rows, x^T x); contributions are folded in
+    call order. Under torchrun every rank keeps its own calls' contributions until
+    :meth:`gather`, which folds all ranks' calls in global batch order — so the statistics, and
+    the quantized checkpoint, are bit-identical to one process's.
+    """
+
+    def __init__(self, hessian: bool, defer: bool = False):
         self.amax = None
+        self.hessian = hessian
+        self.defer = defer  # keep per-call contributions for gather() (distributed)
+        self.calls: list[tuple] = []
         self.abs_sum = None
         self.n = 0
         self.rows: list[torch.Tensor] = []
         self.n_rows = 0
-        self.hessian = hessian
-        self.H = None
+        self.S = None  # sum of x^T x (float64)
 
     def add(self, x: torch.Tensor) -> None:
-        from moepress.compress.quant.gptq import hessian_update
-
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if x.shape[0] == 0:
             return
         a = x.abs()
         self.amax = a.amax(0) if self.amax is None else torch.maximum(self.amax, a.amax(0))
-        s = a.sum(0, dtype=torch.float64)
+        take = x[: max(0, AWQ_SAMPLE_ROWS - self.n_rows)].clone()
+        self.n_rows += take.shape[0]
+        xd = x.double() if self.hessian else None
+        call = (a.sum(0, dtype=torch.float64), x.shape[0], take, xd.T @ xd if self.hessian else None)
+        if self.defer:
+            self.calls.append(call)
+        else:
+            self._fold(call)
+
+    def _fold(self, call) -> None:
+        s, n, rows, xtx = call
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
-        if self.n_rows < AWQ_SAMPLE_ROWS:
-            take = x[: AWQ_SAMPLE_ROWS - self.n_rows]
-            self.rows.append(take.clone())
-            self.n_rows += take.shape[0]
-        if self.hessian:
-            self.H, _ = hessian_update(self.H, self.n, x)
-        self.n += x.shape[0]
+        self.n += n
+        if rows.shape[0] and sum(r.shape[0] for r in self.rows) < AWQ_SAMPLE_ROWS:
+            self.rows.append(rows[: AWQ_SAMPLE_ROWS - sum(r.shape[0] for r in self.rows)])
+        if xtx is not None:
+            self.S = xtx if self.S is None else self.S + xtx
+
+    def gather(self, env) -> None:
+        """Fold every rank's calls, in global order (ranks hold contiguous shards of the batches)."""
+        import torch.distributed as dist
+
+        everyone: list = [None] * env.world_size
+        dist.all_gather_object(everyone, (self.calls, self.amax))
+        self.calls = []
+        amaxes = [am for _, am in everyone if am is not None]
+        self.amax = torch.stack(amaxes).amax(0) if amaxes else None
+        for calls, _ in everyone:
+            for call in calls:
+                self._fold(call)
+        self.defer = False
+
+    @property
+    def H(self):
+        return None if self.S is None else 2.0 * self.S / max(self.n, 1)
 
     @property
     def act_mean(self) -> torch.Tensor:
@@ -256,6 +288,17 @@ class LinearStats:
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.rows) if self.rows else torch.zeros(0)
+
+
+def _gather_list(items: list, env) -> list:
+    """Every rank's list, concatenated in rank order (= global batch order)."""
+    if not env.enabled:
+        return items
+    import torch.distributed as dist
+
+    everyone: list = [None] * env.world_size
+    dist.all_gather_object(everyone, items)
+    return [x for part in everyone for x in part]
 
 
 def _groups(names: list[str]) -> list[list[str]]:
@@ -361,8 +404,12 @@ def _input_amax_for_awq(st: LinearStats | None, pqs: torch.Tensor | None) -> tor
 
 
 @torch.no_grad()
-def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg: QuantConfig):
-    """Calibrate and quantize decoder layer i (running on ``hs``); returns (LayerResult, original outputs)."""
+def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg: QuantConfig, env=None):
+    """Calibrate and quantize decoder layer i (running on ``hs``, this rank's batches); returns
+    (LayerResult, original outputs). Under torchrun the statistics are gathered from every rank."""
+    from moepress.calib.distributed import DistEnv
+
+    env = env or DistEnv()
     a = sm.adapter
     prefix = a.layer_prefix(i)
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
@@ -379,7 +426,7 @@ def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg
     for grp in _groups([n for n in targets if n not in expert_names]):
         if not any(n in needs for n in grp):
             continue
-        st = LinearStats(hessian=any(fmt_of[n] == "int4-gptq" for n in grp))
+        st = LinearStats(hessian=any(fmt_of[n] == "int4-gptq" for n in grp), defer=env.enabled)
         for n in grp:
             stats[n] = st
         hooks.append(linears[grp[0]].register_forward_pre_hook(lambda m, args, st=st: st.add(args[0])))
@@ -405,8 +452,16 @@ def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg
     outs = sm.run_layer(layer, hs) if need_run else None
     for h in hooks:
         h.remove()
-    if moe is not None and routes:
+    if moe is not None and any(n in needs for n in expert_names):
         moe.observers.remove(obs)
+    if env.enabled:
+        import torch.distributed as dist
+
+        for st in {id(v): v for v in stats.values()}.values():
+            st.gather(env)
+        moe_inputs, routes = _gather_list(moe_inputs, env), _gather_list(routes, env)
+        for n in kv:
+            dist.all_reduce(kv[n], op=dist.ReduceOp.MAX)
 
     res = LayerResult()
     weights = {n: linears[n].weight.detach().float() for n in targets}
@@ -444,10 +499,10 @@ def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg
                     st_gu.add(x_e)
                 else:
                     st_gu = src
-                    if fmt_of[g] == "int4-gptq" and layer_stats.H is None:
-                        from moepress.compress.quant.gptq import hessian_update
-
-                        layer_stats.H, _ = hessian_update(None, 0, X)
+                    if fmt_of[g] == "int4-gptq" and layer_stats.S is None:
+                        layer_stats = LinearStats(hessian=True)
+                        layer_stats.add(X)
+                        st_gu = layer_stats
                 if not few:
                     h = ex.act_fn(nn.functional.linear(x_e, weights.get(g, linears[g].weight.float()))) * \
                         nn.functional.linear(x_e, weights.get(u, linears[u].weight.float()))
@@ -532,21 +587,38 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
     reader = CheckpointReader(model)
     if read_quant_layout(reader.path) is not None:
         raise MoepressError(f"{reader.path}: already quantized by moepress ({SIDECAR}); quantize the original")
+    from moepress.calib import distributed as dist
+
     sm = StreamedModel(reader)
     a = sm.adapter
     sm.check_weights()
+    # torchrun: calibration batches are split across ranks (contiguous shares), statistics are
+    # gathered and folded in global order, rank 0 writes; identical to one process.
+    env = dist.init()
+    if not env.is_main:
+        progress = QUIET
     if batches is None and cfg.needs_calibration:
-        batches = calibration_batches(reader.path, cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed,
-                                      cfg.batch_size, trust_remote_code)
+        batches = dist.run_main_first(env, lambda: calibration_batches(
+            reader.path, cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed, cfg.batch_size, trust_remote_code))
+    n_tokens = sum(b.numel() for b in batches) if batches is not None else 0
+    if batches is not None and env.enabled:
+        batches = dist.shard(batches, env.rank, env.world_size)
     calibrated = batches is not None and cfg.needs_calibration
     modules, shared, borrowed, skipped, alphas = {}, [], [], [], {}
-    with CheckpointWriter(out, force=force, resume=resume) as w:
+    writer = CheckpointWriter(out, force=force, resume=resume) if env.is_main else _NullWriter()
+    with writer as w:
         done = w.written_names
         start = 0
         while start < a.num_layers and all(a.layer_prefix(start) + k in done or
                                            _quantized_name(a.layer_prefix(start) + k, done)
                                            for k in sm.expected_layer_shapes(start)):
             start += 1
+        if env.enabled:
+            import torch.distributed as tdist
+
+            box = [start]
+            tdist.broadcast_object_list(box, src=0)
+            start = box[0]
         if start:
             progress.info(f"quantize: resuming at layer {start} ({start} finished layers kept from the killed run)")
         if a.embed_name not in done:
@@ -568,14 +640,14 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
                 if i < start:
                     # finished before the kill: only its (quantized) outputs are needed, as inputs of layer i+1
                     if calibrated:
-                        res, outs = quantize_layer(sm, i, layer, hs, cfg)
+                        res, outs = quantize_layer(sm, i, layer, hs, cfg, env)
                         if cfg.sequential:
                             _apply(layer, res)
                             outs = sm.run_layer(layer, hs)
                         hs = outs
                     continue
                 if calibrated:
-                    res, outs = quantize_layer(sm, i, layer, hs, cfg)
+                    res, outs = quantize_layer(sm, i, layer, hs, cfg, env)
                 else:  # calibration-free: tensor by tensor, no layer module, no activations
                     res = quantize_tensors(sm, i, cfg)
                 if calibrated and cfg.sequential:
@@ -609,7 +681,8 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
         for name in (a.norm_name, a.head_name):
             if name in reader and name not in done:
                 w.add(name, reader.get(name))
-        (w.partial / "moepress-quant-progress.json").unlink(missing_ok=True)
+        if w.partial is not None:
+            (w.partial / "moepress-quant-progress.json").unlink(missing_ok=True)
         fmts = sorted({m["format"] for m in modules.values()})
         algo = FORMATS[fmts[0]].quant_algo if len(fmts) == 1 else "MIXED_PRECISION"
         group = cfg.group_size if any(FORMATS[f].kind == "int4" for f in fmts) else None
@@ -635,11 +708,12 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
         report = {"model": str(reader.path), "family": a.family, "config": dataclasses.asdict(cfg),
                   "quant_algo": algo, "quantized_linears": len(modules), "experts_with_borrowed_scales": borrowed,
                   "left_unquantized": skipped, "awq_alpha": alphas,
-                  "calibration_tokens": sum(b.numel() for b in batches) if calibrated else 0}
+                  "calibration_tokens": n_tokens if calibrated else 0}
         w.write_json(REPORT, report)
         w.copy_aux_files(reader.path)
         w.manifest.update({"stage": "quantize", "config": dataclasses.asdict(cfg),
                            "inputs": {"model": str(reader.path)}})
+    dist.barrier(env)
     return {"output": str(out), "format": cfg.format, "quant_algo": algo, "layers": a.num_layers,
             "quantized_linears": len(modules), "borrowed": len(borrowed), "skipped": len(skipped),
             "seconds": round(time.monotonic() - t0, 3)}
@@ -649,12 +723,42 @@ def _quantized_name(name: str, done: set[str]) -> bool:
     return name.endswith(".weight") and name[: -len(".weight")] + ".weight_scale" in done
 
 
-def _load_prev_report(partial: Path) -> dict:
+class _NullWriter:
+    """What ranks other than 0 write: nothing (rank 0 holds the checkpoint writer)."""
+
+    partial = None
+    manifest: dict = {}
+    written_names: set = set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def add(self, name, tensor):
+        pass
+
+    def end_shard(self):
+        pass
+
+    def write_json(self, rel, obj):
+        pass
+
+    def copy_aux_files(self, src):
+        return []
+
+
+def _load_prev_report(partial: Path | None) -> dict:
+    if partial is None:
+        return {}
     p = partial / "moepress-quant-progress.json"
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def _save_prev_report(partial: Path, d: dict) -> None:
+def _save_prev_report(partial: Path | None, d: dict) -> None:
+    if partial is None:
+        return
     p = partial / "moepress-quant-progress.json"
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps(d, default=float))

@@ -58,6 +58,10 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, no_sequential, resume,
     prog = Progress.from_flags(quiet, json_out)
     res = quantize_checkpoint(src, output, cfg, force=force, resume=resume, progress=prog,
                               trust_remote_code=trust_remote_code)
+    from moepress.calib.distributed import current
+
+    if not current().is_main:  # under torchrun, rank 0 reports
+        return
     if json_out:
         click.echo(json.dumps(res))
     else:
