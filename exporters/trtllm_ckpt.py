@@ -130,7 +130,13 @@ def read_linear(reader: CheckpointReader, prefix: str) -> Linear:
         s = opt(".weight_scale")
         if s is None:
             raise MoepressError(f"{reader.path}: FP8 tensor '{name}' has no weight_scale")
-        scheme = "fp8" if s.numel() == 1 else "fp8-dynamic" if s.dim() == 2 and s.shape[1] == 1 else "fp8-block"
+        # the quantize stage's sidecar says which; shapes alone are ambiguous ([2, 1] blocks vs per-channel)
+        fmt = ((_layout(reader) or {}).get("modules", {}).get(prefix) or {}).get("format")
+        if fmt in ("fp8", "fp8-dynamic", "fp8-block"):
+            scheme = fmt
+        else:
+            scheme = "fp8" if s.numel() == 1 else "fp8-dynamic" if tuple(s.shape) == (reader.info(name).shape[0], 1) \
+                else "fp8-block"
         return Linear(scheme, reader.get(name), s.float().reshape(()) if scheme == "fp8" else s.float(),
                       opt(".input_scale"))
     if code == "U8":
@@ -139,6 +145,12 @@ def read_linear(reader: CheckpointReader, prefix: str) -> Linear:
             raise MoepressError(f"{reader.path}: packed tensor '{name}' has no weight_scale")
         return Linear("int4", _unpack(reader.get(name)), s.float(), opt(".input_scale"), opt(".pre_quant_scale"))
     return Linear("none", reader.get(name))
+
+
+def _layout(reader: CheckpointReader) -> dict | None:
+    from moepress.compress.quantize import _layout as stage_layout
+
+    return stage_layout(reader)
 
 
 def _unpack(packed: torch.Tensor) -> torch.Tensor:

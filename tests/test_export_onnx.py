@@ -1,8 +1,8 @@
 """onnx: onnx.checker (external data), onnxruntime logits vs the torch (fake-quant) forward,
 Q/DQ forms in the graph, `moepress check` on the bf16 export, bad input.
 
-Quantized inputs come from test_export_onnx_quant.make_quantized (the contract's layout) until
-`moepress quantize` exists; the reference is the streamed forward with fake-quant hooks.
+Quantized inputs come from `moepress quantize` (fp8, int4-awq); the reference is the stream's
+fake-quant forward of the same quantized checkpoint.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from test_export_onnx_quant import make_quantized, reference_forward
 
 from moepress import models
+from moepress.compress.quantize import QuantConfig, quantize_checkpoint
 from moepress.compress.stream import StreamedModel
 
 CASES = [(m, "bf16") for m in models.BUNDLED] + [(m, "fp8") for m in models.BUNDLED] + \
@@ -40,8 +40,11 @@ def exported(tmp_path_factory):
             ref_logits = StreamedModel(src).forward(
                 [ids], after_layer=lambda i, layer, hs, acc=hidden: acc.append(hs[0]))[0]
         else:
-            src, refdir = make_quantized(src, root / f"{model}-{kind}", root / f"{model}-{kind}-ref", kind)
-            ref_logits, hidden = reference_forward(src, refdir, [ids])[0], None
+            qdir = root / f"{model}-{kind}"
+            fmt = {"fp8": "fp8", "int4": "int4-awq"}[kind]
+            quantize_checkpoint(src, qdir, QuantConfig(format=fmt, num_samples=4, seq_len=64))
+            src = qdir
+            ref_logits, hidden = StreamedModel(qdir).forward([ids])[0], None
         dst = root / f"{model}-{kind}-onnx"
         info = export(src, dst, ExportConfig(format="onnx"))
         so = ort.SessionOptions()
@@ -71,7 +74,7 @@ def test_checker_and_external_data(exported, model, kind):
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops and onnx.TensorProto.FLOAT8E4M3FN in types
     elif kind == "int4":
         assert "DequantizeLinear" in ops and onnx.TensorProto.INT4 in types
-        assert any(a.name == "block_size" and a.i == 32 for n in m.graph.node if n.op_type == "DequantizeLinear"
+        assert any(a.name == "block_size" and a.i == 128 for n in m.graph.node if n.op_type == "DequantizeLinear"
                    for a in n.attribute)
     else:
         assert "DequantizeLinear" not in ops and onnx.TensorProto.BFLOAT16 in types

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_export_onnx_quant import make_quantized
 
 from moepress import models
 from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.quantize import QuantConfig, quantize_checkpoint
 
 QWEN, MIXTRAL = models.path("tiny-qwen3-moe"), models.path("tiny-mixtral")
 
@@ -66,7 +66,8 @@ def exports(tmp_path_factory):
                              ("qwen_tp2_ep1", QWEN, 2, 1)):
         export(src, root / key, ExportConfig(format="trtllm-ckpt", tp=tp, ep=ep))
         outs[key] = root / key
-    q, _ = make_quantized(MIXTRAL, root / "mixtral-fp8", root / "mixtral-fp8-ref", "fp8")
+    q = root / "mixtral-fp8"
+    quantize_checkpoint(MIXTRAL, q, QuantConfig(format="fp8", num_samples=4, seq_len=64))
     export(q, root / "fp8_tp2_ep2", ExportConfig(format="trtllm-ckpt", tp=2, ep=2))
     outs["fp8_tp2_ep2"], outs["fp8_src"] = root / "fp8_tp2_ep2", q
     return outs
@@ -194,6 +195,7 @@ def test_bad_mapping_is_one_line_exit_2(cli_run, tmp_path, model, args, expect):
 
 
 def test_int4_input_is_refused(cli_run, tmp_path):
-    q, _ = make_quantized(MIXTRAL, tmp_path / "q", tmp_path / "r", "int4")
+    q = tmp_path / "q"
+    quantize_checkpoint(MIXTRAL, q, QuantConfig(format="int4-awq", num_samples=4, seq_len=64))
     r = cli_run("export", q, "--format", "trtllm-ckpt", "-o", tmp_path / "o")
     assert r.exit_code == 2 and "hf-modelopt" in r.stderr
