@@ -160,6 +160,7 @@ def memory() -> None:
 
 
 def main() -> int:
+    torch.set_num_threads(1)  # small ops on a shared machine: one thread is faster
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="", help="comma-separated checkpoint directories (default: bundled)")
     ap.add_argument("--ratios", default="0.25,0.5")

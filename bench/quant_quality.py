@@ -7,7 +7,14 @@ For each bundled model and format, in one run, each in its own process (peak RSS
   * modelopt: `mtq.quantize` on the transformers model (fp32) with the matching config and the
     same calibration tokens, then its fake-quant perplexity on the same held-out windows;
   * the unquantized baseline.
-Prints a Markdown table. Formats modelopt has no config for are marked n/a.
+Prints a Markdown table and notes. Formats modelopt has no config for are marked n/a.
+
+modelopt configs: FP8_DEFAULT_CFG, FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG (its 128x128 block FP8 config is
+weight-only: activations unquantized, ours dynamic 1x128), FP8_PER_CHANNEL_PER_TOKEN_CFG, INT4_AWQ_CFG
+(awq_lite), INT4_AWQ_CFG's weight quantizer with algorithm "gptq" (modelopt 0.47 has GPTQ), and
+W4A8_AWQ_BETA_CFG, INT4 block size set to ``--group-size``. Its quantizers on transformers 5's fused
+experts are counted (enabled quantizers, those on experts) and it is checked whether its AWQ / GPTQ
+changed the fused expert weights at all (column "algo on experts").
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from pathlib import Path
 
 MODELOPT_CFG = {"fp8": "FP8_DEFAULT_CFG", "fp8-block": "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG",
                 "fp8-dynamic": "FP8_PER_CHANNEL_PER_TOKEN_CFG", "int4-awq": "INT4_AWQ_CFG",
-                "int4-gptq": None, "w4a8-awq": "W4A8_AWQ_BETA_CFG"}
+                "int4-gptq": "INT4_AWQ_CFG", "w4a8-awq": "W4A8_AWQ_BETA_CFG"}
 FORMATS = list(MODELOPT_CFG)
 
 
@@ -55,7 +62,7 @@ def worker(args) -> dict:
 
         out = Path(args.tmp) / "q"
         quantize_checkpoint(src, out, QuantConfig(format=args.format, num_samples=args.num_samples,
-                                                  seq_len=args.seq_len), force=True)
+                                                  seq_len=args.seq_len, group_size=args.group_size), force=True)
         secs = time.monotonic() - t0
         return {"ppl": perplexity(StreamedModel(str(out)).forward(ev), ev), "seconds": secs}
     # modelopt
@@ -69,6 +76,14 @@ def worker(args) -> dict:
     batches = calibration_batches(src, (), args.num_samples, args.seq_len, 0, 8)
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     cfg = copy.deepcopy(getattr(mtq, MODELOPT_CFG[args.format]))
+    if args.format == "int4-gptq":  # modelopt/torch/quantization/config.py GPTQCalibConfig defaults
+        cfg["algorithm"] = {"method": "gptq", "perc_damp": 0.01, "block_size": 128}
+    for entry in cfg["quant_cfg"]:  # INT4 group size (first quantizer of W4A8's sequential pair)
+        c = entry.get("cfg")
+        c = c[0] if isinstance(c, list) else c
+        if entry.get("quantizer_name") == "*weight_quantizer" and c and c.get("num_bits") == 4:
+            c["block_sizes"][-1] = args.group_size
+    experts_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n}
 
     def loop(m):
         for b in batches:
@@ -81,15 +96,20 @@ def worker(args) -> dict:
 
     enabled = [n for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled]
     n_q, n_exp = len(enabled), sum(1 for n in enabled if ".experts." in n)
+    # did the algorithm (AWQ smoothing folded into the weight, GPTQ updates) touch the experts?
+    touched = sum(1 for n, p in model.named_parameters()
+                  if n in experts_before and not torch.equal(p, experts_before[n]))
     with torch.no_grad():
         logits = [model(input_ids=b, use_cache=False).logits.float() for b in ev]
-    return {"ppl": perplexity(logits, ev), "seconds": secs, "quantized_modules": n_q, "expert_quantizers": n_exp}
+    return {"ppl": perplexity(logits, ev), "seconds": secs, "quantizers": n_q, "expert_quantizers": n_exp,
+            "experts_touched": f"{touched}/{len(experts_before)}"}
 
 
 def run_one(side, model, fmt, a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, __file__, "--worker", side, "--model", model, "--format", fmt or "none",
-               "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len), "--tmp", tmp]
+               "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len), "--group-size",
+               str(a.group_size), "--tmp", tmp]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         p = subprocess.run(cmd, env=env, capture_output=True, text=True)
         try:
@@ -104,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--group-size", type=int, default=128, help="INT4 group (ours and modelopt's block size)")
     ap.add_argument("--worker", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--format", default=None)
@@ -121,12 +142,14 @@ def main(argv=None) -> int:
           f"held-out perplexity on 32 windows x 256 tokens of calib/data/eval.txt; {os.cpu_count()} CPUs, "
           f"1 thread per run")
     print("| model | format | ppl ours | ppl modelopt | Δ ours | Δ modelopt | s ours | s modelopt | "
-          "peak RSS MB ours | peak RSS MB modelopt | modelopt quantizers enabled / on experts |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "peak RSS MB ours | peak RSS MB modelopt | modelopt quantizers: enabled / on experts | "
+          "modelopt algo changed expert weights |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    wins = {"ppl": 0, "rss": 0, "n": 0}
     for model in a.models.split(","):
         base = run_one("baseline", model, None, a)
         print(f"| {model} | bf16 (baseline) | {base.get('ppl', float('nan')):.3f} | | | | | | "
-              f"{base.get('rss_mb', 0):.0f} | | |", flush=True)
+              f"{base.get('rss_mb', 0):.0f} | | | |", flush=True)
         for fmt in a.formats.split(","):
             ours = run_one("ours", model, fmt, a)
             ref = run_one("modelopt", model, fmt, a) if MODELOPT_CFG.get(fmt) else {"error": "no modelopt config"}
@@ -137,11 +160,26 @@ def main(argv=None) -> int:
             def rel(d, base=base):
                 return f"{(d['ppl'] / base['ppl'] - 1) * 100:+.2f}%" if "ppl" in d and "ppl" in base else "-"
 
+            if "ppl" in ours and "ppl" in ref:
+                wins["n"] += 1
+                wins["ppl"] += ours["ppl"] <= ref["ppl"]
+                wins["rss"] += ours["rss_mb"] < ref["rss_mb"]
+            algo = ref.get("experts_touched", "-") if fmt in ("int4-awq", "int4-gptq", "w4a8-awq") else "n/a"
             print(f"| {model} | {fmt} | {f(ours, 'ppl', '.3f')} | {f(ref, 'ppl', '.3f')} | {rel(ours)} | {rel(ref)} | "
                   f"{f(ours, 'seconds', '.1f')} | {f(ref, 'seconds', '.1f')} | {f(ours, 'rss_mb', '.0f')} | "
-                  f"{f(ref, 'rss_mb', '.0f')} | {ref.get('quantized_modules', '-')} / "
-                  f"{ref.get('expert_quantizers', '-')} |",
-                  flush=True)
+                  f"{f(ref, 'rss_mb', '.0f')} | {ref.get('quantizers', '-')} / {ref.get('expert_quantizers', '-')} | "
+                  f"{algo} |", flush=True)
+    print(f"\nours <= modelopt in perplexity in {wins['ppl']}/{wins['n']} cells; lower peak RSS in "
+          f"{wins['rss']}/{wins['n']}.")
+    print("Notes: peak RSS is each run's own ru_maxrss (one process per cell, including the held-out "
+          "evaluation); modelopt's includes the whole fp32 model, ours one streamed layer. Times are wall "
+          "seconds on a shared machine (noisy); ours = calibration + streamed quantize + write, modelopt = "
+          "load + mtq.quantize. modelopt's fp8-block config is weight-only; its FP8_PER_CHANNEL_PER_TOKEN "
+          "input quantizer keeps one scale per sequence on [batch, seq, hidden] inputs (axis 0), not per "
+          "token. With transformers 5's fused experts modelopt attaches one weight quantizer per expert "
+          "(gate_up fused) and one input quantizer per projection, but its AWQ / GPTQ only run on nn.Linear "
+          "modules: the experts column shows whether they changed any fused expert weight (0/N: the "
+          "experts are plain round-to-nearest INT4 in modelopt's result).")
     return 0
 
 

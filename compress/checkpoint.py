@@ -258,15 +258,7 @@ class CheckpointReader:
 
     def weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A weight in float ``dtype``, dequantized if it is stored quantized."""
-        if name.endswith(".weight"):
-            import moepress.compress.quant  # noqa: F401  (registers the decoders)
-
-            base = name[: -len(".weight")]
-            for dec in _DECODERS:
-                out = dec(self, base, dtype)
-                if out is not None:
-                    return out
-        return self.get(name).to(dtype)
+        return decode_weight(self, name, dtype)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -278,6 +270,46 @@ class CheckpointReader:
             self.close()
         except Exception:
             pass
+
+
+def decode_weight(reader, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``name`` in float ``dtype`` through the registered decoders (``reader``: a CheckpointReader
+    or a :class:`LayerView` over tensors already read)."""
+    if name.endswith(".weight"):
+        import moepress.compress.quant  # noqa: F401  (registers the decoders)
+
+        base = name[: -len(".weight")]
+        for dec in _DECODERS:
+            out = dec(reader, base, dtype)
+            if out is not None:
+                return out
+    return reader.get(name).to(dtype)
+
+
+class LayerView:
+    """A reader over one layer's stored tensors read ahead of time (the stream's prefetch reads
+    a layer's raw bytes — bf16, FP8 + scales — in a background thread; decoding to the compute
+    dtype happens when the layer is built, so the read-ahead costs the stored size, not fp32)."""
+
+    def __init__(self, reader: CheckpointReader, raw: dict[str, torch.Tensor]):
+        self._reader, self._raw = reader, raw
+        self.config, self.path = reader.config, reader.path
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._raw or name in self._reader
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._raw.get(name)
+        return t if t is not None else self._reader.get(name)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._reader.info(name)
+
+    def weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return decode_weight(self, name, dtype)
+
+    def __getattr__(self, attr):  # e.g. formats' per-reader caches
+        return getattr(self._reader, attr)
 
 
 def aux_files(src: Path) -> list[Path]:

@@ -62,7 +62,7 @@ class PruneConfig:
     seq_len: int = 256
     seed: int = 0
     # reroute: calibration tokens the search uses (a seeded subsample when there are more);
-    # its cache holds about search_tokens * 2 * top_k * hidden floats.
+    # its cache holds about search_tokens * (2 * top_k + 4) * hidden floats.
     search_tokens: int = 16384
 
 
@@ -226,10 +226,12 @@ def plan_budget(adapter, cfg: PruneConfig, layers: list[int] | None = None) -> B
                              f"so the pruned model never exceeds the requested size")
         else:
             decisions.append(f"{src}: keep {K} of {E} experts")
-    problem = feasible(K) if K > 0 else "no experts"
+    problem = (feasible(K) if K > 0 else f"no experts ({target} rounded down to a multiple of {step}: {why})"
+               if step > 1 and cfg.keep is None and target > 0 else "no experts")
     if problem:
         hint = (f"; the largest valid ratio is {1 - min(valid) / E:.4g} (--keep {min(valid)})" if valid
-                else "; no kept count is valid for this model")
+                else f"; no kept count is valid for this model (a multiple of {step} below {E}"
+                     + (f": {why}" if why else "") + ")")
         raise MoepressError(f"{src}: keeping {K} of {E} routed experts leaves {problem}{hint}")
     if n_group > 1:
         decisions.append(f"n_group={n_group}: keep {K // n_group} of {E // n_group} experts in every group "
@@ -272,29 +274,39 @@ def _ranges(xs: list[int]) -> str:
 class RouteRecorder:
     """Observer keeping what the reroute search needs for a fixed subsample of calibration tokens:
     the MoE input, the router logits, the chosen experts with their weights and (``attach``) the
-    size of the residual stream the block's output is added to."""
+    residual stream entering the MoE block and the block's whole output (shared experts included),
+    whose sum is the hidden state the next layer normalises and reads."""
 
     def __init__(self, n_tokens: int, keep: int, seed: int):
         self.pick = torch.zeros(n_tokens, dtype=torch.bool)  # over all calibration tokens, in stream order
         self.pick[torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))[:keep]] = True
         self.offset = 0
+        self.last = torch.zeros(0, dtype=torch.bool)
         self.parts: list[tuple[torch.Tensor, ...]] = []
-        self.residual_ms: list[torch.Tensor] = []
+        self.residual: list[torch.Tensor] = []
+        self.block_out: list[torch.Tensor] = []
 
-    def attach(self, layer: DecoderLayer):
-        """Also record the mean square of the residual stream entering the MoE block (the input of
-        post_attention_layernorm): the scale against which the block's output error matters."""
-        def hook(mod, args):
+    def attach(self, layer: DecoderLayer) -> Callable[[], None]:
+        """Observe ``layer``'s MoE block; returns a function that removes the hooks."""
+        def pre(mod, args):  # the input of post_attention_layernorm: the residual stream
             h = args[0].reshape(-1, args[0].shape[-1])
             m = self.pick[self.offset: self.offset + h.shape[0]]
             if m.any():
-                self.residual_ms.append(h[m].detach().float().pow(2).mean(-1))
+                self.residual.append(h[m].detach().float())
+
+        def post(mod, args, out):  # runs after on_route of the same tokens: self.last is their mask
+            if self.last.any():
+                self.block_out.append(out.reshape(-1, out.shape[-1])[self.last].detach().float())
+
         layer.moe.observers.append(self)
-        return layer.post_attention_layernorm.register_forward_pre_hook(hook)
+        hooks = [layer.post_attention_layernorm.register_forward_pre_hook(pre),
+                 layer.moe.register_forward_hook(post)]
+        return lambda: [h.remove() for h in hooks]
 
     def on_route(self, moe, x, logits, weights, indices) -> None:
         m = self.pick[self.offset: self.offset + x.shape[0]]
         self.offset += x.shape[0]
+        self.last = m
         if m.any():
             self.parts.append((x[m].detach().float(), logits[m].detach().float(), indices[m], weights[m].float()))
 
@@ -424,12 +436,22 @@ class ExpertOutputs:
         return torch.bmm(weights.float().unsqueeze(1), y).squeeze(1)
 
 
+def _rms_normalize(v: torch.Tensor) -> torch.Tensor:
+    """v / rms(v) per row: an RMSNorm without its weight (the next layer's norm applies its own)."""
+    return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-12)
+
+
 class RerouteSearch:
     """Greedy backward elimination: drop, one at a time, the expert whose removal increases
-    sum_t ||y_t - y'_t||^2 / ms(h_t) the least, where y is the layer's original routed-expert
-    output, y' the output when the pruned router re-routes every token among the kept experts
-    (``route_masked``: exact family routing) and ms(h_t) the mean square of the residual stream
-    the output is added to.
+    sum_t ||n(b_t + y_t) - n(b_t + y'_t)||^2 the least, where y is the layer's original
+    routed-expert output, y' the output when the pruned router re-routes every token among the
+    kept experts (``route_masked``: exact family routing), b_t the rest of the post-block hidden
+    state (the residual stream plus the shared experts' output) and n(v) = v / rms(v): the error
+    of what the next layer's RMSNorm reads. Against the plain squared error of y this weighs an
+    error by the size of the residual it lands in and counts a change of direction, not of
+    length (on the bundled models it picks sets with lower held-out perplexity, chiefly in the
+    first MoE layers where the routed output dominates a small residual). Without a recorded
+    residual (``RouteRecorder.attach`` not used) the objective is sum_t ||y_t - y'_t||^2.
 
     ``contrib[t, c]`` is how much token t's error grows if c is dropped next; it is non-zero only
     where dropping c can change t's routing (t is routed to c; c makes t's group score in
@@ -458,15 +480,14 @@ class RerouteSearch:
         cand = torch.cat([idx0, pref.topk(budget.top_k + m, dim=-1)[1]], 1)
         self.out.fill(torch.arange(self.T)[:, None].expand_as(cand).reshape(-1), cand.reshape(-1))
         self.y0 = self.out.combine(torch.arange(self.T), idx0, w0)
-        # Token weights: 1 / mean square of the residual stream the block's output is added to.
-        # The next layers see that sum through an RMSNorm, so what an error changes is its size
-        # relative to the residual, not its absolute size (tokens with huge residuals, like the
-        # first position, would otherwise dominate the sum).
-        if ev.recorder.residual_ms:
-            self.tw = 1.0 / torch.cat(ev.recorder.residual_ms).double().clamp(min=1e-12)
+        # b = residual + block output - routed output, so that b + y0 is the recorded post-block state
+        if ev.recorder.residual:
+            self.base = torch.cat(ev.recorder.residual) + torch.cat(ev.recorder.block_out) - self.y0
+            self.ref = _rms_normalize(self.base + self.y0)
         else:
-            self.tw = torch.ones(self.T, dtype=torch.float64)
-        self.y0_sq = float(((self.y0.double() ** 2).sum(-1) * self.tw).sum())
+            self.base = self.ref = None
+        ref = self.y0 if self.ref is None else self.ref
+        self.ref_sq = float((ref.double() ** 2).sum())
         self.keep = torch.ones(self.E, dtype=torch.bool)
         self.droppable = torch.ones(self.E, dtype=torch.bool)
         self.droppable[list(budget.protected_in(ev.layer))] = False
@@ -485,8 +506,12 @@ class RerouteSearch:
         out = torch.empty(rows.numel(), dtype=torch.float64)
         for s in range(0, rows.numel(), self.chunk):
             sl = slice(s, s + self.chunk)
-            d = self.y0[rows[sl]] - self.out.combine(rows[sl], idx[sl], w[sl])
-            out[sl] = (d * d).sum(-1).double() * self.tw[rows[sl]]
+            y = self.out.combine(rows[sl], idx[sl], w[sl])
+            if self.base is None:
+                d = self.y0[rows[sl]] - y
+            else:
+                d = self.ref[rows[sl]] - _rms_normalize(self.base[rows[sl]] + y)
+            out[sl] = (d * d).sum(-1).double()
         return out
 
     def _affected(self, rows: torch.Tensor) -> torch.Tensor:
@@ -549,13 +574,14 @@ class RerouteSearch:
         rest = self.keep & self.droppable  # kept experts: the error each would add if dropped now
         scores[rest] = self.contrib.sum(0)[rest]
         kept = self.keep.nonzero(as_tuple=True)[0].tolist()
-        rel = float(self.err.sum()) / max(self.y0_sq, 1e-30)
+        rel = float(self.err.sum()) / max(self.ref_sq, 1e-30)
         return Selection(kept, scores, {"drop_order": order, "moe_output_rel_error": rel,
                                         "search_tokens": self.T, "cached_pairs": self.out.n})
 
 
-@register_method("reroute", "greedy backward elimination minimising the MoE block's output error on "
-                 "calibration tokens, with the pruned router re-routing them (exact family routing)",
+@register_method("reroute", "greedy backward elimination minimising the error of the normalised hidden "
+                 "state after the MoE block on calibration tokens, with the pruned router re-routing them "
+                 "(exact family routing)",
                  "added_relative_sq_error", needs_outputs=True)
 def reroute_select(ev: LayerEvidence, budget: Budget) -> Selection:
     return RerouteSearch(ev, budget).run()
@@ -727,7 +753,7 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *,
         out_hs = sm.run_layer(layer, hs)
         layer.moe.observers = []
         if hook is not None:
-            hook.remove()
+            hook()
         ev = LayerEvidence(i, layer.moe, lr, routing, rec)
         sel = method.select(ev, budget)
         assert len(sel.kept) == budget.keep

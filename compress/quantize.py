@@ -24,6 +24,18 @@ kv cache fp8   ``model.layers.N.self_attn.k_scale`` / ``v_scale`` F32 [] = amax 
                projections' outputs (the values the cache holds before RoPE; see quant_report)
 =============  ==================================================================================
 
+INT4 group: ``--group-size`` input channels (128 default, 64, 32); a linear with fewer inputs
+uses one group per row (the group is clamped to in_features, e.g. DeepSeek-V3-tiny's expert
+down_proj with 64 inputs: weight_scale [out, 1], recorded per module as ``group`` in the sidecar);
+a linear whose in_features is not a multiple of the group is left unquantized and listed under
+``left_unquantized`` in quant_report.json (compress/quant/int4.py: effective_group). The pure
+per-format functions are in compress/quant/{fp8,int4,awq,gptq,w4a8,kv}.py.
+
+quant_report.json (and the ``report`` section of moepress-manifest.json): quant_algo, number of
+quantized linears, ``experts_with_borrowed_scales`` ([{layer, expert, tokens, gate_up, down}]:
+experts calibration routed fewer than MIN_EXPERT_TOKENS tokens to), ``expert_calibration_tokens``
+({layer: [routed tokens per expert]}), ``left_unquantized``; the report file also ``awq_alpha`` (alpha per group).
+
 Everything else keeps its name and stored dtype (routers, norms, embeddings, lm_head are
 never quantized). ``config.json`` gets ``quantization_config`` ({quant_method: modelopt,
 quant_algo, ...}), ``hf_quant_config.json`` holds modelopt's {producer, quantization{quant_algo,
@@ -58,7 +70,8 @@ import torch
 from torch import nn
 
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, register_weight_decoder
-from moepress.compress.quant import awq, fp8, int4
+from moepress.compress.quant import awq, fp8, int4, w4a8
+from moepress.compress.quant import kv as kvq
 from moepress.compress.stream import StreamedModel, register_layer_preparer
 from moepress.errors import MoepressError
 from moepress.progress import QUIET, Progress
@@ -329,6 +342,7 @@ class LayerResult:
     borrowed: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     awq_alpha: dict[str, float] = field(default_factory=dict)
+    expert_tokens: list[int] = field(default_factory=list)  # routed calibration tokens per expert
 
 
 def _quantize_group(res: LayerResult, cfg: QuantConfig, fmt: str, names: list[str], ws: list[torch.Tensor],
@@ -373,11 +387,10 @@ def _quantize_group(res: LayerResult, cfg: QuantConfig, fmt: str, names: list[st
             tensors[n] = {"weight": int4.pack_int4(q), "weight_scale": s}
             if pqs is not None:
                 tensors[n]["pre_quant_scale"] = pqs
-        if fmt == "w4a8-awq":
-            s2 = torch.stack([(w.float() / (pqs[None, :] if pqs is not None else 1.0)).abs().amax() for w in ws])
-            s2 = fp8.scale_from_amax(s2.amax())
+        if fmt == "w4a8-awq":  # one weight_scale_2 for the fused group (w4a8.py)
+            s2 = w4a8.weight_scale_2(ws, pqs)
             for n in names:
-                tensors[n]["weight_scale_2"] = s2.reshape(())
+                tensors[n]["weight_scale_2"] = s2
     isc = None
     if f.static_input:
         amax = input_amax_override
@@ -437,7 +450,7 @@ def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg
             if n in linears:
                 kv[n] = torch.zeros(())
                 hooks.append(linears[n].register_forward_hook(
-                    lambda m, args, out, n=n: kv.__setitem__(n, torch.maximum(kv[n], out.detach().abs().amax()))))
+                    lambda m, args, out, n=n: kv.__setitem__(n, kvq.observe(kv[n], out))))
     if moe is not None and any(n in needs for n in expert_names):
         hooks.append(moe.register_forward_pre_hook(
             lambda m, args: moe_inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())))
@@ -487,6 +500,7 @@ def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg
             toks = (idx == e).any(-1).nonzero().squeeze(-1) if idx is not None else torch.zeros(0, dtype=torch.long)
             x_e = X[toks] if X is not None else None
             few = x_e is None or x_e.shape[0] < MIN_EXPERT_TOKENS
+            res.expert_tokens.append(0 if x_e is None else int(x_e.shape[0]))
             if few and any(n in needs for n in (g, u, d)):
                 res.borrowed.append({"layer": i, "expert": e, "tokens": 0 if x_e is None else int(x_e.shape[0]),
                                      "gate_up": "AWQ/GPTQ statistics and input scale from the layer's MoE input",
@@ -537,9 +551,9 @@ def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg
         for n, amax in kv.items():
             attn = n.rpartition(".")[0]
             kind = "v_scale" if n.endswith("v_proj") else "k_scale"
-            res.tensors[f"{attn}.{kind}"] = fp8.scale_from_amax(amax).reshape(())
+            res.tensors[f"{attn}.{kind}"] = kvq.kv_scale(amax)
             if n.endswith("kv_a_proj_with_mqa"):
-                res.tensors[f"{attn}.v_scale"] = fp8.scale_from_amax(amax).reshape(())
+                res.tensors[f"{attn}.v_scale"] = kvq.kv_scale(amax)
     return res, outs
 
 
@@ -571,8 +585,8 @@ def _apply(layer, res: LayerResult) -> None:
         w = res.tensors[f"{n}.weight"]
         s = res.tensors[f"{n}.weight_scale"]
         deq = int4.dequantize(int4.unpack_int4(w), s) if w.dtype == torch.uint8 else fp8.dequantize(w, s)
-        mods[n].weight.data = deq.to(mods[n].weight.dtype)
-        del m
+        mods[n].weight.data.copy_(deq)  # in place: no second copy of the layer's weights
+        del m, deq
     attach_fake_quant(layer, res.specs)
 
 
@@ -604,7 +618,7 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
     if batches is not None and env.enabled:
         batches = dist.shard(batches, env.rank, env.world_size)
     calibrated = batches is not None and cfg.needs_calibration
-    modules, shared, borrowed, skipped, alphas = {}, [], [], [], {}
+    modules, shared, borrowed, skipped, alphas, expert_tokens = {}, [], [], [], {}, {}
     writer = CheckpointWriter(out, force=force, resume=resume) if env.is_main else _NullWriter()
     with writer as w:
         done = w.written_names
@@ -631,6 +645,7 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
         borrowed += prev.get("borrowed", [])
         skipped += prev.get("skipped", [])
         alphas.update(prev.get("awq_alpha", {}))
+        expert_tokens.update(prev.get("expert_tokens", {}))
         with progress.task("quantize", a.num_layers) as task:
             if start:
                 task.advance(start, note=f"layers 0-{start - 1} already written")
@@ -673,8 +688,11 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
                 borrowed += res.borrowed
                 skipped += [{**s, "module": prefix + s["module"]} for s in res.skipped]
                 alphas.update({prefix + k: v for k, v in res.awq_alpha.items()})
+                if res.expert_tokens:
+                    expert_tokens[str(i)] = res.expert_tokens
                 _save_prev_report(w.partial, {"modules": modules, "shared": shared, "borrowed": borrowed,
-                                              "skipped": skipped, "awq_alpha": alphas})
+                                              "skipped": skipped, "awq_alpha": alphas,
+                                              "expert_tokens": expert_tokens})
                 layer = None
                 task.advance(note=f"layer {i}: {len(res.modules)} linears quantized"
                              + (f", {len(res.borrowed)} experts borrowed scales" if res.borrowed else ""))
@@ -708,15 +726,27 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
         report = {"model": str(reader.path), "family": a.family, "config": dataclasses.asdict(cfg),
                   "quant_algo": algo, "quantized_linears": len(modules), "experts_with_borrowed_scales": borrowed,
                   "left_unquantized": skipped, "awq_alpha": alphas,
+                  "expert_calibration_tokens": expert_tokens,  # layer -> routed tokens per expert
                   "calibration_tokens": n_tokens if calibrated else 0}
         w.write_json(REPORT, report)
         w.copy_aux_files(reader.path)
         w.manifest.update({"stage": "quantize", "config": dataclasses.asdict(cfg),
-                           "inputs": {"model": str(reader.path)}})
+                           "inputs": {"model": str(reader.path)},
+                           "report": {"quant_algo": algo, "quantized_linears": len(modules),
+                                      "experts_with_borrowed_scales": borrowed,
+                                      "expert_calibration_tokens": expert_tokens,
+                                      "left_unquantized": skipped}})
     dist.barrier(env)
     return {"output": str(out), "format": cfg.format, "quant_algo": algo, "layers": a.num_layers,
             "quantized_linears": len(modules), "borrowed": len(borrowed), "skipped": len(skipped),
             "seconds": round(time.monotonic() - t0, 3)}
+
+
+def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
+             calib_batches: list[torch.Tensor] | None = None, progress: Progress = QUIET, **kw) -> dict:
+    """The stage's Python entry point (same as :func:`quantize_checkpoint`): ``calib_batches``
+    (token id batches) default to ``calib.data.calibration_batches`` over ``cfg.calib``."""
+    return quantize_checkpoint(model_dir, out_dir, cfg, batches=calib_batches, progress=progress, **kw)
 
 
 def _quantized_name(name: str, done: set[str]) -> bool:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from moepress.compress.arch import get_adapter
-from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.checkpoint import CheckpointReader, LayerView
 from moepress.compress.moe import DecoderLayer
 from moepress.errors import MoepressError
 
@@ -113,15 +113,21 @@ class StreamedModel:
         return {k: tuple(v.shape) for k, v in layer.state_dict().items()}
 
     # ---- pieces ---------------------------------------------------------------------------------
-    def _read(self, name: str) -> torch.Tensor:
+    def _read(self, name: str, view=None) -> torch.Tensor:
+        src = view if view is not None else self.ckpt
         dtype = torch.float32 if self.adapter.keep_fp32(name) else self.dtype
-        return self.ckpt.weight(name, dtype) if name.endswith(".weight") else self.ckpt.get(name).to(dtype)
+        return src.weight(name, dtype) if name.endswith(".weight") else src.get(name).to(dtype)
 
-    def read_layer_state(self, i: int) -> dict[str, torch.Tensor]:
+    def read_layer_raw(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's tensors as stored (what the prefetch thread reads ahead)."""
+        return {n: self.ckpt.get(n) for n in self.ckpt.layer_names(i)}
+
+    def read_layer_state(self, i: int, raw: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The layer's tensors, dequantized to the compute dtype, keyed as in the layer module."""
         prefix = self.adapter.layer_prefix(i)
         expected = self.expected_layer_shapes(i)
         stored = self.ckpt.layer_names(i)
+        view = LayerView(self.ckpt, raw) if raw is not None else None
         extra = [n for n in stored if n[len(prefix):] not in expected and not n.endswith(COMPANION_SUFFIXES)]
         if extra:
             raise MoepressError(f"{self._where()}: tensor '{extra[0]}' does not belong to a {self.adapter.family} "
@@ -131,7 +137,7 @@ class StreamedModel:
             name = prefix + key
             if name not in self.ckpt:
                 raise MoepressError(f"{self._where()}: tensor '{name}' is missing from the checkpoint")
-            t = self._read(name)
+            t = self._read(name, view)
             if tuple(t.shape) != shape:
                 raise MoepressError(f"{self._where()}: tensor '{name}' has shape {list(t.shape)}, "
                                     f"config.json implies {list(shape)}")
@@ -159,10 +165,13 @@ class StreamedModel:
                 yield i, self.load_layer(i)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepress-prefetch") as pool:
-            nxt: Future | None = pool.submit(self.read_layer_state, start) if start < stop else None
+            # read ahead the stored bytes only; decode to the compute dtype here, when building
+            nxt: Future | None = pool.submit(self.read_layer_raw, start) if start < stop else None
             for i in range(start, stop):
-                state = nxt.result()
-                nxt = pool.submit(self.read_layer_state, i + 1) if i + 1 < stop else None
+                raw = nxt.result()
+                nxt = pool.submit(self.read_layer_raw, i + 1) if i + 1 < stop else None
+                state = self.read_layer_state(i, raw)
+                del raw
                 layer = self.build_layer(i, state)
                 del state
                 yield i, layer

@@ -9,17 +9,41 @@ import click
 from moepress.options import model_argument, resolve_model
 
 
+def _targets_line(table: dict) -> str:
+    """'h200 fp8-block x16, int4-awq x8; a100-80gb int4-awq x16 (fp8: needs sm89+) ...' per target."""
+    parts = []
+    for name, row in table.items():
+        runs = [f"{f} x{n}" for f, n in row.items() if n]
+        too_big = [f for f, n in row.items() if n == 0]
+        parts.append(f"{name}: " + (", ".join(runs) if runs else "nothing fits")
+                     + (f" (too big: {', '.join(too_big)})" if too_big else ""))
+    return "\n           ".join(parts)
+
+
 @click.command("inspect")
 @model_argument
 @click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON.")
-def inspect_cmd(model, json_out):
+@click.option("--targets/--no-targets", "with_targets", default=True, show_default=True,
+              help="Report the formats each GPU target runs and the smallest GPU count holding the model "
+                   "(`moepress plan` defaults: 8 x 4096 tokens of KV cache).")
+def inspect_cmd(model, json_out, with_targets):
     """Family, layers, experts, routing, parameters and bytes on disk of MODEL.
 
-    Works on a directory holding only config.json (nothing is loaded).
+    Works on a directory holding only config.json (nothing is loaded). With --targets (default),
+    also which formats apply and, per GPU target and format, the smallest GPU count that holds it.
     """
     from moepress.compress.inspect import render, summarize
 
-    s = summarize(str(resolve_model(model)))
+    path = str(resolve_model(model))
+    s = summarize(path)
+    if with_targets:
+        from moepress.exporters.plan import applicable
+        from moepress.exporters.targets import PRODUCED
+
+        table = applicable(path)
+        s["formats"] = [f for f in PRODUCED if any(row.get(f) for row in table.values())]
+        s["targets_table"] = table  # {target: {format: smallest GPU count | 0 too big | None cannot run}}
+        s["targets"] = _targets_line(table)
     click.echo(json.dumps(s, indent=2) if json_out else render(s))
 
 

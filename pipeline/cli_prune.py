@@ -33,9 +33,9 @@ class MethodChoice(click.ParamType):
 
 def _method_help() -> str:
     return ("Which experts to drop: frequency = routed token counts; ean = summed expert output norm; "
-            "reap = mean gate x output norm (REAP); reroute = greedy search minimising the MoE block's "
-            "output error with the pruned router re-routing tokens. Default: reroute, the best in "
-            "bench/prune_quality.py.")
+            "reap = mean gate x output norm (REAP); reroute = greedy search minimising the error of the "
+            "normalised hidden state after the MoE block, with the pruned router re-routing tokens. "
+            "Default: reroute, the best in bench/prune_quality.py.")
 
 
 @click.command("prune")

@@ -279,12 +279,16 @@ def test_reroute_incremental_search_equals_brute_force_greedy(tmp_path, family, 
     i = sm.adapter.moe_layers()[0]
     moe = sm.load_layer(i).moe
     E, r, bias = moe.num_experts, sm.adapter.routing(), moe.gate.e_score_correction_bias
-    x = torch.randn(600, sm.adapter.hidden_size, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(600, sm.adapter.hidden_size, generator=g)
     rec = RouteRecorder(600, 600, 0)
     moe.observers = [rec]
     with torch.no_grad():
-        moe(x)
+        block = moe(x)
     moe.observers = []
+    # the residual stream the block's output is added to (as RouteRecorder.attach records it)
+    h = torch.randn(600, sm.adapter.hidden_size, generator=g) * torch.rand(600, 1, generator=g) * 3
+    rec.residual, rec.block_out = [h], [block]
     b = plan_budget(sm.adapter, PruneConfig(keep=E // 2 if r["n_group"] == 1 else 8))
     sel = RerouteSearch(LayerEvidence(i, moe, None, r, rec), b).run()
     # brute force: every expert's output for every token, full routing of every token per candidate
@@ -296,6 +300,11 @@ def test_reroute_incremental_search_equals_brute_force_greedy(tmp_path, family, 
         return (f.gather(1, idx[..., None].expand(-1, -1, f.shape[-1])) * w[..., None]).sum(1)
 
     y0 = out(w0.float(), i0)
+    base = h + block - y0  # residual + shared experts
+
+    def n(v):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-12)
+
     keep, order = torch.ones(E, dtype=torch.bool), []
     while int(keep.sum()) > b.keep:
         best = None
@@ -305,7 +314,7 @@ def test_reroute_incremental_search_equals_brute_force_greedy(tmp_path, family, 
                 continue
             k2 = keep.clone()
             k2[c] = False
-            err = float(((y0 - out(*route_masked(logits, k2, r, bias))).double() ** 2).sum())
+            err = float(((n(base + y0) - n(base + out(*route_masked(logits, k2, r, bias)))).double() ** 2).sum())
             if best is None or err < best[0] - 1e-9:
                 best = (err, c)
         order.append(best[1])

@@ -8,6 +8,7 @@
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -102,6 +103,15 @@ def test_router_surgery_is_exact_for_tokens_whose_experts_were_kept(pruned, name
     (["tiny-qwen3-moe", "--ratio", "0.5", "--method", "magic"], ["--method magic", "reap"]),
     (["tiny-qwen3-moe", "--ratio", "0.5", "--protect", "9:1"], ["--protect 9:1", "not an MoE layer"]),
     (["tiny-qwen3-moe", "--ratio", "0.5", "--protect", "1-2"], ["--protect '1-2'"]),
+    (["tiny-qwen3-moe", "--ratio", "0.5", "--protect", "1:16"], ["--protect 1:16", "expert 16 does not exist"]),
+    (["tiny-qwen3-moe", "--ratio", "0.25", "--ep-size", "32"], ["--ratio 0.25", "multiple of 32", "--ep-size 32",
+                                                                 "no kept count is valid"]),
+    (["tiny-qwen3-moe", "--ratio", "0.75", "--ep-size", "8"], ["--ratio 0.75", "rounded down to a multiple of 8",
+                                                                "largest valid ratio is 0.5"]),
+    (["tiny-qwen3-moe", "--ratio", "0.5", "--ep-size", "0"], ["--ep-size 0", "positive"]),
+    (["tiny-qwen3-moe", "--ratio", "-0.1"], ["--ratio -0.1", "(0, 1)"]),
+    (["tiny-qwen3-moe", "--keep", "0"], ["--keep 0", "1..15"]),
+    (["tiny-qwen3-moe", "--ratio", "0.5", "--search-tokens", "0"], ["--search-tokens 0"]),
 ])
 def test_cli_refusals_are_one_line(cli_run, tmp_path, args, needles):
     r = cli_run("prune", *args, "-o", tmp_path / "out")
@@ -111,3 +121,18 @@ def test_cli_refusals_are_one_line(cli_run, tmp_path, args, needles):
     for n in needles:
         assert n in lines[0], lines[0]
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_cli_shows_per_layer_progress_with_eta(cli_run, tmp_path):
+    out = tmp_path / "out"
+    r = cli_run("prune", "tiny-mixtral", "--ratio", "0.25", "--method", "frequency", "--num-samples", "2",
+                "--seq-len", "32", "-o", out)
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("prune: layer")]
+    assert len(lines) == 4, r.stderr  # one per decoder layer
+    for n, ln in enumerate(lines, 1):
+        assert re.match(rf"prune: layer {n}/4 \(\d+%\) elapsed \d+:\d\d ETA \d+:\d\d  layer {n - 1}: kept 6/8", ln), ln
+    assert "kept 6 of 8 routed experts in 4 MoE layers (frequency)" in r.stdout
+    man = json.loads((out / "moepress-manifest.json").read_text())
+    assert man["stage"] == "prune" and man["config"]["method"] == "frequency"
+    assert {"config.json", "prune_report.json", "tokenizer.json"} <= set(man["files"])

@@ -11,7 +11,7 @@ from helpers import copy_checkpoint
 from moepress.calib.data import calibration_batches, eval_batches
 from moepress.calib.metrics import perplexity
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
-from moepress.compress.quant import int4
+from moepress.compress.quant import int4, kv, w4a8
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint, read_quant_layout
 from moepress.compress.stream import StreamedModel
 from moepress.models import BUNDLED
@@ -106,12 +106,15 @@ def test_expert_without_calibration_tokens_gets_finite_nonzero_scales(tmp_path):
         w.write_json("config.json", reader.config)
         w.copy_aux_files(src)
     biased = tmp_path / "biased"
-    for fmt in ("fp8", "int4-awq", "w4a8-awq"):
+    for fmt in ("fp8", "w4a8-awq"):  # w4a8-awq covers int4-awq's AWQ path plus input_scale, weight_scale_2
         out = tmp_path / fmt
         quantize_checkpoint(biased, out, QuantConfig(format=fmt, **CALIB))
         report = json.loads((out / "quant_report.json").read_text())
         never = [b for b in report["experts_with_borrowed_scales"] if b["layer"] == 2 and b["expert"] == 5]
         assert never and never[0]["tokens"] == 0, report["experts_with_borrowed_scales"]
+        assert report["expert_calibration_tokens"]["2"][5] == 0 and sum(report["expert_calibration_tokens"]["2"]) > 0
+        manifest = json.loads((out / "moepress-manifest.json").read_text())
+        assert manifest["report"]["experts_with_borrowed_scales"] == report["experts_with_borrowed_scales"]
         r = CheckpointReader(out)
         for proj in ("gate_proj", "up_proj", "down_proj"):
             p = f"model.layers.2.mlp.experts.5.{proj}"
@@ -179,3 +182,22 @@ def test_cli_and_bad_input(cli_run, tmp_path):
     _one_line(cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-o", tmp_path / "q"), "not empty")
     _one_line(cli_run("quantize", tmp_path / "q", "--format", "fp8", "-o", tmp_path / "qq"), "already quantized")
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_w4a8_and_kv_pure_functions():
+    torch.manual_seed(0)
+    w1, w3 = torch.randn(64, 128), torch.randn(64, 128) * 2
+    pqs = torch.rand(128) + 0.5
+    s2 = w4a8.weight_scale_2([w1, w3], pqs)  # one per fused gate/up pair
+    packed, s, s2_1 = w4a8.quantize(w1, 128, pqs, s2)
+    assert packed.dtype == torch.uint8 and packed.shape == (32, 128) and s.shape == (64, 1) and s2_1 is s2
+    assert torch.allclose(s2, (w3 / pqs).abs().amax() / 448)
+    # dequantized (folded back onto the raw input) is within half a step of each group's scale
+    back = w4a8.dequantize(packed, s, pqs)
+    assert ((back - w1).abs() / pqs <= s.repeat_interleave(128, 1) / 2 + 1e-6).all()
+    assert torch.allclose(w4a8.input_scale(torch.full((128,), 2.0), pqs), 2.0 * pqs.max() / 448)
+    amax = kv.observe(kv.observe(None, torch.tensor([1.0, -3.0])), torch.tensor([2.0]))
+    sc = kv.kv_scale(amax)
+    assert sc.shape == () and torch.isclose(sc, torch.tensor(3.0 / 448))
+    q, _ = kv.quantize(torch.tensor([3.0, -1.5]), sc)
+    assert q.dtype == torch.float8_e4m3fn and torch.allclose(kv.dequantize(q, sc), torch.tensor([3.0, -1.5]))

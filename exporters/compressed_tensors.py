@@ -1,0 +1,153 @@
+"""`compressed-tensors`: the checkpoint format of vLLM's compressed-tensors loader, llm-compressor
+and transformers' CompressedTensors integration (Kimi-K2-Thinking ships this way), written
+THROUGH the ``compressed-tensors`` library.
+
+Input: a ``moepress quantize`` output. Per quantized linear the stored (q, scale) is dequantized
+and handed to the library's compressor classmethod ``compress(state_dict, scheme)``
+(compressed_tensors/compressors/base.py: BaseCompressor.compress works on one module's local
+state dict), which re-quantizes with the same scale — bit-identical values — and lays the module
+out in the library's format:
+
+==============  ======================  ====================================================
+moepress        CT format               scheme / tensors
+==============  ======================  ====================================================
+fp8             ``float-quantized``     weights float8 strategy tensor (``weight`` F8_E4M3,
+                                        ``weight_scale`` [1]); static input, strategy tensor
+                                        (``input_scale`` [1])
+fp8-dynamic     ``float-quantized``     weights strategy channel (``weight_scale`` [out, 1]);
+                                        dynamic per-token input
+fp8-block       ``float-quantized``     weights strategy block [128, 128] (``weight_scale``
+                                        [ceil(out/128), ceil(in/128)]); dynamic group-128 input
+int4-gptq       ``pack-quantized``      int4 symmetric, strategy group (group size kept):
+                                        ``weight_packed`` I32 [out, in/8], ``weight_scale``
+                                        [out, in/group], ``weight_shape`` [2]
+==============  ======================  ====================================================
+
+(compressed_tensors/compressors/naive_quantized/base.py, pack_quantized/base.py). AWQ's
+``pre_quant_scale`` has no place in a compressed-tensors scheme (llm-compressor folds AWQ
+smoothing into the previous norm/linear instead), so int4-awq / w4a8-awq are refused with a
+pointer to int4-gptq or hf-modelopt.
+
+``config.json: quantization_config`` is what the library writes
+(ModelCompressor.update_config: quant_method "compressed-tensors", version, format,
+config_groups with targets ["Linear"], ignore, quantization_status "compressed"); ``ignore``
+names every high-precision Linear by full name (routers ``mlp.gate``, lm_head, skipped
+linears): vLLM and compressed-tensors match ignore entries by exact name or ``re:`` regex.
+Experts are stored per expert (``experts.{e}.gate_proj`` ...); transformers 5 merges them into
+its fused 3-D expert parameters at load time (transformers/integrations/compressed_tensors.py:
+CompressedTensorsDequantize decompresses per-expert tensors before the merge).
+
+Streaming: one module's state dict at a time through the compressor, one decoder layer per
+shard; the whole model is never built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moepress.errors import MoepressError
+from moepress.exporters import register_exporter
+from moepress.exporters.hf_common import open_source, output_config, tensor_groups, unquantized_modules
+
+SUPPORTED = {"fp8": "float-quantized", "fp8-dynamic": "float-quantized", "fp8-block": "float-quantized",
+             "int4-gptq": "pack-quantized"}
+
+
+def scheme_for(fmt: str, group: int | None, targets: list[str]):
+    """The compressed-tensors QuantizationScheme equal to moepress format ``fmt``."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    fp8w = dict(num_bits=8, type="float", symmetric=True, dynamic=False)
+    if fmt == "fp8":
+        return QuantizationScheme(targets=targets, weights=QuantizationArgs(**fp8w, strategy="tensor"),
+                                  input_activations=QuantizationArgs(**fp8w, strategy="tensor"))
+    if fmt == "fp8-dynamic":
+        return QuantizationScheme(targets=targets, weights=QuantizationArgs(**fp8w, strategy="channel"),
+                                  input_activations=QuantizationArgs(num_bits=8, type="float", symmetric=True,
+                                                                     dynamic=True, strategy="token"))
+    if fmt == "fp8-block":
+        return QuantizationScheme(targets=targets,
+                                  weights=QuantizationArgs(**fp8w, strategy="block", block_structure=[128, 128]),
+                                  input_activations=QuantizationArgs(num_bits=8, type="float", symmetric=True,
+                                                                     dynamic=True, strategy="group", group_size=128))
+    if fmt == "int4-gptq":
+        return QuantizationScheme(targets=targets, weights=QuantizationArgs(
+            num_bits=4, type="int", symmetric=True, dynamic=False, strategy="group", group_size=group))
+    raise MoepressError(f"compressed-tensors: no scheme for format {fmt}")
+
+
+def ct_scale(fmt: str, s: torch.Tensor) -> torch.Tensor:
+    """moepress scale -> the library's parameter shape (tensor strategy: [1])."""
+    return s.float().reshape(1) if fmt == "fp8" else s.float()
+
+
+@register_exporter("compressed-tensors", description="compressed-tensors checkpoint (float-quantized FP8, "
+                   "pack-quantized INT4) written through the compressed-tensors library",
+                   consumers="vLLM, transformers (CompressedTensors), SGLang")
+def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
+    from compressed_tensors import __version__ as ct_version
+    from compressed_tensors.compressors import BaseCompressor, ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+    s = open_source(src)
+    if s.layout is None:
+        raise MoepressError(f"--format compressed-tensors needs a quantized checkpoint: {src} has no "
+                            "moepress_quant.json (run moepress quantize --format fp8 (or fp8-dynamic, fp8-block, "
+                            "int4-gptq) first)")
+    fmts = s.formats
+    bad = sorted(fmts - set(SUPPORTED))
+    if bad:
+        why = " (AWQ pre_quant_scale has no compressed-tensors form: use int4-gptq, or --format hf-modelopt)" \
+            if any("awq" in b for b in bad) else ""
+        raise MoepressError(f"--format compressed-tensors: {src} is quantized as {', '.join(bad)}; expected "
+                            f"{', '.join(SUPPORTED)}{why}")
+    modules = s.layout["modules"]
+    # one config group per (format, group size): targets ["Linear"] when there is one, else module names
+    kinds: dict[tuple[str, int | None], list[str]] = {}
+    for n, m in sorted(modules.items()):
+        kinds.setdefault((m["format"], m.get("group")), []).append(n)
+    schemes = {k: scheme_for(k[0], k[1], ["Linear"] if len(kinds) == 1 else names)
+               for k, names in kinds.items()}
+    formats = {SUPPORTED[f] for f, _ in kinds}
+    if len(formats) > 1:
+        raise MoepressError(f"--format compressed-tensors: {src} mixes {', '.join(sorted(fmts))}; "
+                            "expected FP8 formats only or INT4 only (one compressed-tensors format per checkpoint)")
+    compressor = BaseCompressor.get_value_from_registry(next(iter(formats)))
+    r, a = s.reader, s.adapter
+    dropped: list[str] = []
+    with progress.task("export compressed-tensors", a.num_layers + 2) as task:
+        for kind, i, names in tensor_groups(s):
+            prefix = a.layer_prefix(i) if kind == "layer" else ""
+            done: set[str] = set()
+            for base, m in modules.items():
+                if kind != "layer" or not base.startswith(prefix):
+                    continue
+                fmt = m["format"]
+                sd = {"weight": r.weight(base + ".weight", torch.float32),
+                      "weight_scale": ct_scale(fmt, r.get(base + ".weight_scale"))}
+                if base + ".input_scale" in r:
+                    sd["input_scale"] = r.get(base + ".input_scale").float().reshape(1)
+                out = compressor.compress(sd, schemes[(fmt, m.get("group"))])
+                for k, t in sorted(out.items()):
+                    writer.add(f"{base}.{k}", t)
+                done.update(f"{base}.{k}" for k in ("weight", "weight_scale", "input_scale"))
+            for n in names:
+                if n in done:
+                    continue
+                if n.endswith((".k_scale", ".v_scale")):  # kv-cache scales: not carried (see report)
+                    dropped.append(n)
+                    continue
+                writer.add(n, r.get(n))
+            writer.end_shard()
+            task.advance(note=f"layer {i}" if kind == "layer" else kind)
+    ignore = [n for n in unquantized_modules(s, set(modules)) if not n.endswith("embed_tokens")]
+    qc = QuantizationConfig(config_groups={f"group_{k}": sch for k, sch in enumerate(schemes.values())},
+                            format=next(iter(formats)), quantization_status=QuantizationStatus.COMPRESSED,
+                            ignore=ignore)
+    writer.write_json("config.json", output_config(s, None))
+    ModelCompressor(quantization_config=qc).update_config(str(writer.partial))
+    writer.copy_aux_files(src)
+    return {"ct_format": next(iter(formats)), "compressed_tensors_version": ct_version,
+            "quantized_linears": len(modules), "ignore": len(ignore), "dropped": dropped}

@@ -1,0 +1,107 @@
+"""Shared helpers of the Hugging Face checkpoint exporters (hf-modelopt, hf-fp8-block,
+compressed-tensors): the source's quantization layout, the layer-by-layer order of its tensors,
+which linears stay unquantized, and the output config.json.
+
+Everything here reads through :class:`CheckpointReader` one tensor at a time; exporters write
+one decoder layer per shard (``writer.end_shard()`` at each layer boundary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from moepress.compress.arch import get_adapter
+from moepress.compress.checkpoint import CheckpointReader
+from moepress.errors import MoepressError
+
+QUANT_FILES = ("hf_quant_config.json", "moepress_quant.json", "quant_report.json")
+
+
+@dataclass
+class Source:
+    path: Path
+    reader: CheckpointReader
+    adapter: object
+    layout: dict | None  # moepress_quant.json (None: not a `moepress quantize` output)
+
+    @property
+    def formats(self) -> set[str]:
+        return {m["format"] for m in (self.layout or {}).get("modules", {}).values()}
+
+    @property
+    def block_fp8(self) -> bool:
+        """A DeepSeek/Kimi native block-FP8 checkpoint (``weight_scale_inv``)."""
+        return any(n.endswith(".weight_scale_inv") for n in self.reader.names())
+
+
+def open_source(src: Path) -> Source:
+    from moepress.compress.quantize import read_quant_layout
+
+    reader = CheckpointReader(src)
+    if not reader.has_weights:
+        raise MoepressError(f"{src}: checkpoint has no weights (only config.json)")
+    return Source(Path(src), reader, get_adapter(reader.config), read_quant_layout(src))
+
+
+def require_quantized(s: Source, fmt: str, allowed: dict[str, str], hint: str) -> str:
+    """The source's single moepress quantize format, which must be one of ``allowed``
+    (format -> what it becomes); else a one-line error naming what to run first."""
+    if s.layout is None:
+        raise MoepressError(f"--format {fmt} needs a quantized checkpoint: {s.path} has no moepress_quant.json "
+                            f"(run moepress quantize --format {hint} first)")
+    fmts = s.formats
+    if len(fmts) != 1 or next(iter(fmts)) not in allowed:
+        raise MoepressError(f"--format {fmt}: {s.path} is quantized as {', '.join(sorted(fmts)) or 'nothing'}; "
+                            f"expected one of {', '.join(allowed)} (run moepress quantize --format {hint})")
+    return next(iter(fmts))
+
+
+def tensor_groups(s: Source) -> Iterator[tuple[str, int | None, list[str]]]:
+    """("embed", None, names), ("layer", i, names) for every decoder layer, ("tail", None, names):
+    every stored tensor exactly once, in the order a streamed export writes them."""
+    r, a = s.reader, s.adapter
+    in_layers = set()
+    for i in range(a.num_layers):
+        in_layers.update(r.layer_names(i))
+    rest = [n for n in r.names() if n not in in_layers]
+    head = [n for n in rest if n in (a.norm_name, a.head_name)]
+    yield "embed", None, sorted(n for n in rest if n not in head)
+    for i in range(a.num_layers):
+        yield "layer", i, sorted(r.layer_names(i))
+    yield "tail", None, sorted(head)
+
+
+def unquantized_modules(s: Source, quantized: set[str]) -> list[str]:
+    """Modules with a 2-D ``weight`` left in high precision (embeddings, routers, lm_head and any
+    linear the recipe skipped), by full name — what modelopt lists in ``exclude_modules``
+    (modelopt/torch/export/quant_utils.py: get_quant_config, routers recorded explicitly) and
+    compressed-tensors in ``ignore``."""
+    out = []
+    for n in s.reader.names():
+        if not n.endswith(".weight") or len(s.reader.info(n).shape) != 2:
+            continue
+        base = n[: -len(".weight")]
+        if base not in quantized:
+            out.append(base)
+    return sorted(out)
+
+
+def output_config(s: Source, quantization_config: dict | None) -> dict:
+    """config.json of the export: the source's, with our ``quantization_config`` (or none)."""
+    conf = dict(s.reader.config)
+    conf.pop("quantization_config", None)
+    conf.setdefault("architectures", [type(s.adapter).architectures[0]] if getattr(
+        type(s.adapter), "architectures", None) else conf.get("architectures"))
+    if quantization_config is not None:
+        conf["quantization_config"] = quantization_config
+    return conf
+
+
+def linear_of(name: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
+    """"P.weight_scale" -> ("P", "weight_scale") for the given tensor suffixes, else None."""
+    for suf in suffixes:
+        if name.endswith("." + suf):
+            return name[: -len(suf) - 1], suf
+    return None

@@ -1,0 +1,135 @@
+"""`hf-fp8-block`: the native block-FP8 layout DeepSeek-V3 and Kimi K2 ship in (also Qwen3's
+official *-FP8 releases), loaded by TensorRT-LLM's PyTorch backend, vLLM, SGLang and
+transformers (FineGrainedFP8; on CPU it dequantizes at load time).
+
+Layout (deepseek-ai/DeepSeek-V3 README_WEIGHTS.md and its config.json;
+transformers/quantizers/quantizer_finegrained_fp8.py: serialized names ``weight``,
+``weight_scale_inv``):
+
+- a quantized linear ``P``: ``P.weight`` float8_e4m3fn [out, in] and ``P.weight_scale_inv``
+  float32 [ceil(out/128), ceil(in/128)], dequantized weight = block * its scale_inv (edge blocks
+  partial);
+- ``config.json: quantization_config = {quant_method: "fp8", fmt: "e4m3", activation_scheme:
+  "dynamic", weight_block_size: [128, 128], modules_to_not_convert: [...]}``; activations are
+  quantized dynamically per token and 128 channels by the runtime;
+- high precision (bf16; DeepSeek's ``e_score_correction_bias`` float32 as stored): embeddings,
+  lm_head, norms, routers (``mlp.gate``), listed in ``modules_to_not_convert`` (transformers
+  matches those from the start of a module name up to a module boundary, or as a suffix:
+  transformers/quantizers/quantizers_utils.py: should_convert_module; ``mlp.gate`` never
+  matches ``mlp.gate_proj``).
+
+Partial blocks: a linear with a dimension over 128 that is not a multiple of 128 (the tiny
+DeepSeek's 192-row ``q_b_proj``) stays high precision and is listed in
+``modules_to_not_convert``, because transformers reads such a scale grid with the wrong block
+size (see :func:`grid_ok`); the export's summary names them (``kept_high_precision``).
+
+Inputs: a bf16 (or pruned) checkpoint — quantized here, calibration-free (``quant/fp8.py:
+quantize_block``, modelopt-identical numerics, see tests/test_quant_modelopt.py); a
+``moepress quantize --format fp8-block`` output — ``weight_scale`` renamed ``weight_scale_inv``,
+no requantization; or a checkpoint already in this layout — copied. The export keeps a
+``moepress_quant.json`` so moepress's own forward of it (``StreamedModel``, ``moepress check``)
+applies the runtime's dynamic 1x128 activation quantization.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moepress.compress.quant import fp8
+from moepress.errors import MoepressError
+from moepress.exporters import register_exporter
+from moepress.exporters.hf_common import open_source, output_config, tensor_groups, unquantized_modules
+
+BLOCK = [128, 128]
+
+
+def block_quantization_config(not_converted: list[str]) -> dict:
+    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": BLOCK,
+            "modules_to_not_convert": not_converted}
+
+
+def grid_ok(shape) -> bool:
+    """Whether every consumer reads this weight's 128x128 scale grid the same way. transformers
+    derives the block from the grid (block = rows // scale_rows: integrations/finegrained_fp8.py
+    Fp8Dequantize._dequantize_one, which rejects or misreads partial edge blocks), so a dimension
+    over 128 that is not a multiple of 128 (e.g. 192 -> 2 scale rows read as 96-row blocks) is
+    ambiguous; one partial block (a dimension <= 128) reads the same everywhere. Real DeepSeek-V3 /
+    Kimi K2 dimensions are all multiples of 128."""
+    return all(d <= BLOCK[0] or d % BLOCK[0] == 0 for d in shape)
+
+
+def layer_linears(adapter, i: int) -> list[str]:
+    """Names (relative to the layer) of decoder layer i's nn.Linear modules: the ones DeepSeek-V3
+    stores in FP8 (attention, dense MLP, experts, shared experts; routers are not nn.Linear)."""
+    with torch.device("meta"):
+        layer = adapter.build_layer(i)
+    return [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+
+
+@register_exporter("hf-fp8-block", description="DeepSeek-V3 / Kimi K2 native block-FP8 Hugging Face checkpoint "
+                   "(weight_scale_inv per 128x128 block); from bf16 (calibration-free) or fp8-block",
+                   consumers="TensorRT-LLM (PyTorch backend), vLLM, SGLang, transformers (FineGrainedFP8)")
+def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
+    s = open_source(src)
+    r, a = s.reader, s.adapter
+    if s.layout is not None and s.formats != {"fp8-block"}:
+        raise MoepressError(f"--format hf-fp8-block: {src} is quantized as {', '.join(sorted(s.formats))}; "
+                            "expected fp8-block or a bf16 checkpoint (run moepress quantize --format fp8-block, "
+                            "or export the original)")
+    mode = "rename" if s.layout is not None else "copy" if s.block_fp8 else "quantize"
+    quantized: set[str] = set()
+    kept: list[str] = []  # linears left in high precision (scale grid not read alike by consumers)
+    dtype = getattr(torch, cfg.dtype)
+    with progress.task("export hf-fp8-block", a.num_layers + 2) as task:
+        for kind, i, names in tensor_groups(s):
+            if kind != "layer":
+                for n in names:
+                    writer.add(n, r.get(n))
+            elif mode == "rename":
+                for n in names:
+                    base = n[: -len(".weight_scale")] if n.endswith(".weight_scale") else None
+                    q8 = base is not None and base + ".weight" in r and r.info(base + ".weight").dtype == "F8_E4M3"
+                    if n.endswith(".weight") and n[: -len(".weight")] + ".weight_scale" in r:
+                        if grid_ok(r.info(n).shape):
+                            writer.add(n, r.get(n))
+                        else:  # ambiguous grid: high precision (the dequantized fp8-block weight)
+                            writer.add(n, r.weight(n, dtype))
+                            kept.append(n[: -len(".weight")])
+                    elif q8:
+                        if grid_ok(r.info(base + ".weight").shape):
+                            writer.add(base + ".weight_scale_inv", r.get(n).float())
+                            quantized.add(base)
+                    else:
+                        writer.add(n, r.get(n))
+            elif mode == "copy":
+                for n in names:
+                    writer.add(n, r.get(n))
+                    if n.endswith(".weight_scale_inv"):
+                        quantized.add(n[: -len(".weight_scale_inv")])
+            else:
+                prefix = a.layer_prefix(i)
+                targets = {prefix + m + ".weight" for m in layer_linears(a, i)}
+                for n in names:
+                    if n in targets and not grid_ok(r.info(n).shape):
+                        kept.append(n[: -len(".weight")])
+                        writer.add(n, r.get(n))
+                    elif n in targets:
+                        q, sc = fp8.quantize_block(r.weight(n, torch.float32))
+                        writer.add(n, q)
+                        writer.add(n + "_scale_inv", sc)
+                        quantized.add(n[: -len(".weight")])
+                    else:
+                        writer.add(n, r.get(n))
+            writer.end_shard()
+            task.advance(note=f"layer {i}" if kind == "layer" else kind)
+    not_converted = unquantized_modules(s, quantized)
+    writer.write_json("config.json", output_config(s, block_quantization_config(not_converted)))
+    writer.write_json("moepress_quant.json", {"format": "fp8-block", "rules": [], "group_size": None,
+                                              "kv_cache": None, "shared": [], "borrowed": [], "skipped": [],
+                                              "modules": {m: {"format": "fp8-block"} for m in sorted(quantized)}})
+    writer.copy_aux_files(src)
+    return {"mode": mode, "quantized_linears": len(quantized), "modules_to_not_convert": len(not_converted),
+            "kept_high_precision": kept}

@@ -1,0 +1,158 @@
+"""`hf-modelopt`: the unified Hugging Face checkpoint NVIDIA Model-Optimizer writes
+(``modelopt.torch.export.export_hf_checkpoint``), loaded by TensorRT-LLM's PyTorch backend,
+vLLM and SGLang.
+
+Input: a ``moepress quantize`` output (already modelopt's tensor layout — see the contract in
+compress/quantize.py); the export is a streamed copy, one decoder layer per shard, plus the two
+config files consumers read:
+
+- ``hf_quant_config.json`` in modelopt's nested ("legacy") shape
+  ``{producer{name, version}, quantization{quant_algo, kv_cache_quant_algo, [group_size,
+  has_zero_point, pre_quant_scale], exclude_modules}}`` (modelopt/torch/export/quant_utils.py:
+  get_quant_config / process_layer_quant_config). ``producer.name`` must be ``modelopt``:
+  vLLM (config parsing: ``producer_name == "modelopt"``) and TensorRT-LLM AutoDeploy's
+  ModelOPTQuantConfigReader (raises unless ``producer == "modelopt"``) key off it; moepress is
+  recorded in export.json and ``producer.exported_by``.
+- ``config.json: quantization_config`` in modelopt 0.47's flat, compressed-tensors-style
+  shape (modelopt/torch/export/convert_hf_config.py: convert_hf_quant_config_format:
+  config_groups, ignore, quant_algo, kv_cache_scheme, producer, quant_method "modelopt"); TensorRT-LLM
+  reads either shape (tensorrt_llm/quantization/modelopt_config.py: parse_modelopt_quant_config,
+  the file form wins).
+- ``exclude_modules`` lists every high-precision module by full name, as modelopt 0.47 wrote
+  for the bundled Qwen3-MoE (``lm_head``, ``model.embed_tokens``, each ``model.layers.N.mlp.gate``);
+  TensorRT-LLM matches entries with ``fnmatch.fnmatchcase`` on module names
+  (tensorrt_llm/models/modeling_utils.py: QuantConfig.is_module_excluded_from_quantization).
+- Experts stay per expert (``mlp.experts.{e}.gate_proj/up_proj/down_proj``, Mixtral
+  ``block_sparse_moe.experts.{e}.w1/w2/w3``): what modelopt exports from transformers 5's fused
+  experts and what TensorRT-LLM's fused-MoE weight loaders read (``experts.{e}.w1/w2/w3`` or
+  ``gate_proj/up_proj/down_proj``); gate and up share ``weight_scale`` / ``input_scale`` and all
+  experts of a layer share each projection's ``input_scale`` (quantize stage's convention,
+  equal to modelopt's _QuantFusedExperts export).
+
+Block FP8 is written as ``FP8_BLOCK_SCALES`` (TensorRT-LLM's QuantAlgo; modelopt writes the alias
+``fp8_pb_wo``, which TensorRT-LLM canonicalises to FP8_BLOCK_SCALES at parse time, but older
+releases only accept the enum name).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moepress.errors import MoepressError
+from moepress.exporters import register_exporter
+from moepress.exporters.hf_common import QUANT_FILES, open_source, output_config, tensor_groups, unquantized_modules
+
+# the Model-Optimizer release whose export layout we follow (checked against it in tests)
+MODELOPT_LAYOUT_VERSION = "0.47.0"
+
+# moepress quantize format -> modelopt / TensorRT-LLM quant_algo
+QUANT_ALGO = {
+    "fp8": "FP8",
+    "fp8-block": "FP8_BLOCK_SCALES",
+    "fp8-dynamic": "FP8_PER_CHANNEL_PER_TOKEN",
+    "int4-awq": "W4A16_AWQ",
+    "int4-gptq": "W4A16_GPTQ",
+    "w4a8-awq": "W4A8_AWQ",
+}
+
+
+def layer_algo(fmt: str, group: int | None) -> dict:
+    """One layer's entry (modelopt quant_utils.process_layer_quant_config)."""
+    algo = QUANT_ALGO[fmt]
+    if fmt in ("int4-awq", "w4a8-awq"):
+        return {"quant_algo": algo, "group_size": group, "has_zero_point": False, "pre_quant_scale": True}
+    if fmt == "int4-gptq":
+        return {"quant_algo": algo, "group_size": group, "has_zero_point": False}
+    return {"quant_algo": algo}
+
+
+def group_config(entry: dict) -> dict:
+    """compressed-tensors-style config group for one quant_algo (modelopt
+    convert_hf_config._quant_algo_to_group_config)."""
+    algo, gs = entry["quant_algo"], entry.get("group_size")
+    fp8 = {"dynamic": False, "num_bits": 8, "type": "float"}
+    if algo == "FP8":
+        return {"input_activations": fp8, "weights": fp8}
+    if algo == "FP8_PER_CHANNEL_PER_TOKEN":
+        return {"input_activations": fp8, "weights": {**fp8, "strategy": "channel"}}
+    if algo == "FP8_BLOCK_SCALES":
+        return {"input_activations": {**fp8, "dynamic": True, "group_size": 128},
+                "weights": {**fp8, "strategy": "block", "block_structure": [128, 128]}}
+    if algo in ("W4A16_AWQ", "W4A16_GPTQ"):
+        return {"weights": {"dynamic": False, "num_bits": 4, "type": "int", "group_size": gs}}
+    if algo == "W4A8_AWQ":  # modelopt writes the weights as type float here; we keep its form
+        return {"input_activations": {**fp8, "group_size": gs},
+                "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": gs}}
+    raise MoepressError(f"quant_algo {algo}: no compressed-tensors-style group known")
+
+
+def quant_configs(layout: dict, modules: dict[str, dict], exclude: list[str], kv_cache: bool) -> tuple[dict, dict]:
+    """(hf_quant_config.json, config.json quantization_config)."""
+    from moepress import __version__
+
+    per = {n: layer_algo(m["format"], m.get("group")) for n, m in sorted(modules.items())}
+    kinds = {tuple(sorted(v.items())) for v in per.values()}
+    q: dict = {"quant_algo": None, "kv_cache_quant_algo": "FP8" if kv_cache else None}
+    if len(kinds) == 1:
+        q.update(next(iter(per.values())))
+    else:
+        q["quant_algo"] = "MIXED_PRECISION"
+        q["quantized_layers"] = per
+    q["exclude_modules"] = exclude
+    producer = {"name": "modelopt", "version": MODELOPT_LAYOUT_VERSION, "exported_by": f"moepress {__version__}"}
+    hf_quant = {"producer": producer, "quantization": q}
+    # flat form for config.json (convert_hf_quant_config_format)
+    flat: dict = {}
+    if len(kinds) == 1:
+        flat["config_groups"] = {"group_0": {**group_config(next(iter(per.values()))), "targets": ["Linear"]}}
+    else:
+        groups: dict[tuple, list[str]] = {}
+        for n, v in per.items():
+            groups.setdefault(tuple(sorted(v.items())), []).append(n)
+        flat["config_groups"] = {f"group_{k}": {**group_config(dict(key)), "targets": sorted(names)}
+                                 for k, (key, names) in enumerate(groups.items())}
+        flat["quantized_layers"] = per
+    flat["ignore"] = exclude
+    flat["quant_algo"] = q["quant_algo"]
+    if q.get("group_size"):
+        flat["group_size"] = q["group_size"]
+    if kv_cache:
+        flat["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+    flat["producer"] = producer
+    flat["quant_method"] = "modelopt"
+    return hf_quant, flat
+
+
+@register_exporter("hf-modelopt", description="Hugging Face checkpoint with modelopt's hf_quant_config.json "
+                   "(FP8, FP8_BLOCK_SCALES, W4A16_AWQ, W4A8_AWQ ...) from a moepress quantize output",
+                   consumers="TensorRT-LLM (PyTorch backend), vLLM, SGLang")
+def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
+    s = open_source(src)
+    if s.layout is None:
+        raise MoepressError(f"--format hf-modelopt needs a quantized checkpoint: {src} has no moepress_quant.json "
+                            "(run moepress quantize --format fp8 (or fp8-block, int4-awq, w4a8-awq) first)")
+    modules = s.layout["modules"]
+    unknown = sorted({m["format"] for m in modules.values()} - set(QUANT_ALGO))
+    if unknown:
+        raise MoepressError(f"{src}/moepress_quant.json: formats {unknown} have no modelopt quant_algo")
+    r = s.reader
+    written = 0
+    with progress.task("export hf-modelopt", s.adapter.num_layers + 2) as task:
+        for kind, i, names in tensor_groups(s):
+            for n in names:
+                writer.add(n, r.get(n))  # stored bytes as they are: already modelopt's layout
+                written += 1
+            writer.end_shard()
+            task.advance(note=f"layer {i}" if kind == "layer" else kind)
+    exclude = unquantized_modules(s, set(modules))
+    kv = any(n.endswith((".k_scale", ".v_scale")) for n in r.names())
+    hf_quant, flat = quant_configs(s.layout, modules, exclude, kv)
+    writer.write_json("config.json", output_config(s, flat))
+    writer.write_json("hf_quant_config.json", hf_quant)
+    # keep the sidecar: moepress (check, other exporters) reads the layout back from the export
+    for name in QUANT_FILES[1:]:
+        if (Path(src) / name).is_file():
+            writer.write_text(name, (Path(src) / name).read_text())
+    writer.copy_aux_files(src)
+    return {"quant_algo": hf_quant["quantization"]["quant_algo"], "tensors": written,
+            "quantized_linears": len(modules), "exclude_modules": len(exclude)}

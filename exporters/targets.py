@@ -1,0 +1,221 @@
+"""GPU targets: one frozen :class:`Target` per NVIDIA GPU, and which formats each can run.
+
+Sources (checked 2026-11):
+- Formats per architecture: TensorRT-LLM ``docs/source/features/quantization.md``, "Hardware
+  Support Matrix" (https://nvidia.github.io/TensorRT-LLM/features/quantization.html):
+
+  ===================== ===== ===== ====== ======== ======= ====== ======== ========= =========
+  arch                  NVFP4 MXFP4 FP8/T  FP8 blk  FP8 row FP8 KV W4A8 AWQ W4A16 AWQ W4A16 GPTQ
+  ===================== ===== ===== ====== ======== ======= ====== ======== ========= =========
+  Blackwell sm120       Y     Y     Y      -        -       Y      -        -         -
+  Blackwell sm100/103   Y     Y     Y      Y        -       Y      -        -         -
+  Hopper sm90           -     -     Y      Y        Y       Y      Y        Y         Y
+  Ada sm89              -     -     Y      -        -       Y      Y        Y         Y
+  Ampere sm80/86        -     -     -      -        -       Y      -        Y         Y
+  ===================== ===== ===== ====== ======== ======= ====== ======== ========= =========
+
+  (read from NVIDIA/TensorRT-LLM docs/source/features/quantization.md at commits 09d4c79b and
+  f53fb4c8: both leave the W4A8 / W4A16 AWQ and GPTQ columns empty for Blackwell, so the catalog
+  does not offer ``int4-*`` / ``w4a8-awq`` on sm100/sm120 even though Model-Optimizer's matrix
+  words the INT4 floors as "Ampere and later": on Blackwell, TensorRT-LLM's 4-bit path is NVFP4.)
+  (the same page: "FP8 blockwise scaling GEMM kernels for sm100/103 use the MXFP8 recipe", i.e.
+  TensorRT-LLM converts DeepSeek-style 128x128 FP32 scales there). Model-Optimizer's support
+  matrix (https://nvidia.github.io/Model-Optimizer/guides/0_support_matrix.html) agrees on the
+  floor of each: FP4 Blackwell+, FP8 Ada+, W4A16 Ampere+, W4A8 Ada+.
+- moepress format names -> TensorRT-LLM recipes: ``fp8`` = FP8 per tensor, ``fp8-block`` = FP8
+  block scaling, ``fp8-dynamic`` = FP8 rowwise (per-channel weights, per-token activations),
+  ``int4-awq`` = W4A16 AWQ, ``int4-gptq`` = W4A16 GPTQ, ``w4a8-awq`` = W4A8 AWQ, ``nvfp4`` = NVFP4
+  (listed for planning; moepress does not produce it yet). vLLM runs some of these on more
+  architectures (e.g. FP8 through Marlin weight-only kernels on sm80); the catalog follows
+  TensorRT-LLM, the stack the builders target.
+- Memory, bandwidth, interconnect: NVIDIA's datasheets (A100: "NVIDIA A100 Tensor Core GPU"
+  datasheet; A10G: AWS G5 page; L4, L40S, H100, H200, GH200, B200 (HGX B200), GB200 (GB200 NVL72),
+  RTX PRO 6000 Blackwell Server Edition datasheets). Memory is the marketed capacity in GB (1e9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from moepress.errors import MoepressError
+
+# every weight format the planner knows; ``bf16`` = unquantized
+FORMATS = ("bf16", "fp8", "fp8-block", "fp8-dynamic", "int4-awq", "int4-gptq", "w4a8-awq", "nvfp4")
+PRODUCED = ("bf16", "fp8", "fp8-block", "fp8-dynamic", "int4-awq", "int4-gptq", "w4a8-awq")
+
+# TensorRT-LLM's hardware support matrix (see module docstring), by SM; bf16 runs everywhere (sm80+)
+_SM_FORMATS = {
+    80: ("bf16", "int4-awq", "int4-gptq"),
+    86: ("bf16", "int4-awq", "int4-gptq"),
+    89: ("bf16", "fp8", "int4-awq", "int4-gptq", "w4a8-awq"),
+    90: ("bf16", "fp8", "fp8-block", "fp8-dynamic", "int4-awq", "int4-gptq", "w4a8-awq"),
+    100: ("bf16", "fp8", "fp8-block", "nvfp4"),
+    120: ("bf16", "fp8", "nvfp4"),
+}
+# the matrix's own rows, in its column names (it includes what moepress does not write: MXFP4,
+# W4A8 GPTQ); shown by `moepress targets --json` as ``trtllm_matrix``
+_SM_RECIPES = {
+    80: ("FP8 KV cache", "W4A16 AWQ", "W4A16 GPTQ"),
+    86: ("FP8 KV cache", "W4A16 AWQ", "W4A16 GPTQ"),
+    89: ("FP8 per tensor", "FP8 KV cache", "W4A8 AWQ", "W4A16 AWQ", "W4A8 GPTQ", "W4A16 GPTQ"),
+    90: ("FP8 per tensor", "FP8 block scaling", "FP8 rowwise", "FP8 KV cache", "W4A8 AWQ", "W4A16 AWQ",
+         "W4A8 GPTQ", "W4A16 GPTQ"),
+    100: ("NVFP4", "MXFP4", "FP8 per tensor", "FP8 block scaling", "FP8 KV cache"),
+    120: ("NVFP4", "MXFP4", "FP8 per tensor", "FP8 KV cache"),
+}
+# KV-cache dtypes (same table's "FP8 KV Cache" / "NVFP4 KV Cache" columns)
+_SM_KV = {80: ("bf16", "fp8"), 86: ("bf16", "fp8"), 89: ("bf16", "fp8"), 90: ("bf16", "fp8"),
+          100: ("bf16", "fp8", "nvfp4"), 120: ("bf16", "fp8")}
+# FP8 context FMHA (trtllm-build --use_fp8_context_fmha) has kernels on Ada, Hopper, Blackwell
+FP8_FMHA_MIN_SM = 89
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # catalog key, used by --target
+    gpu: str  # marketing name
+    arch: str
+    sm: int  # compute capability x 10 (sm90 = 9.0)
+    memory_gb: float  # per GPU
+    bandwidth_gbs: float  # memory bandwidth, GB/s
+    interconnect: str  # e.g. "NVLink 4", "PCIe Gen4 x16"
+    link_gbs: float  # GPU-to-GPU bandwidth, GB/s (bidirectional NVLink total, or PCIe x16)
+    gpus_per_node: int = 8  # largest single-node (NVLink / host) group
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def compute_capability(self) -> str:
+        return f"{self.sm // 10}.{self.sm % 10}"
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return _SM_FORMATS[self.sm]
+
+    @property
+    def trtllm_matrix(self) -> tuple[str, ...]:
+        return _SM_RECIPES[self.sm]
+
+    @property
+    def kv_cache_dtypes(self) -> tuple[str, ...]:
+        return _SM_KV[self.sm]
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gb * 1e9)
+
+    def supports(self, fmt: str) -> bool:
+        return fmt in self.formats
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(compute_capability=self.compute_capability, formats=list(self.formats),
+                 trtllm_matrix=list(self.trtllm_matrix),
+                 kv_cache_dtypes=list(self.kv_cache_dtypes), aliases=list(self.aliases))
+        return d
+
+
+TARGETS: dict[str, Target] = {}
+
+
+def register_target(t: Target) -> Target:
+    TARGETS[t.name] = t
+    return t
+
+
+for _t in (
+    # A100 datasheet: 40GB HBM2 1,555 GB/s; 80GB HBM2e 2,039 GB/s; NVLink 3 600 GB/s (SXM)
+    Target("a100-40gb", "A100 40GB SXM", "ampere", 80, 40, 1555, "NVLink 3", 600, aliases=("a100-40",)),
+    Target("a100-80gb", "A100 80GB SXM", "ampere", 80, 80, 2039, "NVLink 3", 600, aliases=("a100", "a100-80")),
+    # A10G (AWS G5): GA102, 24 GB GDDR6, 600 GB/s, no NVLink; g5.48xlarge holds 8
+    Target("a10g", "A10G", "ampere", 86, 24, 600, "PCIe Gen4 x16", 64),
+    # L4: 24 GB GDDR6, 300 GB/s, PCIe Gen4 x16 (no NVLink); g6.48xlarge holds 8
+    Target("l4", "L4", "ada", 89, 24, 300, "PCIe Gen4 x16", 64),
+    # L40S: 48 GB GDDR6, 864 GB/s, PCIe Gen4 x16 (no NVLink)
+    Target("l40s", "L40S", "ada", 89, 48, 864, "PCIe Gen4 x16", 64),
+    # H100 SXM5: 80 GB HBM3, 3.35 TB/s, NVLink 4 900 GB/s
+    Target("h100", "H100 SXM", "hopper", 90, 80, 3350, "NVLink 4", 900, aliases=("h100-sxm",)),
+    # H100 PCIe: 80 GB HBM2e, 2.0 TB/s, PCIe Gen5 x16 128 GB/s (NVLink bridge pairs: 600 GB/s)
+    Target("h100-pcie", "H100 PCIe", "hopper", 90, 80, 2000, "PCIe Gen5 x16", 128),
+    # H200 SXM: 141 GB HBM3e, 4.8 TB/s, NVLink 4 900 GB/s
+    Target("h200", "H200 SXM", "hopper", 90, 141, 4800, "NVLink 4", 900),
+    # GH200 Grace Hopper: 96 GB HBM3, 4 TB/s (the 144 GB HBM3e version: 4.9 TB/s); one GPU per
+    # superchip, NVLink-C2C 900 GB/s to Grace; GPUs of several superchips meet over NVLink Switch
+    # (NVL32) or InfiniBand, so a "node" here is one GPU
+    Target("gh200", "GH200 96GB", "hopper", 90, 96, 4000, "NVLink-C2C + NVLink 4", 900, gpus_per_node=1),
+    # HGX B200: 180 GB HBM3e per GPU (1.44 TB for 8), 8 TB/s, NVLink 5 1.8 TB/s
+    Target("b200", "B200", "blackwell", 100, 180, 8000, "NVLink 5", 1800),
+    # GB200 NVL72: 13.4 TB HBM3e for 72 GPUs (186 GB each), 8 TB/s, NVLink 5 1.8 TB/s; one
+    # NVLink domain of 72 GPUs (4 per compute tray)
+    Target("gb200", "GB200 (NVL72)", "blackwell", 100, 186, 8000, "NVLink 5, 72-GPU domain", 1800,
+           gpus_per_node=72),
+    # RTX PRO 6000 Blackwell Server Edition: 96 GB GDDR7, 1,597 GB/s (its datasheet; not re-checked
+    # against a stored copy: the Workstation Edition is quoted at 1,792 GB/s = 28 Gbps x 512 bit),
+    # PCIe Gen5 x16, no NVLink
+    Target("rtx-pro-6000", "RTX PRO 6000 Blackwell", "blackwell", 120, 96, 1597, "PCIe Gen5 x16", 128,
+           aliases=("rtx6000-pro", "rtx-pro-6000-blackwell")),
+):
+    register_target(_t)
+
+
+def get_target(name: str) -> Target:
+    key = name.strip().lower()
+    if key in TARGETS:
+        return TARGETS[key]
+    for t in TARGETS.values():
+        if key in t.aliases:
+            return t
+    raise MoepressError(f"--target {name}: unknown GPU target; expected one of {', '.join(TARGETS)} "
+                        f"(see `moepress targets`)")
+
+
+def min_sm(fmt: str) -> int:
+    return min(sm for sm, fs in _SM_FORMATS.items() if fmt in fs)
+
+
+def check_format(target: Target, fmt: str) -> None:
+    """Raise a one-line refusal with a suggestion when ``target`` cannot run ``fmt``."""
+    if fmt not in FORMATS:
+        raise MoepressError(f"--format {fmt}: unknown format; expected one of {', '.join(FORMATS)}")
+    if target.supports(fmt):
+        return
+    where = [sm for sm, fs in _SM_FORMATS.items() if fmt in fs]
+    need = f"sm{min(where)}+" if where == [sm for sm in _SM_FORMATS if sm >= min(where)] else \
+        "/".join(f"sm{s}" for s in where)
+    alt = suggest_format(target, fmt)
+    if alt not in PRODUCED:  # nvfp4: name a format moepress writes too
+        made = suggest_format(target, fmt, produced_only=True)
+        alt = f"{alt} (Model-Optimizer writes it; moepress does not yet) or {made}"
+    raise MoepressError(f"--format {fmt}: {fmt.upper()} needs {need}; {target.gpu} is sm{target.sm}: "
+                        f"use {alt} (it runs {', '.join(target.formats)})")
+
+
+def suggest_format(target: Target, fmt: str, produced_only: bool = False) -> str:
+    """The closest format ``target`` runs: FP8 family first for FP8 requests, 4-bit for 4-bit ones."""
+    prefs = {
+        "fp8": ("fp8-block", "fp8-dynamic", "int4-awq", "nvfp4"),
+        "fp8-block": ("fp8", "fp8-dynamic", "int4-awq", "nvfp4"),
+        "fp8-dynamic": ("fp8", "fp8-block", "int4-awq", "nvfp4"),
+        "w4a8-awq": ("int4-awq", "nvfp4", "fp8"),
+        "int4-awq": ("int4-gptq", "w4a8-awq", "nvfp4", "fp8"),
+        "int4-gptq": ("int4-awq", "w4a8-awq", "nvfp4", "fp8"),
+        "nvfp4": ("int4-awq", "w4a8-awq", "fp8-block", "fp8"),
+    }.get(fmt, ())
+    for f in prefs + ("fp8-block", "fp8", "int4-awq"):
+        if target.supports(f) and (f in PRODUCED or not produced_only):
+            return f
+    return "bf16"
+
+
+def render(targets=None) -> str:
+    rows = [("target", "GPU", "SM", "memory", "bandwidth", "interconnect", "formats")]
+    for t in targets or TARGETS.values():
+        rows.append((t.name, t.gpu, f"sm{t.sm}", f"{t.memory_gb:g} GB", f"{t.bandwidth_gbs / 1000:g} TB/s",
+                     f"{t.interconnect} ({t.link_gbs:g} GB/s)", ", ".join(t.formats)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1]
+                     for r in rows)
+
+
+__all__ = ["FORMATS", "PRODUCED", "Target", "TARGETS", "register_target", "get_target", "check_format",
+           "suggest_format", "min_sm", "render", "FP8_FMHA_MIN_SM"]

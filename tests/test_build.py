@@ -1,0 +1,223 @@
+"""Builders on hand-made artifact directories: detection, dry-run command lines, refusals, GPU tests."""
+
+import json
+import shlex
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from moepress import models
+from moepress.errors import MoepressError
+from moepress.exporters.build import build, detect_artifact
+
+KIMI = "tests/data/kimi-k2-config.json"
+
+
+def _trtllm_ckpt(d, source, quant_algo="FP8", world=2, ep=2):
+    """A TensorRT-LLM checkpoint (docs/source/architecture/checkpoint.md): config.json + rank{N}."""
+    d.mkdir()
+    cfg = {"architecture": "MixtralForCausalLM", "dtype": "bfloat16",
+           "mapping": {"world_size": world, "tp_size": world, "pp_size": 1, "moe_tp_size": world // ep,
+                       "moe_ep_size": ep},
+           "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": None},
+           "moe": {"num_experts": 8, "top_k": 2, "normalization_mode": 1}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    for r in range(world):
+        save_file({"transformer.ln_f.weight": torch.ones(4)}, str(d / f"rank{r}.safetensors"))
+    (d / "export.json").write_text(json.dumps({"format": "trtllm-ckpt", "source": str(source)}))
+    return d
+
+
+@pytest.fixture
+def mixtral():
+    return models.path("tiny-mixtral")
+
+
+@pytest.fixture
+def ckpt(tmp_path, mixtral):
+    return _trtllm_ckpt(tmp_path / "ckpt", mixtral)
+
+
+@pytest.fixture
+def onnx_dir(tmp_path):
+    d = tmp_path / "onnx"
+    d.mkdir()
+    (d / "model.onnx").write_bytes(b"\x08\x09")  # detection only looks at the name
+    (d / "export.json").write_text(json.dumps({"format": "onnx", "source": str(models.path("tiny-qwen3-moe"))}))
+    return d
+
+
+def _modelopt(d, config: dict, algo="FP8_BLOCK_SCALES"):
+    """An hf-modelopt export: HF config.json + hf_quant_config.json (modelopt's nested shape)."""
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "hf_quant_config.json").write_text(json.dumps(
+        {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": algo, "kv_cache_quant_algo": None}}))
+    return d
+
+
+def test_detect(ckpt, onnx_dir, tmp_path):
+    assert detect_artifact(ckpt) == "trtllm-ckpt"
+    assert detect_artifact(onnx_dir) == "onnx"
+    cfg = json.loads((models.path("tiny-deepseek-v3") / "config.json").read_text())
+    assert detect_artifact(_modelopt(tmp_path / "mo", cfg)) == "hf-modelopt"
+    with pytest.raises(MoepressError, match="not a build input"):
+        detect_artifact(models.path("tiny-mixtral"))
+
+
+def test_trtllm_engine_dry_run(cli_run, ckpt, tmp_path):
+    out = tmp_path / "eng"
+    r = cli_run("build", ckpt, "--target", "h100", "-o", out, "--dry-run", "--max-batch", "4", "--max-seq-len", "2048")
+    assert r.exit_code == 0, r.output
+    assert "trtllm-build" in r.output
+    res = json.loads((out / "build.json").read_text())
+    cmd = shlex.split(res["commands"][0])
+    assert cmd[:5] == ["trtllm-build", "--checkpoint_dir", str(ckpt.resolve()), "--output_dir",
+                       str((out / "engine").resolve())]
+    flags = dict(zip(cmd[5::1], cmd[6::1], strict=False))
+    assert flags["--max_batch_size"] == "4" and flags["--max_seq_len"] == "2048"
+    assert flags["--max_num_tokens"] == "8192" and flags["--workers"] == "2"
+    assert flags["--moe_plugin"] == "bfloat16" and flags["--gemm_plugin"] == "bfloat16"  # the checkpoint dtype
+    assert flags["--use_fp8_context_fmha"] == "enable"  # FP8 on sm90
+    assert "--gather_context_logits" in cmd  # the accuracy check reads context logits
+    assert (out / "build.sh").read_text().splitlines()[-1] == res["commands"][0]
+    plan = json.loads((out / "plan.json").read_text())
+    assert (plan["gpus"], plan["tp"], plan["ep"], plan["format"]) == (2, 2, 2, "fp8")
+    m = json.loads((out / "moepress-manifest.json").read_text())
+    assert m["stage"] == "build" and "rank0.safetensors" in m["inputs"]["sha256"]
+    assert not (tmp_path / "eng.partial").exists()
+
+
+def test_trtllm_engine_refusals(ckpt, tmp_path, mixtral):
+    with pytest.raises(MoepressError, match=r"FP8 needs sm89\+; A100 80GB SXM is sm80: use"):
+        build(ckpt, "a100", tmp_path / "o1")
+    with pytest.raises(MoepressError, match=r"--gpus 4: .* exported for world_size 2; use --gpus 2"):
+        build(ckpt, "h100", tmp_path / "o2", gpus=4)
+    bf16 = _trtllm_ckpt(tmp_path / "bf16", mixtral, quant_algo=None, world=1, ep=1)
+    res = build(bf16, "a100", tmp_path / "o3")
+    assert "--use_fp8_context_fmha" not in res["commands"][0]
+    assert not (tmp_path / "o1").exists()  # nothing written on a refusal
+    # OUT not empty without --force
+    with pytest.raises(MoepressError, match="exists and is not empty; use --force"):
+        build(bf16, "a100", tmp_path / "o3")
+    build(bf16, "l4", tmp_path / "o3", force=True)
+
+
+def test_tensorrt_dry_run(cli_run, onnx_dir, tmp_path):
+    out = tmp_path / "trt"
+    r = cli_run("build", onnx_dir, "--target", "l40s", "-o", out, "--dry-run", "--hardware-compatibility",
+                "ampere_plus")
+    assert r.exit_code == 0, r.output
+    sh = (out / "build.sh").read_text()
+    cmd = shlex.split(sh.strip().splitlines()[-1])
+    assert cmd[:3] == ["python", "-m", "moepress.exporters.builders.tensorrt_engine"]
+    assert cmd[3] == str((onnx_dir / "model.onnx").resolve())
+    assert cmd[cmd.index("--hardware-compatibility") + 1] == "ampere_plus"
+    assert cmd[cmd.index("--timing-cache") + 1] == str((out / "timing.cache").resolve())
+    assert "# trtexec --onnx=" in sh and "--stronglyTyped" in sh and "--hardwareCompatibilityLevel=ampere+" in sh
+    assert "--maxShapes=input_ids:8x4096" in sh
+
+
+def test_trtllm_pytorch_bundle_kimi(cli_run, tmp_path):
+    """Kimi K2 block-FP8 on H200: 16 GPUs (2 nodes), tp 16, ep 16 (tests/test_plan.py's arithmetic)."""
+    cfg = json.loads(open(KIMI).read())
+    art = _modelopt(tmp_path / "kimi-fp8", cfg)
+    out = tmp_path / "bundle"
+    r = cli_run("build", art, "--target", "h200", "-o", out, "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["builder"] == "trtllm-pytorch" and res["format"] == "fp8-block"
+    serve = shlex.split(res["commands"][0])
+    assert serve[:6] == ["mpirun", "-np", "16", "--npernode", "8", "trtllm-llmapi-launch"]
+    s = serve[6:]
+    assert s[:4] == ["trtllm-serve", str(art.resolve()), "--backend", "pytorch"]
+    assert s[s.index("--tp_size") + 1] == "16" and s[s.index("--ep_size") + 1] == "16"
+    assert s[s.index("--extra_llm_api_options") + 1] == str((out / "extra_llm_api_options.yaml").resolve())
+    import yaml
+
+    opts = yaml.safe_load((out / "extra_llm_api_options.yaml").read_text())
+    assert opts["tensor_parallel_size"] == 16 and opts["moe_expert_parallel_size"] == 16
+    assert opts["kv_cache_config"]["dtype"] == "auto"
+    compile((out / "smoke.py").read_text(), "smoke.py", "exec")
+    # the same export on L40S: block FP8 needs Hopper
+    r = cli_run("build", art, "--target", "l40s", "-o", tmp_path / "b2", "--dry-run")
+    assert r.exit_code == 2 and "FP8-BLOCK needs sm90/sm100; L40S is sm89: use fp8" in r.output
+
+
+def test_bad_input(cli_run, ckpt, onnx_dir, tmp_path):
+    cases = [
+        (("build", ckpt, "--target", "tpu-v5"), "--target tpu-v5: unknown GPU target"),
+        (("build", ckpt, "--target", "h100", "--builder", "tensorrt"), "use --builder trtllm-engine"),
+        (("build", tmp_path / "missing", "--target", "h100"), "no such export"),
+        (("build", ckpt, "--target", "h100", "--ep", "3"), "not divisible by 3"),
+    ]
+    for args, msg in cases:
+        r = cli_run(*args, "-o", tmp_path / "x", "--dry-run")
+        assert r.exit_code == 2, r.output
+        assert msg in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_real_build_without_gpu_exits_2(cli_run, ckpt, onnx_dir, tmp_path):
+    r = cli_run("build", ckpt, "--target", "h100", "-o", tmp_path / "e")
+    assert r.exit_code == 2
+    assert "no CUDA device" in r.output and "tensorrt_llm is not installed: pip install moepress[trtllm]" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
+    r = cli_run("build", onnx_dir, "--target", "l4", "-o", tmp_path / "t")
+    assert r.exit_code == 2 and "tensorrt is not installed" in r.output
+
+
+# ---- GPU integration (skipped here: no CUDA device / TensorRT) ---------------------------------
+
+def _has(mod):
+    import importlib.util
+
+    return importlib.util.find_spec(mod) is not None
+
+
+def _local_target():
+    from moepress.exporters.build import gpu_info
+    from moepress.exporters.targets import TARGETS
+
+    sm = gpu_info().get("sm")
+    return next((t.name for t in TARGETS.values() if t.sm == sm), None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has("tensorrt"), reason="tensorrt not installed")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gpu_tensorrt_engine_from_onnx_export(tmp_path):
+    from moepress.exporters import ExportConfig, export
+
+    src = models.path("tiny-qwen3-moe")
+    export(src, tmp_path / "onnx", ExportConfig(format="onnx"))
+    target = _local_target()
+    if target is None:
+        pytest.skip("this GPU's SM is not in the target catalog")
+    res = build(tmp_path / "onnx", target, tmp_path / "engine", dry_run=False, max_seq_len=256, max_batch=2,
+                reference=src)
+    assert (tmp_path / "engine" / "engine" / "model.engine").is_file()
+    from moepress.exporters.targets import get_target
+
+    assert res["environment"]["sm"] == get_target(target).sm
+    assert res["accuracy"]["passed"] in (True, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has("tensorrt_llm"), reason="tensorrt_llm not installed")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gpu_trtllm_engine_from_trtllm_ckpt(tmp_path):
+    from moepress.exporters import ExportConfig, export
+
+    src = models.path("tiny-mixtral")
+    export(src, tmp_path / "ckpt", ExportConfig(format="trtllm-ckpt"))
+    target = _local_target()
+    if target is None:
+        pytest.skip("this GPU's SM is not in the target catalog")
+    res = build(tmp_path / "ckpt", target, tmp_path / "engine", dry_run=False, max_seq_len=256, max_batch=2,
+                reference=src)
+    assert (tmp_path / "engine" / "engine" / "rank0.engine").is_file()
+    assert "accuracy" in res
+    shutil.rmtree(tmp_path / "engine")

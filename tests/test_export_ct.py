@@ -1,0 +1,187 @@
+"""compressed-tensors export — the real-consumer test (issue #6 acceptance): the FP8 and INT4
+exports of each bundled model load with transformers' ``from_pretrained`` on CPU in a separate
+process that never imports moepress, and their logits match moepress's forward of the same
+``moepress quantize`` output.
+
+Like with like (measured with transformers 5.24 + compressed-tensors 0.20.1):
+* ``CompressedTensorsConfig(dequantize=True)`` (the working path for MoE: per-expert compressed
+  tensors are decompressed and merged into transformers 5's fused 3-D expert parameters) runs the
+  dequantized weights without activation quantization -> compared with moepress's weight-only
+  forward (the same checkpoint read without the activation fake-quant hooks): equal to float32
+  rounding (rel 1e-5).
+* the default load (``dequantize=False``) keeps attention / dense Linears as compressed-tensors
+  quantized modules that fake-quantize their inputs with the stored static ``input_scale``, but
+  the fused experts are plain dequantized tensors and their ``input_scale`` is reported
+  UNEXPECTED (unused) -> compared with moepress's forward with activation fake-quant on the
+  non-expert linears only (rel 1e-4). INT4 (weight-only) is the same in both paths.
+DeepSeek's INT4 uses --group-size 32: its 64- and 32-wide linears would otherwise get smaller
+groups than the rest, and transformers' CT loader resolves one scheme for all dense modules and
+one for the experts (integrations/compressed_tensors.py: get_dense_scheme / get_experts_scheme),
+so mixed group sizes fail to load there (vLLM matches schemes per module).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moepress import models
+from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.quant import int4
+from moepress.compress.quantize import QuantConfig, quantize_checkpoint, read_quant_layout
+from moepress.compress.stream import StreamedModel
+from moepress.exporters import ExportConfig, export
+
+CASES = [(m, f) for m in models.BUNDLED for f in ("fp8", "int4-gptq")] + [("tiny-qwen3-moe", "fp8-dynamic")]
+FP8 = ("fp8", "fp8-dynamic")
+IDS = torch.randint(1, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
+
+LOADER = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    jobs, ids_path, out_path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+    ids = torch.load(ids_path)
+    out = {}
+    for d, modes in jobs:
+        for mode in modes:
+            kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if mode == "dequantize" else {}
+            m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw).eval()
+            with torch.no_grad():
+                out[d + "|" + mode] = m(input_ids=ids, use_cache=False).logits
+    assert not any(k.startswith("moepress") for k in sys.modules), "moepress was imported"
+    torch.save(out, out_path)
+""")
+
+
+def _forward(qdir, act_quant: str) -> torch.Tensor:
+    """moepress's forward of a quantized checkpoint: act_quant all | none | non-experts."""
+    r = CheckpointReader(qdir)
+    lay = read_quant_layout(qdir)
+    if act_quant == "none":
+        r._moepress_quant = None
+    elif act_quant == "non-experts":
+        r._moepress_quant = {**lay, "modules": {k: v for k, v in lay["modules"].items() if ".experts." not in k}}
+    return StreamedModel(r).forward([IDS])[0]
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory):
+    """Quantize each bundled model (fp8, int4-gptq; small calibration), export, and load every
+    export with transformers in ONE subprocess without moepress."""
+    base = tmp_path_factory.mktemp("ct")
+    out = {}
+    for name, fmt in CASES:
+        q = base / f"q-{name}-{fmt}"
+        group = 32 if name == "tiny-deepseek-v3" else 128
+        quantize_checkpoint(models.path(name), q, QuantConfig(format=fmt, num_samples=2, seq_len=64,
+                                                              group_size=group))
+        e = base / f"ct-{name}-{fmt}"
+        info = export(q, e, ExportConfig(format="compressed-tensors"))
+        out[(name, fmt)] = (q, e, info)
+    torch.save(IDS, base / "ids.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    # INT4 is weight-only: the default load equals the dequantized one; load it once
+    jobs = [(str(e), ["dequantize", "default"] if fmt in FP8 else ["dequantize"])
+            for (_, fmt), (_, e, _) in out.items()]
+    p = subprocess.run([sys.executable, "-c", LOADER, json.dumps(jobs), str(base / "ids.pt"), str(base / "logits.pt")],
+                       cwd=base, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, torch.load(base / "logits.pt")
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("name,fmt", CASES)
+def test_transformers_logits_match_moepress_forward(ct, name, fmt):
+    out, logits = ct
+    q, e, _ = out[(name, fmt)]
+    deq = logits[f"{e}|dequantize"]
+    # dequantized weights, no activation quantization, both sides
+    assert _rel(deq, _forward(q, "none")) < 1e-5
+    if fmt in FP8:
+        # transformers' CT Linears fake-quantize inputs with input_scale; its fused experts do not
+        default = logits[f"{e}|default"]
+        assert _rel(default, _forward(q, "non-experts")) < 1e-4
+        assert _rel(default, deq) > 1e-4  # the activation quantization did run
+
+
+@pytest.mark.parametrize("name,fmt", CASES)
+def test_layout_is_the_libraries(ct, name, fmt):
+    """Tensor names, dtypes, shapes as the library's compressors write them, bit-equal to the
+    quantize stage's values; config.json as ModelCompressor.update_config writes it."""
+    out, _ = ct
+    q, e, info = out[(name, fmt)]
+    conf = json.loads((e / "config.json").read_text())
+    qc = conf["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["quantization_status"] == "compressed"
+    assert qc["format"] == ("float-quantized" if fmt in FP8 else "pack-quantized")
+    (group,) = qc["config_groups"].values()
+    assert group["targets"] == ["Linear"]
+    assert any(n.endswith(".gate") for n in qc["ignore"]) and "lm_head" in qc["ignore"]
+    src = CheckpointReader(q)
+    lay = read_quant_layout(q)
+    idx = json.loads((e / "model.safetensors.index.json").read_text())["weight_map"]
+    mod = next(m for m in lay["modules"] if ".experts.3." in m and m.endswith(("down_proj", "w2")))
+    with safe_open(str(e / idx[f"{mod}.weight_scale"]), "pt") as f:
+        ws = f.get_tensor(f"{mod}.weight_scale")
+        if fmt in FP8:
+            w = f.get_tensor(f"{mod}.weight")
+            assert w.dtype == torch.float8_e4m3fn
+            assert torch.equal(w.view(torch.uint8), src.get(f"{mod}.weight").view(torch.uint8))
+            if fmt == "fp8":  # static: tensor-strategy weight scale and input scale, shape [1]
+                isc = f.get_tensor(f"{mod}.input_scale")
+                assert ws.shape == isc.shape == (1,) and group["input_activations"]["dynamic"] is False
+                assert torch.equal(ws, src.get(f"{mod}.weight_scale").reshape(1))
+            else:  # per-channel weight scale [out, 1], dynamic per-token activations
+                assert f"{mod}.input_scale" not in f.keys() and group["input_activations"]["strategy"] == "token"
+                assert ws.shape == (w.shape[0], 1) and torch.equal(ws, src.get(f"{mod}.weight_scale"))
+        else:
+            packed, shape = f.get_tensor(f"{mod}.weight_packed"), f.get_tensor(f"{mod}.weight_shape")
+            out_f, in_f = shape.tolist()
+            assert packed.dtype == torch.int32 and packed.shape == (out_f, in_f // 8)
+            assert ws.shape == (out_f, in_f // group["weights"]["group_size"])
+            # unpack with the library, compare with the quantize stage's int4 values
+            from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+            assert torch.equal(unpack_from_int32(packed, 4, shape), int4.unpack_int4(src.get(f"{mod}.weight")))
+    assert info["quantized_linears"] == len(lay["modules"])
+
+
+def test_bf16_input_needs_quantize(tmp_path, cli_run):
+    r = cli_run("export", models.path("tiny-mixtral"), "--format", "compressed-tensors", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "run moepress quantize --format fp8" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_wrong_scheme_and_occupied_output(ct, tmp_path, cli_run):
+    out, _ = ct
+    q, _, _ = out[("tiny-mixtral", "fp8")]
+    r = cli_run("export", q, "--format", "hf-fp8-block", "-o", tmp_path / "x")  # fp8 per-tensor is not block-FP8
+    assert r.exit_code == 2 and "expected fp8-block or a bf16 checkpoint" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    occupied = tmp_path / "o"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("x")
+    r = cli_run("export", q, "--format", "compressed-tensors", "-o", occupied)
+    assert r.exit_code == 2 and "--force" in r.output and (occupied / "keep.txt").exists()
+
+
+def test_check_passes_with_transformers_as_the_runtime(ct, cli_run):
+    """`moepress check --kind transformers`: transformers runs the export (its default CT path),
+    gated against the bf16 original."""
+    out, _ = ct
+    _, e, _ = out[("tiny-qwen3-moe", "fp8")]
+    r = cli_run("check", e, "--reference", models.path("tiny-qwen3-moe"), "--kind", "transformers",
+                "--max-samples", "4", "--seq-len", "128", "--quiet")
+    assert r.exit_code == 0, r.output

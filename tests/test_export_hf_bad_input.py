@@ -1,0 +1,55 @@
+"""Bad input to the Hugging Face exporters (hf-modelopt, hf-fp8-block, compressed-tensors):
+a quantized checkpoint of the wrong scheme is refused in one line (exit 2) that names the format
+found and what to run instead, and nothing is written. (bf16 into the quantized-only formats,
+a non-empty output without --force and the family check: test_export_hf_modelopt.py /
+test_export_ct.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from moepress import models
+from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+
+
+@pytest.fixture(scope="module")
+def fp8_dynamic(tmp_path_factory):
+    """A real, calibration-free quantize output (per-channel FP8, tiny-mixtral)."""
+    q = tmp_path_factory.mktemp("bad") / "q-fp8-dynamic"
+    quantize_checkpoint(models.path("tiny-mixtral"), q, QuantConfig(format="fp8-dynamic"))
+    return q
+
+
+def _one_line_refusal(r, out):
+    assert r.exit_code == 2, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
+    assert not out.exists()
+
+
+def test_hf_fp8_block_refuses_other_fp8_schemes(fp8_dynamic, tmp_path, cli_run):
+    r = cli_run("export", fp8_dynamic, "--format", "hf-fp8-block", "-o", tmp_path / "x")
+    _one_line_refusal(r, tmp_path / "x")
+    assert "fp8-dynamic" in r.output and "run moepress quantize --format fp8-block" in r.output
+
+
+def test_compressed_tensors_refuses_awq(fp8_dynamic, tmp_path, cli_run):
+    """AWQ's pre_quant_scale has no compressed-tensors form. The refusal reads only the sidecar,
+    so a copy of a real quantize output whose moepress_quant.json says int4-awq exercises it."""
+    q = tmp_path / "q"
+    shutil.copytree(fp8_dynamic, q)
+    lay = json.loads((q / "moepress_quant.json").read_text())
+    lay["format"] = "int4-awq"
+    lay["modules"] = {k: {**v, "format": "int4-awq", "group": 128} for k, v in lay["modules"].items()}
+    (q / "moepress_quant.json").write_text(json.dumps(lay))
+    r = cli_run("export", q, "--format", "compressed-tensors", "-o", tmp_path / "x")
+    _one_line_refusal(r, tmp_path / "x")
+    assert "int4-awq" in r.output and "int4-gptq" in r.output and "hf-modelopt" in r.output
+
+
+def test_unknown_format_lists_choices(fp8_dynamic, tmp_path, cli_run):
+    r = cli_run("export", fp8_dynamic, "--format", "hf-nope", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and not (tmp_path / "x").exists()
+    assert "hf-modelopt" in r.output and "compressed-tensors" in r.output

@@ -1,0 +1,115 @@
+"""hf-fp8-block (issue #6 acceptance): the bundled DeepSeek-family model exported in DeepSeek-V3's
+native block-FP8 layout loads with transformers on CPU (FineGrainedFP8: with no GPU it
+dequantizes at load time — needs `accelerate`) and matches moepress's forward of the export.
+
+Like with like: transformers on CPU runs the dequantized weights with no activation
+quantization, so its logits are compared with moepress's weight-only forward of the same export
+(rel 1e-5: float32 rounding); moepress's fake-quant forward (what a GPU runtime computes:
+dynamic 1x128 FP8 activations) differs from it by the activation quantization only, bounded
+loosely here and gated against the original by `moepress check`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moepress import models
+from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+from moepress.compress.stream import StreamedModel
+from moepress.exporters import ExportConfig, export
+
+DSV3 = models.path("tiny-deepseek-v3")
+IDS = torch.randint(1, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fp8block")
+    from_bf16 = base / "from-bf16"
+    info_bf16 = export(DSV3, from_bf16, ExportConfig(format="hf-fp8-block"))
+    q = base / "q-fp8-block"
+    quantize_checkpoint(DSV3, q, QuantConfig(format="fp8-block"))
+    from_q = base / "from-quantized"
+    info_q = export(q, from_q, ExportConfig(format="hf-fp8-block"))
+    return {"bf16": (from_bf16, info_bf16), "quantized": (from_q, info_q), "q": q}
+
+
+def _transformers_logits(path):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    # CPU: FineGrainedFP8 dequantizes at load (no FP8Linear left, every parameter float32)
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    with torch.no_grad():
+        return m(input_ids=IDS, use_cache=False).logits
+
+
+def _moepress_logits(path, act_quant: bool):
+    r = CheckpointReader(path)
+    if not act_quant:
+        r._moepress_quant = None  # no activation fake-quant hooks: weights only
+    return StreamedModel(r).forward([IDS])[0]
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("which", ["bf16", "quantized"])
+def test_transformers_loads_and_matches_moepress(exports, which):
+    path, _ = exports[which]
+    tf = _transformers_logits(path)
+    assert _rel(tf, _moepress_logits(path, act_quant=False)) < 1e-5
+    fq = _moepress_logits(path, act_quant=True)
+    assert 1e-4 < _rel(tf, fq) < 0.1  # the dynamic activation quantization, nothing else
+
+
+def test_layout_is_deepseeks(exports):
+    path, info = exports["bf16"]
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert {k: qc[k] for k in ("quant_method", "fmt", "activation_scheme", "weight_block_size")} == \
+        {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    not_conv = set(qc["modules_to_not_convert"])
+    assert {"lm_head", "model.embed_tokens", "model.layers.1.mlp.gate"} <= not_conv
+    # 192-row q_b_proj: 2 scale rows transformers would read as 96-row blocks -> kept bf16, listed
+    assert info["kept_high_precision"] == [f"model.layers.{i}.self_attn.q_b_proj" for i in range(4)]
+    assert set(info["kept_high_precision"]) <= not_conv
+    src, out = CheckpointReader(DSV3), CheckpointReader(path)
+    for name in out.names():
+        info_ = out.info(name)
+        if name.endswith(".weight_scale_inv"):
+            w = out.info(name[: -len("_scale_inv")])
+            assert info_.dtype == "F32" and w.dtype == "F8_E4M3"
+            assert info_.shape == tuple(-(-d // 128) for d in w.shape)
+        elif info_.dtype != "F8_E4M3":
+            assert info_.dtype == src.info(name).dtype  # bf16 stays bf16, the router bias stays f32
+    assert out.info("model.layers.1.mlp.gate.e_score_correction_bias").dtype == "F32"
+    assert out.info("model.layers.1.mlp.experts.5.down_proj.weight").dtype == "F8_E4M3"
+    assert out.info("model.layers.0.mlp.down_proj.weight").dtype == "F8_E4M3"  # dense first layer too
+
+
+def test_quantized_input_is_renamed_not_requantized(exports):
+    path, info = exports["quantized"]
+    assert info["mode"] == "rename"
+    q, out = CheckpointReader(exports["q"]), CheckpointReader(path)
+    assert not any(n.endswith(".weight_scale") for n in out.names())
+    for p in ("model.layers.2.mlp.experts.7.up_proj", "model.layers.2.self_attn.o_proj"):
+        assert torch.equal(out.get(p + ".weight").view(torch.uint8), q.get(p + ".weight").view(torch.uint8))
+        assert torch.equal(out.get(p + ".weight_scale_inv"), q.get(p + ".weight_scale"))
+    # same content as exporting the original directly (the quantizer's numerics are the exporter's)
+    direct = CheckpointReader(exports["bf16"][0])
+    p = "model.layers.3.mlp.shared_experts.gate_proj"
+    assert torch.equal(direct.get(p + ".weight_scale_inv"), out.get(p + ".weight_scale_inv"))
+
+
+def test_check_passes_against_the_original(exports, cli_run):
+    path, _ = exports["bf16"]
+    r = cli_run("check", path, "--reference", DSV3, "--max-samples", "4", "--seq-len", "128", "--quiet")
+    assert r.exit_code == 0, r.output
+    with safe_open(str(next(path.glob("model-*.safetensors"))), "pt") as f:
+        assert f.metadata() == {"format": "pt"}

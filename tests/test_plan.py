@@ -1,0 +1,216 @@
+"""Planner arithmetic on the Kimi K2 config (tests/data/kimi-k2-config.json), by hand.
+
+Kimi K2: hidden 7168, 61 layers (layer 0 dense, 1..60 MoE), 384 routed experts + 1 shared,
+moe_intermediate 2048, dense intermediate 18432, 64 heads, MLA (q_lora_rank 1536, kv_lora_rank
+512, qk_rope 64, qk_nope 128, v_head 128), vocab 163840, untied head.
+
+Linear weights [out, in] per decoder layer:
+  q_a_proj            1536 x 7168
+  q_b_proj           12288 x 1536   (64 heads x (128 nope + 64 rope))
+  kv_a_proj_with_mqa   576 x 7168   (512 latent + 64 rope)
+  kv_b_proj          16384 x 512    (64 heads x (128 nope + 128 v))
+  o_proj              7168 x 8192   (64 heads x 128 v)
+  expert (routed and shared): gate, up 2048 x 7168; down 7168 x 2048
+  dense MLP (layer 0): gate, up 18432 x 7168; down 7168 x 18432
+bf16, split by nothing: norms 61 x (7168 + 7168 + 1536 + 512) + final 7168; routers 60 x 384 x 7168
+(the correction bias is a buffer, not counted). Embedding + lm_head: 2 x 163840 x 7168, split by TP.
+"""
+
+import json
+import math
+
+import pytest
+
+from moepress.errors import MoepressError
+from moepress.exporters.plan import RESERVE_FRACTION, linear_bytes, model_shape, plan
+
+KIMI = "tests/data/kimi-k2-config.json"
+
+# ---- hand-computed bytes per component -------------------------------------------------------
+# FP8 block (1 B/param + F32 scale per 128x128 block, ceil on both dims):
+#   q_a  1536*7168  = 11,010,048 + 4*12*56  (=2,688)  = 11,012,736
+#   q_b 12288*1536  = 18,874,368 + 4*96*12  (=4,608)  = 18,878,976
+#   kv_a  576*7168  =  4,128,768 + 4*5*56   (=1,120)  =  4,129,888
+#   kv_b 16384*512  =  8,388,608 + 4*128*4  (=2,048)  =  8,390,656
+#   o    7168*8192  = 58,720,256 + 4*56*64  (=14,336) = 58,734,592
+#   attention per layer = 101,146,848; x 61 layers = 6,169,957,728
+#   expert: 2 x (14,680,064 + 4*16*56) + (14,680,064 + 4*56*16) = 3 x 14,683,648 = 44,050,944
+#   dense MLP: 3 x (132,120,576 + 4*144*56 = 32,256) = 396,458,496
+FP8B_ATTN = 61 * 101_146_848
+FP8B_EXPERT = 44_050_944
+FP8B_DENSE = 396_458_496
+# INT4 AWQ (0.5 B/param + F32 [out, in/128] + F32 pre_quant_scale [in]):
+#   q_a   5,505,024 + 4*1536*56  (=344,064)   + 4*7168  (=28,672) =  5,877,760
+#   q_b   9,437,184 + 4*12288*12 (=589,824)   + 4*1536  (=6,144)  = 10,033,152
+#   kv_a  2,064,384 + 4*576*56   (=129,024)   + 4*7168  (=28,672) =  2,222,080
+#   kv_b  4,194,304 + 4*16384*4  (=262,144)   + 4*512   (=2,048)  =  4,458,496
+#   o    29,360,128 + 4*7168*64  (=1,835,008) + 4*8192  (=32,768) = 31,227,904
+#   attention per layer = 53,819,392
+#   expert: gate/up 7,340,032 + 4*2048*56 (=458,752) + 28,672 = 7,827,456 (x2)
+#           down    7,340,032 + 4*7168*16 (=458,752) +  8,192 = 7,806,976  -> 23,461,888
+#   dense:  gate/up 66,060,288 + 4*18432*56 (=4,128,768) + 28,672 = 70,217,728 (x2)
+#           down    66,060,288 + 4*7168*144 (=4,128,768) + 73,728 = 70,262,784 -> 210,698,240
+INT4_ATTN = 61 * 53_819_392
+INT4_EXPERT = 23_461_888
+INT4_DENSE = 210_698_240
+EMBED = 2 * 2 * 163840 * 7168  # bf16 embedding + lm_head = 4,697,620,480
+OTHER = 2 * (61 * (7168 + 7168 + 1536 + 512) + 7168 + 60 * 384 * 7168)  # bf16 = 332,314,624
+# pruned to 192 experts: the routers shrink to 60 x 192 x 7168 -> 332,314,624 - 165,150,720
+OTHER_PRUNED = 2 * (61 * (7168 + 7168 + 1536 + 512) + 7168 + 60 * 192 * 7168)  # = 167,163,904
+# KV cache, MLA: (512 + 64) values x 61 layers x 2 B (bf16) per token, 8 x 4096 tokens:
+KV = 8 * 4096 * 61 * 576 * 2  # = 2,302,672,896 (every TP rank holds the latent)
+# activations: 8192 tokens x 7168 x (4 + 2 x top-8) x 2 B
+ACT = 8192 * 7168 * 20 * 2  # = 2,348,810,240
+
+
+def weights_per_gpu(attn, expert, dense, experts, gpus, ep, other=OTHER):
+    """Split: attention, dense, shared expert (60 layers) and embeddings by TP = gpus; routed by EP.
+
+    Norms and routers are replicated; a pruned router has ``experts`` rows.
+    """
+    split = (attn + dense + 60 * expert + EMBED) / gpus
+    routed = 60 * (experts // ep) * expert / (gpus // ep)
+    other = OTHER - 2 * 60 * (384 - experts) * 7168
+    return math.ceil(split + routed + other)
+
+
+@pytest.fixture(scope="module")
+def kimi():
+    return model_shape(KIMI)
+
+
+@pytest.fixture(scope="module")
+def kimi_pruned(tmp_path_factory):
+    """50% expert pruning: what `moepress prune --keep 0.5` writes into config.json."""
+    cfg = json.loads(open(KIMI).read())
+    cfg["n_routed_experts"] = 192
+    d = tmp_path_factory.mktemp("kimi-pruned")
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d, model_shape(d)
+
+
+def test_component_bytes_match_hand_numbers(kimi):
+    b = kimi.bytes_by_kind("fp8-block")
+    assert b["attn"] == FP8B_ATTN == 6_169_957_728
+    assert b["routed"] == 23040 * FP8B_EXPERT == 1_014_933_749_760
+    assert b["shared"] == 60 * FP8B_EXPERT
+    assert b["dense"] == FP8B_DENSE
+    assert b["embed"] == EMBED == 4_697_620_480
+    assert b["other"] == OTHER == 332_314_624
+    i = kimi.bytes_by_kind("int4-awq")
+    assert (i["attn"], i["routed"], i["dense"]) == (INT4_ATTN, 23040 * INT4_EXPERT, INT4_DENSE)
+    assert linear_bytes(2048, 7168, "bf16") == 2 * 14_680_064
+
+
+def test_fp8_block_kimi_on_h200_needs_16(kimi):
+    # 8 x H200: weights = (6,169,957,728 + 396,458,496 + 60 x 44,050,944 + 4,697,620,480) / 8
+    #   + 60 x 48 experts x 44,050,944 + 332,314,624 = 128,937,420,012 B; + KV 2.30 GB + act 2.35 GB
+    #   + reserve 14.1 GB = 147.7 GB > 141 GB -> 16 GPUs (2 nodes): 64,634,867,318 B of weights
+    w8 = weights_per_gpu(FP8B_ATTN, FP8B_EXPERT, FP8B_DENSE, 384, 8, 8)
+    assert w8 == 128_937_420_012
+    assert w8 + KV + ACT + RESERVE_FRACTION * 141e9 > 141e9
+    p = plan(kimi, "h200", "fp8-block")
+    assert (p.gpus, p.tp, p.ep, p.moe_tp, p.nodes, p.experts_per_rank) == (16, 16, 16, 1, 2, 24)
+    assert p.bytes_per_gpu["weights"] == weights_per_gpu(FP8B_ATTN, FP8B_EXPERT, FP8B_DENSE, 384, 16, 16) \
+        == 64_634_867_318
+    assert p.bytes_per_gpu["kv_cache"] == KV and p.bytes_per_gpu["activations"] == ACT
+    assert p.bytes_per_gpu["reserve"] == 14_100_000_000
+    assert p.fits and p.bytes_per_gpu["total"] == 64_634_867_318 + KV + ACT + 14_100_000_000
+    with pytest.raises(MoepressError, match=r"--gpus 8: fp8-block needs 147.7 GB .* use --gpus 16"):
+        plan(kimi, "h200", "fp8-block", gpus=8)
+
+
+def test_int4_kimi_on_h200_fits_8_and_a100_needs_16(kimi):
+    # 8 x H200, INT4 AWQ: (3,282,982,912 + 210,698,240 + 1,407,713,280 + 4,697,620,480 = 9,599,014,912) / 8
+    #   + 60 x 48 x 23,461,888 + 332,314,624 = 1,199,876,864 + 67,570,237,440 + 332,314,624
+    #   = 69,102,428,928 B (+ KV 2.30 + act 2.35 + reserve 14.1 GB) = 87.9 GB <= 141 GB
+    p = plan(kimi, "h200", "int4-awq")
+    assert (p.gpus, p.ep) == (8, 8)
+    assert p.bytes_per_gpu["weights"] == weights_per_gpu(INT4_ATTN, INT4_EXPERT, INT4_DENSE, 384, 8, 8) \
+        == 69_102_428_928
+    # 8 x A100 80GB: 69.1 + 2.30 + 2.35 + 8.0 = 81.75 GB > 80 GB -> 16
+    assert plan(kimi, "a100-80gb", "int4-awq").gpus == 16
+
+
+def test_pruned_50_percent(kimi_pruned):
+    d, shape = kimi_pruned
+    assert shape.num_experts == 192
+    # FP8 block, 8 x H200: 13,907,093,344 / 8 + 60 x 24 x 44,050,944 + (332,314,624 - 2 x 60 x 192 x 7168
+    #   = 167,163,904: routers of 192 rows) = 65,338,909,932 B
+    #   (+ 18.75 GB = 84.3 GB) fits; 4 GPUs would hold 48 experts per rank: 126.9 GB of experts
+    p = plan(shape, "h200", "fp8-block")
+    assert (p.gpus, p.experts_per_rank) == (8, 24)
+    assert p.bytes_per_gpu["weights"] == weights_per_gpu(FP8B_ATTN, FP8B_EXPERT, FP8B_DENSE, 192, 8, 8) \
+        == 65_338_909_932
+    # INT4 AWQ, 4 x H200: 9,599,014,912 / 4 + 60 x 48 x 23,461,888 + 167,163,904 = 70,137,155,072 B
+    #   (+ 18.75 GB = 89.1 GB <= 141 GB); 2 GPUs would hold 96 experts per rank: 135 GB of weights
+    p = plan(shape, "h200", "int4-awq")
+    assert p.gpus == 4
+    assert p.bytes_per_gpu["weights"] == weights_per_gpu(INT4_ATTN, INT4_EXPERT, INT4_DENSE, 192, 4, 4) \
+        == 70_137_155_072
+    # from the directory too (pruning is read from config.json)
+    assert plan(str(d), "h200", "int4-awq").gpus == 4
+
+
+def test_ep_smaller_than_tp(kimi):
+    # 16 GPUs, EP 8: 48 experts per EP rank split over moe_tp 2 -> same routed bytes as EP 16
+    p = plan(kimi, "h200", "fp8-block", gpus=16, ep=8)
+    assert (p.ep, p.moe_tp, p.experts_per_rank) == (8, 2, 48)
+    assert p.bytes_per_gpu["weights"] == weights_per_gpu(FP8B_ATTN, FP8B_EXPERT, FP8B_DENSE, 384, 16, 8)
+
+
+def test_gqa_kv_cache():
+    # a GQA config: 8 kv heads x 128 head dim, 2 (K and V) x 2 B, 4 layers, 2 x 1024 tokens
+    from tests.helpers import make_random_checkpoint  # noqa: F401  (helpers importable)
+
+    cfg = json.loads(open("models/tiny-qwen3-moe/config.json").read())
+    cfg.update(num_key_value_heads=8, num_attention_heads=16, head_dim=128)
+    p = plan(cfg, "l4", "bf16", gpus=2, max_batch=2, max_seq_len=1024)
+    # TP 2: 4 kv heads per rank -> 2 x 1024 x 4 layers x (2 x 4 x 128) x 2 B
+    assert p.bytes_per_gpu["kv_cache"] == 2 * 1024 * cfg["num_hidden_layers"] * (2 * 4 * 128) * 2
+
+
+def test_refusals(kimi):
+    with pytest.raises(MoepressError, match=r"FP8 needs sm89\+; A100 80GB SXM is sm80: use int4-awq"):
+        plan(kimi, "a100", "fp8")
+    with pytest.raises(MoepressError, match=r"FP8-BLOCK needs sm90/sm100; L40S is sm89: use fp8"):
+        plan(kimi, "l40s", "fp8-block")
+    with pytest.raises(MoepressError, match=r"INT4-AWQ needs .*RTX PRO 6000 Blackwell is sm120: use nvfp4"):
+        plan(kimi, "rtx-pro-6000", "int4-awq")
+    with pytest.raises(MoepressError, match=r"--ep 5: the model has 384 routed experts, not divisible by 5; use --ep 4"
+                       ):
+        plan(kimi, "h200", "int4-awq", gpus=8, ep=5)
+    with pytest.raises(MoepressError, match=r"--target h300: unknown GPU target"):
+        plan(kimi, "h300", "fp8")
+    # the MLA latent cache is on every rank: 8 x 131072 tokens x 61 x 576 x 2 B = 73.7 GB > 24 GB
+    with pytest.raises(MoepressError, match=r"does not fit on up to 256 x L4"):
+        plan(kimi, "l4", "bf16", max_seq_len=131072)
+
+
+def test_plan_cli(cli_run):
+    r = cli_run("plan", "tiny-qwen3-moe", "--target", "h100", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["gpus"] == 1 and d["format"] == "bf16" and d["fits"]
+    for args, msg in [
+        (("--target", "a100", "--format", "fp8"), "FP8 needs sm89+; A100 80GB SXM is sm80: use int4-awq"),
+        (("--target", "nope"), "--target nope: unknown GPU target"),
+        (("--target", "h200", "--format", "fp8-block", "--gpus", "8"), "use --gpus 16"),
+        (("--target", "h200", "--gpus", "8", "--ep", "7"), "not divisible by 7"),
+    ]:
+        r = cli_run("plan", KIMI, *args)
+        assert r.exit_code == 2, r.output
+        assert msg in r.output and "Traceback" not in r.output
+        assert len(r.output.strip().splitlines()) == 1
+
+
+def test_inspect_reports_formats_and_targets(cli_run):
+    r = cli_run("inspect", "tiny-qwen3-moe", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    t = s["targets_table"]
+    assert t["h100"]["fp8-block"] == 1 and t["a100-80gb"]["int4-awq"] == 1
+    assert t["a100-80gb"]["fp8"] is None  # sm80 cannot run FP8
+    assert "fp8" in s["formats"] and "h100:" in s["targets"]
+    r = cli_run("inspect", "tiny-qwen3-moe")
+    assert "targets    a100-40gb:" in r.output

@@ -1,0 +1,150 @@
+"""GPTQ (compress/quant/gptq.py, issue #5): equal to Model-Optimizer's GPTQ, equal to a direct
+transcription of the algorithm (explicit inverse-Hessian updates, no Cholesky, no lazy batches),
+lower layer-output error than round-to-nearest, dead channels handled."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from moepress.compress.quant import gptq, int4
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export.quant_utils import get_weight_scaling_factor, to_quantized_weight
+    from modelopt.torch.quantization.utils.calib_utils import update_hessian
+
+
+def _inputs(n_batches=4, tokens=128, d=256, seed=0):
+    """Correlated activations with a few salient channels (what makes GPTQ beat RTN)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(d) + 0.3 * torch.randn(d, d, generator=g) / d**0.5
+    ch = torch.ones(d)
+    ch[torch.randperm(d, generator=g)[:8]] = 20.0
+    return [(torch.randn(tokens, d, generator=g) @ mix) * ch for _ in range(n_batches)]
+
+
+def _hessian(xs):
+    H, n = None, 0
+    for x in xs:
+        H, n = gptq.hessian_update(H, n, x)
+    return H, n
+
+
+def _transcribed_gptq(w, H, group, damp, order):
+    """GPTQ written out directly (OBS form, Frantar et al. 2022 eqs. 2-3 with static group scales):
+    quantize the columns one at a time in ``order``; after each, move its error onto every remaining
+    column through the current inverse Hessian, then eliminate the column from that inverse."""
+    W, H = w.double().clone(), H.double().clone()
+    dead = (W == 0).all(dim=0)
+    H[dead, :], H[:, dead] = 0, 0
+    H[dead, dead] = 1
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    Hinv = torch.linalg.inv(H)
+    s = (w.float().abs().reshape(w.shape[0], -1, group).amax(-1) / 7).double().repeat_interleave(group, 1)
+    Q = torch.zeros_like(W)
+    for c in order.tolist():
+        Q[:, c] = (W[:, c] / s[:, c]).round().clamp(-8, 7)
+        err = (W[:, c] - Q[:, c] * s[:, c]) / Hinv[c, c]
+        W -= err[:, None] * Hinv[c, :][None, :]
+        Hinv -= torch.outer(Hinv[:, c], Hinv[c, :]) / Hinv[c, c]
+    return Q.to(torch.int8)
+
+
+def _out_err(xs, w, wq):
+    x = torch.cat(xs).double()
+    return float(((x @ w.double().T - x @ wq.double().T) ** 2).mean())
+
+
+def test_hessian_update_equals_modelopt():
+    xs = _inputs(d=64)
+    xs.insert(2, torch.zeros(0, 64))  # an expert that got no tokens in one batch
+    ref, n_ref = torch.zeros(64, 64), 0
+    for x in xs:
+        if x.shape[0]:  # modelopt divides by zero on an empty batch (its own docstring); ours skips it
+            ref, n_ref = update_hessian(x, ref, n_ref)
+    H, n = _hessian(xs)
+    assert n == n_ref == 512
+    torch.testing.assert_close(H.float(), ref, rtol=1e-5, atol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("group", [128, 64])
+def test_gptq_equals_modelopt(group):
+    """modelopt 0.47's GPTQ (mtq.quantize, algorithm 'gptq': max-calibrated static group scales,
+    then modelopt/torch/quantization/utils/calib_utils.py gptq_blockwise_update), exported with its
+    own to_quantized_weight: same scales, same packed INT4 bytes."""
+    xs = _inputs()
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(256, 64, bias=False))
+    model[0].weight[:, 5] = 0  # a dead (all-zero) weight column
+    w = model[0].weight.detach().clone()
+    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
+    cfg["algorithm"] = {"method": "gptq", "perc_damp": 0.01, "block_size": 128}
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["block_sizes"][-1] = group
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mtq.quantize(model, cfg, lambda m: [m(x) for x in xs])
+    lin = model[0]
+    ref_s = get_weight_scaling_factor(lin).float()
+    ref_packed = to_quantized_weight(lin.weight, ref_s, "int4_awq", None, group)
+
+    H, _ = _hessian(xs)
+    q, s = gptq.gptq_quantize(w, H, group_size=group, damp=0.01, block_size=128)
+    assert s.dtype == torch.float32 and torch.equal(s, ref_s.reshape(s.shape))
+    assert torch.equal(s, int4.group_scales(w, group))  # static scales: RTN's
+    agree = (int4.pack_int4(q) == ref_packed).float().mean().item()
+    # we run in float64, modelopt in float32: a rounding tie may flip and spread; none did here
+    assert agree > 0.999, f"packed INT4 bytes agree {agree:.4%}"
+    assert (q[:, 5] == 0).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_equals_transcribed_algorithm(act_order):
+    """Cholesky + lazy batches (block 8 over 64 columns, groups of 16 spanning blocks) give the same
+    integers as the direct column-by-column algorithm, with and without act-order."""
+    xs = _inputs(n_batches=2, tokens=96, d=64, seed=3)
+    torch.manual_seed(4)
+    w = torch.randn(16, 64) * 0.05
+    w[:, 7] = 0  # dead weight column
+    xs[0][:, 9] = 0
+    xs[1][:, 9] = 0  # a channel no calibration token touches: H_ii == 0
+    H, _ = _hessian(xs)
+    order = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(64)
+    ref = _transcribed_gptq(w, H, 16, 0.01, order)
+    q, s = gptq.gptq_quantize(w, H, group_size=16, damp=0.01, act_order=act_order, block_size=8)
+    assert torch.equal(q, ref)
+    assert torch.isfinite(s).all() and (s > 0).all()
+    # the untouched channel is decoupled: rounded to nearest with its (static) scale, error spread nowhere
+    assert torch.equal(q[:, 9], int4.quantize(w, 16)[0][:, 9])
+
+
+@torch.no_grad()
+def test_gptq_output_error_below_rtn():
+    """Mean squared layer-output error on the calibration inputs, same group scales: GPTQ at least
+    15% below round-to-nearest (measured here: 0.73x RTN in order, 0.48x with act-order)."""
+    xs = _inputs()
+    torch.manual_seed(2)
+    w = torch.randn(64, 256) * 0.05
+    H, _ = _hessian(xs)
+    for group in (128, 64, 32):
+        q_rtn, s_rtn = int4.quantize(w, group)
+        e_rtn = _out_err(xs, w, int4.dequantize(q_rtn, s_rtn))
+        for act_order in (False, True):
+            q, s = gptq.gptq_quantize(w, H, group_size=group, act_order=act_order)
+            e = _out_err(xs, w, int4.dequantize(q, s))
+            assert e < 0.85 * e_rtn, f"group {group} act_order {act_order}: GPTQ {e:.3e} vs RTN {e_rtn:.3e}"
+
+
+def test_gptq_rejects_bad_arguments():
+    H = torch.eye(64)
+    with pytest.raises(ValueError, match="group_size"):
+        gptq.gptq_quantize(torch.randn(8, 64), H, group_size=48)
+    with pytest.raises(ValueError, match="damp"):
+        gptq.gptq_quantize(torch.randn(8, 64), H, group_size=32, damp=0.0)

@@ -1,0 +1,62 @@
+"""GPU target catalog facts (exporters/targets.py; sources in its docstring)."""
+
+import json
+
+import pytest
+
+from moepress.errors import MoepressError
+from moepress.exporters.targets import TARGETS, check_format, get_target, min_sm
+
+
+def test_catalog_covers_the_issue_list():
+    assert set(TARGETS) == {"a100-40gb", "a100-80gb", "a10g", "l4", "l40s", "h100", "h100-pcie", "h200", "gh200",
+                            "b200", "gb200", "rtx-pro-6000"}
+
+
+@pytest.mark.parametrize("name,sm,mem,link", [
+    ("a100-40gb", 80, 40, "NVLink 3"), ("a100-80gb", 80, 80, "NVLink 3"), ("a10g", 86, 24, "PCIe Gen4"),
+    ("l4", 89, 24, "PCIe Gen4"), ("l40s", 89, 48, "PCIe Gen4"), ("h100", 90, 80, "NVLink 4"),
+    ("h100-pcie", 90, 80, "PCIe Gen5"), ("h200", 90, 141, "NVLink 4"), ("gh200", 90, 96, "NVLink-C2C"),
+    ("b200", 100, 180, "NVLink 5"), ("gb200", 100, 186, "NVLink 5"), ("rtx-pro-6000", 120, 96, "PCIe Gen5"),
+])
+def test_hardware_facts(name, sm, mem, link):
+    t = get_target(name)
+    assert (t.sm, t.memory_gb) == (sm, mem)
+    assert t.interconnect.startswith(link)
+    assert t.compute_capability == f"{sm // 10}.{sm % 10}"
+
+
+def test_format_floors_follow_the_support_matrix():
+    # TensorRT-LLM hardware support matrix: W4A16 Ampere+, FP8 per tensor Ada+, W4A8 AWQ Ada+,
+    # FP8 block scales and rowwise Hopper, NVFP4 Blackwell
+    assert min_sm("int4-awq") == min_sm("int4-gptq") == 80
+    assert min_sm("fp8") == min_sm("w4a8-awq") == 89
+    assert min_sm("fp8-block") == min_sm("fp8-dynamic") == 90
+    assert min_sm("nvfp4") == 100
+    a100, l40s, h100, b200, rtx = (get_target(n) for n in ("a100", "l40s", "h100", "b200", "rtx-pro-6000"))
+    assert not a100.supports("fp8") and a100.supports("int4-awq") and "fp8" in a100.kv_cache_dtypes
+    assert l40s.supports("fp8") and l40s.supports("w4a8-awq") and not l40s.supports("fp8-block")
+    assert h100.supports("fp8-block") and h100.supports("fp8-dynamic") and not h100.supports("nvfp4")
+    # sm100 runs block FP8 (MXFP8 kernels) but not FP8 rowwise; nvfp4 KV cache
+    assert b200.supports("nvfp4") and b200.supports("fp8-block") and not b200.supports("fp8-dynamic")
+    assert "nvfp4" in b200.kv_cache_dtypes
+    # sm120: NVFP4, MXFP4, FP8 per tensor; no INT4 kernels in the matrix
+    assert rtx.formats == ("bf16", "fp8", "nvfp4")
+
+
+def test_aliases_and_unknown():
+    assert get_target("A100").name == "a100-80gb"
+    assert get_target("h100-sxm").name == "h100"
+    with pytest.raises(MoepressError, match=r"--target v100: unknown GPU target; expected one of a100-40gb"):
+        get_target("v100")
+    with pytest.raises(MoepressError, match=r"--format int8: unknown format"):
+        check_format(get_target("h100"), "int8")
+
+
+def test_targets_cli(cli_run):
+    r = cli_run("targets", "--json")
+    assert r.exit_code == 0
+    d = json.loads(r.output)
+    assert d["h200"]["compute_capability"] == "9.0" and "fp8-block" in d["h200"]["formats"]
+    r = cli_run("targets")
+    assert r.exit_code == 0 and "rtx-pro-6000" in r.output and "sm120" in r.output
