@@ -7,7 +7,7 @@ than `reap` at both ratios. With --memory it also prunes a synthetic 8-layer che
 a child process and prints the peak RSS growth against one layer and the whole model
 (and against a plain streamed forward of the same checkpoint, measured in the same run).
 
-    python bench/prune_quality.py                      # the README table (about 5 minutes on 2 cores)
+    python bench/prune_quality.py                      # the README table (about 12 minutes on 2 shared cores)
     python bench/prune_quality.py --memory             # + the memory figures
     python bench/prune_quality.py --models /path/a,/path/b --ratios 0.5 --methods reap,reroute
 """

@@ -14,7 +14,8 @@ Pieces, top to bottom:
   top-k reachability, protected experts (``plan_budget``).
 - methods (registry ``METHODS``): ``frequency``, ``ean``, ``reap`` rank experts by a
   statistic of ``RoutingStats``; ``reroute`` searches the dropped set that keeps the
-  MoE block's output closest to the original with the pruned router re-routing tokens.
+  hidden state after the MoE block (as the next layer's RMSNorm reads it) closest to the
+  original with the pruned router re-routing tokens.
 - surgery: ``prune_moe_module`` (in memory) and ``pruned_layer_tensors`` (checkpoint).
 - ``prune_checkpoint``: the stage.
 """
@@ -230,8 +231,8 @@ def plan_budget(adapter, cfg: PruneConfig, layers: list[int] | None = None) -> B
                if step > 1 and cfg.keep is None and target > 0 else "no experts")
     if problem:
         hint = (f"; the largest valid ratio is {1 - min(valid) / E:.4g} (--keep {min(valid)})" if valid
-                else f"; no kept count is valid for this model (a multiple of {step} below {E}"
-                     + (f": {why}" if why else "") + ")")
+                else "; no kept count is valid for this model" + (
+                    f" (a multiple of {step} below {E}: {why})" if why and "rounded down" not in problem else ""))
         raise MoepressError(f"{src}: keeping {K} of {E} routed experts leaves {problem}{hint}")
     if n_group > 1:
         decisions.append(f"n_group={n_group}: keep {K // n_group} of {E // n_group} experts in every group "
@@ -575,7 +576,7 @@ class RerouteSearch:
         scores[rest] = self.contrib.sum(0)[rest]
         kept = self.keep.nonzero(as_tuple=True)[0].tolist()
         rel = float(self.err.sum()) / max(self.ref_sq, 1e-30)
-        return Selection(kept, scores, {"drop_order": order, "moe_output_rel_error": rel,
+        return Selection(kept, scores, {"drop_order": order, "post_moe_state_rel_error": rel,
                                         "search_tokens": self.T, "cached_pairs": self.out.n})
 
 

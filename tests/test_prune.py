@@ -41,6 +41,15 @@ DSV3 = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], v
             num_nextn_predict_layers=0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors on a shared 2-core machine: one thread is several times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def budget(config, **kw):
     return plan_budget(get_adapter(config), PruneConfig(**kw))
 
@@ -261,7 +270,7 @@ def test_methods_registry_and_reroute_report(tmp_path):
     rep = json.loads((out / "prune_report.json").read_text())
     for lr in rep["layers"]:
         assert len(lr["kept"]) == 4 and len(lr["dropped"]) == 4 and len(lr["drop_order"]) == 4
-        assert 0 <= lr["moe_output_rel_error"] < 1
+        assert 0 <= lr["post_moe_state_rel_error"] < 1
         assert abs(sum(k["share"] for k in lr["kept"] + lr["dropped"]) - 1) < 1e-4
     assert any(k["expert"] == 3 and k.get("protected") for k in rep["layers"][1]["kept"])
     man = json.loads((out / "moepress-manifest.json").read_text())
@@ -305,6 +314,7 @@ def test_reroute_incremental_search_equals_brute_force_greedy(tmp_path, family, 
     def n(v):
         return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-12)
 
+    ref = n(base + y0)
     keep, order = torch.ones(E, dtype=torch.bool), []
     while int(keep.sum()) > b.keep:
         best = None
@@ -314,7 +324,7 @@ def test_reroute_incremental_search_equals_brute_force_greedy(tmp_path, family, 
                 continue
             k2 = keep.clone()
             k2[c] = False
-            err = float(((n(base + y0) - n(base + out(*route_masked(logits, k2, r, bias)))).double() ** 2).sum())
+            err = float(((ref - n(base + out(*route_masked(logits, k2, r, bias)))).double() ** 2).sum())
             if best is None or err < best[0] - 1e-9:
                 best = (err, c)
         order.append(best[1])
