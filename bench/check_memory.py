@@ -25,21 +25,12 @@ from moepress import models
 from moepress.compress.synthetic import write_synthetic
 
 PROBE = textwrap.dedent("""
-    import json, sys, threading, time, torch
+    import json, sys, time, torch
     torch.set_num_threads(1)
     from moepress.calib.checks import CheckConfig, run_check
     from moepress.calib.checks.runner import eval_data
     from moepress.compress.stream import StreamedModel
-
-    def rss():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-
-    peak = [0]
-    def sample():
-        while True:
-            peak[0] = max(peak[0], rss()); time.sleep(0.002)
+    from moepress.memwatch import PeakRSS, rss
     what, path, samples = sys.argv[1], sys.argv[2], int(sys.argv[3])
     cfg = CheckConfig(seq_len=64, max_samples=samples, batch_size=4)
     if what == "forward":
@@ -49,12 +40,11 @@ PROBE = textwrap.dedent("""
         run = lambda: run_check(path, path, cfg)
     run()  # warm-up
     base = rss()
-    threading.Thread(target=sample, daemon=True).start()
     t0 = time.monotonic()
-    run()
+    with PeakRSS() as p:
+        run()
     dt = time.monotonic() - t0
-    time.sleep(0.05)
-    print(json.dumps({"grew": peak[0] - base, "seconds": dt}))
+    print(json.dumps({"grew": p.peak - base, "seconds": dt}))
 """)
 
 

@@ -20,26 +20,16 @@ CONFIG = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], voc
               num_key_value_heads=2, head_dim=64, num_experts=EXPERTS, num_experts_per_tok=4, norm_topk_prob=True)
 
 PROBE = textwrap.dedent("""
-    import json, sys, threading, time, torch
+    import json, sys, torch
     torch.set_num_threads(1)
     from moepress.calib.checks import CheckConfig, run_check
-
-    def rss():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-
-    peak = [0]
-    def sample():
-        while True:
-            peak[0] = max(peak[0], rss()); time.sleep(0.002)
+    from moepress.memwatch import PeakRSS, rss
     cfg = CheckConfig(seq_len=32, max_samples=4, batch_size=2)
     run_check(sys.argv[1], sys.argv[1], cfg)  # warm-up: first-use allocations of torch, tokenizer
     base = rss()
-    threading.Thread(target=sample, daemon=True).start()
-    res = run_check(sys.argv[1], sys.argv[1], cfg)
-    time.sleep(0.05)
-    print(json.dumps({"base": base, "peak": peak[0], "kl": res["metrics"]["kl_mean"],
+    with PeakRSS() as p:
+        res = run_check(sys.argv[1], sys.argv[1], cfg)
+    print(json.dumps({"base": base, "peak": p.peak, "kl": res["metrics"]["kl_mean"],
                       "layers": len(res["layers"])}))
 """)
 

@@ -12,26 +12,16 @@ CONFIG = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], voc
               num_key_value_heads=2, head_dim=64, num_experts=32, num_experts_per_tok=4, norm_topk_prob=True)
 
 PROBE = textwrap.dedent("""
-    import json, sys, threading, time, torch
+    import json, sys, torch
     from moepress.compress.stream import StreamedModel
-
-    def rss():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-
-    peak = [0]
-    def sample():
-        while True:
-            peak[0] = max(peak[0], rss()); time.sleep(0.002)
+    from moepress.memwatch import PeakRSS, rss
     sm = StreamedModel(sys.argv[1])
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
     sm.forward([ids])  # warm-up: first-use allocations of torch itself
     base = rss()
-    threading.Thread(target=sample, daemon=True).start()
-    logits = sm.forward([ids])[0]
-    time.sleep(0.05)
-    print(json.dumps({"base": base, "peak": peak[0], "finite": bool(torch.isfinite(logits).all())}))
+    with PeakRSS() as p:
+        logits = sm.forward([ids])[0]
+    print(json.dumps({"base": base, "peak": p.peak, "finite": bool(torch.isfinite(logits).all())}))
 """)
 
 
