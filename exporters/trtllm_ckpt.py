@@ -58,6 +58,7 @@ import torch
 
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
+from moepress.compress.quant import int4
 from moepress.errors import MoepressError
 from moepress.exporters import register_exporter
 
@@ -66,14 +67,6 @@ FP8_MAX = 448.0
 
 
 # ---- pure tensor functions -------------------------------------------------------------------
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """U8 [out, in/2] -> int8 [out, in], two signed int4 per byte, low nibble first."""
-    p = packed.to(torch.int16)
-    lo, hi = p & 0xF, (p >> 4) & 0xF
-    q = torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
-    return torch.where(q >= 8, q - 16, q).to(torch.int8)
-
-
 def fp8_requantize(q: torch.Tensor, scale: float, new_scale: float) -> torch.Tensor:
     """FP8 values at ``scale`` re-rounded to ``new_scale`` (>= scale); exact when equal."""
     if scale == new_scale:
@@ -143,7 +136,8 @@ def read_linear(reader: CheckpointReader, prefix: str) -> Linear:
         s = opt(".weight_scale")
         if s is None:
             raise MoepressError(f"{reader.path}: packed tensor '{name}' has no weight_scale")
-        return Linear("int4", _unpack(reader.get(name)), s.float(), opt(".input_scale"), opt(".pre_quant_scale"))
+        return Linear("int4", int4.unpack_int4(reader.get(name)), s.float(), opt(".input_scale"),
+                      opt(".pre_quant_scale"))
     return Linear("none", reader.get(name))
 
 
@@ -152,13 +146,6 @@ def _layout(reader: CheckpointReader) -> dict | None:
 
     return stage_layout(reader)
 
-
-def _unpack(packed: torch.Tensor) -> torch.Tensor:
-    try:  # the quantize stage's own packing order, once it exists (issue #5)
-        from moepress.compress.quant.int4 import unpack_int4 as stage_unpack
-    except ImportError:
-        return unpack_int4(packed)
-    return stage_unpack(packed).to(torch.int8)
 
 
 # ---- a safetensors file written one tensor at a time -----------------------------------------
