@@ -3,12 +3,14 @@
     python bench/throughput.py MODEL [--modes fp8-block,fp8,int4-awq] [--num-samples 16 --seq-len 256]
 
 For one checkpoint (e.g. from bench/make_synthetic.py), in one run:
-  * the I/O floor: reading every shard once, sequentially, with the page cache for those
-    files dropped first (posix_fadvise DONTNEED, so the number is the disk's, not RAM's);
+  * the I/O floor: reading every shard once, sequentially, with the page cache dropped first
+    (so the number is the disk's, not RAM's), through the page cache and with O_DIRECT; the
+    faster of the two is the floor the ratios use;
   * `moepress quantize` for each mode (calibration-free fp8-block; calibrated fp8 and int4-awq),
     each in its own process, cache dropped before each: wall time, ratio to the floor, peak RSS
     (from wait4 of that process alone), and the largest layer's size for scale;
-  * llm-compressor's `model_free_ptq` FP8_BLOCK as the peer, where llmcompressor is installed.
+  * llm-compressor's `model_free_ptq` FP8_BLOCK as the peer, where llmcompressor is installed
+    (--peer-python: it pins other transformers / compressed-tensors versions, so its own venv).
 Prints a Markdown table. Target (issue #10): calibration-free quantization within 1.5x of the
 raw read and faster than the peer; peak RSS under 2x the largest layer plus activations.
 """
@@ -27,24 +29,46 @@ from pathlib import Path
 
 
 def drop_cache(paths) -> None:
+    """Empty the page cache: all of it where we may (root: /proc/sys/vm/drop_caches), else these
+    files' pages (posix_fadvise DONTNEED, advisory: the kernel may keep some)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return
+    except OSError:
+        pass
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
-            os.fsync(fd) if os.access(p, os.W_OK) else None
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
 
-def raw_read(files: list[Path], chunk: int = 64 << 20) -> float:
+def raw_read(files: list[Path], chunk: int = 64 << 20, direct: bool = False) -> float | None:
+    """Seconds to read every shard once, sequentially, in 64 MiB requests: through the page
+    cache, or with O_DIRECT into an aligned buffer (no kernel copy; None where refused)."""
+    import mmap
+
     drop_cache(files)
     t0 = time.monotonic()
-    buf = bytearray(chunk)
+    buf = mmap.mmap(-1, chunk)
     view = memoryview(buf)
-    for p in files:
-        with open(p, "rb", buffering=0) as f:
-            while f.readinto(view):
-                pass
+    try:
+        for p in files:
+            try:
+                fd = os.open(p, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+            except OSError:
+                return None
+            try:
+                off = 0
+                while n := os.preadv(fd, [view], off):
+                    off += n
+            finally:
+                os.close(fd)
+    finally:
+        view.release()
+        buf.close()
     return time.monotonic() - t0
 
 
@@ -82,6 +106,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--workdir", type=Path, default=None, help="Where outputs go (default: next to MODEL).")
+    ap.add_argument("--peer-python", default=sys.executable,
+                    help="Python with llmcompressor installed (it pins other transformers / compressed-tensors "
+                         "versions than moepress, so it usually lives in its own venv).")
     a = ap.parse_args(argv)
 
     files = sorted(a.model.glob("*.safetensors"))
@@ -90,8 +117,11 @@ def main(argv=None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     rows = []
     try:
-        floor = raw_read(files)
-        rows.append(("raw read (I/O floor)", floor, 1.0, None, "ok"))
+        buffered, direct = raw_read(files), raw_read(files, direct=True)
+        floor = min(t for t in (buffered, direct) if t is not None)
+        rows.append(("raw read, page cache (cat)", buffered, buffered / floor, None, "ok"))
+        rows.append(("raw read, O_DIRECT", direct, direct / floor if direct else None, None,
+                     "ok" if direct else "O_DIRECT refused here"))
         exe = [sys.executable, "-m", "moepress"]
         for mode in [m for m in a.modes.split(",") if m]:
             out = work / mode
@@ -102,20 +132,23 @@ def main(argv=None) -> int:
             rows.append((f"moepress quantize {mode}", wall, wall / floor, rss,
                          "ok" if rc == 0 else f"exit {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}"))
             shutil.rmtree(out, ignore_errors=True)
-        try:
-            import llmcompressor  # noqa: F401
-
-            peer = [sys.executable, "-c",
+        has_peer = subprocess.run([a.peer_python, "-c", "import llmcompressor"], capture_output=True).returncode == 0
+        if has_peer:
+            ver = subprocess.run([a.peer_python, "-c", "import llmcompressor; print(llmcompressor.__version__)"],
+                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            peer = [a.peer_python, "-c",
                     "import sys; from llmcompressor import model_free_ptq; "
                     "model_free_ptq(sys.argv[1], sys.argv[2], scheme='FP8_BLOCK', "
-                    "ignore=['lm_head', 're:.*mlp.gate$'])",
-                    str(a.model), str(work / "peer")]
+                    "ignore=['lm_head', 're:.*mlp.gate$'], max_workers=int(sys.argv[3]))",
+                    str(a.model), str(work / "peer"), str(a.threads)]
             drop_cache(files)
             wall, rss, rc, err = timed(peer, env)
-            rows.append(("llm-compressor model_free_ptq FP8_BLOCK", wall, wall / floor, rss,
-                         "ok" if rc == 0 else f"exit {rc}"))
-        except ImportError:
-            rows.append(("llm-compressor model_free_ptq FP8_BLOCK", None, None, None, "not installed here"))
+            rows.append((f"llm-compressor {ver} model_free_ptq FP8_BLOCK ({a.threads} workers)", wall,
+                         wall / floor, rss, "ok" if rc == 0 else f"exit {rc}: {err.strip()[-200:]}"))
+            shutil.rmtree(work / "peer", ignore_errors=True)
+        else:
+            rows.append(("llm-compressor model_free_ptq FP8_BLOCK", None, None, None,
+                         f"not installed for {a.peer_python}"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

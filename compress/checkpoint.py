@@ -22,6 +22,7 @@ import stat
 import struct
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,10 @@ AUX_FILE_PATTERNS = (
     "generation_config.json", "vocab*", "merges.txt", "*.tiktoken", "tokenization_*.py",
     "configuration_*.py", "modeling_*.py", "preprocessor_config.json",
 )
+
+
+_DIRECT_ALIGN = 4096
+DIRECT_MIN_BYTES = 4 << 20  # smaller tensors (norms, scales, tiny models) go through the page cache
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,7 @@ class CheckpointReader:
             raise MoepressError(f"{self.path / 'config.json'}: expected a JSON object")
         self._tensors: dict[str, TensorInfo] = {}
         self._fds: dict[Path, int] = {}
+        self._direct_fds: dict[Path, int | None] = {}  # None: this file system refuses O_DIRECT
         self._load_headers()
         self._by_layer: dict[int, list[str]] = defaultdict(list)
         for name in self._tensors:
@@ -237,14 +243,57 @@ class CheckpointReader:
             self._fds[file] = fd
         return fd
 
+    def _direct_fd(self, file: Path) -> int | None:
+        if file not in self._direct_fds:
+            try:
+                self._direct_fds[file] = os.open(file, os.O_RDONLY | os.O_DIRECT)
+            except (OSError, AttributeError):  # tmpfs and some network file systems; not Linux
+                self._direct_fds[file] = None
+        return self._direct_fds[file]
+
+    def _get_direct(self, info: TensorInfo) -> torch.Tensor | None:
+        """Read a large tensor with O_DIRECT: the disk DMAs into our buffer, no page-cache copy
+        (bench/throughput.py: 29 GB in 18.7 s and 4.5 s of CPU, against 27.5 s and ~20 s of
+        CPU through the page cache on the 2-core machine). The read covers the enclosing
+        4 KiB-aligned range; the tensor is a view into it. None: not possible here."""
+        fd = self._direct_fd(info.file)
+        if fd is None:
+            return None
+        start = info.offset & ~(_DIRECT_ALIGN - 1)
+        span = (info.offset + info.nbytes - start + _DIRECT_ALIGN - 1) & ~(_DIRECT_ALIGN - 1)
+        raw = torch.empty(span + _DIRECT_ALIGN, dtype=torch.uint8)
+        pad = -raw.data_ptr() % _DIRECT_ALIGN
+        view = memoryview(raw.numpy())[pad:pad + span]
+        done = 0
+        try:
+            while done < span:
+                n = os.preadv(fd, [view[done:]], start + done)
+                if n <= 0:
+                    break
+                done += n
+        except OSError:  # EINVAL: the device wants another alignment; read through the cache
+            self._direct_fds[info.file] = None
+            os.close(fd)
+            return None
+        lo = pad + info.offset - start
+        if done < info.offset - start + info.nbytes:
+            raise MoepressError(f"{info.file}: truncated shard while reading tensor '{info.name}'")
+        return raw[lo:lo + info.nbytes]
+
     def get(self, name: str) -> torch.Tensor:
         """The stored tensor, as stored (no dequantization).
 
         Read with pread into a fresh buffer rather than through mmap: resident memory
         stays bounded by what the caller holds (mapped pages of a 1 TB checkpoint would
-        count against RSS), and reads from several threads (prefetch) are safe.
+        count against RSS), and reads from several threads (prefetch) are safe. Tensors of
+        4 MiB and more are read with O_DIRECT where the file system allows it.
         """
         info = self.info(name)
+        dtype = _DTYPES[info.dtype][0]
+        if info.nbytes >= DIRECT_MIN_BYTES:
+            t = self._get_direct(info)
+            if t is not None and t.data_ptr() % _DTYPES[info.dtype][0].itemsize == 0:
+                return t.view(dtype).reshape(info.shape)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
         fd, done = self._fd(info.file), 0
@@ -253,7 +302,6 @@ class CheckpointReader:
             if n <= 0:
                 raise MoepressError(f"{info.file}: truncated shard while reading tensor '{name}'")
             done += n
-        dtype = _DTYPES[info.dtype][0]
         return buf.view(dtype).reshape(info.shape)
 
     def weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -261,9 +309,11 @@ class CheckpointReader:
         return decode_weight(self, name, dtype)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
+        for fd in [*self._fds.values(), *self._direct_fds.values()]:
+            if fd is not None:
+                os.close(fd)
         self._fds.clear()
+        self._direct_fds.clear()
 
     def __del__(self):
         try:
@@ -345,7 +395,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     hb += b" " * (-len(hb) % 8)
     h = hashlib.sha256()
     size = 0
-    with open(path, "wb") as f:
+    direct = _DirectWriter.open(path) if 8 + len(hb) + off >= DIRECT_MIN_FILE_BYTES else None
+    with direct if direct is not None else open(path, "wb") as f:
         for chunk in (struct.pack("<Q", len(hb)), hb):
             f.write(chunk)
             h.update(chunk)
@@ -361,6 +412,70 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     return {"sha256": h.hexdigest(), "size": size}
 
 
+DIRECT_MIN_FILE_BYTES = 64 << 20  # smaller shards (tiny models, tests) go through the page cache
+
+
+class _DirectWriter:
+    """A write-only file written with O_DIRECT through an aligned bounce buffer.
+
+    Buffered writes of a big checkpoint go through the page cache and its write-back, which on
+    the 2-core machine wrote 15 GB in 39 s (dd conv=fdatasync) against 12 s with O_DIRECT, and
+    costs a kernel copy of every byte. The last block is padded to the alignment and the file
+    truncated to its true size on close. ``open`` returns None where O_DIRECT is refused.
+    """
+
+    CHUNK = 32 << 20
+
+    def __init__(self, fd: int):
+        import mmap
+
+        self.fd, self.size = fd, 0
+        self.buf = mmap.mmap(-1, self.CHUNK)  # page-aligned, as O_DIRECT needs
+        self.view = memoryview(self.buf)
+        self.fill = 0
+
+    @classmethod
+    def open(cls, path: Path) -> _DirectWriter | None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        except (OSError, AttributeError):
+            return None
+        return cls(fd)
+
+    def _flush(self, nbytes: int) -> None:
+        done = 0
+        while done < nbytes:
+            done += os.write(self.fd, self.view[done:nbytes])
+
+    def write(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        i = 0
+        while i < len(mv):
+            k = min(len(mv) - i, self.CHUNK - self.fill)
+            self.view[self.fill:self.fill + k] = mv[i:i + k]
+            self.fill += k
+            i += k
+            if self.fill == self.CHUNK:
+                self._flush(self.CHUNK)
+                self.fill = 0
+        self.size += len(mv)
+
+    def __enter__(self) -> _DirectWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.fill:
+                padded = (self.fill + _DIRECT_ALIGN - 1) & ~(_DIRECT_ALIGN - 1)
+                self.view[self.fill:padded] = bytes(padded - self.fill)
+                self._flush(padded)
+            os.ftruncate(self.fd, self.size)
+        finally:
+            os.close(self.fd)
+            self.view.release()
+            self.buf.close()
+
+
 class CheckpointWriter:
     """Writes a sharded safetensors checkpoint atomically.
 
@@ -372,7 +487,7 @@ class CheckpointWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, force: bool = False,
-                 max_shard_bytes: int = 2 * 1024**3, resume: bool = False):
+                 max_shard_bytes: int = 2 * 1024**3, resume: bool = False, background: bool = False):
         self.out = Path(out_dir)
         if self.out.exists() and not self.out.is_dir():
             raise MoepressError(f"{self.out}: output path exists and is not a directory")
@@ -399,6 +514,11 @@ class CheckpointWriter:
             self._shards = [tuple(s) for s in j.get("shards", [])]  # type: ignore[misc]
             self._digests = j.get("digests", {})
             self._names = {n for _, names, _ in self._shards for n in names}
+        self._next = len(self._shards)
+        # background=True: a shard is written (and hashed) by a thread while the caller computes
+        # the next one; at most one shard is in flight, so memory is two shards at most.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepress-write") if background else None
+        self._pending: Future | None = None
 
     # ---- journal (which shards are complete) for resumable stages -----------------------
     def _journal_path(self) -> Path:
@@ -427,14 +547,29 @@ class CheckpointWriter:
         """Write the buffered tensors as one shard (no-op if nothing is buffered)."""
         if not self._buf:
             return
-        fname = f"shard-{len(self._shards):05d}.safetensors"
-        tmp = self.partial / (fname + ".tmp")
-        self._digests[fname] = write_safetensors(tmp, self._buf, {"format": "pt"})
-        os.replace(tmp, self.partial / fname)
-        self._shards.append((fname, sorted(self._buf), self._buf_bytes))
-        self._names.update(self._buf)
+        fname = f"shard-{self._next:05d}.safetensors"
+        self._next += 1
+        buf, nbytes = self._buf, self._buf_bytes
+        self._names.update(buf)
         self._buf, self._buf_bytes = {}, 0
-        self._write_journal()
+        if self._pool is None:
+            self._write_shard(fname, buf, nbytes)
+        else:
+            self.wait()
+            self._pending = self._pool.submit(self._write_shard, fname, buf, nbytes)
+
+    def _write_shard(self, fname: str, buf: dict[str, torch.Tensor], nbytes: int) -> None:
+        tmp = self.partial / (fname + ".tmp")
+        self._digests[fname] = write_safetensors(tmp, buf, {"format": "pt"})
+        os.replace(tmp, self.partial / fname)
+        self._shards.append((fname, sorted(buf), nbytes))
+        self._write_journal()  # the shard counts as done (for --resume) only from here
+
+    def wait(self) -> None:
+        """Block until the shard being written in the background (if any) is on disk."""
+        if self._pending is not None:
+            fut, self._pending = self._pending, None
+            fut.result()
 
     @property
     def written_names(self) -> set[str]:
@@ -461,6 +596,9 @@ class CheckpointWriter:
     # ---- finish --------------------------------------------------------------------------
     def commit(self) -> Path:
         self.end_shard()
+        self.wait()
+        if self._pool is not None:
+            self._pool.shutdown()
         n = len(self._shards)
         weight_map: dict[str, str] = {}
         total = 0
@@ -490,6 +628,12 @@ class CheckpointWriter:
         return self.out
 
     def abort(self) -> None:
+        if self._pool is not None:
+            try:
+                self.wait()
+            except Exception:  # already failing: the first error is the one reported
+                pass
+            self._pool.shutdown()
         shutil.rmtree(self.partial, ignore_errors=True)
 
     def __enter__(self) -> "CheckpointWriter":

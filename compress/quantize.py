@@ -63,16 +63,19 @@ import dataclasses
 import fnmatch
 import json
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, register_weight_decoder
+from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, LayerView, register_weight_decoder
 from moepress.compress.quant import awq, fp8, int4, w4a8
 from moepress.compress.quant import kv as kvq
-from moepress.compress.stream import StreamedModel, register_layer_preparer
+from moepress.compress.stream import StoredLinear, StreamedModel, read_ahead, read_ahead_budget, register_layer_preparer
 from moepress.errors import MoepressError
 from moepress.progress import QUIET, Progress
 
@@ -477,7 +480,7 @@ def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg
             dist.all_reduce(kv[n], op=dist.ReduceOp.MAX)
 
     res = LayerResult()
-    weights = {n: linears[n].weight.detach().float() for n in targets}
+    weights = _FloatWeights(linears)  # float32 on demand: never the whole layer in float32 at once
     # attention, dense MLP, shared experts
     for grp in _groups([n for n in targets if n not in expert_names]):
         by_fmt: dict[str, list[str]] = {}
@@ -518,8 +521,7 @@ def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg
                         layer_stats.add(X)
                         st_gu = layer_stats
                 if not few:
-                    h = ex.act_fn(nn.functional.linear(x_e, weights.get(g, linears[g].weight.float()))) * \
-                        nn.functional.linear(x_e, weights.get(u, linears[u].weight.float()))
+                    h = ex.act_fn(nn.functional.linear(x_e, weights[g])) * nn.functional.linear(x_e, weights[u])
                     st_d = LinearStats(hessian=fmt_of.get(d) == "int4-gptq")
                     st_d.add(h)
             gu = [n for n in (g, u) if fmt_of[n] is not None]
@@ -557,36 +559,136 @@ def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg
     return res, outs
 
 
-@torch.no_grad()
-def quantize_tensors(sm: StreamedModel, i: int, cfg: QuantConfig) -> LayerResult:
-    """Calibration-free formats: read each targeted linear's weight, quantize it, drop it."""
+def _free_plan(sm: StreamedModel, i: int, cfg: QuantConfig) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """Calibration-free layer i: the groups to quantize [(format, linear names)] and every stored
+    tensor of the layer in the order :func:`quantize_tensors` consumes them (the groups' weights,
+    with their block-FP8 scales, then the rest)."""
     a = sm.adapter
     prefix = a.layer_prefix(i)
     with torch.device("meta"):
         meta = a.build_layer(i)
     names = [n for n, m in meta.named_modules() if isinstance(m, nn.Linear)]
     fmt_of = {n: cfg.format_of(n, prefix + n) for n in names}
-    res = LayerResult()
+    groups: list[tuple[str, list[str]]] = []
     for grp in _groups([n for n in names if fmt_of[n] is not None]):
         by_fmt: dict[str, list[str]] = {}
         for n in grp:
             by_fmt.setdefault(fmt_of[n], []).append(n)
-        for fmt, ns in by_fmt.items():
-            ws = [sm.ckpt.weight(prefix + n + ".weight", torch.float32) for n in ns]
-            _quantize_group(res, cfg, fmt, ns, ws, None)
-            del ws
-    return res
+        groups += list(by_fmt.items())
+    order = []
+    for _, ns in groups:
+        for n in ns:
+            order += [prefix + n + sfx for sfx in (".weight", ".weight_scale_inv") if prefix + n + sfx in sm.ckpt]
+    taken = set(order)
+    return groups, order + [n for n in sorted(sm.ckpt.layer_names(i)) if n not in taken]
+
+
+@torch.no_grad()
+def quantize_tensors(sm: StreamedModel, i: int, cfg: QuantConfig, groups: list[tuple[str, list[str]]],
+                     tensors: Iterator[tuple[str, torch.Tensor]], n_stored: int,
+                     pool: ThreadPoolExecutor | None = None) -> tuple[LayerResult, LayerView]:
+    """Calibration-free formats: quantize layer i group by group as its stored tensors arrive from
+    ``tensors`` (a :func:`read_ahead` stream in :func:`_free_plan` order), dropping each weight
+    once quantized; no layer module, no activations. Returns the result and a view over the
+    layer's other stored tensors (``n_stored`` in all are taken from the stream).
+
+    ``pool``: groups are quantized by its threads (one single-threaded torch op stream each,
+    which on 2 cores beats one stream of 2-thread ops) at most 2 per thread ahead; results are
+    merged in group order, so the output does not depend on the pool."""
+    prefix = sm.adapter.layer_prefix(i)
+    res = LayerResult()
+    raw: dict[str, torch.Tensor] = {}
+    taken = 0
+    pending: deque[tuple[LayerResult, Future | None]] = deque()
+    depth = 2 * (pool._max_workers if pool is not None else 1)  # type: ignore[attr-defined]
+
+    def merge() -> None:
+        sub, fut = pending.popleft()
+        if fut is not None:
+            fut.result()
+        res.tensors.update(sub.tensors)
+        res.modules.update(sub.modules)
+        res.specs.update(sub.specs)
+        res.shared.extend(sub.shared)
+        res.skipped.extend(sub.skipped)
+
+    def take(name: str) -> None:
+        nonlocal taken
+        got, t = next(tensors)
+        assert got == name, (got, name)  # the plan and the stream agree by construction
+        raw[got] = t
+        taken += 1
+
+    for fmt, ns in groups:
+        for n in ns:
+            for sfx in (".weight", ".weight_scale_inv"):
+                if prefix + n + sfx in sm.ckpt:
+                    take(prefix + n + sfx)
+        view = LayerView(sm.ckpt, raw)
+        # block-FP8 from bf16: quantize the stored tensor as is (fp8.quantize_block divides in
+        # float32 either way: same bytes, no float32 copy); everything else from float32
+        ws = [view.weight(prefix + n + ".weight", torch.bfloat16 if fmt == "fp8-block" and
+                          sm.ckpt.info(prefix + n + ".weight").dtype == "BF16" else torch.float32) for n in ns]
+        for n in ns:
+            raw.pop(prefix + n + ".weight", None)
+            raw.pop(prefix + n + ".weight_scale_inv", None)
+        sub = LayerResult()
+        if pool is None:
+            _quantize_group(sub, cfg, fmt, ns, ws, None)
+            pending.append((sub, None))
+        else:
+            pending.append((sub, pool.submit(_quantize_group, sub, cfg, fmt, ns, ws, None)))
+        del ws, view
+        while len(pending) > (depth if pool is not None else 0):
+            merge()
+    while pending:
+        merge()
+    while taken < n_stored:
+        name, t = next(tensors)
+        raw[name] = t
+        taken += 1
+    return res, LayerView(sm.ckpt, raw)
+
+
+class _FloatWeights(dict):
+    """``weights[name]``: that linear's weight in float32, made when asked and not kept (a
+    float32 layer's weight itself; a bf16 :class:`StoredLinear`'s, a transient copy)."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        super().__init__()
+        self._linears = linears
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        return self._linears[name].weight.detach().float()
+
+    def get(self, name, default=None):  # noqa: D102  (dict.get skips __missing__)
+        return self[name] if name in self._linears else default
+
+
+def _dequantizer(w: torch.Tensor, s: torch.Tensor):
+    if w.dtype == torch.uint8:
+        return lambda: int4.dequantize(int4.unpack_int4(w), s)
+    return lambda: fp8.dequantize(w, s)
 
 
 def _apply(layer, res: LayerResult) -> None:
-    """Turn the layer into its fake-quant self: dequantized weights + activation hooks."""
+    """Turn the layer into its fake-quant self: dequantized weights + activation hooks.
+
+    A float32 linear gets the dequantized weight in place (no second copy of the layer); a
+    :class:`StoredLinear` keeps the quantized tensors and dequantizes at each call, and its
+    bf16 weight is released (memory goes down, not up, as the layer is quantized)."""
     mods = dict(layer.named_modules())
-    for n, m in res.modules.items():
+    for n in res.modules:
         w = res.tensors[f"{n}.weight"]
         s = res.tensors[f"{n}.weight_scale"]
-        deq = int4.dequantize(int4.unpack_int4(w), s) if w.dtype == torch.uint8 else fp8.dequantize(w, s)
-        mods[n].weight.data.copy_(deq)  # in place: no second copy of the layer's weights
-        del m, deq
+        m = mods[n]
+        if isinstance(m, StoredLinear):
+            m.qweight = _dequantizer(w, s)
+            m.weight = nn.Parameter(torch.empty(0, dtype=m.weight.dtype), requires_grad=False)
+            continue
+        deq = _dequantizer(w, s)()
+        m.weight.data.copy_(deq)  # in place: no second copy of the layer's weights
+        del deq
     attach_fake_quant(layer, res.specs)
 
 
@@ -603,7 +705,10 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
         raise MoepressError(f"{reader.path}: already quantized by moepress ({SIDECAR}); quantize the original")
     from moepress.calib import distributed as dist
 
-    sm = StreamedModel(reader)
+    # bf16 weights stay bf16 in the layer (StoredLinear: same float32 results, half the memory)
+    # and the reader runs a bounded distance ahead: peak memory ~ one stored layer + its output
+    budget = read_ahead_budget(reader)
+    sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=budget)
     a = sm.adapter
     sm.check_weights()
     # torchrun: calibration batches are split across ranks (contiguous shares), statistics are
@@ -619,7 +724,9 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
         batches = dist.shard(batches, env.rank, env.world_size)
     calibrated = batches is not None and cfg.needs_calibration
     modules, shared, borrowed, skipped, alphas, expert_tokens = {}, [], [], [], {}, {}
-    writer = CheckpointWriter(out, force=force, resume=resume) if env.is_main else _NullWriter()
+    # calibration-free: the shard of layer i is written while layer i+1 is quantized
+    writer = (CheckpointWriter(out, force=force, resume=resume, background=not calibrated) if env.is_main
+              else _NullWriter())
     with writer as w:
         done = w.written_names
         start = 0
@@ -650,6 +757,24 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
             if start:
                 task.advance(start, note=f"layers 0-{start - 1} already written")
             stream = sm.layers(0) if calibrated else ((i, None) for i in range(start, a.num_layers))
+            src = reader  # where the layer's unquantized tensors are read from
+            plans: dict[int, tuple] = {}
+
+            def plan(j: int) -> tuple:
+                if j not in plans:
+                    plans[j] = _free_plan(sm, j, cfg)
+                return plans[j]
+
+            # calibration-free: one read-ahead over every layer's stored tensors, in plan order, and
+            # the groups quantized by torch's thread count of single-threaded workers
+            stored = None if calibrated else read_ahead(
+                reader, (n for j in range(start, a.num_layers) for n in plan(j)[1]), budget)
+            threads = torch.get_num_threads()
+            workers = ThreadPoolExecutor(threads, thread_name_prefix="moepress-quant",
+                                         initializer=torch.set_num_threads, initargs=(1,)) \
+                if not calibrated and threads > 1 else None
+            if workers is not None:
+                torch.set_num_threads(1)
             for i, layer in stream:
                 prefix = a.layer_prefix(i)
                 if i < start:
@@ -664,7 +789,9 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
                 if calibrated:
                     res, outs = quantize_layer(sm, i, layer, hs, cfg, env)
                 else:  # calibration-free: tensor by tensor, no layer module, no activations
-                    res = quantize_tensors(sm, i, cfg)
+                    groups, order = plan(i)
+                    res, src = quantize_tensors(sm, i, cfg, groups, stored, len(order), workers)
+                    plans.pop(i)
                 if calibrated and cfg.sequential:
                     _apply(layer, res)
                     outs = sm.run_layer(layer, hs)
@@ -676,10 +803,11 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
                     rel = name[len(prefix):]
                     if rel in qnames or name.endswith(".weight_scale_inv"):
                         continue
-                    t = reader.get(name)
+                    t = src.get(name)
                     if t.dtype == fp8.FP8_DTYPE:  # block-FP8 input, module left unquantized: bf16
-                        t = reader.weight(name, torch.bfloat16)
+                        t = src.weight(name, torch.bfloat16)
                     w.add(name, t)
+                src = reader
                 for rel, t in sorted(res.tensors.items()):
                     w.add(prefix + rel, t.contiguous())
                 w.end_shard()
@@ -693,9 +821,15 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
                 _save_prev_report(w.partial, {"modules": modules, "shared": shared, "borrowed": borrowed,
                                               "skipped": skipped, "awq_alpha": alphas,
                                               "expert_tokens": expert_tokens})
-                layer = None
-                task.advance(note=f"layer {i}: {len(res.modules)} linears quantized"
-                             + (f", {len(res.borrowed)} experts borrowed scales" if res.borrowed else ""))
+                note = f"layer {i}: {len(res.modules)} linears quantized" + (
+                    f", {len(res.borrowed)} experts borrowed scales" if res.borrowed else "")
+                layer = res = None  # nothing of layer i outlives its iteration (the writer has it)
+                task.advance(note=note)
+            if stored is not None:
+                stored.close()
+            if workers is not None:
+                workers.shutdown()
+                torch.set_num_threads(threads)
         for name in (a.norm_name, a.head_name):
             if name in reader and name not in done:
                 w.add(name, reader.get(name))

@@ -9,11 +9,13 @@ transforms attach.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import CheckpointReader, LayerView
@@ -30,6 +32,74 @@ COMPANION_SUFFIXES = (
 
 LayerCallback = Callable[[int, DecoderLayer], None]
 
+READ_AHEAD_BYTES = 256 << 20
+MMAP_THRESHOLD = 128 << 10
+_heap_bounded = False
+
+
+def bound_heap() -> None:
+    """Make glibc serve buffers of 128 KB and more with mmap, so a freed layer goes back to the OS.
+
+    glibc's default threshold grows (up to 32 MB) as large blocks are freed, after which weight
+    and activation buffers come from the heap and freed ones stay there, fragmented: a streamed
+    quantize of a 75 MB-layer model grew 341 MB that way and 100 MB with the fixed threshold
+    (tests/test_quant_memory.py). A no-op where the C library is not glibc.
+    """
+    global _heap_bounded
+    if _heap_bounded:
+        return
+    _heap_bounded = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (also stops its dynamic growth)
+    except (OSError, AttributeError):
+        pass
+
+
+def read_ahead_budget(reader: CheckpointReader) -> int:
+    """How far to read ahead: a quarter of the largest stored layer, 16-256 MB (enough to keep
+    the disk busy while a layer computes; small against the layer that is in memory anyway)."""
+    largest = max((sum(reader.info(n).nbytes for n in reader.layer_names(i)) for i in reader.layer_indices()),
+                  default=0)
+    return int(min(max(largest // 4, 16 << 20), READ_AHEAD_BYTES))
+
+
+def read_ahead(reader: CheckpointReader, names: Iterable[str],
+               budget: int = READ_AHEAD_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, stored tensor)`` for ``names`` in order while a background thread reads
+    the next ones, at most ``budget`` bytes ahead (at least one tensor). ``names`` may be a lazy
+    iterable spanning layers, so reading layer i+1 starts while the end of layer i is computed.
+    The read itself (pread) releases the GIL: reads overlap the caller's compute and writes.
+    """
+    it = iter(names)
+    queue: deque[tuple[str, int, Future]] = deque()
+    inflight = 0
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepress-readahead")
+
+    def fill() -> None:
+        nonlocal inflight
+        while not queue or inflight < budget:
+            n = next(it, None)
+            if n is None:
+                return
+            nb = reader.info(n).nbytes
+            queue.append((n, nb, pool.submit(reader.get, n)))
+            inflight += nb
+
+    try:
+        fill()
+        while queue:
+            n, nb, fut = queue.popleft()
+            t = fut.result()
+            inflight -= nb
+            fill()
+            yield n, t
+            del t
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
 # A layer preparer runs on every layer the stream builds: preparer(stream, i, layer).
 # Quantized formats register one to attach activation fake-quantization where the
 # checkpoint stores input scales, so any stream over a quantized checkpoint is its
@@ -43,19 +113,41 @@ def register_layer_preparer(fn: LayerPreparer) -> LayerPreparer:
     return fn
 
 
+class StoredLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight stays as stored (bf16) and is cast to the input's dtype at
+    each call, or, once quantized, is kept quantized (``qweight``: a function returning the
+    dequantized weight) and dequantized at each call. bf16 -> float32 is exact, so the float32
+    forward is bit-identical to one over a float32 copy of the layer, at half the memory
+    (a quarter / an eighth once FP8 / INT4). Still an ``nn.Linear``: hooks and names unchanged.
+    """
+
+    qweight: Callable[[], torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.qweight() if self.qweight is not None else self.weight
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
 class StreamedModel:
     """A checkpoint seen as a stream of decoder layers.
 
     ``dtype`` is the compute dtype (float32 for exact comparisons); router tensors that the
-    family keeps in float32 stay float32.
+    family keeps in float32 stay float32. ``keep_stored=True``: linear weights stored in bf16
+    stay bf16 in the layer (:class:`StoredLinear`, same results), which halves the memory of a
+    float32 stream; big checkpoints need it to stay within ~2x a stored layer.
+    ``read_ahead_bytes``: how far the background reader runs ahead of the layer being built.
     """
 
     def __init__(self, source: str | CheckpointReader, *, dtype: torch.dtype = torch.float32,
-                 prefetch: bool = True):
+                 prefetch: bool = True, keep_stored: bool = False, read_ahead_bytes: int | None = None):
         self.ckpt = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
         self.adapter = get_adapter(self.ckpt.config, self.ckpt.names(), where=str(self.ckpt.path / "config.json"))
         self.dtype = dtype
         self.prefetch = prefetch
+        self.keep_stored = keep_stored
+        self.read_ahead_bytes = read_ahead_bytes
+        bound_heap()
+        self._linear_keys: dict[int, set[str]] = {}
         self._rotary = None
         self._pos_cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.check_weights()
@@ -110,6 +202,7 @@ class StreamedModel:
     def expected_layer_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
         with torch.device("meta"):
             layer = self.adapter.build_layer(i)
+        self._linear_keys[i] = {f"{n}.weight" for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         return {k: tuple(v.shape) for k, v in layer.state_dict().items()}
 
     # ---- pieces ---------------------------------------------------------------------------------
@@ -137,7 +230,11 @@ class StreamedModel:
             name = prefix + key
             if name not in self.ckpt:
                 raise MoepressError(f"{self._where()}: tensor '{name}' is missing from the checkpoint")
-            t = self._read(name, view)
+            if self.keep_stored and key in self._linear_keys[i] and self.ckpt.info(name).dtype == "BF16" \
+                    and self.dtype != torch.bfloat16:
+                t = (view or self.ckpt).get(name)  # as stored; StoredLinear casts at each call
+            else:
+                t = self._read(name, view)
             if tuple(t.shape) != shape:
                 raise MoepressError(f"{self._where()}: tensor '{name}' has shape {list(t.shape)}, "
                                     f"config.json implies {list(shape)}")
@@ -148,6 +245,9 @@ class StreamedModel:
         with torch.device("meta"):
             layer = self.adapter.build_layer(i)
         layer.load_state_dict(state, assign=True, strict=True)
+        for m in layer.modules():
+            if type(m) is nn.Linear and m.weight.dtype != self.dtype:
+                m.__class__ = StoredLinear
         import moepress.compress.quant  # noqa: F401  (registers the formats' preparers)
 
         for prep in _PREPARERS:
@@ -163,6 +263,23 @@ class StreamedModel:
         if not self.prefetch:
             for i in range(start, stop):
                 yield i, self.load_layer(i)
+            return
+        if self.read_ahead_bytes is not None:
+            # bounded: one stream of stored tensors over all layers, read_ahead_bytes ahead
+            names = {i: self.ckpt.layer_names(i) for i in range(start, stop)}
+            tensors = read_ahead(self.ckpt, (n for i in range(start, stop) for n in names[i]),
+                                 self.read_ahead_bytes)
+            try:
+                for i in range(start, stop):
+                    raw = dict(next(tensors) for _ in names[i])
+                    state = self.read_layer_state(i, raw)
+                    del raw
+                    layer = self.build_layer(i, state)
+                    del state
+                    yield i, layer
+                    del layer
+            finally:
+                tensors.close()
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepress-prefetch") as pool:
             # read ahead the stored bytes only; decode to the compute dtype here, when building

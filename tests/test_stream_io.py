@@ -1,0 +1,129 @@
+"""The fast I/O paths of the stream (issue #10): O_DIRECT reads and writes, read-ahead, the
+background shard writer, bf16 weights kept as stored. Each must give the same bytes or the same
+numbers as the plain path it replaces."""
+
+import hashlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moepress.calib.data import eval_batches
+from moepress.compress import checkpoint as ckpt_mod
+from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, write_safetensors
+from moepress.compress.stream import StoredLinear, StreamedModel, read_ahead
+from moepress.models import path as bundled_path
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    # odd sizes so the big tensors start and end off any 4 KiB boundary
+    return {"a.weight": torch.randn(1031, 2053, generator=g).to(torch.bfloat16),
+            "b.scale": torch.randn(3, 5, generator=g),
+            "c.packed": torch.randint(0, 255, (4_200_001,), dtype=torch.uint8, generator=g),
+            "d.weight": torch.randn(1500, 1100, generator=g)}
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_write_safetensors_direct_and_buffered_give_the_same_file(tmp_path, monkeypatch, direct):
+    ts = _tensors()
+    monkeypatch.setattr(ckpt_mod, "DIRECT_MIN_FILE_BYTES", 0 if direct else 1 << 60)
+    got = write_safetensors(tmp_path / "x.safetensors", ts, {"format": "pt"})
+    data = (tmp_path / "x.safetensors").read_bytes()
+    assert got == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    back = load_file(tmp_path / "x.safetensors")  # the safetensors library reads it
+    assert all(torch.equal(back[k], v) for k, v in ts.items())
+    monkeypatch.setattr(ckpt_mod, "DIRECT_MIN_FILE_BYTES", 1 << 60 if direct else 0)
+    other = write_safetensors(tmp_path / "y.safetensors", ts, {"format": "pt"})
+    assert other == got  # byte-identical either way
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_reader_direct_and_buffered_reads_agree(tmp_path, monkeypatch, direct):
+    ts = _tensors()
+    with CheckpointWriter(tmp_path / "c") as w:
+        for k, v in ts.items():
+            w.add(k, v)
+        w.write_json("config.json", {"model_type": "x"})
+    monkeypatch.setattr(ckpt_mod, "DIRECT_MIN_BYTES", 1 if direct else 1 << 60)
+    r = CheckpointReader(tmp_path / "c")
+    for k, v in ts.items():
+        got = r.get(k)
+        assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+    r.close()
+
+
+def test_read_ahead_yields_every_tensor_in_order_within_its_budget(tmp_path):
+    with CheckpointWriter(tmp_path / "c") as w:
+        for i in range(20):
+            w.add(f"t{i:02d}", torch.full((1024,), float(i)))  # 4 KiB each
+        w.write_json("config.json", {"model_type": "x"})
+    r = CheckpointReader(tmp_path / "c")
+    names = [f"t{i:02d}" for i in range(20)]
+    got = list(read_ahead(r, iter(names), budget=3 * 4096))
+    assert [n for n, _ in got] == names
+    assert all(torch.equal(t, torch.full((1024,), float(i))) for i, (_, t) in enumerate(got))
+    # stopping early leaves no reader thread behind
+    it = read_ahead(r, iter(names), budget=4096)
+    next(it)
+    it.close()
+
+
+def test_background_writer_gives_the_same_checkpoint(tmp_path):
+    ts = _tensors()
+    digests = []
+    for bg in (False, True):
+        out = tmp_path / f"bg-{bg}"
+        with CheckpointWriter(out, background=bg, max_shard_bytes=1 << 20) as w:
+            for k, v in ts.items():
+                w.add(k, v)
+                w.end_shard()
+            w.write_json("config.json", {"model_type": "x"})
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in sorted(out.glob("*.safetensors"))} | {
+            "index": (out / "model.safetensors.index.json").read_text()})
+    assert digests[0] == digests[1]
+
+
+def test_background_writer_error_reaches_the_caller_and_leaves_nothing(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "write_safetensors", boom)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space"):
+        with CheckpointWriter(out, background=True) as w:
+            w.add("a", torch.ones(3))
+            w.end_shard()
+            w.add("b", torch.ones(3))
+            w.end_shard()  # waits for the first shard: its error surfaces here or at commit
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_bf16_weights_kept_as_stored_give_identical_logits():
+    model = bundled_path("tiny-qwen3-moe")
+    ids = torch.cat(eval_batches(model, seq_len=64, max_windows=2))
+    plain = StreamedModel(str(model)).forward([ids])[0]
+    stored = StreamedModel(str(model), keep_stored=True, read_ahead_bytes=1 << 16)
+    layer = next(stored.layers())[1]
+    assert any(isinstance(m, StoredLinear) and m.weight.dtype == torch.bfloat16 for m in layer.modules())
+    assert torch.equal(stored.forward([ids])[0], plain)
+
+
+def test_calibration_free_quantize_is_the_same_with_a_worker_pool(tmp_path):
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+
+    model = bundled_path("tiny-mixtral")
+    digests = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):  # 2: groups quantized by a pool of 2 single-threaded workers
+            torch.set_num_threads(threads)
+            out = tmp_path / f"t{threads}"
+            quantize_checkpoint(model, out, QuantConfig(format="fp8-block"))
+            assert torch.get_num_threads() == threads  # restored after the pool
+            digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                            for p in sorted(out.iterdir()) if p.name != "moepress-manifest.json"})
+    finally:
+        torch.set_num_threads(before)
+    assert digests[0] == digests[1]
