@@ -223,6 +223,10 @@ class CheckpointReader:
         except KeyError:
             raise MoepressError(f"{self.path}: tensor '{name}' not found in checkpoint") from None
 
+    def get_dtype(self, name: str) -> torch.dtype:
+        """The torch dtype ``name`` is stored in."""
+        return _DTYPES[self.info(name).dtype][0]
+
     def bytes_by_dtype(self) -> dict[str, int]:
         out: dict[str, int] = defaultdict(int)
         for t in self._tensors.values():

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moepress.calib.observers import LayerRouting, RoutingStats
-from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, LayerView
 from moepress.compress.moe import DecoderLayer, SparseMoE
 from moepress.compress.stream import StreamedModel, read_ahead_budget
 from moepress.errors import MoepressError
@@ -759,8 +759,14 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *,
         sel = method.select(ev, budget)
         assert len(sel.kept) == budget.keep
         report_layers.append(_layer_report(i, kind, sel, lr, method, budget.protected_in(i)))
-        for name, t in pruned_layer_tensors(reader, a, i, sel.kept):
+        # the kept experts' tensors are written from the layer itself where it holds them exactly
+        # as stored (bf16 kept as stored): no second read of the layer, no second copy in memory
+        prefix = a.layer_prefix(i)
+        held = {prefix + k: v for k, v in layer.state_dict().items()
+                if prefix + k in reader and v.dtype == reader.get_dtype(prefix + k)}
+        for name, t in pruned_layer_tensors(LayerView(reader, held), a, i, sel.kept):
             w.add(name, t)
+        del held
         w.end_shard()
         if cfg.sequential:
             prune_moe_module(layer.moe, sel.kept)

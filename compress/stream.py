@@ -264,35 +264,33 @@ class StreamedModel:
             for i in range(start, stop):
                 yield i, self.load_layer(i)
             return
+        for i, box in self._raw_layers(start, stop):
+            state = self.read_layer_state(i, box.pop())  # the raw tensors live on only as the state
+            layer = self.build_layer(i, state)
+            del state
+            yield i, layer
+            del layer
+
+    def _raw_layers(self, start: int, stop: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
+        """(i, [layer i's stored tensors]) read in the background: a bounded distance ahead
+        (``read_ahead_bytes``) or the whole next layer. The list is the caller's to empty, so this
+        generator holds no reference while the layer is built and used."""
         if self.read_ahead_bytes is not None:
-            # bounded: one stream of stored tensors over all layers, read_ahead_bytes ahead
             names = {i: self.ckpt.layer_names(i) for i in range(start, stop)}
             tensors = read_ahead(self.ckpt, (n for i in range(start, stop) for n in names[i]),
                                  self.read_ahead_bytes)
             try:
                 for i in range(start, stop):
-                    raw = dict(next(tensors) for _ in names[i])
-                    state = self.read_layer_state(i, raw)
-                    del raw
-                    layer = self.build_layer(i, state)
-                    del state
-                    yield i, layer
-                    del layer
+                    yield i, [dict(next(tensors) for _ in names[i])]
             finally:
                 tensors.close()
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepress-prefetch") as pool:
-            # read ahead the stored bytes only; decode to the compute dtype here, when building
             nxt: Future | None = pool.submit(self.read_layer_raw, start) if start < stop else None
             for i in range(start, stop):
-                raw = nxt.result()
+                box = [nxt.result()]
                 nxt = pool.submit(self.read_layer_raw, i + 1) if i + 1 < stop else None
-                state = self.read_layer_state(i, raw)
-                del raw
-                layer = self.build_layer(i, state)
-                del state
-                yield i, layer
-                del layer
+                yield i, box
 
     def embed(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         w = self._read(self.adapter.embed_name)
