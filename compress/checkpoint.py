@@ -122,6 +122,17 @@ def register_weight_decoder(fn: WeightDecoder) -> WeightDecoder:
     return fn
 
 
+def _pread(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``fd`` at ``offset``; the bytes read (fewer only at end of file)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
 class CheckpointReader:
     """Lazy, read-only view of a Hugging Face checkpoint directory.
 
@@ -267,14 +278,8 @@ class CheckpointReader:
         span = (info.offset + info.nbytes - start + _DIRECT_ALIGN - 1) & ~(_DIRECT_ALIGN - 1)
         raw = torch.empty(span + _DIRECT_ALIGN, dtype=torch.uint8)
         pad = -raw.data_ptr() % _DIRECT_ALIGN
-        view = memoryview(raw.numpy())[pad:pad + span]
-        done = 0
         try:
-            while done < span:
-                n = os.preadv(fd, [view[done:]], start + done)
-                if n <= 0:
-                    break
-                done += n
+            done = _pread(fd, memoryview(raw.numpy())[pad:pad + span], start)
         except OSError:  # EINVAL: the device wants another alignment; read through the cache
             self._direct_fds[info.file] = None
             os.close(fd)
@@ -293,19 +298,14 @@ class CheckpointReader:
         4 MiB and more are read with O_DIRECT where the file system allows it.
         """
         info = self.info(name)
-        dtype = _DTYPES[info.dtype][0]
+        dtype = self.get_dtype(name)
         if info.nbytes >= DIRECT_MIN_BYTES:
             t = self._get_direct(info)
-            if t is not None and t.data_ptr() % _DTYPES[info.dtype][0].itemsize == 0:
+            if t is not None and t.data_ptr() % dtype.itemsize == 0:
                 return t.view(dtype).reshape(info.shape)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
-        fd, done = self._fd(info.file), 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.offset + done)
-            if n <= 0:
-                raise MoepressError(f"{info.file}: truncated shard while reading tensor '{name}'")
-            done += n
+        if info.nbytes and _pread(self._fd(info.file), memoryview(buf.numpy()), info.offset) < info.nbytes:
+            raise MoepressError(f"{info.file}: truncated shard while reading tensor '{name}'")
         return buf.view(dtype).reshape(info.shape)
 
     def weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -503,6 +503,8 @@ def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg
             toks = (idx == e).any(-1).nonzero().squeeze(-1) if idx is not None else torch.zeros(0, dtype=torch.long)
             x_e = X[toks] if X is not None else None
             few = x_e is None or x_e.shape[0] < MIN_EXPERT_TOKENS
+            # this expert's weights in float32, each made once (quantized, or gate/up for down's input)
+            wx = {n: weights[n] for n in (g, u, d) if fmt_of[n] is not None or (n != d and not few)}
             res.expert_tokens.append(0 if x_e is None else int(x_e.shape[0]))
             if few and any(n in needs for n in (g, u, d)):
                 res.borrowed.append({"layer": i, "expert": e, "tokens": 0 if x_e is None else int(x_e.shape[0]),
@@ -521,7 +523,7 @@ def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg
                         layer_stats.add(X)
                         st_gu = layer_stats
                 if not few:
-                    h = ex.act_fn(nn.functional.linear(x_e, weights[g])) * nn.functional.linear(x_e, weights[u])
+                    h = ex.act_fn(nn.functional.linear(x_e, wx[g])) * nn.functional.linear(x_e, wx[u])
                     st_d = LinearStats(hessian=fmt_of.get(d) == "int4-gptq")
                     st_d.add(h)
             gu = [n for n in (g, u) if fmt_of[n] is not None]
@@ -529,10 +531,10 @@ def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg
             for n in gu:
                 by_fmt.setdefault(fmt_of[n], []).append(n)
             for fmt, names in by_fmt.items():
-                _quantize_group(res, cfg, fmt, names, [weights[n] for n in names], st_gu)
+                _quantize_group(res, cfg, fmt, names, [wx[n] for n in names], st_gu)
                 expert_groups.append((e, "gate_up", names))
             if fmt_of[d] is not None:
-                _quantize_group(res, cfg, fmt_of[d], [d], [weights[d]], st_d)
+                _quantize_group(res, cfg, fmt_of[d], [d], [wx[d]], st_d)
                 expert_groups.append((e, "down", [d]))
         # one input scale per projection for all routed experts (TensorRT-LLM's fused MoE):
         # the max over the experts that saw tokens; experts without tokens take it too.
@@ -586,21 +588,20 @@ def _free_plan(sm: StreamedModel, i: int, cfg: QuantConfig) -> tuple[list[tuple[
 @torch.no_grad()
 def quantize_tensors(sm: StreamedModel, i: int, cfg: QuantConfig, groups: list[tuple[str, list[str]]],
                      tensors: Iterator[tuple[str, torch.Tensor]], n_stored: int,
-                     pool: ThreadPoolExecutor | None = None) -> tuple[LayerResult, LayerView]:
+                     pool: ThreadPoolExecutor | None = None, depth: int = 0) -> tuple[LayerResult, LayerView]:
     """Calibration-free formats: quantize layer i group by group as its stored tensors arrive from
     ``tensors`` (a :func:`read_ahead` stream in :func:`_free_plan` order), dropping each weight
     once quantized; no layer module, no activations. Returns the result and a view over the
     layer's other stored tensors (``n_stored`` in all are taken from the stream).
 
     ``pool``: groups are quantized by its threads (one single-threaded torch op stream each,
-    which on 2 cores beats one stream of 2-thread ops) at most 2 per thread ahead; results are
-    merged in group order, so the output does not depend on the pool."""
+    which on 2 cores beats one stream of 2-thread ops), at most ``depth`` groups ahead; results
+    are merged in group order, so the output does not depend on the pool."""
     prefix = sm.adapter.layer_prefix(i)
     res = LayerResult()
     raw: dict[str, torch.Tensor] = {}
     taken = 0
     pending: deque[tuple[LayerResult, Future | None]] = deque()
-    depth = 2 * (pool._max_workers if pool is not None else 1)  # type: ignore[attr-defined]
 
     def merge() -> None:
         sub, fut = pending.popleft()
@@ -639,7 +640,7 @@ def quantize_tensors(sm: StreamedModel, i: int, cfg: QuantConfig, groups: list[t
         else:
             pending.append((sub, pool.submit(_quantize_group, sub, cfg, fmt, ns, ws, None)))
         del ws, view
-        while len(pending) > (depth if pool is not None else 0):
+        while len(pending) > depth:
             merge()
     while pending:
         merge()
@@ -790,7 +791,8 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
                     res, outs = quantize_layer(sm, i, layer, hs, cfg, env)
                 else:  # calibration-free: tensor by tensor, no layer module, no activations
                     groups, order = plan(i)
-                    res, src = quantize_tensors(sm, i, cfg, groups, stored, len(order), workers)
+                    res, src = quantize_tensors(sm, i, cfg, groups, stored, len(order), workers,
+                                                2 * threads if workers is not None else 0)
                     plans.pop(i)
                 if calibrated and cfg.sequential:
                     _apply(layer, res)

@@ -49,7 +49,7 @@ import torch
 
 from moepress.errors import MoepressError
 from moepress.exporters import register_exporter
-from moepress.exporters.hf_common import open_source, output_config, tensor_groups, unquantized_modules
+from moepress.exporters.hf_common import open_source, output_config, require_layout, tensor_groups, unquantized_modules
 
 SUPPORTED = {"fp8": "float-quantized", "fp8-dynamic": "float-quantized", "fp8-block": "float-quantized",
              "int4-gptq": "pack-quantized"}
@@ -92,10 +92,7 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     s = open_source(src)
-    if s.layout is None:
-        raise MoepressError(f"--format compressed-tensors needs a quantized checkpoint: {src} has no "
-                            "moepress_quant.json (run moepress quantize --format fp8 (or fp8-dynamic, fp8-block, "
-                            "int4-gptq) first)")
+    require_layout(s, "compressed-tensors", "fp8 (or fp8-dynamic, fp8-block, int4-gptq)")
     fmts = s.formats
     bad = sorted(fmts - set(SUPPORTED))
     if bad:

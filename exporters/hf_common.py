@@ -45,12 +45,18 @@ def open_source(src: Path) -> Source:
     return Source(Path(src), reader, get_adapter(reader.config), read_quant_layout(src))
 
 
-def require_quantized(s: Source, fmt: str, allowed: dict[str, str], hint: str) -> str:
-    """The source's single moepress quantize format, which must be one of ``allowed``
-    (format -> what it becomes); else a one-line error naming what to run first."""
+def require_layout(s: Source, fmt: str, hint: str) -> dict:
+    """The source's moepress quantize layout; else a one-line error naming what to run first."""
     if s.layout is None:
         raise MoepressError(f"--format {fmt} needs a quantized checkpoint: {s.path} has no moepress_quant.json "
                             f"(run moepress quantize --format {hint} first)")
+    return s.layout
+
+
+def require_quantized(s: Source, fmt: str, allowed: dict[str, str], hint: str) -> str:
+    """The source's single moepress quantize format, which must be one of ``allowed``
+    (format -> what it becomes); else a one-line error naming what to run first."""
+    require_layout(s, fmt, hint)
     fmts = s.formats
     if len(fmts) != 1 or next(iter(fmts)) not in allowed:
         raise MoepressError(f"--format {fmt}: {s.path} is quantized as {', '.join(sorted(fmts)) or 'nothing'}; "

@@ -40,7 +40,14 @@ from pathlib import Path
 
 from moepress.errors import MoepressError
 from moepress.exporters import register_exporter
-from moepress.exporters.hf_common import QUANT_FILES, open_source, output_config, tensor_groups, unquantized_modules
+from moepress.exporters.hf_common import (
+    QUANT_FILES,
+    open_source,
+    output_config,
+    require_layout,
+    tensor_groups,
+    unquantized_modules,
+)
 
 # the Model-Optimizer release whose export layout we follow (checked against it in tests)
 MODELOPT_LAYOUT_VERSION = "0.47.0"
@@ -128,10 +135,7 @@ def quant_configs(layout: dict, modules: dict[str, dict], exclude: list[str], kv
                    consumers="TensorRT-LLM (PyTorch backend), vLLM, SGLang")
 def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     s = open_source(src)
-    if s.layout is None:
-        raise MoepressError(f"--format hf-modelopt needs a quantized checkpoint: {src} has no moepress_quant.json "
-                            "(run moepress quantize --format fp8 (or fp8-block, int4-awq, w4a8-awq) first)")
-    modules = s.layout["modules"]
+    modules = require_layout(s, "hf-modelopt", "fp8 (or fp8-block, int4-awq, w4a8-awq)")["modules"]
     unknown = sorted({m["format"] for m in modules.values()} - set(QUANT_ALGO))
     if unknown:
         raise MoepressError(f"{src}/moepress_quant.json: formats {unknown} have no modelopt quant_algo")

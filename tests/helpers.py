@@ -47,3 +47,12 @@ def edit_json(path: Path, **changes) -> None:
     d = json.loads(path.read_text())
     d.update(changes)
     path.write_text(json.dumps(d))
+
+
+def salient_inputs(n_batches: int = 4, tokens: int = 128, d: int = 256, seed: int = 0) -> list[torch.Tensor]:
+    """Random activations [tokens, d] with 8 salient channels (x20), as real activations have and
+    AWQ exploits; the quantization parity tests feed them to modelopt and to moepress alike."""
+    g = torch.Generator().manual_seed(seed)
+    ch = torch.ones(d)
+    ch[torch.randperm(d, generator=g)[:8]] = 20.0
+    return [torch.randn(tokens, d, generator=g) * ch for _ in range(n_batches)]

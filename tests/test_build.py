@@ -185,19 +185,24 @@ def _local_target():
     return next((t.name for t in TARGETS.values() if t.sm == sm), None)
 
 
+def _export_and_build(tmp_path, model: str, fmt: str):
+    """Export a bundled model to ``fmt`` and build it for this GPU: (target name, build result)."""
+    from moepress.exporters import ExportConfig, export
+
+    src = models.path(model)
+    export(src, tmp_path / fmt, ExportConfig(format=fmt))
+    target = _local_target()
+    if target is None:
+        pytest.skip("this GPU's SM is not in the target catalog")
+    return target, build(tmp_path / fmt, target, tmp_path / "engine", dry_run=False, max_seq_len=256, max_batch=2,
+                         reference=src)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has("tensorrt"), reason="tensorrt not installed")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_gpu_tensorrt_engine_from_onnx_export(tmp_path):
-    from moepress.exporters import ExportConfig, export
-
-    src = models.path("tiny-qwen3-moe")
-    export(src, tmp_path / "onnx", ExportConfig(format="onnx"))
-    target = _local_target()
-    if target is None:
-        pytest.skip("this GPU's SM is not in the target catalog")
-    res = build(tmp_path / "onnx", target, tmp_path / "engine", dry_run=False, max_seq_len=256, max_batch=2,
-                reference=src)
+    target, res = _export_and_build(tmp_path, "tiny-qwen3-moe", "onnx")
     assert (tmp_path / "engine" / "engine" / "model.engine").is_file()
     from moepress.exporters.targets import get_target
 
@@ -209,15 +214,7 @@ def test_gpu_tensorrt_engine_from_onnx_export(tmp_path):
 @pytest.mark.skipif(not _has("tensorrt_llm"), reason="tensorrt_llm not installed")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_gpu_trtllm_engine_from_trtllm_ckpt(tmp_path):
-    from moepress.exporters import ExportConfig, export
-
-    src = models.path("tiny-mixtral")
-    export(src, tmp_path / "ckpt", ExportConfig(format="trtllm-ckpt"))
-    target = _local_target()
-    if target is None:
-        pytest.skip("this GPU's SM is not in the target catalog")
-    res = build(tmp_path / "ckpt", target, tmp_path / "engine", dry_run=False, max_seq_len=256, max_batch=2,
-                reference=src)
+    _, res = _export_and_build(tmp_path, "tiny-mixtral", "trtllm-ckpt")
     assert (tmp_path / "engine" / "engine" / "rank0.engine").is_file()
     assert "accuracy" in res
     shutil.rmtree(tmp_path / "engine")

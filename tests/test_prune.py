@@ -41,15 +41,6 @@ DSV3 = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], v
             num_nextn_predict_layers=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on a shared 2-core machine: one thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def budget(config, **kw):
     return plan_budget(get_adapter(config), PruneConfig(**kw))
 

@@ -22,15 +22,6 @@ from moepress.compress.prune import route_masked
 from moepress.compress.stream import StreamedModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on a shared 2-core machine: one thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     """name -> (dir, CLI result): the bundled model pruned 25% by the CLI with its default method

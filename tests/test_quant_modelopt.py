@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import salient_inputs
 from moepress.compress.quant import awq, fp8, int4
 
 with warnings.catch_warnings():
@@ -23,14 +24,6 @@ with warnings.catch_warnings():
     from modelopt.torch.quantization.qtensor import FP8QTensor
 
 
-def _inputs(n_batches=4, tokens=128, d=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    # a few salient channels, as real activations have (what AWQ is for)
-    ch = torch.ones(d)
-    ch[torch.randperm(d, generator=g)[:8]] = 20.0
-    return [torch.randn(tokens, d, generator=g) * ch for _ in range(n_batches)]
-
-
 def _linear(d_in=256, d_out=64, seed=1):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d_in, d_out, bias=False))
@@ -38,7 +31,7 @@ def _linear(d_in=256, d_out=64, seed=1):
 
 @torch.no_grad()
 def test_fp8_per_tensor_weights_and_input_scales_equal_modelopt():
-    xs = _inputs()
+    xs = salient_inputs()
     model = _linear()
     w = model[0].weight.detach().clone()
     mtq.quantize(model, copy.deepcopy(mtq.FP8_DEFAULT_CFG), lambda m: [m(x) for x in xs])
@@ -76,7 +69,7 @@ def test_int4_packing_equals_modelopt():
 @torch.no_grad()
 @pytest.mark.parametrize("group", [128, 64])
 def test_awq_pre_quant_scales_and_int4_weights_equal_modelopt(group):
-    xs = _inputs()
+    xs = salient_inputs()
     model = _linear()
     w = model[0].weight.detach().clone()
     cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)

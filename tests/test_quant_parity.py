@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import salient_inputs
 from moepress.compress.quant import awq, fp8, w4a8
 
 with warnings.catch_warnings():
@@ -31,13 +32,6 @@ with warnings.catch_warnings():
     )
 
 
-def _inputs(n_batches=4, tokens=128, d=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ch = torch.ones(d)
-    ch[torch.randperm(d, generator=g)[:8]] = 20.0  # salient channels, as AWQ expects
-    return [torch.randn(tokens, d, generator=g) * ch for _ in range(n_batches)]
-
-
 def _mtq(cfg_name, xs, d_in=256, d_out=64):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
@@ -52,7 +46,7 @@ def _mtq(cfg_name, xs, d_in=256, d_out=64):
 def test_w4a8_awq_scales_and_weights_equal_modelopt():
     """W4A8_AWQ_BETA_CFG: INT4 group scales (first quantizer), weight_scale_2 = amax / 448 (second,
     FP8 per-tensor), pre_quant_scale (awq_lite) and the FP8 input_scale of x * pre_quant_scale."""
-    xs = _inputs()
+    xs = salient_inputs()
     w, lin = _mtq("W4A8_AWQ_BETA_CFG", xs)
     assert get_quantization_format(lin) == "w4a8_awq"
     ref_pqs = get_prequant_scaling_factor(lin).float().reshape(-1)
@@ -79,7 +73,7 @@ def test_w4a8_awq_scales_and_weights_equal_modelopt():
 def test_fp8_per_channel_weights_equal_modelopt():
     """FP8_PER_CHANNEL_PER_TOKEN_CFG (our fp8-dynamic): per-row amax / 448, bit-identical E4M3.
     modelopt exports this weight_scale 1-D [out]; moepress stores [out, 1] (same values)."""
-    w, lin = _mtq("FP8_PER_CHANNEL_PER_TOKEN_CFG", _inputs(n_batches=1))
+    w, lin = _mtq("FP8_PER_CHANNEL_PER_TOKEN_CFG", salient_inputs(n_batches=1))
     assert get_quantization_format(lin) == "fp8_pc_pt"
     ref_s = get_weight_scaling_factor(lin)
     ref_q = to_quantized_weight(lin.weight, ref_s, "fp8_pc_pt")
@@ -94,7 +88,7 @@ def test_fp8_activation_fake_quant_equals_modelopt():
     """Our fake-quant forward's activation quantizers against modelopt's input quantizers: static
     per-tensor (FP8_DEFAULT_CFG) and dynamic per-token (FP8_PER_CHANNEL_PER_TOKEN_CFG, tokens as rows).
     modelopt multiplies by 448 / amax where we divide by amax / 448: equal to 1 ulp."""
-    xs = _inputs(n_batches=2)
+    xs = salient_inputs(n_batches=2)
     _, lin = _mtq("FP8_DEFAULT_CFG", xs)
     x = torch.randn(64, 256) * torch.linspace(0.1, 60, 256)  # beyond the calibrated range too: clamps
     scale = get_activation_scaling_factor(lin).float().reshape(())

@@ -35,15 +35,6 @@ def _scratch(n: int) -> torch.Tensor:
     return buf[:n]
 
 
-def block_amax(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
-    """Max |w| per block, [ceil(out/br), ceil(in/bc)], float32."""
-    out, inp = w.shape
-    br, bc = block
-    pr, pc = (-out) % br, (-inp) % bc
-    wp = torch.nn.functional.pad(w.float().abs(), (0, pc, 0, pr))
-    return wp.view((out + pr) // br, br, (inp + pc) // bc, bc).amax(dim=(1, 3))
-
-
 def quantize_block(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] -> (fp8 weight, float32 scale_inv per block). scale_inv = amax / 448.
 
@@ -52,19 +43,19 @@ def quantize_block(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> t
     """
     out, inp = w.shape
     br, bc = block
-    if out % br == 0 and inp % bc == 0:  # whole blocks (every linear of the big models): views, no copies
-        v = w.view(out // br, br, inp // bc, bc)
-        amax = torch.maximum(v.amax(dim=(1, 3)), v.amin(dim=(1, 3)).neg())  # max |w|, no |w| buffer
-        scale = (amax.float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-        # divided in float32 in a reused scratch buffer: no fresh pages per tensor (a mixed
-        # bf16/float32 division is ~10x slower on CPU; fresh buffers cost page faults)
-        f = _scratch(w.numel()).view(v.shape)
-        f.copy_(v)
-        f.div_(scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)
-        return f.to(FP8_DTYPE).view(out, inp), scale
-    scale = (block_amax(w, block) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    q = (w.float() / _expand_blocks(scale, tuple(w.shape), block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
+    pr, pc = (-out) % br, (-inp) % bc
+    if pr or pc:  # partial edge blocks: zero padding changes no block's max |w|; cut back after
+        q, scale = quantize_block(torch.nn.functional.pad(w, (0, pc, 0, pr)), block)
+        return q[:out, :inp].contiguous(), scale
+    v = w.reshape(out // br, br, inp // bc, bc)
+    amax = torch.maximum(v.amax(dim=(1, 3)), v.amin(dim=(1, 3)).neg())  # max |w|, no |w| buffer
+    scale = (amax.float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    # divided in float32 in a reused scratch buffer: no fresh pages per tensor (a mixed
+    # bf16/float32 division is ~10x slower on CPU; fresh buffers cost page faults)
+    f = _scratch(w.numel()).view(v.shape)
+    f.copy_(v)
+    f.div_(scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)
+    return f.to(FP8_DTYPE).view(out, inp), scale
 
 
 def dequantize_block(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
