@@ -3,11 +3,12 @@
 Held-out perplexity (calib/data/eval.txt) of every bundled model after pruning 25% and 50%
 of its routed experts with every registered method, side by side with the unpruned model,
 in one run; then whether the default method beats `frequency` at 50% and is no worse
-than `reap` at both ratios. With --memory it also prunes a synthetic 8-layer checkpoint in
-a child process and prints the peak RSS growth against one layer and the whole model
-(and against a plain streamed forward of the same checkpoint, measured in the same run).
+than `reap` at both ratios. With --memory it also prunes synthetic checkpoints of 4 and 16
+layers with every method, each in a child process, and prints the peak RSS growth against one
+layer and the whole model (and against a plain streamed forward of the same checkpoint, measured
+in the same run).
 
-    python bench/prune_quality.py                      # the README table (about 12 minutes on 2 shared cores)
+    python bench/prune_quality.py                      # the README table (about 20 minutes on 2 shared cores)
     python bench/prune_quality.py --memory             # + the memory figures
     python bench/prune_quality.py --models /path/a,/path/b --ratios 0.5 --methods reap,reroute
 """
@@ -149,7 +150,7 @@ def memory() -> None:
         with tempfile.TemporaryDirectory(prefix="moepress-prune-mem-") as tmp:
             src = write_synthetic(cfg, Path(tmp) / "src")
             tiny = write_synthetic(tiny_cfg, Path(tmp) / "tiny")
-            for what in ("forward", "frequency", "reap", "reroute"):
+            for what in ("forward", *METHODS):
                 p = subprocess.run([sys.executable, "-c", PROBE, str(src), str(Path(tmp) / "out"), what, str(tiny)],
                                    capture_output=True, text=True, check=True)
                 r = json.loads(p.stdout)

@@ -5,16 +5,18 @@
 For each bundled model and format, in one run, each in its own process (peak RSS from wait4):
   * ours: `moepress quantize` (streamed), then held-out perplexity of its fake-quant forward;
   * modelopt: `mtq.quantize` on the transformers model (fp32) with the matching config and the
-    same calibration tokens, then its fake-quant perplexity on the same held-out windows;
+    same calibration tokens; its perplexity straight out of mtq.quantize ("fake-quant") and as
+    deployed (``as_deployed``: the numerics its exported checkpoint runs with on TensorRT-LLM,
+    which are the numerics ours is evaluated with) on the same held-out windows;
   * the unquantized baseline.
-Prints a Markdown table and notes. Formats modelopt has no config for are marked n/a.
+Prints a Markdown table and notes; "ours <= modelopt" compares with modelopt as deployed.
 
-modelopt configs: FP8_DEFAULT_CFG, FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG (its 128x128 block FP8 config is
-weight-only: activations unquantized, ours dynamic 1x128), FP8_PER_CHANNEL_PER_TOKEN_CFG, INT4_AWQ_CFG
-(awq_lite), INT4_AWQ_CFG's weight quantizer with algorithm "gptq" (modelopt 0.47 has GPTQ), and
-W4A8_AWQ_BETA_CFG, INT4 block size set to ``--group-size``. Its quantizers on transformers 5's fused
-experts are counted (enabled quantizers, those on experts) and it is checked whether its AWQ / GPTQ
-changed the fused expert weights at all (column "algo on experts").
+modelopt configs: FP8_DEFAULT_CFG, FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG (its only 128x128 block FP8
+config: weight-only), FP8_PER_CHANNEL_PER_TOKEN_CFG, INT4_AWQ_CFG (awq_lite), INT4_AWQ_CFG's weight
+quantizer with algorithm "gptq" (modelopt 0.47 has GPTQ), and W4A8_AWQ_BETA_CFG, INT4 block size
+set to ``--group-size``. Its quantizers on transformers 5's fused experts are counted (enabled
+quantizers, those on experts) and it is checked whether its AWQ / GPTQ changed the fused expert
+weights at all (column "algo on experts").
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 MODELOPT_CFG = {"fp8": "FP8_DEFAULT_CFG", "fp8-block": "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG",
                 "fp8-dynamic": "FP8_PER_CHANNEL_PER_TOKEN_CFG", "int4-awq": "INT4_AWQ_CFG",
@@ -42,7 +46,6 @@ def _eval(model_name, seq_len=256, windows=32):
 
 
 def worker(args) -> dict:
-    import torch
 
     torch.set_num_threads(1)
     from moepress.calib.data import calibration_batches
@@ -100,9 +103,73 @@ def worker(args) -> dict:
     touched = sum(1 for n, p in model.named_parameters()
                   if n in experts_before and not torch.equal(p, experts_before[n]))
     with torch.no_grad():
+        fake = perplexity([model(input_ids=b, use_cache=False).logits.float() for b in ev], ev)
+        fused = as_deployed(model, args.format)
         logits = [model(input_ids=b, use_cache=False).logits.float() for b in ev]
-    return {"ppl": perplexity(logits, ev), "seconds": secs, "quantizers": n_q, "expert_quantizers": n_exp,
-            "experts_touched": f"{touched}/{len(experts_before)}"}
+    return {"ppl": perplexity(logits, ev), "ppl_fake_quant": fake, "fused_groups": fused, "seconds": secs,
+            "quantizers": n_q, "expert_quantizers": n_exp, "experts_touched": f"{touched}/{len(experts_before)}"}
+
+
+def _exported_fp8(w, amax):
+    scale = amax.float() / 448.0
+    return ((w.float() / scale).to(torch.float8_e4m3fn).float() * scale).to(w.dtype)
+
+
+def as_deployed(model, fmt: str) -> int:
+    """Give modelopt's quantized model the numerics its exported checkpoint runs with on TensorRT-LLM,
+    the numerics ours is evaluated with; returns the number of fused linear groups.
+
+    1. Linears that TensorRT-LLM fuses into one GEMM (q/k/v, DeepSeek's q_a/kv_a, gate/up: the groups
+       moepress shares scales over, compress/quantize.py SHARED_INPUT) get one set of scales.
+       modelopt's fake-quant keeps a scale per projection; its own export step does the unification
+       (modelopt/torch/export/quant_utils.py ``preprocess_linear_fusion``: max input amax, max per-tensor
+       weight amax, averaged AWQ pre_quant_scale with the weights requantized), and TensorRT-LLM's
+       loader takes the max again (_torch/modules/linear.py ``rescale_fused_weights``). We call
+       modelopt's function on those groups.
+    2. FP8 per-tensor / per-channel weights as modelopt's exporter writes them (export/quant_utils.py
+       ``to_quantized_weight``: (w / (amax / 448)).to(float8_e4m3fn)); its fake-quant kernel
+       multiplies by 448 / amax instead, which rounds some exact ties (common with bf16 weights) the
+       other way, so its fake-quant model is not bit-for-bit its own checkpoint.
+    3. Activations of calibration-free formats as the kernels quantize them: fp8-block dynamic per
+       1x128 (FP8_BLOCK_SCALES; modelopt's only 128x128 config is weight-only) and fp8-dynamic per token
+       (FP8_PER_CHANNEL_PER_TOKEN; modelopt's dynamic input quantizer, axis (0, 1), is per token on
+       [batch, seq, hidden] inputs but per element on the fused experts' [tokens, hidden] inputs,
+       i.e. it leaves them unquantized). The input quantizers of the quantized linears (fused experts
+       included) apply moepress's fp8.fake_quant_per_token instead; weights stay modelopt's.
+    """
+    from modelopt.torch.export.quant_utils import preprocess_linear_fusion
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from moepress.compress.quant import fp8
+    from moepress.compress.quantize import SHARED_INPUT
+
+    n = 0
+    # (block-FP8 weights are not unified: a fused GEMM keeps each block's scale. modelopt's 2D-block fake
+    # quantizer holds a scalar amax that preprocess_linear_fusion would take for a per-tensor one.)
+    for mod in model.modules() if fmt != "fp8-block" else ():
+        for fam in SHARED_INPUT:
+            group = [c for name, c in mod.named_children() if name in fam and hasattr(c, "weight_quantizer")
+                     and c.weight_quantizer.is_enabled]
+            if len(group) > 1:
+                preprocess_linear_fusion(group)
+                n += 1
+    if fmt in ("fp8", "fp8-dynamic"):  # weights as its exporter writes them (see the docstring)
+        for name, q in model.named_modules():  # fused experts: ...experts.gate_up_proj_weight_quantizers.3
+            if (isinstance(q, TensorQuantizer) and "weight_quantizer" in name and q.is_enabled
+                    and q.num_bits == (4, 3) and not q.block_sizes and q.amax is not None):
+                q.forward = lambda w, q=q: _exported_fp8(w, q.amax)
+    if fmt in ("fp8-block", "fp8-dynamic"):
+        block = 128 if fmt == "fp8-block" else None
+        for mod in model.modules():
+            for name, q in list(mod.named_children()):
+                if not (isinstance(q, TensorQuantizer) and name.endswith("input_quantizer")):
+                    continue
+                w = getattr(mod, name.replace("input_quantizer", "weight_quantizer"), None)
+                w = w if w is not None else getattr(mod, name.replace("input_quantizer", "weight_quantizers"), None)
+                w = w[0] if isinstance(w, torch.nn.ModuleList) else w
+                if w is not None and w.is_enabled:
+                    q.forward = lambda x, block=block: fp8.fake_quant_per_token(x, block)
+    return n
 
 
 def run_one(side, model, fmt, a) -> dict:
@@ -141,14 +208,14 @@ def main(argv=None) -> int:
     print(f"# quant quality: {a.num_samples} calibration samples x {a.seq_len} tokens (bundled calib text); "
           f"held-out perplexity on 32 windows x 256 tokens of calib/data/eval.txt; {os.cpu_count()} CPUs, "
           f"1 thread per run")
-    print("| model | format | ppl ours | ppl modelopt | Δ ours | Δ modelopt | s ours | s modelopt | "
-          "peak RSS MB ours | peak RSS MB modelopt | modelopt quantizers: enabled / on experts | "
-          "modelopt algo changed expert weights |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | format | ppl ours | ppl modelopt (as deployed) | Δ ours | Δ modelopt | modelopt fake-quant "
+          "ppl | s ours | s modelopt | peak RSS MB ours | peak RSS MB modelopt | modelopt quantizers: enabled / "
+          "on experts | modelopt algo changed expert weights |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     wins = {"ppl": 0, "rss": 0, "n": 0}
     for model in a.models.split(","):
         base = run_one("baseline", model, None, a)
-        print(f"| {model} | bf16 (baseline) | {base.get('ppl', float('nan')):.3f} | | | | | | "
+        print(f"| {model} | bf16 (baseline) | {base.get('ppl', float('nan')):.3f} | | | | | | | "
               f"{base.get('rss_mb', 0):.0f} | | | |", flush=True)
         for fmt in a.formats.split(","):
             ours = run_one("ours", model, fmt, a)
@@ -162,24 +229,28 @@ def main(argv=None) -> int:
 
             if "ppl" in ours and "ppl" in ref:
                 wins["n"] += 1
-                wins["ppl"] += ours["ppl"] <= ref["ppl"]
+                wins["ppl"] += round(ours["ppl"], 3) <= round(ref["ppl"], 3)  # ties at the table's precision
                 wins["rss"] += ours["rss_mb"] < ref["rss_mb"]
             algo = ref.get("experts_touched", "-") if fmt in ("int4-awq", "int4-gptq", "w4a8-awq") else "n/a"
             print(f"| {model} | {fmt} | {f(ours, 'ppl', '.3f')} | {f(ref, 'ppl', '.3f')} | {rel(ours)} | {rel(ref)} | "
-                  f"{f(ours, 'seconds', '.1f')} | {f(ref, 'seconds', '.1f')} | {f(ours, 'rss_mb', '.0f')} | "
-                  f"{f(ref, 'rss_mb', '.0f')} | {ref.get('quantizers', '-')} / {ref.get('expert_quantizers', '-')} | "
-                  f"{algo} |", flush=True)
-    print(f"\nours <= modelopt in perplexity in {wins['ppl']}/{wins['n']} cells; lower peak RSS in "
-          f"{wins['rss']}/{wins['n']}.")
+                  f"{f(ref, 'ppl_fake_quant', '.3f')} | {f(ours, 'seconds', '.1f')} | {f(ref, 'seconds', '.1f')} | "
+                  f"{f(ours, 'rss_mb', '.0f')} | {f(ref, 'rss_mb', '.0f')} | {ref.get('quantizers', '-')} / "
+                  f"{ref.get('expert_quantizers', '-')} | {algo} |", flush=True)
+    print(f"\nours <= modelopt (as deployed, at the table's 3 decimals) in perplexity in {wins['ppl']}/{wins['n']} "
+          f"cells; lower peak RSS in {wins['rss']}/{wins['n']}.")
     print("Notes: peak RSS is each run's own ru_maxrss (one process per cell, including the held-out "
           "evaluation); modelopt's includes the whole fp32 model, ours one streamed layer. Times are wall "
           "seconds on a shared machine (noisy); ours = calibration + streamed quantize + write, modelopt = "
-          "load + mtq.quantize. modelopt's fp8-block config is weight-only; its FP8_PER_CHANNEL_PER_TOKEN "
-          "input quantizer keeps one scale per sequence on [batch, seq, hidden] inputs (axis 0), not per "
-          "token. With transformers 5's fused experts modelopt attaches one weight quantizer per expert "
-          "(gate_up fused) and one input quantizer per projection, but its AWQ / GPTQ only run on nn.Linear "
-          "modules: the experts column shows whether they changed any fused expert weight (0/N: the "
-          "experts are plain round-to-nearest INT4 in modelopt's result).")
+          "load + mtq.quantize. 'As deployed' (the comparison): modelopt's result with its own export step "
+          "for fused linears (preprocess_linear_fusion on q/k/v, q_a/kv_a, gate/up: shared scales, as "
+          "TensorRT-LLM loads them), FP8 per-tensor / per-channel weights as its exporter rounds them, and, for "
+          "fp8-block / fp8-dynamic, the kernels' dynamic activations (1x128 / per token: its fp8-block config "
+          "is weight-only, and its per-token input quantizer, axis (0, 1), keeps one scale per element on the "
+          "fused experts' 2-D inputs); 'fake-quant' is its model straight out of mtq.quantize. With "
+          "transformers 5's fused experts modelopt attaches one weight quantizer per expert (gate_up fused) and "
+          "one input quantizer per projection, but its AWQ / GPTQ only run on nn.Linear modules: the experts "
+          "column shows whether they changed any fused expert weight (0/N: the experts are plain "
+          "round-to-nearest INT4 in modelopt's result).")
     return 0
 
 

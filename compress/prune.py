@@ -15,7 +15,13 @@ Pieces, top to bottom:
 - methods (registry ``METHODS``): ``frequency``, ``ean``, ``reap`` rank experts by a
   statistic of ``RoutingStats``; ``reroute`` searches the dropped set that keeps the
   hidden state after the MoE block (as the next layer's RMSNorm reads it) closest to the
-  original with the pruned router re-routing tokens.
+  original with the pruned router re-routing tokens; ``lookahead`` takes, per layer, the
+  reroute or the reap selection, whichever leaves the hidden state after the NEXT decoder
+  layer closest to the original model's (a one-layer look-ahead on the already pruned model:
+  the layer's choice is made, and the layer written, when the next layer is loaded);
+  ``auto`` (the default) prunes the whole model with lookahead, reroute and reap side by side
+  (one read of each layer, the calibration set through each pruned model) and writes the plan
+  with the lowest calibration loss (a second read of each layer).
 - surgery: ``prune_moe_module`` (in memory) and ``pruned_layer_tensors`` (checkpoint).
 - ``prune_checkpoint``: the stage.
 """
@@ -32,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moepress.calib.metrics import nll_sum
 from moepress.calib.observers import LayerRouting, RoutingStats
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, LayerView
 from moepress.compress.moe import DecoderLayer, SparseMoE
@@ -40,7 +47,7 @@ from moepress.errors import MoepressError
 from moepress.progress import QUIET, Progress
 
 REPORT_NAME = "prune_report.json"
-DEFAULT_METHOD = "reroute"  # decided by bench/prune_quality.py (README table)
+DEFAULT_METHOD = "auto"  # decided by bench/prune_quality.py (README table)
 MTP_SCORING = ("each MTP layer is scored by its own forward on the calibration text (input: the trunk's final "
                "hidden state and the next token, as vLLM's DeepSeek MTP runs it) and keeps the trunk's expert count")
 
@@ -340,14 +347,20 @@ class PruneMethod:
     select: Callable[[LayerEvidence, Budget], Selection]
     score_name: str
     needs_outputs: bool = False  # needs a RouteRecorder (cached router logits and MoE inputs)
+    # look-ahead: the layer keeps whichever of these methods' selections leaves the hidden state after
+    # the NEXT decoder layer closest to the original model's (decided one layer later; see prune_checkpoint)
+    candidates: tuple[str, ...] = ()
+    # plans: these methods each prune the whole model side by side; the lowest calibration loss is kept
+    plans: tuple[str, ...] = ()
 
 
 METHODS: dict[str, PruneMethod] = {}
 
 
-def register_method(name: str, help: str, score_name: str, needs_outputs: bool = False):
+def register_method(name: str, help: str, score_name: str, needs_outputs: bool = False,
+                    candidates: tuple[str, ...] = (), plans: tuple[str, ...] = ()):
     def deco(fn: Callable[[LayerEvidence, Budget], Selection]):
-        METHODS[name] = PruneMethod(name, help, fn, score_name, needs_outputs)
+        METHODS[name] = PruneMethod(name, help, fn, score_name, needs_outputs, candidates, plans)
         return fn
     return deco
 
@@ -588,6 +601,71 @@ def reroute_select(ev: LayerEvidence, budget: Budget) -> Selection:
     return RerouteSearch(ev, budget).run()
 
 
+@register_method("lookahead", "per layer, the reroute or the reap selection: whichever leaves the hidden state after "
+                 "the next decoder layer (run on the already pruned model) closest to the original model's",
+                 "added_relative_sq_error", needs_outputs=True, candidates=("reroute", "reap"))
+def lookahead_select(ev: LayerEvidence, budget: Budget) -> Selection:
+    # used where there is no next layer to look through (MTP layers): the first candidate
+    return reroute_select(ev, budget)
+
+
+def state_error(ref: list[torch.Tensor], hs: list[torch.Tensor]) -> float:
+    """sum ||n(ref) - n(hs)||^2 / sum ||n(ref)||^2 over all tokens, n = RMS normalisation (what the next
+    norm reads), the measure the look-ahead compares candidate selections by."""
+    num = den = 0.0
+    for r, h in zip(ref, hs, strict=True):
+        nr = _rms_normalize(r.float())
+        num += float(((nr - _rms_normalize(h.float())) ** 2).sum())
+        den += float((nr ** 2).sum())
+    return num / max(den, 1e-30)
+
+
+def calibration_nll(head: tuple[nn.Module, torch.Tensor], hs: list[torch.Tensor], batches: list[torch.Tensor]) -> float:
+    """Mean next-token negative log-likelihood of the calibration tokens given the final hidden states
+    ``hs``; one sequence at a time (a [seq, vocab] float64 temporary, not [batch, seq, vocab])."""
+    norm, w = head
+    tot, n = 0.0, 0
+    for h, ids in zip(hs, batches, strict=True):
+        for r in range(h.shape[0]):
+            s, k = nll_sum(F.linear(norm(h[r:r + 1]), w).float(), ids[r:r + 1])
+            tot, n = tot + s, n + k
+    return tot / max(n, 1)
+
+
+@register_method("auto", "every other method prunes the whole model side by side (each layer read once, the "
+                 "calibration set through each pruned model); the plan with the lowest calibration loss is "
+                 "written (its layers read a second time)", "plan", needs_outputs=True,
+                 plans=("lookahead", "reroute", "reap"))
+def auto_select(ev: LayerEvidence, budget: Budget) -> Selection:
+    # only reached for MTP layers of a checkpoint whose plan is not yet chosen (never: MTP layers are
+    # pruned with the chosen plan's method); kept as the registry's callable
+    return lookahead_select(ev, budget)
+
+
+class _Candidate:
+    """A layer with one candidate selection applied without touching the loaded layer: its MoE
+    block is swapped for a view whose router rows and expert list are sliced (experts shared)."""
+
+    def __init__(self, layer: DecoderLayer, kept: list[int]):
+        self.layer, self.kept = layer, kept
+
+    def __enter__(self):
+        import copy
+
+        orig = self.layer.moe
+        view = copy.copy(orig)
+        view._modules = dict(orig._modules)
+        view.gate = copy.deepcopy(orig.gate)
+        view.observers = []
+        prune_moe_module(view, self.kept)
+        self.orig = orig
+        setattr(self.layer, self.layer.ffn_attr, view)
+        return self.layer
+
+    def __exit__(self, *exc):
+        setattr(self.layer, self.layer.ffn_attr, self.orig)
+
+
 # ---- surgery --------------------------------------------------------------------------------------
 
 
@@ -704,6 +782,24 @@ def _layer_report(i: int, kind: str, sel: Selection, stats: LayerRouting, method
             "kept": [row(e) for e in sel.kept], "dropped": [row(e) for e in dropped], **sel.extra}
 
 
+@dataclass
+class Pending:
+    """A look-ahead layer waiting for the next layer: its candidate selections and the hidden states
+    each leaves (all calibration batches), and its routing statistics for the report."""
+
+    layer: int
+    kind: str
+    cands: dict[str, Selection]
+    outs: dict[str, list[torch.Tensor]]
+    stats: LayerRouting
+    chosen: str | None = None
+
+
+def _note(rep: dict, budget: Budget) -> str:
+    return (f"layer {rep['layer']}: kept {len(rep['kept'])}/{budget.num_experts}, dropped "
+            f"{100 * rep['dropped_share']:.1f}% of routed tokens")
+
+
 @torch.no_grad()
 def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *,
                      batches: list[torch.Tensor] | None = None, force: bool = False,
@@ -744,36 +840,180 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *,
     top_names = [n for n in reader.names() if n not in layer_names]
     report_layers: list[dict] = []
 
-    def prune_layer(i: int, layer: DecoderLayer, hs: list[torch.Tensor], kind: str):
+    def evidence(i: int, layer: DecoderLayer, hs: list[torch.Tensor], recorder: bool):
+        """Run the unpruned ``layer`` on ``hs`` with the observers a method reads: (evidence, outputs)."""
         stats = RoutingStats()
         lr = stats.attach(i, layer)
         rec = hook = None
-        if method.needs_outputs:
+        if recorder:
             rec = RouteRecorder(sum(h.shape[0] * h.shape[1] for h in hs), cfg.search_tokens, cfg.seed)
             hook = rec.attach(layer)
         out_hs = sm.run_layer(layer, hs)
         layer.moe.observers = []
         if hook is not None:
             hook()
-        ev = LayerEvidence(i, layer.moe, lr, routing, rec)
-        sel = method.select(ev, budget)
-        assert len(sel.kept) == budget.keep
-        report_layers.append(_layer_report(i, kind, sel, lr, method, budget.protected_in(i)))
+        return LayerEvidence(i, layer.moe, lr, routing, rec), out_hs
+
+    def candidates(meth: PruneMethod, ev: LayerEvidence, layer: DecoderLayer, hs: list[torch.Tensor]) -> Pending:
+        """A look-ahead method's candidate selections and the states each leaves; the choice comes later."""
+        cands: dict[str, Selection] = {}
+        for name in meth.candidates:
+            c = METHODS[name].select(ev, budget)
+            if not any(c.kept == o.kept for o in cands.values()):
+                cands[name] = c
+        outs = {}
+        for name, c in cands.items():
+            with _Candidate(layer, c.kept) as lay:
+                outs[name] = sm.run_layer(lay, hs)
+        return Pending(ev.layer, "trunk", cands, outs, ev.stats)
+
+    def write_held(i: int, layer: DecoderLayer, kept: list[int]) -> None:
         # the kept experts' tensors are written from the layer itself where it holds them exactly
         # as stored (bf16 kept as stored): no second read of the layer, no second copy in memory
         prefix = a.layer_prefix(i)
         held = {prefix + k: v for k, v in layer.state_dict().items()
                 if prefix + k in reader and v.dtype == reader.get_dtype(prefix + k)}
-        for name, t in pruned_layer_tensors(LayerView(reader, held), a, i, sel.kept):
+        for name, t in pruned_layer_tensors(LayerView(reader, held), a, i, kept):
             w.add(name, t)
         del held
         w.end_shard()
+
+    def write_read(i: int, kept: list[int] | None) -> None:
+        """Layer i read again as stored: pruned to ``kept``, or copied (dense)."""
+        if kept is None:
+            for name in sorted(reader.layer_names(i)):
+                w.add(name, reader.get(name))
+        else:
+            for name, t in pruned_layer_tensors(reader, a, i, kept):
+                w.add(name, t)
+        w.end_shard()
+
+    def prune_layer(i: int, layer: DecoderLayer, hs: list[torch.Tensor], kind: str, meth: PruneMethod):
+        ev, out_hs = evidence(i, layer, hs, meth.needs_outputs)
+        if meth.candidates and kind == "trunk":
+            return candidates(meth, ev, layer, hs)
+        sel = meth.select(ev, budget)
+        assert len(sel.kept) == budget.keep
+        report_layers.append(_layer_report(i, kind, sel, ev.stats, meth, budget.protected_in(i)))
+        write_held(i, layer, sel.kept)
         if cfg.sequential:
             prune_moe_module(layer.moe, sel.kept)
             out_hs = sm.run_layer(layer, hs)
         return out_hs, sel
 
+    plans = list(method.plans)
+    look = bool(method.candidates) or any(METHODS[n].candidates for n in plans)
+    # look-ahead: the original model's hidden states on the first calibration batches (about
+    # search_tokens tokens), advanced with every unpruned layer, to compare candidates against
+    n_ref, t = 0, 0
+    while look and n_ref < len(batches) and t < cfg.search_tokens:
+        t += batches[n_ref].numel()
+        n_ref += 1
+    if plans:  # the non-sequential plans select from the original model's statistics: every batch
+        n_ref = len(batches)
+
+    def decide(p: Pending, ref: list[torch.Tensor], nxt: DecoderLayer | None) -> tuple[Selection, dict]:
+        """The candidate whose state after ``nxt`` (or after its own layer when there is no next layer)
+        is closest to the original's ``ref``: (selection, report row); ``p.chosen`` names it."""
+        look_n = min(len(ref), len(next(iter(p.outs.values()))))
+        ref = ref[:look_n]
+        if nxt is not None:
+            errs = {name: state_error(ref, [sm.run_layer(nxt, [h])[0] for h in o[:look_n]])
+                    for name, o in p.outs.items()}
+        else:
+            errs = {name: state_error(ref, o[:look_n]) for name, o in p.outs.items()}
+        p.chosen = min(errs, key=errs.get)  # ties: the first candidate
+        sel = p.cands[p.chosen]
+        sel.extra = {**sel.extra, "lookahead": {"chosen": p.chosen, "next_state_rel_error": errs}}
+        return sel, _layer_report(p.layer, p.kind, sel, p.stats, METHODS[p.chosen], budget.protected_in(p.layer))
+
+    def run_single(task) -> list[torch.Tensor]:
+        hs = sm.embed(batches)
+        ref = hs[:n_ref]
+        pending: Pending | None = None
+
+        def settle(state, nxt):
+            sel, row = decide(pending, state, nxt)
+            report_layers.append(row)
+            write_read(pending.layer, sel.kept)
+            task.advance(note=_note(row, budget))
+            return pending.outs[pending.chosen]
+
+        for i, layer in sm.layers():
+            if look:
+                ref_next = sm.run_layer(layer, ref)
+                if pending is not None:
+                    hs = settle(ref_next, layer)
+                    pending = None
+                ref = ref_next
+            if layer.moe is None:
+                hs = sm.run_layer(layer, hs)
+                write_read(i, None)
+                task.advance(note=f"layer {i}: dense, copied")
+                continue
+            if look:
+                pending = prune_layer(i, layer, hs, "trunk", method)
+                continue
+            hs, _ = prune_layer(i, layer, hs, "trunk", method)
+            task.advance(note=_note(report_layers[-1], budget))
+        if pending is not None:  # the last layer: its own output state against the original's
+            hs = settle(ref, None)
+        return hs
+
+    def run_plans(task) -> tuple[list[torch.Tensor], dict]:
+        """Every plan's pruned model advanced side by side, each layer read once; the plan with the
+        lowest calibration loss is written, its layers read a second time."""
+        ref = sm.embed(batches)
+        st = {name: {"hs": ref, "pending": None, "kept": {}, "rows": {}} for name in plans}
+        rec = any(METHODS[n].needs_outputs and not METHODS[n].candidates for n in plans)
+        for i, layer in sm.layers():
+            ev_ref = None
+            if layer.moe is not None:  # the original model's statistics, for the non-sequential plans
+                ev_ref, ref_next = evidence(i, layer, ref, rec and not cfg.sequential)
+            else:
+                ref_next = sm.run_layer(layer, ref)
+            for name in plans:
+                m, p = METHODS[name], st[name]
+                if p["pending"] is not None:
+                    sel, row = decide(p["pending"], ref_next, layer)
+                    p["kept"][row["layer"]], p["rows"][row["layer"]] = sel.kept, row
+                    p["hs"] = p["pending"].outs[p["pending"].chosen]
+                    p["pending"] = None
+                if layer.moe is None:
+                    p["hs"] = sm.run_layer(layer, p["hs"])
+                elif m.candidates:  # sequential: statistics of its own pruned prefix
+                    ev, _ = evidence(i, layer, p["hs"], m.needs_outputs)
+                    p["pending"] = candidates(m, ev, layer, p["hs"])
+                else:  # statistics of the original model, or (--sequential) of its own pruned prefix
+                    ev = evidence(i, layer, p["hs"], m.needs_outputs)[0] if cfg.sequential else ev_ref
+                    sel = m.select(ev, budget)
+                    p["kept"][i] = sel.kept
+                    p["rows"][i] = _layer_report(i, "trunk", sel, ev.stats, m, budget.protected_in(i))
+                    with _Candidate(layer, sel.kept) as lay:
+                        p["hs"] = sm.run_layer(lay, p["hs"])
+            ref = ref_next
+            task.advance(note=f"layer {i}: {len(plans)} plans advanced")
+        for name in plans:
+            p = st[name]
+            if p["pending"] is not None:
+                sel, row = decide(p["pending"], ref, None)
+                p["kept"][row["layer"]], p["rows"][row["layer"]] = sel.kept, row
+                p["hs"] = p["pending"].outs[p["pending"].chosen]
+        norm_w = sm.head_weights()
+        loss = {name: calibration_nll(norm_w, st[name]["hs"], batches) for name in plans}
+        best = min(loss, key=loss.get)  # ties: the first plan
+        info = {"chosen": best, "calibration_nll": loss, "unpruned_calibration_nll": calibration_nll(
+            norm_w, ref, batches)}
+        with progress.task("write", a.num_layers) as wtask:
+            for i in range(a.num_layers):
+                write_read(i, st[best]["kept"].get(i))
+                if i in st[best]["rows"]:
+                    report_layers.append(st[best]["rows"][i])
+                wtask.advance(note=f"layer {i}")
+        return st[best]["hs"], info
+
     n_steps = a.num_layers + len(mtp)
+    plan_info = None
     with CheckpointWriter(out, force=force) as w:
         w.manifest.update({"stage": "prune", "config": asdict(cfg),
                            "inputs": {"model": str(reader.path), "calibration": list(cfg.calib) or ["default"],
@@ -781,27 +1021,20 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *,
         for name in top_names:
             w.add(name, reader.get(name))
         w.end_shard()
-        hs = sm.embed(batches)
         with progress.task("prune", n_steps) as task:
-            for i, layer in sm.layers():
-                if layer.moe is None:
-                    hs = sm.run_layer(layer, hs)
-                    for name in sorted(reader.layer_names(i)):
-                        w.add(name, reader.get(name))
-                    w.end_shard()
-                    task.advance(note=f"layer {i}: dense, copied")
-                    continue
-                hs, sel = prune_layer(i, layer, hs, "trunk")
-                task.advance(note=f"layer {i}: kept {len(sel.kept)}/{budget.num_experts}, dropped "
-                                  f"{100 * report_layers[-1]['dropped_share']:.1f}% of routed tokens")
+            if plans:
+                hs, plan_info = run_plans(task)
+            else:
+                hs = run_single(task)
             if mtp:
+                mtp_method = METHODS[plan_info["chosen"]] if plan_info else method
                 norm, _ = sm.head_weights()
                 prev = [norm(h) for h in hs]
                 for depth, i in enumerate(mtp):
                     inp = _MTPInput(sm, i)
                     hs_in = [inp(ids, h, depth) for ids, h in zip(batches, prev, strict=True)]
                     layer = sm.build_layer(i, _read_decoder_state(sm, i))
-                    prev, sel = prune_layer(i, layer, hs_in, "mtp")
+                    prev, sel = prune_layer(i, layer, hs_in, "mtp", mtp_method)
                     del layer
                     task.advance(note=f"MTP layer {i}: kept {len(sel.kept)}/{budget.num_experts}")
         config = a.config_with_experts(budget.keep)
@@ -811,7 +1044,7 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *,
                   "num_experts": budget.num_experts, "kept": budget.keep, "experts_key": a.experts_key(),
                   "routing": routing, "constraints": notes, "calibration_tokens": n_tokens,
                   "mtp_layers": mtp, "mtp_scoring": MTP_SCORING if mtp else None,
-                  "layers": report_layers}
+                  **({"plans": plan_info} if plan_info else {}), "layers": report_layers}
         w.write_json(REPORT_NAME, report)
     shares = [r["dropped_share"] for r in report_layers]
     return {"output": str(out), "method": cfg.method, "num_experts": budget.num_experts, "kept": budget.keep,

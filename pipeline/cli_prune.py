@@ -34,8 +34,12 @@ class MethodChoice(click.ParamType):
 def _method_help() -> str:
     return ("Which experts to drop: frequency = routed token counts; ean = summed expert output norm; "
             "reap = mean gate x output norm (REAP); reroute = greedy search minimising the error of the "
-            "normalised hidden state after the MoE block, with the pruned router re-routing tokens. "
-            "Default: reroute, the best in bench/prune_quality.py.")
+            "normalised hidden state after the MoE block, with the pruned router re-routing tokens; "
+            "lookahead = per layer, the reroute or the reap selection, whichever leaves the hidden state after "
+            "the next layer (on the already pruned model) closest to the original's; auto = lookahead, reroute "
+            "and reap each prune the whole model side by side and the plan with the lowest calibration loss is "
+            "written (about 4x the forward work of one method, and each layer read twice). "
+            "Default: auto, the one that meets bench/prune_quality.py's criteria on every bundled model.")
 
 
 @click.command("prune")

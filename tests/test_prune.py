@@ -322,3 +322,70 @@ def test_reroute_incremental_search_equals_brute_force_greedy(tmp_path, family, 
         keep[best[1]] = False
     assert sel.extra["drop_order"] == order
     assert sel.kept == keep.nonzero(as_tuple=True)[0].tolist()
+
+
+def test_lookahead_keeps_the_candidate_closest_after_the_next_layer(tmp_path):
+    """lookahead: per MoE layer, the reroute or the reap selection, whichever leaves the state
+    after the next layer closest to the original model's. The report names the choice with both
+    errors; the chosen one has the smaller error; the written experts are the chosen selection; and
+    for the last layer (no next layer: its own output) the recorded error is recomputed independently
+    from the written checkpoint's streamed forward against the original's."""
+    from moepress.compress.prune import state_error
+
+    assert METHODS["lookahead"].candidates == ("reroute", "reap")
+    src = write_synthetic({**QWEN, "num_hidden_layers": 3}, tmp_path / "src")
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "p"
+    prune_checkpoint(src, out, PruneConfig(method="lookahead", ratio=0.5), batches=[ids[:2], ids[2:]])
+    rep = json.loads((out / "prune_report.json").read_text())
+    assert [lr["layer"] for lr in rep["layers"]] == [0, 1, 2]
+    for lr in rep["layers"]:
+        la = lr["lookahead"]
+        assert la["chosen"] in ("reroute", "reap") and la["chosen"] in la["next_state_rel_error"]
+        assert la["next_state_rel_error"][la["chosen"]] == min(la["next_state_rel_error"].values())
+        assert lr["score"] == METHODS[la["chosen"]].score_name
+    # the checkpoint holds the reported experts (router rows of the kept ones, renumbered)
+    r_src, r_out = CheckpointReader(src), CheckpointReader(out)
+    for lr in rep["layers"]:
+        kept = [k["expert"] for k in lr["kept"]]
+        g = f"model.layers.{lr['layer']}.mlp.gate.weight"
+        assert torch.equal(r_out.get(g), r_src.get(g)[kept])
+    states = {}
+    for name, d in (("orig", src), ("pruned", out)):
+        StreamedModel(str(d)).forward([ids[:2], ids[2:]],
+                                      after_layer=lambda i, lay, hs, name=name: states.__setitem__((name, i), hs))
+    last = rep["layers"][-1]["lookahead"]
+    got = state_error(states[("orig", 2)], states[("pruned", 2)])
+    assert got == pytest.approx(last["next_state_rel_error"][last["chosen"]], rel=1e-4)
+
+
+def test_auto_writes_the_plan_with_the_lowest_calibration_loss(tmp_path):
+    """The default method: lookahead, reroute and reap each prune the whole model side by side; the plan
+    with the lowest calibration loss is written. The report lists each plan's loss; the chosen one is
+    the lowest; the checkpoint's router rows are the chosen plan's; and the chosen loss is recomputed
+    independently from the written checkpoint's streamed forward. A DeepSeek-V3 checkpoint (a dense
+    first layer, groups, sigmoid routing) so that dense layers pass between plans too."""
+    from moepress.calib.metrics import nll_sum
+    from moepress.compress.prune import DEFAULT_METHOD
+
+    assert DEFAULT_METHOD == "auto" and METHODS["auto"].plans == ("lookahead", "reroute", "reap")
+    src = write_synthetic(DSV3, tmp_path / "src")
+    batches = [torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    out = tmp_path / "p"
+    res = prune_checkpoint(src, out, PruneConfig(keep=16), batches=batches)
+    rep = json.loads((out / "prune_report.json").read_text())
+    plans = rep["plans"]
+    assert set(plans["calibration_nll"]) == {"lookahead", "reroute", "reap"}
+    assert plans["calibration_nll"][plans["chosen"]] == min(plans["calibration_nll"].values())
+    assert res["kept"] == 16 and [lr["layer"] for lr in rep["layers"]] == [1, 2]
+    r_src, r_out = CheckpointReader(src), CheckpointReader(out)
+    for lr in rep["layers"]:
+        kept = [k["expert"] for k in lr["kept"]]
+        g = f"model.layers.{lr['layer']}.mlp.gate."
+        assert torch.equal(r_out.get(g + "weight"), r_src.get(g + "weight")[kept])
+        assert torch.equal(r_out.get(g + "e_score_correction_bias"), r_src.get(g + "e_score_correction_bias")[kept])
+    dense = "model.layers.0.mlp.gate_proj.weight"
+    assert torch.equal(r_out.get(dense), r_src.get(dense))
+    sums = [nll_sum(lg, ids) for lg, ids in zip(StreamedModel(str(out)).forward(batches), batches, strict=True)]
+    chosen_nll = plans["calibration_nll"][plans["chosen"]]
+    assert sum(t for t, _ in sums) / sum(k for _, k in sums) == pytest.approx(chosen_nll, rel=1e-5)

@@ -29,7 +29,7 @@ PROBE = textwrap.dedent("""
 
     src, tiny, out = sys.argv[1:4]
     ids = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(0))
-    cfg = PruneConfig(method="reroute", ratio=0.5)
+    cfg = PruneConfig(ratio=0.5)  # the default method (lookahead: reroute and reap candidates)
     prune_checkpoint(tiny, out + "-warm", cfg, batches=[ids % 64])  # torch's first-use allocations
     with open("/proc/self/clear_refs", "w") as f:  # reset the kernel's high-water mark
         f.write("5")

@@ -11,7 +11,7 @@ from helpers import copy_checkpoint
 from moepress.calib.data import calibration_batches, eval_batches
 from moepress.calib.metrics import perplexity
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
-from moepress.compress.quant import int4, kv, w4a8
+from moepress.compress.quant import awq, int4, kv, w4a8
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint, read_quant_layout
 from moepress.compress.stream import StreamedModel
 from moepress.models import BUNDLED
@@ -65,6 +65,10 @@ def test_weights_are_really_quantized_and_stored_as_documented(quantized):
     q = int4.unpack_int4(packed)
     assert q.min() >= -8 and q.max() <= 7
     assert torch.equal(r.weight(p + ".weight"), int4.dequantize(q, s))
+    # AWQ's clip search (on by default): scales at most amax / 7 of W / pre_quant_scale, many below it
+    src_w = CheckpointReader(bundled_path("tiny-mixtral")).get(p + ".weight").float()
+    rtn = int4.group_scales(src_w / pqs[None, :], 128)
+    assert (s <= rtn * (1 + 1e-6)).all() and (s < rtn * 0.99).any()
     # routers, norms, embeddings, lm_head stay as they were
     src = CheckpointReader(bundled_path("tiny-mixtral"))
     for n in ("model.layers.1.block_sparse_moe.gate.weight", "model.embed_tokens.weight", "lm_head.weight",
@@ -201,3 +205,36 @@ def test_w4a8_and_kv_pure_functions():
     assert sc.shape == () and torch.isclose(sc, torch.tensor(3.0 / 448))
     q, _ = kv.quantize(torch.tensor([3.0, -1.5]), sc)
     assert q.dtype == torch.float8_e4m3fn and torch.allclose(kv.dequantize(q, sc), torch.tensor([3.0, -1.5]))
+
+
+def test_awq_clip_search_pure(tmp_path):
+    """clip_scales: its covariance form equals the token-by-token partial-output loss (llm-awq's
+    auto_clip), it is never worse than round-to-nearest on the rows it saw, and a group that no row
+    touches keeps amax / 7; --no-awq-clip (awq_clip=False) stores plain amax / 7 scales."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g) * (1 + 4 * (torch.rand(16, 64, generator=g) > 0.97))  # outliers
+    x = torch.randn(100, 64, generator=g)
+    x[:, 32:48] = 0  # group 2 of 4 never active
+    s = awq.clip_scales(w, x, 16)
+    rtn = int4.group_scales(w, 16)
+
+    def loss(scales):  # [16 rows, 4 groups]: sum over tokens of the group's partial dot-product error
+        d = w - int4.dequantize(int4.quantize_with_scales(w, scales), scales)
+        return torch.stack([((x[:, k * 16:(k + 1) * 16] @ d[:, k * 16:(k + 1) * 16].T) ** 2).sum(0)
+                            for k in range(4)], 1)
+
+    brute = torch.stack([loss((rtn * r).clamp(min=1e-30)) for r in awq.CLIP_RATIOS])  # [ratios, 16, 4]
+    expect = rtn * torch.tensor(awq.CLIP_RATIOS)[brute.argmin(0)]
+    torch.testing.assert_close(s, expect, rtol=1e-6, atol=0)
+    assert (loss(s) <= loss(rtn) * (1 + 1e-5)).all() and (s < rtn * 0.99).any()
+    assert torch.equal(s[:, 2], rtn[:, 2])
+
+    src = bundled_path("tiny-qwen3-moe")
+    batches = calibration_batches(src, (), 2, 64, 0, 8)
+    quantize_checkpoint(src, tmp_path / "q", QuantConfig(format="int4-awq", awq_clip=False, num_samples=2,
+                                                         seq_len=64), batches=batches)
+    r, o = CheckpointReader(tmp_path / "q"), CheckpointReader(src)
+    p = "model.layers.1.mlp.experts.3.down_proj"
+    pqs = r.get(p + ".pre_quant_scale")
+    torch.testing.assert_close(r.get(p + ".weight_scale"),
+                               int4.group_scales(o.get(p + ".weight").float() / pqs[None, :], 128), rtol=1e-6, atol=0)

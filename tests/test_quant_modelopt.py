@@ -90,3 +90,32 @@ def test_awq_pre_quant_scales_and_int4_weights_equal_modelopt(group):
     agree = (int4.pack_int4(q) == ref_packed).float().mean().item()
     assert agree > 0.999, f"packed INT4 bytes agree {agree:.4%}"  # rounding ties at 1e-5 relative scale noise
     assert 0.0 <= alpha <= 1.0
+
+
+@torch.no_grad()
+def test_awq_clip_scales_equal_modelopt_awq_full():
+    """modelopt's awq_full (awq_lite, then awq_clip) on the same inputs: our AWQ scale search followed
+    by the clip search over modelopt's grid gives its group scales (= clipped amax / 7 of W * s).
+    Batches of 64 tokens, so modelopt's clip (at most 64 strided tokens per call) sees every token."""
+    group = 64
+    xs = salient_inputs(n_batches=8, tokens=64)
+    model = _linear()
+    w = model[0].weight.detach().clone()
+    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["block_sizes"][-1 if -1 in entry["cfg"]["block_sizes"] else "-1"] = group
+    cfg["algorithm"] = {"method": "awq_full"}
+    mtq.quantize(model, cfg, lambda m: [m(x) for x in xs])
+    lin = model[0]
+    ref_pqs = get_prequant_scaling_factor(lin).float().reshape(-1)
+    ref_ws = get_weight_scaling_factor(lin).float()
+
+    x = torch.cat(xs)
+    pqs, _, _ = awq.search([w], x, x.abs().mean(0), group)
+    torch.testing.assert_close(pqs, ref_pqs, rtol=1e-5, atol=0)
+    s = awq.clip_scales(w / pqs[None, :], x * pqs[None, :], group, awq.MODELOPT_CLIP_RATIOS)
+    rtn = int4.group_scales(w / pqs[None, :], group)
+    assert (s < rtn * 0.99).float().mean() > 0.3  # the clip really clips (not a vacuous comparison)
+    same = torch.isclose(s, ref_ws.reshape(s.shape), rtol=1e-5, atol=0).float().mean().item()
+    assert same > 0.99, f"clip scales agree on {same:.2%} of groups"  # near-ties may differ by summation order

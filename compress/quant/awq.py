@@ -10,6 +10,20 @@
 The stored ``pre_quant_scale`` is 1 / s: a consumer multiplies the input by it and uses the
 quantized weight Q(W * s) (= Q(W / pre_quant_scale)). Linears that read the same input (q/k/v;
 gate/up, fused into one GEMM by TensorRT-LLM) get one shared scale, searched on their summed loss.
+
+Then the clip search of the original AWQ (mit-han-lab/llm-awq ``auto_clip_layer``; modelopt's
+``awq_clip``, which its ``awq_full`` runs after awq_lite): each (row, group) of the smoothed
+weight W_s gets the clip ratio r in {1, 0.5, 0.55, ..., 0.95} whose group scale r * amax / 7
+minimises the error of that group's partial dot product over the calibration rows,
+
+    err(r) = sum_t (x_t,g . (w_g - Q_r(w_g)))^2 = d_g^T C_g d_g,   C_g = sum_t x_t,g x_t,g^T
+
+(x = the smoothed input x * pre_quant_scale; C_g the group's [group, group] block of the input
+covariance, so every row is scored on all sampled tokens at the cost of one small matmul).
+r = 1 is plain amax / 7, so a clipped group is never worse than round-to-nearest on the sample.
+modelopt sums the same per-token loss over at most 64 strided tokens per forward call; we use the
+AWQ sample (up to 1024 rows) and, for W4A8, the FP8-quantized smoothed input, as modelopt does.
+The stored format is unchanged: only the ``weight_scale`` values (and the rounding) differ.
 """
 
 from __future__ import annotations
@@ -64,3 +78,34 @@ def search(ws: list[torch.Tensor], x: torch.Tensor, act_mean: torch.Tensor, grou
             best = (err, alpha, s)
     err, alpha, s = best
     return (1.0 / s).float(), alpha, err / norm
+
+
+# llm-awq auto_clip's grid (n_grid 20, max_shrink 0.5: 1, 0.975, ..., 0.5), a superset of modelopt
+# awq_clip's (0.5, 0.55, ..., 0.95, 1; lower held-out perplexity on tiny-mixtral, same elsewhere);
+# 1.0 comes first so that a tie (a group no calibration row touches: every loss is 0) keeps amax / 7
+CLIP_RATIOS = tuple(1.0 - 0.5 * k / 20 for k in range(21))
+MODELOPT_CLIP_RATIOS = (*(round(0.5 + 0.05 * k, 2) for k in range(10)), 1.0)  # its order: ties go to 0.5
+
+
+@torch.no_grad()
+def clip_scales(w: torch.Tensor, x: torch.Tensor, group: int,
+                ratios: tuple[float, ...] = CLIP_RATIOS) -> torch.Tensor:
+    """Group scales [out, in / group] (float32) for the smoothed weight ``w`` [out, in]: per (row,
+    group) the first of ``ratios`` whose clipped amax / 7 minimises the partial output
+    error on the rows of ``x`` [n, in] (the smoothed inputs, as the consumer's GEMM reads them)."""
+    out, inp = w.shape
+    G = inp // group
+    xg = x.float().reshape(-1, G, group)
+    C = torch.einsum("ngi,ngj->gij", xg, xg)  # [G, group, group]: sum over rows of x_g x_g^T
+    wg = w.float().reshape(out, G, group)
+    amax = wg.abs().amax(-1)
+    best_err = torch.full((out, G), float("inf"))
+    best = torch.zeros(out, G)
+    for r in ratios:
+        s = (amax * r / int4.INT4_MAX).clamp(min=TINY)
+        d = wg - (wg / s[..., None]).round().clamp(-8, 7) * s[..., None]
+        err = torch.einsum("ogi,gij,ogj->og", d, C, d)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best
