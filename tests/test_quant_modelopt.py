@@ -29,6 +29,20 @@ def _linear(d_in=256, d_out=64, seed=1):
     return nn.Sequential(nn.Linear(d_in, d_out, bias=False))
 
 
+def _modelopt_awq(xs: list[torch.Tensor], group: int, method: str) -> tuple[nn.Linear, torch.Tensor]:
+    """modelopt's INT4_AWQ_CFG (block ``group``, algorithm ``method``) on a fresh linear fed ``xs``:
+    (its quantized linear, the original weight)."""
+    model = _linear()
+    w = model[0].weight.detach().clone()
+    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["block_sizes"][-1 if -1 in entry["cfg"]["block_sizes"] else "-1"] = group
+    cfg["algorithm"] = {"method": method}
+    mtq.quantize(model, cfg, lambda m: [m(x) for x in xs])
+    return model[0], w
+
+
 @torch.no_grad()
 def test_fp8_per_tensor_weights_and_input_scales_equal_modelopt():
     xs = salient_inputs()
@@ -70,14 +84,7 @@ def test_int4_packing_equals_modelopt():
 @pytest.mark.parametrize("group", [128, 64])
 def test_awq_pre_quant_scales_and_int4_weights_equal_modelopt(group):
     xs = salient_inputs()
-    model = _linear()
-    w = model[0].weight.detach().clone()
-    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
-    for entry in cfg["quant_cfg"]:
-        if entry.get("quantizer_name") == "*weight_quantizer":
-            entry["cfg"]["block_sizes"][-1 if -1 in entry["cfg"]["block_sizes"] else "-1"] = group
-    mtq.quantize(model, cfg, lambda m: [m(x) for x in xs])
-    lin = model[0]
+    lin, w = _modelopt_awq(xs, group, "awq_lite")
     ref_pqs = get_prequant_scaling_factor(lin).float()
     ref_ws = get_weight_scaling_factor(lin).float()  # amax / 7 per group, of W * s
     ref_packed = to_quantized_weight(lin.weight, ref_ws, "int4_awq", None, group)
@@ -99,15 +106,7 @@ def test_awq_clip_scales_equal_modelopt_awq_full():
     Batches of 64 tokens, so modelopt's clip (at most 64 strided tokens per call) sees every token."""
     group = 64
     xs = salient_inputs(n_batches=8, tokens=64)
-    model = _linear()
-    w = model[0].weight.detach().clone()
-    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
-    for entry in cfg["quant_cfg"]:
-        if entry.get("quantizer_name") == "*weight_quantizer":
-            entry["cfg"]["block_sizes"][-1 if -1 in entry["cfg"]["block_sizes"] else "-1"] = group
-    cfg["algorithm"] = {"method": "awq_full"}
-    mtq.quantize(model, cfg, lambda m: [m(x) for x in xs])
-    lin = model[0]
+    lin, w = _modelopt_awq(xs, group, "awq_full")
     ref_pqs = get_prequant_scaling_factor(lin).float().reshape(-1)
     ref_ws = get_weight_scaling_factor(lin).float()
 
