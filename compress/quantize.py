@@ -395,7 +395,7 @@ def _quantize_group(res: LayerResult, cfg: QuantConfig, fmt: str, names: list[st
                 from moepress.compress.quant.gptq import gptq_quantize
 
                 q, s = gptq_quantize(wq, st.H, group, cfg.gptq_damp, cfg.gptq_act_order)
-            elif f.awq and cfg.awq_clip and st is not None and st.n > 0:
+            elif clip_x is not None:
                 s = awq.clip_scales(wq, clip_x, group)
                 q = int4.quantize_with_scales(wq, s)
             else:

@@ -13,7 +13,7 @@ gate/up, fused into one GEMM by TensorRT-LLM) get one shared scale, searched on 
 
 Then the clip search of the original AWQ (mit-han-lab/llm-awq ``auto_clip_layer``; modelopt's
 ``awq_clip``, which its ``awq_full`` runs after awq_lite): each (row, group) of the smoothed
-weight W_s gets the clip ratio r in {1, 0.5, 0.55, ..., 0.95} whose group scale r * amax / 7
+weight W_s gets the clip ratio r in {1, 0.975, ..., 0.5} whose group scale r * amax / 7
 minimises the error of that group's partial dot product over the calibration rows,
 
     err(r) = sum_t (x_t,g . (w_g - Q_r(w_g)))^2 = d_g^T C_g d_g,   C_g = sum_t x_t,g x_t,g^T
