@@ -52,9 +52,11 @@ def _method_help() -> str:
               help="Expert-parallel size: the kept count is made a multiple of it.")
 @click.option("--protect", default="", metavar="L:E,...", help="Experts that always stay, e.g. 3:5,3:7.")
 @click.option("--sequential", is_flag=True,
-              help="Gather layer i+1's statistics on the already pruned layers 0..i.")
+              help="Gather layer i+1's statistics on the already pruned layers 0..i (lookahead always does; "
+                   "with auto it applies to the reroute and reap plans).")
 @click.option("--search-tokens", type=int, default=16384, show_default=True,
-              help="reroute: calibration tokens the search evaluates (a seeded subsample when more).")
+              help="reroute (also inside lookahead / auto): calibration tokens the search evaluates (a seeded "
+                   "subsample when more); lookahead compares candidates on the first batches covering as many.")
 @calib_options
 @output_options
 @progress_options

@@ -389,3 +389,11 @@ def test_auto_writes_the_plan_with_the_lowest_calibration_loss(tmp_path):
     sums = [nll_sum(lg, ids) for lg, ids in zip(StreamedModel(str(out)).forward(batches), batches, strict=True)]
     chosen_nll = plans["calibration_nll"][plans["chosen"]]
     assert sum(t for t, _ in sums) / sum(k for _, k in sums) == pytest.approx(chosen_nll, rel=1e-5)
+    # --sequential: the reroute and reap plans gather statistics on their own pruned prefix;
+    # lookahead always does, so its plan (and its loss) is the same either way
+    seq = tmp_path / "seq"
+    prune_checkpoint(src, seq, PruneConfig(keep=16, sequential=True), batches=batches)
+    seq_plans = json.loads((seq / "prune_report.json").read_text())["plans"]
+    assert seq_plans["calibration_nll"]["lookahead"] == plans["calibration_nll"]["lookahead"]
+    assert seq_plans["calibration_nll"]["reap"] != plans["calibration_nll"]["reap"]  # its own prefix's statistics
+    assert seq_plans["calibration_nll"][seq_plans["chosen"]] == min(seq_plans["calibration_nll"].values())
