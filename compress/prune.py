@@ -632,14 +632,12 @@ def calibration_nll(head: tuple[nn.Module, torch.Tensor], hs: list[torch.Tensor]
     return tot / max(n, 1)
 
 
-@register_method("auto", "every other method prunes the whole model side by side (each layer read once, the "
-                 "calibration set through each pruned model); the plan with the lowest calibration loss is "
-                 "written (its layers read a second time)", "plan", needs_outputs=True,
-                 plans=("lookahead", "reroute", "reap"))
-def auto_select(ev: LayerEvidence, budget: Budget) -> Selection:
-    # only reached for MTP layers of a checkpoint whose plan is not yet chosen (never: MTP layers are
-    # pruned with the chosen plan's method); kept as the registry's callable
-    return lookahead_select(ev, budget)
+# auto's own callable is never the one that selects (its plans' methods do, MTP layers included);
+# registered with lookahead's so that the registry holds a callable for every method
+register_method("auto", "every other method prunes the whole model side by side (each layer read once, the "
+                "calibration set through each pruned model); the plan with the lowest calibration loss is "
+                "written (its layers read a second time)", "plan", needs_outputs=True,
+                plans=("lookahead", "reroute", "reap"))(lookahead_select)
 
 
 class _Candidate:
@@ -653,10 +651,9 @@ class _Candidate:
         import copy
 
         orig = self.layer.moe
-        view = copy.copy(orig)
-        view._modules = dict(orig._modules)
-        view.gate = copy.deepcopy(orig.gate)
-        view.observers = []
+        # its own router (prune_moe_module slices the router it is given), the same expert modules
+        view = SparseMoE(copy.deepcopy(orig.gate), list(orig.experts), orig.route, orig.shared_experts,
+                         orig.layer_idx, orig.top_k)
         prune_moe_module(view, self.kept)
         self.orig = orig
         setattr(self.layer, self.layer.ffn_attr, view)
