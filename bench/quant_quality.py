@@ -5,11 +5,15 @@
 For each bundled model and format, in one run, each in its own process (peak RSS from wait4):
   * ours: `moepress quantize` (streamed), then held-out perplexity of its fake-quant forward;
   * modelopt: `mtq.quantize` on the transformers model (fp32) with the matching config and the
-    same calibration tokens; its perplexity straight out of mtq.quantize ("fake-quant") and as
-    deployed (``as_deployed``: the numerics its exported checkpoint runs with on TensorRT-LLM,
-    which are the numerics ours is evaluated with) on the same held-out windows;
+    same calibration tokens; its perplexity straight out of mtq.quantize ("fake-quant"), as
+    deployed (``as_deployed``: the numerics its exported checkpoint runs with on TensorRT-LLM) in
+    its own transformers forward, and — the comparison — as deployed in moepress's forward
+    (``as_moepress_checkpoint``: its quantized weights and activation scales written as a checkpoint
+    that the forward ours is measured with runs), all on the same held-out windows;
   * the unquantized baseline.
-Prints a Markdown table and notes; "ours <= modelopt" compares with modelopt as deployed.
+Prints a Markdown table and notes; "ours <= modelopt" compares with modelopt as deployed, run by the
+same forward as ours, at full precision (equal counts: the FP8 formats without calibration give
+bit-identical models).
 
 modelopt configs: FP8_DEFAULT_CFG, FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG (its only 128x128 block FP8
 config: weight-only), FP8_PER_CHANNEL_PER_TOKEN_CFG, INT4_AWQ_CFG (awq_lite), INT4_AWQ_CFG's weight
@@ -106,8 +110,107 @@ def worker(args) -> dict:
         fake = perplexity([model(input_ids=b, use_cache=False).logits.float() for b in ev], ev)
         fused = as_deployed(model, args.format)
         logits = [model(input_ids=b, use_cache=False).logits.float() for b in ev]
-    return {"ppl": perplexity(logits, ev), "ppl_fake_quant": fake, "fused_groups": fused, "seconds": secs,
+        import resource
+
+        from moepress.compress.stream import StreamedModel
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # modelopt's peak, before the bench's copy
+        same = Path(args.tmp) / "modelopt-in-moepress"
+        n_mod = as_moepress_checkpoint(model, src, args.format, same)
+        ppl_same = perplexity(StreamedModel(str(same)).forward(ev), ev)
+    return {"ppl": perplexity(logits, ev), "ppl_same_forward": ppl_same, "modules_same_forward": n_mod, "rss_mb": rss,
+            "ppl_fake_quant": fake, "fused_groups": fused, "seconds": secs,
             "quantizers": n_q, "expert_quantizers": n_exp, "experts_touched": f"{touched}/{len(experts_before)}"}
+
+
+@torch.no_grad()
+def as_moepress_checkpoint(model, src: Path, fmt: str, out: Path) -> int:
+    """Write modelopt's quantized model (after :func:`as_deployed`) as a checkpoint that moepress's
+    streamed forward runs, so that both sides are evaluated by the same code: the same float32 ops
+    in the same order, so float summation order cannot flip an FP8 rounding on one side only (on
+    tiny-deepseek-v3 fp8 that alone moves perplexity by ~0.02% either way). Returns the number of
+    quantized linears.
+
+    Each quantized weight is replaced by its fake-quantized value (what its quantizer returns: the
+    dequantized weight its exporter writes; for W4A8 the INT4 step, the weight TensorRT-LLM's kernel
+    multiplies; its second, FP8 step models the scale's conversion), transformers' ``save_pretrained``
+    writes the checkpoint's own tensor names (per-expert names for the fused experts), and the
+    activation side goes into moepress's layout: ``pre_quant_scale`` (AWQ) and ``input_scale`` (static
+    FP8: its calibrated amax / 448) per linear, and the sidecar's per-module format (dynamic per-token
+    / 1x128 activations for fp8-dynamic / fp8-block, as in ``as_deployed``).
+    """
+    from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from moepress.compress.quant import fp8
+    from moepress.compress.quantize import SIDECAR
+
+    def weight_fq(q, w):
+        q = q[0] if isinstance(q, SequentialQuantizer) else q
+        return q(w) if q.is_enabled else None
+
+    def activation(iq):
+        pqs = getattr(iq, "_pre_quant_scale", None)
+        pqs = pqs.detach().float().reshape(-1).clone() if pqs is not None else None
+        isc = None
+        if fmt in ("fp8", "w4a8-awq") and iq.is_enabled and iq.amax is not None:
+            isc = fp8.scale_from_amax(iq.amax.detach().float().amax()).reshape(())
+        return pqs, isc
+
+    fresh = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    params = dict(fresh.named_parameters())
+    linears: list[tuple] = []  # (weight view in `fresh`, pre_quant_scale, input_scale) per quantized linear
+    for name, mod in model.named_modules():
+        wq = getattr(mod, "weight_quantizer", None)
+        if isinstance(wq, (TensorQuantizer, SequentialQuantizer)) and hasattr(mod, "weight"):
+            w = weight_fq(wq, mod.weight)
+            if w is not None:
+                params[name + ".weight"].copy_(w)
+                linears.append((params[name + ".weight"], *activation(mod.input_quantizer)))
+        for p in ("gate_up_proj", "down_proj"):  # transformers 5 fused experts [E, out, in]
+            qs = getattr(mod, p + "_weight_quantizers", None)
+            if qs is None:
+                continue
+            act = activation(getattr(mod, p + "_input_quantizer"))
+            for e, q in enumerate(qs):
+                w = weight_fq(q, getattr(mod, p)[e])
+                if w is not None:
+                    params[f"{name}.{p}"][e].copy_(w)
+                    linears.append((params[f"{name}.{p}"][e], *act))
+    tmp = out.with_name(out.name + ".hf")
+    fresh.save_pretrained(tmp)
+    tensors = {}
+    for f in sorted(tmp.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    # The checkpoint's names of each quantized linear, as transformers writes them (Mixtral: the fused
+    # gate_up_proj of model.layers.N.mlp is split into block_sparse_moe.experts.E.w1 / w3): save once
+    # more with every weight set to 0 and linear k's to k + 1, and read which tensors hold k + 1.
+    for t in params.values():
+        t.zero_()
+    for k, (w, _, _) in enumerate(linears):
+        w.fill_(k + 1)
+    tags = tmp.with_name(tmp.name + ".tags")
+    fresh.save_pretrained(tags)
+    names: dict[int, list[str]] = {}
+    for f in sorted(tags.glob("*.safetensors")):
+        for n, t in load_file(f).items():
+            v = int(t.flatten()[0]) if n.endswith(".weight") and t.numel() else 0
+            if v and bool((t == v).all()):
+                names.setdefault(v - 1, []).append(n[: -len(".weight")])
+    modules, extra = {}, {}
+    for k, (_, pqs, isc) in enumerate(linears):
+        for n in names[k]:  # gate_up: the gate and the up linear
+            modules[n] = {"format": fmt}
+            if pqs is not None:
+                extra[n + ".pre_quant_scale"] = pqs.clone()
+            if isc is not None:
+                extra[n + ".input_scale"] = isc.clone()
+    out.mkdir(parents=True)
+    save_file({**tensors, **extra}, str(out / "model.safetensors"))
+    (out / "config.json").write_text((tmp / "config.json").read_text())
+    (out / SIDECAR).write_text(json.dumps({"format": fmt, "modules": modules, "shared": [], "borrowed": []}))
+    return len(modules)
 
 
 def as_deployed(model, fmt: str) -> int:
@@ -197,20 +300,21 @@ def main(argv=None) -> int:
         res = worker(a)
         import resource
 
-        res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res.setdefault("rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         print(json.dumps(res))
         return 0
     print(f"# quant quality: {a.num_samples} calibration samples x {a.seq_len} tokens (bundled calib text); "
           f"held-out perplexity on 32 windows x 256 tokens of calib/data/eval.txt; {os.cpu_count()} CPUs, "
           f"1 thread per run")
-    print("| model | format | ppl ours | ppl modelopt (as deployed) | Δ ours | Δ modelopt | modelopt fake-quant "
-          "ppl | s ours | s modelopt | peak RSS MB ours | peak RSS MB modelopt | modelopt quantizers: enabled / "
-          "on experts | modelopt algo changed expert weights |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    wins = {"ppl": 0, "rss": 0, "n": 0}
+    print("| model | format | ppl ours | ppl modelopt (same forward) | ours - modelopt | Δ ours | Δ modelopt | "
+          "modelopt as deployed, "
+          "its forward | modelopt fake-quant ppl | s ours | s modelopt | peak RSS MB ours | peak RSS MB modelopt | "
+          "modelopt quantizers: enabled / on experts | modelopt algo changed expert weights |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    wins = {"ppl": 0, "ppl_own": 0, "rss": 0, "n": 0}
     for model in a.models.split(","):
         base = run_one("baseline", model, None, a)
-        print(f"| {model} | bf16 (baseline) | {base.get('ppl', float('nan')):.3f} | | | | | | | "
+        print(f"| {model} | bf16 (baseline) | {base.get('ppl', float('nan')):.3f} | | | | | | | | | "
               f"{base.get('rss_mb', 0):.0f} | | | |", flush=True)
         for fmt in a.formats.split(","):
             ours = run_one("ours", model, fmt, a)
@@ -219,24 +323,35 @@ def main(argv=None) -> int:
             def f(d, k, spec):
                 return format(d[k], spec) if k in d else d.get("error", "-")
 
-            def rel(d, base=base):
-                return f"{(d['ppl'] / base['ppl'] - 1) * 100:+.2f}%" if "ppl" in d and "ppl" in base else "-"
+            def rel(d, k="ppl", base=base):
+                return f"{(d[k] / base['ppl'] - 1) * 100:+.2f}%" if k in d and "ppl" in base else "-"
 
-            if "ppl" in ours and "ppl" in ref:
+            if "ppl" in ours and "ppl_same_forward" in ref:
                 wins["n"] += 1
-                wins["ppl"] += round(ours["ppl"], 3) <= round(ref["ppl"], 3)  # ties at the table's precision
+                wins["ppl"] += ours["ppl"] <= ref["ppl_same_forward"]
+                wins["ppl_own"] += round(ours["ppl"], 3) <= round(ref["ppl"], 3)
                 wins["rss"] += ours["rss_mb"] < ref["rss_mb"]
             algo = ref.get("experts_touched", "-") if fmt in ("int4-awq", "int4-gptq", "w4a8-awq") else "n/a"
-            print(f"| {model} | {fmt} | {f(ours, 'ppl', '.3f')} | {f(ref, 'ppl', '.3f')} | {rel(ours)} | {rel(ref)} | "
-                  f"{f(ref, 'ppl_fake_quant', '.3f')} | {f(ours, 'seconds', '.1f')} | {f(ref, 'seconds', '.1f')} | "
+            diff = "-"
+            if "ppl" in ours and "ppl_same_forward" in ref:
+                d = ours["ppl"] - ref["ppl_same_forward"]
+                diff = "0 (equal)" if d == 0 else f"{d:+.5f}"
+            print(f"| {model} | {fmt} | {f(ours, 'ppl', '.3f')} | {f(ref, 'ppl_same_forward', '.3f')} | {diff} | "
+                  f"{rel(ours)} | {rel(ref, 'ppl_same_forward')} | {f(ref, 'ppl', '.3f')} | "
+                  f"{f(ref, 'ppl_fake_quant', '.3f')} | "
+                  f"{f(ours, 'seconds', '.1f')} | {f(ref, 'seconds', '.1f')} | "
                   f"{f(ours, 'rss_mb', '.0f')} | {f(ref, 'rss_mb', '.0f')} | {ref.get('quantizers', '-')} / "
                   f"{ref.get('expert_quantizers', '-')} | {algo} |", flush=True)
-    print(f"\nours <= modelopt (as deployed, at the table's 3 decimals) in perplexity in {wins['ppl']}/{wins['n']} "
-          f"cells; lower peak RSS in {wins['rss']}/{wins['n']}.")
+    print(f"\nours <= modelopt (same forward, full precision) in perplexity in {wins['ppl']}/{wins['n']} cells "
+          f"(against modelopt as deployed in its own forward, at the table's 3 decimals: "
+          f"{wins['ppl_own']}/{wins['n']}); "
+          f"lower peak RSS in {wins['rss']}/{wins['n']}.")
     print("Notes: peak RSS is each run's own ru_maxrss (one process per cell, including the held-out "
           "evaluation); modelopt's includes the whole fp32 model, ours one streamed layer. Times are wall "
           "seconds on a shared machine (noisy); ours = calibration + streamed quantize + write, modelopt = "
-          "load + mtq.quantize. 'As deployed' (the comparison): modelopt's result with its own export step "
+          "load + mtq.quantize. 'Same forward' (the comparison): modelopt's result as deployed (below), written as a "
+          "checkpoint that moepress's streamed forward evaluates (as_moepress_checkpoint), so both sides run the "
+          "same code. 'As deployed': modelopt's result with its own export step "
           "for fused linears (preprocess_linear_fusion on q/k/v, q_a/kv_a, gate/up: shared scales, as "
           "TensorRT-LLM loads them), FP8 per-tensor / per-channel weights as its exporter rounds them, and, for "
           "fp8-block / fp8-dynamic, the kernels' dynamic activations (1x128 / per token: its fp8-block config "

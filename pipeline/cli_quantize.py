@@ -37,15 +37,18 @@ def _rules(values) -> tuple[tuple[str, str], ...]:
               help="Calibrate every layer on the original model's activations instead of the quantized prefix's.")
 @click.option("--gptq-act-order/--no-gptq-act-order", default=True, show_default=True,
               help="int4-gptq: quantize columns by decreasing Hessian diagonal (groups stay contiguous, no g_idx).")
+@click.option("--awq-gptq/--no-awq-gptq", default=True, show_default=True,
+              help="int4-awq / w4a8-awq: round the AWQ-smoothed weights with GPTQ on the smoothed input's "
+                   "Hessian (same stored format); --no-awq-gptq: round to nearest.")
 @click.option("--awq-clip/--no-awq-clip", default=True, show_default=True,
-              help="int4-awq / w4a8-awq: clip search of the group scales after the AWQ scale search "
-                   "(--no-awq-clip: Model-Optimizer's awq_lite numerics).")
+              help="With --no-awq-gptq: clip search of the group scales after the AWQ scale search "
+                   "(Model-Optimizer's awq_full; --no-awq-clip too: its awq_lite numerics).")
 @click.option("--resume", is_flag=True, help="Continue a killed run from OUT.partial (finished layers are kept).")
 @calib_options
 @output_options
 @progress_options
-def quantize_cmd(model, fmt, rules, group_size, kv_cache, no_sequential, gptq_act_order, awq_clip, resume, calib,
-                 num_samples, seq_len, seed,
+def quantize_cmd(model, fmt, rules, group_size, kv_cache, no_sequential, gptq_act_order, awq_gptq, awq_clip, resume,
+                 calib, num_samples, seq_len, seed,
                  trust_remote_code, output, force, quiet, json_out):
     """Quantize MODEL's decoder-layer linears to FORMAT, one layer at a time, into OUT.
 
@@ -60,7 +63,7 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, no_sequential, gptq_ac
     src = resolve_model(model)
     cfg = QuantConfig(format=fmt, rules=_rules(rules), group_size=group_size, kv_cache=kv_cache,
                       sequential=not no_sequential, calib=tuple(calib), num_samples=num_samples, seq_len=seq_len,
-                      seed=seed, gptq_act_order=gptq_act_order, awq_clip=awq_clip)
+                      seed=seed, gptq_act_order=gptq_act_order, awq_clip=awq_clip, awq_gptq=awq_gptq)
     prog = Progress.from_flags(quiet, json_out)
     res = quantize_checkpoint(src, output, cfg, force=force, resume=resume, progress=prog,
                               trust_remote_code=trust_remote_code)

@@ -24,7 +24,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "prune": {"ratio": ((float, int), None), "keep": (int, None), "method": (str, None), "ep_size": (int, 1),
               "protect": (str, ""), "sequential": (bool, False), "search_tokens": (int, 16384)},
     "quantize": {"format": (str, None), "group_size": (int, 128), "kv_cache": (str, None), "rules": (dict, {}),
-                 "sequential": (bool, True), "gptq_act_order": (bool, True), "awq_clip": (bool, True)},
+                 "sequential": (bool, True), "gptq_act_order": (bool, True), "awq_clip": (bool, True),
+                 "awq_gptq": (bool, True)},
     "export": {"formats": (list, []), "tp": (int, 1), "ep": (int, 1), "opset": (int, 21), "options": (dict, {})},
     "check": None,  # validated by CheckConfig.from_dict
     "build": {"targets": (list, []), "dry_run": (bool, True), "gpus": (int, None), "max_seq_len": (int, 4096),

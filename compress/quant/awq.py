@@ -24,6 +24,12 @@ r = 1 is plain amax / 7, so a clipped group is never worse than round-to-nearest
 modelopt sums the same per-token loss over at most 64 strided tokens per forward call; we use the
 AWQ sample (up to 1024 rows) and, for W4A8, the FP8-quantized smoothed input, as modelopt does.
 The stored format is unchanged: only the ``weight_scale`` values (and the rounding) differ.
+
+By default (QuantConfig.awq_gptq) neither RTN nor the clip search rounds the smoothed weight:
+GPTQ does (gptq.py), with amax / 7 group scales, on the smoothed input's Hessian. Measured
+(bench/quant_quality.py): lower held-out perplexity than AWQ + clip on 5 of the 6 bundled model x
+{int4-awq, w4a8-awq} cells, and with clip scales GPTQ did worse than with amax / 7 on all 4 cells
+tried (the clip ratios were chosen for round-to-nearest). The clip search runs with --no-awq-gptq.
 """
 
 from __future__ import annotations

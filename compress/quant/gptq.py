@@ -19,6 +19,10 @@ adapted there from IST-DASLab/FP-Quant ``gptq.py``; the original is IST-DASLab/g
         w_k -= e_j U_jk for the block's later columns k; after the block, the remaining columns
         get the block's errors at once (lazy batch update: Err @ U[block, rest]).
 
+Also the rounding of ``int4-awq`` / ``w4a8-awq`` (QuantConfig.awq_gptq, the default): the AWQ-smoothed
+weight W / pre_quant_scale on the Hessian of the smoothed input x * pre_quant_scale, which is
+diag(pqs) H diag(pqs) of the raw input's H (llm-compressor's AWQ + GPTQ stacking).
+
 ``act_order``: columns are processed by decreasing diag(H) (IST-DASLab's ``actorder``). The
 processing order is the only thing it changes: each column keeps the scale of its own contiguous
 group in the ORIGINAL column order, so ``scales[:, g]`` always covers original columns
