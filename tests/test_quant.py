@@ -181,6 +181,15 @@ def test_cli_and_bad_input(cli_run, tmp_path):
     r = cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-o", tmp_path / "q", "--json", "--quiet")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["quant_algo"] == "FP8_BLOCK_SCALES"
+    # --no-awq-gptq reaches the quantizer: AWQ's smoothed weights rounded to nearest with the stored scales
+    r = cli_run("quantize", "tiny-qwen3-moe", "--format", "int4-awq", "--no-awq-gptq", "--num-samples", "2",
+                "--seq-len", "64", "-o", tmp_path / "rtn", "--quiet")
+    assert r.exit_code == 0, r.output
+    q, o, p = CheckpointReader(tmp_path / "rtn"), CheckpointReader(bundled_path("tiny-qwen3-moe")), \
+        "model.layers.1.self_attn.o_proj"
+    w_s = o.get(p + ".weight").float() / q.get(p + ".pre_quant_scale")[None, :]
+    rtn = int4.quantize_with_scales(w_s, q.get(p + ".weight_scale"))
+    assert torch.equal(int4.unpack_int4(q.get(p + ".weight")), rtn)
     _one_line(cli_run("quantize", "tiny-qwen3-moe", "--format", "int3", "-o", tmp_path / "x"), "--format int3")
     _one_line(cli_run("quantize", "tiny-qwen3-moe", "--format", "int4-awq", "--group-size", "100", "-o",
                       tmp_path / "x"), "--group-size 100")
