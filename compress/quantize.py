@@ -406,12 +406,14 @@ def _quantize_group(res: LayerResult, cfg: QuantConfig, fmt: str, names: list[st
             clip_x = st.sample() * pqs[None, :]
             if f.static_input:  # W4A8: FP8 activations, as modelopt's awq_clip sees them
                 clip_x = fp8.fake_quant(clip_x, fp8.scale_from_amax((st.amax * pqs).amax()))
-        for n, w in zip(names, ws, strict=True):
-            wq = w.float() / pqs[None, :] if pqs is not None else w.float()
-            if H is not None:
-                from moepress.compress.quant.gptq import gptq_quantize
+        wqs = [w.float() / pqs[None, :] if pqs is not None else w.float() for w in ws]
+        if H is not None:  # one factorisation of H for the linears sharing the input
+            from moepress.compress.quant.gptq import gptq_quantize_shared
 
-                q, s = gptq_quantize(wq, H, group, cfg.gptq_damp, cfg.gptq_act_order)
+            by_gptq = gptq_quantize_shared(wqs, H, group, cfg.gptq_damp, cfg.gptq_act_order)
+        for k, (n, wq) in enumerate(zip(names, wqs, strict=True)):
+            if H is not None:
+                q, s = by_gptq[k]
             elif clip_x is not None:
                 s = awq.clip_scales(wq, clip_x, group)
                 q = int4.quantize_with_scales(wq, s)

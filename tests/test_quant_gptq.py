@@ -194,3 +194,23 @@ def test_awq_then_gptq_rounding(fmt):
         assert torch.equal(r.tensors["mlp.gate_proj.pre_quant_scale"], pqs)
         err[label] = out_err(r)
     assert err["awq+gptq"] < 0.85 * err["awq+clip"] and err["awq+clip"] <= err["awq"], err
+
+
+@torch.no_grad()
+def test_shared_factorisation_gives_the_same_result():
+    """Linears reading one input share the Hessian's factorisation (gptq_quantize_shared); results
+    equal per-weight gptq_quantize, also when one weight has an all-zero column (own factor then)."""
+    xs = _inputs(d=256)
+    H, _ = _hessian(xs)
+    torch.manual_seed(4)
+    ws = [torch.randn(32, 256) * 0.05 for _ in range(3)]
+    for act_order in (False, True):
+        for group in (128, 32):
+            one = [gptq.gptq_quantize(w, H, group, 0.01, act_order) for w in ws]
+            shared = gptq.gptq_quantize_shared(ws, H, group, 0.01, act_order)
+            for (q1, s1), (q2, s2) in zip(one, shared, strict=True):
+                assert torch.equal(q1, q2) and torch.equal(s1, s2)
+    ws[1][:, 7] = 0
+    for (q1, s1), (q2, s2) in zip([gptq.gptq_quantize(w, H, 128, 0.01, True) for w in ws],
+                                  gptq.gptq_quantize_shared(ws, H, 128, 0.01, True), strict=True):
+        assert torch.equal(q1, q2) and torch.equal(s1, s2)
