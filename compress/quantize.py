@@ -400,7 +400,9 @@ def _quantize_group(res: LayerResult, cfg: QuantConfig, fmt: str, names: list[st
             pqs = torch.ones(ws[0].shape[1])
         H = None  # GPTQ: the Hessian of the input the quantized weight reads
         if st is not None and st.H is not None and st.n > 0 and _needs_h(cfg, fmt):
-            H = st.H if pqs is None else st.H * pqs.double()[:, None] * pqs.double()[None, :]  # of x * pqs
+            H = st.H  # a new tensor (2 S / n)
+            if pqs is not None:  # the Hessian of x * pqs: diag(pqs) H diag(pqs), in place
+                H.mul_(pqs.double()[:, None]).mul_(pqs.double()[None, :])
         clip_x = None
         if f.awq and H is None and cfg.awq_clip and st is not None and st.n > 0:  # the GEMM's input (awq.py)
             clip_x = st.sample() * pqs[None, :]

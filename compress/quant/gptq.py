@@ -68,13 +68,17 @@ def hessian_inverse_factor(H: torch.Tensor, w: torch.Tensor, damp: float = 0.01)
     H[dead, :] = 0
     H[:, dead] = 0
     H[dead, dead] = 1
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
-    try:
-        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))  # H += damp * mean(diag H) * I, without the I
+    try:  # one [in, in] float64 matrix alive besides the caller's at each step (in=7168: 411 MB each)
+        L = torch.linalg.cholesky(H)
+        del H
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        return torch.linalg.cholesky(Hinv, upper=True)
     except (RuntimeError, torch.linalg.LinAlgError):
         # modelopt's fallback (compute_hessian_inverse): identity, i.e. plain round-to-nearest
         log.warning("GPTQ: Hessian not positive definite after damping; round-to-nearest for this weight")
-        return torch.eye(H.shape[0], dtype=H.dtype)
+        return torch.eye(w.shape[1], dtype=torch.float64)
 
 
 def factor(H: torch.Tensor, w: torch.Tensor, damp: float = 0.01,
@@ -87,7 +91,8 @@ def factor(H: torch.Tensor, w: torch.Tensor, damp: float = 0.01,
     """
     perm = (torch.argsort(torch.diag(H.double()), descending=True, stable=True) if act_order
             else torch.arange(H.shape[0]))
-    return perm, hessian_inverse_factor(H[perm][:, perm], w[:, perm], damp)
+    Hp = H.index_select(0, perm).index_select(1, perm)
+    return perm, hessian_inverse_factor(Hp, w[:, perm], damp)
 
 
 def gptq_quantize_shared(ws: list[torch.Tensor], H: torch.Tensor, group_size: int = 128, damp: float = 0.01,
