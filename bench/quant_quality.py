@@ -12,8 +12,7 @@ For each bundled model and format, in one run, each in its own process (peak RSS
     that the forward ours is measured with runs), all on the same held-out windows;
   * the unquantized baseline.
 Prints a Markdown table and notes; "ours <= modelopt" compares with modelopt as deployed, run by the
-same forward as ours, at full precision (equal counts: the FP8 formats without calibration give
-bit-identical models).
+same forward as ours, at full precision (equal counts; fp8-dynamic gives bit-identical models).
 
 modelopt configs: FP8_DEFAULT_CFG, FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG (its only 128x128 block FP8
 config: weight-only), FP8_PER_CHANNEL_PER_TOKEN_CFG, INT4_AWQ_CFG (awq_lite), INT4_AWQ_CFG's weight
@@ -132,8 +131,8 @@ def as_moepress_checkpoint(model, src: Path, fmt: str, out: Path) -> int:
     quantized linears.
 
     Each quantized weight is replaced by its fake-quantized value (what its quantizer returns: the
-    dequantized weight its exporter writes; for W4A8 the INT4 step, the weight TensorRT-LLM's kernel
-    multiplies; its second, FP8 step models the scale's conversion), transformers' ``save_pretrained``
+    dequantized weight its exporter writes; for W4A8 the INT4 step only, q * scale, which is what
+    moepress's forward decodes for ours too), transformers' ``save_pretrained``
     writes the checkpoint's own tensor names (per-expert names for the fused experts), and the
     activation side goes into moepress's layout: ``pre_quant_scale`` (AWQ) and ``input_scale`` (static
     FP8: its calibrated amax / 448) per linear, and the sidecar's per-module format (dynamic per-token
