@@ -143,7 +143,7 @@ def as_moepress_checkpoint(model, src: Path, fmt: str, out: Path) -> int:
     from transformers import AutoModelForCausalLM
 
     from moepress.compress.quant import fp8
-    from moepress.compress.quantize import SIDECAR
+    from moepress.compress.quantize import FORMATS, SIDECAR
 
     def weight_fq(q, w):
         q = q[0] if isinstance(q, SequentialQuantizer) else q
@@ -153,7 +153,7 @@ def as_moepress_checkpoint(model, src: Path, fmt: str, out: Path) -> int:
         pqs = getattr(iq, "_pre_quant_scale", None)
         pqs = pqs.detach().float().reshape(-1).clone() if pqs is not None else None
         isc = None
-        if fmt in ("fp8", "w4a8-awq") and iq.is_enabled and iq.amax is not None:
+        if FORMATS[fmt].static_input and iq.is_enabled and iq.amax is not None:
             isc = fp8.scale_from_amax(iq.amax.detach().float().amax()).reshape(())
         return pqs, isc
 

@@ -962,6 +962,13 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *,
         lowest calibration loss is written, its layers read a second time."""
         ref = sm.embed(batches)
         st = {name: {"hs": ref, "pending": None, "kept": {}, "rows": {}} for name in plans}
+
+        def settle(p: dict, state: list[torch.Tensor], nxt: DecoderLayer | None) -> None:
+            sel, row = decide(p["pending"], state, nxt)
+            p["kept"][row["layer"]], p["rows"][row["layer"]] = sel.kept, row
+            p["hs"] = p["pending"].outs[p["pending"].chosen]
+            p["pending"] = None
+
         rec = any(METHODS[n].needs_outputs and not METHODS[n].candidates for n in plans)
         for i, layer in sm.layers():
             ev_ref = None
@@ -972,10 +979,7 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *,
             for name in plans:
                 m, p = METHODS[name], st[name]
                 if p["pending"] is not None:
-                    sel, row = decide(p["pending"], ref_next, layer)
-                    p["kept"][row["layer"]], p["rows"][row["layer"]] = sel.kept, row
-                    p["hs"] = p["pending"].outs[p["pending"].chosen]
-                    p["pending"] = None
+                    settle(p, ref_next, layer)
                 if layer.moe is None:
                     p["hs"] = sm.run_layer(layer, p["hs"])
                 elif m.candidates:  # sequential: statistics of its own pruned prefix
@@ -990,12 +994,9 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *,
                         p["hs"] = sm.run_layer(lay, p["hs"])
             ref = ref_next
             task.advance(note=f"layer {i}: {len(plans)} plans advanced")
-        for name in plans:
-            p = st[name]
-            if p["pending"] is not None:
-                sel, row = decide(p["pending"], ref, None)
-                p["kept"][row["layer"]], p["rows"][row["layer"]] = sel.kept, row
-                p["hs"] = p["pending"].outs[p["pending"].chosen]
+        for name in plans:  # the last layer: its own output state against the original's
+            if st[name]["pending"] is not None:
+                settle(st[name], ref, None)
         norm_w = sm.head_weights()
         loss = {name: calibration_nll(norm_w, st[name]["hs"], batches) for name in plans}
         best = min(loss, key=loss.get)  # ties: the first plan

@@ -399,8 +399,8 @@ def _quantize_group(res: LayerResult, cfg: QuantConfig, fmt: str, names: list[st
         elif f.awq:  # no statistics (an expert without tokens): identity scales, every expert has one
             pqs = torch.ones(ws[0].shape[1])
         H = None  # GPTQ: the Hessian of the input the quantized weight reads
-        if st is not None and st.H is not None and st.n > 0 and _needs_h(cfg, fmt):
-            H = st.H  # a new tensor (2 S / n)
+        if st is not None and st.S is not None and st.n > 0 and _needs_h(cfg, fmt):
+            H = st.H  # a new tensor (2 S / n), made once here
             if pqs is not None:  # the Hessian of x * pqs: diag(pqs) H diag(pqs), in place
                 H.mul_(pqs.double()[:, None]).mul_(pqs.double()[None, :])
         clip_x = None
