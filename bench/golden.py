@@ -1,0 +1,139 @@
+"""Byte-for-byte behaviour record for refactors: the sha256 of every file that `moepress quantize`
+(every format, plus --kv-cache fp8 and a --rule mix), `moepress export` (every exporter, from the
+original and from every quantized output) and `moepress prune` (every method) write on each
+bundled model.
+
+    python bench/golden.py --write bench/golden-hashes.json   # record (before a refactor)
+    python bench/golden.py --check bench/golden-hashes.json   # recompute and compare (after)
+
+Outputs go to a fixed directory (--work, default /tmp/moepress-golden) so that paths recorded in
+the outputs are the same in both runs. Keys whose values are wall-clock measurements or version
+strings (see VOLATILE) are removed from JSON files before hashing, and moepress-manifest.json's
+digests of such files are dropped with them; every other byte counts. An export an exporter
+refuses is recorded as its exit code. Calibration is small (8 x 64 tokens) to keep a run near
+ten minutes on two cores; the code paths are the defaults'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+VOLATILE = {"seconds", "elapsed", "elapsed_s", "time_s", "versions", "created", "timestamp", "wall_s", "date",
+            "peak_rss_mb", "rss_mb"}
+QUANT = ["fp8", "fp8-block", "fp8-dynamic", "int4-awq", "int4-gptq", "w4a8-awq"]
+EXPORTERS = ["hf-modelopt", "hf-fp8-block", "compressed-tensors", "trtllm-ckpt", "onnx"]
+PRUNE = ["frequency", "ean", "reap", "reroute", "lookahead", "auto"]
+MODELS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-deepseek-v3"]
+CALIB = ["--num-samples", "8", "--seq-len", "64"]
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def digest_dir(d: Path) -> dict[str, str]:
+    """sha256 per file under ``d`` (relative path -> hex); JSON files without VOLATILE keys."""
+    out, normalised = {}, set()
+    for p in sorted(d.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = str(p.relative_to(d))
+        data = p.read_bytes()
+        if p.suffix == ".json":
+            obj = json.loads(data)
+            stripped = _strip(obj)
+            if stripped != obj:
+                normalised.add(rel)
+            data = json.dumps(stripped, sort_keys=True).encode()
+        out[rel] = hashlib.sha256(data).hexdigest()
+    man = d / "moepress-manifest.json"
+    if man.is_file():  # the manifest's own digests of normalised files vary with them
+        obj = _strip(json.loads(man.read_text()))
+        for rel in normalised:
+            obj.get("files", {}).pop(rel, None)
+        out["moepress-manifest.json"] = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    return out
+
+
+def run_cli(*args) -> int:
+    from click.testing import CliRunner
+
+    from moepress.cli import cli
+
+    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return res.exit_code
+
+
+def cases(work: Path, models: list[str]):
+    """Yield (case name, thunk returning (exit code, output dir))."""
+    for m in models:
+        for fmt in QUANT:
+            out = work / m / f"q-{fmt}"
+            yield f"{m}/quantize/{fmt}", lambda m=m, fmt=fmt, out=out: (
+                run_cli("quantize", m, "--format", fmt, *CALIB, "-o", out, "--force", "--quiet"), out)
+        out = work / m / "q-fp8-kv"
+        yield f"{m}/quantize/fp8+kv", lambda m=m, out=out: (
+            run_cli("quantize", m, "--format", "fp8", "--kv-cache", "fp8", *CALIB, "-o", out, "--force", "--quiet"),
+            out)
+        out = work / m / "q-rules"
+        yield f"{m}/quantize/rules", lambda m=m, out=out: (
+            run_cli("quantize", m, "--format", "fp8", "--rule", "*experts.*=int4-awq", "--rule", "*self_attn.*=none",
+                    "--group-size", "64", *CALIB, "-o", out, "--force", "--quiet"), out)
+        for src in ["orig", *(f"q-{f}" for f in QUANT)]:
+            src_path = m if src == "orig" else work / m / src
+            for ex in EXPORTERS:
+                out = work / m / f"x-{src}-{ex}"
+                yield f"{m}/export/{src}/{ex}", lambda src_path=src_path, ex=ex, out=out: (
+                    run_cli("export", src_path, "--format", ex, "-o", out, "--force", "--quiet"), out)
+        for meth in PRUNE:
+            out = work / m / f"p-{meth}"
+            yield f"{m}/prune/{meth}", lambda m=m, meth=meth, out=out: (
+                run_cli("prune", m, "--ratio", "0.25", "--method", meth, *CALIB, "-o", out, "--force", "--quiet"),
+                out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--write", type=Path)
+    g.add_argument("--check", type=Path)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/moepress-golden"))
+    ap.add_argument("--models", default=",".join(MODELS))
+    a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    shutil.rmtree(a.work, ignore_errors=True)
+    record, t0 = {}, time.time()
+    for name, thunk in cases(a.work, a.models.split(",")):
+        code, out = thunk()
+        record[name] = {"exit": code, "files": digest_dir(out) if code == 0 and out.is_dir() else {}}
+        print(f"{time.time() - t0:7.1f}s {name}: exit {code}, {len(record[name]['files'])} files", flush=True)
+    if a.write:
+        a.write.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {a.write}: {sum(len(r['files']) for r in record.values())} files in {len(record)} cases")
+        return 0
+    want = json.loads(a.check.read_text())
+    bad = [n for n in sorted(set(want) | set(record)) if want.get(n) != record.get(n)]
+    for n in bad:
+        w, g2 = want.get(n) or {"files": {}}, record.get(n) or {"files": {}}
+        diff = sorted(k for k in set(w["files"]) | set(g2["files"]) if w["files"].get(k) != g2["files"].get(k))
+        print(f"DIFFERS {n}: exit {w.get('exit')} -> {g2.get('exit')}; files {diff}")
+    n_files = sum(len(r["files"]) for r in want.values())
+    print(f"{'OK' if not bad else 'FAILED'}: {len(want) - len(bad)}/{len(want)} cases identical, "
+          f"{n_files} files compared")
+    return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
