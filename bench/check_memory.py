@@ -27,8 +27,8 @@ from moepress.compress.synthetic import write_synthetic
 PROBE = textwrap.dedent("""
     import json, sys, time, torch
     torch.set_num_threads(1)
-    from moepress.calib.checks import CheckConfig, run_check
-    from moepress.calib.checks.runner import eval_data
+    from moepress.checks import CheckConfig, run_check
+    from moepress.checks.runner import eval_data
     from moepress.compress.stream import StreamedModel
     from moepress.memwatch import PeakRSS, rss
     what, path, samples = sys.argv[1], sys.argv[2], int(sys.argv[3])

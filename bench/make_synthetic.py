@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 
         from moepress.compress.checkpoint import aux_files
         from moepress.manifest import file_digests, read_manifest, update_manifest
-        from moepress.options import resolve_model
+        from moepress.cli.options import resolve_model
 
         for p in aux_files(resolve_model(a.tokenizer)):
             if p.name.startswith("tokenizer") or p.suffix == ".jinja":

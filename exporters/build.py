@@ -543,8 +543,8 @@ def _run(b: Builder, ctx: Context, cmds: list[list[str]], work: Path, reference:
 
 def accuracy_check(engine: Path, reference: Path, progress=None) -> dict:
     """The check stage (calib/checks/) on the built engine against the original model."""
-    from moepress.calib.checks.config import CheckConfig
-    from moepress.calib.checks.runner import run_check
+    from moepress.checks.config import CheckConfig
+    from moepress.checks.runner import run_check
 
     return run_check(engine, reference, CheckConfig(kind="engine"), progress=progress)
 

@@ -19,8 +19,8 @@ import torch
 
 from helpers import make_random_checkpoint
 from moepress import models
-from moepress.calib.checks import CheckConfig, run_check
-from moepress.calib.checks.config import evaluate_gates, failure_line
+from moepress.checks import CheckConfig, run_check
+from moepress.checks.config import evaluate_gates, failure_line
 from moepress.calib.data import calibration_batches
 from moepress.calib.metrics import error_jump, hidden_error, quantile, token_kl
 from moepress.calib.observers import RoutingStats

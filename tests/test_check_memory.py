@@ -22,7 +22,7 @@ CONFIG = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], voc
 PROBE = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
-    from moepress.calib.checks import CheckConfig, run_check
+    from moepress.checks import CheckConfig, run_check
     from moepress.memwatch import PeakRSS, rss
     cfg = CheckConfig(seq_len=32, max_samples=4, batch_size=2)
     run_check(sys.argv[1], sys.argv[1], cfg)  # warm-up: first-use allocations of torch, tokenizer

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moepress.recipe import load_recipe
+from moepress.pipeline.recipe import load_recipe
 
 MODEL = "tiny-mixtral"  # 8 experts top-2: the quickest bundled model to prune
 

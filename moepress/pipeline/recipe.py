@@ -57,7 +57,7 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
         if not isinstance(val, dict):
             raise MoepressError(f"{_where(src, section)}: expected a mapping (or null to skip the stage)")
         if schema is None:  # check
-            from moepress.calib.checks.config import CheckConfig
+            from moepress.checks.config import CheckConfig
 
             CheckConfig.from_dict(val, where=_where(src, section))
             out[section] = copy.deepcopy(val)

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from moepress.calib.checks.config import fmt
+from moepress.checks.config import fmt
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, file_digests, update_manifest, versions, write_manifest
 

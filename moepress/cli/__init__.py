@@ -35,9 +35,10 @@ def cli():
 
 
 def _register() -> None:
-    from moepress import cli_build, cli_calib, cli_check, cli_export, cli_inspect, cli_prune, cli_quantize, cli_run
+    """Every stage's commands, in the order `moepress --help` lists them."""
+    from moepress.cli import build, calib, check, export, inspect, prune, quantize, run
 
-    for mod in (cli_inspect, cli_calib, cli_prune, cli_quantize, cli_export, cli_build, cli_check, cli_run):
+    for mod in (inspect, calib, prune, quantize, export, build, check, run):
         for cmd in mod.COMMANDS:
             cli.add_command(cmd)
 

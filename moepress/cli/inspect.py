@@ -6,7 +6,7 @@ import json
 
 import click
 
-from moepress.options import model_argument, resolve_model
+from moepress.cli.options import model_argument, resolve_model
 
 
 def _targets_line(table: dict) -> str:

@@ -8,18 +8,18 @@ from pathlib import Path
 import click
 
 from moepress.errors import CheckFailed, MoepressError
-from moepress.options import progress_options
+from moepress.cli.options import progress_options
 
 
 class KindChoice(click.ParamType):
-    """Candidate kinds from the registry in moepress.calib.checks, read when the option is used
+    """Candidate kinds from the registry in moepress.checks, read when the option is used
     (so that `moepress --help` does not import torch)."""
 
     name = "kind"
 
     @staticmethod
     def kinds() -> list[str]:
-        from moepress.calib.checks import CANDIDATE_KINDS
+        from moepress.checks import CANDIDATE_KINDS
 
         return ["auto", *CANDIDATE_KINDS]
 
@@ -46,7 +46,7 @@ def _path(arg: str, what: str) -> Path:
 
 
 def _human(result: dict) -> list[str]:
-    from moepress.calib.checks.config import fmt
+    from moepress.checks.config import fmt
 
     m, d, c = result["metrics"], result["data"], result["candidate"]
     gates = {g["metric"]: g for g in result["gates"]}
@@ -129,8 +129,8 @@ def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, ma
     2: bad input. The metrics are added to the candidate's moepress-manifest.json when
     moepress wrote it.
     """
-    from moepress.calib.checks import CheckConfig, jsonable, record_in_manifest, run_check, write_report
-    from moepress.calib.checks.config import failure_line, parse_fraction
+    from moepress.checks import CheckConfig, jsonable, record_in_manifest, run_check, write_report
+    from moepress.checks.config import failure_line, parse_fraction
     from moepress.progress import Progress
 
     gates = {name: parse_fraction(value, "--" + name.replace("_", "-")) for name, value in

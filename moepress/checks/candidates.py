@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from moepress.calib.checks.config import CheckConfig
+from moepress.checks.config import CheckConfig
 from moepress.errors import MoepressError
 
 ONNX_CONTRACT = "input_ids int64 [B, S] -> logits [B, S, V] (optional hidden_states.{i})"

@@ -6,10 +6,10 @@
 - :mod:`.report`: report.json / report.md / layer_error.png, and the manifest's accuracy section.
 """
 
-from moepress.calib.checks.candidates import CANDIDATE_KINDS, Candidate, Outputs, register_candidate
-from moepress.calib.checks.config import GATES, CheckConfig, parse_fraction
-from moepress.calib.checks.report import jsonable, record_in_manifest, write_report
-from moepress.calib.checks.runner import run_check
+from moepress.checks.candidates import CANDIDATE_KINDS, Candidate, Outputs, register_candidate
+from moepress.checks.config import GATES, CheckConfig, parse_fraction
+from moepress.checks.report import jsonable, record_in_manifest, write_report
+from moepress.checks.runner import run_check
 
 __all__ = ["CANDIDATE_KINDS", "GATES", "Candidate", "CheckConfig", "Outputs", "jsonable", "parse_fraction",
            "record_in_manifest", "register_candidate", "run_check", "write_report"]

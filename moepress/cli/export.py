@@ -7,7 +7,7 @@ import json
 import click
 
 from moepress.errors import MoepressError
-from moepress.options import model_argument, output_options, progress_options, resolve_model
+from moepress.cli.options import model_argument, output_options, progress_options, resolve_model
 
 
 class FormatChoice(click.ParamType):

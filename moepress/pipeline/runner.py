@@ -32,7 +32,7 @@ from pathlib import Path
 from moepress.errors import CheckFailed, MoepressError
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest
 from moepress.progress import Progress
-from moepress.recipe import STAGES, dump
+from moepress.pipeline.recipe import STAGES, dump
 
 # exports a CPU consumer here can check, and the candidate kind it runs as
 CHECKABLE = {"hf-modelopt": "checkpoint", "hf-fp8-block": "checkpoint", "compressed-tensors": "transformers",
@@ -71,7 +71,7 @@ def output_complete(d: Path) -> bool:
 class Runner:
     def __init__(self, recipe: dict, out: Path, progress: Progress, force_from: str | None = None,
                  recipe_src: str = "recipe"):
-        from moepress.options import resolve_model
+        from moepress.cli.options import resolve_model
 
         self.recipe, self.out, self.prog = recipe, Path(out), progress
         self.recipe_src = recipe_src
@@ -232,7 +232,7 @@ class Runner:
         return out
 
     def _check(self, name: str, cand: Path, cand_key: str, kind: str, ref_key: str) -> dict:
-        from moepress.calib.checks import CheckConfig, jsonable, record_in_manifest, run_check, write_report
+        from moepress.checks import CheckConfig, jsonable, record_in_manifest, run_check, write_report
 
         cfg = CheckConfig.from_dict({**self.recipe["check"], "kind": kind}, where="recipe check")
         out = self.out / "check" / name
@@ -255,7 +255,7 @@ class Runner:
         return res
 
     def _card(self, fmt: str, d: Path, check: dict | None) -> None:
-        from moepress.card import model_card
+        from moepress.pipeline.card import model_card
 
         text = model_card(d, fmt, self.recipe, self.model, check)
         p = d / "README.md"

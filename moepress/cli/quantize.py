@@ -7,7 +7,7 @@ import json
 import click
 
 from moepress.errors import MoepressError
-from moepress.options import calib_options, model_argument, output_options, progress_options, resolve_model
+from moepress.cli.options import calib_options, model_argument, output_options, progress_options, resolve_model
 
 FORMAT_HELP = ("fp8 (E4M3 per-tensor weights, static activation scales) | fp8-block (128x128 weight blocks, dynamic "
                "activations; no calibration) | fp8-dynamic (per-channel weights, per-token activations; no "

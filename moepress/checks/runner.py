@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moepress.calib.checks.candidates import Candidate, open_candidate
-from moepress.calib.checks.config import CheckConfig, evaluate_gates
+from moepress.checks.candidates import Candidate, open_candidate
+from moepress.checks.config import CheckConfig, evaluate_gates
 from moepress.calib.metrics import LayerStats, LogitStats, error_jump
 from moepress.errors import MoepressError
 

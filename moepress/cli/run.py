@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from moepress.errors import CheckFailed
-from moepress.options import progress_options
+from moepress.cli.options import progress_options
 from moepress.progress import Progress
-from moepress.recipe import STAGES
+from moepress.pipeline.recipe import STAGES
 
 
 @click.command("run")
@@ -29,8 +29,8 @@ def run_cmd(recipe, output, force_from, model, quiet, json_out):
     mid-way resumes at the layer it stopped. Exit 0: every check passed; 1: a check failed;
     2: bad input.
     """
-    from moepress.recipe import load_recipe
-    from moepress.runner import run_recipe
+    from moepress.pipeline.recipe import load_recipe
+    from moepress.pipeline.runner import run_recipe
 
     r, src = load_recipe(recipe, {"model": model} if model else None)
     out = output or Path(r.get("output") or "moepress-out")
@@ -74,7 +74,7 @@ def recipe_group():
 @click.argument("recipe", required=False, type=click.Path(path_type=Path, dir_okay=False))
 def recipe_show(recipe):
     """Print the effective recipe (defaults filled in); without RECIPE the embedded default."""
-    from moepress.recipe import dump, load_recipe
+    from moepress.pipeline.recipe import dump, load_recipe
 
     r, src = load_recipe(recipe)
     click.echo(f"# effective recipe from {src}")
@@ -88,7 +88,7 @@ def recipe_show(recipe):
 @click.option("--json", "json_out", is_flag=True, help="JSON result on stdout.")
 def publish_cmd(artifact, to, force, json_out):
     """Publish ARTIFACT after verifying every file against its manifest and that its checks passed."""
-    from moepress.publish import publish
+    from moepress.pipeline.publish import publish
 
     res = publish(artifact, to, force=force)
     click.echo(json.dumps(res) if json_out else f"published {artifact} -> {res['published']}")
