@@ -109,13 +109,19 @@ def main() -> int:
     g.add_argument("--check", type=Path)
     ap.add_argument("--work", type=Path, default=Path("/tmp/moepress-golden"))
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--only", default="", help="comma-separated substrings: run (and compare) just the cases "
+                    "whose name holds one, e.g. /prune/ or /quantize/,/export/ (exports need their quantize)")
     a = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)
-    shutil.rmtree(a.work, ignore_errors=True)
+    if not a.only:
+        shutil.rmtree(a.work, ignore_errors=True)
     record, t0 = {}, time.time()
+    only = [o for o in a.only.split(",") if o]
     for name, thunk in cases(a.work, a.models.split(",")):
+        if only and not any(o in name for o in only):
+            continue
         code, out = thunk()
         record[name] = {"exit": code, "files": digest_dir(out) if code == 0 and out.is_dir() else {}}
         print(f"{time.time() - t0:7.1f}s {name}: exit {code}, {len(record[name]['files'])} files", flush=True)
@@ -124,6 +130,8 @@ def main() -> int:
         print(f"wrote {a.write}: {sum(len(r['files']) for r in record.values())} files in {len(record)} cases")
         return 0
     want = json.loads(a.check.read_text())
+    if only:
+        want = {n: r for n, r in want.items() if any(o in n for o in only)}
     bad = [n for n in sorted(set(want) | set(record)) if want.get(n) != record.get(n)]
     for n in bad:
         w, g2 = want.get(n) or {"files": {}}, record.get(n) or {"files": {}}
