@@ -7,8 +7,8 @@ interrupted run never leaves something that looks finished.
 
 Stored weights may be quantized (DeepSeek/Kimi block-FP8 with ``weight_scale_inv``,
 or the formats moepress writes); :meth:`CheckpointReader.weight` returns them
-dequantized through decoders that the quantization formats register
-(:func:`register_weight_decoder`), one tensor at a time.
+dequantized by the format registry's decoders (:func:`moepress.compress.formats.decode`),
+one tensor at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import shutil
 import stat
 import struct
 from collections import defaultdict
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_bytes
 
+from moepress.compress import formats
 from moepress.errors import MoepressError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -108,18 +108,6 @@ def _json(path: Path) -> dict:
         raise MoepressError(f"{path}: cannot read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MoepressError(f"{path}: not valid JSON ({e})") from None
-
-
-# A weight decoder turns stored tensors into a float weight: decoder(reader, base, dtype)
-# gets the module prefix (e.g. "model.layers.3.mlp.experts.7.down_proj") and returns the
-# dequantized weight, or None if the stored form is not its own.
-WeightDecoder = Callable[["CheckpointReader", str, torch.dtype], "torch.Tensor | None"]
-_DECODERS: list[WeightDecoder] = []
-
-
-def register_weight_decoder(fn: WeightDecoder) -> WeightDecoder:
-    _DECODERS.append(fn)
-    return fn
 
 
 def _pread(fd: int, view: memoryview, offset: int) -> int:
@@ -327,16 +315,12 @@ class CheckpointReader:
 
 
 def decode_weight(reader, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``name`` in float ``dtype`` through the registered decoders (``reader``: a CheckpointReader
+    """``name`` in float ``dtype`` through the format registry's decoders (``reader``: a CheckpointReader
     or a :class:`LayerView` over tensors already read)."""
     if name.endswith(".weight"):
-        import moepress.compress.quant  # noqa: F401  (registers the decoders)
-
-        base = name[: -len(".weight")]
-        for dec in _DECODERS:
-            out = dec(reader, base, dtype)
-            if out is not None:
-                return out
+        out = formats.decode(reader, name[: -len(".weight")], dtype)
+        if out is not None:
+            return out
     return reader.get(name).to(dtype)
 
 

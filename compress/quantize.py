@@ -73,40 +73,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, LayerView, register_weight_decoder
-from moepress.compress.quant import awq, fp8, int4, w4a8
+from moepress.compress import formats
+from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, LayerView
+from moepress.compress.formats.fake_quant import attach as attach_fake_quant
+from moepress.compress.quant import fp8, int4
 from moepress.compress.quant import kv as kvq
-from moepress.compress.stream import StoredLinear, StreamedModel, read_ahead, read_ahead_budget, register_layer_preparer
+from moepress.compress.stream import StoredLinear, StreamedModel, read_ahead, read_ahead_budget
 from moepress.errors import MoepressError
 from moepress.progress import QUIET, Progress
 
-SIDECAR = "moepress_quant.json"
+SIDECAR = formats.SIDECAR
+read_quant_layout = formats.read_layout
 REPORT = "quant_report.json"
 
 
-@dataclass(frozen=True)
-class Format:
-    name: str
-    quant_algo: str  # modelopt / TensorRT-LLM QuantAlgo string
-    kind: str  # fp8 | int4
-    calibrated: bool  # needs calibration data
-    static_input: bool  # stores input_scale
-    awq: bool = False
-    description: str = ""
-
-
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("fp8", "FP8", "fp8", True, True, description="E4M3 per-tensor weights, static per-tensor activations"),
-    Format("fp8-block", "FP8_BLOCK_SCALES", "fp8", False, False,
-           description="128x128 block weight scales, dynamic 1x128 activations (DeepSeek style)"),
-    Format("fp8-dynamic", "FP8_PER_CHANNEL_PER_TOKEN", "fp8", False, False,
-           description="per-channel weights, per-token dynamic activations"),
-    Format("int4-awq", "W4A16_AWQ", "int4", True, False, awq=True,
-           description="INT4 weights, AWQ scales (GPTQ rounding)"),
-    Format("int4-gptq", "W4A16_GPTQ", "int4", True, False, description="INT4 weights, GPTQ"),
-    Format("w4a8-awq", "W4A8_AWQ", "int4", True, True, awq=True,
-           description="INT4 AWQ weights + FP8 activations (TensorRT-LLM W4A8_AWQ)"),
-)}
+FORMATS = formats.produced()  # what --format / --rule may name
 
 # Linears that read the same input tensor (siblings under one parent): fused by TensorRT-LLM.
 SHARED_INPUT = ({"q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa"}, {"gate_proj", "up_proj", "w1", "w3"})
@@ -177,74 +158,6 @@ def config_from_recipe(q: dict, c: dict) -> QuantConfig:
                        seq_len=c.get("seq_len", 256), seed=c.get("seed", 0),
                        gptq_act_order=q.get("gptq_act_order", True), awq_clip=q.get("awq_clip", True),
                        awq_gptq=q.get("awq_gptq", True))
-
-
-# ---- reading a quantized checkpoint: weight decoder + activation fake-quant -------------------------
-
-def read_quant_layout(model_dir: str | Path) -> dict | None:
-    p = Path(model_dir) / SIDECAR
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-@register_weight_decoder
-def _decode_modelopt(reader: CheckpointReader, base: str, dtype: torch.dtype):
-    if base + ".weight_scale" not in reader:
-        return None
-    q, s = reader.get(base + ".weight"), reader.get(base + ".weight_scale")
-    if q.dtype == torch.uint8:
-        return int4.dequantize(int4.unpack_int4(q), s, dtype)
-    if q.dtype == fp8.FP8_DTYPE:
-        return fp8.dequantize(q, s, dtype)
-    return None
-
-
-def _layout(reader: CheckpointReader) -> dict | None:
-    if not hasattr(reader, "_moepress_quant"):
-        reader._moepress_quant = read_quant_layout(reader.path)  # type: ignore[attr-defined]
-    return reader._moepress_quant  # type: ignore[attr-defined]
-
-
-def act_hook(fmt: str, pre_quant_scale: torch.Tensor | None, input_scale: torch.Tensor | None):
-    """The forward pre-hook a linear of format ``fmt`` runs on its input (fake quantization)."""
-
-    def hook(module, args):
-        x = args[0]
-        if pre_quant_scale is not None:
-            x = x * pre_quant_scale.to(x.dtype)
-        if input_scale is not None:
-            x = fp8.fake_quant(x, input_scale)
-        elif fmt == "fp8-dynamic":
-            x = fp8.fake_quant_per_token(x)
-        elif fmt == "fp8-block":
-            x = fp8.fake_quant_per_token(x, 128)
-        return (x, *args[1:])
-
-    return hook
-
-
-def attach_fake_quant(layer: nn.Module, specs: dict[str, tuple[str, torch.Tensor | None, torch.Tensor | None]]):
-    """specs: module name in the layer -> (format, pre_quant_scale, input_scale)."""
-    mods = dict(layer.named_modules())
-    for name, (fmt, pqs, isc) in specs.items():
-        if pqs is None and isc is None and fmt not in ("fp8-dynamic", "fp8-block"):
-            continue
-        mods[name].register_forward_pre_hook(act_hook(fmt, pqs, isc))
-
-
-@register_layer_preparer
-def _prepare(stream: StreamedModel, i: int, layer: nn.Module) -> None:
-    lay = _layout(stream.ckpt)
-    if not lay:
-        return
-    prefix = stream.adapter.layer_prefix(i)
-    specs = {}
-    for full, m in lay["modules"].items():
-        if not full.startswith(prefix):
-            continue
-        opt = {s: stream.ckpt.get(full + s).float() if full + s in stream.ckpt else None
-               for s in (".pre_quant_scale", ".input_scale")}
-        specs[full[len(prefix):]] = (m["format"], opt[".pre_quant_scale"], opt[".input_scale"])
-    attach_fake_quant(layer, specs)
 
 
 # ---- calibration statistics of one layer --------------------------------------------------------
@@ -364,70 +277,23 @@ class LayerResult:
 
 def _needs_h(cfg: QuantConfig, fmt: str | None) -> bool:
     """Does a linear of format ``fmt`` need its input's Hessian (GPTQ rounding)?"""
-    return fmt == "int4-gptq" or (fmt is not None and FORMATS[fmt].awq and cfg.awq_gptq)
+    return fmt is not None and formats.FORMATS[fmt].needs_hessian(cfg.awq_gptq)
 
 
 def _quantize_group(res: LayerResult, cfg: QuantConfig, fmt: str, names: list[str], ws: list[torch.Tensor],
                     st: LinearStats | None, input_amax_override: torch.Tensor | None = None) -> None:
-    f = FORMATS[fmt]
-    tensors = {}
-    if f.kind == "fp8":
-        if fmt == "fp8":
-            shared = fp8.scale_from_amax(torch.stack([w.abs().amax() for w in ws]).amax())
-            for n, w in zip(names, ws, strict=True):
-                q, s = fp8.quantize_tensor(w, shared)
-                tensors[n] = {"weight": q, "weight_scale": s}
-        elif fmt == "fp8-dynamic":
-            for n, w in zip(names, ws, strict=True):
-                q, s = fp8.quantize_channel(w)
-                tensors[n] = {"weight": q, "weight_scale": s}
-        else:
-            for n, w in zip(names, ws, strict=True):
-                q, s = fp8.quantize_block(w)
-                tensors[n] = {"weight": q, "weight_scale": s}
-        pqs = None
-    else:
-        group = int4.effective_group(ws[0].shape[1], cfg.group_size)
-        if group is None:
-            res.skipped.extend({"module": n, "reason": f"in_features {ws[0].shape[1]} not divisible by a group "
-                                                       f"<= {cfg.group_size}"} for n in names)
-            return
-        pqs = None
-        if f.awq and st is not None and st.n > 0:
-            pqs, alpha, _ = awq.search(ws, st.sample(), st.act_mean, group)
-            res.awq_alpha[names[0]] = alpha
-        elif f.awq:  # no statistics (an expert without tokens): identity scales, every expert has one
-            pqs = torch.ones(ws[0].shape[1])
-        H = None  # GPTQ: the Hessian of the input the quantized weight reads
-        if st is not None and st.S is not None and st.n > 0 and _needs_h(cfg, fmt):
-            H = st.H  # a new tensor (2 S / n), made once here
-            if pqs is not None:  # the Hessian of x * pqs: diag(pqs) H diag(pqs), in place
-                H.mul_(pqs.double()[:, None]).mul_(pqs.double()[None, :])
-        clip_x = None
-        if f.awq and H is None and cfg.awq_clip and st is not None and st.n > 0:  # the GEMM's input (awq.py)
-            clip_x = st.sample() * pqs[None, :]
-            if f.static_input:  # W4A8: FP8 activations, as modelopt's awq_clip sees them
-                clip_x = fp8.fake_quant(clip_x, fp8.scale_from_amax((st.amax * pqs).amax()))
-        wqs = [w.float() / pqs[None, :] if pqs is not None else w.float() for w in ws]
-        if H is not None:  # one factorisation of H for the linears sharing the input
-            from moepress.compress.quant.gptq import gptq_quantize_shared
-
-            by_gptq = gptq_quantize_shared(wqs, H, group, cfg.gptq_damp, cfg.gptq_act_order)
-        for k, (n, wq) in enumerate(zip(names, wqs, strict=True)):
-            if H is not None:
-                q, s = by_gptq[k]
-            elif clip_x is not None:
-                s = awq.clip_scales(wq, clip_x, group)
-                q = int4.quantize_with_scales(wq, s)
-            else:
-                q, s = int4.quantize(wq, group)
-            tensors[n] = {"weight": int4.pack_int4(q), "weight_scale": s}
-            if pqs is not None:
-                tensors[n]["pre_quant_scale"] = pqs
-        if fmt == "w4a8-awq":  # one weight_scale_2 for the fused group (w4a8.py)
-            s2 = w4a8.weight_scale_2(ws, pqs)
-            for n in names:
-                tensors[n]["weight_scale_2"] = s2
+    """Quantize linears ``names`` (they read one input, statistics ``st``) with the format's own
+    quantizer, add the static input scale where the format has one, and record them in ``res``."""
+    f = formats.FORMATS[fmt]
+    out = f.quantize(ws, formats.QuantContext(cfg.group_size, st, cfg.gptq_damp, cfg.gptq_act_order,
+                                              cfg.awq_gptq, cfg.awq_clip))
+    if out.skipped is not None:
+        res.skipped.extend({"module": n, "reason": out.skipped} for n in names)
+        return
+    if out.awq_alpha is not None:
+        res.awq_alpha[names[0]] = out.awq_alpha
+    tensors = dict(zip(names, out.tensors, strict=True))
+    pqs = out.pre_quant_scale
     isc = None
     if f.static_input:
         amax = input_amax_override
@@ -441,7 +307,7 @@ def _quantize_group(res: LayerResult, cfg: QuantConfig, fmt: str, names: list[st
         for k, v in tensors[n].items():
             res.tensors[f"{n}.{k}"] = v
         res.modules[n] = {"format": fmt, **({"group": int(ws[0].shape[1] // tensors[n]["weight_scale"].shape[1])}
-                                            if f.kind == "int4" else {})}
+                                            if out.group is not None else {})}
         res.specs[n] = (fmt, pqs, isc)
     if len(names) > 1:
         res.shared.append(list(names))
@@ -662,7 +528,7 @@ def quantize_tensors(sm: StreamedModel, i: int, cfg: QuantConfig, groups: list[t
         view = LayerView(sm.ckpt, raw)
         # block-FP8 from bf16: quantize the stored tensor as is (fp8.quantize_block divides in
         # float32 either way: same bytes, no float32 copy); everything else from float32
-        ws = [view.weight(prefix + n + ".weight", torch.bfloat16 if fmt == "fp8-block" and
+        ws = [view.weight(prefix + n + ".weight", torch.bfloat16 if _reads_stored_bf16(fmt) and
                           sm.ckpt.info(prefix + n + ".weight").dtype == "BF16" else torch.float32) for n in ns]
         for n in ns:
             raw.pop(prefix + n + ".weight", None)
@@ -683,6 +549,13 @@ def quantize_tensors(sm: StreamedModel, i: int, cfg: QuantConfig, groups: list[t
         raw[name] = t
         taken += 1
     return res, LayerView(sm.ckpt, raw)
+
+
+def _reads_stored_bf16(fmt: str) -> bool:
+    """Block FP8 from bf16: quantize the stored tensor as is (fp8.quantize_block divides in float32
+    either way: same bytes, no float32 copy); everything else from float32."""
+    f = FORMATS[fmt]
+    return f.element == "fp8" and f.scale == "block"
 
 
 class _FloatWeights(dict):
@@ -873,7 +746,7 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
             (w.partial / "moepress-quant-progress.json").unlink(missing_ok=True)
         fmts = sorted({m["format"] for m in modules.values()})
         algo = FORMATS[fmts[0]].quant_algo if len(fmts) == 1 else "MIXED_PRECISION"
-        group = cfg.group_size if any(FORMATS[f].kind == "int4" for f in fmts) else None
+        group = cfg.group_size if any(FORMATS[f].element == "int4" for f in fmts) else None
         exclude = sorted({_module_pattern(n) for n in _unquantized_linears(reader, a, modules)})
         hf_quant = {"producer": {"name": "moepress", "version": __version__},
                     "quantization": {"quant_algo": algo, "kv_cache_quant_algo": "FP8" if cfg.kv_cache else None,

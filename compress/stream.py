@@ -19,6 +19,7 @@ from torch import nn
 
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import CheckpointReader, LayerView
+from moepress.compress.formats import fake_quant
 from moepress.compress.moe import DecoderLayer
 from moepress.errors import MoepressError
 
@@ -99,19 +100,6 @@ def read_ahead(reader: CheckpointReader, names: Iterable[str],
             del t
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-# A layer preparer runs on every layer the stream builds: preparer(stream, i, layer).
-# Quantized formats register one to attach activation fake-quantization where the
-# checkpoint stores input scales, so any stream over a quantized checkpoint is its
-# fake-quant forward.
-LayerPreparer = Callable[["StreamedModel", int, DecoderLayer], None]
-_PREPARERS: list[LayerPreparer] = []
-
-
-def register_layer_preparer(fn: LayerPreparer) -> LayerPreparer:
-    _PREPARERS.append(fn)
-    return fn
-
 
 class StoredLinear(nn.Linear):
     """An ``nn.Linear`` whose weight stays as stored (bf16) and is cast to the input's dtype at
@@ -248,10 +236,8 @@ class StreamedModel:
         for m in layer.modules():
             if type(m) is nn.Linear and m.weight.dtype != self.dtype:
                 m.__class__ = StoredLinear
-        import moepress.compress.quant  # noqa: F401  (registers the formats' preparers)
-
-        for prep in _PREPARERS:
-            prep(self, i, layer)
+        # a quantized checkpoint's layer runs its activation fake-quant: the stream is its forward
+        fake_quant.prepare_layer(self.ckpt, self.adapter.layer_prefix(i), layer)
         return layer.eval()
 
     def load_layer(self, i: int) -> DecoderLayer:

@@ -37,7 +37,7 @@ class Source:
 
 
 def open_source(src: Path) -> Source:
-    from moepress.compress.quantize import read_quant_layout
+    from moepress.compress.formats import read_layout as read_quant_layout
 
     reader = CheckpointReader(src)
     if not reader.has_weights:

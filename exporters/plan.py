@@ -348,7 +348,7 @@ def default_format(model) -> str:
         cfg = json.loads(Path(model).read_text())
     else:
         p = Path(model)
-        from moepress.compress.quantize import read_quant_layout
+        from moepress.compress.formats import read_layout as read_quant_layout
 
         layout = read_quant_layout(p)
         if layout and layout.get("format") in FORMATS:

@@ -142,9 +142,9 @@ def read_linear(reader: CheckpointReader, prefix: str) -> Linear:
 
 
 def _layout(reader: CheckpointReader) -> dict | None:
-    from moepress.compress.quantize import _layout as stage_layout
+    from moepress.compress.formats import layout_of
 
-    return stage_layout(reader)
+    return layout_of(reader)
 
 
 

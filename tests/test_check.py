@@ -19,11 +19,11 @@ import torch
 
 from helpers import make_random_checkpoint
 from moepress import models
-from moepress.checks import CheckConfig, run_check
-from moepress.checks.config import evaluate_gates, failure_line
 from moepress.calib.data import calibration_batches
 from moepress.calib.metrics import error_jump, hidden_error, quantile, token_kl
 from moepress.calib.observers import RoutingStats
+from moepress.checks import CheckConfig, run_check
+from moepress.checks.config import evaluate_gates, failure_line
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
 from moepress.compress.quant.fp8 import quantize_block
 from moepress.compress.stream import StreamedModel

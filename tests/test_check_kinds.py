@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from moepress import models
+from moepress.calib.data import eval_batches
 from moepress.checks import CheckConfig, run_check
 from moepress.checks.candidates import detect_kind
-from moepress.calib.data import eval_batches
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.manifest import file_digests, read_manifest, write_manifest
 

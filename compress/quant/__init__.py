@@ -1,7 +1,2 @@
-"""Numeric formats, one file each (fp8.py, ...), each starting with its pure tensor functions.
-
-Importing this package registers the formats' checkpoint weight decoders.
-"""
-
-from moepress.compress import quantize  # noqa: F401,E402  (modelopt-layout decoder and fake-quant preparer)
-from moepress.compress.quant import fp8  # noqa: F401
+"""Numerics: one file per numeric format or method (fp8, int4, awq, gptq, w4a8, kv), each starting
+with its pure tensor functions (``quantize(w) -> (q, scale)``, ``dequantize(q, scale) -> w``)."""

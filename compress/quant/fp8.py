@@ -11,8 +11,6 @@ import threading
 
 import torch
 
-from moepress.compress.checkpoint import CheckpointReader, register_weight_decoder
-
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 DEFAULT_BLOCK = (128, 128)
@@ -67,15 +65,6 @@ def block_size_of(config: dict) -> tuple[int, int]:
     qc = config.get("quantization_config") or {}
     bs = qc.get("weight_block_size") or DEFAULT_BLOCK
     return int(bs[0]), int(bs[1])
-
-
-@register_weight_decoder
-def _decode_block_fp8(reader: CheckpointReader, base: str, dtype: torch.dtype):
-    if base + ".weight_scale_inv" not in reader:
-        return None
-    q = reader.get(base + ".weight")
-    s = reader.get(base + ".weight_scale_inv")
-    return dequantize_block(q, s, block_size_of(reader.config), dtype)
 
 
 # ---- per-tensor / per-channel weights, activation fake-quant ---------------------------------

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moepress.calib.metrics import LayerStats, LogitStats, error_jump
 from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.config import CheckConfig, evaluate_gates
-from moepress.calib.metrics import LayerStats, LogitStats, error_jump
 from moepress.errors import MoepressError
 
 PROMPT_TOKENS = 16

@@ -6,8 +6,8 @@ import json
 
 import click
 
-from moepress.errors import MoepressError
 from moepress.cli.options import model_argument, output_options, progress_options, resolve_model
+from moepress.errors import MoepressError
 
 FORMAT_HELP = "bf16 | fp8 | fp8-block | fp8-dynamic | int4-awq | int4-gptq | w4a8-awq | nvfp4"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from moepress.errors import MoepressError
 from moepress.cli.options import calib_options, model_argument, output_options, progress_options, resolve_model
+from moepress.errors import MoepressError
 
 
 @click.group("calib")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from moepress.errors import CheckFailed, MoepressError
 from moepress.cli.options import progress_options
+from moepress.errors import CheckFailed, MoepressError
 
 
 class KindChoice(click.ParamType):

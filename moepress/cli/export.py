@@ -6,8 +6,8 @@ import json
 
 import click
 
-from moepress.errors import MoepressError
 from moepress.cli.options import model_argument, output_options, progress_options, resolve_model
+from moepress.errors import MoepressError
 
 
 class FormatChoice(click.ParamType):

@@ -6,8 +6,8 @@ import json
 
 import click
 
-from moepress.errors import MoepressError
 from moepress.cli.options import calib_options, model_argument, output_options, progress_options, resolve_model
+from moepress.errors import MoepressError
 
 FORMAT_HELP = ("fp8 (E4M3 per-tensor weights, static activation scales) | fp8-block (128x128 weight blocks, dynamic "
                "activations; no calibration) | fp8-dynamic (per-channel weights, per-token activations; no "

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from moepress.errors import CheckFailed
 from moepress.cli.options import progress_options
-from moepress.progress import Progress
+from moepress.errors import CheckFailed
 from moepress.pipeline.recipe import STAGES
+from moepress.progress import Progress
 
 
 @click.command("run")

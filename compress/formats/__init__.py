@@ -1,0 +1,90 @@
+"""The quantization format registry: one module per format (``fp8.py``, ``int4_awq.py``, ...), each
+declaring a :class:`~moepress.compress.formats.base.Format`; they are assembled here, in the order
+the CLI and the GPU catalog list them. Adding a format is one new module plus one line below.
+
+Also here, because they are facts of the stored formats: the checkpoint weight decoders
+(:func:`decode`: Model-Optimizer's ``weight`` + ``weight_scale`` layout, and each format's input
+decoders such as DeepSeek's ``weight_scale_inv``), and the ``moepress_quant.json`` sidecar that says
+which format each quantized module has (:func:`read_layout`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from moepress.compress.formats import bf16, fp8, fp8_block, fp8_dynamic, int4_awq, int4_gptq, nvfp4, w4a8_awq
+from moepress.compress.formats.base import Format, QuantContext, Quantized
+from moepress.compress.quant.fp8 import FP8_DTYPE
+from moepress.errors import MoepressError
+
+FORMATS: dict[str, Format] = {m.FORMAT.name: m.FORMAT for m in (
+    bf16, fp8, fp8_block, fp8_dynamic, int4_awq, int4_gptq, w4a8_awq, nvfp4)}
+
+SIDECAR = "moepress_quant.json"
+
+
+def produced() -> dict[str, Format]:
+    """The formats ``moepress quantize`` writes, in registry order."""
+    return {n: f for n, f in FORMATS.items() if f.produced}
+
+
+def get(name: str, option: str = "--format", choices: dict[str, Format] | None = None) -> Format:
+    """The format called ``name``; else a one-line error naming ``option`` and the choices."""
+    choices = FORMATS if choices is None else choices
+    if name not in choices:
+        raise MoepressError(f"{option} {name}: expected one of {', '.join(choices)}")
+    return choices[name]
+
+
+def by_quant_algo(algo: str | None) -> Format | None:
+    """The format TensorRT-LLM / Model-Optimizer call ``algo`` (None: unquantized, bf16)."""
+    for f in FORMATS.values():
+        if f.quant_algo == algo:
+            return f
+    return None
+
+
+def read_layout(model_dir: str | Path) -> dict | None:
+    """``moepress_quant.json`` of a ``moepress quantize`` output: {"format", "group_size",
+    "modules": {prefix: {"format", "group"}}, "shared", ...}; None for any other checkpoint."""
+    p = Path(model_dir) / SIDECAR
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def layout_of(reader) -> dict | None:
+    """:func:`read_layout` of a reader's checkpoint, read once per reader."""
+    if not hasattr(reader, "_moepress_quant"):
+        reader._moepress_quant = read_layout(reader.path)
+    return reader._moepress_quant
+
+
+def _decode_modelopt(reader, base: str, dtype: torch.dtype):
+    """Model-Optimizer's layout (``weight`` + ``weight_scale``): the decoder of the format family
+    whose stored element type is the weight's (packed uint8: INT4; E4M3: FP8)."""
+    if base + ".weight_scale" not in reader:
+        return None
+    q, s = reader.get(base + ".weight"), reader.get(base + ".weight_scale")
+    element = {torch.uint8: "int4", FP8_DTYPE: "fp8"}.get(q.dtype)
+    for f in FORMATS.values():
+        if f.element == element and f.decode is not None:
+            return f.decode(q, s, dtype)
+    return None
+
+
+DECODERS = (_decode_modelopt, *(d for f in FORMATS.values() for d in f.input_decoders))
+
+
+def decode(reader, base: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """The weight of module ``base`` dequantized to ``dtype``, or None if it is stored plainly."""
+    for dec in DECODERS:
+        out = dec(reader, base, dtype)
+        if out is not None:
+            return out
+    return None
+
+
+__all__ = ["FORMATS", "SIDECAR", "Format", "QuantContext", "Quantized", "by_quant_algo", "decode", "get",
+           "layout_of", "produced", "read_layout"]

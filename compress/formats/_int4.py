@@ -1,0 +1,113 @@
+"""The INT4 weight quantizer the three INT4 formats share (int4-awq, int4-gptq, w4a8-awq).
+
+Model-Optimizer's INT4 numerics (modelopt/torch/export/quant_utils.py, 0.47: group scales amax / 7,
+``pack_int4_in_uint8``); AWQ scale search and clip search (compress/quant/awq.py, modelopt's
+awq_lite / awq_clip); GPTQ rounding (compress/quant/gptq.py). With AWQ and ``awq_gptq`` the
+smoothed weight W / pre_quant_scale is rounded by GPTQ on the smoothed input's Hessian
+diag(pqs) H diag(pqs) (llm-compressor's AWQ + GPTQ stacking); the stored format is the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moepress.compress.formats.base import GROUP, QuantContext, Quantized
+from moepress.compress.quant import awq, fp8, gptq, int4, w4a8
+
+
+def _smoothing(ws: list[torch.Tensor], st, group: int, use_awq: bool) -> tuple[torch.Tensor | None, float | None]:
+    """AWQ's pre_quant_scale for the group (identity scales for an expert without statistics)."""
+    if use_awq and st is not None and st.n > 0:
+        pqs, alpha, _ = awq.search(ws, st.sample(), st.act_mean, group)
+        return pqs, alpha
+    if use_awq:
+        return torch.ones(ws[0].shape[1]), None
+    return None, None
+
+
+def _hessian(st, pqs: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+    """The Hessian of the input the quantized weight reads (x * pqs with AWQ), made once here."""
+    if not needed or st is None or st.S is None or st.n <= 0:
+        return None
+    H = st.H  # a new tensor (2 S / n)
+    if pqs is not None:  # diag(pqs) H diag(pqs), in place
+        H.mul_(pqs.double()[:, None]).mul_(pqs.double()[None, :])
+    return H
+
+
+def _clip_input(st, pqs: torch.Tensor, fp8_input: bool) -> torch.Tensor:
+    """The GEMM's input the clip search evaluates (awq.py); W4A8 sees FP8 activations, as modelopt's
+    awq_clip does."""
+    x = st.sample() * pqs[None, :]
+    if fp8_input:
+        x = fp8.fake_quant(x, fp8.scale_from_amax((st.amax * pqs).amax()))
+    return x
+
+
+def quantize(ws: list[torch.Tensor], ctx: QuantContext, *, use_awq: bool, use_gptq: bool,
+             fp8_input: bool = False, with_scale_2: bool = False) -> Quantized:
+    """INT4 weights of linears that share an input (one pre_quant_scale, one Hessian factorisation)."""
+    st = ctx.stats
+    group = int4.effective_group(ws[0].shape[1], ctx.group_size)
+    if group is None:
+        return Quantized(skipped=f"in_features {ws[0].shape[1]} not divisible by a group <= {ctx.group_size}")
+    pqs, alpha = _smoothing(ws, st, group, use_awq)
+    H = _hessian(st, pqs, use_gptq or (use_awq and ctx.awq_gptq))
+    clip_x = None
+    if use_awq and H is None and ctx.awq_clip and st is not None and st.n > 0:
+        clip_x = _clip_input(st, pqs, fp8_input)
+    wqs = [w.float() / pqs[None, :] if pqs is not None else w.float() for w in ws]
+    by_gptq = gptq.gptq_quantize_shared(wqs, H, group, ctx.gptq_damp, ctx.gptq_act_order) if H is not None else None
+    tensors = []
+    for k, wq in enumerate(wqs):
+        if by_gptq is not None:
+            q, s = by_gptq[k]
+        elif clip_x is not None:
+            s = awq.clip_scales(wq, clip_x, group)
+            q = int4.quantize_with_scales(wq, s)
+        else:
+            q, s = int4.quantize(wq, group)
+        t = {"weight": int4.pack_int4(q), "weight_scale": s}
+        if pqs is not None:
+            t["pre_quant_scale"] = pqs
+        tensors.append(t)
+    if with_scale_2:  # one weight_scale_2 for the fused group (w4a8.py)
+        s2 = w4a8.weight_scale_2(ws, pqs)
+        for t in tensors:
+            t["weight_scale_2"] = s2
+    return Quantized(tensors, pqs, alpha, group)
+
+
+def decode(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return int4.dequantize(int4.unpack_int4(q), s, dtype)
+
+
+def stored_bytes(out_f: int, in_f: int, *, awq_scale: bool = False, scalars: int = 0) -> float:
+    """Packed INT4 + F32 group scales (+ F32 pre_quant_scale [in], + F32 scalars); a linear whose
+    in_features is not a multiple of the group stays bf16 (int4.effective_group)."""
+    n = out_f * in_f
+    if in_f > GROUP and in_f % GROUP:
+        return 2 * n
+    groups = -(-in_f // GROUP)  # in_f < GROUP: one group per row (the group is clamped)
+    return n / 2 + 4 * out_f * groups + (4 * in_f if awq_scale else 0) + 4 * scalars
+
+
+def modelopt_entry(algo: str, *, awq_scale: bool):
+    """One layer's entry in hf_quant_config.json (modelopt quant_utils.process_layer_quant_config)."""
+    def entry(group: int | None) -> dict:
+        e = {"quant_algo": algo, "group_size": group, "has_zero_point": False}
+        return {**e, "pre_quant_scale": True} if awq_scale else e
+    return entry
+
+
+def modelopt_group(group: int | None) -> dict:
+    """config.json's compressed-tensors-style group (modelopt convert_hf_config._quant_algo_to_group_config)."""
+    return {"weights": {"dynamic": False, "num_bits": 4, "type": "int", "group_size": group}}
+
+
+def ct_scheme(group: int | None, targets: list[str]):
+    """compressed-tensors pack-quantized: int4 symmetric, strategy group."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    return QuantizationScheme(targets=targets, weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, dynamic=False, strategy="group", group_size=group))

@@ -1,0 +1,114 @@
+"""What a quantization format is, as data: one frozen :class:`Format` per format.
+
+Everything a stage, exporter, planner or the CLI needs to know about a format is an attribute
+here, so that no module outside this package compares a format's name: the names its consumers
+use (TensorRT-LLM / Model-Optimizer ``quant_algo``, the compressed-tensors format and scheme), the
+tensors it stores, the GPU architectures that run it, its weight quantizer, its activation
+fake-quant and its decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+# Model-Optimizer's INT4 group and DeepSeek's FP8 block (plan sizes use it; compress/quant/int4.py)
+GROUP = 128
+
+
+@dataclass(frozen=True)
+class QuantContext:
+    """What a weight quantizer is handed for one group of linears that read the same input.
+
+    ``stats``: the input's calibration statistics (an object with ``n`` rows seen, ``amax`` and
+    ``act_mean`` per channel, ``sample()`` rows and ``H`` the Hessian 2 X^T X / n), or None for
+    calibration-free formats and experts without tokens."""
+
+    group_size: int = 128
+    stats: object | None = None
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
+    awq_gptq: bool = True
+    awq_clip: bool = True
+
+
+@dataclass
+class Quantized:
+    """A weight quantizer's result for one group: per linear, its stored tensors by suffix
+    (``weight``, ``weight_scale``, ...); the AWQ ``pre_quant_scale`` the group shares; the INT4
+    group; or why the group stays unquantized."""
+
+    tensors: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    pre_quant_scale: torch.Tensor | None = None
+    awq_alpha: float | None = None
+    group: int | None = None
+    skipped: str | None = None
+
+
+@dataclass(frozen=True)
+class Format:
+    """One quantization format.
+
+    element: what a stored weight value is (``bf16``, ``fp8`` E4M3, ``int4``, ``fp4`` E2M1).
+    scale: weight scale granularity (``tensor``, ``channel``, ``block`` 128x128, ``group`` of input
+    channels; None unquantized). activation: ``none`` (weight-only), ``static`` (calibrated FP8
+    ``input_scale``), ``token`` / ``block`` (FP8 per token / per 1x128 block, computed at run time).
+    archs: the SM versions whose TensorRT-LLM kernels run it. alternatives: what to suggest, in
+    order, on a GPU that cannot run it. quantize: (weights of linears sharing an input,
+    :class:`QuantContext`) -> :class:`Quantized`; None for formats moepress plans but does not write.
+    """
+
+    name: str
+    description: str
+    element: str
+    scale: str | None
+    activation: str
+    archs: tuple[int, ...]
+    quant_algo: str | None = None
+    calibrated: bool = False
+    awq: bool = False
+    gptq: bool = False
+    weight_scale_2: bool = False
+    alternatives: tuple[str, ...] = ()
+    stored: tuple[str, ...] = ()
+    quantize: Callable[[list[torch.Tensor], QuantContext], Quantized] | None = None
+    stored_bytes: Callable[[int, int], float] | None = None
+    modelopt_entry: Callable[[int | None], dict] | None = None
+    modelopt_group: Callable[[int | None], dict] | None = None
+    ct_format: str | None = None
+    ct_scheme: Callable[[int | None, list[str]], object] | None = None
+    decode: Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor] | None = None
+    input_decoders: tuple[Callable, ...] = ()
+
+    @property
+    def produced(self) -> bool:
+        """Does ``moepress quantize`` write it?"""
+        return self.quantize is not None
+
+    @property
+    def static_input(self) -> bool:
+        return self.activation == "static"
+
+    @property
+    def dynamic_input(self) -> bool:
+        return self.activation in ("token", "block")
+
+    def needs_hessian(self, awq_gptq: bool) -> bool:
+        """Is the weight rounded by GPTQ (its input's Hessian needed)?"""
+        return self.gptq or (self.awq and awq_gptq)
+
+    def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The run-time (dynamic) activation quantization of this format, as fake quant."""
+        from moepress.compress.quant import fp8
+
+        if self.activation == "token":
+            return fp8.fake_quant_per_token(x)
+        if self.activation == "block":
+            return fp8.fake_quant_per_token(x, GROUP)
+        return x
+
+    def ct_scale(self, s: torch.Tensor) -> torch.Tensor:
+        """Our stored weight scale -> compressed-tensors' parameter shape (tensor strategy: [1])."""
+        return s.float().reshape(1) if self.scale == "tensor" else s.float()

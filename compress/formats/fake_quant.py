@@ -1,0 +1,52 @@
+"""Activation fake quantization: the forward pre-hook a quantized linear runs on its input, so a
+layer of a quantized checkpoint computes what the runtime's quantized GEMM computes (AWQ's
+``pre_quant_scale`` multiplication, static FP8 ``input_scale``, or the format's dynamic FP8)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moepress.compress.formats import FORMATS, layout_of
+from moepress.compress.quant import fp8
+
+# module name in a layer -> (format name, pre_quant_scale, input_scale)
+Specs = dict[str, tuple[str, torch.Tensor | None, torch.Tensor | None]]
+
+
+def act_hook(fmt: str, pre_quant_scale: torch.Tensor | None, input_scale: torch.Tensor | None):
+    """The forward pre-hook a linear of format ``fmt`` runs on its input."""
+    f = FORMATS[fmt]
+
+    def hook(module, args):
+        x = args[0]
+        if pre_quant_scale is not None:
+            x = x * pre_quant_scale.to(x.dtype)
+        x = fp8.fake_quant(x, input_scale) if input_scale is not None else f.fake_quant_input(x)
+        return (x, *args[1:])
+
+    return hook
+
+
+def attach(layer: nn.Module, specs: Specs) -> None:
+    mods = dict(layer.named_modules())
+    for name, (fmt, pqs, isc) in specs.items():
+        if pqs is None and isc is None and not FORMATS[fmt].dynamic_input:
+            continue
+        mods[name].register_forward_pre_hook(act_hook(fmt, pqs, isc))
+
+
+def prepare_layer(reader, prefix: str, layer: nn.Module) -> None:
+    """Attach the hooks the checkpoint's ``moepress_quant.json`` calls for to decoder layer
+    ``layer`` (its tensors under ``prefix``); nothing for an unquantized checkpoint."""
+    lay = layout_of(reader)
+    if not lay:
+        return
+    specs = {}
+    for full, m in lay["modules"].items():
+        if not full.startswith(prefix):
+            continue
+        opt = {s: reader.get(full + s).float() if full + s in reader else None
+               for s in (".pre_quant_scale", ".input_scale")}
+        specs[full[len(prefix):]] = (m["format"], opt[".pre_quant_scale"], opt[".input_scale"])
+    attach(layer, specs)

@@ -1,0 +1,50 @@
+"""``fp8-block``: E4M3 weights with one scale per 128x128 block, FP8 activations per 1x128 block.
+
+Stored: ``P.weight`` F8_E4M3, ``P.weight_scale`` F32 [ceil(out/128), ceil(in/128)] (the values
+DeepSeek-V3 ships as ``weight_scale_inv``: deepseek-ai/DeepSeek-V3 README_WEIGHTS.md). TensorRT-LLM
+QuantAlgo ``FP8_BLOCK_SCALES`` (Model-Optimizer writes the alias ``fp8_pb_wo``, which TensorRT-LLM
+canonicalises to it; older releases accept only the enum name). compressed-tensors
+``float-quantized``, weights strategy block [128, 128], dynamic group-128 input.
+
+Also the input decoder for DeepSeek-V3 / Kimi K2 native block-FP8 checkpoints
+(``weight_scale_inv``, block size from ``quantization_config.weight_block_size``).
+"""
+
+import torch
+
+from moepress.compress.formats import _fp8
+from moepress.compress.formats.base import GROUP, Format, QuantContext, Quantized
+from moepress.compress.quant import fp8
+
+
+def quantize(ws: list[torch.Tensor], ctx: QuantContext) -> Quantized:
+    return Quantized(_fp8.each(ws, fp8.quantize_block))
+
+
+def decode_deepseek(reader, base: str, dtype: torch.dtype):
+    """DeepSeek / Kimi block FP8: ``weight`` E4M3 + ``weight_scale_inv`` per block."""
+    if base + ".weight_scale_inv" not in reader:
+        return None
+    q = reader.get(base + ".weight")
+    s = reader.get(base + ".weight_scale_inv")
+    return fp8.dequantize_block(q, s, fp8.block_size_of(reader.config), dtype)
+
+
+def ct_scheme(group, targets):
+    from compressed_tensors.quantization import QuantizationScheme
+
+    return QuantizationScheme(targets=targets, weights=_fp8.ct_args(strategy="block", block_structure=[128, 128]),
+                              input_activations=_fp8.ct_args(dynamic=True, strategy="group", group_size=128))
+
+
+FORMAT = Format(
+    name="fp8-block", description="128x128 block weight scales, dynamic 1x128 activations (DeepSeek style)",
+    element="fp8", scale="block", activation="block", archs=(90, 100), quant_algo="FP8_BLOCK_SCALES",
+    alternatives=("fp8", "fp8-dynamic", "int4-awq", "nvfp4"), stored=("weight", "weight_scale"),
+    quantize=quantize,
+    stored_bytes=lambda out_f, in_f: out_f * in_f + 4 * -(-out_f // GROUP) * -(-in_f // GROUP),
+    modelopt_entry=_fp8.modelopt_entry("FP8_BLOCK_SCALES"),
+    modelopt_group=lambda group: {"input_activations": {**_fp8.GROUP_ARGS, "dynamic": True, "group_size": 128},
+                                  "weights": {**_fp8.GROUP_ARGS, "strategy": "block", "block_structure": [128, 128]}},
+    ct_format="float-quantized", ct_scheme=ct_scheme, decode=_fp8.decode, input_decoders=(decode_deepseek,),
+)

@@ -1,0 +1,35 @@
+"""``fp8-dynamic``: E4M3 weights with one scale per output channel, FP8 activations per token.
+
+Stored: ``P.weight`` F8_E4M3, ``P.weight_scale`` F32 [out, 1]; no input scale (computed per token
+at run time). TensorRT-LLM QuantAlgo ``FP8_PER_CHANNEL_PER_TOKEN``; compressed-tensors
+``float-quantized``, weights strategy channel, dynamic per-token input.
+"""
+
+import torch
+
+from moepress.compress.formats import _fp8
+from moepress.compress.formats.base import Format, QuantContext, Quantized
+from moepress.compress.quant import fp8
+
+
+def quantize(ws: list[torch.Tensor], ctx: QuantContext) -> Quantized:
+    return Quantized(_fp8.each(ws, fp8.quantize_channel))
+
+
+def ct_scheme(group, targets):
+    from compressed_tensors.quantization import QuantizationScheme
+
+    return QuantizationScheme(targets=targets, weights=_fp8.ct_args(strategy="channel"),
+                              input_activations=_fp8.ct_args(dynamic=True, strategy="token"))
+
+
+FORMAT = Format(
+    name="fp8-dynamic", description="per-channel weights, per-token dynamic activations",
+    element="fp8", scale="channel", activation="token", archs=(90,), quant_algo="FP8_PER_CHANNEL_PER_TOKEN",
+    alternatives=("fp8", "fp8-block", "int4-awq", "nvfp4"), stored=("weight", "weight_scale"),
+    quantize=quantize, stored_bytes=lambda out_f, in_f: out_f * in_f + 4 * out_f,
+    modelopt_entry=_fp8.modelopt_entry("FP8_PER_CHANNEL_PER_TOKEN"),
+    modelopt_group=lambda group: {"input_activations": _fp8.GROUP_ARGS,
+                                  "weights": {**_fp8.GROUP_ARGS, "strategy": "channel"}},
+    ct_format="float-quantized", ct_scheme=ct_scheme, decode=_fp8.decode,
+)
