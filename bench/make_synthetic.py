@@ -106,9 +106,9 @@ def main(argv=None) -> int:
     if a.tokenizer:
         import shutil
 
-        from moepress.cli.options import resolve_model
         from moepress.compress.checkpoint import aux_files
         from moepress.manifest import file_digests, read_manifest, update_manifest
+        from moepress.models import resolve as resolve_model
 
         for p in aux_files(resolve_model(a.tokenizer)):
             if p.name.startswith("tokenizer") or p.suffix == ".jinja":

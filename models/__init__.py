@@ -1,4 +1,4 @@
-"""The tiny MoE models bundled for tests and the default `moepress run` (trained by train_tiny.py)."""
+"""The tiny MoE models bundled for tests and the default `moepress run` (trained offline by tools/train_tiny.py)."""
 
 from __future__ import annotations
 
@@ -16,3 +16,15 @@ def path(name: str = DEFAULT) -> Path:
 
 def all_paths() -> list[Path]:
     return [path(n) for n in BUNDLED]
+
+
+def resolve(arg: str) -> Path:
+    """A checkpoint directory, or the name of a bundled model (e.g. ``tiny-qwen3-moe``)."""
+    from moepress.errors import MoepressError
+
+    p = Path(arg)
+    if p.exists():
+        return p
+    if arg in BUNDLED:
+        return path(arg)
+    raise MoepressError(f"{arg}: no such checkpoint directory (bundled models: {', '.join(BUNDLED)})")

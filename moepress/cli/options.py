@@ -6,20 +6,12 @@ from pathlib import Path
 
 import click
 
-from moepress.errors import MoepressError
+from moepress import models
 
 
 def resolve_model(arg: str) -> Path:
     """A checkpoint directory, or the name of a bundled model (e.g. ``tiny-qwen3-moe``)."""
-    from moepress import models
-
-    p = Path(arg)
-    if p.exists():
-        return p
-    if arg in models.BUNDLED:
-        return models.path(arg)
-    raise MoepressError(f"{arg}: no such checkpoint directory "
-                        f"(bundled models: {', '.join(models.BUNDLED)})")
+    return models.resolve(arg)
 
 
 def model_argument(f):

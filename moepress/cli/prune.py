@@ -1,4 +1,4 @@
-"""`moepress prune`: remove the routed experts a calibration set says matter least (issue #4)."""
+"""`moepress prune`: remove the routed experts a calibration set says matter least."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import click
 
-from moepress.errors import MoepressError
 from moepress.cli.options import calib_options, model_argument, output_options, progress_options, resolve_model
+from moepress.errors import MoepressError
 
 
 class MethodChoice(click.ParamType):
@@ -68,17 +68,21 @@ def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_t
     per layer the kept and dropped experts, their scores and token shares, and the
     constraint decisions. Shared experts and dense layers are copied unchanged.
     """
-    from moepress.compress.prune import DEFAULT_METHOD, PruneConfig, parse_protect, prune_checkpoint
+    from moepress.calib.data import calibration_batches
+    from moepress.compress.prune import PruneConfig, prune_checkpoint
     from moepress.progress import Progress
 
-    if search_tokens < 1:
-        raise MoepressError(f"--search-tokens {search_tokens}: expected a positive number")
-    cfg = PruneConfig(method=method or DEFAULT_METHOD, ratio=ratio, keep=keep, ep_size=ep_size,
-                      protect=parse_protect(protect), sequential=sequential, calib=tuple(calib),
-                      num_samples=num_samples, seq_len=seq_len, seed=seed, search_tokens=search_tokens)
+    cfg = PruneConfig.from_flags(method=method, ratio=ratio, keep=keep, ep_size=ep_size, protect=protect,
+                                 sequential=sequential, calib=calib, num_samples=num_samples, seq_len=seq_len,
+                                 seed=seed, search_tokens=search_tokens)
     src = resolve_model(model)
-    result = prune_checkpoint(src, output, cfg, force=force, progress=Progress.from_flags(quiet, json_out),
-                              trust_remote_code=trust_remote_code)
+
+    def batches():  # fetched by the stage once it has validated the checkpoint and the options
+        return calibration_batches(src, cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed,
+                                   trust_remote_code=trust_remote_code)
+
+    result = prune_checkpoint(src, output, cfg, batches=batches, force=force,
+                              progress=Progress.from_flags(quiet, json_out))
     if json_out:
         click.echo(json.dumps(result))
     else:

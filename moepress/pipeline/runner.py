@@ -31,8 +31,8 @@ from pathlib import Path
 
 from moepress.errors import CheckFailed, MoepressError
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest
-from moepress.progress import Progress
 from moepress.pipeline.recipe import STAGES, dump
+from moepress.progress import Progress
 
 # exports a CPU consumer here can check, and the candidate kind it runs as
 CHECKABLE = {"hf-modelopt": "checkpoint", "hf-fp8-block": "checkpoint", "compressed-tensors": "transformers",
@@ -71,7 +71,7 @@ def output_complete(d: Path) -> bool:
 class Runner:
     def __init__(self, recipe: dict, out: Path, progress: Progress, force_from: str | None = None,
                  recipe_src: str = "recipe"):
-        from moepress.cli.options import resolve_model
+        from moepress.models import resolve as resolve_model
 
         self.recipe, self.out, self.prog = recipe, Path(out), progress
         self.recipe_src = recipe_src
@@ -184,19 +184,20 @@ class Runner:
         return cs.meta["key"]
 
     def _prune(self, src: Path, src_key: str, calib_key: str) -> Path:
-        from moepress.compress.prune import DEFAULT_METHOD, PruneConfig, parse_protect, prune_checkpoint
+        from moepress.calib.data import calibration_batches
+        from moepress.compress.prune import PruneConfig, prune_checkpoint
 
-        p, c = self.recipe["prune"], self.recipe["calib"]
-        cfg = PruneConfig(method=p["method"] or DEFAULT_METHOD, ratio=p["ratio"], keep=p["keep"],
-                          ep_size=p["ep_size"], protect=parse_protect(p["protect"]), sequential=p["sequential"],
-                          calib=tuple(c["sources"]), num_samples=c["num_samples"], seq_len=c["seq_len"],
-                          seed=c["seed"], search_tokens=p["search_tokens"])
+        c = self.recipe["calib"]
+        cfg = PruneConfig.from_recipe(self.recipe["prune"], c)
         out = self.out / "prune"
         key = _key({"stage": "prune", "input": src_key, "calib": calib_key, "config": dataclasses.asdict(cfg)})
 
+        def batches():  # fetched by the stage once it has validated the checkpoint and the options
+            return calibration_batches(src, cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed,
+                                       trust_remote_code=c["trust_remote_code"])
+
         def fn(resume):
-            res = prune_checkpoint(src, out, cfg, force=True, progress=self.prog,
-                                   trust_remote_code=c["trust_remote_code"])
+            res = prune_checkpoint(src, out, cfg, batches=batches, force=True, progress=self.prog)
             return {k: res[k] for k in ("method", "num_experts", "kept") if k in res}
 
         self.stage("prune", key, out, fn)

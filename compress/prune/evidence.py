@@ -1,0 +1,77 @@
+"""What a pruning method sees for one MoE layer (``LayerEvidence``) and what it returns (``Selection``).
+
+``RouteRecorder`` is the observer that keeps, for a seeded subsample of calibration tokens, what
+the reroute search replays: MoE inputs, router logits, the chosen experts and, around the block,
+the residual stream and the block's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from moepress.calib.observers import LayerRouting
+from moepress.compress.moe import DecoderLayer, SparseMoE
+
+
+class RouteRecorder:
+    """Observer keeping what the reroute search needs for a fixed subsample of calibration tokens:
+    the MoE input, the router logits, the chosen experts with their weights and (``attach``) the
+    residual stream entering the MoE block and the block's whole output (shared experts included),
+    whose sum is the hidden state the next layer normalises and reads."""
+
+    def __init__(self, n_tokens: int, keep: int, seed: int):
+        self.pick = torch.zeros(n_tokens, dtype=torch.bool)  # over all calibration tokens, in stream order
+        self.pick[torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))[:keep]] = True
+        self.offset = 0
+        self.last = torch.zeros(0, dtype=torch.bool)
+        self.parts: list[tuple[torch.Tensor, ...]] = []
+        self.residual: list[torch.Tensor] = []
+        self.block_out: list[torch.Tensor] = []
+
+    def attach(self, layer: DecoderLayer) -> Callable[[], None]:
+        """Observe ``layer``'s MoE block; returns a function that removes the hooks."""
+        def pre(mod, args):  # the input of post_attention_layernorm: the residual stream
+            h = args[0].reshape(-1, args[0].shape[-1])
+            m = self.pick[self.offset: self.offset + h.shape[0]]
+            if m.any():
+                self.residual.append(h[m].detach().float())
+
+        def post(mod, args, out):  # runs after on_route of the same tokens: self.last is their mask
+            if self.last.any():
+                self.block_out.append(out.reshape(-1, out.shape[-1])[self.last].detach().float())
+
+        layer.moe.observers.append(self)
+        hooks = [layer.post_attention_layernorm.register_forward_pre_hook(pre),
+                 layer.moe.register_forward_hook(post)]
+        return lambda: [h.remove() for h in hooks]
+
+    def on_route(self, moe, x, logits, weights, indices) -> None:
+        m = self.pick[self.offset: self.offset + x.shape[0]]
+        self.offset += x.shape[0]
+        self.last = m
+        if m.any():
+            self.parts.append((x[m].detach().float(), logits[m].detach().float(), indices[m], weights[m].float()))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.cat(p) for p in zip(*self.parts, strict=True))
+
+
+@dataclass
+class LayerEvidence:
+    """What a method sees for one MoE layer."""
+
+    layer: int
+    moe: SparseMoE
+    stats: LayerRouting
+    routing: dict
+    recorder: RouteRecorder | None = None
+
+
+@dataclass
+class Selection:
+    kept: list[int]  # ascending: new expert j is old expert kept[j]
+    scores: torch.Tensor  # [E] float64, higher = more important (NaN where not scored)
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,81 @@
+"""The method registry type and the score methods.
+
+A ``PruneMethod`` turns a layer's evidence and the budget into a ``Selection``. The registry
+``METHODS`` is filled in the package ``__init__`` (in the order the CLI lists the methods);
+this module only defines the type and the score methods ``frequency``, ``ean`` and ``reap``,
+which rank experts by a statistic of ``RoutingStats`` and keep the best of every group.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moepress.calib.observers import LayerRouting
+from moepress.compress.prune.budget import Budget
+from moepress.compress.prune.evidence import LayerEvidence, Selection
+
+
+@dataclass(frozen=True)
+class PruneMethod:
+    name: str
+    help: str
+    select: Callable[[LayerEvidence, Budget], Selection]
+    score_name: str
+    needs_outputs: bool = False  # needs a RouteRecorder (cached router logits and MoE inputs)
+    # look-ahead: the layer keeps whichever of these methods' selections leaves the hidden state after
+    # the NEXT decoder layer closest to the original model's (decided one layer later; see stage.py)
+    candidates: tuple[str, ...] = ()
+    # plans: these methods each prune the whole model side by side; the lowest calibration loss is kept
+    plans: tuple[str, ...] = ()
+
+
+METHODS: dict[str, PruneMethod] = {}
+
+
+def register(method: PruneMethod) -> PruneMethod:
+    METHODS[method.name] = method
+    return method
+
+
+def keep_top(scores: torch.Tensor, budget: Budget, layer: int) -> list[int]:
+    """The best-scored experts, protected ones first, the same number in every group."""
+    E = budget.num_experts
+    prot = budget.protected_in(layer)
+    key = {e: (e not in prot, -float(scores[e]) if not math.isnan(float(scores[e])) else math.inf, e)
+           for e in range(E)}
+    size = E // budget.n_group
+    kept: list[int] = []
+    for g in range(budget.n_group):
+        members = sorted(range(g * size, (g + 1) * size), key=key.__getitem__)
+        kept += members[: budget.keep_per_group]
+    return sorted(kept)
+
+
+def score_method(name: str, help: str, score_name: str, scores: Callable[[LayerRouting], torch.Tensor]) -> PruneMethod:
+    """A method keeping the experts with the highest ``scores(stats)`` (``keep_top``)."""
+    def select(ev: LayerEvidence, budget: Budget) -> Selection:
+        s = scores(ev.stats).double()
+        return Selection(keep_top(s, budget, ev.layer), s)
+    return PruneMethod(name, help, select, score_name)
+
+
+def frequency_scores(stats: LayerRouting) -> torch.Tensor:
+    """Tokens routed to each expert."""
+    return stats.counts
+
+
+def ean_scores(stats: LayerRouting) -> torch.Tensor:
+    """The REAP paper's EAN baseline: the summed output norm (CerebrasResearch/reap src/reap/observer.py
+    "ean_sum"); it favours frequently routed experts, unlike a per-token mean."""
+    return stats.norm_sum
+
+
+def reap_scores(stats: LayerRouting) -> torch.Tensor:
+    """REAP (arXiv 2510.13999): mean over routed tokens of g_j(x) * ||f_j(x)||_2. g_j is the weight the
+    family's router really gives (renormalised softmax, or DeepSeek's sigmoid + bias + groups x
+    routed_scaling_factor), not REAP's softmax approximation."""
+    return stats.reap

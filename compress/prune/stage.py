@@ -1,0 +1,221 @@
+"""The prune stage: stream the checkpoint once, decide each MoE layer's kept experts, write as it goes.
+
+The calibration batches run through the checkpoint one decoder layer at a time; for each MoE
+layer the statistics of that layer decide which experts stay, and the layer is written straight
+away (``surgery``). Memory is one layer plus the calibration activations. A look-ahead method
+decides a layer when the next one is loaded; ``auto`` races whole-model plans (``plans``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from moepress.calib.observers import RoutingStats
+from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+from moepress.compress.moe import DecoderLayer
+from moepress.compress.prune.budget import plan_budget
+from moepress.compress.prune.config import REPORT_NAME, PruneConfig
+from moepress.compress.prune.evidence import LayerEvidence, RouteRecorder, Selection
+from moepress.compress.prune.lookahead import Pending, candidate_states, decide
+from moepress.compress.prune.methods import METHODS, PruneMethod
+from moepress.compress.prune.mtp import MTP_SCORING, MTPInput, mtp_layers_present, read_decoder_state
+from moepress.compress.prune.plans import PlanRace
+from moepress.compress.prune.report import layer_note, layer_report
+from moepress.compress.prune.surgery import prune_moe_module, write_from_checkpoint, write_from_layer
+from moepress.compress.stream import StreamedModel, read_ahead_budget
+from moepress.errors import MoepressError
+from moepress.progress import QUIET, Progress
+
+# token ids [B, S] per batch, or a function returning them (called once the options are validated)
+Batches = list[torch.Tensor] | Callable[[], list[torch.Tensor]]
+
+
+@torch.no_grad()
+def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *, batches: Batches,
+                     progress: Progress = QUIET, force: bool = False) -> dict:
+    """Prune ``model`` into ``out`` (same format as the input); returns the result summary.
+
+    ``batches`` are the calibration token ids [B, S], built by the caller. Passed as a function,
+    they are fetched only after the checkpoint, the method and the budget are validated, so that a
+    bad option is refused before any calibration data is read.
+    """
+    t0 = time.monotonic()
+    stage = PruneStage(model, cfg)
+    stage.run(out, batches() if callable(batches) else batches, force=force, progress=progress)
+    return stage.summary(out, t0)
+
+
+class PruneStage:
+    """One prune run: the opened checkpoint, its budget, and the steps that prune and write it."""
+
+    def __init__(self, model: str | Path, cfg: PruneConfig):
+        """Open ``model`` and validate the method and the budget (one-line MoepressErrors)."""
+        if cfg.method not in METHODS:
+            raise MoepressError(f"--method {cfg.method}: expected one of {', '.join(METHODS)}")
+        self.cfg, self.method = cfg, METHODS[cfg.method]
+        self.reader = reader = CheckpointReader(model)
+        # bf16 weights stay as stored (StoredLinear: same float32 results, half the memory) and the
+        # reader runs a bounded distance ahead (a quarter layer at most), never a whole third layer.
+        self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=read_ahead_budget(reader))
+        self.adapter = a = self.sm.adapter
+        self.mtp = mtp_layers_present(a, reader)
+        moe_layers = a.moe_layers()
+        if not moe_layers:
+            raise MoepressError(f"{reader.path}: no MoE layers to prune")
+        self.budget = plan_budget(a, cfg, moe_layers + self.mtp)
+        self.routing = a.routing()
+        self.notes = list(self.budget.decisions)
+        if self.routing["scoring"] == "softmax" and not self.routing["renormalize"]:
+            self.notes.append("norm_topk_prob=false: the softmax runs over fewer experts after pruning, so the "
+                              "weights of every token grow by sum(exp(all logits)) / sum(exp(kept logits)); choices "
+                              "among kept experts are unchanged")
+        self.report_layers: list[dict] = []
+        self.batches: list[torch.Tensor] = []
+        self.w: CheckpointWriter | None = None
+
+    # ---- the run ------------------------------------------------------------------------------
+
+    def run(self, out: str | Path, batches: list[torch.Tensor], *, force: bool, progress: Progress) -> None:
+        """Write the pruned checkpoint, its config.json and prune_report.json into ``out``."""
+        self.batches = batches
+        n_tokens = sum(b.numel() for b in batches)
+        reader, cfg = self.reader, self.cfg
+        layer_names = {n for i in reader.layer_indices() for n in reader.layer_names(i)}
+        top_names = [n for n in reader.names() if n not in layer_names]
+        plan_info = None
+        with CheckpointWriter(out, force=force) as w:
+            self.w = w
+            w.manifest.update({"stage": "prune", "config": asdict(cfg),
+                               "inputs": {"model": str(reader.path), "calibration": list(cfg.calib) or ["default"],
+                                          "calibration_tokens": n_tokens}})
+            for name in top_names:
+                w.add(name, reader.get(name))
+            w.end_shard()
+            with progress.task("prune", self.adapter.num_layers + len(self.mtp)) as task:
+                if self.method.plans:
+                    hs, plan_info = PlanRace(self, list(self.method.plans)).run(task, progress)
+                else:
+                    hs = self._run_single(task)
+                if self.mtp:
+                    self._prune_mtp(task, hs, METHODS[plan_info["chosen"]] if plan_info else self.method)
+            w.write_json("config.json", self.adapter.config_with_experts(self.budget.keep))
+            w.copy_aux_files(reader.path)
+            w.write_json(REPORT_NAME, self._report(n_tokens, plan_info))
+        self.w = None
+
+    def _report(self, n_tokens: int, plan_info: dict | None) -> dict:
+        a, budget = self.adapter, self.budget
+        return {"model": str(self.reader.path), "family": a.family, "config": asdict(self.cfg),
+                "num_experts": budget.num_experts, "kept": budget.keep, "experts_key": a.experts_key(),
+                "routing": self.routing, "constraints": self.notes, "calibration_tokens": n_tokens,
+                "mtp_layers": self.mtp, "mtp_scoring": MTP_SCORING if self.mtp else None,
+                **({"plans": plan_info} if plan_info else {}), "layers": self.report_layers}
+
+    def summary(self, out: str | Path, t0: float) -> dict:
+        shares = [r["dropped_share"] for r in self.report_layers]
+        return {"output": str(out), "method": self.cfg.method, "num_experts": self.budget.num_experts,
+                "kept": self.budget.keep, "moe_layers": len(self.report_layers), "mtp_layers": len(self.mtp),
+                "dropped_token_share_mean": round(sum(shares) / len(shares), 6), "constraints": self.notes,
+                "seconds": round(time.monotonic() - t0, 3)}
+
+    # ---- one method over the trunk ---------------------------------------------------------------
+
+    def _reference_batches(self) -> int:
+        """Look-ahead: how many of the first calibration batches (about search_tokens tokens) the
+        original model's hidden states are kept for, to compare candidates against."""
+        n_ref, t = 0, 0
+        while self.method.candidates and n_ref < len(self.batches) and t < self.cfg.search_tokens:
+            t += self.batches[n_ref].numel()
+            n_ref += 1
+        return n_ref
+
+    def _run_single(self, task) -> list[torch.Tensor]:
+        """The trunk pruned by one method, layer by layer; a look-ahead layer is written one layer later."""
+        sm, look = self.sm, bool(self.method.candidates)
+        hs = sm.embed(self.batches)
+        ref = hs[:self._reference_batches()]
+        pending: Pending | None = None
+        for i, layer in sm.layers():
+            if look:
+                ref_next = sm.run_layer(layer, ref)
+                if pending is not None:
+                    hs = self._settle(pending, ref_next, layer, task)
+                    pending = None
+                ref = ref_next
+            if layer.moe is None:
+                hs = sm.run_layer(layer, hs)
+                self.write_read(i, None)
+                task.advance(note=f"layer {i}: dense, copied")
+                continue
+            if look:
+                pending = self.prune_layer(i, layer, hs, "trunk", self.method)
+                continue
+            hs, _ = self.prune_layer(i, layer, hs, "trunk", self.method)
+            task.advance(note=layer_note(self.report_layers[-1], self.budget))
+        if pending is not None:  # the last layer: its own output state against the original's
+            hs = self._settle(pending, ref, None, task)
+        return hs
+
+    def _settle(self, pending: Pending, state: list[torch.Tensor], nxt: DecoderLayer | None,
+                task) -> list[torch.Tensor]:
+        """Decide and write a look-ahead layer; returns the hidden states its chosen selection leaves."""
+        sel, row = decide(self.sm, self.budget, pending, state, nxt)
+        self.report_layers.append(row)
+        self.write_read(pending.layer, sel.kept)
+        task.advance(note=layer_note(row, self.budget))
+        return pending.outs[pending.chosen]
+
+    def _prune_mtp(self, task, hs: list[torch.Tensor], method: PruneMethod) -> None:
+        """Each MTP layer pruned on its own forward: input from the trunk's final state and the next token."""
+        sm = self.sm
+        norm, _ = sm.head_weights()
+        prev = [norm(h) for h in hs]
+        for depth, i in enumerate(self.mtp):
+            inp = MTPInput(sm, i)
+            hs_in = [inp(ids, h, depth) for ids, h in zip(self.batches, prev, strict=True)]
+            layer = sm.build_layer(i, read_decoder_state(sm, i))
+            prev, sel = self.prune_layer(i, layer, hs_in, "mtp", method)
+            del layer
+            task.advance(note=f"MTP layer {i}: kept {len(sel.kept)}/{self.budget.num_experts}")
+
+    # ---- steps on one layer ----------------------------------------------------------------------
+
+    def evidence(self, i: int, layer: DecoderLayer, hs: list[torch.Tensor],
+                 recorder: bool) -> tuple[LayerEvidence, list[torch.Tensor]]:
+        """Run the unpruned ``layer`` on ``hs`` with the observers a method reads: (evidence, outputs)."""
+        stats = RoutingStats()
+        lr = stats.attach(i, layer)
+        rec = hook = None
+        if recorder:
+            rec = RouteRecorder(sum(h.shape[0] * h.shape[1] for h in hs), self.cfg.search_tokens, self.cfg.seed)
+            hook = rec.attach(layer)
+        out_hs = self.sm.run_layer(layer, hs)
+        layer.moe.observers = []
+        if hook is not None:
+            hook()
+        return LayerEvidence(i, layer.moe, lr, self.routing, rec), out_hs
+
+    def prune_layer(self, i: int, layer: DecoderLayer, hs: list[torch.Tensor], kind: str,
+                    meth: PruneMethod) -> Pending | tuple[list[torch.Tensor], Selection]:
+        """Select and write layer i: (its output states, the selection); a trunk layer of a look-ahead
+        method returns its ``Pending`` candidates instead (written once decided)."""
+        ev, out_hs = self.evidence(i, layer, hs, meth.needs_outputs)
+        if meth.candidates and kind == "trunk":
+            return candidate_states(self.sm, self.budget, meth, ev, layer, hs)
+        sel = meth.select(ev, self.budget)
+        assert len(sel.kept) == self.budget.keep
+        self.report_layers.append(layer_report(i, kind, sel, ev.stats, meth, self.budget.protected_in(i)))
+        write_from_layer(self.w, self.reader, self.adapter, i, layer, sel.kept)
+        if self.cfg.sequential:
+            prune_moe_module(layer.moe, sel.kept)
+            out_hs = self.sm.run_layer(layer, hs)
+        return out_hs, sel
+
+    def write_read(self, i: int, kept: list[int] | None) -> None:
+        """Layer i read again as stored: pruned to ``kept``, or copied (dense)."""
+        write_from_checkpoint(self.w, self.reader, self.adapter, i, kept)

@@ -1,0 +1,1 @@
+"""The run pipeline: recipes, the resumable runner that chains the stages, model cards, publishing."""
