@@ -20,6 +20,7 @@ With several sources the samples are shuffled together by seed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,18 @@ from pathlib import Path
 
 import torch
 
-from moepress.calib.sources import BUNDLED_CALIB, SourceSpec, content_hash, parse_sources
+from moepress import __version__
+from moepress.calib import cache as cache_mod
+from moepress.calib.cache import load_token_file
+from moepress.calib.sources import (
+    BUNDLED_CALIB,
+    SourceSpec,
+    _file_sha,
+    content_hash,
+    hub_documents,
+    open_documents,
+    parse_sources,
+)
 from moepress.errors import MoepressError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -73,8 +85,6 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
 
 def tokenizer_fingerprint(model_dir: str | Path, memo: dict | None = None) -> dict:
     """sha256 over the tokenizer's files (names and bytes); raises if the model has none."""
-    from moepress.calib.sources import _file_sha
-
     d = Path(model_dir)
     files = {p for p in (d / n for n in TOKENIZER_FILES) if p.is_file()}
     for g in TOKENIZER_GLOBS:
@@ -83,8 +93,6 @@ def tokenizer_fingerprint(model_dir: str | Path, memo: dict | None = None) -> di
         raise MoepressError(f"{d}: no tokenizer found (expected tokenizer.json, tokenizer.model, "
                             f"tiktoken.model or vocab files next to config.json)")
     per = {p.name: _file_sha(p, memo) for p in sorted(files)}
-    import hashlib
-
     h = hashlib.sha256("".join(f"{k}\0{v}\0" for k, v in per.items()).encode()).hexdigest()
     return {"sha256": h, "files": per}
 
@@ -209,75 +217,88 @@ def _sample_source(tok, src: SourceSpec, n: int, seq_len: int, seed: int, index:
     """n samples [n, seq_len] from one source, and what was used."""
     info = {"samples": n}
     if src.type == "tokens":
-        from moepress.calib.cache import load_token_file
-
-        ids, _, side = load_token_file(src.path)
-        if side.get("tokenizer", {}).get("sha256") != tokenizer_sha:
-            raise MoepressError(f"{src.path}: prepared with a different tokenizer "
-                                f"({side.get('tokenizer', {}).get('model', '?')}) than this model's")
-        if ids.shape[1] != seq_len:
-            raise MoepressError(f"{src.path}: samples of {ids.shape[1]} tokens; --seq-len {seq_len} asked")
-        if ids.shape[0] < n:
-            raise MoepressError(f"{src.path}: holds {ids.shape[0]} samples, fewer than the {n} asked")
-        return ids[:n], {**info, "documents": int(ids.shape[0]), "documents_used": n}
+        return _prepared_samples(src, n, seq_len, tokenizer_sha, info)
     if n == 0:
         return torch.empty(0, seq_len, dtype=torch.long), {**info, "documents_used": 0}
-
-    from moepress.calib.sources import hub_documents, open_documents
 
     docs = hub_documents(src, seed + index) if src.type == "hub" else open_documents(src)
     g_docs = torch.Generator().manual_seed(seed + index)
     g_pick = torch.Generator().manual_seed(seed + index)
-    eos = tok.eos_token_id
-    used = 0
-    total = 0
-    if src.mode == "pack":
-        stream: list[int] = []
-        need = n * seq_len
-        for chunk in _chunks(_ordered_docs(docs, g_docs)):
-            rendered = [_render(tok, d, w) for w, d in chunk]
-            for ids in _encode(tok, [t for t, _ in rendered], [False] * len(rendered)):
-                used += 1
-                stream.extend(ids)
-                if eos is not None:
-                    stream.append(eos)
-                if len(stream) >= need:
-                    break
-            if len(stream) >= need:
-                break
-        total = len(stream)
-        nwin = total // seq_len
-        if nwin == 0:
-            raise MoepressError(f"{src.location}: {total} tokens, fewer than one sample of --seq-len {seq_len} needs")
-        if nwin < n:
-            raise MoepressError(f"{src.location}: {total} tokens give {nwin} samples of --seq-len {seq_len}, "
-                                f"fewer than the {n} asked (lower --num-samples or --seq-len, or add data)")
-        rows = torch.tensor(stream[: nwin * seq_len], dtype=torch.long).view(nwin, seq_len)
-        out = rows[torch.randperm(nwin, generator=g_pick)[:n]]
-    else:
-        rows_l: list[list[int]] = []
-        longest = 0
-        for chunk in _chunks(_ordered_docs(docs, g_docs)):
-            rendered = [_render(tok, d, w) for w, d in chunk]
-            for ids in _encode(tok, [t for t, _ in rendered], [not chat for _, chat in rendered]):
-                used += 1
-                longest = max(longest, len(ids))
-                total += len(ids)
-                if len(ids) >= seq_len:
-                    rows_l.append(ids[:seq_len])
-                    if len(rows_l) == n:
-                        break
-            if len(rows_l) == n:
-                break
-        if not rows_l:
-            raise MoepressError(f"{src.location}: no document has the {seq_len} tokens one sample needs "
-                                f"(longest: {longest} tokens; mode=truncate)")
-        if len(rows_l) < n:
-            raise MoepressError(f"{src.location}: only {len(rows_l)} document(s) have {seq_len} tokens or more, "
-                                f"fewer than the {n} samples asked (mode=truncate; try mode=pack)")
-        out = torch.tensor(rows_l, dtype=torch.long)
+    sample = _pack if src.mode == "pack" else _truncate
+    out, used, total = sample(tok, src, docs, n, seq_len, g_docs, g_pick)
     n_docs = len(docs) if hasattr(docs, "__len__") else None
     return out, {**info, "documents": n_docs, "documents_used": used, "tokens_read": total}
+
+
+def _prepared_samples(src: SourceSpec, n: int, seq_len: int, tokenizer_sha: str,
+                      info: dict) -> tuple[torch.Tensor, dict]:
+    """The first n samples of a token file made by ``moepress calib prepare``."""
+    ids, _, side = load_token_file(src.path)
+    if side.get("tokenizer", {}).get("sha256") != tokenizer_sha:
+        raise MoepressError(f"{src.path}: prepared with a different tokenizer "
+                            f"({side.get('tokenizer', {}).get('model', '?')}) than this model's")
+    if ids.shape[1] != seq_len:
+        raise MoepressError(f"{src.path}: samples of {ids.shape[1]} tokens; --seq-len {seq_len} asked")
+    if ids.shape[0] < n:
+        raise MoepressError(f"{src.path}: holds {ids.shape[0]} samples, fewer than the {n} asked")
+    return ids[:n], {**info, "documents": int(ids.shape[0]), "documents_used": n}
+
+
+def _pack(tok, src: SourceSpec, docs, n: int, seq_len: int, g_docs: torch.Generator,
+          g_pick: torch.Generator) -> tuple[torch.Tensor, int, int]:
+    """mode=pack: (samples, documents used, tokens read)."""
+    eos = tok.eos_token_id
+    used = 0
+    stream: list[int] = []
+    need = n * seq_len
+    for chunk in _chunks(_ordered_docs(docs, g_docs)):
+        rendered = [_render(tok, d, w) for w, d in chunk]
+        for ids in _encode(tok, [t for t, _ in rendered], [False] * len(rendered)):
+            used += 1
+            stream.extend(ids)
+            if eos is not None:
+                stream.append(eos)
+            if len(stream) >= need:
+                break
+        if len(stream) >= need:
+            break
+    total = len(stream)
+    nwin = total // seq_len
+    if nwin == 0:
+        raise MoepressError(f"{src.location}: {total} tokens, fewer than one sample of --seq-len {seq_len} needs")
+    if nwin < n:
+        raise MoepressError(f"{src.location}: {total} tokens give {nwin} samples of --seq-len {seq_len}, "
+                            f"fewer than the {n} asked (lower --num-samples or --seq-len, or add data)")
+    rows = torch.tensor(stream[: nwin * seq_len], dtype=torch.long).view(nwin, seq_len)
+    return rows[torch.randperm(nwin, generator=g_pick)[:n]], used, total
+
+
+def _truncate(tok, src: SourceSpec, docs, n: int, seq_len: int, g_docs: torch.Generator,
+              g_pick: torch.Generator) -> tuple[torch.Tensor, int, int]:
+    """mode=truncate: (samples, documents used, tokens read); ``g_pick`` is not used."""
+    used = 0
+    total = 0
+    rows_l: list[list[int]] = []
+    longest = 0
+    for chunk in _chunks(_ordered_docs(docs, g_docs)):
+        rendered = [_render(tok, d, w) for w, d in chunk]
+        for ids in _encode(tok, [t for t, _ in rendered], [not chat for _, chat in rendered]):
+            used += 1
+            longest = max(longest, len(ids))
+            total += len(ids)
+            if len(ids) >= seq_len:
+                rows_l.append(ids[:seq_len])
+                if len(rows_l) == n:
+                    break
+        if len(rows_l) == n:
+            break
+    if not rows_l:
+        raise MoepressError(f"{src.location}: no document has the {seq_len} tokens one sample needs "
+                            f"(longest: {longest} tokens; mode=truncate)")
+    if len(rows_l) < n:
+        raise MoepressError(f"{src.location}: only {len(rows_l)} document(s) have {seq_len} tokens or more, "
+                            f"fewer than the {n} samples asked (mode=truncate; try mode=pack)")
+    return torch.tensor(rows_l, dtype=torch.long), used, total
 
 
 def _check_params(num_samples: int, seq_len: int) -> None:
@@ -291,8 +312,6 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
                     seq_len: int = 256, seed: int = 0, trust_remote_code: bool = False, *,
                     cache: bool = True) -> CalibSet:
     """The calibration samples for ``model_dir``'s tokenizer, from the cache when it holds them."""
-    from moepress.calib import cache as cache_mod
-
     _check_params(num_samples, seq_len)
     model_dir = Path(model_dir)
     specs = parse_sources(tuple(sources))
@@ -331,8 +350,6 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
     vocab = len(tok)
     if ids.numel() and int(ids.max()) >= vocab:
         raise MoepressError(f"token id {int(ids.max())} is outside the tokenizer's vocabulary ({vocab})")
-    from moepress import __version__
-
     meta = {"key": key, "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
             "tokens": int(ids.numel()),
             "tokenizer": {**tok_fp, "model": str(model_dir), "eos_token_id": tok.eos_token_id, "vocab": vocab},

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import torch
 
+from moepress.calib.observers import LayerRouting
 from moepress.errors import MoepressError
 
 T = TypeVar("T")
@@ -151,8 +152,6 @@ def all_reduce_routing(stats, env: DistEnv):
     if not env.enabled:
         return stats
     import torch.distributed as dist
-
-    from moepress.calib.observers import LayerRouting
 
     layers = sorted(stats.layers)
     _check_same(env, "MoE layers and expert counts",

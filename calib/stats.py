@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from moepress.calib.observers import InputAbsMax, RoutingStats
+from moepress.compress.stream import StreamedModel
 from moepress.progress import QUIET, Progress
 
 
@@ -26,8 +27,6 @@ from moepress.progress import QUIET, Progress
 def collect(model: str | Path, batches: list[torch.Tensor], *, absmax: bool = False, progress: Progress = QUIET,
             dtype: torch.dtype = torch.float32) -> tuple[RoutingStats, dict[str, torch.Tensor] | None, dict]:
     """(routing statistics, ``{model.layers.i.<linear>: input absmax}`` or None, model facts)."""
-    from moepress.compress.stream import StreamedModel
-
     sm = StreamedModel(str(model), dtype=dtype)
     a = sm.adapter
     stats = RoutingStats()

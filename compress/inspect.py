@@ -13,6 +13,13 @@ import torch
 from moepress.compress.arch import get_adapter
 from moepress.compress.arch.base import Adapter, count_params
 from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.formats import fp8_block
+from moepress.compress.stream import StreamedModel
+
+# transformers' quant_method of a FineGrainedFP8Config, which DeepSeek-V3 / Kimi K2 configs carry
+# with a weight_block_size (transformers/utils/quantization_config.py, QuantizationMethod.FP8):
+# the block-FP8 checkpoints fp8_block's input decoder reads.
+HF_FP8_METHOD = "fp8"
 
 
 def _layer_counts(adapter: Adapter, i: int) -> tuple[int, int]:
@@ -53,9 +60,11 @@ def param_counts(adapter: Adapter) -> dict:
 
 
 def storage_format(config: dict) -> str:
+    """How the checkpoint's weights are stored: a moepress format name where one applies, else what
+    its ``quantization_config`` says, else its dtype."""
     qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") == "fp8" and qc.get("weight_block_size"):
-        return "fp8-block"
+    if qc.get("quant_method") == HF_FP8_METHOD and qc.get("weight_block_size"):
+        return fp8_block.FORMAT.name
     if qc:
         return str(qc.get("quant_method") or qc.get("format") or "quantized")
     return str(config.get("torch_dtype") or config.get("dtype") or "unknown")
@@ -65,8 +74,6 @@ def summarize(path: str) -> dict:
     reader = CheckpointReader(path)
     a = get_adapter(reader.config, reader.names(), where=str(reader.path / "config.json"))
     if reader.has_weights:
-        from moepress.compress.stream import StreamedModel
-
         StreamedModel(reader)  # checks config against the shard headers (reads no tensor data)
     moe_layers = a.moe_layers()
     dense = [i for i in range(a.num_layers) if i not in moe_layers]

@@ -42,9 +42,9 @@ def bound_heap() -> None:
     """Make glibc serve buffers of 128 KB and more with mmap, so a freed layer goes back to the OS.
 
     glibc's default threshold grows (up to 32 MB) as large blocks are freed, after which weight
-    and activation buffers come from the heap and freed ones stay there, fragmented: a streamed
-    quantize of a 75 MB-layer model grew 341 MB that way and 100 MB with the fixed threshold
-    (tests/test_quant_memory.py). A no-op where the C library is not glibc.
+    and activation buffers come from the heap and freed ones stay there, fragmented, so a streamed
+    stage's memory grows layer after layer (tests/test_quant_memory.py bounds it). A no-op where
+    the C library is not glibc.
     """
     global _heap_bounded
     if _heap_bounded:

@@ -93,7 +93,7 @@ def test_unreadable_directory(good, tmp_path, cli_run, monkeypatch):
     os.chmod(ck, 0)
     if os.geteuid() == 0:
         # root reads through any mode bits: make the access check answer as it would for a user
-        import moepress.compress.checkpoint as cp
+        import moepress.compress.checkpoint.reader as cp
 
         real = os.access
         monkeypatch.setattr(cp.os, "access", lambda p, m: False if Path(p) == ck else real(p, m))

@@ -9,8 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from moepress.calib.data import eval_batches
-from moepress.compress import checkpoint as ckpt_mod
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, write_safetensors
+from moepress.compress.checkpoint import reader as ckpt_reader
+from moepress.compress.checkpoint import safetensors_io as ckpt_io
+from moepress.compress.checkpoint import writer as ckpt_writer
 from moepress.compress.stream import StoredLinear, StreamedModel, read_ahead
 from moepress.models import path as bundled_path
 
@@ -27,13 +29,13 @@ def _tensors():
 @pytest.mark.parametrize("direct", [True, False])
 def test_write_safetensors_direct_and_buffered_give_the_same_file(tmp_path, monkeypatch, direct):
     ts = _tensors()
-    monkeypatch.setattr(ckpt_mod, "DIRECT_MIN_FILE_BYTES", 0 if direct else 1 << 60)
+    monkeypatch.setattr(ckpt_io, "DIRECT_MIN_FILE_BYTES", 0 if direct else 1 << 60)
     got = write_safetensors(tmp_path / "x.safetensors", ts, {"format": "pt"})
     data = (tmp_path / "x.safetensors").read_bytes()
     assert got == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     back = load_file(tmp_path / "x.safetensors")  # the safetensors library reads it
     assert all(torch.equal(back[k], v) for k, v in ts.items())
-    monkeypatch.setattr(ckpt_mod, "DIRECT_MIN_FILE_BYTES", 1 << 60 if direct else 0)
+    monkeypatch.setattr(ckpt_io, "DIRECT_MIN_FILE_BYTES", 1 << 60 if direct else 0)
     other = write_safetensors(tmp_path / "y.safetensors", ts, {"format": "pt"})
     assert other == got  # byte-identical either way
 
@@ -45,7 +47,7 @@ def test_reader_direct_and_buffered_reads_agree(tmp_path, monkeypatch, direct):
         for k, v in ts.items():
             w.add(k, v)
         w.write_json("config.json", {"model_type": "x"})
-    monkeypatch.setattr(ckpt_mod, "DIRECT_MIN_BYTES", 1 if direct else 1 << 60)
+    monkeypatch.setattr(ckpt_reader, "DIRECT_MIN_BYTES", 1 if direct else 1 << 60)
     r = CheckpointReader(tmp_path / "c")
     for k, v in ts.items():
         got = r.get(k)
@@ -89,7 +91,7 @@ def test_background_writer_error_reaches_the_caller_and_leaves_nothing(tmp_path,
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt_mod, "write_safetensors", boom)
+    monkeypatch.setattr(ckpt_writer, "write_safetensors", boom)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space"):
         with CheckpointWriter(out, background=True) as w:

@@ -1,4 +1,8 @@
-"""Architecture adapters, one file per family, registered by config.model_type / architectures."""
+"""Architecture adapters, one file per family, looked up by config.model_type / architectures.
+
+The built-in adapters are registered here on first use rather than at import: each one imports
+its transformers modeling module, which is slow to import.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import Iterable
 from moepress.errors import MoepressError
 
 FAMILIES: dict[str, type] = {}
+_builtin_loaded = False
 
 
 def register(cls):
@@ -15,7 +20,14 @@ def register(cls):
 
 
 def _load_all() -> None:
-    from moepress.compress.arch import deepseek_v3, mixtral, qwen3_moe  # noqa: F401
+    global _builtin_loaded
+    if _builtin_loaded:
+        return
+    from moepress.compress.arch import deepseek_v3, mixtral, qwen3_moe
+
+    for cls in (deepseek_v3.DeepseekV3Adapter, qwen3_moe.Qwen3MoeAdapter, mixtral.MixtralAdapter):
+        register(cls)
+    _builtin_loaded = True
 
 
 def adapter_class(config: dict, where: str = "config.json"):

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
-from moepress.compress.arch import register
 from moepress.compress.arch.base import Adapter
 
 
@@ -39,7 +38,6 @@ def sigmoid_group_topk(logits: torch.Tensor, bias: torch.Tensor, k: int, n_group
     return weights * scale, indices
 
 
-@register
 class DeepseekV3Adapter(Adapter):
     family = "deepseek_v3"
     model_types = ("deepseek_v3", "kimi_k2")

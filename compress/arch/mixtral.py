@@ -6,12 +6,10 @@ import torch.nn.functional as F
 from transformers import MixtralConfig
 from transformers.models.mixtral import modeling_mixtral as hf
 
-from moepress.compress.arch import register
 from moepress.compress.arch.base import Adapter
 from moepress.compress.arch.qwen3_moe import softmax_topk
 
 
-@register
 class MixtralAdapter(Adapter):
     family = "mixtral"
     model_types = ("mixtral",)

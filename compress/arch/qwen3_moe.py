@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
 
-from moepress.compress.arch import register
 from moepress.compress.arch.base import Adapter
 
 
@@ -20,7 +19,6 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch
     return weights, indices
 
 
-@register
 class Qwen3MoeAdapter(Adapter):
     family = "qwen3_moe"
     model_types = ("qwen3_moe",)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from moepress.checks.config import fmt
 from moepress.errors import MoepressError
-from moepress.manifest import MANIFEST_NAME, file_digests, update_manifest, versions, write_manifest
+from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest, versions, write_manifest
 
 PLOT_NAME = "layer_error.png"
 
@@ -42,8 +42,6 @@ def record_in_manifest(candidate: str | Path, result: dict) -> bool:
     The candidate is a directory with ``moepress-manifest.json``, or a file (an ONNX model,
     an engine) that the manifest of its directory lists.
     """
-    from moepress.manifest import read_manifest
-
     p = Path(candidate)
     d = p if p.is_dir() else p.parent
     if not (d / MANIFEST_NAME).is_file():

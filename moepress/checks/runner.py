@@ -17,9 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moepress.calib.data import DEFAULT_EVAL, calibration_set, eval_batches, load_tokenizer
 from moepress.calib.metrics import LayerStats, LogitStats, error_jump
+from moepress.calib.sources import TEXT_SUFFIXES
 from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.config import CheckConfig, evaluate_gates
+from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 
 PROMPT_TOKENS = 16
@@ -34,9 +37,6 @@ def eval_data(ref_dir: Path, cfg: CheckConfig) -> tuple[list[torch.Tensor], dict
     ``calib.data`` reads (JSONL, Parquet, a dataset folder, a token file, hf:NAME) gives
     ``max_samples`` samples drawn with ``seed``.
     """
-    from moepress.calib.data import DEFAULT_EVAL, calibration_set, eval_batches
-    from moepress.calib.sources import TEXT_SUFFIXES
-
     src = cfg.data
     if src is None or (Path(src).suffix.lower() in TEXT_SUFFIXES and not Path(src).is_dir()):
         path = Path(src) if src else DEFAULT_EVAL
@@ -152,8 +152,6 @@ def generations(ref, cand: Candidate, batches, ref_dir: Path, cfg: CheckConfig) 
     """
     if cand.fixed_seq is not None:
         return {"skipped": f"the candidate accepts sequences of {cand.fixed_seq} tokens only"}
-    from moepress.calib.data import load_tokenizer
-
     rows = torch.cat(batches)
     k = min(cfg.generate, rows.shape[0])
     pick = torch.linspace(0, rows.shape[0] - 1, k).round().long()
@@ -171,8 +169,6 @@ def generations(ref, cand: Candidate, batches, ref_dir: Path, cfg: CheckConfig) 
 
 def run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, progress=None) -> dict:
     """Compare ``candidate`` with the ``reference`` checkpoint; returns the result (metrics, gates, ...)."""
-    from moepress.compress.stream import StreamedModel
-
     t0 = time.monotonic()
     ref_dir = Path(reference)
     if not ref_dir.exists():

@@ -1,0 +1,212 @@
+"""A source's documents by index, read lazily: text files, JSON lines, Parquet, saved datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moepress.calib.sources.hashing import text_files
+from moepress.calib.sources.spec import AUTO_FIELDS, TEXT_SUFFIXES, SourceSpec
+from moepress.errors import MoepressError
+
+
+class Documents:
+    """A source's documents by index: ``len(docs)`` (None when streamed) and ``docs[i]``.
+
+    A document is a ``str`` or a list of chat messages (``[{"role":..., "content":...}]``).
+    """
+
+    def __init__(self, src: SourceSpec):
+        self.src = src
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int):
+        raise NotImplementedError
+
+    def where(self, i: int) -> str:
+        return f"{self.src.location} (document {i + 1})"
+
+
+def _check_value(v, where: str, field: str):
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in v):
+        return v
+    raise MoepressError(f"{where}: field '{field}' is a {type(v).__name__}, expected text or chat messages "
+                        f"(a list of {{role, content}})")
+
+
+def _pick_field(src: SourceSpec, columns: list[str], where: str) -> str:
+    if src.field is not None:
+        if src.field not in columns:
+            raise MoepressError(f"{where}: no field '{src.field}' (fields: {', '.join(columns) or 'none'})")
+        return src.field
+    for f in AUTO_FIELDS:
+        if f in columns:
+            return f
+    raise MoepressError(f"{where}: no 'text' or 'messages' field (fields: {', '.join(columns) or 'none'}); "
+                        f"name one with --calib FILE,field=NAME")
+
+
+def _read_utf8(p: Path) -> str:
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MoepressError(f"{p}: not UTF-8 text (invalid byte 0x{e.object[e.start]:02x} at offset {e.start})") \
+            from None
+
+
+class TextDocuments(Documents):
+    """Each text file is one document; empty files in a folder are skipped."""
+
+    def __init__(self, src: SourceSpec):
+        super().__init__(src)
+        files = text_files(src.path)
+        if not files:
+            raise MoepressError(f"{src.path}: no text files ({' '.join(TEXT_SUFFIXES)}) in this folder")
+        self.files = [f for f in files if f.stat().st_size > 0]
+        if not self.files:
+            what = "empty file" if src.path.is_file() else f"all {len(files)} text files are empty"
+            raise MoepressError(f"{src.path}: {what}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> str:
+        text = _read_utf8(self.files[i])
+        if not text.strip() and self.src.path.is_file():
+            raise MoepressError(f"{self.files[i]}: empty file (only whitespace)")
+        return text
+
+    def where(self, i: int) -> str:
+        return str(self.files[i])
+
+
+class JsonlDocuments(Documents):
+    """One JSON object per non-empty line; line offsets are indexed up front, records parsed on use."""
+
+    def __init__(self, src: SourceSpec):
+        super().__init__(src)
+        self.offsets: list[tuple[int, int, int]] = []  # (line number, start, end)
+        pos = 0
+        with open(src.path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    self.offsets.append((n, pos, pos + len(line)))
+                pos += len(line)
+        if not self.offsets:
+            raise MoepressError(f"{src.path}: empty file")
+        with open(src.path, "rb") as f:
+            if f.read(64).lstrip().startswith(b"["):
+                raise MoepressError(f"{src.path}: a JSON array; expected JSON lines (one object per line)")
+        first = self._record(0)
+        self.field = _pick_field(src, list(first), self.where(0))
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def where(self, i: int) -> str:
+        return f"{self.src.path}:{self.offsets[i][0]}"
+
+    def _record(self, i: int) -> dict:
+        _, a, b = self.offsets[i]
+        with open(self.src.path, "rb") as f:
+            f.seek(a)
+            raw = f.read(b - a)
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise MoepressError(f"{self.where(i)}: not UTF-8 text (invalid byte at column {e.start + 1})") from None
+        except json.JSONDecodeError as e:
+            raise MoepressError(f"{self.where(i)}: not a JSON object ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise MoepressError(f"{self.where(i)}: expected a JSON object per line, got {type(rec).__name__}")
+        return rec
+
+    def __getitem__(self, i: int):
+        rec = self._record(i)
+        if self.field not in rec:
+            raise MoepressError(f"{self.where(i)}: no field '{self.field}' (fields: {', '.join(rec) or 'none'})")
+        return _check_value(rec[self.field], self.where(i), self.field)
+
+
+class ColumnDocuments(Documents):
+    """A column of an Arrow table (Parquet file) or of a ``datasets.Dataset`` (memory-mapped)."""
+
+    def __init__(self, src: SourceSpec, column, n: int, field: str):
+        super().__init__(src)
+        self.column, self.n, self.field = column, n, field
+
+    def __len__(self) -> int:
+        return self.n
+
+    def where(self, i: int) -> str:
+        return f"{self.src.location} (row {i})"
+
+    def __getitem__(self, i: int):
+        v = self.column[i]
+        v = v.as_py() if hasattr(v, "as_py") else v
+        if v is None:
+            return ""
+        return _check_value(v, self.where(i), self.field)
+
+
+def parquet_documents(src: SourceSpec) -> ColumnDocuments:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(src.path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise MoepressError(f"{src.path}: not a Parquet file ({str(e).splitlines()[0]})") from None
+    field = _pick_field(src, pf.schema_arrow.names, str(src.path))
+    table = pf.read(columns=[field])
+    if table.num_rows == 0:
+        raise MoepressError(f"{src.path}: no rows")
+    return ColumnDocuments(src, table.column(field), table.num_rows, field)
+
+
+def dataset_documents(src: SourceSpec) -> ColumnDocuments:
+    try:
+        import datasets
+    except ImportError:
+        raise MoepressError(f"{src.path}: reading a saved dataset needs the 'datasets' package "
+                            f"(pip install 'moepress[data]')") from None
+    try:
+        ds = datasets.load_from_disk(str(src.path))
+    except Exception as e:  # datasets raises FileNotFoundError / ValueError on a bad folder
+        raise MoepressError(f"{src.path}: not a dataset saved with save_to_disk ({str(e).splitlines()[0]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        split = src.split or ("train" if "train" in splits else splits[0] if len(splits) == 1 else None)
+        if split not in ds:
+            raise MoepressError(f"{src.path}: pick a split with ,split=NAME (splits: {', '.join(splits)})")
+        ds = ds[split]
+    elif src.split:
+        raise MoepressError(f"{src.path}: a single dataset has no splits (split={src.split} given)")
+    field = _pick_field(src, list(ds.column_names), str(src.path))
+    if len(ds) == 0:
+        raise MoepressError(f"{src.path}: no rows")
+    return ColumnDocuments(src, _LazyColumn(ds.select_columns([field]), field), len(ds), field)
+
+
+class _LazyColumn:
+    def __init__(self, ds, field):
+        self.ds, self.field = ds, field
+
+    def __getitem__(self, i):
+        return self.ds[int(i)][self.field]
+
+
+def open_documents(src: SourceSpec) -> Documents:
+    if src.type == "text":
+        return TextDocuments(src)
+    if src.type == "jsonl":
+        return JsonlDocuments(src)
+    if src.type == "parquet":
+        return parquet_documents(src)
+    if src.type == "dataset":
+        return dataset_documents(src)
+    raise ValueError(src.type)

@@ -1,0 +1,133 @@
+"""Parsing and validating ``--calib`` values (the syntax is in :mod:`moepress.calib.sources`)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from moepress.errors import MoepressError
+
+BUNDLED_CALIB = Path(__file__).resolve().parent.parent / "data" / "calib.txt"
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+TOKEN_SUFFIXES = (".safetensors", ".pt")
+TYPES = ("text", "jsonl", "parquet", "dataset", "tokens", "hub")
+MODES = ("pack", "truncate")
+KEYS = ("weight", "field", "mode", "split", "type", "config", "revision")
+AUTO_FIELDS = ("text", "messages")
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WEIGHT = re.compile(r"^(.*)@([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One parsed ``--calib`` value."""
+
+    spec: str  # as given
+    location: str  # absolute path, or the Hub dataset name
+    type: str
+    weight: float = 1.0
+    field: str | None = None
+    mode: str = "pack"
+    split: str | None = None
+    config: str | None = None
+    revision: str | None = None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
+
+    def describe(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _err(spec: str, what: str) -> MoepressError:
+    return MoepressError(f"--calib {spec}: {what}")
+
+
+def _detect_type(p: Path) -> str | None:
+    if p.is_dir():
+        if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
+            return "dataset"
+        return "text"
+    name = p.name.lower()
+    for t, suffixes in (("text", TEXT_SUFFIXES), ("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES),
+                        ("tokens", TOKEN_SUFFIXES)):
+        if name.endswith(suffixes):
+            return t
+    return None
+
+
+def _known_suffix(loc: str) -> bool:
+    return loc.lower().endswith(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES + TOKEN_SUFFIXES)
+
+
+def parse_source(spec: str) -> SourceSpec:
+    """Parse and validate one ``--calib`` value (the location must exist; nothing is read yet)."""
+    spec = spec.strip()
+    if not spec:
+        raise MoepressError("--calib: empty source")
+    if Path(spec).exists():  # a path that happens to contain ',' or '@'
+        loc, opts = spec, []
+    else:
+        loc, *opts = spec.split(",")
+    kv: dict[str, str] = {}
+    for o in opts:
+        k, sep, v = o.partition("=")
+        k = k.strip()
+        if not sep or k not in KEYS:
+            raise _err(spec, f"unknown option {o!r} (expected KEY=VALUE with KEY one of {', '.join(KEYS)})")
+        kv[k] = v.strip()
+    weight = 1.0
+    m = _WEIGHT.match(loc)
+    if m and not Path(loc).exists():
+        loc, weight = m.group(1), float(m.group(2))
+    if "weight" in kv:
+        try:
+            weight = float(kv.pop("weight"))
+        except ValueError:
+            raise _err(spec, "weight must be a number") from None
+    if not (weight > 0 and math.isfinite(weight)):
+        raise _err(spec, f"weight {weight:g}: expected a positive number")
+    mode = kv.pop("mode", "pack")
+    if mode not in MODES:
+        raise _err(spec, f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    forced = kv.pop("type", None)
+    if forced is not None and forced not in TYPES:
+        raise _err(spec, f"unknown source type {forced!r}: expected one of {', '.join(TYPES)}")
+
+    if loc == "bundled" and not Path(loc).exists():
+        loc = str(BUNDLED_CALIB)
+    if loc.startswith("hf:") or forced == "hub":
+        name = loc[3:] if loc.startswith("hf:") else loc
+        return SourceSpec(spec, name, "hub", weight, kv.get("field"), mode, kv.get("split"), kv.get("config"),
+                          kv.get("revision"))
+    p = Path(loc).expanduser()
+    if not p.exists():
+        if _HUB_NAME.match(loc) and not _known_suffix(loc) and not loc.startswith("."):
+            return SourceSpec(spec, loc, "hub", weight, kv.get("field"), mode, kv.get("split"), kv.get("config"),
+                              kv.get("revision"))
+        raise _err(spec, f"{loc}: no such file or directory")
+    kind = forced or _detect_type(p)
+    if kind is None:
+        raise _err(spec, f"{p.name}: unknown source type (expected a folder or a file ending in "
+                         f"{' '.join(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES + TOKEN_SUFFIXES)}, "
+                         f"or type=...)")
+    if kind in ("jsonl", "parquet", "tokens") and p.is_dir():
+        raise _err(spec, f"{p}: type {kind} needs a file, got a folder")
+    for k in ("config", "revision"):
+        if k in kv:
+            raise _err(spec, f"{k}= applies to Hub datasets only")
+    if kind == "tokens" and kv.get("field"):
+        raise _err(spec, "field= does not apply to a token file")
+    return SourceSpec(spec, str(p.resolve()), kind, weight, kv.get("field"), mode, kv.get("split"))
+
+
+def parse_sources(specs: tuple[str, ...] | list[str]) -> list[SourceSpec]:
+    """All ``--calib`` values; none means the bundled calibration text."""
+    return [parse_source(s) for s in specs] if specs else [parse_source(str(BUNDLED_CALIB))]

@@ -1,0 +1,319 @@
+"""Reading a Hugging Face safetensors checkpoint lazily: headers up front, one tensor at a time.
+
+One shard file (``model.safetensors``) or several through ``model.safetensors.index.json``.
+Stored weights may be quantized (DeepSeek/Kimi block-FP8 with ``weight_scale_inv``, or the
+formats moepress writes); :meth:`CheckpointReader.weight` returns them dequantized by the
+format registry's decoders (:func:`moepress.compress.formats.decode`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import struct
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moepress.compress import formats
+from moepress.compress.checkpoint.safetensors_io import _DIRECT_ALIGN, _DTYPES, INDEX_NAME, SINGLE_NAME
+from moepress.errors import MoepressError
+
+DIRECT_MIN_BYTES = 4 << 20  # smaller tensors (norms, scales, tiny models) go through the page cache
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """Parse a safetensors header and check the file holds all the data it announces.
+
+    Returns (header, offset of the data section)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise MoepressError(f"{path}: truncated safetensors file (only {size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100 * 1024 * 1024:
+                raise MoepressError(f"{path}: truncated or corrupt safetensors file "
+                                    f"(header of {n} bytes announced, file has {size} bytes)")
+            header = json.loads(f.read(n))
+    except PermissionError as e:
+        raise MoepressError(f"{path}: cannot read shard ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MoepressError(f"{path}: corrupt safetensors header (not JSON)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise MoepressError(f"{path}: truncated shard: header says {8 + n + end} bytes, file has {size}")
+    return header, 8 + n
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MoepressError(f"{path}: file not found") from None
+    except PermissionError as e:
+        raise MoepressError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoepressError(f"{path}: not valid JSON ({e})") from None
+
+
+def _pread(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``fd`` at ``offset``; the bytes read (fewer only at end of file)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+def _check_directory(path: Path) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise MoepressError(f"{path}: no such checkpoint directory") from None
+    except PermissionError:
+        raise MoepressError(f"{path}: checkpoint directory is not readable") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MoepressError(f"{path}: expected a checkpoint directory (with config.json), got a file")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise MoepressError(f"{path}: checkpoint directory is not readable")
+
+
+class CheckpointReader:
+    """Lazy, read-only view of a Hugging Face checkpoint directory.
+
+    Opening reads config.json and every shard header (a few KB each) and checks them
+    against each other; tensor data is read only when asked for, one tensor at a time.
+    A directory with only config.json is valid (``has_weights`` is False): inspect and
+    planning work on configs alone.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        _check_directory(self.path)
+        self.config: dict = _json(self.path / "config.json")
+        if not isinstance(self.config, dict):
+            raise MoepressError(f"{self.path / 'config.json'}: expected a JSON object")
+        self._tensors: dict[str, TensorInfo] = {}
+        self._fds: dict[Path, int] = {}
+        self._direct_fds: dict[Path, int | None] = {}  # None: this file system refuses O_DIRECT
+        self._load_headers()
+        self._by_layer: dict[int, list[str]] = defaultdict(list)
+        for name in self._tensors:
+            m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+            if m:
+                self._by_layer[int(m.group(1))].append(name)
+
+    # ---- structure -------------------------------------------------------------------
+    def _load_headers(self) -> None:
+        index = self.path / INDEX_NAME
+        single = self.path / SINGLE_NAME
+        if index.exists():
+            self._load_index(index)
+        elif single.exists():
+            header, base = _read_header(single)
+            for name, meta in header.items():
+                if name != "__metadata__":
+                    self._add(name, meta, single, base)
+        else:
+            others = sorted(self.path.glob("*.safetensors"))
+            if others:
+                raise MoepressError(f"{self.path}: found {others[0].name} but no {INDEX_NAME} or {SINGLE_NAME}")
+
+    def _load_index(self, index: Path) -> None:
+        weight_map = _json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise MoepressError(f"{index}: expected a 'weight_map' object")
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for name, fname in weight_map.items():
+            by_file[fname].append(name)
+        for fname, names in sorted(by_file.items()):
+            shard = self.path / fname
+            if not shard.exists():
+                raise MoepressError(f"{index}: shard '{fname}' (holding {len(names)} tensors, "
+                                    f"e.g. {names[0]}) is missing")
+            header, base = _read_header(shard)
+            for name in names:
+                if name not in header:
+                    raise MoepressError(f"{shard}: tensor '{name}' named in {INDEX_NAME} is not in this shard")
+                self._add(name, header[name], shard, base)
+
+    def _add(self, name: str, meta: dict, file: Path, base: int) -> None:
+        code = meta.get("dtype")
+        if code not in _DTYPES:
+            raise MoepressError(f"{file}: tensor '{name}' has unsupported dtype {code}")
+        shape = tuple(int(s) for s in meta["shape"])
+        begin, end = meta["data_offsets"]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * _DTYPES[code][1]:
+            raise MoepressError(f"{file}: tensor '{name}' holds {end - begin} bytes, "
+                                f"expected {numel * _DTYPES[code][1]} for {code} {list(shape)}")
+        self._tensors[name] = TensorInfo(name, code, shape, file, base + begin, end - begin)
+
+    @property
+    def has_weights(self) -> bool:
+        return bool(self._tensors)
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def layer_names(self, layer: int) -> list[str]:
+        return list(self._by_layer.get(layer, ()))
+
+    def layer_indices(self) -> list[int]:
+        return sorted(self._by_layer)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise MoepressError(f"{self.path}: tensor '{name}' not found in checkpoint") from None
+
+    def get_dtype(self, name: str) -> torch.dtype:
+        """The torch dtype ``name`` is stored in."""
+        return _DTYPES[self.info(name).dtype][0]
+
+    def bytes_by_dtype(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for t in self._tensors.values():
+            out[t.dtype] += t.nbytes
+        return dict(out)
+
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self._tensors.values()})
+
+    # ---- data ------------------------------------------------------------------------
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            try:
+                fd = os.open(file, os.O_RDONLY)
+            except OSError as e:
+                raise MoepressError(f"{file}: cannot open shard ({e.strerror})") from None
+            self._fds[file] = fd
+        return fd
+
+    def _direct_fd(self, file: Path) -> int | None:
+        if file not in self._direct_fds:
+            try:
+                self._direct_fds[file] = os.open(file, os.O_RDONLY | os.O_DIRECT)
+            except (OSError, AttributeError):  # tmpfs and some network file systems; not Linux
+                self._direct_fds[file] = None
+        return self._direct_fds[file]
+
+    def _get_direct(self, info: TensorInfo) -> torch.Tensor | None:
+        """Read a large tensor with O_DIRECT: the disk DMAs into our buffer, no page-cache copy
+        and far less CPU time than a read through the page cache (bench/throughput.py measures
+        both). The read covers the enclosing 4 KiB-aligned range; the tensor is a view into it.
+        None: not possible here."""
+        fd = self._direct_fd(info.file)
+        if fd is None:
+            return None
+        start = info.offset & ~(_DIRECT_ALIGN - 1)
+        span = (info.offset + info.nbytes - start + _DIRECT_ALIGN - 1) & ~(_DIRECT_ALIGN - 1)
+        raw = torch.empty(span + _DIRECT_ALIGN, dtype=torch.uint8)
+        pad = -raw.data_ptr() % _DIRECT_ALIGN
+        try:
+            done = _pread(fd, memoryview(raw.numpy())[pad:pad + span], start)
+        except OSError:  # EINVAL: the device wants another alignment; read through the cache
+            self._direct_fds[info.file] = None
+            os.close(fd)
+            return None
+        lo = pad + info.offset - start
+        if done < info.offset - start + info.nbytes:
+            raise MoepressError(f"{info.file}: truncated shard while reading tensor '{info.name}'")
+        return raw[lo:lo + info.nbytes]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The stored tensor, as stored (no dequantization).
+
+        Read with pread into a fresh buffer rather than through mmap: resident memory
+        stays bounded by what the caller holds (mapped pages of a 1 TB checkpoint would
+        count against RSS), and reads from several threads (prefetch) are safe. Tensors of
+        4 MiB and more are read with O_DIRECT where the file system allows it.
+        """
+        info = self.info(name)
+        dtype = self.get_dtype(name)
+        if info.nbytes >= DIRECT_MIN_BYTES:
+            t = self._get_direct(info)
+            if t is not None and t.data_ptr() % dtype.itemsize == 0:
+                return t.view(dtype).reshape(info.shape)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes and _pread(self._fd(info.file), memoryview(buf.numpy()), info.offset) < info.nbytes:
+            raise MoepressError(f"{info.file}: truncated shard while reading tensor '{name}'")
+        return buf.view(dtype).reshape(info.shape)
+
+    def weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A weight in float ``dtype``, dequantized if it is stored quantized."""
+        return decode_weight(self, name, dtype)
+
+    def close(self) -> None:
+        for fd in [*self._fds.values(), *self._direct_fds.values()]:
+            if fd is not None:
+                os.close(fd)
+        self._fds.clear()
+        self._direct_fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def decode_weight(reader, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``name`` in float ``dtype`` through the format registry's decoders (``reader``: a CheckpointReader
+    or a :class:`LayerView` over tensors already read)."""
+    if name.endswith(".weight"):
+        out = formats.decode(reader, name[: -len(".weight")], dtype)
+        if out is not None:
+            return out
+    return reader.get(name).to(dtype)
+
+
+class LayerView:
+    """A reader over one layer's stored tensors read ahead of time (the stream's prefetch reads
+    a layer's raw bytes — bf16, FP8 + scales — in a background thread; decoding to the compute
+    dtype happens when the layer is built, so the read-ahead costs the stored size, not fp32)."""
+
+    def __init__(self, reader: CheckpointReader, raw: dict[str, torch.Tensor]):
+        self._reader, self._raw = reader, raw
+        self.config, self.path = reader.config, reader.path
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._raw or name in self._reader
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._raw.get(name)
+        return t if t is not None else self._reader.get(name)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._reader.info(name)
+
+    def weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return decode_weight(self, name, dtype)
+
+    def __getattr__(self, attr):  # e.g. formats' per-reader caches
+        return getattr(self._reader, attr)

@@ -1,0 +1,67 @@
+"""``checkpoint``: anything StreamedModel reads (original, pruned, block-FP8, moepress-quantized).
+
+A streamed candidate: the check advances it layer by layer in lockstep with the reference, so
+memory is about two layers, never two models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moepress.checks.candidates.base import Candidate, CandidateKind, config_json
+from moepress.checks.config import CheckConfig
+from moepress.compress.stream import StreamedModel
+from moepress.errors import MoepressError
+
+
+class CheckpointCandidate(Candidate):
+    kind = "checkpoint"
+    streamed = True
+    has_hidden = True
+
+    def __init__(self, path: Path, cfg: CheckConfig):
+        super().__init__(path)
+        self.stream = StreamedModel(str(path), prefetch=False)
+        self.vocab_size = self.stream.adapter.vocab_size
+        self.num_layers = self.stream.num_layers
+
+    def describe(self) -> dict:
+        q = self.stream.config.get("quantization_config") or {}
+        return {**super().describe(), "family": self.stream.adapter.family,
+                "num_experts": self.stream.adapter.num_experts,
+                "quantization": q.get("quant_method") or q.get("quant_algo")}
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.stream.forward([ids])[0]
+
+
+def streamable(path: Path) -> bool:
+    """StreamedModel can read every tensor of the first decoder layer (a cheap probe)."""
+    try:
+        sm = StreamedModel(str(path), prefetch=False)
+        prefix = sm.adapter.layer_prefix(0)
+        if all(prefix + k in sm.ckpt for k in sm.expected_layer_shapes(0)):
+            return True
+        sm.read_layer_state(0)  # a registered weight decoder may serve names the files lack
+        return True
+    except MoepressError:
+        return False
+
+
+def _detect_checkpoint(path: Path) -> bool:
+    cfg = config_json(path) if path.is_dir() else None
+    if cfg is None:
+        return False
+    if not cfg.get("quantization_config"):
+        return True  # a plain checkpoint: StreamedModel reads it, or says exactly why not
+    return streamable(path)
+
+
+def _open_checkpoint(path: Path, cfg: CheckConfig) -> Candidate:
+    return CheckpointCandidate(path, cfg)
+
+
+KIND = CandidateKind("checkpoint", _open_checkpoint, priority=20, detect=_detect_checkpoint,
+                     summary="a checkpoint directory moepress streams (original, pruned, block-FP8, quantized)")

@@ -1,0 +1,64 @@
+"""``transformers``: any directory AutoModelForCausalLM loads (e.g. compressed-tensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moepress.checks.candidates.base import Candidate, CandidateKind, Outputs, config_json, first_line
+from moepress.checks.config import CheckConfig
+from moepress.errors import MoepressError
+
+
+class TransformersCandidate(Candidate):
+    kind = "transformers"
+    has_hidden = True
+
+    def __init__(self, path: Path, cfg: CheckConfig):
+        from transformers import AutoModelForCausalLM
+
+        super().__init__(path)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                         trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as e:
+            raise MoepressError(f"{path}: transformers cannot load it as a causal LM ({first_line(e)})") from None
+        self.model = model.to(self.device).eval()
+        text = self.model.config.get_text_config()
+        self.vocab_size = int(text.vocab_size)
+        self.num_layers = int(text.num_hidden_layers)
+        q = getattr(self.model.config, "quantization_config", None)
+        method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+        self.quantization = getattr(method, "value", method)  # transformers' QuantizationMethod is a str enum
+
+    def describe(self) -> dict:
+        return {**super().describe(), "class": type(self.model).__name__, "device": self.device,
+                "quantization": str(self.quantization) if self.quantization else None}
+
+    @torch.no_grad()
+    def run(self, ids: torch.Tensor) -> Outputs:
+        out = self.model(input_ids=ids.to(self.device), output_hidden_states=True, use_cache=False)
+        # hidden_states: the embeddings, then every decoder layer's output, the last one after
+        # the final norm (transformers/models/qwen3_moe/modeling_qwen3_moe.py, Qwen3MoeModel.forward)
+        hs = [h.float().cpu() for h in out.hidden_states]
+        return Outputs(out.logits.float().cpu(), hs[1:], last_normed=True, embed=hs[0])
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids.to(self.device), use_cache=False).logits.float().cpu()
+
+
+def _detect_transformers(path: Path) -> bool:
+    cfg = config_json(path) if path.is_dir() else None
+    return bool(cfg and (cfg.get("architectures") or cfg.get("model_type"))
+                and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))))
+
+
+def _open_transformers(path: Path, cfg: CheckConfig) -> Candidate:
+    return TransformersCandidate(path, cfg)
+
+
+KIND = CandidateKind("transformers", _open_transformers, priority=0, detect=_detect_transformers,
+                     summary="a directory transformers' AutoModelForCausalLM loads (e.g. compressed-tensors)")
