@@ -158,7 +158,8 @@ def test_awq_then_gptq_rounding(fmt):
     (diag(pqs) H diag(pqs)), with amax / 7 scales; the shared gate/up pair gets one pqs. Its output
     error on the calibration inputs is below AWQ with round-to-nearest, with or without the clip search
     (--no-awq-gptq), which store the same pre_quant_scale (measured: 0.69x AWQ + clip, 0.53x AWQ)."""
-    from moepress.compress.quantize import LayerResult, LinearStats, QuantConfig, _quantize_group
+    from moepress.compress.quantize import LayerResult, LinearStats, QuantConfig
+    from moepress.compress.quantize import quantize_group as _quantize_group
 
     xs = _inputs(d=256)
     torch.manual_seed(3)

@@ -1,4 +1,4 @@
-"""`moepress quantize`: FP8 / INT4 with calibration, streamed layer by layer (issue #5)."""
+"""`moepress quantize`: FP8 / INT4 with calibration, streamed layer by layer."""
 
 from __future__ import annotations
 
@@ -7,27 +7,28 @@ import json
 import click
 
 from moepress.cli.options import calib_options, model_argument, output_options, progress_options, resolve_model
-from moepress.errors import MoepressError
-
-FORMAT_HELP = ("fp8 (E4M3 per-tensor weights, static activation scales) | fp8-block (128x128 weight blocks, dynamic "
-               "activations; no calibration) | fp8-dynamic (per-channel weights, per-token activations; no "
-               "calibration) | int4-awq | int4-gptq (weight-only INT4, --group-size) | w4a8-awq (INT4 AWQ weights + "
-               "FP8 activations)")
 
 
-def _rules(values) -> tuple[tuple[str, str], ...]:
-    out = []
-    for v in values:
-        pat, eq, fmt = v.rpartition("=")
-        if not eq or not pat:
-            raise MoepressError(f"--rule {v}: expected PATTERN=FORMAT, e.g. 'mlp.experts.*=int4-awq'")
-        out.append((pat.strip(), fmt.strip()))
-    return tuple(out)
+def format_help() -> str:
+    """--format's help: each format ``moepress quantize`` writes, with its registry description."""
+    from moepress.compress import formats
+
+    return " | ".join(f"{name}: {f.description}{'' if f.calibrated else ', no calibration'}"
+                      for name, f in formats.produced().items())
+
+
+class FormatOption(click.Option):
+    """--format, whose help is read from the format registry when shown (so that `moepress --help`
+    does not import torch)."""
+
+    def get_help_record(self, ctx):
+        self.help = format_help()
+        return super().get_help_record(ctx)
 
 
 @click.command("quantize")
 @model_argument
-@click.option("--format", "fmt", default=None, metavar="FORMAT", help=FORMAT_HELP)
+@click.option("--format", "fmt", cls=FormatOption, default=None, metavar="FORMAT")
 @click.option("--rule", "rules", multiple=True, metavar="PATTERN=FORMAT",
               help="Per-module format (fnmatch on the module name within the layer, e.g. 'mlp.experts.*=int4-awq', "
                    "'self_attn.*=fp8', 'mlp.shared_experts.*=none'); first match wins, --format for the rest.")
@@ -57,18 +58,23 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, no_sequential, gptq_ac
     `moepress export` turns it into what each runtime loads. Routers, embeddings, lm_head
     and norms stay unquantized.
     """
+    from moepress.calib.data import calibration_batches
+    from moepress.calib.distributed import current
     from moepress.compress.quantize import QuantConfig, quantize_checkpoint
     from moepress.progress import Progress
 
     src = resolve_model(model)
-    cfg = QuantConfig(format=fmt, rules=_rules(rules), group_size=group_size, kv_cache=kv_cache,
-                      sequential=not no_sequential, calib=tuple(calib), num_samples=num_samples, seq_len=seq_len,
-                      seed=seed, gptq_act_order=gptq_act_order, awq_clip=awq_clip, awq_gptq=awq_gptq)
-    prog = Progress.from_flags(quiet, json_out)
-    res = quantize_checkpoint(src, output, cfg, force=force, resume=resume, progress=prog,
-                              trust_remote_code=trust_remote_code)
-    from moepress.calib.distributed import current
+    cfg = QuantConfig.from_flags(format=fmt, rules=rules, group_size=group_size, kv_cache=kv_cache,
+                                 sequential=not no_sequential, calib=calib, num_samples=num_samples,
+                                 seq_len=seq_len, seed=seed, gptq_act_order=gptq_act_order, awq_clip=awq_clip,
+                                 awq_gptq=awq_gptq)
 
+    def batches():  # fetched by the stage once the checkpoint is validated (rank 0 first under torchrun)
+        return calibration_batches(src, cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed, cfg.batch_size,
+                                   trust_remote_code)
+
+    prog = Progress.from_flags(quiet, json_out)
+    res = quantize_checkpoint(src, output, cfg, batches=batches, force=force, resume=resume, progress=prog)
     if not current().is_main:  # under torchrun, rank 0 reports
         return
     if json_out:

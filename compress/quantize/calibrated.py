@@ -1,0 +1,243 @@
+"""One decoder layer calibrated and quantized: hooks gather its linears' input statistics while it
+runs on the calibration activations, then its linears are quantized group by group.
+
+Routed experts are quantized one at a time from the layer's MoE input and its routing (each
+expert's own tokens). An expert that calibration routed fewer than ``MIN_EXPERT_TOKENS`` tokens to
+borrows: its gate/up AWQ/GPTQ statistics come from the whole MoE input, its down projection is
+rounded to nearest; it is reported as borrowed. All routed experts of a layer share one input
+scale per projection (the maximum over the experts that saw tokens), as TensorRT-LLM's fused MoE
+kernels require (tensorrt_llm/_torch/modules/fused_moe); that is also how an expert without tokens
+gets a valid one.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from moepress.calib.distributed import DistEnv
+from moepress.compress.quant import kv as kvq
+from moepress.compress.quantize.config import FORMATS, MIN_EXPERT_TOKENS, QuantConfig
+from moepress.compress.quantize.group import FloatWeights, LayerResult, quantize_group
+from moepress.compress.quantize.stats import LinearStats, by_format, gather_list, shared_input_groups
+from moepress.compress.stream import StreamedModel
+
+# the projections whose outputs the K/V cache holds (before RoPE): k_scale / v_scale = amax / 448
+KV_PROJECTIONS = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.kv_a_proj_with_mqa")
+BORROWED_GATE_UP = "AWQ/GPTQ statistics and input scale from the layer's MoE input"
+BORROWED_DOWN = "input scale from the other experts; AWQ/GPTQ off (round to nearest)"
+
+
+@torch.no_grad()
+def quantize_layer(sm: StreamedModel, i: int, layer, hs: list[torch.Tensor], cfg: QuantConfig, env=None):
+    """Calibrate and quantize decoder layer i (running on ``hs``, this rank's batches); returns
+    (LayerResult, original outputs). Under torchrun the statistics are gathered from every rank."""
+    return CalibratedLayer(sm, i, layer, cfg, env or DistEnv()).run(hs)
+
+
+class _RouteLog:
+    """MoE observer: the experts each calibration token was routed to, in call order."""
+
+    def __init__(self):
+        self.routes: list[torch.Tensor] = []
+
+    def on_route(self, m, x, logits, weights, indices):
+        self.routes.append(indices.detach().clone())
+
+
+def _observe_input(st: LinearStats, module, args) -> None:
+    st.add(args[0])
+
+
+class CalibratedLayer:
+    """Decoder layer i's calibration and quantization, step by step (:meth:`run`)."""
+
+    def __init__(self, sm: StreamedModel, i: int, layer, cfg: QuantConfig, env: DistEnv):
+        self.sm, self.i, self.layer, self.cfg, self.env = sm, i, layer, cfg, env
+        prefix = sm.adapter.layer_prefix(i)
+        self.linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        self.moe = layer.moe
+        self.expert_names = set()
+        if self.moe is not None:
+            for e, ex in enumerate(self.moe.experts):
+                for ln in ex.names:
+                    self.expert_names.add(f"{layer.ffn_attr}.experts.{e}.{ln}")
+        self.fmt_of = {n: cfg.format_of(n, prefix + n) for n in self.linears}
+        self.targets = [n for n in self.linears if self.fmt_of[n] is not None]
+        self.needs = {n for n in self.targets if FORMATS[self.fmt_of[n]].calibrated}
+        self.stats: dict[str, LinearStats] = {}  # non-expert linear -> its group's statistics
+        self.kv: dict[str, torch.Tensor] = {}  # K/V projection -> amax of its output
+        self.moe_inputs: list[torch.Tensor] = []
+        self.routes: list[torch.Tensor] = []
+        self.layer_stats: LinearStats | None = None  # the whole MoE input's, for experts that borrow
+        self.res = LayerResult()
+        self.weights = FloatWeights(self.linears)  # float32 on demand: never the whole layer at once
+
+    def run(self, hs: list[torch.Tensor]) -> tuple[LayerResult, list[torch.Tensor] | None]:
+        outs = self.observe(hs)
+        self.quantize_non_experts()
+        if self.moe is not None:
+            self.quantize_experts()
+        if self.kv:
+            self.kv_scales()
+        return self.res, outs
+
+    @property
+    def _experts_calibrated(self) -> bool:
+        return self.moe is not None and any(n in self.needs for n in self.expert_names)
+
+    def _non_expert_groups(self) -> list[list[str]]:
+        return shared_input_groups([n for n in self.targets if n not in self.expert_names])
+
+    # ---- statistics ------------------------------------------------------------------------------
+
+    def observe(self, hs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Run the layer on ``hs`` with the hooks that gather what its quantization needs; returns
+        its outputs (None when nothing is to be gathered and the run is sequential)."""
+        hooks, log = self._hook()
+        need_run = bool(self.needs) or bool(self.kv) or not self.cfg.sequential
+        outs = self.sm.run_layer(self.layer, hs) if need_run else None
+        for h in hooks:
+            h.remove()
+        if log is not None:
+            self.moe.observers.remove(log)
+            self.routes = log.routes
+        if self.env.enabled:
+            self._gather()
+        return outs
+
+    def _hook(self) -> tuple[list, _RouteLog | None]:
+        """Input statistics of each non-expert group, K/V projection outputs, the MoE input and routing."""
+        hooks = []
+        for grp in self._non_expert_groups():
+            if not any(n in self.needs for n in grp):
+                continue
+            st = LinearStats(hessian=any(self.cfg.needs_hessian(self.fmt_of[n]) for n in grp), defer=self.env.enabled)
+            for n in grp:
+                self.stats[n] = st
+            hooks.append(self.linears[grp[0]].register_forward_pre_hook(partial(_observe_input, st)))
+        if self.cfg.kv_cache:
+            for n in KV_PROJECTIONS:
+                if n in self.linears:
+                    self.kv[n] = torch.zeros(())
+                    hooks.append(self.linears[n].register_forward_hook(partial(self._observe_kv, n)))
+        log = None
+        if self._experts_calibrated:
+            hooks.append(self.moe.register_forward_pre_hook(self._observe_moe_input))
+            log = _RouteLog()
+            self.moe.observers.append(log)
+        return hooks, log
+
+    def _observe_kv(self, n: str, module, args, out) -> None:
+        self.kv[n] = kvq.observe(self.kv[n], out)
+
+    def _observe_moe_input(self, module, args) -> None:
+        self.moe_inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+
+    def _gather(self) -> None:
+        """torchrun: every rank's statistics, folded in global batch order."""
+        for st in {id(v): v for v in self.stats.values()}.values():
+            st.gather(self.env)
+        self.moe_inputs, self.routes = gather_list(self.moe_inputs, self.env), gather_list(self.routes, self.env)
+        for n in self.kv:
+            tdist.all_reduce(self.kv[n], op=tdist.ReduceOp.MAX)
+
+    # ---- quantization --------------------------------------------------------------------------
+
+    def quantize_non_experts(self) -> None:
+        """Attention, dense MLP, shared experts: each group of linears reading one input."""
+        for grp in self._non_expert_groups():
+            for fmt, names in by_format(grp, self.fmt_of).items():
+                quantize_group(self.res, self.cfg, fmt, names, [self.weights[n] for n in names],
+                               self.stats.get(names[0]))
+
+    def quantize_experts(self) -> None:
+        """Routed experts one at a time, from the layer's MoE input and its routing; then their
+        input scales shared per projection."""
+        X = torch.cat(self.moe_inputs) if self.moe_inputs else None
+        idx = torch.cat(self.routes) if self.routes else None
+        if X is not None:
+            self.layer_stats = LinearStats(hessian=False)
+            self.layer_stats.add(X)
+        expert_groups: list[tuple[int, str, list[str]]] = []
+        for e, ex in enumerate(self.moe.experts):
+            toks = (idx == e).any(-1).nonzero().squeeze(-1) if idx is not None else torch.zeros(0, dtype=torch.long)
+            x_e = X[toks] if X is not None else None
+            expert_groups += self._quantize_expert(e, ex, X, x_e)
+        self._share_expert_input_scales(expert_groups)
+
+    def _quantize_expert(self, e: int, ex, X: torch.Tensor | None,
+                         x_e: torch.Tensor | None) -> list[tuple[int, str, list[str]]]:
+        """Expert e on its tokens ``x_e``; returns its quantized groups (expert, projection, names)."""
+        g, u, d = (f"{self.layer.ffn_attr}.experts.{e}.{ln}" for ln in ex.names)
+        fmt_of, res = self.fmt_of, self.res
+        tokens = 0 if x_e is None else int(x_e.shape[0])
+        few = x_e is None or x_e.shape[0] < MIN_EXPERT_TOKENS
+        # this expert's weights in float32, each made once (quantized, or gate/up for down's input)
+        wx = {n: self.weights[n] for n in (g, u, d) if fmt_of[n] is not None or (n != d and not few)}
+        res.expert_tokens.append(tokens)
+        calibrated = any(n in self.needs for n in (g, u, d))
+        if few and calibrated:
+            res.borrowed.append({"layer": self.i, "expert": e, "tokens": tokens,
+                                 "gate_up": BORROWED_GATE_UP, "down": BORROWED_DOWN})
+        st_gu, st_d = self._expert_stats(ex, (g, u, d), X, x_e, few, wx) if calibrated else (None, None)
+        groups = []
+        for fmt, names in by_format([n for n in (g, u) if fmt_of[n] is not None], fmt_of).items():
+            quantize_group(res, self.cfg, fmt, names, [wx[n] for n in names], st_gu)
+            groups.append((e, "gate_up", names))
+        if fmt_of[d] is not None:
+            quantize_group(res, self.cfg, fmt_of[d], [d], [wx[d]], st_d)
+            groups.append((e, "down", [d]))
+        return groups
+
+    def _expert_stats(self, ex, gud: tuple[str, str, str], X: torch.Tensor | None, x_e: torch.Tensor | None,
+                      few: bool, wx: dict[str, torch.Tensor]) -> tuple[LinearStats, LinearStats | None]:
+        """(gate/up input statistics, down input statistics) of one expert; with too few tokens the
+        gate/up ones are the layer's MoE input's (with its Hessian once a format needs it), no down's."""
+        g, u, d = gud
+        needs_h = self.cfg.needs_hessian
+        if not few or self.layer_stats is None:
+            st_gu = LinearStats(hessian=needs_h(self.fmt_of[g]))
+            st_gu.add(x_e)
+        else:
+            if needs_h(self.fmt_of[g]) and self.layer_stats.S is None:
+                self.layer_stats = LinearStats(hessian=True)
+                self.layer_stats.add(X)
+            st_gu = self.layer_stats
+        st_d = None
+        if not few:
+            h = ex.act_fn(nn.functional.linear(x_e, wx[g])) * nn.functional.linear(x_e, wx[u])
+            st_d = LinearStats(hessian=needs_h(self.fmt_of.get(d)))
+            st_d.add(h)
+        return st_gu, st_d
+
+    def _share_expert_input_scales(self, expert_groups: list[tuple[int, str, list[str]]]) -> None:
+        """One input scale per projection (and format) for all routed experts: the max over the
+        experts that saw tokens; experts without tokens take it too."""
+        res, per_proj_amax = self.res, {}
+        borrowed = {b["expert"] for b in res.borrowed}
+        for _, proj, names in expert_groups:
+            key = f"{proj}:{self.fmt_of[names[0]]}"
+            if f"{names[0]}.input_scale" in res.tensors and int(names[0].split(".")[-2]) not in borrowed:
+                v = res.tensors[f"{names[0]}.input_scale"]
+                per_proj_amax[key] = v if key not in per_proj_amax else torch.maximum(per_proj_amax[key], v)
+        for _, proj, names in expert_groups:
+            key = f"{proj}:{self.fmt_of[names[0]]}"
+            if key in per_proj_amax:
+                for n in names:
+                    res.tensors[f"{n}.input_scale"] = per_proj_amax[key].clone()
+                    fmt, pqs, _ = res.specs[n]
+                    res.specs[n] = (fmt, pqs, per_proj_amax[key].clone())
+
+    def kv_scales(self) -> None:
+        """k_scale / v_scale of the attention from its K/V projections' output amax (MLA's fused
+        kv_a projection gives both)."""
+        for n, amax in self.kv.items():
+            attn = n.rpartition(".")[0]
+            kind = "v_scale" if n.endswith("v_proj") else "k_scale"
+            self.res.tensors[f"{attn}.{kind}"] = kvq.kv_scale(amax)
+            if n.endswith("kv_a_proj_with_mqa"):
+                self.res.tensors[f"{attn}.v_scale"] = kvq.kv_scale(amax)

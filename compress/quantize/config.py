@@ -1,0 +1,118 @@
+"""The quantize stage's configuration (one frozen dataclass, built from CLI flags or a recipe) and
+the constants the stage's steps share.
+
+``QuantConfig``'s fields stay flat: the stage writes ``asdict(cfg)`` into the output manifest and
+quant_report.json, and the run pipeline hashes it into the stage key.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from moepress.compress import formats
+from moepress.errors import MoepressError
+
+REPORT = "quant_report.json"
+PROGRESS = "moepress-quant-progress.json"  # the totals of the finished layers, in OUT.partial (resume)
+
+FORMATS = formats.produced()  # what --format / --rule may name
+NONE = "none"  # --rule PATTERN=none: the matching modules stay unquantized (a keyword, not a format)
+# --kv-cache: k_scale / v_scale are one static scale per tensor (amax / 448, FP8 E4M3), the cache's format
+KV_CACHE_FORMATS = tuple(n for n, f in FORMATS.items() if f.scale == "tensor" and f.static_input)
+GROUP_SIZES = (32, 64, 128)
+
+# Linears that read the same input tensor (siblings under one parent): fused by TensorRT-LLM.
+SHARED_INPUT = ({"q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa"}, {"gate_proj", "up_proj", "w1", "w3"})
+MIN_EXPERT_TOKENS = 8  # fewer routed calibration tokens: the expert's AWQ/GPTQ statistics are borrowed
+AWQ_SAMPLE_ROWS = 1024  # rows of calibration input the AWQ search evaluates per linear group
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One quantize run. ``format`` applies to every linear of every decoder layer unless
+    ``rules`` ((pattern, format|"none"), ...) say otherwise for modules whose name (relative to
+    the layer, e.g. ``mlp.experts.3.gate_proj``, or full) matches the fnmatch pattern; the first
+    matching rule wins."""
+
+    format: str | None = "fp8"
+    rules: tuple[tuple[str, str], ...] = ()
+    group_size: int = 128
+    kv_cache: str | None = None
+    sequential: bool = True
+    calib: tuple[str, ...] = ()
+    num_samples: int = 64
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int = 8
+    gptq_damp: float = 0.01
+    # GPTQ columns by decreasing Hessian diagonal (llm-compressor's default "static" act order;
+    # bench/quant_quality.py compares it with in-order)
+    gptq_act_order: bool = True
+    # AWQ (int4-awq, w4a8-awq): after the scale search, the smoothed weight W / pre_quant_scale is
+    # rounded by GPTQ on the smoothed input's Hessian (scales amax / 7), llm-compressor's AWQ + GPTQ
+    # stacking (bench/quant_quality.py compares it with round-to-nearest). The stored format is unchanged.
+    awq_gptq: bool = True
+    # with awq_gptq off: the clip search after the scale search (llm-awq auto_clip, modelopt awq_clip,
+    # its awq_full); both off = modelopt's awq_lite
+    awq_clip: bool = True
+
+    def __post_init__(self):
+        for fmt in [self.format, *(f for _, f in self.rules)]:
+            if fmt is not None and fmt != NONE:
+                formats.get(fmt, "--format", FORMATS)
+        if self.format is None and not self.rules:
+            raise MoepressError("--format: required (or --rule PATTERN=FORMAT)")
+        if self.group_size not in GROUP_SIZES:
+            raise MoepressError(f"--group-size {self.group_size}: expected 128, 64 or 32")
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE_FORMATS:
+            raise MoepressError(f"--kv-cache {self.kv_cache}: expected {', '.join(KV_CACHE_FORMATS)}")
+
+    @classmethod
+    def from_flags(cls, *, format: str | None, rules, group_size: int, kv_cache: str | None, sequential: bool,
+                   calib, num_samples: int, seq_len: int, seed: int, gptq_act_order: bool, awq_clip: bool,
+                   awq_gptq: bool) -> QuantConfig:
+        """``moepress quantize``'s options; ``rules`` are the ``--rule PATTERN=FORMAT`` strings."""
+        return cls(format=format, rules=parse_rules(rules), group_size=group_size, kv_cache=kv_cache,
+                   sequential=sequential, calib=tuple(calib), num_samples=num_samples, seq_len=seq_len,
+                   seed=seed, gptq_act_order=gptq_act_order, awq_clip=awq_clip, awq_gptq=awq_gptq)
+
+    @classmethod
+    def from_recipe(cls, q: dict, c: dict) -> QuantConfig:
+        """A recipe's ``quantize`` section and its shared ``calib`` section (moepress/pipeline/recipe.py)."""
+        rules = tuple((str(k), str(v)) for k, v in (q.get("rules") or {}).items())
+        return cls(format=q.get("format"), rules=rules, group_size=q.get("group_size", 128),
+                   kv_cache=q.get("kv_cache"), sequential=q.get("sequential", True),
+                   calib=tuple(c.get("sources") or ()), num_samples=c.get("num_samples", 64),
+                   seq_len=c.get("seq_len", 256), seed=c.get("seed", 0),
+                   gptq_act_order=q.get("gptq_act_order", True), awq_clip=q.get("awq_clip", True),
+                   awq_gptq=q.get("awq_gptq", True))
+
+    def format_of(self, rel: str, full: str) -> str | None:
+        """The format of the linear ``rel`` (its name in the layer; ``full``: in the checkpoint)."""
+        for pat, fmt in self.rules:
+            if fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(full, pat):
+                return None if fmt == NONE else fmt
+        return self.format
+
+    def formats(self) -> set[str]:
+        return {f for f in [self.format, *(f for _, f in self.rules)] if f and f != NONE}
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(FORMATS[f].calibrated for f in self.formats()) or self.kv_cache is not None
+
+    def needs_hessian(self, fmt: str | None) -> bool:
+        """Does a linear of format ``fmt`` need its input's Hessian (GPTQ rounding)?"""
+        return fmt is not None and FORMATS[fmt].needs_hessian(self.awq_gptq)
+
+
+def parse_rules(values) -> tuple[tuple[str, str], ...]:
+    """``--rule`` values ``PATTERN=FORMAT`` -> ((pattern, format), ...), in order."""
+    out = []
+    for v in values:
+        pat, eq, fmt = v.rpartition("=")
+        if not eq or not pat:
+            raise MoepressError(f"--rule {v}: expected PATTERN=FORMAT, e.g. 'mlp.experts.*=int4-awq'")
+        out.append((pat.strip(), fmt.strip()))
+    return tuple(out)

@@ -1,0 +1,118 @@
+"""One group of linears that read the same input, quantized by its format's own quantizer
+(compress/formats/), and a quantized layer turned into its fake-quant self.
+
+Linears that read the same input (q/k/v; gate/up, fused into one GEMM by TensorRT-LLM,
+tensorrt_llm/_torch/modules/fused_moe; Model-Optimizer's ``preprocess_linear_fusion``) share
+``input_scale``, the FP8 ``weight_scale``, ``weight_scale_2`` and the AWQ ``pre_quant_scale``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moepress.compress import formats
+from moepress.compress.formats.fake_quant import attach as attach_fake_quant
+from moepress.compress.quant import fp8, int4
+from moepress.compress.quantize.config import QuantConfig
+from moepress.compress.quantize.stats import LinearStats
+from moepress.compress.stream import StoredLinear
+
+
+@dataclass
+class LayerResult:
+    """What quantizing one decoder layer produced (names relative to the layer)."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    modules: dict[str, dict] = field(default_factory=dict)  # linear -> {"format", "group"?} (the sidecar's)
+    specs: dict[str, tuple] = field(default_factory=dict)  # linear -> (format, pre_quant_scale, input_scale)
+    shared: list[list[str]] = field(default_factory=list)
+    borrowed: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    awq_alpha: dict[str, float] = field(default_factory=dict)
+    expert_tokens: list[int] = field(default_factory=list)  # routed calibration tokens per expert
+
+    def merge(self, sub: LayerResult) -> None:
+        """Add a calibration-free group's result (no statistics: nothing borrowed, no AWQ)."""
+        self.tensors.update(sub.tensors)
+        self.modules.update(sub.modules)
+        self.specs.update(sub.specs)
+        self.shared.extend(sub.shared)
+        self.skipped.extend(sub.skipped)
+
+
+def quantize_group(res: LayerResult, cfg: QuantConfig, fmt: str, names: list[str], ws: list[torch.Tensor],
+                   st: LinearStats | None, input_amax_override: torch.Tensor | None = None) -> None:
+    """Quantize linears ``names`` (they read one input, statistics ``st``) with the format's own
+    quantizer, add the static input scale where the format has one, and record them in ``res``."""
+    f = formats.FORMATS[fmt]
+    out = f.quantize(ws, formats.QuantContext(cfg.group_size, st, cfg.gptq_damp, cfg.gptq_act_order,
+                                              cfg.awq_gptq, cfg.awq_clip))
+    if out.skipped is not None:
+        res.skipped.extend({"module": n, "reason": out.skipped} for n in names)
+        return
+    if out.awq_alpha is not None:
+        res.awq_alpha[names[0]] = out.awq_alpha
+    tensors = dict(zip(names, out.tensors, strict=True))
+    pqs = out.pre_quant_scale
+    isc = None
+    if f.static_input:
+        amax = input_amax_override
+        if amax is None:
+            a = st.amax if st is not None and st.amax is not None else torch.zeros(ws[0].shape[1])
+            amax = (a * pqs).amax() if pqs is not None else a.amax()
+        isc = fp8.scale_from_amax(amax).reshape(())
+        for n in names:
+            tensors[n]["input_scale"] = isc
+    for n in names:
+        for k, v in tensors[n].items():
+            res.tensors[f"{n}.{k}"] = v
+        res.modules[n] = {"format": fmt, **({"group": int(ws[0].shape[1] // tensors[n]["weight_scale"].shape[1])}
+                                            if out.group is not None else {})}
+        res.specs[n] = (fmt, pqs, isc)
+    if len(names) > 1:
+        res.shared.append(list(names))
+
+
+class FloatWeights(dict):
+    """``weights[name]``: that linear's weight in float32, made when asked and not kept (a
+    float32 layer's weight itself; a bf16 :class:`StoredLinear`'s, a transient copy)."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        super().__init__()
+        self._linears = linears
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        return self._linears[name].weight.detach().float()
+
+    def get(self, name, default=None):  # noqa: D102  (dict.get skips __missing__)
+        return self[name] if name in self._linears else default
+
+
+def _dequantizer(w: torch.Tensor, s: torch.Tensor):
+    if w.dtype == torch.uint8:
+        return lambda: int4.dequantize(int4.unpack_int4(w), s)
+    return lambda: fp8.dequantize(w, s)
+
+
+def apply_fake_quant(layer, res: LayerResult) -> None:
+    """Turn the layer into its fake-quant self: dequantized weights + activation hooks.
+
+    A float32 linear gets the dequantized weight in place (no second copy of the layer); a
+    :class:`StoredLinear` keeps the quantized tensors and dequantizes at each call, and its
+    bf16 weight is released (memory goes down, not up, as the layer is quantized)."""
+    mods = dict(layer.named_modules())
+    for n in res.modules:
+        w = res.tensors[f"{n}.weight"]
+        s = res.tensors[f"{n}.weight_scale"]
+        m = mods[n]
+        if isinstance(m, StoredLinear):
+            m.qweight = _dequantizer(w, s)
+            m.weight = nn.Parameter(torch.empty(0, dtype=m.weight.dtype), requires_grad=False)
+            continue
+        deq = _dequantizer(w, s)()
+        m.weight.data.copy_(deq)  # in place: no second copy of the layer's weights
+        del deq
+    attach_fake_quant(layer, res.specs)

@@ -1,0 +1,145 @@
+"""What the quantize stage writes besides the tensors: the totals of the quantized layers (saved in
+OUT.partial after each layer, so a killed run resumes with them), Model-Optimizer's
+``hf_quant_config.json`` and ``config.json`` ``quantization_config``, the ``moepress_quant.json``
+sidecar, ``quant_report.json`` and the manifest's ``report`` section.
+
+hf_quant_config.json is modelopt's {producer, quantization{quant_algo, kv_cache_quant_algo,
+group_size, exclude_modules}} (``MIXED_PRECISION`` + ``quantized_layers`` for recipes with several
+formats); NVIDIA/Model-Optimizer modelopt/torch/export/unified_export_hf.py and quant_utils.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from moepress import __version__
+from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.quantize.config import FORMATS, PROGRESS, QuantConfig
+from moepress.compress.quantize.group import LayerResult
+
+MIXED = "MIXED_PRECISION"  # modelopt's quant_algo when the modules have several formats
+
+
+class QuantTotals:
+    """The checkpoint's quantized modules (full names), shared groups, borrowed experts, linears left
+    unquantized, AWQ alphas and routed calibration tokens per expert, gathered layer by layer."""
+
+    def __init__(self):
+        self.modules: dict[str, dict] = {}
+        self.shared: list[list[str]] = []
+        self.borrowed: list[dict] = []
+        self.skipped: list[dict] = []
+        self.alphas: dict[str, float] = {}
+        self.expert_tokens: dict[str, list[int]] = {}  # layer -> routed tokens per expert
+
+    def add(self, i: int, prefix: str, res: LayerResult) -> None:
+        """Layer i's result (names relative to ``prefix``)."""
+        self.modules.update({prefix + n: m for n, m in res.modules.items()})
+        self.shared += [[prefix + n for n in g] for g in res.shared]
+        self.borrowed += res.borrowed
+        self.skipped += [{**s, "module": prefix + s["module"]} for s in res.skipped]
+        self.alphas.update({prefix + k: v for k, v in res.awq_alpha.items()})
+        if res.expert_tokens:
+            self.expert_tokens[str(i)] = res.expert_tokens
+
+    def load(self, partial: Path | None) -> None:
+        """The totals of a killed run's finished layers (nothing without a progress file)."""
+        p = None if partial is None else partial / PROGRESS
+        prev = json.loads(p.read_text()) if p is not None and p.is_file() else {}
+        self.modules.update(prev.get("modules", {}))
+        self.shared += prev.get("shared", [])
+        self.borrowed += prev.get("borrowed", [])
+        self.skipped += prev.get("skipped", [])
+        self.alphas.update(prev.get("awq_alpha", {}))
+        self.expert_tokens.update(prev.get("expert_tokens", {}))
+
+    def save(self, partial: Path | None) -> None:
+        """Replace the progress file atomically (rank 0 only: other ranks have no ``partial``)."""
+        if partial is None:
+            return
+        p = partial / PROGRESS
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"modules": self.modules, "shared": self.shared, "borrowed": self.borrowed,
+                                   "skipped": self.skipped, "awq_alpha": self.alphas,
+                                   "expert_tokens": self.expert_tokens}, default=float))
+        tmp.replace(p)
+
+    def quant_algo(self) -> str:
+        """modelopt's quant_algo of the whole checkpoint."""
+        fmts = sorted({m["format"] for m in self.modules.values()})
+        return FORMATS[fmts[0]].quant_algo if len(fmts) == 1 else MIXED
+
+    def group_size(self, cfg: QuantConfig) -> int | None:
+        """The INT4 group size, when any module is INT4."""
+        fmts = {m["format"] for m in self.modules.values()}
+        return cfg.group_size if any(FORMATS[f].element == "int4" for f in sorted(fmts)) else None
+
+
+def hf_quant_config(reader: CheckpointReader, cfg: QuantConfig, totals: QuantTotals) -> dict:
+    """hf_quant_config.json: modelopt's producer and quantization sections."""
+    algo, group = totals.quant_algo(), totals.group_size(cfg)
+    exclude = sorted({module_pattern(n) for n in unquantized_linears(reader, totals.modules)})
+    hf_quant = {"producer": {"name": "moepress", "version": __version__},
+                "quantization": {"quant_algo": algo,
+                                 "kv_cache_quant_algo": FORMATS[cfg.kv_cache].quant_algo if cfg.kv_cache else None,
+                                 **({"group_size": group} if group else {}), "exclude_modules": exclude}}
+    if algo == MIXED:
+        hf_quant["quantization"]["quantized_layers"] = {
+            n: {"quant_algo": FORMATS[m["format"]].quant_algo, **({"group_size": m["group"]} if "group" in m else {})}
+            for n, m in sorted(totals.modules.items())}
+    return hf_quant
+
+
+def model_config(reader: CheckpointReader, hf_quant: dict) -> dict:
+    """config.json with modelopt's ``quantization_config`` in place of the input's."""
+    conf = dict(reader.config)
+    conf.pop("quantization_config", None)
+    conf["quantization_config"] = {"quant_method": "modelopt", **hf_quant["quantization"]}
+    conf["torch_dtype"] = conf.get("torch_dtype") or "bfloat16"
+    return conf
+
+
+def sidecar(cfg: QuantConfig, totals: QuantTotals) -> dict:
+    """moepress_quant.json: every quantized module's format (what ``formats.read_layout`` returns)."""
+    return {"format": cfg.format, "rules": [list(r) for r in cfg.rules], "group_size": cfg.group_size,
+            "kv_cache": cfg.kv_cache, "modules": dict(sorted(totals.modules.items())), "shared": totals.shared,
+            "borrowed": totals.borrowed, "skipped": totals.skipped}
+
+
+def quant_report(reader: CheckpointReader, family: str, cfg: QuantConfig, totals: QuantTotals,
+                 calibration_tokens: int) -> dict:
+    """quant_report.json."""
+    return {"model": str(reader.path), "family": family, "config": dataclasses.asdict(cfg),
+            "quant_algo": totals.quant_algo(), "quantized_linears": len(totals.modules),
+            "experts_with_borrowed_scales": totals.borrowed, "left_unquantized": totals.skipped,
+            "awq_alpha": totals.alphas,
+            "expert_calibration_tokens": totals.expert_tokens,  # layer -> routed tokens per expert
+            "calibration_tokens": calibration_tokens}
+
+
+def manifest_entries(reader: CheckpointReader, cfg: QuantConfig, totals: QuantTotals) -> dict:
+    """What the stage adds to the output's moepress-manifest.json."""
+    return {"stage": "quantize", "config": dataclasses.asdict(cfg), "inputs": {"model": str(reader.path)},
+            "report": {"quant_algo": totals.quant_algo(), "quantized_linears": len(totals.modules),
+                       "experts_with_borrowed_scales": totals.borrowed,
+                       "expert_calibration_tokens": totals.expert_tokens,
+                       "left_unquantized": totals.skipped}}
+
+
+def unquantized_linears(reader: CheckpointReader, modules: dict) -> list[str]:
+    """2-D weights of the checkpoint that were not quantized (embeddings and norms aside)."""
+    out = []
+    for n in reader.names():
+        if n.endswith(".weight") and reader.info(n).shape and len(reader.info(n).shape) == 2:
+            base = n[: -len(".weight")]
+            if base not in modules and not base.endswith(("embed_tokens",)) and "norm" not in base.rsplit(".", 1)[-1]:
+                out.append(base)
+    return out
+
+
+def module_pattern(name: str) -> str:
+    """model.layers.3.mlp.gate -> model.layers.*.mlp.gate (modelopt's exclude_modules wildcards)."""
+    parts = name.split(".")
+    return ".".join("*" if p.isdigit() else p for p in parts)

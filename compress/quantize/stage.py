@@ -1,0 +1,246 @@
+"""The quantize stage: stream the checkpoint one decoder layer at a time, quantize its linears,
+write each layer as one shard.
+
+Calibrated formats: layer i is calibrated on the outputs of the already quantized layers 0..i-1
+(``sequential``, the default; compress/quantize/calibrated.py). Calibration-free formats: tensor by
+tensor, no layer module (compress/quantize/free.py). The writer's journal makes a killed run resume
+at the first unfinished layer with byte-identical output.
+
+Under torchrun the calibration batches are split across ranks (contiguous shares), statistics are
+gathered and folded in global order and rank 0 writes: the output is identical to one process's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from moepress.calib import distributed as dist
+from moepress.compress import formats
+from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+from moepress.compress.quant import fp8
+from moepress.compress.quantize.calibrated import quantize_layer
+from moepress.compress.quantize.config import PROGRESS, REPORT, QuantConfig
+from moepress.compress.quantize.free import FreePipeline
+from moepress.compress.quantize.group import LayerResult, apply_fake_quant
+from moepress.compress.quantize.report import (
+    QuantTotals,
+    hf_quant_config,
+    manifest_entries,
+    model_config,
+    quant_report,
+    sidecar,
+)
+from moepress.compress.stream import StreamedModel, read_ahead_budget
+from moepress.errors import MoepressError
+from moepress.progress import QUIET, Progress
+
+# token ids [B, S] per batch, or a function returning them (called once the checkpoint is validated,
+# on rank 0 first under torchrun, and only if the config needs calibration)
+Batches = list[torch.Tensor] | Callable[[], list[torch.Tensor]]
+
+
+def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *, batches: Batches | None = None,
+                        progress: Progress = QUIET, force: bool = False, resume: bool = False) -> dict:
+    """Quantize ``model`` into ``out``; returns the summary (also in quant_report.json).
+
+    ``batches``: the calibration token ids, built by the caller; None only for a config that
+    needs no calibration."""
+    t0 = time.monotonic()
+    stage = QuantizeStage(model, cfg)
+    stage.run(out, batches, force=force, resume=resume, progress=progress)
+    return stage.summary(out, t0)
+
+
+class QuantizeStage:
+    """One quantize run: the opened checkpoint, the process group, and the steps that write it."""
+
+    def __init__(self, model: str | Path, cfg: QuantConfig):
+        """Open ``model`` (refusing a checkpoint moepress already quantized) and join torchrun's group."""
+        self.cfg = cfg
+        self.reader = reader = CheckpointReader(model)
+        if formats.read_layout(reader.path) is not None:
+            raise MoepressError(f"{reader.path}: already quantized by moepress ({formats.SIDECAR}); "
+                                "quantize the original")
+        # bf16 weights stay bf16 in the layer (StoredLinear: same float32 results, half the memory)
+        # and the reader runs a bounded distance ahead: peak memory ~ one stored layer + its output
+        self.budget = read_ahead_budget(reader)
+        self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=self.budget)
+        self.adapter = self.sm.adapter
+        self.sm.check_weights()
+        self.env = dist.init()
+        self.totals = QuantTotals()
+        self.batches: list[torch.Tensor] | None = None  # this rank's share
+        self.n_tokens = 0  # in all ranks' batches
+        self.calibrated = False
+        self.done: set[str] = set()  # tensors a killed run already wrote
+        self.w = None
+
+    # ---- the run ------------------------------------------------------------------------------
+
+    def run(self, out: str | Path, batches: Batches | None, *, force: bool, resume: bool, progress: Progress) -> None:
+        """Write the quantized checkpoint and its configs, sidecar and report into ``out``."""
+        env, a = self.env, self.adapter
+        if not env.is_main:
+            progress = QUIET
+        self._take_batches(batches)
+        # calibration-free: the shard of layer i is written while layer i+1 is quantized
+        writer = (CheckpointWriter(out, force=force, resume=resume, background=not self.calibrated)
+                  if env.is_main else _NullWriter())
+        with writer as w:
+            self.w = w
+            start = self._resume_point(progress)
+            if a.embed_name not in self.done:
+                w.add(a.embed_name, self.reader.get(a.embed_name))
+                w.end_shard()
+            hs = self.sm.embed(self.batches) if self.calibrated else None
+            if start:
+                self.totals.load(w.partial)
+            with progress.task("quantize", a.num_layers) as task:
+                if start:
+                    task.advance(start, note=f"layers 0-{start - 1} already written")
+                if self.calibrated:
+                    self._calibrated_layers(hs, start, task)
+                else:
+                    self._free_layers(start, task)
+            self._finish()
+        self.w = None
+        dist.barrier(env)
+
+    def summary(self, out: str | Path, t0: float) -> dict:
+        t = self.totals
+        return {"output": str(out), "format": self.cfg.format, "quant_algo": t.quant_algo(),
+                "layers": self.adapter.num_layers, "quantized_linears": len(t.modules), "borrowed": len(t.borrowed),
+                "skipped": len(t.skipped), "seconds": round(time.monotonic() - t0, 3)}
+
+    def _take_batches(self, batches: Batches | None) -> None:
+        """This rank's share of the calibration batches, when the config needs calibration."""
+        cfg, env = self.cfg, self.env
+        if callable(batches):
+            batches = dist.run_main_first(env, batches) if cfg.needs_calibration else None
+        if batches is None and cfg.needs_calibration:
+            raise MoepressError("quantize: the config needs calibration batches (a calibrated format or kv_cache)")
+        self.n_tokens = sum(b.numel() for b in batches) if batches is not None else 0
+        if batches is not None and env.enabled:
+            batches = dist.shard(batches, env.rank, env.world_size)
+        self.batches = batches
+        self.calibrated = batches is not None and cfg.needs_calibration
+
+    def _resume_point(self, progress: Progress) -> int:
+        """The first layer a killed run did not finish (rank 0's, under torchrun)."""
+        a, sm = self.adapter, self.sm
+        self.done = done = self.w.written_names
+        start = 0
+        while start < a.num_layers and all(a.layer_prefix(start) + k in done or
+                                           _quantized_name(a.layer_prefix(start) + k, done)
+                                           for k in sm.expected_layer_shapes(start)):
+            start += 1
+        if self.env.enabled:
+            box = [start]
+            tdist.broadcast_object_list(box, src=0)
+            start = box[0]
+        if start:
+            progress.info(f"quantize: resuming at layer {start} ({start} finished layers kept from the killed run)")
+        return start
+
+    # ---- the layers ----------------------------------------------------------------------------
+
+    def _calibrated_layers(self, hs: list[torch.Tensor], start: int, task) -> None:
+        """Every layer calibrated on ``hs`` and run (quantized, if sequential) for the next; layers
+        a killed run finished are computed again only for their outputs, not written."""
+        sm, cfg = self.sm, self.cfg
+        for i, layer in sm.layers(0):
+            res, outs = quantize_layer(sm, i, layer, hs, cfg, self.env)
+            if cfg.sequential:
+                apply_fake_quant(layer, res)
+                outs = sm.run_layer(layer, hs)
+            hs = outs
+            if i < start:
+                continue
+            note = self._write_layer(i, res, self.reader)
+            layer = res = None  # nothing of layer i outlives its iteration (the writer has it)
+            task.advance(note=note)
+
+    def _free_layers(self, start: int, task) -> None:
+        """Calibration-free: tensor by tensor, no layer module, no activations."""
+        pipe = FreePipeline(self.reader, self.sm, self.cfg, start, self.budget)
+        for i in range(start, self.adapter.num_layers):
+            task.advance(note=self._free_layer(pipe, i))
+        pipe.close()
+
+    def _free_layer(self, pipe: FreePipeline, i: int) -> str:
+        res, src = pipe.layer(i)
+        return self._write_layer(i, res, src)
+
+    def _write_layer(self, i: int, res: LayerResult, src) -> str:
+        """Layer i as one shard: quantized tensors replace their linear's weight; the rest as stored
+        (read from ``src``). Returns the progress note."""
+        w, prefix = self.w, self.adapter.layer_prefix(i)
+        qnames = {f"{n}.weight" for n in res.modules}
+        for name in sorted(self.reader.layer_names(i)):
+            rel = name[len(prefix):]
+            if rel in qnames or name.endswith(".weight_scale_inv"):
+                continue
+            t = src.get(name)
+            if t.dtype == fp8.FP8_DTYPE:  # block-FP8 input, module left unquantized: bf16
+                t = src.weight(name, torch.bfloat16)
+            w.add(name, t)
+        for rel, t in sorted(res.tensors.items()):
+            w.add(prefix + rel, t.contiguous())
+        w.end_shard()
+        self.totals.add(i, prefix, res)
+        self.totals.save(w.partial)
+        return f"layer {i}: {len(res.modules)} linears quantized" + (
+            f", {len(res.borrowed)} experts borrowed scales" if res.borrowed else "")
+
+    def _finish(self) -> None:
+        """Norm and head, then config.json, hf_quant_config.json, the sidecar, the report, the manifest."""
+        w, reader, a, cfg, totals = self.w, self.reader, self.adapter, self.cfg, self.totals
+        for name in (a.norm_name, a.head_name):
+            if name in reader and name not in self.done:
+                w.add(name, reader.get(name))
+        if w.partial is not None:
+            (w.partial / PROGRESS).unlink(missing_ok=True)
+        hf_quant = hf_quant_config(reader, cfg, totals)
+        w.write_json("config.json", model_config(reader, hf_quant))
+        w.write_json("hf_quant_config.json", hf_quant)
+        w.write_json(formats.SIDECAR, sidecar(cfg, totals))
+        w.write_json(REPORT, quant_report(reader, a.family, cfg, totals, self.n_tokens if self.calibrated else 0))
+        w.copy_aux_files(reader.path)
+        w.manifest.update(manifest_entries(reader, cfg, totals))
+
+
+def _quantized_name(name: str, done: set[str]) -> bool:
+    return name.endswith(".weight") and name[: -len(".weight")] + ".weight_scale" in done
+
+
+class _NullWriter:
+    """What ranks other than 0 write: nothing (rank 0 holds the checkpoint writer)."""
+
+    partial = None
+
+    def __init__(self):
+        self.manifest: dict = {}
+        self.written_names: set = set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def add(self, name, tensor):
+        pass
+
+    def end_shard(self):
+        pass
+
+    def write_json(self, rel, obj):
+        pass
+
+    def copy_aux_files(self, src):
+        return []
