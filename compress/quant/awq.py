@@ -26,10 +26,9 @@ AWQ sample (up to 1024 rows) and, for W4A8, the FP8-quantized smoothed input, as
 The stored format is unchanged: only the ``weight_scale`` values (and the rounding) differ.
 
 By default (QuantConfig.awq_gptq) neither RTN nor the clip search rounds the smoothed weight:
-GPTQ does (gptq.py), with amax / 7 group scales, on the smoothed input's Hessian. Measured
-(bench/quant_quality.py): lower held-out perplexity than AWQ + clip on 5 of the 6 bundled model x
-{int4-awq, w4a8-awq} cells, and with clip scales GPTQ did worse than with amax / 7 on all 4 cells
-tried (the clip ratios were chosen for round-to-nearest). The clip search runs with --no-awq-gptq.
+GPTQ does (gptq.py), with amax / 7 group scales, on the smoothed input's Hessian (the clip
+ratios are chosen for round-to-nearest, so the clip search runs only with --no-awq-gptq; the
+measurements behind the default are in the README's quantization table).
 """
 
 from __future__ import annotations

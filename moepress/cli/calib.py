@@ -1,4 +1,4 @@
-"""`moepress calib prepare | stats` (issue #3)."""
+"""`moepress calib prepare | stats`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`moepress check`: does a compressed artifact still behave like its original? (issue #8)"""
+"""`moepress check`: does a compressed artifact still behave like its original?"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`moepress export`: write what NVIDIA's stack and its neighbours load (issue #6)."""
+"""`moepress export`: write what NVIDIA's stack and its neighbours load."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def _method_help() -> str:
             "the next layer (on the already pruned model) closest to the original's; auto = lookahead, reroute "
             "and reap each prune the whole model side by side and the plan with the lowest calibration loss is "
             "written (about 4x the forward work of one method, and each layer read twice). "
-            "Default: auto, the one that meets bench/prune_quality.py's criteria on every bundled model.")
+            "Default: auto (README: pruning table).")
 
 
 @click.command("prune")

@@ -1,4 +1,4 @@
-"""`moepress run`, `moepress recipe show`, `moepress publish` (issue #9)."""
+"""`moepress run`, `moepress recipe show`, `moepress publish`."""
 
 from __future__ import annotations
 
