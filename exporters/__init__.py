@@ -1,12 +1,16 @@
 """Output formats (exporters), GPU targets and engine builds.
 
-Exporters register here; ``moepress export`` lists ``--format`` choices from :data:`EXPORTERS`.
-Each exporter is a function ``fn(src: Path, writer: CheckpointWriter, cfg: ExportConfig,
-progress: Progress) -> dict`` that writes its files into ``writer`` (tensors through
-``writer.add``/``end_shard``, or any file under ``writer.partial``) and returns a summary dict
-(what it wrote; merged into ``export.json``). :func:`export` validates the input, opens the
-writer (atomic: ``OUT.partial`` renamed into place when complete) and writes ``export.json``
-(format, config, source files' sha256, versions) and the manifest.
+One module per exporter, each declaring an :class:`Exporter` (``EXPORTER``); :func:`exporters`
+assembles them (``moepress export`` lists its ``--format`` choices from there). An exporter's
+function ``fn(src: Path, writer: CheckpointWriter, cfg: ExportConfig, progress: Progress) -> dict``
+writes its files into ``writer`` (tensors through ``writer.add``/``end_shard``, or any file under
+``writer.partial``) and returns a summary dict (what it wrote; merged into ``export.json``).
+:func:`export` validates the input, opens the writer (atomic: ``OUT.partial`` renamed into place
+when complete) and writes ``export.json`` (format, config, source files' sha256, versions) and
+the manifest.
+
+Also here: GPU targets (targets.py, kv_cache.py), the deployment planner (plan.py, shape.py) and
+``moepress build`` (build.py, artifacts.py, environment.py, builders/).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moepress.errors import MoepressError
+from moepress.manifest import read_manifest, sha256_file, versions
+from moepress.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -44,38 +50,22 @@ class Exporter:
 EXPORTERS: dict[str, Exporter] = {}
 
 
-def register_exporter(name: str, *, description: str, families: tuple[str, ...] | None = None,
-                      consumers: str = ""):
-    def deco(fn):
-        EXPORTERS[name] = Exporter(name, fn, description, families, consumers)
-        return fn
-
-    return deco
-
-
-def _load_builtin() -> None:
-    """Import the format modules so they register (each is optional until written)."""
-    import importlib
-
-    for mod in ("hf_modelopt", "hf_fp8_block", "compressed_tensors", "trtllm_ckpt", "onnx_export"):
-        try:
-            importlib.import_module(f"moepress.exporters.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"moepress.exporters.{mod}":
-                raise
-
-
 def exporters() -> dict[str, Exporter]:
-    _load_builtin()
+    """The exporters by name, assembled on first use (their modules import torch and onnx, which the
+    planner and `moepress --help` do not need)."""
+    if not EXPORTERS:
+        from moepress.exporters import compressed_tensors, hf_fp8_block, hf_modelopt, onnx_export, trtllm_ckpt
+
+        for m in (hf_modelopt, hf_fp8_block, compressed_tensors, trtllm_ckpt, onnx_export):
+            EXPORTERS[m.EXPORTER.name] = m.EXPORTER
     return EXPORTERS
 
 
 def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool = False, progress=None) -> dict:
     """Run exporter ``cfg.format`` on checkpoint ``src`` into ``out``; returns export.json's content."""
+    # imported here: this package's light modules (targets, kv_cache) are read when the CLI starts
     from moepress.compress.arch import get_adapter
     from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
-    from moepress.manifest import read_manifest, sha256_file, versions
-    from moepress.progress import Progress
 
     progress = progress or Progress(mode="quiet")
     reg = exporters()
@@ -90,7 +80,7 @@ def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool =
                             f"({src}); it supports {', '.join(ex.families)}")
     if cfg.tp < 1 or cfg.ep < 1:
         raise MoepressError(f"--tp/--ep: expected positive sizes, got tp={cfg.tp} ep={cfg.ep}")
-    with CheckpointWriter(out, force=force) as writer:
+    with CheckpointWriter(out, force=force, sources=(src,)) as writer:
         summary = ex.fn(src, writer, cfg, progress) or {}
         # the source's own manifest already holds its digests (hashing 1 TB again costs minutes)
         known = {k: v["sha256"] for k, v in read_manifest(src).get("files", {}).items()} \
@@ -105,4 +95,4 @@ def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool =
     return info
 
 
-__all__ = ["ExportConfig", "Exporter", "EXPORTERS", "register_exporter", "exporters", "export", "field"]
+__all__ = ["ExportConfig", "Exporter", "EXPORTERS", "exporters", "export", "field"]

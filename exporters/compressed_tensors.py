@@ -6,23 +6,11 @@ Input: a ``moepress quantize`` output. Per quantized linear the stored (q, scale
 and handed to the library's compressor classmethod ``compress(state_dict, scheme)``
 (compressed_tensors/compressors/base.py: BaseCompressor.compress works on one module's local
 state dict), which re-quantizes with the same scale — bit-identical values — and lays the module
-out in the library's format:
-
-==============  ======================  ====================================================
-moepress        CT format               scheme / tensors
-==============  ======================  ====================================================
-fp8             ``float-quantized``     weights float8 strategy tensor (``weight`` F8_E4M3,
-                                        ``weight_scale`` [1]); static input, strategy tensor
-                                        (``input_scale`` [1])
-fp8-dynamic     ``float-quantized``     weights strategy channel (``weight_scale`` [out, 1]);
-                                        dynamic per-token input
-fp8-block       ``float-quantized``     weights strategy block [128, 128] (``weight_scale``
-                                        [ceil(out/128), ceil(in/128)]); dynamic group-128 input
-int4-gptq       ``pack-quantized``      int4 symmetric, strategy group (group size kept):
-                                        ``weight_packed`` I32 [out, in/8], ``weight_scale``
-                                        [out, in/group], ``weight_shape`` [2]
-==============  ======================  ====================================================
-
+out in the library's format. Which format and scheme each moepress format becomes is the
+format's own ``ct_format`` / ``ct_scheme`` (compress/formats/): fp8, fp8-dynamic and fp8-block are
+``float-quantized`` with weight strategy tensor / channel / block [128, 128]; int4-gptq is
+``pack-quantized`` (int4 symmetric, strategy group: ``weight_packed`` I32 [out, in/8],
+``weight_scale`` [out, in/group], ``weight_shape`` [2])
 (compressed_tensors/compressors/naive_quantized/base.py, pack_quantized/base.py). AWQ's
 ``pre_quant_scale`` has no place in a compressed-tensors scheme (llm-compressor folds AWQ
 smoothing into the previous norm/linear instead), so int4-awq / w4a8-awq are refused with a
@@ -47,89 +35,71 @@ from pathlib import Path
 
 import torch
 
+from moepress.compress import formats
 from moepress.errors import MoepressError
-from moepress.exporters import register_exporter
+from moepress.exporters import Exporter
 from moepress.exporters.hf_common import open_source, output_config, require_layout, tensor_groups, unquantized_modules
 
-SUPPORTED = {"fp8": "float-quantized", "fp8-dynamic": "float-quantized", "fp8-block": "float-quantized",
-             "int4-gptq": "pack-quantized"}
+# moepress format -> compressed-tensors format, for the formats that have one (Format.ct_format)
+SUPPORTED = {n: f.ct_format for n, f in formats.FORMATS.items() if f.ct_format}
 
 
-def scheme_for(fmt: str, group: int | None, targets: list[str]):
-    """The compressed-tensors QuantizationScheme equal to moepress format ``fmt``."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
-    fp8w = dict(num_bits=8, type="float", symmetric=True, dynamic=False)
-    if fmt == "fp8":
-        return QuantizationScheme(targets=targets, weights=QuantizationArgs(**fp8w, strategy="tensor"),
-                                  input_activations=QuantizationArgs(**fp8w, strategy="tensor"))
-    if fmt == "fp8-dynamic":
-        return QuantizationScheme(targets=targets, weights=QuantizationArgs(**fp8w, strategy="channel"),
-                                  input_activations=QuantizationArgs(num_bits=8, type="float", symmetric=True,
-                                                                     dynamic=True, strategy="token"))
-    if fmt == "fp8-block":
-        return QuantizationScheme(targets=targets,
-                                  weights=QuantizationArgs(**fp8w, strategy="block", block_structure=[128, 128]),
-                                  input_activations=QuantizationArgs(num_bits=8, type="float", symmetric=True,
-                                                                     dynamic=True, strategy="group", group_size=128))
-    if fmt == "int4-gptq":
-        return QuantizationScheme(targets=targets, weights=QuantizationArgs(
-            num_bits=4, type="int", symmetric=True, dynamic=False, strategy="group", group_size=group))
-    raise MoepressError(f"compressed-tensors: no scheme for format {fmt}")
-
-
-def ct_scale(fmt: str, s: torch.Tensor) -> torch.Tensor:
-    """moepress scale -> the library's parameter shape (tensor strategy: [1])."""
-    return s.float().reshape(1) if fmt == "fp8" else s.float()
+def _schemes(src: Path, s) -> tuple[dict[tuple[str, int | None], object], str]:
+    """The compressed-tensors scheme of each (format, group size) the source holds (Format.ct_scheme;
+    targets ["Linear"] when there is one, else the module names), and the one CT format they share."""
+    require_layout(s, "compressed-tensors", "fp8 (or fp8-dynamic, fp8-block, int4-gptq)")
+    fmts = s.formats
+    bad = sorted(fmts - set(SUPPORTED))
+    if bad:
+        why = " (AWQ pre_quant_scale has no compressed-tensors form: use int4-gptq, or --format hf-modelopt)" \
+            if any(b in formats.FORMATS and formats.FORMATS[b].awq for b in bad) else ""
+        raise MoepressError(f"--format compressed-tensors: {src} is quantized as {', '.join(bad)}; expected "
+                            f"{', '.join(SUPPORTED)}{why}")
+    kinds: dict[tuple[str, int | None], list[str]] = {}
+    for n, m in sorted(s.layout["modules"].items()):
+        kinds.setdefault((m["format"], m.get("group")), []).append(n)
+    schemes = {k: formats.FORMATS[k[0]].ct_scheme(k[1], ["Linear"] if len(kinds) == 1 else names)
+               for k, names in kinds.items()}
+    ct_formats = {SUPPORTED[f] for f, _ in kinds}
+    if len(ct_formats) > 1:
+        raise MoepressError(f"--format compressed-tensors: {src} mixes {', '.join(sorted(fmts))}; "
+                            "expected FP8 formats only or INT4 only (one compressed-tensors format per checkpoint)")
+    return schemes, next(iter(ct_formats))
 
 
-@register_exporter("compressed-tensors", description="compressed-tensors checkpoint (float-quantized FP8, "
-                   "pack-quantized INT4) written through the compressed-tensors library",
-                   consumers="vLLM, transformers (CompressedTensors), SGLang")
+def _compress_layer(r, modules: dict, prefix: str, compressor, schemes, writer) -> set[str]:
+    """The layer's quantized linears through the library's compressor; the source tensors they replace."""
+    done: set[str] = set()
+    for base, m in modules.items():
+        if not base.startswith(prefix):
+            continue
+        fmt = m["format"]
+        sd = {"weight": r.weight(base + ".weight", torch.float32),
+              "weight_scale": formats.FORMATS[fmt].ct_scale(r.get(base + ".weight_scale"))}
+        if base + ".input_scale" in r:
+            sd["input_scale"] = r.get(base + ".input_scale").float().reshape(1)
+        out = compressor.compress(sd, schemes[(fmt, m.get("group"))])
+        for k, t in sorted(out.items()):
+            writer.add(f"{base}.{k}", t)
+        done.update(f"{base}.{k}" for k in ("weight", "weight_scale", "input_scale"))
+    return done
+
+
 def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
     from compressed_tensors import __version__ as ct_version
     from compressed_tensors.compressors import BaseCompressor, ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     s = open_source(src)
-    require_layout(s, "compressed-tensors", "fp8 (or fp8-dynamic, fp8-block, int4-gptq)")
-    fmts = s.formats
-    bad = sorted(fmts - set(SUPPORTED))
-    if bad:
-        why = " (AWQ pre_quant_scale has no compressed-tensors form: use int4-gptq, or --format hf-modelopt)" \
-            if any("awq" in b for b in bad) else ""
-        raise MoepressError(f"--format compressed-tensors: {src} is quantized as {', '.join(bad)}; expected "
-                            f"{', '.join(SUPPORTED)}{why}")
+    schemes, ct_format = _schemes(src, s)
     modules = s.layout["modules"]
-    # one config group per (format, group size): targets ["Linear"] when there is one, else module names
-    kinds: dict[tuple[str, int | None], list[str]] = {}
-    for n, m in sorted(modules.items()):
-        kinds.setdefault((m["format"], m.get("group")), []).append(n)
-    schemes = {k: scheme_for(k[0], k[1], ["Linear"] if len(kinds) == 1 else names)
-               for k, names in kinds.items()}
-    formats = {SUPPORTED[f] for f, _ in kinds}
-    if len(formats) > 1:
-        raise MoepressError(f"--format compressed-tensors: {src} mixes {', '.join(sorted(fmts))}; "
-                            "expected FP8 formats only or INT4 only (one compressed-tensors format per checkpoint)")
-    compressor = BaseCompressor.get_value_from_registry(next(iter(formats)))
+    compressor = BaseCompressor.get_value_from_registry(ct_format)
     r, a = s.reader, s.adapter
     dropped: list[str] = []
     with progress.task("export compressed-tensors", a.num_layers + 2) as task:
         for kind, i, names in tensor_groups(s):
-            prefix = a.layer_prefix(i) if kind == "layer" else ""
-            done: set[str] = set()
-            for base, m in modules.items():
-                if kind != "layer" or not base.startswith(prefix):
-                    continue
-                fmt = m["format"]
-                sd = {"weight": r.weight(base + ".weight", torch.float32),
-                      "weight_scale": ct_scale(fmt, r.get(base + ".weight_scale"))}
-                if base + ".input_scale" in r:
-                    sd["input_scale"] = r.get(base + ".input_scale").float().reshape(1)
-                out = compressor.compress(sd, schemes[(fmt, m.get("group"))])
-                for k, t in sorted(out.items()):
-                    writer.add(f"{base}.{k}", t)
-                done.update(f"{base}.{k}" for k in ("weight", "weight_scale", "input_scale"))
+            done = _compress_layer(r, modules, a.layer_prefix(i), compressor, schemes, writer) \
+                if kind == "layer" else set()
             for n in names:
                 if n in done:
                     continue
@@ -141,10 +111,16 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
     ignore = [n for n in unquantized_modules(s, set(modules)) if not n.endswith("embed_tokens")]
     qc = QuantizationConfig(config_groups={f"group_{k}": sch for k, sch in enumerate(schemes.values())},
-                            format=next(iter(formats)), quantization_status=QuantizationStatus.COMPRESSED,
-                            ignore=ignore)
+                            format=ct_format, quantization_status=QuantizationStatus.COMPRESSED, ignore=ignore)
     writer.write_json("config.json", output_config(s, None))
     ModelCompressor(quantization_config=qc).update_config(str(writer.partial))
     writer.copy_aux_files(src)
-    return {"ct_format": next(iter(formats)), "compressed_tensors_version": ct_version,
+    return {"ct_format": ct_format, "compressed_tensors_version": ct_version,
             "quantized_linears": len(modules), "ignore": len(ignore), "dropped": dropped}
+
+
+EXPORTER = Exporter(
+    "compressed-tensors", export_compressed_tensors, description="compressed-tensors checkpoint (float-quantized FP8, "
+    "pack-quantized INT4) written through the compressed-tensors library",
+    consumers="vLLM, transformers (CompressedTensors), SGLang",
+)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.errors import MoepressError
@@ -37,12 +38,10 @@ class Source:
 
 
 def open_source(src: Path) -> Source:
-    from moepress.compress.formats import read_layout as read_quant_layout
-
     reader = CheckpointReader(src)
     if not reader.has_weights:
         raise MoepressError(f"{src}: checkpoint has no weights (only config.json)")
-    return Source(Path(src), reader, get_adapter(reader.config), read_quant_layout(src))
+    return Source(Path(src), reader, get_adapter(reader.config), formats.read_layout(src))
 
 
 def require_layout(s: Source, fmt: str, hint: str) -> dict:
@@ -51,17 +50,6 @@ def require_layout(s: Source, fmt: str, hint: str) -> dict:
         raise MoepressError(f"--format {fmt} needs a quantized checkpoint: {s.path} has no moepress_quant.json "
                             f"(run moepress quantize --format {hint} first)")
     return s.layout
-
-
-def require_quantized(s: Source, fmt: str, allowed: dict[str, str], hint: str) -> str:
-    """The source's single moepress quantize format, which must be one of ``allowed``
-    (format -> what it becomes); else a one-line error naming what to run first."""
-    require_layout(s, fmt, hint)
-    fmts = s.formats
-    if len(fmts) != 1 or next(iter(fmts)) not in allowed:
-        raise MoepressError(f"--format {fmt}: {s.path} is quantized as {', '.join(sorted(fmts)) or 'nothing'}; "
-                            f"expected one of {', '.join(allowed)} (run moepress quantize --format {hint})")
-    return next(iter(fmts))
 
 
 def tensor_groups(s: Source) -> Iterator[tuple[str, int | None, list[str]]]:

@@ -38,12 +38,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moepress.compress import formats
 from moepress.compress.quant import fp8
 from moepress.errors import MoepressError
-from moepress.exporters import register_exporter
+from moepress.exporters import Exporter
 from moepress.exporters.hf_common import open_source, output_config, tensor_groups, unquantized_modules
 
 BLOCK = [128, 128]
+# the format this layout stores: FP8 weights with a scale per 128x128 block (TensorRT-LLM FP8_BLOCK_SCALES)
+BLOCK_FP8 = formats.by_quant_algo("FP8_BLOCK_SCALES").name
 
 
 def block_quantization_config(not_converted: list[str]) -> dict:
@@ -69,13 +72,54 @@ def layer_linears(adapter, i: int) -> list[str]:
     return [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
 
 
-@register_exporter("hf-fp8-block", description="DeepSeek-V3 / Kimi K2 native block-FP8 Hugging Face checkpoint "
-                   "(weight_scale_inv per 128x128 block); from bf16 (calibration-free) or fp8-block",
-                   consumers="TensorRT-LLM (PyTorch backend), vLLM, SGLang, transformers (FineGrainedFP8)")
+def _rename_layer(r, names, writer, dtype, quantized: set[str], kept: list[str]) -> None:
+    """A ``moepress quantize --format fp8-block`` layer: ``weight_scale`` written as ``weight_scale_inv``."""
+    for n in names:
+        base = n[: -len(".weight_scale")] if n.endswith(".weight_scale") else None
+        q8 = base is not None and base + ".weight" in r and r.info(base + ".weight").dtype == "F8_E4M3"
+        if n.endswith(".weight") and n[: -len(".weight")] + ".weight_scale" in r:
+            if grid_ok(r.info(n).shape):
+                writer.add(n, r.get(n))
+            else:  # ambiguous grid: high precision (the dequantized block-FP8 weight)
+                writer.add(n, r.weight(n, dtype))
+                kept.append(n[: -len(".weight")])
+        elif q8:
+            if grid_ok(r.info(base + ".weight").shape):
+                writer.add(base + ".weight_scale_inv", r.get(n).float())
+                quantized.add(base)
+        else:
+            writer.add(n, r.get(n))
+
+
+def _copy_layer(r, names, writer, quantized: set[str]) -> None:
+    """A layer already in this layout: copied."""
+    for n in names:
+        writer.add(n, r.get(n))
+        if n.endswith(".weight_scale_inv"):
+            quantized.add(n[: -len(".weight_scale_inv")])
+
+
+def _quantize_layer(r, a, i: int, names, writer, quantized: set[str], kept: list[str]) -> None:
+    """A bf16 layer: every nn.Linear quantized to 128x128 blocks (calibration-free)."""
+    prefix = a.layer_prefix(i)
+    targets = {prefix + m + ".weight" for m in layer_linears(a, i)}
+    for n in names:
+        if n in targets and not grid_ok(r.info(n).shape):
+            kept.append(n[: -len(".weight")])
+            writer.add(n, r.get(n))
+        elif n in targets:
+            q, sc = fp8.quantize_block(r.weight(n, torch.float32))
+            writer.add(n, q)
+            writer.add(n + "_scale_inv", sc)
+            quantized.add(n[: -len(".weight")])
+        else:
+            writer.add(n, r.get(n))
+
+
 def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
     s = open_source(src)
     r, a = s.reader, s.adapter
-    if s.layout is not None and s.formats != {"fp8-block"}:
+    if s.layout is not None and s.formats != {BLOCK_FP8}:
         raise MoepressError(f"--format hf-fp8-block: {src} is quantized as {', '.join(sorted(s.formats))}; "
                             "expected fp8-block or a bf16 checkpoint (run moepress quantize --format fp8-block, "
                             "or export the original)")
@@ -89,47 +133,25 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
                 for n in names:
                     writer.add(n, r.get(n))
             elif mode == "rename":
-                for n in names:
-                    base = n[: -len(".weight_scale")] if n.endswith(".weight_scale") else None
-                    q8 = base is not None and base + ".weight" in r and r.info(base + ".weight").dtype == "F8_E4M3"
-                    if n.endswith(".weight") and n[: -len(".weight")] + ".weight_scale" in r:
-                        if grid_ok(r.info(n).shape):
-                            writer.add(n, r.get(n))
-                        else:  # ambiguous grid: high precision (the dequantized fp8-block weight)
-                            writer.add(n, r.weight(n, dtype))
-                            kept.append(n[: -len(".weight")])
-                    elif q8:
-                        if grid_ok(r.info(base + ".weight").shape):
-                            writer.add(base + ".weight_scale_inv", r.get(n).float())
-                            quantized.add(base)
-                    else:
-                        writer.add(n, r.get(n))
+                _rename_layer(r, names, writer, dtype, quantized, kept)
             elif mode == "copy":
-                for n in names:
-                    writer.add(n, r.get(n))
-                    if n.endswith(".weight_scale_inv"):
-                        quantized.add(n[: -len(".weight_scale_inv")])
+                _copy_layer(r, names, writer, quantized)
             else:
-                prefix = a.layer_prefix(i)
-                targets = {prefix + m + ".weight" for m in layer_linears(a, i)}
-                for n in names:
-                    if n in targets and not grid_ok(r.info(n).shape):
-                        kept.append(n[: -len(".weight")])
-                        writer.add(n, r.get(n))
-                    elif n in targets:
-                        q, sc = fp8.quantize_block(r.weight(n, torch.float32))
-                        writer.add(n, q)
-                        writer.add(n + "_scale_inv", sc)
-                        quantized.add(n[: -len(".weight")])
-                    else:
-                        writer.add(n, r.get(n))
+                _quantize_layer(r, a, i, names, writer, quantized, kept)
             writer.end_shard()
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
     not_converted = unquantized_modules(s, quantized)
     writer.write_json("config.json", output_config(s, block_quantization_config(not_converted)))
-    writer.write_json("moepress_quant.json", {"format": "fp8-block", "rules": [], "group_size": None,
+    writer.write_json("moepress_quant.json", {"format": BLOCK_FP8, "rules": [], "group_size": None,
                                               "kv_cache": None, "shared": [], "borrowed": [], "skipped": [],
-                                              "modules": {m: {"format": "fp8-block"} for m in sorted(quantized)}})
+                                              "modules": {m: {"format": BLOCK_FP8} for m in sorted(quantized)}})
     writer.copy_aux_files(src)
     return {"mode": mode, "quantized_linears": len(quantized), "modules_to_not_convert": len(not_converted),
             "kept_high_precision": kept}
+
+
+EXPORTER = Exporter(
+    "hf-fp8-block", export_hf_fp8_block, description="DeepSeek-V3 / Kimi K2 native block-FP8 Hugging Face checkpoint "
+    "(weight_scale_inv per 128x128 block); from bf16 (calibration-free) or fp8-block",
+    consumers="TensorRT-LLM (PyTorch backend), vLLM, SGLang, transformers (FineGrainedFP8)",
+)

@@ -3,7 +3,7 @@
 vLLM and SGLang.
 
 Input: a ``moepress quantize`` output (already modelopt's tensor layout — see the contract in
-compress/quantize.py); the export is a streamed copy, one decoder layer per shard, plus the two
+compress/quantize/); the export is a streamed copy, one decoder layer per shard, plus the two
 config files consumers read:
 
 - ``hf_quant_config.json`` in modelopt's nested ("legacy") shape
@@ -38,8 +38,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moepress import __version__
+from moepress.compress import formats
 from moepress.errors import MoepressError
-from moepress.exporters import register_exporter
+from moepress.exporters import Exporter
 from moepress.exporters.hf_common import (
     QUANT_FILES,
     open_source,
@@ -52,51 +54,22 @@ from moepress.exporters.hf_common import (
 # the Model-Optimizer release whose export layout we follow (checked against it in tests)
 MODELOPT_LAYOUT_VERSION = "0.47.0"
 
-# moepress quantize format -> modelopt / TensorRT-LLM quant_algo
-QUANT_ALGO = {
-    "fp8": "FP8",
-    "fp8-block": "FP8_BLOCK_SCALES",
-    "fp8-dynamic": "FP8_PER_CHANNEL_PER_TOKEN",
-    "int4-awq": "W4A16_AWQ",
-    "int4-gptq": "W4A16_GPTQ",
-    "w4a8-awq": "W4A8_AWQ",
-}
-
-
 def layer_algo(fmt: str, group: int | None) -> dict:
-    """One layer's entry (modelopt quant_utils.process_layer_quant_config)."""
-    algo = QUANT_ALGO[fmt]
-    if fmt in ("int4-awq", "w4a8-awq"):
-        return {"quant_algo": algo, "group_size": group, "has_zero_point": False, "pre_quant_scale": True}
-    if fmt == "int4-gptq":
-        return {"quant_algo": algo, "group_size": group, "has_zero_point": False}
-    return {"quant_algo": algo}
+    """One layer's entry in hf_quant_config.json (Format.modelopt_entry)."""
+    return formats.FORMATS[fmt].modelopt_entry(group)
 
 
 def group_config(entry: dict) -> dict:
-    """compressed-tensors-style config group for one quant_algo (modelopt
+    """compressed-tensors-style config group for one layer entry (Format.modelopt_group: modelopt
     convert_hf_config._quant_algo_to_group_config)."""
-    algo, gs = entry["quant_algo"], entry.get("group_size")
-    fp8 = {"dynamic": False, "num_bits": 8, "type": "float"}
-    if algo == "FP8":
-        return {"input_activations": fp8, "weights": fp8}
-    if algo == "FP8_PER_CHANNEL_PER_TOKEN":
-        return {"input_activations": fp8, "weights": {**fp8, "strategy": "channel"}}
-    if algo == "FP8_BLOCK_SCALES":
-        return {"input_activations": {**fp8, "dynamic": True, "group_size": 128},
-                "weights": {**fp8, "strategy": "block", "block_structure": [128, 128]}}
-    if algo in ("W4A16_AWQ", "W4A16_GPTQ"):
-        return {"weights": {"dynamic": False, "num_bits": 4, "type": "int", "group_size": gs}}
-    if algo == "W4A8_AWQ":  # modelopt writes the weights as type float here; we keep its form
-        return {"input_activations": {**fp8, "group_size": gs},
-                "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": gs}}
-    raise MoepressError(f"quant_algo {algo}: no compressed-tensors-style group known")
+    f = formats.by_quant_algo(entry["quant_algo"])
+    if f is None or f.modelopt_group is None:
+        raise MoepressError(f"quant_algo {entry['quant_algo']}: no compressed-tensors-style group known")
+    return f.modelopt_group(entry.get("group_size"))
 
 
 def quant_configs(layout: dict, modules: dict[str, dict], exclude: list[str], kv_cache: bool) -> tuple[dict, dict]:
     """(hf_quant_config.json, config.json quantization_config)."""
-    from moepress import __version__
-
     per = {n: layer_algo(m["format"], m.get("group")) for n, m in sorted(modules.items())}
     kinds = {tuple(sorted(v.items())) for v in per.values()}
     q: dict = {"quant_algo": None, "kv_cache_quant_algo": "FP8" if kv_cache else None}
@@ -130,13 +103,11 @@ def quant_configs(layout: dict, modules: dict[str, dict], exclude: list[str], kv
     return hf_quant, flat
 
 
-@register_exporter("hf-modelopt", description="Hugging Face checkpoint with modelopt's hf_quant_config.json "
-                   "(FP8, FP8_BLOCK_SCALES, W4A16_AWQ, W4A8_AWQ ...) from a moepress quantize output",
-                   consumers="TensorRT-LLM (PyTorch backend), vLLM, SGLang")
 def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     s = open_source(src)
     modules = require_layout(s, "hf-modelopt", "fp8 (or fp8-block, int4-awq, w4a8-awq)")["modules"]
-    unknown = sorted({m["format"] for m in modules.values()} - set(QUANT_ALGO))
+    unknown = sorted(f for f in {m["format"] for m in modules.values()}
+                     if f not in formats.FORMATS or formats.FORMATS[f].modelopt_entry is None)
     if unknown:
         raise MoepressError(f"{src}/moepress_quant.json: formats {unknown} have no modelopt quant_algo")
     r = s.reader
@@ -160,3 +131,10 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     writer.copy_aux_files(src)
     return {"quant_algo": hf_quant["quantization"]["quant_algo"], "tensors": written,
             "quantized_linears": len(modules), "exclude_modules": len(exclude)}
+
+
+EXPORTER = Exporter(
+    "hf-modelopt", export_hf_modelopt, description="Hugging Face checkpoint with modelopt's hf_quant_config.json "
+    "(FP8, FP8_BLOCK_SCALES, W4A16_AWQ, W4A8_AWQ ...) from a moepress quantize output",
+    consumers="TensorRT-LLM (PyTorch backend), vLLM, SGLang",
+)

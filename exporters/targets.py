@@ -38,21 +38,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from moepress.compress import formats
 from moepress.errors import MoepressError
+from moepress.exporters import kv_cache
+from moepress.exporters.kv_cache import KV_CACHE
 
-# every weight format the planner knows; ``bf16`` = unquantized
-FORMATS = ("bf16", "fp8", "fp8-block", "fp8-dynamic", "int4-awq", "int4-gptq", "w4a8-awq", "nvfp4")
-PRODUCED = ("bf16", "fp8", "fp8-block", "fp8-dynamic", "int4-awq", "int4-gptq", "w4a8-awq")
+# the unquantized format (no weight scale): what runs everywhere and what a plan assumes by default
+UNQUANTIZED = next(n for n, f in formats.FORMATS.items() if f.scale is None)
+# what moepress writes: the unquantized checkpoint and every format `moepress quantize` produces
+PRODUCED = tuple(n for n, f in formats.FORMATS.items() if f.produced or n == UNQUANTIZED)
 
-# TensorRT-LLM's hardware support matrix (see module docstring), by SM; bf16 runs everywhere (sm80+)
-_SM_FORMATS = {
-    80: ("bf16", "int4-awq", "int4-gptq"),
-    86: ("bf16", "int4-awq", "int4-gptq"),
-    89: ("bf16", "fp8", "int4-awq", "int4-gptq", "w4a8-awq"),
-    90: ("bf16", "fp8", "fp8-block", "fp8-dynamic", "int4-awq", "int4-gptq", "w4a8-awq"),
-    100: ("bf16", "fp8", "fp8-block", "nvfp4"),
-    120: ("bf16", "fp8", "nvfp4"),
-}
+# TensorRT-LLM's hardware support matrix (see module docstring), by SM: each format declares the SM
+# versions that run it (Format.archs); listed in the registry's order
+_SM_FORMATS = {sm: tuple(f.name for f in formats.FORMATS.values() if sm in f.archs)
+               for sm in (80, 86, 89, 90, 100, 120)}
 # the matrix's own rows, in its column names (it includes what moepress does not write: MXFP4,
 # W4A8 GPTQ); shown by `moepress targets --json` as ``trtllm_matrix``
 _SM_RECIPES = {
@@ -64,9 +63,6 @@ _SM_RECIPES = {
     100: ("NVFP4", "MXFP4", "FP8 per tensor", "FP8 block scaling", "FP8 KV cache"),
     120: ("NVFP4", "MXFP4", "FP8 per tensor", "FP8 KV cache"),
 }
-# KV-cache dtypes (same table's "FP8 KV Cache" / "NVFP4 KV Cache" columns)
-_SM_KV = {80: ("bf16", "fp8"), 86: ("bf16", "fp8"), 89: ("bf16", "fp8"), 90: ("bf16", "fp8"),
-          100: ("bf16", "fp8", "nvfp4"), 120: ("bf16", "fp8")}
 # FP8 context FMHA (trtllm-build --use_fp8_context_fmha) has kernels on Ada, Hopper, Blackwell
 FP8_FMHA_MIN_SM = 89
 
@@ -98,7 +94,7 @@ class Target:
 
     @property
     def kv_cache_dtypes(self) -> tuple[str, ...]:
-        return _SM_KV[self.sm]
+        return kv_cache.for_sm(self.sm)
 
     @property
     def memory_bytes(self) -> int:
@@ -175,15 +171,15 @@ def min_sm(fmt: str) -> int:
 
 def check_format(target: Target, fmt: str) -> None:
     """Raise a one-line refusal with a suggestion when ``target`` cannot run ``fmt``."""
-    if fmt not in FORMATS:
-        raise MoepressError(f"--format {fmt}: unknown format; expected one of {', '.join(FORMATS)}")
+    if fmt not in formats.FORMATS:
+        raise MoepressError(f"--format {fmt}: unknown format; expected one of {', '.join(formats.FORMATS)}")
     if target.supports(fmt):
         return
     where = [sm for sm, fs in _SM_FORMATS.items() if fmt in fs]
     need = f"sm{min(where)}+" if where == [sm for sm in _SM_FORMATS if sm >= min(where)] else \
         "/".join(f"sm{s}" for s in where)
     alt = suggest_format(target, fmt)
-    if alt not in PRODUCED:  # nvfp4: name a format moepress writes too
+    if alt not in PRODUCED:  # a format moepress plans but does not write: name one it writes too
         made = suggest_format(target, fmt, produced_only=True)
         alt = f"{alt} (Model-Optimizer writes it; moepress does not yet) or {made}"
     raise MoepressError(f"--format {fmt}: {fmt.upper()} needs {need}; {target.gpu} is sm{target.sm}: "
@@ -191,20 +187,13 @@ def check_format(target: Target, fmt: str) -> None:
 
 
 def suggest_format(target: Target, fmt: str, produced_only: bool = False) -> str:
-    """The closest format ``target`` runs: FP8 family first for FP8 requests, 4-bit for 4-bit ones."""
-    prefs = {
-        "fp8": ("fp8-block", "fp8-dynamic", "int4-awq", "nvfp4"),
-        "fp8-block": ("fp8", "fp8-dynamic", "int4-awq", "nvfp4"),
-        "fp8-dynamic": ("fp8", "fp8-block", "int4-awq", "nvfp4"),
-        "w4a8-awq": ("int4-awq", "nvfp4", "fp8"),
-        "int4-awq": ("int4-gptq", "w4a8-awq", "nvfp4", "fp8"),
-        "int4-gptq": ("int4-awq", "w4a8-awq", "nvfp4", "fp8"),
-        "nvfp4": ("int4-awq", "w4a8-awq", "fp8-block", "fp8"),
-    }.get(fmt, ())
-    for f in prefs + ("fp8-block", "fp8", "int4-awq"):
-        if target.supports(f) and (f in PRODUCED or not produced_only):
-            return f
-    return "bf16"
+    """The closest format ``target`` runs: the format's own alternatives in order (FP8 family first for
+    FP8 formats, 4-bit for 4-bit ones: Format.alternatives), else the unquantized format."""
+    f = formats.FORMATS.get(fmt)
+    for alt in f.alternatives if f is not None else ():
+        if target.supports(alt) and (alt in PRODUCED or not produced_only):
+            return alt
+    return UNQUANTIZED
 
 
 def render(targets=None) -> str:
@@ -217,5 +206,5 @@ def render(targets=None) -> str:
                      for r in rows)
 
 
-__all__ = ["FORMATS", "PRODUCED", "Target", "TARGETS", "register_target", "get_target", "check_format",
+__all__ = ["KV_CACHE", "PRODUCED", "UNQUANTIZED", "Target", "TARGETS", "register_target", "get_target", "check_format",
            "suggest_format", "min_sm", "render", "FP8_FMHA_MIN_SM"]

@@ -51,19 +51,19 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
-from moepress.compress.quant import int4
 from moepress.errors import MoepressError
-from moepress.exporters import register_exporter
+from moepress.exporters import Exporter
+from moepress.exporters.linears import Linear, read_linear
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 # ---- pure tensor functions -------------------------------------------------------------------
@@ -80,72 +80,6 @@ def split_rows(w: torch.Tensor, parts: int, rank: int) -> torch.Tensor:
 
 def split_cols(w: torch.Tensor, parts: int, rank: int) -> torch.Tensor:
     return w.chunk(parts, dim=-1)[rank].contiguous() if parts > 1 else w
-
-
-# ---- reading one linear from a bf16 or quantized checkpoint ----------------------------------
-@dataclass
-class Linear:
-    """One stored linear: ``scheme`` none | fp8 | fp8-dynamic | fp8-block | int4."""
-
-    scheme: str
-    weight: torch.Tensor  # float (none), float8 (fp8*), int8 unpacked [out, in] (int4)
-    scale: torch.Tensor | None = None  # fp8: [] ; fp8-dynamic: [out,1]; fp8-block: [ro, ci]; int4: [out, in/g]
-    input_scale: torch.Tensor | None = None
-    pre_quant_scale: torch.Tensor | None = None
-
-    def dequantize(self) -> torch.Tensor:
-        if self.scheme == "none":
-            return self.weight.float()
-        if self.scheme in ("fp8", "fp8-dynamic"):
-            return self.weight.float() * self.scale.float()
-        if self.scheme == "fp8-block":
-            from moepress.compress.quant.fp8 import dequantize_block
-
-            return dequantize_block(self.weight, self.scale)
-        g = self.weight.shape[1] // self.scale.shape[1]
-        w = self.weight.float() * self.scale.float().repeat_interleave(g, dim=1)
-        return w * self.pre_quant_scale.float()[None, :] if self.pre_quant_scale is not None else w
-
-
-def read_linear(reader: CheckpointReader, prefix: str) -> Linear:
-    """The linear stored under ``prefix`` (``...q_proj``) as the quantized-checkpoint contract says."""
-    name = prefix + ".weight"
-    if name not in reader:
-        raise MoepressError(f"{reader.path}: tensor '{name}' is missing from the checkpoint")
-    code = reader.info(name).dtype
-
-    def opt(suffix):
-        return reader.get(prefix + suffix) if prefix + suffix in reader else None
-
-    if code == "F8_E4M3":
-        if prefix + ".weight_scale_inv" in reader:
-            return Linear("fp8-block", reader.get(name), reader.get(prefix + ".weight_scale_inv"))
-        s = opt(".weight_scale")
-        if s is None:
-            raise MoepressError(f"{reader.path}: FP8 tensor '{name}' has no weight_scale")
-        # the quantize stage's sidecar says which; shapes alone are ambiguous ([2, 1] blocks vs per-channel)
-        fmt = ((_layout(reader) or {}).get("modules", {}).get(prefix) or {}).get("format")
-        if fmt in ("fp8", "fp8-dynamic", "fp8-block"):
-            scheme = fmt
-        else:
-            scheme = "fp8" if s.numel() == 1 else "fp8-dynamic" if tuple(s.shape) == (reader.info(name).shape[0], 1) \
-                else "fp8-block"
-        return Linear(scheme, reader.get(name), s.float().reshape(()) if scheme == "fp8" else s.float(),
-                      opt(".input_scale"))
-    if code == "U8":
-        s = opt(".weight_scale")
-        if s is None:
-            raise MoepressError(f"{reader.path}: packed tensor '{name}' has no weight_scale")
-        return Linear("int4", int4.unpack_int4(reader.get(name)), s.float(), opt(".input_scale"),
-                      opt(".pre_quant_scale"))
-    return Linear("none", reader.get(name))
-
-
-def _layout(reader: CheckpointReader) -> dict | None:
-    from moepress.compress.formats import layout_of
-
-    return layout_of(reader)
-
 
 
 # ---- a safetensors file written one tensor at a time -----------------------------------------
@@ -191,8 +125,8 @@ def _quant_algo(reader: CheckpointReader, adapter) -> tuple[str | None, str | No
     kv = "FP8" if any(n.endswith((".k_scale", ".v_scale")) for n in reader.layer_names(0)) else None
     if lin.scheme == "none":
         return None, kv
-    if lin.scheme != "fp8":
-        raise MoepressError(f"--format trtllm-ckpt: {reader.path} is quantized as {lin.scheme}; this exporter "
+    if lin.scheme != "tensor":  # FP8 per tensor: TensorRT-LLM QuantAlgo FP8
+        raise MoepressError(f"--format trtllm-ckpt: {reader.path} is quantized as {lin.stored_as}; this exporter "
                             f"writes bf16 and FP8 per-tensor (moepress quantize --format fp8); for INT4 AWQ or "
                             f"block FP8 use --format hf-modelopt (TensorRT-LLM's PyTorch backend)")
     return "FP8", kv
@@ -268,113 +202,141 @@ def _fuse_fp8(lins: list[Linear]) -> tuple[list[torch.Tensor], torch.Tensor, tor
     return qs, torch.tensor([s], dtype=torch.float32), torch.tensor([act], dtype=torch.float32)
 
 
-# families=None: DeepSeek-V3 / Kimi K2 get the one-line "PyTorch backend only" error from the
-# exporter itself rather than export()'s generic family message.
-@register_exporter("trtllm-ckpt", description="TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) "
-                   "for trtllm-build; Mixtral and Qwen3-MoE", families=None,
-                   consumers="TensorRT-LLM trtllm-build (v0.8+, TensorRT backend)")
+class _RankWriter:
+    """Writes the checkpoint's tensors into every rank's file, one decoder layer at a time."""
+
+    def __init__(self, src: Path, reader: CheckpointReader, adapter, cfg, files, qalgo, kvalgo):
+        self.src, self.reader, self.a, self.files = src, reader, adapter, files
+        self.tp, self.ep, self.moe_tp = cfg.tp, cfg.ep, cfg.tp // cfg.ep
+        self.dtype = DTYPES[cfg.dtype]
+        self.qalgo, self.kvalgo = qalgo, kvalgo
+
+    def fp(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype)
+
+    def put(self, r: int, name: str, t: torch.Tensor) -> None:
+        self.files[r].add(name, t)
+
+    def embeddings(self) -> None:
+        emb = self.reader.get(self.a.embed_name)
+        for r in range(self.tp):
+            self.put(r, "transformer.vocab_embedding.weight", self.fp(emb))
+
+    def attention(self, i: int) -> bool:
+        """Layer i's attention; whether it is written in FP8 (the layer's experts follow it)."""
+        reader, tp, fp = self.reader, self.tp, self.fp
+        lp, tl = self.a.layer_prefix(i), f"transformer.layers.{i}."
+        q, k, v, o = attn = [read_linear(reader, f"{lp}self_attn.{p}_proj") for p in "qkvo"]
+        quant = self.qalgo is not None and q.scheme == "tensor"
+        if quant:
+            (wq, wk, wv), s_qkv, a_qkv = _fuse_fp8([q, k, v])
+            (wo,), s_o, a_o = _fuse_fp8([o])
+        else:
+            wq, wk, wv, wo = (fp(x.dequantize()) for x in attn)
+        for r in range(tp):
+            self.put(r, tl + "attention.qkv.weight",
+                     torch.cat([split_rows(wq, tp, r), split_rows(wk, tp, r), split_rows(wv, tp, r)], 0))
+            self.put(r, tl + "attention.dense.weight", split_cols(wo, tp, r))
+            if quant:
+                self.put(r, tl + "attention.qkv.weights_scaling_factor", s_qkv)
+                self.put(r, tl + "attention.qkv.activation_scaling_factor", a_qkv)
+                self.put(r, tl + "attention.dense.weights_scaling_factor", s_o)
+                self.put(r, tl + "attention.dense.activation_scaling_factor", a_o)
+            if self.kvalgo:
+                kv = max(float(reader.get(lp + f"self_attn.{n}_scale")) for n in "kv")
+                self.put(r, tl + "attention.kv_cache_scaling_factor", torch.tensor([kv], dtype=torch.float32))
+            self.put(r, tl + "input_layernorm.weight", fp(reader.get(lp + "input_layernorm.weight")))
+            self.put(r, tl + "post_layernorm.weight", fp(reader.get(lp + "post_attention_layernorm.weight")))
+            if self.a.family == "qwen3_moe":
+                self.put(r, tl + "attention.q_layernorm.weight", fp(reader.get(lp + "self_attn.q_norm.weight")))
+                self.put(r, tl + "attention.k_layernorm.weight", fp(reader.get(lp + "self_attn.k_norm.weight")))
+        return quant
+
+    def experts(self, i: int, quant: bool) -> None:
+        a, tl = self.a, f"transformer.layers.{i}."
+        if not a.is_moe_layer(i):
+            raise MoepressError(f"{self.src}: layer {i} is dense (mlp_only_layers); this exporter writes MoE layers "
+                                f"only (partial)")
+        router = self.reader.get(a.router_prefix(i) + "weight").float()
+        for r in range(self.tp):
+            self.put(r, tl + "mlp.router.weight", router)
+        for r in range(self.tp):
+            self._rank_experts(i, r, tl, quant)
+
+    def _rank_experts(self, i: int, r: int, tl: str, quant: bool) -> None:
+        """Rank r's experts: mapping.py: moe_tp_rank = tp_rank // ep, moe_ep_rank = tp_rank % ep."""
+        a, moe_tp, fp = self.a, self.moe_tp, self.fp
+        g, u, d = a.expert_names
+        per_rank = a.num_experts // self.ep
+        mtp, mep = r // self.ep, r % self.ep
+        ups, gates, downs, s_fc, s_proj, a_fc, a_proj = [], [], [], [], [], [], []
+        for e in range(mep * per_rank, (mep + 1) * per_rank):
+            ep_ = a.expert_prefix(i, e)
+            lg, lu, ld = (read_linear(self.reader, ep_ + n) for n in (g, u, d))
+            if quant:
+                (qu, qg), s1, a1 = _fuse_fp8([lu, lg])
+                (qd,), s2, a2 = _fuse_fp8([ld])
+                s_fc.append(s1)
+                s_proj.append(s2)
+                a_fc.append(a1)
+                a_proj.append(a2)
+            else:
+                qu, qg, qd = fp(lu.dequantize()), fp(lg.dequantize()), fp(ld.dequantize())
+            ups.append(split_rows(qu, moe_tp, mtp))
+            gates.append(split_rows(qg, moe_tp, mtp))
+            downs.append(split_cols(qd, moe_tp, mtp))
+        # layers/moe.py: fc = cat([stack(w3...), stack(w1...)], dim=-2)
+        self.put(r, tl + "mlp.fc.weight", torch.cat([torch.stack(ups), torch.stack(gates)], dim=-2))
+        self.put(r, tl + "mlp.proj.weight", torch.stack(downs))
+        if quant:
+            self.put(r, tl + "mlp.fc.weights_scaling_factor", torch.stack(s_fc))  # [E/ep, 1]
+            self.put(r, tl + "mlp.proj.weights_scaling_factor", torch.stack(s_proj))
+            self.put(r, tl + "mlp.fc.activation_scaling_factor", torch.stack(a_fc).amax(0))  # [1]
+            self.put(r, tl + "mlp.proj.activation_scaling_factor", torch.stack(a_proj).amax(0))
+
+    def tail(self) -> None:
+        a, reader, tp = self.a, self.reader, self.tp
+        norm = reader.get(a.norm_name)
+        head = reader.get(a.head_name if a.head_name in reader else a.embed_name)
+        pad = (-head.shape[0]) % tp  # _utils.pad_vocab_size: lm_head rows padded to a multiple of tp
+        if pad:
+            head = torch.cat([head, head.new_zeros(pad, head.shape[1])])
+        for r in range(tp):
+            self.put(r, "transformer.ln_f.weight", self.fp(norm))
+            self.put(r, "lm_head.weight", self.fp(split_rows(head, tp, r)))
+
+
 def export_trtllm(src: Path, writer, cfg, progress) -> dict:
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config, reader.names())
     if adapter.family not in SUPPORTED:  # export() checks families; a direct call should too
         raise MoepressError(f"--format trtllm-ckpt: {adapter.family} models ({src}) run only in TensorRT-LLM's "
                             f"PyTorch backend (no trtllm-build engine path); use --format hf-modelopt")
-    tp, ep = cfg.tp, cfg.ep
-    check_mapping(adapter, tp, ep)
-    moe_tp = tp // ep
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(cfg.dtype)
-    if dtype is None:
+    check_mapping(adapter, cfg.tp, cfg.ep)
+    if cfg.dtype not in DTYPES:
         raise MoepressError(f"--dtype {cfg.dtype}: expected bfloat16, float16 or float32")
     qalgo, kvalgo = _quant_algo(reader, adapter)
     config = trtllm_config(adapter, cfg, qalgo, kvalgo)
     writer.write_json("config.json", config)
-    files = [StreamingSafetensors(writer.partial / f"rank{r}.safetensors") for r in range(tp)]
-    g, u, d = adapter.expert_names
-    E = adapter.num_experts
-    per_rank = E // ep
-    fp = lambda t: t.to(dtype)  # noqa: E731
-
-    def put(r, name, t):
-        files[r].add(name, t)
-
-    emb = reader.get(adapter.embed_name)
-    for r in range(tp):
-        put(r, "transformer.vocab_embedding.weight", fp(emb))
-    del emb
+    files = [StreamingSafetensors(writer.partial / f"rank{r}.safetensors") for r in range(cfg.tp)]
+    w = _RankWriter(src, reader, adapter, cfg, files, qalgo, kvalgo)
+    w.embeddings()
     with progress.task("export trtllm-ckpt", adapter.num_layers) as task:
         for i in range(adapter.num_layers):
-            lp, tl = adapter.layer_prefix(i), f"transformer.layers.{i}."
-            attn = [read_linear(reader, f"{lp}self_attn.{p}_proj") for p in "qkvo"]
-            q, k, v, o = attn
-            quant = qalgo is not None and q.scheme == "fp8"
-            if quant:
-                (wq, wk, wv), s_qkv, a_qkv = _fuse_fp8([q, k, v])
-                (wo,), s_o, a_o = _fuse_fp8([o])
-            else:
-                wq, wk, wv, wo = (fp(x.dequantize()) for x in attn)
-            for r in range(tp):
-                put(r, tl + "attention.qkv.weight",
-                    torch.cat([split_rows(wq, tp, r), split_rows(wk, tp, r), split_rows(wv, tp, r)], 0))
-                put(r, tl + "attention.dense.weight", split_cols(wo, tp, r))
-                if quant:
-                    put(r, tl + "attention.qkv.weights_scaling_factor", s_qkv)
-                    put(r, tl + "attention.qkv.activation_scaling_factor", a_qkv)
-                    put(r, tl + "attention.dense.weights_scaling_factor", s_o)
-                    put(r, tl + "attention.dense.activation_scaling_factor", a_o)
-                if kvalgo:
-                    kv = max(float(reader.get(lp + f"self_attn.{n}_scale")) for n in "kv")
-                    put(r, tl + "attention.kv_cache_scaling_factor", torch.tensor([kv], dtype=torch.float32))
-                put(r, tl + "input_layernorm.weight", fp(reader.get(lp + "input_layernorm.weight")))
-                put(r, tl + "post_layernorm.weight", fp(reader.get(lp + "post_attention_layernorm.weight")))
-                if adapter.family == "qwen3_moe":
-                    put(r, tl + "attention.q_layernorm.weight", fp(reader.get(lp + "self_attn.q_norm.weight")))
-                    put(r, tl + "attention.k_layernorm.weight", fp(reader.get(lp + "self_attn.k_norm.weight")))
-            del attn, q, k, v, o, wq, wk, wv, wo
-            if not adapter.is_moe_layer(i):
-                raise MoepressError(f"{src}: layer {i} is dense (mlp_only_layers); this exporter writes MoE layers "
-                                    f"only (partial)")
-            router = reader.get(adapter.router_prefix(i) + "weight").float()
-            for r in range(tp):
-                put(r, tl + "mlp.router.weight", router)
-            for r in range(tp):
-                mtp, mep = r // ep, r % ep  # mapping.py: moe_tp_rank = tp_rank // ep, moe_ep_rank = tp_rank % ep
-                experts = range(mep * per_rank, (mep + 1) * per_rank)
-                ups, gates, downs, s_fc, s_proj, a_fc, a_proj = [], [], [], [], [], [], []
-                for e in experts:
-                    ep_ = adapter.expert_prefix(i, e)
-                    lg, lu, ld = (read_linear(reader, ep_ + n) for n in (g, u, d))
-                    if quant:
-                        (qu, qg), s1, a1 = _fuse_fp8([lu, lg])
-                        (qd,), s2, a2 = _fuse_fp8([ld])
-                        s_fc.append(s1)
-                        s_proj.append(s2)
-                        a_fc.append(a1)
-                        a_proj.append(a2)
-                    else:
-                        qu, qg, qd = fp(lu.dequantize()), fp(lg.dequantize()), fp(ld.dequantize())
-                    ups.append(split_rows(qu, moe_tp, mtp))
-                    gates.append(split_rows(qg, moe_tp, mtp))
-                    downs.append(split_cols(qd, moe_tp, mtp))
-                # layers/moe.py: fc = cat([stack(w3...), stack(w1...)], dim=-2)
-                put(r, tl + "mlp.fc.weight", torch.cat([torch.stack(ups), torch.stack(gates)], dim=-2))
-                put(r, tl + "mlp.proj.weight", torch.stack(downs))
-                if quant:
-                    put(r, tl + "mlp.fc.weights_scaling_factor", torch.stack(s_fc))  # [E/ep, 1]
-                    put(r, tl + "mlp.proj.weights_scaling_factor", torch.stack(s_proj))
-                    put(r, tl + "mlp.fc.activation_scaling_factor", torch.stack(a_fc).amax(0))  # [1]
-                    put(r, tl + "mlp.proj.activation_scaling_factor", torch.stack(a_proj).amax(0))
-                del ups, gates, downs
+            w.experts(i, w.attention(i))
             task.advance(note=f"layer {i}")
-    norm = reader.get(adapter.norm_name)
-    head = reader.get(adapter.head_name if adapter.head_name in reader else adapter.embed_name)
-    pad = (-head.shape[0]) % tp  # _utils.pad_vocab_size: lm_head rows padded to a multiple of tp
-    if pad:
-        head = torch.cat([head, head.new_zeros(pad, head.shape[1])])
-    for r in range(tp):
-        put(r, "transformer.ln_f.weight", fp(norm))
-        put(r, "lm_head.weight", fp(split_rows(head, tp, r)))
+    w.tail()
     for f in files:
         f.close()
     writer.copy_aux_files(src)
     return {"trtllm": {"architecture": config["architecture"], "quant_algo": qalgo, "kv_cache_quant_algo": kvalgo,
                        "mapping": config["mapping"], "ranks": [f.path.name for f in files]}}
+
+
+# families=None: DeepSeek-V3 / Kimi K2 get the one-line "PyTorch backend only" error from the
+# exporter itself rather than export()'s generic family message.
+EXPORTER = Exporter(
+    "trtllm-ckpt", export_trtllm, description="TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) "
+    "for trtllm-build; Mixtral and Qwen3-MoE", families=None,
+    consumers="TensorRT-LLM trtllm-build (v0.8+, TensorRT backend)",
+)

@@ -178,7 +178,7 @@ def _has(mod):
 
 
 def _local_target():
-    from moepress.exporters.build import gpu_info
+    from moepress.exporters.environment import gpu_info
     from moepress.exporters.targets import TARGETS
 
     sm = gpu_info().get("sm")
@@ -187,6 +187,7 @@ def _local_target():
 
 def _export_and_build(tmp_path, model: str, fmt: str):
     """Export a bundled model to ``fmt`` and build it for this GPU: (target name, build result)."""
+    from moepress.cli.build import build
     from moepress.exporters import ExportConfig, export
 
     src = models.path(model)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from moepress.errors import MoepressError
-from moepress.exporters import build as B
+from moepress.exporters import environment as B
+from moepress.exporters.builders import BUILDERS
 from moepress.exporters.targets import get_target
 
 H100 = {"gpu": "NVIDIA H100 80GB HBM3", "sm": 90, "count": 8, "cuda": "12.8", "driver": "570.86"}
@@ -23,21 +24,21 @@ def installed(monkeypatch):
 
 
 def test_matching_gpu_passes(installed):
-    assert B.check_environment(B.BUILDERS["trtllm-engine"], get_target("h100"), 8, gpu=H100) == H100
-    assert B.check_environment(B.BUILDERS["tensorrt"], get_target("l40s"), 1, gpu=L40S) == L40S
+    assert B.check_environment(BUILDERS["trtllm-engine"], get_target("h100"), 8, gpu=H100) == H100
+    assert B.check_environment(BUILDERS["tensorrt"], get_target("l40s"), 1, gpu=L40S) == L40S
 
 
 def test_wrong_compute_capability(installed):
     # an engine built on sm89 does not load on sm90 ("expecting compute 9.0 got compute 8.9")
     with pytest.raises(MoepressError, match=r"this GPU is NVIDIA L40S \(sm89\), the target h100 is sm90: engines "
                                             r"are built per compute capability; build on a H100 SXM"):
-        B.check_environment(B.BUILDERS["trtllm-engine"], get_target("h100"), 1, gpu=L40S)
+        B.check_environment(BUILDERS["trtllm-engine"], get_target("h100"), 1, gpu=L40S)
     # H100 PCIe and H200 share sm90 with H100 SXM: the same engine kind
-    B.check_environment(B.BUILDERS["trtllm-engine"], get_target("h200"), 8, gpu=H100)
+    B.check_environment(BUILDERS["trtllm-engine"], get_target("h200"), 8, gpu=H100)
 
 
 def test_ampere_plus_tensorrt_engine_builds_on_any_sm80_plus(installed):
-    b, a10g = B.BUILDERS["tensorrt"], get_target("a10g")
+    b, a10g = BUILDERS["tensorrt"], get_target("a10g")
     with pytest.raises(MoepressError, match="the target a10g is sm86"):
         B.check_environment(b, a10g, 1, gpu=L40S)
     assert B.check_environment(b, a10g, 1, gpu=L40S, hardware_compatibility="ampere_plus") == L40S
@@ -45,28 +46,28 @@ def test_ampere_plus_tensorrt_engine_builds_on_any_sm80_plus(installed):
 
 def test_too_few_gpus(installed):
     with pytest.raises(MoepressError, match=r"1 GPU\(s\) here, the plan needs 2"):
-        B.check_environment(B.BUILDERS["tensorrt"], get_target("l40s"), 2, gpu=L40S)
+        B.check_environment(BUILDERS["tensorrt"], get_target("l40s"), 2, gpu=L40S)
 
 
 def test_missing_packages_and_trtllm_build(monkeypatch):
     monkeypatch.setattr(B, "_importable", lambda mod: False)
     with pytest.raises(MoepressError) as e:
-        B.check_environment(B.BUILDERS["trtllm-engine"], get_target("h100"), 1, gpu=H100)
+        B.check_environment(BUILDERS["trtllm-engine"], get_target("h100"), 1, gpu=H100)
     assert str(e.value) == ("tensorrt_llm is not installed: pip install moepress[trtllm] on a GPU machine "
                             "(use --dry-run to write the plan and commands)")
     # a TensorRT-LLM without the TensorRT backend: importable, but no trtllm-build
     monkeypatch.setattr(B, "_importable", lambda mod: True)
     monkeypatch.setattr(B.shutil, "which", lambda exe: None)
     with pytest.raises(MoepressError, match=r"trtllm-build is not on PATH: .* --builder trtllm-pytorch"):
-        B.check_environment(B.BUILDERS["trtllm-engine"], get_target("h100"), 1, gpu=H100)
+        B.check_environment(BUILDERS["trtllm-engine"], get_target("h100"), 1, gpu=H100)
     # the PyTorch-backend bundle needs no trtllm-build
-    B.check_environment(B.BUILDERS["trtllm-pytorch"], get_target("h100"), 1, gpu=H100)
+    B.check_environment(BUILDERS["trtllm-pytorch"], get_target("h100"), 1, gpu=H100)
 
 
 def test_no_gpu_message_names_the_target(monkeypatch):
     monkeypatch.setattr(B, "_importable", lambda mod: True)
     with pytest.raises(MoepressError, match=r"no CUDA device \(a tensorrt build for l4 needs 1 x L4, sm89\)"):
-        B.check_environment(B.BUILDERS["tensorrt"], get_target("l4"), 1, gpu={})
+        B.check_environment(BUILDERS["tensorrt"], get_target("l4"), 1, gpu={})
 
 
 def test_nvidia_smi_parse():

@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 from moepress import models
+from moepress.cli import build as B
 from moepress.errors import MoepressError
-from moepress.exporters import build as B
+from moepress.exporters import environment as E
 
 H100 = {"gpu": "NVIDIA H100 80GB HBM3", "sm": 90, "count": 8, "cuda": "12.8", "driver": "570.86"}
 
@@ -81,8 +82,8 @@ def gpu_here(monkeypatch, tmp_path):
     for name, text in FAKE_TRTLLM.items():
         (pkg / name).write_text(text)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
-    monkeypatch.setattr(B, "gpu_info", lambda: dict(H100))
-    monkeypatch.setattr(B, "_importable", lambda mod: True)
+    monkeypatch.setattr(E, "gpu_info", lambda: dict(H100))
+    monkeypatch.setattr(E, "_importable", lambda mod: True)
     calls = []
 
     def check(engine, reference, progress=None):

@@ -22,7 +22,8 @@ import math
 import pytest
 
 from moepress.errors import MoepressError
-from moepress.exporters.plan import RESERVE_FRACTION, linear_bytes, model_shape, plan
+from moepress.exporters.plan import RESERVE_FRACTION, plan
+from moepress.exporters.shape import linear_bytes, model_shape
 
 KIMI = "tests/data/kimi-k2-config.json"
 

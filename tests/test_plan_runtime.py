@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from moepress import models
 from moepress.errors import MoepressError
 from moepress.exporters.build import build
-from moepress.exporters.plan import gpu_counts, linear_bytes, model_shape, plan
+from moepress.exporters.plan import gpu_counts, plan
+from moepress.exporters.shape import linear_bytes, model_shape
 from moepress.exporters.targets import get_target
 
 

@@ -1,19 +1,67 @@
-"""`moepress build`, `targets`, `plan` (issue #7): GPU targets, deployment plans, engine builds."""
+"""`moepress build`, `targets`, `plan`: GPU targets, deployment plans, engine builds."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import click
 
 from moepress.cli.options import model_argument, output_options, progress_options, resolve_model
 from moepress.errors import MoepressError
+from moepress.exporters import kv_cache
 
-FORMAT_HELP = "bf16 | fp8 | fp8-block | fp8-dynamic | int4-awq | int4-gptq | w4a8-awq | nvfp4"
+
+class _RegistryOption(click.Option):
+    """An option whose help text and choices come from a registry, read when the help is shown or the
+    value checked: the format and builder registries import torch, which `moepress --help` should not."""
+
+    def __init__(self, *args, help_text: Callable[[], str] | None = None,
+                 choices: Callable[[], list[str]] | None = None, **kw):
+        super().__init__(*args, **kw)
+        self._help_text, self._choices = help_text, choices
+
+    def _load(self) -> None:
+        if self._help_text is not None:
+            self.help = self._help_text()
+        if self._choices is not None:
+            self.type = click.Choice(self._choices())
+
+    def get_help_record(self, ctx):
+        self._load()
+        return super().get_help_record(ctx)
+
+    def type_cast_value(self, ctx, value):
+        if value is not None:
+            self._load()
+        return super().type_cast_value(ctx, value)
+
+
+def _format_help() -> str:
+    from moepress.compress import formats
+
+    return f"Weight format ({' | '.join(formats.FORMATS)}); default: the checkpoint's own."
+
+
+def _builders() -> dict:
+    from moepress.exporters.builders import BUILDERS
+
+    return BUILDERS
+
+
+def _builder_help() -> str:
+    pairs = ", ".join(f"{b.artifact} -> {b.name}" for b in _builders().values())
+    return f"Force a builder (default: from the export: {pairs})."
+
+
+def _hw_levels() -> list[str]:
+    from moepress.exporters.builders.tensorrt_engine import HW_LEVELS
+
+    return list(HW_LEVELS)
 
 
 def _plan_options(f):
-    f = click.option("--kv-cache-dtype", type=click.Choice(["bf16", "fp8", "nvfp4"]), default="bf16",
+    f = click.option("--kv-cache-dtype", type=click.Choice(list(kv_cache.KV_CACHE)), default=kv_cache.DEFAULT,
                      show_default=True, help="KV-cache dtype the plan budgets for.")(f)
     f = click.option("--max-batch", type=int, default=8, show_default=True,
                      help="Concurrent sequences the KV cache must hold.")(f)
@@ -45,8 +93,7 @@ def targets_cmd(json_out):
 @click.command("plan")
 @model_argument
 @_plan_options
-@click.option("--format", "fmt", default=None, metavar="FORMAT",
-              help=f"Weight format ({FORMAT_HELP}); default: the checkpoint's own.")
+@click.option("--format", "fmt", cls=_RegistryOption, default=None, metavar="FORMAT", help_text=_format_help)
 @click.option("--json", "json_out", is_flag=True, help="Print the plan as JSON.")
 def plan_cmd(model, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_dtype, fmt, json_out):
     """Does MODEL fit TARGET in FORMAT, on how many GPUs, with which TP / EP.
@@ -63,17 +110,31 @@ def plan_cmd(model, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_dtype
     click.echo(json.dumps(p.to_dict(), indent=2) if json_out else render(p))
 
 
+def accuracy_check(engine, reference, progress=None) -> dict:
+    """The check stage (moepress/checks/, kind ``engine``) on a built engine against the original model."""
+    from moepress.checks.config import CheckConfig
+    from moepress.checks.runner import run_check
+
+    return run_check(engine, reference, CheckConfig(kind="engine"), progress=progress)
+
+
+def build(artifact, target, out, cfg=None, *, progress=None, **flags) -> dict:
+    """exporters.build.build with the engine's accuracy check after a real build (what `moepress build` runs)."""
+    from moepress.exporters.build import build as build_artifact
+
+    return build_artifact(artifact, target, out, cfg, progress=progress, check=accuracy_check, **flags)
+
+
 @click.command("build")
 @click.argument("artifact", metavar="ARTIFACT")
 @_plan_options
-@click.option("--builder", type=click.Choice(["trtllm-engine", "tensorrt", "trtllm-pytorch"]), default=None,
-              help="Force a builder (default: from the export: trtllm-ckpt -> trtllm-engine, onnx -> tensorrt, "
-                   "hf-modelopt -> trtllm-pytorch).")
+@click.option("--builder", cls=_RegistryOption, default=None, choices=lambda: list(_builders()),
+              help_text=_builder_help)
 @click.option("--reference", default=None, metavar="MODEL",
               help="The original model: planning source when the export does not name it, and the accuracy "
                    "check's reference.")
-@click.option("--hardware-compatibility", type=click.Choice(["none", "ampere_plus", "same_compute_capability"]),
-              default="none", show_default=True, help="TensorRT hardware-compatibility level (tensorrt builder).")
+@click.option("--hardware-compatibility", cls=_RegistryOption, default="none", show_default=True,
+              choices=_hw_levels, help="TensorRT hardware-compatibility level (tensorrt builder).")
 @click.option("--dry-run", is_flag=True, help="Plan and write the commands (build.sh, plan.json) without building.")
 @output_options
 @progress_options
@@ -85,17 +146,18 @@ def build_cmd(artifact, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_d
     into OUT (build.sh, plan.json, build.json); a real build checks the GPU's compute capability
     against the target, runs the commands, records the manifest and checks the engine's accuracy.
     """
-    from moepress.exporters.build import build, render
+    from moepress.exporters.build import BuildOptions, render
     from moepress.progress import Progress
 
     if reference is not None:
         reference = str(resolve_model(reference))
     prog = Progress(mode="json" if json_out else "quiet" if quiet else "human")
-    res = build(artifact, target, output, dry_run=dry_run, builder=builder, gpus=gpus, tp=tp, ep=ep,
-                max_seq_len=max_seq_len, max_batch=max_batch, force=force, reference=reference,
-                kv_cache_dtype=kv_cache_dtype, hardware_compatibility=hardware_compatibility, progress=prog)
+    opts = BuildOptions(dry_run=dry_run, builder=builder, gpus=gpus, tp=tp, ep=ep, max_seq_len=max_seq_len,
+                        max_batch=max_batch, force=force, reference=reference, kv_cache_dtype=kv_cache_dtype,
+                        hardware_compatibility=hardware_compatibility)
+    res = build(artifact, target, output, opts, progress=prog)
     click.echo(json.dumps(res, default=str) if json_out else render(res))
 
 
 COMMANDS = [build_cmd, targets_cmd, plan_cmd]
-__all__ = ["COMMANDS", "MoepressError"]
+__all__ = ["COMMANDS", "MoepressError", "accuracy_check", "build"]

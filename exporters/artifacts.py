@@ -1,0 +1,132 @@
+"""What ``moepress build`` is handed: the kind of export (from its files), the model it came from,
+its weight format, and what the export itself fixes of the plan.
+
+Kinds: ``trtllm-ckpt`` (config.json with ``architecture`` + ``mapping``, ``rank{N}.safetensors``;
+TensorRT-LLM docs/source/architecture/checkpoint.md), ``onnx`` (``*.onnx``), ``hf-modelopt``
+(``hf_quant_config.json``). A trtllm-ckpt is already split: its ``mapping`` fixes the GPU count
+and EP size, and its ``quantization.kv_cache_quant_algo`` the KV-cache dtype of the engine. An
+hf-modelopt export with a calibrated KV cache (hf_quant_config.json ``kv_cache_quant_algo``) is
+what TensorRT-LLM's "auto" KV-cache dtype uses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moepress.compress import formats
+from moepress.errors import MoepressError
+from moepress.exporters import kv_cache
+from moepress.exporters.plan import default_format
+from moepress.exporters.targets import UNQUANTIZED
+
+
+def read_json(p: Path) -> dict | None:
+    """The JSON file ``p`` (None if there is none); a one-line error if it does not parse."""
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise MoepressError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def artifact_dir(artifact: Path) -> Path:
+    return artifact if artifact.is_dir() else artifact.parent
+
+
+def detect_artifact(path: Path) -> str:
+    """``trtllm-ckpt`` | ``onnx`` | ``hf-modelopt``, from the directory's files."""
+    if path.is_file() and path.suffix == ".onnx":
+        return "onnx"
+    cfg = read_json(path / "config.json")
+    if cfg is not None and "architecture" in cfg and "mapping" in cfg and any(path.glob("rank*.safetensors")):
+        return "trtllm-ckpt"
+    if any(path.glob("*.onnx")):
+        return "onnx"
+    if (path / "hf_quant_config.json").is_file():
+        return "hf-modelopt"
+    raise MoepressError(f"{path}: not a build input; expected a trtllm-ckpt export (config.json with "
+                        f"architecture + mapping, rank0.safetensors), an onnx export (*.onnx) or an hf-modelopt "
+                        f"export (hf_quant_config.json); write one with `moepress export`")
+
+
+def source_model(artifact: Path, kind: str, reference: str | Path | None) -> Path | None:
+    """The Hugging Face checkpoint (or config) the artifact came from: what the planner reads."""
+    if kind == "hf-modelopt":
+        return artifact
+    info = read_json(artifact_dir(artifact) / "export.json") or {}
+    for cand in (info.get("source"), reference):
+        if cand and (Path(cand) / "config.json").is_file():
+            return Path(cand)
+    return None
+
+
+def artifact_format(artifact: Path, kind: str, source: Path | None) -> str:
+    """The weight format of the export: its ``quant_algo`` (TensorRT-LLM / Model-Optimizer's name,
+    Format.quant_algo), else the source checkpoint's own."""
+    d = artifact_dir(artifact)
+    if kind == "trtllm-ckpt":
+        algo = ((read_json(d / "config.json") or {}).get("quantization") or {}).get("quant_algo")
+        f = formats.by_quant_algo(algo)
+        if f is None:
+            raise MoepressError(f"{d / 'config.json'}: quantization.quant_algo {algo!r}: expected one of "
+                                f"{', '.join(str(f.quant_algo) for f in formats.FORMATS.values())}")
+        return f.name
+    if kind == "hf-modelopt":
+        algo = ((read_json(d / "hf_quant_config.json") or {}).get("quantization") or {}).get("quant_algo")
+        if algo == "MIXED_PRECISION":
+            return default_format(d)
+        own = default_format(d)
+        f = formats.by_quant_algo(algo)
+        return f.name if f is not None else own
+    return default_format(source) if source else UNQUANTIZED
+
+
+def _trtllm_ckpt(artifact: Path, config: dict, gpus: int | None, ep: int | None, kv: str):
+    """A trtllm-ckpt's mapping fixes the parallelism, its quantization the KV-cache dtype."""
+    m = config.get("mapping") or {}
+    world, ckpt_ep = int(m.get("world_size", 1)), int(m.get("moe_ep_size", 1) or 1)
+    if gpus is not None and gpus != world:
+        raise MoepressError(f"--gpus {gpus}: {artifact} was exported for world_size {world}; "
+                            f"use --gpus {world} or re-export with `moepress export --tp {gpus}`")
+    gpus, ep = world, (ep or ckpt_ep)
+    where = artifact_dir(artifact) / "config.json"
+    if int(m.get("pp_size", 1) or 1) != 1:
+        raise MoepressError(f"{where}: mapping.pp_size {m.get('pp_size')}: moepress plans tp/ep only; "
+                            f"re-export with pp_size 1")
+    # the KV-cache dtype of a TensorRT engine is fixed by the checkpoint
+    # (quantization.kv_cache_quant_algo, docs/source/architecture/checkpoint.md)
+    algo = (config.get("quantization") or {}).get("kv_cache_quant_algo")
+    cached = kv_cache.by_quant_algo(algo)
+    ckpt_kv = cached.name if cached is not None and cached.trtllm_ckpt else kv_cache.DEFAULT
+    if kv != ckpt_kv and kv != kv_cache.DEFAULT:
+        raise MoepressError(f"--kv-cache-dtype {kv}: {where} has kv_cache_quant_algo {algo}; "
+                            f"use --kv-cache-dtype {ckpt_kv} or re-export with an FP8 KV cache")
+    arch = str(config.get("architecture", ""))
+    if arch.startswith("Deepseek"):
+        raise MoepressError(f"{artifact}: {arch} has no TensorRT engine path in TensorRT-LLM; export "
+                            f"--format hf-modelopt and use the trtllm-pytorch builder")
+    return gpus, ep, ckpt_kv
+
+
+def _hf_modelopt(artifact: Path, config: dict, gpus: int | None, ep: int | None, kv: str):
+    """A KV cache calibrated into the export is budgeted unless another dtype is asked for."""
+    hq = (read_json(artifact_dir(artifact) / "hf_quant_config.json") or {}).get("quantization") or {}
+    cached = kv_cache.by_quant_algo(hq.get("kv_cache_quant_algo"))
+    if cached is not None and kv == kv_cache.DEFAULT:
+        kv = cached.name
+    return gpus, ep, kv
+
+
+_FIXED = {"trtllm-ckpt": _trtllm_ckpt, "hf-modelopt": _hf_modelopt}
+
+
+def fixed_by_artifact(kind: str, artifact: Path, config: dict, gpus: int | None, ep: int | None,
+                      kv_cache_dtype: str) -> tuple[int | None, int | None, str]:
+    """(GPU count, EP size, KV-cache dtype) to plan with, after what the export fixes of them."""
+    fix = _FIXED.get(kind)
+    return fix(artifact, config, gpus, ep, kv_cache_dtype) if fix else (gpus, ep, kv_cache_dtype)
+
+
+__all__ = ["artifact_dir", "artifact_format", "detect_artifact", "fixed_by_artifact", "read_json", "source_model"]

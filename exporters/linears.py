@@ -1,0 +1,101 @@
+"""One stored linear read back from a checkpoint, whatever wrote it: bf16, a ``moepress quantize``
+output (Model-Optimizer's layout: ``weight`` + ``weight_scale`` [+ ``input_scale``,
+``pre_quant_scale``]) or a DeepSeek / Kimi native block-FP8 checkpoint (``weight_scale_inv``).
+
+What each stored tensor means is the format's (compress/formats/: one module per format); the
+exporters that rewrite weights tensor by tensor (trtllm-ckpt, onnx) only need the weight's scale
+granularity, the values of ``Format.scale``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moepress.compress import formats
+from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.quant import int4
+from moepress.compress.quant.fp8 import dequantize_block
+from moepress.errors import MoepressError
+
+# the weight-scale granularities of an E4M3 weight (per tensor, per output channel, per 128x128 block)
+FP8_SCALES = ("tensor", "channel", "block")
+
+
+def stored_name(scheme: str) -> str:
+    """How export summaries and messages name a linear stored with ``scheme``: the one format that
+    stores its weight at that granularity in Model-Optimizer's layout (per tensor, channel, block:
+    the three FP8 formats), else the element the formats sharing it store (group: int4)."""
+    if scheme == "none":
+        return scheme
+    same = [f for f in formats.FORMATS.values() if f.scale == scheme and f.decode is not None]
+    return same[0].name if len(same) == 1 else same[0].element
+
+
+@dataclass
+class Linear:
+    """One stored linear. ``scheme``: its weight-scale granularity — ``none`` (unquantized),
+    ``tensor`` / ``channel`` / ``block`` (E4M3 weight), ``group`` (INT4 weight, unpacked here)."""
+
+    scheme: str
+    weight: torch.Tensor  # float (none), float8 (tensor, channel, block), int8 unpacked [out, in] (group)
+    scale: torch.Tensor | None = None  # tensor: []; channel: [out, 1]; block: [ro, ci]; group: [out, in/g]
+    input_scale: torch.Tensor | None = None
+    pre_quant_scale: torch.Tensor | None = None
+
+    @property
+    def stored_as(self) -> str:
+        return stored_name(self.scheme)
+
+    def dequantize(self) -> torch.Tensor:
+        if self.scheme == "none":
+            return self.weight.float()
+        if self.scheme in ("tensor", "channel"):
+            return self.weight.float() * self.scale.float()
+        if self.scheme == "block":
+            return dequantize_block(self.weight, self.scale)
+        g = self.weight.shape[1] // self.scale.shape[1]
+        w = self.weight.float() * self.scale.float().repeat_interleave(g, dim=1)
+        return w * self.pre_quant_scale.float()[None, :] if self.pre_quant_scale is not None else w
+
+
+def _fp8_scheme(reader: CheckpointReader, prefix: str, s: torch.Tensor) -> str:
+    """The granularity of an E4M3 weight's ``weight_scale``: the quantize stage's sidecar says which
+    (shapes alone are ambiguous: [2, 1] blocks vs per-channel), else the scale's shape."""
+    fmt = formats.FORMATS.get(((formats.layout_of(reader) or {}).get("modules", {}).get(prefix) or {}).get("format"))
+    if fmt is not None and fmt.scale in FP8_SCALES:
+        return fmt.scale
+    rows = reader.info(prefix + ".weight").shape[0]
+    return "tensor" if s.numel() == 1 else "channel" if tuple(s.shape) == (rows, 1) else "block"
+
+
+def read_linear(reader: CheckpointReader, prefix: str) -> Linear:
+    """The linear stored under ``prefix`` (``...q_proj``) as the quantized-checkpoint contract says."""
+    name = prefix + ".weight"
+    if name not in reader:
+        raise MoepressError(f"{reader.path}: tensor '{name}' is missing from the checkpoint")
+    code = reader.info(name).dtype
+
+    def opt(suffix):
+        return reader.get(prefix + suffix) if prefix + suffix in reader else None
+
+    if code == "F8_E4M3":
+        if prefix + ".weight_scale_inv" in reader:
+            return Linear("block", reader.get(name), reader.get(prefix + ".weight_scale_inv"))
+        s = opt(".weight_scale")
+        if s is None:
+            raise MoepressError(f"{reader.path}: FP8 tensor '{name}' has no weight_scale")
+        scheme = _fp8_scheme(reader, prefix, s)
+        return Linear(scheme, reader.get(name), s.float().reshape(()) if scheme == "tensor" else s.float(),
+                      opt(".input_scale"))
+    if code == "U8":
+        s = opt(".weight_scale")
+        if s is None:
+            raise MoepressError(f"{reader.path}: packed tensor '{name}' has no weight_scale")
+        return Linear("group", int4.unpack_int4(reader.get(name)), s.float(), opt(".input_scale"),
+                      opt(".pre_quant_scale"))
+    return Linear("none", reader.get(name))
+
+
+__all__ = ["FP8_SCALES", "Linear", "read_linear", "stored_name"]

@@ -1,0 +1,180 @@
+"""The ONNX graph the onnx exporter assembles (exporters/onnx_export.py): initializers written
+straight to the external data file as they are made, and the weight forms with Q/DQ.
+
+External data: location / offset / length in each TensorProto (onnx/onnx ``docs/ExternalData.md``);
+tensors smaller than ``external_min_bytes`` stay inline. Weight forms (ONNX operator spec,
+DequantizeLinear / QuantizeLinear, opset 21), by the stored weight-scale granularity
+(exporters/linears.py):
+
+* ``none``: stored in the checkpoint's dtype (bf16) + ``Cast`` to float32;
+* ``tensor`` (FP8): FLOAT8E4M3FN initializer + DequantizeLinear (scalar scale); a static input
+  scale adds QuantizeLinear/DequantizeLinear (FLOAT8E4M3FN, saturating) on the activation,
+  which is what the fake-quant forward computes (x / s, clamp to +-448, round, * s);
+* ``channel`` (FP8): DequantizeLinear with a per-axis scale (axis 0);
+* ``block`` (FP8 128x128): the block scale repeated over rows -> DequantizeLinear with
+  ``block_size=128`` on axis 1 (same values; DQ blocks one axis only);
+* ``group`` (INT4): INT4 initializer (two per byte, low nibble first, ONNX's INT4 packing)
+  + DequantizeLinear ``axis=1, block_size=group``; AWQ's ``pre_quant_scale`` multiplies the input.
+
+Stacked experts ([E, out, in]) use the same forms with a leading expert axis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from moepress.compress.checkpoint import CheckpointReader
+from moepress.errors import MoepressError
+from moepress.exporters.linears import Linear, read_linear, stored_name
+
+FLOAT = TensorProto.FLOAT
+_ONNX_DTYPE = {torch.float32: TensorProto.FLOAT, torch.bfloat16: TensorProto.BFLOAT16,
+               torch.float16: TensorProto.FLOAT16, torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN,
+               torch.int64: TensorProto.INT64, torch.int8: TensorProto.INT8, torch.uint8: TensorProto.UINT8}
+
+
+# ---- pure tensor functions -------------------------------------------------------------------
+def pack_int4_onnx(q: torch.Tensor) -> bytes:
+    """int8 values in [-8, 7] -> ONNX INT4 raw data (element 2i in the low nibble of byte i)."""
+    flat = q.reshape(-1).to(torch.int16) & 0xF
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return (flat[0::2] | (flat[1::2] << 4)).to(torch.uint8).numpy().tobytes()
+
+
+# ---- a graph written as it is built ----------------------------------------------------------
+class Graph:
+    """Nodes and initializers; initializer data goes straight to the external data file."""
+
+    def __init__(self, data_path: Path, external_min_bytes: int = 1024):
+        self.nodes: list = []
+        self.inits: list = []
+        self.data_path = data_path
+        self.data = open(data_path, "wb")
+        self.offset = 0
+        self.min_bytes = external_min_bytes
+        self.n = 0
+
+    def name(self, base: str) -> str:
+        self.n += 1
+        return f"{base}_{self.n}"
+
+    def init(self, name: str, t: torch.Tensor, onnx_type: int | None = None, dims=None,
+             raw: bytes | None = None) -> str:
+        t = t.detach().contiguous()
+        tp = TensorProto()
+        tp.name = name
+        tp.data_type = onnx_type if onnx_type is not None else _ONNX_DTYPE[t.dtype]
+        tp.dims.extend(list(dims if dims is not None else t.shape))
+        if raw is None:
+            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        if len(raw) >= self.min_bytes:
+            self.data.write(raw)
+            for k, v in (("location", self.data_path.name), ("offset", str(self.offset)), ("length", str(len(raw)))):
+                e = tp.external_data.add()
+                e.key, e.value = k, v
+            tp.data_location = TensorProto.EXTERNAL
+            self.offset += len(raw)
+        else:
+            tp.raw_data = raw
+        self.inits.append(tp)
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        name = self.name("c")
+        self.inits.append(onnx.numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, out: list[str] | None = None, **attrs):
+        outs = out or [self.name(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def close(self) -> None:
+        self.data.close()
+
+
+# ---- weights as graph pieces -------------------------------------------------------------------
+class GraphBuilder:
+    """Graph pieces that read the checkpoint: weights (with their Q/DQ), linears, RMSNorm."""
+
+    def __init__(self, g: Graph, reader: CheckpointReader, adapter):
+        self.g, self.reader, self.a = g, reader, adapter
+        self.schemes: set[str] = set()  # how the weights are stored (linears.stored_name), for export.json
+
+    def plain(self, name: str, t: torch.Tensor) -> str:
+        """An unquantized tensor kept in its stored dtype, cast to float32 in the graph."""
+        if t.dtype == torch.float32:
+            return self.g.init(name, t)
+        return self.g.op("Cast", [self.g.init(name, t)], to=FLOAT)
+
+    def weight(self, name: str, lins: list[Linear]) -> str:
+        """Float weight [out, in] (one linear) or [E, out, in] (stacked experts) as graph value."""
+        g, stacked = self.g, len(lins) > 1
+        scheme = lins[0].scheme
+        if any(x.scheme != scheme for x in lins):
+            raise MoepressError(f"{self.reader.path}: '{name}' mixes quantization schemes across experts")
+        self.schemes.add(stored_name(scheme))
+        cat = (lambda ts: torch.stack(ts)) if stacked else (lambda ts: ts[0])  # noqa: E731
+        w = cat([x.weight for x in lins])
+        axis = w.dim() - 1
+        if scheme == "none":
+            return self.plain(name, w)
+        if scheme == "tensor":
+            q = g.init(name, w)
+            s = g.init(name + ".scale", torch.stack([x.scale.reshape(()) for x in lins]) if stacked
+                       else lins[0].scale.reshape(()).float())
+            return g.op("DequantizeLinear", [q, s], axis=0) if stacked else g.op("DequantizeLinear", [q, s])
+        if scheme == "channel":
+            s = cat([x.scale.reshape(-1) for x in lins])
+            if stacked:  # per (expert, row) scale: blocked DQ with block 1 on the row axis
+                return g.op("DequantizeLinear", [g.init(name, w), g.init(name + ".scale", s[..., None].float())],
+                            axis=axis, block_size=w.shape[-1])
+            return g.op("DequantizeLinear", [g.init(name, w), g.init(name + ".scale", s.float())], axis=0)
+        if scheme == "block":
+            s = cat([x.scale.float().repeat_interleave(128, 0)[: x.weight.shape[0]] for x in lins])
+            return g.op("DequantizeLinear", [g.init(name, w), g.init(name + ".scale", s)], axis=axis, block_size=128)
+        # group (INT4): ONNX INT4 initializer, blocked DQ along the input axis
+        s = cat([x.scale for x in lins]).float()
+        group = w.shape[-1] // s.shape[-1]
+        q = g.init(name, w, onnx_type=TensorProto.INT4, raw=pack_int4_onnx(w))
+        return g.op("DequantizeLinear", [q, g.init(name + ".scale", s)], axis=axis, block_size=group)
+
+    def act_qdq(self, x: str, name: str, lins: list[Linear], flat: bool = False) -> str:
+        """Static FP8 input fake-quant (and AWQ pre-quant scaling) in front of a linear."""
+        g = self.g
+        if lins[0].pre_quant_scale is not None:
+            pqs = torch.stack([x_.pre_quant_scale.float() for x_ in lins])
+            x = g.op("Mul", [x, g.init(name + ".pre_quant_scale", pqs[:, None, :] if len(lins) > 1 else pqs[0])])
+        if lins[0].scheme != "tensor" or lins[0].input_scale is None:
+            return x
+        zp_t = torch.zeros((len(lins),) if len(lins) > 1 else (), dtype=torch.float8_e4m3fn)
+        if len(lins) > 1:
+            s = g.init(name + ".input_scale", torch.stack([x_.input_scale.float().reshape(()) for x_ in lins]))
+            if flat and lins[0].pre_quant_scale is None:  # x is [T, H]: every expert gets its copy [E, T, H]
+                x = g.op("Expand", [g.op("Unsqueeze", [x, g.const([0])]), g.const([len(lins), 1, 1])])
+            zp = g.init(name + ".input_zp", zp_t)
+            return g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s, zp], axis=0), s], axis=0)
+        s = g.init(name + ".input_scale", lins[0].input_scale.float().reshape(()))
+        zp = g.init(name + ".input_zp", zp_t)
+        return g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s, zp]), s])
+
+    def linear(self, x: str, prefix: str) -> str:
+        lin = read_linear(self.reader, prefix)
+        x = self.act_qdq(x, prefix, [lin])
+        w = self.weight(prefix + ".weight", [lin])
+        return self.g.op("MatMul", [x, self.g.op("Transpose", [w], perm=[1, 0])])
+
+    def rmsnorm(self, x: str, wname: str, eps: float) -> str:
+        g = self.g
+        var = g.op("ReduceMean", [g.op("Mul", [x, x]), g.const([-1])], keepdims=1)
+        y = g.op("Div", [x, g.op("Sqrt", [g.op("Add", [var, g.const(eps, np.float32)])])])
+        return g.op("Mul", [self.plain(wname, self.reader.get(wname)), y])
+
+
+__all__ = ["FLOAT", "Graph", "GraphBuilder", "pack_int4_onnx"]

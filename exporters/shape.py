@@ -1,0 +1,125 @@
+"""The structure of a model that a deployment plan needs: its linears by kind and size, the
+parameters outside them, attention and KV-cache shapes; and the stored bytes of a linear per format.
+
+Read from the layer modules built on the meta device, so a config-only directory is enough and a
+pruned checkpoint's smaller expert count is used as is. Kinds: ``attn`` (attention), ``dense``
+(dense MLPs), ``shared`` (shared experts), ``routed`` (routed experts, counted per expert).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moepress.compress import formats
+from moepress.compress.arch import get_adapter
+from moepress.compress.checkpoint import CheckpointReader
+from moepress.errors import MoepressError
+
+
+def linear_bytes(out_f: int, in_f: int, fmt: str) -> float:
+    """Stored bytes of one [out, in] weight and its scales in ``fmt`` (Format.stored_bytes)."""
+    f = formats.FORMATS.get(fmt)
+    if f is None or f.stored_bytes is None:
+        raise MoepressError(f"--format {fmt}: unknown format; expected one of {', '.join(formats.FORMATS)}")
+    return f.stored_bytes(out_f, in_f)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs from a model; bytes in bf16 and per format come from ``linears``."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_experts: int
+    top_k: int
+    vocab_size: int
+    num_heads: int
+    kv_per_token_layer: int  # cached values per token per layer (MLA latent or 2 x kv_heads x head_dim)
+    kv_heads: int  # 0 for MLA (latent not split by TP)
+    # (kind, out, in, count): kind in attn, dense, shared, routed (routed: per expert, count = experts x layers)
+    linears: tuple[tuple[str, int, int, int], ...]
+    other_params: int  # norms, routers, biases (bf16, replicated)
+    embed_params: int  # embeddings + lm_head (bf16, split by TP)
+
+    @property
+    def moe_intermediate(self) -> int:
+        """Routed experts' intermediate size (the output size of their [I, hidden] projections)."""
+        return max((o for k, o, i, _ in self.linears if k == "routed" and i == self.hidden_size), default=0)
+
+    def bytes_by_kind(self, fmt: str) -> dict[str, float]:
+        out = {"attn": 0.0, "dense": 0.0, "shared": 0.0, "routed": 0.0}
+        for kind, o, i, c in self.linears:
+            out[kind] += c * linear_bytes(o, i, fmt)
+        out["embed"] = 2.0 * self.embed_params
+        out["other"] = 2.0 * self.other_params
+        return out
+
+
+def _layer_linears(layer) -> tuple[collections.Counter, int]:
+    """(kind, out, in) -> count of a decoder layer's nn.Linear modules, and its parameters outside them."""
+    moe = layer.moe
+    routed = {id(m) for m in moe.experts.modules()} if moe is not None else set()
+    shared = {id(m) for m in moe.shared_experts.modules()} \
+        if moe is not None and getattr(moe, "shared_experts", None) is not None else set()
+    attn = {id(m) for m in layer.self_attn.modules()}
+    lin, n_lin = collections.Counter(), 0
+    for m in layer.modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        kind = ("routed" if id(m) in routed else "shared" if id(m) in shared
+                else "attn" if id(m) in attn else "dense")
+        lin[(kind, m.out_features, m.in_features)] += 1
+        n_lin += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+    total = sum(t.numel() for t in layer.parameters())
+    return lin, total - n_lin
+
+
+def _config_and_adapter(model: str | Path | dict):
+    if isinstance(model, str | Path) and Path(model).is_file() and str(model).endswith(".json"):
+        model = json.loads(Path(model).read_text())
+    if isinstance(model, dict):
+        return model, get_adapter(model)
+    p = Path(model)
+    if not (p / "config.json").is_file():
+        raise MoepressError(f"{model}: not a checkpoint or config directory (no config.json)")
+    reader = CheckpointReader(p)
+    return reader.config, get_adapter(reader.config, reader.names(), where=str(p / "config.json"))
+
+
+def model_shape(model: str | Path | dict) -> ModelShape:
+    """Structure of a checkpoint or config-only directory (or a config dict)."""
+    cfg, a = _config_and_adapter(model)
+    linears: collections.Counter = collections.Counter()
+    other = 0
+    built = {}
+    for i in range(a.num_layers):
+        key = a.is_moe_layer(i)
+        if key not in built:  # layers of one kind have one structure: build one on the meta device
+            with torch.device("meta"):
+                layer = a.build_layer(i)
+            built[key] = _layer_linears(layer)
+        lin, rest = built[key]
+        linears.update(lin)
+        other += rest
+    H, V = a.hidden_size, a.vocab_size
+    embed = V * H * (1 if a.tie_word_embeddings else 2)
+    other += H  # final norm
+    heads = int(cfg.get("num_attention_heads") or 1)
+    if cfg.get("kv_lora_rank"):
+        kv, kv_heads = int(cfg["kv_lora_rank"]) + int(cfg.get("qk_rope_head_dim") or 0), 0
+    else:
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        hd = int(cfg.get("head_dim") or H // heads)
+        kv = 2 * kv_heads * hd
+    return ModelShape(a.family, a.num_layers, H, a.num_experts, a.top_k, V, heads, kv, kv_heads,
+                      tuple((k, o, i, c) for (k, o, i), c in sorted(linears.items())), other, embed)
+
+
+__all__ = ["ModelShape", "linear_bytes", "model_shape"]
