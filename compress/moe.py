@@ -8,16 +8,21 @@ That gives observers and quantizers one hook point per expert linear, and a laye
 ``state_dict`` is exactly its slice of the checkpoint.
 
 Routing functions live in the family adapters and replicate transformers exactly.
+:class:`AttentionObserver` shows the key / value states a transformers attention module caches
+(what FP8 KV-cache scales are measured on), leaving its output unchanged.
 """
 
 from __future__ import annotations
 
+import copy
+import sys
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 # route(moe, x2d) -> (router_logits, topk_weights [T, k], topk_indices [T, k])
 RouteFn = Callable[["SparseMoE", torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -153,3 +158,57 @@ class DecoderLayer(nn.Module):
         residual = h
         h = self.ffn(self.post_attention_layernorm(h))
         return residual + h
+
+
+# ---- observable attention ----------------------------------------------------------------------
+
+OBSERVED_ATTENTION = "moepress-observed"  # our entry in transformers' AttentionInterface registry
+
+
+def _observed_attention(module: nn.Module, query, key, value, *args, **kwargs):
+    """Tell the observer the key / value states, then run the module's own attention function."""
+    obs: AttentionObserver = module.moepress_observer
+    obs.on_kv(key, value)
+    return obs.delegate(module, query, key, value, *args, **kwargs)
+
+
+class AttentionObserver:
+    """Calls ``on_kv(key, value)`` with the key and value states a transformers attention module
+    hands its attention function, until :meth:`remove` (a hook handle's interface).
+
+    Those are the tensors of ``attention_interface(self, query_states, key_states, value_states,
+    ...)`` in transformers' modeling files (5.24: models/{qwen3_moe,mixtral,deepseek_v3}/
+    modeling_*.py): after the family's k_norm and RoPE, exactly what the module's ``cache.update``
+    stores for Qwen3-MoE / Mixtral; for DeepSeek-V3's MLA the keys and values decompressed by
+    ``kv_b_proj`` (its cache holds the latent). Model-Optimizer's ``_QuantAttention`` observes the
+    same tensors with its k/v bmm quantizers (modelopt 0.47, modelopt/torch/quantization/plugins/
+    huggingface.py: ``_quantized_attention``).
+
+    How: transformers' attention modules look their attention function up at every forward in
+    ``ALL_ATTENTION_FUNCTIONS`` under ``self.config._attn_implementation``. We register one
+    function there (``AttentionInterface.register``, its public extension point) and point this
+    module alone at it through its own copy of the config; the function forwards to the
+    implementation the module had, with the same arguments, so the module's output is unchanged.
+    Unlike modelopt, which swaps the ``sdpa`` entry of the global registry while the module runs,
+    nothing another module reads changes. Preferred to wrapping ``apply_rotary_pos_emb`` (a
+    function each modeling file holds under its own name, MLA's under two) and to handing the
+    module a recording cache (its keyword was renamed ``past_key_values`` -> ``cache`` within
+    transformers 5, and for MLA it would see the latent, not what modelopt measures).
+    """
+
+    def __init__(self, attn: nn.Module, on_kv: Callable[[torch.Tensor, torch.Tensor], None]):
+        if OBSERVED_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
+            AttentionInterface.register(OBSERVED_ATTENTION, _observed_attention)
+        self.attn, self.on_kv, self.config = attn, on_kv, attn.config
+        impl = self.config._attn_implementation
+        eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
+        self.delegate = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+        if self.delegate is None:
+            raise TypeError(f"{type(attn).__name__}: no attention function for {impl!r} to observe")
+        observed = copy.deepcopy(self.config)
+        observed._attn_implementation = OBSERVED_ATTENTION
+        attn.config, attn.moepress_observer = observed, self
+
+    def remove(self) -> None:
+        self.attn.config = self.config
+        del self.attn.moepress_observer

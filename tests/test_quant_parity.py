@@ -1,7 +1,8 @@
-"""Parity with NVIDIA Model-Optimizer 0.47 (issue #5), beyond tests/test_quant_modelopt.py (FP8
+"""Parity with NVIDIA Model-Optimizer 0.47, beyond tests/test_quant_modelopt.py (FP8
 per-tensor, FP8 128x128 blocks, INT4 packing, INT4-AWQ pre_quant_scale) and tests/test_quant_gptq.py:
-W4A8_AWQ scales, FP8 per-channel weights, modelopt's FP8 activation fake-quant, and the real
-`moepress quantize` output of a bundled MoE model against `mtq.quantize` on its transformers model.
+W4A8_AWQ scales, FP8 per-channel weights, modelopt's FP8 activation fake-quant, the real
+`moepress quantize` output of a bundled MoE model against `mtq.quantize` on its transformers model,
+and the FP8 KV-cache scales of every bundled family against modelopt's k/v bmm quantizers.
 
 modelopt side: mtq.quantize with its own configs, then its export functions
 (modelopt/torch/export/quant_utils.py: get_weight_scaling_factor(_2), get_activation_scaling_factor,
@@ -110,20 +111,37 @@ def qwen3_fp8(tmp_path_factory):
     """`moepress quantize --format fp8 --kv-cache fp8` of tiny-qwen3-moe (not sequential: statistics
     from the original model, as modelopt's max calibration gathers them) and modelopt FP8_DEFAULT_CFG
     plus FP8_KV_CFG's k/v bmm quantizers on the same model (transformers, fp32), same calibration batches."""
+    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
+    cfg["quant_cfg"] += [e for e in mtq.FP8_KV_CFG["quant_cfg"] if "bmm_quantizer" in str(e.get("quantizer_name"))]
+    return _moepress_and_modelopt("tiny-qwen3-moe", tmp_path_factory.mktemp("parity") / "fp8", cfg)
+
+
+def _batches(name):
+    from moepress.calib.data import calibration_batches
+    from moepress.models import path
+
+    return calibration_batches(path(name), (), 8, 128, 0, 8)
+
+
+def _hf_model(name):
     from transformers import AutoModelForCausalLM
 
-    from moepress.calib.data import calibration_batches
+    from moepress.models import path
+
+    return AutoModelForCausalLM.from_pretrained(str(path(name)), dtype=torch.float32).eval()
+
+
+def _moepress_and_modelopt(name, out, cfg):
+    """`moepress quantize --format fp8 --kv-cache fp8` of bundled model ``name`` into ``out`` (not
+    sequential: statistics from the original model, as modelopt's max calibration gathers them) and
+    its transformers model (fp32) through ``mtq.quantize(cfg)``, same calibration batches."""
     from moepress.compress.checkpoint import CheckpointReader
     from moepress.compress.quantize import QuantConfig, quantize_checkpoint
     from moepress.models import path
 
-    src = path("tiny-qwen3-moe")
-    batches = calibration_batches(src, (), 8, 128, 0, 8)
-    out = tmp_path_factory.mktemp("parity") / "fp8"
-    quantize_checkpoint(src, out, QuantConfig(format="fp8", kv_cache="fp8", sequential=False), batches=batches)
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
-    cfg["quant_cfg"] += [e for e in mtq.FP8_KV_CFG["quant_cfg"] if "bmm_quantizer" in str(e.get("quantizer_name"))]
+    batches = _batches(name)
+    quantize_checkpoint(path(name), out, QuantConfig(format="fp8", kv_cache="fp8", sequential=False), batches=batches)
+    model = _hf_model(name)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         mtq.quantize(model, cfg, lambda m: [m(input_ids=b, use_cache=False) for b in batches])
@@ -171,8 +189,13 @@ def test_bundled_moe_fp8_checkpoint_equals_modelopt(qwen3_fp8):
     assert checked == n_layers * n_exp * 3
 
 
-def _kv(qwen3_fp8, kind):
-    ck, model = qwen3_fp8
+# measured: bit-identical to modelopt's amax / 448 and to the amax of transformers' cache contents,
+# in every layer of the three bundled models; the tolerance allows 2 float32 ulps
+KV_RTOL = 2.4e-7
+
+
+def _kv(ck, model, kind):
+    """(tensor name, ours, modelopt's amax / 448) of each layer's ``kind`` ("k" or "v") scale."""
     for i, layer in enumerate(model.model.layers):
         att = layer.self_attn
         exported = get_kv_cache_scaling_factor(att)[("k", "v").index(kind)]
@@ -180,19 +203,56 @@ def _kv(qwen3_fp8, kind):
         # "we recommend default kv cache scaling factor to be 1"); compare the calibrated amax / 448
         assert float(exported) == 1.0
         ref = getattr(att, f"{kind}_bmm_quantizer").amax.float().reshape(()) / 448
-        yield ck.get(f"model.layers.{i}.self_attn.{kind}_scale"), ref
+        name = f"model.layers.{i}.self_attn.{kind}_scale"
+        yield name, ck.get(name), ref
+
+
+@torch.no_grad()
+def _cached_amax(name, kind):
+    """amax / 448 per layer of what transformers' DynamicCache holds as keys ("k") or values ("v")
+    after the calibration batches (the unquantized model)."""
+    model, amax = _hf_model(name), {}
+    for b in _batches(name):
+        for i, cached in enumerate(model(input_ids=b, use_cache=True).past_key_values.layers):
+            a = (cached.keys if kind == "k" else cached.values).abs().amax().float()
+            amax[i] = torch.maximum(amax[i], a) if i in amax else a
+    return [amax[i] / 448 for i in sorted(amax)]
 
 
 @torch.no_grad()
 def test_kv_cache_v_scale_equals_modelopt(qwen3_fp8):
-    for ours, ref in _kv(qwen3_fp8, "v"):
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
+    """Qwen3-MoE v_scale: amax / 448 of v_proj's output, what the cache holds (modelopt's v_bmm_quantizer)."""
+    for (name, ours, ref), cached in zip(_kv(*qwen3_fp8, "v"), _cached_amax("tiny-qwen3-moe", "v"), strict=True):
+        torch.testing.assert_close(ours, ref, rtol=KV_RTOL, atol=0, msg=name)
+        torch.testing.assert_close(ours, cached, rtol=KV_RTOL, atol=0, msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason="k_scale is taken from k_proj's output; the cache holds the keys "
-                   "after Qwen3's k_norm and RoPE (modelopt's k_bmm_quantizer): measured 0.6-1.3x of "
-                   "modelopt's on tiny-qwen3-moe, so cached keys can saturate. Owner: compress/quantize.py")
 @torch.no_grad()
 def test_kv_cache_k_scale_is_of_the_cached_keys(qwen3_fp8):
-    for ours, ref in _kv(qwen3_fp8, "k"):
-        torch.testing.assert_close(ours, ref, rtol=1e-3, atol=0)
+    """Qwen3-MoE k_scale: amax / 448 of the keys after k_norm and RoPE, what the cache holds and
+    modelopt's k_bmm_quantizer observes (not k_proj's output)."""
+    for (name, ours, ref), cached in zip(_kv(*qwen3_fp8, "k"), _cached_amax("tiny-qwen3-moe", "k"), strict=True):
+        torch.testing.assert_close(ours, ref, rtol=KV_RTOL, atol=0, msg=name)
+        torch.testing.assert_close(ours, cached, rtol=KV_RTOL, atol=0, msg=name)
+
+
+@pytest.fixture(scope="module", params=["tiny-mixtral", "tiny-deepseek-v3"])
+def kv_family(request, tmp_path_factory):
+    """moepress fp8 + --kv-cache fp8 of a bundled model, and modelopt's k/v bmm quantizers alone
+    (FP8_KV_CFG, every other quantizer off) on its transformers model."""
+    cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False}, *mtq.FP8_KV_CFG["quant_cfg"]], "algorithm": "max"}
+    return request.param, _moepress_and_modelopt(request.param, tmp_path_factory.mktemp("kv") / "fp8", cfg)
+
+
+@torch.no_grad()
+def test_kv_cache_scales_equal_modelopt_per_family(kv_family):
+    """Mixtral: keys after RoPE and v_proj's output, what its cache holds. DeepSeek-V3 (MLA): as
+    modelopt, the keys [k_nope | k_pe after RoPE] and values that kv_b_proj decompresses from the
+    cached latent (compress/quant/kv.py says what runtimes do with them)."""
+    name, (ck, model) = kv_family
+    for kind in ("k", "v"):
+        for t, ours, ref in _kv(ck, model, kind):
+            torch.testing.assert_close(ours, ref, rtol=KV_RTOL, atol=0, msg=f"{name} {t}")
+        if name == "tiny-mixtral":
+            for (t, ours, _), cached in zip(_kv(ck, model, kind), _cached_amax(name, kind), strict=True):
+                torch.testing.assert_close(ours, cached, rtol=KV_RTOL, atol=0, msg=f"{name} {t}")

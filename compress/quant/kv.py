@@ -1,11 +1,26 @@
 """FP8 KV-cache scales (``--kv-cache fp8``; modelopt's ``kv_cache_quant_algo: FP8``).
 
 Model-Optimizer stores per attention layer ``model.layers.N.self_attn.k_scale`` and ``v_scale``,
-F32 scalars = amax / 448 of the keys / values the cache holds (modelopt/torch/export/
-quant_utils.py: get_kv_cache_scaling_factor reads the k/v bmm quantizers' amax and divides by
-448; TensorRT-LLM and vLLM read the same names). We take the amax of the k / v projection
-outputs during calibration (for DeepSeek's MLA, the compressed ``kv_a_proj_with_mqa`` output is
-what is cached, and gives both scales).
+F32 scalars = amax / 448 of the keys / values the cache holds (modelopt 0.47,
+modelopt/torch/export/quant_utils.py: get_kv_cache_scaling_factor and postprocess_state_dict divide
+the k/v bmm quantizers' amax by 448; TensorRT-LLM and vLLM read the same names). The amax is taken
+during calibration on the key and value states the attention hands its attention function
+(compress/moe.py: AttentionObserver), the tensors modelopt's ``k_bmm_quantizer`` /
+``v_bmm_quantizer`` observe (modelopt/torch/quantization/plugins/huggingface.py:
+``_QuantAttention._quantized_attention``):
+
+- Qwen3-MoE: keys after ``k_norm`` and RoPE, values = v_proj's output: what ``cache.update``
+  stores (transformers 5.24, models/qwen3_moe/modeling_qwen3_moe.py).
+- Mixtral: keys after RoPE, values = v_proj's output, likewise what the cache stores.
+- DeepSeek-V3 (MLA), following modelopt: the keys and values decompressed by ``kv_b_proj`` (keys
+  = [k_nope | k_pe after RoPE], values = kv_b_proj's value half). The runtimes cache the latent
+  instead: vLLM writes [kv_c_normed | k_pe] with the one ``k_scale`` and no v_scale (vLLM main,
+  2026: vllm/model_executor/layers/attention/mla_attention.py, ``ops.concat_and_cache_mla(...,
+  scale=layer._k_scale)``), so that cache saturates only where |kv_c_normed| exceeds both |k_nope|
+  and |k_pe|. TensorRT-LLM's PyTorch backend keeps its FP8 KV scale at 1.0 and overrides it only for
+  an NVFP4 cache (TensorRT-LLM main, 2026: tensorrt_llm/_torch/attention_backend/trtllm.py,
+  ``kv_cache_scaling_factor = torch.ones(1)``), which is what modelopt's get_kv_cache_scaling_factor
+  recommends by clamping the scales to >= 1.
 """
 
 from __future__ import annotations
@@ -18,7 +33,7 @@ NAMES = ("k_scale", "v_scale")
 
 
 def observe(amax: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """Running amax of a k or v projection's output."""
+    """Running amax of the keys or values an attention caches."""
     a = out.detach().abs().amax().float()
     return a if amax is None else torch.maximum(amax, a)
 

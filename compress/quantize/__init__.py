@@ -5,9 +5,9 @@ Output: Model-Optimizer's unified Hugging Face layout (what
 ``modelopt/torch/export/unified_export_hf.py`` and ``quant_utils.py``): for a quantized linear
 ``P`` (e.g. ``model.layers.1.mlp.experts.3.gate_proj``) the tensors its format stores (each
 format's module in compress/formats/ lists them), and with ``kv_cache`` ``model.layers.N.self_attn.
-k_scale`` / ``v_scale`` F32 [] = amax / 448 of the k / v projections' outputs (the values the cache
-holds before RoPE). Everything else keeps its name and stored dtype (routers, norms, embeddings,
-lm_head are never quantized).
+k_scale`` / ``v_scale`` F32 [] = amax / 448 of the keys / values the attention caches (after k_norm
+and RoPE; compress/quant/kv.py says what, per family). Everything else keeps its name and stored
+dtype (routers, norms, embeddings, lm_head are never quantized).
 
 INT4 group: ``group_size`` input channels (128 default, 64, 32); a linear with fewer inputs uses
 one group per row (e.g. DeepSeek-V3-tiny's expert down_proj with 64 inputs: weight_scale [out, 1],

@@ -19,14 +19,15 @@ import torch.distributed as tdist
 from torch import nn
 
 from moepress.calib.distributed import DistEnv
+from moepress.compress.moe import AttentionObserver
 from moepress.compress.quant import kv as kvq
 from moepress.compress.quantize.config import FORMATS, MIN_EXPERT_TOKENS, QuantConfig
 from moepress.compress.quantize.group import FloatWeights, LayerResult, quantize_group
 from moepress.compress.quantize.stats import LinearStats, by_format, gather_list, shared_input_groups
 from moepress.compress.stream import StreamedModel
 
-# the projections whose outputs the K/V cache holds (before RoPE): k_scale / v_scale = amax / 448
-KV_PROJECTIONS = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.kv_a_proj_with_mqa")
+# k_scale / v_scale = amax / 448 of the keys / values the attention caches (compress/quant/kv.py)
+KV_SCALES = ("self_attn.k_scale", "self_attn.v_scale")
 BORROWED_GATE_UP = "AWQ/GPTQ statistics and input scale from the layer's MoE input"
 BORROWED_DOWN = "input scale from the other experts; AWQ/GPTQ off (round to nearest)"
 
@@ -69,7 +70,7 @@ class CalibratedLayer:
         self.targets = [n for n in self.linears if self.fmt_of[n] is not None]
         self.needs = {n for n in self.targets if FORMATS[self.fmt_of[n]].calibrated}
         self.stats: dict[str, LinearStats] = {}  # non-expert linear -> its group's statistics
-        self.kv: dict[str, torch.Tensor] = {}  # K/V projection -> amax of its output
+        self.kv: dict[str, torch.Tensor] = {}  # k_scale / v_scale tensor name -> amax of the cached keys / values
         self.moe_inputs: list[torch.Tensor] = []
         self.routes: list[torch.Tensor] = []
         self.layer_stats: LinearStats | None = None  # the whole MoE input's, for experts that borrow
@@ -110,7 +111,7 @@ class CalibratedLayer:
         return outs
 
     def _hook(self) -> tuple[list, _RouteLog | None]:
-        """Input statistics of each non-expert group, K/V projection outputs, the MoE input and routing."""
+        """Input statistics of each non-expert group, the cached keys and values, the MoE input and routing."""
         hooks = []
         for grp in self._non_expert_groups():
             if not any(n in self.needs for n in grp):
@@ -120,10 +121,8 @@ class CalibratedLayer:
                 self.stats[n] = st
             hooks.append(self.linears[grp[0]].register_forward_pre_hook(partial(_observe_input, st)))
         if self.cfg.kv_cache:
-            for n in KV_PROJECTIONS:
-                if n in self.linears:
-                    self.kv[n] = torch.zeros(())
-                    hooks.append(self.linears[n].register_forward_hook(partial(self._observe_kv, n)))
+            self.kv = {n: torch.zeros(()) for n in KV_SCALES}
+            hooks.append(AttentionObserver(self.layer.self_attn, self._observe_kv))
         log = None
         if self._experts_calibrated:
             hooks.append(self.moe.register_forward_pre_hook(self._observe_moe_input))
@@ -131,8 +130,9 @@ class CalibratedLayer:
             self.moe.observers.append(log)
         return hooks, log
 
-    def _observe_kv(self, n: str, module, args, out) -> None:
-        self.kv[n] = kvq.observe(self.kv[n], out)
+    def _observe_kv(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        k, v = KV_SCALES
+        self.kv[k], self.kv[v] = kvq.observe(self.kv[k], key), kvq.observe(self.kv[v], value)
 
     def _observe_moe_input(self, module, args) -> None:
         self.moe_inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
@@ -233,11 +233,6 @@ class CalibratedLayer:
                     res.specs[n] = (fmt, pqs, per_proj_amax[key].clone())
 
     def kv_scales(self) -> None:
-        """k_scale / v_scale of the attention from its K/V projections' output amax (MLA's fused
-        kv_a projection gives both)."""
+        """The attention's k_scale / v_scale from the amax of the keys / values it cached."""
         for n, amax in self.kv.items():
-            attn = n.rpartition(".")[0]
-            kind = "v_scale" if n.endswith("v_proj") else "k_scale"
-            self.res.tensors[f"{attn}.{kind}"] = kvq.kv_scale(amax)
-            if n.endswith("kv_a_proj_with_mqa"):
-                self.res.tensors[f"{attn}.v_scale"] = kvq.kv_scale(amax)
+            self.res.tensors[n] = kvq.kv_scale(amax)
