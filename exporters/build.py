@@ -12,6 +12,11 @@ The accuracy check of a built engine against the original model is the caller's 
 argument: ``moepress build`` and ``moepress run`` pass the check stage, moepress/checks/); it
 runs on the engine before OUT is complete, and its result is part of build.json.
 
+Remote code: no generated script or command runs the checkpoint's own Python unless
+``trust_remote_code`` was given (``--trust-remote-code``, recipes' ``build.trust_remote_code``);
+without it, an export that a builder cannot load natively (``Builder.remote_code``, e.g.
+exporters/builders/trtllm_pytorch.py) is refused before anything is written.
+
 OUT is written as OUT.partial and renamed into place when complete; a failed build leaves nothing.
 """
 
@@ -64,6 +69,7 @@ class BuildOptions:
     reference: str | Path | None = None  # the original model (planning source, the check's reference)
     kv_cache_dtype: str = kv_cache.DEFAULT
     hardware_compatibility: str = "none"  # tensorrt builder only
+    trust_remote_code: bool = False  # let generated scripts run the checkpoint's own Python (never implied)
 
 
 @dataclass
@@ -101,6 +107,11 @@ def _resolve(artifact: Path, target: str | Target, out: Path, o: BuildOptions) -
         raise MoepressError(f"--hardware-compatibility {o.hardware_compatibility}: expected none, ampere_plus "
                             f"or same_compute_capability")
     config = read_json(artifact_dir(artifact) / "config.json") or {}
+    if b.remote_code is not None and not o.trust_remote_code:
+        why = b.remote_code(artifact_dir(artifact), config)
+        if why is not None:
+            raise MoepressError(f"{why}; pass --trust-remote-code (a recipe: build.trust_remote_code: true) "
+                                f"to let the build run it")
     source = source_model(artifact, kind, o.reference)
     if source is None:
         raise MoepressError(f"{artifact}: cannot find the model it was exported from (export.json has no "
@@ -109,7 +120,8 @@ def _resolve(artifact: Path, target: str | Target, out: Path, o: BuildOptions) -
     fmt = artifact_format(artifact, kind, source)
     gpus, ep, kv = fixed_by_artifact(kind, artifact, config, o.gpus, o.ep, o.kv_cache_dtype)
     p = _plan(artifact, kind, t, fmt, source, o, gpus, ep, kv, b.runtime)
-    cfg = BuildConfig(t.name, b.name, fmt, gpus, o.tp, ep, o.max_seq_len, o.max_batch, kv, o.hardware_compatibility)
+    cfg = BuildConfig(t.name, b.name, fmt, gpus, o.tp, ep, o.max_seq_len, o.max_batch, kv, o.hardware_compatibility,
+                      o.trust_remote_code)
     return _Job(kind, b, source, out, Context(artifact.resolve(), out.resolve(), t, p, cfg, config))
 
 

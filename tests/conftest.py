@@ -27,3 +27,19 @@ def cli_run():
         return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
     return run
+
+
+@pytest.fixture(autouse=True, scope="session")
+def manifest_key(tmp_path_factory):
+    """Checks seal the accuracy section with a per-user key (moepress/checks/seal.py): the tests use one
+    made for the session (inherited by subprocesses), never the user's ~/.config/moepress/manifest.key."""
+    import os
+
+    path = tmp_path_factory.mktemp("moepress-key") / "manifest.key"
+    old = os.environ.get("MOEPRESS_KEY_FILE")
+    os.environ["MOEPRESS_KEY_FILE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MOEPRESS_KEY_FILE", None)
+    else:
+        os.environ["MOEPRESS_KEY_FILE"] = old

@@ -6,7 +6,10 @@ target: ``commands(ctx)`` are the exact commands (written into OUT/build.sh, run
 ``files(ctx, commands)`` the files written beside plan.json and the commands a real build runs;
 ``server`` names a command the bundle starts but a build does not run; ``finish(logs)`` what a
 real build records when there is no engine to check (else the caller's accuracy check runs on
-OUT/engine).
+OUT/engine); ``remote_code(directory, config)`` why the export cannot be loaded without its own
+Python code (None: it can), for a builder whose commands load the checkpoint with transformers /
+TensorRT-LLM: without ``--trust-remote-code`` such a build is refused, and no generated script or
+command carries a remote-code flag unless it was given.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class BuildConfig:
     max_batch: int = 8
     kv_cache_dtype: str = kv_cache.DEFAULT
     hardware_compatibility: str = "none"  # tensorrt builder only
+    trust_remote_code: bool = False  # generated scripts may run the checkpoint's own Python (--trust-remote-code)
 
 
 @dataclass
@@ -73,6 +77,7 @@ class Builder:
     written: tuple[str, ...] = ()  # files besides build.sh, plan.json, build.json (named in the summary)
     server: str | None = None  # a command the bundle starts and a build does not run
     finish: Callable[[list[dict]], dict] | None = None  # a real build's record from its logs (no engine to check)
+    remote_code: Callable[[Path, dict], str | None] | None = None  # why loading needs the checkpoint's code
 
 
 __all__ = ["BuildConfig", "Builder", "Context", "build_script", "script"]

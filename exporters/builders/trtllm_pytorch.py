@@ -10,14 +10,42 @@ tensor_parallel_size, ``--ep_size`` = moe_expert_parallel_size, ``--extra_llm_ap
 ``--config``); ``smoke.py``, a generation through ``tensorrt_llm.LLM`` with the planned
 parallelism, which build.sh runs. serve.sh starts a server and does not return, so a real build
 runs the smoke generation only: it shows the checkpoint loads and generates.
+
+Remote code: serve.sh carries ``--trust_remote_code`` and smoke.py ``trust_remote_code=True``
+only when the build was given ``--trust-remote-code`` (recipes: ``build.trust_remote_code``).
+Without it, :func:`remote_code` decides whether TensorRT-LLM can load the export natively:
+
+- the config: TensorRT-LLM's ``load_pretrained_config`` (tensorrt_llm/_torch/pyexecutor/
+  config_utils.py, NVIDIA/TensorRT-LLM 00679c66) reads ``kimi_k2`` / ``deepseek_v32`` with its own
+  ``DeepseekV3Config`` (``_CONFIG_REGISTRY``) and every other model type with
+  ``transformers.AutoConfig.from_pretrained(trust_remote_code=...)``, which uses transformers' own
+  class for a model type it knows (``deepseek_v3``, ``qwen3_moe``, ``mixtral``) even when
+  ``auto_map`` names remote code (transformers/dynamic_module_utils.py ``resolve_trust_remote_code``:
+  local code is used unless remote code is trusted);
+- the model: the class registered for ``architectures[0]`` (``register_auto_model`` in
+  tensorrt_llm/_torch/models/modeling_deepseekv3.py, modeling_qwen3_moe.py, modeling_mixtral.py);
+- the tokenizer: ``AutoTokenizer`` (trust_remote_code as given) uses transformers' class named by
+  tokenizer_config.json ``tokenizer_class`` when transformers has it; one it lacks behind an
+  ``auto_map`` (Kimi K2's ``TikTokenTokenizer``) is the checkpoint's own code.
+
+So an ``auto_map`` in config.json of a Kimi K2, DeepSeek-V3, Qwen3-MoE or Mixtral export builds
+without remote code; any other model type or architecture behind an ``auto_map`` (and a tokenizer
+only its own code provides) is refused without ``--trust-remote-code``.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from moepress.exporters import kv_cache
 from moepress.exporters.builders.base import Builder, Context, script
+
+# config.json model types TensorRT-LLM's PyTorch backend reads with a config class of its own or of
+# transformers, and the architectures it has a model class for (see the module docstring)
+NATIVE_MODEL_TYPES = ("deepseek_v3", "kimi_k2", "deepseek_v32", "qwen3_moe", "mixtral")
+NATIVE_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM", "Qwen3MoeForCausalLM",
+                        "MixtralForCausalLM")
 
 
 def commands(ctx: Context) -> list[list[str]]:
@@ -27,7 +55,7 @@ def commands(ctx: Context) -> list[list[str]]:
            "--max_seq_len", str(p.max_seq_len), "--kv_cache_free_gpu_memory_fraction", "0.9",
            "--extra_llm_api_options", str(ctx.out / "extra_llm_api_options.yaml"), "--host", "0.0.0.0",
            "--port", "8000"]
-    if ctx.config.get("auto_map"):
+    if ctx.cfg.trust_remote_code:
         cmd.append("--trust_remote_code")
     if p.nodes > 1:
         # multi-node: one MPI rank per GPU, TensorRT-LLM's launcher (docs: trtllm-serve multi-node)
@@ -70,7 +98,7 @@ print(json.dumps({{"prompt": "The capital of France is", "text": out[0].outputs[
 def smoke_script(ctx: Context) -> str:
     p = ctx.plan
     return SMOKE.format(tp=p.tp, ep=p.ep, b=p.max_batch, s=p.max_seq_len, kv=_kv_dtype(p.kv_cache_dtype),
-                        trc=", trust_remote_code=True" if ctx.config.get("auto_map") else "")
+                        trc=", trust_remote_code=True" if ctx.cfg.trust_remote_code else "")
 
 
 def files(ctx: Context, cmds: list[list[str]]) -> tuple[dict[str, str], list[list[str]]]:
@@ -80,6 +108,32 @@ def files(ctx: Context, cmds: list[list[str]]) -> tuple[dict[str, str], list[lis
         smoke = cmds[0][:cmds[0].index("trtllm-llmapi-launch") + 1] + smoke
     return {"extra_llm_api_options.yaml": llm_api_options(ctx), "smoke.py": smoke_script(ctx),
             "serve.sh": script(cmds), "build.sh": script([smoke])}, cmds + [smoke]
+
+
+def _native_tokenizer(name) -> bool:
+    """Whether transformers provides the tokenizer class ``name`` (tokenization_auto's lookup by name)."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    return isinstance(name, str) and any(tokenizer_class_from_name(n) is not None for n in (name, name + "Fast"))
+
+
+def remote_code(directory: Path, config: dict) -> str | None:
+    """Why TensorRT-LLM cannot load the export in ``directory`` without its own Python code (None: it can)."""
+    arch = (config.get("architectures") or [None])[0]
+    if config.get("auto_map") and (config.get("model_type") not in NATIVE_MODEL_TYPES
+                                   or arch not in NATIVE_ARCHITECTURES):
+        return (f"{directory / 'config.json'}: auto_map names the checkpoint's own code and TensorRT-LLM has no "
+                f"native support for model_type {config.get('model_type')!r} ({arch})")
+    tok_path = directory / "tokenizer_config.json"
+    try:
+        tok = json.loads(tok_path.read_text()) if tok_path.is_file() else {}
+    except (OSError, ValueError):
+        tok = {}  # not this check's to report: the tokenizer load says what is wrong with it
+    auto = tok.get("auto_map") if isinstance(tok, dict) else None
+    if isinstance(auto, dict) and auto.get("AutoTokenizer") and not _native_tokenizer(tok.get("tokenizer_class")):
+        return (f"{tok_path}: auto_map names the checkpoint's own tokenizer code ({tok.get('tokenizer_class')}, "
+                f"which transformers does not provide)")
+    return None
 
 
 def finish(logs: list[dict]) -> dict:
@@ -95,5 +149,5 @@ BUILDER = Builder(
     install="tensorrt_llm is not installed: pip install moepress[trtllm] on a GPU machine",
     description="TensorRT-LLM PyTorch-backend bundle for an hf-modelopt export (trtllm-serve)",
     files=files, written=("serve.sh", "extra_llm_api_options.yaml", "smoke.py"), server="trtllm-serve",
-    finish=finish,
+    finish=finish, remote_code=remote_code,
 )

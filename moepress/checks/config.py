@@ -91,6 +91,7 @@ class Gate:
     op: str  # "<=" or ">="
     option: str  # the CLI flag
     percent: bool = False  # show as a percentage
+    per_layer: bool = False  # measured only when the candidate gives per-layer hidden states
 
 
 GATES = (
@@ -98,7 +99,7 @@ GATES = (
     Gate("top1_agreement", "min_top1", ">=", "--min-top1"),
     Gate("kl_mean", "max_kl", "<=", "--max-kl"),
     Gate("kl_p99", "max_kl_p99", "<=", "--max-kl-p99"),
-    Gate("min_layer_cosine", "min_cosine", ">=", "--min-cosine"),
+    Gate("min_layer_cosine", "min_cosine", ">=", "--min-cosine", per_layer=True),
 )
 
 

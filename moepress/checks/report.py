@@ -1,5 +1,5 @@
 """A check's report (report.json, report.md, layer_error.png) and the accuracy section of the
-candidate's manifest."""
+candidate's manifest (what publishing verifies: moepress/checks/verify.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import math
 from pathlib import Path
 
+from moepress.checks import seal
 from moepress.checks.config import fmt
+from moepress.checks.verify import recorded_files
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest, versions, write_manifest
 
@@ -26,7 +28,9 @@ def jsonable(obj):
 
 
 def accuracy_section(result: dict) -> dict:
-    """What goes into the candidate's manifest: the verdict, the headline metrics, the gates."""
+    """What goes into the candidate's manifest: the verdict, the headline metrics, the gates applied
+    (metric, measured value, op, threshold, passed). :func:`record_in_manifest` adds the digests of
+    the files checked and the seal."""
     keep = ("ppl_reference", "ppl_candidate", "ppl_increase", "kl_mean", "kl_p99", "top1_agreement",
             "min_layer_cosine", "final_layer_rel_error", "tokens")
     return {"passed": result["passed"], "failed": result["failed"], "reference": result["reference"],
@@ -36,20 +40,44 @@ def accuracy_section(result: dict) -> dict:
             "kind": result["candidate"]["kind"]}
 
 
-def record_in_manifest(candidate: str | Path, result: dict) -> bool:
-    """Add ``accuracy`` to the candidate's manifest when moepress wrote the candidate; True if it did.
+def _manifest_dir(candidate: str | Path) -> Path | None:
+    """The directory whose manifest records a check of ``candidate`` (None: moepress did not write it).
 
-    The candidate is a directory with ``moepress-manifest.json``, or a file (an ONNX model,
-    an engine) that the manifest of its directory lists.
-    """
+    The candidate is a directory with ``moepress-manifest.json``, or a file (an ONNX model, an
+    engine) that the manifest of its directory lists."""
     p = Path(candidate)
     d = p if p.is_dir() else p.parent
     if not (d / MANIFEST_NAME).is_file():
-        return False
+        return None
     if p.is_file() and p.name not in read_manifest(d).get("files", {}):
+        return None
+    return d
+
+
+def prepare_record(candidate: str | Path) -> bool:
+    """Before a check: whether its result will be recorded in the candidate's manifest, and if so this
+    user's manifest key, created now (a key that cannot be made or is readable by others is refused
+    before the check runs, not after)."""
+    if _manifest_dir(candidate) is None:
         return False
+    seal.load_key(create=True)
+    return True
+
+
+def record_in_manifest(candidate: str | Path, result: dict) -> bool:
+    """Add ``accuracy`` to the candidate's manifest when moepress wrote the candidate; True if it did.
+
+    The section gets the sha256 and size of the files checked (every file the manifest lists but
+    documentation, hashed now) and an HMAC seal with this user's key (moepress/checks/seal.py), so
+    that publishing can tell the section and the files from ones edited after the check."""
+    d = _manifest_dir(candidate)
+    if d is None:
+        return False
+    section = jsonable(accuracy_section(result))
     try:
-        update_manifest(d, accuracy=jsonable(accuracy_section(result)))
+        section["files"] = recorded_files(d, read_manifest(d).get("files", {}))
+        section["seal"] = seal.seal(section, seal.load_key(create=True))
+        update_manifest(d, accuracy=section)
     except OSError as e:
         raise MoepressError(f"{d / MANIFEST_NAME}: cannot record the accuracy metrics ({e.strerror})") from None
     return True

@@ -136,10 +136,13 @@ def build(artifact, target, out, cfg=None, *, progress=None, **flags) -> dict:
 @click.option("--hardware-compatibility", cls=_RegistryOption, default="none", show_default=True,
               choices=_hw_levels, help="TensorRT hardware-compatibility level (tensorrt builder).")
 @click.option("--dry-run", is_flag=True, help="Plan and write the commands (build.sh, plan.json) without building.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let the generated scripts run the checkpoint's own Python code (config.json / "
+                   "tokenizer_config.json auto_map); without it an export that needs it is refused.")
 @output_options
 @progress_options
 def build_cmd(artifact, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_dtype, builder, reference,
-              hardware_compatibility, dry_run, output, force, quiet, json_out):
+              hardware_compatibility, dry_run, trust_remote_code, output, force, quiet, json_out):
     """Build ARTIFACT (a `moepress export` output) for one GPU TARGET into OUT.
 
     The export picks the builder. --dry-run prints the plan and the exact commands and writes them
@@ -154,7 +157,7 @@ def build_cmd(artifact, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_d
     prog = Progress(mode="json" if json_out else "quiet" if quiet else "human")
     opts = BuildOptions(dry_run=dry_run, builder=builder, gpus=gpus, tp=tp, ep=ep, max_seq_len=max_seq_len,
                         max_batch=max_batch, force=force, reference=reference, kv_cache_dtype=kv_cache_dtype,
-                        hardware_compatibility=hardware_compatibility)
+                        hardware_compatibility=hardware_compatibility, trust_remote_code=trust_remote_code)
     res = build(artifact, target, output, opts, progress=prog)
     click.echo(json.dumps(res, default=str) if json_out else render(res))
 

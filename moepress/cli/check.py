@@ -127,9 +127,11 @@ def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, ma
 
     Exit code 0: every gate passed; 1: a gate failed (the metric is named on stderr);
     2: bad input. The metrics are added to the candidate's moepress-manifest.json when
-    moepress wrote it.
+    moepress wrote it, with the digests of the files checked, sealed with this user's key
+    ($MOEPRESS_KEY_FILE or ~/.config/moepress/manifest.key, made on first use): what
+    `moepress publish` verifies.
     """
-    from moepress.checks import CheckConfig, jsonable, record_in_manifest, run_check, write_report
+    from moepress.checks import CheckConfig, jsonable, prepare_record, record_in_manifest, run_check, write_report
     from moepress.checks.config import failure_line, parse_fraction
     from moepress.progress import Progress
 
@@ -142,6 +144,7 @@ def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, ma
     cand = _path(candidate, "")
     ref = _path(reference, "--reference ")
     prog = Progress.from_flags(quiet, json_out)
+    prepare_record(cand)
     result = run_check(cand, ref, cfg, progress=prog)
     result["manifest_updated"] = record_in_manifest(cand, result)
     if report_dir is not None:

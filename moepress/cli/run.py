@@ -87,11 +87,24 @@ def recipe_show(recipe):
 @click.option("--force", is_flag=True, help="Publish even if the checks failed or the files changed.")
 @click.option("--json", "json_out", is_flag=True, help="JSON result on stdout.")
 def publish_cmd(artifact, to, force, json_out):
-    """Publish ARTIFACT after verifying every file against its manifest and that its checks passed."""
+    """Publish ARTIFACT after verifying every file against its manifest and that its checks passed.
+
+    Recomputed, not believed: every file's sha256; the check's verdict from its recorded metrics
+    and gates; the digests of the files it checked against the files now; its seal, with this
+    user's key ($MOEPRESS_KEY_FILE or ~/.config/moepress/manifest.key) when there is one. A check
+    that applied no gate is refused. --to: a new or empty directory outside ARTIFACT, or hf://ORG/NAME.
+    """
     from moepress.pipeline.publish import publish
 
     res = publish(artifact, to, force=force)
-    click.echo(json.dumps(res) if json_out else f"published {artifact} -> {res['published']}")
+    if json_out:
+        click.echo(json.dumps(res))
+        return
+    click.echo(f"published {artifact} -> {res['published']}")
+    if res.get("seal") and res["seal"] != "verified":
+        click.echo(f"  accuracy seal {res['seal']}")
+    for problem in res.get("forced") or []:
+        click.echo(f"  published despite (--force): {problem}")
 
 
 COMMANDS = [run_cmd, recipe_group, publish_cmd]

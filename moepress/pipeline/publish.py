@@ -1,4 +1,12 @@
-"""`moepress publish`: copy (or upload) an artifact only if it is what its manifest says and passed its checks."""
+"""`moepress publish`: copy (or upload) an artifact only if it is what its manifest says and passed its checks.
+
+Nothing recorded is believed that can be recomputed: every listed file's sha256 and size is
+computed again; the accuracy section's verdict is recomputed from its recorded metrics and gates,
+its checked files' digests compared with the files now, and its seal verified with this user's
+key when there is one (moepress/checks/verify.py, moepress/checks/seal.py). ``force`` publishes
+anyway and says what it overrode; a destination that overlaps the artifact, or is a file, is
+refused even then.
+"""
 
 from __future__ import annotations
 
@@ -6,55 +14,88 @@ import os
 import shutil
 from pathlib import Path
 
+from moepress.checks import verify_section
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from moepress.outputs import overlap
 
 
-def verify(artifact: Path) -> list[str]:
-    """Problems with ``artifact`` against its manifest: changed, missing or unlisted files."""
-    m = read_manifest(artifact)
-    files = m.get("files")
-    if not files:
-        return [f"{artifact / MANIFEST_NAME}: missing or lists no files"]
-    problems = []
+def _digests(artifact: Path, files: dict) -> tuple[dict[str, dict], list[str]]:
+    """(sha256 and size now of every listed file present, problems: changed, missing or unlisted files)."""
+    problems, now = [], {}
     for rel, info in sorted(files.items()):
         p = artifact / rel
         if not p.is_file():
             problems.append(f"{p}: listed in the manifest but missing")
-        elif p.stat().st_size != info["size"] or sha256_file(p) != info["sha256"]:
+            continue
+        now[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+        if not isinstance(info, dict) or (now[rel]["size"], now[rel]["sha256"]) != (info.get("size"),
+                                                                                   info.get("sha256")):
             problems.append(f"{p}: sha256 differs from the manifest (modified after it was written)")
     for p in sorted(artifact.rglob("*")):
         rel = p.relative_to(artifact).as_posix()
         if p.is_file() and p.name != MANIFEST_NAME and rel not in files:
             problems.append(f"{p}: not listed in the manifest")
-    return problems
+    return now, problems
+
+
+def verify(artifact: Path) -> list[str]:
+    """Problems with ``artifact`` against its manifest: changed, missing or unlisted files."""
+    files = read_manifest(artifact).get("files")
+    if not files or not isinstance(files, dict):
+        return [f"{artifact / MANIFEST_NAME}: missing or lists no files"]
+    return _digests(artifact, files)[1]
+
+
+def _destination(src: Path, to: str) -> Path:
+    """``--to`` as a directory that is new or empty and apart from the artifact."""
+    dst = Path(to)
+    if dst.exists() and not dst.is_dir():
+        raise MoepressError(f"--to {dst}: exists and is not a directory; expected a new or empty directory")
+    how = overlap(dst, src)
+    if how is not None:
+        raise MoepressError(f"--to {dst}: the destination {how} the artifact {src}; expected a directory outside it")
+    if dst.exists() and any(dst.iterdir()):
+        raise MoepressError(f"--to {dst}: exists and is not empty")
+    return dst
+
+
+def _problems(src: Path) -> tuple[list[str], dict]:
+    """Every reason not to publish ``src`` (first the file problems), and what the result reports of its check."""
+    m = read_manifest(src)
+    files = m.get("files")
+    if not files or not isinstance(files, dict):
+        return [f"{src / MANIFEST_NAME}: missing or lists no files"], {"accuracy_passed": None}
+    digests, problems = _digests(src, files)
+    acc = m.get("accuracy")
+    if not isinstance(acc, dict):
+        problems.append(f"{src}: no accuracy check recorded in its manifest; run `moepress check {src} "
+                        f"--reference ORIGINAL` first")
+        return problems, {"accuracy_passed": None}
+    v = verify_section(acc, digests, src)
+    return problems + v.problems, {"accuracy_passed": v.passed, "seal": v.seal}
 
 
 def publish(artifact: str | Path, to: str, force: bool = False) -> dict:
     src = Path(artifact)
     if not src.is_dir():
         raise MoepressError(f"{src}: no such artifact directory")
-    problems = verify(src)
-    acc = read_manifest(src).get("accuracy")
-    if not force:
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise MoepressError(f"{problems[0]}{more}; refusing to publish (--force to publish anyway)")
-        if acc is None:
-            raise MoepressError(f"{src}: no accuracy check recorded in its manifest; run `moepress check "
-                                f"{src} --reference ORIGINAL` first (or --force)")
-        if not acc.get("passed"):
-            raise MoepressError(f"{src}: its accuracy check failed ({', '.join(acc.get('failed') or [])}); "
-                                f"refusing to publish (--force to publish anyway)")
-    if to.startswith("hf://"):
-        return _upload_hf(src, to[len("hf://"):], problems)
-    dst = Path(to)
-    if dst.exists() and any(dst.iterdir()):
-        raise MoepressError(f"--to {dst}: exists and is not empty")
+    dst = None if to.startswith("hf://") else _destination(src, to)
+    problems, info = _problems(src)
+    if problems and not force:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise MoepressError(f"{problems[0]}{more}; refusing to publish (--force to publish anyway)")
+    extra = {"verified": not problems, **info, **({"forced": problems} if problems else {})}
+    if dst is None:
+        return {**_upload_hf(src, to[len("hf://"):]), **extra}
     tmp = dst.parent / (dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src, tmp)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MoepressError(f"--to {dst}: cannot copy the artifact ({e.strerror or e})") from None
     # the copy is checked against the manifest too before it gets its final name
     copy_problems = verify(tmp) if not problems else []
     if copy_problems:
@@ -63,11 +104,10 @@ def publish(artifact: str | Path, to: str, force: bool = False) -> dict:
     if dst.exists():
         dst.rmdir()
     os.replace(tmp, dst)
-    return {"published": str(dst), "files": len(read_manifest(dst).get("files", {})),
-            "verified": not problems, "accuracy_passed": (acc or {}).get("passed")}
+    return {"published": str(dst), "files": len(read_manifest(dst).get("files", {})), **extra}
 
 
-def _upload_hf(src: Path, repo: str, problems: list[str]) -> dict:
+def _upload_hf(src: Path, repo: str) -> dict:
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise MoepressError(f"--to hf://{repo}: expected hf://ORG/NAME")
     try:
@@ -81,4 +121,4 @@ def _upload_hf(src: Path, repo: str, problems: list[str]) -> dict:
     except Exception as e:  # network, auth: one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MoepressError(f"--to hf://{repo}: upload failed ({first})") from None
-    return {"published": f"hf://{repo}", "commit": str(getattr(info, "oid", info)), "verified": not problems}
+    return {"published": f"hf://{repo}", "commit": str(getattr(info, "oid", info))}

@@ -29,7 +29,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "export": {"formats": (list, []), "tp": (int, 1), "ep": (int, 1), "opset": (int, 21), "options": (dict, {})},
     "check": None,  # validated by CheckConfig.from_dict
     "build": {"targets": (list, []), "dry_run": (bool, True), "gpus": (int, None), "max_seq_len": (int, 4096),
-              "max_batch": (int, 8)},
+              "max_batch": (int, 8), "trust_remote_code": (bool, False)},
 }
 TOP = {"model", "output", *SCHEMA}
 STAGES = ("prune", "quantize", "export", "check", "build")
