@@ -95,14 +95,19 @@ def load_token_file(path: str | os.PathLike, verify: bool = True) -> tuple[torch
         raise MoepressError(f"{path}: no sidecar {side_p.name}; token files are made by `moepress calib prepare`")
     try:
         side = json.loads(side_p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoepressError(f"{side_p}: not valid JSON ({e})") from None
+    except json.JSONDecodeError as e:
+        raise MoepressError(f"{side_p}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise MoepressError(f"{side_p}: not valid JSON (not UTF-8 text: invalid byte at offset {e.start})") from None
+    if not isinstance(side, dict):
+        raise MoepressError(f"{side_p}: expected a JSON object")
     if side.get("format") != FORMAT or side.get("version") != VERSION:
         raise MoepressError(f"{side_p}: expected format {FORMAT!r} version {VERSION}, "
                             f"got {side.get('format')!r} version {side.get('version')}")
     data = path.read_bytes()
     if verify and hashlib.sha256(data).hexdigest() != side.get("file", {}).get("sha256"):
         raise MoepressError(f"{path}: contents do not match the sha256 in {side_p.name} (file changed or damaged)")
+    kind = "safetensors" if path.name.endswith(".safetensors") else "torch.save"
     try:
         if path.name.endswith(".safetensors"):
             from safetensors.torch import load
@@ -112,8 +117,11 @@ def load_token_file(path: str | os.PathLike, verify: bool = True) -> tuple[torch
             import io
 
             t = torch.load(io.BytesIO(data), weights_only=True)
-    except Exception as e:
-        raise MoepressError(f"{path}: cannot read token file ({type(e).__name__}: {e})") from None
+    except Exception as e:  # the readers' messages may quote the file's bytes (pickle's "invalid load key")
+        raise MoepressError(f"{path}: cannot read token file (not a {kind} file of tensors: "
+                            f"{type(e).__name__})") from None
+    if not isinstance(t, dict):
+        raise MoepressError(f"{path}: cannot read token file (expected a dict of tensors)")
     ids, src = t.get("input_ids"), t.get("source")
     n, s = side.get("num_samples"), side.get("seq_len")
     if ids is None or src is None or ids.ndim != 2 or list(ids.shape) != [n, s] or src.shape != (n,):

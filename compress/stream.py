@@ -136,6 +136,7 @@ class StreamedModel:
         self.read_ahead_bytes = read_ahead_bytes
         bound_heap()
         self._linear_keys: dict[int, set[str]] = {}
+        self._shapes: dict[tuple, tuple[dict[str, tuple[int, ...]], set[str]]] = {}  # by adapter.layer_shape_key
         self._rotary = None
         self._pos_cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.check_weights()
@@ -179,6 +180,21 @@ class StreamedModel:
             if len(found) != a.num_experts or (found and max(found) != a.num_experts - 1):
                 raise MoepressError(f"{self._where()}: config.json says {a.experts_key()}={a.num_experts} "
                                     f"but layer {i} stores {len(found)} routed experts")
+        for i in range(a.num_layers):
+            self.check_layer_shapes(i)
+
+    def check_layer_shapes(self, i: int) -> None:
+        """Layer i's stored tensors against the shapes of the adapter's layer module, from the shard
+        headers alone (no tensor data read), so a checkpoint that disagrees with its config is
+        refused before any work. Tensors stored packed (:meth:`_stored_shape` None) and names the
+        files lack (a weight decoder may serve them) are checked when the layer is read."""
+        prefix = self.adapter.layer_prefix(i)
+        for key, shape in self.expected_layer_shapes(i).items():
+            name = prefix + key
+            got = self._stored_shape(name) if name in self.ckpt else None
+            if got is not None and got != shape:
+                raise MoepressError(f"{self._where()}: tensor '{name}' has shape {list(got)}, "
+                                    f"config.json implies {list(shape)}")
 
     def _stored_shape(self, name: str) -> tuple[int, ...] | None:
         """Shape of a plain or FP8 tensor from its header; None where the stored form differs (packed)."""
@@ -188,10 +204,16 @@ class StreamedModel:
         return info.shape
 
     def expected_layer_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
-        with torch.device("meta"):
-            layer = self.adapter.build_layer(i)
-        self._linear_keys[i] = {f"{n}.weight" for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        return {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+        """Layer i's parameter shapes keyed as in the layer module (one meta layer built per
+        :meth:`Adapter.layer_shape_key`)."""
+        key = self.adapter.layer_shape_key(i)
+        if key not in self._shapes:
+            with torch.device("meta"):
+                layer = self.adapter.build_layer(i)
+            linear = {f"{n}.weight" for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+            self._shapes[key] = ({k: tuple(v.shape) for k, v in layer.state_dict().items()}, linear)
+        shapes, self._linear_keys[i] = self._shapes[key]
+        return dict(shapes)
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _read(self, name: str, view=None) -> torch.Tensor:
@@ -206,6 +228,7 @@ class StreamedModel:
     def read_layer_state(self, i: int, raw: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The layer's tensors, dequantized to the compute dtype, keyed as in the layer module."""
         prefix = self.adapter.layer_prefix(i)
+        self.check_layer_shapes(i)
         expected = self.expected_layer_shapes(i)
         stored = self.ckpt.layer_names(i)
         view = LayerView(self.ckpt, raw) if raw is not None else None

@@ -53,9 +53,8 @@ def _pick_field(src: SourceSpec, columns: list[str], where: str) -> str:
 def _read_utf8(p: Path) -> str:
     try:
         return p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MoepressError(f"{p}: not UTF-8 text (invalid byte 0x{e.object[e.start]:02x} at offset {e.start})") \
-            from None
+    except UnicodeDecodeError as e:  # the offset only: never echo a file's bytes (it may be any file)
+        raise MoepressError(f"{p}: not UTF-8 text (invalid byte at offset {e.start})") from None
 
 
 class TextDocuments(Documents):

@@ -46,4 +46,4 @@ def adapter_class(config: dict, where: str = "config.json"):
 
 
 def get_adapter(config: dict, names: Iterable[str] | None = None, where: str = "config.json"):
-    return adapter_class(config, where)(config, names)
+    return adapter_class(config, where)(config, names, where)

@@ -7,10 +7,17 @@ from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from moepress.compress.moe import DecoderLayer, ExpertMLP, Router, SparseMoE
 from moepress.errors import MoepressError
+
+TOP_K_KEY = "num_experts_per_tok"  # experts each token is routed to, in every supported family's config
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 class Adapter:
@@ -28,14 +35,39 @@ class Adapter:
     ffn_attr: ClassVar[str] = "mlp"
     expert_names: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
 
-    def __init__(self, config: dict, names: Iterable[str] | None = None):
+    def __init__(self, config: dict, names: Iterable[str] | None = None, where: str = "config.json"):
         self.config = dict(config)
-        self.hf_config = self.make_hf_config(self.config)
-        self.hf_config._attn_implementation = "sdpa"
         missing = [k for k in ("hidden_size", "num_hidden_layers", "vocab_size") if not config.get(k)]
         if missing or self.experts_key() is None:
             need = missing or [" or ".join(self.experts_keys)]
-            raise MoepressError(f"config.json: {self.family} config lacks {', '.join(need)}")
+            raise MoepressError(f"{where}: {self.family} config lacks {', '.join(need)}")
+        set_top_k = TOP_K_KEY in self.config
+        if set_top_k:  # before transformers' typed config refuses it with a multi-line message
+            self._check_expert_counts(where, self.config[TOP_K_KEY])
+        try:
+            self.hf_config = self.make_hf_config(self.config)
+        except (TypeError, ValueError, StrictDataclassError) as e:
+            # huggingface_hub's strict dataclasses (transformers 5 configs) say
+            # "Validation error for field 'x':\n    TypeError: Field 'x' expected int, got str (value: ...)"
+            last = str(e).strip().splitlines()[-1].strip().removeprefix("TypeError: ").removeprefix("ValueError: ")
+            raise MoepressError(f"{where}: {last}") from None
+        self.hf_config._attn_implementation = "sdpa"
+        if not set_top_k:  # transformers' default applies
+            self._check_expert_counts(where, getattr(self.hf_config, TOP_K_KEY, None), default=True)
+
+    def _check_expert_counts(self, where: str, top_k, default: bool = False) -> None:
+        """Refuse expert counts no router can use, before any work: the routed-expert count a whole
+        number >= 1 and top-k (``num_experts_per_tok``) a whole number in 1..experts (torch.topk
+        over the router's scores needs k <= experts; a parameter count with more active than total
+        parameters means the config is wrong)."""
+        key = self.experts_key()
+        n = self.config[key]
+        if not _is_count(n):
+            raise MoepressError(f"{where}: {key}={n!r}: expected a whole number of routed experts >= 1")
+        if not _is_count(top_k) or top_k > n:
+            said = f"{TOP_K_KEY} not set, transformers' default {top_k!r}" if default else f"{TOP_K_KEY}={top_k!r}"
+            raise MoepressError(f"{where}: {said} with {key}={n}: expected a whole number of experts "
+                                f"per token in 1..{n}")
 
     # ---- hooks for subclasses --------------------------------------------------------------
     def make_hf_config(self, config: dict):
@@ -84,7 +116,7 @@ class Adapter:
 
     @property
     def top_k(self) -> int:
-        return int(self.hf_config.num_experts_per_tok)
+        return int(getattr(self.hf_config, TOP_K_KEY))
 
     def experts_key(self) -> str | None:
         for k in self.experts_keys:
@@ -95,6 +127,12 @@ class Adapter:
     @property
     def num_experts(self) -> int:
         return int(self.config[self.experts_key()])
+
+    def layer_shape_key(self, i: int) -> tuple:
+        """Layers with equal keys have parameters of the same names (after the layer prefix) and
+        shapes, so one layer built on the meta device tells them all (the stream checks every
+        layer's stored shapes up front). A family whose layers differ otherwise extends the key."""
+        return ("moe",) if self.is_moe_layer(i) else ("dense", self.dense_intermediate_size(i))
 
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]

@@ -36,10 +36,14 @@ class TensorInfo:
     nbytes: int
 
 
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # about the safetensors bound (safetensors/src/tensor.rs MAX_HEADER_SIZE)
+
+
 def _read_header(path: Path) -> tuple[dict, int]:
     """Parse a safetensors header and check the file holds all the data it announces.
 
-    Returns (header, offset of the data section)."""
+    Returns (header, offset of the data section). Errors describe what is wrong and never echo
+    the file's bytes: the path may name any file (an index entry, a symlink), not a shard."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -47,18 +51,36 @@ def _read_header(path: Path) -> tuple[dict, int]:
             if len(raw) < 8:
                 raise MoepressError(f"{path}: truncated safetensors file (only {size} bytes, no header)")
             (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100 * 1024 * 1024:
-                raise MoepressError(f"{path}: truncated or corrupt safetensors file "
-                                    f"(header of {n} bytes announced, file has {size} bytes)")
+            if n > MAX_HEADER_BYTES:
+                raise MoepressError(f"{path}: not a safetensors file (the header length field is not plausible; "
+                                    f"file has {size} bytes)")
+            if n > size - 8:
+                raise MoepressError(f"{path}: truncated or corrupt safetensors file (the header runs past the "
+                                    f"end of the file, {size} bytes)")
             header = json.loads(f.read(n))
     except PermissionError as e:
         raise MoepressError(f"{path}: cannot read shard ({e.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise MoepressError(f"{path}: corrupt safetensors header (not JSON)") from None
+        raise MoepressError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict) or not all(_entry_ok(v) for k, v in header.items() if k != "__metadata__"):
+        raise MoepressError(f"{path}: not a safetensors file (header is not a JSON object of tensor entries "
+                            "with dtype, shape and data_offsets)")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise MoepressError(f"{path}: truncated shard: header says {8 + n + end} bytes, file has {size}")
     return header, 8 + n
+
+
+def _entry_ok(meta) -> bool:
+    """A header entry as the safetensors format defines it: {dtype: str, shape: [int >= 0],
+    data_offsets: [begin, end] with 0 <= begin <= end}."""
+    def ints(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+    if not isinstance(meta, dict) or not isinstance(meta.get("dtype"), str):
+        return False
+    offsets = meta.get("data_offsets")
+    return ints(meta.get("shape")) and ints(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]
 
 
 def _json(path: Path) -> dict:
@@ -68,8 +90,21 @@ def _json(path: Path) -> dict:
         raise MoepressError(f"{path}: file not found") from None
     except PermissionError as e:
         raise MoepressError(f"{path}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoepressError(f"{path}: not valid JSON ({e})") from None
+    except json.JSONDecodeError as e:
+        raise MoepressError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise MoepressError(f"{path}: not valid JSON (not UTF-8 text: invalid byte at offset {e.start})") from None
+
+
+def _check_relative(index: Path, name, fname) -> None:
+    """An index entry names a shard by a path relative to the model directory: not absolute,
+    no '..' (transformers joins it to the directory; an absolute path would replace it)."""
+    if not isinstance(fname, str) or not fname:
+        raise MoepressError(f"{index}: weight_map entry '{name}': expected a shard file name, got {fname!r}")
+    p = Path(fname)
+    if p.is_absolute() or ".." in p.parts:
+        raise MoepressError(f"{index}: weight_map entry '{name}' -> '{fname}': expected a file inside the model "
+                            "directory (a relative path without '..')")
 
 
 def _pread(fd: int, view: memoryview, offset: int) -> int:
@@ -128,6 +163,7 @@ class CheckpointReader:
         if index.exists():
             self._load_index(index)
         elif single.exists():
+            self._check_inside(single, f"{single}: resolves to")
             header, base = _read_header(single)
             for name, meta in header.items():
                 if name != "__metadata__":
@@ -138,14 +174,17 @@ class CheckpointReader:
                 raise MoepressError(f"{self.path}: found {others[0].name} but no {INDEX_NAME} or {SINGLE_NAME}")
 
     def _load_index(self, index: Path) -> None:
-        weight_map = _json(index).get("weight_map")
+        data = _json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             raise MoepressError(f"{index}: expected a 'weight_map' object")
         by_file: dict[str, list[str]] = defaultdict(list)
         for name, fname in weight_map.items():
+            _check_relative(index, name, fname)
             by_file[fname].append(name)
         for fname, names in sorted(by_file.items()):
             shard = self.path / fname
+            self._check_inside(shard, f"{index}: weight_map entry '{names[0]}' -> '{fname}' resolves to")
             if not shard.exists():
                 raise MoepressError(f"{index}: shard '{fname}' (holding {len(names)} tensors, "
                                     f"e.g. {names[0]}) is missing")
@@ -154,6 +193,18 @@ class CheckpointReader:
                 if name not in header:
                     raise MoepressError(f"{shard}: tensor '{name}' named in {INDEX_NAME} is not in this shard")
                 self._add(name, header[name], shard, base)
+
+    def _check_inside(self, file: Path, what: str) -> None:
+        """Refuse a shard that resolves (symlinks followed) outside the model directory, so a
+        checkpoint can make moepress read only its own files. The exception is the Hugging Face
+        hub cache (huggingface_hub file_download.py: ``snapshots/<revision>/<file>`` is a symlink
+        to ``../../blobs/<hash>``): a snapshot's files may resolve into its repository's blobs."""
+        root, target = self.path.resolve(), file.resolve()
+        if target.is_relative_to(root):
+            return
+        if root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs":
+            return
+        raise MoepressError(f"{what} {target}, outside the model directory {root}")
 
     def _add(self, name: str, meta: dict, file: Path, base: int) -> None:
         code = meta.get("dtype")

@@ -33,6 +33,7 @@ def free_plan(sm: StreamedModel, i: int, cfg: QuantConfig) -> Plan:
     tensor of the layer in the order :func:`quantize_tensors` consumes them (the groups' weights,
     with their block-FP8 scales, then the rest)."""
     prefix = sm.adapter.layer_prefix(i)
+    sm.check_layer_shapes(i)  # header shapes: this path quantizes stored tensors without building the layer
     with torch.device("meta"):
         meta = sm.adapter.build_layer(i)
     names = [n for n, m in meta.named_modules() if isinstance(m, nn.Linear)]
