@@ -1,19 +1,29 @@
 """Writing a sharded safetensors checkpoint atomically, through a ``.partial`` directory renamed into
-place only when complete, so an interrupted run never leaves something that looks finished."""
+place only when complete, so an interrupted run never leaves something that looks finished.
+
+The writer also guards its output: it may not equal, sit inside or contain one of ``sources`` (the
+stage's inputs); one process at a time writes ``OUT.partial`` (an flock on ``OUT.partial.lock``); a
+resumed partial must carry the same resume key (compress/checkpoint/resume.py); an OS error while
+writing names the file it was writing.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from moepress.compress.checkpoint.resume import ResumeRefused, difference, normalized
 from moepress.compress.checkpoint.safetensors_io import INDEX_NAME, write_safetensors
 from moepress.errors import MoepressError
-from moepress.manifest import file_digests, versions, write_manifest
+from moepress.manifest import MANIFEST_NAME, file_digests, versions, write_manifest
+from moepress.outputs import OutputLock, absolute, refuse_overlap
 
 # Files that travel with a checkpoint whatever moepress does to its weights
 # (tokenizer, chat template, generation defaults, remote code such as Kimi K2's).
@@ -32,6 +42,60 @@ def aux_files(src: Path) -> list[Path]:
     return sorted(out)
 
 
+JOURNAL = "writer-journal.json"
+_NO_JOURNAL = object()  # a partial without a journal: started by an older moepress
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError without a file name (``os.write``'s ENOSPC, a full disk on close) names ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+        raise
+
+
+def check_output(out: str | os.PathLike, *, force: bool = False, resume: bool = False, resume_key: dict | None = None,
+                 sources: Iterable[str | os.PathLike] = ()) -> None:
+    """What :class:`CheckpointWriter` refuses before it touches anything, without taking the lock:
+    a stage calls it before its calibration, so that a bad ``-o`` is refused in a second."""
+    out = absolute(out)
+    if not out.name:
+        raise MoepressError(f"{out}: expected an output directory, not the file system root")
+    partial = out.with_name(out.name + ".partial")
+    sources = tuple(sources)
+    refuse_overlap(out, sources)
+    refuse_overlap(partial, sources)
+    if out.exists() and not out.is_dir():
+        raise MoepressError(f"{out}: output path exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise MoepressError(f"{out}: output directory is not empty (pass --force to replace it)")
+    if resume:
+        _resumable_journal(partial, normalized(resume_key))
+
+
+def _resumable_journal(partial: Path, key: dict | None) -> dict:
+    """The journal of ``partial`` when it may be resumed with ``key`` ({} when there is no partial);
+    else :class:`ResumeRefused` naming what differs."""
+    if not partial.is_dir():
+        return {}
+    p = partial / JOURNAL
+    try:
+        journal = json.loads(p.read_text()) if p.is_file() else _NO_JOURNAL
+    except (OSError, ValueError):
+        raise MoepressError(f"{p}: unreadable journal; rerun without --resume") from None
+    if journal is _NO_JOURNAL:
+        if key is None:  # a caller without a key resumes whatever is there
+            return {}
+        raise ResumeRefused(partial, difference(None, key))
+    recorded = journal.get("key") if isinstance(journal, dict) else None
+    if recorded != key:
+        raise ResumeRefused(partial, difference(recorded, key))
+    return journal
+
+
 class CheckpointWriter:
     """Writes a sharded safetensors checkpoint atomically.
 
@@ -40,13 +104,21 @@ class CheckpointWriter:
     Everything goes to ``<out>.partial/``; :meth:`commit` names the shards
     ``model-0000i-of-0000N.safetensors``, writes the index and renames the directory to
     ``<out>``. Until then nothing named ``<out>`` exists (or the old one stays, with --force).
+
+    ``sources``: the stage's inputs, which ``<out>`` may not equal, contain or sit inside.
+    ``resume_key``: recorded in the journal when the partial is created; ``resume=True`` continues
+    a partial only when its recorded key equals this one (else :class:`ResumeRefused`, the
+    partial untouched). From before the partial is created or cleared until commit or abort, an
+    exclusive lock on ``<out>.partial.lock`` keeps a second writer out.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, force: bool = False,
-                 max_shard_bytes: int = 2 * 1024**3, resume: bool = False, background: bool = False):
-        self.out = Path(out_dir)
-        self.partial = self.out.parent / (self.out.name + ".partial")
-        self._prepare_dirs(force, resume)
+                 max_shard_bytes: int = 2 * 1024**3, resume: bool = False, background: bool = False,
+                 resume_key: dict | None = None, sources: Iterable[str | os.PathLike] = ()):
+        check_output(out_dir, force=force, sources=sources)
+        self.out = absolute(out_dir)  # `-o .`: OUT.partial beside the directory, not inside it
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.resume_key = normalized(resume_key)
         self.max_shard_bytes = max_shard_bytes
         self._buf: dict[str, torch.Tensor] = {}
         self._buf_bytes = 0
@@ -56,40 +128,49 @@ class CheckpointWriter:
         # Stages fill this (stage, config, inputs ...); commit adds files and versions and
         # writes it as moepress-manifest.json.
         self.manifest: dict = {}
-        if resume:
-            j = self._read_journal()
-            self._shards = [tuple(s) for s in j.get("shards", [])]  # type: ignore[misc]
-            self._digests = j.get("digests", {})
-            self._names = {n for _, names, _ in self._shards for n in names}
+        self._lock = OutputLock(self.partial.with_name(self.partial.name + ".lock"),
+                                f"{self.out}: another moepress process is writing it ({self.partial} is locked)")
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+        self._take_partial(resume)
         self._next = len(self._shards)
         # background=True: a shard is written (and hashed) by a thread while the caller computes
         # the next one; at most one shard is in flight, so memory is two shards at most.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepress-write") if background else None
-        self._pending: Future | None = None
+        if background:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepress-write")
 
-    def _prepare_dirs(self, force: bool, resume: bool) -> None:
-        if self.out.exists() and not self.out.is_dir():
-            raise MoepressError(f"{self.out}: output path exists and is not a directory")
-        if self.out.exists() and any(self.out.iterdir()) and not force:
-            raise MoepressError(f"{self.out}: output directory is not empty (pass --force to replace it)")
-        if self.partial.exists() and not resume:
-            shutil.rmtree(self.partial)
+    def _take_partial(self, resume: bool) -> None:
+        """Lock, then check the journal (resume) before touching anything, then clear or keep the
+        partial and record the key; the lock is dropped again if any of it fails."""
         try:
-            self.partial.mkdir(parents=True, exist_ok=True)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise MoepressError(f"{self.partial}: cannot create output directory ({e.strerror})") from None
+            raise MoepressError(f"{self.out.parent}: cannot create output directory ({e.strerror})") from None
+        self._lock.acquire()
+        try:
+            j = _resumable_journal(self.partial, self.resume_key) if resume else {}
+            self._shards = [tuple(s) for s in j.get("shards", [])]  # type: ignore[misc]
+            self._digests = j.get("digests", {})
+            self._names = {n for _, names, _ in self._shards for n in names}
+            if self.partial.exists() and not resume:
+                shutil.rmtree(self.partial)
+            try:
+                self.partial.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise MoepressError(f"{self.partial}: cannot create output directory ({e.strerror})") from None
+            self._write_journal()
+        except BaseException:
+            self._lock.release()
+            raise
 
-    # ---- journal (which shards are complete) for resumable stages -----------------------
+    # ---- journal (which shards are complete, and the resume key) ---------------------------
     def _journal_path(self) -> Path:
-        return self.partial / "writer-journal.json"
-
-    def _read_journal(self) -> dict:
-        p = self._journal_path()
-        return json.loads(p.read_text()) if p.exists() else {}
+        return self.partial / JOURNAL
 
     def _write_journal(self) -> None:
         tmp = self._journal_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps({"shards": self._shards, "digests": self._digests}))
+        with naming(tmp):
+            tmp.write_text(json.dumps({"key": self.resume_key, "shards": self._shards, "digests": self._digests}))
         os.replace(tmp, self._journal_path())
 
     # ---- tensors -------------------------------------------------------------------------
@@ -119,7 +200,8 @@ class CheckpointWriter:
 
     def _write_shard(self, fname: str, buf: dict[str, torch.Tensor], nbytes: int) -> None:
         tmp = self.partial / (fname + ".tmp")
-        self._digests[fname] = write_safetensors(tmp, buf, {"format": "pt"})
+        with naming(tmp):
+            self._digests[fname] = write_safetensors(tmp, buf, {"format": "pt"})
         os.replace(tmp, self.partial / fname)
         self._shards.append((fname, sorted(buf), nbytes))
         self._write_journal()  # the shard counts as done (for --resume) only from here
@@ -136,19 +218,19 @@ class CheckpointWriter:
 
     # ---- other files ---------------------------------------------------------------------
     def write_json(self, relname: str, obj) -> None:
-        path = self.partial / relname
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        self.write_text(relname, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
     def write_text(self, relname: str, text: str) -> None:
         path = self.partial / relname
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        with naming(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
 
     def copy_aux_files(self, src: str | os.PathLike) -> list[str]:
         copied = []
         for p in aux_files(Path(src)):
-            shutil.copy2(p, self.partial / p.name)
+            with naming(self.partial / p.name):
+                shutil.copy2(p, self.partial / p.name)
             copied.append(p.name)
         return copied
 
@@ -160,16 +242,47 @@ class CheckpointWriter:
             self._pool.shutdown()
         known = self._name_shards()
         self._journal_path().unlink(missing_ok=True)
-        write_manifest(self.partial, {**self.manifest, "versions": versions(),
-                                      "files": file_digests(self.partial, known)})
+        with naming(self.partial / MANIFEST_NAME):
+            write_manifest(self.partial, {**self.manifest, "versions": versions(),
+                                          "files": file_digests(self.partial, known)})
+        if self.out.exists() and _is_cwd(self.out):
+            self._install_in_place()
+        else:
+            self._install()
+        self._lock.release()
+        return self.out
+
+    def _install(self) -> None:
+        """Rename the partial to OUT (an old OUT, with --force, is renamed away first and removed after)."""
         old = None
         if self.out.exists():
             old = self.out.parent / (self.out.name + f".old-{os.getpid()}")
             os.replace(self.out, old)
-        os.replace(self.partial, self.out)
+        try:
+            os.replace(self.partial, self.out)
+        except OSError:
+            if old is not None:
+                os.replace(old, self.out)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        return self.out
+
+    def _install_in_place(self) -> None:
+        """OUT is the current directory (``-o .``): a directory renamed over it would leave the shell
+        in a removed one, so the entries move into it instead, the manifest last (OUT is complete
+        when its manifest is there); what OUT held (with --force) is moved away first and removed."""
+        old = None
+        entries = list(self.out.iterdir())
+        if entries:
+            old = self.out.parent / (self.out.name + f".old-{os.getpid()}")
+            old.mkdir()
+            for p in entries:
+                os.replace(p, old / p.name)
+        for p in sorted(self.partial.iterdir(), key=lambda p: p.name == MANIFEST_NAME):
+            os.replace(p, self.out / p.name)
+        self.partial.rmdir()
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _name_shards(self) -> dict[str, dict]:
         """Rename the shards to their final names and write the index; the digests known by final name."""
@@ -197,12 +310,24 @@ class CheckpointWriter:
                 pass
             self._pool.shutdown()
         shutil.rmtree(self.partial, ignore_errors=True)
+        self._lock.release()
 
     def __enter__(self) -> "CheckpointWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.commit()
+            try:
+                self.commit()
+            except BaseException:  # e.g. a full disk while writing the index or the manifest
+                self.abort()
+                raise
         else:
             self.abort()
+
+
+def _is_cwd(path: Path) -> bool:
+    try:
+        return os.path.samefile(path, os.getcwd())
+    except OSError:  # the current directory was removed
+        return False

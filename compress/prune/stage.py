@@ -88,7 +88,7 @@ class PruneStage:
         layer_names = {n for i in reader.layer_indices() for n in reader.layer_names(i)}
         top_names = [n for n in reader.names() if n not in layer_names]
         plan_info = None
-        with CheckpointWriter(out, force=force) as w:
+        with CheckpointWriter(out, force=force, sources=(reader.path,)) as w:
             self.w = w
             w.manifest.update({"stage": "prune", "config": asdict(cfg),
                                "inputs": {"model": str(reader.path), "calibration": list(cfg.calib) or ["default"],

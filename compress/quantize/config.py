@@ -58,9 +58,11 @@ class QuantConfig:
     awq_clip: bool = True
 
     def __post_init__(self):
-        for fmt in [self.format, *(f for _, f in self.rules)]:
-            if fmt is not None and fmt != NONE:
-                formats.get(fmt, "--format", FORMATS)
+        if self.format is not None and self.format != NONE:
+            formats.get(self.format, "--format", FORMATS)
+        for pat, fmt in self.rules:
+            if fmt != NONE and fmt not in FORMATS:
+                raise MoepressError(f"--rule {pat}={fmt}: expected one of {', '.join([*FORMATS, NONE])}")
         if self.format is None and not self.rules:
             raise MoepressError("--format: required (or --rule PATTERN=FORMAT)")
         if self.group_size not in GROUP_SIZES:

@@ -4,7 +4,8 @@ write each layer as one shard.
 Calibrated formats: layer i is calibrated on the outputs of the already quantized layers 0..i-1
 (``sequential``, the default; compress/quantize/calibrated.py). Calibration-free formats: tensor by
 tensor, no layer module (compress/quantize/free.py). The writer's journal makes a killed run resume
-at the first unfinished layer with byte-identical output.
+at the first unfinished layer with byte-identical output; its resume key (compress/checkpoint/resume.py)
+lets only the same run (config, input, moepress version) continue it.
 
 Under torchrun the calibration batches are split across ranks (contiguous shares), statistics are
 gathered and folded in global order and rank 0 writes: the output is identical to one process's.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,6 +24,8 @@ import torch.distributed as tdist
 from moepress.calib import distributed as dist
 from moepress.compress import formats
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+from moepress.compress.checkpoint.resume import resume_key
+from moepress.compress.checkpoint.writer import check_output
 from moepress.compress.quant import fp8
 from moepress.compress.quantize.calibrated import quantize_layer
 from moepress.compress.quantize.config import PROGRESS, REPORT, QuantConfig
@@ -87,9 +91,15 @@ class QuantizeStage:
         env, a = self.env, self.adapter
         if not env.is_main:
             progress = QUIET
+        # a resumed partial must have been started by this very run (config, input, moepress)
+        key, sources = resume_key("quantize", asdict(self.cfg), self.reader.path), (self.reader.path,)
+        # refused before the calibration, by every rank (none waits for a rank 0 that gave up); the
+        # writer checks again under its lock
+        check_output(out, force=force, resume=resume, resume_key=key, sources=sources)
         self._take_batches(batches)
         # calibration-free: the shard of layer i is written while layer i+1 is quantized
-        writer = (CheckpointWriter(out, force=force, resume=resume, background=not self.calibrated)
+        writer = (CheckpointWriter(out, force=force, resume=resume, background=not self.calibrated,
+                                   resume_key=key, sources=sources)
                   if env.is_main else _NullWriter())
         with writer as w:
             self.w = w

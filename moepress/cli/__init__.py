@@ -5,9 +5,12 @@ Exit codes: 0 success, 1 a failed accuracy check, 2 bad input (one line on stder
 
 from __future__ import annotations
 
+import errno
+
 import click
 
 from moepress import __version__
+from moepress.cli.options import OUTPUT_META
 from moepress.errors import CheckFailed, MoepressError
 
 
@@ -21,6 +24,20 @@ class MoepressGroup(click.Group):
         except CheckFailed as e:
             click.echo(f"moepress: check failed: {' '.join(str(e).split())}", err=True)
             ctx.exit(CheckFailed.exit_code)
+        except OSError as e:  # a full disk, a read-only or busy file system, a denied path: bad input too
+            click.echo(f"moepress: error: {os_error_line(e, ctx.meta.get(OUTPUT_META))}", err=True)
+            ctx.exit(MoepressError.exit_code)
+
+
+def os_error_line(e: OSError, output=None) -> str:
+    """``PATH: what happened (ENAME)``: the path the error names (both, for a rename or a copy),
+    else the command's output directory."""
+    path = e.filename if e.filename is not None else output
+    if path is not None and e.filename2 is not None:
+        path = f"{path} -> {e.filename2}"
+    name = errno.errorcode.get(e.errno, f"errno {e.errno}") if e.errno is not None else type(e).__name__
+    what = e.strerror or str(e) or type(e).__name__
+    return " ".join(f"{path + ': ' if path is not None else ''}{what} ({name})".split())
 
 
 @click.group(cls=MoepressGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,6 +9,7 @@ import click
 
 from moepress.cli.options import calib_options, model_argument, output_options, progress_options, resolve_model
 from moepress.errors import MoepressError
+from moepress.outputs import refuse_overlap
 
 
 @click.group("calib")
@@ -41,6 +42,7 @@ def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, out
     src = resolve_model(model)
     if not output.name.endswith((".safetensors", ".pt")):
         raise MoepressError(f"-o {output}: expected a file name ending in .safetensors or .pt")
+    refuse_overlap(output, (src,), "-o ")  # a .safetensors file inside the model would read as one of its shards
     for p in (output, sidecar_path(output)):
         if p.exists() and not force:
             raise MoepressError(f"{p}: exists (pass --force to replace it)")
@@ -99,6 +101,7 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
     from moepress.progress import Progress
 
     src = resolve_model(model)
+    refuse_overlap(output, (src,), "-o ")
     _check_output_dir(output, force)
     env = dist.init()
     try:
@@ -118,7 +121,7 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
             calib_meta = {k: v for k, v in cs.meta.items() if k != "file"}
             config = {"calib": list(calib), "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
                       "batch_size": batch_size, "rare": rare, "absmax": absmax, "dtype": dtype}
-            with CheckpointWriter(output, force=force) as w:
+            with CheckpointWriter(output, force=force, sources=(src,)) as w:
                 w.manifest.update({"stage": "calib-stats", "config": config,
                                    "inputs": {"model": str(src), "calibration": calib_meta.get("key"),
                                               "calibration_tokens": tokens}, "world_size": env.world_size})

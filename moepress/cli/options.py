@@ -18,9 +18,21 @@ def model_argument(f):
     return click.argument("model", metavar="MODEL")(f)
 
 
+# ctx.meta key: the command's output path, which an OS error without a file name is reported against
+OUTPUT_META = "moepress.output"
+
+
+def remember_output(ctx: click.Context, param, value):
+    """-o's callback: keep the output path where the CLI's error handler finds it."""
+    if value is not None:
+        ctx.meta[OUTPUT_META] = str(value)
+    return value
+
+
 def output_options(f):
     f = click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")(f)
     f = click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+                     callback=remember_output,
                      help="Output directory (written to OUT.partial, renamed into place when complete).")(f)
     return f
 

@@ -25,20 +25,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
 from moepress.errors import CheckFailed, MoepressError
+from moepress.exporters import builders as builder_registry
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest
+from moepress.outputs import refuse_overlap
 from moepress.pipeline.recipe import STAGES, dump
 from moepress.progress import Progress
 
 # exports a CPU consumer here can check, and the candidate kind it runs as
 CHECKABLE = {"hf-modelopt": "checkpoint", "hf-fp8-block": "checkpoint", "compressed-tensors": "transformers",
              "onnx": "onnx"}
-# which builder turns which export into an engine / deployment (issue #7)
-BUILDERS = {"hf-modelopt": "trtllm-pytorch", "trtllm-ckpt": "trtllm-engine", "onnx": "tensorrt"}
+# which builder turns which export into an engine / deployment (each builder declares the export it takes)
+BUILDERS = {b.artifact: b.name for b in builder_registry.BUILDERS.values()}
 
 
 def _key(fields: dict) -> str:
@@ -79,6 +80,7 @@ class Runner:
             raise MoepressError(f"--from {force_from}: expected one of {', '.join(STAGES)}")
         self.force_from = force_from
         self.model = resolve_model(recipe["model"])
+        refuse_overlap(self.out, (self.model,))
         self.state_dir = self.out / ".state"
         self.record: dict[str, dict] = {}
         self.failed_checks: list[str] = []
@@ -114,9 +116,8 @@ class Runner:
             self.record[sid] = {"status": "skipped", "key": key, "output": str(out), "result": st.get("result")}
             return st.get("result") or {}
         partial = out.parent / (out.name + ".partial")
+        # not resumed: the stage's writer clears the partial, under its lock (another process may hold it)
         resume = st.get("key") == key and not st.get("done") and partial.exists() and not self._forced(sid)
-        if not resume and partial.exists():
-            shutil.rmtree(partial)
         self._save_state(sid, {"key": key, "done": False, "started": time.time()})
         self.prog.info(f"{sid}: {'resuming' if resume else 'running'} -> {out}")
         t0 = time.monotonic()
@@ -204,16 +205,25 @@ class Runner:
         return out
 
     def _quantize(self, src: Path, src_key: str, calib_key: str) -> Path:
-        from moepress.compress import quantize as qmod
+        from moepress.calib.data import calibration_batches
+        from moepress.compress.checkpoint.resume import ResumeRefused
+        from moepress.compress.quantize import QuantConfig, quantize_checkpoint
 
-        q, c = self.recipe["quantize"], self.recipe["calib"]
-        cfg = qmod.config_from_recipe(q, c)
+        c = self.recipe["calib"]
+        cfg = QuantConfig.from_recipe(self.recipe["quantize"], c)
         out = self.out / "quantize"
         key = _key({"stage": "quantize", "input": src_key, "calib": calib_key, "config": dataclasses.asdict(cfg)})
 
+        def batches():  # fetched by the stage once it has validated the checkpoint (rank 0 first under torchrun)
+            return calibration_batches(src, cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed, cfg.batch_size,
+                                       c["trust_remote_code"])
+
         def fn(resume):
-            res = qmod.quantize_checkpoint(src, out, cfg, force=True, resume=resume, progress=self.prog,
-                                           trust_remote_code=c["trust_remote_code"])
+            try:
+                res = quantize_checkpoint(src, out, cfg, batches=batches, force=True, resume=resume,
+                                          progress=self.prog)
+            except ResumeRefused as e:  # the partial was started by another run: kept, and said how to restart
+                raise ResumeRefused(e.partial, e.detail, "rerun with --from quantize to start it again") from None
             return {k: res[k] for k in ("format", "borrowed", "layers") if isinstance(res, dict) and k in res}
 
         self.stage("quantize", key, out, fn)
@@ -233,13 +243,14 @@ class Runner:
         return out
 
     def _check(self, name: str, cand: Path, cand_key: str, kind: str, ref_key: str) -> dict:
-        from moepress.checks import CheckConfig, jsonable, record_in_manifest, run_check, write_report
+        from moepress.checks import CheckConfig, jsonable, prepare_record, record_in_manifest, run_check, write_report
 
         cfg = CheckConfig.from_dict({**self.recipe["check"], "kind": kind}, where="recipe check")
         out = self.out / "check" / name
         key = _key({"stage": "check", "candidate": cand_key, "reference": ref_key, "config": cfg.to_dict()})
 
         def fn(resume):
+            prepare_record(cand)  # this user's manifest key, before the check runs
             result = run_check(cand, self.model, cfg, progress=self.prog)
             record_in_manifest(cand, result)
             write_report(result, out)
@@ -268,6 +279,7 @@ class Runner:
         update_manifest(d, files=file_digests(d, known))
 
     def _build(self, target: str, fmt: str, artifact: Path, art_key: str) -> dict:
+        from moepress.checks import CheckConfig, run_check
         from moepress.exporters import build as bmod
 
         b = self.recipe["build"]
@@ -276,11 +288,15 @@ class Runner:
         out.parent.mkdir(parents=True, exist_ok=True)
         key = _key({"stage": "build", "artifact": art_key, "target": target, "builder": builder, "config": b})
 
+        def check(engine, reference, progress=None):  # the built engine against the original model
+            return run_check(engine, reference, CheckConfig(kind="engine"), progress=progress)
+
         def fn(resume):
+            opts = bmod.BuildOptions(dry_run=b["dry_run"], builder=builder, gpus=b["gpus"],
+                                     max_seq_len=b["max_seq_len"], max_batch=b["max_batch"], force=True,
+                                     reference=self.model, trust_remote_code=b["trust_remote_code"])
             try:
-                res = bmod.build(artifact, target, out, dry_run=b["dry_run"], builder=builder, gpus=b["gpus"],
-                                 max_seq_len=b["max_seq_len"], max_batch=b["max_batch"], force=True,
-                                 reference=self.model)
+                res = bmod.build(artifact, target, out, opts, check=check)
             except MoepressError as e:  # a target that cannot run this artifact: recorded, not fatal
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "refused.txt").write_text(str(e) + "\n")

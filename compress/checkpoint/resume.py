@@ -1,0 +1,107 @@
+"""The resume key of an ``OUT.partial``: what the run that started it was asked to do.
+
+A resumable stage (quantize) keeps the shards a killed run finished and writes only the rest, so
+the new run must be the same run: same stage, same config, same input, same moepress. The writer
+records the key in its journal when it creates the partial and continues a partial only when the
+recorded key equals the new one; otherwise one line names what differs and the partial is kept.
+
+The input's identity is cheap to compute on a 1 TB checkpoint: the file digests of its
+moepress-manifest.json when it has one (a moepress output; rewritten byte-identically, it keeps
+its identity), else each ``*.safetensors`` file's name, size and mtime plus the sha256 of its
+config.json and index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from moepress import __version__
+from moepress.compress.checkpoint.safetensors_io import INDEX_NAME
+from moepress.errors import MoepressError
+from moepress.manifest import MANIFEST_NAME, sha256_file
+
+HINT = "rerun with the same options or without --resume"
+
+
+class ResumeRefused(MoepressError):
+    """``OUT.partial`` was started by another run; ``detail`` says what differs (no hint)."""
+
+    def __init__(self, partial: Path, detail: str, hint: str = HINT):
+        super().__init__(f"{partial}: {detail}; {hint}")
+        self.partial, self.detail = partial, detail
+
+
+def input_identity(src: str | os.PathLike) -> dict:
+    """The identity of the checkpoint directory ``src`` (see the module docstring)."""
+    src = Path(src)
+    try:
+        files = json.loads((src / MANIFEST_NAME).read_text()).get("files") if (src / MANIFEST_NAME).is_file() else None
+    except (OSError, ValueError, AttributeError):
+        files = None
+    if isinstance(files, dict) and files:
+        return {"manifest": {n: v.get("sha256") if isinstance(v, dict) else v for n, v in sorted(files.items())}}
+    shards = {}
+    for p in sorted(src.glob("*.safetensors")):
+        st = p.stat()
+        shards[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"shards": shards,
+            "sha256": {n: sha256_file(src / n) for n in ("config.json", INDEX_NAME) if (src / n).is_file()}}
+
+
+def resume_key(stage: str, config: dict, src: str | os.PathLike) -> dict:
+    """The key a resumable stage passes to :class:`CheckpointWriter` (``config``: ``asdict(cfg)``)."""
+    return normalized({"stage": stage, "config": config, "input": input_identity(src), "moepress": __version__})
+
+
+def normalized(key: dict | None) -> dict | None:
+    """``key`` as its JSON round trip (tuples become lists), the form the journal holds."""
+    return None if key is None else json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
+def difference(old, new: dict | None) -> str:
+    """What differs between the recorded key ``old`` and ``new``, as words for the error line."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return ("has no record of the run that started it (an older moepress, or a stage that does not "
+                "resume, wrote it)")
+    parts = []
+    if old.get("stage") != new.get("stage"):
+        parts.append(f"was started by the {old.get('stage')} stage, this run is {new.get('stage')}")
+    if old.get("moepress") != new.get("moepress"):
+        parts.append(f"was started by moepress {old.get('moepress')}, this is {new.get('moepress')}")
+    parts += _config_difference(old.get("config") or {}, new.get("config") or {})
+    if old.get("input") != new.get("input"):
+        parts.append(_input_difference(old.get("input") or {}, new.get("input") or {}))
+    return "; ".join(parts) or "was started by another run"
+
+
+def _word(v) -> str:
+    return "none" if v is None else v if isinstance(v, str) else json.dumps(v)
+
+
+def _config_difference(old: dict, new: dict) -> list[str]:
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if not keys:
+        return []
+    if len(keys) == 1:
+        return [f"was started with {keys[0]} {_word(old.get(keys[0]))}, this run asks for {_word(new.get(keys[0]))}"]
+    was = " and ".join(f"{k} {_word(old.get(k))}" for k in keys)
+    now = " and ".join(f"{k} {_word(new.get(k))}" for k in keys)
+    return [f"was started with {was}, this run asks for {now}"]
+
+
+def _input_difference(old: dict, new: dict) -> str:
+    if set(old) != set(new):
+        return "was started from another input"
+    names = set()
+    for section in old:
+        a, b = old.get(section) or {}, new.get(section) or {}
+        names.update(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+    shown = sorted(names)[:3]
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"was started from another input ({', '.join(shown)}{more} differ)" if shown else \
+        "was started from another input"
+
+
+__all__ = ["HINT", "ResumeRefused", "difference", "input_identity", "normalized", "resume_key"]

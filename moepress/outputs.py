@@ -1,0 +1,107 @@
+"""Where a stage may write: output paths that must not overlap the inputs, and the lock that keeps
+two processes from writing the same output.
+
+- :func:`absolute`: the output path made absolute (``-o .`` names the current directory, whose
+  ``.partial`` sibling then sits beside it, not inside it); symlinks are kept as given.
+- :func:`refuse_overlap`: an output equal to an input, inside one or containing one is refused
+  before anything is written (``quantize M -o M --force`` would replace the checkpoint it reads;
+  ``-o M/q`` would add files to it).
+- :class:`OutputLock`: an exclusive ``flock`` on ``OUT.partial.lock``, held while ``OUT.partial``
+  is written. The kernel drops a flock with its process, so a lock file left by a killed run is
+  free and the next run takes it over.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from moepress.errors import MoepressError
+
+
+def absolute(path: str | os.PathLike) -> Path:
+    """``path`` absolute and normalised (``.`` and ``..`` folded), symlinks not followed."""
+    return Path(os.path.abspath(os.fspath(path)))
+
+
+def overlap(out: str | os.PathLike, source: str | os.PathLike) -> str | None:
+    """How ``out`` overlaps ``source`` once both are resolved (symlinks followed): "is",
+    "is inside", "contains", or None when they are apart."""
+    o, s = Path(out).resolve(), Path(source).resolve()
+    if o == s:
+        return "is"
+    if s in o.parents:
+        return "is inside"
+    if o in s.parents:
+        return "contains"
+    return None
+
+
+def refuse_overlap(out: str | os.PathLike, sources: Iterable[str | os.PathLike], label: str = "") -> None:
+    """One-line :class:`MoepressError` when the output ``out`` equals, sits inside or contains one
+    of ``sources`` (the stage's inputs). ``label`` prefixes the path (e.g. ``"--report "``)."""
+    for src in sources:
+        how = overlap(out, src)
+        if how is not None:
+            raise MoepressError(f"{label}{out}: the output {how} the input {src}; "
+                                "expected a path outside the input (it is read while the output is written)")
+
+
+class OutputLock:
+    """An exclusive advisory lock on the file ``path`` (``flock(LOCK_EX | LOCK_NB)``).
+
+    :meth:`acquire` refuses with ``busy`` (a one-line :class:`MoepressError`) when another process
+    holds it. :meth:`release` removes the file and drops the lock; so that a process which opened
+    the file just before it was removed does not believe it holds the lock of a file nobody else
+    sees, :meth:`acquire` checks after locking that the path still names the inode it locked, and
+    retries on the new file if not."""
+
+    def __init__(self, path: str | os.PathLike, busy: str):
+        self.path = Path(path)
+        self.busy = busy
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise MoepressError(self.busy) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._names(fd):
+                self.fd = fd
+            else:  # removed (and maybe recreated) between our open and our lock: lock the new file
+                os.close(fd)
+
+    def _names(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it) and drop the lock; no-op when not held."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown: the kernel drops the lock with the process anyway
+            pass
+
+
+__all__ = ["OutputLock", "absolute", "overlap", "refuse_overlap"]

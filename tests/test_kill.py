@@ -1,0 +1,88 @@
+"""kill -9 at a random layer of prune, quantize and export (issue 19's acceptance): a killed quantize
+resumes byte-identical to an uninterrupted run; prune and export, which do not resume, leave
+nothing named OUT and the next run succeeds (it takes over the killed run's lock and partial)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from moepress import models
+from moepress.pipeline.runner import output_complete
+
+MODEL = "tiny-mixtral"  # 4 layers, 8 experts: the quickest bundled model through every stage
+KILL_SEED = 19
+
+
+def _digest(d: Path) -> dict:
+    return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file() and p.name != "moepress-manifest.json"}
+
+
+def _kill_at_random_layer(args: list, stage: str, rnd: random.Random) -> int:
+    """Run ``python -m moepress ARGS --json``; SIGKILL it once its progress events on stderr say
+    ``stage`` finished step k, k drawn from 1..total-2 when the stage starts. Returns k."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "moepress", *map(str, args), "--json"], env=env, text=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    watchdog = threading.Timer(300, p.kill)
+    watchdog.start()
+    k, seen = None, []
+    try:
+        for line in p.stderr:
+            seen.append(line)
+            ev = json.loads(line) if line.startswith("{") else {}
+            if ev.get("stage") != stage:
+                continue
+            if ev.get("event") == "start":
+                k = rnd.randint(1, ev["total"] - 2)  # at least one step and the commit still to come
+            elif ev.get("event") == "progress" and ev.get("done") == k:
+                p.send_signal(signal.SIGKILL)
+                break
+        p.stderr.read()
+        p.wait()
+    finally:
+        watchdog.cancel()
+    assert p.returncode == -signal.SIGKILL, (p.returncode, "".join(seen)[-2000:])
+    return k
+
+
+@pytest.mark.slow
+def test_kill_at_a_random_layer_of_prune_quantize_export(cli_run, tmp_path):
+    rnd = random.Random(KILL_SEED)
+    m = Path(shutil.copytree(models.path(MODEL), tmp_path / "M"))
+
+    # quantize: killed, then --resume ends byte-identical to an uninterrupted run
+    q, ref = tmp_path / "Q", tmp_path / "ref"
+    r = cli_run("quantize", m, "--format", "fp8", "-o", ref, "--quiet")
+    assert r.exit_code == 0, r.output
+    k = _kill_at_random_layer(["quantize", m, "--format", "fp8", "-o", q], "quantize", rnd)
+    assert not q.exists() and (tmp_path / "Q.partial" / "writer-journal.json").is_file(), k
+    r = cli_run("quantize", m, "--format", "fp8", "--resume", "-o", q, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert _digest(q) == _digest(ref), f"killed after layer {k}"
+    assert not (tmp_path / "Q.partial").exists() and not (tmp_path / "Q.partial.lock").exists()
+
+    # prune and export do not resume: nothing named OUT after the kill, and a rerun succeeds
+    for name, args, stage in [
+        ("P", ["prune", m, "--ratio", "0.25", "--method", "frequency", "--num-samples", "4", "--seq-len", "32"],
+         "prune"),
+        ("E", ["export", m, "--format", "hf-fp8-block"], "export hf-fp8-block"),
+    ]:
+        out = tmp_path / name
+        k = _kill_at_random_layer([*args, "-o", out], stage, rnd)
+        assert not out.exists(), (stage, k)
+        r = cli_run(*args, "-o", out, "--quiet")
+        assert r.exit_code == 0, (stage, k, r.output)
+        assert output_complete(out), (stage, k)
+        assert not out.with_name(name + ".partial").exists() and not out.with_name(name + ".partial.lock").exists()
