@@ -49,6 +49,7 @@ from moepress.exporters.plan import Plan, plan
 from moepress.exporters.plan import render as render_plan
 from moepress.exporters.targets import Target, get_target
 from moepress.manifest import file_digests, read_manifest, versions, write_manifest
+from moepress.outputs import OutputLock, absolute, refuse_overlap
 
 # (engine directory, reference model, progress) -> the check's record
 Check = Callable[[Path, Path, object], dict]
@@ -167,17 +168,24 @@ def build(artifact: str | Path, target: str | Target, out: str | Path, cfg: Buil
     if cfg is not None and flags:
         raise TypeError("build(): pass the options as cfg or as keywords, not both")
     o = cfg if cfg is not None else BuildOptions(**flags)
-    out = Path(out)
+    out = absolute(out)
+    refuse_overlap(out, [Path(artifact)])
     job = _resolve(Path(artifact), target, out, o)
-    work = _workdir(out, o.force)
+    lock = OutputLock(out.with_name(out.name + ".partial.lock"),
+                      f"{out}: another moepress process is writing it ({out}.partial is locked)")
+    lock.acquire()
     try:
-        result = _write(job, work, o, progress, check)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work, out)
+        work = _workdir(out, o.force)
+        try:
+            result = _write(job, work, o, progress, check)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    finally:
+        lock.release()
     return result
 
 

@@ -727,3 +727,29 @@ def test_run_refuses_to_resume_a_quantize_partial_of_a_changed_input(cli_run, tm
     r = cli_run("run", rec, "-o", out, "--quiet", "--from", "quantize")
     assert r.exit_code == 0, r.output
     assert (out / "quantize" / "config.json").is_file() and not partial.exists()
+
+
+def test_build_is_refused_while_its_partial_is_locked_and_inside_its_artifact(tmp_path, cli_run):
+    from moepress.outputs import OutputLock
+
+    art = _f2_export(tmp_path)
+    lock = OutputLock(tmp_path / "b.partial.lock", "held by the test")
+    lock.acquire()
+    try:
+        r = cli_run("build", art, "--target", "h100", "-o", tmp_path / "b", "--dry-run")
+        _outputs_one_line(r, "another moepress process is writing it", "b.partial is locked")
+        assert not (tmp_path / "b").exists()
+    finally:
+        lock.release()
+    r = cli_run("build", art, "--target", "h100", "-o", Path(art) / "engine", "--dry-run")
+    _outputs_one_line(r, "the output is inside the input")
+    assert not (Path(art) / "engine").exists()
+
+
+def test_check_report_inside_the_candidate_is_refused(tmp_path, cli_run):
+    cand = tmp_path / "cand"
+    shutil.copytree(models.path("tiny-qwen3-moe"), cand)
+    before = sorted(p.name for p in cand.iterdir())
+    r = cli_run("check", cand, "--reference", "tiny-qwen3-moe", "--report", cand / "report")
+    _outputs_one_line(r, "--report", "the output is inside the input")
+    assert sorted(p.name for p in cand.iterdir()) == before

@@ -9,6 +9,7 @@ import click
 
 from moepress.cli.options import progress_options
 from moepress.errors import CheckFailed, MoepressError
+from moepress.outputs import refuse_overlap
 
 
 class KindChoice(click.ParamType):
@@ -144,6 +145,8 @@ def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, ma
     cand = _path(candidate, "")
     ref = _path(reference, "--reference ")
     prog = Progress.from_flags(quiet, json_out)
+    if report_dir is not None:  # the report must not land in (or swallow) what it describes
+        refuse_overlap(report_dir, (cand, ref), "--report ")
     prepare_record(cand)
     result = run_check(cand, ref, cfg, progress=prog)
     result["manifest_updated"] = record_in_manifest(cand, result)
