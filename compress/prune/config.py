@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moepress.calib.config import CalibConfig
 from moepress.errors import MoepressError
 
 REPORT_NAME = "prune_report.json"
@@ -34,22 +35,21 @@ class PruneConfig:
 
     @classmethod
     def from_flags(cls, *, method: str | None, ratio: float | None, keep: int | None, ep_size: int,
-                   protect: str | None, sequential: bool, calib, num_samples: int, seq_len: int, seed: int,
-                   search_tokens: int) -> PruneConfig:
+                   protect: str | None, sequential: bool, calib: CalibConfig, search_tokens: int) -> PruneConfig:
         """``moepress prune``'s options; ``protect`` is the ``--protect`` string (``parse_protect``)."""
         if search_tokens < 1:
             raise MoepressError(f"--search-tokens {search_tokens}: expected a positive number")
         return cls(method=method or DEFAULT_METHOD, ratio=ratio, keep=keep, ep_size=ep_size,
-                   protect=parse_protect(protect), sequential=sequential, calib=tuple(calib),
-                   num_samples=num_samples, seq_len=seq_len, seed=seed, search_tokens=search_tokens)
+                   protect=parse_protect(protect), sequential=sequential, calib=calib.sources,
+                   num_samples=calib.num_samples, seq_len=calib.seq_len, seed=calib.seed, search_tokens=search_tokens)
 
     @classmethod
-    def from_recipe(cls, prune: dict, calib: dict) -> PruneConfig:
-        """A recipe's ``prune`` section and its shared ``calib`` section (moepress/pipeline/recipe.py)."""
+    def from_recipe(cls, prune: dict, calib: CalibConfig) -> PruneConfig:
+        """A recipe's ``prune`` section and its shared calibration (moepress/pipeline/recipe.py)."""
         return cls(method=prune["method"] or DEFAULT_METHOD, ratio=prune["ratio"], keep=prune["keep"],
                    ep_size=prune["ep_size"], protect=parse_protect(prune["protect"]), sequential=prune["sequential"],
-                   calib=tuple(calib["sources"]), num_samples=calib["num_samples"], seq_len=calib["seq_len"],
-                   seed=calib["seed"], search_tokens=prune["search_tokens"])
+                   calib=calib.sources, num_samples=calib.num_samples, seq_len=calib.seq_len,
+                   seed=calib.seed, search_tokens=prune["search_tokens"])
 
 
 def parse_protect(spec: str | None) -> tuple[tuple[int, int], ...]:

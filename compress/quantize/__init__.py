@@ -29,12 +29,11 @@ layer), ``calibrated`` (one layer calibrated and quantized), ``free`` (calibrati
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from moepress.calib.data import calibration_batches
+from moepress.calib.config import CalibConfig
 from moepress.compress import formats
 from moepress.compress.quantize import stage
 from moepress.compress.quantize.calibrated import quantize_layer
@@ -64,11 +63,11 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
 
     ``batches``: calibration token ids [B, S], or a function returning them. Python callers may
     leave them out: a config that needs calibration then gets its own calibration set
-    (``calib.data.calibration_batches`` over ``cfg.calib``). The CLI and the run pipeline hand
-    theirs in; the stage itself never fetches calibration data."""
+    (:class:`~moepress.calib.config.CalibConfig` of ``cfg``'s fields). The CLI and the run pipeline
+    hand theirs in; the stage itself never fetches calibration data."""
     if batches is None and cfg.needs_calibration:
-        batches = partial(calibration_batches, model, cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed,
-                          cfg.batch_size, trust_remote_code)
+        batches = CalibConfig(cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed, cfg.batch_size,
+                              trust_remote_code).loader(model)
     return stage.quantize_checkpoint(model, out, cfg, batches=batches, progress=progress, force=force,
                                      resume=resume)
 

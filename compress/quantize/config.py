@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
+from moepress.calib.config import CalibConfig
 from moepress.compress import formats
 from moepress.errors import MoepressError
 
@@ -72,23 +73,22 @@ class QuantConfig:
 
     @classmethod
     def from_flags(cls, *, format: str | None, rules, group_size: int, kv_cache: str | None, sequential: bool,
-                   calib, num_samples: int, seq_len: int, seed: int, gptq_act_order: bool, awq_clip: bool,
-                   awq_gptq: bool) -> QuantConfig:
+                   calib: CalibConfig, gptq_act_order: bool, awq_clip: bool, awq_gptq: bool) -> QuantConfig:
         """``moepress quantize``'s options; ``rules`` are the ``--rule PATTERN=FORMAT`` strings."""
         return cls(format=format, rules=parse_rules(rules), group_size=group_size, kv_cache=kv_cache,
-                   sequential=sequential, calib=tuple(calib), num_samples=num_samples, seq_len=seq_len,
-                   seed=seed, gptq_act_order=gptq_act_order, awq_clip=awq_clip, awq_gptq=awq_gptq)
+                   sequential=sequential, calib=calib.sources, num_samples=calib.num_samples,
+                   seq_len=calib.seq_len, seed=calib.seed, batch_size=calib.batch_size,
+                   gptq_act_order=gptq_act_order, awq_clip=awq_clip, awq_gptq=awq_gptq)
 
     @classmethod
-    def from_recipe(cls, q: dict, c: dict) -> QuantConfig:
-        """A recipe's ``quantize`` section and its shared ``calib`` section (moepress/pipeline/recipe.py)."""
+    def from_recipe(cls, q: dict, c: CalibConfig) -> QuantConfig:
+        """A recipe's ``quantize`` section and its shared calibration (moepress/pipeline/recipe.py)."""
         rules = tuple((str(k), str(v)) for k, v in (q.get("rules") or {}).items())
         return cls(format=q.get("format"), rules=rules, group_size=q.get("group_size", 128),
                    kv_cache=q.get("kv_cache"), sequential=q.get("sequential", True),
-                   calib=tuple(c.get("sources") or ()), num_samples=c.get("num_samples", 64),
-                   seq_len=c.get("seq_len", 256), seed=c.get("seed", 0),
-                   gptq_act_order=q.get("gptq_act_order", True), awq_clip=q.get("awq_clip", True),
-                   awq_gptq=q.get("awq_gptq", True))
+                   calib=c.sources, num_samples=c.num_samples, seq_len=c.seq_len, seed=c.seed,
+                   batch_size=c.batch_size, gptq_act_order=q.get("gptq_act_order", True),
+                   awq_clip=q.get("awq_clip", True), awq_gptq=q.get("awq_gptq", True))
 
     def format_of(self, rel: str, full: str) -> str | None:
         """The format of the linear ``rel`` (its name in the layer; ``full``: in the checkpoint)."""

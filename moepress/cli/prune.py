@@ -68,20 +68,15 @@ def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_t
     per layer the kept and dropped experts, their scores and token shares, and the
     constraint decisions. Shared experts and dense layers are copied unchanged.
     """
-    from moepress.calib.data import calibration_batches
+    from moepress.calib.config import CalibConfig
     from moepress.compress.prune import PruneConfig, prune_checkpoint
     from moepress.progress import Progress
 
+    cal = CalibConfig.from_flags(calib, num_samples, seq_len, seed, trust_remote_code)
     cfg = PruneConfig.from_flags(method=method, ratio=ratio, keep=keep, ep_size=ep_size, protect=protect,
-                                 sequential=sequential, calib=calib, num_samples=num_samples, seq_len=seq_len,
-                                 seed=seed, search_tokens=search_tokens)
+                                 sequential=sequential, calib=cal, search_tokens=search_tokens)
     src = resolve_model(model)
-
-    def batches():  # fetched by the stage once it has validated the checkpoint and the options
-        return calibration_batches(src, cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed,
-                                   trust_remote_code=trust_remote_code)
-
-    result = prune_checkpoint(src, output, cfg, batches=batches, force=force,
+    result = prune_checkpoint(src, output, cfg, batches=cal.loader(src), force=force,
                               progress=Progress.from_flags(quiet, json_out))
     if json_out:
         click.echo(json.dumps(result))

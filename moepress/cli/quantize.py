@@ -58,23 +58,19 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, no_sequential, gptq_ac
     `moepress export` turns it into what each runtime loads. Routers, embeddings, lm_head
     and norms stay unquantized.
     """
-    from moepress.calib.data import calibration_batches
+    from moepress.calib.config import CalibConfig
     from moepress.calib.distributed import current
     from moepress.compress.quantize import QuantConfig, quantize_checkpoint
     from moepress.progress import Progress
 
     src = resolve_model(model)
+    cal = CalibConfig.from_flags(calib, num_samples, seq_len, seed, trust_remote_code)
     cfg = QuantConfig.from_flags(format=fmt, rules=rules, group_size=group_size, kv_cache=kv_cache,
-                                 sequential=not no_sequential, calib=calib, num_samples=num_samples,
-                                 seq_len=seq_len, seed=seed, gptq_act_order=gptq_act_order, awq_clip=awq_clip,
-                                 awq_gptq=awq_gptq)
-
-    def batches():  # fetched by the stage once the checkpoint is validated (rank 0 first under torchrun)
-        return calibration_batches(src, cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed, cfg.batch_size,
-                                   trust_remote_code)
-
+                                 sequential=not no_sequential, calib=cal, gptq_act_order=gptq_act_order,
+                                 awq_clip=awq_clip, awq_gptq=awq_gptq)
     prog = Progress.from_flags(quiet, json_out)
-    res = quantize_checkpoint(src, output, cfg, batches=batches, force=force, resume=resume, progress=prog)
+    res = quantize_checkpoint(src, output, cfg, batches=cal.loader(src), force=force, resume=resume,
+                              progress=prog)
     if not current().is_main:  # under torchrun, rank 0 reports
         return
     if json_out:

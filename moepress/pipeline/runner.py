@@ -185,42 +185,34 @@ class Runner:
         return cs.meta["key"]
 
     def _prune(self, src: Path, src_key: str, calib_key: str) -> Path:
-        from moepress.calib.data import calibration_batches
+        from moepress.calib.config import CalibConfig
         from moepress.compress.prune import PruneConfig, prune_checkpoint
 
-        c = self.recipe["calib"]
+        c = CalibConfig.from_recipe(self.recipe["calib"])
         cfg = PruneConfig.from_recipe(self.recipe["prune"], c)
         out = self.out / "prune"
         key = _key({"stage": "prune", "input": src_key, "calib": calib_key, "config": dataclasses.asdict(cfg)})
 
-        def batches():  # fetched by the stage once it has validated the checkpoint and the options
-            return calibration_batches(src, cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed,
-                                       trust_remote_code=c["trust_remote_code"])
-
         def fn(resume):
-            res = prune_checkpoint(src, out, cfg, batches=batches, force=True, progress=self.prog)
+            res = prune_checkpoint(src, out, cfg, batches=c.loader(src), force=True, progress=self.prog)
             return {k: res[k] for k in ("method", "num_experts", "kept") if k in res}
 
         self.stage("prune", key, out, fn)
         return out
 
     def _quantize(self, src: Path, src_key: str, calib_key: str) -> Path:
-        from moepress.calib.data import calibration_batches
+        from moepress.calib.config import CalibConfig
         from moepress.compress.checkpoint.resume import ResumeRefused
         from moepress.compress.quantize import QuantConfig, quantize_checkpoint
 
-        c = self.recipe["calib"]
+        c = CalibConfig.from_recipe(self.recipe["calib"])
         cfg = QuantConfig.from_recipe(self.recipe["quantize"], c)
         out = self.out / "quantize"
         key = _key({"stage": "quantize", "input": src_key, "calib": calib_key, "config": dataclasses.asdict(cfg)})
 
-        def batches():  # fetched by the stage once it has validated the checkpoint (rank 0 first under torchrun)
-            return calibration_batches(src, cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed, cfg.batch_size,
-                                       c["trust_remote_code"])
-
         def fn(resume):
             try:
-                res = quantize_checkpoint(src, out, cfg, batches=batches, force=True, resume=resume,
+                res = quantize_checkpoint(src, out, cfg, batches=c.loader(src), force=True, resume=resume,
                                           progress=self.prog)
             except ResumeRefused as e:  # the partial was started by another run: kept, and said how to restart
                 raise ResumeRefused(e.partial, e.detail, "rerun with --from quantize to start it again") from None
