@@ -23,7 +23,11 @@ names every high-precision Linear by full name (routers ``mlp.gate``, lm_head, s
 linears): vLLM and compressed-tensors match ignore entries by exact name or ``re:`` regex.
 Experts are stored per expert (``experts.{e}.gate_proj`` ...); transformers 5 merges them into
 its fused 3-D expert parameters at load time (transformers/integrations/compressed_tensors.py:
-CompressedTensorsDequantize decompresses per-expert tensors before the merge).
+CompressedTensorsDequantize decompresses per-expert tensors before the merge). What a fused MoE
+cannot hold is refused with one line (fused_moe.py): a layer whose routed experts are partly
+quantized (e.g. INT4 down projections whose in_features no group <= --group-size divides stay bf16:
+transformers 5.24 drops them and loads the model silently broken), high-precision experts in an
+INT4 checkpoint, and block-FP8 experts whose width is over 128 and not a multiple of it.
 
 Streaming: one module's state dict at a time through the compressor, one decoder layer per
 shard; the whole model is never built.
@@ -38,6 +42,7 @@ import torch
 from moepress.compress import formats
 from moepress.errors import MoepressError
 from moepress.exporters import Exporter
+from moepress.exporters.fused_moe import refuse_mixed, refuse_partial_blocks, refuse_unpacked_experts
 from moepress.exporters.hf_common import open_source, output_config, require_layout, tensor_groups, unquantized_modules
 
 # moepress format -> compressed-tensors format, for the formats that have one (Format.ct_format)
@@ -64,7 +69,20 @@ def _schemes(src: Path, s) -> tuple[dict[tuple[str, int | None], object], str]:
     if len(ct_formats) > 1:
         raise MoepressError(f"--format compressed-tensors: {src} mixes {', '.join(sorted(fmts))}; "
                             "expected FP8 formats only or INT4 only (one compressed-tensors format per checkpoint)")
+    _refuse_misread_experts(s, schemes)
     return schemes, next(iter(ct_formats))
+
+
+def _refuse_misread_experts(s, schemes) -> None:
+    """Refuse routed experts that fused-MoE consumers would misread (fused_moe.py): partly quantized
+    layers; high-precision experts beside integer weights (transformers decompresses a non-FP8 experts
+    scheme's ``weight_packed`` only: CompressedTensorsDequantize.convert); partial block-FP8 grids."""
+    modules = s.layout["modules"]
+    refuse_mixed(s, "compressed-tensors", set(modules), "vLLM and transformers fuse a layer's experts under one "
+                 "scheme (transformers drops the unquantized ones without an error)")
+    if any(sch.weights is not None and sch.weights.type != "float" for sch in schemes.values()):
+        refuse_unpacked_experts(s, "compressed-tensors", set(modules))
+    refuse_partial_blocks(s, "compressed-tensors", modules)
 
 
 def _compress_layer(r, modules: dict, prefix: str, compressor, schemes, writer) -> set[str]:

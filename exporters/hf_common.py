@@ -18,6 +18,17 @@ from moepress.compress.checkpoint import CheckpointReader
 from moepress.errors import MoepressError
 
 QUANT_FILES = ("hf_quant_config.json", "moepress_quant.json", "quant_report.json")
+BLOCK = [128, 128]  # DeepSeek-V3's block-FP8 weight block (its config.json weight_block_size)
+
+
+def grid_ok(shape) -> bool:
+    """Whether every consumer reads this weight's 128x128 scale grid the same way. transformers
+    derives the block from the grid (block = rows // scale_rows: integrations/finegrained_fp8.py
+    Fp8Dequantize._dequantize_one, which rejects or misreads partial edge blocks), so a dimension
+    over 128 that is not a multiple of 128 (e.g. 192 -> 2 scale rows read as 96-row blocks) is
+    ambiguous; one partial block (a dimension <= 128) reads the same everywhere. Real DeepSeek-V3 /
+    Kimi K2 dimensions are all multiples of 128."""
+    return all(d <= BLOCK[0] or d % BLOCK[0] == 0 for d in shape)
 
 
 @dataclass

@@ -19,9 +19,12 @@ transformers/quantizers/quantizer_finegrained_fp8.py: serialized names ``weight`
   matches ``mlp.gate_proj``).
 
 Partial blocks: a linear with a dimension over 128 that is not a multiple of 128 (the tiny
-DeepSeek's 192-row ``q_b_proj``) stays high precision and is listed in
+DeepSeek's 192-row ``q_b_proj``, experts of width 192) stays high precision and is listed in
 ``modules_to_not_convert``, because transformers reads such a scale grid with the wrong block
-size (see :func:`grid_ok`); the export's summary names them (``kept_high_precision``).
+size (hf_common.grid_ok); the export's summary names them (``kept_high_precision``). A layer
+whose routed experts all stay high precision is also listed as its fused experts module
+(``model.layers.N.block_sparse_moe.experts``): transformers' FP8 path and vLLM decide per fused
+module, and per-expert entries alone do not keep it dense (fused_moe.py).
 
 Inputs: a bf16 (or pruned) checkpoint — quantized here, calibration-free (``quant/fp8.py:
 quantize_block``, modelopt-identical numerics, see tests/test_quant_modelopt.py); a
@@ -42,9 +45,9 @@ from moepress.compress import formats
 from moepress.compress.quant import fp8
 from moepress.errors import MoepressError
 from moepress.exporters import Exporter
-from moepress.exporters.hf_common import open_source, output_config, tensor_groups, unquantized_modules
+from moepress.exporters.fused_moe import high_precision_layers
+from moepress.exporters.hf_common import BLOCK, grid_ok, open_source, output_config, tensor_groups, unquantized_modules
 
-BLOCK = [128, 128]
 # the format this layout stores: FP8 weights with a scale per 128x128 block (TensorRT-LLM FP8_BLOCK_SCALES)
 BLOCK_FP8 = formats.by_quant_algo("FP8_BLOCK_SCALES").name
 
@@ -52,16 +55,6 @@ BLOCK_FP8 = formats.by_quant_algo("FP8_BLOCK_SCALES").name
 def block_quantization_config(not_converted: list[str]) -> dict:
     return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": BLOCK,
             "modules_to_not_convert": not_converted}
-
-
-def grid_ok(shape) -> bool:
-    """Whether every consumer reads this weight's 128x128 scale grid the same way. transformers
-    derives the block from the grid (block = rows // scale_rows: integrations/finegrained_fp8.py
-    Fp8Dequantize._dequantize_one, which rejects or misreads partial edge blocks), so a dimension
-    over 128 that is not a multiple of 128 (e.g. 192 -> 2 scale rows read as 96-row blocks) is
-    ambiguous; one partial block (a dimension <= 128) reads the same everywhere. Real DeepSeek-V3 /
-    Kimi K2 dimensions are all multiples of 128."""
-    return all(d <= BLOCK[0] or d % BLOCK[0] == 0 for d in shape)
 
 
 def layer_linears(adapter, i: int) -> list[str]:
@@ -141,6 +134,8 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
             writer.end_shard()
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
     not_converted = unquantized_modules(s, quantized)
+    # a layer whose routed experts all stay high precision: named as the fused module too (fused_moe.py)
+    not_converted = sorted(not_converted + high_precision_layers(s, set(not_converted)))
     writer.write_json("config.json", output_config(s, block_quantization_config(not_converted)))
     writer.write_json("moepress_quant.json", {"format": BLOCK_FP8, "rules": [], "group_size": None,
                                               "kv_cache": None, "shared": [], "borrowed": [], "skipped": [],

@@ -21,13 +21,20 @@ config files consumers read:
 - ``exclude_modules`` lists every high-precision module by full name, as modelopt 0.47 wrote
   for the bundled Qwen3-MoE (``lm_head``, ``model.embed_tokens``, each ``model.layers.N.mlp.gate``);
   TensorRT-LLM matches entries with ``fnmatch.fnmatchcase`` on module names
-  (tensorrt_llm/models/modeling_utils.py: QuantConfig.is_module_excluded_from_quantization).
+  (tensorrt_llm/models/modeling_utils.py: QuantConfig.is_module_excluded_from_quantization), its
+  fused MoE by the fused module's name, so a layer whose routed experts all stay high precision is
+  also listed as ``model.layers.N.<mlp>.experts`` (fused_moe.py).
 - Experts stay per expert (``mlp.experts.{e}.gate_proj/up_proj/down_proj``, Mixtral
   ``block_sparse_moe.experts.{e}.w1/w2/w3``): what modelopt exports from transformers 5's fused
   experts and what TensorRT-LLM's fused-MoE weight loaders read (``experts.{e}.w1/w2/w3`` or
   ``gate_proj/up_proj/down_proj``); gate and up share ``weight_scale`` / ``input_scale`` and all
   experts of a layer share each projection's ``input_scale`` (quantize stage's convention,
   equal to modelopt's _QuantFusedExperts export).
+
+Refused with one line (fused_moe.py): a layer whose routed experts are partly quantized (e.g.
+INT4 down projections left bf16 because no group divides their in_features) and block-FP8 experts
+whose width is over 128 and not a multiple of it: fused-MoE runtimes hold one quantization per
+layer's experts and stack gate and up into one weight.
 
 Block FP8 is written as ``FP8_BLOCK_SCALES`` (TensorRT-LLM's QuantAlgo; modelopt writes the alias
 ``fp8_pb_wo``, which TensorRT-LLM canonicalises to FP8_BLOCK_SCALES at parse time, but older
@@ -42,6 +49,7 @@ from moepress import __version__
 from moepress.compress import formats
 from moepress.errors import MoepressError
 from moepress.exporters import Exporter
+from moepress.exporters.fused_moe import high_precision_layers, refuse_mixed, refuse_partial_blocks
 from moepress.exporters.hf_common import (
     QUANT_FILES,
     open_source,
@@ -110,6 +118,10 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
                      if f not in formats.FORMATS or formats.FORMATS[f].modelopt_entry is None)
     if unknown:
         raise MoepressError(f"{src}/moepress_quant.json: formats {unknown} have no modelopt quant_algo")
+    # what a fused MoE cannot hold (fused_moe.py): TensorRT-LLM and vLLM quantize a layer's experts alike
+    refuse_mixed(s, "hf-modelopt", set(modules), "TensorRT-LLM and vLLM fuse a layer's experts under one "
+                 "quantization and would misread or refuse it")
+    refuse_partial_blocks(s, "hf-modelopt", modules)
     r = s.reader
     written = 0
     with progress.task("export hf-modelopt", s.adapter.num_layers + 2) as task:
@@ -120,6 +132,9 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
             writer.end_shard()
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
     exclude = unquantized_modules(s, set(modules))
+    # a layer whose routed experts all stay high precision: named as the fused module too (TensorRT-LLM
+    # matches exclude_modules on the fused MoE module's name: modeling_utils.apply_quant_config_exclude_modules)
+    exclude = sorted(exclude + high_precision_layers(s, set(exclude)))
     kv = any(n.endswith((".k_scale", ".v_scale")) for n in r.names())
     hf_quant, flat = quant_configs(s.layout, modules, exclude, kv)
     writer.write_json("config.json", output_config(s, flat))

@@ -1,4 +1,6 @@
-"""The tiny MoE models bundled for tests and the default `moepress run` (trained offline by tools/train_tiny.py)."""
+"""The tiny MoE models bundled for tests and the default `moepress run` (trained offline by tools/train_tiny.py),
+and test fixtures derived from them (``FIXTURES``: not in ``BUNDLED``, which the README and the default
+run iterate; tools/make_odd_width.py writes ``tiny-mixtral-w192``)."""
 
 from __future__ import annotations
 
@@ -7,10 +9,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BUNDLED = ("tiny-qwen3-moe", "tiny-mixtral", "tiny-deepseek-v3")
 DEFAULT = "tiny-qwen3-moe"
+# tiny-mixtral with expert width 192: not a multiple of the INT4 group / FP8 block size (128)
+FIXTURES = ("tiny-mixtral-w192",)
 
 
 def path(name: str = DEFAULT) -> Path:
-    """Directory of a bundled model."""
+    """Directory of a bundled model or test fixture."""
     return HERE / name
 
 
@@ -25,6 +29,6 @@ def resolve(arg: str) -> Path:
     p = Path(arg)
     if p.exists():
         return p
-    if arg in BUNDLED:
+    if arg in BUNDLED or arg in FIXTURES:
         return path(arg)
     raise MoepressError(f"{arg}: no such checkpoint directory (bundled models: {', '.join(BUNDLED)})")

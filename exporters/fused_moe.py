@@ -1,0 +1,121 @@
+"""What fused-MoE consumers can read of a layer's routed experts, and the one-line refusals when an
+export would be misread.
+
+Checkpoints store experts per expert (``experts.{e}.w1/w2/w3`` or ``gate_proj/up_proj/down_proj``);
+every runtime the Hugging Face exporters target merges them at load time into one fused module per
+MoE layer with ONE quantization method for all its expert projections:
+
+- transformers 5 (transformers/integrations/compressed_tensors.py, 5.24:
+  CompressedTensorsDequantize.convert; quantizers/base.py: update_weight_conversions) merges
+  ``experts.*.w1/w3`` into ``experts.gate_up_proj`` and ``experts.*.w2`` into ``experts.down_proj``
+  after running one experts scheme (get_experts_scheme) over the collected tensors; with a
+  pack-quantized (INT4) scheme only ``weight_packed`` tensors are decompressed and a plain bf16
+  ``weight`` beside them is dropped: the fused parameter stays uninitialised (only a MISSING line in
+  the load report says so). Its FineGrainedFP8 path replaces a fused ``experts`` module by
+  FP8Experts unless ``modules_to_not_convert`` names that module itself (quantizers_utils.py:
+  should_convert_module matches from the start of the module name), so per-expert entries do not
+  keep it dense: bf16 weights are cast to FP8 with uninitialised ``*_scale_inv``.
+- vLLM / SGLang FusedMoE (one ``quant_method`` per layer; fp8.py Fp8MoEMethod.create_weights raises
+  "output_size of gate's and up's weight = 192 is not divisible by weight quantization block_n =
+  128" for block-FP8 experts whose width is not a multiple of 128), TensorRT-LLM's fused MoE (one
+  ``quant_config`` per MoE module; exclude_modules matched with fnmatch on module names).
+
+So an export must quantize every routed-expert projection of a layer alike, or none; block-FP8
+experts must be whole 128x128 blocks when a dimension is over 128 (gate and up are stacked into one
+weight whose 128-row blocks would straddle the two); a layer whose experts all stay high precision
+is named as the fused module as well.
+"""
+
+from __future__ import annotations
+
+import re
+
+from moepress.compress import formats
+from moepress.compress.quantize.config import GROUP_SIZES
+from moepress.errors import MoepressError
+from moepress.exporters.hf_common import Source, grid_ok
+
+
+def routed_linears(s: Source) -> dict[int, list[str]]:
+    """Routed-expert linears (module names with a 2-D ``weight``) of each MoE layer."""
+    out: dict[int, list[str]] = {}
+    for n in s.reader.names():
+        if n.endswith(".weight") and len(s.reader.info(n).shape) == 2:
+            idx = s.adapter.expert_index(n)
+            if idx is not None:
+                out.setdefault(idx[0], []).append(n[: -len(".weight")])
+    return out
+
+
+def fused_name(adapter, layer: int) -> str:
+    """The layer's experts as one module (``model.layers.3.block_sparse_moe.experts``)."""
+    return adapter.expert_prefix(layer, 0)[: -len(".0.")]
+
+
+def pattern(names) -> str:
+    """Module names with layer and expert indices as ``*``, for a one-line message."""
+    return ", ".join(sorted({re.sub(r"\.\d+(?=\.|$)", ".*", n) for n in names}))
+
+
+def _reason(s: Source, names: list[str]) -> str:
+    """Why the quantize stage left these linears unquantized (moepress_quant.json ``skipped``)."""
+    skipped = {d["module"]: d["reason"] for d in (s.layout or {}).get("skipped", [])}
+    reasons = sorted({skipped.get(n, "left unquantized by a --rule") for n in names})
+    return "; ".join(reasons)
+
+
+def _hint(s: Source, names: list[str]) -> str:
+    """What to run instead: a --group-size that divides the in_features the quantize stage could not
+    group, else quantizing those linears too; or an FP8 format."""
+    skipped = {d["module"] for d in (s.layout or {}).get("skipped", [])}
+    widths = sorted({s.reader.info(n + ".weight").shape[1] for n in names if n in skipped})
+    fits = [g for g in GROUP_SIZES if widths and all(w % g == 0 for w in widths)]
+    first = f"quantize with --group-size {max(fits)} (divides {', '.join(map(str, widths))})" if fits else \
+        "quantize every expert projection (no --rule leaving some unquantized)"
+    return first + ", or with an FP8 format (--format fp8 or fp8-dynamic)"
+
+
+def refuse_mixed(s: Source, flag: str, quantized: set[str], why: str) -> None:
+    """Refuse a layer whose routed experts are partly quantized: no fused-MoE runtime can hold it.
+    ``why``: what this export's consumers would do with it, for the message."""
+    mixed = [n for names in routed_linears(s).values() if any(n in quantized for n in names)
+             for n in names if n not in quantized]
+    if mixed:
+        raise MoepressError(
+            f"--format {flag}: {len(mixed)} routed-expert linears stay unquantized beside quantized projections of "
+            f"the same experts ({pattern(mixed)}: {_reason(s, mixed)}); {why}: {_hint(s, mixed)}")
+
+
+def refuse_unpacked_experts(s: Source, flag: str, quantized: set[str]) -> None:
+    """Refuse routed experts left high precision in a pack-quantized (INT4) compressed-tensors checkpoint:
+    transformers drops them (see the module docstring)."""
+    plain = [n for names in routed_linears(s).values() for n in names if n not in quantized]
+    if plain:
+        raise MoepressError(
+            f"--format {flag}: {len(plain)} routed-expert linears stay unquantized ({pattern(plain)}: "
+            f"{_reason(s, plain)}) in a pack-quantized (INT4) checkpoint, whose expert weights transformers reads "
+            f"only as packed INT4: {_hint(s, plain)}")
+
+
+def refuse_partial_blocks(s: Source, flag: str, modules: dict[str, dict]) -> None:
+    """Refuse block-FP8 routed experts whose 128x128 grid has partial blocks past the first."""
+    bad = [n for names in routed_linears(s).values() for n in names if n in modules
+           and formats.FORMATS[modules[n]["format"]].scale == "block"
+           and not grid_ok(s.reader.info(n + ".weight").shape)]
+    if bad:
+        shapes = ", ".join(sorted({"x".join(map(str, s.reader.info(n + ".weight").shape)) for n in bad}))
+        raise MoepressError(
+            f"--format {flag}: block-FP8 routed-expert weights of shape {shapes} are not whole 128x128 blocks "
+            f"({pattern(bad)}); a fused MoE stacks gate and up into one weight whose 128-row blocks would straddle "
+            "the two (vLLM and SGLang refuse expert widths that are not multiples of 128): quantize with --format "
+            "fp8 or fp8-dynamic, or export with --format hf-fp8-block (keeps those experts bf16)")
+
+
+def high_precision_layers(s: Source, kept: set[str]) -> list[str]:
+    """The fused experts module of each MoE layer whose routed experts all stay high precision."""
+    return sorted(fused_name(s.adapter, i) for i, names in routed_linears(s).items()
+                  if names and all(n in kept for n in names))
+
+
+__all__ = ["fused_name", "high_precision_layers", "pattern", "refuse_mixed", "refuse_partial_blocks",
+           "refuse_unpacked_experts", "routed_linears"]
