@@ -3,6 +3,9 @@
 import json
 import shlex
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from safetensors.torch import save_file
 from moepress import models
 from moepress.errors import MoepressError
 from moepress.exporters.build import build, detect_artifact
+from moepress.exporters.builders import trtllm_pytorch
 
 KIMI = "tests/data/kimi-k2-config.json"
 
@@ -140,10 +144,69 @@ def test_trtllm_pytorch_bundle_kimi(cli_run, tmp_path):
     opts = yaml.safe_load((out / "extra_llm_api_options.yaml").read_text())
     assert opts["tensor_parallel_size"] == 16 and opts["moe_expert_parallel_size"] == 16
     assert opts["kv_cache_config"]["dtype"] == "auto"
-    compile((out / "smoke.py").read_text(), "smoke.py", "exec")
+    # the smoke generation build.sh runs (after the MPI launcher), against a stub tensorrt_llm
+    smoke = shlex.split(res["commands"][-1])
+    smoke = smoke[smoke.index("python"):]
+    assert smoke == ["python", str((out / "smoke.py").resolve()), str(art.resolve())]
+    calls, stdout = _run_smoke(tmp_path / "stub", smoke[1:])
+    plan = json.loads((out / "plan.json").read_text())
+    assert calls == [
+        {"call": "LLM", "model": str(art.resolve()), "tensor_parallel_size": 16, "moe_expert_parallel_size": 16,
+         "max_batch_size": plan["max_batch"], "max_seq_len": plan["max_seq_len"],
+         "kv_cache_config": {"dtype": "auto"}},  # no trust_remote_code: the config has no auto_map
+        {"call": "generate", "prompts": ["The capital of France is"],
+         "sampling": {"max_tokens": 16, "temperature": 0.0}}]
+    # what a real build records from the smoke run's last stdout line
+    assert trtllm_pytorch.finish([{"stdout_tail": stdout}])["smoke"] == \
+        {"prompt": "The capital of France is", "text": " Paris."}
     # the same export on L40S: block FP8 needs Hopper
     r = cli_run("build", art, "--target", "l40s", "-o", tmp_path / "b2", "--dry-run")
     assert r.exit_code == 2 and "FP8-BLOCK needs sm90/sm100; L40S is sm89: use fp8" in r.output
+
+
+# A stand-in for the part of TensorRT-LLM's LLM API that smoke.py calls (tensorrt_llm/llmapi/llm.py:
+# LLM(model, **llm_args).generate(prompts, SamplingParams) -> [RequestOutput(.outputs[i].text)]); it
+# records each call as one JSON line in $STUB_TRTLLM_LOG.
+STUB = {
+    "tensorrt_llm/__init__.py": """
+        import json, os
+        from types import SimpleNamespace
+
+        def _record(**call):
+            with open(os.environ["STUB_TRTLLM_LOG"], "a") as f:
+                f.write(json.dumps(call) + "\\n")
+
+        class SamplingParams:
+            def __init__(self, **kw):
+                self.kw = kw
+
+        class LLM:
+            def __init__(self, model, **kw):
+                kw = {k: getattr(v, "kw", v) for k, v in kw.items()}
+                _record(call="LLM", model=model, **kw)
+
+            def generate(self, prompts, sampling_params):
+                _record(call="generate", prompts=prompts, sampling=sampling_params.kw)
+                return [SimpleNamespace(outputs=[SimpleNamespace(text=" Paris.")]) for _ in prompts]
+    """,
+    "tensorrt_llm/llmapi.py": """
+        class KvCacheConfig:
+            def __init__(self, **kw):
+                self.kw = kw
+    """,
+}
+
+
+def _run_smoke(stub, argv: list[str]) -> tuple[list[dict], str]:
+    """Run smoke.py with the stub tensorrt_llm first on the path: (recorded calls, stdout)."""
+    for rel, text in STUB.items():
+        (stub / rel).parent.mkdir(parents=True, exist_ok=True)
+        (stub / rel).write_text(textwrap.dedent(text))
+    log = stub / "calls.jsonl"
+    p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(stub), "STUB_TRTLLM_LOG": str(log)})
+    assert p.returncode == 0, p.stderr
+    return [json.loads(ln) for ln in log.read_text().splitlines()], p.stdout
 
 
 def test_bad_input(cli_run, ckpt, onnx_dir, tmp_path):
@@ -199,6 +262,15 @@ def _export_and_build(tmp_path, model: str, fmt: str):
                          reference=src)
 
 
+def _check_passed(res: dict) -> None:
+    """The engine's accuracy check ran (moepress/checks, kind engine) and passed its default gates
+    (perplexity +2%, top-1 0.95, KL 0.05): a bf16 / FP8 engine of a bundled model is that close."""
+    acc = res["accuracy"]
+    assert "error" not in acc and "skipped" not in acc, acc
+    assert acc["passed"] is True and acc["failed"] == [], acc.get("gates")
+    assert {g["metric"] for g in acc["gates"] if g["passed"] is True} >= {"ppl_increase", "top1_agreement"}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has("tensorrt"), reason="tensorrt not installed")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -208,7 +280,7 @@ def test_gpu_tensorrt_engine_from_onnx_export(tmp_path):
     from moepress.exporters.targets import get_target
 
     assert res["environment"]["sm"] == get_target(target).sm
-    assert res["accuracy"]["passed"] in (True, False)
+    _check_passed(res)
 
 
 @pytest.mark.gpu
@@ -217,5 +289,5 @@ def test_gpu_tensorrt_engine_from_onnx_export(tmp_path):
 def test_gpu_trtllm_engine_from_trtllm_ckpt(tmp_path):
     _, res = _export_and_build(tmp_path, "tiny-mixtral", "trtllm-ckpt")
     assert (tmp_path / "engine" / "engine" / "rank0.engine").is_file()
-    assert "accuracy" in res
+    _check_passed(res)
     shutil.rmtree(tmp_path / "engine")

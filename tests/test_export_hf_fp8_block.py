@@ -1,12 +1,12 @@
-"""hf-fp8-block (issue #6 acceptance): the bundled DeepSeek-family model exported in DeepSeek-V3's
+"""hf-fp8-block: the bundled DeepSeek-family model exported in DeepSeek-V3's
 native block-FP8 layout loads with transformers on CPU (FineGrainedFP8: with no GPU it
 dequantizes at load time — needs `accelerate`) and matches moepress's forward of the export.
 
 Like with like: transformers on CPU runs the dequantized weights with no activation
 quantization, so its logits are compared with moepress's weight-only forward of the same export
-(rel 1e-5: float32 rounding); moepress's fake-quant forward (what a GPU runtime computes:
-dynamic 1x128 FP8 activations) differs from it by the activation quantization only, bounded
-loosely here and gated against the original by `moepress check`.
+(float32 rounding); moepress's fake-quant forward (what a GPU runtime computes: dynamic 1x128
+FP8 activations) differs from it by the activation quantization only, and is gated against the
+original by `moepress check`.
 """
 
 from __future__ import annotations
@@ -64,9 +64,11 @@ def _rel(a, b):
 def test_transformers_loads_and_matches_moepress(exports, which):
     path, _ = exports[which]
     tf = _transformers_logits(path)
-    assert _rel(tf, _moepress_logits(path, act_quant=False)) < 1e-5
+    # float32 rounding: measured 1.74e-7 (bf16), 1.69e-7 (quantized); transformers 5.24
+    assert _rel(tf, _moepress_logits(path, act_quant=False)) < 4e-7
     fq = _moepress_logits(path, act_quant=True)
-    assert 1e-4 < _rel(tf, fq) < 0.1  # the dynamic activation quantization, nothing else
+    # the dynamic activation quantization, nothing else: measured 0.0319 (bf16), 0.0306 (quantized)
+    assert 0.015 < _rel(tf, fq) < 0.065
 
 
 def test_layout_is_deepseeks(exports):

@@ -1,39 +1,47 @@
-"""Peak memory of a streamed forward is bounded by about one layer, not the model (issue #2)."""
+"""Peak memory of a streamed forward is a few layers, not the model.
 
-import json
-import subprocess
-import sys
-import textwrap
+The README promises "about three float32 layers" for a streamed forward (the running layer and the
+next one read ahead and built); measured 3.0 float32 layers. Peak: the kernel's high-water mark of
+a child process (tests/memprobe.py).
+"""
 
+import pytest
+
+from memprobe import MB, run_probe
 from moepress.compress.synthetic import write_synthetic
 
 CONFIG = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=512, hidden_size=256,
               intermediate_size=512, moe_intermediate_size=512, num_hidden_layers=10, num_attention_heads=4,
               num_key_value_heads=2, head_dim=64, num_experts=32, num_experts_per_tok=4, norm_topk_prob=True)
+# float32 bytes of one decoder layer: experts + attention (q, k, v, o) + router (49 MB)
+LAYER_FP32 = 32 * 3 * 256 * 512 * 4 + 4 * (256 * 256 * 2 + 256 * 128 * 2) + 32 * 256 * 4
+ACTIVATIONS = 16 * MB  # 2 x 64 tokens: hidden states, attention, routed expert inputs (~1 MB), allocator slack
 
-PROBE = textwrap.dedent("""
+PROBE = """
     import json, sys, torch
     from moepress.compress.stream import StreamedModel
-    from moepress.memwatch import PeakRSS, rss
     sm = StreamedModel(sys.argv[1])
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
     sm.forward([ids])  # warm-up: first-use allocations of torch itself
-    base = rss()
-    with PeakRSS() as p:
-        logits = sm.forward([ids])[0]
-    print(json.dumps({"base": base, "peak": p.peak, "finite": bool(torch.isfinite(logits).all())}))
-""")
+    base = reset_peak()
+    logits = sm.forward([ids])[0]
+    print(json.dumps({"grew": peak() - base, "finite": bool(torch.isfinite(logits).all())}))
+"""
 
 
-def test_streamed_forward_peak_rss_is_about_one_layer(tmp_path):
-    ckpt = write_synthetic(CONFIG, tmp_path / "synthetic", seed=0)
-    layer_fp32 = 32 * 3 * 256 * 512 * 4 + 4 * (256 * 256 * 2 + 256 * 128 * 2) + 32 * 256 * 4
-    model_fp32 = 10 * layer_fp32
-    p = subprocess.run([sys.executable, "-c", PROBE, str(ckpt)], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    r = json.loads(p.stdout)
-    grew = r["peak"] - r["base"]
+@pytest.fixture(scope="module")
+def grew(tmp_path_factory):
+    ckpt = write_synthetic(CONFIG, tmp_path_factory.mktemp("memory") / "synthetic", seed=0)
+    r = run_probe(PROBE, ckpt)
     assert r["finite"]
-    # The stream holds the running layer, the prefetched next one and a read buffer: allow 4 layers + 64 MB.
-    assert grew < 4 * layer_fp32 + 64 * 2**20, f"peak grew {grew / 2**20:.0f} MB for {layer_fp32 / 2**20:.0f} MB layers"
-    assert grew < model_fp32 / 2
+    return r["grew"]
+
+
+def _msg(grew: int) -> str:
+    return f"peak grew {grew / MB:.1f} MB = {grew / LAYER_FP32:.2f} float32 layers of {LAYER_FP32 / MB:.1f} MB"
+
+
+def test_streamed_forward_peak_rss_is_three_layers_not_the_model(grew):
+    # measured 146.7 MB = 3.00 float32 layers (three runs): the running layer, the next layer's stored
+    # tensors and its float32 state being built, the layer after it read ahead; the model is 10 layers
+    assert grew < 3.25 * LAYER_FP32, _msg(grew)

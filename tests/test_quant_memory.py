@@ -1,19 +1,15 @@
-"""Peak memory of a streamed quantize is set by the largest layer, not by the layer count (issue #10).
+"""Peak memory of a streamed quantize is set by the largest layer, not by the layer count.
 
 The same synthetic layer shape is quantized with 2 and with 8 layers, each run in its own
 process; the peak RSS growth over the process's baseline must (a) stay under 2x the stored
-(bf16) layer plus a fixed allowance for activations and buffers and (b) not grow with the
-number of layers.
+(bf16) layer plus a fixed allowance for activations and buffers (the README's promise: "under
+2 stored layers + 48 MB") and (b) not grow with the number of layers. Peak: the kernel's
+high-water mark of the child process (tests/memprobe.py).
 """
-
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
+from memprobe import MB, run_probe
 from moepress.compress.synthetic import write_synthetic
 
 HIDDEN, INTER, EXPERTS = 1024, 512, 24
@@ -27,20 +23,18 @@ WARM = dict(CONFIG, hidden_size=128, intermediate_size=64, moe_intermediate_size
             num_experts_per_tok=2, num_hidden_layers=1)
 ALLOWANCE = 48 * 2**20  # activations, calibration statistics, read-ahead of small tensors, allocator slack
 
-PROBE = textwrap.dedent("""
+PROBE = """
     import json, sys, torch
     from moepress.compress.quantize import QuantConfig, quantize_checkpoint
-    from moepress.memwatch import PeakRSS, rss
     model, warm, out, fmt = sys.argv[1:5]
     cfg = QuantConfig(format=fmt)
     batches = [torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(s)) for s in range(2)]
     # warm-up on a tiny model: first-use allocations of torch itself are not the stream's
     quantize_checkpoint(warm, out + "-warm", cfg, batches=batches if cfg.needs_calibration else None)
-    base = rss()
-    with PeakRSS() as p:
-        quantize_checkpoint(model, out, cfg, batches=batches if cfg.needs_calibration else None)
-    print(json.dumps({"base": base, "peak": p.peak}))
-""")
+    base = reset_peak()
+    quantize_checkpoint(model, out, cfg, batches=batches if cfg.needs_calibration else None)
+    print(json.dumps({"grew": peak() - base}))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +48,17 @@ def _grew(tmp_path, layers: int, fmt: str) -> int:
         write_synthetic({**CONFIG, "num_hidden_layers": layers}, ckpt, seed=0)
     if not warm.exists():
         write_synthetic(WARM, warm, seed=0)
-    p = subprocess.run([sys.executable, "-c", PROBE, str(ckpt), str(warm), str(tmp_path / f"out-{fmt}-{layers}"), fmt],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-2000:]
-    r = json.loads(p.stdout.strip().splitlines()[-1])
-    return r["peak"] - r["base"]
+    return run_probe(PROBE, ckpt, warm, tmp_path / f"out-{fmt}-{layers}", fmt, timeout=600, threads=1)["grew"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["fp8-block", "fp8"])  # calibration-free and calibrated (int4-awq: same
 def test_quantize_peak_rss_is_bounded_by_the_layer_not_the_layer_count(models, fmt):  # stream, bench/throughput.py)
     few, many = _grew(models, 2, fmt), _grew(models, 8, fmt)
-    mb = 2**20
-    msg = f"{fmt}: peak grew {few / mb:.0f} MB (2 layers), {many / mb:.0f} MB (8 layers); layer {LAYER / mb:.0f} MB"
-    assert many < 2 * LAYER + ALLOWANCE, msg
-    assert many - few < LAYER / 4, msg  # 4x the layers: no more than a quarter layer more
+    msg = f"{fmt}: peak grew {few / MB:.1f} MB (2 layers), {many / MB:.1f} MB (8 layers); layer {LAYER / MB:.1f} MB"
+    # measured (2 / 8 layers): fp8 148.6 / 151.5 MB (2.02 stored layers), fp8-block 68-78 / 74-90 MB
+    assert few < 2 * LAYER + ALLOWANCE and many < 2 * LAYER + ALLOWANCE, msg
+    # 4x the layers: measured +2.9 MB (fp8), +5.9 to +12.4 MB (fp8-block; +22.5 MB on a loaded machine:
+    # how the background shard write overlaps the next layer varies, the more layers the likelier its
+    # worst case); a leak of a tenth of a layer per layer would add 0.6 layer
+    assert many - few < LAYER / 2, msg

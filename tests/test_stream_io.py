@@ -1,8 +1,9 @@
-"""The fast I/O paths of the stream (issue #10): O_DIRECT reads and writes, read-ahead, the
+"""The fast I/O paths of the stream: O_DIRECT reads and writes, read-ahead, the
 background shard writer, bf16 weights kept as stored. Each must give the same bytes or the same
 numbers as the plain path it replaces."""
 
 import hashlib
+import threading
 
 import pytest
 import torch
@@ -65,10 +66,56 @@ def test_read_ahead_yields_every_tensor_in_order_within_its_budget(tmp_path):
     got = list(read_ahead(r, iter(names), budget=3 * 4096))
     assert [n for n, _ in got] == names
     assert all(torch.equal(t, torch.full((1024,), float(i))) for i, (_, t) in enumerate(got))
-    # stopping early leaves no reader thread behind
+
+
+def _stream_threads() -> list[str]:
+    """Names of the live threads that read a checkpoint ahead of its consumer (compress/stream.py)."""
+    return [t.name for t in threading.enumerate()
+            if t.is_alive() and t.name.startswith(("moepress-readahead", "moepress-prefetch"))]
+
+
+def test_read_ahead_leaves_no_reader_thread_behind(tmp_path):
+    with CheckpointWriter(tmp_path / "c") as w:
+        for i in range(20):
+            w.add(f"t{i:02d}", torch.full((1024,), float(i)))
+        w.write_json("config.json", {"model_type": "x"})
+    r = CheckpointReader(tmp_path / "c")
+    names = [f"t{i:02d}" for i in range(20)]
+    assert _stream_threads() == [], "left by an earlier test"
+    # exhausted
     it = read_ahead(r, iter(names), budget=4096)
     next(it)
+    assert _stream_threads() == ["moepress-readahead_0"]  # the check sees a reader while there is one
+    assert len(list(it)) == 19
+    assert _stream_threads() == []
+    # stopped early: closed, or dropped without being closed
+    it = read_ahead(r, iter(names), budget=4096)
+    next(it)
+    assert _stream_threads() == ["moepress-readahead_0"]
     it.close()
+    assert _stream_threads() == []
+    it = read_ahead(r, iter(names), budget=4096)
+    next(it)
+    del it
+    assert _stream_threads() == []
+    r.close()
+
+
+@pytest.mark.parametrize("read_ahead_bytes", [None, 1 << 16])  # whole next layer / a bounded distance
+def test_layer_stream_leaves_no_reader_thread_behind(read_ahead_bytes):
+    sm = StreamedModel(str(bundled_path("tiny-mixtral")), read_ahead_bytes=read_ahead_bytes)
+    prefix = "moepress-prefetch" if read_ahead_bytes is None else "moepress-readahead"
+    assert _stream_threads() == [], "left by an earlier test"
+    layers = sm.layers()
+    next(layers)
+    assert [n.rsplit("_", 1)[0] for n in _stream_threads()] == [prefix]
+    assert len(list(layers)) == sm.num_layers - 1
+    assert _stream_threads() == []
+    layers = sm.layers()
+    next(layers)
+    assert _stream_threads()
+    layers.close()
+    assert _stream_threads() == []
 
 
 def test_background_writer_gives_the_same_checkpoint(tmp_path):
