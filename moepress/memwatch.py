@@ -1,6 +1,7 @@
 """Resident memory of this process: now, and the peak over a stretch of code (sampled in a thread).
 
-Used by the benchmarks (bench/check_memory.py); the memory tests read the kernel's high-water mark instead (tests/memprobe.py).
+Used by the benchmarks (bench/check_memory.py); the memory tests read the kernel's high-water mark
+instead (tests/memprobe.py).
 """
 
 from __future__ import annotations
