@@ -16,14 +16,21 @@ import pytest
 import torch
 
 from moepress import models
+from moepress.checks.candidates.onnx_runtime import session_options
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
 from moepress.compress.stream import StreamedModel
 
 CASES = [(m, "bf16") for m in models.BUNDLED] + [(m, "fp8") for m in models.BUNDLED] + \
     [("tiny-qwen3-moe", "int4"), ("tiny-deepseek-v3", "int4")]
-# bf16 and INT4 weight-only: the same float32 math in another order. FP8 with static input scales:
-# an activation on an FP8 rounding boundary may round the other way (seen: 0.03 on logits of ~13).
-TOL = {"bf16": (1e-4, 1e-5), "int4": (1e-4, 1e-5), "fp8": (0.05, 1e-3)}  # (max abs, mean abs) / max|ref|
+# |onnxruntime - torch| / max|torch logit|. bf16 and INT4 weight-only: the same float32 math in another
+# order; measured (onnxruntime 1.32, every case) max <= 7.8e-7, mean <= 5.5e-8.
+FLOAT32 = (1.5e-6, 1e-7)  # (max, mean): about twice the measured
+# FP8 with static input scales: the same, measured max <= 5.8e-7, mean <= 3.4e-8 (no activation rounded
+# differently); but an activation on an FP8 rounding boundary may round the other way in another build
+# (seen once: 0.03 on logits of ~13 = 2.3e-3 of the largest), moving that token's logits. So: nearly all
+# logits to float32 rounding, the rest within twice that flip.
+FP8_FLIP = 5e-3
+FP8_EXACT_SHARE = 0.9  # one flipped token moves 1/24 of the logits
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +54,7 @@ def exported(tmp_path_factory):
             ref_logits, hidden = StreamedModel(qdir).forward([ids])[0], None
         dst = root / f"{model}-{kind}-onnx"
         info = export(src, dst, ExportConfig(format="onnx"))
-        so = ort.SessionOptions()
+        so = session_options()  # FP8 Q/DQ kept as written on every onnxruntime (see its docstring)
         so.intra_op_num_threads = 1
         sess = ort.InferenceSession(str(dst / "model.onnx"), so, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
@@ -86,14 +93,19 @@ def test_onnxruntime_logits_match_torch(exported, model, kind):
     got, ref = torch.from_numpy(e["res"]["logits"]), e["ref"]
     assert got.shape == ref.shape == (2, 12, 4096)
     scale = ref.abs().max().item()
-    max_tol, mean_tol = TOL[kind]
-    diff = (got - ref).abs()
-    assert diff.max().item() <= max_tol * scale, diff.max().item()
-    assert diff.mean().item() <= mean_tol * scale, diff.mean().item()
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
-    if e["hidden"] is not None:
+    rel = (got - ref).abs() / scale
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    if kind == "fp8":
+        assert (rel <= FLOAT32[0]).float().mean().item() >= FP8_EXACT_SHARE, rel.max().item()
+        assert rel.max().item() <= FP8_FLIP, rel.max().item()
+        assert agree >= 23 / 24  # measured 1.0
+    else:
+        assert rel.max().item() <= FLOAT32[0], rel.max().item()
+        assert rel.mean().item() <= FLOAT32[1], rel.mean().item()
+        assert agree == 1.0
+    if e["hidden"] is not None:  # measured <= 6.5e-7 of each state's largest value
         for i, h in enumerate(e["hidden"]):
-            assert np.allclose(e["res"][f"hidden_states.{i}"], h.numpy(), atol=1e-4 * h.abs().max().item())
+            assert np.allclose(e["res"][f"hidden_states.{i}"], h.numpy(), rtol=0, atol=1.5e-6 * h.abs().max().item())
 
 
 def test_moepress_check_passes_on_bf16_export(exported, cli_run):

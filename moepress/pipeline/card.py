@@ -74,11 +74,14 @@ ONNX with QuantizeLinear/DequantizeLinear for TensorRT:
 trtexec --onnx={path}/model.onnx --stronglyTyped --saveEngine=model.plan
 ```
 
-or `moepress build {path} --target h100-sxm -o engine`. onnxruntime runs it on CPU:
+or `moepress build {path} --target h100-sxm -o engine`. onnxruntime runs it on CPU, with its QDQ
+fusions off (they target integer kernels; some releases reject the FP8 Q/DQ they would fuse):
 
 ```python
 import onnxruntime as ort
-sess = ort.InferenceSession("{path}/model.onnx")
+so = ort.SessionOptions()
+so.add_session_config_entry("session.disable_quant_qdq", "1")
+sess = ort.InferenceSession("{path}/model.onnx", so)
 ```
 """,
 }

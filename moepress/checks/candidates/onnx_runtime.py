@@ -23,6 +23,25 @@ def _onnx_file(path: Path) -> Path:
                         f"{', '.join(p.name for p in files) or 'none'}")
 
 
+def session_options():
+    """onnxruntime session options that run the exported graph as written.
+
+    ``session.disable_quant_qdq=1`` turns off onnxruntime's QDQ fusions, so the FP8
+    QuantizeLinear/DequantizeLinear pairs stay as they are. Those fusions target integer kernels:
+    onnxruntime 1.20 rejects the graph ("Type (tensor(float8e4m3fn)) of output arg ... of node
+    (QuantizeLinear) does not match expected type (tensor(uint8))"), 1.30 fuses the FP8 Q/DQ MatMul into
+    MatMulIntegerToFloat, which has no float8 input. The logits are the same as with every graph
+    optimization off. Key and meaning: onnxruntime include/onnxruntime/core/session/
+    onnxruntime_session_options_config_keys.h (kOrtSessionOptionsDisableQuantQDQ: "1": ORT doesn't do
+    fusion logic for QDQ format); present in onnxruntime 1.20 through 1.32.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return so
+
+
 class OnnxCandidate(Candidate):
     kind = "onnx"
 
@@ -34,7 +53,7 @@ class OnnxCandidate(Candidate):
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                      if p in ort.get_available_providers()]
         try:
-            self.sess = ort.InferenceSession(str(self.file), providers=providers)
+            self.sess = ort.InferenceSession(str(self.file), session_options(), providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise MoepressError(f"{self.file}: onnxruntime cannot load it ({first_line(e)})") from None
         inputs = {i.name: i for i in self.sess.get_inputs()}
