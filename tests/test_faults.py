@@ -39,13 +39,14 @@ def _f78_point_shard(ck, target: str):
     return shard
 
 
-def _f78_one_line(r, *needles) -> str:
+def _one_line(r, *needles) -> str:
+    """The bad-input contract: exit 2, no traceback, one line on stderr naming what was wrong."""
     assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output
+    assert "Traceback" not in r.output, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moepress: error:"), r.stderr
     for n in needles:
-        assert n in lines[0], lines[0]
+        assert n in lines[0], (n, lines[0])
     return lines[0]
 
 
@@ -55,14 +56,14 @@ def test_index_entry_parent_dir_refused(tmp_path, cli_run):
     ck = _f78_copy(tmp_path)
     shard = _f78_point_shard(ck, "../x.safetensors")
     shutil.copy(shard, tmp_path / "x.safetensors")  # a valid shard, but outside the model
-    _f78_one_line(cli_run("inspect", ck, "--no-targets"), "model.safetensors.index.json", "lm_head.weight",
+    _one_line(cli_run("inspect", ck, "--no-targets"), "model.safetensors.index.json", "lm_head.weight",
                   "../x.safetensors")
 
 
 def test_index_entry_absolute_path_refused(tmp_path, cli_run):
     ck = _f78_copy(tmp_path)
     _f78_point_shard(ck, "/etc/passwd")
-    _f78_one_line(cli_run("inspect", ck, "--no-targets"), "model.safetensors.index.json", "lm_head.weight",
+    _one_line(cli_run("inspect", ck, "--no-targets"), "model.safetensors.index.json", "lm_head.weight",
                   "/etc/passwd")
 
 
@@ -72,7 +73,7 @@ def test_index_symlink_out_of_directory_refused(tmp_path, cli_run):
     outside = tmp_path / "outside.safetensors"
     shard.rename(outside)
     shard.symlink_to(outside)  # a valid shard, but not one of the model's files
-    line = _f78_one_line(cli_run("quantize", ck, "--format", "fp8-block", "-o", tmp_path / "q"),
+    line = _one_line(cli_run("quantize", ck, "--format", "fp8-block", "-o", tmp_path / "q"),
                          "model.safetensors.index.json", "lm_head.weight", str(outside), "outside the model directory")
     assert "resolves to" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "outside.safetensors"]
@@ -81,7 +82,7 @@ def test_index_symlink_out_of_directory_refused(tmp_path, cli_run):
     single.mkdir()
     (single / "config.json").write_text((ck / "config.json").read_text())
     (single / "model.safetensors").symlink_to(outside)
-    _f78_one_line(cli_run("inspect", single, "--no-targets"), "model.safetensors", "outside the model directory")
+    _one_line(cli_run("inspect", single, "--no-targets"), "model.safetensors", "outside the model directory")
 
 
 def test_index_entry_text_file_not_echoed(tmp_path, cli_run):
@@ -93,14 +94,14 @@ def test_index_entry_text_file_not_echoed(tmp_path, cli_run):
     _f78_point_shard(ck, "notes.txt")
     (n,) = struct.unpack("<Q", secret[:8].encode())
     leaks = (secret[:4], "s3cr3t", str(n), hex(n))
-    line = _f78_one_line(cli_run("inspect", ck, "--no-targets"), "notes.txt", "not a safetensors file")
+    line = _one_line(cli_run("inspect", ck, "--no-targets"), "notes.txt", "not a safetensors file")
     assert not any(leak in line for leak in leaks), line
     # the same text as a single-file checkpoint
     (ck / "model.safetensors.index.json").unlink()
     for f in ck.glob("model-*.safetensors"):
         f.unlink()
     (ck / "model.safetensors").write_text(secret)
-    line = _f78_one_line(cli_run("inspect", ck, "--no-targets"), "model.safetensors", "not a safetensors file")
+    line = _one_line(cli_run("inspect", ck, "--no-targets"), "model.safetensors", "not a safetensors file")
     assert not any(leak in line for leak in leaks), line
 
 
@@ -144,20 +145,20 @@ def _f78_top_k_over_experts(tmp_path):
 
 def test_top_k_over_experts_inspect(tmp_path, cli_run):
     ck = _f78_top_k_over_experts(tmp_path)
-    _f78_one_line(cli_run("inspect", ck, "--no-targets"), "config.json", "num_experts_per_tok=20",
+    _one_line(cli_run("inspect", ck, "--no-targets"), "config.json", "num_experts_per_tok=20",
                   "num_local_experts=16")
 
 
 def test_top_k_over_experts_quantize_calibrated(tmp_path, cli_run):
     ck = _f78_top_k_over_experts(tmp_path)
-    _f78_one_line(cli_run("quantize", ck, "--format", "fp8", "--num-samples", 4, "--seq-len", 32,
+    _one_line(cli_run("quantize", ck, "--format", "fp8", "--num-samples", 4, "--seq-len", 32,
                           "-o", tmp_path / "q"), "config.json", "num_experts_per_tok=20", "num_local_experts=16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 def test_top_k_over_experts_prune(tmp_path, cli_run):
     ck = _f78_top_k_over_experts(tmp_path)
-    _f78_one_line(cli_run("prune", ck, "--ratio", 0.25, "--num-samples", 4, "--seq-len", 32, "-o", tmp_path / "p"),
+    _one_line(cli_run("prune", ck, "--ratio", 0.25, "--num-samples", 4, "--seq-len", 32, "-o", tmp_path / "p"),
                   "config.json", "num_experts_per_tok=20", "num_local_experts=16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
@@ -178,7 +179,7 @@ def _f78_misshaped(tmp_path):
 
 
 def _f78_refused_misshaped(r, tmp_path):
-    _f78_one_line(r, F78_BAD, "[256, 128]", "[128, 256]")
+    _one_line(r, F78_BAD, "[256, 128]", "[128, 256]")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
@@ -210,13 +211,10 @@ def _outputs_tree(d: Path) -> dict:
 
 
 def _outputs_one_line(r, *needles) -> str:
-    assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output, r.output
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("moepress: error:"), r.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+    """:func:`_one_line`, and nothing else printed at all (stdout empty)."""
+    line = _one_line(r, *needles)
+    assert [ln for ln in r.output.splitlines() if ln.strip()] == [line], r.output
+    return line
 
 
 def _outputs_partial(tmp_path: Path, out: Path, model: Path, **cfg) -> dict:
@@ -456,14 +454,6 @@ F3_FAIL = ("--max-kl", "0")  # ... and fails this one (its KL is > 0)
 F3_FAST = ("--seq-len", 32, "--max-samples", 2, "--quiet")
 
 
-def _f3_one_line(r, *needles) -> str:
-    assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moepress: error:"), r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def _f3_tree(d) -> dict:
@@ -549,11 +539,11 @@ def test_publish_refuses_accuracy_passed_edited_after_failed_check(f3_checked, t
 
     _f3_manifest(art, edit)
     before = _f3_tree(art)
-    _f3_one_line(cli_run("publish", art, "--to", tmp_path / "pub"), "moepress-manifest.json",
+    _one_line(cli_run("publish", art, "--to", tmp_path / "pub"), "moepress-manifest.json",
                  "accuracy section edited after the check")
     # without the key (another machine) the recomputed verdict refuses it too
     monkeypatch.setenv("MOEPRESS_KEY_FILE", str(tmp_path / "no-key"))
-    _f3_one_line(cli_run("publish", art, "--to", tmp_path / "pub"), "accuracy.passed is True",
+    _one_line(cli_run("publish", art, "--to", tmp_path / "pub"), "accuracy.passed is True",
                  "gates fail (", "kl_mean", "edited after the check")
     assert not (tmp_path / "pub").exists() and not (tmp_path / "pub.partial").exists()
     assert _f3_tree(art) == before
@@ -578,7 +568,7 @@ def test_publish_refuses_tampered_shard_with_updated_manifest_digest(f3_checked,
     for key in (None, str(tmp_path / "no-key")):
         if key:
             monkeypatch.setenv("MOEPRESS_KEY_FILE", key)
-        _f3_one_line(cli_run("publish", art, "--to", tmp_path / "pub"), shard.name,
+        _one_line(cli_run("publish", art, "--to", tmp_path / "pub"), shard.name,
                      "differs from the file the accuracy check measured")
         assert not (tmp_path / "pub").exists() and not (tmp_path / "pub.partial").exists()
 
@@ -589,14 +579,14 @@ def test_publish_refuses_check_with_every_gate_none(f3_checked, tmp_path, cli_ru
                 "--min-top1", "none", "--max-kl", "none")
     assert r.exit_code == 0, r.output  # the check itself passes: nothing was gated
     assert _f3_manifest(art)["accuracy"]["gates"] == []
-    _f3_one_line(cli_run("publish", art, "--to", tmp_path / "pub"), str(art), "applied no gate")
+    _one_line(cli_run("publish", art, "--to", tmp_path / "pub"), str(art), "applied no gate")
     assert not (tmp_path / "pub").exists()
 
 
 def test_publish_refuses_missing_listed_file(f3_checked, tmp_path, cli_run):
     art = _f3_copy(f3_checked[0], tmp_path)
     (art / "model-00003-of-00006.safetensors").unlink()
-    _f3_one_line(cli_run("publish", art, "--to", tmp_path / "pub"), "model-00003-of-00006.safetensors",
+    _one_line(cli_run("publish", art, "--to", tmp_path / "pub"), "model-00003-of-00006.safetensors",
                  "listed in the manifest but missing")
     assert not (tmp_path / "pub").exists() and not (tmp_path / "pub.partial").exists()
 
@@ -607,7 +597,7 @@ def test_publish_refuses_destination_overlapping_artifact(f3_checked, tmp_path, 
     for to, how in ((art / "pub", "is inside the artifact"), (art, "is the artifact"),
                     (tmp_path, "contains the artifact")):
         for force in ((), ("--force",)):
-            _f3_one_line(cli_run("publish", art, "--to", to, *force), f"--to {to}", how)
+            _one_line(cli_run("publish", art, "--to", to, *force), f"--to {to}", how)
     assert _f3_tree(art) == before and not (art / "pub").exists() and not (art / "pub.partial").exists()
 
 
@@ -615,7 +605,7 @@ def test_publish_to_existing_file_is_one_line(f3_checked, tmp_path, cli_run):
     art = _f3_copy(f3_checked[0], tmp_path)
     dst = tmp_path / "dst.bin"
     dst.write_bytes(b"keep me")
-    _f3_one_line(cli_run("publish", art, "--to", dst), f"--to {dst}", "not a directory")
+    _one_line(cli_run("publish", art, "--to", dst), f"--to {dst}", "not a directory")
     assert dst.read_bytes() == b"keep me" and not (tmp_path / "dst.bin.partial").exists()
 
 
@@ -665,7 +655,7 @@ def test_build_refuses_remote_code_without_flag(tmp_path, cli_run):
         sub = tmp_path / next(iter(kw.values()))
         sub.mkdir()
         art = _f2_export(sub, **kw)
-        _f3_one_line(cli_run("build", art, "--target", "h100", "-o", sub / "b", "--dry-run"), *needles,
+        _one_line(cli_run("build", art, "--target", "h100", "-o", sub / "b", "--dry-run"), *needles,
                      "--trust-remote-code")
         assert sorted(p.name for p in sub.iterdir()) == ["export"]  # no OUT, no OUT.partial
         r = cli_run("build", art, "--target", "h100", "-o", sub / "b", "--dry-run", "--trust-remote-code")
