@@ -16,36 +16,13 @@ Also here: GPU targets (targets.py, kv_cache.py), the deployment planner (plan.p
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from moepress.errors import MoepressError
+from moepress.exporters.base import ExportConfig, Exporter
 from moepress.manifest import read_manifest, sha256_file, versions
 from moepress.progress import Progress
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    format: str
-    tp: int = 1  # tensor-parallel size (trtllm-ckpt shards)
-    ep: int = 1  # expert-parallel size (trtllm-ckpt: moe_ep_size)
-    dtype: str = "bfloat16"  # dtype of unquantized tensors in the output
-    opset: int = 21  # onnx
-    options: tuple[tuple[str, str], ...] = ()  # exporter-specific KEY=VALUE (--option)
-
-    def option(self, key: str, default=None):
-        return dict(self.options).get(key, default)
-
-
-@dataclass(frozen=True)
-class Exporter:
-    name: str
-    fn: Callable
-    description: str
-    families: tuple[str, ...] | None = None  # adapter family names; None: every family
-    consumers: str = ""  # who loads it (help text)
-
 
 EXPORTERS: dict[str, Exporter] = {}
 

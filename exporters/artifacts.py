@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import moepress.exporters.kv_cache as kv_cache
 from moepress.compress import formats
 from moepress.errors import MoepressError
-from moepress.exporters import kv_cache
 from moepress.exporters.plan import default_format
 from moepress.exporters.targets import UNQUANTIZED
 

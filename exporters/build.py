@@ -33,8 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import moepress.exporters.kv_cache as kv_cache
 from moepress.errors import MoepressError
-from moepress.exporters import builders, environment, kv_cache
+from moepress.exporters import builders, environment
 from moepress.exporters.artifacts import (
     artifact_dir,
     artifact_format,

@@ -41,7 +41,7 @@ import torch
 
 from moepress.compress import formats
 from moepress.errors import MoepressError
-from moepress.exporters import Exporter
+from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import refuse_mixed, refuse_partial_blocks, refuse_unpacked_experts
 from moepress.exporters.hf_common import open_source, output_config, require_layout, tensor_groups, unquantized_modules
 

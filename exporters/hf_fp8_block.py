@@ -44,7 +44,7 @@ from torch import nn
 from moepress.compress import formats
 from moepress.compress.quant import fp8
 from moepress.errors import MoepressError
-from moepress.exporters import Exporter
+from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import high_precision_layers
 from moepress.exporters.hf_common import BLOCK, grid_ok, open_source, output_config, tensor_groups, unquantized_modules
 

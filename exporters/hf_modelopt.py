@@ -48,7 +48,7 @@ from pathlib import Path
 from moepress import __version__
 from moepress.compress import formats
 from moepress.errors import MoepressError
-from moepress.exporters import Exporter
+from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import high_precision_layers, refuse_mixed, refuse_partial_blocks
 from moepress.exporters.hf_common import (
     QUANT_FILES,

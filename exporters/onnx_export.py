@@ -28,7 +28,7 @@ from onnx import TensorProto, helper
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.errors import MoepressError
-from moepress.exporters import Exporter
+from moepress.exporters.base import Exporter
 from moepress.exporters.onnx_graph import FLOAT, Graph
 from moepress.exporters.onnx_layers import LayerBuilder
 

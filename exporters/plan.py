@@ -34,10 +34,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import moepress.exporters.kv_cache as kv_cache
 from moepress.compress import formats
 from moepress.compress.inspect import storage_format
 from moepress.errors import MoepressError
-from moepress.exporters import kv_cache
 from moepress.exporters.kv_cache import KV_CACHE
 from moepress.exporters.shape import ModelShape, model_shape
 from moepress.exporters.targets import PRODUCED, TARGETS, UNQUANTIZED, Target, check_format, get_target

@@ -38,9 +38,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import moepress.exporters.kv_cache as kv_cache
 from moepress.compress import formats
 from moepress.errors import MoepressError
-from moepress.exporters import kv_cache
 from moepress.exporters.kv_cache import KV_CACHE
 
 # the unquantized format (no weight scale): what runs everywhere and what a plan assumes by default

@@ -58,7 +58,7 @@ import torch
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
 from moepress.errors import MoepressError
-from moepress.exporters import Exporter
+from moepress.exporters.base import Exporter
 from moepress.exporters.linears import Linear, read_linear
 
 FP8 = torch.float8_e4m3fn

@@ -8,7 +8,7 @@ scale (modelopt's ``preprocess_linear_fusion``). TensorRT-LLM QuantAlgo ``FP8``;
 
 import torch
 
-from moepress.compress.formats import _fp8
+import moepress.compress.formats._fp8 as _fp8
 from moepress.compress.formats.base import Format, QuantContext, Quantized
 from moepress.compress.quant import fp8
 

@@ -12,7 +12,7 @@ Also the input decoder for DeepSeek-V3 / Kimi K2 native block-FP8 checkpoints
 
 import torch
 
-from moepress.compress.formats import _fp8
+import moepress.compress.formats._fp8 as _fp8
 from moepress.compress.formats.base import GROUP, Format, QuantContext, Quantized
 from moepress.compress.quant import fp8
 

@@ -7,7 +7,7 @@ at run time). TensorRT-LLM QuantAlgo ``FP8_PER_CHANNEL_PER_TOKEN``; compressed-t
 
 import torch
 
-from moepress.compress.formats import _fp8
+import moepress.compress.formats._fp8 as _fp8
 from moepress.compress.formats.base import Format, QuantContext, Quantized
 from moepress.compress.quant import fp8
 

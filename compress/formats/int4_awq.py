@@ -9,7 +9,7 @@ form: AWQ's smoothing vector has no place in its schemes.
 
 from functools import partial
 
-from moepress.compress.formats import _int4
+import moepress.compress.formats._int4 as _int4
 from moepress.compress.formats.base import Format
 
 FORMAT = Format(

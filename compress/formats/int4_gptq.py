@@ -8,7 +8,7 @@ compressed_tensors/compressors/pack_quantized/base.py).
 
 from functools import partial
 
-from moepress.compress.formats import _int4
+import moepress.compress.formats._int4 as _int4
 from moepress.compress.formats.base import Format
 
 FORMAT = Format(

@@ -8,7 +8,7 @@ float (modelopt/torch/export/convert_hf_config.py 0.47); we keep its form.
 
 from functools import partial
 
-from moepress.compress.formats import _int4
+import moepress.compress.formats._int4 as _int4
 from moepress.compress.formats.base import Format
 
 _FP8 = {"dynamic": False, "num_bits": 8, "type": "float"}

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from moepress.checks import seal
+import moepress.checks.seal as seal
 from moepress.checks.config import fmt
 from moepress.checks.verify import recorded_files
 from moepress.errors import MoepressError

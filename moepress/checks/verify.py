@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moepress.checks import seal as sealing
+import moepress.checks.seal as sealing
 from moepress.checks.config import GATES
 from moepress.manifest import MANIFEST_NAME, sha256_file
 

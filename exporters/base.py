@@ -1,0 +1,30 @@
+"""What an exporter is and what it is asked to do: :class:`ExportConfig` (one export run) and
+:class:`Exporter` (the record each exporter module declares as ``EXPORTER``; assembled in
+``exporters/__init__.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    format: str
+    tp: int = 1  # tensor-parallel size (trtllm-ckpt shards)
+    ep: int = 1  # expert-parallel size (trtllm-ckpt: moe_ep_size)
+    dtype: str = "bfloat16"  # dtype of unquantized tensors in the output
+    opset: int = 21  # onnx
+    options: tuple[tuple[str, str], ...] = ()  # exporter-specific KEY=VALUE (--option)
+
+    def option(self, key: str, default=None):
+        return dict(self.options).get(key, default)
+
+
+@dataclass(frozen=True)
+class Exporter:
+    name: str
+    fn: Callable
+    description: str
+    families: tuple[str, ...] | None = None  # adapter family names; None: every family
+    consumers: str = ""  # who loads it (help text)
