@@ -8,19 +8,37 @@ is then written, its layers read a second time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
+from moepress.compress.arch.base import Adapter
 from moepress.compress.moe import DecoderLayer
+from moepress.compress.prune.budget import Budget
+from moepress.compress.prune.config import PruneConfig
 from moepress.compress.prune.evidence import LayerEvidence
 from moepress.compress.prune.lookahead import CandidateView, Pending, calibration_nll, candidate_states, decide
 from moepress.compress.prune.methods import METHODS
 from moepress.compress.prune.report import layer_report
+from moepress.compress.stream import StreamedModel
 from moepress.progress import Progress
 
-if TYPE_CHECKING:
-    from moepress.compress.prune.stage import PruneStage
+
+class Stage(Protocol):
+    """What a plan race uses of the prune stage (compress/prune/stage.py: ``PruneStage``), declared
+    here so that the race does not import the stage that runs it."""
+
+    cfg: PruneConfig
+    sm: StreamedModel
+    adapter: Adapter
+    batches: list[torch.Tensor]
+    budget: Budget
+    report_layers: list[dict]
+
+    def evidence(self, i: int, layer: DecoderLayer, hs: list[torch.Tensor],
+                 recorder: bool) -> tuple[LayerEvidence, list[torch.Tensor]]: ...
+
+    def write_read(self, i: int, kept: list[int] | None) -> None: ...
 
 
 @dataclass
@@ -37,7 +55,7 @@ class _Plan:
 class PlanRace:
     """The plans of one ``auto`` run, advanced layer by layer over the stage's streamed model."""
 
-    def __init__(self, stage: PruneStage, names: list[str]):
+    def __init__(self, stage: Stage, names: list[str]):
         self.stage, self.names = stage, names
         # the original model's statistics need a recorder when a non-look-ahead plan searches
         self.rec = any(METHODS[n].needs_outputs and not METHODS[n].candidates for n in names)
