@@ -26,9 +26,9 @@ from pathlib import Path
 
 VOLATILE = {"seconds", "elapsed", "elapsed_s", "time_s", "versions", "created", "timestamp", "wall_s", "date",
             "peak_rss_mb", "rss_mb"}
-QUANT = ["fp8", "fp8-block", "fp8-dynamic", "int4-awq", "int4-gptq", "w4a8-awq"]
+QUANT = ["fp8", "fp8-block", "fp8-dynamic", "int4-awq", "int4-gptq", "w4a8-awq", "nvfp4", "nvfp4-a16", "mxfp4"]
 EXPORTERS = ["hf-modelopt", "hf-fp8-block", "compressed-tensors", "trtllm-ckpt", "onnx"]
-PRUNE = ["frequency", "ean", "reap", "reroute", "lookahead", "auto"]
+PRUNE = ["frequency", "ean", "reap", "reroute", "lookahead", "merge", "auto"]
 MODELS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-deepseek-v3"]
 CALIB = ["--num-samples", "8", "--seq-len", "64"]
 

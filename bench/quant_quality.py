@@ -37,41 +37,138 @@ import torch
 
 MODELOPT_CFG = {"fp8": "FP8_DEFAULT_CFG", "fp8-block": "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG",
                 "fp8-dynamic": "FP8_PER_CHANNEL_PER_TOKEN_CFG", "int4-awq": "INT4_AWQ_CFG",
-                "int4-gptq": "INT4_AWQ_CFG", "w4a8-awq": "W4A8_AWQ_BETA_CFG"}
+                "int4-gptq": "INT4_AWQ_CFG", "w4a8-awq": "W4A8_AWQ_BETA_CFG",
+                "nvfp4": "NVFP4_DEFAULT_CFG", "nvfp4-a16": "W4A16_NVFP4_CFG"}
+FOLD = "+fold"  # ours with --awq-fold (compress/quantize/fold.py); modelopt's side: the format without it
+MODELOPT_CFG["int4-awq" + FOLD] = MODELOPT_CFG["int4-awq"]
 FORMATS = list(MODELOPT_CFG)
 
 
 def _eval(model_name, seq_len=256, windows=32):
     from moepress.calib.data import eval_batches
-    from moepress.models import path
+    from moepress.models import resolve
 
-    return eval_batches(path(model_name), seq_len=seq_len, max_windows=windows)
+    return eval_batches(resolve(model_name), seq_len=seq_len, max_windows=windows)
+
+
+# What the runtimes' FP8 MoE loaders do with per-expert static input scales; applied to BOTH sides'
+# checkpoints before they are evaluated (runtime_expert_input_scales):
+#  * fp8 (per-tensor, static): one input scale per layer and projection, the max over experts (and over
+#    w1/w3): vLLM vllm/model_executor/layers/quantization/fp8.py Fp8MoEMethod.process_weights_after_loading
+#    ("Using the maximum across experts for each layer", commit 0071b24b), TensorRT-LLM
+#    tensorrt_llm/_torch/modules/fused_moe/quantization.py load_activation_scales_fp8_qdq
+#    (tmp_fc31_input_scale.max(), tmp_fc2_input_scale.max(), commit 002366a4);
+#  * w4a8-awq: TensorRT-LLM's WInt4AFP8FusedMoEMethod.load_quant_scales (same file) keeps a Model-Optimizer
+#    checkpoint's input scale per expert, max(w1, w3) for fc31 (all_w3_w1_input_scales_greater); vLLM's
+#    Model-Optimizer loader has no W4A8 AWQ.
+# * nvfp4: one per layer and projection, the max over experts: TensorRT-LLM quantization.py NVFP4FusedMoEMethod
+#   (load_expert_fc31_input_scale_nvfp4 into tmp_fc31_input_scale, then its max).
+EXPERT_INPUT_SCALES = {"fp8": "layer", "w4a8-awq": "expert", "nvfp4": "layer"}
+
+
+def runtime_expert_input_scales(ckpt: Path, fmt: str) -> int:
+    """Rewrite the routed experts' ``input_scale`` tensors of checkpoint ``ckpt`` as the runtime loads
+    them (EXPERT_INPUT_SCALES); returns how many changed."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    how = EXPERT_INPUT_SCALES.get(fmt)
+    if how is None:
+        return 0
+    pat = re.compile(r"^(.*\.experts\.)(\d+)\.(gate_proj|up_proj|w1|w3|down_proj|w2)\.input_scale$")
+    files = {f: load_file(f) for f in sorted(ckpt.glob("*.safetensors"))}
+    groups: dict[tuple, list[tuple[Path, str]]] = {}
+    for f, ts in files.items():
+        for n in ts:
+            m = pat.match(n)
+            if m:
+                proj = "down" if m.group(3) in ("down_proj", "w2") else "gate_up"
+                key = (m.group(1), proj) if how == "layer" else (m.group(1), m.group(2), proj)
+                groups.setdefault(key, []).append((f, n))
+    changed, dirty = 0, set()
+    for members in groups.values():
+        top = torch.stack([files[f][n].float().reshape(()) for f, n in members]).max()
+        for f, n in members:
+            if not torch.equal(files[f][n].float().reshape(()), top):
+                files[f][n] = top.to(files[f][n].dtype).reshape(files[f][n].shape)
+                changed += 1
+                dirty.add(f)
+    for f in dirty:
+        save_file(files[f], str(f), metadata={"format": "pt"})
+    return changed
+
+
+def _apply_settings(sets: str) -> None:
+    """``--set NAME=VALUE,...``: override constants of moepress.compress.quantize.config in this worker
+    (the bench's way to measure alternatives of a default without a CLI option)."""
+    import ast
+
+    from moepress.compress.quantize import config as qconfig
+
+    for item in filter(None, sets.split(",")):
+        k, _, v = item.partition("=")
+        if k.startswith("cfg."):  # a QuantConfig field (_ours)
+            continue
+        if not hasattr(qconfig, k):
+            raise SystemExit(f"--set {k}: no such constant in moepress.compress.quantize.config")
+        setattr(qconfig, k, ast.literal_eval(v))
 
 
 def worker(args) -> dict:
-
+    """One side (baseline / ours / modelopt) on one model and calibration seed, every format of
+    ``args.format`` (comma-separated) in turn; {format: result}."""
     torch.set_num_threads(1)
+    from moepress.calib.metrics import perplexity
+    from moepress.compress.stream import StreamedModel
+    from moepress.models import resolve
+
+    _apply_settings(args.set or "")
+    src = resolve(args.model)
+    ev = _eval(args.model)
+    if args.side == "baseline":
+        return {"none": {"ppl": perplexity(StreamedModel(str(src)).forward(ev), ev), "seconds": 0.0}}
+    out = {}
+    for fmt in args.format.split(","):
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            one = _ours if args.side == "ours" else _modelopt
+            try:
+                out[fmt] = one(args, fmt if one is _ours else fmt.removesuffix(FOLD), src, ev, Path(tmp))
+            except Exception as e:  # one format failing must not lose the others
+                out[fmt] = {"error": f"{type(e).__name__}: {e}"[:160]}
+    return out
+
+
+def _ours(args, fmt: str, src: Path, ev, tmp: Path) -> dict:
+    import ast
+
     from moepress.calib.data import calibration_batches
     from moepress.calib.metrics import perplexity
-    from moepress.models import path
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+    from moepress.compress.stream import StreamedModel
 
-    src = path(args.model)
-    ev = _eval(args.model)
     t0 = time.monotonic()
-    if args.side == "baseline":
-        from moepress.compress.stream import StreamedModel
+    out = tmp / "q"
+    fold, fmt = fmt.endswith(FOLD), fmt.removesuffix(FOLD)
+    fields = {k[4:]: ast.literal_eval(v) for k, _, v in (i.partition("=") for i in (args.set or "").split(","))
+              if k.startswith("cfg.")}  # --set cfg.FIELD=VALUE: a QuantConfig field
+    cfg = QuantConfig(format=fmt, num_samples=args.num_samples, seq_len=args.seq_len, group_size=args.group_size,
+                      seed=args.seed, awq_fold=fold, **fields)
+    batches = calibration_batches(src, (), args.num_samples, args.seq_len, args.seed, 8)
+    quantize_checkpoint(src, out, cfg, batches=batches, force=True)
+    secs = time.monotonic() - t0
+    changed = runtime_expert_input_scales(out, fmt)
+    return {"ppl": perplexity(StreamedModel(str(out)).forward(ev), ev), "seconds": secs,
+            "runtime_scales_changed": changed, "rss_mb": _rss()}
 
-        return {"ppl": perplexity(StreamedModel(str(src)).forward(ev), ev), "seconds": 0.0}
-    if args.side == "ours":
-        from moepress.compress.quantize import QuantConfig, quantize_checkpoint
-        from moepress.compress.stream import StreamedModel
 
-        out = Path(args.tmp) / "q"
-        quantize_checkpoint(src, out, QuantConfig(format=args.format, num_samples=args.num_samples,
-                                                  seq_len=args.seq_len, group_size=args.group_size), force=True)
-        secs = time.monotonic() - t0
-        return {"ppl": perplexity(StreamedModel(str(out)).forward(ev), ev), "seconds": secs}
-    # modelopt
+def _rss() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _modelopt(args, fmt: str, src: Path, ev, tmp: Path) -> dict:
     import copy
     import warnings
 
@@ -79,10 +176,15 @@ def worker(args) -> dict:
     import modelopt.torch.quantization as mtq
     from transformers import AutoModelForCausalLM
 
-    batches = calibration_batches(src, (), args.num_samples, args.seq_len, 0, 8)
+    from moepress.calib.data import calibration_batches
+    from moepress.calib.metrics import perplexity
+    from moepress.compress.stream import StreamedModel
+
+    t0 = time.monotonic()
+    batches = calibration_batches(src, (), args.num_samples, args.seq_len, args.seed, 8)
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    cfg = copy.deepcopy(getattr(mtq, MODELOPT_CFG[args.format]))
-    if args.format == "int4-gptq":  # modelopt/torch/quantization/config.py GPTQCalibConfig defaults
+    cfg = copy.deepcopy(getattr(mtq, MODELOPT_CFG[fmt]))
+    if fmt == "int4-gptq":  # modelopt/torch/quantization/config.py GPTQCalibConfig defaults
         cfg["algorithm"] = {"method": "gptq", "perc_damp": 0.01, "block_size": 128}
     for entry in cfg["quant_cfg"]:  # INT4 group size (first quantizer of W4A8's sequential pair)
         c = entry.get("cfg")
@@ -105,20 +207,23 @@ def worker(args) -> dict:
     # did the algorithm (AWQ smoothing folded into the weight, GPTQ updates) touch the experts?
     touched = sum(1 for n, p in model.named_parameters()
                   if n in experts_before and not torch.equal(p, experts_before[n]))
+    from moepress.compress.quantize import FORMATS as QF
+
+    # modelopt 0.47's NVFP4 fake quant runs on CUDA only (tensor_quant.py: "amax must be a CUDA tensor"): on
+    # CPU its own forwards are skipped and its weights come from its export numerics (as_moepress_checkpoint)
+    own = not (QF[fmt].element == "fp4" and not torch.cuda.is_available())
     with torch.no_grad():
-        fake = perplexity([model(input_ids=b, use_cache=False).logits.float() for b in ev], ev)
-        fused = as_deployed(model, args.format)
-        logits = [model(input_ids=b, use_cache=False).logits.float() for b in ev]
-        import resource
-
-        from moepress.compress.stream import StreamedModel
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # modelopt's peak, before the bench's copy
-        same = Path(args.tmp) / "modelopt-in-moepress"
-        n_mod = as_moepress_checkpoint(model, src, args.format, same)
+        fake = perplexity([model(input_ids=b, use_cache=False).logits.float() for b in ev], ev) if own else None
+        fused = as_deployed(model, fmt)
+        logits = [model(input_ids=b, use_cache=False).logits.float() for b in ev] if own else None
+        rss = _rss()  # modelopt's peak, before the bench's copy
+        same = tmp / "modelopt-in-moepress"
+        n_mod = as_moepress_checkpoint(model, src, fmt, same)
+        changed = runtime_expert_input_scales(same, fmt)
         ppl_same = perplexity(StreamedModel(str(same)).forward(ev), ev)
-    return {"ppl": perplexity(logits, ev), "ppl_same_forward": ppl_same, "modules_same_forward": n_mod, "rss_mb": rss,
-            "ppl_fake_quant": fake, "fused_groups": fused, "seconds": secs,
+    return {**({"ppl": perplexity(logits, ev), "ppl_fake_quant": fake} if own else {}),
+            "ppl_same_forward": ppl_same, "modules_same_forward": n_mod, "rss_mb": rss,
+            "fused_groups": fused, "seconds": secs, "runtime_scales_changed": changed,
             "quantizers": n_q, "expert_quantizers": n_exp, "experts_touched": f"{touched}/{len(experts_before)}"}
 
 
@@ -142,11 +247,16 @@ def as_moepress_checkpoint(model, src: Path, fmt: str, out: Path) -> int:
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from moepress.compress.quant import fp8
     from moepress.compress.quantize import FORMATS, SIDECAR
 
     def weight_fq(q, w):
         q = q[0] if isinstance(q, SequentialQuantizer) else q
+        if q.is_enabled and FORMATS[fmt].element == "fp4":  # NVFP4: its exporter's numerics (CPU), not q(w)
+            from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+            s2 = NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(q) if q.amax is not None else None
+            qt, s, s2 = NVFP4QTensor.quantize(w, 16, weights_scaling_factor_2=s2)
+            return qt.dequantize(dtype=torch.float32, scale=s, double_scale=s2, block_sizes={-1: 16})
         return q(w) if q.is_enabled else None
 
     def activation(iq):
@@ -154,7 +264,7 @@ def as_moepress_checkpoint(model, src: Path, fmt: str, out: Path) -> int:
         pqs = pqs.detach().float().reshape(-1).clone() if pqs is not None else None
         isc = None
         if FORMATS[fmt].static_input and iq.is_enabled and iq.amax is not None:
-            isc = fp8.scale_from_amax(iq.amax.detach().float().amax()).reshape(())
+            isc = FORMATS[fmt].input_scale(iq.amax.detach().float().amax()).reshape(())  # FP8: amax / 448
         return pqs, isc
 
     fresh = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
@@ -269,17 +379,20 @@ def as_deployed(model, fmt: str) -> int:
     return n
 
 
-def run_one(side, model, fmt, a) -> dict:
+def run_one(side, model, fmt, a, seed: int = 0, sets: str = "") -> dict:
+    """One worker process: ``side`` on ``model`` and calibration ``seed`` for the formats ``fmt``
+    (comma-separated; None for the baseline); {format: result}."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, __file__, "--worker", side, "--model", model, "--format", fmt or "none",
                "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len), "--group-size",
-               str(a.group_size), "--tmp", tmp]
+               str(a.group_size), "--seed", str(seed), "--set", sets, "--tmp", tmp]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         p = subprocess.run(cmd, env=env, capture_output=True, text=True)
         try:
             return json.loads(p.stdout.strip().splitlines()[-1])  # rss_mb: the worker's own peak (ru_maxrss)
         except (ValueError, IndexError):
-            return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:120]}
+            err = {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:120]}
+            return {f: err for f in (fmt or "none").split(",")}
 
 
 def main(argv=None) -> int:
@@ -292,14 +405,15 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--format", default=None)
+    ap.add_argument("--seed", type=int, default=0, help="calibration seed (both sides)")
+    ap.add_argument("--set", default="", help="worker: NAME=VALUE,... constants of moepress.compress.quantize.config")
     ap.add_argument("--tmp", default=None)
     a = ap.parse_args(argv)
     if a.worker:
         a.side = a.worker
         res = worker(a)
-        import resource
-
-        res.setdefault("rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        for r in res.values():
+            r.setdefault("rss_mb", _rss())
         print(json.dumps(res))
         return 0
     print(f"# quant quality: {a.num_samples} calibration samples x {a.seq_len} tokens (bundled calib text); "
@@ -312,12 +426,13 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     wins = {"ppl": 0, "ppl_own": 0, "rss": 0, "n": 0}
     for model in a.models.split(","):
-        base = run_one("baseline", model, None, a)
+        base = run_one("baseline", model, None, a, a.seed)["none"]
         print(f"| {model} | bf16 (baseline) | {base.get('ppl', float('nan')):.3f} | | | | | | | | | "
               f"{base.get('rss_mb', 0):.0f} | | | |", flush=True)
         for fmt in a.formats.split(","):
-            ours = run_one("ours", model, fmt, a)
-            ref = run_one("modelopt", model, fmt, a) if MODELOPT_CFG.get(fmt) else {"error": "no modelopt config"}
+            ours = run_one("ours", model, fmt, a, a.seed, a.set)[fmt]
+            ref = (run_one("modelopt", model, fmt, a, a.seed)[fmt] if MODELOPT_CFG.get(fmt)
+                   else {"error": "no modelopt config"})
 
             def f(d, k, spec):
                 return format(d[k], spec) if k in d else d.get("error", "-")
@@ -328,7 +443,7 @@ def main(argv=None) -> int:
             if "ppl" in ours and "ppl_same_forward" in ref:
                 wins["n"] += 1
                 wins["ppl"] += ours["ppl"] <= ref["ppl_same_forward"]
-                wins["ppl_own"] += round(ours["ppl"], 3) <= round(ref["ppl"], 3)
+                wins["ppl_own"] += "ppl" in ref and round(ours["ppl"], 3) <= round(ref["ppl"], 3)
                 wins["rss"] += ours["rss_mb"] < ref["rss_mb"]
             algo = ref.get("experts_touched", "-") if fmt in ("int4-awq", "int4-gptq", "w4a8-awq") else "n/a"
             diff = "-"

@@ -11,8 +11,12 @@ For one checkpoint (e.g. from bench/make_synthetic.py), in one run:
     (from wait4 of that process alone), and the largest layer's size for scale;
   * llm-compressor's `model_free_ptq` FP8_BLOCK as the peer, where llmcompressor is installed
     (--peer-python: it pins other transformers / compressed-tensors versions, so its own venv).
-Prints a Markdown table. Target (issue #10): calibration-free quantization within 1.5x of the
-raw read and faster than the peer; peak RSS under 2x the largest layer plus activations.
+  * core scaling of calibration-free fp8-block on the CPU (issue 22): the same run pinned to 1, 2, ...
+    cores (``--cores 1,2``; the affinity mask ``taskset -c 0`` / ``-c 0,1`` sets, with OMP_NUM_THREADS
+    to match), its speed-up over one core and its ratio to the raw read.
+Prints a Markdown table. Targets: calibration-free quantization within 1.5x of the raw read and
+faster than the peer (issue #10); peak RSS under 2x the largest layer plus activations; 2 cores
+>= 1.8x one core, and on a machine with the cores for it, the disk's speed (issue 22).
 """
 
 from __future__ import annotations
@@ -98,6 +102,38 @@ def largest_layer_bytes(model: Path) -> int:
     return max(per.values()) if per else 0
 
 
+def core_scaling(model: Path, out: Path, cores: list[int], floor: float, files: list[Path]) -> list[tuple]:
+    """fp8-block on the first n allowed cores for each n in ``cores``: rows (name, seconds, x floor,
+    peak RSS MB, status). Seconds are the stage's own (its ``--json`` result: the interpreter's
+    start and imports excluded, which on a loaded machine would swamp the difference); the status
+    gives the speed-up over the first core count."""
+    allowed = sorted(os.sched_getaffinity(0))
+    rows, first = [], None
+    for n in cores:
+        if n > len(allowed):
+            rows.append((f"fp8-block on {n} cores", None, None, None, f"only {len(allowed)} cores here"))
+            continue
+        cpus = set(allowed[:n])
+        env = {**os.environ, "OMP_NUM_THREADS": str(n)}
+        drop_cache(files)
+        p = subprocess.run([sys.executable, "-m", "moepress", "quantize", str(model), "--format", "fp8-block",
+                            "--device", "cpu", "-o", str(out), "--force", "--quiet", "--json"],
+                           env=env, capture_output=True, text=True,
+                           preexec_fn=lambda c=cpus: os.sched_setaffinity(0, c))  # what taskset -c sets
+        shutil.rmtree(out, ignore_errors=True)
+        taskset = ",".join(str(c) for c in sorted(cpus)) if n <= 4 else f"{min(cpus)}-{max(cpus)}"
+        if p.returncode != 0:
+            rows.append((f"fp8-block, taskset -c {taskset}", None, None, None,
+                         f"exit {p.returncode}: {p.stderr.strip()[-200:]}"))
+            continue
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        secs, rss = res["seconds"], res["memory"]["host_rss_peak_bytes"] / 1e6
+        first = first or (n, secs)
+        status = "ok" if n == first[0] else f"ok; {first[1] / secs:.2f}x {first[0]} core(s) (target 2 vs 1: >= 1.8x)"
+        rows.append((f"fp8-block, taskset -c {taskset} (stage seconds)", secs, secs / floor, rss, status))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)
@@ -105,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--cores", default="1,2", help="Core counts for the fp8-block scaling rows ('' for none); "
+                    "e.g. 1,2,16 on a 16-core machine.")
     ap.add_argument("--workdir", type=Path, default=None, help="Where outputs go (default: next to MODEL).")
     ap.add_argument("--peer-python", default=sys.executable,
                     help="Python with llmcompressor installed (it pins other transformers / compressed-tensors "
@@ -122,6 +160,7 @@ def main(argv=None) -> int:
         rows.append(("raw read, page cache (cat)", buffered, buffered / floor, None, "ok"))
         rows.append(("raw read, O_DIRECT", direct, direct / floor if direct else None, None,
                      "ok" if direct else "O_DIRECT refused here"))
+        rows += core_scaling(a.model, work / "scaling", [int(c) for c in a.cores.split(",") if c], floor, files)
         exe = [sys.executable, "-m", "moepress"]
         for mode in [m for m in a.modes.split(",") if m]:
             out = work / mode

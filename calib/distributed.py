@@ -138,6 +138,20 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     return list(items[start:start + base + (1 if rank < extra else 0)])
 
 
+def all_gather_shares(part: list[T], env: DistEnv) -> list[T]:
+    """Every rank's ``part`` (picklable, CPU tensors), concatenated in rank order: with :func:`shard`'s
+    contiguous shares of a list, the whole list back on every rank. Splitting per-item work (a
+    layer's experts) across ranks and reassembling it this way gives each rank exactly the list one
+    process computes, item by item."""
+    if not env.enabled:
+        return list(part)
+    import torch.distributed as dist
+
+    everyone: list = [None] * env.world_size
+    dist.all_gather_object(everyone, list(part))
+    return [x for p in everyone for x in p]
+
+
 def _check_same(env: DistEnv, what: str, value) -> None:
     import torch.distributed as dist
 
@@ -158,6 +172,7 @@ def all_reduce_routing(stats, env: DistEnv):
                 [(i, stats.layers[i].num_experts, stats.layers[i].top_k) for i in layers])
     ints = torch.cat([torch.cat([torch.tensor([stats.layers[i].tokens], dtype=torch.int64),
                                  stats.layers[i].counts.cpu().reshape(-1),
+                                 stats.layers[i].reap_count.cpu().reshape(-1),
                                  stats.layers[i].coselect.cpu().reshape(-1)]) for i in layers])
     floats = torch.cat([torch.cat([getattr(stats.layers[i], k).cpu().reshape(-1)
                                    for k in ("gate_sum", "norm_sum", "reap_sum")]) for i in layers])
@@ -171,8 +186,9 @@ def all_reduce_routing(stats, env: DistEnv):
         e = lr.num_experts
         lr.tokens = int(ints[a])
         lr.counts = ints[a + 1:a + 1 + e].clone()
-        lr.coselect = ints[a + 1 + e:a + 1 + e + e * e].view(e, e).clone()
-        a += 1 + e + e * e
+        lr.reap_count = ints[a + 1 + e:a + 1 + 2 * e].clone()
+        lr.coselect = ints[a + 1 + 2 * e:a + 1 + 2 * e + e * e].view(e, e).clone()
+        a += 1 + 2 * e + e * e
         for k in ("gate_sum", "norm_sum", "reap_sum"):
             setattr(lr, k, floats[b:b + e].clone())
             b += e

@@ -20,7 +20,7 @@ CHUNK_ELEMENTS = 2 * 1024 * 1024
 def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (float64) and the number of predicted tokens."""
     lp = F.log_softmax(logits[:, :-1].double(), dim=-1)
-    nll = -lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    nll = -lp.gather(-1, ids[:, 1:, None].to(lp.device)).squeeze(-1)
     return float(nll.sum()), nll.numel()
 
 
@@ -90,6 +90,7 @@ class LogitStats:
     kl: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, ref_logits: torch.Tensor, cand_logits: torch.Tensor, ids: torch.Tensor) -> None:
+        cand_logits = cand_logits.to(ref_logits.device)  # a runtime's logits beside a streamed reference's
         a, n = nll_sum(ref_logits, ids)
         b, _ = nll_sum(cand_logits, ids)
         self.nll_ref += a
@@ -118,7 +119,7 @@ class LayerStats:
     rel: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, ref: torch.Tensor, cand: torch.Tensor) -> None:
-        c, r = hidden_error(ref, cand)
+        c, r = hidden_error(ref, cand.to(ref.device))
         self.cos.append(c)
         self.rel.append(r)
 

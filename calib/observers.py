@@ -16,9 +16,31 @@ from torch import nn
 from moepress.compress.moe import DecoderLayer
 
 
+def reference_renormalize(moe) -> bool:
+    """Whether REAP's reference renormalises its gates over the top-k: ``getattr(model.config,
+    "norm_topk_prob", False)`` (CerebrasResearch/reap src/reap/main.py ``_setup_observer``, commit
+    1970473c). Mixtral's config has no such field, so there the gate is the softmax over all experts
+    although Mixtral itself renormalises. The config is the adapter's whose ``route`` the block runs."""
+    hf = getattr(getattr(moe.route, "__self__", None), "hf_config", None)
+    return bool(getattr(hf, "norm_topk_prob", False))
+
+
 @dataclass
 class LayerRouting:
-    """Routing statistics of one MoE layer, per routed expert."""
+    """Routing statistics of one MoE layer, per routed expert.
+
+    ``counts``, ``gate_sum``, ``norm_sum`` follow the family's real routing. ``reap_sum`` /
+    ``reap_count`` follow REAP's reference observer exactly (CerebrasResearch/reap, commit
+    1970473c51ca3caeb98c10392f15b3a08a672974, src/reap/pruning_metrics.py ``update_pruning_state`` and
+    src/reap/observer.py ``MoETransformerObserver._hook_factory``): the tokens an expert is counted on
+    are ``topk(router_logits, k)`` over the raw logits; the gate is ``softmax(router_logits)`` over
+    all experts in float32, divided by its sum over those top-k when the config's ``norm_topk_prob``
+    is true (:func:`reference_renormalize`), clamped at float32 eps; the norm is the L2 norm of the
+    expert's unweighted output; REAP = sum(gate * norm) / tokens counted. For sigmoid routers with a
+    correction bias and groups (DeepSeek-V3; the reference's Glm4MoeTopkRouter path returns the raw
+    logits) that ignores the sigmoid, the bias, the group limit and the scaling factor, as the
+    reference does; an expert counted there but not really routed is run on those tokens here.
+    """
 
     num_experts: int
     top_k: int
@@ -26,7 +48,8 @@ class LayerRouting:
     counts: torch.Tensor = None  # int64 [E]: tokens routed to each expert
     gate_sum: torch.Tensor = None  # float64 [E]: sum of routing weights received
     norm_sum: torch.Tensor = None  # float64 [E]: sum of ||expert output||_2 over routed tokens
-    reap_sum: torch.Tensor = None  # float64 [E]: sum of gate * ||expert output||_2 (REAP)
+    reap_sum: torch.Tensor = None  # float64 [E]: sum of reference gate * ||expert output||_2 (REAP)
+    reap_count: torch.Tensor = None  # int64 [E]: tokens with the expert in the top-k of the raw logits
     coselect: torch.Tensor = None  # int64 [E, E]: tokens routed to both i and j
 
     def __post_init__(self):
@@ -36,9 +59,13 @@ class LayerRouting:
             self.gate_sum = torch.zeros(e, dtype=torch.float64)
             self.norm_sum = torch.zeros(e, dtype=torch.float64)
             self.reap_sum = torch.zeros(e, dtype=torch.float64)
+            self.reap_count = torch.zeros(e, dtype=torch.int64)
             self.coselect = torch.zeros(e, e, dtype=torch.int64)
 
-    _FIELDS = ("counts", "gate_sum", "norm_sum", "reap_sum", "coselect")
+    _FIELDS = ("counts", "gate_sum", "norm_sum", "reap_sum", "reap_count", "coselect")
+    _DTYPES = {"counts": torch.int64, "gate_sum": torch.float64, "norm_sum": torch.float64,
+               "reap_sum": torch.float64, "reap_count": torch.int64, "coselect": torch.int64}
+    _ref = None  # (reference gate [T, E], reference hit [T, E]) of the forward under way (not a field)
 
     # observer protocol (moepress.compress.moe.MoEObserver)
     def on_route(self, moe, x, logits, weights, indices) -> None:
@@ -51,6 +78,32 @@ class LayerRouting:
         e = self.num_experts
         pairs = (idx[:, :, None] * e + idx[:, None, :]).reshape(-1)
         self.coselect += torch.bincount(pairs, minlength=e * e).view(e, e)
+        self._reference_route(moe, x, logits, idx)
+
+    def _reference_route(self, moe, x, logits, idx) -> None:
+        """REAP's gate and token set (see the class docstring); experts the reference counts on tokens
+        the family did not route to them are run on those tokens here, the rest in ``on_expert``.
+        Without logits (a caller feeding routes only) REAP is not accumulated."""
+        self._ref = None
+        if logits is None:
+            return
+        logits = logits.detach()
+        ref_idx = torch.topk(logits, self.top_k, dim=-1).indices
+        g = torch.softmax(logits, dim=1, dtype=torch.float)
+        if reference_renormalize(moe) and ref_idx.numel() > 0:
+            g = g / torch.gather(g, 1, ref_idx).sum(dim=-1, keepdim=True)
+            g = torch.clamp(g, min=torch.finfo(g.dtype).eps)
+        hit = torch.zeros_like(g, dtype=torch.bool).scatter_(1, ref_idx, True)
+        routed = torch.zeros_like(hit).scatter_(1, idx, True)
+        self._ref = (g, hit)
+        for e in torch.nonzero((hit & ~routed).any(dim=0)).flatten().tolist():
+            tok = torch.nonzero(hit[:, e] & ~routed[:, e]).flatten()
+            with torch.no_grad():
+                self._add_reap(e, g[tok, e], moe.experts[e](x[tok]))
+
+    def _add_reap(self, e: int, g: torch.Tensor, y: torch.Tensor) -> None:
+        self.reap_sum[e] += (g.double() * y.detach().double().norm(dim=-1)).sum()
+        self.reap_count[e] += g.numel()
 
     def on_expert(self, moe, e, tokens, slots, gate, x_e, y_e) -> None:
         n = y_e.detach().double().norm(dim=-1)
@@ -58,7 +111,10 @@ class LayerRouting:
         self.counts[e] += tokens.numel()
         self.gate_sum[e] += g.sum()
         self.norm_sum[e] += n.sum()
-        self.reap_sum[e] += (g * n).sum()
+        if self._ref is not None:
+            ref_g, hit = self._ref
+            m = hit[tokens, e]
+            self._add_reap(e, ref_g[tokens[m], e], y_e[m])
 
     def to(self, device) -> "LayerRouting":
         for k in self._FIELDS:
@@ -80,8 +136,10 @@ class LayerRouting:
 
     @property
     def reap(self) -> torch.Tensor:
-        """REAP saliency: mean over routed tokens of gate weight x ||expert output||_2."""
-        return self._per_token(self.reap_sum)
+        """REAP saliency as its reference computes it: sum of gate x ||expert output||_2 over the
+        tokens the reference counts, divided by their number (0 for an expert never counted)."""
+        return torch.where(self.reap_count > 0, self.reap_sum / self.reap_count.clamp(min=1),
+                           torch.zeros_like(self.reap_sum))
 
     @property
     def mean_gate(self) -> torch.Tensor:
@@ -99,13 +157,12 @@ class LayerRouting:
 
     def to_dict(self) -> dict:
         return {"num_experts": self.num_experts, "top_k": self.top_k, "tokens": self.tokens,
-                **{k: getattr(self, k).tolist() for k in ("counts", "gate_sum", "norm_sum", "reap_sum", "coselect")}}
+                **{k: getattr(self, k).tolist() for k in self._FIELDS}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerRouting":
         out = cls(d["num_experts"], d["top_k"], d["tokens"])
-        for k, dt in (("counts", torch.int64), ("gate_sum", torch.float64), ("norm_sum", torch.float64),
-                      ("reap_sum", torch.float64), ("coselect", torch.int64)):
+        for k, dt in cls._DTYPES.items():
             setattr(out, k, torch.tensor(d[k], dtype=dt))
         return out
 

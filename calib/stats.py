@@ -25,9 +25,11 @@ from moepress.progress import QUIET, Progress
 
 @torch.no_grad()
 def collect(model: str | Path, batches: list[torch.Tensor], *, absmax: bool = False, progress: Progress = QUIET,
-            dtype: torch.dtype = torch.float32) -> tuple[RoutingStats, dict[str, torch.Tensor] | None, dict]:
-    """(routing statistics, ``{model.layers.i.<linear>: input absmax}`` or None, model facts)."""
-    sm = StreamedModel(str(model), dtype=dtype)
+            dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+            ) -> tuple[RoutingStats, dict[str, torch.Tensor] | None, dict]:
+    """(routing statistics, ``{model.layers.i.<linear>: input absmax}`` or None, model facts);
+    the layers run on ``device`` (None: the CPU)."""
+    sm = StreamedModel(str(model), dtype=dtype, device=device)
     a = sm.adapter
     stats = RoutingStats()
     for i in a.moe_layers():  # every layer present even with no batches (ranks hold the same layers)

@@ -13,7 +13,7 @@ import torch
 from moepress.compress.arch import get_adapter
 from moepress.compress.arch.base import Adapter, count_params
 from moepress.compress.checkpoint import CheckpointReader
-from moepress.compress.formats import fp8_block
+from moepress.compress.formats import ct_inputs, fp8_block
 from moepress.compress.stream import StreamedModel
 
 # transformers' quant_method of a FineGrainedFP8Config, which DeepSeek-V3 / Kimi K2 configs carry
@@ -66,8 +66,27 @@ def storage_format(config: dict) -> str:
     if qc.get("quant_method") == HF_FP8_METHOD and qc.get("weight_block_size"):
         return fp8_block.FORMAT.name
     if qc:
-        return str(qc.get("quant_method") or qc.get("format") or "quantized")
+        # e.g. "compressed-tensors pack-quantized" (Kimi K2 Thinking's routed experts)
+        label = " ".join(dict.fromkeys(str(x) for x in (qc.get("quant_method"), qc.get("format")) if x))
+        return label or "quantized"
     return str(config.get("torch_dtype") or config.get("dtype") or "unknown")
+
+
+def module_formats(reader: CheckpointReader, adapter: Adapter) -> dict[str, dict[str, int]]:
+    """How the decoder layers' 2-D weights are stored, per storage label: {label: {"routed experts": n,
+    "other": m}}. A compressed-tensors packed module is labelled by its scheme (``int4 symmetric group
+    32 (compressed-tensors pack-quantized)``); any other weight by its stored dtype."""
+    out: dict[str, dict[str, int]] = {}
+    for i in reader.layer_indices():
+        names = set(reader.layer_names(i))
+        bases = {n[: -len(ct_inputs.PACKED)] for n in names if n.endswith(ct_inputs.PACKED)}
+        bases |= {n[: -len(".weight")] for n in names if n.endswith(".weight") and len(reader.info(n).shape) == 2}
+        for b in bases:
+            label = ct_inputs.describe(reader, b) or reader.info(b + ".weight").dtype.lower()
+            kind = "routed experts" if adapter.expert_index(b + ".weight") is not None else "other"
+            counts = out.setdefault(label, {})
+            counts[kind] = counts.get(kind, 0) + 1
+    return out
 
 
 def summarize(path: str) -> dict:
@@ -99,6 +118,8 @@ def summarize(path: str) -> dict:
         "bytes_on_disk": reader.bytes_by_dtype(),
         "remote_code": bool(reader.config.get("auto_map")),
     }
+    if reader.has_weights:
+        out["module_formats"] = module_formats(reader, a)
     mtp = getattr(a, "mtp_layers", lambda: [])()
     if mtp:
         out["layers"]["mtp"] = mtp
@@ -162,6 +183,9 @@ def render(s: dict) -> str:
         lines.append(f"on disk    {_fmt_bytes(sum(s['bytes_on_disk'].values()))} ({disk})")
     else:
         lines.append("on disk    no weights (config only)")
+    for k, (label, counts) in enumerate(sorted(s.get("module_formats", {}).items())):
+        parts = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
+        lines.append(f"{'modules' if k == 0 else '':<10} {label}: {parts}")
     if "formats" in s:
         lines.append(f"formats    {', '.join(s['formats'])}")
     if "targets" in s:

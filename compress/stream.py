@@ -21,6 +21,7 @@ from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import CheckpointReader, LayerView
 from moepress.compress.formats import fake_quant
 from moepress.compress.moe import DecoderLayer
+from moepress.device import Uploader
 from moepress.errors import MoepressError
 
 # Tensors stored next to a weight by quantized formats; a layer module has no parameter
@@ -116,6 +117,23 @@ class StoredLinear(nn.Linear):
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
+class _OnDevice:
+    """A reader whose ``get`` returns the stored tensor on the uploader's device (a quantized
+    layer's activation scales, for its fake-quant hooks)."""
+
+    def __init__(self, reader: CheckpointReader, uploader: Uploader):
+        self._reader, self._uploader = reader, uploader
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._uploader.upload({name: self._reader.get(name)})[name]
+
+    def __getattr__(self, attr):
+        return getattr(self._reader, attr)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._reader
+
+
 class StreamedModel:
     """A checkpoint seen as a stream of decoder layers.
 
@@ -124,11 +142,16 @@ class StreamedModel:
     stay bf16 in the layer (:class:`StoredLinear`, same results), which halves the memory of a
     float32 stream; big checkpoints need it to stay within ~2x a stored layer.
     ``read_ahead_bytes``: how far the background reader runs ahead of the layer being built.
+    ``device``: where layers are built and hidden states live (moepress/device.py resolves it);
+    on a GPU each layer's stored bytes are uploaded (:class:`Uploader`) while the previous layer
+    computes, decoded there, and logits come back to the host. The CPU path is unchanged.
     """
 
     def __init__(self, source: str | CheckpointReader, *, dtype: torch.dtype = torch.float32,
-                 prefetch: bool = True, keep_stored: bool = False, read_ahead_bytes: int | None = None):
+                 prefetch: bool = True, keep_stored: bool = False, read_ahead_bytes: int | None = None,
+                 device: torch.device | str | None = None):
         self.ckpt = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
+        self.to(device)
         self.adapter = get_adapter(self.ckpt.config, self.ckpt.names(), where=str(self.ckpt.path / "config.json"))
         self.dtype = dtype
         self.prefetch = prefetch
@@ -140,6 +163,14 @@ class StreamedModel:
         self._rotary = None
         self._pos_cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.check_weights()
+
+    def to(self, device: torch.device | str | None) -> StreamedModel:
+        """Build later layers on ``device`` (None: the CPU); returns self."""
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.uploader = Uploader(self.device)
+        self._on_device = _OnDevice(self.ckpt, self.uploader)
+        self._rotary, self._pos_cache = None, {}
+        return self
 
     @property
     def config(self) -> dict:
@@ -219,7 +250,15 @@ class StreamedModel:
     def _read(self, name: str, view=None) -> torch.Tensor:
         src = view if view is not None else self.ckpt
         dtype = torch.float32 if self.adapter.keep_fp32(name) else self.dtype
+        if view is None and not self.uploader.on_cpu:  # stored bytes to the device, decoded there
+            view = LayerView(self.ckpt, self.uploader.upload(self._stored_of(name)))
+            src = view
         return src.weight(name, dtype) if name.endswith(".weight") else src.get(name).to(dtype)
+
+    def _stored_of(self, name: str) -> dict[str, torch.Tensor]:
+        """``name`` and its companions (scales) as stored: what decoding it on a device needs."""
+        stem = name[: -len(".weight")] if name.endswith(".weight") else name
+        return {n: self.ckpt.get(n) for n in [name] + [stem + s for s in COMPANION_SUFFIXES] if n in self.ckpt}
 
     def read_layer_raw(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's tensors as stored (what the prefetch thread reads ahead)."""
@@ -244,6 +283,7 @@ class StreamedModel:
             if self.keep_stored and key in self._linear_keys[i] and self.ckpt.info(name).dtype == "BF16" \
                     and self.dtype != torch.bfloat16:
                 t = (view or self.ckpt).get(name)  # as stored; StoredLinear casts at each call
+                t = self.uploader.upload({name: t})[name] if view is None else t
             else:
                 t = self._read(name, view)
             if tuple(t.shape) != shape:
@@ -260,11 +300,13 @@ class StreamedModel:
             if type(m) is nn.Linear and m.weight.dtype != self.dtype:
                 m.__class__ = StoredLinear
         # a quantized checkpoint's layer runs its activation fake-quant: the stream is its forward
-        fake_quant.prepare_layer(self.ckpt, self.adapter.layer_prefix(i), layer)
+        fake_quant.prepare_layer(self.ckpt if self.uploader.on_cpu else self._on_device,
+                                 self.adapter.layer_prefix(i), layer)
         return layer.eval()
 
     def load_layer(self, i: int) -> DecoderLayer:
-        return self.build_layer(i, self.read_layer_state(i))
+        raw = None if self.uploader.on_cpu else self.uploader.upload(self.read_layer_raw(i))
+        return self.build_layer(i, self.read_layer_state(i, raw))
 
     def layers(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, DecoderLayer]]:
         """Yield (i, layer) with weights loaded; layer i+1 is read in the background while i runs."""
@@ -273,7 +315,7 @@ class StreamedModel:
             for i in range(start, stop):
                 yield i, self.load_layer(i)
             return
-        for i, box in self._raw_layers(start, stop):
+        for i, box in self.uploader.ahead(self._raw_layers(start, stop)):
             state = self.read_layer_state(i, box.pop())  # the raw tensors live on only as the state
             layer = self.build_layer(i, state)
             del state
@@ -306,14 +348,14 @@ class StreamedModel:
         for b in batches:
             if b.numel() and (int(b.max()) >= w.shape[0] or int(b.min()) < 0):
                 raise MoepressError(f"token id {int(b.max())} out of range for vocab_size {w.shape[0]}")
-        return [F.embedding(b, w) for b in batches]
+        return [F.embedding(b.to(w.device), w) for b in batches]
 
     def position_embeddings(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (h.shape[1], h.dtype)
         if key not in self._pos_cache:
             if self._rotary is None:
-                self._rotary = self.adapter.build_rotary()
-            pos = torch.arange(h.shape[1]).unsqueeze(0)
+                self._rotary = self.adapter.build_rotary().to(self.device)
+            pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
             self._pos_cache[key] = self._rotary(h, pos)
         return self._pos_cache[key]
 
@@ -323,15 +365,16 @@ class StreamedModel:
 
     def head_weights(self) -> tuple[torch.nn.Module, torch.Tensor]:
         a = self.adapter
-        norm = a.build_norm(a.hidden_size)
+        norm = a.build_norm(a.hidden_size).to(self.device)
         norm.weight.data = self._read(a.norm_name)
         head = a.head_name if a.head_name in self.ckpt else a.embed_name
         return norm, self._read(head)
 
     @torch.no_grad()
     def head(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Logits per batch, on the host (computed on the device)."""
         norm, w = self.head_weights()
-        return [F.linear(norm(h), w) for h in hs]
+        return [F.linear(norm(h), w).cpu() for h in hs]
 
     @torch.no_grad()
     def forward(self, batches: list[torch.Tensor], *, before_layer: LayerCallback | None = None,

@@ -13,8 +13,10 @@ format's own ``ct_format`` / ``ct_scheme`` (compress/formats/): fp8, fp8-dynamic
 ``weight_scale`` [out, in/group], ``weight_shape`` [2])
 (compressed_tensors/compressors/naive_quantized/base.py, pack_quantized/base.py). AWQ's
 ``pre_quant_scale`` has no place in a compressed-tensors scheme (llm-compressor folds AWQ
-smoothing into the previous norm/linear instead), so int4-awq / w4a8-awq are refused with a
-pointer to int4-gptq or hf-modelopt.
+smoothing into the previous norm/linear instead): an int4-awq checkpoint quantized with
+``--awq-fold`` (compress/quantize/fold.py, the same folds; sidecar ``awq_fold``) has none and is
+pack-quantized like int4-gptq; an unfolded one is refused with a pointer to ``--awq-fold``, and
+w4a8-awq always (its static per-tensor FP8 activations have no compressed-tensors scheme vLLM runs).
 
 ``config.json: quantization_config`` is what the library writes
 (ModelCompressor.update_config: quant_method "compressed-tensors", version, format,
@@ -29,6 +31,14 @@ quantized (e.g. INT4 down projections whose in_features no group <= --group-size
 transformers 5.24 drops them and loads the model silently broken), high-precision experts in an
 INT4 checkpoint, and block-FP8 experts whose width is over 128 and not a multiple of it.
 
+NVFP4 / NVFP4-A16 / MXFP4 (``nvfp4-pack-quantized``, ``mxfp4-pack-quantized``): our stored bytes already
+are the library's (same nibble order, E4M3 / E8M0 scales), so they are renamed, not re-quantized
+(Format.ct_tensors: ``weight_packed``, ``weight_scale``, and NVFP4's reciprocal ``weight_global_scale`` /
+``input_global_scale``; compress/formats/nvfp4.py). transformers 5.24 loads NVFP4 experts without their
+``weight_global_scale`` (its per-expert decompression module holds weight_packed / weight_scale /
+weight_shape only: integrations/compressed_tensors.py CompressedTensorsDequantize), so an NVFP4 MoE
+export is for vLLM / SGLang; transformers loads its dense layers and MXFP4 exports exactly.
+
 Streaming: one module's state dict at a time through the compressor, one decoder layer per
 shard; the whole model is never built.
 """
@@ -39,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+import moepress.exporters.ct_ignore as ct_ignore
 from moepress.compress import formats
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
@@ -54,9 +65,14 @@ def _schemes(src: Path, s) -> tuple[dict[tuple[str, int | None], object], str]:
     targets ["Linear"] when there is one, else the module names), and the one CT format they share."""
     require_layout(s, "compressed-tensors", "fp8 (or fp8-dynamic, fp8-block, int4-gptq)")
     fmts = s.formats
+    awq = sorted(f for f in fmts if f in formats.FORMATS and formats.FORMATS[f].awq)
+    if awq and not s.layout.get("awq_fold"):  # compress/quantize/fold.py
+        raise MoepressError(f"--format compressed-tensors: {src} is quantized as {', '.join(awq)} with "
+                            "pre_quant_scale, which has no compressed-tensors form; expected AWQ folded into the "
+                            "norms (moepress quantize --awq-fold), int4-gptq, or --format hf-modelopt")
     bad = sorted(fmts - set(SUPPORTED))
     if bad:
-        why = " (AWQ pre_quant_scale has no compressed-tensors form: use int4-gptq, or --format hf-modelopt)" \
+        why = " (static FP8 activations: vLLM's compressed-tensors W4A8 takes dynamic per-token ones only)" \
             if any(b in formats.FORMATS and formats.FORMATS[b].awq for b in bad) else ""
         raise MoepressError(f"--format compressed-tensors: {src} is quantized as {', '.join(bad)}; expected "
                             f"{', '.join(SUPPORTED)}{why}")
@@ -80,7 +96,8 @@ def _refuse_misread_experts(s, schemes) -> None:
     modules = s.layout["modules"]
     refuse_mixed(s, "compressed-tensors", set(modules), "vLLM and transformers fuse a layer's experts under one "
                  "scheme (transformers drops the unquantized ones without an error)")
-    if any(sch.weights is not None and sch.weights.type != "float" for sch in schemes.values()):
+    if any(sch.weights is not None and (sch.weights.type != "float" or sch.weights.num_bits < 8)
+           for sch in schemes.values()):  # INT4, and FP4's packed weights alike
         refuse_unpacked_experts(s, "compressed-tensors", set(modules))
     refuse_partial_blocks(s, "compressed-tensors", modules)
 
@@ -92,6 +109,13 @@ def _compress_layer(r, modules: dict, prefix: str, compressor, schemes, writer) 
         if not base.startswith(prefix):
             continue
         fmt = m["format"]
+        f = formats.FORMATS[fmt]
+        if f.ct_tensors is not None:  # stored bytes already the library's (NVFP4, MXFP4): renamed, not re-quantized
+            stored = {k: r.get(f"{base}.{k}") for k in f.stored if f"{base}.{k}" in r}
+            for k, t in sorted(f.ct_tensors(stored).items()):
+                writer.add(f"{base}.{k}", t)
+            done.update(f"{base}.{k}" for k in stored)
+            continue
         sd = {"weight": r.weight(base + ".weight", torch.float32),
               "weight_scale": formats.FORMATS[fmt].ct_scale(r.get(base + ".weight_scale"))}
         if base + ".input_scale" in r:
@@ -128,6 +152,7 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
             writer.end_shard()
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
     ignore = [n for n in unquantized_modules(s, set(modules)) if not n.endswith("embed_tokens")]
+    ignore = ct_ignore.condensed(ignore, set(modules))  # Kimi's patterns where they fit (ct_ignore.py)
     qc = QuantizationConfig(config_groups={f"group_{k}": sch for k, sch in enumerate(schemes.values())},
                             format=ct_format, quantization_status=QuantizationStatus.COMPRESSED, ignore=ignore)
     writer.write_json("config.json", output_config(s, None))
@@ -139,6 +164,6 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
 
 EXPORTER = Exporter(
     "compressed-tensors", export_compressed_tensors, description="compressed-tensors checkpoint (float-quantized FP8, "
-    "pack-quantized INT4) written through the compressed-tensors library",
+    "pack-quantized INT4, nvfp4- / mxfp4-pack-quantized) written through the compressed-tensors library",
     consumers="vLLM, transformers (CompressedTensors), SGLang",
 )

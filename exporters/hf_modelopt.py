@@ -36,14 +36,16 @@ INT4 down projections left bf16 because no group divides their in_features) and 
 whose width is over 128 and not a multiple of it: fused-MoE runtimes hold one quantization per
 layer's experts and stack gate and up into one weight.
 
-Block FP8 is written as ``FP8_BLOCK_SCALES`` (TensorRT-LLM's QuantAlgo; modelopt writes the alias
-``fp8_pb_wo``, which TensorRT-LLM canonicalises to FP8_BLOCK_SCALES at parse time, but older
-releases only accept the enum name).
+Each format's ``quant_algo`` is the name Model-Optimizer writes (Format.modelopt_entry): block FP8 is
+``fp8_pb_wo``, which TensorRT-LLM and vLLM both read (compress/formats/fp8_block.py says where); the
+README's consumer table lists, per consumer, the names it accepts (tests/test_consumer_names.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from moepress import __version__
 from moepress.compress import formats
@@ -111,6 +113,14 @@ def quant_configs(layout: dict, modules: dict[str, dict], exclude: list[str], kv
     return hf_quant, flat
 
 
+def _folded_awq(layout: dict, modules: dict) -> set[str]:
+    """AWQ modules of a folded checkpoint (quantize --awq-fold: the smoothing is in the norms): written
+    with pre_quant_scale = 1, so that they stay the W4A16_AWQ / W4A8_AWQ layout TensorRT-LLM loads."""
+    if not layout.get("awq_fold"):
+        return set()
+    return {n for n, m in modules.items() if m["format"] in formats.FORMATS and formats.FORMATS[m["format"]].awq}
+
+
 def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     s = open_source(src)
     modules = require_layout(s, "hf-modelopt", "fp8 (or fp8-block, int4-awq, w4a8-awq)")["modules"]
@@ -124,11 +134,14 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     refuse_partial_blocks(s, "hf-modelopt", modules)
     r = s.reader
     written = 0
+    folded = _folded_awq(s.layout, modules)
     with progress.task("export hf-modelopt", s.adapter.num_layers + 2) as task:
         for kind, i, names in tensor_groups(s):
             for n in names:
                 writer.add(n, r.get(n))  # stored bytes as they are: already modelopt's layout
                 written += 1
+                if n.endswith(".weight") and n[: -len(".weight")] in folded:
+                    writer.add(n[: -len(".weight")] + ".pre_quant_scale", torch.ones(r.info(n).shape[1]))
             writer.end_shard()
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
     exclude = unquantized_modules(s, set(modules))
@@ -150,6 +163,6 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
 
 EXPORTER = Exporter(
     "hf-modelopt", export_hf_modelopt, description="Hugging Face checkpoint with modelopt's hf_quant_config.json "
-    "(FP8, FP8_BLOCK_SCALES, W4A16_AWQ, W4A8_AWQ ...) from a moepress quantize output",
+    "(FP8, fp8_pb_wo, W4A16_AWQ, W4A8_AWQ ...) from a moepress quantize output",
     consumers="TensorRT-LLM (PyTorch backend), vLLM, SGLang",
 )

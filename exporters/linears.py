@@ -93,6 +93,9 @@ def read_linear(reader: CheckpointReader, prefix: str) -> Linear:
         s = opt(".weight_scale")
         if s is None:
             raise MoepressError(f"{reader.path}: packed tensor '{name}' has no weight_scale")
+        if s.dtype != torch.float32:  # E4M3 (NVFP4) / E8M0 (MXFP4) scales: FP4 elements, not INT4
+            raise MoepressError(f"{reader.path}: '{name}' is FP4 (NVFP4/MXFP4), which this exporter cannot write; "
+                                "expected bf16, FP8 or INT4 (FP4: --format hf-modelopt or compressed-tensors)")
         return Linear("group", int4.unpack_int4(reader.get(name)), s.float(), opt(".input_scale"),
                       opt(".pre_quant_scale"))
     return Linear("none", reader.get(name))

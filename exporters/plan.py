@@ -40,7 +40,7 @@ from moepress.compress.inspect import storage_format
 from moepress.errors import MoepressError
 from moepress.exporters.kv_cache import KV_CACHE
 from moepress.exporters.shape import ModelShape, model_shape
-from moepress.exporters.targets import PRODUCED, TARGETS, UNQUANTIZED, Target, check_format, get_target
+from moepress.exporters.targets import PRODUCED, TARGETS, UNQUANTIZED, Target, check_format, get_target, pick_format
 
 RESERVE_FRACTION = 0.10
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -221,13 +221,16 @@ def _parallelism(E: int, gpus: int | None, tp: int | None, ep: int | None) -> in
 
 def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus: int | None = None,
          tp: int | None = None, ep: int | None = None, max_seq_len: int = 4096, max_batch: int = 8,
-         max_num_tokens: int | None = None, kv_cache_dtype: str = kv_cache.DEFAULT, runtime: str = "trtllm") -> Plan:
+         max_num_tokens: int | None = None, kv_cache_dtype: str = kv_cache.DEFAULT, runtime: str = "trtllm",
+         bits: int | None = None) -> Plan:
     """Plan ``fmt`` of the model on ``target``; the smallest GPU count that fits when ``gpus`` is None.
 
     Raises a one-line :class:`MoepressError` with a suggestion when the target cannot run the
     format, the EP size does not divide the experts, or the model does not fit. ``runtime``:
     ``trtllm`` (TensorRT-LLM, engine or PyTorch backend) or ``onnx`` (a TensorRT engine from the
-    ONNX export: one GPU, no KV cache, dense experts; see the module docstring).
+    ONNX export: one GPU, no KV cache, dense experts; see the module docstring). ``bits`` (with no
+    ``fmt``): the planner picks the target's format of that weight width (targets.pick_format: NVFP4
+    for 4 bits on Blackwell) and says why in the plan's notes.
     """
     if runtime not in RUNTIMES:
         raise MoepressError(f"runtime {runtime!r}: expected trtllm or onnx")
@@ -235,6 +238,9 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     name = str(model_dir_or_config) if isinstance(model_dir_or_config, str | Path) else "<config>"
     given = isinstance(model_dir_or_config, ModelShape)
     shape = model_dir_or_config if given else model_shape(model_dir_or_config)
+    why = None
+    if fmt is None and bits is not None:
+        fmt, why = pick_format(t, bits)
     fmt = fmt or (UNQUANTIZED if given else default_format(model_dir_or_config))
     check_format(t, fmt)
     _check_request(t, kv_cache_dtype, {"--max-seq-len": max_seq_len, "--max-batch": max_batch, "--gpus": gpus,
@@ -242,11 +248,10 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     max_num_tokens = max_num_tokens or min(max_batch * max_seq_len, 8192)
     gpus = _parallelism(shape.num_experts, gpus, tp, ep)
     planner = _Planner(name, shape, t, fmt, ep, max_seq_len, max_batch, max_num_tokens, kv_cache_dtype, runtime)
-    if runtime == "onnx":
-        return planner.onnx(gpus)
-    if gpus is not None:
-        return planner.fixed(gpus)
-    return planner.fewest()
+    p = planner.onnx(gpus) if runtime == "onnx" else planner.fixed(gpus) if gpus is not None else planner.fewest()
+    if why:
+        p.notes.insert(0, f"format chosen for {bits}-bit weights: {why}")
+    return p
 
 
 def _gb(n: float) -> str:

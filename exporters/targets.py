@@ -196,6 +196,29 @@ def suggest_format(target: Target, fmt: str, produced_only: bool = False) -> str
     return UNQUANTIZED
 
 
+def pick_format(target: Target, bits: int) -> tuple[str, str]:
+    """The format moepress writes for ``bits``-bit weights on ``target``, and why (one sentence).
+
+    Among the produced formats of that weight width the target runs (Format.archs), the first whose
+    activations are quantized statically to a low-precision element the GPU's tensor cores take
+    (NVFP4 on Blackwell: FP4 x FP4 GEMMs, TensorRT-LLM's 4-bit path there), else the first in
+    registry order (INT4 weight-only AWQ before Hopper's W4A8, which trades accuracy for speed)."""
+    fits = [f for n, f in formats.produced().items() if f.weight_bits == bits and target.supports(n)]
+    if not fits:
+        raise MoepressError(f"--bits {bits}: {target.gpu} (sm{target.sm}) runs no {bits}-bit weight format moepress "
+                            f"writes; it runs {', '.join(target.formats)}")
+    native = [f for f in fits if f.element == "fp4" and f.static_input]
+    f = (native or fits)[0]
+    if native:
+        why = (f"{f.name}: sm{target.sm} multiplies FP4 weights by FP4 activations on its tensor cores "
+               f"(TensorRT-LLM's 4-bit path on Blackwell); INT4 weight-only kernels are not offered there")
+    else:
+        others = [g.name for g in fits if g is not f]
+        why = (f"{f.name}: the first {bits}-bit format sm{target.sm} runs"
+               + (f" (also: {', '.join(others)})" if others else ""))
+    return f.name, why
+
+
 def render(targets=None) -> str:
     rows = [("target", "GPU", "SM", "memory", "bandwidth", "interconnect", "formats")]
     for t in targets or TARGETS.values():
@@ -207,4 +230,4 @@ def render(targets=None) -> str:
 
 
 __all__ = ["KV_CACHE", "PRODUCED", "UNQUANTIZED", "Target", "TARGETS", "register_target", "get_target", "check_format",
-           "suggest_format", "min_sm", "render", "FP8_FMHA_MIN_SM"]
+           "suggest_format", "pick_format", "min_sm", "render", "FP8_FMHA_MIN_SM"]

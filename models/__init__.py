@@ -1,6 +1,6 @@
 """The tiny MoE models bundled for tests and the default `moepress run` (trained offline by tools/train_tiny.py),
 and test fixtures derived from them (``FIXTURES``: not in ``BUNDLED``, which the README and the default
-run iterate; tools/make_odd_width.py writes ``tiny-mixtral-w192``)."""
+run iterate; written by tools/make_odd_width.py, make_kimi_int4.py, make_mxfp4.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BUNDLED = ("tiny-qwen3-moe", "tiny-mixtral", "tiny-deepseek-v3")
 DEFAULT = "tiny-qwen3-moe"
-# tiny-mixtral with expert width 192: not a multiple of the INT4 group / FP8 block size (128)
-FIXTURES = ("tiny-mixtral-w192",)
+# tiny-mixtral with expert width 192: not a multiple of the INT4 group / FP8 block size (128);
+# tiny-deepseek-v3 stored as Kimi K2 Thinking ships (model_type kimi_k2, routed experts compressed-tensors
+# pack-quantized INT4 group 32: tools/make_kimi_int4.py); tiny-qwen3-moe with compressed-tensors MXFP4
+# experts (tools/make_mxfp4.py)
+FIXTURES = ("tiny-mixtral-w192", "tiny-kimi-k2-int4", "tiny-qwen3-moe-mxfp4")
 
 
 def path(name: str = DEFAULT) -> Path:

@@ -1,7 +1,10 @@
-"""Resident memory of this process: now, and the peak over a stretch of code (sampled in a thread).
+"""Resident memory of this process: now, and the peak over a stretch of code.
 
-Used by the benchmarks (bench/check_memory.py); the memory tests read the kernel's high-water mark
-instead (tests/memprobe.py).
+:class:`HostPeak` reads the kernel's high-water mark (``VmHWM``) after resetting it
+(``/proc/self/clear_refs``), so it sees every page, however brief; where the reset is refused it
+falls back to sampling (:class:`PeakRSS`). Used by every stage's ``--json`` result
+(moepress/device.py) and the benchmarks; the memory tests read a child's high-water mark
+(tests/memprobe.py).
 """
 
 from __future__ import annotations
@@ -10,13 +13,38 @@ import threading
 import time
 
 
+def _status(key: str) -> int:
+    """A ``/proc/self/status`` size field in bytes (0 where there is none: not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def rss() -> int:
     """Current resident set size in bytes (Linux /proc)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status("VmRSS:")
+
+
+def hwm() -> int:
+    """The kernel's high-water mark of the resident set (bytes) since the process started or the
+    last :func:`reset_hwm`."""
+    return _status("VmHWM:")
+
+
+def reset_hwm() -> bool:
+    """Reset the high-water mark to the current RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``);
+    False where refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class PeakRSS:
@@ -41,3 +69,24 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss())
+
+
+class HostPeak:
+    """``with HostPeak() as p: ...`` then ``p.peak``: the resident-set peak over the block, from the
+    kernel's high-water mark where it can be reset, else sampled every 10 ms."""
+
+    def __init__(self):
+        self.peak = 0
+        self._sampler: PeakRSS | None = None
+
+    def __enter__(self) -> HostPeak:
+        if not reset_hwm() or hwm() == 0:
+            self._sampler = PeakRSS(interval=0.01).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._sampler is not None:
+            self._sampler.__exit__(*exc)
+            self.peak = self._sampler.peak
+        else:
+            self.peak = max(hwm(), rss())

@@ -128,13 +128,13 @@ def test_values_equal_modelopts_to_fp8_rounding(both):
 
 
 def test_fp8_block_source_is_fp8_block_scales(tmp_path):
-    """Calibration-free fp8-block quantize -> quant_algo FP8_BLOCK_SCALES, [out/128, in/128] scales."""
+    """Calibration-free fp8-block quantize -> quant_algo fp8_pb_wo (modelopt), [out/128, in/128] scales."""
     q = tmp_path / "q"
     quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(format="fp8-block"))
     e = tmp_path / "e"
     export(q, e, ExportConfig(format="hf-modelopt"))
     hq = json.loads((e / "hf_quant_config.json").read_text())["quantization"]
-    assert hq["quant_algo"] == "FP8_BLOCK_SCALES"
+    assert hq["quant_algo"] == "fp8_pb_wo"
     qc = json.loads((e / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "modelopt" and qc["config_groups"]["group_0"]["weights"]["strategy"] == "block"
     t = _tensors(e)

@@ -50,7 +50,7 @@ PARTIAL = "block-FP8 routed-expert weights of shape 128x192, 192x128 are not who
 NEEDS_Q = "needs a quantized checkpoint"
 NOT_BLOCK = "expected fp8-block or a bf16 checkpoint"
 TRT_ONLY = "this exporter writes bf16 and FP8 per-tensor"
-AWQ = "AWQ pre_quant_scale has no compressed-tensors form"
+AWQ = "with pre_quant_scale, which has no compressed-tensors form"
 # (input, exporter) -> a consumer, or the words of the one-line refusal
 EXPECT = {
     ("bf16", "hf-modelopt"): NEEDS_Q, ("bf16", "hf-fp8-block"): TF, ("bf16", "compressed-tensors"): NEEDS_Q,

@@ -28,9 +28,11 @@ def test_declaration_is_complete(name):
     assert "weight" in f.stored and f.stored_bytes is not None
     if f.quant_algo is not None:
         assert formats.by_quant_algo(f.quant_algo) is f
-    if f.produced:
-        assert f.decode is not None and f.modelopt_entry is not None and f.modelopt_group is not None
-        assert f.modelopt_entry(128)["quant_algo"] == f.quant_algo
+    if f.produced:  # a consumer form: Model-Optimizer's or compressed-tensors' (MXFP4 has only the latter)
+        assert f.decodes and (f.modelopt_entry is not None or f.ct_format is not None)
+        if f.modelopt_entry is not None:
+            assert f.modelopt_group is not None and f.modelopt_entry(128)["quant_algo"] == f.modelopt_algo
+            assert formats.by_quant_algo(f.modelopt_algo) is f
 
 
 def test_registry_lookups():
@@ -38,7 +40,8 @@ def test_registry_lookups():
     assert formats.by_quant_algo("NO_SUCH_ALGO") is None
     with pytest.raises(MoepressError, match="--format int9: expected one of"):
         formats.get("int9")
-    assert list(formats.produced()) == ["fp8", "fp8-block", "fp8-dynamic", "int4-awq", "int4-gptq", "w4a8-awq"]
+    assert list(formats.produced()) == ["fp8", "fp8-block", "fp8-dynamic", "int4-awq", "int4-gptq", "w4a8-awq",
+                                         "nvfp4", "nvfp4-a16", "mxfp4"]
 
 
 class _Stats:
@@ -71,7 +74,7 @@ def test_quantizer_round_trips_through_its_decoder(name):
     assert out.skipped is None and len(out.tensors) == 2
     for w, t in zip(ws, out.tensors, strict=True):
         assert set(t) <= set(f.stored), sorted(t)
-        deq = f.decode(t["weight"], t["weight_scale"], torch.float32)
+        deq = f.dequantize(t, torch.float32)
         if f.awq:
             deq = deq * t["pre_quant_scale"][None, :]  # the stored weight is W / pre_quant_scale
         rel = ((deq - w).norm() / w.norm()).item()

@@ -226,7 +226,7 @@ def _one_line(r, *needles):
 def test_cli_and_bad_input(cli_run, tmp_path):
     r = cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-o", tmp_path / "q", "--json", "--quiet")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["quant_algo"] == "FP8_BLOCK_SCALES"
+    assert json.loads(r.stdout)["quant_algo"] == "fp8_pb_wo"
     # --no-awq-gptq reaches the quantizer: AWQ's smoothed weights rounded to nearest with the stored scales
     r = cli_run("quantize", "tiny-qwen3-moe", "--format", "int4-awq", "--no-awq-gptq", "--num-samples", "2",
                 "--seq-len", "64", "-o", tmp_path / "rtn", "--quiet")

@@ -35,3 +35,82 @@ def test_two_rank_gloo_quantize_is_byte_identical_to_one_process(tmp_path):
     a, b = _digests(tmp_path / "one"), _digests(tmp_path / "two")
     assert len([n for n in a if n.endswith(".safetensors")]) >= 5
     assert a == b
+
+
+def _expert_groups(fmt):
+    """A layer's routed-expert groups (gate+up, down) with statistics of different token counts."""
+    import torch
+
+    from moepress.compress.quantize.config import QuantConfig
+    from moepress.compress.quantize.stats import LinearStats
+
+    cfg = QuantConfig(format=fmt, group_size=32)
+    g = torch.Generator().manual_seed(5)
+    groups = []
+    for e in range(7):
+        x = torch.randn(int(torch.randint(10, 200, (1,), generator=g)), 96, generator=g)
+        for names in ([f"e{e}.gate", f"e{e}.up"], [f"e{e}.down"]):
+            st = LinearStats(hessian=cfg.needs_hessian(fmt))
+            st.add(x if len(names) == 2 else torch.relu(x))
+            groups.append((fmt, names, [torch.randn(6, 96, generator=g) for _ in names], st))
+    return cfg, groups
+
+
+def _quantize_experts(cfg, groups, env, counts):
+    from moepress.compress.quantize import experts
+    from moepress.compress.quantize.group import LayerResult
+
+    inner = experts.quantize_groups
+
+    def counted(gs, *a):
+        counts.append(len(gs))
+        return inner(gs, *a)
+
+    experts.quantize_groups = counted
+    res = LayerResult()
+    eb = experts.ExpertBatch(res, cfg, env, budget=1_200_000)  # several flushes, each split across the ranks
+    for fmt, names, ws, st in groups:
+        eb.add(fmt, names, ws, st)
+    eb.flush()
+    experts.quantize_groups = inner
+    return res
+
+
+def _rank_main(rank, world, init_file, out, fmt):
+    import torch
+    import torch.distributed as tdist
+
+    from moepress.calib import distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    counts: list = []
+    cfg, groups = _expert_groups(fmt)
+    res = _quantize_experts(cfg, groups, dist.current(), counts)
+    torch.save({"tensors": res.tensors, "alpha": res.awq_alpha, "counts": counts}, f"{out}/rank{rank}.pt")
+    tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["w4a8-awq"])
+def test_two_rank_expert_split_is_identical_to_one_process(tmp_path, fmt):
+    """Each gloo rank quantizes its share of a layer's expert groups (AWQ search + GPTQ batched);
+    every rank ends with the one-process result, bit for bit."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from moepress.calib.distributed import DistEnv
+
+    cfg, groups = _expert_groups(fmt)
+    one_counts: list = []
+    one = _quantize_experts(cfg, groups, DistEnv(), one_counts)
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), fmt), nprocs=2, join=True)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert list(got["tensors"]) == list(one.tensors) and len(one.tensors) >= 3 * 7
+        assert all(torch.equal(v, got["tensors"][k]) for k, v in one.tensors.items())
+        assert got["alpha"] == one.awq_alpha
+        # the split: each rank quantized about half of every batch, not all of it
+        assert len(got["counts"]) == len(one_counts) >= 2 and max(one_counts) >= 3
+        assert all(c <= (n + 1) // 2 for c, n in zip(got["counts"], one_counts, strict=True))

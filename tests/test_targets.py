@@ -41,7 +41,7 @@ def test_format_floors_follow_the_support_matrix():
     assert b200.supports("nvfp4") and b200.supports("fp8-block") and not b200.supports("fp8-dynamic")
     assert "nvfp4" in b200.kv_cache_dtypes
     # sm120: NVFP4, MXFP4, FP8 per tensor; no INT4 kernels in the matrix
-    assert rtx.formats == ("bf16", "fp8", "nvfp4")
+    assert rtx.formats == ("bf16", "fp8", "nvfp4", "nvfp4-a16", "mxfp4")
 
 
 def test_aliases_and_unknown():

@@ -21,6 +21,7 @@ import torch
 
 from moepress.compress import formats
 from moepress.compress.checkpoint.safetensors_io import _DIRECT_ALIGN, _DTYPES, INDEX_NAME, SINGLE_NAME
+from moepress.compress.formats import ct_inputs, gptoss_mxfp4
 from moepress.errors import MoepressError
 
 DIRECT_MIN_BYTES = 4 << 20  # smaller tensors (norms, scales, tiny models) go through the page cache
@@ -150,6 +151,9 @@ class CheckpointReader:
         self._fds: dict[Path, int] = {}
         self._direct_fds: dict[Path, int | None] = {}  # None: this file system refuses O_DIRECT
         self._load_headers()
+        # module names served by a decoder from packed tensors (P.weight from P.weight_packed, gpt-oss P
+        # from P_blocks): `name in reader` and `info` answer for them, `get` reads only stored tensors
+        self._aliases = {**ct_inputs.packed_aliases(self._tensors), **gptoss_mxfp4.packed_aliases(self._tensors)}
         self._by_layer: dict[int, list[str]] = defaultdict(list)
         for name in self._tensors:
             m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
@@ -234,12 +238,15 @@ class CheckpointReader:
         return sorted(self._by_layer)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._tensors
+        return name in self._tensors or name in self._aliases
 
     def info(self, name: str) -> TensorInfo:
+        """Where a stored tensor lies; for a module weight stored packed, its packed tensor's."""
         try:
             return self._tensors[name]
         except KeyError:
+            if name in self._aliases:
+                return self._tensors[self._aliases[name]]
             raise MoepressError(f"{self.path}: tensor '{name}' not found in checkpoint") from None
 
     def get_dtype(self, name: str) -> torch.dtype:
@@ -298,13 +305,18 @@ class CheckpointReader:
         return raw[lo:lo + info.nbytes]
 
     def get(self, name: str) -> torch.Tensor:
-        """The stored tensor, as stored (no dequantization).
+        """The stored tensor, as stored (no dequantization). A module weight that exists only packed
+        (``P.weight`` of a compressed-tensors ``P.weight_packed``, gpt-oss ``P`` of ``P_blocks``) has no
+        stored form of its own: it comes decoded (:meth:`_decoded`), so that stages reading "the stored
+        weight" of a module see its values.
 
         Read with pread into a fresh buffer rather than through mmap: resident memory
         stays bounded by what the caller holds (mapped pages of a 1 TB checkpoint would
         count against RSS), and reads from several threads (prefetch) are safe. Tensors of
         4 MiB and more are read with O_DIRECT where the file system allows it.
         """
+        if name in self._aliases and name not in self._tensors:
+            return self._decoded(name)
         info = self.info(name)
         dtype = self.get_dtype(name)
         if info.nbytes >= DIRECT_MIN_BYTES:
@@ -315,6 +327,13 @@ class CheckpointReader:
         if info.nbytes and _pread(self._fd(info.file), memoryview(buf.numpy()), info.offset) < info.nbytes:
             raise MoepressError(f"{info.file}: truncated shard while reading tensor '{name}'")
         return buf.view(dtype).reshape(info.shape)
+
+    def _decoded(self, name: str) -> torch.Tensor:
+        """A module weight stored packed, decoded in the dtype its format decodes to (compressed-tensors
+        INT4: the scales' dtype, bf16 in Kimi's checkpoints; FP4 and gpt-oss MXFP4: bf16)."""
+        if self._aliases[name].endswith(ct_inputs.PACKED):
+            return ct_inputs.decode_native(self, name[: -len(".weight")])
+        return gptoss_mxfp4.decode(self, name, torch.bfloat16)
 
     def weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A weight in float ``dtype``, dequantized if it is stored quantized."""
@@ -337,10 +356,10 @@ class CheckpointReader:
 def decode_weight(reader, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``name`` in float ``dtype`` through the format registry's decoders (``reader``: a CheckpointReader
     or a :class:`LayerView` over tensors already read)."""
-    if name.endswith(".weight"):
-        out = formats.decode(reader, name[: -len(".weight")], dtype)
-        if out is not None:
-            return out
+    base = name[: -len(".weight")] if name.endswith(".weight") else name  # gpt-oss experts: no ".weight"
+    out = formats.decode(reader, base, dtype)
+    if out is not None:
+        return out
     return reader.get(name).to(dtype)
 
 

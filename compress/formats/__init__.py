@@ -15,13 +15,26 @@ from pathlib import Path
 
 import torch
 
-from moepress.compress.formats import bf16, fp8, fp8_block, fp8_dynamic, int4_awq, int4_gptq, nvfp4, w4a8_awq
+from moepress.compress.formats import (
+    bf16,
+    ct_inputs,
+    fp8,
+    fp8_block,
+    fp8_dynamic,
+    gptoss_mxfp4,
+    int4_awq,
+    int4_gptq,
+    mxfp4,
+    nvfp4,
+    nvfp4_a16,
+    w4a8_awq,
+)
 from moepress.compress.formats.base import Format, QuantContext, Quantized
 from moepress.compress.quant.fp8 import FP8_DTYPE
 from moepress.errors import MoepressError
 
 FORMATS: dict[str, Format] = {m.FORMAT.name: m.FORMAT for m in (
-    bf16, fp8, fp8_block, fp8_dynamic, int4_awq, int4_gptq, w4a8_awq, nvfp4)}
+    bf16, fp8, fp8_block, fp8_dynamic, int4_awq, int4_gptq, w4a8_awq, nvfp4, nvfp4_a16, mxfp4)}
 
 SIDECAR = "moepress_quant.json"
 
@@ -40,9 +53,12 @@ def get(name: str, option: str = "--format", choices: dict[str, Format] | None =
 
 
 def by_quant_algo(algo: str | None) -> Format | None:
-    """The format TensorRT-LLM / Model-Optimizer call ``algo`` (None: unquantized, bf16)."""
+    """The format TensorRT-LLM / Model-Optimizer call ``algo``, or one of its aliases, in any case (vLLM
+    upper-cases what it reads, TensorRT-LLM canonicalises ``fp8_pb_wo``); None: unquantized, bf16."""
+    if algo is None:
+        return FORMATS["bf16"] if FORMATS["bf16"].quant_algo is None else None
     for f in FORMATS.values():
-        if f.quant_algo == algo:
+        if f.quant_algo is not None and algo.upper() in (f.quant_algo.upper(), *(a.upper() for a in f.aliases)):
             return f
     return None
 
@@ -63,18 +79,22 @@ def layout_of(reader) -> dict | None:
 
 def _decode_modelopt(reader, base: str, dtype: torch.dtype):
     """Model-Optimizer's layout (``weight`` + ``weight_scale``): the decoder of the format family
-    whose stored element type is the weight's (packed uint8: INT4; E4M3: FP8)."""
-    if base + ".weight_scale" not in reader:
+    whose stored element type is the weight's (packed uint8 with F32 scales: INT4; with E4M3 scales
+    and a ``weight_scale_2``: NVFP4; with E8M0 uint8 scales: MXFP4; E4M3: FP8)."""
+    if base + ".weight_scale" not in reader or base + ".weight" not in reader:
         return None
-    q, s = reader.get(base + ".weight"), reader.get(base + ".weight_scale")
-    element = {torch.uint8: "int4", FP8_DTYPE: "fp8"}.get(q.dtype)
+    t = {k: reader.get(f"{base}.{k}") for k in ("weight", "weight_scale", "weight_scale_2") if f"{base}.{k}" in reader}
+    q, s = t["weight"], t["weight_scale"]
+    fp4 = q.dtype == torch.uint8 and s.dtype in (FP8_DTYPE, torch.uint8)
+    element = "fp4" if fp4 else {torch.uint8: "int4", FP8_DTYPE: "fp8"}.get(q.dtype)
     for f in FORMATS.values():
-        if f.element == element and f.decode is not None:
-            return f.decode(q, s, dtype)
+        if f.element == element and f.decodes and f.weight_scale_dtype in (None, s.dtype):
+            return f.dequantize(t, dtype)
     return None
 
 
-DECODERS = (_decode_modelopt, *(d for f in FORMATS.values() for d in f.input_decoders))
+DECODERS = (*ct_inputs.DECODERS, *gptoss_mxfp4.DECODERS, _decode_modelopt,
+            *(d for f in FORMATS.values() for d in f.input_decoders))
 
 
 def decode(reader, base: str, dtype: torch.dtype) -> torch.Tensor | None:

@@ -9,6 +9,8 @@ diag(pqs) H diag(pqs) (llm-compressor's AWQ + GPTQ stacking); the stored format 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from moepress.compress.formats.base import GROUP, QuantContext, Quantized
@@ -21,7 +23,7 @@ def _smoothing(ws: list[torch.Tensor], st, group: int, use_awq: bool) -> tuple[t
         pqs, alpha, _ = awq.search(ws, st.sample(), st.act_mean, group)
         return pqs, alpha
     if use_awq:
-        return torch.ones(ws[0].shape[1]), None
+        return torch.ones(ws[0].shape[1], device=ws[0].device), None
     return None, None
 
 
@@ -35,29 +37,41 @@ def _hessian(st, pqs: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
     return H
 
 
-def _clip_input(st, pqs: torch.Tensor, fp8_input: bool) -> torch.Tensor:
+def _clip_input(st, pqs: torch.Tensor | None, fp8_input: bool) -> torch.Tensor:
     """The GEMM's input the clip search evaluates (awq.py); W4A8 sees FP8 activations, as modelopt's
     awq_clip does."""
-    x = st.sample() * pqs[None, :]
+    x = st.sample() * pqs[None, :] if pqs is not None else st.sample()
     if fp8_input:
-        x = fp8.fake_quant(x, fp8.scale_from_amax((st.amax * pqs).amax()))
+        x = fp8.fake_quant(x, fp8.scale_from_amax((st.amax * pqs if pqs is not None else st.amax).amax()))
     return x
+
+
+def act_order_of(ctx: QuantContext, use_awq: bool) -> QuantContext:
+    """``ctx`` with GPTQ's column order decided: unset (None) means act order for AWQ + GPTQ and in
+    order for plain GPTQ (compress/quantize/config.py says what measured it)."""
+    if ctx.gptq_act_order is not None:
+        return ctx
+    return dataclasses.replace(ctx, gptq_act_order=use_awq)
 
 
 def quantize(ws: list[torch.Tensor], ctx: QuantContext, *, use_awq: bool, use_gptq: bool,
              fp8_input: bool = False, with_scale_2: bool = False) -> Quantized:
     """INT4 weights of linears that share an input (one pre_quant_scale, one Hessian factorisation)."""
     st = ctx.stats
+    ctx = act_order_of(ctx, use_awq)
     group = int4.effective_group(ws[0].shape[1], ctx.group_size)
     if group is None:
         return Quantized(skipped=f"in_features {ws[0].shape[1]} not divisible by a group <= {ctx.group_size}")
-    pqs, alpha = _smoothing(ws, st, group, use_awq)
+    # folded AWQ (fold.py): weights and statistics arrive smoothed; GPTQ / clip as for AWQ, nothing stored
+    pqs, alpha = _smoothing(ws, st, group, use_awq and not ctx.awq_folded)
     H = _hessian(st, pqs, use_gptq or (use_awq and ctx.awq_gptq))
     clip_x = None
     if use_awq and H is None and ctx.awq_clip and st is not None and st.n > 0:
         clip_x = _clip_input(st, pqs, fp8_input)
     wqs = [w.float() / pqs[None, :] if pqs is not None else w.float() for w in ws]
-    by_gptq = gptq.gptq_quantize_shared(wqs, H, group, ctx.gptq_damp, ctx.gptq_act_order) if H is not None else None
+    # H is this call's own (_hessian): factorised in its memory
+    by_gptq = (gptq.gptq_quantize_shared(wqs, H, group, ctx.gptq_damp, ctx.gptq_act_order, overwrite=True)
+               if H is not None else None)
     tensors = []
     for k, wq in enumerate(wqs):
         if by_gptq is not None:

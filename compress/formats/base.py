@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# bits per stored weight value, by Format.element
+ELEMENT_BITS = {"bf16": 16, "fp8": 8, "int4": 4, "fp4": 4}
+
 # Model-Optimizer's INT4 group and DeepSeek's FP8 block (plan sizes use it; compress/quant/int4.py)
 GROUP = 128
 
@@ -29,9 +32,12 @@ class QuantContext:
     group_size: int = 128
     stats: object | None = None
     gptq_damp: float = 0.01
-    gptq_act_order: bool = True
+    gptq_act_order: bool | None = True
     awq_gptq: bool = True
     awq_clip: bool = True
+    # AWQ folded (compress/quantize/fold.py): the caller already smoothed the weights and statistics
+    # (x * p, W / p, the vector folded into the preceding op); no search, no pre_quant_scale stored
+    awq_folded: bool = False
 
 
 @dataclass
@@ -56,7 +62,8 @@ class Format:
     channels; None unquantized). activation: ``none`` (weight-only), ``static`` (calibrated FP8
     ``input_scale``), ``token`` / ``block`` (FP8 per token / per 1x128 block, computed at run time).
     archs: the SM versions whose TensorRT-LLM kernels run it. alternatives: what to suggest, in
-    order, on a GPU that cannot run it. quantize: (weights of linears sharing an input,
+    order, on a GPU that cannot run it. aliases: other ``quant_algo`` spellings consumers write for it
+    (Model-Optimizer's ``fp8_pb_wo``), read back as this format. quantize: (weights of linears sharing an input,
     :class:`QuantContext`) -> :class:`Quantized`; None for formats moepress plans but does not write.
     """
 
@@ -67,6 +74,7 @@ class Format:
     activation: str
     archs: tuple[int, ...]
     quant_algo: str | None = None
+    aliases: tuple[str, ...] = ()
     calibrated: bool = False
     awq: bool = False
     gptq: bool = False
@@ -81,11 +89,32 @@ class Format:
     ct_scheme: Callable[[int | None, list[str]], object] | None = None
     decode: Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor] | None = None
     input_decoders: tuple[Callable, ...] = ()
+    # formats whose weight needs more than (weight, weight_scale): the weight from one linear's stored
+    # tensors by suffix (NVFP4's weight_scale_2); the stored dtype of its weight_scale, when that tells it
+    # apart from another format with the same element (E4M3 for NVFP4, E8M0 uint8 for MXFP4)
+    decode_stored: Callable[[dict[str, torch.Tensor], torch.dtype], torch.Tensor] | None = None
+    weight_scale_dtype: torch.dtype | None = None
+    # a static input scale other than FP8's amax / 448 (NVFP4: amax / (6 * 448)) and its fake quant
+    input_scale_of: Callable[[torch.Tensor], torch.Tensor] | None = None
+    input_quant: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # compressed-tensors tensors written directly from our stored ones (suffix -> tensor), for formats
+    # whose stored bytes already are the library's (NVFP4, MXFP4) instead of through its compressor
+    ct_tensors: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
     @property
     def produced(self) -> bool:
         """Does ``moepress quantize`` write it?"""
         return self.quantize is not None
+
+    @property
+    def weight_bits(self) -> int:
+        """Bits per stored weight value (4 for INT4 and FP4)."""
+        return ELEMENT_BITS[self.element]
+
+    @property
+    def modelopt_algo(self) -> str | None:
+        """The ``quant_algo`` a Model-Optimizer checkpoint of this format carries."""
+        return self.modelopt_entry(None)["quant_algo"] if self.modelopt_entry else self.quant_algo
 
     @property
     def static_input(self) -> bool:
@@ -108,6 +137,29 @@ class Format:
         if self.activation == "block":
             return fp8.fake_quant_per_token(x, GROUP)
         return x
+
+    @property
+    def decodes(self) -> bool:
+        """Can its stored weights be dequantized (:meth:`dequantize`)?"""
+        return self.decode is not None or self.decode_stored is not None
+
+    def dequantize(self, t: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One linear's weight from its stored tensors ``t`` (``weight``, ``weight_scale``, ...)."""
+        if self.decode_stored is not None:
+            return self.decode_stored(t, dtype)
+        return self.decode(t["weight"], t["weight_scale"], dtype)
+
+    def input_scale(self, amax: torch.Tensor) -> torch.Tensor:
+        """The static ``input_scale`` of an input whose calibrated max |x| is ``amax``."""
+        from moepress.compress.quant import fp8
+
+        return self.input_scale_of(amax) if self.input_scale_of is not None else fp8.scale_from_amax(amax)
+
+    def fake_quant_static_input(self, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+        """The GEMM's quantization of an input with a static ``input_scale``, as fake quant."""
+        from moepress.compress.quant import fp8
+
+        return self.input_quant(x, input_scale) if self.input_quant is not None else fp8.fake_quant(x, input_scale)
 
     def ct_scale(self, s: torch.Tensor) -> torch.Tensor:
         """Our stored weight scale -> compressed-tensors' parameter shape (tensor strategy: [1])."""

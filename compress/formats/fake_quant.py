@@ -1,6 +1,7 @@
 """Activation fake quantization: the forward pre-hook a quantized linear runs on its input, so a
 layer of a quantized checkpoint computes what the runtime's quantized GEMM computes (AWQ's
-``pre_quant_scale`` multiplication, static FP8 ``input_scale``, or the format's dynamic FP8)."""
+``pre_quant_scale`` multiplication, the static ``input_scale`` of FP8 or NVFP4 (Format.fake_quant_static_input:
+compress/quant/fp8.py, compress/quant/nvfp4.py), or the format's dynamic FP8)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import torch
 from torch import nn
 
 from moepress.compress.formats import FORMATS, layout_of
-from moepress.compress.quant import fp8
 
 # module name in a layer -> (format name, pre_quant_scale, input_scale)
 Specs = dict[str, tuple[str, torch.Tensor | None, torch.Tensor | None]]
@@ -22,7 +22,7 @@ def act_hook(fmt: str, pre_quant_scale: torch.Tensor | None, input_scale: torch.
         x = args[0]
         if pre_quant_scale is not None:
             x = x * pre_quant_scale.to(x.dtype)
-        x = fp8.fake_quant(x, input_scale) if input_scale is not None else f.fake_quant_input(x)
+        x = f.fake_quant_static_input(x, input_scale) if input_scale is not None else f.fake_quant_input(x)
         return (x, *args[1:])
 
     return hook

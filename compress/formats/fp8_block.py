@@ -2,8 +2,13 @@
 
 Stored: ``P.weight`` F8_E4M3, ``P.weight_scale`` F32 [ceil(out/128), ceil(in/128)] (the values
 DeepSeek-V3 ships as ``weight_scale_inv``: deepseek-ai/DeepSeek-V3 README_WEIGHTS.md). TensorRT-LLM
-QuantAlgo ``FP8_BLOCK_SCALES`` (Model-Optimizer writes the alias ``fp8_pb_wo``, which TensorRT-LLM
-canonicalises to it; older releases accept only the enum name). compressed-tensors
+QuantAlgo ``FP8_BLOCK_SCALES``. Model-Optimizer checkpoints name it ``fp8_pb_wo`` (modelopt 0.47
+export/quant_utils.py), and so do we: TensorRT-LLM canonicalises that alias to FP8_BLOCK_SCALES
+(tensorrt_llm/quantization/modelopt_config.py, parse_modelopt_quant_config) and vLLM 0.33 accepts it
+upper-cased (model_executor/layers/quantization/modelopt.py LINEAR_ALGOS ``FP8_PB_WO``), while vLLM
+refuses ``FP8_BLOCK_SCALES`` as a checkpoint's quant_algo (QUANT_ALGOS) and leaves a
+MIXED_PRECISION layer so named unquantized. TensorRT-LLM releases before the alias read only the enum
+name; the trtllm-ckpt exporter writes the enum name. compressed-tensors
 ``float-quantized``, weights strategy block [128, 128], dynamic group-128 input.
 
 Also the input decoder for DeepSeek-V3 / Kimi K2 native block-FP8 checkpoints
@@ -43,7 +48,7 @@ FORMAT = Format(
     alternatives=("fp8", "fp8-dynamic", "int4-awq", "nvfp4"), stored=("weight", "weight_scale"),
     quantize=quantize,
     stored_bytes=lambda out_f, in_f: out_f * in_f + 4 * -(-out_f // GROUP) * -(-in_f // GROUP),
-    modelopt_entry=_fp8.modelopt_entry("FP8_BLOCK_SCALES"),
+    aliases=("FP8_PB_WO",), modelopt_entry=_fp8.modelopt_entry("fp8_pb_wo"),
     modelopt_group=lambda group: {"input_activations": {**_fp8.GROUP_ARGS, "dynamic": True, "group_size": 128},
                                   "weights": {**_fp8.GROUP_ARGS, "strategy": "block", "block_structure": [128, 128]}},
     ct_format="float-quantized", ct_scheme=ct_scheme, decode=_fp8.decode, input_decoders=(decode_deepseek,),

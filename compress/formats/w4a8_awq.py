@@ -3,7 +3,10 @@
 Stored as int4-awq plus ``P.input_scale`` F32 [] (static FP8 scale of x * pre_quant_scale) and
 ``P.weight_scale_2`` F32 [] (amax(W / pre_quant_scale) / 448, Model-Optimizer's second weight
 quantizer; compress/quant/w4a8.py). Model-Optimizer writes its config group's weights with type
-float (modelopt/torch/export/convert_hf_config.py 0.47); we keep its form.
+float (modelopt/torch/export/convert_hf_config.py 0.47); we keep its form. No compressed-tensors form,
+folded or not: vLLM's compressed-tensors W4A8-FP8 takes dynamic per-token activations only
+(vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py ``_is_fp8_w4a8``;
+compressed-tensors' W4AFP8 preset, quant_scheme.py 0.20), not this static per-tensor input_scale.
 """
 
 from functools import partial

@@ -14,9 +14,13 @@ Modules, bottom to top:
 - ``lookahead``: per layer, the reroute or the reap selection, whichever leaves the hidden state
   after the NEXT decoder layer closest to the original model's (the layer's choice is made, and
   the layer written, when the next layer is loaded).
-- ``plans``: ``auto`` (the default) prunes the whole model with lookahead, reroute and reap side
-  by side (one read of each layer, the calibration set through each pruned model) and writes the
-  plan with the lowest calibration loss (a second read of each layer).
+- ``holdout`` / ``plans``: ``auto`` (the default) prunes the whole model with several methods side by
+  side, each from one of two folds of the calibration samples (one read of each layer), scores each
+  method on the other fold (KL divergence to the original model), then runs the best method alone
+  on every sample and writes it (a second read of each layer).
+- ``stability``: how firmly each layer's decision rests on the calibration tokens (report field).
+- ``merge``: ``merge`` keeps the REAP-best experts and folds each dropped one into its most similar
+  kept one (aligned, weighted average), written in the input's stored form (``encode_like``).
 - ``surgery``: ``prune_moe_module`` (in memory) and ``pruned_layer_tensors`` (checkpoint).
 - ``mtp``: multi-token prediction layers' input; ``stage``: ``prune_checkpoint``.
 
@@ -26,7 +30,8 @@ The method registry ``METHODS`` is filled here, in the order the CLI lists the m
 from moepress.compress.prune.budget import Budget, plan_budget
 from moepress.compress.prune.config import DEFAULT_METHOD, REPORT_NAME, PruneConfig, parse_protect
 from moepress.compress.prune.evidence import LayerEvidence, RouteRecorder, Selection
-from moepress.compress.prune.lookahead import calibration_nll, lookahead_select, state_error
+from moepress.compress.prune.lookahead import lookahead_select, state_error
+from moepress.compress.prune.merge import encode_like, merge_select
 from moepress.compress.prune.methods import (
     METHODS,
     PruneMethod,
@@ -45,24 +50,29 @@ from moepress.compress.prune.surgery import prune_moe_module, pruned_layer_tenso
 register(score_method("frequency", "tokens routed to each expert", "tokens", frequency_scores))
 register(score_method("ean", "expert activation norm: sum over routed tokens of ||f_j(x)||_2 (REAP paper's EAN)",
                       "ean_sum", ean_scores))
-register(score_method("reap", "REAP: mean over routed tokens of g_j(x) * ||f_j(x)||_2 (arXiv 2510.13999)", "reap",
-                      reap_scores))
+register(score_method("reap", "REAP: mean of softmax gate x ||f_j(x)||_2 over the tokens selecting j, as "
+                      "CerebrasResearch/reap computes it (arXiv 2510.13999)", "reap", reap_scores))
 register(PruneMethod("reroute", "greedy backward elimination minimising the error of the normalised hidden state "
                      "after the MoE block on calibration tokens, with the pruned router re-routing them (exact "
                      "family routing)", reroute_select, "added_relative_sq_error", needs_outputs=True))
 register(PruneMethod("lookahead", "per layer, the reroute or the reap selection: whichever leaves the hidden state "
                      "after the next decoder layer (run on the already pruned model) closest to the original model's",
                      lookahead_select, "added_relative_sq_error", needs_outputs=True, candidates=("reroute", "reap")))
+register(PruneMethod("merge", "keep the REAP-best experts and fold each dropped expert into its most similar kept one "
+                     "(REAM gated similarity; neurons aligned, average weighted by router-weighted output mass; "
+                     "re-quantized to the input's format)", merge_select, "reap", needs_outputs=True))
 # auto's own callable is never the one that selects (its plans' methods do, MTP layers included);
 # it holds lookahead's so that the registry has a callable for every method
-register(PruneMethod("auto", "every other method prunes the whole model side by side (each layer read once, the "
-                     "calibration set through each pruned model); the plan with the lowest calibration loss is "
-                     "written (its layers read a second time)", lookahead_select, "plan", needs_outputs=True,
-                     plans=("lookahead", "reroute", "reap")))
+register(PruneMethod("auto", "reroute, reap, frequency and ean each prune the whole model from one half of the "
+                     "calibration samples and are scored on the other half, both ways round (each layer read once); "
+                     "the method whose next-token distribution stays closest to the original model's (KL "
+                     "divergence) is then run on every sample and written (each layer read a second time)",
+                     lookahead_select, "plan", needs_outputs=True,
+                     plans=("reroute", "reap", "frequency", "ean")))
 
 __all__ = [
     "DEFAULT_METHOD", "METHODS", "REPORT_NAME", "Budget", "ExpertOutputs", "LayerEvidence", "PruneConfig",
-    "PruneMethod", "PruneStage", "RerouteSearch", "RouteRecorder", "Selection", "calibration_nll", "group_of",
-    "group_ranks", "keep_top", "parse_protect", "plan_budget", "prune_checkpoint", "prune_moe_module",
-    "pruned_layer_tensors", "route_masked", "state_error",
+    "PruneMethod", "PruneStage", "RerouteSearch", "RouteRecorder", "Selection", "group_of",
+    "group_ranks", "encode_like", "keep_top", "merge_select", "parse_protect", "plan_budget", "prune_checkpoint",
+    "prune_moe_module", "pruned_layer_tensors", "route_masked", "state_error",
 ]

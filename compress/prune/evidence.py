@@ -24,7 +24,7 @@ class RouteRecorder:
 
     def __init__(self, n_tokens: int, keep: int, seed: int):
         self.pick = torch.zeros(n_tokens, dtype=torch.bool)  # over all calibration tokens, in stream order
-        self.pick[torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))[:keep]] = True
+        self.pick[torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed), device="cpu")[:keep]] = True
         self.offset = 0
         self.last = torch.zeros(0, dtype=torch.bool)
         self.parts: list[tuple[torch.Tensor, ...]] = []
@@ -68,6 +68,7 @@ class LayerEvidence:
     stats: LayerRouting
     routing: dict
     recorder: RouteRecorder | None = None
+    chunks: list[LayerRouting] | None = None  # per group of calibration samples (stability.ChunkedRouting)
 
 
 @dataclass

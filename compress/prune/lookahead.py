@@ -3,7 +3,7 @@ closest to the original model's.
 
 A look-ahead layer's candidates (``candidate_states``) each run through the layer without touching
 it (``CandidateView``); the choice (``decide``) is made when the next layer is loaded, on the
-already pruned model. ``state_error`` is the measure; ``calibration_nll`` scores whole-model plans.
+already pruned model. ``state_error`` is the measure.
 """
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from moepress.calib.metrics import nll_sum
 from moepress.calib.observers import LayerRouting
 from moepress.compress.moe import DecoderLayer, SparseMoE
 from moepress.compress.prune.budget import Budget
@@ -23,6 +20,7 @@ from moepress.compress.prune.evidence import LayerEvidence, Selection
 from moepress.compress.prune.methods import METHODS, PruneMethod
 from moepress.compress.prune.report import layer_report
 from moepress.compress.prune.search import reroute_select, rms_normalize
+from moepress.compress.prune.stability import select_stable
 from moepress.compress.prune.surgery import prune_moe_module
 from moepress.compress.stream import StreamedModel
 
@@ -41,18 +39,6 @@ def state_error(ref: list[torch.Tensor], hs: list[torch.Tensor]) -> float:
         num += float(((nr - rms_normalize(h.float())) ** 2).sum())
         den += float((nr ** 2).sum())
     return num / max(den, 1e-30)
-
-
-def calibration_nll(head: tuple[nn.Module, torch.Tensor], hs: list[torch.Tensor], batches: list[torch.Tensor]) -> float:
-    """Mean next-token negative log-likelihood of the calibration tokens given the final hidden states
-    ``hs``; one sequence at a time (a [seq, vocab] float64 temporary, not [batch, seq, vocab])."""
-    norm, w = head
-    tot, n = 0.0, 0
-    for h, ids in zip(hs, batches, strict=True):
-        for r in range(h.shape[0]):
-            s, k = nll_sum(F.linear(norm(h[r:r + 1]), w).float(), ids[r:r + 1])
-            tot, n = tot + s, n + k
-    return tot / max(n, 1)
 
 
 class CandidateView:
@@ -94,7 +80,7 @@ def candidate_states(sm: StreamedModel, budget: Budget, meth: PruneMethod, ev: L
     """A look-ahead method's distinct candidate selections and the states each leaves; the choice comes later."""
     cands: dict[str, Selection] = {}
     for name in meth.candidates:
-        c = METHODS[name].select(ev, budget)
+        c = select_stable(METHODS[name], ev, budget)
         if not any(c.kept == o.kept for o in cands.values()):
             cands[name] = c
     outs = {}

@@ -75,7 +75,7 @@ def ean_scores(stats: LayerRouting) -> torch.Tensor:
 
 
 def reap_scores(stats: LayerRouting) -> torch.Tensor:
-    """REAP (arXiv 2510.13999): mean over routed tokens of g_j(x) * ||f_j(x)||_2. g_j is the weight the
-    family's router really gives (renormalised softmax, or DeepSeek's sigmoid + bias + groups x
-    routed_scaling_factor), not REAP's softmax approximation."""
+    """REAP (arXiv 2510.13999) exactly as its reference implementation computes it: mean of
+    g_j(x) * ||f_j(x)||_2 over the tokens whose raw-logit top-k holds j, g_j the softmax over all experts
+    (renormalised over that top-k when the config says norm_topk_prob); see ``LayerRouting``."""
     return stats.reap

@@ -1,13 +1,19 @@
-"""``auto``: every plan method prunes the whole model side by side; the lowest calibration loss wins.
+"""``auto``: several methods prune the whole model side by side; the method whose plans stay closest
+to the original model on calibration samples their statistics did not see is run on all samples
+and written.
 
-Each layer is read once while all plans advance (the original model's statistics feed the
-non-sequential plans, a look-ahead plan decides each layer one layer later); the winning plan
-is then written, its layers read a second time.
+The calibration samples are dealt into two folds (``holdout``): every plan method prunes the model
+once from each fold's statistics, and each pruned model is compared with the original on the
+other fold (KL divergence of the next-token distributions; NLL reported beside it). Each layer is
+read once while all plans advance (the original model's statistics per fold feed the
+non-sequential plans, a look-ahead plan decides each layer one layer later). The race writes
+nothing: the stage then runs the chosen method on every calibration sample, as the method alone
+would, and writes it (a second read of each layer).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -17,10 +23,11 @@ from moepress.compress.moe import DecoderLayer
 from moepress.compress.prune.budget import Budget
 from moepress.compress.prune.config import PruneConfig
 from moepress.compress.prune.evidence import LayerEvidence
-from moepress.compress.prune.lookahead import CandidateView, Pending, calibration_nll, candidate_states, decide
+from moepress.compress.prune.holdout import HeldOut, choice_margin, score_plans
+from moepress.compress.prune.lookahead import CandidateView, Pending, candidate_states, decide
 from moepress.compress.prune.methods import METHODS
-from moepress.compress.prune.report import layer_report
 from moepress.compress.stream import StreamedModel
+from moepress.device import default_device
 from moepress.progress import Progress
 
 
@@ -31,98 +38,117 @@ class Stage(Protocol):
     cfg: PruneConfig
     sm: StreamedModel
     adapter: Adapter
-    batches: list[torch.Tensor]
     budget: Budget
-    report_layers: list[dict]
 
-    def evidence(self, i: int, layer: DecoderLayer, hs: list[torch.Tensor],
-                 recorder: bool) -> tuple[LayerEvidence, list[torch.Tensor]]: ...
-
-    def write_read(self, i: int, kept: list[int] | None) -> None: ...
+    def evidence(self, i: int, layer: DecoderLayer, hs: list[torch.Tensor], recorder: bool,
+                 chunks: bool = True) -> tuple[LayerEvidence, list[torch.Tensor]]: ...
 
 
 @dataclass
 class _Plan:
-    """One plan's pruned model so far: its hidden states, the layer waiting for a look-ahead decision,
-    and per decided layer the kept experts and the report row."""
+    """One plan's pruned model so far: its hidden states on every calibration batch, its own fold's
+    first (``stage.batches`` rotated so that ``hs[:n]`` are the statistics batches), and the layer
+    waiting for a look-ahead decision."""
 
+    fold: int
+    n: int
     hs: list[torch.Tensor]
     pending: Pending | None = None
-    kept: dict[int, list[int]] = field(default_factory=dict)
-    rows: dict[int, dict] = field(default_factory=dict)
+    path: tuple = ()  # the kept experts of every layer so far: plans on the same path share their states
 
 
 class PlanRace:
-    """The plans of one ``auto`` run, advanced layer by layer over the stage's streamed model."""
+    """The plans of one ``auto`` run, advanced layer by layer over the stage's streamed model: every
+    plan method once per fold (statistics from that fold), scored on the other fold."""
 
-    def __init__(self, stage: Stage, names: list[str]):
-        self.stage, self.names = stage, names
+    def __init__(self, stage: Stage, names: list[str], folds: list[list[torch.Tensor]]):
+        self.stage, self.names, self.folds = stage, names, folds
+        self.batches = [b for f in folds for b in f]
+        self.start = [sum(len(f) for f in folds[:i]) for i in range(len(folds))]
         # the original model's statistics need a recorder when a non-look-ahead plan searches
         self.rec = any(METHODS[n].needs_outputs and not METHODS[n].candidates for n in names)
 
-    def run(self, task, progress: Progress) -> tuple[list[torch.Tensor], dict]:
-        """(final hidden states of the chosen plan, the plan report); the chosen plan is written."""
+    def rot(self, xs: list, f: int) -> list:
+        """``xs`` (one entry per batch, folds in order) starting at fold f's first batch."""
+        return xs[self.start[f]:] + xs[:self.start[f]]
+
+    def run(self, progress: Progress) -> dict:
+        """The plan report: each method's held-out KL and NLL over all samples, and the chosen one."""
         s = self.stage
-        ref = s.sm.embed(s.batches)
-        plans = {name: _Plan(ref) for name in self.names}
-        for i, layer in s.sm.layers():
-            ref = self._advance(plans, i, layer, ref)
-            task.advance(note=f"layer {i}: {len(self.names)} plans advanced")
+        ref = s.sm.embed(self.batches)
+        plans = {(f, name): _Plan(f, len(fold), self.rot(ref, f)) for f, fold in enumerate(self.folds)
+                 for name in self.names}
+        with progress.task("plans", s.adapter.num_layers) as task:
+            for i, layer in s.sm.layers():
+                ref = self._advance(plans, i, layer, ref)
+                task.advance(note=f"layer {i}: {len(plans)} plans advanced")
         for p in plans.values():  # the last layer: its own output state against the original's
             if p.pending is not None:
-                self._settle(p, ref, None)
-        norm_w = s.sm.head_weights()
-        loss = {name: calibration_nll(norm_w, plans[name].hs, s.batches) for name in self.names}
-        best = min(loss, key=loss.get)  # ties: the first plan
-        info = {"chosen": best, "calibration_nll": loss, "unpruned_calibration_nll": calibration_nll(
-            norm_w, ref, s.batches)}
-        self._write(plans[best], progress)
-        return plans[best].hs, info
+                self._settle(p, self.rot(ref, p.fold)[:p.n], None)
+        held, head, single = HeldOut(), s.sm.head_weights(), len(self.folds) == 1
+        for f in range(len(self.folds)):
+            m = 0 if single else len(self.folds[f])  # one fold: scored on its own samples
+            score_plans(head, self.rot(ref, f)[m:], {n: plans[(f, n)].hs[m:] for n in self.names},
+                        self.rot(self.batches, f)[m:], held)
+        scores = held.scores()
+        best = min(self.names, key=lambda k: scores[k]["heldout_kl"])  # ties: the first plan
+        how = ("one calibration sample: scored on it, nothing held out" if single else
+               f"{len(self.folds)}-fold: each method's plan from one fold's statistics scored on the other fold")
+        return {"chosen": best, "selection": "lowest held-out KL divergence to the original model's next-token "
+                f"distribution ({how}); the chosen method is then run on all calibration samples and written",
+                "folds": len(self.folds), "heldout_tokens": held.positions, "heldout_samples": held.samples,
+                "unpruned_heldout_nll": held.ref_nll / max(held.predicted, 1), "candidates": scores,
+                "choice": choice_margin(best, held.kl, held.positions)}
 
-    def _advance(self, plans: dict[str, _Plan], i: int, layer: DecoderLayer,
+    def _advance(self, plans: dict[tuple[int, str], _Plan], i: int, layer: DecoderLayer,
                  ref: list[torch.Tensor]) -> list[torch.Tensor]:
         """Every plan through layer i; returns the original model's state after it."""
         s = self.stage
-        ev_ref = None
-        if layer.moe is not None:  # the original model's statistics, for the non-sequential plans
-            ev_ref, ref_next = s.evidence(i, layer, ref, self.rec and not s.cfg.sequential)
+        ev_ref: dict[int, LayerEvidence] = {}
+        if layer.moe is not None:  # the original model's statistics per fold, for the non-sequential plans
+            ref_next = []
+            for f, fold in enumerate(self.folds):
+                a = self.start[f]
+                ev_ref[f], out = s.evidence(i, layer, ref[a:a + len(fold)], self.rec and not s.cfg.sequential,
+                                            chunks=False)  # no report row comes from the race
+                ref_next += out
         else:
             ref_next = s.sm.run_layer(layer, ref)
-        for name, p in plans.items():
+        self.done: dict[tuple, list[torch.Tensor]] = {}  # (fold, path) -> states after this layer
+        for (_, name), p in plans.items():
             if p.pending is not None:
-                self._settle(p, ref_next, layer)
+                self._settle(p, self.rot(ref_next, p.fold)[:p.n], layer)
             if layer.moe is None:
-                p.hs = s.sm.run_layer(layer, p.hs)
+                p.path += ("dense",)
+                if (p.fold, p.path) not in self.done:
+                    self.done[(p.fold, p.path)] = s.sm.run_layer(layer, p.hs)
+                p.hs = self.done[(p.fold, p.path)]
             else:
-                self._prune(name, p, i, layer, ev_ref)
+                self._prune(name, p, i, layer, ev_ref.get(p.fold))
         return ref_next
 
     def _prune(self, name: str, p: _Plan, i: int, layer: DecoderLayer, ev_ref: LayerEvidence | None) -> None:
         s = self.stage
         m = METHODS[name]
-        if m.candidates:  # sequential: statistics of its own pruned prefix
-            ev, _ = s.evidence(i, layer, p.hs, m.needs_outputs)
-            p.pending = candidate_states(s.sm, s.budget, m, ev, layer, p.hs)
+        if m.candidates:  # sequential: statistics of its own pruned prefix; candidates run on every batch
+            ev, _ = s.evidence(i, layer, p.hs[:p.n], m.needs_outputs, chunks=False)
+            with default_device(s.sm.device):
+                p.pending = candidate_states(s.sm, s.budget, m, ev, layer, p.hs)
             return
         # statistics of the original model, or (--sequential) of its own pruned prefix
-        ev = s.evidence(i, layer, p.hs, m.needs_outputs)[0] if s.cfg.sequential else ev_ref
-        sel = m.select(ev, s.budget)
-        p.kept[i] = sel.kept
-        p.rows[i] = layer_report(i, "trunk", sel, ev.stats, m, s.budget.protected_in(i))
-        with CandidateView(layer, sel.kept) as lay:
-            p.hs = s.sm.run_layer(lay, p.hs)
+        ev = s.evidence(i, layer, p.hs[:p.n], m.needs_outputs, chunks=False)[0] if s.cfg.sequential else ev_ref
+        with default_device(s.sm.device):
+            kept = m.select(ev, s.budget).kept
+        p.path += (tuple(kept),)
+        if (p.fold, p.path) not in self.done:  # another plan already made this model (frequency = ean, often)
+            with CandidateView(layer, kept) as lay:
+                self.done[(p.fold, p.path)] = s.sm.run_layer(lay, p.hs)
+        p.hs = self.done[(p.fold, p.path)]
 
     def _settle(self, p: _Plan, state: list[torch.Tensor], nxt: DecoderLayer | None) -> None:
-        sel, row = decide(self.stage.sm, self.stage.budget, p.pending, state, nxt)
-        p.kept[row["layer"]], p.rows[row["layer"]] = sel.kept, row
+        """Decide a look-ahead layer on the plan's statistics batches (``state``: the original's)."""
+        with default_device(self.stage.sm.device):
+            decide(self.stage.sm, self.stage.budget, p.pending, state, nxt)
         p.hs = p.pending.outs[p.pending.chosen]
+        p.path += (tuple(p.pending.cands[p.pending.chosen].kept), "lookahead")
         p.pending = None
-
-    def _write(self, plan: _Plan, progress: Progress) -> None:
-        s = self.stage
-        with progress.task("write", s.adapter.num_layers) as wtask:
-            for i in range(s.adapter.num_layers):
-                s.write_read(i, plan.kept.get(i))
-                if i in plan.rows:
-                    s.report_layers.append(plan.rows[i])
-                wtask.advance(note=f"layer {i}")

@@ -188,19 +188,37 @@ class RerouteSearch:
 
     def run(self) -> Selection:
         scores = torch.full((self.E,), float("nan"), dtype=torch.float64)
-        order = []
+        order, boundary = [], None
         while int(self.keep.sum()) > self.budget.keep:
             delta = self.contrib.sum(0).masked_fill(~self.eligible(), float("inf"))
             best = int(torch.argmin(delta))  # first minimum: lowest expert id on ties
             scores[best] = float(delta[best])
             order.append(best)
+            if int(self.keep.sum()) == self.budget.keep + 1:
+                boundary = self._boundary(delta, best)
             self.drop(best)
         rest = self.keep & self.droppable  # kept experts: the error each would add if dropped now
         scores[rest] = self.contrib.sum(0)[rest]
         kept = self.keep.nonzero(as_tuple=True)[0].tolist()
         rel = float(self.err.sum()) / max(self.ref_sq, 1e-30)
-        return Selection(kept, scores, {"drop_order": order, "post_moe_state_rel_error": rel,
-                                        "search_tokens": self.T, "cached_pairs": self.out.n})
+        extra = {"drop_order": order, "post_moe_state_rel_error": rel, "search_tokens": self.T,
+                 "cached_pairs": self.out.n}
+        return Selection(kept, scores, {**extra, "boundary": boundary} if boundary else extra)
+
+    def _boundary(self, delta: torch.Tensor, best: int) -> dict | None:
+        """The last drop against the runner-up of that step: the margin between the error each would
+        add, and its noise over tokens (the standard error of the sum of the per-token paired
+        differences: a few tokens with large differences make a noisy margin)."""
+        rest = delta.clone()
+        rest[best] = float("inf")
+        runner = int(torch.argmin(rest))
+        if not torch.isfinite(rest[runner]):
+            return None
+        d = self.contrib[:, runner] - self.contrib[:, best]
+        return {"weakest_kept": runner, "strongest_dropped": best, "margin": float(d.sum()),
+                "noise": float(d.std() * d.numel() ** 0.5) if d.numel() > 1 else abs(float(d.sum())),
+                "noise_from": f"per-token paired differences over {self.T} search tokens",
+                "tokens_that_differ": int((d != 0).sum())}
 
 
 def reroute_select(ev: LayerEvidence, budget: Budget) -> Selection:

@@ -3,7 +3,8 @@
 The calibration batches run through the checkpoint one decoder layer at a time; for each MoE
 layer the statistics of that layer decide which experts stay, and the layer is written straight
 away (``surgery``). Memory is one layer plus the calibration activations. A look-ahead method
-decides a layer when the next one is loaded; ``auto`` races whole-model plans (``plans``).
+decides a layer when the next one is loaded; ``auto`` first races whole-model plans (``plans``)
+and then runs the chosen method.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from moepress.compress.moe import DecoderLayer
 from moepress.compress.prune.budget import plan_budget
 from moepress.compress.prune.config import REPORT_NAME, PruneConfig
 from moepress.compress.prune.evidence import LayerEvidence, RouteRecorder, Selection
+from moepress.compress.prune.holdout import split_folds
 from moepress.compress.prune.lookahead import Pending, candidate_states, decide
 from moepress.compress.prune.methods import METHODS, PruneMethod
 from moepress.compress.prune.mtp import MTP_SCORING, MTPInput, mtp_layers_present, read_decoder_state
 from moepress.compress.prune.plans import PlanRace
 from moepress.compress.prune.report import layer_note, layer_report
+from moepress.compress.prune.stability import ChunkedRouting, select_stable
 from moepress.compress.prune.surgery import prune_moe_module, write_from_checkpoint, write_from_layer
 from moepress.compress.stream import StreamedModel, read_ahead_budget
+from moepress.device import default_device
 from moepress.errors import MoepressError
 from moepress.progress import QUIET, Progress
 
@@ -37,7 +41,7 @@ Batches = list[torch.Tensor] | Callable[[], list[torch.Tensor]]
 
 @torch.no_grad()
 def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *, batches: Batches,
-                     progress: Progress = QUIET, force: bool = False) -> dict:
+                     progress: Progress = QUIET, force: bool = False, device: torch.device | None = None) -> dict:
     """Prune ``model`` into ``out`` (same format as the input); returns the result summary.
 
     ``batches`` are the calibration token ids [B, S], built by the caller. Passed as a function,
@@ -45,7 +49,7 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *, ba
     bad option is refused before any calibration data is read.
     """
     t0 = time.monotonic()
-    stage = PruneStage(model, cfg)
+    stage = PruneStage(model, cfg, device=device)
     stage.run(out, batches() if callable(batches) else batches, force=force, progress=progress)
     return stage.summary(out, t0)
 
@@ -53,7 +57,7 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *, ba
 class PruneStage:
     """One prune run: the opened checkpoint, its budget, and the steps that prune and write it."""
 
-    def __init__(self, model: str | Path, cfg: PruneConfig):
+    def __init__(self, model: str | Path, cfg: PruneConfig, device: torch.device | None = None):
         """Open ``model`` and validate the method and the budget (one-line MoepressErrors)."""
         if cfg.method not in METHODS:
             raise MoepressError(f"--method {cfg.method}: expected one of {', '.join(METHODS)}")
@@ -61,7 +65,7 @@ class PruneStage:
         self.reader = reader = CheckpointReader(model)
         # bf16 weights stay as stored (StoredLinear: same float32 results, half the memory) and the
         # reader runs a bounded distance ahead (a quarter layer at most), never a whole third layer.
-        self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=read_ahead_budget(reader))
+        self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=read_ahead_budget(reader), device=device)
         self.adapter = a = self.sm.adapter
         self.mtp = mtp_layers_present(a, reader)
         moe_layers = a.moe_layers()
@@ -97,12 +101,12 @@ class PruneStage:
                 w.add(name, reader.get(name))
             w.end_shard()
             with progress.task("prune", self.adapter.num_layers + len(self.mtp)) as task:
-                if self.method.plans:
-                    hs, plan_info = PlanRace(self, list(self.method.plans)).run(task, progress)
-                else:
-                    hs = self._run_single(task)
+                if self.method.plans:  # the method chosen out of fold, then run alone on every sample
+                    plan_info = PlanRace(self, list(self.method.plans), split_folds(batches)).run(progress)
+                    self.method = METHODS[plan_info["chosen"]]
+                hs = self._run_single(task)
                 if self.mtp:
-                    self._prune_mtp(task, hs, METHODS[plan_info["chosen"]] if plan_info else self.method)
+                    self._prune_mtp(task, hs, self.method)
             w.write_json("config.json", self.adapter.config_with_experts(self.budget.keep))
             w.copy_aux_files(reader.path)
             w.write_json(REPORT_NAME, self._report(n_tokens, plan_info))
@@ -121,6 +125,7 @@ class PruneStage:
         return {"output": str(out), "method": self.cfg.method, "num_experts": self.budget.num_experts,
                 "kept": self.budget.keep, "moe_layers": len(self.report_layers), "mtp_layers": len(self.mtp),
                 "dropped_token_share_mean": round(sum(shares) / len(shares), 6), "constraints": self.notes,
+                "fragile_layers": sum(bool(r.get("stability", {}).get("fragile")) for r in self.report_layers),
                 "seconds": round(time.monotonic() - t0, 3)}
 
     # ---- one method over the trunk ---------------------------------------------------------------
@@ -164,7 +169,8 @@ class PruneStage:
     def _settle(self, pending: Pending, state: list[torch.Tensor], nxt: DecoderLayer | None,
                 task) -> list[torch.Tensor]:
         """Decide and write a look-ahead layer; returns the hidden states its chosen selection leaves."""
-        sel, row = decide(self.sm, self.budget, pending, state, nxt)
+        with default_device(self.sm.device):
+            sel, row = decide(self.sm, self.budget, pending, state, nxt)
         self.report_layers.append(row)
         self.write_read(pending.layer, sel.kept)
         task.advance(note=layer_note(row, self.budget))
@@ -185,32 +191,37 @@ class PruneStage:
 
     # ---- steps on one layer ----------------------------------------------------------------------
 
-    def evidence(self, i: int, layer: DecoderLayer, hs: list[torch.Tensor],
-                 recorder: bool) -> tuple[LayerEvidence, list[torch.Tensor]]:
+    def evidence(self, i: int, layer: DecoderLayer, hs: list[torch.Tensor], recorder: bool,
+                 chunks: bool = True) -> tuple[LayerEvidence, list[torch.Tensor]]:
         """Run the unpruned ``layer`` on ``hs`` with the observers a method reads: (evidence, outputs)."""
         stats = RoutingStats()
         lr = stats.attach(i, layer)
+        chunked = ChunkedRouting(lr.num_experts, lr.top_k, hs[0].shape[1]) if chunks else None  # stability
+        if chunked is not None:
+            layer.moe.observers.append(chunked)
         rec = hook = None
-        if recorder:
-            rec = RouteRecorder(sum(h.shape[0] * h.shape[1] for h in hs), self.cfg.search_tokens, self.cfg.seed)
-            hook = rec.attach(layer)
-        out_hs = self.sm.run_layer(layer, hs)
+        with default_device(self.sm.device):
+            if recorder:
+                rec = RouteRecorder(sum(h.shape[0] * h.shape[1] for h in hs), self.cfg.search_tokens, self.cfg.seed)
+                hook = rec.attach(layer)
+            out_hs = self.sm.run_layer(layer, hs)
         layer.moe.observers = []
         if hook is not None:
             hook()
-        return LayerEvidence(i, layer.moe, lr, self.routing, rec), out_hs
+        return LayerEvidence(i, layer.moe, lr, self.routing, rec, chunked and chunked.chunks), out_hs
 
     def prune_layer(self, i: int, layer: DecoderLayer, hs: list[torch.Tensor], kind: str,
                     meth: PruneMethod) -> Pending | tuple[list[torch.Tensor], Selection]:
         """Select and write layer i: (its output states, the selection); a trunk layer of a look-ahead
         method returns its ``Pending`` candidates instead (written once decided)."""
         ev, out_hs = self.evidence(i, layer, hs, meth.needs_outputs)
-        if meth.candidates and kind == "trunk":
-            return candidate_states(self.sm, self.budget, meth, ev, layer, hs)
-        sel = meth.select(ev, self.budget)
+        with default_device(self.sm.device):  # the search's own tensors beside the layer's
+            if meth.candidates and kind == "trunk":
+                return candidate_states(self.sm, self.budget, meth, ev, layer, hs)
+            sel = select_stable(meth, ev, self.budget)
         assert len(sel.kept) == self.budget.keep
         self.report_layers.append(layer_report(i, kind, sel, ev.stats, meth, self.budget.protected_in(i)))
-        write_from_layer(self.w, self.reader, self.adapter, i, layer, sel.kept)
+        write_from_layer(self.w, self.reader, self.adapter, i, layer, sel.kept, sel.extra.get("merged"))
         if self.cfg.sequential:
             prune_moe_module(layer.moe, sel.kept)
             out_hs = self.sm.run_layer(layer, hs)

@@ -2,7 +2,8 @@
 
 A pruned layer keeps its router rows, correction bias and experts for the kept experts only,
 renumbered 0..K-1; every other tensor is copied exactly as stored, so a block-FP8 checkpoint
-stays block-FP8.
+stays block-FP8. Experts the ``merge`` method rewrote are written from the loaded layer, encoded in
+the input's stored form (``merge.encode_like``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import nn
 
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, LayerView
 from moepress.compress.moe import DecoderLayer, SparseMoE
+from moepress.compress.prune.merge import encode_like
 from moepress.errors import MoepressError
 
 
@@ -57,12 +59,24 @@ def pruned_layer_tensors(reader: CheckpointReader, adapter, i: int, kept: list[i
 
 
 def write_from_layer(w: CheckpointWriter, reader: CheckpointReader, adapter, i: int, layer: DecoderLayer,
-                     kept: list[int]) -> None:
+                     kept: list[int], merged: dict | None = None) -> None:
     """Layer i pruned to ``kept``, written from the loaded layer where it holds a tensor exactly as stored
-    (bf16 kept as stored): no second read of the layer, no second copy in memory."""
+    (bf16 kept as stored): no second read of the layer, no second copy in memory. ``merged``: the
+    ``merge`` method's ``{str(old expert): {"rewritten": ["down", ...], ...}}``; those linears are encoded
+    from the layer (``encode_like``) and the stored form is recorded in ``merged[...]["stored_as"]``."""
     prefix = adapter.layer_prefix(i)
     held = {prefix + k: v for k, v in layer.state_dict().items()
             if prefix + k in reader and v.dtype == reader.get_dtype(prefix + k)}
+    for c, info in (merged or {}).items():
+        names = reader.layer_names(i)
+        for role, lin_name, lin in zip(("gate", "up", "down"), adapter.expert_names,
+                                       layer.moe.experts[int(c)].linears(), strict=True):
+            if role not in info["rewritten"]:
+                continue
+            tensors, form = encode_like(reader, adapter.expert_prefix(i, int(c)) + lin_name, lin.weight.detach(),
+                                        names)
+            held.update(tensors)
+            info["stored_as"] = form
     for name, t in pruned_layer_tensors(LayerView(reader, held), adapter, i, kept):
         w.add(name, t)
     del held

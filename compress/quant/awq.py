@@ -104,8 +104,8 @@ def clip_scales(w: torch.Tensor, x: torch.Tensor, group: int,
     C = torch.einsum("ngi,ngj->gij", xg, xg)  # [G, group, group]: sum over rows of x_g x_g^T
     wg = w.float().reshape(out, G, group)
     amax = wg.abs().amax(-1)
-    best_err = torch.full((out, G), float("inf"))
-    best = torch.zeros(out, G)
+    best_err = torch.full((out, G), float("inf"), device=w.device)
+    best = torch.zeros(out, G, device=w.device)
     for r in ratios:
         s = (amax * r / int4.INT4_MAX).clamp(min=TINY)
         d = wg - (wg / s[..., None]).round().clamp(-8, 7) * s[..., None]
@@ -114,3 +114,49 @@ def clip_scales(w: torch.Tensor, x: torch.Tensor, group: int,
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, s, best)
     return best
+
+
+
+def _weights(ws):
+    return ws() if callable(ws) else ws
+
+
+@torch.no_grad()
+def search_shared(parts: list[tuple], act_mean: torch.Tensor, group: int, n_grid: int = 10,
+                  tie=None) -> tuple[torch.Tensor, float, float]:
+    """One pre_quant_scale shared by several groups of linears that read the same input channels, each
+    group on its own rows of that input: ``parts`` = [(weights, rows x [n, in]), ...], weights a list of
+    [out, in] tensors or a function returning it (made when needed: one expert's at a time), e.g. every
+    routed expert's gate/up on the tokens routed to it and the shared expert's on all. The grid and
+    the candidate scales are :func:`search`'s, with the weight statistic over all the linears (rows
+    weighted equally) and the loss summed over the parts. ``tie`` (optional) maps a candidate to the
+    vectors a fold can hold (compress/quantize/fold.py: GQA's o_proj).
+
+    Returns (pre_quant_scale [in] float32, alpha, relative output error at alpha)."""
+    wsum, rows, norm = None, 0, 0.0
+    for ws, x in parts:
+        for w in _weights(ws):
+            out, inp = w.shape
+            g = w.float().abs().reshape(out, inp // group, group)
+            r = (g / (g.amax(dim=-1, keepdim=True) + TINY)).reshape(out, inp).sum(0)
+            wsum, rows = (r if wsum is None else wsum + r), rows + out
+            if x.shape[0]:
+                norm += float(((x.float() @ w.float().T) ** 2).sum())
+    wsc = wsum / rows
+    best = (float("inf"), 0.0, torch.ones_like(act_mean, dtype=torch.float32))
+    for k in range(n_grid + 1):
+        alpha = k / n_grid
+        s = candidate_scales(act_mean, wsc, alpha)
+        if tie is not None:
+            s = tie(s)
+        err = 0.0
+        for ws, x in parts:
+            if x.shape[0] == 0:
+                continue
+            x = x.float()
+            for w in _weights(ws):
+                err += float(((x / s) @ fake_int4(w.float() * s, group).T - x @ w.float().T).pow(2).sum())
+        if err < best[0]:
+            best = (err, alpha, s)
+    err, alpha, s = best
+    return (1.0 / s).float(), alpha, err / (norm or 1.0)

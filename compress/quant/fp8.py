@@ -24,12 +24,12 @@ def _expand_blocks(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int
 _SCRATCH = threading.local()
 
 
-def _scratch(n: int) -> torch.Tensor:
-    """A float32 buffer of n elements, reused across calls (one per thread, grown as needed)."""
+def _scratch(n: int, device: torch.device) -> torch.Tensor:
+    """A float32 buffer of n elements on ``device``, reused across calls (one per thread, grown as needed)."""
     buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < n:
+    if buf is None or buf.numel() < n or buf.device != device:
         buf = _SCRATCH.buf = None  # drop the old one first
-        buf = _SCRATCH.buf = torch.empty(n, dtype=torch.float32)
+        buf = _SCRATCH.buf = torch.empty(n, dtype=torch.float32, device=device)
     return buf[:n]
 
 
@@ -50,7 +50,7 @@ def quantize_block(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> t
     scale = (amax.float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
     # divided in float32 in a reused scratch buffer: no fresh pages per tensor (a mixed
     # bf16/float32 division is ~10x slower on CPU; fresh buffers cost page faults)
-    f = _scratch(w.numel()).view(v.shape)
+    f = _scratch(w.numel(), w.device).view(v.shape)
     f.copy_(v)
     f.div_(scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)
     return f.to(FP8_DTYPE).view(out, inp), scale
@@ -58,7 +58,13 @@ def quantize_block(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> t
 
 def dequantize_block(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q.float() * _expand_blocks(scale_inv.float(), tuple(q.shape), block)).to(dtype)
+    out, inp = q.shape
+    br, bc = block
+    if out % br or inp % bc or tuple(scale_inv.shape) != (out // br, inp // bc):  # partial edge blocks
+        return (q.float() * _expand_blocks(scale_inv.float(), tuple(q.shape), block)).to(dtype)
+    # whole blocks: the scale broadcast over each block's view (same products, no expanded copy)
+    v = q.float().view(out // br, br, inp // bc, bc).mul_(scale_inv.float()[:, None, :, None])
+    return v.view(out, inp).to(dtype)
 
 
 def block_size_of(config: dict) -> tuple[int, int]:

@@ -52,89 +52,158 @@ def hessian_update(H: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[tor
     x = x.reshape(-1, x.shape[-1]).double()
     t = x.shape[0]
     if H is None:
-        H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
     if t == 0:
         return H, n
     H = H * (n / (n + t)) + (2.0 / (n + t)) * (x.T @ x)
     return H, n + t
 
 
-def hessian_inverse_factor(H: torch.Tensor, w: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Upper Cholesky factor of the damped H^-1 (float64) for weight ``w`` [out, in]."""
+# Inputs wider than this get a float32 Hessian and factor (one [in, in] float64 matrix of an
+# 18432-wide input is 2.7 GB, more than the whole stored Kimi K2 layer 0 that reads it: float64 could
+# never meet "GPTQ within 2x the stored layer"); float32 is the precision of the reference
+# implementations (IST-DASLab gptq.py, modelopt calib_utils.update_hessian) and of the GPU path.
+# Up to it, float64 as always (every bundled model and expert width: their outputs are unchanged).
+WIDE_INPUT = 8192
+# the working copy of the weight is processed in chunks of at most this many bytes of output rows
+# (GPTQ rounds each row independently given the factor); weights under it are done in one piece
+ROW_CHUNK_BYTES = 256 << 20
+
+
+def hessian_dtype(width: int) -> torch.dtype:
+    """The precision of a ``width``-wide input's Hessian, its factor and the GPTQ updates."""
+    return torch.float32 if width > WIDE_INPUT else torch.float64
+
+
+def hessian_inverse_factor(H: torch.Tensor, w: torch.Tensor, damp: float = 0.01,
+                           overwrite: bool = False, dead: torch.Tensor | None = None) -> torch.Tensor:
+    """Upper Cholesky factor of the damped H^-1 (in :func:`hessian_dtype`) for weight ``w`` [out, in].
+
+    ``overwrite``: H (already in that dtype) is the caller's to destroy: the factor is computed in
+    its memory. ``dead``: w's all-zero columns, if the caller has them."""
     if not damp > 0:
         raise ValueError(f"GPTQ: damp must be > 0, got {damp}")
-    H = H.double().clone()
-    dead = (w == 0).all(dim=0)
+    dtype = hessian_dtype(H.shape[0])
+    if not (overwrite and H.dtype == dtype):
+        H = H.to(dtype, copy=True)
+    dead = (w == 0).all(dim=0) if dead is None else dead
     H[dead, :] = 0
     H[:, dead] = 0
     H[dead, dead] = 1
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))  # H += damp * mean(diag H) * I, without the I
-    try:  # one [in, in] float64 matrix alive besides the caller's at each step (in=7168: 411 MB each)
-        L = torch.linalg.cholesky(H)
-        del H
-        Hinv = torch.cholesky_inverse(L)
-        del L
-        return torch.linalg.cholesky(Hinv, upper=True)
+    # LAPACK works on column-major memory: torch's out= on a row-major H copies it into a temporary.
+    # A wide (float32) H is handed over as its column-major view H.mT instead, so nothing else is
+    # allocated (LAPACK then reads H's upper triangle, equal to the lower one up to the rounding of
+    # x^T x: a float32-only path, new numerics anyway); float64 keeps the bits of the out-of-place calls.
+    A = H.mT if dtype == torch.float32 else H
+    try:
+        torch.linalg.cholesky(A, out=A)
+        torch.cholesky_inverse(A, out=A)
+        return torch.linalg.cholesky(A, upper=True, out=A)
     except (RuntimeError, torch.linalg.LinAlgError):
         # modelopt's fallback (compute_hessian_inverse): identity, i.e. plain round-to-nearest
         log.warning("GPTQ: Hessian not positive definite after damping; round-to-nearest for this weight")
-        return torch.eye(w.shape[1], dtype=torch.float64)
+        return torch.eye(w.shape[1], dtype=dtype, device=w.device)
+
+
+def _permute_sym_(H: torch.Tensor, perm: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """H[perm][:, perm] in H's own memory: columns permuted a block of rows at a time, then rows
+    moved along the permutation's cycles (one row of scratch). Same values as index_select."""
+    for r0 in range(0, H.shape[0], rows):
+        H[r0:r0 + rows] = H[r0:r0 + rows].index_select(1, perm)
+    src = perm.tolist()
+    seen = [False] * len(src)
+    for start in range(len(src)):
+        if seen[start] or src[start] == start:
+            continue
+        tmp = H[start].clone()
+        i = start
+        while True:
+            seen[i] = True
+            j = src[i]
+            if j == start:
+                H[i] = tmp
+                break
+            H[i] = H[j]
+            i = j
+    return H
 
 
 def factor(H: torch.Tensor, w: torch.Tensor, damp: float = 0.01,
-           act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           act_order: bool = False, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(column order, upper Cholesky factor of the damped H^-1 in that order) for weight ``w``.
 
     It depends on ``w`` only through its all-zero columns, so linears that read the same input
     (gate/up, q/k/v) share one: :func:`gptq_quantize_shared`. The factorisation is the bulk of
     GPTQ's cost at real sizes (an in=7168 Hessian: ~9 s of ~15 s per [2048, 7168] weight, 2 cores).
+    ``overwrite``: H is the caller's to destroy (the permutation and the factor reuse its memory).
     """
-    perm = (torch.argsort(torch.diag(H.double()), descending=True, stable=True) if act_order
-            else torch.arange(H.shape[0]))
-    Hp = H.index_select(0, perm).index_select(1, perm)
-    return perm, hessian_inverse_factor(Hp, w[:, perm], damp)
+    perm = (torch.argsort(torch.diag(H).double(), descending=True, stable=True) if act_order
+            else torch.arange(H.shape[0], device=H.device))
+    dtype = hessian_dtype(H.shape[0])
+    if overwrite and H.dtype == dtype:
+        Hp = _permute_sym_(H, perm) if act_order else H
+    else:
+        Hp = H.index_select(0, perm).index_select(1, perm).to(dtype)
+    return perm, hessian_inverse_factor(Hp, w, damp, overwrite=True, dead=(w == 0).all(dim=0)[perm])
 
 
 def gptq_quantize_shared(ws: list[torch.Tensor], H: torch.Tensor, group_size: int = 128, damp: float = 0.01,
-                         act_order: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                         act_order: bool = False, overwrite: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`gptq_quantize` of each weight in ``ws`` (all reading the input whose Hessian is ``H``),
-    factorising H once when their all-zero columns agree (the results are the same either way)."""
+    factorising H once when their all-zero columns agree (the results are the same either way).
+    ``overwrite``: H is the caller's to destroy (then factorised in its own memory)."""
     dead = [(w == 0).all(dim=0) for w in ws]
-    shared = factor(H, ws[0], damp, act_order) if all(torch.equal(d, dead[0]) for d in dead) else None
-    return [gptq_quantize(w, H, group_size, damp, act_order, factorized=shared) for w in ws]
+    if all(torch.equal(d, dead[0]) for d in dead):
+        shared = factor(H, ws[0], damp, act_order, overwrite=overwrite)
+        return [gptq_quantize(w, None, group_size, damp, act_order, factorized=shared) for w in ws]
+    return [gptq_quantize(w, H, group_size, damp, act_order) for w in ws]
 
 
 @torch.no_grad()
-def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 128, damp: float = 0.01,
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor | None, group_size: int = 128, damp: float = 0.01,
                   act_order: bool = False, block_size: int = 128,
                   factorized: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in], H [in, in] -> (int8 values in [-8, 7] [out, in], float32 scales [out, in / group]).
 
     Dequantized weight = int4.dequantize(q, scales); the scales are exactly RTN's
     (``int4.group_scales(w, group)``), only the rounding of each column differs. ``factorized``:
-    :func:`factor`'s result for this H, damp, act_order and w's zero columns.
+    :func:`factor`'s result for this H, damp, act_order and w's zero columns (H then unused).
     """
     out, cols = w.shape
     if cols % group_size:
         raise ValueError(f"GPTQ: in_features {cols} is not a multiple of group_size {group_size}")
     scales = int4.group_scales(w, group_size)  # float32, from the original weight
     perm, U = factorized if factorized is not None else factor(H, w, damp, act_order)
-    W = w.double()[:, perm].clone()
-    col_scale = scales.double().repeat_interleave(group_size, dim=1)[:, perm]
-    Q = torch.zeros_like(W)
+    Q = torch.empty(out, cols, dtype=torch.int8, device=w.device)
+    step = max(1, ROW_CHUNK_BYTES // (cols * U.element_size()))
+    rows = [(0, out)] if out <= step else [(r, min(r + step, out)) for r in range(0, out, step)]
+    for r0, r1 in rows:
+        Q[r0:r1] = _rows(w[r0:r1], scales[r0:r1], perm, U, group_size, block_size)
+    if act_order:
+        Q = Q[:, torch.argsort(perm)]
+    return Q, scales
+
+
+def _rows(w: torch.Tensor, scales: torch.Tensor, perm: torch.Tensor, U: torch.Tensor, group_size: int,
+          block_size: int) -> torch.Tensor:
+    """GPTQ's column loop (module docstring) over the rows ``w`` [rows, in] -> int8 values in the order ``perm``."""
+    cols = w.shape[1]
+    W = w.to(U.dtype)[:, perm]
+    gsc = scales.to(U.dtype)
+    Q = torch.empty(W.shape, dtype=torch.int8, device=w.device)
     for b0 in range(0, cols, block_size):
         b1 = min(b0 + block_size, cols)
+        cs = gsc[:, perm[b0:b1] // group_size]  # each column's group scale (its original group)
         W1 = W[:, b0:b1].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[b0:b1, b0:b1]
         for j in range(b1 - b0):
-            s = col_scale[:, b0 + j]
+            s = cs[:, j]
             q = (W1[:, j] / s).round().clamp(-8, 7)
             Q[:, b0 + j] = q
             err = (W1[:, j] - q * s) / U1[j, j]
             W1[:, j:] -= err.unsqueeze(1) * U1[j, j:].unsqueeze(0)
             Err1[:, j] = err
         W[:, b1:] -= Err1 @ U[b0:b1, b1:]
-    if act_order:
-        Q = Q[:, torch.argsort(perm)]
-    return Q.to(torch.int8), scales
+    return Q

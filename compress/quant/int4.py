@@ -65,6 +65,6 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     lo, hi = p & 0x0F, (p >> 4) & 0x0F
     lo = torch.where(lo > 7, lo - 16, lo)
     hi = torch.where(hi > 7, hi - 16, hi)
-    out = torch.empty(packed.shape[0] * 2, packed.shape[1], dtype=torch.int8)
+    out = torch.empty(packed.shape[0] * 2, packed.shape[1], dtype=torch.int8, device=packed.device)
     out[0::2], out[1::2] = lo.to(torch.int8), hi.to(torch.int8)
     return out

@@ -58,7 +58,7 @@ read_quant_layout = formats.read_layout
 
 def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *, batches: Batches | None = None,
                         progress: Progress = QUIET, force: bool = False, resume: bool = False,
-                        trust_remote_code: bool = False) -> dict:
+                        trust_remote_code: bool = False, device: torch.device | None = None) -> dict:
     """Quantize ``model`` into ``out`` (:func:`stage.quantize_checkpoint`); returns the summary.
 
     ``batches``: calibration token ids [B, S], or a function returning them. Python callers may
@@ -69,7 +69,7 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
         batches = CalibConfig(cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed, cfg.batch_size,
                               trust_remote_code).loader(model)
     return stage.quantize_checkpoint(model, out, cfg, batches=batches, progress=progress, force=force,
-                                     resume=resume)
+                                     resume=resume, device=device)
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,

@@ -2,12 +2,32 @@
 runs on the calibration activations, then its linears are quantized group by group.
 
 Routed experts are quantized one at a time from the layer's MoE input and its routing (each
-expert's own tokens). An expert that calibration routed fewer than ``MIN_EXPERT_TOKENS`` tokens to
-borrows: its gate/up AWQ/GPTQ statistics come from the whole MoE input, its down projection is
-rounded to nearest; it is reported as borrowed. All routed experts of a layer share one input
-scale per projection (the maximum over the experts that saw tokens), as TensorRT-LLM's fused MoE
-kernels require (tensorrt_llm/_torch/modules/fused_moe); that is also how an expert without tokens
-gets a valid one.
+expert's own tokens). All routed experts of a layer share one input scale per projection (the
+maximum over the experts that saw tokens), as the runtimes' FP8 MoE loaders make it anyway
+(vLLM fp8.py Fp8MoEMethod and TensorRT-LLM _torch/modules/fused_moe/quantization.py take the max
+over experts; bench/quant_quality.py cites both); that is also how an expert without tokens gets a
+valid one.
+
+Experts with too little evidence. With top-k routing many experts see few calibration tokens, and
+an expert that saw fewer tokens than its input width has a rank-deficient Hessian: GPTQ then
+compensates rounding error only inside the span of those tokens (elsewhere only the 1% damping
+holds it), and AWQ's scale search fits a handful of rows, so the rounding fits the calibration
+tokens rather than the expert's input distribution. The rule (config.py): an expert that
+calibration routed fewer than ``max(MIN_EXPERT_TOKENS, SPARSE_EXPERT_RATIO x input width)`` tokens
+(ratio 1: fewer tokens than channels) is rounded to nearest, all three projections (its static
+input scale still from its own tokens, or the peers' without any). Chosen by measurement
+(bench/quant_suite.py, int4-gptq on tiny-deepseek-v3, the Kimi-style variant and top-1 Mixtral,
+two calibration seeds) against the alternatives it implements: gate/up statistics from every
+MoE-input token with down rounded to nearest (``borrow``), and statistics from every MoE-input
+token through the sparse expert (``all-tokens``, llm-compressor's ``moe_calibrate_all_experts``
+for the sparse ones) or through every expert (``ALL_TOKENS_STATISTICS``). The three sparse-expert
+rules came out equal within the seeds' spread; every expert from all tokens moved perplexity by
+up to +-0.25% in either direction between seeds, so it is not the default. Round to nearest was
+chosen among the equals because it needs nothing the expert did not see (no statistics of tokens
+routed elsewhere, no second pass of every expert over every token) and cannot overfit.
+quant_report.json lists per expert its tokens, its gate/up input Hessian's rank and damped
+condition number (stats.hessian_evidence), where its statistics came from and each projection's
+rounding; ``experts_with_borrowed_scales`` lists the sparse ones.
 """
 
 from __future__ import annotations
@@ -18,18 +38,35 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+import moepress.compress.quantize.config as qconfig
 from moepress.calib.distributed import DistEnv
 from moepress.compress.moe import AttentionObserver
 from moepress.compress.quant import kv as kvq
-from moepress.compress.quantize.config import FORMATS, MIN_EXPERT_TOKENS, QuantConfig
+from moepress.compress.quantize.config import FORMATS, QuantConfig
+from moepress.compress.quantize.experts import ExpertBatch
+from moepress.compress.quantize.fold import fold_layer
 from moepress.compress.quantize.group import FloatWeights, LayerResult, quantize_group
-from moepress.compress.quantize.stats import LinearStats, by_format, gather_list, shared_input_groups
+from moepress.compress.quantize.stats import (
+    LinearStats,
+    amax_only,
+    by_format,
+    gather_list,
+    hessian_evidence,
+    shared_input_groups,
+    with_amax,
+)
 from moepress.compress.stream import StreamedModel
 
 # k_scale / v_scale = amax / 448 of the keys / values the attention caches (compress/quant/kv.py)
 KV_SCALES = ("self_attn.k_scale", "self_attn.v_scale")
-BORROWED_GATE_UP = "AWQ/GPTQ statistics and input scale from the layer's MoE input"
-BORROWED_DOWN = "input scale from the other experts; AWQ/GPTQ off (round to nearest)"
+RULE_STATISTICS = {"routed": "its routed tokens", "rtn": "none (round to nearest)",
+                   "all-tokens": "every MoE-input token", "borrow": "gate/up: every MoE-input token; down: none"}
+RULE_GATE_UP = {"rtn": "round to nearest; input scale from its tokens or the peers'",
+                "all-tokens": "AWQ/GPTQ statistics from every MoE-input token; input scale from its tokens",
+                "borrow": "AWQ/GPTQ statistics and input scale from the layer's MoE input"}
+RULE_DOWN = {"rtn": "round to nearest; input scale from its tokens or the peers'",
+             "all-tokens": "AWQ/GPTQ statistics from the expert run on every MoE-input token",
+             "borrow": "input scale from the other experts; AWQ/GPTQ off (round to nearest)"}
 
 
 @torch.no_grad()
@@ -79,6 +116,8 @@ class CalibratedLayer:
 
     def run(self, hs: list[torch.Tensor]) -> tuple[LayerResult, list[torch.Tensor] | None]:
         outs = self.observe(hs)
+        if self.cfg.awq_fold:  # AWQ smoothing folded into norms / v_proj / up_proj (fold.py)
+            fold_layer(self)
         self.quantize_non_experts()
         if self.moe is not None:
             self.quantize_experts()
@@ -99,7 +138,7 @@ class CalibratedLayer:
         """Run the layer on ``hs`` with the hooks that gather what its quantization needs; returns
         its outputs (None when nothing is to be gathered and the run is sequential)."""
         hooks, log = self._hook()
-        need_run = bool(self.needs) or bool(self.kv) or not self.cfg.sequential
+        need_run = bool(self.needs) or bool(self.kv) or not self.cfg.is_sequential()
         outs = self.sm.run_layer(self.layer, hs) if need_run else None
         for h in hooks:
             h.remove()
@@ -163,11 +202,22 @@ class CalibratedLayer:
             self.layer_stats = LinearStats(hessian=False)
             self.layer_stats.add(X)
         expert_groups: list[tuple[int, str, list[str]]] = []
+        self.batch = ExpertBatch(self.res, self.cfg, self.env)  # their quantize_group calls, batched (experts.py)
         for e, ex in enumerate(self.moe.experts):
             toks = (idx == e).any(-1).nonzero().squeeze(-1) if idx is not None else torch.zeros(0, dtype=torch.long)
             x_e = X[toks] if X is not None else None
             expert_groups += self._quantize_expert(e, ex, X, x_e)
+        self.batch.flush()
         self._share_expert_input_scales(expert_groups)
+
+    def _evidence_rule(self, tokens: int, width: int) -> str:
+        """Where expert statistics come from: ``routed`` (its own tokens) or the sparse-expert rule."""
+        if qconfig.ALL_TOKENS_STATISTICS and self.layer_stats is not None:
+            return "all-tokens"
+        if tokens >= max(qconfig.MIN_EXPERT_TOKENS, qconfig.SPARSE_EXPERT_RATIO * width):
+            return "routed"
+        rule = qconfig.SPARSE_EXPERT_RULE
+        return rule if self.layer_stats is not None else "rtn"
 
     def _quantize_expert(self, e: int, ex, X: torch.Tensor | None,
                          x_e: torch.Tensor | None) -> list[tuple[int, str, list[str]]]:
@@ -175,50 +225,83 @@ class CalibratedLayer:
         g, u, d = (f"{self.layer.ffn_attr}.experts.{e}.{ln}" for ln in ex.names)
         fmt_of, res = self.fmt_of, self.res
         tokens = 0 if x_e is None else int(x_e.shape[0])
-        few = x_e is None or x_e.shape[0] < MIN_EXPERT_TOKENS
-        # this expert's weights in float32, each made once (quantized, or gate/up for down's input)
-        wx = {n: self.weights[n] for n in (g, u, d) if fmt_of[n] is not None or (n != d and not few)}
+        wx = {n: self.weights[n] for n in (g, u, d) if fmt_of[n] is not None or (n != d and x_e is not None)}
         res.expert_tokens.append(tokens)
         calibrated = any(n in self.needs for n in (g, u, d))
-        if few and calibrated:
-            res.borrowed.append({"layer": self.i, "expert": e, "tokens": tokens,
-                                 "gate_up": BORROWED_GATE_UP, "down": BORROWED_DOWN})
-        st_gu, st_d = self._expert_stats(ex, (g, u, d), X, x_e, few, wx) if calibrated else (None, None)
+        rule = self._evidence_rule(tokens, self.linears[g].in_features) if calibrated else "routed"
+        st_gu, st_d = self._expert_stats(ex, (g, u, d), X, x_e, rule, wx) if calibrated else (None, None)
+        if calibrated:
+            self._record_evidence(e, tokens, rule, (g, d), x_e)
         groups = []
         for fmt, names in by_format([n for n in (g, u) if fmt_of[n] is not None], fmt_of).items():
-            quantize_group(res, self.cfg, fmt, names, [wx[n] for n in names], st_gu)
+            self.batch.add(fmt, names, [wx[n] for n in names], st_gu)
             groups.append((e, "gate_up", names))
         if fmt_of[d] is not None:
-            quantize_group(res, self.cfg, fmt_of[d], [d], [wx[d]], st_d)
+            self.batch.add(fmt_of[d], [d], [wx[d]], st_d)
             groups.append((e, "down", [d]))
         return groups
 
     def _expert_stats(self, ex, gud: tuple[str, str, str], X: torch.Tensor | None, x_e: torch.Tensor | None,
-                      few: bool, wx: dict[str, torch.Tensor]) -> tuple[LinearStats, LinearStats | None]:
-        """(gate/up input statistics, down input statistics) of one expert; with too few tokens the
-        gate/up ones are the layer's MoE input's (with its Hessian once a format needs it), no down's."""
+                      rule: str, wx: dict[str, torch.Tensor]) -> tuple[LinearStats, LinearStats | None]:
+        """(gate/up input statistics, down input statistics) of one expert under ``rule``. The static
+        input scale (its amax) always comes from the expert's own tokens (none: the peers', see
+        :meth:`_share_expert_input_scales`), whatever the AWQ/GPTQ statistics come from."""
         g, u, d = gud
         needs_h = self.cfg.needs_hessian
-        if not few or self.layer_stats is None:
+
+        def inner(x):
+            return ex.act_fn(nn.functional.linear(x, wx[g])) * nn.functional.linear(x, wx[u])
+
+        h_e = inner(x_e) if x_e is not None and x_e.shape[0] and g in wx and u in wx else None
+        if rule == "rtn":
+            return amax_only(x_e), amax_only(h_e)
+        if rule == "routed":
             st_gu = LinearStats(hessian=needs_h(self.fmt_of[g]))
             st_gu.add(x_e)
-        else:
-            if needs_h(self.fmt_of[g]) and self.layer_stats.S is None:
-                self.layer_stats = LinearStats(hessian=True)
-                self.layer_stats.add(X)
-            st_gu = self.layer_stats
-        st_d = None
-        if not few:
-            h = ex.act_fn(nn.functional.linear(x_e, wx[g])) * nn.functional.linear(x_e, wx[u])
             st_d = LinearStats(hessian=needs_h(self.fmt_of.get(d)))
-            st_d.add(h)
-        return st_gu, st_d
+            if h_e is not None:
+                st_d.add(h_e)
+            return st_gu, st_d
+        if needs_h(self.fmt_of[g]) and self.layer_stats.S is None:
+            self.layer_stats = LinearStats(hessian=True)
+            self.layer_stats.add(X)
+        if rule == "borrow":  # gate/up amax from every token too: excluded from the shared scale's max
+            return self.layer_stats, None
+        st_d = LinearStats(hessian=needs_h(self.fmt_of.get(d)))
+        for chunk in X.split(4096):
+            st_d.add(inner(chunk))
+        return with_amax(self.layer_stats, x_e), with_amax(st_d, h_e)
+
+    def _record_evidence(self, e: int, tokens: int, rule: str, gd: tuple[str, str], x_e) -> None:
+        """The expert's entry in quant_report.json: tokens, its gate/up input Hessian's rank and
+        condition (stats.hessian_evidence), where its statistics came from, each projection's rounding."""
+        g, d = gd
+        entry = {"expert": e, "tokens": tokens, "statistics": RULE_STATISTICS[rule],
+                 "rounding": {"gate_up": self._rounding(g, rule), "down": self._rounding(d, rule, down=True)},
+                 "hessian": hessian_evidence(x_e, self.cfg.gptq_damp)}
+        self.res.expert_evidence.append(entry)
+        if rule != "routed":
+            self.res.borrowed.append({"layer": self.i, "expert": e, "tokens": tokens, "rule": rule,
+                                      "gate_up": RULE_GATE_UP[rule], "down": RULE_DOWN[rule]})
+
+    def _rounding(self, n: str, rule: str, down: bool = False) -> str | None:
+        """How linear ``n`` of a routed expert is rounded (from its format's attributes and the rule)."""
+        fmt = self.fmt_of.get(n)
+        if fmt is None:
+            return None
+        f = FORMATS[fmt]
+        if rule == "rtn" or (rule == "borrow" and down) or not (f.awq or f.gptq):
+            return "round to nearest"
+        if f.gptq:
+            return "gptq"
+        return "awq + gptq" if self.cfg.awq_gptq else ("awq + clip" if self.cfg.awq_clip else "awq")
 
     def _share_expert_input_scales(self, expert_groups: list[tuple[int, str, list[str]]]) -> None:
         """One input scale per projection (and format) for all routed experts: the max over the
         experts that saw tokens; experts without tokens take it too."""
         res, per_proj_amax = self.res, {}
-        borrowed = {b["expert"] for b in res.borrowed}
+        # not in the max: experts without tokens, and "borrow"'s gate/up amax (every token's)
+        borrowed = {b["expert"] for b in res.borrowed if b["tokens"] == 0 or b["rule"] == "borrow"}
         for _, proj, names in expert_groups:
             key = f"{proj}:{self.fmt_of[names[0]]}"
             if f"{names[0]}.input_scale" in res.tensors and int(names[0].split(".")[-2]) not in borrowed:

@@ -25,7 +25,16 @@ GROUP_SIZES = (32, 64, 128)
 
 # Linears that read the same input tensor (siblings under one parent): fused by TensorRT-LLM.
 SHARED_INPUT = ({"q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa"}, {"gate_proj", "up_proj", "w1", "w3"})
-MIN_EXPERT_TOKENS = 8  # fewer routed calibration tokens: the expert's AWQ/GPTQ statistics are borrowed
+MIN_EXPERT_TOKENS = 8  # fewer routed calibration tokens: the expert's statistics are never its own
+# Routed experts with too little evidence (compress/quantize/calibrated.py says the rule and why): an
+# expert is "sparse" when calibration routed it fewer than max(MIN_EXPERT_TOKENS, SPARSE_EXPERT_RATIO x its
+# input width) tokens; SPARSE_EXPERT_RULE is what it gets ("rtn": round to nearest; "all-tokens": statistics
+# from every MoE-input token, llm-compressor's moe_calibrate_all_experts; "borrow": gate/up statistics from
+# every token, down rounded to nearest). ALL_TOKENS_STATISTICS: every expert's from every token.
+SPARSE_EXPERT_RATIO = 1.0
+SPARSE_EXPERT_RULE = "rtn"
+ALL_TOKENS_STATISTICS = False
+SPARSE_EXPERT_RULES = ("rtn", "all-tokens", "borrow")
 AWQ_SAMPLE_ROWS = 1024  # rows of calibration input the AWQ search evaluates per linear group
 
 
@@ -40,16 +49,23 @@ class QuantConfig:
     rules: tuple[tuple[str, str], ...] = ()
     group_size: int = 128
     kv_cache: str | None = None
-    sequential: bool = True
+    # None: sequential (each layer calibrated on the quantized layers before it) when a format in the run
+    # rounds its weights by data (AWQ / GPTQ), which then fits the inputs it will see; one pass over the
+    # unquantized model when only activation scales are calibrated (fp8, nvfp4), as Model-Optimizer and
+    # TensorRT-LLM calibrate them: a quantized prefix only adds its noise to a per-tensor amax
+    # (bench/quant_suite.py measured no systematic gain from it over calibration seeds).
+    sequential: bool | None = None
     calib: tuple[str, ...] = ()
     num_samples: int = 64
     seq_len: int = 256
     seed: int = 0
     batch_size: int = 8
     gptq_damp: float = 0.01
-    # GPTQ columns by decreasing Hessian diagonal (llm-compressor's default "static" act order;
-    # bench/quant_quality.py compares it with in-order)
-    gptq_act_order: bool = True
+    # GPTQ columns by decreasing Hessian diagonal (llm-compressor's "static" act order) or in order.
+    # None: act order for AWQ + GPTQ, in order for plain GPTQ (Model-Optimizer's GPTQ order):
+    # bench/quant_suite.py over the bundled models, derived variants and two calibration seeds measured
+    # plain GPTQ better in order in 8 of 9 paired cells, AWQ + GPTQ worse in order in every one.
+    gptq_act_order: bool | None = None
     # AWQ (int4-awq, w4a8-awq): after the scale search, the smoothed weight W / pre_quant_scale is
     # rounded by GPTQ on the smoothed input's Hessian (scales amax / 7), llm-compressor's AWQ + GPTQ
     # stacking (bench/quant_quality.py compares it with round-to-nearest). The stored format is unchanged.
@@ -57,6 +73,10 @@ class QuantConfig:
     # with awq_gptq off: the clip search after the scale search (llm-awq auto_clip, modelopt awq_clip,
     # its awq_full); both off = modelopt's awq_lite
     awq_clip: bool = True
+    # AWQ's smoothing folded into the preceding norm / v_proj / up_proj (llm-compressor's form, one vector
+    # shared by every linear reading an input; compress/quantize/fold.py): no pre_quant_scale is stored,
+    # so the checkpoint is plain INT4 (compressed-tensors pack-quantized). Off: Model-Optimizer's form.
+    awq_fold: bool = False
 
     def __post_init__(self):
         if self.format is not None and self.format != NONE:
@@ -68,27 +88,32 @@ class QuantConfig:
             raise MoepressError("--format: required (or --rule PATTERN=FORMAT)")
         if self.group_size not in GROUP_SIZES:
             raise MoepressError(f"--group-size {self.group_size}: expected 128, 64 or 32")
+        if self.awq_fold and not any(FORMATS[f].awq for f in self.formats()):
+            awq_formats = ", ".join(n for n, f in FORMATS.items() if f.awq)
+            raise MoepressError(f"--awq-fold: expected an AWQ format ({awq_formats})")
         if self.kv_cache is not None and self.kv_cache not in KV_CACHE_FORMATS:
             raise MoepressError(f"--kv-cache {self.kv_cache}: expected {', '.join(KV_CACHE_FORMATS)}")
 
     @classmethod
-    def from_flags(cls, *, format: str | None, rules, group_size: int, kv_cache: str | None, sequential: bool,
-                   calib: CalibConfig, gptq_act_order: bool, awq_clip: bool, awq_gptq: bool) -> QuantConfig:
+    def from_flags(cls, *, format: str | None, rules, group_size: int, kv_cache: str | None, sequential: bool | None,
+                   calib: CalibConfig, gptq_act_order: bool | None, awq_clip: bool, awq_gptq: bool,
+                   awq_fold: bool = False) -> QuantConfig:
         """``moepress quantize``'s options; ``rules`` are the ``--rule PATTERN=FORMAT`` strings."""
         return cls(format=format, rules=parse_rules(rules), group_size=group_size, kv_cache=kv_cache,
                    sequential=sequential, calib=calib.sources, num_samples=calib.num_samples,
                    seq_len=calib.seq_len, seed=calib.seed, batch_size=calib.batch_size,
-                   gptq_act_order=gptq_act_order, awq_clip=awq_clip, awq_gptq=awq_gptq)
+                   gptq_act_order=gptq_act_order, awq_clip=awq_clip, awq_gptq=awq_gptq, awq_fold=awq_fold)
 
     @classmethod
     def from_recipe(cls, q: dict, c: CalibConfig) -> QuantConfig:
         """A recipe's ``quantize`` section and its shared calibration (moepress/pipeline/recipe.py)."""
         rules = tuple((str(k), str(v)) for k, v in (q.get("rules") or {}).items())
         return cls(format=q.get("format"), rules=rules, group_size=q.get("group_size", 128),
-                   kv_cache=q.get("kv_cache"), sequential=q.get("sequential", True),
+                   kv_cache=q.get("kv_cache"), sequential=q.get("sequential"),
                    calib=c.sources, num_samples=c.num_samples, seq_len=c.seq_len, seed=c.seed,
-                   batch_size=c.batch_size, gptq_act_order=q.get("gptq_act_order", True),
-                   awq_clip=q.get("awq_clip", True), awq_gptq=q.get("awq_gptq", True))
+                   batch_size=c.batch_size, gptq_act_order=q.get("gptq_act_order"),
+                   awq_clip=q.get("awq_clip", True), awq_gptq=q.get("awq_gptq", True),
+                   awq_fold=q.get("awq_fold", False))
 
     def format_of(self, rel: str, full: str) -> str | None:
         """The format of the linear ``rel`` (its name in the layer; ``full``: in the checkpoint)."""
@@ -96,6 +121,12 @@ class QuantConfig:
             if fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(full, pat):
                 return None if fmt == NONE else fmt
         return self.format
+
+    def is_sequential(self) -> bool:
+        """Calibrate layer i on the quantized layers 0..i-1 (see ``sequential``)."""
+        if self.sequential is not None:
+            return self.sequential
+        return any(FORMATS[f].awq or FORMATS[f].gptq for f in self.formats())
 
     def formats(self) -> set[str]:
         return {f for f in [self.format, *(f for _, f in self.rules)] if f and f != NONE}

@@ -3,13 +3,14 @@ no layer module and no activations.
 
 One read-ahead runs over every remaining layer's stored tensors in plan order (the groups' weights
 first, then the rest), so the read of layer i+1 overlaps the quantization and the write of layer i;
-the groups are quantized by torch's thread count of single-threaded workers (one torch op stream
-each, which on few cores beats one stream of multi-threaded ops), merged in group order so the
-output does not depend on the pool.
+the groups are decoded and quantized by a pool of single-threaded workers, one per core (one
+torch op stream each, which beats one stream of multi-threaded ops), or on the stream's GPU,
+merged in group order so the output does not depend on the pool or the device.
 """
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,7 @@ from moepress.compress.quantize.config import FORMATS, QuantConfig
 from moepress.compress.quantize.group import LayerResult, quantize_group
 from moepress.compress.quantize.stats import by_format, shared_input_groups
 from moepress.compress.stream import StreamedModel, read_ahead
+from moepress.device import Uploader
 
 WEIGHT_TENSORS = (".weight", ".weight_scale_inv")  # a linear's stored weight and its block-FP8 input scale
 
@@ -70,6 +72,29 @@ def quantize_tensors(sm: StreamedModel, i: int, cfg: QuantConfig, groups: list[t
     return _FreeLayer(sm, i, cfg, tensors, pool, depth).run(groups, n_stored)
 
 
+def quantize_stored(stored: dict[str, torch.Tensor], ckpt: CheckpointReader, cfg: QuantConfig, fmt: str,
+                    prefix: str, ns: list[str], dtypes: list[torch.dtype], uploader: Uploader | None) -> LayerResult:
+    """One group of linears ``ns`` from their stored tensors: decoded (on the uploader's device, when
+    given) and quantized there; the result on the host."""
+    if uploader is not None:
+        stored = uploader.upload(stored)
+    view = LayerView(ckpt, stored)
+    ws = [view.weight(prefix + n + ".weight", dt) for n, dt in zip(ns, dtypes, strict=True)]
+    del stored, view
+    sub = LayerResult()
+    quantize_group(sub, cfg, fmt, ns, ws, None)
+    return sub if uploader is None else to_host(sub)
+
+
+def to_host(res: LayerResult) -> LayerResult:
+    """``res`` with its tensors moved to the host (what the writer takes)."""
+    def host(v):
+        return v.cpu() if isinstance(v, torch.Tensor) else v
+    res.tensors = {k: host(v) for k, v in res.tensors.items()}
+    res.specs = {k: tuple(host(v) for v in spec) for k, spec in res.specs.items()}
+    return res
+
+
 class _FreeLayer:
     """One calibration-free layer being quantized: the stored tensors taken so far, the groups in flight."""
 
@@ -80,7 +105,8 @@ class _FreeLayer:
         self.res = LayerResult()
         self.raw: dict[str, torch.Tensor] = {}
         self.taken = 0
-        self.pending: deque[tuple[LayerResult, Future | None]] = deque()
+        self.pending: deque[tuple[LayerResult | None, Future | None]] = deque()
+        self.uploader = sm.uploader if not sm.uploader.on_cpu else None
 
     def run(self, groups: list[tuple[str, list[str]]], n_stored: int) -> tuple[LayerResult, LayerView]:
         for fmt, ns in groups:
@@ -108,30 +134,34 @@ class _FreeLayer:
             for sfx in WEIGHT_TENSORS:
                 if prefix + n + sfx in ckpt:
                     self.take(prefix + n + sfx)
-        view = LayerView(ckpt, self.raw)
-        ws = [view.weight(prefix + n + ".weight", torch.bfloat16 if reads_stored_bf16(fmt) and
-                          ckpt.info(prefix + n + ".weight").dtype == "BF16" else torch.float32) for n in ns]
-        for n in ns:
-            for sfx in WEIGHT_TENSORS:
-                self.raw.pop(prefix + n + sfx, None)
-        sub = LayerResult()
+        stored = {prefix + n + sfx: self.raw.pop(prefix + n + sfx) for n in ns for sfx in WEIGHT_TENSORS
+                  if prefix + n + sfx in self.raw}
+        dtypes = [torch.bfloat16 if reads_stored_bf16(fmt) and ckpt.info(prefix + n + ".weight").dtype == "BF16"
+                  else torch.float32 for n in ns]
+        job = (ckpt, self.cfg, fmt, prefix, ns, dtypes, self.uploader)
         if self.pool is None:
-            quantize_group(sub, self.cfg, fmt, ns, ws, None)
-            self.pending.append((sub, None))
+            self.pending.append((quantize_stored(stored, *job), None))
         else:
-            self.pending.append((sub, self.pool.submit(quantize_group, sub, self.cfg, fmt, ns, ws, None)))
-        del ws, view
+            self.pending.append((None, self.pool.submit(quantize_stored, stored, *job)))
+        del stored
 
     def merge(self) -> None:
         sub, fut = self.pending.popleft()
-        if fut is not None:
-            fut.result()
-        self.res.merge(sub)
+        self.res.merge(sub if fut is None else fut.result())
 
 
 class FreePipeline:
     """Layers ``start``.. of a calibration-free run: their plans, one read-ahead over all their
-    stored tensors, and the worker pool (torch runs single-threaded in each worker meanwhile)."""
+    stored tensors, and the worker pool.
+
+    On the CPU the pool has one worker per core this process may run on (``sched_getaffinity``:
+    ``taskset`` and cgroup CPU sets are honoured) and torch runs single-threaded meanwhile, so
+    workers and torch's own threads never oversubscribe the cores. On a GPU (the stream's device)
+    two workers upload, quantize and download groups, so one group's host copies overlap another's
+    kernels; torch's CPU threads are left as they are.
+    """
+
+    GPU_WORKERS = 2
 
     def __init__(self, reader: CheckpointReader, sm: StreamedModel, cfg: QuantConfig, start: int, budget: int):
         self.sm, self.cfg = sm, cfg
@@ -139,10 +169,12 @@ class FreePipeline:
         self.stored = read_ahead(
             reader, (n for j in range(start, sm.adapter.num_layers) for n in self.plan(j)[1]), budget)
         self.threads = torch.get_num_threads()
-        self.workers = ThreadPoolExecutor(self.threads, thread_name_prefix="moepress-quant",
-                                          initializer=torch.set_num_threads, initargs=(1,)) \
-            if self.threads > 1 else None
-        if self.workers is not None:
+        on_cpu = sm.uploader.on_cpu
+        self.n_workers = cpu_workers() if on_cpu else self.GPU_WORKERS
+        self.workers = ThreadPoolExecutor(self.n_workers, thread_name_prefix="moepress-quant",
+                                          initializer=torch.set_num_threads if on_cpu else None,
+                                          initargs=(1,) if on_cpu else ()) if self.n_workers > 1 else None
+        if self.workers is not None and on_cpu:
             torch.set_num_threads(1)
 
     def plan(self, j: int) -> Plan:
@@ -155,7 +187,7 @@ class FreePipeline:
         """Quantize layer i: its result and a view over its other stored tensors."""
         groups, order = self.plan(i)
         out = quantize_tensors(self.sm, i, self.cfg, groups, self.stored, len(order), self.workers,
-                               2 * self.threads if self.workers is not None else 0)
+                               2 * self.n_workers if self.workers is not None else 0)
         self.plans.pop(i)
         return out
 
@@ -164,3 +196,11 @@ class FreePipeline:
         if self.workers is not None:
             self.workers.shutdown()
             torch.set_num_threads(self.threads)
+
+
+def cpu_workers() -> int:
+    """The cores this process may run on (its affinity mask), else torch's thread count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return torch.get_num_threads()

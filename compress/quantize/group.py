@@ -33,6 +33,7 @@ class LayerResult:
     skipped: list[dict] = field(default_factory=list)
     awq_alpha: dict[str, float] = field(default_factory=dict)
     expert_tokens: list[int] = field(default_factory=list)  # routed calibration tokens per expert
+    expert_evidence: list[dict] = field(default_factory=list)  # per routed expert (calibrated.py _record_evidence)
 
     def merge(self, sub: LayerResult) -> None:
         """Add a calibration-free group's result (no statistics: nothing borrowed, no AWQ)."""
@@ -43,13 +44,21 @@ class LayerResult:
         self.skipped.extend(sub.skipped)
 
 
+def quant_context(cfg: QuantConfig, st: LinearStats | None) -> formats.QuantContext:
+    """What the format's quantizer is handed for a group with statistics ``st``."""
+    return formats.QuantContext(cfg.group_size, st, cfg.gptq_damp, cfg.gptq_act_order,
+                                cfg.awq_gptq, cfg.awq_clip, cfg.awq_fold)
+
+
 def quantize_group(res: LayerResult, cfg: QuantConfig, fmt: str, names: list[str], ws: list[torch.Tensor],
-                   st: LinearStats | None, input_amax_override: torch.Tensor | None = None) -> None:
+                   st: LinearStats | None, input_amax_override: torch.Tensor | None = None,
+                   out: formats.Quantized | None = None) -> None:
     """Quantize linears ``names`` (they read one input, statistics ``st``) with the format's own
-    quantizer, add the static input scale where the format has one, and record them in ``res``."""
+    quantizer (``out``: its result, computed by the caller: compress/quantize/experts.py), add the
+    static input scale where the format has one, and record them in ``res``."""
     f = formats.FORMATS[fmt]
-    out = f.quantize(ws, formats.QuantContext(cfg.group_size, st, cfg.gptq_damp, cfg.gptq_act_order,
-                                              cfg.awq_gptq, cfg.awq_clip))
+    if out is None:
+        out = f.quantize(ws, quant_context(cfg, st))
     if out.skipped is not None:
         res.skipped.extend({"module": n, "reason": out.skipped} for n in names)
         return
@@ -61,9 +70,9 @@ def quantize_group(res: LayerResult, cfg: QuantConfig, fmt: str, names: list[str
     if f.static_input:
         amax = input_amax_override
         if amax is None:
-            a = st.amax if st is not None and st.amax is not None else torch.zeros(ws[0].shape[1])
+            a = st.amax if st is not None and st.amax is not None else torch.zeros(ws[0].shape[1], device=ws[0].device)
             amax = (a * pqs).amax() if pqs is not None else a.amax()
-        isc = fp8.scale_from_amax(amax).reshape(())
+        isc = f.input_scale(amax).reshape(())
         for n in names:
             tensors[n]["input_scale"] = isc
     for n in names:
@@ -91,7 +100,9 @@ class FloatWeights(dict):
         return self[name] if name in self._linears else default
 
 
-def _dequantizer(w: torch.Tensor, s: torch.Tensor):
+def _dequantizer(w: torch.Tensor, s: torch.Tensor, f=None, t: dict | None = None):
+    if f is not None and f.element == "fp4":  # NVFP4 (+ weight_scale_2), MXFP4 (E8M0): Format.dequantize
+        return lambda: f.dequantize(t)
     if w.dtype == torch.uint8:
         return lambda: int4.dequantize(int4.unpack_int4(w), s)
     return lambda: fp8.dequantize(w, s)
@@ -107,12 +118,14 @@ def apply_fake_quant(layer, res: LayerResult) -> None:
     for n in res.modules:
         w = res.tensors[f"{n}.weight"]
         s = res.tensors[f"{n}.weight_scale"]
+        f = formats.FORMATS[res.modules[n]["format"]]
+        t = {k: res.tensors[f"{n}.{k}"] for k in f.stored if f"{n}.{k}" in res.tensors}
         m = mods[n]
         if isinstance(m, StoredLinear):
-            m.qweight = _dequantizer(w, s)
+            m.qweight = _dequantizer(w, s, f, t)
             m.weight = nn.Parameter(torch.empty(0, dtype=m.weight.dtype), requires_grad=False)
             continue
-        deq = _dequantizer(w, s)()
+        deq = _dequantizer(w, s, f, t)()
         m.weight.data.copy_(deq)  # in place: no second copy of the layer's weights
         del deq
     attach_fake_quant(layer, res.specs)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import moepress.compress.quantize.config as qconfig
 from moepress import __version__
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.quantize.config import FORMATS, PROGRESS, QuantConfig
@@ -24,7 +25,7 @@ MIXED = "MIXED_PRECISION"  # modelopt's quant_algo when the modules have several
 
 class QuantTotals:
     """The checkpoint's quantized modules (full names), shared groups, borrowed experts, linears left
-    unquantized, AWQ alphas and routed calibration tokens per expert, gathered layer by layer."""
+    unquantized, AWQ alphas, routed calibration tokens and the evidence per expert, gathered layer by layer."""
 
     def __init__(self):
         self.modules: dict[str, dict] = {}
@@ -33,6 +34,7 @@ class QuantTotals:
         self.skipped: list[dict] = []
         self.alphas: dict[str, float] = {}
         self.expert_tokens: dict[str, list[int]] = {}  # layer -> routed tokens per expert
+        self.experts: dict[str, list[dict]] = {}  # layer -> per routed expert: tokens, Hessian, statistics, rounding
 
     def add(self, i: int, prefix: str, res: LayerResult) -> None:
         """Layer i's result (names relative to ``prefix``)."""
@@ -43,6 +45,8 @@ class QuantTotals:
         self.alphas.update({prefix + k: v for k, v in res.awq_alpha.items()})
         if res.expert_tokens:
             self.expert_tokens[str(i)] = res.expert_tokens
+        if res.expert_evidence:
+            self.experts[str(i)] = res.expert_evidence
 
     def load(self, partial: Path | None) -> None:
         """The totals of a killed run's finished layers (nothing without a progress file)."""
@@ -54,6 +58,7 @@ class QuantTotals:
         self.skipped += prev.get("skipped", [])
         self.alphas.update(prev.get("awq_alpha", {}))
         self.expert_tokens.update(prev.get("expert_tokens", {}))
+        self.experts.update(prev.get("experts", {}))
 
     def save(self, partial: Path | None) -> None:
         """Replace the progress file atomically (rank 0 only: other ranks have no ``partial``)."""
@@ -63,18 +68,21 @@ class QuantTotals:
         tmp = p.with_suffix(".tmp")
         tmp.write_text(json.dumps({"modules": self.modules, "shared": self.shared, "borrowed": self.borrowed,
                                    "skipped": self.skipped, "awq_alpha": self.alphas,
-                                   "expert_tokens": self.expert_tokens}, default=float))
+                                   "expert_tokens": self.expert_tokens, "experts": self.experts}, default=float))
         tmp.replace(p)
 
     def quant_algo(self) -> str:
         """modelopt's quant_algo of the whole checkpoint."""
         fmts = sorted({m["format"] for m in self.modules.values()})
-        return FORMATS[fmts[0]].quant_algo if len(fmts) == 1 else MIXED
+        return FORMATS[fmts[0]].modelopt_algo if len(fmts) == 1 else MIXED
 
     def group_size(self, cfg: QuantConfig) -> int | None:
-        """The INT4 group size, when any module is INT4."""
+        """The INT4 group size, when any module is INT4; else the one block size of the FP4 modules."""
         fmts = {m["format"] for m in self.modules.values()}
-        return cfg.group_size if any(FORMATS[f].element == "int4" for f in sorted(fmts)) else None
+        if any(FORMATS[f].element == "int4" for f in sorted(fmts)):
+            return cfg.group_size
+        groups = {m["group"] for m in self.modules.values() if "group" in m}  # FP4: its fixed block
+        return groups.pop() if len(groups) == 1 else None
 
 
 def hf_quant_config(reader: CheckpointReader, cfg: QuantConfig, totals: QuantTotals) -> dict:
@@ -87,7 +95,8 @@ def hf_quant_config(reader: CheckpointReader, cfg: QuantConfig, totals: QuantTot
                                  **({"group_size": group} if group else {}), "exclude_modules": exclude}}
     if algo == MIXED:
         hf_quant["quantization"]["quantized_layers"] = {
-            n: {"quant_algo": FORMATS[m["format"]].quant_algo, **({"group_size": m["group"]} if "group" in m else {})}
+            n: {"quant_algo": FORMATS[m["format"]].modelopt_algo,
+                **({"group_size": m["group"]} if "group" in m else {})}
             for n, m in sorted(totals.modules.items())}
     return hf_quant
 
@@ -105,7 +114,8 @@ def sidecar(cfg: QuantConfig, totals: QuantTotals) -> dict:
     """moepress_quant.json: every quantized module's format (what ``formats.read_layout`` returns)."""
     return {"format": cfg.format, "rules": [list(r) for r in cfg.rules], "group_size": cfg.group_size,
             "kv_cache": cfg.kv_cache, "modules": dict(sorted(totals.modules.items())), "shared": totals.shared,
-            "borrowed": totals.borrowed, "skipped": totals.skipped}
+            "borrowed": totals.borrowed, "skipped": totals.skipped,
+            **({"awq_fold": True} if cfg.awq_fold else {})}  # no pre_quant_scale: smoothing in norms (fold.py)
 
 
 def quant_report(reader: CheckpointReader, family: str, cfg: QuantConfig, totals: QuantTotals,
@@ -116,7 +126,17 @@ def quant_report(reader: CheckpointReader, family: str, cfg: QuantConfig, totals
             "experts_with_borrowed_scales": totals.borrowed, "left_unquantized": totals.skipped,
             "awq_alpha": totals.alphas,
             "expert_calibration_tokens": totals.expert_tokens,  # layer -> routed tokens per expert
+            # layer -> per routed expert: tokens, its input Hessian's rank / condition, where its statistics
+            # came from and each projection's rounding (compress/quantize/calibrated.py: the sparse-expert rule)
+            **({"experts": totals.experts, "sparse_expert_rule": sparse_expert_rule()} if totals.experts else {}),
             "calibration_tokens": calibration_tokens}
+
+
+def sparse_expert_rule() -> dict:
+    """The rule for routed experts with too little evidence, as this run applied it (config.py)."""
+    return {"rule": qconfig.SPARSE_EXPERT_RULE, "min_tokens": qconfig.MIN_EXPERT_TOKENS,
+            "tokens_per_input_channel": qconfig.SPARSE_EXPERT_RATIO,
+            "all_tokens_statistics": qconfig.ALL_TOKENS_STATISTICS}
 
 
 def manifest_entries(reader: CheckpointReader, cfg: QuantConfig, totals: QuantTotals) -> dict:

@@ -26,6 +26,7 @@ from moepress.compress import formats
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
 from moepress.compress.checkpoint.resume import resume_key
 from moepress.compress.checkpoint.writer import check_output
+from moepress.compress.formats import ct_inputs
 from moepress.compress.quant import fp8
 from moepress.compress.quantize.calibrated import quantize_layer
 from moepress.compress.quantize.config import PROGRESS, REPORT, QuantConfig
@@ -40,6 +41,7 @@ from moepress.compress.quantize.report import (
     sidecar,
 )
 from moepress.compress.stream import StreamedModel, read_ahead_budget
+from moepress.device import default_device
 from moepress.errors import MoepressError
 from moepress.progress import QUIET, Progress
 
@@ -49,13 +51,15 @@ Batches = list[torch.Tensor] | Callable[[], list[torch.Tensor]]
 
 
 def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *, batches: Batches | None = None,
-                        progress: Progress = QUIET, force: bool = False, resume: bool = False) -> dict:
+                        progress: Progress = QUIET, force: bool = False, resume: bool = False,
+                        device: torch.device | None = None) -> dict:
     """Quantize ``model`` into ``out``; returns the summary (also in quant_report.json).
 
     ``batches``: the calibration token ids, built by the caller; None only for a config that
-    needs no calibration."""
+    needs no calibration. ``device``: where layers are built and quantized (None: the CPU); a
+    runtime choice, not part of ``cfg``."""
     t0 = time.monotonic()
-    stage = QuantizeStage(model, cfg)
+    stage = QuantizeStage(model, cfg, device=device)
     stage.run(out, batches, force=force, resume=resume, progress=progress)
     return stage.summary(out, t0)
 
@@ -63,7 +67,7 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
 class QuantizeStage:
     """One quantize run: the opened checkpoint, the process group, and the steps that write it."""
 
-    def __init__(self, model: str | Path, cfg: QuantConfig):
+    def __init__(self, model: str | Path, cfg: QuantConfig, device: torch.device | None = None):
         """Open ``model`` (refusing a checkpoint moepress already quantized) and join torchrun's group."""
         self.cfg = cfg
         self.reader = reader = CheckpointReader(model)
@@ -73,7 +77,7 @@ class QuantizeStage:
         # bf16 weights stay bf16 in the layer (StoredLinear: same float32 results, half the memory)
         # and the reader runs a bounded distance ahead: peak memory ~ one stored layer + its output
         self.budget = read_ahead_budget(reader)
-        self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=self.budget)
+        self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=self.budget, device=device)
         self.adapter = self.sm.adapter
         self.sm.check_weights()
         self.env = dist.init()
@@ -98,7 +102,8 @@ class QuantizeStage:
         check_output(out, force=force, resume=resume, resume_key=key, sources=sources)
         self._take_batches(batches)
         # calibration-free: the shard of layer i is written while layer i+1 is quantized
-        writer = (CheckpointWriter(out, force=force, resume=resume, background=not self.calibrated,
+        writer = (CheckpointWriter(out, force=force, resume=resume,
+                                   background=not self.calibrated or self.sm.device.type != "cpu",
                                    resume_key=key, sources=sources)
                   if env.is_main else _NullWriter())
         with writer as w:
@@ -164,8 +169,9 @@ class QuantizeStage:
         a killed run finished are computed again only for their outputs, not written."""
         sm, cfg = self.sm, self.cfg
         for i, layer in sm.layers(0):
-            res, outs = quantize_layer(sm, i, layer, hs, cfg, self.env)
-            if cfg.sequential:
+            with default_device(sm.device):  # the layer's statistics and solves beside it
+                res, outs = quantize_layer(sm, i, layer, hs, cfg, self.env)
+            if cfg.is_sequential():
                 apply_fake_quant(layer, res)
                 outs = sm.run_layer(layer, hs)
             hs = outs
@@ -191,9 +197,9 @@ class QuantizeStage:
         (read from ``src``). Returns the progress note."""
         w, prefix = self.w, self.adapter.layer_prefix(i)
         qnames = {f"{n}.weight" for n in res.modules}
-        for name in sorted(self.reader.layer_names(i)):
+        for name in ct_inputs.as_modules(self.reader.layer_names(i)):  # packed inputs: one P.weight (decoded)
             rel = name[len(prefix):]
-            if rel in qnames or name.endswith(".weight_scale_inv"):
+            if rel in qnames or rel in res.tensors or name.endswith(".weight_scale_inv"):  # res: AWQ-folded norms
                 continue
             t = src.get(name)
             if t.dtype == fp8.FP8_DTYPE:  # block-FP8 input, module left unquantized: bf16

@@ -3,9 +3,12 @@ groups of linears that read one input and so share them."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as tdist
 
+from moepress.compress.quant import gptq
 from moepress.compress.quantize.config import AWQ_SAMPLE_ROWS, SHARED_INPUT
 
 
@@ -38,7 +41,11 @@ class LinearStats:
         self.amax = a.amax(0) if self.amax is None else torch.maximum(self.amax, a.amax(0))
         take = x[: max(0, AWQ_SAMPLE_ROWS - self.n_rows)].clone()
         self.n_rows += take.shape[0]
-        xd = x.double() if self.hessian else None
+        xd = x.to(gptq.hessian_dtype(x.shape[1])) if self.hessian else None  # float32 only above gptq.WIDE_INPUT
+        if xd is not None and xd.dtype == torch.float32 and self.S is not None and not self.defer:
+            self._fold((a.sum(0, dtype=torch.float64), x.shape[0], take, None))  # wide: no [in, in] temporary
+            self.S.addmm_(xd.T, xd)
+            return
         call = (a.sum(0, dtype=torch.float64), x.shape[0], take, xd.T @ xd if self.hessian else None)
         if self.defer:
             self.calls.append(call)
@@ -52,7 +59,7 @@ class LinearStats:
         if rows.shape[0] and sum(r.shape[0] for r in self.rows) < AWQ_SAMPLE_ROWS:
             self.rows.append(rows[: AWQ_SAMPLE_ROWS - sum(r.shape[0] for r in self.rows)])
         if xtx is not None:
-            self.S = xtx if self.S is None else self.S + xtx
+            self.S = xtx if self.S is None else self.S.add_(xtx)  # in place: one [in, in] sum alive
 
     def gather(self, env) -> None:
         """Fold every rank's calls, in global order (ranks hold contiguous shards of the batches)."""
@@ -68,7 +75,7 @@ class LinearStats:
 
     @property
     def H(self):
-        return None if self.S is None else 2.0 * self.S / max(self.n, 1)
+        return None if self.S is None else (2.0 * self.S).div_(max(self.n, 1))  # one new [in, in], same values
 
     @property
     def act_mean(self) -> torch.Tensor:
@@ -110,3 +117,44 @@ def by_format(names: list[str], fmt_of: dict[str, str | None]) -> dict[str, list
     for n in names:
         out.setdefault(fmt_of[n], []).append(n)
     return out
+
+
+def hessian_evidence(x: torch.Tensor | None, damp: float, exact_width: int = 512) -> dict:
+    """How well the rows ``x`` [tokens, width] determine a linear's input Hessian H = x^T x / n:
+    its rank and the condition number of the damped H that GPTQ inverts (H + damp * mean diag(H) I).
+
+    Exact (eigvalsh) up to ``exact_width`` channels, where it costs little; wider inputs get the
+    bound min(tokens, width) and the ratio of the damped diagonal's extremes (a lower bound of the
+    condition number), so a 7168-wide expert costs O(tokens x width), not O(width^3)."""
+    if x is None or x.shape[0] == 0:
+        return {"rank": 0, "condition": None, "estimate": "none"}
+    n, width = x.shape
+    xd = x.double()
+    if width <= exact_width:
+        ev = torch.linalg.eigvalsh(xd.T @ xd / n)
+        top = float(ev[-1])
+        rank = int((ev > max(top, 1e-300) * width * 1e-12).sum())
+        d = damp * float(ev.sum()) / width
+        cond = (top + d) / max(float(ev[0]) + d, 1e-300)
+        return {"rank": rank, "condition": round(cond, 1), "estimate": "eigvalsh"}
+    diag = (xd * xd).sum(0) / n
+    d = damp * float(diag.mean())
+    cond = (float(diag.max()) + d) / max(float(diag.min()) + d, 1e-300)
+    return {"rank": min(n, width), "condition": round(cond, 1), "estimate": "diagonal (rank: upper bound)"}
+
+
+def amax_only(x: torch.Tensor | None) -> LinearStats:
+    """Statistics that carry only the input's amax (for its static input scale): no rows, no Hessian,
+    n = 0, so the format's quantizer rounds to nearest (no AWQ search, no GPTQ)."""
+    st = LinearStats(hessian=False)
+    if x is not None and x.shape[0]:
+        st.amax = x.detach().reshape(-1, x.shape[-1]).float().abs().amax(0)
+    return st
+
+
+def with_amax(st: LinearStats, x: torch.Tensor | None) -> LinearStats:
+    """A view of ``st`` whose amax is that of the rows ``x`` (None without rows): statistics from one
+    token set, the static input scale from another."""
+    view = copy.copy(st)
+    view.amax = amax_only(x).amax
+    return view

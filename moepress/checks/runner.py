@@ -167,16 +167,19 @@ def generations(ref, cand: Candidate, batches, ref_dir: Path, cfg: CheckConfig) 
     return {"samples": out, "mean_same_prefix": sum(s["same_prefix_tokens"] for s in out) / max(len(out), 1)}
 
 
-def run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, progress=None) -> dict:
-    """Compare ``candidate`` with the ``reference`` checkpoint; returns the result (metrics, gates, ...)."""
+def run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, progress=None, device=None) -> dict:
+    """Compare ``candidate`` with the ``reference`` checkpoint; returns the result (metrics, gates, ...).
+    The streamed models run on ``device`` (None: the CPU)."""
     t0 = time.monotonic()
     ref_dir = Path(reference)
     if not ref_dir.exists():
         raise MoepressError(f"--reference {reference}: reference checkpoint not found")
     if not (ref_dir / "config.json").is_file():
         raise MoepressError(f"--reference {reference}: not a checkpoint directory (no config.json)")
-    ref = StreamedModel(str(ref_dir))
+    ref = StreamedModel(str(ref_dir), device=device)
     cand = open_candidate(candidate, cfg)
+    if cand.streamed:
+        cand.stream.to(device)
     try:
         if cand.vocab_size is not None and cand.vocab_size != ref.adapter.vocab_size:
             raise MoepressError(f"{candidate}: vocabulary of {cand.vocab_size} tokens, the reference "

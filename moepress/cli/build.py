@@ -94,8 +94,11 @@ def targets_cmd(json_out):
 @model_argument
 @_plan_options
 @click.option("--format", "fmt", cls=_RegistryOption, default=None, metavar="FORMAT", help_text=_format_help)
+@click.option("--bits", type=click.Choice(["4", "8"]), default=None,
+              help="Without --format: plan the format TARGET runs for weights of this width (4 bits: NVFP4 on "
+                   "Blackwell, INT4 AWQ before it), with the reason in the plan's notes.")
 @click.option("--json", "json_out", is_flag=True, help="Print the plan as JSON.")
-def plan_cmd(model, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_dtype, fmt, json_out):
+def plan_cmd(model, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_dtype, fmt, bits, json_out):
     """Does MODEL fit TARGET in FORMAT, on how many GPUs, with which TP / EP.
 
     MODEL: a checkpoint, a config-only directory or a config .json file (a pruned checkpoint's
@@ -106,7 +109,7 @@ def plan_cmd(model, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_dtype
 
     src = model if model.endswith(".json") else str(resolve_model(model))
     p = plan(src, target, fmt, gpus=gpus, tp=tp, ep=ep, max_seq_len=max_seq_len, max_batch=max_batch,
-             kv_cache_dtype=kv_cache_dtype)
+             kv_cache_dtype=kv_cache_dtype, bits=int(bits) if bits else None)
     click.echo(json.dumps(p.to_dict(), indent=2) if json_out else render(p))
 
 

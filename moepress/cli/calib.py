@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from moepress.cli.options import calib_options, model_argument, output_options, progress_options, resolve_model
+from moepress.cli.options import (
+    calib_options,
+    device_option,
+    model_argument,
+    output_options,
+    progress_options,
+    resolve_model,
+    run_measured,
+)
 from moepress.errors import MoepressError
 from moepress.outputs import refuse_overlap
 
@@ -76,10 +84,11 @@ def _check_output_dir(out: Path, force: bool) -> None:
               help="Also write input_absmax.safetensors: per linear input, the max |x| per channel.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Compute dtype of the layer stream (routers stay float32 where the family keeps them so).")
+@device_option
 @output_options
 @progress_options
 def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch_size, rare, absmax, dtype,
-              output, force, quiet, json_out):
+              device, output, force, quiet, json_out):
     """Routing statistics of MODEL over its calibration set, streamed one layer at a time.
 
     Writes OUT/stats.json (per MoE layer and expert: routed tokens, share, gate-weight
@@ -109,8 +118,8 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
         cs = dist.run_main_first(env, lambda: calibration_set(src, calib, num_samples, seq_len, seed,
                                                               trust_remote_code))
         batches = dist.shard(cs.batches(batch_size), env.rank, env.world_size)
-        stats, amax, facts = collect(src, batches, absmax=absmax, progress=prog,
-                                     dtype=getattr(torch, dtype))
+        (stats, amax, facts), memory = run_measured(device, collect, src, batches, absmax=absmax, progress=prog,
+                                                    dtype=getattr(torch, dtype))
         dist.all_reduce_routing(stats, env)
         if absmax:
             amax = dist.all_reduce_absmax(amax, env)
@@ -139,7 +148,7 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
                            f"{src.name}: routed-token share per layer x expert ({tokens} calibration tokens, "
                            f"top-{facts['top_k']})")
             click.echo(json.dumps({"output": str(output), "tokens": tokens, "world_size": env.world_size,
-                                   **summary}) if json_out else text + f"\nwrote {output}")
+                                   **summary, "memory": memory}) if json_out else text + f"\nwrote {output}")
         dist.barrier(env)
     finally:
         dist.shutdown()

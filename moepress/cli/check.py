@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moepress.cli.options import progress_options
+from moepress.cli.options import device_option, progress_options, run_measured
 from moepress.errors import CheckFailed, MoepressError
 from moepress.outputs import refuse_overlap
 
@@ -113,9 +113,11 @@ def _human(result: dict) -> list[str]:
 @click.option("--trust-remote-code", is_flag=True, help="Allow the tokenizer's / model's own Python code to run.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Write report.json, report.md and layer_error.png into DIR.")
+@device_option
 @progress_options
 def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, max_kl_p99, min_cosine, kind, seq_len,
-              max_samples, batch_size, seed, generate, gen_tokens, trust_remote_code, report_dir, quiet, json_out):
+              max_samples, batch_size, seed, generate, gen_tokens, trust_remote_code, report_dir, device, quiet,
+              json_out):
     """Compare CANDIDATE with the reference checkpoint on held-out text and gate on the result.
 
     Metrics: perplexity of both and its relative change; KL(reference || candidate) of
@@ -148,7 +150,8 @@ def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, ma
     if report_dir is not None:  # the report must not land in (or swallow) what it describes
         refuse_overlap(report_dir, (cand, ref), "--report ")
     prepare_record(cand)
-    result = run_check(cand, ref, cfg, progress=prog)
+    result, memory = run_measured(device, run_check, cand, ref, cfg, progress=prog)
+    result["memory"] = memory
     result["manifest_updated"] = record_in_manifest(cand, result)
     if report_dir is not None:
         result["report"] = str(write_report(result, report_dir))

@@ -63,3 +63,22 @@ def calib_options(f):
                           "skipped), split, type, config, revision. Default: the bundled calibration text. "
                           "Example: --calib code.jsonl@3,field=content --calib chat.jsonl,mode=truncate.")(f)
     return f
+
+
+def device_option(f):
+    """--device: where a stage computes. Not part of any stage config (outputs do not depend on it)."""
+    return click.option("--device", "device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+                        help="Compute device: auto = the first CUDA GPU when torch sees one, else the CPU. "
+                             "The layer streamed from disk is built there and calibration activations stay "
+                             "there; calibration-free formats write the same bytes on every device.")(f)
+
+
+def run_measured(device: str, stage, *args, **kwargs) -> tuple[dict, dict]:
+    """Resolve ``--device`` (a bad or unavailable device: one-line error, exit 2), run ``stage(*args,
+    device=..., **kwargs)`` and return (its result, the ``memory`` section: host RSS and GPU peaks)."""
+    from moepress.device import MemoryPeaks, resolve
+
+    dev = resolve(device)
+    with MemoryPeaks(dev) as mem:
+        result = stage(*args, device=dev, **kwargs)
+    return result, mem.report()

@@ -6,7 +6,15 @@ import json
 
 import click
 
-from moepress.cli.options import calib_options, model_argument, output_options, progress_options, resolve_model
+from moepress.cli.options import (
+    calib_options,
+    device_option,
+    model_argument,
+    output_options,
+    progress_options,
+    resolve_model,
+    run_measured,
+)
 from moepress.errors import MoepressError
 
 
@@ -36,9 +44,12 @@ def _method_help() -> str:
             "reap = mean gate x output norm (REAP); reroute = greedy search minimising the error of the "
             "normalised hidden state after the MoE block, with the pruned router re-routing tokens; "
             "lookahead = per layer, the reroute or the reap selection, whichever leaves the hidden state after "
-            "the next layer (on the already pruned model) closest to the original's; auto = lookahead, reroute "
-            "and reap each prune the whole model side by side and the plan with the lowest calibration loss is "
-            "written (about 4x the forward work of one method, and each layer read twice). "
+            "the next layer (on the already pruned model) closest to the original's; merge = keep the REAP-best "
+            "experts and fold the dropped ones into them (kept down projections refit on calibration tokens, "
+            "re-quantized to the input's format); auto = reroute, reap, "
+            "frequency and ean each prune the whole model from one half of the calibration samples and are "
+            "scored on the other half (next-token KL divergence to the original, both ways round); the best "
+            "method is then run on every sample and written (each layer read twice). "
             "Default: auto (README: pruning table).")
 
 
@@ -53,20 +64,23 @@ def _method_help() -> str:
 @click.option("--protect", default="", metavar="L:E,...", help="Experts that always stay, e.g. 3:5,3:7.")
 @click.option("--sequential", is_flag=True,
               help="Gather layer i+1's statistics on the already pruned layers 0..i (lookahead always does; "
-                   "with auto it applies to the reroute and reap plans).")
+                   "with auto it applies to every plan).")
 @click.option("--search-tokens", type=int, default=16384, show_default=True,
               help="reroute (also inside lookahead / auto): calibration tokens the search evaluates (a seeded "
                    "subsample when more); lookahead compares candidates on the first batches covering as many.")
 @calib_options
+@device_option
 @output_options
 @progress_options
 def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_tokens, calib, num_samples,
-              seq_len, seed, trust_remote_code, output, force, quiet, json_out):
+              seq_len, seed, trust_remote_code, device, output, force, quiet, json_out):
     """Drop the least useful routed experts of every MoE layer of MODEL (one count for all layers).
 
     Writes OUT in MODEL's format (block-FP8 stays block-FP8), with prune_report.json:
     per layer the kept and dropped experts, their scores and token shares, and the
-    constraint decisions. Shared experts and dense layers are copied unchanged.
+    constraint decisions, and how firmly each layer's decision rests on the calibration
+    tokens (stability: fragile when a few tokens could flip it). Shared experts and dense
+    layers are copied unchanged.
     """
     from moepress.calib.config import CalibConfig
     from moepress.compress.prune import PruneConfig, prune_checkpoint
@@ -76,8 +90,9 @@ def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_t
     cfg = PruneConfig.from_flags(method=method, ratio=ratio, keep=keep, ep_size=ep_size, protect=protect,
                                  sequential=sequential, calib=cal, search_tokens=search_tokens)
     src = resolve_model(model)
-    result = prune_checkpoint(src, output, cfg, batches=cal.loader(src), force=force,
-                              progress=Progress.from_flags(quiet, json_out))
+    result, memory = run_measured(device, prune_checkpoint, src, output, cfg, batches=cal.loader(src), force=force,
+                                  progress=Progress.from_flags(quiet, json_out))
+    result["memory"] = memory
     if json_out:
         click.echo(json.dumps(result))
     else:
@@ -86,6 +101,9 @@ def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_t
                    f"{100 * result['dropped_token_share_mean']:.1f}% of routed tokens on calibration data")
         for note in result["constraints"]:
             click.echo(f"  {note}")
+        if result["fragile_layers"]:
+            click.echo(f"  {result['fragile_layers']} of {result['moe_layers']} layers' decisions are fragile: a few "
+                       f"calibration tokens could flip them (prune_report.json: stability; more --num-samples helps)")
         click.echo(f"wrote {output} ({result['seconds']:.1f} s)")
 
 

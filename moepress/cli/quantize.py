@@ -6,7 +6,15 @@ import json
 
 import click
 
-from moepress.cli.options import calib_options, model_argument, output_options, progress_options, resolve_model
+from moepress.cli.options import (
+    calib_options,
+    device_option,
+    model_argument,
+    output_options,
+    progress_options,
+    resolve_model,
+    run_measured,
+)
 
 
 def format_help() -> str:
@@ -34,23 +42,31 @@ class FormatOption(click.Option):
                    "'self_attn.*=fp8', 'mlp.shared_experts.*=none'); first match wins, --format for the rest.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="INT4 group size: 128, 64 or 32.")
 @click.option("--kv-cache", type=click.Choice(["fp8"]), default=None, help="Also compute FP8 K/V cache scales.")
-@click.option("--no-sequential", is_flag=True,
-              help="Calibrate every layer on the original model's activations instead of the quantized prefix's.")
-@click.option("--gptq-act-order/--no-gptq-act-order", default=True, show_default=True,
-              help="int4-gptq: quantize columns by decreasing Hessian diagonal (groups stay contiguous, no g_idx).")
+@click.option("--sequential/--no-sequential", default=None,
+              help="Calibrate each layer on the quantized layers before it (default for AWQ / GPTQ formats), or on "
+                   "the original model's activations (default when only activation scales are calibrated: fp8, nvfp4).")
+@click.option("--gptq-act-order/--no-gptq-act-order", default=None,
+              help="GPTQ columns by decreasing Hessian diagonal (groups stay contiguous, no g_idx) or in order. "
+                   "Default: act order for AWQ + GPTQ (int4-awq, w4a8-awq), in order for int4-gptq.")
 @click.option("--awq-gptq/--no-awq-gptq", default=True, show_default=True,
               help="int4-awq / w4a8-awq: round the AWQ-smoothed weights with GPTQ on the smoothed input's "
                    "Hessian (same stored format); --no-awq-gptq: round to nearest.")
 @click.option("--awq-clip/--no-awq-clip", default=True, show_default=True,
               help="With --no-awq-gptq: clip search of the group scales after the AWQ scale search "
                    "(Model-Optimizer's awq_full; --no-awq-clip too: its awq_lite numerics).")
+@click.option("--awq-fold", is_flag=True,
+              help="int4-awq / w4a8-awq: fold the AWQ smoothing into the preceding norm / v_proj / up_proj "
+                   "(one vector per input, shared by all experts; llm-compressor's form): no pre_quant_scale, "
+                   "so the output exports to compressed-tensors (vLLM, transformers).")
 @click.option("--resume", is_flag=True, help="Continue a killed run from OUT.partial (finished layers are kept).")
 @calib_options
+@device_option
 @output_options
 @progress_options
-def quantize_cmd(model, fmt, rules, group_size, kv_cache, no_sequential, gptq_act_order, awq_gptq, awq_clip, resume,
+def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_order, awq_gptq, awq_clip, awq_fold,
+                 resume,
                  calib, num_samples, seq_len, seed,
-                 trust_remote_code, output, force, quiet, json_out):
+                 trust_remote_code, device, output, force, quiet, json_out):
     """Quantize MODEL's decoder-layer linears to FORMAT, one layer at a time, into OUT.
 
     Writes Model-Optimizer's Hugging Face layout (hf_quant_config.json, weight_scale /
@@ -66,11 +82,12 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, no_sequential, gptq_ac
     src = resolve_model(model)
     cal = CalibConfig.from_flags(calib, num_samples, seq_len, seed, trust_remote_code)
     cfg = QuantConfig.from_flags(format=fmt, rules=rules, group_size=group_size, kv_cache=kv_cache,
-                                 sequential=not no_sequential, calib=cal, gptq_act_order=gptq_act_order,
-                                 awq_clip=awq_clip, awq_gptq=awq_gptq)
+                                 sequential=sequential, calib=cal, gptq_act_order=gptq_act_order,
+                                 awq_clip=awq_clip, awq_gptq=awq_gptq, awq_fold=awq_fold)
     prog = Progress.from_flags(quiet, json_out)
-    res = quantize_checkpoint(src, output, cfg, batches=cal.loader(src), force=force, resume=resume,
-                              progress=prog)
+    res, memory = run_measured(device, quantize_checkpoint, src, output, cfg, batches=cal.loader(src),
+                               force=force, resume=resume, progress=prog)
+    res["memory"] = memory
     if not current().is_main:  # under torchrun, rank 0 reports
         return
     if json_out:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moepress.cli.options import progress_options
+from moepress.cli.options import progress_options, run_measured
 from moepress.errors import CheckFailed
 from moepress.pipeline.recipe import STAGES
 from moepress.progress import Progress
@@ -20,8 +20,10 @@ from moepress.progress import Progress
 @click.option("--from", "force_from", type=click.Choice(STAGES), default=None,
               help="Re-run this stage and everything after it even if unchanged.")
 @click.option("--model", default=None, help="Override the recipe's model (a directory or a bundled name).")
+@click.option("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
+              help="Where prune, quantize and check compute (default: the recipe's `device`, else auto).")
 @progress_options
-def run_cmd(recipe, output, force_from, model, quiet, json_out):
+def run_cmd(recipe, output, force_from, model, device, quiet, json_out):
     """Run a recipe's stages: prune -> quantize -> export -> check -> build.
 
     Without RECIPE: the embedded default recipe on the bundled model (`moepress recipe show`
@@ -35,7 +37,8 @@ def run_cmd(recipe, output, force_from, model, quiet, json_out):
     r, src = load_recipe(recipe, {"model": model} if model else None)
     out = output or Path(r.get("output") or "moepress-out")
     prog = Progress.from_flags(quiet, json_out)
-    summary = run_recipe(r, out, prog, force_from, src)
+    summary, summary_memory = run_measured(device or r.get("device"), run_recipe, r, out, prog, force_from, src)
+    summary["memory"] = summary_memory
     if json_out:
         click.echo(json.dumps(summary, default=str))
     else:

@@ -24,14 +24,14 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "prune": {"ratio": ((float, int), None), "keep": (int, None), "method": (str, None), "ep_size": (int, 1),
               "protect": (str, ""), "sequential": (bool, False), "search_tokens": (int, 16384)},
     "quantize": {"format": (str, None), "group_size": (int, 128), "kv_cache": (str, None), "rules": (dict, {}),
-                 "sequential": (bool, True), "gptq_act_order": (bool, True), "awq_clip": (bool, True),
-                 "awq_gptq": (bool, True)},
+                 "sequential": (bool, None), "gptq_act_order": (bool, None), "awq_clip": (bool, True),
+                 "awq_gptq": (bool, True), "awq_fold": (bool, False)},
     "export": {"formats": (list, []), "tp": (int, 1), "ep": (int, 1), "opset": (int, 21), "options": (dict, {})},
     "check": None,  # validated by CheckConfig.from_dict
     "build": {"targets": (list, []), "dry_run": (bool, True), "gpus": (int, None), "max_seq_len": (int, 4096),
               "max_batch": (int, 8), "trust_remote_code": (bool, False)},
 }
-TOP = {"model", "output", *SCHEMA}
+TOP = {"model", "output", "device", *SCHEMA}
 STAGES = ("prune", "quantize", "export", "check", "build")
 
 
@@ -49,6 +49,10 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
     if not isinstance(raw.get("model"), str) or not raw["model"]:
         raise MoepressError(f"{src}: 'model' must name a checkpoint directory or a bundled model")
     out: dict = {"model": raw["model"], "output": raw.get("output")}
+    if raw.get("device") is not None:  # where the stages compute (moepress/device.py); outputs do not depend on it
+        if not isinstance(raw["device"], str):
+            raise MoepressError(f"{_where(src, 'device')}: expected auto, cpu, cuda or cuda:N, got {raw['device']!r}")
+        out["device"] = raw["device"]
     for section, schema in SCHEMA.items():
         val = raw.get(section, {} if section in ("calib", "check") else None)
         if val is None:

@@ -71,7 +71,8 @@ def output_complete(d: Path) -> bool:
 
 class Runner:
     def __init__(self, recipe: dict, out: Path, progress: Progress, force_from: str | None = None,
-                 recipe_src: str = "recipe"):
+                 recipe_src: str = "recipe", device=None):
+        from moepress.device import resolve as resolve_device
         from moepress.models import resolve as resolve_model
 
         self.recipe, self.out, self.prog = recipe, Path(out), progress
@@ -79,6 +80,7 @@ class Runner:
         if force_from is not None and force_from not in STAGES:
             raise MoepressError(f"--from {force_from}: expected one of {', '.join(STAGES)}")
         self.force_from = force_from
+        self.device = resolve_device(device or recipe.get("device"))  # a runtime choice: in no stage's key
         self.model = resolve_model(recipe["model"])
         refuse_overlap(self.out, (self.model,))
         self.state_dir = self.out / ".state"
@@ -194,7 +196,8 @@ class Runner:
         key = _key({"stage": "prune", "input": src_key, "calib": calib_key, "config": dataclasses.asdict(cfg)})
 
         def fn(resume):
-            res = prune_checkpoint(src, out, cfg, batches=c.loader(src), force=True, progress=self.prog)
+            res = prune_checkpoint(src, out, cfg, batches=c.loader(src), force=True, progress=self.prog,
+                                   device=self.device)
             return {k: res[k] for k in ("method", "num_experts", "kept") if k in res}
 
         self.stage("prune", key, out, fn)
@@ -213,7 +216,7 @@ class Runner:
         def fn(resume):
             try:
                 res = quantize_checkpoint(src, out, cfg, batches=c.loader(src), force=True, resume=resume,
-                                          progress=self.prog)
+                                          progress=self.prog, device=self.device)
             except ResumeRefused as e:  # the partial was started by another run: kept, and said how to restart
                 raise ResumeRefused(e.partial, e.detail, "rerun with --from quantize to start it again") from None
             return {k: res[k] for k in ("format", "borrowed", "layers") if isinstance(res, dict) and k in res}
@@ -243,7 +246,7 @@ class Runner:
 
         def fn(resume):
             prepare_record(cand)  # this user's manifest key, before the check runs
-            result = run_check(cand, self.model, cfg, progress=self.prog)
+            result = run_check(cand, self.model, cfg, progress=self.prog, device=self.device)
             record_in_manifest(cand, result)
             write_report(result, out)
             res = jsonable({k: result[k] for k in ("passed", "failed", "metrics", "error_jump")})
@@ -307,8 +310,10 @@ def _summary(d) -> dict:
 
 
 def run_recipe(recipe: dict, out: Path, progress: Progress, force_from: str | None = None,
-               recipe_src: str = "recipe") -> dict:
-    summary = Runner(recipe, out, progress, force_from, recipe_src).run()
+               recipe_src: str = "recipe", device=None) -> dict:
+    """Run ``recipe`` into ``out``; ``device`` (None: the recipe's ``device``, else auto) is where
+    prune, quantize and check compute."""
+    summary = Runner(recipe, out, progress, force_from, recipe_src, device).run()
     if summary["failed_checks"]:
         summary["exit"] = 1
     return summary

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The one script for a lent GPU machine (one H200, 16 cores, 128 GB; device README / H200.md):
+# installs moepress over the machine's CUDA torch, runs the `gpu` tests and bench/gpu.py, and leaves
+# every result in $OUT (what comes back: at most 8 files, no subfolders needed).
+#
+#   here:  bash bench/gpu_wheels.sh                      (wheels the machine lacks -> .whl/)
+#   there: run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=600)
+#
+# Budget: 15 device minutes per session, 10 per command: the tests get 150 s, the bench 420 s
+# (GPU runs first; CPU runs share what is left). Everything is also printed (output_tail).
+# On a machine without CUDA it stops after the checks in step 1 (exit 3): CI never runs it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-results}
+mkdir -p "$OUT"
+T0=$(date +%s)
+log() { echo "[gpu_run $(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/run.log"; }
+
+# 1. environment: the image's python3 (itself a venv) holds the CUDA torch; the wheels it lacks and
+#    moepress go into a --target folder ahead of it on PYTHONPATH (a venv on top would lose that torch)
+PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/moepress-site}
+mkdir -p "$SITE"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl 2>&1 | tail -3
+fi
+"$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE" . 2>&1 \
+  | grep -v WARNING | tail -3
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+{ nvidia-smi || true; "$PY" - <<'PY'
+import platform, torch, transformers
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "transformers", transformers.__version__)
+print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "cpus", __import__("os").cpu_count())
+PY
+} 2>&1 | tee "$OUT/machine.txt"
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" \
+  || [ -n "${GPU_RUN_ALLOW_CPU:-}" ] || { log "no CUDA: stop"; exit 3; }  # GPU_RUN_ALLOW_CPU=1: try the script here
+"$PY" -c "import moepress.cli, moepress.device" || { log "moepress does not import"; exit 3; }
+log "environment ready"
+
+# 2. the gpu-marked tests (each quantize on cuda vs cpu; memory bound; I/O overlap) with their prints
+timeout 150 "$PY" -m pytest -q -m gpu -rs -s -p no:cacheprovider tests/test_device.py 2>&1 \
+  | tee "$OUT/gpu-tests.log" | grep -E "passed|skipped|failed|error|idle|GPU peak|held-out|FAILED|Error" | tail -60
+log "gpu tests: exit ${PIPESTATUS[0]}"
+
+# 3. the table: per-layer seconds, host and GPU peaks, CPU vs GPU, projection to Kimi K2
+left=$(( 570 - ($(date +%s) - T0) ))
+budget=$(( left > 150 ? left - 30 : 120 ))
+log "bench/gpu.py with a ${budget}s budget"
+timeout $(( budget + 30 )) env PYTHONUNBUFFERED=1 "$PY" bench/gpu.py --budget-s "$budget" --work /tmp \
+  --json "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.md"
+log "bench: exit ${PIPESTATUS[0]}"

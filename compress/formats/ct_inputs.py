@@ -1,0 +1,197 @@
+"""Input decoders for compressed-tensors checkpoints (Kimi K2 Thinking / K2.5 / K2.6, llm-compressor
+outputs): a module ``P`` stored as ``P.weight_packed`` + ``P.weight_scale`` (+ ``P.weight_shape``,
+``P.weight_global_scale``, ``P.weight_zero_point``) read back as one float weight.
+
+Three compressed-tensors formats, told apart by the stored dtypes (compressed-tensors 0.20.1):
+
+* ``pack-quantized`` (compressors/pack_quantized/base.py, helpers.py): ``weight_packed`` I32, element
+  ``i`` of a row at bits ``[i*b, i*b + b)`` of the row's little-endian bit stream (4-bit: 8 values a
+  word, the first in the low nibble), stored as ``q + 2**(b-1)``; ``weight_shape`` I64 [out, in];
+  ``weight_scale`` [out, in/group] (channel: [out, 1]); asymmetric schemes add ``weight_zero_point``
+  packed the same way along dim 0. Dequantized as the library does (quantization/lifecycle/
+  forward_helpers.py ``_dequantize``): ``(q.to(scale.dtype) - zp) * scale`` in the scale's dtype.
+  Kimi ships symmetric INT4, group 32, BF16 scales (moonshotai/Kimi-K2-Thinking config.json).
+* ``nvfp4-pack-quantized`` (compressors/nvfp4/base.py): ``weight_packed`` U8 [out, in/2] E2M1 pairs,
+  ``weight_scale`` F8_E4M3 per 16, ``weight_global_scale`` F32 [1]; weight = e2m1 * (scale / global).
+* ``mxfp4-pack-quantized`` (compressors/mxfp4/base.py, mx_utils.py): the same bytes with
+  ``weight_scale`` U8 E8M0 per 32 and no global scale.
+
+Both FP4 forms are decoded with the library's arithmetic (``NVFP4PackedCompressor.decompress``:
+values and scales in bf16, ``scale / global_scale`` in float32, the product rounded to bf16), so the
+reader's weights equal the library's decompression bit for bit (tests/test_inputs_ct.py).
+
+The checkpoint reader exposes ``P.weight`` for every ``P.weight_packed`` (:func:`packed_aliases`) so
+that the layer stream asks for the weight by its module name; the stored tensors stay what is
+copied when a stage keeps them as they are (pruning).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moepress.compress.quant import fp4
+from moepress.compress.quant.fp8 import FP8_DTYPE
+from moepress.errors import MoepressError
+
+PACKED = ".weight_packed"
+CT_PACKED = "pack-quantized"
+CT_NVFP4 = "nvfp4-pack-quantized"
+CT_MXFP4 = "mxfp4-pack-quantized"
+
+
+def packed_aliases(names) -> dict[str, str]:
+    """{``P.weight``: ``P.weight_packed``} for each packed module among the stored ``names``."""
+    return {n[: -len(PACKED)] + ".weight": n for n in names if n.endswith(PACKED)}
+
+
+def ct_format(reader, base: str) -> str | None:
+    """The compressed-tensors format module ``base`` is stored in (from its stored dtypes), or None."""
+    if base + PACKED not in reader:
+        return None
+    info = reader.info(base + PACKED)
+    if info.dtype == "I32":
+        return CT_PACKED
+    if info.dtype == "U8" and base + ".weight_scale" in reader:
+        return CT_MXFP4 if reader.info(base + ".weight_scale").dtype == "U8" else CT_NVFP4
+    raise MoepressError(f"{reader.path}: tensor '{base}{PACKED}' is {info.dtype}; expected I32 (pack-quantized) or "
+                        "U8 (nvfp4- / mxfp4-pack-quantized) with a weight_scale")
+
+
+def _weight_args(reader) -> list[dict]:
+    qc = reader.config.get("quantization_config") or {}
+    groups = qc.get("config_groups") or {}
+    return [g.get("weights") or {} for g in groups.values() if isinstance(g, dict)]
+
+
+def _num_bits(reader, base: str, in_f: int, words: int) -> int:
+    """Bits per value: the one width whose dense packing of ``in_f`` values takes ``words`` int32s
+    (unique for in_features >= 32), else the config group's ``num_bits``."""
+    fits = [b for b in range(1, 9) if -(-in_f * b // 32) == words]
+    if len(fits) == 1:
+        return fits[0]
+    declared = {int(w["num_bits"]) for w in _weight_args(reader) if w.get("num_bits")} & set(fits)
+    if len(declared) == 1:
+        return declared.pop()
+    raise MoepressError(f"{reader.path}: tensor '{base}{PACKED}' has {words} int32 words per row for {in_f} values; "
+                        "expected a pack-quantized width of 1..8 bits named by quantization_config.config_groups")
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Rows of densely packed ``bits``-bit values (int32 words) -> int8 [rows, n], offset removed
+    (compressed-tensors ``unpack_from_int32`` along dim 1)."""
+    rows = packed.shape[0]
+    if bits == 4:  # two values per byte, low nibble first (little-endian words)
+        b = packed.contiguous().view(torch.uint8)
+        v = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(rows, -1)[:, :n]
+    else:
+        words = packed.to(torch.int64) & 0xFFFFFFFF
+        pos = torch.arange(n, dtype=torch.int64) * bits
+        w, off = pos // 32, pos % 32
+        lo = words[:, w] >> off
+        nxt = words[:, (w + 1).clamp(max=words.shape[1] - 1)]
+        hi = torch.where(off + bits > 32, nxt << (32 - off), torch.zeros_like(nxt))
+        v = (lo | hi) & ((1 << bits) - 1)
+    return (v.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+
+
+def _grouped(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` [out, G] (or [out, 1], [1]) expanded over ``x`` [out, in]: group = ceil(in / G)."""
+    if scale.ndim < 2:
+        return scale.reshape(-1, 1).expand(x.shape[0], x.shape[1]) if scale.numel() > 1 else scale.reshape(1, 1)
+    g = -(-x.shape[1] // scale.shape[1])
+    return scale.repeat_interleave(g, dim=1)[:, : x.shape[1]]
+
+
+def decode_pack_quantized(reader, base: str) -> torch.Tensor:
+    """``pack-quantized`` INT module -> weight in its scale's dtype (compressed-tensors' result)."""
+    packed, scale = reader.get(base + PACKED), reader.get(base + ".weight_scale")
+    if base + ".weight_shape" in reader:
+        out_f, in_f = (int(v) for v in reader.get(base + ".weight_shape").tolist())
+    else:
+        out_f, in_f = packed.shape[0], scale.shape[-1] * _group_size(reader)
+    if packed.ndim != 2 or packed.shape[0] != out_f:
+        raise MoepressError(f"{reader.path}: tensor '{base}{PACKED}' has shape {list(packed.shape)}; "
+                            f"expected [{out_f}, words] for weight_shape [{out_f}, {in_f}]")
+    bits = _num_bits(reader, base, in_f, packed.shape[1])
+    q = unpack_int32(packed, bits, in_f).to(scale.dtype)
+    if base + ".weight_zero_point" in reader:
+        zp = reader.get(base + ".weight_zero_point")
+        if zp.dtype == torch.int32:  # group / channel strategies pack it along dim 0 (PACK_ZP_STRATS)
+            groups = scale.shape[1] if scale.ndim == 2 else 1
+            zp = unpack_int32(zp.t().contiguous(), bits, out_f).t().reshape(out_f, groups)
+        q = q - _grouped(q, zp.to(scale.dtype))
+    return q * _grouped(q, scale)
+
+
+def _group_size(reader) -> int:
+    sizes = {int(w["group_size"]) for w in _weight_args(reader) if w.get("group_size")}
+    if len(sizes) != 1:
+        raise MoepressError(f"{reader.path}: a pack-quantized weight without weight_shape needs one "
+                            "quantization_config group_size; found " + (", ".join(map(str, sorted(sizes))) or "none"))
+    return sizes.pop()
+
+
+def decode_fp4_packed(reader, base: str, fmt: str) -> torch.Tensor:
+    """``nvfp4-`` / ``mxfp4-pack-quantized`` -> bf16 weight, with the library's decompress arithmetic."""
+    packed, scale = reader.get(base + PACKED), reader.get(base + ".weight_scale")
+    x = fp4.unpack_values(packed, dtype=torch.bfloat16)  # unpack_fp4_from_uint8 (default dtype bf16)
+    if fmt == CT_MXFP4:
+        s = 2.0 ** (scale.to(torch.int32) - fp4.E8M0_BIAS).to(torch.bfloat16)  # mx_utils.decompress_mx_scale
+    else:
+        if scale.dtype != FP8_DTYPE:
+            raise MoepressError(f"{reader.path}: tensor '{base}.weight_scale' is {scale.dtype}; expected "
+                                "float8_e4m3fn (nvfp4-pack-quantized) or uint8 E8M0 (mxfp4-pack-quantized)")
+        s = scale.to(torch.bfloat16)
+    if base + ".weight_global_scale" in reader:
+        s = s / reader.get(base + ".weight_global_scale").float()  # forward_helpers._dequantize
+    return (x * _grouped(x, s)).to(torch.bfloat16)
+
+
+def decode_native(reader, base: str) -> torch.Tensor | None:
+    """The weight of a compressed-tensors packed module in the dtype the library decompresses it to
+    (the scale's for pack-quantized: Kimi's bf16; bf16 for FP4); None if ``base`` is not one."""
+    fmt = ct_format(reader, base)
+    if fmt is None:
+        return None
+    return decode_pack_quantized(reader, base) if fmt == CT_PACKED else decode_fp4_packed(reader, base, fmt)
+
+
+def decode(reader, base: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """The weight of a compressed-tensors packed module in ``dtype``; None if ``base`` is not one."""
+    w = decode_native(reader, base)
+    return None if w is None else w.to(dtype)
+
+
+COMPANIONS = (PACKED, ".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_global_scale",
+              ".input_global_scale")
+
+
+def as_modules(names) -> list[str]:
+    """Stored tensor names with each packed module's tensors replaced by one ``P.weight`` (which the
+    reader serves decoded): what a stage that rewrites a checkpoint in another format copies."""
+    names = list(names)
+    bases = {n[: -len(PACKED)] for n in names if n.endswith(PACKED)}
+    out = set()
+    for n in names:
+        sfx = next((s for s in COMPANIONS if n.endswith(s) and n[: -len(s)] in bases), None)
+        out.add(n if sfx is None else n[: -len(sfx)] + ".weight")
+    return sorted(out)
+
+
+def describe(reader, base: str) -> str | None:
+    """A one-phrase label of how module ``base`` is stored (``inspect``), or None if plainly."""
+    fmt = ct_format(reader, base)
+    if fmt is None:
+        return None
+    scale = reader.info(base + ".weight_scale").shape
+    if fmt == CT_PACKED:
+        in_f = int(reader.get(base + ".weight_shape")[1]) if base + ".weight_shape" in reader \
+            else scale[-1] * _group_size(reader)
+        bits = _num_bits(reader, base, in_f, reader.info(base + PACKED).shape[-1])
+        sym = "asymmetric" if base + ".weight_zero_point" in reader else "symmetric"
+        return f"int{bits} {sym} group {-(-in_f // scale[-1])} (compressed-tensors {fmt})"
+    in_f = 2 * reader.info(base + PACKED).shape[-1]
+    return f"{fmt.split('-')[0]} group {in_f // scale[-1]} (compressed-tensors {fmt})"
+
+
+DECODERS = (decode,)

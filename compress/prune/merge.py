@@ -1,0 +1,203 @@
+"""``merge``: keep the REAP-best experts and fold the dropped experts into the kept ones.
+
+Which experts stay: the highest REAP scores (``keep_top``), as REAM (arXiv 2604.04356) takes REAP-score
+centroids. The router: a kept expert keeps its own router row and correction bias; a dropped expert's row
+and bias are removed with it, as HC-SMoE does after merging (wazenmai/HC-SMoE commit bd77eba,
+hcsmoe/merging/grouping_mixtral.py ``prune_experts``: ``gate.weight.data[dominant_experts]``). Tokens that
+chose a dropped expert are then routed among the kept ones by the family's own router (``route_masked``,
+exact), so every layer keeps the same count and every runtime loads the result.
+
+How a dropped expert is folded: into the kept experts that its tokens are routed to after pruning, in
+output space. HC-SMoE and REAM average the members' parameters (weighted by routing frequency, resp. by
+gate-weighted activations, after aligning neurons); on the bundled models that average, neurons aligned
+by mutual-best matching and weighted by the routing mass each member hands over, was worse than plain
+pruning at every weight tried (README). Here instead each kept expert's down projection is refit
+(:func:`refit`) so that, on calibration tokens, the pruned block's routed output reproduces the unpruned
+block's: the kept expert takes, on each token routed to it, the share of the dropped experts' output
+that its router weight gives it. The statistics are router-weighted output moments (Gram matrix of the
+router-weighted intermediate activations, its cross moment with the target), ridge-regularised towards
+the expert's own weights. Gate and up projections are unchanged.
+
+The refit weights are written in the input's stored form (:func:`encode_like`): cast to the stored float
+dtype, or re-quantized by the format registry's quantizer of the input's format (DeepSeek block FP8
+through ``fp8-block``, a ``moepress quantize`` output through its layout's format); the report says which.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moepress.compress import formats
+from moepress.compress.formats import QuantContext, ct_inputs
+from moepress.compress.prune.budget import Budget
+from moepress.compress.prune.evidence import LayerEvidence, Selection
+from moepress.compress.prune.methods import keep_top
+from moepress.compress.prune.routing import route_masked
+from moepress.errors import MoepressError
+
+
+def pruned_route(ev: LayerEvidence, kept: list[int]) -> tuple[torch.Tensor, ...]:
+    """The recorder's tokens (MoE input, router logits, chosen experts, weights) and their routing once only
+    ``kept`` remain: the family's router over the kept rows (``route_masked``, exact)."""
+    x, logits, idx, w = ev.recorder.tensors()[:4]
+    keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+    keep[kept] = True
+    bias = ev.moe.gate.e_score_correction_bias
+    pw, pidx = route_masked(logits, keep, ev.routing, None if bias is None else bias.detach().float().to(logits.device))
+    return x, logits, idx, w, pw, pidx
+
+
+def transfer(ev: LayerEvidence, kept: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the routing mass goes once the dropped experts are gone, on the recorder's tokens:
+    (own [E]: sum of the weight each kept expert had on the tokens it still gets, moved [E, E]: for
+    dropped d and kept c, sum over the tokens that chose d of d's weight x c's weight after pruning).
+    Weights are the family's real routing weights, pruned routing is ``route_masked`` (exact)."""
+    _, logits, idx, w, pw, pidx = pruned_route(ev, kept)
+    E = logits.shape[1]
+    before = torch.zeros(idx.shape[0], E, dtype=torch.float64, device=w.device).scatter_(1, idx.long(), w.double())
+    after = torch.zeros_like(before).scatter_(1, pidx.long(), pw.double())
+    own = (before * (after > 0)).sum(dim=0)
+    moved = before.T @ after
+    moved[kept] = 0
+    return own, moved
+
+
+RIDGE = 0.01  # the refit's pull towards the kept expert's own down projection, relative to mean(diag(Gram))
+
+
+def _apply(expert, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(intermediate activation [n, I], output [n, H]) of an expert, in float64."""
+    g, u, d = expert.linears()
+    xf = x.float()  # the stream's layers compute in float32 (bf16 StoredLinear weights are cast per call)
+    h = (expert.act_fn(g(xf)) * u(xf)).double()
+    return h, h @ d.weight.double().T
+
+
+@torch.no_grad()
+def refit(ev: LayerEvidence, kept: list[int]) -> list[int]:
+    """Fold the dropped experts' routed output into the kept experts' down projections (in place); returns
+    the kept experts refit (those routed to on some recorded token).
+
+    On the recorder's tokens, ``lost`` = (the MoE's routed output) - (the routed output after pruning,
+    family routing over the kept experts). Each kept expert c then takes, on the tokens it is routed to
+    after pruning, the share of ``lost`` its router weight gives it: its down projection D becomes the
+    ridge least-squares solution of pw_c (D' h_c(x)) = pw_c (f_c(x) + lost(x) / sum(pw(x))), weighted by
+    pw_c^2, pulled towards D by RIDGE x mean(diag(Gram)). The statistics are router-weighted output moments
+    of the calibration tokens (Gram of pw_c h_c, cross moment with the target)."""
+    x, logits, idx, w, pw, pidx = pruned_route(ev, kept)
+    lost = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    for sign, ids, ws in ((1.0, idx, w), (-1.0, pidx, pw)):
+        for e in torch.unique(ids).tolist():
+            tok, slot = torch.where(ids == e)
+            y = _apply(ev.moe.experts[e], x[tok])[1]
+            lost.index_add_(0, tok, (sign * ws[tok, slot, None].double() * y).float())
+    lost /= pw.float().sum(dim=-1, keepdim=True).clamp(min=1e-30)
+    changed = []
+    for c in kept:
+        tok, slot = torch.where(pidx == c)
+        if tok.numel() == 0:
+            continue
+        h, f = _apply(ev.moe.experts[c], x[tok])
+        a = pw[tok, slot].double()[:, None] ** 2
+        gram = (h * a).T @ h
+        cross = ((f + lost[tok]) * a).T @ h
+        down = ev.moe.experts[c].linears()[2]
+        lam = RIDGE * float(gram.diagonal().mean()) + 1e-12
+        gram.diagonal().add_(lam)  # in place: the I x I matrices are this step's largest allocation
+        new = torch.linalg.solve(gram, (cross + lam * down.weight.double()).T).T
+        down.weight.data.copy_(new)  # in place: no second copy of the kept experts while the layer is held
+        changed.append(c)
+    return changed
+
+
+def merge_select(ev: LayerEvidence, budget: Budget) -> Selection:
+    """Keep the REAP-best experts and fold the dropped experts' routed output into the kept experts that
+    take over their tokens (``refit``); the report lists, per kept expert, the dropped experts whose
+    routing mass it receives and the shares of that mass (module docstring)."""
+    scores = ev.stats.reap.double()
+    kept = keep_top(scores, budget, ev.layer)
+    own, moved = transfer(ev, kept)
+    merged = {}
+    for c in refit(ev, kept):
+        ds = [d for d in range(budget.num_experts) if float(moved[d, c]) > 0]
+        w = torch.tensor([float(own[c])] + [float(moved[d, c]) for d in ds], dtype=torch.float64)
+        merged[str(c)] = {"members": [c, *ds], "mass_share": [round(float(v), 6) for v in (w / w.sum()).tolist()],
+                          "rewritten": ["down"]}
+    return Selection(kept, scores, {"merged": merged})
+
+
+def _format_of(reader, base: str):
+    """The registered format whose stored form ``base`` has: the ``moepress quantize`` layout's, or the one
+    whose input decoder reads it (DeepSeek's ``weight_scale_inv`` -> fp8-block); None if none."""
+    layout = formats.layout_of(reader)
+    if layout is not None:
+        for prefix, m in layout.get("modules", {}).items():
+            if base == prefix or base.startswith(prefix + "."):
+                return formats.get(m["format"], option=f"{reader.path}: moepress_quant.json format"), m.get("group")
+    for f in formats.FORMATS.values():
+        if any(dec(reader, base, torch.float32) is not None for dec in f.input_decoders):
+            return f, None
+    return None, None
+
+
+def encode_like(reader, base: str, w: torch.Tensor, names) -> tuple[dict[str, torch.Tensor], str]:
+    """``base``'s merged weight ``w`` in the form the input stores ``base`` in: ({name: tensor}, what form).
+    ``names``: the stored names of ``base``'s layer."""
+    stored = sorted(n for n in names if n.startswith(base + ".") and "." not in n[len(base) + 1:])
+    if stored == [base + ".weight"] and reader.get_dtype(base + ".weight").is_floating_point \
+            and reader.get_dtype(base + ".weight").itemsize >= 2:
+        dt = reader.get_dtype(base + ".weight")
+        return {base + ".weight": w.to(dt)}, str(dt).removeprefix("torch.")
+    if base + ct_inputs.PACKED in stored and ct_inputs.ct_format(reader, base) == ct_inputs.CT_PACKED:
+        return encode_ct_int4(reader, base, w, stored), "compressed-tensors pack-quantized int4 (symmetric, group)"
+    fmt, group = _format_of(reader, base)
+    if fmt is None or fmt.quantize is None or fmt.calibrated:
+        what = "its calibrated format " + fmt.name if fmt is not None else "no format moepress can write"
+        raise MoepressError(f"{reader.path}: expert weight '{base}' is stored as "
+                            f"{', '.join(n[len(base) + 1:] for n in stored)} ({what}); --method merge re-quantizes "
+                            "merged experts only to bf16/fp16/fp32 or a calibration-free registered format")
+    q = fmt.quantize([w.float()], QuantContext(group_size=group or 128))
+    out = {}
+    for suffix, t in q.tensors[0].items():
+        hits = [n for n in stored if n == f"{base}.{suffix}"] or [n for n in stored if n.startswith(f"{base}.{suffix}")]
+        if len(hits) != 1:
+            raise MoepressError(f"{reader.path}: expert weight '{base}': the {fmt.name} quantizer gives '{suffix}', "
+                                f"not among the stored {stored}")
+        ref = reader.get(hits[0])
+        if t.dtype != ref.dtype or t.shape != ref.shape:
+            raise MoepressError(f"{reader.path}: '{hits[0]}' is {ref.dtype} {list(ref.shape)}; the {fmt.name} "
+                                f"quantizer gives {t.dtype} {list(t.shape)} for the merged expert")
+        out[hits[0]] = t
+    if sorted(out) != stored:
+        raise MoepressError(f"{reader.path}: expert weight '{base}' stores {stored}; the {fmt.name} quantizer "
+                            f"writes {sorted(out)}")
+    return out, fmt.name
+
+
+def encode_ct_int4(reader, base: str, w: torch.Tensor, stored: list[str]) -> dict[str, torch.Tensor]:
+    """``w`` as compressed-tensors ``pack-quantized`` symmetric INT4 with the input's group count and scale
+    dtype (Kimi K2: group 32, bf16 scales). compressed-tensors 0.20.1 minmax observer, symmetric:
+    scale = max|w| over the group / ((q_max - q_min) / 2) = amax / 7.5 (quantization/utils/helpers.py
+    ``calculate_qparams``), q = clamp(round(w / scale), -8, 7) (lifecycle/forward.py ``_quantize``),
+    stored q + 8, eight to an int32 word, low nibble first (compressors/pack_quantized ``pack_to_int32``);
+    ``formats.ct_inputs`` reads the same bytes back as compressed-tensors does."""
+    packed, scale = reader.get(base + ct_inputs.PACKED), reader.get(base + ".weight_scale")
+    out_f, in_f = w.shape
+    if base + ".weight_zero_point" in stored or scale.ndim != 2 or packed.shape != (out_f, -(-in_f // 8)):
+        raise MoepressError(f"{reader.path}: expert weight '{base}' is pack-quantized as {list(packed.shape)} with "
+                            f"scale {list(scale.shape)}; --method merge re-quantizes only symmetric INT4 groups")
+    groups = scale.shape[1]
+    g = -(-in_f // groups)
+    # in the scale's dtype throughout, as compressed-tensors computes on a bf16 model's weights
+    wp = torch.zeros(out_f, groups * g, dtype=scale.dtype, device=w.device)
+    wp[:, :in_f] = w.to(scale.dtype)
+    s = wp.view(out_f, groups, g).abs().amax(dim=-1) / 7.5
+    sd = s.masked_fill(s == 0, 1.0).repeat_interleave(g, dim=1)
+    q = torch.clamp(torch.round(wp / sd), -8, 7)[:, :in_f].to(torch.int64) + 8
+    q = torch.nn.functional.pad(q, (0, -in_f % 8)).view(out_f, -1, 8)
+    words = (q << (4 * torch.arange(8, device=q.device))).sum(dim=-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    out = {base + ct_inputs.PACKED: words, base + ".weight_scale": s.to(scale.device)}
+    if base + ".weight_shape" in stored:
+        out[base + ".weight_shape"] = reader.get(base + ".weight_shape")
+    return out

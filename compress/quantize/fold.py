@@ -1,0 +1,274 @@
+"""AWQ folded into the model (``--awq-fold``): llm-compressor's form of AWQ, whose output is plain INT4.
+
+Unfolded AWQ (Model-Optimizer's, the default) stores ``pre_quant_scale`` p per linear: the consumer
+computes (x * p) Q(W / p)^T. Folded, the multiplication by p moves into the operation that
+produces x, so the checkpoint holds only Q(W / p) and a modified predecessor; the model is the same
+function before rounding. The folds are llm-compressor's AWQ mappings
+(vllm-project/llm-compressor src/llmcompressor/modifiers/transform/awq/mappings.py, 0.13.0-37:
+``default_mappings``, ``_moe_default_mappings``, ``_deepseek_mappings``):
+
+    input_layernorm          -> q/k/v (q_a_proj, kv_a_proj_with_mqa)     norm weight * p
+    q_a_layernorm            -> q_b_proj   (MLA)                          norm weight * p
+    kv_a_layernorm           -> kv_b_proj  (MLA)                          norm weight * p
+    v_proj                   -> o_proj                                    v_proj rows * p
+    post_attention_layernorm -> router, every expert's and the shared   norm weight * p,
+                                expert's gate/up (dense MLP: gate/up)    router columns / p
+    up_proj                  -> down_proj  (each expert its own)          up_proj rows * p
+
+One vector per input: every linear reading it shares it (all routed experts, the shared expert and
+the router read the post-attention norm's output), searched by :func:`awq.search_shared` on each
+expert's own tokens. v_proj -> o_proj under grouped-query attention: one value head feeds several
+query heads, so the vector is tied across them (geometric mean of the candidate over the heads of
+a group); llm-compressor skips that case instead (base.py ``_check_layers_are_compatible``).
+MLA's o_proj has no foldable predecessor in these mappings and is quantized without smoothing.
+A fold is skipped (the linears quantized without smoothing) when a reader of its input is not an
+AWQ linear (a ``--rule`` gave it another format, or no INT4 group divides its in_features).
+
+The norm is stored in its checkpoint dtype (bf16), so the vector the linears divide by is the one
+the rounded norm carries (round(g * p) / g): the fold is exact up to float rounding; the router,
+not quantized, is divided by it and rounded to its dtype (logits equal up to that rounding).
+
+How: after the layer's calibration pass (compress/quantize/calibrated.py), :func:`fold_layer`
+searches the vectors on the observed statistics, then hands the quantizers the folded model's view:
+statistics of x * p, weights W / p (and p-scaled rows) through :class:`FoldedWeights`, and the
+norms and router changed in place and recorded in the layer's result for the writer. The format's
+quantizer runs with ``QuantContext.awq_folded`` (GPTQ / clip as for AWQ, no search, no
+``pre_quant_scale``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moepress.compress import formats
+from moepress.compress.quant import awq, int4
+from moepress.compress.quantize.config import AWQ_SAMPLE_ROWS, MIN_EXPERT_TOKENS, SHARED_INPUT
+from moepress.compress.quantize.group import FloatWeights
+from moepress.compress.quantize.stats import LinearStats
+
+TINY = torch.finfo(torch.float32).tiny
+MLA_NORMS = (("self_attn.q_a_layernorm", "self_attn.q_b_proj"), ("self_attn.kv_a_layernorm", "self_attn.kv_b_proj"))
+
+
+@dataclass
+class Fold:
+    """One folded input: ``source`` (a norm, or a linear whose output rows produce the input) times the
+    vector; the linears ``readers`` divide their columns by ``p`` (and the ``router``, not quantized).
+    ``row_p``: the vector on the source's rows (a GQA-tied ``p`` has fewer distinct values than ``p``)."""
+
+    source: str
+    readers: list[str]
+    p: torch.Tensor
+    row_p: torch.Tensor | None = None  # source is a linear (v_proj, up_proj)
+    router: str | None = None
+    alpha: float | None = None
+    stats: list[LinearStats] = field(default_factory=list)  # observed statistics of this input
+
+
+class FoldedWeights(FloatWeights):
+    """``weights[name]`` of the folded model, float32 on demand: W / p (columns), times the rows' vector."""
+
+    def __init__(self, linears: dict[str, nn.Linear], cols: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]):
+        super().__init__(linears)
+        self.cols, self.rows = cols, rows
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        w = super().__missing__(name)
+        if name in self.cols:
+            w = w / self.cols[name][None, :]
+        if name in self.rows:
+            w = w * self.rows[name][:, None]
+        return w
+
+
+def scale_stats(st: LinearStats, p: torch.Tensor) -> None:
+    """Statistics of x -> those of x * p (p > 0), in place."""
+    st.amax = None if st.amax is None else st.amax * p
+    st.abs_sum = None if st.abs_sum is None else st.abs_sum * p.double()
+    st.rows = [r * p[None, :] for r in st.rows]
+    if st.S is not None:
+        st.S = st.S * p.double()[:, None] * p.double()[None, :]
+
+
+def gqa_tie(attn: nn.Module, v_out: int, o_in: int):
+    """(tie, rows): the map making an o_proj candidate foldable into v_proj (equal across the query
+    heads that share a value head: transformers' repeat_kv, query head h reads value head h // n_rep)
+    and the map from a tied vector to v_proj's rows; (None, identity) without GQA; None when the
+    shapes do not say how heads map."""
+    if v_out == o_in:
+        return None, lambda p: p
+    hd = getattr(attn, "head_dim", None)
+    if not hd or v_out % hd or o_in % v_out:
+        return None
+    n_kv, n_rep = v_out // hd, o_in // v_out
+
+    def tie(s: torch.Tensor) -> torch.Tensor:
+        t = s.reshape(n_kv, n_rep, hd).clamp(min=TINY).log().mean(1, keepdim=True).exp()
+        return t.expand(n_kv, n_rep, hd).reshape(-1)
+
+    return tie, lambda p: p.reshape(n_kv, n_rep, hd)[:, 0, :].reshape(-1)
+
+
+def fold_layer(cl) -> None:
+    """Fold AWQ into calibrated layer ``cl`` (compress/quantize/calibrated.py, after its observation
+    pass): search the vectors, then give its quantizers the folded model (see the module docstring)."""
+    f = LayerFolder(cl)
+    f.plan()
+    f.apply()
+
+
+class LayerFolder:
+    """The folds of one calibrated decoder layer (``cl``: a CalibratedLayer after its observation pass)."""
+
+    def __init__(self, cl):
+        self.cl = cl
+        self.layer, self.cfg = cl.layer, cl.cfg
+        self.folds: list[Fold] = []
+
+    # ---- the vectors, on the observed (unfolded) statistics and weights ----------------------------
+
+    def _awq(self, n: str) -> bool:
+        fmt, lin = self.cl.fmt_of.get(n), self.cl.linears.get(n)
+        return (fmt is not None and formats.FORMATS[fmt].awq and lin is not None
+                and int4.effective_group(lin.in_features, self.cfg.group_size) is not None)
+
+    def _group(self, n: str) -> int:
+        return int4.effective_group(self.cl.linears[n].in_features, self.cfg.group_size)
+
+    def _search(self, readers: list[str], st: LinearStats | None, tie=None):
+        if st is None or st.n == 0:
+            return None
+        return awq.search_shared([(lambda: [self.cl.weights[n] for n in readers], st.sample())], st.act_mean,
+                                 self._group(readers[0]), tie=tie)
+
+    def plan(self) -> None:
+        lin, stats, fa = self.cl.linears, self.cl.stats, self.layer.ffn_attr
+        qkv = [n for n in lin if n.startswith("self_attn.") and n.rpartition(".")[2] in SHARED_INPUT[0]]
+        if qkv:
+            self._norm_fold("input_layernorm", qkv, stats.get(qkv[0]))
+        for norm, reader in MLA_NORMS:
+            if reader in lin:
+                self._norm_fold(norm, [reader], stats.get(reader))
+        if not self.cfg.kv_cache:  # v_proj's rows scale the cached values: their FP8 scale would change
+            self._v_to_o()
+        ffn = self.layer.ffn
+        if self.layer.moe is None:
+            g, u, _ = ffn.names
+            self._norm_fold("post_attention_layernorm", [f"{fa}.{g}", f"{fa}.{u}"], stats.get(f"{fa}.{g}"))
+            self._up_to_down(fa, ffn, stats.get(f"{fa}.{ffn.names[2]}"))
+            return
+        X, idx = self._moe_fold()
+        if ffn.shared_experts is not None:
+            sx = ffn.shared_experts
+            self._up_to_down(f"{fa}.shared_experts", sx, stats.get(f"{fa}.shared_experts.{sx.names[2]}"))
+        for e, ex in enumerate(ffn.experts if X is not None else ()):
+            toks = (idx == e).any(-1).nonzero().squeeze(-1)
+            if toks.numel() >= MIN_EXPERT_TOKENS:  # fewer: no fold (unfolded AWQ rounds that down to nearest)
+                self._up_to_down(f"{fa}.experts.{e}", ex, None, X[toks])
+
+    def _norm_fold(self, norm: str, readers: list[str], st: LinearStats | None) -> None:
+        if not all(self._awq(n) for n in readers):
+            return
+        found = self._search(readers, st)
+        if found is not None:
+            self.folds.append(Fold(norm, readers, found[0], alpha=found[1], stats=[st]))
+
+    def _v_to_o(self) -> None:
+        lin, v, o = self.cl.linears, "self_attn.v_proj", "self_attn.o_proj"
+        if v not in lin or o not in lin or not (self._awq(v) and self._awq(o)):
+            return
+        maps = gqa_tie(self.layer.self_attn, lin[v].out_features, lin[o].in_features)
+        if maps is None:
+            return
+        st = self.cl.stats.get(o)
+        found = self._search([o], st, maps[0])
+        if found is not None:
+            self.folds.append(Fold(v, [o], found[0], row_p=maps[1](found[0]), alpha=found[1], stats=[st]))
+
+    def _moe_fold(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """post_attention_layernorm -> router + every routed and shared expert's gate/up: one vector,
+        each expert scored on its own tokens. Returns the MoE input and routing (None: none observed)."""
+        cl, moe, fa = self.cl, self.layer.moe, self.layer.ffn_attr
+        if not cl.moe_inputs:
+            return None, None
+        X, idx = torch.cat(cl.moe_inputs), torch.cat(cl.routes)
+        mlps = [(f"{fa}.experts.{e}", ex) for e, ex in enumerate(moe.experts)]
+        if moe.shared_experts is not None:
+            mlps.append((f"{fa}.shared_experts", moe.shared_experts))
+        readers = [f"{p}.{n}" for p, ex in mlps for n in ex.names[:2]]
+        downs = {f"{p}.{ex.names[2]}" for p, ex in mlps}
+        others = [n for n in cl.linears if n.startswith(fa + ".") and n not in readers and n not in downs]
+        if others or not all(self._awq(n) for n in readers):
+            return X, idx
+        parts = []
+        for k, (p, ex) in enumerate(mlps):
+            names = [f"{p}.{n}" for n in ex.names[:2]]
+            toks = (idx == k).any(-1).nonzero().squeeze(-1) if k < len(moe.experts) else slice(None)
+            rows = X[toks][:AWQ_SAMPLE_ROWS]
+            parts.append((lambda names=names: [cl.weights[n] for n in names], rows))
+        p, alpha, _ = awq.search_shared(parts, X.abs().mean(0), self._group(readers[0]))
+        shared = [cl.stats[readers[-1]]] if moe.shared_experts is not None and readers[-1] in cl.stats else []
+        self.folds.append(Fold("post_attention_layernorm", readers, p, router=f"{fa}.gate", alpha=alpha, stats=shared))
+        return X, idx
+
+    def _up_to_down(self, prefix: str, ex, st: LinearStats | None, x: torch.Tensor | None = None) -> None:
+        """up_proj -> down_proj of one MLP: its down input's observed statistics ``st``, or made from its
+        tokens ``x`` with the unfolded weights (a routed expert)."""
+        g, u, d = (f"{prefix}.{n}" for n in ex.names)
+        if not (self._awq(u) and self._awq(d)):
+            return
+        if x is not None:
+            st = LinearStats(hessian=False)
+            w = self.cl.weights
+            st.add(ex.act_fn(nn.functional.linear(x, w[g])) * nn.functional.linear(x, w[u]))
+        found = self._search([d], st)
+        if found is not None:
+            self.folds.append(Fold(u, [d], found[0], row_p=found[0], alpha=found[1],
+                                   stats=[st] if x is None else []))
+
+    # ---- the folded model ---------------------------------------------------------------------------
+
+    def apply(self) -> None:
+        """Norms and router changed in place (and recorded for the writer in their stored dtype), the
+        statistics made those of the folded inputs, the weights seen through :class:`FoldedWeights`."""
+        cl = self.cl
+        mods = dict(self.layer.named_modules())
+        cols, rows = {}, {}
+        for f in self.folds:
+            p = f.p
+            if f.row_p is None:
+                p = self._fold_norm(mods[f.source], f.source, p)
+            else:
+                rows[f.source] = f.row_p
+            if f.router is not None:
+                self._fold_router(mods[f.router], f.router, p)
+                cl.moe_inputs = [x * p[None, :] for x in cl.moe_inputs]
+            for st in {id(s): s for s in f.stats if s is not None}.values():
+                scale_stats(st, p)
+            for n in f.readers:
+                cols[n] = p
+            if f.alpha is not None:
+                cl.res.awq_alpha[f.readers[0]] = f.alpha
+        cl.weights = FoldedWeights(cl.linears, cols, rows)
+
+    def _stored_dtype(self, rel: str) -> torch.dtype:
+        return self.cl.sm.ckpt.get(self.cl.sm.adapter.layer_prefix(self.cl.i) + rel).dtype
+
+    def _fold_norm(self, norm: nn.Module, name: str, p: torch.Tensor) -> torch.Tensor:
+        """norm weight g -> round(g * p) in its stored dtype; returns the vector that rounded weight
+        carries (round(g * p) / g), which the readers then divide by."""
+        g = norm.weight.data.float()
+        new = (g * p).to(self._stored_dtype(name + ".weight"))
+        p_eff = torch.where(g != 0, new.float() / torch.where(g != 0, g, 1.0), p)
+        norm.weight.data.copy_(new.to(norm.weight.dtype))
+        self.cl.res.tensors[name + ".weight"] = new
+        return p_eff
+
+    def _fold_router(self, router: nn.Module, name: str, p: torch.Tensor) -> None:
+        """Router columns / p, rounded to its stored dtype: logits unchanged up to that rounding."""
+        new = (router.weight.data.float() / p[None, :]).to(self._stored_dtype(name + ".weight"))
+        router.weight.data.copy_(new.to(router.weight.dtype))
+        self.cl.res.tensors[name + ".weight"] = new

@@ -1,0 +1,219 @@
+"""The compute device of a stage: ``--device auto|cpu|cuda|cuda:N`` resolved once, and the memory
+peaks (host RSS, GPU) every stage reports in its ``--json`` result.
+
+One device argument flows from the CLI (or a recipe's ``device`` key) to the code that allocates
+(STYLE.md, streaming to the GPU); no module picks a device on its own. The device is a runtime
+argument, never part of a stage's config: it does not change what a stage writes (calibration-free
+formats are byte-identical on every device; calibrated ones agree within float32 rounding), so a
+manifest and a resume key do not depend on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from moepress import memwatch
+from moepress.errors import MoepressError
+
+CHOICES = "auto|cpu|cuda|cuda:N"
+_SPEC = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+
+
+def resolve(spec: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None): a CUDA device when torch sees one (torchrun's LOCAL_RANK-th), else the CPU; ``cpu``;
+    ``cuda`` / ``cuda:N``: that GPU, refused in one line where torch has no CUDA or no such GPU."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    spec = "auto" if spec is None else str(spec).strip().lower()
+    m = _SPEC.match(spec)
+    if m is None or (m.group(1) != "cuda" and m.group(2) is not None):
+        raise MoepressError(f"--device {spec}: expected {CHOICES}")
+    kind, index = m.group(1), m.group(2)
+    if kind == "auto":  # under torchrun, each rank its own GPU
+        n = cuda_count()
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % n) if n else torch.device("cpu")
+    if kind == "cpu":
+        return torch.device("cpu")
+    n = cuda_count()
+    if n == 0:
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise MoepressError(f"--device {spec}: {why} (torch {torch.__version__}); use --device cpu or auto")
+    i = int(index or 0)
+    if i >= n:
+        raise MoepressError(f"--device {spec}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
+    return torch.device("cuda", i)
+
+
+def cuda_count() -> int:
+    """Visible CUDA devices (0 without CUDA, without initialising anything on a CPU-only build)."""
+    try:
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except (RuntimeError, AssertionError):
+        return 0
+
+
+def is_cpu(device: torch.device | str | None) -> bool:
+    return device is None or torch.device(device).type == "cpu"
+
+
+def synchronize(device: torch.device | None) -> None:
+    """Wait for the device's queued work (timings); a no-op on the CPU."""
+    if not is_cpu(device) and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gpu_peak(device: torch.device | None) -> int | None:
+    """Bytes of GPU memory torch's allocator held at most since :func:`reset_gpu_peak` (None on the CPU)."""
+    if is_cpu(device) or torch.device(device).type != "cuda":
+        return None
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def reset_gpu_peak(device: torch.device | None) -> None:
+    if not is_cpu(device) and torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class MemoryPeaks:
+    """``with MemoryPeaks(device) as m: stage(...)`` then ``m.report()``: the host's resident-set
+    peak (the kernel's high-water mark, reset at entry where the kernel allows, else sampled) and
+    the GPU allocator's peak (``torch.cuda.max_memory_allocated``; None on the CPU)."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device
+        self.host = memwatch.HostPeak()
+        self.gpu: int | None = None
+
+    def __enter__(self) -> MemoryPeaks:
+        reset_gpu_peak(self.device)
+        self.host.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.host.__exit__(*exc)
+        self.gpu = gpu_peak(self.device)
+
+    def report(self) -> dict:
+        """The ``memory`` section of a stage's JSON result."""
+        return {"device": str(self.device or "cpu"), "host_rss_peak_bytes": self.host.peak,
+                "gpu_peak_bytes": self.gpu}
+
+
+class Uploader:
+    """Stored tensors to the compute device: host -> pinned buffer -> device, on a side CUDA stream,
+    so the next layer's copy runs while this layer computes (STYLE.md, streaming to the GPU).
+
+    On the CPU every method returns its input unchanged: the CPU path is the path it always was.
+    ``timings`` collects (what, start, end) wall times of uploads and waits, from which the
+    benchmarks compute how long the device sat idle waiting for bytes.
+    """
+
+    PINNED_BYTES = 256 << 20
+
+    def __init__(self, device: torch.device | None):
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.on_cpu = self.device.type == "cpu"
+        self._stream = None
+        self.timings: list[tuple[str, float, float]] = []
+
+    def upload(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` on the device; the call returns once the copies are complete (from any thread).
+        Host memory: each host tensor is let go once copied (where the caller holds no other
+        reference) and at most ``PINNED_BYTES`` of pinned staging is in flight, so the pinned pool
+        (torch keeps it cached) stays that size, not a layer's."""
+        if self.on_cpu:
+            return tensors
+        t0 = time.perf_counter()
+        src, tensors = dict(tensors), None
+        out = {}
+        if self.device.type != "cuda":
+            for k in list(src):
+                out[k] = src.pop(k).to(self.device)
+        else:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.device)
+            inflight = 0
+            with torch.cuda.stream(self._stream):
+                for k in list(src):
+                    v = src.pop(k)
+                    out[k] = v.pin_memory().to(self.device, non_blocking=True)
+                    inflight += v.numel() * v.element_size()
+                    del v
+                    if inflight >= self.PINNED_BYTES:  # staging buffers free for reuse once copied
+                        self._stream.synchronize()
+                        inflight = 0
+            self._stream.synchronize()
+        self.timings.append(("upload", t0, time.perf_counter()))
+        return out
+
+    def handover(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors uploaded on the side stream, now used by the compute stream: the allocator must
+        not hand their memory back to the side stream before the compute stream is done with it."""
+        if not self.on_cpu and self.device.type == "cuda":
+            cur = torch.cuda.current_stream(self.device)
+            for v in tensors.values():
+                v.record_stream(cur)
+        return tensors
+
+    def ahead(self, layers: Iterator[tuple[int, list[dict[str, torch.Tensor]]]]
+              ) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
+        """``(i, [stored tensors])`` items with the tensors on the device, the next item read and
+        uploaded in a background thread while the caller computes on this one."""
+        if self.on_cpu:
+            yield from layers
+            return
+
+        def nxt():
+            got = next(layers, None)
+            if got is None:
+                return None
+            i, box = got
+            return i, [self.upload(box.pop())]
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepress-upload")
+        fut: Future | None = pool.submit(nxt)
+        try:
+            while True:
+                t0 = time.perf_counter()
+                got = fut.result()
+                self.timings.append(("wait", t0, time.perf_counter()))
+                fut = None
+                if got is None:
+                    return
+                fut = pool.submit(nxt)
+                i, box = got
+                self.handover(box[0])
+                yield i, box
+                del box, got
+        finally:
+            if fut is not None:
+                fut.cancel()
+                try:
+                    fut.result()
+                except Exception:  # noqa: BLE001  (the consumer stopped; its own error is what matters)
+                    pass
+            pool.shutdown(wait=True)
+            close = getattr(layers, "close", None)
+            if close is not None:
+                close()
+
+
+def idle_fraction(timings: list[tuple[str, float, float]], total: float) -> float | None:
+    """The share of ``total`` seconds the compute thread spent waiting for uploads (None without any)."""
+    waits = sum(b - a for what, a, b in timings if what == "wait")
+    return None if total <= 0 or not timings else waits / total
+
+
+def default_device(device: torch.device | None):
+    """``with default_device(dev):`` tensors made without a device (``torch.zeros(n)``) land on ``dev``
+    (torch's device context, this thread only), so a stage's per-layer math follows its layer onto
+    the GPU. Only around compute: code that reads the checkpoint allocates host buffers. A no-op on
+    the CPU."""
+    return contextlib.nullcontext() if is_cpu(device) else torch.device(device)

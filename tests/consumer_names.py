@@ -1,0 +1,98 @@
+"""What each runtime accepts, copied from its sources: the names checked by test_consumer_names.py.
+
+These are facts read from the consumers' code (file and version beside each list), kept as data so
+that the README's consumer table and our exporters' names are tested against them, never against
+our own code. When a consumer release changes its lists, update the list and its citation.
+
+Model-Optimizer checkpoints (``hf_quant_config.json`` / config.json ``quantization_config``) are
+matched on ``quant_algo``; compressed-tensors checkpoints on (format, weight numerics, activation
+handling), the parts each consumer's scheme dispatch reads.
+"""
+
+from __future__ import annotations
+
+# --- Model-Optimizer layout: accepted top-level quant_algo values ---------------------------------
+
+# NVIDIA/TensorRT-LLM main (read 2026-11): tensorrt_llm/quantization/mode.py ``class QuantAlgo`` (the
+# PyTorch backend builds QuantAlgo(quant_algo)); tensorrt_llm/quantization/modelopt_config.py
+# ``parse_modelopt_quant_config`` canonicalises the exact string "fp8_pb_wo" to FP8_BLOCK_SCALES.
+TRTLLM_QUANT_ALGO = {
+    "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
+    "FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES", "INT8", "MIXED_PRECISION", "NVFP4",
+    "W4A8_NVFP4_FP8", "W4A8_MXFP4_FP8", "W4A8_MXFP4_MXFP8", "W4A16_MXFP4", "NO_QUANT",
+}
+TRTLLM_ALIASES = {"fp8_pb_wo": "FP8_BLOCK_SCALES"}
+
+# vLLM 0.33.0: vllm/model_executor/layers/quantization/modelopt.py ``LINEAR_ALGOS`` + "MIXED_PRECISION"
+# (``QUANT_ALGOS``); the quant_algo read is upper-cased first (``str(quant_method).upper()``).
+VLLM_MODELOPT = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "W4A16_NVFP4", "MXFP8",
+                 "MIXED_PRECISION"}
+
+# SGLang 0.5.23: python/sglang/srt/configs/model_config.py ``_parse_modelopt_quant_config``: "FP8",
+# "MXFP8", "MIXED_PRECISION" and any quant_algo containing "FP4" (-> modelopt_fp4, whose
+# ModelOptFp4Config.from_config accepts "FP8", "NVFP4", "NVFP4_AWQ", "W4A16_NVFP4",
+# layers/quantization/modelopt_quant.py); anything else is not a ModelOpt checkpoint to it.
+SGLANG_MODELOPT = {"FP8", "MXFP8", "MIXED_PRECISION", "NVFP4", "NVFP4_AWQ", "W4A16_NVFP4"}
+
+
+def modelopt_accepts(consumer: str, algo: str) -> bool:
+    """Does ``consumer`` load a Model-Optimizer checkpoint whose quant_algo is ``algo``?"""
+    if consumer == "TensorRT-LLM":
+        return TRTLLM_ALIASES.get(algo, algo) in TRTLLM_QUANT_ALGO
+    if consumer == "vLLM":
+        return algo.upper() in VLLM_MODELOPT
+    if consumer == "SGLang":
+        return algo in SGLANG_MODELOPT or "FP4" in algo
+    return False  # transformers 5.24: no "modelopt" entry in quantizers/auto.py AUTO_QUANTIZER_MAPPING
+
+
+# --- compressed-tensors: accepted (format, weights, activations) ----------------------------------
+# weights: "<type><bits>/<strategy>"; activations: None (weight-only), "static/tensor",
+# "dynamic/token", "dynamic/group", "dynamic/tensor_group" (NVFP4's per-16 local scale).
+
+# vLLM 0.33.0: vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py
+# ``_get_scheme_from_parts`` (_is_wNa16_group_channel, _is_fp8_w8a8 / _is_fp8_w8a16,
+# _is_nvfp4_format, _is_mxfp4).
+VLLM_CT = {
+    ("pack-quantized", "int4/group", None), ("pack-quantized", "int4/channel", None),
+    ("float-quantized", "float8/tensor", "static/tensor"), ("float-quantized", "float8/channel", "dynamic/token"),
+    ("float-quantized", "float8/block", "dynamic/group"), ("float-quantized", "float8/tensor", None),
+    ("float-quantized", "float8/channel", None),
+    ("nvfp4-pack-quantized", "float4/tensor_group", "dynamic/tensor_group"),
+    ("nvfp4-pack-quantized", "float4/tensor_group", None),
+    ("mxfp4-pack-quantized", "float4/group", None),
+}
+
+# SGLang 0.5.23: python/sglang/srt/layers/quantization/compressed_tensors/compressed_tensors.py
+# ``_get_scheme_from_parts`` (_is_wNa16_group_channel, _is_fp8_w8a8, _is_fp8_w8a16, _is_fp4a4_nvfp4,
+# _is_fp4a16_nvfp4); MXFP4 only for fused MoE layers (_is_mxfp4_moe), not the dense ones.
+SGLANG_CT = {
+    ("pack-quantized", "int4/group", None), ("pack-quantized", "int4/channel", None),
+    ("float-quantized", "float8/tensor", "static/tensor"), ("float-quantized", "float8/channel", "dynamic/token"),
+    ("float-quantized", "float8/block", "dynamic/group"), ("float-quantized", "float8/tensor", None),
+    ("float-quantized", "float8/channel", None),
+    ("nvfp4-pack-quantized", "float4/tensor_group", "dynamic/tensor_group"),
+    ("nvfp4-pack-quantized", "float4/tensor_group", None),
+}
+
+# NVIDIA/TensorRT-LLM main (read 2026-11): tensorrt_llm/_torch/models/checkpoints/hf/compressed_tensors.py
+# maps only compressed-tensors NVFP4 (weight_packed / weight_global_scale / input_global_scale) onto
+# its NVFP4 loaders.
+TRTLLM_CT = {("nvfp4-pack-quantized", "float4/tensor_group", "dynamic/tensor_group")}
+
+# transformers 5.24: quantizers/quantizer_compressed_tensors.py hands the checkpoint to
+# compressed-tensors' ModelCompressor, which decompresses every format it has a compressor for
+# (compressed_tensors CompressionFormat); the formats below are those our exports use. Not
+# nvfp4-pack-quantized: transformers 5.24 decompresses a MoE's NVFP4 experts without their
+# weight_global_scale (tests/test_nvfp4.py pins it), so an NVFP4 MoE loads wrong there.
+TRANSFORMERS_CT_FORMATS = {"pack-quantized", "float-quantized", "naive-quantized", "mxfp4-pack-quantized"}
+
+
+def ct_accepts(consumer: str, key: tuple) -> bool:
+    """Does ``consumer`` load a compressed-tensors checkpoint whose scheme is ``key``?"""
+    if consumer == "transformers":
+        return key[0] in TRANSFORMERS_CT_FORMATS
+    return key in {"TensorRT-LLM": TRTLLM_CT, "vLLM": VLLM_CT, "SGLang": SGLANG_CT}[consumer]
+
+
+CONSUMERS = ("TensorRT-LLM", "vLLM", "SGLang", "transformers")

@@ -1,0 +1,187 @@
+"""Folded AWQ (``quantize --awq-fold``, compress/quantize/fold.py; issue 17 item 3).
+
+* Before rounding the folded model IS the original: the fold alone (no quantization, norms and
+  router kept in float32) gives the original logits to float32 rounding, on every bundled model.
+* One vector per input: every routed expert's and the shared expert's gate/up divide by the same
+  vector as the router and the post-attention norm carry; GQA's o_proj vector is equal across the
+  query heads that read one value head.
+* The folded int4-awq checkpoint has no pre_quant_scale, exports to compressed-tensors
+  pack-quantized and loads in transformers (a process that never imports moepress) with logits
+  equal to moepress's forward of the folded checkpoint; an unfolded one, and W4A8 (no
+  compressed-tensors form vLLM runs), are refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moepress import models
+from moepress.calib.distributed import DistEnv
+from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+from moepress.compress.quantize import fold as fold_mod
+from moepress.compress.quantize.calibrated import CalibratedLayer
+from moepress.compress.stream import StreamedModel
+from moepress.exporters import ExportConfig, export
+
+IDS = torch.randint(1, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
+GROUP = {"tiny-deepseek-v3": 32}  # transformers' CT loader: one scheme for all dense modules (test_export_ct.py)
+
+LOADER = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    dirs, ids_path, out_path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+    ids, out = torch.load(ids_path), {}
+    for d in dirs:
+        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+        with torch.no_grad():
+            out[d] = m(input_ids=ids, use_cache=False).logits
+    assert not any(k.startswith("moepress") for k in sys.modules), "moepress was imported"
+    torch.save(out, out_path)
+""")
+
+
+@pytest.fixture(scope="module")
+def folded():
+    """Per bundled model: (original logits, logits of the fold applied to float32 weights without
+    quantizing, the layers' folds). Norms and router stay float32 here (no storage rounding)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fold_mod.LayerFolder, "_stored_dtype", lambda self, rel: torch.float32)
+        return {name: _folded_forward(name) for name in models.BUNDLED}
+
+
+def _folded_forward(name: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    cfg = QuantConfig(format="int4-awq", awq_fold=True, group_size=GROUP.get(name, 128))
+    sm = StreamedModel(models.path(name))
+    hs = sm.embed([IDS])
+    hs_ref = [h.clone() for h in hs]
+    folds = {}
+    for i, layer in sm.layers(0):
+        hs_ref = sm.run_layer(layer, hs_ref)
+        cl = CalibratedLayer(sm, i, layer, cfg, DistEnv())
+        cl.observe(hs)
+        folder = fold_mod.LayerFolder(cl)
+        folder.plan()
+        folder.apply()
+        folds[i] = (folder.folds, cl.weights)
+        for n, lin in cl.linears.items():
+            if n in cl.weights.cols or n in cl.weights.rows:
+                lin.weight = torch.nn.Parameter(cl.weights[n], requires_grad=False)
+        hs = sm.run_layer(layer, hs)
+    return sm.head(hs_ref)[0], sm.head(hs)[0], folds
+
+
+@pytest.mark.parametrize("name", models.BUNDLED)
+def test_fold_without_quantizing_is_the_original_model(folded, name):
+    ref, out, folds = folded[name]
+    kinds = {f.source for fs, _ in folds.values() for f in fs}
+    assert "input_layernorm" in kinds and "post_attention_layernorm" in kinds
+    assert any(k.endswith(("up_proj", "w3")) for k in kinds)  # up -> down folded
+    if name != "tiny-deepseek-v3":
+        assert "self_attn.v_proj" in kinds  # GQA-tied v -> o
+    else:
+        assert {"self_attn.q_a_layernorm", "self_attn.kv_a_layernorm"} <= kinds
+    # the vectors are far from 1, so an unfolded reader or a missed norm would show
+    assert max(float((f.p.log().abs()).max()) for fs, _ in folds.values() for f in fs) > 0.3  # measured 0.55
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-6  # measured 3e-7 (float32 rounding)
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_one_vector_per_input_shared_by_every_expert(folded):
+    _, _, folds = folded["tiny-deepseek-v3"]
+    fs, weights = folds[1]
+    (moe,) = [f for f in fs if f.source == "post_attention_layernorm"]
+    assert moe.router == "mlp.gate"
+    n_experts = CheckpointReader(models.path("tiny-deepseek-v3")).config["n_routed_experts"]
+    assert len(moe.readers) == 2 * n_experts + 2 and "mlp.shared_experts.up_proj" in moe.readers
+    assert all(weights.cols[n] is weights.cols[moe.readers[0]] for n in moe.readers)
+    # GQA (Qwen3-MoE: 4 query heads, 2 value heads of 32): o_proj's vector repeats per group of heads
+    _, _, folds = folded["tiny-qwen3-moe"]
+    (vo,) = [f for f in folds[1][0] if f.source == "self_attn.v_proj"]
+    p = vo.p.reshape(2, 2, 32)
+    assert torch.equal(p[:, 0], p[:, 1]) and torch.equal(vo.row_p, p[:, 0].reshape(-1))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Each bundled model quantized int4-awq --awq-fold (small calibration), exported to
+    compressed-tensors, loaded by transformers in ONE subprocess without moepress."""
+    base = tmp_path_factory.mktemp("fold")
+    out = {}
+    for name in models.BUNDLED:
+        q, e = base / f"q-{name}", base / f"ct-{name}"
+        quantize_checkpoint(models.path(name), q, QuantConfig(format="int4-awq", awq_fold=True, num_samples=2,
+                                                              seq_len=64, group_size=GROUP.get(name, 128)))
+        export(q, e, ExportConfig(format="compressed-tensors"))
+        out[name] = (q, e)
+    torch.save(IDS, base / "ids.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    dirs = [str(e) for _, e in out.values()]
+    p = subprocess.run([sys.executable, "-c", LOADER, json.dumps(dirs), str(base / "ids.pt"), str(base / "lg.pt")],
+                       cwd=base, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, torch.load(base / "lg.pt")
+
+
+@pytest.mark.parametrize("name", models.BUNDLED)
+def test_folded_export_loads_in_transformers(exported, name):
+    out, logits = exported
+    q, e = out[name]
+    r, src = CheckpointReader(q), CheckpointReader(models.path(name))
+    assert not any(n.endswith(".pre_quant_scale") for n in r.names())
+    assert json.loads((q / "moepress_quant.json").read_text())["awq_fold"] is True
+    norm = "model.layers.1.post_attention_layernorm.weight"
+    assert r.get(norm).dtype == src.get(norm).dtype and not torch.equal(r.get(norm), src.get(norm))
+    qc = json.loads((e / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized"
+    with safe_open(str(next(e.glob("*.safetensors"))), "pt") as f:
+        assert not any("pre_quant_scale" in k for k in f.keys())
+    ours = StreamedModel(r).forward([IDS])[0]
+    theirs = logits[str(e)]
+    assert ((theirs - ours).norm() / ours.norm()).item() < 1e-5  # measured 2e-7
+
+
+def test_unfolded_awq_and_w4a8_refused(exported, tmp_path, cli_run):
+    q, _ = exported[0]["tiny-mixtral"]
+    for fmt, fold, why in (("int4-awq", False, "--awq-fold"), ("w4a8-awq", True, "dynamic per-token")):
+        c = tmp_path / f"{fmt}-{fold}"
+        shutil.copytree(q, c)
+        lay = json.loads((c / "moepress_quant.json").read_text())
+        lay.pop("awq_fold")
+        lay = {**lay, "format": fmt, "modules": {k: {**v, "format": fmt} for k, v in lay["modules"].items()},
+               **({"awq_fold": True} if fold else {})}
+        (c / "moepress_quant.json").write_text(json.dumps(lay))
+        r = cli_run("export", c, "--format", "compressed-tensors", "-o", tmp_path / "x")
+        assert r.exit_code == 2 and why in r.output and fmt in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_awq_fold_needs_an_awq_format(cli_run, tmp_path):
+    r = cli_run("quantize", models.path("tiny-mixtral"), "--format", "int4-gptq", "--awq-fold", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "--awq-fold" in r.output and "int4-awq" in r.output
+
+
+def test_folded_awq_exports_to_hf_modelopt_as_w4a16_awq(exported, tmp_path):
+    """Model-Optimizer's W4A16_AWQ layout from the folded checkpoint: pre_quant_scale = 1 (the
+    smoothing is in the norms), same model."""
+    q, _ = exported[0]["tiny-qwen3-moe"]
+    e = tmp_path / "mo"
+    export(q, e, ExportConfig(format="hf-modelopt"))
+    r = CheckpointReader(e)
+    assert json.loads((e / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A16_AWQ"
+    pqs = [n for n in r.names() if n.endswith(".pre_quant_scale")]
+    assert len(pqs) == len(json.loads((q / "moepress_quant.json").read_text())["modules"])
+    assert all(torch.equal(r.get(n), torch.ones_like(r.get(n))) for n in pqs[:5])
+    assert torch.equal(StreamedModel(r).forward([IDS])[0], StreamedModel(CheckpointReader(q)).forward([IDS])[0])

@@ -1,0 +1,256 @@
+"""NVFP4 and NVFP4-A16 (issue 17): what ``moepress quantize --format nvfp4`` writes is bit-identical to
+Model-Optimizer 0.47's NVFP4 quantizer (``NVFP4QTensor`` and its HF export functions, run on CPU), on
+every quantized linear of the bundled models; the compressed-tensors ``nvfp4-pack-quantized`` export is
+what that library decompresses to the same weights, and what transformers loads (in a process that
+never imports moepress)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import salient_inputs
+from moepress import models
+from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.formats import FORMATS, QuantContext
+from moepress.compress.quant import fp4, nvfp4
+from moepress.compress.quantize import QuantConfig, quantize_checkpoint, read_quant_layout
+from moepress.compress.stream import StreamedModel
+from moepress.errors import MoepressError
+from moepress.exporters import ExportConfig, export
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export.quant_utils import (
+        get_activation_scaling_factor,
+        get_quantization_format,
+        get_weight_scaling_factor,
+        get_weight_scaling_factor_2,
+        to_quantized_weight,
+    )
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+IDS = torch.randint(1, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _modelopt(w: torch.Tensor, group: list[torch.Tensor]):
+    """Model-Optimizer's NVFP4 of ``w`` whose fused group is ``group`` (one amax: preprocess_linear_fusion)."""
+    s2 = NVFP4QTensor.get_weights_scaling_factor_2(torch.cat([g.reshape(-1) for g in group]))
+    q, s, s2 = NVFP4QTensor.quantize(w, 16, weights_scaling_factor_2=s2)
+    return q._quantized_data, s, s2
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """nvfp4-a16 of every bundled model (no calibration), nvfp4 of tiny-qwen3-moe (small calibration)
+    and its hf-modelopt and compressed-tensors exports."""
+    base = tmp_path_factory.mktemp("nvfp4")
+    out = {}
+    for name in models.BUNDLED:
+        quantize_checkpoint(models.path(name), base / f"a16-{name}", QuantConfig(format="nvfp4-a16"))
+        out[("nvfp4-a16", name)] = base / f"a16-{name}"
+    q = base / "nvfp4-qwen"
+    quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(format="nvfp4", num_samples=2, seq_len=64))
+    out[("nvfp4", "tiny-qwen3-moe")] = q
+    for fmt in ("hf-modelopt", "compressed-tensors"):
+        export(q, base / fmt, ExportConfig(format=fmt))
+        out[fmt] = base / fmt
+    return out
+
+
+def test_e2m1_codes_and_nibbles_are_the_consumers():
+    """Rounding (ties to even, saturation, -0 for small negatives) equals modelopt's _cast_fp4; the byte
+    layout unpacks to the same values with compressed-tensors' unpack_fp4_from_uint8."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    x = torch.randn(24, 64, generator=torch.Generator().manual_seed(0)) * 4
+    x[0, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 7, -0.1, -0.25, -0.75, -5, -9, 0.0, 1e-9, 6])
+    codes = fp4.cast_e2m1(x)
+    assert torch.equal(codes, NVFP4QTensor._cast_fp4(x.clone()))
+    packed = fp4.pack(codes)
+    assert torch.equal(unpack_fp4_from_uint8(packed, 24, 64, torch.float32), fp4.unpack_values(packed))
+    assert torch.equal(fp4.unpack(packed), codes)
+
+
+@pytest.mark.parametrize("name", models.BUNDLED)
+def test_every_weight_identical_to_modelopt(quantized, name):
+    """Packed bytes, E4M3 block scales and weight_scale_2 of every quantized linear of the model equal
+    Model-Optimizer's NVFP4QTensor.quantize of the stored bf16 weight, fused groups sharing one amax."""
+    q = CheckpointReader(quantized[("nvfp4-a16", name)])
+    src = CheckpointReader(models.path(name))
+    lay = read_quant_layout(q.path)
+    group_of = {n: g for g in lay["shared"] for n in g}
+    assert lay["modules"] and any(len(g) > 1 for g in lay["shared"])
+    for m in lay["modules"]:
+        group = [src.get(n + ".weight") for n in group_of.get(m, [m])]
+        ref_q, ref_s, ref_s2 = _modelopt(src.get(m + ".weight"), group)
+        assert torch.equal(q.get(m + ".weight"), ref_q), m
+        assert torch.equal(q.get(m + ".weight_scale").view(torch.uint8), ref_s.view(torch.uint8)), m
+        assert torch.equal(q.get(m + ".weight_scale_2"), ref_s2.float().reshape(())), m
+
+
+@torch.no_grad()
+def test_modelopt_export_path_with_calibrated_input_scale():
+    """modelopt's own flow: mtq.quantize(NVFP4_DEFAULT_CFG) on calibration data, then its HF export
+    functions; our quantizer and input scale on the same weight and data give the same tensors.
+    An odd output width (33 rows) and an input width of 48 (16-blocks, not 32)."""
+    xs = [x[:, :48] for x in salient_inputs()]
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(48, 33, bias=False))
+    w = model[0].weight.detach().clone()
+    mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), lambda m: [m(x) for x in xs])
+    lin = model[0]
+    assert get_quantization_format(lin) == "nvfp4"
+    ws, ws2 = get_weight_scaling_factor(lin), get_weight_scaling_factor_2(lin)
+    ref_q = to_quantized_weight(lin.weight, ws, "nvfp4", ws2, 16)
+    f = FORMATS["nvfp4"]
+    t = f.quantize([w], QuantContext()).tensors[0]
+    assert t["weight"].shape == (33, 24) and torch.equal(t["weight"], ref_q)
+    assert torch.equal(t["weight_scale"].view(torch.uint8), ws.view(torch.uint8))
+    assert torch.equal(t["weight_scale_2"], ws2.float().reshape(()))
+    isc = f.input_scale(torch.cat(xs).abs().amax())
+    assert torch.equal(isc, get_activation_scaling_factor(lin).float().reshape(()))
+
+
+def test_width_not_a_multiple_of_16_stays_unquantized():
+    """vLLM's ModelOptNvFp4LinearMethod refuses in_features % 16 != 0: such a linear is skipped (bf16)."""
+    for name in ("nvfp4", "nvfp4-a16"):
+        out = FORMATS[name].quantize([torch.randn(32, 200)], QuantContext())
+        assert out.skipped is not None and "200" in out.skipped and not out.tensors
+    with pytest.raises(ValueError, match="200"):
+        nvfp4.quantize(torch.randn(32, 200))
+
+
+def test_activation_quantizer_is_the_two_level_weight_quantizer():
+    """The run-time input quantization (modelopt's fp4_fake_quant_block) equals the weight quantizer's
+    dequantized result when both use the same global scale, on blocks whose E4M3 scale is normal."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 256, generator=g) * torch.rand(64, 256 // 16, 1, generator=g).repeat(1, 1, 16).reshape(64, 256)
+    gs = nvfp4.global_scale(x.abs().amax())
+    q, s, s2 = nvfp4.quantize(x, gs)
+    assert s.float().min() > 2**-6  # normal E4M3: the two zero / underflow rules do not apply
+    assert torch.equal(nvfp4.fake_quant_input(x, gs), nvfp4.dequantize(q, s, s2))
+    xb = x.bfloat16()  # a bf16 input is quantized in float32 and returned in bf16
+    assert torch.equal(nvfp4.fake_quant_input(xb, gs), nvfp4.dequantize(*nvfp4.quantize(xb, gs)).bfloat16())
+
+
+def test_checkpoint_layout_and_shared_scales(quantized):
+    """Model-Optimizer's names and dtypes; gate/up share weight_scale_2; all experts of a layer share each
+    projection's input_scale (TensorRT-LLM's NVFP4 fused MoE takes their max); hf_quant_config says
+    NVFP4 / W4A16_NVFP4 with group_size 16."""
+    r = CheckpointReader(quantized[("nvfp4", "tiny-qwen3-moe")])
+    p = "model.layers.1.mlp.experts."
+    assert r.get(p + "0.gate_proj.weight").dtype == torch.uint8
+    assert tuple(r.info(p + "0.gate_proj.weight").shape) == (128, 64)
+    assert r.get(p + "0.gate_proj.weight_scale").dtype == torch.float8_e4m3fn
+    assert tuple(r.info(p + "0.gate_proj.weight_scale").shape) == (128, 8)
+    for e in range(16):
+        assert torch.equal(r.get(f"{p}{e}.gate_proj.weight_scale_2"), r.get(f"{p}{e}.up_proj.weight_scale_2"))
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert torch.equal(r.get(f"{p}{e}.{proj}.input_scale"), r.get(f"{p}0.{proj}.input_scale"))
+    assert not torch.equal(r.get(p + "0.down_proj.weight_scale_2"), r.get(p + "1.down_proj.weight_scale_2"))
+    hq = json.loads((quantized["hf-modelopt"] / "hf_quant_config.json").read_text())["quantization"]
+    assert hq["quant_algo"] == "NVFP4" and hq["group_size"] == 16
+    a16 = CheckpointReader(quantized[("nvfp4-a16", "tiny-qwen3-moe")])
+    assert not any(n.endswith(".input_scale") for n in a16.names())
+    assert json.loads((a16.path / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A16_NVFP4"
+
+
+def test_compressed_tensors_tensors_decompress_to_our_weights(quantized):
+    """nvfp4-pack-quantized: our bytes and E4M3 scales, the reciprocal global scales, and the library's
+    own decompressor (NVFP4PackedCompressor.decompress, bf16) gives our dequantized weights."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+    from safetensors.torch import load_file
+
+    ct = {}
+    for f in sorted(quantized["compressed-tensors"].glob("*.safetensors")):
+        ct.update(load_file(f))
+    cfg = json.loads((quantized["compressed-tensors"] / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "nvfp4-pack-quantized"
+    q = CheckpointReader(quantized[("nvfp4", "tiny-qwen3-moe")])
+    scheme = QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES["NVFP4"])
+    worst = 0.0
+    for m in read_quant_layout(q.path)["modules"]:
+        sd = {k: ct[f"{m}.{k}"] for k in ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")}
+        assert torch.equal(sd["weight_packed"], q.get(m + ".weight"))
+        assert torch.equal(sd["weight_global_scale"], 1 / q.get(m + ".weight_scale_2").reshape(1))
+        assert torch.equal(sd["input_global_scale"], 1 / q.get(m + ".input_scale").reshape(1))
+        ours = q.weight(m + ".weight", torch.float32)
+        got = NVFP4PackedCompressor.decompress(sd, scheme)["weight"].float()
+        worst = max(worst, ((got - ours).norm() / ours.norm()).item())
+    assert worst < 4e-3  # the library decompresses in bf16 (measured 1.5e-3)
+
+
+LOADER = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    d, ids_path, out_path = sys.argv[1:4]
+    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                             quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    with torch.no_grad():
+        logits = m(input_ids=torch.load(ids_path), use_cache=False).logits
+    assert not any(k.startswith("moepress") for k in sys.modules), "moepress was imported"
+    torch.save({"logits": logits, "state": m.state_dict()}, out_path)
+""")
+
+
+@pytest.fixture(scope="module")
+def loaded(quantized, tmp_path_factory):
+    """The compressed-tensors export loaded by transformers in a process without moepress."""
+    base = tmp_path_factory.mktemp("nvfp4-load")
+    torch.save(IDS, base / "ids.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    p = subprocess.run([sys.executable, "-c", LOADER, str(quantized["compressed-tensors"]), str(base / "ids.pt"),
+                        str(base / "out.pt")], cwd=base, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return torch.load(base / "out.pt")
+
+
+def test_transformers_loads_the_dense_linears(quantized, loaded):
+    """Attention weights as transformers loaded them: ours, to the library's bf16 decompression."""
+    q = CheckpointReader(quantized[("nvfp4", "tiny-qwen3-moe")])
+    for i in range(4):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            n = f"model.layers.{i}.self_attn.{proj}.weight"
+            ours = q.weight(n, torch.float32)
+            assert ((loaded["state"][n] - ours).norm() / ours.norm()).item() < 4e-3, n  # measured <= 1.5e-3
+
+
+def test_transformers_drops_the_experts_global_scale(quantized, loaded):
+    """transformers 5.24 decompresses per-expert tensors through a module holding only weight_packed,
+    weight_scale and weight_shape (integrations/compressed_tensors.py CompressedTensorsDequantize), so
+    NVFP4 experts load without weight_global_scale: exactly our weight / weight_scale_2. A transformers
+    that fixes this fails here; then compare its logits with ours (test below)."""
+    q = CheckpointReader(quantized[("nvfp4", "tiny-qwen3-moe")])
+    p = "model.layers.0.mlp.experts."
+    got = loaded["state"]["model.layers.0.mlp.experts.down_proj"][3]
+    ours = q.weight(p + "3.down_proj.weight", torch.float32) / q.get(p + "3.down_proj.weight_scale_2")
+    assert ((got - ours).norm() / ours.norm()).item() < 4e-3
+
+
+@pytest.mark.xfail(strict=True, reason="transformers 5.24 drops weight_global_scale of NVFP4 experts (test above)")
+def test_transformers_logits_match_our_weight_only_forward(quantized, loaded):
+    r = CheckpointReader(quantized[("nvfp4", "tiny-qwen3-moe")])
+    r._moepress_quant = None  # weights only: transformers' dequantized load runs no activation quantization
+    ours = StreamedModel(r).forward([IDS])[0]
+    assert ((loaded["logits"] - ours).norm() / ours.norm()).item() < 3e-3
+
+
+def test_exporters_without_fp4_refuse_in_one_line(quantized, tmp_path):
+    for fmt in ("trtllm-ckpt", "onnx", "hf-fp8-block"):
+        with pytest.raises(MoepressError, match="nvfp4|FP4"):
+            export(quantized[("nvfp4", "tiny-qwen3-moe")], tmp_path / fmt, ExportConfig(format=fmt))

@@ -1,0 +1,221 @@
+"""``moepress prune --method merge``: the dropped experts folded into the kept ones.
+
+- the CLI lists it; on a bundled model the output keeps one expert count, router rows and correction
+  bias are the kept experts' own rows, gate/up projections are stored bytes of the kept experts, the
+  down projections the refit rewrote differ, and transformers loads it with the stream's logits;
+- the fold does what it is for: on the calibration tokens, the merged model's loss is below the plain
+  REAP pruning of the same kept experts;
+- a block-FP8 (DeepSeek ``weight_scale_inv``) input stays block FP8: the rewritten down projections are
+  re-quantized by the fp8-block quantizer (the report says so), the others copied as stored;
+- an expert stored in a form no calibration-free registered format writes is refused in one line.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from moepress import models
+from moepress.calib.data import calibration_batches, eval_batches
+from moepress.calib.metrics import perplexity
+from moepress.compress.prune import PruneConfig, encode_like, prune_checkpoint
+from moepress.compress.quant import fp8
+from moepress.compress.stream import StreamedModel
+from moepress.compress.synthetic import write_synthetic
+from moepress.errors import MoepressError
+
+
+def _tensors(d):
+    if not (d / "model.safetensors.index.json").exists():
+        with safe_open(str(d / "model.safetensors"), "pt") as fh:
+            return {n: fh.get_tensor(n) for n in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    idx = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for name, f in idx.items():
+        with safe_open(str(d / f), "pt") as fh:
+            out[name] = fh.get_tensor(name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    """tiny-deepseek-v3 pruned 50% by merge (CLI) and by reap (API) on the same calibration tokens."""
+    from click.testing import CliRunner
+
+    from moepress.cli import cli
+
+    src = models.path("tiny-deepseek-v3")
+    base = tmp_path_factory.mktemp("merge")
+    r = CliRunner().invoke(cli, ["prune", "tiny-deepseek-v3", "--method", "merge", "--ratio", "0.5", "-o",
+                                 str(base / "merge"), "--num-samples", "8", "--seq-len", "64", "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    batches = calibration_batches(src, num_samples=8, seq_len=64)
+    prune_checkpoint(src, base / "reap", PruneConfig(method="reap", ratio=0.5, num_samples=8, seq_len=64),
+                     batches=batches)
+    return src, base / "merge", base / "reap", batches
+
+
+def test_cli_lists_merge(cli_run):
+    r = cli_run("prune", "--help")
+    assert "merge" in r.output
+
+
+def test_merge_keeps_router_rows_and_bias_of_kept_experts(deepseek):
+    src, out, _, _ = deepseek
+    report = json.loads((out / "prune_report.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["n_routed_experts"] == report["kept"] == 16
+    a, b = _tensors(src), _tensors(out)
+    rewritten = 0
+    for row in report["layers"]:
+        i, kept = row["layer"], [k["expert"] for k in row["kept"]]
+        p = f"model.layers.{i}.mlp."
+        assert torch.equal(b[p + "gate.weight"], a[p + "gate.weight"][kept])
+        assert torch.equal(b[p + "gate.e_score_correction_bias"], a[p + "gate.e_score_correction_bias"][kept])
+        assert row["merged"] and all(m["stored_as"] == "bfloat16" for m in row["merged"].values())
+        for j, e in enumerate(kept):
+            for lin in ("gate_proj", "up_proj"):
+                assert torch.equal(b[f"{p}experts.{j}.{lin}.weight"], a[f"{p}experts.{e}.{lin}.weight"])
+            same = torch.equal(b[f"{p}experts.{j}.down_proj.weight"], a[f"{p}experts.{e}.down_proj.weight"])
+            assert same == (str(e) not in row["merged"])
+            rewritten += not same
+        dropped = {d["expert"] for d in row["dropped"]}
+        assert dropped <= {m for v in row["merged"].values() for m in v["members"][1:]} | dropped
+    assert rewritten > 0
+
+
+def test_merged_checkpoint_loads_in_transformers(deepseek):
+    src, out, _, _ = deepseek
+    ids = torch.cat(eval_batches(src, seq_len=64, max_windows=2))
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    got = StreamedModel(str(out)).forward([ids])[0]
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_merge_fits_calibration_better_than_pruning_the_same_experts(deepseek):
+    src, merged, reaped, batches = deepseek
+    km = [[k["expert"] for k in r["kept"]] for r in json.loads((merged / "prune_report.json").read_text())["layers"]]
+    kr = [[k["expert"] for k in r["kept"]] for r in json.loads((reaped / "prune_report.json").read_text())["layers"]]
+    assert km == kr
+    pm = perplexity(StreamedModel(str(merged)).forward(batches), batches)
+    pr = perplexity(StreamedModel(str(reaped)).forward(batches), batches)
+    assert pm < pr, (pm, pr)
+
+
+DS_CFG = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 256,
+          "hidden_size": 160, "intermediate_size": 192, "moe_intermediate_size": 96, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "num_key_value_heads": 2, "n_routed_experts": 8, "n_shared_experts": 1,
+          "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1,
+          "routed_scaling_factor": 2.5, "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+          "q_lora_rank": None, "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16,
+          "v_head_dim": 16, "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+
+
+def test_block_fp8_input_stays_block_fp8(tmp_path):
+    src = write_synthetic(DS_CFG, tmp_path / "fp8", block_fp8=True)
+    out = tmp_path / "out"
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (4, 32), generator=g) for _ in range(2)]
+    prune_checkpoint(src, out, PruneConfig(method="merge", keep=4, num_samples=8, seq_len=32), batches=batches)
+    row = json.loads((out / "prune_report.json").read_text())["layers"][0]
+    assert row["merged"] and all(m["stored_as"] == "fp8-block" for m in row["merged"].values())
+    a, b = _tensors(src), _tensors(out)
+    kept = [k["expert"] for k in row["kept"]]
+    p = "model.layers.1.mlp.experts."
+    for j, e in enumerate(kept):
+        for lin in ("gate_proj", "up_proj", "down_proj"):
+            for suf in ("weight", "weight_scale_inv"):
+                assert b[f"{p}{j}.{lin}.{suf}"].dtype == a[f"{p}{e}.{lin}.{suf}"].dtype
+                assert b[f"{p}{j}.{lin}.{suf}"].shape == a[f"{p}{e}.{lin}.{suf}"].shape
+        u8 = torch.uint8
+        assert torch.equal(b[f"{p}{j}.gate_proj.weight"].view(u8), a[f"{p}{e}.gate_proj.weight"].view(u8))
+        if str(e) in row["merged"]:  # rewritten: its FP8 bytes are the fp8-block quantizer's of some float weight
+            q, s = b[f"{p}{j}.down_proj.weight"], b[f"{p}{j}.down_proj.weight_scale_inv"]
+            assert not torch.equal(q.view(u8), a[f"{p}{e}.down_proj.weight"].view(u8))
+            w = fp8.dequantize_block(q, s)
+            q2, s2 = fp8.quantize_block(w)
+            assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2, s)
+    logits = StreamedModel(str(out)).forward(batches[:1])[0]
+    assert torch.isfinite(logits).all()
+
+
+class _Stub:
+    """A reader holding one expert linear as int8 values + a scale, a layout no registered format declares."""
+
+    path, config, _moepress_quant = "stub", {}, None
+
+    def __init__(self):
+        self.t = {"e.weight": torch.zeros(4, 16, dtype=torch.int8), "e.weight_scale": torch.ones(4, 1)}
+
+    def __contains__(self, n):
+        return n in self.t
+
+    def get(self, n):
+        return self.t[n]
+
+    def get_dtype(self, n):
+        return self.t[n].dtype
+
+
+def test_unwritable_expert_format_is_refused_in_one_line():
+    r = _Stub()
+    with pytest.raises(MoepressError) as e:
+        encode_like(r, "e", torch.zeros(4, 16), list(r.t))
+    assert "\n" not in str(e.value) and "weight_scale" in str(e.value) and "--method merge" in str(e.value)
+
+
+def test_ct_int4_encoding_equals_compressed_tensors():
+    """The merged expert's pack-quantized bytes are compressed-tensors' own: scales by its minmax
+    ``calculate_qparams``, values by its ``quantize``, words by its ``pack_to_int32`` (group 32, bf16
+    scales as Kimi ships; 96 in-features: three groups, not a multiple of 128)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    from moepress.compress.prune.merge import encode_ct_int4
+
+    out_f, in_f, group = 24, 96, 32
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+
+    class R:
+        path = "stub"
+        t = {"e.weight_packed": torch.zeros(out_f, in_f // 8, dtype=torch.int32),
+             "e.weight_scale": torch.zeros(out_f, in_f // group, dtype=torch.bfloat16),
+             "e.weight_shape": torch.tensor([out_f, in_f])}
+
+        def get(self, n):
+            return self.t[n]
+
+    got = encode_ct_int4(R(), "e", w.float(), sorted(R.t))
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group)
+    wg = w.view(out_f, in_f // group, group)
+    scale, zp = calculate_qparams(wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0), args)
+    q = quantize(w, scale, zp, args, dtype=torch.int8)
+    assert torch.equal(got["e.weight_scale"], scale)
+    assert torch.equal(got["e.weight_packed"], pack_to_int32(q, 4))
+
+
+def test_ct_int4_input_stays_pack_quantized(tmp_path):
+    src = models.path("tiny-kimi-k2-int4")
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 200, (4, 32), generator=g) for _ in range(2)]
+    out = tmp_path / "kimi"
+    prune_checkpoint(src, out, PruneConfig(method="merge", ratio=0.5, num_samples=8, seq_len=32), batches=batches)
+    row = json.loads((out / "prune_report.json").read_text())["layers"][0]
+    assert row["merged"] and all("pack-quantized" in m["stored_as"] for m in row["merged"].values())
+    a, b = _tensors(src), _tensors(out)
+    p = f"model.layers.{row['layer']}.mlp.experts."
+    for j, e in enumerate(k["expert"] for k in row["kept"]):
+        for lin in ("gate_proj", "up_proj", "down_proj"):
+            for suf in ("weight_packed", "weight_scale", "weight_shape"):
+                x, y = a[f"{p}{e}.{lin}.{suf}"], b[f"{p}{j}.{lin}.{suf}"]
+                assert x.dtype == y.dtype and x.shape == y.shape
+                if lin != "down_proj" or str(e) not in row["merged"]:
+                    assert torch.equal(x, y)
+    assert torch.isfinite(StreamedModel(str(out)).forward(batches[:1])[0]).all()
