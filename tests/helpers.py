@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import textwrap
 from pathlib import Path
 
 import torch
@@ -56,3 +57,19 @@ def salient_inputs(n_batches: int = 4, tokens: int = 128, d: int = 256, seed: in
     ch = torch.ones(d)
     ch[torch.randperm(d, generator=g)[:8]] = 20.0
     return [torch.randn(tokens, d, generator=g) * ch for _ in range(n_batches)]
+
+
+# A compressed-tensors checkpoint loaded by transformers in a process that never imports moepress:
+# argv = checkpoint dir, ids .pt, output .pt ({"logits", "state"}).
+CT_LOADER = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    d, ids_path, out_path = sys.argv[1:4]
+    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                             quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    with torch.no_grad():
+        logits = m(input_ids=torch.load(ids_path), use_cache=False).logits
+    assert not any(k.startswith("moepress") for k in sys.modules), "moepress was imported"
+    torch.save({"logits": logits, "state": m.state_dict()}, out_path)
+""")

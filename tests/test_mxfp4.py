@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
+from helpers import CT_LOADER
 from moepress import models
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.formats import FORMATS, QuantContext
@@ -77,25 +77,13 @@ def test_e8m0_and_odd_shapes():
         assert out.skipped is not None and str(width) in out.skipped
 
 
-LOADER = textwrap.dedent("""
-    import sys, torch
-    torch.set_num_threads(1)
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-    d, ids_path, out_path = sys.argv[1:4]
-    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
-                                             quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
-    with torch.no_grad():
-        logits = m(input_ids=torch.load(ids_path), use_cache=False).logits
-    assert not any(k.startswith("moepress") for k in sys.modules), "moepress was imported"
-    torch.save({"logits": logits, "state": m.state_dict()}, out_path)
-""")
 
 
 def test_transformers_loads_the_compressed_tensors_export(quantized, tmp_path):
     torch.save(IDS, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
-    p = subprocess.run([sys.executable, "-c", LOADER, str(quantized["ct"]), str(tmp_path / "ids.pt"),
+    p = subprocess.run([sys.executable, "-c", CT_LOADER, str(quantized["ct"]), str(tmp_path / "ids.pt"),
                         str(tmp_path / "out.pt")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")

@@ -11,14 +11,13 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import salient_inputs
+from helpers import CT_LOADER, salient_inputs
 from moepress import models
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.formats import FORMATS, QuantContext
@@ -193,18 +192,6 @@ def test_compressed_tensors_tensors_decompress_to_our_weights(quantized):
     assert worst < 4e-3  # the library decompresses in bf16 (measured 1.5e-3)
 
 
-LOADER = textwrap.dedent("""
-    import sys, torch
-    torch.set_num_threads(1)
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-    d, ids_path, out_path = sys.argv[1:4]
-    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
-                                             quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
-    with torch.no_grad():
-        logits = m(input_ids=torch.load(ids_path), use_cache=False).logits
-    assert not any(k.startswith("moepress") for k in sys.modules), "moepress was imported"
-    torch.save({"logits": logits, "state": m.state_dict()}, out_path)
-""")
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +201,7 @@ def loaded(quantized, tmp_path_factory):
     torch.save(IDS, base / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
-    p = subprocess.run([sys.executable, "-c", LOADER, str(quantized["compressed-tensors"]), str(base / "ids.pt"),
+    p = subprocess.run([sys.executable, "-c", CT_LOADER, str(quantized["compressed-tensors"]), str(base / "ids.pt"),
                         str(base / "out.pt")], cwd=base, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return torch.load(base / "out.pt")
