@@ -68,14 +68,16 @@ def score_plans(head: tuple[nn.Module, torch.Tensor], ref: list[torch.Tensor], p
             into.ref_nll -= float(lr[:-1].gather(-1, tgt[:, None]).sum())
             into.predicted, into.positions = into.predicted + tgt.numel(), into.positions + ids.shape[1]
             into.samples += 1
+            # keyed by the batch tensor a plan holds (alive in ``plans``, so its id is unique); the
+            # temporary view hs[j][r] cannot be the key: a freed view's id is reused by the next one
             done: dict[int, tuple[float, float]] = {}
             for n, hs in plans.items():
-                h = hs[j][r]
-                if id(h) not in done:
-                    lc = F.log_softmax(F.linear(norm(h), w).float(), dim=-1)
-                    done[id(h)] = (float((pr * (lr - lc)).sum(-1).clamp(min=0.0).sum()),
-                                   -float(lc[:-1].gather(-1, tgt[:, None]).sum()))
-                kl, nll = done[id(h)]
+                key = id(hs[j])
+                if key not in done:
+                    lc = F.log_softmax(F.linear(norm(hs[j][r]), w).float(), dim=-1)
+                    done[key] = (float((pr * (lr - lc)).sum(-1).clamp(min=0.0).sum()),
+                                 -float(lc[:-1].gather(-1, tgt[:, None]).sum()))
+                kl, nll = done[key]
                 into.nll[n] = into.nll.get(n, 0.0) + nll
                 into.kl.setdefault(n, []).append(kl)
     return into
