@@ -66,14 +66,7 @@ VLLM_CT = {
 # SGLang 0.5.23: python/sglang/srt/layers/quantization/compressed_tensors/compressed_tensors.py
 # ``_get_scheme_from_parts`` (_is_wNa16_group_channel, _is_fp8_w8a8, _is_fp8_w8a16, _is_fp4a4_nvfp4,
 # _is_fp4a16_nvfp4); MXFP4 only for fused MoE layers (_is_mxfp4_moe), not the dense ones.
-SGLANG_CT = {
-    ("pack-quantized", "int4/group", None), ("pack-quantized", "int4/channel", None),
-    ("float-quantized", "float8/tensor", "static/tensor"), ("float-quantized", "float8/channel", "dynamic/token"),
-    ("float-quantized", "float8/block", "dynamic/group"), ("float-quantized", "float8/tensor", None),
-    ("float-quantized", "float8/channel", None),
-    ("nvfp4-pack-quantized", "float4/tensor_group", "dynamic/tensor_group"),
-    ("nvfp4-pack-quantized", "float4/tensor_group", None),
-}
+SGLANG_CT = VLLM_CT - {("mxfp4-pack-quantized", "float4/group", None)}
 
 # NVIDIA/TensorRT-LLM main (read 2026-11): tensorrt_llm/_torch/models/checkpoints/hf/compressed_tensors.py
 # maps only compressed-tensors NVFP4 (weight_packed / weight_global_scale / input_global_scale) onto

@@ -72,24 +72,32 @@ def quantize(ws: list[torch.Tensor], ctx: QuantContext, *, use_awq: bool, use_gp
     # H is this call's own (_hessian): factorised in its memory
     by_gptq = (gptq.gptq_quantize_shared(wqs, H, group, ctx.gptq_damp, ctx.gptq_act_order, overwrite=True)
                if H is not None else None)
-    tensors = []
+    rounded = []
     for k, wq in enumerate(wqs):
         if by_gptq is not None:
-            q, s = by_gptq[k]
+            rounded.append(by_gptq[k])
         elif clip_x is not None:
             s = awq.clip_scales(wq, clip_x, group)
-            q = int4.quantize_with_scales(wq, s)
+            rounded.append((int4.quantize_with_scales(wq, s), s))
         else:
-            q, s = int4.quantize(wq, group)
+            rounded.append(int4.quantize(wq, group))
+    return Quantized(stored(ws, rounded, pqs, with_scale_2), pqs, alpha, group)
+
+
+def stored(ws: list[torch.Tensor], rounded, pqs: torch.Tensor | None, with_scale_2: bool) -> list[dict]:
+    """The tensors a group's linears store: packed INT4 + group scales per linear, the shared AWQ
+    ``pre_quant_scale``, and W4A8's one ``weight_scale_2`` for the fused group (w4a8.py)."""
+    tensors = []
+    for q, s in rounded:
         t = {"weight": int4.pack_int4(q), "weight_scale": s}
         if pqs is not None:
             t["pre_quant_scale"] = pqs
         tensors.append(t)
-    if with_scale_2:  # one weight_scale_2 for the fused group (w4a8.py)
+    if with_scale_2:
         s2 = w4a8.weight_scale_2(ws, pqs)
         for t in tensors:
             t["weight_scale_2"] = s2
-    return Quantized(tensors, pqs, alpha, group)
+    return tensors
 
 
 def decode(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

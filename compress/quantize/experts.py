@@ -22,7 +22,7 @@ from moepress.calib import distributed as dist
 from moepress.compress import formats
 from moepress.compress.formats import _int4
 from moepress.compress.formats.base import Quantized
-from moepress.compress.quant import batched, gptq, int4, w4a8
+from moepress.compress.quant import batched, gptq, int4
 from moepress.compress.quantize.config import QuantConfig
 from moepress.compress.quantize.group import LayerResult, quant_context, quantize_group
 
@@ -162,17 +162,7 @@ def int4_batch(groups: list[_Group], cfg: QuantConfig, *, use_awq: bool, use_gpt
     rounded = _gptq_batch(groups, wqs, pqs, ctx, group)
     outs = []
     for g, p, a, qs in zip(groups, pqs, alphas, rounded, strict=True):
-        tensors = []
-        for q, s in qs:
-            t = {"weight": int4.pack_int4(q), "weight_scale": s}
-            if p is not None:
-                t["pre_quant_scale"] = p
-            tensors.append(t)
-        if with_scale_2:  # one weight_scale_2 for the fused group (w4a8.py)
-            s2 = w4a8.weight_scale_2(g.ws, p)
-            for t in tensors:
-                t["weight_scale_2"] = s2
-        outs.append(Quantized(tensors, p, a, group))
+        outs.append(Quantized(_int4.stored(g.ws, qs, p, with_scale_2), p, a, group))
     return outs
 
 
