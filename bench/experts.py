@@ -14,14 +14,19 @@ are bit-identical.
 an 18432-wide input (Kimi K2's dense down_proj: [7168, 18432]) from its accumulated statistics, in a
 child process; prints the child's peak RSS (kernel high-water mark) above its RSS before the
 statistics, next to the stored Kimi K2 layer 0 that holds the linear (bf16, and block-FP8 as shipped).
-``--legacy`` runs the code before this change (git HEAD's gptq.py, float64 statistics) for comparison.
+The base is the child's RSS with the stored bf16 weight and the calibration inputs made; the peak
+covers the statistics (their float32 sum becomes the Hessian in its own memory), the factor and the
+rounding. ``--weights stored,float32`` also hands the quantizer a float32 copy (both must print the
+same sha256); ``--code DIR`` measures another tree (e.g. a ``git archive`` of HEAD laid out as the
+``moepress`` package) for an A/B of memory and bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -106,60 +111,54 @@ def memory_child(a) -> None:
 
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(a.out, a.width, generator=g) * 0.02).to(torch.bfloat16)  # the stored weight
-    base = _rss_now()
+    xs = torch.randn(a.tokens, a.width, generator=g).split(256)  # the calibration inputs
+    base = _reset_peak()
     t0 = time.monotonic()
-    if a.legacy:  # git HEAD: float64 statistics (S + xtx copies), gptq.py before this change
-        import importlib.util
-
-        src = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:compress/quant/gptq.py"], capture_output=True,
-                             text=True, check=True).stdout
-        path = Path("/tmp/moepress-bench-gptq-head.py")
-        path.write_text(src)
-        spec = importlib.util.spec_from_file_location("gptq_head", path)
-        old = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(old)
-        S, n = None, 0
-        for x in torch.randn(a.tokens, a.width, generator=g).split(256):
-            xd = x.double()
-            S = xd.T @ xd if S is None else S + xd.T @ xd
-            n += x.shape[0]
-        H = 2.0 * S / n
-        wf = w.float()
-        old.gptq_quantize_shared([wf], H, 128, 0.01, True)
-    else:
-        st = LinearStats(hessian=True)
-        for x in torch.randn(a.tokens, a.width, generator=g).split(256):
-            st.add(x)
-        fmt = next(n for n, f in formats.FORMATS.items() if f.gptq and f.quantize is not None)
-        formats.FORMATS[fmt].quantize([w.float()], quant_context(QuantConfig(format=fmt), st))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"base": base, "peak": peak, "seconds": time.monotonic() - t0}))
+    st = LinearStats(hessian=True)
+    for x in xs:
+        st.add(x)
+    st.single_use = True  # as the stage's groups of one format (compress/quantize/calibrated.py)
+    fmt = next(n for n, f in formats.FORMATS.items() if f.gptq and f.quantize is not None)
+    out = formats.FORMATS[fmt].quantize([w if a.stored else w.float()], quant_context(QuantConfig(format=fmt), st))
+    peak = _status("VmHWM")
+    digest = hashlib.sha256(b"".join(t.contiguous().view(torch.uint8).numpy().tobytes()
+                                     for t in out.tensors[0].values())).hexdigest()
+    print(json.dumps({"base": base, "peak": peak, "seconds": time.monotonic() - t0, "sha256": digest}))
 
 
-def _rss_now() -> int:
+def _status(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _reset_peak() -> int:
+    """The kernel's high-water mark reset to the RSS now (tests/memprobe.py); returns that RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status("VmRSS")
 
 
 def memory(a) -> None:
     layer = _stored_layer0()
     print(f"Kimi K2 layer 0: {layer['params'] / 1e6:.0f} M parameters, stored {layer['bf16'] / 1e9:.2f} GB bf16, "
           f"{layer['block_fp8'] / 1e9:.2f} GB block-FP8")
-    print("| code | input width | weight | tokens | GPTQ peak above base (GB) | x stored layer (bf16) | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    for legacy in ([False, True] if a.legacy else [False]):
+    print("| weight handed to the quantizer | input width | weight | tokens | peak above base (GB) "
+          "| x stored layer (bf16) | seconds | sha256 of the stored tensors |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind in a.weights.split(","):
         cmd = [sys.executable, __file__, "memory-child", "--width", str(a.width), "--out", str(a.out),
-               "--tokens", str(a.tokens), "--threads", str(a.threads), *(["--legacy"] if legacy else [])]
-        p = subprocess.run(cmd, capture_output=True, text=True)
+               "--tokens", str(a.tokens), "--threads", str(a.threads), *(["--stored"] if kind == "stored" else [])]
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **({"PYTHONPATH": a.code}
+                                                                                    if a.code else {})})
         if p.returncode:
-            print(f"| {'HEAD' if legacy else 'this'} | failed: {p.stderr.strip().splitlines()[-1:]} |")
+            print(f"| {kind} | failed: {p.stderr.strip().splitlines()[-1:]} |")
             continue
         r = json.loads(p.stdout.strip().splitlines()[-1])
         extra = r["peak"] - r["base"]
-        print(f"| {'before (HEAD)' if legacy else 'now'} | {a.width} | [{a.out}, {a.width}] | {a.tokens} "
-              f"| {extra / 1e9:.2f} | {extra / layer['bf16']:.2f} | {r['seconds']:.0f} |", flush=True)
+        label = {"stored": "stored bf16", "float32": "float32 copy"}[kind]
+        print(f"| {label} | {a.width} | [{a.out}, {a.width}] | {a.tokens} | {extra / 1e9:.2f} "
+              f"| {extra / layer['bf16']:.2f} | {r['seconds']:.0f} | {r['sha256'][:16]} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -173,7 +172,10 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="int4-gptq,int4-awq")
     ap.add_argument("--width", type=int, default=18432)
     ap.add_argument("--out", type=int, default=7168)
-    ap.add_argument("--legacy", action="store_true", help="memory: also run git HEAD's GPTQ (float64, copies)")
+    ap.add_argument("--weights", default="stored", help="memory: stored (the bf16 weight as stored), float32 "
+                    "(a float32 copy, as compress/quantize/group.py FloatWeights hands it), or both: stored,float32")
+    ap.add_argument("--stored", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--code", default=None, help="memory: PYTHONPATH of another moepress tree to measure (A/B)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)

@@ -406,6 +406,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--format", default=None)
     ap.add_argument("--seed", type=int, default=0, help="calibration seed (both sides)")
+    ap.add_argument("--seeds", default=None, help="calibration seeds, comma-separated (overrides --seed)")
+    ap.add_argument("--json", default=None, help="also write every cell's results to this file")
     ap.add_argument("--set", default="", help="worker: NAME=VALUE,... constants of moepress.compress.quantize.config")
     ap.add_argument("--tmp", default=None)
     a = ap.parse_args(argv)
@@ -424,41 +426,48 @@ def main(argv=None) -> int:
           "its forward | modelopt fake-quant ppl | s ours | s modelopt | peak RSS MB ours | peak RSS MB modelopt | "
           "modelopt quantizers: enabled / on experts | modelopt algo changed expert weights |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    wins = {"ppl": 0, "ppl_own": 0, "rss": 0, "n": 0}
-    for model in a.models.split(","):
-        base = run_one("baseline", model, None, a, a.seed)["none"]
-        print(f"| {model} | bf16 (baseline) | {base.get('ppl', float('nan')):.3f} | | | | | | | | | "
-              f"{base.get('rss_mb', 0):.0f} | | | |", flush=True)
-        for fmt in a.formats.split(","):
-            ours = run_one("ours", model, fmt, a, a.seed, a.set)[fmt]
-            ref = (run_one("modelopt", model, fmt, a, a.seed)[fmt] if MODELOPT_CFG.get(fmt)
-                   else {"error": "no modelopt config"})
+    wins = {"ppl": 0, "ppl_own": 0, "rss": 0, "n": 0, "n_own": 0}
+    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else [a.seed]
+    cells = []
+    for model, seed, fmt in ((m, s, f) for m in a.models.split(",") for s in [None, *seeds]
+                             for f in (a.formats.split(",") if s is not None else [None])):
+        if seed is None:  # the baseline needs no calibration
+            base = run_one("baseline", model, None, a, a.seed)["none"]
+            print(f"| {model} | bf16 (baseline) | {base.get('ppl', float('nan')):.3f} | | | | | | | | | "
+                  f"{base.get('rss_mb', 0):.0f} | | | |", flush=True)
+            continue
+        label = model if len(seeds) == 1 else f"{model} (seed {seed})"
+        ours = run_one("ours", model, fmt, a, seed, a.set)[fmt]
+        ref = (run_one("modelopt", model, fmt, a, seed)[fmt] if MODELOPT_CFG.get(fmt)
+               else {"error": "no modelopt config"})
+        cells.append({"model": model, "seed": seed, "format": fmt, "baseline": base, "ours": ours, "modelopt": ref})
 
-            def f(d, k, spec):
-                return format(d[k], spec) if k in d else d.get("error", "-")
+        def f(d, k, spec):
+            return format(d[k], spec) if k in d else d.get("error", "-")
 
-            def rel(d, k="ppl", base=base):
-                return f"{(d[k] / base['ppl'] - 1) * 100:+.2f}%" if k in d and "ppl" in base else "-"
+        def rel(d, k="ppl", base=base):
+            return f"{(d[k] / base['ppl'] - 1) * 100:+.2f}%" if k in d and "ppl" in base else "-"
 
-            if "ppl" in ours and "ppl_same_forward" in ref:
-                wins["n"] += 1
-                wins["ppl"] += ours["ppl"] <= ref["ppl_same_forward"]
-                wins["ppl_own"] += "ppl" in ref and round(ours["ppl"], 3) <= round(ref["ppl"], 3)
-                wins["rss"] += ours["rss_mb"] < ref["rss_mb"]
-            algo = ref.get("experts_touched", "-") if fmt in ("int4-awq", "int4-gptq", "w4a8-awq") else "n/a"
-            diff = "-"
-            if "ppl" in ours and "ppl_same_forward" in ref:
-                d = ours["ppl"] - ref["ppl_same_forward"]
-                diff = "0 (equal)" if d == 0 else f"{d:+.5f}"
-            print(f"| {model} | {fmt} | {f(ours, 'ppl', '.3f')} | {f(ref, 'ppl_same_forward', '.3f')} | {diff} | "
-                  f"{rel(ours)} | {rel(ref, 'ppl_same_forward')} | {f(ref, 'ppl', '.3f')} | "
-                  f"{f(ref, 'ppl_fake_quant', '.3f')} | "
-                  f"{f(ours, 'seconds', '.1f')} | {f(ref, 'seconds', '.1f')} | "
-                  f"{f(ours, 'rss_mb', '.0f')} | {f(ref, 'rss_mb', '.0f')} | {ref.get('quantizers', '-')} / "
-                  f"{ref.get('expert_quantizers', '-')} | {algo} |", flush=True)
+        if "ppl" in ours and "ppl_same_forward" in ref:
+            wins["n"] += 1
+            wins["ppl"] += ours["ppl"] <= ref["ppl_same_forward"]
+            wins["ppl_own"] += "ppl" in ref and round(ours["ppl"], 3) <= round(ref["ppl"], 3)
+            wins["n_own"] += "ppl" in ref  # none for NVFP4 / MXFP4 on CPU (its fake quant is CUDA-only)
+            wins["rss"] += ours["rss_mb"] < ref["rss_mb"]
+        algo = ref.get("experts_touched", "-") if fmt in ("int4-awq", "int4-gptq", "w4a8-awq") else "n/a"
+        diff = "-"
+        if "ppl" in ours and "ppl_same_forward" in ref:
+            d = ours["ppl"] - ref["ppl_same_forward"]
+            diff = "0 (equal)" if d == 0 else f"{d:+.5f}"
+        print(f"| {label} | {fmt} | {f(ours, 'ppl', '.3f')} | {f(ref, 'ppl_same_forward', '.3f')} | {diff} | "
+              f"{rel(ours)} | {rel(ref, 'ppl_same_forward')} | {f(ref, 'ppl', '.3f')} | "
+              f"{f(ref, 'ppl_fake_quant', '.3f')} | "
+              f"{f(ours, 'seconds', '.1f')} | {f(ref, 'seconds', '.1f')} | "
+              f"{f(ours, 'rss_mb', '.0f')} | {f(ref, 'rss_mb', '.0f')} | {ref.get('quantizers', '-')} / "
+              f"{ref.get('expert_quantizers', '-')} | {algo} |", flush=True)
     print(f"\nours <= modelopt (same forward, full precision) in perplexity in {wins['ppl']}/{wins['n']} cells "
           f"(against modelopt as deployed in its own forward, at the table's 3 decimals: "
-          f"{wins['ppl_own']}/{wins['n']}); "
+          f"{wins['ppl_own']}/{wins['n_own']}); "
           f"lower peak RSS in {wins['rss']}/{wins['n']}.")
     print("Notes: peak RSS is each run's own ru_maxrss (one process per cell, including the held-out "
           "evaluation); modelopt's includes the whole fp32 model, ours one streamed layer. Times are wall "
@@ -475,6 +484,8 @@ def main(argv=None) -> int:
           "one input quantizer per projection, but its AWQ / GPTQ only run on nn.Linear modules: the experts "
           "column shows whether they changed any fused expert weight (0/N: the experts are plain "
           "round-to-nearest INT4 in modelopt's result).")
+    if a.json:
+        Path(a.json).write_text(json.dumps(cells))
     return 0
 
 

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,36 +103,57 @@ def largest_layer_bytes(model: Path) -> int:
     return max(per.values()) if per else 0
 
 
-def core_scaling(model: Path, out: Path, cores: list[int], floor: float, files: list[Path]) -> list[tuple]:
-    """fp8-block on the first n allowed cores for each n in ``cores``: rows (name, seconds, x floor,
-    peak RSS MB, status). Seconds are the stage's own (its ``--json`` result: the interpreter's
-    start and imports excluded, which on a loaded machine would swamp the difference); the status
-    gives the speed-up over the first core count."""
+def core_scaling(model: Path, out: Path, cores: list[int], floor: float, files: list[Path],
+                 repeat: int = 1) -> list[tuple]:
+    """fp8-block on the first n allowed cores for each n in ``cores``, ``repeat`` rounds over the core
+    counts (interleaved, so a shared machine's load drifts over all of them alike; the median counts,
+    the spread shows the noise): rows (name, seconds, x floor, peak RSS MB, status). Seconds are the
+    stage's own (its ``--json`` result: the interpreter's start and imports excluded, which on a
+    loaded machine would swamp the difference); the status gives the speed-up over the first core count."""
     allowed = sorted(os.sched_getaffinity(0))
+    runs: dict[int, list[tuple[float, float]]] = {n: [] for n in cores if n <= len(allowed)}
+    errors: dict[int, str] = {}
+    for _ in range(repeat):
+        for n in runs:
+            if n not in errors:
+                res = _pinned_fp8_block(model, out, set(allowed[:n]), files)
+                if isinstance(res, str):
+                    errors[n] = res
+                else:
+                    runs[n].append((res["seconds"], res["memory"]["host_rss_peak_bytes"] / 1e6))
     rows, first = [], None
     for n in cores:
-        if n > len(allowed):
+        if n not in runs:
             rows.append((f"fp8-block on {n} cores", None, None, None, f"only {len(allowed)} cores here"))
             continue
-        cpus = set(allowed[:n])
-        env = {**os.environ, "OMP_NUM_THREADS": str(n)}
-        drop_cache(files)
-        p = subprocess.run([sys.executable, "-m", "moepress", "quantize", str(model), "--format", "fp8-block",
-                            "--device", "cpu", "-o", str(out), "--force", "--quiet", "--json"],
-                           env=env, capture_output=True, text=True,
-                           preexec_fn=lambda c=cpus: os.sched_setaffinity(0, c))  # what taskset -c sets
-        shutil.rmtree(out, ignore_errors=True)
-        taskset = ",".join(str(c) for c in sorted(cpus)) if n <= 4 else f"{min(cpus)}-{max(cpus)}"
-        if p.returncode != 0:
-            rows.append((f"fp8-block, taskset -c {taskset}", None, None, None,
-                         f"exit {p.returncode}: {p.stderr.strip()[-200:]}"))
+        cpus = allowed[:n]
+        name = f"fp8-block, taskset -c {','.join(map(str, cpus)) if n <= 4 else f'{cpus[0]}-{cpus[-1]}'}"
+        if n in errors:
+            rows.append((name, None, None, None, errors[n]))
             continue
-        res = json.loads(p.stdout.strip().splitlines()[-1])
-        secs, rss = res["seconds"], res["memory"]["host_rss_peak_bytes"] / 1e6
+        secs, rss = statistics.median(r[0] for r in runs[n]), max(r[1] for r in runs[n])
         first = first or (n, secs)
-        status = "ok" if n == first[0] else f"ok; {first[1] / secs:.2f}x {first[0]} core(s) (target 2 vs 1: >= 1.8x)"
-        rows.append((f"fp8-block, taskset -c {taskset} (stage seconds)", secs, secs / floor, rss, status))
+        spread = (f"median of {len(runs[n])} ({min(r[0] for r in runs[n]):.2f}-{max(r[0] for r in runs[n]):.2f} s); "
+                  if len(runs[n]) > 1 else "")
+        status = spread + ("ok" if n == first[0] else
+                           f"ok; {first[1] / secs:.2f}x {first[0]} core(s) (target 2 vs 1: >= 1.8x)")
+        rows.append((f"{name} (stage seconds)", secs, secs / floor, rss, status))
     return rows
+
+
+def _pinned_fp8_block(model: Path, out: Path, cpus: set[int], files: list[Path]) -> dict | str:
+    """One fp8-block run on ``cpus`` (what ``taskset -c`` sets, OMP_NUM_THREADS to match), the page
+    cache dropped first: its ``--json`` result, or the error."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(len(cpus))}
+    drop_cache(files)
+    p = subprocess.run([sys.executable, "-m", "moepress", "quantize", str(model), "--format", "fp8-block",
+                        "--device", "cpu", "-o", str(out), "--force", "--quiet", "--json"],
+                       env=env, capture_output=True, text=True,
+                       preexec_fn=lambda c=cpus: os.sched_setaffinity(0, c))
+    shutil.rmtree(out, ignore_errors=True)
+    if p.returncode != 0:
+        return f"exit {p.returncode}: {p.stderr.strip()[-200:]}"
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -143,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--cores", default="1,2", help="Core counts for the fp8-block scaling rows ('' for none); "
                     "e.g. 1,2,16 on a 16-core machine.")
+    ap.add_argument("--repeat", type=int, default=3, help="Rounds over the core counts in the scaling rows "
+                    "(the median counts).")
     ap.add_argument("--workdir", type=Path, default=None, help="Where outputs go (default: next to MODEL).")
     ap.add_argument("--peer-python", default=sys.executable,
                     help="Python with llmcompressor installed (it pins other transformers / compressed-tensors "
@@ -160,7 +184,8 @@ def main(argv=None) -> int:
         rows.append(("raw read, page cache (cat)", buffered, buffered / floor, None, "ok"))
         rows.append(("raw read, O_DIRECT", direct, direct / floor if direct else None, None,
                      "ok" if direct else "O_DIRECT refused here"))
-        rows += core_scaling(a.model, work / "scaling", [int(c) for c in a.cores.split(",") if c], floor, files)
+        rows += core_scaling(a.model, work / "scaling", [int(c) for c in a.cores.split(",") if c], floor, files,
+                             a.repeat)
         exe = [sys.executable, "-m", "moepress"]
         for mode in [m for m in a.modes.split(",") if m]:
             out = work / mode

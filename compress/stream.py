@@ -19,6 +19,7 @@ from torch import nn
 
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import CheckpointReader, LayerView
+from moepress.compress.checkpoint.buffers import BufferPool
 from moepress.compress.formats import fake_quant
 from moepress.compress.moe import DecoderLayer
 from moepress.device import Uploader
@@ -60,25 +61,26 @@ def bound_heap() -> None:
         pass
 
 
-def read_ahead_budget(reader: CheckpointReader) -> int:
-    """How far to read ahead: a quarter of the largest stored layer, 16-256 MB (enough to keep
-    the disk busy while a layer computes; small against the layer that is in memory anyway)."""
+def read_ahead_budget(reader: CheckpointReader, share: int = 4, floor: int = 16 << 20) -> int:
+    """How far to read ahead: 1/``share`` of the largest stored layer, ``floor``-256 MB (keeps the disk
+    busy while a layer computes). ``floor=0`` (a stage bound to stored layers): the share, however small."""
     largest = max((sum(reader.info(n).nbytes for n in reader.layer_names(i)) for i in reader.layer_indices()),
                   default=0)
-    return int(min(max(largest // 4, 16 << 20), READ_AHEAD_BYTES))
+    return int(min(max(largest // share, floor), READ_AHEAD_BYTES))
 
 
-def read_ahead(reader: CheckpointReader, names: Iterable[str],
-               budget: int = READ_AHEAD_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, stored tensor)`` for ``names`` in order while a background thread reads
-    the next ones, at most ``budget`` bytes ahead (at least one tensor). ``names`` may be a lazy
-    iterable spanning layers, so reading layer i+1 starts while the end of layer i is computed.
-    The read itself (pread) releases the GIL: reads overlap the caller's compute and writes.
-    """
+def read_ahead(reader: CheckpointReader, names: Iterable[str], budget: int = READ_AHEAD_BYTES,
+               threads: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, stored tensor)`` for ``names`` in order while ``threads`` background threads
+    read the next ones (independent preads, GIL released: they overlap the caller's compute and keep
+    several requests at the disk), at most ``budget`` bytes ahead (at least one tensor), into a
+    :class:`BufferPool` that recycles the blocks the caller frees (at most ``budget`` bytes idle).
+    ``names`` may be a lazy iterable spanning layers: layer i+1 is read while layer i computes."""
     it = iter(names)
     queue: deque[tuple[str, int, Future]] = deque()
     inflight = 0
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepress-readahead")
+    buffers = BufferPool(budget)
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="moepress-readahead")
 
     def fill() -> None:
         nonlocal inflight
@@ -87,7 +89,7 @@ def read_ahead(reader: CheckpointReader, names: Iterable[str],
             if n is None:
                 return
             nb = reader.info(n).nbytes
-            queue.append((n, nb, pool.submit(reader.get, n)))
+            queue.append((n, nb, pool.submit(reader.get, n, buffers)))
             inflight += nb
 
     try:
@@ -95,12 +97,14 @@ def read_ahead(reader: CheckpointReader, names: Iterable[str],
         while queue:
             n, nb, fut = queue.popleft()
             t = fut.result()
+            del fut  # the tensor is the caller's to free
             inflight -= nb
             fill()
             yield n, t
             del t
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
 
 class StoredLinear(nn.Linear):
     """An ``nn.Linear`` whose weight stays as stored (bf16) and is cast to the input's dtype at
@@ -142,6 +146,9 @@ class StreamedModel:
     stay bf16 in the layer (:class:`StoredLinear`, same results), which halves the memory of a
     float32 stream; big checkpoints need it to stay within ~2x a stored layer.
     ``read_ahead_bytes``: how far the background reader runs ahead of the layer being built.
+    ``release_layers=True``: a layer :meth:`layers` yielded goes to the meta device when the next is
+    asked for, before that one is read (the caller's loop variable still names it then); tensors
+    taken out of it (``state_dict()`` given to a writer) stay valid.
     ``device``: where layers are built and hidden states live (moepress/device.py resolves it);
     on a GPU each layer's stored bytes are uploaded (:class:`Uploader`) while the previous layer
     computes, decoded there, and logits come back to the host. The CPU path is unchanged.
@@ -149,7 +156,7 @@ class StreamedModel:
 
     def __init__(self, source: str | CheckpointReader, *, dtype: torch.dtype = torch.float32,
                  prefetch: bool = True, keep_stored: bool = False, read_ahead_bytes: int | None = None,
-                 device: torch.device | str | None = None):
+                 release_layers: bool = False, device: torch.device | str | None = None):
         self.ckpt = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
         self.to(device)
         self.adapter = get_adapter(self.ckpt.config, self.ckpt.names(), where=str(self.ckpt.path / "config.json"))
@@ -157,6 +164,7 @@ class StreamedModel:
         self.prefetch = prefetch
         self.keep_stored = keep_stored
         self.read_ahead_bytes = read_ahead_bytes
+        self.release_layers = release_layers
         bound_heap()
         self._linear_keys: dict[int, set[str]] = {}
         self._shapes: dict[tuple, tuple[dict[str, tuple[int, ...]], set[str]]] = {}  # by adapter.layer_shape_key
@@ -313,14 +321,21 @@ class StreamedModel:
         stop = self.num_layers if stop is None else stop
         if not self.prefetch:
             for i in range(start, stop):
-                yield i, self.load_layer(i)
+                yield i, (layer := self.load_layer(i))
+                self._release(layer)
+                del layer
             return
         for i, box in self.uploader.ahead(self._raw_layers(start, stop)):
             state = self.read_layer_state(i, box.pop())  # the raw tensors live on only as the state
             layer = self.build_layer(i, state)
             del state
             yield i, layer
+            self._release(layer)  # before the next layer is read: the caller's loop variable still holds it
             del layer
+
+    def _release(self, layer: DecoderLayer) -> None:
+        if self.release_layers:  # parameters and buffers replaced by meta tensors
+            layer.to("meta")
 
     def _raw_layers(self, start: int, stop: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
         """(i, [layer i's stored tensors]) read in the background: a bounded distance ahead

@@ -4,7 +4,7 @@
   router kept in float32) gives the original logits to float32 rounding, on every bundled model.
 * One vector per input: every routed expert's and the shared expert's gate/up divide by the same
   vector as the router and the post-attention norm carry; GQA's o_proj vector is equal across the
-  query heads that read one value head.
+  query heads that read one value head; MLA's o_proj vector sits on kv_b_proj's value rows only.
 * The folded int4-awq checkpoint has no pre_quant_scale, exports to compressed-tensors
   pack-quantized and loads in transformers (a process that never imports moepress) with logits
   equal to moepress's forward of the folded checkpoint; an unfolded one, and W4A8 (no
@@ -90,8 +90,8 @@ def test_fold_without_quantizing_is_the_original_model(folded, name):
     assert any(k.endswith(("up_proj", "w3")) for k in kinds)  # up -> down folded
     if name != "tiny-deepseek-v3":
         assert "self_attn.v_proj" in kinds  # GQA-tied v -> o
-    else:
-        assert {"self_attn.q_a_layernorm", "self_attn.kv_a_layernorm"} <= kinds
+    else:  # MLA: o_proj smoothed through kv_b_proj's value rows
+        assert {"self_attn.q_a_layernorm", "self_attn.kv_a_layernorm", "self_attn.kv_b_proj"} <= kinds
     # the vectors are far from 1, so an unfolded reader or a missed norm would show
     assert max(float((f.p.log().abs()).max()) for fs, _ in folds.values() for f in fs) > 0.3  # measured 0.55
     assert ((out - ref).norm() / ref.norm()).item() < 1e-6  # measured 3e-7 (float32 rounding)
@@ -111,6 +111,17 @@ def test_one_vector_per_input_shared_by_every_expert(folded):
     (vo,) = [f for f in folds[1][0] if f.source == "self_attn.v_proj"]
     p = vo.p.reshape(2, 2, 32)
     assert torch.equal(p[:, 0], p[:, 1]) and torch.equal(vo.row_p, p[:, 0].reshape(-1))
+
+
+def test_mla_value_rows_carry_o_proj_vector(folded):
+    """DeepSeek-V3 MLA (4 heads, qk_nope_head_dim 32, v_head_dim 32): kv_b_proj's rows per head are
+    [32 key rows, 32 value rows]; the fold scales only the value rows, by o_proj's vector."""
+    _, _, folds = folded["tiny-deepseek-v3"]
+    (vo,) = [f for f in folds[1][0] if f.source == "self_attn.kv_b_proj"]
+    assert vo.readers == ["self_attn.o_proj"] and vo.p.shape == (4 * 32,)
+    rows = vo.row_p.reshape(4, 64)
+    assert torch.equal(rows[:, :32], torch.ones(4, 32)) and torch.equal(rows[:, 32:], vo.p.reshape(4, 32))
+    assert float(vo.p.log().abs().max()) > 0.1  # a real vector, not the identity
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +196,25 @@ def test_folded_awq_exports_to_hf_modelopt_as_w4a16_awq(exported, tmp_path):
     assert len(pqs) == len(json.loads((q / "moepress_quant.json").read_text())["modules"])
     assert all(torch.equal(r.get(n), torch.ones_like(r.get(n))) for n in pqs[:5])
     assert torch.equal(StreamedModel(r).forward([IDS])[0], StreamedModel(CheckpointReader(q)).forward([IDS])[0])
+
+
+def test_shared_vector_consensus_of_the_readers_own_vectors():
+    """The MoE input's vector (fold.consensus): one reader gets exactly its own AWQ vector (unfolded
+    AWQ's pre_quant_scale); several get the geometric mean weighted by their rows; the fold keeps
+    whichever of it and the pooled alpha grid loses less over all readers."""
+    from moepress.compress.quant import awq
+
+    g = torch.Generator().manual_seed(0)
+    spread = torch.logspace(-1, 1, 96)  # channels of very different magnitudes: AWQ's case
+    parts = []
+    for n_rows, tilt in ((200, 1.0), (40, -1.0)):
+        x = torch.randn(n_rows, 96, generator=g) * spread.pow(tilt)
+        parts.append(([torch.randn(40, 96, generator=g), torch.randn(40, 96, generator=g)], x))
+    own = [awq.search(ws, x, x.abs().mean(0), 32)[0] for ws, x in parts]
+    assert torch.allclose(fold_mod.consensus(parts[:1], 32), own[0], rtol=1e-5)
+    both = fold_mod.consensus(parts, 32)
+    geo = ((200 * own[0].log() + 40 * own[1].log()) / 240).exp()
+    assert torch.allclose(both / both.max(), geo / geo.max(), rtol=1e-4)
+    grid = awq.search_shared(parts, torch.cat([x for _, x in parts]).abs().mean(0), 32)[0]
+    losses = [fold_mod.shared_loss(parts, v, 32) for v in (both, grid, torch.ones(96))]
+    assert min(losses[:2]) < losses[2]  # smoothing beats none on this input

@@ -54,8 +54,13 @@ class _Stats:
         self._x = x
         self.S = x.double().T @ x.double()
 
+    single_use = taken = False
+
     def sample(self):
         return self._x
+
+    def make_hessian(self, take: bool = False):
+        return 2.0 * self.S / self.n
 
     @property
     def H(self):

@@ -68,7 +68,7 @@ def test_auto_scores_methods_out_of_fold_and_writes_the_best_run_alone(auto_run,
     """Each candidate's held-out KL and NLL equal an independent recomputation: the method run alone
     on one fold, its checkpoint's next-token distribution on the other fold against the original's,
     both ways round. The chosen method has the lowest KL, and auto's checkpoint is byte for byte
-    that method's run alone on every sample."""
+    that method's run alone on every sample with the dropped experts folded into the kept ones."""
     src, out, batches, res, rep = auto_run
     plans = rep["plans"]
     assert set(plans["candidates"]) == set(METHODS["auto"].plans) and len(METHODS["auto"].plans) >= 2
@@ -80,7 +80,7 @@ def test_auto_scores_methods_out_of_fold_and_writes_the_best_run_alone(auto_run,
         kls, nll, n = [], 0.0, 0
         for f in range(2):
             alone = tmp_path / f"{name}-{f}"
-            prune_checkpoint(src, alone, PruneConfig(method=name, keep=16), batches=folds[f])
+            prune_checkpoint(src, alone, PruneConfig(method=name, keep=16, merge=True), batches=folds[f])
             held = folds[1 - f]
             ref, got = StreamedModel(str(src)).forward(held), StreamedModel(str(alone)).forward(held)
             kls += [token_kl(r, g) for r, g in zip(ref, got, strict=True)]
@@ -92,10 +92,17 @@ def test_auto_scores_methods_out_of_fold_and_writes_the_best_run_alone(auto_run,
     others = {k: v for k, v in kl.items() if k != plans["chosen"]}
     assert c["runner_up"] == min(others, key=others.get)
     assert c["kl_margin"] == pytest.approx(others[c["runner_up"]] - kl[plans["chosen"]], rel=1e-9, abs=1e-15)
+    # written: the chosen method run alone on every sample, the dropped experts folded in (bf16 experts)
     alone = tmp_path / "chosen-alone"
-    prune_checkpoint(src, alone, PruneConfig(method=plans["chosen"], keep=16), batches=batches)
+    prune_checkpoint(src, alone, PruneConfig(method=plans["chosen"], keep=16, merge=True), batches=batches)
     for f in sorted(alone.glob("*.safetensors")):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert rep["merge"]["rule"] == "float" and rep["merge"]["merged_layers"] == [1, 2]
+    assert all(lr["merged"] for lr in rep["layers"])
+    plain = tmp_path / "chosen-plain"
+    prune_checkpoint(src, plain, PruneConfig(method=plans["chosen"], keep=16), batches=batches)
+    down = [f"model.layers.1.mlp.experts.{j}.down_proj.weight" for j in range(16)]
+    assert any(not torch.equal(CheckpointReader(plain).get(n), CheckpointReader(out).get(n)) for n in down)
     assert [r["kept"] for r in rep["layers"]] == [
         r["kept"] for r in json.loads((alone / "prune_report.json").read_text())["layers"]]
     assert res["kept"] == 16 and [lr["layer"] for lr in rep["layers"]] == [1, 2]

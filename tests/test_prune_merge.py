@@ -144,6 +144,35 @@ def test_block_fp8_input_stays_block_fp8(tmp_path):
     assert torch.isfinite(logits).all()
 
 
+def test_auto_keeps_quantized_experts_bytes_and_merge_flag_refits_them(tmp_path):
+    """auto folds only experts stored in float: a block-FP8 input keeps every kept expert's stored bytes;
+    --merge asks for the fold there too (re-quantized, as the merge method does)."""
+    src = write_synthetic(DS_CFG, tmp_path / "fp8", block_fp8=True)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (4, 32), generator=g) for _ in range(2)]
+    for merge in (None, True):
+        out = tmp_path / f"auto-{merge}"
+        prune_checkpoint(src, out, PruneConfig(keep=4, merge=merge), batches=batches)
+        rep = json.loads((out / "prune_report.json").read_text())
+        row = rep["layers"][0]
+        assert rep["merge"]["rule"] == ("float" if merge is None else "always")
+        a, b = _tensors(src), _tensors(out)
+        p = "model.layers.1.mlp.experts."
+        same = [torch.equal(b[f"{p}{j}.down_proj.weight"].view(torch.uint8), a[f"{p}{e}.down_proj.weight"].view(
+            torch.uint8)) for j, e in enumerate(k["expert"] for k in row["kept"])]
+        if merge is None:
+            assert rep["merge"]["merged_layers"] == [] and "merged" not in row and all(same)
+        else:
+            assert rep["merge"]["merged_layers"] == [1] and row["merged"] and not all(same)
+
+
+def test_merge_flag_with_lookahead_is_refused_in_one_line(tmp_path):
+    with pytest.raises(MoepressError) as e:
+        prune_checkpoint(models.resolve("tiny-qwen3-moe"), tmp_path / "o", PruneConfig(method="lookahead", ratio=0.5,
+                         merge=True), batches=[torch.zeros(1, 8, dtype=torch.long)])
+    assert "\n" not in str(e.value) and "--merge" in str(e.value)
+
+
 class _Stub:
     """A reader holding one expert linear as int8 values + a scale, a layout no registered format declares."""
 

@@ -5,9 +5,15 @@ process; the peak RSS growth over the process's baseline must (a) stay under 2x 
 (bf16) layer plus a fixed allowance for activations and buffers (the README's promise: "under
 2 stored layers + 48 MB") and (b) not grow with the number of layers. Peak: the kernel's
 high-water mark of the child process (tests/memprobe.py).
+
+GPTQ on an input wide enough for a float32 Hessian (compress/quant/gptq.py WIDE_INPUT; Kimi K2's
+18432-wide down_proj): the quantizer adds less than one [in, in] matrix to its statistics (the sum
+becomes the Hessian and its factor in place; the weight is read from its stored bf16 a slice of rows
+at a time), and those slices give the same bits as the whole float32 weight.
 """
 
 import pytest
+import torch
 
 from memprobe import MB, run_probe
 from moepress.compress.synthetic import write_synthetic
@@ -62,3 +68,85 @@ def test_quantize_peak_rss_is_bounded_by_the_layer_not_the_layer_count(models, f
     # how the background shard write overlaps the next layer varies, the more layers the likelier its
     # worst case); a leak of a tenth of a layer per layer would add 0.6 layer
     assert many - few < LAYER / 2, msg
+
+
+# ---- GPTQ on a wide input (float32 Hessian above gptq.WIDE_INPUT): memory and bits ------------------
+
+GPTQ_PROBE = """
+    import json, sys, torch
+    from moepress.compress import formats
+    from moepress.compress.quant import gptq
+    from moepress.compress.quantize.config import QuantConfig
+    from moepress.compress.quantize.group import quant_context
+    from moepress.compress.quantize.stats import LinearStats
+    width, out = int(sys.argv[1]), int(sys.argv[2])
+    gptq.WIDE_INPUT = width - 1  # the float32 path of an 18432-wide input, at a size a test affords
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(out, width, generator=g) * 0.02).to(torch.bfloat16)  # the stored weight
+    fmt = next(n for n, f in formats.FORMATS.items() if f.gptq and f.quantize is not None)
+    warm = LinearStats(hessian=True)  # first-use allocations of torch itself
+    warm.add(torch.randn(64, 256, generator=g))
+    formats.FORMATS[fmt].quantize([w[:16, :256]], quant_context(QuantConfig(format=fmt), warm))
+    st = LinearStats(hessian=True)
+    for x in torch.randn(2 * width, width, generator=g).split(512):
+        st.add(x)
+    st.single_use = True  # as compress/quantize/calibrated.py marks a group of one format
+    base = reset_peak()  # the statistics (their sum S) are in the base: the quantizer's growth is measured
+    formats.FORMATS[fmt].quantize([w], quant_context(QuantConfig(format=fmt), st))
+    print(json.dumps({"grew": peak() - base, "released": st.S is None}))
+"""
+
+
+@pytest.mark.slow
+def test_gptq_on_a_wide_input_grows_less_than_its_hessian(monkeypatch):
+    """GPTQ of a float32-Hessian input from its statistics: the Hessian and its factor are made in the
+    memory of the statistics' sum (taken, then released), and the weight is read from its stored bf16
+    a slice of rows at a time, so the quantizer adds less than one [in, in] matrix (the code before
+    this made H as a copy of the sum and a whole float32 weight: it adds the Hessian and more;
+    Kimi K2's 18432-wide down_proj: bench/experts.py memory)."""
+    width, out = 4096, 1024
+    hess = 4 * width * width  # float32 bytes
+    # every allocation of 1 MB or more mapped and unmapped (glibc's dynamic threshold off), so memory the
+    # statistics freed is not kept in the heap and reused here unseen
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    r = run_probe(GPTQ_PROBE, width, out, timeout=300, threads=1)
+    # measured 37.8 MB (int8 values, one float32 slice of rows and its |w|); the code before: 117.8 MB
+    assert r["grew"] < hess and r["released"], f"quantizer grew {r['grew'] / MB:.1f} MB; Hessian {hess / MB:.0f} MB"
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("wide", [False, True])
+def test_gptq_from_stored_bf16_in_row_slices_has_the_same_bits(monkeypatch, act_order, wide):
+    """The rounding of w.float() / pqs handed whole in float32 (one slice) equals that of the stored
+    bf16 weight read a few rows at a time, in the float64 and the float32 (wide) precision."""
+    from moepress.compress.quant import gptq
+
+    width, out, group = 384, 46, 128
+    if wide:
+        monkeypatch.setattr(gptq, "WIDE_INPUT", width - 1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3 * width, width, generator=g) * (1 + 4 * torch.rand(width, generator=g))
+    H = (2.0 * x.double().T @ x.double() / x.shape[0]).to(gptq.hessian_dtype(width))
+    w = (torch.randn(out, width, generator=g) * 0.02).to(torch.bfloat16)
+    w[:, 5] = 0  # a dead column
+    pqs = 0.5 + torch.rand(width, generator=g)
+    monkeypatch.setattr(gptq, "ROW_CHUNK_BYTES", 1 << 40)
+    ref = gptq.gptq_quantize_shared([w.float() / pqs[None, :]], H.clone(), group, 0.01, act_order)[0]
+    monkeypatch.setattr(gptq, "ROW_CHUNK_BYTES", 7 * width * H.element_size())  # 7 rows a slice
+    got = gptq.gptq_quantize_shared([w], H.clone(), group, 0.01, act_order, overwrite=True, in_scale=pqs)[0]
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    assert (ref[0] != torch.round(w.float() / pqs / ref[1].repeat_interleave(group, 1)).clamp(-8, 7)).any()
+
+
+def test_a_taken_hessian_is_the_sum_itself_and_taken_once():
+    from moepress.compress.quantize.stats import LinearStats
+
+    st = LinearStats(hessian=True)
+    for s in range(3):
+        st.add(torch.randn(40, 24, generator=torch.Generator().manual_seed(s)))
+    copy = st.make_hessian()
+    ptr = st.S.data_ptr()
+    taken = st.make_hessian(take=True)
+    assert taken.data_ptr() == ptr and st.S is None and torch.equal(copy, taken)
+    with pytest.raises(RuntimeError, match="taken"):
+        st.make_hessian()

@@ -85,13 +85,14 @@ def test_read_ahead_leaves_no_reader_thread_behind(tmp_path):
     # exhausted
     it = read_ahead(r, iter(names), budget=4096)
     next(it)
-    assert _stream_threads() == ["moepress-readahead_0"]  # the check sees a reader while there is one
+    assert _stream_threads() and all(n.startswith("moepress-readahead_") for n in _stream_threads())  # the check
+    # sees the readers while there are some
     assert len(list(it)) == 19
     assert _stream_threads() == []
     # stopped early: closed, or dropped without being closed
     it = read_ahead(r, iter(names), budget=4096)
     next(it)
-    assert _stream_threads() == ["moepress-readahead_0"]
+    assert _stream_threads()
     it.close()
     assert _stream_threads() == []
     it = read_ahead(r, iter(names), budget=4096)
@@ -108,7 +109,7 @@ def test_layer_stream_leaves_no_reader_thread_behind(read_ahead_bytes):
     assert _stream_threads() == [], "left by an earlier test"
     layers = sm.layers()
     next(layers)
-    assert [n.rsplit("_", 1)[0] for n in _stream_threads()] == [prefix]
+    assert {n.rsplit("_", 1)[0] for n in _stream_threads()} == {prefix}
     assert len(list(layers)) == sm.num_layers - 1
     assert _stream_threads() == []
     layers = sm.layers()

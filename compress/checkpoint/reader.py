@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from moepress.compress import formats
+from moepress.compress.checkpoint.buffers import POOL_MIN_BYTES, BufferPool
 from moepress.compress.checkpoint.safetensors_io import _DIRECT_ALIGN, _DTYPES, INDEX_NAME, SINGLE_NAME
 from moepress.compress.formats import ct_inputs, gptoss_mxfp4
 from moepress.errors import MoepressError
@@ -281,18 +282,21 @@ class CheckpointReader:
                 self._direct_fds[file] = None
         return self._direct_fds[file]
 
-    def _get_direct(self, info: TensorInfo) -> torch.Tensor | None:
-        """Read a large tensor with O_DIRECT: the disk DMAs into our buffer, no page-cache copy
-        and far less CPU time than a read through the page cache (bench/throughput.py measures
-        both). The read covers the enclosing 4 KiB-aligned range; the tensor is a view into it.
-        None: not possible here."""
+    def _get_direct(self, info: TensorInfo, pool: BufferPool | None = None) -> torch.Tensor | None:
+        """Read a large tensor with O_DIRECT: the disk DMAs into our buffer (a ``pool`` lease, else
+        a fresh one), no page-cache copy and far less CPU time than a read through the page cache
+        (bench/throughput.py measures both). The read covers the enclosing 4 KiB-aligned range;
+        the tensor is a view into it. None: not possible here."""
         fd = self._direct_fd(info.file)
         if fd is None:
             return None
         start = info.offset & ~(_DIRECT_ALIGN - 1)
         span = (info.offset + info.nbytes - start + _DIRECT_ALIGN - 1) & ~(_DIRECT_ALIGN - 1)
-        raw = torch.empty(span + _DIRECT_ALIGN, dtype=torch.uint8)
-        pad = -raw.data_ptr() % _DIRECT_ALIGN
+        if pool is not None:
+            raw, pad = pool.lease(span), 0  # page-aligned
+        else:
+            raw = torch.empty(span + _DIRECT_ALIGN, dtype=torch.uint8)
+            pad = -raw.data_ptr() % _DIRECT_ALIGN
         try:
             done = _pread(fd, memoryview(raw.numpy())[pad:pad + span], start)
         except OSError:  # EINVAL: the device wants another alignment; read through the cache
@@ -304,26 +308,28 @@ class CheckpointReader:
             raise MoepressError(f"{info.file}: truncated shard while reading tensor '{info.name}'")
         return raw[lo:lo + info.nbytes]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         """The stored tensor, as stored (no dequantization). A module weight that exists only packed
         (``P.weight`` of a compressed-tensors ``P.weight_packed``, gpt-oss ``P`` of ``P_blocks``) has no
         stored form of its own: it comes decoded (:meth:`_decoded`), so that stages reading "the stored
         weight" of a module see its values.
 
-        Read with pread into a fresh buffer rather than through mmap: resident memory
-        stays bounded by what the caller holds (mapped pages of a 1 TB checkpoint would
-        count against RSS), and reads from several threads (prefetch) are safe. Tensors of
-        4 MiB and more are read with O_DIRECT where the file system allows it.
+        Read with pread into a fresh buffer, or one of ``pool``'s (a stream's reads: no fresh
+        pages per tensor), rather than through mmap: resident memory stays bounded by what the
+        caller holds (mapped pages of a 1 TB checkpoint would count against RSS), and reads from
+        several threads (read-ahead) are safe. Tensors of 4 MiB and more, and every pooled one, are
+        read with O_DIRECT where the file system allows it.
         """
         if name in self._aliases and name not in self._tensors:
             return self._decoded(name)
         info = self.info(name)
         dtype = self.get_dtype(name)
-        if info.nbytes >= DIRECT_MIN_BYTES:
-            t = self._get_direct(info)
+        pool = pool if pool is not None and info.nbytes >= POOL_MIN_BYTES else None
+        if info.nbytes >= DIRECT_MIN_BYTES or pool is not None:
+            t = self._get_direct(info, pool)
             if t is not None and t.data_ptr() % dtype.itemsize == 0:
                 return t.view(dtype).reshape(info.shape)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8) if pool is None else pool.lease(info.nbytes)[:info.nbytes]
         if info.nbytes and _pread(self._fd(info.file), memoryview(buf.numpy()), info.offset) < info.nbytes:
             raise MoepressError(f"{info.file}: truncated shard while reading tensor '{name}'")
         return buf.view(dtype).reshape(info.shape)
@@ -375,7 +381,7 @@ class LayerView:
     def __contains__(self, name: str) -> bool:
         return name in self._raw or name in self._reader
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         t = self._raw.get(name)
         return t if t is not None else self._reader.get(name)
 

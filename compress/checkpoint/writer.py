@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moepress.compress.checkpoint.resume import ResumeRefused, difference, normalized
-from moepress.compress.checkpoint.safetensors_io import INDEX_NAME, write_safetensors
+from moepress.compress.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_NAME, write_safetensors
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, file_digests, versions, write_manifest
 from moepress.outputs import OutputLock, absolute, refuse_overlap
@@ -40,6 +40,33 @@ def aux_files(src: Path) -> list[Path]:
     for pat in AUX_FILE_PATTERNS:
         out.update(p for p in src.glob(pat) if p.is_file())
     return sorted(out)
+
+
+class Deferred:
+    """A tensor the writer reads only when it writes its shard: ``load()`` returns it (``dtype`` and
+    ``shape`` are known before, so the shard's header is). A stage copying stored tensors (a pruned
+    layer's kept experts, the embeddings) hands these to :meth:`CheckpointWriter.add`, so that the
+    shard holds one such tensor in memory at a time instead of all of them until it is written.
+
+    It offers what :func:`write_safetensors` asks of a value: ``dtype``, ``shape``, ``numel()``,
+    ``element_size()`` for the header, and ``contiguous()``, which reads it, for the data.
+    """
+
+    def __init__(self, dtype: torch.dtype, shape: Iterable[int], load):
+        self.dtype, self.shape, self._load = dtype, torch.Size(shape), load
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def contiguous(self) -> torch.Tensor:
+        t = self._load().detach().to("cpu").contiguous()
+        if t.dtype != self.dtype or t.shape != self.shape:
+            raise MoepressError(f"deferred tensor: read {t.dtype} {list(t.shape)}, expected {self.dtype} "
+                                f"{list(self.shape)}")
+        return t
 
 
 JOURNAL = "writer-journal.json"
@@ -120,7 +147,7 @@ class CheckpointWriter:
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.resume_key = normalized(resume_key)
         self.max_shard_bytes = max_shard_bytes
-        self._buf: dict[str, torch.Tensor] = {}
+        self._buf: dict[str, torch.Tensor | Deferred] = {}
         self._buf_bytes = 0
         self._shards: list[tuple[str, list[str], int]] = []  # (file, names, bytes)
         self._names: set[str] = set()
@@ -174,10 +201,11 @@ class CheckpointWriter:
         os.replace(tmp, self._journal_path())
 
     # ---- tensors -------------------------------------------------------------------------
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor | Deferred) -> None:
+        """Buffer ``tensor`` for the current shard (a :class:`Deferred` one is read when the shard is written)."""
         if name in self._names or name in self._buf:
             raise ValueError(f"tensor {name} written twice")
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor if isinstance(tensor, Deferred) else tensor.detach().to("cpu").contiguous()
         self._buf[name] = t
         self._buf_bytes += t.numel() * t.element_size()
         if self._buf_bytes >= self.max_shard_bytes:
@@ -200,6 +228,8 @@ class CheckpointWriter:
 
     def _write_shard(self, fname: str, buf: dict[str, torch.Tensor], nbytes: int) -> None:
         tmp = self.partial / (fname + ".tmp")
+        if any(t.dtype not in DTYPE_NAMES for t in buf.values()):  # the library writes it: all in memory
+            buf = {n: t.contiguous() for n, t in buf.items()}
         with naming(tmp):
             self._digests[fname] = write_safetensors(tmp, buf, {"format": "pt"})
         os.replace(tmp, self.partial / fname)

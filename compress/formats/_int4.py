@@ -10,6 +10,7 @@ diag(pqs) H diag(pqs) (llm-compressor's AWQ + GPTQ stacking); the stored format 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import torch
 
@@ -28,10 +29,11 @@ def _smoothing(ws: list[torch.Tensor], st, group: int, use_awq: bool) -> tuple[t
 
 
 def _hessian(st, pqs: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
-    """The Hessian of the input the quantized weight reads (x * pqs with AWQ), made once here."""
-    if not needed or st is None or st.S is None or st.n <= 0:
+    """The Hessian of the input the quantized weight reads (x * pqs with AWQ), made once here: a new
+    tensor, or S's own memory when this call alone reads the statistics (``st.single_use``)."""
+    if not needed or st is None or st.n <= 0 or (st.S is None and not st.taken):
         return None
-    H = st.H  # a new tensor (2 S / n)
+    H = st.make_hessian(take=st.single_use)  # 2 S / n
     if pqs is not None:  # diag(pqs) H diag(pqs), in place
         H.mul_(pqs.double()[:, None]).mul_(pqs.double()[None, :])
     return H
@@ -68,20 +70,30 @@ def quantize(ws: list[torch.Tensor], ctx: QuantContext, *, use_awq: bool, use_gp
     clip_x = None
     if use_awq and H is None and ctx.awq_clip and st is not None and st.n > 0:
         clip_x = _clip_input(st, pqs, fp8_input)
-    wqs = [w.float() / pqs[None, :] if pqs is not None else w.float() for w in ws]
-    # H is this call's own (_hessian): factorised in its memory
-    by_gptq = (gptq.gptq_quantize_shared(wqs, H, group, ctx.gptq_damp, ctx.gptq_act_order, overwrite=True)
-               if H is not None else None)
+    if H is not None:
+        # H is this call's own (_hessian): factorised in its memory; the weights (float32, or bf16 as
+        # stored) are read a slice of rows at a time, so no whole float32 copy is made here
+        rounded = gptq.gptq_quantize_shared(ws, H, group, ctx.gptq_damp, ctx.gptq_act_order, overwrite=True,
+                                            in_scale=pqs)
+        del H  # the factor goes before the packing's temporaries come
+        return Quantized(stored(ws, rounded, pqs, with_scale_2), pqs, alpha, group)
     rounded = []
-    for k, wq in enumerate(wqs):
-        if by_gptq is not None:
-            rounded.append(by_gptq[k])
-        elif clip_x is not None:
+    for w in ws:
+        wq = w.float() / pqs[None, :] if pqs is not None else w.float()
+        if clip_x is not None:
             s = awq.clip_scales(wq, clip_x, group)
             rounded.append((int4.quantize_with_scales(wq, s), s))
         else:
             rounded.append(int4.quantize(wq, group))
     return Quantized(stored(ws, rounded, pqs, with_scale_2), pqs, alpha, group)
+
+
+def reads_stored(f) -> bool:
+    """Whether format ``f`` quantizes with this module's :func:`quantize`, which reads a weight of any
+    float dtype exactly (bf16 as stored: GPTQ a slice of rows at a time in float32, the rest through
+    ``w.float()``), so its caller need not make a float32 copy first."""
+    q = f.quantize
+    return isinstance(q, partial) and q.func is quantize
 
 
 def stored(ws: list[torch.Tensor], rounded, pqs: torch.Tensor | None, with_scale_2: bool) -> list[dict]:

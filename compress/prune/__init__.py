@@ -19,8 +19,9 @@ Modules, bottom to top:
   method on the other fold (KL divergence to the original model), then runs the best method alone
   on every sample and writes it (a second read of each layer).
 - ``stability``: how firmly each layer's decision rests on the calibration tokens (report field).
-- ``merge``: ``merge`` keeps the REAP-best experts and folds each dropped one into its most similar
-  kept one (aligned, weighted average), written in the input's stored form (``encode_like``).
+- ``merge``: folding the dropped experts into the kept ones after a selection (``fold_dropped``: the
+  kept experts' down projections refit to reproduce the unpruned routed output), written in the input's
+  stored form (``encode_like``); the ``merge`` method is REAP's selection followed by it.
 - ``surgery``: ``prune_moe_module`` (in memory) and ``pruned_layer_tensors`` (checkpoint).
 - ``mtp``: multi-token prediction layers' input; ``stage``: ``prune_checkpoint``.
 
@@ -31,7 +32,7 @@ from moepress.compress.prune.budget import Budget, plan_budget
 from moepress.compress.prune.config import DEFAULT_METHOD, REPORT_NAME, PruneConfig, parse_protect
 from moepress.compress.prune.evidence import LayerEvidence, RouteRecorder, Selection
 from moepress.compress.prune.lookahead import lookahead_select, state_error
-from moepress.compress.prune.merge import encode_like, merge_select
+from moepress.compress.prune.merge import encode_like, fold_dropped
 from moepress.compress.prune.methods import (
     METHODS,
     PruneMethod,
@@ -58,21 +59,23 @@ register(PruneMethod("reroute", "greedy backward elimination minimising the erro
 register(PruneMethod("lookahead", "per layer, the reroute or the reap selection: whichever leaves the hidden state "
                      "after the next decoder layer (run on the already pruned model) closest to the original model's",
                      lookahead_select, "added_relative_sq_error", needs_outputs=True, candidates=("reroute", "reap")))
-register(PruneMethod("merge", "keep the REAP-best experts and fold each dropped expert into its most similar kept one "
-                     "(REAM gated similarity; neurons aligned, average weighted by router-weighted output mass; "
-                     "re-quantized to the input's format)", merge_select, "reap", needs_outputs=True))
+register(PruneMethod("merge", "keep the REAP-best experts and fold the dropped experts into them: each kept "
+                     "expert's down projection refit so the pruned block reproduces the unpruned routed output on "
+                     "calibration tokens (re-quantized to the input's format where it is stored quantized)",
+                     METHODS["reap"].select, "reap", merge="always"))
 # auto's own callable is never the one that selects (its plans' methods do, MTP layers included);
 # it holds lookahead's so that the registry has a callable for every method
 register(PruneMethod("auto", "reroute, reap, frequency and ean each prune the whole model from one half of the "
                      "calibration samples and are scored on the other half, both ways round (each layer read once); "
                      "the method whose next-token distribution stays closest to the original model's (KL "
-                     "divergence) is then run on every sample and written (each layer read a second time)",
-                     lookahead_select, "plan", needs_outputs=True,
-                     plans=("reroute", "reap", "frequency", "ean")))
+                     "divergence) is then run on every sample, the dropped experts folded into the kept ones "
+                     "where the experts are stored in float (as merge does), and written (each layer read a second "
+                     "time)", lookahead_select, "plan", needs_outputs=True,
+                     plans=("reroute", "reap", "frequency", "ean"), merge="float"))
 
 __all__ = [
     "DEFAULT_METHOD", "METHODS", "REPORT_NAME", "Budget", "ExpertOutputs", "LayerEvidence", "PruneConfig",
     "PruneMethod", "PruneStage", "RerouteSearch", "RouteRecorder", "Selection", "group_of",
-    "group_ranks", "encode_like", "keep_top", "merge_select", "parse_protect", "plan_budget", "prune_checkpoint",
+    "group_ranks", "encode_like", "fold_dropped", "keep_top", "parse_protect", "plan_budget", "prune_checkpoint",
     "prune_moe_module", "pruned_layer_tensors", "route_masked", "state_error",
 ]

@@ -32,16 +32,21 @@ class PruneConfig:
     # reroute: calibration tokens the search uses (a seeded subsample when there are more);
     # its cache holds about search_tokens * (2 * top_k + 4) * hidden floats.
     search_tokens: int = 16384
+    # fold the dropped experts into the kept ones (True / False); None: as the method does (``auto``: where
+    # the experts are stored in float; ``merge``: always; the others: never)
+    merge: bool | None = None
 
     @classmethod
     def from_flags(cls, *, method: str | None, ratio: float | None, keep: int | None, ep_size: int,
-                   protect: str | None, sequential: bool, calib: CalibConfig, search_tokens: int) -> PruneConfig:
+                   protect: str | None, sequential: bool, calib: CalibConfig, search_tokens: int,
+                   merge: bool | None = None) -> PruneConfig:
         """``moepress prune``'s options; ``protect`` is the ``--protect`` string (``parse_protect``)."""
         if search_tokens < 1:
             raise MoepressError(f"--search-tokens {search_tokens}: expected a positive number")
         return cls(method=method or DEFAULT_METHOD, ratio=ratio, keep=keep, ep_size=ep_size,
                    protect=parse_protect(protect), sequential=sequential, calib=calib.sources,
-                   num_samples=calib.num_samples, seq_len=calib.seq_len, seed=calib.seed, search_tokens=search_tokens)
+                   num_samples=calib.num_samples, seq_len=calib.seq_len, seed=calib.seed, search_tokens=search_tokens,
+                   merge=merge)
 
     @classmethod
     def from_recipe(cls, prune: dict, calib: CalibConfig) -> PruneConfig:
@@ -49,7 +54,7 @@ class PruneConfig:
         return cls(method=prune["method"] or DEFAULT_METHOD, ratio=prune["ratio"], keep=prune["keep"],
                    ep_size=prune["ep_size"], protect=parse_protect(prune["protect"]), sequential=prune["sequential"],
                    calib=calib.sources, num_samples=calib.num_samples, seq_len=calib.seq_len,
-                   seed=calib.seed, search_tokens=prune["search_tokens"])
+                   seed=calib.seed, search_tokens=prune["search_tokens"], merge=prune["merge"])
 
 
 def parse_protect(spec: str | None) -> tuple[tuple[int, int], ...]:

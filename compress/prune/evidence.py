@@ -56,7 +56,11 @@ class RouteRecorder:
             self.parts.append((x[m].detach().float(), logits[m].detach().float(), indices[m], weights[m].float()))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.cat(p) for p in zip(*self.parts, strict=True))
+        """(MoE input, router logits, chosen experts, their weights) of the picked tokens, in stream
+        order; concatenated once, the per-forward parts dropped (no second copy kept)."""
+        if len(self.parts) != 1:
+            self.parts = [tuple(torch.cat(p) for p in zip(*self.parts, strict=True))]
+        return self.parts[0]
 
 
 @dataclass
@@ -69,6 +73,8 @@ class LayerEvidence:
     routing: dict
     recorder: RouteRecorder | None = None
     chunks: list[LayerRouting] | None = None  # per group of calibration samples (stability.ChunkedRouting)
+    # results computed from this evidence that do not depend on the selection (merge: the routed output)
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass

@@ -1,17 +1,19 @@
-"""``merge``: keep the REAP-best experts and fold the dropped experts into the kept ones.
+"""Merging: fold the dropped experts into the kept ones, after any selection.
 
-Which experts stay: the highest REAP scores (``keep_top``), as REAM (arXiv 2604.04356) takes REAP-score
-centroids. The router: a kept expert keeps its own router row and correction bias; a dropped expert's row
-and bias are removed with it, as HC-SMoE does after merging (wazenmai/HC-SMoE commit bd77eba,
-hcsmoe/merging/grouping_mixtral.py ``prune_experts``: ``gate.weight.data[dominant_experts]``). Tokens that
-chose a dropped expert are then routed among the kept ones by the family's own router (``route_masked``,
+Which experts stay is the selecting method's choice: the ``merge`` method keeps the highest REAP scores, as
+REAM (arXiv 2604.04356) takes REAP-score centroids; ``auto`` folds into the kept experts of the method its
+race chose (where the experts are stored in float, so quantized experts keep their bytes); ``--merge``
+folds after any per-layer method. The router: a kept expert keeps its own router row and correction bias;
+a dropped expert's row and bias are removed with it, as HC-SMoE does after merging (wazenmai/HC-SMoE
+commit bd77eba, hcsmoe/merging/grouping_mixtral.py ``prune_experts``: ``gate.weight.data[dominant_experts]``).
+Tokens that chose a dropped expert are then routed among the kept ones by the family's own router (``route_masked``,
 exact), so every layer keeps the same count and every runtime loads the result.
 
 How a dropped expert is folded: into the kept experts that its tokens are routed to after pruning, in
 output space. HC-SMoE and REAM average the members' parameters (weighted by routing frequency, resp. by
 gate-weighted activations, after aligning neurons); on the bundled models that average, neurons aligned
 by mutual-best matching and weighted by the routing mass each member hands over, was worse than plain
-pruning at every weight tried (README). Here instead each kept expert's down projection is refit
+pruning at every weight tried. Here instead each kept expert's down projection is refit
 (:func:`refit`) so that, on calibration tokens, the pruned block's routed output reproduces the unpruned
 block's: the kept expert takes, on each token routed to it, the share of the dropped experts' output
 that its router weight gives it. The statistics are router-weighted output moments (Gram matrix of the
@@ -25,13 +27,14 @@ through ``fp8-block``, a ``moepress quantize`` output through its layout's forma
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 
 from moepress.compress import formats
 from moepress.compress.formats import QuantContext, ct_inputs
-from moepress.compress.prune.budget import Budget
-from moepress.compress.prune.evidence import LayerEvidence, Selection
-from moepress.compress.prune.methods import keep_top
+from moepress.compress.prune.evidence import LayerEvidence
 from moepress.compress.prune.routing import route_masked
 from moepress.errors import MoepressError
 
@@ -65,16 +68,26 @@ def transfer(ev: LayerEvidence, kept: list[int]) -> tuple[torch.Tensor, torch.Te
 RIDGE = 0.01  # the refit's pull towards the kept expert's own down projection, relative to mean(diag(Gram))
 
 
-def _apply(expert, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(intermediate activation [n, I], output [n, H]) of an expert, in float64."""
-    g, u, d = expert.linears()
-    xf = x.float()  # the stream's layers compute in float32 (bf16 StoredLinear weights are cast per call)
-    h = (expert.act_fn(g(xf)) * u(xf)).double()
-    return h, h @ d.weight.double().T
+def _hidden(expert, x: torch.Tensor) -> torch.Tensor:
+    """An expert's intermediate activation [n, I] in float32, as the stream's layers compute it (bf16
+    StoredLinear weights are cast per call)."""
+    g, u, _ = expert.linears()
+    xf = x.float()
+    return expert.act_fn(g(xf)) * u(xf)
+
+
+def _routed_output(ev: LayerEvidence, x: torch.Tensor, ids: torch.Tensor, ws: torch.Tensor, sign: float,
+                   into: torch.Tensor) -> torch.Tensor:
+    """``into`` + sign x the routed output (experts ``ids`` with weights ``ws``) on the recorder's tokens."""
+    for e in torch.unique(ids).tolist():
+        tok, slot = torch.where(ids == e)
+        y = ev.moe.experts[e].linears()[2](_hidden(ev.moe.experts[e], x[tok]))
+        into.index_add_(0, tok, sign * ws[tok, slot, None].float() * y)
+    return into
 
 
 @torch.no_grad()
-def refit(ev: LayerEvidence, kept: list[int]) -> list[int]:
+def refit(ev: LayerEvidence, kept: list[int], release: bool = False) -> list[int]:
     """Fold the dropped experts' routed output into the kept experts' down projections (in place); returns
     the kept experts refit (those routed to on some recorded token).
 
@@ -83,47 +96,77 @@ def refit(ev: LayerEvidence, kept: list[int]) -> list[int]:
     after pruning, the share of ``lost`` its router weight gives it: its down projection D becomes the
     ridge least-squares solution of pw_c (D' h_c(x)) = pw_c (f_c(x) + lost(x) / sum(pw(x))), weighted by
     pw_c^2, pulled towards D by RIDGE x mean(diag(Gram)). The statistics are router-weighted output moments
-    of the calibration tokens (Gram of pw_c h_c, cross moment with the target)."""
+    of the calibration tokens (Gram G of pw_c h_c, cross moment L of the lost share with it); as f_c = D h_c,
+    the solution is D' = D + L (G + ridge)^-1, solved for the correction alone. ``release``: the dropped
+    experts' weights are freed once ``lost`` is known (the stage's fold; the race's plans share the layer)."""
     x, logits, idx, w, pw, pidx = pruned_route(ev, kept)
-    lost = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    for sign, ids, ws in ((1.0, idx, w), (-1.0, pidx, pw)):
-        for e in torch.unique(ids).tolist():
-            tok, slot = torch.where(ids == e)
-            y = _apply(ev.moe.experts[e], x[tok])[1]
-            lost.index_add_(0, tok, (sign * ws[tok, slot, None].double() * y).float())
+    if "routed" not in ev.memo:  # the unpruned routed output: the same for every selection (auto's plans)
+        ev.memo["routed"] = _routed_output(ev, x, idx, w, 1.0, torch.zeros(x.shape, dtype=torch.float32,
+                                                                              device=x.device))
+    lost = _routed_output(ev, x, pidx, pw, -1.0, ev.memo["routed"].clone())
     lost /= pw.float().sum(dim=-1, keepdim=True).clamp(min=1e-30)
+    if release:  # the dropped experts are not needed again: their memory goes before the refit's moments
+        for e in set(range(len(ev.moe.experts))) - set(kept):
+            ev.moe.experts[e].to(device="meta")
     changed = []
     for c in kept:
         tok, slot = torch.where(pidx == c)
         if tok.numel() == 0:
             continue
-        h, f = _apply(ev.moe.experts[c], x[tok])
-        a = pw[tok, slot].double()[:, None] ** 2
-        gram = (h * a).T @ h
-        cross = ((f + lost[tok]) * a).T @ h
+        h = _hidden(ev.moe.experts[c], x[tok]).double()
+        ha = h * pw[tok, slot].double()[:, None] ** 2
+        gram = ha.T @ h
+        cross = lost[tok].double().T @ ha
         down = ev.moe.experts[c].linears()[2]
-        lam = RIDGE * float(gram.diagonal().mean()) + 1e-12
-        gram.diagonal().add_(lam)  # in place: the I x I matrices are this step's largest allocation
-        new = torch.linalg.solve(gram, (cross + lam * down.weight.double()).T).T
-        down.weight.data.copy_(new)  # in place: no second copy of the kept experts while the layer is held
+        gram.diagonal().add_(RIDGE * float(gram.diagonal().mean()) + 1e-12)  # in place: the largest allocation
+        delta = torch.linalg.solve(gram, cross.T).T  # gram is symmetric: L G^-1
+        down.weight.data.copy_(down.weight.double() + delta)  # in place: no second copy of the kept experts
         changed.append(c)
     return changed
 
 
-def merge_select(ev: LayerEvidence, budget: Budget) -> Selection:
-    """Keep the REAP-best experts and fold the dropped experts' routed output into the kept experts that
-    take over their tokens (``refit``); the report lists, per kept expert, the dropped experts whose
-    routing mass it receives and the shares of that mass (module docstring)."""
-    scores = ev.stats.reap.double()
-    kept = keep_top(scores, budget, ev.layer)
+def fold_dropped(ev: LayerEvidence, kept: list[int], num_experts: int) -> dict:
+    """Fold the dropped experts' routed output into the kept experts that take over their tokens
+    (``refit``, in place on the loaded layer); returns, per rewritten kept expert, the dropped experts whose
+    routing mass it receives and the shares of that mass (the report's ``merged``; the writer adds the
+    stored form). The dropped experts' weights are freed on the way (the stage writes the kept ones)."""
     own, moved = transfer(ev, kept)
     merged = {}
-    for c in refit(ev, kept):
-        ds = [d for d in range(budget.num_experts) if float(moved[d, c]) > 0]
+    for c in refit(ev, kept, release=True):
+        ds = [d for d in range(num_experts) if float(moved[d, c]) > 0]
         w = torch.tensor([float(own[c])] + [float(moved[d, c]) for d in ds], dtype=torch.float64)
         merged[str(c)] = {"members": [c, *ds], "mass_share": [round(float(v), 6) for v in (w / w.sum()).tolist()],
                           "rewritten": ["down"]}
-    return Selection(kept, scores, {"merged": merged})
+    return merged
+
+
+@contextmanager
+def folded(ev: LayerEvidence, kept: list[int], stored: Callable[[int], torch.Tensor] | None = None) -> Iterator[None]:
+    """``refit`` on the loaded layer for the duration of the block, then the kept experts' own down
+    projections back (``auto``'s race scores folded plans on a layer that the other plans share):
+    ``stored(c)``, expert c's down projection as the checkpoint stores it, where the layer holds exactly
+    that (float-stored experts: no second copy in memory), else a copy taken before."""
+    downs = {c: ev.moe.experts[c].linears()[2].weight.detach().clone() for c in kept} if stored is None else {}
+    try:
+        refit(ev, kept)
+        yield
+    finally:
+        for c in kept:
+            ev.moe.experts[c].linears()[2].weight.data.copy_(downs[c] if stored is None else stored(c))
+
+
+def stored_in_float(reader, names, bases: list[str]) -> bool:
+    """Whether every linear in ``bases`` is stored as one float tensor ``<base>.weight`` of 16 bits or more
+    (``names``: the layer's stored names): folding then rewrites it without re-quantizing anything."""
+    names = set(names)
+    for base in bases:
+        n = base + ".weight"
+        if n not in names or any(m.startswith(base + ".") and m != n for m in names):
+            return False
+        dt = reader.get_dtype(n)
+        if not dt.is_floating_point or dt.itemsize < 2:
+            return False
+    return True
 
 
 def _format_of(reader, base: str):

@@ -31,6 +31,10 @@ class PruneMethod:
     candidates: tuple[str, ...] = ()
     # plans: these methods each prune the whole model side by side; the lowest calibration loss is kept
     plans: tuple[str, ...] = ()
+    # fold the dropped experts into the kept ones after selecting (merge.fold_dropped): "always", or
+    # "float" = only where the layer's routed experts are stored in a float dtype (quantized experts
+    # keep their stored bytes unless merging is asked for); "" = never. ``--merge/--no-merge`` override it.
+    merge: str = ""
 
 
 METHODS: dict[str, PruneMethod] = {}

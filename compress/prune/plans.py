@@ -6,13 +6,16 @@ The calibration samples are dealt into two folds (``holdout``): every plan metho
 once from each fold's statistics, and each pruned model is compared with the original on the
 other fold (KL divergence of the next-token distributions; NLL reported beside it). Each layer is
 read once while all plans advance (the original model's statistics per fold feed the
-non-sequential plans, a look-ahead plan decides each layer one layer later). The race writes
-nothing: the stage then runs the chosen method on every calibration sample, as the method alone
-would, and writes it (a second read of each layer).
+non-sequential plans, a look-ahead plan decides each layer one layer later). Where the stage folds
+the dropped experts into the kept ones (``merge``), each plan is scored folded, its fold fit on its
+own statistics: the race compares what would be written. The race writes nothing: the stage then
+runs the chosen method on every calibration sample, as the method alone would (folded likewise),
+and writes it (a second read of each layer).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +28,7 @@ from moepress.compress.prune.config import PruneConfig
 from moepress.compress.prune.evidence import LayerEvidence
 from moepress.compress.prune.holdout import HeldOut, choice_margin, score_plans
 from moepress.compress.prune.lookahead import CandidateView, Pending, candidate_states, decide
+from moepress.compress.prune.merge import folded
 from moepress.compress.prune.methods import METHODS
 from moepress.compress.stream import StreamedModel
 from moepress.device import default_device
@@ -39,20 +43,23 @@ class Stage(Protocol):
     sm: StreamedModel
     adapter: Adapter
     budget: Budget
+    merge_rule: str
 
     def evidence(self, i: int, layer: DecoderLayer, hs: list[torch.Tensor], recorder: bool,
                  chunks: bool = True) -> tuple[LayerEvidence, list[torch.Tensor]]: ...
+
+    def merges(self, i: int) -> bool: ...
 
 
 @dataclass
 class _Plan:
     """One plan's pruned model so far: its hidden states on every calibration batch, its own fold's
-    first (``stage.batches`` rotated so that ``hs[:n]`` are the statistics batches), and the layer
-    waiting for a look-ahead decision."""
+    first (``stage.batches`` rotated so that ``hs[:n]`` are the statistics batches; None where never read),
+    and the layer waiting for a look-ahead decision."""
 
     fold: int
     n: int
-    hs: list[torch.Tensor]
+    hs: list[torch.Tensor | None]
     pending: Pending | None = None
     path: tuple = ()  # the kept experts of every layer so far: plans on the same path share their states
 
@@ -65,8 +72,9 @@ class PlanRace:
         self.stage, self.names, self.folds = stage, names, folds
         self.batches = [b for f in folds for b in f]
         self.start = [sum(len(f) for f in folds[:i]) for i in range(len(folds))]
-        # the original model's statistics need a recorder when a non-look-ahead plan searches
-        self.rec = any(METHODS[n].needs_outputs and not METHODS[n].candidates for n in names)
+        # the original model's statistics need a recorder when a non-look-ahead plan searches or folds
+        self.rec = bool(stage.merge_rule) or any(METHODS[n].needs_outputs and not METHODS[n].candidates
+                                                 for n in names)
 
     def rot(self, xs: list, f: int) -> list:
         """``xs`` (one entry per batch, folds in order) starting at fold f's first batch."""
@@ -76,8 +84,8 @@ class PlanRace:
         """The plan report: each method's held-out KL and NLL over all samples, and the chosen one."""
         s = self.stage
         ref = s.sm.embed(self.batches)
-        plans = {(f, name): _Plan(f, len(fold), self.rot(ref, f)) for f, fold in enumerate(self.folds)
-                 for name in self.names}
+        plans = {(f, name): _Plan(f, len(fold), self._states(name, self.rot(ref, f), len(fold)))
+                 for f, fold in enumerate(self.folds) for name in self.names}
         with progress.task("plans", s.adapter.num_layers) as task:
             for i, layer in s.sm.layers():
                 ref = self._advance(plans, i, layer, ref)
@@ -100,6 +108,17 @@ class PlanRace:
                 "unpruned_heldout_nll": held.ref_nll / max(held.predicted, 1), "candidates": scores,
                 "choice": choice_margin(best, held.kl, held.positions)}
 
+    def _states(self, name: str, hs: list[torch.Tensor], n: int) -> list[torch.Tensor | None]:
+        """A plan's states to carry: all, or (a plan whose statistics are the original model's, scored on the
+        other fold) only the held-out ones, its own fold's entries None: they would never be read."""
+        own_unused = len(self.folds) > 1 and not self.stage.cfg.sequential and not METHODS[name].candidates
+        return [None] * n + hs[n:] if own_unused else hs
+
+    def _run(self, layer: DecoderLayer, hs: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """``layer`` on the states a plan carries (the leading None entries stay None)."""
+        k = next((j for j, h in enumerate(hs) if h is not None), len(hs))
+        return hs[:k] + self.stage.sm.run_layer(layer, hs[k:])
+
     def _advance(self, plans: dict[tuple[int, str], _Plan], i: int, layer: DecoderLayer,
                  ref: list[torch.Tensor]) -> list[torch.Tensor]:
         """Every plan through layer i; returns the original model's state after it."""
@@ -121,7 +140,7 @@ class PlanRace:
             if layer.moe is None:
                 p.path += ("dense",)
                 if (p.fold, p.path) not in self.done:
-                    self.done[(p.fold, p.path)] = s.sm.run_layer(layer, p.hs)
+                    self.done[(p.fold, p.path)] = self._run(layer, p.hs)
                 p.hs = self.done[(p.fold, p.path)]
             else:
                 self._prune(name, p, i, layer, ev_ref.get(p.fold))
@@ -136,14 +155,28 @@ class PlanRace:
                 p.pending = candidate_states(s.sm, s.budget, m, ev, layer, p.hs)
             return
         # statistics of the original model, or (--sequential) of its own pruned prefix
-        ev = s.evidence(i, layer, p.hs[:p.n], m.needs_outputs, chunks=False)[0] if s.cfg.sequential else ev_ref
+        if s.cfg.sequential:
+            ev = s.evidence(i, layer, p.hs[:p.n], m.needs_outputs or s.merges(i), chunks=False)[0]
+        else:
+            ev = ev_ref
         with default_device(s.sm.device):
             kept = m.select(ev, s.budget).kept
         p.path += (tuple(kept),)
         if (p.fold, p.path) not in self.done:  # another plan already made this model (frequency = ean, often)
-            with CandidateView(layer, kept) as lay:
-                self.done[(p.fold, p.path)] = s.sm.run_layer(lay, p.hs)
+            # scored as it would be written: the dropped experts folded in (fit on this fold's statistics)
+            fold = folded(ev, kept, self._stored_down(i)) if s.merges(i) else nullcontext()
+            with default_device(s.sm.device), fold, CandidateView(layer, kept) as lay:
+                self.done[(p.fold, p.path)] = self._run(lay, p.hs)
         p.hs = self.done[(p.fold, p.path)]
+
+    def _stored_down(self, i: int):
+        """Layer i's expert c's down projection read from the checkpoint, where the loaded layer holds it as
+        stored (the fold rule "float"); else None (``folded`` keeps a copy)."""
+        s = self.stage
+        if s.merge_rule != "float":
+            return None
+        a = s.adapter
+        return lambda c: s.sm.ckpt.get(a.expert_prefix(i, c) + a.expert_names[2] + ".weight")
 
     def _settle(self, p: _Plan, state: list[torch.Tensor], nxt: DecoderLayer | None) -> None:
         """Decide a look-ahead layer on the plan's statistics batches (``state``: the original's)."""

@@ -15,13 +15,17 @@ from moepress.compress.prune.routing import group_of, group_ranks, route_masked
 
 
 class ExpertOutputs:
-    """f_e(x_t) for (token, expert) pairs, computed once, on demand (exact, from the layer's experts)."""
+    """f_e(x_t) for (token, expert) pairs, computed once, on demand (exact, from the layer's experts).
+
+    Stored in blocks of ``max(1024, tokens)`` rows added as the cache grows, never a grown copy of
+    the whole cache (that copy would hold the old and the new buffer at once, beside the layer)."""
 
     def __init__(self, x: torch.Tensor, moe: SparseMoE):
         self.x, self.moe = x, moe
         t, h = x.shape
         self.slot = torch.full((t, moe.num_experts), -1, dtype=torch.long)
-        self.buf = torch.empty(max(1024, t), h)
+        self.rows = max(1024, t)
+        self.blocks = [torch.empty(self.rows, h)]
         self.n = 0
 
     @torch.no_grad()
@@ -31,24 +35,36 @@ class ExpertOutputs:
             return
         T = self.x.shape[0]
         key = torch.unique(e[miss] * T + t[miss])  # sorted: grouped by expert
-        need = self.n + key.numel()
-        if need > self.buf.shape[0]:
-            grown = torch.empty(max(need, 2 * self.buf.shape[0]), self.buf.shape[1])
-            grown[: self.n] = self.buf[: self.n]
-            self.buf = grown
         experts, counts = torch.unique_consecutive(key // T, return_counts=True)
         for ex, toks in zip(experts.tolist(), torch.split(key % T, counts.tolist()), strict=True):
             y = self.moe.experts[ex](self.x[toks]).float()
-            self.buf[self.n: self.n + toks.numel()] = y
             self.slot[toks, ex] = torch.arange(self.n, self.n + toks.numel())
-            self.n += toks.numel()
+            done = 0
+            while done < y.shape[0]:  # across the end of a block
+                b, r = divmod(self.n, self.rows)
+                if b == len(self.blocks):
+                    self.blocks.append(torch.empty_like(self.blocks[0]))
+                k = min(y.shape[0] - done, self.rows - r)
+                self.blocks[b][r: r + k] = y[done: done + k]
+                done, self.n = done + k, self.n + k
+
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        """The cached rows at ``slots`` [m] -> [m, hidden]."""
+        if len(self.blocks) == 1:
+            return torch.index_select(self.blocks[0], 0, slots)
+        out = torch.empty(slots.numel(), self.blocks[0].shape[1])
+        b = slots // self.rows
+        for j in torch.unique(b).tolist():
+            m = b == j
+            out[m] = torch.index_select(self.blocks[j], 0, slots[m] - j * self.rows)
+        return out
 
     def combine(self, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_j w_j f_{e_j}(x_t) for rows t [n], indices/weights [n, k]."""
         tt = t[:, None].expand_as(indices).reshape(-1)
         ee = indices.reshape(-1)
         self.fill(tt, ee)
-        y = torch.index_select(self.buf, 0, self.slot[tt, ee]).view(*indices.shape, -1)
+        y = self.gather(self.slot[tt, ee]).view(*indices.shape, -1)
         return torch.bmm(weights.float().unsqueeze(1), y).squeeze(1)
 
 
@@ -77,7 +93,13 @@ class RerouteSearch:
     checks it against that brute force), at a fraction of the cost.
     """
 
-    CHUNK_BYTES = 128 * 2**20  # expert outputs gathered at once (rows x top_k x hidden floats)
+    # rows evaluated at once (rows x top_k x hidden floats of expert outputs); the expert outputs a
+    # chunk needs are computed together (the same batches through each expert, so the same numbers,
+    # whatever ``STEP_LAYER_SHARE``), then its error is computed ``step`` rows at a time (temporaries
+    # of about (top_k + 6) x hidden floats a row): a 32nd of the layer's experts, 1-128 MB, so that
+    # the search stays small beside the layer whatever the layer's size
+    CHUNK_BYTES = 128 * 2**20
+    STEP_LAYER_SHARE = 32
 
     def __init__(self, ev: LayerEvidence, budget: Budget):
         self.ev, self.budget = ev, budget
@@ -87,6 +109,9 @@ class RerouteSearch:
         self.E = budget.num_experts
         self.T = x.shape[0]
         self.chunk = max(64, self.CHUNK_BYTES // (4 * budget.top_k * x.shape[1]))
+        experts = sum(p.numel() * p.element_size() for p in ev.moe.experts.parameters())
+        step = min(self.CHUNK_BYTES, max(2**20, experts // self.STEP_LAYER_SHARE))
+        self.step = max(64, step // (4 * budget.top_k * x.shape[1]))
         self.out = ExpertOutputs(x, ev.moe)
         self._prefill(idx0)
         self._reference(idx0, w0)
@@ -129,13 +154,16 @@ class RerouteSearch:
     def _err(self, rows, idx, w) -> torch.Tensor:
         out = torch.empty(rows.numel(), dtype=torch.float64)
         for s in range(0, rows.numel(), self.chunk):
-            sl = slice(s, s + self.chunk)
-            y = self.out.combine(rows[sl], idx[sl], w[sl])
-            if self.base is None:
-                d = self.y0[rows[sl]] - y
-            else:
-                d = self.ref[rows[sl]] - rms_normalize(self.base[rows[sl]] + y)
-            out[sl] = (d * d).sum(-1).double()
+            c = slice(s, s + self.chunk)
+            self.out.fill(rows[c, None].expand_as(idx[c]).reshape(-1), idx[c].reshape(-1))
+            for u in range(s, min(s + self.chunk, rows.numel()), self.step):
+                sl = slice(u, min(u + self.step, s + self.chunk))
+                y = self.out.combine(rows[sl], idx[sl], w[sl])  # filled: a gather
+                if self.base is None:
+                    d = self.y0[rows[sl]] - y
+                else:
+                    d = self.ref[rows[sl]] - rms_normalize(self.base[rows[sl]] + y)
+                out[sl] = (d * d).sum(-1).double()
         return out
 
     def _affected(self, rows: torch.Tensor) -> torch.Tensor:

@@ -24,12 +24,13 @@ from moepress.compress.prune.config import REPORT_NAME, PruneConfig
 from moepress.compress.prune.evidence import LayerEvidence, RouteRecorder, Selection
 from moepress.compress.prune.holdout import split_folds
 from moepress.compress.prune.lookahead import Pending, candidate_states, decide
+from moepress.compress.prune.merge import fold_dropped, stored_in_float
 from moepress.compress.prune.methods import METHODS, PruneMethod
 from moepress.compress.prune.mtp import MTP_SCORING, MTPInput, mtp_layers_present, read_decoder_state
 from moepress.compress.prune.plans import PlanRace
 from moepress.compress.prune.report import layer_note, layer_report
 from moepress.compress.prune.stability import ChunkedRouting, select_stable
-from moepress.compress.prune.surgery import prune_moe_module, write_from_checkpoint, write_from_layer
+from moepress.compress.prune.surgery import prune_moe_module, read_later, write_from_checkpoint, write_from_layer
 from moepress.compress.stream import StreamedModel, read_ahead_budget
 from moepress.device import default_device
 from moepress.errors import MoepressError
@@ -62,10 +63,19 @@ class PruneStage:
         if cfg.method not in METHODS:
             raise MoepressError(f"--method {cfg.method}: expected one of {', '.join(METHODS)}")
         self.cfg, self.method = cfg, METHODS[cfg.method]
+        # "always" / "float" (where the experts are stored in float) / "": the method's, unless --merge/--no-merge
+        self.merge_rule = {True: "always", False: ""}.get(cfg.merge, self.method.merge)
+        if self.merge_rule and self.method.candidates:
+            raise MoepressError(f"--merge: {cfg.method} decides each layer one layer later from candidate "
+                                "selections; merging folds after a per-layer selection (reroute, reap, frequency, "
+                                "ean, auto)")
         self.reader = reader = CheckpointReader(model)
-        # bf16 weights stay as stored (StoredLinear: same float32 results, half the memory) and the
-        # reader runs a bounded distance ahead (a quarter layer at most), never a whole third layer.
-        self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=read_ahead_budget(reader), device=device)
+        # Within 2 stored layers: bf16 weights stay as stored (StoredLinear: same float32 results, half
+        # the memory), the reader runs an eighth of a layer ahead (never a whole second layer; the
+        # rest of the second layer's room is the methods' working memory), and a layer is dropped
+        # before the next one is read (release_layers).
+        self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=read_ahead_budget(reader, 8, floor=0),
+                                release_layers=True, device=device)
         self.adapter = a = self.sm.adapter
         self.mtp = mtp_layers_present(a, reader)
         moe_layers = a.moe_layers()
@@ -97,8 +107,8 @@ class PruneStage:
             w.manifest.update({"stage": "prune", "config": asdict(cfg),
                                "inputs": {"model": str(reader.path), "calibration": list(cfg.calib) or ["default"],
                                           "calibration_tokens": n_tokens}})
-            for name in top_names:
-                w.add(name, reader.get(name))
+            for name in top_names:  # each read when its shard is written
+                w.add(name, read_later(reader, name))
             w.end_shard()
             with progress.task("prune", self.adapter.num_layers + len(self.mtp)) as task:
                 if self.method.plans:  # the method chosen out of fold, then run alone on every sample
@@ -118,7 +128,15 @@ class PruneStage:
                 "num_experts": budget.num_experts, "kept": budget.keep, "experts_key": a.experts_key(),
                 "routing": self.routing, "constraints": self.notes, "calibration_tokens": n_tokens,
                 "mtp_layers": self.mtp, "mtp_scoring": MTP_SCORING if self.mtp else None,
-                **({"plans": plan_info} if plan_info else {}), "layers": self.report_layers}
+                **({"plans": plan_info} if plan_info else {}), **self._merge_report(), "layers": self.report_layers}
+
+    def _merge_report(self) -> dict:
+        if not self.merge_rule:
+            return {}
+        done = [r["layer"] for r in self.report_layers if "merged" in r]
+        why = {"always": "every pruned layer", "float": "layers whose routed experts are stored in float; experts "
+               "stored quantized keep their stored bytes (--merge folds and re-quantizes them)"}[self.merge_rule]
+        return {"merge": {"rule": self.merge_rule, "applies_to": why, "merged_layers": done}}
 
     def summary(self, out: str | Path, t0: float) -> dict:
         shares = [r["dropped_share"] for r in self.report_layers]
@@ -214,11 +232,14 @@ class PruneStage:
                     meth: PruneMethod) -> Pending | tuple[list[torch.Tensor], Selection]:
         """Select and write layer i: (its output states, the selection); a trunk layer of a look-ahead
         method returns its ``Pending`` candidates instead (written once decided)."""
-        ev, out_hs = self.evidence(i, layer, hs, meth.needs_outputs)
+        merging = not (meth.candidates and kind == "trunk") and self.merges(i)
+        ev, out_hs = self.evidence(i, layer, hs, meth.needs_outputs or merging)
         with default_device(self.sm.device):  # the search's own tensors beside the layer's
             if meth.candidates and kind == "trunk":
                 return candidate_states(self.sm, self.budget, meth, ev, layer, hs)
             sel = select_stable(meth, ev, self.budget)
+            if merging:
+                sel.extra["merged"] = fold_dropped(ev, sel.kept, self.budget.num_experts)
         assert len(sel.kept) == self.budget.keep
         self.report_layers.append(layer_report(i, kind, sel, ev.stats, meth, self.budget.protected_in(i)))
         write_from_layer(self.w, self.reader, self.adapter, i, layer, sel.kept, sel.extra.get("merged"))
@@ -226,6 +247,14 @@ class PruneStage:
             prune_moe_module(layer.moe, sel.kept)
             out_hs = self.sm.run_layer(layer, hs)
         return out_hs, sel
+
+    def merges(self, i: int) -> bool:
+        """Whether layer i's dropped experts are folded into its kept ones (``merge_rule``)."""
+        if self.merge_rule != "float":
+            return bool(self.merge_rule)
+        a, experts = self.adapter, range(self.budget.num_experts)
+        return stored_in_float(self.reader, self.reader.layer_names(i),
+                               [a.expert_prefix(i, e) + n for e in experts for n in a.expert_names])
 
     def write_read(self, i: int, kept: list[int] | None) -> None:
         """Layer i read again as stored: pruned to ``kept``, or copied (dense)."""

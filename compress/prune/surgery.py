@@ -8,10 +8,13 @@ the input's stored form (``merge.encode_like``).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, LayerView
+from moepress.compress.checkpoint.writer import Deferred
 from moepress.compress.moe import DecoderLayer, SparseMoE
 from moepress.compress.prune.merge import encode_like
 from moepress.errors import MoepressError
@@ -28,33 +31,46 @@ def prune_moe_module(moe: SparseMoE, kept: list[int]) -> SparseMoE:
     return moe
 
 
-def pruned_layer_tensors(reader: CheckpointReader, adapter, i: int, kept: list[int]):
+def read_later(reader: CheckpointReader, name: str) -> Deferred:
+    """The stored tensor ``name``, read when the writer writes it."""
+    return Deferred(reader.get_dtype(name), reader.info(name).shape, partial(reader.get, name))
+
+
+def pruned_layer_tensors(reader: CheckpointReader, adapter, i: int, kept: list[int], deferred: bool = False):
     """Yield (name, stored tensor) of layer i with only the kept routed experts.
 
     Expert tensors (weights and whatever is stored beside them: FP8 ``weight_scale_inv``,
     scales) are renamed to the dense new index and copied as stored; tensors under the
     router prefix are sliced along their expert dimension (``gate.weight`` [E, H],
     ``e_score_correction_bias`` [E], any router bias); everything else is copied as is.
+    ``deferred``: a tensor copied as stored comes as a :class:`Deferred` read, which the writer
+    reads when it writes the shard (one tensor in memory at a time, not the pruned layer).
     """
     E = adapter.num_experts
     new_of = {e: j for j, e in enumerate(kept)}
     router = adapter.router_prefix(i)
     idx = torch.tensor(kept, dtype=torch.long)
+
+    def stored(name: str) -> torch.Tensor | Deferred:
+        return read_later(reader, name) if deferred else reader.get(name)
+
     for name in sorted(reader.layer_names(i)):
         hit = adapter.expert_index(name)
         if hit is not None and hit[0] == i:
             e = hit[1]
             if e in new_of:
                 old = adapter.expert_prefix(i, e)
-                yield adapter.expert_prefix(i, new_of[e]) + name[len(old):], reader.get(name)
+                yield adapter.expert_prefix(i, new_of[e]) + name[len(old):], stored(name)
+            continue
+        if not name.startswith(router):
+            yield name, stored(name)
             continue
         t = reader.get(name)
-        if name.startswith(router):
-            if t.ndim >= 1 and t.shape[0] == E:
-                t = t[idx].clone()
-            elif t.numel() != 1:
-                raise MoepressError(f"{reader.path}: router tensor '{name}' has shape {list(t.shape)}; expected "
-                                    f"its first dimension to be the {E} routed experts (or a scalar)")
+        if t.ndim >= 1 and t.shape[0] == E:
+            t = t[idx].clone()
+        elif t.numel() != 1:
+            raise MoepressError(f"{reader.path}: router tensor '{name}' has shape {list(t.shape)}; expected "
+                                f"its first dimension to be the {E} routed experts (or a scalar)")
         yield name, t
 
 
@@ -85,11 +101,12 @@ def write_from_layer(w: CheckpointWriter, reader: CheckpointReader, adapter, i: 
 
 def write_from_checkpoint(w: CheckpointWriter, reader: CheckpointReader, adapter, i: int,
                           kept: list[int] | None) -> None:
-    """Layer i read again as stored: pruned to ``kept``, or copied (dense)."""
+    """Layer i read again as stored, each tensor when the writer writes it: pruned to ``kept``, or
+    copied (dense)."""
     if kept is None:
         for name in sorted(reader.layer_names(i)):
-            w.add(name, reader.get(name))
+            w.add(name, read_later(reader, name))
     else:
-        for name, t in pruned_layer_tensors(reader, adapter, i, kept):
+        for name, t in pruned_layer_tensors(reader, adapter, i, kept, deferred=True):
             w.add(name, t)
     w.end_shard()

@@ -46,12 +46,14 @@ def quantize_block(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> t
         q, scale = quantize_block(torch.nn.functional.pad(w, (0, pc, 0, pr)), block)
         return q[:out, :inp].contiguous(), scale
     v = w.reshape(out // br, br, inp // bc, bc)
-    amax = torch.maximum(v.amax(dim=(1, 3)), v.amin(dim=(1, 3)).neg())  # max |w|, no |w| buffer
-    scale = (amax.float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    # divided in float32 in a reused scratch buffer: no fresh pages per tensor (a mixed
-    # bf16/float32 division is ~10x slower on CPU; fresh buffers cost page faults)
+    # in float32 in a reused scratch buffer: no fresh pages per tensor (a mixed bf16/float32 division
+    # is ~10x slower on CPU; fresh buffers cost page faults); bf16 -> float32 is exact
     f = _scratch(w.numel(), w.device).view(v.shape)
     f.copy_(v)
+    # max |w| per block (no |w| buffer), reduced along the contiguous last dim first (~3x faster on CPU
+    # than both dims at once); a max is exact in any order
+    amax = torch.maximum(f.amax(dim=3), f.amin(dim=3).neg()).amax(dim=1)
+    scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
     f.div_(scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)
     return f.to(FP8_DTYPE).view(out, inp), scale
 

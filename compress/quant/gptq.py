@@ -66,8 +66,9 @@ def hessian_update(H: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[tor
 # Up to it, float64 as always (every bundled model and expert width: their outputs are unchanged).
 WIDE_INPUT = 8192
 # the working copy of the weight is processed in chunks of at most this many bytes of output rows
-# (GPTQ rounds each row independently given the factor); weights under it are done in one piece
-ROW_CHUNK_BYTES = 256 << 20
+# (GPTQ rounds each row independently given the factor: the same bits whatever the chunks,
+# tests/test_quant_memory.py); weights under it are done in one piece
+ROW_CHUNK_BYTES = 64 << 20
 
 
 def hessian_dtype(width: int) -> torch.dtype:
@@ -75,7 +76,7 @@ def hessian_dtype(width: int) -> torch.dtype:
     return torch.float32 if width > WIDE_INPUT else torch.float64
 
 
-def hessian_inverse_factor(H: torch.Tensor, w: torch.Tensor, damp: float = 0.01,
+def hessian_inverse_factor(H: torch.Tensor, w: torch.Tensor | None, damp: float = 0.01,
                            overwrite: bool = False, dead: torch.Tensor | None = None) -> torch.Tensor:
     """Upper Cholesky factor of the damped H^-1 (in :func:`hessian_dtype`) for weight ``w`` [out, in].
 
@@ -103,7 +104,7 @@ def hessian_inverse_factor(H: torch.Tensor, w: torch.Tensor, damp: float = 0.01,
     except (RuntimeError, torch.linalg.LinAlgError):
         # modelopt's fallback (compute_hessian_inverse): identity, i.e. plain round-to-nearest
         log.warning("GPTQ: Hessian not positive definite after damping; round-to-nearest for this weight")
-        return torch.eye(w.shape[1], dtype=dtype, device=w.device)
+        return torch.eye(H.shape[0], dtype=dtype, device=H.device)
 
 
 def _permute_sym_(H: torch.Tensor, perm: torch.Tensor, rows: int = 1024) -> torch.Tensor:
@@ -129,13 +130,14 @@ def _permute_sym_(H: torch.Tensor, perm: torch.Tensor, rows: int = 1024) -> torc
     return H
 
 
-def factor(H: torch.Tensor, w: torch.Tensor, damp: float = 0.01,
-           act_order: bool = False, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def factor(H: torch.Tensor, w: torch.Tensor | None, damp: float = 0.01, act_order: bool = False,
+           overwrite: bool = False, dead: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(column order, upper Cholesky factor of the damped H^-1 in that order) for weight ``w``.
 
-    It depends on ``w`` only through its all-zero columns, so linears that read the same input
-    (gate/up, q/k/v) share one: :func:`gptq_quantize_shared`. The factorisation is the bulk of
-    GPTQ's cost at real sizes (an in=7168 Hessian: ~9 s of ~15 s per [2048, 7168] weight, 2 cores).
+    It depends on ``w`` only through its all-zero columns (``dead``, when the caller has them: then
+    ``w`` is unused), so linears that read the same input (gate/up, q/k/v) share one:
+    :func:`gptq_quantize_shared`. The factorisation is the bulk of GPTQ's cost at real sizes (an
+    in=7168 Hessian: ~9 s of ~15 s per [2048, 7168] weight, 2 cores).
     ``overwrite``: H is the caller's to destroy (the permutation and the factor reuse its memory).
     """
     perm = (torch.argsort(torch.diag(H).double(), descending=True, stable=True) if act_order
@@ -145,51 +147,90 @@ def factor(H: torch.Tensor, w: torch.Tensor, damp: float = 0.01,
         Hp = _permute_sym_(H, perm) if act_order else H
     else:
         Hp = H.index_select(0, perm).index_select(1, perm).to(dtype)
-    return perm, hessian_inverse_factor(Hp, w, damp, overwrite=True, dead=(w == 0).all(dim=0)[perm])
+    dead = dead_columns(w) if dead is None else dead
+    return perm, hessian_inverse_factor(Hp, w, damp, overwrite=True, dead=dead[perm])
+
+
+def row_chunks(out: int, cols: int, itemsize: int) -> list[tuple[int, int]]:
+    """Row ranges of at most ROW_CHUNK_BYTES of ``cols`` values of ``itemsize`` bytes (one if it fits)."""
+    step = max(1, ROW_CHUNK_BYTES // (cols * itemsize))
+    return [(0, out)] if out <= step else [(r, min(r + step, out)) for r in range(0, out, step)]
+
+
+def _float_rows(w: torch.Tensor, r0: int, r1: int, in_scale: torch.Tensor | None) -> torch.Tensor:
+    """Rows r0:r1 of the weight GPTQ rounds: ``w.float() / in_scale`` (AWQ's smoothed weight), made a
+    slice at a time from ``w`` as stored (a bf16 weight is never copied whole into float32)."""
+    if in_scale is None:
+        # a copy of the caller's (GPTQ updates it in place); bf16 -> float32, float64 kept as it was
+        return w[r0:r1].to(torch.promote_types(w.dtype, torch.float32), copy=True)
+    return w[r0:r1].float() / in_scale[None, :]
+
+
+def dead_columns(w: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The all-zero columns of ``w.float() / in_scale``, a slice of rows at a time."""
+    dead = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+    for r0, r1 in row_chunks(w.shape[0], w.shape[1], 4):
+        dead &= (_float_rows(w, r0, r1, in_scale) == 0).all(dim=0)
+    return dead
 
 
 def gptq_quantize_shared(ws: list[torch.Tensor], H: torch.Tensor, group_size: int = 128, damp: float = 0.01,
-                         act_order: bool = False, overwrite: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                         act_order: bool = False, overwrite: bool = False,
+                         in_scale: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`gptq_quantize` of each weight in ``ws`` (all reading the input whose Hessian is ``H``),
     factorising H once when their all-zero columns agree (the results are the same either way).
-    ``overwrite``: H is the caller's to destroy (then factorised in its own memory)."""
-    dead = [(w == 0).all(dim=0) for w in ws]
+    ``overwrite``: H is the caller's to destroy (then factorised in its own memory). ``in_scale``:
+    the weights rounded are ``w.float() / in_scale`` (AWQ's smoothing), made a slice of rows at a time."""
+    dead = [dead_columns(w, in_scale) for w in ws]
     if all(torch.equal(d, dead[0]) for d in dead):
-        shared = factor(H, ws[0], damp, act_order, overwrite=overwrite)
-        return [gptq_quantize(w, None, group_size, damp, act_order, factorized=shared) for w in ws]
-    return [gptq_quantize(w, H, group_size, damp, act_order) for w in ws]
+        shared = factor(H, None, damp, act_order, overwrite=overwrite, dead=dead[0])
+        return [gptq_quantize(w, None, group_size, damp, act_order, factorized=shared, in_scale=in_scale)
+                for w in ws]
+    return [gptq_quantize(w, H, group_size, damp, act_order, in_scale=in_scale, dead=d)
+            for w, d in zip(ws, dead, strict=True)]
 
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor | None, group_size: int = 128, damp: float = 0.01,
                   act_order: bool = False, block_size: int = 128,
-                  factorized: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  factorized: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  in_scale: torch.Tensor | None = None, dead: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in], H [in, in] -> (int8 values in [-8, 7] [out, in], float32 scales [out, in / group]).
 
     Dequantized weight = int4.dequantize(q, scales); the scales are exactly RTN's
     (``int4.group_scales(w, group)``), only the rounding of each column differs. ``factorized``:
     :func:`factor`'s result for this H, damp, act_order and w's zero columns (H then unused).
+    ``in_scale``: the weight rounded is ``w.float() / in_scale``; ``dead``: its all-zero columns.
+    ``w`` is read a slice of rows at a time (GPTQ rounds each row independently given the factor:
+    the same bits whatever the slices), so only one slice exists in the factor's precision.
     """
     out, cols = w.shape
     if cols % group_size:
         raise ValueError(f"GPTQ: in_features {cols} is not a multiple of group_size {group_size}")
-    scales = int4.group_scales(w, group_size)  # float32, from the original weight
-    perm, U = factorized if factorized is not None else factor(H, w, damp, act_order)
+    if factorized is None:
+        factorized = factor(H, None, damp, act_order, dead=dead_columns(w, in_scale) if dead is None else dead)
+    perm, U = factorized
+    scales = torch.empty(out, cols // group_size, dtype=torch.float32, device=w.device)
     Q = torch.empty(out, cols, dtype=torch.int8, device=w.device)
-    step = max(1, ROW_CHUNK_BYTES // (cols * U.element_size()))
-    rows = [(0, out)] if out <= step else [(r, min(r + step, out)) for r in range(0, out, step)]
-    for r0, r1 in rows:
-        Q[r0:r1] = _rows(w[r0:r1], scales[r0:r1], perm, U, group_size, block_size)
+    for r0, r1 in row_chunks(out, cols, U.element_size()):
+        wr = _float_rows(w, r0, r1, in_scale)
+        scales[r0:r1] = int4.group_scales(wr, group_size)  # float32, from the original weight
+        Q[r0:r1] = _rows(wr, scales[r0:r1], perm if act_order else None, U, group_size, block_size)
+        del wr
     if act_order:
         Q = Q[:, torch.argsort(perm)]
     return Q, scales
 
 
-def _rows(w: torch.Tensor, scales: torch.Tensor, perm: torch.Tensor, U: torch.Tensor, group_size: int,
+def _rows(w: torch.Tensor, scales: torch.Tensor, perm: torch.Tensor | None, U: torch.Tensor, group_size: int,
           block_size: int) -> torch.Tensor:
-    """GPTQ's column loop (module docstring) over the rows ``w`` [rows, in] -> int8 values in the order ``perm``."""
+    """GPTQ's column loop (module docstring) over the rows ``w`` [rows, in] -> int8 values in the order
+    ``perm`` (None: in order, and a float32 ``w`` of a float32 factor is updated in place)."""
     cols = w.shape[1]
-    W = w.to(U.dtype)[:, perm]
+    W = w.to(U.dtype) if perm is None else w.to(U.dtype)[:, perm]
+    if perm is None:
+        perm = torch.arange(cols, device=w.device)
     gsc = scales.to(U.dtype)
     Q = torch.empty(W.shape, dtype=torch.int8, device=w.device)
     for b0 in range(0, cols, block_size):

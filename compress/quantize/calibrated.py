@@ -40,6 +40,7 @@ from torch import nn
 
 import moepress.compress.quantize.config as qconfig
 from moepress.calib.distributed import DistEnv
+from moepress.compress.formats import _int4
 from moepress.compress.moe import AttentionObserver
 from moepress.compress.quant import kv as kvq
 from moepress.compress.quantize.config import FORMATS, QuantConfig
@@ -189,9 +190,20 @@ class CalibratedLayer:
     def quantize_non_experts(self) -> None:
         """Attention, dense MLP, shared experts: each group of linears reading one input."""
         for grp in self._non_expert_groups():
-            for fmt, names in by_format(grp, self.fmt_of).items():
-                quantize_group(self.res, self.cfg, fmt, names, [self.weights[n] for n in names],
-                               self.stats.get(names[0]))
+            parts = by_format(grp, self.fmt_of)
+            for fmt, names in parts.items():
+                st = self.stats.get(names[0])
+                if st is not None:  # read by one quantizer call: it may take the Hessian in place (stats.py)
+                    st.single_use = len(parts) == 1
+                quantize_group(self.res, self.cfg, fmt, names, self._weights_for(fmt, names), st)
+
+    def _weights_for(self, fmt: str, names: list[str]) -> list[torch.Tensor]:
+        """The weights handed to ``fmt``'s quantizer: as stored where it reads them exactly (the INT4
+        quantizer, formats/_int4.py: no float32 copy of a wide weight next to its Hessian), else float32.
+        Folded weights (fold.py FoldedWeights) are always made by ``self.weights``."""
+        if type(self.weights) is FloatWeights and _int4.reads_stored(FORMATS[fmt]):
+            return [self.linears[n].weight.detach() for n in names]
+        return [self.weights[n] for n in names]
 
     def quantize_experts(self) -> None:
         """Routed experts one at a time, from the layer's MoE input and its routing; then their

@@ -11,6 +11,7 @@ function before rounding. The folds are llm-compressor's AWQ mappings
     q_a_layernorm            -> q_b_proj   (MLA)                          norm weight * p
     kv_a_layernorm           -> kv_b_proj  (MLA)                          norm weight * p
     v_proj                   -> o_proj                                    v_proj rows * p
+    kv_b_proj (value rows)   -> o_proj     (MLA; not in llm-compressor)   kv_b_proj value rows * p
     post_attention_layernorm -> router, every expert's and the shared   norm weight * p,
                                 expert's gate/up (dense MLP: gate/up)    router columns / p
     up_proj                  -> down_proj  (each expert its own)          up_proj rows * p
@@ -20,7 +21,11 @@ the router read the post-attention norm's output), searched by :func:`awq.search
 expert's own tokens. v_proj -> o_proj under grouped-query attention: one value head feeds several
 query heads, so the vector is tied across them (geometric mean of the candidate over the heads of
 a group); llm-compressor skips that case instead (base.py ``_check_layers_are_compatible``).
-MLA's o_proj has no foldable predecessor in these mappings and is quantized without smoothing.
+MLA (DeepSeek-V3, Kimi K2): llm-compressor's mappings leave o_proj unsmoothed, but its input is
+the per-head values kv_b_proj produces (transformers modeling_deepseek_v3.py: kv_b_proj's output
+viewed [heads, qk_nope_head_dim + v_head_dim], split into k_nope and values; attention output
+[heads * v_head_dim] -> o_proj), and attention is linear in the values, so scaling kv_b_proj's value
+rows by p is exact, as v_proj's rows are (its key rows stay: the scores do not change).
 A fold is skipped (the linears quantized without smoothing) when a reader of its input is not an
 AWQ linear (a ``--rule`` gave it another format, or no INT4 group divides its in_features).
 
@@ -112,6 +117,61 @@ def gqa_tie(attn: nn.Module, v_out: int, o_in: int):
     return tie, lambda p: p.reshape(n_kv, n_rep, hd)[:, 0, :].reshape(-1)
 
 
+def mla_value_rows(attn: nn.Module, kvb_out: int, o_in: int):
+    """(None, rows): the map from an o_proj vector to kv_b_proj's rows (1 on the key rows, the vector
+    on the value rows of each head); None when the attention does not say its head layout."""
+    nope, vd = getattr(attn, "qk_nope_head_dim", None), getattr(attn, "v_head_dim", None)
+    if not nope or not vd or o_in % vd or kvb_out != (o_in // vd) * (nope + vd):
+        return None
+    heads = o_in // vd
+
+    def rows(p: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.new_ones(heads, nope), p.reshape(heads, vd)], 1).reshape(-1)
+
+    return None, rows
+
+
+def _weights(ws) -> list[torch.Tensor]:
+    return ws() if callable(ws) else ws
+
+
+@torch.no_grad()
+def consensus(parts: list[tuple], group: int) -> torch.Tensor | None:
+    """One vector close to what each reader of a shared input would choose alone: every part's own AWQ
+    vector (awq.search on its rows: unfolded AWQ's per-expert pre_quant_scale), their geometric mean
+    weighted by the part's rows (its routed tokens), normalised as awq.candidate_scales; None
+    without rows. The shared input's fold cannot give each expert its own vector; this candidate
+    moves the shared one toward all of them at once, where the alpha grid on pooled statistics may
+    suit none (the MoE fold would then be no better than leaving the experts unsmoothed)."""
+    logs, weights = [], []
+    for ws, x in parts:
+        if x.shape[0] == 0:
+            continue
+        pqs, _, _ = awq.search(_weights(ws), x, x.abs().mean(0), group)
+        logs.append(pqs.clamp(min=TINY).log())
+        weights.append(float(x.shape[0]))
+    if not logs:
+        return None
+    w = torch.tensor(weights, device=logs[0].device)
+    s = (-(torch.stack(logs) * w[:, None]).sum(0) / w.sum()).exp()  # s = 1 / pqs, as candidate_scales
+    s = s / (s.max() * s.min()).sqrt()
+    return (1.0 / s).float()
+
+
+@torch.no_grad()
+def shared_loss(parts: list[tuple], pqs: torch.Tensor, group: int) -> float:
+    """Sum over the parts' linears and rows of the squared output error of smoothing by ``pqs`` and
+    rounding to nearest (awq.search_shared's loss)."""
+    s, err = 1.0 / pqs, 0.0
+    for ws, x in parts:
+        if x.shape[0] == 0:
+            continue
+        x = x.float()
+        for w in _weights(ws):
+            err += float(((x / s) @ awq.fake_int4(w.float() * s, group).T - x @ w.float().T).pow(2).sum())
+    return err
+
+
 def fold_layer(cl) -> None:
     """Fold AWQ into calibrated layer ``cl`` (compress/quantize/calibrated.py, after its observation
     pass): search the vectors, then give its quantizers the folded model (see the module docstring)."""
@@ -177,10 +237,13 @@ class LayerFolder:
             self.folds.append(Fold(norm, readers, found[0], alpha=found[1], stats=[st]))
 
     def _v_to_o(self) -> None:
-        lin, v, o = self.cl.linears, "self_attn.v_proj", "self_attn.o_proj"
+        """v_proj (GQA-tied) or MLA's kv_b_proj value rows -> o_proj."""
+        lin, o = self.cl.linears, "self_attn.o_proj"
+        v = "self_attn.v_proj" if "self_attn.v_proj" in lin else "self_attn.kv_b_proj"
         if v not in lin or o not in lin or not (self._awq(v) and self._awq(o)):
             return
-        maps = gqa_tie(self.layer.self_attn, lin[v].out_features, lin[o].in_features)
+        tied = gqa_tie if v.endswith("v_proj") else mla_value_rows
+        maps = tied(self.layer.self_attn, lin[v].out_features, lin[o].in_features)
         if maps is None:
             return
         st = self.cl.stats.get(o)
@@ -209,10 +272,20 @@ class LayerFolder:
             toks = (idx == k).any(-1).nonzero().squeeze(-1) if k < len(moe.experts) else slice(None)
             rows = X[toks][:AWQ_SAMPLE_ROWS]
             parts.append((lambda names=names: [cl.weights[n] for n in names], rows))
-        p, alpha, _ = awq.search_shared(parts, X.abs().mean(0), self._group(readers[0]))
+        p, alpha = self._shared_vector(parts, X, self._group(readers[0]))
         shared = [cl.stats[readers[-1]]] if moe.shared_experts is not None and readers[-1] in cl.stats else []
         self.folds.append(Fold("post_attention_layernorm", readers, p, router=f"{fa}.gate", alpha=alpha, stats=shared))
         return X, idx
+
+    def _shared_vector(self, parts: list[tuple], X: torch.Tensor, group: int) -> tuple[torch.Tensor, float | None]:
+        """The vector of the MoE input: the best, by the loss summed over every reader on its own rows,
+        of awq.search_shared's alpha grid (pooled statistics) and the consensus of the readers' own
+        AWQ vectors (see :func:`consensus`). alpha None: the consensus won."""
+        p, alpha, _ = awq.search_shared(parts, X.abs().mean(0), group)
+        c = consensus(parts, group)
+        if c is not None and shared_loss(parts, c, group) < shared_loss(parts, p, group):
+            return c, None
+        return p, alpha
 
     def _up_to_down(self, prefix: str, ex, st: LinearStats | None, x: torch.Tensor | None = None) -> None:
         """up_proj -> down_proj of one MLP: its down input's observed statistics ``st``, or made from its

@@ -30,15 +30,28 @@ WEIGHT_TENSORS = (".weight", ".weight_scale_inv")  # a linear's stored weight an
 Plan = tuple[list[tuple[str, list[str]]], list[str]]
 
 
-def free_plan(sm: StreamedModel, i: int, cfg: QuantConfig) -> Plan:
+def linear_names(sm: StreamedModel, i: int, cache: dict[tuple, list[str]] | None = None) -> list[str]:
+    """Layer i's linears in module order, from a layer built on the meta device (once per
+    :meth:`Adapter.layer_shape_key` with ``cache``: building one costs more than quantizing a
+    small layer's tensors)."""
+    key = sm.adapter.layer_shape_key(i)
+    if cache is None or key not in cache:
+        with torch.device("meta"):
+            meta = sm.adapter.build_layer(i)
+        names = [n for n, m in meta.named_modules() if isinstance(m, nn.Linear)]
+        if cache is None:
+            return names
+        cache[key] = names
+    return cache[key]
+
+
+def free_plan(sm: StreamedModel, i: int, cfg: QuantConfig, cache: dict[tuple, list[str]] | None = None) -> Plan:
     """Calibration-free layer i: the groups to quantize [(format, linear names)] and every stored
     tensor of the layer in the order :func:`quantize_tensors` consumes them (the groups' weights,
-    with their block-FP8 scales, then the rest)."""
+    with their block-FP8 scales, then the rest). ``cache``: see :func:`linear_names`."""
     prefix = sm.adapter.layer_prefix(i)
     sm.check_layer_shapes(i)  # header shapes: this path quantizes stored tensors without building the layer
-    with torch.device("meta"):
-        meta = sm.adapter.build_layer(i)
-    names = [n for n, m in meta.named_modules() if isinstance(m, nn.Linear)]
+    names = linear_names(sm, i, cache)
     fmt_of = {n: cfg.format_of(n, prefix + n) for n in names}
     groups: list[tuple[str, list[str]]] = []
     for grp in shared_input_groups([n for n in names if fmt_of[n] is not None]):
@@ -166,6 +179,7 @@ class FreePipeline:
     def __init__(self, reader: CheckpointReader, sm: StreamedModel, cfg: QuantConfig, start: int, budget: int):
         self.sm, self.cfg = sm, cfg
         self.plans: dict[int, Plan] = {}
+        self.linears: dict[tuple, list[str]] = {}
         self.stored = read_ahead(
             reader, (n for j in range(start, sm.adapter.num_layers) for n in self.plan(j)[1]), budget)
         self.threads = torch.get_num_threads()
@@ -180,7 +194,7 @@ class FreePipeline:
     def plan(self, j: int) -> Plan:
         """Layer j's plan, made once (by the read-ahead's thread or the caller, whichever asks first)."""
         if j not in self.plans:
-            self.plans[j] = free_plan(self.sm, j, self.cfg)
+            self.plans[j] = free_plan(self.sm, j, self.cfg, self.linears)
         return self.plans[j]
 
     def layer(self, i: int) -> tuple[LayerResult, LayerView]:

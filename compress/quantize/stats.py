@@ -31,7 +31,11 @@ class LinearStats:
         self.n = 0
         self.rows: list[torch.Tensor] = []
         self.n_rows = 0
-        self.S = None  # sum of x^T x (float64)
+        self.S = None  # sum of x^T x (float64; float32 above gptq.WIDE_INPUT)
+        # set by the owner when one quantizer call alone reads these statistics: that call may take
+        # the Hessian (make_hessian(take=True)), made in S's own memory rather than a copy of it
+        self.single_use = False
+        self.taken = False
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -75,7 +79,20 @@ class LinearStats:
 
     @property
     def H(self):
-        return None if self.S is None else (2.0 * self.S).div_(max(self.n, 1))  # one new [in, in], same values
+        return self.make_hessian()
+
+    def make_hessian(self, take: bool = False) -> torch.Tensor | None:
+        """H = 2 S / n, a new [in, in] tensor; ``take``: made in S's own memory (the same values) and
+        the statistics let go of it, so one [in, in] matrix is alive, not two (an 18432-wide input's
+        float32 S is 1.36 GB). A second request after a take is an error, never a silent None."""
+        if self.taken:
+            raise RuntimeError("LinearStats: the Hessian was taken by an earlier quantizer call")
+        if self.S is None:
+            return None
+        if not take:
+            return (2.0 * self.S).div_(max(self.n, 1))
+        H, self.S, self.taken = self.S, None, True
+        return H.mul_(2.0).div_(max(self.n, 1))
 
     @property
     def act_mean(self) -> torch.Tensor:
@@ -157,4 +174,5 @@ def with_amax(st: LinearStats, x: torch.Tensor | None) -> LinearStats:
     token set, the static input scale from another."""
     view = copy.copy(st)
     view.amax = amax_only(x).amax
+    view.single_use = False  # it shares st's S: never taken (made in place) through a view
     return view

@@ -49,7 +49,8 @@ def _method_help() -> str:
             "re-quantized to the input's format); auto = reroute, reap, "
             "frequency and ean each prune the whole model from one half of the calibration samples and are "
             "scored on the other half (next-token KL divergence to the original, both ways round); the best "
-            "method is then run on every sample and written (each layer read twice). "
+            "method is then run on every sample, the dropped experts folded into the kept ones where the experts "
+            "are stored in float (as merge does), and written (each layer read twice). "
             "Default: auto (README: pruning table).")
 
 
@@ -68,11 +69,15 @@ def _method_help() -> str:
 @click.option("--search-tokens", type=int, default=16384, show_default=True,
               help="reroute (also inside lookahead / auto): calibration tokens the search evaluates (a seeded "
                    "subsample when more); lookahead compares candidates on the first batches covering as many.")
+@click.option("--merge/--no-merge", default=None,
+              help="Fold the dropped experts into the kept ones after selecting (kept down projections refit so "
+                   "the pruned block reproduces the unpruned routed output; re-quantized where stored quantized). "
+                   "Default: as the method does (auto: where the experts are stored in float; merge: always).")
 @calib_options
 @device_option
 @output_options
 @progress_options
-def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_tokens, calib, num_samples,
+def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_tokens, merge, calib, num_samples,
               seq_len, seed, trust_remote_code, device, output, force, quiet, json_out):
     """Drop the least useful routed experts of every MoE layer of MODEL (one count for all layers).
 
@@ -88,7 +93,7 @@ def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_t
 
     cal = CalibConfig.from_flags(calib, num_samples, seq_len, seed, trust_remote_code)
     cfg = PruneConfig.from_flags(method=method, ratio=ratio, keep=keep, ep_size=ep_size, protect=protect,
-                                 sequential=sequential, calib=cal, search_tokens=search_tokens)
+                                 sequential=sequential, calib=cal, search_tokens=search_tokens, merge=merge)
     src = resolve_model(model)
     result, memory = run_measured(device, prune_checkpoint, src, output, cfg, batches=cal.loader(src), force=force,
                                   progress=Progress.from_flags(quiet, json_out))
