@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import DSV3_SMALL as DSV3
+from helpers import QWEN_SMALL as QWEN
 from helpers import make_random_checkpoint
 from moepress.calib.observers import RoutingStats
 from moepress.compress.arch import get_adapter
@@ -30,15 +32,6 @@ from moepress.compress.synthetic import random_tensor, write_synthetic
 from moepress.errors import MoepressError
 
 KIMI = json.loads((Path(__file__).parent / "data" / "kimi-k2-config.json").read_text())
-QWEN = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=256, hidden_size=64,
-            intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True)
-DSV3 = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], vocab_size=256, hidden_size=64,
-            intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=4, n_routed_experts=32, n_shared_experts=1, n_group=4, topk_group=2,
-            num_experts_per_tok=4, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5, norm_topk_prob=True,
-            num_nextn_predict_layers=0)
 
 
 def budget(config, **kw):

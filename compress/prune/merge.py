@@ -157,13 +157,16 @@ def folded(ev: LayerEvidence, kept: list[int], stored: Callable[[int], torch.Ten
 
 def stored_in_float(reader, names, bases: list[str]) -> bool:
     """Whether every linear in ``bases`` is stored as one float tensor ``<base>.weight`` of 16 bits or more
-    (``names``: the layer's stored names): folding then rewrites it without re-quantizing anything."""
-    names = set(names)
+    and nothing else (``names``: stored names, e.g. the layer's): folding then rewrites it without
+    re-quantizing anything. One pass over ``names``, however many bases."""
+    owned: dict[str, set[str]] = {}
+    for n in names:
+        owner, _, leaf = n.rpartition(".")
+        owned.setdefault(owner, set()).add(leaf)
     for base in bases:
-        n = base + ".weight"
-        if n not in names or any(m.startswith(base + ".") and m != n for m in names):
+        if owned.get(base) != {"weight"}:
             return False
-        dt = reader.get_dtype(n)
+        dt = reader.get_dtype(base + ".weight")
         if not dt.is_floating_point or dt.itemsize < 2:
             return False
     return True
@@ -187,8 +190,7 @@ def encode_like(reader, base: str, w: torch.Tensor, names) -> tuple[dict[str, to
     """``base``'s merged weight ``w`` in the form the input stores ``base`` in: ({name: tensor}, what form).
     ``names``: the stored names of ``base``'s layer."""
     stored = sorted(n for n in names if n.startswith(base + ".") and "." not in n[len(base) + 1:])
-    if stored == [base + ".weight"] and reader.get_dtype(base + ".weight").is_floating_point \
-            and reader.get_dtype(base + ".weight").itemsize >= 2:
+    if stored_in_float(reader, stored, [base]):
         dt = reader.get_dtype(base + ".weight")
         return {base + ".weight": w.to(dt)}, str(dt).removeprefix("torch.")
     if base + ct_inputs.PACKED in stored and ct_inputs.ct_format(reader, base) == ct_inputs.CT_PACKED:

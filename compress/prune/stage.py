@@ -65,6 +65,7 @@ class PruneStage:
         self.cfg, self.method = cfg, METHODS[cfg.method]
         # "always" / "float" (where the experts are stored in float) / "": the method's, unless --merge/--no-merge
         self.merge_rule = {True: "always", False: ""}.get(cfg.merge, self.method.merge)
+        self._merges: dict[int, bool] = {}
         if self.merge_rule and self.method.candidates:
             raise MoepressError(f"--merge: {cfg.method} decides each layer one layer later from candidate "
                                 "selections; merging folds after a per-layer selection (reroute, reap, frequency, "
@@ -249,12 +250,15 @@ class PruneStage:
         return out_hs, sel
 
     def merges(self, i: int) -> bool:
-        """Whether layer i's dropped experts are folded into its kept ones (``merge_rule``)."""
+        """Whether layer i's dropped experts are folded into its kept ones (``merge_rule``); decided once per
+        layer (the race asks for every plan)."""
         if self.merge_rule != "float":
             return bool(self.merge_rule)
-        a, experts = self.adapter, range(self.budget.num_experts)
-        return stored_in_float(self.reader, self.reader.layer_names(i),
-                               [a.expert_prefix(i, e) + n for e in experts for n in a.expert_names])
+        if i not in self._merges:
+            a, experts = self.adapter, range(self.budget.num_experts)
+            self._merges[i] = stored_in_float(self.reader, self.reader.layer_names(i),
+                                              [a.expert_prefix(i, e) + n for e in experts for n in a.expert_names])
+        return self._merges[i]
 
     def write_read(self, i: int, kept: list[int] | None) -> None:
         """Layer i read again as stored: pruned to ``kept``, or copied (dense)."""
