@@ -36,8 +36,9 @@ are the library's (same nibble order, E4M3 / E8M0 scales), so they are renamed, 
 (Format.ct_tensors: ``weight_packed``, ``weight_scale``, and NVFP4's reciprocal ``weight_global_scale`` /
 ``input_global_scale``; compress/formats/nvfp4.py). transformers 5.24 loads NVFP4 experts without their
 ``weight_global_scale`` (its per-expert decompression module holds weight_packed / weight_scale /
-weight_shape only: integrations/compressed_tensors.py CompressedTensorsDequantize), so an NVFP4 MoE
-export is for vLLM / SGLang; transformers loads its dense layers and MXFP4 exports exactly.
+weight_shape only: integrations/compressed_tensors.py CompressedTensorsDequantize; upstream
+huggingface/transformers#48371, fix proposed in #48372), so an NVFP4 MoE export is for vLLM / SGLang;
+transformers loads its dense layers and MXFP4 exports exactly. The export says so (``consumer_notes``).
 
 Streaming: one module's state dict at a time through the compressor, one decoder layer per
 shard; the whole model is never built.
@@ -102,6 +103,15 @@ def _refuse_misread_experts(s, schemes) -> None:
     refuse_partial_blocks(s, "compressed-tensors", modules)
 
 
+def _consumer_notes(s, schemes) -> list[str]:
+    """Known consumer bugs this checkpoint meets, said at export (the bytes follow the specification)."""
+    global_scaled = any(sch.weights is not None and sch.weights.strategy == "tensor_group" for sch in schemes.values())
+    if global_scaled and any(".experts." in n for n in s.layout["modules"]):
+        return ["transformers <= 5.24 loads NVFP4 routed experts without weight_global_scale (wrong weights, no "
+                "error: huggingface/transformers#48371); vLLM and SGLang load them correctly"]
+    return []
+
+
 def _compress_layer(r, modules: dict, prefix: str, compressor, schemes, writer) -> set[str]:
     """The layer's quantized linears through the library's compressor; the source tensors they replace."""
     done: set[str] = set()
@@ -151,6 +161,9 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
                 writer.add(n, r.get(n))
             writer.end_shard()
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
+    notes = _consumer_notes(s, schemes)
+    for note in notes:
+        progress.info(f"note: {note}")
     ignore = [n for n in unquantized_modules(s, set(modules)) if not n.endswith("embed_tokens")]
     ignore = ct_ignore.condensed(ignore, set(modules))  # Kimi's patterns where they fit (ct_ignore.py)
     qc = QuantizationConfig(config_groups={f"group_{k}": sch for k, sch in enumerate(schemes.values())},
@@ -159,7 +172,7 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
     ModelCompressor(quantization_config=qc).update_config(str(writer.partial))
     writer.copy_aux_files(src)
     return {"ct_format": ct_format, "compressed_tensors_version": ct_version,
-            "quantized_linears": len(modules), "ignore": len(ignore), "dropped": dropped}
+            "quantized_linears": len(modules), "ignore": len(ignore), "dropped": dropped, "consumer_notes": notes}
 
 
 EXPORTER = Exporter(
