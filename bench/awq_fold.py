@@ -2,8 +2,8 @@
 (pre_quant_scale, moepress's forward) and folded (``--awq-fold``) exported to compressed-tensors and
 run by transformers in a process that never imports moepress, on the same held-out windows.
 
-    python bench/awq_fold.py [--models tiny-qwen3-moe,...] [--seeds 0,1,2] [--num-samples 16] [--seq-len 128]
-                             [--format int4-awq|w4a8-awq] [--ablate SITE,...]
+    python bench/awq_fold.py [--models tiny-qwen3-moe,DIR,...] [--seeds 0,1,2] [--num-samples 16] [--seq-len 128]
+                             [--format int4-awq|w4a8-awq] [--ablate SITE,...] [--float32-norms]
 
 Per model and calibration seed: quantize both ways (same calibration), export the folded one, load
 it with transformers (``CompressedTensorsConfig(dequantize=True)``), perplexity of its logits
@@ -15,6 +15,13 @@ form (exporters refuse it), so only our forward of both is compared.
 
 ``--ablate``: per fold site (SITES), an extra folded run with that site's folds dropped (its
 readers quantized without smoothing), our forward only: which site costs what.
+
+``--float32-norms``: also the folded run with the folded norms and router kept in float32 (our forward):
+the same folds, only without rounding g * p to the checkpoint's bf16 (the vector the readers divide
+by then moves by up to 2^-9 per channel). The model before rounding is the same function either way,
+so the difference between the two folded columns is the spread that an exact reparametrisation
+alone puts on one cell's perplexity (GPTQ's rounding decisions flip), the noise floor of a per-cell
+comparison. Models: bundled names or checkpoint directories (bench/variants.py writes variants).
 """
 
 from __future__ import annotations
@@ -68,6 +75,20 @@ SITES = ("qkv", "mla-norms", "v-o", "moe", "dense-mlp", "expert-up-down", "share
 
 
 @contextmanager
+def float32_norms(on: bool):
+    """Folded norms and router stored in float32 instead of their checkpoint dtype (--float32-norms)."""
+    from moepress.compress.quantize import fold
+
+    orig = fold.LayerFolder._stored_dtype
+    if on:
+        fold.LayerFolder._stored_dtype = lambda self, rel: torch.float32
+    try:
+        yield
+    finally:
+        fold.LayerFolder._stored_dtype = orig
+
+
+@contextmanager
 def dropping(sites: set[str]):
     """Folds of ``sites`` dropped after planning (their readers quantized without smoothing)."""
     from moepress.compress.quantize import fold
@@ -106,23 +127,26 @@ def one(name: str, seed: int, a, tmp: Path) -> dict:
     from moepress.compress.stream import StreamedModel
     from moepress.exporters import ExportConfig, export
 
-    src = models.path(name)
+    src = models.resolve(name)
+    name = src.name
     ev = eval_batches(src, seq_len=256, max_windows=a.windows)
     group = 32 if "deepseek" in name else 128
     cal = CalibConfig((), a.num_samples, a.seq_len, seed, 8, False)
     row = {"model": name, "seed": seed, "group": group, "bf16": perplexity(StreamedModel(src).forward(ev), ev)}
 
-    def quant(fold: bool, drop: set[str], tag: str) -> Path:
+    def quant(fold: bool, drop: set[str], tag: str, f32: bool = False) -> Path:
         q = tmp / f"{name}-{seed}-{tag}"
         cfg = QuantConfig(format=a.format, group_size=group, num_samples=a.num_samples, seq_len=a.seq_len,
                           seed=seed, awq_fold=fold)
-        with dropping(drop):
+        with dropping(drop), float32_norms(f32):
             quantize_checkpoint(src, q, cfg, batches=cal.loader(src))
         return q
 
     row["unfolded_ours"] = perplexity(StreamedModel(quant(False, set(), "u")).forward(ev), ev)
     qf = quant(True, set(), "f")
     row["folded_ours"] = perplexity(StreamedModel(qf).forward(ev), ev)
+    if a.float32_norms:
+        row["folded_f32_norms_ours"] = perplexity(StreamedModel(quant(True, set(), "f32", True)).forward(ev), ev)
     row["ablate"] = {}
     for s in a.ablate:
         row["ablate"][s] = perplexity(StreamedModel(quant(True, {s}, "a-" + s)).forward(ev), ev)
@@ -136,14 +160,19 @@ def one(name: str, seed: int, a, tmp: Path) -> dict:
 
 
 def table(rows: list[dict], a) -> None:
-    ct = a.format == "int4-awq"
+    ct, f32 = a.format == "int4-awq", a.float32_norms
     print(f"| model | seed | group | bf16 | {a.format} (ours) | folded (ours) | "
-          + ("folded -> CT (transformers) | " if ct else "") + "change |")
-    print("|---|---|---|---|---|---|" + ("---|" if ct else "") + "---|")
+          + ("folded -> CT (transformers) | " if ct else "") + "change |"
+          + (" folded, norms float32 (ours) | change |" if f32 else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if ct else "") + "---|" + ("---|---|" if f32 else ""))
     for r in rows:
+        extra = ""
+        if f32:
+            v = r["folded_f32_norms_ours"]
+            extra = f" {v:.3f} | {100 * (v / r['unfolded_ours'] - 1):+.2f}% |"
         print(f"| {r['model']} | {r['seed']} | {r['group']} | {r['bf16']:.3f} | {r['unfolded_ours']:.3f} "
               f"| {r['folded_ours']:.3f} | " + (f"{r['folded_transformers']:.3f} | " if ct else "")
-              + f"{r['rel_change_pct']:+.2f}% |")
+              + f"{r['rel_change_pct']:+.2f}% |" + extra)
     print("\n| model | median change | range | worst |\n|---|---|---|---|")
     for m in dict.fromkeys(r["model"] for r in rows):
         ch = [r["rel_change_pct"] for r in rows if r["model"] == m]
@@ -169,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help="calibration seeds")
     ap.add_argument("--seed", type=int, default=None, help="one calibration seed (overrides --seeds)")
     ap.add_argument("--ablate", default="", help=f"fold sites to drop one at a time ({', '.join(SITES)})")
+    ap.add_argument("--float32-norms", action="store_true",
+                    help="also fold with the norms and router kept in float32 (the rounding noise floor)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     a = ap.parse_args(argv)
     seeds = [a.seed] if a.seed is not None else [int(s) for s in a.seeds.split(",")]

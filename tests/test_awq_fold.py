@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import moepress.compress.quantize.config as qconfig
 from moepress import models
 from moepress.calib.distributed import DistEnv
 from moepress.compress.checkpoint import CheckpointReader
@@ -55,9 +56,12 @@ LOADER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def folded():
     """Per bundled model: (original logits, logits of the fold applied to float32 weights without
-    quantizing, the layers' folds). Norms and router stay float32 here (no storage rounding)."""
+    quantizing, the layers' folds). Norms and router stay float32 here (no storage rounding); every
+    expert with MIN_EXPERT_TOKENS routed tokens counts as calibrated (64 tokens leave every expert
+    below the default one-token-per-input-channel rule), so the experts' up -> down folds are exercised."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fold_mod.LayerFolder, "_stored_dtype", lambda self, rel: torch.float32)
+        mp.setattr(qconfig, "SPARSE_EXPERT_RATIO", 0.0)
         return {name: _folded_forward(name) for name in models.BUNDLED}
 
 
@@ -218,3 +222,75 @@ def test_shared_vector_consensus_of_the_readers_own_vectors():
     grid = awq.search_shared(parts, torch.cat([x for _, x in parts]).abs().mean(0), 32)[0]
     losses = [fold_mod.shared_loss(parts, v, 32) for v in (both, grid, torch.ones(96))]
     assert min(losses[:2]) < losses[2]  # smoothing beats none on this input
+
+
+def test_no_smoothing_is_a_candidate_of_every_fold():
+    """awq.search_shared scores no smoothing first: with statistics that disagree with the rows the
+    readers see (as the pooled MoE input's can for one expert) every alpha candidate is worse than
+    leaving the input alone, and the fold then keeps the identity (alpha None)."""
+    from moepress.compress.quant import awq
+
+    c = torch.logspace(-1, 1, 64)
+    g = torch.Generator().manual_seed(0)
+    parts = [([torch.randn(24, 64, generator=g) * c], torch.randn(256, 64, generator=g) * c)]
+    act = c.flip(0)  # says the small channels are the large ones
+    p, alpha, _ = awq.search_shared(parts, act, 32)
+    assert alpha is None and torch.equal(p, torch.ones(64))
+    wsc = awq.weight_scale(parts[0][0], 32)
+    grid = [awq.shared_error(parts, awq.candidate_scales(act, wsc, k / 10), 32) for k in range(11)]
+    assert awq.shared_error(parts, torch.ones(64), 32) < 0.99 * min(grid)  # measured 0.965 x
+
+
+def test_sparse_experts_down_is_not_folded():
+    """A routed expert below calibrated.py's evidence rule (fewer tokens than input channels) is
+    rounded to nearest without smoothing by unfolded AWQ, so the fold leaves its up -> down alone;
+    the experts above it get their own up -> down vector."""
+    name = "tiny-mixtral"
+    sm = StreamedModel(models.path(name))
+    ids = torch.randint(1, 4096, (4, 128), generator=torch.Generator().manual_seed(1))
+    (i, layer), *_ = sm.layers(0)
+    cl = CalibratedLayer(sm, i, layer, QuantConfig(format="int4-awq", awq_fold=True), DistEnv())
+    cl.observe(sm.embed([ids]))
+    folder = fold_mod.LayerFolder(cl)
+    folder.plan()
+    idx = torch.cat(cl.routes)
+    tokens = [int((idx == e).any(-1).sum()) for e in range(len(layer.moe.experts))]
+    width = cl.linears[f"{layer.ffn_attr}.experts.0.{layer.moe.experts[0].names[0]}"].in_features
+    need = max(qconfig.MIN_EXPERT_TOKENS, qconfig.SPARSE_EXPERT_RATIO * width)
+    folded = {int(f.source.split(".")[-2]) for f in folder.folds if ".experts." in f.source}
+    assert folded == {e for e, t in enumerate(tokens) if t >= need}
+    assert folded and any(qconfig.MIN_EXPERT_TOKENS <= t < need for t in tokens), tokens
+
+
+def test_dense_sites_fold_to_unfolded_awq_bit_for_bit(tmp_path):
+    """DeepSeek-V3's first layer (MLA + dense MLP), each input read by one group of linears: folded with
+    the norms kept in float32, every group whose vector came from the alpha grid has unfolded AWQ's
+    INT4 codes bit for bit (same vector, same GPTQ Hessian of x * p) and its group scales (up to the
+    rows a later fold scales: up_proj by down's vector, kv_b_proj's value rows by o_proj's). A group
+    where no smoothing won (a fold-only candidate; alpha absent from the report) differs."""
+    from moepress.compress.quant import int4
+
+    out, alphas = {}, {}
+    for fold in (False, True):
+        q = tmp_path / str(fold)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fold_mod.LayerFolder, "_stored_dtype", lambda self, rel: torch.float32)
+            quantize_checkpoint(models.path("tiny-deepseek-v3"), q, QuantConfig(
+                format="int4-awq", awq_fold=fold, num_samples=2, seq_len=64, group_size=32))
+        out[fold] = CheckpointReader(q)
+        alphas[fold] = json.loads((q / "quant_report.json").read_text())["awq_alpha"]
+    u, f, pre = out[False], out[True], "model.layers.0."
+    group_of = {"kv_a_proj_with_mqa": "q_a_proj", "up_proj": "gate_proj"}
+    same = []
+    for n in (n[: -len(".weight")] for n in u.names() if n.startswith(pre) and n.endswith("proj.weight")):
+        parent, _, leaf = n.rpartition(".")
+        key = f"{parent}.{group_of.get(leaf, leaf)}"
+        codes_equal = torch.equal(int4.unpack_int4(u.get(f"{n}.weight")), int4.unpack_int4(f.get(f"{n}.weight")))
+        if key in alphas[True]:
+            assert alphas[True][key] == alphas[False][key] and codes_equal, n
+            same.append(leaf)
+            if leaf not in ("up_proj", "kv_b_proj"):
+                assert torch.allclose(u.get(f"{n}.weight_scale"), f.get(f"{n}.weight_scale"), rtol=1e-5), n
+        else:
+            assert not codes_equal, n
+    assert {"gate_proj", "up_proj", "down_proj", "q_a_proj", "q_b_proj"} <= set(same), same

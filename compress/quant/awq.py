@@ -123,16 +123,20 @@ def _weights(ws):
 
 @torch.no_grad()
 def search_shared(parts: list[tuple], act_mean: torch.Tensor, group: int, n_grid: int = 10,
-                  tie=None) -> tuple[torch.Tensor, float, float]:
+                  tie=None) -> tuple[torch.Tensor, float | None, float]:
     """One pre_quant_scale shared by several groups of linears that read the same input channels, each
     group on its own rows of that input: ``parts`` = [(weights, rows x [n, in]), ...], weights a list of
     [out, in] tensors or a function returning it (made when needed: one expert's at a time), e.g. every
     routed expert's gate/up on the tokens routed to it and the shared expert's on all. The grid and
     the candidate scales are :func:`search`'s, with the weight statistic over all the linears (rows
     weighted equally) and the loss summed over the parts. ``tie`` (optional) maps a candidate to the
-    vectors a fold can hold (compress/quantize/fold.py: GQA's o_proj).
+    vectors a fold can hold (compress/quantize/fold.py: GQA's o_proj). No smoothing (s = 1; the ratio 0
+    of the original AWQ grid, mit-han-lab/llm-awq awq/quantize/auto_scale.py ``_search_module_scale``:
+    x_max ** 0) is scored first and kept on a tie: modelopt's grid has no identity (its alpha 0 is
+    1 / weight_scale), and a folded vector, which every reader of the input must share, could
+    otherwise be worse on the calibration loss than leaving the input unsmoothed.
 
-    Returns (pre_quant_scale [in] float32, alpha, relative output error at alpha)."""
+    Returns (pre_quant_scale [in] float32, alpha (None: no smoothing won), relative output error)."""
     wsum, rows, norm = None, 0, 0.0
     for ws, x in parts:
         for w in _weights(ws):
@@ -143,20 +147,28 @@ def search_shared(parts: list[tuple], act_mean: torch.Tensor, group: int, n_grid
             if x.shape[0]:
                 norm += float(((x.float() @ w.float().T) ** 2).sum())
     wsc = wsum / rows
-    best = (float("inf"), 0.0, torch.ones_like(act_mean, dtype=torch.float32))
+    ones = torch.ones_like(act_mean, dtype=torch.float32)
+    best = (shared_error(parts, ones, group), None, ones)
     for k in range(n_grid + 1):
         alpha = k / n_grid
         s = candidate_scales(act_mean, wsc, alpha)
         if tie is not None:
             s = tie(s)
-        err = 0.0
-        for ws, x in parts:
-            if x.shape[0] == 0:
-                continue
-            x = x.float()
-            for w in _weights(ws):
-                err += float(((x / s) @ fake_int4(w.float() * s, group).T - x @ w.float().T).pow(2).sum())
+        err = shared_error(parts, s, group)
         if err < best[0]:
             best = (err, alpha, s)
     err, alpha, s = best
     return (1.0 / s).float(), alpha, err / (norm or 1.0)
+
+
+def shared_error(parts: list[tuple], s: torch.Tensor, group: int) -> float:
+    """Squared output error, summed over the parts' linears and rows, of smoothing by ``s`` and rounding
+    to nearest: sum ||(x / s) Q(W * s)^T - x W^T||^2."""
+    err = 0.0
+    for ws, x in parts:
+        if x.shape[0] == 0:
+            continue
+        x = x.float()
+        for w in _weights(ws):
+            err += float(((x / s) @ fake_int4(w.float() * s, group).T - x @ w.float().T).pow(2).sum())
+    return err

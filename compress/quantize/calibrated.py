@@ -222,14 +222,16 @@ class CalibratedLayer:
         self.batch.flush()
         self._share_expert_input_scales(expert_groups)
 
-    def _evidence_rule(self, tokens: int, width: int) -> str:
-        """Where expert statistics come from: ``routed`` (its own tokens) or the sparse-expert rule."""
-        if qconfig.ALL_TOKENS_STATISTICS and self.layer_stats is not None:
+    def _evidence_rule(self, tokens: int, width: int, pooled: bool | None = None) -> str:
+        """Where expert statistics come from: ``routed`` (its own tokens) or the sparse-expert rule.
+        ``pooled``: whether the layer's MoE input was observed (default: its statistics exist)."""
+        pooled = self.layer_stats is not None if pooled is None else pooled
+        if qconfig.ALL_TOKENS_STATISTICS and pooled:
             return "all-tokens"
         if tokens >= max(qconfig.MIN_EXPERT_TOKENS, qconfig.SPARSE_EXPERT_RATIO * width):
             return "routed"
         rule = qconfig.SPARSE_EXPERT_RULE
-        return rule if self.layer_stats is not None else "rtn"
+        return rule if pooled else "rtn"
 
     def _quantize_expert(self, e: int, ex, X: torch.Tensor | None,
                          x_e: torch.Tensor | None) -> list[tuple[int, str, list[str]]]:

@@ -29,6 +29,16 @@ rows by p is exact, as v_proj's rows are (its key rows stay: the scores do not c
 A fold is skipped (the linears quantized without smoothing) when a reader of its input is not an
 AWQ linear (a ``--rule`` gave it another format, or no INT4 group divides its in_features).
 
+A site read by one group of linears (q/k/v, the MLA norms, a dense MLP, v -> o, up -> down) is
+searched exactly as unfolded AWQ searches it (the same loss, statistics and grid, the Hessian GPTQ
+rounds with is that of x * p), plus no smoothing as a candidate (awq.search_shared), so a fold is
+never worse than no smoothing on the calibration loss. Where the grid's vector wins and the norms
+are kept in float32, such a site's INT4 codes equal unfolded AWQ's bit for bit on the same input;
+stored in bf16, the vector moves by up to 2^-9 per channel and GPTQ's rounding decisions follow
+(bench/awq_fold.py ``--float32-norms`` measures what that does to perplexity).
+A routed expert's up -> down fold follows calibrated.py's evidence rule: an expert that unfolded
+AWQ rounds to nearest unsmoothed (too few routed tokens) gets no vector either.
+
 The norm is stored in its checkpoint dtype (bf16), so the vector the linears divide by is the one
 the rounded norm carries (round(g * p) / g): the fold is exact up to float rounding; the router,
 not quantized, is divided by it and rounded to its dtype (logits equal up to that rounding).
@@ -50,7 +60,7 @@ from torch import nn
 
 from moepress.compress import formats
 from moepress.compress.quant import awq, int4
-from moepress.compress.quantize.config import AWQ_SAMPLE_ROWS, MIN_EXPERT_TOKENS, SHARED_INPUT
+from moepress.compress.quantize.config import AWQ_SAMPLE_ROWS, SHARED_INPUT
 from moepress.compress.quantize.group import FloatWeights
 from moepress.compress.quantize.stats import LinearStats
 
@@ -136,19 +146,24 @@ def _weights(ws) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def consensus(parts: list[tuple], group: int) -> torch.Tensor | None:
+def consensus(parts: list[tuple], group: int, own: list | None = None) -> torch.Tensor | None:
     """One vector close to what each reader of a shared input would choose alone: every part's own AWQ
     vector (awq.search on its rows: unfolded AWQ's per-expert pre_quant_scale), their geometric mean
     weighted by the part's rows (its routed tokens), normalised as awq.candidate_scales; None
-    without rows. The shared input's fold cannot give each expert its own vector; this candidate
+    without rows. ``own`` (default: the parts' rows): per part, the rows its own search runs on, as
+    unfolded AWQ's statistics for it come from (calibrated.py's evidence rule), or None for a part
+    that unfolded AWQ leaves unsmoothed (a sparse expert rounded to nearest): it then pulls toward
+    the identity. The shared input's fold cannot give each expert its own vector; this candidate
     moves the shared one toward all of them at once, where the alpha grid on pooled statistics may
     suit none (the MoE fold would then be no better than leaving the experts unsmoothed)."""
     logs, weights = [], []
-    for ws, x in parts:
+    for (ws, x), o in zip(parts, own if own is not None else [x for _, x in parts], strict=True):
         if x.shape[0] == 0:
             continue
-        pqs, _, _ = awq.search(_weights(ws), x, x.abs().mean(0), group)
-        logs.append(pqs.clamp(min=TINY).log())
+        if o is None or o.shape[0] == 0:
+            logs.append(torch.zeros(x.shape[1], device=x.device))
+        else:
+            logs.append(awq.search(_weights(ws), o, o.abs().mean(0), group)[0].clamp(min=TINY).log())
         weights.append(float(x.shape[0]))
     if not logs:
         return None
@@ -162,14 +177,7 @@ def consensus(parts: list[tuple], group: int) -> torch.Tensor | None:
 def shared_loss(parts: list[tuple], pqs: torch.Tensor, group: int) -> float:
     """Sum over the parts' linears and rows of the squared output error of smoothing by ``pqs`` and
     rounding to nearest (awq.search_shared's loss)."""
-    s, err = 1.0 / pqs, 0.0
-    for ws, x in parts:
-        if x.shape[0] == 0:
-            continue
-        x = x.float()
-        for w in _weights(ws):
-            err += float(((x / s) @ awq.fake_int4(w.float() * s, group).T - x @ w.float().T).pow(2).sum())
-    return err
+    return awq.shared_error(parts, 1.0 / pqs, group)
 
 
 def fold_layer(cl) -> None:
@@ -225,9 +233,19 @@ class LayerFolder:
             sx = ffn.shared_experts
             self._up_to_down(f"{fa}.shared_experts", sx, stats.get(f"{fa}.shared_experts.{sx.names[2]}"))
         for e, ex in enumerate(ffn.experts if X is not None else ()):
-            toks = (idx == e).any(-1).nonzero().squeeze(-1)
-            if toks.numel() >= MIN_EXPERT_TOKENS:  # fewer: no fold (unfolded AWQ rounds that down to nearest)
-                self._up_to_down(f"{fa}.experts.{e}", ex, None, X[toks])
+            rows = self._own_rows(X, (idx == e).any(-1).nonzero().squeeze(-1), down=True)
+            if rows is not None:  # None: unfolded AWQ rounds this down_proj to nearest, unsmoothed
+                self._up_to_down(f"{fa}.experts.{e}", ex, None, rows)
+
+    def _own_rows(self, X: torch.Tensor, toks: torch.Tensor, down: bool) -> torch.Tensor | None:
+        """The MoE-input rows that unfolded AWQ's statistics of a routed expert come from, by the
+        calibrated layer's evidence rule (calibrated.py ``_evidence_rule``): its own tokens
+        (``routed``), every token (``all-tokens``; ``borrow``'s gate/up), or None (``rtn``, ``borrow``'s
+        down: rounded to nearest without smoothing, so a fold would smooth on evidence the rule refuses)."""
+        rule = self.cl._evidence_rule(int(toks.numel()), X.shape[1], pooled=True)
+        if rule == "routed":
+            return X[toks]
+        return X if rule == "all-tokens" or (rule == "borrow" and not down) else None
 
     def _norm_fold(self, norm: str, readers: list[str], st: LinearStats | None) -> None:
         if not all(self._awq(n) for n in readers):
@@ -266,23 +284,27 @@ class LayerFolder:
         others = [n for n in cl.linears if n.startswith(fa + ".") and n not in readers and n not in downs]
         if others or not all(self._awq(n) for n in readers):
             return X, idx
-        parts = []
+        parts, own = [], []
         for k, (p, ex) in enumerate(mlps):
             names = [f"{p}.{n}" for n in ex.names[:2]]
-            toks = (idx == k).any(-1).nonzero().squeeze(-1) if k < len(moe.experts) else slice(None)
-            rows = X[toks][:AWQ_SAMPLE_ROWS]
-            parts.append((lambda names=names: [cl.weights[n] for n in names], rows))
-        p, alpha = self._shared_vector(parts, X, self._group(readers[0]))
+            routed = k < len(moe.experts)
+            toks = (idx == k).any(-1).nonzero().squeeze(-1) if routed else slice(None)
+            parts.append((lambda names=names: [cl.weights[n] for n in names], X[toks][:AWQ_SAMPLE_ROWS]))
+            o = self._own_rows(X, toks, down=False) if routed else X
+            own.append(None if o is None else o[:AWQ_SAMPLE_ROWS])
+        p, alpha = self._shared_vector(parts, own, X, self._group(readers[0]))
         shared = [cl.stats[readers[-1]]] if moe.shared_experts is not None and readers[-1] in cl.stats else []
         self.folds.append(Fold("post_attention_layernorm", readers, p, router=f"{fa}.gate", alpha=alpha, stats=shared))
         return X, idx
 
-    def _shared_vector(self, parts: list[tuple], X: torch.Tensor, group: int) -> tuple[torch.Tensor, float | None]:
+    def _shared_vector(self, parts: list[tuple], own: list, X: torch.Tensor,
+                       group: int) -> tuple[torch.Tensor, float | None]:
         """The vector of the MoE input: the best, by the loss summed over every reader on its own rows,
-        of awq.search_shared's alpha grid (pooled statistics) and the consensus of the readers' own
-        AWQ vectors (see :func:`consensus`). alpha None: the consensus won."""
+        of awq.search_shared's candidates (no smoothing, and the alpha grid on pooled statistics) and
+        the consensus of the readers' own AWQ vectors (see :func:`consensus`). alpha None: the
+        consensus or no smoothing won."""
         p, alpha, _ = awq.search_shared(parts, X.abs().mean(0), group)
-        c = consensus(parts, group)
+        c = consensus(parts, group, own)
         if c is not None and shared_loss(parts, c, group) < shared_loss(parts, p, group):
             return c, None
         return p, alpha
@@ -296,7 +318,8 @@ class LayerFolder:
         if x is not None:
             st = LinearStats(hessian=False)
             w = self.cl.weights
-            st.add(ex.act_fn(nn.functional.linear(x, w[g])) * nn.functional.linear(x, w[u]))
+            for c in x.split(4096):
+                st.add(ex.act_fn(nn.functional.linear(c, w[g])) * nn.functional.linear(c, w[u]))
         found = self._search([d], st)
         if found is not None:
             self.folds.append(Fold(u, [d], found[0], row_p=found[0], alpha=found[1],
