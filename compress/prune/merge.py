@@ -113,16 +113,29 @@ def refit(ev: LayerEvidence, kept: list[int], release: bool = False) -> list[int
         tok, slot = torch.where(pidx == c)
         if tok.numel() == 0:
             continue
-        h = _hidden(ev.moe.experts[c], x[tok]).double()
-        ha = h * pw[tok, slot].double()[:, None] ** 2
-        gram = ha.T @ h
-        cross = lost[tok].double().T @ ha
-        down = ev.moe.experts[c].linears()[2]
-        gram.diagonal().add_(RIDGE * float(gram.diagonal().mean()) + 1e-12)  # in place: the largest allocation
-        delta = torch.linalg.solve(gram, cross.T).T  # gram is symmetric: L G^-1
-        down.weight.data.copy_(down.weight.double() + delta)  # in place: no second copy of the kept experts
+        _refit_down(ev.moe.experts[c], x[tok], pw[tok, slot], lost[tok])
         changed.append(c)
     return changed
+
+
+def _refit_down(expert, x: torch.Tensor, pw: torch.Tensor, lost: torch.Tensor) -> None:
+    """``refit`` for one kept expert: its down projection D += L (G + ridge)^-1 in place, from its tokens ``x``
+    [n, H] (intermediate activations h [n, I]), their router weights ``pw`` [n] and the lost share ``lost`` [n, H].
+    The working set is an [I, I] float64 Gram matrix at a time: the solve is ``torch.linalg.solve``'s own two
+    steps (LU factors, then the triangular solves; the same bits), so that the Gram matrix is freed once
+    factored, and the correction is added to D in place."""
+    h = _hidden(expert, x).double()
+    ha = h * pw.double()[:, None] ** 2
+    gram = ha.T @ h
+    gram.diagonal().add_(RIDGE * float(gram.diagonal().mean()) + 1e-12)  # in place: the largest allocation
+    lu, pivots = torch.linalg.lu_factor(gram)
+    del gram
+    cross = lost.double().T @ ha
+    del h, ha
+    delta = torch.linalg.lu_solve(lu, pivots, cross.T).T  # gram is symmetric: L G^-1
+    del lu, cross
+    down = expert.linears()[2]
+    down.weight.data.copy_(delta.add_(down.weight))  # D + L G^-1 in float64, written into D's own storage
 
 
 def fold_dropped(ev: LayerEvidence, kept: list[int], num_experts: int) -> dict:

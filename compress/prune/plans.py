@@ -5,8 +5,9 @@ and written.
 The calibration samples are dealt into two folds (``holdout``): every plan method prunes the model
 once from each fold's statistics, and each pruned model is compared with the original on the
 other fold (KL divergence of the next-token distributions; NLL reported beside it). Each layer is
-read once while all plans advance (the original model's statistics per fold feed the
-non-sequential plans, a look-ahead plan decides each layer one layer later). Where the stage folds
+read once while all plans advance, fold by fold (the original model's statistics on one fold feed
+that fold's non-sequential plans and are freed before the next fold's; a look-ahead plan decides
+each layer one layer later). Plans of one fold that select the same experts share one fold fit. Where the stage folds
 the dropped experts into the kept ones (``merge``), each plan is scored folded, its fold fit on its
 own statistics: the race compares what would be written. The race writes nothing: the stage then
 runs the chosen method on every calibration sample, as the method alone would (folded likewise),
@@ -32,6 +33,7 @@ from moepress.compress.prune.merge import folded
 from moepress.compress.prune.methods import METHODS
 from moepress.compress.stream import StreamedModel
 from moepress.device import default_device
+from moepress.memwatch import trim_heap
 from moepress.progress import Progress
 
 
@@ -121,32 +123,48 @@ class PlanRace:
 
     def _advance(self, plans: dict[tuple[int, str], _Plan], i: int, layer: DecoderLayer,
                  ref: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every plan through layer i; returns the original model's state after it."""
+        """Every plan through layer i; returns the original model's state after it. An MoE layer goes fold by
+        fold: the original model's statistics on one fold, that fold's plans advanced, the statistics freed
+        (one fold's recorder and fold fits in memory at a time)."""
         s = self.stage
-        ev_ref: dict[int, LayerEvidence] = {}
-        if layer.moe is not None:  # the original model's statistics per fold, for the non-sequential plans
-            ref_next = []
-            for f, fold in enumerate(self.folds):
-                a = self.start[f]
-                ev_ref[f], out = s.evidence(i, layer, ref[a:a + len(fold)], self.rec and not s.cfg.sequential,
-                                            chunks=False)  # no report row comes from the race
-                ref_next += out
-        else:
-            ref_next = s.sm.run_layer(layer, ref)
         self.done: dict[tuple, list[torch.Tensor]] = {}  # (fold, path) -> states after this layer
-        for (_, name), p in plans.items():
-            if p.pending is not None:
-                self._settle(p, self.rot(ref_next, p.fold)[:p.n], layer)
-            if layer.moe is None:
+        if layer.moe is None:
+            ref_next = s.sm.run_layer(layer, ref)
+            for p in plans.values():
+                if p.pending is not None:
+                    self._settle(p, self.rot(ref_next, p.fold)[:p.n], layer)
                 p.path += ("dense",)
                 if (p.fold, p.path) not in self.done:
                     self.done[(p.fold, p.path)] = self._run(layer, p.hs)
                 p.hs = self.done[(p.fold, p.path)]
-            else:
-                self._prune(name, p, i, layer, ev_ref.get(p.fold))
+            return ref_next
+        ref_next = []
+        for f, fold in enumerate(self.folds):
+            ref_next += self._advance_fold(plans, f, i, layer, ref[self.start[f]:self.start[f] + len(fold)])
         return ref_next
 
-    def _prune(self, name: str, p: _Plan, i: int, layer: DecoderLayer, ev_ref: LayerEvidence | None) -> None:
+    def _advance_fold(self, plans: dict[tuple[int, str], _Plan], f: int, i: int, layer: DecoderLayer,
+                      ref: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Fold f's plans through MoE layer i, from the original model's statistics on fold f's batches
+        ``ref`` (freed on return); returns the original model's state after the layer on them."""
+        s = self.stage
+        trim_heap()  # what the previous fold or layer freed, back to the OS before this fold's work
+        # the original model's statistics on this fold, for its non-sequential plans
+        ev, out = s.evidence(i, layer, ref, self.rec and not s.cfg.sequential, chunks=False)  # no report row
+        groups: dict[tuple, tuple[LayerEvidence, list[int], list[_Plan]]] = {}  # (evidence, kept) -> plans
+        for name in self.names:
+            p = plans[(f, name)]
+            if p.pending is not None:
+                self._settle(p, out, layer)  # this fold's own batches: rot(ref_next, f)[:p.n]
+            self._prune(name, p, i, layer, ev, groups)
+        for e, kept, group in groups.values():
+            self._run_selection(i, layer, e, kept, group)
+        return out
+
+    def _prune(self, name: str, p: _Plan, i: int, layer: DecoderLayer, ev_ref: LayerEvidence,
+               groups: dict[tuple, tuple[LayerEvidence, list[int], list[_Plan]]]) -> None:
+        """Plan p's selection in layer i: a look-ahead plan's candidates run now; any other plan joins the
+        plans of the same evidence and selection in ``groups`` (run by ``_run_selection``)."""
         s = self.stage
         m = METHODS[name]
         if m.candidates:  # sequential: statistics of its own pruned prefix; candidates run on every batch
@@ -162,12 +180,23 @@ class PlanRace:
         with default_device(s.sm.device):
             kept = m.select(ev, s.budget).kept
         p.path += (tuple(kept),)
-        if (p.fold, p.path) not in self.done:  # another plan already made this model (frequency = ean, often)
-            # scored as it would be written: the dropped experts folded in (fit on this fold's statistics)
+        groups.setdefault((id(ev), tuple(kept)), (ev, kept, []))[2].append(p)
+
+    def _run_selection(self, i: int, layer: DecoderLayer, ev: LayerEvidence, kept: list[int],
+                       group: list[_Plan]) -> None:
+        """Layer i pruned to ``kept`` on the states of every plan in ``group`` (plans selecting ``kept`` from
+        the same evidence ``ev``), scored as it would be written: the dropped experts folded in, fit on ``ev``
+        (the fold depends on nothing else, so one fit serves the whole group). A path that another plan
+        already took (frequency = ean, often) runs once."""
+        s = self.stage
+        todo = {(p.fold, p.path): p.hs for p in group if (p.fold, p.path) not in self.done}
+        if todo:
             fold = folded(ev, kept, self._stored_down(i)) if s.merges(i) else nullcontext()
             with default_device(s.sm.device), fold, CandidateView(layer, kept) as lay:
-                self.done[(p.fold, p.path)] = self._run(lay, p.hs)
-        p.hs = self.done[(p.fold, p.path)]
+                for key, hs in todo.items():
+                    self.done[key] = self._run(lay, hs)
+        for p in group:
+            p.hs = self.done[(p.fold, p.path)]
 
     def _stored_down(self, i: int):
         """Layer i's expert c's down projection read from the checkpoint, where the loaded layer holds it as

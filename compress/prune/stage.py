@@ -34,6 +34,7 @@ from moepress.compress.prune.surgery import prune_moe_module, read_later, write_
 from moepress.compress.stream import StreamedModel, read_ahead_budget
 from moepress.device import default_device
 from moepress.errors import MoepressError
+from moepress.memwatch import trim_heap
 from moepress.progress import QUIET, Progress
 
 # token ids [B, S] per batch, or a function returning them (called once the options are validated)
@@ -72,10 +73,10 @@ class PruneStage:
                                 "ean, auto)")
         self.reader = reader = CheckpointReader(model)
         # Within 2 stored layers: bf16 weights stay as stored (StoredLinear: same float32 results, half
-        # the memory), the reader runs an eighth of a layer ahead (never a whole second layer; the
+        # the memory), the reader runs a sixteenth of a layer ahead (never a whole second layer; the
         # rest of the second layer's room is the methods' working memory), and a layer is dropped
         # before the next one is read (release_layers).
-        self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=read_ahead_budget(reader, 8, floor=0),
+        self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=read_ahead_budget(reader, 16, floor=0),
                                 release_layers=True, device=device)
         self.adapter = a = self.sm.adapter
         self.mtp = mtp_layers_present(a, reader)
@@ -165,6 +166,7 @@ class PruneStage:
         ref = hs[:self._reference_batches()]
         pending: Pending | None = None
         for i, layer in sm.layers():
+            trim_heap()  # what the previous layer's work freed, back to the OS (within 2 stored layers)
             if look:
                 ref_next = sm.run_layer(layer, ref)
                 if pending is not None:
