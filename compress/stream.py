@@ -24,6 +24,7 @@ from moepress.compress.formats import fake_quant
 from moepress.compress.moe import DecoderLayer
 from moepress.device import Uploader
 from moepress.errors import MoepressError
+from moepress.memwatch import glibc
 
 # Tensors stored next to a weight by quantized formats; a layer module has no parameter
 # for them, the checkpoint's weight decoders consume them.
@@ -52,13 +53,9 @@ def bound_heap() -> None:
     if _heap_bounded:
         return
     _heap_bounded = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
+    libc = glibc()
+    if libc is not None:
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (also stops its dynamic growth)
-    except (OSError, AttributeError):
-        pass
 
 
 def read_ahead_budget(reader: CheckpointReader, share: int = 4, floor: int = 16 << 20) -> int:

@@ -54,7 +54,7 @@ import moepress.exporters.ct_ignore as ct_ignore
 from moepress.compress import formats
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
-from moepress.exporters.fused_moe import refuse_mixed, refuse_partial_blocks, refuse_unpacked_experts
+from moepress.exporters.fused_moe import refuse_mixed, refuse_partial_blocks, refuse_unpacked_experts, routed_linears
 from moepress.exporters.hf_common import open_source, output_config, require_layout, tensor_groups, unquantized_modules
 
 # moepress format -> compressed-tensors format, for the formats that have one (Format.ct_format)
@@ -106,7 +106,7 @@ def _refuse_misread_experts(s, schemes) -> None:
 def _consumer_notes(s, schemes) -> list[str]:
     """Known consumer bugs this checkpoint meets, said at export (the bytes follow the specification)."""
     global_scaled = any(sch.weights is not None and sch.weights.strategy == "tensor_group" for sch in schemes.values())
-    if global_scaled and any(".experts." in n for n in s.layout["modules"]):
+    if global_scaled and set(s.layout["modules"]) & {n for ns in routed_linears(s).values() for n in ns}:
         return ["transformers <= 5.24 loads NVFP4 routed experts without weight_global_scale (wrong weights, no "
                 "error: huggingface/transformers#48371); vLLM and SGLang load them correctly"]
     return []

@@ -47,12 +47,9 @@ def reset_hwm() -> bool:
         return False
 
 
-def trim_heap() -> None:
-    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``: the free top of every arena and,
-    since glibc 2.8, the whole free pages inside it). Blocks under the mmap threshold (compress/stream.py
-    ``bound_heap``) that a layer's work freed stay in the heap, fragmented, and the resident set creeps up
-    layer after layer; a stage bound to stored layers calls this between layers. A no-op where the C
-    library is not glibc."""
+def glibc():
+    """The process's glibc (``ctypes.CDLL``), loaded once; None where the C library is not glibc. The heap
+    policy of the streamed stages (compress/stream.py ``bound_heap``, :func:`trim_heap`) goes through it."""
     global _libc
     if _libc is None:
         try:
@@ -62,8 +59,18 @@ def trim_heap() -> None:
             _libc.malloc_trim  # noqa: B018  (absent outside glibc: AttributeError)
         except (OSError, AttributeError):
             _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
+    return _libc or None
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``: the free top of every arena and,
+    since glibc 2.8, the whole free pages inside it). Blocks under the mmap threshold (compress/stream.py
+    ``bound_heap``) that a layer's work freed stay in the heap, fragmented, and the resident set creeps up
+    layer after layer; a stage bound to stored layers calls this between layers. A no-op where the C
+    library is not glibc."""
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 _libc = None
