@@ -60,8 +60,11 @@ def test_fp8_per_tensor_weights_and_input_scales_equal_modelopt():
 
 
 @torch.no_grad()
-def test_fp8_block_weights_equal_modelopt():
-    w = torch.randn(300, 200) * torch.linspace(0.1, 5, 200)  # partial edge blocks both ways
+@pytest.mark.parametrize("shape", [(300, 200), (700, 2600), (1100, 9000)])
+def test_fp8_block_weights_equal_modelopt(shape):
+    # partial edge blocks both ways; the two larger ones are quantized a few block rows at a time
+    # (fp8._CHUNK): 3 + 3 block rows, and one at a time
+    w = torch.randn(*shape) * torch.linspace(0.1, 5, shape[1])
     ref_q, ref_s = FP8QTensor.quantize(w, block_sizes={-1: 128, -2: 128})
     q, s = fp8.quantize_block(w)
     ref_s = ref_s.float().reshape(s.shape)

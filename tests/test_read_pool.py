@@ -127,7 +127,7 @@ def test_direct_writes_with_a_reused_bounce_buffer_give_the_buffered_files(tmp_p
     shards = [{f"t{i}.{j}": torch.randn(300 + 7 * i, 211 + j, generator=g).to(torch.bfloat16) for j in range(3)}
               for i in range(3)]
     monkeypatch.setattr(ckpt_io._DirectWriter, "CHUNK", 64 << 10)  # shards span several bounce buffers
-    monkeypatch.setattr(ckpt_io._DirectWriter, "PIECE", 12_288)
+    monkeypatch.setattr(ckpt_io, "HASH_BESIDE_MIN", 4096)  # every tensor hashed by the hashing thread
     digests = {}
     for mode, threshold in (("direct", 0), ("buffered", 1 << 60)):
         monkeypatch.setattr(ckpt_io, "DIRECT_MIN_FILE_BYTES", threshold)

@@ -14,7 +14,7 @@ live in the module that reads them; set them there.
 
 from moepress.compress.checkpoint.reader import CheckpointReader, LayerView, TensorInfo, decode_weight
 from moepress.compress.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, write_safetensors
-from moepress.compress.checkpoint.writer import AUX_FILE_PATTERNS, CheckpointWriter, aux_files
+from moepress.compress.checkpoint.writer import AUX_FILE_PATTERNS, CheckpointWriter, aux_files, read_later
 
 __all__ = ["AUX_FILE_PATTERNS", "DTYPE_NAMES", "INDEX_NAME", "SINGLE_NAME", "CheckpointReader", "CheckpointWriter",
-           "LayerView", "TensorInfo", "aux_files", "decode_weight", "write_safetensors"]
+           "LayerView", "TensorInfo", "aux_files", "decode_weight", "read_later", "write_safetensors"]

@@ -13,8 +13,10 @@ import mmap
 import os
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save as save_bytes
 
@@ -68,6 +70,31 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     return {"sha256": h.hexdigest(), "size": size}
 
 
+HASH_BESIDE_MIN = 1 << 20  # bytes from which a write's SHA-256 runs in the hashing thread
+_hasher: ThreadPoolExecutor | None = None
+_hasher_lock = threading.Lock()
+
+
+def _hash_beside(h, data: memoryview, write) -> None:
+    """``write(data)`` here while one more thread feeds ``data`` to ``h``: SHA-256 costs about as much
+    CPU as the rest of writing a quantized shard, and both release the GIL, so with two cores the
+    writer takes the longer of the two instead of their sum. Updates stay in write order (each one
+    is waited for before the next write)."""
+    global _hasher
+    if len(data) < HASH_BESIDE_MIN:
+        write(data)
+        h.update(data)
+        return
+    with _hasher_lock:
+        if _hasher is None:
+            _hasher = ThreadPoolExecutor(1, thread_name_prefix="moepress-hash")
+    fut = _hasher.submit(h.update, data)
+    try:
+        write(data)
+    finally:
+        fut.result()
+
+
 class _HashingFile:
     """A buffered file that hashes what is written to it."""
 
@@ -75,8 +102,7 @@ class _HashingFile:
         self.f, self.h = open(path, "wb"), h
 
     def write(self, data) -> None:
-        self.f.write(data)
-        self.h.update(data)
+        _hash_beside(self.h, memoryview(data).cast("B"), self.f.write)
 
     def __enter__(self) -> _HashingFile:
         return self
@@ -107,14 +133,13 @@ class _DirectWriter:
     Buffered writes of a big checkpoint go through the page cache and its write-back, which is
     slower than O_DIRECT for a file written once (compare ``dd conv=fdatasync`` with ``dd
     oflag=direct``) and costs a kernel copy of every byte. The bytes are copied into the bounce
-    buffer a piece at a time and each piece is hashed there while it is in the CPU's cache (one
-    pass over the tensors' memory). Bounce buffers are reused from file to file (a fresh one
-    costs a page fault per 4 KiB). The last block is padded to the alignment and the file
-    truncated to its true size on close. ``open`` returns None where O_DIRECT is refused.
+    buffer by numpy (without the GIL, which the quantizing threads need) while the hashing thread
+    reads them from the tensor (:func:`_hash_beside`). Bounce buffers are reused from file to file
+    (a fresh one costs a page fault per 4 KiB). The last block is padded to the alignment and the
+    file truncated to its true size on close. ``open`` returns None where O_DIRECT is refused.
     """
 
     CHUNK = 8 << 20
-    PIECE = 1 << 20  # copied then hashed while in cache
     _idle: list[mmap.mmap] = []  # bounce buffers of closed writers (at most one kept)
     _lock = threading.Lock()
 
@@ -122,9 +147,13 @@ class _DirectWriter:
         self.fd, self.h, self.size = fd, h, 0
         with self._lock:
             self.buf = self._idle.pop() if self._idle else None
+        if self.buf is not None and len(self.buf) != self.CHUNK:  # kept under another CHUNK
+            self.buf.close()
+            self.buf = None
         if self.buf is None:
             self.buf = mmap.mmap(-1, self.CHUNK)  # page-aligned, as O_DIRECT needs
         self.view = memoryview(self.buf)
+        self.array = np.frombuffer(self.buf, dtype=np.uint8)
         self.fill = 0
 
     @classmethod
@@ -142,18 +171,20 @@ class _DirectWriter:
 
     def write(self, data) -> None:
         mv = memoryview(data).cast("B")
+        _hash_beside(self.h, mv, self._copy_out)
+        self.size += len(mv)
+
+    def _copy_out(self, mv: memoryview) -> None:
+        src = np.frombuffer(mv, dtype=np.uint8)
         i = 0
-        while i < len(mv):
-            k = min(len(mv) - i, self.CHUNK - self.fill, self.PIECE)
-            piece = self.view[self.fill:self.fill + k]
-            piece[:] = mv[i:i + k]
-            self.h.update(piece)
+        while i < len(src):
+            k = min(len(src) - i, self.CHUNK - self.fill)
+            np.copyto(self.array[self.fill:self.fill + k], src[i:i + k])
             self.fill += k
             i += k
             if self.fill == self.CHUNK:
                 self._flush(self.CHUNK)
                 self.fill = 0
-        self.size += len(mv)
 
     def __enter__(self) -> _DirectWriter:
         return self
@@ -168,6 +199,7 @@ class _DirectWriter:
         finally:
             os.close(self.fd)
             self.view.release()
+            self.array = None  # numpy's export of the buffer, which would keep it from closing
             with self._lock:
                 if not self._idle:
                     self._idle.append(self.buf)

@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -67,6 +68,13 @@ class Deferred:
             raise MoepressError(f"deferred tensor: read {t.dtype} {list(t.shape)}, expected {self.dtype} "
                                 f"{list(self.shape)}")
         return t
+
+
+
+def read_later(reader, name: str) -> Deferred:
+    """The stored tensor ``name`` of ``reader`` (a CheckpointReader), read when the writer writes it:
+    in the background writer's thread, beside the caller's work."""
+    return Deferred(reader.get_dtype(name), reader.info(name).shape, partial(reader.get, name))
 
 
 JOURNAL = "writer-journal.json"

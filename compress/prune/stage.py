@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from moepress.calib.observers import RoutingStats
-from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, read_later
 from moepress.compress.moe import DecoderLayer
 from moepress.compress.prune.budget import plan_budget
 from moepress.compress.prune.config import REPORT_NAME, PruneConfig
@@ -30,7 +30,7 @@ from moepress.compress.prune.mtp import MTP_SCORING, MTPInput, mtp_layers_presen
 from moepress.compress.prune.plans import PlanRace
 from moepress.compress.prune.report import layer_note, layer_report
 from moepress.compress.prune.stability import ChunkedRouting, select_stable
-from moepress.compress.prune.surgery import prune_moe_module, read_later, write_from_checkpoint, write_from_layer
+from moepress.compress.prune.surgery import prune_moe_module, write_from_checkpoint, write_from_layer
 from moepress.compress.stream import StreamedModel, read_ahead_budget
 from moepress.device import default_device
 from moepress.errors import MoepressError

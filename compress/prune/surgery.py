@@ -8,12 +8,10 @@ the input's stored form (``merge.encode_like``).
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
 
-from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, LayerView
+from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, LayerView, read_later
 from moepress.compress.checkpoint.writer import Deferred
 from moepress.compress.moe import DecoderLayer, SparseMoE
 from moepress.compress.prune.merge import encode_like
@@ -29,11 +27,6 @@ def prune_moe_module(moe: SparseMoE, kept: list[int]) -> SparseMoE:
         moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias[idx].clone()
     moe.experts = nn.ModuleList([moe.experts[e] for e in kept])
     return moe
-
-
-def read_later(reader: CheckpointReader, name: str) -> Deferred:
-    """The stored tensor ``name``, read when the writer writes it."""
-    return Deferred(reader.get_dtype(name), reader.info(name).shape, partial(reader.get, name))
 
 
 def pruned_layer_tensors(reader: CheckpointReader, adapter, i: int, kept: list[int], deferred: bool = False):

@@ -23,7 +23,7 @@ import torch.distributed as tdist
 
 from moepress.calib import distributed as dist
 from moepress.compress import formats
-from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, read_later
 from moepress.compress.checkpoint.resume import resume_key
 from moepress.compress.checkpoint.writer import check_output
 from moepress.compress.formats import ct_inputs
@@ -110,7 +110,7 @@ class QuantizeStage:
             self.w = w
             start = self._resume_point(progress)
             if a.embed_name not in self.done:
-                w.add(a.embed_name, self.reader.get(a.embed_name))
+                w.add(a.embed_name, read_later(self.reader, a.embed_name))  # read by the background writer
                 w.end_shard()
             hs = self.sm.embed(self.batches) if self.calibrated else None
             if start:
