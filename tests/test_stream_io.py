@@ -41,6 +41,26 @@ def test_write_safetensors_direct_and_buffered_give_the_same_file(tmp_path, monk
     assert other == got  # byte-identical either way
 
 
+def _write_in_child(path, queue):
+    queue.put(write_safetensors(path, _tensors(), {"format": "pt"}))
+
+
+def test_a_forked_child_writes_after_the_parent_started_its_hashing_thread(tmp_path, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(ckpt_io, "HASH_BESIDE_MIN", 1024)  # the parent's write starts the hashing thread
+    parent = write_safetensors(tmp_path / "parent.safetensors", _tensors(), {"format": "pt"})
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_write_in_child, args=(tmp_path / "child.safetensors", queue))
+    child.start()
+    child.join(timeout=30)
+    if child.is_alive():  # waiting on the parent's thread, which the fork did not copy
+        child.kill()
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == parent
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_reader_direct_and_buffered_reads_agree(tmp_path, monkeypatch, direct):
     ts = _tensors()

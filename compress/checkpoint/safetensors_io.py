@@ -75,6 +75,15 @@ _hasher: ThreadPoolExecutor | None = None
 _hasher_lock = threading.Lock()
 
 
+def _forget_hasher() -> None:
+    """In a forked child: the parent's hashing thread does not exist there, so start a new one."""
+    global _hasher, _hasher_lock
+    _hasher, _hasher_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_hasher)
+
+
 def _hash_beside(h, data: memoryview, write) -> None:
     """``write(data)`` here while one more thread feeds ``data`` to ``h``: SHA-256 costs about as much
     CPU as the rest of writing a quantized shard, and both release the GIL, so with two cores the
