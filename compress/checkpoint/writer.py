@@ -70,7 +70,6 @@ class Deferred:
         return t
 
 
-
 def read_later(reader, name: str) -> Deferred:
     """The stored tensor ``name`` of ``reader`` (a CheckpointReader), read when the writer writes it:
     in the background writer's thread, beside the caller's work."""
