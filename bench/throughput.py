@@ -143,8 +143,9 @@ def core_scaling(model: Path, out: Path, cores: list[int], floor: float, files: 
 
 
 def _paired(base: list[tuple[float, float]], runs: list[tuple[float, float]]) -> str:
-    """The speed-up within each round (the two runs back to back), median and range: a load that
-    drifts between rounds cancels out of these, unlike out of the ratio of the medians."""
+    """The speed-up within each round (each core count runs once per round, one after the other),
+    median and range: a load that drifts between rounds cancels out of these, unlike out of the
+    ratio of the medians."""
     ratios = [b[0] / r[0] for b, r in zip(base, runs, strict=False)]  # rounds both completed
     if len(ratios) < 2:
         return ""

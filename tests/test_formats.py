@@ -113,3 +113,12 @@ def test_decoders_read_the_stored_layouts():
     got = formats.decode(Reader({"m.weight": int4.pack_int4(qi), "m.weight_scale": si}), "m", torch.float32)
     assert torch.equal(got, int4.dequantize(qi, si))
     assert formats.decode(Reader({"m.weight": w}), "m", torch.float32) is None
+
+
+@pytest.mark.parametrize("shape", [(128, 0), (0, 256), (0, 0)])
+def test_fp8_block_of_an_empty_weight_is_empty(shape):
+    from moepress.compress.quant import fp8
+
+    q, s = fp8.quantize_block(torch.zeros(shape, dtype=torch.bfloat16))
+    assert q.shape == shape and q.dtype == fp8.FP8_DTYPE
+    assert s.shape == (-(-shape[0] // 128), -(-shape[1] // 128))

@@ -61,6 +61,24 @@ def test_a_forked_child_writes_after_the_parent_started_its_hashing_thread(tmp_p
     assert queue.get(timeout=5) == parent
 
 
+def test_a_deferred_read_that_fails_names_the_input_tensor(tmp_path, monkeypatch):
+    from moepress.compress.checkpoint import read_later
+    from moepress.errors import MoepressError
+
+    write_safetensors(tmp_path / "model.safetensors", {"embed.weight": torch.ones(4, 8)})
+    (tmp_path / "config.json").write_text("{}")
+    reader = CheckpointReader(tmp_path)
+    later = read_later(reader, "embed.weight")
+
+    def eio(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(ckpt_reader.os, "preadv", eio)
+    with pytest.raises(MoepressError, match=r"cannot read tensor 'embed.weight' \(Input/output error\)") as e:
+        later.contiguous()
+    assert str(tmp_path) in str(e.value)
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_reader_direct_and_buffered_reads_agree(tmp_path, monkeypatch, direct):
     ts = _tensors()

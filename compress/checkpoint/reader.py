@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import struct
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,8 @@ class CheckpointReader:
         self._tensors: dict[str, TensorInfo] = {}
         self._fds: dict[Path, int] = {}
         self._direct_fds: dict[Path, int | None] = {}  # None: this file system refuses O_DIRECT
+        self._retired: list[int] = []  # O_DIRECT fds given up on: closed with the reader (a read may still use one)
+        self._fd_lock = threading.Lock()  # reads come from several threads (read-ahead, a background writer)
         self._load_headers()
         # module names served by a decoder from packed tensors (P.weight from P.weight_packed, gpt-oss P
         # from P_blocks): `name in reader` and `info` answer for them, `get` reads only stored tensors
@@ -267,19 +270,24 @@ class CheckpointReader:
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
         if fd is None:
-            try:
-                fd = os.open(file, os.O_RDONLY)
-            except OSError as e:
-                raise MoepressError(f"{file}: cannot open shard ({e.strerror})") from None
-            self._fds[file] = fd
+            with self._fd_lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    try:
+                        fd = os.open(file, os.O_RDONLY)
+                    except OSError as e:
+                        raise MoepressError(f"{file}: cannot open shard ({e.strerror})") from None
+                    self._fds[file] = fd
         return fd
 
     def _direct_fd(self, file: Path) -> int | None:
         if file not in self._direct_fds:
-            try:
-                self._direct_fds[file] = os.open(file, os.O_RDONLY | os.O_DIRECT)
-            except (OSError, AttributeError):  # tmpfs and some network file systems; not Linux
-                self._direct_fds[file] = None
+            with self._fd_lock:
+                if file not in self._direct_fds:
+                    try:
+                        self._direct_fds[file] = os.open(file, os.O_RDONLY | os.O_DIRECT)
+                    except (OSError, AttributeError):  # tmpfs and some network file systems; not Linux
+                        self._direct_fds[file] = None
         return self._direct_fds[file]
 
     def _get_direct(self, info: TensorInfo, pool: BufferPool | None = None) -> torch.Tensor | None:
@@ -300,8 +308,10 @@ class CheckpointReader:
         try:
             done = _pread(fd, memoryview(raw.numpy())[pad:pad + span], start)
         except OSError:  # EINVAL: the device wants another alignment; read through the cache
-            self._direct_fds[info.file] = None
-            os.close(fd)
+            with self._fd_lock:
+                if self._direct_fds.get(info.file) == fd:
+                    self._direct_fds[info.file] = None
+                    self._retired.append(fd)  # another thread may be reading with it
             return None
         lo = pad + info.offset - start
         if done < info.offset - start + info.nbytes:
@@ -346,11 +356,12 @@ class CheckpointReader:
         return decode_weight(self, name, dtype)
 
     def close(self) -> None:
-        for fd in [*self._fds.values(), *self._direct_fds.values()]:
+        for fd in [*self._fds.values(), *self._direct_fds.values(), *self._retired]:
             if fd is not None:
                 os.close(fd)
         self._fds.clear()
         self._direct_fds.clear()
+        self._retired.clear()
 
     def __del__(self):
         try:

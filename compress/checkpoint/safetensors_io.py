@@ -76,9 +76,11 @@ _hasher_lock = threading.Lock()
 
 
 def _forget_hasher() -> None:
-    """In a forked child: the parent's hashing thread does not exist there, so start a new one."""
+    """In a forked child: the parent's hashing thread does not exist there, so start a new one; and
+    the locks, which a thread of the parent may have held at the fork, start unlocked."""
     global _hasher, _hasher_lock
     _hasher, _hasher_lock = None, threading.Lock()
+    _DirectWriter._idle, _DirectWriter._lock = [], threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_hasher)
@@ -97,7 +99,12 @@ def _hash_beside(h, data: memoryview, write) -> None:
     with _hasher_lock:
         if _hasher is None:
             _hasher = ThreadPoolExecutor(1, thread_name_prefix="moepress-hash")
-    fut = _hasher.submit(h.update, data)
+    try:
+        fut = _hasher.submit(h.update, data)
+    except RuntimeError:  # the interpreter is shutting down: no new threads; hash here
+        write(data)
+        h.update(data)
+        return
     try:
         write(data)
     finally:
@@ -160,7 +167,8 @@ class _DirectWriter:
             self.buf.close()
             self.buf = None
         if self.buf is None:
-            self.buf = mmap.mmap(-1, self.CHUNK)  # page-aligned, as O_DIRECT needs
+            # page-aligned, as O_DIRECT needs; private, so a forked child's copy is its own
+            self.buf = mmap.mmap(-1, self.CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.view = memoryview(self.buf)
         self.array = np.frombuffer(self.buf, dtype=np.uint8)
         self.fill = 0

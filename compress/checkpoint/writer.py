@@ -15,7 +15,6 @@ import shutil
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -71,9 +70,15 @@ class Deferred:
 
 
 def read_later(reader, name: str) -> Deferred:
-    """The stored tensor ``name`` of ``reader`` (a CheckpointReader), read when the writer writes it:
-    in the background writer's thread, beside the caller's work."""
-    return Deferred(reader.get_dtype(name), reader.info(name).shape, partial(reader.get, name))
+    """The stored tensor ``name`` of ``reader`` (a CheckpointReader), read when the writer writes its
+    shard (a background writer: in its thread, beside the caller's work). A read error names the
+    input, not the shard being written."""
+    def load() -> torch.Tensor:
+        try:
+            return reader.get(name)
+        except OSError as e:
+            raise MoepressError(f"{reader.path}: cannot read tensor '{name}' ({e.strerror or e})") from None
+    return Deferred(reader.get_dtype(name), reader.info(name).shape, load)
 
 
 JOURNAL = "writer-journal.json"

@@ -51,7 +51,7 @@ def quantize_block(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> t
     # a few block rows at a time, so the float32 working copy stays in the CPU's cache instead of
     # streaming a whole expert through memory ~6 times: faster on one core, and cores that share
     # the memory bus scale. Blocks are independent, so the bytes are those of one whole-tensor pass.
-    step = max(1, _CHUNK // (br * inp)) if w.device.type == "cpu" else nr
+    step = max(1, _CHUNK // max(1, br * inp) if w.device.type == "cpu" else nr)
     for r in range(0, nr, step):
         k = min(step, nr - r)
         rows = slice(r * br, (r + k) * br)
@@ -63,7 +63,7 @@ _CHUNK = 1 << 20  # float32 elements per working copy (4 MiB: an L2/L3 slice, on
 
 
 def _quantize_rows(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Whole 128 x 128 blocks ``v`` [k, br, nc, bc] -> fp8 into ``q`` (same view); returns their scales."""
+    """Whole blocks ``v`` [k, br, nc, bc] -> fp8 into ``q`` (same view); returns their scales [k, nc]."""
     # in float32 in a reused scratch buffer: no fresh pages per tensor (a mixed bf16/float32 division
     # is ~10x slower on CPU; fresh buffers cost page faults); bf16 -> float32 is exact
     f = _scratch(v.numel(), v.device).view(v.shape)

@@ -110,7 +110,7 @@ class QuantizeStage:
             self.w = w
             start = self._resume_point(progress)
             if a.embed_name not in self.done:
-                w.add(a.embed_name, read_later(self.reader, a.embed_name))  # read by the background writer
+                w.add(a.embed_name, read_later(self.reader, a.embed_name))  # read when its shard is written
                 w.end_shard()
             hs = self.sm.embed(self.batches) if self.calibrated else None
             if start:
