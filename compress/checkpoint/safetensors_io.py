@@ -92,16 +92,16 @@ def _hash_beside(h, data: memoryview, write) -> None:
     writer takes the longer of the two instead of their sum. Updates stay in write order (each one
     is waited for before the next write)."""
     global _hasher
-    if len(data) < HASH_BESIDE_MIN:
-        write(data)
-        h.update(data)
-        return
-    with _hasher_lock:
-        if _hasher is None:
-            _hasher = ThreadPoolExecutor(1, thread_name_prefix="moepress-hash")
-    try:
-        fut = _hasher.submit(h.update, data)
-    except RuntimeError:  # the interpreter is shutting down: no new threads; hash here
+    fut = None
+    if len(data) >= HASH_BESIDE_MIN:
+        with _hasher_lock:
+            if _hasher is None:
+                _hasher = ThreadPoolExecutor(1, thread_name_prefix="moepress-hash")
+        try:
+            fut = _hasher.submit(h.update, data)
+        except RuntimeError:  # the interpreter is shutting down: no new threads; hash here
+            pass
+    if fut is None:
         write(data)
         h.update(data)
         return

@@ -136,16 +136,14 @@ def search_shared(parts: list[tuple], act_mean: torch.Tensor, group: int, n_grid
     1 / weight_scale), and a folded vector, which every reader of the input must share, could
     otherwise be worse on the calibration loss than leaving the input unsmoothed.
 
-    Returns (pre_quant_scale [in] float32, alpha (None: no smoothing won), relative output error)."""
-    wsum, rows, norm = None, 0, 0.0
-    for ws, x in parts:
+    Returns (pre_quant_scale [in] float32, alpha (None: no smoothing won), its :func:`shared_error`)."""
+    wsum, rows = None, 0
+    for ws, _ in parts:
         for w in _weights(ws):
             out, inp = w.shape
             g = w.float().abs().reshape(out, inp // group, group)
             r = (g / (g.amax(dim=-1, keepdim=True) + TINY)).reshape(out, inp).sum(0)
             wsum, rows = (r if wsum is None else wsum + r), rows + out
-            if x.shape[0]:
-                norm += float(((x.float() @ w.float().T) ** 2).sum())
     wsc = wsum / rows
     ones = torch.ones_like(act_mean, dtype=torch.float32)
     best = (shared_error(parts, ones, group), None, ones)
@@ -158,7 +156,7 @@ def search_shared(parts: list[tuple], act_mean: torch.Tensor, group: int, n_grid
         if err < best[0]:
             best = (err, alpha, s)
     err, alpha, s = best
-    return (1.0 / s).float(), alpha, err / (norm or 1.0)
+    return (1.0 / s).float(), alpha, err
 
 
 def shared_error(parts: list[tuple], s: torch.Tensor, group: int) -> float:

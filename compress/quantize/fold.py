@@ -303,9 +303,9 @@ class LayerFolder:
         of awq.search_shared's candidates (no smoothing, and the alpha grid on pooled statistics) and
         the consensus of the readers' own AWQ vectors (see :func:`consensus`). alpha None: the
         consensus or no smoothing won."""
-        p, alpha, _ = awq.search_shared(parts, X.abs().mean(0), group)
+        p, alpha, loss = awq.search_shared(parts, X.abs().mean(0), group)
         c = consensus(parts, group, own)
-        if c is not None and shared_loss(parts, c, group) < shared_loss(parts, p, group):
+        if c is not None and shared_loss(parts, c, group) < loss:
             return c, None
         return p, alpha
 
