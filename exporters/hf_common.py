@@ -60,6 +60,9 @@ def require_layout(s: Source, fmt: str, hint: str) -> dict:
     if s.layout is None:
         raise MoepressError(f"--format {fmt} needs a quantized checkpoint: {s.path} has no moepress_quant.json "
                             f"(run moepress quantize --format {hint} first)")
+    if not s.layout.get("modules"):
+        raise MoepressError(f"--format {fmt}: {s.path} has no quantized linear (moepress_quant.json lists no module: "
+                            "--rule left every linear unquantized); expected at least one quantized linear")
     return s.layout
 
 

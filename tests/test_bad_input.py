@@ -114,3 +114,27 @@ def test_real_process_exit_code_and_no_traceback(good, tmp_path):
     assert "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and s.name in lines[0] and "truncated" in lines[0]
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "hf-modelopt"])
+def test_export_of_a_checkpoint_with_nothing_quantized_is_one_line(good, tmp_path, cli_run, fmt):
+    """`--rule '*=none'` quantizes nothing; the quantization exporters say so instead of a StopIteration
+    traceback (compressed-tensors) or an all-bf16 checkpoint labelled MIXED_PRECISION (hf-modelopt)."""
+    q = tmp_path / "q"
+    assert cli_run("quantize", good, "-o", q, "--format", "fp8-dynamic", "--rule", "*=none", "--quiet").exit_code == 0
+    assert_one_line_error(cli_run("export", q, "-o", tmp_path / "e", "--format", fmt), str(q), "no quantized linear")
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("fmt", ["trtllm-ckpt", "onnx"])
+def test_block_fp8_input_with_other_blocks_is_refused(tmp_path, cli_run, fmt):
+    """These exporters dequantize block-FP8 inputs in 128 x 128 blocks: a checkpoint whose config says
+    other blocks is refused in one line, not dequantized with the wrong blocks."""
+    from helpers import QWEN_SMALL
+    from moepress.compress.synthetic import write_synthetic
+
+    src = write_synthetic(QWEN_SMALL, tmp_path / "src", block_fp8=True)
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    edit_json(src / "config.json", quantization_config={**qc, "weight_block_size": [64, 64]})
+    assert_one_line_error(cli_run("export", src, "-o", tmp_path / "e", "--format", fmt), "weight_block_size",
+                          "[64, 64]")

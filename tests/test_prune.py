@@ -59,6 +59,9 @@ def test_budget_ratio_keep_and_ep_rounding():
     assert k.keep == 256 and k.keep % 64 == 0
     refuse(QWEN, "--keep 12", "multiple of 8", "nearest valid: 8", keep=12, ep_size=8)
     refuse(QWEN, "--ratio 0.9", "fewer than top_k=4", "largest valid ratio is 0.75", "--keep 4", ratio=0.9)
+    # Kimi K2 (384 experts, top-8): 1 - 8/384 = 0.97917 is printed rounded down, so it is itself accepted
+    msg = refuse(KIMI, "--ratio 0.99", "largest valid ratio is 0.9791 (--keep 8)", ratio=0.99)
+    assert budget(KIMI, ratio=float(msg.split("largest valid ratio is ")[1].split()[0])).keep == 8
     refuse(QWEN, "--ratio / --keep", ratio=0.5, keep=8)
     refuse(QWEN, "--ratio / --keep")
     refuse(QWEN, "--ratio 1.0", "(0, 1)", ratio=1.0)
@@ -350,3 +353,80 @@ def test_lookahead_keeps_the_candidate_closest_after_the_next_layer(tmp_path):
     last = rep["layers"][-1]["lookahead"]
     got = state_error(states[("orig", 2)], states[("pruned", 2)])
     assert got == pytest.approx(last["next_state_rel_error"][last["chosen"]], rel=1e-4)
+
+
+def test_pruning_a_quantized_checkpoint_renumbers_its_quantization_files(tmp_path):
+    """A `moepress quantize` output pruned: moepress_quant.json, hf_quant_config.json and quant_report.json
+    are carried with every kept expert under its new index (its format as at its old index in the
+    source's layout, by prune_report.json's mapping), dropped experts gone, and every expert of the
+    pruned checkpoint is stored as its layout entry says (FP8 where listed, bf16 where not). Some
+    experts are left unquantized by a --rule, so an entry renamed wrongly lands on a bf16 expert or
+    leaves one out; the pruned checkpoint exports."""
+    from moepress.compress.quant.fp8 import FP8_DTYPE
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint, read_quant_layout
+    from moepress.compress.quantize.config import parse_rules
+    from moepress.exporters import ExportConfig, export
+
+    src = write_synthetic(QWEN, tmp_path / "src")
+    q = tmp_path / "q"
+    quantize_checkpoint(src, q, QuantConfig(format="fp8-block", rules=parse_rules(
+        ["model.layers.1.mlp.experts.1[0-5].*=none", "model.layers.*.mlp.experts.[02468].down_proj=none"])))
+    p = tmp_path / "p"
+    prune_checkpoint(q, p, PruneConfig(method="frequency", keep=8),
+                     batches=[torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))])
+    before, after = read_quant_layout(q)["modules"], read_quant_layout(p)["modules"]
+    rows = json.loads((p / "prune_report.json").read_text())["layers"]
+    assert len(rows) == 2
+    moved = 0
+    for row in rows:
+        pre = f"model.layers.{row['layer']}.mlp.experts."
+        for k in row["kept"]:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                old, new = f"{pre}{k['expert']}.{proj}", f"{pre}{k['new_index']}.{proj}"
+                assert before.get(old) == after.get(new), (old, new)
+            moved += k["expert"] != k["new_index"]
+    assert moved
+    experts_after = [m for m in after if ".experts." in m]
+    assert experts_after and all(int(m.split(".")[5]) < 8 for m in experts_after)
+    r = CheckpointReader(p)
+    for i in range(2):
+        for e in range(8):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                m = f"model.layers.{i}.mlp.experts.{e}.{proj}"
+                assert (r.get(m + ".weight").dtype == FP8_DTYPE) == (m in after), m
+    shared = read_quant_layout(p)["shared"]
+    assert all(g and all(n in after for n in g) for g in shared)
+    assert json.loads((p / "hf_quant_config.json").read_text()) == json.loads((q / "hf_quant_config.json").read_text())
+    assert (p / "quant_report.json").is_file()
+    with pytest.raises(MoepressError, match="unquantized beside quantized"):  # the layout is read: mixed experts
+        export(p, tmp_path / "e", ExportConfig(format="hf-modelopt"))
+    q2, p2 = tmp_path / "q2", tmp_path / "p2"  # every expert quantized: the pruned checkpoint exports
+    quantize_checkpoint(src, q2, QuantConfig(format="fp8-block"))
+    prune_checkpoint(q2, p2, PruneConfig(method="frequency", keep=8),
+                     batches=[torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))])
+    export(p2, tmp_path / "e2", ExportConfig(format="hf-modelopt"))
+    assert len(read_quant_layout(tmp_path / "e2")["modules"]) == 2 * (4 + 8 * 3)
+
+
+def test_sidecar_renaming_keeps_layout_records_of_kept_experts_only():
+    """Layer 1 keeps experts 3 and 9 (-> 0, 1); layer 0 was not pruned. Names of kept experts are renamed
+    (with or without a projection after the index), a dropped expert's dict key, list entry, record and
+    emptied group go, anything else (layer 0, attention, patterns) stays; token counts are reordered."""
+    from moepress.compress.prune.sidecars import expert_renamer, renumber, rewrite_report_counts
+
+    kept = {1: {9: 1, 3: 0}}
+    rename = expert_renamer(get_adapter(QWEN), kept)
+    L1, L0 = "model.layers.1.mlp.experts.", "model.layers.0.mlp.experts."
+    src = {"modules": {L1 + "9.down_proj": {"format": "a"}, L1 + "4.up_proj": {"format": "b"},
+                       L0 + "4.up_proj": {"format": "c"}, "model.layers.1.self_attn.q_proj": {"format": "d"}},
+           "shared": [[L1 + "4.gate_proj", L1 + "4.up_proj"], [L1 + "3.gate_proj", L1 + "3.up_proj"]],
+           "borrowed": [{"module": L1 + "4", "tokens": 2}, {"module": L1 + "3", "tokens": 5}],
+           "exclude_modules": ["lm_head", "model.layers.*.mlp.gate"], "skipped": [L1 + "5.down_proj"],
+           "expert_calibration_tokens": {"0": [7] * 16, "1": list(range(16))}}
+    out = rewrite_report_counts(renumber(src, rename), kept)
+    assert out == {"modules": {L1 + "1.down_proj": {"format": "a"}, L0 + "4.up_proj": {"format": "c"},
+                               "model.layers.1.self_attn.q_proj": {"format": "d"}},
+                   "shared": [[L1 + "0.gate_proj", L1 + "0.up_proj"]],
+                   "borrowed": [{"module": L1 + "0", "tokens": 5}],
+                   "exclude_modules": ["lm_head", "model.layers.*.mlp.gate"], "skipped": [],
+                   "expert_calibration_tokens": {"0": [7] * 16, "1": [3, 9]}}

@@ -248,3 +248,14 @@ def test_ct_int4_input_stays_pack_quantized(tmp_path):
                 if lin != "down_proj" or str(e) not in row["merged"]:
                     assert torch.equal(x, y)
     assert torch.isfinite(StreamedModel(str(out)).forward(batches[:1])[0]).all()
+
+
+@pytest.mark.parametrize("kw", [dict(method="merge"), dict(method="frequency", merge=True)])
+def test_merge_of_experts_it_cannot_write_back_is_refused_before_any_layer(kw):
+    """MXFP4 experts (compressed-tensors mxfp4-pack-quantized): a merged expert could not be stored as its
+    input was, so the run is refused in one line when it is set up (PruneStage), not after a whole pass."""
+    from moepress import models
+    from moepress.compress.prune.stage import PruneStage
+
+    with pytest.raises(MoepressError, match=r"experts\.0\.\w+_proj' is stored as weight_packed.*without merging"):
+        PruneStage(models.path("tiny-qwen3-moe-mxfp4"), PruneConfig(ratio=0.5, **kw))

@@ -140,7 +140,9 @@ def _kept_count(grid: _Grid, cfg: PruneConfig, decisions: list[str]) -> int:
     problem = (grid.problem(K) if K > 0 else f"no experts ({target} rounded down to a multiple of {step}: {why})"
                if step > 1 and cfg.keep is None and target > 0 else "no experts")
     if problem:
-        hint = (f"; the largest valid ratio is {1 - min(valid) / E:.4g} (--keep {min(valid)})" if valid
+        # rounded down, so the printed ratio itself keeps min(valid) (a ratio keeps floor(E * (1 - ratio)))
+        largest = math.floor((1 - min(valid) / E) * 1e4 + 1e-9) / 1e4 if valid else 0.0
+        hint = (f"; the largest valid ratio is {largest:g} (--keep {min(valid)})" if valid
                 else "; no kept count is valid for this model" + (
                     f" (a multiple of {step} below {E}: {why})" if why and "rounded down" not in problem else ""))
         raise MoepressError(f"{src}: keeping {K} of {E} routed experts leaves {problem}{hint}")

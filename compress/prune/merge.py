@@ -199,6 +199,32 @@ def _format_of(reader, base: str):
     return None, None
 
 
+def writable_format(reader, base: str, stored: list[str]):
+    """(format, group) that re-quantizes a merged ``base`` to its stored form (``stored``: its stored
+    names); a one-line error where there is none, so a run can ask before its first layer."""
+    fmt, group = _format_of(reader, base)
+    if fmt is None or fmt.quantize is None or fmt.calibrated:
+        what = "its calibrated format " + fmt.name if fmt is not None else "no format moepress can write"
+        raise MoepressError(f"{reader.path}: expert weight '{base}' is stored as "
+                            f"{', '.join(n[len(base) + 1:] for n in stored)} ({what}); merging (--merge, --method "
+                            "merge) re-quantizes merged experts only to bf16/fp16/fp32, compressed-tensors INT4 or a "
+                            "calibration-free registered format; prune without merging (a --method other than merge, "
+                            "no --merge)")
+    return fmt, group
+
+
+def check_mergeable(reader, adapter, i: int) -> None:
+    """Raise now (one line) if layer i's first routed expert could not be written back after merging:
+    every expert of a checkpoint is stored alike, so one says it for all."""
+    names = reader.layer_names(i)
+    pre = adapter.expert_prefix(i, 0)
+    for base in sorted({n.rpartition(".")[0] for n in names if n.startswith(pre)}):
+        stored = sorted(n for n in names if n.startswith(base + ".") and "." not in n[len(base) + 1:])
+        if not (stored_in_float(reader, stored, [base]) or base + ct_inputs.PACKED in stored
+                and ct_inputs.ct_format(reader, base) == ct_inputs.CT_PACKED):
+            writable_format(reader, base, stored)
+
+
 def encode_like(reader, base: str, w: torch.Tensor, names) -> tuple[dict[str, torch.Tensor], str]:
     """``base``'s merged weight ``w`` in the form the input stores ``base`` in: ({name: tensor}, what form).
     ``names``: the stored names of ``base``'s layer."""
@@ -208,12 +234,7 @@ def encode_like(reader, base: str, w: torch.Tensor, names) -> tuple[dict[str, to
         return {base + ".weight": w.to(dt)}, str(dt).removeprefix("torch.")
     if base + ct_inputs.PACKED in stored and ct_inputs.ct_format(reader, base) == ct_inputs.CT_PACKED:
         return encode_ct_int4(reader, base, w, stored), "compressed-tensors pack-quantized int4 (symmetric, group)"
-    fmt, group = _format_of(reader, base)
-    if fmt is None or fmt.quantize is None or fmt.calibrated:
-        what = "its calibrated format " + fmt.name if fmt is not None else "no format moepress can write"
-        raise MoepressError(f"{reader.path}: expert weight '{base}' is stored as "
-                            f"{', '.join(n[len(base) + 1:] for n in stored)} ({what}); --method merge re-quantizes "
-                            "merged experts only to bf16/fp16/fp32 or a calibration-free registered format")
+    fmt, group = writable_format(reader, base, stored)
     q = fmt.quantize([w.float()], QuantContext(group_size=group or 128))
     out = {}
     for suffix, t in q.tensors[0].items():

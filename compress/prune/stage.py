@@ -24,11 +24,12 @@ from moepress.compress.prune.config import REPORT_NAME, PruneConfig
 from moepress.compress.prune.evidence import LayerEvidence, RouteRecorder, Selection
 from moepress.compress.prune.holdout import split_folds
 from moepress.compress.prune.lookahead import Pending, candidate_states, decide
-from moepress.compress.prune.merge import fold_dropped, stored_in_float
+from moepress.compress.prune.merge import check_mergeable, fold_dropped, stored_in_float
 from moepress.compress.prune.methods import METHODS, PruneMethod
 from moepress.compress.prune.mtp import MTP_SCORING, MTPInput, mtp_layers_present, read_decoder_state
 from moepress.compress.prune.plans import PlanRace
 from moepress.compress.prune.report import layer_note, layer_report
+from moepress.compress.prune.sidecars import expert_renamer, kept_by_layer, pruned_sidecars, renumber
 from moepress.compress.prune.stability import ChunkedRouting, select_stable
 from moepress.compress.prune.surgery import prune_moe_module, write_from_checkpoint, write_from_layer
 from moepress.compress.stream import StreamedModel, read_ahead_budget
@@ -84,6 +85,8 @@ class PruneStage:
         if not moe_layers:
             raise MoepressError(f"{reader.path}: no MoE layers to prune")
         self.budget = plan_budget(a, cfg, moe_layers + self.mtp)
+        if self.merge_rule == "always":  # before the first layer's work, not after it
+            check_mergeable(reader, a, moe_layers[0])
         self.routing = a.routing()
         self.notes = list(self.budget.decisions)
         if self.routing["scoring"] == "softmax" and not self.routing["renormalize"]:
@@ -119,7 +122,11 @@ class PruneStage:
                 hs = self._run_single(task)
                 if self.mtp:
                     self._prune_mtp(task, hs, self.method)
-            w.write_json("config.json", self.adapter.config_with_experts(self.budget.keep))
+            kept = kept_by_layer(self.report_layers)
+            w.write_json("config.json", renumber(self.adapter.config_with_experts(self.budget.keep),
+                                                 expert_renamer(self.adapter, kept)))
+            for name, obj in pruned_sidecars(reader.path, self.adapter, self.report_layers).items():
+                w.write_json(name, obj)
             w.copy_aux_files(reader.path)
             w.write_json(REPORT_NAME, self._report(n_tokens, plan_info))
         self.w = None

@@ -1,0 +1,97 @@
+"""A quantized input's quantization files, rewritten for its pruned experts.
+
+A ``moepress quantize`` output carries ``moepress_quant.json`` (its module layout, which the reader's
+decoders and every exporter read), Model-Optimizer's ``hf_quant_config.json`` (which TensorRT-LLM
+reads) and ``quant_report.json``. They name routed experts by index, so they cannot be copied: a
+module name of a kept expert is renamed to its new index, and the entries of dropped experts go
+(a list entry or dict key naming one, a record holding one, a group left empty); the report's
+per-expert token counts keep the kept experts' counts in their new order. Names of anything else
+(attention, routers, patterns such as ``model.layers.*.mlp.gate``) are copied as they are. The
+pruned checkpoint's config.json goes through the same renaming (a quantization_config listing
+single experts).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+QUANT_SIDECARS = ("moepress_quant.json", "hf_quant_config.json", "quant_report.json")
+_DROP = object()  # a name of a dropped expert, or a record holding one
+
+Rename = Callable[[str], str | None]
+
+
+def kept_by_layer(report_layers: list[dict]) -> dict[int, dict[int, int]]:
+    """Per pruned layer, old expert index -> new index, from the prune report's rows."""
+    return {row["layer"]: {k["expert"]: k["new_index"] for k in row["kept"]} for row in report_layers}
+
+
+def expert_renamer(adapter, kept: dict[int, dict[int, int]]) -> Rename:
+    """A module or tensor name -> its name after pruning (None: a dropped expert's). A name is an
+    expert's where the adapter says so with or without a trailing part (``...experts.3`` and
+    ``...experts.3.down_proj`` alike)."""
+    def rename(s: str) -> str | None:
+        hit = adapter.expert_index(s + ".")
+        if hit is None or hit[0] not in kept:
+            return s
+        i, e = hit
+        if e not in kept[i]:
+            return None
+        old, new = adapter.expert_prefix(i, e), adapter.expert_prefix(i, kept[i][e])
+        return (new + (s + ".")[len(old):])[:-1]
+    return rename
+
+
+def renumber(obj, rename: Rename):
+    """``obj`` (parsed JSON) with every name renamed; see the module docstring for what is dropped."""
+    if isinstance(obj, str):
+        new = rename(obj)
+        return _DROP if new is None else new
+    if isinstance(obj, list):
+        out = []
+        for x in obj:
+            y = renumber(x, rename)
+            if y is _DROP or (isinstance(x, list) and x and not y):
+                continue
+            out.append(y)
+        return out
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            nk = rename(k)
+            if nk is None:
+                continue
+            nv = renumber(v, rename)
+            if nv is _DROP:
+                return _DROP
+            out[nk] = nv
+        return out
+    return obj
+
+
+def rewrite_report_counts(report: dict, kept: dict[int, dict[int, int]]) -> dict:
+    """quant_report.json's ``expert_calibration_tokens`` {layer: [tokens per expert]}: the kept
+    experts' counts in their new order."""
+    counts = report.get("expert_calibration_tokens")
+    if isinstance(counts, dict):
+        out = {}
+        for layer, xs in counts.items():
+            m = kept.get(int(layer)) if str(layer).isdigit() else None
+            out[layer] = [xs[e] for e in sorted(m, key=m.get)] if m and isinstance(xs, list) else xs
+        report = {**report, "expert_calibration_tokens": out}
+    return report
+
+
+def pruned_sidecars(src: Path, adapter, report_layers: list[dict]) -> dict[str, dict]:
+    """The quantization files of ``src`` that exist, rewritten for the pruned experts: {file name: JSON}."""
+    kept = kept_by_layer(report_layers)
+    rename = expert_renamer(adapter, kept)
+    out = {}
+    for name in QUANT_SIDECARS:
+        p = src / name
+        if p.is_file():
+            obj = renumber(json.loads(p.read_text()), rename)
+            out[name] = rewrite_report_counts(obj, kept) if name == "quant_report.json" else obj
+    return out
