@@ -430,3 +430,20 @@ def test_sidecar_renaming_keeps_layout_records_of_kept_experts_only():
                    "borrowed": [{"module": L1 + "0", "tokens": 5}],
                    "exclude_modules": ["lm_head", "model.layers.*.mlp.gate"], "skipped": [],
                    "expert_calibration_tokens": {"0": [7] * 16, "1": [3, 9]}}
+
+
+def test_quantize_of_a_checkpoint_with_an_mtp_layer_says_it_is_not_written(tmp_path):
+    """quantize streams the decoder layers only: DeepSeek-V3's MTP layer (model.layers.N past
+    num_hidden_layers) is not written, so the output's config no longer declares it (a runtime looking
+    for it would fail), and the report says which layers and why."""
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+
+    src = write_deepseek_with_mtp(tmp_path)
+    assert 2 in CheckpointReader(src).layer_indices()
+    q = tmp_path / "q"
+    quantize_checkpoint(src, q, QuantConfig(format="fp8-block"))
+    out = CheckpointReader(q)
+    assert out.layer_indices() == [0, 1] and out.config["num_nextn_predict_layers"] == 0
+    rep = json.loads((q / "quant_report.json").read_text())["layers_not_written"]
+    assert rep["layers"] == [2] and "num_nextn_predict_layers=0" in rep["why"]
+    StreamedModel(str(q)).check_weights()

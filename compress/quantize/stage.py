@@ -64,6 +64,10 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
     return stage.summary(out, t0)
 
 
+EXTRA_LAYERS = ("stored past num_hidden_layers (DeepSeek-V3's multi-token-prediction layer): quantize streams the "
+                "decoder layers only, so these are not written and config.json says num_nextn_predict_layers=0")
+
+
 class QuantizeStage:
     """One quantize run: the opened checkpoint, the process group, and the steps that write it."""
 
@@ -80,6 +84,7 @@ class QuantizeStage:
         self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=self.budget, device=device)
         self.adapter = self.sm.adapter
         self.sm.check_weights()
+        self.extra_layers = [i for i in reader.layer_indices() if i >= self.adapter.num_layers]
         self.env = dist.init()
         self.totals = QuantTotals()
         self.batches: list[torch.Tensor] | None = None  # this rank's share
@@ -100,6 +105,10 @@ class QuantizeStage:
         # refused before the calibration, by every rank (none waits for a rank 0 that gave up); the
         # writer checks again under its lock
         check_output(out, force=force, resume=resume, resume_key=key, sources=sources)
+        if self.extra_layers:
+            progress.info(f"layers {self.extra_layers} of {self.reader.path} lie past num_hidden_layers="
+                          f"{a.num_layers} (multi-token prediction): not written; the output's config.json says "
+                          "num_nextn_predict_layers=0")
         self._take_batches(batches)
         # calibration-free: the shard of layer i is written while layer i+1 is quantized
         writer = (CheckpointWriter(out, force=force, resume=resume,
@@ -222,10 +231,15 @@ class QuantizeStage:
         if w.partial is not None:
             (w.partial / PROGRESS).unlink(missing_ok=True)
         hf_quant = hf_quant_config(reader, cfg, totals)
-        w.write_json("config.json", model_config(reader, hf_quant))
+        conf, report = model_config(reader, hf_quant), quant_report(reader, a.family, cfg, totals,
+                                                                    self.n_tokens if self.calibrated else 0)
+        if self.extra_layers:  # not written: the config must not declare them (a runtime would look for them)
+            conf["num_nextn_predict_layers"] = 0
+            report["layers_not_written"] = {"layers": self.extra_layers, "why": EXTRA_LAYERS}
+        w.write_json("config.json", conf)
         w.write_json("hf_quant_config.json", hf_quant)
         w.write_json(formats.SIDECAR, sidecar(cfg, totals))
-        w.write_json(REPORT, quant_report(reader, a.family, cfg, totals, self.n_tokens if self.calibrated else 0))
+        w.write_json(REPORT, report)
         w.copy_aux_files(reader.path)
         w.manifest.update(manifest_entries(reader, cfg, totals))
 
