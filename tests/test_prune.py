@@ -447,3 +447,17 @@ def test_quantize_of_a_checkpoint_with_an_mtp_layer_says_it_is_not_written(tmp_p
     rep = json.loads((q / "quant_report.json").read_text())["layers_not_written"]
     assert rep["layers"] == [2] and "num_nextn_predict_layers=0" in rep["why"]
     StreamedModel(str(q)).check_weights()
+
+
+def test_prune_says_which_undeclared_layers_it_does_not_write(tmp_path):
+    """A layer stored past num_hidden_layers that the config does not declare (num_nextn_predict_layers=0)
+    is read by no runtime and not written; prune_report.json says so instead of dropping it silently."""
+    src = write_deepseek_with_mtp(tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
+    out = tmp_path / "p"
+    prune_checkpoint(src, out, PruneConfig(method="frequency", keep=8),
+                     batches=[torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))])
+    rep = json.loads((out / "prune_report.json").read_text())
+    assert rep["mtp_layers"] == [] and rep["layers_not_written"]["layers"] == [2]
+    assert CheckpointReader(out).layer_indices() == [0, 1]

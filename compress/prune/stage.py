@@ -57,6 +57,10 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *, ba
     return stage.summary(out, t0)
 
 
+UNDECLARED = ("stored past num_hidden_layers and not declared by num_nextn_predict_layers, so no runtime reads "
+              "them: not written")
+
+
 class PruneStage:
     """One prune run: the opened checkpoint, its budget, and the steps that prune and write it."""
 
@@ -81,6 +85,8 @@ class PruneStage:
                                 release_layers=True, device=device)
         self.adapter = a = self.sm.adapter
         self.mtp = mtp_layers_present(a, reader)
+        # stored past num_hidden_layers and not a declared MTP layer: no runtime reads them; not written
+        self.undeclared = [i for i in reader.layer_indices() if i >= a.num_layers and i not in self.mtp]
         moe_layers = a.moe_layers()
         if not moe_layers:
             raise MoepressError(f"{reader.path}: no MoE layers to prune")
@@ -102,6 +108,8 @@ class PruneStage:
     def run(self, out: str | Path, batches: list[torch.Tensor], *, force: bool, progress: Progress) -> None:
         """Write the pruned checkpoint, its config.json and prune_report.json into ``out``."""
         self.batches = batches
+        if self.undeclared:
+            progress.info(f"layers {self.undeclared} of {self.reader.path}: {UNDECLARED}")
         n_tokens = sum(b.numel() for b in batches)
         reader, cfg = self.reader, self.cfg
         layer_names = {n for i in reader.layer_indices() for n in reader.layer_names(i)}
@@ -137,6 +145,7 @@ class PruneStage:
                 "num_experts": budget.num_experts, "kept": budget.keep, "experts_key": a.experts_key(),
                 "routing": self.routing, "constraints": self.notes, "calibration_tokens": n_tokens,
                 "mtp_layers": self.mtp, "mtp_scoring": MTP_SCORING if self.mtp else None,
+                **({"layers_not_written": {"layers": self.undeclared, "why": UNDECLARED}} if self.undeclared else {}),
                 **({"plans": plan_info} if plan_info else {}), **self._merge_report(), "layers": self.report_layers}
 
     def _merge_report(self) -> dict:
