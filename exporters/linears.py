@@ -82,9 +82,10 @@ def read_linear(reader: CheckpointReader, prefix: str) -> Linear:
 
     if code == "F8_E4M3":
         if prefix + ".weight_scale_inv" in reader:
-            if block_size_of(reader.config) != DEFAULT_BLOCK:  # Linear.dequantize and the ONNX graph: 128 x 128
+            block = block_size_of(reader.config)
+            if block != DEFAULT_BLOCK:  # Linear.dequantize and the ONNX graph: 128 x 128
                 raise MoepressError(f"{reader.path}: config.json quantization_config.weight_block_size is "
-                                    f"{list(block_size_of(reader.config))}; expected {list(DEFAULT_BLOCK)} "
+                                    f"{list(block)}; expected {list(DEFAULT_BLOCK)} "
                                     "(DeepSeek-V3's block-FP8 blocks, the only ones this exporter writes)")
             return Linear("block", reader.get(name), reader.get(prefix + ".weight_scale_inv"))
         s = opt(".weight_scale")

@@ -199,9 +199,18 @@ def _format_of(reader, base: str):
     return None, None
 
 
-def writable_format(reader, base: str, stored: list[str]):
-    """(format, group) that re-quantizes a merged ``base`` to its stored form (``stored``: its stored
-    names); a one-line error where there is none, so a run can ask before its first layer."""
+def _stored_names(base: str, names) -> list[str]:
+    """The stored tensors of the linear ``base`` among ``names`` (``base.weight``, its scales, ...)."""
+    return sorted(n for n in names if n.startswith(base + ".") and "." not in n[len(base) + 1:])
+
+
+def stored_form(reader, base: str, stored: list[str]):
+    """How a merged ``base`` is written back in its stored form (``stored``: its stored names): "float",
+    "ct-int4", or the (format, group) that re-quantizes it; a one-line error where there is none."""
+    if stored_in_float(reader, stored, [base]):
+        return "float"
+    if base + ct_inputs.PACKED in stored and ct_inputs.ct_format(reader, base) == ct_inputs.CT_PACKED:
+        return "ct-int4"
     fmt, group = _format_of(reader, base)
     if fmt is None or fmt.quantize is None or fmt.calibrated:
         what = "its calibrated format " + fmt.name if fmt is not None else "no format moepress can write"
@@ -219,22 +228,20 @@ def check_mergeable(reader, adapter, i: int) -> None:
     names = reader.layer_names(i)
     pre = adapter.expert_prefix(i, 0)
     for base in sorted({n.rpartition(".")[0] for n in names if n.startswith(pre)}):
-        stored = sorted(n for n in names if n.startswith(base + ".") and "." not in n[len(base) + 1:])
-        if not (stored_in_float(reader, stored, [base]) or base + ct_inputs.PACKED in stored
-                and ct_inputs.ct_format(reader, base) == ct_inputs.CT_PACKED):
-            writable_format(reader, base, stored)
+        stored_form(reader, base, _stored_names(base, names))
 
 
 def encode_like(reader, base: str, w: torch.Tensor, names) -> tuple[dict[str, torch.Tensor], str]:
     """``base``'s merged weight ``w`` in the form the input stores ``base`` in: ({name: tensor}, what form).
     ``names``: the stored names of ``base``'s layer."""
-    stored = sorted(n for n in names if n.startswith(base + ".") and "." not in n[len(base) + 1:])
-    if stored_in_float(reader, stored, [base]):
+    stored = _stored_names(base, names)
+    form = stored_form(reader, base, stored)
+    if form == "float":
         dt = reader.get_dtype(base + ".weight")
         return {base + ".weight": w.to(dt)}, str(dt).removeprefix("torch.")
-    if base + ct_inputs.PACKED in stored and ct_inputs.ct_format(reader, base) == ct_inputs.CT_PACKED:
+    if form == "ct-int4":
         return encode_ct_int4(reader, base, w, stored), "compressed-tensors pack-quantized int4 (symmetric, group)"
-    fmt, group = writable_format(reader, base, stored)
+    fmt, group = form
     q = fmt.quantize([w.float()], QuantContext(group_size=group or 128))
     out = {}
     for suffix, t in q.tensors[0].items():

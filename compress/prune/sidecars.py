@@ -84,11 +84,12 @@ def rewrite_report_counts(report: dict, kept: dict[int, dict[int, int]]) -> dict
     return report
 
 
-def pruned_sidecars(src: Path, adapter, report_layers: list[dict]) -> dict[str, dict]:
-    """The quantization files of ``src`` that exist, rewritten for the pruned experts: {file name: JSON}."""
+def pruned_sidecars(src: Path, adapter, report_layers: list[dict], config: dict) -> dict[str, dict]:
+    """The pruned checkpoint's ``config`` and the quantization files of ``src`` that exist, rewritten for
+    the pruned experts: {file name: JSON}."""
     kept = kept_by_layer(report_layers)
     rename = expert_renamer(adapter, kept)
-    out = {}
+    out = {"config.json": renumber(config, rename)}
     for name in QUANT_SIDECARS:
         p = src / name
         if p.is_file():

@@ -29,7 +29,7 @@ from moepress.compress.prune.methods import METHODS, PruneMethod
 from moepress.compress.prune.mtp import MTP_SCORING, MTPInput, mtp_layers_present, read_decoder_state
 from moepress.compress.prune.plans import PlanRace
 from moepress.compress.prune.report import layer_note, layer_report
-from moepress.compress.prune.sidecars import expert_renamer, kept_by_layer, pruned_sidecars, renumber
+from moepress.compress.prune.sidecars import pruned_sidecars
 from moepress.compress.prune.stability import ChunkedRouting, select_stable
 from moepress.compress.prune.surgery import prune_moe_module, write_from_checkpoint, write_from_layer
 from moepress.compress.stream import StreamedModel, read_ahead_budget
@@ -130,10 +130,8 @@ class PruneStage:
                 hs = self._run_single(task)
                 if self.mtp:
                     self._prune_mtp(task, hs, self.method)
-            kept = kept_by_layer(self.report_layers)
-            w.write_json("config.json", renumber(self.adapter.config_with_experts(self.budget.keep),
-                                                 expert_renamer(self.adapter, kept)))
-            for name, obj in pruned_sidecars(reader.path, self.adapter, self.report_layers).items():
+            config = self.adapter.config_with_experts(self.budget.keep)
+            for name, obj in pruned_sidecars(reader.path, self.adapter, self.report_layers, config).items():
                 w.write_json(name, obj)
             w.copy_aux_files(reader.path)
             w.write_json(REPORT_NAME, self._report(n_tokens, plan_info))

@@ -106,9 +106,7 @@ class QuantizeStage:
         # writer checks again under its lock
         check_output(out, force=force, resume=resume, resume_key=key, sources=sources)
         if self.extra_layers:
-            progress.info(f"layers {self.extra_layers} of {self.reader.path} lie past num_hidden_layers="
-                          f"{a.num_layers} (multi-token prediction): not written; the output's config.json says "
-                          "num_nextn_predict_layers=0")
+            progress.info(f"layers {self.extra_layers} of {self.reader.path}: {EXTRA_LAYERS}")
         self._take_batches(batches)
         # calibration-free: the shard of layer i is written while layer i+1 is quantized
         writer = (CheckpointWriter(out, force=force, resume=resume,
