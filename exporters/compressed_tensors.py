@@ -28,8 +28,12 @@ its fused 3-D expert parameters at load time (transformers/integrations/compress
 CompressedTensorsDequantize decompresses per-expert tensors before the merge). What a fused MoE
 cannot hold is refused with one line (fused_moe.py): a layer whose routed experts are partly
 quantized (e.g. INT4 down projections whose in_features no group <= --group-size divides stay bf16:
-transformers 5.24 drops them and loads the model silently broken), high-precision experts in an
-INT4 checkpoint, and block-FP8 experts whose width is over 128 and not a multiple of it.
+transformers 5.24 drops them and loads the model silently broken), a layer whose experts are
+quantized unlike each other (INT4 down projections narrower than --group-size get a smaller group
+than gate / up), high-precision experts in an INT4 checkpoint, and block-FP8 experts whose width is
+over 128 and not a multiple of it. Dense linears with different group sizes are written (vLLM
+matches a scheme per module) but transformers 5.24 runs one scheme over all dense modules
+(get_dense_scheme) and fails to load them: quantize with a --group-size every width takes.
 
 NVFP4 / NVFP4-A16 / MXFP4 (``nvfp4-pack-quantized``, ``mxfp4-pack-quantized``): our stored bytes already
 are the library's (same nibble order, E4M3 / E8M0 scales), so they are renamed, not re-quantized
@@ -54,7 +58,13 @@ import moepress.exporters.ct_ignore as ct_ignore
 from moepress.compress import formats
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
-from moepress.exporters.fused_moe import refuse_mixed, refuse_partial_blocks, refuse_unpacked_experts, routed_linears
+from moepress.exporters.fused_moe import (
+    refuse_mixed,
+    refuse_partial_blocks,
+    refuse_unlike,
+    refuse_unpacked_experts,
+    routed_linears,
+)
 from moepress.exporters.hf_common import open_source, output_config, require_layout, tensor_groups, unquantized_modules
 
 # moepress format -> compressed-tensors format, for the formats that have one (Format.ct_format)
@@ -97,6 +107,9 @@ def _refuse_misread_experts(s, schemes) -> None:
     modules = s.layout["modules"]
     refuse_mixed(s, "compressed-tensors", set(modules), "vLLM and transformers fuse a layer's experts under one "
                  "scheme (transformers drops the unquantized ones without an error)")
+    refuse_unlike(s, "compressed-tensors", modules, "vLLM refuses a layer whose expert projections differ in scheme "
+                  "(compressed_tensors_moe.py: 'All MoE projections need to have same quantization scheme') and "
+                  "transformers runs one experts scheme over all of them")
     if any(sch.weights is not None and (sch.weights.type != "float" or sch.weights.num_bits < 8)
            for sch in schemes.values()):  # INT4, and FP4's packed weights alike
         refuse_unpacked_experts(s, "compressed-tensors", set(modules))

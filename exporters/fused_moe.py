@@ -20,10 +20,12 @@ MoE layer with ONE quantization method for all its expert projections:
   128" for block-FP8 experts whose width is not a multiple of 128), TensorRT-LLM's fused MoE (one
   ``quant_config`` per MoE module; exclude_modules matched with fnmatch on module names).
 
-So an export must quantize every routed-expert projection of a layer alike, or none; block-FP8
-experts must be whole 128x128 blocks when a dimension is over 128 (gate and up are stacked into one
-weight whose 128-row blocks would straddle the two); a layer whose experts all stay high precision
-is named as the fused module as well.
+So an export must quantize every routed-expert projection of a layer alike, one format and one INT4
+group size (vLLM's compressed_tensors_moe.py CompressedTensorsMoEMethod.get_moe_method, 2025 main,
+raises "All MoE projections need to have same quantization scheme"), or none; block-FP8 experts
+must be whole 128x128 blocks when a dimension is over 128 (gate and up are stacked into one weight
+whose 128-row blocks would straddle the two); a layer whose experts all stay high precision is
+named as the fused module as well.
 """
 
 from __future__ import annotations
@@ -84,6 +86,33 @@ def refuse_mixed(s: Source, flag: str, quantized: set[str], why: str) -> None:
         raise MoepressError(
             f"--format {flag}: {len(mixed)} routed-expert linears stay unquantized beside quantized projections of "
             f"the same experts ({pattern(mixed)}: {_reason(s, mixed)}); {why}: {_hint(s, mixed)}")
+
+
+def refuse_unlike(s: Source, flag: str, modules: dict[str, dict], why: str) -> None:
+    """Refuse a layer whose quantized routed experts are not quantized alike (format, INT4 group size):
+    e.g. --group-size 128 gives down projections with 64 in_features group 64 and gate / up group 128.
+    ``why``: what this export's consumers would do with it, for the message."""
+    for layer, names in sorted(routed_linears(s).items()):
+        kinds: dict[tuple[str, int | None], list[str]] = {}
+        for n in names:
+            if n in modules:
+                kinds.setdefault((modules[n]["format"], modules[n].get("group")), []).append(n)
+        if len(kinds) > 1:
+            ways = "; ".join(f"{fmt}{f' group {g}' if g else ''}: {pattern(ns)}" for (fmt, g), ns in sorted(
+                kinds.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)))
+            raise MoepressError(f"--format {flag}: layer {layer}'s routed experts are quantized {len(kinds)} ways "
+                                f"({ways}); {why}: {_alike_hint(s, kinds)}")
+
+
+def _alike_hint(s: Source, kinds: dict[tuple[str, int | None], list[str]]) -> str:
+    """What to run instead: one --group-size that divides every expert projection's in_features (the
+    formats agree), else one format for the routed experts."""
+    if len({fmt for fmt, _ in kinds}) > 1:
+        return "quantize a layer's routed experts with one format (one --rule for all of them)"
+    widths = sorted({s.reader.info(n + ".weight").shape[1] for ns in kinds.values() for n in ns})
+    fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+    return (f"quantize with --group-size {max(fits)} (divides {', '.join(map(str, widths))})" if fits else
+            "quantize the routed experts with an FP8 format (--rule)")
 
 
 def refuse_unpacked_experts(s: Source, flag: str, quantized: set[str]) -> None:

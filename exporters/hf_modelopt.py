@@ -51,7 +51,7 @@ from moepress import __version__
 from moepress.compress import formats
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
-from moepress.exporters.fused_moe import high_precision_layers, refuse_mixed, refuse_partial_blocks
+from moepress.exporters.fused_moe import high_precision_layers, refuse_mixed, refuse_partial_blocks, refuse_unlike
 from moepress.exporters.hf_common import (
     QUANT_FILES,
     open_source,
@@ -131,6 +131,8 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     # what a fused MoE cannot hold (fused_moe.py): TensorRT-LLM and vLLM quantize a layer's experts alike
     refuse_mixed(s, "hf-modelopt", set(modules), "TensorRT-LLM and vLLM fuse a layer's experts under one "
                  "quantization and would misread or refuse it")
+    refuse_unlike(s, "hf-modelopt", modules, "TensorRT-LLM and vLLM fuse a layer's experts under one quantization "
+                  "(one group size for all its projections)")
     refuse_partial_blocks(s, "hf-modelopt", modules)
     r = s.reader
     written = 0

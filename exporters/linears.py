@@ -21,6 +21,8 @@ from moepress.errors import MoepressError
 
 # the weight-scale granularities of an E4M3 weight (per tensor, per output channel, per 128x128 block)
 FP8_SCALES = ("tensor", "channel", "block")
+# the scale dtypes of a packed (uint8) weight that holds FP4 elements: NVFP4's E4M3, MXFP4's E8M0 bytes
+FP4_SCALE_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 
 
 def stored_name(scheme: str) -> str:
@@ -98,9 +100,12 @@ def read_linear(reader: CheckpointReader, prefix: str) -> Linear:
         s = opt(".weight_scale")
         if s is None:
             raise MoepressError(f"{reader.path}: packed tensor '{name}' has no weight_scale")
-        if s.dtype != torch.float32:  # E4M3 (NVFP4) / E8M0 (MXFP4) scales: FP4 elements, not INT4
+        if s.dtype in FP4_SCALE_DTYPES:  # E4M3 (NVFP4) / E8M0 (MXFP4) scales: FP4 elements, not INT4
             raise MoepressError(f"{reader.path}: '{name}' is FP4 (NVFP4/MXFP4), which this exporter cannot write; "
                                 "expected bf16, FP8 or INT4 (FP4: --format hf-modelopt or compressed-tensors)")
+        if s.dtype != torch.float32:
+            raise MoepressError(f"{reader.path}: packed tensor '{name}' has a {str(s.dtype).removeprefix('torch.')} "
+                                "weight_scale; expected float32 (INT4), float8_e4m3fn (NVFP4) or uint8 (MXFP4's E8M0)")
         return Linear("group", int4.unpack_int4(reader.get(name)), s.float(), opt(".input_scale"),
                       opt(".pre_quant_scale"))
     return Linear("none", reader.get(name))

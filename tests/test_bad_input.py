@@ -138,3 +138,40 @@ def test_block_fp8_input_with_other_blocks_is_refused(tmp_path, cli_run, fmt):
     edit_json(src / "config.json", quantization_config={**qc, "weight_block_size": [64, 64]})
     assert_one_line_error(cli_run("export", src, "-o", tmp_path / "e", "--format", fmt), "weight_block_size",
                           "[64, 64]")
+
+
+@pytest.fixture(scope="module")
+def int4_unlike(tmp_path_factory):
+    """tiny-deepseek-v3 at the default --group-size 128: its down projections (64 in_features) get
+    group 64, its gate / up projections group 128."""
+    from moepress import models
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+
+    q = tmp_path_factory.mktemp("unlike") / "q"
+    quantize_checkpoint(models.path("tiny-deepseek-v3"), q, QuantConfig(format="int4-gptq", num_samples=2, seq_len=32))
+    return q
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "hf-modelopt"])
+def test_export_of_experts_quantized_unlike_is_refused(int4_unlike, tmp_path, cli_run, fmt):
+    """A layer's routed experts with two INT4 group sizes cannot be one fused MoE: vLLM raises at load,
+    transformers fails to convert them. Refused in one line with the group size that fits."""
+    assert_one_line_error(cli_run("export", int4_unlike, "-o", tmp_path / "e", "--format", fmt),
+                          "layer 1's routed experts are quantized 2 ways",
+                          "group 64: model.layers.*.mlp.experts.*.down_proj", "--group-size 64")
+    assert not (tmp_path / "e").exists()
+
+
+def test_int4_with_half_precision_scales_is_named_as_such(int4_unlike, tmp_path, cli_run):
+    """A packed INT4 weight whose weight_scale is bf16 (not what moepress writes) is refused by its
+    dtype, not misnamed FP4 (whose scales are E4M3 / E8M0 bytes)."""
+    from safetensors.torch import load_file, save_file
+
+    ck = copy_checkpoint(int4_unlike, tmp_path / "c")
+    name = "model.layers.1.mlp.experts.0.gate_proj.weight_scale"
+    shard = ck / json.loads((ck / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    save_file({**tensors, name: tensors[name].bfloat16()}, shard, metadata={"format": "pt"})
+    assert_one_line_error(cli_run("export", ck, "-o", tmp_path / "e", "--format", "onnx", "--quiet"),
+                          "model.layers.1.mlp.experts.0.gate_proj.weight", "bfloat16 weight_scale", "expected float32")
+    assert not (tmp_path / "e").exists()
