@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import copy_checkpoint, edit_json, make_random_checkpoint
 
@@ -175,3 +176,85 @@ def test_int4_with_half_precision_scales_is_named_as_such(int4_unlike, tmp_path,
     assert_one_line_error(cli_run("export", ck, "-o", tmp_path / "e", "--format", "onnx", "--quiet"),
                           "model.layers.1.mlp.experts.0.gate_proj.weight", "bfloat16 weight_scale", "expected float32")
     assert not (tmp_path / "e").exists()
+
+
+def _rewrite_header(shard: Path, edit) -> None:
+    """Apply ``edit`` to a safetensors shard's header dict; the data section stays as it is."""
+    import struct
+
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    shard.write_bytes(struct.pack("<Q", len(hb)) + hb + raw[8 + n:])
+
+
+def test_overlapping_tensor_offsets_are_refused(good, tmp_path, cli_run):
+    """Two tensors over the same bytes (safetensors refuses it: "invalid offset"); read, one tensor
+    silently was another's copy."""
+    ck = copy_checkpoint(good, tmp_path / "c")
+    shard = next(s for s in shards(ck) if len(json.loads(s.read_bytes()[8:8 + int.from_bytes(
+        s.read_bytes()[:8], "little")])) > 3)
+
+    def alias(h):
+        a, b = [k for k in sorted(h) if k != "__metadata__"][:2]
+        h[b]["data_offsets"] = h[a]["data_offsets"]
+        h[b]["shape"], h[b]["dtype"] = h[a]["shape"], h[a]["dtype"]
+    _rewrite_header(shard, alias)
+    assert_one_line_error(cli_run("inspect", ck), shard.name, "overlap")
+
+
+def test_deeply_nested_header_is_one_line(good, tmp_path, cli_run):
+    ck = copy_checkpoint(good, tmp_path / "c")
+    shard = shards(ck)[0]
+    hb = b"[" * 200_000 + b"]" * 200_000
+    shard.write_bytes(len(hb).to_bytes(8, "little") + hb)
+    assert_one_line_error(cli_run("inspect", ck), shard.name, "not a safetensors file")
+
+
+@pytest.mark.parametrize("changes,needles", [
+    ({"quantization_config": "fp8"}, ["quantization_config is str", "expected a JSON object"]),
+    ({"decoder_sparse_step": 0}, ["decoder_sparse_step=0", "expected a whole number >= 1"]),
+])
+def test_config_values_no_layer_can_use(good, tmp_path, cli_run, changes, needles):
+    ck = copy_checkpoint(good, tmp_path / "c")
+    edit_json(ck / "config.json", **changes)
+    assert_one_line_error(cli_run("inspect", ck), "config.json", *needles)
+
+
+@pytest.mark.parametrize("changes,needles", [
+    ({"n_group": 3}, ["n_group=3", "equal groups"]),
+    ({"topk_group": 5}, ["topk_group=5", "expected 1..4 groups"]),
+    ({"moe_layer_freq": "a"}, ["moe_layer_freq='a'", "expected a whole number"]),
+])
+def test_deepseek_routing_config_no_router_can_use(tmp_path, cli_run, changes, needles):
+    """Group-limited routing with groups that do not divide the experts (or more competing groups than
+    there are) failed inside the router's reshape, after the run had started."""
+    from moepress import models
+
+    ck = tmp_path / "c"
+    ck.mkdir()
+    config = json.loads((models.path("tiny-deepseek-v3") / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**config, **changes}))
+    assert_one_line_error(cli_run("inspect", ck), "config.json", *needles)
+
+
+def test_block_fp8_scale_of_another_grid_is_refused(tmp_path):
+    """A weight_scale_inv of 64 x 64 blocks under weight_block_size [128, 128]: dequantized before,
+    12 of its 16 scales silently unused."""
+    from safetensors.torch import save_file
+
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.errors import MoepressError
+
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [128, 128]}}))
+    save_file({"m.weight": torch.ones(256, 256).to(torch.float8_e4m3fn),
+               "m.weight_scale_inv": torch.arange(1.0, 17.0).reshape(4, 4)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(MoepressError, match=r"'m.weight_scale_inv' has shape \[4, 4\]; expected \[2, 2\]"):
+        CheckpointReader(tmp_path).weight("m.weight")
+    edit_json(tmp_path / "config.json", quantization_config={"quant_method": "fp8", "weight_block_size": [128]})
+    with pytest.raises(MoepressError, match=r"weight_block_size is \[128\]; expected two positive integers"):
+        CheckpointReader(tmp_path).weight("m.weight")

@@ -30,6 +30,7 @@ from moepress.compress.formats import gptoss_mxfp4
 from moepress.compress.prune import PruneConfig, prune_checkpoint
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
 from moepress.compress.stream import StreamedModel
+from moepress.errors import MoepressError
 from moepress.exporters import ExportConfig, export
 from moepress.exporters.ct_ignore import KIMI_IGNORE, ROUTERS
 
@@ -379,3 +380,60 @@ def test_streamed_kimi_format_peak_rss_is_a_few_layers(tmp_path):
     # (the bf16 checkpoint's bound, tests/test_memory.py). Measured 45.5 MB = 1.9 expert layers (the bf16
     # source of the same model: 75.9 MB = 3.2): packed layers are read ahead at their stored size
     assert r["grew"] < 3.5 * EXPERTS_FP32, f"peak grew {r['grew'] / MB:.1f} MB"
+
+
+# ---- scales that do not fit their weight: refused, not decoded with guessed groups ----------------
+def _int4_module(tmp_path, out_f: int, in_f: int, scale: torch.Tensor, group: int = 32, **extra) -> CheckpointReader:
+    """A pack-quantized INT4 module whose config declares ``group`` and whose stored scale is ``scale``."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=4, strategy="group",
+                                                                              group_size=group))
+    packed = torch.full((out_f, -(-in_f // 8)), 0x99999999 - 2 ** 32, dtype=torch.int32)  # every value 9 - 8 = 1
+    tensors = {"weight_packed": packed, "weight_scale": scale, "weight_shape": torch.tensor([out_f, in_f])} | extra
+    return _write(tmp_path, tensors, scheme, "pack-quantized")
+
+
+BASE = "model.layers.0.mlp.experts.0.down_proj"
+
+
+def test_scale_whose_groups_are_not_the_declared_group_is_refused(tmp_path):
+    """in_features 100 with a declared group of 32 is not whole groups: compressed-tensors itself refuses
+    it; the reader did decode it with groups of 25 (100 / 4 scale columns)."""
+    r = _int4_module(tmp_path, 4, 100, torch.tensor([[1.0, 2, 3, 4]] * 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="divisble|divisible"):
+        _library(r, BASE, "pack-quantized")
+    with pytest.raises(MoepressError, match=r"weight_scale' has shape \[4, 4\]; expected \[4, 100 / group\] with "
+                                            r"group 32"):
+        r.weight(BASE + ".weight")
+
+
+@pytest.mark.parametrize("scale,words", [
+    (torch.ones(2, 2, dtype=torch.bfloat16), None),  # 2 rows of scales for a 4-row weight
+    (torch.ones(4, 3, dtype=torch.bfloat16), None),  # 64 inputs in 3 groups
+    (torch.ones(4, 2, dtype=torch.int32), None),  # not a float scale
+    (torch.ones(4, 2, dtype=torch.bfloat16), torch.tensor([4, 64, 1])),  # weight_shape of three values
+])
+def test_pack_quantized_scale_or_shape_that_does_not_fit_is_one_line(tmp_path, scale, words):
+    extra = {} if words is None else {"weight_shape": words}
+    r = _int4_module(tmp_path, 4, 64, scale, **extra)
+    with pytest.raises(MoepressError, match=BASE):
+        r.weight(BASE + ".weight")
+
+
+def test_zero_point_of_another_shape_is_refused(tmp_path):
+    r = _int4_module(tmp_path, 8, 64, torch.ones(8, 2, dtype=torch.bfloat16),
+                     weight_zero_point=torch.zeros(3, 5, dtype=torch.int32))
+    with pytest.raises(MoepressError, match=r"weight_zero_point' has shape \[3, 5\]; expected \[1, 2\]"):
+        r.weight(BASE + ".weight")
+
+
+def test_mxfp4_scale_per_24_values_is_refused(tmp_path):
+    """MXFP4 has one scale per 32 values; a [2, 2] scale over 48 values is not that (the library refuses)."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    r = _write(tmp_path, {"weight_packed": torch.full((2, 24), 0x22, dtype=torch.uint8),
+                          "weight_scale": torch.tensor([[127, 128]] * 2, dtype=torch.uint8)},
+               preset_name_to_scheme("MXFP4A16", ["Linear"]), "mxfp4-pack-quantized")
+    with pytest.raises(MoepressError, match=r"expected \[2, 48 / group\] with group 32"):
+        r.weight(BASE + ".weight")

@@ -16,7 +16,7 @@ from moepress.errors import MoepressError
 TOP_K_KEY = "num_experts_per_tok"  # experts each token is routed to, in every supported family's config
 
 
-def _is_count(v) -> bool:
+def is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
@@ -54,6 +54,7 @@ class Adapter:
         self.hf_config._attn_implementation = "sdpa"
         if not set_top_k:  # transformers' default applies
             self._check_expert_counts(where, getattr(self.hf_config, TOP_K_KEY, None), default=True)
+        self.check_config(where)
 
     def _check_expert_counts(self, where: str, top_k, default: bool = False) -> None:
         """Refuse expert counts no router can use, before any work: the routed-expert count a whole
@@ -62,14 +63,17 @@ class Adapter:
         parameters means the config is wrong)."""
         key = self.experts_key()
         n = self.config[key]
-        if not _is_count(n):
+        if not is_count(n):
             raise MoepressError(f"{where}: {key}={n!r}: expected a whole number of routed experts >= 1")
-        if not _is_count(top_k) or top_k > n:
+        if not is_count(top_k) or top_k > n:
             said = f"{TOP_K_KEY} not set, transformers' default {top_k!r}" if default else f"{TOP_K_KEY}={top_k!r}"
             raise MoepressError(f"{where}: {said} with {key}={n}: expected a whole number of experts "
                                 f"per token in 1..{n}")
 
     # ---- hooks for subclasses --------------------------------------------------------------
+    def check_config(self, where: str) -> None:
+        """Refuse the family's own config keys that no layer could be built or routed with."""
+
     def make_hf_config(self, config: dict):
         raise NotImplementedError
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
-from moepress.compress.arch.base import Adapter
+from moepress.compress.arch.base import Adapter, is_count
+from moepress.errors import MoepressError
 
 
 def sigmoid_group_topk(logits: torch.Tensor, bias: torch.Tensor, k: int, n_group: int, topk_group: int,
@@ -57,6 +58,22 @@ class DeepseekV3Adapter(Adapter):
 
     def build_rotary(self):
         return hf.DeepseekV3RotaryEmbedding(self.hf_config)
+
+    def check_config(self, where):
+        """Group-limited routing needs n_group groups of >= 2 experts (each group is ranked by its two
+        best scores), 1..n_group of them competing, enough experts among them for top-k."""
+        c, n, k = self.hf_config, self.num_experts, self.top_k
+        for key in ("moe_layer_freq", "num_nextn_predict_layers"):
+            v = self.config.get(key)
+            if v is not None and not (is_count(v) or v == 0):
+                raise MoepressError(f"{where}: {key}={v!r}: expected a whole number")
+        g, tg = c.n_group, c.topk_group
+        if not (is_count(g) and n % g == 0 and n // g >= 2):
+            raise MoepressError(f"{where}: n_group={g!r} with n_routed_experts={n}: expected the experts in "
+                                f"n_group={g!r} equal groups of at least 2")
+        if not (is_count(tg) and tg <= g and tg * (n // g) >= k):
+            raise MoepressError(f"{where}: topk_group={tg!r} with n_group={g} and {k} experts per token: expected "
+                                f"1..{g} groups holding at least {k} experts")
 
     def is_moe_layer(self, i):
         freq = int(self.config.get("moe_layer_freq", 1) or 1)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
 
-from moepress.compress.arch.base import Adapter
+from moepress.compress.arch.base import Adapter, is_count
+from moepress.errors import MoepressError
 
 
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +38,12 @@ class Qwen3MoeAdapter(Adapter):
 
     def build_rotary(self):
         return hf.Qwen3MoeRotaryEmbedding(self.hf_config)
+
+    def check_config(self, where):
+        step = self.hf_config.decoder_sparse_step
+        if not is_count(step):
+            raise MoepressError(f"{where}: decoder_sparse_step={step!r}: expected a whole number >= 1 "
+                                "(every step-th layer is sparse)")
 
     def is_moe_layer(self, i):
         c = self.hf_config

@@ -63,15 +63,29 @@ def _read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
     except PermissionError as e:
         raise MoepressError(f"{path}: cannot read shard ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise MoepressError(f"{path}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict) or not all(_entry_ok(v) for k, v in header.items() if k != "__metadata__"):
+    if not isinstance(header, dict) or not all(_entry_ok(v) for k, v in header.items() if k != "__metadata__") \
+            or not isinstance(header.get("__metadata__", {}), dict):
         raise MoepressError(f"{path}: not a safetensors file (header is not a JSON object of tensor entries "
                             "with dtype, shape and data_offsets)")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = _check_offsets(path, header)
     if 8 + n + end > size:
         raise MoepressError(f"{path}: truncated shard: header says {8 + n + end} bytes, file has {size}")
     return header, 8 + n
+
+
+def _check_offsets(path: Path, header: dict) -> int:
+    """The data section's length; refused unless the tensors tile it from 0 without gaps or overlaps
+    (safetensors/src/tensor.rs validate: "invalid offset"), so no tensor reads another's bytes."""
+    spans = sorted((v["data_offsets"][0], v["data_offsets"][1], k) for k, v in header.items() if k != "__metadata__")
+    at = 0
+    for begin, end, name in spans:
+        if begin != at:
+            raise MoepressError(f"{path}: not a valid safetensors file (tensor '{name}' data_offsets start at "
+                                f"{begin}; expected {at}: tensors overlap or leave a gap)")
+        at = end
+    return at
 
 
 def _entry_ok(meta) -> bool:
@@ -149,6 +163,9 @@ class CheckpointReader:
         self.config: dict = _json(self.path / "config.json")
         if not isinstance(self.config, dict):
             raise MoepressError(f"{self.path / 'config.json'}: expected a JSON object")
+        if not isinstance(self.config.get("quantization_config") or {}, dict):
+            raise MoepressError(f"{self.path / 'config.json'}: quantization_config is "
+                                f"{type(self.config['quantization_config']).__name__}; expected a JSON object")
         self._tensors: dict[str, TensorInfo] = {}
         self._fds: dict[Path, int] = {}
         self._direct_fds: dict[Path, int | None] = {}  # None: this file system refuses O_DIRECT

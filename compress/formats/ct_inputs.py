@@ -27,6 +27,8 @@ copied when a stage keeps them as they are (pruning).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from moepress.compress.quant import fp4
@@ -37,6 +39,7 @@ PACKED = ".weight_packed"
 CT_PACKED = "pack-quantized"
 CT_NVFP4 = "nvfp4-pack-quantized"
 CT_MXFP4 = "mxfp4-pack-quantized"
+_FP4_BLOCK = {CT_NVFP4: 16, CT_MXFP4: 32}  # values per weight_scale: NVFP4 E4M3 per 16, MXFP4 E8M0 per 32
 
 
 def packed_aliases(names) -> dict[str, str]:
@@ -95,36 +98,75 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def _grouped(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``scale`` [out, G] (or [out, 1], [1]) expanded over ``x`` [out, in]: group = ceil(in / G)."""
-    if scale.ndim < 2:
-        return scale.reshape(-1, 1).expand(x.shape[0], x.shape[1]) if scale.numel() > 1 else scale.reshape(1, 1)
-    g = -(-x.shape[1] // scale.shape[1])
-    return scale.repeat_interleave(g, dim=1)[:, : x.shape[1]]
+    """``scale`` [out, G] (checked by :func:`_group_of`) or one value, expanded over ``x`` [out, in]."""
+    if scale.numel() == 1:
+        return scale.reshape(1, 1)
+    return scale.repeat_interleave(x.shape[1] // scale.shape[1], dim=1)
+
+
+def _group_of(reader, base: str, name: str, shape, out_f: int, in_f: int, groups: set[int]) -> int:
+    """The group width of module ``base``'s ``name`` [out, in / group] (one value: the tensor strategy,
+    group = in); refused unless ``in_f`` is whole groups of a width in ``groups`` (the config's, or the
+    format's fixed one; any width when empty), as compressed-tensors' own decompression requires
+    (quantization/lifecycle/forward.py _process_quantization, 0.20.1)."""
+    shape = list(shape)
+    if math.prod(shape) == 1:
+        return in_f
+    g = in_f // shape[1] if len(shape) == 2 and shape[1] and in_f % shape[1] == 0 else None
+    if shape[0] != out_f or g is None or (shape[1] > 1 and groups and g not in groups):
+        widths = " or ".join(map(str, sorted(groups))) or "a width that divides in_features"
+        raise MoepressError(f"{reader.path}: tensor '{base}{name}' has shape {shape}; expected [{out_f}, {in_f} / "
+                            f"group] with group {widths} for a [{out_f}, {in_f}] weight")
+    return g
 
 
 def decode_pack_quantized(reader, base: str) -> torch.Tensor:
     """``pack-quantized`` INT module -> weight in its scale's dtype (compressed-tensors' result)."""
     packed, scale = reader.get(base + PACKED), reader.get(base + ".weight_scale")
-    if base + ".weight_shape" in reader:
-        out_f, in_f = (int(v) for v in reader.get(base + ".weight_shape").tolist())
-    else:
-        out_f, in_f = packed.shape[0], scale.shape[-1] * _group_size(reader)
+    out_f, in_f = _weight_shape(reader, base, packed, scale)
     if packed.ndim != 2 or packed.shape[0] != out_f:
         raise MoepressError(f"{reader.path}: tensor '{base}{PACKED}' has shape {list(packed.shape)}; "
                             f"expected [{out_f}, words] for weight_shape [{out_f}, {in_f}]")
+    if not scale.is_floating_point():
+        raise MoepressError(f"{reader.path}: tensor '{base}.weight_scale' is {scale.dtype}; expected a float dtype")
+    _group_of(reader, base, ".weight_scale", scale.shape, out_f, in_f, _declared_groups(reader))
     bits = _num_bits(reader, base, in_f, packed.shape[1])
     q = unpack_int32(packed, bits, in_f).to(scale.dtype)
     if base + ".weight_zero_point" in reader:
         zp = reader.get(base + ".weight_zero_point")
         if zp.dtype == torch.int32:  # group / channel strategies pack it along dim 0 (PACK_ZP_STRATS)
-            groups = scale.shape[1] if scale.ndim == 2 else 1
-            zp = unpack_int32(zp.t().contiguous(), bits, out_f).t().reshape(out_f, groups)
+            words = -(-out_f * bits // 32)
+            if zp.ndim != 2 or zp.shape[0] != words or scale.ndim != 2 or zp.shape[1] != scale.shape[1]:
+                raise MoepressError(f"{reader.path}: tensor '{base}.weight_zero_point' has shape {list(zp.shape)}; "
+                                    f"expected [{words}, {scale.shape[-1]}] (packed along dim 0, as its weight_scale)")
+            zp = unpack_int32(zp.t().contiguous(), bits, out_f).t()
+        elif tuple(zp.shape) != tuple(scale.shape):
+            raise MoepressError(f"{reader.path}: tensor '{base}.weight_zero_point' has shape {list(zp.shape)}; "
+                                f"expected {list(scale.shape)}, as its weight_scale")
         q = q - _grouped(q, zp.to(scale.dtype))
     return q * _grouped(q, scale)
 
 
+def _weight_shape(reader, base: str, packed: torch.Tensor, scale: torch.Tensor) -> tuple[int, int]:
+    """[out, in] of a pack-quantized module: its ``weight_shape``, else from the packing and the
+    config's one group size."""
+    if base + ".weight_shape" not in reader:
+        return packed.shape[0], scale.shape[-1] * _group_size(reader)
+    ws = reader.get(base + ".weight_shape")
+    if ws.numel() != 2 or ws.is_floating_point() or min(ws.tolist()) < 1:
+        raise MoepressError(f"{reader.path}: tensor '{base}.weight_shape' is {ws.tolist()}; expected two positive "
+                            "integers [out_features, in_features]")
+    out_f, in_f = (int(v) for v in ws.tolist())
+    return out_f, in_f
+
+
+def _declared_groups(reader) -> set[int]:
+    """The group sizes quantization_config.config_groups declare (compressed-tensors QuantizationArgs)."""
+    return {int(w["group_size"]) for w in _weight_args(reader) if w.get("group_size")}
+
+
 def _group_size(reader) -> int:
-    sizes = {int(w["group_size"]) for w in _weight_args(reader) if w.get("group_size")}
+    sizes = _declared_groups(reader)
     if len(sizes) != 1:
         raise MoepressError(f"{reader.path}: a pack-quantized weight without weight_shape needs one "
                             "quantization_config group_size; found " + (", ".join(map(str, sorted(sizes))) or "none"))
@@ -134,6 +176,13 @@ def _group_size(reader) -> int:
 def decode_fp4_packed(reader, base: str, fmt: str) -> torch.Tensor:
     """``nvfp4-`` / ``mxfp4-pack-quantized`` -> bf16 weight, with the library's decompress arithmetic."""
     packed, scale = reader.get(base + PACKED), reader.get(base + ".weight_scale")
+    if packed.ndim != 2:
+        raise MoepressError(f"{reader.path}: tensor '{base}{PACKED}' has shape {list(packed.shape)}; expected "
+                            "[out_features, in_features / 2]")
+    block = _FP4_BLOCK[fmt]
+    if _group_of(reader, base, ".weight_scale", scale.shape, packed.shape[0], 2 * packed.shape[1], {block}) != block:
+        raise MoepressError(f"{reader.path}: tensor '{base}.weight_scale' has shape {list(scale.shape)}; expected "
+                            f"one scale per {block} values ([{packed.shape[0]}, {2 * packed.shape[1] // block}])")
     x = fp4.unpack_values(packed, dtype=torch.bfloat16)  # unpack_fp4_from_uint8 (default dtype bf16)
     if fmt == CT_MXFP4:
         s = 2.0 ** (scale.to(torch.int32) - fp4.E8M0_BIAS).to(torch.bfloat16)  # mx_utils.decompress_mx_scale
@@ -184,14 +233,15 @@ def describe(reader, base: str) -> str | None:
     if fmt is None:
         return None
     scale = reader.info(base + ".weight_scale").shape
+    packed = reader.info(base + PACKED).shape
     if fmt == CT_PACKED:
-        in_f = int(reader.get(base + ".weight_shape")[1]) if base + ".weight_shape" in reader \
-            else scale[-1] * _group_size(reader)
-        bits = _num_bits(reader, base, in_f, reader.info(base + PACKED).shape[-1])
+        out_f, in_f = _weight_shape(reader, base, reader.get(base + PACKED), reader.get(base + ".weight_scale"))
+        group = _group_of(reader, base, ".weight_scale", scale, out_f, in_f, _declared_groups(reader))
+        bits = _num_bits(reader, base, in_f, packed[-1])
         sym = "asymmetric" if base + ".weight_zero_point" in reader else "symmetric"
-        return f"int{bits} {sym} group {-(-in_f // scale[-1])} (compressed-tensors {fmt})"
-    in_f = 2 * reader.info(base + PACKED).shape[-1]
-    return f"{fmt.split('-')[0]} group {in_f // scale[-1]} (compressed-tensors {fmt})"
+        return f"int{bits} {sym} group {group} (compressed-tensors {fmt})"
+    group = _group_of(reader, base, ".weight_scale", scale, packed[0], 2 * packed[-1], {_FP4_BLOCK[fmt]})
+    return f"{fmt.split('-')[0]} group {group} (compressed-tensors {fmt})"
 
 
 DECODERS = (decode,)

@@ -20,6 +20,7 @@ import torch
 import moepress.compress.formats._fp8 as _fp8
 from moepress.compress.formats.base import GROUP, Format, QuantContext, Quantized
 from moepress.compress.quant import fp8
+from moepress.errors import MoepressError
 
 
 def quantize(ws: list[torch.Tensor], ctx: QuantContext) -> Quantized:
@@ -32,7 +33,13 @@ def decode_deepseek(reader, base: str, dtype: torch.dtype):
         return None
     q = reader.get(base + ".weight")
     s = reader.get(base + ".weight_scale_inv")
-    return fp8.dequantize_block(q, s, fp8.block_size_of(reader.config), dtype)
+    br, bc = fp8.block_size_of(reader.config)
+    want = (-(-q.shape[0] // br), -(-q.shape[1] // bc)) if q.ndim == 2 else None
+    if want is None or tuple(s.shape) != want:  # one scale per (partial) block, or it is another layout
+        raise MoepressError(f"{reader.path}: tensor '{base}.weight_scale_inv' has shape {list(s.shape)}; expected "
+                            f"{list(want) if want else '[blocks, blocks]'} for weight {list(q.shape)} in "
+                            f"{br}x{bc} blocks (quantization_config.weight_block_size)")
+    return fp8.dequantize_block(q, s, (br, bc), dtype)
 
 
 def ct_scheme(group, targets):

@@ -11,6 +11,8 @@ import threading
 
 import torch
 
+from moepress.errors import MoepressError
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 DEFAULT_BLOCK = (128, 128)
@@ -89,8 +91,13 @@ def dequantize_block(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int,
 
 
 def block_size_of(config: dict) -> tuple[int, int]:
+    """``quantization_config.weight_block_size`` (DeepSeek-V3's [128, 128] when absent), refused
+    unless it is two positive integers."""
     qc = config.get("quantization_config") or {}
-    bs = qc.get("weight_block_size") or DEFAULT_BLOCK
+    bs = (qc.get("weight_block_size") if isinstance(qc, dict) else None) or DEFAULT_BLOCK
+    if not isinstance(bs, (list, tuple)) or len(bs) != 2 or not all(isinstance(b, int) and b > 0 for b in bs):
+        raise MoepressError(f"config.json: quantization_config.weight_block_size is {bs!r}; expected two positive "
+                            "integers (DeepSeek-V3: [128, 128])")
     return int(bs[0]), int(bs[1])
 
 
