@@ -2,8 +2,11 @@
 
 import errno
 import hashlib
+import os
 import shutil
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -743,3 +746,49 @@ def test_check_report_inside_the_candidate_is_refused(tmp_path, cli_run):
     r = cli_run("check", cand, "--reference", "tiny-qwen3-moe", "--report", cand / "report")
     _outputs_one_line(r, "--report", "the output is inside the input")
     assert sorted(p.name for p in cand.iterdir()) == before
+
+
+KILL_AT = textwrap.dedent("""
+    import os, sys
+    from moepress.compress.checkpoint import CheckpointWriter
+    from moepress.compress.quantize import report
+    where, args = sys.argv[1], sys.argv[2:]
+    if where == "after-progress":  # layer 1's totals saved, its shard not yet written
+        save = report.QuantTotals.save
+        def killing_save(self, partial):
+            save(self, partial)
+            if 1 in self.layers:
+                os._exit(9)
+        report.QuantTotals.save = killing_save
+    else:  # layer 1's shard written and journaled, nothing after it
+        end = CheckpointWriter.end_shard
+        def killing_end(self):
+            end(self)
+            self.wait()
+            if any(".layers.1." in n for _, names, _ in self._shards for n in names):
+                os._exit(9)
+        CheckpointWriter.end_shard = killing_end
+    from moepress.cli import main
+    sys.argv = ["moepress", *args]
+    main()
+""")
+
+
+@pytest.mark.parametrize("where", ["after-progress", "after-shard"])
+@pytest.mark.parametrize("fmt", ["fp8-dynamic", "fp8"])  # calibration-free (background writes), calibrated
+def test_resume_after_a_kill_between_progress_and_shard_is_byte_identical(cli_run, tmp_path, where, fmt):
+    """The progress file (the report's totals) and the writer's journal are two files: a kill between
+    their updates left a resumed run's quant_report / sidecar / configs missing a layer, or holding a
+    layer twice. Totals are kept per layer and a resume keeps exactly the layers whose shards it keeps."""
+    args = ["quantize", "tiny-mixtral", "--format", fmt, "--num-samples", "2", "--seq-len", "32", "--quiet"]
+    ref, q = tmp_path / "ref", tmp_path / "q"
+    assert cli_run(*args, "-o", ref).exit_code == 0
+    p = subprocess.run([sys.executable, "-c", KILL_AT, where, *args, "-o", str(q)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert p.returncode == 9 and not q.exists(), p.stderr[-2000:]
+    r = cli_run(*args, "--resume", "-o", q)
+    assert r.exit_code == 0, r.stderr
+    files = sorted(f.name for f in ref.iterdir() if f.name != "moepress-manifest.json")
+    assert files == sorted(f.name for f in q.iterdir() if f.name != "moepress-manifest.json")
+    for f in files:
+        assert (q / f).read_bytes() == (ref / f).read_bytes(), f

@@ -304,3 +304,38 @@ def test_awq_clip_search_pure(tmp_path):
         else:
             torch.testing.assert_close(s, rtn, rtol=1e-6, atol=0)
         assert torch.equal(int4.unpack_int4(r.get(p + ".weight")), int4.quantize_with_scales(w_s, s))
+
+
+def test_exclude_modules_never_match_a_quantized_module(tmp_path, cli_run):
+    """A --rule leaving one layer unquantized excludes that layer's linears by name: the wildcard over
+    layers (model.layers.*.self_attn.q_proj) would tell a consumer every layer is unquantized."""
+    import fnmatch
+
+    q = tmp_path / "q"
+    assert cli_run("quantize", "tiny-mixtral", "--format", "fp8-dynamic", "--rule", "model.layers.0.*=none",
+                   "-o", q, "--quiet").exit_code == 0
+    quantized = json.loads((q / "moepress_quant.json").read_text())["modules"]
+    for f in ("hf_quant_config.json", "config.json"):
+        d = json.loads((q / f).read_text())
+        exclude = (d.get("quantization") or d["quantization_config"])["exclude_modules"]
+        assert "model.layers.0.self_attn.q_proj" in exclude and "model.layers.*.block_sparse_moe.gate" in exclude
+        assert not [(p, m) for p in exclude for m in quantized if fnmatch.fnmatchcase(m, p)]
+
+
+def test_rule_that_names_no_linear_is_refused(tmp_path, cli_run):
+    """`mlp.experts.*` is Qwen3 / DeepSeek naming; on Mixtral (block_sparse_moe) it matched nothing
+    and every expert was quantized without a word."""
+    r = cli_run("quantize", "tiny-mixtral", "--format", "fp8-dynamic", "--rule", "mlp.experts.*=none",
+                "-o", tmp_path / "q", "--quiet")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--rule mlp.experts.*=none: matches no linear" in r.stderr and "block_sparse_moe.experts" in r.stderr
+    assert not (tmp_path / "q").exists()
+
+
+def test_format_none_quantizes_only_what_the_rules_name(tmp_path, cli_run):
+    q = tmp_path / "q"
+    r = cli_run("quantize", "tiny-mixtral", "--format", "none", "--rule", "self_attn.*=fp8-dynamic", "-o", q,
+                "--quiet")
+    assert r.exit_code == 0, r.stderr
+    modules = json.loads((q / "moepress_quant.json").read_text())["modules"]
+    assert modules and all(".self_attn." in n and m["format"] == "fp8-dynamic" for n, m in modules.items())

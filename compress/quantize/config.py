@@ -120,7 +120,7 @@ class QuantConfig:
         for pat, fmt in self.rules:
             if fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(full, pat):
                 return None if fmt == NONE else fmt
-        return self.format
+        return None if self.format == NONE else self.format
 
     def is_sequential(self) -> bool:
         """Calibrate layer i on the quantized layers 0..i-1 (see ``sequential``)."""

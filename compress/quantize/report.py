@@ -25,40 +25,65 @@ MIXED = "MIXED_PRECISION"  # modelopt's quant_algo when the modules have several
 
 class QuantTotals:
     """The checkpoint's quantized modules (full names), shared groups, borrowed experts, linears left
-    unquantized, AWQ alphas, routed calibration tokens and the evidence per expert, gathered layer by layer."""
+    unquantized, AWQ alphas, routed calibration tokens and the evidence per expert, gathered layer by
+    layer and kept per layer, so that a resumed run keeps exactly the layers whose shards it keeps."""
+
+    KEYS = ("modules", "shared", "borrowed", "skipped", "awq_alpha", "expert_tokens", "experts")
 
     def __init__(self):
-        self.modules: dict[str, dict] = {}
-        self.shared: list[list[str]] = []
-        self.borrowed: list[dict] = []
-        self.skipped: list[dict] = []
-        self.alphas: dict[str, float] = {}
-        self.expert_tokens: dict[str, list[int]] = {}  # layer -> routed tokens per expert
-        self.experts: dict[str, list[dict]] = {}  # layer -> per routed expert: tokens, Hessian, statistics, rounding
+        self.layers: dict[int, dict] = {}
 
     def add(self, i: int, prefix: str, res: LayerResult) -> None:
         """Layer i's result (names relative to ``prefix``)."""
-        self.modules.update({prefix + n: m for n, m in res.modules.items()})
-        self.shared += [[prefix + n for n in g] for g in res.shared]
-        self.borrowed += res.borrowed
-        self.skipped += [{**s, "module": prefix + s["module"]} for s in res.skipped]
-        self.alphas.update({prefix + k: v for k, v in res.awq_alpha.items()})
-        if res.expert_tokens:
-            self.expert_tokens[str(i)] = res.expert_tokens
-        if res.expert_evidence:
-            self.experts[str(i)] = res.expert_evidence
+        self.layers[i] = {
+            "modules": {prefix + n: m for n, m in res.modules.items()},
+            "shared": [[prefix + n for n in g] for g in res.shared], "borrowed": list(res.borrowed),
+            "skipped": [{**s, "module": prefix + s["module"]} for s in res.skipped],
+            "awq_alpha": {prefix + k: v for k, v in res.awq_alpha.items()},
+            "expert_tokens": res.expert_tokens or None, "experts": res.expert_evidence or None}
 
-    def load(self, partial: Path | None) -> None:
-        """The totals of a killed run's finished layers (nothing without a progress file)."""
+    def _merged(self, key: str):
+        parts = [self.layers[i][key] for i in sorted(self.layers)]
+        if key in ("modules", "awq_alpha"):
+            return {k: v for p in parts for k, v in p.items()}
+        return [x for p in parts for x in p]
+
+    @property
+    def modules(self) -> dict[str, dict]:
+        return self._merged("modules")
+
+    @property
+    def shared(self) -> list[list[str]]:
+        return self._merged("shared")
+
+    @property
+    def borrowed(self) -> list[dict]:
+        return self._merged("borrowed")
+
+    @property
+    def skipped(self) -> list[dict]:
+        return self._merged("skipped")
+
+    @property
+    def alphas(self) -> dict[str, float]:
+        return self._merged("awq_alpha")
+
+    @property
+    def expert_tokens(self) -> dict[str, list[int]]:
+        """layer -> routed tokens per expert"""
+        return {str(i): d["expert_tokens"] for i, d in sorted(self.layers.items()) if d["expert_tokens"]}
+
+    @property
+    def experts(self) -> dict[str, list[dict]]:
+        """layer -> per routed expert: tokens, Hessian, statistics, rounding"""
+        return {str(i): d["experts"] for i, d in sorted(self.layers.items()) if d["experts"]}
+
+    def load(self, partial: Path | None, start: int) -> None:
+        """The totals of a killed run's layers before ``start`` (the ones whose shards are kept; the
+        progress file may already hold the layer being written when the run was killed)."""
         p = None if partial is None else partial / PROGRESS
         prev = json.loads(p.read_text()) if p is not None and p.is_file() else {}
-        self.modules.update(prev.get("modules", {}))
-        self.shared += prev.get("shared", [])
-        self.borrowed += prev.get("borrowed", [])
-        self.skipped += prev.get("skipped", [])
-        self.alphas.update(prev.get("awq_alpha", {}))
-        self.expert_tokens.update(prev.get("expert_tokens", {}))
-        self.experts.update(prev.get("experts", {}))
+        self.layers.update({int(i): d for i, d in (prev.get("layers") or {}).items() if int(i) < start})
 
     def save(self, partial: Path | None) -> None:
         """Replace the progress file atomically (rank 0 only: other ranks have no ``partial``)."""
@@ -66,9 +91,7 @@ class QuantTotals:
             return
         p = partial / PROGRESS
         tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"modules": self.modules, "shared": self.shared, "borrowed": self.borrowed,
-                                   "skipped": self.skipped, "awq_alpha": self.alphas,
-                                   "expert_tokens": self.expert_tokens, "experts": self.experts}, default=float))
+        tmp.write_text(json.dumps({"layers": {str(i): d for i, d in self.layers.items()}}, default=float))
         tmp.replace(p)
 
     def quant_algo(self) -> str:
@@ -88,7 +111,7 @@ class QuantTotals:
 def hf_quant_config(reader: CheckpointReader, cfg: QuantConfig, totals: QuantTotals) -> dict:
     """hf_quant_config.json: modelopt's producer and quantization sections."""
     algo, group = totals.quant_algo(), totals.group_size(cfg)
-    exclude = sorted({module_pattern(n) for n in unquantized_linears(reader, totals.modules)})
+    exclude = exclude_modules(unquantized_linears(reader, totals.modules), totals.modules)
     hf_quant = {"producer": {"name": "moepress", "version": __version__},
                 "quantization": {"quant_algo": algo,
                                  "kv_cache_quant_algo": FORMATS[cfg.kv_cache].quant_algo if cfg.kv_cache else None,
@@ -157,6 +180,14 @@ def unquantized_linears(reader: CheckpointReader, modules: dict) -> list[str]:
             if base not in modules and not base.endswith(("embed_tokens",)) and "norm" not in base.rsplit(".", 1)[-1]:
                 out.append(base)
     return out
+
+
+def exclude_modules(plain: list[str], quantized) -> list[str]:
+    """modelopt's ``exclude_modules``: an unquantized linear as its wildcard over layers and experts
+    (``model.layers.*.mlp.gate``) where that wildcard names no quantized module, else by its own name
+    (a --rule that leaves one layer or one expert unquantized must not exclude the others)."""
+    taken = {module_pattern(n) for n in quantized}
+    return sorted({module_pattern(n) if module_pattern(n) not in taken else n for n in plain})
 
 
 def module_pattern(name: str) -> str:

@@ -13,6 +13,7 @@ gathered and folded in global order and rank 0 writes: the output is identical t
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -30,7 +31,7 @@ from moepress.compress.formats import ct_inputs
 from moepress.compress.quant import fp8
 from moepress.compress.quantize.calibrated import quantize_layer
 from moepress.compress.quantize.config import PROGRESS, REPORT, QuantConfig
-from moepress.compress.quantize.free import FreePipeline
+from moepress.compress.quantize.free import FreePipeline, linear_names
 from moepress.compress.quantize.group import LayerResult, apply_fake_quant
 from moepress.compress.quantize.report import (
     QuantTotals,
@@ -68,6 +69,21 @@ EXTRA_LAYERS = ("stored past num_hidden_layers (DeepSeek-V3's multi-token-predic
                 "decoder layers only, so these are not written and config.json says num_nextn_predict_layers=0")
 
 
+def check_rules(sm: StreamedModel, cfg: QuantConfig) -> None:
+    """Refuse a --rule that names no linear of the model (a pattern written for another family, e.g.
+    ``mlp.experts.*`` on Mixtral's ``block_sparse_moe.experts``), before any work."""
+    if not cfg.rules:
+        return
+    a, cache = sm.adapter, {}
+    names = [(rel, a.layer_prefix(i) + rel) for i in range(a.num_layers) for rel in linear_names(sm, i, cache)]
+    for pat, fmt in cfg.rules:
+        if not any(fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(full, pat) for rel, full in names):
+            layer = a.moe_layers()[0] if a.moe_layers() else 0
+            seen = linear_names(sm, layer, cache)
+            raise MoepressError(f"--rule {pat}={fmt}: matches no linear of {sm.ckpt.path}; expected a pattern over "
+                                f"names such as {', '.join(sorted({seen[0], seen[-1]}))} (in the layer, or full)")
+
+
 class QuantizeStage:
     """One quantize run: the opened checkpoint, the process group, and the steps that write it."""
 
@@ -84,6 +100,7 @@ class QuantizeStage:
         self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=self.budget, device=device)
         self.adapter = self.sm.adapter
         self.sm.check_weights()
+        check_rules(self.sm, cfg)
         self.extra_layers = [i for i in reader.layer_indices() if i >= self.adapter.num_layers]
         self.env = dist.init()
         self.totals = QuantTotals()
@@ -121,7 +138,7 @@ class QuantizeStage:
                 w.end_shard()
             hs = self.sm.embed(self.batches) if self.calibrated else None
             if start:
-                self.totals.load(w.partial)
+                self.totals.load(w.partial, start)
             with progress.task("quantize", a.num_layers) as task:
                 if start:
                     task.advance(start, note=f"layers 0-{start - 1} already written")
@@ -201,8 +218,11 @@ class QuantizeStage:
 
     def _write_layer(self, i: int, res: LayerResult, src) -> str:
         """Layer i as one shard: quantized tensors replace their linear's weight; the rest as stored
-        (read from ``src``). Returns the progress note."""
+        (read from ``src``). Returns the progress note. The totals are saved first: a killed run's
+        progress file never lacks a layer whose shard it kept (a resume drops the ones it redoes)."""
         w, prefix = self.w, self.adapter.layer_prefix(i)
+        self.totals.add(i, prefix, res)
+        self.totals.save(w.partial)
         qnames = {f"{n}.weight" for n in res.modules}
         for name in ct_inputs.as_modules(self.reader.layer_names(i)):  # packed inputs: one P.weight (decoded)
             rel = name[len(prefix):]
@@ -215,8 +235,6 @@ class QuantizeStage:
         for rel, t in sorted(res.tensors.items()):
             w.add(prefix + rel, t.contiguous())
         w.end_shard()
-        self.totals.add(i, prefix, res)
-        self.totals.save(w.partial)
         return f"layer {i}: {len(res.modules)} linears quantized" + (
             f", {len(res.borrowed)} experts borrowed scales" if res.borrowed else "")
 
