@@ -339,3 +339,24 @@ def test_format_none_quantizes_only_what_the_rules_name(tmp_path, cli_run):
     assert r.exit_code == 0, r.stderr
     modules = json.loads((q / "moepress_quant.json").read_text())["modules"]
     assert modules and all(".self_attn." in n and m["format"] == "fp8-dynamic" for n, m in modules.items())
+
+
+def test_static_input_scale_of_an_expert_without_peers_that_saw_tokens(tmp_path, cli_run):
+    """One expert given FP8 by a --rule and routed no calibration token has no peer to take its input
+    scale from: it was amax 0 (scale 1e-38, every activation clamped to 0); now from every MoE-input token
+    through it, and the report says so."""
+    from safetensors import safe_open
+
+    q = tmp_path / "q"
+    r = cli_run("quantize", "tiny-qwen3-moe", "--format", "int4-gptq", "--rule", "model.layers.1.mlp.experts.9.*=fp8",
+                "--num-samples", "2", "--seq-len", "32", "-o", q, "--quiet")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads((q / "quant_report.json").read_text())
+    assert report["expert_calibration_tokens"]["1"][9] == 0  # the premise: expert 9 saw no token
+    where = json.loads((q / "model.safetensors.index.json").read_text())["weight_map"]
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        n = f"model.layers.1.mlp.experts.9.{p}.input_scale"
+        with safe_open(q / where[n], "pt") as f:
+            assert f.get_tensor(n).item() > 1e-4, n  # activations of this model are O(1): amax / 448
+    (entry,) = [b for b in report["experts_with_borrowed_scales"] if b["layer"] == 1 and b["expert"] == 9]
+    assert "every MoE-input token" in entry["gate_up_input_scale"] and "every" in entry["down_input_scale"]

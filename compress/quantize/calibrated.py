@@ -321,13 +321,35 @@ class CalibratedLayer:
             if f"{names[0]}.input_scale" in res.tensors and int(names[0].split(".")[-2]) not in borrowed:
                 v = res.tensors[f"{names[0]}.input_scale"]
                 per_proj_amax[key] = v if key not in per_proj_amax else torch.maximum(per_proj_amax[key], v)
-        for _, proj, names in expert_groups:
+        for e, proj, names in expert_groups:
             key = f"{proj}:{self.fmt_of[names[0]]}"
+            if key not in per_proj_amax and f"{names[0]}.input_scale" in res.tensors and self.moe_inputs:
+                per_proj_amax[key] = self._all_tokens_input_scale(e, proj, names[0])  # no peer saw tokens
+                for b in res.borrowed:
+                    if b["expert"] == e:
+                        b[f"{proj}_input_scale"] = "every MoE-input token's (no expert of its format saw one)"
             if key in per_proj_amax:
                 for n in names:
                     res.tensors[f"{n}.input_scale"] = per_proj_amax[key].clone()
                     fmt, pqs, _ = res.specs[n]
                     res.specs[n] = (fmt, pqs, per_proj_amax[key].clone())
+
+    def _all_tokens_input_scale(self, e: int, proj: str, n: str) -> torch.Tensor:
+        """Linear ``n``'s static input scale from every MoE-input token run through expert e: for a
+        projection whose experts of its format saw no token at all (a --rule giving one rarely-routed
+        expert its own format), whose own amax would be 0 and clamp every activation to nothing."""
+        X = torch.cat(self.moe_inputs)
+        fmt, pqs, _ = self.res.specs[n]
+        if proj == "gate_up":
+            amax = X.abs().amax(dim=0)
+        else:
+            ex = self.moe.experts[e]
+            g, u = (f"{self.layer.ffn_attr}.experts.{e}.{ln}" for ln in ex.names[:2])
+            wg, wu = self.weights[g], self.weights[u]
+            amax = torch.stack([(ex.act_fn(nn.functional.linear(c, wg)) * nn.functional.linear(c, wu)).abs().amax(0)
+                                for c in X.split(4096)]).amax(0)
+        amax = (amax * pqs).amax() if pqs is not None else amax.amax()
+        return FORMATS[fmt].input_scale(amax).reshape(())
 
     def kv_scales(self) -> None:
         """The attention's k_scale / v_scale from the amax of the keys / values it cached."""
