@@ -222,15 +222,14 @@ def _outputs_one_line(r, *needles) -> str:
 
 def _outputs_partial(tmp_path: Path, out: Path, model: Path, **cfg) -> dict:
     """OUT.partial as a quantize run of ``model`` with ``cfg`` killed after its first shard leaves it."""
-    from dataclasses import asdict
 
     import torch
 
     from moepress.compress.checkpoint import CheckpointWriter
-    from moepress.compress.checkpoint.resume import resume_key
     from moepress.compress.quantize import QuantConfig
+    from moepress.compress.quantize.stage import quantize_resume_key
 
-    key = resume_key("quantize", asdict(QuantConfig(**cfg)), model)
+    key = quantize_resume_key(QuantConfig(**cfg), model)
     w = CheckpointWriter(out, resume_key=key)
     w.add("model.embed_tokens.weight", torch.ones(4, 4))
     w.end_shard()
@@ -792,3 +791,18 @@ def test_resume_after_a_kill_between_progress_and_shard_is_byte_identical(cli_ru
     assert files == sorted(f.name for f in q.iterdir() if f.name != "moepress-manifest.json")
     for f in files:
         assert (q / f).read_bytes() == (ref / f).read_bytes(), f
+
+
+def test_resume_refuses_a_partial_calibrated_on_data_since_edited(cli_run, tmp_path):
+    """The same --calib path with other contents: resuming would write layers calibrated on two data sets."""
+    calib = tmp_path / "c.txt"
+    calib.write_text((models.path("tiny-qwen3-moe") / "config.json").read_text() * 20)
+    args = ["quantize", "tiny-mixtral", "--format", "fp8", "--calib", str(calib), "--num-samples", "2",
+            "--seq-len", "32", "--quiet", "-o", str(tmp_path / "O")]
+    p = subprocess.run([sys.executable, "-m", "moepress", *args], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "MOEPRESS_KILL_AT": "quantize:2"})
+    assert p.returncode == -9 and (tmp_path / "O.partial").is_dir(), p.stderr[-2000:]
+    calib.write_text(calib.read_text()[::-1])
+    r = cli_run(*args, "--resume")
+    assert r.exit_code == 2 and "calib_content" in r.stderr and "without --resume" in r.stderr, r.stderr
+    assert not (tmp_path / "O").exists()

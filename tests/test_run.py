@@ -242,3 +242,57 @@ def test_killed_quantize_resumes_at_its_layer_and_is_byte_identical(tmp_path):
         now = (out / "quantize" / final[f]).stat()
         assert (now.st_ino, now.st_mtime_ns, now.st_size) == (st.st_ino, st.st_mtime_ns, st.st_size), f
     assert _tree_digest(out / "quantize") == _tree_digest(tmp_path / "ref" / "quantize")
+
+
+def test_check_reruns_when_its_data_or_its_candidate_was_rewritten(cli_run, tmp_path):
+    """A check's verdict is kept only for the same evaluation data and the same candidate files: an
+    edited --data file, or a candidate its stage wrote again (which drops the manifest's accuracy
+    section), ran no check and still reported the old "passed"."""
+    data = tmp_path / "eval.txt"
+    data.write_text((models.path(MODEL) / "config.json").read_text() * 40)
+    out = tmp_path / "run"
+    check = {"data": str(data), "max_samples": 2, "seq_len": 64, "max_ppl_increase": "200%"}
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", quantize={"format": "fp8-dynamic"}, check=check)
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    assert statuses(out) == {"quantize": "ran", "check:quantized": "ran"}
+    data.write_text(data.read_text()[::-1])
+    cli_run("run", rec, "-o", out)
+    assert statuses(out) == {"quantize": "skipped", "check:quantized": "ran"}
+    next((out / "quantize").glob("model-*.safetensors")).unlink()
+    cli_run("run", rec, "-o", out)
+    assert statuses(out) == {"quantize": "ran", "check:quantized": "ran"}
+    assert "accuracy" in json.loads((out / "quantize" / "moepress-manifest.json").read_text())
+
+
+def test_run_into_a_directory_holding_its_recipe_or_other_files_is_refused(cli_run, tmp_path):
+    """`moepress run recipe.yaml -o .` rewrote the user's recipe.yaml (comments gone, --model applied)."""
+    d = tmp_path / "d"
+    d.mkdir()
+    rec = write_recipe(d / "recipe.yaml")
+    text = rec.read_text() + "# mine\n"
+    rec.write_text(text)
+    one_line_error(cli_run("run", rec, "-o", d, "--model", "tiny-qwen3-moe"), "contains the input", "recipe.yaml")
+    assert rec.read_text() == text
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    one_line_error(cli_run("run", write_recipe(tmp_path / "r.yaml"), "-o", tmp_path / "other"),
+                   "no moepress run wrote")
+
+
+@pytest.mark.parametrize("sections,needles", [
+    ({"output": 5}, ["output: expected a directory path, got 5"]),
+    ({"export": {"formats": [1]}}, ["export.formats: expected a list of str, got 1"]),
+    ({"calib": {"sources": [1]}}, ["calib.sources: expected a list of str, got 1"]),
+    ({"export": {"formats": ["hf-modelopt"]}, "build": {"targets": ["bogus"]}},
+     ["build.targets: unknown GPU target 'bogus'"]),
+    ({"export": {"formats": ["hf-modelopt"]}, "build": {"targets": ["h100"], "max_seq_len": -1}},
+     ["build.max_seq_len: expected a positive number, got -1"]),
+    ({"check": {"kind": "bogus"}}, ["check.kind: not a recipe key"]),
+    ({1: "a", "foo": "b"}, ["unknown key"]),
+])
+def test_recipe_values_of_the_wrong_type_are_one_line(cli_run, tmp_path, sections, needles):
+    """Were tracebacks (Path(5), Path / int, int.strip, sorting int and str keys), a build refusal
+    recorded as a finished stage with exit 0, or a key silently ignored (check.kind)."""
+    rec = tmp_path / "r.yaml"
+    rec.write_text(yaml.safe_dump({"model": MODEL, **sections}))
+    one_line_error(cli_run("recipe", "show", rec), str(rec), *needles)

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import stat
-import struct
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 
 from moepress.compress import formats
 from moepress.compress.checkpoint.buffers import POOL_MIN_BYTES, BufferPool
-from moepress.compress.checkpoint.safetensors_io import _DIRECT_ALIGN, _DTYPES, INDEX_NAME, SINGLE_NAME
+from moepress.compress.checkpoint.safetensors_io import _DIRECT_ALIGN, _DTYPES, INDEX_NAME, SINGLE_NAME, read_header
 from moepress.compress.formats import ct_inputs, gptoss_mxfp4
 from moepress.errors import MoepressError
 
@@ -37,67 +36,6 @@ class TensorInfo:
     file: Path
     offset: int  # absolute byte offset of the data in the file
     nbytes: int
-
-
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # about the safetensors bound (safetensors/src/tensor.rs MAX_HEADER_SIZE)
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    """Parse a safetensors header and check the file holds all the data it announces.
-
-    Returns (header, offset of the data section). Errors describe what is wrong and never echo
-    the file's bytes: the path may name any file (an index entry, a symlink), not a shard."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise MoepressError(f"{path}: truncated safetensors file (only {size} bytes, no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER_BYTES:
-                raise MoepressError(f"{path}: not a safetensors file (the header length field is not plausible; "
-                                    f"file has {size} bytes)")
-            if n > size - 8:
-                raise MoepressError(f"{path}: truncated or corrupt safetensors file (the header runs past the "
-                                    f"end of the file, {size} bytes)")
-            header = json.loads(f.read(n))
-    except PermissionError as e:
-        raise MoepressError(f"{path}: cannot read shard ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise MoepressError(f"{path}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict) or not all(_entry_ok(v) for k, v in header.items() if k != "__metadata__") \
-            or not isinstance(header.get("__metadata__", {}), dict):
-        raise MoepressError(f"{path}: not a safetensors file (header is not a JSON object of tensor entries "
-                            "with dtype, shape and data_offsets)")
-    end = _check_offsets(path, header)
-    if 8 + n + end > size:
-        raise MoepressError(f"{path}: truncated shard: header says {8 + n + end} bytes, file has {size}")
-    return header, 8 + n
-
-
-def _check_offsets(path: Path, header: dict) -> int:
-    """The data section's length; refused unless the tensors tile it from 0 without gaps or overlaps
-    (safetensors/src/tensor.rs validate: "invalid offset"), so no tensor reads another's bytes."""
-    spans = sorted((v["data_offsets"][0], v["data_offsets"][1], k) for k, v in header.items() if k != "__metadata__")
-    at = 0
-    for begin, end, name in spans:
-        if begin != at:
-            raise MoepressError(f"{path}: not a valid safetensors file (tensor '{name}' data_offsets start at "
-                                f"{begin}; expected {at}: tensors overlap or leave a gap)")
-        at = end
-    return at
-
-
-def _entry_ok(meta) -> bool:
-    """A header entry as the safetensors format defines it: {dtype: str, shape: [int >= 0],
-    data_offsets: [begin, end] with 0 <= begin <= end}."""
-    def ints(v) -> bool:
-        return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
-
-    if not isinstance(meta, dict) or not isinstance(meta.get("dtype"), str):
-        return False
-    offsets = meta.get("data_offsets")
-    return ints(meta.get("shape")) and ints(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]
 
 
 def _json(path: Path) -> dict:
@@ -189,7 +127,7 @@ class CheckpointReader:
             self._load_index(index)
         elif single.exists():
             self._check_inside(single, f"{single}: resolves to")
-            header, base = _read_header(single)
+            header, base = read_header(single)
             for name, meta in header.items():
                 if name != "__metadata__":
                     self._add(name, meta, single, base)
@@ -213,7 +151,7 @@ class CheckpointReader:
             if not shard.exists():
                 raise MoepressError(f"{index}: shard '{fname}' (holding {len(names)} tensors, "
                                     f"e.g. {names[0]}) is missing")
-            header, base = _read_header(shard)
+            header, base = read_header(shard)
             for name in names:
                 if name not in header:
                     raise MoepressError(f"{shard}: tensor '{name}' named in {INDEX_NAME} is not in this shard")

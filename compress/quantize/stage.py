@@ -69,6 +69,20 @@ EXTRA_LAYERS = ("stored past num_hidden_layers (DeepSeek-V3's multi-token-predic
                 "decoder layers only, so these are not written and config.json says num_nextn_predict_layers=0")
 
 
+def quantize_resume_key(cfg: QuantConfig, src: Path) -> dict:
+    """The key a quantize partial is resumed by: the config, what the calibration sources read, the input."""
+    return resume_key("quantize", {**asdict(cfg), "calib_content": calib_content(cfg.calib)}, src)
+
+
+def calib_content(sources: tuple[str, ...]) -> dict[str, str | None]:
+    """sha256 of what each --calib source reads: a resume must not finish, on edited calibration data,
+    a run whose first layers were calibrated on the old data (the sources' names alone are the same)."""
+    from moepress.calib.sources.hashing import content_hash
+    from moepress.calib.sources.spec import parse_sources
+
+    return {spec.spec: content_hash(spec) for spec in parse_sources(sources)}
+
+
 def check_rules(sm: StreamedModel, cfg: QuantConfig) -> None:
     """Refuse a --rule that names no linear of the model (a pattern written for another family, e.g.
     ``mlp.experts.*`` on Mixtral's ``block_sparse_moe.experts``), before any work."""
@@ -118,7 +132,7 @@ class QuantizeStage:
         if not env.is_main:
             progress = QUIET
         # a resumed partial must have been started by this very run (config, input, moepress)
-        key, sources = resume_key("quantize", asdict(self.cfg), self.reader.path), (self.reader.path,)
+        key, sources = quantize_resume_key(self.cfg, self.reader.path), (self.reader.path,)
         # refused before the calibration, by every rank (none waits for a rank 0 that gave up); the
         # writer checks again under its lock
         check_output(out, force=force, resume=resume, resume_key=key, sources=sources)

@@ -32,6 +32,10 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "build": {"targets": (list, []), "dry_run": (bool, True), "gpus": (int, None), "max_seq_len": (int, 4096),
               "max_batch": (int, 8), "trust_remote_code": (bool, False)},
 }
+# list keys and the type of their elements
+ELEMENTS = {("calib", "sources"): str, ("export", "formats"): str, ("build", "targets"): str}
+# build keys that must be positive when set
+POSITIVE = {("build", "gpus"), ("build", "max_seq_len"), ("build", "max_batch")}
 TOP = {"model", "output", "device", *SCHEMA}
 STAGES = ("prune", "quantize", "export", "check", "build")
 
@@ -44,11 +48,13 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
     """Validate ``raw`` and return the effective recipe (defaults filled; skipped stages None)."""
     if not isinstance(raw, dict):
         raise MoepressError(f"{src}: expected a YAML mapping at the top level")
-    bad = sorted(set(raw) - TOP)
+    bad = sorted(set(raw) - TOP, key=str)
     if bad:
         raise MoepressError(f"{src}: unknown key '{bad[0]}' (expected {', '.join(sorted(TOP))})")
     if not isinstance(raw.get("model"), str) or not raw["model"]:
         raise MoepressError(f"{src}: 'model' must name a checkpoint directory or a bundled model")
+    if raw.get("output") is not None and not isinstance(raw["output"], str):
+        raise MoepressError(f"{_where(src, 'output')}: expected a directory path, got {raw['output']!r}")
     out: dict = {"model": raw["model"], "output": raw.get("output")}
     if raw.get("device") is not None:  # where the stages compute (moepress/device.py); outputs do not depend on it
         if not isinstance(raw["device"], str):
@@ -64,6 +70,9 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
         if schema is None:  # check
             from moepress.checks.config import CheckConfig
 
+            if "kind" in val:  # the runner checks each artifact as what it is
+                raise MoepressError(f"{_where(src, section, 'kind')}: not a recipe key (each artifact is checked "
+                                    "with the kind its format needs)")
             CheckConfig.from_dict(val, where=_where(src, section))
             out[section] = copy.deepcopy(val)
             continue
@@ -78,6 +87,7 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
             if v is not None and (not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool)):
                 tname = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
                 raise MoepressError(f"{_where(src, section, key)}: expected {tname}, got {v!r}")
+            _check_value(src, section, key, v)
             sec[key] = v
         out[section] = sec
     if out["prune"] is not None and (out["prune"]["ratio"] is None) == (out["prune"]["keep"] is None):
@@ -89,6 +99,26 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
     if out["build"] is not None and not out["build"]["targets"]:
         out["build"] = None
     return out
+
+
+def _check_value(src: str, section: str, key: str, v) -> None:
+    """A list key's elements and a positive build number, refused in one line naming the key."""
+    elem = ELEMENTS.get((section, key))
+    if elem is not None and v is not None:
+        bad = [x for x in v if not isinstance(x, elem)]
+        if bad:
+            raise MoepressError(f"{_where(src, section, key)}: expected a list of {elem.__name__}, got {bad[0]!r}")
+    if (section, key) in POSITIVE and v is not None and v < 1:
+        raise MoepressError(f"{_where(src, section, key)}: expected a positive number, got {v!r}")
+    if (section, key) == ("build", "targets"):
+        from moepress.exporters.targets import TARGETS, get_target
+
+        for t in v:
+            try:
+                get_target(t)
+            except MoepressError:
+                raise MoepressError(f"{_where(src, section, key)}: unknown GPU target {t!r}; expected one of "
+                                    f"{', '.join(TARGETS)}") from None
 
 
 def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -> tuple[dict, str]:

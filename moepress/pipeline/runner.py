@@ -82,8 +82,13 @@ class Runner:
         self.force_from = force_from
         self.device = resolve_device(device or recipe.get("device"))  # a runtime choice: in no stage's key
         self.model = resolve_model(recipe["model"])
-        refuse_overlap(self.out, (self.model,))
+        recipe_file = Path(recipe_src)
+        refuse_overlap(self.out, (self.model, *((recipe_file,) if recipe_file.is_file() else ())))
         self.state_dir = self.out / ".state"
+        if self.out.is_dir() and any(self.out.iterdir()) and not (self.state_dir.is_dir()
+                                                                  or (self.out / "run.json").is_file()):
+            raise MoepressError(f"-o {self.out}: a non-empty directory that no moepress run wrote (no .state/, "
+                                "no run.json); expected a new or empty directory, or an earlier run's")
         self.record: dict[str, dict] = {}
         self.failed_checks: list[str] = []
 
@@ -242,7 +247,8 @@ class Runner:
 
         cfg = CheckConfig.from_dict({**self.recipe["check"], "kind": kind}, where="recipe check")
         out = self.out / "check" / name
-        key = _key({"stage": "check", "candidate": cand_key, "reference": ref_key, "config": cfg.to_dict()})
+        key = _key({"stage": "check", "candidate": cand_key, "reference": ref_key, "config": cfg.to_dict(),
+                    "data": _data_digest(cfg.data)})
 
         def fn(resume):
             prepare_record(cand)  # this user's manifest key, before the check runs
@@ -252,7 +258,9 @@ class Runner:
             res = jsonable({k: result[k] for k in ("passed", "failed", "metrics", "error_jump")})
             return res
 
-        res = self.stage(f"check:{name}", key, out, fn, complete=lambda d: (d / "report.json").is_file())
+        # done only while the candidate still carries the verdict (a rerun of its stage writes a new manifest)
+        res = self.stage(f"check:{name}", key, out, fn, complete=lambda d: (d / "report.json").is_file() and (
+            not (cand / MANIFEST_NAME).is_file() or "accuracy" in read_manifest(cand)))
         verdict = "passed" if res.get("passed") else f"FAILED ({', '.join(res.get('failed') or [])})"
         m = res.get("metrics") or {}
         self.prog.info(f"check:{name}: {verdict}; ppl {m.get('ppl_candidate', float('nan')):.3f} vs "
@@ -300,6 +308,17 @@ class Runner:
 
         return self.stage(f"build:{target}:{builder}", key, out, fn,
                           complete=lambda d: d.is_dir() and any(d.iterdir()))
+
+
+def _data_digest(data: str | None) -> dict | None:
+    """What the check's evaluation data holds (a file or directory edited between runs is another check)."""
+    if data is None or not Path(data).exists():
+        return None  # the bundled held-out text, or a Hub dataset by name
+    from moepress.calib.sources.hashing import _file_sha
+
+    p = Path(data)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return {f.relative_to(p).as_posix() if p.is_dir() else p.name: _file_sha(f, None) for f in files}
 
 
 def _summary(d) -> dict:
