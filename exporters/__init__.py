@@ -55,6 +55,10 @@ def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool =
     if ex.families is not None and adapter.family not in ex.families:
         raise MoepressError(f"--format {cfg.format}: not available for {adapter.family} models "
                             f"({src}); it supports {', '.join(ex.families)}")
+    unknown = [k for k, _ in cfg.options if k not in ex.options]
+    if unknown:
+        raise MoepressError(f"--option {unknown[0]}: not an option of --format {cfg.format}; expected "
+                            f"{', '.join(ex.options) or 'none'}")
     if cfg.tp < 1 or cfg.ep < 1:
         raise MoepressError(f"--tp/--ep: expected positive sizes, got tp={cfg.tp} ep={cfg.ep}")
     with CheckpointWriter(out, force=force, sources=(src,)) as writer:

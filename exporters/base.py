@@ -28,3 +28,4 @@ class Exporter:
     description: str
     families: tuple[str, ...] | None = None  # adapter family names; None: every family
     consumers: str = ""  # who loads it (help text)
+    options: tuple[str, ...] = ()  # the --option KEYs it reads (any other is refused)

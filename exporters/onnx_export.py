@@ -82,4 +82,5 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
 EXPORTER = Exporter(
     "onnx", export_onnx, description="ONNX with QuantizeLinear/DequantizeLinear (FP8, INT4 block-wise, opset 21) "
     "and MoE routing in the graph", consumers="TensorRT (trtexec / ONNX parser), onnxruntime",
+    options=("external_min_bytes",),
 )

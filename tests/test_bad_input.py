@@ -258,3 +258,12 @@ def test_block_fp8_scale_of_another_grid_is_refused(tmp_path):
     edit_json(tmp_path / "config.json", quantization_config={"quant_method": "fp8", "weight_block_size": [128]})
     with pytest.raises(MoepressError, match=r"weight_block_size is \[128\]; expected two positive integers"):
         CheckpointReader(tmp_path).weight("m.weight")
+
+
+def test_export_option_the_exporter_does_not_read_is_refused(good, tmp_path, cli_run):
+    """--option K=V (recipe export.options) that no exporter reads was ignored without a word."""
+    assert_one_line_error(cli_run("export", good, "-o", tmp_path / "e", "--format", "onnx", "--option", "bogus=1"),
+                          "--option bogus", "expected external_min_bytes")
+    assert_one_line_error(cli_run("export", good, "-o", tmp_path / "e", "--format", "hf-fp8-block", "--option",
+                                  "external_min_bytes=1"), "--option external_min_bytes", "expected none")
+    assert not (tmp_path / "e").exists()
