@@ -267,3 +267,14 @@ def test_export_option_the_exporter_does_not_read_is_refused(good, tmp_path, cli
     assert_one_line_error(cli_run("export", good, "-o", tmp_path / "e", "--format", "hf-fp8-block", "--option",
                                   "external_min_bytes=1"), "--option external_min_bytes", "expected none")
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["run", "--from", "bogus"], ["moepress run: Invalid value for '--from'", "'bogus'"]),
+    (["quantize", "tiny-mixtral", "--format", "fp8", "--seq-len", "1", "-o", "x"], ["'--seq-len'", "x>=2"]),
+    (["bogus"], ["No such command 'bogus'"]),
+])
+def test_option_and_command_errors_are_one_line(cli_run, args, needles):
+    """Click's own usage errors (a bad choice, a value out of range, an unknown command) printed a
+    usage block and "Error: ..." over several lines."""
+    assert_one_line_error(cli_run(*args), *needles)

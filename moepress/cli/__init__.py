@@ -21,6 +21,11 @@ class MoepressGroup(click.Group):
         except MoepressError as e:
             click.echo(f"moepress: error: {' '.join(str(e).split())}", err=True)
             ctx.exit(MoepressError.exit_code)
+        except click.UsageError as e:  # a subcommand's option or argument: one line too (bad input)
+            where = " ".join(["moepress", *(e.ctx or ctx).command_path.split()[1:]])
+            click.echo(f"moepress: error: {where}: {' '.join(e.format_message().split())} (see {where} --help)",
+                       err=True)
+            ctx.exit(MoepressError.exit_code)
         except CheckFailed as e:
             click.echo(f"moepress: check failed: {' '.join(str(e).split())}", err=True)
             ctx.exit(CheckFailed.exit_code)
