@@ -106,6 +106,8 @@ def test_compressed_tensors_checkpoint_through_transformers(cli_run, ref, tmp_pa
                 "--max-kl", "none",
                 "--min-top1", "none", "--max-ppl-increase", "none")
     assert r.exit_code == 0, r.output
+    # --json: stderr is JSON events only (the libraries' progress bars and load report were mixed in)
+    assert all(ln.startswith("{") for ln in r.stderr.splitlines() if ln.strip()), r.stderr[:500]
     res = json.loads(r.stdout)
     assert res["candidate"]["kind"] == "transformers" and res["candidate"]["quantization"] == "compressed-tensors"
     m = res["metrics"]

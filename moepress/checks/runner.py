@@ -10,6 +10,8 @@ layer's output (activations only) until the candidate's are compared at the end.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -167,9 +169,36 @@ def generations(ref, cand: Candidate, batches, ref_dir: Path, cfg: CheckConfig) 
     return {"samples": out, "mean_same_prefix": sum(s["same_prefix_tokens"] for s in out) / max(len(out), 1)}
 
 
+@contextlib.contextmanager
+def libraries_silent(silent: bool):
+    """With ``silent`` (--quiet, --json): what a candidate's library prints while it loads (transformers'
+    load report and progress bars, compressed-tensors' tqdm bars) is not written to stderr, so that
+    --json stays one JSON object per line. moepress's own progress keeps the stream it was made with."""
+    if not silent:
+        yield
+        return
+    from transformers.utils import logging as tf_logging
+
+    level, bars = tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled()
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        tf_logging.set_verbosity(level)
+        if bars:
+            tf_logging.enable_progress_bar()
+
+
 def run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, progress=None, device=None) -> dict:
     """Compare ``candidate`` with the ``reference`` checkpoint; returns the result (metrics, gates, ...).
     The streamed models run on ``device`` (None: the CPU)."""
+    with libraries_silent(progress is None or progress.mode != "human"):
+        return _run_check(candidate, reference, cfg, progress, device)
+
+
+def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, progress, device) -> dict:
     t0 = time.monotonic()
     ref_dir = Path(reference)
     if not ref_dir.exists():
