@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import copy_checkpoint
+from moepress import models
 from moepress.calib.data import calibration_batches, eval_batches
 from moepress.calib.metrics import perplexity
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
@@ -360,3 +361,20 @@ def test_static_input_scale_of_an_expert_without_peers_that_saw_tokens(tmp_path,
             assert f.get_tensor(n).item() > 1e-4, n  # activations of this model are O(1): amax / 448
     (entry,) = [b for b in report["experts_with_borrowed_scales"] if b["layer"] == 1 and b["expert"] == 9]
     assert "every MoE-input token" in entry["gate_up_input_scale"] and "every" in entry["down_input_scale"]
+
+
+def test_hf_quant_config_says_each_group_size_where_they_differ(tmp_path):
+    """tiny-deepseek-v3 at --group-size 128: its 64- and 32-wide linears get groups 64 / 32. One
+    checkpoint-wide group_size 128 misstated them; the config is MIXED_PRECISION with every module's group."""
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+
+    q = tmp_path / "q"
+    quantize_checkpoint(models.path("tiny-deepseek-v3"), q, QuantConfig(format="int4-gptq", num_samples=2, seq_len=32))
+    layout = json.loads((q / "moepress_quant.json").read_text())["modules"]
+    assert {m["group"] for m in layout.values()} == {32, 64, 128}
+    for f in ("hf_quant_config.json", "config.json"):
+        d = json.loads((q / f).read_text())
+        qc = d.get("quantization") or d["quantization_config"]
+        assert qc["quant_algo"] == "MIXED_PRECISION" and "group_size" not in qc
+        assert {n: e["group_size"] for n, e in qc["quantized_layers"].items()} == \
+            {n: m["group"] for n, m in layout.items()}

@@ -95,22 +95,23 @@ class QuantTotals:
         tmp.replace(p)
 
     def quant_algo(self) -> str:
-        """modelopt's quant_algo of the whole checkpoint."""
-        fmts = sorted({m["format"] for m in self.modules.values()})
-        return FORMATS[fmts[0]].modelopt_algo if len(fmts) == 1 else MIXED
+        """modelopt's quant_algo of the whole checkpoint: one format with one group size, else
+        MIXED_PRECISION (each module's algo and group in ``quantized_layers``): INT4 linears narrower
+        than --group-size get a smaller group, which one checkpoint-wide group_size would misstate."""
+        modules = self.modules.values()
+        fmts = sorted({m["format"] for m in modules})
+        one = len(fmts) == 1 and len({m.get("group") for m in modules}) == 1
+        return FORMATS[fmts[0]].modelopt_algo if one else MIXED
 
-    def group_size(self, cfg: QuantConfig) -> int | None:
-        """The INT4 group size, when any module is INT4; else the one block size of the FP4 modules."""
-        fmts = {m["format"] for m in self.modules.values()}
-        if any(FORMATS[f].element == "int4" for f in sorted(fmts)):
-            return cfg.group_size
-        groups = {m["group"] for m in self.modules.values() if "group" in m}  # FP4: its fixed block
+    def group_size(self) -> int | None:
+        """The one INT4 group size / FP4 block size of the grouped modules, if they share one."""
+        groups = {m["group"] for m in self.modules.values() if "group" in m}
         return groups.pop() if len(groups) == 1 else None
 
 
 def hf_quant_config(reader: CheckpointReader, cfg: QuantConfig, totals: QuantTotals) -> dict:
     """hf_quant_config.json: modelopt's producer and quantization sections."""
-    algo, group = totals.quant_algo(), totals.group_size(cfg)
+    algo, group = totals.quant_algo(), totals.group_size()
     exclude = exclude_modules(unquantized_linears(reader, totals.modules), totals.modules)
     hf_quant = {"producer": {"name": "moepress", "version": __version__},
                 "quantization": {"quant_algo": algo,
