@@ -378,3 +378,22 @@ def test_hf_quant_config_says_each_group_size_where_they_differ(tmp_path):
         assert qc["quant_algo"] == "MIXED_PRECISION" and "group_size" not in qc
         assert {n: e["group_size"] for n, e in qc["quantized_layers"].items()} == \
             {n: m["group"] for n, m in layout.items()}
+
+
+def test_calibration_free_error_gives_torch_threads_back(tmp_path, monkeypatch):
+    """The calibration-free pool runs torch single-threaded meanwhile; an error mid-run left an API
+    caller's process at one thread (and the read-ahead running)."""
+    from moepress.compress.quantize import QuantConfig, free, quantize_checkpoint
+
+    torch.set_num_threads(2)
+    layer = free.FreePipeline.layer
+
+    def failing(self, i):
+        if i == 2:
+            raise RuntimeError("layer 2")
+        return layer(self, i)
+    monkeypatch.setattr(free.FreePipeline, "layer", failing)
+    monkeypatch.setattr(free, "cpu_workers", lambda: 2)  # the pool, whatever this machine's affinity
+    with pytest.raises(RuntimeError, match="layer 2"):
+        quantize_checkpoint(models.path("tiny-mixtral"), tmp_path / "o", QuantConfig(format="fp8-dynamic"))
+    assert torch.get_num_threads() == 2

@@ -222,9 +222,11 @@ class QuantizeStage:
     def _free_layers(self, start: int, task) -> None:
         """Calibration-free: tensor by tensor, no layer module, no activations."""
         pipe = FreePipeline(self.reader, self.sm, self.cfg, start, self.budget)
-        for i in range(start, self.adapter.num_layers):
-            task.advance(note=self._free_layer(pipe, i))
-        pipe.close()
+        try:  # closed on an error too: the read-ahead stopped, torch's thread count given back
+            for i in range(start, self.adapter.num_layers):
+                task.advance(note=self._free_layer(pipe, i))
+        finally:
+            pipe.close()
 
     def _free_layer(self, pipe: FreePipeline, i: int) -> str:
         res, src = pipe.layer(i)
