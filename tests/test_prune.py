@@ -454,6 +454,11 @@ def test_quantize_of_a_checkpoint_with_an_mtp_layer_says_it_is_not_written(tmp_p
     rep = json.loads((q / "quant_report.json").read_text())["layers_not_written"]
     assert rep["layers"] == [2] and "num_nextn_predict_layers=0" in rep["why"]
     StreamedModel(str(q)).check_weights()
+    # nor do the configs name modules of the layer not written
+    for f in ("hf_quant_config.json", "config.json"):
+        d = json.loads((q / f).read_text())
+        qc = d.get("quantization") or d["quantization_config"]
+        assert not [m for m in qc["exclude_modules"] if m.startswith("model.layers.2.")], qc["exclude_modules"]
 
 
 def test_prune_says_which_undeclared_layers_it_does_not_write(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import moepress.compress.quantize.config as qconfig
@@ -173,9 +174,14 @@ def manifest_entries(reader: CheckpointReader, cfg: QuantConfig, totals: QuantTo
 
 
 def unquantized_linears(reader: CheckpointReader, modules: dict) -> list[str]:
-    """2-D weights of the checkpoint that were not quantized (embeddings and norms aside)."""
+    """2-D weights of the output that were not quantized (embeddings and norms aside; layers stored past
+    num_hidden_layers, which quantize does not write, neither)."""
     out = []
+    trunk = int(reader.config.get("num_hidden_layers") or 0)
     for n in reader.names():
+        layer = re.match(r"model\.layers\.(\d+)\.", n)
+        if layer is not None and int(layer.group(1)) >= trunk:
+            continue
         if n.endswith(".weight") and reader.info(n).shape and len(reader.info(n).shape) == 2:
             base = n[: -len(".weight")]
             if base not in modules and not base.endswith(("embed_tokens",)) and "norm" not in base.rsplit(".", 1)[-1]:
