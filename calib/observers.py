@@ -8,6 +8,8 @@ counts int64, so statistics over millions of tokens stay exact; every observer c
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -98,7 +100,7 @@ class LayerRouting:
         self._ref = (g, hit)
         for e in torch.nonzero((hit & ~routed).any(dim=0)).flatten().tolist():
             tok = torch.nonzero(hit[:, e] & ~routed[:, e]).flatten()
-            with torch.no_grad():
+            with torch.no_grad(), side_computation():
                 self._add_reap(e, g[tok, e], moe.experts[e](x[tok]))
 
     def _add_reap(self, e: int, g: torch.Tensor, y: torch.Tensor) -> None:
@@ -235,6 +237,25 @@ class RoutingStats:
         return out
 
 
+_SIDE = threading.local()
+
+
+@contextlib.contextmanager
+def side_computation():
+    """Forward calls an observer makes for its own statistic (REAP's reference tokens, which the family's
+    router did not send to that expert): input observers must not count them as the layer's inputs."""
+    prev = getattr(_SIDE, "on", False)
+    _SIDE.on = True
+    try:
+        yield
+    finally:
+        _SIDE.on = prev
+
+
+def in_side_computation() -> bool:
+    return getattr(_SIDE, "on", False)
+
+
 class InputAbsMax:
     """Per ``nn.Linear`` of a layer: running max |x| per input channel (float32), via pre-hooks.
 
@@ -254,7 +275,7 @@ class InputAbsMax:
     def _hook(self, name: str):
         def fn(mod, args):
             x = args[0]
-            if x.numel() == 0:
+            if x.numel() == 0 or in_side_computation():
                 return
             a = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
             prev = self.amax.get(name)

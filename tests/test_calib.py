@@ -395,3 +395,25 @@ def test_stats_terminal_summary(qwen, tmp_path, cli_run):
     assert "max/mean" in r.stdout and "never routed" in r.stdout and r.stderr == ""
     assert (tmp_path / "s" / "summary.txt").read_text().strip() in r.stdout
     assert_one_line_error(cli_run("calib", "stats", qwen, "-o", tmp_path / "s"), "not empty")
+
+
+def test_absmax_beside_routing_stats_counts_only_routed_inputs():
+    """REAP's reference routing runs a DeepSeek expert on tokens the family's router did not send it;
+    the input absmax observed beside it counted those calls (experts with no routed token got entries,
+    channels up to 800x their true max). Recomputed here with the absmax observer alone."""
+    from moepress.calib.observers import InputAbsMax
+    from moepress.calib.stats import collect
+    from moepress.compress.stream import StreamedModel
+
+    p = models.path("tiny-deepseek-v3")
+    b = [torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))]
+    _, amax, _ = collect(p, b, absmax=True)
+    sm = StreamedModel(p)
+    hs, alone = sm.embed(b), {}
+    for i, layer in sm.layers():
+        o = InputAbsMax()
+        o.attach(layer)
+        hs = sm.run_layer(layer, hs)
+        o.detach()
+        alone.update(o.state_dict(prefix=sm.adapter.layer_prefix(i)))
+    assert set(amax) == set(alone) and all(torch.equal(amax[k], alone[k]) for k in alone)

@@ -40,6 +40,7 @@ from torch import nn
 
 import moepress.compress.quantize.config as qconfig
 from moepress.calib.distributed import DistEnv
+from moepress.calib.observers import in_side_computation
 from moepress.compress.formats import _int4
 from moepress.compress.moe import AttentionObserver
 from moepress.compress.quant import kv as kvq
@@ -88,7 +89,8 @@ class _RouteLog:
 
 
 def _observe_input(st: LinearStats, module, args) -> None:
-    st.add(args[0])
+    if not in_side_computation():  # an observer's own forward calls are not the layer's inputs
+        st.add(args[0])
 
 
 class CalibratedLayer:
