@@ -373,7 +373,20 @@ class StreamedModel:
 
     @torch.no_grad()
     def run_layer(self, layer: DecoderLayer, hs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [layer(h, self.position_embeddings(h)) for h in hs]
+        return [layer(h, self.position_embeddings(h), self.attention_mask(h)) for h in hs]
+
+    def attention_mask(self, h: torch.Tensor) -> torch.Tensor | None:
+        """None (causal attention) unless the config's ``sliding_window`` is shorter than the sequence:
+        then the sliding-window causal mask transformers builds for Mixtral / Qwen3-MoE
+        (masking_utils.create_sliding_window_causal_mask: key within ``sliding_window`` positions
+        before the query), as a boolean [B, 1, S, S] (True: attended)."""
+        w = getattr(self.adapter.hf_config, "sliding_window", None)
+        s = h.shape[1]
+        if w is None or s <= w:
+            return None
+        pos = torch.arange(s, device=h.device)
+        d = pos[:, None] - pos[None, :]
+        return ((d >= 0) & (d < w))[None, None].expand(h.shape[0], 1, s, s)
 
     def head_weights(self) -> tuple[torch.nn.Module, torch.Tensor]:
         a = self.adapter
