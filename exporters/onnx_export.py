@@ -25,6 +25,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
+from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.errors import MoepressError
@@ -33,12 +34,26 @@ from moepress.exporters.onnx_graph import FLOAT, Graph
 from moepress.exporters.onnx_layers import LayerBuilder
 
 
+def refuse_dynamic_inputs(src: Path) -> None:
+    """Refuse a checkpoint whose activations are quantized per token at run time (fp8-dynamic, fp8-block):
+    TensorRT's Q/DQ takes constant scales (Model-Optimizer's ONNX FP8 uses static ones), and a graph
+    without them would run a weight-only model (logits off by ~1 against the checkpoint's own forward)."""
+    layout = formats.read_layout(src) or {}
+    dynamic = sorted({m["format"] for m in layout.get("modules", {}).values()
+                      if m.get("format") in formats.FORMATS and formats.FORMATS[m["format"]].dynamic_input})
+    if dynamic:
+        raise MoepressError(f"--format onnx: {src} is quantized as {', '.join(dynamic)}, whose activations are "
+                            "quantized per token at run time, which ONNX Q/DQ with constant scales cannot hold; "
+                            "expected fp8 (static input scales), int4-awq, int4-gptq, w4a8-awq or bf16")
+
+
 def export_onnx(src: Path, writer, cfg, progress) -> dict:
     if cfg.opset < 21:
         raise MoepressError(f"--opset {cfg.opset}: the ONNX export needs opset 21 or newer "
                             f"(INT4 and block-wise DequantizeLinear)")
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config, reader.names())
+    refuse_dynamic_inputs(src)
     try:
         min_bytes = int(cfg.option("external_min_bytes", 1024))
     except ValueError:

@@ -151,7 +151,7 @@ class GraphBuilder:
         if lins[0].pre_quant_scale is not None:
             pqs = torch.stack([x_.pre_quant_scale.float() for x_ in lins])
             x = g.op("Mul", [x, g.init(name + ".pre_quant_scale", pqs[:, None, :] if len(lins) > 1 else pqs[0])])
-        if lins[0].scheme != "tensor" or lins[0].input_scale is None:
+        if lins[0].input_scale is None:  # static FP8 input: fp8 (E4M3 weights) and w4a8-awq (INT4 weights)
             return x
         zp_t = torch.zeros((len(lins),) if len(lins) > 1 else (), dtype=torch.float8_e4m3fn)
         if len(lins) > 1:

@@ -51,6 +51,7 @@ NEEDS_Q = "needs a quantized checkpoint"
 NOT_BLOCK = "expected fp8-block or a bf16 checkpoint"
 TRT_ONLY = "this exporter writes bf16 and FP8 per-tensor"
 AWQ = "with pre_quant_scale, which has no compressed-tensors form"
+DYNAMIC = "whose activations are quantized per token at run time"
 # (input, exporter) -> a consumer, or the words of the one-line refusal
 EXPECT = {
     ("bf16", "hf-modelopt"): NEEDS_Q, ("bf16", "hf-fp8-block"): TF, ("bf16", "compressed-tensors"): NEEDS_Q,
@@ -58,9 +59,11 @@ EXPECT = {
     ("fp8", "hf-modelopt"): BACK, ("fp8", "hf-fp8-block"): NOT_BLOCK, ("fp8", "compressed-tensors"): TF,
     ("fp8", "trtllm-ckpt"): BACK, ("fp8", "onnx"): ORT,
     ("fp8-block", "hf-modelopt"): PARTIAL, ("fp8-block", "hf-fp8-block"): TF,
-    ("fp8-block", "compressed-tensors"): PARTIAL, ("fp8-block", "trtllm-ckpt"): TRT_ONLY, ("fp8-block", "onnx"): ORT,
+    ("fp8-block", "compressed-tensors"): PARTIAL, ("fp8-block", "trtllm-ckpt"): TRT_ONLY,
+    ("fp8-block", "onnx"): DYNAMIC,
     ("fp8-dynamic", "hf-modelopt"): BACK, ("fp8-dynamic", "hf-fp8-block"): NOT_BLOCK,
-    ("fp8-dynamic", "compressed-tensors"): TF, ("fp8-dynamic", "trtllm-ckpt"): TRT_ONLY, ("fp8-dynamic", "onnx"): ORT,
+    ("fp8-dynamic", "compressed-tensors"): TF, ("fp8-dynamic", "trtllm-ckpt"): TRT_ONLY,
+    ("fp8-dynamic", "onnx"): DYNAMIC,
     **{(f, "hf-modelopt"): MIXED for f in ("int4-awq", "int4-gptq", "w4a8-awq")},
     **{(f, "hf-fp8-block"): NOT_BLOCK for f in ("int4-awq", "int4-gptq", "w4a8-awq")},
     ("int4-awq", "compressed-tensors"): AWQ, ("int4-gptq", "compressed-tensors"): MIXED,

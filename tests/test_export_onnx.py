@@ -21,7 +21,8 @@ from moepress.compress.quantize import QuantConfig, quantize_checkpoint
 from moepress.compress.stream import StreamedModel
 
 CASES = [(m, "bf16") for m in models.BUNDLED] + [(m, "fp8") for m in models.BUNDLED] + \
-    [("tiny-qwen3-moe", "int4"), ("tiny-deepseek-v3", "int4")]
+    [("tiny-qwen3-moe", "int4"), ("tiny-deepseek-v3", "int4"), ("tiny-mixtral", "w4a8")]
+STATIC_FP8_INPUTS = ("fp8", "w4a8")  # w4a8-awq: INT4 weights, static FP8 inputs (were left out of the graph)
 # |onnxruntime - torch| / max|torch logit|. bf16 and INT4 weight-only: the same float32 math in another
 # order; measured (onnxruntime 1.32, every case) max <= 7.8e-7, mean <= 5.5e-8.
 FLOAT32 = (1.5e-6, 1e-7)  # (max, mean): about twice the measured
@@ -48,7 +49,7 @@ def exported(tmp_path_factory):
                 [ids], after_layer=lambda i, layer, hs, acc=hidden: acc.append(hs[0]))[0]
         else:
             qdir = root / f"{model}-{kind}"
-            fmt = {"fp8": "fp8", "int4": "int4-awq"}[kind]
+            fmt = {"fp8": "fp8", "int4": "int4-awq", "w4a8": "w4a8-awq"}[kind]
             quantize_checkpoint(src, qdir, QuantConfig(format=fmt, num_samples=4, seq_len=64))
             src = qdir
             ref_logits, hidden = StreamedModel(qdir).forward([ids])[0], None
@@ -79,6 +80,8 @@ def test_checker_and_external_data(exported, model, kind):
     types = {t.data_type for t in m.graph.initializer}
     if kind == "fp8":
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops and onnx.TensorProto.FLOAT8E4M3FN in types
+    elif kind == "w4a8":  # INT4 weights behind FP8 activation Q/DQ
+        assert "QuantizeLinear" in ops and {onnx.TensorProto.INT4, onnx.TensorProto.FLOAT8E4M3FN} <= types
     elif kind == "int4":
         assert "DequantizeLinear" in ops and onnx.TensorProto.INT4 in types
         assert any(a.name == "block_size" and a.i == 128 for n in m.graph.node if n.op_type == "DequantizeLinear"
@@ -95,7 +98,7 @@ def test_onnxruntime_logits_match_torch(exported, model, kind):
     scale = ref.abs().max().item()
     rel = (got - ref).abs() / scale
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    if kind == "fp8":
+    if kind in STATIC_FP8_INPUTS:
         assert (rel <= FLOAT32[0]).float().mean().item() >= FP8_EXACT_SHARE, rel.max().item()
         assert rel.max().item() <= FP8_FLIP, rel.max().item()
         assert agree >= 23 / 24  # measured 1.0
@@ -118,3 +121,15 @@ def test_opset_below_21_is_one_line_exit_2(cli_run, tmp_path):
     r = cli_run("export", models.path("tiny-mixtral"), "--format", "onnx", "--opset", "17", "-o", tmp_path / "o")
     assert r.exit_code == 2 and "--opset 17" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not Path(tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("fmt", ["fp8-dynamic", "fp8-block"])
+def test_dynamic_fp8_inputs_are_refused(tmp_path, cli_run, fmt):
+    """Their activations are quantized per token at run time: the graph had no such quantization and ran a
+    weight-only model (logits off by ~1 against the checkpoint's forward)."""
+    q = tmp_path / "q"
+    assert cli_run("quantize", "tiny-mixtral", "--format", fmt, "-o", q, "--quiet").exit_code == 0
+    r = cli_run("export", q, "--format", "onnx", "-o", tmp_path / "x", "--quiet")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"quantized as {fmt}, whose activations are quantized per token at run time" in r.stderr
+    assert not (tmp_path / "x").exists()
