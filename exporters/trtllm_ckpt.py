@@ -59,6 +59,7 @@ from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
+from moepress.exporters.fused_moe import pattern
 from moepress.exporters.linears import Linear, read_linear
 
 FP8 = torch.float8_e4m3fn
@@ -129,7 +130,24 @@ def _quant_algo(reader: CheckpointReader, adapter) -> tuple[str | None, str | No
         raise MoepressError(f"--format trtllm-ckpt: {reader.path} is quantized as {lin.stored_as}; this exporter "
                             f"writes bf16 and FP8 per-tensor (moepress quantize --format fp8); for INT4 AWQ or "
                             f"block FP8 use --format hf-modelopt (TensorRT-LLM's PyTorch backend)")
+    _refuse_partly_fp8(reader, adapter)
     return "FP8", kv
+
+
+def _refuse_partly_fp8(reader: CheckpointReader, adapter) -> None:
+    """An FP8 checkpoint must be FP8 per tensor in every decoder linear but the routers: the config has one
+    quant_algo and excludes only lm_head and the routers, and the writer fuses q/k/v and w3/w1 under one
+    scale (an attention left bf16 made every weight of its layer bf16 under quant_algo FP8)."""
+    routers = tuple(adapter.router_prefix(i) for i in range(adapter.num_layers))
+    plain = [n for i in range(adapter.num_layers) for n in reader.layer_names(i)
+             if n.endswith(".weight") and len(reader.info(n).shape) == 2 and not n.startswith(routers)
+             and not (reader.info(n).dtype == "F8_E4M3" and n[: -len("weight")] + "weight_scale" in reader
+                      and reader.info(n[: -len("weight")] + "weight_scale").nbytes <= 4)]
+    if plain:
+        raise MoepressError(f"--format trtllm-ckpt: {reader.path} has {len(plain)} decoder linears not in FP8 per "
+                            f"tensor ({pattern([n[: -len('.weight')] for n in plain])}); this exporter writes one "
+                            "quant_algo for every linear but the routers; for mixed precision use --format "
+                            "hf-modelopt")
 
 
 def trtllm_config(adapter, cfg, quant_algo, kv_algo) -> dict:

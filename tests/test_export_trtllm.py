@@ -199,3 +199,16 @@ def test_int4_input_is_refused(cli_run, tmp_path):
     quantize_checkpoint(MIXTRAL, q, QuantConfig(format="int4-awq", num_samples=4, seq_len=64))
     r = cli_run("export", q, "--format", "trtllm-ckpt", "-o", tmp_path / "o")
     assert r.exit_code == 2 and "hf-modelopt" in r.stderr
+
+
+@pytest.mark.parametrize("rule", ["self_attn.*=none", "block_sparse_moe.experts.1.*=none"])
+def test_fp8_checkpoint_with_linears_left_bf16_is_refused(tmp_path, cli_run, rule):
+    """quant_algo FP8 with an attention left bf16 wrote every weight of its layer bf16 (no scales) under
+    that quant_algo; an expert left bf16 was a TypeError traceback."""
+    q = tmp_path / "q"
+    assert cli_run("quantize", "tiny-mixtral", "--format", "fp8", "--rule", rule, "--num-samples", "4",
+                   "--seq-len", "64", "-o", q, "--quiet").exit_code == 0
+    r = cli_run("export", q, "--format", "trtllm-ckpt", "-o", tmp_path / "t", "--quiet")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "decoder linears not in FP8 per tensor" in r.stderr and "--format hf-modelopt" in r.stderr
+    assert not (tmp_path / "t").exists()
