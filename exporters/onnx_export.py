@@ -51,6 +51,9 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
     if cfg.opset < 21:
         raise MoepressError(f"--opset {cfg.opset}: the ONNX export needs opset 21 or newer "
                             f"(INT4 and block-wise DequantizeLinear)")
+    if cfg.opset > onnx.defs.onnx_opset_version():  # a model no runtime of this onnx release can check
+        raise MoepressError(f"--opset {cfg.opset}: expected 21..{onnx.defs.onnx_opset_version()} (the newest "
+                            f"opset onnx {onnx.__version__} defines)")
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config, reader.names())
     refuse_dynamic_inputs(src)
