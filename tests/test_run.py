@@ -289,6 +289,10 @@ def test_run_into_a_directory_holding_its_recipe_or_other_files_is_refused(cli_r
      ["build.max_seq_len: expected a positive number, got -1"]),
     ({"check": {"kind": "bogus"}}, ["check.kind: not a recipe key"]),
     ({1: "a", "foo": "b"}, ["unknown key"]),
+    ({"check": {"data": 5}}, ["check: data 5: expected a file"]),
+    ({"check": {"seed": "abc"}}, ["check: seed 'abc': expected an integer"]),
+    ({"check": {"trust_remote_code": "no"}}, ["check: trust_remote_code 'no': expected true or false"]),
+    ({"check": {"max_kl": [1]}}, ["check: max_kl [1]"]),
 ])
 def test_recipe_values_of_the_wrong_type_are_one_line(cli_run, tmp_path, sections, needles):
     """Were tracebacks (Path(5), Path / int, int.strip, sorting int and str keys), a build refusal

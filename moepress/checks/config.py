@@ -67,6 +67,12 @@ class CheckConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise MoepressError(f"{name} {v!r}: expected an integer >= {low}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise MoepressError(f"seed {self.seed!r}: expected an integer")
+        for name, typ, what in (("data", (str, type(None)), "a file, directory or dataset name"),
+                                ("kind", str, "a candidate kind"), ("trust_remote_code", bool, "true or false")):
+            if not isinstance(getattr(self, name), typ):
+                raise MoepressError(f"{name} {getattr(self, name)!r}: expected {what}")
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "check") -> "CheckConfig":
@@ -76,7 +82,10 @@ class CheckConfig:
         bad = sorted(set(norm) - known)
         if bad:
             raise MoepressError(f"{where}: unknown key '{bad[0]}' (expected {', '.join(sorted(known))})")
-        return cls(**norm)
+        try:
+            return cls(**norm)
+        except MoepressError as e:  # the value's own message, under the recipe file and section
+            raise MoepressError(f"{where}: {e}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
