@@ -385,6 +385,7 @@ def test_calibration_free_error_gives_torch_threads_back(tmp_path, monkeypatch):
     caller's process at one thread (and the read-ahead running)."""
     from moepress.compress.quantize import QuantConfig, free, quantize_checkpoint
 
+    before = torch.get_num_threads()  # the suite runs torch single-threaded (conftest): given back below
     torch.set_num_threads(2)
     layer = free.FreePipeline.layer
 
@@ -394,6 +395,9 @@ def test_calibration_free_error_gives_torch_threads_back(tmp_path, monkeypatch):
         return layer(self, i)
     monkeypatch.setattr(free.FreePipeline, "layer", failing)
     monkeypatch.setattr(free, "cpu_workers", lambda: 2)  # the pool, whatever this machine's affinity
-    with pytest.raises(RuntimeError, match="layer 2"):
-        quantize_checkpoint(models.path("tiny-mixtral"), tmp_path / "o", QuantConfig(format="fp8-dynamic"))
-    assert torch.get_num_threads() == 2
+    try:
+        with pytest.raises(RuntimeError, match="layer 2"):
+            quantize_checkpoint(models.path("tiny-mixtral"), tmp_path / "o", QuantConfig(format="fp8-dynamic"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
