@@ -32,6 +32,9 @@ FLOAT32 = (1.5e-6, 1e-7)  # (max, mean): about twice the measured
 # logits to float32 rounding, the rest within twice that flip.
 FP8_FLIP = 5e-3
 FP8_EXACT_SHARE = 0.9  # one flipped token moves 1/24 of the logits
+# w4a8-awq quantizes every linear's input, experts' included: more flips, and an early one moves every later
+# token (measured with onnxruntime 1.20 + torch 2.6, .ci/lowest: 71% exact, max 3.1e-3; 1.32: all exact)
+EXACT_SHARE = {"fp8": FP8_EXACT_SHARE, "w4a8": 0.35}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +102,7 @@ def test_onnxruntime_logits_match_torch(exported, model, kind):
     rel = (got - ref).abs() / scale
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     if kind in STATIC_FP8_INPUTS:
-        assert (rel <= FLOAT32[0]).float().mean().item() >= FP8_EXACT_SHARE, rel.max().item()
+        assert (rel <= FLOAT32[0]).float().mean().item() >= EXACT_SHARE[kind], rel.max().item()
         assert rel.max().item() <= FP8_FLIP, rel.max().item()
         assert agree >= 23 / 24  # measured 1.0
     else:
