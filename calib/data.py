@@ -308,6 +308,17 @@ def _check_params(num_samples: int, seq_len: int) -> None:
         raise MoepressError(f"--seq-len {seq_len}: expected at least 2")
 
 
+def source_hashes(sources: tuple[str, ...] | list[str]) -> dict[str, str | None]:
+    """sha256 of what each ``--calib`` source reads (none: the bundled text), keyed by the source as given,
+    memoised in the cache like :func:`calibration_set`'s."""
+    memo = cache_mod.load_hash_memo()
+    n_memo = len(memo)
+    out = {s.spec: content_hash(s, memo) for s in parse_sources(tuple(sources))}
+    if len(memo) != n_memo:
+        cache_mod.save_hash_memo(memo)
+    return out
+
+
 def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] = (), num_samples: int = 64,
                     seq_len: int = 256, seed: int = 0, trust_remote_code: bool = False, *,
                     cache: bool = True) -> CalibSet:

@@ -175,6 +175,7 @@ class StreamedModel:
         self.uploader = Uploader(self.device)
         self._on_device = _OnDevice(self.ckpt, self.uploader)
         self._rotary, self._pos_cache = None, {}
+        self._masks: dict[tuple, torch.Tensor] = {}  # (length, device) -> sliding-window mask
         return self
 
     @property
@@ -384,9 +385,12 @@ class StreamedModel:
         s = h.shape[1]
         if w is None or s <= w:
             return None
-        pos = torch.arange(s, device=h.device)
-        d = pos[:, None] - pos[None, :]
-        return ((d >= 0) & (d < w))[None, None].expand(h.shape[0], 1, s, s)
+        key = (s, h.device)
+        if key not in self._masks:  # made once per length, not per layer and batch
+            pos = torch.arange(s, device=h.device)
+            d = pos[:, None] - pos[None, :]
+            self._masks[key] = ((d >= 0) & (d < w))[None, None]
+        return self._masks[key].expand(h.shape[0], 1, s, s)
 
     def head_weights(self) -> tuple[torch.nn.Module, torch.Tensor]:
         a = self.adapter

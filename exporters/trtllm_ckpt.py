@@ -138,14 +138,17 @@ def _refuse_partly_fp8(reader: CheckpointReader, adapter) -> None:
     """An FP8 checkpoint must be FP8 per tensor in every decoder linear but the routers: the config has one
     quant_algo and excludes only lm_head and the routers, and the writer fuses q/k/v and w3/w1 under one
     scale (an attention left bf16 made every weight of its layer bf16 under quant_algo FP8)."""
+    def fp8_per_tensor(base: str) -> bool:
+        scale = base + ".weight_scale"
+        return reader.info(base + ".weight").dtype == "F8_E4M3" and scale in reader and reader.info(scale).nbytes <= 4
+
     routers = tuple(adapter.router_prefix(i) for i in range(adapter.num_layers))
-    plain = [n for i in range(adapter.num_layers) for n in reader.layer_names(i)
-             if n.endswith(".weight") and len(reader.info(n).shape) == 2 and not n.startswith(routers)
-             and not (reader.info(n).dtype == "F8_E4M3" and n[: -len("weight")] + "weight_scale" in reader
-                      and reader.info(n[: -len("weight")] + "weight_scale").nbytes <= 4)]
+    linears = [n[: -len(".weight")] for i in range(adapter.num_layers) for n in reader.layer_names(i)
+               if n.endswith(".weight") and len(reader.info(n).shape) == 2 and not n.startswith(routers)]
+    plain = [b for b in linears if not fp8_per_tensor(b)]
     if plain:
         raise MoepressError(f"--format trtllm-ckpt: {reader.path} has {len(plain)} decoder linears not in FP8 per "
-                            f"tensor ({pattern([n[: -len('.weight')] for n in plain])}); this exporter writes one "
+                            f"tensor ({pattern(plain)}); this exporter writes one "
                             "quant_algo for every linear but the routers; for mixed precision use --format "
                             "hf-modelopt")
 

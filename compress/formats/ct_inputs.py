@@ -123,7 +123,7 @@ def _group_of(reader, base: str, name: str, shape, out_f: int, in_f: int, groups
 def decode_pack_quantized(reader, base: str) -> torch.Tensor:
     """``pack-quantized`` INT module -> weight in its scale's dtype (compressed-tensors' result)."""
     packed, scale = reader.get(base + PACKED), reader.get(base + ".weight_scale")
-    out_f, in_f = _weight_shape(reader, base, packed, scale)
+    out_f, in_f = _weight_shape(reader, base, packed.shape, scale.shape)
     if packed.ndim != 2 or packed.shape[0] != out_f:
         raise MoepressError(f"{reader.path}: tensor '{base}{PACKED}' has shape {list(packed.shape)}; "
                             f"expected [{out_f}, words] for weight_shape [{out_f}, {in_f}]")
@@ -147,11 +147,11 @@ def decode_pack_quantized(reader, base: str) -> torch.Tensor:
     return q * _grouped(q, scale)
 
 
-def _weight_shape(reader, base: str, packed: torch.Tensor, scale: torch.Tensor) -> tuple[int, int]:
+def _weight_shape(reader, base: str, packed_shape, scale_shape) -> tuple[int, int]:
     """[out, in] of a pack-quantized module: its ``weight_shape``, else from the packing and the
     config's one group size."""
     if base + ".weight_shape" not in reader:
-        return packed.shape[0], scale.shape[-1] * _group_size(reader)
+        return packed_shape[0], scale_shape[-1] * _group_size(reader)
     ws = reader.get(base + ".weight_shape")
     if ws.numel() != 2 or ws.is_floating_point() or min(ws.tolist()) < 1:
         raise MoepressError(f"{reader.path}: tensor '{base}.weight_shape' is {ws.tolist()}; expected two positive "
@@ -235,7 +235,7 @@ def describe(reader, base: str) -> str | None:
     scale = reader.info(base + ".weight_scale").shape
     packed = reader.info(base + PACKED).shape
     if fmt == CT_PACKED:
-        out_f, in_f = _weight_shape(reader, base, reader.get(base + PACKED), reader.get(base + ".weight_scale"))
+        out_f, in_f = _weight_shape(reader, base, packed, scale)  # header shapes: inspect reads no weights
         group = _group_of(reader, base, ".weight_scale", scale, out_f, in_f, _declared_groups(reader))
         bits = _num_bits(reader, base, in_f, packed[-1])
         sym = "asymmetric" if base + ".weight_zero_point" in reader else "symmetric"

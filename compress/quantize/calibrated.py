@@ -88,6 +88,11 @@ class _RouteLog:
         self.routes.append(indices.detach().clone())
 
 
+def expert_hidden(ex, wg: torch.Tensor, wu: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An expert's down-projection input for ``x``: act(x Wg^T) * (x Wu^T) (``ex``: its activation)."""
+    return ex.act_fn(nn.functional.linear(x, wg)) * nn.functional.linear(x, wu)
+
+
 def _observe_input(st: LinearStats, module, args) -> None:
     if not in_side_computation():  # an observer's own forward calls are not the layer's inputs
         st.add(args[0])
@@ -266,7 +271,7 @@ class CalibratedLayer:
         needs_h = self.cfg.needs_hessian
 
         def inner(x):
-            return ex.act_fn(nn.functional.linear(x, wx[g])) * nn.functional.linear(x, wx[u])
+            return expert_hidden(ex, wx[g], wx[u], x)
 
         h_e = inner(x_e) if x_e is not None and x_e.shape[0] and g in wx and u in wx else None
         if rule == "rtn":
@@ -346,10 +351,8 @@ class CalibratedLayer:
             amax = X.abs().amax(dim=0)
         else:
             ex = self.moe.experts[e]
-            g, u = (f"{self.layer.ffn_attr}.experts.{e}.{ln}" for ln in ex.names[:2])
-            wg, wu = self.weights[g], self.weights[u]
-            amax = torch.stack([(ex.act_fn(nn.functional.linear(c, wg)) * nn.functional.linear(c, wu)).abs().amax(0)
-                                for c in X.split(4096)]).amax(0)
+            g, u = (self.weights[f"{self.layer.ffn_attr}.experts.{e}.{ln}"] for ln in ex.names[:2])
+            amax = torch.stack([expert_hidden(ex, g, u, c).abs().amax(0) for c in X.split(4096)]).amax(0)
         amax = (amax * pqs).amax() if pqs is not None else amax.amax()
         return FORMATS[fmt].input_scale(amax).reshape(())
 

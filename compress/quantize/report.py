@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import moepress.compress.quantize.config as qconfig
@@ -112,8 +111,8 @@ class QuantTotals:
 
 def hf_quant_config(reader: CheckpointReader, cfg: QuantConfig, totals: QuantTotals) -> dict:
     """hf_quant_config.json: modelopt's producer and quantization sections."""
-    algo, group = totals.quant_algo(), totals.group_size()
-    exclude = exclude_modules(unquantized_linears(reader, totals.modules), totals.modules)
+    algo, group, modules = totals.quant_algo(), totals.group_size(), totals.modules  # merged once
+    exclude = exclude_modules(unquantized_linears(reader, modules), modules)
     hf_quant = {"producer": {"name": "moepress", "version": __version__},
                 "quantization": {"quant_algo": algo,
                                  "kv_cache_quant_algo": FORMATS[cfg.kv_cache].quant_algo if cfg.kv_cache else None,
@@ -122,7 +121,7 @@ def hf_quant_config(reader: CheckpointReader, cfg: QuantConfig, totals: QuantTot
         hf_quant["quantization"]["quantized_layers"] = {
             n: {"quant_algo": FORMATS[m["format"]].modelopt_algo,
                 **({"group_size": m["group"]} if "group" in m else {})}
-            for n, m in sorted(totals.modules.items())}
+            for n, m in sorted(modules.items())}
     return hf_quant
 
 
@@ -178,9 +177,9 @@ def unquantized_linears(reader: CheckpointReader, modules: dict) -> list[str]:
     num_hidden_layers, which quantize does not write, neither)."""
     out = []
     trunk = int(reader.config.get("num_hidden_layers") or 0)
+    unwritten = {n for i in reader.layer_indices() if i >= trunk for n in reader.layer_names(i)}
     for n in reader.names():
-        layer = re.match(r"model\.layers\.(\d+)\.", n)
-        if layer is not None and int(layer.group(1)) >= trunk:
+        if n in unwritten:
             continue
         if n.endswith(".weight") and reader.info(n).shape and len(reader.info(n).shape) == 2:
             base = n[: -len(".weight")]

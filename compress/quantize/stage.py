@@ -23,6 +23,7 @@ import torch
 import torch.distributed as tdist
 
 from moepress.calib import distributed as dist
+from moepress.calib.data import source_hashes
 from moepress.compress import formats
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, read_later
 from moepress.compress.checkpoint.resume import resume_key
@@ -71,16 +72,9 @@ EXTRA_LAYERS = ("stored past num_hidden_layers (DeepSeek-V3's multi-token-predic
 
 def quantize_resume_key(cfg: QuantConfig, src: Path) -> dict:
     """The key a quantize partial is resumed by: the config, what the calibration sources read, the input."""
-    return resume_key("quantize", {**asdict(cfg), "calib_content": calib_content(cfg.calib)}, src)
-
-
-def calib_content(sources: tuple[str, ...]) -> dict[str, str | None]:
-    """sha256 of what each --calib source reads: a resume must not finish, on edited calibration data,
-    a run whose first layers were calibrated on the old data (the sources' names alone are the same)."""
-    from moepress.calib.sources.hashing import content_hash
-    from moepress.calib.sources.spec import parse_sources
-
-    return {spec.spec: content_hash(spec) for spec in parse_sources(sources)}
+    # what the sources read: a resume must not finish, on edited calibration data, a run whose first layers
+    # were calibrated on the old data (the sources' names alone are the same)
+    return resume_key("quantize", {**asdict(cfg), "calib_content": source_hashes(cfg.calib)}, src)
 
 
 def check_rules(sm: StreamedModel, cfg: QuantConfig) -> None:

@@ -46,19 +46,24 @@ def _key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def source_digest(model: Path) -> dict[str, str]:
-    """sha256 of the model's files (weights, configs, tokenizer), memoised by (size, mtime)."""
+def _hashed(files: dict[str, Path]) -> dict[str, str]:
+    """sha256 of each file, memoised by (size, mtime) in the calibration cache (big files hashed once)."""
     from moepress.calib.cache import load_hash_memo, save_hash_memo
     from moepress.calib.sources import _file_sha
 
     memo = load_hash_memo()
     n = len(memo)
-    out = {p.name: _file_sha(p, memo) for p in sorted(model.iterdir())
-           if p.is_file() and p.name != MANIFEST_NAME and p.suffix in (".safetensors", ".json", ".jinja", ".txt",
-                                                                      ".model", ".tiktoken", ".py")}
+    out = {name: _file_sha(p, memo) for name, p in files.items()}
     if len(memo) != n:
         save_hash_memo(memo)
     return out
+
+
+def source_digest(model: Path) -> dict[str, str]:
+    """sha256 of the model's files (weights, configs, tokenizer)."""
+    return _hashed({p.name: p for p in sorted(model.iterdir())
+                    if p.is_file() and p.name != MANIFEST_NAME and p.suffix in (".safetensors", ".json", ".jinja",
+                                                                               ".txt", ".model", ".tiktoken", ".py")})
 
 
 def output_complete(d: Path) -> bool:
@@ -314,11 +319,9 @@ def _data_digest(data: str | None) -> dict | None:
     """What the check's evaluation data holds (a file or directory edited between runs is another check)."""
     if data is None or not Path(data).exists():
         return None  # the bundled held-out text, or a Hub dataset by name
-    from moepress.calib.sources.hashing import _file_sha
-
     p = Path(data)
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    return {f.relative_to(p).as_posix() if p.is_dir() else p.name: _file_sha(f, None) for f in files}
+    return _hashed({f.relative_to(p).as_posix() if p.is_dir() else p.name: f for f in files})
 
 
 def _summary(d) -> dict:
