@@ -11,6 +11,7 @@
 
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -22,7 +23,7 @@ from moepress import models
 from moepress.calib.data import calibration_batches
 from moepress.calib.metrics import error_jump, hidden_error, quantile, token_kl
 from moepress.calib.observers import RoutingStats
-from moepress.checks import CheckConfig, run_check
+from moepress.checks import CheckConfig, run_check, write_report
 from moepress.checks.config import evaluate_gates, failure_line
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
 from moepress.compress.quant.fp8 import quantize_block
@@ -241,3 +242,50 @@ def test_metrics_against_independent_formulas():
     assert quantile(v, 0.99) == pytest.approx(float(np.percentile(v.numpy(), 99)), abs=1e-12)
     assert error_jump([0.0, 0.01, 0.3, 0.32]) == 2 and error_jump([0.0, float("nan"), float("nan")]) == 1
     assert math.isnan(quantile(torch.empty(0), 0.5))
+
+
+def _minimal_result() -> dict:
+    metrics = {k: 0.0 for k in ("ppl_reference", "ppl_candidate", "ppl_increase", "kl_mean", "kl_p99", "kl_max",
+                                "top1_agreement")}
+    return {"passed": True, "failed": [], "metrics": {**metrics, "tokens": 1}, "gates": [], "layers": [],
+            "candidate": {"path": "c", "kind": "checkpoint"}, "reference": "r", "config": {},
+            "data": {"source": "d", "samples": 1, "seq_len": 1, "windows": "w"}, "error_jump": None}
+
+
+def test_report_directory_is_never_half_written(tmp_path, monkeypatch):
+    """A new --report DIR appears whole or not at all; an existing one (other files kept) loses its
+    old manifest before any file is replaced, so an interrupted run leaves no vouched-for report."""
+    import moepress.checks.report as report_mod
+
+    def fail_after_json(result):
+        raise KeyboardInterrupt  # report.json already written, report.md not
+
+    new = tmp_path / "new"
+    monkeypatch.setattr(report_mod, "markdown", fail_after_json)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(_minimal_result(), new)
+    assert not new.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    old = tmp_path / "ci"
+    old.mkdir()
+    (old / "other.txt").write_text("kept")
+    write_report({**_minimal_result(), "passed": False, "failed": ["x"]}, old)
+    replaced = []
+    real_replace = os.replace
+
+    def replace_once(src, dst):
+        if replaced:
+            raise KeyboardInterrupt
+        replaced.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(report_mod.os, "replace", replace_once)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(_minimal_result(), old)
+    assert not (old / "moepress-manifest.json").exists() and (old / "other.txt").read_text() == "kept"
+    monkeypatch.undo()
+    write_report(_minimal_result(), old)
+    assert json.loads((old / "report.json").read_text())["passed"] is True
+    assert set(read_manifest(old)["files"]) == {"report.json", "report.md"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ci"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import moepress.checks.seal as seal
@@ -170,14 +172,31 @@ def plot_layers(result: dict, path: Path) -> None:
 
 
 def write_report(result: dict, out: str | Path) -> Path:
-    """report.json, report.md, layer_error.png (when per-layer states were compared) and a manifest."""
+    """report.json, report.md, layer_error.png (when per-layer states were compared) and a manifest.
+
+    Written in a hidden sibling directory first, then moved into ``out``: a new ``out`` is renamed
+    into place whole; into an existing one (a CI artifacts folder may hold other files) the old
+    manifest is removed first and the new one moved last, so a killed run never leaves a report
+    whose manifest vouches for it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MoepressError(f"--report {out}: exists and is not a directory")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed run's, whose pid this process now has
+        tmp.mkdir()  # the umask's mode, as ``out`` would have had
     except OSError as e:
         raise MoepressError(f"--report {out}: cannot create directory ({e.strerror})") from None
+    try:
+        _write_report_files(result, tmp)
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_report_files(result: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(jsonable(result), indent=2, default=str) + "\n")
     (out / "report.md").write_text(markdown(result))
     if result["layers"]:
@@ -186,4 +205,17 @@ def write_report(result: dict, out: str | Path) -> Path:
                          "inputs": {"candidate": result["candidate"]["path"], "reference": result["reference"],
                                     "data": result["data"]["source"]},
                          "versions": versions(), "files": file_digests(out)})
-    return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """``tmp``'s files into ``out``, the manifest last (see :func:`write_report`)."""
+    try:
+        os.rename(tmp, out)  # atomic when ``out`` does not exist (or is an empty directory)
+        return
+    except OSError:
+        pass
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    (out / PLOT_NAME).unlink(missing_ok=True)  # a plot of an earlier check must not sit beside this report
+    for name in sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST_NAME):
+        os.replace(tmp / name, out / name)
+    os.replace(tmp / MANIFEST_NAME, out / MANIFEST_NAME)
