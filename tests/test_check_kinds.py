@@ -225,3 +225,19 @@ def test_engine_on_gpu(ref, onnx_dir, tmp_path):
     res = run_check(tmp_path / "model.engine", ref, CheckConfig(seq_len=64, max_samples=8))
     assert res["candidate"]["kind"] == "engine"
     assert res["metrics"]["kl_mean"] < 1e-4 and res["metrics"]["top1_agreement"] >= 0.99
+
+
+def test_a_per_layer_gate_on_a_logits_only_candidate_is_refused(cli_run, ref, onnx_dir, tmp_path):
+    """--min-cosine on a candidate without per-layer hidden states is exit 2 before the check runs
+    (it passed as 'n/a': a CI gate that never measured anything)."""
+    model = onnx.load(str(onnx_dir / "model.onnx"))
+    keep = [o for o in model.graph.output if o.name == "logits"]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    onnx.save(model, str(tmp_path / "logits-only.onnx"))
+    r = cli_run("check", tmp_path / "logits-only.onnx", "--reference", ref, *SMALL, "--min-cosine", "0.99")
+    assert r.exit_code == 2, r.output
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "--min-cosine 0.99" in err[0] and "gives logits only" in err[0], r.stderr
+    r = cli_run("check", tmp_path / "logits-only.onnx", "--reference", ref, *SMALL, "--json", "--quiet")
+    assert r.exit_code == 0 and json.loads(r.stdout)["layers"] == [], r.output

@@ -112,6 +112,16 @@ GATES = (
 )
 
 
+def refuse_per_layer_gates(cfg: CheckConfig, why: str) -> None:
+    """A gate on per-layer hidden states that was asked for and cannot be measured for this candidate
+    is refused before the check runs: a CI job's gate must never pass unmeasured."""
+    for g in GATES:
+        thr = getattr(cfg, g.field)
+        if g.per_layer and thr is not None:
+            raise MoepressError(f"{g.option} {thr} (check.{g.field} in a recipe): {why}; expected the gate "
+                                "off ('none') for this candidate")
+
+
 def fmt(value: float, percent: bool = False) -> str:
     if value is None:
         return "n/a"

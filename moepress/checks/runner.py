@@ -23,7 +23,7 @@ from moepress.calib.data import DEFAULT_EVAL, calibration_set, eval_batches, loa
 from moepress.calib.metrics import LayerStats, LogitStats, error_jump
 from moepress.calib.sources import TEXT_SUFFIXES
 from moepress.checks.candidates import Candidate, open_candidate
-from moepress.checks.config import CheckConfig, evaluate_gates
+from moepress.checks.config import CheckConfig, evaluate_gates, refuse_per_layer_gates
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 
@@ -225,6 +225,8 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
                          f"the reference {ref.num_layers}")
         elif not cand.has_hidden:
             notes.append(f"per-layer comparison off: a {cand.kind} candidate gives logits only")
+        if not comparable:
+            refuse_per_layer_gates(cfg, notes[-1])
         if cand.streamed and cand.stream.adapter.hidden_size != ref.adapter.hidden_size:
             raise MoepressError(f"{candidate}: hidden size {cand.stream.adapter.hidden_size}, the reference has "
                                 f"{ref.adapter.hidden_size}")
