@@ -47,6 +47,19 @@ def refuse_dynamic_inputs(src: Path) -> None:
                             "expected fp8 (static input scales), int4-awq, int4-gptq, w4a8-awq or bf16")
 
 
+# transformers' modeling_rope_utils.dynamic_rope_update: these recompute inv_freq from the sequence
+# length in every forward; the graph's frequencies are constants
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def refuse_length_dependent_rope(src: Path, adapter) -> None:
+    kind = adapter.build_rotary().rope_type
+    if kind in LENGTH_DEPENDENT_ROPE:
+        raise MoepressError(f"--format onnx: {src}/config.json has rope_type {kind!r}, whose rotary frequencies "
+                            "change with the sequence length; the graph holds constant ones; expected a rope_type "
+                            "with fixed frequencies (default, linear, yarn, llama3)")
+
+
 def export_onnx(src: Path, writer, cfg, progress) -> dict:
     if cfg.opset < 21:
         raise MoepressError(f"--opset {cfg.opset}: the ONNX export needs opset 21 or newer "
@@ -57,6 +70,7 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config, reader.names())
     refuse_dynamic_inputs(src)
+    refuse_length_dependent_rope(src, adapter)
     try:
         min_bytes = int(cfg.option("external_min_bytes", 1024))
     except ValueError:

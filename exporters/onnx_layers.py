@@ -36,10 +36,17 @@ class LayerBuilder(GraphBuilder):
         return g.op("Mul", [g.op("Cos", [freqs]), scale]), g.op("Mul", [g.op("Sin", [freqs]), scale])
 
     def causal_mask(self, s: str) -> str:
+        """[S, S] additive mask: -inf where key j > query i, and, when the config has a
+        ``sliding_window`` w, where i - j >= w (transformers' masking_utils
+        sliding_window_overlay, which Mixtral and Qwen3-MoE use: a key within w positions)."""
         g = self.g
         r = g.op("Range", [g.const(0), s, g.const(1)])
-        later = g.op("Greater", [g.op("Unsqueeze", [r, g.const([0])]), g.op("Unsqueeze", [r, g.const([1])])])
-        return g.op("Where", [later, g.const(float("-inf"), np.float32), g.const(0.0, np.float32)])
+        d = g.op("Sub", [g.op("Unsqueeze", [r, g.const([1])]), g.op("Unsqueeze", [r, g.const([0])])])  # i - j
+        masked = g.op("Less", [d, g.const(0)])
+        w = getattr(self.a.hf_config, "sliding_window", None)
+        if w is not None:
+            masked = g.op("Or", [masked, g.op("Greater", [d, g.const(int(w) - 1)])])
+        return g.op("Where", [masked, g.const(float("-inf"), np.float32), g.const(0.0, np.float32)])
 
     def rope_half(self, x: str, cos: str, sin: str, d: int) -> str:
         """Non-interleaved (GPT-NeoX) rotary: x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)."""

@@ -153,6 +153,23 @@ def _refuse_partly_fp8(reader: CheckpointReader, adapter) -> None:
                             "hf-modelopt")
 
 
+def refuse_unwritten_attention(src: Path, adapter) -> None:
+    """The config written below has unscaled rotary embeddings and no attention window (TensorRT-LLM's
+    ``rotary_scaling`` and ``max_attention_window_size`` are not mapped): a model with either is
+    refused rather than built to attend differently from its checkpoint."""
+    c = adapter.hf_config
+    kind = adapter.build_rotary().rope_type
+    if kind != "default":
+        raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has rope_type {kind!r} (rope scaling), which "
+                            "this exporter does not write; use --format hf-modelopt (TensorRT-LLM's PyTorch backend "
+                            "reads it from config.json)")
+    w = getattr(c, "sliding_window", None)
+    if w is not None and int(w) < int(c.max_position_embeddings):
+        raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has sliding_window {w} (shorter than "
+                            f"max_position_embeddings {c.max_position_embeddings}), which this exporter does not "
+                            "write; use --format hf-modelopt")
+
+
 def trtllm_config(adapter, cfg, quant_algo, kv_algo) -> dict:
     c = adapter.hf_config
     tp, ep = cfg.tp, cfg.ep
@@ -175,7 +192,7 @@ def trtllm_config(adapter, cfg, quant_algo, kv_algo) -> dict:
         "position_embedding_type": "rope_gpt_neox",
         "max_position_embeddings": int(c.max_position_embeddings),
         "rotary_base": float(rope),
-        "rotary_scaling": None,
+        "rotary_scaling": None,  # refuse_unwritten_attention: only unscaled rope is exported
         "use_parallel_embedding": False,
         "embedding_sharding_dim": 0,
         "share_embedding_table": False,
@@ -334,6 +351,7 @@ def export_trtllm(src: Path, writer, cfg, progress) -> dict:
         raise MoepressError(f"--format trtllm-ckpt: {adapter.family} models ({src}) run only in TensorRT-LLM's "
                             f"PyTorch backend (no trtllm-build engine path); use --format hf-modelopt")
     check_mapping(adapter, cfg.tp, cfg.ep)
+    refuse_unwritten_attention(src, adapter)
     if cfg.dtype not in DTYPES:
         raise MoepressError(f"--dtype {cfg.dtype}: expected bfloat16, float16 or float32")
     qalgo, kvalgo = _quant_algo(reader, adapter)

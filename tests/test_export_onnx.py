@@ -7,6 +7,8 @@ fake-quant forward of the same quantized checkpoint.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -136,4 +138,37 @@ def test_dynamic_fp8_inputs_are_refused(tmp_path, cli_run, fmt):
     r = cli_run("export", q, "--format", "onnx", "-o", tmp_path / "x", "--quiet")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert f"quantized as {fmt}, whose activations are quantized per token at run time" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def _with_config(tmp_path: Path, model: str, **change) -> Path:
+    src = tmp_path / f"{model}-changed"
+    shutil.copytree(models.path(model), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, **change}))
+    return src
+
+
+def test_sliding_window_is_in_the_graph(tmp_path, cli_run):
+    """A key more than sliding_window positions back is masked as transformers masks it (the graph was
+    causal only); the reference is the stream, whose mask tests/test_stream.py checks against transformers."""
+    src = _with_config(tmp_path, "tiny-mixtral", sliding_window=5)
+    assert cli_run("export", src, "--format", "onnx", "-o", tmp_path / "x", "--quiet").exit_code == 0
+    ids = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
+    so = session_options()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(tmp_path / "x" / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(["logits"], {"input_ids": ids.numpy()})[0])
+    want = StreamedModel(src).forward([ids])[0]
+    causal = StreamedModel(models.path("tiny-mixtral")).forward([ids])[0]
+    scale = want.abs().max()
+    assert (got - want).abs().max() / scale < FLOAT32[0]
+    assert (causal - want)[:, 5:].abs().max() / scale > 1e-3  # the window changes these logits
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0}])
+def test_length_dependent_rope_is_refused(tmp_path, cli_run, rope):
+    src = _with_config(tmp_path, "tiny-mixtral", rope_scaling=rope)
+    r = cli_run("export", src, "--format", "onnx", "-o", tmp_path / "x", "--quiet")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "rope_type 'dynamic'" in r.stderr, r.output
     assert not (tmp_path / "x").exists()

@@ -11,6 +11,7 @@ tensorrt_llm/mapping.py (moe_tp_rank = tp_rank // moe_ep_size, moe_ep_rank = tp_
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,20 @@ def test_fp8_checkpoint_with_linears_left_bf16_is_refused(tmp_path, cli_run, rul
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "decoder linears not in FP8 per tensor" in r.stderr and "--format hf-modelopt" in r.stderr
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("change,expect", [
+    ({"sliding_window": 8}, "sliding_window 8"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}},
+     "rope_type 'yarn'"),
+])
+def test_attention_this_config_cannot_say_is_refused(cli_run, tmp_path, change, expect):
+    """rotary_scaling and the attention window are not written: a model with either would be built to
+    attend differently from its checkpoint (written as if unscaled and unwindowed before)."""
+    src = tmp_path / "m"
+    shutil.copytree(MIXTRAL, src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, **change}))
+    r = cli_run("export", src, "--format", "trtllm-ckpt", "-o", tmp_path / "o")
+    assert r.exit_code == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "o").exists()
