@@ -163,3 +163,41 @@ def test_trtllm_pytorch_smoke(gpu_here, tmp_path):
     assert res["plan"]["kv_cache_dtype"] == "fp8"
     assert "  dtype: fp8" in (tmp_path / "bundle" / "extra_llm_api_options.yaml").read_text()
     assert gpu_here == []  # no engine to check: the smoke generation is the check
+
+
+FAILED_CHECK = {"passed": False, "kind": "engine", "error_jump": None,
+                "gates": [{"metric": "top1_agreement", "value": 0.5, "op": ">=", "threshold": 0.95,
+                           "option": "--min-top1", "passed": False}]}
+
+
+def test_an_engine_that_fails_its_check_fails_the_build(gpu_here, tmp_path, monkeypatch, cli_run):
+    """Exit 1 as a failed `moepress check` (it was exit 0: a CI job built and shipped a failing engine); the
+    engine and its record are kept."""
+    monkeypatch.setattr(B, "accuracy_check", lambda engine, reference, progress=None: FAILED_CHECK)
+    ckpt = _ckpt(tmp_path / "ckpt", models.path("tiny-mixtral"))
+    r = cli_run("build", ckpt, "--target", "h100", "-o", tmp_path / "out", "--quiet")
+    assert r.exit_code == 1, r.output
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "engine accuracy check failed: top1_agreement 0.5 < min 0.95" in err[0], r.stderr
+    assert (tmp_path / "out" / "engine" / "rank0.engine").is_file()
+    assert json.loads((tmp_path / "out" / "build.json").read_text())["accuracy"]["passed"] is False
+
+
+def test_run_fails_on_a_failed_engine_check_and_a_refusal_replaces_the_old_build(gpu_here, tmp_path, monkeypatch,
+                                                                                 cli_run):
+    import moepress.checks
+
+    monkeypatch.setattr(moepress.checks, "run_check", lambda *a, **k: FAILED_CHECK)
+    recipe = {"model": "tiny-mixtral", "check": None, "export": {"formats": ["trtllm-ckpt"], "tp": 2, "ep": 2},
+              "build": {"targets": ["h100"], "max_seq_len": 512, "dry_run": False}}
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    r = cli_run("run", tmp_path / "r.yaml", "-o", tmp_path / "run", "--quiet")
+    assert r.exit_code == 1 and "build:h100:trtllm-engine" in r.stderr, r.output
+    built = tmp_path / "run" / "build" / "h100-trtllm-engine"
+    assert (built / "engine" / "rank0.engine").is_file()
+    # the same run with a build the target refuses: the refusal alone, not beside the earlier engine
+    recipe["build"]["max_seq_len"] = 4_000_000_000
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    r = cli_run("run", tmp_path / "r.yaml", "-o", tmp_path / "run", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in built.iterdir()) == ["refused.txt"]

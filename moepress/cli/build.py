@@ -8,7 +8,7 @@ from collections.abc import Callable
 import click
 
 from moepress.cli.options import model_argument, output_options, progress_options, resolve_model
-from moepress.errors import MoepressError
+from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import kv_cache
 
 
@@ -163,6 +163,18 @@ def build_cmd(artifact, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_d
                         hardware_compatibility=hardware_compatibility, trust_remote_code=trust_remote_code)
     res = build(artifact, target, output, opts, progress=prog)
     click.echo(json.dumps(res, default=str) if json_out else render(res))
+    acc = res.get("accuracy") or {}
+    if acc.get("passed") is False:  # the engine is kept (and recorded); the job fails as a check does
+        raise CheckFailed(f"engine accuracy check failed: {engine_failure(acc)} ({res['out']})")
+
+
+def engine_failure(acc: dict) -> str:
+    """What failed in the engine's check: the check's own error, or its failing gates."""
+    from moepress.checks.config import failure_line
+
+    if acc.get("error"):
+        return acc["error"]
+    return failure_line(acc.get("gates") or [], acc.get("error_jump"))
 
 
 COMMANDS = [build_cmd, targets_cmd, plan_cmd]

@@ -46,7 +46,7 @@ def run_cmd(recipe, output, force_from, model, device, quiet, json_out):
             click.echo(line)
     if summary["failed_checks"]:
         raise CheckFailed(f"accuracy check failed for {', '.join(summary['failed_checks'])} "
-                          f"(reports in {out}/check/)")
+                          f"(reports in {out}/check/; an engine's in its build.json under {out}/build/)")
 
 
 def _human(s: dict) -> list[str]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -306,13 +307,17 @@ class Runner:
             try:
                 res = bmod.build(artifact, target, out, opts, check=check)
             except MoepressError as e:  # a target that cannot run this artifact: recorded, not fatal
-                out.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(out, ignore_errors=True)  # an earlier config's build is not this one's
+                out.mkdir(parents=True)
                 (out / "refused.txt").write_text(str(e) + "\n")
                 return {"refused": str(e)}
             return _summary(res)
 
-        return self.stage(f"build:{target}:{builder}", key, out, fn,
-                          complete=lambda d: d.is_dir() and any(d.iterdir()))
+        res = self.stage(f"build:{target}:{builder}", key, out, fn,
+                         complete=lambda d: d.is_dir() and any(d.iterdir()))
+        if (res.get("accuracy") or {}).get("passed") is False:  # the engine was built and failed its check
+            self.failed_checks.append(f"build:{target}:{builder}")
+        return res
 
 
 def _data_digest(data: str | None) -> dict | None:
