@@ -90,7 +90,10 @@ def _trtllm_ckpt(artifact: Path, config: dict, gpus: int | None, ep: int | None,
     if gpus is not None and gpus != world:
         raise MoepressError(f"--gpus {gpus}: {artifact} was exported for world_size {world}; "
                             f"use --gpus {world} or re-export with `moepress export --tp {gpus}`")
-    gpus, ep = world, (ep or ckpt_ep)
+    if ep is not None and ep != ckpt_ep:
+        raise MoepressError(f"--ep {ep}: {artifact} was exported with moe_ep_size {ckpt_ep}; use --ep {ckpt_ep} "
+                            f"or re-export with `moepress export --ep {ep}`")
+    gpus, ep = world, ckpt_ep
     where = artifact_dir(artifact) / "config.json"
     if int(m.get("pp_size", 1) or 1) != 1:
         raise MoepressError(f"{where}: mapping.pp_size {m.get('pp_size')}: moepress plans tp/ep only; "

@@ -65,7 +65,7 @@ class BuildOptions:
     gpus: int | None = None
     tp: int | None = None
     ep: int | None = None
-    max_seq_len: int = 4096
+    max_seq_len: int | None = None  # None: plan's default (4096, or the model's maximum if smaller)
     max_batch: int = 8
     force: bool = False  # replace a non-empty OUT
     reference: str | Path | None = None  # the original model (planning source, the check's reference)
@@ -122,7 +122,7 @@ def _resolve(artifact: Path, target: str | Target, out: Path, o: BuildOptions) -
     fmt = artifact_format(artifact, kind, source)
     gpus, ep, kv = fixed_by_artifact(kind, artifact, config, o.gpus, o.ep, o.kv_cache_dtype)
     p = _plan(artifact, kind, t, fmt, source, o, gpus, ep, kv, b.runtime)
-    cfg = BuildConfig(t.name, b.name, fmt, gpus, o.tp, ep, o.max_seq_len, o.max_batch, kv, o.hardware_compatibility,
+    cfg = BuildConfig(t.name, b.name, fmt, gpus, o.tp, ep, p.max_seq_len, o.max_batch, kv, o.hardware_compatibility,
                       o.trust_remote_code)
     return _Job(kind, b, source, out, Context(artifact.resolve(), out.resolve(), t, p, cfg, config))
 

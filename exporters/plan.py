@@ -149,7 +149,7 @@ class _Planner:
     def smallest(self) -> Plan | None:
         """The plan on the fewest GPUs that holds the model (None: none up to the largest count)."""
         for n in gpu_counts(self.t):
-            if self.ep is not None and n % self.ep:
+            if (self.ep is not None and n % self.ep) or self.unsplittable(n) is not None:
                 continue
             p = self.make(n)
             if p.fits:
@@ -158,9 +158,10 @@ class _Planner:
 
     def onnx(self, gpus: int | None) -> Plan:
         t = self.t
-        if gpus not in (None, 1):
-            raise MoepressError(f"--gpus {gpus}: a TensorRT engine from the ONNX export runs on one GPU; use "
-                                f"--gpus 1, or the trtllm-ckpt / hf-modelopt exports for tensor/expert parallelism")
+        for opt, v in (("--gpus", gpus), ("--ep", self.ep)):
+            if v not in (None, 1):
+                raise MoepressError(f"{opt} {v}: a TensorRT engine from the ONNX export runs on one GPU; use "
+                                    f"{opt} 1, or the trtllm-ckpt / hf-modelopt exports for tensor/expert parallelism")
         p = self.make(1)
         if not p.fits:
             b = p.bytes_per_gpu
@@ -171,7 +172,24 @@ class _Planner:
                 f"bigger GPU or the trtllm-ckpt / hf-modelopt exports")
         return p
 
+    def unsplittable(self, n: int) -> str | None:
+        """Why TP = ``n`` cannot split this model (None: it can). TensorRT-LLM gives each rank
+        num_attention_heads / tp heads (layers/attention.py) and each moe_tp rank intermediate / moe_tp
+        of every expert (layers/moe.py); exporters/trtllm_ckpt.check_mapping refuses the same."""
+        heads, inter = self.shape.num_heads, self.shape.moe_intermediate
+        moe_tp = n // (self.ep if self.ep is not None else _default_ep(self.shape.num_experts, n))
+        if heads % n:
+            return f"tp {n} does not divide the {heads} attention heads"
+        if inter and inter % moe_tp:
+            return f"moe_tp {moe_tp} (tp / ep) does not divide the experts' intermediate size {inter}"
+        return None
+
     def fixed(self, gpus: int) -> Plan:
+        why = self.unsplittable(gpus)
+        if why is not None:
+            fits = [n for n in gpu_counts(self.t) if self.unsplittable(n) is None]
+            raise MoepressError(f"--gpus {gpus}: {why}; expected a GPU count that splits both"
+                                + (f" (e.g. {', '.join(map(str, fits[:4]))})" if fits else ""))
         t, p = self.t, self.make(gpus)
         if not p.fits:
             best = self.smallest()
@@ -190,6 +208,20 @@ class _Planner:
                                 f"({_gb(big.bytes_per_gpu['total'])} per GPU); use a smaller format, prune "
                                 f"experts, or lower --max-batch/--max-seq-len")
         return p
+
+
+DEFAULT_SEQ_LEN = 4096
+
+
+def _seq_len(name: str, shape: ModelShape, asked: int | None) -> int:
+    """--max-seq-len: at most the model's max_position_embeddings (positions past it were never trained,
+    and rope scaling is already folded into that number); default 4096, or the model's maximum if smaller."""
+    m = shape.max_positions
+    if asked is None:
+        return min(DEFAULT_SEQ_LEN, m) if m else DEFAULT_SEQ_LEN
+    if m and asked > m:
+        raise MoepressError(f"--max-seq-len {asked}: {name} has max_position_embeddings {m}; expected at most {m}")
+    return asked
 
 
 def _check_request(t: Target, kv_cache_dtype: str, sizes: dict[str, int | None]) -> None:
@@ -220,7 +252,7 @@ def _parallelism(E: int, gpus: int | None, tp: int | None, ep: int | None) -> in
 
 
 def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus: int | None = None,
-         tp: int | None = None, ep: int | None = None, max_seq_len: int = 4096, max_batch: int = 8,
+         tp: int | None = None, ep: int | None = None, max_seq_len: int | None = None, max_batch: int = 8,
          max_num_tokens: int | None = None, kv_cache_dtype: str = kv_cache.DEFAULT, runtime: str = "trtllm",
          bits: int | None = None) -> Plan:
     """Plan ``fmt`` of the model on ``target``; the smallest GPU count that fits when ``gpus`` is None.
@@ -243,6 +275,7 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
         fmt, why = pick_format(t, bits)
     fmt = fmt or (UNQUANTIZED if given else default_format(model_dir_or_config))
     check_format(t, fmt)
+    max_seq_len = _seq_len(name, shape, max_seq_len)
     _check_request(t, kv_cache_dtype, {"--max-seq-len": max_seq_len, "--max-batch": max_batch, "--gpus": gpus,
                                        "--tp": tp, "--ep": ep})
     max_num_tokens = max_num_tokens or min(max_batch * max_seq_len, 8192)
@@ -274,7 +307,7 @@ def default_format(model) -> str:
     return s if s in formats.FORMATS else UNQUANTIZED
 
 
-def applicable(model, targets=None, max_seq_len: int = 4096, max_batch: int = 8) -> dict:
+def applicable(model, targets=None, max_seq_len: int | None = None, max_batch: int = 8) -> dict:
     """Per target and format: the smallest GPU count that holds the model (None: the target cannot
     run the format; 0: it can, but the model does not fit on up to a few hundred GPUs)."""
     shape = model_shape(model)

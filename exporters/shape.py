@@ -47,6 +47,7 @@ class ModelShape:
     linears: tuple[tuple[str, int, int, int], ...]
     other_params: int  # norms, routers, biases (bf16, replicated)
     embed_params: int  # embeddings + lm_head (bf16, split by TP)
+    max_positions: int = 0  # the config's max_position_embeddings (0: not given)
 
     @property
     def moe_intermediate(self) -> int:
@@ -119,7 +120,8 @@ def model_shape(model: str | Path | dict) -> ModelShape:
         hd = int(cfg.get("head_dim") or H // heads)
         kv = 2 * kv_heads * hd
     return ModelShape(a.family, a.num_layers, H, a.num_experts, a.top_k, V, heads, kv, kv_heads,
-                      tuple((k, o, i, c) for (k, o, i), c in sorted(linears.items())), other, embed)
+                      tuple((k, o, i, c) for (k, o, i), c in sorted(linears.items())), other, embed,
+                      int(cfg.get("max_position_embeddings") or 0))
 
 
 __all__ = ["ModelShape", "linear_bytes", "model_shape"]

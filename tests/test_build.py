@@ -73,7 +73,7 @@ def test_detect(ckpt, onnx_dir, tmp_path):
 
 def test_trtllm_engine_dry_run(cli_run, ckpt, tmp_path):
     out = tmp_path / "eng"
-    r = cli_run("build", ckpt, "--target", "h100", "-o", out, "--dry-run", "--max-batch", "4", "--max-seq-len", "2048")
+    r = cli_run("build", ckpt, "--target", "h100", "-o", out, "--dry-run", "--max-batch", "4", "--max-seq-len", "1000")
     assert r.exit_code == 0, r.output
     assert "trtllm-build" in r.output
     res = json.loads((out / "build.json").read_text())
@@ -81,8 +81,8 @@ def test_trtllm_engine_dry_run(cli_run, ckpt, tmp_path):
     assert cmd[:5] == ["trtllm-build", "--checkpoint_dir", str(ckpt.resolve()), "--output_dir",
                        str((out / "engine").resolve())]
     flags = dict(zip(cmd[5::1], cmd[6::1], strict=False))
-    assert flags["--max_batch_size"] == "4" and flags["--max_seq_len"] == "2048"
-    assert flags["--max_num_tokens"] == "8192" and flags["--workers"] == "2"
+    assert flags["--max_batch_size"] == "4" and flags["--max_seq_len"] == "1000"
+    assert flags["--max_num_tokens"] == "4000" and flags["--workers"] == "2"
     assert flags["--moe_plugin"] == "bfloat16" and flags["--gemm_plugin"] == "bfloat16"  # the checkpoint dtype
     assert flags["--use_fp8_context_fmha"] == "enable"  # FP8 on sm90
     assert "--gather_context_logits" in cmd  # the accuracy check reads context logits
@@ -121,7 +121,7 @@ def test_tensorrt_dry_run(cli_run, onnx_dir, tmp_path):
     assert cmd[cmd.index("--hardware-compatibility") + 1] == "ampere_plus"
     assert cmd[cmd.index("--timing-cache") + 1] == str((out / "timing.cache").resolve())
     assert "# trtexec --onnx=" in sh and "--stronglyTyped" in sh and "--hardwareCompatibilityLevel=ampere+" in sh
-    assert "--maxShapes=input_ids:8x4096" in sh
+    assert "--maxShapes=input_ids:8x1024" in sh
 
 
 def test_trtllm_pytorch_bundle_kimi(cli_run, tmp_path):
@@ -214,7 +214,10 @@ def test_bad_input(cli_run, ckpt, onnx_dir, tmp_path):
         (("build", ckpt, "--target", "tpu-v5"), "--target tpu-v5: unknown GPU target"),
         (("build", ckpt, "--target", "h100", "--builder", "tensorrt"), "use --builder trtllm-engine"),
         (("build", tmp_path / "missing", "--target", "h100"), "no such export"),
-        (("build", ckpt, "--target", "h100", "--ep", "3"), "not divisible by 3"),
+        # the export's mapping fixes the split (the plan said ep 1 of an ep-2 engine)
+        (("build", ckpt, "--target", "h100", "--ep", "1"), "--ep 1: " + str(ckpt) + " was exported with moe_ep_size 2"),
+        (("build", ckpt, "--target", "h100", "--max-seq-len", "1025"), "has max_position_embeddings 1024"),
+        (("build", onnx_dir, "--target", "h100", "--ep", "2"), "--ep 2: a TensorRT engine from the ONNX export"),
     ]
     for args, msg in cases:
         r = cli_run(*args, "-o", tmp_path / "x", "--dry-run")

@@ -18,6 +18,7 @@ bf16, split by nothing: norms 61 x (7168 + 7168 + 1536 + 512) + final 7168; rout
 
 import json
 import math
+import re
 
 import pytest
 
@@ -215,3 +216,20 @@ def test_inspect_reports_formats_and_targets(cli_run):
     assert "fp8" in s["formats"] and "h100:" in s["targets"]
     r = cli_run("inspect", "tiny-qwen3-moe")
     assert "targets    a100-40gb:" in r.output
+
+
+def test_splits_the_heads_or_experts_cannot_take_are_refused_and_skipped(cli_run):
+    """TensorRT-LLM gives each rank heads / tp heads and intermediate / moe_tp of every expert: a TP the heads
+    or experts cannot split was planned as fitting (tiny-mixtral on 8 GPUs with 4 heads)."""
+    cfg = json.loads(open("models/tiny-mixtral/config.json").read())  # 4 heads, 2 kv heads, 8 experts x 256
+    for gpus, ep, msg in [(8, None, "tp 8 does not divide the 4 attention heads"),
+                          (4, 1, "moe_tp 4 (tp / ep) does not divide the experts' intermediate size 254")]:
+        c = {**cfg, "intermediate_size": 254} if ep == 1 else cfg
+        with pytest.raises(MoepressError, match=rf"^--gpus {gpus}: {re.escape(msg)}; expected a GPU count"):
+            plan(c, "h100", "bf16", gpus=gpus, ep=ep)
+    r = cli_run("plan", "tiny-mixtral", "--target", "h100", "--max-seq-len", "100000")
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert "--max-seq-len 100000: " in r.output
+    assert "has max_position_embeddings 1024; expected at most 1024" in r.output
+    r = cli_run("plan", "tiny-mixtral", "--target", "h100", "--json")
+    assert json.loads(r.output)["max_seq_len"] == 1024  # the default, capped by the model

@@ -48,16 +48,18 @@ def test_onnx_engine_memory(qwen):
     assert p.bytes_per_gpu["weights"] == plan(qwen, "l4", "bf16", gpus=1).bytes_per_gpu["weights"]
     with pytest.raises(MoepressError, match=r"--gpus 2: a TensorRT engine from the ONNX export runs on one GPU"):
         plan(qwen, "l4", "bf16", gpus=2, runtime="onnx")
-    # 256 x 32768 tokens: 8,388,608 x 6,912 x 4 B = 231.9 GB of activations
+    with pytest.raises(MoepressError, match=r"--ep 2: a TensorRT engine from the ONNX export runs on one GPU"):
+        plan(qwen, "l4", "bf16", ep=2, runtime="onnx")  # was a ZeroDivisionError
+    # 8192 x 1024 tokens: 8,388,608 x 6,912 x 4 B = 231.9 GB of activations
     with pytest.raises(MoepressError, match=r"the ONNX engine needs .* dense-expert activations 231.9 GB"):
-        plan(qwen, "h100", "bf16", max_batch=256, max_seq_len=32768, runtime="onnx")
+        plan(qwen, "h100", "bf16", max_batch=8192, max_seq_len=1024, runtime="onnx")
 
 
 def _big_mixtral(tmp_path, kv_algo=None):
     """A Mixtral-8x22B-shaped config (about 141 B parameters, 281 GB in bf16) and a world-size-1 trtllm-ckpt."""
     cfg = json.loads((models.path("tiny-mixtral") / "config.json").read_text())
     cfg.update(hidden_size=6144, intermediate_size=16384, num_hidden_layers=56, num_attention_heads=48,
-               num_key_value_heads=8, vocab_size=32768, head_dim=128)
+               num_key_value_heads=8, vocab_size=32768, head_dim=128, max_position_embeddings=65536)
     src = tmp_path / "m8x22"
     src.mkdir()
     (src / "config.json").write_text(json.dumps(cfg))

@@ -65,8 +65,9 @@ def _plan_options(f):
                      show_default=True, help="KV-cache dtype the plan budgets for.")(f)
     f = click.option("--max-batch", type=int, default=8, show_default=True,
                      help="Concurrent sequences the KV cache must hold.")(f)
-    f = click.option("--max-seq-len", type=int, default=4096, show_default=True,
-                     help="Tokens per sequence (prompt + output).")(f)
+    f = click.option("--max-seq-len", type=int, default=None,
+                     help="Tokens per sequence (prompt + output), at most the model's max_position_embeddings "
+                          "[default: 4096, or that maximum if smaller].")(f)
     f = click.option("--ep", type=int, default=None,
                      help="Expert-parallel size (divides the routed experts and --gpus; default: the largest "
                           "that does).")(f)

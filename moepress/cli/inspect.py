@@ -25,7 +25,7 @@ def _targets_line(table: dict) -> str:
 @click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON.")
 @click.option("--targets/--no-targets", "with_targets", default=True, show_default=True,
               help="Report the formats each GPU target runs and the smallest GPU count holding the model "
-                   "(`moepress plan` defaults: 8 x 4096 tokens of KV cache).")
+                   "(`moepress plan` defaults: 8 x 4096 tokens of KV cache, fewer where the model is shorter).")
 def inspect_cmd(model, json_out, with_targets):
     """Family, layers, experts, routing, parameters and bytes on disk of MODEL.
 

@@ -29,7 +29,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                  "awq_gptq": (bool, True), "awq_fold": (bool, False)},
     "export": {"formats": (list, []), "tp": (int, 1), "ep": (int, 1), "opset": (int, 21), "options": (dict, {})},
     "check": None,  # validated by CheckConfig.from_dict
-    "build": {"targets": (list, []), "dry_run": (bool, True), "gpus": (int, None), "max_seq_len": (int, 4096),
+    "build": {"targets": (list, []), "dry_run": (bool, True), "gpus": (int, None), "max_seq_len": (int, None),
               "max_batch": (int, 8), "trust_remote_code": (bool, False)},
 }
 # list keys and the type of their elements
