@@ -93,6 +93,12 @@ def unquantized_modules(s: Source, quantized: set[str]) -> list[str]:
         base = n[: -len(".weight")]
         if base not in quantized:
             out.append(base)
+    head = s.adapter.head_name
+    if head not in s.reader and head.endswith(".weight"):
+        # tied embeddings store no lm_head.weight, yet the consumer builds lm_head as an nn.Linear that a
+        # "Linear" target quantizes unless named (transformers + compressed-tensors 0.20: it then expects
+        # a weight_scale and gives NaN logits; vLLM quantizes ParallelLMHead as a linear too)
+        out.append(head[: -len(".weight")])
     return sorted(out)
 
 

@@ -185,3 +185,26 @@ def test_check_passes_with_transformers_as_the_runtime(ct, cli_run):
     r = cli_run("check", e, "--reference", models.path("tiny-qwen3-moe"), "--kind", "transformers",
                 "--max-samples", "4", "--seq-len", "128", "--quiet")
     assert r.exit_code == 0, r.output
+
+
+def test_tied_lm_head_is_ignored_and_loads(tmp_path):
+    """Tied embeddings store no lm_head.weight, yet transformers builds lm_head as a Linear that the "Linear"
+    target quantizes unless ignored: it then wanted a weight_scale nobody wrote and gave NaN logits."""
+    from helpers import make_random_checkpoint
+
+    src = make_random_checkpoint("qwen3_moe", tmp_path / "tied", tie_word_embeddings=True)
+    q, e = tmp_path / "q", tmp_path / "ct"
+    quantize_checkpoint(src, q, QuantConfig(format="fp8-dynamic"))
+    export(q, e, ExportConfig(format="compressed-tensors"))
+    assert "lm_head" in json.loads((e / "config.json").read_text())["quantization_config"]["ignore"]
+    ids = IDS % 256
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", LOADER, json.dumps([(str(e), ["default"])]), str(tmp_path / "ids.pt"),
+                        str(tmp_path / "logits.pt")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = torch.load(tmp_path / "logits.pt")[f"{e}|default"]
+    r = CheckpointReader(q)
+    lay = read_quant_layout(q)
+    r._moepress_quant = {**lay, "modules": {k: v for k, v in lay["modules"].items() if ".experts." not in k}}
+    assert _rel(got, StreamedModel(r).forward([ids])[0]) < 1e-4
