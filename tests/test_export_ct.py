@@ -200,8 +200,9 @@ def test_tied_lm_head_is_ignored_and_loads(tmp_path):
     ids = IDS % 256
     torch.save(ids, tmp_path / "ids.pt")
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-c", LOADER, json.dumps([(str(e), ["default"])]), str(tmp_path / "ids.pt"),
-                        str(tmp_path / "logits.pt")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    args = [json.dumps([(str(e), ["default"])]), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")]
+    p = subprocess.run([sys.executable, "-c", LOADER, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     got = torch.load(tmp_path / "logits.pt")[f"{e}|default"]
     r = CheckpointReader(q)
