@@ -12,6 +12,9 @@ PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platfo
       --platform manylinux_2_24_x86_64 --platform manylinux_2_34_x86_64)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" \
   -d .whl "transformers==5.24.0" "compressed-tensors==0.20.1" "loguru" "pydantic==2.12.5" \
-  "pydantic-core==2.41.5" "annotated-types" "typing-inspection" "click>=8.4.2"
+  "pydantic-core==2.41.5" "annotated-types" "typing-inspection" "click>=8.4.2" "regex>=2025.10.22" \
+  "setuptools>=77"
+# regex: transformers 5.24 checks regex >= 2025.10.22 at import (dependency_versions_check), the image's
+# version is unknown; setuptools: builds moepress there (--no-build-isolation; the license field needs 77)
 ls -la .whl
 du -sh .whl   # the whole working tree that travels must stay under 64 MiB

@@ -28,7 +28,8 @@ _SPEC = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 
 def resolve(spec: str | torch.device | None = "auto") -> torch.device:
     """``auto`` (or None): a CUDA device when torch sees one (torchrun's LOCAL_RANK-th), else the CPU; ``cpu``;
-    ``cuda`` / ``cuda:N``: that GPU, refused in one line where torch has no CUDA or no such GPU."""
+    ``cuda`` (torchrun's LOCAL_RANK-th, else the first) / ``cuda:N``: that GPU, refused in one line where
+    torch has no CUDA or no such GPU."""
     if isinstance(spec, torch.device):
         spec = str(spec)
     spec = "auto" if spec is None else str(spec).strip().lower()
@@ -45,7 +46,9 @@ def resolve(spec: str | torch.device | None = "auto") -> torch.device:
     if n == 0:
         why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
         raise MoepressError(f"--device {spec}: {why} (torch {torch.__version__}); use --device cpu or auto")
-    i = int(index or 0)
+    # a bare ``cuda`` under torchrun is each rank's own GPU, as ``auto`` (calib/distributed.py's NCCL
+    # group uses cuda:LOCAL_RANK; every rank on cuda:0 would not match it)
+    i = int(index) if index is not None else int(os.environ.get("LOCAL_RANK", 0)) % n
     if i >= n:
         raise MoepressError(f"--device {spec}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
     return torch.device("cuda", i)
@@ -150,6 +153,9 @@ class Uploader:
                         self._stream.synchronize()
                         inflight = 0
             self._stream.synchronize()
+            # allocated on the side stream, used on the caller's: without this the allocator may hand a
+            # block the caller has freed (kernels still queued on it) to the next upload's copy
+            self.handover(out)
         self.timings.append(("upload", t0, time.perf_counter()))
         return out
 

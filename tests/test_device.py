@@ -80,6 +80,37 @@ def test_auto_is_the_cpu_without_cuda():
     assert resolve("CPU") == torch.device("cpu")
 
 
+def test_bare_cuda_under_torchrun_is_the_ranks_own_gpu(monkeypatch):
+    """As ``auto``: the NCCL group runs on cuda:LOCAL_RANK (every rank on cuda:0 would not match it)."""
+    import moepress.device as device
+
+    monkeypatch.setattr(device, "cuda_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve("cuda") == torch.device("cuda", 3) and resolve("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve("cuda") == torch.device("cuda", 0)
+
+
+def test_code_run_under_a_default_device_keeps_its_tables_and_reads_on_the_host():
+    """What a stage computes under ``torch.device(cuda)`` (the meta device stands in here, where a CPU
+    tensor beside a device tensor fails the same way): FP4 lookup tables follow their input, and the
+    reader's buffers stay host memory (it turned them into numpy arrays: a CUDA buffer raised)."""
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.compress.formats import gptoss_mxfp4
+    from moepress.compress.quant import fp4
+
+    x = torch.empty(4, 32, device="meta")
+    assert fp4.cast_e2m1(x).device.type == "meta"
+    assert fp4.e2m1_values(torch.empty(4, 32, dtype=torch.uint8, device="meta")).device.type == "meta"
+    blocks = torch.empty(2, 3, 4, 16, dtype=torch.uint8, device="meta")
+    assert gptoss_mxfp4.dequantize(blocks, torch.empty(2, 3, 4, dtype=torch.uint8, device="meta")).device.type == "meta"
+    r = CheckpointReader(models.path("tiny-mixtral"))
+    name = r.layer_names(0)[0]
+    with torch.device("meta"):
+        t = r.get(name)
+    assert t.device.type == "cpu" and torch.equal(t, r.get(name))
+
+
 def _memory(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])["memory"]
 

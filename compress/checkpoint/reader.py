@@ -258,7 +258,7 @@ class CheckpointReader:
         if pool is not None:
             raw, pad = pool.lease(span), 0  # page-aligned
         else:
-            raw = torch.empty(span + _DIRECT_ALIGN, dtype=torch.uint8)
+            raw = torch.empty(span + _DIRECT_ALIGN, dtype=torch.uint8, device="cpu")
             pad = -raw.data_ptr() % _DIRECT_ALIGN
         try:
             done = _pread(fd, memoryview(raw.numpy())[pad:pad + span], start)
@@ -294,7 +294,7 @@ class CheckpointReader:
             t = self._get_direct(info, pool)
             if t is not None and t.data_ptr() % dtype.itemsize == 0:
                 return t.view(dtype).reshape(info.shape)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8) if pool is None else pool.lease(info.nbytes)[:info.nbytes]
+        buf = torch.empty(info.nbytes, dtype=torch.uint8, device="cpu") if pool is None else pool.lease(info.nbytes)[:info.nbytes]
         if info.nbytes and _pread(self._fd(info.file), memoryview(buf.numpy()), info.offset) < info.nbytes:
             raise MoepressError(f"{info.file}: truncated shard while reading tensor '{name}'")
         return buf.view(dtype).reshape(info.shape)

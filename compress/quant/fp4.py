@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from moepress.compress.quant.exact import div
+
 E2M1_MAX = 6.0
 # value of each 4-bit code (Model-Optimizer 0.47 nvfp4_tensor.py e2m1_values)
 E2M1_VALUES = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float32)
@@ -37,14 +39,15 @@ def cast_e2m1(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     sign = (x < 0).to(torch.uint8)
     mag = x.abs()
-    code = torch.searchsorted(_BOUNDS, mag.contiguous(), out_int32=True).to(torch.uint8)
-    tie = (mag.unsqueeze(-1) == _ODD_BOUNDS).any(-1).to(torch.uint8)
+    # the tables go to x's device (searchsorted and == refuse a CPU table beside CUDA values)
+    code = torch.searchsorted(_BOUNDS.to(mag.device), mag.contiguous(), out_int32=True).to(torch.uint8)
+    tie = (mag.unsqueeze(-1) == _ODD_BOUNDS.to(mag.device)).any(-1).to(torch.uint8)
     return (sign << 3) + code + tie
 
 
 def e2m1_values(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 codes -> their E2M1 values in ``dtype``."""
-    return E2M1_VALUES[codes.long()].to(dtype)
+    return E2M1_VALUES.to(codes.device)[codes.long()].to(dtype)
 
 
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +124,7 @@ def mx_exponent(amax: torch.Tensor) -> torch.Tensor:
     """The MXFP4 block exponent of a block whose max |x| is ``amax``: ceil(log2(amax / 6)), at least
     -127 (float32, integer-valued), so that amax / 2**e <= 6 and no value saturates.
     Model-Optimizer 0.47 ``qtensor/mxfp4_tensor.py`` ``MXFP4QTensor.quantize``."""
-    descale = amax.float() / E2M1_MAX
+    descale = div(amax.float(), E2M1_MAX)
     return torch.ceil(torch.maximum(torch.log2(descale), torch.tensor(-127.0)))
 
 

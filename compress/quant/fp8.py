@@ -11,6 +11,7 @@ import threading
 
 import torch
 
+from moepress.compress.quant.exact import div
 from moepress.errors import MoepressError
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -73,7 +74,7 @@ def _quantize_rows(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     # max |w| per block (no |w| buffer), reduced along the contiguous last dim first (~3x faster on CPU
     # than both dims at once); a max is exact in any order
     amax = torch.maximum(f.amax(dim=3), f.amin(dim=3).neg()).amax(dim=1)
-    scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    scale = div(amax, FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
     f.div_(scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)
     q.copy_(f)
     return scale
@@ -107,7 +108,7 @@ def block_size_of(config: dict) -> tuple[int, int]:
 
 def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """amax -> FP8 scale (amax / 448), never zero (an all-zero tensor gets the smallest normal)."""
-    return (amax.float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return div(amax.float(), FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def quantize_tensor(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

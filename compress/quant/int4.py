@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from moepress.compress.quant.exact import div
+
 INT4_MAX = 7
 
 
@@ -29,7 +31,7 @@ def group_scales(w: torch.Tensor, group: int) -> torch.Tensor:
     """[out, in] -> float32 scales [out, in / group] = amax / 7 (never zero)."""
     out, inp = w.shape
     amax = w.float().abs().reshape(out, inp // group, group).amax(dim=-1)
-    return (amax / INT4_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return div(amax, INT4_MAX).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def quantize_with_scales(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from moepress.compress.quant import fp4
+from moepress.compress.quant.exact import div
 from moepress.compress.quant.fp8 import FP8_DTYPE, FP8_MAX
 
 BLOCK = 16
@@ -29,7 +30,7 @@ _SCALE_MIN = 2.0**-9  # the smallest E4M3 subnormal
 def global_scale(amax: torch.Tensor) -> torch.Tensor:
     """The FP32 second-level scale of a tensor whose max |x| is ``amax``: amax / (6 * 448)
     (``weight_scale_2``, ``input_scale``)."""
-    return amax.float() / (fp4.E2M1_MAX * FP8_MAX)
+    return div(amax.float(), fp4.E2M1_MAX * FP8_MAX)
 
 
 def block_scales(w: torch.Tensor, scale_2: torch.Tensor) -> torch.Tensor:
