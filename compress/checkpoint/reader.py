@@ -294,7 +294,9 @@ class CheckpointReader:
             t = self._get_direct(info, pool)
             if t is not None and t.data_ptr() % dtype.itemsize == 0:
                 return t.view(dtype).reshape(info.shape)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8, device="cpu") if pool is None else pool.lease(info.nbytes)[:info.nbytes]
+        # host memory whatever the default device (a stage may read inside torch.device(cuda))
+        buf = torch.empty(info.nbytes, dtype=torch.uint8, device="cpu") if pool is None \
+            else pool.lease(info.nbytes)[:info.nbytes]
         if info.nbytes and _pread(self._fd(info.file), memoryview(buf.numpy()), info.offset) < info.nbytes:
             raise MoepressError(f"{info.file}: truncated shard while reading tensor '{name}'")
         return buf.view(dtype).reshape(info.shape)
