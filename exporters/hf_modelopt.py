@@ -121,6 +121,20 @@ def _folded_awq(layout: dict, modules: dict) -> set[str]:
     return {n for n, m in modules.items() if m["format"] in formats.FORMATS and formats.FORMATS[m["format"]].awq}
 
 
+# modelopt 0.47 quant_utils._KV_CACHE_REPLACEMENTS: the attention's k/v bmm quantizers are exported as
+# ``self_attn.k_proj.k_scale`` / ``self_attn.v_proj.v_scale`` (TensorRT-LLM's PyTorch backend reads them
+# from the k_proj / v_proj weights; vLLM's maybe_remap_kv_scale_name takes either form)
+KV_SCALE_NAMES = {".self_attn.k_scale": ".self_attn.k_proj.k_scale", ".self_attn.v_scale": ".self_attn.v_proj.v_scale"}
+
+
+def modelopt_name(n: str) -> str:
+    """The name Model-Optimizer exports a stored tensor under (the quantize output's KV scales differ)."""
+    for ours, theirs in KV_SCALE_NAMES.items():
+        if n.endswith(ours):
+            return n[: -len(ours)] + theirs
+    return n
+
+
 def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     s = open_source(src)
     modules = require_layout(s, "hf-modelopt", "fp8 (or fp8-block, int4-awq, w4a8-awq)")["modules"]
@@ -140,7 +154,7 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     with progress.task("export hf-modelopt", s.adapter.num_layers + 2) as task:
         for kind, i, names in tensor_groups(s):
             for n in names:
-                writer.add(n, r.get(n))  # stored bytes as they are: already modelopt's layout
+                writer.add(modelopt_name(n), r.get(n))  # stored bytes as they are: already modelopt's layout
                 written += 1
                 if n.endswith(".weight") and n[: -len(".weight")] in folded:
                     writer.add(n[: -len(".weight")] + ".pre_quant_scale", torch.ones(r.info(n).shape[1]))

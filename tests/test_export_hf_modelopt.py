@@ -55,7 +55,9 @@ MODELOPT = textwrap.dedent("""
             for b in batches:
                 m(input_ids=b, use_cache=False)
 
-    mtq.quantize(model, copy.deepcopy(mtq.FP8_DEFAULT_CFG), loop)
+    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
+    cfg["quant_cfg"] = [*cfg["quant_cfg"], *mtq.FP8_KV_CFG["quant_cfg"]]  # FP8 KV cache too (--kv-cache fp8)
+    mtq.quantize(model, cfg, loop)
     export_hf_checkpoint(model, export_dir=out)
 """)
 
@@ -80,7 +82,7 @@ def both(tmp_path_factory):
     p = subprocess.Popen([sys.executable, "-c", MODELOPT, str(src), str(base / "batches.pt"), str(base / "modelopt")],
                          cwd=base, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     q = base / "q"
-    quantize_checkpoint(src, q, QuantConfig(format="fp8", sequential=False), batches=batches)
+    quantize_checkpoint(src, q, QuantConfig(format="fp8", sequential=False, kv_cache="fp8"), batches=batches)
     info = export(q, base / "ours", ExportConfig(format="hf-modelopt"))
     log, _ = p.communicate(timeout=600)
     assert p.returncode == 0, log[-3000:]
@@ -96,7 +98,9 @@ def test_layout_and_configs_equal_modelopts(both):
     assert b["model.layers.1.mlp.experts.3.gate_proj.weight_scale"].shape == ()
     ha, hb = (json.loads((d / "hf_quant_config.json").read_text()) for d in (ref, ours))
     assert hb["producer"].pop("exported_by").startswith("moepress")
-    assert ha == hb and hb["quantization"]["quant_algo"] == "FP8"
+    assert ha == hb and hb["quantization"]["quant_algo"] == "FP8" and hb["quantization"]["kv_cache_quant_algo"] == "FP8"
+    # the KV scales under modelopt's names (they were self_attn.k_scale: TensorRT-LLM did not see them)
+    assert "model.layers.0.self_attn.k_proj.k_scale" in b and "model.layers.3.self_attn.v_proj.v_scale" in b
     assert "model.layers.0.mlp.gate" in hb["quantization"]["exclude_modules"]
     ca, cb = (json.loads((d / "config.json").read_text())["quantization_config"] for d in (ref, ours))
     cb["producer"].pop("exported_by")
@@ -109,6 +113,8 @@ def test_values_equal_modelopts_to_fp8_rounding(both):
     a, b = _tensors(ref), _tensors(ours)
     fp8_weights = [k for k in a if a[k].dtype == torch.float8_e4m3fn]
     assert len(fp8_weights) == 4 * (4 + 16 * 3)
+    for k in (k for k in a if k.endswith(("k_proj.k_scale", "v_proj.v_scale"))):  # the FP8 KV-cache scales
+        torch.testing.assert_close(b[k], a[k], rtol=0.02, atol=0)
     for k in a:  # high-precision tensors (embeddings, norms, routers, lm_head): bit-equal
         if a[k].dtype == torch.bfloat16:
             assert torch.equal(a[k], b[k]), k

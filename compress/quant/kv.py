@@ -1,9 +1,11 @@
 """FP8 KV-cache scales (``--kv-cache fp8``; modelopt's ``kv_cache_quant_algo: FP8``).
 
-Model-Optimizer stores per attention layer ``model.layers.N.self_attn.k_scale`` and ``v_scale``,
+The quantize output stores per attention layer ``model.layers.N.self_attn.k_scale`` and ``v_scale``,
 F32 scalars = amax / 448 of the keys / values the cache holds (modelopt 0.47,
 modelopt/torch/export/quant_utils.py: get_kv_cache_scaling_factor and postprocess_state_dict divide
-the k/v bmm quantizers' amax by 448; TensorRT-LLM and vLLM read the same names). The amax is taken
+the k/v bmm quantizers' amax by 448). Model-Optimizer exports them as ``self_attn.k_proj.k_scale`` /
+``self_attn.v_proj.v_scale`` (``_KV_CACHE_REPLACEMENTS``), which the hf-modelopt exporter writes;
+vLLM reads either. The amax is taken
 during calibration on the key and value states the attention hands its attention function
 (compress/moe.py: AttentionObserver), the tensors modelopt's ``k_bmm_quantizer`` /
 ``v_bmm_quantizer`` observe (modelopt/torch/quantization/plugins/huggingface.py:
