@@ -117,14 +117,17 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
                             "expected fp8-block or a bf16 checkpoint (run moepress quantize --format fp8-block, "
                             "or export the original)")
     mode = "rename" if s.layout is not None else "copy" if s.block_fp8 else "quantize"
+    if mode == "copy" and list(fp8.block_size_of(r.config)) != BLOCK:  # copied bytes keep their block grid
+        raise MoepressError(f"--format hf-fp8-block: {src}/config.json has weight_block_size "
+                            f"{list(fp8.block_size_of(r.config))}; this layout declares {BLOCK} (vLLM, SGLang and "
+                            "TensorRT-LLM read the block from it); expected a checkpoint of 128 x 128 blocks")
     quantized: set[str] = set()
     kept: list[str] = []  # linears left in high precision (scale grid not read alike by consumers)
     dtype = getattr(torch, cfg.dtype)
     with progress.task("export hf-fp8-block", a.num_layers + 2) as task:
         for kind, i, names in tensor_groups(s):
-            if kind != "layer":
-                for n in names:
-                    writer.add(n, r.get(n))
+            if kind != "layer":  # embeddings, norm, head, and layers past the trunk (DeepSeek's MTP)
+                _copy_layer(r, names, writer, quantized)
             elif mode == "rename":
                 _rename_layer(r, names, writer, dtype, quantized, kept)
             elif mode == "copy":

@@ -115,3 +115,30 @@ def test_check_passes_against_the_original(exports, cli_run):
     assert r.exit_code == 0, r.output
     with safe_open(str(next(path.glob("model-*.safetensors"))), "pt") as f:
         assert f.metadata() == {"format": "pt"}
+
+
+def test_copied_mtp_layer_is_not_named_unconverted(tmp_path):
+    """DeepSeek's MTP layer (stored past num_hidden_layers) keeps its FP8 linears: only its high-precision
+    modules are in modules_to_not_convert (its FP8 q/kv/o and experts were listed as bf16)."""
+    from test_prune import write_deepseek_with_mtp
+
+    src = write_deepseek_with_mtp(tmp_path)
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    export(src, tmp_path / "fb", ExportConfig(format="hf-fp8-block"))
+    listed = json.loads((tmp_path / "fb" / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    mtp = [m for m in listed if m.startswith(f"model.layers.{n}.")]
+    assert f"model.layers.{n}.eh_proj" in mtp and f"model.layers.{n}.mlp.gate" in mtp
+    assert not any(".self_attn." in m or ".experts." in m or ".shared_experts." in m for m in mtp), mtp
+
+
+def test_copied_checkpoint_of_other_blocks_is_refused(tmp_path, cli_run):
+    """The layout declares 128 x 128 blocks; a copied checkpoint of 64 x 64 blocks was relabelled."""
+    from test_prune import write_deepseek_with_mtp
+
+    src = write_deepseek_with_mtp(tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {**(cfg.get("quantization_config") or {}), "weight_block_size": [64, 64]}
+    (src / "config.json").write_text(json.dumps(cfg))
+    r = cli_run("export", src, "--format", "hf-fp8-block", "-o", tmp_path / "fb")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "weight_block_size [64, 64]" in r.stderr and not (tmp_path / "fb").exists()
