@@ -22,11 +22,14 @@ from moepress.compress.checkpoint import CheckpointReader
 from moepress.errors import MoepressError
 
 
-def linear_bytes(out_f: int, in_f: int, fmt: str) -> float:
-    """Stored bytes of one [out, in] weight and its scales in ``fmt`` (Format.stored_bytes)."""
+def linear_bytes(out_f: int, in_f: int, fmt: str, group: int | None = None) -> float:
+    """Stored bytes of one [out, in] weight and its scales in ``fmt`` (Format.stored_bytes); ``group``:
+    the INT4 group size when not the default 128 (Kimi K2 Thinking's experts: 32, 18% more scale bytes)."""
     f = formats.FORMATS.get(fmt)
     if f is None or f.stored_bytes is None:
         raise MoepressError(f"--format {fmt}: unknown format; expected one of {', '.join(formats.FORMATS)}")
+    if group is not None and f.element == "int4":
+        return f.stored_bytes(out_f, in_f, group=group)
     return f.stored_bytes(out_f, in_f)
 
 
@@ -48,6 +51,7 @@ class ModelShape:
     other_params: int  # norms, routers, biases (bf16, replicated)
     embed_params: int  # embeddings + lm_head (bf16, split by TP)
     max_positions: int = 0  # the config's max_position_embeddings (0: not given)
+    int4_group: int | None = None  # a quantized checkpoint's INT4 group size (moepress_quant.json)
 
     @property
     def moe_intermediate(self) -> int:
@@ -57,7 +61,7 @@ class ModelShape:
     def bytes_by_kind(self, fmt: str) -> dict[str, float]:
         out = {"attn": 0.0, "dense": 0.0, "shared": 0.0, "routed": 0.0}
         for kind, o, i, c in self.linears:
-            out[kind] += c * linear_bytes(o, i, fmt)
+            out[kind] += c * linear_bytes(o, i, fmt, self.int4_group)
         out["embed"] = 2.0 * self.embed_params
         out["other"] = 2.0 * self.other_params
         return out
@@ -121,7 +125,15 @@ def model_shape(model: str | Path | dict) -> ModelShape:
         kv = 2 * kv_heads * hd
     return ModelShape(a.family, a.num_layers, H, a.num_experts, a.top_k, V, heads, kv, kv_heads,
                       tuple((k, o, i, c) for (k, o, i), c in sorted(linears.items())), other, embed,
-                      int(cfg.get("max_position_embeddings") or 0))
+                      int(cfg.get("max_position_embeddings") or 0), _int4_group(model))
+
+
+def _int4_group(model) -> int | None:
+    """The group size a ``moepress quantize`` output declares (None: the format's default)."""
+    if isinstance(model, dict) or not Path(model).is_dir():
+        return None
+    g = (formats.read_layout(Path(model)) or {}).get("group_size")
+    return g if isinstance(g, int) and g > 0 else None
 
 
 __all__ = ["ModelShape", "linear_bytes", "model_shape"]

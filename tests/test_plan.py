@@ -233,3 +233,16 @@ def test_splits_the_heads_or_experts_cannot_take_are_refused_and_skipped(cli_run
     assert "has max_position_embeddings 1024; expected at most 1024" in r.output
     r = cli_run("plan", "tiny-mixtral", "--target", "h100", "--json")
     assert json.loads(r.output)["max_seq_len"] == 1024  # the default, capped by the model
+
+
+def test_a_quantized_checkpoints_group_size_is_planned(cli_run, tmp_path):
+    """INT4 with group 32 stores 4x the scales of group 128: the plan counted 128 whatever the checkpoint
+    said (18% under at Kimi K2 Thinking's group 32). Its weights equal the bytes the checkpoint stores."""
+    from moepress.compress.checkpoint import CheckpointReader
+
+    q = tmp_path / "q32"
+    r = cli_run("quantize", "tiny-mixtral", "--format", "int4-gptq", "--group-size", "32", "--num-samples", "2",
+                "--seq-len", "16", "-o", q, "--quiet")
+    assert r.exit_code == 0, r.output
+    reader = CheckpointReader(q)
+    assert plan(str(q), "h100").weights_total == sum(reader.info(n).nbytes for n in reader.names())
