@@ -217,6 +217,14 @@ def test_deeply_nested_header_is_one_line(good, tmp_path, cli_run):
 @pytest.mark.parametrize("changes,needles", [
     ({"quantization_config": "fp8"}, ["quantization_config is str", "expected a JSON object"]),
     ({"decoder_sparse_step": 0}, ["decoder_sparse_step=0", "expected a whole number >= 1"]),
+    # tracebacks from transformers (KeyError, AttributeError, ZeroDivisionError, TypeError) before
+    ({"hidden_act": "bogus"}, ["hidden_act='bogus'", "transformers' activations"]),
+    ({"dtype": "bogus"}, ["dtype='bogus'", "expected a torch dtype name"]),
+    ({"num_key_value_heads": 0}, ["num_key_value_heads=0", "expected a whole number >= 1"]),
+    ({"rope_parameters": {"rope_type": "bogus", "rope_theta": 1e6}}, ["rope_type 'bogus'", "expected one of"]),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e6"}}, ["rope_theta='1e6'", "positive number"]),
+    # a model of no layers was "quantized" (exit 0, a finished-looking output)
+    ({"num_hidden_layers": -1}, ["num_hidden_layers=-1", "expected a whole number >= 1"]),
 ])
 def test_config_values_no_layer_can_use(good, tmp_path, cli_run, changes, needles):
     ck = copy_checkpoint(good, tmp_path / "c")
@@ -278,3 +286,36 @@ def test_option_and_command_errors_are_one_line(cli_run, args, needles):
     """Click's own usage errors (a bad choice, a value out of range, an unknown command) printed a
     usage block and "Error: ..." over several lines."""
     assert_one_line_error(cli_run(*args), *needles)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight_is_refused_naming_it(good, tmp_path, cli_run, value):
+    """A scale computed from NaN / Inf was written (exit 0): every output of that linear NaN."""
+    from safetensors.torch import load_file, save_file
+
+    ck = copy_checkpoint(good, tmp_path / "c")
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    for shard in shards(ck):
+        t = load_file(shard)
+        if name in t:
+            t[name][0, 0] = value
+            save_file(t, shard, metadata={"format": "pt"})
+    for fmt in ("fp8-block", "mxfp4"):
+        r = cli_run("quantize", ck, "--format", fmt, "-o", tmp_path / fmt, "--quiet")
+        assert_one_line_error(r, name, "not finite", "NaN or Inf")
+        assert not (tmp_path / fmt).exists()
+
+
+def test_integer_weight_without_scales_is_refused(good, tmp_path, cli_run):
+    """int8 bytes with no quantization_config were read as weight values (exit 0)."""
+    from safetensors.torch import load_file, save_file
+
+    ck = copy_checkpoint(good, tmp_path / "c")
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    for shard in shards(ck):
+        t = load_file(shard)
+        if name in t:
+            t[name] = t[name].to(torch.int8)
+            save_file(t, shard, metadata={"format": "pt"})
+    r = cli_run("quantize", ck, "--format", "fp8-block", "-o", tmp_path / "q", "--quiet")
+    assert_one_line_error(r, name, "stored as int8 with no quantization scales")

@@ -44,6 +44,7 @@ class Adapter:
         set_top_k = TOP_K_KEY in self.config
         if set_top_k:  # before transformers' typed config refuses it with a multi-line message
             self._check_expert_counts(where, self.config[TOP_K_KEY])
+        self._check_raw(where)
         try:
             self.hf_config = self.make_hf_config(self.config)
         except (TypeError, ValueError, StrictDataclassError) as e:
@@ -54,7 +55,44 @@ class Adapter:
         self.hf_config._attn_implementation = "sdpa"
         if not set_top_k:  # transformers' default applies
             self._check_expert_counts(where, getattr(self.hf_config, TOP_K_KEY, None), default=True)
+        self._check_common(where)
         self.check_config(where)
+
+    def _check_common(self, where: str) -> None:
+        """Refuse what every family's layers would fail on later with a traceback (or silently build
+        nothing from): sizes that are not whole numbers >= 1, an activation transformers does not know."""
+        from transformers.activations import ACT2FN
+
+        c = self.hf_config
+        for key in ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads"):
+            v = self.config.get(key, getattr(c, key, 1))
+            if v is not None and not is_count(v):
+                raise MoepressError(f"{where}: {key}={v!r}: expected a whole number >= 1")
+        act = getattr(c, "hidden_act", "silu")
+        if act not in ACT2FN:
+            raise MoepressError(f"{where}: hidden_act={act!r}: expected one of transformers' activations "
+                                f"(e.g. silu, gelu)")
+
+    def _check_raw(self, where: str) -> None:
+        """Before transformers' config class sees them (it raises or logs): a dtype that is not a torch
+        dtype's name, a rope type or theta that rotary embeddings cannot use."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        for key in ("dtype", "torch_dtype"):
+            v = self.config.get(key)
+            if v is not None and v != "auto" and not (isinstance(v, str) and isinstance(getattr(torch, v, None),
+                                                                                           torch.dtype)):
+                raise MoepressError(f"{where}: {key}={v!r}: expected a torch dtype name such as \"bfloat16\"")
+        rope = self.config.get("rope_parameters") or self.config.get("rope_scaling") or {}
+        if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+            return  # per-layer-type sets (or a malformed value) are left to transformers' own validation
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
+            raise MoepressError(f"{where}: rope_type {kind!r}: expected one of default, "
+                                f"{', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
+        theta = rope.get("rope_theta", self.config.get("rope_theta", 1.0))
+        if isinstance(theta, bool) or not isinstance(theta, int | float) or not theta > 0:
+            raise MoepressError(f"{where}: rope_theta={theta!r}: expected a positive number")
 
     def _check_expert_counts(self, where: str, top_k, default: bool = False) -> None:
         """Refuse expert counts no router can use, before any work: the routed-expert count a whole

@@ -334,7 +334,14 @@ def decode_weight(reader, name: str, dtype: torch.dtype = torch.float32) -> torc
     out = formats.decode(reader, base, dtype)
     if out is not None:
         return out
-    return reader.get(name).to(dtype)
+    t = reader.get(name)
+    if t.dtype not in FLOAT_WEIGHTS:  # e.g. int8 or FP8 bytes with no scale beside them: not values
+        raise MoepressError(f"{name}: stored as {str(t.dtype).removeprefix('torch.')} with no quantization scales "
+                            "beside it; expected bf16, fp16 or fp32, or a quantized format's tensors")
+    return t.to(dtype)
+
+
+FLOAT_WEIGHTS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 class LayerView:

@@ -97,10 +97,12 @@ def mx_scale_bytes(amax: torch.Tensor) -> torch.Tensor:
     """E8M0 bytes of MXFP4 blocks whose max |x| is ``amax``: amax rounded to a power of two (up from
     a mantissa of 1.75), divided by 4 = 2**floor(log2 6), so the block max lands at 4..7 (saturating
     at 6). compressed-tensors 0.20.1 ``quantization/utils/mxfp_utils.py`` generate_mx_scales /
-    round_to_power_2 (vLLM's ``tests/quantization/reference_mxfp4.py``), clamped to 0..254."""
-    bits = amax.float().contiguous().view(torch.int32)
-    field = (bits + (1 << 21)) >> 23  # float32 exponent field after rounding the mantissa
-    return (field - 2).clamp(0, E8M0_NAN - 1).to(torch.uint8)
+    round_to_power_2 (vLLM's ``tests/quantization/reference_mxfp4.py``), clamped to 0..254; a block
+    holding NaN or Inf gets E8M0's NaN (255), which the quantize stage refuses."""
+    a = amax.float().contiguous()
+    field = (a.view(torch.int32) + (1 << 21)) >> 23  # float32 exponent field after rounding the mantissa
+    e = (field - 2).clamp(0, E8M0_NAN - 1)
+    return torch.where(torch.isfinite(a), e, E8M0_NAN).to(torch.uint8)
 
 
 def mx_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

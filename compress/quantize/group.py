@@ -19,6 +19,7 @@ from moepress.compress.quant import fp8, int4
 from moepress.compress.quantize.config import QuantConfig
 from moepress.compress.quantize.stats import LinearStats
 from moepress.compress.stream import StoredLinear
+from moepress.errors import MoepressError
 
 
 @dataclass
@@ -129,3 +130,22 @@ def apply_fake_quant(layer, res: LayerResult) -> None:
         m.weight.data.copy_(deq)  # in place: no second copy of the layer's weights
         del deq
     attach_fake_quant(layer, res.specs)
+
+
+SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def refuse_non_finite(prefix: str, res: LayerResult) -> None:
+    """A scale computed from NaN or Inf (a weight holding one, or calibration activations that do) is
+    refused, naming the tensor: written, it makes every output of the linear NaN (or the block-max
+    rounding of MXFP4's E8M0 NaN, 255). Scales are small, so the check costs nothing beside the work."""
+    for rel, t in res.tensors.items():
+        if rel.endswith(".weight"):
+            continue
+        bad = (not torch.isfinite(t).all()) if t.dtype in SCALE_DTYPES else \
+            (t.dtype == torch.uint8 and rel.endswith("weight_scale") and bool((t == 255).any()))
+        if bad:
+            base, what = rel.rsplit(".", 1)
+            src = "the calibration activations into it hold" if "input" in what else "its weight holds"
+            raise MoepressError(f"{prefix}{base}.weight: {what} is not finite: {src} NaN or Inf; expected finite "
+                                "values")

@@ -33,7 +33,7 @@ from moepress.compress.quant import fp8
 from moepress.compress.quantize.calibrated import quantize_layer
 from moepress.compress.quantize.config import PROGRESS, REPORT, QuantConfig
 from moepress.compress.quantize.free import FreePipeline, linear_names
-from moepress.compress.quantize.group import LayerResult, apply_fake_quant
+from moepress.compress.quantize.group import LayerResult, apply_fake_quant, refuse_non_finite
 from moepress.compress.quantize.report import (
     QuantTotals,
     hf_quant_config,
@@ -231,6 +231,7 @@ class QuantizeStage:
         (read from ``src``). Returns the progress note. The totals are saved first: a killed run's
         progress file never lacks a layer whose shard it kept (a resume drops the ones it redoes)."""
         w, prefix = self.w, self.adapter.layer_prefix(i)
+        refuse_non_finite(prefix, res)
         self.totals.add(i, prefix, res)
         self.totals.save(w.partial)
         qnames = {f"{n}.weight" for n in res.modules}
