@@ -281,6 +281,9 @@ def test_export_option_the_exporter_does_not_read_is_refused(good, tmp_path, cli
     (["run", "--from", "bogus"], ["moepress run: Invalid value for '--from'", "'bogus'"]),
     (["quantize", "tiny-mixtral", "--format", "fp8", "--seq-len", "1", "-o", "x"], ["'--seq-len'", "x>=2"]),
     (["bogus"], ["No such command 'bogus'"]),
+    # a seed past 64 bits: torch's "Overflow when unpacking long long" traceback
+    (["quantize", "tiny-mixtral", "--format", "fp8", "--seed", "99999999999999999999", "-o", "x"], ["'--seed'"]),
+    (["calib", "prepare", "tiny-mixtral", "--seed", "99999999999999999999", "-o", "x.safetensors"], ["'--seed'"]),
 ])
 def test_option_and_command_errors_are_one_line(cli_run, args, needles):
     """Click's own usage errors (a bad choice, a value out of range, an unknown command) printed a

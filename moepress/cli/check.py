@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moepress.cli.options import device_option, progress_options, run_measured
+from moepress.cli.options import SEED, device_option, progress_options, run_measured
 from moepress.errors import CheckFailed, MoepressError
 from moepress.outputs import refuse_overlap
 
@@ -104,7 +104,7 @@ def _human(result: dict) -> list[str]:
 @click.option("--max-samples", type=click.IntRange(min=1), default=32, show_default=True,
               help="Evaluation samples (windows of --seq-len tokens).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Samples per batch.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed for non-text --data.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Sampling seed for non-text --data.")
 @click.option("--generate", type=click.IntRange(min=0), default=0, show_default=True,
               help="Greedy generations side by side for N prompts (no KV cache: each new token streams the "
                    "whole model once; fine for small models, slow for large ones).")

@@ -8,6 +8,9 @@ import click
 
 from moepress import models
 
+# a seed torch's generators take (torch.Generator.manual_seed: a signed or unsigned 64-bit integer)
+SEED = click.IntRange(-(2**63), 2**63 - 1)
+
 
 def resolve_model(arg: str) -> Path:
     """A checkpoint directory, or the name of a bundled model (e.g. ``tiny-qwen3-moe``)."""
@@ -48,7 +51,7 @@ def calib_options(f):
     """Calibration data options (see calib/data.py for the source syntax)."""
     f = click.option("--trust-remote-code", is_flag=True,
                      help="Allow the tokenizer's own Python code to run (Kimi K2's tiktoken tokenizer).")(f)
-    f = click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")(f)
+    f = click.option("--seed", type=SEED, default=0, show_default=True, help="Sampling seed.")(f)
     f = click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
                      help="Tokens per calibration sample.")(f)
     f = click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True,
