@@ -65,6 +65,9 @@ def test_budget_ratio_keep_and_ep_rounding():
     refuse(QWEN, "--ratio / --keep", ratio=0.5, keep=8)
     refuse(QWEN, "--ratio / --keep")
     refuse(QWEN, "--ratio 1.0", "(0, 1)", ratio=1.0)
+    # a ratio that rounds to no expert dropped ran a whole calibration for nothing (exit 0)
+    msg = refuse(QWEN, "--ratio 1e-12", "drops none of the 16 routed experts", "at least 0.0625", ratio=1e-12)
+    assert budget(QWEN, ratio=0.0625).keep == 15 and "drops none" in msg
     refuse(QWEN, "--keep 16", "1..15", keep=16)
 
 
@@ -419,7 +422,7 @@ def test_sidecar_renaming_keeps_layout_records_of_kept_experts_only():
     """Layer 1 keeps experts 3 and 9 (-> 0, 1); layer 0 was not pruned. Names of kept experts are renamed
     (with or without a projection after the index), a dropped expert's dict key, list entry, record and
     emptied group go, anything else (layer 0, attention, patterns) stays; token counts are reordered."""
-    from moepress.compress.prune.sidecars import expert_renamer, renumber, rewrite_report_counts
+    from moepress.compress.prune.sidecars import expert_renamer, renumber, renumber_expert_rows, rewrite_report_counts
 
     kept = {1: {9: 1, 3: 0}}
     rename = expert_renamer(get_adapter(QWEN), kept)
@@ -429,14 +432,20 @@ def test_sidecar_renaming_keeps_layout_records_of_kept_experts_only():
            "shared": [[L1 + "4.gate_proj", L1 + "4.up_proj"], [L1 + "3.gate_proj", L1 + "3.up_proj"]],
            "borrowed": [{"module": L1 + "4", "tokens": 2}, {"module": L1 + "3", "tokens": 5}],
            "exclude_modules": ["lm_head", "model.layers.*.mlp.gate"], "skipped": [L1 + "5.down_proj"],
-           "expert_calibration_tokens": {"0": [7] * 16, "1": list(range(16))}}
-    out = rewrite_report_counts(renumber(src, rename), kept)
+           "expert_calibration_tokens": {"0": [7] * 16, "1": list(range(16))},
+           # records by (layer, expert) index: quant_report's borrowed scales and per-expert rows
+           "experts_with_borrowed_scales": [{"layer": 1, "expert": 9, "tokens": 0}, {"layer": 1, "expert": 4},
+                                            {"layer": 0, "expert": 4}],
+           "experts": {"1": [{"expert": 3, "tokens": 5}, {"expert": 4}, {"expert": 9}], "0": [{"expert": 4}]}}
+    out = rewrite_report_counts(renumber_expert_rows(renumber(src, rename), kept), kept)
     assert out == {"modules": {L1 + "1.down_proj": {"format": "a"}, L0 + "4.up_proj": {"format": "c"},
                                "model.layers.1.self_attn.q_proj": {"format": "d"}},
                    "shared": [[L1 + "0.gate_proj", L1 + "0.up_proj"]],
                    "borrowed": [{"module": L1 + "0", "tokens": 5}],
                    "exclude_modules": ["lm_head", "model.layers.*.mlp.gate"], "skipped": [],
-                   "expert_calibration_tokens": {"0": [7] * 16, "1": [3, 9]}}
+                   "expert_calibration_tokens": {"0": [7] * 16, "1": [3, 9]},
+                   "experts_with_borrowed_scales": [{"layer": 0, "expert": 4}, {"layer": 1, "expert": 1, "tokens": 0}],
+                   "experts": {"1": [{"expert": 0, "tokens": 5}, {"expert": 1}], "0": [{"expert": 4}]}}
 
 
 def test_quantize_of_a_checkpoint_with_an_mtp_layer_says_it_is_not_written(tmp_path):

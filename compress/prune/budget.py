@@ -132,6 +132,9 @@ def _kept_count(grid: _Grid, cfg: PruneConfig, decisions: list[str]) -> int:
         target = math.floor(E * (1.0 - cfg.ratio) + 1e-9)
         K = target // step * step
         src = f"--ratio {cfg.ratio}"
+        if K >= E:  # a whole calibration run that would drop nothing
+            raise MoepressError(f"{src}: drops none of the {E} routed experts; expected at least "
+                                f"{math.ceil(1e4 / E) / 1e4:g} (one expert of {E})")
         if K != target:
             decisions.append(f"{src}: {target} of {E} experts rounded down to {K} ({why}); rounding down "
                              f"so the pruned model never exceeds the requested size")

@@ -84,6 +84,36 @@ def rewrite_report_counts(report: dict, kept: dict[int, dict[int, int]]) -> dict
     return report
 
 
+def renumber_records(records, kept: dict[int, dict[int, int]], layer: int | None = None):
+    """``[{"layer": i, "expert": e, ...}]`` (borrowed scales; per-expert report rows, whose ``layer`` is
+    given): a dropped expert's record left out, a kept one's ``expert`` its new index, in the new order."""
+    if not isinstance(records, list):
+        return records
+    out = []
+    for r in records:
+        i = layer if layer is not None else r.get("layer") if isinstance(r, dict) else None
+        m = kept.get(i) if isinstance(i, int) else None
+        if m is None or not isinstance(r.get("expert"), int):
+            out.append(r)
+        elif r["expert"] in m:
+            out.append({**r, "expert": m[r["expert"]]})
+    order = [r for r in out if isinstance(r, dict) and isinstance(r.get("expert"), int)]
+    rest = [r for r in out if r not in order]
+    return sorted(order, key=lambda r: (r.get("layer", layer or 0), r["expert"])) + rest
+
+
+def renumber_expert_rows(report: dict, kept: dict[int, dict[int, int]]) -> dict:
+    """quant_report.json's per-expert lists and moepress_quant.json's ``borrowed``, renumbered."""
+    out = dict(report)
+    for key in ("borrowed", "experts_with_borrowed_scales"):
+        if key in out:
+            out[key] = renumber_records(out[key], kept)
+    if isinstance(out.get("experts"), dict):
+        out["experts"] = {layer: renumber_records(rows, kept, int(layer)) if str(layer).isdigit() else rows
+                          for layer, rows in out["experts"].items()}
+    return out
+
+
 def pruned_sidecars(src: Path, adapter, report_layers: list[dict], config: dict) -> dict[str, dict]:
     """The pruned checkpoint's ``config`` and the quantization files of ``src`` that exist, rewritten for
     the pruned experts: {file name: JSON}."""
@@ -93,6 +123,6 @@ def pruned_sidecars(src: Path, adapter, report_layers: list[dict], config: dict)
     for name in QUANT_SIDECARS:
         p = src / name
         if p.is_file():
-            obj = renumber(json.loads(p.read_text()), rename)
+            obj = renumber_expert_rows(renumber(json.loads(p.read_text()), rename), kept)
             out[name] = rewrite_report_counts(obj, kept) if name == "quant_report.json" else obj
     return out
