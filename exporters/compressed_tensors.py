@@ -175,6 +175,9 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
             writer.end_shard()
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
     notes = _consumer_notes(s, schemes)
+    if dropped:
+        notes.append(f"the FP8 KV-cache scales ({len(dropped)} k_scale / v_scale) are not carried: no kv_cache_scheme "
+                     "is written, so runtimes keep the KV cache in the model's dtype; hf-modelopt carries them")
     for note in notes:
         progress.info(f"note: {note}")
     ignore = [n for n in unquantized_modules(s, set(modules)) if not n.endswith("embed_tokens")]

@@ -209,3 +209,15 @@ def test_tied_lm_head_is_ignored_and_loads(tmp_path):
     lay = read_quant_layout(q)
     r._moepress_quant = {**lay, "modules": {k: v for k, v in lay["modules"].items() if ".experts." not in k}}
     assert _rel(got, StreamedModel(r).forward([ids])[0]) < 1e-4
+
+
+def test_kv_cache_scales_not_carried_are_said(tmp_path):
+    """compressed-tensors gets no kv_cache_scheme from us: the k/v scales are left out and the export says
+    so (they were dropped with no word but a list in export.json)."""
+    q = tmp_path / "q"
+    quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(format="fp8", num_samples=2, seq_len=32,
+                                                                     kv_cache="fp8"))
+    info = export(q, tmp_path / "ct", ExportConfig(format="compressed-tensors"))
+    assert len(info["dropped"]) == 2 * 4 and any("KV-cache scales" in n for n in info["consumer_notes"])
+    assert "kv_cache_scheme" not in json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"] \
+        or json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["kv_cache_scheme"] is None
