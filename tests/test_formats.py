@@ -95,6 +95,29 @@ def test_int4_width_not_a_multiple_of_the_group_is_refused_not_misquantized(name
     assert out.skipped is not None and "200" in out.skipped and not out.tensors
 
 
+@pytest.mark.parametrize("name", [n for n in PRODUCED if formats.FORMATS[n].element == "int4"])
+def test_int4_odd_output_width_is_skipped_not_a_crash(name):
+    """INT4 packs two output rows per byte (modelopt's pack_int4_in_uint8 asserts the same): an odd width
+    stops the whole run with a ValueError; now it stays bf16, said, and the plan counts it so."""
+    f = formats.FORMATS[name]
+    x = torch.randn(16, 128)
+    out = f.quantize([torch.randn(33, 128)], QuantContext(group_size=128, stats=_Stats(x)))
+    assert out.skipped is not None and "out_features 33 is odd" in out.skipped and not out.tensors
+    assert f.stored_bytes(33, 128) == 2 * 33 * 128
+
+
+@pytest.mark.parametrize("name", [n for n in PRODUCED if formats.FORMATS[n].element == "fp4"])
+def test_fp4_of_an_all_zero_weight_is_zeros_with_finite_scales(name):
+    """NVFP4's second-level scale of an all-zero weight was 0: 0 / 0 block scales (NaN E4M3), a weight
+    that decoded to NaN and poisoned every later layer's calibration."""
+    f = formats.FORMATS[name]
+    x = torch.randn(16, 64)
+    out = f.quantize([torch.zeros(8, 64)], QuantContext(group_size=128, stats=_Stats(x) if f.calibrated else None))
+    t = out.tensors[0]
+    assert all(torch.isfinite(v.float()).all() for k, v in t.items() if k != "weight"), t
+    assert torch.equal(f.dequantize(t, torch.float32), torch.zeros(8, 64))
+
+
 def test_decoders_read_the_stored_layouts():
     from moepress.compress.quant import fp8, int4
 

@@ -64,6 +64,9 @@ def quantize(ws: list[torch.Tensor], ctx: QuantContext, *, use_awq: bool, use_gp
     group = int4.effective_group(ws[0].shape[1], ctx.group_size)
     if group is None:
         return Quantized(skipped=f"in_features {ws[0].shape[1]} not divisible by a group <= {ctx.group_size}")
+    if any(w.shape[0] % 2 for w in ws):  # modelopt's pack_int4_in_uint8 holds two output rows per byte too
+        return Quantized(skipped=f"out_features {next(w.shape[0] for w in ws if w.shape[0] % 2)} is odd: INT4 packs "
+                                 "two output rows per byte")
     # folded AWQ (fold.py): weights and statistics arrive smoothed; GPTQ / clip as for AWQ, nothing stored
     pqs, alpha = _smoothing(ws, st, group, use_awq and not ctx.awq_folded)
     H = _hessian(st, pqs, use_gptq or (use_awq and ctx.awq_gptq))
@@ -120,7 +123,7 @@ def stored_bytes(out_f: int, in_f: int, *, awq_scale: bool = False, scalars: int
     """Packed INT4 + F32 group scales (+ F32 pre_quant_scale [in], + F32 scalars); a linear whose
     in_features is not a multiple of the group stays bf16 (int4.effective_group)."""
     n = out_f * in_f
-    if in_f > group and in_f % group:
+    if (in_f > group and in_f % group) or out_f % 2:  # left bf16 (quantize: skipped)
         return 2 * n
     groups = -(-in_f // group)  # in_f < group: one group per row (the group is clamped)
     return n / 2 + 4 * out_f * groups + (4 * in_f if awq_scale else 0) + 4 * scalars

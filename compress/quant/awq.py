@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from moepress.compress.quant import int4
+from moepress.compress.quant.exact import div
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -107,7 +108,7 @@ def clip_scales(w: torch.Tensor, x: torch.Tensor, group: int,
     best_err = torch.full((out, G), float("inf"), device=w.device)
     best = torch.zeros(out, G, device=w.device)
     for r in ratios:
-        s = (amax * r / int4.INT4_MAX).clamp(min=TINY)
+        s = div(amax * r, int4.INT4_MAX).clamp(min=TINY)
         d = wg - (wg / s[..., None]).round().clamp(-8, 7) * s[..., None]
         err = torch.einsum("ogi,gij,ogj->og", d, C, d)
         better = err < best_err

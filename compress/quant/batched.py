@@ -27,6 +27,7 @@ import torch
 
 from moepress.compress.quant import int4
 from moepress.compress.quant.awq import TINY
+from moepress.compress.quant.exact import div
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def exact_default(t: torch.Tensor) -> bool:
 def group_scales(w: torch.Tensor, group: int) -> torch.Tensor:
     """:func:`int4.group_scales` of every [out, in] matrix of ``w`` [..., out, in]."""
     g = w.float().abs().reshape(*w.shape[:-1], w.shape[-1] // group, group).amax(dim=-1)
-    return (g / int4.INT4_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return div(g, int4.INT4_MAX).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def fake_int4(w: torch.Tensor, group: int) -> torch.Tensor:

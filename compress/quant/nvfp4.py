@@ -30,7 +30,8 @@ _SCALE_MIN = 2.0**-9  # the smallest E4M3 subnormal
 def global_scale(amax: torch.Tensor) -> torch.Tensor:
     """The FP32 second-level scale of a tensor whose max |x| is ``amax``: amax / (6 * 448)
     (``weight_scale_2``, ``input_scale``)."""
-    return div(amax.float(), fp4.E2M1_MAX * FP8_MAX)
+    # never zero: an all-zero weight's blocks would divide 0 by 0 (NaN E4M3 scales; modelopt's too)
+    return div(amax.float(), fp4.E2M1_MAX * FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def block_scales(w: torch.Tensor, scale_2: torch.Tensor) -> torch.Tensor:

@@ -142,8 +142,10 @@ def refuse_non_finite(prefix: str, res: LayerResult) -> None:
     for rel, t in res.tensors.items():
         if rel.endswith(".weight"):
             continue
-        bad = (not torch.isfinite(t).all()) if t.dtype in SCALE_DTYPES else \
-            (t.dtype == torch.uint8 and rel.endswith("weight_scale") and bool((t == 255).any()))
+        if t.dtype in SCALE_DTYPES or t.dtype == fp8.FP8_DTYPE:
+            bad = not torch.isfinite(t.float()).all()  # float8: NVFP4's E4M3 block scales
+        else:
+            bad = t.dtype == torch.uint8 and rel.endswith("weight_scale") and bool((t == 255).any())
         if bad:
             base, what = rel.rsplit(".", 1)
             src = "the calibration activations into it hold" if "input" in what else "its weight holds"
