@@ -92,7 +92,8 @@ def _plan(artifact: Path, kind: str, t: Target, fmt: str, source: Path, o: Build
         if kind != "trtllm-ckpt" or not str(e).startswith(f"--gpus {gpus}:"):
             raise
         # the split is fixed by the export: suggest re-exporting for the GPU count that fits
-        best = plan(source, t, fmt, max_seq_len=o.max_seq_len, max_batch=o.max_batch, kv_cache_dtype=kv)
+        best = plan(source, t, fmt, max_seq_len=o.max_seq_len, max_batch=o.max_batch, kv_cache_dtype=kv,
+                    runtime=runtime)
         raise MoepressError(f"{artifact}: exported for world_size {gpus}, which cannot hold it on {t.gpu} "
                             f"({str(e).split(': ', 1)[1].split(': use')[0]}); re-export with `moepress export "
                             f"--format trtllm-ckpt --tp {best.gpus} --ep {best.ep}`") from None

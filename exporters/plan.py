@@ -44,7 +44,7 @@ from moepress.exporters.targets import PRODUCED, TARGETS, UNQUANTIZED, Target, c
 
 RESERVE_FRACTION = 0.10
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-RUNTIMES = ("trtllm", "onnx")
+RUNTIMES = ("trtllm", "trtllm-engine", "onnx")
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Plan:
     experts_per_rank: int = 0
     notes: list = field(default_factory=list)
     target_info: dict = field(default_factory=dict)
-    runtime: str = "trtllm"  # trtllm | onnx (a TensorRT engine from the ONNX export)
+    runtime: str = "trtllm"  # trtllm | trtllm-engine (from a trtllm-ckpt) | onnx (a TensorRT engine from ONNX)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,6 +81,8 @@ def per_gpu_bytes(shape: ModelShape, fmt: str, tp: int, ep: int, max_batch: int,
     routed_per_expert = b["routed"] / shape.num_experts if shape.num_experts else 0.0
     weights = ((b["attn"] + b["dense"] + b["shared"] + b["embed"]) / tp
                + routed_per_expert * (shape.num_experts // ep) / moe_tp + b["other"])
+    if runtime == "trtllm-engine":  # trtllm_ckpt writes the vocab embedding whole on every rank
+        weights += 2.0 * shape.vocab_size * shape.hidden_size * (1 - 1 / tp)  # (use_parallel_embedding false)
     tokens = max_batch * max_seq_len
     if shape.kv_heads:  # GQA: heads split by TP, at least one per rank
         per_tok = shape.kv_per_token_layer * math.ceil(shape.kv_heads / tp) / shape.kv_heads
@@ -265,7 +267,7 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     for 4 bits on Blackwell) and says why in the plan's notes.
     """
     if runtime not in RUNTIMES:
-        raise MoepressError(f"runtime {runtime!r}: expected trtllm or onnx")
+        raise MoepressError(f"runtime {runtime!r}: expected {', '.join(RUNTIMES)}")
     t = target if isinstance(target, Target) else get_target(target)
     name = str(model_dir_or_config) if isinstance(model_dir_or_config, str | Path) else "<config>"
     given = isinstance(model_dir_or_config, ModelShape)
@@ -336,7 +338,7 @@ def render(p: Plan) -> str:
         f"gpus       {p.gpus} ({p.nodes} node{'s' if p.nodes > 1 else ''}): tp {p.tp}, ep {p.ep}, moe_tp {p.moe_tp}"
         + (f", {p.experts_per_rank} experts per EP rank" if p.experts_per_rank else ""),
         f"per GPU    weights {_gb(b['weights'])} + "
-        + (f"KV cache {_gb(b['kv_cache'])} ({p.max_batch} x {p.max_seq_len} tokens)" if p.runtime == "trtllm"
+        + (f"KV cache {_gb(b['kv_cache'])} ({p.max_batch} x {p.max_seq_len} tokens)" if p.runtime != "onnx"
            else "no KV cache") + f" + activations {_gb(b['activations'])} "
         f"+ reserve {_gb(b['reserve'])} = {_gb(b['total'])} of {_gb(p.memory_per_gpu)}",
         f"weights    {_gb(p.weights_total)} in total",

@@ -294,3 +294,20 @@ def test_gpu_trtllm_engine_from_trtllm_ckpt(tmp_path):
     assert (tmp_path / "engine" / "engine" / "rank0.engine").is_file()
     _check_passed(res)
     shutil.rmtree(tmp_path / "engine")
+
+
+def test_trtllm_engine_plan_counts_the_embedding_each_rank_holds(tmp_path, cli_run):
+    """trtllm-ckpt writes the vocab embedding whole on every rank (use_parallel_embedding false): the plan
+    divided it by TP (2 GB per GPU too few for a Kimi-sized vocabulary at TP 8). Measured here: within
+    0.2% of a rank's tensors (TensorRT-LLM's routers are float32, the plan's bf16)."""
+    from safetensors import safe_open
+
+    ck = tmp_path / "ck"
+    assert cli_run("export", "tiny-mixtral", "--format", "trtllm-ckpt", "--tp", "2", "--ep", "2", "-o", ck,
+                   "--quiet").exit_code == 0
+    r = cli_run("build", ck, "--target", "h100", "--dry-run", "-o", tmp_path / "b", "--quiet")
+    assert r.exit_code == 0, r.output
+    planned = json.loads((tmp_path / "b" / "plan.json").read_text())["bytes_per_gpu"]["weights"]
+    with safe_open(str(ck / "rank0.safetensors"), "pt") as h:
+        stored = sum(h.get_tensor(k).nbytes for k in h.keys())
+    assert abs(planned / stored - 1) < 0.004, (planned, stored)

@@ -72,7 +72,7 @@ class Builder:
     install: str  # one-line hint when they are missing
     description: str
     executables: tuple[str, ...] = ()  # commands a real build runs (on PATH)
-    runtime: str = "trtllm"  # what the plan budgets (exporters/plan.py: trtllm | onnx)
+    runtime: str = "trtllm"  # what the plan budgets (exporters/plan.py RUNTIMES)
     files: Callable[[Context, list[list[str]]], tuple[dict[str, str], list[list[str]]]] = build_script
     written: tuple[str, ...] = ()  # files besides build.sh, plan.json, build.json (named in the summary)
     server: str | None = None  # a command the bundle starts and a build does not run

@@ -50,5 +50,5 @@ BUILDER = Builder(
     "trtllm-engine", "trtllm-ckpt", commands, requires=("tensorrt_llm",),
     install="tensorrt_llm is not installed: pip install moepress[trtllm] on a GPU machine",
     description="trtllm-build on a trtllm-ckpt export (TensorRT-LLM engine, one per rank)",
-    executables=("trtllm-build",),
+    executables=("trtllm-build",), runtime="trtllm-engine",  # the plan replicates its embedding per rank
 )
