@@ -12,6 +12,7 @@ Backend: NCCL when CUDA is available, else gloo (CPU). Outside torchrun (no
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -147,9 +148,13 @@ def all_gather_shares(part: list[T], env: DistEnv) -> list[T]:
         return list(part)
     import torch.distributed as dist
 
+    # torch.save, not all_gather_object's plain pickle: pickle cannot rebuild float8 tensors (torch 2.13:
+    # "UntypedStorage has no attribute dtype"), which the FP8 and NVFP4 expert shares hold
+    buf = io.BytesIO()
+    torch.save(list(part), buf)
     everyone: list = [None] * env.world_size
-    dist.all_gather_object(everyone, list(part))
-    return [x for p in everyone for x in p]
+    dist.all_gather_object(everyone, buf.getvalue())
+    return [x for b in everyone for x in torch.load(io.BytesIO(b), weights_only=False)]
 
 
 def _check_same(env: DistEnv, what: str, value) -> None:

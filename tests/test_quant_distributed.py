@@ -93,7 +93,7 @@ def _rank_main(rank, world, init_file, out, fmt):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["w4a8-awq"])
+@pytest.mark.parametrize("fmt", ["w4a8-awq", "fp8", "nvfp4"])  # fp8 / nvfp4: float8 tensors cross ranks
 def test_two_rank_expert_split_is_identical_to_one_process(tmp_path, fmt):
     """Each gloo rank quantizes its share of a layer's expert groups (AWQ search + GPTQ batched);
     every rank ends with the one-process result, bit for bit."""
