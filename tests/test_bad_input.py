@@ -322,3 +322,15 @@ def test_integer_weight_without_scales_is_refused(good, tmp_path, cli_run):
             save_file(t, shard, metadata={"format": "pt"})
     r = cli_run("quantize", ck, "--format", "fp8-block", "-o", tmp_path / "q", "--quiet")
     assert_one_line_error(r, name, "stored as int8 with no quantization scales")
+
+
+@pytest.mark.parametrize("args", [["prune", "tiny-mixtral", "--ratio", "0.25", "-o", "x"],
+                                  ["calib", "prepare", "tiny-mixtral", "-o", "x.safetensors"],
+                                  ["export", "tiny-mixtral", "--format", "onnx", "-o", "x"]])
+def test_a_single_process_command_under_torchrun_is_refused(cli_run, monkeypatch, args):
+    """Every rank ran the whole job into the same output: one won, the others failed on its lock (exit 1
+    from torchrun over a finished output)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert_one_line_error(cli_run(*args), f"moepress {' '.join(args[:2]) if args[0] == 'calib' else args[0]}: "
+                          "runs in one process", "moepress quantize, moepress calib stats")

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a failed accuracy check, 2 bad input (one line on stder
 from __future__ import annotations
 
 import errno
+import os
 
 import click
 
@@ -13,8 +14,22 @@ from moepress import __version__
 from moepress.cli.options import OUTPUT_META
 from moepress.errors import CheckFailed, MoepressError
 
+# the commands that split their work across torchrun's ranks (calib/distributed.py); any other would
+# run whole on every rank, each racing the others for the same output
+TORCHRUN_COMMANDS = ("quantize", "calib stats")
+
 
 class MoepressGroup(click.Group):
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        sub = next((a for a in rest if not a.startswith("-")), "") if isinstance(cmd, click.Group) else ""
+        full = f"{name} {sub}".strip()  # e.g. "calib stats" (calib is a group of its own)
+        if _world_size() > 1 and full not in TORCHRUN_COMMANDS:
+            raise MoepressError(f"moepress {full}: runs in one process; under torchrun (WORLD_SIZE="
+                                f"{_world_size()}) every rank would do the whole job into the same output; expected "
+                                f"one process, or one of: {', '.join('moepress ' + c for c in TORCHRUN_COMMANDS)}")
+        return name, cmd, rest
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -32,6 +47,13 @@ class MoepressGroup(click.Group):
         except OSError as e:  # a full disk, a read-only or busy file system, a denied path: bad input too
             click.echo(f"moepress: error: {os_error_line(e, ctx.meta.get(OUTPUT_META))}", err=True)
             ctx.exit(MoepressError.exit_code)
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1  # the stage's own torchrun check says what is wrong with it
 
 
 def os_error_line(e: OSError, output=None) -> str:
