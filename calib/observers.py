@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -212,13 +213,15 @@ class RoutingStats:
                 for i, lr in sorted(self.layers.items()) for k in LayerRouting._FIELDS}
 
     def save(self, path) -> None:
+        """The exact binary form, byte for byte the same for the same statistics (the project's writer:
+        safetensors' own save_file orders metadata keys differently from run to run)."""
         import json
 
-        from safetensors.torch import save_file
+        from moepress.compress.checkpoint.safetensors_io import write_safetensors
 
         meta = {str(i): {"num_experts": lr.num_experts, "top_k": lr.top_k, "tokens": lr.tokens}
                 for i, lr in sorted(self.layers.items())}
-        save_file(self.state_dict(), str(path), metadata={"format": "moepress-routing", "layers": json.dumps(meta)})
+        write_safetensors(Path(path), self.state_dict(), {"format": "moepress-routing", "layers": json.dumps(meta)})
 
     @classmethod
     def load(cls, path) -> "RoutingStats":
