@@ -117,6 +117,11 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
                             "expected fp8-block or a bf16 checkpoint (run moepress quantize --format fp8-block, "
                             "or export the original)")
     mode = "rename" if s.layout is not None else "copy" if s.block_fp8 else "quantize"
+    packed = sorted(n for n in r.names() if n.endswith((".weight_packed", "_blocks")))
+    if packed:  # compressed-tensors INT / FP4 or gpt-oss MXFP4 modules: copied packed, consumers saw no weight
+        raise MoepressError(f"--format hf-fp8-block: {src} stores {len(packed)} packed tensors (e.g. {packed[0]}); "
+                            "expected a bf16 or block-FP8 checkpoint (export it as compressed-tensors, or quantize "
+                            "it to fp8-block first)")
     if mode == "copy" and list(fp8.block_size_of(r.config)) != BLOCK:  # copied bytes keep their block grid
         raise MoepressError(f"--format hf-fp8-block: {src}/config.json has weight_block_size "
                             f"{list(fp8.block_size_of(r.config))}; this layout declares {BLOCK} (vLLM, SGLang and "

@@ -142,3 +142,12 @@ def test_copied_checkpoint_of_other_blocks_is_refused(tmp_path, cli_run):
     r = cli_run("export", src, "--format", "hf-fp8-block", "-o", tmp_path / "fb")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
     assert "weight_block_size [64, 64]" in r.stderr and not (tmp_path / "fb").exists()
+
+
+@pytest.mark.parametrize("model", ["tiny-kimi-k2-int4", "tiny-qwen3-moe-mxfp4"])
+def test_packed_input_is_refused(tmp_path, cli_run, model):
+    """Kimi's INT4 / MXFP4 experts were copied still packed under a block-FP8 config: transformers
+    initialised those experts at random (exit 0)."""
+    r = cli_run("export", model, "--format", "hf-fp8-block", "-o", tmp_path / "fb")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "packed tensors" in r.stderr, r.output
+    assert not (tmp_path / "fb").exists()
