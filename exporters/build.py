@@ -173,6 +173,7 @@ def build(artifact: str | Path, target: str | Target, out: str | Path, cfg: Buil
     out = absolute(out)
     refuse_overlap(out, [Path(artifact)])
     job = _resolve(Path(artifact), target, out, o)
+    out.parent.mkdir(parents=True, exist_ok=True)  # as the other stages' -o (the lock file sits beside OUT)
     lock = OutputLock(out.with_name(out.name + ".partial.lock"),
                       f"{out}: another moepress process is writing it ({out}.partial is locked)")
     lock.acquire()

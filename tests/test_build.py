@@ -72,7 +72,7 @@ def test_detect(ckpt, onnx_dir, tmp_path):
 
 
 def test_trtllm_engine_dry_run(cli_run, ckpt, tmp_path):
-    out = tmp_path / "eng"
+    out = tmp_path / "new" / "eng"  # a parent that does not exist yet is made (it failed on the lock file)
     r = cli_run("build", ckpt, "--target", "h100", "-o", out, "--dry-run", "--max-batch", "4", "--max-seq-len", "1000")
     assert r.exit_code == 0, r.output
     assert "trtllm-build" in r.output
@@ -91,7 +91,7 @@ def test_trtllm_engine_dry_run(cli_run, ckpt, tmp_path):
     assert (plan["gpus"], plan["tp"], plan["ep"], plan["format"]) == (2, 2, 2, "fp8")
     m = json.loads((out / "moepress-manifest.json").read_text())
     assert m["stage"] == "build" and "rank0.safetensors" in m["inputs"]["sha256"]
-    assert not (tmp_path / "eng.partial").exists()
+    assert not (tmp_path / "new" / "eng.partial").exists()
 
 
 def test_trtllm_engine_refusals(ckpt, tmp_path, mixtral):
