@@ -122,9 +122,10 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
         raise MoepressError(f"--format hf-fp8-block: {src} stores {len(packed)} packed tensors (e.g. {packed[0]}); "
                             "expected a bf16 or block-FP8 checkpoint (export it as compressed-tensors, or quantize "
                             "it to fp8-block first)")
-    if mode == "copy" and list(fp8.block_size_of(r.config)) != BLOCK:  # copied bytes keep their block grid
+    block = list(fp8.block_size_of(r.config)) if mode == "copy" else BLOCK
+    if block != BLOCK:  # copied bytes keep their block grid
         raise MoepressError(f"--format hf-fp8-block: {src}/config.json has weight_block_size "
-                            f"{list(fp8.block_size_of(r.config))}; this layout declares {BLOCK} (vLLM, SGLang and "
+                            f"{block}; this layout declares {BLOCK} (vLLM, SGLang and "
                             "TensorRT-LLM read the block from it); expected a checkpoint of 128 x 128 blocks")
     quantized: set[str] = set()
     kept: list[str] = []  # linears left in high precision (scale grid not read alike by consumers)

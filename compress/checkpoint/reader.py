@@ -327,6 +327,10 @@ class CheckpointReader:
             pass
 
 
+# what a weight with no decoder may be stored as (anything else is bytes, not values)
+FLOAT_WEIGHTS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
 def decode_weight(reader, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``name`` in float ``dtype`` through the format registry's decoders (``reader``: a CheckpointReader
     or a :class:`LayerView` over tensors already read)."""
@@ -339,9 +343,6 @@ def decode_weight(reader, name: str, dtype: torch.dtype = torch.float32) -> torc
         raise MoepressError(f"{name}: stored as {str(t.dtype).removeprefix('torch.')} with no quantization scales "
                             "beside it; expected bf16, fp16 or fp32, or a quantized format's tensors")
     return t.to(dtype)
-
-
-FLOAT_WEIGHTS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 class LayerView:

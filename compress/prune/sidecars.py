@@ -89,17 +89,15 @@ def renumber_records(records, kept: dict[int, dict[int, int]], layer: int | None
     given): a dropped expert's record left out, a kept one's ``expert`` its new index, in the new order."""
     if not isinstance(records, list):
         return records
-    out = []
+    numbered, rest = [], []  # one pass (a Kimi K2 report holds tens of thousands of such records)
     for r in records:
         i = layer if layer is not None else r.get("layer") if isinstance(r, dict) else None
         m = kept.get(i) if isinstance(i, int) else None
         if m is None or not isinstance(r.get("expert"), int):
-            out.append(r)
+            (numbered if isinstance(r, dict) and isinstance(r.get("expert"), int) else rest).append(r)
         elif r["expert"] in m:
-            out.append({**r, "expert": m[r["expert"]]})
-    order = [r for r in out if isinstance(r, dict) and isinstance(r.get("expert"), int)]
-    rest = [r for r in out if r not in order]
-    return sorted(order, key=lambda r: (r.get("layer", layer or 0), r["expert"])) + rest
+            numbered.append({**r, "expert": m[r["expert"]]})
+    return sorted(numbered, key=lambda r: (r.get("layer", layer or 0), r["expert"])) + rest
 
 
 def renumber_expert_rows(report: dict, kept: dict[int, dict[int, int]]) -> dict:
