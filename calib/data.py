@@ -122,6 +122,7 @@ def windows(ids: list[int] | torch.Tensor, seq_len: int, max_windows: int | None
 
 def eval_batches(model_dir: str | Path, text_path: str | Path = DEFAULT_EVAL, seq_len: int = 256,
                  max_windows: int | None = None, trust_remote_code: bool = False) -> list[torch.Tensor]:
+    check_positions(model_dir, seq_len)
     tok = load_tokenizer(model_dir, trust_remote_code)
     return windows(tok(read_text(text_path), verbose=False)["input_ids"], seq_len, max_windows)
 
@@ -308,6 +309,19 @@ def _check_params(num_samples: int, seq_len: int) -> None:
         raise MoepressError(f"--seq-len {seq_len}: expected at least 2")
 
 
+def check_positions(model_dir: str | Path, seq_len: int) -> None:
+    """Refuse samples longer than the model's ``max_position_embeddings`` (config.json, when the
+    directory has one): positions past it were never trained, so statistics and perplexities taken
+    there describe no input the model is meant to see."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        m = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return  # no readable config here: the stage's reader says what is wrong with it
+    if isinstance(m, int) and not isinstance(m, bool) and 0 < m < seq_len:
+        raise MoepressError(f"--seq-len {seq_len}: {model_dir} has max_position_embeddings {m}; expected at most {m}")
+
+
 def source_hashes(sources: tuple[str, ...] | list[str]) -> dict[str, str | None]:
     """sha256 of what each ``--calib`` source reads (none: the bundled text), keyed by the source as given,
     memoised in the cache like :func:`calibration_set`'s."""
@@ -324,6 +338,7 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
                     cache: bool = True) -> CalibSet:
     """The calibration samples for ``model_dir``'s tokenizer, from the cache when it holds them."""
     _check_params(num_samples, seq_len)
+    check_positions(model_dir, seq_len)
     model_dir = Path(model_dir)
     specs = parse_sources(tuple(sources))
     if needs_remote_code(model_dir) and not trust_remote_code:

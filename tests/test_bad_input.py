@@ -334,3 +334,18 @@ def test_a_single_process_command_under_torchrun_is_refused(cli_run, monkeypatch
     monkeypatch.setenv("RANK", "1")
     assert_one_line_error(cli_run(*args), f"moepress {' '.join(args[:2]) if args[0] == 'calib' else args[0]}: "
                           "runs in one process", "moepress quantize, moepress calib stats")
+
+
+@pytest.mark.parametrize("args", [
+    ["calib", "prepare", "tiny-mixtral", "--seq-len", "1025", "-o", "{tmp}/c.safetensors"],
+    ["calib", "stats", "tiny-mixtral", "--seq-len", "1025", "-o", "{tmp}/s"],
+    ["quantize", "tiny-mixtral", "--format", "fp8", "--seq-len", "1025", "-o", "{tmp}/q"],
+    ["prune", "tiny-mixtral", "--ratio", "0.25", "--seq-len", "1025", "-o", "{tmp}/p"],
+    ["check", "tiny-mixtral", "-r", "tiny-mixtral", "--seq-len", "1025"],
+])
+def test_calibration_past_the_models_positions_is_refused(tmp_path, cli_run, args):
+    """Samples longer than max_position_embeddings (1024 in every bundled model) ran at positions
+    the model never trained on, and the stage reported statistics / perplexities from them."""
+    r = cli_run(*[a.format(tmp=tmp_path) for a in args])
+    assert_one_line_error(r, "--seq-len 1025", "max_position_embeddings 1024")
+    assert not any(tmp_path.iterdir())
