@@ -125,9 +125,11 @@ def test_transformers_kind_matches_the_streamed_reference_layer_by_layer(ref):
     res = run_check(ref, ref, CheckConfig(seq_len=64, max_samples=8, kind="transformers"))
     assert res["passed"] and res["candidate"]["kind"] == "transformers"
     m = res["metrics"]
-    assert m["kl_mean"] < 1e-8 and m["top1_agreement"] >= 0.998 and abs(m["ppl_increase"]) < 1e-5
+    # measured (2-core CPU): KL 2.4e-13, perplexity change 3.1e-8, layer error <= 2.4e-7; the
+    # bounds leave ~4x (KL, a square of the logit differences: ~40x)
+    assert m["kl_mean"] < 1e-11 and m["top1_agreement"] >= 0.998 and abs(m["ppl_increase"]) < 1.5e-7
     # every layer, the last one included (transformers returns it after the final norm)
-    assert len(res["layers"]) == 4 and all(p["rel_error"] < 1e-4 for p in res["layers"])
+    assert len(res["layers"]) == 4 and all(p["rel_error"] < 1e-6 for p in res["layers"])
     assert res["embedding"]["rel_error"] == 0.0
 
 
@@ -181,8 +183,10 @@ def test_onnx_export_matches_the_reference(cli_run, ref, onnx_dir, tmp_path):
     res = json.loads(r.stdout)
     m = res["metrics"]
     assert res["candidate"]["kind"] == "onnx" and res["candidate"]["hidden_states"] == 4
-    assert m["kl_mean"] < 1e-8 and m["top1_agreement"] >= 0.998 and abs(m["ppl_increase"]) < 1e-5
-    assert len(res["layers"]) == 4 and all(p["rel_error"] < 1e-4 for p in res["layers"])
+    # measured (2-core CPU): KL 2.4e-13, perplexity change 3.1e-8, layer error <= 2.4e-7; the
+    # bounds leave ~4x (KL, a square of the logit differences: ~40x)
+    assert m["kl_mean"] < 1e-11 and m["top1_agreement"] >= 0.998 and abs(m["ppl_increase"]) < 1.5e-7
+    assert len(res["layers"]) == 4 and all(p["rel_error"] < 1e-6 for p in res["layers"])
     assert res["generations"]["samples"][0]["same_prefix_tokens"] == 3
     assert (tmp_path / "rep" / "layer_error.png").exists()
     # the file is listed in its directory's manifest: the metrics are recorded there

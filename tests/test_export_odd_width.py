@@ -1,7 +1,8 @@
 """Widths that are not multiples of the INT4 group or the FP8 block: the fixture
 ``models/tiny-mixtral-w192`` (tiny-mixtral with expert width 192) through every exporter, from the
 bf16 checkpoint and from every quantize format. Each export either loads in its consumer with
-perplexity within 1% of moepress's forward of the same checkpoint, or is refused with one line
+perplexity within 0.8% of moepress's forward of the same checkpoint (1e-6 where nothing differs by
+consumer: EXACT), or is refused with one line
 (exit 2) and no output.
 
 Consumers run in ONE subprocess that never imports moepress: transformers ``from_pretrained``
@@ -17,7 +18,7 @@ compressed-tensors export loaded in transformers without an error at perplexity 
 experts drop the bf16 weights); block-FP8 experts of width 192 (partial 128x128 blocks).
 
 Measured (transformers 5.24, compressed-tensors 0.20.1, onnxruntime 1.32; 8 x 128 tokens of
-eval.txt): every written export within -0.42% .. +0.21% of moepress (FP8 activation quantization
+eval.txt): every written export within -0.39% .. +0.19% of moepress (FP8 activation quantization
 differs by consumer); bf16 and INT4 through onnxruntime, bf16 through trtllm-ckpt: equal.
 """
 
@@ -72,6 +73,9 @@ EXPECT = {
     **{(f, "onnx"): ORT for f in ("int4-awq", "int4-gptq", "w4a8-awq")},
 }
 CASES = sorted(EXPECT)
+# The same numbers in both (no activation quantization the consumer does its own way): measured
+# 0 .. 4.8e-7 relative (float32 perplexity); the others -0.39% .. +0.19%
+EXACT = {("bf16", "onnx"), ("bf16", "trtllm-ckpt"), ("int4-awq", "onnx"), ("int4-gptq", "onnx")}
 WINDOWS, SEQ = 8, 128
 
 CONSUMER = textwrap.dedent("""
@@ -240,7 +244,8 @@ def test_consumer_reads_it_or_it_is_refused(results, src, exporter):
         key = f"{src}|{exporter}"
         assert isinstance(theirs[key], float), f"{how} could not read it: {theirs[key]}"
         rel = theirs[key] / ours[key] - 1
-        assert abs(rel) < 0.01, f"{how}: perplexity {theirs[key]:.3f} vs moepress {ours[key]:.3f} ({rel:+.2%})"
+        bound = 1e-6 if (src, exporter) in EXACT else 0.008
+        assert abs(rel) < bound, f"{how}: perplexity {theirs[key]:.3f} vs moepress {ours[key]:.3f} ({rel:+.2e})"
     else:
         assert code == 2 and how in output, output
         assert len(output.strip().splitlines()) == 1 and not out.exists()

@@ -68,7 +68,7 @@ def exports(tmp_path_factory):
         export(src, root / key, ExportConfig(format="trtllm-ckpt", tp=tp, ep=ep))
         outs[key] = root / key
     q = root / "mixtral-fp8"
-    quantize_checkpoint(MIXTRAL, q, QuantConfig(format="fp8", num_samples=4, seq_len=64))
+    quantize_checkpoint(MIXTRAL, q, QuantConfig(format="fp8", kv_cache="fp8", num_samples=4, seq_len=64))
     export(q, root / "fp8_tp2_ep2", ExportConfig(format="trtllm-ckpt", tp=2, ep=2))
     outs["fp8_tp2_ep2"], outs["fp8_src"] = root / "fp8_tp2_ep2", q
     return outs
@@ -120,6 +120,8 @@ def test_shards_reassemble_bf16_exactly(exports, key, src, tp, ep):
     moe_tp = tp // ep
     assert torch.equal(ranks[0]["transformer.vocab_embedding.weight"], reader.get("model.embed_tokens.weight"))
     assert torch.equal(torch.cat([r["lm_head.weight"] for r in ranks]), reader.get("lm_head.weight"))
+    for r in ranks:
+        assert torch.equal(r["transformer.ln_f.weight"], reader.get("model.norm.weight"))
     for i in range(hf["num_hidden_layers"]):
         p, t = f"model.layers.{i}.", f"transformer.layers.{i}."
         qs, ks, vs = [], [], []
@@ -133,6 +135,12 @@ def test_shards_reassemble_bf16_exactly(exports, key, src, tp, ep):
         assert torch.equal(torch.cat([r[t + "attention.dense.weight"] for r in ranks], 1),
                            reader.get(p + "self_attn.o_proj.weight"))
         assert torch.equal(ranks[-1][t + "mlp.router.weight"], reader.get(p + f"{ffn}.gate.weight").float())
+        norms = {"input_layernorm": "input_layernorm", "post_layernorm": "post_attention_layernorm"}
+        if not mixtral:
+            norms |= {"attention.q_layernorm": "self_attn.q_norm", "attention.k_layernorm": "self_attn.k_norm"}
+        for trt, hf_name in norms.items():
+            for r in ranks:
+                assert torch.equal(r[t + trt + ".weight"], reader.get(p + hf_name + ".weight")), trt
         for e in range(E):
             mep = e // (E // ep)
             slot = e % (E // ep)
@@ -148,6 +156,36 @@ def test_shards_reassemble_bf16_exactly(exports, key, src, tp, ep):
             assert torch.equal(torch.cat(ups), reader.get(ep_ + f"{u}.weight"))
             assert torch.equal(torch.cat(gates), reader.get(ep_ + f"{g}.weight"))
             assert torch.equal(torch.cat(downs, 1), reader.get(ep_ + f"{d}.weight"))
+
+
+def test_fp8_activation_and_kv_cache_scales_are_the_sources(exports):
+    """Static FP8 scales, from the quantized checkpoint's own tensors: a fused GEMM's
+    activation_scaling_factor is the largest of its members' input_scale (qkv: q, k, v; a rank's
+    fc: its experts' w1 and w3; proj: their w2), so no member's inputs clip; the KV cache's is
+    max(k_scale, v_scale) (one scale for the cache), with kv_cache_quant_algo FP8."""
+    out, src = exports["fp8_tp2_ep2"], exports["fp8_src"]
+    assert json.loads((out / "config.json").read_text())["quantization"]["kv_cache_quant_algo"] == "FP8"
+    reader = CheckpointReader(src)
+    E, ep = 8, 2
+
+    def scale(name):
+        return float(reader.get(name))
+
+    for i in range(reader.config["num_hidden_layers"]):
+        t, a = f"transformer.layers.{i}.", f"model.layers.{i}.self_attn."
+        x = f"model.layers.{i}.block_sparse_moe.experts."
+        for rk in range(2):
+            r = load_rank(out, rk)
+            mine = range(rk % ep * (E // ep), (rk % ep + 1) * (E // ep))
+            want = {"attention.qkv": max(scale(a + f"{n}_proj.input_scale") for n in "qkv"),
+                    "attention.dense": scale(a + "o_proj.input_scale"),
+                    "mlp.fc": max(scale(x + f"{e}.{n}.input_scale") for e in mine for n in ("w1", "w3")),
+                    "mlp.proj": max(scale(x + f"{e}.w2.input_scale") for e in mine)}
+            for mod, v in want.items():
+                got = r[t + mod + ".activation_scaling_factor"]
+                assert got.shape == (1,) and got.dtype == torch.float32 and float(got) == v, (i, rk, mod)
+            kv = r[t + "attention.kv_cache_scaling_factor"]
+            assert kv.shape == (1,) and float(kv) == max(scale(a + "k_scale"), scale(a + "v_scale")) > 0
 
 
 def test_fp8_scales_and_dequantized_weights(exports):
