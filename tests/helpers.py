@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -73,6 +76,37 @@ CT_LOADER = textwrap.dedent("""
     assert not any(k.startswith("moepress") for k in sys.modules), "moepress was imported"
     torch.save({"logits": logits, "state": m.state_dict()}, out_path)
 """)
+
+
+# Checkpoints loaded by transformers ``from_pretrained`` (no quantization override) in a process that
+# never imports moepress: argv[1] = JSON [[dir, ids .pt, out .pt], ...]; out = {"logits", "dtypes"}.
+TF_LOADER = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM
+    for d, ids_path, out_path in json.loads(sys.argv[1]):
+        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = m(input_ids=torch.load(ids_path), use_cache=False).logits
+        torch.save({"logits": logits, "dtypes": sorted({str(p.dtype) for p in m.parameters()})}, out_path)
+    assert not any(k.startswith("moepress") for k in sys.modules), "moepress was imported"
+""")
+
+
+def transformers_logits(jobs: list[tuple[Path, torch.Tensor]], work: Path) -> list[dict]:
+    """Each (checkpoint, ids) run by transformers in ONE subprocess without moepress (a consumer's
+    process: no moepress attention function or module registered in transformers' globals)."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec = []
+    for k, (d, ids) in enumerate(jobs):
+        torch.save(ids, work / f"ids{k}.pt")
+        spec.append([str(d), str(work / f"ids{k}.pt"), str(work / f"out{k}.pt")])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    p = subprocess.run([sys.executable, "-c", TF_LOADER, json.dumps(spec)], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [torch.load(o) for _, _, o in spec]
 
 
 # Small synthetic configs the prune tests build checkpoints from (compress/synthetic.write_synthetic).

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from helpers import transformers_logits
 from moepress import models
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
@@ -39,14 +40,11 @@ def exports(tmp_path_factory):
     return {"bf16": (from_bf16, info_bf16), "quantized": (from_q, info_q), "q": q}
 
 
-def _transformers_logits(path):
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    # CPU: FineGrainedFP8 dequantizes at load (no FP8Linear left, every parameter float32)
-    assert all(p.dtype == torch.float32 for p in m.parameters())
-    with torch.no_grad():
-        return m(input_ids=IDS, use_cache=False).logits
+@pytest.fixture(scope="module")
+def tf_runs(exports, tmp_path_factory):
+    """Both exports run by transformers in one process without moepress."""
+    outs = transformers_logits([(exports[w][0], IDS) for w in ("bf16", "quantized")], tmp_path_factory.mktemp("tf"))
+    return dict(zip(("bf16", "quantized"), outs, strict=True))
 
 
 def _moepress_logits(path, act_quant: bool):
@@ -61,9 +59,11 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("which", ["bf16", "quantized"])
-def test_transformers_loads_and_matches_moepress(exports, which):
+def test_transformers_loads_and_matches_moepress(exports, tf_runs, which):
     path, _ = exports[which]
-    tf = _transformers_logits(path)
+    # CPU: FineGrainedFP8 dequantizes at load (no FP8Linear left, every parameter float32)
+    assert tf_runs[which]["dtypes"] == ["torch.float32"]
+    tf = tf_runs[which]["logits"]
     # float32 rounding: measured 1.74e-7 (bf16), 1.69e-7 (quantized); transformers 5.24
     assert _rel(tf, _moepress_logits(path, act_quant=False)) < 4e-7
     fq = _moepress_logits(path, act_quant=True)
