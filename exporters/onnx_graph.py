@@ -113,37 +113,38 @@ class GraphBuilder:
             return self.g.init(name, t)
         return self.g.op("Cast", [self.g.init(name, t)], to=FLOAT)
 
-    def weight(self, name: str, lins: list[Linear]) -> str:
-        """Float weight [out, in] (one linear) or [E, out, in] (stacked experts) as graph value."""
+    def weight(self, name: str, lins: list[Linear], names: list[str] | None = None) -> str:
+        """Float weight [out, in] (one linear) or [E, out, in] (stacked experts, ``names`` = each
+        expert's tensor name) as graph value.
+
+        Every DequantizeLinear is of one 2-D weight, as TensorRT's IDequantizeLayer takes them (NvInfer.h,
+        TensorRT 10.x: scale "a rank that is lower or equal to 2", a block scale "the same rank as the
+        input"): stacked quantized experts are dequantized one by one and concatenated."""
         g, stacked = self.g, len(lins) > 1
         scheme = lins[0].scheme
         if any(x.scheme != scheme for x in lins):
             raise MoepressError(f"{self.reader.path}: '{name}' mixes quantization schemes across experts")
         self.schemes.add(stored_name(scheme))
-        cat = (lambda ts: torch.stack(ts)) if stacked else (lambda ts: ts[0])  # noqa: E731
-        w = cat([x.weight for x in lins])
-        axis = w.dim() - 1
+        if stacked and scheme != "none":
+            ws = [g.op("Unsqueeze", [self.weight(n, [x]), g.const([0])])
+                  for n, x in zip(names or [f"{name}.{e}" for e in range(len(lins))], lins, strict=True)]
+            return g.op("Concat", ws, axis=0)
+        w = torch.stack([x.weight for x in lins]) if stacked else lins[0].weight
         if scheme == "none":
             return self.plain(name, w)
+        lin = lins[0]
         if scheme == "tensor":
-            q = g.init(name, w)
-            s = g.init(name + ".scale", torch.stack([x.scale.reshape(()) for x in lins]) if stacked
-                       else lins[0].scale.reshape(()).float())
-            return g.op("DequantizeLinear", [q, s], axis=0) if stacked else g.op("DequantizeLinear", [q, s])
+            return g.op("DequantizeLinear", [g.init(name, w), g.init(name + ".scale", lin.scale.reshape(()).float())])
         if scheme == "channel":
-            s = cat([x.scale.reshape(-1) for x in lins])
-            if stacked:  # per (expert, row) scale: blocked DQ with block 1 on the row axis
-                return g.op("DequantizeLinear", [g.init(name, w), g.init(name + ".scale", s[..., None].float())],
-                            axis=axis, block_size=w.shape[-1])
-            return g.op("DequantizeLinear", [g.init(name, w), g.init(name + ".scale", s.float())], axis=0)
+            return g.op("DequantizeLinear", [g.init(name, w), g.init(name + ".scale", lin.scale.reshape(-1).float())],
+                        axis=0)
         if scheme == "block":
-            s = cat([x.scale.float().repeat_interleave(128, 0)[: x.weight.shape[0]] for x in lins])
-            return g.op("DequantizeLinear", [g.init(name, w), g.init(name + ".scale", s)], axis=axis, block_size=128)
+            s = lin.scale.float().repeat_interleave(128, 0)[: w.shape[0]]
+            return g.op("DequantizeLinear", [g.init(name, w), g.init(name + ".scale", s)], axis=1, block_size=128)
         # group (INT4): ONNX INT4 initializer, blocked DQ along the input axis
-        s = cat([x.scale for x in lins]).float()
-        group = w.shape[-1] // s.shape[-1]
+        s = lin.scale.float()
         q = g.init(name, w, onnx_type=TensorProto.INT4, raw=pack_int4_onnx(w))
-        return g.op("DequantizeLinear", [q, g.init(name + ".scale", s)], axis=axis, block_size=group)
+        return g.op("DequantizeLinear", [q, g.init(name + ".scale", s)], axis=1, block_size=w.shape[-1] // s.shape[-1])
 
     def act_qdq(self, x: str, name: str, lins: list[Linear], flat: bool = False) -> str:
         """Static FP8 input fake-quant (and AWQ pre-quant scaling) in front of a linear."""
@@ -153,15 +154,22 @@ class GraphBuilder:
             x = g.op("Mul", [x, g.init(name + ".pre_quant_scale", pqs[:, None, :] if len(lins) > 1 else pqs[0])])
         if lins[0].input_scale is None:  # static FP8 input: fp8 (E4M3 weights) and w4a8-awq (INT4 weights)
             return x
-        zp_t = torch.zeros((len(lins),) if len(lins) > 1 else (), dtype=torch.float8_e4m3fn)
-        if len(lins) > 1:
-            s = g.init(name + ".input_scale", torch.stack([x_.input_scale.float().reshape(()) for x_ in lins]))
-            if flat and lins[0].pre_quant_scale is None:  # x is [T, H]: every expert gets its copy [E, T, H]
-                x = g.op("Expand", [g.op("Unsqueeze", [x, g.const([0])]), g.const([len(lins), 1, 1])])
-            zp = g.init(name + ".input_zp", zp_t)
-            return g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s, zp], axis=0), s], axis=0)
-        s = g.init(name + ".input_scale", lins[0].input_scale.float().reshape(()))
-        zp = g.init(name + ".input_zp", zp_t)
+        # per-tensor: TensorRT quantizes activations per tensor only (a scalar scale), so experts with
+        # one input scale (every `moepress quantize` output) share one Q/DQ, others get one each
+        scales = [x_.input_scale.float().reshape(()) for x_ in lins]
+        if all(torch.equal(v, scales[0]) for v in scales):
+            return self.qdq(x, name, scales[0])
+        if flat and lins[0].pre_quant_scale is None:  # x is [T, H]: every expert gets its copy [E, T, H]
+            x = g.op("Expand", [g.op("Unsqueeze", [x, g.const([0])]), g.const([len(lins), 1, 1])])
+        parts = g.op("Split", [x], n_out=len(lins), axis=0, num_outputs=len(lins))
+        return g.op("Concat", [self.qdq(p, f"{name}.{e}", v)
+                               for e, (p, v) in enumerate(zip(parts, scales, strict=True))], axis=0)
+
+    def qdq(self, x: str, name: str, scale: torch.Tensor) -> str:
+        """FP8 E4M3 Q/DQ of ``x`` with one scalar scale."""
+        g = self.g
+        s = g.init(name + ".input_scale", scale)
+        zp = g.init(name + ".input_zp", torch.zeros((), dtype=torch.float8_e4m3fn))
         return g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s, zp]), s])
 
     def linear(self, x: str, prefix: str) -> str:

@@ -174,7 +174,7 @@ class LayerBuilder(GraphBuilder):
         base = f"{a.layer_prefix(i)}{a.ffn_attr}.experts."
 
         def stacked(inp, n, flat):
-            w = self.weight(f"{base}{n}.weight", lins[n])  # [E, out, in]
+            w = self.weight(f"{base}{n}.weight", lins[n], [f"{base}{e}.{n}.weight" for e in range(E)])  # [E, out, in]
             xin = self.act_qdq(inp, f"{base}{n}", lins[n], flat)
             return g.op("MatMul", [xin, g.op("Transpose", [w], perm=[0, 2, 1])])  # [E, T, out]
 

@@ -172,3 +172,77 @@ def test_length_dependent_rope_is_refused(tmp_path, cli_run, rope):
     r = cli_run("export", src, "--format", "onnx", "-o", tmp_path / "x", "--quiet")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "rope_type 'dynamic'" in r.stderr, r.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("model,kind", [c for c in CASES if c[1] != "bf16"])
+def test_qdq_nodes_are_the_forms_tensorrt_takes(exported, model, kind):
+    """TensorRT's Q/DQ layers (NvInfer.h IDequantizeLayer / IQuantizeLayer, TensorRT 10.x): a scale of rank
+    <= 2; a block scale of the input's rank, so a blocked DequantizeLinear dequantizes one 2-D weight
+    (stacked experts [E, out, in] were one rank-3 blocked DQ, which the parser refuses); activations per
+    tensor only (a scalar scale)."""
+    m = onnx.load(str(exported[(model, kind)]["dir"] / "model.onnx"), load_external_data=False)
+    dims = {t.name: list(t.dims) for t in m.graph.initializer}
+    n_dq = 0
+    for n in m.graph.node:
+        attrs = {a.name: a.i for a in n.attribute}
+        if n.op_type == "QuantizeLinear":
+            assert dims[n.input[1]] == [], n.name
+        elif n.op_type == "DequantizeLinear" and n.input[0] in dims:  # a weight
+            n_dq += 1
+            assert len(dims[n.input[1]]) <= 2 and len(dims[n.input[0]]) == 2, n.name
+            if "block_size" in attrs:
+                assert len(dims[n.input[1]]) == 2 and attrs["axis"] == 1, n.name
+    assert n_dq > 0
+
+
+def test_experts_with_their_own_input_scales_keep_them(exported, tmp_path):
+    """Experts whose static input scales differ (a checkpoint not made by `moepress quantize`, which
+    shares one per layer): each expert's inputs are quantized with its own scale, as the stream does."""
+    from safetensors.torch import load_file, save_file
+
+    from moepress.exporters import ExportConfig, export
+
+    src = tmp_path / "src"
+    shutil.copytree(exported[("tiny-mixtral", "fp8")]["src"], src)
+    name = "model.layers.1.block_sparse_moe.experts.5.w1.input_scale"  # 19 of these 24 tokens route to it
+    shard = src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][name]
+    t = load_file(shard)
+    t[name] = t[name] * 2.7
+    t[name.replace(".w1.", ".w2.")] = t[name.replace(".w1.", ".w2.")] / 3.3
+    save_file(t, shard, metadata={"format": "pt"})
+    dst = tmp_path / "onnx"
+    export(src, dst, ExportConfig(format="onnx"))
+    ids = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
+    so = session_options()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(dst / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(["logits"], {"input_ids": ids.numpy()})[0])
+    ref = StreamedModel(src).forward([ids])[0]
+    same = StreamedModel(exported[("tiny-mixtral", "fp8")]["src"]).forward([ids])[0]
+    rel = (got - ref).abs() / ref.abs().max()
+    assert (ref - same).abs().max() > 100 * FLOAT32[0] * ref.abs().max()  # the edit moves the logits
+    assert (rel <= FLOAT32[0]).float().mean().item() >= FP8_EXACT_SHARE and rel.max().item() <= FP8_FLIP
+
+
+def test_block_fp8_input_is_dequantized_per_expert_and_matches_the_stream(tmp_path):
+    """A DeepSeek-style block-FP8 checkpoint (weight_scale_inv, 128 x 128): each weight one 2-D
+    blocked DequantizeLinear (experts too), and onnxruntime equals moepress's weight-only stream."""
+    from helpers import DSV3_SMALL
+    from moepress.compress.synthetic import write_synthetic
+    from moepress.exporters import ExportConfig, export
+
+    src = write_synthetic({**DSV3_SMALL, "max_position_embeddings": 128}, tmp_path / "src", block_fp8=True)
+    dst = tmp_path / "onnx"
+    export(src, dst, ExportConfig(format="onnx"))
+    m = onnx.load(str(dst / "model.onnx"), load_external_data=False)
+    dims = {t.name: list(t.dims) for t in m.graph.initializer}
+    blocked = [n for n in m.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" and a.i == 128 for a in n.attribute)]
+    assert len(blocked) > 32 and all(len(dims[n.input[0]]) == 2 == len(dims[n.input[1]]) for n in blocked)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    so = session_options()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(dst / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(["logits"], {"input_ids": ids.numpy()})[0])
+    ref = StreamedModel(src).forward([ids])[0]
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= FLOAT32[0]
