@@ -437,3 +437,66 @@ def test_mxfp4_scale_per_24_values_is_refused(tmp_path):
                preset_name_to_scheme("MXFP4A16", ["Linear"]), "mxfp4-pack-quantized")
     with pytest.raises(MoepressError, match=r"expected \[2, 48 / group\] with group 32"):
         r.weight(BASE + ".weight")
+
+
+@pytest.mark.parametrize("strategy,extra,shape", [
+    ("group", {"group_size": 32}, (40, 96)),
+    ("block", {"block_structure": [64, 64]}, (128, 192)),
+])
+def test_fp8_float_quantized_scales_other_than_tensor_channel_or_128_blocks_are_refused(tmp_path, strategy, extra,
+                                                                                         shape):
+    """compressed-tensors float-quantized FP8 by groups or by blocks other than 128x128: their scales
+    were read as 128x128 blocks (relative error 0.05-0.3, exit 0). Refused, naming the tensor; the
+    layouts that are read still equal the library's decompression."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    base = "model.layers.0.mlp.experts.0.down_proj"
+    for strat, kw, refused in ((strategy, extra, True), ("channel", {}, False)):
+        args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strat, **kw)
+        scheme = QuantizationScheme(targets=["Linear"], weights=args)
+        if strat == "block":
+            br, bc = kw["block_structure"]
+            b = w.reshape(shape[0] // br, br, shape[1] // bc, bc)
+            mn, mx = b.amin((1, 3)), b.amax((1, 3))
+        else:
+            g = kw.get("group_size", shape[1])
+            mn, mx = w.reshape(shape[0], -1, g).amin(-1), w.reshape(shape[0], -1, g).amax(-1)
+        scale, _ = calculate_qparams(mn, mx, args)
+        sd = {"weight": w, "weight_scale": scale}
+        stored = BaseCompressor.get_value_from_registry("float-quantized").compress(sd, scheme)
+        r = _write(tmp_path / strat, stored, scheme, "float-quantized")
+        if refused:
+            with pytest.raises(MoepressError, match=f"tensor '{base}.weight_scale' has shape"):
+                r.weight(base + ".weight")
+        else:
+            lib = _library(r, base, "float-quantized")
+            assert torch.equal(r.weight(base + ".weight", lib.dtype), lib)
+
+
+def test_group_act_order_is_refused_unless_in_plain_order(tmp_path):
+    """``weight_g_idx`` (older llm-compressor's actorder='group': column j scaled by group g_idx[j]) was
+    ignored: every column read with the scale of its position's group. Refused when out of order; the
+    plain order (j // group) is the same weight as without it."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=16)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    w = torch.randn(70, 48, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    scale, _ = calculate_qparams(w.reshape(70, 3, 16).amin(-1), w.reshape(70, 3, 16).amax(-1), args)
+    stored = BaseCompressor.get_value_from_registry("pack-quantized").compress({"weight": w, "weight_scale": scale},
+                                                                              scheme)
+    base = "model.layers.0.mlp.experts.0.down_proj"
+    plain = _write(tmp_path / "plain", stored, scheme, "pack-quantized").weight(base + ".weight")
+    for name, g_idx, ok in (("in-order", torch.arange(48) // 16, True),
+                            ("shuffled", (torch.arange(48) // 16)[torch.randperm(48)], False)):
+        r = _write(tmp_path / name, {**stored, "weight_g_idx": g_idx.to(torch.int32)}, scheme, "pack-quantized")
+        if ok:
+            assert torch.equal(r.weight(base + ".weight"), plain)
+        else:
+            with pytest.raises(MoepressError, match=f"tensor '{base}.weight_g_idx': group act-order"):
+                r.weight(base + ".weight")

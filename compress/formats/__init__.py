@@ -31,6 +31,7 @@ from moepress.compress.formats import (
 )
 from moepress.compress.formats.base import Format, QuantContext, Quantized
 from moepress.compress.quant.fp8 import FP8_DTYPE
+from moepress.compress.quant.fp8 import scale_layout_error as fp8_scale_layout_error
 from moepress.errors import MoepressError
 
 FORMATS: dict[str, Format] = {m.FORMAT.name: m.FORMAT for m in (
@@ -87,6 +88,8 @@ def _decode_modelopt(reader, base: str, dtype: torch.dtype):
     q, s = t["weight"], t["weight_scale"]
     fp4 = q.dtype == torch.uint8 and s.dtype in (FP8_DTYPE, torch.uint8)
     element = "fp4" if fp4 else {torch.uint8: "int4", FP8_DTYPE: "fp8"}.get(q.dtype)
+    if element == "fp8" and (why := fp8_scale_layout_error(tuple(q.shape), tuple(s.shape))) is not None:
+        raise MoepressError(f"{reader.path}: tensor '{base}.weight_scale' {why}")
     for f in FORMATS.values():
         if f.element == element and f.decodes and f.weight_scale_dtype in (None, s.dtype):
             return f.dequantize(t, dtype)

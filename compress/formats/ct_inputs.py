@@ -129,7 +129,8 @@ def decode_pack_quantized(reader, base: str) -> torch.Tensor:
                             f"expected [{out_f}, words] for weight_shape [{out_f}, {in_f}]")
     if not scale.is_floating_point():
         raise MoepressError(f"{reader.path}: tensor '{base}.weight_scale' is {scale.dtype}; expected a float dtype")
-    _group_of(reader, base, ".weight_scale", scale.shape, out_f, in_f, _declared_groups(reader))
+    _check_g_idx(reader, base, in_f, _group_of(reader, base, ".weight_scale", scale.shape, out_f, in_f,
+                                                _declared_groups(reader)))
     bits = _num_bits(reader, base, in_f, packed.shape[1])
     q = unpack_int32(packed, bits, in_f).to(scale.dtype)
     if base + ".weight_zero_point" in reader:
@@ -145,6 +146,22 @@ def decode_pack_quantized(reader, base: str) -> torch.Tensor:
                                 f"expected {list(scale.shape)}, as its weight_scale")
         q = q - _grouped(q, zp.to(scale.dtype))
     return q * _grouped(q, scale)
+
+
+def _check_g_idx(reader, base: str, in_f: int, group: int) -> None:
+    """Group act-order (``weight_g_idx``: column j scaled by group g_idx[j]), written by older
+    llm-compressor releases and no longer read by compressed-tensors (0.20.1 quant_args.py
+    validate_actorder: "actorder='group' has been removed"): decoded only where it is the plain order
+    (g_idx[j] = j // group), otherwise refused."""
+    name = base + ".weight_g_idx"
+    if name not in reader:
+        return
+    g_idx = reader.get(name)
+    if tuple(g_idx.shape) == (in_f,) and not g_idx.is_floating_point() and \
+            torch.equal(g_idx.long(), torch.arange(in_f) // group):
+        return
+    raise MoepressError(f"{reader.path}: tensor '{name}': group act-order (columns scaled by groups out of order) "
+                        "is not supported; compressed-tensors 0.20 no longer reads it either")
 
 
 def _weight_shape(reader, base: str, packed_shape, scale_shape) -> tuple[int, int]:
@@ -212,7 +229,7 @@ def decode(reader, base: str, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 COMPANIONS = (PACKED, ".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_global_scale",
-              ".input_global_scale")
+              ".input_global_scale", ".weight_g_idx")
 
 
 def as_modules(names) -> list[str]:
