@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -500,3 +501,23 @@ def test_group_act_order_is_refused_unless_in_plain_order(tmp_path):
         else:
             with pytest.raises(MoepressError, match=f"tensor '{base}.weight_g_idx': group act-order"):
                 r.weight(base + ".weight")
+
+
+@pytest.mark.parametrize("pattern,refused", [(r"re:.*experts\.1\..*", True), (r"re:.*experts\.\d+\.down_proj$", False)])
+def test_prune_refuses_a_quantization_pattern_that_picks_experts_by_index(tmp_path, cli_run, pattern, refused):
+    """An ignore pattern naming expert 1 (kept bf16 among packed experts) was copied as it was: after
+    renumbering it named another expert (a bf16 one read as packed, a packed one left compressed), exit 0.
+    Refused before any calibration; a pattern over every expert's projection is kept as it is."""
+    src = tmp_path / "src"
+    shutil.copytree(KIMI, src)
+    conf = json.loads((src / "config.json").read_text())
+    conf["quantization_config"]["ignore"].append(pattern)
+    (src / "config.json").write_text(json.dumps(conf))
+    r = cli_run("prune", str(src), "--ratio", "0.25", "--method", "frequency", "--num-samples", "2", "--seq-len", "16",
+                "-o", str(tmp_path / "p"))
+    if refused:
+        assert r.exit_code == 2 and not (tmp_path / "p").exists(), r.output
+        assert len(r.stderr.strip().splitlines()) == 1 and f"pattern '{pattern}' selects routed experts" in r.stderr
+    else:
+        assert r.exit_code == 0, r.output
+        assert pattern in json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]["ignore"]

@@ -8,19 +8,79 @@ module name of a kept expert is renamed to its new index, and the entries of dro
 per-expert token counts keep the kept experts' counts in their new order. Names of anything else
 (attention, routers, patterns such as ``model.layers.*.mlp.gate``) are copied as they are. The
 pruned checkpoint's config.json goes through the same renaming (a quantization_config listing
-single experts).
+single experts). A pattern that selects some of a layer's experts and not others (by index) would
+select other experts once they are renumbered: refused before pruning (:func:`refuse_index_patterns`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from moepress.errors import MoepressError
 
 QUANT_SIDECARS = ("moepress_quant.json", "hf_quant_config.json", "quant_report.json")
 _DROP = object()  # a name of a dropped expert, or a record holding one
 
 Rename = Callable[[str], str | None]
+
+
+PATTERN_KEYS = ("targets", "ignore", "exclude_modules")  # compressed-tensors; Model-Optimizer
+
+
+def _pattern_strings(o, listed: bool = False) -> Iterator[str]:
+    """The strings listed under :data:`PATTERN_KEYS` anywhere in ``o`` (parsed JSON)."""
+    if isinstance(o, str):
+        if listed:
+            yield o
+    elif isinstance(o, list):
+        for x in o:
+            yield from _pattern_strings(x, listed)
+    elif isinstance(o, dict):
+        for k, v in o.items():
+            yield from _pattern_strings(v, k in PATTERN_KEYS)
+
+
+def _patterns(src: Path, config: dict) -> Iterator[tuple[str, str, Callable[[str], bool]]]:
+    """(file, pattern, matcher) for every module-name pattern of the quantization files: compressed-
+    tensors' ``re:`` targets / ignore (re.match, as its match_name does) and Model-Optimizer's fnmatch
+    wildcards in exclude_modules."""
+    objs = [("config.json", config.get("quantization_config"))]
+    hq = src / "hf_quant_config.json"
+    if hq.is_file():
+        objs.append((hq.name, json.loads(hq.read_text())))
+    for fname, obj in objs:
+        for p in dict.fromkeys(_pattern_strings(obj)):
+            if p.startswith("re:"):
+                try:
+                    rx = re.compile(p[3:])
+                except re.error:
+                    continue
+                yield fname, p, lambda n, rx=rx: rx.match(n) is not None
+            elif any(c in p for c in "*?["):
+                yield fname, p, lambda n, p=p: fnmatch.fnmatchcase(n, p)
+
+
+def refuse_index_patterns(src: Path, config: dict, adapter) -> None:
+    """Refuse a quantization file's pattern that selects some of a layer's routed experts and not
+    others: pruning renumbers experts, so the same pattern would select other experts (a bf16 expert
+    read as packed, a packed one left undecompressed). Exact names are renamed instead."""
+    pats = list(_patterns(Path(src), config))
+    if not pats:
+        return
+    for i in adapter.moe_layers():
+        for proj in adapter.expert_names:
+            names = [adapter.expert_prefix(i, e) + proj for e in range(adapter.num_experts)]
+            for fname, p, match in pats:
+                hits = [e for e, n in enumerate(names) if match(n)]
+                if 0 < len(hits) < len(names):
+                    raise MoepressError(
+                        f"{Path(src) / fname}: pattern '{p}' selects routed experts of layer {i} by index "
+                        f"({len(hits)} of {len(names)}, e.g. {names[hits[0]]}); pruning renumbers experts, so it "
+                        "would select others; name those modules one by one")
 
 
 def kept_by_layer(report_layers: list[dict]) -> dict[int, dict[int, int]]:

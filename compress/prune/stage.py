@@ -29,7 +29,7 @@ from moepress.compress.prune.methods import METHODS, PruneMethod
 from moepress.compress.prune.mtp import MTP_SCORING, MTPInput, mtp_layers_present, read_decoder_state
 from moepress.compress.prune.plans import PlanRace
 from moepress.compress.prune.report import layer_note, layer_report
-from moepress.compress.prune.sidecars import pruned_sidecars
+from moepress.compress.prune.sidecars import pruned_sidecars, refuse_index_patterns
 from moepress.compress.prune.stability import ChunkedRouting, select_stable
 from moepress.compress.prune.surgery import prune_moe_module, write_from_checkpoint, write_from_layer
 from moepress.compress.stream import StreamedModel, read_ahead_budget
@@ -91,6 +91,7 @@ class PruneStage:
         if not moe_layers:
             raise MoepressError(f"{reader.path}: no MoE layers to prune")
         self.budget = plan_budget(a, cfg, moe_layers + self.mtp)
+        refuse_index_patterns(reader.path, reader.config, a)
         if self.merge_rule == "always":  # before the first layer's work, not after it
             check_mergeable(reader, a, moe_layers[0])
         self.routing = a.routing()
