@@ -29,3 +29,5 @@ class Exporter:
     families: tuple[str, ...] | None = None  # adapter family names; None: every family
     consumers: str = ""  # who loads it (help text)
     options: tuple[str, ...] = ()  # the --option KEYs it reads (any other is refused)
+    # the families it writes where the exporter checks them itself (families None): what `formats` lists
+    checks_families: tuple[str, ...] | None = None

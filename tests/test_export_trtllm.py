@@ -268,3 +268,9 @@ def test_attention_this_config_cannot_say_is_refused(cli_run, tmp_path, change, 
     r = cli_run("export", src, "--format", "trtllm-ckpt", "-o", tmp_path / "o")
     assert r.exit_code == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_formats_lists_the_families_it_writes(cli_run):
+    """`moepress formats` said "all families" for trtllm-ckpt, which refuses DeepSeek-V3 / Kimi K2."""
+    line = next(x for x in cli_run("formats").output.splitlines() if x.startswith("trtllm-ckpt"))
+    assert "(mixtral, qwen3_moe)" in line and "all families" not in line
