@@ -52,6 +52,10 @@ class ModelShape:
     embed_params: int  # embeddings + lm_head (bf16, split by TP)
     max_positions: int = 0  # the config's max_position_embeddings (0: not given)
     int4_group: int | None = None  # a quantized checkpoint's INT4 group size (moepress_quant.json)
+    # a `moepress quantize` output: its format and (kind, out, in, stored format, count), linears a --rule
+    # left unquantized or gave another format counted as stored when that format is planned
+    stored_format: str | None = None
+    stored: tuple[tuple[str, int, int, str, int], ...] = ()
 
     @property
     def moe_intermediate(self) -> int:
@@ -59,28 +63,31 @@ class ModelShape:
         return max((o for k, o, i, _ in self.linears if k == "routed" and i == self.hidden_size), default=0)
 
     def bytes_by_kind(self, fmt: str) -> dict[str, float]:
+        """Bytes per kind of parameter in ``fmt``; in the checkpoint's own format, as its linears are stored."""
         out = {"attn": 0.0, "dense": 0.0, "shared": 0.0, "routed": 0.0}
-        for kind, o, i, c in self.linears:
-            out[kind] += c * linear_bytes(o, i, fmt, self.int4_group)
+        rows = self.stored if self.stored and fmt == self.stored_format else \
+            [(k, o, i, fmt, c) for k, o, i, c in self.linears]
+        for kind, o, i, f, c in rows:
+            out[kind] += c * linear_bytes(o, i, f, self.int4_group)
         out["embed"] = 2.0 * self.embed_params
         out["other"] = 2.0 * self.other_params
         return out
 
 
-def _layer_linears(layer) -> tuple[collections.Counter, int]:
-    """(kind, out, in) -> count of a decoder layer's nn.Linear modules, and its parameters outside them."""
+def _layer_linears(layer) -> tuple[list[tuple[str, str, int, int]], int]:
+    """A decoder layer's nn.Linear modules as (name, kind, out, in), and its parameters outside them."""
     moe = layer.moe
     routed = {id(m) for m in moe.experts.modules()} if moe is not None else set()
     shared = {id(m) for m in moe.shared_experts.modules()} \
         if moe is not None and getattr(moe, "shared_experts", None) is not None else set()
     attn = {id(m) for m in layer.self_attn.modules()}
-    lin, n_lin = collections.Counter(), 0
-    for m in layer.modules():
+    lin, n_lin = [], 0
+    for name, m in layer.named_modules():
         if not isinstance(m, nn.Linear):
             continue
         kind = ("routed" if id(m) in routed else "shared" if id(m) in shared
                 else "attn" if id(m) in attn else "dense")
-        lin[(kind, m.out_features, m.in_features)] += 1
+        lin.append((name, kind, m.out_features, m.in_features))
         n_lin += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
     total = sum(t.numel() for t in layer.parameters())
     return lin, total - n_lin
@@ -101,7 +108,9 @@ def _config_and_adapter(model: str | Path | dict):
 def model_shape(model: str | Path | dict) -> ModelShape:
     """Structure of a checkpoint or config-only directory (or a config dict)."""
     cfg, a = _config_and_adapter(model)
+    layout = _layout(model)
     linears: collections.Counter = collections.Counter()
+    stored: collections.Counter = collections.Counter()
     other = 0
     built = {}
     for i in range(a.num_layers):
@@ -111,7 +120,11 @@ def model_shape(model: str | Path | dict) -> ModelShape:
                 layer = a.build_layer(i)
             built[key] = _layer_linears(layer)
         lin, rest = built[key]
-        linears.update(lin)
+        linears.update((k, o, n) for _, k, o, n in lin)
+        if layout:
+            mods, prefix = layout["modules"], a.layer_prefix(i)
+            stored.update((k, o, n, (mods.get(prefix + name) or {}).get("format") or _UNQUANTIZED)
+                          for name, k, o, n in lin)
         other += rest
     H, V = a.hidden_size, a.vocab_size
     embed = V * H * (1 if a.tie_word_embeddings else 2)
@@ -125,14 +138,25 @@ def model_shape(model: str | Path | dict) -> ModelShape:
         kv = 2 * kv_heads * hd
     return ModelShape(a.family, a.num_layers, H, a.num_experts, a.top_k, V, heads, kv, kv_heads,
                       tuple((k, o, i, c) for (k, o, i), c in sorted(linears.items())), other, embed,
-                      int(cfg.get("max_position_embeddings") or 0), _int4_group(model))
+                      int(cfg.get("max_position_embeddings") or 0), _int4_group(layout),
+                      layout.get("format") if layout else None,
+                      tuple((k, o, n, f, c) for (k, o, n, f), c in sorted(stored.items())))
 
 
-def _int4_group(model) -> int | None:
-    """The group size a ``moepress quantize`` output declares (None: the format's default)."""
+_UNQUANTIZED = next(n for n, f in formats.FORMATS.items() if f.scale is None)  # what a --rule "none" leaves
+
+
+def _layout(model) -> dict | None:
+    """A ``moepress quantize`` output's moepress_quant.json (None for anything else)."""
     if isinstance(model, dict) or not Path(model).is_dir():
         return None
-    g = (formats.read_layout(Path(model)) or {}).get("group_size")
+    layout = formats.read_layout(Path(model))
+    return layout if layout and isinstance(layout.get("modules"), dict) else None
+
+
+def _int4_group(layout: dict | None) -> int | None:
+    """The group size a ``moepress quantize`` output declares (None: the format's default)."""
+    g = (layout or {}).get("group_size")
     return g if isinstance(g, int) and g > 0 else None
 
 
