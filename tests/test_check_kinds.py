@@ -245,3 +245,18 @@ def test_a_per_layer_gate_on_a_logits_only_candidate_is_refused(cli_run, ref, on
     assert len(err) == 1 and "--min-cosine 0.99" in err[0] and "gives logits only" in err[0], r.stderr
     r = cli_run("check", tmp_path / "logits-only.onnx", "--reference", ref, *SMALL, "--json", "--quiet")
     assert r.exit_code == 0 and json.loads(r.stdout)["layers"] == [], r.output
+
+
+def test_export_quantizing_activations_is_not_streamed_as_weights_only(cli_run, ref, tmp_path):
+    """A compressed-tensors export of static FP8 (input_activations): auto-detected as `checkpoint`, it
+    was checked with its weights only (no moepress_quant.json: no activation fake-quant), so an export
+    whose input scales were broken passed. It goes to transformers, which quantizes the activations;
+    `--kind checkpoint` is refused in one line. A weight-only export still streams (test above)."""
+    q, ct = tmp_path / "q", tmp_path / "ct"
+    assert cli_run("quantize", MODEL, "--format", "fp8", "--num-samples", "2", "--seq-len", "32", "-o", q,
+                   "--quiet").exit_code == 0
+    assert cli_run("export", q, "--format", "compressed-tensors", "-o", ct, "--quiet").exit_code == 0
+    assert detect_kind(q) == "checkpoint" and detect_kind(ct) == "transformers"
+    r = cli_run("check", ct, "--reference", ref, *SMALL, "--kind", "checkpoint", "--quiet")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "input_activations" in r.stderr and "--kind transformers" in r.stderr

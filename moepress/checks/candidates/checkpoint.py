@@ -6,12 +6,14 @@ memory is about two layers, never two models.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from moepress.checks.candidates.base import Candidate, CandidateKind, config_json
 from moepress.checks.config import CheckConfig
+from moepress.compress.formats import SIDECAR, by_quant_algo
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 
@@ -23,6 +25,10 @@ class CheckpointCandidate(Candidate):
 
     def __init__(self, path: Path, cfg: CheckConfig):
         super().__init__(path)
+        why = unstreamed_activations(path)
+        if why is not None:
+            raise MoepressError(f"{path}: {why}, which the checkpoint kind does not apply (it streams the weights "
+                                "only); use --kind transformers")
         self.stream = StreamedModel(str(path), prefetch=False)
         self.vocab_size = self.stream.adapter.vocab_size
         self.num_layers = self.stream.num_layers
@@ -50,13 +56,35 @@ def streamable(path: Path) -> bool:
         return False
 
 
+def unstreamed_activations(path: Path) -> str | None:
+    """What activation quantization ``path`` declares that the stream would leave out (None: none).
+    The stream fake-quantizes activations as a ``moepress quantize`` output's moepress_quant.json says
+    (hf-modelopt and hf-fp8-block exports carry it); a compressed-tensors ``input_activations`` scheme
+    or a Model-Optimizer checkpoint's activation scales without it would be checked as weight-only
+    while vLLM or transformers quantize those activations."""
+    if (path / SIDECAR).is_file():
+        return None
+    q = (config_json(path) or {}).get("quantization_config") or {}
+    groups = q.get("config_groups") if isinstance(q, dict) else None
+    if isinstance(groups, dict) and any(isinstance(g, dict) and g.get("input_activations") for g in groups.values()):
+        return "its compressed-tensors quantization_config quantizes activations (input_activations)"
+    try:
+        algo = json.loads((path / "hf_quant_config.json").read_text())["quantization"]["quant_algo"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    f = by_quant_algo(str(algo)) if algo else None
+    if f is not None and f.activation != "none":
+        return f"its hf_quant_config.json quantizes activations ({algo})"
+    return None
+
+
 def _detect_checkpoint(path: Path) -> bool:
     cfg = config_json(path) if path.is_dir() else None
     if cfg is None:
         return False
     if not cfg.get("quantization_config"):
         return True  # a plain checkpoint: StreamedModel reads it, or says exactly why not
-    return streamable(path)
+    return unstreamed_activations(path) is None and streamable(path)
 
 
 def _open_checkpoint(path: Path, cfg: CheckConfig) -> Candidate:
