@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ PROBE = textwrap.dedent("""
         batches, _ = eval_data(__import__("pathlib").Path(path), cfg)
         run = lambda: StreamedModel(path).forward(batches)
     else:
-        run = lambda: run_check(path, path, cfg)
+        run = lambda: run_check(sys.argv[4], path, cfg)  # the same files in another directory
     run()  # warm-up
     base = rss()
     t0 = time.monotonic()
@@ -67,9 +68,13 @@ def main() -> int:
         ckpt = write_synthetic(cfg, Path(tmp) / "synthetic", seed=0)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(models.path("tiny-qwen3-moe") / f, ckpt / f)
+        same = Path(tmp) / "same"  # the candidate: hard links to the same files (not the reference directory)
+        same.mkdir()
+        for f in ckpt.iterdir():
+            os.link(f, same / f.name)
         res = {}
         for what in ("forward", "check"):
-            p = subprocess.run([sys.executable, "-c", PROBE, what, str(ckpt), str(args.samples)],
+            p = subprocess.run([sys.executable, "-c", PROBE, what, str(ckpt), str(args.samples), str(same)],
                                capture_output=True, text=True)
             if p.returncode:
                 print(p.stderr, file=sys.stderr)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -83,8 +84,13 @@ def int2_layer1(ref, tmp_path_factory):
 
 
 def test_self_check_is_exact(cli_run, ref, tmp_path):
+    """The model checked against a copy of itself: every metric exact. Against itself (one directory):
+    refused, as a CI job's --reference pointing at its own output would pass whatever it holds."""
+    r = cli_run("check", ref, "--reference", ref, *SMALL, "--quiet")
+    assert r.exit_code == 2 and "the candidate is the reference" in r.stderr and len(r.stderr.splitlines()) == 1
+    same = shutil.copytree(ref, tmp_path / "same")
     rep = tmp_path / "report"
-    r = cli_run("check", ref, "--reference", ref, *SMALL, "--generate", "2", "--gen-tokens", "4", "--json",
+    r = cli_run("check", same, "--reference", ref, *SMALL, "--generate", "2", "--gen-tokens", "4", "--json",
                 "--quiet", "--report", rep)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
@@ -106,7 +112,7 @@ def test_self_check_is_exact(cli_run, ref, tmp_path):
     assert (rep / "layer_error.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(read_manifest(rep)["files"]) == {"report.json", "report.md", "layer_error.png"}
     # the bundled model was not written by a moepress stage: its directory is left alone
-    assert res["manifest_updated"] is False and not (ref / "moepress-manifest.json").exists()
+    assert res["manifest_updated"] is False and not (same / "moepress-manifest.json").exists()
 
 
 def test_int2_layer_fails_default_gates_naming_metric_and_layer(cli_run, ref, int2_layer1):
@@ -194,14 +200,15 @@ def test_bad_input_is_one_line_exit_2(cli_run, ref, tmp_path):
     assert "vocabulary of 256 tokens" in err(other, "--reference", ref, *SMALL)
     (tmp_path / "empty").mkdir()
     assert "not a candidate moepress can run" in err(tmp_path / "empty", "--reference", ref)
-    assert "file not found" in err(ref, "--reference", ref, "--data", tmp_path / "missing.txt")
+    same = shutil.copytree(ref, tmp_path / "same")
+    assert "file not found" in err(same, "--reference", ref, "--data", tmp_path / "missing.txt")
 
 
 def test_jsonl_data_is_sampled_with_the_seed(ref, tmp_path):
     docs = [{"text": f"def f(x):\n    return x * {i}\n" * 20} for i in range(12)]
     (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
     cfg = CheckConfig(data=str(tmp_path / "eval.jsonl"), seq_len=32, max_samples=4)
-    res = run_check(ref, ref, cfg)
+    res = run_check(shutil.copytree(ref, tmp_path / "same"), ref, cfg)
     assert res["data"]["windows"] == "sampled (seed 0)" and res["data"]["samples"] == 4
     assert res["metrics"]["tokens"] == 4 * 32 and res["metrics"]["kl_mean"] == 0.0
 

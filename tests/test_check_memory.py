@@ -1,11 +1,12 @@
 """Peak memory of `check` is about two layers, not two models (README: "Both models
 advance layer by layer (memory about two layers)").
 
-A synthetic checkpoint (compress/synthetic.py) checked against itself in a child process:
+A synthetic checkpoint (compress/synthetic.py) checked against its own files in a child process:
 the reference and the candidate are two separate streams over the files, advanced layer
 by layer in lockstep. Peak: the kernel's high-water mark of the child (tests/memprobe.py).
 """
 
+import os
 import shutil
 
 from memprobe import MB, run_probe
@@ -22,9 +23,9 @@ PROBE = """
     torch.set_num_threads(1)
     from moepress.checks import CheckConfig, run_check
     cfg = CheckConfig(seq_len=32, max_samples=4, batch_size=2)
-    run_check(sys.argv[1], sys.argv[1], cfg)  # warm-up: first-use allocations of torch, tokenizer
+    run_check(sys.argv[2], sys.argv[1], cfg)  # warm-up: first-use allocations of torch, tokenizer
     base = reset_peak()
-    res = run_check(sys.argv[1], sys.argv[1], cfg)
+    res = run_check(sys.argv[2], sys.argv[1], cfg)
     print(json.dumps({"grew": peak() - base, "kl": res["metrics"]["kl_mean"], "layers": len(res["layers"])}))
 """
 
@@ -35,7 +36,11 @@ def test_check_peak_rss_is_about_two_layers(tmp_path):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok / f, ckpt / f)
     layer_fp32 = EXPERTS * 3 * HIDDEN * INTER * 4 + 4 * (HIDDEN * HIDDEN * 2 + HIDDEN * 128 * 2) + EXPERTS * HIDDEN * 4
-    r = run_probe(PROBE, ckpt)
+    same = tmp_path / "same"  # the candidate: the same files (hard links) in another directory
+    same.mkdir()
+    for f in ckpt.iterdir():
+        os.link(f, same / f.name)
+    r = run_probe(PROBE, ckpt, same)
     assert r["kl"] == 0.0 and r["layers"] == LAYERS
     grew = r["grew"]
     # measured 100.7 MB = 2.06 float32 layers of 48.9 MB (2.05 with 2 layers: it does not grow with
