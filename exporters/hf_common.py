@@ -102,6 +102,30 @@ def unquantized_modules(s: Source, quantized: set[str]) -> list[str]:
     return sorted(out)
 
 
+# TensorRT-LLM's PyTorch backend builds these fused linears from the checkpoint's (HfWeightMapper
+# qkv_proj / gate_up_proj; DeepSeek-V3 attention's fused_a from q_a_proj + kv_a_proj_with_mqa,
+# _torch/models/modeling_deepseekv3.py) and tests exclude_modules on the fused name
+# (QuantConfig.is_module_excluded_from_quantization: fnmatchcase on the name and its parents).
+TRTLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+                "fused_a": ("q_a_proj", "kv_a_proj_with_mqa")}
+
+
+def fused_unquantized(s: Source, exclude: list[str], quantized: set[str]) -> list[str]:
+    """The fused linears whose every stored part is left high precision (``exclude``), by the fused
+    name: listed only by their parts, a runtime that fuses them would build them quantized."""
+    excluded, linears = set(exclude), set(exclude) | quantized
+    out = set()
+    for name in excluded:
+        parent, _, leaf = name.rpartition(".")
+        if s.adapter.expert_index(name + ".") is not None:
+            continue  # routed experts: the fused MoE module is named instead (fused_moe.high_precision_layers)
+        for fused, parts in TRTLLM_FUSED.items():
+            present = [f"{parent}.{p}" for p in parts if f"{parent}.{p}" in linears]
+            if leaf in parts and present and all(p in excluded for p in present):
+                out.add(f"{parent}.{fused}")
+    return sorted(out)
+
+
 def output_config(s: Source, quantization_config: dict | None) -> dict:
     """config.json of the export: the source's, with our ``quantization_config`` (or none)."""
     conf = dict(s.reader.config)

@@ -54,6 +54,7 @@ from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import high_precision_layers, refuse_mixed, refuse_partial_blocks, refuse_unlike
 from moepress.exporters.hf_common import (
     QUANT_FILES,
+    fused_unquantized,
     open_source,
     output_config,
     require_layout,
@@ -163,7 +164,7 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     exclude = unquantized_modules(s, set(modules))
     # a layer whose routed experts all stay high precision: named as the fused module too (TensorRT-LLM
     # matches exclude_modules on the fused MoE module's name: modeling_utils.apply_quant_config_exclude_modules)
-    exclude = sorted(exclude + high_precision_layers(s, set(exclude)))
+    exclude = sorted(exclude + high_precision_layers(s, set(exclude)) + fused_unquantized(s, exclude, set(modules)))
     kv = any(n.endswith((".k_scale", ".v_scale")) for n in r.names())
     hf_quant, flat = quant_configs(s.layout, modules, exclude, kv)
     writer.write_json("config.json", output_config(s, flat))

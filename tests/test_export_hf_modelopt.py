@@ -217,3 +217,28 @@ def test_quant_config_equals_modelopts_for_each_algo(both, fmt, modelopt_fmt):
     ref = process_layer_quant_config(layer_cfg)
     assert hf_quant["quantization"] == ref
     assert flat["quant_algo"] == ref["quant_algo"] and flat["ignore"] == ref["exclude_modules"]
+
+
+def _trtllm_excluded(name: str, exclude: list[str]) -> bool:
+    """TensorRT-LLM's QuantConfig.is_module_excluded_from_quantization (tensorrt_llm/models/
+    modeling_utils.py): fnmatchcase of the module name, then of each parent, against exclude_modules."""
+    import fnmatch
+
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:k]), p) for k in range(len(parts), 0, -1) for p in exclude)
+
+
+@pytest.mark.parametrize("model,fused", [("tiny-qwen3-moe", "self_attn.qkv_proj"),
+                                         ("tiny-deepseek-v3", "self_attn.fused_a")])
+def test_linears_left_high_precision_are_excluded_by_their_fused_name(tmp_path, model, fused):
+    """Attention left bf16 by a --rule was listed as q_proj, k_proj, v_proj; TensorRT-LLM's PyTorch
+    backend builds one fused qkv_proj (DeepSeek: fused_a = q_a_proj + kv_a_proj_with_mqa), matches its
+    name against exclude_modules, and built it quantized over bf16 tensors without scales."""
+    q = tmp_path / "q"
+    quantize_checkpoint(models.path(model), q, QuantConfig(format="fp8", rules=(("self_attn.*", "none"),),
+                                                           num_samples=2, seq_len=32))
+    export(q, tmp_path / "m", ExportConfig(format="hf-modelopt"))
+    exclude = json.loads((tmp_path / "m" / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    for i in range(4):
+        assert _trtllm_excluded(f"model.layers.{i}.{fused}", exclude), (i, exclude)
+    assert not _trtllm_excluded("model.layers.1.mlp.experts", exclude)  # the quantized experts stay quantized
