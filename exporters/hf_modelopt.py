@@ -37,8 +37,11 @@ whose width is over 128 and not a multiple of it: fused-MoE runtimes hold one qu
 layer's experts and stack gate and up into one weight.
 
 Each format's ``quant_algo`` is the name Model-Optimizer writes (Format.modelopt_entry): block FP8 is
-``fp8_pb_wo``, which TensorRT-LLM and vLLM both read (compress/formats/fp8_block.py says where); the
-README's consumer table lists, per consumer, the names it accepts (tests/test_consumer_names.py).
+``fp8_pb_wo``, which TensorRT-LLM and vLLM's linear methods read (compress/formats/fp8_block.py says
+where), its scales [out/128, in/128] as TensorRT-LLM's block-FP8 linear copies them (Model-Optimizer
+0.47 writes [out/128, 1, in/128, 1], vLLM's shape; vLLM's Model-Optimizer MoE method takes per-tensor
+FP8 only, so no block-FP8 MoE model of this format loads there); the README's consumer table lists,
+per consumer, the names it accepts (tests/test_consumer_names.py).
 """
 
 from __future__ import annotations

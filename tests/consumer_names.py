@@ -27,6 +27,11 @@ TRTLLM_ALIASES = {"fp8_pb_wo": "FP8_BLOCK_SCALES"}
 # (``QUANT_ALGOS``); the quant_algo read is upper-cased first (``str(quant_method).upper()``).
 VLLM_MODELOPT = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "W4A16_NVFP4", "MXFP8",
                  "MIXED_PRECISION"}
+# ...and for MoE layers (every model moepress writes): ModelOptFp8Config.FusedMoEMethodCls is
+# ModelOptFp8MoEMethod whatever the FP8 quant_algo, per-tensor weight scales [E, 2] / [E] and static
+# input scales only, so per-channel (FP8_PER_CHANNEL_PER_TOKEN) and block (FP8_PB_WO) experts do not
+# load; NVFP4 / W4A16_NVFP4 experts go to ModelOptNvFp4FusedMoE (modelopt.py, vLLM main 2026).
+VLLM_MODELOPT_MOE = {"FP8", "NVFP4", "W4A16_NVFP4", "MIXED_PRECISION"}
 
 # SGLang 0.5.23: python/sglang/srt/configs/model_config.py ``_parse_modelopt_quant_config``: "FP8",
 # "MXFP8", "MIXED_PRECISION" and any quant_algo containing "FP4" (-> modelopt_fp4, whose
@@ -40,7 +45,7 @@ def modelopt_accepts(consumer: str, algo: str) -> bool:
     if consumer == "TensorRT-LLM":
         return TRTLLM_ALIASES.get(algo, algo) in TRTLLM_QUANT_ALGO
     if consumer == "vLLM":
-        return algo.upper() in VLLM_MODELOPT
+        return algo.upper() in VLLM_MODELOPT & VLLM_MODELOPT_MOE
     if consumer == "SGLang":
         return algo in SGLANG_MODELOPT or "FP4" in algo
     return False  # transformers 5.24: no "modelopt" entry in quantizers/auto.py AUTO_QUANTIZER_MAPPING
