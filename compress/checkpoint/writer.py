@@ -139,7 +139,10 @@ class CheckpointWriter:
     """Writes a sharded safetensors checkpoint atomically.
 
     Tensors are buffered and written in shards of at most ``max_shard_bytes`` (a shard
-    also ends where the caller calls :meth:`end_shard`, e.g. at a layer boundary).
+    also ends where the caller calls :meth:`end_shard`, e.g. at a layer boundary). The journal
+    records where the caller's boundaries fall: a resume drops the trailing shards written after the
+    last one (part of a layer bigger than ``max_shard_bytes``), so the stage writes that layer again
+    from its start, into the same shards an uninterrupted run writes.
     Everything goes to ``<out>.partial/``; :meth:`commit` names the shards
     ``model-0000i-of-0000N.safetensors``, writes the index and renames the directory to
     ``<out>``. Until then nothing named ``<out>`` exists (or the old one stays, with --force).
@@ -148,12 +151,18 @@ class CheckpointWriter:
     ``resume_key``: recorded in the journal when the partial is created; ``resume=True`` continues
     a partial only when its recorded key equals this one (else :class:`ResumeRefused`, the
     partial untouched). From before the partial is created or cleared until commit or abort, an
-    exclusive lock on ``<out>.partial.lock`` keeps a second writer out.
+    exclusive lock on ``<out>.partial.lock`` keeps a second writer out. :meth:`abort` removes the
+    partial, except a resumed one holding shards of an earlier run (that work is kept for the next
+    ``--resume``).
+
+    ``transient``: files the stage keeps in the partial for a resume (e.g. quantize's totals), removed
+    with the journal at :meth:`commit`, so that a kill at any moment before leaves them beside the shards.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, force: bool = False,
                  max_shard_bytes: int = 2 * 1024**3, resume: bool = False, background: bool = False,
-                 resume_key: dict | None = None, sources: Iterable[str | os.PathLike] = ()):
+                 resume_key: dict | None = None, sources: Iterable[str | os.PathLike] = (),
+                 transient: Iterable[str] = ()):
         check_output(out_dir, force=force, sources=sources)
         self.out = absolute(out_dir)  # `-o .`: OUT.partial beside the directory, not inside it
         self.partial = self.out.with_name(self.out.name + ".partial")
@@ -163,6 +172,8 @@ class CheckpointWriter:
         self._buf_bytes = 0
         self._shards: list[tuple[str, list[str], int]] = []  # (file, names, bytes)
         self._names: set[str] = set()
+        self._ends: list[int] = []  # shard counts at the caller's end_shard() calls (layer boundaries)
+        self.transient = tuple(transient)
         self._digests: dict[str, dict] = {}  # shard file -> {sha256, size}, hashed while written
         # Stages fill this (stage, config, inputs ...); commit adds files and versions and
         # writes it as moepress-manifest.json.
@@ -173,6 +184,7 @@ class CheckpointWriter:
         self._pending: Future | None = None
         self._take_partial(resume)
         self._next = len(self._shards)
+        self._inherited = len(self._shards)  # shards of an earlier run: abort() keeps the partial
         # background=True: a shard is written (and hashed) by a thread while the caller computes
         # the next one; at most one shard is in flight, so memory is two shards at most.
         if background:
@@ -190,6 +202,10 @@ class CheckpointWriter:
             j = _resumable_journal(self.partial, self.resume_key) if resume else {}
             self._shards = [tuple(s) for s in j.get("shards", [])]  # type: ignore[misc]
             self._digests = j.get("digests", {})
+            ends = j["ends"] if "ends" in j else [len(self._shards)]
+            # a boundary past the journaled shards is one whose shard was still being written
+            self._ends = [int(n) for n in ends if int(n) <= len(self._shards)]
+            self._drop_unfinished()
             self._names = {n for _, names, _ in self._shards for n in names}
             if self.partial.exists() and not resume:
                 shutil.rmtree(self.partial)
@@ -202,15 +218,27 @@ class CheckpointWriter:
             self._lock.release()
             raise
 
-    # ---- journal (which shards are complete, and the resume key) ---------------------------
+    # ---- journal (which shards are complete, where the caller's boundaries are, the resume key) --
     def _journal_path(self) -> Path:
         return self.partial / JOURNAL
 
     def _write_journal(self) -> None:
+        """Replace the journal atomically (by the writing thread; ``_ends`` may name shards still queued)."""
         tmp = self._journal_path().with_suffix(".tmp")
         with naming(tmp):
-            tmp.write_text(json.dumps({"key": self.resume_key, "shards": self._shards, "digests": self._digests}))
+            tmp.write_text(json.dumps({"key": self.resume_key, "shards": self._shards, "ends": list(self._ends),
+                                       "digests": self._digests}))
         os.replace(tmp, self._journal_path())
+
+    def _drop_unfinished(self) -> None:
+        """A resumed journal's shards after its last caller boundary (a layer cut off between two of its
+        shards) are removed: the stage writes that layer again whole, as one uninterrupted run does. A
+        journal without boundaries (an older moepress) counts every shard as one."""
+        keep = max(self._ends, default=0)
+        for fname, _, _ in self._shards[keep:]:
+            (self.partial / fname).unlink(missing_ok=True)
+            self._digests.pop(fname, None)
+        self._shards = self._shards[:keep]
 
     # ---- tensors -------------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor | Deferred) -> None:
@@ -221,10 +249,23 @@ class CheckpointWriter:
         self._buf[name] = t
         self._buf_bytes += t.numel() * t.element_size()
         if self._buf_bytes >= self.max_shard_bytes:
-            self.end_shard()
+            self._cut()  # not a boundary of the caller's: a resume does not keep a layer cut here
 
     def end_shard(self) -> None:
-        """Write the buffered tensors as one shard (no-op if nothing is buffered)."""
+        """Write the buffered tensors as one shard (no-op if nothing is buffered) and record a boundary:
+        the shards up to here hold whole units of the caller's (layers), which a resume keeps."""
+        n = self._next + bool(self._buf)  # the shards queued once this one is
+        if self._ends and self._ends[-1] == n:
+            return
+        self._ends.append(n)  # before the shard's journal entry is written (maybe by the thread)
+        if self._buf:
+            self._cut()
+        else:  # the last shard was cut by add(): it is journaled already, without this boundary
+            self.wait()
+            self._write_journal()
+
+    def _cut(self) -> None:
+        """Write the buffered tensors as one shard (in the background thread, if there is one)."""
         if not self._buf:
             return
         fname = f"shard-{self._next:05d}.safetensors"
@@ -282,8 +323,11 @@ class CheckpointWriter:
         self.wait()
         if self._pool is not None:
             self._pool.shutdown()
-        known = self._name_shards()
+        # the journal first: a kill while the shards are renamed leaves a partial that no resume takes
         self._journal_path().unlink(missing_ok=True)
+        for rel in self.transient:
+            (self.partial / rel).unlink(missing_ok=True)
+        known = self._name_shards()
         with naming(self.partial / MANIFEST_NAME):
             write_manifest(self.partial, {**self.manifest, "versions": versions(),
                                           "files": file_digests(self.partial, known)})
@@ -345,13 +389,19 @@ class CheckpointWriter:
         return known
 
     def abort(self) -> None:
+        """Give up after an error: remove the partial, unless it was resumed with an earlier run's shards
+        (finished work this process did not create; its journal still says which shards are whole)."""
         if self._pool is not None:
             try:
                 self.wait()
             except Exception:  # already failing: the first error is the one reported
                 pass
             self._pool.shutdown()
-        shutil.rmtree(self.partial, ignore_errors=True)
+        if self._inherited:
+            for p in self.partial.glob("*.tmp"):  # a shard or journal cut off mid-write
+                p.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.partial, ignore_errors=True)
         self._lock.release()
 
     def __enter__(self) -> "CheckpointWriter":

@@ -17,6 +17,7 @@ from pathlib import Path
 import moepress.compress.quantize.config as qconfig
 from moepress import __version__
 from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.checkpoint.resume import ResumeRefused
 from moepress.compress.quantize.config import FORMATS, PROGRESS, QuantConfig
 from moepress.compress.quantize.group import LayerResult
 
@@ -78,12 +79,23 @@ class QuantTotals:
         """layer -> per routed expert: tokens, Hessian, statistics, rounding"""
         return {str(i): d["experts"] for i, d in sorted(self.layers.items()) if d["experts"]}
 
-    def load(self, partial: Path | None, start: int) -> None:
+    def load(self, partial: Path, start: int) -> None:
         """The totals of a killed run's layers before ``start`` (the ones whose shards are kept; the
-        progress file may already hold the layer being written when the run was killed)."""
-        p = None if partial is None else partial / PROGRESS
-        prev = json.loads(p.read_text()) if p is not None and p.is_file() else {}
-        self.layers.update({int(i): d for i, d in (prev.get("layers") or {}).items() if int(i) < start})
+        progress file may already hold the layer being written when the run was killed). A progress
+        file missing, unreadable or lacking one of them: :class:`ResumeRefused` (a report, sidecar and
+        configs written from it would leave those layers' linears out)."""
+        p = partial / PROGRESS
+        try:
+            prev = json.loads(p.read_text()) if p.is_file() else {}
+            layers = {int(i): d for i, d in (prev.get("layers") or {}).items() if int(i) < start}
+        except (OSError, ValueError, AttributeError, TypeError):
+            layers = {}
+        missing = [i for i in range(start) if i not in layers]
+        if missing:
+            shown = ", ".join(map(str, missing[:3])) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise ResumeRefused(partial, f"holds layers 0-{start - 1} but {PROGRESS} lacks the totals of "
+                                f"layer{'s' if len(missing) > 1 else ''} {shown}", "rerun without --resume")
+        self.layers.update(layers)
 
     def save(self, partial: Path | None) -> None:
         """Replace the progress file atomically (rank 0 only: other ranks have no ``partial``)."""

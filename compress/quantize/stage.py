@@ -26,7 +26,7 @@ from moepress.calib import distributed as dist
 from moepress.calib.data import source_hashes
 from moepress.compress import formats
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, read_later
-from moepress.compress.checkpoint.resume import resume_key
+from moepress.compress.checkpoint.resume import ResumeRefused, resume_key
 from moepress.compress.checkpoint.writer import check_output
 from moepress.compress.formats import ct_inputs
 from moepress.compress.quant import fp8
@@ -136,7 +136,7 @@ class QuantizeStage:
         # calibration-free: the shard of layer i is written while layer i+1 is quantized
         writer = (CheckpointWriter(out, force=force, resume=resume,
                                    background=not self.calibrated or self.sm.device.type != "cpu",
-                                   resume_key=key, sources=sources)
+                                   resume_key=key, sources=sources, transient=(PROGRESS,))
                   if env.is_main else _NullWriter())
         with writer as w:
             self.w = w
@@ -145,8 +145,6 @@ class QuantizeStage:
                 w.add(a.embed_name, read_later(self.reader, a.embed_name))  # read when its shard is written
                 w.end_shard()
             hs = self.sm.embed(self.batches) if self.calibrated else None
-            if start:
-                self.totals.load(w.partial, start)
             with progress.task("quantize", a.num_layers) as task:
                 if start:
                     task.advance(start, note=f"layers 0-{start - 1} already written")
@@ -178,7 +176,9 @@ class QuantizeStage:
         self.calibrated = batches is not None and cfg.needs_calibration
 
     def _resume_point(self, progress: Progress) -> int:
-        """The first layer a killed run did not finish (rank 0's, under torchrun)."""
+        """The first layer a killed run did not finish (rank 0's, under torchrun), with the totals of the
+        layers before it; a partial whose progress file lacks one of them is refused (every rank), as
+        its report and configs would leave those layers out."""
         a, sm = self.adapter, self.sm
         self.done = done = self.w.written_names
         start = 0
@@ -186,10 +186,20 @@ class QuantizeStage:
                                            _quantized_name(a.layer_prefix(start) + k, done)
                                            for k in sm.expected_layer_shapes(start)):
             start += 1
+        refused = None
+        if start and self.env.is_main:
+            try:
+                self.totals.load(self.w.partial, start)
+            except ResumeRefused as e:
+                refused = e
         if self.env.enabled:
-            box = [start]
+            box = [start, None if refused is None else str(refused)]
             tdist.broadcast_object_list(box, src=0)
             start = box[0]
+            if box[1] is not None and refused is None:
+                raise MoepressError(box[1])
+        if refused is not None:
+            raise refused
         if start:
             progress.info(f"quantize: resuming at layer {start} ({start} finished layers kept from the killed run)")
         return start
@@ -255,8 +265,7 @@ class QuantizeStage:
         for name in (a.norm_name, a.head_name):
             if name in reader and name not in self.done:
                 w.add(name, reader.get(name))
-        if w.partial is not None:
-            (w.partial / PROGRESS).unlink(missing_ok=True)
+        # the progress file (the totals) stays until the writer's commit removes it with the journal
         hf_quant = hf_quant_config(reader, cfg, totals)
         conf, report = model_config(reader, hf_quant), quant_report(reader, a.family, cfg, totals,
                                                                     self.n_tokens if self.calibrated else 0)

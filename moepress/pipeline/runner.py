@@ -9,7 +9,9 @@ Layout of the run directory OUT::
     OUT/check/<artifact>/      report.json/.md/.png         (stage "check:<artifact>")
     OUT/build/<target>-<builder>/  plan + commands (dry run) (stage "build:<target>:<builder>")
     OUT/run.json               where everything is, per stage: ran / skipped, key, result
-    OUT/.state/<stage>.json    the stage's key and result
+                               (removed when a run starts, written atomically when it ends: it never
+                               describes outputs a later, cut-off run has since replaced)
+    OUT/.state/<stage>.json    the stage's key and result (what skipping and resuming read)
 
 A stage's *key* is the sha256 of its config and its inputs' keys (the source model's
 content hashes for the first stage, the calibration set's key), so changing one recipe
@@ -41,6 +43,16 @@ CHECKABLE = {"hf-modelopt": "checkpoint", "hf-fp8-block": "checkpoint", "compres
              "onnx": "onnx"}
 # which builder turns which export into an engine / deployment (each builder declares the export it takes)
 BUILDERS = {b.artifact: b.name for b in builder_registry.BUILDERS.values()}
+
+
+RUN_JSON = "run.json"  # the finished run's summary
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file renamed over it: a kill leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _key(fields: dict) -> str:
@@ -92,7 +104,7 @@ class Runner:
         refuse_overlap(self.out, (self.model, *((recipe_file,) if recipe_file.is_file() else ())))
         self.state_dir = self.out / ".state"
         if self.out.is_dir() and any(self.out.iterdir()) and not (self.state_dir.is_dir()
-                                                                  or (self.out / "run.json").is_file()):
+                                                                  or (self.out / RUN_JSON).is_file()):
             raise MoepressError(f"-o {self.out}: a non-empty directory that no moepress run wrote (no .state/, "
                                 "no run.json); expected a new or empty directory, or an earlier run's")
         self.record: dict[str, dict] = {}
@@ -144,8 +156,11 @@ class Runner:
     # ---- stages --------------------------------------------------------------------------------
     def run(self) -> dict:
         r = self.recipe
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "recipe.yaml").write_text(dump(r))
+        # .state/ first (it marks OUT as a run's directory even when run.json is gone), then the old
+        # run.json away: the stages below replace its outputs, and a kill must not leave it describing them
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.out / RUN_JSON).unlink(missing_ok=True)
+        _write_atomic(self.out / "recipe.yaml", dump(r))
         self.prog.info(f"run: {self.recipe_src} on {self.model} -> {self.out}")
         src_key = _key({"source": source_digest(self.model)})
         calib_key = self._calib_key()
@@ -184,7 +199,7 @@ class Runner:
                    "checks": {n: {"passed": c.get("passed"), "failed": c.get("failed"),
                                   "metrics": c.get("metrics")} for n, c in checks.items()},
                    "builds": builds, "failed_checks": self.failed_checks}
-        (self.out / "run.json").write_text(json.dumps(summary, indent=2, default=str))
+        _write_atomic(self.out / RUN_JSON, json.dumps(summary, indent=2, default=str))
         return summary
 
     def _calib_key(self) -> str:
