@@ -83,6 +83,14 @@ def test_default_run_runs_every_stage_and_passes_its_checks(default_run):
     for name in ("quantize", *[f"export/{c}" for c in checked[1:]]):
         assert json.loads((out / name / "moepress-manifest.json").read_text())["accuracy"]["passed"] is True, name
     assert set(res["artifacts"]) == set(fmts) and all(Path(a).is_dir() for a in res["artifacts"].values())
+    # each card states its own verdict; an export no CPU runtime checks says whose verdict it shows
+    # (the trtllm-ckpt card said "Gates passed." with the quantized checkpoint's numbers, unlabelled)
+    for fmt in fmts:
+        card = (out / "export" / fmt / "README.md").read_text()
+        borrowed = "This artifact was not checked" in card
+        assert borrowed == (fmt not in checked) and "Gates passed." in card, fmt
+        if borrowed:
+            assert "The quantized checkpoint it was exported from:" in card
     # builds are planned (dry run): a script and a record each
     for key, b in res["builds"].items():
         t, builder = key.split(":")
@@ -300,3 +308,16 @@ def test_recipe_values_of_the_wrong_type_are_one_line(cli_run, tmp_path, section
     rec = tmp_path / "r.yaml"
     rec.write_text(yaml.safe_dump({"model": MODEL, **sections}))
     one_line_error(cli_run("recipe", "show", rec), str(rec), *needles)
+
+
+def test_cards_say_when_no_gate_was_applied_or_checks_are_off(tmp_path):
+    """A check with every gate off "passed" on the card (which `publish` refuses as showing nothing);
+    a recipe with the check off gave the reason of a format no CPU runtime runs."""
+    from moepress.pipeline.card import Accuracy, _accuracy
+
+    measured = {"passed": True, "failed": [], "gates": [], "metrics": {"kl_mean": 0.01}}
+    assert _accuracy(Accuracy(measured))[0].startswith("No gate applied")
+    assert _accuracy(Accuracy(None, None, "quantized", checking=False)) == ["Not checked: the recipe's check is off."]
+    failed = {"passed": False, "failed": ["top1_agreement"], "gates": [{}], "metrics": {}}
+    lines = _accuracy(Accuracy(None, failed, "pruned"))
+    assert "The pruned checkpoint it was exported from:" in lines[0] and "Gates FAILED: top1_agreement." in lines

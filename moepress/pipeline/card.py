@@ -4,6 +4,7 @@ and how to load it in TensorRT-LLM, vLLM and transformers."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from moepress.manifest import read_manifest
@@ -93,7 +94,42 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def model_card(artifact: str | Path, fmt: str, recipe: dict, source: str | Path, check: dict | None) -> str:
+@dataclass(frozen=True)
+class Accuracy:
+    """What the card says of accuracy: the artifact's own check; else the check of the checkpoint it
+    was exported from (``upstream``, of kind ``upstream_kind``), named as such; ``checking``: whether
+    the recipe checks at all."""
+
+    check: dict | None = None
+    upstream: dict | None = None
+    upstream_kind: str = ""
+    checking: bool = True
+
+
+def _verdict(check: dict) -> str:
+    if not check.get("passed"):
+        return "Gates FAILED: " + ", ".join(check.get("failed") or []) + "."
+    if check.get("gates") == []:
+        return "No gate applied: measured only (`moepress publish` refuses it)."
+    return "Gates passed."
+
+
+def _accuracy(acc: Accuracy) -> list[str]:
+    """The card's accuracy section."""
+    check, lines = acc.check or acc.upstream, []
+    if check is None:
+        return ["Not checked: the recipe's check is off." if not acc.checking else
+                "Not checked on this machine (no CPU runtime for this format); "
+                "`moepress build` checks the engine on its GPU."]
+    if acc.check is None:
+        lines += [f"This artifact was not checked (no CPU runtime for this format; `moepress build` checks the "
+                  f"engine on its GPU). The {acc.upstream_kind} checkpoint it was exported from:", ""]
+    lines += [_verdict(check), "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in (check.get("metrics") or {}).items()]
+    return lines
+
+
+def model_card(artifact: str | Path, fmt: str, recipe: dict, source: str | Path, acc: Accuracy) -> str:
     d = Path(artifact)
     m = read_manifest(d)
     files = m.get("files", {})
@@ -115,16 +151,7 @@ def model_card(artifact: str | Path, fmt: str, recipe: dict, source: str | Path,
     c = recipe.get("calib") or {}
     lines.append(f"| calibration | {c.get('num_samples')} samples x {c.get('seq_len')} tokens, seed {c.get('seed')}, "
                  f"{', '.join(c.get('sources') or []) or 'bundled text'} |")
-    lines += ["", "## Accuracy against the original", ""]
-    if check:
-        verdict = "passed" if check.get("passed") else "FAILED: " + ", ".join(check.get("failed") or [])
-        lines.append(f"Gates {verdict}.")
-        lines += ["", "| metric | value |", "|---|---|"]
-        for k, v in (check.get("metrics") or {}).items():
-            lines.append(f"| {k} | {_fmt(v)} |")
-    else:
-        lines.append("Not checked on this machine (no CPU runtime for this format); "
-                     "`moepress build` checks the engine on its GPU.")
+    lines += ["", "## Accuracy against the original", "", *_accuracy(acc)]
     lines += ["", "## Loading", "", LOADING.get(fmt, "").replace("{path}", f"./{name}"),
               "## Provenance", "",
               "`moepress-manifest.json` lists every file's sha256 and size, the source model's hashes, "

@@ -186,8 +186,9 @@ class Runner:
         if r["check"] is None:
             cands = {}
         checks = {name: self._check(name, d, k, kind, src_key) for name, (d, k, kind) in cands.items()}
-        for fmt, (d, _) in artifacts.items():
-            self._card(fmt, d, checks.get(fmt) or checks.get(cur_kind))
+        for fmt, (d, _) in artifacts.items():  # an export no CPU runtime checks: its input's verdict, so labelled
+            own = checks.get(fmt)
+            self._card(fmt, d, own, None if own is not None else checks.get(cur_kind), cur_kind, r["check"] is not None)
         builds = {}
         if r["build"] is not None:
             for target in r["build"]["targets"]:
@@ -276,13 +277,14 @@ class Runner:
             result = run_check(cand, self.model, cfg, progress=self.prog, device=self.device)
             record_in_manifest(cand, result)
             write_report(result, out)
-            res = jsonable({k: result[k] for k in ("passed", "failed", "metrics", "error_jump")})
+            res = jsonable({k: result[k] for k in ("passed", "failed", "metrics", "error_jump", "gates")})
             return res
 
         # done only while the candidate still carries the verdict (a rerun of its stage writes a new manifest)
         res = self.stage(f"check:{name}", key, out, fn, complete=lambda d: (d / "report.json").is_file() and (
             not (cand / MANIFEST_NAME).is_file() or "accuracy" in read_manifest(cand)))
-        verdict = "passed" if res.get("passed") else f"FAILED ({', '.join(res.get('failed') or [])})"
+        verdict = ("FAILED (" + ", ".join(res.get("failed") or []) + ")" if not res.get("passed")
+                   else "passed" if res.get("gates") != [] else "measured (no gate applied)")
         m = res.get("metrics") or {}
         self.prog.info(f"check:{name}: {verdict}; ppl {m.get('ppl_candidate', float('nan')):.3f} vs "
                        f"{m.get('ppl_reference', float('nan')):.3f}, top-1 {m.get('top1_agreement', float('nan')):.3f}")
@@ -290,10 +292,11 @@ class Runner:
             self.failed_checks.append(name)
         return res
 
-    def _card(self, fmt: str, d: Path, check: dict | None) -> None:
-        from moepress.pipeline.card import model_card
+    def _card(self, fmt: str, d: Path, check: dict | None, upstream: dict | None, upstream_kind: str,
+              checking: bool) -> None:
+        from moepress.pipeline.card import Accuracy, model_card
 
-        text = model_card(d, fmt, self.recipe, self.model, check)
+        text = model_card(d, fmt, self.recipe, self.model, Accuracy(check, upstream, upstream_kind, checking))
         p = d / "README.md"
         if p.exists() and p.read_text() == text:
             return
