@@ -32,7 +32,12 @@ def cache_root() -> Path | None:
     v = os.environ.get("MOEPRESS_CACHE")
     if v is not None and v.strip().lower() in ("", "0", "off", "none", "false"):
         return None
-    return Path(v).expanduser() if v else Path.home() / ".cache" / "moepress"
+    if v:
+        return Path(v).expanduser()
+    try:
+        return Path.home() / ".cache" / "moepress"
+    except RuntimeError:  # no HOME and no passwd entry: no cache, as with MOEPRESS_CACHE=off
+        return None
 
 
 def calib_cache_dir() -> Path | None:
@@ -105,7 +110,8 @@ def load_token_file(path: str | os.PathLike, verify: bool = True) -> tuple[torch
         raise MoepressError(f"{side_p}: expected format {FORMAT!r} version {VERSION}, "
                             f"got {side.get('format')!r} version {side.get('version')}")
     data = path.read_bytes()
-    if verify and hashlib.sha256(data).hexdigest() != side.get("file", {}).get("sha256"):
+    recorded = side.get("file") if isinstance(side.get("file"), dict) else {}
+    if verify and hashlib.sha256(data).hexdigest() != recorded.get("sha256"):
         raise MoepressError(f"{path}: contents do not match the sha256 in {side_p.name} (file changed or damaged)")
     kind = "safetensors" if path.name.endswith(".safetensors") else "torch.save"
     try:
@@ -141,7 +147,7 @@ def cache_get(key: str):
         return None
     try:
         ids, src, side = load_token_file(p)
-    except MoepressError:
+    except (MoepressError, OSError, ValueError, AttributeError, TypeError):  # damaged or unreadable: a miss
         return None
     return (ids, src, side) if side.get("key") == key else None
 
@@ -164,9 +170,10 @@ def load_hash_memo() -> dict:
     if d is None:
         return {}
     try:
-        return json.loads((d / "file-hashes.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        memo = json.loads((d / "file-hashes.json").read_text())
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON: hash again
         return {}
+    return memo if isinstance(memo, dict) else {}
 
 
 def save_hash_memo(memo: dict) -> None:

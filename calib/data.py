@@ -93,8 +93,24 @@ def tokenizer_fingerprint(model_dir: str | Path, memo: dict | None = None) -> di
         raise MoepressError(f"{d}: no tokenizer found (expected tokenizer.json, tokenizer.model, "
                             f"tiktoken.model or vocab files next to config.json)")
     per = {p.name: _file_sha(p, memo) for p in sorted(files)}
-    h = hashlib.sha256("".join(f"{k}\0{v}\0" for k, v in per.items()).encode()).hexdigest()
-    return {"sha256": h, "files": per}
+    h = hashlib.sha256("".join(f"{k}\0{v}\0" for k, v in {**per, **_tokenizer_context(d)}.items()).encode())
+    return {"sha256": h.hexdigest(), "files": per}
+
+
+def _tokenizer_context(d: Path) -> dict[str, str]:
+    """What decides the token ids besides the tokenizer's files: the libraries' versions, and, where
+    tokenizer_config.json names no ``tokenizer_class``, config.json's ``model_type`` (transformers
+    then picks the class by it, e.g. Qwen2Tokenizer's normalizer for qwen3_moe)."""
+    import tokenizers
+    import transformers
+
+    out = {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    if not _tokenizer_config(d).get("tokenizer_class"):
+        try:
+            out["model_type"] = str(json.loads((d / "config.json").read_text()).get("model_type"))
+        except (OSError, ValueError, AttributeError):
+            out["model_type"] = ""
+    return out
 
 
 def read_text(path: str | Path) -> str:
@@ -235,9 +251,10 @@ def _prepared_samples(src: SourceSpec, n: int, seq_len: int, tokenizer_sha: str,
                       info: dict) -> tuple[torch.Tensor, dict]:
     """The first n samples of a token file made by ``moepress calib prepare``."""
     ids, _, side = load_token_file(src.path)
-    if side.get("tokenizer", {}).get("sha256") != tokenizer_sha:
+    made_by = side.get("tokenizer") if isinstance(side.get("tokenizer"), dict) else {}
+    if made_by.get("sha256") != tokenizer_sha:
         raise MoepressError(f"{src.path}: prepared with a different tokenizer "
-                            f"({side.get('tokenizer', {}).get('model', '?')}) than this model's")
+                            f"({made_by.get('model', '?')}) than this model's")
     if ids.shape[1] != seq_len:
         raise MoepressError(f"{src.path}: samples of {ids.shape[1]} tokens; --seq-len {seq_len} asked")
     if ids.shape[0] < n:
@@ -326,9 +343,9 @@ def source_hashes(sources: tuple[str, ...] | list[str]) -> dict[str, str | None]
     """sha256 of what each ``--calib`` source reads (none: the bundled text), keyed by the source as given,
     memoised in the cache like :func:`calibration_set`'s."""
     memo = cache_mod.load_hash_memo()
-    n_memo = len(memo)
+    before = dict(memo)
     out = {s.spec: content_hash(s, memo) for s in parse_sources(tuple(sources))}
-    if len(memo) != n_memo:
+    if memo != before:
         cache_mod.save_hash_memo(memo)
     return out
 
@@ -345,10 +362,10 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
         raise MoepressError(f"{model_dir}: the tokenizer needs its own Python code; "
                             f"pass --trust-remote-code to allow it")
     memo = cache_mod.load_hash_memo() if cache else {}
-    n_memo = len(memo)
+    before = dict(memo)
     tok_fp = tokenizer_fingerprint(model_dir, memo)
     hashes = [content_hash(s, memo) for s in specs]
-    if cache and len(memo) != n_memo:
+    if cache and memo != before:
         cache_mod.save_hash_memo(memo)
     key_fields = {"tokenizer": tok_fp["sha256"], "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
                   "sources": [{**s.describe(), "spec": None, "location": None, "sha256": h}
@@ -359,7 +376,7 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
         hit = cache_mod.cache_get(key)
         if hit is not None:
             ids, src, side = hit
-            return CalibSet(ids, src, side, cached=True)
+            return CalibSet(ids, src, _as_asked(side, specs, model_dir), cached=True)
 
     tok = load_tokenizer(model_dir, trust_remote_code)
     counts = allocate(num_samples, [s.weight for s in specs])
@@ -384,6 +401,16 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
     if cacheable:
         cache_mod.cache_put(key, ids, src, meta)
     return CalibSet(ids, src, meta)
+
+
+def _as_asked(side: dict, specs: list[SourceSpec], model_dir: Path) -> dict:
+    """A cached set's description with this request's source paths and model (the cache key leaves
+    them out: the same bytes through another path or model with the same tokenizer are one set)."""
+    olds = side.get("sources") if isinstance(side.get("sources"), list) else []
+    sources = [{**(o if isinstance(o, dict) else {}), "spec": s.spec, "location": s.location}
+               for o, s in zip(olds, specs, strict=False)]
+    tok = side.get("tokenizer") if isinstance(side.get("tokenizer"), dict) else {}
+    return {**side, "sources": sources, "tokenizer": {**tok, "model": str(model_dir)}}
 
 
 def calibration_batches(model_dir: str | Path, sources: tuple[str, ...] = (), num_samples: int = 64,

@@ -420,3 +420,73 @@ def test_absmax_beside_routing_stats_counts_only_routed_inputs():
         o.detach()
         alone.update(o.state_dict(prefix=sm.adapter.layer_prefix(i)))
     assert set(amax) == set(alone) and all(torch.equal(amax[k], alone[k]) for k in alone)
+
+
+def test_a_source_edited_keeping_size_and_mtime_is_not_served_from_the_cache(qwen, tmp_path):
+    """The hash memo trusted path, size and mtime: a same-size edit with `touch -r` (or cp -p, rsync -a)
+    returned the old samples, and an edited --calib file did not change quantize's resume key."""
+    from moepress.calib.data import source_hashes
+
+    text = (models.path(QWEN).parent.parent / "calib" / "data" / "calib.txt").read_text()[:20000]
+    src = tmp_path / "c.txt"
+    src.write_text(text)
+    st = src.stat()
+    a = calibration_set(qwen, (str(src),), num_samples=4, seq_len=32)
+    h = source_hashes((str(src),))[str(src)]
+    src.write_text(text.swapcase())  # same size
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch -r: the old mtime
+    b = calibration_set(qwen, (str(src),), num_samples=4, seq_len=32)
+    assert not b.cached and not torch.equal(a.input_ids, b.input_ids)
+    assert source_hashes((str(src),))[str(src)] != h
+
+
+def test_tokenizer_class_chosen_by_model_type_is_part_of_the_key(qwen, tmp_path):
+    """Without tokenizer_class, transformers picks the tokenizer by config.json's model_type (another
+    normaliser, other ids); the fingerprint held only the tokenizer's files, so two such models shared
+    cached samples."""
+    from moepress.calib.data import tokenizer_fingerprint
+
+    fps = []
+    for mt in ("qwen3_moe", "llama"):
+        d = tmp_path / mt
+        d.mkdir()
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(qwen / f, d / f)
+        tc = json.loads((d / "tokenizer_config.json").read_text())
+        tc.pop("tokenizer_class", None)
+        (d / "tokenizer_config.json").write_text(json.dumps(tc))
+        (d / "config.json").write_text(json.dumps({"model_type": mt}))
+        fps.append(tokenizer_fingerprint(d)["sha256"])
+    assert fps[0] != fps[1]
+
+
+def test_a_cache_hit_describes_this_request(qwen, tmp_path):
+    """The cached set's description named the first caller's source path and model."""
+    text = (models.path(QWEN).parent.parent / "calib" / "data" / "calib.txt").read_text()[:20000]
+    for d in ("one", "two"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "c.txt").write_text(text)
+    calibration_set(qwen, (str(tmp_path / "one" / "c.txt"),), num_samples=4, seq_len=32, seed=7)
+    b = calibration_set(qwen, (str(tmp_path / "two" / "c.txt"),), num_samples=4, seq_len=32, seed=7)
+    assert b.cached and b.meta["sources"][0]["spec"] == str(tmp_path / "two" / "c.txt")
+    assert b.meta["tokenizer"]["model"] == str(qwen)
+
+
+@pytest.mark.parametrize("damage", [b"\xff\xfe", b"[]", b'{"/x": []}'])
+def test_a_damaged_hash_memo_is_hashed_again(qwen, _cache_dir, damage):
+    """Bytes that are not UTF-8, or JSON of another shape, in the memo gave a traceback in every stage."""
+    (_cache_dir / "calib").mkdir(parents=True, exist_ok=True)
+    (_cache_dir / "calib" / "file-hashes.json").write_bytes(damage)
+    assert calibration_set(qwen, num_samples=4, seq_len=32, seed=3).input_ids.shape == (4, 32)
+
+
+def test_no_home_directory_runs_without_a_cache(monkeypatch):
+    """No HOME and no passwd entry: Path.home() raised a RuntimeError traceback."""
+    from moepress.calib import cache
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("MOEPRESS_CACHE", raising=False)
+    monkeypatch.setattr(cache.Path, "home", staticmethod(no_home))
+    assert cache.cache_root() is None

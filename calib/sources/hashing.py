@@ -9,12 +9,21 @@ from pathlib import Path
 from moepress.calib.sources.spec import TEXT_SUFFIXES, SourceSpec
 
 
+def _stamp(st) -> dict:
+    """What identifies a file's version without reading it: size, mtime and, as git's index does,
+    the inode change time, device and inode, which ``touch -r``, ``cp -p`` and ``rsync -a`` cannot
+    carry over (they keep size and mtime while the bytes change)."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "dev": st.st_dev,
+            "ino": st.st_ino}
+
+
 def _file_sha(p: Path, memo: dict | None) -> str:
     st = p.stat()
-    key = str(p.resolve())
+    key, stamp = str(p.resolve()), _stamp(st)
     if memo is not None:
         hit = memo.get(key)
-        if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
+        if isinstance(hit, dict) and isinstance(hit.get("sha256"), str) and \
+                all(hit.get(k) == v for k, v in stamp.items()):
             return hit["sha256"]
     h = hashlib.sha256()
     with open(p, "rb") as f:
@@ -22,7 +31,7 @@ def _file_sha(p: Path, memo: dict | None) -> str:
             h.update(block)
     d = h.hexdigest()
     if memo is not None:
-        memo[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": d}
+        memo[key] = {**stamp, "sha256": d}
     return d
 
 
