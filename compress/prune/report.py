@@ -34,4 +34,4 @@ def layer_report(i: int, kind: str, sel: Selection, stats: LayerRouting, method:
 
 def layer_note(rep: dict, budget: Budget) -> str:
     return (f"layer {rep['layer']}: kept {len(rep['kept'])}/{budget.num_experts}, dropped "
-            f"{100 * rep['dropped_share']:.1f}% of routed tokens")
+            f"{100 * rep['dropped_share']:.1f}% of routing assignments")

@@ -103,7 +103,7 @@ def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_t
     else:
         click.echo(f"{src.name}: kept {result['kept']} of {result['num_experts']} routed experts in "
                    f"{result['moe_layers']} MoE layers ({cfg.method}); dropped experts took "
-                   f"{100 * result['dropped_token_share_mean']:.1f}% of routed tokens on calibration data")
+                   f"{100 * result['dropped_token_share_mean']:.1f}% of routing assignments on calibration data")
         for note in result["constraints"]:
             click.echo(f"  {note}")
         if result["fragile_layers"]:
