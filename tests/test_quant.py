@@ -401,3 +401,36 @@ def test_calibration_free_error_gives_torch_threads_back(tmp_path, monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_w4a8_scales_are_model_optimizers_formulas(quantized, name):
+    """The quantize stage's W4A8 scales, recomputed here from the source weights and activations (the
+    unit test of w4a8.py checks its helpers, which the stage does not all call): weight_scale_2 = max
+    over a fused group of |W / pre_quant_scale| / 448; input_scale = max |x * pre_quant_scale| / 448,
+    x the calibration inputs (layer 0's attention: the input norm of the embeddings, computed with
+    transformers). On these models smoothing is mild (pre_quant_scale 0.86-1.16), so a scale taken
+    without it moves perplexity too little for the bounds above, while a consumer with stronger
+    smoothing would load it wrong."""
+    from transformers import AutoModelForCausalLM
+
+    src, (out, _) = bundled_path(name), quantized[0][name, "w4a8-awq"]
+    ref, q = CheckpointReader(src), CheckpointReader(out)
+    layout = read_quant_layout(out)
+    groups = [list(g) for g in layout["shared"]]
+    grouped = {m for g in groups for m in g}
+    groups += [[m] for m in layout["modules"] if m not in grouped]
+    for g in groups:
+        if g[0] + ".weight_scale_2" not in q:
+            continue
+        pqs = q.get(g[0] + ".pre_quant_scale").float()
+        want = max(float((ref.get(m + ".weight").float() / pqs).abs().max()) for m in g) / 448
+        assert float(q.get(g[0] + ".weight_scale_2")) == pytest.approx(want, rel=1e-6), g
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    batches = calibration_batches(src, (), CALIB["num_samples"], CALIB["seq_len"], 0, 8)
+    with torch.no_grad():
+        x = torch.cat([model.model.layers[0].input_layernorm(model.model.embed_tokens(b)) for b in batches])
+    p = next(f"model.layers.0.self_attn.{n}" for n in ("q_proj", "q_a_proj")
+             if f"model.layers.0.self_attn.{n}.input_scale" in q)  # a linear reading the norm's output
+    want = float((x * q.get(p + ".pre_quant_scale").float()).abs().max()) / 448
+    assert float(q.get(p + ".input_scale")) == pytest.approx(want, rel=1e-5)
