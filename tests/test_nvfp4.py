@@ -248,3 +248,18 @@ def test_exporters_without_fp4_refuse_in_one_line(quantized, tmp_path):
     for fmt in ("trtllm-ckpt", "onnx", "hf-fp8-block"):
         with pytest.raises(MoepressError, match="nvfp4|FP4"):
             export(quantized[("nvfp4", "tiny-qwen3-moe")], tmp_path / fmt, ExportConfig(format=fmt))
+
+
+def test_zero_and_tiny_blocks_are_model_optimizers_bytes():
+    """The block-scale edge rules (an all-zero 16-block; a block far below the tensor's amax, whose
+    scale would underflow E4M3) byte for byte against NVFP4QTensor; the bundled weights have neither,
+    so a change of either rule went unnoticed. 40 rows, input width 48 (three 16-blocks)."""
+    w = torch.randn(40, 48, generator=torch.Generator().manual_seed(3))
+    w[0, :16] = 0.0  # an all-zero block
+    w[1, 16:32] *= 1e-6  # a block below amax / (448 * 512)
+    w[2, 32:] = torch.tensor([1e-30] * 16)  # denormal-small
+    ref_q, ref_s, ref_s2 = _modelopt(w, [w])
+    t = FORMATS["nvfp4"].quantize([w], QuantContext()).tensors[0]
+    assert torch.equal(t["weight"], ref_q)
+    assert torch.equal(t["weight_scale"].view(torch.uint8), ref_s.view(torch.uint8))
+    assert torch.equal(t["weight_scale_2"], ref_s2.float().reshape(()))
