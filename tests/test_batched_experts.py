@@ -145,3 +145,28 @@ def test_quantize_cli_batched_equals_one_by_one(cli_run, tmp_path, monkeypatch):
         digests.append(_shards(tmp_path / f"q{int(flag)}"))
     assert digests[0] == digests[1] and len(digests[0]) >= 3
     assert os.path.getsize(tmp_path / "q1" / "moepress_quant.json") > 0
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_the_accelerators_batched_ops_agree_with_one_by_one_on_the_cpu(act_order):
+    """exact=False (what a GPU runs: one batched kernel per op, sums in another order) run here on the
+    CPU: GPTQ's codes equal one-by-one's but for float ties and AWQ chooses the same scales. Without
+    this, GPTQ's cross-block update or the damping term of that path could change and only the GPU
+    tests (0.2% perplexity) would see it."""
+    W, xs, Hs = _items()
+    dead = torch.stack([(W[b, 0] == 0).all(0) for b in range(B)])
+    perm, U = batched.factor(torch.stack(Hs), dead, 0.01, act_order, exact=False)
+    Q, S = batched.gptq(W, perm, U, GROUP, block_size=40, exact=False)
+    same = total = 0
+    for b in range(B):
+        for k in range(2):
+            q, s = gptq.gptq_quantize(W[b, k], Hs[b], GROUP, 0.01, act_order, block_size=40)
+            assert torch.allclose(S[b, k], s, rtol=1e-6, atol=0), (b, k)
+            same += int((Q[b, k] == q).sum())
+            total += q.numel()
+    assert same / total >= 0.999, same / total  # measured: every code equal
+    W1, xs1, _ = _items(1)
+    act = torch.stack([x.abs().mean(0) for x in xs1])
+    fast, slow = batched.awq_search(W1, xs1, act, GROUP, exact=False), batched.awq_search(W1, xs1, act, GROUP)
+    assert [f[1] for f in fast] == [s[1] for s in slow]
+    assert all(f[2] == pytest.approx(s[2], rel=1e-5) for f, s in zip(fast, slow, strict=True))
