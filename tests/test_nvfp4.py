@@ -263,3 +263,41 @@ def test_zero_and_tiny_blocks_are_model_optimizers_bytes():
     assert torch.equal(t["weight"], ref_q)
     assert torch.equal(t["weight_scale"].view(torch.uint8), ref_s.view(torch.uint8))
     assert torch.equal(t["weight_scale_2"], ref_s2.float().reshape(()))
+
+
+def _modelopt_fp4_fake_quant(x: torch.Tensor, gs: float) -> torch.Tensor:
+    """Model-Optimizer 0.47's NVFP4 activation fake quant transcribed in plain torch (its Triton kernel,
+    which needs a GPU: kernels/quantization/gemm/fp4_kernel_hopper.py fp4_fake_quant_kernel with
+    common/nvfp4_quant.py fp8_quantize_scale and fp4_round_magnitude)."""
+    gs = gs if gs > 0 else 1e-12
+    xb = x.float().reshape(*x.shape[:-1], -1, 16)
+    bmax = xb.abs().amax(-1, keepdim=True)
+    s = torch.minimum(bmax / (6.0 * gs), torch.tensor(448.0)).to(torch.float8_e4m3fn).float() * gs
+    s = torch.where(s >= 1e-5, s, torch.ones_like(s))
+    a = xb.abs() / s
+    q = torch.full_like(a, 6.0)
+    for bound, value, inclusive in reversed([(0.25, 0.0, True), (0.75, 0.5, False), (1.25, 1.0, True),
+                                             (1.75, 1.5, False), (2.5, 2.0, True), (3.5, 3.0, False),
+                                             (5.0, 4.0, True)]):
+        q = torch.where(a <= bound if inclusive else a < bound, torch.full_like(a, value), q)
+    y = q * s
+    return torch.where(xb >= 0, y, -y).reshape(x.shape)
+
+
+def test_activation_fake_quant_equals_model_optimizers_kernel_at_its_edges():
+    """The run-time input quantization against Model-Optimizer's kernel (transcribed above), on the blocks
+    the comparison with our weight quantizer leaves out: zero, below the 1e-5 scale floor, E4M3
+    subnormal scales, saturating (past 448 x 6 x the global scale), and exact rounding ties."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 128, generator=g) * 0.05
+    gs = 2.0 ** -12  # blocks of amax up to 6 x 448 x gs = 0.66 keep their scale
+    x[0, :16] = 0.0
+    x[1, :16] = torch.randn(16, generator=g) * 1e-5  # block scale ~5e-6: under 1e-5, taken as 1
+    x[1, 16:32] *= 1e-9  # block scale under E4M3's smallest: 0, taken as 1
+    x[2, 32:48] *= 1e-2  # E4M3-subnormal block scale
+    x[3, 48:64] *= 50.0  # past the global scale's range: saturates
+    # every rounding boundary exactly: block amax 6 x 2^-4, so its scale is 2^-4 and |x| / scale is t
+    x[4, 64:80] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 2) * 2.0 ** -4
+    x[4, 72:80] *= -1
+    got = nvfp4.fake_quant_input(x, torch.tensor(gs))
+    assert torch.equal(got, _modelopt_fp4_fake_quant(x, gs))
