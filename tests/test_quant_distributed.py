@@ -114,3 +114,31 @@ def test_two_rank_expert_split_is_identical_to_one_process(tmp_path, fmt):
         # the split: each rank quantized about half of every batch, not all of it
         assert len(got["counts"]) == len(one_counts) >= 2 and max(one_counts) >= 3
         assert all(c <= (n + 1) // 2 for c, n in zip(got["counts"], one_counts, strict=True))
+
+
+@pytest.mark.parametrize("width", [96, 8200])
+def test_deferred_statistics_fold_like_one_process(width):
+    """What gather() does with every rank's calls (ranks hold contiguous shares of the batches),
+    without the process group: folded in order, the statistics equal one process's bit for bit. Above
+    gptq.WIDE_INPUT (8192) one process adds each later batch's x^T x in place (addmm_), which rounds
+    unlike a product then a sum: ranks that kept x^T x per call gave another Hessian, other INT4 codes
+    and, through sequential calibration, other routing in every later layer."""
+    import torch
+
+    from moepress.compress.quantize.stats import LinearStats
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, width, generator=g) for n in (256, 128, 256)]
+    one = LinearStats(hessian=True)
+    for b in batches:
+        one.add(b)
+    ranks = [LinearStats(hessian=True, defer=True) for _ in range(2)]
+    for b in batches[:2]:
+        ranks[0].add(b)
+    ranks[1].add(batches[2])
+    folded = LinearStats(hessian=True)
+    for r in ranks:
+        for call in r.calls:
+            folded._fold(call)
+    assert torch.equal(folded.S, one.S) and torch.equal(folded.abs_sum, one.abs_sum)
+    assert torch.equal(folded.sample(), one.sample()) and folded.n == one.n

@@ -16,10 +16,10 @@ class LinearStats:
     """Inputs seen by one linear (or one group sharing an input): amax and mean |x| per channel,
     a sample of rows (AWQ), the Hessian (GPTQ).
 
-    Each forward call contributes (sum |x| in float64, rows, x^T x); contributions are folded in
-    call order. Under torchrun every rank keeps its own calls' contributions until
-    :meth:`gather`, which folds all ranks' calls in global batch order — so the statistics, and
-    the quantized checkpoint, are bit-identical to one process's.
+    Each forward call contributes (sum |x| in float64, sample rows, x^T x); contributions are folded
+    in call order. Under torchrun every rank keeps its own calls (their inputs) until :meth:`gather`,
+    which folds all ranks' calls in global batch order with the same operations — so the
+    statistics, and the quantized checkpoint, are bit-identical to one process's.
     """
 
     def __init__(self, hessian: bool, defer: bool = False):
@@ -45,25 +45,35 @@ class LinearStats:
         self.amax = a.amax(0) if self.amax is None else torch.maximum(self.amax, a.amax(0))
         take = x[: max(0, AWQ_SAMPLE_ROWS - self.n_rows)].clone()
         self.n_rows += take.shape[0]
-        xd = x.to(gptq.hessian_dtype(x.shape[1])) if self.hessian else None  # float32 only above gptq.WIDE_INPUT
-        if xd is not None and xd.dtype == torch.float32 and self.S is not None and not self.defer:
-            self._fold((a.sum(0, dtype=torch.float64), x.shape[0], take, None))  # wide: no [in, in] temporary
-            self.S.addmm_(xd.T, xd)
-            return
-        call = (a.sum(0, dtype=torch.float64), x.shape[0], take, xd.T @ xd if self.hessian else None)
+        # deferred (torchrun): the call's rows, not its x^T x: gather() folds every call exactly as one
+        # process does (a wide input's addmm_ rounds unlike a product then a sum), and rows
+        # [tokens, in] take less memory than one [in, in] matrix per call
+        rows = (x.clone() if self.defer else x) if self.hessian else None
+        call = (a.sum(0, dtype=torch.float64), x.shape[0], take, rows)
         if self.defer:
             self.calls.append(call)
         else:
             self._fold(call)
 
     def _fold(self, call) -> None:
-        s, n, rows, xtx = call
+        s, n, rows, x = call
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
         self.n += n
         if rows.shape[0] and sum(r.shape[0] for r in self.rows) < AWQ_SAMPLE_ROWS:
             self.rows.append(rows[: AWQ_SAMPLE_ROWS - sum(r.shape[0] for r in self.rows)])
-        if xtx is not None:
-            self.S = xtx if self.S is None else self.S.add_(xtx)  # in place: one [in, in] sum alive
+        if x is not None:
+            self._add_hessian(x)
+
+    def _add_hessian(self, x: torch.Tensor) -> None:
+        """S += x^T x: float64, or float32 above gptq.WIDE_INPUT, where later calls add in place
+        (addmm_: no [in, in] temporary beside S)."""
+        xd = x.to(gptq.hessian_dtype(x.shape[1]))
+        if self.S is None:
+            self.S = xd.T @ xd
+        elif xd.dtype == torch.float32:
+            self.S.addmm_(xd.T, xd)
+        else:
+            self.S.add_(xd.T @ xd)  # in place: one [in, in] sum alive
 
     def gather(self, env) -> None:
         """Fold every rank's calls, in global order (ranks hold contiguous shards of the batches)."""
