@@ -105,3 +105,27 @@ def _input_difference(old: dict, new: dict) -> str:
 
 
 __all__ = ["HINT", "ResumeRefused", "difference", "input_identity", "normalized", "resume_key"]
+
+
+JOURNAL = "writer-journal.json"  # CheckpointWriter's record of whole shards, boundaries and the key
+_NO_JOURNAL = object()  # a partial without a journal: started by an older moepress
+
+
+def resumable_journal(partial: Path, key: dict | None) -> dict:
+    """The journal of ``partial`` when it may be resumed with ``key`` ({} when there is no partial);
+    else :class:`ResumeRefused` naming what differs."""
+    if not partial.is_dir():
+        return {}
+    p = partial / JOURNAL
+    try:
+        journal = json.loads(p.read_text()) if p.is_file() else _NO_JOURNAL
+    except (OSError, ValueError):
+        raise MoepressError(f"{p}: unreadable journal; rerun without --resume") from None
+    if journal is _NO_JOURNAL:
+        if key is None:  # a caller without a key resumes whatever is there
+            return {}
+        raise ResumeRefused(partial, difference(None, key))
+    recorded = journal.get("key") if isinstance(journal, dict) else None
+    if recorded != key:
+        raise ResumeRefused(partial, difference(recorded, key))
+    return journal

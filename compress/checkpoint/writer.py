@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from moepress.compress.checkpoint.resume import ResumeRefused, difference, normalized
+from moepress.compress.checkpoint.resume import JOURNAL, normalized, resumable_journal
 from moepress.compress.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_NAME, write_safetensors
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, file_digests, versions, write_manifest
@@ -81,8 +81,6 @@ def read_later(reader, name: str) -> Deferred:
     return Deferred(reader.get_dtype(name), reader.info(name).shape, load)
 
 
-JOURNAL = "writer-journal.json"
-_NO_JOURNAL = object()  # a partial without a journal: started by an older moepress
 
 
 @contextmanager
@@ -112,27 +110,7 @@ def check_output(out: str | os.PathLike, *, force: bool = False, resume: bool = 
     if out.exists() and any(out.iterdir()) and not force:
         raise MoepressError(f"{out}: output directory is not empty (pass --force to replace it)")
     if resume:
-        _resumable_journal(partial, normalized(resume_key))
-
-
-def _resumable_journal(partial: Path, key: dict | None) -> dict:
-    """The journal of ``partial`` when it may be resumed with ``key`` ({} when there is no partial);
-    else :class:`ResumeRefused` naming what differs."""
-    if not partial.is_dir():
-        return {}
-    p = partial / JOURNAL
-    try:
-        journal = json.loads(p.read_text()) if p.is_file() else _NO_JOURNAL
-    except (OSError, ValueError):
-        raise MoepressError(f"{p}: unreadable journal; rerun without --resume") from None
-    if journal is _NO_JOURNAL:
-        if key is None:  # a caller without a key resumes whatever is there
-            return {}
-        raise ResumeRefused(partial, difference(None, key))
-    recorded = journal.get("key") if isinstance(journal, dict) else None
-    if recorded != key:
-        raise ResumeRefused(partial, difference(recorded, key))
-    return journal
+        resumable_journal(partial, normalized(resume_key))
 
 
 class CheckpointWriter:
@@ -199,7 +177,7 @@ class CheckpointWriter:
             raise MoepressError(f"{self.out.parent}: cannot create output directory ({e.strerror})") from None
         self._lock.acquire()
         try:
-            j = _resumable_journal(self.partial, self.resume_key) if resume else {}
+            j = resumable_journal(self.partial, self.resume_key) if resume else {}
             self._shards = [tuple(s) for s in j.get("shards", [])]  # type: ignore[misc]
             self._digests = j.get("digests", {})
             ends = j["ends"] if "ends" in j else [len(self._shards)]

@@ -1,0 +1,78 @@
+"""The tokenizer of a checkpoint: loading it (remote code only when allowed) and its fingerprint,
+which keys the calibration cache: the files that decide the token ids, the libraries' versions and,
+where no tokenizer class is named, the model type transformers picks the class by."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from moepress.calib.sources.hashing import _file_sha
+from moepress.errors import MoepressError
+
+# Files that decide how a checkpoint tokenizes (their bytes make the tokenizer's fingerprint).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "tiktoken.model", "vocab.json", "vocab.txt", "merges.txt", "spiece.model")
+TOKENIZER_GLOBS = ("*.tiktoken", "tokenization_*.py", "chat_template*")
+
+
+def _tokenizer_config(model_dir: Path) -> dict:
+    p = model_dir / "tokenizer_config.json"
+    try:
+        return json.loads(p.read_text()) if p.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MoepressError(f"{p}: not valid JSON") from None
+
+
+def needs_remote_code(model_dir: str | Path) -> bool:
+    """True when the tokenizer is a class shipped as Python code in the checkpoint (Kimi K2's)."""
+    auto = _tokenizer_config(Path(model_dir)).get("auto_map") or {}
+    return bool(auto.get("AutoTokenizer")) if isinstance(auto, dict) else bool(auto)
+
+
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    if needs_remote_code(model_dir) and not trust_remote_code:
+        raise MoepressError(f"{model_dir}: the tokenizer needs its own Python code; "
+                            f"pass --trust-remote-code to allow it")
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise MoepressError(f"{model_dir}: the tokenizer needs its own Python code; "
+                                f"pass --trust-remote-code to allow it") from None
+        raise MoepressError(f"{model_dir}: cannot load tokenizer ({e})") from None
+    except OSError as e:
+        raise MoepressError(f"{model_dir}: no tokenizer found ({str(e).splitlines()[0]})") from None
+
+
+def tokenizer_fingerprint(model_dir: str | Path, memo: dict | None = None) -> dict:
+    """sha256 over the tokenizer's files (names and bytes); raises if the model has none."""
+    d = Path(model_dir)
+    files = {p for p in (d / n for n in TOKENIZER_FILES) if p.is_file()}
+    for g in TOKENIZER_GLOBS:
+        files.update(p for p in d.glob(g) if p.is_file())
+    if not any(p.name != "tokenizer_config.json" and p.name != "special_tokens_map.json" for p in files):
+        raise MoepressError(f"{d}: no tokenizer found (expected tokenizer.json, tokenizer.model, "
+                            f"tiktoken.model or vocab files next to config.json)")
+    per = {p.name: _file_sha(p, memo) for p in sorted(files)}
+    h = hashlib.sha256("".join(f"{k}\0{v}\0" for k, v in {**per, **_tokenizer_context(d)}.items()).encode())
+    return {"sha256": h.hexdigest(), "files": per}
+
+
+def _tokenizer_context(d: Path) -> dict[str, str]:
+    """What decides the token ids besides the tokenizer's files: the libraries' versions, and, where
+    tokenizer_config.json names no ``tokenizer_class``, config.json's ``model_type`` (transformers
+    then picks the class by it, e.g. Qwen2Tokenizer's normalizer for qwen3_moe)."""
+    import tokenizers
+    import transformers
+
+    out = {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    if not _tokenizer_config(d).get("tokenizer_class"):
+        try:
+            out["model_type"] = str(json.loads((d / "config.json").read_text()).get("model_type"))
+        except (OSError, ValueError, AttributeError):
+            out["model_type"] = ""
+    return out
