@@ -195,6 +195,14 @@ def test_qdq_nodes_are_the_forms_tensorrt_takes(exported, model, kind):
     assert n_dq > 0
 
 
+def _ort_logits(onnx_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    """onnxruntime's logits of the export in ``onnx_dir`` (one thread, Q/DQ kept as written)."""
+    so = session_options()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(onnx_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(["logits"], {"input_ids": ids.numpy()})[0])
+
+
 def test_experts_with_their_own_input_scales_keep_them(exported, tmp_path):
     """Experts whose static input scales differ (a checkpoint not made by `moepress quantize`, which
     shares one per layer): each expert's inputs are quantized with its own scale, as the stream does."""
@@ -213,11 +221,7 @@ def test_experts_with_their_own_input_scales_keep_them(exported, tmp_path):
     dst = tmp_path / "onnx"
     export(src, dst, ExportConfig(format="onnx"))
     ids = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
-    so = session_options()
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(dst / "model.onnx"), so, providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(sess.run(["logits"], {"input_ids": ids.numpy()})[0])
-    ref = StreamedModel(src).forward([ids])[0]
+    got, ref = _ort_logits(dst, ids), StreamedModel(src).forward([ids])[0]
     same = StreamedModel(exported[("tiny-mixtral", "fp8")]["src"]).forward([ids])[0]
     rel = (got - ref).abs() / ref.abs().max()
     assert (ref - same).abs().max() > 100 * FLOAT32[0] * ref.abs().max()  # the edit moves the logits
@@ -240,9 +244,5 @@ def test_block_fp8_input_is_dequantized_per_expert_and_matches_the_stream(tmp_pa
                and any(a.name == "block_size" and a.i == 128 for a in n.attribute)]
     assert len(blocked) > 32 and all(len(dims[n.input[0]]) == 2 == len(dims[n.input[1]]) for n in blocked)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-    so = session_options()
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(dst / "model.onnx"), so, providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(sess.run(["logits"], {"input_ids": ids.numpy()})[0])
-    ref = StreamedModel(src).forward([ids])[0]
+    got, ref = _ort_logits(dst, ids), StreamedModel(src).forward([ids])[0]
     assert ((got - ref).abs().max() / ref.abs().max()).item() <= FLOAT32[0]
