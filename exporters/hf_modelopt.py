@@ -184,5 +184,5 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
 EXPORTER = Exporter(
     "hf-modelopt", export_hf_modelopt, description="Hugging Face checkpoint with modelopt's hf_quant_config.json "
     "(FP8, fp8_pb_wo, W4A16_AWQ, W4A8_AWQ ...) from a moepress quantize output",
-    consumers="TensorRT-LLM (PyTorch backend), vLLM, SGLang",
+    consumers="TensorRT-LLM (PyTorch backend); vLLM, SGLang for FP8 / NVFP4",
 )

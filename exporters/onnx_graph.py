@@ -16,7 +16,9 @@ DequantizeLinear / QuantizeLinear, opset 21), by the stored weight-scale granula
 * ``group`` (INT4): INT4 initializer (two per byte, low nibble first, ONNX's INT4 packing)
   + DequantizeLinear ``axis=1, block_size=group``; AWQ's ``pre_quant_scale`` multiplies the input.
 
-Stacked experts ([E, out, in]) use the same forms with a leading expert axis.
+Stacked quantized experts are dequantized one 2-D weight per DequantizeLinear and concatenated to
+[E, out, in] (TensorRT's DQ takes scales of rank <= 2); activation Q/DQ is per tensor: one shared
+scale, or one per expert on that expert's slice.
 """
 
 from __future__ import annotations

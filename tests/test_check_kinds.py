@@ -260,3 +260,17 @@ def test_export_quantizing_activations_is_not_streamed_as_weights_only(cli_run, 
     r = cli_run("check", ct, "--reference", ref, *SMALL, "--kind", "checkpoint", "--quiet")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
     assert "input_activations" in r.stderr and "--kind transformers" in r.stderr
+
+
+def test_model_optimizer_checkpoint_without_its_layout_is_refused_by_both_kinds(cli_run, ref, tmp_path):
+    """Without moepress_quant.json, a Model-Optimizer checkpoint's static activation scales are not
+    streamed, and transformers 5.24 has no Model-Optimizer loader: it read the FP8 codes as plain
+    weights (top-1 0.0 against the stream's 0.88), a check that measured nothing. One line, both kinds."""
+    q = tmp_path / "q"
+    assert cli_run("quantize", MODEL, "--format", "fp8", "--num-samples", "2", "--seq-len", "32", "-o", q,
+                   "--quiet").exit_code == 0
+    (q / "moepress_quant.json").unlink()
+    for kind in ("auto", "transformers"):
+        r = cli_run("check", q, "--reference", ref, *SMALL, "--kind", kind, "--quiet")
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, (kind, r.output)
+        assert "Model-Optimizer" in r.stderr or "hf_quant_config.json" in r.stderr, r.stderr

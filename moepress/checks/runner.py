@@ -207,8 +207,7 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
         raise MoepressError(f"--reference {reference}: not a checkpoint directory (no config.json)")
     if cfg.kind in ("auto", "checkpoint") and Path(candidate).resolve() == ref_dir.resolve():
         raise MoepressError(f"{candidate}: the candidate is the reference (--reference {reference}); the check "
-                            "would compare the model with itself and pass (--kind transformers runs it through "
-                            "another runtime)")
+                            "would compare the model with itself and pass")
     ref = StreamedModel(str(ref_dir), device=device)
     cand = open_candidate(candidate, cfg)
     if cand.streamed:

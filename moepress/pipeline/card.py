@@ -23,7 +23,9 @@ llm = LLM(model="{path}")
 print(llm.generate(["def fibonacci(n):"])[0].outputs[0].text)
 ```
 
-vLLM and SGLang read the same directory (`quant_method: modelopt`):
+vLLM and SGLang read the same directory (`quant_method: modelopt`) for FP8 per tensor and NVFP4
+(the README's consumer table; other formats' experts do not load there: use the compressed-tensors
+or hf-fp8-block export):
 
 ```bash
 vllm serve {path} --quantization modelopt

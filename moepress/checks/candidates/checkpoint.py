@@ -27,8 +27,10 @@ class CheckpointCandidate(Candidate):
         super().__init__(path)
         why = unstreamed_activations(path)
         if why is not None:
+            other = ("transformers 5 has no Model-Optimizer loader either; check the `moepress quantize` output it "
+                     "came from" if "hf_quant_config.json" in why else "use --kind transformers")
             raise MoepressError(f"{path}: {why}, which the checkpoint kind does not apply (it streams the weights "
-                                "only); use --kind transformers")
+                                f"only); {other}")
         self.stream = StreamedModel(str(path), prefetch=False)
         self.vocab_size = self.stream.adapter.vocab_size
         self.num_layers = self.stream.num_layers
@@ -84,7 +86,10 @@ def _detect_checkpoint(path: Path) -> bool:
         return False
     if not cfg.get("quantization_config"):
         return True  # a plain checkpoint: StreamedModel reads it, or says exactly why not
-    return unstreamed_activations(path) is None and streamable(path)
+    why = unstreamed_activations(path)
+    if why is not None:  # compressed-tensors: transformers runs it; Model-Optimizer: no runtime here, refused
+        return "hf_quant_config.json" in why
+    return streamable(path)
 
 
 def _open_checkpoint(path: Path, cfg: CheckConfig) -> Candidate:

@@ -57,6 +57,12 @@ def _detect_transformers(path: Path) -> bool:
 
 
 def _open_transformers(path: Path, cfg: CheckConfig) -> Candidate:
+    q = (config_json(path) or {}).get("quantization_config") or {}
+    if isinstance(q, dict) and q.get("quant_method") == "modelopt":
+        # transformers 5.24 has no "modelopt" quantizer (quantizers/auto.py): it warns and reads the
+        # stored FP8 / INT4 codes as plain weights, so its logits would say nothing about the model
+        raise MoepressError(f"{path}: a Model-Optimizer checkpoint (quant_method modelopt), which transformers "
+                            "loads as unquantized codes; check it with --kind checkpoint")
     return TransformersCandidate(path, cfg)
 
 
