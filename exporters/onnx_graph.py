@@ -128,8 +128,7 @@ class GraphBuilder:
             raise MoepressError(f"{self.reader.path}: '{name}' mixes quantization schemes across experts")
         self.schemes.add(stored_name(scheme))
         if stacked and scheme != "none":
-            ws = [g.op("Unsqueeze", [self.weight(n, [x]), g.const([0])])
-                  for n, x in zip(names or [f"{name}.{e}" for e in range(len(lins))], lins, strict=True)]
+            ws = [g.op("Unsqueeze", [self.weight(n, [x]), g.const([0])]) for n, x in zip(names, lins, strict=True)]
             return g.op("Concat", ws, axis=0)
         w = torch.stack([x.weight for x in lins]) if stacked else lins[0].weight
         if scheme == "none":

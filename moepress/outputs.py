@@ -105,3 +105,11 @@ class OutputLock:
 
 
 __all__ = ["OutputLock", "absolute", "overlap", "refuse_overlap"]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file renamed over it: a kill leaves the old file or the new
+    one, never half of one (a run's summary, a resumable stage's progress file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

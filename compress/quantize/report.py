@@ -20,6 +20,7 @@ from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.checkpoint.resume import ResumeRefused
 from moepress.compress.quantize.config import FORMATS, PROGRESS, QuantConfig
 from moepress.compress.quantize.group import LayerResult
+from moepress.outputs import write_text_atomic
 
 MIXED = "MIXED_PRECISION"  # modelopt's quant_algo when the modules have several formats
 
@@ -101,10 +102,8 @@ class QuantTotals:
         """Replace the progress file atomically (rank 0 only: other ranks have no ``partial``)."""
         if partial is None:
             return
-        p = partial / PROGRESS
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"layers": {str(i): d for i, d in self.layers.items()}}, default=float))
-        tmp.replace(p)
+        write_text_atomic(partial / PROGRESS, json.dumps({"layers": {str(i): d for i, d in self.layers.items()}},
+                                                          default=float))
 
     def quant_algo(self) -> str:
         """modelopt's quant_algo of the whole checkpoint: one format with one group size, else

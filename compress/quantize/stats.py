@@ -48,21 +48,21 @@ class LinearStats:
         # deferred (torchrun): the call's rows, not its x^T x: gather() folds every call exactly as one
         # process does (a wide input's addmm_ rounds unlike a product then a sum), and rows
         # [tokens, in] take less memory than one [in, in] matrix per call
-        rows = (x.clone() if self.defer else x) if self.hessian else None
-        call = (a.sum(0, dtype=torch.float64), x.shape[0], take, rows)
+        inputs = (x.clone() if self.defer else x) if self.hessian else None
+        call = (a.sum(0, dtype=torch.float64), x.shape[0], take, inputs)
         if self.defer:
             self.calls.append(call)
         else:
             self._fold(call)
 
     def _fold(self, call) -> None:
-        s, n, rows, x = call
+        s, n, sample, inputs = call
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
         self.n += n
-        if rows.shape[0] and sum(r.shape[0] for r in self.rows) < AWQ_SAMPLE_ROWS:
-            self.rows.append(rows[: AWQ_SAMPLE_ROWS - sum(r.shape[0] for r in self.rows)])
-        if x is not None:
-            self._add_hessian(x)
+        if sample.shape[0] and sum(r.shape[0] for r in self.rows) < AWQ_SAMPLE_ROWS:
+            self.rows.append(sample[: AWQ_SAMPLE_ROWS - sum(r.shape[0] for r in self.rows)])
+        if inputs is not None:
+            self._add_hessian(inputs)
 
     def _add_hessian(self, x: torch.Tensor) -> None:
         """S += x^T x: float64, or float32 above gptq.WIDE_INPUT, where later calls add in place

@@ -34,7 +34,7 @@ from pathlib import Path
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import builders as builder_registry
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest
-from moepress.outputs import refuse_overlap
+from moepress.outputs import refuse_overlap, write_text_atomic
 from moepress.pipeline.recipe import STAGES, dump
 from moepress.progress import Progress
 
@@ -46,13 +46,6 @@ BUILDERS = {b.artifact: b.name for b in builder_registry.BUILDERS.values()}
 
 
 RUN_JSON = "run.json"  # the finished run's summary
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file renamed over it: a kill leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _key(fields: dict) -> str:
@@ -160,7 +153,7 @@ class Runner:
         # run.json away: the stages below replace its outputs, and a kill must not leave it describing them
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.out / RUN_JSON).unlink(missing_ok=True)
-        _write_atomic(self.out / "recipe.yaml", dump(r))
+        write_text_atomic(self.out / "recipe.yaml", dump(r))
         self.prog.info(f"run: {self.recipe_src} on {self.model} -> {self.out}")
         src_key = _key({"source": source_digest(self.model)})
         calib_key = self._calib_key()
@@ -200,7 +193,7 @@ class Runner:
                    "checks": {n: {"passed": c.get("passed"), "failed": c.get("failed"),
                                   "metrics": c.get("metrics")} for n, c in checks.items()},
                    "builds": builds, "failed_checks": self.failed_checks}
-        _write_atomic(self.out / RUN_JSON, json.dumps(summary, indent=2, default=str))
+        write_text_atomic(self.out / RUN_JSON, json.dumps(summary, indent=2, default=str))
         return summary
 
     def _calib_key(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -25,11 +26,11 @@ class CheckpointCandidate(Candidate):
 
     def __init__(self, path: Path, cfg: CheckConfig):
         super().__init__(path)
-        why = unstreamed_activations(path)
-        if why is not None:
-            other = ("transformers 5 has no Model-Optimizer loader either; check the `moepress quantize` output it "
-                     "came from" if "hf_quant_config.json" in why else "use --kind transformers")
-            raise MoepressError(f"{path}: {why}, which the checkpoint kind does not apply (it streams the weights "
+        un = unstreamed_activations(path)
+        if un is not None:
+            other = ("use --kind transformers" if un.transformers_runs else "transformers 5 has no Model-Optimizer "
+                     "loader either; check the `moepress quantize` output it came from")
+            raise MoepressError(f"{path}: {un.why}, which the checkpoint kind does not apply (it streams the weights "
                                 f"only); {other}")
         self.stream = StreamedModel(str(path), prefetch=False)
         self.vocab_size = self.stream.adapter.vocab_size
@@ -58,7 +59,16 @@ def streamable(path: Path) -> bool:
         return False
 
 
-def unstreamed_activations(path: Path) -> str | None:
+class Unstreamed(NamedTuple):
+    """Activation quantization a directory declares that the stream would leave out: why, and
+    whether transformers runs the directory instead (compressed-tensors) or nothing here does
+    (Model-Optimizer: transformers 5.24 has no loader for it)."""
+
+    why: str
+    transformers_runs: bool
+
+
+def unstreamed_activations(path: Path) -> Unstreamed | None:
     """What activation quantization ``path`` declares that the stream would leave out (None: none).
     The stream fake-quantizes activations as a ``moepress quantize`` output's moepress_quant.json says
     (hf-modelopt and hf-fp8-block exports carry it); a compressed-tensors ``input_activations`` scheme
@@ -69,14 +79,14 @@ def unstreamed_activations(path: Path) -> str | None:
     q = (config_json(path) or {}).get("quantization_config") or {}
     groups = q.get("config_groups") if isinstance(q, dict) else None
     if isinstance(groups, dict) and any(isinstance(g, dict) and g.get("input_activations") for g in groups.values()):
-        return "its compressed-tensors quantization_config quantizes activations (input_activations)"
+        return Unstreamed("its compressed-tensors quantization_config quantizes activations (input_activations)", True)
     try:
         algo = json.loads((path / "hf_quant_config.json").read_text())["quantization"]["quant_algo"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     f = by_quant_algo(str(algo)) if algo else None
     if f is not None and f.activation != "none":
-        return f"its hf_quant_config.json quantizes activations ({algo})"
+        return Unstreamed(f"its hf_quant_config.json quantizes activations ({algo})", False)
     return None
 
 
@@ -86,9 +96,9 @@ def _detect_checkpoint(path: Path) -> bool:
         return False
     if not cfg.get("quantization_config"):
         return True  # a plain checkpoint: StreamedModel reads it, or says exactly why not
-    why = unstreamed_activations(path)
-    if why is not None:  # compressed-tensors: transformers runs it; Model-Optimizer: no runtime here, refused
-        return "hf_quant_config.json" in why
+    un = unstreamed_activations(path)
+    if un is not None:  # compressed-tensors: transformers runs it; Model-Optimizer: opened here, to be refused
+        return not un.transformers_runs
     return streamable(path)
 
 
