@@ -220,8 +220,9 @@ def _outputs_one_line(r, *needles) -> str:
     return line
 
 
-def _outputs_partial(tmp_path: Path, out: Path, model: Path, **cfg) -> dict:
-    """OUT.partial as a quantize run of ``model`` with ``cfg`` killed after its first shard leaves it."""
+def _outputs_partial(tmp_path: Path, out: Path, model: Path, device=None, **cfg) -> dict:
+    """OUT.partial as a quantize run of ``model`` with ``cfg`` (on ``device``) killed after its first shard
+    leaves it."""
 
     import torch
 
@@ -229,12 +230,22 @@ def _outputs_partial(tmp_path: Path, out: Path, model: Path, **cfg) -> dict:
     from moepress.compress.quantize import QuantConfig
     from moepress.compress.quantize.stage import quantize_resume_key
 
-    key = quantize_resume_key(QuantConfig(**cfg), model)
+    key = quantize_resume_key(QuantConfig(**cfg), model, device and torch.device(device))
     w = CheckpointWriter(out, resume_key=key)
     w.add("model.embed_tokens.weight", torch.ones(4, 4))
     w.end_shard()
     w._lock.release()  # the kernel drops a killed process's lock
     return _outputs_tree(out.with_name(out.name + ".partial"))
+
+
+def test_resume_refuses_a_calibrated_partial_started_on_another_device(cli_run, tmp_path):
+    # a GPU run's layers round unlike the CPU's: finishing it on the CPU would match neither
+    m, out = _outputs_model(tmp_path), tmp_path / "O"
+    before = _outputs_partial(tmp_path, out, m, device="cuda", format="fp8", num_samples=4, seq_len=32)
+    r = cli_run("quantize", m, "--format", "fp8", "--num-samples", "4", "--seq-len", "32", "--device", "cpu",
+                "--resume", "-o", out)
+    _outputs_one_line(r, "O.partial", "was started with device cuda", "cpu", "without --resume")
+    assert _outputs_tree(tmp_path / "O.partial") == before and not out.exists()
 
 
 def test_resume_refuses_a_partial_started_with_another_format(cli_run, tmp_path):

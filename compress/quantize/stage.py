@@ -70,11 +70,18 @@ EXTRA_LAYERS = ("stored past num_hidden_layers (DeepSeek-V3's multi-token-predic
                 "decoder layers only, so these are not written and config.json says num_nextn_predict_layers=0")
 
 
-def quantize_resume_key(cfg: QuantConfig, src: Path) -> dict:
-    """The key a quantize partial is resumed by: the config, what the calibration sources read, the input."""
+def quantize_resume_key(cfg: QuantConfig, src: Path, device: torch.device | None = None) -> dict:
+    """The key a quantize partial is resumed by: the config, what the calibration sources read, the input,
+    and for a calibrated config the kind of device (CPU, CUDA) it runs on."""
     # what the sources read: a resume must not finish, on edited calibration data, a run whose first layers
     # were calibrated on the old data (the sources' names alone are the same)
-    return resume_key("quantize", {**asdict(cfg), "calib_content": source_hashes(cfg.calib)}, src)
+    key = {**asdict(cfg), "calib_content": source_hashes(cfg.calib)}
+    if cfg.needs_calibration:
+        # the GPU's solves round unlike the CPU's (batched, float32 matmuls): layers calibrated on one and
+        # then the other would match neither device's uninterrupted run; calibration-free formats are
+        # byte-identical on both
+        key["device"] = torch.device(device or "cpu").type
+    return resume_key("quantize", key, src)
 
 
 def check_rules(sm: StreamedModel, cfg: QuantConfig) -> None:
@@ -126,7 +133,7 @@ class QuantizeStage:
         if not env.is_main:
             progress = QUIET
         # a resumed partial must have been started by this very run (config, input, moepress)
-        key, sources = quantize_resume_key(self.cfg, self.reader.path), (self.reader.path,)
+        key, sources = quantize_resume_key(self.cfg, self.reader.path, self.sm.device), (self.reader.path,)
         # refused before the calibration, by every rank (none waits for a rank 0 that gave up); the
         # writer checks again under its lock
         check_output(out, force=force, resume=resume, resume_key=key, sources=sources)
