@@ -236,6 +236,9 @@ def test_config_values_no_layer_can_use(good, tmp_path, cli_run, changes, needle
     ({"n_group": 3}, ["n_group=3", "equal groups"]),
     ({"topk_group": 5}, ["topk_group=5", "expected 1..4 groups"]),
     ({"moe_layer_freq": "a"}, ["moe_layer_freq='a'", "expected a whole number"]),
+    # routed as sigmoid / noaux_tc (transformers), served by vLLM as the config says
+    ({"scoring_func": "softmax"}, ["scoring_func='softmax'", "expected 'sigmoid'"]),
+    ({"topk_method": "greedy"}, ["topk_method='greedy'", "expected 'noaux_tc'"]),
 ])
 def test_deepseek_routing_config_no_router_can_use(tmp_path, cli_run, changes, needles):
     """Group-limited routing with groups that do not divide the experts (or more competing groups than

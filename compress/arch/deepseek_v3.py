@@ -67,6 +67,13 @@ class DeepseekV3Adapter(Adapter):
             v = self.config.get(key)
             if v is not None and not (is_count(v) or v == 0):
                 raise MoepressError(f"{where}: {key}={v!r}: expected a whole number")
+        # transformers 5.24 routes every DeepSeek-V3 config by sigmoid + correction bias (noaux_tc); vLLM's
+        # deepseek_v2.py follows the config's scoring_func / topk_method instead, so a config naming another
+        # routing would be served unlike the model moepress measured
+        for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
+            v = self.config.get(key)
+            if v is not None and v != want:
+                raise MoepressError(f"{where}: {key}={v!r}: expected {want!r} (DeepSeek-V3 / Kimi K2 routing)")
         g, tg = c.n_group, c.topk_group
         if not (is_count(g) and n % g == 0 and n // g >= 2):
             raise MoepressError(f"{where}: n_group={g!r} with n_routed_experts={n}: expected the experts in "
@@ -99,7 +106,7 @@ class DeepseekV3Adapter(Adapter):
         return {"scoring": "sigmoid", "top_k": self.top_k, "renormalize": bool(c.norm_topk_prob),
                 "n_group": int(c.n_group), "topk_group": int(c.topk_group), "correction_bias": True,
                 "routed_scaling_factor": float(c.routed_scaling_factor),
-                "topk_method": self.config.get("topk_method", "noaux_tc")}
+                "topk_method": "noaux_tc"}
 
     def mtp_layers(self) -> list[int]:
         """Multi-token-prediction layers stored after the trunk (DeepSeek-V3: model.layers.61)."""
