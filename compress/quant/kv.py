@@ -15,14 +15,17 @@ during calibration on the key and value states the attention hands its attention
   stores (transformers 5.24, models/qwen3_moe/modeling_qwen3_moe.py).
 - Mixtral: keys after RoPE, values = v_proj's output, likewise what the cache stores.
 - DeepSeek-V3 (MLA), following modelopt: the keys and values decompressed by ``kv_b_proj`` (keys
-  = [k_nope | k_pe after RoPE], values = kv_b_proj's value half). The runtimes cache the latent
-  instead: vLLM writes [kv_c_normed | k_pe] with the one ``k_scale`` and no v_scale (vLLM main,
-  2026: vllm/model_executor/layers/attention/mla_attention.py, ``ops.concat_and_cache_mla(...,
-  scale=layer._k_scale)``), so that cache saturates only where |kv_c_normed| exceeds both |k_nope|
-  and |k_pe|. TensorRT-LLM's PyTorch backend keeps its FP8 KV scale at 1.0 and overrides it only for
-  an NVFP4 cache (TensorRT-LLM main, 2026: tensorrt_llm/_torch/attention_backend/trtllm.py,
-  ``kv_cache_scaling_factor = torch.ones(1)``), which is what modelopt's get_kv_cache_scaling_factor
-  recommends by clamping the scales to >= 1.
+  = [k_nope | k_pe after RoPE], values = kv_b_proj's value half). No runtime we know reads these
+  for MLA, so they are written for parity with Model-Optimizer and its FP8 cache runs at scale 1.0:
+  the runtimes cache the latent [kv_c_normed | k_pe] instead (vLLM main, 2026:
+  vllm/model_executor/layers/attention/mla_attention.py, ``ops.concat_and_cache_mla(...,
+  scale=layer._k_scale)``), and vLLM's DeepSeek loader (models/deepseek_v2.py ``load_weights`` ->
+  model_loader/weight_utils.py ``maybe_remap_kv_scale_name``) maps a checkpoint's k_scale to
+  ``self_attn.attn.k_scale``, a parameter its MLA attention (``self_attn.mla_attn``) does not have,
+  so it skips the tensor and keeps 1.0. TensorRT-LLM's PyTorch backend keeps its FP8 KV scale at 1.0
+  and overrides it only for an NVFP4 cache (TensorRT-LLM main, 2026:
+  tensorrt_llm/_torch/attention_backend/trtllm.py, ``kv_cache_scaling_factor = torch.ones(1)``),
+  which is what modelopt's get_kv_cache_scaling_factor recommends by clamping the scales to >= 1.
 """
 
 from __future__ import annotations
