@@ -266,7 +266,10 @@ def encode_ct_int4(reader, base: str, w: torch.Tensor, stored: list[str]) -> dic
     scale = max|w| over the group / ((q_max - q_min) / 2) = amax / 7.5 (quantization/utils/helpers.py
     ``calculate_qparams``), q = clamp(round(w / scale), -8, 7) (lifecycle/forward.py ``_quantize``),
     stored q + 8, eight to an int32 word, low nibble first (compressors/pack_quantized ``pack_to_int32``);
-    ``formats.ct_inputs`` reads the same bytes back as compressed-tensors does."""
+    ``formats.ct_inputs`` reads the same bytes back as compressed-tensors does. A group whose values all
+    still round into [-8, 7] on the input's own scale keeps that scale: values the refit left alone keep
+    their codes (a fresh amax / 7.5 scale re-rounds a group holding a -8 code, moving it by ~7%, and
+    Kimi K2's INT4 grid is the one its experts were trained on)."""
     packed, scale = reader.get(base + ct_inputs.PACKED), reader.get(base + ".weight_scale")
     out_f, in_f = w.shape
     if base + ".weight_zero_point" in stored or scale.ndim != 2 or packed.shape != (out_f, -(-in_f // 8)):
@@ -277,7 +280,11 @@ def encode_ct_int4(reader, base: str, w: torch.Tensor, stored: list[str]) -> dic
     # in the scale's dtype throughout, as compressed-tensors computes on a bf16 model's weights
     wp = torch.zeros(out_f, groups * g, dtype=scale.dtype, device=w.device)
     wp[:, :in_f] = w.to(scale.dtype)
-    s = wp.view(out_f, groups, g).abs().amax(dim=-1) / 7.5
+    fresh = wp.view(out_f, groups, g).abs().amax(dim=-1) / 7.5
+    old = scale.to(device=w.device)
+    q_old = torch.round(wp.view(out_f, groups, g) / old.masked_fill(old == 0, 1.0)[..., None])
+    fits = (old > 0) & (q_old >= -8).all(dim=-1) & (q_old <= 7).all(dim=-1)
+    s = torch.where(fits, old, fresh)
     sd = s.masked_fill(s == 0, 1.0).repeat_interleave(g, dim=1)
     q = torch.clamp(torch.round(wp / sd), -8, 7)[:, :in_f].to(torch.int64) + 8
     q = torch.nn.functional.pad(q, (0, -in_f % 8)).view(out_f, -1, 8)
