@@ -14,8 +14,10 @@ What it does, in one run:
   * runs each mode (fp8-block calibration-free; fp8 calibrated; int4-awq, the default, with GPTQ
     rounding; int4-gptq; prune ``auto`` at 50%) as ``python -m moepress ... --device D --json`` in its
     own process: per-layer seconds from the progress events, host RSS and GPU peaks from the JSON
-    result (moepress/device.py); GPU runs first, then CPU runs share what is left of the time
-    budget (a run that would overrun is stopped and shows the layers it finished);
+    result (moepress/device.py); GPU runs first (issue 22's targets first: int4-awq, prune auto,
+    fp8-block), keeping CPU_RESERVE_S back for each CPU run, then the CPU runs (beside a GPU only
+    ``--cpu-modes`` fp8-block: a calibrated mode does not finish a Kimi-width layer on a CPU in the
+    time); a run that would overrun is stopped and shows the layers it finished;
   * a streamed forward on each device: the share of time the compute waited for uploads;
   * projects: Kimi K2 = dense layer + 60 x (MoE layer / experts x 384) (an upper bound: the MoE
     layer's attention and shared expert are counted per expert); fp8-block as a multiple of the raw
@@ -49,13 +51,14 @@ KIMI_LAYERS, KIMI_MOE_LAYERS, KIMI_EXPERTS = 61, 60, 384
 # Kimi K2's stored MoE layer (block FP8): 384 routed + 1 shared expert x 3 x 7168 x 2048 bytes, plus
 # its MLA attention (~0.19 GB) and router: what one streamed layer costs in host memory
 KIMI_MOE_LAYER_BYTES = 385 * 3 * 7168 * 2048 + 190e6
-MODES = {  # name -> (stage command, options, calibrated)
-    "fp8-block": (["quantize", "--format", "fp8-block"], False),
-    "fp8": (["quantize", "--format", "fp8"], True),
+MODES = {  # name -> (stage command, options, calibrated); the order they run in: issue 22's targets first
     "int4-awq": (["quantize", "--format", "int4-awq"], True),
-    "int4-gptq": (["quantize", "--format", "int4-gptq"], True),
     "prune-auto": (["prune", "--method", "auto", "--ratio", "0.5"], True),
+    "fp8-block": (["quantize", "--format", "fp8-block"], False),
+    "int4-gptq": (["quantize", "--format", "int4-gptq"], True),
+    "fp8": (["quantize", "--format", "fp8"], True),
 }
+CPU_RESERVE_S = 60.0  # kept back from the GPU runs for each CPU run
 TARGET_HOURS = {"int4-awq": 2.0, "prune-auto": 1.0}
 TARGET_RAW_RATIO = 1.5
 TARGET_HOST_GB = 64.0
@@ -223,6 +226,9 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--experts", type=int, default=None, help="Routed experts of the GPU runs (default 64; small 8).")
     ap.add_argument("--cpu-experts", type=int, default=None, help="Routed experts of the CPU runs (4; small 8).")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--cpu-modes", default=None,
+                    help="Modes of the CPU runs (default: fp8-block beside a GPU, whose calibrated modes cannot "
+                         "finish a Kimi-width layer on a CPU in the time; else --modes).")
     ap.add_argument("--devices", default=None, help="Comma list (default: cuda,cpu where CUDA is, else cpu).")
     ap.add_argument("--num-samples", type=int, default=None, help="Calibration samples (default 16; small 4).")
     ap.add_argument("--seq-len", type=int, default=None, help="Tokens per sample (default 256; small 32).")
@@ -241,7 +247,9 @@ def parse(argv) -> argparse.Namespace:
     a.seq_len = a.seq_len or (32 if a.small else 256)
     a.budget_s = a.budget_s or (300.0 if a.small else 450.0)
     a.modes = [m for m in a.modes.split(",") if m]
-    bad = [m for m in a.modes if m not in MODES]
+    a.cpu_modes = [m for m in (a.cpu_modes or ("fp8-block" if cuda and not a.small else ",".join(a.modes))).split(",")
+                   if m]
+    bad = [m for m in a.modes + a.cpu_modes if m not in MODES]
     if bad:
         ap.error(f"--modes: unknown {bad[0]} (expected {', '.join(MODES)})")
     return a
@@ -265,7 +273,7 @@ def main(argv=None) -> int:
         files = sorted(gpu_src.glob("*.safetensors"))
         raw_bytes = sum(p.stat().st_size for p in files)
         raw_s = raw_read(files)
-        runs = [(d, m) for d in a.devices for m in a.modes]
+        runs = [(d, m) for d in a.devices for m in (a.cpu_modes if d == "cpu" else a.modes)]
         for k, (dev, mode) in enumerate(runs):
             left = a.budget_s - (time.monotonic() - t_start) - 20  # 20 s for the table and the idle figure
             timeout = run_timeout(left, dev, runs[k:])
@@ -301,11 +309,11 @@ def main(argv=None) -> int:
 
 
 def run_timeout(left: float, dev: str, runs: list[tuple[str, str]]) -> float:
-    """Seconds for the next run: GPU runs first share what is left (at most 600 s each, so that a slow
-    one cannot use up the whole budget); CPU runs share what the GPU runs left."""
+    """Seconds for the next run: GPU runs first share what is left but CPU_RESERVE_S per CPU run (at most
+    600 s each, so that a slow one cannot use up the whole budget); CPU runs share what the GPU runs left."""
     gpu, cpu = sum(1 for d, _ in runs if d != "cpu"), sum(1 for d, _ in runs if d == "cpu")
     if dev != "cpu":
-        return max(min(600.0, (left - 10.0 * cpu) / max(gpu, 1)), 30.0)
+        return max(min(600.0, (left - CPU_RESERVE_S * cpu) / max(gpu, 1)), 30.0)
     return max(left / max(cpu, 1), 5.0)
 
 

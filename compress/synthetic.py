@@ -8,7 +8,9 @@ synthetic checkpoint has exactly the structure of the real model its config desc
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -53,29 +55,35 @@ def write_synthetic(config: dict, out: str | Path, *, seed: int = 0, dtype: torc
         cfg.pop("quantization_config", None)
     assert dtype in DTYPE_NAMES
 
-    def put(w: CheckpointWriter, name: str, t: torch.Tensor) -> None:
-        keep32 = adapter.keep_fp32(name) and name.endswith("bias")
+    def stored(name: str, shape: tuple[int, ...]) -> list[tuple[str, torch.Tensor]]:
+        t = random_tensor(name, shape, seed)
         if block_fp8 and _is_block_fp8_weight(name, t):
             q, s = quantize_block(t)
-            w.add(name, q)
-            w.add(name[: -len(".weight")] + ".weight_scale_inv", s)
-        else:
-            w.add(name, t if keep32 else t.to(dtype))
+            return [(name, q), (name[: -len(".weight")] + ".weight_scale_inv", s)]
+        keep32 = adapter.keep_fp32(name) and name.endswith("bias")
+        return [(name, t if keep32 else t.to(dtype))]
 
-    with CheckpointWriter(out, force=force, max_shard_bytes=max_shard_bytes) as w:
+    # a layer's tensors are drawn (and block-quantized) by a few threads at once (each has its own
+    # generator, so the bytes do not depend on the order): a real-width layer is billions of values
+    with CheckpointWriter(out, force=force, max_shard_bytes=max_shard_bytes) as w, \
+            ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        def put_all(shapes: dict[str, tuple[int, ...]]) -> None:
+            for pairs in pool.map(lambda item: stored(*item), shapes.items()):
+                for name, t in pairs:
+                    w.add(name, t)
+
         h, v = adapter.hidden_size, adapter.vocab_size
-        put(w, adapter.embed_name, random_tensor(adapter.embed_name, (v, h), seed))
+        put_all({adapter.embed_name: (v, h)})
         for i in range(adapter.num_layers):
             with torch.device("meta"):
                 layer = adapter.build_layer(i)
             prefix = adapter.layer_prefix(i)
-            for key, p in layer.state_dict().items():
-                put(w, prefix + key, random_tensor(prefix + key, tuple(p.shape), seed))
+            put_all({prefix + key: tuple(p.shape) for key, p in layer.state_dict().items()})
             w.end_shard()
             if on_layer is not None:
                 on_layer(i, adapter.num_layers)
-        put(w, adapter.norm_name, torch.ones(h))
+        w.add(adapter.norm_name, torch.ones(h).to(dtype))
         if not adapter.tie_word_embeddings:
-            put(w, adapter.head_name, random_tensor(adapter.head_name, (v, h), seed))
+            put_all({adapter.head_name: (v, h)})
         w.write_json("config.json", cfg)
     return Path(out)
