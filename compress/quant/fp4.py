@@ -81,7 +81,9 @@ def e8m0_decode(scale: torch.Tensor) -> torch.Tensor:
     if scale.dtype != torch.uint8:
         scale = scale.view(torch.uint8)
     e = scale.to(torch.int32)
-    out = torch.exp2((e - E8M0_BIAS).float())
+    # the float32 bits of 2 ** (e - 127) (exact on every device, unlike a math-library exp2): the exponent
+    # field e for e >= 1, the subnormal 2 ** -127 (bit 22) for e = 0
+    out = torch.where(e == 0, torch.full_like(e, 1 << 22), e << 23).view(torch.float32)
     return torch.where(e == E8M0_NAN, torch.full_like(out, float("nan")), out)
 
 
