@@ -116,12 +116,23 @@ def _refuse_misread_experts(s, schemes) -> None:
     refuse_partial_blocks(s, "compressed-tensors", modules)
 
 
-def _consumer_notes(s, schemes) -> list[str]:
-    """Known consumer bugs this checkpoint meets, said at export (the bytes follow the specification)."""
+# the newest transformers that loads NVFP4 routed experts without their weight_global_scale
+NVFP4_EXPERTS_MISLOADED_UP_TO = "5.24"
+
+
+def _misloaded_by(s, schemes) -> dict[str, str]:
+    """Consumers known to load this checkpoint wrongly: {package: newest affected version}."""
     global_scaled = any(sch.weights is not None and sch.weights.strategy == "tensor_group" for sch in schemes.values())
     if global_scaled and set(s.layout["modules"]) & {n for ns in routed_linears(s).values() for n in ns}:
-        return ["transformers <= 5.24 loads NVFP4 routed experts without weight_global_scale (wrong weights, no "
-                "error: huggingface/transformers#48371); vLLM and SGLang load them correctly"]
+        return {"transformers": NVFP4_EXPERTS_MISLOADED_UP_TO}
+    return {}
+
+
+def _consumer_notes(misloaded: dict[str, str]) -> list[str]:
+    """Known consumer bugs this checkpoint meets, said at export (the bytes follow the specification)."""
+    if "transformers" in misloaded:
+        return [f"transformers <= {misloaded['transformers']} loads NVFP4 routed experts without weight_global_scale "
+                "(wrong weights, no error: huggingface/transformers#48371); vLLM and SGLang load them correctly"]
     return []
 
 
@@ -174,7 +185,8 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
                 writer.add(n, r.get(n))
             writer.end_shard()
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
-    notes = _consumer_notes(s, schemes)
+    misloaded = _misloaded_by(s, schemes)
+    notes = _consumer_notes(misloaded)
     if dropped:
         notes.append(f"the FP8 KV-cache scales ({len(dropped)} k_scale / v_scale) are not carried: no kv_cache_scheme "
                      "is written, so runtimes keep the KV cache in the model's dtype; hf-modelopt carries them")
@@ -188,7 +200,8 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
     ModelCompressor(quantization_config=qc).update_config(str(writer.partial))
     writer.copy_aux_files(src)
     return {"ct_format": ct_format, "compressed_tensors_version": ct_version,
-            "quantized_linears": len(modules), "ignore": len(ignore), "dropped": dropped, "consumer_notes": notes}
+            "quantized_linears": len(modules), "ignore": len(ignore), "dropped": dropped, "consumer_notes": notes,
+            "misloaded_by": misloaded}
 
 
 EXPORTER = Exporter(

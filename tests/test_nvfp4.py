@@ -231,8 +231,21 @@ def test_transformers_drops_the_experts_global_scale(quantized, loaded):
 
 def test_export_says_transformers_misloads_nvfp4_experts(quantized):
     """The bytes follow the specification; the known consumer bug is said at export, not left silent."""
-    notes = json.loads((quantized["compressed-tensors"] / "export.json").read_text())["consumer_notes"]
+    info = json.loads((quantized["compressed-tensors"] / "export.json").read_text())
+    notes = info["consumer_notes"]
     assert len(notes) == 1 and "weight_global_scale" in notes[0] and "48371" in notes[0]
+    assert info["misloaded_by"] == {"transformers": "5.24"}
+
+
+def test_check_refuses_what_transformers_misloads(quantized, cli_run):
+    """check ran transformers' forward on the NVFP4 experts it loads without their global scales (a
+    traceback from the library's dtype mismatch; with a matching dtype, numbers of another model)."""
+    r = cli_run("check", quantized["compressed-tensors"], "--reference", models.path("tiny-qwen3-moe"),
+                "--max-samples", "2", "--seq-len", "32")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.stderr
+    for needle in ("compressed-tensors", "loads it wrongly", "transformers <= 5.24", "vLLM"):
+        assert needle in lines[0], lines[0]
 
 
 @pytest.mark.xfail(strict=True, reason="transformers 5.24 drops weight_global_scale of NVFP4 experts (test above; "

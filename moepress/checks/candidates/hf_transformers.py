@@ -37,9 +37,15 @@ class TransformersCandidate(Candidate):
         return {**super().describe(), "class": type(self.model).__name__, "device": self.device,
                 "quantization": str(self.quantization) if self.quantization else None}
 
+    def _forward(self, ids: torch.Tensor, **kw):
+        try:
+            return self.model(input_ids=ids.to(self.device), use_cache=False, **kw)
+        except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:  # the library's, on our input
+            raise MoepressError(f"{self.path}: transformers cannot run it ({first_line(e)})") from None
+
     @torch.no_grad()
     def run(self, ids: torch.Tensor) -> Outputs:
-        out = self.model(input_ids=ids.to(self.device), output_hidden_states=True, use_cache=False)
+        out = self._forward(ids, output_hidden_states=True)
         # hidden_states: the embeddings, then every decoder layer's output, the last one after
         # the final norm (transformers/models/qwen3_moe/modeling_qwen3_moe.py, Qwen3MoeModel.forward)
         hs = [h.float().cpu() for h in out.hidden_states]
@@ -47,7 +53,7 @@ class TransformersCandidate(Candidate):
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids.to(self.device), use_cache=False).logits.float().cpu()
+        return self._forward(ids).logits.float().cpu()
 
 
 def _detect_transformers(path: Path) -> bool:
@@ -63,7 +69,31 @@ def _open_transformers(path: Path, cfg: CheckConfig) -> Candidate:
         # stored FP8 / INT4 codes as plain weights, so its logits would say nothing about the model
         raise MoepressError(f"{path}: a Model-Optimizer checkpoint (quant_method modelopt), which transformers "
                             "loads as unquantized codes; check it with --kind checkpoint")
+    refuse_misloaded(path)
     return TransformersCandidate(path, cfg)
+
+
+def refuse_misloaded(path: Path) -> None:
+    """One line if the export that wrote ``path`` says this transformers loads it wrongly (export.json
+    ``misloaded_by``: the newest affected version), instead of gating numbers of another model."""
+    import json
+
+    import transformers
+
+    try:
+        upto = json.loads((path / "export.json").read_text()).get("misloaded_by", {}).get("transformers")
+    except (OSError, ValueError, AttributeError):
+        return
+    if upto and _version(transformers.__version__) <= _version(upto):
+        raise MoepressError(f"{path}: transformers {transformers.__version__} loads it wrongly (export.json "
+                            f"misloaded_by: transformers <= {upto}, e.g. NVFP4 experts without weight_global_scale); "
+                            "check the quantized checkpoint it was exported from, or serve it with vLLM / SGLang")
+
+
+def _version(v: str) -> tuple[int, int]:
+    """(major, minor) of a version string: "5.24.0.dev0" -> (5, 24); "5.24" covers every 5.24.x."""
+    major, minor = (v.split(".") + ["0", "0"])[:2]
+    return int("0" + "".join(c for c in major if c.isdigit())), int("0" + "".join(c for c in minor if c.isdigit()))
 
 
 KIND = CandidateKind("transformers", _open_transformers, priority=0, detect=_detect_transformers,
