@@ -264,6 +264,17 @@ def test_hub_dataset_without_network_is_one_line(qwen, tmp_path, cli_run, monkey
     assert_one_line_error(r, "allenai/c4", "Hugging Face Hub", "save_to_disk")
 
 
+def test_parquet_without_pyarrow_is_one_line(qwen, tmp_path, cli_run, monkeypatch):
+    """pyarrow comes with the [data] extra only: a Parquet source without it was a ModuleNotFoundError."""
+    import sys
+
+    (tmp_path / "x.parquet").write_text("hi")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    r = cli_run("calib", "prepare", QWEN, "--calib", tmp_path / "x.parquet", "-o", tmp_path / "c.pt")
+    assert_one_line_error(r, "x.parquet", "pyarrow", "moepress[data]")
+
+
 def test_missing_tokenizer_and_remote_code(qwen, tmp_path, cli_run):
     bare = tmp_path / "bare"
     bare.mkdir()

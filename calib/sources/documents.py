@@ -153,8 +153,12 @@ class ColumnDocuments(Documents):
 
 
 def parquet_documents(src: SourceSpec) -> ColumnDocuments:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MoepressError(f"{src.path}: reading Parquet needs the 'pyarrow' package "
+                            f"(pip install 'moepress[data]')") from None
 
     try:
         pf = pq.ParquetFile(src.path)

@@ -36,7 +36,10 @@ def hub_documents(src: SourceSpec, seed: int):
                             f"(datasets save_to_disk, JSONL or Parquet) and pass that path")
     try:
         import datasets
-
+    except ImportError:
+        raise MoepressError(f"--calib {src.spec}: reading a Hub dataset needs the 'datasets' package "
+                            f"(pip install 'moepress[data]')") from None
+    try:
         ds = datasets.load_dataset(src.location, src.config, split=src.split or "train", streaming=True,
                                    revision=src.revision)
         ds = ds.shuffle(seed=seed, buffer_size=10_000)
