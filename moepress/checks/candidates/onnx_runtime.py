@@ -23,8 +23,12 @@ def _onnx_file(path: Path) -> Path:
                         f"{', '.join(p.name for p in files) or 'none'}")
 
 
-def session_options():
+def session_options(optimize: bool = True):
     """onnxruntime session options that run the exported graph as written.
+
+    ``optimize=False`` (the check's session) also turns every graph optimization off: constant folding
+    turns each weight's DequantizeLinear (and the reshapes after it) into a float32 copy when the session
+    loads, several times the stored weights; the graph as written dequantizes each weight when it runs.
 
     ``session.disable_quant_qdq=1`` turns off onnxruntime's QDQ fusions, so the FP8
     QuantizeLinear/DequantizeLinear pairs stay as they are. Those fusions target integer kernels:
@@ -39,6 +43,8 @@ def session_options():
 
     so = ort.SessionOptions()
     so.add_session_config_entry("session.disable_quant_qdq", "1")
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return so
 
 
@@ -53,7 +59,7 @@ class OnnxCandidate(Candidate):
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                      if p in ort.get_available_providers()]
         try:
-            self.sess = ort.InferenceSession(str(self.file), session_options(), providers=providers)
+            self.sess = ort.InferenceSession(str(self.file), session_options(optimize=False), providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise MoepressError(f"{self.file}: onnxruntime cannot load it ({first_line(e)})") from None
         inputs = {i.name: i for i in self.sess.get_inputs()}
