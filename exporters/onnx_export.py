@@ -60,13 +60,19 @@ def refuse_length_dependent_rope(src: Path, adapter) -> None:
                             "with fixed frequencies (default, linear, yarn, llama3)")
 
 
+# the newest opset onnxruntime 1.32 runs this export at: at 28 it has no QuantizeLinear kernel
+# ("NOT_IMPLEMENTED: Could not find an implementation for QuantizeLinear(28)")
+MAX_OPSET = 27
+
+
 def export_onnx(src: Path, writer, cfg, progress) -> dict:
     if cfg.opset < 21:
         raise MoepressError(f"--opset {cfg.opset}: the ONNX export needs opset 21 or newer "
                             f"(INT4 and block-wise DequantizeLinear)")
-    if cfg.opset > onnx.defs.onnx_opset_version():  # a model no runtime of this onnx release can check
-        raise MoepressError(f"--opset {cfg.opset}: expected 21..{onnx.defs.onnx_opset_version()} (the newest "
-                            f"opset onnx {onnx.__version__} defines)")
+    newest = min(onnx.defs.onnx_opset_version(), MAX_OPSET)
+    if cfg.opset > newest:
+        raise MoepressError(f"--opset {cfg.opset}: expected 21..{newest} (the newest opset onnx {onnx.__version__} "
+                            f"defines and onnxruntime runs this export at)")
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config, reader.names())
     refuse_dynamic_inputs(src)
@@ -103,7 +109,9 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
         [helper.make_tensor_value_info("logits", FLOAT, ["batch", "sequence", adapter.vocab_size]), *outputs],
         initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", cfg.opset)], producer_name="moepress")
-    model.ir_version = 10  # opset 21 needs IR >= 10 (INT4)
+    # the lowest IR version the opset allows (onnx's VERSION_TABLE: opset 21-22 -> IR 10, 23 -> 11, ...),
+    # so that older runtimes load what they can run
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
     onnx.save(model, str(writer.partial / "model.onnx"))
     writer.copy_aux_files(src)
     return {"onnx": {"file": "model.onnx", "external_data": g.data_path.name, "opset": cfg.opset,

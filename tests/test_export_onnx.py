@@ -122,11 +122,25 @@ def test_moepress_check_passes_on_bf16_export(exported, cli_run):
     assert r.exit_code == 0, r.stderr
 
 
-@pytest.mark.parametrize("opset", [17, 100])  # 100: past the newest opset onnx defines (no runtime loads it)
+# 100: past the newest opset onnx defines; 28: onnx 1.23 defines it, onnxruntime 1.32 has no QuantizeLinear(28)
+@pytest.mark.parametrize("opset", [17, 28, 100])
 def test_opset_outside_21_to_the_newest_is_one_line_exit_2(cli_run, tmp_path, opset):
     r = cli_run("export", models.path("tiny-mixtral"), "--format", "onnx", "--opset", opset, "-o", tmp_path / "o")
     assert r.exit_code == 2 and f"--opset {opset}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not Path(tmp_path / "o").exists()
+
+
+def test_newer_opset_gets_its_ir_version_and_runs(cli_run, tmp_path):
+    """Opset 23 needs IR 11 (onnx VERSION_TABLE); the export wrote IR 10 whatever the opset."""
+    r = cli_run("export", models.path("tiny-mixtral"), "--format", "onnx", "--opset", 23, "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.stderr
+    m = onnx.load(str(tmp_path / "o" / "model.onnx"), load_external_data=False)
+    assert m.opset_import[0].version == 23 and m.ir_version == 11
+    onnx.checker.check_model(str(tmp_path / "o" / "model.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "o" / "model.onnx"), session_options(),
+                                providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(0).integers(0, 1000, (1, 8))
+    assert np.isfinite(sess.run(["logits"], {"input_ids": ids})[0]).all()
 
 
 @pytest.mark.parametrize("fmt", ["fp8-dynamic", "fp8-block"])
