@@ -40,8 +40,9 @@ def _hessian(st, pqs: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
 
 
 def _clip_input(st, pqs: torch.Tensor | None, fp8_input: bool) -> torch.Tensor:
-    """The GEMM's input the clip search evaluates (awq.py); W4A8 sees FP8 activations, as modelopt's
-    awq_clip does."""
+    """The GEMM's input the clip search evaluates (awq.py); W4A8 sees the FP8 activations its GEMM runs on
+    (moepress's choice: modelopt 0.47's W4A8 awq_full clips on the unquantized input, then re-calibrates
+    the weight's amax, which undoes the clip)."""
     x = st.sample() * pqs[None, :] if pqs is not None else st.sample()
     if fp8_input:
         x = fp8.fake_quant(x, fp8.scale_from_amax((st.amax * pqs if pqs is not None else st.amax).amax()))

@@ -21,8 +21,11 @@ minimises the error of that group's partial dot product over the calibration row
 (x = the smoothed input x * pre_quant_scale; C_g the group's [group, group] block of the input
 covariance, so every row is scored on all sampled tokens at the cost of one small matmul).
 r = 1 is plain amax / 7, so a clipped group is never worse than round-to-nearest on the sample.
-modelopt sums the same per-token loss over at most 64 strided tokens per forward call; we use the
-AWQ sample (up to 1024 rows) and, for W4A8, the FP8-quantized smoothed input, as modelopt does.
+modelopt sums the same per-token loss over 64-127 strided tokens per forward call
+(``x[0::max(1, n // 64)]``, modelopt 0.47 model_calib.py awq_clip) on an 11-ratio grid; we use the AWQ
+sample (up to 1024 rows), a 21-ratio grid and, for W4A8, the FP8-quantized smoothed input (our choice:
+modelopt's W4A8 awq_full clips on the unquantized input and then re-calibrates the weight's amax, which
+undoes the clip).
 The stored format is unchanged: only the ``weight_scale`` values (and the rounding) differ.
 
 By default (QuantConfig.awq_gptq) neither RTN nor the clip search rounds the smoothed weight:
