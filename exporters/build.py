@@ -123,6 +123,8 @@ def _resolve(artifact: Path, target: str | Target, out: Path, o: BuildOptions) -
     fmt = artifact_format(artifact, kind, source)
     gpus, ep, kv = fixed_by_artifact(kind, artifact, config, o.gpus, o.ep, o.kv_cache_dtype)
     p = _plan(artifact, kind, t, fmt, source, o, gpus, ep, kv, b.runtime)
+    if p.unloadable:
+        raise MoepressError(f"{artifact}: {p.unloadable} (builder {b.name})")
     cfg = BuildConfig(t.name, b.name, fmt, gpus, o.tp, ep, p.max_seq_len, o.max_batch, kv, o.hardware_compatibility,
                       o.trust_remote_code)
     return _Job(kind, b, source, out, Context(artifact.resolve(), out.resolve(), t, p, cfg, config))

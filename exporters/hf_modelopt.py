@@ -54,7 +54,13 @@ from moepress import __version__
 from moepress.compress import formats
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
-from moepress.exporters.fused_moe import high_precision_layers, refuse_mixed, refuse_partial_blocks, refuse_unlike
+from moepress.exporters.fused_moe import (
+    high_precision_layers,
+    refuse_mixed,
+    refuse_partial_blocks,
+    refuse_unlike,
+    routed_linears,
+)
 from moepress.exporters.hf_common import (
     QUANT_FILES,
     fused_unquantized,
@@ -139,9 +145,23 @@ def modelopt_name(n: str) -> str:
     return n
 
 
+def refuse_unloadable_experts(s, modules: dict) -> None:
+    """One line when no runtime loads the routed experts' format from a Model-Optimizer checkpoint: TensorRT-LLM
+    only for the families the format registry's ``trtllm_moe_families`` names, vLLM and SGLang never for
+    INT4 experts (tests/consumer_names.py)."""
+    routed = {n for ns in routed_linears(s).values() for n in ns}
+    for fmt in sorted({modules[n]["format"] for n in routed if n in modules}):
+        f = formats.FORMATS[fmt]
+        if f.trtllm_moe_families is not None and s.adapter.family not in f.trtllm_moe_families:
+            raise MoepressError(f"--format hf-modelopt: {s.path}: its {s.adapter.family} routed experts are {fmt}; "
+                                f"{f.trtllm_moe_why}, and vLLM / SGLang load only FP8 / NVFP4 experts from a "
+                                "Model-Optimizer checkpoint: no runtime would load them; export compressed-tensors "
+                                "(vLLM, SGLang, transformers) or quantize the experts fp8 / nvfp4")
+
+
 def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     s = open_source(src)
-    modules = require_layout(s, "hf-modelopt", "fp8 (or fp8-block, int4-awq, w4a8-awq)")["modules"]
+    modules = require_layout(s, "hf-modelopt", "fp8 (or fp8-block, w4a8-awq, nvfp4)")["modules"]
     unknown = sorted(f for f in {m["format"] for m in modules.values()}
                      if f not in formats.FORMATS or formats.FORMATS[f].modelopt_entry is None)
     if unknown:
@@ -152,6 +172,7 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     refuse_unlike(s, "hf-modelopt", modules, "TensorRT-LLM and vLLM fuse a layer's experts under one quantization "
                   "(one group size for all its projections)")
     refuse_partial_blocks(s, "hf-modelopt", modules)
+    refuse_unloadable_experts(s, modules)
     r = s.reader
     written = 0
     folded = _folded_awq(s.layout, modules)

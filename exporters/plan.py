@@ -69,6 +69,7 @@ class Plan:
     notes: list = field(default_factory=list)
     target_info: dict = field(default_factory=dict)
     runtime: str = "trtllm"  # trtllm | trtllm-engine (from a trtllm-ckpt) | onnx (a TensorRT engine from ONNX)
+    unloadable: str | None = None  # why the runtime cannot load the planned experts (the sizes still hold)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -286,7 +287,27 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     p = planner.onnx(gpus) if runtime == "onnx" else planner.fixed(gpus) if gpus is not None else planner.fewest()
     if why:
         p.notes.insert(0, f"format chosen for {bits}-bit weights: {why}")
+    if runtime == "trtllm":
+        p.unloadable = trtllm_experts_problem(shape, t, fmt)
+        if p.unloadable:
+            p.notes.append(f"TensorRT-LLM cannot load it: {p.unloadable} (the sizes hold for vLLM with a "
+                           "compressed-tensors export)")
     return p
+
+
+def trtllm_experts_problem(shape: ModelShape, t: Target, fmt: str) -> str | None:
+    """Why TensorRT-LLM's fused MoE cannot load this family's routed experts in ``fmt`` (the format
+    registry's ``trtllm_moe_families``), naming a format that it can and ``t`` runs; None if it can."""
+    f = formats.FORMATS[fmt]
+
+    def loads(g) -> bool:
+        return g.trtllm_moe_families is None or shape.family in g.trtllm_moe_families
+
+    if not shape.num_experts or loads(f):
+        return None
+    alts = [a for a in f.alternatives if t.supports(a) and loads(formats.FORMATS[a])]
+    return (f"{f.trtllm_moe_why}, so {fmt} {shape.family} routed experts do not load; use "
+            f"{alts[0] if alts else UNQUANTIZED} on {t.gpu}")
 
 
 def _gb(n: float) -> str:

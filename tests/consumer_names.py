@@ -22,6 +22,12 @@ TRTLLM_QUANT_ALGO = {
     "W4A8_NVFP4_FP8", "W4A8_MXFP4_FP8", "W4A8_MXFP4_MXFP8", "W4A16_MXFP4", "NO_QUANT",
 }
 TRTLLM_ALIASES = {"fp8_pb_wo": "FP8_BLOCK_SCALES"}
+# ...and for MoE layers (every model moepress writes): tensorrt_llm/_torch/modules/fused_moe/
+# fused_moe_cutlass.py ``_get_quant_method`` sends every INT4 per-group mode to WInt4AFP8FusedMoEMethod
+# (quantization.py), whose load_quant_scales reads each expert's input_scale and weight_scale_2: weight-only
+# INT4 experts (W4A16_AWQ / W4A16_GPTQ) do not load. W4A8_AWQ loads for Mixtral / Qwen3-MoE (DeepSeek-V3 /
+# Kimi K2 use its own W4A8_CUSTOM layout: the format registry's trtllm_moe_families, plan / build).
+TRTLLM_MOE_REFUSED = {"W4A16_AWQ", "W4A16_GPTQ"}
 
 # vLLM 0.33.0: vllm/model_executor/layers/quantization/modelopt.py ``LINEAR_ALGOS`` + "MIXED_PRECISION"
 # (``QUANT_ALGOS``); the quant_algo read is upper-cased first (``str(quant_method).upper()``).
@@ -43,7 +49,8 @@ SGLANG_MODELOPT = {"FP8", "MXFP8", "MIXED_PRECISION", "NVFP4", "NVFP4_AWQ", "W4A
 def modelopt_accepts(consumer: str, algo: str) -> bool:
     """Does ``consumer`` load a Model-Optimizer checkpoint whose quant_algo is ``algo``?"""
     if consumer == "TensorRT-LLM":
-        return TRTLLM_ALIASES.get(algo, algo) in TRTLLM_QUANT_ALGO
+        name = TRTLLM_ALIASES.get(algo, algo)
+        return name in TRTLLM_QUANT_ALGO and name not in TRTLLM_MOE_REFUSED
     if consumer == "vLLM":
         return algo.upper() in VLLM_MODELOPT & VLLM_MODELOPT_MOE
     if consumer == "SGLang":

@@ -188,18 +188,15 @@ def test_awq_fold_needs_an_awq_format(cli_run, tmp_path):
     assert r.exit_code == 2 and "--awq-fold" in r.output and "int4-awq" in r.output
 
 
-def test_folded_awq_exports_to_hf_modelopt_as_w4a16_awq(exported, tmp_path):
-    """Model-Optimizer's W4A16_AWQ layout from the folded checkpoint: pre_quant_scale = 1 (the
-    smoothing is in the norms), same model."""
+def test_int4_experts_are_refused_by_hf_modelopt(exported, tmp_path):
+    """No runtime loads INT4 weight-only experts from a Model-Optimizer checkpoint (TensorRT-LLM's fused MoE
+    reads W4A8's input_scale / weight_scale_2; vLLM and SGLang take FP8 / NVFP4 experts only)."""
+    from moepress.errors import MoepressError
+
     q, _ = exported[0]["tiny-qwen3-moe"]
-    e = tmp_path / "mo"
-    export(q, e, ExportConfig(format="hf-modelopt"))
-    r = CheckpointReader(e)
-    assert json.loads((e / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A16_AWQ"
-    pqs = [n for n in r.names() if n.endswith(".pre_quant_scale")]
-    assert len(pqs) == len(json.loads((q / "moepress_quant.json").read_text())["modules"])
-    assert all(torch.equal(r.get(n), torch.ones_like(r.get(n))) for n in pqs[:5])
-    assert torch.equal(StreamedModel(r).forward([IDS])[0], StreamedModel(CheckpointReader(q)).forward([IDS])[0])
+    with pytest.raises(MoepressError, match=r"routed experts are int4-awq; .*WInt4AFP8.*export compressed-tensors"):
+        export(q, tmp_path / "mo", ExportConfig(format="hf-modelopt"))
+    assert not (tmp_path / "mo").exists()
 
 
 def test_shared_vector_consensus_of_the_readers_own_vectors():

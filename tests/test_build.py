@@ -124,6 +124,25 @@ def test_tensorrt_dry_run(cli_run, onnx_dir, tmp_path):
     assert "--maxShapes=input_ids:8x1024" in sh
 
 
+@pytest.mark.parametrize("model,algo,loads", [
+    ("tiny-mixtral", "W4A16_AWQ", False), ("tiny-qwen3-moe", "W4A16_GPTQ", False),
+    ("tiny-deepseek-v3", "W4A8_AWQ", False), ("tiny-mixtral", "W4A8_AWQ", True)])
+def test_trtllm_pytorch_refuses_int4_experts_its_fused_moe_cannot_load(cli_run, tmp_path, model, algo, loads):
+    """TensorRT-LLM's fused MoE runs INT4 experts only as W4A8 in Model-Optimizer's layout (DeepSeek-V3 /
+    Kimi: its own W4A8_CUSTOM layout): the bundle was written for experts that would not load."""
+    cfg = json.loads((models.path(model) / "config.json").read_text())
+    art = _modelopt(tmp_path / "mo", cfg, algo)
+    r = cli_run("build", art, "--target", "h100", "--reference", models.path(model), "-o", tmp_path / "b",
+                "--dry-run")
+    if loads:
+        assert r.exit_code == 0, r.output
+        return
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert "routed experts do not load" in lines[0] and ("WInt4AFP8" in lines[0] or "W4A8_CUSTOM" in lines[0])
+    assert not (tmp_path / "b").exists()
+
+
 def test_trtllm_pytorch_bundle_kimi(cli_run, tmp_path):
     """Kimi K2 block-FP8 on H200: 16 GPUs (2 nodes), tp 16, ep 16 (tests/test_plan.py's arithmetic)."""
     cfg = json.loads(open(KIMI).read())

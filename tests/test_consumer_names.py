@@ -34,6 +34,12 @@ def modelopt_name(fmt: str) -> str | None:
     return hf_quant["quantization"]["quant_algo"]
 
 
+def modelopt_export_name(fmt: str) -> str | None:
+    """``modelopt_name`` of an MoE model's hf-modelopt export; None where the exporter refuses its experts
+    (no family's TensorRT-LLM MoE loads them: exporters/hf_modelopt.refuse_unloadable_experts)."""
+    return None if formats.FORMATS[fmt].trtllm_moe_families == () else modelopt_name(fmt)
+
+
 def _args_key(a, weights: bool) -> str | None:
     if a is None:
         return None
@@ -66,7 +72,7 @@ def table() -> str:
     for name, f in formats.produced().items():
         if f.element == "bf16":
             continue
-        algo, key = modelopt_name(name), ct_key(name)
+        algo, key = modelopt_export_name(name), ct_key(name)
         mo = [_cell(algo is not None and cn.modelopt_accepts(c, algo)) for c in cn.CONSUMERS[:3]]
         ct = [_cell(key is not None and cn.ct_accepts(c, key)) for c in cn.CONSUMERS]
         key_s = "; ".join(str(k) for k in key) if key else "(refused)"
@@ -85,7 +91,7 @@ def test_readme_table_is_the_computed_one():
 @pytest.mark.parametrize("name", [n for n, f in formats.produced().items() if f.element != "bf16"])
 def test_every_export_has_a_consumer(name):
     """A format we let an exporter write is loaded by at least one runtime there (else it must be refused)."""
-    algo, key = modelopt_name(name), ct_key(name)
+    algo, key = modelopt_export_name(name), ct_key(name)
     if algo is not None:
         assert any(cn.modelopt_accepts(c, algo) for c in cn.CONSUMERS), (name, algo)
     if key is not None:

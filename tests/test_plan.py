@@ -134,6 +134,16 @@ def test_int4_kimi_on_h200_fits_8_and_a100_needs_16(kimi):
     assert plan(kimi, "a100-80gb", "int4-awq").gpus == 16
 
 
+def test_plan_says_when_trtllm_cannot_load_the_experts(kimi):
+    """The sizes hold for any runtime; TensorRT-LLM's fused MoE loads INT4 experts only as Model-Optimizer
+    W4A8 (Mixtral / Qwen3-MoE): the plan says so and names a format it loads."""
+    p = plan(kimi, "h200", "int4-awq")
+    assert "WInt4AFP8" in p.unloadable and "use fp8" in p.unloadable
+    assert any("TensorRT-LLM cannot load it" in n for n in p.notes)
+    assert "W4A8_CUSTOM" in plan(kimi, "h200", "w4a8-awq").unloadable
+    assert plan(kimi, "h200", "fp8-block").unloadable is None
+
+
 def test_pruned_50_percent(kimi_pruned):
     d, shape = kimi_pruned
     assert shape.num_experts == 192

@@ -17,6 +17,17 @@ import torch
 from moepress.compress.formats.base import GROUP, QuantContext, Quantized
 from moepress.compress.quant import awq, fp8, gptq, int4, w4a8
 
+# TensorRT-LLM main (read 2026-12): tensorrt_llm/_torch/modules/fused_moe/fused_moe_cutlass.py
+# ``_get_quant_method`` sends every INT4 per-group mode (W4A16_AWQ / W4A16_GPTQ / W4A8_AWQ) to
+# ``WInt4AFP8FusedMoEMethod`` (quantization.py), sm89/sm90 only, 128-wide groups; its
+# ``load_quant_scales`` reads each expert's ``input_scale`` and ``weight_scale_2``; and
+# models/modeling_deepseekv3.py loads INT4 experts in its ``W4A8_CUSTOM`` layout (``weight_scale_inv``,
+# pre-packed weights, the input scale fused with pre_quant_scale), not Model-Optimizer's.
+TRTLLM_W4A16_MOE = ("TensorRT-LLM's fused MoE runs INT4 experts only as W4A8 (WInt4AFP8FusedMoEMethod reads each "
+                    "expert's input_scale and weight_scale_2, which weight-only INT4 has not)")
+TRTLLM_W4A8_MOE = ("TensorRT-LLM loads DeepSeek-V3 / Kimi K2 INT4 experts in its own W4A8_CUSTOM layout "
+                   "(modeling_deepseekv3.py), not Model-Optimizer's")
+
 
 def _smoothing(ws: list[torch.Tensor], st, group: int, use_awq: bool) -> tuple[torch.Tensor | None, float | None]:
     """AWQ's pre_quant_scale for the group (identity scales for an expert without statistics)."""

@@ -100,6 +100,10 @@ class Format:
     # compressed-tensors tensors written directly from our stored ones (suffix -> tensor), for formats
     # whose stored bytes already are the library's (NVFP4, MXFP4) instead of through its compressor
     ct_tensors: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    # the model families whose routed experts TensorRT-LLM's fused MoE loads in this format from a
+    # Model-Optimizer checkpoint (None: every family): the reason, when not every family
+    trtllm_moe_families: tuple[str, ...] | None = None
+    trtllm_moe_why: str = ""
 
     @property
     def produced(self) -> bool:

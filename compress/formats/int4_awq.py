@@ -25,4 +25,5 @@ FORMAT = Format(
     modelopt_entry=_int4.modelopt_entry("W4A16_AWQ", awq_scale=True), modelopt_group=_int4.modelopt_group,
     ct_format="pack-quantized", ct_scheme=_int4.ct_scheme,  # folded only (--awq-fold)
     decode=_int4.decode,
+    trtllm_moe_families=(), trtllm_moe_why=_int4.TRTLLM_W4A16_MOE,
 )

@@ -31,4 +31,5 @@ FORMAT = Format(
     stored_bytes=partial(_int4.stored_bytes, awq_scale=True, scalars=2),
     modelopt_entry=_int4.modelopt_entry("W4A8_AWQ", awq_scale=True), modelopt_group=_modelopt_group,
     decode=_int4.decode,
+    trtllm_moe_families=("mixtral", "qwen3_moe"), trtllm_moe_why=_int4.TRTLLM_W4A8_MOE,
 )
