@@ -43,6 +43,7 @@ def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool =
     # imported here: this package's light modules (targets, kv_cache) are read when the CLI starts
     from moepress.compress.arch import get_adapter
     from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+    from moepress.compress.stream import StreamedModel
 
     progress = progress or Progress(mode="quiet")
     reg = exporters()
@@ -61,6 +62,9 @@ def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool =
                             f"{', '.join(ex.options) or 'none'}")
     if cfg.tp < 1 or cfg.ep < 1:
         raise MoepressError(f"--tp/--ep: expected positive sizes, got tp={cfg.tp} ep={cfg.ep}")
+    # the shard headers against config.json before anything is written (a tensor of the wrong shape was
+    # exported as it was, or failed mid-export with a traceback)
+    StreamedModel(reader, prefetch=False).check_weights()
     with CheckpointWriter(out, force=force, sources=(src,)) as writer:
         summary = ex.fn(src, writer, cfg, progress) or {}
         # the source's own manifest already holds its digests (hashing 1 TB again costs minutes)

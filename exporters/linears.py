@@ -108,7 +108,11 @@ def read_linear(reader: CheckpointReader, prefix: str) -> Linear:
                                 "weight_scale; expected float32 (INT4), float8_e4m3fn (NVFP4) or uint8 (MXFP4's E8M0)")
         return Linear("group", int4.unpack_int4(reader.get(name)), s.float(), opt(".input_scale"),
                       opt(".pre_quant_scale"))
-    return Linear("none", reader.get(name))
+    t = reader.get(name)
+    if not t.dtype.is_floating_point:  # int8 / int32 / bool values with no scales: not weights
+        raise MoepressError(f"{reader.path}: tensor '{name}' is stored as {str(t.dtype).removeprefix('torch.')} with "
+                            "no quantization scales beside it; expected bf16, fp16 or fp32, FP8 or INT4 with scales")
+    return Linear("none", t)
 
 
 __all__ = ["FP8_SCALES", "Linear", "read_linear", "stored_name"]

@@ -327,6 +327,27 @@ def test_integer_weight_without_scales_is_refused(good, tmp_path, cli_run):
     assert_one_line_error(r, name, "stored as int8 with no quantization scales")
 
 
+@pytest.mark.parametrize("change,needle", [("shape", "has shape"), ("dtype", "stored as int32")])
+@pytest.mark.parametrize("fmt", ["hf-fp8-block", "onnx", "trtllm-ckpt"])
+def test_export_refuses_a_tensor_unlike_its_config(good, tmp_path, cli_run, change, needle, fmt):
+    """The exporters read tensors as stored: a weight of the wrong shape was written as it was (hf-fp8-block,
+    exit 0) or failed mid-export with a traceback; an int32 weight was cast to bf16 (exit 0)."""
+    from safetensors.torch import load_file, save_file
+
+    ck = copy_checkpoint(good, tmp_path / "c")
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    for shard in shards(ck):
+        t = load_file(shard)
+        if name in t:
+            t[name] = t[name][:, : t[name].shape[1] // 2].contiguous() if change == "shape" else t[name].to(torch.int32)
+            save_file(t, shard, metadata={"format": "pt"})
+    r = cli_run("export", ck, "--format", fmt, "-o", tmp_path / "x", "--quiet")
+    if change == "dtype" and fmt == "hf-fp8-block":
+        needle = "int32"
+    assert_one_line_error(r, name, needle)
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("args", [["prune", "tiny-mixtral", "--ratio", "0.25", "-o", "x"],
                                   ["calib", "prepare", "tiny-mixtral", "-o", "x.safetensors"],
                                   ["export", "tiny-mixtral", "--format", "onnx", "-o", "x"]])
