@@ -9,7 +9,6 @@ pruned checkpoint's smaller expert count is used as is. Kinds: ``attn`` (attenti
 from __future__ import annotations
 
 import collections
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from torch import nn
 
 from moepress.compress import formats
 from moepress.compress.arch import get_adapter
-from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.checkpoint import CheckpointReader, read_config_file
 from moepress.errors import MoepressError
 
 
@@ -95,7 +94,7 @@ def _layer_linears(layer) -> tuple[list[tuple[str, str, int, int]], int]:
 
 def _config_and_adapter(model: str | Path | dict):
     if isinstance(model, str | Path) and Path(model).is_file() and str(model).endswith(".json"):
-        model = json.loads(Path(model).read_text())
+        return (cfg := read_config_file(model)), get_adapter(cfg, where=str(model))
     if isinstance(model, dict):
         return model, get_adapter(model)
     p = Path(model)

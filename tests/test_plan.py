@@ -199,6 +199,17 @@ def test_refusals(kimi):
         plan(kimi, "l4", "bf16", max_seq_len=131072)
 
 
+@pytest.mark.parametrize("content,needle", [(b"{", "not valid JSON"), (b"\xff\xfe", "not UTF-8"),
+                                            (b"[1]", "expected a JSON object")])
+def test_plan_of_a_broken_config_file_is_one_line(cli_run, tmp_path, content, needle):
+    """A config .json given to plan was read with a bare json.loads: tracebacks."""
+    f = tmp_path / "partial.json"
+    f.write_bytes(content)
+    r = cli_run("plan", f, "--target", "h100")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and "partial.json" in lines[0] and needle in lines[0], r.output
+
+
 def test_plan_cli(cli_run):
     r = cli_run("plan", "tiny-qwen3-moe", "--target", "h100", "--json")
     assert r.exit_code == 0, r.output

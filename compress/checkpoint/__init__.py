@@ -12,9 +12,16 @@ The O_DIRECT thresholds (``reader.DIRECT_MIN_BYTES``, ``safetensors_io.DIRECT_MI
 live in the module that reads them; set them there.
 """
 
-from moepress.compress.checkpoint.reader import CheckpointReader, LayerView, TensorInfo, decode_weight
+from moepress.compress.checkpoint.reader import (
+    CheckpointReader,
+    LayerView,
+    TensorInfo,
+    decode_weight,
+    read_config_file,
+)
 from moepress.compress.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, write_safetensors
 from moepress.compress.checkpoint.writer import AUX_FILE_PATTERNS, CheckpointWriter, aux_files, read_later
 
 __all__ = ["AUX_FILE_PATTERNS", "DTYPE_NAMES", "INDEX_NAME", "SINGLE_NAME", "CheckpointReader", "CheckpointWriter",
-           "LayerView", "TensorInfo", "aux_files", "decode_weight", "read_later", "write_safetensors"]
+           "LayerView", "TensorInfo", "aux_files", "decode_weight", "read_config_file", "read_later",
+           "write_safetensors"]

@@ -51,6 +51,14 @@ def _json(path: Path) -> dict:
         raise MoepressError(f"{path}: not valid JSON (not UTF-8 text: invalid byte at offset {e.start})") from None
 
 
+def read_config_file(path: str | Path) -> dict:
+    """A config.json-like file as a dict; one line naming the file when it is unreadable or not an object."""
+    cfg = _json(Path(path))
+    if not isinstance(cfg, dict):
+        raise MoepressError(f"{path}: expected a JSON object")
+    return cfg
+
+
 def _check_relative(index: Path, name, fname) -> None:
     """An index entry names a shard by a path relative to the model directory: not absolute,
     no '..' (transformers joins it to the directory; an absolute path would replace it)."""
