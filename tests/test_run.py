@@ -298,7 +298,9 @@ def test_run_into_a_directory_holding_its_recipe_or_other_files_is_refused(cli_r
     ({"check": {"kind": "bogus"}}, ["check.kind: not a recipe key"]),
     ({1: "a", "foo": "b"}, ["unknown key"]),
     ({"check": {"data": 5}}, ["check: data 5: expected a file"]),
-    ({"check": {"seed": "abc"}}, ["check: seed 'abc': expected an integer"]),
+    ({"check": {"seed": "abc"}}, ["check: seed 'abc': expected a 64-bit integer"]),
+    ({"calib": {"seed": 2**80}}, ["calib.seed: expected a 64-bit integer"]),  # torch's OverflowError
+    ({"check": {"seed": 2**80}}, ["check: seed 1208925819614629174706176: expected a 64-bit integer"]),
     ({"check": {"trust_remote_code": "no"}}, ["check: trust_remote_code 'no': expected true or false"]),
     ({"check": {"max_kl": [1]}}, ["check: max_kl [1]"]),
 ])

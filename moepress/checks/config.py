@@ -67,8 +67,8 @@ class CheckConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise MoepressError(f"{name} {v!r}: expected an integer >= {low}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise MoepressError(f"seed {self.seed!r}: expected an integer")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**63:
+            raise MoepressError(f"seed {self.seed!r}: expected a 64-bit integer")
         for name, typ, what in (("data", (str, type(None)), "a file, directory or dataset name"),
                                 ("kind", str, "a candidate kind"), ("trust_remote_code", bool, "true or false")):
             if not isinstance(getattr(self, name), typ):

@@ -110,6 +110,8 @@ def _check_value(src: str, section: str, key: str, v) -> None:
             raise MoepressError(f"{_where(src, section, key)}: expected a list of {elem.__name__}, got {bad[0]!r}")
     if (section, key) in POSITIVE and v is not None and v < 1:
         raise MoepressError(f"{_where(src, section, key)}: expected a positive number, got {v!r}")
+    if key == "seed" and isinstance(v, int) and not -(2**63) <= v < 2**63:  # torch's generator takes 64 bits
+        raise MoepressError(f"{_where(src, section, key)}: expected a 64-bit integer, got {v!r}")
     if (section, key) == ("build", "targets"):
         from moepress.exporters.targets import TARGETS, get_target
 
