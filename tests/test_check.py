@@ -202,6 +202,12 @@ def test_bad_input_is_one_line_exit_2(cli_run, ref, tmp_path):
     assert "not a candidate moepress can run" in err(tmp_path / "empty", "--reference", ref)
     same = shutil.copytree(ref, tmp_path / "same")
     assert "file not found" in err(same, "--reference", ref, "--data", tmp_path / "missing.txt")
+    # a --report it cannot write is refused before the check runs (it ran whole, then failed)
+    (tmp_path / "afile").write_text("x")
+    manifest = (same / "moepress-manifest.json").read_bytes() if (same / "moepress-manifest.json").exists() else None
+    assert "exists and is not a directory" in err(same, "--reference", ref, *SMALL, "--report", tmp_path / "afile")
+    assert ((same / "moepress-manifest.json").read_bytes() if (same / "moepress-manifest.json").exists()
+            else None) == manifest  # no check recorded
 
 
 def test_jsonl_data_is_sampled_with_the_seed(ref, tmp_path):

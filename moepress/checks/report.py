@@ -179,6 +179,17 @@ def write_report(result: dict, out: str | Path) -> Path:
     manifest is removed first and the new one moved last, so a killed run never leaves a report
     whose manifest vouches for it."""
     out = Path(out)
+    tmp = _report_partial(out)
+    try:
+        _write_report_files(result, tmp)
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _report_partial(out: Path) -> Path:
+    """The hidden sibling a report of ``out`` is written in, made empty; one line when it cannot be."""
     if out.exists() and not out.is_dir():
         raise MoepressError(f"--report {out}: exists and is not a directory")
     try:
@@ -188,12 +199,15 @@ def write_report(result: dict, out: str | Path) -> Path:
         tmp.mkdir()  # the umask's mode, as ``out`` would have had
     except OSError as e:
         raise MoepressError(f"--report {out}: cannot create directory ({e.strerror})") from None
-    try:
-        _write_report_files(result, tmp)
-        _move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return tmp
+
+
+def check_report_dir(out: str | Path) -> None:
+    """Refuse, before a check runs for hours, a ``--report`` it could not write (a file, no write access)."""
+    out = Path(out)
+    shutil.rmtree(_report_partial(out), ignore_errors=True)
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise MoepressError(f"--report {out}: cannot write into it (permission denied)")
 
 
 def _write_report_files(result: dict, out: Path) -> None:

@@ -134,7 +134,15 @@ def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, ma
     ($MOEPRESS_KEY_FILE or ~/.config/moepress/manifest.key, made on first use): what
     `moepress publish` verifies.
     """
-    from moepress.checks import CheckConfig, jsonable, prepare_record, record_in_manifest, run_check, write_report
+    from moepress.checks import (
+        CheckConfig,
+        check_report_dir,
+        jsonable,
+        prepare_record,
+        record_in_manifest,
+        run_check,
+        write_report,
+    )
     from moepress.checks.config import failure_line, parse_fraction
     from moepress.progress import Progress
 
@@ -149,6 +157,7 @@ def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, ma
     prog = Progress.from_flags(quiet, json_out)
     if report_dir is not None:  # the report must not land in (or swallow) what it describes
         refuse_overlap(report_dir, (cand, ref), "--report ")
+        check_report_dir(report_dir)
     prepare_record(cand)
     result, memory = run_measured(device, run_check, cand, ref, cfg, progress=prog)
     result["memory"] = memory
