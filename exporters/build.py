@@ -186,9 +186,13 @@ def build(artifact: str | Path, target: str | Target, out: str | Path, cfg: Buil
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-        if out.exists():
-            shutil.rmtree(out)
+        # the old OUT moved aside whole, then replaced: a kill never leaves a half-removed build at OUT
+        old = out.with_name(f"{out.name}.old-{os.getpid()}") if out.exists() else None
+        if old is not None:
+            os.replace(out, old)
         os.replace(work, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         lock.release()
     return result

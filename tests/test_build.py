@@ -109,6 +109,27 @@ def test_trtllm_engine_refusals(ckpt, tmp_path, mixtral):
     build(bf16, "l4", tmp_path / "o3", force=True)
 
 
+def test_build_force_never_leaves_a_half_removed_build(cli_run, onnx_dir, tmp_path, monkeypatch):
+    """--force over an earlier build removed OUT file by file before the new one was moved in: a kill
+    meanwhile left a build.json / build.sh without their manifest at OUT."""
+    from pathlib import Path
+
+    import moepress.exporters.build as build_mod
+
+    out = tmp_path / "b"
+    args = ("build", onnx_dir, "--target", "l40s", "-o", out, "--dry-run", "--force")
+    assert cli_run(*args).exit_code == 0
+    files = sorted(p.name for p in out.iterdir())
+
+    def remove_one_then_die(path, *a, **k):
+        next(p for p in sorted(Path(path).iterdir()) if p.is_file()).unlink()
+        raise KeyboardInterrupt  # the kill, one file into the removal
+
+    monkeypatch.setattr(build_mod.shutil, "rmtree", remove_one_then_die)
+    cli_run(*args)
+    assert sorted(p.name for p in out.iterdir()) == files  # the new build, whole
+
+
 def test_tensorrt_dry_run(cli_run, onnx_dir, tmp_path):
     out = tmp_path / "trt"
     r = cli_run("build", onnx_dir, "--target", "l40s", "-o", out, "--dry-run", "--hardware-compatibility",

@@ -454,6 +454,36 @@ def test_output_dot_in_an_empty_directory(cli_run, tmp_path, monkeypatch):
     assert not any(p.name.endswith(".partial") for p in here.iterdir())
 
 
+def test_output_dot_replaced_is_never_left_vouched_for_half_empty(tmp_path, monkeypatch):
+    """-o . --force: OUT's old entries are moved away one by one; a kill after the first move left the
+    old manifest vouching for a directory whose other files were already gone."""
+    import torch
+
+    from moepress.compress.checkpoint import CheckpointWriter
+    from moepress.compress.checkpoint import writer as writer_mod
+    from moepress.manifest import MANIFEST_NAME
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for name in ("a.json", "tokenizer.json", "z.json", MANIFEST_NAME):
+        (here / name).write_text("{}")
+    real, moved = writer_mod.os.replace, []
+
+    def replace_then_die(a, b):
+        real(a, b)
+        if Path(a).resolve().parent == here.resolve():  # one of OUT's old entries moved away
+            moved.append(Path(a).name)
+            raise KeyboardInterrupt  # the kill, right after the first one
+
+    w = CheckpointWriter(Path("."), force=True)
+    w.add("model.embed_tokens.weight", torch.ones(2, 2))
+    monkeypatch.setattr(writer_mod.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        w.commit()
+    assert moved == [MANIFEST_NAME] and not (here / MANIFEST_NAME).exists()
+
+
 def test_rule_with_an_unknown_format_names_the_rule(cli_run, tmp_path):
     r = cli_run("quantize", "tiny-qwen3-moe", "--rule", "x=int9", "-o", tmp_path / "O")
     line = _outputs_one_line(r, "--rule x=int9: expected one of", "fp8")

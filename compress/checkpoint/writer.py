@@ -336,7 +336,8 @@ class CheckpointWriter:
         in a removed one, so the entries move into it instead, the manifest last (OUT is complete
         when its manifest is there); what OUT held (with --force) is moved away first and removed."""
         old = None
-        entries = list(self.out.iterdir())
+        # the manifest first: a kill while OUT empties must not leave it vouching for what remains
+        entries = sorted(self.out.iterdir(), key=lambda p: p.name != MANIFEST_NAME)
         if entries:
             old = self.out.parent / (self.out.name + f".old-{os.getpid()}")
             old.mkdir()
