@@ -20,7 +20,6 @@ With several sources the samples are shuffled together by seed.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from moepress.calib.sources import (
     parse_sources,
 )
 from moepress.calib.tokenizer import load_tokenizer, needs_remote_code, tokenizer_fingerprint
+from moepress.compress.checkpoint import read_config_file
 from moepress.errors import MoepressError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -263,11 +263,14 @@ def check_positions(model_dir: str | Path, seq_len: int) -> None:
     """Refuse samples longer than the model's ``max_position_embeddings`` (config.json, when the
     directory has one): positions past it were never trained, so statistics and perplexities taken
     there describe no input the model is meant to see."""
-    try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-        m = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
-        return  # no readable config here: the stage's reader says what is wrong with it
+    d = Path(model_dir)
+    if d.is_file():
+        raise MoepressError(f"{model_dir}: expected a model directory, got a file")
+    if not (d / "config.json").is_file():
+        return  # a tokenizer-only directory: nothing to check
+    cfg = read_config_file(d / "config.json")  # unreadable / not an object: one line naming it
+    text = cfg.get("text_config")
+    m = cfg.get("max_position_embeddings") or (text.get("max_position_embeddings") if isinstance(text, dict) else None)
     if isinstance(m, int) and not isinstance(m, bool) and 0 < m < seq_len:
         raise MoepressError(f"--seq-len {seq_len}: {model_dir} has max_position_embeddings {m}; expected at most {m}")
 

@@ -62,6 +62,10 @@ def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool =
                             f"{', '.join(ex.options) or 'none'}")
     if cfg.tp < 1 or cfg.ep < 1:
         raise MoepressError(f"--tp/--ep: expected positive sizes, got tp={cfg.tp} ep={cfg.ep}")
+    if not ex.sharded and (cfg.tp, cfg.ep) != (1, 1):  # it writes one model whatever they say
+        sharded = ", ".join(n for n, e in sorted(reg.items()) if e.sharded)
+        raise MoepressError(f"--tp/--ep: --format {cfg.format} writes one unsharded model (tp={cfg.tp} ep={cfg.ep} "
+                            f"given); only {sharded} takes them")
     # the shard headers against config.json before anything is written (a tensor of the wrong shape was
     # exported as it was, or failed mid-export with a traceback)
     StreamedModel(reader, prefetch=False).check_weights()

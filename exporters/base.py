@@ -31,3 +31,4 @@ class Exporter:
     options: tuple[str, ...] = ()  # the --option KEYs it reads (any other is refused)
     # the families it writes where the exporter checks them itself (families None): what `formats` lists
     checks_families: tuple[str, ...] | None = None
+    sharded: bool = False  # writes one part per rank of --tp / --ep (any other exporter refuses them)

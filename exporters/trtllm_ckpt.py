@@ -376,6 +376,6 @@ def export_trtllm(src: Path, writer, cfg, progress) -> dict:
 # exporter itself rather than export()'s generic family message.
 EXPORTER = Exporter(
     "trtllm-ckpt", export_trtllm, description="TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) "
-    "for trtllm-build", families=None, checks_families=SUPPORTED,
+    "for trtllm-build", families=None, checks_families=SUPPORTED, sharded=True,
     consumers="TensorRT-LLM trtllm-build (v0.8+, TensorRT backend)",
 )

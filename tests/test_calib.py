@@ -249,6 +249,8 @@ def test_prepare_writes_a_token_file_stages_take_back(qwen, sources, tmp_path, c
     ("data.xyz", ["data.xyz", "unknown source type"]),
     ("docs.jsonl,colour=red", ["unknown option"]),
     ("docs.jsonl@0", ["positive"]),
+    ("docs.jsonl@-1", ["weight '-1'", "positive"]),  # was "no such file or directory"
+    ("docs.jsonl@nan", ["weight 'nan'", "positive"]),
     ("missing.txt", ["missing.txt", "no such file"]),
 ])
 def test_bad_sources_one_line_exit_2(spec, needles, sources, tmp_path, cli_run):
@@ -273,6 +275,22 @@ def test_parquet_without_pyarrow_is_one_line(qwen, tmp_path, cli_run, monkeypatc
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     r = cli_run("calib", "prepare", QWEN, "--calib", tmp_path / "x.parquet", "-o", tmp_path / "c.pt")
     assert_one_line_error(r, "x.parquet", "pyarrow", "moepress[data]")
+
+
+def test_model_that_is_a_file_or_has_a_broken_config_is_one_line(qwen, tmp_path, cli_run):
+    """A file as MODEL was reported as "no tokenizer found"; a config.json that is not an object was ignored
+    (and with it the --seq-len check against max_position_embeddings)."""
+    (tmp_path / "f.txt").write_text("x")
+    assert_one_line_error(cli_run("calib", "prepare", tmp_path / "f.txt", "-o", tmp_path / "c.pt"),
+                          "f.txt", "expected a model directory, got a file")
+    d = tmp_path / "d"
+    d.mkdir()
+    for p in qwen.iterdir():
+        if p.name.startswith("tokenizer"):
+            (d / p.name).symlink_to(p)
+    (d / "config.json").write_text("[1]")
+    assert_one_line_error(cli_run("calib", "prepare", d, "-o", tmp_path / "c.pt"), "config.json",
+                          "expected a JSON object")
 
 
 def test_missing_tokenizer_and_remote_code(qwen, tmp_path, cli_run):

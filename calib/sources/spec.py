@@ -87,6 +87,9 @@ def parse_source(spec: str) -> SourceSpec:
     m = _WEIGHT.match(loc)
     if m and not Path(loc).exists():
         loc, weight = m.group(1), float(m.group(2))
+    elif "@" in loc and not Path(loc).exists() and Path(loc.rpartition("@")[0]).exists():
+        # FILE@-1, FILE@nan, FILE@abc: a weight that is not a positive number, not a missing file
+        raise _err(spec, f"weight {loc.rpartition('@')[2]!r}: expected a positive number")
     if "weight" in kv:
         try:
             weight = float(kv.pop("weight"))
