@@ -31,7 +31,7 @@ PROBE = textwrap.dedent("""
     from moepress.checks import CheckConfig, run_check
     from moepress.checks.runner import eval_data
     from moepress.compress.stream import StreamedModel
-    from moepress.memwatch import PeakRSS, rss
+    from moepress.memwatch import HostPeak, rss
     what, path, samples = sys.argv[1], sys.argv[2], int(sys.argv[3])
     cfg = CheckConfig(seq_len=64, max_samples=samples, batch_size=4)
     if what == "forward":
@@ -42,7 +42,7 @@ PROBE = textwrap.dedent("""
     run()  # warm-up
     base = rss()
     t0 = time.monotonic()
-    with PeakRSS() as p:
+    with HostPeak() as p:  # the kernel's high-water mark, reset here (brief peaks count)
         run()
     dt = time.monotonic() - t0
     print(json.dumps({"grew": p.peak - base, "seconds": dt}))
