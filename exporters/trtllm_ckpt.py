@@ -97,11 +97,12 @@ class StreamingSafetensors:
 
     def add(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        n = t.numel() * t.element_size()
         self.header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                             "data_offsets": [self.offset, self.offset + len(raw)]}
-        self.f.write(raw)
-        self.offset += len(raw)
+                             "data_offsets": [self.offset, self.offset + n]}
+        if n:
+            self.f.write(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own buffer, no copy
+        self.offset += n
 
     def close(self) -> None:
         self.f.close()
@@ -307,8 +308,9 @@ class _RankWriter:
         g, u, d = a.expert_names
         per_rank = a.num_experts // self.ep
         mtp, mep = r // self.ep, r % self.ep
-        ups, gates, downs, s_fc, s_proj, a_fc, a_proj = [], [], [], [], [], [], []
-        for e in range(mep * per_rank, (mep + 1) * per_rank):
+        s_fc, s_proj, a_fc, a_proj = [], [], [], []
+        fc = proj = None  # layers/moe.py: fc = cat([stack(w3...), stack(w1...)], dim=-2), filled in place
+        for k, e in enumerate(range(mep * per_rank, (mep + 1) * per_rank)):
             ep_ = a.expert_prefix(i, e)
             lg, lu, ld = (read_linear(self.reader, ep_ + n) for n in (g, u, d))
             if quant:
@@ -320,12 +322,13 @@ class _RankWriter:
                 a_proj.append(a2)
             else:
                 qu, qg, qd = fp(lu.dequantize()), fp(lg.dequantize()), fp(ld.dequantize())
-            ups.append(split_rows(qu, moe_tp, mtp))
-            gates.append(split_rows(qg, moe_tp, mtp))
-            downs.append(split_cols(qd, moe_tp, mtp))
-        # layers/moe.py: fc = cat([stack(w3...), stack(w1...)], dim=-2)
-        self.put(r, tl + "mlp.fc.weight", torch.cat([torch.stack(ups), torch.stack(gates)], dim=-2))
-        self.put(r, tl + "mlp.proj.weight", torch.stack(downs))
+            up, gate, down = split_rows(qu, moe_tp, mtp), split_rows(qg, moe_tp, mtp), split_cols(qd, moe_tp, mtp)
+            if fc is None:
+                fc = torch.empty((per_rank, up.shape[0] + gate.shape[0], up.shape[1]), dtype=up.dtype)
+                proj = torch.empty((per_rank, *down.shape), dtype=down.dtype)
+            fc[k, : up.shape[0]], fc[k, up.shape[0]:], proj[k] = up, gate, down
+        self.put(r, tl + "mlp.fc.weight", fc)
+        self.put(r, tl + "mlp.proj.weight", proj)
         if quant:
             self.put(r, tl + "mlp.fc.weights_scaling_factor", torch.stack(s_fc))  # [E/ep, 1]
             self.put(r, tl + "mlp.proj.weights_scaling_factor", torch.stack(s_proj))
