@@ -60,10 +60,11 @@ def plot_share(stats: RoutingStats, path: str | Path, title: str = "") -> Path:
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     cb = fig.colorbar(im, ax=ax, fraction=min(0.15, 0.5 / w), pad=min(0.04, 0.15 / w))
-    cb.set_label("token share (%)", fontsize=8)
+    cb.set_label("share of routing slots (%)", fontsize=8)
     cb.ax.tick_params(labelsize=7)
     cb.ax.axhline(uniform, color="white", linewidth=2)
-    sub = ("cells: % of the layer's routed tokens; " if annotate else "") + \
+    # a token takes top-k slots: the shares sum to 100% over the experts, a share is not the tokens' fraction
+    sub = ("cells: % of the layer's top-k routing slots; " if annotate else "") + \
         f"uniform share {uniform:.3g}% (white line on the colour bar)"
     ax.set_title("\n".join(t for t in (title, sub) if t), fontsize=9, loc="left")
     fig.tight_layout()

@@ -152,12 +152,33 @@ def test_jackknife_noise_of_a_frequency_margin_is_the_textbook_formula():
     row = jackknife(METHODS["frequency"], ev, budget, sel, chunks)
     assert (row["weakest_kept"], row["strongest_dropped"]) == (2, 3)
     assert row["margin"] == float(per[:, 2].sum() - per[:, 3].sum()) == 3
-    loo = [float((per[:, 2].sum() - per[g, 2]) - (per[:, 3].sum() - per[g, 3])) for g in range(G)]
-    mean = sum(loo) / G
-    se = math.sqrt((G - 1) / G * sum((m - mean) ** 2 for m in loo))
+    # the margin is a sum of the groups' own margins m_g: its standard error is sqrt(G var(m)) (the
+    # jackknife of the sum over G - 1 groups read (G - 1) / G of it)
+    own = [float(per[g, 2] - per[g, 3]) for g in range(G)]
+    mean = sum(own) / G
+    se = math.sqrt(G / (G - 1) * sum((m - mean) ** 2 for m in own))
     assert row["noise"] == pytest.approx(se, rel=1e-12)
+    loo = [float((per[:, 2].sum() - per[g, 2]) - (per[:, 3].sum() - per[g, 3])) for g in range(G)]
     flips = sum(m < 0 for m in loo)  # leaving a group out makes expert 3 outrank expert 2
     assert row["jackknife_flips"] == f"{flips}/{G}" and row["fragile"]
+
+
+def test_a_tie_at_the_boundary_is_fragile():
+    """Two experts no sample routed to, one kept by index: margin 0 and noise 0 were reported z None, not
+    fragile, though one token to the dropped expert flips the decision."""
+    E, G = 4, 4
+    chunks = []
+    for _ in range(G):
+        lr = LayerRouting(E, 1, 50)
+        lr.counts = torch.tensor([30, 20, 0, 0])
+        chunks.append(lr)
+    total = LayerRouting(E, 1, 50 * G)
+    total.counts = torch.tensor([30, 20, 0, 0]) * G
+    budget = plan_budget(_FakeAdapter(E), PruneConfig(keep=3))
+    ev = LayerEvidence(0, None, total, {"scoring": "softmax"}, None, chunks)
+    sel = METHODS["frequency"].select(ev, budget)
+    row = jackknife(METHODS["frequency"], ev, budget, sel, chunks)
+    assert (row["margin"], row["noise"], row["z"], row["fragile"]) == (0.0, 0.0, 0.0, True)
 
 
 class _FakeAdapter:

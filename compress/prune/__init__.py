@@ -48,9 +48,9 @@ from moepress.compress.prune.search import ExpertOutputs, RerouteSearch, reroute
 from moepress.compress.prune.stage import PruneStage, prune_checkpoint
 from moepress.compress.prune.surgery import prune_moe_module, pruned_layer_tensors
 
-register(score_method("frequency", "tokens routed to each expert", "tokens", frequency_scores))
+register(score_method("frequency", "tokens routed to each expert", "tokens", frequency_scores, score_is_sum=True))
 register(score_method("ean", "expert activation norm: sum over routed tokens of ||f_j(x)||_2 (REAP paper's EAN)",
-                      "ean_sum", ean_scores))
+                      "ean_sum", ean_scores, score_is_sum=True))
 register(score_method("reap", "REAP: mean of softmax gate x ||f_j(x)||_2 over the tokens selecting j, as "
                       "CerebrasResearch/reap computes it (arXiv 2510.13999)", "reap", reap_scores))
 register(PruneMethod("reroute", "greedy backward elimination minimising the error of the normalised hidden state "

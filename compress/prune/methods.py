@@ -35,6 +35,9 @@ class PruneMethod:
     # "float" = only where the layer's routed experts are stored in a float dtype (quantized experts
     # keep their stored bytes unless merging is asked for); "" = never. ``--merge/--no-merge`` override it.
     merge: str = ""
+    # its score is a sum over the calibration tokens (counts, summed norms), not a per-token mean: a
+    # leave-one-group-out score then describes fewer tokens and is scaled back before its spread is read
+    score_is_sum: bool = False
 
 
 METHODS: dict[str, PruneMethod] = {}
@@ -59,12 +62,13 @@ def keep_top(scores: torch.Tensor, budget: Budget, layer: int) -> list[int]:
     return sorted(kept)
 
 
-def score_method(name: str, help: str, score_name: str, scores: Callable[[LayerRouting], torch.Tensor]) -> PruneMethod:
+def score_method(name: str, help: str, score_name: str, scores: Callable[[LayerRouting], torch.Tensor],
+                 score_is_sum: bool = False) -> PruneMethod:
     """A method keeping the experts with the highest ``scores(stats)`` (``keep_top``)."""
     def select(ev: LayerEvidence, budget: Budget) -> Selection:
         s = scores(ev.stats).double()
         return Selection(keep_top(s, budget, ev.layer), s)
-    return PruneMethod(name, help, select, score_name)
+    return PruneMethod(name, help, select, score_name, score_is_sum=score_is_sum)
 
 
 def frequency_scores(stats: LayerRouting) -> torch.Tensor:

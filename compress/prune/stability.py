@@ -92,9 +92,13 @@ def jackknife(meth: PruneMethod, ev: LayerEvidence, budget: Budget, sel: Selecti
         return None
     loo = [meth.select(replace(ev, stats=_without(ev.stats, c), recorder=None), budget) for c in used]
     g = len(used)
+    # a summed score left without one group is a sum over g - 1 groups: scaled by g / (g - 1), the jackknife
+    # gives the standard error of a sum of g groups, sqrt(g / (g - 1) * sum_i (m_i - mean m)^2) over the groups'
+    # own margins m_i (unscaled, it read (g - 1) / g of it)
+    scale = g / (g - 1) if meth.score_is_sum else 1.0
     best = None
     for k, d in pairs:
-        margins = torch.tensor([float(s.scores[k] - s.scores[d]) for s in loo], dtype=torch.float64)
+        margins = torch.tensor([scale * float(s.scores[k] - s.scores[d]) for s in loo], dtype=torch.float64)
         noise = math.sqrt((g - 1) / g * float(((margins - margins.mean()) ** 2).sum()))
         row = _row(k, d, float(sel.scores[k] - sel.scores[d]), noise, ev.stats)
         if best is None or _key(row) < _key(best):
@@ -111,7 +115,8 @@ def _key(row: dict) -> float:
 
 
 def _row(k: int, d: int, margin: float, noise: float, stats: LayerRouting) -> dict:
-    z = margin / noise if noise > 0 else math.inf
+    # no noise: a positive margin holds whatever group is left out; a tie (both unscored, kept by index) never does
+    z = margin / noise if noise > 0 else math.inf if margin > 0 else 0.0
     return {"weakest_kept": k, "strongest_dropped": d, "kept_tokens": int(stats.counts[k]),
             "dropped_tokens": int(stats.counts[d]), "margin": margin, "noise": noise,
             "z": None if not math.isfinite(z) else z, "fragile": z < FRAGILE_Z}
