@@ -300,6 +300,9 @@ def test_run_into_a_directory_holding_its_recipe_or_other_files_is_refused(cli_r
     ({"check": {"data": 5}}, ["check: data 5: expected a file"]),
     ({"check": {"seed": "abc"}}, ["check: seed 'abc': expected a 64-bit integer"]),
     ({"calib": {"seed": 2**80}}, ["calib.seed: expected a 64-bit integer"]),  # torch's OverflowError
+    # named by their CLI flags (--format int3) and accepted by `recipe show` before
+    ({"quantize": {"format": "int3"}}, ["quantize.format int3: expected one of"]),
+    ({"quantize": {"format": "fp8", "group_size": 100}}, ["quantize.group_size 100: expected 128"]),
     ({"check": {"seed": 2**80}}, ["check: seed 1208925819614629174706176: expected a 64-bit integer"]),
     ({"check": {"trust_remote_code": "no"}}, ["check: trust_remote_code 'no': expected true or false"]),
     ({"check": {"max_kl": [1]}}, ["check: max_kl [1]"]),

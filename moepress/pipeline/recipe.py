@@ -98,7 +98,26 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
         out["export"] = None
     if out["build"] is not None and not out["build"]["targets"]:
         out["build"] = None
+    if out["quantize"] is not None:
+        _check_quantize(src, out)
     return out
+
+
+def _check_quantize(src: str, recipe: dict) -> None:
+    """The quantize section as the stage will build it, refused now and by its recipe key (the stage's
+    own message names the CLI flag: ``--format int3`` -> ``quantize.format int3``)."""
+    from moepress.calib.config import CalibConfig
+    from moepress.compress.quantize.config import QuantConfig
+
+    try:
+        QuantConfig.from_recipe(recipe["quantize"], CalibConfig.from_recipe(recipe["calib"]))
+    except MoepressError as e:
+        msg = str(e)
+        flag, _, rest = msg.partition(" ") if msg.startswith("--") else ("", "", msg)
+        key = {"--rule": "rules"}.get(flag.rstrip(":"), flag.rstrip(":").removeprefix("--").replace("-", "_"))
+        sep = ":" if flag.endswith(":") else ""
+        raise MoepressError(f"{_where(src, 'quantize', key) if key else _where(src, 'quantize')}{sep} {rest}") \
+            from None
 
 
 def _check_value(src: str, section: str, key: str, v) -> None:
