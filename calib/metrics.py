@@ -29,7 +29,12 @@ def perplexity(logits: list[torch.Tensor], batches: list[torch.Tensor]) -> float
     for lg, ids in zip(logits, batches, strict=True):
         s, k = nll_sum(lg, ids)
         tot, n = tot + s, n + k
-    return math.exp(tot / n)
+    return safe_exp(tot / n)
+
+
+def safe_exp(x: float) -> float:
+    """exp(x), inf past float64's range (a mean NLL above ~709 nats: math.exp raised OverflowError)."""
+    return math.exp(x) if x < 709.0 else math.inf if x == x else math.nan
 
 
 def _token_chunks(ref: torch.Tensor, cand: torch.Tensor):
@@ -69,7 +74,7 @@ def hidden_error(ref: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, t
 
 def quantile(x: torch.Tensor, q: float) -> float:
     """q-quantile (linear interpolation, as numpy) of a 1-D tensor of any length."""
-    if x.numel() == 0:
+    if x.numel() == 0 or bool(torch.isnan(x).any()):  # sort puts NaN last: a few would pass unseen
         return float("nan")
     s = x.double().sort().values
     pos = q * (s.numel() - 1)
@@ -103,8 +108,8 @@ class LogitStats:
 
     def summary(self) -> dict:
         kl = torch.cat(self.kl) if self.kl else torch.empty(0, dtype=torch.float64)
-        ppl_r = math.exp(self.nll_ref / self.predicted)
-        ppl_c = math.exp(self.nll_cand / self.predicted) if math.isfinite(self.nll_cand) else float("nan")
+        ppl_r = safe_exp(self.nll_ref / self.predicted)
+        ppl_c = safe_exp(self.nll_cand / self.predicted) if math.isfinite(self.nll_cand) else float("nan")
         return {"ppl_reference": ppl_r, "ppl_candidate": ppl_c, "ppl_increase": ppl_c / ppl_r - 1.0,
                 "kl_mean": float(kl.mean()) if kl.numel() else float("nan"), "kl_p99": quantile(kl, 0.99),
                 "kl_max": float(kl.max()) if kl.numel() else float("nan"),

@@ -257,6 +257,45 @@ def test_metrics_against_independent_formulas():
     assert math.isnan(quantile(torch.empty(0), 0.5))
 
 
+def _broken_copy(tmp_path, name: str, fn):
+    from safetensors.torch import load_file, save_file
+
+    out = shutil.copytree(models.path("tiny-mixtral"), tmp_path / "bad")
+    for f in out.glob("*.safetensors"):
+        sd = load_file(f)
+        if name in sd:
+            sd[name] = fn(sd[name].clone())
+            save_file(sd, f, metadata={"format": "pt"})
+    return out
+
+
+def _nan_first(t):
+    t[0, 0] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize("name,fn,gates,failing", [
+    # NaN from layer 1 on: min() skipped the NaN cosines after layer 0's finite one (PASS, exit 0)
+    ("model.layers.1.self_attn.o_proj.weight", _nan_first, ("--min-cosine", "0.99"), "min_layer_cosine"),
+    # lm_head x 1000: a mean NLL past 709 nats raised OverflowError in math.exp (traceback, exit 1)
+    ("lm_head.weight", lambda t: (t.float() * 1000).to(t.dtype), ("--max-ppl-increase", "2%"), "ppl_increase"),
+])
+def test_a_broken_candidate_fails_its_gate(cli_run, tmp_path, name, fn, gates, failing):
+    off = ("--max-ppl-increase", "none", "--min-top1", "none", "--max-kl", "none")
+    bad = _broken_copy(tmp_path, name, fn)
+    r = cli_run("check", bad, "--reference", models.path("tiny-mixtral"), "--max-samples", "2", "--seq-len", "32",
+                "--quiet", "--json", *off, *gates)
+    assert r.exit_code == 1, r.output
+    assert json.loads(r.stdout)["failed"][0] == failing
+
+
+def test_a_few_nan_tokens_make_the_p99_nan():
+    """torch.sort puts NaN last: under 1% NaN tokens left the 99th percentile finite (a kl_p99 gate passed)."""
+    v = torch.zeros(1000, dtype=torch.float64)
+    v[3] = float("nan")
+    assert math.isnan(quantile(v, 0.99))
+
+
 def _minimal_result() -> dict:
     metrics = {k: 0.0 for k in ("ppl_reference", "ppl_candidate", "ppl_increase", "kl_mean", "kl_p99", "kl_max",
                                 "top1_agreement")}

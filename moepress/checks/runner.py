@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -251,7 +252,8 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
             # grows there (or turns NaN), above float32 rounding noise between two runtimes
             if k is not None and not per_layer[k]["rel_error"] <= max(before, JUMP_FLOOR):
                 jump = {"layer": k, "before": before, "after": per_layer[k]["rel_error"]}
-            metrics["min_layer_cosine"] = min(p["cosine"] for p in per_layer)
+            cosines = [p["cosine"] for p in per_layer]  # min() skips a NaN after a finite value: NaN wins here
+            metrics["min_layer_cosine"] = math.nan if any(c != c for c in cosines) else min(cosines)
             metrics["final_layer_rel_error"] = per_layer[-1]["rel_error"]
         gates = evaluate_gates(cfg, metrics)
         gen = generations(ref, cand, batches, ref_dir, cfg) if cfg.generate else None
