@@ -196,6 +196,8 @@ def test_bad_input_is_one_line_exit_2(cli_run, ref, tmp_path):
     assert "candidate not found" in err(tmp_path / "nope", "--reference", ref)
     assert "--kind tensorflow: unknown candidate kind" in err(ref, "--reference", ref, "--kind", "tensorflow")
     assert "--max-kl lots" in err(ref, "--reference", ref, "--max-kl", "lots")
+    # a bare 2 read as 200%: a perplexity gate that can hardly fail
+    assert "write 200%" in err(ref, "--reference", ref, "--max-ppl-increase", "2")
     other = make_random_checkpoint("qwen3_moe", tmp_path / "vocab256")  # vocab 256 vs the bundled 4096
     assert "vocabulary of 256 tokens" in err(other, "--reference", ref, *SMALL)
     (tmp_path / "empty").mkdir()

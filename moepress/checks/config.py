@@ -28,7 +28,15 @@ def parse_fraction(value, option: str) -> float | None:
             raise MoepressError(f"{option} {value}: expected a number such as 0.02 or 2%, or 'none'") from None
     if not math.isfinite(out) or out < 0:
         raise MoepressError(f"{option} {value}: expected a non-negative number")
+    bare = not (isinstance(value, str) and str(value).strip().endswith("%"))
+    if bare and out > 1 and option.lstrip("-").replace("-", "_") in SHARES:
+        # `--max-ppl-increase 2` meant 2% far more often than 200% (a gate that can hardly fail)
+        raise MoepressError(f"{option} {value}: expected a fraction such as 0.02 or a percentage such as 2% "
+                            f"(for {out:g} x 100% write {out * 100:g}%)")
     return out
+
+
+SHARES = ("max_ppl_increase", "min_top1", "min_cosine")  # gates whose values are shares, written <= 1 or as %
 
 
 @dataclass(frozen=True)
