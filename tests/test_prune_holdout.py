@@ -24,7 +24,7 @@ from moepress.calib.observers import LayerRouting, RoutingStats
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.prune import METHODS, PruneConfig, plan_budget, prune_checkpoint
 from moepress.compress.prune.evidence import LayerEvidence
-from moepress.compress.prune.holdout import FOLDS, split_folds
+from moepress.compress.prune.holdout import FOLDS, choice_margin, split_folds
 from moepress.compress.prune.stability import CHUNKS, ChunkedRouting, jackknife
 from moepress.compress.stream import StreamedModel
 from moepress.compress.synthetic import write_synthetic
@@ -179,6 +179,27 @@ def test_a_tie_at_the_boundary_is_fragile():
     sel = METHODS["frequency"].select(ev, budget)
     row = jackknife(METHODS["frequency"], ev, budget, sel, chunks)
     assert (row["margin"], row["noise"], row["z"], row["fragile"]) == (0.0, 0.0, 0.0, True)
+
+
+def test_choice_margin_is_the_paired_standard_error_of_the_sum():
+    """The chosen plan's KL margin over the runner-up, in nats per position, and its noise: the standard
+    error of a sum of paired per-sample differences, sqrt(m) x their sample standard deviation."""
+    import numpy as np
+
+    best, runner, worse = [1.0, 2.0, 3.5, 1.5], [1.5, 2.0, 4.5, 1.0], [9.0, 9.0, 9.0, 9.0]
+    c = choice_margin("a", {"a": best, "b": runner, "c": worse}, positions=40)
+    d = np.array(runner) - np.array(best)
+    assert c["runner_up"] == "b" and c["kl_margin"] == pytest.approx(d.sum() / 40, rel=1e-12)
+    assert c["kl_margin_noise"] == pytest.approx(d.std(ddof=1) * math.sqrt(len(d)) / 40, rel=1e-12)
+    assert c["z"] == pytest.approx(d.sum() / (d.std(ddof=1) * math.sqrt(len(d))), rel=1e-12)
+    assert c["fragile"] == (c["z"] < 2.0) is True  # z = 0.98
+
+
+def test_a_dead_even_choice_is_fragile():
+    """Two plans keeping the same experts share their states: identical per-sample KLs were reported noise 0,
+    z None and not fragile, though the choice was the first name in the list."""
+    c = choice_margin("a", {"a": [1.0, 2.0, 3.0], "b": [1.0, 2.0, 3.0]}, positions=30)
+    assert (c["kl_margin"], c["kl_margin_noise"], c["z"], c["fragile"]) == (0.0, 0.0, 0.0, True)
 
 
 class _FakeAdapter:

@@ -96,6 +96,9 @@ def choice_margin(best: str, per_sample_kl: dict[str, list[float]], positions: i
     m = d.numel()
     margin = float(d.sum()) / positions
     noise = float(d.std() * math.sqrt(m)) / positions if m > 1 else None
-    z = None if not noise else margin / noise
-    return {"runner_up": runner, "kl_margin": margin, "kl_margin_noise": noise, "z": z,
-            "fragile": noise is None or (z is not None and z < 2.0)}
+    if noise is None:
+        z = None
+    else:  # no noise: a positive margin holds on every sample; a tie (same experts kept) never does
+        z = margin / noise if noise > 0 else math.inf if margin > 0 else 0.0
+    return {"runner_up": runner, "kl_margin": margin, "kl_margin_noise": noise,
+            "z": z if z is None or math.isfinite(z) else None, "fragile": z is None or z < 2.0}
