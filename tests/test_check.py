@@ -22,7 +22,7 @@ import torch
 from helpers import make_random_checkpoint
 from moepress import models
 from moepress.calib.data import calibration_batches
-from moepress.calib.metrics import error_jump, hidden_error, quantile, token_kl
+from moepress.calib.metrics import LogitStats, error_jump, hidden_error, quantile, token_kl
 from moepress.calib.observers import RoutingStats
 from moepress.checks import CheckConfig, run_check, write_report
 from moepress.checks.config import evaluate_gates, failure_line
@@ -296,6 +296,25 @@ def test_a_few_nan_tokens_make_the_p99_nan():
     v = torch.zeros(1000, dtype=torch.float64)
     v[3] = float("nan")
     assert math.isnan(quantile(v, 0.99))
+
+
+def test_logit_summary_against_hand_formulas():
+    """The gated numbers from two fixed, asymmetric sets of logits: KL(reference || candidate), its mean and
+    99th percentile over positions, perplexities over next-token predictions and their ratio, top-1."""
+    g = torch.Generator().manual_seed(1)
+    ref, cand = torch.randn(2, 6, 11, generator=g) * 2, torch.randn(2, 6, 11, generator=g)
+    ids = torch.randint(0, 11, (2, 6), generator=g)
+    st = LogitStats()
+    st.add(ref, cand, ids)
+    out = st.summary()
+    lr, lc = torch.log_softmax(ref.double(), -1), torch.log_softmax(cand.double(), -1)
+    kl = (lr.exp() * (lr - lc)).sum(-1).flatten().numpy()
+    nll = lambda lp: -lp[:, :-1].gather(-1, ids[:, 1:, None]).mean().item()  # noqa: E731
+    assert out["kl_mean"] == pytest.approx(kl.mean(), rel=1e-9)
+    assert out["kl_p99"] == pytest.approx(float(np.percentile(kl, 99)), rel=1e-9)
+    assert out["ppl_reference"] == pytest.approx(math.exp(nll(lr)), rel=1e-6)
+    assert out["ppl_increase"] == pytest.approx(math.exp(nll(lc)) / math.exp(nll(lr)) - 1, rel=1e-6)
+    assert out["top1_agreement"] == pytest.approx((ref.argmax(-1) == cand.argmax(-1)).double().mean().item())
 
 
 def _minimal_result() -> dict:
