@@ -274,3 +274,26 @@ def test_ct_int4_encoding_keeps_the_codes_of_an_unchanged_expert():
         stored = sorted(m for m in r.names() if m.startswith(base + "."))
         got = encode_ct_int4(r, base, r.weight(base + ".weight", torch.float32), stored)
         assert torch.equal(got[n], r.get(n)) and torch.equal(got[base + ".weight_scale"], r.get(base + ".weight_scale"))
+
+
+def test_refit_is_the_ridge_least_squares_solution_it_describes():
+    """A kept expert's new down projection D' minimises sum_t pw_t^2 ||D' h_t - (D h_t + lost_t)||^2
+    + lam ||D' - D||^2, lam = 0.01 x mean(diag(sum_t pw_t^2 h_t h_t^T)): solved here as a stacked least-squares
+    problem (torch.linalg.lstsq), not through the refit's normal equations."""
+    from moepress.compress.moe import ExpertMLP
+    from moepress.compress.prune.merge import _hidden, _refit_down
+
+    torch.manual_seed(0)
+    H, inter, n = 12, 7, 40
+    ex = ExpertMLP(H, inter)  # float32 weights, as the stream's layers hold them
+    x, lost = torch.randn(n, H), torch.randn(n, H, dtype=torch.float64) * 0.3
+    pw = torch.rand(n, dtype=torch.float64) * 0.9 + 0.05  # not normalised: the weighting matters
+    D = ex.linears()[2].weight.detach().double()
+    h = _hidden(ex, x).detach().double()  # the expert's own intermediate activations, the refit's regressors
+    lam = 0.01 * float((h * pw[:, None] ** 2).T.mul(h.T).sum(1).mean())
+    A = torch.cat([pw[:, None] * h, lam ** 0.5 * torch.eye(inter, dtype=torch.float64)])
+    B = torch.cat([pw[:, None] * (h @ D.T + lost), lam ** 0.5 * D.T])
+    want = torch.linalg.lstsq(A, B).solution.T
+    _refit_down(ex, x, pw.float(), lost.float())
+    got = ex.linears()[2].weight.detach().double()
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
