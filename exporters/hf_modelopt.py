@@ -34,7 +34,9 @@ config files consumers read:
 Refused with one line (fused_moe.py): a layer whose routed experts are partly quantized (e.g.
 INT4 down projections left bf16 because no group divides their in_features) and block-FP8 experts
 whose width is over 128 and not a multiple of it: fused-MoE runtimes hold one quantization per
-layer's experts and stack gate and up into one weight.
+layer's experts and stack gate and up into one weight. Routed experts no runtime loads from a
+Model-Optimizer checkpoint (``refuse_unloadable_experts``: INT4 weight-only, and W4A8 on DeepSeek-V3 /
+Kimi K2; the format registry's ``trtllm_moe_families``).
 
 Each format's ``quant_algo`` is the name Model-Optimizer writes (Format.modelopt_entry): block FP8 is
 ``fp8_pb_wo``, which TensorRT-LLM and vLLM's linear methods read (compress/formats/fp8_block.py says
@@ -125,7 +127,8 @@ def quant_configs(layout: dict, modules: dict[str, dict], exclude: list[str], kv
 
 def _folded_awq(layout: dict, modules: dict) -> set[str]:
     """AWQ modules of a folded checkpoint (quantize --awq-fold: the smoothing is in the norms): written
-    with pre_quant_scale = 1, so that they stay the W4A16_AWQ / W4A8_AWQ layout TensorRT-LLM loads."""
+    with pre_quant_scale = 1, so that they stay Model-Optimizer's W4A16_AWQ / W4A8_AWQ layout (INT4 weight-only
+    routed experts are refused before: ``refuse_unloadable_experts``)."""
     if not layout.get("awq_fold"):
         return set()
     return {n for n, m in modules.items() if m["format"] in formats.FORMATS and formats.FORMATS[m["format"]].awq}
@@ -204,6 +207,7 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
 
 EXPORTER = Exporter(
     "hf-modelopt", export_hf_modelopt, description="Hugging Face checkpoint with modelopt's hf_quant_config.json "
-    "(FP8, fp8_pb_wo, W4A16_AWQ, W4A8_AWQ ...) from a moepress quantize output",
+    "(FP8, fp8_pb_wo, NVFP4, W4A8_AWQ for Mixtral / Qwen3-MoE experts; INT4 weight-only experts refused) from a "
+    "moepress quantize output",
     consumers="TensorRT-LLM (PyTorch backend); vLLM, SGLang for FP8 / NVFP4",
 )

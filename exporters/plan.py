@@ -277,7 +277,7 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     if fmt is None and bits is not None:
         fmt, why = pick_format(t, bits)
     fmt = fmt or (UNQUANTIZED if given else default_format(model_dir_or_config))
-    check_format(t, fmt)
+    check_format(t, fmt, (lambda a: trtllm_experts_problem(shape, t, a) is None) if runtime == "trtllm" else None)
     max_seq_len = _seq_len(name, shape, max_seq_len)
     _check_request(t, kv_cache_dtype, {"--max-seq-len": max_seq_len, "--max-batch": max_batch, "--gpus": gpus,
                                        "--tp": tp, "--ep": ep})

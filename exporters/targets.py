@@ -36,6 +36,7 @@ Sources (checked 2026-11):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import moepress.exporters.kv_cache as kv_cache
@@ -169,8 +170,9 @@ def min_sm(fmt: str) -> int:
     return min(sm for sm, fs in _SM_FORMATS.items() if fmt in fs)
 
 
-def check_format(target: Target, fmt: str) -> None:
-    """Raise a one-line refusal with a suggestion when ``target`` cannot run ``fmt``."""
+def check_format(target: Target, fmt: str, loads: Callable[[str], bool] | None = None) -> None:
+    """Raise a one-line refusal with a suggestion when ``target`` cannot run ``fmt`` (``loads``: which formats
+    the suggestion may name, e.g. those whose MoE experts the runtime loads)."""
     if fmt not in formats.FORMATS:
         raise MoepressError(f"--format {fmt}: unknown format; expected one of {', '.join(formats.FORMATS)}")
     if target.supports(fmt):
@@ -178,20 +180,21 @@ def check_format(target: Target, fmt: str) -> None:
     where = [sm for sm, fs in _SM_FORMATS.items() if fmt in fs]
     need = f"sm{min(where)}+" if where == [sm for sm in _SM_FORMATS if sm >= min(where)] else \
         "/".join(f"sm{s}" for s in where)
-    alt = suggest_format(target, fmt)
+    alt = suggest_format(target, fmt, loads=loads)
     if alt not in PRODUCED:  # a format moepress plans but does not write: name one it writes too
-        made = suggest_format(target, fmt, produced_only=True)
+        made = suggest_format(target, fmt, produced_only=True, loads=loads)
         alt = f"{alt} (Model-Optimizer writes it; moepress does not yet) or {made}"
     raise MoepressError(f"--format {fmt}: {fmt.upper()} needs {need}; {target.gpu} is sm{target.sm}: "
                         f"use {alt} (it runs {', '.join(target.formats)})")
 
 
-def suggest_format(target: Target, fmt: str, produced_only: bool = False) -> str:
+def suggest_format(target: Target, fmt: str, produced_only: bool = False,
+                   loads: Callable[[str], bool] | None = None) -> str:
     """The closest format ``target`` runs: the format's own alternatives in order (FP8 family first for
     FP8 formats, 4-bit for 4-bit ones: Format.alternatives), else the unquantized format."""
     f = formats.FORMATS.get(fmt)
     for alt in f.alternatives if f is not None else ():
-        if target.supports(alt) and (alt in PRODUCED or not produced_only):
+        if target.supports(alt) and (alt in PRODUCED or not produced_only) and (loads is None or loads(alt)):
             return alt
     return UNQUANTIZED
 

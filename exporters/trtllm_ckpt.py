@@ -43,7 +43,8 @@ Quantized inputs (a ``moepress quantize`` output): FP8 per-tensor (``weight_scal
 ``input_scale`` scalar) is converted; TensorRT-LLM fuses q/k/v and w3/w1 into one weight with one
 scale, so members quantized with a smaller scale are re-rounded to the fused (max) scale
 (exact for the max-scale member, within half an FP8 step otherwise, as modelopt's own
-TRT-LLM export does). INT4 AWQ into this format is not written (partial): use ``hf-modelopt``.
+TRT-LLM export does). INT4 AWQ into this format is not written (partial): use ``compressed-tensors``
+(quantized with ``--awq-fold``) for vLLM, or ``w4a8-awq`` + ``hf-modelopt`` for Mixtral / Qwen3-MoE.
 """
 
 from __future__ import annotations

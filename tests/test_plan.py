@@ -183,8 +183,11 @@ def test_gqa_kv_cache():
 
 
 def test_refusals(kimi):
-    with pytest.raises(MoepressError, match=r"FP8 needs sm89\+; A100 80GB SXM is sm80: use int4-awq"):
+    # not int4-awq: TensorRT-LLM's fused MoE does not load INT4 weight-only experts
+    with pytest.raises(MoepressError, match=r"FP8 needs sm89\+; A100 80GB SXM is sm80: use bf16"):
         plan(kimi, "a100", "fp8")
+    with pytest.raises(MoepressError, match=r"FP8 needs sm89\+; A100 80GB SXM is sm80: use int4-awq"):
+        plan(kimi, "a100", "fp8", runtime="onnx")
     with pytest.raises(MoepressError, match=r"FP8-BLOCK needs sm90/sm100; L40S is sm89: use fp8"):
         plan(kimi, "l40s", "fp8-block")
     with pytest.raises(MoepressError, match=r"INT4-AWQ needs .*RTX PRO 6000 Blackwell is sm120: use nvfp4"):
@@ -216,7 +219,7 @@ def test_plan_cli(cli_run):
     d = json.loads(r.output)
     assert d["gpus"] == 1 and d["format"] == "bf16" and d["fits"]
     for args, msg in [
-        (("--target", "a100", "--format", "fp8"), "FP8 needs sm89+; A100 80GB SXM is sm80: use int4-awq"),
+        (("--target", "a100", "--format", "fp8"), "FP8 needs sm89+; A100 80GB SXM is sm80: use bf16"),
         (("--target", "nope"), "--target nope: unknown GPU target"),
         (("--target", "h200", "--format", "fp8-block", "--gpus", "8"), "use --gpus 16"),
         (("--target", "h200", "--gpus", "8", "--ep", "7"), "not divisible by 7"),

@@ -10,7 +10,8 @@ from moepress.cli.options import model_argument, resolve_model
 
 
 def _targets_line(table: dict) -> str:
-    """'h200 fp8-block x16, int4-awq x8; a100-80gb int4-awq x16 (fp8: needs sm89+) ...' per target."""
+    """'h200 fp8-block x16, int4-awq x8; a100-80gb int4-awq x16 (fp8: needs sm89+) ...' per target (GPU
+    counts only: which runtime loads a format's MoE experts is the plan's note and the consumer table)."""
     parts = []
     for name, row in table.items():
         runs = [f"{f} x{n}" for f, n in row.items() if n]
