@@ -139,6 +139,8 @@ def test_tp_or_ep_is_refused_by_an_unsharded_exporter(cli_run, tmp_path):
 
 def test_newer_opset_gets_its_ir_version_and_runs(cli_run, tmp_path):
     """Opset 23 needs IR 11 (onnx VERSION_TABLE); the export wrote IR 10 whatever the opset."""
+    if onnx.defs.onnx_opset_version() < 23:  # onnx 1.17 (the lowest allowed) defines up to 22
+        pytest.skip(f"onnx {onnx.__version__} defines no opset 23")
     r = cli_run("export", models.path("tiny-mixtral"), "--format", "onnx", "--opset", 23, "-o", tmp_path / "o")
     assert r.exit_code == 0, r.stderr
     m = onnx.load(str(tmp_path / "o" / "model.onnx"), load_external_data=False)
