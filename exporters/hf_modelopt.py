@@ -155,7 +155,7 @@ def refuse_unloadable_experts(s, modules: dict) -> None:
     routed = {n for ns in routed_linears(s).values() for n in ns}
     for fmt in sorted({modules[n]["format"] for n in routed if n in modules}):
         f = formats.FORMATS[fmt]
-        if f.trtllm_moe_families is not None and s.adapter.family not in f.trtllm_moe_families:
+        if not f.trtllm_loads_experts(s.adapter.family):
             raise MoepressError(f"--format hf-modelopt: {s.path}: its {s.adapter.family} routed experts are {fmt}; "
                                 f"{f.trtllm_moe_why}, and vLLM / SGLang load only FP8 / NVFP4 experts from a "
                                 "Model-Optimizer checkpoint: no runtime would load them; export compressed-tensors "

@@ -299,13 +299,9 @@ def trtllm_experts_problem(shape: ModelShape, t: Target, fmt: str) -> str | None
     """Why TensorRT-LLM's fused MoE cannot load this family's routed experts in ``fmt`` (the format
     registry's ``trtllm_moe_families``), naming a format that it can and ``t`` runs; None if it can."""
     f = formats.FORMATS[fmt]
-
-    def loads(g) -> bool:
-        return g.trtllm_moe_families is None or shape.family in g.trtllm_moe_families
-
-    if not shape.num_experts or loads(f):
+    if not shape.num_experts or f.trtllm_loads_experts(shape.family):
         return None
-    alts = [a for a in f.alternatives if t.supports(a) and loads(formats.FORMATS[a])]
+    alts = [a for a in f.alternatives if t.supports(a) and formats.FORMATS[a].trtllm_loads_experts(shape.family)]
     return (f"{f.trtllm_moe_why}, so {fmt} {shape.family} routed experts do not load; use "
             f"{alts[0] if alts else UNQUANTIZED} on {t.gpu}")
 

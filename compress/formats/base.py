@@ -105,6 +105,10 @@ class Format:
     trtllm_moe_families: tuple[str, ...] | None = None
     trtllm_moe_why: str = ""
 
+    def trtllm_loads_experts(self, family: str) -> bool:
+        """Does TensorRT-LLM's fused MoE load ``family``'s routed experts in this format?"""
+        return self.trtllm_moe_families is None or family in self.trtllm_moe_families
+
     @property
     def produced(self) -> bool:
         """Does ``moepress quantize`` write it?"""
