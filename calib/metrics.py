@@ -32,6 +32,12 @@ def perplexity(logits: list[torch.Tensor], batches: list[torch.Tensor]) -> float
     return safe_exp(tot / n)
 
 
+def margin_z(margin: float, noise: float) -> float:
+    """A margin in units of its noise; with no noise, inf for a positive margin (it holds whatever is left
+    out) and 0 for a tie (nothing separates the two)."""
+    return margin / noise if noise > 0 else math.inf if margin > 0 else 0.0
+
+
 def safe_exp(x: float) -> float:
     """exp(x), inf past float64's range (a mean NLL above ~709 nats: math.exp raised OverflowError)."""
     return math.exp(x) if x < 709.0 else math.inf if x == x else math.nan

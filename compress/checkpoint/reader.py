@@ -106,9 +106,7 @@ class CheckpointReader:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         _check_directory(self.path)
-        self.config: dict = _json(self.path / "config.json")
-        if not isinstance(self.config, dict):
-            raise MoepressError(f"{self.path / 'config.json'}: expected a JSON object")
+        self.config: dict = read_config_file(self.path / "config.json")
         if not isinstance(self.config.get("quantization_config") or {}, dict):
             raise MoepressError(f"{self.path / 'config.json'}: quantization_config is "
                                 f"{type(self.config['quantization_config']).__name__}; expected a JSON object")

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moepress.calib.metrics import margin_z
+
 FOLDS = 2  # sample r belongs to fold r % FOLDS
 
 
@@ -96,9 +98,6 @@ def choice_margin(best: str, per_sample_kl: dict[str, list[float]], positions: i
     m = d.numel()
     margin = float(d.sum()) / positions
     noise = float(d.std() * math.sqrt(m)) / positions if m > 1 else None
-    if noise is None:
-        z = None
-    else:  # no noise: a positive margin holds on every sample; a tie (same experts kept) never does
-        z = margin / noise if noise > 0 else math.inf if margin > 0 else 0.0
+    z = None if noise is None else margin_z(margin, noise)  # a tie (plans keeping the same experts): 0, fragile
     return {"runner_up": runner, "kl_margin": margin, "kl_margin_noise": noise,
             "z": z if z is None or math.isfinite(z) else None, "fragile": z is None or z < 2.0}

@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import torch
 
+from moepress.calib.metrics import margin_z
 from moepress.calib.observers import LayerRouting
 from moepress.compress.prune.budget import Budget
 from moepress.compress.prune.evidence import LayerEvidence, Selection
@@ -115,8 +116,7 @@ def _key(row: dict) -> float:
 
 
 def _row(k: int, d: int, margin: float, noise: float, stats: LayerRouting) -> dict:
-    # no noise: a positive margin holds whatever group is left out; a tie (both unscored, kept by index) never does
-    z = margin / noise if noise > 0 else math.inf if margin > 0 else 0.0
+    z = margin_z(margin, noise)  # a tie (both unscored, kept by index): 0, fragile
     return {"weakest_kept": k, "strongest_dropped": d, "kept_tokens": int(stats.counts[k]),
             "dropped_tokens": int(stats.counts[d]), "margin": margin, "noise": noise,
             "z": None if not math.isfinite(z) else z, "fragile": z < FRAGILE_Z}
