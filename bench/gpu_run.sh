@@ -66,7 +66,8 @@ log "bench: exit ${PIPESTATUS[0]}"
 per_test=""
 "$PY" -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=45"
 gpu_tests() {  # SECONDS KEYWORDS
-  timeout "$1" "$PY" -m pytest -v -m gpu -rs -s -p no:cacheprovider $per_test tests/test_device.py -k "$2" 2>&1 \
+  # -o addopts: pyproject's `--dist loadfile` needs pytest-xdist, which the image may lack
+  timeout "$1" "$PY" -m pytest -o addopts="" -v -m gpu -rs -s -p no:cacheprovider $per_test tests/test_device.py -k "$2" 2>&1 \
     | tee -a "$OUT/gpu-tests.log" \
     | grep -E "PASSED|SKIPPED|FAILED|ERROR|passed|skipped|failed|error|Timeout|idle|GPU peak|held-out" | tail -40
   log "gpu tests ($2): exit ${PIPESTATUS[0]}"
