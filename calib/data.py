@@ -346,7 +346,9 @@ def _as_asked(side: dict, specs: list[SourceSpec], model_dir: Path) -> dict:
     sources = [{**(o if isinstance(o, dict) else {}), "spec": s.spec, "location": s.location}
                for o, s in zip(olds, specs, strict=False)]
     tok = side.get("tokenizer") if isinstance(side.get("tokenizer"), dict) else {}
-    return {**side, "sources": sources, "tokenizer": {**tok, "model": str(model_dir)}}
+    # the cache file's own fields (format, version, file) are not the set's: a fresh set has none
+    own = {k: v for k, v in side.items() if k not in ("format", "version", "file")}
+    return {**own, "sources": sources, "tokenizer": {**tok, "model": str(model_dir)}}
 
 
 def calibration_batches(model_dir: str | Path, sources: tuple[str, ...] = (), num_samples: int = 64,

@@ -12,6 +12,7 @@ Backend: NCCL when CUDA is available, else gloo (CPU). Outside torchrun (no
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from typing import TypeVar
 import torch
 
 from moepress.calib.observers import LayerRouting
-from moepress.errors import MoepressError
+from moepress.errors import MoepressError, PeerLost
 
 T = TypeVar("T")
 
@@ -100,7 +101,8 @@ def barrier(env: DistEnv) -> None:
     if env.enabled:
         import torch.distributed as dist
 
-        dist.barrier()
+        with peer_errors(env):
+            dist.barrier()
 
 
 def run_main_first(env: DistEnv, fn: Callable[[], T]) -> T:
@@ -129,6 +131,24 @@ def run_main_first(env: DistEnv, fn: Callable[[], T]) -> T:
     if box[0] is not None:
         raise MoepressError(box[0])
     return fn() if not env.is_main else result
+
+
+@contextlib.contextmanager
+def peer_errors(env: DistEnv):
+    """Under torchrun, a collective's error (gloo: "Connection closed by peer", NCCL: a timeout or
+    DistBackendError, both RuntimeErrors) becomes one line, :class:`PeerLost`, which keeps the finished
+    layers for ``--resume``; a rank's own bad input (MoepressError) passes through unchanged."""
+    if not env.enabled:
+        yield
+        return
+    try:
+        yield
+    except MoepressError:
+        raise
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PeerLost(f"distributed run (rank {env.rank} of {env.world_size}) stopped: {first[:300]} "
+                       "(another rank exited or lost its connection)") from None
 
 
 def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:

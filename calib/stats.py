@@ -25,10 +25,11 @@ from moepress.progress import QUIET, Progress
 
 @torch.no_grad()
 def collect(model: str | Path, batches: list[torch.Tensor], *, absmax: bool = False, progress: Progress = QUIET,
-            dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+            dtype: torch.dtype = torch.float32, device: torch.device | None = None, share: str = "",
             ) -> tuple[RoutingStats, dict[str, torch.Tensor] | None, dict]:
     """(routing statistics, ``{model.layers.i.<linear>: input absmax}`` or None, model facts);
-    the layers run on ``device`` (None: the CPU)."""
+    the layers run on ``device`` (None: the CPU). ``share`` labels the per-layer progress notes (under
+    torchrun they count this rank's batches, before the ranks' statistics are added)."""
     sm = StreamedModel(str(model), dtype=dtype, device=device)
     a = sm.adapter
     stats = RoutingStats()
@@ -52,7 +53,7 @@ def collect(model: str | Path, batches: list[torch.Tensor], *, absmax: bool = Fa
                 task.advance(note=f"layer {i}: dense")
             else:
                 s = layer_summary(lr)
-                task.advance(note=f"layer {i}: {lr.tokens} tokens, max/mean {s['max_over_mean']:.2f}, "
+                task.advance(note=f"layer {i}: {share}{lr.tokens} tokens, max/mean {s['max_over_mean']:.2f}, "
                                   f"never routed {len(s['never_routed'])}")
     facts = {"family": a.family, "num_layers": a.num_layers, "moe_layers": a.moe_layers(),
              "num_experts": a.num_experts, "top_k": a.top_k, "routing": a.routing()}

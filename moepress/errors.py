@@ -15,3 +15,11 @@ class CheckFailed(Exception):
     """An accuracy gate failed (exit code 1); the message names the metric."""
 
     exit_code = 1
+
+
+class PeerLost(MoepressError):
+    """A distributed run stopped on another rank's failure (a collective raised: the peer exited or
+    its connection closed). The layers already written are sound, so the stage's writer keeps its
+    partial for ``--resume`` instead of removing it."""
+
+    keep_partial = True

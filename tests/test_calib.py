@@ -99,6 +99,9 @@ def test_sampling_is_reproducible_and_cached(qwen, _cache_dir):
     assert not a.cached and a.input_ids.shape == (16, 64) and a.input_ids.dtype == torch.long
     b = calibration_set(qwen, num_samples=16, seq_len=64, seed=0)
     assert b.cached and torch.equal(a.input_ids, b.input_ids)
+    # the same description either way (a stage's stats.json / manifest must not depend on the cache's state)
+    same = lambda m: {k: v for k, v in m.items() if k != "created"}  # noqa: E731
+    assert same(b.meta) == same(a.meta)
     fresh = calibration_set(qwen, num_samples=16, seq_len=64, seed=0, cache=False)
     assert torch.equal(a.input_ids, fresh.input_ids)
     named = calibration_set(qwen, ("bundled",), num_samples=16, seq_len=64, seed=0)

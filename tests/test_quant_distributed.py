@@ -35,6 +35,34 @@ def test_two_rank_gloo_quantize_is_byte_identical_to_one_process(tmp_path):
     a, b = _digests(tmp_path / "one"), _digests(tmp_path / "two")
     assert len([n for n in a if n.endswith(".safetensors")]) >= 5
     assert a == b
+    _lost_rank_keeps_finished_layers(args, env, tmp_path, a)
+
+
+def _lost_rank_keeps_finished_layers(args, env, tmp_path, reference):
+    """Rank 1 dies (kill -9) after its layer 2: rank 0's collective fails; it exits 2 with one line and
+    keeps its finished layers in OUT.partial (it removed them), and --resume in one process finishes
+    the same bytes as the uninterrupted run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "lost"
+    ranks = [subprocess.Popen([sys.executable, "-m", "moepress", *args, "-o", str(out)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   **({"MOEPRESS_KILL_AT": "quantize:2"} if r else {})}) for r in range(2)]
+    (_, err0), _ = ranks[0].communicate(timeout=300), ranks[1].communicate(timeout=300)
+    assert ranks[1].returncode == -9 and ranks[0].returncode == 2, err0[-2000:]
+    lines = err0.strip().splitlines()
+    assert len(lines) == 1 and "another rank exited" in lines[0] and "--resume" in lines[0], err0[-2000:]
+    partial = tmp_path / "lost.partial"
+    assert not out.exists() and len(list(partial.glob("*.safetensors"))) >= 2
+    resumed = subprocess.run([sys.executable, "-m", "moepress", *args, "-o", str(out), "--resume"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _digests(out) == reference
 
 
 def _expert_groups(fmt):

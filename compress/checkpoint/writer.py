@@ -367,16 +367,17 @@ class CheckpointWriter:
                                          "weight_map": dict(sorted(weight_map.items()))})
         return known
 
-    def abort(self) -> None:
+    def abort(self, keep: bool = False) -> None:
         """Give up after an error: remove the partial, unless it was resumed with an earlier run's shards
-        (finished work this process did not create; its journal still says which shards are whole)."""
+        (finished work this process did not create; its journal still says which shards are whole) or
+        ``keep`` (the error says the finished shards are worth a ``--resume``: errors.PeerLost)."""
         if self._pool is not None:
             try:
                 self.wait()
             except Exception:  # already failing: the first error is the one reported
                 pass
             self._pool.shutdown()
-        if self._inherited:
+        if self._inherited or keep:
             for p in self.partial.glob("*.tmp"):  # a shard or journal cut off mid-write
                 p.unlink(missing_ok=True)
         else:
@@ -393,6 +394,9 @@ class CheckpointWriter:
             except BaseException:  # e.g. a full disk while writing the index or the manifest
                 self.abort()
                 raise
+        elif getattr(exc, "keep_partial", False) and self.partial.is_dir():
+            self.abort(keep=True)
+            exc.args = (f"{exc}; the finished layers are kept in {self.partial}: rerun with --resume",)
         else:
             self.abort()
 

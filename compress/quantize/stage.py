@@ -145,7 +145,7 @@ class QuantizeStage:
                                    background=not self.calibrated or self.sm.device.type != "cpu",
                                    resume_key=key, sources=sources, transient=(PROGRESS,))
                   if env.is_main else _NullWriter())
-        with writer as w:
+        with writer as w, dist.peer_errors(env):  # a lost rank: PeerLost, and the writer keeps the partial
             self.w = w
             start = self._resume_point(progress)
             if a.embed_name not in self.done:

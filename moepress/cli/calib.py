@@ -93,7 +93,8 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
 
     Writes OUT/stats.json (per MoE layer and expert: routed tokens, share, gate-weight
     mass, mean expert output norm, REAP saliency; the summary; the calibration set),
-    OUT/routing.safetensors (exact sums and co-selection counts, RoutingStats.load),
+    OUT/routing.safetensors (the float64 sums and co-selection counts, RoutingStats.load; under
+    torchrun the sums are added per rank, so their last bits differ from one process's),
     OUT/heatmap.png (token share per layer x expert, never-routed experts marked) and
     OUT/summary.txt; prints the summary (JSON with --json).
 
@@ -119,7 +120,8 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
                                                               trust_remote_code))
         batches = dist.shard(cs.batches(batch_size), env.rank, env.world_size)
         (stats, amax, facts), memory = run_measured(device, collect, src, batches, absmax=absmax, progress=prog,
-                                                    dtype=getattr(torch, dtype))
+                                                    dtype=getattr(torch, dtype),
+                                                    share="rank 0's share: " if env.enabled else "")
         dist.all_reduce_routing(stats, env)
         if absmax:
             amax = dist.all_reduce_absmax(amax, env)
