@@ -89,19 +89,29 @@ class MemoryPeaks:
     peak (the kernel's high-water mark, reset at entry where the kernel allows, else sampled) and
     the GPU allocator's peak (``torch.cuda.max_memory_allocated``; None on the CPU)."""
 
+    _open: list[MemoryPeaks] = []  # nested (a run and its stages): the GPU peak carried outward, as the host's
+
     def __init__(self, device: torch.device | None = None):
         self.device = device
         self.host = memwatch.HostPeak()
         self.gpu: int | None = None
+        self._carried: int | None = None
 
     def __enter__(self) -> MemoryPeaks:
+        mark = gpu_peak(self.device)
+        for outer in MemoryPeaks._open:
+            if mark is not None:
+                outer._carried = max(outer._carried or 0, mark)
         reset_gpu_peak(self.device)
         self.host.__enter__()
+        MemoryPeaks._open.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        MemoryPeaks._open.remove(self)
         self.host.__exit__(*exc)
-        self.gpu = gpu_peak(self.device)
+        peak = gpu_peak(self.device)
+        self.gpu = peak if self._carried is None or peak is None else max(peak, self._carried)
 
     def report(self) -> dict:
         """The ``memory`` section of a stage's JSON result."""

@@ -102,20 +102,31 @@ class PeakRSS:
 
 class HostPeak:
     """``with HostPeak() as p: ...`` then ``p.peak``: the resident-set peak over the block, from the
-    kernel's high-water mark where it can be reset, else sampled every 10 ms."""
+    kernel's high-water mark where it can be reset, else sampled every 10 ms.
+
+    Nested blocks (a run's stages inside the run) each reset the one high-water mark: before a
+    reset, the mark so far is carried into every enclosing block, so each still sees its whole peak."""
+
+    _open: list[HostPeak] = []
 
     def __init__(self):
         self.peak = 0
+        self._carried = 0
         self._sampler: PeakRSS | None = None
 
     def __enter__(self) -> HostPeak:
+        mark = hwm()
+        for outer in HostPeak._open:
+            outer._carried = max(outer._carried, mark)
         if not reset_hwm() or hwm() == 0:
             self._sampler = PeakRSS(interval=0.01).__enter__()
+        HostPeak._open.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        HostPeak._open.remove(self)
         if self._sampler is not None:
             self._sampler.__exit__(*exc)
             self.peak = self._sampler.peak
         else:
-            self.peak = max(hwm(), rss())
+            self.peak = max(hwm(), rss(), self._carried)

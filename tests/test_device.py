@@ -115,10 +115,21 @@ def _memory(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])["memory"]
 
 
-@pytest.mark.parametrize("stage", ["quantize", "prune", "calib", "check"])
+@pytest.mark.parametrize("stage", ["quantize", "prune", "calib", "check", "export", "build", "prepare"])
 def test_every_stage_reports_memory(cli_run, tmp_path, stage):
     model = str(models.path("tiny-qwen3-moe"))
     out = tmp_path / "o"
+    if stage in ("export", "build", "prepare"):  # no --device: export and prepare run on the CPU, build's
+        onnx = tmp_path / "onnx"                 # check on the GPU where there is one
+        if stage == "build":
+            assert cli_run("export", model, "--format", "onnx", "-o", onnx, "--quiet").exit_code == 0
+        args = {"export": ("export", model, "--format", "onnx", "-o", out),
+                "build": ("build", onnx, "--target", "h100-sxm", "--dry-run", "-o", out),
+                "prepare": ("calib", "prepare", model, "-o", tmp_path / "t.safetensors", *CALIB)}[stage]
+        r = cli_run(*args, "--json")
+        assert r.exit_code == 0, r.output
+        assert 50 << 20 < _memory(r.stdout)["host_rss_peak_bytes"] < 16 << 30
+        return
     args = {
         "quantize": ("quantize", model, "--format", "fp8-block", "-o", out),
         "prune": ("prune", model, "--method", "frequency", "--ratio", "0.25", "-o", out, *CALIB),
@@ -152,6 +163,22 @@ def test_host_peak_sees_a_brief_allocation():
     with MemoryPeaks(None) as quiet:
         pass
     assert m.report()["host_rss_peak_bytes"] >= quiet.report()["host_rss_peak_bytes"] + (200 << 20)
+
+
+def test_nested_peaks_each_see_their_whole_block():
+    """A run's stages each reset the kernel's one high-water mark: the run's own peak must still include a
+    stage's 256 MB (before, it saw only what came after the last stage started)."""
+    with MemoryPeaks(None) as quiet:
+        pass
+    with MemoryPeaks(None) as run:
+        with MemoryPeaks(None) as first:
+            x = torch.ones(64 << 20)  # 256 MB, touched
+            del x
+        with MemoryPeaks(None):
+            pass
+    base = quiet.report()["host_rss_peak_bytes"]
+    assert first.report()["host_rss_peak_bytes"] >= base + (200 << 20)
+    assert run.report()["host_rss_peak_bytes"] >= first.report()["host_rss_peak_bytes"]
 
 
 # ---- the upload pipeline on a device that is not the CPU -----------------------------------------

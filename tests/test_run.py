@@ -14,6 +14,7 @@ import yaml
 from moepress import models
 from moepress.compress.checkpoint.writer import JOURNAL
 from moepress.pipeline.recipe import load_recipe
+from moepress.pipeline.runner import source_digest
 
 MODEL = "tiny-mixtral"  # 8 experts top-2: the quickest bundled model to prune
 
@@ -73,6 +74,8 @@ def test_default_run_runs_every_stage_and_passes_its_checks(default_run):
     stages = ["prune", "quantize", *[f"export:{f}" for f in fmts], *[f"check:{c}" for c in checked],
               *[f"build:{t}:{b}" for t in recipe["build"]["targets"] for b in builders]]
     assert [(k, v["status"]) for k, v in res["stages"].items()] == [(s, "ran") for s in stages]
+    assert all(50 << 20 < v["memory"]["host_rss_peak_bytes"] <= res["memory"]["host_rss_peak_bytes"]
+               for v in res["stages"].values())  # each stage's peak, within the run's
     # 16 experts, 25% pruned; FP8
     assert json.loads((out / "prune" / "config.json").read_text())["num_local_experts"] == 12
     assert json.loads((out / "quantize" / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
@@ -88,9 +91,14 @@ def test_default_run_runs_every_stage_and_passes_its_checks(default_run):
     for fmt in fmts:
         card = (out / "export" / fmt / "README.md").read_text()
         borrowed = "This artifact was not checked" in card
-        assert borrowed == (fmt not in checked) and "Gates passed." in card, fmt
+        assert borrowed == (fmt not in checked) and "Gates passed (ppl_increase <= 0.05, " in card, fmt
         if borrowed:
             assert "The quantized checkpoint it was exported from:" in card
+        # the method auto chose, and the source's hashes in the export's own manifest
+        chosen = res["stages"]["prune"]["result"]["chosen"]
+        assert chosen in ("reroute", "reap", "frequency", "ean") and f"| pruning | auto method (chose {chosen})" in card
+        pipeline = json.loads((out / "export" / fmt / "moepress-manifest.json").read_text())["pipeline"]
+        assert pipeline["source_sha256"] == source_digest(models.path(recipe["model"])) and pipeline["recipe"] == recipe
     # builds are planned (dry run): a script and a record each
     for key, b in res["builds"].items():
         t, builder = key.split(":")
@@ -313,6 +321,27 @@ def test_recipe_values_of_the_wrong_type_are_one_line(cli_run, tmp_path, section
     rec = tmp_path / "r.yaml"
     rec.write_text(yaml.safe_dump({"model": MODEL, **sections}))
     one_line_error(cli_run("recipe", "show", rec), str(rec), *needles)
+
+
+def test_cards_state_what_each_artifact_carries_and_its_consumers_misload(cli_run, tmp_path):
+    """NVFP4 with an FP8 KV cache, exported to compressed-tensors and hf-modelopt. Every card said "KV cache
+    fp8" (compressed-tensors carries no KV scales), the compressed-tensors card told to load it with
+    transformers (5.24 loads its experts wrongly, export.json misloaded_by), and the run exited 2 at its
+    check instead of labelling the card with the quantized checkpoint's verdict."""
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", quantize={"format": "nvfp4", "kv_cache": "fp8"},
+                       export={"formats": ["compressed-tensors", "hf-modelopt"]})
+    out = tmp_path / "run"
+    r = cli_run("run", rec, "-o", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert statuses(out) == {"quantize": "ran", "export:compressed-tensors": "ran", "export:hf-modelopt": "ran",
+                             "check:quantized": "ran", "check:hf-modelopt": "ran"}
+    ct, mo = ((out / "export" / f / "README.md").read_text() for f in ("compressed-tensors", "hf-modelopt"))
+    cfg = json.loads((out / "export" / "compressed-tensors" / "config.json").read_text())
+    assert cfg["quantization_config"].get("kv_cache_scheme") is None
+    assert "| KV cache | not carried by this format (asked: fp8)" in ct and "| KV cache | FP8, calibrated" in mo
+    assert "from_pretrained" not in ct and "loads this artifact wrongly" in ct
+    assert "This artifact was not checked (transformers " in ct and "## Consumer notes" in ct
+    assert "from_pretrained" not in mo and "This artifact was not checked" not in mo
 
 
 def test_cards_say_when_no_gate_was_applied_or_checks_are_off(tmp_path):

@@ -157,7 +157,8 @@ class PruneStage:
 
     def summary(self, out: str | Path, t0: float) -> dict:
         shares = [r["dropped_share"] for r in self.report_layers]
-        return {"output": str(out), "method": self.cfg.method, "num_experts": self.budget.num_experts,
+        return {"output": str(out), "method": self.cfg.method, "chosen": self.method.name,  # auto: what it ran
+                "num_experts": self.budget.num_experts,
                 "kept": self.budget.keep, "moe_layers": len(self.report_layers), "mtp_layers": len(self.mtp),
                 "dropped_token_share_mean": round(sum(shares) / len(shares), 6), "constraints": self.notes,
                 "fragile_layers": sum(bool(r.get("stability", {}).get("fragile")) for r in self.report_layers),

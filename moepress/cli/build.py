@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import click
 
-from moepress.cli.options import model_argument, output_options, progress_options, resolve_model
+from moepress.cli.options import measured, model_argument, output_options, progress_options, resolve_model
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import kv_cache
 
@@ -162,8 +162,11 @@ def build_cmd(artifact, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_d
     opts = BuildOptions(dry_run=dry_run, builder=builder, gpus=gpus, tp=tp, ep=ep, max_seq_len=max_seq_len,
                         max_batch=max_batch, force=force, reference=reference, kv_cache_dtype=kv_cache_dtype,
                         hardware_compatibility=hardware_compatibility, trust_remote_code=trust_remote_code)
-    res = build(artifact, target, output, opts, progress=prog)
-    click.echo(json.dumps(res, default=str) if json_out else render(res))
+    # a real build checks the engine on the GPU: its peak is the GPU's (none on a dry run's CPU-only machine)
+    from moepress.device import resolve
+
+    res, memory = measured(resolve("auto"), lambda: build(artifact, target, output, opts, progress=prog))
+    click.echo(json.dumps({**res, "memory": memory}, default=str) if json_out else render(res))
     acc = res.get("accuracy") or {}
     if acc.get("passed") is False:  # the engine is kept (and recorded); the job fails as a check does
         raise CheckFailed(f"engine accuracy check failed: {engine_failure(acc)} ({res['out']})")

@@ -10,6 +10,7 @@ import click
 from moepress.cli.options import (
     calib_options,
     device_option,
+    measured,
     model_argument,
     output_options,
     progress_options,
@@ -56,13 +57,13 @@ def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, out
             raise MoepressError(f"{p}: exists (pass --force to replace it)")
     if output.is_dir():
         raise MoepressError(f"{output}: is a directory; expected a file name ending in .safetensors or .pt")
-    cs = calibration_set(src, calib, num_samples, seq_len, seed, trust_remote_code)
+    cs, memory = measured(None, lambda: calibration_set(src, calib, num_samples, seq_len, seed, trust_remote_code))
     meta = {k: v for k, v in cs.meta.items() if k != "file"}
     try:
         side = save_token_file(output, cs.input_ids, cs.source, meta)
     except OSError as e:
         raise MoepressError(f"{output}: cannot write ({e.strerror})") from None
-    click.echo(json.dumps({"path": str(output), "cached": cs.cached, **side}) if json_out
+    click.echo(json.dumps({"path": str(output), "cached": cs.cached, **side, "memory": memory}) if json_out
                else _prepare_text(output, side, cs.cached))
 
 

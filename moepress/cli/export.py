@@ -6,7 +6,7 @@ import json
 
 import click
 
-from moepress.cli.options import model_argument, output_options, progress_options, resolve_model
+from moepress.cli.options import measured, model_argument, output_options, progress_options, resolve_model
 from moepress.errors import MoepressError
 
 
@@ -60,9 +60,9 @@ def export_cmd(model, fmt, tp, ep, opset, extra, output, force, quiet, json_out)
     src = resolve_model(model)
     cfg = ExportConfig(format=fmt, tp=tp, ep=ep, opset=opset, options=_parse_options(extra))
     prog = Progress(mode="json" if json_out else "quiet" if quiet else "human")
-    info = export(src, output, cfg, force=force, progress=prog)
+    info, memory = measured(None, lambda: export(src, output, cfg, force=force, progress=prog))  # on the CPU
     if json_out:
-        click.echo(json.dumps({"output": str(output), **info}, default=str))
+        click.echo(json.dumps({"output": str(output), **info, "memory": memory}, default=str))
     else:
         click.echo(f"exported {src} as {fmt} -> {output}")
 

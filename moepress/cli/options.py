@@ -79,9 +79,16 @@ def device_option(f):
 def run_measured(device: str, stage, *args, **kwargs) -> tuple[dict, dict]:
     """Resolve ``--device`` (a bad or unavailable device: one-line error, exit 2), run ``stage(*args,
     device=..., **kwargs)`` and return (its result, the ``memory`` section: host RSS and GPU peaks)."""
-    from moepress.device import MemoryPeaks, resolve
+    from moepress.device import resolve
 
     dev = resolve(device)
-    with MemoryPeaks(dev) as mem:
-        result = stage(*args, device=dev, **kwargs)
+    return measured(dev, lambda: stage(*args, device=dev, **kwargs))
+
+
+def measured(device, fn) -> tuple:
+    """(``fn()``, the ``memory`` section over it: host RSS peak, and ``device``'s GPU peak where it is one)."""
+    from moepress.device import MemoryPeaks
+
+    with MemoryPeaks(device) as mem:
+        result = fn()
     return result, mem.report()

@@ -52,15 +52,7 @@ vLLM:
 ```bash
 vllm serve {path}
 ```
-
-transformers (with `compressed-tensors` installed):
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("{path}")
-tok = AutoTokenizer.from_pretrained("{path}")
-```
-""",
+{transformers}""",
     "trtllm-ckpt": """\
 A TensorRT-LLM checkpoint for `trtllm-build` (releases that still ship it):
 
@@ -90,6 +82,92 @@ sess = ort.InferenceSession("{path}/model.onnx", so)
 }
 
 
+CT_TRANSFORMERS = """
+transformers (with `compressed-tensors` installed):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{path}")
+tok = AutoTokenizer.from_pretrained("{path}")
+```
+"""
+
+
+def _json(p: Path) -> dict:
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def kv_cache_carried(d: Path) -> str | None:
+    """The KV-cache quantization the artifact's own files declare (None: the runtime keeps the model's
+    dtype): hf_quant_config.json / a trtllm-ckpt config.json ``kv_cache_quant_algo``, a compressed-tensors
+    config.json ``quantization_config.kv_cache_scheme``. An ONNX graph carries no KV cache."""
+    algo = (_json(d / "hf_quant_config.json").get("quantization") or {}).get("kv_cache_quant_algo")
+    cfg = _json(d / "config.json")
+    q = cfg.get("quantization") if isinstance(cfg.get("quantization"), dict) else {}
+    qc = cfg.get("quantization_config") if isinstance(cfg.get("quantization_config"), dict) else {}
+    scheme = qc.get("kv_cache_scheme")
+    return algo or q.get("kv_cache_quant_algo") or (
+        f"{scheme.get('type', '')}{scheme.get('num_bits', '')}".upper() if isinstance(scheme, dict) else None)
+
+
+def _quant_rows(recipe: dict, d: Path) -> list[str]:
+    q = recipe.get("quantize")
+    if not q:
+        return []
+    rows = [f"| quantization | {q.get('format') or 'rules'}"
+            f"{', rules ' + json.dumps(q['rules']) if q.get('rules') else ''} |"]
+    carried = kv_cache_carried(d)
+    if carried:
+        rows.append(f"| KV cache | {carried}, calibrated scales |")
+    elif q.get("kv_cache"):
+        rows.append(f"| KV cache | not carried by this format (asked: {q['kv_cache']}): the runtime keeps it "
+                    "in the model's dtype |")
+    return rows
+
+
+def _prune_row(recipe: dict, prune: dict | None) -> list[str]:
+    p = recipe.get("prune")
+    if not p:
+        return []
+    amount = f"ratio {p['ratio']}" if p.get("ratio") is not None else f"keep {p['keep']}"
+    asked = p.get("method") or "default"
+    chosen = (prune or {}).get("chosen")
+    how = f"{asked} method" + (f" (chose {chosen})" if chosen and chosen != asked else "")
+    kept = (prune or {}).get("num_experts")
+    return [f"| pruning | {how}, {amount} of routed experts{f'; {kept} kept per MoE layer' if kept else ''} |"]
+
+
+def _calibrated(recipe: dict) -> bool:
+    """Did a stage of the recipe read calibration data (pruning; a calibrated format or KV cache)?"""
+    from moepress.compress.formats import FORMATS
+
+    q = recipe.get("quantize") or {}
+    fmts = [q.get("format"), *(q.get("rules") or {}).values()]  # rules: {pattern: format}
+    return bool(recipe.get("prune") or q.get("kv_cache")
+                or any(f in FORMATS and FORMATS[f].calibrated for f in fmts if isinstance(f, str)))
+
+
+def _loading(fmt: str, d: Path, name: str) -> list[str]:
+    """How to load it; where this artifact's own export.json says a consumer misloads it, that consumer's
+    snippet is replaced by the warning, and its consumer notes are listed."""
+    info = _json(d / "export.json")
+    misloaded = info.get("misloaded_by") if isinstance(info.get("misloaded_by"), dict) else {}
+    tf = (f"\n**transformers <= {misloaded['transformers']} loads this artifact wrongly** (no error, other "
+          "weights): serve it with vLLM or SGLang.\n" if misloaded.get("transformers") else CT_TRANSFORMERS)
+    text = LOADING.get(fmt, "").replace("{transformers}", tf).replace("{path}", f"./{name}")
+    cfg, tok = _json(d / "config.json"), _json(d / "tokenizer_config.json")
+    if cfg.get("auto_map") or tok.get("auto_map"):
+        text += ("\nThe model or its tokenizer is the checkpoint's own code (`auto_map`): pass "
+                 "`--trust-remote-code` to `vllm serve` / `trtllm-serve` and `trust_remote_code=True` to "
+                 "transformers.\n")
+    notes = [n for n in info.get("consumer_notes") or [] if isinstance(n, str)]
+    return [text, *(["## Consumer notes", "", *[f"- {n}" for n in notes], ""] if notes else [])]
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -106,14 +184,18 @@ class Accuracy:
     upstream: dict | None = None
     upstream_kind: str = ""
     checking: bool = True
+    unchecked: str = "no CPU runtime for this format; `moepress build` checks the engine on its GPU"
 
 
 def _verdict(check: dict) -> str:
     if not check.get("passed"):
         return "Gates FAILED: " + ", ".join(check.get("failed") or []) + "."
-    if check.get("gates") == []:
+    gates = check.get("gates")
+    if gates == []:
         return "No gate applied: measured only (`moepress publish` refuses it)."
-    return "Gates passed."
+    applied = [f"{g['metric']} {g['op']} {_fmt(g['threshold'])}" for g in gates or []
+               if isinstance(g, dict) and {"metric", "op", "threshold"} <= set(g)]
+    return "Gates passed" + (f" ({', '.join(applied)})." if applied else ".")
 
 
 def _accuracy(acc: Accuracy) -> list[str]:
@@ -121,17 +203,20 @@ def _accuracy(acc: Accuracy) -> list[str]:
     check, lines = acc.check or acc.upstream, []
     if check is None:
         return ["Not checked: the recipe's check is off." if not acc.checking else
-                "Not checked on this machine (no CPU runtime for this format); "
-                "`moepress build` checks the engine on its GPU."]
+                f"Not checked on this machine ({acc.unchecked})."]
     if acc.check is None:
-        lines += [f"This artifact was not checked (no CPU runtime for this format; `moepress build` checks the "
-                  f"engine on its GPU). The {acc.upstream_kind} checkpoint it was exported from:", ""]
+        lines += [f"This artifact was not checked ({acc.unchecked}). The {acc.upstream_kind} checkpoint it was "
+                  f"exported from:", ""]
     lines += [_verdict(check), "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in (check.get("metrics") or {}).items()]
     return lines
 
 
-def model_card(artifact: str | Path, fmt: str, recipe: dict, source: str | Path, acc: Accuracy) -> str:
+def model_card(artifact: str | Path, fmt: str, recipe: dict, source: str | Path, acc: Accuracy,
+               prune: dict | None = None) -> str:
+    """The card of ``artifact``: its facts from its own files where they differ by format (KV cache, loading,
+    consumer notes), the recipe's otherwise; ``prune``: the prune stage's result (the method ``auto``
+    chose, experts kept)."""
     d = Path(artifact)
     m = read_manifest(d)
     files = m.get("files", {})
@@ -141,21 +226,15 @@ def model_card(artifact: str | Path, fmt: str, recipe: dict, source: str | Path,
              f"Made with [moepress](https://github.com/moepress/moepress) {m.get('versions', {}).get('moepress', '')} "
              f"from `{Path(source).name}`.", "",
              "| | |", "|---|---|", f"| format | `{fmt}` |", f"| size on disk | {size / 1e6:.2f} MB |"]
-    if recipe.get("prune"):
-        p = recipe["prune"]
-        amount = f"ratio {p['ratio']}" if p.get("ratio") is not None else f"keep {p['keep']}"
-        lines.append(f"| pruning | {p.get('method') or 'default'} method, {amount} of routed experts |")
-    if recipe.get("quantize"):
-        q = recipe["quantize"]
-        lines.append(f"| quantization | {q.get('format') or 'rules'}"
-                     f"{', rules ' + json.dumps(q['rules']) if q.get('rules') else ''}"
-                     f"{', KV cache ' + q['kv_cache'] if q.get('kv_cache') else ''} |")
+    lines += _prune_row(recipe, prune) + _quant_rows(recipe, d)
     c = recipe.get("calib") or {}
-    lines.append(f"| calibration | {c.get('num_samples')} samples x {c.get('seq_len')} tokens, seed {c.get('seed')}, "
-                 f"{', '.join(c.get('sources') or []) or 'bundled text'} |")
+    if _calibrated(recipe):
+        lines.append(f"| calibration | {c.get('num_samples')} samples x {c.get('seq_len')} tokens, seed "
+                     f"{c.get('seed')}, {', '.join(c.get('sources') or []) or 'bundled text'} |")
     lines += ["", "## Accuracy against the original", "", *_accuracy(acc)]
-    lines += ["", "## Loading", "", LOADING.get(fmt, "").replace("{path}", f"./{name}"),
+    lines += ["", "## Loading", "", *_loading(fmt, d, name),
               "## Provenance", "",
-              "`moepress-manifest.json` lists every file's sha256 and size, the source model's hashes, "
-              "the stage configs and the versions used; `moepress publish` verifies it.", ""]
+              "`moepress-manifest.json` lists every file's sha256 and size, the checkpoint it was exported "
+              "from, the export config and the versions used; its `pipeline` section, the recipe and the "
+              "source model's hashes. `moepress publish` verifies it.", ""]
     return "\n".join(lines)

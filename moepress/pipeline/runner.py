@@ -35,6 +35,7 @@ from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import builders as builder_registry
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest
 from moepress.outputs import refuse_overlap, write_text_atomic
+from moepress.pipeline.card import Accuracy, model_card
 from moepress.pipeline.recipe import STAGES, dump
 from moepress.progress import Progress
 
@@ -83,7 +84,7 @@ def output_complete(d: Path) -> bool:
 class Runner:
     def __init__(self, recipe: dict, out: Path, progress: Progress, force_from: str | None = None,
                  recipe_src: str = "recipe", device=None):
-        from moepress.device import resolve as resolve_device
+        from moepress.device import resolve as resolve_device  # torch: imported when a run starts
         from moepress.models import resolve as resolve_model
 
         self.recipe, self.out, self.prog = recipe, Path(out), progress
@@ -138,12 +139,15 @@ class Runner:
         resume = st.get("key") == key and not st.get("done") and partial.exists() and not self._forced(sid)
         self._save_state(sid, {"key": key, "done": False, "started": time.time()})
         self.prog.info(f"{sid}: {'resuming' if resume else 'running'} -> {out}")
+        from moepress.device import MemoryPeaks
+
         t0 = time.monotonic()
-        result = fn(resume) or {}
+        with MemoryPeaks(self.device) as mem:
+            result = fn(resume) or {}
         secs = round(time.monotonic() - t0, 3)
         self._save_state(sid, {"key": key, "done": True, "result": result, "seconds": secs})
         self.record[sid] = {"status": "resumed" if resume else "ran", "key": key, "output": str(out),
-                            "seconds": secs, "result": result}
+                            "seconds": secs, "memory": mem.report(), "result": result}
         return result
 
     # ---- stages --------------------------------------------------------------------------------
@@ -155,7 +159,8 @@ class Runner:
         (self.out / RUN_JSON).unlink(missing_ok=True)
         write_text_atomic(self.out / "recipe.yaml", dump(r))
         self.prog.info(f"run: {self.recipe_src} on {self.model} -> {self.out}")
-        src_key = _key({"source": source_digest(self.model)})
+        self.source_sha256 = source_digest(self.model)
+        src_key = _key({"source": self.source_sha256})
         calib_key = self._calib_key()
         current, cur_key, cur_kind = self.model, src_key, "source"
 
@@ -173,15 +178,16 @@ class Runner:
                 artifacts[fmt] = (self._export(fmt, current, cur_key), self.record[f"export:{fmt}"]["key"])
         # accuracy: the last checkpoint stage's output and every export a CPU consumer runs
         cands = {cur_kind: (current, cur_key, "checkpoint")} if cur_kind != "source" else {}
-        for fmt, (d, k) in artifacts.items():
-            if fmt in CHECKABLE:
-                cands[fmt] = (d, k, CHECKABLE[fmt])
+        unchecked = _unchecked(artifacts)
+        cands.update({fmt: (d, k, CHECKABLE[fmt]) for fmt, (d, k) in artifacts.items() if fmt not in unchecked})
         if r["check"] is None:
             cands = {}
         checks = {name: self._check(name, d, k, kind, src_key) for name, (d, k, kind) in cands.items()}
-        for fmt, (d, _) in artifacts.items():  # an export no CPU runtime checks: its input's verdict, so labelled
+        for fmt, (d, _) in artifacts.items():  # an export not checked here: its input's verdict, so labelled
             own = checks.get(fmt)
-            self._card(fmt, d, own, None if own is not None else checks.get(cur_kind), cur_kind, r["check"] is not None)
+            acc = Accuracy(own, None if own is not None else checks.get(cur_kind), cur_kind, r["check"] is not None,
+                           **({"unchecked": unchecked[fmt]} if fmt in unchecked else {}))
+            self._card(fmt, d, acc)
         builds = {}
         if r["build"] is not None:
             for target in r["build"]["targets"]:
@@ -218,7 +224,7 @@ class Runner:
         def fn(resume):
             res = prune_checkpoint(src, out, cfg, batches=c.loader(src), force=True, progress=self.prog,
                                    device=self.device)
-            return {k: res[k] for k in ("method", "num_experts", "kept") if k in res}
+            return {k: res[k] for k in ("method", "chosen", "num_experts", "kept") if k in res}
 
         self.stage("prune", key, out, fn)
         return out
@@ -285,18 +291,20 @@ class Runner:
             self.failed_checks.append(name)
         return res
 
-    def _card(self, fmt: str, d: Path, check: dict | None, upstream: dict | None, upstream_kind: str,
-              checking: bool) -> None:
-        from moepress.pipeline.card import Accuracy, model_card
-
-        text = model_card(d, fmt, self.recipe, self.model, Accuracy(check, upstream, upstream_kind, checking))
-        p = d / "README.md"
-        if p.exists() and p.read_text() == text:
-            return
-        p.write_text(text)
-        m = read_manifest(d)
+    def _card(self, fmt: str, d: Path, acc: Accuracy) -> None:
+        """The export's README.md and its manifest's ``pipeline`` section (the recipe, the source model's
+        hashes: what the export's own manifest, naming only the checkpoint it read, leaves out)."""
+        prune = (self.record.get("prune") or {}).get("result")
+        text = model_card(d, fmt, self.recipe, self.model, acc, prune)
+        pipeline = {"recipe": self.recipe, "source": str(self.model), "source_sha256": self.source_sha256}
+        p, m = d / "README.md", read_manifest(d)
+        listed = (m.get("files") or {}).get("README.md", {}).get("sha256")
+        if p.exists() and p.read_text() == text and m.get("pipeline") == json.loads(json.dumps(pipeline)) \
+                and listed == hashlib.sha256(p.read_bytes()).hexdigest():
+            return  # a kill between the README and its manifest entry is mended here, not kept
+        write_text_atomic(p, text)
         known = {k: v for k, v in m.get("files", {}).items() if k != "README.md"}
-        update_manifest(d, files=file_digests(d, known))
+        update_manifest(d, files=file_digests(d, known), pipeline=pipeline)
 
     def _build(self, target: str, fmt: str, artifact: Path, art_key: str) -> dict:
         from moepress.checks import CheckConfig, run_check
@@ -329,6 +337,19 @@ class Runner:
         if (res.get("accuracy") or {}).get("passed") is False:  # the engine was built and failed its check
             self.failed_checks.append(f"build:{target}:{builder}")
         return res
+
+
+def _unchecked(artifacts: dict[str, tuple[Path, str]]) -> dict[str, str]:
+    """The exports no CPU runtime here checks, and why (their cards carry the input's verdict, so labelled)."""
+    from moepress.checks import misloaded
+
+    out = {}
+    for fmt, (d, _) in artifacts.items():
+        why = ("no CPU runtime for this format; `moepress build` checks the engine on its GPU"
+               if fmt not in CHECKABLE else misloaded(d) if CHECKABLE[fmt] == "transformers" else None)
+        if why:
+            out[fmt] = why
+    return out
 
 
 def _data_digest(data: str | None) -> dict | None:

@@ -73,21 +73,29 @@ def _open_transformers(path: Path, cfg: CheckConfig) -> Candidate:
     return TransformersCandidate(path, cfg)
 
 
-def refuse_misloaded(path: Path) -> None:
-    """One line if the export that wrote ``path`` says this transformers loads it wrongly (export.json
-    ``misloaded_by``: the newest affected version), instead of gating numbers of another model."""
+def misloaded(path: Path) -> str | None:
+    """Why the installed transformers loads the export in ``path`` wrongly (export.json ``misloaded_by``:
+    the newest affected version), or None."""
     import json
 
     import transformers
 
     try:
-        upto = json.loads((path / "export.json").read_text()).get("misloaded_by", {}).get("transformers")
+        upto = json.loads((Path(path) / "export.json").read_text()).get("misloaded_by", {}).get("transformers")
     except (OSError, ValueError, AttributeError):
-        return
+        return None
     if upto and _version(transformers.__version__) <= _version(upto):
-        raise MoepressError(f"{path}: transformers {transformers.__version__} loads it wrongly (export.json "
-                            f"misloaded_by: transformers <= {upto}, e.g. NVFP4 experts without weight_global_scale); "
-                            "check the quantized checkpoint it was exported from, or serve it with vLLM / SGLang")
+        return (f"transformers {transformers.__version__} loads it wrongly (export.json misloaded_by: "
+                f"transformers <= {upto}, e.g. NVFP4 experts without weight_global_scale)")
+    return None
+
+
+def refuse_misloaded(path: Path) -> None:
+    """One line if this transformers loads ``path`` wrongly, instead of gating numbers of another model."""
+    why = misloaded(path)
+    if why:
+        raise MoepressError(f"{path}: {why}; check the quantized checkpoint it was exported from, or serve it "
+                            "with vLLM / SGLang")
 
 
 def _version(v: str) -> tuple[int, int]:
