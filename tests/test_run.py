@@ -342,6 +342,14 @@ def test_cards_state_what_each_artifact_carries_and_its_consumers_misload(cli_ru
     assert "from_pretrained" not in ct and "loads this artifact wrongly" in ct
     assert "This artifact was not checked (transformers " in ct and "## Consumer notes" in ct
     assert "from_pretrained" not in mo and "This artifact was not checked" not in mo
+    # a kill between the card and its manifest entry: the rerun mends the entry (publish refused it for good)
+    man = out / "export" / "hf-modelopt" / "moepress-manifest.json"
+    m = json.loads(man.read_text())
+    del m["files"]["README.md"]
+    man.write_text(json.dumps(m))
+    assert cli_run("run", rec, "-o", out, "--quiet").exit_code == 0
+    listed = json.loads(man.read_text())["files"]["README.md"]["sha256"]
+    assert listed == hashlib.sha256((out / "export" / "hf-modelopt" / "README.md").read_bytes()).hexdigest()
 
 
 def test_cards_say_when_no_gate_was_applied_or_checks_are_off(tmp_path):
