@@ -286,6 +286,14 @@ def source_hashes(sources: tuple[str, ...] | list[str]) -> dict[str, str | None]
     return out
 
 
+def calibration_inputs(sources: tuple[str, ...] | list[str], calibrated: bool = True) -> dict:
+    """A calibrated stage's manifest entry for its calibration data: the sha256 of what each source reads
+    (``check`` warns when its own data is among them: its figures would be in-sample)."""
+    if not calibrated:
+        return {}
+    return {"calibration_sha256": sorted({h for h in source_hashes(sources).values() if h})}
+
+
 def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] = (), num_samples: int = 64,
                     seq_len: int = 256, seed: int = 0, trust_remote_code: bool = False, *,
                     cache: bool = True) -> CalibSet:

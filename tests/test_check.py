@@ -221,6 +221,24 @@ def test_jsonl_data_is_sampled_with_the_seed(ref, tmp_path):
     assert res["metrics"]["tokens"] == 4 * 32 and res["metrics"]["kl_mean"] == 0.0
 
 
+def test_data_the_candidate_was_calibrated_on_is_said(cli_run, tmp_path):
+    """`check --data FILE` on a candidate calibrated on FILE measured in-sample, silently (all 16 windows were
+    calibration rows in a review's run); the check follows the manifests' inputs up the chain (export ->
+    quantize) and says which stage was fitted to it. Other data: no such note."""
+    docs = [{"text": f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 30} for i in range(40)]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in docs))
+    ref, q, x = models.path("tiny-mixtral"), tmp_path / "q", tmp_path / "x"
+    assert cli_run("quantize", ref, "--format", "fp8", "--calib", data, "--num-samples", "8", "--seq-len", "32",
+                   "-o", q, "--quiet").exit_code == 0
+    assert cli_run("export", q, "--format", "compressed-tensors", "-o", x, "--quiet").exit_code == 0
+    res = run_check(x, ref, CheckConfig(data=str(data), seq_len=32, max_samples=4, kind="transformers"))
+    assert res["data"]["calibrated_on_by"] == [f"{q} (quantize)"]
+    assert any("is the calibration data of" in n for n in res["notes"])
+    other = run_check(q, ref, CheckConfig(seq_len=32, max_samples=4))  # the bundled held-out text
+    assert "calibrated_on_by" not in other["data"] and not any("calibration data" in n for n in other["notes"])
+
+
 def test_check_config_from_recipe():
     cfg = CheckConfig.from_dict({"max-ppl-increase": "5%", "min_top1": 0.9, "max_kl": "none", "seq-len": 128})
     assert (cfg.max_ppl_increase, cfg.min_top1, cfg.max_kl, cfg.seq_len) == (0.05, 0.9, None, 128)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from moepress.calib.data import calibration_inputs
 from moepress.calib.observers import RoutingStats
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, read_later
 from moepress.compress.moe import DecoderLayer
@@ -120,7 +121,7 @@ class PruneStage:
             self.w = w
             w.manifest.update({"stage": "prune", "config": asdict(cfg),
                                "inputs": {"model": str(reader.path), "calibration": list(cfg.calib) or ["default"],
-                                          "calibration_tokens": n_tokens}})
+                                          "calibration_tokens": n_tokens, **calibration_inputs(cfg.calib)}})
             for name in top_names:  # each read when its shard is written
                 w.add(name, read_later(reader, name))
             w.end_shard()

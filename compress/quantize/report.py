@@ -16,6 +16,7 @@ from pathlib import Path
 
 import moepress.compress.quantize.config as qconfig
 from moepress import __version__
+from moepress.calib.data import calibration_inputs
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.checkpoint.resume import ResumeRefused
 from moepress.compress.quantize.config import FORMATS, PROGRESS, QuantConfig
@@ -176,7 +177,8 @@ def sparse_expert_rule() -> dict:
 
 def manifest_entries(reader: CheckpointReader, cfg: QuantConfig, totals: QuantTotals) -> dict:
     """What the stage adds to the output's moepress-manifest.json."""
-    return {"stage": "quantize", "config": dataclasses.asdict(cfg), "inputs": {"model": str(reader.path)},
+    inputs = {"model": str(reader.path), **calibration_inputs(cfg.calib, cfg.needs_calibration)}
+    return {"stage": "quantize", "config": dataclasses.asdict(cfg), "inputs": inputs,
             "report": {"quant_algo": totals.quant_algo(), "quantized_linears": len(totals.modules),
                        "experts_with_borrowed_scales": totals.borrowed,
                        "expert_calibration_tokens": totals.expert_tokens,

@@ -25,6 +25,7 @@ from moepress.calib.metrics import LayerStats, LogitStats, error_jump
 from moepress.calib.sources import TEXT_SUFFIXES
 from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.config import CheckConfig, evaluate_gates, refuse_per_layer_gates
+from moepress.checks.lineage import calibrated_on
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 
@@ -219,6 +220,11 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
                                 f"{reference} has {ref.adapter.vocab_size}")
         batches, data = eval_data(ref_dir, cfg)
         notes = []
+        fitted = calibrated_on(candidate, data["source"])
+        if fitted:
+            data["calibrated_on_by"] = fitted
+            notes.append(f"the check's data {data['source']} is the calibration data of {', '.join(fitted)}: "
+                         "measured on text the candidate was fitted to, it reads better than held-out text would")
         tok_r, tok_c = ref_dir / "tokenizer.json", Path(candidate) / "tokenizer.json"
         if tok_c.is_file() and tok_r.is_file() and tok_c.read_bytes() != tok_r.read_bytes():
             notes.append("the candidate's tokenizer.json differs from the reference's; "

@@ -87,7 +87,9 @@ def _human(result: dict) -> list[str]:
 @click.option("--data", default=None, metavar="EVAL",
               help="Held-out evaluation data: a text file (consecutive windows) or any --calib source "
                    "(JSONL, Parquet, dataset folder, token file, hf:NAME; sampled by --seed). "
-                   "Default: the bundled held-out text calib/data/eval.txt.")
+                   "Default: the bundled held-out text calib/data/eval.txt. Data a stage upstream of the "
+                   "candidate was calibrated on (its manifest's calibration_sha256) is named in a note: "
+                   "figures measured on it are in-sample.")
 @click.option("--max-ppl-increase", default="2%", metavar="FRACTION", show_default=True,
               help="Gate: largest relative perplexity increase (2% or 0.02; 'none' turns it off).")
 @click.option("--min-top1", default="0.95", metavar="FRACTION", show_default=True,

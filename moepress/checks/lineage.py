@@ -1,0 +1,43 @@
+"""Was the candidate fitted to the check's data? The calibrated stages upstream of a candidate.
+
+prune and a calibrated quantize record the sha256 of what their calibration sources read
+(``inputs.calibration_sha256`` in moepress-manifest.json); every stage records the checkpoint it
+read (``inputs.model``). Following those links from the candidate finds each stage that was
+calibrated on the bytes ``check --data`` reads: its perplexity and KL there are in-sample, and
+read better than on held-out text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moepress.errors import MoepressError
+from moepress.manifest import read_manifest
+
+MAX_DEPTH = 8  # export <- quantize <- prune <- ... : far more links than a pipeline has
+
+
+def calibrated_on(candidate: str | Path, data: str) -> list[str]:
+    """``"DIR (stage)"`` of each stage upstream of ``candidate`` (itself included) whose calibration sources
+    read the same bytes as the check's ``data`` (a ``--calib``-style source); [] when none or unknown."""
+    from moepress.calib.data import source_hashes
+
+    try:
+        digest = source_hashes((data,)).get(data)
+    except MoepressError:  # a source only the check's own reader accepts: nothing to compare
+        return []
+    if digest is None:
+        return []
+    d, seen, hits = Path(candidate), set(), []
+    d = d if d.is_dir() else d.parent  # an .onnx file: its export directory
+    for _ in range(MAX_DEPTH):
+        m = read_manifest(d) if d.is_dir() else {}
+        inputs = m.get("inputs") if isinstance(m.get("inputs"), dict) else {}
+        if digest in (inputs.get("calibration_sha256") or []):
+            hits.append(f"{d} ({m.get('stage')})")
+        up = inputs.get("model")
+        if not isinstance(up, str) or up in seen:
+            break
+        seen.add(up)
+        d = Path(up)
+    return hits
