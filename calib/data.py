@@ -57,14 +57,15 @@ def read_text(path: str | Path) -> str:
 
 
 def windows(ids: list[int] | torch.Tensor, seq_len: int, max_windows: int | None = None,
-            batch_size: int = 8) -> list[torch.Tensor]:
-    """Consecutive non-overlapping windows of seq_len tokens, grouped into [B, S] batches."""
+            batch_size: int = 8, source: str | Path = "text") -> list[torch.Tensor]:
+    """Consecutive non-overlapping windows of seq_len tokens, grouped into [B, S] batches (``source``: the
+    text's name, for the error)."""
     ids = torch.as_tensor(ids, dtype=torch.long)
     n = ids.numel() // seq_len
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise MoepressError(f"text has {ids.numel()} tokens, fewer than one sample of --seq-len {seq_len}")
+        raise MoepressError(f"{source}: {ids.numel()} tokens, fewer than one sample of --seq-len {seq_len}")
     rows = ids[: n * seq_len].view(n, seq_len)
     return list(rows.split(batch_size))
 
@@ -73,7 +74,7 @@ def eval_batches(model_dir: str | Path, text_path: str | Path = DEFAULT_EVAL, se
                  max_windows: int | None = None, trust_remote_code: bool = False) -> list[torch.Tensor]:
     check_positions(model_dir, seq_len)
     tok = load_tokenizer(model_dir, trust_remote_code)
-    return windows(tok(read_text(text_path), verbose=False)["input_ids"], seq_len, max_windows)
+    return windows(tok(read_text(text_path), verbose=False)["input_ids"], seq_len, max_windows, source=text_path)
 
 
 # ---- calibration sets ------------------------------------------------------------------------
@@ -186,8 +187,9 @@ def _prepared_samples(src: SourceSpec, n: int, seq_len: int, tokenizer_sha: str,
     ids, _, side = load_token_file(src.path)
     made_by = side.get("tokenizer") if isinstance(side.get("tokenizer"), dict) else {}
     if made_by.get("sha256") != tokenizer_sha:
-        raise MoepressError(f"{src.path}: prepared with a different tokenizer "
-                            f"({made_by.get('model', '?')}) than this model's")
+        raise MoepressError(f"{src.path}: prepared with another tokenizer than this model's, or under other "
+                            f"transformers / tokenizers versions (made for {made_by.get('model', '?')}; the token "
+                            "ids depend on both): prepare it again with `moepress calib prepare`")
     if ids.shape[1] != seq_len:
         raise MoepressError(f"{src.path}: samples of {ids.shape[1]} tokens; --seq-len {seq_len} asked")
     if ids.shape[0] < n:

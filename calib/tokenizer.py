@@ -37,19 +37,21 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
     if needs_remote_code(model_dir) and not trust_remote_code:
         raise MoepressError(f"{model_dir}: the tokenizer needs its own Python code; "
                             f"pass --trust-remote-code to allow it")
+    tokenizer_files(model_dir)
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise MoepressError(f"{model_dir}: the tokenizer needs its own Python code; "
                                 f"pass --trust-remote-code to allow it") from None
-        raise MoepressError(f"{model_dir}: cannot load tokenizer ({e})") from None
+        raise MoepressError(f"{model_dir}: cannot load tokenizer ({(str(e).splitlines() or [''])[0]})") from None
     except OSError as e:
         raise MoepressError(f"{model_dir}: no tokenizer found ({str(e).splitlines()[0]})") from None
 
 
-def tokenizer_fingerprint(model_dir: str | Path, memo: dict | None = None) -> dict:
-    """sha256 over the tokenizer's files (names and bytes); raises if the model has none."""
+def tokenizer_files(model_dir: str | Path) -> set[Path]:
+    """The tokenizer's files in ``model_dir``; one line if it has none (transformers would build an empty
+    tokenizer from config.json alone, or fail with a multi-line message)."""
     d = Path(model_dir)
     files = {p for p in (d / n for n in TOKENIZER_FILES) if p.is_file()}
     for g in TOKENIZER_GLOBS:
@@ -57,6 +59,13 @@ def tokenizer_fingerprint(model_dir: str | Path, memo: dict | None = None) -> di
     if not any(p.name != "tokenizer_config.json" and p.name != "special_tokens_map.json" for p in files):
         raise MoepressError(f"{d}: no tokenizer found (expected tokenizer.json, tokenizer.model, "
                             f"tiktoken.model or vocab files next to config.json)")
+    return files
+
+
+def tokenizer_fingerprint(model_dir: str | Path, memo: dict | None = None) -> dict:
+    """sha256 over the tokenizer's files (names and bytes); raises if the model has none."""
+    d = Path(model_dir)
+    files = tokenizer_files(d)
     per = {p.name: _file_sha(p, memo) for p in sorted(files)}
     h = hashlib.sha256("".join(f"{k}\0{v}\0" for k, v in {**per, **_tokenizer_context(d)}.items()).encode())
     return {"sha256": h.hexdigest(), "files": per}

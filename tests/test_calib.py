@@ -304,6 +304,14 @@ def test_missing_tokenizer_and_remote_code(qwen, tmp_path, cli_run):
             (bare / p.name).symlink_to(p)
     assert_one_line_error(cli_run("calib", "prepare", bare, "-o", tmp_path / "c.pt"), "bare", "no tokenizer")
     assert_one_line_error(cli_run("calib", "stats", bare, "-o", tmp_path / "s"), "no tokenizer")
+    # check's held-out text goes through load_tokenizer: transformers built an empty Qwen2 tokenizer from
+    # config.json ("text has 0 tokens") or failed in five lines (Mixtral, DeepSeek)
+    copy = shutil.copytree(qwen, tmp_path / "untokenized", ignore=shutil.ignore_patterns("tokenizer*"))
+    assert_one_line_error(cli_run("check", qwen, "--reference", copy), "untokenized", "no tokenizer")
+    short = tmp_path / "short.txt"
+    short.write_text("def f(): pass\n")
+    assert_one_line_error(cli_run("check", qwen, "--reference", qwen, "--kind", "transformers", "--data", short, "-q"),
+                          "short.txt", "fewer than one sample")
     # a tokenizer shipped as Python code loads only with --trust-remote-code
     remote = tmp_path / "remote"
     shutil.copytree(qwen, remote)
