@@ -64,7 +64,8 @@ def calib_options(f):
                           "Keys: weight, field, mode=pack|truncate (default pack: documents joined with EOS "
                           "and cut into --seq-len windows, no BOS added, documents simply joined where the "
                           "tokenizer has no EOS; truncate: one document per sample with the tokenizer's special "
-                          "tokens (e.g. BOS), shorter ones skipped), split, type, config, revision. Default: the bundled calibration text. "
+                          "tokens (e.g. BOS), shorter ones skipped), split, type, config, revision. "
+                          "Default: the bundled calibration text. "
                           "Example: --calib code.jsonl@3,field=content --calib chat.jsonl,mode=truncate.")(f)
     return f
 
