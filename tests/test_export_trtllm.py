@@ -188,6 +188,65 @@ def test_fp8_activation_and_kv_cache_scales_are_the_sources(exports):
             assert kv.shape == (1,) and float(kv) == max(scale(a + "k_scale"), scale(a + "v_scale")) > 0
 
 
+def _rewrite(src: Path, edits) -> None:
+    """Apply ``edits(tensors)`` to the shards of a copied checkpoint, in place."""
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted(src.glob("*.safetensors")):
+        t = load_file(shard)
+        if edits(t):
+            save_file(t, shard, metadata={"format": "pt"})
+
+
+def test_foreign_fp8_scales_fuse_at_the_largest(exports, tmp_path):
+    """An FP8 checkpoint whose fused members do not share scales (another producer's): q/k/v and an expert's
+    w1/w3 are re-rounded to the largest weight scale (TensorRT-LLM dequantizes fp8 * weights_scaling_factor),
+    the activation scale is the largest input_scale, the KV cache's max(k_scale, v_scale) (Model-Optimizer
+    0.47 model_config_utils.py: one scale for both). moepress's own quantize shares them, so none of this ran."""
+    from moepress.exporters import ExportConfig, export
+
+    src = shutil.copytree(exports["fp8_src"], tmp_path / "foreign")
+    a, x = "model.layers.0.self_attn.", "model.layers.0.block_sparse_moe.experts.0."
+    fp8 = torch.float8_e4m3fn
+
+    def edit(t):
+        hit = False
+        for n in (a + "k_proj", x + "w1"):  # the same values at twice the scale
+            if n + ".weight" in t:
+                t[n + ".weight"] = (t[n + ".weight"].float() / 2).to(fp8)
+                t[n + ".weight_scale"] = t[n + ".weight_scale"] * 2
+                hit = True
+        if x + "w1.input_scale" in t:
+            t[x + "w1.input_scale"] = t[x + "w1.input_scale"] * 3
+        if a + "v_scale" in t:
+            t[a + "v_scale"] = torch.maximum(t[a + "k_scale"], t[a + "v_scale"]) * 4
+            hit = True
+        return hit
+
+    _rewrite(src, edit)
+    out = tmp_path / "ckpt"
+    export(src, out, ExportConfig(format="trtllm-ckpt"))
+    r, reader = load_rank(out, 0), CheckpointReader(src)
+    t = "transformer.layers.0."
+    s_qkv = r[t + "attention.qkv.weights_scaling_factor"]
+    assert float(s_qkv) == max(float(reader.get(a + f"{n}_proj.weight_scale")) for n in "qkv")
+    rows = [reader.get(a + f"{n}_proj.weight").shape[0] for n in "qkv"]
+    for part, n in zip(r[t + "attention.qkv.weight"].float().split(rows), "qkv", strict=True):
+        want = reader.get(a + f"{n}_proj.weight").float() * reader.get(a + f"{n}_proj.weight_scale")
+        got = part * s_qkv  # within half an FP8 step at the shared scale
+        assert ((got - want).abs() <= want.abs() * 2.0 ** -4 + float(s_qkv) * 2.0 ** -9).all(), n
+    fc, s_fc = r[t + "mlp.fc.weight"][0].float(), r[t + "mlp.fc.weights_scaling_factor"][0]
+    half = fc.shape[0] // 2
+    for part, n in ((fc[:half], "w3"), (fc[half:], "w1")):
+        want = reader.get(x + f"{n}.weight").float() * reader.get(x + f"{n}.weight_scale")
+        assert ((part * s_fc - want).abs() <= want.abs() * 2.0 ** -4 + float(s_fc) * 2.0 ** -9).all(), n
+    assert float(r[t + "mlp.fc.activation_scaling_factor"]) == max(
+        float(reader.get(f"model.layers.0.block_sparse_moe.experts.{e}.{n}.input_scale"))
+        for e in range(8) for n in ("w1", "w3")) == float(reader.get(x + "w1.input_scale"))
+    assert float(r[t + "attention.kv_cache_scaling_factor"]) == float(reader.get(a + "v_scale")) > float(
+        reader.get(a + "k_scale"))
+
+
 def test_fp8_scales_and_dequantized_weights(exports):
     """FP8: per-expert weights_scaling_factor [E/ep, 1], activation_scaling_factor [1]; fp8 * scale
     equals the quantized checkpoint's dequantized weight (exact for the member holding the fused

@@ -145,3 +145,27 @@ def test_fp8_block_of_an_empty_weight_is_empty(shape):
     q, s = fp8.quantize_block(torch.zeros(shape, dtype=torch.bfloat16))
     assert q.shape == shape and q.dtype == fp8.FP8_DTYPE
     assert s.shape == (-(-shape[0] // 128), -(-shape[1] // 128))
+
+
+def test_deepseek_block_fp8_with_non_square_blocks_decodes_by_rows_then_columns():
+    """weight_block_size is [rows, columns] (DeepSeek-V3 README_WEIGHTS.md: scale_inv[i // br, j // bc]);
+    every shipped checkpoint uses [128, 128], so a swapped pair went unnoticed."""
+    from moepress.compress.formats.fp8_block import decode_deepseek
+
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(256, 256, generator=g) * 50).to(torch.float8_e4m3fn)
+    s = torch.rand(4, 2, generator=g) + 0.5  # [256 / 64, 256 / 128]
+
+    class Reader:
+        path = "ckpt"
+        config = {"quantization_config": {"weight_block_size": [64, 128]}}
+        tensors = {"w.weight": q, "w.weight_scale_inv": s}
+
+        def __contains__(self, name):
+            return name in self.tensors
+
+        def get(self, name):
+            return self.tensors[name]
+
+    want = q.float() * s.repeat_interleave(64, 0).repeat_interleave(128, 1)
+    assert torch.equal(decode_deepseek(Reader(), "w", torch.float32), want)

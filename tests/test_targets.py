@@ -60,3 +60,11 @@ def test_targets_cli(cli_run):
     assert d["h200"]["compute_capability"] == "9.0" and "fp8-block" in d["h200"]["formats"]
     r = cli_run("targets")
     assert r.exit_code == 0 and "rtx-pro-6000" in r.output and "sm120" in r.output
+
+
+def test_kv_cache_bytes_per_value_are_the_formats():
+    """What a plan budgets per cached value: bf16 2 bytes, FP8 1, NVFP4 a 4-bit value plus one E4M3 scale per
+    16 values (0.5 + 1/16; a 0.5 under-budgeted the NVFP4 cache by 11%)."""
+    from moepress.exporters.kv_cache import KV_CACHE
+
+    assert {k: v.bytes for k, v in KV_CACHE.items()} == {"bf16": 2, "fp8": 1, "nvfp4": 0.5 + 1 / 16}
