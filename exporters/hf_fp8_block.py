@@ -113,7 +113,8 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
     s = open_source(src)
     r, a = s.reader, s.adapter
     if s.layout is not None and s.formats != {BLOCK_FP8}:
-        raise MoepressError(f"--format hf-fp8-block: {src} is quantized as {', '.join(sorted(s.formats))}; "
+        raise MoepressError(f"--format hf-fp8-block: {src} is quantized as "
+                            f"{', '.join(sorted(s.formats)) or 'nothing (moepress_quant.json lists no module)'}; "
                             "expected fp8-block or a bf16 checkpoint (run moepress quantize --format fp8-block, "
                             "or export the original)")
     mode = "rename" if s.layout is not None else "copy" if s.block_fp8 else "quantize"
@@ -142,6 +143,10 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
                 _quantize_layer(r, a, i, names, writer, quantized, kept)
             writer.end_shard()
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
+    if not quantized:  # every linear's grid failed: a bf16 model under quant_method fp8
+        raise MoepressError(f"--format hf-fp8-block: no linear of {src} holds whole 128x128 blocks (e.g. "
+                            f"{kept[0] if kept else 'none'}); expected widths that are multiples of 128 (export "
+                            "the bf16 checkpoint as is, or use --format compressed-tensors with fp8)")
     not_converted = unquantized_modules(s, quantized)
     # a layer whose routed experts all stay high precision: named as the fused module too (fused_moe.py)
     not_converted = sorted(not_converted + high_precision_layers(s, set(not_converted)))

@@ -434,3 +434,14 @@ def test_w4a8_scales_are_model_optimizers_formulas(quantized, name):
              if f"model.layers.0.self_attn.{n}.input_scale" in q)  # a linear reading the norm's output
     want = float((x * q.get(p + ".pre_quant_scale").float()).abs().max()) / 448
     assert float(q.get(p + ".input_scale")) == pytest.approx(want, rel=1e-5)
+
+
+def test_linears_left_unquantized_are_said(cli_run, tmp_path):
+    """tiny-mixtral-w192's expert down projections (192 inputs: no INT4 group <= 128 divides it) stay bf16:
+    said on the terminal, not only in quant_report.json (a model of odd widths 'quantized' 0 linears and
+    exited 0 silently)."""
+    r = cli_run("quantize", models.path("tiny-mixtral-w192"), "--format", "int4-gptq", "--num-samples", "2",
+                "--seq-len", "32", "-o", tmp_path / "q")
+    assert r.exit_code == 0, r.output
+    note = next(ln for ln in r.output.splitlines() if "left unquantized" in ln)
+    assert ".w2" in note and "quant_report.json" in note and "no linear was quantized" not in note

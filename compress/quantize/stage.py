@@ -161,7 +161,18 @@ class QuantizeStage:
                     self._free_layers(start, task)
             self._finish()
         self.w = None
+        self._say_skipped(progress)
         dist.barrier(env)
+
+    def _say_skipped(self, progress: Progress) -> None:
+        """Linears the format cannot hold (a width not a multiple of its block or group) are left in their
+        stored precision: said here, not only in quant_report.json (a model of odd widths was 'quantized'
+        with 0 linears, and the exporter's refusal then blamed --rule)."""
+        skipped, t = self.totals.skipped, self.totals
+        if skipped:
+            none = "no linear was quantized: " if not t.modules else ""
+            progress.info(f"quantize: {none}{len(skipped)} linears left unquantized, e.g. {skipped[0]['module']}: "
+                          f"{skipped[0]['reason']} (quant_report.json left_unquantized)")
 
     def summary(self, out: str | Path, t0: float) -> dict:
         t = self.totals
