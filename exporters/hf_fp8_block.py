@@ -144,9 +144,10 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
             writer.end_shard()
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
     if not quantized:  # every linear's grid failed: a bf16 model under quant_method fp8
-        raise MoepressError(f"--format hf-fp8-block: no linear of {src} holds whole 128x128 blocks (e.g. "
-                            f"{kept[0] if kept else 'none'}); expected widths that are multiples of 128 (export "
-                            "the bf16 checkpoint as is, or use --format compressed-tensors with fp8)")
+        raise MoepressError(f"--format hf-fp8-block: no linear of {src} has a 128x128 block grid every consumer "
+                            f"reads alike (e.g. {kept[0] if kept else 'none'}); expected dimensions that are "
+                            "multiples of 128 or at most 128 (export the bf16 checkpoint as is, or quantize fp8 "
+                            "and export compressed-tensors)")
     not_converted = unquantized_modules(s, quantized)
     # a layer whose routed experts all stay high precision: named as the fused module too (fused_moe.py)
     not_converted = sorted(not_converted + high_precision_layers(s, set(not_converted)))

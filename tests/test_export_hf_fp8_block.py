@@ -153,12 +153,13 @@ def test_packed_input_is_refused(tmp_path, cli_run, model):
     assert not (tmp_path / "fb").exists()
 
 
-def test_a_model_without_one_whole_block_is_refused(tmp_path, cli_run):
-    """Widths under 128 everywhere: every linear stayed bf16 and the export exited 0 declaring quant_method
-    fp8 (quantized_linears 0, said nowhere). Refused in one line instead."""
+def test_a_model_without_one_readable_block_grid_is_refused(tmp_path, cli_run):
+    """Hidden 200 (one full and one partial block, which transformers misreads: hf_common.grid_ok) in every
+    linear: each stayed bf16 and the export exited 0 declaring quant_method fp8 (quantized_linears 0, said
+    nowhere). Refused in one line instead."""
     from helpers import make_random_checkpoint
 
-    src = make_random_checkpoint("mixtral", tmp_path / "small")  # hidden 64: no 128x128 block anywhere
-    r = cli_run("export", src, "--format", "hf-fp8-block", "-o", tmp_path / "x")
-    assert r.exit_code == 2 and "no linear of" in r.output and "128x128" in r.output, r.output
+    src = make_random_checkpoint("mixtral", tmp_path / "w200", hidden_size=200, intermediate_size=72)
+    r = cli_run("export", src, "--format", "hf-fp8-block", "-o", tmp_path / "x", "--quiet")
+    assert r.exit_code == 2 and "no linear of" in r.output and "128x128 block grid" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
