@@ -352,6 +352,14 @@ def test_cards_state_what_each_artifact_carries_and_its_consumers_misload(cli_ru
     assert listed == hashlib.sha256((out / "export" / "hf-modelopt" / "README.md").read_bytes()).hexdigest()
 
 
+def test_an_export_the_family_has_no_writer_for_is_refused_before_any_stage(cli_run, tmp_path):
+    """trtllm-ckpt writes Mixtral and Qwen3-MoE only: a DeepSeek recipe ran prune and quantize first."""
+    rec = write_recipe(tmp_path / "r.yaml", model="tiny-deepseek-v3", export={"formats": ["trtllm-ckpt"]})
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    one_line_error(r, "recipe export.formats trtllm-ckpt", "deepseek_v3")
+    assert not (tmp_path / "run" / "prune").exists()
+
+
 def test_cards_say_when_no_gate_was_applied_or_checks_are_off(tmp_path):
     """A check with every gate off "passed" on the card (which `publish` refuses as showing nothing);
     a recipe with the check off gave the reason of a format no CPU runtime runs."""

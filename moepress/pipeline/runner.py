@@ -155,6 +155,7 @@ class Runner:
         r = self.recipe
         # .state/ first (it marks OUT as a run's directory even when run.json is gone), then the old
         # run.json away: the stages below replace its outputs, and a kill must not leave it describing them
+        _refuse_unavailable_exports(r, self.model)  # before hours of prune and quantize, not after
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.out / RUN_JSON).unlink(missing_ok=True)
         write_text_atomic(self.out / "recipe.yaml", dump(r))
@@ -337,6 +338,24 @@ class Runner:
         if (res.get("accuracy") or {}).get("passed") is False:  # the engine was built and failed its check
             self.failed_checks.append(f"build:{target}:{builder}")
         return res
+
+
+def _refuse_unavailable_exports(recipe: dict, model: Path) -> None:
+    """An export format the model's family has no writer for, refused in one line before any stage runs."""
+    from moepress.compress.arch import get_adapter
+    from moepress.compress.checkpoint.reader import read_config_file
+    from moepress.exporters import exporters
+
+    formats = (recipe.get("export") or {}).get("formats") or []
+    if not formats:
+        return
+    family, reg = get_adapter(read_config_file(model / "config.json")).family, exporters()
+    for fmt in formats:
+        ex = reg.get(fmt)
+        fams = ex and (ex.families or ex.checks_families)
+        if fams and family not in fams:
+            raise MoepressError(f"recipe export.formats {fmt}: not available for {family} models ({model}); it "
+                                f"supports {', '.join(fams)}")
 
 
 def _unchecked(artifacts: dict[str, tuple[Path, str]]) -> dict[str, str]:
