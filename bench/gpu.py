@@ -102,6 +102,7 @@ def run_stage(mode: str, src: Path, out: Path, device: str, calib: list[str], ti
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done: list[float] = []
+    race: list[float] = []  # prune auto: the plan race's own per-layer progress (stage "plans")
     err_tail: list[str] = []
     stdout: list[str] = []
 
@@ -114,6 +115,8 @@ def run_stage(mode: str, src: Path, out: Path, device: str, calib: list[str], ti
                 continue
             if ev.get("event") == "progress" and ev.get("stage") == args[0]:
                 done.append(float(ev["elapsed_s"]))
+            elif ev.get("event") == "progress" and ev.get("stage") == "plans":
+                race.append(float(ev["elapsed_s"]))
             elif ev.get("event") == "info" or "error" in ev.get("event", ""):
                 err_tail.append(str(ev.get("message", ev)))
 
@@ -138,12 +141,24 @@ def run_stage(mode: str, src: Path, out: Path, device: str, calib: list[str], ti
             break
         except json.JSONDecodeError:
             continue
-    layers = [b - a for a, b in zip([0.0] + done, done, strict=False)]
+    layers = per_layer(done, race)
     mem = result.get("memory") or {}
     shutil.rmtree(out, ignore_errors=True)
     return {"mode": mode, "device": device, "status": status, "wall_s": wall, "layer_s": layers,
             "stage_s": result.get("seconds"),
             "host_peak": mem.get("host_rss_peak_bytes"), "gpu_peak": mem.get("gpu_peak_bytes")}
+
+
+def per_layer(done: list[float], race: list[float]) -> list[float]:
+    """Seconds per layer from a task's cumulative ``elapsed_s``; prune auto's plan race (its own task, run
+    inside the prune task before the prune's first layer, whose elapsed time therefore holds the whole
+    race) is given back to the layers it ran: each layer's race time is added to that layer."""
+    layers = [b - a for a, b in zip([0.0] + done, done, strict=False)]
+    raced = [b - a for a, b in zip([0.0] + race, race, strict=False)]
+    if layers and raced:
+        layers[0] = max(layers[0] - race[-1], 0.0)
+        layers = [t + (raced[i] if i < len(raced) else 0.0) for i, t in enumerate(layers)]
+    return layers
 
 
 def idle_share(src: Path, device: str, tokens: int) -> float | None:
@@ -284,7 +299,7 @@ def main(argv=None) -> int:
             row.update(project(row, counts[dev], layer_bytes(src)[1], raw_s if src == gpu_src else None, raw_bytes,
                                base))
             if a.small:  # tiny widths say nothing about Kimi K2: no projection, no verdict
-                row.update(kimi_h=None, kimi_host_gb=None)
+                row.update(kimi_h=None, kimi_host_gb=None, raw_ratio=None)
             rows.append(row)
             print(f"  {mode} on {dev}: {row['status']}, layers {[round(x, 2) for x in row['layer_s']]}",
                   file=sys.stderr, flush=True)

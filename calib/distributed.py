@@ -133,19 +133,36 @@ def run_main_first(env: DistEnv, fn: Callable[[], T]) -> T:
     return fn() if not env.is_main else result
 
 
+# what a collective raises when a peer is gone (torch 2.13 gloo: a plain RuntimeError "[.../gloo/transport/tcp/
+# pair.cc:553] Connection closed by peer"; a store or NCCL timeout: "Timed out", DistError subclasses)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport", "Timed out",
+             "timed out")
+
+
+def _peer_gone(e: BaseException) -> bool:
+    import torch.distributed as tdist
+
+    own = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), torch.linalg.LinAlgError) if t)
+    if isinstance(e, own):  # this rank's own failure
+        return False
+    dist_error = getattr(tdist, "DistError", None)
+    return (dist_error is not None and isinstance(e, dist_error)) or any(p in str(e) for p in PEER_GONE)
+
+
 @contextlib.contextmanager
 def peer_errors(env: DistEnv):
-    """Under torchrun, a collective's error (gloo: "Connection closed by peer", NCCL: a timeout or
-    DistBackendError, both RuntimeErrors) becomes one line, :class:`PeerLost`, which keeps the finished
-    layers for ``--resume``; a rank's own bad input (MoepressError) passes through unchanged."""
+    """Under torchrun, a collective failing because a peer is gone becomes one line, :class:`PeerLost`,
+    which keeps the finished layers for ``--resume``; any other error (this rank's bad input, an
+    out-of-memory, a bug) passes through unchanged. (With NCCL a lost peer usually ends the process
+    through its watchdog instead: nothing cleans up, so the partial stays too.)"""
     if not env.enabled:
         yield
         return
     try:
         yield
-    except MoepressError:
-        raise
     except RuntimeError as e:
+        if not _peer_gone(e):
+            raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PeerLost(f"distributed run (rank {env.rank} of {env.world_size}) stopped: {first[:300]} "
                        "(another rank exited or lost its connection)") from None

@@ -56,7 +56,9 @@ def tokenizer_files(model_dir: str | Path) -> set[Path]:
     files = {p for p in (d / n for n in TOKENIZER_FILES) if p.is_file()}
     for g in TOKENIZER_GLOBS:
         files.update(p for p in d.glob(g) if p.is_file())
-    if not any(p.name != "tokenizer_config.json" and p.name != "special_tokens_map.json" for p in files):
+    # what holds a vocabulary (a chat template or added tokens alone make transformers build an empty one)
+    if not any(p.name not in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+               and not p.name.startswith("chat_template") for p in files):
         raise MoepressError(f"{d}: no tokenizer found (expected tokenizer.json, tokenizer.model, "
                             f"tiktoken.model or vocab files next to config.json)")
     return files

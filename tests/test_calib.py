@@ -307,6 +307,7 @@ def test_missing_tokenizer_and_remote_code(qwen, tmp_path, cli_run):
     # check's held-out text goes through load_tokenizer: transformers built an empty Qwen2 tokenizer from
     # config.json ("text has 0 tokens") or failed in five lines (Mixtral, DeepSeek)
     copy = shutil.copytree(qwen, tmp_path / "untokenized", ignore=shutil.ignore_patterns("tokenizer*"))
+    (copy / "chat_template.jinja").write_text("{{ messages }}")  # a template alone holds no vocabulary
     assert_one_line_error(cli_run("check", qwen, "--reference", copy), "untokenized", "no tokenizer")
     short = tmp_path / "short.txt"
     short.write_text("def f(): pass\n")

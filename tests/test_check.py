@@ -221,7 +221,7 @@ def test_jsonl_data_is_sampled_with_the_seed(ref, tmp_path):
     assert res["metrics"]["tokens"] == 4 * 32 and res["metrics"]["kl_mean"] == 0.0
 
 
-def test_data_the_candidate_was_calibrated_on_is_said(cli_run, tmp_path):
+def test_data_the_candidate_was_calibrated_on_is_said(cli_run, tmp_path, monkeypatch):
     """`check --data FILE` on a candidate calibrated on FILE measured in-sample, silently (all 16 windows were
     calibration rows in a review's run); the check follows the manifests' inputs up the chain (export ->
     quantize) and says which stage was fitted to it. Other data: no such note."""
@@ -237,6 +237,18 @@ def test_data_the_candidate_was_calibrated_on_is_said(cli_run, tmp_path):
     assert any("is the calibration data of" in n for n in res["notes"])
     other = run_check(q, ref, CheckConfig(seq_len=32, max_samples=4))  # the bundled held-out text
     assert "calibrated_on_by" not in other["data"] and not any("calibration data" in n for n in other["notes"])
+    # relative paths: prune and quantize run in one directory, the check from another
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert cli_run("prune", ref, "--method", "frequency", "--ratio", "0.25", "--calib", data, "--num-samples",
+                   "8", "--seq-len", "32", "-o", "p", "--quiet").exit_code == 0
+    assert cli_run("quantize", "p", "--format", "fp8-block", "-o", "q", "--quiet").exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    cfg = CheckConfig(data=str(data), seq_len=32, max_samples=4)
+    assert run_check(work / "q", ref, cfg)["data"]["calibrated_on_by"] == [f"{work / 'p'} (prune)"]
+    (work / "p" / "moepress-manifest.json").write_text('{"inputs": ')  # damaged upstream: no traceback
+    assert "calibrated_on_by" not in run_check(work / "q", ref, cfg)["data"]
 
 
 def test_check_config_from_recipe():

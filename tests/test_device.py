@@ -343,3 +343,19 @@ def test_bench_gpu_runs_small(tmp_path):
     assert "| fp8-block | cpu | 8 |" in r.stdout
     row = json.loads(out.read_text())["rows"][0]
     assert row["status"] == "ok" and len(row["layer_s"]) == 2 and row["host_peak"] > 0 and row["gpu_peak"] is None
+
+
+def test_bench_gpu_gives_prune_autos_race_back_to_its_layers():
+    """prune auto's plan race is its own progress task, run inside the prune task before its first layer:
+    bench/gpu.py counted the whole race as the first (dense) layer's time, and the Kimi K2 projection
+    scaled only the write pass per MoE layer."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    # prune: layers done at 10, 12, 15 s (the first holding the 9.5 s race); race: layers at 4, 9, 9.5 s
+    layers = gpu.per_layer([10.0, 12.0, 15.0], [4.0, 9.0, 9.5])
+    assert layers == pytest.approx([0.5 + 4.0, 2.0 + 5.0, 3.0 + 0.5]) and sum(layers) == pytest.approx(15.0)
+    assert gpu.per_layer([1.0, 3.0], []) == [1.0, 2.0]  # other stages: unchanged

@@ -120,7 +120,8 @@ class PruneStage:
         with CheckpointWriter(out, force=force, sources=(reader.path,)) as w:
             self.w = w
             w.manifest.update({"stage": "prune", "config": asdict(cfg),
-                               "inputs": {"model": str(reader.path), "calibration": list(cfg.calib) or ["default"],
+                               "inputs": {"model": str(reader.path.resolve()),
+                                          "calibration": list(cfg.calib) or ["default"],
                                           "calibration_tokens": n_tokens, **calibration_inputs(cfg.calib)}})
             for name in top_names:  # each read when its shard is written
                 w.add(name, read_later(reader, name))

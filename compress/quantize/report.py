@@ -177,7 +177,7 @@ def sparse_expert_rule() -> dict:
 
 def manifest_entries(reader: CheckpointReader, cfg: QuantConfig, totals: QuantTotals) -> dict:
     """What the stage adds to the output's moepress-manifest.json."""
-    inputs = {"model": str(reader.path), **calibration_inputs(cfg.calib, cfg.needs_calibration)}
+    inputs = {"model": str(reader.path.resolve()), **calibration_inputs(cfg.calib, cfg.needs_calibration)}
     return {"stage": "quantize", "config": dataclasses.asdict(cfg), "inputs": inputs,
             "report": {"quant_algo": totals.quant_algo(), "quantized_linears": len(totals.modules),
                        "experts_with_borrowed_scales": totals.borrowed,

@@ -31,12 +31,17 @@ def calibrated_on(candidate: str | Path, data: str) -> list[str]:
     d, seen, hits = Path(candidate), set(), []
     d = d if d.is_dir() else d.parent  # an .onnx file: its export directory
     for _ in range(MAX_DEPTH):
-        m = read_manifest(d) if d.is_dir() else {}
-        inputs = m.get("inputs") if isinstance(m.get("inputs"), dict) else {}
+        try:
+            m = read_manifest(d) if d.is_dir() else {}
+        except (OSError, ValueError):  # a damaged manifest upstream: not this check's to judge
+            break
+        inputs = m.get("inputs") if isinstance(m, dict) and isinstance(m.get("inputs"), dict) else {}
         if digest in (inputs.get("calibration_sha256") or []):
             hits.append(f"{d} ({m.get('stage')})")
         up = inputs.get("model")
-        if not isinstance(up, str) or up in seen:
+        # stages record their input resolved; a relative one (older manifests) would be read against
+        # this process's directory, which may hold another checkpoint of that name
+        if not isinstance(up, str) or not Path(up).is_absolute() or up in seen:
             break
         seen.add(up)
         d = Path(up)
