@@ -54,7 +54,9 @@ def collect(a, models: list[str], seeds: list[int], fmts: list[str]) -> dict:
     jobs = [j for j in jobs if j[0] in a.sides.split(",")]
     todo = []
     for side, m, s, fs, sets in jobs:
-        missing = [f for f in fs if _key(side, m, s, f, a, sets) not in {**refs, **cache}]
+        done = {**refs, **cache}
+        # a cached error (a killed worker, code being edited) is run again, not kept for good
+        missing = [f for f in fs if "error" in done.get(_key(side, m, s, f, a, sets), {"error": "none"})]
         if missing:
             todo.append((side, m, s, missing, sets))
 

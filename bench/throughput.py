@@ -78,14 +78,15 @@ def raw_read(files: list[Path], chunk: int = 64 << 20, direct: bool = False) -> 
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, float, int, str]:
-    """(wall seconds, peak RSS MB of that process, exit code, stderr tail)."""
+    """(wall seconds, peak RSS MB (1e6 bytes, as the pinned runs' host_rss_peak_bytes) of that process, exit
+    code, stderr tail)."""
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.monotonic() - t0
     err = p.stderr.read() if p.stderr else ""
     p.returncode = os.waitstatus_to_exitcode(status)
-    return wall, ru.ru_maxrss / 1024, p.returncode, err[-400:]
+    return wall, ru.ru_maxrss * 1024 / 1e6, p.returncode, err[-400:]  # ru_maxrss: KiB
 
 
 def largest_layer_bytes(model: Path) -> int:
