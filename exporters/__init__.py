@@ -53,9 +53,7 @@ def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool =
     src = Path(src)
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config)
-    if ex.families is not None and adapter.family not in ex.families:
-        raise MoepressError(f"--format {cfg.format}: not available for {adapter.family} models "
-                            f"({src}); it supports {', '.join(ex.families)}")
+    ex.refuse_family(adapter.family, src)
     unknown = [k for k, _ in cfg.options if k not in ex.options]
     if unknown:
         raise MoepressError(f"--option {unknown[0]}: not an option of --format {cfg.format}; expected "

@@ -31,6 +31,24 @@ def read_json(p: Path) -> dict | None:
         raise MoepressError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
+def kv_cache_declared(d: Path) -> kv_cache.KVCache | None:
+    """The quantized KV cache an export's own files declare (None: the runtime keeps the model's dtype):
+    ``kv_cache_quant_algo`` of hf_quant_config.json (hf-modelopt) or of a trtllm-ckpt config.json's
+    ``quantization``; a compressed-tensors config.json's ``quantization_config.kv_cache_scheme`` (8-bit
+    float: FP8). An ONNX graph carries no KV cache."""
+    def section(obj, key) -> dict:
+        v = obj.get(key) if isinstance(obj, dict) else None
+        return v if isinstance(v, dict) else {}
+
+    cfg = read_json(d / "config.json")
+    algo = section(read_json(d / "hf_quant_config.json"), "quantization").get("kv_cache_quant_algo") \
+        or section(cfg, "quantization").get("kv_cache_quant_algo")
+    scheme = section(section(cfg, "quantization_config"), "kv_cache_scheme")
+    if not algo and scheme.get("type") == "float" and scheme.get("num_bits") == 8:
+        algo = "FP8"
+    return kv_cache.by_quant_algo(algo if isinstance(algo, str) else None)
+
+
 def artifact_dir(artifact: Path) -> Path:
     return artifact if artifact.is_dir() else artifact.parent
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from moepress.errors import MoepressError
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -29,6 +31,13 @@ class Exporter:
     families: tuple[str, ...] | None = None  # adapter family names; None: every family
     consumers: str = ""  # who loads it (help text)
     options: tuple[str, ...] = ()  # the --option KEYs it reads (any other is refused)
-    # the families it writes where the exporter checks them itself (families None): what `formats` lists
-    checks_families: tuple[str, ...] | None = None
+    # what a refused family should use instead (said after the supported families)
+    other_families: str = ""
     sharded: bool = False  # writes one part per rank of --tp / --ep (any other exporter refuses them)
+
+    def refuse_family(self, family: str, src, where: str = "") -> None:
+        """One line if it writes no ``family`` model (``where``: the option that asked, default --format)."""
+        if self.families is not None and family not in self.families:
+            raise MoepressError(f"{where or '--format ' + self.name}: not available for {family} models ({src}); "
+                                f"it supports {', '.join(self.families)}"
+                                + (f"; {self.other_families}" if self.other_families else ""))

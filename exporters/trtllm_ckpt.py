@@ -351,9 +351,7 @@ class _RankWriter:
 def export_trtllm(src: Path, writer, cfg, progress) -> dict:
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config, reader.names())
-    if adapter.family not in SUPPORTED:  # export() checks families; a direct call should too
-        raise MoepressError(f"--format trtllm-ckpt: {adapter.family} models ({src}) run only in TensorRT-LLM's "
-                            f"PyTorch backend (no trtllm-build engine path); use --format hf-modelopt")
+    EXPORTER.refuse_family(adapter.family, src)  # export() checks it; a direct call should too
     check_mapping(adapter, cfg.tp, cfg.ep)
     refuse_unwritten_attention(src, adapter)
     if cfg.dtype not in DTYPES:
@@ -376,10 +374,10 @@ def export_trtllm(src: Path, writer, cfg, progress) -> dict:
                        "mapping": config["mapping"], "ranks": [f.path.name for f in files]}}
 
 
-# families=None: DeepSeek-V3 / Kimi K2 get the one-line "PyTorch backend only" error from the
-# exporter itself rather than export()'s generic family message.
 EXPORTER = Exporter(
     "trtllm-ckpt", export_trtllm, description="TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) "
-    "for trtllm-build", families=None, checks_families=SUPPORTED, sharded=True,
+    "for trtllm-build", families=SUPPORTED, sharded=True,
+    other_families="DeepSeek-V3 / Kimi K2 run only in TensorRT-LLM's PyTorch backend (no trtllm-build engine "
+                   "path): use --format hf-modelopt",
     consumers="TensorRT-LLM trtllm-build (v0.8+, TensorRT backend)",
 )

@@ -166,8 +166,8 @@ class QuantizeStage:
 
     def _say_skipped(self, progress: Progress) -> None:
         """Linears the format cannot hold (a width not a multiple of its block or group) are left in their
-        stored precision: said here, not only in quant_report.json (a model of odd widths was 'quantized'
-        with 0 linears, and the exporter's refusal then blamed --rule)."""
+        stored precision: said on the terminal too, since a run that quantized few or no linears otherwise
+        looks like any other."""
         skipped, t = self.totals.skipped, self.totals
         if skipped:
             none = "no linear was quantized: " if not t.modules else ""

@@ -193,6 +193,23 @@ def libraries_silent(silent: bool):
             tf_logging.enable_progress_bar()
 
 
+def _data_notes(candidate: Path, ref_dir: Path, data: dict) -> list[str]:
+    """What the reader of the figures must know about the data: a stage upstream of the candidate was
+    calibrated on it (in-sample figures; also ``data["calibrated_on_by"]``), the candidate's tokenizer
+    is not the reference's (the data was tokenized with the reference's)."""
+    notes = []
+    fitted = calibrated_on(candidate, data["source"])
+    if fitted:
+        data["calibrated_on_by"] = fitted
+        notes.append(f"the check's data {data['source']} is the calibration data of {', '.join(fitted)}: "
+                     "measured on text the candidate was fitted to, it reads better than held-out text would")
+    tok_r, tok_c = ref_dir / "tokenizer.json", candidate / "tokenizer.json"
+    if tok_c.is_file() and tok_r.is_file() and tok_c.read_bytes() != tok_r.read_bytes():
+        notes.append("the candidate's tokenizer.json differs from the reference's; "
+                     "the data was tokenized with the reference's")
+    return notes
+
+
 def run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, progress=None, device=None) -> dict:
     """Compare ``candidate`` with the ``reference`` checkpoint; returns the result (metrics, gates, ...).
     The streamed models run on ``device`` (None: the CPU)."""
@@ -219,16 +236,7 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
             raise MoepressError(f"{candidate}: vocabulary of {cand.vocab_size} tokens, the reference "
                                 f"{reference} has {ref.adapter.vocab_size}")
         batches, data = eval_data(ref_dir, cfg)
-        notes = []
-        fitted = calibrated_on(candidate, data["source"])
-        if fitted:
-            data["calibrated_on_by"] = fitted
-            notes.append(f"the check's data {data['source']} is the calibration data of {', '.join(fitted)}: "
-                         "measured on text the candidate was fitted to, it reads better than held-out text would")
-        tok_r, tok_c = ref_dir / "tokenizer.json", Path(candidate) / "tokenizer.json"
-        if tok_c.is_file() and tok_r.is_file() and tok_c.read_bytes() != tok_r.read_bytes():
-            notes.append("the candidate's tokenizer.json differs from the reference's; "
-                         "the data was tokenized with the reference's")
+        notes = _data_notes(Path(candidate), ref_dir, data)
         comparable = cand.has_hidden and cand.num_layers == ref.num_layers
         if cand.has_hidden and not comparable:
             notes.append(f"per-layer comparison off: the candidate has {cand.num_layers} layers, "

@@ -71,7 +71,7 @@ def export_cmd(model, fmt, tp, ep, opset, extra, output, force, quiet, json_out)
 def formats_cmd():
     """List the export formats, their families and consumers."""
     for name, ex in sorted(FormatChoice.formats().items()):
-        fam = ", ".join(ex.families or ex.checks_families or ()) or "all families"
+        fam = ", ".join(ex.families or ()) or "all families"
         click.echo(f"{name:20s} {ex.description} ({fam}){'; loaded by ' + ex.consumers if ex.consumers else ''}")
 
 

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from moepress.exporters.artifacts import kv_cache_declared
 from moepress.manifest import read_manifest
 
 LOADING = {
@@ -101,28 +102,15 @@ def _json(p: Path) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def kv_cache_carried(d: Path) -> str | None:
-    """The KV-cache quantization the artifact's own files declare (None: the runtime keeps the model's
-    dtype): hf_quant_config.json / a trtllm-ckpt config.json ``kv_cache_quant_algo``, a compressed-tensors
-    config.json ``quantization_config.kv_cache_scheme``. An ONNX graph carries no KV cache."""
-    algo = (_json(d / "hf_quant_config.json").get("quantization") or {}).get("kv_cache_quant_algo")
-    cfg = _json(d / "config.json")
-    q = cfg.get("quantization") if isinstance(cfg.get("quantization"), dict) else {}
-    qc = cfg.get("quantization_config") if isinstance(cfg.get("quantization_config"), dict) else {}
-    scheme = qc.get("kv_cache_scheme")
-    return algo or q.get("kv_cache_quant_algo") or (
-        f"{scheme.get('type', '')}{scheme.get('num_bits', '')}".upper() if isinstance(scheme, dict) else None)
-
-
 def _quant_rows(recipe: dict, d: Path) -> list[str]:
     q = recipe.get("quantize")
     if not q:
         return []
     rows = [f"| quantization | {q.get('format') or 'rules'}"
             f"{', rules ' + json.dumps(q['rules']) if q.get('rules') else ''} |"]
-    carried = kv_cache_carried(d)
+    carried = kv_cache_declared(d)
     if carried:
-        rows.append(f"| KV cache | {carried}, calibrated scales |")
+        rows.append(f"| KV cache | {carried.quant_algo}, calibrated scales |")
     elif q.get("kv_cache"):
         rows.append(f"| KV cache | not carried by this format (asked: {q['kv_cache']}): the runtime keeps it "
                     "in the model's dtype |")
@@ -143,12 +131,12 @@ def _prune_row(recipe: dict, prune: dict | None) -> list[str]:
 
 def _calibrated(recipe: dict) -> bool:
     """Did a stage of the recipe read calibration data (pruning; a calibrated format or KV cache)?"""
-    from moepress.compress.formats import FORMATS
+    from moepress.calib.config import CalibConfig
+    from moepress.compress.quantize import QuantConfig
 
-    q = recipe.get("quantize") or {}
-    fmts = [q.get("format"), *(q.get("rules") or {}).values()]  # rules: {pattern: format}
-    return bool(recipe.get("prune") or q.get("kv_cache")
-                or any(f in FORMATS and FORMATS[f].calibrated for f in fmts if isinstance(f, str)))
+    q = recipe.get("quantize")
+    return bool(recipe.get("prune")) or (q is not None and QuantConfig.from_recipe(
+        q, CalibConfig.from_recipe(recipe["calib"])).needs_calibration)
 
 
 def _loading(fmt: str, d: Path, name: str) -> list[str]:

@@ -351,11 +351,8 @@ def _refuse_unavailable_exports(recipe: dict, model: Path) -> None:
         return
     family, reg = get_adapter(read_config_file(model / "config.json")).family, exporters()
     for fmt in formats:
-        ex = reg.get(fmt)
-        fams = ex and (ex.families or ex.checks_families)
-        if fams and family not in fams:
-            raise MoepressError(f"recipe export.formats {fmt}: not available for {family} models ({model}); it "
-                                f"supports {', '.join(fams)}")
+        if fmt in reg:
+            reg[fmt].refuse_family(family, model, where=f"recipe export.formats {fmt}")
 
 
 def _unchecked(artifacts: dict[str, tuple[Path, str]]) -> dict[str, str]:
