@@ -36,6 +36,7 @@ from pathlib import Path
 
 import moepress.exporters.kv_cache as kv_cache
 from moepress.compress import formats
+from moepress.compress.formats.base import GROUP
 from moepress.compress.inspect import storage_format
 from moepress.errors import MoepressError
 from moepress.exporters.kv_cache import KV_CACHE
@@ -81,7 +82,7 @@ def per_gpu_bytes(shape: ModelShape, fmt: str, tp: int, ep: int, max_batch: int,
     moe_tp = tp // ep
     routed_per_expert = b["routed"] / shape.num_experts if shape.num_experts else 0.0
     weights = ((b["attn"] + b["dense"] + b["shared"] + b["embed"]) / tp
-               + routed_per_expert * (shape.num_experts // ep) / moe_tp + b["other"])
+               + routed_per_expert * (shape.num_experts // ep) / moe_tp + b["other"] + b["replicated"])
     if runtime == "trtllm-engine":  # trtllm_ckpt writes the vocab embedding whole on every rank
         weights += 2.0 * shape.vocab_size * shape.hidden_size * (1 - 1 / tp)  # (use_parallel_embedding false)
     tokens = max_batch * max_seq_len
@@ -185,6 +186,23 @@ class _Planner:
             return f"tp {n} does not divide the {heads} attention heads"
         if inter and inter % moe_tp:
             return f"moe_tp {moe_tp} (tp / ep) does not divide the experts' intermediate size {inter}"
+        return self.unaligned(n, moe_tp)
+
+    def unaligned(self, tp: int, moe_tp: int) -> str | None:
+        """Why a rank's share of an MLP weight (dense, shared, routed) would not hold whole blocks or groups
+        of the format (Format.split_unit): gate / up are split by rows, down by input channels."""
+        f = formats.FORMATS.get(self.fmt)
+        if f is None or f.split_unit == (1, 1):
+            return None
+        rows, cols = f.split_unit or (1, self.shape.int4_group or GROUP)
+        for kind, o, i, _ in self.shape.linears:
+            split = moe_tp if kind == "routed" else tp
+            if kind not in ("dense", "shared", "routed") or split == 1:
+                continue
+            dim, unit, what = (i, cols, "input channels") if o == self.shape.hidden_size else (o, rows, "rows")
+            if dim % split or (dim // split) % unit:
+                return (f"{'moe_tp' if kind == 'routed' else 'tp'} {split} gives each rank {dim / split:g} {what} of "
+                        f"the {kind} MLP's [{o}, {i}] weights, not a multiple of {self.fmt}'s {unit}")
         return None
 
     def fixed(self, gpus: int) -> Plan:

@@ -45,7 +45,8 @@ class ModelShape:
     num_heads: int
     kv_per_token_layer: int  # cached values per token per layer (MLA latent or 2 x kv_heads x head_dim)
     kv_heads: int  # 0 for MLA (latent not split by TP)
-    # (kind, out, in, count): kind in attn, dense, shared, routed (routed: per expert, count = experts x layers)
+    # (kind, out, in, count): kind in attn, replicated (whole on every TP rank), dense, shared, routed
+    # (routed: per expert, count = experts x layers)
     linears: tuple[tuple[str, int, int, int], ...]
     other_params: int  # norms, routers, biases (bf16, replicated)
     embed_params: int  # embeddings + lm_head (bf16, split by TP)
@@ -63,7 +64,7 @@ class ModelShape:
 
     def bytes_by_kind(self, fmt: str) -> dict[str, float]:
         """Bytes per kind of parameter in ``fmt``; in the checkpoint's own format, as its linears are stored."""
-        out = {"attn": 0.0, "dense": 0.0, "shared": 0.0, "routed": 0.0}
+        out = {"attn": 0.0, "replicated": 0.0, "dense": 0.0, "shared": 0.0, "routed": 0.0}
         rows = self.stored if self.stored and fmt == self.stored_format else \
             [(k, o, i, fmt, c) for k, o, i, c in self.linears]
         for kind, o, i, f, c in rows:
@@ -71,6 +72,11 @@ class ModelShape:
         out["embed"] = 2.0 * self.embed_params
         out["other"] = 2.0 * self.other_params
         return out
+
+
+# MLA's down-projections, whole on every tensor-parallel rank: TensorRT-LLM _torch/modules/attention.py (class
+# MLA: kv_a_proj_with_mqa a Linear with no tensor_parallel_mode), vLLM models/deepseek_v2.py (ReplicatedLinear)
+REPLICATED = ("q_a_proj", "kv_a_proj_with_mqa")
 
 
 def _layer_linears(layer) -> tuple[list[tuple[str, str, int, int]], int]:
@@ -85,7 +91,7 @@ def _layer_linears(layer) -> tuple[list[tuple[str, str, int, int]], int]:
         if not isinstance(m, nn.Linear):
             continue
         kind = ("routed" if id(m) in routed else "shared" if id(m) in shared
-                else "attn" if id(m) in attn else "dense")
+                else "replicated" if name.endswith(REPLICATED) else "attn" if id(m) in attn else "dense")
         lin.append((name, kind, m.out_features, m.in_features))
         n_lin += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
     total = sum(t.numel() for t in layer.parameters())

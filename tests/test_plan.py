@@ -35,10 +35,12 @@ KIMI = "tests/data/kimi-k2-config.json"
 #   kv_a  576*7168  =  4,128,768 + 4*5*56   (=1,120)  =  4,129,888
 #   kv_b 16384*512  =  8,388,608 + 4*128*4  (=2,048)  =  8,390,656
 #   o    7168*8192  = 58,720,256 + 4*56*64  (=14,336) = 58,734,592
-#   attention per layer = 101,146,848; x 61 layers = 6,169,957,728
+#   attention per layer = 101,146,848; x 61 layers = 6,169,957,728, of which q_a + kv_a (15,142,624 per layer:
+#   MLA's down-projections, whole on every TP rank) 923,700,064 and the TP-split rest 5,246,257,664
 #   expert: 2 x (14,680,064 + 4*16*56) + (14,680,064 + 4*56*16) = 3 x 14,683,648 = 44,050,944
 #   dense MLP: 3 x (132,120,576 + 4*144*56 = 32,256) = 396,458,496
-FP8B_ATTN = 61 * 101_146_848
+FP8B_ATTN = 61 * (101_146_848 - 15_142_624)
+FP8B_REPL = 61 * 15_142_624
 FP8B_EXPERT = 44_050_944
 FP8B_DENSE = 396_458_496
 # INT4 AWQ (0.5 B/param + F32 [out, in/128] + F32 pre_quant_scale [in]):
@@ -47,12 +49,13 @@ FP8B_DENSE = 396_458_496
 #   kv_a  2,064,384 + 4*576*56   (=129,024)   + 4*7168  (=28,672) =  2,222,080
 #   kv_b  4,194,304 + 4*16384*4  (=262,144)   + 4*512   (=2,048)  =  4,458,496
 #   o    29,360,128 + 4*7168*64  (=1,835,008) + 4*8192  (=32,768) = 31,227,904
-#   attention per layer = 53,819,392
+#   attention per layer = 53,819,392, of which q_a + kv_a 8,099,840 (whole on every rank)
 #   expert: gate/up 7,340,032 + 4*2048*56 (=458,752) + 28,672 = 7,827,456 (x2)
 #           down    7,340,032 + 4*7168*16 (=458,752) +  8,192 = 7,806,976  -> 23,461,888
 #   dense:  gate/up 66,060,288 + 4*18432*56 (=4,128,768) + 28,672 = 70,217,728 (x2)
 #           down    66,060,288 + 4*7168*144 (=4,128,768) + 73,728 = 70,262,784 -> 210,698,240
-INT4_ATTN = 61 * 53_819_392
+INT4_ATTN = 61 * (53_819_392 - 8_099_840)
+INT4_REPL = 61 * 8_099_840
 INT4_EXPERT = 23_461_888
 INT4_DENSE = 210_698_240
 EMBED = 2 * 2 * 163840 * 7168  # bf16 embedding + lm_head = 4,697,620,480
@@ -65,15 +68,15 @@ KV = 8 * 4096 * 61 * 576 * 2  # = 2,302,672,896 (every TP rank holds the latent)
 ACT = 8192 * 7168 * 20 * 2  # = 2,348,810,240
 
 
-def weights_per_gpu(attn, expert, dense, experts, gpus, ep, other=OTHER):
+def weights_per_gpu(attn, expert, dense, experts, gpus, ep, repl):
     """Split: attention, dense, shared expert (60 layers) and embeddings by TP = gpus; routed by EP.
 
-    Norms and routers are replicated; a pruned router has ``experts`` rows.
+    Norms, routers and MLA's q_a / kv_a (``repl``) are replicated; a pruned router has ``experts`` rows.
     """
     split = (attn + dense + 60 * expert + EMBED) / gpus
     routed = 60 * (experts // ep) * expert / (gpus // ep)
     other = OTHER - 2 * 60 * (384 - experts) * 7168
-    return math.ceil(split + routed + other)
+    return math.ceil(split + routed + other + repl)
 
 
 @pytest.fixture(scope="module")
@@ -93,44 +96,46 @@ def kimi_pruned(tmp_path_factory):
 
 def test_component_bytes_match_hand_numbers(kimi):
     b = kimi.bytes_by_kind("fp8-block")
-    assert b["attn"] == FP8B_ATTN == 6_169_957_728
+    assert b["attn"] + b["replicated"] == FP8B_ATTN + FP8B_REPL == 6_169_957_728
+    assert b["replicated"] == FP8B_REPL == 923_700_064
     assert b["routed"] == 23040 * FP8B_EXPERT == 1_014_933_749_760
     assert b["shared"] == 60 * FP8B_EXPERT
     assert b["dense"] == FP8B_DENSE
     assert b["embed"] == EMBED == 4_697_620_480
     assert b["other"] == OTHER == 332_314_624
     i = kimi.bytes_by_kind("int4-awq")
-    assert (i["attn"], i["routed"], i["dense"]) == (INT4_ATTN, 23040 * INT4_EXPERT, INT4_DENSE)
+    assert (i["attn"], i["replicated"], i["routed"], i["dense"]) == (INT4_ATTN, INT4_REPL, 23040 * INT4_EXPERT,
+                                                                     INT4_DENSE)
     assert linear_bytes(2048, 7168, "bf16") == 2 * 14_680_064
 
 
 def test_fp8_block_kimi_on_h200_needs_16(kimi):
-    # 8 x H200: weights = (6,169,957,728 + 396,458,496 + 60 x 44,050,944 + 4,697,620,480) / 8
-    #   + 60 x 48 experts x 44,050,944 + 332,314,624 = 128,937,420,012 B; + KV 2.30 GB + act 2.35 GB
-    #   + reserve 14.1 GB = 147.7 GB > 141 GB -> 16 GPUs (2 nodes): 64,634,867,318 B of weights
-    w8 = weights_per_gpu(FP8B_ATTN, FP8B_EXPERT, FP8B_DENSE, 384, 8, 8)
-    assert w8 == 128_937_420_012
+    # 8 x H200: weights = (5,246,257,664 + 396,458,496 + 60 x 44,050,944 + 4,697,620,480) / 8
+    #   + 60 x 48 experts x 44,050,944 + 332,314,624 + 923,700,064 = 129,745,657,568 B; + KV 2.30 GB
+    #   + act 2.35 GB + reserve 14.1 GB = 148.5 GB > 141 GB -> 16 GPUs (2 nodes): 65,500,836,128 B of weights
+    w8 = weights_per_gpu(FP8B_ATTN, FP8B_EXPERT, FP8B_DENSE, 384, 8, 8, FP8B_REPL)
+    assert w8 == 129_745_657_568
     assert w8 + KV + ACT + RESERVE_FRACTION * 141e9 > 141e9
     p = plan(kimi, "h200", "fp8-block")
     assert (p.gpus, p.tp, p.ep, p.moe_tp, p.nodes, p.experts_per_rank) == (16, 16, 16, 1, 2, 24)
-    assert p.bytes_per_gpu["weights"] == weights_per_gpu(FP8B_ATTN, FP8B_EXPERT, FP8B_DENSE, 384, 16, 16) \
-        == 64_634_867_318
+    assert p.bytes_per_gpu["weights"] == weights_per_gpu(FP8B_ATTN, FP8B_EXPERT, FP8B_DENSE, 384, 16, 16,
+                                                         FP8B_REPL) == 65_500_836_128
     assert p.bytes_per_gpu["kv_cache"] == KV and p.bytes_per_gpu["activations"] == ACT
     assert p.bytes_per_gpu["reserve"] == 14_100_000_000
-    assert p.fits and p.bytes_per_gpu["total"] == 64_634_867_318 + KV + ACT + 14_100_000_000
-    with pytest.raises(MoepressError, match=r"--gpus 8: fp8-block needs 147.7 GB .* use --gpus 16"):
+    assert p.fits and p.bytes_per_gpu["total"] == 65_500_836_128 + KV + ACT + 14_100_000_000
+    with pytest.raises(MoepressError, match=r"--gpus 8: fp8-block needs 148.5 GB .* use --gpus 16"):
         plan(kimi, "h200", "fp8-block", gpus=8)
 
 
 def test_int4_kimi_on_h200_fits_8_and_a100_needs_16(kimi):
-    # 8 x H200, INT4 AWQ: (3,282,982,912 + 210,698,240 + 1,407,713,280 + 4,697,620,480 = 9,599,014,912) / 8
-    #   + 60 x 48 x 23,461,888 + 332,314,624 = 1,199,876,864 + 67,570,237,440 + 332,314,624
-    #   = 69,102,428,928 B (+ KV 2.30 + act 2.35 + reserve 14.1 GB) = 87.9 GB <= 141 GB
+    # 8 x H200, INT4 AWQ: (2,788,892,672 + 210,698,240 + 1,407,713,280 + 4,697,620,480 = 9,104,924,672) / 8
+    #   + 60 x 48 x 23,461,888 + 332,314,624 + 494,090,240 (q_a, kv_a on every rank)
+    #   = 69,534,757,888 B (+ KV 2.30 + act 2.35 + reserve 14.1 GB) = 88.3 GB <= 141 GB
     p = plan(kimi, "h200", "int4-awq")
     assert (p.gpus, p.ep) == (8, 8)
-    assert p.bytes_per_gpu["weights"] == weights_per_gpu(INT4_ATTN, INT4_EXPERT, INT4_DENSE, 384, 8, 8) \
-        == 69_102_428_928
-    # 8 x A100 80GB: 69.1 + 2.30 + 2.35 + 8.0 = 81.75 GB > 80 GB -> 16
+    assert p.bytes_per_gpu["weights"] == weights_per_gpu(INT4_ATTN, INT4_EXPERT, INT4_DENSE, 384, 8, 8,
+                                                         INT4_REPL) == 69_534_757_888
+    # 8 x A100 80GB: 69.5 + 2.30 + 2.35 + 8.0 = 82.2 GB > 80 GB -> 16
     assert plan(kimi, "a100-80gb", "int4-awq").gpus == 16
 
 
@@ -147,19 +152,19 @@ def test_plan_says_when_trtllm_cannot_load_the_experts(kimi):
 def test_pruned_50_percent(kimi_pruned):
     d, shape = kimi_pruned
     assert shape.num_experts == 192
-    # FP8 block, 8 x H200: 13,907,093,344 / 8 + 60 x 24 x 44,050,944 + (332,314,624 - 2 x 60 x 192 x 7168
-    #   = 167,163,904: routers of 192 rows) = 65,338,909,932 B
-    #   (+ 18.75 GB = 84.3 GB) fits; 4 GPUs would hold 48 experts per rank: 126.9 GB of experts
+    # FP8 block, 8 x H200: 12,983,393,280 / 8 + 60 x 24 x 44,050,944 + (332,314,624 - 2 x 60 x 192 x 7168
+    #   = 167,163,904: routers of 192 rows) + 923,700,064 = 66,147,147,488 B
+    #   (+ 18.75 GB = 84.9 GB) fits; 4 GPUs would hold 48 experts per rank: 126.9 GB of experts
     p = plan(shape, "h200", "fp8-block")
     assert (p.gpus, p.experts_per_rank) == (8, 24)
-    assert p.bytes_per_gpu["weights"] == weights_per_gpu(FP8B_ATTN, FP8B_EXPERT, FP8B_DENSE, 192, 8, 8) \
-        == 65_338_909_932
-    # INT4 AWQ, 4 x H200: 9,599,014,912 / 4 + 60 x 48 x 23,461,888 + 167,163,904 = 70,137,155,072 B
-    #   (+ 18.75 GB = 89.1 GB <= 141 GB); 2 GPUs would hold 96 experts per rank: 135 GB of weights
+    assert p.bytes_per_gpu["weights"] == weights_per_gpu(FP8B_ATTN, FP8B_EXPERT, FP8B_DENSE, 192, 8, 8,
+                                                         FP8B_REPL) == 66_147_147_488
+    # INT4 AWQ, 4 x H200: 9,104,924,672 / 4 + 60 x 48 x 23,461,888 + 167,163,904 + 494,090,240
+    #   = 70,507,722,752 B (+ 18.75 GB = 89.3 GB <= 141 GB); 2 GPUs would hold 96 experts per rank
     p = plan(shape, "h200", "int4-awq")
     assert p.gpus == 4
-    assert p.bytes_per_gpu["weights"] == weights_per_gpu(INT4_ATTN, INT4_EXPERT, INT4_DENSE, 192, 4, 4) \
-        == 70_137_155_072
+    assert p.bytes_per_gpu["weights"] == weights_per_gpu(INT4_ATTN, INT4_EXPERT, INT4_DENSE, 192, 4, 4,
+                                                         INT4_REPL) == 70_507_722_752
     # from the directory too (pruning is read from config.json)
     assert plan(str(d), "h200", "int4-awq").gpus == 4
 
@@ -168,7 +173,7 @@ def test_ep_smaller_than_tp(kimi):
     # 16 GPUs, EP 8: 48 experts per EP rank split over moe_tp 2 -> same routed bytes as EP 16
     p = plan(kimi, "h200", "fp8-block", gpus=16, ep=8)
     assert (p.ep, p.moe_tp, p.experts_per_rank) == (8, 2, 48)
-    assert p.bytes_per_gpu["weights"] == weights_per_gpu(FP8B_ATTN, FP8B_EXPERT, FP8B_DENSE, 384, 16, 8)
+    assert p.bytes_per_gpu["weights"] == weights_per_gpu(FP8B_ATTN, FP8B_EXPERT, FP8B_DENSE, 384, 16, 8, FP8B_REPL)
 
 
 def test_gqa_kv_cache():
@@ -285,3 +290,23 @@ def test_linears_a_rule_stores_otherwise_are_planned_as_stored(cli_run, tmp_path
     assert r.exit_code == 0, r.output
     reader = CheckpointReader(q)
     assert plan(str(q), "h100").weights_total == sum(reader.info(n).nbytes for n in reader.names())
+
+
+def test_a_split_that_cuts_blocks_or_groups_is_refused(kimi):
+    """A rank's share of an MLP weight must hold whole blocks (fp8-block 128 x 128) or INT4 groups: vLLM refuses
+    a block-FP8 gate/up of 192 rows per rank (vllm-project/vllm#17569), SGLang DeepSeek's dense MLP at TP 32
+    (18432 / 32 = 576 rows, sgl-project/sglang#3345). The planner accepted and even picked such splits."""
+    with pytest.raises(MoepressError, match=r"tp 32 gives each rank 576 (rows|input channels) of the dense MLP"):
+        plan(kimi, "h200", "fp8-block", gpus=32)
+    # INT4 groups of 128 input channels: the dense down projection's 576 per rank cut them
+    with pytest.raises(MoepressError, match=r"576 input channels of the dense MLP.* not a multiple of int4-awq's 128"):
+        plan(kimi, "h200", "int4-awq", gpus=32, ep=1)
+    assert plan(kimi, "h200", "int4-awq", gpus=16, ep=1).moe_tp == 16  # 2048 / 16 = 128: whole groups
+    assert plan(kimi, "h200", "fp8", gpus=32).tp == 32  # per-tensor FP8: no block to cut
+    # what the planner picks on its own never cuts one
+    for fmt in ("fp8-block", "int4-awq"):
+        try:
+            p = plan(kimi, "h100", fmt, max_batch=32, max_seq_len=16384)
+        except MoepressError:
+            continue
+        assert 18432 // p.tp % 128 == 0 and 2048 // p.moe_tp % 128 == 0, (fmt, p.tp, p.moe_tp)

@@ -76,6 +76,11 @@ class Format:
     quant_algo: str | None = None
     aliases: tuple[str, ...] = ()
     calibrated: bool = False
+    # what a tensor-parallel rank's share of a weight must hold whole: (rows of a column split, input
+    # channels of a row split); None: one INT4 group of input channels (--group-size). vLLM refuses a
+    # block-FP8 gate/up split of 192 rows (vllm-project/vllm#17569), SGLang a DeepSeek dense MLP at TP 32
+    # (18432 / 32 = 576 rows: sgl-project/sglang#3345)
+    split_unit: tuple[int, int] | None = (1, 1)
     awq: bool = False
     gptq: bool = False
     weight_scale_2: bool = False

@@ -50,7 +50,8 @@ def ct_scheme(group, targets):
 
 
 FORMAT = Format(
-    name="fp8-block", description="128x128 block weight scales, dynamic 1x128 activations (DeepSeek style)",
+    name="fp8-block",
+    split_unit=(128, 128), description="128x128 block weight scales, dynamic 1x128 activations (DeepSeek style)",
     element="fp8", scale="block", activation="block", archs=(90, 100), quant_algo="FP8_BLOCK_SCALES",
     alternatives=("fp8", "fp8-dynamic", "int4-awq", "nvfp4"), stored=("weight", "weight_scale"),
     quantize=quantize,

@@ -16,7 +16,8 @@ import moepress.compress.formats._int4 as _int4
 from moepress.compress.formats.base import Format
 
 FORMAT = Format(
-    name="int4-awq", description="INT4 weights, AWQ scales (GPTQ rounding)",
+    name="int4-awq",
+    split_unit=None, description="INT4 weights, AWQ scales (GPTQ rounding)",
     element="int4", scale="group", activation="none", archs=(80, 86, 89, 90), quant_algo="W4A16_AWQ",
     calibrated=True, awq=True, alternatives=("int4-gptq", "w4a8-awq", "nvfp4", "fp8"),
     stored=("weight", "weight_scale", "pre_quant_scale"),

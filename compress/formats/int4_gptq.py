@@ -12,7 +12,8 @@ import moepress.compress.formats._int4 as _int4
 from moepress.compress.formats.base import Format
 
 FORMAT = Format(
-    name="int4-gptq", description="INT4 weights, GPTQ",
+    name="int4-gptq",
+    split_unit=None, description="INT4 weights, GPTQ",
     element="int4", scale="group", activation="none", archs=(80, 86, 89, 90), quant_algo="W4A16_GPTQ",
     calibrated=True, gptq=True, alternatives=("int4-awq", "w4a8-awq", "nvfp4", "fp8"),
     stored=("weight", "weight_scale"),

@@ -57,7 +57,8 @@ def ct_tensors(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 FORMAT = Format(
-    name="mxfp4", description="E2M1 weights, E8M0 scale per 32 (OCP MX); bf16 activations",
+    name="mxfp4",
+    split_unit=(1, 32), description="E2M1 weights, E8M0 scale per 32 (OCP MX); bf16 activations",
     element="fp4", scale="group", activation="none", archs=(80, 86, 89, 90, 100, 120), quant_algo="W4A16_MXFP4",
     alternatives=("nvfp4-a16", "int4-gptq", "int4-awq", "fp8"), stored=("weight", "weight_scale"),
     quantize=quantize, stored_bytes=stored_bytes,

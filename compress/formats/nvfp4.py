@@ -101,7 +101,8 @@ def ct_tensors(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 FORMAT = Format(
-    name="nvfp4", description="E2M1 weights + activations, E4M3 scale per 16, FP32 global scale (Blackwell)",
+    name="nvfp4",
+    split_unit=(1, 16), description="E2M1 weights + activations, E4M3 scale per 16, FP32 global scale (Blackwell)",
     element="fp4", scale="group", activation="static", archs=(100, 120), quant_algo="NVFP4",
     calibrated=True, weight_scale_2=True, alternatives=("int4-awq", "w4a8-awq", "fp8-block", "fp8"),
     stored=("weight", "weight_scale", "weight_scale_2", "input_scale"),

@@ -18,7 +18,8 @@ from moepress.compress.quant.fp8 import FP8_DTYPE
 _W = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": _nv.GROUP}
 
 FORMAT = Format(
-    name="nvfp4-a16", description="E2M1 weights, E4M3 scale per 16, FP32 global scale; bf16 activations",
+    name="nvfp4-a16",
+    split_unit=(1, 16), description="E2M1 weights, E4M3 scale per 16, FP32 global scale; bf16 activations",
     element="fp4", scale="group", activation="none", archs=(100, 120), quant_algo="W4A16_NVFP4",
     weight_scale_2=True, alternatives=("int4-awq", "int4-gptq", "nvfp4", "fp8"),
     stored=("weight", "weight_scale", "weight_scale_2"),

@@ -23,7 +23,8 @@ def _modelopt_group(group: int | None) -> dict:
 
 
 FORMAT = Format(
-    name="w4a8-awq", description="INT4 AWQ weights + FP8 activations (TensorRT-LLM W4A8_AWQ)",
+    name="w4a8-awq",
+    split_unit=None, description="INT4 AWQ weights + FP8 activations (TensorRT-LLM W4A8_AWQ)",
     element="int4", scale="group", activation="static", archs=(89, 90), quant_algo="W4A8_AWQ",
     calibrated=True, awq=True, weight_scale_2=True, alternatives=("int4-awq", "nvfp4", "fp8"),
     stored=("weight", "weight_scale", "pre_quant_scale", "input_scale", "weight_scale_2"),
