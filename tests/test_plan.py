@@ -147,6 +147,8 @@ def test_plan_says_when_trtllm_cannot_load_the_experts(kimi):
     assert any("TensorRT-LLM cannot load it" in n for n in p.notes)
     assert "W4A8_CUSTOM" in plan(kimi, "h200", "w4a8-awq").unloadable
     assert plan(kimi, "h200", "fp8-block").unloadable is None
+    # MXFP4 goes out as compressed-tensors only: "fits" on an A100 is for vLLM / SGLang
+    assert "compressed-tensors only" in plan(kimi, "a100-80gb", "mxfp4").unloadable
 
 
 def test_pruned_50_percent(kimi_pruned):

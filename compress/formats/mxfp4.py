@@ -64,4 +64,7 @@ FORMAT = Format(
     quantize=quantize, stored_bytes=stored_bytes,
     ct_format="mxfp4-pack-quantized", ct_scheme=ct_scheme, decode=decode, weight_scale_dtype=torch.uint8,
     ct_tensors=ct_tensors,
+    # moepress writes MXFP4 for compressed-tensors only (its hf-modelopt layout has no MXFP4 entry, trtllm-ckpt no
+    # FP4): no TensorRT-LLM path loads these experts, whatever the GPU
+    trtllm_moe_families=(), trtllm_moe_why="moepress exports MXFP4 as compressed-tensors only (vLLM, SGLang)",
 )
