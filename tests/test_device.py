@@ -129,6 +129,7 @@ def test_every_stage_reports_memory(cli_run, tmp_path, stage):
         r = cli_run(*args, "--json")
         assert r.exit_code == 0, r.output
         assert 50 << 20 < _memory(r.stdout)["host_rss_peak_bytes"] < 16 << 30
+        assert json.loads(r.stdout.strip().splitlines()[-1])["output"] == str(args[args.index("-o") + 1])
         return
     args = {
         "quantize": ("quantize", model, "--format", "fp8-block", "-o", out),

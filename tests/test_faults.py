@@ -565,6 +565,7 @@ def test_publish_checked_artifact_seal_verified_or_said_unverifiable(f3_checked,
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["seal"] == "verified" and res["verified"] and res["accuracy_passed"] is True
+    assert res["output"] == res["published"] == str(tmp_path / "pub")
     assert _f3_tree(tmp_path / "pub") == _f3_tree(art)
     # another machine: no key; the verdict is recomputed and the result says the seal was not verified
     monkeypatch.setenv("MOEPRESS_KEY_FILE", str(tmp_path / "no-key"))

@@ -166,7 +166,8 @@ def build_cmd(artifact, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_d
     from moepress.device import resolve
 
     res, memory = measured(resolve("auto"), lambda: build(artifact, target, output, opts, progress=prog))
-    click.echo(json.dumps({**res, "memory": memory}, default=str) if json_out else render(res))
+    click.echo(json.dumps({"output": str(output), **res, "memory": memory}, default=str) if json_out
+               else render(res))
     acc = res.get("accuracy") or {}
     if acc.get("passed") is False:  # the engine is kept (and recorded); the job fails as a check does
         raise CheckFailed(f"engine accuracy check failed: {engine_failure(acc)} ({res['out']})")

@@ -63,8 +63,8 @@ def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, out
         side = save_token_file(output, cs.input_ids, cs.source, meta)
     except OSError as e:
         raise MoepressError(f"{output}: cannot write ({e.strerror})") from None
-    click.echo(json.dumps({"path": str(output), "cached": cs.cached, **side, "memory": memory}) if json_out
-               else _prepare_text(output, side, cs.cached))
+    out = {"output": str(output), "path": str(output), "cached": cs.cached, **side, "memory": memory}
+    click.echo(json.dumps(out) if json_out else _prepare_text(output, side, cs.cached))
 
 
 def _check_output_dir(out: Path, force: bool) -> None:

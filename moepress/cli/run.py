@@ -100,8 +100,8 @@ def publish_cmd(artifact, to, force, json_out):
     from moepress.pipeline.publish import publish
 
     res = publish(artifact, to, force=force)
-    if json_out:
-        click.echo(json.dumps(res))
+    if json_out:  # "output" as every writing command's result names it
+        click.echo(json.dumps({"output": res["published"], **res}))
         return
     click.echo(f"published {artifact} -> {res['published']}")
     if res.get("seal") and res["seal"] != "verified":
