@@ -11,8 +11,9 @@ used as is):
 - embeddings, lm_head, norms, routers (and the correction bias) stay bf16.
 - split: attention, dense MLPs and shared experts by TP; routed experts by EP (E/EP experts per
   rank, then by moe_tp = TP/EP: TensorRT-LLM's mapping has moe_tp_size * moe_ep_size = tp_size,
-  tensorrt_llm/mapping.py); embeddings and lm_head vocab-parallel by TP; norms and routers
-  replicated.
+  tensorrt_llm/mapping.py); embeddings and lm_head vocab-parallel by TP; norms, routers and MLA's
+  down-projections (q_a_proj, kv_a_proj_with_mqa) replicated. A split whose rank share cuts a block or
+  group of the format (Format.split_unit) is refused for routed experts and noted for dense / shared MLPs.
 - KV cache for max_batch x max_seq_len tokens: MLA caches kv_lora_rank + qk_rope_head_dim values
   per token per layer (the compressed latent, shared by all heads, so every TP rank holds it);
   GQA caches 2 x kv_heads x head_dim, kv heads split by TP (at least one per rank).
@@ -145,19 +146,27 @@ class _Planner:
         if n > t.gpus_per_node:
             notes.append(f"{n // t.gpus_per_node} nodes of {t.gpus_per_node}: TP across nodes runs over "
                          f"the inter-node network, not {t.interconnect}")
+        cut = self._cut(n, n // e, ("dense", "shared"))
+        if cut:
+            notes.append(f"{cut}: TensorRT-LLM runs that MLP at a smaller TP; vLLM and SGLang refuse this split")
         return Plan(str(self.name), t.name, self.fmt, n, n, e, n // e, max(1, math.ceil(n / t.gpus_per_node)),
                     self.max_seq_len, self.max_batch, self.max_num_tokens, self.kv_cache_dtype,
                     d["total"] <= t.memory_bytes, d, t.memory_bytes, int(sum(total.values())), E // e if E else 0,
                     notes, t.to_dict(), self.runtime)
 
     def smallest(self) -> Plan | None:
-        """The plan on the fewest GPUs that holds the model (None: none up to the largest count)."""
+        """The plan on the fewest GPUs that holds the model (None: none up to the largest count; ``skipped``:
+        why the first count that would hold it cannot split it)."""
+        self.skipped = None
         for n in gpu_counts(self.t):
-            if (self.ep is not None and n % self.ep) or self.unsplittable(n) is not None:
+            if self.ep is not None and n % self.ep:
                 continue
+            why = self.unsplittable(n)
             p = self.make(n)
-            if p.fits:
+            if why is None and p.fits:
                 return p
+            if why is not None and p.fits and self.skipped is None:
+                self.skipped = f"{n} x {self.t.gpu} would hold it, but {why}"
         return None
 
     def onnx(self, gpus: int | None) -> Plan:
@@ -188,27 +197,35 @@ class _Planner:
             return f"moe_tp {moe_tp} (tp / ep) does not divide the experts' intermediate size {inter}"
         return self.unaligned(n, moe_tp)
 
-    def unaligned(self, tp: int, moe_tp: int) -> str | None:
-        """Why a rank's share of an MLP weight (dense, shared, routed) would not hold whole blocks or groups
-        of the format (Format.split_unit): gate / up are split by rows, down by input channels."""
-        f = formats.FORMATS.get(self.fmt)
-        if f is None or f.split_unit == (1, 1):
-            return None
-        rows, cols = f.split_unit or (1, self.shape.int4_group or GROUP)
-        for kind, o, i, _ in self.shape.linears:
+    def _cut(self, tp: int, moe_tp: int, kinds: tuple[str, ...]) -> str | None:
+        """Why a rank's share of a ``kinds`` MLP weight would not hold whole blocks or groups of its format
+        (Format.split_unit; a quantized checkpoint's linears in their stored format): gate / up are split by
+        rows, down by input channels."""
+        rows = self.shape.stored if self.shape.stored and self.fmt == self.shape.stored_format else \
+            [(k, o, i, self.fmt, c) for k, o, i, c in self.shape.linears]
+        for kind, o, i, fmt, _ in rows:
+            f = formats.FORMATS.get(fmt)
             split = moe_tp if kind == "routed" else tp
-            if kind not in ("dense", "shared", "routed") or split == 1:
+            if kind not in kinds or split == 1 or f is None or f.split_unit == (1, 1):
                 continue
-            dim, unit, what = (i, cols, "input channels") if o == self.shape.hidden_size else (o, rows, "rows")
+            r, c = f.split_unit or (1, self.shape.int4_group or GROUP)
+            dim, unit, what = (i, c, "input channels") if o == self.shape.hidden_size else (o, r, "rows")
             if dim % split or (dim // split) % unit:
                 return (f"{'moe_tp' if kind == 'routed' else 'tp'} {split} gives each rank {dim / split:g} {what} of "
-                        f"the {kind} MLP's [{o}, {i}] weights, not a multiple of {self.fmt}'s {unit}")
+                        f"the {kind} MLP's [{o}, {i}] weights, not a multiple of {fmt}'s {unit}")
         return None
+
+    def unaligned(self, tp: int, moe_tp: int) -> str | None:
+        """Why the routed experts' split cuts a block or group: no runtime shrinks moe_tp (vLLM #17569: a block-FP8
+        gate/up of 192 rows per rank). A dense or shared MLP cut this way is a note (:meth:`make`): TensorRT-LLM
+        runs it at a smaller TP (modeling_deepseekv3.py _compute_mlp_tp_size: gcd(intermediate / block, tp)),
+        vLLM and SGLang refuse it (sgl-project/sglang#3345: DeepSeek's 18432-wide MLP at TP 32)."""
+        return self._cut(tp, moe_tp, ("routed",))
 
     def fixed(self, gpus: int) -> Plan:
         why = self.unsplittable(gpus)
         if why is not None:
-            fits = [n for n in gpu_counts(self.t) if self.unsplittable(n) is None]
+            fits = [n for n in gpu_counts(self.t) if self.unsplittable(n) is None and self.make(n).fits]
             raise MoepressError(f"--gpus {gpus}: {why}; expected a GPU count that splits both"
                                 + (f" (e.g. {', '.join(map(str, fits[:4]))})" if fits else ""))
         t, p = self.t, self.make(gpus)
@@ -223,6 +240,9 @@ class _Planner:
 
     def fewest(self) -> Plan:
         p = self.smallest()
+        if p is None and self.skipped:
+            raise MoepressError(f"{self.name}: {self.fmt}: {self.skipped}; use another format, --ep, or lower "
+                                "--max-batch/--max-seq-len")
         if p is None:
             big = self.make(gpu_counts(self.t)[-1])
             raise MoepressError(f"{self.name}: {self.fmt} does not fit on up to {big.gpus} x {self.t.gpu} "

@@ -2,8 +2,9 @@
 parameters outside them, attention and KV-cache shapes; and the stored bytes of a linear per format.
 
 Read from the layer modules built on the meta device, so a config-only directory is enough and a
-pruned checkpoint's smaller expert count is used as is. Kinds: ``attn`` (attention), ``dense``
-(dense MLPs), ``shared`` (shared experts), ``routed`` (routed experts, counted per expert).
+pruned checkpoint's smaller expert count is used as is. Kinds: ``attn`` (attention), ``replicated``
+(attention linears whole on every tensor-parallel rank: MLA's down-projections), ``dense`` (dense MLPs),
+``shared`` (shared experts), ``routed`` (routed experts, counted per expert).
 """
 
 from __future__ import annotations

@@ -294,21 +294,37 @@ def test_linears_a_rule_stores_otherwise_are_planned_as_stored(cli_run, tmp_path
     assert plan(str(q), "h100").weights_total == sum(reader.info(n).nbytes for n in reader.names())
 
 
-def test_a_split_that_cuts_blocks_or_groups_is_refused(kimi):
-    """A rank's share of an MLP weight must hold whole blocks (fp8-block 128 x 128) or INT4 groups: vLLM refuses
-    a block-FP8 gate/up of 192 rows per rank (vllm-project/vllm#17569), SGLang DeepSeek's dense MLP at TP 32
-    (18432 / 32 = 576 rows, sgl-project/sglang#3345). The planner accepted and even picked such splits."""
-    with pytest.raises(MoepressError, match=r"tp 32 gives each rank 576 (rows|input channels) of the dense MLP"):
-        plan(kimi, "h200", "fp8-block", gpus=32)
-    # INT4 groups of 128 input channels: the dense down projection's 576 per rank cut them
-    with pytest.raises(MoepressError, match=r"576 input channels of the dense MLP.* not a multiple of int4-awq's 128"):
+def test_a_split_that_cuts_blocks_or_groups_is_refused_or_noted(kimi):
+    """A rank's share of a routed expert must hold whole blocks (fp8-block 128 x 128) or INT4 groups: vLLM refuses a
+    block-FP8 gate/up of 192 rows per rank (vllm-project/vllm#17569) and no runtime shrinks moe_tp. A dense or
+    shared MLP cut this way (DeepSeek's 18432-wide MLP at TP 32: 576 per rank, sgl-project/sglang#3345) is a
+    note: TensorRT-LLM runs it at a smaller TP (modeling_deepseekv3.py _compute_mlp_tp_size)."""
+    with pytest.raises(MoepressError, match=r"moe_tp 32 gives each rank 64 (rows|input channels) of the routed MLP"):
+        plan(kimi, "h200", "fp8-block", gpus=32, ep=1)
+    with pytest.raises(MoepressError, match=r"moe_tp 32 gives each rank 64 input channels .* int4-awq's 128"):
         plan(kimi, "h200", "int4-awq", gpus=32, ep=1)
     assert plan(kimi, "h200", "int4-awq", gpus=16, ep=1).moe_tp == 16  # 2048 / 16 = 128: whole groups
-    assert plan(kimi, "h200", "fp8", gpus=32).tp == 32  # per-tensor FP8: no block to cut
-    # what the planner picks on its own never cuts one
-    for fmt in ("fp8-block", "int4-awq"):
-        try:
-            p = plan(kimi, "h100", fmt, max_batch=32, max_seq_len=16384)
-        except MoepressError:
-            continue
-        assert 18432 // p.tp % 128 == 0 and 2048 // p.moe_tp % 128 == 0, (fmt, p.tp, p.moe_tp)
+    p = plan(kimi, "h200", "fp8-block", gpus=32)  # EP 32: experts whole; the dense MLP cut, said
+    assert p.tp == 32 and any("576" in n and "vLLM and SGLang refuse" in n for n in p.notes)
+    assert plan(kimi, "h200", "fp8", gpus=32, ep=1).tp == 32  # per-tensor FP8: no block to cut
+    assert not any("refuse this split" in n for n in plan(kimi, "h200", "fp8-block", gpus=16).notes)
+
+
+def test_the_planner_says_when_only_a_cut_split_would_hold_it(kimi):
+    """Kimi K2 in block FP8 with --ep 1 and a large KV cache: the GPU counts that would hold it split every
+    expert's 2048 rows below 128. The refusal says so (it said "does not fit", printing a per-GPU size that fits)."""
+    with pytest.raises(MoepressError, match=r"x H100 SXM would hold it, but moe_tp \d+ gives each rank \d+ rows"):
+        plan(kimi, "h100", "fp8-block", ep=1, max_batch=32, max_seq_len=16384)
+
+
+def test_linears_a_rule_left_unquantized_are_not_held_to_the_formats_blocks(tmp_path, cli_run):
+    """A checkpoint quantized to fp8-block with its MLPs left bf16 (--rule ...=none): the planner held those
+    bf16 weights to fp8-block's 128-wide blocks and refused TP 2 and 4."""
+    from moepress import models
+
+    q = tmp_path / "q"
+    assert cli_run("quantize", models.path("tiny-deepseek-v3"), "--format", "fp8-block", "--rule",
+                   "mlp.experts.*=none", "--rule", "mlp.*_proj=none", "-o", q, "--quiet").exit_code == 0
+    assert [plan(str(q), "h100", gpus=g, ep=1).tp for g in (2, 4)] == [2, 4]
+    with pytest.raises(MoepressError, match="gives each rank"):  # the bf16 original planned as fp8-block: cut
+        plan(str(models.path("tiny-deepseek-v3")), "h100", "fp8-block", gpus=4, ep=1)
