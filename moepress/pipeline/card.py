@@ -152,7 +152,8 @@ def _loading(fmt: str, d: Path, name: str) -> list[str]:
         text += ("\nThe model or its tokenizer is the checkpoint's own code (`auto_map`): pass "
                  "`--trust-remote-code` to `vllm serve` / `trtllm-serve` and `trust_remote_code=True` to "
                  "transformers.\n")
-    notes = [n for n in info.get("consumer_notes") or [] if isinstance(n, str)]
+    notes = info.get("consumer_notes")
+    notes = [n for n in notes if isinstance(n, str)] if isinstance(notes, list) else []
     return [text, *(["## Consumer notes", "", *[f"- {n}" for n in notes], ""] if notes else [])]
 
 
