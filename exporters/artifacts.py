@@ -133,8 +133,7 @@ def _trtllm_ckpt(artifact: Path, config: dict, gpus: int | None, ep: int | None,
 
 def _hf_modelopt(artifact: Path, config: dict, gpus: int | None, ep: int | None, kv: str):
     """A KV cache calibrated into the export is budgeted unless another dtype is asked for."""
-    hq = (read_json(artifact_dir(artifact) / "hf_quant_config.json") or {}).get("quantization") or {}
-    cached = kv_cache.by_quant_algo(hq.get("kv_cache_quant_algo"))
+    cached = kv_cache_declared(artifact_dir(artifact))
     if cached is not None and kv == kv_cache.DEFAULT:
         kv = cached.name
     return gpus, ep, kv

@@ -163,6 +163,9 @@ def _fmt(v) -> str:
     return str(v)
 
 
+NO_CPU_RUNTIME = "no CPU runtime for this format; `moepress build` checks the engine on its GPU"
+
+
 @dataclass(frozen=True)
 class Accuracy:
     """What the card says of accuracy: the artifact's own check; else the check of the checkpoint it
@@ -173,7 +176,7 @@ class Accuracy:
     upstream: dict | None = None
     upstream_kind: str = ""
     checking: bool = True
-    unchecked: str = "no CPU runtime for this format; `moepress build` checks the engine on its GPU"
+    unchecked: str = NO_CPU_RUNTIME
 
 
 def _verdict(check: dict) -> str:

@@ -35,7 +35,7 @@ from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import builders as builder_registry
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest
 from moepress.outputs import refuse_overlap, write_text_atomic
-from moepress.pipeline.card import Accuracy, model_card
+from moepress.pipeline.card import NO_CPU_RUNTIME, Accuracy, model_card
 from moepress.pipeline.recipe import STAGES, dump
 from moepress.progress import Progress
 
@@ -361,8 +361,7 @@ def _unchecked(artifacts: dict[str, tuple[Path, str]]) -> dict[str, str]:
 
     out = {}
     for fmt, (d, _) in artifacts.items():
-        why = ("no CPU runtime for this format; `moepress build` checks the engine on its GPU"
-               if fmt not in CHECKABLE else misloaded(d) if CHECKABLE[fmt] == "transformers" else None)
+        why = NO_CPU_RUNTIME if fmt not in CHECKABLE else misloaded(d) if CHECKABLE[fmt] == "transformers" else None
         if why:
             out[fmt] = why
     return out
