@@ -190,10 +190,10 @@ def _prepared_samples(src: SourceSpec, n: int, seq_len: int, tokenizer_sha: str,
         raise MoepressError(f"{src.path}: prepared with another tokenizer than this model's, or under other "
                             f"transformers / tokenizers versions (made for {made_by.get('model', '?')}; the token "
                             "ids depend on both): prepare it again with `moepress calib prepare`")
-    if ids.shape[1] != seq_len:
-        raise MoepressError(f"{src.path}: samples of {ids.shape[1]} tokens; --seq-len {seq_len} asked")
-    if ids.shape[0] < n:
-        raise MoepressError(f"{src.path}: holds {ids.shape[0]} samples, fewer than the {n} asked")
+    if ids.shape[1] != seq_len or ids.shape[0] < n:  # both named at once: the defaults match neither, often
+        raise MoepressError(f"{src.path}: holds {ids.shape[0]} samples of {ids.shape[1]} tokens; --num-samples {n} "
+                            f"--seq-len {seq_len} asked (run with --seq-len {ids.shape[1]} --num-samples "
+                            f"{min(n, ids.shape[0])})")
     return ids[:n], {**info, "documents": int(ids.shape[0]), "documents_used": n}
 
 

@@ -236,9 +236,11 @@ def test_prepare_writes_a_token_file_stages_take_back(qwen, sources, tmp_path, c
     assert torch.load(pt, weights_only=True)["input_ids"].shape == (4, 40)
     # existing output without --force
     assert_one_line_error(cli_run("calib", "prepare", QWEN, "-o", pt), "exists")
-    # the token file must match the seq-len asked and the model's tokenizer
+    # the token file must match the seq-len asked and the model's tokenizer; the line names both options the
+    # file needs (the default --num-samples 64 was refused only after --seq-len was mended)
     assert_one_line_error(cli_run("calib", "prepare", QWEN, "--calib", out, "--seq-len", 64, "-o",
-                                  tmp_path / "x.pt"), "calib.safetensors", "--seq-len 64")
+                                  tmp_path / "x.pt"), "calib.safetensors", "--seq-len 64",
+                          "--seq-len 40 --num-samples 10")
 
 
 # ---- bad input ---------------------------------------------------------------------------------

@@ -194,6 +194,8 @@ def test_bad_input_is_one_line_exit_2(cli_run, ref, tmp_path):
 
     assert "reference checkpoint not found" in err(ref, "--reference", tmp_path / "nope")
     assert "candidate not found" in err(tmp_path / "nope", "--reference", ref)
+    # a fixture's name resolves as in every other command (it was "candidate not found")
+    assert "the candidate is the reference" in err("tiny-kimi-k2-int4", "--reference", "tiny-kimi-k2-int4")
     assert "--kind tensorflow: unknown candidate kind" in err(ref, "--reference", ref, "--kind", "tensorflow")
     assert "--max-kl lots" in err(ref, "--reference", ref, "--max-kl", "lots")
     # a bare 2 read as 200%: a perplexity gate that can hardly fail
@@ -392,3 +394,21 @@ def test_report_directory_is_never_half_written(tmp_path, monkeypatch):
     assert json.loads((old / "report.json").read_text())["passed"] is True
     assert set(read_manifest(old)["files"]) == {"report.json", "report.md"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ci"]
+
+
+def test_the_cosine_gate_is_printed_beside_the_cosines():
+    """--min-cosine's verdict stood at the end of the relative-error line ("0.108 ... [>= 0.999: FAIL]"),
+    while the cosines it judged were printed nowhere."""
+    from moepress.cli.check import _human
+
+    result = {"candidate": {"path": "/c", "kind": "checkpoint"}, "reference": "/r",
+              "data": {"samples": 2, "seq_len": 32, "source": "/d.txt"},
+              "metrics": {"ppl_reference": 10.0, "ppl_candidate": 10.5, "ppl_increase": 0.05, "kl_mean": 0.01,
+                          "kl_p99": 0.1, "top1_agreement": 0.9},
+              "layers": [{"layer": 0, "rel_error": 0.108, "cosine": 0.99512}], "error_jump": None, "notes": [],
+              "gates": [{"metric": "min_layer_cosine", "op": ">=", "threshold": 0.999, "passed": False}],
+              "passed": False, "failed": ["min_layer_cosine"]}
+    lines = _human(result)
+    errors = next(x for x in lines if "rel. error" in x)
+    cosines = next(x for x in lines if "cosine per layer" in x)
+    assert "FAIL" not in errors and "0.995120" in cosines and cosines.endswith("[>= 0.999: FAIL]")

@@ -275,7 +275,7 @@ class QuantizeStage:
             w.add(prefix + rel, t.contiguous())
         w.end_shard()
         return f"layer {i}: {len(res.modules)} linears quantized" + (
-            f", {len(res.borrowed)} experts borrowed scales" if res.borrowed else "")
+            f", {len(res.borrowed)} sparse experts (too few calibration tokens)" if res.borrowed else "")
 
     def _finish(self) -> None:
         """Norm and head, then config.json, hf_quant_config.json, the sidecar, the report, the manifest."""

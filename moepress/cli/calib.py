@@ -38,7 +38,7 @@ def _prepare_text(path: Path, side: dict, cached: bool) -> str:
 @calib_options
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
               help="Token file to write: NAME.safetensors or NAME.pt, with NAME.<ext>.json describing it. "
-                   "Any stage takes it back as --calib FILE.")
+                   "Any stage takes it back as --calib FILE, with the same --seq-len and at most its --num-samples.")
 @click.option("--force", is_flag=True, help="Replace the file if it exists.")
 @progress_options
 def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, output, force, quiet, json_out):

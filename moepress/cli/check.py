@@ -34,16 +34,14 @@ class KindChoice(click.ParamType):
 
 
 def _path(arg: str, what: str) -> Path:
-    """A path, or the name of a bundled model."""
-    p = Path(arg)
-    if p.exists():
-        return p
+    """A path, or the name of a bundled model or fixture (``models.resolve``, as every other command)."""
     from moepress import models
 
-    if arg in models.BUNDLED:
-        return models.path(arg)
-    raise MoepressError(f"{what}{arg}: {'reference checkpoint' if what else 'candidate'} not found "
-                        f"(bundled models: {', '.join(models.BUNDLED)})")
+    try:
+        return models.resolve(arg)
+    except MoepressError:
+        raise MoepressError(f"{what}{arg}: {'reference checkpoint' if what else 'candidate'} not found "
+                            f"(bundled models: {', '.join(models.BUNDLED)})") from None
 
 
 def _human(result: dict) -> list[str]:
@@ -68,7 +66,10 @@ def _human(result: dict) -> list[str]:
            f"  top-1 agreement  {m['top1_agreement']:.4f}{gate('top1_agreement')}"]
     if result["layers"]:
         errs = ", ".join(f"{p['layer']}: {p['rel_error']:.3g}" for p in result["layers"])
-        out.append(f"  hidden rel. error per layer  {errs}{gate('min_layer_cosine')}")
+        out.append(f"  hidden rel. error per layer  {errs}")
+        if gate("min_layer_cosine"):  # the gate is on the cosines: printed beside them, not the errors
+            cos = ", ".join(f"{p['layer']}: {p['cosine']:.6f}" for p in result["layers"])
+            out.append(f"  hidden cosine per layer  {cos}{gate('min_layer_cosine')}")
         if result["error_jump"] is not None and result["error_jump"]["after"] > 0:
             out.append(f"  error jumps at layer {result['error_jump']['layer']}")
     out += [f"  note: {n}" for n in result["notes"]]

@@ -94,7 +94,8 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
         click.echo(json.dumps(res))
     else:
         click.echo(f"quantized {src} ({res['quant_algo']}, {res['quantized_linears']} linears"
-                   + (f", {res['borrowed']} experts with borrowed scales" if res["borrowed"] else "")
+                   + (f", {res['borrowed']} sparse experts (too few calibration tokens; quant_report.json: "
+                      "sparse_expert_rule)" if res["borrowed"] else "")
                    + f") -> {output} in {res['seconds']:.1f}s")
 
 
