@@ -83,7 +83,9 @@ def test_merge_keeps_router_rows_and_bias_of_kept_experts(deepseek):
             assert same == (str(e) not in row["merged"])
             rewritten += not same
         dropped = {d["expert"] for d in row["dropped"]}
-        assert dropped <= {m for v in row["merged"].values() for m in v["members"][1:]} | dropped
+        for c, m in row["merged"].items():  # the kept expert itself, then only dropped ones; shares of 1
+            assert m["members"][0] == int(c) and set(m["members"][1:]) <= dropped, (c, m, dropped)
+            assert sum(m["mass_share"]) == pytest.approx(1.0, abs=1e-5)
     assert rewritten > 0
 
 
