@@ -187,6 +187,7 @@ def test_onnx_export_matches_the_reference(cli_run, ref, onnx_dir, tmp_path):
     # bounds leave ~4x (KL, a square of the logit differences: ~40x)
     assert m["kl_mean"] < 1e-11 and m["top1_agreement"] >= 0.998 and abs(m["ppl_increase"]) < 1.5e-7
     assert len(res["layers"]) == 4 and all(p["rel_error"] < 1e-6 for p in res["layers"])
+    assert res["error_jump"] is None  # float32 rounding alone is no jump (JUMP_FLOOR)
     assert res["generations"]["samples"][0]["same_prefix_tokens"] == 3
     assert (tmp_path / "rep" / "layer_error.png").exists()
     # the file is listed in its directory's manifest: the metrics are recorded there
