@@ -57,7 +57,7 @@ import torch
 import moepress.exporters.ct_ignore as ct_ignore
 from moepress.compress import formats
 from moepress.errors import MoepressError
-from moepress.exporters.base import Exporter
+from moepress.exporters.base import Exporter, int4_routes
 from moepress.exporters.fused_moe import (
     refuse_mixed,
     refuse_partial_blocks,
@@ -76,17 +76,20 @@ def _schemes(src: Path, s) -> tuple[dict[tuple[str, int | None], object], str]:
     targets ["Linear"] when there is one, else the module names), and the one CT format they share."""
     require_layout(s, "compressed-tensors", "fp8 (or fp8-dynamic, fp8-block, int4-gptq)")
     fmts = s.formats
+    # first what has no form at all (w4a8-awq, folded or not), so that the --awq-fold hint below is never a loop
+    bad = sorted(fmts - set(SUPPORTED))
+    if bad:
+        static = any(b in formats.FORMATS and formats.FORMATS[b].awq for b in bad)
+        why = " (static FP8 activations: vLLM's compressed-tensors W4A8 takes dynamic per-token ones only)" \
+            if static else ""
+        ways = int4_routes(s, "compressed-tensors")
+        raise MoepressError(f"--format compressed-tensors: {src} is quantized as {', '.join(bad)}, which has no "
+                            f"compressed-tensors form{why}; " + (ways if ways else f"expected {', '.join(SUPPORTED)}"))
     awq = sorted(f for f in fmts if f in formats.FORMATS and formats.FORMATS[f].awq)
     if awq and not s.layout.get("awq_fold"):  # compress/quantize/fold.py
         raise MoepressError(f"--format compressed-tensors: {src} is quantized as {', '.join(awq)} with "
-                            "pre_quant_scale, which has no compressed-tensors form; expected AWQ folded into the "
-                            "norms (moepress quantize --awq-fold), int4-gptq, or --format hf-modelopt")
-    bad = sorted(fmts - set(SUPPORTED))
-    if bad:
-        why = " (static FP8 activations: vLLM's compressed-tensors W4A8 takes dynamic per-token ones only)" \
-            if any(b in formats.FORMATS and formats.FORMATS[b].awq for b in bad) else ""
-        raise MoepressError(f"--format compressed-tensors: {src} is quantized as {', '.join(bad)}; expected "
-                            f"{', '.join(SUPPORTED)}{why}")
+                            "pre_quant_scale, which has no compressed-tensors form (AWQ folded into the norms has); "
+                            + (int4_routes(s, "compressed-tensors") or "quantize with --awq-fold or int4-gptq"))
     kinds: dict[tuple[str, int | None], list[str]] = {}
     for n, m in sorted(s.layout["modules"].items()):
         kinds.setdefault((m["format"], m.get("group")), []).append(n)

@@ -55,7 +55,7 @@ import torch
 from moepress import __version__
 from moepress.compress import formats
 from moepress.errors import MoepressError
-from moepress.exporters.base import Exporter
+from moepress.exporters.base import Exporter, int4_routes
 from moepress.exporters.fused_moe import (
     high_precision_layers,
     refuse_mixed,
@@ -151,15 +151,18 @@ def modelopt_name(n: str) -> str:
 def refuse_unloadable_experts(s, modules: dict) -> None:
     """One line when no runtime loads the routed experts' format from a Model-Optimizer checkpoint: TensorRT-LLM
     only for the families the format registry's ``trtllm_moe_families`` names, vLLM and SGLang never for
-    INT4 experts (tests/consumer_names.py)."""
+    INT4 experts (tests/consumer_names.py). Checked before the group-size refusals (no group size makes
+    them load), and the hint names only exports that take this source (base.int4_routes)."""
     routed = {n for ns in routed_linears(s).values() for n in ns}
     for fmt in sorted({modules[n]["format"] for n in routed if n in modules}):
         f = formats.FORMATS[fmt]
         if not f.trtllm_loads_experts(s.adapter.family):
+            ways = int4_routes(s, "hf-modelopt") or "export compressed-tensors (vLLM, SGLang, transformers)"
+            fit = [a for a in ("w4a8-awq", "fp8", "nvfp4") if formats.FORMATS[a].trtllm_loads_experts(s.adapter.family)]
             raise MoepressError(f"--format hf-modelopt: {s.path}: its {s.adapter.family} routed experts are {fmt}; "
                                 f"{f.trtllm_moe_why}, and vLLM / SGLang load only FP8 / NVFP4 experts from a "
-                                "Model-Optimizer checkpoint: no runtime would load them; export compressed-tensors "
-                                "(vLLM, SGLang, transformers) or quantize the experts fp8 / nvfp4")
+                                f"Model-Optimizer checkpoint: no runtime would load them at any group size; {ways}, "
+                                f"or quantize the experts {' / '.join(fit)}")
 
 
 def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
@@ -169,13 +172,13 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
                      if f not in formats.FORMATS or formats.FORMATS[f].modelopt_entry is None)
     if unknown:
         raise MoepressError(f"{src}/moepress_quant.json: formats {unknown} have no modelopt quant_algo")
+    refuse_unloadable_experts(s, modules)  # first: the refusals below suggest a --group-size, which cannot help
     # what a fused MoE cannot hold (fused_moe.py): TensorRT-LLM and vLLM quantize a layer's experts alike
     refuse_mixed(s, "hf-modelopt", set(modules), "TensorRT-LLM and vLLM fuse a layer's experts under one "
                  "quantization and would misread or refuse it")
     refuse_unlike(s, "hf-modelopt", modules, "TensorRT-LLM and vLLM fuse a layer's experts under one quantization "
                   "(one group size for all its projections)")
     refuse_partial_blocks(s, "hf-modelopt", modules)
-    refuse_unloadable_experts(s, modules)
     r = s.reader
     written = 0
     folded = _folded_awq(s.layout, modules)

@@ -72,8 +72,9 @@ def _fp8_scheme(reader: CheckpointReader, prefix: str, s: torch.Tensor) -> str:
     return "tensor" if s.numel() == 1 else "channel" if tuple(s.shape) == (rows, 1) else "block"
 
 
-def read_linear(reader: CheckpointReader, prefix: str) -> Linear:
-    """The linear stored under ``prefix`` (``...q_proj``) as the quantized-checkpoint contract says."""
+def read_linear(reader: CheckpointReader, prefix: str, flag: str = "", accepts: str = "bf16, FP8 or INT4") -> Linear:
+    """The linear stored under ``prefix`` (``...q_proj``) as the quantized-checkpoint contract says. ``flag``
+    (``--format trtllm-ckpt``) and ``accepts`` (what that exporter writes) word the refusal of FP4 weights."""
     name = prefix + ".weight"
     if name not in reader:
         raise MoepressError(f"{reader.path}: tensor '{name}' is missing from the checkpoint")
@@ -101,8 +102,11 @@ def read_linear(reader: CheckpointReader, prefix: str) -> Linear:
         if s is None:
             raise MoepressError(f"{reader.path}: packed tensor '{name}' has no weight_scale")
         if s.dtype in FP4_SCALE_DTYPES:  # E4M3 (NVFP4) / E8M0 (MXFP4) scales: FP4 elements, not INT4
-            raise MoepressError(f"{reader.path}: '{name}' is FP4 (NVFP4/MXFP4), which this exporter cannot write; "
-                                "expected bf16, FP8 or INT4 (FP4: --format hf-modelopt or compressed-tensors)")
+            # MXFP4 is exported as compressed-tensors only (compress/formats/mxfp4.py: hf-modelopt refuses it)
+            fp4, use = ("MXFP4", "compressed-tensors") if s.dtype == torch.uint8 else \
+                ("NVFP4", "hf-modelopt or compressed-tensors")
+            raise MoepressError(f"{flag + ': ' if flag else ''}{reader.path}: '{name}' is {fp4}, which this exporter "
+                                f"cannot write; expected {accepts} (for {fp4} use --format {use})")
         if s.dtype != torch.float32:
             raise MoepressError(f"{reader.path}: packed tensor '{name}' has a {str(s.dtype).removeprefix('torch.')} "
                                 "weight_scale; expected float32 (INT4), float8_e4m3fn (NVFP4) or uint8 (MXFP4's E8M0)")

@@ -315,7 +315,7 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     if fmt is None and bits is not None:
         fmt, why = pick_format(t, bits)
     fmt = fmt or (UNQUANTIZED if given else default_format(model_dir_or_config))
-    check_format(t, fmt, (lambda a: trtllm_experts_problem(shape, t, a) is None) if runtime == "trtllm" else None)
+    _check_format(t, fmt, shape, runtime)
     max_seq_len = _seq_len(name, shape, max_seq_len)
     _check_request(t, kv_cache_dtype, {"--max-seq-len": max_seq_len, "--max-batch": max_batch, "--gpus": gpus,
                                        "--tp": tp, "--ep": ep})
@@ -331,6 +331,27 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
             p.notes.append(f"TensorRT-LLM cannot load it: {p.unloadable} (the sizes hold for vLLM with a "
                            "compressed-tensors export)")
     return p
+
+
+# what a trtllm-ckpt holds (exporters/trtllm_ckpt.py _quant_algo: bf16, or FP8 per tensor): all an engine
+# built from one (runtime trtllm-engine) can be
+TRTLLM_CKPT_FORMATS = (UNQUANTIZED, "fp8")
+
+
+def _check_format(t: Target, fmt: str, shape: ModelShape, runtime: str) -> None:
+    """targets.check_format, suggesting only what the runtime takes: formats whose routed experts TensorRT-LLM
+    loads (trtllm), what a trtllm-ckpt holds (trtllm-engine). An engine's format is its trtllm-ckpt's, fixed
+    by the export (``moepress build`` has no --format), so that refusal names the export, not --format."""
+    if runtime == "trtllm":
+        return check_format(t, fmt, lambda a: trtllm_experts_problem(shape, t, a) is None)
+    if runtime != "trtllm-engine":
+        return check_format(t, fmt)
+    try:
+        check_format(t, fmt, lambda a: a in TRTLLM_CKPT_FORMATS)
+    except MoepressError as e:
+        why, _, alt = str(e).removeprefix(f"--format {fmt}: ").partition(": use ")
+        raise MoepressError(f"the trtllm-ckpt export is {fmt}: {why}: export a {alt.split(' (')[0]} trtllm-ckpt "
+                            f"instead (a trtllm-ckpt holds {' or '.join(TRTLLM_CKPT_FORMATS)})") from None
 
 
 def trtllm_experts_problem(shape: ModelShape, t: Target, fmt: str) -> str | None:

@@ -56,11 +56,13 @@ from pathlib import Path
 
 import torch
 
+from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
 from moepress.errors import MoepressError
-from moepress.exporters.base import Exporter
+from moepress.exporters.base import Exporter, int4_routes
 from moepress.exporters.fused_moe import pattern
+from moepress.exporters.hf_common import Source, open_source
 from moepress.exporters.linears import Linear, read_linear
 
 FP8 = torch.float8_e4m3fn
@@ -122,16 +124,22 @@ SUPPORTED = ("mixtral", "qwen3_moe")
 TRTLLM_ARCH = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
+# what this exporter writes (_quant_algo): the words of its refusals
+WRITES = "bf16 or FP8 per tensor (moepress quantize --format fp8)"
+
+
 def _quant_algo(reader: CheckpointReader, adapter) -> tuple[str | None, str | None]:
     probe = adapter.expert_prefix(adapter.moe_layers()[0], 0) + adapter.expert_names[0]
-    lin = read_linear(reader, probe)
+    lin = read_linear(reader, probe, "--format trtllm-ckpt", WRITES)
     kv = "FP8" if any(n.endswith((".k_scale", ".v_scale")) for n in reader.layer_names(0)) else None
     if lin.scheme == "none":
         return None, kv
     if lin.scheme != "tensor":  # FP8 per tensor: TensorRT-LLM QuantAlgo FP8
-        raise MoepressError(f"--format trtllm-ckpt: {reader.path} is quantized as {lin.stored_as}; this exporter "
-                            f"writes bf16 and FP8 per-tensor (moepress quantize --format fp8); for INT4 AWQ or "
-                            f"block FP8 use --format hf-modelopt (TensorRT-LLM's PyTorch backend)")
+        layout = formats.read_layout(reader.path)
+        ways = int4_routes(Source(Path(reader.path), reader, adapter, layout), "trtllm-ckpt") if layout else ""
+        raise MoepressError(f"--format trtllm-ckpt: {reader.path} is quantized as {lin.stored_as}, which this exporter "
+                            f"does not write: it writes {WRITES}; "
+                            + (ways or "use --format hf-modelopt (TensorRT-LLM's PyTorch backend)"))
     _refuse_partly_fp8(reader, adapter)
     return "FP8", kv
 
@@ -266,7 +274,8 @@ class _RankWriter:
         """Layer i's attention; whether it is written in FP8 (the layer's experts follow it)."""
         reader, tp, fp = self.reader, self.tp, self.fp
         lp, tl = self.a.layer_prefix(i), f"transformer.layers.{i}."
-        q, k, v, o = attn = [read_linear(reader, f"{lp}self_attn.{p}_proj") for p in "qkvo"]
+        q, k, v, o = attn = [read_linear(reader, f"{lp}self_attn.{p}_proj", "--format trtllm-ckpt", WRITES)
+                             for p in "qkvo"]
         quant = self.qalgo is not None and q.scheme == "tensor"
         if quant:
             (wq, wk, wv), s_qkv, a_qkv = _fuse_fp8([q, k, v])
@@ -313,7 +322,7 @@ class _RankWriter:
         fc = proj = None  # layers/moe.py: fc = cat([stack(w3...), stack(w1...)], dim=-2), filled in place
         for k, e in enumerate(range(mep * per_rank, (mep + 1) * per_rank)):
             ep_ = a.expert_prefix(i, e)
-            lg, lu, ld = (read_linear(self.reader, ep_ + n) for n in (g, u, d))
+            lg, lu, ld = (read_linear(self.reader, ep_ + n, "--format trtllm-ckpt", WRITES) for n in (g, u, d))
             if quant:
                 (qu, qg), s1, a1 = _fuse_fp8([lu, lg])
                 (qd,), s2, a2 = _fuse_fp8([ld])
@@ -374,10 +383,20 @@ def export_trtllm(src: Path, writer, cfg, progress) -> dict:
                        "mapping": config["mapping"], "ranks": [f.path.name for f in files]}}
 
 
+def _other_families(src) -> str:
+    """What a DeepSeek-V3 / Kimi K2 checkpoint uses instead: hf-modelopt, unless its INT4 experts are ones no
+    runtime loads from a Model-Optimizer checkpoint (hf_modelopt.refuse_unloadable_experts; base.int4_routes)."""
+    where = "DeepSeek-V3 / Kimi K2 run only in TensorRT-LLM's PyTorch backend (no trtllm-build engine path)"
+    try:
+        ways = int4_routes(open_source(Path(src)), "trtllm-ckpt") if formats.read_layout(src) else ""
+    except MoepressError:
+        ways = ""
+    return f"{where}; for this checkpoint: {ways}" if ways else f"{where}: use --format hf-modelopt"
+
+
 EXPORTER = Exporter(
     "trtllm-ckpt", export_trtllm, description="TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) "
     "for trtllm-build", families=SUPPORTED, sharded=True,
-    other_families="DeepSeek-V3 / Kimi K2 run only in TensorRT-LLM's PyTorch backend (no trtllm-build engine "
-                   "path): use --format hf-modelopt",
+    other_families=_other_families,
     consumers="TensorRT-LLM trtllm-build (v0.8+, TensorRT backend)",
 )

@@ -153,13 +153,21 @@ def int4_unlike(tmp_path_factory):
     return q
 
 
-@pytest.mark.parametrize("fmt", ["compressed-tensors", "hf-modelopt"])
-def test_export_of_experts_quantized_unlike_is_refused(int4_unlike, tmp_path, cli_run, fmt):
+def test_export_of_experts_quantized_unlike_is_refused(int4_unlike, tmp_path, cli_run):
     """A layer's routed experts with two INT4 group sizes cannot be one fused MoE: vLLM raises at load,
     transformers fails to convert them. Refused in one line with the group size that fits."""
-    assert_one_line_error(cli_run("export", int4_unlike, "-o", tmp_path / "e", "--format", fmt),
+    assert_one_line_error(cli_run("export", int4_unlike, "-o", tmp_path / "e", "--format", "compressed-tensors"),
                           "layer 1's routed experts are quantized 2 ways",
                           "group 64: model.layers.*.mlp.experts.*.down_proj", "--group-size 64")
+    assert not (tmp_path / "e").exists()
+
+
+def test_hf_modelopt_refuses_int4_experts_before_their_group_sizes(int4_unlike, tmp_path, cli_run):
+    """hf-modelopt loads INT4 weight-only experts at no group size: it says so first, and sends the group
+    size to the export that takes it (--group-size 64 alone was a loop: then refused as unloadable)."""
+    assert_one_line_error(cli_run("export", int4_unlike, "-o", tmp_path / "e", "--format", "hf-modelopt"),
+                          "routed experts are int4-gptq", "no runtime would load them at any group size",
+                          "quantize with --group-size 64, then export compressed-tensors")
     assert not (tmp_path / "e").exists()
 
 

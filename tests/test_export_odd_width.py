@@ -50,8 +50,10 @@ MIXED = "routed-expert linears stay unquantized beside quantized projections"
 PARTIAL = "block-FP8 routed-expert weights of shape 128x192, 192x128 are not whole 128x128 blocks"
 NEEDS_Q = "needs a quantized checkpoint"
 NOT_BLOCK = "expected fp8-block or a bf16 checkpoint"
-TRT_ONLY = "this exporter writes bf16 and FP8 per-tensor"
+TRT_ONLY = "which this exporter does not write: it writes bf16 or FP8 per tensor"
 AWQ = "with pre_quant_scale, which has no compressed-tensors form"
+NO_CT = "w4a8-awq, which has no compressed-tensors form"
+UNLOADABLE = "no runtime would load them at any group size"  # checked before the group-size refusals
 DYNAMIC = "whose activations are quantized per token at run time"
 # (input, exporter) -> a consumer, or the words of the one-line refusal
 EXPECT = {
@@ -65,10 +67,10 @@ EXPECT = {
     ("fp8-dynamic", "hf-modelopt"): BACK, ("fp8-dynamic", "hf-fp8-block"): NOT_BLOCK,
     ("fp8-dynamic", "compressed-tensors"): TF, ("fp8-dynamic", "trtllm-ckpt"): TRT_ONLY,
     ("fp8-dynamic", "onnx"): DYNAMIC,
-    **{(f, "hf-modelopt"): MIXED for f in ("int4-awq", "int4-gptq", "w4a8-awq")},
+    **{(f, "hf-modelopt"): UNLOADABLE for f in ("int4-awq", "int4-gptq")}, ("w4a8-awq", "hf-modelopt"): MIXED,
     **{(f, "hf-fp8-block"): NOT_BLOCK for f in ("int4-awq", "int4-gptq", "w4a8-awq")},
     ("int4-awq", "compressed-tensors"): AWQ, ("int4-gptq", "compressed-tensors"): MIXED,
-    ("w4a8-awq", "compressed-tensors"): AWQ,
+    ("w4a8-awq", "compressed-tensors"): NO_CT,
     **{(f, "trtllm-ckpt"): TRT_ONLY for f in ("int4-awq", "int4-gptq", "w4a8-awq")},
     **{(f, "onnx"): ORT for f in ("int4-awq", "int4-gptq", "w4a8-awq")},
 }
