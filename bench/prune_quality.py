@@ -3,7 +3,8 @@
 Held-out perplexity (calib/data/eval.txt) after pruning 25% and 50% of the routed experts with
 every registered method, on every bundled model and on models derived from them that no default
 was chosen on (``bench/variants.py``), each over several calibration seeds (a seed draws other
-calibration windows of calib.txt): median and range per model x ratio x method. Then, per model
+calibration windows of calib.txt, as many as ``moepress prune`` takes by default): median and range per
+model x ratio x method. Then, per model
 and ratio, the default's acceptance: at every seed its perplexity is at or below the median of
 ``frequency`` and ``reap`` at that seed, and its worst seed is no worse than either's worst seed
 (a stricter reading, against each method's median over seeds, printed beside it);
@@ -174,8 +175,9 @@ def main() -> int:
     ap.add_argument("--ratios", default="0.25,0.5")
     ap.add_argument("--methods", default="", help="comma-separated (default: every registered method)")
     ap.add_argument("--seeds", default="0,1,2", help="calibration seeds")
-    ap.add_argument("--num-samples", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=128)
+    # the defaults of `moepress prune` (what a user gets, and what issue 21 measured with)
+    ap.add_argument("--num-samples", type=int, default=PruneConfig.num_samples)
+    ap.add_argument("--seq-len", type=int, default=PruneConfig.seq_len)
     ap.add_argument("--eval-windows", type=int, default=32, help="held-out windows of 256 tokens")
     ap.add_argument("--rows", type=Path, default=None, help="also append every result as a JSON line here")
     ap.add_argument("--table-from", type=Path, default=None, help="print the table from --rows files, run nothing")
