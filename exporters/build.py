@@ -85,15 +85,19 @@ class _Job:
 
 def _plan(artifact: Path, kind: str, t: Target, fmt: str, source: Path, o: BuildOptions, gpus, ep, kv,
           runtime: str) -> Plan:
+    """The plan of the export's source on ``t``; its refusals name the export where the export fixed what
+    was refused (its format, a trtllm-ckpt's GPU count), since the plan reads the source model only."""
     try:
         return plan(source, t, fmt, gpus=gpus, tp=o.tp, ep=ep, max_seq_len=o.max_seq_len, max_batch=o.max_batch,
-                    kv_cache_dtype=kv, runtime=runtime)
+                    kv_cache_dtype=kv, runtime=runtime, export=kind)
     except MoepressError as e:
+        if str(e).startswith(f"the {kind} export is "):  # the format refusal: plan knows the source, not the export
+            raise MoepressError(f"{artifact}: {e}") from None
         if kind != "trtllm-ckpt" or not str(e).startswith(f"--gpus {gpus}:"):
             raise
         # the split is fixed by the export: suggest re-exporting for the GPU count that fits
         best = plan(source, t, fmt, max_seq_len=o.max_seq_len, max_batch=o.max_batch, kv_cache_dtype=kv,
-                    runtime=runtime)
+                    runtime=runtime, export=kind)
         raise MoepressError(f"{artifact}: exported for world_size {gpus}, which cannot hold it on {t.gpu} "
                             f"({str(e).split(': ', 1)[1].split(': use')[0]}); re-export with `moepress export "
                             f"--format trtllm-ckpt --tp {best.gpus} --ep {best.ep}`") from None

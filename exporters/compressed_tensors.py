@@ -57,7 +57,7 @@ import torch
 import moepress.exporters.ct_ignore as ct_ignore
 from moepress.compress import formats
 from moepress.errors import MoepressError
-from moepress.exporters.base import Exporter, int4_routes
+from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
     refuse_mixed,
     refuse_partial_blocks,
@@ -66,6 +66,7 @@ from moepress.exporters.fused_moe import (
     routed_linears,
 )
 from moepress.exporters.hf_common import open_source, output_config, require_layout, tensor_groups, unquantized_modules
+from moepress.exporters.hints import int4_routes
 
 # moepress format -> compressed-tensors format, for the formats that have one (Format.ct_format)
 SUPPORTED = {n: f.ct_format for n, f in formats.FORMATS.items() if f.ct_format}

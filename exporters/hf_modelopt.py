@@ -55,7 +55,7 @@ import torch
 from moepress import __version__
 from moepress.compress import formats
 from moepress.errors import MoepressError
-from moepress.exporters.base import Exporter, int4_routes
+from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
     high_precision_layers,
     refuse_mixed,
@@ -72,6 +72,7 @@ from moepress.exporters.hf_common import (
     tensor_groups,
     unquantized_modules,
 )
+from moepress.exporters.hints import int4_routes
 
 # the Model-Optimizer release whose export layout we follow (checked against it in tests)
 MODELOPT_LAYOUT_VERSION = "0.47.0"
@@ -152,7 +153,7 @@ def refuse_unloadable_experts(s, modules: dict) -> None:
     """One line when no runtime loads the routed experts' format from a Model-Optimizer checkpoint: TensorRT-LLM
     only for the families the format registry's ``trtllm_moe_families`` names, vLLM and SGLang never for
     INT4 experts (tests/consumer_names.py). Checked before the group-size refusals (no group size makes
-    them load), and the hint names only exports that take this source (base.int4_routes)."""
+    them load), and the hint names only exports that take this source (hints.int4_routes)."""
     routed = {n for ns in routed_linears(s).values() for n in ns}
     for fmt in sorted({modules[n]["format"] for n in routed if n in modules}):
         f = formats.FORMATS[fmt]

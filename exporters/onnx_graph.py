@@ -35,6 +35,8 @@ from moepress.errors import MoepressError
 from moepress.exporters.linears import Linear, read_linear, stored_name
 
 FLOAT = TensorProto.FLOAT
+# what the graph holds (onnx_export.refuse_dynamic_inputs says the same): the words of read_linear's FP4 refusal
+WRITES = "fp8 (static input scales), int4-awq, int4-gptq, w4a8-awq or bf16"
 _ONNX_DTYPE = {torch.float32: TensorProto.FLOAT, torch.bfloat16: TensorProto.BFLOAT16,
                torch.float16: TensorProto.FLOAT16, torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN,
                torch.int64: TensorProto.INT64, torch.int8: TensorProto.INT8, torch.uint8: TensorProto.UINT8}
@@ -173,8 +175,12 @@ class GraphBuilder:
         zp = g.init(name + ".input_zp", torch.zeros((), dtype=torch.float8_e4m3fn))
         return g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s, zp]), s])
 
+    def read(self, prefix: str) -> Linear:
+        """The linear under ``prefix``; an FP4 one is refused as this export's (``--format onnx: ...``)."""
+        return read_linear(self.reader, prefix, "--format onnx", WRITES)
+
     def linear(self, x: str, prefix: str) -> str:
-        lin = read_linear(self.reader, prefix)
+        lin = self.read(prefix)
         x = self.act_qdq(x, prefix, [lin])
         w = self.weight(prefix + ".weight", [lin])
         return self.g.op("MatMul", [x, self.g.op("Transpose", [w], perm=[1, 0])])
@@ -186,4 +192,4 @@ class GraphBuilder:
         return g.op("Mul", [self.plain(wname, self.reader.get(wname)), y])
 
 
-__all__ = ["FLOAT", "Graph", "GraphBuilder", "pack_int4_onnx"]
+__all__ = ["FLOAT", "WRITES", "Graph", "GraphBuilder", "pack_int4_onnx"]

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from onnx import helper
 
-from moepress.exporters.linears import read_linear
 from moepress.exporters.onnx_graph import FLOAT, GraphBuilder
 
 
@@ -170,7 +169,7 @@ class LayerBuilder(GraphBuilder):
         E = a.num_experts
         x2 = g.op("Reshape", [x, g.const([-1, a.hidden_size])])
         gate = self.route(i, x2)  # [T, E]
-        lins = {n: [read_linear(self.reader, a.expert_prefix(i, e) + n) for e in range(E)] for n in (gn, un, dn)}
+        lins = {n: [self.read(a.expert_prefix(i, e) + n) for e in range(E)] for n in (gn, un, dn)}
         base = f"{a.layer_prefix(i)}{a.ffn_attr}.experts."
 
         def stacked(inp, n, flat):

@@ -41,8 +41,9 @@ from moepress.compress.formats.base import GROUP
 from moepress.compress.inspect import storage_format
 from moepress.errors import MoepressError
 from moepress.exporters.kv_cache import KV_CACHE
+from moepress.exporters.runtime_formats import check_runtime_format, trtllm_experts_problem
 from moepress.exporters.shape import ModelShape, model_shape
-from moepress.exporters.targets import PRODUCED, TARGETS, UNQUANTIZED, Target, check_format, get_target, pick_format
+from moepress.exporters.targets import PRODUCED, TARGETS, UNQUANTIZED, Target, get_target, pick_format
 
 RESERVE_FRACTION = 0.10
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -295,7 +296,7 @@ def _parallelism(E: int, gpus: int | None, tp: int | None, ep: int | None) -> in
 def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus: int | None = None,
          tp: int | None = None, ep: int | None = None, max_seq_len: int | None = None, max_batch: int = 8,
          max_num_tokens: int | None = None, kv_cache_dtype: str = kv_cache.DEFAULT, runtime: str = "trtllm",
-         bits: int | None = None) -> Plan:
+         bits: int | None = None, export: str | None = None) -> Plan:
     """Plan ``fmt`` of the model on ``target``; the smallest GPU count that fits when ``gpus`` is None.
 
     Raises a one-line :class:`MoepressError` with a suggestion when the target cannot run the
@@ -303,7 +304,8 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     ``trtllm`` (TensorRT-LLM, engine or PyTorch backend) or ``onnx`` (a TensorRT engine from the
     ONNX export: one GPU, no KV cache, dense experts; see the module docstring). ``bits`` (with no
     ``fmt``): the planner picks the target's format of that weight width (targets.pick_format: NVFP4
-    for 4 bits on Blackwell) and says why in the plan's notes.
+    for 4 bits on Blackwell) and says why in the plan's notes. ``export``: the kind of export `moepress build`
+    plans (exporters/artifacts.py), whose format the export fixes: refusals name a re-export, not --format.
     """
     if runtime not in RUNTIMES:
         raise MoepressError(f"runtime {runtime!r}: expected {', '.join(RUNTIMES)}")
@@ -315,7 +317,7 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     if fmt is None and bits is not None:
         fmt, why = pick_format(t, bits)
     fmt = fmt or (UNQUANTIZED if given else default_format(model_dir_or_config))
-    _check_format(t, fmt, shape, runtime)
+    check_runtime_format(t, fmt, shape, runtime, export)
     max_seq_len = _seq_len(name, shape, max_seq_len)
     _check_request(t, kv_cache_dtype, {"--max-seq-len": max_seq_len, "--max-batch": max_batch, "--gpus": gpus,
                                        "--tp": tp, "--ep": ep})
@@ -331,38 +333,6 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
             p.notes.append(f"TensorRT-LLM cannot load it: {p.unloadable} (the sizes hold for vLLM with a "
                            "compressed-tensors export)")
     return p
-
-
-# what a trtllm-ckpt holds (exporters/trtllm_ckpt.py _quant_algo: bf16, or FP8 per tensor): all an engine
-# built from one (runtime trtllm-engine) can be
-TRTLLM_CKPT_FORMATS = (UNQUANTIZED, "fp8")
-
-
-def _check_format(t: Target, fmt: str, shape: ModelShape, runtime: str) -> None:
-    """targets.check_format, suggesting only what the runtime takes: formats whose routed experts TensorRT-LLM
-    loads (trtllm), what a trtllm-ckpt holds (trtllm-engine). An engine's format is its trtllm-ckpt's, fixed
-    by the export (``moepress build`` has no --format), so that refusal names the export, not --format."""
-    if runtime == "trtllm":
-        return check_format(t, fmt, lambda a: trtllm_experts_problem(shape, t, a) is None)
-    if runtime != "trtllm-engine":
-        return check_format(t, fmt)
-    try:
-        check_format(t, fmt, lambda a: a in TRTLLM_CKPT_FORMATS)
-    except MoepressError as e:
-        why, _, alt = str(e).removeprefix(f"--format {fmt}: ").partition(": use ")
-        raise MoepressError(f"the trtllm-ckpt export is {fmt}: {why}: export a {alt.split(' (')[0]} trtllm-ckpt "
-                            f"instead (a trtllm-ckpt holds {' or '.join(TRTLLM_CKPT_FORMATS)})") from None
-
-
-def trtllm_experts_problem(shape: ModelShape, t: Target, fmt: str) -> str | None:
-    """Why TensorRT-LLM's fused MoE cannot load this family's routed experts in ``fmt`` (the format
-    registry's ``trtllm_moe_families``), naming a format that it can and ``t`` runs; None if it can."""
-    f = formats.FORMATS[fmt]
-    if not shape.num_experts or f.trtllm_loads_experts(shape.family):
-        return None
-    alts = [a for a in f.alternatives if t.supports(a) and formats.FORMATS[a].trtllm_loads_experts(shape.family)]
-    return (f"{f.trtllm_moe_why}, so {fmt} {shape.family} routed experts do not load; use "
-            f"{alts[0] if alts else UNQUANTIZED} on {t.gpu}")
 
 
 def _gb(n: float) -> str:

@@ -60,9 +60,10 @@ from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
 from moepress.errors import MoepressError
-from moepress.exporters.base import Exporter, int4_routes
+from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import pattern
 from moepress.exporters.hf_common import Source, open_source
+from moepress.exporters.hints import HF_MODELOPT, elsewhere
 from moepress.exporters.linears import Linear, read_linear
 
 FP8 = torch.float8_e4m3fn
@@ -135,11 +136,9 @@ def _quant_algo(reader: CheckpointReader, adapter) -> tuple[str | None, str | No
     if lin.scheme == "none":
         return None, kv
     if lin.scheme != "tensor":  # FP8 per tensor: TensorRT-LLM QuantAlgo FP8
-        layout = formats.read_layout(reader.path)
-        ways = int4_routes(Source(Path(reader.path), reader, adapter, layout), "trtllm-ckpt") if layout else ""
+        s = Source(Path(reader.path), reader, adapter, formats.read_layout(reader.path))
         raise MoepressError(f"--format trtllm-ckpt: {reader.path} is quantized as {lin.stored_as}, which this exporter "
-                            f"does not write: it writes {WRITES}; "
-                            + (ways or "use --format hf-modelopt (TensorRT-LLM's PyTorch backend)"))
+                            f"does not write: it writes {WRITES}; {elsewhere(s)}")
     _refuse_partly_fp8(reader, adapter)
     return "FP8", kv
 
@@ -384,14 +383,12 @@ def export_trtllm(src: Path, writer, cfg, progress) -> dict:
 
 
 def _other_families(src) -> str:
-    """What a DeepSeek-V3 / Kimi K2 checkpoint uses instead: hf-modelopt, unless its INT4 experts are ones no
-    runtime loads from a Model-Optimizer checkpoint (hf_modelopt.refuse_unloadable_experts; base.int4_routes)."""
+    """What a DeepSeek-V3 / Kimi K2 checkpoint uses instead, for this checkpoint (hints.elsewhere)."""
     where = "DeepSeek-V3 / Kimi K2 run only in TensorRT-LLM's PyTorch backend (no trtllm-build engine path)"
     try:
-        ways = int4_routes(open_source(Path(src)), "trtllm-ckpt") if formats.read_layout(src) else ""
+        return f"{where}; for this checkpoint: {elsewhere(open_source(Path(src)))}"
     except MoepressError:
-        ways = ""
-    return f"{where}; for this checkpoint: {ways}" if ways else f"{where}: use --format hf-modelopt"
+        return f"{where}: {HF_MODELOPT}"
 
 
 EXPORTER = Exporter(

@@ -1,6 +1,7 @@
 """Builders on hand-made artifact directories: detection, dry-run command lines, refusals, GPU tests."""
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -96,8 +97,8 @@ def test_trtllm_engine_dry_run(cli_run, ckpt, tmp_path):
 
 def test_trtllm_engine_refusals(ckpt, tmp_path, mixtral):
     # the engine's format is the trtllm-ckpt's: suggest what a trtllm-ckpt holds, naming the export
-    with pytest.raises(MoepressError, match=r"^the trtllm-ckpt export is fp8: FP8 needs sm89\+; A100 80GB SXM is sm80: "
-                       r"export a bf16 trtllm-ckpt instead"):
+    with pytest.raises(MoepressError, match=rf"^{re.escape(str(ckpt))}: the trtllm-ckpt export is fp8: FP8 needs "
+                       r"sm89\+; A100 80GB SXM is sm80: export a bf16 trtllm-ckpt instead"):
         build(ckpt, "a100", tmp_path / "o1")
     with pytest.raises(MoepressError, match=r"--gpus 4: .* exported for world_size 2; use --gpus 2"):
         build(ckpt, "h100", tmp_path / "o2", gpus=4)
@@ -203,7 +204,8 @@ def test_trtllm_pytorch_bundle_kimi(cli_run, tmp_path):
         {"prompt": "The capital of France is", "text": " Paris."}
     # the same export on L40S: block FP8 needs Hopper
     r = cli_run("build", art, "--target", "l40s", "-o", tmp_path / "b2", "--dry-run")
-    assert r.exit_code == 2 and "FP8-BLOCK needs sm90/sm100; L40S is sm89: use fp8" in r.output
+    assert r.exit_code == 2 and f"{art}: the hf-modelopt export is fp8-block: FP8-BLOCK needs sm90/sm100; L40S is " \
+        "sm89: re-quantize the original model with --format fp8, then export hf-modelopt again" in r.output, r.output
 
 
 # A stand-in for the part of TensorRT-LLM's LLM API that smoke.py calls (tensorrt_llm/llmapi/llm.py:

@@ -5,7 +5,10 @@ sent from compressed-tensors to hf-modelopt and back; DeepSeek's w4a8-awq was as
 then --awq-fold, each refused in turn.
 
 Also: an engine built from a trtllm-ckpt is suggested only formats a trtllm-ckpt holds, naming the export
-rather than a --format option that ``moepress build`` does not have."""
+rather than a --format option that ``moepress build`` does not have; so is an hf-modelopt export built for
+TensorRT-LLM's PyTorch backend, and both refusals start with the export's path. trtllm-ckpt sends block FP8
+with partial-block experts, bf16 DeepSeek and Kimi's own INT4 to exports that take them; onnx's FP4
+refusal starts with its flag."""
 
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ from moepress import models
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
 from moepress.errors import MoepressError
 from moepress.exporters import ExportConfig, export
+from moepress.exporters.build import build
 from moepress.exporters.plan import plan
 
 EXPORTS = ("hf-modelopt", "compressed-tensors", "trtllm-ckpt", "onnx")
+NAMED = EXPORTS + ("hf-fp8-block",)  # what a hint may send a source to
 # (family, format, group, --awq-fold): the defaults, and group 64 where DeepSeek's 64-wide down
 # projections make the default quantize its experts two ways
 SOURCES = [("tiny-mixtral", f, 128, False) for f in ("int4-awq", "int4-gptq", "w4a8-awq")] + \
@@ -30,10 +35,13 @@ SOURCES = [("tiny-mixtral", f, 128, False) for f in ("int4-awq", "int4-gptq", "w
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(source key) -> path, and (source key, export) -> None or the refusal: each made once, on demand."""
+    """(source key) -> path, and (source key, export) -> None or the refusal: each made once, on demand.
+    A key with format None is the bundled model itself."""
     base, done = tmp_path_factory.mktemp("hints"), {}
 
     def get(key, ex=None):
+        if key not in done and key[1] is None:
+            done[key] = models.path(key[0])
         if key not in done:
             fam, fmt, group, fold = key
             q = base / "-".join(map(str, key))
@@ -50,6 +58,7 @@ def exported(tmp_path_factory):
                 done[(key, ex)] = str(e)
         return done[(key, ex)]
 
+    get.out = lambda key, ex: base / "out" / f"{done[key].name}-{ex}"  # where (key, ex) was written
     return get
 
 
@@ -72,7 +81,7 @@ def steps(key, refusing: str, msg: str) -> list[tuple[tuple, str]]:
     hint = re.sub(r"quantize with [^;]*?, then export [\w-]+", "", hint)
     for flags in re.findall(r"quantize with ((?:--[\w-]+(?: \d+)? ?)+)", hint):
         out.append((_requantized(key, flags), refusing))
-    out += [(key, ex) for ex in re.findall(r"(?:--format|export) ([\w-]+)", hint) if ex in EXPORTS]
+    out += [(key, ex) for ex in re.findall(r"(?:--format|export) ([\w-]+)", hint) if ex in NAMED]
     return out
 
 
@@ -137,3 +146,86 @@ def test_engine_from_a_trtllm_ckpt_is_suggested_what_a_trtllm_ckpt_holds():
     assert "FP8 needs sm89+; A100 80GB SXM is sm80" in msg and "--format" not in msg, msg
     named = re.findall(r"export an? ([\w-]+) trtllm-ckpt", msg)
     assert named and all(f in ("bf16", "fp8") for f in named), msg  # trtllm_ckpt._quant_algo
+
+
+def _refused(fn) -> str:
+    with pytest.raises(MoepressError) as e:
+        fn()
+    return str(e.value)
+
+
+def _follow(exported, key, refusing: str, msg: str) -> list[str]:
+    """Each step the refusal names, taken once (each must be accepted); the exports it named."""
+    named = steps(key, refusing, msg)
+    assert len(msg.splitlines()) == 1 and named, msg
+    for src, to in named:
+        assert exported(src, to) is None, f"{refusing} on {key}: {msg}\n  -> {to} on {src}: {exported(src, to)}"
+    return [to for _, to in named]
+
+
+def test_trtllm_ckpt_sends_partial_block_experts_to_hf_fp8_block(exported):
+    """Block FP8 whose 192-wide experts are not whole 128x128 blocks: hf-modelopt refuses those experts too,
+    hf-fp8-block keeps them bf16."""
+    key = ("tiny-mixtral-w192", "fp8-block", 128, False)
+    msg = exported(key, "trtllm-ckpt")
+    assert _follow(exported, key, "trtllm-ckpt", msg) == ["hf-fp8-block"], msg
+
+
+def test_trtllm_ckpt_sends_kimi_int4_where_it_is_taken(exported):
+    """Kimi's own INT4 compressed-tensors (no moepress_quant.json): hf-modelopt cannot read it, onnx can,
+    and hf-modelopt takes it re-quantized to block FP8."""
+    key = ("tiny-kimi-k2-int4", None, 128, False)
+    msg = exported(key, "trtllm-ckpt")
+    assert "vLLM and SGLang load its packed compressed-tensors form as stored" in msg, msg
+    assert sorted(_follow(exported, key, "trtllm-ckpt", msg)) == ["hf-modelopt", "onnx"], msg
+    assert ("tiny-kimi-k2-int4", "fp8-block", 128, False) in [s for s, _ in steps(key, "trtllm-ckpt", msg)], msg
+
+
+def test_trtllm_ckpt_sends_bf16_deepseek_to_hf_fp8_block(exported):
+    key = ("tiny-deepseek-v3", None, 128, False)
+    msg = exported(key, "trtllm-ckpt")
+    assert _follow(exported, key, "trtllm-ckpt", msg) == ["hf-fp8-block"], msg
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4-a16"])
+@pytest.mark.parametrize("experts", [False, True], ids=["all", "experts-only"])
+def test_onnx_fp4_refusal_carries_its_flag(tmp_path, fmt, experts):
+    """Both readers (attention: onnx_graph, experts: onnx_layers) say which export refused and what it takes."""
+    q = tmp_path / "q"
+    cfg = QuantConfig(format=None, rules=(("*experts.*", fmt),)) if experts else QuantConfig(format=fmt)
+    quantize_checkpoint(models.path("tiny-mixtral"), q, cfg)
+    msg = _refused(lambda: export(q, tmp_path / "o", ExportConfig(format="onnx")))
+    assert msg.startswith(f"--format onnx: {q}: 'model.layers.0."), msg
+    assert ("experts" in msg.split("'")[1]) == experts, msg
+    assert "expected fp8 (static input scales), int4-awq, int4-gptq, w4a8-awq or bf16" in msg, msg
+
+
+@pytest.fixture(scope="module")
+def artifact(exported):
+    """(source key, export) -> the path of that export, which must be accepted."""
+    def get(key, ex):
+        assert exported(key, ex) is None, exported(key, ex)
+        return exported.out(key, ex)
+
+    return get
+
+
+def test_build_refusal_of_a_trtllm_ckpt_names_it_first(artifact, tmp_path):
+    a = artifact(("tiny-mixtral", "fp8", 128, False), "trtllm-ckpt")
+    msg = _refused(lambda: build(a, "a100-80gb", tmp_path / "b", dry_run=True))
+    assert msg.startswith(f"{a}: the trtllm-ckpt export is fp8: FP8 needs sm89+"), msg
+
+
+def test_build_of_hf_modelopt_names_a_re_export_it_takes(artifact, tmp_path):
+    """No --format (build has none): a format the hf-modelopt export holds and TensorRT-LLM loads on that
+    GPU, followed once; else (A100: no quantized Mixtral experts it loads) exports of the bf16 model."""
+    a = artifact(("tiny-mixtral", "nvfp4", 128, False), "hf-modelopt")
+    msg = _refused(lambda: build(a, "h100", tmp_path / "b", dry_run=True))
+    assert msg.startswith(f"{a}: the hf-modelopt export is nvfp4: NVFP4 needs sm100+") and "--format nvfp4" not in msg
+    fmt = re.search(r"re-quantize the original model with --format ([\w-]+), then export hf-modelopt", msg)
+    assert fmt, msg
+    build(artifact(("tiny-mixtral", fmt.group(1), 128, False), "hf-modelopt"), "h100", tmp_path / "b2", dry_run=True)
+    msg = _refused(lambda: build(a, "a100-80gb", tmp_path / "b", dry_run=True))
+    assert msg.startswith(f"{a}: the hf-modelopt export is nvfp4: ") and "use bf16" not in msg, msg
+    assert "export the original bf16 model as trtllm-ckpt (builder trtllm-engine) or onnx (builder tensorrt)" in msg
+    build(artifact(("tiny-mixtral", None, 128, False), "trtllm-ckpt"), "a100-80gb", tmp_path / "b3", dry_run=True)

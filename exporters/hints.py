@@ -1,0 +1,97 @@
+"""What a checkpoint an exporter refuses should do instead: each hint is one clause naming only steps
+that take the same checkpoint (a re-quantize flag, then an export that accepts it), built from what the
+exporters and runtimes take, so that no refusal sends the user to another refusal
+(tests/test_export_hints.py follows every hint once)."""
+
+from __future__ import annotations
+
+import torch
+
+from moepress.compress import formats
+from moepress.compress.quantize.config import GROUP_SIZES
+from moepress.errors import MoepressError
+from moepress.exporters.fused_moe import refuse_partial_blocks, routed_linears
+from moepress.exporters.hf_common import Source
+
+
+def _alike_group(s, modules: dict) -> int | None:
+    """The --group-size that quantizes every layer's routed experts alike (the largest that divides all their
+    in_features, as fused_moe.refuse_unlike / refuse_mixed suggest), when some layer's experts got different
+    groups or some were left bf16 because no group divided them; else None."""
+    layers = routed_linears(s).values()
+    groups = {modules[n].get("group") for ns in layers for n in ns if n in modules} - {None}
+    unlike = any(len({modules[n].get("group") for n in ns if n in modules}) > 1 for ns in layers)
+    left = any(n not in modules for ns in layers for n in ns) and any(n in modules for ns in layers for n in ns)
+    if not groups or not (unlike or left):
+        return None
+    widths = {s.reader.info(n + ".weight").shape[1] for ns in layers for n in ns}
+    fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+    return max(fits) if fits and max(fits) < max(groups) else None
+
+
+def int4_routes(s, refusing: str) -> str:
+    """Where an INT4-quantized source can go instead of ``refusing``, as one clause ("quantize with --awq-fold,
+    then export compressed-tensors (...), or export onnx (...)"), built from what each exporter takes (so that no hint
+    names an export that refuses the same source): onnx every INT4 format; hf-modelopt routed experts whose
+    format a runtime loads from a Model-Optimizer checkpoint (hf_modelopt.refuse_unloadable_experts); a
+    compressed-tensors form for int4-gptq and folded int4-awq only (compressed_tensors._schemes); both
+    need a layer's experts quantized alike (fused_moe.refuse_unlike). Empty when the source is not INT4."""
+    modules = (s.layout or {}).get("modules") or {}
+    fs = [formats.FORMATS[f] for f in sorted({m["format"] for m in modules.values()}) if f in formats.FORMATS]
+    if not fs or any(f.element != "int4" for f in fs):
+        return ""
+    routed = {modules[n]["format"] for ns in routed_linears(s).values() for n in ns if n in modules}
+    group = _alike_group(s, modules)
+    regroup = f" --group-size {group}" if group else ""
+    if any(f.ct_format is None for f in fs):  # w4a8-awq: no form, folded or not
+        ct = f"re-quantize with --format int4-gptq (or int4-awq --awq-fold){regroup}, then "
+    elif any(f.awq for f in fs) and not s.layout.get("awq_fold"):
+        ct = f"quantize with --awq-fold{regroup}, then "
+    else:
+        ct = f"quantize with{regroup}, then " if group else ""
+    ways = [f"{ct}export compressed-tensors (vLLM, SGLang, transformers)"]
+    if all(formats.FORMATS[f].trtllm_loads_experts(s.adapter.family) for f in routed):
+        ways.append(f"{f'quantize with{regroup}, then ' if group else ''}export hf-modelopt "
+                    "(TensorRT-LLM's PyTorch backend)")
+    ways.append("export onnx (a TensorRT engine)")
+    ways = [w for w in ways if not w.startswith(f"export {refusing}")]
+    return ", or ".join(ways)
+
+
+# the exports a refused checkpoint is sent to, and who loads them
+HF_MODELOPT = "use --format hf-modelopt (TensorRT-LLM's PyTorch backend)"
+HF_FP8_BLOCK = "export hf-fp8-block (TensorRT-LLM's PyTorch backend, vLLM, SGLang{})"
+
+
+def elsewhere(s: Source) -> str:
+    """Where a checkpoint trtllm-ckpt refuses goes instead, as one clause naming only steps that take it (so
+    that no hint is a dead end): INT4 from moepress quantize, :func:`int4_routes`; packed tensors with no
+    moepress_quant.json (Kimi's own compressed-tensors INT4 / MXFP4), :func:`_packed_routes`; block-FP8 routed
+    experts that are not whole 128x128 blocks, which hf-modelopt refuses (fused_moe.refuse_partial_blocks), and
+    bf16 or native block FP8 without moepress_quant.json, which it cannot read: hf-fp8-block, which keeps the
+    former bf16 and takes the latter as they are; else hf-modelopt."""
+    if s.layout is None:
+        bf16 = not any(n.endswith(".weight_scale") for n in s.reader.names())
+        return _packed_routes(s) or (HF_FP8_BLOCK.format("") if bf16 or s.block_fp8 else HF_MODELOPT)
+    ways = int4_routes(s, "trtllm-ckpt")
+    if ways:
+        return ways
+    try:
+        refuse_partial_blocks(s, "trtllm-ckpt", s.layout.get("modules") or {})
+    except MoepressError:
+        return HF_FP8_BLOCK.format("; it keeps the experts that are not whole 128x128 blocks bf16")
+    return HF_MODELOPT
+
+
+def _packed_routes(s: Source) -> str:
+    """Where a checkpoint stored packed without moepress_quant.json goes (empty if none is packed): vLLM and SGLang
+    load its compressed-tensors form as stored (hf-modelopt and compressed-tensors export only a moepress
+    quantize output), onnx decodes packed INT4 (not FP4), and TensorRT-LLM's PyTorch backend takes it
+    re-quantized to block FP8 (it loads no DeepSeek-V3 / Kimi K2 INT4 experts moepress writes)."""
+    packed = [n for n in s.reader.names() if n.endswith((".weight_packed", "_blocks"))]
+    if not packed:
+        return ""
+    fp4 = any(s.reader.info(n).dtype == torch.uint8 for n in packed)
+    return ("vLLM and SGLang load its packed compressed-tensors form as stored, or "
+            + ("" if fp4 else "export onnx (a TensorRT engine), or ")
+            + "quantize with --format fp8-block, then export hf-modelopt (TensorRT-LLM's PyTorch backend)")

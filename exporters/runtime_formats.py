@@ -1,0 +1,66 @@
+"""Which formats a runtime takes on a target, and what a refused plan does instead: formats whose routed
+experts TensorRT-LLM loads (its PyTorch backend), what a trtllm-ckpt holds (an engine), what an
+hf-modelopt export holds; the refusal names a step that the planned artifact's builder takes
+(``moepress build`` has no --format: a re-quantize or another export)."""
+
+from __future__ import annotations
+
+from moepress.compress import formats
+from moepress.errors import MoepressError
+from moepress.exporters.shape import ModelShape
+from moepress.exporters.targets import UNQUANTIZED, Target, check_format
+
+# what a trtllm-ckpt holds (trtllm_ckpt.py _quant_algo), all an engine built from one (trtllm-engine) can be
+TRTLLM_CKPT_FORMATS = (UNQUANTIZED, "fp8")
+
+
+def check_runtime_format(t: Target, fmt: str, shape: ModelShape, runtime: str, export: str | None = None) -> None:
+    """targets.check_format, suggesting only what the runtime takes: formats whose routed experts TensorRT-LLM
+    loads (trtllm), what a trtllm-ckpt holds (trtllm-engine). An engine's format is its trtllm-ckpt's, fixed
+    by the export (``moepress build`` has no --format), so that refusal names the export, not --format; so
+    does an hf-modelopt export's (:func:`_check_hf_modelopt`)."""
+    if runtime == "trtllm" and export == "hf-modelopt":
+        return _check_hf_modelopt(t, fmt, shape)
+    if runtime == "trtllm":
+        return check_format(t, fmt, lambda a: trtllm_experts_problem(shape, t, a) is None)
+    if runtime != "trtllm-engine":
+        return check_format(t, fmt)
+    try:
+        check_format(t, fmt, lambda a: a in TRTLLM_CKPT_FORMATS)
+    except MoepressError as e:
+        why, _, alt = str(e).removeprefix(f"--format {fmt}: ").partition(": use ")
+        raise MoepressError(f"the trtllm-ckpt export is {fmt}: {why}: export a {alt.split(' (')[0]} trtllm-ckpt "
+                            f"instead (a trtllm-ckpt holds {' or '.join(TRTLLM_CKPT_FORMATS)})") from None
+
+
+def _check_hf_modelopt(t: Target, fmt: str, shape: ModelShape) -> None:
+    """targets.check_format for an hf-modelopt export (TensorRT-LLM's PyTorch backend): the refusal names a
+    re-quantize to a format the export holds (a Model-Optimizer quant_algo, never bf16), whose experts
+    TensorRT-LLM loads for this family and ``t`` runs; where none is, exports of the bf16 model ``t`` runs."""
+    from moepress.exporters.trtllm_ckpt import SUPPORTED  # the families with a trtllm-build engine path
+
+    try:
+        check_format(t, fmt, lambda a: formats.FORMATS[a].modelopt_entry is not None
+                     and trtllm_experts_problem(shape, t, a) is None)
+    except MoepressError as e:
+        why, _, alt = str(e).removeprefix(f"--format {fmt}: ").partition(": use ")
+        alt = alt.split(" (")[0]
+        if alt != UNQUANTIZED:
+            step = f"re-quantize the original model with --format {alt}, then export hf-modelopt again"
+        else:
+            kinds = ("trtllm-ckpt (builder trtllm-engine) or " if shape.family in SUPPORTED else "") + \
+                "onnx (builder tensorrt)"
+            step = (f"no format an hf-modelopt export holds runs there with {shape.family} experts TensorRT-LLM "
+                    f"loads; export the original bf16 model as {kinds}")
+        raise MoepressError(f"the hf-modelopt export is {fmt}: {why}: {step}") from None
+
+
+def trtllm_experts_problem(shape: ModelShape, t: Target, fmt: str) -> str | None:
+    """Why TensorRT-LLM's fused MoE cannot load this family's routed experts in ``fmt`` (the format
+    registry's ``trtllm_moe_families``), naming a format that it can and ``t`` runs; None if it can."""
+    f = formats.FORMATS[fmt]
+    if not shape.num_experts or f.trtllm_loads_experts(shape.family):
+        return None
+    alts = [a for a in f.alternatives if t.supports(a) and formats.FORMATS[a].trtllm_loads_experts(shape.family)]
+    return (f"{f.trtllm_moe_why}, so {fmt} {shape.family} routed experts do not load; use "
+            f"{alts[0] if alts else UNQUANTIZED} on {t.gpu}")
