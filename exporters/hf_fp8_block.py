@@ -47,6 +47,7 @@ from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import high_precision_layers
 from moepress.exporters.hf_common import BLOCK, grid_ok, open_source, output_config, tensor_groups, unquantized_modules
+from moepress.exporters.hints import packed_routes
 
 # the format this layout stores: FP8 weights with a scale per 128x128 block (TensorRT-LLM FP8_BLOCK_SCALES)
 BLOCK_FP8 = formats.by_quant_algo("FP8_BLOCK_SCALES").name
@@ -121,8 +122,8 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
     packed = sorted(n for n in r.names() if n.endswith((".weight_packed", "_blocks")))
     if packed:  # compressed-tensors INT / FP4 or gpt-oss MXFP4 modules: copied packed, consumers saw no weight
         raise MoepressError(f"--format hf-fp8-block: {src} stores {len(packed)} packed tensors (e.g. {packed[0]}); "
-                            "expected a bf16 or block-FP8 checkpoint (export it as compressed-tensors, or quantize "
-                            "it to fp8-block first)")
+                            "expected a bf16 or block-FP8 checkpoint (quantize with --format fp8-block, then export "
+                            f"hf-fp8-block); {packed_routes(r)}")
     block = list(fp8.block_size_of(r.config)) if mode == "copy" else BLOCK
     if block != BLOCK:  # copied bytes keep their block grid
         raise MoepressError(f"--format hf-fp8-block: {src}/config.json has weight_block_size "

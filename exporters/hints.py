@@ -5,8 +5,6 @@ exporters and runtimes take, so that no refusal sends the user to another refusa
 
 from __future__ import annotations
 
-import torch
-
 from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
@@ -61,18 +59,20 @@ def int4_routes(s, refusing: str) -> str:
 # the exports a refused checkpoint is sent to, and who loads them
 HF_MODELOPT = "use --format hf-modelopt (TensorRT-LLM's PyTorch backend)"
 HF_FP8_BLOCK = "export hf-fp8-block (TensorRT-LLM's PyTorch backend, vLLM, SGLang{})"
+FP8_THEN_HF_MODELOPT = "quantize with --format fp8, then export hf-modelopt (TensorRT-LLM's PyTorch backend)"
 
 
 def elsewhere(s: Source) -> str:
     """Where a checkpoint trtllm-ckpt refuses goes instead, as one clause naming only steps that take it (so
     that no hint is a dead end): INT4 from moepress quantize, :func:`int4_routes`; packed tensors with no
-    moepress_quant.json (Kimi's own compressed-tensors INT4 / MXFP4), :func:`_packed_routes`; block-FP8 routed
+    moepress_quant.json (Kimi's own compressed-tensors INT4 / MXFP4), :func:`packed_routes`; block-FP8 routed
     experts that are not whole 128x128 blocks, which hf-modelopt refuses (fused_moe.refuse_partial_blocks), and
     bf16 or native block FP8 without moepress_quant.json, which it cannot read: hf-fp8-block, which keeps the
-    former bf16 and takes the latter as they are; else hf-modelopt."""
+    former bf16 and takes the latter as they are; other scaled weights without it (FP8 per tensor, some linears
+    bf16): re-quantized, as hf-modelopt exports only a quantize output; else hf-modelopt."""
     if s.layout is None:
         bf16 = not any(n.endswith(".weight_scale") for n in s.reader.names())
-        return _packed_routes(s) or (HF_FP8_BLOCK.format("") if bf16 or s.block_fp8 else HF_MODELOPT)
+        return packed_routes(s.reader) or (HF_FP8_BLOCK.format("") if bf16 or s.block_fp8 else FP8_THEN_HF_MODELOPT)
     ways = int4_routes(s, "trtllm-ckpt")
     if ways:
         return ways
@@ -83,15 +83,27 @@ def elsewhere(s: Source) -> str:
     return HF_MODELOPT
 
 
-def _packed_routes(s: Source) -> str:
+def packed_routes(reader) -> str:
     """Where a checkpoint stored packed without moepress_quant.json goes (empty if none is packed): vLLM and SGLang
     load its compressed-tensors form as stored (hf-modelopt and compressed-tensors export only a moepress
     quantize output), onnx decodes packed INT4 (not FP4), and TensorRT-LLM's PyTorch backend takes it
     re-quantized to block FP8 (it loads no DeepSeek-V3 / Kimi K2 INT4 experts moepress writes)."""
-    packed = [n for n in s.reader.names() if n.endswith((".weight_packed", "_blocks"))]
+    packed = [n for n in reader.names() if n.endswith((".weight_packed", "_blocks"))]
     if not packed:
         return ""
-    fp4 = any(s.reader.info(n).dtype == torch.uint8 for n in packed)
+    fp4 = any(reader.info(n).dtype == "U8" for n in packed)  # E2M1 pairs; INT4 packs into I32
     return ("vLLM and SGLang load its packed compressed-tensors form as stored, or "
             + ("" if fp4 else "export onnx (a TensorRT engine), or ")
             + "quantize with --format fp8-block, then export hf-modelopt (TensorRT-LLM's PyTorch backend)")
+
+
+def fp4_routes(reader, fp4: str) -> str:
+    """What follows the refusal of FP4 weights by an exporter that rewrites them tensor by tensor (trtllm-ckpt,
+    onnx): a moepress quantize output goes to the exports that write its format (MXFP4: compressed-tensors
+    only, compress/formats/mxfp4.py; NVFP4: hf-modelopt or compressed-tensors); FP4 stored packed without
+    moepress_quant.json (a compressed-tensors MXFP4 release), which those two export only from a quantize
+    output, to :func:`packed_routes`."""
+    if formats.layout_of(reader) is None and packed_routes(reader):
+        return f"; for this {fp4} checkpoint: {packed_routes(reader)}"
+    use = "compressed-tensors" if fp4 == "MXFP4" else "hf-modelopt or compressed-tensors"
+    return f" (for {fp4} use --format {use})"

@@ -18,6 +18,7 @@ from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.quant import int4
 from moepress.compress.quant.fp8 import DEFAULT_BLOCK, block_size_of, dequantize_block
 from moepress.errors import MoepressError
+from moepress.exporters.hints import fp4_routes
 
 # the weight-scale granularities of an E4M3 weight (per tensor, per output channel, per 128x128 block)
 FP8_SCALES = ("tensor", "channel", "block")
@@ -102,11 +103,9 @@ def read_linear(reader: CheckpointReader, prefix: str, flag: str = "", accepts: 
         if s is None:
             raise MoepressError(f"{reader.path}: packed tensor '{name}' has no weight_scale")
         if s.dtype in FP4_SCALE_DTYPES:  # E4M3 (NVFP4) / E8M0 (MXFP4) scales: FP4 elements, not INT4
-            # MXFP4 is exported as compressed-tensors only (compress/formats/mxfp4.py: hf-modelopt refuses it)
-            fp4, use = ("MXFP4", "compressed-tensors") if s.dtype == torch.uint8 else \
-                ("NVFP4", "hf-modelopt or compressed-tensors")
+            fp4 = "MXFP4" if s.dtype == torch.uint8 else "NVFP4"
             raise MoepressError(f"{flag + ': ' if flag else ''}{reader.path}: '{name}' is {fp4}, which this exporter "
-                                f"cannot write; expected {accepts} (for {fp4} use --format {use})")
+                                f"cannot write; expected {accepts}{fp4_routes(reader, fp4)}")
         if s.dtype != torch.float32:
             raise MoepressError(f"{reader.path}: packed tensor '{name}' has a {str(s.dtype).removeprefix('torch.')} "
                                 "weight_scale; expected float32 (INT4), float8_e4m3fn (NVFP4) or uint8 (MXFP4's E8M0)")

@@ -129,6 +129,11 @@ TRTLLM_ARCH = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalL
 WRITES = "bf16 or FP8 per tensor (moepress quantize --format fp8)"
 
 
+def _source(reader: CheckpointReader, adapter) -> Source:
+    """The checkpoint as hints.elsewhere reads it (its layout, if moepress quantize wrote it)."""
+    return Source(Path(reader.path), reader, adapter, formats.read_layout(reader.path))
+
+
 def _quant_algo(reader: CheckpointReader, adapter) -> tuple[str | None, str | None]:
     probe = adapter.expert_prefix(adapter.moe_layers()[0], 0) + adapter.expert_names[0]
     lin = read_linear(reader, probe, "--format trtllm-ckpt", WRITES)
@@ -136,9 +141,8 @@ def _quant_algo(reader: CheckpointReader, adapter) -> tuple[str | None, str | No
     if lin.scheme == "none":
         return None, kv
     if lin.scheme != "tensor":  # FP8 per tensor: TensorRT-LLM QuantAlgo FP8
-        s = Source(Path(reader.path), reader, adapter, formats.read_layout(reader.path))
         raise MoepressError(f"--format trtllm-ckpt: {reader.path} is quantized as {lin.stored_as}, which this exporter "
-                            f"does not write: it writes {WRITES}; {elsewhere(s)}")
+                            f"does not write: it writes {WRITES}; {elsewhere(_source(reader, adapter))}")
     _refuse_partly_fp8(reader, adapter)
     return "FP8", kv
 
@@ -157,9 +161,8 @@ def _refuse_partly_fp8(reader: CheckpointReader, adapter) -> None:
     plain = [b for b in linears if not fp8_per_tensor(b)]
     if plain:
         raise MoepressError(f"--format trtllm-ckpt: {reader.path} has {len(plain)} decoder linears not in FP8 per "
-                            f"tensor ({pattern(plain)}); this exporter writes one "
-                            "quant_algo for every linear but the routers; for mixed precision use --format "
-                            "hf-modelopt")
+                            f"tensor ({pattern(plain)}); this exporter writes one quant_algo for every linear but "
+                            f"the routers; for mixed precision: {elsewhere(_source(reader, adapter))}")
 
 
 def refuse_unwritten_attention(src: Path, adapter) -> None:
@@ -170,13 +173,14 @@ def refuse_unwritten_attention(src: Path, adapter) -> None:
     kind = adapter.build_rotary().rope_type
     if kind != "default":
         raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has rope_type {kind!r} (rope scaling), which "
-                            "this exporter does not write; use --format hf-modelopt (TensorRT-LLM's PyTorch backend "
-                            "reads it from config.json)")
+                            "this exporter does not write (TensorRT-LLM's PyTorch backend reads it from config.json): "
+                            f"{elsewhere(open_source(src))}")
     w = getattr(c, "sliding_window", None)
     if w is not None and int(w) < int(c.max_position_embeddings):
         raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has sliding_window {w} (shorter than "
                             f"max_position_embeddings {c.max_position_embeddings}), which this exporter does not "
-                            "write; use --format hf-modelopt")
+                            "write (TensorRT-LLM's PyTorch backend reads it from config.json): "
+                            f"{elsewhere(open_source(src))}")
 
 
 def trtllm_config(adapter, cfg, quant_algo, kv_algo) -> dict:

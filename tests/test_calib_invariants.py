@@ -104,8 +104,9 @@ def test_mixed_sources_are_interleaved_by_the_seed(tmp_path):
 def test_a_token_file_edited_after_prepare_is_refused(tmp_path):
     p = tmp_path / "t.safetensors"
     save_token_file(p, torch.arange(12).view(3, 4), torch.zeros(3, dtype=torch.long), {"num_samples": 3, "seq_len": 4})
-    save_file({"input_ids": torch.arange(100, 112, dtype=torch.int32).view(3, 4),
-               "source": torch.zeros(3, dtype=torch.int32)}, str(p), metadata={"format": "moepress-calib", "version": "1"})
+    edited = {"input_ids": torch.arange(100, 112, dtype=torch.int32).view(3, 4),
+              "source": torch.zeros(3, dtype=torch.int32)}
+    save_file(edited, str(p), metadata={"format": "moepress-calib", "version": "1"})
     side = json.loads((tmp_path / "t.safetensors.json").read_text())
     assert hashlib.sha256(p.read_bytes()).hexdigest() != side["file"]["sha256"]  # the premise
     with pytest.raises(MoepressError, match="sha256"):

@@ -12,7 +12,10 @@ refusal starts with its flag."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -36,16 +39,17 @@ SOURCES = [("tiny-mixtral", f, 128, False) for f in ("int4-awq", "int4-gptq", "w
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(source key) -> path, and (source key, export) -> None or the refusal: each made once, on demand.
-    A key with format None is the bundled model itself."""
+    A key with format None is the model itself: a bundled one, or a Path (a config-edited copy)."""
     base, done = tmp_path_factory.mktemp("hints"), {}
 
     def get(key, ex=None):
+        model = key[0] if isinstance(key[0], Path) else models.path(key[0])
         if key not in done and key[1] is None:
-            done[key] = models.path(key[0])
+            done[key] = model
         if key not in done:
             fam, fmt, group, fold = key
-            q = base / "-".join(map(str, key))
-            quantize_checkpoint(models.path(fam), q, QuantConfig(format=fmt, group_size=group, awq_fold=fold,
+            q = base / "-".join(str(getattr(k, "name", k)) for k in key)
+            quantize_checkpoint(model, q, QuantConfig(format=fmt, group_size=group, awq_fold=fold,
                                                                  num_samples=4, seq_len=32))
             done[key] = q
         if ex is None:
@@ -185,6 +189,56 @@ def test_trtllm_ckpt_sends_bf16_deepseek_to_hf_fp8_block(exported):
     key = ("tiny-deepseek-v3", None, 128, False)
     msg = exported(key, "trtllm-ckpt")
     assert _follow(exported, key, "trtllm-ckpt", msg) == ["hf-fp8-block"], msg
+
+
+def test_stored_mxfp4_is_sent_where_it_is_taken(exported):
+    """compressed-tensors MXFP4 as released (no moepress_quant.json): compressed-tensors and hf-modelopt export
+    only a moepress quantize output, and onnx reads no FP4, so trtllm-ckpt's and onnx's refusals name the
+    fp8-block re-quantize hf-modelopt takes (and vLLM / SGLang, which load it as stored); moepress's own MXFP4
+    is still sent to compressed-tensors, which exports it."""
+    key = ("tiny-qwen3-moe-mxfp4", None, 128, False)
+    for ex in ("trtllm-ckpt", "onnx"):
+        msg = exported(key, ex)
+        assert "vLLM and SGLang load its packed compressed-tensors form as stored" in msg, msg
+        assert _follow(exported, key, ex, msg) == ["hf-modelopt"], msg
+    key = ("tiny-qwen3-moe-mxfp4", "mxfp4", 128, False)
+    for ex in ("trtllm-ckpt", "onnx"):
+        msg = exported(key, ex)
+        assert _follow(exported, key, ex, msg) == ["compressed-tensors"], msg
+
+
+def test_hf_fp8_block_sends_kimi_int4_where_it_is_taken(exported):
+    """Kimi's own INT4 (packed, no moepress_quant.json) was sent to compressed-tensors, which refuses it."""
+    key = ("tiny-kimi-k2-int4", None, 128, False)
+    msg = exported(key, "hf-fp8-block")
+    assert sorted(_follow(exported, key, "hf-fp8-block", msg)) == ["hf-fp8-block", "hf-modelopt", "onnx"], msg
+
+
+@pytest.mark.parametrize("change", [{"sliding_window": 8}, {"rope_scaling": {
+    "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}}], ids=["window", "yarn"])
+def test_trtllm_ckpt_attention_refusal_names_what_takes_bf16(exported, tmp_path, change):
+    """Rope scaling or a sliding window on a bf16 model: hf-modelopt (named before) needs a quantized checkpoint."""
+    src = tmp_path / next(iter(change))
+    shutil.copytree(models.path("tiny-mixtral"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, **change}))
+    key = (src, None, 128, False)
+    msg = exported(key, "trtllm-ckpt")
+    assert msg.startswith(f"--format trtllm-ckpt: {src}/config.json has "), msg
+    assert _follow(exported, key, "trtllm-ckpt", msg) == ["hf-fp8-block"], msg
+
+
+def test_trtllm_ckpt_sends_partly_fp8_without_sidecar_to_a_re_quantize(exported, tmp_path):
+    """FP8 per tensor with attention left bf16 and no moepress_quant.json: hf-modelopt (named before) needs a
+    quantize output, so the refusal names the re-quantize it takes."""
+    src = tmp_path / "partly-fp8"
+    quantize_checkpoint(models.path("tiny-mixtral"), src, QuantConfig(format="fp8", rules=(("*self_attn.*", "none"),),
+                                                                      num_samples=4, seq_len=32))
+    (src / "moepress_quant.json").unlink()
+    key = (src, None, 128, False)
+    msg = exported(key, "trtllm-ckpt")
+    assert "decoder linears not in FP8 per tensor" in msg, msg
+    assert _follow(exported, key, "trtllm-ckpt", msg) == ["hf-modelopt"], msg
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4-a16"])

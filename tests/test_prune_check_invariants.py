@@ -98,7 +98,7 @@ def test_refit_shares_the_lost_output_by_router_weight_under_a_scaling_factor(tm
         return y, w.double().sum(-1)
 
     assert seen
-    for x, pw, lost in seen[:len(kept)]:  # the first layer's refits
+    for x, _, lost in seen[:len(kept)]:  # the first layer's refits
         x = x[:6]
         full, _ = routed(moe, x)
         part, wsum = routed(pruned, x)
