@@ -42,5 +42,3 @@ class Exporter:
             other = self.other_families(src) if callable(self.other_families) else self.other_families
             raise MoepressError(f"{where or '--format ' + self.name}: not available for {family} models ({src}); "
                                 f"it supports {', '.join(self.families)}" + (f"; {other}" if other else ""))
-
-

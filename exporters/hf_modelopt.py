@@ -172,7 +172,8 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     unknown = sorted(f for f in {m["format"] for m in modules.values()}
                      if f not in formats.FORMATS or formats.FORMATS[f].modelopt_entry is None)
     if unknown:
-        raise MoepressError(f"{src}/moepress_quant.json: formats {unknown} have no modelopt quant_algo")
+        raise MoepressError(f"--format hf-modelopt: {src}/moepress_quant.json: formats {unknown} have no modelopt "
+                            "quant_algo; export compressed-tensors (vLLM, SGLang, transformers)")
     refuse_unloadable_experts(s, modules)  # first: the refusals below suggest a --group-size, which cannot help
     # what a fused MoE cannot hold (fused_moe.py): TensorRT-LLM and vLLM quantize a layer's experts alike
     refuse_mixed(s, "hf-modelopt", set(modules), "TensorRT-LLM and vLLM fuse a layer's experts under one "

@@ -69,15 +69,19 @@ def elsewhere(s: Source) -> str:
     experts that are not whole 128x128 blocks, which hf-modelopt refuses (fused_moe.refuse_partial_blocks), and
     bf16 or native block FP8 without moepress_quant.json, which it cannot read: hf-fp8-block, which keeps the
     former bf16 and takes the latter as they are; other scaled weights without it (FP8 per tensor, some linears
-    bf16): re-quantized, as hf-modelopt exports only a quantize output; else hf-modelopt."""
+    bf16): re-quantized, as hf-modelopt exports only a quantize output; a format with no Model-Optimizer
+    quant_algo (MXFP4): compressed-tensors; else hf-modelopt."""
     if s.layout is None:
         bf16 = not any(n.endswith(".weight_scale") for n in s.reader.names())
         return packed_routes(s.reader) or (HF_FP8_BLOCK.format("") if bf16 or s.block_fp8 else FP8_THEN_HF_MODELOPT)
     ways = int4_routes(s, "trtllm-ckpt")
     if ways:
         return ways
+    modules = s.layout.get("modules") or {}
+    if any(formats.FORMATS[m["format"]].modelopt_entry is None for m in modules.values()):  # MXFP4: no quant_algo
+        return "export compressed-tensors (vLLM, SGLang, transformers)"
     try:
-        refuse_partial_blocks(s, "trtllm-ckpt", s.layout.get("modules") or {})
+        refuse_partial_blocks(s, "trtllm-ckpt", modules)
     except MoepressError:
         return HF_FP8_BLOCK.format("; it keeps the experts that are not whole 128x128 blocks bf16")
     return HF_MODELOPT
@@ -103,7 +107,8 @@ def fp4_routes(reader, fp4: str) -> str:
     only, compress/formats/mxfp4.py; NVFP4: hf-modelopt or compressed-tensors); FP4 stored packed without
     moepress_quant.json (a compressed-tensors MXFP4 release), which those two export only from a quantize
     output, to :func:`packed_routes`."""
-    if formats.layout_of(reader) is None and packed_routes(reader):
-        return f"; for this {fp4} checkpoint: {packed_routes(reader)}"
+    packed = packed_routes(reader) if formats.layout_of(reader) is None else ""
+    if packed:
+        return f"; for this {fp4} checkpoint: {packed}"
     use = "compressed-tensors" if fp4 == "MXFP4" else "hf-modelopt or compressed-tensors"
     return f" (for {fp4} use --format {use})"

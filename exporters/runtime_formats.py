@@ -12,25 +12,36 @@ from moepress.exporters.targets import UNQUANTIZED, Target, check_format
 
 # what a trtllm-ckpt holds (trtllm_ckpt.py _quant_algo), all an engine built from one (trtllm-engine) can be
 TRTLLM_CKPT_FORMATS = (UNQUANTIZED, "fp8")
+# what an onnx export holds (exporters/onnx_graph.py WRITES), all a TensorRT engine built from one can be
+ONNX_FORMATS = (UNQUANTIZED, "fp8", "int4-awq", "int4-gptq", "w4a8-awq")
 
 
 def check_runtime_format(t: Target, fmt: str, shape: ModelShape, runtime: str, export: str | None = None) -> None:
     """targets.check_format, suggesting only what the runtime takes: formats whose routed experts TensorRT-LLM
-    loads (trtllm), what a trtllm-ckpt holds (trtllm-engine). An engine's format is its trtllm-ckpt's, fixed
-    by the export (``moepress build`` has no --format), so that refusal names the export, not --format; so
-    does an hf-modelopt export's (:func:`_check_hf_modelopt`)."""
+    loads (trtllm), what a trtllm-ckpt holds (trtllm-engine). An engine's format is its export's (``moepress
+    build`` has no --format), so a refusal for an export names the export, not --format: a trtllm-ckpt, an
+    onnx export, an hf-modelopt export (:func:`_check_hf_modelopt`)."""
     if runtime == "trtllm" and export == "hf-modelopt":
         return _check_hf_modelopt(t, fmt, shape)
     if runtime == "trtllm":
         return check_format(t, fmt, lambda a: trtllm_experts_problem(shape, t, a) is None)
-    if runtime != "trtllm-engine":
-        return check_format(t, fmt)
+    if runtime == "trtllm-engine":
+        return _check_held(t, fmt, "trtllm-ckpt", TRTLLM_CKPT_FORMATS)
+    if export == "onnx":
+        return _check_held(t, fmt, "onnx", ONNX_FORMATS)
+    return check_format(t, fmt)
+
+
+def _check_held(t: Target, fmt: str, kind: str, held: tuple[str, ...]) -> None:
+    """check_format for an export of ``kind`` holding one of ``held``: the refusal names the export to make."""
     try:
-        check_format(t, fmt, lambda a: a in TRTLLM_CKPT_FORMATS)
+        check_format(t, fmt, lambda a: a in held)
     except MoepressError as e:
         why, _, alt = str(e).removeprefix(f"--format {fmt}: ").partition(": use ")
-        raise MoepressError(f"the trtllm-ckpt export is {fmt}: {why}: export a {alt.split(' (')[0]} trtllm-ckpt "
-                            f"instead (a trtllm-ckpt holds {' or '.join(TRTLLM_CKPT_FORMATS)})") from None
+        alt = alt.split(" (")[0]
+        step = (f"export the original model as a bf16 {kind}" if alt == UNQUANTIZED else
+                f"re-quantize the original model with --format {alt}, then export {kind} again")
+        raise MoepressError(f"the {kind} export is {fmt}: {why}: {step} ({kind} holds {', '.join(held)})") from None
 
 
 def _check_hf_modelopt(t: Target, fmt: str, shape: ModelShape) -> None:

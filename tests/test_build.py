@@ -98,7 +98,7 @@ def test_trtllm_engine_dry_run(cli_run, ckpt, tmp_path):
 def test_trtllm_engine_refusals(ckpt, tmp_path, mixtral):
     # the engine's format is the trtllm-ckpt's: suggest what a trtllm-ckpt holds, naming the export
     with pytest.raises(MoepressError, match=rf"^{re.escape(str(ckpt))}: the trtllm-ckpt export is fp8: FP8 needs "
-                       r"sm89\+; A100 80GB SXM is sm80: export a bf16 trtllm-ckpt instead"):
+                       r"sm89\+; A100 80GB SXM is sm80: export the original model as a bf16 trtllm-ckpt"):
         build(ckpt, "a100", tmp_path / "o1")
     with pytest.raises(MoepressError, match=r"--gpus 4: .* exported for world_size 2; use --gpus 2"):
         build(ckpt, "h100", tmp_path / "o2", gpus=4)

@@ -33,7 +33,7 @@ NAMED = EXPORTS + ("hf-fp8-block",)  # what a hint may send a source to
 SOURCES = [("tiny-mixtral", f, 128, False) for f in ("int4-awq", "int4-gptq", "w4a8-awq")] + \
     [("tiny-mixtral", "w4a8-awq", 128, True)] + \
     [("tiny-deepseek-v3", f, g, False) for f in ("int4-awq", "int4-gptq", "w4a8-awq") for g in (128, 64)] + \
-    [("tiny-deepseek-v3", "w4a8-awq", 64, True)]
+    [("tiny-deepseek-v3", "w4a8-awq", 64, True), ("tiny-deepseek-v3", "mxfp4", 128, False)]
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +148,8 @@ def test_engine_from_a_trtllm_ckpt_is_suggested_what_a_trtllm_ckpt_holds():
         plan(models.path("tiny-mixtral"), "a100", "fp8", runtime="trtllm-engine")
     msg = str(e.value)
     assert "FP8 needs sm89+; A100 80GB SXM is sm80" in msg and "--format" not in msg, msg
-    named = re.findall(r"export an? ([\w-]+) trtllm-ckpt", msg)
-    assert named and all(f in ("bf16", "fp8") for f in named), msg  # trtllm_ckpt._quant_algo
+    named = re.findall(r"as a ([\w-]+) trtllm-ckpt|--format ([\w-]+), then export trtllm-ckpt", msg)
+    assert named and all(f in ("bf16", "fp8", "") for m in named for f in m), msg  # trtllm_ckpt._quant_algo
 
 
 def _refused(fn) -> str:
@@ -283,3 +283,14 @@ def test_build_of_hf_modelopt_names_a_re_export_it_takes(artifact, tmp_path):
     assert msg.startswith(f"{a}: the hf-modelopt export is nvfp4: ") and "use bf16" not in msg, msg
     assert "export the original bf16 model as trtllm-ckpt (builder trtllm-engine) or onnx (builder tensorrt)" in msg
     build(artifact(("tiny-mixtral", None, 128, False), "trtllm-ckpt"), "a100-80gb", tmp_path / "b3", dry_run=True)
+
+
+def test_build_of_an_onnx_export_names_a_re_export_it_takes(artifact, tmp_path):
+    """An FP8 onnx export for an A100: the refusal names the export (no --format) and a format an onnx export
+    holds that the A100 runs; followed once, the build is planned."""
+    a = artifact(("tiny-mixtral", "fp8", 128, False), "onnx")
+    msg = _refused(lambda: build(a, "a100-80gb", tmp_path / "b", dry_run=True))
+    assert msg.startswith(f"{a}: the onnx export is fp8: FP8 needs sm89+") and "--format fp8:" not in msg, msg
+    fmt = re.search(r"re-quantize the original model with --format ([\w-]+), then export onnx again", msg)
+    assert fmt, msg
+    build(artifact(("tiny-mixtral", fmt.group(1), 128, False), "onnx"), "a100-80gb", tmp_path / "b2", dry_run=True)
