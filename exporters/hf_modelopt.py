@@ -72,7 +72,7 @@ from moepress.exporters.hf_common import (
     tensor_groups,
     unquantized_modules,
 )
-from moepress.exporters.hints import int4_routes
+from moepress.exporters.hints import alike_group, int4_routes
 
 # the Model-Optimizer release whose export layout we follow (checked against it in tests)
 MODELOPT_LAYOUT_VERSION = "0.47.0"
@@ -159,11 +159,15 @@ def refuse_unloadable_experts(s, modules: dict) -> None:
         f = formats.FORMATS[fmt]
         if not f.trtllm_loads_experts(s.adapter.family):
             ways = int4_routes(s, "hf-modelopt") or "export compressed-tensors (vLLM, SGLang, transformers)"
-            fit = [a for a in ("w4a8-awq", "fp8", "nvfp4") if formats.FORMATS[a].trtllm_loads_experts(s.adapter.family)]
+            fit = [a for a in f.alternatives if formats.FORMATS[a].modelopt_entry is not None
+                   and formats.FORMATS[a].trtllm_loads_experts(s.adapter.family)]
+            group = alike_group(s, modules) if formats.FORMATS[fit[0]].element == "int4" else None
+            again = f"--format {fit[0]}" + (f" --group-size {group}" if group else "") + \
+                (f" (or {', '.join(fit[1:])})" if fit[1:] else "")
             raise MoepressError(f"--format hf-modelopt: {s.path}: its {s.adapter.family} routed experts are {fmt}; "
                                 f"{f.trtllm_moe_why}, and vLLM / SGLang load only FP8 / NVFP4 experts from a "
                                 f"Model-Optimizer checkpoint: no runtime would load them at any group size; {ways}, "
-                                f"or quantize the experts {' / '.join(fit)}")
+                                f"or quantize with {again}, then export hf-modelopt")
 
 
 def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:

@@ -12,7 +12,7 @@ from moepress.exporters.fused_moe import refuse_partial_blocks, routed_linears
 from moepress.exporters.hf_common import Source
 
 
-def _alike_group(s, modules: dict) -> int | None:
+def alike_group(s, modules: dict) -> int | None:
     """The --group-size that quantizes every layer's routed experts alike (the largest that divides all their
     in_features, as fused_moe.refuse_unlike / refuse_mixed suggest), when some layer's experts got different
     groups or some were left bf16 because no group divided them; else None."""
@@ -39,7 +39,7 @@ def int4_routes(s, refusing: str) -> str:
     if not fs or any(f.element != "int4" for f in fs):
         return ""
     routed = {modules[n]["format"] for ns in routed_linears(s).values() for n in ns if n in modules}
-    group = _alike_group(s, modules)
+    group = alike_group(s, modules)
     regroup = f" --group-size {group}" if group else ""
     if any(f.ct_format is None for f in fs):  # w4a8-awq: no form, folded or not
         ct = f"re-quantize with --format int4-gptq (or int4-awq --awq-fold){regroup}, then "

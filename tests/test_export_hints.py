@@ -33,7 +33,8 @@ NAMED = EXPORTS + ("hf-fp8-block",)  # what a hint may send a source to
 SOURCES = [("tiny-mixtral", f, 128, False) for f in ("int4-awq", "int4-gptq", "w4a8-awq")] + \
     [("tiny-mixtral", "w4a8-awq", 128, True)] + \
     [("tiny-deepseek-v3", f, g, False) for f in ("int4-awq", "int4-gptq", "w4a8-awq") for g in (128, 64)] + \
-    [("tiny-deepseek-v3", "w4a8-awq", 64, True), ("tiny-deepseek-v3", "mxfp4", 128, False)]
+    [("tiny-deepseek-v3", "w4a8-awq", 64, True), ("tiny-deepseek-v3", "mxfp4", 128, False)] + \
+    [("tiny-mixtral-w192", f, 128, False) for f in ("int4-gptq", "w4a8-awq")]  # 192 wide: groups of 64 only
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,8 @@ def test_hf_modelopt_refuses_unloadable_experts_before_group_sizes(exported):
     so, not --group-size 64 (which the default group's unlike experts would otherwise ask for first)."""
     for fmt in ("int4-gptq", "w4a8-awq"):
         msg = exported(("tiny-deepseek-v3", fmt, 128, False), "hf-modelopt")
-        assert "no runtime would load them" in msg and "then export hf-modelopt" not in msg, msg
+        assert "no runtime would load them" in msg and "--group-size 64, then export hf-modelopt" not in msg, msg
+        assert "quantize with --format nvfp4 (or fp8), then export hf-modelopt" in msg, msg  # a format it loads
 
 
 def test_unfolded_awq_is_sent_to_awq_fold_then_compressed_tensors(exported):
