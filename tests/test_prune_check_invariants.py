@@ -4,12 +4,11 @@ passed): each test states the property independently of the code under test."""
 
 import copy
 import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from test_check import _broken_copy  # a tiny-mixtral copy with one tensor changed
 
 from moepress import models
 from moepress.calib.observers import LayerRouting
@@ -135,21 +134,11 @@ def test_publish_recompute_passes_a_metric_at_its_threshold():
     assert problems == [] and all(ok for _, ok in applied)
 
 
-def _edited(tmp_path, name, fn):
-    out = shutil.copytree(models.path("tiny-mixtral"), tmp_path / "c")
-    for f in out.glob("*.safetensors"):
-        sd = load_file(f)
-        if name in sd:
-            sd[name] = fn(sd[name].clone())
-            save_file(sd, f, metadata={"format": "pt"})
-    return out
-
-
 def test_check_layer_metrics_are_the_worst_and_the_last(tmp_path):
     """min_layer_cosine (the --min-cosine gate) is the worst layer's; final_layer_rel_error the last layer's."""
     from moepress.checks import CheckConfig, run_check
 
-    cand = _edited(tmp_path, "model.layers.1.self_attn.o_proj.weight", lambda t: (t.float() * 3).to(t.dtype))
+    cand = _broken_copy(tmp_path, "model.layers.1.self_attn.o_proj.weight", lambda t: (t.float() * 3).to(t.dtype))
     res = run_check(cand, models.path("tiny-mixtral"), CheckConfig(seq_len=32, max_samples=2))
     cos = [p["cosine"] for p in res["layers"]]
     assert res["metrics"]["min_layer_cosine"] == min(cos) < max(cos)
@@ -161,6 +150,6 @@ def test_check_sees_a_changed_final_norm(tmp_path):
     """The candidate's last state goes through its own final norm: a doubled model.norm is seen."""
     from moepress.checks import CheckConfig, run_check
 
-    cand = _edited(tmp_path, "model.norm.weight", lambda t: (t.float() * 2).to(t.dtype))
+    cand = _broken_copy(tmp_path, "model.norm.weight", lambda t: (t.float() * 2).to(t.dtype))
     res = run_check(cand, models.path("tiny-mixtral"), CheckConfig(seq_len=32, max_samples=2))
     assert res["metrics"]["kl_mean"] > 1e-4
