@@ -47,7 +47,7 @@ from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import high_precision_layers
 from moepress.exporters.hf_common import BLOCK, grid_ok, open_source, output_config, tensor_groups, unquantized_modules
-from moepress.exporters.hints import packed_routes
+from moepress.exporters.hints import packed_names, packed_routes
 
 # the format this layout stores: FP8 weights with a scale per 128x128 block (TensorRT-LLM FP8_BLOCK_SCALES)
 BLOCK_FP8 = formats.by_quant_algo("FP8_BLOCK_SCALES").name
@@ -119,7 +119,7 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
                             "expected fp8-block or a bf16 checkpoint (run moepress quantize --format fp8-block, "
                             "or export the original)")
     mode = "rename" if s.layout is not None else "copy" if s.block_fp8 else "quantize"
-    packed = sorted(n for n in r.names() if n.endswith((".weight_packed", "_blocks")))
+    packed = packed_names(r)
     if packed:  # compressed-tensors INT / FP4 or gpt-oss MXFP4 modules: copied packed, consumers saw no weight
         raise MoepressError(f"--format hf-fp8-block: {src} stores {len(packed)} packed tensors (e.g. {packed[0]}); "
                             "expected a bf16 or block-FP8 checkpoint (quantize with --format fp8-block, then export "

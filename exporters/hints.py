@@ -87,12 +87,17 @@ def elsewhere(s: Source) -> str:
     return HF_MODELOPT
 
 
+def packed_names(reader) -> list[str]:
+    """The tensors stored packed (compressed-tensors INT4 / FP4 ``weight_packed``, gpt-oss MXFP4 ``_blocks``)."""
+    return sorted(n for n in reader.names() if n.endswith((".weight_packed", "_blocks")))
+
+
 def packed_routes(reader) -> str:
     """Where a checkpoint stored packed without moepress_quant.json goes (empty if none is packed): vLLM and SGLang
     load its compressed-tensors form as stored (hf-modelopt and compressed-tensors export only a moepress
     quantize output), onnx decodes packed INT4 (not FP4), and TensorRT-LLM's PyTorch backend takes it
     re-quantized to block FP8 (it loads no DeepSeek-V3 / Kimi K2 INT4 experts moepress writes)."""
-    packed = [n for n in reader.names() if n.endswith((".weight_packed", "_blocks"))]
+    packed = packed_names(reader)
     if not packed:
         return ""
     fp4 = any(reader.info(n).dtype == "U8" for n in packed)  # E2M1 pairs; INT4 packs into I32

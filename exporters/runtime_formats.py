@@ -34,14 +34,8 @@ def check_runtime_format(t: Target, fmt: str, shape: ModelShape, runtime: str, e
 
 def _check_held(t: Target, fmt: str, kind: str, held: tuple[str, ...]) -> None:
     """check_format for an export of ``kind`` holding one of ``held``: the refusal names the export to make."""
-    try:
-        check_format(t, fmt, lambda a: a in held)
-    except MoepressError as e:
-        why, _, alt = str(e).removeprefix(f"--format {fmt}: ").partition(": use ")
-        alt = alt.split(" (")[0]
-        step = (f"export the original model as a bf16 {kind}" if alt == UNQUANTIZED else
-                f"re-quantize the original model with --format {alt}, then export {kind} again")
-        raise MoepressError(f"the {kind} export is {fmt}: {why}: {step} ({kind} holds {', '.join(held)})") from None
+    _refuse_export(t, fmt, kind, lambda a: a in held, f"export the original model as a bf16 {kind}",
+                   f" ({kind} holds {', '.join(held)})")
 
 
 def _check_hf_modelopt(t: Target, fmt: str, shape: ModelShape) -> None:
@@ -50,20 +44,24 @@ def _check_hf_modelopt(t: Target, fmt: str, shape: ModelShape) -> None:
     TensorRT-LLM loads for this family and ``t`` runs; where none is, exports of the bf16 model ``t`` runs."""
     from moepress.exporters.trtllm_ckpt import SUPPORTED  # the families with a trtllm-build engine path
 
+    kinds = ("trtllm-ckpt (builder trtllm-engine) or " if shape.family in SUPPORTED else "") + "onnx (builder tensorrt)"
+    _refuse_export(t, fmt, "hf-modelopt", lambda a: formats.FORMATS[a].modelopt_entry is not None
+                   and trtllm_experts_problem(shape, t, a) is None,
+                   f"no format an hf-modelopt export holds runs there with {shape.family} experts TensorRT-LLM "
+                   f"loads; export the original bf16 model as {kinds}")
+
+
+def _refuse_export(t: Target, fmt: str, kind: str, ok, bf16_step: str, suffix: str = "") -> None:
+    """check_format(t, fmt, ok), its refusal reworded for an export of ``kind`` (whose format ``build`` cannot
+    change): the format check_format suggests becomes a re-quantize then this export again; bf16 ``bf16_step``."""
     try:
-        check_format(t, fmt, lambda a: formats.FORMATS[a].modelopt_entry is not None
-                     and trtllm_experts_problem(shape, t, a) is None)
+        check_format(t, fmt, ok)
     except MoepressError as e:
         why, _, alt = str(e).removeprefix(f"--format {fmt}: ").partition(": use ")
         alt = alt.split(" (")[0]
-        if alt != UNQUANTIZED:
-            step = f"re-quantize the original model with --format {alt}, then export hf-modelopt again"
-        else:
-            kinds = ("trtllm-ckpt (builder trtllm-engine) or " if shape.family in SUPPORTED else "") + \
-                "onnx (builder tensorrt)"
-            step = (f"no format an hf-modelopt export holds runs there with {shape.family} experts TensorRT-LLM "
-                    f"loads; export the original bf16 model as {kinds}")
-        raise MoepressError(f"the hf-modelopt export is {fmt}: {why}: {step}") from None
+        step = bf16_step if alt == UNQUANTIZED else \
+            f"re-quantize the original model with --format {alt}, then export {kind} again"
+        raise MoepressError(f"the {kind} export is {fmt}: {why}: {step}{suffix}") from None
 
 
 def trtllm_experts_problem(shape: ModelShape, t: Target, fmt: str) -> str | None:
