@@ -53,10 +53,10 @@ def collect(a, models: list[str], seeds: list[int], fmts: list[str]) -> dict:
             jobs.append(("modelopt", m, s, [f for f in fmts if f in qq.MODELOPT_CFG], ""))
     jobs = [j for j in jobs if j[0] in a.sides.split(",")]
     todo = []
+    done = {**refs, **cache}
     for side, m, s, fs, sets in jobs:
-        done = {**refs, **cache}
         # a cached error (a killed worker, code being edited) is run again, not kept for good
-        missing = [f for f in fs if "error" in done.get(_key(side, m, s, f, a, sets), {"error": "none"})]
+        missing = [f for f in fs if (k := _key(side, m, s, f, a, sets)) not in done or "error" in done[k]]
         if missing:
             todo.append((side, m, s, missing, sets))
 

@@ -196,15 +196,17 @@ class _Planner:
             return f"tp {n} does not divide the {heads} attention heads"
         if inter and inter % moe_tp:
             return f"moe_tp {moe_tp} (tp / ep) does not divide the experts' intermediate size {inter}"
-        return self.unaligned(n, moe_tp)
+        # only the routed experts' cut refuses: no runtime shrinks moe_tp (vLLM #17569: a block-FP8 gate/up of
+        # 192 rows per rank). A dense or shared MLP cut this way is a note (:meth:`make`): TensorRT-LLM runs it at
+        # a smaller TP (modeling_deepseekv3.py _compute_mlp_tp_size: gcd(intermediate / block, tp)), vLLM and
+        # SGLang refuse it (sgl-project/sglang#3345: DeepSeek's 18432-wide MLP at TP 32).
+        return self._cut(n, moe_tp, ("routed",))
 
     def _cut(self, tp: int, moe_tp: int, kinds: tuple[str, ...]) -> str | None:
         """Why a rank's share of a ``kinds`` MLP weight would not hold whole blocks or groups of its format
         (Format.split_unit; a quantized checkpoint's linears in their stored format): gate / up are split by
         rows, down by input channels."""
-        rows = self.shape.stored if self.shape.stored and self.fmt == self.shape.stored_format else \
-            [(k, o, i, self.fmt, c) for k, o, i, c in self.shape.linears]
-        for kind, o, i, fmt, _ in rows:
+        for kind, o, i, fmt, _ in self.shape.rows(self.fmt):
             f = formats.FORMATS.get(fmt)
             split = moe_tp if kind == "routed" else tp
             if kind not in kinds or split == 1 or f is None or f.split_unit == (1, 1):
@@ -215,13 +217,6 @@ class _Planner:
                 return (f"{'moe_tp' if kind == 'routed' else 'tp'} {split} gives each rank {dim / split:g} {what} of "
                         f"the {kind} MLP's [{o}, {i}] weights, not a multiple of {fmt}'s {unit}")
         return None
-
-    def unaligned(self, tp: int, moe_tp: int) -> str | None:
-        """Why the routed experts' split cuts a block or group: no runtime shrinks moe_tp (vLLM #17569: a block-FP8
-        gate/up of 192 rows per rank). A dense or shared MLP cut this way is a note (:meth:`make`): TensorRT-LLM
-        runs it at a smaller TP (modeling_deepseekv3.py _compute_mlp_tp_size: gcd(intermediate / block, tp)),
-        vLLM and SGLang refuse it (sgl-project/sglang#3345: DeepSeek's 18432-wide MLP at TP 32)."""
-        return self._cut(tp, moe_tp, ("routed",))
 
     def fixed(self, gpus: int) -> Plan:
         why = self.unsplittable(gpus)

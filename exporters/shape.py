@@ -63,12 +63,16 @@ class ModelShape:
         """Routed experts' intermediate size (the output size of their [I, hidden] projections)."""
         return max((o for k, o, i, _ in self.linears if k == "routed" and i == self.hidden_size), default=0)
 
+    def rows(self, fmt: str) -> list[tuple]:
+        """(kind, out, in, format, count) of each linear planned in ``fmt``; a quantized checkpoint's as stored."""
+        if self.stored and fmt == self.stored_format:
+            return self.stored
+        return [(k, o, i, fmt, c) for k, o, i, c in self.linears]
+
     def bytes_by_kind(self, fmt: str) -> dict[str, float]:
         """Bytes per kind of parameter in ``fmt``; in the checkpoint's own format, as its linears are stored."""
         out = {"attn": 0.0, "replicated": 0.0, "dense": 0.0, "shared": 0.0, "routed": 0.0}
-        rows = self.stored if self.stored and fmt == self.stored_format else \
-            [(k, o, i, fmt, c) for k, o, i, c in self.linears]
-        for kind, o, i, f, c in rows:
+        for kind, o, i, f, c in self.rows(fmt):
             out[kind] += c * linear_bytes(o, i, f, self.int4_group)
         out["embed"] = 2.0 * self.embed_params
         out["other"] = 2.0 * self.other_params

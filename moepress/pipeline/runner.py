@@ -187,7 +187,7 @@ class Runner:
         for fmt, (d, _) in artifacts.items():  # an export not checked here: its input's verdict, so labelled
             own = checks.get(fmt)
             acc = Accuracy(own, None if own is not None else checks.get(cur_kind), cur_kind, r["check"] is not None,
-                           **({"unchecked": unchecked[fmt]} if fmt in unchecked else {}))
+                           unchecked=unchecked.get(fmt, NO_CPU_RUNTIME))
             self._card(fmt, d, acc)
         builds = {}
         if r["build"] is not None:
