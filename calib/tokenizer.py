@@ -39,7 +39,8 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
                             f"pass --trust-remote-code to allow it")
     tokenizer_files(model_dir)
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code,
+                                             **_family_config(Path(model_dir)))
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise MoepressError(f"{model_dir}: the tokenizer needs its own Python code; "
@@ -47,6 +48,32 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
         raise MoepressError(f"{model_dir}: cannot load tokenizer ({(str(e).splitlines() or [''])[0]})") from None
     except OSError as e:
         raise MoepressError(f"{model_dir}: no tokenizer found ({str(e).splitlines()[0]})") from None
+    except (AttributeError, KeyError, TypeError) as e:  # transformers' own config handling of an odd config.json
+        raise MoepressError(f"{model_dir}: cannot load tokenizer ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0]})") from None
+
+
+def _family_config(model_dir: Path) -> dict:
+    """``config=`` for AutoTokenizer where transformers does not know config.json's model_type but
+    moepress's families do (Kimi K2's ``kimi_k2``, whose config class is remote code): transformers
+    would read config.json as a bare PreTrainedConfig, and its rope validation of Kimi's yarn
+    ``rope_scaling`` fails on that (transformers 5.24 ``tokenization_auto.py``). The family's own
+    config class (DeepseekV3Config for Kimi K2) is what the layers are built from as well."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict) or config.get("model_type") in CONFIG_MAPPING:
+        return {}
+    from moepress.compress.arch import adapter_class
+
+    try:
+        family = adapter_class(config)
+    except MoepressError:
+        return {}  # not a family of ours: transformers as it is
+    return {"config": family(config, None, str(model_dir / "config.json")).hf_config}
 
 
 def tokenizer_files(model_dir: str | Path) -> set[Path]:

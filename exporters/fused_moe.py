@@ -35,7 +35,7 @@ import re
 from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
-from moepress.exporters.hf_common import Source, grid_ok
+from moepress.exporters.hf_common import Source, fp8_block_grids, grid_ok
 
 
 def routed_linears(s: Source) -> dict[int, list[str]]:
@@ -133,11 +133,12 @@ def refuse_partial_blocks(s: Source, flag: str, modules: dict[str, dict]) -> Non
            and not grid_ok(s.reader.info(n + ".weight").shape)]
     if bad:
         shapes = ", ".join(sorted({"x".join(map(str, s.reader.info(n + ".weight").shape)) for n in bad}))
+        also = ", or export with --format hf-fp8-block (keeps those experts bf16)" if fp8_block_grids(s) else ""
         raise MoepressError(
             f"--format {flag}: block-FP8 routed-expert weights of shape {shapes} are not whole 128x128 blocks "
             f"({pattern(bad)}); a fused MoE stacks gate and up into one weight whose 128-row blocks would straddle "
             "the two (vLLM and SGLang refuse expert widths that are not multiples of 128): quantize with --format "
-            "fp8 or fp8-dynamic, or export with --format hf-fp8-block (keeps those experts bf16)")
+            f"fp8 or fp8-dynamic{also}")
 
 
 def high_precision_layers(s: Source, kept: set[str]) -> list[str]:

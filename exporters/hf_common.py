@@ -55,6 +55,18 @@ def open_source(src: Path) -> Source:
     return Source(Path(src), reader, get_adapter(reader.config), formats.read_layout(src))
 
 
+def fp8_block_grids(s: Source) -> bool:
+    """Whether hf-fp8-block finds a linear to write in block FP8: one whose 128x128 grid every consumer reads
+    alike (:func:`grid_ok`); it refuses a checkpoint with none (e.g. hidden 200), keeping the rest bf16.
+    A quantize output: its block-FP8 modules; bf16: the decoder layers' linears (the router stays bf16)."""
+    if s.layout is not None:
+        names = [n for n, m in (s.layout.get("modules") or {}).items() if formats.FORMATS[m["format"]].scale == "block"]
+    else:
+        names = [n.removesuffix(".weight") for n in s.reader.names() if n.endswith(".weight") and ".layers." in n
+                 and not n.endswith(".mlp.gate.weight") and len(s.reader.info(n).shape) == 2]
+    return any(grid_ok(s.reader.info(n + ".weight").shape) for n in names)
+
+
 def require_layout(s: Source, fmt: str, hint: str) -> dict:
     """The source's moepress quantize layout; else a one-line error naming what to run first."""
     if s.layout is None:

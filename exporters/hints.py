@@ -9,7 +9,7 @@ from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
 from moepress.exporters.fused_moe import refuse_partial_blocks, routed_linears
-from moepress.exporters.hf_common import Source
+from moepress.exporters.hf_common import Source, fp8_block_grids
 
 
 def alike_group(s, modules: dict) -> int | None:
@@ -73,7 +73,8 @@ def elsewhere(s: Source) -> str:
     quant_algo (MXFP4): compressed-tensors; else hf-modelopt."""
     if s.layout is None:
         bf16 = not any(n.endswith(".weight_scale") for n in s.reader.names())
-        return packed_routes(s.reader) or (HF_FP8_BLOCK.format("") if bf16 or s.block_fp8 else FP8_THEN_HF_MODELOPT)
+        block = s.block_fp8 or (bf16 and fp8_block_grids(s))
+        return packed_routes(s.reader) or (HF_FP8_BLOCK.format("") if block else FP8_THEN_HF_MODELOPT)
     ways = int4_routes(s, "trtllm-ckpt")
     if ways:
         return ways
@@ -83,7 +84,8 @@ def elsewhere(s: Source) -> str:
     try:
         refuse_partial_blocks(s, "trtllm-ckpt", modules)
     except MoepressError:
-        return HF_FP8_BLOCK.format("; it keeps the experts that are not whole 128x128 blocks bf16")
+        return (HF_FP8_BLOCK.format("; it keeps the experts that are not whole 128x128 blocks bf16")
+                if fp8_block_grids(s) else FP8_THEN_HF_MODELOPT)
     return HF_MODELOPT
 
 

@@ -333,6 +333,26 @@ def test_missing_tokenizer_and_remote_code(qwen, tmp_path, cli_run):
     assert type(load_tokenizer(remote, trust_remote_code=True)).__name__ == "TinyTokenizer"
 
 
+def test_kimi_config_with_a_tokenizer_json_tokenizes_like_deepseek(tmp_path, cli_run):
+    """Kimi K2's config.json (model_type kimi_k2, its yarn rope_scaling) beside a tokenizer.json:
+    transformers cannot build kimi_k2's config class, read it as a bare config and failed in its
+    rope validation with a traceback; calibration and check's held-out text tokenize as DeepSeek-V3."""
+    src = models.path("tiny-deepseek-v3")
+    kimi = shutil.copytree(src, tmp_path / "kimi")
+    cfg = json.loads((kimi / "config.json").read_text())
+    theta = cfg.pop("rope_parameters")["rope_theta"]
+    cfg.update(model_type="kimi_k2", rope_theta=theta, max_position_embeddings=32 * 4096,
+               rope_scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                             "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
+    (kimi / "config.json").write_text(json.dumps(cfg))
+    text = "def f(x):\n    return x + 1  # Kimi"
+    assert load_tokenizer(kimi)(text)["input_ids"] == load_tokenizer(src)(text)["input_ids"]
+    want = calibration_set(src, num_samples=4, seq_len=32, cache=False).input_ids
+    assert torch.equal(calibration_set(kimi, num_samples=4, seq_len=32, cache=False).input_ids, want)
+    r = cli_run("check", src, "--reference", kimi, "--seq-len", 32, "--max-samples", 2)  # kimi's text
+    assert isinstance(r.exception, SystemExit | None) and "perplexity" in r.output, r.output
+
+
 # ---- observers ---------------------------------------------------------------------------------
 
 def test_layer_routing_coselect_merge_and_serialisation(tmp_path):

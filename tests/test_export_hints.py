@@ -177,6 +177,28 @@ def test_trtllm_ckpt_sends_partial_block_experts_to_hf_fp8_block(exported):
     assert _follow(exported, key, "trtllm-ckpt", msg) == ["hf-fp8-block"], msg
 
 
+def test_no_whole_block_grid_is_not_sent_to_hf_fp8_block(exported, tmp_path_factory):
+    """Hidden 200 (no linear of whole 128x128 blocks): hf-fp8-block refuses it, so block FP8 with such
+    experts, refused by compressed-tensors and hf-modelopt, was sent there in vain; so was bf16 from
+    trtllm-ckpt. They go to the per-tensor FP8 re-quantize, which the exports take."""
+    from helpers import make_random_checkpoint
+
+    src = make_random_checkpoint("deepseek_v3", tmp_path_factory.mktemp("w200") / "dsv3-w200", hidden_size=200,
+                                 moe_intermediate_size=72, q_lora_rank=None, qk_nope_head_dim=24, v_head_dim=20,
+                                 vocab_size=4096)
+    for f in models.path("tiny-deepseek-v3").glob("tokenizer*"):  # per-tensor FP8 calibrates
+        shutil.copy(f, src)
+    key = (src, "fp8-block", 128, False)
+    assert "no linear of" in exported(key, "hf-fp8-block")
+    for ex in ("compressed-tensors", "hf-modelopt"):
+        msg = exported(key, ex)
+        assert "quantize with --format fp8 or fp8-dynamic" in msg and "hf-fp8-block" not in msg, msg
+        assert exported((src, "fp8", 128, False), ex) is None
+    for k in (key, (src, None, 128, False)):
+        msg = exported(k, "trtllm-ckpt")
+        assert _follow(exported, k, "trtllm-ckpt", msg) == ["hf-modelopt"], msg
+
+
 def test_trtllm_ckpt_sends_kimi_int4_where_it_is_taken(exported):
     """Kimi's own INT4 compressed-tensors (no moepress_quant.json): hf-modelopt cannot read it, onnx can,
     and hf-modelopt takes it re-quantized to block FP8."""
