@@ -211,10 +211,15 @@ class StreamedModel:
         if missing:
             raise MoepressError(f"{self._where()}: config.json has num_hidden_layers={a.num_layers} "
                                 f"but the weights lack layer(s) {missing[:5]}")
-        for i in a.moe_layers():
+        moe = set(a.moe_layers())
+        for i in range(a.num_layers):
             pat = re.compile(rf"{re.escape(a.layer_prefix(i) + a.ffn_attr)}\.experts\.(\d+)\.")
             found = {int(m.group(1)) for n in ck.layer_names(i) if (m := pat.match(n))}
-            if len(found) != a.num_experts or (found and max(found) != a.num_experts - 1):
+            if i not in moe and found:  # the keys that make it dense, which a writer may have read otherwise
+                keys = ", ".join(f"{k}={a.config.get(k)!r}" for k in a.layer_kind_keys if k in a.config)
+                raise MoepressError(f"{self._where()}: config.json makes layer {i} dense ({keys}) but it stores "
+                                    f"{len(found)} routed experts")
+            if i in moe and (len(found) != a.num_experts or (found and max(found) != a.num_experts - 1)):
                 raise MoepressError(f"{self._where()}: config.json says {a.experts_key()}={a.num_experts} "
                                     f"but layer {i} stores {len(found)} routed experts")
         for i in range(a.num_layers):

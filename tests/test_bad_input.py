@@ -65,6 +65,17 @@ def test_config_and_weights_disagree_expert_count(good, tmp_path, cli_run):
     assert_one_line_error(cli_run("inspect", ck), "16", "8 routed experts")
 
 
+def test_experts_in_a_layer_the_config_makes_dense(tmp_path, cli_run):
+    """transformers writes experts in every DeepSeek-V3 layer past first_k_dense_replace, whatever
+    moe_layer_freq says; vLLM and moepress read layer 1 of freq 2 as dense: refused naming the keys
+    (the inspect table said "dense" without looking; prune and quantize named a missing dense tensor)."""
+    ck = make_random_checkpoint("deepseek_v3", tmp_path / "c", first_k_dense_replace=0)
+    edit_json(ck / "config.json", moe_layer_freq=2)
+    for args in (("inspect", ck), ("quantize", ck, "--format", "fp8-block", "-o", tmp_path / "q")):
+        assert_one_line_error(cli_run(*args), "layer 1 dense", "first_k_dense_replace=0, moe_layer_freq=2",
+                              "stores 8 routed experts")
+
+
 def test_config_and_weights_disagree_shape(good, tmp_path, cli_run):
     ck = copy_checkpoint(good, tmp_path / "c")
     edit_json(ck / "config.json", vocab_size=300)

@@ -31,6 +31,7 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]]
     architectures: ClassVar[tuple[str, ...]]
     experts_keys: ClassVar[tuple[str, ...]]  # config keys for the routed-expert count
+    layer_kind_keys: ClassVar[tuple[str, ...]] = ()  # config keys that make a layer dense or MoE
     scoring: ClassVar[str] = "softmax"
     ffn_attr: ClassVar[str] = "mlp"
     expert_names: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")

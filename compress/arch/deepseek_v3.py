@@ -44,6 +44,9 @@ class DeepseekV3Adapter(Adapter):
     model_types = ("deepseek_v3", "kimi_k2")
     architectures = ("DeepseekV3ForCausalLM",)
     experts_keys = ("n_routed_experts",)
+    # moe_layer_freq as vLLM's deepseek_v2.py and DeepSeek's reference code read it (layer i % freq == 0);
+    # transformers 5.24's modeling_deepseek_v3.py ignores it (every layer past first_k_dense_replace is MoE)
+    layer_kind_keys = ("first_k_dense_replace", "moe_layer_freq")
     scoring = "sigmoid"
 
     def make_hf_config(self, config):

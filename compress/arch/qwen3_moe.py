@@ -23,6 +23,7 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch
 class Qwen3MoeAdapter(Adapter):
     family = "qwen3_moe"
     model_types = ("qwen3_moe",)
+    layer_kind_keys = ("decoder_sparse_step", "mlp_only_layers")
     architectures = ("Qwen3MoeForCausalLM",)
     # Hub configs say num_experts; transformers 5 writes num_local_experts.
     experts_keys = ("num_experts", "num_local_experts")
