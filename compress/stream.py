@@ -194,8 +194,7 @@ class StreamedModel:
         """Cheap structural check of config against the shard headers (no tensor data read)."""
         a, ck = self.adapter, self.ckpt
         if not ck.has_weights:
-            raise MoepressError(f"{self._where()}: no weights found (config-only directory); "
-                                f"expected model.safetensors or {'model.safetensors.index.json'}")
+            raise MoepressError(f"{self._where()}: no weights found; expected model.safetensors or its index")
         top = [(a.embed_name, (a.vocab_size, a.hidden_size)), (a.norm_name, (a.hidden_size,))]
         if not (a.tie_word_embeddings and a.head_name not in ck):
             top.append((a.head_name, (a.vocab_size, a.hidden_size)))
@@ -206,8 +205,7 @@ class StreamedModel:
             if got is not None and got != shape:
                 raise MoepressError(f"{self._where()}: tensor '{name}' has shape {list(got)}, "
                                     f"config.json implies {list(shape)}")
-        present = set(ck.layer_indices())
-        missing = [i for i in range(a.num_layers) if i not in present]
+        missing = sorted(set(range(a.num_layers)) - set(ck.layer_indices()))
         if missing:
             raise MoepressError(f"{self._where()}: config.json has num_hidden_layers={a.num_layers} "
                                 f"but the weights lack layer(s) {missing[:5]}")
@@ -215,21 +213,18 @@ class StreamedModel:
         for i in range(a.num_layers):
             pat = re.compile(rf"{re.escape(a.layer_prefix(i) + a.ffn_attr)}\.experts\.(\d+)\.")
             found = {int(m.group(1)) for n in ck.layer_names(i) if (m := pat.match(n))}
-            if i not in moe and found:  # the keys that make it dense, which a writer may have read otherwise
-                keys = ", ".join(f"{k}={a.config.get(k)!r}" for k in a.layer_kind_keys if k in a.config)
-                raise MoepressError(f"{self._where()}: config.json makes layer {i} dense ({keys}) but it stores "
-                                    f"{len(found)} routed experts")
-            if i in moe and (len(found) != a.num_experts or (found and max(found) != a.num_experts - 1)):
-                raise MoepressError(f"{self._where()}: config.json says {a.experts_key()}={a.num_experts} "
-                                    f"but layer {i} stores {len(found)} routed experts")
+            miscounted = len(found) != a.num_experts or (found and max(found) != a.num_experts - 1)
+            if (i in moe and miscounted) or (i not in moe and found):  # a dense one named with the keys deciding it
+                said = f"says {a.experts_key()}={a.num_experts}" if i in moe else f"makes layer {i} dense"
+                raise MoepressError(f"{self._where()}: config.json {said}{a.layer_kind(i not in moe)} but layer {i} "
+                                    f"stores {len(found)} routed experts")
         for i in range(a.num_layers):
             self.check_layer_shapes(i)
 
     def check_layer_shapes(self, i: int) -> None:
-        """Layer i's stored tensors against the shapes of the adapter's layer module, from the shard
-        headers alone (no tensor data read), so a checkpoint that disagrees with its config is
-        refused before any work. Tensors stored packed (:meth:`_stored_shape` None) and names the
-        files lack (a weight decoder may serve them) are checked when the layer is read."""
+        """Layer i's stored tensors against the shapes of the adapter's layer module, from the shard headers
+        alone, so a checkpoint that disagrees with its config is refused before any work. Tensors stored packed
+        (:meth:`_stored_shape` None) and names the files lack (a decoder may serve them): when the layer is read."""
         prefix = self.adapter.layer_prefix(i)
         for key, shape in self.expected_layer_shapes(i).items():
             name = prefix + key

@@ -67,14 +67,26 @@ def _reason(s: Source, names: list[str]) -> str:
 
 
 def _hint(s: Source, names: list[str]) -> str:
-    """What to run instead: a --group-size that divides the in_features the quantize stage could not
-    group, else quantizing those linears too; or an FP8 format."""
-    skipped = {d["module"] for d in (s.layout or {}).get("skipped", [])}
+    """What to run instead: for INT4, a --group-size that divides the in_features the quantize stage could
+    not group; quantizing the linears a --rule left out; or an FP8 format, which takes any width."""
+    layout = s.layout or {}
+    skipped = {d["module"] for d in layout.get("skipped", [])}
     widths = sorted({s.reader.info(n + ".weight").shape[1] for n in names if n in skipped})
-    fits = [g for g in GROUP_SIZES if widths and all(w % g == 0 for w in widths)]
-    first = f"quantize with --group-size {max(fits)} (divides {', '.join(map(str, widths))})" if fits else \
-        "quantize every expert projection (no --rule leaving some unquantized)"
-    return first + ", or with an FP8 format (--format fp8 or fp8-dynamic)"
+    int4 = any(formats.FORMATS[m["format"]].element == "int4" for m in layout.get("modules", {}).values())
+    fits = [g for g in GROUP_SIZES if int4 and widths and all(w % g == 0 for w in widths)]
+    if fits:
+        return (f"quantize with --group-size {max(fits)} (divides {', '.join(map(str, widths))}), or with an FP8 "
+                "format (--format fp8 or fp8-dynamic)")
+    if any(n not in skipped for n in names):
+        return ("quantize every expert projection (no --rule leaving some unquantized), or with an FP8 format "
+                "(--format fp8 or fp8-dynamic)")
+    return "quantize with --format fp8 or fp8-dynamic"
+
+
+def mixed_experts(s: Source, quantized: set[str]) -> bool:
+    """Whether some layer's routed experts are partly quantized (what :func:`refuse_mixed` refuses)."""
+    return any(any(n in quantized for n in ns) and any(n not in quantized for n in ns)
+               for ns in routed_linears(s).values())
 
 
 def refuse_mixed(s: Source, flag: str, quantized: set[str], why: str) -> None:
@@ -147,5 +159,5 @@ def high_precision_layers(s: Source, kept: set[str]) -> list[str]:
                   if names and all(n in kept for n in names))
 
 
-__all__ = ["fused_name", "high_precision_layers", "pattern", "refuse_mixed", "refuse_partial_blocks",
+__all__ = ["fused_name", "high_precision_layers", "mixed_experts", "pattern", "refuse_mixed", "refuse_partial_blocks",
            "refuse_unpacked_experts", "routed_linears"]

@@ -72,7 +72,7 @@ from moepress.exporters.hf_common import (
     tensor_groups,
     unquantized_modules,
 )
-from moepress.exporters.hints import alike_group, int4_routes
+from moepress.exporters.hints import alike_group, ct_route, int4_routes, quantizes_experts
 
 # the Model-Optimizer release whose export layout we follow (checked against it in tests)
 MODELOPT_LAYOUT_VERSION = "0.47.0"
@@ -158,9 +158,9 @@ def refuse_unloadable_experts(s, modules: dict) -> None:
     for fmt in sorted({modules[n]["format"] for n in routed if n in modules}):
         f = formats.FORMATS[fmt]
         if not f.trtllm_loads_experts(s.adapter.family):
-            ways = int4_routes(s, "hf-modelopt") or "export compressed-tensors (vLLM, SGLang, transformers)"
+            ways = int4_routes(s, "hf-modelopt") or ct_route(s, modules)
             fit = [a for a in f.alternatives if formats.FORMATS[a].modelopt_entry is not None
-                   and formats.FORMATS[a].trtllm_loads_experts(s.adapter.family)]
+                   and formats.FORMATS[a].trtllm_loads_experts(s.adapter.family) and quantizes_experts(s, a)]
             group = alike_group(s, modules) if formats.FORMATS[fit[0]].element == "int4" else None
             again = f"--format {fit[0]}" + (f" --group-size {group}" if group else "") + \
                 (f" (or {', '.join(fit[1:])})" if fit[1:] else "")
@@ -177,7 +177,7 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
                      if f not in formats.FORMATS or formats.FORMATS[f].modelopt_entry is None)
     if unknown:
         raise MoepressError(f"--format hf-modelopt: {src}/moepress_quant.json: formats {unknown} have no modelopt "
-                            "quant_algo; export compressed-tensors (vLLM, SGLang, transformers)")
+                            f"quant_algo; {ct_route(s, modules)}")
     refuse_unloadable_experts(s, modules)  # first: the refusals below suggest a --group-size, which cannot help
     # what a fused MoE cannot hold (fused_moe.py): TensorRT-LLM and vLLM quantize a layer's experts alike
     refuse_mixed(s, "hf-modelopt", set(modules), "TensorRT-LLM and vLLM fuse a layer's experts under one "

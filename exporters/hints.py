@@ -8,7 +8,7 @@ from __future__ import annotations
 from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
-from moepress.exporters.fused_moe import refuse_partial_blocks, routed_linears
+from moepress.exporters.fused_moe import mixed_experts, refuse_partial_blocks, routed_linears
 from moepress.exporters.hf_common import Source, fp8_block_grids
 
 
@@ -27,6 +27,18 @@ def alike_group(s, modules: dict) -> int | None:
     return max(fits) if fits and max(fits) < max(groups) else None
 
 
+def quantizes_experts(s, fmt: str) -> bool:
+    """Whether quantize --format ``fmt`` quantizes every routed-expert projection of ``s`` (its widths): INT4
+    needs a --group-size dividing every in_features (or not above it), FP4 and block FP8 their fixed block; a
+    projection left bf16 makes every fused-MoE export refuse the layer (fused_moe.refuse_mixed)."""
+    f = formats.FORMATS[fmt]
+    widths = {s.reader.info(n + ".weight").shape[1] for ns in routed_linears(s).values() for n in ns}
+    if f.element == "int4":
+        return any(all(w <= g or w % g == 0 for w in widths) for g in GROUP_SIZES)
+    unit = f.split_unit[1] if f.split_unit and f.scale in ("group", "block") else 1
+    return all(w % unit == 0 for w in widths)
+
+
 def int4_routes(s, refusing: str) -> str:
     """Where an INT4-quantized source can go instead of ``refusing``, as one clause ("quantize with --awq-fold,
     then export compressed-tensors (...), or export onnx (...)"), built from what each exporter takes (so that no hint
@@ -40,6 +52,9 @@ def int4_routes(s, refusing: str) -> str:
         return ""
     routed = {modules[n]["format"] for ns in routed_linears(s).values() for n in ns if n in modules}
     group = alike_group(s, modules)
+    if group is None and mixed_experts(s, set(modules)):  # experts no group quantizes whole: the fused exports refuse
+        return ", or ".join(w for w in (FP8_THEN_CT, "export onnx (a TensorRT engine)") if not w.startswith(
+            f"export {refusing}"))
     regroup = f" --group-size {group}" if group else ""
     if any(f.ct_format is None for f in fs):  # w4a8-awq: no form, folded or not
         ct = f"re-quantize with --format int4-gptq (or int4-awq --awq-fold){regroup}, then "
@@ -59,7 +74,15 @@ def int4_routes(s, refusing: str) -> str:
 # the exports a refused checkpoint is sent to, and who loads them
 HF_MODELOPT = "use --format hf-modelopt (TensorRT-LLM's PyTorch backend)"
 HF_FP8_BLOCK = "export hf-fp8-block (TensorRT-LLM's PyTorch backend, vLLM, SGLang{})"
+CT = "export compressed-tensors (vLLM, SGLang, transformers)"
+FP8_THEN_CT = f"quantize with --format fp8 (or fp8-dynamic), then {CT}"
 FP8_THEN_HF_MODELOPT = "quantize with --format fp8, then export hf-modelopt (TensorRT-LLM's PyTorch backend)"
+
+
+def ct_route(s: Source, modules: dict) -> str:
+    """The compressed-tensors export of a quantized source, or (some layer's routed experts partly left
+    unquantized, which it refuses: fused_moe.refuse_mixed) of its per-tensor FP8 re-quantize."""
+    return FP8_THEN_CT if mixed_experts(s, set(modules)) else CT
 
 
 def elsewhere(s: Source) -> str:
@@ -80,7 +103,7 @@ def elsewhere(s: Source) -> str:
         return ways
     modules = s.layout.get("modules") or {}
     if any(formats.FORMATS[m["format"]].modelopt_entry is None for m in modules.values()):  # MXFP4: no quant_algo
-        return "export compressed-tensors (vLLM, SGLang, transformers)"
+        return ct_route(s, modules)
     try:
         refuse_partial_blocks(s, "trtllm-ckpt", modules)
     except MoepressError:
@@ -114,8 +137,11 @@ def fp4_routes(reader, fp4: str) -> str:
     only, compress/formats/mxfp4.py; NVFP4: hf-modelopt or compressed-tensors); FP4 stored packed without
     moepress_quant.json (a compressed-tensors MXFP4 release), which those two export only from a quantize
     output, to :func:`packed_routes`."""
-    packed = packed_routes(reader) if formats.layout_of(reader) is None else ""
+    layout = formats.layout_of(reader)
+    packed = packed_routes(reader) if layout is None else ""
     if packed:
         return f"; for this {fp4} checkpoint: {packed}"
+    if any(".experts." in d["module"] for d in layout.get("skipped", [])):  # both refuse it (refuse_mixed)
+        return f"; {FP8_THEN_CT}"
     use = "compressed-tensors" if fp4 == "MXFP4" else "hf-modelopt or compressed-tensors"
     return f" (for {fp4} use --format {use})"

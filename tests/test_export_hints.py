@@ -84,7 +84,7 @@ def steps(key, refusing: str, msg: str) -> list[tuple[tuple, str]]:
     for flags, ex in re.findall(r"quantize with ([^;]*?), then export ([\w-]+)", hint):
         out.append((_requantized(key, re.sub(r"\([^)]*\)", "", flags)), ex))
     hint = re.sub(r"quantize with [^;]*?, then export [\w-]+", "", hint)
-    for flags in re.findall(r"quantize with ((?:--[\w-]+(?: \d+)? ?)+)", hint):
+    for flags in re.findall(r"quantize with ((?:--[\w-]+(?: (?!--)[\w-]+)? ?)+)", hint):
         out.append((_requantized(key, flags), refusing))
     out += [(key, ex) for ex in re.findall(r"(?:--format|export) ([\w-]+)", hint) if ex in NAMED]
     return out
@@ -92,6 +92,28 @@ def steps(key, refusing: str, msg: str) -> list[tuple[tuple, str]]:
 
 @pytest.mark.parametrize("key", SOURCES, ids=["-".join(map(str, k)) for k in SOURCES])
 def test_refusals_name_only_exports_that_take_the_source(exported, key):
+    _refusals_lead_somewhere(exported, key)
+
+
+def test_experts_no_group_fits_are_sent_to_fp8(exported, tmp_path_factory):
+    """Mixtral experts 176 wide: no INT4 group (128 / 64 / 32) nor MXFP4 block divides the down projections'
+    in_features, so they stay bf16 beside quantized gate / up, which every fused-MoE export refuses; the
+    refusals sent INT4 to "--awq-fold, then export compressed-tensors" and MXFP4 to compressed-tensors,
+    both refused again (and fp8-block's refusal asked for a --group-size it has no use for)."""
+    from helpers import make_random_checkpoint
+
+    src = make_random_checkpoint("mixtral", tmp_path_factory.mktemp("w176") / "mixtral-w176", hidden_size=128,
+                                 intermediate_size=176, vocab_size=4096)
+    for f in models.path("tiny-mixtral").glob("tokenizer*"):
+        shutil.copy(f, src)
+    for fmt in ("int4-awq", "int4-gptq", "mxfp4"):
+        _refusals_lead_somewhere(exported, (src, fmt, 128, False))
+    key = (src, "fp8-block", 128, False)  # its onnx refusal names formats, not steps (not this grammar)
+    for ex in ("compressed-tensors", "hf-modelopt"):  # the fp8 re-quantize, or hf-fp8-block keeping them bf16
+        assert sorted(_follow(exported, key, ex, exported(key, ex))) == sorted([ex, "hf-fp8-block"])
+
+
+def _refusals_lead_somewhere(exported, key):
     exported(key)
     for ex in EXPORTS:
         msg = exported(key, ex)

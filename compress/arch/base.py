@@ -131,6 +131,11 @@ class Adapter:
     def is_moe_layer(self, i: int) -> bool:
         raise NotImplementedError
 
+    def layer_kind(self, named: bool = True) -> str:
+        """" (KEY=VALUE, ...)": the config keys that decide which layers are MoE ("" if none or not ``named``)."""
+        keys = ", ".join(f"{k}={self.config.get(k)!r}" for k in self.layer_kind_keys if k in self.config)
+        return f" ({keys})" if named and keys else ""
+
     def routing(self) -> dict:
         """Routing facts for inspect/stats: scoring, top_k, renormalisation, groups, bias."""
         raise NotImplementedError
