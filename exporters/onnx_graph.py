@@ -183,7 +183,9 @@ class GraphBuilder:
         lin = self.read(prefix)
         x = self.act_qdq(x, prefix, [lin])
         w = self.weight(prefix + ".weight", [lin])
-        return self.g.op("MatMul", [x, self.g.op("Transpose", [w], perm=[1, 0])])
+        y = self.g.op("MatMul", [x, self.g.op("Transpose", [w], perm=[1, 0])])
+        b = prefix + ".bias"  # e.g. Qwen3-MoE's q/k/v/o under attention_bias: true
+        return self.g.op("Add", [y, self.plain(b, self.reader.get(b))]) if b in self.reader else y
 
     def rmsnorm(self, x: str, wname: str, eps: float) -> str:
         g = self.g

@@ -166,15 +166,19 @@ def _refuse_partly_fp8(reader: CheckpointReader, adapter) -> None:
 
 
 def refuse_unwritten_attention(src: Path, adapter) -> None:
-    """The config written below has unscaled rotary embeddings and no attention window (TensorRT-LLM's
-    ``rotary_scaling`` and ``max_attention_window_size`` are not mapped): a model with either is
-    refused rather than built to attend differently from its checkpoint."""
+    """The config written below has unscaled rotary embeddings, no attention window and no biases (TensorRT-LLM's
+    ``rotary_scaling`` and ``max_attention_window_size`` are not mapped, nor Qwen3-MoE's ``attention_bias``):
+    a model with any is refused rather than built to compute differently from its checkpoint."""
     c = adapter.hf_config
     kind = adapter.build_rotary().rope_type
     if kind != "default":
         raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has rope_type {kind!r} (rope scaling), which "
                             "this exporter does not write (TensorRT-LLM's PyTorch backend reads it from config.json): "
                             f"{elsewhere(open_source(src))}")
+    biased = [n for n in open_source(src).reader.names() if n.endswith(".bias")]
+    if biased:  # written, the config below would say attn_bias false and the engine would run without them
+        raise MoepressError(f"--format trtllm-ckpt: {src} stores {len(biased)} linear biases (e.g. {biased[0]}), which "
+                            f"this exporter does not write: {elsewhere(open_source(src))}")
     w = getattr(c, "sliding_window", None)
     if w is not None and int(w) < int(c.max_position_embeddings):
         raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has sliding_window {w} (shorter than "

@@ -331,6 +331,19 @@ def test_attention_this_config_cannot_say_is_refused(cli_run, tmp_path, change, 
     assert not (tmp_path / "o").exists()
 
 
+def test_attention_biases_are_refused_not_dropped(cli_run, tmp_path):
+    """Qwen3-MoE with attention_bias: true exported with "attn_bias": false and no bias tensor (exit 0):
+    an engine built from it would run every attention without its biases."""
+    from helpers import make_random_checkpoint
+
+    src = make_random_checkpoint("qwen3_moe", tmp_path / "m", attention_bias=True)
+    r = cli_run("export", src, "--format", "trtllm-ckpt", "-o", tmp_path / "o")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "linear biases (e.g. model.layers.0.self_attn." in r.stderr and "export hf-fp8-block" in r.stderr
+    assert not (tmp_path / "o").exists()
+    assert cli_run("export", src, "--format", "hf-fp8-block", "-o", tmp_path / "h", "--quiet").exit_code == 0
+
+
 def test_formats_lists_the_families_it_writes(cli_run):
     """`moepress formats` said "all families" for trtllm-ckpt, which refuses DeepSeek-V3 / Kimi K2."""
     line = next(x for x in cli_run("formats").output.splitlines() if x.startswith("trtllm-ckpt"))
