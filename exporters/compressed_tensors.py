@@ -61,6 +61,7 @@ from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
     refuse_mixed,
     refuse_partial_blocks,
+    refuse_partial_input_groups,
     refuse_unlike,
     refuse_unpacked_experts,
     routed_linears,
@@ -118,6 +119,7 @@ def _refuse_misread_experts(s, schemes) -> None:
            for sch in schemes.values()):  # INT4, and FP4's packed weights alike
         refuse_unpacked_experts(s, "compressed-tensors", set(modules))
     refuse_partial_blocks(s, "compressed-tensors", modules)
+    refuse_partial_input_groups(s, "compressed-tensors", modules)
 
 
 # the newest transformers that loads NVFP4 routed experts without their weight_global_scale

@@ -153,6 +153,21 @@ def refuse_partial_blocks(s: Source, flag: str, modules: dict[str, dict]) -> Non
             f"fp8 or fp8-dynamic{also}")
 
 
+def refuse_partial_input_groups(s: Source, flag: str, modules: dict[str, dict]) -> None:
+    """Refuse block-FP8 linears whose in_features is not a multiple of 128: the runtimes quantize a block-FP8
+    linear's input per token in groups of 128 along in_features and need whole groups (vLLM
+    ``fp8_utils.per_token_group_quant_fp8`` asserts ``x.shape[-1] % group_size == 0``; compressed-tensors
+    0.20.1 ``forward_helpers`` cannot form the groups: transformers fails at the first forward)."""
+    bad = [n for n, m in modules.items() if formats.FORMATS[m["format"]].scale == "block"
+           and s.reader.info(n + ".weight").shape[1] % 128]
+    if bad:
+        widths = ", ".join(map(str, sorted({s.reader.info(n + ".weight").shape[1] for n in bad})))
+        raise MoepressError(
+            f"--format {flag}: {len(bad)} block-FP8 linears have in_features ({widths}) that are not a multiple of "
+            f"128 ({pattern(bad)}); vLLM, SGLang and transformers quantize their inputs in whole groups of 128 and "
+            "would fail at the first forward: quantize with --format fp8 or fp8-dynamic")
+
+
 def high_precision_layers(s: Source, kept: set[str]) -> list[str]:
     """The fused experts module of each MoE layer whose routed experts all stay high precision."""
     return sorted(fused_name(s.adapter, i) for i, names in routed_linears(s).items()
@@ -160,4 +175,4 @@ def high_precision_layers(s: Source, kept: set[str]) -> list[str]:
 
 
 __all__ = ["fused_name", "high_precision_layers", "mixed_experts", "pattern", "refuse_mixed", "refuse_partial_blocks",
-           "refuse_unpacked_experts", "routed_linears"]
+           "refuse_partial_input_groups", "refuse_unpacked_experts", "routed_linears"]

@@ -60,6 +60,7 @@ from moepress.exporters.fused_moe import (
     high_precision_layers,
     refuse_mixed,
     refuse_partial_blocks,
+    refuse_partial_input_groups,
     refuse_unlike,
     routed_linears,
 )
@@ -185,6 +186,7 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     refuse_unlike(s, "hf-modelopt", modules, "TensorRT-LLM and vLLM fuse a layer's experts under one quantization "
                   "(one group size for all its projections)")
     refuse_partial_blocks(s, "hf-modelopt", modules)
+    refuse_partial_input_groups(s, "hf-modelopt", modules)
     r = s.reader
     written = 0
     folded = _folded_awq(s.layout, modules)

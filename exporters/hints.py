@@ -126,9 +126,23 @@ def packed_routes(reader) -> str:
     if not packed:
         return ""
     fp4 = any(reader.info(n).dtype == "U8" for n in packed)  # E2M1 pairs; INT4 packs into I32
+    fmt = "fp8-block" if _whole_input_groups(reader) else "fp8"  # fused_moe.refuse_partial_input_groups
     return ("vLLM and SGLang load its packed compressed-tensors form as stored, or "
             + ("" if fp4 else "export onnx (a TensorRT engine), or ")
-            + "quantize with --format fp8-block, then export hf-modelopt (TensorRT-LLM's PyTorch backend)")
+            + f"quantize with --format {fmt}, then export hf-modelopt (TensorRT-LLM's PyTorch backend)")
+
+
+def _whole_input_groups(reader) -> bool:
+    """Whether every decoder-layer linear's in_features is a multiple of 128 (what block FP8 needs), from the
+    shard headers: a packed weight's columns hold 8 INT4 (I32) or 2 FP4 (U8) values."""
+    per = {"I32": 8, "U8": 2}
+    for n in reader.names():
+        if ".layers." in n and n.endswith((".weight", ".weight_packed")) and not n.endswith(".mlp.gate.weight"):
+            info = reader.info(n)
+            cols = info.shape[-1] * (per.get(info.dtype, 1) if n.endswith("_packed") else 1)
+            if len(info.shape) == 2 and cols % 128:
+                return False
+    return True
 
 
 def fp4_routes(reader, fp4: str) -> str:

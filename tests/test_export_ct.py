@@ -221,3 +221,27 @@ def test_kv_cache_scales_not_carried_are_said(tmp_path):
     assert len(info["dropped"]) == 2 * 4 and any("KV-cache scales" in n for n in info["consumer_notes"])
     assert "kv_cache_scheme" not in json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"] \
         or json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["kv_cache_scheme"] is None
+
+
+def test_block_fp8_inputs_that_are_not_whole_groups_of_128_are_refused(tmp_path, cli_run, monkeypatch):
+    """tiny-deepseek-v3 in fp8-block: its 64-wide expert / q_b_proj inputs and 32-wide kv_b_proj inputs fill
+    no group of 128, in which transformers (like vLLM) quantizes a block-FP8 linear's input. The export was
+    written and failed in transformers at the first forward; it is refused in one line. The consumer's
+    failure is shown on the export written with the refusal switched off, loaded without moepress."""
+    import moepress.exporters.compressed_tensors as ct_exporter
+
+    q = tmp_path / "q"
+    quantize_checkpoint(models.path("tiny-deepseek-v3"), q, QuantConfig(format="fp8-block"))
+    for fmt in ("compressed-tensors", "hf-modelopt"):
+        r = cli_run("export", q, "--format", fmt, "-o", tmp_path / fmt)
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+        assert "in_features (32, 64) that are not a multiple of 128" in r.stderr and "--format fp8" in r.stderr
+        assert not (tmp_path / fmt).exists()
+    monkeypatch.setattr(ct_exporter, "refuse_partial_input_groups", lambda *a: None)
+    export(q, tmp_path / "written", ExportConfig(format="compressed-tensors"))
+    torch.save(IDS, tmp_path / "ids.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", LOADER, json.dumps([[str(tmp_path / "written"), ["default"]]]),
+                        str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+                       cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "128" in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
