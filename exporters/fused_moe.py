@@ -71,9 +71,10 @@ def _hint(s: Source, names: list[str]) -> str:
     not group; quantizing the linears a --rule left out; or an FP8 format, which takes any width."""
     layout = s.layout or {}
     skipped = {d["module"] for d in layout.get("skipped", [])}
-    widths = sorted({s.reader.info(n + ".weight").shape[1] for n in names if n in skipped})
+    # one group for every projection of the experts (else they are quantized two ways: refuse_unlike)
+    widths = sorted({s.reader.info(n + ".weight").shape[1] for ns in routed_linears(s).values() for n in ns})
     int4 = any(formats.FORMATS[m["format"]].element == "int4" for m in layout.get("modules", {}).values())
-    fits = [g for g in GROUP_SIZES if int4 and widths and all(w % g == 0 for w in widths)]
+    fits = [g for g in GROUP_SIZES if int4 and any(n in skipped for n in names) and all(w % g == 0 for w in widths)]
     if fits:
         return (f"quantize with --group-size {max(fits)} (divides {', '.join(map(str, widths))}), or with an FP8 "
                 "format (--format fp8 or fp8-dynamic)")

@@ -108,6 +108,12 @@ def test_experts_no_group_fits_are_sent_to_fp8(exported, tmp_path_factory):
         shutil.copy(f, src)
     for fmt in ("int4-awq", "int4-gptq", "mxfp4"):
         _refusals_lead_somewhere(exported, (src, fmt, 128, False))
+    # hidden 160, experts 72 wide: group 32 divides the 160 inputs the default group left bf16, not the 72
+    qwen = make_random_checkpoint("qwen3_moe", tmp_path_factory.mktemp("w160") / "qwen-w160", hidden_size=160,
+                                  moe_intermediate_size=72, vocab_size=4096)
+    for f in models.path("tiny-qwen3-moe").glob("tokenizer*"):
+        shutil.copy(f, qwen)
+    _refusals_lead_somewhere(exported, (qwen, "int4-gptq", 128, False))
     key = (src, "fp8-block", 128, False)  # its onnx refusal names formats, not steps (not this grammar)
     for ex in ("compressed-tensors", "hf-modelopt"):  # the fp8 re-quantize, or hf-fp8-block keeping them bf16
         assert sorted(_follow(exported, key, ex, exported(key, ex))) == sorted([ex, "hf-fp8-block"])
