@@ -311,8 +311,8 @@ class _RankWriter:
     def experts(self, i: int, quant: bool) -> None:
         a, tl = self.a, f"transformer.layers.{i}."
         if not a.is_moe_layer(i):
-            raise MoepressError(f"{self.src}: layer {i} is dense (mlp_only_layers); this exporter writes MoE layers "
-                                f"only (partial)")
+            raise MoepressError(f"{self.src}: layer {i} is dense{a.layer_kind()}; this exporter writes MoE layers "
+                                "only")
         router = self.reader.get(a.router_prefix(i) + "weight").float()
         for r in range(self.tp):
             self.put(r, tl + "mlp.router.weight", router)

@@ -344,6 +344,17 @@ def test_attention_biases_are_refused_not_dropped(cli_run, tmp_path):
     assert cli_run("export", src, "--format", "hf-fp8-block", "-o", tmp_path / "h", "--quiet").exit_code == 0
 
 
+def test_dense_layers_are_refused_naming_the_keys(cli_run, tmp_path):
+    """A dense Qwen3-MoE layer (here from decoder_sparse_step) was refused as "(mlp_only_layers)"."""
+    from helpers import make_random_checkpoint
+
+    src = make_random_checkpoint("qwen3_moe", tmp_path / "m", decoder_sparse_step=2)
+    r = cli_run("export", src, "--format", "trtllm-ckpt", "-o", tmp_path / "o")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "layer 0 is dense (decoder_sparse_step=2, mlp_only_layers=[])" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_formats_lists_the_families_it_writes(cli_run):
     """`moepress formats` said "all families" for trtllm-ckpt, which refuses DeepSeek-V3 / Kimi K2."""
     line = next(x for x in cli_run("formats").output.splitlines() if x.startswith("trtllm-ckpt"))

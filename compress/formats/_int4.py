@@ -75,7 +75,8 @@ def quantize(ws: list[torch.Tensor], ctx: QuantContext, *, use_awq: bool, use_gp
     ctx = act_order_of(ctx, use_awq)
     group = int4.effective_group(ws[0].shape[1], ctx.group_size)
     if group is None:
-        return Quantized(skipped=f"in_features {ws[0].shape[1]} not divisible by a group <= {ctx.group_size}")
+        return Quantized(skipped=f"in_features {ws[0].shape[1]} is over --group-size {ctx.group_size} and not a "
+                                 "multiple of it")
     if any(w.shape[0] % 2 for w in ws):  # modelopt's pack_int4_in_uint8 holds two output rows per byte too
         return Quantized(skipped=f"out_features {next(w.shape[0] for w in ws if w.shape[0] % 2)} is odd: INT4 packs "
                                  "two output rows per byte")
