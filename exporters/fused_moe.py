@@ -84,12 +84,6 @@ def _hint(s: Source, names: list[str]) -> str:
     return "quantize with --format fp8 or fp8-dynamic"
 
 
-def mixed_experts(s: Source, quantized: set[str]) -> bool:
-    """Whether some layer's routed experts are partly quantized (what :func:`refuse_mixed` refuses)."""
-    return any(any(n in quantized for n in ns) and any(n not in quantized for n in ns)
-               for ns in routed_linears(s).values())
-
-
 def refuse_mixed(s: Source, flag: str, quantized: set[str], why: str) -> None:
     """Refuse a layer whose routed experts are partly quantized: no fused-MoE runtime can hold it.
     ``why``: what this export's consumers would do with it, for the message."""
@@ -119,13 +113,13 @@ def refuse_unlike(s: Source, flag: str, modules: dict[str, dict], why: str) -> N
 
 def _alike_hint(s: Source, kinds: dict[tuple[str, int | None], list[str]]) -> str:
     """What to run instead: one --group-size that divides every expert projection's in_features (the
-    formats agree), else one format for the routed experts."""
+    formats agree), else one format for the routed experts, else per-tensor FP8 (takes any width)."""
     if len({fmt for fmt, _ in kinds}) > 1:
         return "quantize a layer's routed experts with one format (one --rule for all of them)"
     widths = sorted({s.reader.info(n + ".weight").shape[1] for ns in kinds.values() for n in ns})
     fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
     return (f"quantize with --group-size {max(fits)} (divides {', '.join(map(str, widths))})" if fits else
-            "quantize the routed experts with an FP8 format (--rule)")
+            "quantize with --format fp8 or fp8-dynamic")
 
 
 def refuse_unpacked_experts(s: Source, flag: str, quantized: set[str]) -> None:
@@ -175,5 +169,5 @@ def high_precision_layers(s: Source, kept: set[str]) -> list[str]:
                   if names and all(n in kept for n in names))
 
 
-__all__ = ["fused_name", "high_precision_layers", "mixed_experts", "pattern", "refuse_mixed", "refuse_partial_blocks",
+__all__ = ["fused_name", "high_precision_layers", "pattern", "refuse_mixed", "refuse_partial_blocks",
            "refuse_partial_input_groups", "refuse_unpacked_experts", "routed_linears"]

@@ -73,8 +73,11 @@ def require_layout(s: Source, fmt: str, hint: str) -> dict:
         raise MoepressError(f"--format {fmt} needs a quantized checkpoint: {s.path} has no moepress_quant.json "
                             f"(run moepress quantize --format {hint} first)")
     if not s.layout.get("modules"):
-        raise MoepressError(f"--format {fmt}: {s.path} has no quantized linear (moepress_quant.json lists no module: "
-                            "--rule left every linear unquantized); expected at least one quantized linear")
+        skipped = s.layout.get("skipped") or []
+        why = f"e.g. {skipped[0]['module']}: {skipped[0]['reason']}" if skipped else "--rule left every linear out"
+        raise MoepressError(f"--format {fmt}: {s.path} has no quantized linear (moepress_quant.json lists no module; "
+                            f"{why}); expected at least one: quantize with --format fp8 (or fp8-dynamic), then "
+                            f"export {fmt}")
     return s.layout
 
 

@@ -47,7 +47,7 @@ from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import high_precision_layers
 from moepress.exporters.hf_common import BLOCK, grid_ok, open_source, output_config, tensor_groups, unquantized_modules
-from moepress.exporters.hints import packed_names, packed_routes
+from moepress.exporters.hints import FP8_THEN_CT, any_block_grid, packed_names, packed_routes
 
 # the format this layout stores: FP8 weights with a scale per 128x128 block (TensorRT-LLM FP8_BLOCK_SCALES)
 BLOCK_FP8 = formats.by_quant_algo("FP8_BLOCK_SCALES").name
@@ -114,10 +114,11 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
     s = open_source(src)
     r, a = s.reader, s.adapter
     if s.layout is not None and s.formats != {BLOCK_FP8}:
+        way = ("quantize with --format fp8-block, then export hf-fp8-block, or export the original" if
+               any_block_grid(src) else FP8_THEN_CT)  # no linear with a 128x128 grid: this export refuses both
         raise MoepressError(f"--format hf-fp8-block: {src} is quantized as "
                             f"{', '.join(sorted(s.formats)) or 'nothing (moepress_quant.json lists no module)'}; "
-                            "expected fp8-block or a bf16 checkpoint (run moepress quantize --format fp8-block, "
-                            "or export the original)")
+                            f"expected fp8-block or a bf16 checkpoint: {way}")
     mode = "rename" if s.layout is not None else "copy" if s.block_fp8 else "quantize"
     packed = packed_names(r)
     if packed:  # compressed-tensors INT / FP4 or gpt-oss MXFP4 modules: copied packed, consumers saw no weight
@@ -147,8 +148,7 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
     if not quantized:  # every linear's grid failed: a bf16 model under quant_method fp8
         raise MoepressError(f"--format hf-fp8-block: no linear of {src} has a 128x128 block grid every consumer "
                             f"reads alike (e.g. {kept[0] if kept else 'none'}); expected dimensions that are "
-                            "multiples of 128 or at most 128 (export the bf16 checkpoint as is, or quantize fp8 "
-                            "and export compressed-tensors)")
+                            f"multiples of 128 or at most 128: {FP8_THEN_CT}")
     not_converted = unquantized_modules(s, quantized)
     # a layer whose routed experts all stay high precision: named as the fused module too (fused_moe.py)
     not_converted = sorted(not_converted + high_precision_layers(s, set(not_converted)))

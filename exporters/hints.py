@@ -8,8 +8,9 @@ from __future__ import annotations
 from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
-from moepress.exporters.fused_moe import mixed_experts, refuse_partial_blocks, routed_linears
-from moepress.exporters.hf_common import Source, fp8_block_grids
+from moepress.exporters.fused_moe import refuse_partial_blocks, refuse_partial_input_groups, routed_linears
+from moepress.exporters.hf_common import Source, fp8_block_grids, grid_ok
+from moepress.exporters.shape import model_shape
 
 
 def alike_group(s, modules: dict) -> int | None:
@@ -33,10 +34,17 @@ def quantizes_experts(s, fmt: str) -> bool:
     projection left bf16 makes every fused-MoE export refuse the layer (fused_moe.refuse_mixed)."""
     f = formats.FORMATS[fmt]
     widths = {s.reader.info(n + ".weight").shape[1] for ns in routed_linears(s).values() for n in ns}
-    if f.element == "int4":
-        return any(all(w <= g or w % g == 0 for w in widths) for g in GROUP_SIZES)
+    if f.element == "int4":  # one group for all (a linear narrower than the group gets its own: refuse_unlike)
+        return any(all(w % g == 0 for w in widths) for g in GROUP_SIZES) or (len(widths) == 1 and max(widths) <= 128)
     unit = f.split_unit[1] if f.split_unit and f.scale in ("group", "block") else 1
     return all(w % unit == 0 for w in widths)
+
+
+def alike_experts(s, modules: dict) -> bool:
+    """Whether every layer's routed experts are all quantized, with one format and group (what
+    fused_moe.refuse_mixed and refuse_unlike ask of a fused-MoE export)."""
+    return all(all(n in modules for n in ns) and len({(modules[n]["format"], modules[n].get("group")) for n in ns}) <= 1
+               for ns in routed_linears(s).values())
 
 
 def int4_routes(s, refusing: str) -> str:
@@ -52,7 +60,7 @@ def int4_routes(s, refusing: str) -> str:
         return ""
     routed = {modules[n]["format"] for ns in routed_linears(s).values() for n in ns if n in modules}
     group = alike_group(s, modules)
-    if group is None and mixed_experts(s, set(modules)):  # experts no group quantizes whole: the fused exports refuse
+    if group is None and not alike_experts(s, modules):  # no group quantizes them whole and alike: fused exports refuse
         return ", or ".join(w for w in (FP8_THEN_CT, "export onnx (a TensorRT engine)") if not w.startswith(
             f"export {refusing}"))
     regroup = f" --group-size {group}" if group else ""
@@ -80,9 +88,9 @@ FP8_THEN_HF_MODELOPT = "quantize with --format fp8, then export hf-modelopt (Ten
 
 
 def ct_route(s: Source, modules: dict) -> str:
-    """The compressed-tensors export of a quantized source, or (some layer's routed experts partly left
-    unquantized, which it refuses: fused_moe.refuse_mixed) of its per-tensor FP8 re-quantize."""
-    return FP8_THEN_CT if mixed_experts(s, set(modules)) else CT
+    """The compressed-tensors export of a quantized source, or (some routed experts left unquantized or quantized
+    unlike the rest of their layer, which it refuses) of its per-tensor FP8 re-quantize."""
+    return CT if alike_experts(s, modules) else FP8_THEN_CT
 
 
 def elsewhere(s: Source) -> str:
@@ -106,10 +114,17 @@ def elsewhere(s: Source) -> str:
         return ct_route(s, modules)
     try:
         refuse_partial_blocks(s, "trtllm-ckpt", modules)
+        refuse_partial_input_groups(s, "trtllm-ckpt", modules)
     except MoepressError:
-        return (HF_FP8_BLOCK.format("; it keeps the experts that are not whole 128x128 blocks bf16")
+        return (HF_FP8_BLOCK.format("; it keeps the linears that are not whole 128x128 blocks bf16")
                 if fp8_block_grids(s) else FP8_THEN_HF_MODELOPT)
     return HF_MODELOPT
+
+
+def any_block_grid(model) -> bool:
+    """Whether some decoder linear of ``model`` (as its config builds it, quantized or not) has a 128x128 grid
+    every consumer reads alike: hf-fp8-block refuses a model with none, from bf16 or from fp8-block."""
+    return any(grid_ok((o, i)) for _, o, i, _ in model_shape(model).linears)
 
 
 def packed_names(reader) -> list[str]:

@@ -43,8 +43,9 @@ def refuse_dynamic_inputs(src: Path) -> None:
                       if m.get("format") in formats.FORMATS and formats.FORMATS[m["format"]].dynamic_input})
     if dynamic:
         raise MoepressError(f"--format onnx: {src} is quantized as {', '.join(dynamic)}, whose activations are "
-                            "quantized per token at run time, which ONNX Q/DQ with constant scales cannot hold; "
-                            "expected fp8 (static input scales), int4-awq, int4-gptq, w4a8-awq or bf16")
+                            "quantized per token at run time, which ONNX Q/DQ with constant scales cannot hold: "
+                            "quantize with --format fp8 (static input scales, or int4-awq, int4-gptq, w4a8-awq: "
+                            "they export too), then export onnx, or export the original")
 
 
 # transformers' modeling_rope_utils.dynamic_rope_update: these recompute inv_freq from the sequence

@@ -113,15 +113,40 @@ def test_experts_no_group_fits_are_sent_to_fp8(exported, tmp_path_factory):
                                   moe_intermediate_size=72, vocab_size=4096)
     for f in models.path("tiny-qwen3-moe").glob("tokenizer*"):
         shutil.copy(f, qwen)
-    _refusals_lead_somewhere(exported, (qwen, "int4-gptq", 128, False))
     key = (src, "fp8-block", 128, False)  # its onnx refusal names formats, not steps (not this grammar)
     for ex in ("compressed-tensors", "hf-modelopt"):  # the fp8 re-quantize, or hf-fp8-block keeping them bf16
         assert sorted(_follow(exported, key, ex, exported(key, ex))) == sorted([ex, "hf-fp8-block"])
+    _refusals_lead_somewhere(exported, (qwen, "int4-gptq", 128, False))
 
 
-def _refusals_lead_somewhere(exported, key):
+def _random(tmp_path_factory, family: str, like: str, **config) -> Path:
+    """A random-init checkpoint of ``family`` with ``like``'s tokenizer (a bundled model)."""
+    from helpers import make_random_checkpoint
+
+    name = "-".join(f"{v}" for v in config.values())
+    src = make_random_checkpoint(family, tmp_path_factory.mktemp("r") / f"{family}-{name}", vocab_size=4096, **config)
+    for f in models.path(like).glob("tokenizer*"):
+        shutil.copy(f, src)
+    return src
+
+
+def test_narrow_experts_and_no_block_grid_are_sent_where_taken(exported, tmp_path_factory):
+    """Hidden 96, experts 72: every linear narrower than the default group gets its own width as group, so
+    each layer's experts are quantized two ways (refuse_unlike) and no --group-size fits both: INT4 was
+    sent to compressed-tensors / w4a8-awq, refused again; block FP8 was sent by trtllm-ckpt to hf-modelopt,
+    which refuses in_features that are no whole groups of 128. Hidden 200: hf-fp8-block has no linear
+    to write and sent every format to itself; INT4 quantizes nothing and the refusals named no way out."""
+    narrow = _random(tmp_path_factory, "mixtral", "tiny-mixtral", hidden_size=96, intermediate_size=72)
+    for fmt in ("int4-gptq", "int4-awq", "w4a8-awq", "fp8-block"):
+        _refusals_lead_somewhere(exported, (narrow, fmt, 128, False))
+    wide = _random(tmp_path_factory, "mixtral", "tiny-mixtral", hidden_size=200, intermediate_size=200)
+    for fmt in ("int4-gptq", "fp8"):
+        _refusals_lead_somewhere(exported, (wide, fmt, 128, False), EXPORTS + ("hf-fp8-block",))
+
+
+def _refusals_lead_somewhere(exported, key, exports=EXPORTS):
     exported(key)
-    for ex in EXPORTS:
+    for ex in exports:
         msg = exported(key, ex)
         if msg is None:
             continue
