@@ -16,6 +16,7 @@ from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.errors import MoepressError
+from moepress.exporters.shape import model_shape
 
 QUANT_FILES = ("hf_quant_config.json", "moepress_quant.json", "quant_report.json")
 BLOCK = [128, 128]  # DeepSeek-V3's block-FP8 weight block (its config.json weight_block_size)
@@ -57,14 +58,18 @@ def open_source(src: Path) -> Source:
 
 def fp8_block_grids(s: Source) -> bool:
     """Whether hf-fp8-block finds a linear to write in block FP8: one whose 128x128 grid every consumer reads
-    alike (:func:`grid_ok`); it refuses a checkpoint with none (e.g. hidden 200), keeping the rest bf16.
-    A quantize output: its block-FP8 modules; bf16: the decoder layers' linears (the router stays bf16)."""
-    if s.layout is not None:
-        names = [n for n, m in (s.layout.get("modules") or {}).items() if formats.FORMATS[m["format"]].scale == "block"]
-    else:
-        names = [n.removesuffix(".weight") for n in s.reader.names() if n.endswith(".weight") and ".layers." in n
-                 and not n.endswith(".mlp.gate.weight") and len(s.reader.info(n).shape) == 2]
+    alike (:func:`grid_ok`); it refuses a checkpoint with none (e.g. hidden 200), keeping the rest bf16. A
+    quantize output: its block-FP8 modules; else :func:`any_block_grid`."""
+    if s.layout is None:
+        return any_block_grid(s.path)
+    names = [n for n, m in (s.layout.get("modules") or {}).items() if formats.FORMATS[m["format"]].scale == "block"]
     return any(grid_ok(s.reader.info(n + ".weight").shape) for n in names)
+
+
+def any_block_grid(model) -> bool:
+    """Whether some decoder linear of ``model`` (as its config builds it, stored quantized or not) has a
+    128x128 grid every consumer reads alike."""
+    return any(grid_ok((o, i)) for _, o, i, _ in model_shape(model).linears)
 
 
 def require_layout(s: Source, fmt: str, hint: str) -> dict:

@@ -46,8 +46,16 @@ from moepress.compress.quant import fp8
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import high_precision_layers
-from moepress.exporters.hf_common import BLOCK, grid_ok, open_source, output_config, tensor_groups, unquantized_modules
-from moepress.exporters.hints import FP8_THEN_CT, any_block_grid, packed_names, packed_routes
+from moepress.exporters.hf_common import (
+    BLOCK,
+    any_block_grid,
+    grid_ok,
+    open_source,
+    output_config,
+    tensor_groups,
+    unquantized_modules,
+)
+from moepress.exporters.hints import FP8_THEN_CT, packed_names, packed_routes
 
 # the format this layout stores: FP8 weights with a scale per 128x128 block (TensorRT-LLM FP8_BLOCK_SCALES)
 BLOCK_FP8 = formats.by_quant_algo("FP8_BLOCK_SCALES").name

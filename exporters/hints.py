@@ -9,8 +9,7 @@ from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
 from moepress.exporters.fused_moe import refuse_partial_blocks, refuse_partial_input_groups, routed_linears
-from moepress.exporters.hf_common import Source, fp8_block_grids, grid_ok
-from moepress.exporters.shape import model_shape
+from moepress.exporters.hf_common import Source, fp8_block_grids
 
 
 def alike_group(s, modules: dict) -> int | None:
@@ -119,12 +118,6 @@ def elsewhere(s: Source) -> str:
         return (HF_FP8_BLOCK.format("; it keeps the linears that are not whole 128x128 blocks bf16")
                 if fp8_block_grids(s) else FP8_THEN_HF_MODELOPT)
     return HF_MODELOPT
-
-
-def any_block_grid(model) -> bool:
-    """Whether some decoder linear of ``model`` (as its config builds it, quantized or not) has a 128x128 grid
-    every consumer reads alike: hf-fp8-block refuses a model with none, from bf16 or from fp8-block."""
-    return any(grid_ok((o, i)) for _, o, i, _ in model_shape(model).linears)
 
 
 def packed_names(reader) -> list[str]:
