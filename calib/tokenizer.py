@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from moepress.calib.sources.hashing import _file_sha
+from moepress.compress.arch import adapter_class
 from moepress.errors import MoepressError
 
 # Files that decide how a checkpoint tokenizes (their bytes make the tokenizer's fingerprint).
@@ -67,8 +68,6 @@ def _family_config(model_dir: Path) -> dict:
         return {}
     if not isinstance(config, dict) or config.get("model_type") in CONFIG_MAPPING:
         return {}
-    from moepress.compress.arch import adapter_class
-
     try:
         family = adapter_class(config)
     except MoepressError:
