@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from moepress.calib.sources.hashing import _file_sha
-from moepress.compress.arch import adapter_class
+from moepress.compress.arch import transformers_config
 from moepress.errors import MoepressError
 
 # Files that decide how a checkpoint tokenizes (their bytes make the tokenizer's fingerprint).
@@ -56,23 +56,15 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
 
 def _family_config(model_dir: Path) -> dict:
     """``config=`` for AutoTokenizer where transformers does not know config.json's model_type but
-    moepress's families do (Kimi K2's ``kimi_k2``, whose config class is remote code): transformers
-    would read config.json as a bare PreTrainedConfig, and its rope validation of Kimi's yarn
-    ``rope_scaling`` fails on that (transformers 5.24 ``tokenization_auto.py``). The family's own
-    config class (DeepseekV3Config for Kimi K2) is what the layers are built from as well."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
+    moepress's families do (Kimi K2's ``kimi_k2``): transformers would read config.json as a bare
+    PreTrainedConfig, and its rope validation of Kimi's yarn ``rope_scaling`` fails on that
+    (transformers 5.24 ``tokenization_auto.py``)."""
     try:
         config = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(config, dict) or config.get("model_type") in CONFIG_MAPPING:
-        return {}
-    try:
-        family = adapter_class(config)
-    except MoepressError:
-        return {}  # not a family of ours: transformers as it is
-    return {"config": family(config, None, str(model_dir / "config.json")).hf_config}
+    hf = transformers_config(config, str(model_dir / "config.json"))
+    return {"config": hf} if hf is not None else {}
 
 
 def tokenizer_files(model_dir: str | Path) -> set[Path]:

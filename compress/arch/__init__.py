@@ -47,3 +47,20 @@ def adapter_class(config: dict, where: str = "config.json"):
 
 def get_adapter(config: dict, names: Iterable[str] | None = None, where: str = "config.json"):
     return adapter_class(config, where)(config, names, where)
+
+
+def transformers_config(config: dict, where: str = "config.json"):
+    """The family's transformers config object where transformers cannot build config.json's own (Kimi K2's
+    ``kimi_k2`` is remote code; its layers are DeepSeek-V3's, as vLLM maps it): what AutoTokenizer and
+    AutoModelForCausalLM take as ``config=``. None where transformers knows the model_type or the family
+    is not one of ours."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not isinstance(config, dict) or config.get("model_type") in CONFIG_MAPPING:
+        return None
+    try:
+        cls = adapter_class(config, where)
+    except MoepressError:
+        return None
+    return cls(config, None, where).hf_config
+

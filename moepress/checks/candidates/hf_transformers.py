@@ -8,6 +8,7 @@ import torch
 
 from moepress.checks.candidates.base import Candidate, CandidateKind, Outputs, config_json, first_line
 from moepress.checks.config import CheckConfig
+from moepress.compress.arch import transformers_config
 from moepress.errors import MoepressError
 
 
@@ -20,9 +21,12 @@ class TransformersCandidate(Candidate):
 
         super().__init__(path)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # kimi_k2 (remote code) built as DeepSeek-V3, as moepress and vLLM run it, unless its own code may run
+        own = None if cfg.trust_remote_code else transformers_config(config_json(path) or {}, str(path))
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                                         trust_remote_code=cfg.trust_remote_code)
+                                                         trust_remote_code=cfg.trust_remote_code,
+                                                         **({"config": own} if own is not None else {}))
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as e:
             raise MoepressError(f"{path}: transformers cannot load it as a causal LM ({first_line(e)})") from None
         self.model = model.to(self.device).eval()
