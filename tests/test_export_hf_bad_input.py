@@ -32,7 +32,7 @@ def _one_line_refusal(r, out):
 def test_hf_fp8_block_refuses_other_fp8_schemes(fp8_dynamic, tmp_path, cli_run):
     r = cli_run("export", fp8_dynamic, "--format", "hf-fp8-block", "-o", tmp_path / "x")
     _one_line_refusal(r, tmp_path / "x")
-    assert "fp8-dynamic" in r.output and "run moepress quantize --format fp8-block" in r.output
+    assert "fp8-dynamic" in r.output and "quantize with --format fp8-block, then export hf-fp8-block" in r.output
 
 
 def test_compressed_tensors_refuses_awq(fp8_dynamic, tmp_path, cli_run):
