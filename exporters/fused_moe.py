@@ -49,6 +49,17 @@ def routed_linears(s: Source) -> dict[int, list[str]]:
     return out
 
 
+def expert_widths(s: Source, names=None) -> list[int]:
+    """The in_features of the routed-expert linears ``names`` (default: all of them), sorted, distinct."""
+    names = [n for ns in routed_linears(s).values() for n in ns] if names is None else names
+    return sorted({s.reader.info(n + ".weight").shape[1] for n in names})
+
+
+def common_groups(widths) -> list[int]:
+    """The INT4 --group-size values that divide every width (one group for all of a layer's experts)."""
+    return [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+
+
 def fused_name(adapter, layer: int) -> str:
     """The layer's experts as one module (``model.layers.3.block_sparse_moe.experts``)."""
     return adapter.expert_prefix(layer, 0)[: -len(".0.")]
@@ -72,9 +83,9 @@ def _hint(s: Source, names: list[str]) -> str:
     layout = s.layout or {}
     skipped = {d["module"] for d in layout.get("skipped", [])}
     # one group for every projection of the experts (else they are quantized two ways: refuse_unlike)
-    widths = sorted({s.reader.info(n + ".weight").shape[1] for ns in routed_linears(s).values() for n in ns})
+    widths = expert_widths(s)
     int4 = any(formats.FORMATS[m["format"]].element == "int4" for m in layout.get("modules", {}).values())
-    fits = [g for g in GROUP_SIZES if int4 and any(n in skipped for n in names) and all(w % g == 0 for w in widths)]
+    fits = common_groups(widths) if int4 and any(n in skipped for n in names) else []
     if fits:
         return (f"quantize with --group-size {max(fits)} (divides {', '.join(map(str, widths))}), or with an FP8 "
                 "format (--format fp8 or fp8-dynamic)")
@@ -116,8 +127,8 @@ def _alike_hint(s: Source, kinds: dict[tuple[str, int | None], list[str]]) -> st
     formats agree), else one format for the routed experts, else per-tensor FP8 (takes any width)."""
     if len({fmt for fmt, _ in kinds}) > 1:
         return "quantize a layer's routed experts with one format (one --rule for all of them)"
-    widths = sorted({s.reader.info(n + ".weight").shape[1] for ns in kinds.values() for n in ns})
-    fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+    widths = expert_widths(s, [n for ns in kinds.values() for n in ns])
+    fits = common_groups(widths)
     return (f"quantize with --group-size {max(fits)} (divides {', '.join(map(str, widths))})" if fits else
             "quantize with --format fp8 or fp8-dynamic")
 
@@ -169,5 +180,5 @@ def high_precision_layers(s: Source, kept: set[str]) -> list[str]:
                   if names and all(n in kept for n in names))
 
 
-__all__ = ["fused_name", "high_precision_layers", "pattern", "refuse_mixed", "refuse_partial_blocks",
-           "refuse_partial_input_groups", "refuse_unpacked_experts", "routed_linears"]
+__all__ = ["common_groups", "expert_widths", "fused_name", "high_precision_layers", "pattern", "refuse_mixed",
+           "refuse_partial_blocks", "refuse_partial_input_groups", "refuse_unpacked_experts", "routed_linears"]

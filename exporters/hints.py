@@ -8,7 +8,13 @@ from __future__ import annotations
 from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
-from moepress.exporters.fused_moe import refuse_partial_blocks, refuse_partial_input_groups, routed_linears
+from moepress.exporters.fused_moe import (
+    common_groups,
+    expert_widths,
+    refuse_partial_blocks,
+    refuse_partial_input_groups,
+    routed_linears,
+)
 from moepress.exporters.hf_common import Source, fp8_block_grids
 
 
@@ -22,8 +28,7 @@ def alike_group(s, modules: dict) -> int | None:
     left = any(n not in modules for ns in layers for n in ns) and any(n in modules for ns in layers for n in ns)
     if not groups or not (unlike or left):
         return None
-    widths = {s.reader.info(n + ".weight").shape[1] for ns in layers for n in ns}
-    fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+    fits = common_groups(expert_widths(s))
     return max(fits) if fits and max(fits) < max(groups) else None
 
 
@@ -32,9 +37,9 @@ def quantizes_experts(s, fmt: str) -> bool:
     needs a --group-size dividing every in_features (or not above it), FP4 and block FP8 their fixed block; a
     projection left bf16 makes every fused-MoE export refuse the layer (fused_moe.refuse_mixed)."""
     f = formats.FORMATS[fmt]
-    widths = {s.reader.info(n + ".weight").shape[1] for ns in routed_linears(s).values() for n in ns}
+    widths = expert_widths(s)
     if f.element == "int4":  # one group for all (a linear narrower than the group gets its own: refuse_unlike)
-        return any(all(w % g == 0 for w in widths) for g in GROUP_SIZES) or (len(widths) == 1 and max(widths) <= 128)
+        return bool(common_groups(widths)) or (len(widths) == 1 and widths[0] <= max(GROUP_SIZES))
     unit = f.split_unit[1] if f.split_unit and f.scale in ("group", "block") else 1
     return all(w % unit == 0 for w in widths)
 

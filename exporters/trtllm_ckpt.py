@@ -165,7 +165,7 @@ def _refuse_partly_fp8(reader: CheckpointReader, adapter) -> None:
                             f"the routers; for mixed precision: {elsewhere(_source(reader, adapter))}")
 
 
-def refuse_unwritten_attention(src: Path, adapter) -> None:
+def refuse_unwritten_attention(src: Path, adapter, reader) -> None:
     """The config written below has unscaled rotary embeddings, no attention window and no biases (TensorRT-LLM's
     ``rotary_scaling`` and ``max_attention_window_size`` are not mapped, nor Qwen3-MoE's ``attention_bias``):
     a model with any is refused rather than built to compute differently from its checkpoint."""
@@ -175,7 +175,7 @@ def refuse_unwritten_attention(src: Path, adapter) -> None:
         raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has rope_type {kind!r} (rope scaling), which "
                             "this exporter does not write (TensorRT-LLM's PyTorch backend reads it from config.json): "
                             f"{elsewhere(open_source(src))}")
-    biased = [n for n in open_source(src).reader.names() if n.endswith(".bias")]
+    biased = [n for n in reader.names() if n.endswith(".bias")]
     if biased:  # written, the config below would say attn_bias false and the engine would run without them
         raise MoepressError(f"--format trtllm-ckpt: {src} stores {len(biased)} linear biases (e.g. {biased[0]}), which "
                             f"this exporter does not write: {elsewhere(open_source(src))}")
@@ -369,7 +369,7 @@ def export_trtllm(src: Path, writer, cfg, progress) -> dict:
     adapter = get_adapter(reader.config, reader.names())
     EXPORTER.refuse_family(adapter.family, src)  # export() checks it; a direct call should too
     check_mapping(adapter, cfg.tp, cfg.ep)
-    refuse_unwritten_attention(src, adapter)
+    refuse_unwritten_attention(src, adapter, reader)
     if cfg.dtype not in DTYPES:
         raise MoepressError(f"--dtype {cfg.dtype}: expected bfloat16, float16 or float32")
     qalgo, kvalgo = _quant_algo(reader, adapter)
