@@ -21,18 +21,18 @@ from moepress.compress.quantize.stats import LinearStats, amax_only
 B, OUT, IN, GROUP = 9, 6, 96, 32
 
 
-def _items(seed=0):
+def _items(seed=0, width=IN):
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(B, 2, OUT, IN, generator=g)
+    W = torch.randn(B, 2, OUT, width, generator=g)
     W[3, :, :, 5] = 0
     rows = [int(n) for n in torch.randint(1, 300, (B,), generator=g)]
     rows[4] = 2
-    xs = [torch.randn(n, IN, generator=g) * torch.rand(IN, generator=g) * 3 for n in rows]
+    xs = [torch.randn(n, width, generator=g) * torch.rand(width, generator=g) * 3 for n in rows]
     Hs = []
     for x in xs:
         xd = x.double()
         Hs.append(2.0 * (xd.T @ xd) / x.shape[0])
-    Hs[6] = torch.zeros(IN, IN, dtype=torch.float64)
+    Hs[6] = torch.zeros(width, width, dtype=torch.float64)
     Hs[6][0, 1] = Hs[6][1, 0] = 1.0  # indefinite: the one-by-one path falls back to round to nearest
     return W, xs, Hs
 
@@ -52,13 +52,16 @@ def test_batched_gptq_is_bit_identical_to_one_by_one(act_order):
     assert not torch.equal(Q[0, 0], (W[0, 0] / S[0, 0].repeat_interleave(GROUP, 1)).round().clamp(-8, 7).to(torch.int8))
 
 
-def test_batched_awq_search_is_bit_identical_to_one_by_one():
-    W, xs, _ = _items(1)
+# 72 wide: not a multiple of the CPU pow kernel's vector step (16 or 32 floats), so a batched pow
+# would put an item's tail elements on another code path than its own call does
+@pytest.mark.parametrize("width, group", [(IN, GROUP), (72, 24)])
+def test_batched_awq_search_is_bit_identical_to_one_by_one(width, group):
+    W, xs, _ = _items(1, width)
     act = torch.stack([x.abs().mean(0) for x in xs])
-    found = batched.awq_search(W, xs, act, GROUP)
+    found = batched.awq_search(W, xs, act, group)
     alphas = set()
     for b in range(B):
-        pqs, alpha, err = awq.search([W[b, 0], W[b, 1]], xs[b], act[b], GROUP)
+        pqs, alpha, err = awq.search([W[b, 0], W[b, 1]], xs[b], act[b], group)
         assert torch.equal(found[b][0], pqs) and found[b][1] == alpha and found[b][2] == err, b
         alphas.add(alpha)
     assert len(alphas) > 1  # the items really chose different scales

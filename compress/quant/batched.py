@@ -9,7 +9,8 @@ factorisation per item, as :func:`gptq.gptq_quantize_shared`) and whose calibrat
 
 Why the bits are the same as one item at a time (``exact``, the default on the CPU):
   * elementwise ops (scales, rounding, the column updates, fake quant) are the same IEEE operation
-    on the same operands whatever the batch around them;
+    on the same operands whatever the batch around them; ``pow``, which is not correctly rounded
+    and whose CPU kernel treats a tensor's tail apart, runs per item with ``exact``;
   * torch's CPU batched LAPACK (cholesky, cholesky_inverse) calls LAPACK once per matrix;
   * max / min / argsort (stable) are exact;
   * sums and matmuls may add in another order once batched, so with ``exact`` they run per item,
@@ -25,7 +26,7 @@ import logging
 
 import torch
 
-from moepress.compress.quant import int4
+from moepress.compress.quant import awq, int4
 from moepress.compress.quant.awq import TINY
 from moepress.compress.quant.exact import div
 
@@ -204,8 +205,7 @@ def awq_search(W: torch.Tensor, xs: list[torch.Tensor], act_mean: torch.Tensor, 
     best = [(float("inf"), 0.0, torch.ones_like(act[b])) for b in range(B)]
     for k_a in range(n_grid + 1):
         alpha = k_a / n_grid  # modelopt: torch.arange(0, 1 + step, step), step 0.1
-        s = (act.pow(alpha) / (wsc.pow(1 - alpha) + TINY)).clamp(min=1e-4, max=1e4)
-        s = s / (s.amax(-1, keepdim=True) * s.amin(-1, keepdim=True)).sqrt()
+        s = _candidate_scales(act, wsc, alpha, exact)
         xs_ = x / s[:, None, :]
         Wq = fake_int4(W * s[:, None, None, :], group)
         err = [0.0] * B
@@ -216,6 +216,16 @@ def awq_search(W: torch.Tensor, xs: list[torch.Tensor], act_mean: torch.Tensor, 
             if err[b] < best[b][0]:
                 best[b] = (err[b], alpha, s[b])
     return [((1.0 / s_b).float(), alpha, e / nb) for (e, alpha, s_b), nb in zip(best, norm, strict=True)]
+
+
+def _candidate_scales(act: torch.Tensor, wsc: torch.Tensor, alpha: float, exact: bool) -> torch.Tensor:
+    """:func:`awq.candidate_scales` per item ([B, in]). ``pow`` is not correctly rounded and the CPU
+    kernel takes a vector path for the body of a tensor and a scalar one for its tail, so an item's
+    values would depend on where its row falls in the batch: with ``exact`` each row is its own call."""
+    if exact:
+        return torch.stack([awq.candidate_scales(act[b], wsc[b], alpha) for b in range(act.shape[0])])
+    s = (act.pow(alpha) / (wsc.pow(1 - alpha) + TINY)).clamp(min=1e-4, max=1e4)
+    return s / (s.amax(-1, keepdim=True) * s.amin(-1, keepdim=True)).sqrt()
 
 
 def _weight_scale(W: torch.Tensor, group: int, exact: bool) -> torch.Tensor:

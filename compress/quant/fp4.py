@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from moepress.compress.quant.exact import div
-
 E2M1_MAX = 6.0
 # value of each 4-bit code (Model-Optimizer 0.47 nvfp4_tensor.py e2m1_values)
 E2M1_VALUES = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float32)
@@ -124,14 +122,6 @@ def mx_dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
     return v.reshape(*packed.shape[:-1], -1).to(dtype)
 
 
-def mx_exponent(amax: torch.Tensor) -> torch.Tensor:
-    """The MXFP4 block exponent of a block whose max |x| is ``amax``: ceil(log2(amax / 6)), at least
-    -127 (float32, integer-valued), so that amax / 2**e <= 6 and no value saturates.
-    Model-Optimizer 0.47 ``qtensor/mxfp4_tensor.py`` ``MXFP4QTensor.quantize``."""
-    descale = div(amax.float(), E2M1_MAX)
-    return torch.ceil(torch.maximum(torch.log2(descale), torch.tensor(-127.0)))
-
-
 __all__ = ["E2M1_MAX", "E2M1_VALUES", "E8M0_BIAS", "MX_BLOCK", "cast_e2m1", "e2m1_values", "e8m0_decode",
-           "e8m0_encode", "mx_dequantize", "mx_exponent", "mx_quantize", "mx_scale_bytes", "pack", "round_e2m1",
+           "e8m0_encode", "mx_dequantize", "mx_quantize", "mx_scale_bytes", "pack", "round_e2m1",
            "unpack", "unpack_values"]
