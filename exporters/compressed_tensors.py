@@ -59,6 +59,7 @@ from moepress.compress import formats
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
+    pattern,
     refuse_mixed,
     refuse_partial_blocks,
     refuse_partial_input_groups,
@@ -122,24 +123,44 @@ def _refuse_misread_experts(s, schemes) -> None:
     refuse_partial_input_groups(s, "compressed-tensors", modules)
 
 
-# the newest transformers that loads NVFP4 routed experts without their weight_global_scale
-NVFP4_EXPERTS_MISLOADED_UP_TO = "5.24"
+# The newest transformers checked (5.24, integrations/compressed_tensors.py): it dequantizes each routed
+# expert's tensors and merges them into its fused experts. NVFP4 (``tensor_group``) experts lose their
+# weight_global_scale (huggingface/transformers#48371); FP8 experts are ``weight * weight_scale``, which
+# for block FP8 broadcasts only a single 128x128 block; FP8 experts' input_scale is not loaded.
+TRANSFORMERS_CHECKED = "5.24"
 
 
-def _misloaded_by(s, schemes) -> dict[str, str]:
-    """Consumers known to load this checkpoint wrongly: {package: newest affected version}."""
-    global_scaled = any(sch.weights is not None and sch.weights.strategy == "tensor_group" for sch in schemes.values())
-    if global_scaled and set(s.layout["modules"]) & {n for ns in routed_linears(s).values() for n in ns}:
-        return {"transformers": NVFP4_EXPERTS_MISLOADED_UP_TO}
+def _expert_schemes(s, schemes) -> dict:
+    """{routed-expert module: its compressed-tensors scheme}."""
+    routed = {n for ns in routed_linears(s).values() for n in ns}
+    return {n: schemes[(m["format"], m.get("group"))] for n, m in s.layout["modules"].items() if n in routed}
+
+
+def _misloaded(s, schemes) -> dict[str, str]:
+    """{consumer: how the newest checked version loads this checkpoint wrongly or not at all}."""
+    experts = _expert_schemes(s, schemes)
+    strategies = {sch.weights.strategy for sch in experts.values() if sch.weights is not None}
+    if "tensor_group" in strategies:
+        return {"transformers": "loads its NVFP4 routed experts without weight_global_scale (wrong weights, no "
+                                "error: huggingface/transformers#48371)"}
+    big = [n for n, sch in experts.items() if sch.weights is not None and sch.weights.strategy == "block"
+           and any(d > b for d, b in zip(s.reader.info(n + ".weight").shape, sch.weights.block_structure,
+                                         strict=True))]
+    if big:
+        return {"transformers": f"cannot load its block-FP8 routed experts larger than one block ({pattern(big)}): "
+                                "it multiplies each by its scale without expanding the blocks"}
     return {}
 
 
-def _consumer_notes(misloaded: dict[str, str]) -> list[str]:
+def _consumer_notes(s, schemes, misloaded: dict[str, str]) -> list[str]:
     """Known consumer bugs this checkpoint meets, said at export (the bytes follow the specification)."""
-    if "transformers" in misloaded:
-        return [f"transformers <= {misloaded['transformers']} loads NVFP4 routed experts without weight_global_scale "
-                "(wrong weights, no error: huggingface/transformers#48371); vLLM and SGLang load them correctly"]
-    return []
+    notes = [f"transformers <= {TRANSFORMERS_CHECKED} {why}; vLLM and SGLang load them correctly"
+             for why in misloaded.values()]
+    if any(sch.input_activations is not None and not sch.input_activations.dynamic
+           for sch in _expert_schemes(s, schemes).values()):
+        notes.append(f"transformers <= {TRANSFORMERS_CHECKED} runs the routed experts on unquantized activations "
+                     "(their static input_scale is not loaded); vLLM and SGLang apply it")
+    return notes
 
 
 def _compress_layer(r, modules: dict, prefix: str, compressor, schemes, writer) -> set[str]:
@@ -191,8 +212,8 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
                 writer.add(n, r.get(n))
             writer.end_shard()
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
-    misloaded = _misloaded_by(s, schemes)
-    notes = _consumer_notes(misloaded)
+    misloaded = _misloaded(s, schemes)
+    notes = _consumer_notes(s, schemes, misloaded)
     if dropped:
         notes.append(f"the FP8 KV-cache scales ({len(dropped)} k_scale / v_scale) are not carried: no kv_cache_scheme "
                      "is written, so runtimes keep the KV cache in the model's dtype; hf-modelopt carries them")
@@ -207,7 +228,7 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
     writer.copy_aux_files(src)
     return {"ct_format": ct_format, "compressed_tensors_version": ct_version,
             "quantized_linears": len(modules), "ignore": len(ignore), "dropped": dropped, "consumer_notes": notes,
-            "misloaded_by": misloaded}
+            "misloaded_by": {k: TRANSFORMERS_CHECKED for k in misloaded}, "misloaded_why": misloaded}
 
 
 EXPORTER = Exporter(

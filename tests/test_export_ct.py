@@ -246,3 +246,56 @@ def test_block_fp8_inputs_that_are_not_whole_groups_of_128_are_refused(tmp_path,
                        cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     last = p.stderr.strip().splitlines()[-1]  # 0.20.1: "unflatten: ... [1, 128] ..."; 0.15: "size of tensor a (192)"
     assert p.returncode != 0 and ("128" in last or "size of tensor" in last), p.stderr[-2000:]
+
+
+def _load_without_moepress(tmp_path, d):
+    torch.save(IDS, tmp_path / "ids.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", LOADER, json.dumps([[str(d), ["default"]]]), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "logits.pt")], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_block_fp8_experts_transformers_cannot_merge_are_declared_and_refused_by_check(tmp_path, cli_run):
+    """tiny-mixtral's experts (256 x 128) are two 128x128 blocks: transformers 5.24 merges FP8 experts
+    as weight * weight_scale and fails on a [2, 1] scale. The export says so (export.json misloaded_by /
+    misloaded_why, a consumer note) and `check` refuses it in one line instead of printing the failed load;
+    tiny-qwen3-moe's 128 x 128 experts are one block each, which transformers loads."""
+    for model, fails in (("tiny-mixtral", True), ("tiny-qwen3-moe", False)):
+        q, ct = tmp_path / model / "q", tmp_path / model / "ct"
+        quantize_checkpoint(models.path(model), q, QuantConfig(format="fp8-block"))
+        export(q, ct, ExportConfig(format="compressed-tensors"))
+        info = json.loads((ct / "export.json").read_text())
+        p = _load_without_moepress(tmp_path, ct)
+        assert (p.returncode != 0) == fails, p.stderr[-2000:]
+        assert (info["misloaded_by"] == {"transformers": "5.24"}) == fails, info
+        r = cli_run("check", ct, "-r", model, "--max-samples", "2", "--seq-len", "32")
+        if fails:
+            assert "size of tensor" in p.stderr, p.stderr[-2000:]
+            assert "larger than one block" in info["misloaded_why"]["transformers"]
+            assert any("larger than one block" in n for n in info["consumer_notes"])
+            assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert "cannot load its block-FP8 routed experts" in r.stderr
+        else:
+            assert info["consumer_notes"] == [] and r.exit_code == 0, r.output
+
+
+def test_static_fp8_expert_input_scales_transformers_drops_are_noted(tmp_path, cli_run):
+    """transformers 5.24 does not load FP8 experts' static input_scale (the load report lists them
+    UNEXPECTED): the experts run on unquantized activations. The export notes it and the check, which runs
+    the export in transformers, prints the note beside its figures."""
+    q, ct = tmp_path / "q", tmp_path / "ct"
+    quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(format="fp8", num_samples=8, seq_len=64))
+    export(q, ct, ExportConfig(format="compressed-tensors"))
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM as M; "
+            "m = M.from_pretrained(sys.argv[1], dtype=torch.float32); "
+            "print(sorted({n.split('.')[3] for n, _ in m.named_parameters() if n.endswith('input_scale')}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", code, str(ct)], env=env, capture_output=True, text=True, timeout=600)
+    assert p.stdout.split("\n")[-2] == "['self_attn']", p.stdout + p.stderr[-2000:]  # no expert keeps input_scale
+    stored = json.loads((ct / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.mlp.experts.0.down_proj.input_scale" in stored  # written, then not loaded
+    info = json.loads((ct / "export.json").read_text())
+    assert info["misloaded_by"] == {} and any("static input_scale is not loaded" in n for n in info["consumer_notes"])
+    r = cli_run("check", ct, "-r", "tiny-qwen3-moe", "--max-samples", "2", "--seq-len", "32", "--json")
+    assert r.exit_code == 0 and any("static input_scale" in n for n in json.loads(r.stdout)["notes"]), r.output

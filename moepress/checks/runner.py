@@ -236,7 +236,7 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
             raise MoepressError(f"{candidate}: vocabulary of {cand.vocab_size} tokens, the reference "
                                 f"{reference} has {ref.adapter.vocab_size}")
         batches, data = eval_data(ref_dir, cfg)
-        notes = _data_notes(Path(candidate), ref_dir, data)
+        notes = _data_notes(Path(candidate), ref_dir, data) + cand.notes
         comparable = cand.has_hidden and cand.num_layers == ref.num_layers
         if cand.has_hidden and not comparable:
             notes.append(f"per-layer comparison off: the candidate has {cand.num_layers} layers, "

@@ -144,8 +144,10 @@ def _loading(fmt: str, d: Path, name: str) -> list[str]:
     snippet is replaced by the warning, and its consumer notes are listed."""
     info = _json(d / "export.json")
     misloaded = info.get("misloaded_by") if isinstance(info.get("misloaded_by"), dict) else {}
-    tf = (f"\n**transformers <= {misloaded['transformers']} loads this artifact wrongly** (no error, other "
-          "weights): serve it with vLLM or SGLang.\n" if misloaded.get("transformers") else CT_TRANSFORMERS)
+    why = info.get("misloaded_why") if isinstance(info.get("misloaded_why"), dict) else {}
+    how = why.get("transformers") if isinstance(why.get("transformers"), str) else "loads this artifact wrongly"
+    tf = (f"\n**transformers <= {misloaded['transformers']} {how}**: serve it with vLLM or SGLang.\n"
+          if misloaded.get("transformers") else CT_TRANSFORMERS)
     text = LOADING.get(fmt, "").replace("{transformers}", tf).replace("{path}", f"./{name}")
     cfg, tok = _json(d / "config.json"), _json(d / "tokenizer_config.json")
     if cfg.get("auto_map") or tok.get("auto_map"):

@@ -39,6 +39,7 @@ class Candidate:
         self.path = path
         self.vocab_size: int | None = None
         self.num_layers: int | None = None
+        self.notes: list[str] = []  # what the reader of its figures must know about how it ran
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": str(self.path), "num_layers": self.num_layers,

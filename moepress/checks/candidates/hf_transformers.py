@@ -36,6 +36,7 @@ class TransformersCandidate(Candidate):
         q = getattr(self.model.config, "quantization_config", None)
         method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
         self.quantization = getattr(method, "value", method)  # transformers' QuantizationMethod is a str enum
+        self.notes = consumer_notes(path)
 
     def describe(self) -> dict:
         return {**super().describe(), "class": type(self.model).__name__, "device": self.device,
@@ -78,20 +79,33 @@ def _open_transformers(path: Path, cfg: CheckConfig) -> Candidate:
 
 
 def misloaded(path: Path) -> str | None:
-    """Why the installed transformers loads the export in ``path`` wrongly (export.json ``misloaded_by``:
-    the newest affected version), or None."""
-    import json
-
+    """Why the installed transformers loads the export in ``path`` wrongly or not at all (export.json
+    ``misloaded_by``: the newest affected version; ``misloaded_why``: how), or None."""
     import transformers
 
-    try:
-        upto = json.loads((Path(path) / "export.json").read_text()).get("misloaded_by", {}).get("transformers")
-    except (OSError, ValueError, AttributeError):
+    info = _export_json(path)
+    upto = info.get("misloaded_by", {}).get("transformers") if isinstance(info.get("misloaded_by"), dict) else None
+    if not upto or _version(transformers.__version__) > _version(upto):
         return None
-    if upto and _version(transformers.__version__) <= _version(upto):
-        return (f"transformers {transformers.__version__} loads it wrongly (export.json misloaded_by: "
-                f"transformers <= {upto}, e.g. NVFP4 experts without weight_global_scale)")
-    return None
+    why = info.get("misloaded_why") if isinstance(info.get("misloaded_why"), dict) else {}
+    how = why.get("transformers") if isinstance(why.get("transformers"), str) else "loads it wrongly"
+    return f"transformers {transformers.__version__} {how} (export.json misloaded_by: transformers <= {upto})"
+
+
+def consumer_notes(path: Path) -> list[str]:
+    """The export's notes on how transformers runs it (export.json ``consumer_notes``), for the check's reader."""
+    notes = _export_json(path).get("consumer_notes")
+    return [n for n in notes if isinstance(n, str) and n.startswith("transformers")] if isinstance(notes, list) else []
+
+
+def _export_json(path: Path) -> dict:
+    import json
+
+    try:
+        info = json.loads((Path(path) / "export.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def refuse_misloaded(path: Path) -> None:
