@@ -102,7 +102,7 @@ def test_self_check_is_exact(cli_run, ref, tmp_path):
     assert len(res["layers"]) == StreamedModel(str(ref)).num_layers
     assert all(p["rel_error"] == 0.0 and p["cosine"] == pytest.approx(1.0, abs=1e-12) for p in res["layers"])
     assert all(g["passed"] for g in res["gates"]) and [g["metric"] for g in res["gates"]] == \
-        ["ppl_increase", "top1_agreement", "kl_mean"]
+        ["ppl_increase", "top1_agreement", "kl_mean", "max_layer_rel_error"]
     gen = res["generations"]["samples"]
     assert len(gen) == 2 and all(s["same_prefix_tokens"] == 4 and s["reference"] == s["candidate"] for s in gen)
     # report: JSON equal to stdout's, markdown, a real PNG, and a manifest of the report directory
@@ -128,7 +128,7 @@ def test_int2_layer_fails_default_gates_naming_metric_and_layer(cli_run, ref, in
     assert acc["metrics"]["kl_mean"] > 0 and acc["metrics"]["top1_agreement"] < 0.95
     # gates off: the same candidate passes, the manifest says so
     r = cli_run("check", int2_layer1, "--reference", ref, *SMALL, "--quiet", "--min-top1", "none",
-                "--max-kl", "none", "--max-ppl-increase", "none", "--json")
+                "--max-kl", "none", "--max-ppl-increase", "none", "--max-layer-error", "none", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["gates"] == [] and read_manifest(int2_layer1)["accuracy"]["passed"] is True
 
@@ -268,7 +268,7 @@ def test_gates_fail_on_nan_and_name_the_first_failure():
     cfg = CheckConfig(max_kl_p99=0.5)
     gates = evaluate_gates(cfg, {"ppl_increase": 0.031, "top1_agreement": 0.97, "kl_mean": float("nan"),
                                  "kl_p99": 0.1})
-    assert [g["passed"] for g in gates] == [False, True, False, True]
+    assert [g["passed"] for g in gates] == [False, True, False, True, None]  # no per-layer errors given
     line = failure_line(gates, {"layer": 3, "before": 0.01, "after": 0.4})
     assert line == ("ppl_increase +3.10% > max +2.00% (--max-ppl-increase); also kl_mean nan; "
                     "hidden-state error jumps at layer 3 (rel. error 0.01 -> 0.4)")
@@ -321,6 +321,28 @@ def test_a_broken_candidate_fails_its_gate(cli_run, tmp_path, name, fn, gates, f
                 "--quiet", "--json", *off, *gates)
     assert r.exit_code == 1, r.output
     assert json.loads(r.stdout)["failed"][0] == failing
+
+
+def test_one_rarely_routed_expert_blown_up_fails_the_layer_error_gate(cli_run, tmp_path):
+    """Layer 1's least-routed expert's down projection x 1e6 (as one NVFP4 expert's global scale inverted:
+    x 3.5e8, found by a review): the few tokens it gets leave the layer with hidden states off by orders
+    of magnitude, while perplexity, KL and top-1 over all tokens barely move and pass. The per-layer error
+    gate (default 1.0) fails it; without that gate the check passes it."""
+    from moepress.checks.runner import eval_data
+
+    ref = models.path("tiny-mixtral")
+    batches, _ = eval_data(ref, CheckConfig())  # the check's default data, which the CLI run below reads
+    sm, stats = StreamedModel(str(ref)), RoutingStats()
+    sm.forward(batches, before_layer=lambda i, lay: stats.attach(i, lay))
+    counts = stats.layers[1].counts
+    rare = int(torch.where(counts > 0, counts, counts.max() + 1).argmin())
+    bad = _broken_copy(tmp_path, sm.adapter.expert_prefix(1, rare) + "w2.weight", lambda t: (t.float() * 1e6).to(t.dtype))
+    args = ("check", bad, "--reference", ref, "--quiet", "--json")
+    r = cli_run(*args)
+    res = json.loads(r.stdout)
+    assert r.exit_code == 1 and res["failed"] == ["max_layer_rel_error"], r.output
+    assert res["metrics"]["max_layer_rel_error"] > 10 and res["metrics"]["ppl_increase"] < 0.02
+    assert cli_run(*args, "--max-layer-error", "none").exit_code == 0
 
 
 def test_a_few_nan_tokens_make_the_p99_nan():

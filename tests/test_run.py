@@ -339,7 +339,7 @@ def test_cards_state_what_each_artifact_carries_and_its_consumers_misload(cli_ru
     cfg = json.loads((out / "export" / "compressed-tensors" / "config.json").read_text())
     assert cfg["quantization_config"].get("kv_cache_scheme") is None
     assert "| KV cache | not carried by this format (asked: fp8)" in ct and "| KV cache | FP8, calibrated" in mo
-    assert "from_pretrained" not in ct and "loads this artifact wrongly" in ct
+    assert "from_pretrained" not in ct and "loads its NVFP4 routed experts without weight_global_scale" in ct
     assert "This artifact was not checked (transformers " in ct and "## Consumer notes" in ct
     assert "from_pretrained" not in mo and "This artifact was not checked" not in mo
     # a kill between the card and its manifest entry: the rerun mends the entry (publish refused it for good)

@@ -46,7 +46,10 @@ class CheckConfig:
     Gates (None turns one off): ``max_ppl_increase`` relative perplexity increase
     (0.02 = 2%); ``min_top1`` top-1 next-token agreement; ``max_kl`` mean KL(ref || cand)
     per token in nats; ``max_kl_p99`` its 99th percentile; ``min_cosine`` the lowest
-    per-layer mean cosine similarity of hidden states.
+    per-layer mean cosine similarity of hidden states; ``max_layer_error`` the largest per-layer
+    mean relative error of hidden states (1.0: a layer's outputs off by their own size, which no
+    quantization or pruning that passes the other gates comes near, while one expert with a wrong
+    scale that few eval tokens reach moves the whole-model metrics by a fraction of a percent).
     Data: ``data`` (None: the bundled held-out text), ``seq_len`` tokens per sample,
     ``max_samples`` samples, ``batch_size``. ``generate`` prompts decoded greedily for
     ``gen_tokens`` tokens each, side by side. ``kind`` the candidate kind (``auto``: detected).
@@ -57,6 +60,7 @@ class CheckConfig:
     max_kl: float | None = 0.05
     max_kl_p99: float | None = None
     min_cosine: float | None = None
+    max_layer_error: float | None = 1.0
     data: str | None = None
     seq_len: int = 256
     max_samples: int = 32
@@ -68,7 +72,7 @@ class CheckConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        for name in ("max_ppl_increase", "min_top1", "max_kl", "max_kl_p99", "min_cosine"):
+        for name in ("max_ppl_increase", "min_top1", "max_kl", "max_kl_p99", "min_cosine", "max_layer_error"):
             object.__setattr__(self, name, parse_fraction(getattr(self, name), name))
         for name, low in (("seq_len", 2), ("max_samples", 1), ("batch_size", 1), ("generate", 0),
                           ("gen_tokens", 1)):
@@ -117,15 +121,17 @@ GATES = (
     Gate("kl_mean", "max_kl", "<=", "--max-kl"),
     Gate("kl_p99", "max_kl_p99", "<=", "--max-kl-p99"),
     Gate("min_layer_cosine", "min_cosine", ">=", "--min-cosine", per_layer=True),
+    Gate("max_layer_rel_error", "max_layer_error", "<=", "--max-layer-error", per_layer=True),
 )
 
 
 def refuse_per_layer_gates(cfg: CheckConfig, why: str) -> None:
     """A gate on per-layer hidden states that was asked for and cannot be measured for this candidate
     is refused before the check runs: a CI job's gate must never pass unmeasured."""
+    defaults = CheckConfig()
     for g in GATES:
         thr = getattr(cfg, g.field)
-        if g.per_layer and thr is not None:
+        if g.per_layer and thr is not None and thr != getattr(defaults, g.field):  # a default: shown unmeasured
             raise MoepressError(f"{g.option} {thr} (check.{g.field} in a recipe): {why}; expected the gate "
                                 "off ('none') for this candidate")
 

@@ -269,6 +269,8 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
             cosines = [p["cosine"] for p in per_layer]  # min() skips a NaN after a finite value: NaN wins here
             metrics["min_layer_cosine"] = math.nan if any(c != c for c in cosines) else min(cosines)
             metrics["final_layer_rel_error"] = per_layer[-1]["rel_error"]
+            errors = [p["rel_error"] for p in per_layer]
+            metrics["max_layer_rel_error"] = math.nan if any(e != e for e in errors) else max(errors)
         gates = evaluate_gates(cfg, metrics)
         gen = generations(ref, cand, batches, ref_dir, cfg) if cfg.generate else None
         failed = [g["metric"] for g in gates if g["passed"] is False]

@@ -101,6 +101,9 @@ def _human(result: dict) -> list[str]:
               help="Gate: largest 99th-percentile KL per token.")
 @click.option("--min-cosine", default="none", metavar="COS", show_default=True,
               help="Gate: lowest per-layer mean cosine similarity of hidden states.")
+@click.option("--max-layer-error", default="1.0", metavar="REL", show_default=True,
+              help="Gate: largest per-layer mean relative error of hidden states (where the candidate gives "
+                   "them; 'none': off).")
 @click.option("--kind", type=KindChoice(), default="auto", show_default=True,
               help="Candidate kind; auto detects it from the path.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sample.")
@@ -118,9 +121,9 @@ def _human(result: dict) -> list[str]:
               help="Write report.json, report.md and layer_error.png into DIR.")
 @device_option
 @progress_options
-def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, max_kl_p99, min_cosine, kind, seq_len,
-              max_samples, batch_size, seed, generate, gen_tokens, trust_remote_code, report_dir, device, quiet,
-              json_out):
+def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, max_kl_p99, min_cosine, max_layer_error,
+              kind, seq_len, max_samples, batch_size, seed, generate, gen_tokens, trust_remote_code, report_dir, device,
+              quiet, json_out):
     """Compare CANDIDATE with the reference checkpoint on held-out text and gate on the result.
 
     Metrics: perplexity of both and its relative change; KL(reference || candidate) of
@@ -151,7 +154,7 @@ def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, ma
 
     gates = {name: parse_fraction(value, "--" + name.replace("_", "-")) for name, value in
              (("max_ppl_increase", max_ppl_increase), ("min_top1", min_top1), ("max_kl", max_kl),
-              ("max_kl_p99", max_kl_p99), ("min_cosine", min_cosine))}
+              ("max_kl_p99", max_kl_p99), ("min_cosine", min_cosine), ("max_layer_error", max_layer_error))}
     cfg = CheckConfig(**gates, data=data, seq_len=seq_len, max_samples=max_samples,
                       batch_size=batch_size, seed=seed, generate=generate, gen_tokens=gen_tokens, kind=kind,
                       trust_remote_code=trust_remote_code)
