@@ -336,7 +336,8 @@ def test_one_rarely_routed_expert_blown_up_fails_the_layer_error_gate(cli_run, t
     sm.forward(batches, before_layer=lambda i, lay: stats.attach(i, lay))
     counts = stats.layers[1].counts
     rare = int(torch.where(counts > 0, counts, counts.max() + 1).argmin())
-    bad = _broken_copy(tmp_path, sm.adapter.expert_prefix(1, rare) + "w2.weight", lambda t: (t.float() * 1e6).to(t.dtype))
+    bad = _broken_copy(tmp_path, sm.adapter.expert_prefix(1, rare) + "w2.weight",
+                       lambda t: (t.float() * 1e6).to(t.dtype))
     args = ("check", bad, "--reference", ref, "--quiet", "--json")
     r = cli_run(*args)
     res = json.loads(r.stdout)
