@@ -69,7 +69,7 @@ def storage_format(config: dict) -> str:
         # e.g. "compressed-tensors pack-quantized" (Kimi K2 Thinking's routed experts)
         label = " ".join(dict.fromkeys(str(x) for x in (qc.get("quant_method"), qc.get("format")) if x))
         return label or "quantized"
-    return str(config.get("torch_dtype") or config.get("dtype") or "unknown")
+    return str(config.get("dtype") or config.get("torch_dtype") or "unknown")  # transformers 5 reads dtype
 
 
 def module_formats(reader: CheckpointReader, adapter: Adapter) -> dict[str, dict[str, int]]:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import copy_checkpoint
+from helpers import copy_checkpoint, make_random_checkpoint
 from moepress import models
 from moepress.calib.data import calibration_batches, eval_batches
 from moepress.calib.metrics import perplexity
@@ -445,3 +445,13 @@ def test_linears_left_unquantized_are_said(cli_run, tmp_path):
     assert r.exit_code == 0, r.output
     note = next(ln for ln in r.output.splitlines() if "left unquantized" in ln)
     assert ".w2" in note and "quant_report.json" in note and "no linear was quantized" not in note
+
+
+def test_quantized_config_names_the_stored_dtype(tmp_path):
+    """transformers 5 writes only "dtype" (here float32); the quantize output added "torch_dtype":
+    "bfloat16" beside it, which readers that take torch_dtype first would run the unquantized weights in."""
+    src = make_random_checkpoint("mixtral", tmp_path / "m")
+    assert "torch_dtype" not in json.loads((src / "config.json").read_text())
+    quantize_checkpoint(src, tmp_path / "q", QuantConfig(format="fp8-dynamic"))
+    conf = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert conf["torch_dtype"] == conf["dtype"] == "float32"

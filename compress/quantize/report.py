@@ -142,7 +142,8 @@ def model_config(reader: CheckpointReader, hf_quant: dict) -> dict:
     conf = dict(reader.config)
     conf.pop("quantization_config", None)
     conf["quantization_config"] = {"quant_method": "modelopt", **hf_quant["quantization"]}
-    conf["torch_dtype"] = conf.get("torch_dtype") or "bfloat16"
+    # transformers 5 writes "dtype" only, older ones "torch_dtype": both name the stored one, not bf16
+    conf["torch_dtype"] = conf.get("dtype") or conf.get("torch_dtype") or "bfloat16"
     return conf
 
 
