@@ -202,6 +202,11 @@ def test_bad_input_is_one_line_exit_2(cli_run, ref, tmp_path):
     assert "write 200%" in err(ref, "--reference", ref, "--max-ppl-increase", "2")
     other = make_random_checkpoint("qwen3_moe", tmp_path / "vocab256")  # vocab 256 vs the bundled 4096
     assert "vocabulary of 256 tokens" in err(other, "--reference", ref, *SMALL)
+    # another family with the same vocabulary and widths: it ran and failed a metric (exit 1), perplexity
+    # passing; streamed and through transformers alike
+    for kind in ("checkpoint", "transformers"):
+        line = err(models.path("tiny-mixtral"), "--reference", ref, *SMALL, "--kind", kind)
+        assert "a mixtral model, the reference" in line and "is qwen3_moe" in line, line
     (tmp_path / "empty").mkdir()
     assert "not a candidate moepress can run" in err(tmp_path / "empty", "--reference", ref)
     same = shutil.copytree(ref, tmp_path / "same")

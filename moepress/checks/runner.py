@@ -24,8 +24,10 @@ from moepress.calib.data import DEFAULT_EVAL, calibration_set, eval_batches, loa
 from moepress.calib.metrics import LayerStats, LogitStats, error_jump
 from moepress.calib.sources import TEXT_SUFFIXES
 from moepress.checks.candidates import Candidate, open_candidate
+from moepress.checks.candidates.base import config_json
 from moepress.checks.config import CheckConfig, evaluate_gates, refuse_per_layer_gates
 from moepress.checks.lineage import calibrated_on
+from moepress.compress.arch import adapter_class
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 
@@ -210,6 +212,20 @@ def _data_notes(candidate: Path, ref_dir: Path, data: dict) -> list[str]:
     return notes
 
 
+def _refuse_other_family(candidate: Path, reference, family: str) -> None:
+    """A candidate whose config.json (beside an ONNX file: its folder's) names another family than the
+    reference's, refused before it is loaded: with the same vocabulary it would run, and fail or pass on
+    numbers of two unrelated models."""
+    folder = candidate if candidate.is_dir() else candidate.parent
+    try:
+        other = adapter_class(config_json(folder) or {}).family
+    except MoepressError:  # no config.json, or an architecture moepress does not stream
+        return
+    if other != family:
+        raise MoepressError(f"{candidate}: a {other} model, the reference {reference} is {family}; expected the "
+                            "checkpoint the candidate was made from")
+
+
 def run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, progress=None, device=None) -> dict:
     """Compare ``candidate`` with the ``reference`` checkpoint; returns the result (metrics, gates, ...).
     The streamed models run on ``device`` (None: the CPU)."""
@@ -228,6 +244,7 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
         raise MoepressError(f"{candidate}: the candidate is the reference (--reference {reference}); the check "
                             "would compare the model with itself and pass")
     ref = StreamedModel(str(ref_dir), device=device)
+    _refuse_other_family(Path(candidate), reference, ref.adapter.family)
     cand = open_candidate(candidate, cfg)
     if cand.streamed:
         cand.stream.to(device)
