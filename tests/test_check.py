@@ -102,7 +102,7 @@ def test_self_check_is_exact(cli_run, ref, tmp_path):
     assert len(res["layers"]) == StreamedModel(str(ref)).num_layers
     assert all(p["rel_error"] == 0.0 and p["cosine"] == pytest.approx(1.0, abs=1e-12) for p in res["layers"])
     assert all(g["passed"] for g in res["gates"]) and [g["metric"] for g in res["gates"]] == \
-        ["ppl_increase", "top1_agreement", "kl_mean", "max_layer_rel_error"]
+        ["ppl_increase", "top1_agreement", "kl_mean", "max_layer_rel_error", "min_routing_overlap"]
     gen = res["generations"]["samples"]
     assert len(gen) == 2 and all(s["same_prefix_tokens"] == 4 and s["reference"] == s["candidate"] for s in gen)
     # report: JSON equal to stdout's, markdown, a real PNG, and a manifest of the report directory
@@ -128,7 +128,8 @@ def test_int2_layer_fails_default_gates_naming_metric_and_layer(cli_run, ref, in
     assert acc["metrics"]["kl_mean"] > 0 and acc["metrics"]["top1_agreement"] < 0.95
     # gates off: the same candidate passes, the manifest says so
     r = cli_run("check", int2_layer1, "--reference", ref, *SMALL, "--quiet", "--min-top1", "none",
-                "--max-kl", "none", "--max-ppl-increase", "none", "--max-layer-error", "none", "--json")
+                "--max-kl", "none", "--max-ppl-increase", "none", "--max-layer-error", "none",
+                "--min-routing-overlap", "none", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["gates"] == [] and read_manifest(int2_layer1)["accuracy"]["passed"] is True
 
@@ -273,7 +274,7 @@ def test_gates_fail_on_nan_and_name_the_first_failure():
     cfg = CheckConfig(max_kl_p99=0.5)
     gates = evaluate_gates(cfg, {"ppl_increase": 0.031, "top1_agreement": 0.97, "kl_mean": float("nan"),
                                  "kl_p99": 0.1})
-    assert [g["passed"] for g in gates] == [False, True, False, True, None]  # no per-layer errors given
+    assert [g["passed"] for g in gates] == [False, True, False, True, None, None]  # no per-layer metrics given
     line = failure_line(gates, {"layer": 3, "before": 0.01, "after": 0.4})
     assert line == ("ppl_increase +3.10% > max +2.00% (--max-ppl-increase); also kl_mean nan; "
                     "hidden-state error jumps at layer 3 (rel. error 0.01 -> 0.4)")
@@ -349,6 +350,64 @@ def test_one_rarely_routed_expert_blown_up_fails_the_layer_error_gate(cli_run, t
     assert r.exit_code == 1 and res["failed"] == ["max_layer_rel_error"], r.output
     assert res["metrics"]["max_layer_rel_error"] > 10 and res["metrics"]["ppl_increase"] < 0.02
     assert cli_run(*args, "--max-layer-error", "none").exit_code == 0
+
+
+def _deepseek_copy(tmp_path, change=None, **config):
+    """tiny-deepseek-v3 with one tensor changed (``change(state_dict)``) or config.json keys set."""
+    from safetensors.torch import load_file, save_file
+
+    out = shutil.copytree(models.path("tiny-deepseek-v3"), tmp_path / "bad")
+    for f in out.glob("*.safetensors"):
+        sd = load_file(f)
+        if change is not None and change(sd):
+            save_file(sd, f, metadata={"format": "pt"})
+    conf = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**conf, **config}))
+    return out
+
+
+def _bias_zeroed(sd) -> bool:
+    name = "model.layers.1.mlp.gate.e_score_correction_bias"
+    if name in sd:
+        sd[name] = torch.zeros_like(sd[name])
+    return name in sd
+
+
+@pytest.mark.parametrize("change,config", [(_bias_zeroed, {}), (None, {"num_experts_per_tok": 3})],
+                         ids=["correction-bias-zeroed", "top-k-4-to-3"])
+def test_routing_breaks_fail_the_routing_gate(cli_run, tmp_path, change, config):
+    """A dropped DeepSeek correction bias or another top-k (an exporter's plausible mistakes): perplexity
+    moved by under 1% and KL stayed under its gate (measured: +0.15% / +0.91%, KL 0.010 / 0.017); only
+    top-1 failed, which 4-bit formats also fail on small models. The candidate's router, given the
+    reference's inputs, keeps 75-79% of the reference's choices; a correct candidate keeps all of them."""
+    bad = _deepseek_copy(tmp_path, change, **config)
+    args = ("check", bad, "--reference", models.path("tiny-deepseek-v3"), "--quiet", "--json", "--min-top1", "none")
+    r = cli_run(*args)
+    res = json.loads(r.stdout)
+    assert r.exit_code == 1 and res["failed"] == ["min_routing_overlap"], r.output
+    assert res["metrics"]["min_routing_overlap"] < 0.85 and res["metrics"]["ppl_increase"] < 0.02
+    assert [p.get("routing_overlap") is None for p in res["layers"]] == [True, False, False, False]  # layer 0 dense
+    assert cli_run(*args, "--min-routing-overlap", "none").exit_code == 0
+
+
+def test_routing_gate_on_candidates_without_the_references_experts(cli_run, tmp_path):
+    """A pruned candidate's experts are others: the default routing gate is shown unmeasured, an explicit
+    one refused before the check runs; a quantized candidate routes exactly as its reference."""
+    ref = models.path("tiny-deepseek-v3")
+    pruned = tmp_path / "pruned"
+    assert cli_run("prune", ref, "--ratio", "0.25", "--method", "frequency", "-o", pruned, "--quiet",
+                   "--num-samples", "4", "--seq-len", "32").exit_code == 0
+    r = cli_run("check", pruned, "--reference", ref, *SMALL, "--quiet", "--json", "--min-top1", "none",
+                "--max-kl", "none", "--max-ppl-increase", "none")
+    res = json.loads(r.stdout)
+    assert r.exit_code == 0 and "min_routing_overlap" not in res["metrics"], r.output
+    assert [g["passed"] for g in res["gates"] if g["metric"] == "min_routing_overlap"] == [None]
+    r = cli_run("check", pruned, "--reference", ref, *SMALL, "--min-routing-overlap", "0.9")
+    assert r.exit_code == 2 and "--min-routing-overlap 0.9" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    q = tmp_path / "q"
+    assert cli_run("quantize", ref, "--format", "fp8-block", "-o", q, "--quiet").exit_code == 0
+    r = cli_run("check", q, "--reference", ref, *SMALL, "--quiet", "--json")
+    assert json.loads(r.stdout)["metrics"]["min_routing_overlap"] == 1.0, r.output
 
 
 def test_a_few_nan_tokens_make_the_p99_nan():

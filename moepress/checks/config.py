@@ -36,7 +36,8 @@ def parse_fraction(value, option: str) -> float | None:
     return out
 
 
-SHARES = ("max_ppl_increase", "min_top1", "min_cosine")  # gates whose values are shares, written <= 1 or as %
+# gates whose values are shares, written <= 1 or as %
+SHARES = ("max_ppl_increase", "min_top1", "min_cosine", "min_routing_overlap")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,9 @@ class CheckConfig:
     per-layer mean cosine similarity of hidden states; ``max_layer_error`` the largest per-layer
     mean relative error of hidden states (1.0: a layer's outputs off by their own size, which no
     quantization or pruning that passes the other gates comes near, while one expert with a wrong
-    scale that few eval tokens reach moves the whole-model metrics by a fraction of a percent).
+    scale that few eval tokens reach moves the whole-model metrics by a fraction of a percent);
+    ``min_routing_overlap`` the lowest per-MoE-layer share of the reference's expert choices the candidate's
+    router makes on the same inputs (checks/routing.py).
     Data: ``data`` (None: the bundled held-out text), ``seq_len`` tokens per sample,
     ``max_samples`` samples, ``batch_size``. ``generate`` prompts decoded greedily for
     ``gen_tokens`` tokens each, side by side. ``kind`` the candidate kind (``auto``: detected).
@@ -61,6 +64,7 @@ class CheckConfig:
     max_kl_p99: float | None = None
     min_cosine: float | None = None
     max_layer_error: float | None = 1.0
+    min_routing_overlap: float | None = 0.95
     data: str | None = None
     seq_len: int = 256
     max_samples: int = 32
@@ -72,7 +76,8 @@ class CheckConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        for name in ("max_ppl_increase", "min_top1", "max_kl", "max_kl_p99", "min_cosine", "max_layer_error"):
+        for name in ("max_ppl_increase", "min_top1", "max_kl", "max_kl_p99", "min_cosine", "max_layer_error",
+                     "min_routing_overlap"):
             object.__setattr__(self, name, parse_fraction(getattr(self, name), name))
         for name, low in (("seq_len", 2), ("max_samples", 1), ("batch_size", 1), ("generate", 0),
                           ("gen_tokens", 1)):
@@ -112,7 +117,7 @@ class Gate:
     op: str  # "<=" or ">="
     option: str  # the CLI flag
     percent: bool = False  # show as a percentage
-    per_layer: bool = False  # measured only when the candidate gives per-layer hidden states
+    needs: str = ""  # measured only for some candidates: "layers" (per-layer hidden states), "routing"
 
 
 GATES = (
@@ -120,18 +125,19 @@ GATES = (
     Gate("top1_agreement", "min_top1", ">=", "--min-top1"),
     Gate("kl_mean", "max_kl", "<=", "--max-kl"),
     Gate("kl_p99", "max_kl_p99", "<=", "--max-kl-p99"),
-    Gate("min_layer_cosine", "min_cosine", ">=", "--min-cosine", per_layer=True),
-    Gate("max_layer_rel_error", "max_layer_error", "<=", "--max-layer-error", per_layer=True),
+    Gate("min_layer_cosine", "min_cosine", ">=", "--min-cosine", needs="layers"),
+    Gate("max_layer_rel_error", "max_layer_error", "<=", "--max-layer-error", needs="layers"),
+    Gate("min_routing_overlap", "min_routing_overlap", ">=", "--min-routing-overlap", needs="routing"),
 )
 
 
-def refuse_per_layer_gates(cfg: CheckConfig, why: str) -> None:
-    """A gate on per-layer hidden states that was asked for and cannot be measured for this candidate
-    is refused before the check runs: a CI job's gate must never pass unmeasured."""
+def refuse_unmeasurable(cfg: CheckConfig, needs: str, why: str) -> None:
+    """A gate that needs what this candidate does not give (``needs``: per-layer hidden states, a router)
+    and was asked for is refused before the check runs: a CI job's gate must never pass unmeasured."""
     defaults = CheckConfig()
     for g in GATES:
         thr = getattr(cfg, g.field)
-        if g.per_layer and thr is not None and thr != getattr(defaults, g.field):  # a default: shown unmeasured
+        if g.needs == needs and thr is not None and thr != getattr(defaults, g.field):  # a default: shown n/a
             raise MoepressError(f"{g.option} {thr} (check.{g.field} in a recipe): {why}; expected the gate "
                                 "off ('none') for this candidate")
 

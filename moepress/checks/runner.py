@@ -25,8 +25,9 @@ from moepress.calib.metrics import LayerStats, LogitStats, error_jump
 from moepress.calib.sources import TEXT_SUFFIXES
 from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.candidates.base import config_json
-from moepress.checks.config import CheckConfig, evaluate_gates, refuse_per_layer_gates
+from moepress.checks.config import CheckConfig, evaluate_gates, refuse_unmeasurable
 from moepress.checks.lineage import calibrated_on
+from moepress.checks.routing import RouteCapture, moe_of
 from moepress.compress.arch import adapter_class
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
@@ -79,7 +80,8 @@ class _Lockstep:
 
 
 @torch.no_grad()
-def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit_stats: LogitStats, task):
+def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit_stats: LogitStats, task,
+              routing: dict[int, float]):
     cs = cand.stream
     hr, hc = ref.embed(batches), cs.embed(batches)
     embed = LayerStats()
@@ -87,13 +89,20 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
         embed.add(a, b)
     n = max(ref.num_layers, cs.num_layers)
     order = [(m, i) for i in range(n) for m in (ref, cs) if i < m.num_layers]
+    capture = None
     for sm, i, layer in _Lockstep(order):
         if sm is ref:
+            moe = moe_of(layer)
+            capture = RouteCapture(moe) if moe is not None else None
             hr = ref.run_layer(layer, hr)
-            del layer  # freed before the next one is built: one layer runs, the next is being read
+            del layer, moe  # freed before the next one is built: one layer runs, the next is being read
             continue
+        moe = moe_of(layer)
+        if capture is not None and moe is not None and (share := capture.overlap(moe)) is not None:
+            routing[i] = share
+        capture = None
         hc = cs.run_layer(layer, hc)
-        del layer
+        del layer, moe
         if layers is not None:
             for a, b in zip(hr, hc, strict=True):
                 layers[i].add(a, b)
@@ -108,7 +117,8 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
 
 
 @torch.no_grad()
-def _whole(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit_stats: LogitStats, task):
+def _whole(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit_stats: LogitStats, task,
+           routing: dict[int, float]):
     hr = ref.embed(batches)
     emb_ref = hr if cand.has_hidden else None
     kept: list[list[torch.Tensor]] = []
@@ -212,6 +222,31 @@ def _data_notes(candidate: Path, ref_dir: Path, data: dict) -> list[str]:
     return notes
 
 
+def _layer_metrics(layers: list[LayerStats] | None, embed, routing: dict[int, float],
+                   metrics: dict) -> tuple[list[dict], dict | None]:
+    """Per-layer rows (hidden-state agreement; routing agreement at MoE layers), the layer where the error
+    jumps, and the per-layer headline metrics, added to ``metrics``."""
+    if routing:
+        metrics["min_routing_overlap"] = min(routing.values())
+    if layers is None:
+        return [], None
+    per_layer = [{"layer": i, **s.summary(), **({"routing_overlap": routing[i]} if i in routing else {})}
+                 for i, s in enumerate(layers)]
+    start = embed.summary()["rel_error"] if embed is not None else 0.0
+    k = error_jump([p["rel_error"] for p in per_layer], start)
+    before = (per_layer[k - 1]["rel_error"] if k else start) if k is not None else None
+    jump = None
+    # grows there (or turns NaN), above float32 rounding noise between two runtimes
+    if k is not None and not per_layer[k]["rel_error"] <= max(before, JUMP_FLOOR):
+        jump = {"layer": k, "before": before, "after": per_layer[k]["rel_error"]}
+    cosines = [p["cosine"] for p in per_layer]  # min() skips a NaN after a finite value: NaN wins here
+    metrics["min_layer_cosine"] = math.nan if any(c != c for c in cosines) else min(cosines)
+    metrics["final_layer_rel_error"] = per_layer[-1]["rel_error"]
+    errors = [p["rel_error"] for p in per_layer]
+    metrics["max_layer_rel_error"] = math.nan if any(e != e for e in errors) else max(errors)
+    return per_layer, jump
+
+
 def _refuse_other_family(candidate: Path, reference, family: str) -> None:
     """A candidate whose config.json (beside an ONNX file: its folder's) names another family than the
     reference's, refused before it is loaded: with the same vocabulary it would run, and fail or pass on
@@ -261,33 +296,24 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
         elif not cand.has_hidden:
             notes.append(f"per-layer comparison off: a {cand.kind} candidate gives logits only")
         if not comparable:
-            refuse_per_layer_gates(cfg, notes[-1])
+            refuse_unmeasurable(cfg, "layers", notes[-1])
+        if not (cand.streamed and cand.stream.adapter.num_experts == ref.adapter.num_experts):
+            refuse_unmeasurable(cfg, "routing", "routing agreement needs a streamed candidate with the "
+                                f"reference's {ref.adapter.num_experts} experts per layer")
         if cand.streamed and cand.stream.adapter.hidden_size != ref.adapter.hidden_size:
             raise MoepressError(f"{candidate}: hidden size {cand.stream.adapter.hidden_size}, the reference has "
                                 f"{ref.adapter.hidden_size}")
         layers = [LayerStats() for _ in range(ref.num_layers)] if comparable else None
-        logit_stats = LogitStats()
+        logit_stats, routing = LogitStats(), {}
         total = max(ref.num_layers, cand.num_layers or 0) if cand.streamed else ref.num_layers
+        run = _streamed if cand.streamed else _whole
         if progress is not None:
             with progress.task("check", total) as task:
-                embed = (_streamed if cand.streamed else _whole)(ref, cand, batches, layers, logit_stats, task)
+                embed = run(ref, cand, batches, layers, logit_stats, task, routing)
         else:
-            embed = (_streamed if cand.streamed else _whole)(ref, cand, batches, layers, logit_stats, None)
+            embed = run(ref, cand, batches, layers, logit_stats, None, routing)
         metrics = logit_stats.summary()
-        per_layer, jump = [], None
-        if layers is not None:
-            per_layer = [{"layer": i, **s.summary()} for i, s in enumerate(layers)]
-            start = embed.summary()["rel_error"] if embed is not None else 0.0
-            k = error_jump([p["rel_error"] for p in per_layer], start)
-            before = (per_layer[k - 1]["rel_error"] if k else start) if k is not None else None
-            # grows there (or turns NaN), above float32 rounding noise between two runtimes
-            if k is not None and not per_layer[k]["rel_error"] <= max(before, JUMP_FLOOR):
-                jump = {"layer": k, "before": before, "after": per_layer[k]["rel_error"]}
-            cosines = [p["cosine"] for p in per_layer]  # min() skips a NaN after a finite value: NaN wins here
-            metrics["min_layer_cosine"] = math.nan if any(c != c for c in cosines) else min(cosines)
-            metrics["final_layer_rel_error"] = per_layer[-1]["rel_error"]
-            errors = [p["rel_error"] for p in per_layer]
-            metrics["max_layer_rel_error"] = math.nan if any(e != e for e in errors) else max(errors)
+        per_layer, jump = _layer_metrics(layers, embed, routing, metrics)
         gates = evaluate_gates(cfg, metrics)
         gen = generations(ref, cand, batches, ref_dir, cfg) if cfg.generate else None
         failed = [g["metric"] for g in gates if g["passed"] is False]

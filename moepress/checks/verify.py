@@ -63,7 +63,7 @@ def recompute_gates(acc: dict) -> tuple[list[tuple[str, bool]], list[str]]:
                             f"got {rec.get('op')} {thr!r}")
             continue
         if name not in metrics:
-            if not g.per_layer or rec.get("passed") is not None:
+            if not g.needs or rec.get("passed") is not None:
                 problems.append(f"accuracy.gates {name}: accuracy.metrics has no {name}")
             continue
         v = metrics[name]

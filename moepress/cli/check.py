@@ -104,6 +104,10 @@ def _human(result: dict) -> list[str]:
 @click.option("--max-layer-error", default="1.0", metavar="REL", show_default=True,
               help="Gate: largest per-layer mean relative error of hidden states (where the candidate gives "
                    "them; 'none': off).")
+@click.option("--min-routing-overlap", default="0.95", metavar="FRACTION", show_default=True,
+              help="Gate: lowest per-MoE-layer share of the reference's expert choices that the candidate's router "
+                   "makes on the reference's router inputs (streamed candidates with the reference's experts; "
+                   "'none': off).")
 @click.option("--kind", type=KindChoice(), default="auto", show_default=True,
               help="Candidate kind; auto detects it from the path.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sample.")
@@ -122,8 +126,8 @@ def _human(result: dict) -> list[str]:
 @device_option
 @progress_options
 def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, max_kl_p99, min_cosine, max_layer_error,
-              kind, seq_len, max_samples, batch_size, seed, generate, gen_tokens, trust_remote_code, report_dir, device,
-              quiet, json_out):
+              min_routing_overlap, kind, seq_len, max_samples, batch_size, seed, generate, gen_tokens,
+              trust_remote_code, report_dir, device, quiet, json_out):
     """Compare CANDIDATE with the reference checkpoint on held-out text and gate on the result.
 
     Metrics: perplexity of both and its relative change; KL(reference || candidate) of
@@ -154,7 +158,8 @@ def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, ma
 
     gates = {name: parse_fraction(value, "--" + name.replace("_", "-")) for name, value in
              (("max_ppl_increase", max_ppl_increase), ("min_top1", min_top1), ("max_kl", max_kl),
-              ("max_kl_p99", max_kl_p99), ("min_cosine", min_cosine), ("max_layer_error", max_layer_error))}
+              ("max_kl_p99", max_kl_p99), ("min_cosine", min_cosine), ("max_layer_error", max_layer_error),
+              ("min_routing_overlap", min_routing_overlap))}
     cfg = CheckConfig(**gates, data=data, seq_len=seq_len, max_samples=max_samples,
                       batch_size=batch_size, seed=seed, generate=generate, gen_tokens=gen_tokens, kind=kind,
                       trust_remote_code=trust_remote_code)
