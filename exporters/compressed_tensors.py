@@ -93,8 +93,12 @@ def _schemes(src: Path, s) -> tuple[dict[tuple[str, int | None], object], str]:
         raise MoepressError(f"--format compressed-tensors: {src} is quantized as {', '.join(awq)} with "
                             "pre_quant_scale, which has no compressed-tensors form (AWQ folded into the norms has); "
                             + (int4_routes(s, "compressed-tensors") or "quantize with --awq-fold or int4-gptq"))
+    # the routed experts' scheme first: transformers 5.24 merges every layer's experts under the first
+    # config group whose targets are not "re:" patterns (integrations/compressed_tensors.py
+    # get_experts_scheme), so a DeepSeek dense layer 0 with another INT4 group size failed to load
+    routed = {n for ns in routed_linears(s).values() for n in ns}
     kinds: dict[tuple[str, int | None], list[str]] = {}
-    for n, m in sorted(s.layout["modules"].items()):
+    for n, m in sorted(s.layout["modules"].items(), key=lambda kv: (kv[0] not in routed, kv[0])):
         kinds.setdefault((m["format"], m.get("group")), []).append(n)
     schemes = {k: formats.FORMATS[k[0]].ct_scheme(k[1], ["Linear"] if len(kinds) == 1 else names)
                for k, names in kinds.items()}

@@ -384,7 +384,7 @@ def test_a_single_process_command_under_torchrun_is_refused(cli_run, monkeypatch
     ["calib", "stats", "tiny-mixtral", "--seq-len", "1025", "-o", "{tmp}/s"],
     ["quantize", "tiny-mixtral", "--format", "fp8", "--seq-len", "1025", "-o", "{tmp}/q"],
     ["prune", "tiny-mixtral", "--ratio", "0.25", "--seq-len", "1025", "-o", "{tmp}/p"],
-    ["check", "tiny-qwen3-moe", "-r", "tiny-mixtral", "--seq-len", "1025"],
+    ["check", "tiny-kimi-k2-int4", "-r", "tiny-deepseek-v3", "--seq-len", "1025"],
 ])
 def test_calibration_past_the_models_positions_is_refused(tmp_path, cli_run, args):
     """Samples longer than max_position_embeddings (1024 in every bundled model) ran at positions

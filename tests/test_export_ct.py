@@ -299,3 +299,28 @@ def test_static_fp8_expert_input_scales_transformers_drops_are_noted(tmp_path, c
     assert info["misloaded_by"] == {} and any("static input_scale is not loaded" in n for n in info["consumer_notes"])
     r = cli_run("check", ct, "-r", "tiny-qwen3-moe", "--max-samples", "2", "--seq-len", "32", "--json")
     assert r.exit_code == 0 and any("static input_scale" in n for n in json.loads(r.stdout)["notes"]), r.output
+
+
+def test_experts_scheme_is_the_first_config_group(tmp_path):
+    """transformers 5.24 merges every layer's experts under the first config group (get_experts_scheme,
+    module-name targets). A DeepSeek whose dense layer-0 down projection (16 wide) takes a smaller INT4
+    group than the experts (32) sorted that group first, and transformers failed to load the experts
+    ("size of tensor a (4) must match ... (2)"); the experts' group is written first, and transformers'
+    logits equal moepress's forward of the quantized checkpoint."""
+    import shutil
+
+    from helpers import make_random_checkpoint
+
+    src = make_random_checkpoint("deepseek_v3", tmp_path / "m", vocab_size=4096, intermediate_size=16)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(models.path("tiny-deepseek-v3") / f, src / f)
+    q, ct = tmp_path / "q", tmp_path / "ct"
+    quantize_checkpoint(src, q, QuantConfig(format="int4-gptq", group_size=32, num_samples=4, seq_len=32))
+    export(q, ct, ExportConfig(format="compressed-tensors"))
+    groups = json.loads((ct / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert [g["weights"]["group_size"] for g in groups.values()] == [32, 16]
+    assert ".experts." in groups["group_0"]["targets"][0]
+    p = _load_without_moepress(tmp_path, ct)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = torch.load(tmp_path / "logits.pt")[f"{ct}|default"]
+    assert _rel(got, _forward(q, "none")) < 1e-4
