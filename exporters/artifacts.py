@@ -31,6 +31,20 @@ def read_json(p: Path) -> dict | None:
         raise MoepressError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
+def transformers_misload(d: Path) -> tuple[str, str] | None:
+    """(newest affected version, how) where the export in ``d`` says transformers loads it wrongly or not at
+    all (export.json ``misloaded_by`` / ``misloaded_why``, written by the compressed-tensors exporter)."""
+    info = read_json(d / "export.json")
+    info = info if isinstance(info, dict) else {}
+    by = info.get("misloaded_by") if isinstance(info.get("misloaded_by"), dict) else {}
+    why = info.get("misloaded_why") if isinstance(info.get("misloaded_why"), dict) else {}
+    upto = by.get("transformers")
+    if not isinstance(upto, str) or not upto:
+        return None
+    how = why.get("transformers")
+    return upto, how if isinstance(how, str) else "loads it wrongly"
+
+
 def kv_cache_declared(d: Path) -> kv_cache.KVCache | None:
     """The quantized KV cache an export's own files declare (None: the runtime keeps the model's dtype):
     ``kv_cache_quant_algo`` of hf_quant_config.json (hf-modelopt) or of a trtllm-ckpt config.json's

@@ -260,8 +260,14 @@ def test_data_the_candidate_was_calibrated_on_is_said(cli_run, tmp_path, monkeyp
 
 
 def test_check_config_from_recipe():
+    from moepress.checks.config import refuse_unmeasurable
+
     cfg = CheckConfig.from_dict({"max-ppl-increase": "5%", "min_top1": 0.9, "max_kl": "none", "seq-len": 128})
     assert (cfg.max_ppl_increase, cfg.min_top1, cfg.max_kl, cfg.seq_len) == (0.05, 0.9, None, 128)
+    assert cfg.asked == ("max_ppl_increase", "min_top1", "max_kl")
+    refuse_unmeasurable(cfg, "routing", "no router")  # the routing gate at its default, not asked: shown n/a
+    with pytest.raises(MoepressError, match="min-routing-overlap 0.95 .*no router"):
+        refuse_unmeasurable(CheckConfig.from_dict({"min_routing_overlap": 0.95}), "routing", "no router")
     with pytest.raises(MoepressError, match="check: unknown key 'max_ppl'"):
         CheckConfig.from_dict({"max_ppl": 1})
     with pytest.raises(MoepressError, match="seq_len 1"):
@@ -331,7 +337,7 @@ def test_a_broken_candidate_fails_its_gate(cli_run, tmp_path, name, fn, gates, f
 
 def test_one_rarely_routed_expert_blown_up_fails_the_layer_error_gate(cli_run, tmp_path):
     """Layer 1's least-routed expert's down projection x 1e6 (as one NVFP4 expert's global scale inverted:
-    x 3.5e8, found by a review): the few tokens it gets leave the layer with hidden states off by orders
+    x 3.5e8): the few tokens it gets leave the layer with hidden states off by orders
     of magnitude, while perplexity, KL and top-1 over all tokens barely move and pass. The per-layer error
     gate (default 1.0) fails it; without that gate the check passes it."""
     from moepress.checks.runner import eval_data
@@ -402,8 +408,10 @@ def test_routing_gate_on_candidates_without_the_references_experts(cli_run, tmp_
     res = json.loads(r.stdout)
     assert r.exit_code == 0 and "min_routing_overlap" not in res["metrics"], r.output
     assert [g["passed"] for g in res["gates"] if g["metric"] == "min_routing_overlap"] == [None]
-    r = cli_run("check", pruned, "--reference", ref, *SMALL, "--min-routing-overlap", "0.9")
-    assert r.exit_code == 2 and "--min-routing-overlap 0.9" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for asked in ("0.9", "0.95"):  # the default's value, given explicitly, is asked for too
+        r = cli_run("check", pruned, "--reference", ref, *SMALL, "--min-routing-overlap", asked)
+        assert r.exit_code == 2 and f"--min-routing-overlap {float(asked)}" in r.stderr, r.output
+        assert len(r.stderr.strip().splitlines()) == 1
     q = tmp_path / "q"
     assert cli_run("quantize", ref, "--format", "fp8-block", "-o", q, "--quiet").exit_code == 0
     r = cli_run("check", q, "--reference", ref, *SMALL, "--quiet", "--json")

@@ -448,8 +448,8 @@ def test_linears_left_unquantized_are_said(cli_run, tmp_path):
 
 
 def test_quantized_config_names_the_stored_dtype(tmp_path):
-    """transformers 5 writes only "dtype" (here float32); the quantize output added "torch_dtype":
-    "bfloat16" beside it, which readers that take torch_dtype first would run the unquantized weights in."""
+    """transformers 5 writes only "dtype" (here float32); a "torch_dtype" beside it must name the same dtype,
+    or readers that take torch_dtype first run the unquantized weights in another one."""
     src = make_random_checkpoint("mixtral", tmp_path / "m")
     assert "torch_dtype" not in json.loads((src / "config.json").read_text())
     quantize_checkpoint(src, tmp_path / "q", QuantConfig(format="fp8-dynamic"))

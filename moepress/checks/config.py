@@ -36,6 +36,8 @@ def parse_fraction(value, option: str) -> float | None:
     return out
 
 
+GATE_FIELDS = ("max_ppl_increase", "min_top1", "max_kl", "max_kl_p99", "min_cosine", "max_layer_error",
+               "min_routing_overlap")
 # gates whose values are shares, written <= 1 or as %
 SHARES = ("max_ppl_increase", "min_top1", "min_cosine", "min_routing_overlap")
 
@@ -74,11 +76,15 @@ class CheckConfig:
     gen_tokens: int = 24
     kind: str = "auto"
     trust_remote_code: bool = False
+    asked: tuple[str, ...] = ()  # gates given explicitly (an option, a recipe key): never shown unmeasured
 
     def __post_init__(self):
-        for name in ("max_ppl_increase", "min_top1", "max_kl", "max_kl_p99", "min_cosine", "max_layer_error",
-                     "min_routing_overlap"):
+        for name in GATE_FIELDS:
             object.__setattr__(self, name, parse_fraction(getattr(self, name), name))
+        asked = tuple(self.asked) if isinstance(self.asked, (list, tuple)) else None
+        if asked is None or not set(asked) <= set(GATE_FIELDS):
+            raise MoepressError(f"asked {self.asked!r}: expected gate names among {', '.join(GATE_FIELDS)}")
+        object.__setattr__(self, "asked", asked)
         for name, low in (("seq_len", 2), ("max_samples", 1), ("batch_size", 1), ("generate", 0),
                           ("gen_tokens", 1)):
             v = getattr(self, name)
@@ -94,13 +100,13 @@ class CheckConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "check") -> "CheckConfig":
         """From a recipe's ``check:`` section (keys as the fields, ``-`` or ``_``)."""
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"asked"}
         norm = {str(k).replace("-", "_"): v for k, v in (d or {}).items()}
         bad = sorted(set(norm) - known)
         if bad:
             raise MoepressError(f"{where}: unknown key '{bad[0]}' (expected {', '.join(sorted(known))})")
         try:
-            return cls(**norm)
+            return cls(**norm, asked=tuple(k for k in GATE_FIELDS if k in norm))
         except MoepressError as e:  # the value's own message, under the recipe file and section
             raise MoepressError(f"{where}: {e}") from None
 
@@ -133,11 +139,12 @@ GATES = (
 
 def refuse_unmeasurable(cfg: CheckConfig, needs: str, why: str) -> None:
     """A gate that needs what this candidate does not give (``needs``: per-layer hidden states, a router)
-    and was asked for is refused before the check runs: a CI job's gate must never pass unmeasured."""
+    and was asked for (set to other than its default, or named in ``cfg.asked``) is refused before the check
+    runs: a CI job's gate must never pass unmeasured. A default gate nobody asked for is shown unmeasured."""
     defaults = CheckConfig()
     for g in GATES:
         thr = getattr(cfg, g.field)
-        if g.needs == needs and thr is not None and thr != getattr(defaults, g.field):  # a default: shown n/a
+        if g.needs == needs and thr is not None and (g.field in cfg.asked or thr != getattr(defaults, g.field)):
             raise MoepressError(f"{g.option} {thr} (check.{g.field} in a recipe): {why}; expected the gate "
                                 "off ('none') for this candidate")
 

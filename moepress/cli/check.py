@@ -66,12 +66,18 @@ def _human(result: dict) -> list[str]:
            f"  top-1 agreement  {m['top1_agreement']:.4f}{gate('top1_agreement')}"]
     if result["layers"]:
         errs = ", ".join(f"{p['layer']}: {p['rel_error']:.3g}" for p in result["layers"])
-        out.append(f"  hidden rel. error per layer  {errs}")
+        out.append(f"  hidden rel. error per layer  {errs}{gate('max_layer_rel_error')}")
         if gate("min_layer_cosine"):  # the gate is on the cosines: printed beside them, not the errors
             cos = ", ".join(f"{p['layer']}: {p['cosine']:.6f}" for p in result["layers"])
             out.append(f"  hidden cosine per layer  {cos}{gate('min_layer_cosine')}")
         if result["error_jump"] is not None and result["error_jump"]["after"] > 0:
             out.append(f"  error jumps at layer {result['error_jump']['layer']}")
+    if "min_routing_overlap" in m:
+        share = ", ".join(f"{p['layer']}: {p['routing_overlap']:.4f}" for p in result["layers"]
+                          if "routing_overlap" in p)
+        out.append(f"  routing overlap per MoE layer  {share}{gate('min_routing_overlap')}")
+    out += [f"  {g['metric']}: not measured for this candidate{gate(g['metric'])}" for g in result["gates"]
+            if g["passed"] is None]
     out += [f"  note: {n}" for n in result["notes"]]
     gen = result.get("generations") or {}
     for s in gen.get("samples", []):
@@ -160,7 +166,9 @@ def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, ma
              (("max_ppl_increase", max_ppl_increase), ("min_top1", min_top1), ("max_kl", max_kl),
               ("max_kl_p99", max_kl_p99), ("min_cosine", min_cosine), ("max_layer_error", max_layer_error),
               ("min_routing_overlap", min_routing_overlap))}
-    cfg = CheckConfig(**gates, data=data, seq_len=seq_len, max_samples=max_samples,
+    ctx = click.get_current_context()
+    asked = tuple(n for n in gates if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT)
+    cfg = CheckConfig(**gates, asked=asked, data=data, seq_len=seq_len, max_samples=max_samples,
                       batch_size=batch_size, seed=seed, generate=generate, gen_tokens=gen_tokens, kind=kind,
                       trust_remote_code=trust_remote_code)
     cand = _path(candidate, "")

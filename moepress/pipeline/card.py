@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from moepress.exporters.artifacts import kv_cache_declared
+from moepress.exporters.artifacts import kv_cache_declared, transformers_misload
 from moepress.manifest import read_manifest
 
 LOADING = {
@@ -143,11 +143,9 @@ def _loading(fmt: str, d: Path, name: str) -> list[str]:
     """How to load it; where this artifact's own export.json says a consumer misloads it, that consumer's
     snippet is replaced by the warning, and its consumer notes are listed."""
     info = _json(d / "export.json")
-    misloaded = info.get("misloaded_by") if isinstance(info.get("misloaded_by"), dict) else {}
-    why = info.get("misloaded_why") if isinstance(info.get("misloaded_why"), dict) else {}
-    how = why.get("transformers") if isinstance(why.get("transformers"), str) else "loads this artifact wrongly"
-    tf = (f"\n**transformers <= {misloaded['transformers']} {how}**: serve it with vLLM or SGLang.\n"
-          if misloaded.get("transformers") else CT_TRANSFORMERS)
+    misload = transformers_misload(d)
+    tf = (f"\n**transformers <= {misload[0]} {misload[1]}**: serve it with vLLM or SGLang.\n"
+          if misload else CT_TRANSFORMERS)
     text = LOADING.get(fmt, "").replace("{transformers}", tf).replace("{path}", f"./{name}")
     cfg, tok = _json(d / "config.json"), _json(d / "tokenizer_config.json")
     if cfg.get("auto_map") or tok.get("auto_map"):

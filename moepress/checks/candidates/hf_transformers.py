@@ -10,6 +10,7 @@ from moepress.checks.candidates.base import Candidate, CandidateKind, Outputs, c
 from moepress.checks.config import CheckConfig
 from moepress.compress.arch import transformers_config
 from moepress.errors import MoepressError
+from moepress.exporters.artifacts import read_json, transformers_misload
 
 
 class TransformersCandidate(Candidate):
@@ -83,29 +84,18 @@ def misloaded(path: Path) -> str | None:
     ``misloaded_by``: the newest affected version; ``misloaded_why``: how), or None."""
     import transformers
 
-    info = _export_json(path)
-    upto = info.get("misloaded_by", {}).get("transformers") if isinstance(info.get("misloaded_by"), dict) else None
-    if not upto or _version(transformers.__version__) > _version(upto):
+    misload = transformers_misload(Path(path))
+    if misload is None or _version(transformers.__version__) > _version(misload[0]):
         return None
-    why = info.get("misloaded_why") if isinstance(info.get("misloaded_why"), dict) else {}
-    how = why.get("transformers") if isinstance(why.get("transformers"), str) else "loads it wrongly"
+    upto, how = misload
     return f"transformers {transformers.__version__} {how} (export.json misloaded_by: transformers <= {upto})"
 
 
 def consumer_notes(path: Path) -> list[str]:
     """The export's notes on how transformers runs it (export.json ``consumer_notes``), for the check's reader."""
-    notes = _export_json(path).get("consumer_notes")
+    info = read_json(Path(path) / "export.json")
+    notes = info.get("consumer_notes") if isinstance(info, dict) else None
     return [n for n in notes if isinstance(n, str) and n.startswith("transformers")] if isinstance(notes, list) else []
-
-
-def _export_json(path: Path) -> dict:
-    import json
-
-    try:
-        info = json.loads((Path(path) / "export.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
 
 
 def refuse_misloaded(path: Path) -> None:
