@@ -1,16 +1,19 @@
 """Routing agreement: does the candidate's router send the reference's tokens to the experts the
 reference's router sends them to?
 
-At each MoE layer the candidate's router (its weights, correction bias, top-k, groups and scaling:
-its tensors and its config.json) is given the reference's router input, so whatever else the
-candidate quantizes in the layer changes nothing here: a correct quantized or exported checkpoint
-routes exactly as the reference (moepress never quantizes a router), while a dropped or permuted
-correction bias, permuted router rows or another top-k show at once. Such breaks can move the
-whole-model metrics by under 1% (a dropped DeepSeek-V3 correction bias: +0.3% perplexity on the
-bundled tiny-deepseek-v3), which perplexity, KL and top-1 gates cannot tell from quantization noise.
+At each MoE layer the candidate's router (its weights, correction bias, top-k and groups: its tensors
+and its config.json; not the weights' scaling, which chooses no expert) is given the reference's
+router input, so whatever else the candidate quantizes in the layer changes nothing here: a correct
+quantized or exported checkpoint routes exactly as the reference (moepress never quantizes a router),
+while a dropped or permuted correction bias, permuted router rows or another top-k show at once. Such
+breaks can move the whole-model metrics by under 1% (a dropped DeepSeek-V3 correction bias: +0.15%
+perplexity on the bundled tiny-deepseek-v3), which perplexity, KL and top-1 gates cannot tell from
+quantization noise.
 
-Measured for streamed candidates with the reference's expert count (not for pruned ones, whose
-experts are others).
+Experts are matched by what they compute, not by index: each reference expert's output on a few of
+the layer's tokens is kept, and a candidate whose experts are the reference's in another order (an
+expert-placement tool that rewrites the checkpoint) is compared through that order. Measured for
+streamed candidates with the reference's expert count (not for pruned ones, whose experts are others).
 """
 
 from __future__ import annotations
@@ -26,27 +29,53 @@ def moe_of(layer) -> SparseMoE | None:
     return block if isinstance(block, SparseMoE) else None
 
 
+PROBE_TOKENS = 16  # tokens each expert's output is kept on, to match candidate experts to the reference's
+
+
 class RouteCapture:
-    """Observer on the reference's MoE block: each batch's router input and the experts chosen."""
+    """Observer on the reference's MoE block: each batch's router input and the experts chosen, and every
+    expert's output on the first batch's first tokens (what identifies it)."""
 
     def __init__(self, moe: SparseMoE):
         self.num_experts = moe.num_experts
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.probe: torch.Tensor | None = None
+        self.outputs: torch.Tensor | None = None
         moe.observers.append(self)
 
+    @torch.no_grad()
     def on_route(self, moe, x, logits, weights, indices) -> None:
         self.seen.append((x, indices))
+        if self.probe is None:
+            self.probe = x[:PROBE_TOKENS]
+            self.outputs = _expert_outputs(moe, self.probe)
 
     @torch.no_grad()
-    def overlap(self, moe: SparseMoE) -> float | None:
-        """Share of the reference's (token, expert) choices the candidate's router ``moe`` also makes on
-        the same inputs; None when its experts are not the reference's (another count)."""
+    def overlap(self, moe: SparseMoE) -> tuple[float, bool] | None:
+        """(share of (token, expert) choices both routers make, over the larger top-k; whether the
+        candidate's experts are the reference's renumbered) on the same inputs, or None when its experts
+        are not the reference's (another count)."""
         if moe.num_experts != self.num_experts or not self.seen:
             return None
+        order = self._order(moe)
         hits = total = 0
         for x, ref_idx in self.seen:
             _, _, idx = moe.route(moe, x.to(moe.gate.weight.device))
-            idx = idx.to(ref_idx.device)
+            idx = order[idx.to(ref_idx.device)]  # the candidate's expert j is the reference's order[j]
             hits += int((ref_idx[:, :, None] == idx[:, None, :]).any(-1).sum())
-            total += ref_idx.numel()
-        return hits / total
+            total += ref_idx.shape[0] * max(ref_idx.shape[1], idx.shape[1])
+        return hits / total, bool((order != torch.arange(len(order))).any())
+
+    def _order(self, moe: SparseMoE) -> torch.Tensor:
+        """order[j]: the reference expert whose output the candidate's expert j is nearest to, where that
+        is a one-to-one renumbering; else the identity."""
+        ident = torch.arange(self.num_experts)
+        ref = self.outputs.flatten(1)
+        cand = _expert_outputs(moe, self.probe.to(moe.gate.weight.device)).flatten(1).to(ref.device)
+        order = torch.cdist(cand, ref).argmin(1).cpu()
+        return order if torch.equal(order.sort().values, ident) else ident
+
+
+def _expert_outputs(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
+    """[experts, tokens, hidden] float32: every routed expert's output on ``x``."""
+    return torch.stack([moe.experts[e](x).float() for e in range(moe.num_experts)])

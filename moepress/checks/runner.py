@@ -81,7 +81,7 @@ class _Lockstep:
 
 @torch.no_grad()
 def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit_stats: LogitStats, task,
-              routing: dict[int, float]):
+              routing: dict[int, tuple[float, bool]]):
     cs = cand.stream
     hr, hc = ref.embed(batches), cs.embed(batches)
     embed = LayerStats()
@@ -98,8 +98,8 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
             del layer, moe  # freed before the next one is built: one layer runs, the next is being read
             continue
         moe = moe_of(layer)
-        if capture is not None and moe is not None and (share := capture.overlap(moe)) is not None:
-            routing[i] = share
+        if capture is not None and moe is not None and (got := capture.overlap(moe)) is not None:
+            routing[i] = got
         capture = None
         hc = cs.run_layer(layer, hc)
         del layer, moe
@@ -118,7 +118,7 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
 
 @torch.no_grad()
 def _whole(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit_stats: LogitStats, task,
-           routing: dict[int, float]):
+           routing: dict[int, tuple[float, bool]]):
     hr = ref.embed(batches)
     emb_ref = hr if cand.has_hidden else None
     kept: list[list[torch.Tensor]] = []
@@ -222,10 +222,11 @@ def _data_notes(candidate: Path, ref_dir: Path, data: dict) -> list[str]:
     return notes
 
 
-def _layer_metrics(layers: list[LayerStats] | None, embed, routing: dict[int, float],
+def _layer_metrics(layers: list[LayerStats] | None, embed, routing: dict[int, tuple[float, bool]],
                    metrics: dict) -> tuple[list[dict], dict | None]:
     """Per-layer rows (hidden-state agreement; routing agreement at MoE layers), the layer where the error
     jumps, and the per-layer headline metrics, added to ``metrics``."""
+    routing = {i: share for i, (share, _) in routing.items()}
     if routing:
         metrics["min_routing_overlap"] = min(routing.values())
     if layers is None:
@@ -314,6 +315,10 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
             embed = run(ref, cand, batches, layers, logit_stats, None, routing)
         metrics = logit_stats.summary()
         per_layer, jump = _layer_metrics(layers, embed, routing, metrics)
+        renumbered = [i for i, (_, moved) in routing.items() if moved]
+        if renumbered:
+            notes.append(f"the candidate's experts are the reference's renumbered at layer(s) "
+                         f"{', '.join(map(str, renumbered))} (matched by their outputs; routing compared so)")
         gates = evaluate_gates(cfg, metrics)
         gen = generations(ref, cand, batches, ref_dir, cfg) if cfg.generate else None
         failed = [g["metric"] for g in gates if g["passed"] is False]
