@@ -61,7 +61,8 @@ class RouteCapture:
         hits = total = 0
         for x, ref_idx in self.seen:
             _, _, idx = moe.route(moe, x.to(moe.gate.weight.device))
-            idx = order[idx.to(ref_idx.device)]  # the candidate's expert j is the reference's order[j]
+            dev = ref_idx.device
+            idx = order.to(dev)[idx.to(dev)]  # the candidate's expert j is the reference's order[j]
             hits += int((ref_idx[:, :, None] == idx[:, None, :]).any(-1).sum())
             total += ref_idx.shape[0] * max(ref_idx.shape[1], idx.shape[1])
         return hits / total, bool((order != torch.arange(len(order))).any())

@@ -117,8 +117,7 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
 
 
 @torch.no_grad()
-def _whole(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit_stats: LogitStats, task,
-           routing: dict[int, tuple[float, bool]]):
+def _whole(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit_stats: LogitStats, task):
     hr = ref.embed(batches)
     emb_ref = hr if cand.has_hidden else None
     kept: list[list[torch.Tensor]] = []
@@ -307,12 +306,17 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
         layers = [LayerStats() for _ in range(ref.num_layers)] if comparable else None
         logit_stats, routing = LogitStats(), {}
         total = max(ref.num_layers, cand.num_layers or 0) if cand.streamed else ref.num_layers
-        run = _streamed if cand.streamed else _whole
+
+        def run(task):
+            if cand.streamed:
+                return _streamed(ref, cand, batches, layers, logit_stats, task, routing)
+            return _whole(ref, cand, batches, layers, logit_stats, task)
+
         if progress is not None:
             with progress.task("check", total) as task:
-                embed = run(ref, cand, batches, layers, logit_stats, task, routing)
+                embed = run(task)
         else:
-            embed = run(ref, cand, batches, layers, logit_stats, None, routing)
+            embed = run(None)
         metrics = logit_stats.summary()
         per_layer, jump = _layer_metrics(layers, embed, routing, metrics)
         renumbered = [i for i, (_, moved) in routing.items() if moved]
