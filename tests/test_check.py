@@ -108,7 +108,7 @@ def test_self_check_is_exact(cli_run, ref, tmp_path):
     # report: JSON equal to stdout's, markdown, a real PNG, and a manifest of the report directory
     assert json.loads((rep / "report.json").read_text())["metrics"] == m
     md = (rep / "report.md").read_text()
-    assert md.startswith("# Accuracy check: PASS") and "| top1_agreement | 1 | >= 0.95 | pass |" in md
+    assert md.startswith("# Accuracy check: PASS") and "| top1_agreement | 1 | >= 0.85 | pass |" in md
     assert (rep / "layer_error.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(read_manifest(rep)["files"]) == {"report.json", "report.md", "layer_error.png"}
     # the bundled model was not written by a moepress stage: its directory is left alone

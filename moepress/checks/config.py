@@ -61,7 +61,7 @@ class CheckConfig:
     """
 
     max_ppl_increase: float | None = 0.02
-    min_top1: float | None = 0.95
+    min_top1: float | None = 0.85
     max_kl: float | None = 0.05
     max_kl_p99: float | None = None
     min_cosine: float | None = None

@@ -99,7 +99,7 @@ def _human(result: dict) -> list[str]:
                    "figures measured on it are in-sample.")
 @click.option("--max-ppl-increase", default="2%", metavar="FRACTION", show_default=True,
               help="Gate: largest relative perplexity increase (2% or 0.02; 'none' turns it off).")
-@click.option("--min-top1", default="0.95", metavar="FRACTION", show_default=True,
+@click.option("--min-top1", default="0.85", metavar="FRACTION", show_default=True,
               help="Gate: lowest top-1 next-token agreement with the reference ('none': off).")
 @click.option("--max-kl", default="0.05", metavar="NATS", show_default=True,
               help="Gate: largest mean KL(reference || candidate) per token, nats ('none': off).")
