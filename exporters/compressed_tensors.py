@@ -65,7 +65,7 @@ from moepress.exporters.fused_moe import (
     refuse_partial_input_groups,
     refuse_unlike,
     refuse_unpacked_experts,
-    routed_linears,
+    routed_names,
 )
 from moepress.exporters.hf_common import open_source, output_config, require_layout, tensor_groups, unquantized_modules
 from moepress.exporters.hints import int4_routes
@@ -96,7 +96,7 @@ def _schemes(src: Path, s) -> tuple[dict[tuple[str, int | None], object], str]:
     # the routed experts' scheme first: transformers 5.24 merges every layer's experts under the first
     # config group whose targets are not "re:" patterns (integrations/compressed_tensors.py
     # get_experts_scheme), so a DeepSeek dense layer 0 with another INT4 group size failed to load
-    routed = {n for ns in routed_linears(s).values() for n in ns}
+    routed = routed_names(s)
     kinds: dict[tuple[str, int | None], list[str]] = {}
     for n, m in sorted(s.layout["modules"].items(), key=lambda kv: (kv[0] not in routed, kv[0])):
         kinds.setdefault((m["format"], m.get("group")), []).append(n)
@@ -136,13 +136,13 @@ TRANSFORMERS_CHECKED = "5.24"
 
 def _expert_schemes(s, schemes) -> dict:
     """{routed-expert module: its compressed-tensors scheme}."""
-    routed = {n for ns in routed_linears(s).values() for n in ns}
+    routed = routed_names(s)
     return {n: schemes[(m["format"], m.get("group"))] for n, m in s.layout["modules"].items() if n in routed}
 
 
-def _misloaded(s, schemes) -> dict[str, str]:
-    """{consumer: how the newest checked version loads this checkpoint wrongly or not at all}."""
-    experts = _expert_schemes(s, schemes)
+def _misloaded(s, experts: dict) -> dict[str, str]:
+    """{consumer: how the newest checked version loads this checkpoint wrongly or not at all}; ``experts``:
+    {routed-expert module: its scheme}."""
     strategies = {sch.weights.strategy for sch in experts.values() if sch.weights is not None}
     if "tensor_group" in strategies:
         return {"transformers": "loads its NVFP4 routed experts without weight_global_scale (wrong weights, no "
@@ -156,12 +156,12 @@ def _misloaded(s, schemes) -> dict[str, str]:
     return {}
 
 
-def _consumer_notes(s, schemes, misloaded: dict[str, str]) -> list[str]:
+def _consumer_notes(experts: dict, misloaded: dict[str, str]) -> list[str]:
     """Known consumer bugs this checkpoint meets, said at export (the bytes follow the specification)."""
     notes = [f"transformers <= {TRANSFORMERS_CHECKED} {why}; vLLM and SGLang load them correctly"
              for why in misloaded.values()]
     if any(sch.input_activations is not None and not sch.input_activations.dynamic
-           for sch in _expert_schemes(s, schemes).values()):
+           for sch in experts.values()):
         notes.append(f"transformers <= {TRANSFORMERS_CHECKED} runs the routed experts on unquantized activations "
                      "(their static input_scale is not loaded); vLLM and SGLang apply it")
     return notes
@@ -216,8 +216,9 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
                 writer.add(n, r.get(n))
             writer.end_shard()
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
-    misloaded = _misloaded(s, schemes)
-    notes = _consumer_notes(s, schemes, misloaded)
+    experts = _expert_schemes(s, schemes)
+    misloaded = _misloaded(s, experts)
+    notes = _consumer_notes(experts, misloaded)
     if dropped:
         notes.append(f"the FP8 KV-cache scales ({len(dropped)} k_scale / v_scale) are not carried: no kv_cache_scheme "
                      "is written, so runtimes keep the KV cache in the model's dtype; hf-modelopt carries them")

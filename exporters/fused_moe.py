@@ -49,9 +49,14 @@ def routed_linears(s: Source) -> dict[int, list[str]]:
     return out
 
 
+def routed_names(s: Source) -> set[str]:
+    """Every routed-expert linear of the checkpoint, all layers together."""
+    return {n for ns in routed_linears(s).values() for n in ns}
+
+
 def expert_widths(s: Source, names=None) -> list[int]:
     """The in_features of the routed-expert linears ``names`` (default: all of them), sorted, distinct."""
-    names = [n for ns in routed_linears(s).values() for n in ns] if names is None else names
+    names = routed_names(s) if names is None else names
     return sorted({s.reader.info(n + ".weight").shape[1] for n in names})
 
 
@@ -181,4 +186,5 @@ def high_precision_layers(s: Source, kept: set[str]) -> list[str]:
 
 
 __all__ = ["common_groups", "expert_widths", "fused_name", "high_precision_layers", "pattern", "refuse_mixed",
-           "refuse_partial_blocks", "refuse_partial_input_groups", "refuse_unpacked_experts", "routed_linears"]
+           "refuse_partial_blocks", "refuse_partial_input_groups", "refuse_unpacked_experts", "routed_linears",
+           "routed_names"]

@@ -62,7 +62,7 @@ from moepress.exporters.fused_moe import (
     refuse_partial_blocks,
     refuse_partial_input_groups,
     refuse_unlike,
-    routed_linears,
+    routed_names,
 )
 from moepress.exporters.hf_common import (
     QUANT_FILES,
@@ -155,7 +155,7 @@ def refuse_unloadable_experts(s, modules: dict) -> None:
     only for the families the format registry's ``trtllm_moe_families`` names, vLLM and SGLang never for
     INT4 experts (tests/consumer_names.py). Checked before the group-size refusals (no group size makes
     them load), and the hint names only exports that take this source (hints.int4_routes)."""
-    routed = {n for ns in routed_linears(s).values() for n in ns}
+    routed = routed_names(s)
     for fmt in sorted({modules[n]["format"] for n in routed if n in modules}):
         f = formats.FORMATS[fmt]
         if not f.trtllm_loads_experts(s.adapter.family):

@@ -22,13 +22,6 @@ import torch
 
 from moepress.compress.moe import SparseMoE
 
-
-def moe_of(layer) -> SparseMoE | None:
-    """The layer's sparse MoE block, or None for a dense layer."""
-    block = getattr(layer, getattr(layer, "ffn_attr", "mlp"), None)
-    return block if isinstance(block, SparseMoE) else None
-
-
 PROBE_TOKENS = 16  # tokens each expert's output is kept on, to match candidate experts to the reference's
 
 

@@ -27,7 +27,7 @@ from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.candidates.base import config_json
 from moepress.checks.config import CheckConfig, evaluate_gates, refuse_unmeasurable
 from moepress.checks.lineage import calibrated_on
-from moepress.checks.routing import RouteCapture, moe_of
+from moepress.checks.routing import RouteCapture
 from moepress.compress.arch import adapter_class
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
@@ -92,12 +92,12 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
     capture = None
     for sm, i, layer in _Lockstep(order):
         if sm is ref:
-            moe = moe_of(layer)
+            moe = layer.moe
             capture = RouteCapture(moe) if moe is not None else None
             hr = ref.run_layer(layer, hr)
             del layer, moe  # freed before the next one is built: one layer runs, the next is being read
             continue
-        moe = moe_of(layer)
+        moe = layer.moe
         if capture is not None and moe is not None and (got := capture.overlap(moe)) is not None:
             routing[i] = got
         capture = None
