@@ -23,6 +23,7 @@ scale, or one per expert on that expert's slice.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -142,12 +143,27 @@ class GraphBuilder:
             return g.op("DequantizeLinear", [g.init(name, w), g.init(name + ".scale", lin.scale.reshape(-1).float())],
                         axis=0)
         if scheme == "block":
-            s = lin.scale.float().repeat_interleave(128, 0)[: w.shape[0]]
-            return g.op("DequantizeLinear", [g.init(name, w), g.init(name + ".scale", s)], axis=1, block_size=128)
-        # group (INT4): ONNX INT4 initializer, blocked DQ along the input axis
+            return self._block_dq(name, w, lin.scale)
+        # group (INT4): ONNX INT4 initializer, blocked DQ along the input axis (groups divide in_features)
         s = lin.scale.float()
+        if w.shape[-1] % s.shape[-1]:
+            raise MoepressError(f"{self.reader.path}: '{name}': {s.shape[-1]} INT4 groups do not divide "
+                                f"in_features {w.shape[-1]}")
         q = g.init(name, w, onnx_type=TensorProto.INT4, raw=pack_int4_onnx(w))
         return g.op("DequantizeLinear", [q, g.init(name + ".scale", s)], axis=1, block_size=w.shape[-1] // s.shape[-1])
+
+    def _block_dq(self, name: str, w: torch.Tensor, scale: torch.Tensor) -> str:
+        """128x128 block FP8 as a DequantizeLinear blocked along the input axis, one scale row per weight row.
+
+        TensorRT's ONNX parser ignores ``block_size`` and takes the block as in_features // scale columns
+        (onnx/onnx-tensorrt onnxOpImporters.cpp ``QuantDequantLinearHelper``, at 96e78110 and 0137504e),
+        while ONNX (and onnxruntime) reads the last block as partial: with in_features 192 and two scale
+        columns TensorRT would use blocks of 96. So the block is gcd(in_features, 128), each 128-column
+        scale repeated over its blocks: whole blocks that both read alike, the same numbers."""
+        b = math.gcd(w.shape[1], 128)
+        s = scale.float().repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128 // b, 1)[:, : w.shape[1] // b]
+        return self.g.op("DequantizeLinear", [self.g.init(name, w), self.g.init(name + ".scale", s.contiguous())],
+                         axis=1, block_size=b)
 
     def act_qdq(self, x: str, name: str, lins: list[Linear], flat: bool = False) -> str:
         """Static FP8 input fake-quant (and AWQ pre-quant scaling) in front of a linear."""

@@ -251,21 +251,29 @@ def test_experts_with_their_own_input_scales_keep_them(exported, tmp_path):
     assert (rel <= FLOAT32[0]).float().mean().item() >= FP8_EXACT_SHARE and rel.max().item() <= FP8_FLIP
 
 
-def test_block_fp8_input_is_dequantized_per_expert_and_matches_the_stream(tmp_path):
+@pytest.mark.parametrize("width", [32, 192])
+def test_block_fp8_input_is_dequantized_per_expert_and_matches_the_stream(tmp_path, width):
     """A DeepSeek-style block-FP8 checkpoint (weight_scale_inv, 128 x 128): each weight one 2-D
-    blocked DequantizeLinear (experts too), and onnxruntime equals moepress's weight-only stream."""
+    blocked DequantizeLinear (experts too), and onnxruntime equals moepress's weight-only stream. Expert width
+    192 (over one block, not a multiple): TensorRT's parser takes the block as in_features // scale columns
+    (onnx-tensorrt onnxOpImporters.cpp QuantDequantLinearHelper; block_size is not read), so every blocked DQ
+    must have whole blocks of exactly that size, or TensorRT reads other numbers than onnxruntime."""
     from helpers import DSV3_SMALL
     from moepress.compress.synthetic import write_synthetic
     from moepress.exporters import ExportConfig, export
 
-    src = write_synthetic({**DSV3_SMALL, "max_position_embeddings": 128}, tmp_path / "src", block_fp8=True)
+    cfg = {**DSV3_SMALL, "max_position_embeddings": 128, "moe_intermediate_size": width}
+    src = write_synthetic(cfg, tmp_path / "src", block_fp8=True)
     dst = tmp_path / "onnx"
     export(src, dst, ExportConfig(format="onnx"))
     m = onnx.load(str(dst / "model.onnx"), load_external_data=False)
     dims = {t.name: list(t.dims) for t in m.graph.initializer}
-    blocked = [n for n in m.graph.node if n.op_type == "DequantizeLinear"
-               and any(a.name == "block_size" and a.i == 128 for a in n.attribute)]
-    assert len(blocked) > 32 and all(len(dims[n.input[0]]) == 2 == len(dims[n.input[1]]) for n in blocked)
+    blocked = [(n, a.i) for n in m.graph.node if n.op_type == "DequantizeLinear"
+               for a in n.attribute if a.name == "block_size"]
+    assert len(blocked) > 32 and all(len(dims[n.input[0]]) == 2 == len(dims[n.input[1]]) for n, _ in blocked)
+    for n, b in blocked:  # TensorRT's block, ONNX's block
+        cols, scales = dims[n.input[0]][1], dims[n.input[1]][1]
+        assert cols % b == 0 and cols // scales == b, (n.name, cols, scales, b)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     got, ref = _ort_logits(dst, ids), StreamedModel(src).forward([ids])[0]
     assert ((got - ref).abs().max() / ref.abs().max()).item() <= FLOAT32[0]
