@@ -3,10 +3,11 @@ its weight format, and what the export itself fixes of the plan.
 
 Kinds: ``trtllm-ckpt`` (config.json with ``architecture`` + ``mapping``, ``rank{N}.safetensors``;
 TensorRT-LLM docs/source/architecture/checkpoint.md), ``onnx`` (``*.onnx``), ``hf-modelopt``
-(``hf_quant_config.json``). A trtllm-ckpt is already split: its ``mapping`` fixes the GPU count
-and EP size, and its ``quantization.kv_cache_quant_algo`` the KV-cache dtype of the engine. An
-hf-modelopt export with a calibrated KV cache (hf_quant_config.json ``kv_cache_quant_algo``) is
-what TensorRT-LLM's "auto" KV-cache dtype uses.
+(``hf_quant_config.json``), ``hf-fp8-block`` (DeepSeek's block-FP8 config.json, as the hf-fp8-block
+export and the released DeepSeek-V3 / Kimi K2 checkpoints write it). A trtllm-ckpt is already split:
+its ``mapping`` fixes the GPU count and EP size, and its ``quantization.kv_cache_quant_algo`` the
+KV-cache dtype of the engine. An hf-modelopt export with a calibrated KV cache (hf_quant_config.json
+``kv_cache_quant_algo``) is what TensorRT-LLM's "auto" KV-cache dtype uses.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def artifact_dir(artifact: Path) -> Path:
 
 
 def detect_artifact(path: Path) -> str:
-    """``trtllm-ckpt`` | ``onnx`` | ``hf-modelopt``, from the directory's files."""
+    """``trtllm-ckpt`` | ``onnx`` | ``hf-modelopt`` | ``hf-fp8-block`` (DeepSeek's block FP8: config.json
+    ``quantization_config`` with ``quant_method: fp8`` and a ``weight_block_size``), from the directory's files."""
     if path.is_file() and path.suffix == ".onnx":
         return "onnx"
     cfg = read_json(path / "config.json")
@@ -78,14 +80,18 @@ def detect_artifact(path: Path) -> str:
         return "onnx"
     if (path / "hf_quant_config.json").is_file():
         return "hf-modelopt"
+    qc = (cfg or {}).get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "fp8" and qc.get("weight_block_size"):
+        return "hf-fp8-block"
     raise MoepressError(f"{path}: not a build input; expected a trtllm-ckpt export (config.json with "
-                        f"architecture + mapping, rank0.safetensors), an onnx export (*.onnx) or an hf-modelopt "
-                        f"export (hf_quant_config.json); write one with `moepress export`")
+                        f"architecture + mapping, rank0.safetensors), an onnx export (*.onnx), an hf-modelopt "
+                        f"export (hf_quant_config.json) or an hf-fp8-block export (config.json quantization_config "
+                        f"quant_method fp8 with weight_block_size); write one with `moepress export`")
 
 
 def source_model(artifact: Path, kind: str, reference: str | Path | None) -> Path | None:
     """The Hugging Face checkpoint (or config) the artifact came from: what the planner reads."""
-    if kind == "hf-modelopt":
+    if kind in ("hf-modelopt", "hf-fp8-block"):
         return artifact
     info = read_json(artifact_dir(artifact) / "export.json") or {}
     for cand in (info.get("source"), reference):
@@ -112,6 +118,8 @@ def artifact_format(artifact: Path, kind: str, source: Path | None) -> str:
         own = default_format(d)
         f = formats.by_quant_algo(algo)
         return f.name if f is not None else own
+    if kind == "hf-fp8-block":
+        return "fp8-block"
     return default_format(source) if source else UNQUANTIZED
 
 
@@ -141,7 +149,7 @@ def _trtllm_ckpt(artifact: Path, config: dict, gpus: int | None, ep: int | None,
     arch = str(config.get("architecture", ""))
     if arch.startswith("Deepseek"):
         raise MoepressError(f"{artifact}: {arch} has no TensorRT engine path in TensorRT-LLM; export "
-                            f"--format hf-modelopt and use the trtllm-pytorch builder")
+                            f"--format hf-fp8-block (or hf-modelopt) and use the trtllm-pytorch builder")
     return gpus, ep, ckpt_kv
 
 
@@ -153,7 +161,7 @@ def _hf_modelopt(artifact: Path, config: dict, gpus: int | None, ep: int | None,
     return gpus, ep, kv
 
 
-_FIXED = {"trtllm-ckpt": _trtllm_ckpt, "hf-modelopt": _hf_modelopt}
+_FIXED = {"trtllm-ckpt": _trtllm_ckpt, "hf-modelopt": _hf_modelopt, "hf-fp8-block": _hf_modelopt}
 
 
 def fixed_by_artifact(kind: str, artifact: Path, config: dict, gpus: int | None, ep: int | None,

@@ -36,7 +36,8 @@ INT4 down projections left bf16 because no group divides their in_features) and 
 whose width is over 128 and not a multiple of it: fused-MoE runtimes hold one quantization per
 layer's experts and stack gate and up into one weight. Routed experts no runtime loads from a
 Model-Optimizer checkpoint (``refuse_unloadable_experts``: INT4 weight-only, and W4A8 on DeepSeek-V3 /
-Kimi K2; the format registry's ``trtllm_moe_families``).
+Kimi K2, the format registry's ``trtllm_moe_families``; block FP8 for every family, its
+``modelopt_moe_why``: ``refuse_modelopt_named_experts`` sends them to hf-fp8-block).
 
 Each format's ``quant_algo`` is the name Model-Optimizer writes (Format.modelopt_entry): block FP8 is
 ``fp8_pb_wo``, which TensorRT-LLM and vLLM's linear methods read (compress/formats/fp8_block.py says
@@ -73,7 +74,7 @@ from moepress.exporters.hf_common import (
     tensor_groups,
     unquantized_modules,
 )
-from moepress.exporters.hints import alike_group, ct_route, int4_routes, quantizes_experts
+from moepress.exporters.hints import HF_FP8_BLOCK, alike_group, ct_route, int4_routes, quantizes_experts
 
 # the Model-Optimizer release whose export layout we follow (checked against it in tests)
 MODELOPT_LAYOUT_VERSION = "0.47.0"
@@ -161,6 +162,7 @@ def refuse_unloadable_experts(s, modules: dict) -> None:
         if not f.trtllm_loads_experts(s.adapter.family):
             ways = int4_routes(s, "hf-modelopt") or ct_route(s, modules)
             fit = [a for a in f.alternatives if formats.FORMATS[a].modelopt_entry is not None
+                   and not formats.FORMATS[a].modelopt_moe_why
                    and formats.FORMATS[a].trtllm_loads_experts(s.adapter.family) and quantizes_experts(s, a)]
             group = alike_group(s, modules) if formats.FORMATS[fit[0]].element == "int4" else None
             again = f"--format {fit[0]}" + (f" --group-size {group}" if group else "") + \
@@ -171,9 +173,20 @@ def refuse_unloadable_experts(s, modules: dict) -> None:
                                 f"or quantize with {again}, then export hf-modelopt")
 
 
+def refuse_modelopt_named_experts(s, modules: dict) -> None:
+    """One line when the routed experts' format loads only under other names than Model-Optimizer's (block FP8:
+    Format.modelopt_moe_why). Checked after the refusals of partial blocks, so that what it names
+    (hf-fp8-block, compressed-tensors) takes the checkpoint."""
+    for fmt in sorted({modules[n]["format"] for n in routed_names(s) if n in modules}):
+        why = formats.FORMATS[fmt].modelopt_moe_why
+        if why:
+            raise MoepressError(f"--format hf-modelopt: {s.path}: its routed experts are {fmt}; {why}: "
+                                f"{HF_FP8_BLOCK.format('')}, or export compressed-tensors (vLLM, SGLang)")
+
+
 def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     s = open_source(src)
-    modules = require_layout(s, "hf-modelopt", "fp8 (or fp8-block, w4a8-awq, nvfp4)")["modules"]
+    modules = require_layout(s, "hf-modelopt", "fp8 (or w4a8-awq, nvfp4)")["modules"]
     unknown = sorted(f for f in {m["format"] for m in modules.values()}
                      if f not in formats.FORMATS or formats.FORMATS[f].modelopt_entry is None)
     if unknown:
@@ -187,6 +200,7 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
                   "(one group size for all its projections)")
     refuse_partial_blocks(s, "hf-modelopt", modules)
     refuse_partial_input_groups(s, "hf-modelopt", modules)
+    refuse_modelopt_named_experts(s, modules)
     r = s.reader
     written = 0
     folded = _folded_awq(s.layout, modules)
@@ -218,7 +232,8 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
 
 EXPORTER = Exporter(
     "hf-modelopt", export_hf_modelopt, description="Hugging Face checkpoint with modelopt's hf_quant_config.json "
-    "(FP8, fp8_pb_wo, NVFP4, W4A8_AWQ for Mixtral / Qwen3-MoE experts; INT4 weight-only experts refused) from a "
+    "(FP8, NVFP4, W4A8_AWQ for Mixtral / Qwen3-MoE experts, fp8_pb_wo for other linears; block-FP8 and INT4 "
+    "weight-only experts refused) from a "
     "moepress quantize output",
     consumers="TensorRT-LLM (PyTorch backend); vLLM, SGLang for FP8 / NVFP4",
 )

@@ -14,6 +14,7 @@ from moepress.exporters.fused_moe import (
     refuse_partial_blocks,
     refuse_partial_input_groups,
     routed_linears,
+    routed_names,
 )
 from moepress.exporters.hf_common import Source, fp8_block_grids
 
@@ -105,7 +106,8 @@ def elsewhere(s: Source) -> str:
     bf16 or native block FP8 without moepress_quant.json, which it cannot read: hf-fp8-block, which keeps the
     former bf16 and takes the latter as they are; other scaled weights without it (FP8 per tensor, some linears
     bf16): re-quantized, as hf-modelopt exports only a quantize output; a format with no Model-Optimizer
-    quant_algo (MXFP4): compressed-tensors; else hf-modelopt."""
+    quant_algo (MXFP4): compressed-tensors; routed experts no runtime loads from a Model-Optimizer checkpoint
+    (block FP8: Format.modelopt_moe_why): hf-fp8-block; else hf-modelopt."""
     if s.layout is None:
         bf16 = not any(n.endswith(".weight_scale") for n in s.reader.names())
         block = s.block_fp8 or (bf16 and fp8_block_grids(s))
@@ -122,6 +124,8 @@ def elsewhere(s: Source) -> str:
     except MoepressError:
         return (HF_FP8_BLOCK.format("; it keeps the linears that are not whole 128x128 blocks bf16")
                 if fp8_block_grids(s) else FP8_THEN_HF_MODELOPT)
+    if any(formats.FORMATS[modules[n]["format"]].modelopt_moe_why for n in routed_names(s) if n in modules):
+        return HF_FP8_BLOCK.format("")
     return HF_MODELOPT
 
 
@@ -134,15 +138,19 @@ def packed_routes(reader) -> str:
     """Where a checkpoint stored packed without moepress_quant.json goes (empty if none is packed): vLLM and SGLang
     load its compressed-tensors form as stored (hf-modelopt and compressed-tensors export only a moepress
     quantize output), onnx decodes packed INT4 (not FP4), and TensorRT-LLM's PyTorch backend takes it
-    re-quantized to block FP8 (it loads no DeepSeek-V3 / Kimi K2 INT4 experts moepress writes)."""
+    re-quantized to block FP8 under DeepSeek's names (hf-fp8-block; FP8 per tensor in hf-modelopt where the widths
+    are not whole blocks) (it loads no DeepSeek-V3 / Kimi K2 INT4 experts moepress writes)."""
     packed = packed_names(reader)
     if not packed:
         return ""
     fp4 = any(reader.info(n).dtype == "U8" for n in packed)  # E2M1 pairs; INT4 packs into I32
-    fmt = "fp8-block" if _whole_input_groups(reader) else "fp8"  # fused_moe.refuse_partial_input_groups
+    # block FP8 where the widths allow (fused_moe.refuse_partial_input_groups), then DeepSeek's names: hf-modelopt
+    # refuses block-FP8 experts (Format.modelopt_moe_why)
+    then = ("--format fp8-block, then export hf-fp8-block" if _whole_input_groups(reader)
+            else "--format fp8, then export hf-modelopt")
     return ("vLLM and SGLang load its packed compressed-tensors form as stored, or "
             + ("" if fp4 else "export onnx (a TensorRT engine), or ")
-            + f"quantize with --format {fmt}, then export hf-modelopt (TensorRT-LLM's PyTorch backend)")
+            + f"quantize with {then} (TensorRT-LLM's PyTorch backend)")
 
 
 def _whole_input_groups(reader) -> bool:

@@ -23,6 +23,8 @@ def check_runtime_format(t: Target, fmt: str, shape: ModelShape, runtime: str, e
     onnx export, an hf-modelopt export (:func:`_check_hf_modelopt`)."""
     if runtime == "trtllm" and export == "hf-modelopt":
         return _check_hf_modelopt(t, fmt, shape)
+    if runtime == "trtllm" and export == "hf-fp8-block":  # holds block FP8 only: another format is another export
+        return _check_hf_modelopt(t, fmt, shape, kind="hf-fp8-block")
     if runtime == "trtllm":
         return check_format(t, fmt, lambda a: trtllm_experts_problem(shape, t, a) is None)
     if runtime == "trtllm-engine":
@@ -38,29 +40,38 @@ def _check_held(t: Target, fmt: str, kind: str, held: tuple[str, ...]) -> None:
                    f" ({kind} holds {', '.join(held)})")
 
 
-def _check_hf_modelopt(t: Target, fmt: str, shape: ModelShape) -> None:
+def _check_hf_modelopt(t: Target, fmt: str, shape: ModelShape, kind: str = "hf-modelopt") -> None:
     """targets.check_format for an hf-modelopt export (TensorRT-LLM's PyTorch backend): the refusal names a
     re-quantize to a format the export holds (a Model-Optimizer quant_algo, never bf16), whose experts
-    TensorRT-LLM loads for this family and ``t`` runs; where none is, exports of the bf16 model ``t`` runs."""
+    TensorRT-LLM loads for this family and ``t`` runs; where none is, exports of the bf16 model ``t`` runs.
+    ``kind``: the export handed to build (an hf-fp8-block export is refused so too, naming hf-modelopt)."""
     from moepress.exporters.trtllm_ckpt import SUPPORTED  # the families with a trtllm-build engine path
 
+    why = formats.FORMATS[fmt].modelopt_moe_why if fmt in formats.FORMATS and shape.num_experts else ""
+    if why and kind == "hf-modelopt":  # written by a moepress before hf-modelopt refused such experts
+        raise MoepressError(f"the hf-modelopt export is {fmt}: {why}: export the quantized checkpoint as "
+                            "hf-fp8-block instead")
     kinds = ("trtllm-ckpt (builder trtllm-engine) or " if shape.family in SUPPORTED else "") + "onnx (builder tensorrt)"
-    _refuse_export(t, fmt, "hf-modelopt", lambda a: formats.FORMATS[a].modelopt_entry is not None
+    _refuse_export(t, fmt, kind, lambda a: formats.FORMATS[a].modelopt_entry is not None
+                   and not (shape.num_experts and formats.FORMATS[a].modelopt_moe_why)
                    and trtllm_experts_problem(shape, t, a) is None,
                    f"no format an hf-modelopt export holds runs there with {shape.family} experts TensorRT-LLM "
-                   f"loads; export the original bf16 model as {kinds}")
+                   f"loads; export the original bf16 model as {kinds}", to="hf-modelopt")
 
 
-def _refuse_export(t: Target, fmt: str, kind: str, ok, bf16_step: str, suffix: str = "") -> None:
+def _refuse_export(t: Target, fmt: str, kind: str, ok, bf16_step: str, suffix: str = "",
+                   to: str | None = None) -> None:
     """check_format(t, fmt, ok), its refusal reworded for an export of ``kind`` (whose format ``build`` cannot
-    change): the format check_format suggests becomes a re-quantize then this export again; bf16 ``bf16_step``."""
+    change): the format check_format suggests becomes a re-quantize then this export again (or export ``to``);
+    bf16 ``bf16_step``."""
     try:
         check_format(t, fmt, ok)
     except MoepressError as e:
         why, _, alt = str(e).removeprefix(f"--format {fmt}: ").partition(": use ")
         alt = alt.split(" (")[0]
         step = bf16_step if alt == UNQUANTIZED else \
-            f"re-quantize the original model with --format {alt}, then export {kind} again"
+            f"re-quantize the original model with --format {alt}, then export {to or kind}" + \
+            ("" if to not in (None, kind) else " again")
         raise MoepressError(f"the {kind} export is {fmt}: {why}: {step}{suffix}") from None
 
 

@@ -16,10 +16,13 @@ from __future__ import annotations
 # NVIDIA/TensorRT-LLM main (read 2026-11): tensorrt_llm/quantization/mode.py ``class QuantAlgo`` (the
 # PyTorch backend builds QuantAlgo(quant_algo)); tensorrt_llm/quantization/modelopt_config.py
 # ``parse_modelopt_quant_config`` canonicalises the exact string "fp8_pb_wo" to FP8_BLOCK_SCALES.
+# W4A16_NVFP4 (main 2026-11): tensorrt_llm/_torch/modules/fused_moe/fused_moe_cutlass.py imports
+# W4A16NVFP4CutlassFusedMoEMethod (quantization.py: FP4 experts dequantized to the activation dtype, SM80+),
+# linears W4A16NVFP4LinearMethod; tests/unittest .. test_quant_mode_distinguishes_w4a16_nvfp4_from_w4a4_nvfp4.
 TRTLLM_QUANT_ALGO = {
     "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
     "FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES", "INT8", "MIXED_PRECISION", "NVFP4",
-    "W4A8_NVFP4_FP8", "W4A8_MXFP4_FP8", "W4A8_MXFP4_MXFP8", "W4A16_MXFP4", "NO_QUANT",
+    "W4A8_NVFP4_FP8", "W4A8_MXFP4_FP8", "W4A8_MXFP4_MXFP8", "W4A16_MXFP4", "W4A16_NVFP4", "NO_QUANT",
 }
 TRTLLM_ALIASES = {"fp8_pb_wo": "FP8_BLOCK_SCALES"}
 # ...and for MoE layers (every model moepress writes): tensorrt_llm/_torch/modules/fused_moe/
@@ -27,7 +30,11 @@ TRTLLM_ALIASES = {"fp8_pb_wo": "FP8_BLOCK_SCALES"}
 # (quantization.py), whose load_quant_scales reads each expert's input_scale and weight_scale_2: weight-only
 # INT4 experts (W4A16_AWQ / W4A16_GPTQ) do not load. W4A8_AWQ loads for Mixtral / Qwen3-MoE (DeepSeek-V3 /
 # Kimi K2 use its own W4A8_CUSTOM layout: the format registry's trtllm_moe_families, plan / build).
-TRTLLM_MOE_REFUSED = {"W4A16_AWQ", "W4A16_GPTQ"}
+# Block-FP8 experts go to DeepSeekFP8BlockScalesFusedMoEMethod, whose load_expert_all_weight_scale_fp8_block_scale
+# reads each expert's scale as "{e}.w1/w3/w2.weight_scale_inv" (VANILLA loading mode) only: a Model-Optimizer
+# checkpoint's "weight_scale" is not read (older releases: KeyError; main 2026-11: the scales stay torch.empty).
+TRTLLM_MOE_REFUSED = {"W4A16_AWQ", "W4A16_GPTQ", "FP8_BLOCK_SCALES"}
+TRTLLM_MOE_BLOCK_SCALE = "weight_scale_inv"
 
 # vLLM 0.33.0: vllm/model_executor/layers/quantization/modelopt.py ``LINEAR_ALGOS`` + "MIXED_PRECISION"
 # (``QUANT_ALGOS``); the quant_algo read is upper-cased first (``str(quant_method).upper()``).
@@ -82,8 +89,10 @@ SGLANG_CT = VLLM_CT - {("mxfp4-pack-quantized", "float4/group", None)}
 
 # NVIDIA/TensorRT-LLM main (read 2026-11): tensorrt_llm/_torch/models/checkpoints/hf/compressed_tensors.py
 # maps only compressed-tensors NVFP4 (weight_packed / weight_global_scale / input_global_scale) onto
-# its NVFP4 loaders.
-TRTLLM_CT = {("nvfp4-pack-quantized", "float4/tensor_group", "dynamic/tensor_group")}
+# its NVFP4 loaders; weight-only NVFP4 becomes W4A16_NVFP4
+# (test_load_hf_quant_config_detects_nvfp4_w4a16_compressed_tensors).
+TRTLLM_CT = {("nvfp4-pack-quantized", "float4/tensor_group", "dynamic/tensor_group"),
+             ("nvfp4-pack-quantized", "float4/tensor_group", None)}
 
 # transformers 5.24: quantizers/quantizer_compressed_tensors.py hands the checkpoint to
 # compressed-tensors' ModelCompressor, which decompresses every format it has a compressor for

@@ -63,11 +63,20 @@ def _modelopt(d, config: dict, algo="FP8_BLOCK_SCALES"):
     return d
 
 
+def _fp8_block(d, config: dict):
+    """An hf-fp8-block export (or a released DeepSeek-V3 / Kimi K2 checkpoint): DeepSeek's block-FP8 config.json."""
+    d.mkdir()
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    (d / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
+    return d
+
+
 def test_detect(ckpt, onnx_dir, tmp_path):
     assert detect_artifact(ckpt) == "trtllm-ckpt"
     assert detect_artifact(onnx_dir) == "onnx"
     cfg = json.loads((models.path("tiny-deepseek-v3") / "config.json").read_text())
     assert detect_artifact(_modelopt(tmp_path / "mo", cfg)) == "hf-modelopt"
+    assert detect_artifact(_fp8_block(tmp_path / "fb", cfg)) == "hf-fp8-block"
     with pytest.raises(MoepressError, match="not a build input"):
         detect_artifact(models.path("tiny-mixtral"))
 
@@ -168,9 +177,10 @@ def test_trtllm_pytorch_refuses_int4_experts_its_fused_moe_cannot_load(cli_run, 
 
 
 def test_trtllm_pytorch_bundle_kimi(cli_run, tmp_path):
-    """Kimi K2 block-FP8 on H200: 16 GPUs (2 nodes), tp 16, ep 16 (tests/test_plan.py's arithmetic)."""
+    """Kimi K2 block-FP8 (an hf-fp8-block export, or Kimi K2 as released) on H200: 16 GPUs (2 nodes), tp 16,
+    ep 16 (tests/test_plan.py's arithmetic)."""
     cfg = json.loads(open(KIMI).read())
-    art = _modelopt(tmp_path / "kimi-fp8", cfg)
+    art = _fp8_block(tmp_path / "kimi-fp8", cfg)
     out = tmp_path / "bundle"
     r = cli_run("build", art, "--target", "h200", "-o", out, "--dry-run", "--json")
     assert r.exit_code == 0, r.output
@@ -204,8 +214,19 @@ def test_trtllm_pytorch_bundle_kimi(cli_run, tmp_path):
         {"prompt": "The capital of France is", "text": " Paris."}
     # the same export on L40S: block FP8 needs Hopper
     r = cli_run("build", art, "--target", "l40s", "-o", tmp_path / "b2", "--dry-run")
-    assert r.exit_code == 2 and f"{art}: the hf-modelopt export is fp8-block: FP8-BLOCK needs sm90/sm100; L40S is " \
-        "sm89: re-quantize the original model with --format fp8, then export hf-modelopt again" in r.output, r.output
+    assert r.exit_code == 2 and f"{art}: the hf-fp8-block export is fp8-block: FP8-BLOCK needs sm90/sm100; L40S is " \
+        "sm89: re-quantize the original model with --format fp8, then export hf-modelopt" in r.output, r.output
+
+
+def test_hf_modelopt_block_fp8_experts_are_refused(cli_run, tmp_path):
+    """TensorRT-LLM's fused MoE reads block-FP8 expert scales only as DeepSeek's weight_scale_inv
+    (consumer_names.TRTLLM_MOE_BLOCK_SCALE), so an hf-modelopt export with block-FP8 experts (written by a
+    moepress before export refused it) is refused by build in one line, naming hf-fp8-block."""
+    art = _modelopt(tmp_path / "kimi-fp8", json.loads(open(KIMI).read()))
+    r = cli_run("build", art, "--target", "h200", "-o", tmp_path / "b", "--dry-run")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and "weight_scale_inv" in lines[0], r.output
+    assert "export the quantized checkpoint as hf-fp8-block" in lines[0] and not (tmp_path / "b").exists()
 
 
 # A stand-in for the part of TensorRT-LLM's LLM API that smoke.py calls (tensorrt_llm/llmapi/llm.py:

@@ -37,7 +37,8 @@ def modelopt_name(fmt: str) -> str | None:
 def modelopt_export_name(fmt: str) -> str | None:
     """``modelopt_name`` of an MoE model's hf-modelopt export; None where the exporter refuses its experts
     (no family's TensorRT-LLM MoE loads them: exporters/hf_modelopt.refuse_unloadable_experts)."""
-    return None if formats.FORMATS[fmt].trtllm_moe_families == () else modelopt_name(fmt)
+    f = formats.FORMATS[fmt]
+    return None if f.trtllm_moe_families == () or f.modelopt_moe_why else modelopt_name(fmt)
 
 
 def _args_key(a, weights: bool) -> str | None:
@@ -104,8 +105,9 @@ def test_block_fp8_is_written_as_model_optimizer_writes_it():
     the enum name FP8_BLOCK_SCALES."""
     block = next(n for n, f in formats.produced().items() if f.scale == "block")
     assert modelopt_name(block) == "fp8_pb_wo"
-    assert cn.modelopt_accepts("TensorRT-LLM", "fp8_pb_wo") and "FP8_PB_WO" in cn.VLLM_MODELOPT
-    assert not cn.modelopt_accepts("vLLM", "fp8_pb_wo")  # an MoE model: its experts do not load
+    assert cn.TRTLLM_ALIASES["fp8_pb_wo"] in cn.TRTLLM_QUANT_ALGO and "FP8_PB_WO" in cn.VLLM_MODELOPT  # linears
+    # an MoE model's experts: TensorRT-LLM reads their block scales only under DeepSeek's name, vLLM not at all
+    assert not cn.modelopt_accepts("TensorRT-LLM", "fp8_pb_wo") and not cn.modelopt_accepts("vLLM", "fp8_pb_wo")
     assert "FP8_BLOCK_SCALES" not in cn.VLLM_MODELOPT
     assert formats.by_quant_algo("FP8_BLOCK_SCALES").name == block == formats.by_quant_algo("fp8_pb_wo").name
 

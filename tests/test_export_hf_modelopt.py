@@ -133,19 +133,22 @@ def test_values_equal_modelopts_to_fp8_rounding(both):
         assert ((da - db).abs() <= ulp).all(), k
 
 
-def test_fp8_block_source_is_fp8_block_scales(tmp_path):
-    """Calibration-free fp8-block quantize -> quant_algo fp8_pb_wo (modelopt), [out/128, in/128] scales."""
+def test_fp8_block_experts_go_to_hf_fp8_block(tmp_path, cli_run):
+    """Block-FP8 experts: TensorRT-LLM's fused MoE reads their scales only under DeepSeek's name (vLLM / SGLang
+    load none from a Model-Optimizer checkpoint), so hf-modelopt refuses them in one line naming hf-fp8-block,
+    whose export of the same checkpoint names every expert's scale so, [out/128, in/128]."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import consumer_names as cn
+
     q = tmp_path / "q"
     quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(format="fp8-block"))
-    e = tmp_path / "e"
-    export(q, e, ExportConfig(format="hf-modelopt"))
-    hq = json.loads((e / "hf_quant_config.json").read_text())["quantization"]
-    assert hq["quant_algo"] == "fp8_pb_wo"
-    qc = json.loads((e / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "modelopt" and qc["config_groups"]["group_0"]["weights"]["strategy"] == "block"
-    t = _tensors(e)
-    assert t["model.layers.0.mlp.experts.0.down_proj.weight_scale"].shape == (1, 1)
-    assert t["model.layers.0.self_attn.q_proj.weight_scale"].shape == (1, 1)
+    r = cli_run("export", q, "--format", "hf-modelopt", "-o", tmp_path / "e")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "export hf-fp8-block" in r.stderr, r.output
+    assert not (tmp_path / "e").exists()
+    assert cli_run("export", q, "--format", "hf-fp8-block", "-o", tmp_path / "f", "--quiet").exit_code == 0
+    t = _tensors(tmp_path / "f")
+    experts = [n[: -len(".weight")] for n in t if ".mlp.experts." in n and n.endswith(".weight")]
+    assert experts and all(t[f"{e}.{cn.TRTLLM_MOE_BLOCK_SCALE}"].shape == (1, 1) for e in experts)
 
 
 def test_bf16_input_needs_quantize(tmp_path, cli_run):

@@ -272,13 +272,13 @@ def test_trtllm_ckpt_sends_bf16_deepseek_to_hf_fp8_block(exported):
 def test_stored_mxfp4_is_sent_where_it_is_taken(exported):
     """compressed-tensors MXFP4 as released (no moepress_quant.json): compressed-tensors and hf-modelopt export
     only a moepress quantize output, and onnx reads no FP4, so trtllm-ckpt's and onnx's refusals name the
-    fp8-block re-quantize hf-modelopt takes (and vLLM / SGLang, which load it as stored); moepress's own MXFP4
-    is still sent to compressed-tensors, which exports it."""
+    fp8-block re-quantize hf-fp8-block takes (hf-modelopt refuses block-FP8 experts; vLLM / SGLang load it as
+    stored); moepress's own MXFP4 is still sent to compressed-tensors, which exports it."""
     key = ("tiny-qwen3-moe-mxfp4", None, 128, False)
     for ex in ("trtllm-ckpt", "onnx"):
         msg = exported(key, ex)
         assert "vLLM and SGLang load its packed compressed-tensors form as stored" in msg, msg
-        assert _follow(exported, key, ex, msg) == ["hf-modelopt"], msg
+        assert _follow(exported, key, ex, msg) == ["hf-fp8-block"], msg
     key = ("tiny-qwen3-moe-mxfp4", "mxfp4", 128, False)
     for ex in ("trtllm-ckpt", "onnx"):
         msg = exported(key, ex)

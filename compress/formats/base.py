@@ -109,6 +109,9 @@ class Format:
     # Model-Optimizer checkpoint (None: every family): the reason, when not every family
     trtllm_moe_families: tuple[str, ...] | None = None
     trtllm_moe_why: str = ""
+    # why no runtime loads routed experts in this format from a Model-Optimizer checkpoint under the names
+    # Model-Optimizer gives them, whatever the family ("": they load where the lines above say)
+    modelopt_moe_why: str = ""
 
     def trtllm_loads_experts(self, family: str) -> bool:
         """Does TensorRT-LLM's fused MoE load ``family``'s routed experts in this format?"""

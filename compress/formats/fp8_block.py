@@ -11,6 +11,14 @@ MIXED_PRECISION layer so named unquantized. TensorRT-LLM releases before the ali
 name; the trtllm-ckpt exporter writes the enum name. compressed-tensors
 ``float-quantized``, weights strategy block [128, 128], dynamic group-128 input.
 
+Not for routed experts in a Model-Optimizer checkpoint: TensorRT-LLM's fused MoE reads block-FP8
+expert scales only under DeepSeek's name ``weight_scale_inv``
+(tensorrt_llm/_torch/modules/fused_moe/quantization.py, DeepSeekFP8BlockScalesFusedMoEMethod
+``load_expert_all_weight_scale_fp8_block_scale``, VANILLA loading mode, main 2026-11; older releases
+fail with a KeyError, newer ones leave the scales unset), while Model-Optimizer names them
+``weight_scale``; vLLM's Model-Optimizer MoE method takes per-tensor FP8 experts only. Such experts go to
+the hf-fp8-block export (DeepSeek's names) or compressed-tensors.
+
 Also the input decoder for DeepSeek-V3 / Kimi K2 native block-FP8 checkpoints
 (``weight_scale_inv``, block size from ``quantization_config.weight_block_size``).
 """
@@ -57,6 +65,8 @@ FORMAT = Format(
     quantize=quantize,
     stored_bytes=lambda out_f, in_f: out_f * in_f + 4 * -(-out_f // GROUP) * -(-in_f // GROUP),
     aliases=("FP8_PB_WO",), modelopt_entry=_fp8.modelopt_entry("fp8_pb_wo"),
+    modelopt_moe_why="TensorRT-LLM's fused MoE reads block-FP8 expert scales only as DeepSeek's weight_scale_inv, "
+    "not a Model-Optimizer checkpoint's weight_scale, and vLLM / SGLang load no block-FP8 experts from one",
     modelopt_group=lambda group: {"input_activations": {**_fp8.GROUP_ARGS, "dynamic": True, "group_size": 128},
                                   "weights": {**_fp8.GROUP_ARGS, "strategy": "block", "block_structure": [128, 128]}},
     ct_format="float-quantized", ct_scheme=ct_scheme, decode=_fp8.decode, input_decoders=(decode_deepseek,),

@@ -19,7 +19,7 @@ BUILDERS: dict[str, Builder] = {b.BUILDER.name: b.BUILDER for b in (trtllm_engin
 
 def for_artifact(kind: str) -> Builder:
     """The builder of an export of kind ``kind`` (artifacts.detect_artifact)."""
-    return next(b for b in BUILDERS.values() if b.artifact == kind)
+    return next(b for b in BUILDERS.values() if kind in b.kinds)
 
 
 def choose(kind: str, name: str | None, artifact: Path) -> Builder:
@@ -28,8 +28,8 @@ def choose(kind: str, name: str | None, artifact: Path) -> Builder:
         return for_artifact(kind)
     if name not in BUILDERS:
         raise MoepressError(f"--builder {name}: expected one of {', '.join(BUILDERS)}")
-    if BUILDERS[name].artifact != kind:
-        raise MoepressError(f"--builder {name}: it builds from a {BUILDERS[name].artifact} export, "
+    if kind not in BUILDERS[name].kinds:
+        raise MoepressError(f"--builder {name}: it builds from a {' or '.join(BUILDERS[name].kinds)} export, "
                             f"{artifact} is a {kind} export; use --builder {for_artifact(kind).name}")
     return BUILDERS[name]
 

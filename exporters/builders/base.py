@@ -78,6 +78,12 @@ class Builder:
     server: str | None = None  # a command the bundle starts and a build does not run
     finish: Callable[[list[dict]], dict] | None = None  # a real build's record from its logs (no engine to check)
     remote_code: Callable[[Path, dict], str | None] | None = None  # why loading needs the checkpoint's code
+    also: tuple[str, ...] = ()  # other artifact kinds it consumes
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Every artifact kind it builds from."""
+        return (self.artifact, *self.also)
 
 
 __all__ = ["BuildConfig", "Builder", "Context", "build_script", "script"]

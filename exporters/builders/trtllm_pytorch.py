@@ -1,5 +1,6 @@
 """``trtllm-pytorch``: a deployment bundle for TensorRT-LLM's PyTorch backend (its only path for
-DeepSeek-V3 / Kimi K2) from an ``hf-modelopt`` export (referenced, not copied).
+DeepSeek-V3 / Kimi K2) from an ``hf-modelopt`` or ``hf-fp8-block`` export (referenced, not copied); a
+released DeepSeek-V3 / Kimi K2 block-FP8 checkpoint is one of the latter.
 
 The bundle: ``extra_llm_api_options.yaml`` (LLM API arguments, tensorrt_llm/llmapi/llm_args.py:
 ``kv_cache_config{dtype, free_gpu_memory_fraction}``, ``enable_attention_dp``); ``serve.sh`` with
@@ -145,9 +146,9 @@ def finish(logs: list[dict]) -> dict:
 
 
 BUILDER = Builder(
-    "trtllm-pytorch", "hf-modelopt", commands, requires=("tensorrt_llm",),
+    "trtllm-pytorch", "hf-modelopt", commands, requires=("tensorrt_llm",), also=("hf-fp8-block",),
     install="tensorrt_llm is not installed: pip install moepress[trtllm] on a GPU machine",
-    description="TensorRT-LLM PyTorch-backend bundle for an hf-modelopt export (trtllm-serve)",
+    description="TensorRT-LLM PyTorch-backend bundle for an hf-modelopt or hf-fp8-block export (trtllm-serve)",
     files=files, written=("serve.sh", "extra_llm_api_options.yaml", "smoke.py"), server="trtllm-serve",
     finish=finish, remote_code=remote_code,
 )

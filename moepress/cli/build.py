@@ -50,7 +50,7 @@ def _builders() -> dict:
 
 
 def _builder_help() -> str:
-    pairs = ", ".join(f"{b.artifact} -> {b.name}" for b in _builders().values())
+    pairs = ", ".join(f"{' / '.join(b.kinds)} -> {b.name}" for b in _builders().values())
     return f"Force a builder (default: from the export: {pairs})."
 
 

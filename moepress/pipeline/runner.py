@@ -43,7 +43,7 @@ from moepress.progress import Progress
 CHECKABLE = {"hf-modelopt": "checkpoint", "hf-fp8-block": "checkpoint", "compressed-tensors": "transformers",
              "onnx": "onnx"}
 # which builder turns which export into an engine / deployment (each builder declares the export it takes)
-BUILDERS = {b.artifact: b.name for b in builder_registry.BUILDERS.values()}
+BUILDERS = {k: b.name for b in builder_registry.BUILDERS.values() for k in b.kinds}
 
 
 RUN_JSON = "run.json"  # the finished run's summary
