@@ -59,12 +59,14 @@ from moepress.compress import formats
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
+    fused_name,
     pattern,
     refuse_mixed,
     refuse_partial_blocks,
     refuse_partial_input_groups,
     refuse_unlike,
     refuse_unpacked_experts,
+    routed_linears,
     routed_names,
 )
 from moepress.exporters.hf_common import open_source, output_config, require_layout, tensor_groups, unquantized_modules
@@ -100,7 +102,7 @@ def _schemes(src: Path, s) -> tuple[dict[tuple[str, int | None], object], str]:
     kinds: dict[tuple[str, int | None], list[str]] = {}
     for n, m in sorted(s.layout["modules"].items(), key=lambda kv: (kv[0] not in routed, kv[0])):
         kinds.setdefault((m["format"], m.get("group")), []).append(n)
-    schemes = {k: formats.FORMATS[k[0]].ct_scheme(k[1], ["Linear"] if len(kinds) == 1 else names)
+    schemes = {k: formats.FORMATS[k[0]].ct_scheme(k[1], ["Linear"] if len(kinds) == 1 else _vllm_targets(s, names))
                for k, names in kinds.items()}
     ct_formats = {SUPPORTED[f] for f, _ in kinds}
     if len(ct_formats) > 1:
@@ -108,6 +110,25 @@ def _schemes(src: Path, s) -> tuple[dict[tuple[str, int | None], object], str]:
                             "expected FP8 formats only or INT4 only (one compressed-tensors format per checkpoint)")
     _refuse_misread_experts(s, schemes)
     return schemes, next(iter(ct_formats))
+
+
+# the names vLLM looks a fused MoE layer's scheme up under (compressed_tensors_moe.py
+# CompressedTensorsMoEMethod.get_moe_method: layer_name + ".0.gate_proj" / ".0.up_proj" / ".0.down_proj",
+# matched against the targets by name; vLLM main 2026-11), whatever the family's checkpoint names
+VLLM_MOE_PROBES = (".0.gate_proj", ".0.up_proj", ".0.down_proj")
+
+
+def _vllm_targets(s, names: list[str]) -> list[str]:
+    """A config group's targets when schemes differ (module names, as compressed-tensors matches them), plus,
+    for each MoE layer whose routed experts are among them, the names vLLM looks the layer's scheme up under
+    where the checkpoint's differ (Mixtral's w1 / w2 / w3): without them vLLM finds no scheme for the layer
+    (KeyError, or an unquantized fused MoE). They match no module, which compressed-tensors only warns of."""
+    have = set(names)
+    probes = []
+    for i, layer in sorted(routed_linears(s).items()):
+        if have.intersection(layer):
+            probes += [fused_name(s.adapter, i) + p for p in VLLM_MOE_PROBES]
+    return names + [p for p in probes if p not in have]
 
 
 def _refuse_misread_experts(s, schemes) -> None:

@@ -324,3 +324,40 @@ def test_experts_scheme_is_the_first_config_group(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     got = torch.load(tmp_path / "logits.pt")[f"{ct}|default"]
     assert _rel(got, _forward(q, "none")) < 1e-4
+
+
+def _vllm_scheme_group(groups: dict, layer_name: str) -> str | None:
+    """vLLM's lookup of a module's scheme among config groups by exact name or ``re:`` pattern
+    (vllm/model_executor/layers/quantization/compressed_tensors/utils.py find_matched_target, main 2026-11;
+    its last resort, a class name such as "Linear" / "FusedMoE", matches none of these targets)."""
+    import re
+
+    for key, g in groups.items():
+        for t in g["targets"]:
+            if t == layer_name or (t.startswith("re:") and re.match(t[3:], layer_name)):
+                return key
+    return None
+
+
+def test_mixed_schemes_name_the_experts_where_vllm_looks(tmp_path, cli_run):
+    """Schemes that differ (experts fp8-dynamic, attention fp8-block) are written with module-name targets.
+    vLLM looks a fused MoE layer's scheme up under layer_name + ".0.gate_proj" / ".0.up_proj" /
+    ".0.down_proj" (compressed_tensors_moe.py get_moe_method), names a Mixtral checkpoint does not have
+    (w1 / w2 / w3): it found no scheme (KeyError, or an unquantized MoE). Each layer's probe names resolve to
+    the experts' group now, and transformers still loads the export (its logits equal moepress's)."""
+    q, ct = tmp_path / "q", tmp_path / "ct"
+    assert cli_run("quantize", "tiny-mixtral", "--format", "fp8-dynamic", "--rule", "self_attn.*=fp8-block",
+                   "-o", q, "--quiet").exit_code == 0
+    assert cli_run("export", q, "--format", "compressed-tensors", "-o", ct, "--quiet").exit_code == 0
+    groups = json.loads((ct / "config.json").read_text())["quantization_config"]["config_groups"]
+    experts = _vllm_scheme_group(groups, "model.layers.0.block_sparse_moe.experts.0.w1")
+    assert groups[experts]["weights"]["strategy"] == "channel"
+    for i in range(4):
+        layer = f"model.layers.{i}.block_sparse_moe.experts"
+        assert [_vllm_scheme_group(groups, layer + p) for p in (".0.gate_proj", ".0.up_proj", ".0.down_proj")] \
+            == [experts] * 3, i
+    p = _load_without_moepress(tmp_path, ct)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = torch.load(tmp_path / "logits.pt")[f"{ct}|default"]
+    # transformers runs the dense linears' dynamic FP8 activations, the fused experts' unquantized
+    assert _rel(got, _forward(q, "non-experts")) < 1e-4
