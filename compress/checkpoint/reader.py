@@ -149,9 +149,11 @@ class CheckpointReader:
             raise MoepressError(f"{index}: expected a 'weight_map' object")
         by_file: dict[str, list[str]] = defaultdict(list)
         for name, fname in weight_map.items():
-            _check_relative(index, name, fname)
+            if not isinstance(fname, str) or not fname:
+                _check_relative(index, name, fname)  # raises
             by_file[fname].append(name)
         for fname, names in sorted(by_file.items()):
+            _check_relative(index, names[0], fname)  # once per shard: an index names ~1M tensors in ~60 files
             shard = self.path / fname
             self._check_inside(shard, f"{index}: weight_map entry '{names[0]}' -> '{fname}' resolves to")
             if not shard.exists():

@@ -122,7 +122,11 @@ def gather_list(items: list, env) -> list:
 
 
 def shared_input_groups(names: list[str]) -> list[list[str]]:
-    """Linears (module names in a layer) grouped by shared input; order preserved."""
+    """Linears (module names in a layer) grouped by shared input; order preserved. Siblings are looked up
+    by parent module, so a layer of 384 experts x 3 projections costs one pass, not one per linear."""
+    siblings: dict[str, list[str]] = {}
+    for m in names:
+        siblings.setdefault(m.rpartition(".")[0], []).append(m)
     out, seen = [], set()
     for n in names:
         if n in seen:
@@ -131,7 +135,7 @@ def shared_input_groups(names: list[str]) -> list[list[str]]:
         grp = [n]
         for fam in SHARED_INPUT:
             if leaf in fam:
-                grp = [m for m in names if m.rpartition(".")[0] == parent and m.rpartition(".")[2] in fam]
+                grp = [m for m in siblings[parent] if m.rpartition(".")[2] in fam]
                 break
         seen.update(grp)
         out.append(grp)
