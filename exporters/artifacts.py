@@ -112,15 +112,25 @@ def artifact_format(artifact: Path, kind: str, source: Path | None) -> str:
                                 f"{', '.join(str(f.quant_algo) for f in formats.FORMATS.values())}")
         return f.name
     if kind == "hf-modelopt":
-        algo = ((read_json(d / "hf_quant_config.json") or {}).get("quantization") or {}).get("quant_algo")
-        if algo == "MIXED_PRECISION":
-            return default_format(d)
+        q = (read_json(d / "hf_quant_config.json") or {}).get("quantization") or {}
+        algo = q.get("quant_algo")
+        if algo == "MIXED_PRECISION":  # the routed experts' format: what TensorRT-LLM's fused MoE must load
+            algo = _experts_algo(q.get("quantized_layers"))
         own = default_format(d)
         f = formats.by_quant_algo(algo)
         return f.name if f is not None else own
     if kind == "hf-fp8-block":
         return "fp8-block"
     return default_format(source) if source else UNQUANTIZED
+
+
+def _experts_algo(layers) -> str | None:
+    """The quant_algo of the routed experts in a MIXED_PRECISION hf_quant_config.json's ``quantized_layers``
+    (module name -> {quant_algo, ...}; modelopt quant_utils.py), or None."""
+    for name, entry in sorted(layers.items()) if isinstance(layers, dict) else ():
+        if ".experts." in name and isinstance(entry, dict):
+            return entry.get("quant_algo")
+    return None
 
 
 def _trtllm_ckpt(artifact: Path, config: dict, gpus: int | None, ep: int | None, kv: str):

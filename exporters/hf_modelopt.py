@@ -74,7 +74,14 @@ from moepress.exporters.hf_common import (
     tensor_groups,
     unquantized_modules,
 )
-from moepress.exporters.hints import HF_FP8_BLOCK, alike_group, ct_route, int4_routes, quantizes_experts
+from moepress.exporters.hints import (
+    alike_group,
+    block_experts_route,
+    ct_route,
+    int4_routes,
+    modelopt_named_experts,
+    quantizes_experts,
+)
 
 # the Model-Optimizer release whose export layout we follow (checked against it in tests)
 MODELOPT_LAYOUT_VERSION = "0.47.0"
@@ -176,12 +183,10 @@ def refuse_unloadable_experts(s, modules: dict) -> None:
 def refuse_modelopt_named_experts(s, modules: dict) -> None:
     """One line when the routed experts' format loads only under other names than Model-Optimizer's (block FP8:
     Format.modelopt_moe_why). Checked after the refusals of partial blocks, so that what it names
-    (hf-fp8-block, compressed-tensors) takes the checkpoint."""
-    for fmt in sorted({modules[n]["format"] for n in routed_names(s) if n in modules}):
-        why = formats.FORMATS[fmt].modelopt_moe_why
-        if why:
-            raise MoepressError(f"--format hf-modelopt: {s.path}: its routed experts are {fmt}; {why}: "
-                                f"{HF_FP8_BLOCK.format('')}, or export compressed-tensors (vLLM, SGLang)")
+    (hints.block_experts_route) takes the checkpoint."""
+    for fmt in modelopt_named_experts(s, modules):
+        raise MoepressError(f"--format hf-modelopt: {s.path}: its routed experts are {fmt}; "
+                            f"{formats.FORMATS[fmt].modelopt_moe_why}: {block_experts_route(s, modules)}")
 
 
 def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:

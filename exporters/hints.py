@@ -92,6 +92,23 @@ FP8_THEN_CT = f"quantize with --format fp8 (or fp8-dynamic), then {CT}"
 FP8_THEN_HF_MODELOPT = "quantize with --format fp8, then export hf-modelopt (TensorRT-LLM's PyTorch backend)"
 
 
+def modelopt_named_experts(s: Source, modules: dict) -> list[str]:
+    """The routed experts' formats that no runtime loads under Model-Optimizer's names (Format.modelopt_moe_why:
+    block FP8), which hf-modelopt refuses."""
+    return sorted({m for m in (modules[n]["format"] for n in routed_names(s) if n in modules)
+                   if formats.FORMATS[m].modelopt_moe_why})
+
+
+def block_experts_route(s: Source, modules: dict) -> str:
+    """Where block-FP8 routed experts go instead of hf-modelopt: hf-fp8-block (DeepSeek's names), which takes a
+    quantize output whose linears are all block FP8 (a --rule giving some another format: after a plain
+    re-quantize), or compressed-tensors."""
+    fb = HF_FP8_BLOCK.format("")
+    if any(formats.FORMATS[m["format"]].scale != "block" for m in modules.values()):
+        fb = f"quantize with --format fp8-block, then {fb}"
+    return f"{fb}, or {ct_route(s, modules)}"
+
+
 def ct_route(s: Source, modules: dict) -> str:
     """The compressed-tensors export of a quantized source, or (some routed experts left unquantized or quantized
     unlike the rest of their layer, which it refuses) of its per-tensor FP8 re-quantize."""
@@ -124,8 +141,8 @@ def elsewhere(s: Source) -> str:
     except MoepressError:
         return (HF_FP8_BLOCK.format("; it keeps the linears that are not whole 128x128 blocks bf16")
                 if fp8_block_grids(s) else FP8_THEN_HF_MODELOPT)
-    if any(formats.FORMATS[modules[n]["format"]].modelopt_moe_why for n in routed_names(s) if n in modules):
-        return HF_FP8_BLOCK.format("")
+    if modelopt_named_experts(s, modules):
+        return block_experts_route(s, modules)
     return HF_MODELOPT
 
 

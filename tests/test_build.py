@@ -376,3 +376,23 @@ def test_trtllm_engine_plan_counts_the_embedding_each_rank_holds(tmp_path, cli_r
     with safe_open(str(ck / "rank0.safetensors"), "pt") as h:
         stored = sum(h.get_tensor(k).nbytes for k in h.keys())
     assert abs(planned / stored - 1) < 0.004, (planned, stored)
+
+
+def test_mixed_hf_modelopt_export_is_judged_by_its_experts_format(cli_run, tmp_path):
+    """A MIXED_PRECISION hf-modelopt export is planned and checked with its routed experts' format
+    (hf_quant_config.json quantized_layers): FP8 experts beside block-FP8 attention build (they were refused as
+    block-FP8 experts, the quantize --format); block-FP8 experts are refused whatever the top-level format."""
+    q, e = tmp_path / "q", tmp_path / "e"
+    assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "--rule", "mlp.experts.*=fp8", "-o", q,
+                   "--quiet").exit_code == 0
+    assert cli_run("export", q, "--format", "hf-modelopt", "-o", e, "--quiet").exit_code == 0
+    r = cli_run("build", e, "--target", "h200", "-o", tmp_path / "b", "--dry-run", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["format"] == "fp8", r.output
+    cfg = json.loads((models.path("tiny-qwen3-moe") / "config.json").read_text())
+    art = _modelopt(tmp_path / "mixed", cfg, algo="MIXED_PRECISION")
+    hq = json.loads((art / "hf_quant_config.json").read_text())
+    hq["quantization"]["quantized_layers"] = {"model.layers.0.mlp.experts.0.up_proj": {"quant_algo": "fp8_pb_wo"},
+                                              "model.layers.0.self_attn.q_proj": {"quant_algo": "FP8"}}
+    (art / "hf_quant_config.json").write_text(json.dumps(hq))
+    r = cli_run("build", art, "--target", "h200", "-o", tmp_path / "b2", "--dry-run")
+    assert r.exit_code == 2 and "weight_scale_inv" in r.stderr and not (tmp_path / "b2").exists(), r.output

@@ -372,3 +372,23 @@ def test_build_of_an_onnx_export_names_a_re_export_it_takes(artifact, tmp_path):
     fmt = re.search(r"re-quantize the original model with --format ([\w-]+), then export onnx again", msg)
     assert fmt, msg
     build(artifact(("tiny-mixtral", fmt.group(1), 128, False), "onnx"), "a100-80gb", tmp_path / "b2", dry_run=True)
+
+
+def test_block_fp8_experts_beside_other_formats_are_sent_where_they_are_taken(tmp_path, cli_run):
+    """Experts block FP8 by --rule, the rest FP8 per tensor: hf-modelopt and trtllm-ckpt refuse the experts and
+    named hf-fp8-block, which refuses a checkpoint with other formats than block FP8 (a dead end). They name a
+    plain fp8-block re-quantize for hf-fp8-block, and compressed-tensors, which takes it as it is: each step
+    taken once here."""
+    q = tmp_path / "q"
+    assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8", "--rule", "mlp.experts.*=fp8-block", "-o", q,
+                   "--quiet").exit_code == 0
+    for ex in ("hf-modelopt", "trtllm-ckpt"):
+        r = cli_run("export", q, "--format", ex, "-o", tmp_path / ex)
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+        assert "quantize with --format fp8-block, then export hf-fp8-block" in r.stderr, r.stderr
+        assert "export compressed-tensors" in r.stderr, r.stderr
+    assert cli_run("export", q, "--format", "hf-fp8-block", "-o", tmp_path / "no").exit_code == 2  # as it is: no
+    assert cli_run("export", q, "--format", "compressed-tensors", "-o", tmp_path / "ct", "--quiet").exit_code == 0
+    q2 = tmp_path / "q2"
+    assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-o", q2, "--quiet").exit_code == 0
+    assert cli_run("export", q2, "--format", "hf-fp8-block", "-o", tmp_path / "fb", "--quiet").exit_code == 0
