@@ -102,7 +102,8 @@ def test_self_check_is_exact(cli_run, ref, tmp_path):
     assert len(res["layers"]) == StreamedModel(str(ref)).num_layers
     assert all(p["rel_error"] == 0.0 and p["cosine"] == pytest.approx(1.0, abs=1e-12) for p in res["layers"])
     assert all(g["passed"] for g in res["gates"]) and [g["metric"] for g in res["gates"]] == \
-        ["ppl_increase", "top1_agreement", "kl_mean", "max_layer_rel_error", "min_routing_overlap"]
+        ["ppl_increase", "top1_agreement", "kl_mean", "max_layer_rel_error", "min_routing_overlap", "max_expert_error"]
+    assert m["max_expert_error"] == 0.0
     gen = res["generations"]["samples"]
     assert len(gen) == 2 and all(s["same_prefix_tokens"] == 4 and s["reference"] == s["candidate"] for s in gen)
     # report: JSON equal to stdout's, markdown, a real PNG, and a manifest of the report directory
@@ -129,7 +130,7 @@ def test_int2_layer_fails_default_gates_naming_metric_and_layer(cli_run, ref, in
     # gates off: the same candidate passes, the manifest says so
     r = cli_run("check", int2_layer1, "--reference", ref, *SMALL, "--quiet", "--min-top1", "none",
                 "--max-kl", "none", "--max-ppl-increase", "none", "--max-layer-error", "none",
-                "--min-routing-overlap", "none", "--json")
+                "--min-routing-overlap", "none", "--max-expert-error", "none", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["gates"] == [] and read_manifest(int2_layer1)["accuracy"]["passed"] is True
 
@@ -280,7 +281,7 @@ def test_gates_fail_on_nan_and_name_the_first_failure():
     cfg = CheckConfig(max_kl_p99=0.5)
     gates = evaluate_gates(cfg, {"ppl_increase": 0.031, "top1_agreement": 0.97, "kl_mean": float("nan"),
                                  "kl_p99": 0.1})
-    assert [g["passed"] for g in gates] == [False, True, False, True, None, None]  # no per-layer metrics given
+    assert [g["passed"] for g in gates] == [False, True, False, True, None, None, None]  # no per-layer metrics given
     line = failure_line(gates, {"layer": 3, "before": 0.01, "after": 0.4})
     assert line == ("ppl_increase +3.10% > max +2.00% (--max-ppl-increase); also kl_mean nan; "
                     "hidden-state error jumps at layer 3 (rel. error 0.01 -> 0.4)")
@@ -335,27 +336,50 @@ def test_a_broken_candidate_fails_its_gate(cli_run, tmp_path, name, fn, gates, f
     assert json.loads(r.stdout)["failed"][0] == failing
 
 
+def _rare_expert(ref, layer: int) -> tuple[StreamedModel, int]:
+    """The expert of ``layer`` the check's default eval data routes fewest tokens to (at least one)."""
+    from moepress.checks.runner import eval_data
+
+    batches, _ = eval_data(ref, CheckConfig())  # the check's default data, which the CLI runs read
+    sm, stats = StreamedModel(str(ref)), RoutingStats()
+    sm.forward(batches, before_layer=lambda i, lay: stats.attach(i, lay))
+    counts = stats.layers[layer].counts
+    return sm, int(torch.where(counts > 0, counts, counts.max() + 1).argmin())
+
+
 def test_one_rarely_routed_expert_blown_up_fails_the_layer_error_gate(cli_run, tmp_path):
     """Layer 1's least-routed expert's down projection x 1e6 (as one NVFP4 expert's global scale inverted:
     x 3.5e8): the few tokens it gets leave the layer with hidden states off by orders
     of magnitude, while perplexity, KL and top-1 over all tokens barely move and pass. The per-layer error
-    gate (default 1.0) fails it; without that gate the check passes it."""
-    from moepress.checks.runner import eval_data
-
+    gate (default 1.0) fails it, and the expert's own error; without those gates the check passes it."""
     ref = models.path("tiny-mixtral")
-    batches, _ = eval_data(ref, CheckConfig())  # the check's default data, which the CLI run below reads
-    sm, stats = StreamedModel(str(ref)), RoutingStats()
-    sm.forward(batches, before_layer=lambda i, lay: stats.attach(i, lay))
-    counts = stats.layers[1].counts
-    rare = int(torch.where(counts > 0, counts, counts.max() + 1).argmin())
+    sm, rare = _rare_expert(ref, 1)
     bad = _broken_copy(tmp_path, sm.adapter.expert_prefix(1, rare) + "w2.weight",
                        lambda t: (t.float() * 1e6).to(t.dtype))
     args = ("check", bad, "--reference", ref, "--quiet", "--json")
     r = cli_run(*args)
     res = json.loads(r.stdout)
-    assert r.exit_code == 1 and res["failed"] == ["max_layer_rel_error"], r.output
+    assert r.exit_code == 1 and res["failed"] == ["max_layer_rel_error", "max_expert_error"], r.output
     assert res["metrics"]["max_layer_rel_error"] > 10 and res["metrics"]["ppl_increase"] < 0.02
-    assert cli_run(*args, "--max-layer-error", "none").exit_code == 0
+    assert cli_run(*args, "--max-layer-error", "none", "--max-expert-error", "none").exit_code == 0
+
+
+def test_one_rarely_routed_expert_scaled_x2_fails_the_expert_gate(cli_run, tmp_path):
+    """Layer 1's least-routed expert's down projection x 2 (a wrong scale on one expert): every whole-model
+    gate and the per-layer error pass it; the expert's own output, on the reference's inputs to the layer,
+    is off by exactly its own size (|2y - y| / |y| = 1), over the default --max-expert-error 0.5."""
+    ref = models.path("tiny-mixtral")
+    sm, rare = _rare_expert(ref, 1)
+    bad = _broken_copy(tmp_path, sm.adapter.expert_prefix(1, rare) + "w2.weight", lambda t: (t.float() * 2).to(t.dtype))
+    args = ("check", bad, "--reference", ref, "--quiet", "--json")
+    r = cli_run(*args)
+    res = json.loads(r.stdout)
+    assert r.exit_code == 1 and res["failed"] == ["max_expert_error"], r.output
+    assert res["metrics"]["max_expert_error"] == pytest.approx(1.0, rel=1e-3)
+    row = res["layers"][1]
+    assert row["worst_expert"] == rare and row["expert_error"] == res["metrics"]["max_expert_error"]
+    assert all(p["expert_error"] == 0.0 for p in res["layers"] if p["layer"] != 1)
+    assert cli_run(*args, "--max-expert-error", "none").exit_code == 0
 
 
 def _deepseek_copy(tmp_path, change=None, **config):

@@ -620,7 +620,8 @@ def test_publish_refuses_tampered_shard_with_updated_manifest_digest(f3_checked,
 def test_publish_refuses_check_with_every_gate_none(f3_checked, tmp_path, cli_run):
     art = _f3_copy(f3_checked[0], tmp_path)
     r = cli_run("check", art, "--reference", "tiny-qwen3-moe", *F3_FAST, "--max-ppl-increase", "none",
-                "--min-top1", "none", "--max-kl", "none", "--max-layer-error", "none", "--min-routing-overlap", "none")
+                "--min-top1", "none", "--max-kl", "none", "--max-layer-error", "none", "--min-routing-overlap", "none",
+                "--max-expert-error", "none")
     assert r.exit_code == 0, r.output  # the check itself passes: nothing was gated
     assert _f3_manifest(art)["accuracy"]["gates"] == []
     _one_line(cli_run("publish", art, "--to", tmp_path / "pub"), str(art), "applied no gate")

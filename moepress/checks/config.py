@@ -37,7 +37,7 @@ def parse_fraction(value, option: str) -> float | None:
 
 
 GATE_FIELDS = ("max_ppl_increase", "min_top1", "max_kl", "max_kl_p99", "min_cosine", "max_layer_error",
-               "min_routing_overlap")
+               "min_routing_overlap", "max_expert_error")
 # gates whose values are shares, written <= 1 or as %
 SHARES = ("max_ppl_increase", "min_top1", "min_cosine", "min_routing_overlap")
 
@@ -54,7 +54,9 @@ class CheckConfig:
     quantization or pruning that passes the other gates comes near, while one expert with a wrong
     scale that few eval tokens reach moves the whole-model metrics by a fraction of a percent);
     ``min_routing_overlap`` the lowest per-MoE-layer share of the reference's expert choices the candidate's
-    router makes on the same inputs (checks/routing.py).
+    router makes on the same inputs; ``max_expert_error`` the largest relative error of one routed expert's
+    output on the reference's inputs to its layer, every expert whether the eval tokens reach it or not
+    (checks/routing.py).
     Data: ``data`` (None: the bundled held-out text), ``seq_len`` tokens per sample,
     ``max_samples`` samples, ``batch_size``. ``generate`` prompts decoded greedily for
     ``gen_tokens`` tokens each, side by side. ``kind`` the candidate kind (``auto``: detected).
@@ -67,6 +69,7 @@ class CheckConfig:
     min_cosine: float | None = None
     max_layer_error: float | None = 1.0
     min_routing_overlap: float | None = 0.95
+    max_expert_error: float | None = 0.5
     data: str | None = None
     seq_len: int = 256
     max_samples: int = 32
@@ -134,6 +137,7 @@ GATES = (
     Gate("min_layer_cosine", "min_cosine", ">=", "--min-cosine", needs="layers"),
     Gate("max_layer_rel_error", "max_layer_error", "<=", "--max-layer-error", needs="layers"),
     Gate("min_routing_overlap", "min_routing_overlap", ">=", "--min-routing-overlap", needs="routing"),
+    Gate("max_expert_error", "max_expert_error", "<=", "--max-expert-error", needs="routing"),
 )
 
 

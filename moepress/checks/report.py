@@ -34,7 +34,8 @@ def accuracy_section(result: dict) -> dict:
     (metric, measured value, op, threshold, passed). :func:`record_in_manifest` adds the digests of
     the files checked and the seal."""
     keep = ("ppl_reference", "ppl_candidate", "ppl_increase", "kl_mean", "kl_p99", "top1_agreement",
-            "min_layer_cosine", "final_layer_rel_error", "max_layer_rel_error", "min_routing_overlap", "tokens")
+            "min_layer_cosine", "final_layer_rel_error", "max_layer_rel_error", "min_routing_overlap",
+            "max_expert_error", "tokens")
     return {"passed": result["passed"], "failed": result["failed"], "reference": result["reference"],
             "data": result["data"], "metrics": {k: result["metrics"][k] for k in keep if k in result["metrics"]},
             "error_jump": result["error_jump"],

@@ -14,15 +14,32 @@ Experts are matched by what they compute, not by index: each reference expert's 
 the layer's tokens is kept, and a candidate whose experts are the reference's in another order (an
 expert-placement tool that rewrites the checkpoint) is compared through that order. Measured for
 streamed candidates with the reference's expert count (not for pruned ones, whose experts are others).
+
+The same outputs give each expert's own error: the candidate expert's output on those tokens against
+its reference expert's, every expert whether or not the eval tokens reach it. A wrong scale on an
+expert the router rarely picks moves the whole model's outputs by a fraction of a percent, under every
+whole-model gate; on the expert itself it is an error of the expert's own size.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 
 from moepress.compress.moe import SparseMoE
 
 PROBE_TOKENS = 16  # tokens each expert's output is kept on, to match candidate experts to the reference's
+
+
+class Agreement(NamedTuple):
+    """One MoE layer's candidate against the reference on the reference's inputs."""
+
+    share: float  # of (token, expert) choices both routers make, over the larger top-k
+    renumbered: bool  # the candidate's experts are the reference's in another order
+    expert_error: float  # largest over experts: |out_cand - out_ref| / |out_ref| on the probe tokens
+    worst_expert: int  # the candidate's expert with that error
 
 
 class RouteCapture:
@@ -39,18 +56,23 @@ class RouteCapture:
     @torch.no_grad()
     def on_route(self, moe, x, logits, weights, indices) -> None:
         self.seen.append((x, indices))
-        if self.probe is None:
-            self.probe = x[:PROBE_TOKENS]
+        if self.probe is None:  # spread over the batch: not only its first sequence's first positions
+            pick = torch.linspace(0, x.shape[0] - 1, min(PROBE_TOKENS, x.shape[0])).round().long()
+            self.probe = x[pick.to(x.device)]
             self.outputs = _expert_outputs(moe, self.probe)
 
     @torch.no_grad()
-    def overlap(self, moe: SparseMoE) -> tuple[float, bool] | None:
-        """(share of (token, expert) choices both routers make, over the larger top-k; whether the
-        candidate's experts are the reference's renumbered) on the same inputs, or None when its experts
+    def overlap(self, moe: SparseMoE) -> Agreement | None:
+        """The candidate layer ``moe`` against the reference on the same inputs, or None when its experts
         are not the reference's (another count)."""
         if moe.num_experts != self.num_experts or not self.seen:
             return None
-        order = self._order(moe)
+        ref = self.outputs
+        cand = _expert_outputs(moe, self.probe.to(moe.gate.weight.device)).to(ref.device)
+        order = _order(cand, ref)
+        mine = ref[order.to(ref.device)]  # the reference expert each candidate expert is
+        err = ((cand - mine).flatten(1).norm(dim=1) / mine.flatten(1).norm(dim=1).clamp_min(1e-30)).cpu()
+        worst = int(err.nan_to_num(math.inf).argmax())
         hits = total = 0
         for x, ref_idx in self.seen:
             _, _, idx = moe.route(moe, x.to(moe.gate.weight.device))
@@ -58,16 +80,15 @@ class RouteCapture:
             idx = order.to(dev)[idx.to(dev)]  # the candidate's expert j is the reference's order[j]
             hits += int((ref_idx[:, :, None] == idx[:, None, :]).any(-1).sum())
             total += ref_idx.shape[0] * max(ref_idx.shape[1], idx.shape[1])
-        return hits / total, bool((order != torch.arange(len(order))).any())
+        return Agreement(hits / total, bool((order != torch.arange(len(order))).any()), float(err[worst]), worst)
 
-    def _order(self, moe: SparseMoE) -> torch.Tensor:
-        """order[j]: the reference expert whose output the candidate's expert j is nearest to, where that
-        is a one-to-one renumbering; else the identity."""
-        ident = torch.arange(self.num_experts)
-        ref = self.outputs.flatten(1)
-        cand = _expert_outputs(moe, self.probe.to(moe.gate.weight.device)).flatten(1).to(ref.device)
-        order = torch.cdist(cand, ref).argmin(1).cpu()
-        return order if torch.equal(order.sort().values, ident) else ident
+
+def _order(cand: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """order[j]: the reference expert whose output (``ref``: [experts, tokens, hidden]) the candidate's
+    expert j is nearest to, where that is a one-to-one renumbering; else the identity."""
+    ident = torch.arange(ref.shape[0])
+    order = torch.cdist(cand.flatten(1), ref.flatten(1)).argmin(1).cpu()
+    return order if torch.equal(order.sort().values, ident) else ident
 
 
 def _expert_outputs(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:

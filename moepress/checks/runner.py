@@ -27,7 +27,7 @@ from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.candidates.base import config_json
 from moepress.checks.config import CheckConfig, evaluate_gates, refuse_unmeasurable
 from moepress.checks.lineage import calibrated_on
-from moepress.checks.routing import RouteCapture
+from moepress.checks.routing import Agreement, RouteCapture
 from moepress.compress.arch import adapter_class
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
@@ -81,7 +81,7 @@ class _Lockstep:
 
 @torch.no_grad()
 def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit_stats: LogitStats, task,
-              routing: dict[int, tuple[float, bool]]):
+              routing: dict[int, Agreement]):
     cs = cand.stream
     hr, hc = ref.embed(batches), cs.embed(batches)
     embed = LayerStats()
@@ -221,17 +221,25 @@ def _data_notes(candidate: Path, ref_dir: Path, data: dict) -> list[str]:
     return notes
 
 
-def _layer_metrics(layers: list[LayerStats] | None, embed, routing: dict[int, tuple[float, bool]],
-                   metrics: dict) -> tuple[list[dict], dict | None]:
-    """Per-layer rows (hidden-state agreement; routing agreement at MoE layers), the layer where the error
-    jumps, and the per-layer headline metrics, added to ``metrics``."""
-    routing = {i: share for i, (share, _) in routing.items()}
+def _moe_rows(routing: dict[int, Agreement], metrics: dict) -> dict[int, dict]:
+    """Per MoE layer: routing agreement and the worst expert's own error; their extremes into ``metrics``."""
+    rows = {i: {"routing_overlap": a.share, "expert_error": a.expert_error, "worst_expert": a.worst_expert}
+            for i, a in routing.items()}
     if routing:
-        metrics["min_routing_overlap"] = min(routing.values())
+        metrics["min_routing_overlap"] = min(a.share for a in routing.values())
+        errors = [a.expert_error for a in routing.values()]
+        metrics["max_expert_error"] = math.nan if any(e != e for e in errors) else max(errors)
+    return rows
+
+
+def _layer_metrics(layers: list[LayerStats] | None, embed, routing: dict[int, Agreement],
+                   metrics: dict) -> tuple[list[dict], dict | None]:
+    """Per-layer rows (hidden-state agreement; routing agreement and expert error at MoE layers), the layer
+    where the error jumps, and the per-layer headline metrics, added to ``metrics``."""
+    moe = _moe_rows(routing, metrics)
     if layers is None:
         return [], None
-    per_layer = [{"layer": i, **s.summary(), **({"routing_overlap": routing[i]} if i in routing else {})}
-                 for i, s in enumerate(layers)]
+    per_layer = [{"layer": i, **s.summary(), **moe.get(i, {})} for i, s in enumerate(layers)]
     start = embed.summary()["rel_error"] if embed is not None else 0.0
     k = error_jump([p["rel_error"] for p in per_layer], start)
     before = (per_layer[k - 1]["rel_error"] if k else start) if k is not None else None
@@ -319,7 +327,7 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
             embed = run(None)
         metrics = logit_stats.summary()
         per_layer, jump = _layer_metrics(layers, embed, routing, metrics)
-        renumbered = [i for i, (_, moved) in routing.items() if moved]
+        renumbered = [i for i, a in routing.items() if a.renumbered]
         if renumbered:
             notes.append(f"the candidate's experts are the reference's renumbered at layer(s) "
                          f"{', '.join(map(str, renumbered))} (matched by their outputs; routing compared so)")

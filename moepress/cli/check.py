@@ -76,6 +76,9 @@ def _human(result: dict) -> list[str]:
         share = ", ".join(f"{p['layer']}: {p['routing_overlap']:.4f}" for p in result["layers"]
                           if "routing_overlap" in p)
         out.append(f"  routing overlap per MoE layer  {share}{gate('min_routing_overlap')}")
+        worst = ", ".join(f"{p['layer']}: {p['expert_error']:.3g} (expert {p['worst_expert']})"
+                          for p in result["layers"] if "expert_error" in p)
+        out.append(f"  worst expert's rel. error per MoE layer  {worst}{gate('max_expert_error')}")
     out += [f"  {g['metric']}: not measured for this candidate{gate(g['metric'])}" for g in result["gates"]
             if g["passed"] is None]
     out += [f"  note: {n}" for n in result["notes"]]
@@ -114,6 +117,10 @@ def _human(result: dict) -> list[str]:
               help="Gate: lowest per-MoE-layer share of the reference's expert choices that the candidate's router "
                    "makes on the reference's router inputs (streamed candidates with the reference's experts; "
                    "'none': off).")
+@click.option("--max-expert-error", default="0.5", metavar="REL", show_default=True,
+              help="Gate: largest relative error of one routed expert's output on the reference's inputs to its "
+                   "layer, every expert whether the eval tokens reach it or not (as --min-routing-overlap: "
+                   "streamed candidates with the reference's experts; 'none': off).")
 @click.option("--kind", type=KindChoice(), default="auto", show_default=True,
               help="Candidate kind; auto detects it from the path.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sample.")
@@ -132,7 +139,7 @@ def _human(result: dict) -> list[str]:
 @device_option
 @progress_options
 def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, max_kl_p99, min_cosine, max_layer_error,
-              min_routing_overlap, kind, seq_len, max_samples, batch_size, seed, generate, gen_tokens,
+              min_routing_overlap, max_expert_error, kind, seq_len, max_samples, batch_size, seed, generate, gen_tokens,
               trust_remote_code, report_dir, device, quiet, json_out):
     """Compare CANDIDATE with the reference checkpoint on held-out text and gate on the result.
 
@@ -165,7 +172,7 @@ def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, ma
     gates = {name: parse_fraction(value, "--" + name.replace("_", "-")) for name, value in
              (("max_ppl_increase", max_ppl_increase), ("min_top1", min_top1), ("max_kl", max_kl),
               ("max_kl_p99", max_kl_p99), ("min_cosine", min_cosine), ("max_layer_error", max_layer_error),
-              ("min_routing_overlap", min_routing_overlap))}
+              ("min_routing_overlap", min_routing_overlap), ("max_expert_error", max_expert_error))}
     ctx = click.get_current_context()
     asked = tuple(n for n in gates if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT)
     cfg = CheckConfig(**gates, asked=asked, data=data, seq_len=seq_len, max_samples=max_samples,
