@@ -17,7 +17,8 @@ Like with like (measured with transformers 5.24 + compressed-tensors 0.20.1):
 DeepSeek's INT4 uses --group-size 32: its 64- and 32-wide linears would otherwise get smaller
 groups than the rest, and transformers' CT loader resolves one scheme for all dense modules and
 one for the experts (integrations/compressed_tensors.py: get_dense_scheme / get_experts_scheme),
-so mixed group sizes fail to load there (vLLM matches schemes per module).
+so mixed group sizes fail to load there (vLLM matches schemes per module name, a fused MoE's under
+its experts' gate_proj / up_proj / down_proj names: test_mixed_schemes_name_the_experts_where_vllm_looks).
 """
 
 from __future__ import annotations
