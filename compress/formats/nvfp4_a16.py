@@ -7,6 +7,12 @@ get_quantization_format: an NVFP4 weight quantizer with the input quantizer disa
 loader accepts ``W4A16_NVFP4`` (``vllm/model_executor/layers/quantization/modelopt.py`` QUANT_ALGOS),
 TensorRT-LLM has QuantAlgo ``W4A16_NVFP4`` (tensorrt_llm/quantization/mode.py). Stored tensors and
 the compressed-tensors form (``nvfp4-pack-quantized``, preset ``NVFP4A16``: weights only) as nvfp4.
+
+Weight-only, so no FP4 tensor cores are needed: vLLM runs it through its Marlin FP4 kernels on sm80+
+(model_executor/layers/quantization/utils/marlin_utils_fp4.py, "Weight-only FP4 compression will be used
+leveraging the Marlin kernel"; the MARLIN NvFp4 MoE backend), TensorRT-LLM main (2026-11) through
+W4A16NVFP4CutlassFusedMoEMethod, which dequantizes to the activation dtype (SM80+), so its targets are
+Ampere on, as MXFP4's; on Blackwell it is the 4-bit weight-only format.
 """
 
 from functools import partial
@@ -20,7 +26,7 @@ _W = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": _nv.GROUP}
 FORMAT = Format(
     name="nvfp4-a16",
     split_unit=(1, 16), description="E2M1 weights, E4M3 scale per 16, FP32 global scale; bf16 activations",
-    element="fp4", scale="group", activation="none", archs=(100, 120), quant_algo="W4A16_NVFP4",
+    element="fp4", scale="group", activation="none", archs=(80, 86, 89, 90, 100, 120), quant_algo="W4A16_NVFP4",
     weight_scale_2=True, alternatives=("int4-awq", "int4-gptq", "nvfp4", "fp8"),
     stored=("weight", "weight_scale", "weight_scale_2"),
     quantize=_nv.quantize, stored_bytes=partial(_nv.stored_bytes, scalars=1),
