@@ -54,9 +54,9 @@ class CheckConfig:
     quantization or pruning that passes the other gates comes near, while one expert with a wrong
     scale that few eval tokens reach moves the whole-model metrics by a fraction of a percent);
     ``min_routing_overlap`` the lowest per-MoE-layer share of the reference's expert choices the candidate's
-    router makes on the same inputs; ``max_expert_error`` the largest relative error of one routed expert's
-    output on the reference's inputs to its layer, every expert whether the eval tokens reach it or not
-    (checks/routing.py).
+    router makes on the same inputs; ``max_expert_error`` the largest error of one routed expert's output on
+    the reference's inputs to its layer against the reference expert its router row stands for, relative to
+    the smaller of the two, every expert whether the eval tokens reach it or not (checks/routing.py).
     Data: ``data`` (None: the bundled held-out text), ``seq_len`` tokens per sample,
     ``max_samples`` samples, ``batch_size``. ``generate`` prompts decoded greedily for
     ``gen_tokens`` tokens each, side by side. ``kind`` the candidate kind (``auto``: detected).

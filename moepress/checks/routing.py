@@ -10,15 +10,19 @@ breaks can move the whole-model metrics by under 1% (a dropped DeepSeek-V3 corre
 perplexity on the bundled tiny-deepseek-v3), which perplexity, KL and top-1 gates cannot tell from
 quantization noise.
 
-Experts are matched by what they compute, not by index: each reference expert's output on a few of
-the layer's tokens is kept, and a candidate whose experts are the reference's in another order (an
-expert-placement tool that rewrites the checkpoint) is compared through that order. Measured for
-streamed candidates with the reference's expert count (not for pruned ones, whose experts are others).
+Experts are matched by their router rows, not by index: a candidate whose experts are the reference's in
+another order, with their router rows moved alike (an expert-placement tool that rewrites the
+checkpoint), is compared through that order. The router's scores on a few of the layer's tokens say
+which reference row each candidate row is (routers are never quantized, so they match exactly); the
+experts are then held to that: experts swapped without their router rows are each compared with the
+expert their row stands for, and fail. Measured for streamed candidates with the reference's expert
+count (not for pruned ones, whose experts are others).
 
-The same outputs give each expert's own error: the candidate expert's output on those tokens against
-its reference expert's, every expert whether or not the eval tokens reach it. A wrong scale on an
-expert the router rarely picks moves the whole model's outputs by a fraction of a percent, under every
-whole-model gate; on the expert itself it is an error of the expert's own size.
+Each expert's own error: the candidate expert's output on those tokens against its reference expert's,
+every expert whether or not the eval tokens reach it, relative to the smaller of the two outputs, so an
+expert scaled by 2 or by 1/2 reads 1.0 alike. A wrong scale on an expert the router rarely picks moves
+the whole model's outputs by a fraction of a percent, under every whole-model gate; on the expert itself
+it is an error of the expert's own size.
 """
 
 from __future__ import annotations
@@ -38,27 +42,28 @@ class Agreement(NamedTuple):
 
     share: float  # of (token, expert) choices both routers make, over the larger top-k
     renumbered: bool  # the candidate's experts are the reference's in another order
-    expert_error: float  # largest over experts: |out_cand - out_ref| / |out_ref| on the probe tokens
+    expert_error: float  # largest over experts: |out_cand - out_ref| / min(|out_cand|, |out_ref|), probe tokens
     worst_expert: int  # the candidate's expert with that error
 
 
 class RouteCapture:
-    """Observer on the reference's MoE block: each batch's router input and the experts chosen, and every
-    expert's output on the first batch's first tokens (what identifies it)."""
+    """Observer on the reference's MoE block: each batch's router input and the experts chosen, and on a few
+    tokens of the first batch every expert's router score and output."""
 
     def __init__(self, moe: SparseMoE):
         self.num_experts = moe.num_experts
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.probe: torch.Tensor | None = None
-        self.outputs: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None  # [tokens, experts]: the router's logits on the probe
+        self.outputs: torch.Tensor | None = None  # [experts, tokens, hidden]
         moe.observers.append(self)
 
     @torch.no_grad()
     def on_route(self, moe, x, logits, weights, indices) -> None:
         self.seen.append((x, indices))
         if self.probe is None:  # spread over the batch: not only its first sequence's first positions
-            pick = torch.linspace(0, x.shape[0] - 1, min(PROBE_TOKENS, x.shape[0])).round().long()
-            self.probe = x[pick.to(x.device)]
+            pick = torch.linspace(0, x.shape[0] - 1, min(PROBE_TOKENS, x.shape[0])).round().long().to(x.device)
+            self.probe, self.scores = x[pick], logits[pick].float()
             self.outputs = _expert_outputs(moe, self.probe)
 
     @torch.no_grad()
@@ -68,10 +73,12 @@ class RouteCapture:
         if moe.num_experts != self.num_experts or not self.seen:
             return None
         ref = self.outputs
-        cand = _expert_outputs(moe, self.probe.to(moe.gate.weight.device)).to(ref.device)
-        order = _order(cand, ref)
-        mine = ref[order.to(ref.device)]  # the reference expert each candidate expert is
-        err = ((cand - mine).flatten(1).norm(dim=1) / mine.flatten(1).norm(dim=1).clamp_min(1e-30)).cpu()
+        probe = self.probe.to(moe.gate.weight.device)
+        order = _order(moe.route(moe, probe)[0].float().to(self.scores.device), self.scores)
+        mine = ref[order.to(ref.device)]  # the reference expert each candidate expert's router row stands for
+        cand = _expert_outputs(moe, probe).to(ref.device)
+        size = torch.minimum(cand.flatten(1).norm(dim=1), mine.flatten(1).norm(dim=1))
+        err = ((cand - mine).flatten(1).norm(dim=1) / size.clamp_min(1e-30)).cpu()
         worst = int(err.nan_to_num(math.inf).argmax())
         hits = total = 0
         for x, ref_idx in self.seen:
@@ -84,10 +91,10 @@ class RouteCapture:
 
 
 def _order(cand: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """order[j]: the reference expert whose output (``ref``: [experts, tokens, hidden]) the candidate's
-    expert j is nearest to, where that is a one-to-one renumbering; else the identity."""
-    ident = torch.arange(ref.shape[0])
-    order = torch.cdist(cand.flatten(1), ref.flatten(1)).argmin(1).cpu()
+    """order[j]: the reference router row whose scores (``ref``: [tokens, experts]) the candidate's row j's
+    are nearest to, where that is a one-to-one renumbering; else the identity."""
+    ident = torch.arange(ref.shape[1])
+    order = torch.cdist(cand.T.contiguous(), ref.T.contiguous()).argmin(1).cpu()
     return order if torch.equal(order.sort().values, ident) else ident
 
 

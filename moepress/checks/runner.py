@@ -330,7 +330,8 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
         renumbered = [i for i, a in routing.items() if a.renumbered]
         if renumbered:
             notes.append(f"the candidate's experts are the reference's renumbered at layer(s) "
-                         f"{', '.join(map(str, renumbered))} (matched by their outputs; routing compared so)")
+                         f"{', '.join(map(str, renumbered))} (matched by their router rows; routing and experts "
+                         "compared so)")
         gates = evaluate_gates(cfg, metrics)
         gen = generations(ref, cand, batches, ref_dir, cfg) if cfg.generate else None
         failed = [g["metric"] for g in gates if g["passed"] is False]

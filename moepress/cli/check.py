@@ -118,9 +118,10 @@ def _human(result: dict) -> list[str]:
                    "makes on the reference's router inputs (streamed candidates with the reference's experts; "
                    "'none': off).")
 @click.option("--max-expert-error", default="0.5", metavar="REL", show_default=True,
-              help="Gate: largest relative error of one routed expert's output on the reference's inputs to its "
-                   "layer, every expert whether the eval tokens reach it or not (as --min-routing-overlap: "
-                   "streamed candidates with the reference's experts; 'none': off).")
+              help="Gate: largest error of one routed expert's output on the reference's inputs to its layer "
+                   "against the reference expert its router row stands for, relative to the smaller of the two "
+                   "(a scale off by 2 either way: 1.0), every expert whether the eval tokens reach it or not (as "
+                   "--min-routing-overlap: streamed candidates with the reference's experts; 'none': off).")
 @click.option("--kind", type=KindChoice(), default="auto", show_default=True,
               help="Candidate kind; auto detects it from the path.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sample.")
