@@ -5,7 +5,8 @@ At each MoE layer the candidate's router (its weights, correction bias, top-k an
 and its config.json; not the weights' scaling, which chooses no expert) is given the reference's
 router input, so whatever else the candidate quantizes in the layer changes nothing here: a correct
 quantized or exported checkpoint routes exactly as the reference (moepress never quantizes a router),
-while a dropped or permuted correction bias, permuted router rows or another top-k show at once. Such
+while a dropped or permuted correction bias or another top-k show at once (router rows permuted without
+their experts show in the experts' own error, below). Such
 breaks can move the whole-model metrics by under 1% (a dropped DeepSeek-V3 correction bias: +0.15%
 perplexity on the bundled tiny-deepseek-v3), which perplexity, KL and top-1 gates cannot tell from
 quantization noise.
