@@ -360,6 +360,17 @@ def test_an_export_the_family_has_no_writer_for_is_refused_before_any_stage(cli_
     assert not (tmp_path / "run" / "prune").exists()
 
 
+@pytest.mark.parametrize("fmt,needle", [("fp8-block", "weight_scale_inv"), ("int4-gptq", "WInt4AFP8")])
+def test_hf_modelopt_of_experts_it_refuses_is_refused_before_any_stage(cli_run, tmp_path, fmt, needle):
+    """hf-modelopt refuses block-FP8 and INT4 weight-only routed experts at export: a recipe quantizing to
+    them and listing hf-modelopt ran prune and quantize first (hours on Kimi K2), then stopped there."""
+    rec = write_recipe(tmp_path / "r.yaml", model="tiny-qwen3-moe", quantize={"format": fmt},
+                       export={"formats": ["hf-modelopt"]})
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    one_line_error(r, f"recipe export.formats hf-modelopt: quantize.format {fmt}", needle)
+    assert not (tmp_path / "run" / "prune").exists() and not (tmp_path / "run" / "quantize").exists()
+
+
 def test_cards_say_when_no_gate_was_applied_or_checks_are_off(tmp_path):
     """A check with every gate off "passed" on the card (which `publish` refuses as showing nothing);
     a recipe with the check off gave the reason of a format no CPU runtime runs."""

@@ -353,6 +353,24 @@ def _refuse_unavailable_exports(recipe: dict, model: Path) -> None:
     for fmt in formats:
         if fmt in reg:
             reg[fmt].refuse_family(family, model, where=f"recipe export.formats {fmt}")
+    _refuse_modelopt_experts(recipe, family, formats)
+
+
+def _refuse_modelopt_experts(recipe: dict, family: str, exports: list[str]) -> None:
+    """hf-modelopt after a quantize whose one format (no rules) gives the routed experts a form no runtime loads
+    from a Model-Optimizer checkpoint (exporters/hf_modelopt.py refuses it at export, hours later)."""
+    from moepress.compress import formats
+
+    q = recipe.get("quantize") or {}
+    f = formats.FORMATS.get(q.get("format") or "")
+    if "hf-modelopt" not in exports or f is None or q.get("rules"):
+        return
+    why = f.modelopt_moe_why or ("" if f.trtllm_loads_experts(family) else f.trtllm_moe_why)
+    if why:
+        raise MoepressError(f"recipe export.formats hf-modelopt: quantize.format {f.name} gives the {family} routed "
+                            f"experts a form no runtime loads from a Model-Optimizer checkpoint ({why}); expected "
+                            "hf-modelopt removed from export.formats"
+                            + (" (hf-fp8-block takes them)" if f.modelopt_moe_why else ""))
 
 
 def _unchecked(artifacts: dict[str, tuple[Path, str]]) -> dict[str, str]:
