@@ -169,8 +169,7 @@ def refuse_unloadable_experts(s, modules: dict) -> None:
         if not f.trtllm_loads_experts(s.adapter.family):
             ways = int4_routes(s, "hf-modelopt") or ct_route(s, modules)
             fit = [a for a in f.alternatives if formats.FORMATS[a].modelopt_entry is not None
-                   and not formats.FORMATS[a].modelopt_moe_why
-                   and formats.FORMATS[a].trtllm_loads_experts(s.adapter.family) and quantizes_experts(s, a)]
+                   and not formats.FORMATS[a].modelopt_experts_why(s.adapter.family) and quantizes_experts(s, a)]
             group = alike_group(s, modules) if formats.FORMATS[fit[0]].element == "int4" else None
             again = f"--format {fit[0]}" + (f" --group-size {group}" if group else "") + \
                 (f" (or {', '.join(fit[1:])})" if fit[1:] else "")

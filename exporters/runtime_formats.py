@@ -53,8 +53,7 @@ def _check_hf_modelopt(t: Target, fmt: str, shape: ModelShape, kind: str = "hf-m
                             "hf-fp8-block instead")
     kinds = ("trtllm-ckpt (builder trtllm-engine) or " if shape.family in SUPPORTED else "") + "onnx (builder tensorrt)"
     _refuse_export(t, fmt, kind, lambda a: formats.FORMATS[a].modelopt_entry is not None
-                   and not (shape.num_experts and formats.FORMATS[a].modelopt_moe_why)
-                   and trtllm_experts_problem(shape, t, a) is None,
+                   and not (shape.num_experts and formats.FORMATS[a].modelopt_experts_why(shape.family)),
                    f"no format an hf-modelopt export holds runs there with {shape.family} experts TensorRT-LLM "
                    f"loads; export the original bf16 model as {kinds}", to="hf-modelopt")
 
@@ -64,14 +63,14 @@ def _refuse_export(t: Target, fmt: str, kind: str, ok, bf16_step: str, suffix: s
     """check_format(t, fmt, ok), its refusal reworded for an export of ``kind`` (whose format ``build`` cannot
     change): the format check_format suggests becomes a re-quantize then this export again (or export ``to``);
     bf16 ``bf16_step``."""
+    to = to or kind
     try:
         check_format(t, fmt, ok)
     except MoepressError as e:
         why, _, alt = str(e).removeprefix(f"--format {fmt}: ").partition(": use ")
         alt = alt.split(" (")[0]
         step = bf16_step if alt == UNQUANTIZED else \
-            f"re-quantize the original model with --format {alt}, then export {to or kind}" + \
-            ("" if to not in (None, kind) else " again")
+            f"re-quantize the original model with --format {alt}, then export {to}" + (" again" if to == kind else "")
         raise MoepressError(f"the {kind} export is {fmt}: {why}: {step}{suffix}") from None
 
 

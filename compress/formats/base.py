@@ -117,6 +117,11 @@ class Format:
         """Does TensorRT-LLM's fused MoE load ``family``'s routed experts in this format?"""
         return self.trtllm_moe_families is None or family in self.trtllm_moe_families
 
+    def modelopt_experts_why(self, family: str) -> str:
+        """Why no runtime loads ``family``'s routed experts in this format from a Model-Optimizer checkpoint
+        ("" where one does): the names (block FP8), else TensorRT-LLM's fused MoE."""
+        return self.modelopt_moe_why or ("" if self.trtllm_loads_experts(family) else self.trtllm_moe_why)
+
     @property
     def produced(self) -> bool:
         """Does ``moepress quantize`` write it?"""

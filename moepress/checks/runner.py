@@ -221,14 +221,18 @@ def _data_notes(candidate: Path, ref_dir: Path, data: dict) -> list[str]:
     return notes
 
 
+def _worst(pick, values: list[float]) -> float:
+    """``pick`` (min / max) of ``values``, NaN if any is: min() and max() skip a NaN after a finite value."""
+    return math.nan if any(v != v for v in values) else pick(values)
+
+
 def _moe_rows(routing: dict[int, Agreement], metrics: dict) -> dict[int, dict]:
     """Per MoE layer: routing agreement and the worst expert's own error; their extremes into ``metrics``."""
     rows = {i: {"routing_overlap": a.share, "expert_error": a.expert_error, "worst_expert": a.worst_expert}
             for i, a in routing.items()}
     if routing:
         metrics["min_routing_overlap"] = min(a.share for a in routing.values())
-        errors = [a.expert_error for a in routing.values()]
-        metrics["max_expert_error"] = math.nan if any(e != e for e in errors) else max(errors)
+        metrics["max_expert_error"] = _worst(max, [a.expert_error for a in routing.values()])
     return rows
 
 
@@ -247,11 +251,9 @@ def _layer_metrics(layers: list[LayerStats] | None, embed, routing: dict[int, Ag
     # grows there (or turns NaN), above float32 rounding noise between two runtimes
     if k is not None and not per_layer[k]["rel_error"] <= max(before, JUMP_FLOOR):
         jump = {"layer": k, "before": before, "after": per_layer[k]["rel_error"]}
-    cosines = [p["cosine"] for p in per_layer]  # min() skips a NaN after a finite value: NaN wins here
-    metrics["min_layer_cosine"] = math.nan if any(c != c for c in cosines) else min(cosines)
+    metrics["min_layer_cosine"] = _worst(min, [p["cosine"] for p in per_layer])
     metrics["final_layer_rel_error"] = per_layer[-1]["rel_error"]
-    errors = [p["rel_error"] for p in per_layer]
-    metrics["max_layer_rel_error"] = math.nan if any(e != e for e in errors) else max(errors)
+    metrics["max_layer_rel_error"] = _worst(max, [p["rel_error"] for p in per_layer])
     return per_layer, jump
 
 

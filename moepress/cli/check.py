@@ -139,9 +139,8 @@ def _human(result: dict) -> list[str]:
               help="Write report.json, report.md and layer_error.png into DIR.")
 @device_option
 @progress_options
-def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, max_kl_p99, min_cosine, max_layer_error,
-              min_routing_overlap, max_expert_error, kind, seq_len, max_samples, batch_size, seed, generate, gen_tokens,
-              trust_remote_code, report_dir, device, quiet, json_out):
+def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size, seed, generate, gen_tokens,
+              trust_remote_code, report_dir, device, quiet, json_out, **gate_options):
     """Compare CANDIDATE with the reference checkpoint on held-out text and gate on the result.
 
     Metrics: perplexity of both and its relative change; KL(reference || candidate) of
@@ -167,13 +166,10 @@ def check_cmd(candidate, reference, data, max_ppl_increase, min_top1, max_kl, ma
         run_check,
         write_report,
     )
-    from moepress.checks.config import failure_line, parse_fraction
+    from moepress.checks.config import GATE_FIELDS, failure_line, parse_fraction
     from moepress.progress import Progress
 
-    gates = {name: parse_fraction(value, "--" + name.replace("_", "-")) for name, value in
-             (("max_ppl_increase", max_ppl_increase), ("min_top1", min_top1), ("max_kl", max_kl),
-              ("max_kl_p99", max_kl_p99), ("min_cosine", min_cosine), ("max_layer_error", max_layer_error),
-              ("min_routing_overlap", min_routing_overlap), ("max_expert_error", max_expert_error))}
+    gates = {name: parse_fraction(gate_options[name], "--" + name.replace("_", "-")) for name in GATE_FIELDS}
     ctx = click.get_current_context()
     asked = tuple(n for n in gates if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT)
     cfg = CheckConfig(**gates, asked=asked, data=data, seq_len=seq_len, max_samples=max_samples,

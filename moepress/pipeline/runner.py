@@ -365,7 +365,7 @@ def _refuse_modelopt_experts(recipe: dict, family: str, exports: list[str]) -> N
     f = formats.FORMATS.get(q.get("format") or "")
     if "hf-modelopt" not in exports or f is None or q.get("rules"):
         return
-    why = f.modelopt_moe_why or ("" if f.trtllm_loads_experts(family) else f.trtllm_moe_why)
+    why = f.modelopt_experts_why(family)
     if why:
         raise MoepressError(f"recipe export.formats hf-modelopt: quantize.format {f.name} gives the {family} routed "
                             f"experts a form no runtime loads from a Model-Optimizer checkpoint ({why}); expected "
