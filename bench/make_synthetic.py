@@ -89,6 +89,13 @@ def main(argv=None) -> int:
     import torch
 
     from moepress.compress.synthetic import write_synthetic
+    from moepress.models import resolve as resolve_model
+
+    if a.tokenizer:
+        # token ids at or above --vocab would fail calibration only later, at the first embedding lookup
+        src = json.loads((resolve_model(a.tokenizer) / "config.json").read_text()).get("vocab_size", 0)
+        if src > a.vocab:
+            ap.error(f"--tokenizer {a.tokenizer}: its vocabulary is {src} tokens, more than --vocab {a.vocab}")
 
     torch.set_num_threads(1)
     cfg = choose(a.size_gb, a.layers, a.experts, a.top_k, a.vocab, a.block_fp8)
@@ -108,7 +115,6 @@ def main(argv=None) -> int:
 
         from moepress.compress.checkpoint import aux_files
         from moepress.manifest import file_digests, read_manifest, update_manifest
-        from moepress.models import resolve as resolve_model
 
         for p in aux_files(resolve_model(a.tokenizer)):
             if p.name.startswith("tokenizer") or p.suffix == ".jinja":
