@@ -50,7 +50,7 @@ from moepress.exporters.plan import Plan, plan
 from moepress.exporters.plan import render as render_plan
 from moepress.exporters.targets import Target, get_target
 from moepress.manifest import file_digests, read_manifest, versions, write_manifest
-from moepress.outputs import OutputLock, absolute, refuse_overlap
+from moepress.outputs import OutputLock, absolute, clear_retired, install, refuse_overlap
 
 # (engine directory, reference model, progress) -> the check's record
 Check = Callable[[Path, Path, object], dict]
@@ -139,6 +139,7 @@ def _workdir(out: Path, force: bool) -> Path:
     if out.exists() and any(out.iterdir()) and not force:
         raise MoepressError(f"{out}: exists and is not empty; use --force to replace it")
     work = out.with_name(out.name + ".partial")
+    clear_retired(out)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -190,13 +191,7 @@ def build(artifact: str | Path, target: str | Target, out: str | Path, cfg: Buil
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-        # the old OUT moved aside whole, then replaced: a kill never leaves a half-removed build at OUT
-        old = out.with_name(f"{out.name}.old-{os.getpid()}") if out.exists() else None
-        if old is not None:
-            os.replace(out, old)
-        os.replace(work, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        install(work, out)  # the old OUT moved aside whole, then replaced: never half-removed at OUT
     finally:
         lock.release()
     return result

@@ -2,7 +2,11 @@
 two processes from writing the same output.
 
 - :func:`absolute`: the output path made absolute (``-o .`` names the current directory, whose
-  ``.partial`` sibling then sits beside it, not inside it); symlinks are kept as given.
+  ``.partial`` sibling then sits beside it, not inside it); a symbolic link given as the output is
+  followed (the stage writes the directory it names, on that directory's file system).
+- :func:`install`: the finished ``OUT.partial`` renamed to ``OUT``; an old ``OUT`` (--force) is moved
+  to ``OUT.partial.old`` first and removed after, and a leftover of a killed install is removed by
+  the next writer of ``OUT`` (:func:`clear_retired`).
 - :func:`refuse_overlap`: an output equal to an input, inside one or containing one is refused
   before anything is written (``quantize M -o M --force`` would replace the checkpoint it reads;
   ``-o M/q`` would add files to it).
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,8 +27,40 @@ from moepress.errors import MoepressError
 
 
 def absolute(path: str | os.PathLike) -> Path:
-    """``path`` absolute and normalised (``.`` and ``..`` folded), symlinks not followed."""
-    return Path(os.path.abspath(os.fspath(path)))
+    """``path`` absolute and normalised (``.`` and ``..`` folded). A symbolic link at ``path`` itself is
+    resolved: renaming the finished output over the link would replace the link, leave its target as it was
+    and write the partial on the link's file system."""
+    p = Path(os.path.abspath(os.fspath(path)))
+    return p.resolve() if p.is_symlink() else p
+
+
+def retired(out: Path) -> Path:
+    """Where an old ``out`` waits for removal while the new one is renamed in (a fixed name, so that a
+    kill in between leaves nothing the next writer cannot find)."""
+    return out.with_name(out.name + ".partial.old")
+
+
+def clear_retired(out: Path) -> None:
+    """Remove what a killed install left at :func:`retired` (the caller holds ``out``'s lock)."""
+    shutil.rmtree(retired(out), ignore_errors=True)
+
+
+def install(work: Path, out: Path) -> None:
+    """Rename the finished directory ``work`` to ``out``; an existing ``out`` is moved to :func:`retired`
+    first and removed after. A kill at any point leaves the old ``out`` or the new one whole (or neither
+    between the renames), never a half-removed one at ``out``. The caller holds ``out``'s lock."""
+    old = retired(out)
+    clear_retired(out)
+    moved = out.exists()
+    if moved:
+        os.replace(out, old)
+    try:
+        os.replace(work, out)
+    except OSError:
+        if moved:
+            os.replace(old, out)
+        raise
+    clear_retired(out)
 
 
 def overlap(out: str | os.PathLike, source: str | os.PathLike) -> str | None:
@@ -104,7 +141,7 @@ class OutputLock:
             pass
 
 
-__all__ = ["OutputLock", "absolute", "overlap", "refuse_overlap"]
+__all__ = ["OutputLock", "absolute", "clear_retired", "install", "overlap", "refuse_overlap", "retired"]
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -1,6 +1,7 @@
 """Checkpoint layer: lazy reads, sharded atomic writes (issue #2)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -55,6 +56,50 @@ def test_output_not_empty_needs_force(tmp_path):
     with CheckpointWriter(out, force=True) as w:
         w.add("a", torch.ones(3))
     assert not (out / "old.txt").exists() and (out / "model.safetensors.index.json").exists()
+
+
+def test_a_kill_after_the_old_output_moved_aside_leaves_it_for_the_next_writer(tmp_path, monkeypatch):
+    """--force moved the old OUT to OUT.old-<pid> and removed it after installing the new one: a kill in
+    between left a full copy of the old model there for ever. It waits at OUT.partial.old now, which the
+    next writer of OUT removes before it writes."""
+    import moepress.outputs as outputs
+
+    out = tmp_path / "out"
+    with CheckpointWriter(out) as w:
+        w.add("old", torch.ones(3))
+    calls = []
+
+    def clear(o):  # install clears twice: before moving the old OUT aside, and after; the kill is between
+        calls.append(o)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        shutil.rmtree(outputs.retired(o), ignore_errors=True)
+    with monkeypatch.context() as mp:
+        mp.setattr(outputs, "clear_retired", clear)
+        with pytest.raises(RuntimeError, match="killed"):
+            with CheckpointWriter(out, force=True) as w:
+                w.add("new", torch.ones(3))
+    left = tmp_path / "out.partial.old"
+    index = out / "model.safetensors.index.json"
+    assert index.is_file() and "new" in index.read_text()
+    assert left.is_dir() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.old")) == []
+    w = CheckpointWriter(out, force=True)
+    assert not left.exists()
+    w.add("newer", torch.ones(3))
+    w.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_output_given_as_a_symlink_is_written_where_it_points(tmp_path):
+    """`-o LINK`: the link itself was renamed aside and replaced by a directory, its target left as it was
+    and `LINK.old-<pid>` left behind."""
+    target, link = tmp_path / "target", tmp_path / "link"
+    target.mkdir()
+    link.symlink_to(target)
+    with CheckpointWriter(link) as w:
+        w.add("a", torch.ones(3))
+    assert link.is_symlink() and (target / "model.safetensors.index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
 
 
 def test_resume_keeps_finished_shards(tmp_path):

@@ -90,6 +90,33 @@ def test_kill_after_the_last_shard_resumes_with_the_totals(cli_run, tmp_path):
     assert not (q / PROGRESS).exists() and not (q / JOURNAL).exists() and not partial.exists()
 
 
+@pytest.mark.parametrize("where", ["_name_shards", "install"])
+def test_a_kill_inside_commit_restarts_on_resume(cli_run, tmp_path, where):
+    """Killed while the commit renamed the shards (the journal was gone already) or just before the partial was
+    renamed to OUT: `--resume` (and `moepress run`'s rerun) refused the partial as "an older moepress"'s,
+    with a hint ("rerun with the same options") that failed again. Nothing in it is resumable: it starts afresh."""
+    import moepress.compress.checkpoint.writer as writer
+
+    ref, q = tmp_path / "ref", tmp_path / "q"
+    assert cli_run(*ARGS, "-o", ref).exit_code == 0
+    with pytest.MonkeyPatch.context() as mp:
+        _die_on_abort(mp)
+        target = CheckpointWriter if where == "_name_shards" else writer
+        real = getattr(target, where)
+
+        def killed(*a):
+            real(*a) if where == "_name_shards" else None
+            raise Killed
+        mp.setattr(target, where, killed)
+        with pytest.raises(Killed):
+            cli_run(*ARGS, "-o", q)
+    partial = tmp_path / "q.partial"
+    assert not q.exists() and any(partial.glob("model-*.safetensors"))
+    r = cli_run(*ARGS, "--resume", "-o", q)
+    assert r.exit_code == 0, r.output
+    assert _digest(q) == _digest(ref) and not partial.exists()
+
+
 def test_resume_of_a_partial_without_its_totals_is_refused(cli_run, tmp_path):
     """What the old order left (every layer journaled, no progress file): refused in one line, the partial kept."""
     q, partial = tmp_path / "q", tmp_path / "q.partial"

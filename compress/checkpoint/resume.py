@@ -113,7 +113,9 @@ _NO_JOURNAL = object()  # a partial without a journal: started by an older moepr
 
 def resumable_journal(partial: Path, key: dict | None) -> dict:
     """The journal of ``partial`` when it may be resumed with ``key`` ({} when there is no partial);
-    else :class:`ResumeRefused` naming what differs."""
+    else :class:`ResumeRefused` naming what differs. A partial killed while it was committed (its journal
+    says so, or it has its manifest and no journal) gives ``{"committing": True}``: nothing in it is
+    resumable, and the writer starts afresh."""
     if not partial.is_dir():
         return {}
     p = partial / JOURNAL
@@ -121,6 +123,9 @@ def resumable_journal(partial: Path, key: dict | None) -> dict:
         journal = json.loads(p.read_text()) if p.is_file() else _NO_JOURNAL
     except (OSError, ValueError):
         raise MoepressError(f"{p}: unreadable journal; rerun without --resume") from None
+    if (journal is _NO_JOURNAL and (partial / MANIFEST_NAME).is_file()) or \
+            (isinstance(journal, dict) and journal.get("committing")):
+        return {"committing": True}
     if journal is _NO_JOURNAL:
         if key is None:  # a caller without a key resumes whatever is there
             return {}

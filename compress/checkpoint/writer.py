@@ -23,7 +23,7 @@ from moepress.compress.checkpoint.resume import JOURNAL, normalized, resumable_j
 from moepress.compress.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_NAME, write_safetensors
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, file_digests, versions, write_manifest
-from moepress.outputs import OutputLock, absolute, refuse_overlap
+from moepress.outputs import OutputLock, absolute, clear_retired, install, refuse_overlap, retired
 
 # Files that travel with a checkpoint whatever moepress does to its weights
 # (tokenizer, chat template, generation defaults, remote code such as Kimi K2's).
@@ -177,6 +177,7 @@ class CheckpointWriter:
             raise MoepressError(f"{self.out.parent}: cannot create output directory ({e.strerror})") from None
         self._lock.acquire()
         try:
+            clear_retired(self.out)  # an old OUT a killed install had moved aside
             j = resumable_journal(self.partial, self.resume_key) if resume else {}
             self._shards = [tuple(s) for s in j.get("shards", [])]  # type: ignore[misc]
             self._digests = j.get("digests", {})
@@ -185,7 +186,7 @@ class CheckpointWriter:
             self._ends = [int(n) for n in ends if int(n) <= len(self._shards)]
             self._drop_unfinished()
             self._names = {n for _, names, _ in self._shards for n in names}
-            if self.partial.exists() and not resume:
+            if self.partial.exists() and (not resume or j.get("committing")):
                 shutil.rmtree(self.partial)
             try:
                 self.partial.mkdir(parents=True, exist_ok=True)
@@ -200,12 +201,14 @@ class CheckpointWriter:
     def _journal_path(self) -> Path:
         return self.partial / JOURNAL
 
-    def _write_journal(self) -> None:
-        """Replace the journal atomically (by the writing thread; ``_ends`` may name shards still queued)."""
+    def _write_journal(self, committing: bool = False) -> None:
+        """Replace the journal atomically (by the writing thread; ``_ends`` may name shards still queued).
+        ``committing``: the shards are being renamed to their final names, none is resumable any more."""
         tmp = self._journal_path().with_suffix(".tmp")
+        state = {"committing": True} if committing else \
+            {"shards": self._shards, "ends": list(self._ends), "digests": self._digests}
         with naming(tmp):
-            tmp.write_text(json.dumps({"key": self.resume_key, "shards": self._shards, "ends": list(self._ends),
-                                       "digests": self._digests}))
+            tmp.write_text(json.dumps({"key": self.resume_key, **state}))
         os.replace(tmp, self._journal_path())
 
     def _drop_unfinished(self) -> None:
@@ -301,35 +304,22 @@ class CheckpointWriter:
         self.wait()
         if self._pool is not None:
             self._pool.shutdown()
-        # the journal first: a kill while the shards are renamed leaves a partial that no resume takes
-        self._journal_path().unlink(missing_ok=True)
+        # the journal says "committing" first: a kill while the shards are renamed leaves a partial that
+        # no resume takes and the next run clears; from the manifest on, the manifest says it
+        self._write_journal(committing=True)
         for rel in self.transient:
             (self.partial / rel).unlink(missing_ok=True)
         known = self._name_shards()
+        files = {f: d for f, d in file_digests(self.partial, known).items() if f != JOURNAL}  # removed next
         with naming(self.partial / MANIFEST_NAME):
-            write_manifest(self.partial, {**self.manifest, "versions": versions(),
-                                          "files": file_digests(self.partial, known)})
+            write_manifest(self.partial, {**self.manifest, "versions": versions(), "files": files})
+        self._journal_path().unlink(missing_ok=True)
         if self.out.exists() and _is_cwd(self.out):
             self._install_in_place()
         else:
-            self._install()
+            install(self.partial, self.out)
         self._lock.release()
         return self.out
-
-    def _install(self) -> None:
-        """Rename the partial to OUT (an old OUT, with --force, is renamed away first and removed after)."""
-        old = None
-        if self.out.exists():
-            old = self.out.parent / (self.out.name + f".old-{os.getpid()}")
-            os.replace(self.out, old)
-        try:
-            os.replace(self.partial, self.out)
-        except OSError:
-            if old is not None:
-                os.replace(old, self.out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
     def _install_in_place(self) -> None:
         """OUT is the current directory (``-o .``): a directory renamed over it would leave the shell
@@ -339,7 +329,8 @@ class CheckpointWriter:
         # the manifest first: a kill while OUT empties must not leave it vouching for what remains
         entries = sorted(self.out.iterdir(), key=lambda p: p.name != MANIFEST_NAME)
         if entries:
-            old = self.out.parent / (self.out.name + f".old-{os.getpid()}")
+            old = retired(self.out)
+            clear_retired(self.out)
             old.mkdir()
             for p in entries:
                 os.replace(p, old / p.name)
