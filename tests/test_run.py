@@ -382,3 +382,20 @@ def test_cards_say_when_no_gate_was_applied_or_checks_are_off(tmp_path):
     failed = {"passed": False, "failed": ["top1_agreement"], "gates": [{}], "metrics": {}}
     lines = _accuracy(Accuracy(None, failed, "pruned"))
     assert "The pruned checkpoint it was exported from:" in lines[0] and "Gates FAILED: top1_agreement." in lines
+
+
+def test_a_second_run_into_the_same_output_is_refused(cli_run, tmp_path):
+    """Two `moepress run`s into one -o ran every stage in turns and both exited 0: one's check could read an
+    export the other then replaced and seal its verdict onto the other's files. The run lock refuses the second."""
+    from moepress.outputs import OutputLock
+
+    out = tmp_path / "run"
+    (out / ".state").mkdir(parents=True)
+    held = OutputLock(out / ".state" / "run.lock", "held by the test")
+    held.acquire()
+    try:
+        r = cli_run("run", write_recipe(tmp_path / "r.yaml"), "-o", out)
+        one_line_error(r, "another moepress run is using it", "run.lock")
+        assert not (out / "prune").exists() and not (out / "recipe.yaml").exists()
+    finally:
+        held.release()

@@ -34,7 +34,7 @@ from pathlib import Path
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import builders as builder_registry
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest
-from moepress.outputs import refuse_overlap, write_text_atomic
+from moepress.outputs import OutputLock, refuse_overlap, write_text_atomic
 from moepress.pipeline.card import NO_CPU_RUNTIME, Accuracy, model_card
 from moepress.pipeline.recipe import STAGES, dump
 from moepress.progress import Progress
@@ -152,11 +152,23 @@ class Runner:
 
     # ---- stages --------------------------------------------------------------------------------
     def run(self) -> dict:
-        r = self.recipe
-        # .state/ first (it marks OUT as a run's directory even when run.json is gone), then the old
-        # run.json away: the stages below replace its outputs, and a kill must not leave it describing them
-        _refuse_unavailable_exports(r, self.model)  # before hours of prune and quantize, not after
+        """The whole recipe, holding OUT's run lock: a second run into OUT is refused, not interleaved stage
+        by stage with this one (a check could read an export the other run then replaces, and seal its
+        verdict onto the other's files)."""
+        _refuse_unavailable_exports(self.recipe, self.model)  # before hours of prune and quantize, not after
+        # .state/ first: it marks OUT as a run's directory even when run.json is gone
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(self.state_dir / "run.lock", f"-o {self.out}: another moepress run is using it "
+                                                       f"({self.state_dir / 'run.lock'} is locked)")
+        lock.acquire()
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> dict:
+        r = self.recipe
+        # the old run.json away: the stages below replace its outputs, and a kill must not leave it describing them
         (self.out / RUN_JSON).unlink(missing_ok=True)
         write_text_atomic(self.out / "recipe.yaml", dump(r))
         self.prog.info(f"run: {self.recipe_src} on {self.model} -> {self.out}")
