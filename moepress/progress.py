@@ -66,7 +66,7 @@ class Progress:
 
     @classmethod
     def from_flags(cls, quiet: bool = False, json_events: bool = False) -> "Progress":
-        return cls("json" if json_events else "quiet" if quiet else "human")
+        return cls("quiet" if quiet else "json" if json_events else "human")  # --quiet: no progress at all
 
     def write(self, line: str) -> None:
         if self.mode == "human":

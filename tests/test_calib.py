@@ -553,3 +553,10 @@ def test_no_home_directory_runs_without_a_cache(monkeypatch):
     monkeypatch.delenv("MOEPRESS_CACHE", raising=False)
     monkeypatch.setattr(cache.Path, "home", staticmethod(no_home))
     assert cache.cache_root() is None
+
+
+def test_quiet_wins_over_json_events(cli_run, tmp_path):
+    """``--quiet --json``: the JSON result on stdout and no progress at all (--quiet says "no progress output")."""
+    r = cli_run("calib", "stats", QWEN, "--num-samples", "2", "--seq-len", "8", "-o", tmp_path / "s", "--quiet",
+                "--json")
+    assert r.exit_code == 0 and r.stderr == "" and json.loads(r.stdout)["output"], r.output

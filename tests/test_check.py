@@ -508,6 +508,8 @@ def test_routing_gate_on_candidates_without_the_references_experts(cli_run, tmp_
         r = cli_run("check", pruned, "--reference", ref, *SMALL, "--min-routing-overlap", asked)
         assert r.exit_code == 2 and f"--min-routing-overlap {float(asked)}" in r.stderr, r.output
         assert len(r.stderr.strip().splitlines()) == 1
+    r = cli_run("check", pruned, "--reference", ref, *SMALL, "--max-expert-error", "0.5")
+    assert r.exit_code == 2 and "--max-expert-error 0.5" in r.stderr and "expert gates need" in r.stderr, r.output
     q = tmp_path / "q"
     assert cli_run("quantize", ref, "--format", "fp8-block", "-o", q, "--quiet").exit_code == 0
     r = cli_run("check", q, "--reference", ref, *SMALL, "--quiet", "--json")

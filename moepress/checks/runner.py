@@ -308,7 +308,7 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
         if not comparable:
             refuse_unmeasurable(cfg, "layers", notes[-1])
         if not (cand.streamed and cand.stream.adapter.num_experts == ref.adapter.num_experts):
-            refuse_unmeasurable(cfg, "routing", "routing agreement needs a streamed candidate with the "
+            refuse_unmeasurable(cfg, "routing", "the routing and expert gates need a streamed candidate with the "
                                 f"reference's {ref.adapter.num_experts} experts per layer")
         if cand.streamed and cand.stream.adapter.hidden_size != ref.adapter.hidden_size:
             raise MoepressError(f"{candidate}: hidden size {cand.stream.adapter.hidden_size}, the reference has "

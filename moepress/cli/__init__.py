@@ -74,7 +74,8 @@ def cli():
 
     Stages: prune | quantize | export | build | check, chained by `run`.
     MODEL is a Hugging Face checkpoint directory or a bundled model name (tiny-qwen3-moe,
-    tiny-mixtral, tiny-deepseek-v3).
+    tiny-mixtral, tiny-deepseek-v3; test fixtures tiny-kimi-k2-int4, tiny-mixtral-w192,
+    tiny-qwen3-moe-mxfp4).
     """
 
 

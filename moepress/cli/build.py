@@ -158,7 +158,7 @@ def build_cmd(artifact, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_d
 
     if reference is not None:
         reference = str(resolve_model(reference))
-    prog = Progress(mode="json" if json_out else "quiet" if quiet else "human")
+    prog = Progress.from_flags(quiet, json_out)
     opts = BuildOptions(dry_run=dry_run, builder=builder, gpus=gpus, tp=tp, ep=ep, max_seq_len=max_seq_len,
                         max_batch=max_batch, force=force, reference=reference, kv_cache_dtype=kv_cache_dtype,
                         hardware_compatibility=hardware_compatibility, trust_remote_code=trust_remote_code)

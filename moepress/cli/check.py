@@ -148,8 +148,9 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
     similarity and relative error of hidden states (layer outputs), with the layer where
     the error jumps. The reference is streamed one layer at a time; a checkpoint candidate
     is streamed beside it. CANDIDATE kinds: a checkpoint moepress streams (pruned,
-    block-FP8, quantized), a directory transformers loads (compressed-tensors), an ONNX
-    model, a TensorRT / TensorRT-LLM engine (GPU).
+    block-FP8, quantized, hf-modelopt, hf-fp8-block, weight-only compressed-tensors),
+    a compressed-tensors export that quantizes activations (through transformers), an
+    ONNX model, a TensorRT / TensorRT-LLM engine (GPU).
 
     Exit code 0: every gate passed; 1: a gate failed (the metric is named on stderr);
     2: bad input. The metrics are added to the candidate's moepress-manifest.json when

@@ -59,7 +59,7 @@ def export_cmd(model, fmt, tp, ep, opset, extra, output, force, quiet, json_out)
 
     src = resolve_model(model)
     cfg = ExportConfig(format=fmt, tp=tp, ep=ep, opset=opset, options=_parse_options(extra))
-    prog = Progress(mode="json" if json_out else "quiet" if quiet else "human")
+    prog = Progress.from_flags(quiet, json_out)
     info, memory = measured(None, lambda: export(src, output, cfg, force=force, progress=prog))  # on the CPU
     if json_out:
         click.echo(json.dumps({"output": str(output), **info, "memory": memory}, default=str))

@@ -42,7 +42,8 @@ def output_options(f):
 
 def progress_options(f):
     f = click.option("--json", "json_out", is_flag=True,
-                     help="Machine-readable: JSON result on stdout, JSON-lines events on stderr.")(f)
+                     help="Machine-readable: JSON result on stdout, JSON-lines events on stderr "
+                          "(none with --quiet).")(f)
     f = click.option("--quiet", "-q", is_flag=True, help="No progress output.")(f)
     return f
 
