@@ -175,6 +175,16 @@ def onnx_dir(ref, tmp_path_factory):
     return out
 
 
+def test_transformers_candidate_runs_on_the_checks_device(monkeypatch):
+    """`check --kind transformers --device cpu` loaded the candidate onto cuda:0 whenever a GPU was visible (the
+    reference streamed on the device asked for, and the memory report named the wrong one)."""
+    from moepress.checks.candidates import open_candidate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cand = open_candidate(models.path("tiny-mixtral"), CheckConfig(kind="transformers"), torch.device("cpu"))
+    assert cand.describe()["device"] == "cpu" and next(cand.model.parameters()).device.type == "cpu"
+
+
 def test_onnx_export_matches_the_reference(cli_run, ref, onnx_dir, tmp_path):
     assert detect_kind(onnx_dir) == "onnx" and detect_kind(onnx_dir / "model.onnx") == "onnx"
     r = cli_run("check", onnx_dir / "model.onnx", "--reference", ref, *SMALL, "--json", "--quiet",

@@ -290,9 +290,7 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
                             "would compare the model with itself and pass")
     ref = StreamedModel(str(ref_dir), device=device)
     _refuse_other_family(Path(candidate), reference, ref.adapter.family)
-    cand = open_candidate(candidate, cfg)
-    if cand.streamed:
-        cand.stream.to(device)
+    cand = open_candidate(candidate, cfg, device)
     try:
         if cand.vocab_size is not None and cand.vocab_size != ref.adapter.vocab_size:
             raise MoepressError(f"{candidate}: vocabulary of {cand.vocab_size} tokens, the reference "

@@ -59,7 +59,7 @@ class Candidate:
 @dataclass(frozen=True)
 class CandidateKind:
     name: str
-    open: Callable[[Path, CheckConfig], Candidate]
+    open: Callable[[Path, CheckConfig, torch.device | None], Candidate]  # (path, cfg, the check's device)
     detect: Callable[[Path], bool] | None
     priority: int  # detectors run from the highest priority down
     summary: str
@@ -71,7 +71,8 @@ CANDIDATE_KINDS: dict[str, CandidateKind] = {}
 
 def register_candidate(name: str, *, summary: str, detect: Callable[[Path], bool] | None = None,
                        priority: int = 0, gpu: bool = False):
-    """Decorator for ``opener(path, cfg) -> Candidate``; ``detect(path)`` claims a path for ``--kind auto``."""
+    """Decorator for ``opener(path, cfg, device) -> Candidate`` (``device``: where the check computes, None
+    the CPU; a runtime with its own device ignores it); ``detect(path)`` claims a path for ``--kind auto``."""
 
     def deco(opener):
         CANDIDATE_KINDS[name] = CandidateKind(name, opener, detect, priority, summary, gpu)
@@ -88,7 +89,7 @@ def detect_kind(path: Path) -> str:
     raise MoepressError(f"{path}: not a candidate moepress can run (expected {kinds})")
 
 
-def open_candidate(path: str | Path, cfg: CheckConfig) -> Candidate:
+def open_candidate(path: str | Path, cfg: CheckConfig, device: torch.device | None = None) -> Candidate:
     path = Path(path)
     if not path.exists():
         raise MoepressError(f"{path}: candidate not found")
@@ -97,7 +98,7 @@ def open_candidate(path: str | Path, cfg: CheckConfig) -> Candidate:
         kind = detect_kind(path)
     elif kind not in CANDIDATE_KINDS:
         raise MoepressError(f"--kind {kind}: unknown candidate kind (expected auto, {', '.join(CANDIDATE_KINDS)})")
-    return CANDIDATE_KINDS[kind].open(path, cfg)
+    return CANDIDATE_KINDS[kind].open(path, cfg, device)
 
 
 def config_json(path: Path) -> dict | None:

@@ -102,8 +102,10 @@ def _detect_checkpoint(path: Path) -> bool:
     return streamable(path)
 
 
-def _open_checkpoint(path: Path, cfg: CheckConfig) -> Candidate:
-    return CheckpointCandidate(path, cfg)
+def _open_checkpoint(path: Path, cfg: CheckConfig, device=None) -> Candidate:
+    cand = CheckpointCandidate(path, cfg)
+    cand.stream.to(device)
+    return cand
 
 
 KIND = CandidateKind("checkpoint", _open_checkpoint, priority=20, detect=_detect_checkpoint,

@@ -114,7 +114,7 @@ def _detect_engine(path: Path) -> bool:
     return any(path.glob("rank*.engine")) or len(list(path.glob("*.engine")) + list(path.glob("*.plan"))) == 1
 
 
-def _open_engine(path: Path, cfg: CheckConfig) -> Candidate:
+def _open_engine(path: Path, cfg: CheckConfig, device=None) -> Candidate:  # the engine's own GPU
     if not torch.cuda.is_available():
         raise MoepressError(f"{path}: an engine runs on an NVIDIA GPU only, and this machine has none")
     if path.is_dir() and any(path.glob("rank*.engine")) and (path / "config.json").is_file():

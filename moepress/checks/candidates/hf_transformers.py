@@ -17,11 +17,11 @@ class TransformersCandidate(Candidate):
     kind = "transformers"
     has_hidden = True
 
-    def __init__(self, path: Path, cfg: CheckConfig):
+    def __init__(self, path: Path, cfg: CheckConfig, device: torch.device | None = None):
         from transformers import AutoModelForCausalLM
 
         super().__init__(path)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = str(device or "cpu")  # the check's --device, as the streamed reference beside it
         # kimi_k2 (remote code) built as DeepSeek-V3, as moepress and vLLM run it, unless its own code may run
         own = None if cfg.trust_remote_code else transformers_config(config_json(path) or {}, str(path))
         try:
@@ -68,7 +68,7 @@ def _detect_transformers(path: Path) -> bool:
                 and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))))
 
 
-def _open_transformers(path: Path, cfg: CheckConfig) -> Candidate:
+def _open_transformers(path: Path, cfg: CheckConfig, device=None) -> Candidate:
     q = (config_json(path) or {}).get("quantization_config") or {}
     if isinstance(q, dict) and q.get("quant_method") == "modelopt":
         # transformers 5.24 has no "modelopt" quantizer (quantizers/auto.py): it warns and reads the
@@ -76,7 +76,7 @@ def _open_transformers(path: Path, cfg: CheckConfig) -> Candidate:
         raise MoepressError(f"{path}: a Model-Optimizer checkpoint (quant_method modelopt), which transformers "
                             "loads as unquantized codes; check it with --kind checkpoint")
     refuse_misloaded(path)
-    return TransformersCandidate(path, cfg)
+    return TransformersCandidate(path, cfg, device)
 
 
 def misloaded(path: Path) -> str | None:

@@ -131,7 +131,7 @@ def _detect_onnx(path: Path) -> bool:
     return (path / "model.onnx").is_file() or len(list(path.glob("*.onnx"))) == 1
 
 
-def _open_onnx(path: Path, cfg: CheckConfig) -> Candidate:
+def _open_onnx(path: Path, cfg: CheckConfig, device=None) -> Candidate:  # onnxruntime's CPU provider
     return OnnxCandidate(path, cfg)
 
 
