@@ -17,6 +17,7 @@ from moepress.compress import formats
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.quant import int4
 from moepress.compress.quant.fp8 import DEFAULT_BLOCK, block_size_of, dequantize_block
+from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
 from moepress.exporters.hints import fp4_routes
 
@@ -109,8 +110,13 @@ def read_linear(reader: CheckpointReader, prefix: str, flag: str = "", accepts: 
         if s.dtype != torch.float32:
             raise MoepressError(f"{reader.path}: packed tensor '{name}' has a {str(s.dtype).removeprefix('torch.')} "
                                 "weight_scale; expected float32 (INT4), float8_e4m3fn (NVFP4) or uint8 (MXFP4's E8M0)")
-        return Linear("group", int4.unpack_int4(reader.get(name)), s.float(), opt(".input_scale"),
-                      opt(".pre_quant_scale"))
+        w = int4.unpack_int4(reader.get(name))
+        cols, width = s.shape[-1], w.shape[-1]
+        if width % cols or (cols > 1 and width // cols not in GROUP_SIZES):
+            # a partial last group would be read as groups of width // cols: other numbers than the checkpoint's
+            raise MoepressError(f"{reader.path}: INT4 tensor '{name}' has {cols} scale groups over in_features "
+                                f"{width}; expected whole groups of {', '.join(map(str, GROUP_SIZES))} (or one group)")
+        return Linear("group", w, s.float(), opt(".input_scale"), opt(".pre_quant_scale"))
     t = reader.get(name)
     if not t.dtype.is_floating_point:  # int8 / int32 / bool values with no scales: not weights
         raise MoepressError(f"{reader.path}: tensor '{name}' is stored as {str(t.dtype).removeprefix('torch.')} with "

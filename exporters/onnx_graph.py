@@ -144,11 +144,8 @@ class GraphBuilder:
                         axis=0)
         if scheme == "block":
             return self._block_dq(name, w, lin.scale)
-        # group (INT4): ONNX INT4 initializer, blocked DQ along the input axis (groups divide in_features)
+        # group (INT4): ONNX INT4 initializer, blocked DQ along the input axis (whole groups: read_linear)
         s = lin.scale.float()
-        if w.shape[-1] % s.shape[-1]:
-            raise MoepressError(f"{self.reader.path}: '{name}': {s.shape[-1]} INT4 groups do not divide "
-                                f"in_features {w.shape[-1]}")
         q = g.init(name, w, onnx_type=TensorProto.INT4, raw=pack_int4_onnx(w))
         return g.op("DequantizeLinear", [q, g.init(name + ".scale", s)], axis=1, block_size=w.shape[-1] // s.shape[-1])
 

@@ -10,6 +10,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from moepress import models
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
@@ -55,3 +56,26 @@ def test_unknown_format_lists_choices(fp8_dynamic, tmp_path, cli_run):
     r = cli_run("export", fp8_dynamic, "--format", "hf-nope", "-o", tmp_path / "x")
     assert r.exit_code == 2 and not (tmp_path / "x").exists()
     assert "hf-modelopt" in r.output and "compressed-tensors" in r.output
+
+
+@pytest.mark.parametrize("groups,width", [(2, 160), (3, 129)])
+def test_int4_scales_that_are_not_whole_groups_are_refused(tmp_path, groups, width):
+    """Packed INT4 with a partial last group (in_features 160 in groups of 128: 2 scale columns) was read as
+    groups of in_features / columns (80): other numbers than the checkpoint's, written into every export. Only
+    whole groups of 32, 64 or 128 (or one group over the whole input, as moepress writes below 128) are read."""
+    from safetensors.torch import save_file
+
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.compress.quant import int4
+    from moepress.errors import MoepressError
+    from moepress.exporters.linears import read_linear
+
+    w = torch.randint(-8, 8, (4, width), dtype=torch.int8)
+    ok = torch.randint(-8, 8, (4, 192), dtype=torch.int8)
+    save_file({"x.weight": int4.pack_int4(w), "x.weight_scale": torch.ones(4, groups),
+               "y.weight": int4.pack_int4(ok), "y.weight_scale": torch.ones(4, 3)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    r = CheckpointReader(tmp_path)
+    with pytest.raises(MoepressError, match=f"'x.weight' has {groups} scale groups over in_features {width}"):
+        read_linear(r, "x")
+    assert read_linear(r, "y").weight.shape == (4, 192)  # 3 groups of 64
