@@ -79,6 +79,12 @@ def test_detect(ckpt, onnx_dir, tmp_path):
     assert detect_artifact(_fp8_block(tmp_path / "fb", cfg)) == "hf-fp8-block"
     with pytest.raises(MoepressError, match="not a build input"):
         detect_artifact(models.path("tiny-mixtral"))
+    per_tensor = tmp_path / "pt"  # transformers' FP8 config without blocks: not DeepSeek's block FP8
+    per_tensor.mkdir()
+    (per_tensor / "config.json").write_text(json.dumps({**cfg, "quantization_config": {
+        "quant_method": "fp8", "activation_scheme": "dynamic"}}))
+    with pytest.raises(MoepressError, match="not a build input"):
+        detect_artifact(per_tensor)
 
 
 def test_trtllm_engine_dry_run(cli_run, ckpt, tmp_path):

@@ -328,15 +328,20 @@ def test_experts_scheme_is_the_first_config_group(tmp_path):
 
 
 def _vllm_scheme_group(groups: dict, layer_name: str) -> str | None:
-    """vLLM's lookup of a module's scheme among config groups by exact name or ``re:`` pattern
-    (vllm/model_executor/layers/quantization/compressed_tensors/utils.py find_matched_target, main 2026-11;
-    its last resort, a class name such as "Linear" / "FusedMoE", matches none of these targets)."""
+    """vLLM's lookup of a module's scheme among config groups by exact name or ``re:`` pattern: the groups'
+    targets flattened into one target -> scheme dict, a later group's scheme overwriting an earlier one's for
+    the same target (compressed_tensors.py _quantization_scheme_map_from_config), then the first target in
+    that dict's order that matches (utils.py find_matched_target, main 2026-11; its last resort, a class
+    name such as "Linear" / "FusedMoE", matches none of these targets)."""
     import re
 
+    scheme: dict[str, str] = {}
     for key, g in groups.items():
         for t in g["targets"]:
-            if t == layer_name or (t.startswith("re:") and re.match(t[3:], layer_name)):
-                return key
+            scheme[t] = key
+    for t, key in scheme.items():
+        if t == layer_name or (t.startswith("re:") and re.match(t[3:], layer_name)):
+            return key
     return None
 
 

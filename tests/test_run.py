@@ -13,6 +13,7 @@ import yaml
 
 from moepress import models
 from moepress.compress.checkpoint.writer import JOURNAL
+from moepress.errors import MoepressError
 from moepress.pipeline.recipe import load_recipe
 from moepress.pipeline.runner import source_digest
 
@@ -369,6 +370,20 @@ def test_hf_modelopt_of_experts_it_refuses_is_refused_before_any_stage(cli_run, 
     r = cli_run("run", rec, "-o", tmp_path / "run")
     one_line_error(r, f"recipe export.formats hf-modelopt: quantize.format {fmt}", needle)
     assert not (tmp_path / "run" / "prune").exists() and not (tmp_path / "run" / "quantize").exists()
+
+
+@pytest.mark.parametrize("quantize,exports", [
+    ({"format": "fp8-block"}, ["hf-fp8-block", "compressed-tensors"]),  # the experts' form, where it loads
+    ({"format": "fp8-block", "rules": {"mlp.experts.*": "fp8"}}, ["hf-modelopt"]),  # the experts' rule decides
+    ({"format": "fp8"}, ["hf-modelopt"]),
+])
+def test_recipes_hf_modelopt_takes_or_does_not_list_are_not_refused_early(quantize, exports):
+    """The early refusal is for hf-modelopt after one quantize format it refuses for the experts; nothing else."""
+    from moepress.pipeline.runner import _refuse_modelopt_experts
+
+    _refuse_modelopt_experts({"quantize": quantize}, "qwen3_moe", exports)
+    with pytest.raises(MoepressError, match="recipe export.formats hf-modelopt"):
+        _refuse_modelopt_experts({"quantize": {"format": "fp8-block"}}, "qwen3_moe", ["hf-modelopt"])
 
 
 def test_cards_say_when_no_gate_was_applied_or_checks_are_off(tmp_path):

@@ -1,0 +1,66 @@
+"""The routing and expert gates' parts, each on its own (the CLI tests in test_check.py use routers that are
+exact copies or permutations of the reference's, on which a one-token probe or a non-permutation order passes
+too), and every gate's metric carried into the manifest that `moepress publish` re-evaluates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moepress.checks.config import GATES, CheckConfig, evaluate_gates, refuse_unmeasurable
+from moepress.checks.report import accuracy_section
+from moepress.checks.routing import PROBE_TOKENS, Agreement, RouteCapture, _order
+from moepress.checks.runner import _moe_rows
+from moepress.checks.verify import recompute_gates
+from moepress.errors import MoepressError
+
+
+class _Moe:
+    def __init__(self, n: int):
+        self.num_experts, self.observers = n, []
+        self.experts = [torch.nn.Identity() for _ in range(n)]
+
+
+def test_probe_is_16_tokens_spread_over_the_first_batch():
+    moe = _Moe(2)
+    cap = RouteCapture(moe)
+    x = torch.arange(64.0)[:, None]
+    cap.on_route(moe, x, torch.stack([x[:, 0], -x[:, 0]], 1), None, None)
+    cap.on_route(moe, x + 1000, torch.zeros(64, 2), None, None)  # a later batch changes nothing
+    want = torch.linspace(0, 63, 16).round()
+    assert PROBE_TOKENS == 16 and cap.probe[:, 0].tolist() == want.tolist()
+    assert cap.scores[:, 0].tolist() == want.tolist() and cap.outputs.shape == (2, 16, 1)
+
+
+def test_order_is_a_renumbering_or_the_identity():
+    ref = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    assert _order(ref[:, perm], ref).tolist() == perm.tolist()
+    assert _order(ref[:, [0, 0, 2, 3, 4, 5]], ref).tolist() == list(range(6))  # two rows alike: no renumbering
+
+
+def test_a_nan_expert_error_wins_over_the_other_layers():
+    m = {}
+    _moe_rows({1: Agreement(1.0, False, 0.1, 0), 2: Agreement(1.0, False, math.nan, 3),
+               3: Agreement(0.9, False, 0.2, 1)}, m)
+    assert math.isnan(m["max_expert_error"]) and m["min_routing_overlap"] == 0.9
+
+
+@pytest.mark.parametrize("field", ["min_routing_overlap", "max_expert_error"])  # literal: not derived from GATES
+def test_an_asked_routing_gate_is_refused_where_there_is_no_routing(field):
+    with pytest.raises(MoepressError, match=f"--{field.replace('_', '-')}"):
+        refuse_unmeasurable(CheckConfig(**{field: 0.5}, asked=(field,)), "routing", "pruned")
+
+
+def test_every_gate_metric_reaches_the_manifest_and_publish_re_evaluates_it():
+    """A gate's metric left out of the manifest's metrics makes `publish` refuse every checked artifact."""
+    metrics = {g.metric: 0.0 for g in GATES}
+    gates = evaluate_gates(CheckConfig(**{g.field: 0.0 for g in GATES}), metrics)
+    result = {"passed": True, "failed": [], "reference": "r", "data": {}, "metrics": metrics, "error_jump": None,
+              "gates": gates, "candidate": {"kind": "checkpoint"}}
+    acc = accuracy_section(result)
+    assert set(acc["metrics"]) >= {g.metric for g in GATES}
+    applied, problems = recompute_gates(acc)
+    assert problems == [] and len(applied) == len(GATES)
