@@ -1,0 +1,94 @@
+"""The `--device cuda` code path of every computing stage, run here on an emulated CUDA device (tests/vcuda.py).
+
+What a CPU-only CI cannot otherwise see and a GPU would: a CPU tensor beside a device tensor in one op, a
+device tensor converted to numpy, a device index into a host tensor, an op the code assumes runs on the host.
+The emulation computes on the CPU, so calibration-free outputs must equal `--device cpu`'s byte for byte; the
+calibrated ones take the device's own batching (compress/quant/batched.py) and are only required to finish.
+The GPU tests of tests/test_device.py hold them to the CPU's perplexity on a real GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DRIVER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import vcuda
+vcuda.install()
+import torch
+from moepress.cli import cli
+
+res = {}
+try:
+    torch.ones(3, device="cuda") + torch.ones(3)
+except RuntimeError as e:
+    res["mixing"] = "device mismatch" in str(e)
+
+def run(key, *args):
+    try:
+        rc = cli.main([str(a) for a in args], standalone_mode=False, prog_name="moepress") or 0
+    except SystemExit as e:
+        rc = e.code
+    except Exception as e:  # what a GPU would raise: named in the failing test's message
+        rc = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    res[key] = rc
+
+C = ["--num-samples", "4", "--seq-len", "32", "--quiet"]
+for d in ("cpu", "cuda"):
+    run(f"mxfp4-{d}", "quantize", "tiny-qwen3-moe", "--format", "mxfp4", "--device", d, "-o", f"mx-{d}", "--quiet")
+    run(f"fp8-block-{d}", "quantize", "tiny-deepseek-v3", "--format", "fp8-block", "--device", d, "-o", f"fb-{d}",
+        "--quiet")
+run("int4-gptq", "quantize", "tiny-deepseek-v3", "--format", "int4-gptq", "--device", "cuda", "-o", "gptq", *C)
+run("w4a8-awq", "quantize", "tiny-qwen3-moe", "--format", "w4a8-awq", "--device", "cuda", "-o", "w4a8", *C)
+run("prune", "prune", "tiny-mixtral", "--ratio", "0.5", "--device", "cuda", "-o", "pruned", *C)
+run("stats", "calib", "stats", "tiny-qwen3-moe", "--device", "cuda", "-o", "stats", *C)
+run("check", "check", "gptq", "--reference", "tiny-deepseek-v3", "--device", "cuda", "--max-samples", "2",
+    "--seq-len", "32", "--report", "report", "--quiet", "--max-ppl-increase", "none", "--min-top1", "none",
+    "--max-kl", "none")
+print(json.dumps(res))
+"""
+
+
+def _digests(out: Path) -> dict:
+    return {f: v["sha256"] for f, v in json.loads((out / "moepress-manifest.json").read_text())["files"].items()}
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vcuda")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", DRIVER, str(Path(__file__).parent)], cwd=d, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d, json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_the_emulation_refuses_what_cuda_refuses(stages):
+    assert stages[1]["mixing"] is True
+
+
+@pytest.mark.parametrize("key", ["mxfp4", "fp8-block"])
+def test_calibration_free_formats_on_the_device_equal_the_cpus_bytes(stages, key):
+    d, res = stages
+    assert res[f"{key}-cpu"] == 0 and res[f"{key}-cuda"] == 0, res
+    short = {"mxfp4": "mx", "fp8-block": "fb"}[key]
+    assert _digests(d / f"{short}-cuda") == _digests(d / f"{short}-cpu")
+
+
+@pytest.mark.parametrize("key", ["int4-gptq", "w4a8-awq", "prune", "stats"])
+def test_calibrated_stages_run_on_the_device(stages, key):
+    assert stages[1][key] == 0, stages[1]
+
+
+def test_check_runs_on_the_device_and_reports_it(stages):
+    d, res = stages
+    assert res["check"] == 0, res
+    report = json.loads((d / "report" / "report.json").read_text())
+    assert report["metrics"]["max_expert_error"] < 0.5 and report["metrics"]["min_routing_overlap"] == 1.0
