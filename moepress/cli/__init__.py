@@ -92,4 +92,12 @@ _register()
 
 
 def main() -> None:
+    # An idle OpenMP thread of torch's (libgomp, in torch's Linux wheels) spins 300,000 rounds before it sleeps:
+    # with more runnable threads than free cores (other jobs, torchrun ranks sharing a host, a container's CPU
+    # quota) the spinning thread holds the core the working one needs, and each of a layer's thousands of
+    # small per-expert ops waits for a time slice. 10,000 rounds keep the quick hand-overs of an idle machine
+    # and give the core back under load (bench/threads.py); the arithmetic is the same. libgomp reads it
+    # once, when torch loads it; a wait policy or spin count the user set wins.
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     cli(prog_name="moepress")
