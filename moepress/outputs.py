@@ -2,8 +2,8 @@
 two processes from writing the same output.
 
 - :func:`absolute`: the output path made absolute (``-o .`` names the current directory, whose
-  ``.partial`` sibling then sits beside it, not inside it); a symbolic link given as the output is
-  followed (the stage writes the directory it names, on that directory's file system).
+  ``.partial`` sibling then sits beside it, not inside it); :func:`output_dir` also follows a symbolic
+  link given as the output (the stage writes the directory it names, on that directory's file system).
 - :func:`install`: the finished ``OUT.partial`` renamed to ``OUT``; an old ``OUT`` (--force) is moved
   to ``OUT.partial.old`` first and removed after, and a leftover of a killed install is removed by
   the next writer of ``OUT`` (:func:`clear_retired`).
@@ -27,10 +27,15 @@ from moepress.errors import MoepressError
 
 
 def absolute(path: str | os.PathLike) -> Path:
-    """``path`` absolute and normalised (``.`` and ``..`` folded). A symbolic link at ``path`` itself is
-    resolved: renaming the finished output over the link would replace the link, leave its target as it was
-    and write the partial on the link's file system."""
-    p = Path(os.path.abspath(os.fspath(path)))
+    """``path`` absolute and normalised (``.`` and ``..`` folded), symlinks not followed (what messages name)."""
+    return Path(os.path.abspath(os.fspath(path)))
+
+
+def output_dir(path: str | os.PathLike) -> Path:
+    """Where ``-o path`` is written: :func:`absolute`, a symbolic link at ``path`` itself resolved (renaming the
+    finished output over the link would replace the link, leave its target as it was and write the partial
+    on the link's file system)."""
+    p = absolute(path)
     return p.resolve() if p.is_symlink() else p
 
 
@@ -49,6 +54,8 @@ def install(work: Path, out: Path) -> None:
     """Rename the finished directory ``work`` to ``out``; an existing ``out`` is moved to :func:`retired`
     first and removed after. A kill at any point leaves the old ``out`` or the new one whole (or neither
     between the renames), never a half-removed one at ``out``. The caller holds ``out``'s lock."""
+    if out.exists() and _is_cwd(out):
+        return _install_in_place(work, out)
     old = retired(out)
     clear_retired(out)
     moved = out.exists()
@@ -61,6 +68,32 @@ def install(work: Path, out: Path) -> None:
             os.replace(old, out)
         raise
     clear_retired(out)
+
+
+def _install_in_place(work: Path, out: Path) -> None:
+    """``out`` is the current directory (``-o .``): a directory renamed over it would leave the shell in a
+    removed one, so the entries move into it instead, the manifest last (``out`` is complete when its
+    manifest is there); what ``out`` held (with --force) is moved to :func:`retired` first and removed."""
+    from moepress.manifest import MANIFEST_NAME
+
+    # the manifest first: a kill while OUT empties must not leave it vouching for what remains
+    entries = sorted(out.iterdir(), key=lambda p: p.name != MANIFEST_NAME)
+    clear_retired(out)
+    if entries:
+        retired(out).mkdir()
+        for p in entries:
+            os.replace(p, retired(out) / p.name)
+    for p in sorted(work.iterdir(), key=lambda p: p.name == MANIFEST_NAME):
+        os.replace(p, out / p.name)
+    work.rmdir()
+    clear_retired(out)
+
+
+def _is_cwd(path: Path) -> bool:
+    try:
+        return os.path.samefile(path, os.getcwd())
+    except OSError:  # the current directory was removed
+        return False
 
 
 def overlap(out: str | os.PathLike, source: str | os.PathLike) -> str | None:
@@ -141,7 +174,7 @@ class OutputLock:
             pass
 
 
-__all__ = ["OutputLock", "absolute", "clear_retired", "install", "overlap", "refuse_overlap", "retired"]
+__all__ = ["OutputLock", "absolute", "clear_retired", "install", "output_dir", "overlap", "refuse_overlap", "retired"]
 
 
 def write_text_atomic(path: Path, text: str) -> None:

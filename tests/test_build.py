@@ -1,6 +1,7 @@
 """Builders on hand-made artifact directories: detection, dry-run command lines, refusals, GPU tests."""
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -85,6 +86,20 @@ def test_detect(ckpt, onnx_dir, tmp_path):
         "quant_method": "fp8", "activation_scheme": "dynamic"}}))
     with pytest.raises(MoepressError, match="not a build input"):
         detect_artifact(per_tensor)
+
+
+def test_build_into_the_current_directory_keeps_it(ckpt, tmp_path, monkeypatch):
+    """`moepress build ... -o . --force` renamed the current directory aside and removed it: the shell was left in a
+    deleted directory and the build at a new one of the same name. Its entries are replaced in place, as the
+    checkpoint writer does."""
+    out = tmp_path / "here"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    monkeypatch.chdir(out)
+    build(ckpt, "h100", ".", force=True, dry_run=True)
+    assert os.getcwd() == str(out) and os.path.samefile(".", out)
+    assert (out / "build.json").is_file() and not (out / "old.txt").exists()
+    assert not any(p.name.startswith("here.") for p in tmp_path.iterdir())  # no partial, nothing retired
 
 
 def test_trtllm_engine_dry_run(cli_run, ckpt, tmp_path):

@@ -379,11 +379,11 @@ def test_hf_modelopt_of_experts_it_refuses_is_refused_before_any_stage(cli_run, 
 ])
 def test_recipes_hf_modelopt_takes_or_does_not_list_are_not_refused_early(quantize, exports):
     """The early refusal is for hf-modelopt after one quantize format it refuses for the experts; nothing else."""
-    from moepress.pipeline.runner import _refuse_modelopt_experts
+    from moepress.pipeline.recipe import refuse_modelopt_experts
 
-    _refuse_modelopt_experts({"quantize": quantize}, "qwen3_moe", exports)
+    refuse_modelopt_experts({"quantize": quantize}, "qwen3_moe", exports)
     with pytest.raises(MoepressError, match="recipe export.formats hf-modelopt"):
-        _refuse_modelopt_experts({"quantize": {"format": "fp8-block"}}, "qwen3_moe", ["hf-modelopt"])
+        refuse_modelopt_experts({"quantize": {"format": "fp8-block"}}, "qwen3_moe", ["hf-modelopt"])
 
 
 def test_cards_say_when_no_gate_was_applied_or_checks_are_off(tmp_path):
@@ -414,3 +414,14 @@ def test_a_second_run_into_the_same_output_is_refused(cli_run, tmp_path):
         assert not (out / "prune").exists() and not (out / "recipe.yaml").exists()
     finally:
         held.release()
+
+
+def test_a_dangling_symlink_as_the_output_is_written_where_it_points(cli_run, tmp_path):
+    """`-o LINK` to a directory not made yet: the stages create it, `moepress run` said "File exists"."""
+    link, target = tmp_path / "link", tmp_path / "made" / "run"
+    link.symlink_to(target)
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check="skip", quantize={"format": "fp8-block"},
+                       export={"formats": ["hf-fp8-block"]})
+    r = cli_run("run", rec, "-o", link)
+    assert r.exit_code == 0, r.output
+    assert link.is_symlink() and (target / "run.json").is_file() and (target / "export" / "hf-fp8-block").is_dir()

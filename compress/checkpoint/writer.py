@@ -23,7 +23,7 @@ from moepress.compress.checkpoint.resume import JOURNAL, normalized, resumable_j
 from moepress.compress.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_NAME, write_safetensors
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, file_digests, versions, write_manifest
-from moepress.outputs import OutputLock, absolute, clear_retired, install, refuse_overlap, retired
+from moepress.outputs import OutputLock, absolute, clear_retired, install, output_dir, refuse_overlap
 
 # Files that travel with a checkpoint whatever moepress does to its weights
 # (tokenizer, chat template, generation defaults, remote code such as Kimi K2's).
@@ -98,12 +98,12 @@ def check_output(out: str | os.PathLike, *, force: bool = False, resume: bool = 
                  sources: Iterable[str | os.PathLike] = ()) -> None:
     """What :class:`CheckpointWriter` refuses before it touches anything, without taking the lock:
     a stage calls it before its calibration, so that a bad ``-o`` is refused in a second."""
-    out = absolute(out)
+    given, out = absolute(out), output_dir(out)
     if not out.name:
         raise MoepressError(f"{out}: expected an output directory, not the file system root")
     partial = out.with_name(out.name + ".partial")
     sources = tuple(sources)
-    refuse_overlap(out, sources)
+    refuse_overlap(given, sources)
     refuse_overlap(partial, sources)
     if out.exists() and not out.is_dir():
         raise MoepressError(f"{out}: output path exists and is not a directory")
@@ -142,7 +142,7 @@ class CheckpointWriter:
                  resume_key: dict | None = None, sources: Iterable[str | os.PathLike] = (),
                  transient: Iterable[str] = ()):
         check_output(out_dir, force=force, sources=sources)
-        self.out = absolute(out_dir)  # `-o .`: OUT.partial beside the directory, not inside it
+        self.out = output_dir(out_dir)  # `-o .`: OUT.partial beside the directory, not inside it
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.resume_key = normalized(resume_key)
         self.max_shard_bytes = max_shard_bytes
@@ -314,31 +314,9 @@ class CheckpointWriter:
         with naming(self.partial / MANIFEST_NAME):
             write_manifest(self.partial, {**self.manifest, "versions": versions(), "files": files})
         self._journal_path().unlink(missing_ok=True)
-        if self.out.exists() and _is_cwd(self.out):
-            self._install_in_place()
-        else:
-            install(self.partial, self.out)
+        install(self.partial, self.out)
         self._lock.release()
         return self.out
-
-    def _install_in_place(self) -> None:
-        """OUT is the current directory (``-o .``): a directory renamed over it would leave the shell
-        in a removed one, so the entries move into it instead, the manifest last (OUT is complete
-        when its manifest is there); what OUT held (with --force) is moved away first and removed."""
-        old = None
-        # the manifest first: a kill while OUT empties must not leave it vouching for what remains
-        entries = sorted(self.out.iterdir(), key=lambda p: p.name != MANIFEST_NAME)
-        if entries:
-            old = retired(self.out)
-            clear_retired(self.out)
-            old.mkdir()
-            for p in entries:
-                os.replace(p, old / p.name)
-        for p in sorted(self.partial.iterdir(), key=lambda p: p.name == MANIFEST_NAME):
-            os.replace(p, self.out / p.name)
-        self.partial.rmdir()
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
     def _name_shards(self) -> dict[str, dict]:
         """Rename the shards to their final names and write the index; the digests known by final name."""
@@ -391,9 +369,3 @@ class CheckpointWriter:
         else:
             self.abort()
 
-
-def _is_cwd(path: Path) -> bool:
-    try:
-        return os.path.samefile(path, os.getcwd())
-    except OSError:  # the current directory was removed
-        return False

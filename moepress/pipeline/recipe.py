@@ -164,3 +164,36 @@ def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -
 
 def dump(recipe: dict) -> str:
     return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
+
+
+def refuse_unavailable_exports(recipe: dict, model: Path) -> None:
+    """An export format the model's family has no writer for, refused in one line before any stage runs."""
+    from moepress.compress.arch import get_adapter
+    from moepress.compress.checkpoint.reader import read_config_file
+    from moepress.exporters import exporters
+
+    formats = (recipe.get("export") or {}).get("formats") or []
+    if not formats:
+        return
+    family, reg = get_adapter(read_config_file(model / "config.json")).family, exporters()
+    for fmt in formats:
+        if fmt in reg:
+            reg[fmt].refuse_family(family, model, where=f"recipe export.formats {fmt}")
+    refuse_modelopt_experts(recipe, family, formats)
+
+
+def refuse_modelopt_experts(recipe: dict, family: str, exports: list[str]) -> None:
+    """hf-modelopt after a quantize whose one format (no rules) gives the routed experts a form no runtime loads
+    from a Model-Optimizer checkpoint (exporters/hf_modelopt.py refuses it at export, hours later)."""
+    from moepress.compress import formats
+
+    q = recipe.get("quantize") or {}
+    f = formats.FORMATS.get(q.get("format") or "")
+    if "hf-modelopt" not in exports or f is None or q.get("rules"):
+        return
+    why = f.modelopt_experts_why(family)
+    if why:
+        raise MoepressError(f"recipe export.formats hf-modelopt: quantize.format {f.name} gives the {family} routed "
+                            f"experts a form no runtime loads from a Model-Optimizer checkpoint ({why}); expected "
+                            "hf-modelopt removed from export.formats"
+                            + (" (hf-fp8-block takes them)" if f.modelopt_moe_why else ""))

@@ -34,9 +34,9 @@ from pathlib import Path
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import builders as builder_registry
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest
-from moepress.outputs import OutputLock, refuse_overlap, write_text_atomic
+from moepress.outputs import OutputLock, output_dir, refuse_overlap, write_text_atomic
 from moepress.pipeline.card import NO_CPU_RUNTIME, Accuracy, model_card
-from moepress.pipeline.recipe import STAGES, dump
+from moepress.pipeline.recipe import STAGES, dump, refuse_unavailable_exports
 from moepress.progress import Progress
 
 # exports a CPU consumer here can check, and the candidate kind it runs as
@@ -96,6 +96,7 @@ class Runner:
         self.model = resolve_model(recipe["model"])
         recipe_file = Path(recipe_src)
         refuse_overlap(self.out, (self.model, *((recipe_file,) if recipe_file.is_file() else ())))
+        self.out = output_dir(self.out)  # a symlinked -o: the directory it names (a dangling one is made)
         self.state_dir = self.out / ".state"
         if self.out.is_dir() and any(self.out.iterdir()) and not (self.state_dir.is_dir()
                                                                   or (self.out / RUN_JSON).is_file()):
@@ -155,7 +156,7 @@ class Runner:
         """The whole recipe, holding OUT's run lock: a second run into OUT is refused, not interleaved stage
         by stage with this one (a check could read an export the other run then replaces, and seal its
         verdict onto the other's files)."""
-        _refuse_unavailable_exports(self.recipe, self.model)  # before hours of prune and quantize, not after
+        refuse_unavailable_exports(self.recipe, self.model)  # before hours of prune and quantize, not after
         # .state/ first: it marks OUT as a run's directory even when run.json is gone
         self.state_dir.mkdir(parents=True, exist_ok=True)
         lock = OutputLock(self.state_dir / "run.lock", f"-o {self.out}: another moepress run is using it "
@@ -350,39 +351,6 @@ class Runner:
         if (res.get("accuracy") or {}).get("passed") is False:  # the engine was built and failed its check
             self.failed_checks.append(f"build:{target}:{builder}")
         return res
-
-
-def _refuse_unavailable_exports(recipe: dict, model: Path) -> None:
-    """An export format the model's family has no writer for, refused in one line before any stage runs."""
-    from moepress.compress.arch import get_adapter
-    from moepress.compress.checkpoint.reader import read_config_file
-    from moepress.exporters import exporters
-
-    formats = (recipe.get("export") or {}).get("formats") or []
-    if not formats:
-        return
-    family, reg = get_adapter(read_config_file(model / "config.json")).family, exporters()
-    for fmt in formats:
-        if fmt in reg:
-            reg[fmt].refuse_family(family, model, where=f"recipe export.formats {fmt}")
-    _refuse_modelopt_experts(recipe, family, formats)
-
-
-def _refuse_modelopt_experts(recipe: dict, family: str, exports: list[str]) -> None:
-    """hf-modelopt after a quantize whose one format (no rules) gives the routed experts a form no runtime loads
-    from a Model-Optimizer checkpoint (exporters/hf_modelopt.py refuses it at export, hours later)."""
-    from moepress.compress import formats
-
-    q = recipe.get("quantize") or {}
-    f = formats.FORMATS.get(q.get("format") or "")
-    if "hf-modelopt" not in exports or f is None or q.get("rules"):
-        return
-    why = f.modelopt_experts_why(family)
-    if why:
-        raise MoepressError(f"recipe export.formats hf-modelopt: quantize.format {f.name} gives the {family} routed "
-                            f"experts a form no runtime loads from a Model-Optimizer checkpoint ({why}); expected "
-                            "hf-modelopt removed from export.formats"
-                            + (" (hf-fp8-block takes them)" if f.modelopt_moe_why else ""))
 
 
 def _unchecked(artifacts: dict[str, tuple[Path, str]]) -> dict[str, str]:
