@@ -50,7 +50,7 @@ from moepress.exporters.plan import Plan, plan
 from moepress.exporters.plan import render as render_plan
 from moepress.exporters.targets import Target, get_target
 from moepress.manifest import file_digests, read_manifest, versions, write_manifest
-from moepress.outputs import OutputLock, absolute, clear_retired, install, output_dir, refuse_overlap
+from moepress.outputs import OutputLock, clear_retired, install, output_dir
 
 # (engine directory, reference model, progress) -> the check's record
 Check = Callable[[Path, Path, object], dict]
@@ -177,8 +177,7 @@ def build(artifact: str | Path, target: str | Target, out: str | Path, cfg: Buil
     if cfg is not None and flags:
         raise TypeError("build(): pass the options as cfg or as keywords, not both")
     o = cfg if cfg is not None else BuildOptions(**flags)
-    refuse_overlap(absolute(out), [Path(artifact)])
-    out = output_dir(out)
+    out = output_dir(out, [Path(artifact)])
     job = _resolve(Path(artifact), target, out, o)
     out.parent.mkdir(parents=True, exist_ok=True)  # as the other stages' -o (the lock file sits beside OUT)
     lock = OutputLock(out.with_name(out.name + ".partial.lock"),

@@ -31,11 +31,13 @@ def absolute(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.fspath(path)))
 
 
-def output_dir(path: str | os.PathLike) -> Path:
+def output_dir(path: str | os.PathLike, sources: Iterable[str | os.PathLike] = ()) -> Path:
     """Where ``-o path`` is written: :func:`absolute`, a symbolic link at ``path`` itself resolved (renaming the
     finished output over the link would replace the link, leave its target as it was and write the partial
-    on the link's file system)."""
+    on the link's file system); refused first (:func:`refuse_overlap`, naming the path as given) where it
+    overlaps one of ``sources``, the stage's inputs."""
     p = absolute(path)
+    refuse_overlap(p, sources)
     return p.resolve() if p.is_symlink() else p
 
 

@@ -23,7 +23,7 @@ from moepress.compress.checkpoint.resume import JOURNAL, normalized, resumable_j
 from moepress.compress.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_NAME, write_safetensors
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, file_digests, versions, write_manifest
-from moepress.outputs import OutputLock, absolute, clear_retired, install, output_dir, refuse_overlap
+from moepress.outputs import OutputLock, clear_retired, install, output_dir, refuse_overlap
 
 # Files that travel with a checkpoint whatever moepress does to its weights
 # (tokenizer, chat template, generation defaults, remote code such as Kimi K2's).
@@ -98,12 +98,11 @@ def check_output(out: str | os.PathLike, *, force: bool = False, resume: bool = 
                  sources: Iterable[str | os.PathLike] = ()) -> None:
     """What :class:`CheckpointWriter` refuses before it touches anything, without taking the lock:
     a stage calls it before its calibration, so that a bad ``-o`` is refused in a second."""
-    given, out = absolute(out), output_dir(out)
+    sources = tuple(sources)
+    out = output_dir(out, sources)
     if not out.name:
         raise MoepressError(f"{out}: expected an output directory, not the file system root")
     partial = out.with_name(out.name + ".partial")
-    sources = tuple(sources)
-    refuse_overlap(given, sources)
     refuse_overlap(partial, sources)
     if out.exists() and not out.is_dir():
         raise MoepressError(f"{out}: output path exists and is not a directory")

@@ -34,7 +34,7 @@ from pathlib import Path
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import builders as builder_registry
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest
-from moepress.outputs import OutputLock, output_dir, refuse_overlap, write_text_atomic
+from moepress.outputs import OutputLock, output_dir, write_text_atomic
 from moepress.pipeline.card import NO_CPU_RUNTIME, Accuracy, model_card
 from moepress.pipeline.recipe import STAGES, dump, refuse_unavailable_exports
 from moepress.progress import Progress
@@ -95,8 +95,8 @@ class Runner:
         self.device = resolve_device(device or recipe.get("device"))  # a runtime choice: in no stage's key
         self.model = resolve_model(recipe["model"])
         recipe_file = Path(recipe_src)
-        refuse_overlap(self.out, (self.model, *((recipe_file,) if recipe_file.is_file() else ())))
-        self.out = output_dir(self.out)  # a symlinked -o: the directory it names (a dangling one is made)
+        # a symlinked -o: the directory it names (a dangling one is made)
+        self.out = output_dir(self.out, (self.model, *((recipe_file,) if recipe_file.is_file() else ())))
         self.state_dir = self.out / ".state"
         if self.out.is_dir() and any(self.out.iterdir()) and not (self.state_dir.is_dir()
                                                                   or (self.out / RUN_JSON).is_file()):
