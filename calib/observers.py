@@ -99,8 +99,11 @@ class LayerRouting:
         hit = torch.zeros_like(g, dtype=torch.bool).scatter_(1, ref_idx, True)
         routed = torch.zeros_like(hit).scatter_(1, idx, True)
         self._ref = (g, hit)
-        for e in torch.nonzero((hit & ~routed).any(dim=0)).flatten().tolist():
-            tok = torch.nonzero(hit[:, e] & ~routed[:, e]).flatten()
+        extra = torch.nonzero((hit & ~routed).t())  # (expert, token), grouped by expert, tokens ascending
+        counts = torch.bincount(extra[:, 0], minlength=hit.shape[1]).tolist()  # one host sync per forward
+        for e, tok in enumerate(torch.split(extra[:, 1], counts)):
+            if tok.numel() == 0:
+                continue
             with torch.no_grad(), side_computation():
                 self._add_reap(e, g[tok, e], moe.experts[e](x[tok]))
 

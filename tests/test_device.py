@@ -259,8 +259,9 @@ def _held_out_ppl(path: Path) -> float:
     from moepress.calib.metrics import perplexity
     from moepress.compress.stream import StreamedModel
 
-    # 32 windows: on 8, the device path's own batching alone (no CUDA rounding: tests/test_vcuda.py's emulated
-    # device) moved w4a8-awq on tiny-qwen3-moe by 0.16% at the test's calibration; on 32, by 0.01%
+    # 32 windows: on 8, attention's MATH kernel alone (what tests/test_vcuda.py's emulated device runs; its
+    # last-bit differences move GPTQ roundings) moved w4a8-awq on tiny-qwen3-moe by 0.16% at the test's
+    # calibration; on 32, by 0.01%
     ev = eval_batches(path, seq_len=64, max_windows=32)
     return perplexity(StreamedModel(str(path)).forward(ev), ev)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 DRIVER = r"""
-import json, sys
+import collections, json, sys
 sys.path.insert(0, sys.argv[1])
 import vcuda
 vcuda.install()
@@ -52,6 +52,16 @@ run("stats", "calib", "stats", "tiny-qwen3-moe", "--device", "cuda", "-o", "stat
 run("check", "check", "gptq", "--reference", "tiny-deepseek-v3", "--device", "cuda", "--max-samples", "2",
     "--seq-len", "32", "--report", "report", "--quiet", "--max-ppl-increase", "none", "--min-top1", "none",
     "--max-kl", "none")
+
+def syncs(key, *args):  # host syncs on device tensors by kind and call site, for one run
+    before = collections.Counter(vcuda.SYNCS)
+    run(key, *args)
+    res["syncs-" + key] = {f"{k} {site}": n for (k, site), n in (vcuda.SYNCS - before).items()}
+
+for name, src in (("full", "tiny-mixtral"), ("half", "pruned")):  # 8 experts; the prune above keeps 4
+    syncs(f"fp8-{name}", "quantize", src, "--format", "fp8", "--device", "cuda", "-o", f"fp8-{name}", *C)
+    syncs(f"merge-{name}", "prune", src, "--ratio", "0.5", "--method", "merge", "--device", "cuda", "-o",
+          f"merge-{name}", *C)
 print(json.dumps(res))
 """
 
@@ -85,6 +95,17 @@ def test_calibration_free_formats_on_the_device_equal_the_cpus_bytes(stages, key
 @pytest.mark.parametrize("key", ["int4-gptq", "w4a8-awq", "prune", "stats"])
 def test_calibrated_stages_run_on_the_device(stages, key):
     assert stages[1][key] == 0, stages[1]
+
+
+@pytest.mark.parametrize("stage", ["fp8", "merge"])
+def test_host_syncs_do_not_grow_with_the_expert_count(stages, stage):
+    """A host sync (``.item()``, ``.tolist()``, ``nonzero``) stalls a GPU until its queue drains; per expert,
+    that is thousands per Kimi K2 layer. The same stage on the same tokens with 8 and with 4 experts per
+    layer syncs at the same call sites, as often (per forward or per layer, never per expert)."""
+    res = stages[1]
+    assert res[f"{stage}-full"] == 0 and res[f"{stage}-half"] == 0, res
+    full, half = res[f"syncs-{stage}-full"], res[f"syncs-{stage}-half"]
+    assert full and full == half, {k: (full.get(k), half.get(k)) for k in {*full, *half} if full.get(k) != half.get(k)}
 
 
 def test_check_runs_on_the_device_and_reports_it(stages):

@@ -27,6 +27,7 @@ through ``fp8-block``, a ``moepress quantize`` output through its layout's forma
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -34,6 +35,7 @@ import torch
 
 from moepress.compress import formats
 from moepress.compress.formats import QuantContext, ct_inputs
+from moepress.compress.moe import expert_rows
 from moepress.compress.prune.evidence import LayerEvidence
 from moepress.compress.prune.routing import route_masked
 from moepress.errors import MoepressError
@@ -79,8 +81,7 @@ def _hidden(expert, x: torch.Tensor) -> torch.Tensor:
 def _routed_output(ev: LayerEvidence, x: torch.Tensor, ids: torch.Tensor, ws: torch.Tensor, sign: float,
                    into: torch.Tensor) -> torch.Tensor:
     """``into`` + sign x the routed output (experts ``ids`` with weights ``ws``) on the recorder's tokens."""
-    for e in torch.unique(ids).tolist():
-        tok, slot = torch.where(ids == e)
+    for e, tok, slot in expert_rows(ids, len(ev.moe.experts)):
         y = ev.moe.experts[e].linears()[2](_hidden(ev.moe.experts[e], x[tok]))
         into.index_add_(0, tok, sign * ws[tok, slot, None].float() * y)
     return into
@@ -108,11 +109,11 @@ def refit(ev: LayerEvidence, kept: list[int], release: bool = False) -> list[int
     if release:  # the dropped experts are not needed again: their memory goes before the refit's moments
         for e in set(range(len(ev.moe.experts))) - set(kept):
             ev.moe.experts[e].to(device="meta")
-    changed = []
+    changed, rows = [], {c: (tok, slot) for c, tok, slot in expert_rows(pidx, len(ev.moe.experts))}
     for c in kept:
-        tok, slot = torch.where(pidx == c)
-        if tok.numel() == 0:
+        if c not in rows:
             continue
+        tok, slot = rows[c]
         _refit_down(ev.moe.experts[c], x[tok], pw[tok, slot], lost[tok])
         changed.append(c)
     return changed
@@ -144,11 +145,12 @@ def fold_dropped(ev: LayerEvidence, kept: list[int], num_experts: int) -> dict:
     routing mass it receives and the shares of that mass (the report's ``merged``; the writer adds the
     stored form). The dropped experts' weights are freed on the way (the stage writes the kept ones)."""
     own, moved = transfer(ev, kept)
+    own, moved = own.double().tolist(), moved.double().tolist()  # the report's numbers: one copy to the host
     merged = {}
     for c in refit(ev, kept, release=True):
-        ds = [d for d in range(num_experts) if float(moved[d, c]) > 0]
-        w = torch.tensor([float(own[c])] + [float(moved[d, c]) for d in ds], dtype=torch.float64)
-        merged[str(c)] = {"members": [c, *ds], "mass_share": [round(float(v), 6) for v in (w / w.sum()).tolist()],
+        ds = [d for d in range(num_experts) if moved[d][c] > 0]
+        w = [own[c]] + [moved[d][c] for d in ds]
+        merged[str(c)] = {"members": [c, *ds], "mass_share": [round(v / math.fsum(w), 6) for v in w],
                           "rewritten": ["down"]}
     return merged
 

@@ -31,12 +31,10 @@ class ExpertOutputs:
     @torch.no_grad()
     def fill(self, t: torch.Tensor, e: torch.Tensor) -> None:
         miss = self.slot[t, e] < 0
-        if not bool(miss.any()):
-            return
         T = self.x.shape[0]
         key = torch.unique(e[miss] * T + t[miss])  # sorted: grouped by expert
-        experts, counts = torch.unique_consecutive(key // T, return_counts=True)
-        for ex, toks in zip(experts.tolist(), torch.split(key % T, counts.tolist()), strict=True):
+        experts, counts = torch.stack(torch.unique_consecutive(key // T, return_counts=True)).tolist()  # one sync
+        for ex, toks in zip(experts, torch.split(key % T, counts), strict=True):
             y = self.moe.experts[ex](self.x[toks]).float()
             self.slot[toks, ex] = torch.arange(self.n, self.n + toks.numel())
             done = 0

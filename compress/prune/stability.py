@@ -44,21 +44,28 @@ class ChunkedRouting:
         self.tok_chunk = self.local = None
 
     def on_route(self, moe, x, logits, weights, indices) -> None:
-        t = x.shape[0]
+        """Each group's tokens to its ``LayerRouting``; the tokens per (expert, group) counted for
+        ``on_expert`` in the same host sync (one per forward, not one per expert: a GPU waits each time)."""
+        t, n = x.shape[0], self.n
         sample = self.row + torch.arange(t, device=x.device) // self.seq_len
         self.row += -(-t // self.seq_len)
-        self.tok_chunk = sample % self.n
+        self.tok_chunk = sample % n
+        counts = torch.cat([torch.bincount(self.tok_chunk, minlength=n), torch.bincount(
+            (indices * n + self.tok_chunk[:, None]).reshape(-1), minlength=moe.num_experts * n)]).tolist()
+        per_chunk, self.per_expert = counts[:n], [counts[n + e * n: n + (e + 1) * n] for e in range(moe.num_experts)]
         self.local = torch.empty(t, dtype=torch.long, device=x.device)
-        for c in torch.unique(self.tok_chunk).tolist():
-            m = self.tok_chunk == c
-            self.local[m] = torch.arange(int(m.sum()), device=x.device)
-            self.chunks[c].on_route(moe, x[m], None if logits is None else logits[m], weights[m], indices[m])
+        for c, rows in enumerate(torch.split(torch.argsort(self.tok_chunk, stable=True), per_chunk)):
+            if per_chunk[c]:
+                self.local[rows] = torch.arange(per_chunk[c], device=x.device)
+                self.chunks[c].on_route(moe, x[rows], None if logits is None else logits[rows], weights[rows],
+                                        indices[rows])
 
     def on_expert(self, moe, e, tokens, slots, gate, x_e, y_e) -> None:
-        ch = self.tok_chunk[tokens]
-        for c in torch.unique(ch).tolist():
-            m = ch == c
-            self.chunks[c].on_expert(moe, e, self.local[tokens[m]], slots[m], gate[m], x_e[m], y_e[m])
+        split = self.per_expert[e]
+        rows = torch.split(torch.argsort(self.tok_chunk[tokens], stable=True), split)
+        for c, r in enumerate(rows):
+            if split[c]:
+                self.chunks[c].on_expert(moe, e, self.local[tokens[r]], slots[r], gate[r], x_e[r], y_e[r])
 
 
 def _without(total: LayerRouting, part: LayerRouting) -> LayerRouting:

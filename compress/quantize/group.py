@@ -138,15 +138,23 @@ SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def refuse_non_finite(prefix: str, res: LayerResult) -> None:
     """A scale computed from NaN or Inf (a weight holding one, or calibration activations that do) is
     refused, naming the tensor: written, it makes every output of the linear NaN (or the block-max
-    rounding of MXFP4's E8M0 NaN, 255). Scales are small, so the check costs nothing beside the work."""
+    rounding of MXFP4's E8M0 NaN, 255). Scales are small, so the check costs nothing beside the work; the
+    flags of a layer's scales are read in one host sync per device (not one per tensor: a GPU waits each time)."""
+    flags: dict[str, torch.Tensor] = {}
     for rel, t in res.tensors.items():
         if rel.endswith(".weight"):
             continue
         if t.dtype in SCALE_DTYPES or t.dtype == fp8.FP8_DTYPE:
-            bad = not torch.isfinite(t.float()).all()  # float8: NVFP4's E4M3 block scales
-        else:
-            bad = t.dtype == torch.uint8 and rel.endswith("weight_scale") and bool((t == 255).any())
-        if bad:
+            flags[rel] = ~torch.isfinite(t.float()).all()  # float8: NVFP4's E4M3 block scales
+        elif t.dtype == torch.uint8 and rel.endswith("weight_scale"):
+            flags[rel] = (t == 255).any()
+    by_device: dict[torch.device, list[str]] = {}
+    for rel, f in flags.items():
+        by_device.setdefault(f.device, []).append(rel)
+    bad = {rel for rels in by_device.values()
+           for rel, b in zip(rels, torch.stack([flags[r] for r in rels]).tolist(), strict=True) if b}
+    for rel in flags:
+        if rel in bad:
             base, what = rel.rsplit(".", 1)
             src = "the calibration activations into it hold" if "input" in what else "its weight holds"
             raise MoepressError(f"{prefix}{base}.weight: {what} is not finite: {src} NaN or Inf; expected finite "
