@@ -215,3 +215,18 @@ def test_shared_factorisation_gives_the_same_result():
     for (q1, s1), (q2, s2) in zip([gptq.gptq_quantize(w, H, 128, 0.01, True) for w in ws],
                                   gptq.gptq_quantize_shared(ws, H, 128, 0.01, True), strict=True):
         assert torch.equal(q1, q2) and torch.equal(s1, s2)
+
+
+@pytest.mark.parametrize("n, rows", [(7, 3), (130, 64), (64, 1024)])
+def test_permute_sym_in_place_equals_index_select(n, rows):
+    """The act-order permutation of H in its own memory (blocks of rows, then of columns) gives exactly
+    H[perm][:, perm], at widths that are not multiples of the block."""
+    from moepress.compress.quant.gptq import _permute_sym_
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, n, generator=g)
+    H = x @ x.T
+    perm = torch.randperm(n, generator=g)
+    want = H.index_select(0, perm).index_select(1, perm)
+    out = _permute_sym_(H, perm, rows=rows)
+    assert out.data_ptr() == H.data_ptr() and torch.equal(out, want)
