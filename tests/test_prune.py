@@ -78,6 +78,10 @@ def test_budget_groups_drop_equally_and_keep_top_k_reachable():
     refuse(DSV3, "--keep 10", "multiple of 4", "n_group=4", "nearest valid: 8 or 12", keep=10)
     # 4 kept = 1 per group: DeepSeek's group score needs each group's two best
     refuse(DSV3, "1 per group", "--keep 8", ratio=0.85)
+    # ... refused on its own too (topk_group=4 reaches top_k with 1 per group): transformers' DeepseekV3 router
+    # and vLLM's grouped_topk take topk(2) inside each group, which fails on groups of one
+    refuse({**DSV3, "topk_group": 4}, "1 per group", "two best", keep=4)
+    assert budget({**DSV3, "topk_group": 4}, keep=8).keep == 8
     # topk_group=1: 2 per group x 1 reachable group < top_k=4
     refuse({**DSV3, "topk_group": 1}, "topk_group=1", "fewer than top_k=4", keep=8)
     assert budget({**DSV3, "topk_group": 1}, keep=16).keep == 16
@@ -98,6 +102,8 @@ def test_protect_parsing_and_validation():
     kept = keep_top(scores, b, 1)
     assert kept[:2] == [0, 1] and len(kept) == 16
     assert [sum(1 for e in kept if group_of(32, 4)[e] == g) for g in range(4)] == [4, 4, 4, 4]
+    b = budget(DSV3, protect=((1, 0), (1, 1)), ratio=0.75)  # exactly the 2 kept per group: allowed
+    assert b.keep == 8 and keep_top(scores, b, 1)[:2] == [0, 1]
 
 
 # ---- routing simulation == the sliced router ------------------------------------------------------
@@ -267,18 +273,21 @@ def test_methods_registry_and_reroute_report(tmp_path):
     assert man["stage"] == "prune" and man["config"]["keep"] == 4 and "prune_report.json" in man["files"]
 
 
-@pytest.mark.parametrize("family,overrides", [("qwen3_moe", {"num_experts": 12, "num_experts_per_tok": 3}),
-                                              ("qwen3_moe", {"norm_topk_prob": False}),
-                                              ("deepseek_v3", {"n_routed_experts": 16, "num_experts_per_tok": 3})])
-def test_reroute_incremental_search_equals_brute_force_greedy(tmp_path, family, overrides):
-    from moepress.compress.prune import LayerEvidence, RerouteSearch, RouteRecorder
+def _reroute_case(tmp_path, family, overrides, bias_scale=None):
+    """A MoE layer with 600 random tokens recorded through it and a residual stream, and the brute-force
+    post-block error of any kept set: every expert's output for every token, each token fully routed
+    again over the kept experts. ``bias_scale``: DeepSeek's correction bias replaced by one of that size
+    (the synthetic's is ~0.03, too small to move many tokens)."""
+    from moepress.compress.prune import LayerEvidence, RouteRecorder
 
     ckpt = make_random_checkpoint(family, tmp_path / "m", **overrides)
     sm = StreamedModel(str(ckpt))
     i = sm.adapter.moe_layers()[0]
     moe = sm.load_layer(i).moe
-    E, r, bias = moe.num_experts, sm.adapter.routing(), moe.gate.e_score_correction_bias
+    r, bias = sm.adapter.routing(), moe.gate.e_score_correction_bias
     g = torch.Generator().manual_seed(2)
+    if bias_scale is not None:
+        bias.copy_(torch.randn(bias.shape, generator=g) * bias_scale)
     x = torch.randn(600, sm.adapter.hidden_size, generator=g)
     rec = RouteRecorder(600, 600, 0)
     moe.observers = [rec]
@@ -288,9 +297,6 @@ def test_reroute_incremental_search_equals_brute_force_greedy(tmp_path, family, 
     # the residual stream the block's output is added to (as RouteRecorder.attach records it)
     h = torch.randn(600, sm.adapter.hidden_size, generator=g) * torch.rand(600, 1, generator=g) * 3
     rec.residual, rec.block_out = [h], [block]
-    b = plan_budget(sm.adapter, PruneConfig(keep=E // 2 if r["n_group"] == 1 else 8))
-    sel = RerouteSearch(LayerEvidence(i, moe, None, r, rec), b).run()
-    # brute force: every expert's output for every token, full routing of every token per candidate
     with torch.no_grad():
         f = torch.stack([ex(x) for ex in moe.experts], 1)  # [T, E, H]
         logits, w0, i0 = sm.adapter.route(moe, x)
@@ -305,6 +311,23 @@ def test_reroute_incremental_search_equals_brute_force_greedy(tmp_path, family, 
         return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-12)
 
     ref = n(base + y0)
+
+    def err(keep):
+        return float(((ref - n(base + out(*route_masked(logits, keep, r, bias)))).double() ** 2).sum())
+
+    return sm, LayerEvidence(i, moe, None, r, rec), x, err
+
+
+@pytest.mark.parametrize("family,overrides", [("qwen3_moe", {"num_experts": 12, "num_experts_per_tok": 3}),
+                                              ("qwen3_moe", {"norm_topk_prob": False}),
+                                              ("deepseek_v3", {"n_routed_experts": 16, "num_experts_per_tok": 3})])
+def test_reroute_incremental_search_equals_brute_force_greedy(tmp_path, family, overrides):
+    from moepress.compress.prune import RerouteSearch
+
+    sm, ev, _, err = _reroute_case(tmp_path, family, overrides)
+    E = ev.moe.num_experts
+    b = plan_budget(sm.adapter, PruneConfig(keep=E // 2 if ev.routing["n_group"] == 1 else 8))
+    sel = RerouteSearch(ev, b).run()
     keep, order = torch.ones(E, dtype=torch.bool), []
     while int(keep.sum()) > b.keep:
         best = None
@@ -314,21 +337,70 @@ def test_reroute_incremental_search_equals_brute_force_greedy(tmp_path, family, 
                 continue
             k2 = keep.clone()
             k2[c] = False
-            err = float(((ref - n(base + out(*route_masked(logits, k2, r, bias)))).double() ** 2).sum())
-            if best is None or err < best[0] - 1e-9:
-                best = (err, c)
+            e = err(k2)
+            if best is None or e < best[0] - 1e-9:
+                best = (e, c)
         order.append(best[1])
         keep[best[1]] = False
     assert sel.extra["drop_order"] == order
     assert sel.kept == keep.nonzero(as_tuple=True)[0].tolist()
 
 
+def test_reroute_incremental_contributions_equal_brute_force_each_step(tmp_path):
+    """32 grouped experts (DeepSeek, 4 groups, keep 8): at every step of the search, each eligible expert's
+    summed contribution (the error its drop would add, kept up to date incrementally) equals the brute-force
+    difference of errors, and the kept experts end evenly spread over the groups (DeepSeek's router reshapes
+    the experts into equal groups). Drop order alone is not compared at this size: contributions that are
+    zero in exact arithmetic come out ~1e-15, so ties break by rounding."""
+    from moepress.compress.prune import RerouteSearch
+
+    sm, ev, _, err = _reroute_case(tmp_path, "deepseek_v3", {"n_routed_experts": 32, "num_experts_per_tok": 4})
+    b = plan_budget(sm.adapter, PruneConfig(keep=8))
+    S = RerouteSearch(ev, b)
+    worst = 0.0
+    while int(S.keep.sum()) > b.keep:
+        now, delta, ok = err(S.keep), S.contrib.sum(0), S.eligible()
+        for c in ok.nonzero(as_tuple=True)[0].tolist():
+            k2 = S.keep.clone()
+            k2[c] = False
+            worst = max(worst, abs(float(delta[c]) - (err(k2) - now)))
+        S.drop(int(torch.argmin(delta.masked_fill(~ok, float("inf")))))
+    assert worst < 3e-7, worst  # measured 1.6e-7 (float32 expert outputs summed in float64)
+    g = group_of(32, b.n_group)
+    assert torch.bincount(g[S.keep], minlength=b.n_group).tolist() == [b.keep_per_group] * b.n_group
+
+
+def test_each_kept_expert_is_refit_on_the_tokens_the_pruned_router_sends_it(tmp_path, monkeypatch):
+    """merge's refit: kept expert c is refit on exactly the tokens that the pruned layer (what the writer
+    writes: the kept router rows and correction bias) routes to c, in token order, with the weight it gives c
+    there. DeepSeek with a correction bias large enough to move tokens between experts and groups."""
+    import copy
+
+    from moepress.compress.prune import merge as merge_mod
+
+    sm, ev, x, _ = _reroute_case(tmp_path, "deepseek_v3", {"n_routed_experts": 32, "num_experts_per_tok": 4},
+                                 bias_scale=0.2)
+    kept = [e for e in range(ev.moe.num_experts) if e % 4 < 2]
+    seen = {}
+    monkeypatch.setattr(merge_mod, "_refit_down", lambda ex, xs, pw, lost: seen.__setitem__(id(ex), (xs, pw)))
+    with torch.no_grad():
+        merge_mod.refit(ev, kept)
+        _, w1, i1 = sm.adapter.route(prune_moe_module(copy.deepcopy(ev.moe), kept), x)
+    assert len(seen) >= 4  # kept experts that take tokens (the bias favours a few)
+    for j, c in enumerate(kept):
+        hit = (i1 == j).any(1)
+        xs, pw = seen.get(id(ev.moe.experts[c]), (x[:0], torch.zeros(0)))
+        assert torch.equal(xs, x[hit]), (c, xs.shape[0], int(hit.sum()))
+        torch.testing.assert_close(pw.float(), (w1 * (i1 == j)).sum(1)[hit].float(), rtol=1e-5, atol=1e-6)
+
+
 def test_lookahead_keeps_the_candidate_closest_after_the_next_layer(tmp_path):
     """lookahead: per MoE layer, the reroute or the reap selection, whichever leaves the state
     after the next layer closest to the original model's. The report names the choice with both
     errors; the chosen one has the smaller error; the written experts are the chosen selection; and
-    for the last layer (no next layer: its own output) the recorded error is recomputed independently
-    from the written checkpoint's streamed forward against the original's."""
+    the recorded error is recomputed independently against the original's streamed forward: for the last
+    layer (no next layer: its own output) from the written checkpoint, for layer 0 from the original with
+    only layer 0 pruned to its chosen experts, after layer 1."""
     assert METHODS["lookahead"].candidates == ("reroute", "reap")
     src = write_synthetic({**QWEN, "num_hidden_layers": 3}, tmp_path / "src")
     ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
@@ -357,9 +429,20 @@ def test_lookahead_keeps_the_candidate_closest_after_the_next_layer(tmp_path):
         v = v.double()
         return v / v.pow(2).mean(-1, keepdim=True).sqrt()
 
-    ref, got = torch.cat(states[("orig", 2)]), torch.cat(states[("pruned", 2)])
-    want = float((n(ref) - n(got)).pow(2).sum() / n(ref).pow(2).sum())
+    def rel(a, b):
+        ref, got = n(torch.cat(states[a])), n(torch.cat(states[b]))
+        return float((ref - got).pow(2).sum() / ref.pow(2).sum())
+
+    want = rel(("orig", 2), ("pruned", 2))
     assert want > 0 and last["next_state_rel_error"][last["chosen"]] == pytest.approx(want, rel=1e-4)
+    # layer 0: its chosen selection alone (layer 1 as it was), judged by the state after layer 1
+    first = rep["layers"][0]["lookahead"]
+    kept0 = [k["expert"] for k in rep["layers"][0]["kept"]]
+    StreamedModel(str(src)).forward(
+        [ids[:2], ids[2:]], before_layer=lambda i, lay: prune_moe_module(lay.mlp, kept0) if i == 0 else None,
+        after_layer=lambda i, lay, hs: states.__setitem__(("layer 0 pruned", i), hs))
+    want = rel(("orig", 1), ("layer 0 pruned", 1))
+    assert want > 0 and first["next_state_rel_error"][first["chosen"]] == pytest.approx(want, rel=1e-4)
 
 
 def test_pruning_a_quantized_checkpoint_renumbers_its_quantization_files(tmp_path):
