@@ -168,9 +168,14 @@ def write_deepseek_with_mtp(tmp_path) -> Path:
     n, h, v = a.num_layers, a.hidden_size, a.vocab_size
     reader = CheckpointReader(trunk)
     out = tmp_path / "dsv3-mtp-fp8"
+    g = torch.Generator().manual_seed(7)
+
+    def uneven(shape):  # norm weights other than 1 (the synthetic's): a norm left out or swapped then shows
+        return (0.5 + torch.rand(shape, generator=g)).bfloat16()
+
     with CheckpointWriter(out) as w:
         for name in reader.names():
-            w.add(name, reader.get(name))
+            w.add(name, uneven(reader.get(name).shape) if name == "model.norm.weight" else reader.get(name))
         with torch.device("meta"):
             layer = a.build_layer(n)
         p = a.layer_prefix(n)
@@ -185,7 +190,8 @@ def write_deepseek_with_mtp(tmp_path) -> Path:
         for key, shape in {"enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h),
                            "embed_tokens.weight": (v, h), "shared_head.norm.weight": (h,),
                            "shared_head.head.weight": (v, h)}.items():
-            w.add(p + key, random_tensor(p + key, shape, seed=7).bfloat16())
+            w.add(p + key, uneven(shape) if key in ("enorm.weight", "hnorm.weight") else
+                  random_tensor(p + key, shape, seed=7).bfloat16())
         w.write_json("config.json", reader.config)
     return out
 
@@ -226,6 +232,40 @@ def test_block_fp8_with_mtp_layer_prunes_consistently(tmp_path):
         [ids], before_layer=lambda i, layer: i == 1 and prune_moe_module(layer.moe, kept1))[0]
     got = StreamedModel(str(out)).forward([ids])[0]
     assert torch.equal(got, want)
+
+
+def test_mtp_layer_is_scored_on_the_input_vllm_gives_it(tmp_path):
+    """The MTP layer's statistics (frequency: tokens per expert in prune_report.json) are its MoE's routing
+    on eh_proj(cat(enorm(embed(t_{i+1})), hnorm(norm(h_i)))), h_i the trunk's last hidden state before the
+    final norm (vLLM deepseek_mtp.py: enorm of the embedding first; the final norm applied by the main model).
+    The input is computed here from the stored tensors, not by compress/prune/mtp.py."""
+    from moepress.compress.prune.mtp import read_decoder_state
+
+    src = write_deepseek_with_mtp(tmp_path)
+    ids = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0))
+    prune_checkpoint(src, tmp_path / "pruned", PruneConfig(method="frequency", ratio=0.5), batches=[ids])
+    row = {r["layer"]: r for r in json.loads((tmp_path / "pruned" / "prune_report.json").read_text())["layers"]}
+    n = MTP_CFG["num_hidden_layers"]
+    want = {k["expert"]: k["tokens"] for k in row[n]["kept"] + row[n]["dropped"]}
+    sm, ck, p = StreamedModel(str(src)), CheckpointReader(src), f"model.layers.{n}."
+    trunk = {}
+    sm.forward([ids], after_layer=lambda i, lay, hs: trunk.__setitem__(i, hs[0]))
+
+    def rms(x, name):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * ck.weight(name, torch.float32)  # DeepSeek's eps
+
+    with torch.no_grad():
+        e = torch.nn.functional.embedding(ids[:, 1:], ck.weight(p + "embed_tokens.weight", torch.float32))
+        h = rms(trunk[n - 1], "model.norm.weight")[:, :-1]
+        x = torch.cat([rms(e, p + "enorm.weight"), rms(h, p + "hnorm.weight")], -1) @ ck.weight(
+            p + "eh_proj.weight", torch.float32).T
+        layer = sm.build_layer(n, read_decoder_state(sm, n))
+        routed = []
+        layer.mlp.observers = [type("Obs", (), {"on_route": lambda self, m, x, lg, w, idx: routed.append(idx)})()]
+        sm.run_layer(layer, [x])
+    got = torch.bincount(torch.cat(routed).reshape(-1), minlength=MTP_CFG["n_routed_experts"]).tolist()
+    assert sum(got) == 4 * 47 * MTP_CFG["num_experts_per_tok"]
+    assert got == [want[e] for e in range(MTP_CFG["n_routed_experts"])]
 
 
 # ---- sequential: layer i+1's statistics gathered on the pruned layers 0..i -------------------------
