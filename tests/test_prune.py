@@ -251,8 +251,8 @@ def test_mtp_layer_is_scored_on_the_input_vllm_gives_it(tmp_path):
     trunk = {}
     sm.forward([ids], after_layer=lambda i, lay, hs: trunk.__setitem__(i, hs[0]))
 
-    def rms(x, name):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * ck.weight(name, torch.float32)  # DeepSeek's eps
+    def rms(x, name):  # DeepSeek's RMSNorm, eps 1e-6
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * ck.weight(name, torch.float32)
 
     with torch.no_grad():
         e = torch.nn.functional.embedding(ids[:, 1:], ck.weight(p + "embed_tokens.weight", torch.float32))

@@ -2,9 +2,10 @@
 
 Tensors on "cuda:0" are CPU tensors wrapped in :class:`VCuda`, whose device reads cuda:0. What fails on a
 real GPU fails here too: a CPU tensor (dim > 0) beside a device tensor in one op, ``.numpy()`` of a device
-tensor, a device index into a CPU tensor. The arithmetic is the CPU's (CUDA's own rounding is not
-modelled), copies are synchronous (a non_blocking copy read before a synchronize is not caught), and
-autograd is off (moepress computes under no_grad).
+tensor, a device index into a CPU tensor. The arithmetic is the CPU's, except CUDA's division by a CPU scalar
+(a multiplication by the scalar's reciprocal, :func:`_div_by_cpu_scalar`); CUDA's other rounding (its
+reductions, matmuls, attention kernels) is not modelled. Copies are synchronous (a non_blocking copy read
+before a synchronize is not caught), and autograd is off (moepress computes under no_grad).
 
     import vcuda; vcuda.install()           # in the process that runs the stage
     vcuda.SYNCS                             # host syncs on device tensors, by call site
@@ -112,6 +113,10 @@ class VCuda(torch.Tensor):
             SYNCS[("item", _site())] += 1
         elif func is aten.nonzero.default:
             SYNCS[("nonzero", _site())] += 1
+        if func in DIVS and isinstance(args[0], VCuda) and _cpu_scalar(args[1]) and not kwargs:
+            out = _div_by_cpu_scalar(func, args[0], args[1])
+            if out is not None:
+                return out
         if func is aten.histc.default and not args[0].dtype.is_floating_point:  # CUDA has an integer histc
             return VCuda(func(_un(args[0]).float(), *args[1:], **kwargs).to(args[0].dtype))
         if func is aten._fused_sdp_choice.default:
@@ -142,6 +147,31 @@ def _refuse_mixed(func, args, flat) -> None:
     if bad:
         raise RuntimeError(f"device mismatch in {func}: Expected all tensors to be on the same device, "
                            f"but found at least two devices, cuda:0 and cpu! (cpu shape {tuple(bad[0].shape)})")
+
+
+DIVS = {aten.div.Tensor, aten.div_.Tensor, aten.div.Scalar, aten.div_.Scalar}
+
+
+def _cpu_scalar(b) -> bool:
+    return isinstance(b, (int, float)) or (type(b) is torch.Tensor and b.device.type == "cpu" and b.dim() == 0)
+
+
+def _div_by_cpu_scalar(func, a: VCuda, b):
+    """``a / b`` as CUDA computes it when ``b`` is a CPU scalar: a x (1 / b), the reciprocal and the product in
+    the op-math type (float32 for float32, float16, bfloat16), rounded to the result's dtype (PyTorch
+    aten/src/ATen/native/cuda/BinaryDivTrueKernel.cu, div_true_kernel_cuda: "if the second operand is a CPU
+    scalar, compute a * reciprocal(b)"). None for a non-floating result (integer division is exact)."""
+    common = torch.result_type(a.elem, b)
+    if not common.is_floating_point:
+        return None
+    opmath = torch.float64 if common == torch.float64 else torch.float32
+    bv = b.item() if isinstance(b, torch.Tensor) else b
+    inv = torch.tensor(1.0, dtype=opmath) / torch.tensor(bv, dtype=opmath)
+    out = (a.elem.to(opmath) * inv).to(common)
+    if func in (aten.div_.Tensor, aten.div_.Scalar):
+        a.elem.copy_(out)
+        return a
+    return VCuda(out)
 
 
 def _rewrap(ins, t):
