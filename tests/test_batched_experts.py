@@ -173,3 +173,5 @@ def test_the_accelerators_batched_ops_agree_with_one_by_one_on_the_cpu(act_order
     fast, slow = batched.awq_search(W1, xs1, act, GROUP, exact=False), batched.awq_search(W1, xs1, act, GROUP)
     assert [f[1] for f in fast] == [s[1] for s in slow]
     assert all(f[2] == pytest.approx(s[2], rel=1e-5) for f, s in zip(fast, slow, strict=True))
+    for f, s in zip(fast, slow, strict=True):  # the scale written (the loss does not see its normalisation)
+        torch.testing.assert_close(f[0], s[0], rtol=1e-5, atol=0)

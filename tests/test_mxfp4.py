@@ -109,3 +109,22 @@ def test_modelopt_layout_exporters_refuse_mxfp4(quantized, tmp_path):
     for fmt in ("hf-modelopt", "trtllm-ckpt", "onnx"):
         with pytest.raises(MoepressError, match="mxfp4|FP4"):
             export(quantized["tiny-qwen3-moe"], tmp_path / fmt, ExportConfig(format=fmt))
+
+
+def test_mxfp4_zero_and_tiny_blocks_are_compressed_tensors_bytes():
+    """An all-zero block, a subnormal block and one at the smallest subnormal: E8M0 byte 0 at the bottom of the
+    range (not 1), codes and scales as compressed-tensors writes them."""
+    w = torch.randn(4, 128, generator=torch.Generator().manual_seed(1))
+    w[0, :32] = 0.0
+    w[1, 32:64] *= 2.0 ** -130
+    w[2, 64:96] = 1e-45
+    q, s = fp4.mx_quantize(w)
+    ref = _ct_reference(w)
+    assert torch.equal(s, ref["weight_scale"]) and torch.equal(q, ref["weight_packed"]) and int(s[0, 0]) == 0
+
+
+def test_mxfp4_non_finite_blocks_get_the_nan_scale():
+    """A block holding Inf or NaN gets E8M0's NaN byte (255), which the quantize stage refuses; the largest
+    finite float does not."""
+    s = fp4.mx_scale_bytes(torch.tensor([float("inf"), float("nan"), 3.0e38, 1.0]))
+    assert s.tolist()[:2] == [255, 255] and s[2] < 255 and s[3] == 125

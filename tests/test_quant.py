@@ -12,7 +12,7 @@ from moepress import models
 from moepress.calib.data import calibration_batches, eval_batches
 from moepress.calib.metrics import perplexity
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
-from moepress.compress.quant import awq, int4, kv, w4a8
+from moepress.compress.quant import awq, fp8, int4, kv, w4a8
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint, read_quant_layout
 from moepress.compress.stream import StreamedModel
 from moepress.models import BUNDLED
@@ -455,3 +455,52 @@ def test_quantized_config_names_the_stored_dtype(tmp_path):
     quantize_checkpoint(src, tmp_path / "q", QuantConfig(format="fp8-dynamic"))
     conf = json.loads((tmp_path / "q" / "config.json").read_text())
     assert conf["torch_dtype"] == conf["dtype"] == "float32"
+
+
+# ---- numerics edges (mutation audit: each test failed on a planted bug that every other test let through) ----
+
+def test_fp8_per_token_group_fake_quant_is_per_1x128_block():
+    """fp8-block's activation emulation (check / forward): one scale per token and 128 input channels, as
+    DeepSeek's 1x128 activation blocks, not one per token."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 384, generator=g) * torch.tensor([1.0, 100.0, 0.01]).repeat_interleave(128)
+    want = torch.cat([fp8.fake_quant_per_token(x[:, k * 128:(k + 1) * 128]) for k in range(3)], dim=1)
+    assert torch.equal(fp8.fake_quant_per_token(x, 128), want)
+    assert not torch.equal(fp8.fake_quant_per_token(x), want)
+
+
+def test_fp8_scales_of_all_zero_tensors_are_finite():
+    """An all-zero weight, an input no token reached, a zero KV: positive finite scales (0 / 0 would write
+    NaN scales and make every output of the linear NaN)."""
+    z = torch.zeros(256, 256)
+    for q, s in (fp8.quantize_tensor(z), fp8.quantize_channel(z)):
+        assert torch.isfinite(s).all() and (s > 0).all() and torch.equal(fp8.dequantize(q, s), z)
+    q, s = fp8.quantize_block(z)
+    assert torch.isfinite(s).all() and (s > 0).all() and torch.equal(fp8.dequantize_block(q, s), z)
+    assert float(kv.kv_scale(torch.tensor(0.0))) > 0 and float(w4a8.input_scale(torch.zeros(8))) > 0
+    assert torch.isfinite(fp8.fake_quant_per_token(torch.zeros(4, 256), 128)).all()
+
+
+def test_fp8_partial_non_square_blocks_dequantize_by_their_block():
+    """Block scales of a (64, 128) layout on a 100 x 300 weight (neither a multiple): element (r, c) takes
+    the scale of block (r // 64, c // 128)."""
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(100, 300, generator=g) * 50).to(fp8.FP8_DTYPE)
+    s = torch.rand(2, 3, generator=g) + 0.5
+    want = q.float() * s[torch.arange(100) // 64][:, torch.arange(300) // 128]
+    assert torch.equal(fp8.dequantize_block(q, s, (64, 128)), want)
+
+
+def test_int4_rounding_ties_go_to_even_as_modelopt():
+    """w / scale exactly halfway between two integers (bf16 weights hit it): rounded half to even, as
+    Model-Optimizer's pack_int4_in_uint8 does."""
+    from modelopt.torch.export.quant_utils import pack_int4_in_uint8
+
+    w = torch.zeros(2, 16)
+    w[0, :8] = torch.tensor([7.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5])
+    w[1, :8] = torch.tensor([-7.0, 4.5, 5.5, 6.5, -3.5, -4.5, -5.5, -6.5])
+    s = int4.group_scales(w, 16)
+    assert torch.equal(s, torch.ones(2, 1))
+    q = int4.quantize_with_scales(w, s)
+    assert q[0, :8].tolist() == [7, 0, 2, 2, 0, -2, -2, 4]
+    assert torch.equal(int4.pack_int4(q), pack_int4_in_uint8(w, s, 16))

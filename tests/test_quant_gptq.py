@@ -44,7 +44,8 @@ def _transcribed_gptq(w, H, group, damp, order):
     H[dead, dead] = 1
     H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
     Hinv = torch.linalg.inv(H)
-    s = (w.float().abs().reshape(w.shape[0], -1, group).amax(-1) / 7).double().repeat_interleave(group, 1)
+    s = (w.float().abs().reshape(w.shape[0], -1, group).amax(-1) / 7).clamp(min=torch.finfo(torch.float32).tiny)
+    s = s.double().repeat_interleave(group, 1)  # a wholly zero group: the smallest normal, not 0 / 0
     Q = torch.zeros_like(W)
     for c in order.tolist():
         Q[:, c] = (W[:, c] / s[:, c]).round().clamp(-8, 7)
@@ -102,6 +103,21 @@ def test_gptq_equals_modelopt(group):
     # we run in float64, modelopt in float32: a rounding tie may flip and spread; none did here
     assert agree > 0.999, f"packed INT4 bytes agree {agree:.4%}"
     assert (q[:, 5] == 0).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_many_dead_columns_equals_transcribed(act_order):
+    """Half the weight's columns zero: their Hessian rows and columns are decoupled with a unit diagonal, which
+    sets mean(diag H) and so the damping (with one dead column, as above, no code moves)."""
+    xs = _inputs(n_batches=2, tokens=96, d=64, seed=3)
+    torch.manual_seed(4)
+    w = torch.randn(16, 64) * 0.05
+    w[:, 1::2] = 0
+    H, _ = _hessian(xs)
+    order = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(64)
+    q, _ = gptq.gptq_quantize(w, H, group_size=16, damp=0.01, act_order=act_order, block_size=8)
+    assert torch.equal(q, _transcribed_gptq(w, H, 16, 0.01, order))
 
 
 @torch.no_grad()

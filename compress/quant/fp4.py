@@ -85,11 +85,6 @@ def e8m0_decode(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(e == E8M0_NAN, torch.full_like(out, float("nan")), out)
 
 
-def e8m0_encode(exponent: torch.Tensor) -> torch.Tensor:
-    """Unbiased power-of-two exponents (integer-valued) -> E8M0 bytes, clamped to 2**-127..2**127."""
-    return (exponent.float().clamp(-E8M0_BIAS, E8M0_BIAS) + E8M0_BIAS).to(torch.uint8)
-
-
 MX_BLOCK = 32
 
 
@@ -123,5 +118,5 @@ def mx_dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
 
 
 __all__ = ["E2M1_MAX", "E2M1_VALUES", "E8M0_BIAS", "MX_BLOCK", "cast_e2m1", "e2m1_values", "e8m0_decode",
-           "e8m0_encode", "mx_dequantize", "mx_quantize", "mx_scale_bytes", "pack", "round_e2m1",
+           "mx_dequantize", "mx_quantize", "mx_scale_bytes", "pack", "round_e2m1",
            "unpack", "unpack_values"]
