@@ -134,17 +134,31 @@ def _source(reader: CheckpointReader, adapter) -> Source:
     return Source(Path(reader.path), reader, adapter, formats.read_layout(reader.path))
 
 
+def _decoder_linears(reader: CheckpointReader, adapter) -> list[str]:
+    """Every decoder linear but the routers, by prefix (``...experts.3.w1``)."""
+    routers = tuple(adapter.router_prefix(i) for i in range(adapter.num_layers))
+    return [n[: -len(".weight")] for i in range(adapter.num_layers) for n in reader.layer_names(i)
+            if n.endswith(".weight") and len(reader.info(n).shape) == 2 and not n.startswith(routers)]
+
+
 def _quant_algo(reader: CheckpointReader, adapter) -> tuple[str | None, str | None]:
-    probe = adapter.expert_prefix(adapter.moe_layers()[0], 0) + adapter.expert_names[0]
-    lin = read_linear(reader, probe, "--format trtllm-ckpt", WRITES)
+    """(quant_algo, kv_cache_quant_algo) from every decoder linear: all stored in float is bf16; a quantized
+    one decides (FP8 per tensor then needs all of them so; anything else is refused). One probe linear
+    decided before, so a checkpoint whose probe stayed bf16 (a --rule, or a width quantize skipped) was
+    written in bf16, its other linears dequantized."""
     kv = "FP8" if any(n.endswith((".k_scale", ".v_scale")) for n in reader.layer_names(0)) else None
-    if lin.scheme == "none":
+    quantized = [b for b in _decoder_linears(reader, adapter) if reader.info(b + ".weight").dtype not in FLOATS]
+    if not quantized:
         return None, kv
+    lin = read_linear(reader, quantized[0], "--format trtllm-ckpt", WRITES)
     if lin.scheme != "tensor":  # FP8 per tensor: TensorRT-LLM QuantAlgo FP8
         raise MoepressError(f"--format trtllm-ckpt: {reader.path} is quantized as {lin.stored_as}, which this exporter "
                             f"does not write: it writes {WRITES}; {elsewhere(_source(reader, adapter))}")
     _refuse_partly_fp8(reader, adapter)
     return "FP8", kv
+
+
+FLOATS = ("BF16", "F16", "F32")
 
 
 def _refuse_partly_fp8(reader: CheckpointReader, adapter) -> None:
@@ -155,10 +169,7 @@ def _refuse_partly_fp8(reader: CheckpointReader, adapter) -> None:
         scale = base + ".weight_scale"
         return reader.info(base + ".weight").dtype == "F8_E4M3" and scale in reader and reader.info(scale).nbytes <= 4
 
-    routers = tuple(adapter.router_prefix(i) for i in range(adapter.num_layers))
-    linears = [n[: -len(".weight")] for i in range(adapter.num_layers) for n in reader.layer_names(i)
-               if n.endswith(".weight") and len(reader.info(n).shape) == 2 and not n.startswith(routers)]
-    plain = [b for b in linears if not fp8_per_tensor(b)]
+    plain = [b for b in _decoder_linears(reader, adapter) if not fp8_per_tensor(b)]
     if plain:
         raise MoepressError(f"--format trtllm-ckpt: {reader.path} has {len(plain)} decoder linears not in FP8 per "
                             f"tensor ({pattern(plain)}); this exporter writes one quant_algo for every linear but "

@@ -301,16 +301,29 @@ def test_int4_input_is_refused(cli_run, tmp_path):
     assert "hf-modelopt" not in r.stderr
 
 
-@pytest.mark.parametrize("rule", ["self_attn.*=none", "block_sparse_moe.experts.1.*=none"])
+@pytest.mark.parametrize("rule", ["self_attn.*=none", "block_sparse_moe.experts.1.*=none",
+                                  "block_sparse_moe.experts.0.w1=none"])
 def test_fp8_checkpoint_with_linears_left_bf16_is_refused(tmp_path, cli_run, rule):
     """quant_algo FP8 with an attention left bf16 wrote every weight of its layer bf16 (no scales) under
-    that quant_algo; an expert left bf16 was a TypeError traceback."""
+    that quant_algo; an expert left bf16 was a TypeError traceback; with the one linear the exporter probed
+    (the first MoE layer's expert 0 w1) left bf16, a bf16 checkpoint was written, every FP8 linear dequantized."""
     q = tmp_path / "q"
     assert cli_run("quantize", "tiny-mixtral", "--format", "fp8", "--rule", rule, "--num-samples", "4",
                    "--seq-len", "64", "-o", q, "--quiet").exit_code == 0
     r = cli_run("export", q, "--format", "trtllm-ckpt", "-o", tmp_path / "t", "--quiet")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "decoder linears not in FP8 per tensor" in r.stderr and "--format hf-modelopt" in r.stderr
+    assert not (tmp_path / "t").exists()
+
+
+def test_int4_checkpoint_whose_probe_linear_stayed_bf16_is_refused(cli_run, tmp_path):
+    """INT4 experts with one w1 left bf16 (as quantize leaves a width it cannot group): refused as INT4, not
+    written as a bf16 checkpoint of dequantized weights (W4A8's FP8 activations lost)."""
+    q = tmp_path / "q"
+    assert cli_run("quantize", "tiny-mixtral", "--format", "int4-gptq", "--rule", "block_sparse_moe.experts.0.w1=none",
+                   "--num-samples", "4", "--seq-len", "32", "-o", q, "--quiet").exit_code == 0
+    r = cli_run("export", q, "--format", "trtllm-ckpt", "-o", tmp_path / "t", "--quiet")
+    assert r.exit_code == 2 and "is quantized as int4" in r.stderr, r.stderr
     assert not (tmp_path / "t").exists()
 
 
