@@ -32,6 +32,24 @@ def grid_ok(shape) -> bool:
     return all(d <= BLOCK[0] or d % BLOCK[0] == 0 for d in shape)
 
 
+def routed(name: str) -> bool:
+    """Whether a linear's name is a routed expert's (``mlp.experts.3.w1``; not ``shared_experts``)."""
+    return ".experts." in name
+
+
+def block_ok(shape, is_routed: bool) -> bool:
+    """Whether the runtimes compute a linear of this [out, in] shape, stored in 128x128 block FP8, as stored:
+    its input in whole 128-wide groups (activations are quantized per token in 1x128 groups: vLLM
+    ``fp8_utils.per_token_group_quant_fp8`` and SGLang assert ``x.shape[-1] % group_size == 0``), a routed
+    expert's output in whole blocks too (the fused MoE paths refuse other expert widths, at or under 128 as
+    well: SGLang 00563d36 ``layers/quantization/fp8.py`` Fp8MoEMethod "is not divisible by weight quantization
+    block_n", TensorRT-LLM a98a9061 ``_torch/modules/fused_moe/quantization.py``
+    DeepSeekFP8BlockScalesFusedMoEMethod asserts ``intermediate_size_per_partition % 128 == 0``), and a dense
+    output of at most one partial block (:func:`grid_ok`; DeepSeek-V3 ships ``kv_a_proj_with_mqa`` 576 x 7168)."""
+    out, inp = shape
+    return inp % BLOCK[1] == 0 and (out % BLOCK[0] == 0 if is_routed else grid_ok(shape))
+
+
 @dataclass
 class Source:
     path: Path
@@ -57,19 +75,19 @@ def open_source(src: Path) -> Source:
 
 
 def fp8_block_grids(s: Source) -> bool:
-    """Whether hf-fp8-block finds a linear to write in block FP8: one whose 128x128 grid every consumer reads
-    alike (:func:`grid_ok`); it refuses a checkpoint with none (e.g. hidden 200), keeping the rest bf16. A
+    """Whether hf-fp8-block finds a linear to write in block FP8: one every runtime computes as stored
+    (:func:`block_ok`); it refuses a checkpoint with none (e.g. hidden 200), keeping the rest bf16. A
     quantize output: its block-FP8 modules; else :func:`any_block_grid`."""
     if s.layout is None:
         return any_block_grid(s.path)
     names = [n for n, m in (s.layout.get("modules") or {}).items() if formats.FORMATS[m["format"]].scale == "block"]
-    return any(grid_ok(s.reader.info(n + ".weight").shape) for n in names)
+    return any(block_ok(s.reader.info(n + ".weight").shape, routed(n)) for n in names)
 
 
 def any_block_grid(model) -> bool:
-    """Whether some decoder linear of ``model`` (as its config builds it, stored quantized or not) has a
-    128x128 grid every consumer reads alike."""
-    return any(grid_ok((o, i)) for _, o, i, _ in model_shape(model).linears)
+    """Whether some decoder linear of ``model`` (as its config builds it, stored quantized or not) is one
+    every runtime computes as stored in 128x128 block FP8 (:func:`block_ok`)."""
+    return any(block_ok((o, i), k == "routed") for k, o, i, _ in model_shape(model).linears)
 
 
 def require_layout(s: Source, fmt: str, hint: str) -> dict:

@@ -18,10 +18,12 @@ transformers/quantizers/quantizer_finegrained_fp8.py: serialized names ``weight`
   transformers/quantizers/quantizers_utils.py: should_convert_module; ``mlp.gate`` never
   matches ``mlp.gate_proj``).
 
-Partial blocks: a linear with a dimension over 128 that is not a multiple of 128 (the tiny
-DeepSeek's 192-row ``q_b_proj``, experts of width 192) stays high precision and is listed in
-``modules_to_not_convert``, because transformers reads such a scale grid with the wrong block
-size (hf_common.grid_ok); the export's summary names them (``kept_high_precision``). A layer
+Partial blocks: a linear the runtimes would not compute as stored stays high precision and is listed
+in ``modules_to_not_convert`` (hf_common.block_ok): an input width that is not a multiple of 128
+(activations are quantized in 1x128 groups; the tiny DeepSeek's 64-wide expert down projections), a
+routed expert's width that is not (the fused MoE kernels need whole blocks, 64 and 96 included), or a
+dense output over 128 that is not (transformers reads such a scale grid with the wrong block size: the
+tiny DeepSeek's 192-row ``q_b_proj``); the export's summary names them (``kept_high_precision``). A layer
 whose routed experts all stay high precision is also listed as its fused experts module
 (``model.layers.N.block_sparse_moe.experts``): transformers' FP8 path and vLLM decide per fused
 module, and per-expert entries alone do not keep it dense (fused_moe.py).
@@ -45,13 +47,14 @@ from moepress.compress import formats
 from moepress.compress.quant import fp8
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
-from moepress.exporters.fused_moe import high_precision_layers
+from moepress.exporters.fused_moe import high_precision_layers, refuse_mixed
 from moepress.exporters.hf_common import (
     BLOCK,
     any_block_grid,
-    grid_ok,
+    block_ok,
     open_source,
     output_config,
+    routed,
     tensor_groups,
     unquantized_modules,
 )
@@ -80,13 +83,13 @@ def _rename_layer(r, names, writer, dtype, quantized: set[str], kept: list[str])
         base = n[: -len(".weight_scale")] if n.endswith(".weight_scale") else None
         q8 = base is not None and base + ".weight" in r and r.info(base + ".weight").dtype == "F8_E4M3"
         if n.endswith(".weight") and n[: -len(".weight")] + ".weight_scale" in r:
-            if grid_ok(r.info(n).shape):
+            if block_ok(r.info(n).shape, routed(n)):
                 writer.add(n, r.get(n))
-            else:  # ambiguous grid: high precision (the dequantized block-FP8 weight)
-                writer.add(n, r.weight(n, dtype))
+            else:  # not computed as stored: high precision (the dequantized block-FP8 weight)
+                writer.add(n, r.weight(n, FLOATS.get(r.info(n).dtype, dtype)))
                 kept.append(n[: -len(".weight")])
         elif q8:
-            if grid_ok(r.info(base + ".weight").shape):
+            if block_ok(r.info(base + ".weight").shape, routed(base)):
                 writer.add(base + ".weight_scale_inv", r.get(n).float())
                 quantized.add(base)
         else:
@@ -101,14 +104,18 @@ def _copy_layer(r, names, writer, quantized: set[str]) -> None:
             quantized.add(n[: -len(".weight_scale_inv")])
 
 
-def _quantize_layer(r, a, i: int, names, writer, quantized: set[str], kept: list[str]) -> None:
-    """A bf16 layer: every nn.Linear quantized to 128x128 blocks (calibration-free)."""
+FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _quantize_layer(r, a, i: int, names, writer, dtype, quantized: set[str], kept: list[str]) -> None:
+    """A bf16 layer: every nn.Linear quantized to 128x128 blocks (calibration-free), those the runtimes
+    would not compute so kept as stored (read as weights: an integer tensor is refused, not copied)."""
     prefix = a.layer_prefix(i)
     targets = {prefix + m + ".weight" for m in layer_linears(a, i)}
     for n in names:
-        if n in targets and not grid_ok(r.info(n).shape):
+        if n in targets and not block_ok(r.info(n).shape, routed(n)):
             kept.append(n[: -len(".weight")])
-            writer.add(n, r.get(n))
+            writer.add(n, r.weight(n, FLOATS.get(r.info(n).dtype, dtype)))
         elif n in targets:
             q, sc = fp8.quantize_block(r.weight(n, torch.float32))
             writer.add(n, q)
@@ -116,6 +123,12 @@ def _quantize_layer(r, a, i: int, names, writer, quantized: set[str], kept: list
             quantized.add(n[: -len(".weight")])
         else:
             writer.add(n, r.get(n))
+
+
+def _written_fp8(s) -> set[str]:
+    """The linears of a ``moepress quantize --format fp8-block`` output this export writes in block FP8."""
+    return {n for n, m in (s.layout.get("modules") or {}).items() if formats.FORMATS[m["format"]].scale == "block"
+            and block_ok(s.reader.info(n + ".weight").shape, routed(n))}
 
 
 def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
@@ -128,6 +141,9 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
                             f"{', '.join(sorted(s.formats)) or 'nothing (moepress_quant.json lists no module)'}; "
                             f"expected fp8-block or a bf16 checkpoint: {way}")
     mode = "rename" if s.layout is not None else "copy" if s.block_fp8 else "quantize"
+    if mode == "rename":  # a --rule that left some of a layer's experts bf16: transformers then fails at load
+        refuse_mixed(s, "hf-fp8-block", _written_fp8(s), "transformers' FP8 path, vLLM, SGLang and TensorRT-LLM "
+                     "fuse a layer's experts under one quantization")
     packed = packed_names(r)
     if packed:  # compressed-tensors INT / FP4 or gpt-oss MXFP4 modules: copied packed, consumers saw no weight
         raise MoepressError(f"--format hf-fp8-block: {src} stores {len(packed)} packed tensors (e.g. {packed[0]}); "
@@ -150,13 +166,13 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
             elif mode == "copy":
                 _copy_layer(r, names, writer, quantized)
             else:
-                _quantize_layer(r, a, i, names, writer, quantized, kept)
+                _quantize_layer(r, a, i, names, writer, dtype, quantized, kept)
             writer.end_shard()
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
     if not quantized:  # every linear's grid failed: a bf16 model under quant_method fp8
-        raise MoepressError(f"--format hf-fp8-block: no linear of {src} has a 128x128 block grid every consumer "
-                            f"reads alike (e.g. {kept[0] if kept else 'none'}); expected dimensions that are "
-                            f"multiples of 128 or at most 128: {FP8_THEN_CT}")
+        raise MoepressError(f"--format hf-fp8-block: no linear of {src} has a 128x128 block grid every runtime "
+                            f"computes as stored (e.g. {kept[0] if kept else 'none'}); expected input widths (and "
+                            f"routed experts' widths) that are multiples of 128: {FP8_THEN_CT}")
     not_converted = unquantized_modules(s, quantized)
     # a layer whose routed experts all stay high precision: named as the fused module too (fused_moe.py)
     not_converted = sorted(not_converted + high_precision_layers(s, set(not_converted)))
