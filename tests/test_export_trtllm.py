@@ -207,6 +207,7 @@ def test_foreign_fp8_scales_fuse_at_the_largest(exports, tmp_path):
 
     src = shutil.copytree(exports["fp8_src"], tmp_path / "foreign")
     a, x = "model.layers.0.self_attn.", "model.layers.0.block_sparse_moe.experts.0."
+    y = "model.layers.0.block_sparse_moe.experts.5."
     fp8 = torch.float8_e4m3fn
 
     def edit(t):
@@ -218,6 +219,9 @@ def test_foreign_fp8_scales_fuse_at_the_largest(exports, tmp_path):
                 hit = True
         if x + "w1.input_scale" in t:
             t[x + "w1.input_scale"] = t[x + "w1.input_scale"] * 3
+        if y + "w3.input_scale" in t:  # the largest, on an expert that is not the rank's first
+            t[y + "w3.input_scale"] = t[y + "w3.input_scale"] * 5
+            hit = True
         if a + "v_scale" in t:
             t[a + "v_scale"] = torch.maximum(t[a + "k_scale"], t[a + "v_scale"]) * 4
             hit = True
@@ -242,9 +246,49 @@ def test_foreign_fp8_scales_fuse_at_the_largest(exports, tmp_path):
         assert ((part * s_fc - want).abs() <= want.abs() * 2.0 ** -4 + float(s_fc) * 2.0 ** -9).all(), n
     assert float(r[t + "mlp.fc.activation_scaling_factor"]) == max(
         float(reader.get(f"model.layers.0.block_sparse_moe.experts.{e}.{n}.input_scale"))
-        for e in range(8) for n in ("w1", "w3")) == float(reader.get(x + "w1.input_scale"))
+        for e in range(8) for n in ("w1", "w3")) == float(reader.get(y + "w3.input_scale"))
     assert float(r[t + "attention.kv_cache_scaling_factor"]) == float(reader.get(a + "v_scale")) > float(
         reader.get(a + "k_scale"))
+
+
+def test_fp8_excludes_the_routers_and_only_them(exports):
+    """TensorRT-LLM's quantize_layers takes exclude_modules as given (fnmatch patterns; an explicit list replaces
+    its defaults '*lm_head', '*router', ...): the float32 routers must match one, the FP8 linears none."""
+    import fnmatch
+
+    cfg = json.loads((exports["fp8_tp2_ep2"] / "config.json").read_text())
+    ex = cfg["quantization"]["exclude_modules"]
+    assert any(fnmatch.fnmatchcase("lm_head", e) for e in ex)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"transformer.layers.{i}."
+        assert any(fnmatch.fnmatchcase(p + "mlp.router", e) for e in ex), ex
+        for m in ("attention.qkv", "attention.dense", "mlp.fc", "mlp.proj"):
+            assert not any(fnmatch.fnmatchcase(p + m, e) for e in ex), (m, ex)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_normalization_mode_follows_norm_topk_prob(tmp_path, norm):
+    """MoeConfig.ExpertScaleNormalizationMode: RENORMALIZE (1) only where the top-k weights are renormalised."""
+    from helpers import make_random_checkpoint
+    from moepress.exporters import ExportConfig, export
+
+    src = make_random_checkpoint("qwen3_moe", tmp_path / "m", norm_topk_prob=norm)
+    export(src, tmp_path / "o", ExportConfig(format="trtllm-ckpt"))
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["moe"]["normalization_mode"] == int(norm)
+
+
+def test_lm_head_rows_padded_to_a_multiple_of_tp(tmp_path):
+    """A vocabulary tp does not divide (255 over 2 ranks): each rank's lm_head has 128 rows, the first 255 are the
+    source's and the padding is zero (TensorRT-LLM _utils.pad_vocab_size)."""
+    from helpers import make_random_checkpoint
+    from moepress.exporters import ExportConfig, export
+
+    src = make_random_checkpoint("mixtral", tmp_path / "m", vocab_size=255)
+    export(src, tmp_path / "o", ExportConfig(format="trtllm-ckpt", tp=2, ep=1))
+    heads = [load_rank(tmp_path / "o", r)["lm_head.weight"] for r in (0, 1)]
+    assert [h.shape[0] for h in heads] == [128, 128]
+    full = torch.cat(heads)
+    assert torch.equal(full[:255], CheckpointReader(src).get("lm_head.weight").bfloat16()) and not full[255:].any()
 
 
 def test_fp8_scales_and_dequantized_weights(exports):
