@@ -222,6 +222,30 @@ def test_quant_config_equals_modelopts_for_each_algo(both, fmt, modelopt_fmt):
     assert flat["quant_algo"] == ref["quant_algo"] and flat["ignore"] == ref["exclude_modules"]
 
 
+@pytest.mark.parametrize("fmts", [("int4-awq", "fp8"), ("w4a8-awq", "fp8"), ("fp8", "nvfp4"), ("fp8",), ("nvfp4",)])
+def test_flat_quantization_config_equals_modelopts_conversion(fmts):
+    """config.json's quantization_config (the flat form vLLM and SGLang read) against Model-Optimizer 0.47's own
+    convert_hf_quant_config_format of the same hf_quant_config: quantized_layers, config groups (where modelopt
+    writes them: it writes none for one uniform INT4 algo, where ours are extra), ignore, algos, KV scheme."""
+    import warnings
+
+    from moepress.exporters.hf_modelopt import quant_configs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    names = ["model.layers.0.mlp.experts.0.w1", "model.layers.0.self_attn.q_proj"]
+    modules = {n: {"format": f, "group": 128 if "awq" in f else None}
+               for n, f in zip(names, (fmts * 2)[:2], strict=True)}
+    hf, flat = quant_configs({}, modules, ["lm_head"], True)
+    ref = convert_hf_quant_config_format(hf)
+    for k in ("quantized_layers", "ignore", "quant_algo", "kv_cache_scheme", "quant_method"):
+        assert flat.get(k) == ref.get(k), (k, flat.get(k), ref.get(k))
+    if "config_groups" in ref:
+        assert flat["config_groups"] == ref["config_groups"]
+
+
 def _trtllm_excluded(name: str, exclude: list[str]) -> bool:
     """TensorRT-LLM's QuantConfig.is_module_excluded_from_quantization (tensorrt_llm/models/
     modeling_utils.py): fnmatchcase of the module name, then of each parent, against exclude_modules."""
