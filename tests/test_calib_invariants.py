@@ -154,3 +154,35 @@ def test_perplexity_weights_every_predicted_token_equally():
     ids2 = torch.zeros(2, 3, dtype=torch.long)
     want = 2 ** (1 / 3) * (4 / 3) ** (2 / 3)  # exp((2 ln 2 + 4 ln 4/3) / 6)
     assert math.isclose(perplexity([lg1, lg2], [ids1, ids2]), want, rel_tol=1e-6)
+
+
+def test_another_seed_is_not_served_from_the_cache():
+    """The cache key holds the seed: a second --seed gets its own samples, not the first seed's cached ones."""
+    a = calibration_set(QWEN, num_samples=8, seq_len=32, seed=0)
+    b = calibration_set(QWEN, num_samples=8, seq_len=32, seed=1)
+    assert not b.cached and not torch.equal(a.input_ids, b.input_ids)
+    assert torch.equal(b.input_ids, calibration_set(QWEN, num_samples=8, seq_len=32, seed=1, cache=False).input_ids)
+
+
+def test_truncate_samples_depend_on_the_seed(tmp_path):
+    """mode=truncate takes documents in an order drawn with the seed (one window per document, no other draw)."""
+    docs = [TEXT[i * 400:(i + 1) * 400] for i in range(40)]
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    sets = [calibration_set(QWEN, (f"{p},mode=truncate",), num_samples=4, seq_len=16, seed=s, cache=False).input_ids
+            for s in (0, 1)]
+    assert not torch.equal(sets[0], sets[1])
+
+
+def test_sampled_check_data_follows_the_checks_seed(tmp_path):
+    """check --data FILE.jsonl --seed N samples its windows with N (the report said the seed; the draw ignored it)."""
+    from moepress.checks import CheckConfig
+    from moepress.checks.runner import eval_data
+
+    docs = [{"text": f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 30} for i in range(40)]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in docs))
+    ref = models.path("tiny-mixtral")
+    a, _ = eval_data(ref, CheckConfig(data=str(data), seq_len=32, max_samples=4, seed=0))
+    b, info = eval_data(ref, CheckConfig(data=str(data), seq_len=32, max_samples=4, seed=1))
+    assert info["windows"] == "sampled (seed 1)" and not torch.equal(torch.cat(a), torch.cat(b))

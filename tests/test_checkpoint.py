@@ -136,3 +136,39 @@ def test_manifest_lists_every_file_with_its_sha256(tmp_path):
     assert set(m["files"]) == files
     for name, d in m["files"].items():
         assert d["sha256"] == sha256_file(out / name) and d["size"] == (out / name).stat().st_size
+
+
+def test_index_total_size_is_the_tensors_bytes(tmp_path):
+    out = tmp_path / "ck"
+    with CheckpointWriter(out, max_shard_bytes=16) as w:
+        w.add("a", torch.ones(4))
+        w.add("b", torch.ones(3, dtype=torch.bfloat16))
+    assert json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"] == 22
+
+
+def test_a_tensor_whose_bytes_do_not_match_its_shape_is_refused_at_open(tmp_path):
+    import struct
+
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(MoepressError, match="holds 16 bytes"):
+        CheckpointReader(tmp_path)
+
+
+@pytest.mark.parametrize("nbytes,pooled", [(1 << 20, False), (8 << 20, False), (8 << 20, True)])
+def test_a_shard_truncated_after_open_is_an_error_not_garbage(tmp_path, nbytes, pooled):
+    """A short read (the file shrank under the reader) is refused; the buffer would hold uninitialised bytes."""
+    import os
+
+    from moepress.compress.checkpoint.buffers import BufferPool
+
+    out = tmp_path / "ck"
+    with CheckpointWriter(out) as w:
+        w.add("a", torch.arange(nbytes // 4, dtype=torch.float32))
+    (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    r = CheckpointReader(out)
+    shard = r.info("a").file
+    os.truncate(shard, os.path.getsize(shard) - 3 * 4096)
+    with pytest.raises(MoepressError, match="truncated"):
+        r.get("a", BufferPool(1 << 30) if pooled else None)

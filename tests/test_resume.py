@@ -221,3 +221,27 @@ def test_a_killed_run_leaves_no_run_json_and_the_next_run_finishes(cli_run, tmp_
     assert json.loads((out / "run.json").read_text())["stages"]["quantize"]["status"] == "ran"
     r = cli_run("run", rec, "-o", out, "--quiet")
     assert json.loads((out / "run.json").read_text())["stages"]["quantize"]["status"] == "skipped"
+
+
+def test_a_boundary_journaled_before_its_shard_is_not_a_boundary(tmp_path):
+    """The background writer journals layer ends that can name a shard still queued at a kill: a resume keeps
+    only boundaries whose shards are journaled (keeping the later one wrote a tensor twice)."""
+    out = tmp_path / "out"
+    w = CheckpointWriter(out, max_shard_bytes=16)
+    w.add("l0.a", torch.ones(4))
+    w.add("l0.b", torch.ones(2))
+    w.end_shard()
+    w.add("l1.a", torch.ones(4))  # shard 2, cut by size
+    w._lock.release()
+    del w
+    j = tmp_path / "out.partial" / JOURNAL
+    state = json.loads(j.read_text())
+    assert state["ends"][-1] == 2 and len(state["shards"]) == 3
+    state["ends"] = [*state["ends"], 4]  # shard 3 still in flight at the kill
+    j.write_text(json.dumps(state))
+    w = CheckpointWriter(out, resume=True, max_shard_bytes=16)
+    assert w.written_names == {"l0.a", "l0.b"}
+    w.add("l1.a", torch.ones(4))
+    w.add("l1.b", torch.ones(2))
+    w.commit()
+    assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == 4

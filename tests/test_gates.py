@@ -1,0 +1,57 @@
+"""The accuracy gates' directions and defaults, the layer metric the gate reads, and what publish vouches
+for, each against a table written here (not the GATES table both the check and publish read)."""
+
+from __future__ import annotations
+
+import torch
+
+from moepress.checks.config import GATES, CheckConfig, evaluate_gates
+from moepress.checks.verify import recompute_gates, verify_section
+
+MIN_GATES = {"top1_agreement", "min_layer_cosine", "min_routing_overlap"}  # pass at or above the threshold
+MAX_GATES = {"ppl_increase", "kl_mean", "kl_p99", "max_layer_rel_error", "max_expert_error"}  # at or below
+
+
+def test_each_gate_fails_on_the_wrong_side_of_its_threshold():
+    assert {g.metric for g in GATES} == MIN_GATES | MAX_GATES
+    cfg = CheckConfig(**{g.field: 0.5 for g in GATES})
+    for v in (0.4, 0.6, 0.49999, 0.50001):
+        gates = evaluate_gates(cfg, {g.metric: v for g in GATES})
+        for g in gates:
+            assert g["passed"] is ((v > 0.5) if g["metric"] in MIN_GATES else (v < 0.5)), (g, v)
+        applied, problems = recompute_gates({"metrics": {g.metric: v for g in GATES}, "gates": gates})
+        assert problems == [] and all(ok is ((v > 0.5) if m in MIN_GATES else (v < 0.5)) for m, ok in applied)
+
+
+def test_default_gates_are_the_documented_ones():
+    """README "Accuracy gates for CI" and CheckConfig's docstring."""
+    c = CheckConfig()
+    assert (c.max_ppl_increase, c.min_top1, c.max_kl, c.max_kl_p99, c.min_cosine, c.max_layer_error,
+            c.min_routing_overlap, c.max_expert_error) == (0.02, 0.85, 0.05, None, None, 1.0, 0.95, 0.5)
+
+
+def test_max_layer_rel_error_is_the_worst_layers():
+    """The worst layer's error, not the last's (on real models the error grows, so the two agree there)."""
+    from moepress.calib.metrics import LayerStats
+    from moepress.checks.runner import _layer_metrics
+
+    ref = torch.ones(1, 4, 8)
+    layers = [LayerStats(), LayerStats()]
+    layers[0].add(ref, ref * 3)  # relative error 2
+    layers[1].add(ref, ref * 1.1)  # 0.1
+    metrics = {}
+    _layer_metrics(layers, None, {}, metrics)
+    assert abs(metrics["max_layer_rel_error"] - 2.0) < 1e-12 and abs(metrics["final_layer_rel_error"] - 0.1) < 1e-6
+
+
+def test_a_file_added_after_the_check_is_not_vouched_for(tmp_path, monkeypatch):
+    """A weight file the check did not cover (listed in the manifest, absent from the sealed section) is named;
+    a README is not a weight and passes."""
+    monkeypatch.setenv("MOEPRESS_KEY_FILE", str(tmp_path / "no-key"))
+    d = {"sha256": "0" * 64, "size": 1}
+    acc = {"passed": True, "failed": [], "metrics": {"kl_mean": 0.0},
+           "gates": [{"metric": "kl_mean", "value": 0.0, "op": "<=", "threshold": 0.05, "passed": True}],
+           "files": {"model.safetensors": d}}
+    v = verify_section(acc, {"model.safetensors": d, "extra.safetensors": d, "README.md": d}, tmp_path)
+    assert [p for p in v.problems if "extra.safetensors" in p and "not covered by the accuracy check" in p]
+    assert not [p for p in v.problems if "README.md" in p] and v.passed is True
