@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from helpers import make_random_checkpoint
 from moepress import models
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
@@ -57,6 +58,19 @@ def expected_layout(cfg: dict, tp: int, ep: int) -> dict[str, tuple[tuple[int, .
     return out
 
 
+def _bf16_copy(src: Path, dst: Path) -> Path:
+    """``src`` with its float tensors in bf16 (the exporter writes bf16: equal bits to compare)."""
+    from moepress.compress.checkpoint import CheckpointWriter
+
+    r = CheckpointReader(src)
+    with CheckpointWriter(dst) as w:
+        for n in r.names():
+            t = r.get(n)
+            w.add(n, t.bfloat16() if t.is_floating_point() else t)
+        w.write_json("config.json", r.config)
+    return dst
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     from moepress.exporters import ExportConfig, export
@@ -67,6 +81,11 @@ def exports(tmp_path_factory):
                              ("qwen_tp2_ep1", QWEN, 2, 1)):
         export(src, root / key, ExportConfig(format="trtllm-ckpt", tp=tp, ep=ep))
         outs[key] = root / key
+    # tp 4 with ep 2 (moe_tp 2): the one mapping where a rank's moe_tp and moe_ep indices differ in order
+    # (mapping.py: moe_tp_rank = tp_rank // moe_ep_size); the bundled models have 2 KV heads, so a random one
+    rand = _bf16_copy(make_random_checkpoint("mixtral", root / "rand", num_key_value_heads=4), root / "rand16")
+    export(rand, root / "mixtral_tp4_ep2", ExportConfig(format="trtllm-ckpt", tp=4, ep=2))
+    outs["mixtral_tp4_ep2"], outs["rand_src"] = root / "mixtral_tp4_ep2", rand
     q = root / "mixtral-fp8"
     quantize_checkpoint(MIXTRAL, q, QuantConfig(format="fp8", kv_cache="fp8", num_samples=4, seq_len=64))
     export(q, root / "fp8_tp2_ep2", ExportConfig(format="trtllm-ckpt", tp=2, ep=2))
@@ -106,13 +125,14 @@ def test_config_and_layout(exports, key, src, tp, ep, arch):
 
 
 @pytest.mark.parametrize("key,src,tp,ep", [("qwen_tp1", QWEN, 1, 1), ("mixtral_tp2_ep2", MIXTRAL, 2, 2),
-                                           ("qwen_tp2_ep1", QWEN, 2, 1)])
+                                           ("qwen_tp2_ep1", QWEN, 2, 1), ("mixtral_tp4_ep2", None, 4, 2)])
 def test_shards_reassemble_bf16_exactly(exports, key, src, tp, ep):
     """Undo the documented split (fc = [w3; w1], experts by ep, heads by tp) and compare bit for bit."""
-    reader = CheckpointReader(src)
+    reader = CheckpointReader(src or exports["rand_src"])
     hf = reader.config
     ranks = [load_rank(exports[key], r) for r in range(tp)]
-    nh, nkv, hd = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+    nh, nkv = hf["num_attention_heads"], hf["num_key_value_heads"]
+    hd = hf.get("head_dim") or hf["hidden_size"] // nh
     E = hf.get("num_local_experts") or hf.get("num_experts")
     mixtral = hf["model_type"] == "mixtral"
     ffn, (g, u, d) = (("block_sparse_moe", ("w1", "w3", "w2")) if mixtral
