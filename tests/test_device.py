@@ -225,7 +225,7 @@ def test_stream_keeps_every_tensor_on_its_device(name):
     from moepress.compress.stream import StreamedModel
 
     sm = StreamedModel(str(models.path(name)), device="meta")
-    with pytest.raises(NotImplementedError, match="_unique2.*Meta"):
+    with pytest.raises(NotImplementedError, match="bincount.*Meta"):  # compress/moe.py expert_rows
         sm.forward([torch.randint(0, 100, (1, 8))])
     assert [w for w, *_ in sm.uploader.timings].count("upload") >= 2  # the embedding, then layer 0 ahead
 
