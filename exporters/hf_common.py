@@ -45,7 +45,7 @@ def block_ok(shape, is_routed: bool) -> bool:
     well: SGLang 00563d36 ``layers/quantization/fp8.py`` Fp8MoEMethod "is not divisible by weight quantization
     block_n", TensorRT-LLM a98a9061 ``_torch/modules/fused_moe/quantization.py``
     DeepSeekFP8BlockScalesFusedMoEMethod asserts ``intermediate_size_per_partition % 128 == 0``), and a dense
-    output of at most one partial block (:func:`grid_ok`; DeepSeek-V3 ships ``kv_a_proj_with_mqa`` 576 x 7168)."""
+    output of at most 128 rows or whole blocks (:func:`grid_ok`: transformers' reading of the scale grid)."""
     out, inp = shape
     return inp % BLOCK[1] == 0 and (out % BLOCK[0] == 0 if is_routed else grid_ok(shape))
 
