@@ -12,9 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from moepress.compress import formats
 from moepress.compress.arch import get_adapter
-from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
 from moepress.errors import MoepressError
 from moepress.exporters.shape import model_shape
 
@@ -32,9 +34,8 @@ def grid_ok(shape) -> bool:
     return all(d <= BLOCK[0] or d % BLOCK[0] == 0 for d in shape)
 
 
-def routed(name: str) -> bool:
-    """Whether a linear's name is a routed expert's (``mlp.experts.3.w1``; not ``shared_experts``)."""
-    return ".experts." in name
+# safetensors codes of the high-precision float dtypes -> torch dtype (a linear kept unquantized is read as one)
+FLOAT_DTYPES = {code: t for t, code in DTYPE_NAMES.items() if t in (torch.bfloat16, torch.float16, torch.float32)}
 
 
 def block_ok(shape, is_routed: bool) -> bool:
@@ -81,7 +82,7 @@ def fp8_block_grids(s: Source) -> bool:
     if s.layout is None:
         return any_block_grid(s.path)
     names = [n for n, m in (s.layout.get("modules") or {}).items() if formats.FORMATS[m["format"]].scale == "block"]
-    return any(block_ok(s.reader.info(n + ".weight").shape, routed(n)) for n in names)
+    return any(block_ok(s.reader.info(n + ".weight").shape, s.adapter.expert_index(n) is not None) for n in names)
 
 
 def any_block_grid(model) -> bool:

@@ -50,11 +50,11 @@ from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import high_precision_layers, refuse_mixed
 from moepress.exporters.hf_common import (
     BLOCK,
+    FLOAT_DTYPES,
     any_block_grid,
     block_ok,
     open_source,
     output_config,
-    routed,
     tensor_groups,
     unquantized_modules,
 )
@@ -77,19 +77,19 @@ def layer_linears(adapter, i: int) -> list[str]:
     return [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
 
 
-def _rename_layer(r, names, writer, dtype, quantized: set[str], kept: list[str]) -> None:
+def _rename_layer(r, a, names, writer, dtype, quantized: set[str], kept: list[str]) -> None:
     """A ``moepress quantize --format fp8-block`` layer: ``weight_scale`` written as ``weight_scale_inv``."""
     for n in names:
         base = n[: -len(".weight_scale")] if n.endswith(".weight_scale") else None
         q8 = base is not None and base + ".weight" in r and r.info(base + ".weight").dtype == "F8_E4M3"
         if n.endswith(".weight") and n[: -len(".weight")] + ".weight_scale" in r:
-            if block_ok(r.info(n).shape, routed(n)):
+            if block_ok(r.info(n).shape, a.expert_index(n) is not None):
                 writer.add(n, r.get(n))
             else:  # not computed as stored: high precision (the dequantized block-FP8 weight)
-                writer.add(n, r.weight(n, FLOATS.get(r.info(n).dtype, dtype)))
+                writer.add(n, r.weight(n, dtype))
                 kept.append(n[: -len(".weight")])
         elif q8:
-            if block_ok(r.info(base + ".weight").shape, routed(base)):
+            if block_ok(r.info(base + ".weight").shape, a.expert_index(base) is not None):
                 writer.add(base + ".weight_scale_inv", r.get(n).float())
                 quantized.add(base)
         else:
@@ -104,18 +104,15 @@ def _copy_layer(r, names, writer, quantized: set[str]) -> None:
             quantized.add(n[: -len(".weight_scale_inv")])
 
 
-FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-
 def _quantize_layer(r, a, i: int, names, writer, dtype, quantized: set[str], kept: list[str]) -> None:
     """A bf16 layer: every nn.Linear quantized to 128x128 blocks (calibration-free), those the runtimes
     would not compute so kept as stored (read as weights: an integer tensor is refused, not copied)."""
     prefix = a.layer_prefix(i)
     targets = {prefix + m + ".weight" for m in layer_linears(a, i)}
     for n in names:
-        if n in targets and not block_ok(r.info(n).shape, routed(n)):
+        if n in targets and not block_ok(r.info(n).shape, a.expert_index(n) is not None):
             kept.append(n[: -len(".weight")])
-            writer.add(n, r.weight(n, FLOATS.get(r.info(n).dtype, dtype)))
+            writer.add(n, r.weight(n, FLOAT_DTYPES.get(r.info(n).dtype, dtype)))
         elif n in targets:
             q, sc = fp8.quantize_block(r.weight(n, torch.float32))
             writer.add(n, q)
@@ -128,7 +125,7 @@ def _quantize_layer(r, a, i: int, names, writer, dtype, quantized: set[str], kep
 def _written_fp8(s) -> set[str]:
     """The linears of a ``moepress quantize --format fp8-block`` output this export writes in block FP8."""
     return {n for n, m in (s.layout.get("modules") or {}).items() if formats.FORMATS[m["format"]].scale == "block"
-            and block_ok(s.reader.info(n + ".weight").shape, routed(n))}
+            and block_ok(s.reader.info(n + ".weight").shape, s.adapter.expert_index(n) is not None)}
 
 
 def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
@@ -162,7 +159,7 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
             if kind != "layer":  # embeddings, norm, head, and layers past the trunk (DeepSeek's MTP)
                 _copy_layer(r, names, writer, quantized)
             elif mode == "rename":
-                _rename_layer(r, names, writer, dtype, quantized, kept)
+                _rename_layer(r, a, names, writer, dtype, quantized, kept)
             elif mode == "copy":
                 _copy_layer(r, names, writer, quantized)
             else:

@@ -62,7 +62,7 @@ from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import pattern
-from moepress.exporters.hf_common import Source, open_source
+from moepress.exporters.hf_common import FLOAT_DTYPES, Source, open_source
 from moepress.exporters.hints import HF_MODELOPT, elsewhere
 from moepress.exporters.linears import Linear, read_linear
 
@@ -147,7 +147,7 @@ def _quant_algo(reader: CheckpointReader, adapter) -> tuple[str | None, str | No
     decided before, so a checkpoint whose probe stayed bf16 (a --rule, or a width quantize skipped) was
     written in bf16, its other linears dequantized."""
     kv = "FP8" if any(n.endswith((".k_scale", ".v_scale")) for n in reader.layer_names(0)) else None
-    quantized = [b for b in _decoder_linears(reader, adapter) if reader.info(b + ".weight").dtype not in FLOATS]
+    quantized = [b for b in _decoder_linears(reader, adapter) if reader.info(b + ".weight").dtype not in FLOAT_DTYPES]
     if not quantized:
         return None, kv
     lin = read_linear(reader, quantized[0], "--format trtllm-ckpt", WRITES)
@@ -156,9 +156,6 @@ def _quant_algo(reader: CheckpointReader, adapter) -> tuple[str | None, str | No
                             f"does not write: it writes {WRITES}; {elsewhere(_source(reader, adapter))}")
     _refuse_partly_fp8(reader, adapter)
     return "FP8", kv
-
-
-FLOATS = ("BF16", "F16", "F32")
 
 
 def _refuse_partly_fp8(reader: CheckpointReader, adapter) -> None:
