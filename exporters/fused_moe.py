@@ -82,9 +82,10 @@ def _reason(s: Source, names: list[str]) -> str:
     return "; ".join(reasons)
 
 
-def _hint(s: Source, names: list[str]) -> str:
+def _hint(s: Source, names: list[str], other_formats: bool = True) -> str:
     """What to run instead: for INT4, a --group-size that divides the in_features the quantize stage could
-    not group; quantizing the linears a --rule left out; or an FP8 format, which takes any width."""
+    not group; quantizing the linears a --rule left out; or (``other_formats``: an export that writes
+    them) an FP8 format, which takes any width."""
     layout = s.layout or {}
     skipped = {d["module"] for d in layout.get("skipped", [])}
     # one group for every projection of the experts (else they are quantized two ways: refuse_unlike)
@@ -95,20 +96,21 @@ def _hint(s: Source, names: list[str]) -> str:
         return (f"quantize with --group-size {max(fits)} (divides {', '.join(map(str, widths))}), or with an FP8 "
                 "format (--format fp8 or fp8-dynamic)")
     if any(n not in skipped for n in names):
-        return ("quantize every expert projection (no --rule leaving some unquantized), or with an FP8 format "
-                "(--format fp8 or fp8-dynamic)")
+        every = "quantize every expert projection (no --rule leaving some unquantized)"
+        return every + ", or with an FP8 format (--format fp8 or fp8-dynamic)" if other_formats else every
     return "quantize with --format fp8 or fp8-dynamic"
 
 
-def refuse_mixed(s: Source, flag: str, quantized: set[str], why: str) -> None:
+def refuse_mixed(s: Source, flag: str, quantized: set[str], why: str, other_formats: bool = True) -> None:
     """Refuse a layer whose routed experts are partly quantized: no fused-MoE runtime can hold it.
-    ``why``: what this export's consumers would do with it, for the message."""
+    ``why``: what this export's consumers would do with it, for the message; ``other_formats``: whether
+    the hint may offer per-tensor / per-token FP8 (formats this export writes)."""
     mixed = [n for names in routed_linears(s).values() if any(n in quantized for n in names)
              for n in names if n not in quantized]
     if mixed:
         raise MoepressError(
             f"--format {flag}: {len(mixed)} routed-expert linears stay unquantized beside quantized projections of "
-            f"the same experts ({pattern(mixed)}: {_reason(s, mixed)}); {why}: {_hint(s, mixed)}")
+            f"the same experts ({pattern(mixed)}: {_reason(s, mixed)}); {why}: {_hint(s, mixed, other_formats)}")
 
 
 def refuse_unlike(s: Source, flag: str, modules: dict[str, dict], why: str) -> None:

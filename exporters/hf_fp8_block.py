@@ -140,7 +140,7 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
     mode = "rename" if s.layout is not None else "copy" if s.block_fp8 else "quantize"
     if mode == "rename":  # a --rule that left some of a layer's experts bf16: transformers then fails at load
         refuse_mixed(s, "hf-fp8-block", _written_fp8(s), "transformers' FP8 path, vLLM, SGLang and TensorRT-LLM "
-                     "fuse a layer's experts under one quantization")
+                     "fuse a layer's experts under one quantization", other_formats=False)  # it writes block FP8 only
     packed = packed_names(r)
     if packed:  # compressed-tensors INT / FP4 or gpt-oss MXFP4 modules: copied packed, consumers saw no weight
         raise MoepressError(f"--format hf-fp8-block: {src} stores {len(packed)} packed tensors (e.g. {packed[0]}); "
