@@ -1,6 +1,7 @@
 """``reroute``: greedy backward elimination on the hidden state after the MoE block, with re-routing.
 
-``ExpertOutputs`` caches f_e(x_t) for the (token, expert) pairs the search touches;
+``ExpertOutputs`` caches f_e(x_t) for the (token, expert) pairs the search touches, ``PairProducts``
+their inner products per token, from which the error of any routing is computed;
 ``RerouteSearch`` drops one expert at a time, re-evaluating only the tokens a drop can affect.
 """
 
@@ -71,6 +72,89 @@ def rms_normalize(v: torch.Tensor) -> torch.Tensor:
     return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-12)
 
 
+class PairProducts:
+    """Per token t, the float64 inner products of its cached expert outputs f_e(x_t) with each
+    other (``gram``), with the search's target (``p``: ``ref``) and with the rest of the post-block
+    state (``q``: ``base``), so that the error of any routing of t among its cached experts is a
+    few k x k sums instead of k gathered hidden-size rows (``RerouteSearch._err``).
+
+    Each token's experts get local indices 0.. in the order they are first needed (``loc``,
+    ``lslot``: the row of ``ExpertOutputs`` each one is cached at). Products are computed from the
+    cached rows when a pair is first needed: a token's whole table at once where most of it is new
+    (the search's first candidates), else only the new pairs' rows and columns."""
+
+    def __init__(self, out: ExpertOutputs, ref: torch.Tensor, base: torch.Tensor | None, chunk_bytes: int):
+        self.out, self.ref, self.base, self.chunk_bytes = out, ref, base, chunk_bytes
+        t, e = out.slot.shape
+        self.loc = torch.full((t, e), -1, dtype=torch.long)
+        self.cnt = torch.zeros(t, dtype=torch.long)
+        self._grow(0)
+
+    def _grow(self, c: int) -> None:
+        """Room for c experts per token (the products computed so far kept)."""
+        t = self.cnt.numel()
+        old = (self.lslot, self.p, self.q, self.gram) if hasattr(self, "lslot") else None
+        self.lslot = torch.full((t, c), -1, dtype=torch.long)
+        self.p, self.q = torch.zeros(t, c, dtype=torch.float64), torch.zeros(t, c, dtype=torch.float64)
+        self.gram = torch.zeros(t, c, c, dtype=torch.float64)
+        if old is not None:
+            m = old[0].shape[1]
+            self.lslot[:, :m], self.p[:, :m], self.q[:, :m], self.gram[:, :m, :m] = old
+
+    @torch.no_grad()
+    def ensure(self, t: torch.Tensor, e: torch.Tensor) -> None:
+        """The products of every pair (t[i], e[i]) available (flat [m] token and expert ids)."""
+        miss = self.loc[t, e] < 0
+        E = self.loc.shape[1]
+        key = torch.unique(t[miss] * E + e[miss])  # sorted: grouped by token
+        if key.numel() == 0:
+            return
+        tt, ee = key // E, key % E
+        self.out.fill(tt, ee)
+        toks, counts = torch.unique_consecutive(tt, return_counts=True)
+        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        new = self.cnt[tt] + torch.arange(key.numel()) - first
+        c = int(new.max()) + 1  # one sync
+        if c > self.lslot.shape[1]:
+            self._grow(max(c, 2 * self.lslot.shape[1]))
+        self.loc[tt, ee] = new
+        self.lslot[tt, new] = self.out.slot[tt, ee]
+        self.cnt[toks] += counts
+        if 2 * key.numel() < toks.numel() * (c + 1):  # a few new experts a token: their products only
+            self._pair_products(tt, new, c)
+        else:
+            self._products(toks, c)
+
+    def _rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """The cached outputs at ``slots`` (any shape; -1: zeros) in float64, [*slots.shape, hidden]."""
+        f = self.out.gather(slots.clamp(min=0).reshape(-1)).view(*slots.shape, -1).double()
+        return f.mul_((slots >= 0)[..., None])
+
+    def _products(self, toks: torch.Tensor, c: int) -> None:
+        """gram, p and q of these tokens (at most c experts each), recomputed from the cached outputs."""
+        n = max(1, self.chunk_bytes // (8 * c * self.ref.shape[1]))
+        for s in range(0, toks.numel(), n):
+            u = toks[s: s + n]
+            f = self._rows(self.lslot[u, :c])
+            self.gram[u, :c, :c] = f @ f.transpose(1, 2)
+            self.p[u, :c] = (f @ self.ref[u].double()[..., None])[..., 0]
+            if self.base is not None:
+                self.q[u, :c] = (f @ self.base[u].double()[..., None])[..., 0]
+
+    def _pair_products(self, tt: torch.Tensor, new: torch.Tensor, c: int) -> None:
+        """The products of the new pairs (token tt[i], local new[i]) with their token's first c experts."""
+        n = max(1, self.chunk_bytes // (8 * (c + 1) * self.ref.shape[1]))
+        for s in range(0, tt.numel(), n):
+            t, a = tt[s: s + n], new[s: s + n]
+            f, g = self._rows(self.lslot[t, a]), self._rows(self.lslot[t, :c])
+            d = (g @ f[..., None])[..., 0]  # [m, c]
+            self.gram[t, a, :c] = d
+            self.gram[t, :c, a] = d  # column a of row b (b new as well: the same value, written twice)
+            self.p[t, a] = (f * self.ref[t].double()).sum(-1)
+            if self.base is not None:
+                self.q[t, a] = (f * self.base[t].double()).sum(-1)
+
+
 class RerouteSearch:
     """Greedy backward elimination: drop, one at a time, the expert whose removal increases
     sum_t ||n(b_t + y_t) - n(b_t + y'_t)||^2 the least, where y is the layer's original
@@ -91,11 +175,11 @@ class RerouteSearch:
     checks it against that brute force), at a fraction of the cost.
     """
 
-    # rows evaluated at once (rows x top_k x hidden floats of expert outputs); the expert outputs a
-    # chunk needs are computed together (the same batches through each expert, so the same numbers,
-    # whatever ``STEP_LAYER_SHARE``), then its error is computed ``step`` rows at a time (temporaries
-    # of about (top_k + 6) x hidden floats a row): a 32nd of the layer's experts, 1-128 MB, so that
-    # the search stays small beside the layer whatever the layer's size
+    # routings and errors are computed ``chunk`` rows at a time (CHUNK_BYTES of temporaries); the
+    # expert outputs that a step's rows lack are computed together, each expert called once (each
+    # call casts its stored weights); the pair products are computed from temporaries of at most
+    # ``work`` bytes: a 32nd of the layer's experts, 1-128 MB, so that the search stays small
+    # beside the layer whatever the layer's size
     CHUNK_BYTES = 128 * 2**20
     STEP_LAYER_SHARE = 32
 
@@ -106,13 +190,15 @@ class RerouteSearch:
         self.bias = ev.moe.gate.e_score_correction_bias
         self.E = budget.num_experts
         self.T = x.shape[0]
-        self.chunk = max(64, self.CHUNK_BYTES // (4 * budget.top_k * x.shape[1]))
+        # bytes a row: its kept set, routing temporaries ([E] floats) and k x k float64 products
+        self.chunk = max(64, self.CHUNK_BYTES // (16 * self.E + 32 * budget.top_k ** 2))
         experts = sum(p.numel() * p.element_size() for p in ev.moe.experts.parameters())
-        step = min(self.CHUNK_BYTES, max(2**20, experts // self.STEP_LAYER_SHARE))
-        self.step = max(64, step // (4 * budget.top_k * x.shape[1]))
+        work = min(self.CHUNK_BYTES, max(2**20, experts // self.STEP_LAYER_SHARE))
         self.out = ExpertOutputs(x, ev.moe)
-        self._prefill(idx0)
+        cand = self._prefill(idx0)
         self._reference(idx0, w0)
+        self.prod = PairProducts(self.out, self.y0 if self.ref is None else self.ref, self.base, work)
+        self.prod.ensure(torch.arange(self.T)[:, None].expand_as(cand).reshape(-1), cand.reshape(-1))
         self.keep = torch.ones(self.E, dtype=torch.bool)
         self.droppable = torch.ones(self.E, dtype=torch.bool)
         self.droppable[list(budget.protected_in(ev.layer))] = False
@@ -127,14 +213,15 @@ class RerouteSearch:
         self.used = torch.zeros(self.T, self.E, dtype=torch.bool)
         self._evaluate(everyone)
 
-    def _prefill(self, idx0: torch.Tensor) -> None:
-        """Each token's routed experts and its next candidates by router preference: a renormalised
-        top-k that loses up to m experts re-routes within these."""
+    def _prefill(self, idx0: torch.Tensor) -> torch.Tensor:
+        """Each token's routed experts and its next candidates by router preference (a renormalised
+        top-k that loses up to m experts re-routes within these), computed; returns them [T, n]."""
         budget = self.budget
         m = min(budget.top_k, self.E - budget.keep)
         pref = self.logits if self.r["scoring"] == "softmax" else self.logits.sigmoid() + self.bias.float()
         cand = torch.cat([idx0, pref.topk(budget.top_k + m, dim=-1)[1]], 1)
         self.out.fill(torch.arange(self.T)[:, None].expand_as(cand).reshape(-1), cand.reshape(-1))
+        return cand
 
     def _reference(self, idx0: torch.Tensor, w0: torch.Tensor) -> None:
         """y0, the original routed output; b = residual + block output - y0, so that b + y0 is the
@@ -146,23 +233,36 @@ class RerouteSearch:
             self.ref = rms_normalize(self.base + self.y0)
         else:
             self.base = self.ref = None
-        ref = self.y0 if self.ref is None else self.ref
-        self.ref_sq = float((ref.double() ** 2).sum())
+        ref = (self.y0 if self.ref is None else self.ref).double()
+        self.rr = (ref * ref).sum(-1)
+        self.ref_sq = float(self.rr.sum())
+        if self.base is not None:
+            base = self.base.double()
+            self.rb, self.bb = (ref * base).sum(-1), (base * base).sum(-1)
 
     def _err(self, rows, idx, w) -> torch.Tensor:
+        """Each row's error under routing (idx, w) [n, k], from the pair products: with v = b + sum_j w_j f_j
+        and s = 1 / rms(v), ||ref - s v||^2 = ||ref||^2 - 2 s <ref, v> + s^2 ||v||^2 (float64: the terms
+        are of the size of the hidden width, their difference can be far smaller); without a residual,
+        ||y0 - y||^2 = ||y0||^2 - 2 <y0, y> + ||y||^2."""
         out = torch.empty(rows.numel(), dtype=torch.float64)
+        pr = self.prod
+        pr.ensure(rows[:, None].expand_as(idx).reshape(-1), idx.reshape(-1))  # each expert called once
         for s in range(0, rows.numel(), self.chunk):
             c = slice(s, s + self.chunk)
-            self.out.fill(rows[c, None].expand_as(idx[c]).reshape(-1), idx[c].reshape(-1))
-            for u in range(s, min(s + self.chunk, rows.numel()), self.step):
-                sl = slice(u, min(u + self.step, s + self.chunk))
-                y = self.out.combine(rows[sl], idx[sl], w[sl])  # filled: a gather
-                if self.base is None:
-                    d = self.y0[rows[sl]] - y
-                else:
-                    d = self.ref[rows[sl]] - rms_normalize(self.base[rows[sl]] + y)
-                out[sl] = (d * d).sum(-1).double()
-        return out
+            t = rows[c]
+            C, wd = pr.p.shape[1], w[c].double()
+            at = t[:, None] * C + pr.loc.take(t[:, None] * self.E + idx[c])  # flat (token, local) indices
+            g = pr.gram.take(at[:, :, None] * C + (at[:, None, :] - t[:, None, None] * C))  # [n, k, k]
+            yy = (wd[:, :, None] * g * wd[:, None, :]).sum((1, 2))
+            ry = (wd * pr.p.take(at)).sum(-1)
+            if self.base is None:
+                out[c] = self.rr[t] - 2 * ry + yy
+            else:
+                vv = self.bb[t] + 2 * (wd * pr.q.take(at)).sum(-1) + yy
+                inv = torch.rsqrt(vv / self.ref.shape[1] + 1e-12)
+                out[c] = self.rr[t] - 2 * inv * (self.rb[t] + ry) + inv * inv * vv
+        return out.clamp_(min=0.0)
 
     def _affected(self, rows: torch.Tensor) -> torch.Tensor:
         """[len(rows), E]: dropping e (kept, droppable) can change the routing of these tokens."""
@@ -179,13 +279,16 @@ class RerouteSearch:
         self.contrib[rows] = 0
         self.used[rows] = False
         ri, c = self._affected(rows).nonzero(as_tuple=True)
+        t = rows[ri]
+        w = torch.empty(t.numel(), self.budget.top_k)
+        idx = torch.empty(t.numel(), self.budget.top_k, dtype=torch.long)
         for s in range(0, ri.numel(), self.chunk):
-            t, cc = rows[ri[s: s + self.chunk]], c[s: s + self.chunk]
-            keep = self.keep.expand(t.numel(), self.E).clone()
-            keep[torch.arange(t.numel()), cc] = False
-            w, idx = route_masked(self.logits[t], keep, self.r, self.bias)
-            self.contrib[t, cc] = self._err(t, idx, w) - self.err[t]
-            self.used[t[:, None].expand_as(idx), idx] = True
+            sl = slice(s, s + self.chunk)
+            keep = self.keep.expand(t[sl].numel(), self.E).clone()
+            keep[torch.arange(t[sl].numel()), c[sl]] = False
+            w[sl], idx[sl] = route_masked(self.logits[t[sl]], keep, self.r, self.bias)
+        self.contrib[t, c] = self._err(t, idx, w) - self.err[t]
+        self.used[t[:, None].expand_as(idx), idx] = True
 
     def drop(self, e: int) -> None:
         moved = (self.idx == e).any(1)

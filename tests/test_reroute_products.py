@@ -1,0 +1,61 @@
+"""The reroute search's error from per-token inner products (``compress/prune/search.py``
+``PairProducts``): the products equal float64 dot products of the cached expert outputs, whichever
+way they were computed (a token's first experts all at once, or a few added later, past the table's
+capacity), and the error they give equals the post-block error evaluated on the outputs directly."""
+
+from __future__ import annotations
+
+import torch
+
+from moepress.compress.arch import get_adapter
+from moepress.compress.prune.search import ExpertOutputs, PairProducts
+
+TINY = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=64, hidden_size=32,
+            intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, num_experts=32, num_experts_per_tok=4, norm_topk_prob=True)
+
+
+def _moe(g: torch.Generator):
+    with torch.device("meta"):
+        moe = get_adapter(TINY).build_layer(0).moe
+    moe.to_empty(device="cpu")
+    for p in moe.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.1
+    return moe
+
+
+def test_pair_products_equal_float64_dot_products_of_the_cached_outputs(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    moe = _moe(g)
+    T, H = 100, TINY["hidden_size"]
+    x = torch.randn(T, H, generator=g)
+    out = ExpertOutputs(x, moe)
+    ref, base = torch.randn(T, H, generator=g), torch.randn(T, H, generator=g) * 3
+    pp = PairProducts(out, ref, base, chunk_bytes=8 * 6 * H * 7)  # 7 tokens (or fewer pairs) a chunk
+    calls = {"all": 0, "pairs": 0}
+    for name, key in (("_products", "all"), ("_pair_products", "pairs")):
+        real = getattr(PairProducts, name)
+        monkeypatch.setattr(PairProducts, name, lambda self, *a, _r=real, _k=key: (calls.__setitem__(
+            _k, calls[_k] + 1), _r(self, *a))[1])
+    first = torch.stack([torch.randperm(32, generator=g)[:6] for _ in range(T)])  # 6 experts a token
+    tt = torch.arange(T)[:, None].expand(T, 6)
+    pp.ensure(tt.reshape(-1), first.reshape(-1))
+    cap = pp.p.shape[1]
+    for _ in range(3):  # later: one more expert for a few tokens at a time, past the capacity
+        toks = torch.randperm(T, generator=g)[:10]
+        free = [[e for e in range(32) if pp.loc[t, e] < 0] for t in toks.tolist()]
+        more = torch.tensor([f[int(torch.randint(len(f), (1,), generator=g))] for f in free])
+        pp.ensure(toks, more)
+    assert calls["all"] >= 1 and calls["pairs"] >= 3 and pp.p.shape[1] > cap
+    assert not (pp.loc[tt, first] < 0).any()
+    for t in range(T):
+        es = (pp.loc[t] >= 0).nonzero(as_tuple=True)[0]
+        la = pp.loc[t, es]
+        assert sorted(la.tolist()) == list(range(int(pp.cnt[t])))  # locals 0.. without gaps
+        assert torch.equal(pp.lslot[t, la], out.slot[t, es])
+        f = out.gather(out.slot[t, es]).double()  # the cached rows, as the search uses them
+        want = f @ f.T
+        got = pp.gram[t][la[:, None], la[None, :]]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pp.p[t, la], f @ ref[t].double(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pp.q[t, la], f @ base[t].double(), rtol=1e-12, atol=1e-12)
