@@ -356,6 +356,22 @@ def test_bad_mapping_is_one_line_exit_2(cli_run, tmp_path, model, args, expect):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("tp,ep,refused", [(4, 1, True), (4, 2, False), (2, 1, False)])
+def test_expert_width_that_moe_tp_cannot_split_is_refused(cli_run, tmp_path, tp, ep, refused):
+    """TensorRT-LLM splits each expert's intermediate width over moe_tp = tp / ep ranks (fc rows, proj
+    columns): an expert 98 wide splits over 2 ranks, not over 4."""
+    src = make_random_checkpoint("mixtral", tmp_path / "m", num_key_value_heads=4, intermediate_size=98)
+    r = cli_run("export", src, "--format", "trtllm-ckpt", "-o", tmp_path / "o", "--tp", str(tp), "--ep", str(ep))
+    if refused:
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"moe_tp_size={tp // ep} must divide the expert intermediate size 98" in r.stderr
+        assert not (tmp_path / "o").exists()
+    else:
+        assert r.exit_code == 0, r.output
+        c = json.loads((tmp_path / "o" / "config.json").read_text())
+        assert c["mapping"]["moe_tp_size"] == tp // ep
+
+
 def test_int4_input_is_refused(cli_run, tmp_path):
     q = tmp_path / "q"
     quantize_checkpoint(MIXTRAL, q, QuantConfig(format="int4-awq", num_samples=4, seq_len=64))
