@@ -269,3 +269,24 @@ def test_linears_left_high_precision_are_excluded_by_their_fused_name(tmp_path, 
     for i in range(4):
         assert _trtllm_excluded(f"model.layers.{i}.{fused}", exclude), (i, exclude)
     assert not _trtllm_excluded("model.layers.1.mlp.experts", exclude)  # the quantized experts stay quantized
+
+
+def test_folded_w4a8_awq_gets_a_ones_pre_quant_scale_per_awq_linear(tmp_path):
+    """quantize --awq-fold moves AWQ's smoothing into the norms, so the quantize output has no
+    pre_quant_scale; Model-Optimizer's W4A8_AWQ layout has one per AWQ linear (TensorRT-LLM multiplies the
+    activations by it): the export writes ones, one per quantized linear, as wide as its input (the source
+    model's in_features; the packed INT4 weight is [out / 2, in])."""
+    from moepress.compress.checkpoint import CheckpointReader
+
+    q, e = tmp_path / "q", tmp_path / "e"
+    quantize_checkpoint(models.path("tiny-mixtral"), q, QuantConfig(format="w4a8-awq", awq_fold=True,
+                                                                    num_samples=2, seq_len=32))
+    modules = json.loads((q / "moepress_quant.json").read_text())["modules"]
+    assert not any(n.endswith(".pre_quant_scale") for n in CheckpointReader(q).names())
+    export(q, e, ExportConfig(format="hf-modelopt"))
+    r, src = CheckpointReader(e), CheckpointReader(models.path("tiny-mixtral"))
+    assert {n for n in r.names() if n.endswith(".pre_quant_scale")} == {m + ".pre_quant_scale" for m in modules}
+    for m in modules:
+        s = r.get(m + ".pre_quant_scale")
+        assert s.dtype == torch.float32 and torch.equal(s, torch.ones(src.info(m + ".weight").shape[1]))
+    assert json.loads((e / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A8_AWQ"
