@@ -1,0 +1,55 @@
+"""The calibration token cache (``calib/cache.py``): another ``num_samples`` is a miss, an edited or
+damaged entry is a miss (its sidecar's sha256), an entry under another key's name is a miss, and
+``MOEPRESS_CACHE=off`` writes nothing."""
+
+import shutil
+
+import torch
+
+from moepress import models
+from moepress.calib import cache as cache_mod
+from moepress.calib.data import calibration_set
+
+QWEN = models.path("tiny-qwen3-moe")
+
+
+def test_another_num_samples_is_not_served_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
+    calibration_set(QWEN, num_samples=4, seq_len=32, seed=0)
+    b = calibration_set(QWEN, num_samples=8, seq_len=32, seed=0)
+    assert not b.cached and b.input_ids.shape == (8, 32)
+    assert torch.equal(b.input_ids, calibration_set(QWEN, num_samples=8, seq_len=32, seed=0, cache=False).input_ids)
+
+
+def test_an_edited_cache_entry_is_a_miss(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
+    a = calibration_set(QWEN, num_samples=4, seq_len=32, seed=0)
+    p = tmp_path / "cache" / "calib" / f"{a.meta['key']}.safetensors"
+    from safetensors.torch import save_file
+
+    # same shape, same header, other ids: only the sidecar's sha256 tells
+    save_file({"input_ids": (a.input_ids.flip(0)).to(torch.int32), "source": torch.zeros(4, dtype=torch.int32)},
+              str(p), metadata={"format": "moepress-calib", "version": "1"})
+    b = calibration_set(QWEN, num_samples=4, seq_len=32, seed=0)
+    assert not b.cached and torch.equal(b.input_ids, a.input_ids)
+
+
+def test_a_cache_entry_under_another_keys_name_is_a_miss(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
+    a = calibration_set(QWEN, num_samples=4, seq_len=32, seed=0)
+    b = calibration_set(QWEN, num_samples=4, seq_len=32, seed=1)
+    d = tmp_path / "cache" / "calib"
+    for suffix in (".safetensors", ".safetensors.json"):  # seed 1's name now holds seed 0's set
+        shutil.copy(d / f"{a.meta['key']}{suffix}", d / f"{b.meta['key']}{suffix}")
+    again = calibration_set(QWEN, num_samples=4, seq_len=32, seed=1)
+    assert not again.cached and torch.equal(again.input_ids, b.input_ids)
+
+
+def test_cache_off_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for v in ("off", "0", "none", "false", " OFF "):
+        monkeypatch.setenv("MOEPRESS_CACHE", v)
+        assert cache_mod.cache_root() is None
+        calibration_set(QWEN, num_samples=2, seq_len=16, seed=0)
+        assert not calibration_set(QWEN, num_samples=2, seq_len=16, seed=0).cached
+    assert list(tmp_path.iterdir()) == []
