@@ -61,6 +61,7 @@ from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
     fused_name,
     pattern,
+    refuse_fp4_expert_widths,
     refuse_mixed,
     refuse_partial_blocks,
     refuse_partial_input_groups,
@@ -134,7 +135,8 @@ def _vllm_targets(s, names: list[str]) -> list[str]:
 def _refuse_misread_experts(s, schemes) -> None:
     """Refuse routed experts that fused-MoE consumers would misread (fused_moe.py): partly quantized
     layers; high-precision experts beside integer weights (transformers decompresses a non-FP8 experts
-    scheme's ``weight_packed`` only: CompressedTensorsDequantize.convert); partial block-FP8 grids."""
+    scheme's ``weight_packed`` only: CompressedTensorsDequantize.convert); partial block-FP8 grids; FP4
+    experts at widths vLLM's FP4 fused-MoE kernels cannot tile."""
     modules = s.layout["modules"]
     refuse_mixed(s, "compressed-tensors", set(modules), "vLLM and transformers fuse a layer's experts under one "
                  "scheme (transformers drops the unquantized ones without an error)")
@@ -146,6 +148,7 @@ def _refuse_misread_experts(s, schemes) -> None:
         refuse_unpacked_experts(s, "compressed-tensors", set(modules))
     refuse_partial_blocks(s, "compressed-tensors", modules)
     refuse_partial_input_groups(s, "compressed-tensors", modules)
+    refuse_fp4_expert_widths(s, "compressed-tensors", modules)
 
 
 # The newest transformers checked (5.24, integrations/compressed_tensors.py): it dequantizes each routed

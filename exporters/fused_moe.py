@@ -113,6 +113,23 @@ def refuse_mixed(s: Source, flag: str, quantized: set[str], why: str, other_form
             f"the same experts ({pattern(mixed)}: {_reason(s, mixed)}); {why}: {_hint(s, mixed, other_formats)}")
 
 
+def refuse_fp4_expert_widths(s: Source, flag: str, modules: dict) -> None:
+    """Refuse FP4 routed experts whose widths vLLM's fused-MoE kernels cannot run (it loads them, then fails).
+    Marlin (NVFP4 before Blackwell, MXFP4 always) tiles a GEMM by thread configs (K, N) of (128, 128),
+    (64, 128), (128, 64) or (64, 256) (vllm-project/vllm csrc/quantization/marlin/marlin.cu, commit 778460ce:
+    "Invalid thread config" otherwise); FlashInfer's CUTLASS NVFP4 MoE, the Blackwell default, pads the gate /
+    up block scales to 128 rows and refuses to pad a gated expert (utils/flashinfer_fp4_moe.py, 296ce48d:
+    "Intermediate size padding for w1 and w3 ... not currently supported"). For gate / up (K = hidden,
+    N = 2 x expert width) and down (K = expert width, N = hidden): both widths multiples of 64, one of 128."""
+    fp4 = [n for n in routed_names(s) if n in modules and formats.FORMATS[modules[n]["format"]].element == "fp4"]
+    h, i = s.adapter.hidden_size, s.adapter.moe_intermediate_size()  # the stored FP4 weights are packed
+    if fp4 and not (h % 64 == 0 and i % 64 == 0 and (h % 128 == 0 or i % 128 == 0)):
+        raise MoepressError(
+            f"--format {flag}: {modules[fp4[0]]['format']} routed experts of hidden {h} and expert width {i}; "
+            "vLLM's FP4 fused-MoE kernels need both multiples of 64 and one of 128 (Marlin's tiles; FlashInfer's "
+            "CUTLASS NVFP4 MoE cannot pad a gated expert): quantize the experts with --format fp8 or fp8-dynamic")
+
+
 def refuse_unlike(s: Source, flag: str, modules: dict[str, dict], why: str) -> None:
     """Refuse a layer whose quantized routed experts are not quantized alike (format, INT4 group size):
     e.g. --group-size 128 gives down projections with 64 in_features group 64 and gate / up group 128.
@@ -147,8 +164,8 @@ def refuse_unpacked_experts(s: Source, flag: str, quantized: set[str]) -> None:
     if plain:
         raise MoepressError(
             f"--format {flag}: {len(plain)} routed-expert linears stay unquantized ({pattern(plain)}: "
-            f"{_reason(s, plain)}) in a pack-quantized (INT4) checkpoint, whose expert weights transformers reads "
-            f"only as packed INT4: {_hint(s, plain)}")
+            f"{_reason(s, plain)}) in a pack-quantized (INT4 / FP4) checkpoint, whose expert weights transformers "
+            f"reads only as packed 4-bit weights: {_hint(s, plain)}")
 
 
 def refuse_partial_blocks(s: Source, flag: str, modules: dict[str, dict]) -> None:
@@ -187,6 +204,7 @@ def high_precision_layers(s: Source, kept: set[str]) -> list[str]:
                   if names and all(n in kept for n in names))
 
 
-__all__ = ["common_groups", "expert_widths", "fused_name", "high_precision_layers", "pattern", "refuse_mixed",
+__all__ = ["common_groups", "expert_widths", "fused_name", "high_precision_layers", "pattern",
+           "refuse_fp4_expert_widths", "refuse_mixed",
            "refuse_partial_blocks", "refuse_partial_input_groups", "refuse_unpacked_experts", "routed_linears",
            "routed_names"]
