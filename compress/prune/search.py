@@ -88,18 +88,21 @@ class PairProducts:
         t, e = out.slot.shape
         self.loc = torch.full((t, e), -1, dtype=torch.long)
         self.cnt = torch.zeros(t, dtype=torch.long)
-        self._grow(0)
+        self._alloc(0)
 
-    def _grow(self, c: int) -> None:
-        """Room for c experts per token (the products computed so far kept)."""
+    def _alloc(self, c: int) -> None:
+        """Empty tables for c experts per token."""
         t = self.cnt.numel()
-        old = (self.lslot, self.p, self.q, self.gram) if hasattr(self, "lslot") else None
         self.lslot = torch.full((t, c), -1, dtype=torch.long)
         self.p, self.q = torch.zeros(t, c, dtype=torch.float64), torch.zeros(t, c, dtype=torch.float64)
         self.gram = torch.zeros(t, c, c, dtype=torch.float64)
-        if old is not None:
-            m = old[0].shape[1]
-            self.lslot[:, :m], self.p[:, :m], self.q[:, :m], self.gram[:, :m, :m] = old
+
+    def _grow(self, c: int) -> None:
+        """Room for c experts per token, the products computed so far kept."""
+        old = (self.lslot, self.p, self.q, self.gram)
+        m = old[0].shape[1]
+        self._alloc(c)
+        self.lslot[:, :m], self.p[:, :m], self.q[:, :m], self.gram[:, :m, :m] = old
 
     @torch.no_grad()
     def ensure(self, t: torch.Tensor, e: torch.Tensor) -> None:
