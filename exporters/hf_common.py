@@ -51,6 +51,12 @@ def block_ok(shape, is_routed: bool) -> bool:
     return inp % BLOCK[1] == 0 and (out % BLOCK[0] == 0 if is_routed else grid_ok(shape))
 
 
+def block_linear_ok(reader, adapter, base: str) -> bool:
+    """:func:`block_ok` for the stored linear ``base`` (``...experts.3.w1``): its shape, and whether it is a
+    routed expert."""
+    return block_ok(reader.info(base + ".weight").shape, adapter.expert_index(base) is not None)
+
+
 @dataclass
 class Source:
     path: Path
@@ -82,7 +88,7 @@ def fp8_block_grids(s: Source) -> bool:
     if s.layout is None:
         return any_block_grid(s.path)
     names = [n for n, m in (s.layout.get("modules") or {}).items() if formats.FORMATS[m["format"]].scale == "block"]
-    return any(block_ok(s.reader.info(n + ".weight").shape, s.adapter.expert_index(n) is not None) for n in names)
+    return any(block_linear_ok(s.reader, s.adapter, n) for n in names)
 
 
 def any_block_grid(model) -> bool:

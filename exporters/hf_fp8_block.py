@@ -52,7 +52,7 @@ from moepress.exporters.hf_common import (
     BLOCK,
     FLOAT_DTYPES,
     any_block_grid,
-    block_ok,
+    block_linear_ok,
     open_source,
     output_config,
     tensor_groups,
@@ -83,13 +83,13 @@ def _rename_layer(r, a, names, writer, dtype, quantized: set[str], kept: list[st
         base = n[: -len(".weight_scale")] if n.endswith(".weight_scale") else None
         q8 = base is not None and base + ".weight" in r and r.info(base + ".weight").dtype == "F8_E4M3"
         if n.endswith(".weight") and n[: -len(".weight")] + ".weight_scale" in r:
-            if block_ok(r.info(n).shape, a.expert_index(n) is not None):
+            if block_linear_ok(r, a, n[: -len(".weight")]):
                 writer.add(n, r.get(n))
             else:  # not computed as stored: high precision (the dequantized block-FP8 weight)
                 writer.add(n, r.weight(n, dtype))
                 kept.append(n[: -len(".weight")])
         elif q8:
-            if block_ok(r.info(base + ".weight").shape, a.expert_index(base) is not None):
+            if block_linear_ok(r, a, base):
                 writer.add(base + ".weight_scale_inv", r.get(n).float())
                 quantized.add(base)
         else:
@@ -110,7 +110,7 @@ def _quantize_layer(r, a, i: int, names, writer, dtype, quantized: set[str], kep
     prefix = a.layer_prefix(i)
     targets = {prefix + m + ".weight" for m in layer_linears(a, i)}
     for n in names:
-        if n in targets and not block_ok(r.info(n).shape, a.expert_index(n) is not None):
+        if n in targets and not block_linear_ok(r, a, n[: -len(".weight")]):
             kept.append(n[: -len(".weight")])
             writer.add(n, r.weight(n, FLOAT_DTYPES.get(r.info(n).dtype, dtype)))
         elif n in targets:
@@ -125,7 +125,7 @@ def _quantize_layer(r, a, i: int, names, writer, dtype, quantized: set[str], kep
 def _written_fp8(s) -> set[str]:
     """The linears of a ``moepress quantize --format fp8-block`` output this export writes in block FP8."""
     return {n for n, m in (s.layout.get("modules") or {}).items() if formats.FORMATS[m["format"]].scale == "block"
-            and block_ok(s.reader.info(n + ".weight").shape, s.adapter.expert_index(n) is not None)}
+            and block_linear_ok(s.reader, s.adapter, n)}
 
 
 def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:

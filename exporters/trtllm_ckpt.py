@@ -143,22 +143,22 @@ def _decoder_linears(reader: CheckpointReader, adapter) -> list[str]:
 
 def _quant_algo(reader: CheckpointReader, adapter) -> tuple[str | None, str | None]:
     """(quant_algo, kv_cache_quant_algo) from every decoder linear: all stored in float is bf16; a quantized
-    one decides (FP8 per tensor then needs all of them so; anything else is refused). One probe linear
-    decided before, so a checkpoint whose probe stayed bf16 (a --rule, or a width quantize skipped) was
-    written in bf16, its other linears dequantized."""
+    one decides (FP8 per tensor then needs all of them so; anything else is refused). Every linear, not one
+    probe: a linear left bf16 (a --rule, a width quantize skipped) says nothing of the others."""
     kv = "FP8" if any(n.endswith((".k_scale", ".v_scale")) for n in reader.layer_names(0)) else None
-    quantized = [b for b in _decoder_linears(reader, adapter) if reader.info(b + ".weight").dtype not in FLOAT_DTYPES]
+    linears = _decoder_linears(reader, adapter)
+    quantized = [b for b in linears if reader.info(b + ".weight").dtype not in FLOAT_DTYPES]
     if not quantized:
         return None, kv
     lin = read_linear(reader, quantized[0], "--format trtllm-ckpt", WRITES)
     if lin.scheme != "tensor":  # FP8 per tensor: TensorRT-LLM QuantAlgo FP8
         raise MoepressError(f"--format trtllm-ckpt: {reader.path} is quantized as {lin.stored_as}, which this exporter "
                             f"does not write: it writes {WRITES}; {elsewhere(_source(reader, adapter))}")
-    _refuse_partly_fp8(reader, adapter)
+    _refuse_partly_fp8(reader, adapter, linears)
     return "FP8", kv
 
 
-def _refuse_partly_fp8(reader: CheckpointReader, adapter) -> None:
+def _refuse_partly_fp8(reader: CheckpointReader, adapter, linears: list[str]) -> None:
     """An FP8 checkpoint must be FP8 per tensor in every decoder linear but the routers: the config has one
     quant_algo and excludes only lm_head and the routers, and the writer fuses q/k/v and w3/w1 under one
     scale (an attention left bf16 made every weight of its layer bf16 under quant_algo FP8)."""
@@ -166,7 +166,7 @@ def _refuse_partly_fp8(reader: CheckpointReader, adapter) -> None:
         scale = base + ".weight_scale"
         return reader.info(base + ".weight").dtype == "F8_E4M3" and scale in reader and reader.info(scale).nbytes <= 4
 
-    plain = [b for b in _decoder_linears(reader, adapter) if not fp8_per_tensor(b)]
+    plain = [b for b in linears if not fp8_per_tensor(b)]
     if plain:
         raise MoepressError(f"--format trtllm-ckpt: {reader.path} has {len(plain)} decoder linears not in FP8 per "
                             f"tensor ({pattern(plain)}); this exporter writes one quant_algo for every linear but "

@@ -110,8 +110,7 @@ def hessian_inverse_factor(H: torch.Tensor, w: torch.Tensor | None, damp: float 
 def _permute_sym_(H: torch.Tensor, perm: torch.Tensor, rows: int = 1024) -> torch.Tensor:
     """H[perm][:, perm] in H's own memory: columns permuted a block of rows at a time, then rows a block
     of columns at a time (each block's new values come from the block itself, so one block of scratch
-    suffices; a few large copies where following the permutation's cycles moved one row per kernel).
-    Same values as index_select."""
+    suffices, in a few large copies: kernel launches on a GPU). Same values as index_select."""
     for r0 in range(0, H.shape[0], rows):
         H[r0:r0 + rows] = H[r0:r0 + rows].index_select(1, perm)
     for c0 in range(0, H.shape[1], rows):
