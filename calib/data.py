@@ -320,7 +320,7 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
     key = cache_mod.cache_key(key_fields)
     if cacheable:
         hit = cache_mod.cache_get(key)
-        if hit is not None:
+        if hit is not None and tuple(hit[0].shape) == (num_samples, seq_len):  # the key covers both: a bug's guard
             ids, src, side = hit
             return CalibSet(ids, src, _as_asked(side, specs, model_dir), cached=True)
 

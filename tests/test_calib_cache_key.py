@@ -1,6 +1,6 @@
 """The calibration token cache (``calib/cache.py``): another ``num_samples`` is a miss, an edited or
-damaged entry is a miss (its sidecar's sha256), an entry under another key's name is a miss, and
-``MOEPRESS_CACHE=off`` writes nothing."""
+damaged entry is a miss (its sidecar's sha256), an entry under another key's name is a miss, an entry of
+another shape under the asked key is a miss, and ``MOEPRESS_CACHE=off`` writes nothing."""
 
 import shutil
 
@@ -53,3 +53,13 @@ def test_cache_off_writes_nothing(tmp_path, monkeypatch):
         calibration_set(QWEN, num_samples=2, seq_len=16, seed=0)
         assert not calibration_set(QWEN, num_samples=2, seq_len=16, seed=0).cached
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_entry_of_another_shape_under_the_asked_key_is_a_miss(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
+    a = calibration_set(QWEN, num_samples=4, seq_len=32, seed=0)
+    b = calibration_set(QWEN, num_samples=8, seq_len=32, seed=0)
+    # a well-formed entry, sealed under b's key, holding a's 4 samples (what a key bug would serve)
+    cache_mod.cache_put(b.meta["key"], a.input_ids, a.source, {**a.meta, "key": b.meta["key"]})
+    again = calibration_set(QWEN, num_samples=8, seq_len=32, seed=0)
+    assert not again.cached and torch.equal(again.input_ids, b.input_ids)
