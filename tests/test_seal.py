@@ -1,7 +1,7 @@
 """The accuracy section's seal (``moepress/checks/seal.py``): an edit that stays self-consistent (a threshold
 raised with its gate's verdict, a checked file's digest replaced) is caught by the seal alone, not by the
 recomputed gates; the oracle is the documented MAC, computed here with hmac / hashlib. A key others can read
-is refused."""
+is refused; so is one shorter than 32 characters."""
 
 import copy
 import hashlib
@@ -66,3 +66,14 @@ def test_a_key_others_can_read_is_refused(tmp_path, monkeypatch):
         os.chmod(p, mode)
         with pytest.raises(MoepressError, match="read or written by others"):
             sealing.load_key()
+
+
+def test_a_key_shorter_than_32_characters_is_refused_and_one_of_32_is_used(tmp_path, monkeypatch):
+    p = tmp_path / "manifest.key"
+    monkeypatch.setenv("MOEPRESS_KEY_FILE", str(p))
+    p.write_text("x" * 31 + "\n")
+    os.chmod(p, 0o600)
+    with pytest.raises(MoepressError, match="at least 32 ASCII characters"):
+        sealing.load_key()
+    p.write_text("y" * 32 + "\n")
+    assert sealing.load_key() == b"y" * 32

@@ -6,7 +6,8 @@ without running the check again. The check therefore seals the section it writes
 afterwards (a threshold raised, a metric lowered, a gate removed) no longer matches the seal.
 
 The key: ``$MOEPRESS_KEY_FILE``, else ``~/.config/moepress/manifest.key``; 32 random bytes, hex,
-created on first use with mode 0600 (its directory 0700). A key file that others may read or
+created on first use with mode 0600 (its directory 0700); a key of one's own is any 32 or more ASCII
+characters. A key file that others may read or
 write is refused: whoever can read it can seal any section. On another machine (no key file)
 publish cannot verify the seal, says so, and relies on its recomputations.
 
@@ -44,7 +45,8 @@ def _read(path: Path) -> bytes:
         raise MoepressError(f"{path}: the manifest key may be read or written by others (mode "
                             f"{st.st_mode & 0o777:o}); expected mode 600 (chmod 600 {path})")
     if len(text) < 32:
-        raise MoepressError(f"{path}: not a manifest key (expected 64 hex digits); remove it to make a new one")
+        raise MoepressError(f"{path}: not a manifest key (expected at least 32 ASCII characters, as the 64 hex "
+                            "digits of a made key); remove it to make a new one")
     return text.encode("ascii")
 
 
