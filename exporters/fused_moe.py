@@ -35,7 +35,8 @@ import re
 from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
-from moepress.exporters.hf_common import Source, fp8_block_grids, grid_ok
+from moepress.exporters.fp8_blocks import grid_ok
+from moepress.exporters.hf_common import Source, fp8_block_grids
 
 
 def routed_linears(s: Source) -> dict[int, list[str]]:

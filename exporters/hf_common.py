@@ -18,37 +18,14 @@ from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
 from moepress.errors import MoepressError
+from moepress.exporters.fp8_blocks import block_ok
 from moepress.exporters.shape import model_shape
 
 QUANT_FILES = ("hf_quant_config.json", "moepress_quant.json", "quant_report.json")
-BLOCK = [128, 128]  # DeepSeek-V3's block-FP8 weight block (its config.json weight_block_size)
-
-
-def grid_ok(shape) -> bool:
-    """Whether every consumer reads this weight's 128x128 scale grid the same way. transformers
-    derives the block from the grid (block = rows // scale_rows: integrations/finegrained_fp8.py
-    Fp8Dequantize._dequantize_one, which rejects or misreads partial edge blocks), so a dimension
-    over 128 that is not a multiple of 128 (e.g. 192 -> 2 scale rows read as 96-row blocks) is
-    ambiguous; one partial block (a dimension <= 128) reads the same everywhere. Real DeepSeek-V3 /
-    Kimi K2 dimensions are all multiples of 128."""
-    return all(d <= BLOCK[0] or d % BLOCK[0] == 0 for d in shape)
 
 
 # safetensors codes of the high-precision float dtypes -> torch dtype (a linear kept unquantized is read as one)
 FLOAT_DTYPES = {code: t for t, code in DTYPE_NAMES.items() if t in (torch.bfloat16, torch.float16, torch.float32)}
-
-
-def block_ok(shape, is_routed: bool) -> bool:
-    """Whether the runtimes compute a linear of this [out, in] shape, stored in 128x128 block FP8, as stored:
-    its input in whole 128-wide groups (activations are quantized per token in 1x128 groups: vLLM
-    ``fp8_utils.per_token_group_quant_fp8`` and SGLang assert ``x.shape[-1] % group_size == 0``), a routed
-    expert's output in whole blocks too (the fused MoE paths refuse other expert widths, at or under 128 as
-    well: SGLang 00563d36 ``layers/quantization/fp8.py`` Fp8MoEMethod "is not divisible by weight quantization
-    block_n", TensorRT-LLM a98a9061 ``_torch/modules/fused_moe/quantization.py``
-    DeepSeekFP8BlockScalesFusedMoEMethod asserts ``intermediate_size_per_partition % 128 == 0``), and a dense
-    output of at most 128 rows or whole blocks (:func:`grid_ok`: transformers' reading of the scale grid)."""
-    out, inp = shape
-    return inp % BLOCK[1] == 0 and (out % BLOCK[0] == 0 if is_routed else grid_ok(shape))
 
 
 def block_linear_ok(reader, adapter, base: str) -> bool:

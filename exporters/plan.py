@@ -322,12 +322,21 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     p = planner.onnx(gpus) if runtime == "onnx" else planner.fixed(gpus) if gpus is not None else planner.fewest()
     if why:
         p.notes.insert(0, f"format chosen for {bits}-bit weights: {why}")
+    if shape.unblocked(fmt):
+        p.notes.append(_unblocked_note(shape.unblocked(fmt)))
     if runtime == "trtllm":
         p.unloadable = trtllm_experts_problem(shape, t, fmt)
         if p.unloadable:
             p.notes.append(f"TensorRT-LLM cannot load it: {p.unloadable} (the sizes hold for vLLM with a "
                            "compressed-tensors export)")
     return p
+
+
+def _unblocked_note(linears: list[tuple[str, int, int]]) -> str:
+    """The plan's note on block-FP8 linears no runtime computes in block FP8 (ModelShape.rows counts them bf16)."""
+    what = ", ".join(f"{k} [{o}, {i}]" for k, o, i in linears)
+    return (f"no runtime computes these in 128x128 block FP8 (an input not in whole 128-wide groups, an expert "
+            f"width not whole blocks), counted bf16 as hf-fp8-block writes them: {what}")
 
 
 def _gb(n: float) -> str:

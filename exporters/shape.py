@@ -20,6 +20,7 @@ from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import CheckpointReader, read_config_file
 from moepress.errors import MoepressError
+from moepress.exporters.fp8_blocks import runs_in_blocks
 
 
 def linear_bytes(out_f: int, in_f: int, fmt: str, group: int | None = None) -> float:
@@ -63,11 +64,20 @@ class ModelShape:
         """Routed experts' intermediate size (the output size of their [I, hidden] projections)."""
         return max((o for k, o, i, _ in self.linears if k == "routed" and i == self.hidden_size), default=0)
 
-    def rows(self, fmt: str) -> list[tuple]:
-        """(kind, out, in, format, count) of each linear planned in ``fmt``; a quantized checkpoint's as stored."""
+    def _planned(self, fmt: str) -> list[tuple]:
+        """(kind, out, in, format, count) asked for: every linear in ``fmt``; a quantized checkpoint's as stored."""
         if self.stored and fmt == self.stored_format:
-            return self.stored
+            return list(self.stored)
         return [(k, o, i, fmt, c) for k, o, i, c in self.linears]
+
+    def rows(self, fmt: str) -> list[tuple]:
+        """(kind, out, in, format, count) of each linear planned in ``fmt``, as it runs
+        (:func:`_written`)."""
+        return [(k, o, i, _written(k, o, i, f), c) for k, o, i, f, c in self._planned(fmt)]
+
+    def unblocked(self, fmt: str) -> list[tuple[str, int, int]]:
+        """(kind, out, in) of the linears planned in block FP8 that :meth:`rows` counts as bf16."""
+        return sorted({(k, o, i) for k, o, i, f, _ in self._planned(fmt) if _written(k, o, i, f) != f})
 
     def bytes_by_kind(self, fmt: str) -> dict[str, float]:
         """Bytes per kind of parameter in ``fmt``; in the checkpoint's own format, as its linears are stored."""
@@ -154,6 +164,14 @@ def model_shape(model: str | Path | dict) -> ModelShape:
 
 
 _UNQUANTIZED = next(n for n, f in formats.FORMATS.items() if f.scale is None)  # what a --rule "none" leaves
+
+
+def _written(kind: str, out_f: int, in_f: int, fmt: str) -> str:
+    """The format a linear planned in ``fmt`` runs in: bf16 for a block-FP8 linear no runtime computes in block
+    FP8 (:func:`fp8_blocks.runs_in_blocks`; hf-fp8-block, the only export taking such a model, keeps it bf16),
+    else ``fmt``."""
+    block = getattr(formats.FORMATS.get(fmt), "scale", None) == "block"
+    return _UNQUANTIZED if block and not runs_in_blocks((out_f, in_f), kind == "routed") else fmt
 
 
 def _layout(model) -> dict | None:

@@ -326,5 +326,24 @@ def test_linears_a_rule_left_unquantized_are_not_held_to_the_formats_blocks(tmp_
     assert cli_run("quantize", models.path("tiny-deepseek-v3"), "--format", "fp8-block", "--rule",
                    "mlp.experts.*=none", "--rule", "mlp.*_proj=none", "-o", q, "--quiet").exit_code == 0
     assert [plan(str(q), "h100", gpus=g, ep=1).tp for g in (2, 4)] == [2, 4]
-    with pytest.raises(MoepressError, match="gives each rank"):  # the bf16 original planned as fp8-block: cut
-        plan(str(models.path("tiny-deepseek-v3")), "h100", "fp8-block", gpus=4, ep=1)
+    # the bf16 original planned as fp8-block: its 64-wide experts run bf16 (no runtime takes them in blocks), so
+    # TP 4 cuts no block; the cut of experts that do run in blocks: test_the_planner_says_when_only_a_cut_...
+    p = plan(str(models.path("tiny-deepseek-v3")), "h100", "fp8-block", gpus=4, ep=1)
+    assert p.tp == 4 and any("routed [64, 128], routed [128, 64]" in n for n in p.notes)
+
+
+def test_block_fp8_linears_no_runtime_computes_in_blocks_are_planned_bf16():
+    """tiny-mixtral-w192 in fp8-block: its experts are 192 wide, which no fused MoE takes in 128x128 blocks
+    (hf-fp8-block keeps them bf16; compressed-tensors and hf-modelopt refuse them). The planner counted them as
+    block FP8 (about half their bytes); now bf16, said in a note. Attention (128 x 128) stays block FP8."""
+    from moepress import models
+
+    m = str(models.path("tiny-mixtral-w192"))
+    shape = model_shape(m)
+    b = shape.bytes_by_kind("fp8-block")
+    assert b["routed"] == sum(2 * o * i * c for k, o, i, c in shape.linears if k == "routed")
+    fp8b = [(o * i + 4 * -(-o // 128) * -(-i // 128)) * c for k, o, i, c in shape.linears if k == "attn"]
+    assert b["attn"] == sum(fp8b)
+    p = plan(m, "h100", "fp8-block")
+    assert any("counted bf16" in n and "routed [128, 192], routed [192, 128]" in n for n in p.notes)
+    assert not any("counted bf16" in n for n in plan(m, "h100", "fp8").notes)
