@@ -333,6 +333,16 @@ def test_rule_that_names_no_linear_is_refused(tmp_path, cli_run):
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.parametrize("args", [["--format", "fp8", "--rule", "*=none"], ["--format", "none"]])
+def test_options_that_quantize_no_linear_are_refused(tmp_path, cli_run, args):
+    """--format / --rule that leave every linear bf16 and no --kv-cache wrote a checkpoint declaring a
+    MIXED_PRECISION quantization of 0 linears (exit 0)."""
+    r = cli_run("quantize", "tiny-mixtral", *args, "-o", tmp_path / "q", "--quiet")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "every linear of" in r.stderr and "would stay unquantized" in r.stderr and " ".join(args) in r.stderr
+    assert not (tmp_path / "q").exists()
+
+
 def test_format_none_quantizes_only_what_the_rules_name(tmp_path, cli_run):
     q = tmp_path / "q"
     r = cli_run("quantize", "tiny-mixtral", "--format", "none", "--rule", "self_attn.*=fp8-dynamic", "-o", q,

@@ -31,7 +31,7 @@ from moepress.compress.checkpoint.writer import check_output
 from moepress.compress.formats import ct_inputs
 from moepress.compress.quant import fp8
 from moepress.compress.quantize.calibrated import quantize_layer
-from moepress.compress.quantize.config import PROGRESS, REPORT, QuantConfig
+from moepress.compress.quantize.config import NONE, PROGRESS, REPORT, QuantConfig
 from moepress.compress.quantize.free import FreePipeline, linear_names
 from moepress.compress.quantize.group import LayerResult, apply_fake_quant, refuse_non_finite
 from moepress.compress.quantize.report import (
@@ -85,9 +85,10 @@ def quantize_resume_key(cfg: QuantConfig, src: Path, device: torch.device | None
 
 
 def check_rules(sm: StreamedModel, cfg: QuantConfig) -> None:
-    """Refuse a --rule that names no linear of the model (a pattern written for another family, e.g.
-    ``mlp.experts.*`` on Mixtral's ``block_sparse_moe.experts``), before any work."""
-    if not cfg.rules:
+    """Refuse, before any work, a --rule that names no linear of the model (a pattern written for another
+    family, e.g. ``mlp.experts.*`` on Mixtral's ``block_sparse_moe.experts``), and --format / --rule that leave
+    every linear unquantized without a --kv-cache (the output would declare a quantization holding nothing)."""
+    if not cfg.rules and cfg.format != NONE:
         return
     a, cache = sm.adapter, {}
     names = [(rel, a.layer_prefix(i) + rel) for i in range(a.num_layers) for rel in linear_names(sm, i, cache)]
@@ -97,6 +98,10 @@ def check_rules(sm: StreamedModel, cfg: QuantConfig) -> None:
             seen = linear_names(sm, layer, cache)
             raise MoepressError(f"--rule {pat}={fmt}: matches no linear of {sm.ckpt.path}; expected a pattern over "
                                 f"names such as {', '.join(sorted({seen[0], seen[-1]}))} (in the layer, or full)")
+    if cfg.kv_cache is None and not any(cfg.format_of(rel, full) for rel, full in names):
+        asked = [f"--format {cfg.format}"] * (cfg.format is not None) + [f"--rule {p}={f}" for p, f in cfg.rules]
+        raise MoepressError(f"{' '.join(asked)}: every linear of {sm.ckpt.path} would stay unquantized; expected "
+                            "at least one linear in a format (or a --kv-cache)")
 
 
 class QuantizeStage:
