@@ -32,8 +32,9 @@ transformers 5.24 drops them and loads the model silently broken), a layer whose
 quantized unlike each other (INT4 down projections narrower than --group-size get a smaller group
 than gate / up), high-precision experts in an INT4 checkpoint, and block-FP8 experts whose width is
 over 128 and not a multiple of it. Dense linears with different group sizes are written (vLLM
-matches a scheme per module) but transformers 5.24 runs one scheme over all dense modules
-(get_dense_scheme) and fails to load them: quantize with a --group-size every width takes.
+matches a scheme per module); transformers 5.24 loads them by default (each module keeps its scheme),
+but with ``CompressedTensorsConfig(dequantize=True)`` runs one scheme over all dense modules
+(get_dense_scheme) and fails converting them: there, quantize with a --group-size every width takes.
 
 NVFP4 / NVFP4-A16 / MXFP4 (``nvfp4-pack-quantized``, ``mxfp4-pack-quantized``): our stored bytes already
 are the library's (same nibble order, E4M3 / E8M0 scales), so they are renamed, not re-quantized
