@@ -121,7 +121,11 @@ def refuse_fp4_expert_widths(s: Source, flag: str, modules: dict) -> None:
     "Invalid thread config" otherwise); FlashInfer's CUTLASS NVFP4 MoE, the Blackwell default, pads the gate /
     up block scales to 128 rows and refuses to pad a gated expert (utils/flashinfer_fp4_moe.py, 296ce48d:
     "Intermediate size padding for w1 and w3 ... not currently supported"). For gate / up (K = hidden,
-    N = 2 x expert width) and down (K = expert width, N = hidden): both widths multiples of 64, one of 128."""
+    N = 2 x expert width) and down (K = expert width, N = hidden): both widths multiples of 64, one of 128.
+    vLLM reads a Model-Optimizer checkpoint's NVFP4 experts with the same kernels; TensorRT-LLM's NVFP4 fused
+    MoE packs 16 values to an int64 and 4 block scales to an int32, so it needs both widths multiples of 64
+    (NVIDIA/TensorRT-LLM a98a9061 ``_torch/modules/fused_moe/quantization.py`` NVFP4FusedMoEMethod
+    ``create_weights``: ``hidden_size // scaling_vector_size // block_scales_vec_size``)."""
     fp4 = [n for n in routed_names(s) if n in modules and formats.FORMATS[modules[n]["format"]].element == "fp4"]
     h, i = s.adapter.hidden_size, s.adapter.moe_intermediate_size()  # the stored FP4 weights are packed
     if fp4 and not (h % 64 == 0 and i % 64 == 0 and (h % 128 == 0 or i % 128 == 0)):

@@ -59,6 +59,7 @@ from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
     high_precision_layers,
+    refuse_fp4_expert_widths,
     refuse_mixed,
     refuse_partial_blocks,
     refuse_partial_input_groups,
@@ -204,6 +205,7 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
                   "(one group size for all its projections)")
     refuse_partial_blocks(s, "hf-modelopt", modules)
     refuse_partial_input_groups(s, "hf-modelopt", modules)
+    refuse_fp4_expert_widths(s, "hf-modelopt", modules)  # vLLM and TensorRT-LLM read them with the same kernels
     refuse_modelopt_named_experts(s, modules)
     r = s.reader
     written = 0

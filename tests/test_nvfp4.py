@@ -316,12 +316,16 @@ def test_activation_fake_quant_equals_model_optimizers_kernel_at_its_edges():
     assert torch.equal(got, _modelopt_fp4_fake_quant(x, gs))
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4-a16", "mxfp4"])
+@pytest.mark.parametrize("fmt,export", [("nvfp4-a16", "compressed-tensors"), ("mxfp4", "compressed-tensors"),
+                                        ("nvfp4-a16", "hf-modelopt")])
 @pytest.mark.parametrize("hidden,inter,refused", [(128, 192, False), (192, 192, True), (160, 96, True)])
-def test_fp4_experts_at_widths_vllm_kernels_cannot_tile_are_refused(tmp_path, cli_run, fmt, hidden, inter, refused):
+def test_fp4_experts_at_widths_vllm_kernels_cannot_tile_are_refused(tmp_path, cli_run, fmt, export, hidden, inter,
+                                                                     refused):
     """vLLM runs FP4 experts with Marlin (thread configs (K, N) = (128, 128), (64, 128), (128, 64), (64, 256))
     or FlashInfer's CUTLASS NVFP4 MoE (no padding of a gated expert): hidden and expert width multiples of 64, one
-    of them of 128. 192 x 192 tiles neither way; 160 / 96 are multiples of 32 (every FP4 group) but not of 64."""
+    of them of 128. 192 x 192 tiles neither way; 160 / 96 are multiples of 32 (every FP4 group) but not of 64.
+    vLLM reads a Model-Optimizer checkpoint's NVFP4 experts with the same kernels (and TensorRT-LLM packs their
+    block scales 4 to an int32: 96 is not whole words of 16-value blocks), so hf-modelopt refuses them too."""
     from helpers import make_random_checkpoint
 
     src = make_random_checkpoint("qwen3_moe", tmp_path / "m", hidden_size=hidden, moe_intermediate_size=inter,
@@ -329,7 +333,7 @@ def test_fp4_experts_at_widths_vllm_kernels_cannot_tile_are_refused(tmp_path, cl
     q = tmp_path / "q"
     quantize_checkpoint(src, q, QuantConfig(format=fmt, num_samples=2, seq_len=16))
     assert any(".experts." in n for n in read_quant_layout(q)["modules"])  # the experts are FP4
-    r = cli_run("export", q, "--format", "compressed-tensors", "-o", tmp_path / "ct", "--quiet")
+    r = cli_run("export", q, "--format", export, "-o", tmp_path / "ct", "--quiet")
     if refused:
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
         assert f"hidden {hidden} and expert width {inter}" in r.output and "fp8" in r.output
