@@ -114,6 +114,14 @@ def refuse_mixed(s: Source, flag: str, quantized: set[str], why: str, other_form
             f"the same experts ({pattern(mixed)}: {_reason(s, mixed)}); {why}: {_hint(s, mixed, other_formats)}")
 
 
+def fp4_expert_widths_ok(s: Source) -> bool:
+    """Whether the FP4 fused-MoE kernels run routed experts of ``s``'s widths (:func:`refuse_fp4_expert_widths`):
+    hidden and expert width multiples of 64, one of them of 128 (from the config: the stored FP4 weights are
+    packed)."""
+    h, i = s.adapter.hidden_size, s.adapter.moe_intermediate_size()
+    return h % 64 == 0 and i % 64 == 0 and (h % 128 == 0 or i % 128 == 0)
+
+
 def refuse_fp4_expert_widths(s: Source, flag: str, modules: dict) -> None:
     """Refuse FP4 routed experts whose widths vLLM's fused-MoE kernels cannot run (it loads them, then fails).
     Marlin (NVFP4 before Blackwell, MXFP4 always) tiles a GEMM by thread configs (K, N) of (128, 128),
@@ -127,8 +135,8 @@ def refuse_fp4_expert_widths(s: Source, flag: str, modules: dict) -> None:
     (NVIDIA/TensorRT-LLM a98a9061 ``_torch/modules/fused_moe/quantization.py`` NVFP4FusedMoEMethod
     ``create_weights``: ``hidden_size // scaling_vector_size // block_scales_vec_size``)."""
     fp4 = [n for n in routed_names(s) if n in modules and formats.FORMATS[modules[n]["format"]].element == "fp4"]
-    h, i = s.adapter.hidden_size, s.adapter.moe_intermediate_size()  # the stored FP4 weights are packed
-    if fp4 and not (h % 64 == 0 and i % 64 == 0 and (h % 128 == 0 or i % 128 == 0)):
+    if fp4 and not fp4_expert_widths_ok(s):
+        h, i = s.adapter.hidden_size, s.adapter.moe_intermediate_size()
         raise MoepressError(
             f"--format {flag}: {modules[fp4[0]]['format']} routed experts of hidden {h} and expert width {i}; "
             "vLLM's FP4 fused-MoE kernels need both multiples of 64 and one of 128 (Marlin's tiles; FlashInfer's "
@@ -210,6 +218,6 @@ def high_precision_layers(s: Source, kept: set[str]) -> list[str]:
 
 
 __all__ = ["common_groups", "expert_widths", "fused_name", "high_precision_layers", "pattern",
-           "refuse_fp4_expert_widths", "refuse_mixed",
+           "fp4_expert_widths_ok", "refuse_fp4_expert_widths", "refuse_mixed",
            "refuse_partial_blocks", "refuse_partial_input_groups", "refuse_unpacked_experts", "routed_linears",
            "routed_names"]

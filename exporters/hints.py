@@ -11,6 +11,7 @@ from moepress.errors import MoepressError
 from moepress.exporters.fused_moe import (
     common_groups,
     expert_widths,
+    fp4_expert_widths_ok,
     refuse_partial_blocks,
     refuse_partial_input_groups,
     routed_linears,
@@ -34,13 +35,16 @@ def alike_group(s, modules: dict) -> int | None:
 
 
 def quantizes_experts(s, fmt: str) -> bool:
-    """Whether quantize --format ``fmt`` quantizes every routed-expert projection of ``s`` (its widths): INT4
-    needs a --group-size dividing every in_features (or not above it), FP4 and block FP8 their fixed block; a
-    projection left bf16 makes every fused-MoE export refuse the layer (fused_moe.refuse_mixed)."""
+    """Whether quantize --format ``fmt`` quantizes every routed-expert projection of ``s`` (its widths) as a
+    fused-MoE export takes them: INT4 needs a --group-size dividing every in_features (or not above it), FP4
+    and block FP8 their fixed block (a projection left bf16 makes every fused-MoE export refuse the layer:
+    fused_moe.refuse_mixed), FP4 also widths its fused-MoE kernels run (fused_moe.fp4_expert_widths_ok)."""
     f = formats.FORMATS[fmt]
     widths = expert_widths(s)
     if f.element == "int4":  # one group for all (a linear narrower than the group gets its own: refuse_unlike)
         return bool(common_groups(widths)) or (len(widths) == 1 and widths[0] <= max(GROUP_SIZES))
+    if f.element == "fp4" and not fp4_expert_widths_ok(s):
+        return False
     unit = f.split_unit[1] if f.split_unit and f.scale in ("group", "block") else 1
     return all(w % unit == 0 for w in widths)
 
