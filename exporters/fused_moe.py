@@ -35,8 +35,8 @@ import re
 from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
-from moepress.exporters.fp8_blocks import grid_ok
 from moepress.exporters.hf_common import Source, fp8_block_grids
+from moepress.exporters.kernel_widths import fp4_widths_ok, grid_ok
 
 
 def routed_linears(s: Source) -> dict[int, list[str]]:
@@ -115,25 +115,14 @@ def refuse_mixed(s: Source, flag: str, quantized: set[str], why: str, other_form
 
 
 def fp4_expert_widths_ok(s: Source) -> bool:
-    """Whether the FP4 fused-MoE kernels run routed experts of ``s``'s widths (:func:`refuse_fp4_expert_widths`):
-    hidden and expert width multiples of 64, one of them of 128 (from the config: the stored FP4 weights are
-    packed)."""
-    h, i = s.adapter.hidden_size, s.adapter.moe_intermediate_size()
-    return h % 64 == 0 and i % 64 == 0 and (h % 128 == 0 or i % 128 == 0)
+    """:func:`kernel_widths.fp4_widths_ok` for ``s``'s routed experts (from the config: the stored FP4 weights
+    are packed)."""
+    return fp4_widths_ok(s.adapter.hidden_size, s.adapter.moe_intermediate_size())
 
 
 def refuse_fp4_expert_widths(s: Source, flag: str, modules: dict) -> None:
-    """Refuse FP4 routed experts whose widths vLLM's fused-MoE kernels cannot run (it loads them, then fails).
-    Marlin (NVFP4 before Blackwell, MXFP4 always) tiles a GEMM by thread configs (K, N) of (128, 128),
-    (64, 128), (128, 64) or (64, 256) (vllm-project/vllm csrc/quantization/marlin/marlin.cu, commit 778460ce:
-    "Invalid thread config" otherwise); FlashInfer's CUTLASS NVFP4 MoE, the Blackwell default, pads the gate /
-    up block scales to 128 rows and refuses to pad a gated expert (utils/flashinfer_fp4_moe.py, 296ce48d:
-    "Intermediate size padding for w1 and w3 ... not currently supported"). For gate / up (K = hidden,
-    N = 2 x expert width) and down (K = expert width, N = hidden): both widths multiples of 64, one of 128.
-    vLLM reads a Model-Optimizer checkpoint's NVFP4 experts with the same kernels; TensorRT-LLM's NVFP4 fused
-    MoE packs 16 values to an int64 and 4 block scales to an int32, so it needs both widths multiples of 64
-    (NVIDIA/TensorRT-LLM a98a9061 ``_torch/modules/fused_moe/quantization.py`` NVFP4FusedMoEMethod
-    ``create_weights``: ``hidden_size // scaling_vector_size // block_scales_vec_size``)."""
+    """Refuse FP4 routed experts whose widths the FP4 fused-MoE kernels cannot run (:func:`fp4_expert_widths_ok`):
+    vLLM loads them, then fails."""
     fp4 = [n for n in routed_names(s) if n in modules and formats.FORMATS[modules[n]["format"]].element == "fp4"]
     if fp4 and not fp4_expert_widths_ok(s):
         h, i = s.adapter.hidden_size, s.adapter.moe_intermediate_size()

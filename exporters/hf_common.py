@@ -18,7 +18,7 @@ from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
 from moepress.errors import MoepressError
-from moepress.exporters.fp8_blocks import block_ok
+from moepress.exporters.kernel_widths import block_ok
 from moepress.exporters.shape import model_shape
 
 QUANT_FILES = ("hf_quant_config.json", "moepress_quant.json", "quant_report.json")

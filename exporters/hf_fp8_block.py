@@ -19,7 +19,7 @@ transformers/quantizers/quantizer_finegrained_fp8.py: serialized names ``weight`
   matches ``mlp.gate_proj``).
 
 Partial blocks: a linear the runtimes would not compute as stored stays high precision and is listed
-in ``modules_to_not_convert`` (fp8_blocks.block_ok): an input width that is not a multiple of 128
+in ``modules_to_not_convert`` (kernel_widths.block_ok): an input width that is not a multiple of 128
 (activations are quantized in 1x128 groups; the tiny DeepSeek's 64-wide expert down projections), a
 routed expert's width that is not (the fused MoE kernels need whole blocks, 64 and 96 included), or a
 dense output over 128 that is not (transformers reads such a scale grid with the wrong block size: the
@@ -47,7 +47,6 @@ from moepress.compress import formats
 from moepress.compress.quant import fp8
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
-from moepress.exporters.fp8_blocks import BLOCK
 from moepress.exporters.fused_moe import high_precision_layers, refuse_mixed
 from moepress.exporters.hf_common import (
     FLOAT_DTYPES,
@@ -59,6 +58,7 @@ from moepress.exporters.hf_common import (
     unquantized_modules,
 )
 from moepress.exporters.hints import FP8_THEN_CT, packed_names, packed_routes
+from moepress.exporters.kernel_widths import BLOCK
 
 # the format this layout stores: FP8 weights with a scale per 128x128 block (TensorRT-LLM FP8_BLOCK_SCALES)
 BLOCK_FP8 = formats.by_quant_algo("FP8_BLOCK_SCALES").name

@@ -40,6 +40,7 @@ from moepress.compress import formats
 from moepress.compress.formats.base import GROUP
 from moepress.compress.inspect import storage_format
 from moepress.errors import MoepressError
+from moepress.exporters.kernel_widths import fp4_widths_ok
 from moepress.exporters.kv_cache import KV_CACHE
 from moepress.exporters.runtime_formats import check_runtime_format, trtllm_experts_problem
 from moepress.exporters.shape import ModelShape, model_shape
@@ -324,12 +325,20 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
         p.notes.insert(0, f"format chosen for {bits}-bit weights: {why}")
     if shape.unblocked(fmt):
         p.notes.append(_unblocked_note(shape.unblocked(fmt)))
+    if shape.num_experts and _fp4(fmt) and not fp4_widths_ok(shape.hidden_size, shape.moe_intermediate):
+        p.notes.append(f"the FP4 fused-MoE kernels need the hidden size and expert width multiples of 64, one of "
+                       f"128 (here {shape.hidden_size} / {shape.moe_intermediate}): compressed-tensors and "
+                       f"hf-modelopt refuse {fmt} routed experts; plan fp8 for them")
     if runtime == "trtllm":
         p.unloadable = trtllm_experts_problem(shape, t, fmt)
         if p.unloadable:
             p.notes.append(f"TensorRT-LLM cannot load it: {p.unloadable} (the sizes hold for vLLM with a "
                            "compressed-tensors export)")
     return p
+
+
+def _fp4(fmt: str) -> bool:
+    return getattr(formats.FORMATS.get(fmt), "element", None) == "fp4"
 
 
 def _unblocked_note(linears: list[tuple[str, int, int]]) -> str:

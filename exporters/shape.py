@@ -20,7 +20,7 @@ from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import CheckpointReader, read_config_file
 from moepress.errors import MoepressError
-from moepress.exporters.fp8_blocks import runs_in_blocks
+from moepress.exporters.kernel_widths import runs_in_blocks
 
 
 def linear_bytes(out_f: int, in_f: int, fmt: str, group: int | None = None) -> float:
@@ -168,7 +168,7 @@ _UNQUANTIZED = next(n for n, f in formats.FORMATS.items() if f.scale is None)  #
 
 def _written(kind: str, out_f: int, in_f: int, fmt: str) -> str:
     """The format a linear planned in ``fmt`` runs in: bf16 for a block-FP8 linear no runtime computes in block
-    FP8 (:func:`fp8_blocks.runs_in_blocks`; hf-fp8-block, the only export taking such a model, keeps it bf16),
+    FP8 (:func:`kernel_widths.runs_in_blocks`; hf-fp8-block, the only export taking such a model, keeps it bf16),
     else ``fmt``."""
     block = getattr(formats.FORMATS.get(fmt), "scale", None) == "block"
     return _UNQUANTIZED if block and not runs_in_blocks((out_f, in_f), kind == "routed") else fmt

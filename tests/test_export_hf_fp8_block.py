@@ -26,7 +26,7 @@ from moepress.exporters import ExportConfig, export
 
 DSV3 = models.path("tiny-deepseek-v3")
 IDS = torch.randint(1, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-# a DeepSeek-V3 whose widths the runtimes take in block FP8 (fp8_blocks.block_ok: inputs and expert widths
+# a DeepSeek-V3 whose widths the runtimes take in block FP8 (kernel_widths.block_ok: inputs and expert widths
 # multiples of 128; the bundled tiny one's experts are 64 wide), but for kv_a_proj_with_mqa's 160 rows
 DS128 = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, q_lora_rank=128, kv_lora_rank=128,
              num_attention_heads=4, num_key_value_heads=4, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)
@@ -162,7 +162,7 @@ def test_packed_input_is_refused(tmp_path, cli_run, model):
 
 
 def test_a_model_without_one_readable_block_grid_is_refused(tmp_path, cli_run):
-    """Hidden 200 (one full and one partial block, which transformers misreads: fp8_blocks.grid_ok) in every
+    """Hidden 200 (one full and one partial block, which transformers misreads: kernel_widths.grid_ok) in every
     linear: each stayed bf16 and the export exited 0 declaring quant_method fp8 (quantized_linears 0, said
     nowhere). Refused in one line instead."""
     from helpers import make_random_checkpoint
@@ -176,7 +176,7 @@ def test_a_model_without_one_readable_block_grid_is_refused(tmp_path, cli_run):
 def test_experts_narrower_than_a_block_stay_bf16(tmp_path):
     """The bundled tiny DeepSeek's experts are 64 wide: vLLM, SGLang and TensorRT-LLM refuse block-FP8 experts
     whose width is not a multiple of 128 (at or under 128 too), and quantize activations in whole 1x128 groups
-    (fp8_blocks.block_ok). Those experts, and every linear with such an input, stay bf16 and are listed, the
+    (kernel_widths.block_ok). Those experts, and every linear with such an input, stay bf16 and are listed, the
     layer's fused experts module too; the export wrote them in FP8 with one partial block before."""
     out = tmp_path / "fb"
     export(DSV3, out, ExportConfig(format="hf-fp8-block"))

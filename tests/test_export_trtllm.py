@@ -429,7 +429,7 @@ def test_attention_biases_are_refused_not_dropped(cli_run, tmp_path):
     an engine built from it would run every attention without its biases."""
     from helpers import make_random_checkpoint
 
-    # widths hf-fp8-block writes in block FP8 (fp8_blocks.block_ok), so that the hint can name it
+    # widths hf-fp8-block writes in block FP8 (kernel_widths.block_ok), so that the hint can name it
     src = make_random_checkpoint("qwen3_moe", tmp_path / "m", attention_bias=True, hidden_size=128,
                                  moe_intermediate_size=128, head_dim=32)
     r = cli_run("export", src, "--format", "trtllm-ckpt", "-o", tmp_path / "o")

@@ -347,3 +347,15 @@ def test_block_fp8_linears_no_runtime_computes_in_blocks_are_planned_bf16():
     p = plan(m, "h100", "fp8-block")
     assert any("counted bf16" in n and "routed [128, 192], routed [192, 128]" in n for n in p.notes)
     assert not any("counted bf16" in n for n in plan(m, "h100", "fp8").notes)
+
+
+@pytest.mark.parametrize("width,noted", [(176, True), (192, False)])
+def test_fp4_experts_at_widths_the_kernels_cannot_run_are_noted(width, noted):
+    """Mixtral experts 176 wide in NVFP4: no FP4 fused-MoE kernel runs them (both widths multiples of 64, one of
+    128), so both FP4 exports refuse them; the plan says so instead of planning what cannot be written."""
+    from moepress import models
+
+    cfg = json.loads((models.path("tiny-mixtral") / "config.json").read_text())
+    cfg["intermediate_size"] = width
+    for p in (plan(cfg, "b200", "nvfp4"), plan(cfg, "b200", bits=4)):
+        assert any("FP4 fused-MoE kernels" in n and f"128 / {width}" in n for n in p.notes) == noted

@@ -1,8 +1,9 @@
-"""Which linears the runtimes compute as stored in 128x128 block FP8 (DeepSeek-V3 / Kimi K2's
-``weight_block_size``): the facts the block-FP8 exporters (``hf_common``, ``fused_moe``) and the planner
-(``shape``) share. A linear that fails :func:`block_ok` is kept bf16 by hf-fp8-block and refused as a
-routed expert by compressed-tensors and hf-modelopt; one that fails :func:`runs_in_blocks` no runtime computes
-in block FP8 (the planner counts it bf16)."""
+"""Which weight shapes the runtimes' kernels compute as stored: 128x128 block FP8 (DeepSeek-V3 / Kimi K2's
+``weight_block_size``) and FP4 routed experts. The facts the exporters (``hf_common``, ``fused_moe``) and the
+planner (``shape``, ``plan``) share. A linear that fails :func:`block_ok` is kept bf16 by hf-fp8-block and
+refused as a routed expert by compressed-tensors and hf-modelopt; one that fails :func:`runs_in_blocks` no
+runtime computes in block FP8 (the planner counts it bf16); FP4 experts that fail :func:`fp4_widths_ok` are
+refused by both FP4 exports."""
 
 from __future__ import annotations
 
@@ -37,3 +38,18 @@ def block_ok(shape, is_routed: bool) -> bool:
     the runtimes (:func:`runs_in_blocks`) and, for a dense output, transformers too (at most 128 rows or whole
     blocks: :func:`grid_ok`)."""
     return runs_in_blocks(shape, is_routed) and (is_routed or grid_ok(shape))
+
+
+def fp4_widths_ok(hidden: int, width: int) -> bool:
+    """Whether the FP4 fused-MoE kernels run routed experts of this hidden size and expert width: both multiples
+    of 64, one of them of 128. vLLM (compressed-tensors and Model-Optimizer checkpoints alike) runs them with
+    Marlin (NVFP4 before Blackwell, MXFP4 always), which tiles a GEMM by thread configs (K, N) of (128, 128),
+    (64, 128), (128, 64) or (64, 256) (vllm-project/vllm csrc/quantization/marlin/marlin.cu, commit 778460ce:
+    "Invalid thread config" otherwise), or with FlashInfer's CUTLASS NVFP4 MoE, the Blackwell default, which pads
+    the gate / up block scales to 128 rows and refuses to pad a gated expert (utils/flashinfer_fp4_moe.py,
+    296ce48d: "Intermediate size padding for w1 and w3 ... not currently supported"); for gate / up K = hidden,
+    N = 2 x width, for down K = width, N = hidden. TensorRT-LLM's NVFP4 fused MoE packs 16 values to an int64
+    and 4 block scales to an int32: both widths multiples of 64 (NVIDIA/TensorRT-LLM a98a9061
+    ``_torch/modules/fused_moe/quantization.py`` NVFP4FusedMoEMethod ``create_weights``: ``hidden_size //
+    scaling_vector_size // block_scales_vec_size``)."""
+    return hidden % 64 == 0 and width % 64 == 0 and (hidden % 128 == 0 or width % 128 == 0)
