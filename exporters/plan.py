@@ -323,12 +323,7 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     p = planner.onnx(gpus) if runtime == "onnx" else planner.fixed(gpus) if gpus is not None else planner.fewest()
     if why:
         p.notes.insert(0, f"format chosen for {bits}-bit weights: {why}")
-    if shape.unblocked(fmt):
-        p.notes.append(_unblocked_note(shape.unblocked(fmt)))
-    if shape.num_experts and _fp4(fmt) and not fp4_widths_ok(shape.hidden_size, shape.moe_intermediate):
-        p.notes.append(f"the FP4 fused-MoE kernels need the hidden size and expert width multiples of 64, one of "
-                       f"128 (here {shape.hidden_size} / {shape.moe_intermediate}): compressed-tensors and "
-                       f"hf-modelopt refuse {fmt} routed experts; plan fp8 for them")
+    p.notes += _width_notes(shape, fmt)
     if runtime == "trtllm":
         p.unloadable = trtllm_experts_problem(shape, t, fmt)
         if p.unloadable:
@@ -337,15 +332,20 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     return p
 
 
-def _fp4(fmt: str) -> bool:
-    return getattr(formats.FORMATS.get(fmt), "element", None) == "fp4"
-
-
-def _unblocked_note(linears: list[tuple[str, int, int]]) -> str:
-    """The plan's note on block-FP8 linears no runtime computes in block FP8 (ModelShape.rows counts them bf16)."""
-    what = ", ".join(f"{k} [{o}, {i}]" for k, o, i in linears)
-    return (f"no runtime computes these in 128x128 block FP8 (an input not in whole 128-wide groups, an expert "
-            f"width not whole blocks), counted bf16 as hf-fp8-block writes them: {what}")
+def _width_notes(shape: ModelShape, fmt: str) -> list[str]:
+    """Notes on linears whose widths the runtimes' kernels do not compute in ``fmt`` (exporters/kernel_widths.py):
+    block-FP8 linears counted bf16 (ModelShape.rows), FP4 routed experts that the FP4 exports refuse."""
+    notes = []
+    if shape.unblocked(fmt):
+        what = ", ".join(f"{k} [{o}, {i}]" for k, o, i in shape.unblocked(fmt))
+        notes.append(f"no runtime computes these in 128x128 block FP8 (an input not in whole 128-wide groups, an "
+                     f"expert width not whole blocks), counted bf16 as hf-fp8-block writes them: {what}")
+    fp4 = getattr(formats.FORMATS.get(fmt), "element", None) == "fp4"
+    if shape.num_experts and fp4 and not fp4_widths_ok(shape.hidden_size, shape.moe_intermediate):
+        notes.append(f"the FP4 fused-MoE kernels need the hidden size and expert width multiples of 64, one of 128 "
+                     f"(here {shape.hidden_size} / {shape.moe_intermediate}): compressed-tensors and hf-modelopt "
+                     f"refuse {fmt} routed experts; plan fp8 for them")
+    return notes
 
 
 def _gb(n: float) -> str:

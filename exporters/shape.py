@@ -72,12 +72,12 @@ class ModelShape:
 
     def rows(self, fmt: str) -> list[tuple]:
         """(kind, out, in, format, count) of each linear planned in ``fmt``, as it runs
-        (:func:`_written`)."""
-        return [(k, o, i, _written(k, o, i, f), c) for k, o, i, f, c in self._planned(fmt)]
+        (:func:`_runs_as`)."""
+        return [(k, o, i, _runs_as(k, o, i, f), c) for k, o, i, f, c in self._planned(fmt)]
 
     def unblocked(self, fmt: str) -> list[tuple[str, int, int]]:
         """(kind, out, in) of the linears planned in block FP8 that :meth:`rows` counts as bf16."""
-        return sorted({(k, o, i) for k, o, i, f, _ in self._planned(fmt) if _written(k, o, i, f) != f})
+        return sorted({(k, o, i) for k, o, i, f, _ in self._planned(fmt) if _runs_as(k, o, i, f) != f})
 
     def bytes_by_kind(self, fmt: str) -> dict[str, float]:
         """Bytes per kind of parameter in ``fmt``; in the checkpoint's own format, as its linears are stored."""
@@ -166,7 +166,7 @@ def model_shape(model: str | Path | dict) -> ModelShape:
 _UNQUANTIZED = next(n for n, f in formats.FORMATS.items() if f.scale is None)  # what a --rule "none" leaves
 
 
-def _written(kind: str, out_f: int, in_f: int, fmt: str) -> str:
+def _runs_as(kind: str, out_f: int, in_f: int, fmt: str) -> str:
     """The format a linear planned in ``fmt`` runs in: bf16 for a block-FP8 linear no runtime computes in block
     FP8 (:func:`kernel_widths.runs_in_blocks`; hf-fp8-block, the only export taking such a model, keeps it bf16),
     else ``fmt``."""
