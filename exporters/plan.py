@@ -335,9 +335,9 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
 def _width_notes(shape: ModelShape, fmt: str) -> list[str]:
     """Notes on linears whose widths the runtimes' kernels do not compute in ``fmt`` (exporters/kernel_widths.py):
     block-FP8 linears counted bf16 (ModelShape.rows), FP4 routed experts that the FP4 exports refuse."""
-    notes = []
-    if shape.unblocked(fmt):
-        what = ", ".join(f"{k} [{o}, {i}]" for k, o, i in shape.unblocked(fmt))
+    notes, unblocked = [], shape.unblocked(fmt)
+    if unblocked:
+        what = ", ".join(f"{k} [{o}, {i}]" for k, o, i in unblocked)
         notes.append(f"no runtime computes these in 128x128 block FP8 (an input not in whole 128-wide groups, an "
                      f"expert width not whole blocks), counted bf16 as hf-fp8-block writes them: {what}")
     fp4 = getattr(formats.FORMATS.get(fmt), "element", None) == "fp4"
