@@ -300,3 +300,57 @@ def test_linear_biases_are_in_the_graph(tmp_path, cli_run):
         want = model(ids).logits
     got = _ort_logits(tmp_path / "x", ids)
     assert ((got - want).norm() / want.norm()).item() < 3e-7  # measured 1.4e-7 (float32 both sides)
+
+
+def test_yarn_attention_scaling_is_in_the_graph(tmp_path, cli_run):
+    """YaRN without mscale keys scales cos / sin by 0.1 ln(factor) + 1 (1.139 at factor 4); every bundled model
+    has the default rope (scale 1), so dropping it from the graph passed every other test. Reference:
+    transformers' own forward of the same checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    src = _with_config(tmp_path, "tiny-qwen3-moe", rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256})
+    assert cli_run("export", src, "--format", "onnx", "-o", tmp_path / "x", "--quiet").exit_code == 0
+    ids = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    assert abs(model.model.rotary_emb.attention_scaling - 1.0) > 0.1  # the case this test is about
+    with torch.no_grad():
+        want = model(ids).logits
+    got = _ort_logits(tmp_path / "x", ids)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= FLOAT32[0]
+
+
+def test_per_channel_fp8_weights_export_as_transformers_computes_them(tmp_path):
+    """E4M3 weights with a [out, 1] weight_scale and no moepress layout (an outside FP8 W8A16 per-channel
+    checkpoint) export as one DequantizeLinear per weight on axis 0; no other test has such a weight, so scales
+    applied to the wrong rows passed. Reference: transformers' float32 forward of the weights dequantized (w x s)."""
+    from transformers import AutoModelForCausalLM
+
+    from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+    from moepress.compress.quant.fp8 import quantize_channel
+    from moepress.exporters import ExportConfig, export
+
+    reader = CheckpointReader(models.path("tiny-qwen3-moe"))
+    fp8, deq = tmp_path / "fp8", tmp_path / "deq"
+    with CheckpointWriter(fp8) as wq, CheckpointWriter(deq) as wd:
+        for name in reader.names():
+            t = reader.get(name)
+            if ".layers." in name and name.endswith("proj.weight") and t.ndim == 2:
+                q, s = quantize_channel(t.float())
+                assert s.shape == (t.shape[0], 1) and s.unique().numel() > 1
+                wq.add(name, q)
+                wq.add(name[: -len(".weight")] + ".weight_scale", s)
+                wd.add(name, q.float() * s)
+            else:
+                wq.add(name, t)
+                wd.add(name, t)
+        for w in (wq, wd):
+            w.write_json("config.json", reader.config)
+            w.copy_aux_files(models.path("tiny-qwen3-moe"))
+    info = export(fp8, tmp_path / "onnx", ExportConfig(format="onnx"))
+    assert "fp8-dynamic" in info["onnx"]["weight_schemes"]  # the per-channel E4M3 form's stored name
+    ids = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(str(deq), dtype=torch.float32).eval()(ids).logits
+    got = _ort_logits(tmp_path / "onnx", ids)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= FLOAT32[0]

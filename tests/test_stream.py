@@ -127,3 +127,20 @@ def test_prefetch_reads_every_layer_tensor_in_the_background(read_ahead_bytes):
     assert sum(1 for _ in sm.layers()) == sm.num_layers and seen
     assert not [nm for nm, main in seen if main]
     assert len(seen) == len({nm for nm, _ in seen})  # each tensor read once
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen3-moe", "tiny-mixtral", "tiny-deepseek-v3"])
+def test_a_config_without_tie_word_embeddings_is_untied_as_in_transformers(tmp_path, model):
+    """Every bundled config states tie_word_embeddings; one that omits it is untied in transformers, and read
+    as tied the trtllm-ckpt export would declare the embedding as the head."""
+    import json
+
+    from transformers import AutoConfig
+
+    from moepress.compress.arch import get_adapter
+
+    cfg = json.loads((bundled_path(model) / "config.json").read_text())
+    cfg.pop("tie_word_embeddings")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert AutoConfig.from_pretrained(str(tmp_path)).tie_word_embeddings is False
+    assert get_adapter(cfg).tie_word_embeddings is False
