@@ -11,7 +11,9 @@ the outputs are the same in both runs. Keys whose values are wall-clock measurem
 strings (see VOLATILE) are removed from JSON files before hashing, and moepress-manifest.json's
 digests of such files are dropped with them; every other byte counts. An export an exporter
 refuses is recorded as its exit code. Calibration is small (8 x 64 tokens) to keep a run near
-ten minutes on two cores; the code paths are the defaults'.
+ten minutes on two cores; the code paths are the defaults'. Record and check on the same machine: the
+calibrated stages' float results depend on the CPU's kernels (seen: every calibrated case differed on an
+AVX-512-BF16 machine from hashes recorded on another, the calibration-free ones were identical).
 """
 
 from __future__ import annotations

@@ -66,6 +66,7 @@ from moepress.exporters.fused_moe import (
     refuse_mixed,
     refuse_partial_blocks,
     refuse_partial_input_groups,
+    refuse_partly_fused,
     refuse_unlike,
     refuse_unpacked_experts,
     routed_linears,
@@ -111,6 +112,7 @@ def _schemes(src: Path, s) -> tuple[dict[tuple[str, int | None], object], str]:
         raise MoepressError(f"--format compressed-tensors: {src} mixes {', '.join(sorted(fmts))}; "
                             "expected FP8 formats only or INT4 only (one compressed-tensors format per checkpoint)")
     _refuse_misread_experts(s, schemes)
+    refuse_partly_fused(s, "compressed-tensors", s.layout["modules"], "vLLM (which refuses the checkpoint) and SGLang")
     return schemes, next(iter(ct_formats))
 
 

@@ -25,7 +25,8 @@ group size (vLLM's compressed_tensors_moe.py CompressedTensorsMoEMethod.get_moe_
 raises "All MoE projections need to have same quantization scheme"), or none; block-FP8 experts
 must be whole 128x128 blocks when a dimension is over 128 (gate and up are stacked into one weight
 whose 128-row blocks would straddle the two); a layer whose experts all stay high precision is
-named as the fused module as well.
+named as the fused module as well. The dense linears the runtimes fuse (q/k/v, gate/up, DeepSeek's q_a / kv_a)
+likewise take one quantization (``refuse_partly_fused``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import re
 from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
-from moepress.exporters.hf_common import Source, fp8_block_grids
+from moepress.exporters.hf_common import TRTLLM_FUSED, Source, fp8_block_grids
 from moepress.exporters.kernel_widths import fp4_widths_ok, grid_ok
 
 
@@ -112,6 +113,35 @@ def refuse_mixed(s: Source, flag: str, quantized: set[str], why: str, other_form
         raise MoepressError(
             f"--format {flag}: {len(mixed)} routed-expert linears stay unquantized beside quantized projections of "
             f"the same experts ({pattern(mixed)}: {_reason(s, mixed)}); {why}: {_hint(s, mixed, other_formats)}")
+
+
+def refuse_partly_fused(s: Source, flag: str, modules: dict, who: str) -> None:
+    """Refuse linears that the runtimes fuse into one (``hf_common.TRTLLM_FUSED``: q/k/v, a dense or shared MLP's
+    gate/up, DeepSeek's q_a / kv_a) quantized unlike each other, one left high precision included: a fused linear
+    has one quantization. vLLM refuses such a checkpoint at load (compressed_tensors/utils.py
+    should_ignore_layer: "Found different quantization schemes for the shards of ..."; modelopt.py likewise for
+    exclude_modules), and TensorRT-LLM takes the fused linear's exclusion from its fused name
+    (QuantConfig.is_module_excluded_from_quantization), so a part excluded alone is built quantized, without
+    scales. ``who``: this export's consumers that fuse them, for the message. Routed experts are checked by
+    :func:`refuse_mixed` / :func:`refuse_unlike`."""
+    groups: dict[tuple[str, str], dict[str, str]] = {}
+    for n in s.reader.names():
+        base, _, leaf = n[: -len(".weight")].rpartition(".")
+        if not n.endswith(".weight") or s.adapter.expert_index(n) is not None:
+            continue
+        for fused, parts in TRTLLM_FUSED.items():
+            if leaf in parts:
+                m = modules.get(f"{base}.{leaf}")
+                groups.setdefault((base, fused), {})[f"{base}.{leaf}"] = (
+                    "unquantized" if m is None else m["format"] + (f" group {m['group']}" if m.get("group") else ""))
+    unlike = [(fused, kinds) for (_, fused), kinds in sorted(groups.items()) if len(set(kinds.values())) > 1]
+    if unlike:
+        fused, kinds = unlike[0]
+        by_kind = "; ".join(f"{pattern([n for n in kinds if kinds[n] == k])}: {k}" for k in sorted(set(kinds.values())))
+        raise MoepressError(
+            f"--format {flag}: {s.path}: {len(unlike)} linears that {who} fuse have parts quantized unlike each "
+            f"other ({by_kind}); a fused {fused} has one quantization: quantize {', '.join(TRTLLM_FUSED[fused])} "
+            "alike (the same --rule for all of them)")
 
 
 def fp4_expert_widths_ok(s: Source) -> bool:

@@ -34,9 +34,10 @@ config files consumers read:
 Refused with one line (fused_moe.py): a layer whose routed experts are partly quantized (e.g.
 INT4 down projections left bf16 because no group divides their in_features) and block-FP8 experts
 whose width is over 128 and not a multiple of it: fused-MoE runtimes hold one quantization per
-layer's experts and stack gate and up into one weight. Routed experts no runtime loads from a
-Model-Optimizer checkpoint (``refuse_unloadable_experts``: INT4 weight-only, and W4A8 on DeepSeek-V3 /
-Kimi K2, the format registry's ``trtllm_moe_families``; block FP8 for every family, its
+layer's experts and stack gate and up into one weight; q/k/v, gate/up or DeepSeek's q_a / kv_a quantized
+unlike each other (``refuse_partly_fused``: the runtimes fuse each into one linear). Routed experts no
+runtime loads from a Model-Optimizer checkpoint (``refuse_unloadable_experts``: INT4 weight-only, and W4A8
+on DeepSeek-V3 / Kimi K2, the format registry's ``trtllm_moe_families``; block FP8 for every family, its
 ``modelopt_moe_why``: ``refuse_modelopt_named_experts`` sends them to hf-fp8-block).
 
 Each format's ``quant_algo`` is the name Model-Optimizer writes (Format.modelopt_entry): block FP8 is
@@ -63,6 +64,7 @@ from moepress.exporters.fused_moe import (
     refuse_mixed,
     refuse_partial_blocks,
     refuse_partial_input_groups,
+    refuse_partly_fused,
     refuse_unlike,
     routed_names,
 )
@@ -203,6 +205,7 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
                  "quantization and would misread or refuse it")
     refuse_unlike(s, "hf-modelopt", modules, "TensorRT-LLM and vLLM fuse a layer's experts under one quantization "
                   "(one group size for all its projections)")
+    refuse_partly_fused(s, "hf-modelopt", modules, "TensorRT-LLM (which misreads them), vLLM and SGLang")
     refuse_partial_blocks(s, "hf-modelopt", modules)
     refuse_partial_input_groups(s, "hf-modelopt", modules)
     refuse_fp4_expert_widths(s, "hf-modelopt", modules)  # vLLM and TensorRT-LLM read them with the same kernels

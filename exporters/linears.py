@@ -53,15 +53,15 @@ class Linear:
         return stored_name(self.scheme)
 
     def dequantize(self) -> torch.Tensor:
+        """The float weight of an unquantized or E4M3 linear (trtllm-ckpt's inputs; the ONNX graph dequantizes
+        INT4 groups and AWQ's pre_quant_scale itself)."""
         if self.scheme == "none":
             return self.weight.float()
         if self.scheme in ("tensor", "channel"):
             return self.weight.float() * self.scale.float()
         if self.scheme == "block":
             return dequantize_block(self.weight, self.scale)
-        g = self.weight.shape[1] // self.scale.shape[1]
-        w = self.weight.float() * self.scale.float().repeat_interleave(g, dim=1)
-        return w * self.pre_quant_scale.float()[None, :] if self.pre_quant_scale is not None else w
+        raise ValueError(f"Linear.dequantize: scheme {self.scheme!r} has no float form here")
 
 
 def _fp8_scheme(reader: CheckpointReader, prefix: str, s: torch.Tensor) -> str:

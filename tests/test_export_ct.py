@@ -367,3 +367,28 @@ def test_mixed_schemes_name_the_experts_where_vllm_looks(tmp_path, cli_run):
     got = torch.load(tmp_path / "logits.pt")[f"{ct}|default"]
     # transformers runs the dense linears' dynamic FP8 activations, the fused experts' unquantized
     assert _rel(got, _forward(q, "non-experts")) < 1e-4
+
+
+def test_ct_ignore_names_every_high_precision_linear_as_the_library_matches(tmp_path):
+    """Only routed experts quantized (Kimi's layout), but a layer whose routed experts all stay bf16 (a full-name
+    --rule) beside FP8 experts elsewhere: Kimi's four
+    ignore patterns do not cover those experts, so the export must list them explicitly. Every module that is
+    stored high precision must be matched by an ignore entry as compressed-tensors (and vLLM's
+    should_ignore_layer) matches them, and no quantized module may be."""
+    from compressed_tensors.utils.match import match_name
+
+    q, e = tmp_path / "q", tmp_path / "ct"
+    quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(
+        format="fp8", rules=(("self_attn.*", "none"), ("model.layers.0.mlp.experts.*", "none")),
+        num_samples=2, seq_len=32))  # experts only, as Kimi ships, but layer 0's left bf16
+    export(q, e, ExportConfig(format="compressed-tensors"))
+    ignore = json.loads((e / "config.json").read_text())["quantization_config"]["ignore"]
+    r = CheckpointReader(e)
+    linears = {n[: -len(".weight")] for n in r.names()
+               if n.endswith(".weight") and len(r.info(n).shape) == 2 and "embed_tokens" not in n}
+    quantized = {m for m in linears if m + ".weight_scale" in r}
+    plain = linears - quantized
+    assert any(".layers.0.mlp.experts." in m for m in plain) and quantized  # the case under test
+    missed = sorted(m for m in plain if not any(match_name(m, t) for t in ignore))
+    wrong = sorted(m for m in quantized if any(match_name(m, t) for t in ignore))
+    assert not missed and not wrong, (missed[:4], wrong[:4], ignore[:6])

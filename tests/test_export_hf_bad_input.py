@@ -79,3 +79,26 @@ def test_int4_scales_that_are_not_whole_groups_are_refused(tmp_path, groups, wid
     with pytest.raises(MoepressError, match=f"'x.weight' has {groups} scale groups over in_features {width}"):
         read_linear(r, "x")
     assert read_linear(r, "y").weight.shape == (4, 192)  # 3 groups of 64
+
+
+@pytest.mark.parametrize("model,rule,fused", [
+    ("tiny-qwen3-moe", "self_attn.q_proj", "qkv_proj"),
+    ("tiny-deepseek-v3", "self_attn.kv_a_proj_with_mqa", "fused_a"),
+    ("tiny-deepseek-v3", "mlp.shared_experts.up_proj", "gate_up_proj"),
+])
+def test_linears_the_runtimes_fuse_must_be_quantized_alike(tmp_path, cli_run, model, rule, fused):
+    """One part of q/k/v (gate/up, DeepSeek's q_a / kv_a) left bf16 beside FP8 parts: vLLM refuses the checkpoint
+    at load (compressed_tensors/utils.py should_ignore_layer) and TensorRT-LLM builds the fused linear quantized;
+    both exports refuse it in one line. The same rule on every part is written."""
+    q = tmp_path / "q"
+    assert cli_run("quantize", model, "--format", "fp8", "--rule", f"{rule}=none", "--num-samples", "2",
+                   "--seq-len", "32", "-o", q, "--quiet").exit_code == 0
+    for fmt in ("hf-modelopt", "compressed-tensors"):
+        r = cli_run("export", q, "--format", fmt, "-o", tmp_path / fmt)
+        _one_line_refusal(r, tmp_path / fmt)
+        assert f"a fused {fused} has one quantization" in r.output and f"{rule.split('.')[-1]}: unquantized" in r.output
+    whole = "self_attn.*_proj" if fused == "qkv_proj" else rule.rsplit(".", 1)[0] + ".*"
+    assert cli_run("quantize", model, "--format", "fp8", "--rule", f"{whole}=none", "--num-samples", "2",
+                   "--seq-len", "32", "-o", tmp_path / "q2", "--quiet").exit_code == 0
+    for fmt in ("hf-modelopt", "compressed-tensors"):
+        assert cli_run("export", tmp_path / "q2", "--format", fmt, "-o", tmp_path / f"{fmt}2").exit_code == 0

@@ -204,3 +204,22 @@ def test_a_layer_with_experts_partly_fp8_is_refused(exports, tmp_path, cli_run):
     # the way out this export takes: every expert projection in block FP8 (it writes no per-tensor FP8)
     assert r.output.rstrip().endswith("quantize every expert projection (no --rule leaving some unquantized)")
     assert not (tmp_path / "fb").exists()
+
+
+def test_block_fp8_linears_kept_high_precision_are_written_in_the_export_dtype(tmp_path):
+    """A quantize --format fp8-block output of the bundled tiny DeepSeek (64-wide experts, which no runtime
+    computes in block FP8): hf-fp8-block writes those linears dequantized, in the export's --dtype (the dtype
+    of every other high-precision tensor), and their values are the stored block-FP8 weights'."""
+    import torch
+
+    q = tmp_path / "q"
+    quantize_checkpoint(models.path("tiny-deepseek-v3"), q, QuantConfig(format="fp8-block"))
+    for dtype, code in (("bfloat16", "BF16"), ("float16", "F16")):
+        out = tmp_path / dtype
+        info = export(q, out, ExportConfig(format="hf-fp8-block", dtype=dtype))
+        kept = info["kept_high_precision"]
+        assert any(".experts." in k for k in kept), kept
+        r, src = CheckpointReader(out), CheckpointReader(q)
+        for k in kept:
+            assert r.info(k + ".weight").dtype == code, (k, r.info(k + ".weight").dtype)
+            assert torch.equal(r.get(k + ".weight"), src.weight(k + ".weight", getattr(torch, dtype)))

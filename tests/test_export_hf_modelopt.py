@@ -290,3 +290,19 @@ def test_folded_w4a8_awq_gets_a_ones_pre_quant_scale_per_awq_linear(tmp_path):
         s = r.get(m + ".pre_quant_scale")
         assert s.dtype == torch.float32 and torch.equal(s, torch.ones(src.info(m + ".weight").shape[1]))
     assert json.loads((e / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A8_AWQ"
+
+
+def test_fp8_kv_cache_of_an_hf_modelopt_export_is_what_build_budgets(tmp_path):
+    """quantize --kv-cache fp8, export hf-modelopt: hf_quant_config.json says kv_cache_quant_algo FP8 (what
+    TensorRT-LLM and vLLM read), and build / plan take that as the KV-cache dtype (1 byte per value), not bf16."""
+    from moepress.exporters import artifacts
+    from moepress.exporters.kv_cache import KV_CACHE
+
+    q, e = tmp_path / "q", tmp_path / "m"
+    quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(format="fp8", kv_cache="fp8",
+                                                                       num_samples=2, seq_len=32))
+    export(q, e, ExportConfig(format="hf-modelopt"))
+    assert json.loads((e / "hf_quant_config.json").read_text())["quantization"]["kv_cache_quant_algo"] == "FP8"
+    declared = artifacts.kv_cache_declared(e)
+    assert declared is not None and declared.name == "fp8" and declared == KV_CACHE["fp8"]
+    assert declared.bytes == 1
