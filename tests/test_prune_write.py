@@ -1,0 +1,75 @@
+"""The pruned checkpoint as written: a declared MTP layer reported as written, float16 experts merged in float16, Kimi
+INT4 groups that outgrew their stored scale re-scaled as compressed-tensors quantizes."""
+
+import json
+
+import torch
+from test_prune import write_deepseek_with_mtp
+
+from helpers import QWEN_SMALL as QWEN
+from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.prune import PruneConfig, prune_checkpoint
+from moepress.compress.synthetic import write_synthetic
+
+
+def test_a_declared_mtp_layer_is_written_and_not_reported_as_unwritten(tmp_path):
+    """The MTP layer (declared by num_nextn_predict_layers=1) is pruned and written: prune_report.json must not
+    list it under layers_not_written (which tells a user the layer is gone)."""
+    src = write_deepseek_with_mtp(tmp_path)
+    out = tmp_path / "p"
+    prune_checkpoint(src, out, PruneConfig(method="frequency", keep=8),
+                     batches=[torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))])
+    rep = json.loads((out / "prune_report.json").read_text())
+    assert rep["mtp_layers"] == [2] and CheckpointReader(out).layer_indices() == [0, 1, 2]
+    assert "layers_not_written" not in rep, rep["layers_not_written"]
+
+
+def test_merged_float_experts_keep_the_stored_float_dtype(tmp_path):
+    """A float16 checkpoint merged: every written tensor (the refit down projections included) is float16, as the
+    input stores it, and the report says so; a cast to bf16 would mix dtypes and round the refit to 8 bits."""
+    src = write_synthetic(QWEN, tmp_path / "fp16", dtype=torch.float16)
+    out = tmp_path / "m"
+    prune_checkpoint(src, out, PruneConfig(method="merge", keep=8),
+                     batches=[torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))])
+    rows = json.loads((out / "prune_report.json").read_text())["layers"]
+    assert any(r["merged"] for r in rows)
+    assert all(m["stored_as"] == "float16" for r in rows for m in r["merged"].values())
+    r = CheckpointReader(out)
+    wrong = {n: r.get_dtype(n) for n in r.names() if r.get_dtype(n) != torch.float16}
+    assert not wrong, wrong
+
+
+def test_ct_int4_group_whose_codes_reach_plus_8_on_the_old_scale_gets_a_fresh_scale():
+    """A merged group that no longer fits the input's scale (a value rounds to +8, past INT4's +7) is re-scaled
+    as compressed-tensors would quantize it (minmax amax / 7.5), not clipped to 7 x the old scale."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    from moepress.compress.prune.merge import encode_ct_int4
+
+    out_f, in_f, group = 24, 96, 32
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    wg = w.view(out_f, in_f // group, group)
+    top = wg.gather(-1, wg.abs().argmax(-1, keepdim=True))
+    wg = wg * top.sign()  # each group's largest magnitude positive: on the old scale it is code +8
+    w = wg.reshape(out_f, in_f)
+    old = (wg.amax(-1).float() / 8).to(torch.bfloat16)  # the input's scale, which the merged groups outgrew
+    ratio = wg.amax(-1).float() / old.float()
+    assert ((ratio >= 7.5) & (ratio < 8.5)).all()
+
+    class R:
+        path = "stub"
+        t = {"e.weight_packed": torch.zeros(out_f, in_f // 8, dtype=torch.int32), "e.weight_scale": old,
+             "e.weight_shape": torch.tensor([out_f, in_f])}
+
+        def get(self, n):
+            return self.t[n]
+
+    got = encode_ct_int4(R(), "e", w.float(), sorted(R.t))
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group)
+    scale, zp = calculate_qparams(wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0), args)
+    q = quantize(w, scale, zp, args, dtype=torch.int8)
+    assert torch.equal(got["e.weight_scale"], scale)
+    assert torch.equal(got["e.weight_packed"], pack_to_int32(q, 4))
