@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 TINY = {
     "qwen3_moe": dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
@@ -119,3 +120,18 @@ DSV3_SMALL = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalL
                   num_experts_per_tok=4, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5,
                   norm_topk_prob=True, num_nextn_predict_layers=0)
+
+
+def trtllm_ckpt(d, source, quant_algo="FP8", world=2, ep=2):
+    """A TensorRT-LLM checkpoint (docs/source/architecture/checkpoint.md): config.json + rank{N}."""
+    d.mkdir()
+    cfg = {"architecture": "MixtralForCausalLM", "dtype": "bfloat16",
+           "mapping": {"world_size": world, "tp_size": world, "pp_size": 1, "moe_tp_size": world // ep,
+                       "moe_ep_size": ep},
+           "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": None},
+           "moe": {"num_experts": 8, "top_k": 2, "normalization_mode": 1}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    for r in range(world):
+        save_file({"transformer.ln_f.weight": torch.ones(4)}, str(d / f"rank{r}.safetensors"))
+    (d / "export.json").write_text(json.dumps({"format": "trtllm-ckpt", "source": str(source)}))
+    return d

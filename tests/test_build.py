@@ -11,29 +11,14 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from helpers import trtllm_ckpt
 from moepress import models
 from moepress.errors import MoepressError
 from moepress.exporters.build import build, detect_artifact
 from moepress.exporters.builders import trtllm_pytorch
 
 KIMI = "tests/data/kimi-k2-config.json"
-
-
-def _trtllm_ckpt(d, source, quant_algo="FP8", world=2, ep=2):
-    """A TensorRT-LLM checkpoint (docs/source/architecture/checkpoint.md): config.json + rank{N}."""
-    d.mkdir()
-    cfg = {"architecture": "MixtralForCausalLM", "dtype": "bfloat16",
-           "mapping": {"world_size": world, "tp_size": world, "pp_size": 1, "moe_tp_size": world // ep,
-                       "moe_ep_size": ep},
-           "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": None},
-           "moe": {"num_experts": 8, "top_k": 2, "normalization_mode": 1}}
-    (d / "config.json").write_text(json.dumps(cfg))
-    for r in range(world):
-        save_file({"transformer.ln_f.weight": torch.ones(4)}, str(d / f"rank{r}.safetensors"))
-    (d / "export.json").write_text(json.dumps({"format": "trtllm-ckpt", "source": str(source)}))
-    return d
 
 
 @pytest.fixture
@@ -43,7 +28,7 @@ def mixtral():
 
 @pytest.fixture
 def ckpt(tmp_path, mixtral):
-    return _trtllm_ckpt(tmp_path / "ckpt", mixtral)
+    return trtllm_ckpt(tmp_path / "ckpt", mixtral)
 
 
 @pytest.fixture
@@ -132,7 +117,7 @@ def test_trtllm_engine_refusals(ckpt, tmp_path, mixtral):
         build(ckpt, "a100", tmp_path / "o1")
     with pytest.raises(MoepressError, match=r"--gpus 4: .* exported for world_size 2; use --gpus 2"):
         build(ckpt, "h100", tmp_path / "o2", gpus=4)
-    bf16 = _trtllm_ckpt(tmp_path / "bf16", mixtral, quant_algo=None, world=1, ep=1)
+    bf16 = trtllm_ckpt(tmp_path / "bf16", mixtral, quant_algo=None, world=1, ep=1)
     res = build(bf16, "a100", tmp_path / "o3")
     assert "--use_fp8_context_fmha" not in res["commands"][0]
     assert not (tmp_path / "o1").exists()  # nothing written on a refusal
@@ -375,7 +360,7 @@ def test_gpu_tensorrt_engine_from_onnx_export(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has("tensorrt_llm"), reason="tensorrt_llm not installed")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_gpu_trtllm_engine_from_trtllm_ckpt(tmp_path):
+def test_gpu_trtllm_engine_fromtrtllm_ckpt(tmp_path):
     _, res = _export_and_build(tmp_path, "tiny-mixtral", "trtllm-ckpt")
     assert (tmp_path / "engine" / "engine" / "rank0.engine").is_file()
     _check_passed(res)

@@ -5,9 +5,8 @@ import json
 import shlex
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
+from helpers import trtllm_ckpt
 from moepress import models
 from moepress.errors import MoepressError
 from moepress.exporters import environment as E
@@ -17,21 +16,6 @@ from moepress.exporters.builders import BUILDERS
 from moepress.exporters.targets import get_target
 
 L40S = {"gpu": "NVIDIA L40S", "sm": 89, "count": 1, "cuda": "12.8", "driver": "570.86"}
-
-
-def _trtllm_ckpt(d, source, quant_algo="FP8", world=2, ep=2):
-    """A TensorRT-LLM checkpoint (docs/source/architecture/checkpoint.md): config.json + rank{N}."""
-    d.mkdir()
-    cfg = {"architecture": "MixtralForCausalLM", "dtype": "bfloat16",
-           "mapping": {"world_size": world, "tp_size": world, "pp_size": 1, "moe_tp_size": world // ep,
-                       "moe_ep_size": ep},
-           "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": None},
-           "moe": {"num_experts": 8, "top_k": 2, "normalization_mode": 1}}
-    (d / "config.json").write_text(json.dumps(cfg))
-    for r in range(world):
-        save_file({"transformer.ln_f.weight": torch.ones(4)}, str(d / f"rank{r}.safetensors"))
-    (d / "export.json").write_text(json.dumps({"format": "trtllm-ckpt", "source": str(source)}))
-    return d
 
 
 def _modelopt(d, model, algo="FP8", kv=None):
@@ -47,7 +31,7 @@ def _modelopt(d, model, algo="FP8", kv=None):
 def test_fp8_context_fmha_is_enabled_on_ada(tmp_path, target):
     """TensorRT-LLM's attention op: "FP8 FMHA can only be enabled on sm_89, sm_90, sm_100, sm_103, sm_120 or
     sm_121" (its fp8_context_fmha pre-check): an FP8 engine for Ada (L4, L40S: sm89) gets it too."""
-    ckpt = _trtllm_ckpt(tmp_path / "ckpt", models.path("tiny-mixtral"))
+    ckpt = trtllm_ckpt(tmp_path / "ckpt", models.path("tiny-mixtral"))
     cmd = shlex.split(build(ckpt, target, tmp_path / "b")["commands"][0])
     assert cmd[cmd.index("--use_fp8_context_fmha") + 1] == "enable"
 
@@ -118,7 +102,7 @@ def test_kv_cache_scheme_of_other_widths_is_not_fp8(tmp_path):
 def test_trtllm_ckpt_kv_cache_is_read_from_its_quantization(tmp_path):
     """A TensorRT-LLM checkpoint declares its KV cache in config.json quantization.kv_cache_quant_algo
     (docs/source/architecture/checkpoint.md): what the model card reports as carried."""
-    ckpt = _trtllm_ckpt(tmp_path / "ckpt", models.path("tiny-mixtral"))
+    ckpt = trtllm_ckpt(tmp_path / "ckpt", models.path("tiny-mixtral"))
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["quantization"]["kv_cache_quant_algo"] = "FP8"
     (ckpt / "config.json").write_text(json.dumps(cfg))
@@ -129,7 +113,7 @@ def test_trtllm_ckpt_fp8_kv_cache_is_what_the_engine_plan_budgets(tmp_path):
     """A trtllm-ckpt's quantization.kv_cache_quant_algo FP8 fixes the engine's KV cache
     (docs/source/architecture/checkpoint.md): with no --kv-cache-dtype, plan.json and build.json say fp8
     (1 byte per cached value), not the model's bf16."""
-    ckpt = _trtllm_ckpt(tmp_path / "ckpt", models.path("tiny-mixtral"))
+    ckpt = trtllm_ckpt(tmp_path / "ckpt", models.path("tiny-mixtral"))
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["quantization"]["kv_cache_quant_algo"] = "FP8"
     (ckpt / "config.json").write_text(json.dumps(cfg))
@@ -140,7 +124,7 @@ def test_trtllm_ckpt_fp8_kv_cache_is_what_the_engine_plan_budgets(tmp_path):
 def test_trtllm_ckpt_ep_is_the_checkpoints(tmp_path):
     """A trtllm-ckpt is already split: its mapping's moe_ep_size (moe_tp_size * moe_ep_size = tp_size,
     tensorrt_llm/mapping.py) is the plan's EP even when --ep is not given; world 2 with moe_ep 1 is tp 2, ep 1."""
-    ckpt = _trtllm_ckpt(tmp_path / "ckpt", models.path("tiny-mixtral"), world=2, ep=1)
+    ckpt = trtllm_ckpt(tmp_path / "ckpt", models.path("tiny-mixtral"), world=2, ep=1)
     res = build(ckpt, "h100", tmp_path / "b")
     assert (res["plan"]["gpus"], res["plan"]["tp"], res["plan"]["ep"]) == (2, 2, 1)
     assert res["config"]["ep"] == 1
@@ -149,7 +133,7 @@ def test_trtllm_ckpt_ep_is_the_checkpoints(tmp_path):
 def test_flat_moe_keys_of_a_trtllm_ckpt_get_the_moe_plugin(tmp_path):
     """TensorRT-LLM's convert_checkpoint.py scripts that write the MoE config flat (``moe_num_experts``,
     ``moe_top_k`` beside ``mapping``) make MoE checkpoints too: trtllm-build gets --moe_plugin for them."""
-    ckpt = _trtllm_ckpt(tmp_path / "ckpt", models.path("tiny-mixtral"))
+    ckpt = trtllm_ckpt(tmp_path / "ckpt", models.path("tiny-mixtral"))
     cfg = json.loads((ckpt / "config.json").read_text())
     del cfg["moe"]
     cfg.update(moe_num_experts=8, moe_top_k=2)
