@@ -36,7 +36,7 @@ import re
 from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
-from moepress.exporters.hf_common import TRTLLM_FUSED, Source, fp8_block_grids
+from moepress.exporters.hf_common import TRTLLM_FUSED, Source, fp8_block_grids, fused_parts
 from moepress.exporters.kernel_widths import fp4_widths_ok, grid_ok
 
 
@@ -124,16 +124,12 @@ def refuse_partly_fused(s: Source, flag: str, modules: dict, who: str) -> None:
     (QuantConfig.is_module_excluded_from_quantization), so a part excluded alone is built quantized, without
     scales. ``who``: this export's consumers that fuse them, for the message. Routed experts are checked by
     :func:`refuse_mixed` / :func:`refuse_unlike`."""
-    groups: dict[tuple[str, str], dict[str, str]] = {}
-    for n in s.reader.names():
-        base, _, leaf = n[: -len(".weight")].rpartition(".")
-        if not n.endswith(".weight") or s.adapter.expert_index(n) is not None:
-            continue
-        for fused, parts in TRTLLM_FUSED.items():
-            if leaf in parts:
-                m = modules.get(f"{base}.{leaf}")
-                groups.setdefault((base, fused), {})[f"{base}.{leaf}"] = (
-                    "unquantized" if m is None else m["format"] + (f" group {m['group']}" if m.get("group") else ""))
+    def kind(n: str) -> str:
+        m = modules.get(n)
+        return "unquantized" if m is None else m["format"] + (f" group {m['group']}" if m.get("group") else "")
+
+    bases = {n[: -len(".weight")] for n in s.reader.names() if n.endswith(".weight")}
+    groups = {key: {n: kind(n) for n in parts} for key, parts in fused_parts(s, bases).items()}
     unlike = [(fused, kinds) for (_, fused), kinds in sorted(groups.items()) if len(set(kinds.values())) > 1]
     if unlike:
         fused, kinds = unlike[0]

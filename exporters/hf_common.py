@@ -132,20 +132,24 @@ TRTLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("ga
                 "fused_a": ("q_a_proj", "kv_a_proj_with_mqa")}
 
 
+def fused_parts(s: Source, linears) -> dict[tuple[str, str], list[str]]:
+    """The linears (base names) that the runtimes fuse into one (``TRTLLM_FUSED``), grouped by (parent, fused
+    name); routed experts, which one fused MoE module holds, are left out."""
+    fused_of = {p: fused for fused, parts in TRTLLM_FUSED.items() for p in parts}
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in sorted(linears):
+        parent, _, leaf = name.rpartition(".")
+        if leaf in fused_of and s.adapter.expert_index(name + ".") is None:
+            groups.setdefault((parent, fused_of[leaf]), []).append(name)
+    return groups
+
+
 def fused_unquantized(s: Source, exclude: list[str], quantized: set[str]) -> list[str]:
     """The fused linears whose every stored part is left high precision (``exclude``), by the fused
     name: listed only by their parts, a runtime that fuses them would build them quantized."""
-    excluded, linears = set(exclude), set(exclude) | quantized
-    out = set()
-    for name in excluded:
-        parent, _, leaf = name.rpartition(".")
-        if s.adapter.expert_index(name + ".") is not None:
-            continue  # routed experts: the fused MoE module is named instead (fused_moe.high_precision_layers)
-        for fused, parts in TRTLLM_FUSED.items():
-            present = [f"{parent}.{p}" for p in parts if f"{parent}.{p}" in linears]
-            if leaf in parts and present and all(p in excluded for p in present):
-                out.add(f"{parent}.{fused}")
-    return sorted(out)
+    excluded = set(exclude)
+    return sorted(f"{parent}.{fused}" for (parent, fused), parts in fused_parts(s, excluded | quantized).items()
+                  if all(p in excluded for p in parts))
 
 
 def output_config(s: Source, quantization_config: dict | None) -> dict:
