@@ -217,7 +217,8 @@ class StreamedModel:
             if (i in moe and miscounted) or (i not in moe and found):  # a dense one named with the keys deciding it
                 said = f"says {a.experts_key()}={a.num_experts}" if i in moe else f"makes layer {i} dense"
                 raise MoepressError(f"{self._where()}: config.json {said}{a.layer_kind(i not in moe)} but layer {i} "
-                                    f"stores {len(found)} routed experts")
+                                    f"stores {len(found)} routed experts"
+                                    + (f", numbered {min(found)}..{max(found)}" if found else ""))
         for i in range(a.num_layers):
             self.check_layer_shapes(i)
 
@@ -341,8 +342,7 @@ class StreamedModel:
         generator holds no reference while the layer is built and used."""
         if self.read_ahead_bytes is not None:
             names = {i: self.ckpt.layer_names(i) for i in range(start, stop)}
-            tensors = read_ahead(self.ckpt, (n for i in range(start, stop) for n in names[i]),
-                                 self.read_ahead_bytes)
+            tensors = read_ahead(self.ckpt, (n for i in range(start, stop) for n in names[i]), self.read_ahead_bytes)
             try:
                 for i in range(start, stop):
                     yield i, [dict(next(tensors) for _ in names[i])]
@@ -359,8 +359,8 @@ class StreamedModel:
     def embed(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         w = self._read(self.adapter.embed_name)
         for b in batches:
-            if b.numel() and (int(b.max()) >= w.shape[0] or int(b.min()) < 0):
-                raise MoepressError(f"token id {int(b.max())} out of range for vocab_size {w.shape[0]}")
+            if bad := [v for v in (b.aminmax() if b.numel() else ()) if not 0 <= int(v) < w.shape[0]]:
+                raise MoepressError(f"token id {int(bad[0])} out of range for vocab_size {w.shape[0]}")
         return [F.embedding(b.to(w.device), w) for b in batches]
 
     def position_embeddings(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

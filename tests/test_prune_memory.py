@@ -9,6 +9,7 @@ high-water mark of a child process (tests/memprobe.py) pruning a checkpoint of 6
 bench/prune_quality.py --memory prints every method at 4 and 16 layers.
 """
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -65,9 +66,10 @@ def test_deferred_tensor_that_reads_another_shape_is_refused(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_released_layer_drops_its_tensors_before_the_next_is_read(tmp_path):
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_released_layer_drops_its_tensors_before_the_next_is_read(tmp_path, prefetch):
     src = write_synthetic({**TINY, "num_hidden_layers": 3}, tmp_path / "m")
-    sm = StreamedModel(str(src), keep_stored=True, read_ahead_bytes=1 << 16, release_layers=True)
+    sm = StreamedModel(str(src), keep_stored=True, read_ahead_bytes=1 << 16, release_layers=True, prefetch=prefetch)
     seen, taken = [], None
     for i, layer in sm.layers():
         if seen:  # the previous layer, still named by the caller, holds nothing any more

@@ -144,3 +144,22 @@ def test_a_config_without_tie_word_embeddings_is_untied_as_in_transformers(tmp_p
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert AutoConfig.from_pretrained(str(tmp_path)).tie_word_embeddings is False
     assert get_adapter(cfg).tie_word_embeddings is False
+
+
+def test_tied_checkpoint_streamed_matches_transformers(tmp_path):
+    """tie_word_embeddings: true: transformers writes no lm_head.weight and projects with the embedding."""
+    ckpt = make_random_checkpoint("qwen3_moe", tmp_path / "tied", tie_word_embeddings=True)
+    assert "lm_head.weight" not in CheckpointReader(ckpt).names()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    got = StreamedModel(str(ckpt)).forward([ids])[0]
+    assert (got - transformers_logits(ckpt, ids)).abs().max().item() <= 1e-4
+
+
+def test_batches_of_different_lengths_each_match_transformers(tmp_path):
+    """One stream over batches of 9 and 17 tokens: each gets the rotary positions of its own length."""
+    ckpt = make_random_checkpoint("qwen3_moe", tmp_path / "q")
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 256, (2, 9), generator=g), torch.randint(0, 256, (1, 17), generator=g)]
+    got = StreamedModel(str(ckpt)).forward(batches)
+    for ids, logits in zip(batches, got, strict=True):
+        assert (logits - transformers_logits(ckpt, ids)).abs().max().item() <= 1e-4

@@ -101,9 +101,23 @@ def test_read_ahead_yields_every_tensor_in_order_within_its_budget(tmp_path):
         w.write_json("config.json", {"model_type": "x"})
     r = CheckpointReader(tmp_path / "c")
     names = [f"t{i:02d}" for i in range(20)]
-    got = list(read_ahead(r, iter(names), budget=3 * 4096))
+    taken = []  # names the read-ahead has taken from its lazy iterable: what it has read or is reading
+
+    def lazy():
+        for n in names:
+            taken.append(n)
+            yield n
+
+    got, ahead = [], []
+    for n, t in read_ahead(r, lazy(), budget=3 * 4096):
+        got.append((n, t))
+        ahead.append(len(taken) - len(got))  # tensors read beyond the one the caller holds
     assert [n for n, _ in got] == names
     assert all(torch.equal(t, torch.full((1024,), float(i))) for i, (_, t) in enumerate(got))
+    # never more than the budget ahead, and the budget kept full while names remain (the disk kept busy)
+    assert ahead == [min(3, 20 - k) for k in range(1, 21)], ahead
+    # a budget below one tensor still reads one at a time
+    assert [n for n, _ in read_ahead(r, iter(names), budget=0)] == names
 
 
 def _stream_threads() -> list[str]:
@@ -215,3 +229,40 @@ def test_calibration_free_quantize_is_the_same_with_a_worker_pool(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert digests[0] == digests[1]
+
+
+def test_bf16_weights_kept_as_stored_keep_their_biases_as_transformers(tmp_path):
+    """Qwen3-MoE with attention_bias: true stored in bf16: the kept-as-stored q/k/v/o linears add their
+    biases, as transformers' forward of the same checkpoint does."""
+    import transformers as tf
+
+    from helpers import TINY
+
+    torch.manual_seed(0)
+    model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**TINY["qwen3_moe"], attention_bias=True))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0.0, 0.3)
+    model.to(torch.bfloat16).save_pretrained(str(tmp_path / "m"))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32).eval()(ids).logits
+    sm = StreamedModel(str(tmp_path / "m"), keep_stored=True)
+    layer = next(sm.layers())[1]
+    assert isinstance(layer.self_attn.q_proj, StoredLinear) and layer.self_attn.q_proj.bias is not None
+    assert (sm.forward([ids])[0] - want).abs().max().item() <= 1e-4
+
+
+def test_a_bf16_stream_keeps_the_deepseek_router_in_float32_as_transformers():
+    """transformers keeps DeepSeek-V3's router weight and correction bias in float32 under dtype=bfloat16
+    (_keep_in_fp32_modules_strict); the stream's layers hold the same dtypes."""
+    from transformers import AutoModelForCausalLM
+
+    src = bundled_path("tiny-deepseek-v3")
+    hf = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16)
+    want = {k: v.dtype for k, v in hf.model.layers[1].state_dict().items() if ".experts." not in k}
+    layer = StreamedModel(str(src), dtype=torch.bfloat16).load_layer(1)
+    got = {k: v.dtype for k, v in layer.state_dict().items() if k in want}
+    assert got["mlp.gate.weight"] == got["mlp.gate.e_score_correction_bias"] == torch.float32
+    assert got == want

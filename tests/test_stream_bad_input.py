@@ -1,0 +1,77 @@
+"""A checkpoint the layer stream refuses, and why: one line naming the tensor or the config key (the CLI's
+exit 2), never a traceback from deep inside torch, never a tensor silently left out."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import copy_checkpoint, edit_json, make_random_checkpoint
+from moepress.compress.stream import StreamedModel
+from moepress.errors import MoepressError
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return make_random_checkpoint("qwen3_moe", tmp_path_factory.mktemp("good") / "ckpt")
+
+
+def _one_line(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moepress: error:"), result.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def _edit_tensors(ck, edit):
+    """Rewrite every shard through ``edit(dict) -> dict`` (the safetensors library) and its index."""
+    index = ck / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    d["weight_map"] = {}
+    for shard in sorted(ck.glob("model-*.safetensors")):
+        ts = edit(load_file(shard))
+        save_file(ts, shard, metadata={"format": "pt"})
+        d["weight_map"].update({n: shard.name for n in ts})
+    index.write_text(json.dumps(d))
+
+
+def test_config_with_more_layers_than_stored_names_the_missing_layer(good, tmp_path, cli_run):
+    ck = copy_checkpoint(good, tmp_path / "c")
+    edit_json(ck / "config.json", num_hidden_layers=3)
+    _one_line(cli_run("inspect", ck), "num_hidden_layers=3", "lack layer(s) [2]")
+
+
+def test_experts_numbered_from_one_are_refused(good, tmp_path, cli_run):
+    """Layer 0's experts stored as 1..8 instead of 0..7: eight of them, but not the ones config.json implies."""
+    ck = copy_checkpoint(good, tmp_path / "c")
+    p = "model.layers.0.mlp.experts."
+
+    def renumber(ts):
+        return {(p + str(int(n[len(p):].split(".")[0]) + 1) + "." + n[len(p):].split(".", 1)[1]
+                 if n.startswith(p) else n): t for n, t in ts.items()}
+
+    _edit_tensors(ck, renumber)
+    _one_line(cli_run("inspect", ck), "layer 0", "routed experts, numbered 1..8")
+
+
+def test_a_tensor_no_layer_module_holds_is_refused_not_dropped(good, tmp_path):
+    ck = copy_checkpoint(good, tmp_path / "c")
+    _edit_tensors(ck, lambda ts: {**ts, "model.layers.0.self_attn.extra.weight": torch.ones(4)}
+                  if "model.layers.0.self_attn.q_proj.weight" in ts else ts)
+    with pytest.raises(MoepressError, match=r"'model\.layers\.0\.self_attn\.extra\.weight' does not belong"):
+        StreamedModel(str(ck)).load_layer(0)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(good):
+    sm = StreamedModel(str(good))  # vocab_size 256, as transformers' nn.Embedding(256, ...) takes ids 0..255
+    assert sm.embed([torch.tensor([[0, 255]])])[0].shape == (1, 2, 64)
+    for bad in ([[0, 256]], [[-1, 3]]):
+        with pytest.raises(MoepressError, match="out of range for vocab_size 256"):
+            sm.embed([torch.tensor(bad)])
+
+
+def test_a_negative_token_id_is_the_one_named(good):
+    with pytest.raises(MoepressError, match="token id -1 out of range"):
+        StreamedModel(str(good)).embed([torch.tensor([[-1, 3]])])
