@@ -17,7 +17,7 @@ from moepress import models
 from moepress.calib.cache import load_token_file, save_token_file
 from moepress.calib.data import calibration_set, windows
 from moepress.calib.metrics import perplexity
-from moepress.calib.observers import LayerRouting
+from moepress.calib.observers import InputAbsMax, LayerRouting, RoutingStats
 from moepress.calib.stats import layer_summary
 from moepress.errors import MoepressError
 
@@ -186,3 +186,121 @@ def test_sampled_check_data_follows_the_checks_seed(tmp_path):
     a, _ = eval_data(ref, CheckConfig(data=str(data), seq_len=32, max_samples=4, seed=0))
     b, info = eval_data(ref, CheckConfig(data=str(data), seq_len=32, max_samples=4, seed=1))
     assert info["windows"] == "sampled (seed 1)" and not torch.equal(torch.cat(a), torch.cat(b))
+
+
+def test_rare_is_strictly_below_and_leaves_out_never_routed_experts():
+    """"Rarely routed" is 0 < share < rare / E: a never-routed expert is listed as never routed only, and a
+    share exactly at the threshold (1/40 = 0.1 x 1/4) is not rare."""
+    s = layer_summary(_routing([100, 100, 100, 0]))
+    assert s["never_routed"] == [3] and s["rare"] == []
+    assert 1 / 40 == 0.1 / 4 and layer_summary(_routing([13, 13, 13, 1]))["rare"] == []
+
+
+def test_summary_over_layers_against_numpy():
+    """The summary's busiest expert, worst layer, totals and mean CV, from the counts with numpy."""
+    import numpy as np
+
+    from moepress.calib.stats import summarize
+
+    counts = {1: [6, 1, 0, 1], 3: [1, 2, 3, 2], 4: [40, 30, 1, 0]}
+    s = summarize(RoutingStats({i: _routing(c) for i, c in counts.items()}))
+    max_over_mean = {i: max(c) / np.mean(c) for i, c in counts.items()}
+    assert [s["layers"][str(i)]["busiest"] for i in counts] == [int(np.argmax(c)) for c in counts.values()]
+    assert s["worst_layer"] == 1 and s["worst_max_over_mean"] == max(max_over_mean.values()) == 3.0
+    assert s["never_routed_total"] == 2 and s["rare_total"] == 1  # layer 4: expert 2 (1/71 < 0.025)
+    assert math.isclose(s["mean_cv"], np.mean([np.std(c) / np.mean(c) for c in counts.values()]), rel_tol=1e-12)
+
+
+def test_per_expert_means_divide_each_sum_by_its_own_count():
+    """stats.json's mean gate / mean norm per routed token, and REAP per token the reference counted
+    (``reap_count``, not the routed count: they differ on DeepSeek); 0 where the divisor is 0."""
+    from moepress.calib.stats import per_expert
+
+    lr = _routing([2, 0, 4])
+    lr.gate_sum = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    lr.norm_sum = torch.tensor([3.0, 0.0, 8.0], dtype=torch.float64)
+    lr.reap_sum = torch.tensor([0.9, 0.5, 0.0], dtype=torch.float64)
+    lr.reap_count = torch.tensor([3, 1, 0])
+    d = per_expert(RoutingStats({2: lr}))["2"]
+    assert d["mean_gate"] == [0.5, 0.0, 0.5] and d["mean_norm"] == [1.5, 0.0, 2.0]
+    assert d["reap"] == pytest.approx([0.3, 0.5, 0.0], abs=1e-15) and d["share"] == [1 / 3, 0.0, 2 / 3]
+
+
+def test_render_lists_experts_as_ranges():
+    from moepress.calib.stats import render, summarize
+
+    counts = [0, 0, 0, 100, 100, 0, 100, 0, 0, 100, 1, 100]
+    facts = {"family": "f", "moe_layers": [0], "num_experts": 12, "top_k": 1}
+    text = render(summarize(RoutingStats({0: _routing(counts)})), facts, 500)
+    assert text.splitlines()[2].endswith("0-2,5,7-8 / 10")
+
+
+def test_routing_file_round_trips_every_sum_and_the_token_count(tmp_path):
+    """routing.safetensors holds the six per-layer tensors under their names (read back with safetensors)
+    and the token count; RoutingStats.load gives every one back, so REAP from the file equals REAP before."""
+    from safetensors import safe_open
+
+    names = ("counts", "gate_sum", "norm_sum", "reap_sum", "reap_count", "coselect")
+    g = torch.Generator().manual_seed(0)
+    lr = LayerRouting(6, 2)
+    lr.tokens = 37
+    for n in names:
+        t = getattr(lr, n)
+        setattr(lr, n, torch.randint(1, 50, t.shape, generator=g) if t.dtype == torch.int64
+                else torch.rand(t.shape, generator=g, dtype=torch.float64))
+    RoutingStats({5: lr}).save(tmp_path / "r.safetensors")
+    with safe_open(str(tmp_path / "r.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(f"layers.5.{n}" for n in names)
+        assert json.loads(f.metadata()["layers"])["5"]["tokens"] == 37
+        stored = {n: f.get_tensor(f"layers.5.{n}") for n in names}
+    back = RoutingStats.load(tmp_path / "r.safetensors").layers[5]
+    assert back.tokens == 37 and (back.num_experts, back.top_k) == (6, 2)
+    for n in names:
+        assert torch.equal(getattr(back, n), getattr(lr, n)) and torch.equal(stored[n], getattr(lr, n)), n
+    assert torch.equal(back.reap, lr.reap_sum / lr.reap_count)
+
+
+def test_routing_stats_merge_adds_shared_layers_and_keeps_the_others():
+    a, b = RoutingStats({1: _routing([1, 2]), 2: _routing([3, 0])}), RoutingStats({2: _routing([5, 7]),
+                                                                                   4: _routing([0, 9])})
+    a.merge(b)
+    assert {i: lr.counts.tolist() for i, lr in a.layers.items()} == {1: [1, 2], 2: [8, 7], 4: [0, 9]}
+    assert a.layers[2].tokens == 15
+
+
+def test_input_absmax_is_the_max_over_every_batch_and_every_merged_observer():
+    """Per channel, the max |x| over all batches a linear saw and over the observers merged, whichever
+    holds it (each channel's max here lies in another of the three batches)."""
+    lin = torch.nn.Linear(3, 2)
+    xs = [torch.tensor([[-9.0, 1.0, 0.5]]), torch.tensor([[1.0, 8.0, -0.5]]), torch.tensor([[0.25, -2.0, -7.0]])]
+    one, two = InputAbsMax(), InputAbsMax()
+    one.attach(lin)
+    lin(xs[0])
+    lin(xs[1])
+    one.detach()
+    two.attach(lin)
+    lin(xs[2])
+    two.detach()
+    assert one.amax[""].tolist() == [9.0, 8.0, 0.5]
+    one.merge(two)
+    assert torch.equal(one.amax[""], torch.cat(xs).abs().amax(0))
+    other = InputAbsMax()
+    other.amax = {"": torch.tensor([0.5, 0.0, 0.0])}
+    two.merge(other)  # channel by channel: a larger value is taken, smaller ones do not replace larger
+    assert two.amax[""].tolist() == [0.5, 2.0, 7.0]
+
+
+def test_attach_again_adds_to_the_layers_statistics_and_detach_removes_only_them():
+    """A second stream over more batches adds to the statistics ``attach`` returned before; ``detach``
+    leaves the layer's other observers in place."""
+    from types import SimpleNamespace
+
+    moe = SimpleNamespace(num_experts=4, top_k=2, observers=["other"])
+    layer = SimpleNamespace(moe=moe)
+    stats = RoutingStats()
+    first = stats.attach(7, layer)
+    first.counts += torch.tensor([1, 0, 2, 0])
+    RoutingStats.detach(layer)
+    assert moe.observers == ["other"]
+    assert stats.attach(7, layer) is first and moe.observers == ["other", first]
+    assert stats.layers[7].counts.tolist() == [1, 0, 2, 0]
