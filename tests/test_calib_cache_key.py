@@ -50,8 +50,8 @@ def test_cache_off_writes_nothing(tmp_path, monkeypatch):
     for v in ("off", "0", "none", "false", " OFF "):
         monkeypatch.setenv("MOEPRESS_CACHE", v)
         assert cache_mod.cache_root() is None
-        calibration_set(QWEN, num_samples=2, seq_len=16, seed=0)
-        assert not calibration_set(QWEN, num_samples=2, seq_len=16, seed=0).cached
+    calibration_set(QWEN, num_samples=2, seq_len=16, seed=0)  # the last spelling: the calls read the root
+    assert not calibration_set(QWEN, num_samples=2, seq_len=16, seed=0).cached
     assert list(tmp_path.iterdir()) == []
 
 
