@@ -654,6 +654,37 @@ def test_publish_to_existing_file_is_one_line(f3_checked, tmp_path, cli_run):
     assert dst.read_bytes() == b"keep me" and not (tmp_path / "dst.bin.partial").exists()
 
 
+def test_publish_checks_the_copy_before_it_gets_its_name(f3_checked, tmp_path, cli_run, monkeypatch):
+    """A copy that differs from the manifest (a disk or filesystem fault while copying) is removed, not
+    published under --to; nothing of it is left (mutation audit: the copy's check could go unnoticed)."""
+    import shutil
+
+    from moepress.pipeline import publish as pub
+
+    art, copytree = _f3_copy(f3_checked[0], tmp_path), shutil.copytree
+
+    def faulty_copytree(src, dst):
+        copytree(src, dst)
+        shard = next(iter(sorted(dst.glob("model-*.safetensors"))))
+        shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
+
+    monkeypatch.setattr(pub.shutil, "copytree", faulty_copytree)
+    _one_line(cli_run("publish", art, "--to", tmp_path / "pub"), "model-00001-of-00006.safetensors",
+              "sha256 differs", "(while copying)")
+    assert not (tmp_path / "pub").exists() and not (tmp_path / "pub.partial").exists()
+
+
+def test_publish_force_of_a_failed_check_reports_it_failed(f3_checked, tmp_path, cli_run):
+    import json
+
+    art = _f3_copy(f3_checked[1], tmp_path)
+    r = cli_run("publish", art, "--to", tmp_path / "pub", "--force", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["accuracy_passed"] is False and res["verified"] is False
+    assert len(res["forced"]) == 1 and "kl_mean" in res["forced"][0], res["forced"]
+
+
 # ---- issue 19 case 2: build runs the checkpoint's own code only with --trust-remote-code ----
 
 def _f2_export(tmp_path, architecture=None, tokenizer_class=None):

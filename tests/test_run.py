@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from moepress import models
+from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint.writer import JOURNAL
 from moepress.errors import MoepressError
 from moepress.pipeline.recipe import load_recipe
@@ -98,6 +99,8 @@ def test_default_run_runs_every_stage_and_passes_its_checks(default_run):
         # the method auto chose, and the source's hashes in the export's own manifest
         chosen = res["stages"]["prune"]["result"]["chosen"]
         assert chosen in ("reroute", "reap", "frequency", "ean") and f"| pruning | auto method (chose {chosen})" in card
+        kept = get_adapter(json.loads((out / "prune" / "config.json").read_text())).num_experts  # as written
+        assert f"; {kept} kept per MoE layer |" in card, fmt
         pipeline = json.loads((out / "export" / fmt / "moepress-manifest.json").read_text())["pipeline"]
         assert pipeline["source_sha256"] == source_digest(models.path(recipe["model"])) and pipeline["recipe"] == recipe
     # builds are planned (dry run): a script and a record each
@@ -315,6 +318,15 @@ def test_run_into_a_directory_holding_its_recipe_or_other_files_is_refused(cli_r
     ({"check": {"seed": 2**80}}, ["check: seed 1208925819614629174706176: expected a 64-bit integer"]),
     ({"check": {"trust_remote_code": "no"}}, ["check: trust_remote_code 'no': expected true or false"]),
     ({"check": {"max_kl": [1]}}, ["check: max_kl [1]"]),
+    # a bool is no number, 0 GPUs no count, a prune needs its amount, a quantize its format; each by its key
+    ({"calib": {"num_samples": True}}, ["calib.num_samples: expected int, got True"]),
+    ({"export": {"formats": ["hf-modelopt"]}, "build": {"targets": ["h100"], "gpus": 0}},
+     ["build.gpus: expected a positive number, got 0"]),
+    ({"prune": {"method": "reap"}}, ["prune: give exactly one of ratio and keep"]),
+    ({"quantize": {"group_size": 64}}, ["quantize.format: required (or rules)"]),
+    ({"quantize": {"rules": {"mlp.experts.*": "int9"}}}, ["quantize.rules mlp.experts.*=int9: expected one of"]),
+    ({"quantize": {"format": "fp8", "awq_fold": True}}, ["quantize.awq_fold: expected an AWQ format"]),
+    ({"model": 5}, ["'model' must name a checkpoint directory"]),
 ])
 def test_recipe_values_of_the_wrong_type_are_one_line(cli_run, tmp_path, sections, needles):
     """Were tracebacks (Path(5), Path / int, int.strip, sorting int and str keys), a build refusal

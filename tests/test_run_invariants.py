@@ -4,6 +4,7 @@ properties no other test pinned (a mutation audit planted each bug and the suite
 import json
 from pathlib import Path
 
+import click
 import pytest
 import yaml
 
@@ -87,3 +88,68 @@ def test_card_states_calibration_and_size_and_is_stable_on_rerun(cli_run, tmp_pa
     assert f"| size on disk | {size / 1e6:.2f} MB |" in card
     assert cli_run("run", rec, "-o", out).exit_code == 0
     assert (d / "README.md").read_text() == card
+
+
+def test_every_recipe_default_is_its_stage_commands_default(tmp_path):
+    """A key the recipe shares with a stage command's option has the option's default (a flag's: off), so
+    `moepress run` does what the stage commands do: awq_clip, awq_gptq, search_tokens, tp, ep and opset were
+    free to drift."""
+    r = load_recipe(_recipe(tmp_path, prune={"ratio": 0.25}, export={"formats": ["onnx"]},
+                            build={"targets": ["h100"]}))[0]
+    shared = {("prune", "prune"): ("ep_size", "protect", "sequential", "search_tokens", "merge", "method"),
+              ("quantize", "quantize"): ("group_size", "kv_cache", "sequential", "gptq_act_order", "awq_clip",
+                                         "awq_gptq", "awq_fold"),
+              ("export", "export"): ("tp", "ep", "opset"),
+              ("build", "build"): ("gpus", "max_seq_len", "max_batch", "trust_remote_code")}
+    for (section, command), keys in shared.items():
+        cmd = cli.commands[command]
+        params = {p.name: p for p in cmd.params}
+        for key in keys:
+            default = params[key].get_default(click.Context(cmd))  # click's: a flag without one is off
+            assert r[section][key] == default, (section, key, r[section][key], default)
+    # where the recipe differs on purpose: a recipe's build only plans unless it says dry_run: false
+    assert r["build"]["dry_run"] is True
+
+
+def test_recipe_keys_spelled_with_dashes_empty_stages_and_the_default_check(cli_run, tmp_path):
+    """`recipe show` prints what `run` will do: num-samples is num_samples; export and build with nothing to
+    make are skipped (null); a recipe without a check section checks with check's defaults, `check: null` skips."""
+    rec = tmp_path / "r.yaml"
+    rec.write_text(yaml.safe_dump({"model": "tiny-qwen3-moe", "calib": {"num-samples": 8, "seq-len": 64},
+                                   "export": {"formats": []}, "build": {"targets": []}}))
+    r = cli_run("recipe", "show", rec)
+    assert r.exit_code == 0, r.output
+    shown = yaml.safe_load(r.output)
+    assert (shown["calib"]["num_samples"], shown["calib"]["seq_len"]) == (8, 64)
+    assert shown["export"] is None and shown["build"] is None and shown["check"] == {}
+    rec.write_text(yaml.safe_dump({"model": "tiny-qwen3-moe", "check": None}))
+    assert yaml.safe_load(cli_run("recipe", "show", rec).output)["check"] is None
+
+
+def test_recipe_seed_range_and_yaml_error_line(cli_run, tmp_path):
+    """calib.seed takes torch's 64-bit signed range (torch.Generator.manual_seed accepts -2**63 .. 2**64-1,
+    moepress keeps the signed half); a YAML error names the 1-based line an editor shows."""
+    import torch
+
+    rec = tmp_path / "r.yaml"
+    for seed in (-(2**63), 2**63 - 1):
+        torch.Generator().manual_seed(seed)
+        rec.write_text(yaml.safe_dump({"model": "tiny-qwen3-moe", "calib": {"seed": seed}}))
+        r = cli_run("recipe", "show", rec)
+        assert r.exit_code == 0 and yaml.safe_load(r.output)["calib"]["seed"] == seed, r.output
+    rec.write_text(yaml.safe_dump({"model": "tiny-qwen3-moe", "calib": {"seed": 2**63}}))
+    r = cli_run("recipe", "show", rec)
+    assert r.exit_code == 2 and "calib.seed: expected a 64-bit integer, got 9223372036854775808" in r.stderr
+    rec.write_text("model: tiny-qwen3-moe\n\tprune: {ratio: 0.25}\n")
+    r = cli_run("recipe", "show", rec)
+    assert r.exit_code == 2 and f"{rec}: line 2 not valid YAML" in r.stderr, r.output
+
+
+def test_an_empty_recipe_with_model_given_runs_on_that_model(cli_run, tmp_path):
+    """`moepress run empty.yaml --model M`: the flag fills the empty file's model (run.yaml records it)."""
+    rec = tmp_path / "empty.yaml"
+    rec.write_text("# nothing yet\n")
+    out = tmp_path / "run"
+    r = cli_run("run", rec, "--model", "tiny-qwen3-moe", "-o", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["model"] == "tiny-qwen3-moe"

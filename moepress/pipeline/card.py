@@ -125,7 +125,7 @@ def _prune_row(recipe: dict, prune: dict | None) -> list[str]:
     asked = p.get("method") or "default"
     chosen = (prune or {}).get("chosen")
     how = f"{asked} method" + (f" (chose {chosen})" if chosen and chosen != asked else "")
-    kept = (prune or {}).get("num_experts")
+    kept = (prune or {}).get("kept")
     return [f"| pruning | {how}, {amount} of routed experts{f'; {kept} kept per MoE layer' if kept else ''} |"]
 
 

@@ -1,0 +1,126 @@
+"""`moepress publish` (moepress/pipeline/publish.py) at its edges, on hand-made artifact directories and the
+CLI's exit code, one-line message and --json result: properties no other test pinned (a mutation audit
+planted each bug and the suite passed). No stage runs: each test takes milliseconds."""
+
+import json
+import sys
+import types
+
+from moepress.manifest import MANIFEST_NAME, file_digests, write_manifest
+
+
+def _artifact(tmp_path, files=None):
+    """A directory with its manifest (every file's sha256 and size, as the stages write it) and no check."""
+    art = tmp_path / "art"
+    (art / "sub").mkdir(parents=True)
+    for rel, data in (files or {"config.json": b"{}", "sub/model.onnx": b"onnx", "w.bin": b"x" * 10}).items():
+        (art / rel).write_bytes(data)
+    write_manifest(art, {"files": file_digests(art)})
+    return art
+
+
+def _one_line(r, *needles):
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moepress: error:") and "Traceback" not in r.output, r.output
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def _manifest(art):
+    return json.loads((art / MANIFEST_NAME).read_text())
+
+
+def test_publish_refuses_an_unchecked_artifact_and_force_says_what_it_overrode(tmp_path, cli_run):
+    art = _artifact(tmp_path)
+    _one_line(cli_run("publish", art, "--to", tmp_path / "pub"), "no accuracy check recorded",
+              f"moepress check {art} --reference")
+    assert not (tmp_path / "pub").exists()
+    r = cli_run("publish", art, "--to", tmp_path / "pub", "--force", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["verified"] is False and res["accuracy_passed"] is None
+    assert len(res["forced"]) == 1 and "no accuracy check recorded" in res["forced"][0]
+    # the files the manifest lists, each copied as it is
+    assert res["files"] == len(_manifest(art)["files"]) == 3
+    for rel in _manifest(art)["files"]:
+        assert (tmp_path / "pub" / rel).read_bytes() == (art / rel).read_bytes(), rel
+
+
+def test_publish_checks_files_in_subdirectories_by_their_path(tmp_path, cli_run):
+    """An unlisted file in a subdirectory is refused, also when a listed top-level file has its name; the
+    message names the first problem and counts the others."""
+    art = _artifact(tmp_path)
+    (art / "sub" / "config.json").write_text("{}")
+    _one_line(cli_run("publish", art, "--to", tmp_path / "pub"), f"{art / 'sub' / 'config.json'}: not listed",
+              "(and 1 more)")  # and: no accuracy check recorded
+    (art / "sub" / "config.json").unlink()
+    (art / "sub" / "model.onnx").write_bytes(b"ONNX")  # same size, other bytes
+    _one_line(cli_run("publish", art, "--to", tmp_path / "pub"), f"{art / 'sub' / 'model.onnx'}: sha256 differs")
+    assert not (tmp_path / "pub").exists() and not (tmp_path / "pub.partial").exists()
+
+
+def test_publish_refuses_a_manifest_whose_size_disagrees(tmp_path, cli_run):
+    art = _artifact(tmp_path)
+    m = _manifest(art)
+    m["files"]["w.bin"]["size"] += 1  # the sha256 still matches the file
+    (art / MANIFEST_NAME).write_text(json.dumps(m))
+    _one_line(cli_run("publish", art, "--to", tmp_path / "pub"), f"{art / 'w.bin'}: sha256 differs")
+
+
+def test_publish_refuses_a_manifest_listing_no_files_and_a_missing_artifact(tmp_path, cli_run):
+    art = _artifact(tmp_path)
+    (art / MANIFEST_NAME).write_text(json.dumps({"files": {}}))
+    _one_line(cli_run("publish", art, "--to", tmp_path / "pub"), f"{art / MANIFEST_NAME}: missing or lists no files")
+    _one_line(cli_run("publish", tmp_path / "nope", "--to", tmp_path / "pub"), "nope: no such artifact directory")
+    assert not (tmp_path / "pub").exists()
+
+
+def test_publish_replaces_a_partial_copy_left_by_a_killed_publish(tmp_path, cli_run):
+    art = _artifact(tmp_path)
+    (tmp_path / "pub.partial").mkdir()
+    (tmp_path / "pub.partial" / "stale.bin").write_bytes(b"old")
+    r = cli_run("publish", art, "--to", tmp_path / "pub", "--force")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.relative_to(tmp_path / "pub").as_posix() for p in (tmp_path / "pub").rglob("*") if p.is_file()) \
+        == sorted([*_manifest(art)["files"], MANIFEST_NAME])
+    assert not (tmp_path / "pub.partial").exists()
+
+
+def test_publish_into_a_non_empty_directory_is_refused_before_copying(tmp_path, cli_run):
+    art = _artifact(tmp_path)
+    (tmp_path / "pub").mkdir()
+    (tmp_path / "pub" / "mine.txt").write_text("keep")
+    _one_line(cli_run("publish", art, "--to", tmp_path / "pub", "--force"),
+              f"--to {tmp_path / 'pub'}: exists and is not empty")
+    assert [p.name for p in (tmp_path / "pub").iterdir()] == ["mine.txt"] and not (tmp_path / "pub.partial").exists()
+
+
+class _FakeHub:
+    """huggingface_hub.HfApi's two calls publish makes, recorded (no network)."""
+    calls: list = []
+
+    def create_repo(self, repo, exist_ok=False):
+        self.calls.append(("create_repo", repo, exist_ok))
+
+    def upload_folder(self, repo_id, folder_path, commit_message):
+        self.calls.append(("upload_folder", repo_id, folder_path))
+        return types.SimpleNamespace(oid="abc123")
+
+
+def test_publish_to_the_hub_uploads_the_folder_and_refuses_a_bad_repo(tmp_path, cli_run, monkeypatch):
+    art = _artifact(tmp_path)
+    _FakeHub.calls = []
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(HfApi=_FakeHub))
+    monkeypatch.chdir(tmp_path)
+    r = cli_run("publish", art, "--to", "hf://org/name", "--force", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["published"] == "hf://org/name" and res["commit"] == "abc123" and res["verified"] is False
+    assert _FakeHub.calls == [("create_repo", "org/name", True), ("upload_folder", "org/name", str(art))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # nothing written locally
+    _FakeHub.calls = []
+    for bad in ("hf://name", "hf://org/", "hf://a/b/c"):
+        _one_line(cli_run("publish", art, "--to", bad, "--force"), f"--to {bad}: expected hf://ORG/NAME")
+    assert _FakeHub.calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["art"]

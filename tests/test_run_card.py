@@ -1,0 +1,96 @@
+"""Model cards (moepress/pipeline/card.py), row by row, on a hand-made export directory and recipes
+`moepress recipe show` accepts: properties no other test pinned (a mutation audit planted each bug and the
+suite passed). Each takes milliseconds: no stage runs."""
+
+import json
+from importlib import metadata
+
+from moepress.manifest import file_digests, versions, write_manifest
+from moepress.pipeline.card import Accuracy, model_card
+from moepress.pipeline.recipe import normalise
+
+SOURCE = "/models/tiny-qwen3-moe"
+PASSED = {"passed": True, "failed": [], "metrics": {"kl_mean": 0.012345, "top1_agreement": 0.875},
+          "gates": [{"metric": "kl_mean", "op": "<=", "threshold": 0.05, "value": 0.012345, "passed": True}]}
+
+
+def _export(tmp_path, name="hf-modelopt", **files):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    for f, obj in files.items():
+        (d / f"{f}.json").write_text(json.dumps(obj))
+    write_manifest(d, {"files": file_digests(d), "versions": versions()})
+    return d
+
+
+def _card(d, recipe, acc=None, prune=None, fmt="hf-modelopt"):
+    return model_card(d, fmt, normalise({"model": "tiny-qwen3-moe", **recipe}), SOURCE, acc or Accuracy(PASSED), prune)
+
+
+def _row(card, name):
+    return next(ln for ln in card.splitlines() if ln.startswith(f"| {name} |"))
+
+
+# the prune stage's result as the runner records it (compress/prune/stage.py summary: num_experts is the source's
+# count, kept the count every pruned layer keeps)
+PRUNED = {"method": "auto", "chosen": "reap", "num_experts": 16, "kept": 12}
+
+
+def test_card_prune_row_states_keep_and_the_method_auto_chose(tmp_path):
+    card = _card(_export(tmp_path), {"prune": {"keep": 12, "method": "auto"}}, prune=PRUNED)
+    assert _row(card, "pruning").startswith("| pruning | auto method (chose reap), keep 12 of routed experts;")
+    # a method named in the recipe and run as asked is not said twice
+    card = _card(tmp_path / "hf-modelopt", {"prune": {"ratio": 0.25, "method": "reap"}},
+                 prune={**PRUNED, "method": "reap"})
+    assert _row(card, "pruning").startswith("| pruning | reap method, ratio 0.25 of routed experts;")
+
+
+def test_card_says_how_many_experts_each_pruned_layer_keeps(tmp_path):
+    """The prune result's ``kept`` (12), not the source's ``num_experts`` (16)."""
+    card = _card(_export(tmp_path), {"prune": {"ratio": 0.25, "method": "auto"}}, prune=PRUNED)
+    assert _row(card, "pruning").endswith("; 12 kept per MoE layer |")
+
+
+def test_card_quantization_row_names_the_rules(tmp_path):
+    rules = {"mlp.experts.*": "fp8-dynamic"}
+    card = _card(_export(tmp_path), {"quantize": {"rules": rules}})
+    assert _row(card, "quantization") == f"| quantization | rules, rules {json.dumps(rules)} |"
+
+
+def test_card_calibration_row_only_where_a_stage_read_calibration_data(tmp_path):
+    d = _export(tmp_path)
+    # pruning reads calibration data even before a calibration-free format (FP8 dynamic: QuantConfig says so)
+    card = _card(d, {"prune": {"ratio": 0.25}, "quantize": {"format": "fp8-dynamic"},
+                     "calib": {"sources": ["a.txt", "b.jsonl"], "num_samples": 8, "seq_len": 64, "seed": 3}})
+    assert _row(card, "calibration") == "| calibration | 8 samples x 64 tokens, seed 3, a.txt, b.jsonl |"
+    assert "| calibration |" not in _card(d, {"quantize": {"format": "fp8-dynamic"}})
+    assert "| calibration |" not in _card(d, {"quantize": {"format": "fp8-block"}})
+
+
+def test_card_title_version_and_loading_paths(tmp_path):
+    d = _export(tmp_path, tokenizer_config={"auto_map": {"AutoTokenizer": ["tok.T", None]}})
+    card = _card(d, {"quantize": {"format": "fp8-dynamic"}})
+    assert card.startswith("# tiny-qwen3-moe — hf-modelopt\n")
+    assert f"Made with [moepress](https://github.com/moepress/moepress) {metadata.version('moepress')} from" in card
+    assert "trtllm-serve ./hf-modelopt --backend pytorch" in card and 'LLM(model="./hf-modelopt")' in card
+    assert str(tmp_path) not in card  # the card travels with the directory: paths relative to it
+    # a tokenizer of the checkpoint's own code (auto_map only in tokenizer_config.json) needs trust_remote_code
+    assert "`trust_remote_code=True`" in card
+
+
+def test_card_accuracy_lists_the_gates_applied_and_every_metric(tmp_path):
+    card = _card(_export(tmp_path), {"quantize": {"format": "fp8-dynamic"}})
+    assert "Gates passed (kl_mean <= 0.05)." in card
+    assert "| kl_mean | 0.01235 |" in card and "| top1_agreement | 0.875 |" in card
+
+
+def test_card_size_is_every_listed_file_but_the_card_itself(tmp_path):
+    """The size row counts the artifact's files on disk, not the card (listed once a run wrote it: the size
+    a rerun states must not grow by the card's own bytes)."""
+    d = _export(tmp_path, export={"consumer_notes": ["x" * 40_000]})
+    (d / "README.md").write_text("y" * 30_000)
+    write_manifest(d, {"files": file_digests(d), "versions": versions()})
+    size = sum(p.stat().st_size for p in d.iterdir() if p.name not in ("README.md", "moepress-manifest.json"))
+    card = _card(d, {"quantize": {"format": "fp8-dynamic"}})
+    assert _row(card, "size on disk") == f"| size on disk | {size / 1e6:.2f} MB |" == "| size on disk | 0.04 MB |"
