@@ -112,6 +112,21 @@ def test_block_fp8_is_written_as_model_optimizer_writes_it():
     assert formats.by_quant_algo("FP8_BLOCK_SCALES").name == block == formats.by_quant_algo("fp8_pb_wo").name
 
 
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_routed_experts_of_a_modelopt_checkpoint_load_where_a_runtime_takes_them(family):
+    """The registry's reason why no runtime loads a format's routed experts from a Model-Optimizer checkpoint
+    (Format.modelopt_experts_why: hf-modelopt's refusal, plan, the recipe check) is empty exactly where one
+    of the runtimes' lists accepts the checkpoint's quant_algo for MoE layers; TensorRT-LLM's W4A8_AWQ
+    experts are Mixtral / Qwen3-MoE only (DeepSeek-V3 / Kimi K2 use its W4A8_CUSTOM layout)."""
+    for name, f in formats.produced().items():
+        if f.modelopt_entry is None:
+            continue
+        algo = f.modelopt_algo
+        trtllm = cn.modelopt_accepts("TensorRT-LLM", algo) and not (algo == "W4A8_AWQ" and family == "deepseek_v3")
+        loads = trtllm or cn.modelopt_accepts("vLLM", algo) or cn.modelopt_accepts("SGLang", algo)
+        assert (f.modelopt_experts_why(family) == "") == loads, (name, algo)
+
 def test_names_match_model_optimizer_export():
     """Our per-layer entries equal what Model-Optimizer 0.47's exporter writes for the same format
     (modelopt/torch/export/quant_utils.py process_layer_quant_config)."""
