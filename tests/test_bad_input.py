@@ -308,11 +308,20 @@ def test_export_option_the_exporter_does_not_read_is_refused(good, tmp_path, cli
     # a seed past 64 bits: torch's "Overflow when unpacking long long" traceback
     (["quantize", "tiny-mixtral", "--format", "fp8", "--seed", "99999999999999999999", "-o", "x"], ["'--seed'"]),
     (["calib", "prepare", "tiny-mixtral", "--seed", "99999999999999999999", "-o", "x.safetensors"], ["'--seed'"]),
+    # the recipe's range too (-2**63 <= seed < 2**63); 2**64 gave torch's overflow traceback (the -o name
+    # would be refused next: nothing is written if the option passes)
+    (["calib", "prepare", "tiny-mixtral", "--seed", str(2**63), "-o", "x.bin"], ["'--seed'", str(2**63)]),
+    (["calib", "prepare", "tiny-mixtral", "--seed", str(-(2**63) - 1), "-o", "x.bin"], ["'--seed'"]),
+    (["calib", "prepare", "tiny-mixtral", "--num-samples", "0", "-o", "x.bin"], ["'--num-samples'", "x>=1"]),
+    # an unknown method is named before the model is looked for
+    (["prune", "no-such-model", "--ratio", "0.5", "--method", "magic", "-o", "x"], ["--method magic", "reap"]),
 ])
-def test_option_and_command_errors_are_one_line(cli_run, args, needles):
+def test_option_and_command_errors_are_one_line(cli_run, args, needles, tmp_path, monkeypatch):
     """Click's own usage errors (a bad choice, a value out of range, an unknown command) printed a
     usage block and "Error: ..." over several lines."""
+    monkeypatch.chdir(tmp_path)  # -o x: a command that failed to refuse would write there
     assert_one_line_error(cli_run(*args), *needles)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -372,13 +381,25 @@ def test_export_refuses_a_tensor_unlike_its_config(good, tmp_path, cli_run, chan
 @pytest.mark.parametrize("args", [["prune", "tiny-mixtral", "--ratio", "0.25", "-o", "x"],
                                   ["calib", "prepare", "tiny-mixtral", "-o", "x.safetensors"],
                                   ["export", "tiny-mixtral", "--format", "onnx", "-o", "x"]])
-def test_a_single_process_command_under_torchrun_is_refused(cli_run, monkeypatch, args):
+def test_a_single_process_command_under_torchrun_is_refused(cli_run, monkeypatch, args, tmp_path):
     """Every rank ran the whole job into the same output: one won, the others failed on its lock (exit 1
     from torchrun over a finished output)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.chdir(tmp_path)  # -o x: a command that failed to refuse would write there
     assert_one_line_error(cli_run(*args), f"moepress {' '.join(args[:2]) if args[0] == 'calib' else args[0]}: "
                           "runs in one process", "moepress quantize, moepress calib stats")
+
+
+def test_a_malformed_world_size_is_left_to_the_torchrun_commands(cli_run, monkeypatch, tmp_path):
+    """Only quantize and calib stats read WORLD_SIZE (they say what is wrong with it): a single-process command
+    runs, not refused as one under torchrun."""
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    r = cli_run("inspect", "tiny-mixtral", "--no-targets")
+    assert r.exit_code == 0 and "tiny-mixtral" in r.stdout, r.output
+    assert_one_line_error(cli_run("quantize", "tiny-mixtral", "--format", "fp8", "-o", tmp_path / "q"), "WORLD_SIZE",
+                          "expected integers")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("args", [

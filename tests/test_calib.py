@@ -222,6 +222,9 @@ def test_prepare_writes_a_token_file_stages_take_back(qwen, sources, tmp_path, c
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "calib.safetensors.json").read_text())
     assert side["format"] == "moepress-calib" and side["num_samples"] == 10 and side["seq_len"] == 40
+    res = json.loads(r.stdout)  # --json: the sidecar's description, where it is, and whether the cache served it
+    assert {k: res[k] for k in side} == side and res["output"] == res["path"] == str(out)
+    assert res["cached"] in (True, False) and res["memory"]["host_rss_peak_bytes"] > 0
     assert side["tokenizer"]["sha256"] and side["sources"][0]["sha256"]
     with safe_open(str(out), "pt") as f:
         ids = f.get_tensor("input_ids")
@@ -241,6 +244,31 @@ def test_prepare_writes_a_token_file_stages_take_back(qwen, sources, tmp_path, c
     assert_one_line_error(cli_run("calib", "prepare", QWEN, "--calib", out, "--seq-len", 64, "-o",
                                   tmp_path / "x.pt"), "calib.safetensors", "--seq-len 64",
                           "--seq-len 40 --num-samples 10")
+
+
+def test_prepare_says_what_it_wrote_and_when_the_cache_served_it(qwen, tmp_path, cli_run):
+    r = cli_run("calib", "prepare", QWEN, "--num-samples", 2, "--seq-len", 8, "--seed", 11, "-o", tmp_path / "a.pt")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith(f"{tmp_path / 'a.pt'}: 2 samples x 8 tokens (16 tokens), seed 11, tokenizer ")
+    assert "(from the cache)" not in r.stdout
+    r = cli_run("calib", "prepare", QWEN, "--num-samples", 2, "--seq-len", 8, "--seed", 11, "-o", tmp_path / "b.pt")
+    assert r.exit_code == 0 and "(from the cache)" in r.stdout, r.output
+    assert torch.equal(torch.load(tmp_path / "a.pt")["input_ids"], torch.load(tmp_path / "b.pt")["input_ids"])
+
+
+@pytest.mark.parametrize("make,name,force,needles", [
+    (None, "c.bin", False, ["-o c.bin", "expected a file name ending in .safetensors or .pt"]),
+    ("c.pt.json", "c.pt", False, ["c.pt.json: exists", "--force"]),  # the description beside it
+    ("c.pt/", "c.pt", True, ["c.pt: is a directory", "expected a file name"]),
+])
+def test_prepare_refuses_an_output_it_cannot_write_before_reading_data(tmp_path, cli_run, monkeypatch, make, name,
+                                                                       force, needles):
+    monkeypatch.chdir(tmp_path)
+    if make:
+        (tmp_path / make).mkdir() if make.endswith("/") else (tmp_path / make).write_text("{}")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert_one_line_error(cli_run("calib", "prepare", QWEN, "-o", name, *(["--force"] if force else [])), *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -555,8 +583,32 @@ def test_no_home_directory_runs_without_a_cache(monkeypatch):
     assert cache.cache_root() is None
 
 
-def test_quiet_wins_over_json_events(cli_run, tmp_path):
+@pytest.fixture(scope="module")
+def quiet_stats_run(tmp_path_factory):
+    """`calib stats` with its defaults but a 2 x 8 token calibration set, --quiet --json."""
+    from click.testing import CliRunner
+
+    from moepress.cli import cli
+
+    out = tmp_path_factory.mktemp("quiet-stats") / "s"
+    r = CliRunner().invoke(cli, ["calib", "stats", QWEN, "--num-samples", "2", "--seq-len", "8", "-o", str(out),
+                                 "--quiet", "--json"], catch_exceptions=False)
+    return r, out
+
+
+def test_quiet_wins_over_json_events(quiet_stats_run):
     """``--quiet --json``: the JSON result on stdout and no progress at all (--quiet says "no progress output")."""
-    r = cli_run("calib", "stats", QWEN, "--num-samples", "2", "--seq-len", "8", "-o", tmp_path / "s", "--quiet",
-                "--json")
-    assert r.exit_code == 0 and r.stderr == "" and json.loads(r.stdout)["output"], r.output
+    r, out = quiet_stats_run
+    assert r.exit_code == 0 and r.stderr == "" and json.loads(r.stdout)["output"] == str(out), r.output
+
+
+def test_stats_defaults_reach_its_manifest_and_result(quiet_stats_run):
+    """The options' documented defaults (--help) are what the run used and recorded; the result counts the
+    calibration tokens (2 samples x 8) and says the rare threshold it applied."""
+    r, out = quiet_stats_run
+    res = json.loads(r.stdout)
+    assert (res["tokens"], res["world_size"], res["rare_threshold"]) == (16, 1, 0.1)
+    manifest = json.loads((out / "moepress-manifest.json").read_text())
+    assert manifest["config"] == {"calib": [], "num_samples": 2, "seq_len": 8, "seed": 0, "batch_size": 8,
+                                  "rare": 0.1, "absmax": False, "dtype": "float32"}
+    assert manifest["inputs"]["calibration_tokens"] == 16 and not (out / "input_absmax.safetensors").exists()

@@ -316,6 +316,16 @@ def test_os_error_without_a_file_name_names_the_output(cli_run, tmp_path, monkey
     _outputs_nothing_left(tmp_path)
 
 
+def test_os_error_naming_two_paths_names_both(tmp_path):
+    """A rename or a copy fails naming its source and its destination (OSError.filename2): the line says both."""
+    from moepress.cli import os_error_line
+
+    with pytest.raises(OSError) as e:
+        os.rename(tmp_path / "gone", tmp_path / "dst")
+    line = os_error_line(e.value, "OUT")
+    assert line == f"{tmp_path / 'gone'} -> {tmp_path / 'dst'}: No such file or directory (ENOENT)"
+
+
 def _outputs_tmpfs(tmp_path: Path) -> Path:
     mnt = tmp_path / "small"
     mnt.mkdir()

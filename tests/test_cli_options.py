@@ -1,0 +1,113 @@
+"""The stage commands' options reach the stage configs as documented (no stage runs: each test swaps the
+stage function for one that records what the command handed it)."""
+
+import json
+
+import pytest
+import torch
+
+from moepress.calib.config import CalibConfig
+from moepress.compress.prune import PruneConfig
+from moepress.compress.quantize import QuantConfig
+from moepress.pipeline.recipe import normalise
+
+
+@pytest.fixture
+def handed(monkeypatch):
+    """Replace prune_checkpoint / quantize_checkpoint and moepress.device.resolve; returns what they saw."""
+    import moepress.compress.prune as prune
+    import moepress.compress.quantize as quantize
+    import moepress.device as device
+
+    seen = {}
+
+    def stage(src, out, cfg, *, device, **kwargs):
+        seen.update(cfg=cfg, device=device, **kwargs)
+        return {"output": str(out), **seen.get("result", {})}
+
+    def resolve(spec):
+        seen["device_spec"] = spec
+        return torch.device("cpu")
+
+    monkeypatch.setattr(prune, "prune_checkpoint", stage)
+    monkeypatch.setattr(quantize, "quantize_checkpoint", stage)
+    monkeypatch.setattr(device, "resolve", resolve)
+    return seen
+
+
+@pytest.mark.parametrize("stage,args,section", [
+    ("prune", ["--ratio", "0.25"], {"ratio": 0.25}),
+    ("quantize", ["--format", "int4-awq"], {"format": "int4-awq"}),
+])
+def test_a_command_without_options_gets_the_documented_defaults(cli_run, tmp_path, handed, stage, args, section):
+    """What `moepress STAGE` runs with its defaults is what `moepress run` runs for a recipe section
+    holding only the same choice (`moepress recipe show` fills the defaults), and the README's figures:
+    the default calibration is 64 x 256 tokens of the bundled text, seed 0, on device auto."""
+    r = cli_run(stage, "tiny-mixtral", *args, "-o", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["output"] == str(tmp_path / "o") and "memory" in json.loads(r.stdout)
+    recipe = normalise({"model": "tiny-mixtral", stage: section})
+    cal = CalibConfig.from_recipe(recipe["calib"])
+    cls = {"prune": PruneConfig, "quantize": QuantConfig}[stage]
+    assert handed["cfg"] == cls.from_recipe(recipe[stage], cal)
+    cfg = handed["cfg"]
+    assert (cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed) == ((), 64, 256, 0)
+    assert handed["device_spec"] == "auto" and handed["force"] is False
+    if stage == "prune":
+        assert (cfg.method, cfg.ep_size, cfg.protect, cfg.sequential, cfg.search_tokens, cfg.merge) == \
+            ("auto", 1, (), False, 16384, None)
+    else:
+        assert (cfg.group_size, cfg.sequential, cfg.gptq_act_order, cfg.awq_gptq, cfg.awq_clip, cfg.awq_fold) == \
+            (128, None, None, True, True, False)
+        assert handed["resume"] is False
+
+
+@pytest.mark.parametrize("stage,args", [
+    ("prune", ["--ratio", "0.25", "--method", "reap", "--ep-size", "2", "--protect", "3:5,1:2", "--sequential",
+               "--search-tokens", "100", "--no-merge"]),
+    ("quantize", ["--format", "int4-awq", "--rule", "self_attn.*=fp8", "--group-size", "64", "--kv-cache", "fp8",
+                  "--no-sequential", "--gptq-act-order", "--no-awq-gptq", "--no-awq-clip", "--awq-fold",
+                  "--resume"]),
+])
+@pytest.mark.parametrize("seed", [-(2**63), 2**63 - 1])
+def test_every_option_reaches_the_config(cli_run, tmp_path, handed, stage, args, seed):
+    """Each option given lands in its config field; a seed may be any signed 64-bit integer (as in a recipe),
+    which torch's generators take."""
+    r = cli_run(stage, "tiny-mixtral", *args, "--calib", "a.txt@2", "--calib", "b.jsonl", "--num-samples", "3",
+                "--seq-len", "17", "--seed", seed, "--device", "cpu", "--force", "-o", tmp_path / "o", "--quiet",
+                "--json")
+    assert r.exit_code == 0, r.output
+    cfg = handed["cfg"]
+    assert (cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed) == (("a.txt@2", "b.jsonl"), 3, 17, seed)
+    torch.Generator().manual_seed(cfg.seed)  # torch takes it
+    assert handed["device_spec"] == "cpu" and handed["force"] is True
+    if stage == "prune":
+        assert (cfg.method, cfg.ratio, cfg.ep_size, cfg.protect, cfg.sequential, cfg.search_tokens, cfg.merge) == \
+            ("reap", 0.25, 2, ((1, 2), (3, 5)), True, 100, False)
+    else:
+        assert (cfg.format, cfg.rules, cfg.group_size, cfg.kv_cache, cfg.sequential, cfg.gptq_act_order) == \
+            ("int4-awq", (("self_attn.*", "fp8"),), 64, "fp8", False, True)
+        assert (cfg.awq_gptq, cfg.awq_clip, cfg.awq_fold, handed["resume"]) == (False, False, True, True)
+
+
+@pytest.mark.parametrize("fragile", [0, 1])
+def test_prune_text_summary_says_the_method_share_notes_and_fragile_layers(cli_run, tmp_path, handed, fragile):
+    handed["result"] = {"kept": 6, "num_experts": 8, "moe_layers": 4, "dropped_token_share_mean": 0.125,
+                        "constraints": ["layer 2: a note"], "fragile_layers": fragile, "seconds": 1.5}
+    r = cli_run("prune", "tiny-mixtral", "--ratio", "0.25", "-o", tmp_path / "o", "--quiet")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0] == ("tiny-mixtral: kept 6 of 8 routed experts in 4 MoE layers (auto); dropped experts took "
+                        "12.5% of routing assignments on calibration data")  # the default method, by name
+    assert lines[1] == "  layer 2: a note" and lines[-1] == f"wrote {tmp_path / 'o'} (1.5 s)"
+    assert len(lines) == 3 + fragile and ("1 of 4 layers' decisions are fragile" in r.stdout) == bool(fragile)
+
+
+@pytest.mark.parametrize("borrowed", [0, 3])
+def test_quantize_text_summary_says_sparse_experts(cli_run, tmp_path, handed, borrowed):
+    handed["result"] = {"quant_algo": "W4A16_AWQ", "quantized_linears": 10, "borrowed": borrowed, "seconds": 2.0}
+    r = cli_run("quantize", "tiny-mixtral", "--format", "int4-awq", "-o", tmp_path / "o", "--quiet")
+    assert r.exit_code == 0, r.output
+    sparse = ", 3 sparse experts (too few calibration tokens; quant_report.json: sparse_expert_rule)"
+    assert r.stdout.strip().endswith(f"(W4A16_AWQ, 10 linears{sparse if borrowed else ''}) -> {tmp_path / 'o'} "
+                                     "in 2.0s"), r.stdout
