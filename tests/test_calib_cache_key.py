@@ -1,7 +1,10 @@
 """The calibration token cache (``calib/cache.py``): another ``num_samples`` is a miss, an edited or
 damaged entry is a miss (its sidecar's sha256), an entry under another key's name is a miss, an entry of
-another shape under the asked key is a miss, and ``MOEPRESS_CACHE=off`` writes nothing."""
+another shape under the asked key is a miss, and ``MOEPRESS_CACHE=off`` writes nothing; ``~`` in
+``MOEPRESS_CACHE`` is the home directory, each size keeps an entry of its own, and a cache that cannot be
+written is skipped."""
 
+import os
 import shutil
 
 import torch
@@ -63,3 +66,31 @@ def test_a_cache_entry_of_another_shape_under_the_asked_key_is_a_miss(tmp_path, 
     cache_mod.cache_put(b.meta["key"], a.input_ids, a.source, {**a.meta, "key": b.meta["key"]})
     again = calibration_set(QWEN, num_samples=8, seq_len=32, seed=0)
     assert not again.cached and torch.equal(again.input_ids, b.input_ids)
+
+
+def test_a_cache_path_with_a_tilde_is_under_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MOEPRESS_CACHE", "~/mc")
+    assert cache_mod.cache_root() == tmp_path / "mc" == type(tmp_path)(os.path.expanduser("~/mc"))
+
+
+def test_a_cache_that_cannot_be_written_is_skipped(tmp_path, monkeypatch):
+    """MOEPRESS_CACHE names a file: no directory can be made under it, and calibration runs without a cache."""
+    (tmp_path / "f").write_text("")
+    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "f"))
+    (tmp_path / "d.txt").write_text((QWEN.parent.parent / "calib" / "data" / "eval.txt").read_text()[:4000])
+    a = calibration_set(QWEN, (str(tmp_path / "d.txt"),), num_samples=2, seq_len=16, seed=0)
+    assert not a.cached and a.input_ids.shape == (2, 16) and (tmp_path / "f").read_text() == ""
+
+
+def test_each_num_samples_and_seq_len_keeps_its_own_entry(tmp_path, monkeypatch):
+    """Sizes left out of the key would share one entry, which the shape guard refuses: two sizes would then
+    rebuild and overwrite each other on every call instead of both being served from the cache."""
+    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "d.txt").write_text((QWEN.parent.parent / "calib" / "data" / "eval.txt").read_text()[:4000])
+    sizes = [(4, 16), (8, 16), (4, 24)]
+    first = [calibration_set(QWEN, (str(tmp_path / "d.txt"),), num_samples=n, seq_len=s) for n, s in sizes]
+    again = [calibration_set(QWEN, (str(tmp_path / "d.txt"),), num_samples=n, seq_len=s) for n, s in sizes]
+    assert [c.cached for c in first + again] == [False] * 3 + [True] * 3
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(first, again, strict=True))
+    assert len(list((tmp_path / "cache" / "calib").glob("*.safetensors"))) == 3

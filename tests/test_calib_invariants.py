@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from moepress import models
 from moepress.calib.cache import load_token_file, save_token_file
-from moepress.calib.data import calibration_set, windows
+from moepress.calib.data import CalibSet, calibration_set, check_positions, windows
 from moepress.calib.metrics import perplexity
 from moepress.calib.observers import InputAbsMax, LayerRouting, RoutingStats
 from moepress.calib.stats import layer_summary
@@ -67,6 +67,44 @@ def test_eval_windows_keep_the_last_full_window():
     assert torch.cat(windows(list(range(32)), 32)).tolist() == [list(range(32))]
 
 
+def test_eval_windows_are_grouped_in_batches_of_batch_size():
+    assert [tuple(b.shape) for b in windows(list(range(10 * 4)), 4, batch_size=3)] == [(3, 4)] * 3 + [(1, 4)]
+    assert [tuple(b.shape) for b in windows(list(range(20 * 4)), 4)] == [(8, 4), (8, 4), (4, 4)]  # default 8
+
+
+def test_no_samples_and_empty_batches_are_refused():
+    with pytest.raises(MoepressError, match="--num-samples 0: expected a positive number"):
+        calibration_set(QWEN, num_samples=0, seq_len=32)
+    with pytest.raises(MoepressError, match="--batch-size 0: expected a positive number"):
+        CalibSet(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, dtype=torch.long)).batches(0)
+
+
+def test_seq_len_up_to_max_position_embeddings_is_taken(tmp_path):
+    """Equal is allowed (positions 0..m-1 were trained); one more is refused, also where the limit sits in
+    a multimodal config's text_config."""
+    for cfg in ({"max_position_embeddings": 32}, {"text_config": {"max_position_embeddings": 32}}):
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        check_positions(tmp_path, 32)
+        with pytest.raises(MoepressError, match="--seq-len 33: .* has max_position_embeddings 32"):
+            check_positions(tmp_path, 33)
+
+
+def test_chat_documents_without_a_template_are_role_colon_content_lines(tmp_path, hf_tok):
+    """A tokenizer without a chat template: each message is rendered as "role: content" on its own line."""
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in ("tokenizer.json", "config.json"):
+        shutil.copy(QWEN / f, d / f)
+    tc = json.loads((QWEN / "tokenizer_config.json").read_text())
+    tc.pop("chat_template")
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    msgs = [{"role": "user", "content": "Explain this."}, {"role": "assistant", "content": TEXT[:600]}]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": msgs}) + "\n")
+    cs = calibration_set(d, (f"{tmp_path / 'c.jsonl'},mode=truncate",), num_samples=1, seq_len=24, cache=False)
+    want = hf_tok(f"user: Explain this.\nassistant: {TEXT[:600]}\n")["input_ids"][:24]  # a text: special tokens
+    assert cs.input_ids.tolist() == [want]
+
+
 def test_cached_set_follows_seq_len():
     calibration_set(QWEN, num_samples=4, seq_len=32, seed=0)
     assert calibration_set(QWEN, num_samples=4, seq_len=48, seed=0).input_ids.shape == (4, 48)
@@ -99,6 +137,38 @@ def test_mixed_sources_are_interleaved_by_the_seed(tmp_path):
     pats = [calibration_set(QWEN, srcs, num_samples=16, seq_len=32, seed=s, cache=False).source.tolist()
             for s in (0, 1, 2)]
     assert len({tuple(p) for p in pats}) > 1
+
+
+def test_each_source_draws_its_documents_with_its_own_seed(tmp_path):
+    """The same documents given twice (mode=truncate: the draw of documents is the only draw) give other
+    documents from each copy, not the same samples twice."""
+    docs = [TEXT[i * 400:(i + 1) * 400] for i in range(40)]
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    spec = f"{p},mode=truncate"
+    cs = calibration_set(QWEN, (spec, spec), num_samples=6, seq_len=16, seed=0, cache=False)
+    rows = [tuple(r) for r in cs.input_ids.tolist()]
+    assert torch.bincount(cs.source).tolist() == [3, 3] and len(set(rows)) == 6
+
+
+def test_a_source_allotted_no_samples_is_not_read(tmp_path):
+    """Weights 100:1 over 2 samples give [2, 0] (largest remainder); the second source, too short for one
+    sample, is not read, nor refused."""
+    (tmp_path / "big.txt").write_text(TEXT[:4000])
+    (tmp_path / "short.txt").write_text("def f(): pass\n")
+    cs = calibration_set(QWEN, (f"{tmp_path / 'big.txt'}@100", f"{tmp_path / 'short.txt'}@1"), num_samples=2,
+                         seq_len=16, cache=False)
+    assert cs.source.tolist() == [0, 0]
+    assert [(s["samples"], s["documents_used"]) for s in cs.meta["sources"]] == [(2, 1), (0, 0)]
+
+
+def test_truncate_without_one_long_enough_document_names_the_longest(tmp_path, hf_tok):
+    docs = [TEXT[:40], TEXT[100:220], TEXT[300:360]]
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    longest = max(len(hf_tok(d)["input_ids"]) for d in docs)
+    with pytest.raises(MoepressError, match=f"no document has the 64 tokens one sample needs \\(longest: {longest} "):
+        calibration_set(QWEN, (f"{p},mode=truncate",), num_samples=2, seq_len=64, cache=False)
 
 
 def test_a_token_file_edited_after_prepare_is_refused(tmp_path):

@@ -1,7 +1,8 @@
 """The tokenizer fingerprint that keys the calibration cache (``calib/tokenizer.py``): each file's bytes
 (hashlib as the oracle; a same-size edit changes it), the library versions, ``tokenizer_config.json``'s
 chat template (a stale hit would serve the old template's tokens; transformers' own ``apply_chat_template``
-as the oracle) and a ``chat_template.jinja`` file."""
+as the oracle), a ``chat_template.jinja`` file, ``special_tokens_map.json`` and remote tokenizer code; and an
+``auto_map`` that names no tokenizer class loads without ``--trust-remote-code``, as transformers does."""
 
 import hashlib
 import json
@@ -11,7 +12,7 @@ from transformers import AutoTokenizer
 
 from moepress import models
 from moepress.calib.data import calibration_set
-from moepress.calib.tokenizer import tokenizer_fingerprint
+from moepress.calib.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 QWEN = models.path("tiny-qwen3-moe")
 TEXT = (QWEN.parent.parent / "calib" / "data" / "eval.txt").read_text()
@@ -82,3 +83,60 @@ def test_a_chat_template_file_edit_changes_the_fingerprint(tmp_path):
     (d / "chat_template.jinja").write_text(template.replace("'\\n'", "': '", 1))
     assert AutoTokenizer.from_pretrained(str(d)).chat_template != template  # transformers reads the file
     assert tokenizer_fingerprint(d)["sha256"] != a
+
+
+def _tokenizer_only(tmp_path, name="m"):
+    d = tmp_path / name
+    d.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        shutil.copy(QWEN / f, d / f)
+    return d
+
+
+def _edit_config(d, **changes):
+    tc = {**json.loads((d / "tokenizer_config.json").read_text()), **changes}
+    (d / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in tc.items() if v is not None}))
+
+
+def test_a_special_tokens_map_edit_changes_the_fingerprint(tmp_path):
+    """Where tokenizer_config.json names no EOS, transformers takes it from special_tokens_map.json (and pack
+    mode joins documents with it)."""
+    d = _tokenizer_only(tmp_path)
+    _edit_config(d, eos_token=None)
+    eos, fps = [], []
+    for tok in ("<|im_end|>", "<|im_start|>"):
+        (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": tok}))
+        eos.append(AutoTokenizer.from_pretrained(str(d)).eos_token_id)
+        fps.append(tokenizer_fingerprint(d)["sha256"])
+    assert eos[0] != eos[1] and fps[0] != fps[1]
+
+
+def test_a_remote_tokenizer_code_edit_changes_the_fingerprint(tmp_path):
+    d = _tokenizer_only(tmp_path)
+    (d / "tokenization_tiny.py").write_text("X = 1\n")
+    a = tokenizer_fingerprint(d)
+    assert a["files"]["tokenization_tiny.py"] == hashlib.sha256(b"X = 1\n").hexdigest()
+    (d / "tokenization_tiny.py").write_text("X = 2\n")
+    assert tokenizer_fingerprint(d)["sha256"] != a["sha256"]
+
+
+def test_an_auto_map_without_a_tokenizer_class_needs_no_remote_code(tmp_path):
+    """auto_map naming only the model's classes (remote modeling code): transformers loads the tokenizer
+    without trust_remote_code, so calibration must not ask for it."""
+    d = _tokenizer_only(tmp_path)
+    _edit_config(d, auto_map={"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"})
+    text = TEXT[:2000]
+    want = AutoTokenizer.from_pretrained(str(d))(text)["input_ids"]  # no trust_remote_code
+    assert load_tokenizer(d)(text)["input_ids"] == want
+
+
+def test_a_named_tokenizer_class_keys_without_the_model_type(tmp_path):
+    """tokenizer_config.json names its class: transformers tokenizes alike whatever config.json's model_type,
+    so a checkpoint of another family with this tokenizer shares its cached samples."""
+    fps, ids = [], []
+    for mt in ("qwen3_moe", "mixtral"):
+        d = _tokenizer_only(tmp_path, mt)
+        (d / "config.json").write_text(json.dumps({"model_type": mt}))
+        ids.append(AutoTokenizer.from_pretrained(str(d))(TEXT[:2000])["input_ids"])
+        fps.append(tokenizer_fingerprint(d)["sha256"])
+    assert ids[0] == ids[1] and fps[0] == fps[1]

@@ -172,3 +172,72 @@ def test_a_shard_truncated_after_open_is_an_error_not_garbage(tmp_path, nbytes, 
     os.truncate(shard, os.path.getsize(shard) - 3 * 4096)
     with pytest.raises(MoepressError, match="truncated"):
         r.get("a", BufferPool(1 << 30) if pooled else None)
+
+
+def test_an_install_that_fails_puts_the_old_output_back(tmp_path, monkeypatch):
+    """The finished partial cannot be renamed in (EXDEV here): the old OUT, already moved aside to
+    OUT.partial.old, is renamed back, not left there for the next writer to delete."""
+    import errno
+    import os
+
+    import moepress.outputs as outputs
+
+    out, work = tmp_path / "out", tmp_path / "out.partial"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    work.mkdir()
+    (work / "new.txt").write_text("new")
+    real = os.replace
+
+    def replace(a, b):
+        if os.fspath(a) == os.fspath(work):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(a, b)
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    with pytest.raises(OSError, match="cross-device"):
+        outputs.install(work, out)
+    assert (out / "old.txt").read_text() == "old" and (work / "new.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.partial"]
+
+
+def test_output_dot_gets_its_manifest_last(tmp_path, monkeypatch):
+    """-o .: the new entries move into the current directory one by one; a kill after the first must not leave
+    a manifest vouching for a directory whose other files never arrived."""
+    import os
+
+    import moepress.outputs as outputs
+    from moepress.manifest import MANIFEST_NAME
+
+    here, work = tmp_path / "here", tmp_path / "here.partial"
+    here.mkdir()
+    work.mkdir()
+    for name in ("a.json", MANIFEST_NAME, "z.json"):
+        (work / name).write_text("{}")
+    monkeypatch.chdir(here)
+    real, arrived = os.replace, []
+
+    def replace_then_die(a, b):
+        real(a, b)
+        if os.path.dirname(os.fspath(b)) == os.fspath(here):
+            arrived.append(os.path.basename(os.fspath(b)))
+            raise KeyboardInterrupt  # the kill, right after the first entry arrived
+    monkeypatch.setattr(outputs.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.install(work, here)
+    assert len(arrived) == 1 and arrived[0] != MANIFEST_NAME and not (here / MANIFEST_NAME).exists()
+
+
+def test_file_digests_cover_nested_files_by_their_relative_path(tmp_path):
+    """Every file under the directory, subfolders included, by its relative path (hashlib and the byte count
+    as the oracle); the manifest itself is left out."""
+    import hashlib
+
+    from moepress.manifest import MANIFEST_NAME, file_digests
+
+    (tmp_path / "sub" / "deep").mkdir(parents=True)
+    files = {"a.bin": b"a", "sub/a.bin": b"bb", "sub/deep/c.txt": b"ccc"}
+    for rel, data in files.items():
+        (tmp_path / rel).write_bytes(data)
+    (tmp_path / MANIFEST_NAME).write_text("{}")
+    assert file_digests(tmp_path) == {rel: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
+                                      for rel, d in files.items()}

@@ -1,0 +1,96 @@
+"""Token files (``calib/cache.py``) and prepared sources (``calib/data.py``) against safetensors' safe_open,
+hashlib, os.stat and transformers' tokenizer: the file holds int32 tensors under its format's header, the
+sidecar's sha256 and size are the file's, files get the umask's permissions, a sidecar of another version or
+shape is refused; a prepared source gives its first samples (not copied into the cache), refuses another
+tokenizer's file and a token id past the vocabulary."""
+
+import hashlib
+import json
+import os
+import stat
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+from moepress import models
+from moepress.calib.cache import load_token_file, save_token_file
+from moepress.calib.data import calibration_set
+from moepress.calib.tokenizer import tokenizer_fingerprint
+from moepress.errors import MoepressError
+
+QWEN = models.path("tiny-qwen3-moe")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
+
+
+def _save(tmp_path, ids, **meta):
+    p = tmp_path / "t.safetensors"
+    save_token_file(p, ids, torch.zeros(ids.shape[0], dtype=torch.long),
+                    {"num_samples": ids.shape[0], "seq_len": ids.shape[1], **meta})
+    return p
+
+
+def test_a_token_file_is_what_its_sidecar_says(tmp_path):
+    ids = torch.arange(12).view(3, 4)
+    p = _save(tmp_path, ids)
+    with safe_open(str(p), "pt") as f:
+        assert f.metadata() == {"format": "moepress-calib", "version": "1"}
+        got = {k: f.get_tensor(k) for k in f.keys()}
+    assert {k: v.dtype for k, v in got.items()} == {"input_ids": torch.int32, "source": torch.int32}
+    assert torch.equal(got["input_ids"].long(), ids)
+    side = json.loads((tmp_path / "t.safetensors.json").read_text())
+    data = p.read_bytes()
+    assert side["file"]["sha256"] == hashlib.sha256(data).hexdigest() and side["file"]["size"] == len(data)
+
+
+def test_token_files_get_the_umasks_permissions(tmp_path):
+    """Written through mkstemp (mode 0600): a shared cache or a prepared file was unreadable by the group."""
+    old = os.umask(0o027)
+    try:
+        p = _save(tmp_path, torch.arange(8).view(2, 4))
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(f.stat().st_mode) for f in (p, tmp_path / "t.safetensors.json")] == [0o640, 0o640]
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"version": 2}, "expected format 'moepress-calib' version 1, got 'moepress-calib' version 2"),
+    ({"seq_len": 6}, r"expected tensors input_ids \[3, 6\] and source \[3\]"),
+])
+def test_a_sidecar_of_another_version_or_shape_is_refused(tmp_path, edit, needle):
+    p = _save(tmp_path, torch.arange(12).view(3, 4))
+    side_p = tmp_path / "t.safetensors.json"
+    side_p.write_text(json.dumps({**json.loads(side_p.read_text()), **edit}))
+    with pytest.raises(MoepressError, match=needle):
+        load_token_file(p)
+
+
+def test_a_prepared_source_gives_its_first_samples(tmp_path):
+    ids = torch.arange(40).view(5, 8)
+    p = _save(tmp_path, ids, tokenizer={"sha256": tokenizer_fingerprint(QWEN)["sha256"]})
+    cs = calibration_set(QWEN, (str(p),), num_samples=3, seq_len=8)
+    assert torch.equal(cs.input_ids, ids[:3]) and cs.meta["sources"][0]["documents_used"] == 3
+    assert list((tmp_path / "cache").rglob("*.safetensors")) == []  # the file is its own cache: not copied
+
+
+def test_a_prepared_source_of_another_tokenizer_is_refused(tmp_path):
+    p = _save(tmp_path, torch.arange(16).view(2, 8), tokenizer={"sha256": "0" * 64, "model": "other-model"})
+    with pytest.raises(MoepressError, match="prepared with another tokenizer.*made for other-model"):
+        calibration_set(QWEN, (str(p),), num_samples=2, seq_len=8)
+
+
+def test_a_token_id_past_the_vocabulary_is_refused(tmp_path):
+    vocab = len(AutoTokenizer.from_pretrained(str(QWEN)))
+    sha = tokenizer_fingerprint(QWEN)["sha256"]
+    last = torch.full((1, 8), vocab - 1)
+    assert torch.equal(calibration_set(QWEN, (str(_save(tmp_path, last, tokenizer={"sha256": sha})),),
+                                       num_samples=1, seq_len=8).input_ids, last)
+    past = last.clone()
+    past[0, 3] = vocab
+    with pytest.raises(MoepressError, match=f"token id {vocab} is outside the tokenizer's vocabulary \\({vocab}\\)"):
+        calibration_set(QWEN, (str(_save(tmp_path, past, tokenizer={"sha256": sha})),), num_samples=1, seq_len=8)
