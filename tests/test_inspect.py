@@ -1,6 +1,7 @@
 """`moepress inspect` (issue #2 acceptance: Kimi K2 from its published config alone)."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -60,3 +61,95 @@ def test_inspect_targets_line_says_what_the_table_holds(tmp_path, cli_run, scale
     assert any(None in row.values() for row in table.values())  # formats some GPUs cannot run
     assert any(0 in row.values() for row in table.values())
     assert all(not any(row.values()) for row in table.values()) == (scale == 64)
+    assert set(s["formats"]) == {f for row in table.values() for f, n in row.items() if n}  # any target's count
+
+
+def _headers(d: Path) -> dict[str, dict]:
+    """Every tensor's safetensors header entry (dtype, shape, data_offsets), read here from the files' bytes."""
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            head = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        out.update({k: v for k, v in head.items() if k != "__metadata__"})
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-moe", "tiny-deepseek-v3", "tiny-mixtral"])
+def test_param_counts_are_the_checkpoints_tensors(name):
+    """Total, routed-expert, embedding and head counts are the parameter elements the safetensors headers hold; active
+    is the total less the (experts - top_k) unused experts of each MoE layer (config.json's numbers)."""
+    from moepress import models
+
+    d = models.path(name)
+    heads, p = _headers(d), summarize(str(d))
+    # DeepSeek's e_score_correction_bias is a buffer, not a parameter (transformers' DeepseekV3TopkRouter: nn.Buffer)
+    numel = {k: math.prod(v["shape"]) for k, v in heads.items() if not k.endswith("e_score_correction_bias")}
+    expert = {k: n for k, n in numel.items() if ".experts." in k and ".shared_experts." not in k}
+    assert p["params"]["total"] == sum(numel.values())
+    assert p["params"]["routed_experts"] == sum(expert.values())
+    assert p["params"]["embeddings"] == numel["model.embed_tokens.weight"]
+    assert p["params"]["lm_head"] == numel["lm_head.weight"]
+    per_expert = sum(expert.values()) // (len(p["layers"]["moe"]) * p["experts"]["routed"])
+    unused = len(p["layers"]["moe"]) * (p["experts"]["routed"] - p["experts"]["top_k"]) * per_expert
+    assert p["params"]["active"] == sum(numel.values()) - unused
+
+
+def test_module_formats_count_the_2d_weights_by_stored_dtype():
+    """`module_formats`: the decoder layers' 2-D weights per stored dtype (the header's), routed experts apart."""
+    from moepress import models
+
+    d = models.path("tiny-qwen3-moe")
+    want: dict[str, dict[str, int]] = {}
+    for k, v in _headers(d).items():
+        if k.startswith("model.layers.") and k.endswith(".weight") and len(v["shape"]) == 2:
+            kind = "routed experts" if ".mlp.experts." in k else "other"
+            row = want.setdefault(v["dtype"].lower(), {})
+            row[kind] = row.get(kind, 0) + 1
+    assert summarize(str(d))["module_formats"] == want
+
+
+def test_storage_says_what_quantization_config_holds(tmp_path):
+    """A compressed-tensors checkpoint: its quant_method and format; an FP8 config without a weight_block_size is
+    per-tensor FP8 ("fp8"), not the block-FP8 format."""
+    from moepress import models
+
+    d = models.path("tiny-kimi-k2-int4")
+    qc = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert summarize(str(d))["storage"] == f"{qc['quant_method']} {qc['format']}"
+    cfg = json.loads(KIMI.read_text())
+    del cfg["quantization_config"]["weight_block_size"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert summarize(str(tmp_path))["storage"] == "fp8"
+
+
+def _count(text: str) -> float:
+    return float(text[:-1]) * {"T": 1e12, "B": 1e9, "M": 1e6, "K": 1e3}[text[-1]]
+
+
+def test_inspect_text_says_what_the_config_and_files_hold(tmp_path, cli_run):
+    """The text report against config.json (renormalised top-k, routed scaling factor, auto_map), the JSON's
+    parameter counts (3 significant digits) and the bytes the safetensors headers hold."""
+    from moepress import models
+
+    cfg = json.loads(KIMI.read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r = cli_run("inspect", tmp_path, "--no-targets")
+    assert r.exit_code == 0, r.output
+    s = summarize(str(tmp_path))
+    lines = dict(ln.split(None, 1) for ln in r.stdout.splitlines() if ln.strip())
+    assert f"scaled x{cfg['routed_scaling_factor']}" in lines["routing"] and "remote code not needed" in lines["family"]
+    assert f"{cfg['n_shared_experts']} shared" in lines["experts"]
+    total, _, active = lines["params"].split()[:3]
+    assert abs(_count(total) / s["params"]["total"] - 1) < 5e-3
+    assert abs(_count(active) / s["params"]["active"] - 1) < 5e-3
+    assert lines["on"] == "disk    no weights (config only)"
+
+    d = models.path("tiny-qwen3-moe")
+    r = cli_run("inspect", d, "--no-targets")
+    assert r.exit_code == 0, r.output
+    lines = dict(ln.split(None, 1) for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith(" "))
+    assert ("renormalised" in lines["routing"]) == json.loads((d / "config.json").read_text())["norm_topk_prob"]
+    size = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in _headers(d).values())
+    shown, unit = lines["on"].split()[1:3]
+    assert abs(float(shown) * {"KB": 1e3, "MB": 1e6, "GB": 1e9}[unit] / size - 1) < 5e-3, lines["on"]

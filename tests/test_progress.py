@@ -1,0 +1,61 @@
+"""Progress events (moepress/progress.py) on a clock the test sets: JSON events, human lines, --quiet."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from moepress import progress
+from moepress.progress import Progress
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    return now
+
+
+def test_json_events_count_steps_and_eta(clock):
+    """start, one progress event per step (done / total, elapsed, ETA = elapsed / done x steps left, the note only
+    where given), end with the steps done."""
+    out = io.StringIO()
+    with Progress("json", stream=out).task("quantize", 4) as t:
+        clock[0] = 10.0
+        t.advance(note="layer 0")
+        clock[0] = 20.0
+        t.advance()
+    ev = [json.loads(ln) for ln in out.getvalue().splitlines()]
+    for e in ev:
+        assert isinstance(e.pop("time"), float)
+    assert ev == [
+        {"event": "start", "stage": "quantize", "total": 4, "unit": "layer"},
+        {"event": "progress", "stage": "quantize", "unit": "layer", "done": 1, "total": 4, "elapsed_s": 10.0,
+         "eta_s": 30.0, "note": "layer 0"},
+        {"event": "progress", "stage": "quantize", "unit": "layer", "done": 2, "total": 4, "elapsed_s": 20.0,
+         "eta_s": 20.0},
+        {"event": "end", "stage": "quantize", "done": 2, "elapsed_s": 20.0},
+    ]
+
+
+def test_human_lines_off_a_terminal(clock):
+    """Off a terminal (a log): one line per step with percent, elapsed and ETA as [h:]mm:ss; info lines as written."""
+    out = io.StringIO()
+    p = Progress("human", stream=out)
+    p.info("prune: 2 layers")
+    with p.task("prune", 3, unit="layer") as t:
+        clock[0] = 3725.0
+        t.advance(note="layer 0")
+    assert out.getvalue().splitlines() == ["prune: 2 layers",
+                                           "prune: layer 1/3 (33%) elapsed 1:02:05 ETA 2:04:10  layer 0"]
+
+
+def test_quiet_writes_nothing(clock, capsys):
+    p = Progress.from_flags(quiet=True, json_events=False)
+    p.info("hello")
+    p.write("a line")
+    with p.task("quantize", 2) as t:
+        t.advance(note="x")
+    assert capsys.readouterr() == ("", "")
