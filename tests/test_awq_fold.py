@@ -183,6 +183,16 @@ def test_unfolded_awq_and_w4a8_refused(exported, tmp_path, cli_run):
         assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
+def test_refusal_of_folded_awq_sends_it_straight_to_compressed_tensors(exported, tmp_path, cli_run):
+    """A folded int4-awq checkpoint exports to compressed-tensors as it is (the fixture wrote it), so
+    trtllm-ckpt's refusal names that export with no "--awq-fold" re-quantize before it (hints.int4_routes)."""
+    q, e = exported[0]["tiny-mixtral"]
+    assert (e / "config.json").is_file()  # the export the hint should name as it is
+    r = cli_run("export", q, "--format", "trtllm-ckpt", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "export compressed-tensors" in r.output, r.output
+    assert "--awq-fold" not in r.output and "quantize with" not in r.output, r.output
+
+
 def test_awq_fold_needs_an_awq_format(cli_run, tmp_path):
     r = cli_run("quantize", models.path("tiny-mixtral"), "--format", "int4-gptq", "--awq-fold", "-o", tmp_path / "x")
     assert r.exit_code == 2 and "--awq-fold" in r.output and "int4-awq" in r.output

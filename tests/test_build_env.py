@@ -83,3 +83,22 @@ def test_gpu_info_falls_back_to_nvidia_smi(monkeypatch):
     assert B.gpu_info() == {"gpu": "NVIDIA H200", "sm": 90, "count": 2, "cuda": None, "driver": "570.86.15"}
     monkeypatch.setattr(B, "_nvidia_smi", lambda: [])
     assert B.gpu_info() == {}
+
+
+def test_nvidia_smi_minor_compute_capability():
+    # compute_cap "8.9" is sm89 (the L40S / L4 targets' sm), not sm80
+    assert B.parse_nvidia_smi("NVIDIA L40S, 8.9, 570.86.15\n") == [{"gpu": "NVIDIA L40S", "sm": 89,
+                                                                     "driver": "570.86.15"}]
+    assert B.parse_nvidia_smi("NVIDIA L40S, 8.9, 570.86.15\n")[0]["sm"] == get_target("l40s").sm
+
+
+def test_ampere_plus_engine_is_not_built_on_a_pre_ampere_gpu(installed):
+    # TensorRT's ampere_plus hardware compatibility covers sm80+ only: a T4 (sm75) cannot build it
+    t4 = {"gpu": "Tesla T4", "sm": 75, "count": 1, "cuda": "12.8", "driver": "570.86"}
+    with pytest.raises(MoepressError, match=r"this GPU is Tesla T4 \(sm75\), the target a10g is sm86"):
+        B.check_environment(BUILDERS["tensorrt"], get_target("a10g"), 1, gpu=t4, hardware_compatibility="ampere_plus")
+
+
+def test_nvidia_smi_line_without_compute_capability_is_skipped():
+    # nvidia-smi prints [N/A] for a field it cannot read: that GPU is not counted, and parsing does not crash
+    assert B.parse_nvidia_smi("NVIDIA A100-SXM4-80GB, [N/A], 570.86.15\n") == []

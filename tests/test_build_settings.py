@@ -159,3 +159,15 @@ def test_nvidia_smi_compute_cap_keeps_its_minor():
     which engine kind a build makes (sm89 FP8 kernels are not sm80's)."""
     assert E.parse_nvidia_smi("NVIDIA L40S, 8.9, 570.86.15\n")[0]["sm"] == 89
     assert E.parse_nvidia_smi("NVIDIA A10G, 8.6, 570.86.15\n")[0]["sm"] == 86
+
+
+def test_pipeline_parallel_trtllm_ckpt_is_refused(tmp_path):
+    """A trtllm-ckpt whose mapping has pp_size 2 (tensorrt_llm/mapping.py: world = tp x pp) is split in a way
+    moepress does not plan (tp / ep only): refused with the file and field, not planned as tp-only."""
+    ckpt = trtllm_ckpt(tmp_path / "ckpt", models.path("tiny-mixtral"), world=2, ep=1)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["mapping"].update(tp_size=1, pp_size=2, moe_tp_size=1)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MoepressError, match=r"config\.json: mapping\.pp_size 2: .*re-export with pp_size 1"):
+        build(ckpt, "h100", tmp_path / "b")
+    assert not (tmp_path / "b").exists()
