@@ -35,7 +35,11 @@ def check_runtime_format(t: Target, fmt: str, shape: ModelShape, runtime: str, e
 
 
 def _check_held(t: Target, fmt: str, kind: str, held: tuple[str, ...]) -> None:
-    """check_format for an export of ``kind`` holding one of ``held``: the refusal names the export to make."""
+    """check_format for an export of ``kind`` holding one of ``held``: the refusal names the export to make. A
+    format the export cannot hold is refused first (a direct plan of an engine no export could feed)."""
+    if fmt not in held:
+        raise MoepressError(f"{kind} holds {', '.join(held)}, not {fmt}: quantize to one of those and export "
+                            f"{kind}, or export the original model as a bf16 {kind}")
     _refuse_export(t, fmt, kind, lambda a: a in held, f"export the original model as a bf16 {kind}",
                    f" ({kind} holds {', '.join(held)})")
 

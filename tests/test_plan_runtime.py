@@ -99,3 +99,16 @@ def test_real_pruned_checkpoint(cli_run, tmp_path, qwen):
     # dropped: 4 layers x 8 experts x 3 x (128 x 128) x 2 B = 3,145,728 B of expert weights
     #        + 4 routers x 8 rows x 128 x 2 B                =     8,192 B
     assert full.weights_total - p.weights_total == 3_145_728 + 8_192
+
+
+@pytest.mark.parametrize("runtime,export,fmt", [("trtllm-engine", None, "nvfp4"), ("trtllm-engine", None, "mxfp4"),
+                                                ("trtllm-engine", None, "int4-awq"), ("onnx", "onnx", "nvfp4")])
+def test_a_format_the_engines_export_cannot_hold_is_refused(runtime, export, fmt):
+    """A trtllm-ckpt holds bf16 and FP8 only (trtllm_ckpt.py _quant_algo), an onnx export what onnx_graph.py
+    writes: a plan of an engine in another format, on a target that runs the format (B200), describes an
+    engine no export could feed."""
+    kind = "trtllm-ckpt" if runtime == "trtllm-engine" else "onnx"
+    with pytest.raises(MoepressError, match=f"^{kind} holds .*, not {fmt}: "):
+        plan(models.path("tiny-mixtral"), "b200", fmt, runtime=runtime, export=export)
+    assert plan(models.path("tiny-mixtral"), "b200", "fp8", runtime=runtime, export=export).gpus >= 1
+
