@@ -81,6 +81,27 @@ def test_int4_scales_that_are_not_whole_groups_are_refused(tmp_path, groups, wid
     assert read_linear(r, "y").weight.shape == (4, 192)  # 3 groups of 64
 
 
+def test_block_fp8_of_other_blocks_and_integer_weights_without_scales_are_refused(tmp_path):
+    """The exporters read DeepSeek's 128 x 128 block FP8 only (config.json weight_block_size; a [64, 64] grid
+    read as 128 x 128 puts each scale on four blocks), and an integer tensor with no scales beside it is no
+    weight (read as floats it would be its codes); each a one-line refusal naming what was expected."""
+    from safetensors.torch import save_file
+
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.errors import MoepressError
+    from moepress.exporters.linears import read_linear
+
+    save_file({"x.weight": torch.zeros(128, 128).to(torch.float8_e4m3fn), "x.weight_scale_inv": torch.ones(2, 2),
+               "y.weight": torch.zeros(4, 8, dtype=torch.int8)}, tmp_path / "model.safetensors")
+    cfg = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r = CheckpointReader(tmp_path)
+    with pytest.raises(MoepressError, match=r"weight_block_size is \[64, 64\]; expected \[128, 128\]"):
+        read_linear(r, "x")
+    with pytest.raises(MoepressError, match="'y.weight' is stored as int8 with no quantization scales"):
+        read_linear(r, "y")
+
+
 @pytest.mark.parametrize("model,rule,fused", [
     ("tiny-qwen3-moe", "self_attn.q_proj", "qkv_proj"),
     ("tiny-deepseek-v3", "self_attn.kv_a_proj_with_mqa", "fused_a"),
