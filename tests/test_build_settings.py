@@ -10,7 +10,7 @@ from helpers import trtllm_ckpt
 from moepress import models
 from moepress.errors import MoepressError
 from moepress.exporters import environment as E
-from moepress.exporters.artifacts import kv_cache_declared
+from moepress.exporters.artifacts import artifact_format, kv_cache_declared
 from moepress.exporters.build import build
 from moepress.exporters.builders import BUILDERS
 from moepress.exporters.targets import get_target
@@ -171,3 +171,16 @@ def test_pipeline_parallel_trtllm_ckpt_is_refused(tmp_path):
     with pytest.raises(MoepressError, match=r"config\.json: mapping\.pp_size 2: .*re-export with pp_size 1"):
         build(ckpt, "h100", tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_mixed_precision_modelopt_export_is_planned_in_its_routed_experts_format(tmp_path):
+    """Model-Optimizer writes quant_algo MIXED_PRECISION with a quantized_layers map (module -> {quant_algo})
+    when layers differ (modelopt 0.47 torch/export/quant_utils.py, get_quant_config); the engine's format is
+    the routed experts' (what TensorRT-LLM's fused MoE loads), even where a dense FP8 module sorts first."""
+    (tmp_path / "config.json").write_text((models.path("tiny-mixtral") / "config.json").read_text())
+    layers = {"model.layers.0.mlp.down_proj": {"quant_algo": "FP8"},  # sorts before the experts
+              "model.layers.1.mlp.experts.0.down_proj": {"quant_algo": "W4A16_AWQ", "group_size": 128},
+              "model.layers.1.self_attn.q_proj": {"quant_algo": "FP8"}}
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps(
+        {"quantization": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "quantized_layers": layers}}))
+    assert artifact_format(tmp_path, "hf-modelopt", None) == "int4-awq"
