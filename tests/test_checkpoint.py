@@ -1,7 +1,9 @@
 """Checkpoint layer: lazy reads, sharded atomic writes (issue #2)."""
 
 import json
+import platform
 import shutil
+from importlib import metadata
 
 import pytest
 import torch
@@ -131,7 +133,8 @@ def test_manifest_lists_every_file_with_its_sha256(tmp_path):
             w.add(f"t{i}", torch.full((40,), float(i)))
         w.write_json("config.json", {"a": 1})
     m = read_manifest(out)
-    assert m["stage"] == "test" and "torch" in m["versions"]
+    assert m["stage"] == "test" and m["versions"]["torch"] == metadata.version("torch")
+    assert m["versions"]["python"] == platform.python_version()
     files = {p.name for p in out.iterdir() if p.name != MANIFEST_NAME}
     assert set(m["files"]) == files
     for name, d in m["files"].items():
