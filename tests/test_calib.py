@@ -285,6 +285,8 @@ def test_prepare_refuses_an_output_it_cannot_write_before_reading_data(tmp_path,
     ("docs.jsonl@-1", ["weight '-1'", "positive"]),  # was "no such file or directory"
     ("docs.jsonl@nan", ["weight 'nan'", "positive"]),
     ("missing.txt", ["missing.txt", "no such file"]),
+    ("docs_ds,split=train", ["docs_ds", "a single dataset has no splits (split=train given)"]),
+    ("dd,split=validation", ["dd", "pick a split with ,split=NAME (splits: train, test)"]),
 ])
 def test_bad_sources_one_line_exit_2(spec, needles, sources, tmp_path, cli_run):
     r = cli_run("calib", "prepare", QWEN, "--calib", f"{sources}/{spec}", "--seq-len", 64, "--num-samples", 2,
