@@ -135,3 +135,15 @@ def trtllm_ckpt(d, source, quant_algo="FP8", world=2, ep=2):
         save_file({"transformer.ln_f.weight": torch.ones(4)}, str(d / f"rank{r}.safetensors"))
     (d / "export.json").write_text(json.dumps({"format": "trtllm-ckpt", "source": str(source)}))
     return d
+
+
+def assert_one_line_error(r, *needles) -> str:
+    """The bad-input contract of a CLI run (click's result): exit 2, no traceback, one line on stderr starting
+    ``moepress: error:`` and naming each of ``needles``; returns that line."""
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moepress: error:"), r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]

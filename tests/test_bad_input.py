@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import copy_checkpoint, edit_json, make_random_checkpoint
+from helpers import assert_one_line_error, copy_checkpoint, edit_json, make_random_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -19,15 +19,6 @@ def good(tmp_path_factory):
 
 def shards(ckpt):
     return sorted(ckpt.glob("model-*.safetensors"))
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("moepress: error:")
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_missing_shard(good, tmp_path, cli_run):

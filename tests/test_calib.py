@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import assert_one_line_error
 from moepress import models
 from moepress.calib.data import allocate, calibration_batches, calibration_set, load_tokenizer
 from moepress.calib.distributed import shard
@@ -38,15 +39,6 @@ def qwen():
 @pytest.fixture(scope="module")
 def tok(qwen):
     return load_tokenizer(qwen)
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("moepress: error:")
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 # ---- acceptance: routed counts == transformers' own routers ------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_one_line_error as _one_line
 from moepress import models
 
 # ---- issue 19 case 7: index paths stay inside the model directory; errors never echo file bytes ----
@@ -40,17 +41,6 @@ def _f78_point_shard(ck, target: str):
     d["weight_map"] = {n: (target if f == shard.name else f) for n, f in d["weight_map"].items()}
     idx.write_text(json.dumps(d))
     return shard
-
-
-def _one_line(r, *needles) -> str:
-    """The bad-input contract: exit 2, no traceback, one line on stderr naming what was wrong."""
-    assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moepress: error:"), r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def test_index_entry_parent_dir_refused(tmp_path, cli_run):
@@ -214,7 +204,7 @@ def _outputs_tree(d: Path) -> dict:
 
 
 def _outputs_one_line(r, *needles) -> str:
-    """:func:`_one_line`, and nothing else printed at all (stdout empty)."""
+    """:func:`helpers.assert_one_line_error`, and nothing else printed at all (stdout empty)."""
     line = _one_line(r, *needles)
     assert [ln for ln in r.output.splitlines() if ln.strip()] == [line], r.output
     return line

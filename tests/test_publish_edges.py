@@ -6,6 +6,7 @@ import json
 import sys
 import types
 
+from helpers import assert_one_line_error as _one_line
 from moepress.manifest import MANIFEST_NAME, file_digests, write_manifest
 
 
@@ -17,15 +18,6 @@ def _artifact(tmp_path, files=None):
         (art / rel).write_bytes(data)
     write_manifest(art, {"files": file_digests(art)})
     return art
-
-
-def _one_line(r, *needles):
-    assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moepress: error:") and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def _manifest(art):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import copy_checkpoint, edit_json, make_random_checkpoint
+from helpers import assert_one_line_error, copy_checkpoint, edit_json, make_random_checkpoint
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 
@@ -15,14 +15,6 @@ from moepress.errors import MoepressError
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     return make_random_checkpoint("qwen3_moe", tmp_path_factory.mktemp("good") / "ckpt")
-
-
-def _one_line(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moepress: error:"), result.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def _edit_tensors(ck, edit):
@@ -40,7 +32,7 @@ def _edit_tensors(ck, edit):
 def test_config_with_more_layers_than_stored_names_the_missing_layer(good, tmp_path, cli_run):
     ck = copy_checkpoint(good, tmp_path / "c")
     edit_json(ck / "config.json", num_hidden_layers=3)
-    _one_line(cli_run("inspect", ck), "num_hidden_layers=3", "lack layer(s) [2]")
+    assert_one_line_error(cli_run("inspect", ck), "num_hidden_layers=3", "lack layer(s) [2]")
 
 
 def test_experts_numbered_from_one_are_refused(good, tmp_path, cli_run):
@@ -53,7 +45,7 @@ def test_experts_numbered_from_one_are_refused(good, tmp_path, cli_run):
                  if n.startswith(p) else n): t for n, t in ts.items()}
 
     _edit_tensors(ck, renumber)
-    _one_line(cli_run("inspect", ck), "layer 0", "routed experts, numbered 1..8")
+    assert_one_line_error(cli_run("inspect", ck), "layer 0", "routed experts, numbered 1..8")
 
 
 def test_a_tensor_no_layer_module_holds_is_refused_not_dropped(good, tmp_path):
