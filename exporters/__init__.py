@@ -38,6 +38,18 @@ def exporters() -> dict[str, Exporter]:
     return EXPORTERS
 
 
+def refuse_packed_shapes(sm) -> None:
+    """Each packed weight's ``weight_shape`` (compressed-tensors pack-quantized: its shape once decoded, where
+    the shard header gives the packed words' and the stream's check skips it) against config.json."""
+    ck = sm.ckpt
+    for i in range(sm.adapter.num_layers):
+        prefix = sm.adapter.layer_prefix(i)
+        for key, shape in sm.expected_layer_shapes(i).items():
+            ws = prefix + key + "_shape"  # <linear>.weight -> <linear>.weight_shape
+            if key.endswith(".weight") and ws in ck and (got := ck.get(ws).tolist()) != list(shape):
+                raise MoepressError(f"{ck.path}: tensor '{ws}' is {got}, config.json implies {list(shape)}")
+
+
 def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool = False, progress=None) -> dict:
     """Run exporter ``cfg.format`` on checkpoint ``src`` into ``out``; returns export.json's content."""
     # imported here: this package's light modules (targets, kv_cache) are read when the CLI starts
@@ -65,8 +77,8 @@ def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool =
         raise MoepressError(f"--tp/--ep: --format {cfg.format} writes one unsharded model (tp={cfg.tp} ep={cfg.ep} "
                             f"given); only {sharded} takes them")
     # the shard headers against config.json before anything is written (a tensor of the wrong shape was
-    # exported as it was, or failed mid-export with a traceback)
-    StreamedModel(reader, prefetch=False).check_weights()
+    # exported as it was, or failed mid-export with a traceback); StreamedModel checks them when built
+    refuse_packed_shapes(StreamedModel(reader, prefetch=False))
     with CheckpointWriter(out, force=force, sources=(src,)) as writer:
         summary = ex.fn(src, writer, cfg, progress) or {}
         # the source's own manifest already holds its digests (hashing 1 TB again costs minutes)

@@ -67,3 +67,46 @@ def test_token_ids_outside_the_vocabulary_are_refused(good):
 def test_a_negative_token_id_is_the_one_named(good):
     with pytest.raises(MoepressError, match="token id -1 out of range"):
         StreamedModel(str(good)).embed([torch.tensor([[-1, 3]])])
+
+
+# ---- a packed weight whose stored shape disagrees with config.json --------------------------------------
+# Kimi K2's INT4 layout (compressed-tensors pack-quantized): the shard header gives the packed words'
+# shape, the module's own shape is its weight_shape tensor, so the header check cannot see it
+
+@pytest.fixture(scope="module")
+def short_expert(tmp_path_factory):
+    """The bundled Kimi INT4 model with layer 2's expert 3 down_proj stored (consistently: packed rows,
+    scale rows and weight_shape) for 96 output rows where config.json implies 128."""
+    from moepress import models
+
+    ck = copy_checkpoint(models.path("tiny-kimi-k2-int4"), tmp_path_factory.mktemp("kimi") / "short")
+    b = "model.layers.2.mlp.experts.3.down_proj."
+    ts = load_file(ck / "model.safetensors")
+    assert ts[b + "weight_shape"].tolist() == [128, 64]
+    for k in ("weight_packed", "weight_scale"):
+        ts[b + k] = ts[b + k][:96].clone()
+    ts[b + "weight_shape"] = torch.tensor([96, 64])
+    save_file(ts, ck / "model.safetensors", metadata={"format": "pt"})
+    return ck
+
+
+def test_calibration_free_quantize_refuses_a_packed_weight_of_another_shape(short_expert, tmp_path, cli_run):
+    """It quantized the [96, 64] weight as it came and wrote it (exit 0): a checkpoint no runtime loads."""
+    r = cli_run("quantize", short_expert, "-o", tmp_path / "q", "--format", "fp8-block", "--quiet")
+    assert_one_line_error(r, "experts.3.down_proj.weight' has shape [96, 64]", "config.json implies [128, 64]")
+    assert not (tmp_path / "q").exists()
+
+
+def test_export_refuses_a_packed_weight_of_another_shape_before_writing(short_expert, tmp_path, cli_run):
+    """The ONNX export stacked the experts and failed with torch's traceback (exit 1)."""
+    r = cli_run("export", short_expert, "-o", tmp_path / "e", "--format", "onnx", "--quiet")
+    assert_one_line_error(r, "experts.3.down_proj.weight_shape' is [96, 64]", "config.json implies [128, 64]")
+    assert not (tmp_path / "e").exists()
+
+
+def test_streamed_layer_refuses_a_packed_weight_of_another_shape(short_expert, tmp_path, cli_run):
+    """The layer stream's check of the decoded weight (load_state_dict would raise torch's size mismatch)."""
+    r = cli_run("prune", short_expert, "-o", tmp_path / "p", "--method", "frequency", "--ratio", "0.25",
+                "--num-samples", "2", "--seq-len", "16", "--quiet")
+    assert_one_line_error(r, "experts.3.down_proj.weight' has shape [96, 64]", "config.json implies [128, 64]")
+    assert not (tmp_path / "p").exists()

@@ -24,6 +24,7 @@ from moepress.compress.quantize.group import LayerResult, quantize_group
 from moepress.compress.quantize.stats import by_format, shared_input_groups
 from moepress.compress.stream import StreamedModel, read_ahead
 from moepress.device import Uploader
+from moepress.errors import MoepressError
 
 WEIGHT_TENSORS = (".weight", ".weight_scale_inv")  # a linear's stored weight and its block-FP8 input scale
 
@@ -86,14 +87,21 @@ def quantize_tensors(sm: StreamedModel, i: int, cfg: QuantConfig, groups: list[t
 
 
 def quantize_stored(stored: dict[str, torch.Tensor], ckpt: CheckpointReader, cfg: QuantConfig, fmt: str,
-                    prefix: str, ns: list[str], dtypes: list[torch.dtype], uploader: Uploader | None) -> LayerResult:
+                    prefix: str, ns: list[str], dtypes: list[torch.dtype], uploader: Uploader | None,
+                    shapes: list[tuple[int, ...]]) -> LayerResult:
     """One group of linears ``ns`` from their stored tensors: decoded (on the uploader's device, when
-    given) and quantized there; the result on the host."""
+    given) and quantized there; the result on the host. Each decoded weight must have its shape in
+    ``shapes`` (config.json's): a packed weight's shape is known only once decoded (``free_plan``
+    checks the others from the shard headers)."""
     if uploader is not None:
         stored = uploader.upload(stored)
     view = LayerView(ckpt, stored)
     ws = [view.weight(prefix + n + ".weight", dt) for n, dt in zip(ns, dtypes, strict=True)]
     del stored, view
+    for n, w, shape in zip(ns, ws, shapes, strict=True):
+        if tuple(w.shape) != shape:
+            raise MoepressError(f"{ckpt.path}: tensor '{prefix}{n}.weight' has shape {list(w.shape)}, "
+                                f"config.json implies {list(shape)}")
     sub = LayerResult()
     quantize_group(sub, cfg, fmt, ns, ws, None)
     return sub if uploader is None else to_host(sub)
@@ -115,6 +123,7 @@ class _FreeLayer:
                  pool: ThreadPoolExecutor | None, depth: int):
         self.sm, self.cfg, self.tensors, self.pool, self.depth = sm, cfg, tensors, pool, depth
         self.prefix = sm.adapter.layer_prefix(i)
+        self.shapes = sm.expected_layer_shapes(i)
         self.res = LayerResult()
         self.raw: dict[str, torch.Tensor] = {}
         self.taken = 0
@@ -151,7 +160,7 @@ class _FreeLayer:
                   if prefix + n + sfx in self.raw}
         dtypes = [torch.bfloat16 if reads_stored_bf16(fmt) and ckpt.info(prefix + n + ".weight").dtype == "BF16"
                   else torch.float32 for n in ns]
-        job = (ckpt, self.cfg, fmt, prefix, ns, dtypes, self.uploader)
+        job = (ckpt, self.cfg, fmt, prefix, ns, dtypes, self.uploader, [self.shapes[n + ".weight"] for n in ns])
         if self.pool is None:
             self.pending.append((quantize_stored(stored, *job), None))
         else:
