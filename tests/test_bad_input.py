@@ -406,3 +406,21 @@ def test_calibration_past_the_models_positions_is_refused(tmp_path, cli_run, arg
     r = cli_run(*[a.format(tmp=tmp_path) for a in args])
     assert_one_line_error(r, "--seq-len 1025", "max_position_embeddings 1024")
     assert not any(tmp_path.iterdir())
+
+
+def test_single_file_beside_an_index_is_refused(good, tmp_path, cli_run):
+    """A directory holding both model.safetensors and model.safetensors.index.json (a leftover of a
+    re-save): transformers 5.24 loads model.safetensors (modeling_utils checks SAFE_WEIGHTS_NAME before
+    SAFE_WEIGHTS_INDEX_NAME), vLLM the index's shards; moepress read the shards and wrote, exit 0, an
+    artifact of weights transformers never loads for that directory. Refused in one line naming the two."""
+    from safetensors.torch import load_file, save_file
+
+    ck = copy_checkpoint(good, tmp_path / "c")
+    state = {}
+    for s in shards(ck):
+        state.update(load_file(s))
+    state["model.norm.weight"] = state["model.norm.weight"] * 0.25  # the single file differs from the shards
+    save_file(state, ck / "model.safetensors", metadata={"format": "pt"})
+    r = cli_run("quantize", ck, "--format", "fp8-dynamic", "-o", tmp_path / "q", "--quiet")
+    assert_one_line_error(r, "holds both model.safetensors and model.safetensors.index.json")
+    assert not (tmp_path / "q").exists()

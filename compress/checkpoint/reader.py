@@ -129,6 +129,11 @@ class CheckpointReader:
     def _load_headers(self) -> None:
         index = self.path / INDEX_NAME
         single = self.path / SINGLE_NAME
+        if index.exists() and single.exists():
+            # transformers 5.24 loads model.safetensors (modeling_utils.py: SAFE_WEIGHTS_NAME is looked for
+            # before SAFE_WEIGHTS_INDEX_NAME), vLLM the index's shards: the consumers disagree on the weights
+            raise MoepressError(f"{self.path}: holds both {SINGLE_NAME} and {INDEX_NAME} (transformers loads the "
+                                f"first, vLLM the index's shards); expected one of them: remove the other")
         if index.exists():
             self._load_index(index)
         elif single.exists():
