@@ -66,8 +66,9 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
     return stage.summary(out, t0)
 
 
-EXTRA_LAYERS = ("stored past num_hidden_layers (DeepSeek-V3's multi-token-prediction layer): quantize streams the "
-                "decoder layers only, so these are not written and config.json says num_nextn_predict_layers=0")
+EXTRA_LAYERS = ("stored past num_hidden_layers (DeepSeek-V3 stores its multi-token-prediction layer there): quantize "
+                "streams the decoder layers only, so these are not written")
+NO_NEXTN = " and config.json says num_nextn_predict_layers=0"
 
 
 def quantize_resume_key(cfg: QuantConfig, src: Path, device: torch.device | None = None) -> dict:
@@ -143,7 +144,8 @@ class QuantizeStage:
         # writer checks again under its lock
         check_output(out, force=force, resume=resume, resume_key=key, sources=sources)
         if self.extra_layers:
-            progress.info(f"layers {self.extra_layers} of {self.reader.path}: {EXTRA_LAYERS}")
+            nextn = NO_NEXTN * self._declares_nextn()
+            progress.info(f"layers {self.extra_layers} of {self.reader.path}: {EXTRA_LAYERS}{nextn}")
         self._take_batches(batches)
         # calibration-free: the shard of layer i is written while layer i+1 is quantized
         writer = (CheckpointWriter(out, force=force, resume=resume,
@@ -197,6 +199,12 @@ class QuantizeStage:
             batches = dist.shard(batches, env.rank, env.world_size)
         self.batches = batches
         self.calibrated = batches is not None and cfg.needs_calibration
+
+    def _declares_nextn(self) -> bool:
+        """Whether the output's config must say num_nextn_predict_layers=0 for the layers not written: where it has
+        the key, and for DeepSeek-V3 (Kimi K2) whose transformers config defaults it to 1
+        (configuration_deepseek_v3.py 5.24: num_mtp_layers = 1, alias num_nextn_predict_layers)."""
+        return "num_nextn_predict_layers" in self.reader.config or self.adapter.family == "deepseek_v3"
 
     def _resume_point(self, progress: Progress) -> int:
         """The first layer a killed run did not finish (rank 0's, under torchrun), with the totals of the
@@ -285,7 +293,11 @@ class QuantizeStage:
     def _finish(self) -> None:
         """Norm and head, then config.json, hf_quant_config.json, the sidecar, the report, the manifest."""
         w, reader, a, cfg, totals = self.w, self.reader, self.adapter, self.cfg, self.totals
-        for name in (a.norm_name, a.head_name):
+        # the rest as stored: the final norm and the head, and top-level tensors no layer holds (prune copies them
+        # too; transformers ignores the ones its model lacks)
+        in_layers = {n for i in reader.layer_indices() for n in reader.layer_names(i)}
+        rest = [n for n in reader.names() if n not in in_layers and n not in (a.embed_name, a.norm_name, a.head_name)]
+        for name in (a.norm_name, a.head_name, *rest):
             if name in reader and name not in self.done:
                 w.add(name, reader.get(name))
         # the progress file (the totals) stays until the writer's commit removes it with the journal
@@ -293,8 +305,10 @@ class QuantizeStage:
         conf, report = model_config(reader, hf_quant), quant_report(reader, a.family, cfg, totals,
                                                                     self.n_tokens if self.calibrated else 0)
         if self.extra_layers:  # not written: the config must not declare them (a runtime would look for them)
-            conf["num_nextn_predict_layers"] = 0
-            report["layers_not_written"] = {"layers": self.extra_layers, "why": EXTRA_LAYERS}
+            nextn = self._declares_nextn()
+            if nextn:
+                conf["num_nextn_predict_layers"] = 0
+            report["layers_not_written"] = {"layers": self.extra_layers, "why": EXTRA_LAYERS + NO_NEXTN * nextn}
         w.write_json("config.json", conf)
         w.write_json("hf_quant_config.json", hf_quant)
         w.write_json(formats.SIDECAR, sidecar(cfg, totals))
