@@ -109,8 +109,12 @@ def _schemes(src: Path, s) -> tuple[dict[tuple[str, int | None], object], str]:
                for k, names in kinds.items()}
     ct_formats = {SUPPORTED[f] for f, _ in kinds}
     if len(ct_formats) > 1:
-        raise MoepressError(f"--format compressed-tensors: {src} mixes {', '.join(sorted(fmts))}; "
-                            "expected FP8 formats only or INT4 only (one compressed-tensors format per checkpoint)")
+        groups: dict[str, list[str]] = {}
+        for f, ct in SUPPORTED.items():
+            groups.setdefault(ct, []).append(f)
+        one_of = "; ".join(f"{ct} ({', '.join(fs)})" for ct, fs in groups.items())
+        raise MoepressError(f"--format compressed-tensors: {src} mixes {', '.join(sorted(fmts))}; expected formats of "
+                            f"one compressed-tensors format per checkpoint: {one_of}")
     _refuse_misread_experts(s, schemes)
     refuse_partly_fused(s, "compressed-tensors", s.layout["modules"], "vLLM (which refuses the checkpoint) and SGLang")
     return schemes, next(iter(ct_formats))

@@ -178,6 +178,20 @@ def test_wrong_scheme_and_occupied_output(ct, tmp_path, cli_run):
     assert r.exit_code == 2 and "--force" in r.output and (occupied / "keep.txt").exists()
 
 
+def test_formats_of_two_compressed_tensors_formats_are_refused_naming_each_one(tmp_path, cli_run):
+    """FP8 attention with MXFP4 experts: no one compressed-tensors format holds both. The refusal named only
+    "FP8 formats only or INT4 only" although an all-MXFP4 or all-NVFP4 checkpoint exports and loads."""
+    q = tmp_path / "q"
+    quantize_checkpoint(models.path("tiny-qwen3-moe"), q,
+                        QuantConfig(format="fp8-dynamic", rules=(("mlp.experts.*", "mxfp4"),)))
+    r = cli_run("export", q, "--format", "compressed-tensors", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    assert "mixes fp8-dynamic, mxfp4" in r.output
+    for group in ("float-quantized (fp8, fp8-block, fp8-dynamic)", "pack-quantized (int4-awq, int4-gptq)",
+                  "nvfp4-pack-quantized (nvfp4, nvfp4-a16)", "mxfp4-pack-quantized (mxfp4)"):
+        assert group in r.output, group
+
+
 def test_check_passes_with_transformers_as_the_runtime(ct, cli_run):
     """`moepress check --kind transformers`: transformers runs the export (its default CT path),
     gated against the bf16 original."""
