@@ -120,10 +120,13 @@ class CheckpointReader:
         # from P_blocks): `name in reader` and `info` answer for them, `get` reads only stored tensors
         self._aliases = {**ct_inputs.packed_aliases(self._tensors), **gptoss_mxfp4.packed_aliases(self._tensors)}
         self._by_layer: dict[int, list[str]] = defaultdict(list)
+        self._top: list[str] = []  # of no decoder layer
         for name in self._tensors:
             m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
             if m:
                 self._by_layer[int(m.group(1))].append(name)
+            else:
+                self._top.append(name)
 
     # ---- structure -------------------------------------------------------------------
     def _load_headers(self) -> None:
@@ -208,6 +211,10 @@ class CheckpointReader:
 
     def layer_indices(self) -> list[int]:
         return sorted(self._by_layer)
+
+    def top_names(self) -> list[str]:
+        """The stored tensors of no decoder layer (embedding, final norm, head, anything else), in stored order."""
+        return list(self._top)
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors or name in self._aliases

@@ -114,8 +114,7 @@ class PruneStage:
             progress.info(f"layers {self.undeclared} of {self.reader.path}: {UNDECLARED}")
         n_tokens = sum(b.numel() for b in batches)
         reader, cfg = self.reader, self.cfg
-        layer_names = {n for i in reader.layer_indices() for n in reader.layer_names(i)}
-        top_names = [n for n in reader.names() if n not in layer_names]
+        top_names = reader.top_names()
         plan_info = None
         with CheckpointWriter(out, force=force, sources=(reader.path,)) as w:
             self.w = w

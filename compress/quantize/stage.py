@@ -295,8 +295,7 @@ class QuantizeStage:
         w, reader, a, cfg, totals = self.w, self.reader, self.adapter, self.cfg, self.totals
         # the rest as stored: the final norm and the head, and top-level tensors no layer holds (prune copies them
         # too; transformers ignores the ones its model lacks)
-        in_layers = {n for i in reader.layer_indices() for n in reader.layer_names(i)}
-        rest = [n for n in reader.names() if n not in in_layers and n not in (a.embed_name, a.norm_name, a.head_name)]
+        rest = [n for n in reader.top_names() if n not in (a.embed_name, a.norm_name, a.head_name)]
         for name in (a.norm_name, a.head_name, *rest):
             if name in reader and name not in self.done:
                 w.add(name, reader.get(name))
