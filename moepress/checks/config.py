@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 
 from moepress.errors import MoepressError
 
-OFF = ("none", "off", "")
+OFF = ("none", "off")  # not "": an unset CI variable (--max-ppl-increase "$X") must not turn a gate off
 
 
 def parse_fraction(value, option: str) -> float | None:

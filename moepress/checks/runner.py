@@ -204,10 +204,13 @@ def libraries_silent(silent: bool):
             tf_logging.enable_progress_bar()
 
 
-def _data_notes(candidate: Path, ref_dir: Path, data: dict) -> list[str]:
+def _data_notes(candidate: Path, ref_dir: Path, data: dict, batches: list[torch.Tensor],
+                trust_remote_code: bool) -> list[str]:
     """What the reader of the figures must know about the data: a stage upstream of the candidate was
     calibrated on it (in-sample figures; also ``data["calibrated_on_by"]``), the candidate's tokenizer
-    is not the reference's (the data was tokenized with the reference's)."""
+    file is not the reference's (the data was tokenized with the reference's). A candidate tokenizer that
+    encodes the data's text to other ids is refused: its consumers tokenize with it, so figures measured on
+    the reference's ids would pass a model they feed other ids."""
     notes = []
     fitted = calibrated_on(candidate, data["source"])
     if fitted:
@@ -216,9 +219,22 @@ def _data_notes(candidate: Path, ref_dir: Path, data: dict) -> list[str]:
                      "measured on text the candidate was fitted to, it reads better than held-out text would")
     tok_r, tok_c = ref_dir / "tokenizer.json", candidate / "tokenizer.json"
     if tok_c.is_file() and tok_r.is_file() and tok_c.read_bytes() != tok_r.read_bytes():
+        _refuse_other_ids(candidate, ref_dir, batches, trust_remote_code)
         notes.append("the candidate's tokenizer.json differs from the reference's; "
                      "the data was tokenized with the reference's")
     return notes
+
+
+def _refuse_other_ids(candidate: Path, ref_dir: Path, batches: list[torch.Tensor], trust_remote_code: bool) -> None:
+    """The data's first sample as text (the reference's decoding) encoded by both tokenizers: other ids, refused."""
+    text = load_tokenizer(ref_dir, trust_remote_code).decode(batches[0][0])
+    ids = [load_tokenizer(d, trust_remote_code)(text, add_special_tokens=False)["input_ids"]
+           for d in (ref_dir, candidate)]
+    if ids[0] != ids[1]:
+        k = next((j for j, (a, b) in enumerate(zip(*ids, strict=False)) if a != b), min(map(len, ids)))
+        raise MoepressError(f"{candidate / 'tokenizer.json'}: encodes the check's text to other token ids than the "
+                            f"reference's (from token {k}); its consumers tokenize with it: expected the reference's "
+                            "tokenizer, or a reference with this one")
 
 
 def _worst(pick, values: list[float]) -> float:
@@ -296,7 +312,7 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
             raise MoepressError(f"{candidate}: vocabulary of {cand.vocab_size} tokens, the reference "
                                 f"{reference} has {ref.adapter.vocab_size}")
         batches, data = eval_data(ref_dir, cfg)
-        notes = _data_notes(Path(candidate), ref_dir, data) + cand.notes
+        notes = _data_notes(Path(candidate), ref_dir, data, batches, cfg.trust_remote_code) + cand.notes
         comparable = cand.has_hidden and cand.num_layers == ref.num_layers
         if cand.has_hidden and not comparable:
             notes.append(f"per-layer comparison off: the candidate has {cand.num_layers} layers, "

@@ -1,0 +1,45 @@
+"""`moepress check` does not pass a candidate whose own tokenizer encodes the text to other token ids than the
+reference's (its consumers tokenize with the candidate's tokenizer.json; the figures are measured on the
+reference's ids), while a tokenizer.json that differs only in its bytes is a note; and an empty gate value does
+not silently turn a gate off (`--max-ppl-increase "$UNSET_VAR"` in CI)."""
+
+import json
+import random
+import shutil
+
+from helpers import assert_one_line_error
+from moepress import models
+
+MODEL = "tiny-qwen3-moe"
+SMALL = ["--seq-len", "32", "--max-samples", "4"]
+
+
+def test_candidate_with_remapped_tokenizer_does_not_pass(cli_run, tmp_path):
+    cand = tmp_path / "cand"
+    shutil.copytree(models.path(MODEL), cand)
+    p = cand / "tokenizer.json"
+    tok = json.loads(p.read_text())
+    vocab = tok["model"]["vocab"]
+    names = sorted(vocab, key=vocab.get)[100:]
+    ids = [vocab[n] for n in names]
+    random.Random(0).shuffle(ids)
+    vocab.update(zip(names, ids, strict=True))  # same weights, same vocabulary size: text now maps to other ids
+    p.write_text(json.dumps(tok))
+    r = cli_run("check", cand, "--reference", MODEL, *SMALL)
+    # it passed (exit 0) with only a note that the tokenizer.json differs
+    assert_one_line_error(r, "tokenizer.json", "other token ids than the reference's")
+
+
+def test_candidate_tokenizer_differing_only_in_bytes_passes_with_a_note(cli_run, tmp_path):
+    cand = shutil.copytree(models.path(MODEL), tmp_path / "cand")
+    p = cand / "tokenizer.json"
+    p.write_text(json.dumps(json.loads(p.read_text()), indent=1))  # same tokenizer, other bytes
+    r = cli_run("check", cand, "--reference", MODEL, *SMALL)
+    assert r.exit_code == 0 and "tokenizer.json differs from the reference's" in r.output, r.output
+
+
+def test_empty_gate_value_is_refused(cli_run, tmp_path):
+    cand = shutil.copytree(models.path(MODEL), tmp_path / "cand")
+    r = cli_run("check", cand, "--reference", MODEL, "--max-ppl-increase", "", *SMALL)
+    # it was accepted, the perplexity gate silently off
+    assert_one_line_error(r, "--max-ppl-increase")
