@@ -398,6 +398,29 @@ def test_recipes_hf_modelopt_takes_or_does_not_list_are_not_refused_early(quanti
         refuse_modelopt_experts({"quantize": {"format": "fp8-block"}}, "qwen3_moe", ["hf-modelopt"])
 
 
+@pytest.mark.parametrize("fmt,needle", [("int4-awq", "quantize.awq_fold: true"),
+                                        ("w4a8-awq", "has no compressed-tensors form")])
+def test_compressed_tensors_of_a_form_it_refuses_is_refused_before_any_stage(cli_run, tmp_path, fmt, needle):
+    """compressed-tensors refuses unfolded AWQ scales and W4A8 at export: the run did prune and quantize first."""
+    rec = write_recipe(tmp_path / "r.yaml", model="tiny-qwen3-moe", quantize={"format": fmt},
+                       export={"formats": ["compressed-tensors"]})
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    one_line_error(r, f"recipe export.formats compressed-tensors: quantize.format {fmt}", needle)
+    assert not (tmp_path / "run" / "prune").exists() and not (tmp_path / "run" / "quantize").exists()
+
+
+@pytest.mark.parametrize("quantize,exports", [
+    ({"format": "int4-awq", "awq_fold": True}, ["compressed-tensors"]),
+    ({"format": "int4-gptq"}, ["compressed-tensors"]), ({"format": "fp8"}, ["compressed-tensors"]),
+    ({"format": "int4-awq", "rules": {"self_attn.*": "fp8"}}, ["compressed-tensors"]),  # the export decides
+    ({"format": "w4a8-awq"}, ["hf-modelopt"]),
+])
+def test_recipes_compressed_tensors_takes_or_does_not_list_are_not_refused_early(quantize, exports):
+    from moepress.pipeline.recipe import refuse_ct_forms
+
+    refuse_ct_forms({"quantize": quantize}, exports)
+
+
 def test_cards_say_when_no_gate_was_applied_or_checks_are_off(tmp_path):
     """A check with every gate off "passed" on the card (which `publish` refuses as showing nothing);
     a recipe with the check off gave the reason of a format no CPU runtime runs."""

@@ -180,6 +180,25 @@ def refuse_unavailable_exports(recipe: dict, model: Path) -> None:
         if fmt in reg:
             reg[fmt].refuse_family(family, model, where=f"recipe export.formats {fmt}")
     refuse_modelopt_experts(recipe, family, formats)
+    refuse_ct_forms(recipe, formats)
+
+
+def refuse_ct_forms(recipe: dict, exports: list[str]) -> None:
+    """compressed-tensors after a quantize whose one format (no rules) has no compressed-tensors form, or keeps AWQ's
+    pre_quant_scale unfolded (exporters/compressed_tensors.py refuses both at export, after prune and quantize)."""
+    from moepress.compress import formats
+
+    q = recipe.get("quantize") or {}
+    f = formats.FORMATS.get(q.get("format") or "")
+    if "compressed-tensors" not in exports or f is None or q.get("rules"):
+        return
+    where = f"recipe export.formats compressed-tensors: quantize.format {f.name}"
+    if not f.ct_format:
+        raise MoepressError(f"{where} has no compressed-tensors form; expected one of "
+                            f"{', '.join(n for n, g in formats.FORMATS.items() if g.ct_format)}")
+    if f.awq and not q.get("awq_fold"):
+        raise MoepressError(f"{where} keeps AWQ's pre_quant_scale, which has no compressed-tensors form; expected "
+                            "quantize.awq_fold: true (AWQ folded into the norms), or int4-gptq")
 
 
 def refuse_modelopt_experts(recipe: dict, family: str, exports: list[str]) -> None:
