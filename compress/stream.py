@@ -58,6 +58,12 @@ def bound_heap() -> None:
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (also stops its dynamic growth)
 
 
+def check_shape(where: str, name: str, got, expected: tuple[int, ...]) -> None:
+    """A stored (or decoded) tensor's shape against the one config.json implies: a one-line refusal naming it."""
+    if tuple(got) != tuple(expected):
+        raise MoepressError(f"{where}: tensor '{name}' has shape {list(got)}, config.json implies {list(expected)}")
+
+
 def read_ahead_budget(reader: CheckpointReader, share: int = 4, floor: int = 16 << 20) -> int:
     """How far to read ahead: 1/``share`` of the largest stored layer, ``floor``-256 MB (keeps the disk
     busy while a layer computes). ``floor=0`` (a stage bound to stored layers): the share, however small."""
@@ -201,10 +207,8 @@ class StreamedModel:
         for name, shape in top:
             if name not in ck:
                 raise MoepressError(f"{self._where()}: tensor '{name}' is missing from the checkpoint")
-            got = self._stored_shape(name)
-            if got is not None and got != shape:
-                raise MoepressError(f"{self._where()}: tensor '{name}' has shape {list(got)}, "
-                                    f"config.json implies {list(shape)}")
+            if (got := self._stored_shape(name)) is not None:
+                check_shape(self._where(), name, got, shape)
         missing = sorted(set(range(a.num_layers)) - set(ck.layer_indices()))
         if missing:
             raise MoepressError(f"{self._where()}: config.json has num_hidden_layers={a.num_layers} "
@@ -229,10 +233,8 @@ class StreamedModel:
         prefix = self.adapter.layer_prefix(i)
         for key, shape in self.expected_layer_shapes(i).items():
             name = prefix + key
-            got = self._stored_shape(name) if name in self.ckpt else None
-            if got is not None and got != shape:
-                raise MoepressError(f"{self._where()}: tensor '{name}' has shape {list(got)}, "
-                                    f"config.json implies {list(shape)}")
+            if name in self.ckpt and (got := self._stored_shape(name)) is not None:
+                check_shape(self._where(), name, got, shape)
 
     def _stored_shape(self, name: str) -> tuple[int, ...] | None:
         """Shape of a plain or FP8 tensor from its header; None where the stored form differs (packed)."""
@@ -293,9 +295,7 @@ class StreamedModel:
                 t = self.uploader.upload({name: t})[name] if view is None else t
             else:
                 t = self._read(name, view)
-            if tuple(t.shape) != shape:
-                raise MoepressError(f"{self._where()}: tensor '{name}' has shape {list(t.shape)}, "
-                                    f"config.json implies {list(shape)}")
+            check_shape(self._where(), name, t.shape, shape)
             state[key] = t
         return state
 

@@ -22,9 +22,8 @@ from moepress.compress.checkpoint import CheckpointReader, LayerView
 from moepress.compress.quantize.config import FORMATS, QuantConfig
 from moepress.compress.quantize.group import LayerResult, quantize_group
 from moepress.compress.quantize.stats import by_format, shared_input_groups
-from moepress.compress.stream import StreamedModel, read_ahead
+from moepress.compress.stream import StreamedModel, check_shape, read_ahead
 from moepress.device import Uploader
-from moepress.errors import MoepressError
 
 WEIGHT_TENSORS = (".weight", ".weight_scale_inv")  # a linear's stored weight and its block-FP8 input scale
 
@@ -99,9 +98,7 @@ def quantize_stored(stored: dict[str, torch.Tensor], ckpt: CheckpointReader, cfg
     ws = [view.weight(prefix + n + ".weight", dt) for n, dt in zip(ns, dtypes, strict=True)]
     del stored, view
     for n, w, shape in zip(ns, ws, shapes, strict=True):
-        if tuple(w.shape) != shape:
-            raise MoepressError(f"{ckpt.path}: tensor '{prefix}{n}.weight' has shape {list(w.shape)}, "
-                                f"config.json implies {list(shape)}")
+        check_shape(str(ckpt.path), f"{prefix}{n}.weight", w.shape, shape)
     sub = LayerResult()
     quantize_group(sub, cfg, fmt, ns, ws, None)
     return sub if uploader is None else to_host(sub)

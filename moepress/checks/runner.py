@@ -227,9 +227,10 @@ def _data_notes(candidate: Path, ref_dir: Path, data: dict, batches: list[torch.
 
 def _refuse_other_ids(candidate: Path, ref_dir: Path, batches: list[torch.Tensor], trust_remote_code: bool) -> None:
     """The data's first sample as text (the reference's decoding) encoded by both tokenizers: other ids, refused."""
-    text = load_tokenizer(ref_dir, trust_remote_code).decode(batches[0][0])
-    ids = [load_tokenizer(d, trust_remote_code)(text, add_special_tokens=False)["input_ids"]
-           for d in (ref_dir, candidate)]
+    tok_r = load_tokenizer(ref_dir, trust_remote_code)
+    text = tok_r.decode(batches[0][0])
+    ids = [tok(text, add_special_tokens=False)["input_ids"]
+           for tok in (tok_r, load_tokenizer(candidate, trust_remote_code))]
     if ids[0] != ids[1]:
         k = next((j for j, (a, b) in enumerate(zip(*ids, strict=False)) if a != b), min(map(len, ids)))
         raise MoepressError(f"{candidate / 'tokenizer.json'}: encodes the check's text to other token ids than the "
