@@ -58,8 +58,9 @@ def _check_hf_modelopt(t: Target, fmt: str, shape: ModelShape, kind: str = "hf-m
     kinds = ("trtllm-ckpt (builder trtllm-engine) or " if shape.family in SUPPORTED else "") + "onnx (builder tensorrt)"
     _refuse_export(t, fmt, kind, lambda a: formats.FORMATS[a].modelopt_entry is not None
                    and not (shape.num_experts and formats.FORMATS[a].modelopt_experts_why(shape.family)),
-                   f"no format an hf-modelopt export holds runs there with {shape.family} experts TensorRT-LLM "
-                   f"loads; export the original bf16 model as {kinds}", to="hf-modelopt")
+                   f"no format an {'' if kind == 'hf-modelopt' else kind + ' or '}hf-modelopt export holds runs there "
+                   f"with {shape.family} experts TensorRT-LLM loads; export the original bf16 model as {kinds}",
+                   to="hf-modelopt")
 
 
 def _refuse_export(t: Target, fmt: str, kind: str, ok, bf16_step: str, suffix: str = "",

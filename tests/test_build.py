@@ -222,6 +222,10 @@ def test_trtllm_pytorch_bundle_kimi(cli_run, tmp_path):
     r = cli_run("build", art, "--target", "l40s", "-o", tmp_path / "b2", "--dry-run")
     assert r.exit_code == 2 and f"{art}: the hf-fp8-block export is fp8-block: FP8-BLOCK needs sm90/sm100; L40S is " \
         "sm89: re-quantize the original model with --format fp8, then export hf-modelopt" in r.output, r.output
+    # on A100 no format of either export runs DeepSeek experts: the refusal names both exports, then bf16 ones
+    r = cli_run("build", art, "--target", "a100-80gb", "-o", tmp_path / "b3", "--dry-run")
+    assert r.exit_code == 2 and "no format an hf-fp8-block or hf-modelopt export holds runs there with deepseek_v3 " \
+        "experts TensorRT-LLM loads; export the original bf16 model as onnx (builder tensorrt)" in r.output, r.output
 
 
 def test_hf_modelopt_block_fp8_experts_are_refused(cli_run, tmp_path):

@@ -421,6 +421,25 @@ def test_recipes_compressed_tensors_takes_or_does_not_list_are_not_refused_early
     refuse_ct_forms({"quantize": quantize}, exports)
 
 
+def test_compressed_tensors_of_int4_experts_in_two_groups_is_refused_before_any_stage(cli_run, tmp_path):
+    """tiny-deepseek-v3's experts are 128 wide in, 64 wide out: group_size 128 gives down_proj groups of 64, gate /
+    up groups of 128, which the compressed-tensors export refuses ("quantized 2 ways"), after quantize."""
+    from moepress.pipeline.recipe import refuse_ct_expert_groups
+
+    rec = write_recipe(tmp_path / "r.yaml", model="tiny-deepseek-v3", prune=None, quantize={"format": "int4-gptq"},
+                       export={"formats": ["compressed-tensors"]})
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    one_line_error(r, "recipe export.formats compressed-tensors: quantize.format int4-gptq with quantize.group_size "
+                   "128", "in_features 64: group 64, in_features 128: group 128", "expected quantize.group_size 64")
+    assert not (tmp_path / "run").exists()
+    for q, widths in [({"format": "int4-gptq", "group_size": 64}, [128, 64]), ({"format": "fp8"}, [128, 64]),
+                      ({"format": "int4-gptq", "rules": {"self_attn.*": "fp8"}}, [128, 64]),
+                      ({"format": "int4-awq", "awq_fold": True}, [256, 128])]:
+        refuse_ct_expert_groups({"quantize": q}, ["compressed-tensors"], widths)  # not refused
+    with pytest.raises(MoepressError, match=r"in_features 200: unquantized.*expected quantize.format fp8"):
+        refuse_ct_expert_groups({"quantize": {"format": "int4-gptq"}}, ["compressed-tensors"], [256, 200])
+
+
 def test_cards_say_when_no_gate_was_applied_or_checks_are_off(tmp_path):
     """A check with every gate off "passed" on the card (which `publish` refuses as showing nothing);
     a recipe with the check off gave the reason of a format no CPU runtime runs."""

@@ -175,12 +175,15 @@ def refuse_unavailable_exports(recipe: dict, model: Path) -> None:
     formats = (recipe.get("export") or {}).get("formats") or []
     if not formats:
         return
-    family, reg = get_adapter(read_config_file(model / "config.json")).family, exporters()
+    adapter = get_adapter(read_config_file(model / "config.json"))
+    family, reg = adapter.family, exporters()
     for fmt in formats:
         if fmt in reg:
             reg[fmt].refuse_family(family, model, where=f"recipe export.formats {fmt}")
     refuse_modelopt_experts(recipe, family, formats)
     refuse_ct_forms(recipe, formats)
+    if adapter.experts_key():
+        refuse_ct_expert_groups(recipe, formats, [adapter.hidden_size, adapter.moe_intermediate_size()])
 
 
 def refuse_ct_forms(recipe: dict, exports: list[str]) -> None:
@@ -199,6 +202,31 @@ def refuse_ct_forms(recipe: dict, exports: list[str]) -> None:
     if f.awq and not q.get("awq_fold"):
         raise MoepressError(f"{where} keeps AWQ's pre_quant_scale, which has no compressed-tensors form; expected "
                             "quantize.awq_fold: true (AWQ folded into the norms), or int4-gptq")
+
+
+def refuse_ct_expert_groups(recipe: dict, exports: list[str], widths: list[int]) -> None:
+    """compressed-tensors after an INT4 quantize (one format, no rules) whose quantize.group_size gives the routed
+    experts' projections (in_features ``widths``: hidden size for gate / up, expert width for down) unlike groups,
+    or leaves one unquantized: the export refuses such experts (exporters/fused_moe.py: vLLM takes one scheme per
+    layer's experts), after prune and quantize."""
+    from moepress.compress import formats
+    from moepress.compress.quant.int4 import effective_group
+    from moepress.exporters.fused_moe import common_groups
+
+    q = recipe.get("quantize") or {}
+    f = formats.FORMATS.get(q.get("format") or "")
+    if "compressed-tensors" not in exports or f is None or q.get("rules") or f.split_unit is not None:
+        return
+    g = int(q.get("group_size") or 128)
+    got = {w: effective_group(w, g) for w in sorted(set(widths))}
+    if len(set(got.values())) == 1 and None not in got.values():
+        return
+    fits = common_groups(got)
+    made = ", ".join(f"in_features {w}: {f'group {e}' if e else 'unquantized'}" for w, e in got.items())
+    raise MoepressError(f"recipe export.formats compressed-tensors: quantize.format {f.name} with quantize.group_size "
+                        f"{g} quantizes the routed experts unlike each other ({made}), which the export refuses (one "
+                        "scheme for a layer's experts); expected " + (f"quantize.group_size {max(fits)}" if fits else
+                                                                      "quantize.format fp8 or fp8-dynamic"))
 
 
 def refuse_modelopt_experts(recipe: dict, family: str, exports: list[str]) -> None:
