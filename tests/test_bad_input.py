@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import assert_one_line_error, copy_checkpoint, edit_json, make_random_checkpoint
+from moepress import models
 
 
 @pytest.fixture(scope="module")
@@ -331,6 +332,25 @@ def test_non_finite_weight_is_refused_naming_it(good, tmp_path, cli_run, value):
         r = cli_run("quantize", ck, "--format", fmt, "-o", tmp_path / fmt, "--quiet")
         assert_one_line_error(r, name, "not finite", "NaN or Inf")
         assert not (tmp_path / fmt).exists()
+
+
+def test_non_finite_weight_is_named_before_the_activations_it_spoils(tmp_path, cli_run):
+    """Calibrated fp8: a NaN in an expert's up_proj makes the activations into the layer's down_proj NaN too (their
+    input scale is shared by the layer's experts); the refusal named expert 0's down_proj and "the calibration
+    activations", not the weight that holds the NaN."""
+    from safetensors.torch import load_file, save_file
+
+    ck = copy_checkpoint(models.resolve("tiny-qwen3-moe"), tmp_path / "c")
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    for shard in ck.glob("*.safetensors"):
+        t = load_file(shard)
+        if name in t:
+            t[name][:, 0] = float("nan")
+            save_file(t, shard, metadata={"format": "pt"})
+    r = cli_run("quantize", ck, "--format", "fp8", "-o", tmp_path / "q", "--quiet", "--num-samples", "4",
+                "--seq-len", "32")
+    assert_one_line_error(r, name, "values are not finite (NaN or Inf); expected finite weights")
+    assert not (tmp_path / "q").exists()
 
 
 def test_integer_weight_without_scales_is_refused(good, tmp_path, cli_run):

@@ -605,3 +605,19 @@ def test_the_cosine_gate_is_printed_beside_the_cosines():
     errors = next(x for x in lines if "rel. error" in x)
     cosines = next(x for x in lines if "cosine per layer" in x)
     assert "FAIL" not in errors and "0.995120" in cosines and cosines.endswith("[>= 0.999: FAIL]")
+
+
+def test_a_killed_reports_hidden_directory_is_removed_by_the_next_report(tmp_path):
+    """A check killed while writing --report left .NAME.partial-PID, which no later run removed (each run cleared
+    only its own pid's); one of a process still running (another check writing the same report) is kept."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    killed, running = tmp_path / f".rep.partial-{dead}", tmp_path / f".rep.partial-{os.getppid()}"
+    for d in (killed, running):
+        d.mkdir()
+        (d / "report.json").write_text("{}")
+    write_report(_minimal_result(), tmp_path / "rep")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["rep", running.name])

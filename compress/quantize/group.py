@@ -8,6 +8,7 @@ tensorrt_llm/_torch/modules/fused_moe; Model-Optimizer's ``preprocess_linear_fus
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -135,11 +136,13 @@ def apply_fake_quant(layer, res: LayerResult) -> None:
 SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def refuse_non_finite(prefix: str, res: LayerResult) -> None:
+def refuse_non_finite(prefix: str, res: LayerResult, weight: Callable[[str], torch.Tensor] | None = None) -> None:
     """A scale computed from NaN or Inf (a weight holding one, or calibration activations that do) is
     refused, naming the tensor: written, it makes every output of the linear NaN (or the block-max
     rounding of MXFP4's E8M0 NaN, 255). Scales are small, so the check costs nothing beside the work; the
-    flags of a layer's scales are read in one host sync per device (not one per tensor: a GPU waits each time)."""
+    flags of a layer's scales are read in one host sync per device (not one per tensor: a GPU waits each time).
+    ``weight`` (full name -> the stored weight, decoded): where a scale is bad, the layer's weights are searched
+    for the NaN first, so that the refusal names the weight holding it rather than a scale it spoiled."""
     flags: dict[str, torch.Tensor] = {}
     for rel, t in res.tensors.items():
         if rel.endswith(".weight"):
@@ -153,6 +156,12 @@ def refuse_non_finite(prefix: str, res: LayerResult) -> None:
         by_device.setdefault(f.device, []).append(rel)
     bad = {rel for rels in by_device.values()
            for rel, b in zip(rels, torch.stack([flags[r] for r in rels]).tolist(), strict=True) if b}
+    if bad and weight is not None:  # the cause: a weight holding NaN / Inf spoils its shared scale (gate / up)
+        for base in res.modules:    # and the activations after it (the input scale of the layer's next linear)
+            n = int((~torch.isfinite(weight(prefix + base + ".weight"))).sum())
+            if n:
+                raise MoepressError(f"{prefix}{base}.weight: {n} values are not finite (NaN or Inf); expected "
+                                    "finite weights")
     for rel in flags:
         if rel in bad:
             base, what = rel.rsplit(".", 1)

@@ -272,7 +272,7 @@ class QuantizeStage:
         (read from ``src``). Returns the progress note. The totals are saved first: a killed run's
         progress file never lacks a layer whose shard it kept (a resume drops the ones it redoes)."""
         w, prefix = self.w, self.adapter.layer_prefix(i)
-        refuse_non_finite(prefix, res)
+        refuse_non_finite(prefix, res, lambda name: src.weight(name, torch.float32))
         self.totals.add(i, prefix, res)
         self.totals.save(w.partial)
         qnames = {f"{n}.weight" for n in res.modules}

@@ -3,6 +3,7 @@ candidate's manifest (what publishing verifies: moepress/checks/verify.py)."""
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -197,10 +198,26 @@ def _report_partial(out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)  # a killed run's, whose pid this process now has
+        for old in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):  # killed runs' (no live process)
+            if old != tmp and not _alive(old.name.rpartition("-")[2]):
+                shutil.rmtree(old, ignore_errors=True)
         tmp.mkdir()  # the umask's mode, as ``out`` would have had
     except OSError as e:
         raise MoepressError(f"--report {out}: cannot create directory ({e.strerror})") from None
     return tmp
+
+
+def _alive(pid: str) -> bool:
+    """Whether a process ``pid`` (a partial directory's suffix) runs; a suffix that is no pid counts as alive (kept)."""
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def check_report_dir(out: str | Path) -> None:
