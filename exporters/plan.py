@@ -40,6 +40,7 @@ from moepress.compress import formats
 from moepress.compress.formats.base import GROUP
 from moepress.compress.inspect import storage_format
 from moepress.errors import MoepressError
+from moepress.exporters.ct_layout import ct_matcher, is_ct
 from moepress.exporters.kernel_widths import fp4_widths_ok
 from moepress.exporters.kv_cache import KV_CACHE
 from moepress.exporters.runtime_formats import check_runtime_format, trtllm_experts_problem
@@ -353,7 +354,8 @@ def _gb(n: float) -> str:
 
 
 def default_format(model) -> str:
-    """The checkpoint's own format: moepress_quant.json's, block-FP8 configs, else unquantized."""
+    """The checkpoint's own format: moepress_quant.json's, block-FP8 configs, a compressed-tensors config's (its
+    routed experts' scheme: exporters/ct_layout.py), else unquantized."""
     if isinstance(model, dict):
         cfg = model
     elif Path(model).is_file():
@@ -364,6 +366,9 @@ def default_format(model) -> str:
         if layout and layout.get("format") in formats.FORMATS:
             return layout["format"]
         cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
+    if is_ct(cfg):  # a scheme moepress has no format of: refused, naming it (plan it with --format)
+        ct_matcher(cfg, str(model) if not isinstance(model, dict) else "<config>")
+        return model_shape(model).stored_format or UNQUANTIZED
     s = storage_format(cfg)
     return s if s in formats.FORMATS else UNQUANTIZED
 

@@ -20,6 +20,7 @@ from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import CheckpointReader, read_config_file
 from moepress.errors import MoepressError
+from moepress.exporters.ct_layout import ct_matcher, ct_stored
 from moepress.exporters.kernel_widths import runs_in_blocks
 
 
@@ -53,9 +54,10 @@ class ModelShape:
     other_params: int  # norms, routers, biases (bf16, replicated)
     embed_params: int  # embeddings + lm_head (bf16, split by TP)
     max_positions: int = 0  # the config's max_position_embeddings (0: not given)
-    int4_group: int | None = None  # a quantized checkpoint's INT4 group size (moepress_quant.json)
-    # a `moepress quantize` output: its format and (kind, out, in, stored format, count), linears a --rule
-    # left unquantized or gave another format counted as stored when that format is planned
+    int4_group: int | None = None  # a quantized checkpoint's INT4 group size (moepress_quant.json, quantization_config)
+    # a `moepress quantize` output or a compressed-tensors checkpoint (exporters/ct_layout.py): its format and
+    # (kind, out, in, stored format, count), linears a --rule or ``ignore`` left unquantized or gave another format
+    # counted as stored when that format is planned
     stored_format: str | None = None
     stored: tuple[tuple[str, int, int, str, int], ...] = ()
 
@@ -129,8 +131,11 @@ def model_shape(model: str | Path | dict) -> ModelShape:
     """Structure of a checkpoint or config-only directory (or a config dict)."""
     cfg, a = _config_and_adapter(model)
     layout = _layout(model)
+    where = str(model) if isinstance(model, str | Path) else "<config>"
+    match = None if layout else ct_matcher(cfg, where, strict=False)
     linears: collections.Counter = collections.Counter()
     stored: collections.Counter = collections.Counter()
+    ct_rows: list[tuple[str, str, int, int]] = []  # a compressed-tensors checkpoint's linears by full name
     other = 0
     built = {}
     for i in range(a.num_layers):
@@ -145,7 +150,12 @@ def model_shape(model: str | Path | dict) -> ModelShape:
             mods, prefix = layout["modules"], a.layer_prefix(i)
             stored.update((k, o, n, (mods.get(prefix + name) or {}).get("format") or _UNQUANTIZED)
                           for name, k, o, n in lin)
+        elif match:
+            ct_rows += [(a.layer_prefix(i) + name, k, o, n) for name, k, o, n in lin]
         other += rest
+    fmt, group = (layout.get("format"), _int4_group(layout)) if layout else (None, None)
+    if match:
+        stored, fmt, group = ct_stored(ct_rows, match, _UNQUANTIZED)
     H, V = a.hidden_size, a.vocab_size
     embed = V * H * (1 if a.tie_word_embeddings else 2)
     other += H  # final norm
@@ -158,8 +168,7 @@ def model_shape(model: str | Path | dict) -> ModelShape:
         kv = 2 * kv_heads * hd
     return ModelShape(a.family, a.num_layers, H, a.num_experts, a.top_k, V, heads, kv, kv_heads,
                       tuple((k, o, i, c) for (k, o, i), c in sorted(linears.items())), other, embed,
-                      int(cfg.get("max_position_embeddings") or 0), _int4_group(layout),
-                      layout.get("format") if layout else None,
+                      int(cfg.get("max_position_embeddings") or 0), group, fmt,
                       tuple((k, o, n, f, c) for (k, o, n, f), c in sorted(stored.items())))
 
 

@@ -359,3 +359,59 @@ def test_fp4_experts_at_widths_the_kernels_cannot_run_are_noted(width, noted):
     cfg["intermediate_size"] = width
     for p in (plan(cfg, "b200", "nvfp4"), plan(cfg, "b200", bits=4)):
         assert any("FP4 fused-MoE kernels" in n and f"128 / {width}" in n for n in p.notes) == noted
+
+
+def _kimi_thinking(tmp_path):
+    """Kimi K2 Thinking's config.json: Kimi K2's with the compressed-tensors quantization_config it ships (routed
+    experts INT4 symmetric group 32, weight-only; attention, shared experts and the dense MLP ignored: bf16), as the
+    bundled fixture carries it (moonshotai/Kimi-K2-Thinking config.json)."""
+    from moepress import models
+
+    cfg = json.loads(open(KIMI).read())
+    cfg["quantization_config"] = json.loads(
+        (models.resolve("tiny-kimi-k2-int4") / "config.json").read_text())["quantization_config"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+def test_a_compressed_tensors_checkpoint_is_planned_as_it_stores_its_linears(tmp_path, cli_run):
+    """Kimi K2 Thinking was planned in bf16 (2,053 GB: 32 H200 in 4 nodes) although its routed experts are INT4 (one
+    node of 8 H200 holds it): its quantization_config was not read. Hand numbers: expert = 3 x (7,340,032 packed +
+    4 x 458,752 F32 group-32 scales) = 27,525,120 B; attention bf16 61 x 202,244,096; shared experts bf16
+    60 x 88,080,384; dense MLP bf16 792,723,456."""
+    d = _kimi_thinking(tmp_path)
+    shape = model_shape(d)
+    assert (shape.stored_format, shape.int4_group) == ("int4-gptq", 32)
+    b = shape.bytes_by_kind("int4-gptq")
+    assert b["routed"] == 23040 * 27_525_120
+    assert b["attn"] + b["replicated"] == 61 * 202_244_096
+    assert (b["shared"], b["dense"]) == (60 * 88_080_384, 792_723_456)
+    p = plan(str(d), "h200")
+    assert (p.format, p.gpus, p.nodes) == ("int4-gptq", 8, 1)
+    assert p.weights_total == 23040 * 27_525_120 + 61 * 202_244_096 + 60 * 88_080_384 + 792_723_456 + EMBED + OTHER
+    r = cli_run("plan", d, "--target", "h200", "--format", "fp8-block", "--json")  # --format still plans all in it
+    assert json.loads(r.output)["format"] == "fp8-block" and json.loads(r.output)["gpus"] == 16
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4-gptq"])
+def test_a_compressed_tensors_export_plans_as_the_checkpoint_it_was_exported_from(tmp_path, cli_run, fmt):
+    """`moepress plan` of a compressed-tensors export planned bf16 (2.3x the bytes of an INT4 one); it now plans the
+    export's scheme, with the bytes of the quantize output it came from (planned from moepress_quant.json)."""
+    q, ct = tmp_path / "q", tmp_path / "ct"
+    assert cli_run("quantize", "tiny-mixtral", "--format", fmt, "--num-samples", "2", "--seq-len", "16", "-o", q,
+                   "--quiet").exit_code == 0
+    assert cli_run("export", q, "--format", "compressed-tensors", "-o", ct, "--quiet").exit_code == 0
+    theirs, ours = plan(str(ct), "h100"), plan(str(q), "h100")
+    assert (theirs.format, theirs.weights_total) == (fmt, ours.weights_total)
+
+
+def test_a_compressed_tensors_scheme_no_format_stores_is_refused_unless_a_format_is_given(tmp_path, cli_run):
+    """INT8 weights (a scheme moepress has no format of) are not planned as something else."""
+    d = _kimi_thinking(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 8
+    (d / "config.json").write_text(json.dumps(cfg))
+    r = cli_run("plan", d, "--target", "h200")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "quantization_config.config_groups.group_0" in r.stderr and "plan it with --format" in r.stderr
+    assert cli_run("plan", d, "--target", "h200", "--format", "fp8-block").exit_code == 0
