@@ -191,9 +191,9 @@ def refuse_modelopt_named_experts(s, modules: dict) -> None:
                             f"{formats.FORMATS[fmt].modelopt_moe_why}: {block_experts_route(s, modules)}")
 
 
-def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
-    s = open_source(src)
-    modules = require_layout(s, "hf-modelopt", "fp8 (or w4a8-awq, nvfp4)")["modules"]
+def refuse_hf_modelopt(s, src: Path, modules: dict) -> None:
+    """Everything hf-modelopt refuses of a ``moepress quantize`` output (``modules``: its layout's), before writing;
+    also asked by trtllm-ckpt before it names hf-modelopt as the way for a DeepSeek-V3 / Kimi K2 checkpoint."""
     unknown = sorted(f for f in {m["format"] for m in modules.values()}
                      if f not in formats.FORMATS or formats.FORMATS[f].modelopt_entry is None)
     if unknown:
@@ -210,6 +210,12 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     refuse_partial_input_groups(s, "hf-modelopt", modules)
     refuse_fp4_expert_widths(s, "hf-modelopt", modules)  # vLLM and TensorRT-LLM read them with the same kernels
     refuse_modelopt_named_experts(s, modules)
+
+
+def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
+    s = open_source(src)
+    modules = require_layout(s, "hf-modelopt", "fp8 (or w4a8-awq, nvfp4)")["modules"]
+    refuse_hf_modelopt(s, src, modules)
     r = s.reader
     written = 0
     folded = _folded_awq(s.layout, modules)

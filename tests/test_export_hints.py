@@ -130,6 +130,16 @@ def _random(tmp_path_factory, family: str, like: str, **config) -> Path:
     return src
 
 
+def test_deepseek_experts_hf_modelopt_refuses_are_not_sent_there_by_trtllm_ckpt(exported, tmp_path_factory):
+    """DeepSeek experts 40 wide: NVFP4 leaves their down projections bf16 beside NVFP4 gate / up, which hf-modelopt
+    refuses; trtllm-ckpt (no DeepSeek engine path) sent this checkpoint to hf-modelopt as it was."""
+    src = _random(tmp_path_factory, "deepseek_v3", "tiny-deepseek-v3", moe_intermediate_size=40)
+    key = (src, "nvfp4", 128, False)
+    msg = exported(key, "trtllm-ckpt")
+    assert _follow(exported, key, "trtllm-ckpt", msg) == ["hf-modelopt"], msg
+    _refusals_lead_somewhere(exported, key)
+
+
 def test_narrow_experts_and_no_block_grid_are_sent_where_taken(exported, tmp_path_factory):
     """Hidden 96, experts 72: every linear narrower than the default group gets its own width as group, so
     each layer's experts are quantized two ways (refuse_unlike) and no --group-size fits both: INT4 was
