@@ -85,8 +85,10 @@ def save_token_file(path: str | os.PathLike, input_ids: torch.Tensor, source: to
     side = {"format": FORMAT, "version": VERSION, **meta,
             "file": {"name": path.name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
                      "tensors": {"input_ids": ["int32", list(input_ids.shape)], "source": ["int32", [source.numel()]]}}}
-    _atomic_write(path, data)
+    # the sidecar first: a run killed between the two leaves no token file without one (which looked finished
+    # to a rerun: "exists (pass --force)"); a replaced pair's new sidecar beside the old file fails its sha256
     _atomic_write(sidecar_path(path), (json.dumps(side, indent=2) + "\n").encode())
+    _atomic_write(path, data)
     return side
 
 

@@ -48,6 +48,25 @@ def test_a_token_file_is_what_its_sidecar_says(tmp_path):
     assert side["file"]["sha256"] == hashlib.sha256(data).hexdigest() and side["file"]["size"] == len(data)
 
 
+def test_a_run_killed_between_its_two_writes_leaves_no_token_file(tmp_path, monkeypatch):
+    """The token file was written before its sidecar: a kill between left it alone, and a rerun refused it as
+    existing ("pass --force") although nothing could load it. Killed after the first write, no token file."""
+    import moepress.calib.cache as cache
+
+    real, writes = cache._atomic_write, []
+
+    def killed_after_one(path, data):
+        if writes:
+            raise KeyboardInterrupt
+        writes.append(path)
+        real(path, data)
+
+    monkeypatch.setattr(cache, "_atomic_write", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, torch.arange(12).view(3, 4))
+    assert not (tmp_path / "t.safetensors").exists()
+
+
 def test_token_files_get_the_umasks_permissions(tmp_path):
     """Written through mkstemp (mode 0600): a shared cache or a prepared file was unreadable by the group."""
     old = os.umask(0o027)
