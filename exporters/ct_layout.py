@@ -30,7 +30,8 @@ _KEYS = ("num_bits", "type", "symmetric", "strategy", "group_size", "block_struc
 
 
 def is_ct(cfg: dict) -> bool:
-    return (cfg.get("quantization_config") or {}).get("quant_method") == CT_METHOD
+    qc = cfg.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == CT_METHOD
 
 
 def _args(a) -> dict | None:
@@ -71,7 +72,10 @@ def ct_matcher(cfg: dict, where: str, strict: bool = True) -> Callable[[str], tu
         return None
     qc = cfg["quantization_config"]
     groups = []
-    for name, g in (qc.get("config_groups") or {}).items():
+    cg = qc.get("config_groups") or {}
+    if not isinstance(cg, dict):
+        raise MoepressError(f"{where}: quantization_config.config_groups is not an object")
+    for name, g in cg.items():
         if not isinstance(g, dict):
             raise MoepressError(f"{where}: quantization_config.config_groups.{name} is not an object")
         got = scheme_format(g, g.get("format") or qc.get("format"))
