@@ -122,7 +122,7 @@ def artifact_format(artifact: Path, kind: str, source: Path | None) -> str:
         return f.name if f is not None else own
     if kind == "hf-fp8-block":
         return "fp8-block"
-    return default_format(source) if source else UNQUANTIZED
+    return default_format(source, ct=False) if source else UNQUANTIZED  # onnx: packed inputs decoded (bf16)
 
 
 def _experts_algo(layers) -> str | None:

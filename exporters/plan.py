@@ -353,9 +353,10 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def default_format(model) -> str:
+def default_format(model, ct: bool = True) -> str:
     """The checkpoint's own format: moepress_quant.json's, block-FP8 configs, a compressed-tensors config's (its
-    routed experts' scheme: exporters/ct_layout.py), else unquantized."""
+    routed experts' scheme: exporters/ct_layout.py; ``ct`` False: unquantized, as an onnx export of such a
+    checkpoint decodes its packed weights), else unquantized."""
     if isinstance(model, dict):
         cfg = model
     elif Path(model).is_file():
@@ -366,6 +367,8 @@ def default_format(model) -> str:
         if layout and layout.get("format") in formats.FORMATS:
             return layout["format"]
         cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
+    if is_ct(cfg) and not ct:
+        return UNQUANTIZED
     if is_ct(cfg):  # a scheme moepress has no format of: refused, naming it (plan it with --format)
         ct_matcher(cfg, str(model) if not isinstance(model, dict) else "<config>")
         return model_shape(model).stored_format or UNQUANTIZED

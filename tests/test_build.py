@@ -406,3 +406,14 @@ def test_mixed_hf_modelopt_export_is_judged_by_its_experts_format(cli_run, tmp_p
     (art / "hf_quant_config.json").write_text(json.dumps(hq))
     r = cli_run("build", art, "--target", "h200", "-o", tmp_path / "b2", "--dry-run")
     assert r.exit_code == 2 and "weight_scale_inv" in r.stderr and not (tmp_path / "b2").exists(), r.output
+
+
+def test_an_onnx_export_of_a_packed_int4_checkpoint_is_planned_as_the_graph_holds_it(cli_run, tmp_path):
+    """The onnx export decodes Kimi's compressed-tensors INT4 experts into bf16 initializers (export.json
+    weight_schemes ["none"]); the TensorRT build plan must count them so, not as the source stores them."""
+    art = tmp_path / "onnx"
+    assert cli_run("export", "tiny-kimi-k2-int4", "--format", "onnx", "-o", art, "--quiet").exit_code == 0
+    assert json.loads((art / "export.json").read_text())["onnx"]["weight_schemes"] == ["none"]
+    r = cli_run("build", art, "--target", "h100", "--dry-run", "-o", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b" / "plan.json").read_text())["format"] == "bf16"
