@@ -21,7 +21,7 @@ import torch
 
 from helpers import make_random_checkpoint
 from moepress import models
-from moepress.calib.data import calibration_batches
+from moepress.calib.data import DEFAULT_EVAL, calibration_batches
 from moepress.calib.metrics import LogitStats, error_jump, hidden_error, quantile, token_kl
 from moepress.calib.observers import RoutingStats
 from moepress.checks import CheckConfig, run_check, write_report
@@ -621,3 +621,17 @@ def test_a_killed_reports_hidden_directory_is_removed_by_the_next_report(tmp_pat
         (d / "report.json").write_text("{}")
     write_report(_minimal_result(), tmp_path / "rep")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["rep", running.name])
+
+
+def test_a_token_file_gives_at_most_its_samples_and_a_refusal_names_checks_options(cli_run, tmp_path, monkeypatch):
+    """--max-samples is "at most" for a text file; a token file of fewer samples than it was refused, and the
+    refusal (for another --seq-len too) asked for --num-samples, an option check does not have."""
+    monkeypatch.setenv("MOEPRESS_CACHE", "off")
+    tok = tmp_path / "t.safetensors"
+    assert cli_run("calib", "prepare", MODEL, "--calib", str(DEFAULT_EVAL), "--num-samples", "3", "--seq-len", "32",
+                   "-o", tok, "--quiet").exit_code == 0
+    cand = shutil.copytree(models.path(MODEL), tmp_path / "copy")  # not the reference's path (refused)
+    r = cli_run("check", cand, "--reference", MODEL, "--data", tok, "--seq-len", "32", "--json", "--quiet")
+    assert json.loads(r.stdout)["data"]["samples"] == 3, r.output  # the default --max-samples is larger
+    r = cli_run("check", cand, "--reference", MODEL, "--data", tok, "--seq-len", "16", "--quiet")
+    assert r.exit_code == 2 and "(run with --seq-len 32 --max-samples 3)" in r.stderr, r.output

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,11 +51,30 @@ def eval_data(ref_dir: Path, cfg: CheckConfig) -> tuple[list[torch.Tensor], dict
         rows = torch.cat(eval_batches(ref_dir, path, cfg.seq_len, cfg.max_samples, cfg.trust_remote_code))
         info = {"source": str(path), "windows": "consecutive"}
     else:
-        cs = calibration_set(ref_dir, (src,), cfg.max_samples, cfg.seq_len, cfg.seed, cfg.trust_remote_code)
+        try:
+            cs = calibration_set(ref_dir, (src,), _at_most(src, cfg.max_samples), cfg.seq_len, cfg.seed,
+                                 cfg.trust_remote_code)
+        except MoepressError as e:  # a token file's refusal names calib's count option: check's is --max-samples
+            raise MoepressError(str(e).replace("--num-samples", "--max-samples")) from None
         rows = cs.input_ids
         info = {"source": src, "windows": f"sampled (seed {cfg.seed})"}
     batches = list(rows.split(cfg.batch_size))
     return batches, {**info, "samples": int(rows.shape[0]), "seq_len": cfg.seq_len, "tokens": int(rows.numel())}
+
+
+def _at_most(src: str, n: int) -> int:
+    """--max-samples for ``src``: a token file gives at most the samples it holds (its sidecar's num_samples), as a
+    text file gives at most its windows; any other source is sampled ``n`` times."""
+    from moepress.calib.sources import parse_sources, sidecar_path
+
+    spec = parse_sources((src,))[0]
+    if spec.type != "tokens":
+        return n
+    try:
+        held = json.loads(sidecar_path(spec.path).read_text()).get("num_samples")
+    except (OSError, ValueError, AttributeError):
+        return n  # calibration_set refuses the file in one line
+    return min(n, held) if isinstance(held, int) and held > 0 else n
 
 
 class _Lockstep:
