@@ -271,6 +271,10 @@ def test_export_quantizing_activations_is_not_streamed_as_weights_only(cli_run, 
     r = cli_run("check", ct, "--reference", ref, *SMALL, "--kind", "checkpoint", "--quiet")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
     assert "input_activations" in r.stderr and "--kind transformers" in r.stderr
+    # as the reference it was streamed weights-only too, without a word (a perplexity no consumer of it gets)
+    r = cli_run("check", q, "--reference", ct, *SMALL, "--quiet")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert f"--reference {ct}: " in r.stderr and "input_activations" in r.stderr
 
 
 def test_model_optimizer_checkpoint_without_its_layout_is_refused_by_both_kinds(cli_run, ref, tmp_path):

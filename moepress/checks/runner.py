@@ -26,6 +26,7 @@ from moepress.calib.metrics import LayerStats, LogitStats, error_jump
 from moepress.calib.sources import TEXT_SUFFIXES
 from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.candidates.base import config_json
+from moepress.checks.candidates.checkpoint import unstreamed_activations
 from moepress.checks.config import CheckConfig, evaluate_gates, refuse_unmeasurable
 from moepress.checks.lineage import calibrated_on
 from moepress.checks.routing import Agreement, RouteCapture
@@ -325,6 +326,11 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
     if cfg.kind in ("auto", "checkpoint") and Path(candidate).resolve() == ref_dir.resolve():
         raise MoepressError(f"{candidate}: the candidate is the reference (--reference {reference}); the check "
                             "would compare the model with itself and pass")
+    un = unstreamed_activations(ref_dir)  # streamed weights-only, it is not the model its consumers run
+    if un is not None:
+        raise MoepressError(f"--reference {reference}: {un.why}, which the streamed reference does not apply (it "
+                            "streams the weights only); expected the checkpoint it was made from, or the `moepress "
+                            "quantize` output it was exported from")
     ref = StreamedModel(str(ref_dir), device=device)
     _refuse_other_family(Path(candidate), reference, ref.adapter.family)
     cand = open_candidate(candidate, cfg, device)
