@@ -20,6 +20,7 @@ With several sources the samples are shuffled together by seed.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from moepress.calib.sources import (
     hub_documents,
     open_documents,
     parse_sources,
+    sidecar_path,
 )
 from moepress.calib.tokenizer import load_tokenizer, needs_remote_code, tokenizer_fingerprint
 from moepress.compress.checkpoint import read_config_file
@@ -288,12 +290,29 @@ def source_hashes(sources: tuple[str, ...] | list[str]) -> dict[str, str | None]
     return out
 
 
+def read_hashes(sources: tuple[str, ...] | list[str]) -> set[str]:
+    """The sha256 of what each source reads and, for a token file, of the sources its sidecar says it was
+    sampled from: a token file prepared from a text file and that text file are the same data."""
+    out = {h for h in source_hashes(sources).values() if h}
+    for s in parse_sources(tuple(sources)):
+        if s.type != "tokens":
+            continue
+        try:
+            side = json.loads(sidecar_path(s.path).read_text())
+        except (OSError, ValueError):
+            continue
+        made = side.get("sources") if isinstance(side, dict) else None
+        out |= {x["sha256"] for x in made or [] if isinstance(x, dict) and isinstance(x.get("sha256"), str)}
+    return out
+
+
 def calibration_inputs(sources: tuple[str, ...] | list[str], calibrated: bool = True) -> dict:
-    """A calibrated stage's manifest entry for its calibration data: the sha256 of what each source reads
-    (``check`` warns when its own data is among them: its figures would be in-sample)."""
+    """A calibrated stage's manifest entry for its calibration data: the sha256 of what each source reads, a
+    token file's own sources included (``check`` warns when its own data is among them: its figures would be
+    in-sample)."""
     if not calibrated:
         return {}
-    return {"calibration_sha256": sorted({h for h in source_hashes(sources).values() if h})}
+    return {"calibration_sha256": sorted(read_hashes(sources))}
 
 
 def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] = (), num_samples: int = 64,

@@ -230,6 +230,23 @@ def test_jsonl_data_is_sampled_with_the_seed(ref, tmp_path):
     assert res["metrics"]["tokens"] == 4 * 32 and res["metrics"]["kl_mean"] == 0.0
 
 
+def test_a_token_file_and_the_text_it_was_prepared_from_are_the_same_data(cli_run, tmp_path, monkeypatch):
+    """A candidate calibrated on a text file and checked on a token file prepared from it (or the other way round)
+    got no in-sample note: the token file's bytes were compared, not the sources its sidecar names."""
+    monkeypatch.setenv("MOEPRESS_CACHE", "off")
+    text = tmp_path / "docs.txt"
+    text.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(400)))
+    ref, tok = models.path("tiny-mixtral"), tmp_path / "t.safetensors"
+    assert cli_run("calib", "prepare", ref, "--calib", text, "--num-samples", "8", "--seq-len", "32", "-o", tok,
+                   "--quiet").exit_code == 0
+    for calib, data in ((text, tok), (tok, text)):
+        q = tmp_path / f"q-{calib.suffix[1:]}"
+        assert cli_run("quantize", ref, "--format", "fp8", "--calib", calib, "--num-samples", "8", "--seq-len", "32",
+                       "-o", q, "--quiet").exit_code == 0
+        res = run_check(q, ref, CheckConfig(data=str(data), seq_len=32, max_samples=4))
+        assert res["data"].get("calibrated_on_by") == [f"{q} (quantize)"], (calib, data)
+
+
 def test_data_the_candidate_was_calibrated_on_is_said(cli_run, tmp_path, monkeypatch):
     """`check --data FILE` on a candidate calibrated on FILE measured in-sample, silently (all 16 windows were
     calibration rows in a review's run); the check follows the manifests' inputs up the chain (export ->

@@ -20,13 +20,13 @@ MAX_DEPTH = 8  # export <- quantize <- prune <- ... : far more links than a pipe
 def calibrated_on(candidate: str | Path, data: str) -> list[str]:
     """``"DIR (stage)"`` of each stage upstream of ``candidate`` (itself included) whose calibration sources
     read the same bytes as the check's ``data`` (a ``--calib``-style source); [] when none or unknown."""
-    from moepress.calib.data import source_hashes
+    from moepress.calib.data import read_hashes
 
     try:
-        digest = source_hashes((data,)).get(data)
+        digests = read_hashes((data,))  # a token file: its own bytes and the sources it was sampled from
     except MoepressError:  # a source only the check's own reader accepts: nothing to compare
         return []
-    if digest is None:
+    if not digests:
         return []
     d, seen, hits = Path(candidate), set(), []
     d = d if d.is_dir() else d.parent  # an .onnx file: its export directory
@@ -36,7 +36,7 @@ def calibrated_on(candidate: str | Path, data: str) -> list[str]:
         except (OSError, ValueError):  # a damaged manifest upstream: not this check's to judge
             break
         inputs = m.get("inputs") if isinstance(m, dict) and isinstance(m.get("inputs"), dict) else {}
-        if digest in (inputs.get("calibration_sha256") or []):
+        if digests & set(inputs.get("calibration_sha256") or []):
             hits.append(f"{d} ({m.get('stage')})")
         up = inputs.get("model")
         # stages record their input resolved; a relative one (older manifests) would be read against
