@@ -444,3 +444,15 @@ def test_single_file_beside_an_index_is_refused(good, tmp_path, cli_run):
     r = cli_run("quantize", ck, "--format", "fp8-dynamic", "-o", tmp_path / "q", "--quiet")
     assert_one_line_error(r, "holds both model.safetensors and model.safetensors.index.json")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("args", [["quantize", "no-such-model", "--format", "fp8", "-o", "x"],
+                                  ["export", "tiny-qwen3-moe", "--format", "bogus", "-o", "x", "--quiet"],
+                                  ["check", "no-such-model", "--reference", "tiny-qwen3-moe"]])
+def test_a_refusal_under_json_is_a_json_result_too(cli_run, args, tmp_path, monkeypatch):
+    """With --json a refused command printed nothing on stdout: a CI job reading the result found no JSON
+    document. stdout now holds {"error": <the stderr line>, "exit": 2}; stderr keeps its one line."""
+    monkeypatch.chdir(tmp_path)
+    r = cli_run(*args, "--json")
+    line = assert_one_line_error(r)
+    assert json.loads(r.stdout) == {"error": line.removeprefix("moepress: error: "), "exit": 2}

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a failed accuracy check, 2 bad input (one line on stder
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import click
@@ -30,23 +31,35 @@ class MoepressGroup(click.Group):
                                 f"one process, or one of: {', '.join('moepress ' + c for c in TORCHRUN_COMMANDS)}")
         return name, cmd, rest
 
+    def parse_args(self, ctx, args):
+        ctx.meta[JSON_META] = "--json" in args  # the subcommand's --json: its refusal is a JSON result too
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MoepressError as e:
-            click.echo(f"moepress: error: {' '.join(str(e).split())}", err=True)
-            ctx.exit(MoepressError.exit_code)
+            _refuse(ctx, ' '.join(str(e).split()))
         except click.UsageError as e:  # a subcommand's option or argument: one line too (bad input)
             where = " ".join(["moepress", *(e.ctx or ctx).command_path.split()[1:]])
-            click.echo(f"moepress: error: {where}: {' '.join(e.format_message().split())} (see {where} --help)",
-                       err=True)
-            ctx.exit(MoepressError.exit_code)
+            _refuse(ctx, f"{where}: {' '.join(e.format_message().split())} (see {where} --help)")
         except CheckFailed as e:
             click.echo(f"moepress: check failed: {' '.join(str(e).split())}", err=True)
             ctx.exit(CheckFailed.exit_code)
         except OSError as e:  # a full disk, a read-only or busy file system, a denied path: bad input too
-            click.echo(f"moepress: error: {os_error_line(e, ctx.meta.get(OUTPUT_META))}", err=True)
-            ctx.exit(MoepressError.exit_code)
+            _refuse(ctx, os_error_line(e, ctx.meta.get(OUTPUT_META)))
+
+
+JSON_META = "moepress.json"
+
+
+def _refuse(ctx, line: str) -> None:
+    """Bad input: one line on stderr, exit 2; under --json also the result on stdout, {"error": line, "exit": 2},
+    so that a CI job reading the result finds one JSON document whatever happened."""
+    click.echo(f"moepress: error: {line}", err=True)
+    if ctx.meta.get(JSON_META):
+        click.echo(json.dumps({"error": line, "exit": MoepressError.exit_code}))
+    ctx.exit(MoepressError.exit_code)
 
 
 def _world_size() -> int:
