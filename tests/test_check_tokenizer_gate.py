@@ -43,3 +43,15 @@ def test_empty_gate_value_is_refused(cli_run, tmp_path):
     r = cli_run("check", cand, "--reference", MODEL, "--max-ppl-increase", "", *SMALL)
     # it was accepted, the perplexity gate silently off
     assert_one_line_error(r, "--max-ppl-increase")
+
+
+def test_a_percentage_over_100_is_a_gate_and_a_bare_number_over_1_names_the_option(cli_run, tmp_path):
+    """--max-ppl-increase 150% was refused as a bare 1.5 (the option parsed it, the config parsed the number again),
+    with a hint to write 150%: a pruned model's gate above 2x could not be written."""
+    cand = shutil.copytree(models.path(MODEL), tmp_path / "cand")
+    r = cli_run("check", cand, "--reference", MODEL, "--max-ppl-increase", "150%", "--min-top1", "100%", *SMALL,
+                "--json", "--quiet")
+    gates = {g["option"]: g["threshold"] for g in json.loads(r.stdout)["gates"]}
+    assert r.exit_code == 0 and (gates["--max-ppl-increase"], gates["--min-top1"]) == (1.5, 1.0), r.output
+    assert_one_line_error(cli_run("check", cand, "--reference", MODEL, "--max-ppl-increase", "1.5", *SMALL),
+                          "--max-ppl-increase 1.5", "write 150%")

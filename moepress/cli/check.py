@@ -170,7 +170,9 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
     from moepress.checks.config import GATE_FIELDS, failure_line, parse_fraction
     from moepress.progress import Progress
 
-    gates = {name: parse_fraction(gate_options[name], "--" + name.replace("_", "-")) for name in GATE_FIELDS}
+    for name in GATE_FIELDS:  # refused under the option's name; CheckConfig parses the value as written (a
+        parse_fraction(gate_options[name], "--" + name.replace("_", "-"))  # parsed 150% would read as a bare 1.5)
+    gates = {name: gate_options[name] for name in GATE_FIELDS}
     ctx = click.get_current_context()
     asked = tuple(n for n in gates if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT)
     cfg = CheckConfig(**gates, asked=asked, data=data, seq_len=seq_len, max_samples=max_samples,
