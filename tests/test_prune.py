@@ -534,7 +534,9 @@ def test_pruning_a_quantized_checkpoint_renumbers_its_quantization_files(tmp_pat
                and "embed_tokens" not in n]
     for m in linears:
         assert any(fnmatch.fnmatchcase(m, x) for x in exclude) == (m not in after), m
-    assert (p / "quant_report.json").is_file()
+    # its count of quantized linears is the pruned checkpoint's (it kept the source's: 2 layers x 16 experts more)
+    fp8 = sum(r.get_dtype(n) == FP8_DTYPE for n in r.names() if n.endswith(".weight"))
+    assert json.loads((p / "quant_report.json").read_text())["quantized_linears"] == fp8
     with pytest.raises(MoepressError, match="unquantized beside quantized"):  # the layout is read: mixed experts
         export(p, tmp_path / "e", ExportConfig(format="hf-modelopt"))
     q2, p2 = tmp_path / "q2", tmp_path / "p2"  # every expert quantized: the pruned checkpoint exports

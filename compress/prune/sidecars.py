@@ -183,4 +183,8 @@ def pruned_sidecars(src: Path, adapter, report_layers: list[dict], config: dict)
         if p.is_file():
             obj = renumber_expert_rows(renumber(json.loads(p.read_text()), rename), kept)
             out[name] = rewrite_report_counts(obj, kept) if name == "quant_report.json" else obj
+    report, layout = out.get("quant_report.json"), out.get("moepress_quant.json")
+    if isinstance(report, dict) and isinstance(layout, dict) and isinstance(layout.get("modules"), dict) \
+            and "quantized_linears" in report:  # the count of what is left: the layout's quantized modules
+        out["quant_report.json"] = {**report, "quantized_linears": len(layout["modules"])}
     return out
