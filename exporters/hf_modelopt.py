@@ -78,6 +78,8 @@ from moepress.exporters.hf_common import (
     unquantized_modules,
 )
 from moepress.exporters.hints import (
+    FP8_THEN_HF_MODELOPT,
+    HF_MODELOPT,
     alike_group,
     block_experts_route,
     ct_route,
@@ -210,6 +212,18 @@ def refuse_hf_modelopt(s, src: Path, modules: dict) -> None:
     refuse_partial_input_groups(s, "hf-modelopt", modules)
     refuse_fp4_expert_widths(s, "hf-modelopt", modules)  # vLLM and TensorRT-LLM read them with the same kernels
     refuse_modelopt_named_experts(s, modules)
+
+
+def taken_route(route: str, s, src: Path) -> str:
+    """``route`` (hints.elsewhere's way for a checkpoint trtllm-ckpt refuses), unless it names hf-modelopt and
+    hf-modelopt refuses the checkpoint ``s``: then the FP8 per-tensor re-quantize first, which takes any width."""
+    if route != HF_MODELOPT:
+        return route
+    try:
+        refuse_hf_modelopt(s, src, s.layout["modules"])
+    except MoepressError:
+        return f"{FP8_THEN_HF_MODELOPT}, as hf-modelopt refuses it as it is quantized now"
+    return route
 
 
 def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:

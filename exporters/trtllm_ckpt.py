@@ -63,8 +63,8 @@ from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import pattern
 from moepress.exporters.hf_common import FLOAT_DTYPES, Source, open_source
-from moepress.exporters.hf_modelopt import refuse_hf_modelopt
-from moepress.exporters.hints import FP8_THEN_HF_MODELOPT, HF_MODELOPT, elsewhere
+from moepress.exporters.hf_modelopt import taken_route
+from moepress.exporters.hints import HF_MODELOPT, elsewhere
 from moepress.exporters.linears import Linear, read_linear
 
 FP8 = torch.float8_e4m3fn
@@ -404,15 +404,9 @@ def _other_families(src) -> str:
     where = "DeepSeek-V3 / Kimi K2 run only in TensorRT-LLM's PyTorch backend (no trtllm-build engine path)"
     try:
         s = open_source(Path(src))
-        route = elsewhere(s)
+        return f"{where}; for this checkpoint: {taken_route(elsewhere(s), s, Path(src))}"
     except MoepressError:
         return f"{where}: {HF_MODELOPT}"
-    if route == HF_MODELOPT:  # named only where hf-modelopt takes it; else FP8 per tensor, which takes any width
-        try:
-            refuse_hf_modelopt(s, Path(src), s.layout["modules"])
-        except MoepressError:
-            route = f"{FP8_THEN_HF_MODELOPT}, as hf-modelopt refuses it as it is quantized now"
-    return f"{where}; for this checkpoint: {route}"
 
 
 EXPORTER = Exporter(
