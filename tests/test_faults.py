@@ -621,9 +621,12 @@ def test_publish_refuses_check_with_every_gate_none(f3_checked, tmp_path, cli_ru
     art = _f3_copy(f3_checked[0], tmp_path)
     r = cli_run("check", art, "--reference", "tiny-qwen3-moe", *F3_FAST, "--max-ppl-increase", "none",
                 "--min-top1", "none", "--max-kl", "none", "--max-layer-error", "none", "--min-routing-overlap", "none",
-                "--max-expert-error", "none")
-    assert r.exit_code == 0, r.output  # the check itself passes: nothing was gated
-    assert _f3_manifest(art)["accuracy"]["gates"] == []
+                "--max-expert-error", "none", "--report", tmp_path / "rep")
+    assert r.exit_code == 0, r.output  # nothing was gated, so nothing failed
+    # ... and nothing passed: the verdict says so (it printed PASS, as the report and the manifest's passed: true)
+    assert "MEASURED, no gate applied" in r.output and "PASS" not in r.output
+    assert (tmp_path / "rep" / "report.md").read_text().startswith("# Accuracy check: MEASURED, no gate applied")
+    assert _f3_manifest(art)["accuracy"]["gates"] == [] and _f3_manifest(art)["accuracy"]["passed"] is None
     _one_line(cli_run("publish", art, "--to", tmp_path / "pub"), str(art), "applied no gate")
     assert not (tmp_path / "pub").exists()
 

@@ -445,8 +445,15 @@ def test_cards_say_when_no_gate_was_applied_or_checks_are_off(tmp_path):
     a recipe with the check off gave the reason of a format no CPU runtime runs."""
     from moepress.pipeline.card import Accuracy, _accuracy
 
-    measured = {"passed": True, "failed": [], "gates": [], "metrics": {"kl_mean": 0.01}}
-    assert _accuracy(Accuracy(measured))[0].startswith("No gate applied")
+    from moepress.cli.run import _human
+
+    for measured in ({"passed": True, "failed": [], "gates": [], "metrics": {"kl_mean": 0.01}},
+                     {"passed": None, "failed": [], "gates": [], "metrics": {"kl_mean": 0.01}}):
+        assert _accuracy(Accuracy(measured))[0].startswith("No gate applied")
+    # the run's summary said "passed" for it (run.json's passed is the check's: null)
+    summary = {"recipe": "r", "model": "m", "stages": {}, "builds": {}, "output": "o",
+               "checks": {"quantized": {"passed": None, "failed": [], "metrics": {}}}}
+    assert "measured (no gate applied)" in _human(summary)[1] and "passed" not in _human(summary)[1]
     assert _accuracy(Accuracy(None, None, "quantized", checking=False)) == ["Not checked: the recipe's check is off."]
     failed = {"passed": False, "failed": ["top1_agreement"], "gates": [{}], "metrics": {}}
     lines = _accuracy(Accuracy(None, failed, "pruned"))

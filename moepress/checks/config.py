@@ -179,6 +179,21 @@ def evaluate_gates(cfg: CheckConfig, metrics: dict) -> list[dict]:
     return out
 
 
+def check_passed(gates: list[dict]) -> bool | None:
+    """A check's verdict from its gates: True every applied gate passed, False one failed, None no gate
+    was applied (every gate 'none', or none measurable for this candidate): nothing was judged, as
+    `moepress publish` recomputes it (checks/verify.py)."""
+    applied = [g["passed"] for g in gates if g["passed"] is not None]
+    return all(applied) if applied else None
+
+
+def verdict(passed: bool | None, failed: list[str], word: tuple[str, str] = ("PASS", "FAIL")) -> str:
+    """The verdict as the human outputs print it; no gate applied is said, never shown as a pass."""
+    if passed is None:
+        return "MEASURED, no gate applied (every gate 'none' or not measurable): nothing was judged"
+    return word[0] if passed else f"{word[1]}: " + ", ".join(failed)
+
+
 def failure_line(gates: list[dict], jump: dict | None) -> str:
     """One line: the first failing metric, its value and threshold, the others, and where the error jumps."""
     failed = [g for g in gates if g["passed"] is False]

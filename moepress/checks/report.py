@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import moepress.checks.seal as seal
-from moepress.checks.config import fmt
+from moepress.checks.config import fmt, verdict
 from moepress.checks.verify import recorded_files
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest, versions, write_manifest
@@ -95,9 +95,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def markdown(result: dict) -> str:
     m = result["metrics"]
-    verdict = "PASS" if result["passed"] else "FAIL (" + ", ".join(result["failed"]) + ")"
     c = result["candidate"]
-    lines = [f"# Accuracy check: {verdict}", "",
+    lines = [f"# Accuracy check: {verdict(result['passed'], result['failed'])}", "",
              f"- candidate: `{c['path']}` ({c['kind']})", f"- reference: `{result['reference']}`",
              f"- data: `{result['data']['source']}`, {result['data']['samples']} samples x "
              f"{result['data']['seq_len']} tokens ({result['data']['windows']})", ""]
@@ -109,9 +108,9 @@ def markdown(result: dict) -> str:
             ["top-1 agreement", fmt(m["top1_agreement"])], ["positions compared", str(m["tokens"])]]
     lines += ["## Next-token distributions", "", _md_table(["metric", "value"], rows), ""]
     if result["gates"]:
-        verdict = {True: "pass", False: "FAIL"}
+        word = {True: "pass", False: "FAIL"}
         g_rows = [[g["metric"], fmt(g["value"], g.get("percent", False)),
-                   f"{g['op']} {fmt(g['threshold'], g.get('percent', False))}", verdict.get(g["passed"], "n/a")]
+                   f"{g['op']} {fmt(g['threshold'], g.get('percent', False))}", word.get(g["passed"], "n/a")]
                   for g in result["gates"]]
         lines += ["## Gates", "", _md_table(["metric", "value", "gate", "result"], g_rows), ""]
     if result["layers"]:
@@ -163,8 +162,8 @@ def plot_layers(result: dict, path: Path) -> None:
     ax.set_xlabel("decoder layer (output)")
     ax.set_ylabel("candidate vs reference" + (" (0 drawn at 1e-8)" if min(rel + cos) <= floor else ""))
     ax.set_xticks(x)
-    verdict = "pass" if result["passed"] else "FAIL: " + ", ".join(result["failed"])
-    ax.set_title(f"{Path(result['candidate']['path']).name} vs {Path(result['reference']).name} ({verdict})",
+    said = "no gate applied" if result["passed"] is None else verdict(result["passed"], result["failed"], ("pass", "FAIL"))
+    ax.set_title(f"{Path(result['candidate']['path']).name} vs {Path(result['reference']).name} ({said})",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

@@ -27,7 +27,7 @@ from moepress.calib.sources import TEXT_SUFFIXES
 from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.candidates.base import config_json
 from moepress.checks.candidates.checkpoint import unstreamed_activations
-from moepress.checks.config import CheckConfig, evaluate_gates, refuse_unmeasurable
+from moepress.checks.config import CheckConfig, check_passed, evaluate_gates, refuse_unmeasurable
 from moepress.checks.lineage import calibrated_on
 from moepress.checks.routing import Agreement, RouteCapture
 from moepress.compress.arch import adapter_class
@@ -378,7 +378,7 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
         gates = evaluate_gates(cfg, metrics)
         gen = generations(ref, cand, batches, ref_dir, cfg) if cfg.generate else None
         failed = [g["metric"] for g in gates if g["passed"] is False]
-        return {"passed": not failed, "failed": failed, "candidate": cand.describe(),
+        return {"passed": check_passed(gates), "failed": failed, "candidate": cand.describe(),
                 "reference": str(ref_dir), "data": data, "metrics": metrics,
                 "embedding": embed.summary() if embed is not None else None, "layers": per_layer,
                 "error_jump": jump, "gates": gates, "generations": gen, "notes": notes,

@@ -45,7 +45,7 @@ def _path(arg: str, what: str) -> Path:
 
 
 def _human(result: dict) -> list[str]:
-    from moepress.checks.config import fmt
+    from moepress.checks.config import fmt, verdict
 
     m, d, c = result["metrics"], result["data"], result["candidate"]
     gates = {g["metric"]: g for g in result["gates"]}
@@ -86,7 +86,7 @@ def _human(result: dict) -> list[str]:
     for s in gen.get("samples", []):
         out += [f"  prompt     {s['prompt']!r}", f"  reference  {s['reference']!r}",
                 f"  candidate  {s['candidate']!r}  (same first {s['same_prefix_tokens']}/{s['new_tokens']} tokens)"]
-    out.append("PASS" if result["passed"] else "FAIL: " + ", ".join(result["failed"]))
+    out.append(verdict(result["passed"], result["failed"]))
     return out
 
 
@@ -197,7 +197,7 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
             click.echo(line)
         if report_dir is not None:
             click.echo(f"wrote {report_dir}/report.md")
-    if not result["passed"]:
+    if result["passed"] is False:
         raise CheckFailed(failure_line(result["gates"], result["error_jump"]))
 
 

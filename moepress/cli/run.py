@@ -56,7 +56,8 @@ def _human(s: dict) -> list[str]:
         lines.append(f"  {sid:34s} {what:18s} {rec['output']}")
     for name, c in s["checks"].items():
         m = c.get("metrics") or {}
-        verdict = "passed" if c.get("passed") else "FAILED " + ",".join(c.get("failed") or [])
+        verdict = {True: "passed", None: "measured (no gate applied)"}.get(
+            c.get("passed"), "FAILED " + ",".join(c.get("failed") or []))
         lines.append(f"  accuracy {name:25s} {verdict}: ppl {m.get('ppl_candidate', float('nan')):.3f} "
                      f"(original {m.get('ppl_reference', float('nan')):.3f}), "
                      f"top-1 {m.get('top1_agreement', float('nan')):.3f}, KL {m.get('kl_mean', float('nan')):.4f}")

@@ -180,11 +180,11 @@ class Accuracy:
 
 
 def _verdict(check: dict) -> str:
+    gates = check.get("gates")
+    if check.get("passed") is None or gates == []:
+        return "No gate applied: measured only (`moepress publish` refuses it)."
     if not check.get("passed"):
         return "Gates FAILED: " + ", ".join(check.get("failed") or []) + "."
-    gates = check.get("gates")
-    if gates == []:
-        return "No gate applied: measured only (`moepress publish` refuses it)."
     applied = [f"{g['metric']} {g['op']} {_fmt(g['threshold'])}" for g in gates or []
                if isinstance(g, dict) and {"metric", "op", "threshold"} <= set(g)]
     return "Gates passed" + (f" ({', '.join(applied)})." if applied else ".")

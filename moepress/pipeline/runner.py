@@ -296,12 +296,12 @@ class Runner:
         # done only while the candidate still carries the verdict (a rerun of its stage writes a new manifest)
         res = self.stage(f"check:{name}", key, out, fn, complete=lambda d: (d / "report.json").is_file() and (
             not (cand / MANIFEST_NAME).is_file() or "accuracy" in read_manifest(cand)))
-        verdict = ("FAILED (" + ", ".join(res.get("failed") or []) + ")" if not res.get("passed")
-                   else "passed" if res.get("gates") != [] else "measured (no gate applied)")
+        verdict = ("FAILED (" + ", ".join(res.get("failed") or []) + ")" if res.get("passed") is False
+                   else "passed" if res.get("passed") else "measured (no gate applied)")
         m = res.get("metrics") or {}
         self.prog.info(f"check:{name}: {verdict}; ppl {m.get('ppl_candidate', float('nan')):.3f} vs "
                        f"{m.get('ppl_reference', float('nan')):.3f}, top-1 {m.get('top1_agreement', float('nan')):.3f}")
-        if not res.get("passed"):
+        if res.get("passed") is False:
             self.failed_checks.append(name)
         return res
 
