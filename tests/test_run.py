@@ -443,9 +443,8 @@ def test_compressed_tensors_of_int4_experts_in_two_groups_is_refused_before_any_
 def test_cards_say_when_no_gate_was_applied_or_checks_are_off(tmp_path):
     """A check with every gate off "passed" on the card (which `publish` refuses as showing nothing);
     a recipe with the check off gave the reason of a format no CPU runtime runs."""
-    from moepress.pipeline.card import Accuracy, _accuracy
-
     from moepress.cli.run import _human
+    from moepress.pipeline.card import Accuracy, _accuracy
 
     for measured in ({"passed": True, "failed": [], "gates": [], "metrics": {"kl_mean": 0.01}},
                      {"passed": None, "failed": [], "gates": [], "metrics": {"kl_mean": 0.01}}):

@@ -162,7 +162,8 @@ def plot_layers(result: dict, path: Path) -> None:
     ax.set_xlabel("decoder layer (output)")
     ax.set_ylabel("candidate vs reference" + (" (0 drawn at 1e-8)" if min(rel + cos) <= floor else ""))
     ax.set_xticks(x)
-    said = "no gate applied" if result["passed"] is None else verdict(result["passed"], result["failed"], ("pass", "FAIL"))
+    said = "no gate applied" if result["passed"] is None else \
+        verdict(result["passed"], result["failed"], ("pass", "FAIL"))
     ax.set_title(f"{Path(result['candidate']['path']).name} vs {Path(result['reference']).name} ({said})",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
