@@ -38,6 +38,28 @@ def exporters() -> dict[str, Exporter]:
     return EXPORTERS
 
 
+def refuse_config(cfg: ExportConfig) -> Exporter:
+    """The exporter ``cfg`` asks for, once every option it gives is one that exporter takes (one line
+    naming the option otherwise); needs no input, so `moepress run` asks it before any stage."""
+    reg = exporters()
+    if cfg.format not in reg:
+        raise MoepressError(f"--format {cfg.format}: expected one of {', '.join(sorted(reg))}")
+    ex = reg[cfg.format]
+    unknown = [k for k, _ in cfg.options if k not in ex.options]
+    if unknown:
+        raise MoepressError(f"--option {unknown[0]}: not an option of --format {cfg.format}; expected "
+                            f"{', '.join(ex.options) or 'none'}")
+    if cfg.tp < 1 or cfg.ep < 1:
+        raise MoepressError(f"--tp/--ep: expected positive sizes, got tp={cfg.tp} ep={cfg.ep}")
+    if not ex.sharded and (cfg.tp, cfg.ep) != (1, 1):  # it writes one model whatever they say
+        sharded = ", ".join(n for n, e in sorted(reg.items()) if e.sharded)
+        raise MoepressError(f"--tp/--ep: --format {cfg.format} writes one unsharded model (tp={cfg.tp} ep={cfg.ep} "
+                            f"given); only {sharded} takes them")
+    if ex.check_config is not None:
+        ex.check_config(cfg)
+    return ex
+
+
 def refuse_packed_shapes(sm) -> None:
     """Each packed weight's ``weight_shape`` (compressed-tensors pack-quantized: its shape once decoded, where
     the shard header gives the packed words' and the stream's check skips it) against config.json."""
@@ -58,24 +80,11 @@ def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool =
     from moepress.compress.stream import StreamedModel
 
     progress = progress or Progress(mode="quiet")
-    reg = exporters()
-    if cfg.format not in reg:
-        raise MoepressError(f"--format {cfg.format}: expected one of {', '.join(sorted(reg))}")
-    ex = reg[cfg.format]
+    ex = refuse_config(cfg)
     src = Path(src)
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config)
     ex.refuse_family(adapter.family, src)
-    unknown = [k for k, _ in cfg.options if k not in ex.options]
-    if unknown:
-        raise MoepressError(f"--option {unknown[0]}: not an option of --format {cfg.format}; expected "
-                            f"{', '.join(ex.options) or 'none'}")
-    if cfg.tp < 1 or cfg.ep < 1:
-        raise MoepressError(f"--tp/--ep: expected positive sizes, got tp={cfg.tp} ep={cfg.ep}")
-    if not ex.sharded and (cfg.tp, cfg.ep) != (1, 1):  # it writes one model whatever they say
-        sharded = ", ".join(n for n, e in sorted(reg.items()) if e.sharded)
-        raise MoepressError(f"--tp/--ep: --format {cfg.format} writes one unsharded model (tp={cfg.tp} ep={cfg.ep} "
-                            f"given); only {sharded} takes them")
     # the shard headers against config.json before anything is written (a tensor of the wrong shape was
     # exported as it was, or failed mid-export with a traceback); StreamedModel checks them when built
     refuse_packed_shapes(StreamedModel(reader, prefetch=False))
@@ -94,4 +103,4 @@ def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool =
     return info
 
 
-__all__ = ["ExportConfig", "Exporter", "EXPORTERS", "exporters", "export", "field"]
+__all__ = ["ExportConfig", "Exporter", "EXPORTERS", "exporters", "export", "field", "refuse_config"]

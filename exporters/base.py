@@ -35,6 +35,8 @@ class Exporter:
     # source checkpoint where the answer depends on how it is quantized
     other_families: str | Callable[[object], str] = ""
     sharded: bool = False  # writes one part per rank of --tp / --ep (any other exporter refuses them)
+    # its own checks of an ExportConfig that need no input (onnx: --opset), run before anything is read
+    check_config: Callable[[ExportConfig], None] | None = None
 
     def refuse_family(self, family: str, src, where: str = "") -> None:
         """One line if it writes no ``family`` model (``where``: the option that asked, default --format)."""

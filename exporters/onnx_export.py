@@ -66,7 +66,8 @@ def refuse_length_dependent_rope(src: Path, adapter) -> None:
 MAX_OPSET = 27
 
 
-def export_onnx(src: Path, writer, cfg, progress) -> dict:
+def refuse_opset(cfg) -> None:
+    """--opset within what this export needs and onnxruntime runs."""
     if cfg.opset < 21:
         raise MoepressError(f"--opset {cfg.opset}: the ONNX export needs opset 21 or newer "
                             f"(INT4 and block-wise DequantizeLinear)")
@@ -74,6 +75,10 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
     if cfg.opset > newest:
         raise MoepressError(f"--opset {cfg.opset}: expected 21..{newest} (the newest opset onnx {onnx.__version__} "
                             f"defines and onnxruntime runs this export at)")
+
+
+def export_onnx(src: Path, writer, cfg, progress) -> dict:
+    refuse_opset(cfg)
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config, reader.names())
     refuse_dynamic_inputs(src)
@@ -123,5 +128,5 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
 EXPORTER = Exporter(
     "onnx", export_onnx, description="ONNX with QuantizeLinear/DequantizeLinear (FP8, INT4 block-wise, opset 21) "
     "and MoE routing in the graph", consumers="TensorRT (trtexec / ONNX parser), onnxruntime",
-    options=("external_min_bytes",),
+    options=("external_min_bytes",), check_config=refuse_opset,
 )

@@ -9,6 +9,7 @@ frozen config (``PruneConfig``, ``QuantConfig``, ``ExportConfig``, ``CheckConfig
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -38,6 +39,9 @@ ELEMENTS = {("calib", "sources"): str, ("export", "formats"): str, ("build", "ta
 POSITIVE = {("build", "gpus"), ("build", "max_seq_len"), ("build", "max_batch")}
 TOP = {"model", "output", "device", *SCHEMA}
 STAGES = ("prune", "quantize", "export", "check", "build")
+# a stage's CLI flag -> its recipe key, where the key is not the flag's name (--num-samples -> num_samples)
+KEYS = {"calib": {"--calib": "sources"}, "quantize": {"--rule": "rules"},
+        "export": {"--format": "formats", "--tp/--ep": "tp/ep", "--option": "options"}}
 
 
 def _where(src: str, *keys) -> str:
@@ -109,15 +113,55 @@ def _check_quantize(src: str, recipe: dict) -> None:
     from moepress.calib.config import CalibConfig
     from moepress.compress.quantize.config import QuantConfig
 
-    try:
+    with recipe_keys(src, "quantize"):
         QuantConfig.from_recipe(recipe["quantize"], CalibConfig.from_recipe(recipe["calib"]))
+
+
+@contextmanager
+def recipe_keys(src: str, section: str):
+    """A stage's own refusal, whose line names its CLI flag (``--format int3: ...``), raised again naming
+    the recipe's key (``recipe.yaml: quantize.format int3: ...``); a line naming a file gets the section."""
+    try:
+        yield
     except MoepressError as e:
         msg = str(e)
         flag, _, rest = msg.partition(" ") if msg.startswith("--") else ("", "", msg)
-        key = {"--rule": "rules"}.get(flag.rstrip(":"), flag.rstrip(":").removeprefix("--").replace("-", "_"))
-        sep = ":" if flag.endswith(":") else ""
-        raise MoepressError(f"{_where(src, 'quantize', key) if key else _where(src, 'quantize')}{sep} {rest}") \
-            from None
+        name = flag.rstrip(":")
+        key = KEYS.get(section, {}).get(name, name.removeprefix("--").replace("-", "_"))
+        sep = ":" if flag.endswith(":") or not key else ""
+        raise MoepressError(f"{_where(src, section, key) if key else _where(src, section)}{sep} {rest}") from None
+
+
+def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
+    """Each stage's own checks that need nothing an earlier stage writes, run before any stage and before
+    the run directory is made, refused by recipe key: the prune options against the model, every export's
+    options, the check's data (read and tokenized as the check will) and what the exports need of the
+    quantize format. A refusal after hours of prune and quantize, naming a CLI flag, was the alternative."""
+    from moepress.calib.config import CalibConfig
+    from moepress.checks.config import CheckConfig
+    from moepress.checks.runner import eval_data
+    from moepress.compress.prune import PruneConfig
+    from moepress.compress.prune.stage import PruneStage
+    from moepress.exporters import refuse_config
+
+    if recipe["prune"] is not None:
+        with recipe_keys(src, "prune"):
+            PruneStage(model, PruneConfig.from_recipe(recipe["prune"], CalibConfig.from_recipe(recipe["calib"])))
+    for fmt in (recipe.get("export") or {}).get("formats") or []:
+        with recipe_keys(src, "export"):
+            refuse_config(export_config(recipe["export"], fmt))
+    if recipe["check"] is not None:
+        with recipe_keys(src, "check"):
+            eval_data(model, CheckConfig.from_dict(recipe["check"], where=_where(src, "check")))
+    refuse_unavailable_exports(recipe, model)
+
+
+def export_config(section: dict, fmt: str):
+    """The ExportConfig of the recipe's ``export`` section for ``fmt``."""
+    from moepress.exporters import ExportConfig
+
+    return ExportConfig(format=fmt, tp=section["tp"], ep=section["ep"], opset=section["opset"],
+                        options=tuple(sorted((str(k), str(v)) for k, v in section["options"].items())))
 
 
 def _check_value(src: str, section: str, key: str, v) -> None:

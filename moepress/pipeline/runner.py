@@ -36,7 +36,7 @@ from moepress.exporters import builders as builder_registry
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest
 from moepress.outputs import OutputLock, output_dir, write_text_atomic
 from moepress.pipeline.card import NO_CPU_RUNTIME, Accuracy, model_card
-from moepress.pipeline.recipe import STAGES, dump, refuse_unavailable_exports
+from moepress.pipeline.recipe import STAGES, dump, export_config, preflight, recipe_keys
 from moepress.progress import Progress
 
 # exports a CPU consumer here can check, and the candidate kind it runs as
@@ -98,6 +98,10 @@ class Runner:
         # a symlinked -o: the directory it names (a dangling one is made)
         self.out = output_dir(self.out, (self.model, *((recipe_file,) if recipe_file.is_file() else ())))
         self.state_dir = self.out / ".state"
+        file = next((p for p in (self.out, *self.out.parents) if p.exists() and not p.is_dir()), None)
+        if file is not None:
+            raise MoepressError(f"-o {self.out}: {file} is a file; expected a directory path (new, empty, or an "
+                                "earlier run's)")
         if self.out.is_dir() and any(self.out.iterdir()) and not (self.state_dir.is_dir()
                                                                   or (self.out / RUN_JSON).is_file()):
             raise MoepressError(f"-o {self.out}: a non-empty directory that no moepress run wrote (no .state/, "
@@ -156,7 +160,9 @@ class Runner:
         """The whole recipe, holding OUT's run lock: a second run into OUT is refused, not interleaved stage
         by stage with this one (a check could read an export the other run then replaces, and seal its
         verdict onto the other's files)."""
-        refuse_unavailable_exports(self.recipe, self.model)  # before hours of prune and quantize, not after
+        preflight(self.recipe, self.model, self.recipe_src)  # before hours of prune and quantize, not after
+        with recipe_keys(self.recipe_src, "calib"):  # the calibration data read (and cached) before OUT is made
+            self.calib_key = self._calib_key()
         # .state/ first: it marks OUT as a run's directory even when run.json is gone
         self.state_dir.mkdir(parents=True, exist_ok=True)
         lock = OutputLock(self.state_dir / "run.lock", f"-o {self.out}: another moepress run is using it "
@@ -175,7 +181,7 @@ class Runner:
         self.prog.info(f"run: {self.recipe_src} on {self.model} -> {self.out}")
         self.source_sha256 = source_digest(self.model)
         src_key = _key({"source": self.source_sha256})
-        calib_key = self._calib_key()
+        calib_key = self.calib_key
         current, cur_key, cur_kind = self.model, src_key, "source"
 
         if r["prune"] is not None:
@@ -265,11 +271,9 @@ class Runner:
         return out
 
     def _export(self, fmt: str, src: Path, src_key: str) -> Path:
-        from moepress.exporters import ExportConfig, export
+        from moepress.exporters import export
 
-        e = self.recipe["export"]
-        cfg = ExportConfig(format=fmt, tp=e["tp"], ep=e["ep"], opset=e["opset"],
-                           options=tuple(sorted((str(k), str(v)) for k, v in e["options"].items())))
+        cfg = export_config(self.recipe["export"], fmt)
         out = self.out / "export" / fmt
         out.parent.mkdir(parents=True, exist_ok=True)
         key = _key({"stage": "export", "input": src_key, "config": dataclasses.asdict(cfg)})

@@ -1,0 +1,42 @@
+"""`moepress run` refuses a recipe value any stage would refuse before the first stage runs and before its
+output directory is made, naming the recipe key (the stages' own messages name CLI flags)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_run import one_line_error, write_recipe
+
+FP8 = {"format": "fp8"}
+
+
+@pytest.mark.parametrize("sections,needle", [
+    # an export or check value ran prune and quantize (hours on Kimi K2) and then stopped, naming --format / --tp
+    ({"quantize": FP8, "export": {"formats": ["hf-modelopt", "bogusfmt"]}}, "export.formats bogusfmt: expected one of"),
+    ({"quantize": FP8, "export": {"formats": ["trtllm-ckpt"], "tp": 0}}, "export.tp/ep: expected positive sizes"),
+    ({"quantize": FP8, "export": {"formats": ["hf-modelopt"], "tp": 2}}, "export.tp/ep: --format hf-modelopt writes"),
+    ({"quantize": FP8, "export": {"formats": ["onnx"], "opset": 5}}, "export.opset 5: the ONNX export needs"),
+    ({"quantize": FP8, "export": {"formats": ["onnx"], "options": {"bogus": 1}}}, "export.options bogus: not an"),
+    ({"quantize": FP8, "check": {"data": "/nonexistent/eval.txt"}}, "check: /nonexistent/eval.txt: file not found"),
+    ({"quantize": FP8, "check": {"seq_len": 5000}}, "check.seq_len 5000: "),
+    # a prune or calib value made OUT and wrote recipe.yaml there first, and named --method / --calib
+    ({"prune": {"ratio": 0.25, "method": "bogus"}}, "prune.method bogus: expected one of"),
+    ({"prune": {"keep": 0}}, "prune.keep 0: expected 1..7"),
+    ({"prune": {"ratio": 0.25, "protect": "x["}}, "prune.protect 'x[': expected LAYER:EXPERT"),
+    ({"quantize": FP8, "calib": {"sources": ["/nonexistent/c.jsonl"]}}, "calib.sources /nonexistent/c.jsonl: "),
+    ({"quantize": FP8, "calib": {"seq_len": 100000}}, "calib.seq_len 100000: "),
+])
+def test_a_value_a_stage_refuses_is_refused_before_any_stage_by_its_recipe_key(cli_run, tmp_path, sections, needle):
+    rec = write_recipe(tmp_path / "r.yaml", **{"prune": None, **sections})
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    one_line_error(r, f"r.yaml: {needle}")
+    assert "--" not in r.output.split(": ", 2)[2].split(":")[0]  # the key, not a CLI flag, comes first
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_output_path_through_a_file_is_refused_naming_it(cli_run, tmp_path):
+    """It said '.state: Not a directory (ENOTDIR)'."""
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        one_line_error(cli_run("run", write_recipe(tmp_path / "r.yaml"), "-o", out),
+                       f"-o {out}: {tmp_path / 'f'} is a file; expected a directory path")
