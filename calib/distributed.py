@@ -194,6 +194,27 @@ def all_gather_shares(part: list[T], env: DistEnv) -> list[T]:
     return [x for b in everyone for x in torch.load(io.BytesIO(b), weights_only=False)]
 
 
+def agree(env: DistEnv, options: dict) -> None:
+    """Every rank was started with the same ``options`` (a command's settings as plain data), else every
+    rank refuses with the same line naming what differs. A rank started with another --seed or --group-size
+    computed statistics the others reduced into rank 0's output without a word; another --kv-cache left the
+    ranks waiting in a collective only some of them call."""
+    if not env.enabled:
+        return
+    import torch.distributed as dist
+
+    everyone: list = [None] * env.world_size
+    with peer_errors(env):
+        dist.all_gather_object(everyone, options)
+    first = everyone[0]
+    for r, theirs in enumerate(everyone[1:], 1):
+        keys = [k for k in sorted(set(first) | set(theirs)) if first.get(k) != theirs.get(k)]
+        if keys:
+            what = "; ".join(f"{k} {first.get(k)!r} on rank 0, {theirs.get(k)!r} on rank {r}" for k in keys[:3])
+            raise MoepressError(f"torchrun ranks were started with different options ({what}); expected every "
+                                "rank to run the same command")
+
+
 def _check_same(env: DistEnv, what: str, value) -> None:
     import torch.distributed as dist
 

@@ -197,3 +197,40 @@ def test_only_a_lost_peer_becomes_peer_lost():
             with peer_errors(env):
                 raise own
         assert got.value is own
+
+
+def _ranks(args_of, env, timeout=120):
+    """Two ranks started by hand (RANK, WORLD_SIZE, MASTER_*), rank r running ``moepress *args_of(r)``:
+    their (exit code, stderr) pairs."""
+    import socket
+
+    for _ in range(3):  # a free port can be taken by the other test worker's torchrun before rank 0 binds it
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ranks = [subprocess.Popen([sys.executable, "-m", "moepress", *args_of(r)], text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE,
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
+        out = [p.communicate(timeout=timeout) for p in ranks]
+        if not any("address already in use" in err.lower() for _, err in out):
+            return [(p.returncode, err) for p, (_, err) in zip(ranks, out, strict=True)]
+    raise AssertionError("no free port")
+
+
+@pytest.mark.parametrize("cmd,differs,needle", [
+    # another seed: rank 1's calibration statistics went into rank 0's output without a word (exit 0)
+    (["quantize", "tiny-qwen3-moe", "--format", "fp8", "--num-samples", "4", "--seq-len", "32"], ["--seed", "1"],
+     "seed 0 on rank 0, 1 on rank 1"),
+    (["calib", "stats", "tiny-qwen3-moe", "--num-samples", "4", "--seq-len", "32"], ["--seed", "1"],
+     "seed 0 on rank 0, 1 on rank 1"),
+])
+def test_ranks_started_with_different_options_refuse_in_one_line(tmp_path, cmd, differs, needle):
+    """(Another --kv-cache on one rank hung: the same check, before any collective, refuses it.)"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEPRESS_CACHE": str(tmp_path / "cache")}
+    res = _ranks(lambda r: [*cmd, "-o", str(tmp_path / "out"), "--quiet", *(differs if r else [])], env)
+    for code, err in res:
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err[-2000:]
+        assert "torchrun ranks were started with different options" in lines[0] and needle in lines[0], lines[0]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.partial*"))

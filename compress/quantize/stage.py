@@ -140,6 +140,7 @@ class QuantizeStage:
             progress = QUIET
         # a resumed partial must have been started by this very run (config, input, moepress)
         key, sources = quantize_resume_key(self.cfg, self.reader.path, self.sm.device), (self.reader.path,)
+        dist.agree(env, {**key["config"], "force": force, "resume": resume})  # before any rank-dependent step
         # refused before the calibration, by every rank (none waits for a rank 0 that gave up); the
         # writer checks again under its lock
         check_output(out, force=force, resume=resume, resume_key=key, sources=sources)

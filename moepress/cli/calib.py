@@ -115,7 +115,10 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
     refuse_overlap(output, (src,), "-o ")
     _check_output_dir(output, force)
     env = dist.init()
+    config = {"calib": list(calib), "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
+              "batch_size": batch_size, "rare": rare, "absmax": absmax, "dtype": dtype}
     try:
+        dist.agree(env, {**config, "force": force})
         prog = Progress.from_flags(quiet or not env.is_main, json_out and env.is_main)
         cs = dist.run_main_first(env, lambda: calibration_set(src, calib, num_samples, seq_len, seed,
                                                               trust_remote_code))
@@ -131,8 +134,6 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
         text = render(summary, facts, tokens)
         if env.is_main:
             calib_meta = {k: v for k, v in cs.meta.items() if k != "file"}
-            config = {"calib": list(calib), "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
-                      "batch_size": batch_size, "rare": rare, "absmax": absmax, "dtype": dtype}
             with CheckpointWriter(output, force=force, sources=(src,)) as w:
                 w.manifest.update({"stage": "calib-stats", "config": config,
                                    "inputs": {"model": str(src), "calibration": calib_meta.get("key"),
