@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
-# MOEPRESS_KILL_AT=STAGE:N sends SIGKILL to this process when STAGE finishes step N (tests only).
-_KILL_AT = os.environ.get("MOEPRESS_KILL_AT", "")
+# MOEPRESS_KILL_AT=STAGE:N[:SIGNAME] sends SIGKILL (or SIGNAME) to this process when STAGE finishes step N
+# (tests only).
+_KILL_AT, _, _KILL_SIG = os.environ.get("MOEPRESS_KILL_AT", "").partition(":SIG")
 
 
 def _fmt_s(s: float) -> str:
@@ -41,7 +42,7 @@ class Task:
         self.done += n
         if _KILL_AT and _KILL_AT == f"{self.stage}:{self.done}":
             # fault injection for resume tests: die like `kill -9` right after this step
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, "SIG" + _KILL_SIG) if _KILL_SIG else signal.SIGKILL)
         el = time.monotonic() - self.t0
         eta = self.eta()
         if self.r.mode == "json":

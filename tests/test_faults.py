@@ -883,3 +883,38 @@ def test_resume_refuses_a_partial_calibrated_on_data_since_edited(cli_run, tmp_p
     r = cli_run(*args, "--resume")
     assert r.exit_code == 2 and "calib_content" in r.stderr and "without --resume" in r.stderr, r.stderr
     assert not (tmp_path / "O").exists()
+
+
+def test_check_report_os_error_without_a_file_name_names_the_report(cli_run, tmp_path, monkeypatch, f3_checked):
+    """A full disk under `check --report DIR` (matplotlib's write, which names no file) said only 'No space left
+    on device (ENOSPC)'."""
+    import moepress.checks as checks
+
+    def full(result, out):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checks, "write_report", full)
+    r = cli_run("check", _f3_copy(f3_checked[0], tmp_path), "--reference", "tiny-qwen3-moe", *F3_FAST,
+                "--report", tmp_path / "rep")
+    _outputs_one_line(r, f"{tmp_path / 'rep'}: No space left on device (ENOSPC)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_is_one_line_its_own_exit_code_and_keeps_the_finished_layers(tmp_path, sig):
+    """Ctrl-C exited 1 (a failed check's code) with click's 'Aborted!', removed quantize's finished layers and
+    printed no JSON; SIGTERM ended the process saying nothing."""
+    import json
+    import signal
+
+    out = tmp_path / "O"
+    p = subprocess.run([sys.executable, "-m", "moepress", "quantize", "tiny-qwen3-moe", "--format", "fp8",
+                        "--num-samples", "8", "--seq-len", "64", "-o", str(out), "--json", "--quiet"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MOEPRESS_KILL_AT": f"quantize:2:{sig}"})  # the signal after layer 2
+    stdout, stderr = p.stdout, p.stderr
+    assert p.returncode == 128 + getattr(signal, sig), stderr
+    line = f"interrupted by {sig}; the finished layers are kept in {tmp_path / 'O.partial'}: rerun with --resume"
+    assert stderr.strip().splitlines() == [f"moepress: {line}"]
+    assert json.loads(stdout) == {"error": line, "exit": 128 + getattr(signal, sig)}
+    assert not out.exists() and list((tmp_path / "O.partial").glob("*.safetensors"))

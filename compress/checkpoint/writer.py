@@ -362,6 +362,9 @@ class CheckpointWriter:
             except BaseException:  # e.g. a full disk while writing the index or the manifest
                 self.abort()
                 raise
+        elif isinstance(exc, KeyboardInterrupt) and self.resume_key is not None and self.partial.is_dir():
+            self.abort(keep=True)  # Ctrl-C / SIGTERM: the finished layers stay, as a kill leaves them
+            exc.kept = self.partial
         elif getattr(exc, "keep_partial", False) and self.partial.is_dir():
             self.abort(keep=True)
             exc.args = (f"{exc}; the finished layers are kept in {self.partial}: rerun with --resume",)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 
 import click
 
 from moepress import __version__
 from moepress.cli.options import OUTPUT_META
-from moepress.errors import CheckFailed, MoepressError
+from moepress.errors import CheckFailed, Interrupted, MoepressError
 
 # the commands that split their work across torchrun's ranks (calib/distributed.py); any other would
 # run whole on every rank, each racing the others for the same output
@@ -48,18 +49,33 @@ class MoepressGroup(click.Group):
             ctx.exit(CheckFailed.exit_code)
         except OSError as e:  # a full disk, a read-only or busy file system, a denied path: bad input too
             _refuse(ctx, os_error_line(e, ctx.meta.get(OUTPUT_META)))
+        except KeyboardInterrupt as e:  # click said "Aborted!" and exited 1, the failed check's code
+            name = getattr(e, "name", "SIGINT")
+            kept = getattr(e, "kept", None)
+            _refuse(ctx, f"interrupted by {name}" + (f"; the finished layers are kept in {kept}: rerun with --resume"
+                                                       if kept is not None else ""),
+                    128 + getattr(e, "signum", signal.SIGINT))
 
 
 JSON_META = "moepress.json"
 
 
-def _refuse(ctx, line: str) -> None:
-    """Bad input: one line on stderr, exit 2; under --json also the result on stdout, {"error": line, "exit": 2},
-    so that a CI job reading the result finds one JSON document whatever happened."""
-    click.echo(f"moepress: error: {line}", err=True)
+def _refuse(ctx, line: str, code: int = MoepressError.exit_code) -> None:
+    """Bad input (or an interrupt, with its own code): one line on stderr, exit 2; under --json also the
+    result on stdout, {"error": line, "exit": 2}, so that a CI job reading the result finds one JSON document
+    whatever happened."""
+    click.echo(f"moepress: {'error: ' if code == MoepressError.exit_code else ''}{line}", err=True)
     if ctx.meta.get(JSON_META):
-        click.echo(json.dumps({"error": line, "exit": MoepressError.exit_code}))
-    ctx.exit(MoepressError.exit_code)
+        click.echo(json.dumps({"error": line, "exit": code}))
+    ctx.exit(code)
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread: the stage's ``with`` blocks clean up
+    (a SIGTERM ended the process where it stood, saying nothing); a second signal waits for that."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum, signal.Signals(signum).name)
 
 
 def _world_size() -> int:
@@ -113,4 +129,7 @@ def main() -> None:
     # once, when torch loads it; a wait policy or spin count the user set wins.
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    for s in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(s) is not signal.SIG_IGN:  # a signal the parent had ignored stays ignored (nohup, &)
+            signal.signal(s, _interrupt)
     cli(prog_name="moepress")

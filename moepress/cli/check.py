@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moepress.cli.options import SEED, device_option, progress_options, run_measured
+from moepress.cli.options import SEED, device_option, progress_options, remember_output, run_measured
 from moepress.errors import CheckFailed, MoepressError
 from moepress.outputs import refuse_overlap
 
@@ -136,7 +136,8 @@ def _human(result: dict) -> list[str]:
               help="New tokens per --generate prompt.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the tokenizer's / model's own Python code to run.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
-              help="Write report.json, report.md and layer_error.png into DIR.")
+              callback=remember_output,
+              help="Write report.json, report.md, layer_error.png and its moepress-manifest.json into DIR.")
 @device_option
 @progress_options
 def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size, seed, generate, gen_tokens,

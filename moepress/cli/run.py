@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moepress.cli.options import progress_options, run_measured
+from moepress.cli.options import progress_options, remember_output, run_measured
 from moepress.errors import CheckFailed
 from moepress.pipeline.recipe import STAGES
 from moepress.progress import Progress
@@ -15,7 +15,7 @@ from moepress.progress import Progress
 
 @click.command("run")
 @click.argument("recipe", required=False, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None, callback=remember_output,
               help="Run directory (default: the recipe's `output`, else ./moepress-out).")
 @click.option("--from", "force_from", type=click.Choice(STAGES), default=None,
               help="Re-run this stage and everything after it even if unchanged.")
