@@ -282,6 +282,12 @@ def test_check_reruns_when_its_data_or_its_candidate_was_rewritten(cli_run, tmp_
     cli_run("run", rec, "-o", out)
     assert statuses(out) == {"quantize": "ran", "check:quantized": "ran"}
     assert "accuracy" in json.loads((out / "quantize" / "moepress-manifest.json").read_text())
+    # another command wrote the stage's directory (complete, with its own manifest): not the recipe's output
+    assert cli_run("quantize", MODEL, "--format", "fp8", "--num-samples", "2", "--seq-len", "32", "-o",
+                   out / "quantize", "--force", "--quiet").exit_code == 0
+    cli_run("run", rec, "-o", out)
+    assert statuses(out) == {"quantize": "ran", "check:quantized": "ran"}
+    assert json.loads((out / "quantize" / "moepress_quant.json").read_text())["format"] == "fp8-dynamic"
 
 
 def test_run_into_a_directory_holding_its_recipe_or_other_files_is_refused(cli_run, tmp_path):

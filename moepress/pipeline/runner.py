@@ -81,6 +81,23 @@ def output_complete(d: Path) -> bool:
     return bool(files) and all((d / f).is_file() and (d / f).stat().st_size == v["size"] for f, v in files.items())
 
 
+def _listed(d: Path) -> dict[str, str] | None:
+    """The sha256 of each file ``d``'s manifest lists (None: no manifest, e.g. a check's report directory)."""
+    if not (d / MANIFEST_NAME).is_file():
+        return None
+    return {f: v.get("sha256") for f, v in (read_manifest(d).get("files") or {}).items() if isinstance(v, dict)}
+
+
+def _same_files(d: Path, recorded: dict[str, str] | None) -> bool:
+    """Every file the stage wrote is still listed as it wrote it: another command writing into the run's
+    directory (`moepress quantize -o RUN/quantize --force`) writes a new manifest, and the stage runs again.
+    Files added since (the model card) do not count."""
+    if recorded is None:
+        return True
+    now = _listed(d) or {}
+    return all(now.get(f) == h for f, h in recorded.items())
+
+
 class Runner:
     def __init__(self, recipe: dict, out: Path, progress: Progress, force_from: str | None = None,
                  recipe_src: str = "recipe", device=None):
@@ -135,7 +152,8 @@ class Runner:
     def stage(self, sid: str, key: str, out: Path, fn, complete=output_complete) -> dict:
         """Run ``fn(resume: bool) -> result`` into ``out`` unless its key and output are unchanged."""
         st = self._load_state(sid)
-        if not self._forced(sid) and st.get("key") == key and st.get("done") and complete(out):
+        if not self._forced(sid) and st.get("key") == key and st.get("done") and complete(out) \
+                and _same_files(out, st.get("files")):
             self.prog.info(f"{sid}: unchanged, skipped ({out})")
             self.record[sid] = {"status": "skipped", "key": key, "output": str(out), "result": st.get("result")}
             return st.get("result") or {}
@@ -150,7 +168,8 @@ class Runner:
         with MemoryPeaks(self.device) as mem:
             result = fn(resume) or {}
         secs = round(time.monotonic() - t0, 3)
-        self._save_state(sid, {"key": key, "done": True, "result": result, "seconds": secs})
+        self._save_state(sid, {"key": key, "done": True, "result": result, "seconds": secs,
+                               "files": _listed(out)})
         self.record[sid] = {"status": "resumed" if resume else "ran", "key": key, "output": str(out),
                             "seconds": secs, "memory": mem.report(), "result": result}
         return result
