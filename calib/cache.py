@@ -13,10 +13,10 @@ same calibration set with the same tokenizer reuses the tokens.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -52,8 +52,15 @@ def cache_key(fields: dict) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """``path`` written whole or not at all (a temporary file renamed); the temporary files of killed
+    writers of ``path`` (named by their pid) are removed first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = old.name[len(path.name) + 2:-len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -66,14 +73,24 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def save_token_file(path: str | os.PathLike, input_ids: torch.Tensor, source: torch.Tensor, meta: dict) -> dict:
     """Write ``path`` (.safetensors or .pt) and its JSON sidecar; returns the sidecar dict."""
     path = Path(path)
     tensors = {"input_ids": input_ids.to(torch.int32).contiguous(), "source": source.to(torch.int32).contiguous()}
     if path.name.endswith(".safetensors"):
-        from safetensors.torch import save
+        from moepress.compress.checkpoint.safetensors_io import safetensors_bytes
 
-        data = save(tensors, metadata={"format": FORMAT, "version": str(VERSION)})
+        data = safetensors_bytes(tensors, metadata={"format": FORMAT, "version": str(VERSION)})
     elif path.name.endswith(".pt"):
         import io
 
@@ -88,7 +105,11 @@ def save_token_file(path: str | os.PathLike, input_ids: torch.Tensor, source: to
     # the sidecar first: a run killed between the two leaves no token file without one (which looked finished
     # to a rerun: "exists (pass --force)"); a replaced pair's new sidecar beside the old file fails its sha256
     _atomic_write(sidecar_path(path), (json.dumps(side, indent=2) + "\n").encode())
-    _atomic_write(path, data)
+    try:
+        _atomic_write(path, data)
+    except BaseException:  # a full disk: no sidecar left alone, describing a file that is not there
+        sidecar_path(path).unlink(missing_ok=True)
+        raise
     return side
 
 

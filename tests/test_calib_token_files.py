@@ -67,6 +67,48 @@ def test_a_run_killed_between_its_two_writes_leaves_no_token_file(tmp_path, monk
     assert not (tmp_path / "t.safetensors").exists()
 
 
+def test_a_token_file_is_the_same_bytes_each_time(tmp_path):
+    """safetensors.torch.save wrote the header's __metadata__ in its hash map's order (another one in each
+    process, or each call), so identical token files had other sha256s."""
+    ids = torch.arange(12).view(3, 4)
+    data = {_save(tmp_path, ids).read_bytes() for _ in range(20)}
+    assert len(data) == 1
+    (blob,) = data
+    n = int.from_bytes(blob[:8], "little")
+    assert blob[8:8 + n].decode().startswith('{"__metadata__":{"format":"moepress-calib","version":"1"}')
+
+
+def test_a_failed_or_killed_write_leaves_no_sidecar_alone_nor_its_temporary_file(tmp_path, monkeypatch, cli_run):
+    """A full disk at the token file left its sidecar, and `calib prepare` refused the rerun ('exists'); a kill
+    mid-write left a hidden temporary file of a random name that no run removed."""
+    import errno
+    import subprocess
+
+    import moepress.calib.cache as cache
+
+    real = cache._atomic_write
+
+    def full_at_the_token_file(path, data):
+        if path.suffix == ".safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(cache, "_atomic_write", full_at_the_token_file)
+    with pytest.raises(OSError):
+        _save(tmp_path, torch.arange(12).view(3, 4))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == []
+    monkeypatch.setattr(cache, "_atomic_write", real)
+    (tmp_path / "t.safetensors.json").write_text("{}")  # left by a kill between the two writes
+    dead = subprocess.Popen(["true"])  # a pid no process has now
+    dead.wait()
+    (tmp_path / f".t.safetensors.{dead.pid}.tmp").write_bytes(b"x" * 100)
+    r = cli_run("calib", "prepare", "tiny-qwen3-moe", "--num-samples", "2", "--seq-len", "16", "-o",
+                tmp_path / "t.safetensors", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["t.safetensors", "t.safetensors.json"]
+    load_token_file(tmp_path / "t.safetensors")
+
+
 def test_token_files_get_the_umasks_permissions(tmp_path):
     """Written through mkstemp (mode 0600): a shared cache or a prepared file was unreadable by the group."""
     old = os.umask(0o027)

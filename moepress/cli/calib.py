@@ -46,15 +46,14 @@ def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, out
     holds the same tokenizer, sources and parameters)."""
     from moepress.calib.cache import save_token_file
     from moepress.calib.data import calibration_set
-    from moepress.calib.sources import sidecar_path
 
     src = resolve_model(model)
     if not output.name.endswith((".safetensors", ".pt")):
         raise MoepressError(f"-o {output}: expected a file name ending in .safetensors or .pt")
     refuse_overlap(output, (src,), "-o ")  # a .safetensors file inside the model would read as one of its shards
-    for p in (output, sidecar_path(output)):
-        if p.exists() and not force:
-            raise MoepressError(f"{p}: exists (pass --force to replace it)")
+    # a sidecar alone is what a run killed (or a disk full) between the two writes left: no token file to keep
+    if output.exists() and not force:
+        raise MoepressError(f"{output}: exists (pass --force to replace it)")
     if output.is_dir():
         raise MoepressError(f"{output}: is a directory; expected a file name ending in .safetensors or .pt")
     cs, memory = measured(None, lambda: calibration_set(src, calib, num_samples, seq_len, seed, trust_remote_code))
