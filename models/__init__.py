@@ -34,4 +34,5 @@ def resolve(arg: str) -> Path:
         return p
     if arg in BUNDLED or arg in FIXTURES:
         return path(arg)
-    raise MoepressError(f"{arg}: no such checkpoint directory (bundled models: {', '.join(BUNDLED)})")
+    raise MoepressError(f"{arg}: no such checkpoint directory (bundled models: {', '.join(BUNDLED)}; test "
+                        f"fixtures: {', '.join(FIXTURES)})")

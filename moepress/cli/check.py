@@ -41,7 +41,8 @@ def _path(arg: str, what: str) -> Path:
         return models.resolve(arg)
     except MoepressError:
         raise MoepressError(f"{what}{arg}: {'reference checkpoint' if what else 'candidate'} not found "
-                            f"(bundled models: {', '.join(models.BUNDLED)})") from None
+                            f"(bundled models: {', '.join(models.BUNDLED)}; test fixtures: "
+                            f"{', '.join(models.FIXTURES)})") from None
 
 
 def _human(result: dict) -> list[str]:
