@@ -72,20 +72,29 @@ def install(work: Path, out: Path) -> None:
     clear_retired(out)
 
 
+# the files a consumer opens a directory by (transformers / vLLM / TensorRT-LLM: config.json; onnxruntime:
+# model.onnx): moved in after every other entry, so that a directory a kill left half-filled does not look loadable
+ENTRY_FILES = ("config.json", "model.onnx")
+
+
 def _install_in_place(work: Path, out: Path) -> None:
     """``out`` is the current directory (``-o .``): a directory renamed over it would leave the shell in a
-    removed one, so the entries move into it instead, the manifest last (``out`` is complete when its
-    manifest is there); what ``out`` held (with --force) is moved to :func:`retired` first and removed."""
+    removed one, so the entries move into it instead, the entry files (config.json) next to last and the
+    manifest last (``out`` is complete when its manifest is there); what ``out`` held (with --force) is moved
+    to :func:`retired` first (manifest and entry files first) and removed."""
     from moepress.manifest import MANIFEST_NAME
 
+    def rank(p: Path) -> int:
+        return 2 if p.name == MANIFEST_NAME else 1 if p.name in ENTRY_FILES else 0
+
     # the manifest first: a kill while OUT empties must not leave it vouching for what remains
-    entries = sorted(out.iterdir(), key=lambda p: p.name != MANIFEST_NAME)
+    entries = sorted(out.iterdir(), key=lambda p: -rank(p))
     clear_retired(out)
     if entries:
         retired(out).mkdir()
         for p in entries:
             os.replace(p, retired(out) / p.name)
-    for p in sorted(work.iterdir(), key=lambda p: p.name == MANIFEST_NAME):
+    for p in sorted(work.iterdir(), key=rank):
         os.replace(p, out / p.name)
     work.rmdir()
     clear_retired(out)

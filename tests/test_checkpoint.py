@@ -230,6 +230,30 @@ def test_output_dot_gets_its_manifest_last(tmp_path, monkeypatch):
     assert len(arrived) == 1 and arrived[0] != MANIFEST_NAME and not (here / MANIFEST_NAME).exists()
 
 
+def test_output_dot_gets_its_config_next_to_last(tmp_path, monkeypatch):
+    """-o .: a kill mid-way left config.json and some shards without the manifest, which transformers loads as
+    a finished checkpoint; config.json (and model.onnx) now arrive after every other entry, the manifest last."""
+    import os
+
+    import moepress.outputs as outputs
+    from moepress.manifest import MANIFEST_NAME
+
+    here, work = tmp_path / "here", tmp_path / "here.partial"
+    here.mkdir()
+    work.mkdir()
+    for name in ("a.json", "config.json", MANIFEST_NAME, "model-00001.safetensors", "model.onnx", "z.json"):
+        (work / name).write_text("{}")
+    monkeypatch.chdir(here)
+    real, arrived = os.replace, []
+
+    def replace(a, b):
+        real(a, b)
+        arrived.append(os.path.basename(os.fspath(b)))
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    outputs.install(work, here)
+    assert arrived[-1] == MANIFEST_NAME and sorted(arrived[-3:-1]) == ["config.json", "model.onnx"]
+
+
 def test_file_digests_cover_nested_files_by_their_relative_path(tmp_path):
     """Every file under the directory, subfolders included, by its relative path (hashlib and the byte count
     as the oracle); the manifest itself is left out."""
