@@ -333,6 +333,17 @@ def test_rule_that_names_no_linear_is_refused(tmp_path, cli_run):
     assert not (tmp_path / "q").exists()
 
 
+def test_rule_an_earlier_rule_shadows_is_refused(tmp_path, cli_run):
+    """The first matching rule applies: `--rule 'block_sparse_moe.*=fp8' --rule 'block_sparse_moe.experts.*=int4-gptq'`
+    quantized every expert to FP8 (exit 0), the INT4 rule applying to nothing."""
+    r = cli_run("quantize", "tiny-mixtral", "--rule", "block_sparse_moe.*=fp8", "--rule",
+                "block_sparse_moe.experts.*=int4-gptq", "--rule", "self_attn.*=fp8", "-o", tmp_path / "q", "--quiet")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert ("--rule block_sparse_moe.experts.*=int4-gptq: every linear it matches is decided by the earlier --rule "
+            "block_sparse_moe.*=fp8") in r.stderr
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("args", [["--format", "fp8", "--rule", "*=none"], ["--format", "none"]])
 def test_options_that_quantize_no_linear_are_refused(tmp_path, cli_run, args):
     """--format / --rule that leave every linear bf16 and no --kv-cache wrote a checkpoint declaring a

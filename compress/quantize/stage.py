@@ -99,10 +99,28 @@ def check_rules(sm: StreamedModel, cfg: QuantConfig) -> None:
             seen = linear_names(sm, layer, cache)
             raise MoepressError(f"--rule {pat}={fmt}: matches no linear of {sm.ckpt.path}; expected a pattern over "
                                 f"names such as {', '.join(sorted({seen[0], seen[-1]}))} (in the layer, or full)")
+    refuse_shadowed_rules(cfg.rules, names)
     if cfg.kv_cache is None and not any(cfg.format_of(rel, full) for rel, full in names):
         asked = [f"--format {cfg.format}"] * (cfg.format is not None) + [f"--rule {p}={f}" for p, f in cfg.rules]
         raise MoepressError(f"{' '.join(asked)}: every linear of {sm.ckpt.path} would stay unquantized; expected "
                             "at least one linear in a format (or a --kv-cache)")
+
+
+def refuse_shadowed_rules(rules: tuple[tuple[str, str], ...], names: list[tuple[str, str]]) -> None:
+    """A --rule every linear of which an earlier rule already decides (the first matching rule applies) would
+    change nothing, without a word: refused naming both (``names``: each linear's (in-layer, full) name)."""
+    def first(rel: str, full: str) -> int:
+        return next(k for k, (p, _) in enumerate(rules) if fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(full, p))
+
+    decided = {first(rel, full) for rel, full in names
+               if any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(full, p) for p, _ in rules)}
+    for k, (pat, fmt) in enumerate(rules):
+        if k not in decided:
+            rel, full = next((r, f) for r, f in names if fnmatch.fnmatchcase(r, pat) or fnmatch.fnmatchcase(f, pat))
+            p, f = rules[first(rel, full)]
+            raise MoepressError(f"--rule {pat}={fmt}: every linear it matches is decided by the earlier --rule {p}={f} "
+                                f"(the first matching rule applies, e.g. to {rel}); expected it before that rule, "
+                                "or a pattern that names other linears")
 
 
 class QuantizeStage:

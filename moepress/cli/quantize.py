@@ -39,7 +39,8 @@ class FormatOption(click.Option):
 @click.option("--format", "fmt", cls=FormatOption, default=None, metavar="FORMAT")
 @click.option("--rule", "rules", multiple=True, metavar="PATTERN=FORMAT",
               help="Per-module format (fnmatch on the module name within the layer, e.g. 'mlp.experts.*=int4-awq', "
-                   "'self_attn.*=fp8', 'mlp.shared_experts.*=none'); first match wins, --format for the rest.")
+                   "'self_attn.*=fp8', 'mlp.shared_experts.*=none'); first match wins (a rule an earlier one leaves "
+                   "nothing to decide is refused), --format for the rest.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="INT4 group size: 128, 64 or 32.")
 @click.option("--kv-cache", type=click.Choice(["fp8"]), default=None, help="Also compute FP8 K/V cache scales.")
 @click.option("--sequential/--no-sequential", default=None,
