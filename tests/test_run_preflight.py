@@ -25,6 +25,10 @@ FP8 = {"format": "fp8"}
     ({"prune": {"ratio": 0.25, "protect": "x["}}, "prune.protect 'x[': expected LAYER:EXPERT"),
     ({"quantize": FP8, "calib": {"sources": ["/nonexistent/c.jsonl"]}}, "calib.sources /nonexistent/c.jsonl: "),
     ({"quantize": FP8, "calib": {"seq_len": 100000}}, "calib.seq_len 100000: "),
+    # a quantize rule the model's linears refuse ran prune first
+    ({"prune": {"ratio": 0.25}, "quantize": {"format": "fp8", "rules": {"block_sparse_moe.*": "fp8",
+                                                                          "block_sparse_moe.experts.*": "none"}}},
+     "quantize.rules block_sparse_moe.experts.*=none: every linear it matches is decided by the earlier"),
 ])
 def test_a_value_a_stage_refuses_is_refused_before_any_stage_by_its_recipe_key(cli_run, tmp_path, sections, needle):
     rec = write_recipe(tmp_path / "r.yaml", **{"prune": None, **sections})

@@ -144,9 +144,17 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
     from moepress.compress.prune.stage import PruneStage
     from moepress.exporters import refuse_config
 
+    calib = CalibConfig.from_recipe(recipe["calib"])
     if recipe["prune"] is not None:
         with recipe_keys(src, "prune"):
-            PruneStage(model, PruneConfig.from_recipe(recipe["prune"], CalibConfig.from_recipe(recipe["calib"])))
+            PruneStage(model, PruneConfig.from_recipe(recipe["prune"], calib))
+    if recipe["quantize"] is not None:  # the rules against the source's linears (a prune keeps their names)
+        from moepress.compress.quantize import QuantConfig
+        from moepress.compress.quantize.stage import check_rules
+        from moepress.compress.stream import StreamedModel
+
+        with recipe_keys(src, "quantize"):
+            check_rules(StreamedModel(model, prefetch=False), QuantConfig.from_recipe(recipe["quantize"], calib))
     for fmt in (recipe.get("export") or {}).get("formats") or []:
         with recipe_keys(src, "export"):
             refuse_config(export_config(recipe["export"], fmt))
