@@ -164,6 +164,22 @@ def sources(tmp_path_factory):
     return d
 
 
+def test_a_null_text_is_an_empty_document_in_jsonl_as_in_parquet(qwen, sources, tmp_path):
+    """A null in a Parquet column read as an empty document; the same null in a JSONL line was refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [json.loads(line)["content"] for line in (sources / "docs.jsonl").read_text().splitlines()][:20]
+    docs[3] = docs[11] = None
+    with open(tmp_path / "n.jsonl", "w") as f:
+        f.writelines(json.dumps({"content": t}) + "\n" for t in docs)
+    pq.write_table(pa.table({"content": docs}), tmp_path / "n.parquet")
+    kw = dict(num_samples=8, seq_len=48, seed=1, cache=False)
+    j = calibration_set(qwen, (f"{tmp_path}/n.jsonl,field=content",), **kw)
+    p = calibration_set(qwen, (f"{tmp_path}/n.parquet,field=content",), **kw)
+    assert torch.equal(j.input_ids, p.input_ids)
+
+
 def test_jsonl_parquet_dataset_give_the_same_samples(qwen, sources):
     kw = dict(num_samples=12, seq_len=48, seed=2, cache=False)
     j = calibration_set(qwen, (f"{sources}/docs.jsonl,field=content",), **kw)

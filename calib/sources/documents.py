@@ -128,6 +128,8 @@ class JsonlDocuments(Documents):
         rec = self._record(i)
         if self.field not in rec:
             raise MoepressError(f"{self.where(i)}: no field '{self.field}' (fields: {', '.join(rec) or 'none'})")
+        if rec[self.field] is None:  # an empty document, as a null in a Parquet / dataset column
+            return ""
         return _check_value(rec[self.field], self.where(i), self.field)
 
 
