@@ -237,3 +237,37 @@ def test_report_rows_say_what_each_decision_rested_on(tmp_path, method):
             assert st["margin"] == kept[st["weakest_kept"]]["tokens"] - dropped[st["strongest_dropped"]]["tokens"]
         else:
             assert st["strongest_dropped"] == lr["drop_order"][-1]
+
+
+def test_reap_rows_count_the_tokens_reap_scored(tmp_path):
+    """REAP scores an expert on the tokens whose top-k of the raw router logits holds it (not the tokens DeepSeek's
+    biased, group-limited router sends it): a reap row's kept / dropped tokens are those, counted here from
+    transformers' own forward (the gate's input, hooked, times the gate's weight); they were the routed counts."""
+    from transformers import AutoModelForCausalLM
+
+    src = write_synthetic(DSV3, tmp_path / "src")
+    batches = [ids(4, 32, 0), ids(4, 32, 1)]
+    out = tmp_path / "reap"
+    prune_checkpoint(src, out, PruneConfig(method="reap", keep=16), batches=batches)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    counts, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None and hasattr(gate, "e_score_correction_bias"):
+            def hook(mod, args, i=i):
+                logits = args[0].reshape(-1, args[0].shape[-1]).float() @ mod.weight.float().T
+                top = logits.topk(DSV3["num_experts_per_tok"], dim=-1).indices
+                counts[i] = counts.get(i, 0) + torch.bincount(top.reshape(-1), minlength=logits.shape[-1])
+            hooks.append(gate.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    rep = json.loads((out / "prune_report.json").read_text())
+    routed_differs = False
+    for lr in rep["layers"]:
+        st, c = lr["stability"], counts[lr["layer"]]
+        assert st["kept_tokens"] == int(c[st["weakest_kept"]])
+        assert st["dropped_tokens"] == int(c[st["strongest_dropped"]])
+        kept = {k["expert"]: k["tokens"] for k in lr["kept"]}
+        routed_differs |= kept[st["weakest_kept"]] != st["kept_tokens"]
+    assert routed_differs  # the routed counts are other numbers here (the test can tell the two apart)

@@ -52,7 +52,8 @@ register(score_method("frequency", "tokens routed to each expert", "tokens", fre
 register(score_method("ean", "expert activation norm: sum over routed tokens of ||f_j(x)||_2 (REAP paper's EAN)",
                       "ean_sum", ean_scores, score_is_sum=True))
 register(score_method("reap", "REAP: mean of softmax gate x ||f_j(x)||_2 over the tokens selecting j, as "
-                      "CerebrasResearch/reap computes it (arXiv 2510.13999)", "reap", reap_scores))
+                      "CerebrasResearch/reap computes it (arXiv 2510.13999)", "reap", reap_scores,
+                      tokens="reap_count"))
 register(PruneMethod("reroute", "greedy backward elimination minimising the error of the normalised hidden state "
                      "after the MoE block on calibration tokens, with the pruned router re-routing them (exact "
                      "family routing)", reroute_select, "added_relative_sq_error", needs_outputs=True))
@@ -62,7 +63,7 @@ register(PruneMethod("lookahead", "per layer, the reroute or the reap selection:
 register(PruneMethod("merge", "keep the REAP-best experts and fold the dropped experts into them: each kept "
                      "expert's down projection refit so the pruned block reproduces the unpruned routed output on "
                      "calibration tokens (re-quantized to the input's format where it is stored quantized)",
-                     METHODS["reap"].select, "reap", merge="always"))
+                     METHODS["reap"].select, "reap", merge="always", tokens="reap_count"))
 # auto's own callable is never the one that selects (its plans' methods do, MTP layers included);
 # it holds lookahead's so that the registry has a callable for every method
 register(PruneMethod("auto", "reroute, reap, frequency and ean each prune the whole model from one half of the "

@@ -38,6 +38,9 @@ class PruneMethod:
     # its score is a sum over the calibration tokens (counts, summed norms), not a per-token mean: a
     # leave-one-group-out score then describes fewer tokens and is scaled back before its spread is read
     score_is_sum: bool = False
+    # the LayerRouting field counting the tokens its scores rest on (the report's kept / dropped tokens): REAP's
+    # reference scores the tokens whose raw-logit top-k holds the expert, not those the family's router sends
+    tokens: str = "counts"
 
 
 METHODS: dict[str, PruneMethod] = {}
@@ -63,12 +66,12 @@ def keep_top(scores: torch.Tensor, budget: Budget, layer: int) -> list[int]:
 
 
 def score_method(name: str, help: str, score_name: str, scores: Callable[[LayerRouting], torch.Tensor],
-                 score_is_sum: bool = False) -> PruneMethod:
+                 score_is_sum: bool = False, tokens: str = "counts") -> PruneMethod:
     """A method keeping the experts with the highest ``scores(stats)`` (``keep_top``)."""
     def select(ev: LayerEvidence, budget: Budget) -> Selection:
         s = scores(ev.stats).double()
         return Selection(keep_top(s, budget, ev.layer), s)
-    return PruneMethod(name, help, select, score_name, score_is_sum=score_is_sum)
+    return PruneMethod(name, help, select, score_name, score_is_sum=score_is_sum, tokens=tokens)
 
 
 def frequency_scores(stats: LayerRouting) -> torch.Tensor:

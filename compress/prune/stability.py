@@ -108,7 +108,7 @@ def jackknife(meth: PruneMethod, ev: LayerEvidence, budget: Budget, sel: Selecti
     for k, d in pairs:
         margins = torch.tensor([scale * float(s.scores[k] - s.scores[d]) for s in loo], dtype=torch.float64)
         noise = math.sqrt((g - 1) / g * float(((margins - margins.mean()) ** 2).sum()))
-        row = _row(k, d, float(sel.scores[k] - sel.scores[d]), noise, ev.stats)
+        row = _row(k, d, float(sel.scores[k] - sel.scores[d]), noise, getattr(ev.stats, meth.tokens))
         if best is None or _key(row) < _key(best):
             best = row
     flips = sum(s.kept != sel.kept for s in loo)
@@ -122,10 +122,11 @@ def _key(row: dict) -> float:
     return math.inf if row["z"] is None else row["z"]
 
 
-def _row(k: int, d: int, margin: float, noise: float, stats: LayerRouting) -> dict:
+def _row(k: int, d: int, margin: float, noise: float, tokens: torch.Tensor) -> dict:
+    """``tokens``: per expert, the calibration tokens its score rests on (the method's ``tokens`` field)."""
     z = margin_z(margin, noise)  # a tie (both unscored, kept by index): 0, fragile
-    return {"weakest_kept": k, "strongest_dropped": d, "kept_tokens": int(stats.counts[k]),
-            "dropped_tokens": int(stats.counts[d]), "margin": margin, "noise": noise,
+    return {"weakest_kept": k, "strongest_dropped": d, "kept_tokens": int(tokens[k]),
+            "dropped_tokens": int(tokens[d]), "margin": margin, "noise": noise,
             "z": None if not math.isfinite(z) else z, "fragile": z < FRAGILE_Z}
 
 
