@@ -83,6 +83,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def orphan_sidecar(path: Path) -> bool:
+    """``path``'s sidecar is one this module wrote and ``path`` is missing: what a run killed between the two
+    writes leaves (the sidecar is written first), replaced by the next run without --force."""
+    side = sidecar_path(path)
+    if path.exists() or not side.is_file():
+        return False
+    try:
+        return json.loads(side.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def save_token_file(path: str | os.PathLike, input_ids: torch.Tensor, source: torch.Tensor, meta: dict) -> dict:
     """Write ``path`` (.safetensors or .pt) and its JSON sidecar; returns the sidecar dict."""
     path = Path(path)

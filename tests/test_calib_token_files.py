@@ -98,7 +98,7 @@ def test_a_failed_or_killed_write_leaves_no_sidecar_alone_nor_its_temporary_file
         _save(tmp_path, torch.arange(12).view(3, 4))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == []
     monkeypatch.setattr(cache, "_atomic_write", real)
-    (tmp_path / "t.safetensors.json").write_text("{}")  # left by a kill between the two writes
+    (tmp_path / "t.safetensors.json").write_text('{"format": "moepress-calib"}')  # a kill between the writes
     dead = subprocess.Popen(["true"])  # a pid no process has now
     dead.wait()
     (tmp_path / f".t.safetensors.{dead.pid}.tmp").write_bytes(b"x" * 100)

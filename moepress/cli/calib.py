@@ -44,16 +44,19 @@ def _prepare_text(path: Path, side: dict, cached: bool) -> str:
 def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, output, force, quiet, json_out):
     """Tokenize and sample MODEL's calibration set into a token file (reused from the cache when it
     holds the same tokenizer, sources and parameters)."""
-    from moepress.calib.cache import save_token_file
+    from moepress.calib.cache import orphan_sidecar, save_token_file
     from moepress.calib.data import calibration_set
+    from moepress.calib.sources import sidecar_path
 
     src = resolve_model(model)
     if not output.name.endswith((".safetensors", ".pt")):
         raise MoepressError(f"-o {output}: expected a file name ending in .safetensors or .pt")
     refuse_overlap(output, (src,), "-o ")  # a .safetensors file inside the model would read as one of its shards
-    # a sidecar alone is what a run killed (or a disk full) between the two writes left: no token file to keep
-    if output.exists() and not force:
-        raise MoepressError(f"{output}: exists (pass --force to replace it)")
+    # a sidecar of ours alone is what a run killed between the two writes left (no token file to keep); any other
+    # file by its name may be the user's
+    for p in (output, *(() if orphan_sidecar(output) else (sidecar_path(output),))):
+        if p.exists() and not force:
+            raise MoepressError(f"{p}: exists (pass --force to replace it)")
     if output.is_dir():
         raise MoepressError(f"{output}: is a directory; expected a file name ending in .safetensors or .pt")
     cs, memory = measured(None, lambda: calibration_set(src, calib, num_samples, seq_len, seed, trust_remote_code))
