@@ -134,9 +134,10 @@ def recipe_keys(src: str, section: str):
 
 def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
     """Each stage's own checks that need nothing an earlier stage writes, run before any stage and before
-    the run directory is made, refused by recipe key: the prune options against the model, every export's
-    options, the check's data (read and tokenized as the check will) and what the exports need of the
-    quantize format. A refusal after hours of prune and quantize, naming a CLI flag, was the alternative."""
+    the run directory is made, refused by recipe key: the prune options and the quantize rules against the
+    model, every export's options, the check's data (read and tokenized as the check will) and what the
+    exports need of the quantize format; so that a bad value late in the recipe costs seconds, not the
+    hours of prune and quantize before it."""
     from moepress.calib.config import CalibConfig
     from moepress.checks.config import CheckConfig
     from moepress.checks.runner import eval_data
