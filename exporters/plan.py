@@ -45,7 +45,15 @@ from moepress.exporters.kernel_widths import fp4_widths_ok
 from moepress.exporters.kv_cache import KV_CACHE
 from moepress.exporters.runtime_formats import check_runtime_format, trtllm_experts_problem
 from moepress.exporters.shape import ModelShape, model_shape
-from moepress.exporters.targets import PRODUCED, TARGETS, UNQUANTIZED, Target, get_target, pick_format
+from moepress.exporters.targets import (
+    PRODUCED,
+    TARGETS,
+    UNQUANTIZED,
+    Target,
+    check_format,
+    get_target,
+    pick_format,
+)
 
 RESERVE_FRACTION = 0.10
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -315,6 +323,7 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
         fmt, why = pick_format(t, bits)
     fmt = fmt or (UNQUANTIZED if given else default_format(model_dir_or_config))
     check_runtime_format(t, fmt, shape, runtime, export)
+    refuse_stored_formats(t, shape, fmt, name)
     max_seq_len = _seq_len(name, shape, max_seq_len)
     _check_request(t, kv_cache_dtype, {"--max-seq-len": max_seq_len, "--max-batch": max_batch, "--gpus": gpus,
                                        "--tp": tp, "--ep": ep})
@@ -331,6 +340,23 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
             p.notes.append(f"TensorRT-LLM cannot load it: {p.unloadable} (the sizes hold for vLLM with a "
                            "compressed-tensors export)")
     return p
+
+
+def refuse_stored_formats(t: Target, shape: ModelShape, fmt: str, name: str) -> None:
+    """A checkpoint planned in its own format whose --rules stored some linears in another: each such format
+    against the target too (the checkpoint's headline format alone let w4a8-awq experts plan on a B200)."""
+    if fmt != shape.stored_format:
+        return
+    others: dict[str, str] = {}
+    for kind, _, _, f, _ in shape.stored:
+        if f not in (fmt, UNQUANTIZED):
+            others.setdefault(f, kind)
+    for f, kind in sorted(others.items()):
+        try:
+            check_format(t, f)
+        except MoepressError as e:
+            raise MoepressError(f"{name}: its {kind} linears are stored {f} (a --rule): "
+                                f"{str(e).removeprefix(f'--format {f}: ')}") from None
 
 
 def _width_notes(shape: ModelShape, fmt: str) -> list[str]:
