@@ -43,17 +43,9 @@ from moepress.errors import MoepressError
 from moepress.exporters.ct_layout import ct_matcher, is_ct
 from moepress.exporters.kernel_widths import fp4_widths_ok
 from moepress.exporters.kv_cache import KV_CACHE
-from moepress.exporters.runtime_formats import check_runtime_format, trtllm_experts_problem
+from moepress.exporters.runtime_formats import check_runtime_format, refuse_stored_formats, trtllm_experts_problem
 from moepress.exporters.shape import ModelShape, model_shape
-from moepress.exporters.targets import (
-    PRODUCED,
-    TARGETS,
-    UNQUANTIZED,
-    Target,
-    check_format,
-    get_target,
-    pick_format,
-)
+from moepress.exporters.targets import PRODUCED, TARGETS, UNQUANTIZED, Target, get_target, pick_format
 
 RESERVE_FRACTION = 0.10
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -340,23 +332,6 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
             p.notes.append(f"TensorRT-LLM cannot load it: {p.unloadable} (the sizes hold for vLLM with a "
                            "compressed-tensors export)")
     return p
-
-
-def refuse_stored_formats(t: Target, shape: ModelShape, fmt: str, name: str) -> None:
-    """A checkpoint planned in its own format whose --rules stored some linears in another: each such format
-    against the target too (the checkpoint's headline format alone let w4a8-awq experts plan on a B200)."""
-    if fmt != shape.stored_format:
-        return
-    others: dict[str, str] = {}
-    for kind, _, _, f, _ in shape.stored:
-        if f not in (fmt, UNQUANTIZED):
-            others.setdefault(f, kind)
-    for f, kind in sorted(others.items()):
-        try:
-            check_format(t, f)
-        except MoepressError as e:
-            raise MoepressError(f"{name}: its {kind} linears are stored {f} (a --rule): "
-                                f"{str(e).removeprefix(f'--format {f}: ')}") from None
 
 
 def _width_notes(shape: ModelShape, fmt: str) -> list[str]:

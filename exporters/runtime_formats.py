@@ -88,3 +88,20 @@ def trtllm_experts_problem(shape: ModelShape, t: Target, fmt: str) -> str | None
     alts = [a for a in f.alternatives if t.supports(a) and formats.FORMATS[a].trtllm_loads_experts(shape.family)]
     return (f"{f.trtllm_moe_why}, so {fmt} {shape.family} routed experts do not load; use "
             f"{alts[0] if alts else UNQUANTIZED} on {t.gpu}")
+
+
+def refuse_stored_formats(t: Target, shape: ModelShape, fmt: str, name: str) -> None:
+    """A checkpoint planned in its own format whose --rules stored some linears in another: each such format
+    against the target too (the checkpoint's headline format alone let w4a8-awq experts plan on a B200)."""
+    if fmt != shape.stored_format:
+        return
+    others: dict[str, str] = {}
+    for kind, _, _, f, _ in shape.stored:
+        if f not in (fmt, UNQUANTIZED):
+            others.setdefault(f, kind)
+    for f, kind in sorted(others.items()):
+        try:
+            check_format(t, f)
+        except MoepressError as e:
+            raise MoepressError(f"{name}: its {kind} linears are stored {f} (a --rule): "
+                                f"{str(e).removeprefix(f'--format {f}: ')}") from None
