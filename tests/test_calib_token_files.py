@@ -109,6 +109,25 @@ def test_a_failed_or_killed_write_leaves_no_sidecar_alone_nor_its_temporary_file
     load_token_file(tmp_path / "t.safetensors")
 
 
+def test_a_live_writers_temporary_file_is_left_alone(tmp_path, monkeypatch):
+    """Only a dead writer's temporary file is removed: one of a live process (another `calib prepare` writing the
+    same name) or of a process os.kill may not signal (another user's) is still being written."""
+    real_kill = os.kill
+    other_users = 4_000_000  # a pid os.kill is refused on, as another user's
+
+    def kill(pid, sig):
+        if pid == other_users:
+            raise PermissionError(1, "Operation not permitted")
+        return real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    live = [tmp_path / f".t.safetensors.{pid}.tmp" for pid in (os.getppid(), other_users)]
+    for p in live:
+        p.write_bytes(b"x" * 100)
+    load_token_file(_save(tmp_path, torch.arange(12).view(3, 4)))
+    assert all(p.is_file() and p.read_bytes() == b"x" * 100 for p in live)
+
+
 def test_token_files_get_the_umasks_permissions(tmp_path):
     """Written through mkstemp (mode 0600): a shared cache or a prepared file was unreadable by the group."""
     old = os.umask(0o027)

@@ -344,6 +344,16 @@ def test_rule_an_earlier_rule_shadows_is_refused(tmp_path, cli_run):
     assert not (tmp_path / "q").exists()
 
 
+def test_a_shadowed_rule_names_the_rule_that_decides_its_linears(tmp_path, cli_run):
+    """The refusal names the first rule matching the shadowed rule's linears, not the rule just before it."""
+    r = cli_run("quantize", "tiny-mixtral", "--rule", "block_sparse_moe.*=fp8", "--rule", "self_attn.*=fp8",
+                "--rule", "block_sparse_moe.experts.*=int4-gptq", "-o", tmp_path / "q", "--quiet")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert ("--rule block_sparse_moe.experts.*=int4-gptq: every linear it matches is decided by the earlier --rule "
+            "block_sparse_moe.*=fp8 ") in r.stderr
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("args", [["--format", "fp8", "--rule", "*=none"], ["--format", "none"]])
 def test_options_that_quantize_no_linear_are_refused(tmp_path, cli_run, args):
     """--format / --rule that leave every linear bf16 and no --kv-cache wrote a checkpoint declaring a

@@ -44,3 +44,18 @@ def test_an_output_path_through_a_file_is_refused_naming_it(cli_run, tmp_path):
     for out in (tmp_path / "f", tmp_path / "f" / "sub"):
         one_line_error(cli_run("run", write_recipe(tmp_path / "r.yaml"), "-o", out),
                        f"-o {out}: {tmp_path / 'f'} is a file; expected a directory path")
+
+
+def test_the_runs_export_is_sharded_as_the_recipes_tp_and_ep_say(cli_run, tmp_path):
+    """export.tp and export.ep reach the export each as itself (one ExportConfig serves the preflight and the
+    export): the TensorRT-LLM checkpoint's own mapping says tp 2, ep 1."""
+    import json
+
+    rec = write_recipe(tmp_path / "r.yaml", prune=None, quantize=FP8, check=None,
+                       export={"formats": ["trtllm-ckpt"], "tp": 2, "ep": 1})
+    r = cli_run("run", rec, "-o", tmp_path / "run", "--quiet")
+    assert r.exit_code == 0, r.output
+    mapping = json.loads((tmp_path / "run" / "export" / "trtllm-ckpt" / "config.json").read_text())["mapping"]
+    assert (mapping["world_size"], mapping["tp_size"], mapping["moe_tp_size"], mapping["moe_ep_size"]) == (2, 2, 2, 1)
+    assert sorted(p.name for p in (tmp_path / "run" / "export" / "trtllm-ckpt").glob("rank*.safetensors")) == \
+        ["rank0.safetensors", "rank1.safetensors"]

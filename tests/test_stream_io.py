@@ -266,3 +266,16 @@ def test_a_bf16_stream_keeps_the_deepseek_router_in_float32_as_transformers():
     got = {k: v.dtype for k, v in layer.state_dict().items() if k in want}
     assert got["mlp.gate.weight"] == got["mlp.gate.e_score_correction_bias"] == torch.float32
     assert got == want
+
+
+def test_safetensors_bytes_are_safetensors_own_bytes_whatever_the_dict_order():
+    """The token files' writer (calib/cache.py) lays the tensors out as safetensors does (largest alignment
+    first, then by name), whatever order the dict gives them in: the bytes are safetensors.torch.save's
+    (no metadata), and with metadata they load back through safetensors as the same tensors."""
+    from safetensors.torch import load, save
+
+    t = {"z": torch.arange(6, dtype=torch.int32).view(2, 3), "a": torch.tensor([1.5, -2.25, 3.0], dtype=torch.bfloat16),
+         "m": torch.tensor([0.1, 7.0], dtype=torch.float64), "b": torch.tensor([1, 255], dtype=torch.uint8)}
+    assert ckpt_io.safetensors_bytes(t) == save(t)
+    back = load(ckpt_io.safetensors_bytes(t, {"format": "x", "version": "1"}))
+    assert set(back) == set(t) and all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in t.items())
