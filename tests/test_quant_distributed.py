@@ -220,9 +220,14 @@ def _ranks(args_of, env, timeout=120):
 
 @pytest.mark.parametrize("cmd,differs,needle", [
     # another seed: rank 1's calibration statistics went into rank 0's output without a word (exit 0)
-    # (and --resume on one rank only: its output check passed there alone, the other rank refused)
-    (["quantize", "tiny-qwen3-moe", "--format", "fp8", "--num-samples", "4", "--seq-len", "32"],
-     ["--seed", "1", "--resume"], "resume False on rank 0, True on rank 1; seed 0 on rank 0, 1 on rank 1"),
+    (["quantize", "tiny-qwen3-moe", "--format", "fp8", "--num-samples", "4", "--seq-len", "32"], ["--seed", "1"],
+     "seed 0 on rank 0, 1 on rank 1"),
+    # --resume on one rank only: its output check passed there alone, the other rank refused
+    (["quantize", "tiny-qwen3-moe", "--format", "fp8", "--num-samples", "4", "--seq-len", "32"], ["--resume"],
+     "resume False on rank 0, True on rank 1"),
+    # a rule refused on one rank only (it names no linear): that rank exited, the other waited in the group's start
+    (["quantize", "tiny-qwen3-moe", "--format", "fp8"], ["--rule", "nothing.*=none"],
+     "rules () on rank 0, (('nothing.*', 'none'),) on rank 1"),
     (["calib", "stats", "tiny-qwen3-moe", "--num-samples", "4", "--seq-len", "32"], ["--seed", "1"],
      "seed 0 on rank 0, 1 on rank 1"),
 ])

@@ -127,8 +127,12 @@ class QuantizeStage:
     """One quantize run: the opened checkpoint, the process group, and the steps that write it."""
 
     def __init__(self, model: str | Path, cfg: QuantConfig, device: torch.device | None = None):
-        """Open ``model`` (refusing a checkpoint moepress already quantized) and join torchrun's group."""
+        """Join torchrun's group, then open ``model`` (refusing a checkpoint moepress already quantized)."""
         self.cfg = cfg
+        # the ranks agree on the options before any of them validates its input: a rank refused alone (another
+        # --rule) left the others waiting in the group's start-up
+        self.env = dist.init()
+        dist.agree(self.env, asdict(cfg))
         self.reader = reader = CheckpointReader(model)
         if formats.read_layout(reader.path) is not None:
             raise MoepressError(f"{reader.path}: already quantized by moepress ({formats.SIDECAR}); "
@@ -141,7 +145,6 @@ class QuantizeStage:
         self.sm.check_weights()
         check_rules(self.sm, cfg)
         self.extra_layers = [i for i in reader.layer_indices() if i >= self.adapter.num_layers]
-        self.env = dist.init()
         self.totals = QuantTotals()
         self.batches: list[torch.Tensor] | None = None  # this rank's share
         self.n_tokens = 0  # in all ranks' batches
