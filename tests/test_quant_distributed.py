@@ -212,7 +212,11 @@ def _ranks(args_of, env, timeout=120):
                                   stderr=subprocess.PIPE,
                                   env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
-        out = [p.communicate(timeout=timeout) for p in ranks]
+        try:
+            out = [p.communicate(timeout=timeout) for p in ranks]
+        finally:  # a rank left waiting for the other (the failure these tests look for) must not outlive the test
+            for p in ranks:
+                p.kill()
         if not any("address already in use" in err.lower() for _, err in out):
             return [(p.returncode, err) for p, (_, err) in zip(ranks, out, strict=True)]
     raise AssertionError("no free port")
