@@ -23,6 +23,7 @@ import torch
 
 from moepress.calib.sources import sidecar_path
 from moepress.errors import MoepressError
+from moepress.outputs import pid_alive
 
 FORMAT = "moepress-calib"
 VERSION = 1
@@ -56,8 +57,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     writers of ``path`` (named by their pid) are removed first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = old.name[len(path.name) + 2:-len(".tmp")]
-        if pid.isdigit() and not _alive(int(pid)):
+        if not pid_alive(old.name[len(path.name) + 2:-len(".tmp")]):
             old.unlink(missing_ok=True)
     tmp = str(path.parent / f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -71,16 +71,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def orphan_sidecar(path: Path) -> bool:

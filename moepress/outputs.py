@@ -120,6 +120,20 @@ def overlap(out: str | os.PathLike, source: str | os.PathLike) -> str | None:
     return None
 
 
+def pid_alive(pid: str) -> bool:
+    """Whether process ``pid`` (the suffix a killed writer's temporary file or directory carries) runs; a
+    suffix that is no pid, or another user's process, counts as alive (its file is kept)."""
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
 def refuse_overlap(out: str | os.PathLike, sources: Iterable[str | os.PathLike], label: str = "") -> None:
     """One-line :class:`MoepressError` when the output ``out`` equals, sits inside or contains one
     of ``sources`` (the stage's inputs). ``label`` prefixes the path (e.g. ``"--report "``)."""

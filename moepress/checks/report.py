@@ -15,6 +15,7 @@ from moepress.checks.config import fmt, verdict
 from moepress.checks.verify import recorded_files
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest, versions, write_manifest
+from moepress.outputs import pid_alive
 
 PLOT_NAME = "layer_error.png"
 
@@ -199,25 +200,12 @@ def _report_partial(out: Path) -> Path:
         tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)  # a killed run's, whose pid this process now has
         for old in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):  # killed runs' (no live process)
-            if old != tmp and not _alive(old.name.rpartition("-")[2]):
+            if old != tmp and not pid_alive(old.name.rpartition("-")[2]):
                 shutil.rmtree(old, ignore_errors=True)
         tmp.mkdir()  # the umask's mode, as ``out`` would have had
     except OSError as e:
         raise MoepressError(f"--report {out}: cannot create directory ({e.strerror})") from None
     return tmp
-
-
-def _alive(pid: str) -> bool:
-    """Whether a process ``pid`` (a partial directory's suffix) runs; a suffix that is no pid counts as alive (kept)."""
-    if not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        return True
-    return True
 
 
 def check_report_dir(out: str | Path) -> None:
