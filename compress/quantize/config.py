@@ -115,12 +115,17 @@ class QuantConfig:
                    awq_clip=q.get("awq_clip", True), awq_gptq=q.get("awq_gptq", True),
                    awq_fold=q.get("awq_fold", False))
 
+    def rule_of(self, rel: str, full: str) -> int | None:
+        """The index of the first --rule naming the linear ``rel`` (its name in the layer; ``full``: in the
+        checkpoint), which decides its format; None: --format does."""
+        return next((k for k, (pat, _) in enumerate(self.rules)
+                     if fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(full, pat)), None)
+
     def format_of(self, rel: str, full: str) -> str | None:
         """The format of the linear ``rel`` (its name in the layer; ``full``: in the checkpoint)."""
-        for pat, fmt in self.rules:
-            if fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(full, pat):
-                return None if fmt == NONE else fmt
-        return None if self.format == NONE else self.format
+        k = self.rule_of(rel, full)
+        fmt = self.format if k is None else self.rules[k][1]
+        return None if fmt == NONE else fmt
 
     def is_sequential(self) -> bool:
         """Calibrate layer i on the quantized layers 0..i-1 (see ``sequential``)."""

@@ -99,25 +99,22 @@ def check_rules(sm: StreamedModel, cfg: QuantConfig) -> None:
             seen = linear_names(sm, layer, cache)
             raise MoepressError(f"--rule {pat}={fmt}: matches no linear of {sm.ckpt.path}; expected a pattern over "
                                 f"names such as {', '.join(sorted({seen[0], seen[-1]}))} (in the layer, or full)")
-    refuse_shadowed_rules(cfg.rules, names)
+    refuse_shadowed_rules(cfg, names)
     if cfg.kv_cache is None and not any(cfg.format_of(rel, full) for rel, full in names):
         asked = [f"--format {cfg.format}"] * (cfg.format is not None) + [f"--rule {p}={f}" for p, f in cfg.rules]
         raise MoepressError(f"{' '.join(asked)}: every linear of {sm.ckpt.path} would stay unquantized; expected "
                             "at least one linear in a format (or a --kv-cache)")
 
 
-def refuse_shadowed_rules(rules: tuple[tuple[str, str], ...], names: list[tuple[str, str]]) -> None:
+def refuse_shadowed_rules(cfg: QuantConfig, names: list[tuple[str, str]]) -> None:
     """A --rule every linear of which an earlier rule already decides (the first matching rule applies) would
-    change nothing, without a word: refused naming both (``names``: each linear's (in-layer, full) name)."""
-    def first(rel: str, full: str) -> int:
-        return next(k for k, (p, _) in enumerate(rules) if fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(full, p))
-
-    decided = {first(rel, full) for rel, full in names
-               if any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(full, p) for p, _ in rules)}
-    for k, (pat, fmt) in enumerate(rules):
+    change nothing, without a word: refused naming both (``names``: each linear's (in-layer, full) name; every
+    rule names one of them, as check_rules checked first)."""
+    decided = {cfg.rule_of(rel, full) for rel, full in names}
+    for k, (pat, fmt) in enumerate(cfg.rules):
         if k not in decided:
             rel, full = next((r, f) for r, f in names if fnmatch.fnmatchcase(r, pat) or fnmatch.fnmatchcase(f, pat))
-            p, f = rules[first(rel, full)]
+            p, f = cfg.rules[cfg.rule_of(rel, full)]
             raise MoepressError(f"--rule {pat}={fmt}: every linear it matches is decided by the earlier --rule {p}={f} "
                                 f"(the first matching rule applies, e.g. to {rel}); expected it before that rule, "
                                 "or a pattern that names other linears")
@@ -161,7 +158,9 @@ class QuantizeStage:
             progress = QUIET
         # a resumed partial must have been started by this very run (config, input, moepress)
         key, sources = quantize_resume_key(self.cfg, self.reader.path, self.sm.device), (self.reader.path,)
-        dist.agree(env, {**key["config"], "force": force, "resume": resume})  # before any rank-dependent step
+        # what __init__'s agreement on the config could not compare yet, before any rank-dependent step
+        dist.agree(env, {"calib_content": key["config"]["calib_content"], "device": key["config"].get("device"),
+                         "force": force, "resume": resume})
         # refused before the calibration, by every rank (none waits for a rank 0 that gave up); the
         # writer checks again under its lock
         check_output(out, force=force, resume=resume, resume_key=key, sources=sources)
