@@ -111,3 +111,26 @@ def test_quantize_text_summary_says_sparse_experts(cli_run, tmp_path, handed, bo
     sparse = ", 3 sparse experts (too few calibration tokens; quant_report.json: sparse_expert_rule)"
     assert r.stdout.strip().endswith(f"(W4A16_AWQ, 10 linears{sparse if borrowed else ''}) -> {tmp_path / 'o'} "
                                      "in 2.0s"), r.stdout
+
+
+@pytest.mark.parametrize("args,option", [
+    (["prune", "tiny-qwen3-moe", "--ratio", "0.25", "-o", "", "--force"], "'-o' / '--output'"),
+    (["export", "tiny-qwen3-moe", "--format", "onnx", "-o", "", "--force"], "'-o' / '--output'"),
+    (["calib", "prepare", "tiny-qwen3-moe", "-o", ""], "'-o' / '--output'"),
+    (["prune", "", "-o", "x"], "'MODEL'"),
+    (["check", "x", "-r", "", "--report", "r"], "'--reference' / '-r'"),
+    (["check", "x", "-r", "tiny-qwen3-moe", "--report", ""], "'--report'"),
+    (["build", "", "--target", "h100-sxm", "-o", "x"], "'ARTIFACT'"),
+    (["run", "-o", ""], "'-o' / '--output'"),
+    (["publish", "x", "--to", ""], "'--to'"),
+])
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory(cli_run, tmp_path, monkeypatch, args, option):
+    """`-o "$OUT" --force` with OUT unset: os.path.abspath("") is the current directory, which --force
+    emptied and wrote into. Every path or name argument refuses the empty string in one line naming it;
+    the current directory keeps its files."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "canary.txt").write_text("kept")
+    r = cli_run(*args, "--json")
+    assert r.exit_code == 2, r.output
+    assert option in json.loads(r.stdout)["error"] and "empty string" in json.loads(r.stdout)["error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["canary.txt"]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import click
 
-from moepress.cli.options import measured, model_argument, output_options, progress_options, resolve_model
+from moepress.cli.options import TEXT, measured, model_argument, output_options, progress_options, resolve_model
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import kv_cache
 
@@ -130,11 +130,11 @@ def build(artifact, target, out, cfg=None, *, progress=None, **flags) -> dict:
 
 
 @click.command("build")
-@click.argument("artifact", metavar="ARTIFACT")
+@click.argument("artifact", metavar="ARTIFACT", type=TEXT)
 @_plan_options
 @click.option("--builder", cls=_RegistryOption, default=None, choices=lambda: list(_builders()),
               help_text=_builder_help)
-@click.option("--reference", default=None, metavar="MODEL",
+@click.option("--reference", default=None, metavar="MODEL", type=TEXT,
               help="The original model: planning source when the export does not name it, and the accuracy "
                    "check's reference.")
 @click.option("--hardware-compatibility", cls=_RegistryOption, default="none", show_default=True,

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from moepress.cli.options import (
+    PATH,
     calib_options,
     device_option,
     measured,
@@ -36,7 +37,7 @@ def _prepare_text(path: Path, side: dict, cached: bool) -> str:
 @calib_group.command("prepare")
 @model_argument
 @calib_options
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--output", "output", required=True, type=PATH,
               help="Token file to write: NAME.safetensors or NAME.pt, with NAME.<ext>.json describing it. "
                    "Any stage takes it back as --calib FILE, with the same --seq-len and at most its --num-samples.")
 @click.option("--force", is_flag=True, help="Replace the file if it exists.")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moepress.cli.options import SEED, device_option, progress_options, remember_output, run_measured
+from moepress.cli.options import PATH, SEED, TEXT, device_option, progress_options, remember_output, run_measured
 from moepress.errors import CheckFailed, MoepressError
 from moepress.outputs import refuse_overlap
 
@@ -92,10 +92,10 @@ def _human(result: dict) -> list[str]:
 
 
 @click.command("check")
-@click.argument("candidate", metavar="CANDIDATE")
-@click.option("--reference", "-r", required=True, metavar="REF",
+@click.argument("candidate", metavar="CANDIDATE", type=TEXT)
+@click.option("--reference", "-r", required=True, metavar="REF", type=TEXT,
               help="The original checkpoint directory (or bundled model name) the candidate was made from.")
-@click.option("--data", default=None, metavar="EVAL",
+@click.option("--data", default=None, metavar="EVAL", type=TEXT,
               help="Held-out evaluation data: a text file (consecutive windows) or any --calib source "
                    "(JSONL, Parquet, dataset folder, token file, hf:NAME; sampled by --seed). "
                    "Default: the bundled held-out text calib/data/eval.txt. Data a stage upstream of the "
@@ -136,7 +136,7 @@ def _human(result: dict) -> list[str]:
 @click.option("--gen-tokens", type=click.IntRange(min=1), default=24, show_default=True,
               help="New tokens per --generate prompt.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the tokenizer's / model's own Python code to run.")
-@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
+@click.option("--report", "report_dir", type=PATH, default=None, metavar="DIR",
               callback=remember_output,
               help="Write report.json, report.md, layer_error.png and its moepress-manifest.json into DIR.")
 @device_option

@@ -12,13 +12,35 @@ from moepress import models
 SEED = click.IntRange(-(2**63), 2**63 - 1)
 
 
+class _NonEmpty:
+    """A path or name that may not be the empty string: ``os.path.abspath("")`` is the current directory, so
+    ``-o "$OUT" --force`` with OUT unset would replace the directory the command runs in."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value == "":
+            self.fail("expected a path or name, got an empty string", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class PathType(_NonEmpty, click.Path):
+    """click.Path, the empty string refused."""
+
+
+class TextType(_NonEmpty, click.types.StringParamType):
+    """A string naming a file, directory or model, the empty string refused."""
+
+
+PATH = PathType(path_type=Path)
+TEXT = TextType()
+
+
 def resolve_model(arg: str) -> Path:
     """A checkpoint directory, or the name of a bundled model (e.g. ``tiny-qwen3-moe``)."""
     return models.resolve(arg)
 
 
 def model_argument(f):
-    return click.argument("model", metavar="MODEL")(f)
+    return click.argument("model", metavar="MODEL", type=TEXT)(f)
 
 
 # ctx.meta key: the command's output path, which an OS error without a file name is reported against
@@ -34,7 +56,7 @@ def remember_output(ctx: click.Context, param, value):
 
 def output_options(f):
     f = click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")(f)
-    f = click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+    f = click.option("-o", "--output", "output", required=True, type=PATH,
                      callback=remember_output,
                      help="Output directory (written to OUT.partial, renamed into place when complete).")(f)
     return f

@@ -7,19 +7,19 @@ from pathlib import Path
 
 import click
 
-from moepress.cli.options import progress_options, remember_output, run_measured
+from moepress.cli.options import PATH, TEXT, PathType, progress_options, remember_output, run_measured
 from moepress.errors import CheckFailed
 from moepress.pipeline.recipe import STAGES
 from moepress.progress import Progress
 
 
 @click.command("run")
-@click.argument("recipe", required=False, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None, callback=remember_output,
+@click.argument("recipe", required=False, type=PathType(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", "output", type=PATH, default=None, callback=remember_output,
               help="Run directory (default: the recipe's `output`, else ./moepress-out).")
 @click.option("--from", "force_from", type=click.Choice(STAGES), default=None,
               help="Re-run this stage and everything after it even if unchanged.")
-@click.option("--model", default=None, help="Override the recipe's model (a directory or a bundled name).")
+@click.option("--model", default=None, type=TEXT, help="Override the recipe's model (a directory or a bundled name).")
 @click.option("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
               help="Where prune, quantize and check compute (default: the recipe's `device`, else auto).")
 @progress_options
@@ -75,7 +75,7 @@ def recipe_group():
 
 
 @recipe_group.command("show")
-@click.argument("recipe", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("recipe", required=False, type=PathType(path_type=Path, dir_okay=False))
 def recipe_show(recipe):
     """Print the effective recipe (defaults filled in); without RECIPE the embedded default."""
     from moepress.pipeline.recipe import dump, load_recipe
@@ -86,8 +86,9 @@ def recipe_show(recipe):
 
 
 @click.command("publish")
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--to", "to", required=True, metavar="DIR|hf://ORG/NAME", help="Destination directory or Hub repo.")
+@click.argument("artifact", type=PATH)
+@click.option("--to", "to", required=True, metavar="DIR|hf://ORG/NAME", type=TEXT,
+              help="Destination directory or Hub repo.")
 @click.option("--force", is_flag=True, help="Publish even if the checks failed or the files changed.")
 @click.option("--json", "json_out", is_flag=True, help="JSON result on stdout.")
 def publish_cmd(artifact, to, force, json_out):
