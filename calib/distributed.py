@@ -48,14 +48,17 @@ class DistEnv:
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
 
+def _int_env(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, str(default)))
+    except ValueError:
+        raise MoepressError(f"{name}={os.environ[name]!r}: expected an integer (set by torchrun)") from None
+
+
 def detect() -> DistEnv:
     """The torchrun environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), or one rank."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise MoepressError("WORLD_SIZE / RANK / LOCAL_RANK: expected integers (set by torchrun)") from None
+    world, rank = _int_env("WORLD_SIZE", 1), _int_env("RANK", 0)
+    local = _int_env("LOCAL_RANK", rank)
     if world < 1 or not 0 <= rank < world:
         raise MoepressError(f"RANK={rank} WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")
     return DistEnv(rank, world, local, None)
@@ -70,14 +73,25 @@ def init(backend: str | None = None) -> DistEnv:
         return env
     if backend is None:
         # NCCL wants one GPU per rank on a node; fewer GPUs than local ranks -> gloo on CPU
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(env.world_size)))
+        local_world = _int_env("LOCAL_WORLD_SIZE", env.world_size)
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         backend = "nccl" if dist.is_nccl_available() and gpus >= local_world else "gloo"
     if not dist.is_initialized():
+        _rendezvous_env(env)
         if backend == "nccl":
             torch.cuda.set_device(env.local_rank)
         dist.init_process_group(backend=backend)
     return DistEnv(env.rank, env.world_size, env.local_rank, dist.get_backend())
+
+
+def _rendezvous_env(env: DistEnv) -> None:
+    """The env:// rendezvous (init_process_group's default) reads MASTER_ADDR / MASTER_PORT, raising a
+    ValueError (a traceback) without them: WORLD_SIZE set by hand or by another launcher."""
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise MoepressError(f"WORLD_SIZE={env.world_size} but {' and '.join(missing)} not set: expected "
+                            "torchrun's environment (torchrun sets them all), or no WORLD_SIZE for one process")
+    _int_env("MASTER_PORT", 0)
 
 
 def current() -> DistEnv:

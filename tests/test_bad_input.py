@@ -408,8 +408,30 @@ def test_a_malformed_world_size_is_left_to_the_torchrun_commands(cli_run, monkey
     monkeypatch.setenv("WORLD_SIZE", "two")
     r = cli_run("inspect", "tiny-mixtral", "--no-targets")
     assert r.exit_code == 0 and "tiny-mixtral" in r.stdout, r.output
-    assert_one_line_error(cli_run("quantize", "tiny-mixtral", "--format", "fp8", "-o", tmp_path / "q"), "WORLD_SIZE",
-                          "expected integers")
+    assert_one_line_error(cli_run("quantize", "tiny-mixtral", "--format", "fp8", "-o", tmp_path / "q"), "WORLD_SIZE='two'",
+                          "expected an integer")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("env,named", [
+    ({}, "MASTER_ADDR and MASTER_PORT not set"),
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"}, "MASTER_PORT='x': expected an integer"),
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555", "LOCAL_WORLD_SIZE": "x"},
+     "LOCAL_WORLD_SIZE='x': expected an integer"),
+])
+@pytest.mark.parametrize("args", [["quantize", "tiny-mixtral", "--format", "fp8-block"],
+                                  ["calib", "stats", "tiny-mixtral"]])
+def test_a_partial_torchrun_environment_is_refused_naming_the_variable(cli_run, monkeypatch, tmp_path, env, named,
+                                                                       args):
+    """WORLD_SIZE set by hand (or srun) without the rendezvous variables: torch's env:// rendezvous raised a
+    ValueError (a traceback, exit 1); a malformed LOCAL_WORLD_SIZE too."""
+    for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert_one_line_error(cli_run(*args, "-o", tmp_path / "o"), named)
     assert not any(tmp_path.iterdir())
 
 
