@@ -121,7 +121,11 @@ def quant_configs(layout: dict, modules: dict[str, dict], exclude: list[str], kv
     # flat form for config.json (convert_hf_quant_config_format)
     flat: dict = {}
     if len(kinds) == 1:
-        flat["config_groups"] = {"group_0": {**group_config(next(iter(per.values()))), "targets": ["Linear"]}}
+        # one algo: a group only where Model-Optimizer writes one (modelopt_flat_group); its table's groups for
+        # W4A8_AWQ (FP4 weights) and FP8_PER_CHANNEL_PER_TOKEN (static activations) would describe ours falsely
+        fmt = formats.by_quant_algo(q["quant_algo"])
+        if fmt is not None and fmt.modelopt_flat_group:
+            flat["config_groups"] = {"group_0": {**group_config(next(iter(per.values()))), "targets": ["Linear"]}}
     else:
         groups: dict[tuple, list[str]] = {}
         for n, v in per.items():

@@ -63,7 +63,10 @@ class Format:
     ``input_scale``), ``token`` / ``block`` (FP8 per token / per 1x128 block, computed at run time).
     archs: the SM versions whose TensorRT-LLM kernels run it. alternatives: what to suggest, in
     order, on a GPU that cannot run it. aliases: other ``quant_algo`` spellings consumers write for it
-    (Model-Optimizer's ``fp8_pb_wo``), read back as this format. quantize: (weights of linears sharing an input,
+    (Model-Optimizer's ``fp8_pb_wo``), read back as this format. modelopt_group: the format's config group in
+    config.json's flat quantization_config, where a MIXED_PRECISION layer of it is described; modelopt_flat_group:
+    whether a checkpoint of this format alone has one too (Model-Optimizer 0.47 convert_hf_config.py
+    ``convert_hf_quant_config_format``: FP8, NVFP4, W4A16_NVFP4 only). quantize: (weights of linears sharing an input,
     :class:`QuantContext`) -> :class:`Quantized`; None for formats moepress plans but does not write.
     """
 
@@ -90,6 +93,7 @@ class Format:
     stored_bytes: Callable[[int, int], float] | None = None
     modelopt_entry: Callable[[int | None], dict] | None = None
     modelopt_group: Callable[[int | None], dict] | None = None
+    modelopt_flat_group: bool = False
     ct_format: str | None = None
     ct_scheme: Callable[[int | None, list[str]], object] | None = None
     decode: Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor] | None = None

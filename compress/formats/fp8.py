@@ -33,5 +33,6 @@ FORMAT = Format(
     quantize=quantize, stored_bytes=lambda out_f, in_f: out_f * in_f + 4 + 4,
     modelopt_entry=_fp8.modelopt_entry("FP8"),
     modelopt_group=lambda group: {"input_activations": _fp8.GROUP_ARGS, "weights": _fp8.GROUP_ARGS},
+    modelopt_flat_group=True,
     ct_format="float-quantized", ct_scheme=ct_scheme, decode=_fp8.decode,
 )

@@ -108,6 +108,7 @@ FORMAT = Format(
     stored=("weight", "weight_scale", "weight_scale_2", "input_scale"),
     quantize=quantize, stored_bytes=stored_bytes,
     modelopt_entry=modelopt_entry("NVFP4"), modelopt_group=modelopt_group,
+    modelopt_flat_group=True,
     ct_format="nvfp4-pack-quantized", ct_scheme=ct_scheme_of("NVFP4"),
     decode_stored=decode_stored, weight_scale_dtype=FP8_DTYPE,
     input_scale_of=input_scale, input_quant=nvfp4.fake_quant_input, ct_tensors=ct_tensors,

@@ -31,6 +31,7 @@ FORMAT = Format(
     stored=("weight", "weight_scale", "weight_scale_2"),
     quantize=_nv.quantize, stored_bytes=partial(_nv.stored_bytes, scalars=1),
     modelopt_entry=_nv.modelopt_entry("W4A16_NVFP4"), modelopt_group=lambda group: {"weights": dict(_W)},
+    modelopt_flat_group=True,
     ct_format="nvfp4-pack-quantized", ct_scheme=_nv.ct_scheme_of("NVFP4A16"),
     decode_stored=_nv.decode_stored, weight_scale_dtype=FP8_DTYPE, ct_tensors=_nv.ct_tensors,
 )
