@@ -227,9 +227,8 @@ class StreamedModel:
             self.check_layer_shapes(i)
 
     def check_layer_shapes(self, i: int) -> None:
-        """Layer i's stored tensors against the shapes of the adapter's layer module, from the shard headers
-        alone, so a checkpoint that disagrees with its config is refused before any work. Tensors stored packed
-        (:meth:`_stored_shape` None) and names the files lack (a decoder may serve them): when the layer is read."""
+        """Layer i's stored tensors against its layer module's shapes, from the shard headers alone (refused before
+        any work). Tensors stored packed and names the files lack (a decoder may serve them): when it is read."""
         prefix = self.adapter.layer_prefix(i)
         for key, shape in self.expected_layer_shapes(i).items():
             name = prefix + key
@@ -244,8 +243,7 @@ class StreamedModel:
         return info.shape
 
     def expected_layer_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
-        """Layer i's parameter shapes keyed as in the layer module (one meta layer built per
-        :meth:`Adapter.layer_shape_key`)."""
+        """Layer i's parameter shapes, keyed as in its module (one meta layer per :meth:`Adapter.layer_shape_key`)."""
         key = self.adapter.layer_shape_key(i)
         if key not in self._shapes:
             with torch.device("meta"):
@@ -280,7 +278,9 @@ class StreamedModel:
         expected = self.expected_layer_shapes(i)
         stored = self.ckpt.layer_names(i)
         view = LayerView(self.ckpt, raw) if raw is not None else None
-        extra = [n for n in stored if n[len(prefix):] not in expected and not n.endswith(COMPANION_SUFFIXES)]
+        unbuilt = {n + ".weight" for n in self.adapter.zero_width_linears(i)}  # transformers saves them empty
+        extra = [n for n in stored if n[len(prefix):] not in expected and not n.endswith(COMPANION_SUFFIXES)
+                 and not (n in unbuilt and 0 in self.ckpt.info(n).shape)]
         if extra:
             raise MoepressError(f"{self._where()}: tensor '{extra[0]}' does not belong to a {self.adapter.family} "
                                 f"layer as config.json describes it")

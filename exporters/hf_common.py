@@ -121,6 +121,7 @@ def unquantized_modules(s: Source, quantized: set[str]) -> list[str]:
         # "Linear" target quantizes unless named (transformers + compressed-tensors 0.20: it then expects
         # a weight_scale and gives NaN logits; vLLM quantizes ParallelLMHead as a linear too)
         out.append(head[: -len(".weight")])
+    out += [n for i in range(s.adapter.num_layers) for n in s.adapter.zero_width_linears(i) if n not in out]
     return sorted(out)
 
 

@@ -406,3 +406,37 @@ def test_ct_ignore_names_every_high_precision_linear_as_the_library_matches(tmp_
     missed = sorted(m for m in plain if not any(match_name(m, t) for t in ignore))
     wrong = sorted(m for m in quantized if any(match_name(m, t) for t in ignore))
     assert not missed and not wrong, (missed[:4], wrong[:4], ignore[:6])
+
+
+@pytest.mark.parametrize("stored", ["empty", "absent"])
+def test_deepseek_without_shared_experts_exports_int4_that_transformers_runs(tmp_path, stored):
+    """n_shared_experts 0: transformers builds zero-width shared_experts linears and saves them as [0, H]
+    tensors, which moepress refused as not belonging to the layer; without them stored, compressed-tensors'
+    "Linear" target quantized the empty linears and the INT4 export failed in its first forward (exit 0 before).
+    Both ways in, they are ignored and the export runs as moepress does."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base, src = models.path("tiny-deepseek-v3"), tmp_path / "src"
+    cfg = AutoConfig.from_pretrained(base)
+    cfg.n_shared_experts = 0
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    sd = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).state_dict()
+    m.load_state_dict({k: v for k, v in sd.items() if "shared_experts" not in k}, strict=False)
+    m.save_pretrained(src)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / f, src / f)
+    sd = load_file(src / "model.safetensors")
+    assert sd["model.layers.1.mlp.shared_experts.up_proj.weight"].shape[0] == 0  # what transformers saves
+    if stored == "absent":
+        save_file({k: v for k, v in sd.items() if "shared_experts" not in k}, src / "model.safetensors",
+                  metadata={"format": "pt"})
+    q, e = tmp_path / "q", tmp_path / "ct"
+    quantize_checkpoint(src, q, QuantConfig(format="int4-gptq", num_samples=2, seq_len=32, group_size=32))
+    export(q, e, ExportConfig(format="compressed-tensors"))
+    p = _load_without_moepress(tmp_path, e)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = torch.load(tmp_path / "logits.pt")[f"{e}|default"]
+    assert _rel(got, _forward(q, "none")) < 1e-4

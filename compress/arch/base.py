@@ -149,6 +149,12 @@ class Adapter:
     def n_shared_experts(self) -> int:
         return 0
 
+    def zero_width_linears(self, i: int) -> list[str]:
+        """Layer ``i``'s linears (module names) that the family's transformers module builds with no rows or
+        columns, and a checkpoint need not store: a consumer quantizing every ``Linear`` must be told to
+        leave them alone (compressed-tensors cannot unpack an empty INT4 weight)."""
+        return []
+
     # ---- facts ---------------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:

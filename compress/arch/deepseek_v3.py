@@ -92,6 +92,13 @@ class DeepseekV3Adapter(Adapter):
     def n_shared_experts(self):
         return int(self.hf_config.n_shared_experts or 0)
 
+    def zero_width_linears(self, i):
+        # transformers 5.24 modeling_deepseek_v3.py DeepseekV3MoE: shared_experts = DeepseekV3MLP(
+        # intermediate_size=moe_intermediate_size * n_shared_experts), built also for n_shared_experts 0
+        if not self.is_moe_layer(i) or self.n_shared_experts():
+            return []
+        return [f"{self.layer_prefix(i)}mlp.shared_experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+
     def keep_fp32(self, name):
         # transformers keeps DeepSeek's router weight and bias in float32 (_keep_in_fp32_modules_strict).
         return ".gate." in name
