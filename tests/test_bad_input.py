@@ -478,3 +478,11 @@ def test_a_refusal_under_json_is_a_json_result_too(cli_run, args, tmp_path, monk
     r = cli_run(*args, "--json")
     line = assert_one_line_error(r)
     assert json.loads(r.stdout) == {"error": line.removeprefix("moepress: error: "), "exit": 2}
+
+
+def test_a_bad_option_of_moepress_itself_is_one_line_and_a_bare_group_prints_its_help(cli_run):
+    """`moepress --bogus` printed click's four-line usage error (and no JSON under --json); a bare `moepress
+    calib` gave its whole help flattened into one error line."""
+    assert_one_line_error(cli_run("--bogus"), "No such option '--bogus'", "moepress --help")
+    r = cli_run("calib")
+    assert "moepress: error" not in r.output and "Commands:" in r.output and "prepare" in r.output, r.output

@@ -34,13 +34,20 @@ class MoepressGroup(click.Group):
 
     def parse_args(self, ctx, args):
         ctx.meta[JSON_META] = "--json" in args  # the subcommand's --json: its refusal is a JSON result too
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # a bare `moepress`: the help
+        except click.UsageError as e:  # `moepress --bogus`: one line, as a subcommand's options
+            _refuse(ctx, f"moepress: {' '.join(e.format_message().split())} (see moepress --help)")
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MoepressError as e:
             _refuse(ctx, ' '.join(str(e).split()))
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # a bare command group (`moepress calib`): its help, as click prints it
         except click.UsageError as e:  # a subcommand's option or argument: one line too (bad input)
             where = " ".join(["moepress", *(e.ctx or ctx).command_path.split()[1:]])
             _refuse(ctx, f"{where}: {' '.join(e.format_message().split())} (see {where} --help)")
