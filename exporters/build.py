@@ -113,6 +113,9 @@ def _resolve(artifact: Path, target: str | Target, out: Path, o: BuildOptions) -
     if o.hardware_compatibility not in HW_LEVELS:
         raise MoepressError(f"--hardware-compatibility {o.hardware_compatibility}: expected none, ampere_plus "
                             f"or same_compute_capability")
+    if o.hardware_compatibility != "none" and not b.hardware_compatibility:
+        raise MoepressError(f"--hardware-compatibility {o.hardware_compatibility}: only a TensorRT engine built from "
+                            f"an onnx export takes it; the {b.name} builder ({kind} export) would not apply it")
     config = read_json(artifact_dir(artifact) / "config.json") or {}
     if b.remote_code is not None and not o.trust_remote_code:
         why = b.remote_code(artifact_dir(artifact), config)

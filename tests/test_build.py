@@ -417,3 +417,14 @@ def test_an_onnx_export_of_a_packed_int4_checkpoint_is_planned_as_the_graph_hold
     r = cli_run("build", art, "--target", "h100", "--dry-run", "-o", tmp_path / "b")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "b" / "plan.json").read_text())["format"] == "bf16"
+
+
+def test_hardware_compatibility_is_refused_where_the_builder_would_not_apply_it(cli_run, ckpt, tmp_path):
+    """Only the tensorrt builder (an onnx export) sets TensorRT's hardware-compatibility level; a trtllm-ckpt
+    build accepted the option, recorded it in build.json as its config and never passed it to trtllm-build."""
+    from helpers import assert_one_line_error
+
+    r = cli_run("build", ckpt, "--target", "h100-sxm", "--dry-run", "--hardware-compatibility", "ampere_plus",
+                "-o", tmp_path / "b")
+    assert_one_line_error(r, "--hardware-compatibility ampere_plus", "trtllm-engine builder")
+    assert not (tmp_path / "b").exists()

@@ -79,6 +79,7 @@ class Builder:
     finish: Callable[[list[dict]], dict] | None = None  # a real build's record from its logs (no engine to check)
     remote_code: Callable[[Path, dict], str | None] | None = None  # why loading needs the checkpoint's code
     also: tuple[str, ...] = ()  # other artifact kinds it consumes
+    hardware_compatibility: bool = False  # applies --hardware-compatibility (TensorRT's level)
 
     @property
     def kinds(self) -> tuple[str, ...]:
