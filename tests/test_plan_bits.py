@@ -44,3 +44,11 @@ def test_no_four_bit_format_is_one_line():
     with pytest.raises(MoepressError, match="--bits 2: B200"):
         pick_format(t, 2)
     assert formats.FORMATS[plan(str(models.path("tiny-qwen3-moe")), t, bits=8).format].element == "fp8"
+
+
+def test_bits_with_a_format_is_refused_not_ignored(cli_run):
+    """`plan --bits 4 --format fp8` planned FP8 and said nothing of --bits."""
+    from helpers import assert_one_line_error
+
+    assert_one_line_error(cli_run("plan", "tiny-qwen3-moe", "--target", "h100-sxm", "--bits", "4", "--format", "fp8"),
+                          "--bits 4 with --format fp8")

@@ -108,6 +108,8 @@ def plan_cmd(model, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_dtype
     """
     from moepress.exporters.plan import plan, render
 
+    if fmt is not None and bits is not None:
+        raise MoepressError(f"--bits {bits} with --format {fmt}: --bits chooses a format; give one of them")
     src = model if model.endswith(".json") else str(resolve_model(model))
     p = plan(src, target, fmt, gpus=gpus, tp=tp, ep=ep, max_seq_len=max_seq_len, max_batch=max_batch,
              kv_cache_dtype=kv_cache_dtype, bits=int(bits) if bits else None)
