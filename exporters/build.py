@@ -46,7 +46,7 @@ from moepress.exporters.artifacts import (
 )
 from moepress.exporters.builders import BUILDERS, BuildConfig, Builder, Context
 from moepress.exporters.builders.tensorrt_engine import HW_LEVELS
-from moepress.exporters.plan import Plan, plan
+from moepress.exporters.plan import Plan, check_sizes, plan
 from moepress.exporters.plan import render as render_plan
 from moepress.exporters.targets import Target, get_target
 from moepress.manifest import file_digests, read_manifest, versions, write_manifest
@@ -110,6 +110,7 @@ def _resolve(artifact: Path, target: str | Target, out: Path, o: BuildOptions) -
     t = target if isinstance(target, Target) else get_target(target)
     kind = detect_artifact(artifact)
     b = builders.choose(kind, o.builder, artifact)
+    check_sizes({"--gpus": o.gpus, "--tp": o.tp, "--ep": o.ep})  # before an export's sizes are suggested
     if o.hardware_compatibility not in HW_LEVELS:
         raise MoepressError(f"--hardware-compatibility {o.hardware_compatibility}: expected none, ampere_plus "
                             f"or same_compute_capability")

@@ -107,10 +107,8 @@ def per_gpu_bytes(shape: ModelShape, fmt: str, tp: int, ep: int, max_batch: int,
 
 
 def _default_ep(num_experts: int, gpus: int) -> int:
-    """Largest EP size that divides both the GPU count and the expert count."""
-    if not num_experts:
-        return 1
-    return max(d for d in range(1, gpus + 1) if gpus % d == 0 and num_experts % d == 0)
+    """Largest EP size that divides both the GPU count and the expert count (1 without experts)."""
+    return max(d for d in range(1, gpus + 1) if gpus % d == 0 and num_experts % d == 0) if num_experts else 1
 
 
 def gpu_counts(target: Target) -> list[int]:
@@ -206,8 +204,7 @@ class _Planner:
 
     def _cut(self, tp: int, moe_tp: int, kinds: tuple[str, ...]) -> str | None:
         """Why a rank's share of a ``kinds`` MLP weight would not hold whole blocks or groups of its format
-        (Format.split_unit; a quantized checkpoint's linears in their stored format): gate / up are split by
-        rows, down by input channels."""
+        (Format.split_unit; a quantized checkpoint's linears as stored): gate / up split by rows, down by inputs."""
         for kind, o, i, fmt, _ in self.shape.rows(self.fmt):
             f = formats.FORMATS.get(fmt)
             split = moe_tp if kind == "routed" else tp
@@ -267,6 +264,11 @@ def _check_request(t: Target, kv_cache_dtype: str, sizes: dict[str, int | None])
     if kv_cache_dtype not in t.kv_cache_dtypes:
         raise MoepressError(f"--kv-cache-dtype {kv_cache_dtype}: {t.gpu} (sm{t.sm}) caches "
                             f"{', '.join(t.kv_cache_dtypes)}; use {kv_cache.DEFAULT}")
+    check_sizes(sizes)
+
+
+def check_sizes(sizes: dict[str, int | None]) -> None:
+    """Each given size (an option's name -> value) at least 1."""
     for opt, v in sizes.items():
         if v is not None and v < 1:
             raise MoepressError(f"{opt}: expected a positive number, got {v}")

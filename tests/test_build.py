@@ -428,3 +428,13 @@ def test_hardware_compatibility_is_refused_where_the_builder_would_not_apply_it(
                 "-o", tmp_path / "b")
     assert_one_line_error(r, "--hardware-compatibility ampere_plus", "trtllm-engine builder")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("opt", ["--gpus", "--ep", "--tp"])
+def test_a_size_below_one_is_refused_before_the_export_s_own_is_suggested(cli_run, ckpt, tmp_path, opt):
+    """`build CKPT --gpus 0` on a trtllm-ckpt answered "re-export with `moepress export --tp 0`"."""
+    from helpers import assert_one_line_error
+
+    r = cli_run("build", ckpt, "--target", "h100-sxm", "--dry-run", opt, "0", "-o", tmp_path / "b")
+    line = assert_one_line_error(r, f"{opt}: expected a positive number, got 0")
+    assert "re-export" not in line
