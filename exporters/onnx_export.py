@@ -120,9 +120,13 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
     onnx.save(model, str(writer.partial / "model.onnx"))
     writer.copy_aux_files(src)
+    dropped = [n for n in reader.names() if n.endswith((".k_scale", ".v_scale"))]
+    notes = [f"the FP8 KV-cache scales ({len(dropped)} k_scale / v_scale) are not carried: the graph has no KV "
+             f"cache (attention over the whole sequence in one forward)"] if dropped else []
     return {"onnx": {"file": "model.onnx", "external_data": g.data_path.name, "opset": cfg.opset,
                      "nodes": len(g.nodes), "initializers": len(g.inits), "data_bytes": g.offset,
-                     "weight_schemes": sorted(b.schemes), "moe": "dense experts x scattered top-k gate"}}
+                     "weight_schemes": sorted(b.schemes), "moe": "dense experts x scattered top-k gate"},
+            "dropped": dropped, "consumer_notes": notes}
 
 
 EXPORTER = Exporter(

@@ -354,3 +354,16 @@ def test_per_channel_fp8_weights_export_as_transformers_computes_them(tmp_path):
         want = AutoModelForCausalLM.from_pretrained(str(deq), dtype=torch.float32).eval()(ids).logits
     got = _ort_logits(tmp_path / "onnx", ids)
     assert ((got - want).abs().max() / want.abs().max()).item() <= FLOAT32[0]
+
+
+def test_kv_cache_scales_not_carried_are_said(exported, tmp_path):
+    """`quantize --kv-cache fp8` then onnx: the graph has no KV cache, so the k/v scales are left out; the export
+    said nothing of them (the compressed-tensors export says so: the exports' records agree)."""
+    from moepress.exporters import ExportConfig, export
+
+    q = tmp_path / "q"
+    quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(format="fp8", num_samples=2, seq_len=32,
+                                                                     kv_cache="fp8"))
+    info = export(q, tmp_path / "onnx", ExportConfig(format="onnx"))
+    assert len(info["dropped"]) == 2 * 4 and any("KV-cache scales" in n for n in info["consumer_notes"])
+    assert all(not c["info"]["consumer_notes"] for c in exported.values())
