@@ -59,3 +59,13 @@ def test_quiet_writes_nothing(clock, capsys):
     with p.task("quantize", 2) as t:
         t.advance(note="x")
     assert capsys.readouterr() == ("", "")
+
+
+def test_prune_auto_times_its_plan_race_apart_from_the_chosen_method_s_run(cli_run, tmp_path):
+    """`prune --method auto`: the "prune" task (whose ETA is per layer of the final run) started before the plan
+    race, so its first layer's ETA counted the whole race; the race is a task of its own, then prune starts."""
+    r = cli_run("prune", "tiny-qwen3-moe", "--ratio", "0.25", "--num-samples", "4", "--seq-len", "32",
+                "-o", tmp_path / "p", "--json")
+    assert r.exit_code == 0, r.output
+    ev = [(e["event"], e.get("stage")) for e in map(json.loads, r.stderr.splitlines()) if e.get("event") != "step"]
+    assert ev.index(("end", "plans")) < ev.index(("start", "prune")), ev

@@ -125,10 +125,10 @@ class PruneStage:
             for name in top_names:  # each read when its shard is written
                 w.add(name, read_later(reader, name))
             w.end_shard()
-            with progress.task("prune", self.adapter.num_layers + len(self.mtp)) as task:
-                if self.method.plans:  # the method chosen out of fold, then run alone on every sample
-                    plan_info = PlanRace(self, list(self.method.plans), split_folds(batches)).run(progress)
-                    self.method = METHODS[plan_info["chosen"]]
+            if self.method.plans:  # the method chosen out of fold (a task of its own), then run on every sample
+                plan_info = PlanRace(self, list(self.method.plans), split_folds(batches)).run(progress)
+                self.method = METHODS[plan_info["chosen"]]
+            with progress.task("prune", self.adapter.num_layers + len(self.mtp)) as task:  # its ETA: this run's
                 hs = self._run_single(task)
                 if self.mtp:
                     self._prune_mtp(task, hs, self.method)
