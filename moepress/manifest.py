@@ -28,6 +28,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 16 * 1024 * 1024) -> str:
     return h.hexdigest()
 
 
+def file_stamp(st: os.stat_result) -> dict:
+    """What identifies a file's version without reading it: size, mtime and, as git's index does, the inode
+    change time, device and inode, which ``touch -r``, ``cp -p`` and ``rsync -a`` cannot carry over (they keep
+    size and mtime while the bytes change)."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "dev": st.st_dev,
+            "ino": st.st_ino}
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in _PACKAGES:

@@ -408,8 +408,8 @@ def test_a_malformed_world_size_is_left_to_the_torchrun_commands(cli_run, monkey
     monkeypatch.setenv("WORLD_SIZE", "two")
     r = cli_run("inspect", "tiny-mixtral", "--no-targets")
     assert r.exit_code == 0 and "tiny-mixtral" in r.stdout, r.output
-    assert_one_line_error(cli_run("quantize", "tiny-mixtral", "--format", "fp8", "-o", tmp_path / "q"), "WORLD_SIZE='two'",
-                          "expected an integer")
+    assert_one_line_error(cli_run("quantize", "tiny-mixtral", "--format", "fp8", "-o", tmp_path / "q"),
+                          "WORLD_SIZE='two'", "expected an integer")
     assert not any(tmp_path.iterdir())
 
 

@@ -254,6 +254,32 @@ def test_resume_refuses_a_partial_of_another_model(cli_run, tmp_path):
     assert _outputs_tree(tmp_path / "O.partial") == before and not out.exists()
 
 
+@pytest.mark.parametrize("change", ["tokenizer", "weights, size and mtime kept"])
+def test_resume_refuses_a_partial_whose_input_changed_where_its_stamp_did_not_show(cli_run, tmp_path, change):
+    """The input's identity was each shard's size and mtime plus config.json and the index: a changed tokenizer
+    (it decides the calibration tokens) or weights rewritten with their size and mtime kept (`cp -p`, `touch -r`,
+    `rsync -a`) resumed, and the output held layers of two runs, equal to neither."""
+    import os
+
+    m, out = _outputs_model(tmp_path), tmp_path / "O"
+    before = _outputs_partial(tmp_path, out, m, format="fp8", num_samples=4, seq_len=32)
+    if change == "tokenizer":
+        (m / "tokenizer_config.json").write_text((m / "tokenizer_config.json").read_text().replace("}", ', "x": 1}', 1))
+        named = "tokenizer_config.json"
+    else:
+        shard = next(iter(sorted(m.glob("*.safetensors"))))
+        st = shard.stat()
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 1  # the last byte of the last tensor
+        shard.write_bytes(bytes(data))
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+        named = shard.name
+    r = cli_run("quantize", m, "--format", "fp8", "--num-samples", "4", "--seq-len", "32", "--resume", "-o", out)
+    _outputs_one_line(r, "O.partial", "another input", named)
+    assert _outputs_tree(tmp_path / "O.partial") == before and not out.exists()
+
+
 def test_resume_refuses_a_partial_without_a_key(cli_run, tmp_path):
     m, out = _outputs_model(tmp_path), tmp_path / "O"
     (tmp_path / "O.partial").mkdir()

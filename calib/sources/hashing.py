@@ -7,19 +7,12 @@ import re
 from pathlib import Path
 
 from moepress.calib.sources.spec import TEXT_SUFFIXES, SourceSpec
-
-
-def _stamp(st) -> dict:
-    """What identifies a file's version without reading it: size, mtime and, as git's index does,
-    the inode change time, device and inode, which ``touch -r``, ``cp -p`` and ``rsync -a`` cannot
-    carry over (they keep size and mtime while the bytes change)."""
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "dev": st.st_dev,
-            "ino": st.st_ino}
+from moepress.manifest import file_stamp
 
 
 def _file_sha(p: Path, memo: dict | None) -> str:
     st = p.stat()
-    key, stamp = str(p.resolve()), _stamp(st)
+    key, stamp = str(p.resolve()), file_stamp(st)
     if memo is not None:
         hit = memo.get(key)
         if isinstance(hit, dict) and isinstance(hit.get("sha256"), str) and \

@@ -12,6 +12,7 @@ The O_DIRECT thresholds (``reader.DIRECT_MIN_BYTES``, ``safetensors_io.DIRECT_MI
 live in the module that reads them; set them there.
 """
 
+from moepress.compress.checkpoint.auxiliary import AUX_FILE_PATTERNS, aux_files
 from moepress.compress.checkpoint.reader import (
     CheckpointReader,
     LayerView,
@@ -20,7 +21,7 @@ from moepress.compress.checkpoint.reader import (
     read_config_file,
 )
 from moepress.compress.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, write_safetensors
-from moepress.compress.checkpoint.writer import AUX_FILE_PATTERNS, CheckpointWriter, aux_files, read_later
+from moepress.compress.checkpoint.writer import CheckpointWriter, read_later
 
 __all__ = ["AUX_FILE_PATTERNS", "DTYPE_NAMES", "INDEX_NAME", "SINGLE_NAME", "CheckpointReader", "CheckpointWriter",
            "LayerView", "TensorInfo", "aux_files", "decode_weight", "read_config_file", "read_later",

@@ -7,8 +7,10 @@ recorded key equals the new one; otherwise one line names what differs and the p
 
 The input's identity is cheap to compute on a 1 TB checkpoint: the file digests of its
 moepress-manifest.json when it has one (a moepress output; rewritten byte-identically, it keeps
-its identity), else each ``*.safetensors`` file's name, size and mtime plus the sha256 of its
-config.json and index.
+its identity), else each ``*.safetensors`` file's name and stamp (size, mtime, inode change time:
+:func:`moepress.manifest.file_stamp`; a file rewritten with its old size and mtime kept, by ``cp -p`` or
+``touch -r``, is another input) plus the sha256 of its config.json, index and auxiliary files (the
+tokenizer decides the calibration tokens).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import os
 from pathlib import Path
 
 from moepress import __version__
+from moepress.compress.checkpoint.auxiliary import aux_files
 from moepress.compress.checkpoint.safetensors_io import INDEX_NAME
 from moepress.errors import MoepressError
-from moepress.manifest import MANIFEST_NAME, sha256_file
+from moepress.manifest import MANIFEST_NAME, file_stamp, sha256_file
 
 HINT = "rerun with the same options or without --resume"
 
@@ -42,12 +45,9 @@ def input_identity(src: str | os.PathLike) -> dict:
         files = None
     if isinstance(files, dict) and files:
         return {"manifest": {n: v.get("sha256") if isinstance(v, dict) else v for n, v in sorted(files.items())}}
-    shards = {}
-    for p in sorted(src.glob("*.safetensors")):
-        st = p.stat()
-        shards[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return {"shards": shards,
-            "sha256": {n: sha256_file(src / n) for n in ("config.json", INDEX_NAME) if (src / n).is_file()}}
+    shards = {p.name: file_stamp(p.stat()) for p in sorted(src.glob("*.safetensors"))}
+    small = [src / n for n in ("config.json", INDEX_NAME) if (src / n).is_file()] + aux_files(src)
+    return {"shards": shards, "sha256": {p.name: sha256_file(p) for p in small}}
 
 
 def resume_key(stage: str, config: dict, src: str | os.PathLike) -> dict:

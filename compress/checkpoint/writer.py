@@ -19,27 +19,12 @@ from pathlib import Path
 
 import torch
 
+from moepress.compress.checkpoint.auxiliary import aux_files
 from moepress.compress.checkpoint.resume import JOURNAL, normalized, resumable_journal
 from moepress.compress.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_NAME, write_safetensors
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, file_digests, versions, write_manifest
 from moepress.outputs import OutputLock, clear_retired, install, output_dir, refuse_overlap
-
-# Files that travel with a checkpoint whatever moepress does to its weights
-# (tokenizer, chat template, generation defaults, remote code such as Kimi K2's).
-AUX_FILE_PATTERNS = (
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*",
-    "generation_config.json", "vocab*", "merges.txt", "*.tiktoken", "tokenization_*.py",
-    "configuration_*.py", "modeling_*.py", "preprocessor_config.json",
-)
-
-
-def aux_files(src: Path) -> list[Path]:
-    """Tokenizer, chat template, generation config and remote-code files of a checkpoint."""
-    out: set[Path] = set()
-    for pat in AUX_FILE_PATTERNS:
-        out.update(p for p in src.glob(pat) if p.is_file())
-    return sorted(out)
 
 
 class Deferred:
