@@ -491,3 +491,40 @@ def test_a_dangling_symlink_as_the_output_is_written_where_it_points(cli_run, tm
     r = cli_run("run", rec, "-o", link)
     assert r.exit_code == 0, r.output
     assert link.is_symlink() and (target / "run.json").is_file() and (target / "export" / "hf-fp8-block").is_dir()
+
+
+def test_a_new_tokenizer_file_or_a_removed_report_or_plan_file_reruns_its_stage(cli_run, tmp_path):
+    """The source's digest hashed only some suffixes while the stages copy every tokenizer* / vocab* file: a
+    new or edited tokenizer.model.v3 (Mistral's repos ship one) skipped every stage and the artifacts kept the
+    old one. A check or build directory missing a file its manifest lists counted as done."""
+    import shutil
+
+    m = Path(shutil.copytree(models.path(MODEL), tmp_path / "m"))
+    out = tmp_path / "run"
+    rec = write_recipe(tmp_path / "r.yaml", model=str(m), prune="skip", quantize={"format": "fp8"},
+                       export={"formats": ["onnx"]}, build={"targets": ["h100-sxm"]})
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    (m / "tokenizer.model.v3").write_text("ONE")
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    assert statuses(out)["quantize"] == "ran" and (out / "quantize" / "tokenizer.model.v3").read_text() == "ONE"
+    (out / "check" / "onnx" / "report.md").unlink()
+    (out / "build" / "h100-sxm-tensorrt" / "plan.json").unlink()
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    assert statuses(out) == {"quantize": "skipped", "export:onnx": "skipped", "check:quantized": "skipped",
+                             "check:onnx": "ran", "build:h100-sxm:tensorrt": "ran"}
+    assert (out / "check" / "onnx" / "report.md").is_file()
+    assert (out / "build" / "h100-sxm-tensorrt" / "plan.json").is_file()
+
+
+def test_a_killed_export_reruns_and_says_ran_not_resumed(tmp_path):
+    """Only quantize resumes its partial; run.json said "resumed" for an export that started over."""
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, export={"formats": ["onnx"]})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "moepress", "run", str(rec), "--json", "-o", str(tmp_path / "run")]
+    p = subprocess.run(cmd, env={**env, "MOEPRESS_KILL_AT": "export onnx:2"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == -9, (p.returncode, p.stderr[-2000:])
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert statuses(tmp_path / "run") == {"export:onnx": "ran"}
+    assert "export:onnx: running" in p.stderr and "resuming" not in p.stderr

@@ -31,6 +31,7 @@ import shutil
 import time
 from pathlib import Path
 
+from moepress.compress.checkpoint import aux_files
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import builders as builder_registry
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest
@@ -67,10 +68,10 @@ def _hashed(files: dict[str, Path]) -> dict[str, str]:
 
 
 def source_digest(model: Path) -> dict[str, str]:
-    """sha256 of the model's files (weights, configs, tokenizer)."""
-    return _hashed({p.name: p for p in sorted(model.iterdir())
-                    if p.is_file() and p.name != MANIFEST_NAME and p.suffix in (".safetensors", ".json", ".jinja",
-                                                                               ".txt", ".model", ".tiktoken", ".py")})
+    """sha256 of the model's files: weights, configs and each file a stage copies (aux_files: tokenizer*)."""
+    files = {p.name: p for p in model.iterdir() if p.is_file() and p.name != MANIFEST_NAME and p.suffix in
+             (".safetensors", ".json", ".jinja", ".txt", ".model", ".tiktoken", ".py")}
+    return _hashed(dict(sorted({**files, **{p.name: p for p in aux_files(model)}}.items())))
 
 
 def output_complete(d: Path) -> bool:
@@ -149,8 +150,9 @@ class Runner:
         tmp.write_text(json.dumps(state, indent=2, default=str))
         tmp.replace(p)
 
-    def stage(self, sid: str, key: str, out: Path, fn, complete=output_complete) -> dict:
-        """Run ``fn(resume: bool) -> result`` into ``out`` unless its key and output are unchanged."""
+    def stage(self, sid: str, key: str, out: Path, fn, complete=output_complete, resumable: bool = False) -> dict:
+        """Run ``fn(resume: bool) -> result`` into ``out`` unless its key and output are unchanged; ``resume``
+        only for a ``resumable`` stage (quantize) whose partial this key started."""
         st = self._load_state(sid)
         if not self._forced(sid) and st.get("key") == key and st.get("done") and complete(out) \
                 and _same_files(out, st.get("files")):
@@ -159,7 +161,8 @@ class Runner:
             return st.get("result") or {}
         partial = out.parent / (out.name + ".partial")
         # not resumed: the stage's writer clears the partial, under its lock (another process may hold it)
-        resume = st.get("key") == key and not st.get("done") and partial.exists() and not self._forced(sid)
+        resume = resumable and st.get("key") == key and not st.get("done") and partial.exists() \
+            and not self._forced(sid)
         self._save_state(sid, {"key": key, "done": False, "started": time.time()})
         self.prog.info(f"{sid}: {'resuming' if resume else 'running'} -> {out}")
         from moepress.device import MemoryPeaks
@@ -286,7 +289,7 @@ class Runner:
                 raise ResumeRefused(e.partial, e.detail, "rerun with --from quantize to start it again") from None
             return {k: res[k] for k in ("format", "borrowed", "layers") if isinstance(res, dict) and k in res}
 
-        self.stage("quantize", key, out, fn)
+        self.stage("quantize", key, out, fn, resumable=True)
         return out
 
     def _export(self, fmt: str, src: Path, src_key: str) -> Path:
@@ -317,7 +320,7 @@ class Runner:
             return res
 
         # done only while the candidate still carries the verdict (a rerun of its stage writes a new manifest)
-        res = self.stage(f"check:{name}", key, out, fn, complete=lambda d: (d / "report.json").is_file() and (
+        res = self.stage(f"check:{name}", key, out, fn, complete=lambda d: output_complete(d) and (
             not (cand / MANIFEST_NAME).is_file() or "accuracy" in read_manifest(cand)))
         verdict = ("FAILED (" + ", ".join(res.get("failed") or []) + ")" if res.get("passed") is False
                    else "passed" if res.get("passed") else "measured (no gate applied)")
@@ -370,7 +373,7 @@ class Runner:
             return _summary(res)
 
         res = self.stage(f"build:{target}:{builder}", key, out, fn,
-                         complete=lambda d: d.is_dir() and any(d.iterdir()))
+                         complete=lambda d: output_complete(d) or (d / "refused.txt").is_file())
         if (res.get("accuracy") or {}).get("passed") is False:  # the engine was built and failed its check
             self.failed_checks.append(f"build:{target}:{builder}")
         return res
