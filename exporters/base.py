@@ -37,6 +37,9 @@ class Exporter:
     sharded: bool = False  # writes one part per rank of --tp / --ep (any other exporter refuses them)
     # its own checks of an ExportConfig that need no input (onnx: --opset), run before anything is read
     check_config: Callable[[ExportConfig], None] | None = None
+    # the quantize formats (compress.formats.Format) whose checkpoints it writes, where one format alone decides
+    # (a recipe's quantize.format without rules: refused before any stage; the exporter reads the checkpoint)
+    writes_format: Callable[[object], bool] | None = None
 
     def refuse_family(self, family: str, src, where: str = "") -> None:
         """One line if it writes no ``family`` model (``where``: the option that asked, default --format)."""

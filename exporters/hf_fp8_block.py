@@ -186,4 +186,5 @@ EXPORTER = Exporter(
     "hf-fp8-block", export_hf_fp8_block, description="DeepSeek-V3 / Kimi K2 native block-FP8 Hugging Face checkpoint "
     "(weight_scale_inv per 128x128 block); from bf16 (calibration-free) or fp8-block",
     consumers="TensorRT-LLM (PyTorch backend), vLLM, SGLang, transformers (FineGrainedFP8)",
+    writes_format=lambda f: f.name == BLOCK_FP8,
 )

@@ -133,4 +133,6 @@ EXPORTER = Exporter(
     "onnx", export_onnx, description="ONNX with QuantizeLinear/DequantizeLinear (FP8, INT4 block-wise, opset 21) "
     "and MoE routing in the graph", consumers="TensorRT (trtexec / ONNX parser), onnxruntime",
     options=("external_min_bytes",), check_config=refuse_opset,
+    # refuse_dynamic_inputs; FP4 has no Q/DQ form here (onnx_layers.py)
+    writes_format=lambda f: not f.dynamic_input and f.element != "fp4",
 )

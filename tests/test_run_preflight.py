@@ -59,3 +59,17 @@ def test_the_runs_export_is_sharded_as_the_recipes_tp_and_ep_say(cli_run, tmp_pa
     assert (mapping["world_size"], mapping["tp_size"], mapping["moe_tp_size"], mapping["moe_ep_size"]) == (2, 2, 2, 1)
     assert sorted(p.name for p in (tmp_path / "run" / "export" / "trtllm-ckpt").glob("rank*.safetensors")) == \
         ["rank0.safetensors", "rank1.safetensors"]
+
+
+
+@pytest.mark.parametrize("quant,export,expected", [
+    ("fp8-block", "onnx", "expected one of fp8, int4-awq"), ("nvfp4", "onnx", "expected one of fp8, int4-awq"),
+    ("int4-awq", "trtllm-ckpt", "expected fp8"), ("fp8", "hf-fp8-block", "expected fp8-block")])
+def test_an_export_of_a_quantize_format_it_does_not_write_is_refused_before_any_stage(cli_run, tmp_path, quant,
+                                                                                    export, expected):
+    """onnx, trtllm-ckpt and hf-fp8-block refused these only after quantize had run (hours on Kimi K2), naming
+    the CLI's --format; the exporters declare what they write (Exporter.writes_format), as the stages refuse."""
+    rec = write_recipe(tmp_path / "r.yaml", prune=None, quantize={"format": quant}, export={"formats": [export]})
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    one_line_error(r, f"recipe export.formats {export}: quantize.format {quant}", expected)
+    assert not (tmp_path / "run").exists()

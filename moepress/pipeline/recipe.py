@@ -233,10 +233,25 @@ def refuse_unavailable_exports(recipe: dict, model: Path) -> None:
     for fmt in formats:
         if fmt in reg:
             reg[fmt].refuse_family(family, model, where=f"recipe export.formats {fmt}")
+    refuse_written_formats(recipe, formats, reg)
     refuse_modelopt_experts(recipe, family, formats)
     refuse_ct_forms(recipe, formats)
     if adapter.experts_key():
         refuse_ct_expert_groups(recipe, formats, [adapter.hidden_size, adapter.moe_intermediate_size()])
+
+
+def refuse_written_formats(recipe: dict, exports: list[str], reg: dict) -> None:
+    """An export of a quantize format (one, no rules) its exporter does not write (Exporter.writes_format)."""
+    from moepress.compress import formats
+
+    q = recipe.get("quantize") or {}
+    f = formats.FORMATS.get(q.get("format") or "")
+    for name in exports if f is not None and not q.get("rules") else ():
+        writes = getattr(reg.get(name), "writes_format", None)
+        if writes is not None and not writes(f):
+            ok = [n for n, g in formats.produced().items() if writes(g)]
+            raise MoepressError(f"recipe export.formats {name}: quantize.format {f.name} is not a format it writes; "
+                                f"expected {' or '.join(ok) if len(ok) < 3 else 'one of ' + ', '.join(ok)}")
 
 
 def refuse_ct_forms(recipe: dict, exports: list[str]) -> None:
