@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,10 +25,16 @@ class TransformersCandidate(Candidate):
         self.device = str(device or "cpu")  # the check's --device, as the streamed reference beside it
         # kimi_k2 (remote code) built as DeepSeek-V3, as moepress and vLLM run it, unless its own code may run
         own = None if cfg.trust_remote_code else transformers_config(config_json(path) or {}, str(path))
+        kw = {"config": own} if own is not None else {}
+        if _fp4_weights(path):  # compressed-tensors 0.20 leaves FP4-decompressed weights bf16: float32 inputs fail
+            from transformers import CompressedTensorsConfig
+
+            kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                                         trust_remote_code=cfg.trust_remote_code,
-                                                         **({"config": own} if own is not None else {}))
+            with warnings.catch_warnings():  # "You passed `quantization_config` ...": dequantize is the point
+                warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                             trust_remote_code=cfg.trust_remote_code, **kw)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as e:
             raise MoepressError(f"{path}: transformers cannot load it as a causal LM ({first_line(e)})") from None
         self.model = model.to(self.device).eval()
@@ -60,6 +67,15 @@ class TransformersCandidate(Candidate):
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self._forward(ids).logits.float().cpu()
+
+
+def _fp4_weights(path: Path) -> bool:
+    """A compressed-tensors checkpoint of FP4 weights (mxfp4- / nvfp4-pack-quantized): transformers 5.24 runs its
+    decompressed bf16 weights against float32 activations and fails ("expected m1 and m2 to have the same
+    dtype"), unless loaded with ``CompressedTensorsConfig(dequantize=True)``, which the README tells users too.
+    An activation-quantizing NVFP4 export does not get here (``refuse_misloaded``)."""
+    q = (config_json(path) or {}).get("quantization_config") or {}
+    return isinstance(q, dict) and q.get("quant_method") == "compressed-tensors" and "fp4" in str(q.get("format"))
 
 
 def _detect_transformers(path: Path) -> bool:
