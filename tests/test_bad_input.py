@@ -486,3 +486,25 @@ def test_a_bad_option_of_moepress_itself_is_one_line_and_a_bare_group_prints_its
     assert_one_line_error(cli_run("--bogus"), "No such option '--bogus'", "moepress --help")
     r = cli_run("calib")
     assert "moepress: error" not in r.output and "Commands:" in r.output and "prepare" in r.output, r.output
+
+
+@pytest.mark.parametrize("method", ["frequency", "auto"])
+def test_prune_refuses_a_quantized_input_whose_scale_is_not_finite(cli_run, tmp_path, method):
+    """A NaN weight_scale of a block-FP8 input: prune exited 0, kept the expert and decided every later layer on
+    NaN hidden states (quantize refuses such an input); now one line naming the tensor, nothing written."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    q = tmp_path / "q"
+    assert cli_run("quantize", "tiny-deepseek-v3", "--format", "fp8-block", "-o", q, "--quiet").exit_code == 0
+    n = "model.layers.2.mlp.experts.5.down_proj.weight_scale"
+    f = q / json.loads((q / "model.safetensors.index.json").read_text())["weight_map"][n]
+    t = load_file(f)
+    t[n] = torch.full_like(t[n], float("nan"))
+    save_file(t, f, metadata={"format": "pt"})
+    r = cli_run("prune", q, "--ratio", "0.5", "--method", method, "--num-samples", "4", "--seq-len", "32",
+                "-o", tmp_path / "p", "--quiet")
+    assert_one_line_error(r, "model.layers.2.mlp.experts.5.down_proj.weight", "not finite")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()

@@ -90,6 +90,7 @@ class PlanRace:
                  for f, fold in enumerate(self.folds) for name in self.names}
         with progress.task("plans", s.adapter.num_layers) as task:
             for i, layer in s.sm.layers():
+                s.refuse_non_finite(i, layer)
                 ref = self._advance(plans, i, layer, ref)
                 task.advance(note=f"layer {i}: {len(plans)} plans advanced")
         for p in plans.values():  # the last layer: its own output state against the original's

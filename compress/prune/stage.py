@@ -184,6 +184,7 @@ class PruneStage:
         pending: Pending | None = None
         for i, layer in sm.layers():
             trim_heap()  # what the previous layer's work freed, back to the OS (within 2 stored layers)
+            self.refuse_non_finite(i, layer)
             if look:
                 ref_next = sm.run_layer(layer, ref)
                 if pending is not None:
@@ -203,6 +204,15 @@ class PruneStage:
         if pending is not None:  # the last layer: its own output state against the original's
             hs = self._settle(pending, ref, None, task)
         return hs
+
+    def refuse_non_finite(self, i: int, layer: DecoderLayer) -> None:
+        """A NaN / Inf weight (a quantized input's corrupt scale decodes to one) would carry NaN hidden states
+        into every later layer's statistics, and the plan would rest on them; quantize refuses it alike."""
+        for name, p in layer.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise MoepressError(f"{self.reader.path}: {self.adapter.layer_prefix(i)}{name}: "
+                                    f"{int((~torch.isfinite(p)).sum())} values are not finite (NaN or Inf) as "
+                                    "decoded (its scale, for a quantized input); expected finite weights")
 
     def _settle(self, pending: Pending, state: list[torch.Tensor], nxt: DecoderLayer | None,
                 task) -> list[torch.Tensor]:
