@@ -528,3 +528,19 @@ def test_a_killed_export_reruns_and_says_ran_not_resumed(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert statuses(tmp_path / "run") == {"export:onnx": "ran"}
     assert "export:onnx: running" in p.stderr and "resuming" not in p.stderr
+
+
+def test_another_moepress_version_remakes_the_run(cli_run, tmp_path, monkeypatch):
+    """No stage key held the moepress version: after an upgrade that fixes an exporter, every stage was skipped
+    and the run kept the old version's artifacts (quantize's own --resume already refused another version)."""
+    import moepress
+
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "fp8-dynamic"},
+                       export={"formats": ["compressed-tensors"]})
+    out = tmp_path / "run"
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    assert set(statuses(out).values()) == {"skipped"}
+    monkeypatch.setattr(moepress, "__version__", moepress.__version__ + ".post1")
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    assert statuses(out) == {"quantize": "ran", "export:compressed-tensors": "ran"}

@@ -31,6 +31,7 @@ import shutil
 import time
 from pathlib import Path
 
+import moepress
 from moepress.compress.checkpoint import aux_files
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import builders as builder_registry
@@ -93,10 +94,8 @@ def _same_files(d: Path, recorded: dict[str, str] | None) -> bool:
     """Every file the stage wrote is still listed as it wrote it: another command writing into the run's
     directory (`moepress quantize -o RUN/quantize --force`) writes a new manifest, and the stage runs again.
     Files added since (the model card) do not count."""
-    if recorded is None:
-        return True
     now = _listed(d) or {}
-    return all(now.get(f) == h for f, h in recorded.items())
+    return recorded is None or all(now.get(f) == h for f, h in recorded.items())
 
 
 class Runner:
@@ -202,7 +201,7 @@ class Runner:
         write_text_atomic(self.out / "recipe.yaml", dump(r))
         self.prog.info(f"run: {self.recipe_src} on {self.model} -> {self.out}")
         self.source_sha256 = source_digest(self.model)
-        src_key = _key({"source": self.source_sha256})
+        src_key = _key({"source": self.source_sha256, "moepress": moepress.__version__})  # every key chains on
         calib_key = self.calib_key
         current, cur_key, cur_kind = self.model, src_key, "source"
 
