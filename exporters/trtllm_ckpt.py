@@ -414,5 +414,5 @@ EXPORTER = Exporter(
     "for trtllm-build", families=SUPPORTED, sharded=True,
     other_families=_other_families,
     consumers="TensorRT-LLM trtllm-build (v0.8+, TensorRT backend)",
-    writes_format=lambda f: f.element == "fp8" and f.scale == "tensor" and not f.dynamic_input,  # WRITES
+    writes_format=lambda f: f.scale == "tensor" and f.static_input,  # WRITES: FP8 per tensor
 )

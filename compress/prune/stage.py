@@ -208,11 +208,13 @@ class PruneStage:
     def refuse_non_finite(self, i: int, layer: DecoderLayer) -> None:
         """A NaN / Inf weight (a quantized input's corrupt scale decodes to one) would carry NaN hidden states
         into every later layer's statistics, and the plan would rest on them; quantize refuses it alike."""
-        for name, p in layer.named_parameters():
-            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-                raise MoepressError(f"{self.reader.path}: {self.adapter.layer_prefix(i)}{name}: "
-                                    f"{int((~torch.isfinite(p)).sum())} values are not finite (NaN or Inf) as "
-                                    "decoded (its scale, for a quantized input); expected finite weights")
+        params = [(n, p) for n, p in layer.named_parameters() if p.is_floating_point()]
+        if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+            return  # one host sync per layer, whatever its expert count
+        name, p = next((n, p) for n, p in params if not bool(torch.isfinite(p).all()))
+        raise MoepressError(f"{self.reader.path}: {self.adapter.layer_prefix(i)}{name}: "
+                            f"{int((~torch.isfinite(p)).sum())} values are not finite (NaN or Inf) as "
+                            "decoded (its scale, for a quantized input); expected finite weights")
 
     def _settle(self, pending: Pending, state: list[torch.Tensor], nxt: DecoderLayer | None,
                 task) -> list[torch.Tensor]:
