@@ -488,23 +488,69 @@ def test_a_bad_option_of_moepress_itself_is_one_line_and_a_bare_group_prints_its
     assert "moepress: error" not in r.output and "Commands:" in r.output and "prepare" in r.output, r.output
 
 
-@pytest.mark.parametrize("method", ["frequency", "auto"])
-def test_prune_refuses_a_quantized_input_whose_scale_is_not_finite(cli_run, tmp_path, method):
-    """A NaN weight_scale of a block-FP8 input: prune exited 0, kept the expert and decided every later layer on
-    NaN hidden states (quantize refuses such an input); now one line naming the tensor, nothing written."""
-    import json
+def test_a_bare_moepress_prints_its_help_not_an_error_line(cli_run):
+    """`moepress` alone is click's NoArgsIsHelpError, a UsageError: caught as a bad option of moepress itself, the
+    whole help came out flattened into one "moepress: error:" line (exit 2)."""
+    r = cli_run()
+    assert "moepress: error" not in r.output, r.output
+    assert r.output.startswith("Usage: ") and " [OPTIONS] COMMAND [ARGS]" in r.output.splitlines()[0], r.output
+    assert "\nCommands:\n" in r.output and "  quantize " in r.output, r.output
 
-    import torch
+
+@pytest.fixture(scope="module")
+def fp8_block_deepseek(tmp_path_factory):
+    """tiny-deepseek-v3 quantized to fp8-block (each test edits a copy)."""
+    from click.testing import CliRunner
+
+    from moepress.cli import cli
+
+    q = tmp_path_factory.mktemp("fp8-block") / "q"
+    r = CliRunner().invoke(cli, ["quantize", "tiny-deepseek-v3", "--format", "fp8-block", "-o", str(q), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return q
+
+
+def _edited_copy(q, dst, name, edit):
+    """A copy of checkpoint ``q`` with tensor ``name`` replaced by ``edit(tensor)`` (the safetensors library)."""
     from safetensors.torch import load_file, save_file
 
-    q = tmp_path / "q"
-    assert cli_run("quantize", "tiny-deepseek-v3", "--format", "fp8-block", "-o", q, "--quiet").exit_code == 0
-    n = "model.layers.2.mlp.experts.5.down_proj.weight_scale"
-    f = q / json.loads((q / "model.safetensors.index.json").read_text())["weight_map"][n]
+    q = copy_checkpoint(q, dst)
+    f = q / json.loads((q / "model.safetensors.index.json").read_text())["weight_map"][name]
     t = load_file(f)
-    t[n] = torch.full_like(t[n], float("nan"))
+    t[name] = edit(t[name])
     save_file(t, f, metadata={"format": "pt"})
+    return q
+
+
+@pytest.mark.parametrize("method", ["frequency", "auto"])
+def test_prune_refuses_a_quantized_input_whose_scale_is_not_finite(cli_run, tmp_path, method, fp8_block_deepseek):
+    """A NaN weight_scale of a block-FP8 input: prune exited 0, kept the expert and decided every later layer on
+    NaN hidden states (quantize refuses such an input); now one line naming the tensor, nothing written."""
+    n = "model.layers.2.mlp.experts.5.down_proj.weight_scale"
+    q = _edited_copy(fp8_block_deepseek, tmp_path / "q", n, lambda t: torch.full_like(t, float("nan")))
     r = cli_run("prune", q, "--ratio", "0.5", "--method", method, "--num-samples", "4", "--seq-len", "32",
                 "-o", tmp_path / "p", "--quiet")
     assert_one_line_error(r, "model.layers.2.mlp.experts.5.down_proj.weight", "not finite")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
+
+
+def test_prune_auto_refuses_one_non_finite_weight_in_its_plan_race(cli_run, tmp_path, fp8_block_deepseek):
+    """One NaN among a layer's decoded weights (a corrupt FP8 byte) is refused as a whole NaN tensor is, and by the
+    plan race of --method auto: the race ran every layer on NaN hidden states before the chosen method's run
+    (its own 'prune' task) refused it."""
+    n = "model.layers.2.mlp.experts.5.down_proj.weight"
+
+    def one_nan(t):
+        t = t.clone()
+        t.view(torch.uint8).view(-1)[7] = 0x7F  # E4M3's NaN
+        return t
+
+    q = _edited_copy(fp8_block_deepseek, tmp_path / "q", n, one_nan)
+    r = cli_run("prune", q, "--ratio", "0.5", "--method", "auto", "--num-samples", "4", "--seq-len", "32",
+                "-o", tmp_path / "p", "--json")
+    assert r.exit_code == 2, r.output
+    assert f"{n}: 1 values are not finite" in json.loads(r.stdout)["error"], r.stdout
+    events = [json.loads(ln) for ln in r.stderr.splitlines() if ln.startswith("{")]  # and the error's line
+    tasks = [(e["event"], e.get("stage")) for e in events]
+    assert ("start", "plans") in tasks and ("start", "prune") not in tasks, tasks
     assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()

@@ -436,6 +436,9 @@ def test_deepseek_without_shared_experts_exports_int4_that_transformers_runs(tmp
     q, e = tmp_path / "q", tmp_path / "ct"
     quantize_checkpoint(src, q, QuantConfig(format="int4-gptq", num_samples=2, seq_len=32, group_size=32))
     export(q, e, ExportConfig(format="compressed-tensors"))
+    ignore = json.loads((e / "config.json").read_text())["quantization_config"]["ignore"]
+    modules = dict(m.named_modules())  # each module ignore names is one transformers builds (dense layers have none)
+    assert [n for n in ignore if not n.startswith("re:") and n not in modules] == [], ignore
     p = _load_without_moepress(tmp_path, e)
     assert p.returncode == 0, p.stderr[-3000:]
     got = torch.load(tmp_path / "logits.pt")[f"{e}|default"]

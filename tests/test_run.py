@@ -427,6 +427,21 @@ def test_recipes_compressed_tensors_takes_or_does_not_list_are_not_refused_early
     refuse_ct_forms({"quantize": quantize}, exports)
 
 
+@pytest.mark.parametrize("quantize,exports", [
+    ({"format": "fp8-block", "rules": {"*": "fp8"}}, ["onnx"]),  # the rules decide what the export reads
+    ({"format": "int4-awq", "rules": {"*": "fp8"}}, ["trtllm-ckpt"]),
+    ({"format": "fp8"}, ["onnx", "trtllm-ckpt", "compressed-tensors"]),
+])
+def test_recipes_an_exporter_writes_or_whose_rules_decide_are_not_refused_early(quantize, exports):
+    """refuse_written_formats is for one quantize format alone (no rules) that the exporter does not write."""
+    from moepress.exporters import exporters
+    from moepress.pipeline.recipe import refuse_written_formats
+
+    refuse_written_formats({"quantize": quantize}, exports, exporters())
+    with pytest.raises(MoepressError, match="recipe export.formats onnx: quantize.format fp8-block"):
+        refuse_written_formats({"quantize": {"format": "fp8-block"}}, ["onnx"], exporters())
+
+
 def test_compressed_tensors_of_int4_experts_in_two_groups_is_refused_before_any_stage(cli_run, tmp_path):
     """tiny-deepseek-v3's experts are 128 wide in, 64 wide out: group_size 128 gives down_proj groups of 64, gate /
     up groups of 128, which the compressed-tensors export refuses ("quantized 2 ways"), after quantize."""
@@ -544,3 +559,15 @@ def test_another_moepress_version_remakes_the_run(cli_run, tmp_path, monkeypatch
     monkeypatch.setattr(moepress, "__version__", moepress.__version__ + ".post1")
     assert cli_run("run", rec, "-o", out).exit_code == 0
     assert statuses(out) == {"quantize": "ran", "export:compressed-tensors": "ran"}
+
+
+def test_a_refused_build_is_recorded_once_and_skipped_on_rerun(cli_run, tmp_path):
+    """A target that cannot run the export: the build is refused (refused.txt, no manifest) and recorded; a rerun
+    skips it like any unchanged stage (the completeness test reads refused.txt, not a manifest)."""
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "nvfp4"},
+                       export={"formats": ["hf-modelopt"]}, build={"targets": ["h100-sxm"]})
+    out = tmp_path / "run"
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    assert "NVFP4 needs sm100" in (out / "build" / "h100-sxm-trtllm-pytorch" / "refused.txt").read_text()
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    assert statuses(out)["build:h100-sxm:trtllm-pytorch"] == "skipped"

@@ -56,6 +56,18 @@ def test_a_tensor_no_layer_module_holds_is_refused_not_dropped(good, tmp_path):
         StreamedModel(str(ck)).load_layer(0)
 
 
+def test_stored_shared_experts_with_n_shared_experts_zero_are_refused_not_dropped(tmp_path):
+    """Only the zero-width [0, H] shared_experts linears transformers saves for n_shared_experts 0 are let through;
+    a checkpoint that stores real ones while config.json says 0 (transformers refuses it: size mismatch for
+    shared_experts.*) is refused, not streamed without them."""
+    from moepress import models
+
+    ck = copy_checkpoint(models.path("tiny-deepseek-v3"), tmp_path / "c")
+    edit_json(ck / "config.json", n_shared_experts=0)
+    with pytest.raises(MoepressError, match=r"'model\.layers\.1\.mlp\.shared_experts\.\w+\.weight' does not belong"):
+        StreamedModel(str(ck)).load_layer(1)
+
+
 def test_token_ids_outside_the_vocabulary_are_refused(good):
     sm = StreamedModel(str(good))  # vocab_size 256, as transformers' nn.Embedding(256, ...) takes ids 0..255
     assert sm.embed([torch.tensor([[0, 255]])])[0].shape == (1, 2, 64)
