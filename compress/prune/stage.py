@@ -86,6 +86,7 @@ class PruneStage:
                                 release_layers=True, device=device)
         self.adapter = a = self.sm.adapter
         self.mtp = mtp_layers_present(a, reader)
+        self.finite: set[int] = set()  # layers whose weights refuse_non_finite found finite (auto reads them twice)
         # stored past num_hidden_layers and not a declared MTP layer: no runtime reads them; not written
         self.undeclared = [i for i in reader.layer_indices() if i >= a.num_layers and i not in self.mtp]
         moe_layers = a.moe_layers()
@@ -208,8 +209,11 @@ class PruneStage:
     def refuse_non_finite(self, i: int, layer: DecoderLayer) -> None:
         """A NaN / Inf weight (a quantized input's corrupt scale decodes to one) would carry NaN hidden states
         into every later layer's statistics, and the plan would rest on them; quantize refuses it alike."""
+        if i in self.finite:
+            return  # checked in the plan race
         params = [(n, p) for n, p in layer.named_parameters() if p.is_floating_point()]
         if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+            self.finite.add(i)
             return  # one host sync per layer, whatever its expert count
         name, p = next((n, p) for n, p in params if not bool(torch.isfinite(p).all()))
         raise MoepressError(f"{self.reader.path}: {self.adapter.layer_prefix(i)}{name}: "

@@ -24,9 +24,10 @@ class TransformersCandidate(Candidate):
         super().__init__(path)
         self.device = str(device or "cpu")  # the check's --device, as the streamed reference beside it
         # kimi_k2 (remote code) built as DeepSeek-V3, as moepress and vLLM run it, unless its own code may run
-        own = None if cfg.trust_remote_code else transformers_config(config_json(path) or {}, str(path))
+        conf = config_json(path) or {}
+        own = None if cfg.trust_remote_code else transformers_config(conf, str(path))
         kw = {"config": own} if own is not None else {}
-        if _fp4_weights(path):  # compressed-tensors 0.20 leaves FP4-decompressed weights bf16: float32 inputs fail
+        if _fp4_weights(conf):  # compressed-tensors 0.20 leaves FP4-decompressed weights bf16: float32 inputs fail
             from transformers import CompressedTensorsConfig
 
             kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
@@ -69,12 +70,13 @@ class TransformersCandidate(Candidate):
         return self._forward(ids).logits.float().cpu()
 
 
-def _fp4_weights(path: Path) -> bool:
-    """A compressed-tensors checkpoint of FP4 weights (mxfp4- / nvfp4-pack-quantized): transformers 5.24 runs its
-    decompressed bf16 weights against float32 activations and fails ("expected m1 and m2 to have the same
-    dtype"), unless loaded with ``CompressedTensorsConfig(dequantize=True)``, which the README tells users too.
+def _fp4_weights(conf: dict) -> bool:
+    """``conf`` (config.json) is a compressed-tensors checkpoint of FP4 weights (mxfp4- / nvfp4-pack-quantized):
+    transformers 5.24 runs its decompressed bf16 weights against float32 activations and fails ("expected m1
+    and m2 to have the same dtype"), unless loaded with ``CompressedTensorsConfig(dequantize=True)``, which the
+    README tells users too.
     An activation-quantizing NVFP4 export does not get here (``refuse_misloaded``)."""
-    q = (config_json(path) or {}).get("quantization_config") or {}
+    q = conf.get("quantization_config") or {}
     return isinstance(q, dict) and q.get("quant_method") == "compressed-tensors" and "fp4" in str(q.get("format"))
 
 
