@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -109,6 +110,19 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def abandon(code: int) -> None:
+    """Exit now with ``code``, without tearing the process group down, when one is joined: after a peer is
+    lost, gloo's teardown at interpreter exit can abort the process ("terminate called without an active
+    exception", SIGABRT) after the one-line error was printed, so torchrun and CI saw -6, not 2. The stage
+    already kept its partial; nothing else is left to clean up."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def barrier(env: DistEnv) -> None:

@@ -14,7 +14,7 @@ import click
 
 from moepress import __version__
 from moepress.cli.options import OUTPUT_META
-from moepress.errors import CheckFailed, Interrupted, MoepressError
+from moepress.errors import CheckFailed, Interrupted, MoepressError, PeerLost
 
 # the commands that split their work across torchrun's ranks (calib/distributed.py); any other would
 # run whole on every rank, each racing the others for the same output
@@ -44,6 +44,13 @@ class MoepressGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except PeerLost as e:  # another rank is gone: the line, then out without the group's teardown
+            from moepress.calib.distributed import abandon
+
+            try:
+                _refuse(ctx, ' '.join(str(e).split()))
+            finally:
+                abandon(MoepressError.exit_code)
         except MoepressError as e:
             _refuse(ctx, ' '.join(str(e).split()))
         except click.exceptions.NoArgsIsHelpError:
