@@ -196,7 +196,12 @@ def _prepared_samples(src: SourceSpec, n: int, seq_len: int, tokenizer_sha: str,
         raise MoepressError(f"{src.path}: holds {ids.shape[0]} samples of {ids.shape[1]} tokens; --num-samples {n} "
                             f"--seq-len {seq_len} asked (run with --seq-len {ids.shape[1]} --num-samples "
                             f"{min(n, ids.shape[0])})")
-    return ids[:n], {**info, "documents": int(ids.shape[0]), "documents_used": n}
+    # what the token file was sampled from, transitively: a token file prepared from another one is still that
+    # text's data (read_hashes: check's in-sample note)
+    made = [x for x in side.get("sources") or [] if isinstance(x, dict)]
+    origin = {x["sha256"] for x in made if isinstance(x.get("sha256"), str)}
+    origin |= {h for x in made for h in x.get("from_sha256") or [] if isinstance(h, str)}
+    return ids[:n], {**info, "documents": int(ids.shape[0]), "documents_used": n, "from_sha256": sorted(origin)}
 
 
 def _pack(tok, src: SourceSpec, docs, n: int, seq_len: int, g_docs: torch.Generator,
@@ -210,6 +215,8 @@ def _pack(tok, src: SourceSpec, docs, n: int, seq_len: int, g_docs: torch.Genera
         rendered = [_render(tok, d, w) for w, d in chunk]
         for ids in _encode(tok, [t for t, _ in rendered], [False] * len(rendered)):
             used += 1
+            if not ids:  # an empty document (a null or "" field) is no text: no EOS for it either
+                continue
             stream.extend(ids)
             if eos is not None:
                 stream.append(eos)
@@ -219,6 +226,9 @@ def _pack(tok, src: SourceSpec, docs, n: int, seq_len: int, g_docs: torch.Genera
             break
     total = len(stream)
     nwin = total // seq_len
+    if total == 0:
+        raise MoepressError(f"{src.location}: all {used} documents are empty (null or \"\" text); "
+                            f"expected text to calibrate on (name its field with --calib FILE,field=NAME)")
     if nwin == 0:
         raise MoepressError(f"{src.location}: {total} tokens, fewer than one sample of --seq-len {seq_len} needs")
     if nwin < n:
@@ -303,6 +313,7 @@ def read_hashes(sources: tuple[str, ...] | list[str]) -> set[str]:
             continue
         made = side.get("sources") if isinstance(side, dict) else None
         out |= {x["sha256"] for x in made or [] if isinstance(x, dict) and isinstance(x.get("sha256"), str)}
+        out |= {h for x in made or [] if isinstance(x, dict) for h in x.get("from_sha256") or [] if isinstance(h, str)}
     return out
 
 

@@ -58,7 +58,10 @@ def eval_data(ref_dir: Path, cfg: CheckConfig) -> tuple[list[torch.Tensor], dict
         except MoepressError as e:  # a token file's refusal names calib's count option: check's is --max-samples
             raise MoepressError(str(e).replace("--num-samples", "--max-samples")) from None
         rows = cs.input_ids
-        info = {"source": src, "windows": f"sampled (seed {cfg.seed})"}
+        tokens = [x for x in cs.meta.get("sources", []) if isinstance(x, dict) and x.get("type") == "tokens"]
+        # a token file gives its first samples (calib/data.py: _prepared_samples): no seed draws them
+        how = f"the token file's first {rows.shape[0]}" if tokens else f"sampled (seed {cfg.seed})"
+        info = {"source": src, "windows": how}
     batches = list(rows.split(cfg.batch_size))
     return batches, {**info, "samples": int(rows.shape[0]), "seq_len": cfg.seq_len, "tokens": int(rows.numel())}
 

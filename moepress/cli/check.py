@@ -97,7 +97,7 @@ def _human(result: dict) -> list[str]:
               help="The original checkpoint directory (or bundled model name) the candidate was made from.")
 @click.option("--data", default=None, metavar="EVAL", type=TEXT,
               help="Held-out evaluation data: a text file (consecutive windows) or any --calib source "
-                   "(JSONL, Parquet, dataset folder, token file, hf:NAME; sampled by --seed). "
+                   "(JSONL, Parquet, dataset folder, hf:NAME: sampled by --seed; a token file: its first samples). "
                    "Default: the bundled held-out text calib/data/eval.txt. Data a stage upstream of the "
                    "candidate was calibrated on (its manifest's calibration_sha256) is named in a note: "
                    "figures measured on it are in-sample.")
