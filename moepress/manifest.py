@@ -14,6 +14,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from moepress.errors import MoepressError
+
 MANIFEST_NAME = "moepress-manifest.json"
 
 _PACKAGES = ("moepress", "torch", "transformers", "safetensors", "nvidia-modelopt", "compressed-tensors",
@@ -47,8 +49,18 @@ def versions() -> dict[str, str]:
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest of ``directory`` ({} when it has none); one that is not a JSON object (hand-edited,
+    truncated) is refused in one line naming it."""
     p = Path(directory) / MANIFEST_NAME
-    return json.loads(p.read_text()) if p.exists() else {}
+    if not p.exists():
+        return {}
+    try:
+        m = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MoepressError(f"{p}: not a moepress manifest (invalid JSON: {e})") from None
+    if not isinstance(m, dict):
+        raise MoepressError(f"{p}: not a moepress manifest (expected a JSON object, got {type(m).__name__})")
+    return m
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:

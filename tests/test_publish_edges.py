@@ -116,3 +116,51 @@ def test_publish_to_the_hub_uploads_the_folder_and_refuses_a_bad_repo(tmp_path, 
     for bad in ("hf://name", "hf://org/", "hf://a/b/c"):
         _one_line(cli_run("publish", art, "--to", bad, "--force"), f"--to {bad}: expected hf://ORG/NAME")
     assert _FakeHub.calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_publish_never_removes_an_artifact_that_sits_where_its_copy_is_staged(tmp_path, cli_run):
+    """The copy is staged in ``TO.partial``; an artifact at that path (``publish X.partial --to X``) was removed
+    as a stale partial before the copy started, and the publish then failed with nothing left."""
+    art = _artifact(tmp_path)
+    staged = art.rename(tmp_path / "pub.partial")
+    before = {p.name for p in staged.iterdir()}
+    r = cli_run("publish", staged, "--to", tmp_path / "pub", "--force")
+    assert staged.is_dir() and {p.name for p in staged.iterdir()} == before, r.output
+    if r.exit_code == 0:
+        assert sorted(p.name for p in (tmp_path / "pub").iterdir()) == sorted(before)
+    else:
+        _one_line(r, "--to")
+
+
+def test_publish_into_the_current_directory_and_through_a_symlink(tmp_path, cli_run, monkeypatch):
+    """``--to .`` (an empty current directory) and ``--to LINK`` (a symbolic link to an empty directory) are new or
+    empty directories: the copy lands there, with no ``.partial`` copy left inside or beside them."""
+    art = _artifact(tmp_path)
+    listed = sorted([*_manifest(art)["files"], MANIFEST_NAME])
+
+    def tree(d):
+        return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    r = cli_run("publish", art, "--to", ".", "--force")
+    assert r.exit_code == 0, r.output
+    assert tree(here) == listed
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    r = cli_run("publish", art, "--to", tmp_path / "link", "--force")
+    assert r.exit_code == 0, r.output
+    assert tree(tmp_path / "link") == listed and not (tmp_path / "link.partial").exists()
+
+
+def test_publish_refuses_a_manifest_that_is_not_a_json_object_in_one_line(tmp_path, cli_run):
+    """A hand-edited or truncated moepress-manifest.json is bad input (exit 2, one line naming it), not a
+    traceback and exit 1 (which says an accuracy check failed)."""
+    art = _artifact(tmp_path)
+    text = (art / MANIFEST_NAME).read_text()
+    for bad in (text[:-5], "[]", "null"):
+        (art / MANIFEST_NAME).write_text(bad)
+        _one_line(cli_run("publish", art, "--to", tmp_path / "pub", "--force"), str(art / MANIFEST_NAME))
+    assert not (tmp_path / "pub").exists()

@@ -33,7 +33,7 @@ def calibrated_on(candidate: str | Path, data: str) -> list[str]:
     for _ in range(MAX_DEPTH):
         try:
             m = read_manifest(d) if d.is_dir() else {}
-        except (OSError, ValueError):  # a damaged manifest upstream: not this check's to judge
+        except (OSError, ValueError, MoepressError):  # a damaged manifest upstream: not this check's to judge
             break
         inputs = m.get("inputs") if isinstance(m, dict) and isinstance(m.get("inputs"), dict) else {}
         if digests & set(inputs.get("calibration_sha256") or []):

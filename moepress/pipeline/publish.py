@@ -10,14 +10,13 @@ refused even then.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from moepress.checks import verify_section
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, read_manifest, sha256_file
-from moepress.outputs import overlap
+from moepress.outputs import OutputLock, absolute, install, overlap
 
 
 def _digests(artifact: Path, files: dict) -> tuple[dict[str, dict], list[str]]:
@@ -48,8 +47,12 @@ def verify(artifact: Path) -> list[str]:
 
 
 def _destination(src: Path, to: str) -> Path:
-    """``--to`` as a directory that is new or empty and apart from the artifact."""
-    dst = Path(to)
+    """``--to`` as a directory that is new or empty and apart from the artifact, absolute (``--to .``: the
+    current directory, its copy staged beside it) and a symbolic link at ``--to`` followed (the copy lands in
+    the directory it names); its staging directory ``TO.partial`` must not be, hold or sit in the artifact."""
+    dst = absolute(to)
+    if dst.is_symlink():
+        dst = dst.resolve()
     if dst.exists() and not dst.is_dir():
         raise MoepressError(f"--to {dst}: exists and is not a directory; expected a new or empty directory")
     how = overlap(dst, src)
@@ -57,7 +60,15 @@ def _destination(src: Path, to: str) -> Path:
         raise MoepressError(f"--to {dst}: the destination {how} the artifact {src}; expected a directory outside it")
     if dst.exists() and any(dst.iterdir()):
         raise MoepressError(f"--to {dst}: exists and is not empty")
+    how = overlap(_staging(dst), src)
+    if how is not None:
+        raise MoepressError(f"--to {dst}: the copy is staged in {_staging(dst)}, which {how} the artifact {src}; "
+                            "expected a destination whose .partial sibling is not the artifact")
     return dst
+
+
+def _staging(dst: Path) -> Path:
+    return dst.with_name(dst.name + ".partial")
 
 
 def _problems(src: Path) -> tuple[list[str], dict]:
@@ -88,23 +99,30 @@ def publish(artifact: str | Path, to: str, force: bool = False) -> dict:
     extra = {"verified": not problems, **info, **({"forced": problems} if problems else {})}
     if dst is None:
         return {**_upload_hf(src, to[len("hf://"):]), **extra}
-    tmp = dst.parent / (dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _staging(dst)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src, tmp)
     except OSError as e:
+        raise MoepressError(f"--to {dst}: cannot create its directory ({e.strerror or e})") from None
+    # the lock every moepress writer of ``dst`` takes: a live writer's partial is never removed as stale
+    lock = OutputLock(tmp.with_name(tmp.name + ".lock"), f"--to {dst}: {tmp} is being written by another process")
+    lock.acquire()
+    try:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise MoepressError(f"--to {dst}: cannot copy the artifact ({e.strerror or e})") from None
-    # the copy is checked against the manifest too before it gets its final name
-    copy_problems = verify(tmp) if not problems else []
-    if copy_problems:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise MoepressError(f"{copy_problems[0]} (while copying)")
-    if dst.exists():
-        dst.rmdir()
-    os.replace(tmp, dst)
-    return {"published": str(dst), "files": len(read_manifest(dst).get("files", {})), **extra}
+        try:
+            shutil.copytree(src, tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise MoepressError(f"--to {dst}: cannot copy the artifact ({e.strerror or e})") from None
+        # the copy is checked against the manifest too before it gets its final name
+        copy_problems = verify(tmp) if not problems else []
+        if copy_problems:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise MoepressError(f"{copy_problems[0]} (while copying)")
+        install(tmp, dst)  # an empty dst replaced; the current directory filled in place
+    finally:
+        lock.release()
+    return {"published": str(Path(to)), "files": len(read_manifest(dst).get("files", {})), **extra}
 
 
 def _upload_hf(src: Path, repo: str) -> dict:
