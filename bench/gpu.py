@@ -274,6 +274,8 @@ def main(argv=None) -> int:
     a = parse(argv)
     t_start = time.monotonic()
     f = 256 / 7168 if a.small else 1.0
+    if a.work:
+        Path(a.work).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="moepress-gpu-bench-", dir=a.work))
     calib = ["--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len)]
     rows: list[dict] = []

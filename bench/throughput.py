@@ -187,7 +187,9 @@ def main(argv=None) -> int:
 
     files = sorted(a.model.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in files)
-    work = Path(tempfile.mkdtemp(prefix="moepress-bench-", dir=a.workdir or a.model.parent))
+    parent = Path(a.workdir or a.model.parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="moepress-bench-", dir=parent))
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     rows = []
     try:
