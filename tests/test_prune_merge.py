@@ -300,3 +300,30 @@ def test_refit_is_the_ridge_least_squares_solution_it_describes():
         _refit_down(ex, x, pw.float(), lost.float())
     got = ex.linears()[2].weight.detach().double()
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+
+
+def test_sequential_merge_of_a_quantized_input_gathers_statistics_on_the_layers_it_wrote(tmp_path):
+    """--sequential: layer i+1's statistics are gathered on the already pruned layers 0..i, as written. A merged
+    Kimi INT4 expert is written re-quantized (pack-quantized INT4), so the next layer's statistics must come from
+    those INT4 weights, not from the float refit before re-quantization: recomputed here by streaming the
+    written output's layers 0..i and then the source's layer i+1 (REAP scores of every expert)."""
+    from moepress.calib.observers import RoutingStats
+
+    src = models.path("tiny-kimi-k2-int4")
+    ids = [torch.randint(0, 4096, (4, 32), generator=torch.Generator().manual_seed(0))]
+    out = tmp_path / "kimi-seq"
+    prune_checkpoint(src, out, PruneConfig(method="merge", ratio=0.25, sequential=True), batches=ids)
+    rows = {r["layer"]: r for r in json.loads((out / "prune_report.json").read_text())["layers"]}
+    sm_out, sm_src = StreamedModel(str(out)), StreamedModel(str(src))
+    hs = sm_out.embed(ids)
+    for i, layer in sm_out.layers(0, 2):  # dense layer 0 and the merged, re-quantized layer 1, as written
+        hs = sm_out.run_layer(layer, hs)
+    stats = RoutingStats()
+    for i, layer in sm_src.layers(2, 3):  # the source's layer 2 on that state
+        stats.attach(i, layer)
+        sm_src.run_layer(layer, hs)
+    want = stats.layers[2].reap
+    got = torch.zeros_like(want)
+    for r in rows[2]["kept"] + rows[2]["dropped"]:
+        got[r["expert"]] = r["score"]
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), (got - want).abs().max()

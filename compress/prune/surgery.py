@@ -82,9 +82,12 @@ def write_from_layer(w: CheckpointWriter, reader: CheckpointReader, adapter, i: 
                                        layer.moe.experts[int(c)].linears(), strict=True):
             if role not in info["rewritten"]:
                 continue
-            tensors, form = encode_like(reader, adapter.expert_prefix(i, int(c)) + lin_name, lin.weight.detach(),
-                                        names)
+            base = adapter.expert_prefix(i, int(c)) + lin_name
+            tensors, form = encode_like(reader, base, lin.weight.detach(), names)
             held.update(tensors)
+            # the layer now holds what was written (re-quantized where stored quantized): --sequential runs it
+            # to gather the next layer's statistics on the pruned layers as written
+            lin.weight.data.copy_(LayerView(reader, tensors).weight(base + ".weight", lin.weight.dtype))
             info["stored_as"] = form
     for name, t in pruned_layer_tensors(LayerView(reader, held), adapter, i, kept):
         w.add(name, t)
