@@ -187,8 +187,8 @@ class PlanRace:
                        group: list[_Plan]) -> None:
         """Layer i pruned to ``kept`` on the states of every plan in ``group`` (plans selecting ``kept`` from
         the same evidence ``ev``), scored as it would be written: the dropped experts folded in, fit on ``ev``
-        (the fold depends on nothing else, so one fit serves the whole group). A path that another plan
-        already took (frequency = ean, often) runs once."""
+        (the fold depends on nothing else, so one fit serves the whole group; on a quantized input the float fold,
+        before its re-quantization). A path that another plan already took (frequency = ean, often) runs once."""
         s = self.stage
         todo = {(p.fold, p.path): p.hs for p in group if (p.fold, p.path) not in self.done}
         if todo:
