@@ -35,6 +35,8 @@ from moepress.manifest import read_manifest
 MODEL = "tiny-qwen3-moe"
 ROUTER = re.compile(r"\.(mlp|block_sparse_moe)\.gate\.weight$")
 SMALL = ["--seq-len", "64", "--max-samples", "8"]
+# the gate tests on one broken expert or router: 2048 held-out tokens, a quarter of the default's
+MID = ["--seq-len", "128", "--max-samples", "16"]
 
 
 def quantizable(name: str, t: torch.Tensor) -> bool:
@@ -354,11 +356,11 @@ def test_a_broken_candidate_fails_its_gate(cli_run, tmp_path, name, fn, gates, f
 
 
 def _rare_experts(ref, layer: int) -> tuple[StreamedModel, list[int]]:
-    """The experts of ``layer`` by how many tokens the check's default eval data routes to them, fewest
+    """The experts of ``layer`` by how many tokens the check's eval data (MID) routes to them, fewest
     first (those it routes none to last)."""
     from moepress.checks.runner import eval_data
 
-    batches, _ = eval_data(ref, CheckConfig())  # the check's default data, which the CLI runs read
+    batches, _ = eval_data(ref, CheckConfig(seq_len=128, max_samples=16))  # the data of the CLI runs (MID)
     sm, stats = StreamedModel(str(ref)), RoutingStats()
     sm.forward(batches, before_layer=lambda i, lay: stats.attach(i, lay))
     counts = stats.layers[layer].counts
@@ -366,7 +368,7 @@ def _rare_experts(ref, layer: int) -> tuple[StreamedModel, list[int]]:
 
 
 def _rare_expert(ref, layer: int) -> tuple[StreamedModel, int]:
-    """The expert of ``layer`` the check's default eval data routes fewest tokens to (at least one)."""
+    """The expert of ``layer`` the check's eval data (MID) routes fewest tokens to (at least one)."""
     sm, order = _rare_experts(ref, layer)
     return sm, order[0]
 
@@ -375,17 +377,16 @@ def test_one_rarely_routed_expert_blown_up_fails_the_layer_error_gate(cli_run, t
     """Layer 1's least-routed expert's down projection x 1e6 (as one NVFP4 expert's global scale inverted:
     x 3.5e8): the few tokens it gets leave the layer with hidden states off by orders
     of magnitude, while perplexity, KL and top-1 over all tokens barely move and pass. The per-layer error
-    gate (default 1.0) fails it, and the expert's own error; without those gates the check passes it."""
+    gate (default 1.0) fails it, and the expert's own error; they alone fail it (every other gate passes)."""
     ref = models.path("tiny-mixtral")
     sm, rare = _rare_expert(ref, 1)
     bad = _broken_copy(tmp_path, sm.adapter.expert_prefix(1, rare) + "w2.weight",
                        lambda t: (t.float() * 1e6).to(t.dtype))
-    args = ("check", bad, "--reference", ref, "--quiet", "--json")
+    args = ("check", bad, "--reference", ref, *MID, "--quiet", "--json")
     r = cli_run(*args)
     res = json.loads(r.stdout)
     assert r.exit_code == 1 and res["failed"] == ["max_layer_rel_error", "max_expert_error"], r.output
     assert res["metrics"]["max_layer_rel_error"] > 10 and res["metrics"]["ppl_increase"] < 0.02
-    assert cli_run(*args, "--max-layer-error", "none", "--max-expert-error", "none").exit_code == 0
 
 
 @pytest.mark.parametrize("factor", [2.0, 0.5])
@@ -398,7 +399,7 @@ def test_one_rarely_routed_expert_scaled_fails_the_expert_gate(cli_run, tmp_path
     sm, rare = _rare_expert(ref, 1)
     bad = _broken_copy(tmp_path, sm.adapter.expert_prefix(1, rare) + "w2.weight",
                        lambda t: (t.float() * factor).to(t.dtype))
-    args = ("check", bad, "--reference", ref, "--quiet", "--json")
+    args = ("check", bad, "--reference", ref, *MID, "--quiet", "--json")
     r = cli_run(*args)
     res = json.loads(r.stdout)
     assert r.exit_code == 1 and res["failed"] == ["max_expert_error"], r.output
@@ -406,7 +407,6 @@ def test_one_rarely_routed_expert_scaled_fails_the_expert_gate(cli_run, tmp_path
     row = res["layers"][1]
     assert row["worst_expert"] == rare and row["expert_error"] == res["metrics"]["max_expert_error"]
     assert all(p["expert_error"] == 0.0 for p in res["layers"] if p["layer"] != 1)
-    assert cli_run(*args, "--max-expert-error", "none").exit_code == 0
 
 
 def _deepseek_copy(tmp_path, change=None, **config):
@@ -435,18 +435,18 @@ def _bias_zeroed(sd) -> bool:
                          ids=["correction-bias-zeroed", "top-k-4-to-3", "top-k-4-to-5"])
 def test_routing_breaks_fail_the_routing_gate(cli_run, tmp_path, change, config):
     """A dropped DeepSeek correction bias or another top-k (an exporter's plausible mistakes): perplexity
-    moved by under 1% and KL stayed under its gate (measured: +0.15% / +0.91% / +0.34%, KL 0.010 / 0.017 /
-    0.010); only top-1 failed, which 4-bit formats also fail on small models. The candidate's router, given
+    moved by under 1.5% and KL stayed under its gate (measured on MID: +0.23% / +1.39% / -0.15%, KL 0.012 /
+    0.018 / 0.011); only top-1 failed, which 4-bit formats also fail on small models. The candidate's router, given
     the reference's inputs, agrees on 75-80% of the choices (over the larger top-k, so that choosing more
-    experts counts too); a correct candidate on all of them."""
+    experts counts too; measured 0.78 / 0.75 / 0.80); a correct candidate on all of them."""
     bad = _deepseek_copy(tmp_path, change, **config)
-    args = ("check", bad, "--reference", models.path("tiny-deepseek-v3"), "--quiet", "--json", "--min-top1", "none")
+    args = ("check", bad, "--reference", models.path("tiny-deepseek-v3"), *MID, "--quiet", "--json", "--min-top1",
+            "none")
     r = cli_run(*args)
     res = json.loads(r.stdout)
     assert r.exit_code == 1 and res["failed"] == ["min_routing_overlap"], r.output
-    assert res["metrics"]["min_routing_overlap"] < 0.85 and res["metrics"]["ppl_increase"] < 0.02
+    assert res["metrics"]["min_routing_overlap"] < 0.85 and res["metrics"]["ppl_increase"] < 0.03
     assert [p.get("routing_overlap") is None for p in res["layers"]] == [True, False, False, False]  # layer 0 dense
-    assert cli_run(*args, "--min-routing-overlap", "none").exit_code == 0
 
 
 def _experts_permuted(tmp_path, with_experts: bool):
@@ -503,7 +503,7 @@ def test_two_rarely_routed_experts_swapped_without_their_router_rows_fail(cli_ru
             if n.startswith(pa) or n.startswith(pb):
                 sd[n] = every[n.replace(pa, "@").replace(pb, pa).replace("@", pb)]
         save_file(sd, f, metadata={"format": "pt"})
-    r = cli_run("check", out, "--reference", ref, "--quiet", "--json")
+    r = cli_run("check", out, "--reference", ref, *MID, "--quiet", "--json")
     res = json.loads(r.stdout)
     assert r.exit_code == 1 and res["failed"] == ["max_expert_error"], r.output
     assert res["layers"][1]["worst_expert"] in (a, b) and res["metrics"]["max_expert_error"] > 1

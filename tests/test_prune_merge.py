@@ -316,7 +316,7 @@ def test_sequential_merge_of_a_quantized_input_gathers_statistics_on_the_layers_
     rows = {r["layer"]: r for r in json.loads((out / "prune_report.json").read_text())["layers"]}
     sm_out, sm_src = StreamedModel(str(out)), StreamedModel(str(src))
     hs = sm_out.embed(ids)
-    for i, layer in sm_out.layers(0, 2):  # dense layer 0 and the merged, re-quantized layer 1, as written
+    for _, layer in sm_out.layers(0, 2):  # dense layer 0 and the merged, re-quantized layer 1, as written
         hs = sm_out.run_layer(layer, hs)
     stats = RoutingStats()
     for i, layer in sm_src.layers(2, 3):  # the source's layer 2 on that state
