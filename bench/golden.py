@@ -7,7 +7,9 @@ bundled model.
     python bench/golden.py --check bench/golden-hashes.json   # recompute and compare (after)
 
 Outputs go to a fixed directory (--work, default /tmp/moepress-golden) so that paths recorded in
-the outputs are the same in both runs. Keys whose values are wall-clock measurements or version
+the outputs are the same in both runs; the bundled models are copied there first (WORK/_models), so a
+record made in one checkout checks in another (a clone of the commit before a change).
+Keys whose values are wall-clock measurements or version
 strings (see VOLATILE) are removed from JSON files before hashing, and moepress-manifest.json's
 digests of such files are dropped with them; every other byte counts. An export an exporter
 refuses is recorded as its exit code. Calibration is small (8 x 64 tokens) to keep a run near
@@ -76,30 +78,42 @@ def run_cli(*args) -> int:
     return res.exit_code
 
 
+def _model_copy(work: Path, name: str) -> Path:
+    """The bundled model ``name`` copied to ``WORK/_models/NAME``: stages record their input's path, which
+    in the checkout would tie the record to one clone's location."""
+    from moepress import models
+
+    dst = work / "_models" / name
+    if not dst.is_dir():
+        shutil.copytree(models.path(name), dst)
+    return dst
+
+
 def cases(work: Path, models: list[str]):
     """Yield (case name, thunk returning (exit code, output dir))."""
-    for m in models:
+    for name in models:
+        m = _model_copy(work, name)
         for fmt in QUANT:
-            out = work / m / f"q-{fmt}"
-            yield f"{m}/quantize/{fmt}", lambda m=m, fmt=fmt, out=out: (
+            out = work / name / f"q-{fmt}"
+            yield f"{name}/quantize/{fmt}", lambda m=m, fmt=fmt, out=out: (
                 run_cli("quantize", m, "--format", fmt, *CALIB, "-o", out, "--force", "--quiet"), out)
-        out = work / m / "q-fp8-kv"
-        yield f"{m}/quantize/fp8+kv", lambda m=m, out=out: (
+        out = work / name / "q-fp8-kv"
+        yield f"{name}/quantize/fp8+kv", lambda m=m, out=out: (
             run_cli("quantize", m, "--format", "fp8", "--kv-cache", "fp8", *CALIB, "-o", out, "--force", "--quiet"),
             out)
-        out = work / m / "q-rules"
-        yield f"{m}/quantize/rules", lambda m=m, out=out: (
+        out = work / name / "q-rules"
+        yield f"{name}/quantize/rules", lambda m=m, out=out: (
             run_cli("quantize", m, "--format", "fp8", "--rule", "*experts.*=int4-awq", "--rule", "*self_attn.*=none",
                     "--group-size", "64", *CALIB, "-o", out, "--force", "--quiet"), out)
         for src in ["orig", *(f"q-{f}" for f in QUANT)]:
-            src_path = m if src == "orig" else work / m / src
+            src_path = m if src == "orig" else work / name / src
             for ex in EXPORTERS:
-                out = work / m / f"x-{src}-{ex}"
-                yield f"{m}/export/{src}/{ex}", lambda src_path=src_path, ex=ex, out=out: (
+                out = work / name / f"x-{src}-{ex}"
+                yield f"{name}/export/{src}/{ex}", lambda src_path=src_path, ex=ex, out=out: (
                     run_cli("export", src_path, "--format", ex, "-o", out, "--force", "--quiet"), out)
         for meth in PRUNE:
-            out = work / m / f"p-{meth}"
-            yield f"{m}/prune/{meth}", lambda m=m, meth=meth, out=out: (
+            out = work / name / f"p-{meth}"
+            yield f"{name}/prune/{meth}", lambda m=m, meth=meth, out=out: (
                 run_cli("prune", m, "--ratio", "0.25", "--method", meth, *CALIB, "-o", out, "--force", "--quiet"),
                 out)
 
