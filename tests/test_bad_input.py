@@ -554,3 +554,25 @@ def test_prune_auto_refuses_one_non_finite_weight_in_its_plan_race(cli_run, tmp_
     tasks = [(e["event"], e.get("stage")) for e in events]
     assert ("start", "plans") in tasks and ("start", "prune") not in tasks, tasks
     assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
+
+
+@pytest.mark.parametrize("stray", ["duplicate", "unlisted"])
+def test_shard_holding_a_tensor_the_index_does_not_list(good, tmp_path, cli_run, stray):
+    """A shard holding a tensor its index entry does not give it (a second copy of a tensor the index places
+    in another shard, or one the index lists nowhere): transformers 5.24 loads every tensor of each shard
+    (modeling_utils.py `for k in file_pointer.keys()`, the later shard's copy winning), so it ran the stray
+    copy while moepress read the index's and wrote, exit 0, an artifact of other weights than the input's.
+    Refused in one line naming the shard and the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    ck = copy_checkpoint(good, tmp_path / "c")
+    wm = json.loads((ck / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.0.mlp.experts.0.gate_proj.weight"
+    other = next(s for s in shards(ck) if s.name != wm[name])
+    state = load_file(other)
+    key = name if stray == "duplicate" else "model.layers.0.mlp.experts.0.extra.weight"
+    state[key] = torch.zeros_like(load_file(ck / wm[name])[name])
+    save_file(state, other, metadata={"format": "pt"})
+    r = cli_run("quantize", ck, "--format", "fp8-dynamic", "-o", tmp_path / "q", "--quiet")
+    assert_one_line_error(r, other.name, key)
+    assert not (tmp_path / "q").exists()

@@ -268,3 +268,15 @@ def test_file_digests_cover_nested_files_by_their_relative_path(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text("{}")
     assert file_digests(tmp_path) == {rel: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
                                       for rel, d in files.items()}
+
+
+def test_every_tokenizer_file_travels_with_the_outputs(tmp_path):
+    """Each file calib.tokenizer reads a vocabulary from is one that every stage copies (aux_files): Kimi K2's
+    vocabulary is tiktoken.model (beside tokenization_kimi.py, no tokenizer.json), which outputs lacked, so a
+    pruned / quantized / exported Kimi K2 had a tokenizer that loads nowhere."""
+    from moepress.calib.tokenizer import TOKENIZER_FILES
+    from moepress.compress.checkpoint.auxiliary import aux_files
+
+    for n in TOKENIZER_FILES:
+        (tmp_path / n).write_text("x")
+    assert {p.name for p in aux_files(tmp_path)} >= set(TOKENIZER_FILES)

@@ -9,7 +9,8 @@ from pathlib import Path
 # (tokenizer, chat template, generation defaults, remote code such as Kimi K2's).
 AUX_FILE_PATTERNS = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*",
-    "generation_config.json", "vocab*", "merges.txt", "*.tiktoken", "tokenization_*.py",
+    "generation_config.json", "vocab*", "merges.txt", "*.tiktoken", "tiktoken.model", "spiece.model",
+    "tokenization_*.py",
     "configuration_*.py", "modeling_*.py", "preprocessor_config.json",
 )
 

@@ -160,6 +160,9 @@ class CheckpointReader:
             if not isinstance(fname, str) or not fname:
                 _check_relative(index, name, fname)  # raises
             by_file[fname].append(name)
+        listed: dict[str, set[str]] = defaultdict(set)  # one shard however the index spells it ("./a", "a")
+        for fname, names in by_file.items():
+            listed[os.path.normpath(fname)].update(names)
         for fname, names in sorted(by_file.items()):
             _check_relative(index, names[0], fname)  # once per shard: an index names ~1M tensors in ~60 files
             shard = self.path / fname
@@ -172,6 +175,16 @@ class CheckpointReader:
                 if name not in header:
                     raise MoepressError(f"{shard}: tensor '{name}' named in {INDEX_NAME} is not in this shard")
                 self._add(name, header[name], shard, base)
+            mine = listed[os.path.normpath(fname)]
+            if len(header) - ("__metadata__" in header) != len(mine):
+                # transformers 5.24 (modeling_utils.py: `for k in file_pointer.keys()`) and vLLM load every tensor
+                # of a listed shard, a later shard's copy replacing an earlier one's: they would run weights
+                # moepress never read
+                extra = next(k for k in header if k != "__metadata__" and k not in mine)
+                where = f"lists it in '{weight_map[extra]}'" if extra in weight_map else "does not list it"
+                raise MoepressError(f"{shard}: holds tensor '{extra}' but {INDEX_NAME} {where} (transformers and "
+                                    f"vLLM load every tensor of a shard); expected the index to list each shard's "
+                                    f"tensors")
 
     def _check_inside(self, file: Path, what: str) -> None:
         """Refuse a shard that resolves (symlinks followed) outside the model directory, so a
