@@ -126,6 +126,21 @@ def test_recipe_keys_spelled_with_dashes_empty_stages_and_the_default_check(cli_
     assert yaml.safe_load(cli_run("recipe", "show", rec).output)["check"] is None
 
 
+def test_recipe_show_names_the_check_defaults_a_recipe_does_not_write(cli_run, tmp_path):
+    """The check section is shown as written (a gate written is applied even where unmeasured); the gates it
+    leaves to `moepress check`'s defaults were not shown at all (max_layer_error, min_routing_overlap, ...)."""
+    from moepress.checks.config import CheckConfig
+
+    rec = tmp_path / "r.yaml"
+    rec.write_text(yaml.safe_dump({"model": "tiny-qwen3-moe", "check": {"max-layer-error": 2.0}}))
+    r = cli_run("recipe", "show", rec)
+    assert r.exit_code == 0 and yaml.safe_load(r.output)["check"] == {"max-layer-error": 2.0}, r.output
+    note = [ln for ln in r.output.splitlines() if ln.startswith("# check")]
+    d = CheckConfig()
+    assert len(note) == 1 and f"min_routing_overlap: {d.min_routing_overlap}" in note[0], r.output
+    assert "max_layer_error" not in note[0] and "kind" not in note[0] and "trust_remote_code: false" in note[0]
+
+
 def test_recipe_seed_range_and_yaml_error_line(cli_run, tmp_path):
     """calib.seed takes torch's 64-bit signed range (torch.Generator.manual_seed accepts -2**63 .. 2**64-1,
     moepress keeps the signed half); a YAML error names the 1-based line an editor shows."""

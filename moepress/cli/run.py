@@ -77,12 +77,24 @@ def recipe_group():
 @recipe_group.command("show")
 @click.argument("recipe", required=False, type=PathType(path_type=Path, dir_okay=False))
 def recipe_show(recipe):
-    """Print the effective recipe (defaults filled in); without RECIPE the embedded default."""
+    """Print the effective recipe (defaults filled in; the check section as written, the defaults it takes
+    in a comment); without RECIPE the embedded default."""
+    from moepress.checks.config import CheckConfig
     from moepress.pipeline.recipe import dump, load_recipe
 
     r, src = load_recipe(recipe)
     click.echo(f"# effective recipe from {src}")
     click.echo(dump(r), nl=False)
+    if r.get("check") is not None:  # kept as written: a gate written is applied even where it is unmeasured
+        given = {str(k).replace("-", "_") for k in r["check"]}
+        rest = {k: v for k, v in CheckConfig().to_dict().items() if k not in given | {"asked", "kind"}}
+        click.echo("# check, not written, so moepress check's defaults: "
+                   + ", ".join(f"{k}: {_scalar(v)}" for k, v in rest.items()))
+
+
+def _scalar(v) -> str:
+    """``v`` as YAML writes a scalar: none, true / false, the number or string."""
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 @click.command("publish")
