@@ -66,6 +66,17 @@ def refuse_length_dependent_rope(src: Path, adapter) -> None:
 MAX_OPSET = 27
 
 
+# transformers' ACT2FN names the graph writes (onnx_layers.LayerBuilder.act)
+GRAPH_ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
+
+
+def refuse_activation(src: Path, adapter) -> None:
+    act = getattr(adapter.hf_config, "hidden_act", "silu")
+    if act not in GRAPH_ACTIVATIONS:
+        raise MoepressError(f"--format onnx: {src}/config.json has hidden_act {act!r}, which the graph does not "
+                            f"write; expected one of {', '.join(GRAPH_ACTIVATIONS)}")
+
+
 def refuse_opset(cfg) -> None:
     """--opset within what this export needs and onnxruntime runs."""
     if cfg.opset < 21:
@@ -83,6 +94,7 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
     adapter = get_adapter(reader.config, reader.names())
     refuse_dynamic_inputs(src)
     refuse_length_dependent_rope(src, adapter)
+    refuse_activation(src, adapter)
     try:
         min_bytes = int(cfg.option("external_min_bytes", 1024))
     except ValueError:

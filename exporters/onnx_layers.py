@@ -121,9 +121,25 @@ class LayerBuilder(GraphBuilder):
         return self.linear(self.sdpa(q, k, v, scaling), p + "o_proj")
 
     # feed-forward ---------------------------------------------------------------------------------
+    def act(self, x: str) -> str:
+        """The config's hidden_act (transformers' ACT2FN) in basic ops; onnx_export.refuse_activation
+        refuses the others before anything is written."""
+        g, name = self.g, getattr(self.a.hf_config, "hidden_act", "silu")
+        if name in ("silu", "swish"):
+            return g.op("Mul", [x, g.op("Sigmoid", [x])])
+        if name == "relu":
+            return g.op("Relu", [x])
+        if name == "gelu":  # exact: 0.5 x (1 + erf(x / sqrt 2))
+            inner = g.op("Erf", [g.op("Mul", [x, g.const(float(1 / np.sqrt(2.0)), np.float32)])])
+        else:  # gelu_new / gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+            cube = g.op("Mul", [g.op("Mul", [g.op("Mul", [x, x]), x]), g.const(0.044715, np.float32)])
+            k = g.const(float(np.sqrt(2 / np.pi)), np.float32)
+            inner = g.op("Tanh", [g.op("Mul", [g.op("Add", [x, cube]), k])])
+        return g.op("Mul", [g.op("Mul", [x, g.const(0.5, np.float32)]), g.op("Add", [inner, g.const(1.0, np.float32)])])
+
     def mlp(self, x: str, prefix: str, names=("gate_proj", "up_proj", "down_proj")) -> str:
         gt, up, dn = (self.linear(x, prefix + n) if n != names[2] else None for n in names)
-        h = self.g.op("Mul", [self.g.op("Mul", [gt, self.g.op("Sigmoid", [gt])]), up])
+        h = self.g.op("Mul", [self.act(gt), up])
         return self.linear(h, prefix + names[2])
 
     def route(self, i: int, x2: str) -> str:
@@ -178,7 +194,7 @@ class LayerBuilder(GraphBuilder):
             return g.op("MatMul", [xin, g.op("Transpose", [w], perm=[0, 2, 1])])  # [E, T, out]
 
         hg, hu = stacked(x2, gn, True), stacked(x2, un, True)
-        h = g.op("Mul", [g.op("Mul", [hg, g.op("Sigmoid", [hg])]), hu])
+        h = g.op("Mul", [self.act(hg), hu])
         y = stacked(h, dn, False)  # [E, T, H]
         gw = g.op("Unsqueeze", [g.op("Transpose", [gate], perm=[1, 0]), g.const([2])])  # [E, T, 1]
         out = g.op("ReduceSum", [g.op("Mul", [y, gw]), g.const([0])], keepdims=0)

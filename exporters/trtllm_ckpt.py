@@ -175,11 +175,14 @@ def _refuse_partly_fp8(reader: CheckpointReader, adapter, linears: list[str]) ->
 
 
 def refuse_unwritten_attention(src: Path, adapter, reader) -> None:
-    """The config written below has unscaled rotary embeddings, no attention window and no biases (TensorRT-LLM's
-    ``rotary_scaling`` and ``max_attention_window_size`` are not mapped, nor Qwen3-MoE's ``attention_bias``):
-    a model with any is refused rather than built to compute differently from its checkpoint."""
+    """The config written below has unscaled rotary embeddings, no attention window, no biases and SiLU-gated MLPs
+    (``rotary_scaling``, ``max_attention_window_size``, ``attention_bias`` unmapped; ``hidden_act`` swiglu): a model
+    with other is refused rather than built to compute differently from its checkpoint."""
     c = adapter.hf_config
-    kind = adapter.build_rotary().rope_type
+    kind, act = adapter.build_rotary().rope_type, getattr(c, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has hidden_act {act!r}; this exporter writes a "
+                            f"SiLU-gated MLP (hidden_act swiglu): {elsewhere(open_source(src))}")
     if kind != "default":
         raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has rope_type {kind!r} (rope scaling), which "
                             "this exporter does not write (TensorRT-LLM's PyTorch backend reads it from config.json): "
@@ -190,10 +193,9 @@ def refuse_unwritten_attention(src: Path, adapter, reader) -> None:
                             f"this exporter does not write: {elsewhere(open_source(src))}")
     w = getattr(c, "sliding_window", None)
     if w is not None and int(w) < int(c.max_position_embeddings):
-        raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has sliding_window {w} (shorter than "
-                            f"max_position_embeddings {c.max_position_embeddings}), which this exporter does not "
-                            "write (TensorRT-LLM's PyTorch backend reads it from config.json): "
-                            f"{elsewhere(open_source(src))}")
+        raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has sliding_window {w} (shorter than max_position"
+                            f"_embeddings {c.max_position_embeddings}), which this exporter does not write (TensorRT-"
+                            f"LLM's PyTorch backend reads it from config.json): {elsewhere(open_source(src))}")
 
 
 def trtllm_config(adapter, cfg, quant_algo, kv_algo) -> dict:

@@ -367,3 +367,22 @@ def test_kv_cache_scales_not_carried_are_said(exported, tmp_path):
     info = export(q, tmp_path / "onnx", ExportConfig(format="onnx"))
     assert len(info["dropped"]) == 2 * 4 and any("KV-cache scales" in n for n in info["consumer_notes"])
     assert all(not c["info"]["consumer_notes"] for c in exported.values())
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_hidden_act_is_the_configs(tmp_path, cli_run, act):
+    """The stream (and transformers) run config.json's hidden_act; the graph hard-coded SiLU, so a gelu model
+    exported with exit 0 and logits ~20% off. The graph writes the activation, or refuses it in one line."""
+    src = _with_config(tmp_path, "tiny-mixtral", hidden_act=act)
+    assert cli_run("export", src, "--format", "onnx", "-o", tmp_path / "x", "--quiet").exit_code == 0
+    ids = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
+    got = _ort_logits(tmp_path / "x", ids)
+    want = StreamedModel(src).forward([ids])[0]
+    assert (got - want).abs().max() / want.abs().max() < FLOAT32[0]
+
+
+def test_an_activation_the_graph_does_not_write_is_refused(tmp_path, cli_run):
+    src = _with_config(tmp_path, "tiny-mixtral", hidden_act="quick_gelu")
+    r = cli_run("export", src, "--format", "onnx", "-o", tmp_path / "x", "--quiet")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "hidden_act 'quick_gelu'" in r.stderr
+    assert not (tmp_path / "x").exists()

@@ -409,6 +409,7 @@ def test_int4_checkpoint_whose_probe_linear_stayed_bf16_is_refused(cli_run, tmp_
 
 @pytest.mark.parametrize("change,expect", [
     ({"sliding_window": 8}, "sliding_window 8"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),  # written as swiglu before: TensorRT-LLM would run SiLU
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}},
      "rope_type 'yarn'"),
 ])
