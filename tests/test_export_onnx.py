@@ -122,6 +122,16 @@ def test_moepress_check_passes_on_bf16_export(exported, cli_run):
     assert r.exit_code == 0, r.stderr
 
 
+def test_check_refuses_an_onnx_export_of_another_family(exported, cli_run):
+    """The export writes no config.json, so the family check passed every ONNX export: tiny-mixtral's graph
+    checked against tiny-qwen3-moe (same vocabulary and widths) ran whole and failed its metrics (exit 1)."""
+    d = exported[("tiny-mixtral", "bf16")]["dir"]
+    for cand in (d, d / "model.onnx"):
+        r = cli_run("check", cand, "--reference", models.path("tiny-qwen3-moe"), "--quiet")
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+        assert "a mixtral model, the reference" in r.stderr and "is qwen3_moe" in r.stderr, r.stderr
+
+
 # 100: past the newest opset onnx defines; 28: onnx 1.23 defines it, onnxruntime 1.32 has no QuantizeLinear(28)
 @pytest.mark.parametrize("opset", [17, 28, 100])
 def test_opset_outside_21_to_the_newest_is_one_line_exit_2(cli_run, tmp_path, opset):
