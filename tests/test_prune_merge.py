@@ -327,3 +327,19 @@ def test_sequential_merge_of_a_quantized_input_gathers_statistics_on_the_layers_
     for r in rows[2]["kept"] + rows[2]["dropped"]:
         got[r["expert"]] = r["score"]
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), (got - want).abs().max()
+
+
+def test_fold_of_an_expert_fed_only_by_group_moves_does_not_crash(tmp_path, cli_run):
+    """Group-limited routing (tiny-deepseek-v3: 4 groups, 2 compete): dropping experts can move a token from
+    one kept expert to another kept expert of another group. A kept expert whose every post-prune token came
+    that way has no own routing mass and no dropped expert's mass: it is still refit and must be listed alone
+    (README: "an expert listed alone can still be refit") with its own share 1.0, not crash the fold with a
+    ZeroDivisionError (a traceback, exit 1) - also under the default `auto`."""
+    out = tmp_path / "p"
+    r = cli_run("prune", "tiny-deepseek-v3", "--method", "merge", "--ratio", "0.5", "--num-samples", "2",
+                "--seq-len", "16", "--seed", "4", "-o", out, "--quiet", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "prune_report.json").read_text())
+    for layer in rep["layers"]:
+        for m in layer["merged"].values():
+            assert sum(m["mass_share"]) == pytest.approx(1.0, abs=1e-5)

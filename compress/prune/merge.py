@@ -150,7 +150,11 @@ def fold_dropped(ev: LayerEvidence, kept: list[int], num_experts: int) -> dict:
     for c in refit(ev, kept, release=True):
         ds = [d for d in range(num_experts) if moved[d][c] > 0]
         w = [own[c]] + [moved[d][c] for d in ds]
-        merged[str(c)] = {"members": [c, *ds], "mass_share": [round(v / math.fsum(w), 6) for v in w],
+        total = math.fsum(w)
+        # group-limited routing: a kept expert can be refit for tokens moved to it from other kept experts
+        # alone, with no mass of its own or of a dropped expert; it is then listed alone, its own share 1
+        shares = [round(v / total, 6) for v in w] if total > 0 else [1.0] + [0.0] * len(ds)
+        merged[str(c)] = {"members": [c, *ds], "mass_share": shares,
                           "rewritten": ["down"]}
     return merged
 
