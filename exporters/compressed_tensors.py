@@ -174,6 +174,9 @@ def _expert_schemes(s, schemes) -> dict:
 def _misloaded(s, experts: dict) -> dict[str, str]:
     """{consumer: how the newest checked version loads this checkpoint wrongly or not at all}; ``experts``:
     {routed-expert module: its scheme}."""
+    misread = s.adapter.transformers_misreads()
+    if misread is not None:
+        return {"transformers": misread}
     strategies = {sch.weights.strategy for sch in experts.values() if sch.weights is not None}
     if "tensor_group" in strategies:
         return {"transformers": "loads its NVFP4 routed experts without weight_global_scale (wrong weights, no "

@@ -448,3 +448,29 @@ def test_deepseek_without_shared_experts_exports_int4_that_transformers_runs(tmp
     logits = torch.load(tmp_path / "logits.pt")
     for e, q in jobs.items():
         assert _rel(logits[f"{e}|default"], _forward(q, "none")) < 1e-4, e
+
+
+def test_moe_layer_freq_transformers_does_not_read_is_declared_and_refused_by_check(tmp_path, cli_run):
+    """DeepSeek's moe_layer_freq 2 (layers 1 and 3 dense, as vLLM and DeepSeek's code read it): transformers 5.24
+    ignores the key and builds every layer as MoE, so the compressed-tensors export loaded with random experts and
+    no dense MLPs (relative logit error 0.48, no error raised). The export says so (misloaded_by) and check's
+    transformers kind refuses it in one line; the streamed check runs it."""
+    from moepress.compress.synthetic import write_synthetic
+
+    cfg = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], vocab_size=4096, hidden_size=128,
+               intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, n_group=1, topk_group=1,
+               num_experts_per_tok=2, first_k_dense_replace=0, moe_layer_freq=2, q_lora_rank=None, kv_lora_rank=32,
+               qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, norm_topk_prob=True,
+               num_nextn_predict_layers=0)
+    src = write_synthetic(cfg, tmp_path / "src", seed=0)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (src / f).write_bytes((models.path("tiny-deepseek-v3") / f).read_bytes())
+    q, e = tmp_path / "q", tmp_path / "ct"
+    quantize_checkpoint(src, q, QuantConfig(format="fp8-dynamic"))
+    info = export(q, e, ExportConfig(format="compressed-tensors"))
+    assert info["misloaded_by"] == {"transformers": "5.24"}
+    assert "moe_layer_freq 2" in info["misloaded_why"]["transformers"]
+    assert any("moe_layer_freq 2" in n for n in info["consumer_notes"])
+    r = cli_run("check", e, "-r", src, "--kind", "transformers", "--max-samples", "2", "--seq-len", "32")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "moe_layer_freq" in r.stderr, r.output

@@ -136,6 +136,11 @@ class Adapter:
         keys = ", ".join(f"{k}={self.config.get(k)!r}" for k in self.layer_kind_keys if k in self.config)
         return f" ({keys})" if named and keys else ""
 
+    def transformers_misreads(self) -> str | None:
+        """How transformers (as of the version the exporters name) builds this config unlike moepress and the
+        serving runtimes, or None: said by the exports transformers loads, refused by check's transformers kind."""
+        return None
+
     def routing(self) -> dict:
         """Routing facts for inspect/stats: scoring, top_k, renormalisation, groups, bias."""
         raise NotImplementedError

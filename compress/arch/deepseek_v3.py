@@ -89,6 +89,14 @@ class DeepseekV3Adapter(Adapter):
         freq = int(self.config.get("moe_layer_freq", 1) or 1)
         return i >= int(self.hf_config.first_k_dense_replace) and i % freq == 0
 
+    def transformers_misreads(self):
+        freq = int(self.config.get("moe_layer_freq", 1) or 1)
+        if freq == 1 or all(self.is_moe_layer(i) for i in range(self.num_layers)
+                            if i >= int(self.hf_config.first_k_dense_replace)):
+            return None
+        return (f"builds every layer from first_k_dense_replace on as MoE: it does not read moe_layer_freq {freq} "
+                "(the dense layers' MLPs are not loaded and their experts are random)")
+
     def n_shared_experts(self):
         return int(self.hf_config.n_shared_experts or 0)
 
