@@ -574,5 +574,7 @@ def test_shard_holding_a_tensor_the_index_does_not_list(good, tmp_path, cli_run,
     state[key] = torch.zeros_like(load_file(ck / wm[name])[name])
     save_file(state, other, metadata={"format": "pt"})
     r = cli_run("quantize", ck, "--format", "fp8-dynamic", "-o", tmp_path / "q", "--quiet")
-    assert_one_line_error(r, other.name, key)
+    # and where the index puts it: the duplicate's listed shard (the one consumers may not load), or nowhere
+    where = f"lists it in '{wm[name]}'" if stray == "duplicate" else "does not list it"
+    assert_one_line_error(r, other.name, key, where)
     assert not (tmp_path / "q").exists()

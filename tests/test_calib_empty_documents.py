@@ -23,11 +23,13 @@ def _cache(tmp_path, monkeypatch):
 def test_a_source_of_empty_documents_is_refused_in_pack_mode(tmp_path, value, cli_run):
     p = tmp_path / "empty_text.jsonl"
     p.write_text("".join(json.dumps({"text": value, "body": f"real text {i}"}) + "\n" for i in range(200)))
-    with pytest.raises(MoepressError, match="empty_text.jsonl"):
+    # the refusal says why (every one of the file's 200 records is empty), not "0 tokens, fewer than one sample"
+    with pytest.raises(MoepressError, match=r"empty_text\.jsonl.*: all 200 documents are empty"):
         calibration_set(QWEN, (str(p),), num_samples=4, seq_len=16, cache=False)
     r = cli_run("calib", "prepare", "tiny-qwen3-moe", "--calib", p, "--num-samples", 4, "--seq-len", 16,
                 "-o", tmp_path / "t.safetensors")
     assert r.exit_code == 2 and "empty_text.jsonl" in r.stderr and not (tmp_path / "t.safetensors").exists()
+    assert "documents are empty" in r.stderr, r.stderr
 
 
 def test_empty_documents_add_no_eos_between_documents(tmp_path):
@@ -60,10 +62,11 @@ def test_a_token_file_prepared_from_a_token_file_keeps_its_text_as_calibration_d
     recorded big's hash but not the text big was sampled from, so check --data TEXT gave no in-sample note."""
     from moepress.calib.data import DEFAULT_CALIB, calibration_inputs, source_hashes
 
-    big, small = tmp_path / "big.safetensors", tmp_path / "small.safetensors"
-    for args in (("-o", big, "--num-samples", 6), ("--calib", big, "-o", small, "--num-samples", 3)):
+    big, small, tiny = tmp_path / "big.safetensors", tmp_path / "small.safetensors", tmp_path / "tiny.safetensors"
+    for args in (("-o", big, "--num-samples", 6), ("--calib", big, "-o", small, "--num-samples", 3),
+                 ("--calib", small, "-o", tiny, "--num-samples", 2)):  # tiny: a subset of a subset
         r = cli_run("calib", "prepare", "tiny-qwen3-moe", "--seq-len", 16, "-q", *args)
         assert r.exit_code == 0, r.stderr
     text = source_hashes((str(DEFAULT_CALIB),))[str(DEFAULT_CALIB)]
-    assert text in calibration_inputs((str(big),))["calibration_sha256"]
-    assert text in calibration_inputs((str(small),))["calibration_sha256"]
+    for f in (big, small, tiny):  # transitively: however many token files lie between the text and this one
+        assert text in calibration_inputs((str(f),))["calibration_sha256"], f.name

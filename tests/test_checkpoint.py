@@ -4,6 +4,7 @@ import json
 import platform
 import shutil
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +281,28 @@ def test_every_tokenizer_file_travels_with_the_outputs(tmp_path):
     for n in TOKENIZER_FILES:
         (tmp_path / n).write_text("x")
     assert {p.name for p in aux_files(tmp_path)} >= set(TOKENIZER_FILES)
+
+
+def test_an_index_spelling_one_shard_two_ways_is_one_shard(tmp_path):
+    """weight_map entries naming the same shard as "./model-00001-of-00002.safetensors" and
+    "model-00001-of-00002.safetensors" (one file, as os.path.join and transformers read them): every tensor of that
+    shard is listed, so nothing is a stray; the reader serves each tensor as safetensors reads it from the file."""
+    from safetensors.torch import load_file
+
+    from moepress import models
+
+    ck = Path(shutil.copytree(models.path("tiny-qwen3-moe"), tmp_path / "c"))
+    idx = ck / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    wm = data["weight_map"]
+    shard = sorted(set(wm.values()))[0]
+    mine = sorted(n for n in wm if wm[n] == shard)
+    for n in mine[::2]:
+        wm[n] = "./" + shard
+    idx.write_text(json.dumps(data))
+    r = CheckpointReader(ck)
+    assert set(r.names()) == set(wm)
+    want = load_file(ck / shard)
+    assert set(want) == set(mine)
+    for n in mine[:4]:
+        assert torch.equal(r.get(n), want[n]), n

@@ -3,6 +3,8 @@ CLI's exit code, one-line message and --json result: properties no other test pi
 planted each bug and the suite passed). No stage runs: each test takes milliseconds."""
 
 import json
+import os
+import shutil
 import sys
 import types
 
@@ -147,12 +149,17 @@ def test_publish_into_the_current_directory_and_through_a_symlink(tmp_path, cli_
     r = cli_run("publish", art, "--to", ".", "--force")
     assert r.exit_code == 0, r.output
     assert tree(here) == listed
+    # filled in place: the process's current directory is still `here` (a directory renamed over it would leave
+    # the shell in a removed one, which lists nothing)
+    assert os.path.samefile(os.getcwd(), here) and sorted(os.listdir(".")) == sorted(p.name for p in here.iterdir())
     monkeypatch.chdir(tmp_path)
     (tmp_path / "target").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "target")
     r = cli_run("publish", art, "--to", tmp_path / "link", "--force")
     assert r.exit_code == 0, r.output
     assert tree(tmp_path / "link") == listed and not (tmp_path / "link.partial").exists()
+    # the copy is in the directory the link names, the link left a link (not replaced by a directory)
+    assert (tmp_path / "link").is_symlink() and tree(tmp_path / "target") == listed
 
 
 def test_publish_refuses_a_manifest_that_is_not_a_json_object_in_one_line(tmp_path, cli_run):
@@ -160,7 +167,43 @@ def test_publish_refuses_a_manifest_that_is_not_a_json_object_in_one_line(tmp_pa
     traceback and exit 1 (which says an accuracy check failed)."""
     art = _artifact(tmp_path)
     text = (art / MANIFEST_NAME).read_text()
-    for bad in (text[:-5], "[]", "null"):
-        (art / MANIFEST_NAME).write_text(bad)
+    for bad in (text[:-5].encode(), b"[]", b"null", b"\xff\xfe{}"):  # the last: not UTF-8
+        (art / MANIFEST_NAME).write_bytes(bad)
         _one_line(cli_run("publish", art, "--to", tmp_path / "pub", "--force"), str(art / MANIFEST_NAME))
     assert not (tmp_path / "pub").exists()
+
+
+def test_publish_refuses_while_another_process_writes_the_destination(tmp_path, cli_run):
+    """Every moepress writer of OUT holds OUT.partial.lock (DEVELOPING.md); a publish --to OUT meanwhile is refused
+    in one line and leaves that writer's OUT.partial as it is (it was removed as a stale partial)."""
+    from moepress.outputs import OutputLock
+
+    art = _artifact(tmp_path)
+    (tmp_path / "pub.partial").mkdir()
+    (tmp_path / "pub.partial" / "model-00001-of-00002.safetensors").write_bytes(b"being written")
+    lock = OutputLock(tmp_path / "pub.partial.lock", "busy")
+    lock.acquire()  # flock: held against any other open of the file, this process's included
+    try:
+        _one_line(cli_run("publish", art, "--to", tmp_path / "pub", "--force"), f"--to {tmp_path / 'pub'}",
+                  "another process")
+    finally:
+        lock.release()
+    assert [p.name for p in (tmp_path / "pub.partial").iterdir()] == ["model-00001-of-00002.safetensors"]
+    assert not (tmp_path / "pub").exists()
+
+
+def test_publish_whose_copy_fails_leaves_no_partial_copy(tmp_path, cli_run, monkeypatch):
+    """The disk fills up during the copy: one line naming --to, and neither TO nor a half-written TO.partial."""
+    art = _artifact(tmp_path)
+    real, done = shutil.copyfile, []
+
+    def full(src, dst, *a, **k):
+        if done:
+            raise OSError(28, "No space left on device")
+        done.append(dst)
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    _one_line(cli_run("publish", art, "--to", tmp_path / "pub", "--force"), f"--to {tmp_path / 'pub'}",
+              "No space left on device")
+    assert done and not (tmp_path / "pub").exists() and not (tmp_path / "pub.partial").exists()

@@ -244,3 +244,35 @@ def test_ranks_started_with_different_options_refuse_in_one_line(tmp_path, cmd, 
         assert code == 2 and len(lines) == 1, err[-2000:]
         assert "torchrun ranks were started with different options" in lines[0] and needle in lines[0], lines[0]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.partial*"))
+
+
+def test_a_lost_peer_exits_2_after_its_line_without_tearing_the_group_down(cli_run, monkeypatch, tmp_path):
+    """PeerLost under a joined process group: the one line (and --json's result), then the process ends with exit
+    2 at once (os._exit): gloo's teardown at interpreter exit aborted rank 0 with SIGABRT (exit -6) after the line,
+    so torchrun and CI saw -6. The group is simulated joined; the lost peer is raised where the stage reads its
+    calibration data."""
+    import json
+
+    import torch.distributed
+
+    import moepress.calib.data
+    from moepress.errors import PeerLost
+
+    def lost(*a, **k):
+        raise PeerLost("distributed run (rank 0 of 2) stopped: Connection closed by peer (another rank exited)")
+
+    exits = []
+
+    def _exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(moepress.calib.data, "calibration_set", lost)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(os, "_exit", _exit)
+    r = cli_run("calib", "prepare", "tiny-qwen3-moe", "--num-samples", 4, "--seq-len", 16, "-o", tmp_path / "t.pt",
+                "--json")
+    assert exits == [2] and r.exit_code == 2, (exits, r.output)
+    assert r.stderr.strip().splitlines() == ["moepress: error: distributed run (rank 0 of 2) stopped: Connection "
+                                             "closed by peer (another rank exited)"]
+    assert json.loads(r.stdout) == {"error": r.stderr.strip()[len("moepress: error: "):], "exit": 2}
