@@ -120,45 +120,45 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
     env = dist.init()
     config = {"calib": list(calib), "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
               "batch_size": batch_size, "rare": rare, "absmax": absmax, "dtype": dtype}
-    try:
-        dist.agree(env, {**config, "force": force})
-        prog = Progress.from_flags(quiet or not env.is_main, json_out and env.is_main)
-        cs = dist.run_main_first(env, lambda: calibration_set(src, calib, num_samples, seq_len, seed,
-                                                              trust_remote_code))
-        batches = dist.shard(cs.batches(batch_size), env.rank, env.world_size)
-        (stats, amax, facts), memory = run_measured(device, collect, src, batches, absmax=absmax, progress=prog,
-                                                    dtype=getattr(torch, dtype),
-                                                    share="rank 0's share: " if env.enabled else "")
-        dist.all_reduce_routing(stats, env)
-        if absmax:
-            amax = dist.all_reduce_absmax(amax, env)
-        summary = summarize(stats, rare)
-        tokens = int(cs.input_ids.numel())
-        text = render(summary, facts, tokens)
-        if env.is_main:
-            calib_meta = {k: v for k, v in cs.meta.items() if k != "file"}
-            with CheckpointWriter(output, force=force, sources=(src,)) as w:
-                w.manifest.update({"stage": "calib-stats", "config": config,
-                                   "inputs": {"model": str(src), "calibration": calib_meta.get("key"),
-                                              "calibration_tokens": tokens}, "world_size": env.world_size})
-                w.write_json("stats.json", {"model": str(src), **facts, "world_size": env.world_size,
-                                            "calibration": calib_meta, "summary": summary,
-                                            "layers": per_expert(stats)})
-                w.write_text("summary.txt", text + "\n")
-                stats.save(w.partial / "routing.safetensors")
-                if absmax:
-                    from safetensors.torch import save_file
+    dist.agree(env, {**config, "force": force})
+    prog = Progress.from_flags(quiet or not env.is_main, json_out and env.is_main)
+    cs = dist.run_main_first(env, lambda: calibration_set(src, calib, num_samples, seq_len, seed,
+                                                          trust_remote_code))
+    batches = dist.shard(cs.batches(batch_size), env.rank, env.world_size)
+    (stats, amax, facts), memory = run_measured(device, collect, src, batches, absmax=absmax, progress=prog,
+                                                dtype=getattr(torch, dtype),
+                                                share="rank 0's share: " if env.enabled else "")
+    dist.all_reduce_routing(stats, env)
+    if absmax:
+        amax = dist.all_reduce_absmax(amax, env)
+    summary = summarize(stats, rare)
+    tokens = int(cs.input_ids.numel())
+    text = render(summary, facts, tokens)
+    if env.is_main:
+        calib_meta = {k: v for k, v in cs.meta.items() if k != "file"}
+        with CheckpointWriter(output, force=force, sources=(src,)) as w:
+            w.manifest.update({"stage": "calib-stats", "config": config,
+                               "inputs": {"model": str(src), "calibration": calib_meta.get("key"),
+                                          "calibration_tokens": tokens}, "world_size": env.world_size})
+            w.write_json("stats.json", {"model": str(src), **facts, "world_size": env.world_size,
+                                        "calibration": calib_meta, "summary": summary,
+                                        "layers": per_expert(stats)})
+            w.write_text("summary.txt", text + "\n")
+            stats.save(w.partial / "routing.safetensors")
+            if absmax:
+                from safetensors.torch import save_file
 
-                    save_file(amax, str(w.partial / "input_absmax.safetensors"),
-                              metadata={"format": "moepress-input-absmax"})
-                plot_share(stats, w.partial / "heatmap.png",
-                           f"{src.name}: routed-token share per layer x expert ({tokens} calibration tokens, "
-                           f"top-{facts['top_k']})")
-            click.echo(json.dumps({"output": str(output), "tokens": tokens, "world_size": env.world_size,
-                                   **summary, "memory": memory}) if json_out else text + f"\nwrote {output}")
-        dist.barrier(env)
-    finally:
-        dist.shutdown()
+                save_file(amax, str(w.partial / "input_absmax.safetensors"),
+                          metadata={"format": "moepress-input-absmax"})
+            plot_share(stats, w.partial / "heatmap.png",
+                       f"{src.name}: routed-token share per layer x expert ({tokens} calibration tokens, "
+                       f"top-{facts['top_k']})")
+        click.echo(json.dumps({"output": str(output), "tokens": tokens, "world_size": env.world_size,
+                               **summary, "memory": memory}) if json_out else text + f"\nwrote {output}")
+    dist.barrier(env)
+    # on success only: after a lost peer, tearing the group down can abort this rank (SIGABRT) after its one-line
+    # error; the CLI then leaves without it (calib.distributed.abandon)
+    dist.shutdown()
 
 
 COMMANDS = [calib_group]
