@@ -73,3 +73,31 @@ def test_an_export_of_a_quantize_format_it_does_not_write_is_refused_before_any_
     r = cli_run("run", rec, "-o", tmp_path / "run")
     one_line_error(r, f"recipe export.formats {export}: quantize.format {quant}", expected)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("rule", ["block_sparse_moe.experts.7.*", "model.layers.1.block_sparse_moe.experts.[0-2].w2"])
+def test_a_rule_picking_experts_by_index_is_refused_before_a_prune_that_renumbers_them(cli_run, tmp_path, rule):
+    """The rules were checked against the source's names ('a prune keeps their names'), but the prune renumbers
+    the kept experts 0..N-1: experts.7 (of 8, 6 kept) was refused only after the prune ran, naming --rule, and
+    an index below 6 silently named another expert (layer 0's original expert 4 is written as expert 3)."""
+    rec = write_recipe(tmp_path / "r.yaml", quantize={"format": "fp8", "rules": {rule: "none"}}, check=None)
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    one_line_error(r, f"r.yaml: quantize.rules {rule}=none: picks routed experts by index")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_rule_treating_every_expert_alike_still_runs_after_a_prune(cli_run, tmp_path):
+    rec = write_recipe(tmp_path / "r.yaml", check=None, export=None,
+                       quantize={"format": "fp8", "rules": {"model.layers.1.block_sparse_moe.experts.*": "none",
+                                                            "*.w2": "fp8-dynamic"}})
+    r = cli_run("run", rec, "-o", tmp_path / "run", "--quiet")
+    assert r.exit_code == 0, r.output
+
+
+def test_a_rule_pattern_given_twice_in_a_recipe_is_refused_not_overwritten(cli_run, tmp_path):
+    """YAML kept the last of two quantize.rules with one pattern, silently (the effective recipe showed only
+    'mlp.experts.*: none'), where --rule applies the first and refuses the later one as shadowed."""
+    rec = tmp_path / "r.yaml"
+    rec.write_text("model: tiny-qwen3-moe\nprune: null\nquantize:\n  format: fp8\n  rules:\n"
+                   "    'mlp.experts.*': int4-gptq\n    'mlp.experts.*': none\n")
+    one_line_error(cli_run("recipe", "show", rec), "r.yaml: line 7", "duplicate key 'mlp.experts.*'")

@@ -151,11 +151,14 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
             PruneStage(model, PruneConfig.from_recipe(recipe["prune"], calib))
     if recipe["quantize"] is not None:  # the rules against the source's linears (a prune keeps their names)
         from moepress.compress.quantize import QuantConfig
-        from moepress.compress.quantize.stage import check_rules
+        from moepress.compress.quantize.stage import check_rules, refuse_expert_index_rules
         from moepress.compress.stream import StreamedModel
 
         with recipe_keys(src, "quantize"):
-            check_rules(StreamedModel(model, prefetch=False), QuantConfig.from_recipe(recipe["quantize"], calib))
+            sm, qcfg = StreamedModel(model, prefetch=False), QuantConfig.from_recipe(recipe["quantize"], calib)
+            check_rules(sm, qcfg)
+            if recipe["prune"] is not None:  # the prune renumbers the kept experts 0..N-1
+                refuse_expert_index_rules(sm, qcfg)
     for fmt in (recipe.get("export") or {}).get("formats") or []:
         with recipe_keys(src, "export"):
             refuse_config(export_config(recipe["export"], fmt))
@@ -195,12 +198,26 @@ def _check_value(src: str, section: str, key: str, v) -> None:
                                     f"{', '.join(TARGETS)}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: PyYAML keeps the last silently, so two
+    quantize.rules with one pattern ran the later one, where --rule (first match wins) refuses the later."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"found duplicate key {key!r}", k.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -> tuple[dict, str]:
     """The effective recipe from ``path`` (None: the embedded default) and its source name."""
     p = Path(path) if path is not None else DEFAULT_RECIPE
     src = str(p) if path is not None else "default recipe"
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise MoepressError(f"{p}: no such recipe file") from None
     except (OSError, UnicodeDecodeError) as e:
