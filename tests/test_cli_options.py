@@ -134,3 +134,22 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory(cli_run, t
     assert r.exit_code == 2, r.output
     assert option in json.loads(r.stdout)["error"] and "empty string" in json.loads(r.stdout)["error"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["canary.txt"]
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_recipe_search_tokens_must_be_positive(value):
+    """`moepress prune --search-tokens 0` is refused (exit 2); a recipe's prune.search_tokens 0 reached the
+    search and crashed with a ValueError traceback (exit 1), and -3 silently searched all tokens but 3."""
+    from moepress.errors import MoepressError
+
+    with pytest.raises(MoepressError, match="search_tokens"):
+        normalise({"model": "tiny-mixtral", "prune": {"keep": 4, "search_tokens": value}})
+
+
+def test_method_merge_with_no_merge_is_refused(cli_run, tmp_path):
+    """`--method merge --no-merge` wrote `--method reap`'s checkpoint byte for byte while printing "(merge)" and
+    recording method merge: a contradictory pair that silently does something else."""
+    r = cli_run("prune", "tiny-qwen3-moe", "--keep", "8", "--method", "merge", "--no-merge",
+                "-o", tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert "--no-merge" in r.output and not (tmp_path / "out").exists()

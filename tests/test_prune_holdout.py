@@ -271,3 +271,22 @@ def test_reap_rows_count_the_tokens_reap_scored(tmp_path):
         kept = {k["expert"]: k["tokens"] for k in lr["kept"]}
         routed_differs |= kept[st["weakest_kept"]] != st["kept_tokens"]
     assert routed_differs  # the routed counts are other numbers here (the test can tell the two apart)
+
+
+def test_a_search_boundary_tie_is_fragile():
+    """reroute's own boundary (last drop against the runner-up) with margin 0 and noise 0 (neither expert
+    touches a search token, e.g. `--search-tokens 2`: the drop is decided by index) was reported z None and
+    not fragile, though the score methods' jackknife calls the same tie fragile (margin_z: 0 for a tie)."""
+    from moepress.compress.prune.evidence import Selection
+    from moepress.compress.prune.stability import stability
+
+    E = 4
+    total = LayerRouting(E, 1, 200)
+    total.counts = torch.tensor([90, 60, 30, 20])
+    budget = plan_budget(_FakeAdapter(E), PruneConfig(keep=3, method="reroute"))
+    ev = LayerEvidence(0, None, total, {"scoring": "softmax"}, None, None)
+    boundary = {"weakest_kept": 3, "strongest_dropped": 2, "margin": 0.0, "noise": 0.0,
+                "noise_from": "per-token paired differences over 2 search tokens", "tokens_that_differ": 0}
+    sel = Selection([0, 1, 3], torch.zeros(E, dtype=torch.float64), {"boundary": boundary})
+    row = stability(METHODS["reroute"], ev, budget, sel, None)
+    assert (row["margin"], row["noise"], row["z"], row["fragile"]) == (0.0, 0.0, 0.0, True)

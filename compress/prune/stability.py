@@ -136,7 +136,7 @@ def stability(meth: PruneMethod, ev: LayerEvidence, budget: Budget, sel: Selecti
     out: dict = {"statistics_tokens": ev.stats.tokens}
     b = sel.extra.get("boundary")  # JSON-safe: z is None when the noise is 0
     if b is not None:  # a search's own boundary
-        z = b["margin"] / b["noise"] if b["noise"] > 0 else math.inf
+        z = margin_z(b["margin"], b["noise"])  # a tie (neither touches a search token): 0, fragile
         out.update({**b, "kept_tokens": int(ev.stats.counts[b["weakest_kept"]]),
                     "dropped_tokens": int(ev.stats.counts[b["strongest_dropped"]]),
                     "z": None if not math.isfinite(z) else z, "fragile": z < FRAGILE_Z})

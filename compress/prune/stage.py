@@ -73,6 +73,9 @@ class PruneStage:
         # "always" / "float" (where the experts are stored in float) / "": the method's, unless --merge/--no-merge
         self.merge_rule = {True: "always", False: ""}.get(cfg.merge, self.method.merge)
         self._merges: dict[int, bool] = {}
+        if cfg.merge is False and self.method.merge == "always":
+            raise MoepressError(f"--no-merge: --method {cfg.method} always folds the dropped experts into the kept "
+                                "ones; expected --method reap for its selection without folding")
         if self.merge_rule and self.method.candidates:
             raise MoepressError(f"--merge: {cfg.method} decides each layer one layer later from candidate "
                                 "selections; merging folds after a per-layer selection (reroute, reap, frequency, "

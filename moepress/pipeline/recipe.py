@@ -35,8 +35,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
 }
 # list keys and the type of their elements
 ELEMENTS = {("calib", "sources"): str, ("export", "formats"): str, ("build", "targets"): str}
-# build keys that must be positive when set
-POSITIVE = {("build", "gpus"), ("build", "max_seq_len"), ("build", "max_batch")}
+# keys that must be positive when set
+POSITIVE = {("build", "gpus"), ("build", "max_seq_len"), ("build", "max_batch"), ("prune", "search_tokens")}
 TOP = {"model", "output", "device", *SCHEMA}
 STAGES = ("prune", "quantize", "export", "check", "build")
 # a stage's CLI flag -> its recipe key, where the key is not the flag's name (--num-samples -> num_samples)
@@ -177,7 +177,8 @@ def export_config(section: dict, fmt: str):
 
 
 def _check_value(src: str, section: str, key: str, v) -> None:
-    """A list key's elements and a positive build number, refused in one line naming the key."""
+    """A list key's elements and a positive number (build sizes, prune.search_tokens), refused in one
+    line naming the key."""
     elem = ELEMENTS.get((section, key))
     if elem is not None and v is not None:
         bad = [x for x in v if not isinstance(x, elem)]
