@@ -198,10 +198,15 @@ def _prepared_samples(src: SourceSpec, n: int, seq_len: int, tokenizer_sha: str,
                             f"{min(n, ids.shape[0])})")
     # what the token file was sampled from, transitively: a token file prepared from another one is still that
     # text's data (read_hashes: check's in-sample note)
-    made = [x for x in side.get("sources") or [] if isinstance(x, dict)]
-    origin = {x["sha256"] for x in made if isinstance(x.get("sha256"), str)}
-    origin |= {h for x in made for h in x.get("from_sha256") or [] if isinstance(h, str)}
+    origin = _origins(side.get("sources"))
     return ids[:n], {**info, "documents": int(ids.shape[0]), "documents_used": n, "from_sha256": sorted(origin)}
+
+
+def _origins(made) -> set[str]:
+    """The sha256 of the sources a token file's sidecar lists, and of what those were prepared from."""
+    made = [x for x in made or [] if isinstance(x, dict)]
+    out = {x["sha256"] for x in made if isinstance(x.get("sha256"), str)}
+    return out | {h for x in made for h in x.get("from_sha256") or [] if isinstance(h, str)}
 
 
 def _pack(tok, src: SourceSpec, docs, n: int, seq_len: int, g_docs: torch.Generator,
@@ -311,9 +316,7 @@ def read_hashes(sources: tuple[str, ...] | list[str]) -> set[str]:
             side = json.loads(sidecar_path(s.path).read_text())
         except (OSError, ValueError):
             continue
-        made = side.get("sources") if isinstance(side, dict) else None
-        out |= {x["sha256"] for x in made or [] if isinstance(x, dict) and isinstance(x.get("sha256"), str)}
-        out |= {h for x in made or [] if isinstance(x, dict) for h in x.get("from_sha256") or [] if isinstance(h, str)}
+        out |= _origins(side.get("sources") if isinstance(side, dict) else None)
     return out
 
 

@@ -71,6 +71,7 @@ GRAPH_ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_
 
 
 def refuse_activation(src: Path, adapter) -> None:
+    """An MLP activation the graph has no ops for, refused before anything is written."""
     act = getattr(adapter.hf_config, "hidden_act", "silu")
     if act not in GRAPH_ACTIVATIONS:
         raise MoepressError(f"--format onnx: {src}/config.json has hidden_act {act!r}, which the graph does not "

@@ -153,7 +153,7 @@ def fold_dropped(ev: LayerEvidence, kept: list[int], num_experts: int) -> dict:
         total = math.fsum(w)
         # group-limited routing: a kept expert can be refit for tokens moved to it from other kept experts
         # alone, with no mass of its own or of a dropped expert; it is then listed alone, its own share 1
-        shares = [round(v / total, 6) for v in w] if total > 0 else [1.0] + [0.0] * len(ds)
+        shares = [round(v / total, 6) for v in w] if total > 0 else [1.0]  # ds is empty then
         merged[str(c)] = {"members": [c, *ds], "mass_share": shares,
                           "rewritten": ["down"]}
     return merged

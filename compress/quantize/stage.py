@@ -124,7 +124,7 @@ def refuse_shadowed_rules(cfg: QuantConfig, names: list[tuple[str, str]]) -> Non
 EXPERT_INDEX = re.compile(r"^(.*\.experts)\.(\d+)\.(.+)$")
 
 
-def refuse_expert_index_rules(sm: StreamedModel, cfg: QuantConfig, stage: str = "prune") -> None:
+def refuse_expert_index_rules(sm: StreamedModel, cfg: QuantConfig) -> None:
     """A --rule that picks some of a layer's routed experts by index (``mlp.experts.3.*``), checked against the
     names before a stage that renumbers the experts (prune keeps the first N indices): it would name other
     experts afterwards, or none. Refused, as the prune refuses such a pattern in a Kimi ``ignore`` list."""
@@ -144,9 +144,9 @@ def refuse_expert_index_rules(sm: StreamedModel, cfg: QuantConfig, stage: str = 
         part = next((k for k, n in hit.items() if n < total[k]), None)
         if part is not None:
             raise MoepressError(f"--rule {pat}={fmt}: picks routed experts by index (some of layer {part[0]}'s "
-                                f"{part[1]}), which the {stage} stage renumbers; expected a pattern that treats "
-                                f"every expert of a layer alike (e.g. '{part[1]}.*'), or quantize "
-                                f"the {stage}d checkpoint with moepress quantize")
+                                f"{part[1]}), which the prune stage renumbers; expected a pattern that treats every "
+                                f"expert of a layer alike (e.g. '{part[1]}.*'), or quantize the pruned checkpoint "
+                                "with moepress quantize")
 
 
 class QuantizeStage:
