@@ -937,7 +937,10 @@ def test_an_interrupt_is_one_line_its_own_exit_code_and_keeps_the_finished_layer
     p = subprocess.run([sys.executable, "-m", "moepress", "quantize", "tiny-qwen3-moe", "--format", "fp8",
                         "--num-samples", "8", "--seq-len", "64", "-o", str(out), "--json", "--quiet"],
                        capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "MOEPRESS_KILL_AT": f"quantize:2:{sig}"})  # the signal after layer 2
+                       env={**os.environ, "MOEPRESS_KILL_AT": f"quantize:2:{sig}"},  # the signal after layer 2
+                       # as from a terminal: a shell's background job (CI started with &) inherits SIGINT ignored,
+                       # which moepress keeps ignored (nohup's contract), and the run would finish
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stdout, stderr = p.stdout, p.stderr
     assert p.returncode == 128 + getattr(signal, sig), stderr
     line = f"interrupted by {sig}; the finished layers are kept in {tmp_path / 'O.partial'}: rerun with --resume"
