@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import ClassVar
 
 import torch
@@ -218,6 +218,18 @@ class Adapter:
         """(layer, expert) for a routed-expert tensor name, else None."""
         m = re.match(rf"model\.layers\.(\d+)\.{re.escape(self.ffn_attr)}\.experts\.(\d+)\.", name)
         return (int(m.group(1)), int(m.group(2))) if m else None
+
+    def picked_by_index(self, match: Callable[[int, str], bool]) -> tuple[int, list[str], list[str]] | None:
+        """The first MoE layer and expert projection where ``match(layer, module name)`` selects some routed
+        experts and not others: (layer, the projection's expert names, those matched); None when it treats
+        every expert of each layer alike. Pruning renumbers experts, so such a selection names others after."""
+        for i in self.moe_layers():
+            for proj in self.expert_names:
+                names = [self.expert_prefix(i, e) + proj for e in range(self.num_experts)]
+                hits = [n for n in names if match(i, n)]
+                if 0 < len(hits) < len(names):
+                    return i, names, hits
+        return None
 
     def keep_fp32(self, name: str) -> bool:
         """Tensors kept in float32 whatever the compute dtype (router scores need it)."""

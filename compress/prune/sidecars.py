@@ -71,16 +71,14 @@ def refuse_index_patterns(src: Path, config: dict, adapter) -> None:
     pats = list(_patterns(Path(src), config))
     if not pats:
         return
-    for i in adapter.moe_layers():
-        for proj in adapter.expert_names:
-            names = [adapter.expert_prefix(i, e) + proj for e in range(adapter.num_experts)]
-            for fname, p, match in pats:
-                hits = [e for e, n in enumerate(names) if match(n)]
-                if 0 < len(hits) < len(names):
-                    raise MoepressError(
-                        f"{Path(src) / fname}: pattern '{p}' selects routed experts of layer {i} by index "
-                        f"({len(hits)} of {len(names)}, e.g. {names[hits[0]]}); pruning renumbers experts, so it "
-                        "would select others; name those modules one by one")
+    for fname, p, match in pats:
+        picked = adapter.picked_by_index(lambda i, n, match=match: match(n))
+        if picked is not None:
+            i, names, hits = picked
+            raise MoepressError(
+                f"{Path(src) / fname}: pattern '{p}' selects routed experts of layer {i} by index "
+                f"({len(hits)} of {len(names)}, e.g. {hits[0]}); pruning renumbers experts, so it "
+                "would select others; name those modules one by one")
 
 
 def kept_by_layer(report_layers: list[dict]) -> dict[int, dict[int, int]]:

@@ -14,7 +14,6 @@ gathered and folded in global order and rank 0 writes: the output is identical t
 from __future__ import annotations
 
 import fnmatch
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -121,31 +120,19 @@ def refuse_shadowed_rules(cfg: QuantConfig, names: list[tuple[str, str]]) -> Non
                                 "or a pattern that names other linears")
 
 
-EXPERT_INDEX = re.compile(r"^(.*\.experts)\.(\d+)\.(.+)$")
-
-
 def refuse_expert_index_rules(sm: StreamedModel, cfg: QuantConfig) -> None:
     """A --rule that picks some of a layer's routed experts by index (``mlp.experts.3.*``), checked against the
     names before a stage that renumbers the experts (prune keeps the first N indices): it would name other
     experts afterwards, or none. Refused, as the prune refuses such a pattern in a Kimi ``ignore`` list."""
-    a, cache = sm.adapter, {}
-    names = [(rel, a.layer_prefix(i) + rel, i) for i in range(a.num_layers) for rel in linear_names(sm, i, cache)]
+    a = sm.adapter
     for pat, fmt in cfg.rules:
-        total: dict[tuple, int] = {}
-        hit: dict[tuple, int] = {}
-        for rel, full, i in names:
-            m = EXPERT_INDEX.match(rel)
-            if m is None:
-                continue
-            key = (i, m.group(1), m.group(3))
-            total[key] = total.get(key, 0) + 1
-            if fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(full, pat):
-                hit[key] = hit.get(key, 0) + 1
-        part = next((k for k, n in hit.items() if n < total[k]), None)
-        if part is not None:
-            raise MoepressError(f"--rule {pat}={fmt}: picks routed experts by index (some of layer {part[0]}'s "
-                                f"{part[1]}), which the prune stage renumbers; expected a pattern that treats every "
-                                f"expert of a layer alike (e.g. '{part[1]}.*'), or quantize the pruned checkpoint "
+        picked = a.picked_by_index(lambda i, n, pat=pat: fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(
+            n.removeprefix(a.layer_prefix(i)), pat))
+        if picked is not None:
+            part = picked[2][0].removeprefix(a.layer_prefix(picked[0])).rsplit(".", 2)[0]  # e.g. mlp.experts
+            raise MoepressError(f"--rule {pat}={fmt}: picks routed experts by index (some of layer {picked[0]}'s "
+                                f"{part}), which the prune stage renumbers; expected a pattern that treats every "
+                                f"expert of a layer alike (e.g. '{part}.*'), or quantize the pruned checkpoint "
                                 "with moepress quantize")
 
 

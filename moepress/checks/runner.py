@@ -27,6 +27,7 @@ from moepress.calib.sources import TEXT_SUFFIXES
 from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.candidates.base import config_json
 from moepress.checks.candidates.checkpoint import unstreamed_activations
+from moepress.checks.candidates.onnx_runtime import graph_family
 from moepress.checks.config import CheckConfig, check_passed, evaluate_gates, refuse_unmeasurable
 from moepress.checks.lineage import calibrated_on
 from moepress.checks.routing import Agreement, RouteCapture
@@ -306,21 +307,10 @@ def _refuse_other_family(candidate: Path, reference, family: str) -> None:
     try:
         other = adapter_class(config_json(folder) or {}).family
     except MoepressError:  # no config.json, or an architecture moepress does not stream
-        other = _onnx_family(candidate if candidate.suffix == ".onnx" else next(folder.glob("*.onnx"), None))
+        other = graph_family(candidate)
     if other is not None and other != family:
         raise MoepressError(f"{candidate}: a {other} model, the reference {reference} is {family}; expected the "
                             "checkpoint the candidate was made from")
-
-
-def _onnx_family(path: Path | None) -> str | None:
-    """The family a moepress ONNX export names its graph after (onnx_export: ``moepress-FAMILY``; the export
-    writes no config.json), read without the external weights; None for another graph."""
-    if path is None or not path.is_file():
-        return None
-    import onnx
-
-    name = onnx.load(str(path), load_external_data=False).graph.name
-    return name.removeprefix("moepress-") if name.startswith("moepress-") else None
 
 
 def run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, progress=None, device=None) -> dict:

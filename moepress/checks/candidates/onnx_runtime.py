@@ -23,6 +23,22 @@ def _onnx_file(path: Path) -> Path:
                         f"{', '.join(p.name for p in files) or 'none'}")
 
 
+def graph_family(path: Path) -> str | None:
+    """The family a moepress ONNX export (the file :func:`_onnx_file` picks in a folder) names its graph after
+    (onnx_export: ``moepress-FAMILY``; the export writes no config.json), read without the external weights;
+    None for another graph, or no ONNX file."""
+    try:
+        f = _onnx_file(path)
+    except MoepressError:
+        return None
+    if f.suffix != ".onnx":
+        return None
+    import onnx
+
+    name = onnx.load(str(f), load_external_data=False).graph.name
+    return name.removeprefix("moepress-") if name.startswith("moepress-") else None
+
+
 def session_options(optimize: bool = True):
     """onnxruntime session options that run the exported graph as written.
 
