@@ -40,6 +40,9 @@ class Exporter:
     # the quantize formats (compress.formats.Format) whose checkpoints it writes, where one format alone decides
     # (a recipe's quantize.format without rules: refused before any stage; the exporter reads the checkpoint)
     writes_format: Callable[[object], bool] | None = None
+    # its refusals of the source model's config.json that no prune or quantize changes (onnx: the activation),
+    # called as (src, adapter, reader) by the export and by run's preflight, before any stage
+    refuse_source: Callable[[object, object, object], None] | None = None
 
     def refuse_family(self, family: str, src, where: str = "") -> None:
         """One line if it writes no ``family`` model (``where``: the option that asked, default --format)."""

@@ -78,6 +78,12 @@ def refuse_activation(src: Path, adapter) -> None:
                             f"write; expected one of {', '.join(GRAPH_ACTIVATIONS)}")
 
 
+def refuse_source(src: Path, adapter, reader=None) -> None:
+    """What of the source's config.json the graph cannot compute: its rotary embedding and activation."""
+    refuse_length_dependent_rope(src, adapter)
+    refuse_activation(src, adapter)
+
+
 def refuse_opset(cfg) -> None:
     """--opset within what this export needs and onnxruntime runs."""
     if cfg.opset < 21:
@@ -94,8 +100,7 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config, reader.names())
     refuse_dynamic_inputs(src)
-    refuse_length_dependent_rope(src, adapter)
-    refuse_activation(src, adapter)
+    refuse_source(src, adapter)
     try:
         min_bytes = int(cfg.option("external_min_bytes", 1024))
     except ValueError:
@@ -145,7 +150,7 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
 EXPORTER = Exporter(
     "onnx", export_onnx, description="ONNX with QuantizeLinear/DequantizeLinear (FP8, INT4 block-wise, opset 21) "
     "and MoE routing in the graph", consumers="TensorRT (trtexec / ONNX parser), onnxruntime",
-    options=("external_min_bytes",), check_config=refuse_opset,
+    options=("external_min_bytes",), check_config=refuse_opset, refuse_source=refuse_source,
     # refuse_dynamic_inputs; FP4 has no Q/DQ form here (onnx_layers.py)
     writes_format=lambda f: not f.dynamic_input and f.element != "fp4",
 )

@@ -101,3 +101,19 @@ def test_a_rule_pattern_given_twice_in_a_recipe_is_refused_not_overwritten(cli_r
     rec.write_text("model: tiny-qwen3-moe\nprune: null\nquantize:\n  format: fp8\n  rules:\n"
                    "    'mlp.experts.*': int4-gptq\n    'mlp.experts.*': none\n")
     one_line_error(cli_run("recipe", "show", rec), "r.yaml: line 7", "duplicate key 'mlp.experts.*'")
+
+
+@pytest.mark.parametrize("export,change,needle", [
+    ("onnx", {"hidden_act": "quick_gelu"}, "hidden_act 'quick_gelu', which the graph does not write"),
+    ("onnx", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
+    ("trtllm-ckpt", {"hidden_act": "gelu"}, "hidden_act 'gelu'; this exporter writes a SiLU-gated MLP")])
+def test_an_export_refusing_the_models_config_is_refused_before_any_stage(cli_run, tmp_path, export, change, needle):
+    """The exporters refuse what of config.json their graph or config cannot hold (Exporter.refuse_source); a
+    run reached them only after prune and quantize had run, naming --format."""
+    from tests.test_export_onnx import _with_config
+
+    src = _with_config(tmp_path, "tiny-mixtral", **change)
+    rec = write_recipe(tmp_path / "r.yaml", model=str(src), quantize=FP8, export={"formats": [export]})
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    one_line_error(r, f"r.yaml: export.formats {export}: {src}/config.json has {needle}")
+    assert not (tmp_path / "run").exists()

@@ -165,7 +165,7 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
     if recipe["check"] is not None:
         with recipe_keys(src, "check"):
             eval_data(model, CheckConfig.from_dict(recipe["check"], where=_where(src, "check")))
-    refuse_unavailable_exports(recipe, model)
+    refuse_unavailable_exports(recipe, model, src)
 
 
 def export_config(section: dict, fmt: str):
@@ -237,20 +237,25 @@ def dump(recipe: dict) -> str:
     return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
 
 
-def refuse_unavailable_exports(recipe: dict, model: Path) -> None:
-    """An export format the model's family has no writer for, refused in one line before any stage runs."""
+def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -> None:
+    """An export format the model's family has no writer for, or whose writer refuses the model's config
+    (``Exporter.refuse_source``: an ONNX graph of a GELU MLP), refused in one line before any stage runs."""
     from moepress.compress.arch import get_adapter
-    from moepress.compress.checkpoint.reader import read_config_file
+    from moepress.compress.checkpoint import CheckpointReader
     from moepress.exporters import exporters
 
     formats = (recipe.get("export") or {}).get("formats") or []
     if not formats:
         return
-    adapter = get_adapter(read_config_file(model / "config.json"))
+    reader = CheckpointReader(model)
+    adapter = get_adapter(reader.config, reader.names())
     family, reg = adapter.family, exporters()
     for fmt in formats:
         if fmt in reg:
             reg[fmt].refuse_family(family, model, where=f"recipe export.formats {fmt}")
+            if reg[fmt].refuse_source is not None:
+                with recipe_keys(src, "export"):
+                    reg[fmt].refuse_source(model, adapter, reader)
     refuse_written_formats(recipe, formats, reg)
     refuse_modelopt_experts(recipe, family, formats)
     refuse_ct_forms(recipe, formats)
