@@ -201,7 +201,9 @@ def refuse_unwritten_attention(src: Path, adapter, reader) -> None:
 def trtllm_config(adapter, cfg, quant_algo, kv_algo) -> dict:
     c = adapter.hf_config
     tp, ep = cfg.tp, cfg.ep
-    rope = (adapter.config.get("rope_parameters") or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    # transformers 5 folds a hub config's top-level rope_theta (Qwen3-30B-A3B, Mixtral-8x7B) into rope_parameters
+    # and keeps no rope_theta attribute
+    rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
     head = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
     routing = adapter.routing()
     out = {

@@ -455,3 +455,20 @@ def test_formats_lists_the_families_it_writes(cli_run):
     """`moepress formats` said "all families" for trtllm-ckpt, which refuses DeepSeek-V3 / Kimi K2."""
     line = next(x for x in cli_run("formats").output.splitlines() if x.startswith("trtllm-ckpt"))
     assert "(mixtral, qwen3_moe)" in line and "all families" not in line
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_rotary_base_from_a_hub_config_with_top_level_rope_theta(tmp_path, family):
+    """Qwen3-30B-A3B's and Mixtral-8x7B's config.json on the hub say "rope_theta": 1000000.0 at the top level (no
+    rope_parameters; transformers 5 moves it into rope_parameters and has no rope_theta attribute): the engine
+    must get rotary_base 1e6, not transformers' absent attribute's fallback 10000."""
+    from helpers import make_random_checkpoint
+    from moepress.exporters import ExportConfig, export
+
+    src = make_random_checkpoint(family, tmp_path / "m")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg["rope_theta"] = 1000000.0
+    (src / "config.json").write_text(json.dumps(cfg))
+    export(src, tmp_path / "o", ExportConfig(format="trtllm-ckpt"))
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["rotary_base"] == 1000000.0
