@@ -61,10 +61,12 @@ from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
     fused_name,
+    partial_fused_blocks,
     pattern,
     refuse_fp4_expert_widths,
     refuse_mixed,
     refuse_partial_blocks,
+    refuse_partial_fused_blocks,
     refuse_partial_input_groups,
     refuse_partly_fused,
     refuse_unlike,
@@ -73,7 +75,7 @@ from moepress.exporters.fused_moe import (
     routed_names,
 )
 from moepress.exporters.hf_common import open_source, output_config, require_layout, tensor_groups, unquantized_modules
-from moepress.exporters.hints import int4_routes
+from moepress.exporters.hints import fused_blocks_route, int4_routes
 
 # moepress format -> compressed-tensors format, for the formats that have one (Format.ct_format)
 SUPPORTED = {n: f.ct_format for n, f in formats.FORMATS.items() if f.ct_format}
@@ -155,6 +157,8 @@ def _refuse_misread_experts(s, schemes) -> None:
         refuse_unpacked_experts(s, "compressed-tensors", set(modules))
     refuse_partial_blocks(s, "compressed-tensors", modules)
     refuse_partial_input_groups(s, "compressed-tensors", modules)
+    refuse_partial_fused_blocks(s, "compressed-tensors", modules,
+                                fused_blocks_route(s, modules, partial_fused_blocks(s, modules)))
     refuse_fp4_expert_widths(s, "compressed-tensors", modules)
 
 

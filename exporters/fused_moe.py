@@ -226,6 +226,35 @@ def refuse_partial_input_groups(s: Source, flag: str, modules: dict[str, dict]) 
             "would fail at the first forward: quantize with --format fp8 or fp8-dynamic")
 
 
+def partial_fused_blocks(s: Source, modules: dict[str, dict]) -> list[str]:
+    """Block-FP8 linears that the runtimes fuse with the ones after them (q/k/v, a dense or shared gate/up,
+    DeepSeek's q_a / kv_a) whose rows are not whole 128-row blocks: vLLM requires every part of a merged
+    block-FP8 linear but the last to be a multiple of block_n, unless its quantization config gives a
+    ``weight_block_size`` (vLLM 0.33 ``quantization/utils/fp8_utils.py`` validate_fp8_block_shape, from
+    ``compressed_tensors/schemes/compressed_tensors_w8a8_fp8.py`` create_weights: "Weight output_partition_size =
+    64 is not divisible by weight quantization block_n = 128"; ``layers/linear.py``
+    _maybe_allow_fp8_block_shape_mismatch reads ``quant_config.weight_block_size``, which its Fp8Config (the
+    hf-fp8-block export) has and CompressedTensorsConfig has not)."""
+    bad = []
+    for (_, fused), parts in sorted(fused_parts(s, set(modules)).items()):
+        order = TRTLLM_FUSED[fused]
+        parts = sorted(parts, key=lambda n: order.index(n.rpartition(".")[2]))
+        bad += [n for n in parts[:-1] if formats.FORMATS[modules[n]["format"]].scale == "block"
+                and s.reader.info(n + ".weight").shape[0] % 128]
+    return bad
+
+
+def refuse_partial_fused_blocks(s: Source, flag: str, modules: dict[str, dict], route: str) -> None:
+    """One line naming the :func:`partial_fused_blocks` and ``route``, the ways that take them."""
+    bad = partial_fused_blocks(s, modules)
+    if bad:
+        rows = ", ".join(map(str, sorted({s.reader.info(n + ".weight").shape[0] for n in bad})))
+        raise MoepressError(
+            f"--format {flag}: {len(bad)} block-FP8 linears that vLLM fuses with the next ones have {rows} rows, not "
+            f"whole 128-row blocks ({pattern(bad)}); vLLM refuses such a merged block-FP8 linear of a {flag} "
+            f"checkpoint at load (validate_fp8_block_shape): {route}")
+
+
 def high_precision_layers(s: Source, kept: set[str]) -> list[str]:
     """The fused experts module of each MoE layer whose routed experts all stay high precision."""
     return sorted(fused_name(s.adapter, i) for i, names in routed_linears(s).items()
@@ -234,5 +263,5 @@ def high_precision_layers(s: Source, kept: set[str]) -> list[str]:
 
 __all__ = ["common_groups", "expert_widths", "fused_name", "high_precision_layers", "pattern",
            "fp4_expert_widths_ok", "refuse_fp4_expert_widths", "refuse_mixed",
-           "refuse_partial_blocks", "refuse_partial_input_groups", "refuse_unpacked_experts", "routed_linears",
-           "routed_names"]
+           "partial_fused_blocks", "refuse_partial_blocks", "refuse_partial_fused_blocks",
+           "refuse_partial_input_groups", "refuse_unpacked_experts", "routed_linears", "routed_names"]

@@ -5,6 +5,8 @@ exporters and runtimes take, so that no refusal sends the user to another refusa
 
 from __future__ import annotations
 
+import re
+
 from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
@@ -111,6 +113,18 @@ def block_experts_route(s: Source, modules: dict) -> str:
     if any(formats.FORMATS[m["format"]].scale != "block" for m in modules.values()):
         fb = f"quantize with --format fp8-block, then {fb}"
     return f"{fb}, or {ct_route(s, modules)}"
+
+
+def fused_blocks_route(s: Source, modules: dict, bad: list[str]) -> str:
+    """Where block-FP8 linears go that vLLM fuses with partial blocks inside (fused_moe.partial_fused_blocks),
+    which compressed-tensors refuses: hf-fp8-block, whose config gives vLLM the block size that allows them, or
+    another format for them and the linears fused with them (one --rule per parent module)."""
+    fb = HF_FP8_BLOCK.format("")
+    if any(formats.FORMATS[m["format"]].scale != "block" for m in modules.values()):
+        fb = f"quantize with --format fp8-block, then {fb}"
+    parents = sorted({re.sub(r"^.*?layers\.\d+\.", "", n).rpartition(".")[0] for n in bad})
+    rules = " ".join(f"--rule '{p}.*=fp8-dynamic'" for p in parents)
+    return f"{fb}, or quantize them and the linears fused with them in another format ({rules}), then export"
 
 
 def ct_route(s: Source, modules: dict) -> str:

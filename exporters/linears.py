@@ -71,7 +71,7 @@ def _fp8_scheme(reader: CheckpointReader, prefix: str, s: torch.Tensor) -> str:
     if fmt is not None and fmt.scale in FP8_SCALES:
         return fmt.scale
     rows = reader.info(prefix + ".weight").shape[0]
-    return "tensor" if s.numel() == 1 else "channel" if tuple(s.shape) == (rows, 1) else "block"
+    return "tensor" if s.numel() == 1 else "channel" if tuple(s.shape) in ((rows, 1), (rows,)) else "block"
 
 
 def read_linear(reader: CheckpointReader, prefix: str, flag: str = "", accepts: str = "bf16, FP8 or INT4") -> Linear:
@@ -97,7 +97,8 @@ def read_linear(reader: CheckpointReader, prefix: str, flag: str = "", accepts: 
         if s is None:
             raise MoepressError(f"{reader.path}: FP8 tensor '{name}' has no weight_scale")
         scheme = _fp8_scheme(reader, prefix, s)
-        return Linear(scheme, reader.get(name), s.float().reshape(()) if scheme == "tensor" else s.float(),
+        shaped = {"tensor": (), "channel": (-1, 1)}  # a channel scale stored [out] (Model-Optimizer's) or [out, 1]
+        return Linear(scheme, reader.get(name), s.float().reshape(shaped[scheme]) if scheme in shaped else s.float(),
                       opt(".input_scale"))
     if code == "U8":
         s = opt(".weight_scale")

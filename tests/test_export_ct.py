@@ -144,9 +144,9 @@ def test_layout_is_the_libraries(ct, name, fmt):
                 isc = f.get_tensor(f"{mod}.input_scale")
                 assert ws.shape == isc.shape == (1,) and group["input_activations"]["dynamic"] is False
                 assert torch.equal(ws, src.get(f"{mod}.weight_scale").reshape(1))
-            else:  # per-channel weight scale [out, 1], dynamic per-token activations
+            else:  # per-channel weight scale [out, 1] (ours [out]), dynamic per-token activations
                 assert f"{mod}.input_scale" not in f.keys() and group["input_activations"]["strategy"] == "token"
-                assert ws.shape == (w.shape[0], 1) and torch.equal(ws, src.get(f"{mod}.weight_scale"))
+                assert ws.shape == (w.shape[0], 1) and torch.equal(ws, src.get(f"{mod}.weight_scale").reshape(-1, 1))
         else:
             packed, shape = f.get_tensor(f"{mod}.weight_packed"), f.get_tensor(f"{mod}.weight_shape")
             out_f, in_f = shape.tolist()
@@ -253,6 +253,7 @@ def test_block_fp8_inputs_that_are_not_whole_groups_of_128_are_refused(tmp_path,
         assert "in_features (32, 64) that are not a multiple of 128" in r.stderr and "--format fp8" in r.stderr
         assert not (tmp_path / fmt).exists()
     monkeypatch.setattr(ct_exporter, "refuse_partial_input_groups", lambda *a: None)
+    monkeypatch.setattr(ct_exporter, "refuse_partial_fused_blocks", lambda *a: None)  # its 64-row q_a_proj
     export(q, tmp_path / "written", ExportConfig(format="compressed-tensors"))
     torch.save(IDS, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -279,7 +280,9 @@ def test_block_fp8_experts_transformers_cannot_merge_are_declared_and_refused_by
     tiny-qwen3-moe's 128 x 128 experts are one block each, which transformers loads."""
     for model, fails in (("tiny-mixtral", True), ("tiny-qwen3-moe", False)):
         q, ct = tmp_path / model / "q", tmp_path / model / "ct"
-        quantize_checkpoint(models.path(model), q, QuantConfig(format="fp8-block"))
+        # attention per-channel FP8: its 64-row k_proj is no whole block, which vLLM refuses in a fused block-FP8 qkv
+        quantize_checkpoint(models.path(model), q,
+                            QuantConfig(format="fp8-block", rules=(("self_attn.*", "fp8-dynamic"),)))
         export(q, ct, ExportConfig(format="compressed-tensors"))
         info = json.loads((ct / "export.json").read_text())
         p = _load_without_moepress(tmp_path, ct)
@@ -367,7 +370,7 @@ def test_mixed_schemes_name_the_experts_where_vllm_looks(tmp_path, cli_run):
     (w1 / w2 / w3): it found no scheme (KeyError, or an unquantized MoE). Each layer's probe names resolve to
     the experts' group now, and transformers still loads the export (its logits equal moepress's)."""
     q, ct = tmp_path / "q", tmp_path / "ct"
-    assert cli_run("quantize", "tiny-mixtral", "--format", "fp8-dynamic", "--rule", "self_attn.*=fp8-block",
+    assert cli_run("quantize", "tiny-mixtral", "--format", "fp8-dynamic", "--rule", "self_attn.o_proj=fp8-block",
                    "-o", q, "--quiet").exit_code == 0
     assert cli_run("export", q, "--format", "compressed-tensors", "-o", ct, "--quiet").exit_code == 0
     groups = json.loads((ct / "config.json").read_text())["quantization_config"]["config_groups"]
@@ -474,3 +477,25 @@ def test_moe_layer_freq_transformers_does_not_read_is_declared_and_refused_by_ch
     assert any("moe_layer_freq 2" in n for n in info["consumer_notes"])
     r = cli_run("check", e, "-r", src, "--kind", "transformers", "--max-samples", "2", "--seq-len", "32")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "moe_layer_freq" in r.stderr, r.output
+
+
+def test_block_fp8_fused_attention_with_partial_output_blocks_is_refused(tmp_path, cli_run):
+    """vLLM builds q/k/v (and a dense gate/up, DeepSeek's q_a/kv_a) as one merged linear and, for a block-FP8
+    compressed-tensors scheme, requires every part but the last to be whole 128-row blocks
+    (quantization/utils/fp8_utils.py validate_fp8_block_shape, called by CompressedTensorsW8A8Fp8.create_weights:
+    "Weight output_partition_size = 64 is not divisible by weight quantization block_n = 128"). tiny-qwen3-moe's
+    k_proj has 64 rows ([128, 64, 64] fused): the export was written (exit 0) and vLLM refuses it at load."""
+    q = tmp_path / "q"
+    assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-o", q, "--quiet").exit_code == 0
+    r = cli_run("export", q, "--format", "compressed-tensors", "-o", tmp_path / "ct")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "model.layers.*.self_attn.k_proj" in r.stderr and "64 rows" in r.stderr
+    assert not (tmp_path / "ct").exists()
+    # both ways the line names take the model: hf-fp8-block (vLLM's Fp8Config gives weight_block_size, which allows
+    # them: layers/linear.py _maybe_allow_fp8_block_shape_mismatch) and the named --rule
+    assert "export hf-fp8-block" in r.stderr and "--rule 'self_attn.*=fp8-dynamic'" in r.stderr
+    assert cli_run("export", q, "--format", "hf-fp8-block", "-o", tmp_path / "fb", "--quiet").exit_code == 0
+    q2 = tmp_path / "q2"
+    assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "--rule", "self_attn.*=fp8-dynamic",
+                   "-o", q2, "--quiet").exit_code == 0
+    assert cli_run("export", q2, "--format", "compressed-tensors", "-o", tmp_path / "ct", "--quiet").exit_code == 0

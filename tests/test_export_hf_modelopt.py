@@ -307,3 +307,30 @@ def test_fp8_kv_cache_of_an_hf_modelopt_export_is_what_build_budgets(tmp_path):
     declared = artifacts.kv_cache_declared(e)
     assert declared is not None and declared.name == "fp8" and declared == KV_CACHE["fp8"]
     assert declared.bytes == 1
+
+
+def test_fp8_dynamic_channel_scale_has_the_shape_modelopt_writes_and_runtimes_allocate(tmp_path):
+    """FP8_PER_CHANNEL_PER_TOKEN ``weight_scale``: Model-Optimizer 0.47 exports a per-channel (axis 0) quantizer's
+    scale squeezed to [out] (TensorQuantizer.export_amax: "If single-axis quantization, squeeze amax"), the shape
+    TensorRT-LLM's FP8RowwiseLinearMethod (``torch.empty(out_features)``, filled by a plain ``copy_``) and vLLM's
+    ModelOptFp8PcPtLinearMethod (ChannelQuantScaleParameter [out], shape asserted) allocate; [out, 1] fails to load."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from modelopt.torch.export.quant_utils import get_scaling_factor
+        from modelopt.torch.quantization.config import QuantizerAttributeConfig
+        from modelopt.torch.quantization.nn import TensorQuantizer
+    q = tmp_path / "q"
+    quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(format="fp8-dynamic"))
+    export(q, tmp_path / "m", ExportConfig(format="hf-modelopt"))
+    name = "model.layers.0.self_attn.q_proj"
+    t = _tensors(tmp_path / "m")
+    tq = TensorQuantizer(QuantizerAttributeConfig(num_bits=(4, 3), axis=0))
+    tq.enable_calib(), tq.disable_quant()
+    tq(t[name + ".weight"].float())
+    tq.load_calib_amax(), tq.disable_calib()
+    assert tuple(t[name + ".weight_scale"].shape) == tuple(get_scaling_factor(tq).shape) == (128,)
+    # the quantize output carries modelopt's hf_quant_config.json too: the same shape there
+    assert tuple(_tensors(q)[name + ".weight_scale"].shape) == (128,)
+

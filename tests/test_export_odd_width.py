@@ -122,10 +122,12 @@ CONSUMER = textwrap.dedent("""
         return transformers_ppl(d)
 
     def modelopt_back(d):
-        # Model-Optimizer's layout: an FP8 weight times its weight_scale (per tensor or per channel)
+        # Model-Optimizer's layout: an FP8 weight times its weight_scale, per tensor ([]) or per channel ([out], one
+        # per row: modelopt 0.47 quant_utils.to_quantized_weight divides by weights_scaling_factor[:, None])
         t = tensors(d)
-        sd = {k: (v.float() * t[k + "_scale"].float() if k + "_scale" in t else v) for k, v in t.items()
-              if k.endswith(".weight")}
+        def deq(v, s):
+            return v.float() * (s.float()[:, None] if s.dim() == 1 and s.numel() > 1 else s.float())
+        sd = {k: (deq(v, t[k + "_scale"]) if k + "_scale" in t else v) for k, v in t.items() if k.endswith(".weight")}
         return as_hf(sd, json.load(open(os.path.join(d, "config.json"))), d + "-hf")
 
     def trtllm_back(d, hf_dir):

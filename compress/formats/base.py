@@ -187,5 +187,8 @@ class Format:
         return self.input_quant(x, input_scale) if self.input_quant is not None else fp8.fake_quant(x, input_scale)
 
     def ct_scale(self, s: torch.Tensor) -> torch.Tensor:
-        """Our stored weight scale -> compressed-tensors' parameter shape (tensor strategy: [1])."""
-        return s.float().reshape(1) if self.scale == "tensor" else s.float()
+        """Our stored weight scale -> compressed-tensors' parameter shape (tensor strategy: [1]; channel: [out, 1],
+        where Model-Optimizer's layout stores [out])."""
+        if self.scale == "tensor":
+            return s.float().reshape(1)
+        return s.float().reshape(-1, 1) if self.scale == "channel" else s.float()

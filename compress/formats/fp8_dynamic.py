@@ -1,8 +1,13 @@
 """``fp8-dynamic``: E4M3 weights with one scale per output channel, FP8 activations per token.
 
-Stored: ``P.weight`` F8_E4M3, ``P.weight_scale`` F32 [out, 1]; no input scale (computed per token
-at run time). TensorRT-LLM QuantAlgo ``FP8_PER_CHANNEL_PER_TOKEN``; compressed-tensors
-``float-quantized``, weights strategy channel, dynamic per-token input.
+Stored: ``P.weight`` F8_E4M3, ``P.weight_scale`` F32 [out]; no input scale (computed per token
+at run time). [out] is Model-Optimizer's shape (0.47 ``quant_utils.to_quantized_weight`` divides by
+``weights_scaling_factor[:, None]``) and the one its loaders allocate: TensorRT-LLM's
+``FP8RowwiseLinearMethod`` (``_torch/modules/linear.py``: ``torch.empty(out_features)``, filled by ``copy_``)
+and vLLM 0.33's ``KFp8StaticChannel`` (``quantization/modelopt.py``: ``(output_size_per_partition,)``, shape
+asserted on load); compressed-tensors' channel scale is [out, 1] (``Format.ct_scale``). TensorRT-LLM QuantAlgo
+``FP8_PER_CHANNEL_PER_TOKEN``; compressed-tensors ``float-quantized``, weights strategy channel, dynamic per-token
+input.
 """
 
 import torch
@@ -12,8 +17,13 @@ from moepress.compress.formats.base import Format, QuantContext, Quantized
 from moepress.compress.quant import fp8
 
 
+def _channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, s = fp8.quantize_channel(w)
+    return q, s.reshape(-1)
+
+
 def quantize(ws: list[torch.Tensor], ctx: QuantContext) -> Quantized:
-    return Quantized(_fp8.each(ws, fp8.quantize_channel))
+    return Quantized(_fp8.each(ws, _channel))
 
 
 def ct_scheme(group, targets):

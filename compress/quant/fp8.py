@@ -127,26 +127,29 @@ def quantize_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def scale_layout_error(q_shape, s_shape) -> str | None:
     """Why an FP8 weight's ``weight_scale`` is none of the layouts :func:`dequantize` reads (None if it is
-    one): per tensor, per channel [out, 1] or 128x128 blocks. A group scale [out, in / g] or blocks of
+    one): per tensor, per channel ([out] as Model-Optimizer writes it, [out, 1] as compressed-tensors does)
+    or 128x128 blocks. A group scale [out, in / g] or blocks of
     another size (compressed-tensors ``strategy: group`` / ``block_structure``) would otherwise be
     read as 128x128 blocks."""
     s_shape = tuple(s_shape)
-    if math.prod(s_shape) == 1 or len(q_shape) != 2 or s_shape == (q_shape[0], 1):
+    if math.prod(s_shape) == 1 or len(q_shape) != 2 or s_shape in ((q_shape[0], 1), (q_shape[0],)):
         return None
     grid = tuple(-(-d // b) for d, b in zip(q_shape, DEFAULT_BLOCK, strict=True))
     if s_shape == grid:
         return None
-    return (f"has shape {list(s_shape)}; expected [] (per tensor), [{q_shape[0]}, 1] (per channel) or "
-            f"{list(grid)} (128x128 blocks) for weight {list(q_shape)}")
+    return (f"has shape {list(s_shape)}; expected [] (per tensor), [{q_shape[0]}] or [{q_shape[0]}, 1] (per "
+            f"channel) or {list(grid)} (128x128 blocks) for weight {list(q_shape)}")
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-tensor ([] scale), per-channel ([out, 1]) or 128x128 block ([ceil(out/128), ceil(in/128)]);
+    """Per-tensor ([] scale), per-channel ([out] or [out, 1]) or 128x128 block ([ceil(out/128), ceil(in/128)]);
     any other scale shape is a ValueError (see :func:`scale_layout_error`)."""
     why = scale_layout_error(tuple(q.shape), tuple(scale.shape))
     if why is not None:
         raise ValueError(f"weight_scale {why}")
     s = scale.float()
+    if s.ndim == 1 and q.ndim == 2:  # per channel, Model-Optimizer's [out]: one scale per row
+        s = s.reshape(-1, 1)
     if s.ndim == 2 and tuple(s.shape) != (q.shape[0], 1):
         return dequantize_block(q, s, DEFAULT_BLOCK, dtype)
     return (q.float() * s).to(dtype)
