@@ -81,9 +81,12 @@ def require_layout(s: Source, fmt: str, hint: str) -> dict:
                             f"(run moepress quantize --format {hint} first)")
     if not s.layout.get("modules"):
         skipped = s.layout.get("skipped") or []
-        why = f"e.g. {skipped[0]['module']}: {skipped[0]['reason']}" if skipped else "--rule left every linear out"
+        why = (f"e.g. {skipped[0]['module']}: {skipped[0]['reason']}" if skipped else "quantized with --format none"
+               if s.layout.get("format") == "none" and not s.layout.get("rules") else "--rule left every linear out")
+        kv = ("; its KV-cache scales alone are not exported (hf-modelopt needs a weight quant_algo, compressed-tensors "
+              "carries no KV-cache scales)") if s.layout.get("kv_cache") else ""
         raise MoepressError(f"--format {fmt}: {s.path} has no quantized linear (moepress_quant.json lists no module; "
-                            f"{why}); expected at least one: quantize with --format fp8 (or fp8-dynamic), then "
+                            f"{why}){kv}; expected at least one: quantize with --format fp8 (or fp8-dynamic), then "
                             f"export {fmt}")
     return s.layout
 

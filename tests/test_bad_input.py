@@ -128,7 +128,8 @@ def test_export_of_a_checkpoint_with_nothing_quantized_is_one_line(tmp_path, cli
     q = tmp_path / "q"
     assert cli_run("quantize", "tiny-qwen3-moe", "-o", q, "--format", "none", "--kv-cache", "fp8", "--num-samples", "4",
                    "--seq-len", "32", "--quiet").exit_code == 0
-    assert_one_line_error(cli_run("export", q, "-o", tmp_path / "e", "--format", fmt), str(q), "no quantized linear")
+    assert_one_line_error(cli_run("export", q, "-o", tmp_path / "e", "--format", fmt), str(q), "no quantized linear",
+                          "quantized with --format none", "KV-cache scales alone are not exported")  # not "--rule"
     assert not (tmp_path / "e").exists()
 
 
