@@ -28,7 +28,9 @@ def runs_in_blocks(shape, is_routed: bool) -> bool:
     well: SGLang 00563d36 ``layers/quantization/fp8.py`` Fp8MoEMethod "is not divisible by weight quantization
     block_n", TensorRT-LLM a98a9061 ``_torch/modules/fused_moe/quantization.py``
     DeepSeekFP8BlockScalesFusedMoEMethod asserts ``intermediate_size_per_partition % 128 == 0``). A dense
-    output with a partial last block runs (DeepSeek-V3's 576-row ``kv_a_proj_with_mqa``)."""
+    output with a partial last block runs (DeepSeek-V3's 576-row ``kv_a_proj_with_mqa``, the last part of its fused
+    q_a / kv_a; inside a fused linear vLLM takes a partial block only from a config that gives ``weight_block_size``:
+    fused_moe.partial_fused_blocks)."""
     out, inp = shape
     return inp % BLOCK[1] == 0 and (out % BLOCK[0] == 0 or not is_routed)
 
