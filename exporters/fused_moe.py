@@ -39,6 +39,8 @@ from moepress.errors import MoepressError
 from moepress.exporters.hf_common import TRTLLM_FUSED, Source, fp8_block_grids, fused_parts
 from moepress.exporters.kernel_widths import fp4_widths_ok, grid_ok
 
+MODELOPT = "hf-modelopt"  # the export whose runtimes load FP8 experts per tensor only (fp8_formats)
+
 
 def routed_linears(s: Source) -> dict[int, list[str]]:
     """Routed-expert linears (module names with a 2-D ``weight``) of each MoE layer."""
@@ -77,6 +79,15 @@ def pattern(names) -> str:
     return ", ".join(sorted({re.sub(r"\.\d+(?=\.|$)", ".*", n) for n in names}))
 
 
+def fp8_formats(s: Source, flag: str) -> str:
+    """The FP8 formats a refusal offers for routed experts (per tensor, per channel: any width quantizes whole),
+    those whose experts the ``flag`` export's runtimes load: from a Model-Optimizer checkpoint TensorRT-LLM's
+    (Format.trtllm_loads_experts: not fp8-dynamic's), from compressed-tensors every one."""
+    names = [n for n, f in formats.FORMATS.items() if f.element == "fp8" and f.scale in ("tensor", "channel")
+             and (flag != MODELOPT or f.trtllm_loads_experts(s.adapter.family))]
+    return " or ".join(names)
+
+
 def _reason(s: Source, names: list[str]) -> str:
     """Why the quantize stage left these linears unquantized (moepress_quant.json ``skipped``)."""
     skipped = {d["module"]: d["reason"] for d in (s.layout or {}).get("skipped", [])}
@@ -84,7 +95,7 @@ def _reason(s: Source, names: list[str]) -> str:
     return "; ".join(reasons)
 
 
-def _hint(s: Source, names: list[str], other_formats: bool = True) -> str:
+def _hint(s: Source, names: list[str], flag: str, other_formats: bool = True) -> str:
     """What to run instead: for INT4, a --group-size that divides the in_features the quantize stage could
     not group; quantizing the linears a --rule left out; or (``other_formats``: an export that writes
     them) an FP8 format, which takes any width."""
@@ -96,11 +107,11 @@ def _hint(s: Source, names: list[str], other_formats: bool = True) -> str:
     fits = common_groups(widths) if int4 and any(n in skipped for n in names) else []
     if fits:
         return (f"quantize with --group-size {max(fits)} (divides {', '.join(map(str, widths))}), or with an FP8 "
-                "format (--format fp8 or fp8-dynamic)")
+                f"format (--format {fp8_formats(s, flag)})")
     if any(n not in skipped for n in names):
         every = "quantize every expert projection (no --rule leaving some unquantized)"
-        return every + ", or with an FP8 format (--format fp8 or fp8-dynamic)" if other_formats else every
-    return "quantize with --format fp8 or fp8-dynamic"
+        return every + f", or with an FP8 format (--format {fp8_formats(s, flag)})" if other_formats else every
+    return f"quantize with --format {fp8_formats(s, flag)}"
 
 
 def refuse_mixed(s: Source, flag: str, quantized: set[str], why: str, other_formats: bool = True) -> None:
@@ -112,7 +123,7 @@ def refuse_mixed(s: Source, flag: str, quantized: set[str], why: str, other_form
     if mixed:
         raise MoepressError(
             f"--format {flag}: {len(mixed)} routed-expert linears stay unquantized beside quantized projections of "
-            f"the same experts ({pattern(mixed)}: {_reason(s, mixed)}); {why}: {_hint(s, mixed, other_formats)}")
+            f"the same experts ({pattern(mixed)}: {_reason(s, mixed)}); {why}: {_hint(s, mixed, flag, other_formats)}")
 
 
 def refuse_partly_fused(s: Source, flag: str, modules: dict, who: str) -> None:
@@ -155,7 +166,7 @@ def refuse_fp4_expert_widths(s: Source, flag: str, modules: dict) -> None:
         raise MoepressError(
             f"--format {flag}: {modules[fp4[0]]['format']} routed experts of hidden {h} and expert width {i}; "
             "vLLM's FP4 fused-MoE kernels need both multiples of 64 and one of 128 (Marlin's tiles; FlashInfer's "
-            "CUTLASS NVFP4 MoE cannot pad a gated expert): quantize the experts with --format fp8 or fp8-dynamic")
+            f"CUTLASS NVFP4 MoE cannot pad a gated expert): quantize the experts with --format {fp8_formats(s, flag)}")
 
 
 def refuse_unlike(s: Source, flag: str, modules: dict[str, dict], why: str) -> None:
@@ -171,10 +182,10 @@ def refuse_unlike(s: Source, flag: str, modules: dict[str, dict], why: str) -> N
             ways = "; ".join(f"{fmt}{f' group {g}' if g else ''}: {pattern(ns)}" for (fmt, g), ns in sorted(
                 kinds.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)))
             raise MoepressError(f"--format {flag}: layer {layer}'s routed experts are quantized {len(kinds)} ways "
-                                f"({ways}); {why}: {_alike_hint(s, kinds)}")
+                                f"({ways}); {why}: {_alike_hint(s, kinds, flag)}")
 
 
-def _alike_hint(s: Source, kinds: dict[tuple[str, int | None], list[str]]) -> str:
+def _alike_hint(s: Source, kinds: dict[tuple[str, int | None], list[str]], flag: str) -> str:
     """What to run instead: one --group-size that divides every expert projection's in_features (the
     formats agree), else one format for the routed experts, else per-tensor FP8 (takes any width)."""
     if len({fmt for fmt, _ in kinds}) > 1:
@@ -182,7 +193,7 @@ def _alike_hint(s: Source, kinds: dict[tuple[str, int | None], list[str]]) -> st
     widths = expert_widths(s, [n for ns in kinds.values() for n in ns])
     fits = common_groups(widths)
     return (f"quantize with --group-size {max(fits)} (divides {', '.join(map(str, widths))})" if fits else
-            "quantize with --format fp8 or fp8-dynamic")
+            f"quantize with --format {fp8_formats(s, flag)}")
 
 
 def refuse_unpacked_experts(s: Source, flag: str, quantized: set[str]) -> None:
@@ -193,7 +204,7 @@ def refuse_unpacked_experts(s: Source, flag: str, quantized: set[str]) -> None:
         raise MoepressError(
             f"--format {flag}: {len(plain)} routed-expert linears stay unquantized ({pattern(plain)}: "
             f"{_reason(s, plain)}) in a pack-quantized (INT4 / FP4) checkpoint, whose expert weights transformers "
-            f"reads only as packed 4-bit weights: {_hint(s, plain)}")
+            f"reads only as packed 4-bit weights: {_hint(s, plain, flag)}")
 
 
 def refuse_partial_blocks(s: Source, flag: str, modules: dict[str, dict]) -> None:
@@ -208,7 +219,7 @@ def refuse_partial_blocks(s: Source, flag: str, modules: dict[str, dict]) -> Non
             f"--format {flag}: block-FP8 routed-expert weights of shape {shapes} are not whole 128x128 blocks "
             f"({pattern(bad)}); a fused MoE stacks gate and up into one weight whose 128-row blocks would straddle "
             "the two (vLLM and SGLang refuse expert widths that are not multiples of 128): quantize with --format "
-            f"fp8 or fp8-dynamic{also}")
+            f"{fp8_formats(s, flag)}{also}")
 
 
 def refuse_partial_input_groups(s: Source, flag: str, modules: dict[str, dict]) -> None:
@@ -223,7 +234,7 @@ def refuse_partial_input_groups(s: Source, flag: str, modules: dict[str, dict]) 
         raise MoepressError(
             f"--format {flag}: {len(bad)} block-FP8 linears have in_features ({widths}) that are not a multiple of "
             f"128 ({pattern(bad)}); vLLM, SGLang and transformers quantize their inputs in whole groups of 128 and "
-            "would fail at the first forward: quantize with --format fp8 or fp8-dynamic")
+            f"would fail at the first forward: quantize with --format {fp8_formats(s, flag)}")
 
 
 def partial_fused_blocks(s: Source, modules: dict[str, dict]) -> list[str]:

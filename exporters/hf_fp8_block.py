@@ -23,7 +23,10 @@ in ``modules_to_not_convert`` (kernel_widths.block_ok): an input width that is n
 (activations are quantized in 1x128 groups; the tiny DeepSeek's 64-wide expert down projections), a
 routed expert's width that is not (the fused MoE kernels need whole blocks, 64 and 96 included), or a
 dense output over 128 that is not (transformers reads such a scale grid with the wrong block size: the
-tiny DeepSeek's 192-row ``q_b_proj``); the export's summary names them (``kept_high_precision``). A layer
+tiny DeepSeek's 192-row ``q_b_proj``), and every part of a group the runtimes fuse into one linear (q/k/v,
+gate/up, q_a / kv_a) unless all of them are whole 128-row blocks (hf_common.block_linear_ok: vLLM and SGLang read
+a fused scale grid of ceil(rows / 128) rows and refuse a group quantized partly); the export's summary names them
+(``kept_high_precision``). A layer
 whose routed experts all stay high precision is also listed as its fused experts module
 (``model.layers.N.block_sparse_moe.experts``): transformers' FP8 path and vLLM decide per fused
 module, and per-expert entries alone do not keep it dense (fused_moe.py).

@@ -184,7 +184,8 @@ def refuse_unloadable_experts(s, modules: dict) -> None:
                 (f" (or {', '.join(fit[1:])})" if fit[1:] else "")
             raise MoepressError(f"--format hf-modelopt: {s.path}: its {s.adapter.family} routed experts are {fmt}; "
                                 f"{f.trtllm_moe_why}, and vLLM / SGLang load only FP8 / NVFP4 experts from a "
-                                f"Model-Optimizer checkpoint: no runtime would load them at any group size; {ways}, "
+                                f"Model-Optimizer checkpoint: no runtime would load them"
+                                f"{' at any group size' if f.element == 'int4' else ''}; {ways}, "
                                 f"or quantize with {again}, then export hf-modelopt")
 
 

@@ -33,7 +33,7 @@ TRTLLM_ALIASES = {"fp8_pb_wo": "FP8_BLOCK_SCALES"}
 # Block-FP8 experts go to DeepSeekFP8BlockScalesFusedMoEMethod, whose load_expert_all_weight_scale_fp8_block_scale
 # reads each expert's scale as "{e}.w1/w3/w2.weight_scale_inv" (VANILLA loading mode) only: a Model-Optimizer
 # checkpoint's "weight_scale" is not read (older releases: KeyError; main 2026-11: the scales stay torch.empty).
-TRTLLM_MOE_REFUSED = {"W4A16_AWQ", "W4A16_GPTQ", "FP8_BLOCK_SCALES"}
+TRTLLM_MOE_REFUSED = {"W4A16_AWQ", "W4A16_GPTQ", "FP8_BLOCK_SCALES", "FP8_PER_CHANNEL_PER_TOKEN"}
 TRTLLM_MOE_BLOCK_SCALE = "weight_scale_inv"
 
 # vLLM 0.33.0: vllm/model_executor/layers/quantization/modelopt.py ``LINEAR_ALGOS`` + "MIXED_PRECISION"

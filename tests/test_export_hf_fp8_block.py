@@ -85,8 +85,11 @@ def test_layout_is_deepseeks(exports):
         {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     not_conv = set(qc["modules_to_not_convert"])
     assert {"lm_head", "model.embed_tokens", "model.layers.1.mlp.gate"} <= not_conv
-    # 160-row kv_a_proj_with_mqa: 2 scale rows transformers would read as 80-row blocks -> kept bf16, listed
-    assert info["kept_high_precision"] == [f"model.layers.{i}.self_attn.kv_a_proj_with_mqa" for i in range(3)]
+    # 160-row kv_a_proj_with_mqa: 2 scale rows transformers would read as 80-row blocks -> kept bf16, listed; and
+    # q_a_proj with it: vLLM and SGLang fuse the two into one linear and refuse one quantized beside one that is not
+    # ("Detected some but not all shards ... are quantized", vLLM quant_utils.py is_layer_skipped)
+    assert sorted(info["kept_high_precision"]) == sorted(
+        f"model.layers.{i}.self_attn.{p}" for i in range(3) for p in ("kv_a_proj_with_mqa", "q_a_proj"))
     assert set(info["kept_high_precision"]) <= not_conv
     src, out = CheckpointReader(exports["src"]), CheckpointReader(path)
     for name in out.names():

@@ -322,7 +322,9 @@ def test_fp8_dynamic_channel_scale_has_the_shape_modelopt_writes_and_runtimes_al
         from modelopt.torch.quantization.config import QuantizerAttributeConfig
         from modelopt.torch.quantization.nn import TensorQuantizer
     q = tmp_path / "q"
-    quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(format="fp8-dynamic"))
+    # routed experts bf16: hf-modelopt refuses fp8-dynamic experts (no runtime's MoE loads them)
+    quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(format="fp8-dynamic",
+                                                                     rules=(("mlp.experts.*", "none"),)))
     export(q, tmp_path / "m", ExportConfig(format="hf-modelopt"))
     name = "model.layers.0.self_attn.q_proj"
     t = _tensors(tmp_path / "m")
@@ -334,3 +336,19 @@ def test_fp8_dynamic_channel_scale_has_the_shape_modelopt_writes_and_runtimes_al
     # the quantize output carries modelopt's hf_quant_config.json too: the same shape there
     assert tuple(_tensors(q)[name + ".weight_scale"].shape) == (128,)
 
+
+
+def test_fp8_dynamic_routed_experts_are_refused_naming_exports_that_take_them(tmp_path, cli_run):
+    """TensorRT-LLM's PyTorch backend has no fused-MoE method for FP8_PER_CHANNEL_PER_TOKEN (rowwise) experts
+    (tensorrt_llm/_torch/modules/fused_moe: no such leaf among the CUTLASS / TRTLLM-gen / DeepGEMM ones; the engine
+    path's layers/moe.py raises "MOE Does not support FP8 rowwise quantize") and vLLM's Model-Optimizer MoE method
+    is per-tensor FP8 only: the export was written (exit 0) and loaded nowhere. Refused in one line; both ways it
+    names take the model (the compressed-tensors export of the same checkpoint, the fp8 re-quantize)."""
+    q = tmp_path / "q"
+    assert cli_run("quantize", "tiny-mixtral", "--format", "fp8-dynamic", "-o", q, "--quiet").exit_code == 0
+    r = cli_run("export", q, "--format", "hf-modelopt", "-o", tmp_path / "e")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "routed experts are fp8-dynamic" in r.stderr and "at any group size" not in r.stderr
+    assert "export compressed-tensors" in r.stderr and "--format fp8 (or nvfp4)" in r.stderr
+    assert not (tmp_path / "e").exists()
+    assert cli_run("export", q, "--format", "compressed-tensors", "-o", tmp_path / "ct", "--quiet").exit_code == 0

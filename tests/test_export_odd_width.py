@@ -64,7 +64,7 @@ EXPECT = {
     ("fp8-block", "hf-modelopt"): PARTIAL, ("fp8-block", "hf-fp8-block"): TF,
     ("fp8-block", "compressed-tensors"): PARTIAL, ("fp8-block", "trtllm-ckpt"): TRT_ONLY,
     ("fp8-block", "onnx"): DYNAMIC,
-    ("fp8-dynamic", "hf-modelopt"): BACK, ("fp8-dynamic", "hf-fp8-block"): NOT_BLOCK,
+    ("fp8-dynamic", "hf-modelopt"): "routed experts are fp8-dynamic", ("fp8-dynamic", "hf-fp8-block"): NOT_BLOCK,
     ("fp8-dynamic", "compressed-tensors"): TF, ("fp8-dynamic", "trtllm-ckpt"): TRT_ONLY,
     ("fp8-dynamic", "onnx"): DYNAMIC,
     **{(f, "hf-modelopt"): UNLOADABLE for f in ("int4-awq", "int4-gptq")}, ("w4a8-awq", "hf-modelopt"): MIXED,

@@ -42,4 +42,9 @@ FORMAT = Format(
     modelopt_group=lambda group: {"input_activations": _fp8.GROUP_ARGS,
                                   "weights": {**_fp8.GROUP_ARGS, "strategy": "channel"}},
     ct_format="float-quantized", ct_scheme=ct_scheme, decode=_fp8.decode,
+    # TensorRT-LLM has no FP8 rowwise fused MoE: _torch/modules/fused_moe/fused_moe_cutlass.py _QUANT_SUPPORT_TABLE /
+    # _get_quant_method and fused_moe_trtllm_gen.py _SUPPORTED_QUANT_ALGOS lack FP8_PER_CHANNEL_PER_TOKEN
+    # (layers/moe.py, engine path: "MOE Does not support FP8 rowwise quantize")
+    trtllm_moe_families=(), trtllm_moe_why="TensorRT-LLM's fused MoE has no FP8 per-channel (rowwise) method "
+    "(fused_moe_cutlass.py _QUANT_SUPPORT_TABLE)",
 )
