@@ -494,8 +494,35 @@ def test_block_fp8_fused_attention_with_partial_output_blocks_is_refused(tmp_pat
     # both ways the line names take the model: hf-fp8-block (vLLM's Fp8Config gives weight_block_size, which allows
     # them: layers/linear.py _maybe_allow_fp8_block_shape_mismatch) and the named --rule
     assert "export hf-fp8-block" in r.stderr and "--rule 'self_attn.*=fp8-dynamic'" in r.stderr
+    # v_proj, the last part, may be partial (vLLM checks output_partition_sizes[:-1]); every linear is block FP8
+    # already, so hf-fp8-block takes it as it is (no re-quantize); the one --rule, for the parent of k_proj only
+    assert "v_proj" not in r.stderr
+    assert "quantize with --format fp8-block" not in r.stderr
+    assert "(--rule 'self_attn.*=fp8-dynamic'), then export" in r.stderr
     assert cli_run("export", q, "--format", "hf-fp8-block", "-o", tmp_path / "fb", "--quiet").exit_code == 0
     q2 = tmp_path / "q2"
     assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "--rule", "self_attn.*=fp8-dynamic",
                    "-o", q2, "--quiet").exit_code == 0
     assert cli_run("export", q2, "--format", "compressed-tensors", "-o", tmp_path / "ct", "--quiet").exit_code == 0
+
+
+def test_block_fp8_fused_parts_but_the_last_must_be_whole_blocks_in_runtime_order(tmp_path, cli_run):
+    """vLLM checks every part of a merged block-FP8 linear but the last (validate_fp8_block_shape:
+    output_partition_sizes[:-1]), in its fused order: DeepSeek's fused_qkv_a_proj is [q_lora_rank,
+    kv_lora_rank + qk_rope_head_dim] (q_a_proj first, though kv_a_proj_with_mqa sorts first by name). In
+    tiny-deepseek-v3 that is [64, 48]: q_a_proj is refused, the 48-row kv_a_proj_with_mqa after it is allowed.
+    Everything else fp8-dynamic: the route is a re-quantize for hf-fp8-block (which refuses a mixed input) or the
+    one --rule for self_attn."""
+    cfg = json.loads((models.path("tiny-deepseek-v3") / "config.json").read_text())
+    q_rows, kv_rows = cfg["q_lora_rank"], cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
+    assert q_rows % 128 and kv_rows % 128  # both partial: only the order decides
+    q = tmp_path / "q"
+    assert cli_run("quantize", "tiny-deepseek-v3", "--format", "fp8-dynamic", "--rule", "self_attn.q_a_proj=fp8-block",
+                   "--rule", "self_attn.kv_a_proj_with_mqa=fp8-block", "-o", q, "--quiet").exit_code == 0
+    r = cli_run("export", q, "--format", "compressed-tensors", "-o", tmp_path / "ct")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert f"have {q_rows} rows" in r.stderr and "(model.layers.*.self_attn.q_a_proj)" in r.stderr
+    assert "kv_a_proj" not in r.stderr and not (tmp_path / "ct").exists()
+    assert "quantize with --format fp8-block, then export hf-fp8-block" in r.stderr
+    assert "(--rule 'self_attn.*=fp8-dynamic'), then export" in r.stderr
+    assert cli_run("export", q, "--format", "hf-fp8-block", "-o", tmp_path / "fb", "--quiet").exit_code == 2

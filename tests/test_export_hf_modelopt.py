@@ -352,3 +352,29 @@ def test_fp8_dynamic_routed_experts_are_refused_naming_exports_that_take_them(tm
     assert "export compressed-tensors" in r.stderr and "--format fp8 (or nvfp4)" in r.stderr
     assert not (tmp_path / "e").exists()
     assert cli_run("export", q, "--format", "compressed-tensors", "-o", tmp_path / "ct", "--quiet").exit_code == 0
+
+
+@pytest.mark.parametrize("sidecar", [True, False], ids=["moepress-output", "modelopt-original"])
+def test_a_channel_scale_stored_out_dequantizes_each_row_by_its_own_scale(tmp_path, sidecar):
+    """weight_scale [out] (Model-Optimizer's per-channel shape, no trailing 1) scales row i by scale[i]
+    (modelopt 0.47 quant_utils.to_quantized_weight divides by weights_scaling_factor[:, None]), read by the
+    registry's decoder and by the exporters' read_linear, on q_proj (128 x 128: a square weight, where a scale
+    broadcast along the columns instead would not fail but give other numbers) and k_proj (64 x 128). Without
+    moepress_quant.json (a checkpoint Model-Optimizer wrote) the shape alone says per channel: [out] is no block
+    grid."""
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.exporters.linears import read_linear
+
+    q = tmp_path / "q"
+    quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(format="fp8-dynamic"))
+    if not sidecar:
+        (q / "moepress_quant.json").unlink()
+    t = _tensors(q)
+    reader = CheckpointReader(q)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"):
+        w, s = t[name + ".weight"], t[name + ".weight_scale"]
+        assert s.dim() == 1 and s.unique().numel() > 1  # distinct per-row scales: a transposed read differs
+        oracle = w.float() * s.float()[:, None]
+        assert torch.equal(reader.weight(name + ".weight", torch.float32), oracle), name
+        lin = read_linear(reader, name)
+        assert lin.stored_as == "fp8-dynamic" and torch.equal(lin.dequantize(), oracle), name
