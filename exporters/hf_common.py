@@ -113,7 +113,7 @@ def require_layout(s: Source, fmt: str, hint: str) -> dict:
     if not s.layout.get("modules"):
         skipped = s.layout.get("skipped") or []
         why = (f"e.g. {skipped[0]['module']}: {skipped[0]['reason']}" if skipped else "quantized with --format none"
-               if s.layout.get("format") == "none" and not s.layout.get("rules") else "--rule left every linear out")
+               if s.layout.get("format") == "none" else "--rule left every linear out")
         kv = ("; its KV-cache scales alone are not exported (hf-modelopt needs a weight quant_algo, compressed-tensors "
               "carries no KV-cache scales)") if s.layout.get("kv_cache") else ""
         raise MoepressError(f"--format {fmt}: {s.path} has no quantized linear (moepress_quant.json lists no module; "
