@@ -201,8 +201,7 @@ def refuse_unwritten_attention(src: Path, adapter, reader) -> None:
 def trtllm_config(adapter, cfg, quant_algo, kv_algo) -> dict:
     c = adapter.hf_config
     tp, ep = cfg.tp, cfg.ep
-    # transformers 5 folds a hub config's top-level rope_theta (Qwen3-30B-A3B, Mixtral-8x7B) into rope_parameters
-    # and keeps no rope_theta attribute
+    # transformers 5 moves a hub config's top-level rope_theta (Qwen3-30B-A3B: 1e6) into rope_parameters
     rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
     head = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
     routing = adapter.routing()
@@ -415,8 +414,7 @@ def _other_families(src) -> str:
 
 EXPORTER = Exporter(
     "trtllm-ckpt", export_trtllm, description="TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) "
-    "for trtllm-build", families=SUPPORTED, sharded=True,
-    other_families=_other_families, refuse_source=refuse_unwritten_attention,
-    consumers="TensorRT-LLM trtllm-build (v0.8+, TensorRT backend)",
+    "for trtllm-build", families=SUPPORTED, sharded=True, other_families=_other_families,
+    refuse_source=refuse_unwritten_attention, consumers="TensorRT-LLM trtllm-build (v0.8+, TensorRT backend)",
     writes_format=lambda f: f.scale == "tensor" and f.static_input,  # WRITES: FP8 per tensor
 )
