@@ -83,7 +83,7 @@ def fp8_formats(s: Source, flag: str) -> str:
     """The FP8 formats a refusal offers for routed experts (per tensor, per channel: any width quantizes whole),
     those whose experts the ``flag`` export's runtimes load: from a Model-Optimizer checkpoint TensorRT-LLM's
     (Format.trtllm_loads_experts: not fp8-dynamic's), from compressed-tensors every one."""
-    names = [n for n, f in formats.FORMATS.items() if f.element == "fp8" and f.scale in ("tensor", "channel")
+    names = [n for n, f in formats.FORMATS.items() if f.scale in ("tensor", "channel")  # FP8 per tensor / channel
              and (flag != MODELOPT or f.trtllm_loads_experts(s.adapter.family))]
     return " or ".join(names)
 
