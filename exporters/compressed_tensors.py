@@ -51,6 +51,7 @@ shard; the whole model is never built.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -74,7 +75,15 @@ from moepress.exporters.fused_moe import (
     routed_linears,
     routed_names,
 )
-from moepress.exporters.hf_common import open_source, output_config, require_layout, tensor_groups, unquantized_modules
+from moepress.exporters.hf_common import (
+    TRTLLM_FUSED,
+    fused_parts,
+    open_source,
+    output_config,
+    require_layout,
+    tensor_groups,
+    unquantized_modules,
+)
 from moepress.exporters.hints import fused_blocks_route, int4_routes
 
 # moepress format -> compressed-tensors format, for the formats that have one (Format.ct_format)
@@ -134,11 +143,17 @@ def _vllm_targets(s, names: list[str]) -> list[str]:
     where the checkpoint's differ (Mixtral's w1 / w2 / w3): without them vLLM finds no scheme for the layer
     (KeyError, or an unquantized fused MoE). They match no module, which compressed-tensors only warns of."""
     have = set(names)
+    # SGLang 0.5.23 looks a fused qkv_proj / gate_up_proj up under its fused name where the model class has no
+    # packed_modules_mapping for it (MixtralForCausalLM none, DeepseekV2ForCausalLM only fused_qkv_a_proj_with_mqa:
+    # models/deepseek_v2.py:3250-3275) and refuses one no target matches (compressed_tensors/utils.py
+    # find_matched_target: "Unable to find matching target"); vLLM matches the name first too (utils.py:105-109)
+    fused = [f"{parent}.{f}" for (parent, f), parts in fused_parts(s, have).items()
+             if f != "fused_a" and len(parts) == len(TRTLLM_FUSED[f])]
     probes = []
     for i, layer in sorted(routed_linears(s).items()):
         if have.intersection(layer):
             probes += [fused_name(s.adapter, i) + p for p in VLLM_MOE_PROBES]
-    return names + [p for p in probes if p not in have]
+    return names + [p for p in fused + probes if p not in have]
 
 
 def _refuse_misread_experts(s, schemes) -> None:
@@ -194,10 +209,32 @@ def _misloaded(s, experts: dict) -> dict[str, str]:
     return {}
 
 
+SGLANG_CHECKED = "0.5.23"
+MLA_PARTS = ("q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+
+
+def _sglang_misloads(s, schemes) -> str | None:
+    """How SGLang 0.5.23 fails a DeepSeek-style checkpoint whose MLA projections are packed (INT4 / FP4): its loader
+    concatenates q_a_proj's and kv_a_proj_with_mqa's tensors of every name into fused_qkv_a_proj_with_mqa
+    (models/deepseek_common/deepseek_weight_loader.py:463-478: weight_shape / weight_global_scale of two parts
+    into a one-part parameter, layers/linear.py:376 asserts the size) and reads kv_b_proj.weight (:625-639; a
+    packed kv_b_proj has weight_packed)."""
+    packed = sorted(n for n, m in s.layout["modules"].items() if n.rsplit(".", 1)[-1] in MLA_PARTS
+                    and (w := schemes[(m["format"], m.get("group"))].weights) is not None and w.num_bits < 8)
+    if not packed:
+        return None
+    return (f"fails loading its packed MLA projections ({pattern(packed)}: fused q_a / kv_a tensors concatenated "
+            "into one-part parameters, kv_b_proj read as .weight); keep them bf16 (--rule 'self_attn.*=none', Kimi's "
+            "layout)")
+
+
 def _consumer_notes(experts: dict, misloaded: dict[str, str]) -> list[str]:
     """Known consumer bugs this checkpoint meets, said at export (the bytes follow the specification)."""
-    notes = [f"transformers <= {TRANSFORMERS_CHECKED} {why}; vLLM and SGLang load them correctly"
-             for why in misloaded.values()]
+    sglang = "vLLM loads them correctly" if "sglang" in misloaded else "vLLM and SGLang load them correctly"
+    notes = [f"transformers <= {TRANSFORMERS_CHECKED} {why}; {sglang}"
+             for who, why in misloaded.items() if who == "transformers"]
+    if "sglang" in misloaded:
+        notes.append(f"SGLang <= {SGLANG_CHECKED} {misloaded['sglang']}")
     if any(sch.input_activations is not None and not sch.input_activations.dynamic
            for sch in experts.values()):
         notes.append(f"transformers <= {TRANSFORMERS_CHECKED} runs the routed experts on unquantized activations "
@@ -256,6 +293,10 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
     experts = _expert_schemes(s, schemes)
     misloaded = _misloaded(s, experts)
+    checked = {k: TRANSFORMERS_CHECKED for k in misloaded}
+    if (sg := _sglang_misloads(s, schemes)) is not None:
+        misloaded["sglang"] = sg
+        checked["sglang"] = SGLANG_CHECKED
     notes = _consumer_notes(experts, misloaded)
     if dropped:
         notes.append(f"the FP8 KV-cache scales ({len(dropped)} k_scale / v_scale) are not carried: no kv_cache_scheme "
@@ -264,6 +305,14 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
         progress.info(f"note: {note}")
     ignore = [n for n in unquantized_modules(s, set(modules)) if not n.endswith("embed_tokens")]
     ignore = ct_ignore.condensed(ignore, set(modules))  # Kimi's patterns where they fit (ct_ignore.py)
+    # a fused qkv_proj / gate_up_proj whose parts are all high precision, by its fused name where no entry names it:
+    # SGLang applies entries naming its parts only through the model class's packed_modules_mapping (none for
+    # Mixtral's qkv_proj: compressed_tensors/utils.py should_ignore_layer) and would build it quantized
+    hp = set(unquantized_modules(s, set(modules)))
+    ignore += [n for (parent, f), parts in sorted(fused_parts(s, hp | set(modules)).items())
+               if f != "fused_a" and all(p in hp for p in parts)
+               for n in [f"{parent}.{f}"] if not any(ct_ignore.matches(e, n) for e in ignore)
+               for n in ["re:" + re.escape(n) + "$"]]  # a pattern: no module of that name in transformers
     qc = QuantizationConfig(config_groups={f"group_{k}": sch for k, sch in enumerate(schemes.values())},
                             format=ct_format, quantization_status=QuantizationStatus.COMPRESSED, ignore=ignore)
     writer.write_json("config.json", output_config(s, None))
@@ -271,7 +320,7 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
     writer.copy_aux_files(src)
     return {"ct_format": ct_format, "compressed_tensors_version": ct_version,
             "quantized_linears": len(modules), "ignore": len(ignore), "dropped": dropped, "consumer_notes": notes,
-            "misloaded_by": {k: TRANSFORMERS_CHECKED for k in misloaded}, "misloaded_why": misloaded}
+            "misloaded_by": checked, "misloaded_why": misloaded}
 
 
 EXPORTER = Exporter(
