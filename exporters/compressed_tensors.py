@@ -209,6 +209,20 @@ def _misloaded(s, experts: dict) -> dict[str, str]:
     return {}
 
 
+def _fused_ignores(s, high: set[str], quantized: set[str], ignore: list[str]) -> list[str]:
+    """A fused qkv_proj / gate_up_proj whose parts all stay high precision (``high``), by its fused name where no
+    ``ignore`` entry names it: SGLang applies entries naming its parts only through the model class's
+    packed_modules_mapping (none for Mixtral's qkv_proj: compressed_tensors/utils.py should_ignore_layer) and would
+    build it quantized. Written as a pattern: transformers has no module of that name."""
+    out = []
+    for (parent, fused), parts in sorted(fused_parts(s, high | quantized).items()):
+        name = f"{parent}.{fused}"
+        if fused != "fused_a" and all(p in high for p in parts) and not any(ct_ignore.matches(e, name)
+                                                                              for e in ignore):
+            out.append("re:" + re.escape(name) + "$")
+    return out
+
+
 SGLANG_CHECKED = "0.5.23"
 MLA_PARTS = ("q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 
@@ -305,14 +319,7 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
         progress.info(f"note: {note}")
     ignore = [n for n in unquantized_modules(s, set(modules)) if not n.endswith("embed_tokens")]
     ignore = ct_ignore.condensed(ignore, set(modules))  # Kimi's patterns where they fit (ct_ignore.py)
-    # a fused qkv_proj / gate_up_proj whose parts are all high precision, by its fused name where no entry names it:
-    # SGLang applies entries naming its parts only through the model class's packed_modules_mapping (none for
-    # Mixtral's qkv_proj: compressed_tensors/utils.py should_ignore_layer) and would build it quantized
-    hp = set(unquantized_modules(s, set(modules)))
-    ignore += [n for (parent, f), parts in sorted(fused_parts(s, hp | set(modules)).items())
-               if f != "fused_a" and all(p in hp for p in parts)
-               for n in [f"{parent}.{f}"] if not any(ct_ignore.matches(e, n) for e in ignore)
-               for n in ["re:" + re.escape(n) + "$"]]  # a pattern: no module of that name in transformers
+    ignore += _fused_ignores(s, set(unquantized_modules(s, set(modules))), set(modules), ignore)
     qc = QuantizationConfig(config_groups={f"group_{k}": sch for k, sch in enumerate(schemes.values())},
                             format=ct_format, quantization_status=QuantizationStatus.COMPRESSED, ignore=ignore)
     writer.write_json("config.json", output_config(s, None))

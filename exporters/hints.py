@@ -109,19 +109,22 @@ def block_experts_route(s: Source, modules: dict) -> str:
     """Where block-FP8 routed experts go instead of hf-modelopt: hf-fp8-block (DeepSeek's names), which takes a
     quantize output whose linears are all block FP8 (a --rule giving some another format: after a plain
     re-quantize), or compressed-tensors."""
+    return f"{_fp8_block_route(modules)}, or {ct_route(s, modules)}"
+
+
+def _fp8_block_route(modules: dict) -> str:
+    """hf-fp8-block, which takes a quantize output whose linears are all block FP8 (else after a re-quantize)."""
     fb = HF_FP8_BLOCK.format("")
     if any(formats.FORMATS[m["format"]].scale != "block" for m in modules.values()):
-        fb = f"quantize with --format fp8-block, then {fb}"
-    return f"{fb}, or {ct_route(s, modules)}"
+        return f"quantize with --format fp8-block, then {fb}"
+    return fb
 
 
 def fused_blocks_route(s: Source, modules: dict, bad: list[str]) -> str:
     """Where block-FP8 linears go that vLLM fuses with partial blocks inside (fused_moe.partial_fused_blocks),
     which compressed-tensors refuses: hf-fp8-block, whose config gives vLLM the block size that allows them, or
     another format for them and the linears fused with them (one --rule per parent module)."""
-    fb = HF_FP8_BLOCK.format("")
-    if any(formats.FORMATS[m["format"]].scale != "block" for m in modules.values()):
-        fb = f"quantize with --format fp8-block, then {fb}"
+    fb = _fp8_block_route(modules)
     parents = sorted({re.sub(r"^.*?layers\.\d+\.", "", n).rpartition(".")[0] for n in bad})
     rules = " ".join(f"--rule '{p}.*=fp8-dynamic'" for p in parents)
     return f"{fb}, or quantize them and the linears fused with them in another format ({rules}), then export"
