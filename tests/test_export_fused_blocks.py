@@ -60,3 +60,21 @@ def test_hf_fp8_block_keeps_partial_fused_linears_high_precision(cli_run, tmp_pa
         if n.endswith(".weight") and len(h[n]["shape"]) == 2 and n[: -len(".weight")] not in skipped:
             assert h[n]["dtype"] == "F8_E4M3" and n + "_scale_inv" in h, n
 
+
+
+def test_hf_fp8_block_quantizes_whole_block_q_a_beside_a_one_block_kv_a(cli_run, tmp_path):
+    """q_a_proj of 128 rows (whole blocks) and kv_a_proj_with_mqa of 64 (the last of the pair, within one block:
+    SGLang's fused q_a / kv_a takes its partial last block, vLLM's ceil(offset / 128) places it right): the pair
+    loads block FP8, so both are written F8_E4M3 with their scales, not kept bf16 as a group."""
+    from helpers import make_random_checkpoint
+
+    src = make_random_checkpoint("deepseek_v3", tmp_path / "ds", hidden_size=128, q_lora_rank=128, kv_lora_rank=32,
+                                 qk_rope_head_dim=32)
+    out = tmp_path / "hfb"
+    assert cli_run("export", src, "--format", "hf-fp8-block", "-o", out, "-q").exit_code == 0
+    h = _headers(out)
+    assert _fused_groups_load(out) == []
+    for i in range(3):
+        for p in ("q_a_proj", "kv_a_proj_with_mqa"):
+            n = f"model.layers.{i}.self_attn.{p}"
+            assert h[n + ".weight"]["dtype"] == "F8_E4M3" and n + ".weight_scale_inv" in h, (n, h[n + ".weight"])

@@ -149,6 +149,14 @@ def test_narrow_experts_and_no_block_grid_are_sent_where_taken(exported, tmp_pat
     narrow = _random(tmp_path_factory, "mixtral", "tiny-mixtral", hidden_size=96, intermediate_size=72)
     for fmt in ("int4-gptq", "int4-awq", "w4a8-awq", "fp8-block"):
         _refusals_lead_somewhere(exported, (narrow, fmt, 128, False))
+    # hf-modelopt refuses fp8-dynamic experts: every format its refusal offers ("--format A or B") is exported
+    key = (narrow, "w4a8-awq", 128, False)
+    msg = exported(key, "hf-modelopt")
+    offered = [f for alts in re.findall(r"--format ([\w-]+(?: or [\w-]+)*)", msg.split(": ", 1)[1])
+               for f in alts.split(" or ")]
+    assert offered, msg
+    for f in offered:
+        assert exported((narrow, f, 128, False), "hf-modelopt") is None, f"{msg}\n  -> {f}"
     wide = _random(tmp_path_factory, "mixtral", "tiny-mixtral", hidden_size=200, intermediate_size=200)
     for fmt in ("int4-gptq", "fp8"):
         _refusals_lead_somewhere(exported, (wide, fmt, 128, False), EXPORTS + ("hf-fp8-block",))
@@ -172,7 +180,8 @@ def test_hf_modelopt_refuses_unloadable_experts_before_group_sizes(exported):
     so, not --group-size 64 (which the default group's unlike experts would otherwise ask for first)."""
     for fmt in ("int4-gptq", "w4a8-awq"):
         msg = exported(("tiny-deepseek-v3", fmt, 128, False), "hf-modelopt")
-        assert "no runtime would load them" in msg and "--group-size 64, then export hf-modelopt" not in msg, msg
+        assert "no runtime would load them at any group size" in msg, msg
+        assert "--group-size 64, then export hf-modelopt" not in msg, msg
         assert "quantize with --format nvfp4 (or fp8), then export hf-modelopt" in msg, msg  # a format it loads
 
 

@@ -543,8 +543,9 @@ def test_pruning_a_quantized_checkpoint_renumbers_its_quantization_files(tmp_pat
     quantize_checkpoint(src, q2, QuantConfig(format="fp8-dynamic"))  # block FP8: its 64 inputs are refused
     prune_checkpoint(q2, p2, PruneConfig(method="frequency", keep=8),
                      batches=[torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))])
-    export(p2, tmp_path / "e2", ExportConfig(format="hf-modelopt"))
-    assert len(read_quant_layout(tmp_path / "e2")["modules"]) == 2 * (4 + 8 * 3)
+    # (hf-modelopt refuses fp8-dynamic experts: no runtime's fused MoE loads them from it)
+    info = export(p2, tmp_path / "e2", ExportConfig(format="compressed-tensors"))
+    assert info["quantized_linears"] == 2 * (4 + 8 * 3)
 
 
 def test_sidecar_renaming_keeps_layout_records_of_kept_experts_only():

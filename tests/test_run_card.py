@@ -94,3 +94,16 @@ def test_card_size_is_every_listed_file_but_the_card_itself(tmp_path):
     size = sum(p.stat().st_size for p in d.iterdir() if p.name not in ("README.md", "moepress-manifest.json"))
     card = _card(d, {"quantize": {"format": "fp8-dynamic"}})
     assert _row(card, "size on disk") == f"| size on disk | {size / 1e6:.2f} MB |" == "| size on disk | 0.04 MB |"
+
+
+def test_card_serves_with_the_runtimes_its_export_does_not_say_misload_it(tmp_path):
+    """export.json's misloaded_by names transformers and, for packed DeepSeek MLA projections, SGLang: the card
+    sent such an export to "vLLM or SGLang"."""
+    why = {"transformers": "drops weight_global_scale", "sglang": "fails loading its packed MLA projections"}
+    for by, serve in (({"transformers": "5.24"}, "serve it with vLLM or SGLang."),
+                      ({"transformers": "5.24", "sglang": "0.5.23"}, "serve it with vLLM.")):
+        (tmp_path / str(len(by))).mkdir()
+        d = _export(tmp_path / str(len(by)), name="compressed-tensors",
+                    export={"misloaded_by": by, "misloaded_why": {k: why[k] for k in by}})
+        card = _card(d, {"quantize": {"format": "nvfp4"}}, fmt="compressed-tensors")
+        assert "transformers <= 5.24 drops weight_global_scale" in card and serve in card, card

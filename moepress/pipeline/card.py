@@ -144,7 +144,9 @@ def _loading(fmt: str, d: Path, name: str) -> list[str]:
     snippet is replaced by the warning, and its consumer notes are listed."""
     info = _json(d / "export.json")
     misload = transformers_misload(d)
-    tf = (f"\n**transformers <= {misload[0]} {misload[1]}**: serve it with vLLM or SGLang.\n"
+    by = info.get("misloaded_by") if isinstance(info.get("misloaded_by"), dict) else {}
+    serve = "vLLM" if "sglang" in by else "vLLM or SGLang"
+    tf = (f"\n**transformers <= {misload[0]} {misload[1]}**: serve it with {serve}.\n"
           if misload else CT_TRANSFORMERS)
     text = LOADING.get(fmt, "").replace("{transformers}", tf).replace("{path}", f"./{name}")
     cfg, tok = _json(d / "config.json"), _json(d / "tokenizer_config.json")
