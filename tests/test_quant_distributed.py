@@ -276,3 +276,32 @@ def test_a_lost_peer_exits_2_after_its_line_without_tearing_the_group_down(cli_r
     assert r.stderr.strip().splitlines() == ["moepress: error: distributed run (rank 0 of 2) stopped: Connection "
                                              "closed by peer (another rank exited)"]
     assert json.loads(r.stdout) == {"error": r.stderr.strip()[len("moepress: error: "):], "exit": 2}
+
+
+
+@pytest.mark.parametrize("line", ["torchrun ranks were started with different options (seed 0 on rank 0, 1 on rank "
+                                  "1); expected every rank to run the same command", "x.jsonl: file not found"])
+def test_any_refusal_under_a_joined_group_exits_2_without_tearing_it_down(cli_run, monkeypatch, tmp_path, line):
+    """A refusal other than a lost peer (ranks started with different options, bad input) printed its line and
+    then went through gloo's teardown at interpreter exit, which aborted once in CI (-6, "terminate called
+    without an active exception"): every refusal leaves a joined group as a lost peer does."""
+    import torch.distributed
+
+    import moepress.calib.data
+    from moepress.errors import MoepressError
+
+    def refuse(*a, **k):
+        raise MoepressError(line)
+
+    exits = []
+
+    def _exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(moepress.calib.data, "calibration_set", refuse)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(os, "_exit", _exit)
+    r = cli_run("calib", "prepare", "tiny-qwen3-moe", "--num-samples", 4, "--seq-len", 16, "-o", tmp_path / "t.pt")
+    assert exits == [2] and r.exit_code == 2, (exits, r.output)
+    assert r.stderr.strip().splitlines() == [f"moepress: error: {line}"]

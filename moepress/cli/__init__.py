@@ -9,12 +9,13 @@ import errno
 import json
 import os
 import signal
+import sys
 
 import click
 
 from moepress import __version__
 from moepress.cli.options import OUTPUT_META
-from moepress.errors import CheckFailed, Interrupted, MoepressError, PeerLost
+from moepress.errors import CheckFailed, Interrupted, MoepressError
 
 # the commands that split their work across torchrun's ranks (calib/distributed.py); any other would
 # run whole on every rank, each racing the others for the same output
@@ -44,15 +45,11 @@ class MoepressGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except PeerLost as e:  # another rank is gone: the line, then out without the group's teardown
-            from moepress.calib.distributed import abandon
-
+        except MoepressError as e:
             try:
                 _refuse(ctx, ' '.join(str(e).split()))
             finally:
-                abandon(MoepressError.exit_code)
-        except MoepressError as e:
-            _refuse(ctx, ' '.join(str(e).split()))
+                _leave_group()
         except click.exceptions.NoArgsIsHelpError:
             raise  # a bare command group (`moepress calib`): its help, as click prints it
         except click.UsageError as e:  # a subcommand's option or argument: one line too (bad input)
@@ -72,6 +69,17 @@ class MoepressGroup(click.Group):
 
 
 JSON_META = "moepress.json"
+
+
+
+def _leave_group() -> None:
+    """Under torchrun, after a refusal's line (a lost peer, ranks started unlike each other, any bad input):
+    out with its code without the process group's teardown, which can abort at interpreter exit (SIGABRT, -6,
+    not 2: calib/distributed.py abandon). A run that joined no group returns here and exits as usual."""
+    if "torch.distributed" in sys.modules:
+        from moepress.calib.distributed import abandon
+
+        abandon(MoepressError.exit_code)
 
 
 def _refuse(ctx, line: str, code: int = MoepressError.exit_code) -> None:
