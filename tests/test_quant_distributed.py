@@ -246,52 +246,28 @@ def test_ranks_started_with_different_options_refuse_in_one_line(tmp_path, cmd, 
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.partial*"))
 
 
-def test_a_lost_peer_exits_2_after_its_line_without_tearing_the_group_down(cli_run, monkeypatch, tmp_path):
-    """PeerLost under a joined process group: the one line (and --json's result), then the process ends with exit
-    2 at once (os._exit): gloo's teardown at interpreter exit aborted rank 0 with SIGABRT (exit -6) after the line,
-    so torchrun and CI saw -6. The group is simulated joined; the lost peer is raised where the stage reads its
-    calibration data."""
+LOST = "distributed run (rank 0 of 2) stopped: Connection closed by peer (another rank exited)"
+DIFFER = ("torchrun ranks were started with different options (seed 0 on rank 0, 1 on rank 1); expected every rank "
+          "to run the same command")
+
+
+@pytest.mark.parametrize("line", [LOST, DIFFER, "x.jsonl: file not found"])
+def test_a_refusal_under_a_joined_group_exits_2_after_its_line_without_tearing_it_down(cli_run, monkeypatch,
+                                                                                        tmp_path, line):
+    """A lost peer (PeerLost), ranks started with different options, bad input, under a joined process group: the
+    one line (and --json's result), then the process ends with exit 2 at once (os._exit): gloo's teardown at
+    interpreter exit aborted with SIGABRT (exit -6, "terminate called without an active exception") after the
+    line, so torchrun and CI saw -6 (a lost peer, and once in CI ranks started unlike each other). The group is
+    simulated joined; the refusal is raised where the stage reads its calibration data."""
     import json
 
     import torch.distributed
 
     import moepress.calib.data
-    from moepress.errors import PeerLost
-
-    def lost(*a, **k):
-        raise PeerLost("distributed run (rank 0 of 2) stopped: Connection closed by peer (another rank exited)")
-
-    exits = []
-
-    def _exit(code):
-        exits.append(code)
-        raise SystemExit(code)
-
-    monkeypatch.setattr(moepress.calib.data, "calibration_set", lost)
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(os, "_exit", _exit)
-    r = cli_run("calib", "prepare", "tiny-qwen3-moe", "--num-samples", 4, "--seq-len", 16, "-o", tmp_path / "t.pt",
-                "--json")
-    assert exits == [2] and r.exit_code == 2, (exits, r.output)
-    assert r.stderr.strip().splitlines() == ["moepress: error: distributed run (rank 0 of 2) stopped: Connection "
-                                             "closed by peer (another rank exited)"]
-    assert json.loads(r.stdout) == {"error": r.stderr.strip()[len("moepress: error: "):], "exit": 2}
-
-
-
-@pytest.mark.parametrize("line", ["torchrun ranks were started with different options (seed 0 on rank 0, 1 on rank "
-                                  "1); expected every rank to run the same command", "x.jsonl: file not found"])
-def test_any_refusal_under_a_joined_group_exits_2_without_tearing_it_down(cli_run, monkeypatch, tmp_path, line):
-    """A refusal other than a lost peer (ranks started with different options, bad input) printed its line and
-    then went through gloo's teardown at interpreter exit, which aborted once in CI (-6, "terminate called
-    without an active exception"): every refusal leaves a joined group as a lost peer does."""
-    import torch.distributed
-
-    import moepress.calib.data
-    from moepress.errors import MoepressError
+    from moepress.errors import MoepressError, PeerLost
 
     def refuse(*a, **k):
-        raise MoepressError(line)
+        raise (PeerLost if line == LOST else MoepressError)(line)
 
     exits = []
 
@@ -302,6 +278,8 @@ def test_any_refusal_under_a_joined_group_exits_2_without_tearing_it_down(cli_ru
     monkeypatch.setattr(moepress.calib.data, "calibration_set", refuse)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(os, "_exit", _exit)
-    r = cli_run("calib", "prepare", "tiny-qwen3-moe", "--num-samples", 4, "--seq-len", 16, "-o", tmp_path / "t.pt")
+    r = cli_run("calib", "prepare", "tiny-qwen3-moe", "--num-samples", 4, "--seq-len", 16, "-o", tmp_path / "t.pt",
+                "--json")
     assert exits == [2] and r.exit_code == 2, (exits, r.output)
     assert r.stderr.strip().splitlines() == [f"moepress: error: {line}"]
+    assert json.loads(r.stdout) == {"error": line, "exit": 2}
