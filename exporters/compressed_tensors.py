@@ -62,7 +62,6 @@ from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
     fused_name,
-    partial_fused_blocks,
     pattern,
     refuse_fp4_expert_widths,
     refuse_mixed,
@@ -172,8 +171,7 @@ def _refuse_misread_experts(s, schemes) -> None:
         refuse_unpacked_experts(s, "compressed-tensors", set(modules))
     refuse_partial_blocks(s, "compressed-tensors", modules)
     refuse_partial_input_groups(s, "compressed-tensors", modules)
-    refuse_partial_fused_blocks(s, "compressed-tensors", modules,
-                                fused_blocks_route(s, modules, partial_fused_blocks(s, modules)))
+    refuse_partial_fused_blocks(s, "compressed-tensors", modules, lambda bad: fused_blocks_route(s, modules, bad))
     refuse_fp4_expert_widths(s, "compressed-tensors", modules)
 
 

@@ -32,6 +32,7 @@ likewise take one quantization (``refuse_partly_fused``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
@@ -230,11 +231,10 @@ def refuse_partial_input_groups(s: Source, flag: str, modules: dict[str, dict]) 
     bad = [n for n, m in modules.items() if formats.FORMATS[m["format"]].scale == "block"
            and s.reader.info(n + ".weight").shape[1] % 128]
     if bad:
-        widths = ", ".join(map(str, sorted({s.reader.info(n + ".weight").shape[1] for n in bad})))
         raise MoepressError(
-            f"--format {flag}: {len(bad)} block-FP8 linears have in_features ({widths}) that are not a multiple of "
-            f"128 ({pattern(bad)}); vLLM, SGLang and transformers quantize their inputs in whole groups of 128 and "
-            f"would fail at the first forward: quantize with --format {fp8_formats(s, flag)}")
+            f"--format {flag}: {len(bad)} block-FP8 linears have in_features ({_dims(s, bad, 1)}) that are not a "
+            f"multiple of 128 ({pattern(bad)}); vLLM, SGLang and transformers quantize their inputs in whole groups "
+            f"of 128 and would fail at the first forward: quantize with --format {fp8_formats(s, flag)}")
 
 
 def partial_fused_blocks(s: Source, modules: dict[str, dict]) -> list[str]:
@@ -255,15 +255,20 @@ def partial_fused_blocks(s: Source, modules: dict[str, dict]) -> list[str]:
     return bad
 
 
-def refuse_partial_fused_blocks(s: Source, flag: str, modules: dict[str, dict], route: str) -> None:
-    """One line naming the :func:`partial_fused_blocks` and ``route``, the ways that take them."""
+def refuse_partial_fused_blocks(s: Source, flag: str, modules: dict[str, dict],
+                                route: Callable[[list[str]], str]) -> None:
+    """One line naming the :func:`partial_fused_blocks` and ``route(them)``, the ways that take them."""
     bad = partial_fused_blocks(s, modules)
     if bad:
-        rows = ", ".join(map(str, sorted({s.reader.info(n + ".weight").shape[0] for n in bad})))
         raise MoepressError(
-            f"--format {flag}: {len(bad)} block-FP8 linears that vLLM fuses with the next ones have {rows} rows, not "
-            f"whole 128-row blocks ({pattern(bad)}); vLLM refuses such a merged block-FP8 linear of a {flag} "
-            f"checkpoint at load (validate_fp8_block_shape): {route}")
+            f"--format {flag}: {len(bad)} block-FP8 linears that vLLM fuses with the next ones have {_dims(s, bad, 0)} "
+            f"rows, not whole 128-row blocks ({pattern(bad)}); vLLM refuses such a merged block-FP8 linear of a {flag} "
+            f"checkpoint at load (validate_fp8_block_shape): {route(bad)}")
+
+
+def _dims(s: Source, names: list[str], axis: int) -> str:
+    """The distinct sizes of the stored weights ``names`` along ``axis`` (0: rows, 1: in_features), for a message."""
+    return ", ".join(map(str, sorted({s.reader.info(n + ".weight").shape[axis] for n in names})))
 
 
 def high_precision_layers(s: Source, kept: set[str]) -> list[str]:
