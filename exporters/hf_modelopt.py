@@ -60,6 +60,7 @@ from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
     high_precision_layers,
+    pattern,
     refuse_fp4_expert_widths,
     refuse_mixed,
     refuse_partial_blocks,
@@ -167,6 +168,44 @@ def modelopt_name(n: str) -> str:
     return n
 
 
+SGLANG_CHECKED = "0.5.23"
+KV_SCALES = (".k_scale", ".v_scale")
+# how SGLang 0.5.23's model classes read Model-Optimizer's self_attn.k_proj.k_scale / v_proj.v_scale: their
+# load_weights renames k_proj / v_proj to qkv_proj first (models/mixtral.py:425-435: params_dict[...qkv_proj.k_scale],
+# KeyError; models/qwen3_moe.py:1208-1226: not a parameter, skipped)
+SGLANG_KV_SCALES = {
+    "mixtral": (True, "fails loading the FP8 KV-cache scales (models/mixtral.py load_weights looks "
+                      "self_attn.k_proj.k_scale up as qkv_proj.k_scale: KeyError); quantize without --kv-cache for it"),
+    "qwen3_moe": (False, "skips the FP8 KV-cache scales (models/qwen3_moe.py load_weights looks them up as "
+                         "qkv_proj.k_scale, not a parameter) and runs its FP8 cache at scale 1.0"),
+}
+
+
+def written(s, name: str) -> bool:
+    """Whether the quantize output's tensor goes into the export: not an MLA model's k / v scales. They are
+    measured on the decompressed keys and values (compress/quant/kv.py), but SGLang 0.5.23 reads Model-Optimizer's
+    k_proj.k_scale as the scale of its latent cache (models/deepseek_common/deepseek_weight_loader.py:514-523:
+    self_attn.attn_mqa.k_scale): its trtllm_mla decode multiplies the attention logits by it while writing the
+    cache unscaled (layers/attention/trtllm_mla_backend.py:955-974; kernels/ops/attention/utils.py:115-117), its
+    triton backend divides the latent by it. vLLM and TensorRT-LLM keep 1.0; without them SGLang does too."""
+    return not (s.adapter.latent_kv_cache and name.endswith(KV_SCALES))
+
+
+def sglang_misloads(s, modules: dict, kv: bool) -> tuple[dict[str, str], list[str]]:
+    """(misloaded_why, notes): what SGLang 0.5.23 fails on in this export, and what it reads otherwise."""
+    why, notes = [], []
+    fp4 = sorted(n for n, m in modules.items()
+                 if n.endswith(".kv_b_proj") and formats.FORMATS[m["format"]].element == "fp4")
+    if fp4:  # deepseek_weight_loader.py:639-762: only FP8 / INT8 / AWQ are dequantized before the split
+        why.append(f"fails at the first forward on its FP4 MLA kv_b_proj ({pattern(fp4)}: post_load_weights splits "
+                   "the packed bytes into w_kc / w_vc, models/deepseek_common/attention_forward_methods/"
+                   "forward_mla.py:586 bmm); keep it bf16 (--rule 'self_attn.kv_b_proj=none')")
+    fails, how = SGLANG_KV_SCALES.get(s.adapter.family, (False, None)) if kv else (False, None)
+    (why if fails else notes).extend([how] if how else [])
+    misloaded = {"sglang": "; ".join(why)} if why else {}
+    return misloaded, [f"SGLang <= {SGLANG_CHECKED} {n}" for n in why + notes]
+
+
 def refuse_unloadable_experts(s, modules: dict) -> None:
     """One line when no runtime loads the routed experts' format from a Model-Optimizer checkpoint: TensorRT-LLM
     only for the families the format registry's ``trtllm_moe_families`` names, vLLM and SGLang never for
@@ -236,13 +275,16 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     modules = require_layout(s, "hf-modelopt", "fp8 (or w4a8-awq, nvfp4)")["modules"]
     refuse_hf_modelopt(s, src, modules)
     r = s.reader
-    written = 0
+    count, dropped = 0, []
     folded = _folded_awq(s.layout, modules)
     with progress.task("export hf-modelopt", s.adapter.num_layers + 2) as task:
         for kind, i, names in tensor_groups(s):
             for n in names:
+                if not written(s, n):
+                    dropped.append(n)
+                    continue
                 writer.add(modelopt_name(n), r.get(n))  # stored bytes as they are: already modelopt's layout
-                written += 1
+                count += 1
                 if n.endswith(".weight") and n[: -len(".weight")] in folded:
                     writer.add(n[: -len(".weight")] + ".pre_quant_scale", torch.ones(r.info(n).shape[1]))
             writer.end_shard()
@@ -260,8 +302,16 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
         if (Path(src) / name).is_file():
             writer.write_text(name, (Path(src) / name).read_text())
     writer.copy_aux_files(src)
-    return {"quant_algo": hf_quant["quantization"]["quant_algo"], "tensors": written,
-            "quantized_linears": len(modules), "exclude_modules": len(exclude)}
+    misloaded, notes = sglang_misloads(s, modules, kv)
+    if dropped:
+        notes.append(f"the MLA KV-cache scales ({len(dropped)} k_scale / v_scale, of the decompressed keys and values) "
+                     "are not written: SGLang would take them for its latent cache's scale; every runtime runs the "
+                     "FP8 latent cache at scale 1.0")
+    for note in notes:
+        progress.info(f"note: {note}")
+    return {"quant_algo": hf_quant["quantization"]["quant_algo"], "tensors": count,
+            "quantized_linears": len(modules), "exclude_modules": len(exclude), "dropped": dropped,
+            "consumer_notes": notes, "misloaded_by": {k: SGLANG_CHECKED for k in misloaded}, "misloaded_why": misloaded}
 
 
 EXPORTER = Exporter(

@@ -35,6 +35,8 @@ class Adapter:
     scoring: ClassVar[str] = "softmax"
     ffn_attr: ClassVar[str] = "mlp"
     expert_names: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
+    # the KV cache holds a compressed latent, not the keys / values k_scale / v_scale are measured on (MLA)
+    latent_kv_cache: ClassVar[bool] = False
 
     def __init__(self, config: dict, names: Iterable[str] | None = None, where: str = "config.json"):
         self.config = dict(config)

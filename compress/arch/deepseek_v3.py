@@ -48,6 +48,7 @@ class DeepseekV3Adapter(Adapter):
     # transformers 5.24's modeling_deepseek_v3.py ignores it (every layer past first_k_dense_replace is MoE)
     layer_kind_keys = ("first_k_dense_replace", "moe_layer_freq")
     scoring = "sigmoid"
+    latent_kv_cache = True
 
     def make_hf_config(self, config):
         cfg = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}

@@ -15,8 +15,9 @@ during calibration on the key and value states the attention hands its attention
   stores (transformers 5.24, models/qwen3_moe/modeling_qwen3_moe.py).
 - Mixtral: keys after RoPE, values = v_proj's output, likewise what the cache stores.
 - DeepSeek-V3 (MLA), following modelopt: the keys and values decompressed by ``kv_b_proj`` (keys
-  = [k_nope | k_pe after RoPE], values = kv_b_proj's value half). No runtime we know reads these
-  for MLA, so they are written for parity with Model-Optimizer and its FP8 cache runs at scale 1.0:
+  = [k_nope | k_pe after RoPE], values = kv_b_proj's value half). They are not the cache's scales, and
+  hf-modelopt does not write them (SGLang 0.5.23 would read them as its latent cache's scale:
+  exporters/hf_modelopt.py ``written``); every runtime runs an MLA model's FP8 cache at scale 1.0:
   the runtimes cache the latent [kv_c_normed | k_pe] instead (vLLM main, 2026:
   vllm/model_executor/layers/attention/mla_attention.py, ``ops.concat_and_cache_mla(...,
   scale=layer._k_scale)``), and vLLM's DeepSeek loader (models/deepseek_v2.py ``load_weights`` ->
