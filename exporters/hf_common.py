@@ -18,7 +18,7 @@ from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
 from moepress.errors import MoepressError
-from moepress.exporters.kernel_widths import BLOCK, block_ok
+from moepress.exporters.kernel_widths import TRTLLM_FUSED, block_ok, fused_block_ok
 from moepress.exporters.shape import model_shape
 
 QUANT_FILES = ("hf_quant_config.json", "moepress_quant.json", "quant_report.json")
@@ -29,40 +29,10 @@ FLOAT_DTYPES = {code: t for t, code in DTYPE_NAMES.items() if t in (torch.bfloat
 
 
 def block_linear_ok(reader, adapter, base: str) -> bool:
-    """:func:`block_ok` for the stored linear ``base`` (``...experts.3.w1``): its shape, and whether it is a
-    routed expert; for a dense linear the runtimes fuse with others (``TRTLLM_FUSED``), every part's too, each
-    part but the last of DeepSeek's q_a / kv_a pair in whole 128-row blocks (:func:`fused_blocks_ok`)."""
-    routed = adapter.expert_index(base) is not None
-    if not block_ok(reader.info(base + ".weight").shape, routed):
-        return False
-    parts = [] if routed else fused_group(reader, base)
-    return all(block_ok(reader.info(p + ".weight").shape, False) for p in parts) and fused_blocks_ok(
-        base.rpartition(".")[2], [reader.info(p + ".weight").shape[0] for p in parts])
-
-
-def fused_group(reader, base: str) -> list[str]:
-    """The stored linears that the runtimes fuse with ``base`` into one (``TRTLLM_FUSED``), in fused order, ``base``
-    included; [] when it is not fused with another."""
-    parent, _, leaf = base.rpartition(".")
-    for parts in TRTLLM_FUSED.values():
-        if leaf in parts:
-            names = [f"{parent}.{p}" for p in parts if f"{parent}.{p}.weight" in reader]
-            return names if len(names) > 1 else []
-    return []
-
-
-def fused_blocks_ok(leaf: str, rows: list[int]) -> bool:
-    """Whether block-FP8 parts of these output widths (fused order) load as one fused linear. vLLM 0.33.0 allocates
-    the fused weight_scale_inv as ceil(sum(rows) / 128) rows and copies part i's scale rows at row
-    ceil(offset_i / 128) (layers/linear.py adjust_block_scale_shard; a part past the end fails narrow() at load,
-    one that fits is read with its neighbour's scale); SGLang 0.5.23 refuses qkv / gate_up parts that are not
-    multiples of 128 (layers/quantization/fp8.py validate_block_quant_shapes) and concatenates q_a's and kv_a's
-    scales into one ReplicatedLinear's (models/deepseek_common/deepseek_weight_loader.py). So every part is whole
-    blocks, but for DeepSeek's kv_a_proj_with_mqa (576 rows in DeepSeek-V3), the last of its pair."""
-    if not rows:
-        return True
-    last_free = leaf in TRTLLM_FUSED["fused_a"]
-    return all(r % BLOCK[0] == 0 for r in (rows[:-1] if last_free else rows))
+    """:func:`fused_block_ok` for the stored linear ``base`` (``...experts.3.w1``): its stored shape and its
+    fused group's, and whether it is a routed expert."""
+    return fused_block_ok(reader, lambda b: tuple(reader.info(b + ".weight").shape), base,
+                          adapter.expert_index(base) is not None)
 
 
 @dataclass
@@ -157,14 +127,6 @@ def unquantized_modules(s: Source, quantized: set[str]) -> list[str]:
         out.append(head[: -len(".weight")])
     out += [n for i in range(s.adapter.num_layers) for n in s.adapter.zero_width_linears(i) if n not in out]
     return sorted(out)
-
-
-# TensorRT-LLM's PyTorch backend builds these fused linears from the checkpoint's (HfWeightMapper
-# qkv_proj / gate_up_proj; DeepSeek-V3 attention's fused_a from q_a_proj + kv_a_proj_with_mqa,
-# _torch/models/modeling_deepseekv3.py) and tests exclude_modules on the fused name
-# (QuantConfig.is_module_excluded_from_quantization: fnmatchcase on the name and its parents).
-TRTLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
-                "fused_a": ("q_a_proj", "kv_a_proj_with_mqa")}
 
 
 def fused_parts(s: Source, linears) -> dict[tuple[str, str], list[str]]:

@@ -1,9 +1,9 @@
 """Which weight shapes the runtimes' kernels compute as stored: 128x128 block FP8 (DeepSeek-V3 / Kimi K2's
 ``weight_block_size``) and FP4 routed experts. The facts the exporters (``hf_common``, ``fused_moe``) and the
-planner (``shape``, ``plan``) share. A linear that fails :func:`block_ok` is kept bf16 by hf-fp8-block and
-refused as a routed expert by compressed-tensors and hf-modelopt; one that fails :func:`runs_in_blocks` no
-runtime computes in block FP8 (the planner counts it bf16); FP4 experts that fail :func:`fp4_widths_ok` are
-refused by both FP4 exports."""
+planner (``shape``, ``plan``) share. A linear that fails :func:`fused_block_ok` is kept bf16 by hf-fp8-block (and
+counted so by the planner); one that fails :func:`block_ok` is refused as a routed expert by compressed-tensors and
+hf-modelopt; one that fails :func:`runs_in_blocks` no runtime computes in block FP8; FP4 experts that fail
+:func:`fp4_widths_ok` are refused by both FP4 exports."""
 
 from __future__ import annotations
 
@@ -40,6 +40,52 @@ def block_ok(shape, is_routed: bool) -> bool:
     the runtimes (:func:`runs_in_blocks`) and, for a dense output, transformers too (at most 128 rows or whole
     blocks: :func:`grid_ok`)."""
     return runs_in_blocks(shape, is_routed) and (is_routed or grid_ok(shape))
+
+
+# TensorRT-LLM's PyTorch backend builds these fused linears from the checkpoint's (HfWeightMapper
+# qkv_proj / gate_up_proj; DeepSeek-V3 attention's fused_a from q_a_proj + kv_a_proj_with_mqa,
+# _torch/models/modeling_deepseekv3.py) and tests exclude_modules on the fused name
+# (QuantConfig.is_module_excluded_from_quantization: fnmatchcase on the name and its parents).
+TRTLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+                "fused_a": ("q_a_proj", "kv_a_proj_with_mqa")}
+
+
+def fused_group(names, base: str) -> list[str]:
+    """The linears that the runtimes fuse with ``base`` into one (``TRTLLM_FUSED``), in fused order, ``base``
+    included; [] when it is not fused with another. ``names``: the stored tensor names (a CheckpointReader, or a
+    set of ``<linear>.weight``)."""
+    parent, _, leaf = base.rpartition(".")
+    for parts in TRTLLM_FUSED.values():
+        if leaf in parts:
+            found = [f"{parent}.{p}" for p in parts if f"{parent}.{p}.weight" in names]
+            return found if len(found) > 1 else []
+    return []
+
+
+def fused_blocks_ok(leaf: str, rows: list[int]) -> bool:
+    """Whether block-FP8 parts of these output widths (fused order) load as one fused linear. vLLM 0.33.0 allocates
+    the fused weight_scale_inv as ceil(sum(rows) / 128) rows and copies part i's scale rows at row
+    ceil(offset_i / 128) (layers/linear.py adjust_block_scale_shard; a part past the end fails narrow() at load,
+    one that fits is read with its neighbour's scale); SGLang 0.5.23 refuses qkv / gate_up parts that are not
+    multiples of 128 (layers/quantization/fp8.py validate_block_quant_shapes) and concatenates q_a's and kv_a's
+    scales into one ReplicatedLinear's (models/deepseek_common/deepseek_weight_loader.py). So every part is whole
+    blocks, but for DeepSeek's kv_a_proj_with_mqa (576 rows in DeepSeek-V3), the last of its pair."""
+    if not rows:
+        return True
+    last_free = leaf in TRTLLM_FUSED["fused_a"]
+    return all(r % BLOCK[0] == 0 for r in (rows[:-1] if last_free else rows))
+
+
+def fused_block_ok(names, shape_of, base: str, is_routed: bool) -> bool:
+    """Whether hf-fp8-block writes the linear ``base`` in block FP8 (else bf16), the one decision its export and the
+    planner take: :func:`block_ok` of its [out, in] shape and, for a dense linear the runtimes fuse with others
+    (:func:`fused_group` in ``names``), every part's too, each part but the last of DeepSeek's q_a / kv_a pair in
+    whole 128-row blocks (:func:`fused_blocks_ok`). ``shape_of``: a linear's name -> its [out, in] shape."""
+    if not block_ok(shape_of(base), is_routed):
+        return False
+    parts = [] if is_routed else fused_group(names, base)
+    return all(block_ok(shape_of(p), False) for p in parts) and fused_blocks_ok(
+        base.rpartition(".")[2], [shape_of(p)[0] for p in parts])
 
 
 def fp4_widths_ok(hidden: int, width: int) -> bool:

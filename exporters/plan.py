@@ -338,12 +338,12 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
 
 def _width_notes(shape: ModelShape, fmt: str) -> list[str]:
     """Notes on linears whose widths the runtimes' kernels do not compute in ``fmt`` (exporters/kernel_widths.py):
-    block-FP8 linears counted bf16 (ModelShape.rows), FP4 routed experts that the FP4 exports refuse."""
+    block-FP8 linears hf-fp8-block keeps bf16 (ModelShape.rows), FP4 routed experts that the FP4 exports refuse."""
     notes, unblocked = [], shape.unblocked(fmt)
     if unblocked:
         what = ", ".join(f"{k} [{o}, {i}]" for k, o, i in unblocked)
-        notes.append(f"no runtime computes these in 128x128 block FP8 (an input not in whole 128-wide groups, an "
-                     f"expert width not whole blocks), counted bf16 as hf-fp8-block writes them: {what}")
+        notes.append(f"hf-fp8-block keeps these bf16 (an input not in whole 128-wide groups, an expert width or a "
+                     f"part of a fused q/k/v, gate/up or q_a/kv_a not whole 128-row blocks), counted bf16: {what}")
     fp4 = getattr(formats.FORMATS.get(fmt), "element", None) == "fp4"
     if shape.num_experts and fp4 and not fp4_widths_ok(shape.hidden_size, shape.moe_intermediate):
         notes.append(f"the FP4 fused-MoE kernels need the hidden size and expert width multiples of 64, one of 128 "

@@ -19,9 +19,10 @@ from torch import nn
 from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import CheckpointReader, read_config_file
+from moepress.compress.inspect import storage_format
 from moepress.errors import MoepressError
 from moepress.exporters.ct_layout import ct_matcher, ct_stored
-from moepress.exporters.kernel_widths import runs_in_blocks
+from moepress.exporters.kernel_widths import fused_block_ok, runs_in_blocks
 
 
 def linear_bytes(out_f: int, in_f: int, fmt: str, group: int | None = None) -> float:
@@ -60,6 +61,10 @@ class ModelShape:
     # counted as stored when that format is planned
     stored_format: str | None = None
     stored: tuple[tuple[str, int, int, str, int], ...] = ()
+    # (kind, out, in, count) of the linears planned in block FP8 that hf-fp8-block writes bf16 (kernel_widths.
+    # fused_block_ok: a shape, or a fused group's, not in whole blocks); none for a checkpoint in block FP8 already,
+    # which it copies as stored
+    block_kept: tuple[tuple[str, int, int, int], ...] = ()
 
     @property
     def moe_intermediate(self) -> int:
@@ -73,13 +78,21 @@ class ModelShape:
         return [(k, o, i, fmt, c) for k, o, i, c in self.linears]
 
     def rows(self, fmt: str) -> list[tuple]:
-        """(kind, out, in, format, count) of each linear planned in ``fmt``, as it runs
-        (:func:`_runs_as`)."""
-        return [(k, o, i, _runs_as(k, o, i, f), c) for k, o, i, f, c in self._planned(fmt)]
+        """(kind, out, in, format, count) of each linear planned in ``fmt``, as it runs (:func:`_runs_as`) and as
+        hf-fp8-block writes a block-FP8 one (``block_kept`` bf16)."""
+        kept = collections.Counter({(k, o, i): c for k, o, i, c in self.block_kept})
+        out = []
+        for k, o, i, f, c in self._planned(fmt):
+            n = min(c, kept[k, o, i]) if _is_block(f) else 0
+            kept[k, o, i] -= n
+            out += [(k, o, i, _runs_as(k, o, i, f), c - n)] + ([(k, o, i, _UNQUANTIZED, n)] if n else [])
+        return [r for r in out if r[4]]
 
     def unblocked(self, fmt: str) -> list[tuple[str, int, int]]:
         """(kind, out, in) of the linears planned in block FP8 that :meth:`rows` counts as bf16."""
-        return sorted({(k, o, i) for k, o, i, f, _ in self._planned(fmt) if _runs_as(k, o, i, f) != f})
+        kept = {(k, o, i) for k, o, i, c in self.block_kept if c}
+        return sorted({(k, o, i) for k, o, i, f, _ in self._planned(fmt)
+                       if _is_block(f) and ((k, o, i) in kept or _runs_as(k, o, i, f) != f)})
 
     def bytes_by_kind(self, fmt: str) -> dict[str, float]:
         """Bytes per kind of parameter in ``fmt``; in the checkpoint's own format, as its linears are stored."""
@@ -96,8 +109,9 @@ class ModelShape:
 REPLICATED = ("q_a_proj", "kv_a_proj_with_mqa")
 
 
-def _layer_linears(layer) -> tuple[list[tuple[str, str, int, int]], int]:
-    """A decoder layer's nn.Linear modules as (name, kind, out, in), and its parameters outside them."""
+def _layer_linears(layer) -> tuple[list[tuple[str, str, int, int, bool]], int]:
+    """A decoder layer's nn.Linear modules as (name, kind, out, in, whether hf-fp8-block writes it in block FP8:
+    kernel_widths.fused_block_ok, as its export decides), and its parameters outside them."""
     moe = layer.moe
     routed = {id(m) for m in moe.experts.modules()} if moe is not None else set()
     shared = {id(m) for m in moe.shared_experts.modules()} \
@@ -112,7 +126,9 @@ def _layer_linears(layer) -> tuple[list[tuple[str, str, int, int]], int]:
         lin.append((name, kind, m.out_features, m.in_features))
         n_lin += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
     total = sum(t.numel() for t in layer.parameters())
-    return lin, total - n_lin
+    shapes = {n: (o, i) for n, _, o, i in lin}
+    names = {n + ".weight" for n in shapes}
+    return [(n, k, o, i, fused_block_ok(names, shapes.get, n, k == "routed")) for n, k, o, i in lin], total - n_lin
 
 
 def _config_and_adapter(model: str | Path | dict):
@@ -136,6 +152,8 @@ def model_shape(model: str | Path | dict) -> ModelShape:
     linears: collections.Counter = collections.Counter()
     stored: collections.Counter = collections.Counter()
     ct_rows: list[tuple[str, str, int, int]] = []  # a compressed-tensors checkpoint's linears by full name
+    kept: collections.Counter = collections.Counter()  # ModelShape.block_kept
+    native = not layout and _is_block(storage_format(cfg))  # hf-fp8-block copies its linears as stored
     other = 0
     built = {}
     for i in range(a.num_layers):
@@ -145,13 +163,15 @@ def model_shape(model: str | Path | dict) -> ModelShape:
                 layer = a.build_layer(i)
             built[key] = _layer_linears(layer)
         lin, rest = built[key]
-        linears.update((k, o, n) for _, k, o, n in lin)
+        linears.update((k, o, n) for _, k, o, n, _ in lin)
+        mods, prefix = (layout or {}).get("modules", {}), a.layer_prefix(i)
         if layout:
-            mods, prefix = layout["modules"], a.layer_prefix(i)
             stored.update((k, o, n, (mods.get(prefix + name) or {}).get("format") or _UNQUANTIZED)
-                          for name, k, o, n in lin)
+                          for name, k, o, n, _ in lin)
         elif match:
-            ct_rows += [(a.layer_prefix(i) + name, k, o, n) for name, k, o, n in lin]
+            ct_rows += [(prefix + name, k, o, n) for name, k, o, n, _ in lin]
+        kept.update((k, o, n) for name, k, o, n, ok in lin if not ok and not native
+                    and (not layout or _is_block((mods.get(prefix + name) or {}).get("format"))))
         other += rest
     fmt, group = (layout.get("format"), _int4_group(layout)) if layout else (None, None)
     if match:
@@ -169,18 +189,23 @@ def model_shape(model: str | Path | dict) -> ModelShape:
     return ModelShape(a.family, a.num_layers, H, a.num_experts, a.top_k, V, heads, kv, kv_heads,
                       tuple((k, o, i, c) for (k, o, i), c in sorted(linears.items())), other, embed,
                       int(cfg.get("max_position_embeddings") or 0), group, fmt,
-                      tuple((k, o, n, f, c) for (k, o, n, f), c in sorted(stored.items())))
+                      tuple((k, o, n, f, c) for (k, o, n, f), c in sorted(stored.items())),
+                      tuple((k, o, n, c) for (k, o, n), c in sorted(kept.items())))
 
 
 _UNQUANTIZED = next(n for n, f in formats.FORMATS.items() if f.scale is None)  # what a --rule "none" leaves
+
+
+def _is_block(fmt: str | None) -> bool:
+    """Whether ``fmt`` is a block-scaled format (128x128 block FP8)."""
+    return getattr(formats.FORMATS.get(fmt or ""), "scale", None) == "block"
 
 
 def _runs_as(kind: str, out_f: int, in_f: int, fmt: str) -> str:
     """The format a linear planned in ``fmt`` runs in: bf16 for a block-FP8 linear no runtime computes in block
     FP8 (:func:`kernel_widths.runs_in_blocks`; hf-fp8-block, the only export taking such a model, keeps it bf16),
     else ``fmt``."""
-    block = getattr(formats.FORMATS.get(fmt), "scale", None) == "block"
-    return _UNQUANTIZED if block and not runs_in_blocks((out_f, in_f), kind == "routed") else fmt
+    return _UNQUANTIZED if _is_block(fmt) and not runs_in_blocks((out_f, in_f), kind == "routed") else fmt
 
 
 def _layout(model) -> dict | None:

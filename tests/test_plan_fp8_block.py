@@ -1,0 +1,89 @@
+"""`moepress plan --format fp8-block` budgets the bytes hf-fp8-block writes: a linear the export keeps bf16
+(kernel_widths.fused_block_ok: its shape, or a part of the group the runtimes fuse it into, q/k/v, gate/up, q_a /
+kv_a, not in whole 128-row blocks) is counted bf16, by the same function. The planner counted each linear alone,
+so a fused group the export keeps bf16 was planned in FP8 (tiny-qwen3-moe: q/k/v of 128, 64, 64 rows, 131,024 B
+short of the 5,590,544 B written; DeepSeek-V3's q_a_proj, whose partner kv_a_proj_with_mqa has 576 rows)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from moepress import models
+from moepress.exporters import ExportConfig, export
+from moepress.exporters.plan import plan
+from moepress.exporters.shape import model_shape
+
+KIMI = "tests/data/kimi-k2-config.json"
+# a DeepSeek-V3 whose q_a_proj is one whole block (q_lora_rank 128) beside a 160-row kv_a_proj_with_mqa (128 + 32):
+# the shape of DeepSeek-V3's 1536-row q_a beside its 576-row kv_a (tests/test_export_hf_fp8_block.py DS128)
+DS128 = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, q_lora_rank=128, kv_lora_rank=128,
+             num_attention_heads=4, num_key_value_heads=4, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)
+
+
+def _written(d) -> tuple[int, int]:
+    """(bytes of every tensor the export wrote, bytes of its float32 tensors that are not block scales), read
+    with safetensors alone."""
+    total = wide = 0
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k)
+                total += t.numel() * t.element_size()
+                if str(t.dtype) == "torch.float32" and not k.endswith("_scale_inv"):
+                    wide += t.numel() * t.element_size()
+    return total, wide
+
+
+@pytest.fixture(scope="module")
+def ds128(tmp_path_factory):
+    from helpers import make_random_checkpoint
+
+    d = make_random_checkpoint("deepseek_v3", tmp_path_factory.mktemp("plan-fp8b") / "ds128", **DS128)
+    for f in d.glob("*.safetensors"):  # stored bf16 like a hub checkpoint (transformers saved float32), bias float32
+        t = load_file(str(f))
+        save_file({k: v if k.endswith("e_score_correction_bias") else v.bfloat16() for k, v in t.items()}, str(f),
+                  metadata={"format": "pt"})
+    return d
+
+
+@pytest.mark.parametrize("name", ["tiny-deepseek-v3", "tiny-qwen3-moe", "tiny-mixtral", "tiny-mixtral-w192", "ds128"])
+def test_plan_of_fp8_block_counts_the_bytes_hf_fp8_block_writes(name, tmp_path, request):
+    """Plan's weights_total against the tensor bytes of the hf-fp8-block export. Equal to the byte but for the
+    float32 tensors outside the linears: plan budgets routers at bf16 and leaves DeepSeek's e_score_correction_bias
+    (a buffer) out, so it may be short by at most those tensors' bytes (tiny-deepseek-v3 stores its routers float32:
+    measured 24,960 B short of its 49,536 float32 router and bias bytes; ds128 64 B, its float32 biases; the others
+    0). Before the fix: 131,400 B short on tiny-deepseek-v3, 131,024 on the others, 110,620 on ds128."""
+    src = request.getfixturevalue("ds128") if name == "ds128" else models.path(name)
+    out = tmp_path / "fb"
+    export(src, out, ExportConfig(format="hf-fp8-block"))
+    total, wide = _written(out)
+    p = plan(str(src), "h100", "fp8-block", gpus=1)
+    assert 0 <= total - p.weights_total <= wide, (total, p.weights_total, wide)
+
+
+def _deepseek_v3(quantized: bool) -> dict:
+    """deepseek-ai/DeepSeek-V3's config.json structure (Kimi K2's MLA and widths; 256 experts, 128 heads, 3 dense
+    layers, vocab 129280); ``quantized`` False: a bf16 conversion (no quantization_config)."""
+    cfg = json.loads(open(KIMI).read())
+    cfg.update(model_type="deepseek_v3", n_routed_experts=256, num_attention_heads=128, num_key_value_heads=128,
+               first_k_dense_replace=3, n_group=8, topk_group=4, vocab_size=129280, routed_scaling_factor=2.5)
+    if not quantized:
+        del cfg["quantization_config"]
+    return cfg
+
+
+def test_deepseek_v3_q_a_proj_is_planned_as_hf_fp8_block_writes_it():
+    """DeepSeek-V3 in bf16 planned as fp8-block: hf-fp8-block keeps q_a_proj [1536, 7168] bf16 with its fused
+    partner kv_a_proj_with_mqa [576, 7168] (576 rows over 128, not whole blocks: transformers misreads its grid), so
+    both are 2 B a value, 61 layers. DeepSeek-V3 as shipped (block FP8) is copied as stored: both FP8 (1 B a value
+    + an F32 scale per 128 x 128 block: 12 x 56 and 5 x 56)."""
+    bf16 = model_shape(_deepseek_v3(False)).bytes_by_kind("fp8-block")["replicated"]
+    assert bf16 == 61 * 2 * (1536 + 576) * 7168
+    shipped = model_shape(_deepseek_v3(True)).bytes_by_kind("fp8-block")["replicated"]
+    assert shipped == 61 * ((1536 + 576) * 7168 + 4 * (12 + 5) * 56)
+    p = plan(_deepseek_v3(False), "h200", "fp8-block")
+    assert any("counted bf16" in n and "replicated [576, 7168], replicated [1536, 7168]" in n for n in p.notes)
