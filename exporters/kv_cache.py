@@ -1,5 +1,6 @@
 """KV-cache dtypes a deployment plan budgets: bytes per cached value, the name checkpoints give
-them (``kv_cache_quant_algo``) and the GPU architectures whose kernels run them.
+them (``kv_cache_quant_algo``) and the GPU architectures whose kernels run them; and the tensor-parallel
+sizes each runtime splits a model's KV heads over (:func:`kv_split_problem`).
 
 Sources: TensorRT-LLM ``docs/source/features/quantization.md``, "Hardware Support Matrix" ("FP8 KV
 Cache" and "NVFP4 KV Cache" columns; the table is quoted in exporters/targets.py);
@@ -52,4 +53,23 @@ def for_sm(sm: int) -> tuple[str, ...]:
     return tuple(k.name for k in KV_CACHE.values() if sm in k.archs)
 
 
-__all__ = ["DEFAULT", "KVCache", "KV_CACHE", "by_quant_algo", "for_sm"]
+
+
+def kv_split_problem(kv_heads: int, tp: int, runtime: str) -> str | None:
+    """Why ``runtime`` cannot run ``kv_heads`` GQA KV heads at tensor-parallel size ``tp`` (None: it can; MLA, 0
+    KV heads here, caches one latent every rank holds). TensorRT-LLM's PyTorch backend and vLLM split them, or
+    replicate them when tp is a multiple of them, asserting one or the other (NVIDIA/TensorRT-LLM 4dfeee6c
+    _torch/models/checkpoints/hf/qwen3_moe_weight_mapper.py _duplicate_kv; vLLM 0.33.0 layers/linear.py
+    QKVParallelLinear num_kv_head_replicas, models/qwen3_moe.py and mixtral.py). A trtllm-ckpt (an engine's
+    source, trtllm_ckpt.check_mapping) splits them only: TensorRT-LLM's own converters copy them for tp > kv
+    (NVIDIA/TensorRT-LLM 0428c188 tensorrt_llm/models/convert_utils.py dup_kv_weight, called by
+    models/qwen/convert.py), trtllm_ckpt.py does not."""
+    if not kv_heads or kv_heads % tp == 0:
+        return None
+    if runtime == "trtllm-engine":
+        return (f"tp {tp} does not divide the {kv_heads} KV heads (a trtllm-ckpt splits them over its ranks, never "
+                "replicates them; TensorRT-LLM's PyTorch backend does, loading an hf-modelopt or hf-fp8-block export)")
+    return None if tp % kv_heads == 0 else f"tp {tp} neither divides the {kv_heads} KV heads nor is a multiple of them"
+
+
+__all__ = ["DEFAULT", "KVCache", "KV_CACHE", "by_quant_algo", "for_sm", "kv_split_problem"]

@@ -187,13 +187,14 @@ class _Planner:
         return p
 
     def unsplittable(self, n: int) -> str | None:
-        """Why TP = ``n`` cannot split this model (None: it can). TensorRT-LLM gives each rank
-        num_attention_heads / tp heads (layers/attention.py) and each moe_tp rank intermediate / moe_tp
-        of every expert (layers/moe.py); exporters/trtllm_ckpt.check_mapping refuses the same."""
+        """Why TP = ``n`` cannot split this model (None: it can). TensorRT-LLM gives each rank num_attention_heads / tp
+        heads (layers/attention.py), KV heads as kv_cache.kv_split_problem says, and each moe_tp rank
+        intermediate / moe_tp of every expert (layers/moe.py); exporters/trtllm_ckpt.check_mapping refuses the same."""
         heads, inter = self.shape.num_heads, self.shape.moe_intermediate
         moe_tp = n // (self.ep if self.ep is not None else _default_ep(self.shape.num_experts, n))
-        if heads % n:
-            return f"tp {n} does not divide the {heads} attention heads"
+        kv = kv_cache.kv_split_problem(self.shape.kv_heads, n, self.runtime)
+        if heads % n or kv:
+            return f"tp {n} does not divide the {heads} attention heads" if heads % n else kv
         if inter and inter % moe_tp:
             return f"moe_tp {moe_tp} (tp / ep) does not divide the experts' intermediate size {inter}"
         # only the routed experts' cut refuses: no runtime shrinks moe_tp (vLLM #17569: a block-FP8 gate/up of
@@ -281,8 +282,7 @@ def _parallelism(E: int, gpus: int | None, tp: int | None, ep: int | None) -> in
         raise MoepressError(f"--ep {ep}: the model has {E} routed experts, not divisible by {ep}; "
                             f"use --ep {max(d for d in divs if d <= ep) if any(d <= ep for d in divs) else 1} "
                             f"(divisors: {', '.join(map(str, divs))})")
-    if tp is not None and gpus is None:
-        gpus = tp
+    gpus = tp if tp is not None and gpus is None else gpus
     if tp is not None and tp != gpus:
         raise MoepressError(f"--tp {tp}: expected --tp equal to --gpus ({gpus}); moepress plans "
                             f"tensor parallelism over all GPUs (attention) and EP x moe_tp = TP (experts)")

@@ -39,11 +39,10 @@ Qwen3-MoE note: TensorRT-LLM's own converter writes ``normalization_mode`` NONE 
 MoE; we write RENORMALIZE (1) when ``norm_topk_prob`` is set because that is what the model
 computes (transformers' Qwen3MoeTopKRouter renormalises the top-k probabilities).
 
-Quantized inputs (a ``moepress quantize`` output): FP8 per-tensor (``weight_scale`` scalar,
-``input_scale`` scalar) is converted; TensorRT-LLM fuses q/k/v and w3/w1 into one weight with one
-scale, so members quantized with a smaller scale are re-rounded to the fused (max) scale
-(exact for the max-scale member, within half an FP8 step otherwise, as modelopt's own
-TRT-LLM export does). INT4 AWQ into this format is not written (partial): use ``compressed-tensors``
+Quantized inputs (a ``moepress quantize`` output): FP8 per-tensor (``weight_scale`` scalar, ``input_scale`` scalar)
+is converted; TensorRT-LLM fuses q/k/v and w3/w1 into one weight with one scale, so members quantized with a smaller
+scale are re-rounded to the fused (max) scale (exact for the max-scale member, within half an FP8 step otherwise, as
+modelopt's own TRT-LLM export does). INT4 AWQ into this format is not written (partial): use ``compressed-tensors``
 (quantized with ``--awq-fold``) for vLLM, or ``w4a8-awq`` + ``hf-modelopt`` for Mixtral / Qwen3-MoE.
 """
 
@@ -65,6 +64,7 @@ from moepress.exporters.fused_moe import pattern
 from moepress.exporters.hf_common import FLOAT_DTYPES, Source, open_source
 from moepress.exporters.hf_modelopt import taken_route
 from moepress.exporters.hints import HF_MODELOPT, elsewhere
+from moepress.exporters.kv_cache import kv_split_problem
 from moepress.exporters.linears import Linear, read_linear
 
 FP8 = torch.float8_e4m3fn
@@ -252,7 +252,7 @@ def check_mapping(adapter, tp: int, ep: int) -> None:
     if adapter.num_experts % ep:
         raise MoepressError(f"--ep {ep}: must divide the {adapter.num_experts} experts "
                             f"(TensorRT-LLM's fused MoE needs num_experts % ep == 0)")
-    if heads % tp or kv % tp:
+    if heads % tp or kv_split_problem(kv, tp, "trtllm-engine"):  # it splits the KV heads, never replicates them
         raise MoepressError(f"--tp {tp}: must divide num_attention_heads={heads} and num_key_value_heads={kv}")
     inter = adapter.moe_intermediate_size()
     if inter % (tp // ep):

@@ -1,0 +1,65 @@
+"""Tensor parallelism over GQA KV heads. A trtllm-ckpt splits the KV heads over its ranks and never replicates them
+(trtllm_ckpt.check_mapping refuses --tp not dividing num_key_value_heads), so an engine plan must not suggest such a
+TP: Qwen3-235B-A22B (4 KV heads) in bf16 on H100 was planned at TP 8, which the export then refused. TensorRT-LLM's
+PyTorch backend and vLLM replicate KV heads when TP is a multiple of them (qwen3_moe_weight_mapper.py _duplicate_kv;
+vLLM 0.33.0 QKVParallelLinear), and assert otherwise."""
+
+import json
+
+import pytest
+
+from moepress.compress.arch import get_adapter
+from moepress.errors import MoepressError
+from moepress.exporters.plan import plan
+from moepress.exporters.runtime_formats import TRTLLM_CKPT_FORMATS
+from moepress.exporters.targets import TARGETS
+from moepress.exporters.trtllm_ckpt import check_mapping
+
+# Qwen/Qwen3-235B-A22B config.json: 94 layers, hidden 4096, 64 query / 4 KV heads of 128, 128 experts of 1536, top-8
+QWEN3_235B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 4096,
+              "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_hidden_layers": 94,
+              "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+              "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+              "vocab_size": 151936, "max_position_embeddings": 40960, "tie_word_embeddings": False,
+              "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "hidden_act": "silu", "torch_dtype": "bfloat16"}
+
+
+def test_an_engine_plan_suggests_no_tp_the_trtllm_ckpt_export_refuses():
+    """Every plan of an engine (runtime trtllm-engine) on every target, in each format a trtllm-ckpt holds, is a
+    split check_mapping takes; where only TP 8 holds the model (bf16 on 80 GB GPUs), the plan says why instead."""
+    adapter = get_adapter(QWEN3_235B)
+    planned = refused = 0
+    for t in TARGETS.values():
+        for fmt in TRTLLM_CKPT_FORMATS:
+            if not t.supports(fmt):
+                continue
+            try:
+                p = plan(dict(QWEN3_235B), t, fmt, runtime="trtllm-engine")
+            except MoepressError as e:
+                refused += "4 KV heads" in str(e)
+                continue
+            check_mapping(adapter, p.tp, p.ep)
+            planned += 1
+    assert planned and refused
+    with pytest.raises(MoepressError, match=r"tp 8 does not divide the 4 KV heads \(a trtllm-ckpt splits them"):
+        plan(dict(QWEN3_235B), "h100", "bf16", runtime="trtllm-engine")
+    with pytest.raises(MoepressError, match="--tp 8: must divide num_attention_heads=64 and num_key_value_heads=4"):
+        check_mapping(adapter, 8, 8)
+
+
+def test_the_pytorch_backend_plan_replicates_kv_heads():
+    """Runtime trtllm (TensorRT-LLM's PyTorch backend on an HF export) replicates the 4 KV heads at TP 8: the plan
+    keeps TP 8, and each rank caches one KV head (2 x 128 values a token a layer, bf16), not half of one."""
+    p = plan(dict(QWEN3_235B), "h100", "bf16", max_batch=1, max_seq_len=1024)
+    assert (p.tp, p.ep) == (8, 8)
+    assert p.bytes_per_gpu["kv_cache"] == 1024 * 94 * 2 * 128 * 2
+
+
+def test_a_tp_neither_dividing_nor_a_multiple_of_the_kv_heads_is_refused():
+    """48 query / 6 KV heads at TP 4: the runtimes neither split 6 heads 4 ways nor replicate them (4 is not a
+    multiple of 6); TP 2 splits them."""
+    cfg = json.loads(json.dumps(QWEN3_235B))
+    cfg.update(num_attention_heads=48, num_key_value_heads=6)
+    with pytest.raises(MoepressError, match="tp 4 neither divides the 6 KV heads nor is a multiple of them"):
+        plan(cfg, "h200", "fp8", gpus=4)
+    assert plan(cfg, "h200", "fp8", gpus=2).tp == 2
