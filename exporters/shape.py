@@ -65,6 +65,11 @@ class ModelShape:
     # fused_block_ok: a shape, or a fused group's, not in whole blocks); none for a checkpoint in block FP8 already,
     # which it copies as stored
     block_kept: tuple[tuple[str, int, int, int], ...] = ()
+    # DeepSeek's multi-token-prediction layers (num_nextn_predict_layers, stored past the trunk): (kind, out, in, count)
+    # of their decoder linears, and their parameters outside them: (other: norms, router, eh_proj; embed: their own
+    # embed_tokens and shared_head.head). Counted in the formats whose checkpoint holds them (:func:`_holds_mtp`)
+    mtp: tuple[tuple[str, int, int, int], ...] = ()
+    mtp_params: tuple[int, int] = (0, 0)
 
     @property
     def moe_intermediate(self) -> int:
@@ -73,9 +78,10 @@ class ModelShape:
 
     def _planned(self, fmt: str) -> list[tuple]:
         """(kind, out, in, format, count) asked for: every linear in ``fmt``; a quantized checkpoint's as stored."""
+        mtp = [(k, o, i, fmt, c) for k, o, i, c in self.mtp] if _holds_mtp(fmt) else []
         if self.stored and fmt == self.stored_format:
-            return list(self.stored)
-        return [(k, o, i, fmt, c) for k, o, i, c in self.linears]
+            return list(self.stored) + mtp
+        return [(k, o, i, fmt, c) for k, o, i, c in self.linears] + mtp
 
     def rows(self, fmt: str) -> list[tuple]:
         """(kind, out, in, format, count) of each linear planned in ``fmt``, as it runs (:func:`_runs_as`) and as
@@ -99,8 +105,9 @@ class ModelShape:
         out = {"attn": 0.0, "replicated": 0.0, "dense": 0.0, "shared": 0.0, "routed": 0.0}
         for kind, o, i, f, c in self.rows(fmt):
             out[kind] += c * linear_bytes(o, i, f, self.int4_group)
-        out["embed"] = 2.0 * self.embed_params
-        out["other"] = 2.0 * self.other_params
+        mtp_other, mtp_embed = self.mtp_params if _holds_mtp(fmt) else (0, 0)
+        out["embed"] = 2.0 * (self.embed_params + mtp_embed)
+        out["other"] = 2.0 * (self.other_params + mtp_other)
         return out
 
 
@@ -173,6 +180,7 @@ def model_shape(model: str | Path | dict) -> ModelShape:
         kept.update((k, o, n) for name, k, o, n, ok in lin if not ok and not native
                     and (not layout or _is_block((mods.get(prefix + name) or {}).get("format"))))
         other += rest
+    mtp, mtp_kept, mtp_params = _mtp_layers(a, native)
     fmt, group = (layout.get("format"), _int4_group(layout)) if layout else (None, None)
     if match:
         stored, fmt, group = ct_stored(ct_rows, match, _UNQUANTIZED)
@@ -190,10 +198,36 @@ def model_shape(model: str | Path | dict) -> ModelShape:
                       tuple((k, o, i, c) for (k, o, i), c in sorted(linears.items())), other, embed,
                       int(cfg.get("max_position_embeddings") or 0), group, fmt,
                       tuple((k, o, n, f, c) for (k, o, n, f), c in sorted(stored.items())),
-                      tuple((k, o, n, c) for (k, o, n), c in sorted(kept.items())))
+                      tuple((k, o, n, c) for (k, o, n), c in sorted((kept + mtp_kept).items())),
+                      tuple((k, o, n, c) for (k, o, n), c in sorted(mtp.items())), mtp_params)
 
 
 _UNQUANTIZED = next(n for n, f in formats.FORMATS.items() if f.scale is None)  # what a --rule "none" leaves
+
+
+def _mtp_layers(a, native: bool) -> tuple[collections.Counter, collections.Counter, tuple[int, int]]:
+    """DeepSeek's MTP layers (adapter.mtp_layers; config num_nextn_predict_layers): their decoder linears, those
+    hf-fp8-block writes bf16 (all of them but in a block-FP8 checkpoint: it copies layers past the trunk as stored,
+    hf_fp8_block.export_hf_fp8_block), and their other and embedding parameters: each stores, beside a decoder
+    layer, enorm, hnorm, eh_proj [H, 2H], shared_head.norm, and its own embed_tokens and shared_head.head [V, H]
+    (deepseek-ai/DeepSeek-V3 README_WEIGHTS.md; vLLM 0.33.0 models/deepseek_mtp.py: eh_proj an nn.Linear whole on
+    every rank, embed_tokens and shared_head.head split by TP)."""
+    lin, kept, other, embed = collections.Counter(), collections.Counter(), 0, 0
+    H, V = a.hidden_size, a.vocab_size
+    for i in getattr(a, "mtp_layers", list)():
+        with torch.device("meta"):
+            rows, rest = _layer_linears(a.build_layer(i))
+        lin.update((k, o, n) for _, k, o, n, _ in rows)
+        kept.update((k, o, n) for _, k, o, n, _ in rows if not native)
+        other, embed = other + rest + 3 * H + 2 * H * H, embed + 2 * V * H
+    return lin, kept, (other, embed)
+
+
+def _holds_mtp(fmt: str) -> bool:
+    """Whether a checkpoint planned in ``fmt`` holds the MTP layers: unquantized (the original, a pruned one: prune
+    keeps them) or block FP8 (hf-fp8-block copies them); ``moepress quantize`` writes no layer past the trunk
+    (quantize/stage.py EXTRA_LAYERS), so no export of its output holds them."""
+    return fmt == _UNQUANTIZED or _is_block(fmt)
 
 
 def _is_block(fmt: str | None) -> bool:
