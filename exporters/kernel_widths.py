@@ -16,7 +16,7 @@ def grid_ok(shape) -> bool:
     Fp8Dequantize._dequantize_one, which rejects or misreads partial edge blocks), so a dimension
     over 128 that is not a multiple of 128 (e.g. 192 -> 2 scale rows read as 96-row blocks) is
     ambiguous; one partial block (a dimension <= 128) reads the same everywhere. Real DeepSeek-V3 /
-    Kimi K2 dimensions are all multiples of 128."""
+    Kimi K2 dimensions are multiples of 128 but kv_a_proj_with_mqa's 576 rows (so a bf16 source's is kept bf16)."""
     return all(d <= BLOCK[0] or d % BLOCK[0] == 0 for d in shape)
 
 
