@@ -93,7 +93,8 @@ def _rename_layer(r, a, names, writer, dtype, quantized: set[str], kept: list[st
                 kept.append(n[: -len(".weight")])
         elif q8:
             if block_linear_ok(r, a, base):
-                writer.add(base + ".weight_scale_inv", r.get(n).float())
+                # DeepSeek's 2-D grid, from ours or an hf-modelopt export's 4-D one
+                writer.add(base + ".weight_scale_inv", fp8.block_grid(r.get(n).float()))
                 quantized.add(base)
         else:
             writer.add(n, r.get(n))

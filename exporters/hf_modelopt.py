@@ -42,10 +42,13 @@ on DeepSeek-V3 / Kimi K2, the format registry's ``trtllm_moe_families``; block F
 
 Each format's ``quant_algo`` is the name Model-Optimizer writes (Format.modelopt_entry): block FP8 is
 ``fp8_pb_wo``, which TensorRT-LLM and vLLM's linear methods read (compress/formats/fp8_block.py says
-where), its scales [out/128, in/128] as TensorRT-LLM's block-FP8 linear copies them (Model-Optimizer
-0.47 writes [out/128, 1, in/128, 1], vLLM's shape; vLLM's Model-Optimizer MoE method takes per-tensor
-FP8 only, so no block-FP8 MoE model of this format loads there); the README's consumer table lists,
-per consumer, the names it accepts (tests/test_consumer_names.py).
+where), its ``weight_scale`` written [ceil(out/128), 1, ceil(in/128), 1] as Model-Optimizer 0.47 exports it
+(Format.modelopt_scale; the quantize output stores the 2-D grid): the shape vLLM 0.33 allocates
+(quantization/modelopt.py ``KFp8Block128``; its loaders assert it, so the 2-D grid did not load), which
+TensorRT-LLM's FP8BlockScalesLinearMethod squeezes (_torch/modules/linear.py, main 2026-11; 2-D loads there
+too). vLLM's Model-Optimizer MoE method takes per-tensor FP8 only, so no block-FP8 MoE model of this format
+loads there; the README's consumer table lists, per consumer, the names it accepts
+(tests/test_consumer_names.py).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ from moepress.exporters.fused_moe import (
 from moepress.exporters.hf_common import (
     QUANT_FILES,
     fused_unquantized,
+    linear_of,
     open_source,
     output_config,
     require_layout,
@@ -206,6 +210,13 @@ def sglang_misloads(s, modules: dict, kv: bool) -> tuple[dict[str, str], list[st
     return misloaded, [f"SGLang <= {SGLANG_CHECKED} {n}" for n in why + notes]
 
 
+def _modelopt_tensor(n: str, t: torch.Tensor, modules: dict) -> torch.Tensor:
+    """A stored tensor as Model-Optimizer exports it: the stored bytes, already its layout, but for block FP8's
+    weight_scale, our 2-D grid written 4-D (Format.modelopt_scale: vLLM 0.33 refuses the 2-D grid)."""
+    part = linear_of(n, ("weight_scale",))
+    return formats.FORMATS[modules[part[0]]["format"]].modelopt_scale(t) if part and part[0] in modules else t
+
+
 def refuse_unloadable_experts(s, modules: dict) -> None:
     """One line when no runtime loads the routed experts' format from a Model-Optimizer checkpoint: TensorRT-LLM
     only for the families the format registry's ``trtllm_moe_families`` names, vLLM and SGLang never for
@@ -283,7 +294,7 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
                 if not written(s, n):
                     dropped.append(n)
                     continue
-                writer.add(modelopt_name(n), r.get(n))  # stored bytes as they are: already modelopt's layout
+                writer.add(modelopt_name(n), _modelopt_tensor(n, r.get(n), modules))
                 count += 1
                 if n.endswith(".weight") and n[: -len(".weight")] in folded:
                     writer.add(n[: -len(".weight")] + ".pre_quant_scale", torch.ones(r.info(n).shape[1]))

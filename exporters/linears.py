@@ -16,7 +16,7 @@ import torch
 from moepress.compress import formats
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.quant import int4
-from moepress.compress.quant.fp8 import DEFAULT_BLOCK, block_size_of, dequantize_block
+from moepress.compress.quant.fp8 import DEFAULT_BLOCK, block_grid, block_size_of, dequantize_block
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
 from moepress.exporters.hints import fp4_routes
@@ -97,9 +97,11 @@ def read_linear(reader: CheckpointReader, prefix: str, flag: str = "", accepts: 
         if s is None:
             raise MoepressError(f"{reader.path}: FP8 tensor '{name}' has no weight_scale")
         scheme = _fp8_scheme(reader, prefix, s)
-        shaped = {"tensor": (), "channel": (-1, 1)}  # a channel scale stored [out] (Model-Optimizer's) or [out, 1]
-        return Linear(scheme, reader.get(name), s.float().reshape(shaped[scheme]) if scheme in shaped else s.float(),
-                      opt(".input_scale"))
+        # a channel scale stored [out] (Model-Optimizer's) or [out, 1]; a block grid [ro, ci] (ours) or
+        # [ro, 1, ci, 1] (Model-Optimizer's, which the hf-modelopt export writes)
+        shaped = {"tensor": (), "channel": (-1, 1)}
+        s = s.float().reshape(shaped[scheme]) if scheme in shaped else block_grid(s.float())
+        return Linear(scheme, reader.get(name), s, opt(".input_scale"))
     if code == "U8":
         s = opt(".weight_scale")
         if s is None:

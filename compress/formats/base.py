@@ -187,8 +187,20 @@ class Format:
         return self.input_quant(x, input_scale) if self.input_quant is not None else fp8.fake_quant(x, input_scale)
 
     def ct_scale(self, s: torch.Tensor) -> torch.Tensor:
-        """Our stored weight scale -> compressed-tensors' parameter shape (tensor strategy: [1]; channel: [out, 1],
-        where Model-Optimizer's layout stores [out])."""
+        """A stored weight scale -> compressed-tensors' parameter shape (tensor strategy: [1]; channel: [out, 1],
+        where Model-Optimizer's layout stores [out]; block: the 2-D grid, where Model-Optimizer's is 4-D)."""
+        from moepress.compress.quant import fp8
+
         if self.scale == "tensor":
             return s.float().reshape(1)
+        if self.scale == "block":
+            return fp8.block_grid(s.float())
         return s.float().reshape(-1, 1) if self.scale == "channel" else s.float()
+
+    def modelopt_scale(self, s: torch.Tensor) -> torch.Tensor:
+        """A stored weight scale -> the shape Model-Optimizer 0.47 exports it in: block FP8's grid as
+        [ceil(out/128), 1, ceil(in/128), 1] (compress/quant/fp8.py modelopt_block: what vLLM 0.33 allocates);
+        every other scale is stored in that layout already."""
+        from moepress.compress.quant import fp8
+
+        return fp8.modelopt_block(s) if self.scale == "block" else s

@@ -1,7 +1,9 @@
 """``fp8-block``: E4M3 weights with one scale per 128x128 block, FP8 activations per 1x128 block.
 
 Stored: ``P.weight`` F8_E4M3, ``P.weight_scale`` F32 [ceil(out/128), ceil(in/128)] (the values
-DeepSeek-V3 ships as ``weight_scale_inv``: deepseek-ai/DeepSeek-V3 README_WEIGHTS.md). TensorRT-LLM
+DeepSeek-V3 ships as ``weight_scale_inv``: deepseek-ai/DeepSeek-V3 README_WEIGHTS.md). The hf-modelopt
+export writes that grid [ceil(out/128), 1, ceil(in/128), 1], as Model-Optimizer 0.47 exports it and vLLM 0.33
+allocates it (Format.modelopt_scale, compress/quant/fp8.py modelopt_block); readers take both. TensorRT-LLM
 QuantAlgo ``FP8_BLOCK_SCALES``. Model-Optimizer checkpoints name it ``fp8_pb_wo`` (modelopt 0.47
 export/quant_utils.py), and so do we: TensorRT-LLM canonicalises that alias to FP8_BLOCK_SCALES
 (tensorrt_llm/quantization/modelopt_config.py, parse_modelopt_quant_config) and vLLM 0.33 accepts it

@@ -2,7 +2,9 @@
 
 Block layout is DeepSeek-V3's (deepseek-ai/DeepSeek-V3 README_WEIGHTS.md): a float8_e4m3fn
 weight [out, in] and a float32 ``weight_scale_inv`` [ceil(out/128), ceil(in/128)];
-dequantized weight = fp8 block * its scale_inv (partial edge blocks included).
+dequantized weight = fp8 block * its scale_inv (partial edge blocks included). Model-Optimizer
+0.47 exports the same grid as [ceil(out/128), 1, ceil(in/128), 1] (:func:`modelopt_block`); every
+reader here takes both (:func:`block_grid`).
 """
 
 from __future__ import annotations
@@ -81,8 +83,29 @@ def _quantize_rows(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return scale
 
 
+def block_grid(scale: torch.Tensor) -> torch.Tensor:
+    """A block scale as the 2-D grid [ceil(out/128), ceil(in/128)] (DeepSeek's ``weight_scale_inv``, our
+    quantize output): Model-Optimizer's [ceil(out/128), 1, ceil(in/128), 1] (:func:`modelopt_block`) viewed
+    without its two singleton dims; any other tensor as it is."""
+    if scale.ndim == 4 and scale.shape[1] == 1 and scale.shape[3] == 1:
+        return scale.reshape(scale.shape[0], scale.shape[2])
+    return scale
+
+
+def modelopt_block(scale: torch.Tensor) -> torch.Tensor:
+    """A block scale grid as Model-Optimizer 0.47 exports FP8_PB_WO: [ceil(out/128), 1, ceil(in/128), 1]
+    (the block quantizer's amax keeps its reshape's singleton dims: get_weight_scaling_factor of a
+    ``block_sizes={-1: 128, -2: 128}`` weight quantizer, export/quant_utils.py), the shape vLLM 0.33 allocates
+    (model_executor/layers/quantization/modelopt.py ``KFp8Block128.create_weights``); TensorRT-LLM's
+    FP8BlockScalesLinearMethod squeezes it (_torch/modules/linear.py, main 2026-11)."""
+    g = block_grid(scale)
+    return g.reshape(g.shape[0], 1, g.shape[1], 1)
+
+
 def dequantize_block(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q [out, in] times its block scales (the 2-D grid or Model-Optimizer's 4-D form: :func:`block_grid`)."""
+    scale_inv = block_grid(scale_inv)
     out, inp = q.shape
     br, bc = block
     if out % br or inp % bc or tuple(scale_inv.shape) != (out // br, inp // bc):  # partial edge blocks
@@ -130,8 +153,10 @@ def scale_layout_error(q_shape, s_shape) -> str | None:
     one): per tensor, per channel ([out] as Model-Optimizer writes it, [out, 1] as compressed-tensors does)
     or 128x128 blocks. A group scale [out, in / g] or blocks of
     another size (compressed-tensors ``strategy: group`` / ``block_structure``) would otherwise be
-    read as 128x128 blocks."""
+    read as 128x128 blocks. Block scales in Model-Optimizer's 4-D form are read as their grid (:func:`block_grid`)."""
     s_shape = tuple(s_shape)
+    if len(s_shape) == 4 and s_shape[1] == s_shape[3] == 1:
+        s_shape = (s_shape[0], s_shape[2])
     if math.prod(s_shape) == 1 or len(q_shape) != 2 or s_shape in ((q_shape[0], 1), (q_shape[0],)):
         return None
     grid = tuple(-(-d // b) for d, b in zip(q_shape, DEFAULT_BLOCK, strict=True))
@@ -142,12 +167,13 @@ def scale_layout_error(q_shape, s_shape) -> str | None:
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-tensor ([] scale), per-channel ([out] or [out, 1]) or 128x128 block ([ceil(out/128), ceil(in/128)]);
-    any other scale shape is a ValueError (see :func:`scale_layout_error`)."""
+    """Per-tensor ([] scale), per-channel ([out] or [out, 1]) or 128x128 block ([ceil(out/128), ceil(in/128)], or
+    Model-Optimizer's [ceil(out/128), 1, ceil(in/128), 1]); any other scale shape is a ValueError (see
+    :func:`scale_layout_error`)."""
     why = scale_layout_error(tuple(q.shape), tuple(scale.shape))
     if why is not None:
         raise ValueError(f"weight_scale {why}")
-    s = scale.float()
+    s = block_grid(scale.float())
     if s.ndim == 1 and q.ndim == 2:  # per channel, Model-Optimizer's [out]: one scale per row
         s = s.reshape(-1, 1)
     if s.ndim == 2 and tuple(s.shape) != (q.shape[0], 1):

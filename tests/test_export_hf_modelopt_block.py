@@ -1,0 +1,192 @@
+"""hf-modelopt's block-FP8 linears (``fp8_pb_wo``): the ``weight_scale`` shape Model-Optimizer writes and vLLM
+allocates, and moepress reading back both that shape and the 2-D grid hf-modelopt exports wrote before.
+
+Facts (read from the consumers' sources):
+* Model-Optimizer 0.47 exports a 128x128 block weight quantizer's scale as [ceil(out/128), 1, ceil(in/128), 1]
+  (export/quant_utils.py ``get_weight_scaling_factor`` -> ``get_scaling_factor`` = export_amax / 448; the amax
+  keeps the block reshape's singleton dims). The test below asks modelopt itself, on the same bf16 weights.
+* vLLM 0.33.0 allocates that shape (model_executor/layers/quantization/modelopt.py ``KFp8Block128.create_weights``:
+  ``(cdiv(out, 128), 1, in_ // 128, 1)``, a BlockQuantScaleParameter) and its loaders assert it (parameter.py
+  ``load_column_parallel_weight`` / ``load_merged_column_weight`` / ``load_qkv_weight``: ``assert ... shape ==``;
+  ``load_row_parallel_weight`` narrows dim 2, an IndexError on a 2-D tensor): the 2-D grid does not load.
+* TensorRT-LLM main (2026-11) ``FP8BlockScalesLinearMethod`` (_torch/modules/linear.py) squeezes a 4-D scale to 2-D
+  in its vanilla, fused-QKV and fused gate/up loaders ("modelopt fp8_pb_wo can have 2 extra singleton dimensions").
+
+Fixture: a random Qwen3-MoE (compress/synthetic.py) whose k/v projections have 192 rows (1.5 blocks) and every
+attention linear 384 inputs: scale grids [3, 3] (q, o) and [2, 3] (k, v).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import shutil
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from moepress import models
+from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+from moepress.compress.synthetic import write_synthetic
+from moepress.exporters import ExportConfig, export
+
+BASE = json.loads((models.path("tiny-qwen3-moe") / "config.json").read_text())
+CONFIG = {**BASE, "hidden_size": 384, "num_attention_heads": 6, "head_dim": 64, "num_key_value_heads": 3,
+          "num_hidden_layers": 2, "moe_intermediate_size": 64, "num_local_experts": 8, "num_experts": 8}
+ATTN = "model.layers.1.self_attn."
+
+
+def vllm_block_scale_shape(out_f: int, in_f: int) -> tuple[int, ...]:
+    """vLLM 0.33.0 KFp8Block128.create_weights: ``ob, ib = cdiv(out, 128), in_ // 128``; weight_scale (ob, 1, ib, 1)
+    (it refuses in_features that are not a multiple of 128, as moepress's hf-modelopt does)."""
+    return (math.ceil(out_f / 128), 1, in_f // 128, 1)
+
+
+def _tensors(d) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(glob.glob(f"{d}/**/*.safetensors", recursive=True)):
+        with safe_open(f, "pt") as h:
+            out.update({f"{f[len(str(d)):]}:{k}": h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    d = write_synthetic(CONFIG, tmp_path_factory.mktemp("syn") / "src", seed=3)
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # for moepress check's evaluation text
+        shutil.copy(models.path("tiny-qwen3-moe") / f, d / f)
+    return d
+
+
+def _quantized(src, out, fmt, rules):
+    batches = [torch.randint(0, CONFIG["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))]
+    quantize_checkpoint(src, out, QuantConfig(format=fmt, rules=rules, num_samples=2, seq_len=32), batches=batches)
+    return out
+
+
+@pytest.fixture(scope="module")
+def block_attn(src, tmp_path_factory):
+    """FP8 experts (per tensor), block-FP8 attention, exported hf-modelopt."""
+    base = tmp_path_factory.mktemp("blk")
+    export(_quantized(src, base / "q", "fp8", (("self_attn.*", "fp8-block"),)), base / "e",
+           ExportConfig(format="hf-modelopt"))
+    return base / "e"
+
+
+def test_block_scale_has_the_shape_modelopt_writes_and_vllm_allocates(src, block_attn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from modelopt.torch.export.quant_utils import get_scaling_factor
+        from modelopt.torch.quantization.config import QuantizerAttributeConfig
+        from modelopt.torch.quantization.nn import TensorQuantizer
+    hq = json.loads((block_attn / "hf_quant_config.json").read_text())["quantization"]
+    t, orig = _tensors(block_attn), _tensors(src)
+    t, orig = ({k.split(":", 1)[1]: v for k, v in d.items()} for d in (t, orig))
+    for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        name = ATTN + p
+        assert hq["quantized_layers"][name]["quant_algo"] == "fp8_pb_wo"
+        w = orig[name + ".weight"]
+        # Model-Optimizer's FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG weight quantizer, calibrated on the same bf16 weight
+        tq = TensorQuantizer(QuantizerAttributeConfig(num_bits=(4, 3), axis=None, block_sizes={-1: 128, -2: 128}))
+        tq.enable_calib(), tq.disable_quant()
+        tq(w)
+        tq.load_calib_amax(), tq.disable_calib()
+        ref = get_scaling_factor(tq)
+        s = t[name + ".weight_scale"]
+        assert tuple(s.shape) == tuple(ref.shape) == vllm_block_scale_shape(*w.shape), name
+        torch.testing.assert_close(s, ref.float(), rtol=0, atol=0)  # measured: equal
+    assert tuple(t[ATTN + "k_proj.weight_scale"].shape) == (2, 1, 3, 1)  # 192 rows: a partial block
+
+
+def _with_block_scales(src, dst, four_d: bool):
+    """A copy of the export ``src`` whose block-FP8 scales are all 4-D (Model-Optimizer's) or all 2-D (the grid
+    hf-modelopt wrote before), whatever the exporter wrote: the block scale of an F8 weight is the tensor that is
+    neither per tensor nor per channel."""
+    shutil.copytree(src, dst)
+    for f in glob.glob(f"{dst}/*.safetensors"):
+        t = load_file(f)
+        for k in [k for k in t if k.endswith(".weight_scale")]:
+            w, s = t[k[: -len("_scale")]], t[k]
+            if w.dtype != torch.float8_e4m3fn or s.numel() == 1 and s.dim() == 0 or s.dim() == 1:
+                continue
+            grid = (math.ceil(w.shape[0] / 128), math.ceil(w.shape[1] / 128))
+            assert s.numel() == grid[0] * grid[1], k
+            t[k] = s.reshape(grid[0], 1, grid[1], 1) if four_d else s.reshape(grid)
+        save_file({k: v.contiguous() for k, v in t.items()}, f, metadata={"format": "pt"})
+    return dst
+
+
+def _both(e, tmp_path):
+    return _with_block_scales(e, tmp_path / "mo4d", True), _with_block_scales(e, tmp_path / "legacy2d", False)
+
+
+@pytest.fixture(scope="module")
+def block_o_proj(src, tmp_path_factory):
+    """FP8 per tensor but o_proj block FP8 (whole blocks: compressed-tensors takes it), exported hf-modelopt."""
+    base = tmp_path_factory.mktemp("oproj")
+    export(_quantized(src, base / "q", "fp8", (("self_attn.o_proj", "fp8-block"),)), base / "e",
+           ExportConfig(format="hf-modelopt"))
+    return base / "e"
+
+
+@pytest.fixture(scope="module")
+def all_block(src, tmp_path_factory):
+    """Block FP8 but routed experts bf16 (hf-modelopt refuses block-FP8 experts), exported hf-modelopt."""
+    base = tmp_path_factory.mktemp("all")
+    export(_quantized(src, base / "q", "fp8-block", (("mlp.experts.*", "none"),)), base / "e",
+           ExportConfig(format="hf-modelopt"))
+    return base / "e"
+
+
+@pytest.fixture(scope="module")
+def one_block(tmp_path_factory):
+    """tiny-mixtral with block-FP8 attention of one block each (trtllm-ckpt writes those per tensor: a larger
+    grid it refuses), FP8 experts, exported hf-modelopt."""
+    base = tmp_path_factory.mktemp("one")
+    quantize_checkpoint(models.path("tiny-mixtral"), base / "q", QuantConfig(
+        format="fp8", rules=(("self_attn.*", "fp8-block"),), num_samples=2, seq_len=32))
+    export(base / "q", base / "e", ExportConfig(format="hf-modelopt"))
+    return base / "e"
+
+
+# the dims of the block scales each export writes: Model-Optimizer's, DeepSeek's weight_scale_inv and
+# compressed-tensors' block strategy grid; trtllm-ckpt writes the one-block linears per tensor
+GRID_DIMS = {"hf-modelopt": 4, "hf-fp8-block": 2, "compressed-tensors": 2, "trtllm-ckpt": None}
+
+
+@pytest.mark.parametrize("fixture,fmt", [("block_attn", "hf-modelopt"), ("one_block", "trtllm-ckpt"),
+                                         ("block_o_proj", "compressed-tensors"), ("all_block", "hf-fp8-block")])
+def test_an_export_from_either_block_scale_shape_is_the_same(request, tmp_path, cli_run, fixture, fmt):
+    """moepress export from an hf-modelopt checkpoint with 4-D block scales equals the export from the legacy
+    2-D one, tensor for tensor (before, trtllm-ckpt and compressed-tensors failed with a traceback on 4-D
+    and hf-fp8-block wrote a 4-D weight_scale_inv). The hf-modelopt re-export writes Model-Optimizer's 4-D."""
+    four, two = _both(request.getfixturevalue(fixture), tmp_path)
+    for d in (four, two):
+        r = cli_run("export", d, "--format", fmt, "-o", d.with_name(d.name + "-x"), "--quiet")
+        assert r.exit_code == 0, r.output
+    a, b = _tensors(tmp_path / "mo4d-x"), _tensors(tmp_path / "legacy2d-x")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn
+                                                      else a[k], b[k].view(torch.uint8) if b[k].dtype ==
+                                                      torch.float8_e4m3fn else b[k]) for k in a)
+    if GRID_DIMS[fmt] is not None:
+        scales = {k: v for k, v in a.items() if k.endswith(("weight_scale", "weight_scale_inv")) and v.numel() > 1}
+        assert scales  # the block grids of more than one block are there
+        assert all(v.dim() == GRID_DIMS[fmt] for v in scales.values()), {k: tuple(v.shape) for k, v in scales.items()}
+
+
+def test_check_reads_either_block_scale_shape_alike(block_attn, src, tmp_path, cli_run):
+    """moepress check of the 4-D export and of the legacy 2-D one: the same metrics (before, the 4-D one was
+    refused: "weight_scale has shape [3, 1, 3, 1]")."""
+    out = []
+    for d in _both(block_attn, tmp_path):
+        r = cli_run("check", d, "-r", src, "--max-samples", "2", "--seq-len", "32", "--json", "--quiet")
+        assert r.exit_code in (0, 1), r.output  # 1: a gate failed (random weights), not bad input
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        out.append({k: res[k] for k in ("metrics", "gates") if k in res})
+    assert out[0] == out[1]
+    # and read right: measured +0.16% perplexity, layer cosine >= 0.991 (a block grid misread would not be)
+    assert abs(out[0]["metrics"]["ppl_increase"]) < 0.004 and out[0]["metrics"]["min_layer_cosine"] > 0.98
