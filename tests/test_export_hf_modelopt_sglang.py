@@ -39,6 +39,11 @@ def test_mla_kv_scales_are_left_out_so_sglang_keeps_its_latent_cache_at_scale_on
     assert not [n for n in CheckpointReader(e).names() if n.endswith((".k_scale", ".v_scale"))]
     assert json.loads((e / "hf_quant_config.json").read_text())["quantization"]["kv_cache_quant_algo"] == "FP8"
     assert any("latent cache" in n for n in info["consumer_notes"])
+    # a k_scale and a v_scale per layer left out, and export.json counts the tensors it wrote, not those
+    layers = json.loads((q / "config.json").read_text())["num_hidden_layers"]
+    assert len(info["dropped"]) == 2 * layers
+    names = list(CheckpointReader(e).names())
+    assert info["tensors"] == len(names) == len(list(CheckpointReader(q).names())) - 2 * layers
 
 
 @pytest.mark.parametrize("model", ["tiny-qwen3-moe", "tiny-mixtral"])
@@ -50,6 +55,14 @@ def test_mha_kv_scales_are_written_and_what_sglang_does_with_them_is_said(tmp_pa
     fails = model == "tiny-mixtral"
     assert ("sglang" in info["misloaded_by"]) == fails
     assert any(n.startswith("SGLang <= 0.5.23 " + ("fails" if fails else "skips")) for n in info["consumer_notes"])
+
+
+def test_without_kv_scales_sglang_is_not_said_to_fail_on_them(tmp_path):
+    """Mixtral quantized without --kv-cache: the export holds no k_scale for SGLang's mixtral.py to look up as
+    qkv_proj.k_scale, so nothing is said to fail (nor to be skipped)."""
+    _, e, info = _export(tmp_path, "tiny-mixtral", format="fp8")
+    assert not [n for n in CheckpointReader(e).names() if n.endswith((".k_scale", ".v_scale"))]
+    assert info["misloaded_by"] == {} and not [n for n in info["consumer_notes"] if "KV-cache" in n]
 
 
 def test_fp4_kv_b_proj_is_said_to_fail_in_sglang_and_the_named_rule_exports_one_it_loads(tmp_path):

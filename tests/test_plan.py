@@ -202,6 +202,9 @@ def test_refusals(kimi):
     with pytest.raises(MoepressError, match=r"--ep 5: the model has 384 routed experts, not divisible by 5; use --ep 4"
                        ):
         plan(kimi, "h200", "int4-awq", gpus=8, ep=5)
+    # --tp stands for the GPU count only when --gpus is not given: both, and unequal, is refused, not planned at 4
+    with pytest.raises(MoepressError, match=r"--tp 4: expected --tp equal to --gpus \(8\)"):
+        plan(kimi, "h200", "int4-awq", gpus=8, tp=4)
     with pytest.raises(MoepressError, match=r"--target h300: unknown GPU target"):
         plan(kimi, "h300", "fp8")
     # the MLA latent cache is on every rank: 8 x 131072 tokens x 61 x 576 x 2 B = 73.7 GB > 24 GB

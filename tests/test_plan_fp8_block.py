@@ -142,3 +142,19 @@ def test_plan_of_fp8_block_counts_the_mtp_layer_hf_fp8_block_copies(tmp_path, bl
     cfg = json.loads((src / "config.json").read_text())
     no_mtp = {**cfg, "num_nextn_predict_layers": 0}
     assert plan(cfg, "h100", "fp8", gpus=1).weights_total == plan(no_mtp, "h100", "fp8", gpus=1).weights_total
+
+
+def test_bf16_deepseek_v3_counts_its_mtp_layer_and_its_own_embedding_and_head():
+    """DeepSeek-V3 as a bf16 conversion keeps its MTP layer (num_nextn_predict_layers 1), so a bf16 plan counts it.
+    deepseek-ai/DeepSeek-V3 README.md: 685B on Hugging Face, 671B of them the main model (rounded: here 671.03B and
+    684.49B, scales left out). README_WEIGHTS.md: layer 61 stores its own embed_tokens and shared_head.head
+    [129280, 7168] (the embedding), and besides its decoder linears enorm, hnorm, shared_head.norm [7168] and
+    eh_proj [7168, 14336], with the decoder layer's norms (input, post-attention 7168; q_a 1536; kv_a 512) and
+    router [256, 7168] (e_score_correction_bias, a buffer, is not budgeted)."""
+    cfg = {**_deepseek_v3(False), "num_nextn_predict_layers": 1}
+    with_mtp = model_shape(cfg).bytes_by_kind("bf16")
+    trunk = model_shape({**cfg, "num_nextn_predict_layers": 0}).bytes_by_kind("bf16")
+    assert 670.5e9 <= sum(trunk.values()) / 2 < 671.5e9
+    assert 684.0e9 <= sum(with_mtp.values()) / 2 < 685.5e9
+    assert with_mtp["embed"] - trunk["embed"] == 2 * 2 * 129280 * 7168
+    assert with_mtp["other"] - trunk["other"] == 2 * (3 * 7168 + 7168 * 14336 + 2 * 7168 + 1536 + 512 + 256 * 7168)
