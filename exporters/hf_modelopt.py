@@ -38,7 +38,9 @@ layer's experts and stack gate and up into one weight; q/k/v, gate/up or DeepSee
 unlike each other (``refuse_partly_fused``: the runtimes fuse each into one linear). Routed experts no
 runtime loads from a Model-Optimizer checkpoint (``refuse_unloadable_experts``: INT4 weight-only, and W4A8
 on DeepSeek-V3 / Kimi K2, the format registry's ``trtllm_moe_families``; block FP8 for every family, its
-``modelopt_moe_why``: ``refuse_modelopt_named_experts`` sends them to hf-fp8-block).
+``modelopt_moe_why``: ``refuse_modelopt_named_experts`` sends them to hf-fp8-block); block-FP8 MLA kv_b_proj /
+q_a / kv_a (``refuse_block_fp8_mla``: TensorRT-LLM's DeepSeek loader and SGLang misread them). Other MLA
+projections TensorRT-LLM misreads (``trtllm_misloads``) are declared in export.json (``misloaded_by``).
 
 Each format's ``quant_algo`` is the name Model-Optimizer writes (Format.modelopt_entry): block FP8 is
 ``fp8_pb_wo``, which TensorRT-LLM and vLLM's linear methods read (compress/formats/fp8_block.py says
@@ -210,6 +212,49 @@ def sglang_misloads(s, modules: dict, kv: bool) -> tuple[dict[str, str], list[st
     return misloaded, [f"SGLang <= {SGLANG_CHECKED} {n}" for n in why + notes]
 
 
+TRTLLM_CHECKED = "main 2026-09"
+MLA_FUSED_A = (".q_a_proj", ".kv_a_proj_with_mqa")
+# TensorRT-LLM's DeepSeek-V3 / Kimi K2 loader reads the MLA projections it fuses or splits under DeepSeek's names
+# only (_torch/models/modeling_deepseekv3.py DeepseekV3WeightLoader.load_weights; unchanged on main 2026-09,
+# NVIDIA/TensorRT-LLM#18659 at a6616d6f, and in modeling_deepseekv4.py at 02586bf0, which copies it):
+# kv_b_proj, split into k_b_proj_trans / v_b_proj, takes a quantized module's scale from weight_scale_inv
+# (load_kv_b_proj_and_k_b_proj_trans: a KeyError on Model-Optimizer's weight_scale; packed FP4 bytes do not
+# reshape into k_b_proj_trans); fused_a (q_a_proj + kv_a_proj_with_mqa) copies the weights and reads their scales
+# only if kv_a_proj_with_mqa.weight_scale_inv exists, so an FP8 one runs with the scales it was built with (1.0 per
+# tensor, torch.empty blocks); only its NVFP4 branch reads weight_scale / weight_scale_2 / input_scale.
+TRTLLM_MLA_KV_B = ("fails loading its quantized MLA kv_b_proj ({}: DeepseekV3WeightLoader reads its scale as "
+                   "DeepSeek's weight_scale_inv, a KeyError)")
+TRTLLM_MLA_FUSED_A = ("runs its fused q_a / kv_a (fused_a) on scales it never loads ({}: DeepseekV3WeightLoader "
+                      "reads an FP8 fused_a's scales only as weight_scale_inv), silently wrong")
+
+
+def _mla(s, modules: dict, suffixes: tuple[str, ...], pick) -> list[str]:
+    return sorted(n for n, m in modules.items() if s.adapter.latent_kv_cache and n.endswith(suffixes)
+                  and pick(formats.FORMATS[m["format"]]))
+
+
+def trtllm_misloads(s, modules: dict) -> list[str]:
+    """How TensorRT-LLM's DeepSeek loader misreads this export's MLA projections (none: []). FP4 fused_a is left
+    out: its NVFP4 branch reads Model-Optimizer's names."""
+    kv_b = _mla(s, modules, (".kv_b_proj",), lambda f: True)
+    fused_a = _mla(s, modules, MLA_FUSED_A, lambda f: f.scale in ("tensor", "channel"))  # FP8 (block: refused)
+    return ([TRTLLM_MLA_KV_B.format(pattern(kv_b))] if kv_b else []) + \
+        ([TRTLLM_MLA_FUSED_A.format(pattern(fused_a))] if fused_a else [])
+
+
+def refuse_block_fp8_mla(s, modules: dict) -> None:
+    """One line for block-FP8 MLA projections TensorRT-LLM misreads (kv_b_proj, q_a / kv_a): SGLang 0.5.23 reads no
+    Model-Optimizer block-FP8 weight_scale either (README), so only vLLM would run the export."""
+    parts = _mla(s, modules, (".kv_b_proj", *MLA_FUSED_A), lambda f: f.scale == "block")
+    if parts:
+        raise MoepressError(f"--format hf-modelopt: {s.path}: its block-FP8 MLA projections ({pattern(parts)}) are "
+                            f"misread by TensorRT-LLM (DeepseekV3WeightLoader reads their scales only as DeepSeek's "
+                            f"weight_scale_inv: kv_b_proj a KeyError, fused_a silently unscaled) and SGLang; keep "
+                            f"them bf16 (--rule 'self_attn.kv_b_proj=none' --rule 'self_attn.q_a_proj=none' --rule "
+                            f"'self_attn.kv_a_proj_with_mqa=none'), or export an fp8-block quantize output with "
+                            f"--format hf-fp8-block (weight_scale_inv)")
+
+
 def _modelopt_tensor(n: str, t: torch.Tensor, modules: dict) -> torch.Tensor:
     """A stored tensor as Model-Optimizer exports it: the stored bytes, already its layout, but for block FP8's
     weight_scale, our 2-D grid written 4-D (Format.modelopt_scale: vLLM 0.33 refuses the 2-D grid)."""
@@ -267,6 +312,7 @@ def refuse_hf_modelopt(s, src: Path, modules: dict) -> None:
     refuse_partial_input_groups(s, "hf-modelopt", modules)
     refuse_fp4_expert_widths(s, "hf-modelopt", modules)  # vLLM and TensorRT-LLM read them with the same kernels
     refuse_modelopt_named_experts(s, modules)
+    refuse_block_fp8_mla(s, modules)
 
 
 def taken_route(route: str, s, src: Path) -> str:
@@ -314,6 +360,12 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
             writer.write_text(name, (Path(src) / name).read_text())
     writer.copy_aux_files(src)
     misloaded, notes = sglang_misloads(s, modules, kv)
+    by = {k: SGLANG_CHECKED for k in misloaded}
+    if trt := trtllm_misloads(s, modules):
+        misloaded["tensorrt_llm"], by["tensorrt_llm"] = "; ".join(trt), TRTLLM_CHECKED
+        notes.append(f"TensorRT-LLM ({TRTLLM_CHECKED}) {misloaded['tensorrt_llm']}; vLLM loads them; for TensorRT-LLM "
+                     "keep them bf16 (--rule 'self_attn.kv_b_proj=none', and for an FP8 fused_a "
+                     "'self_attn.q_a_proj=none', 'self_attn.kv_a_proj_with_mqa=none')")
     if dropped:
         notes.append(f"the MLA KV-cache scales ({len(dropped)} k_scale / v_scale, of the decompressed keys and values) "
                      "are not written: SGLang would take them for its latent cache's scale; every runtime runs the "
@@ -322,7 +374,7 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
         progress.info(f"note: {note}")
     return {"quant_algo": hf_quant["quantization"]["quant_algo"], "tensors": count,
             "quantized_linears": len(modules), "exclude_modules": len(exclude), "dropped": dropped,
-            "consumer_notes": notes, "misloaded_by": {k: SGLANG_CHECKED for k in misloaded}, "misloaded_why": misloaded}
+            "consumer_notes": notes, "misloaded_by": by, "misloaded_why": misloaded}
 
 
 EXPORTER = Exporter(

@@ -1,0 +1,68 @@
+"""hf-modelopt exports of DeepSeek-V3 / Kimi K2 MLA projections as TensorRT-LLM's PyTorch backend loads them
+(read from its sources, not run: no GPU here). Its DeepseekV3WeightLoader (_torch/models/modeling_deepseekv3.py,
+main 2026-09) reads the scales of the projections it splits (kv_b_proj) or fuses (q_a_proj + kv_a_proj_with_mqa =
+fused_a) under DeepSeek's name ``weight_scale_inv`` only: a quantized kv_b_proj fails to load (KeyError), an FP8
+fused_a runs unscaled; its NVFP4 fused_a branch reads Model-Optimizer's names. vLLM 0.33 loads all of them
+(names by its stacked-parameter mapping, kv_b_proj dequantized by its quant method: mla_attention.split_kv_b_proj).
+Only TensorRT-LLM failing, the export says so (misloaded_by); block-FP8 ones, which SGLang does not read either,
+are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from moepress import models
+from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+from moepress.errors import MoepressError
+from moepress.exporters import ExportConfig, export
+from tests.helpers import make_random_checkpoint
+
+BF16_FUSED_A = (("self_attn.q_a_proj", "none"), ("self_attn.kv_a_proj_with_mqa", "none"))
+
+
+def _export(tmp_path, src, **kw) -> dict:
+    q, e = tmp_path / "q", tmp_path / "e"
+    quantize_checkpoint(src, q, QuantConfig(num_samples=2, seq_len=32, **kw))
+    export(q, e, ExportConfig(format="hf-modelopt"))
+    return json.loads((e / "export.json").read_text())
+
+
+@pytest.mark.parametrize("rules,kv_b,fused_a", [((), True, True), ((("self_attn.kv_b_proj", "none"),), False, True),
+                                                 (BF16_FUSED_A, True, False),
+                                                 ((("self_attn.kv_b_proj", "none"), *BF16_FUSED_A), False, False)])
+def test_fp8_mla_projections_tensorrt_llm_misreads_are_declared(tmp_path, rules, kv_b, fused_a):
+    info = _export(tmp_path, models.path("tiny-deepseek-v3"), format="fp8", rules=rules)
+    why = info["misloaded_why"].get("tensorrt_llm", "")
+    assert ("tensorrt_llm" in info["misloaded_by"]) == (kv_b or fused_a)
+    assert ("kv_b_proj" in why) == kv_b and ("fused_a" in why) == fused_a, why
+    assert any(n.startswith("TensorRT-LLM ") and "vLLM loads them" in n for n in info["consumer_notes"]) == bool(why)
+
+
+def test_nvfp4_fused_a_is_read_and_its_kv_b_proj_is_declared(tmp_path):
+    """NVFP4 everywhere: TensorRT-LLM's nvfp4_fused_a branch reads weight_scale / weight_scale_2 / input_scale, so
+    only kv_b_proj is said (and SGLang's own failure on it stays)."""
+    info = _export(tmp_path, models.path("tiny-deepseek-v3"), format="nvfp4")
+    why = info["misloaded_why"]["tensorrt_llm"]
+    assert "kv_b_proj" in why and "fused_a" not in why
+    assert set(info["misloaded_by"]) == {"tensorrt_llm", "sglang"}
+
+
+def test_non_mla_models_say_nothing_of_tensorrt_llm(tmp_path):
+    info = _export(tmp_path, models.path("tiny-qwen3-moe"), format="fp8")
+    assert "tensorrt_llm" not in info["misloaded_by"]
+
+
+def test_block_fp8_mla_projections_are_refused_naming_tensorrt_llm_and_alternatives(tmp_path):
+    """A DeepSeek whose kv_b_proj takes whole 128-wide blocks (kv_lora_rank 128): block FP8 there passes the width
+    refusals and reaches this one."""
+    src = make_random_checkpoint("deepseek_v3", tmp_path / "ds", kv_lora_rank=128, vocab_size=4096)
+    for f in models.path("tiny-deepseek-v3").glob("tokenizer*"):
+        shutil.copy(f, src)
+    with pytest.raises(MoepressError) as e:
+        _export(tmp_path, src, format="fp8", rules=(("self_attn.kv_b_proj", "fp8-block"),))
+    msg = str(e.value)
+    assert "\n" not in msg and "kv_b_proj" in msg and "TensorRT-LLM" in msg
+    assert "--rule 'self_attn.kv_b_proj=none'" in msg and "hf-fp8-block" in msg
