@@ -33,18 +33,24 @@ def read_json(p: Path) -> dict | None:
         raise MoepressError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
-def transformers_misload(d: Path) -> tuple[str, str] | None:
-    """(newest affected version, how) where the export in ``d`` says transformers loads it wrongly or not at
-    all (export.json ``misloaded_by`` / ``misloaded_why``, written by the compressed-tensors exporter)."""
+def consumer_misload(d: Path, consumer: str) -> tuple[str, str] | None:
+    """(newest affected version, how) where the export in ``d`` says ``consumer`` (export.json ``misloaded_by``
+    key: transformers, sglang, tensorrt_llm) loads it wrongly or not at all (``misloaded_by`` / ``misloaded_why``,
+    written by the compressed-tensors and hf-modelopt exporters)."""
     info = read_json(d / "export.json")
     info = info if isinstance(info, dict) else {}
     by = info.get("misloaded_by") if isinstance(info.get("misloaded_by"), dict) else {}
     why = info.get("misloaded_why") if isinstance(info.get("misloaded_why"), dict) else {}
-    upto = by.get("transformers")
+    upto = by.get(consumer)
     if not isinstance(upto, str) or not upto:
         return None
-    how = why.get("transformers")
+    how = why.get(consumer)
     return upto, how if isinstance(how, str) else "loads it wrongly"
+
+
+def transformers_misload(d: Path) -> tuple[str, str] | None:
+    """:func:`consumer_misload` for transformers."""
+    return consumer_misload(d, "transformers")
 
 
 def kv_cache_declared(d: Path) -> kv_cache.KVCache | None:

@@ -39,6 +39,7 @@ from moepress.exporters import builders, environment
 from moepress.exporters.artifacts import (
     artifact_dir,
     artifact_format,
+    consumer_misload,
     detect_artifact,
     fixed_by_artifact,
     read_json,
@@ -123,6 +124,10 @@ def _resolve(artifact: Path, target: str | Target, out: Path, o: BuildOptions) -
         if why is not None:
             raise MoepressError(f"{why}; pass --trust-remote-code (a recipe: build.trust_remote_code: true) "
                                 f"to let the build run it")
+    bad = consumer_misload(artifact_dir(artifact), b.consumer) if b.consumer else None
+    if bad is not None:
+        raise MoepressError(f"{artifact_dir(artifact) / 'export.json'}: the export says {b.consumer} <= {bad[0]} "
+                            f"{bad[1]}; re-export as its consumer_notes say, or build for another runtime")
     source = source_model(artifact, kind, o.reference)
     if source is None:
         raise MoepressError(f"{artifact}: cannot find the model it was exported from (export.json has no "

@@ -66,3 +66,21 @@ def test_block_fp8_mla_projections_are_refused_naming_tensorrt_llm_and_alternati
     msg = str(e.value)
     assert "\n" not in msg and "kv_b_proj" in msg and "TensorRT-LLM" in msg
     assert "--rule 'self_attn.kv_b_proj=none'" in msg and "hf-fp8-block" in msg
+
+
+def test_trtllm_pytorch_build_refuses_an_export_that_says_tensorrt_llm_misloads_it(cli_run, tmp_path):
+    """The default fp8 DeepSeek export (quantized kv_b_proj / fused_a): the bundle's smoke generation would fail
+    (KeyError) or generate from unscaled fused_a weights; refused in one line. With the MLA projections kept bf16
+    the export says nothing of TensorRT-LLM and builds (dry run)."""
+    for name, rules in (("q8", ()), ("ok", (("self_attn.kv_b_proj", "none"), *BF16_FUSED_A))):
+        _export(tmp_path / name, models.path("tiny-deepseek-v3"), format="fp8", rules=rules)
+        e = tmp_path / name / "e"
+        r = cli_run("build", e, "--target", "h100", "-o", tmp_path / name / "b", "--dry-run")
+        if rules:
+            assert r.exit_code == 0, r.output
+            continue
+        line = (f"{e / 'export.json'}: the export says tensorrt_llm <= main 2026-09 fails loading its quantized MLA "
+                "kv_b_proj")
+        assert r.exit_code == 2 and line in r.output and "Traceback" not in r.output, r.output
+        assert "re-export as its consumer_notes say, or build for another runtime" in r.output
+        assert not (tmp_path / name / "b").exists()

@@ -107,3 +107,18 @@ def test_card_serves_with_the_runtimes_its_export_does_not_say_misload_it(tmp_pa
                     export={"misloaded_by": by, "misloaded_why": {k: why[k] for k in by}})
         card = _card(d, {"quantize": {"format": "nvfp4"}}, fmt="compressed-tensors")
         assert "transformers <= 5.24 drops weight_global_scale" in card and serve in card, card
+
+
+def test_card_of_an_export_tensorrt_llm_misloads_gives_no_tensorrt_llm_command(tmp_path):
+    """hf-modelopt's DeepSeek MLA projections TensorRT-LLM misreads (export.json misloaded_by tensorrt_llm): the card
+    told the reader to trtllm-serve it; it names the failure and serves it with vLLM."""
+    why = "fails loading its quantized MLA kv_b_proj (layers.*.self_attn.kv_b_proj: KeyError)"
+    d = _export(tmp_path, name="hf-modelopt",
+                export={"misloaded_by": {"tensorrt_llm": "main 2026-09"}, "misloaded_why": {"tensorrt_llm": why}})
+    card = _card(d, {"quantize": {"format": "fp8"}}, fmt="hf-modelopt")
+    assert f"**TensorRT-LLM <= main 2026-09 {why}**: serve it with vLLM." in card, card
+    assert "trtllm-serve" not in card and "vllm serve" in card, card
+    (tmp_path / "ok").mkdir()
+    card = _card(_export(tmp_path / "ok", name="hf-modelopt", export={}), {"quantize": {"format": "fp8"}},
+                 fmt="hf-modelopt")
+    assert "trtllm-serve ./hf-modelopt --backend pytorch" in card and "TensorRT-LLM <=" not in card, card

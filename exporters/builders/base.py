@@ -78,6 +78,8 @@ class Builder:
     server: str | None = None  # a command the bundle starts and a build does not run
     finish: Callable[[list[dict]], dict] | None = None  # a real build's record from its logs (no engine to check)
     remote_code: Callable[[Path, dict], str | None] | None = None  # why loading needs the checkpoint's code
+    # the runtime it runs as export.json misloaded_by names it: an export saying it misloads there is refused
+    consumer: str | None = None
     also: tuple[str, ...] = ()  # other artifact kinds it consumes
     hardware_compatibility: bool = False  # applies --hardware-compatibility (TensorRT's level)
 

@@ -150,5 +150,5 @@ BUILDER = Builder(
     install="tensorrt_llm is not installed: pip install moepress[trtllm] on a GPU machine",
     description="TensorRT-LLM PyTorch-backend bundle for an hf-modelopt or hf-fp8-block export (trtllm-serve)",
     files=files, written=("serve.sh", "extra_llm_api_options.yaml", "smoke.py"), server="trtllm-serve",
-    finish=finish, remote_code=remote_code,
+    finish=finish, remote_code=remote_code, consumer="tensorrt_llm",
 )

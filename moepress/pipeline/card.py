@@ -7,11 +7,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from moepress.exporters.artifacts import kv_cache_declared, transformers_misload
+from moepress.exporters.artifacts import consumer_misload, kv_cache_declared, transformers_misload
 from moepress.manifest import read_manifest
 
-LOADING = {
-    "hf-modelopt": """\
+TRTLLM = """\
 TensorRT-LLM (PyTorch backend; reads `hf_quant_config.json`):
 
 ```bash
@@ -23,7 +22,11 @@ from tensorrt_llm import LLM
 llm = LLM(model="{path}")
 print(llm.generate(["def fibonacci(n):"])[0].outputs[0].text)
 ```
+"""
 
+LOADING = {
+    "hf-modelopt": """\
+{tensorrt_llm}
 vLLM and SGLang read the same directory (`quant_method: modelopt`) for FP8 per tensor and NVFP4
 (the README's consumer table; other formats' experts do not load there: use the compressed-tensors
 or hf-fp8-block export):
@@ -148,7 +151,10 @@ def _loading(fmt: str, d: Path, name: str) -> list[str]:
     serve = "vLLM" if "sglang" in by else "vLLM or SGLang"
     tf = (f"\n**transformers <= {misload[0]} {misload[1]}**: serve it with {serve}.\n"
           if misload else CT_TRANSFORMERS)
-    text = LOADING.get(fmt, "").replace("{transformers}", tf).replace("{path}", f"./{name}")
+    trt = consumer_misload(d, "tensorrt_llm")
+    trt = f"**TensorRT-LLM <= {trt[0]} {trt[1]}**: serve it with vLLM.\n" if trt else TRTLLM
+    text = LOADING.get(fmt, "").replace("{transformers}", tf).replace("{tensorrt_llm}", trt)
+    text = text.replace("{path}", f"./{name}")
     cfg, tok = _json(d / "config.json"), _json(d / "tokenizer_config.json")
     if cfg.get("auto_map") or tok.get("auto_map"):
         text += ("\nThe model or its tokenizer is the checkpoint's own code (`auto_map`): pass "
