@@ -39,8 +39,8 @@ unlike each other (``refuse_partly_fused``: the runtimes fuse each into one line
 runtime loads from a Model-Optimizer checkpoint (``refuse_unloadable_experts``: INT4 weight-only, and W4A8
 on DeepSeek-V3 / Kimi K2, the format registry's ``trtllm_moe_families``; block FP8 for every family, its
 ``modelopt_moe_why``: ``refuse_modelopt_named_experts`` sends them to hf-fp8-block); block-FP8 MLA kv_b_proj /
-q_a / kv_a (``refuse_block_fp8_mla``: TensorRT-LLM's DeepSeek loader and SGLang misread them). Other MLA
-projections TensorRT-LLM misreads (``trtllm_misloads``) are declared in export.json (``misloaded_by``).
+q_a / kv_a (modelopt_misloads.py ``refuse_block_fp8_mla``: TensorRT-LLM's DeepSeek loader and SGLang
+misread them). What TensorRT-LLM and SGLang misread otherwise is declared in export.json (modelopt_misloads.py).
 
 Each format's ``quant_algo`` is the name Model-Optimizer writes (Format.modelopt_entry): block FP8 is
 ``fp8_pb_wo``, which TensorRT-LLM and vLLM's linear methods read (compress/formats/fp8_block.py says
@@ -65,7 +65,6 @@ from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
     high_precision_layers,
-    pattern,
     refuse_fp4_expert_widths,
     refuse_mixed,
     refuse_partial_blocks,
@@ -94,6 +93,7 @@ from moepress.exporters.hints import (
     modelopt_named_experts,
     quantizes_experts,
 )
+from moepress.exporters.modelopt_misloads import misloads, refuse_block_fp8_mla, written
 
 # the Model-Optimizer release whose export layout we follow (checked against it in tests)
 MODELOPT_LAYOUT_VERSION = "0.47.0"
@@ -172,87 +172,6 @@ def modelopt_name(n: str) -> str:
         if n.endswith(ours):
             return n[: -len(ours)] + theirs
     return n
-
-
-SGLANG_CHECKED = "0.5.23"
-KV_SCALES = (".k_scale", ".v_scale")
-# how SGLang 0.5.23's model classes read Model-Optimizer's self_attn.k_proj.k_scale / v_proj.v_scale: their
-# load_weights renames k_proj / v_proj to qkv_proj first (models/mixtral.py:425-435: params_dict[...qkv_proj.k_scale],
-# KeyError; models/qwen3_moe.py:1208-1226: not a parameter, skipped)
-SGLANG_KV_SCALES = {
-    "mixtral": (True, "fails loading the FP8 KV-cache scales (models/mixtral.py load_weights looks "
-                      "self_attn.k_proj.k_scale up as qkv_proj.k_scale: KeyError); quantize without --kv-cache for it"),
-    "qwen3_moe": (False, "skips the FP8 KV-cache scales (models/qwen3_moe.py load_weights looks them up as "
-                         "qkv_proj.k_scale, not a parameter) and runs its FP8 cache at scale 1.0"),
-}
-
-
-def written(s, name: str) -> bool:
-    """Whether the quantize output's tensor goes into the export: not an MLA model's k / v scales. They are
-    measured on the decompressed keys and values (compress/quant/kv.py), but SGLang 0.5.23 reads Model-Optimizer's
-    k_proj.k_scale as the scale of its latent cache (models/deepseek_common/deepseek_weight_loader.py:514-523:
-    self_attn.attn_mqa.k_scale): its trtllm_mla decode multiplies the attention logits by it while writing the
-    cache unscaled (layers/attention/trtllm_mla_backend.py:955-974; kernels/ops/attention/utils.py:115-117), its
-    triton backend divides the latent by it. vLLM and TensorRT-LLM keep 1.0; without them SGLang does too."""
-    return not (s.adapter.latent_kv_cache and name.endswith(KV_SCALES))
-
-
-def sglang_misloads(s, modules: dict, kv: bool) -> tuple[dict[str, str], list[str]]:
-    """(misloaded_why, notes): what SGLang 0.5.23 fails on in this export, and what it reads otherwise."""
-    why, notes = [], []
-    fp4 = sorted(n for n, m in modules.items()
-                 if n.endswith(".kv_b_proj") and formats.FORMATS[m["format"]].element == "fp4")
-    if fp4:  # deepseek_weight_loader.py:639-762: only FP8 / INT8 / AWQ are dequantized before the split
-        why.append(f"fails at the first forward on its FP4 MLA kv_b_proj ({pattern(fp4)}: post_load_weights splits "
-                   "the packed bytes into w_kc / w_vc, models/deepseek_common/attention_forward_methods/"
-                   "forward_mla.py:586 bmm); keep it bf16 (--rule 'self_attn.kv_b_proj=none')")
-    fails, how = SGLANG_KV_SCALES.get(s.adapter.family, (False, None)) if kv else (False, None)
-    (why if fails else notes).extend([how] if how else [])
-    misloaded = {"sglang": "; ".join(why)} if why else {}
-    return misloaded, [f"SGLang <= {SGLANG_CHECKED} {n}" for n in why + notes]
-
-
-TRTLLM_CHECKED = "main 2026-09"
-MLA_FUSED_A = (".q_a_proj", ".kv_a_proj_with_mqa")
-# TensorRT-LLM's DeepSeek-V3 / Kimi K2 loader reads the MLA projections it fuses or splits under DeepSeek's names
-# only (_torch/models/modeling_deepseekv3.py DeepseekV3WeightLoader.load_weights; unchanged on main 2026-09,
-# NVIDIA/TensorRT-LLM#18659 at a6616d6f, and in modeling_deepseekv4.py at 02586bf0, which copies it):
-# kv_b_proj, split into k_b_proj_trans / v_b_proj, takes a quantized module's scale from weight_scale_inv
-# (load_kv_b_proj_and_k_b_proj_trans: a KeyError on Model-Optimizer's weight_scale; packed FP4 bytes do not
-# reshape into k_b_proj_trans); fused_a (q_a_proj + kv_a_proj_with_mqa) copies the weights and reads their scales
-# only if kv_a_proj_with_mqa.weight_scale_inv exists, so an FP8 one runs with the scales it was built with (1.0 per
-# tensor, torch.empty blocks); only its NVFP4 branch reads weight_scale / weight_scale_2 / input_scale.
-TRTLLM_MLA_KV_B = ("fails loading its quantized MLA kv_b_proj ({}: DeepseekV3WeightLoader reads its scale as "
-                   "DeepSeek's weight_scale_inv, a KeyError)")
-TRTLLM_MLA_FUSED_A = ("runs its fused q_a / kv_a (fused_a) on scales it never loads ({}: DeepseekV3WeightLoader "
-                      "reads an FP8 fused_a's scales only as weight_scale_inv), silently wrong")
-
-
-def _mla(s, modules: dict, suffixes: tuple[str, ...], pick) -> list[str]:
-    return sorted(n for n, m in modules.items() if s.adapter.latent_kv_cache and n.endswith(suffixes)
-                  and pick(formats.FORMATS[m["format"]]))
-
-
-def trtllm_misloads(s, modules: dict) -> list[str]:
-    """How TensorRT-LLM's DeepSeek loader misreads this export's MLA projections (none: []). FP4 fused_a is left
-    out: its NVFP4 branch reads Model-Optimizer's names."""
-    kv_b = _mla(s, modules, (".kv_b_proj",), lambda f: True)
-    fused_a = _mla(s, modules, MLA_FUSED_A, lambda f: f.scale in ("tensor", "channel"))  # FP8 (block: refused)
-    return ([TRTLLM_MLA_KV_B.format(pattern(kv_b))] if kv_b else []) + \
-        ([TRTLLM_MLA_FUSED_A.format(pattern(fused_a))] if fused_a else [])
-
-
-def refuse_block_fp8_mla(s, modules: dict) -> None:
-    """One line for block-FP8 MLA projections TensorRT-LLM misreads (kv_b_proj, q_a / kv_a): SGLang 0.5.23 reads no
-    Model-Optimizer block-FP8 weight_scale either (README), so only vLLM would run the export."""
-    parts = _mla(s, modules, (".kv_b_proj", *MLA_FUSED_A), lambda f: f.scale == "block")
-    if parts:
-        raise MoepressError(f"--format hf-modelopt: {s.path}: its block-FP8 MLA projections ({pattern(parts)}) are "
-                            f"misread by TensorRT-LLM (DeepseekV3WeightLoader reads their scales only as DeepSeek's "
-                            f"weight_scale_inv: kv_b_proj a KeyError, fused_a silently unscaled) and SGLang; keep "
-                            f"them bf16 (--rule 'self_attn.kv_b_proj=none' --rule 'self_attn.q_a_proj=none' --rule "
-                            f"'self_attn.kv_a_proj_with_mqa=none'), or export an fp8-block quantize output with "
-                            f"--format hf-fp8-block (weight_scale_inv)")
 
 
 def _modelopt_tensor(n: str, t: torch.Tensor, modules: dict) -> torch.Tensor:
@@ -359,22 +278,11 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
         if (Path(src) / name).is_file():
             writer.write_text(name, (Path(src) / name).read_text())
     writer.copy_aux_files(src)
-    misloaded, notes = sglang_misloads(s, modules, kv)
-    by = {k: SGLANG_CHECKED for k in misloaded}
-    if trt := trtllm_misloads(s, modules):
-        misloaded["tensorrt_llm"], by["tensorrt_llm"] = "; ".join(trt), TRTLLM_CHECKED
-        notes.append(f"TensorRT-LLM ({TRTLLM_CHECKED}) {misloaded['tensorrt_llm']}; vLLM loads them; for TensorRT-LLM "
-                     "keep them bf16 (--rule 'self_attn.kv_b_proj=none', and for an FP8 fused_a "
-                     "'self_attn.q_a_proj=none', 'self_attn.kv_a_proj_with_mqa=none')")
-    if dropped:
-        notes.append(f"the MLA KV-cache scales ({len(dropped)} k_scale / v_scale, of the decompressed keys and values) "
-                     "are not written: SGLang would take them for its latent cache's scale; every runtime runs the "
-                     "FP8 latent cache at scale 1.0")
-    for note in notes:
+    declared = misloads(s, modules, kv, len(dropped))
+    for note in declared["consumer_notes"]:
         progress.info(f"note: {note}")
     return {"quant_algo": hf_quant["quantization"]["quant_algo"], "tensors": count,
-            "quantized_linears": len(modules), "exclude_modules": len(exclude), "dropped": dropped,
-            "consumer_notes": notes, "misloaded_by": by, "misloaded_why": misloaded}
+            "quantized_linears": len(modules), "exclude_modules": len(exclude), "dropped": dropped, **declared}
 
 
 EXPORTER = Exporter(
