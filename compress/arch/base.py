@@ -37,6 +37,10 @@ class Adapter:
     expert_names: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
     # the KV cache holds a compressed latent, not the keys / values k_scale / v_scale are measured on (MLA)
     latent_kv_cache: ClassVar[bool] = False
+    # linears (name suffixes) a runtime dequantizes by running its quant method on an identity matrix
+    # (vLLM's MLA kv_b_proj split): a static FP8 input scale there must quantize 1.0 exactly
+    # (compress/quant/fp8.py identity_exact_input_scale)
+    identity_dequantized: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: dict, names: Iterable[str] | None = None, where: str = "config.json"):
         self.config = dict(config)

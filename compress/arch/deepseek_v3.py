@@ -49,6 +49,7 @@ class DeepseekV3Adapter(Adapter):
     layer_kind_keys = ("first_k_dense_replace", "moe_layer_freq")
     scoring = "sigmoid"
     latent_kv_cache = True
+    identity_dequantized = ("self_attn.kv_b_proj",)
 
     def make_hf_config(self, config):
         cfg = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}

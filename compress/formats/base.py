@@ -146,6 +146,12 @@ class Format:
         return self.activation == "static"
 
     @property
+    def fp8_tensor_input(self) -> bool:
+        """The input is cast to FP8 with the static per-tensor ``input_scale`` as is (not W4A8's
+        x * pre_quant_scale, not NVFP4's per-block scales under a global one)."""
+        return self.static_input and self.element == "fp8" and self.scale == "tensor"
+
+    @property
     def dynamic_input(self) -> bool:
         return self.activation in ("token", "block")
 

@@ -135,6 +135,29 @@ def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return div(amax.float(), FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
 
 
+def identity_exact_input_scale(s: torch.Tensor) -> torch.Tensor:
+    """The static per-tensor FP8 input scale ``s`` raised to the nearest ``s' >= s`` whose reciprocal
+    is an E4M3 value (<= 448), so that a runtime dequantizing the weight through an identity matrix
+    gets it back unscaled. Activations then clip at 448 * s' instead of 448 * s: never more clipping,
+    a range under 12.5% (one E4M3 step: 3 mantissa bits) wider for s in [1/448, 64].
+
+    Why: vLLM 0.33 splits an MLA ``kv_b_proj`` into W_UK / W_UV at load
+    (model_executor/layers/attention/mla_attention.py:417 ``split_kv_b_proj``) through
+    ``get_and_maybe_dequant_weights`` (model_executor/layers/quantization/utils/quant_utils.py:513-570).
+    Only ``Fp8LinearMethod`` takes its weight * weight_scale path (:538); Model-Optimizer's
+    ``ModelOptLinearMethod`` (modelopt.py:2560, "FP8": static tensor activations, :2716-2723) and
+    compressed-tensors' ``CompressedTensorsW8A8Fp8`` run ``quant_method.apply(layer, eye)`` (:560-569),
+    which quantizes the identity with the static input scale (input_quant_fp8.py:216-220:
+    fp8(clamp(1 * (1/s), 448))): every weight comes back times q(1/s) * s, up to 6.25% off, and
+    far more when 1/s > 448 saturates. With 1/s' an E4M3 value that factor is exactly 1 (float32).
+    ``s`` above 512 (1/s under E4M3's smallest subnormal 2^-9) has no such s' and is returned as is."""
+    inv = torch.reciprocal(s.float()).clamp(max=FP8_MAX)
+    q = inv.to(FP8_DTYPE)
+    bits = q.view(torch.uint8)
+    v = torch.where(q.float() > inv, (bits - 1).view(FP8_DTYPE), q).float()  # rounded down (positive: bits - 1)
+    return torch.where(v > 0, torch.reciprocal(v), s.float())
+
+
 def quantize_tensor(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor: w -> (fp8 weight, float32 scalar scale); dequantized = q * scale."""
     if scale is None:

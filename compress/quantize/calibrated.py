@@ -202,7 +202,8 @@ class CalibratedLayer:
                 st = self.stats.get(names[0])
                 if st is not None:  # read by one quantizer call: it may take the Hessian in place (stats.py)
                     st.single_use = len(parts) == 1
-                quantize_group(self.res, self.cfg, fmt, names, self._weights_for(fmt, names), st)
+                quantize_group(self.res, self.cfg, fmt, names, self._weights_for(fmt, names), st,
+                               identity_dequantized=names[0].endswith(self.sm.adapter.identity_dequantized))
 
     def _weights_for(self, fmt: str, names: list[str]) -> list[torch.Tensor]:
         """The weights handed to ``fmt``'s quantizer: as stored where it reads them exactly (the INT4

@@ -1,0 +1,80 @@
+"""An MLA ``kv_b_proj``'s static FP8 input scale survives vLLM 0.33's identity dequantization.
+
+vLLM 0.33 splits DeepSeek-V3 / Kimi K2's ``kv_b_proj`` into W_UK / W_UV at load
+(model_executor/layers/attention/mla_attention.py:417) by running a Model-Optimizer or
+compressed-tensors FP8 linear on an identity matrix (quantization/utils/quant_utils.py:560-569),
+which quantizes 1.0 with the static input scale (quantization/input_quant_fp8.py:216-220).
+The test re-implements that pass (torch only) on `moepress quantize --format fp8` output.
+"""
+
+import pytest
+import torch
+
+from moepress.compress import formats
+from moepress.compress.arch import deepseek_v3, mixtral, qwen3_moe
+from moepress.compress.quant import fp8
+from moepress.compress.quantize.group import LayerResult, QuantConfig, quantize_group
+from moepress.compress.quantize.stats import LinearStats
+
+
+def vllm_identity_dequant(q: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """vLLM 0.33's get_and_maybe_dequant_weights for a static per-tensor FP8 linear: eye quantized as
+    QuantFP8.forward_native does (x * scale.reciprocal(), clamp to +-448, cast), then the scaled GEMM."""
+    eye = torch.eye(q.shape[1], dtype=torch.float32)
+    xq = (eye * input_scale.float().reciprocal()).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8_DTYPE)
+    return (xq.float() @ q.float().T * input_scale * weight_scale).T
+
+
+@pytest.fixture(scope="module")
+def deepseek_fp8(tmp_path_factory):
+    from moepress.calib.data import calibration_batches
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.compress.quantize import quantize_checkpoint
+    from moepress.models import path
+
+    out = tmp_path_factory.mktemp("mla") / "fp8"
+    quantize_checkpoint(path("tiny-deepseek-v3"), out, QuantConfig(format="fp8"),
+                        batches=calibration_batches(path("tiny-deepseek-v3"), (), 8, 128, 0, 8))
+    return CheckpointReader(out)
+
+
+def test_vllm_identity_dequant_of_deepseek_kv_b_proj_is_exact(deepseek_fp8):
+    """Every layer's kv_b_proj comes back from vLLM's identity pass as weight * weight_scale: the factor
+    q(1/s) * s is exactly 1 (before the fix: 0.959 .. 0.994 on this model); an element may still differ by
+    one float32 ulp, as s' = fl(1/v) is not exactly 1/v (measured: 1 ulp; tolerance 2 ulps)."""
+    ck, n = deepseek_fp8, 0
+    for name in ck.names():
+        if not name.endswith("self_attn.kv_b_proj.input_scale"):
+            continue
+        p = name.removesuffix("input_scale")
+        q, ws, s = ck.get(p + "weight"), ck.get(p + "weight_scale"), ck.get(name)
+        assert (1 / s).clamp(max=fp8.FP8_MAX).to(fp8.FP8_DTYPE).float() * s == 1, p
+        torch.testing.assert_close(vllm_identity_dequant(q, ws, s), q.float() * ws, rtol=2.4e-7, atol=0, msg=p)
+        n += 1
+    assert n == ck.config["num_hidden_layers"]
+
+
+def test_only_deepseek_declares_identity_dequantized_linears():
+    assert deepseek_v3.DeepseekV3Adapter.identity_dequantized == ("self_attn.kv_b_proj",)
+    assert qwen3_moe.Qwen3MoeAdapter.identity_dequantized == mixtral.MixtralAdapter.identity_dequantized == ()
+
+
+@pytest.mark.parametrize("fmt", [n for n, f in formats.FORMATS.items() if f.static_input])
+@pytest.mark.parametrize("identity", [False, True])
+def test_input_scale_snapped_only_for_identity_dequantized_fp8(fmt, identity):
+    """Without the adapter's word (Qwen3-MoE, Mixtral, DeepSeek's other linears) and for W4A8 / NVFP4
+    (x * pre_quant_scale; NVFP4's two-level scales) the input scale stays Model-Optimizer's amax / 448
+    (/ 6 for NVFP4); an identity-dequantized FP8 per-tensor linear gets s' with 1/s' an E4M3 value."""
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(256, 128) * 3
+    st = LinearStats(False)
+    st.add(x)
+    res = LayerResult()
+    quantize_group(res, QuantConfig(format=fmt), fmt, ["kv_b_proj"], [w], st, identity_dequantized=identity)
+    s, plain = res.tensors["kv_b_proj.input_scale"], res.specs["kv_b_proj"][1]
+    amax = (x * plain).abs().amax() if plain is not None else x.abs().amax()
+    ref = formats.FORMATS[fmt].input_scale(amax).reshape(())
+    if identity and formats.FORMATS[fmt].fp8_tensor_input:
+        assert ref <= s < ref * 1.125 and (1 / s).to(fp8.FP8_DTYPE).float() * s == 1
+    else:
+        assert torch.equal(s, ref)
