@@ -147,3 +147,43 @@ def assert_one_line_error(r, *needles) -> str:
     for n in needles:
         assert n in lines[0], (n, lines[0])
     return lines[0]
+
+
+def write_with_mtp(cfg: dict, out: Path, block_fp8: bool = True) -> Path:
+    """A DeepSeek-V3 checkpoint of config ``cfg`` (num_nextn_predict_layers 1) with its MTP layer stored as
+    model.layers.{num_hidden_layers} (a decoder layer, block FP8 with weight_scale_inv when the trunk is, and
+    enorm, hnorm, eh_proj, embed_tokens, shared_head bf16), as DeepSeek ships layer 61. The final norm and
+    enorm / hnorm are not 1 (the synthetic's), so a norm left out or swapped shows."""
+    from moepress.compress.arch import get_adapter
+    from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+    from moepress.compress.quant.fp8 import quantize_block
+    from moepress.compress.synthetic import random_tensor, write_synthetic
+
+    reader = CheckpointReader(write_synthetic(cfg, out.with_name(out.name + "-trunk"), block_fp8=block_fp8))
+    a = get_adapter(cfg)
+    n, h, v, p = a.num_layers, a.hidden_size, a.vocab_size, a.layer_prefix(a.num_layers)
+    g = torch.Generator().manual_seed(7)
+
+    def uneven(shape):
+        return (0.5 + torch.rand(shape, generator=g)).bfloat16()
+
+    with CheckpointWriter(out) as w:
+        for name in reader.names():
+            w.add(name, uneven(reader.get(name).shape) if name == "model.norm.weight" else reader.get(name))
+        with torch.device("meta"):
+            layer = a.build_layer(n)
+        for key, t in layer.state_dict().items():
+            x = random_tensor(p + key, tuple(t.shape), seed=7)
+            if block_fp8 and key.endswith(".weight") and x.ndim == 2 and "gate.weight" not in key:
+                q, s = quantize_block(x)
+                w.add(p + key, q)
+                w.add(p + key[: -len(".weight")] + ".weight_scale_inv", s)
+            else:
+                w.add(p + key, x if "e_score_correction_bias" in key else x.bfloat16())
+        for key, shape in {"enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h),
+                           "embed_tokens.weight": (v, h), "shared_head.norm.weight": (h,),
+                           "shared_head.head.weight": (v, h)}.items():
+            w.add(p + key, uneven(shape) if key in ("enorm.weight", "hnorm.weight") else
+                  random_tensor(p + key, shape, seed=7).bfloat16())
+        w.write_json("config.json", reader.config)
+    return out

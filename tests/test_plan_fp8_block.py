@@ -90,40 +90,11 @@ def test_deepseek_v3_q_a_proj_is_planned_as_hf_fp8_block_writes_it():
 
 
 def _with_mtp(out, block_fp8: bool):
-    """A DeepSeek-V3 of whole-block widths with one MTP layer stored as model.layers.{num_hidden_layers} (a decoder
-    layer, in block FP8 when the trunk is, and enorm, hnorm, eh_proj, embed_tokens, shared_head bf16), as DeepSeek
-    ships layer 61 (tests/test_prune.py write_deepseek_with_mtp)."""
-    import torch
-
-    from helpers import DSV3_SMALL
-    from moepress.compress.arch import get_adapter
-    from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
-    from moepress.compress.quant.fp8 import quantize_block
-    from moepress.compress.synthetic import random_tensor, write_synthetic
+    """A DeepSeek-V3 of whole-block widths with one MTP layer, block FP8 or bf16 (helpers.write_with_mtp)."""
+    from helpers import DSV3_SMALL, write_with_mtp
 
     cfg = {**DSV3_SMALL, **DS128, "num_hidden_layers": 2, "n_routed_experts": 8, "num_nextn_predict_layers": 1}
-    trunk = write_synthetic(cfg, out.parent / f"trunk-{block_fp8}", block_fp8=block_fp8)
-    a, reader = get_adapter(cfg), CheckpointReader(trunk)
-    n, h, v, p = a.num_layers, a.hidden_size, a.vocab_size, a.layer_prefix(a.num_layers)
-    with CheckpointWriter(out) as w:
-        for name in reader.names():
-            w.add(name, reader.get(name))
-        with torch.device("meta"):
-            layer = a.build_layer(n)
-        for key, t in layer.state_dict().items():
-            x = random_tensor(p + key, tuple(t.shape), seed=7)
-            if block_fp8 and key.endswith(".weight") and x.ndim == 2 and "gate.weight" not in key:
-                q, s = quantize_block(x)
-                w.add(p + key, q)
-                w.add(p + key[: -len(".weight")] + ".weight_scale_inv", s)
-            else:
-                w.add(p + key, x if "e_score_correction_bias" in key else x.bfloat16())
-        for key, shape in {"enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h),
-                           "embed_tokens.weight": (v, h), "shared_head.norm.weight": (h,),
-                           "shared_head.head.weight": (v, h)}.items():
-            w.add(p + key, random_tensor(p + key, shape, seed=7).bfloat16())
-        w.write_json("config.json", reader.config)
-    return out
+    return write_with_mtp(cfg, out, block_fp8)
 
 
 @pytest.mark.parametrize("block_fp8", [True, False], ids=["block-fp8", "bf16"])

@@ -11,10 +11,10 @@ import torch
 
 from helpers import DSV3_SMALL as DSV3
 from helpers import QWEN_SMALL as QWEN
-from helpers import make_random_checkpoint
+from helpers import make_random_checkpoint, write_with_mtp
 from moepress.calib.observers import RoutingStats
 from moepress.compress.arch import get_adapter
-from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.prune import (
     METHODS,
     PruneConfig,
@@ -26,9 +26,8 @@ from moepress.compress.prune import (
     prune_moe_module,
     route_masked,
 )
-from moepress.compress.quant.fp8 import quantize_block
 from moepress.compress.stream import StreamedModel
-from moepress.compress.synthetic import random_tensor, write_synthetic
+from moepress.compress.synthetic import write_synthetic
 from moepress.errors import MoepressError
 
 KIMI = json.loads((Path(__file__).parent / "data" / "kimi-k2-config.json").read_text())
@@ -161,39 +160,8 @@ MTP_CFG = {**DSV3, "num_hidden_layers": 2, "n_routed_experts": 16, "num_experts_
 
 
 def write_deepseek_with_mtp(tmp_path) -> Path:
-    """A block-FP8 DeepSeek-V3 checkpoint with one MTP layer stored as model.layers.{num_hidden_layers}
-    (decoder layer + enorm, hnorm, eh_proj, embed_tokens, shared_head), as DeepSeek ships layer 61."""
-    trunk = write_synthetic(MTP_CFG, tmp_path / "trunk", block_fp8=True)
-    a = get_adapter(MTP_CFG)
-    n, h, v = a.num_layers, a.hidden_size, a.vocab_size
-    reader = CheckpointReader(trunk)
-    out = tmp_path / "dsv3-mtp-fp8"
-    g = torch.Generator().manual_seed(7)
-
-    def uneven(shape):  # norm weights other than 1 (the synthetic's): a norm left out or swapped then shows
-        return (0.5 + torch.rand(shape, generator=g)).bfloat16()
-
-    with CheckpointWriter(out) as w:
-        for name in reader.names():
-            w.add(name, uneven(reader.get(name).shape) if name == "model.norm.weight" else reader.get(name))
-        with torch.device("meta"):
-            layer = a.build_layer(n)
-        p = a.layer_prefix(n)
-        for key, t in layer.state_dict().items():
-            x = random_tensor(p + key, tuple(t.shape), seed=7)
-            if key.endswith(".weight") and x.ndim == 2 and "gate.weight" not in key:
-                q, s = quantize_block(x)
-                w.add(p + key, q)
-                w.add(p + key[: -len(".weight")] + ".weight_scale_inv", s)
-            else:
-                w.add(p + key, x if "e_score_correction_bias" in key else x.bfloat16())
-        for key, shape in {"enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h),
-                           "embed_tokens.weight": (v, h), "shared_head.norm.weight": (h,),
-                           "shared_head.head.weight": (v, h)}.items():
-            w.add(p + key, uneven(shape) if key in ("enorm.weight", "hnorm.weight") else
-                  random_tensor(p + key, shape, seed=7).bfloat16())
-        w.write_json("config.json", reader.config)
-    return out
+    """A block-FP8 DeepSeek-V3 checkpoint with one MTP layer (helpers.write_with_mtp)."""
+    return write_with_mtp(MTP_CFG, tmp_path / "dsv3-mtp-fp8")
 
 
 def test_block_fp8_with_mtp_layer_prunes_consistently(tmp_path):
