@@ -35,7 +35,7 @@ def read_json(p: Path) -> dict | None:
 
 def consumer_misload(d: Path, consumer: str) -> tuple[str, str] | None:
     """(newest affected version, how) where the export in ``d`` says ``consumer`` (export.json ``misloaded_by``
-    key: transformers, sglang, tensorrt_llm) loads it wrongly or not at all (``misloaded_by`` / ``misloaded_why``,
+    key: transformers, sglang, tensorrt_llm, vllm) loads it wrongly or not at all (``misloaded_by`` / ``misloaded_why``,
     written by the compressed-tensors and hf-modelopt exporters)."""
     info = read_json(d / "export.json")
     info = info if isinstance(info, dict) else {}

@@ -1,15 +1,15 @@
 """What the serving runtimes do with an hf-modelopt export beyond its names and shapes, read from their
-loaders (not run: no GPU here): where SGLang 0.5.23 and TensorRT-LLM's DeepSeek loader fail on or misread
-it. The export declares those runtimes in export.json (``misloaded_by`` / ``misloaded_why``, ``consumer_notes``;
-exporters/artifacts.py ``consumer_misload`` reads them back for builds and model cards), refuses what only one
-runtime would load (:func:`refuse_block_fp8_mla`) and leaves out tensors a runtime would misread
-(:func:`written`)."""
+loaders (not run: no GPU here): where SGLang 0.5.23, TensorRT-LLM's DeepSeek loader and vLLM 0.33's
+MIXED_PRECISION config fail on or misread it. The export declares those runtimes in export.json
+(``misloaded_by`` / ``misloaded_why``, ``consumer_notes``; exporters/artifacts.py ``consumer_misload`` reads them
+back for builds and model cards), refuses what only one runtime would load (:func:`refuse_block_fp8_mla`) and
+leaves out tensors a runtime would misread (:func:`written`)."""
 
 from __future__ import annotations
 
 from moepress.compress import formats
 from moepress.errors import MoepressError
-from moepress.exporters.fused_moe import pattern
+from moepress.exporters.fused_moe import pattern, routed_names
 
 SGLANG_CHECKED = "0.5.23"
 KV_SCALES = (".k_scale", ".v_scale")
@@ -92,6 +92,31 @@ def refuse_block_fp8_mla(s, modules: dict) -> None:
                             f"--format hf-fp8-block (weight_scale_inv)")
 
 
+VLLM_CHECKED = "0.33.0"
+# vLLM 0.33.0 quantization/modelopt.py ModelOptMixedPrecisionConfig.get_quant_method (MIXED_PRECISION exports): the
+# upper-cased quant_algo of a linear's quantized_layers entry must be in LINEAR_ALGOS, else UnquantizedLinearMethod
+# (a bf16 weight: a packed INT4 one fails its loader's shape check, its scales have no parameter); routed experts
+# take FP8 / NVFP4 / W4A16_NVFP4 / MXFP8 (and block FP8 under DeepSeek's names only), else no quant method
+# (unquantized experts, failing likewise). One quant_algo for the whole export: the README's consumer table.
+VLLM_MIXED_LINEAR = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "W4A16_NVFP4", "MXFP8"}
+VLLM_MIXED_MOE = {"FP8", "NVFP4", "W4A16_NVFP4", "MXFP8"}
+
+
+def vllm_misloads(s, modules: dict) -> list[str]:
+    """How vLLM 0.33's MIXED_PRECISION config fails on this export's quantized_layers (none, or one algo: [])."""
+    entries = {n: formats.FORMATS[m["format"]].modelopt_entry(m.get("group")) for n, m in modules.items()}
+    if len({tuple(sorted(e.items())) for e in entries.values()}) < 2:
+        return []
+    routed, bad = routed_names(s), {}
+    for n, e in entries.items():
+        if e["quant_algo"].upper() not in (VLLM_MIXED_MOE if n in routed else VLLM_MIXED_LINEAR):
+            bad.setdefault((e["quant_algo"], n in routed), []).append(n)
+    return [f"fails loading its {algo} {'routed experts' if experts else 'linears'} ({pattern(names)}: "
+            f"ModelOptMixedPrecisionConfig quantizes a MIXED_PRECISION layer only as "
+            f"{' / '.join(sorted(VLLM_MIXED_MOE if experts else VLLM_MIXED_LINEAR))}, so it loads them unquantized)"
+            for (algo, experts), names in sorted(bad.items())]
+
+
 def misloads(s, modules: dict, kv: bool, dropped: int) -> dict:
     """export.json's ``misloaded_by`` (runtime -> newest version checked), ``misloaded_why`` and
     ``consumer_notes`` for this export (``kv``: it holds KV-cache scales; ``dropped``: MLA KV scales left out)."""
@@ -102,6 +127,10 @@ def misloads(s, modules: dict, kv: bool, dropped: int) -> dict:
         notes.append(f"TensorRT-LLM ({TRTLLM_CHECKED}) {misloaded['tensorrt_llm']}; vLLM loads them; for TensorRT-LLM "
                      "keep them bf16 (--rule 'self_attn.kv_b_proj=none', and for an FP8 fused_a "
                      "'self_attn.q_a_proj=none', 'self_attn.kv_a_proj_with_mqa=none')")
+    if vllm := vllm_misloads(s, modules):
+        misloaded["vllm"], by["vllm"] = "; ".join(vllm), VLLM_CHECKED
+        notes.append(f"vLLM <= {VLLM_CHECKED} {misloaded['vllm']}; for vLLM quantize them FP8 or NVFP4 (or keep "
+                     "them bf16)")
     if dropped:
         notes.append(f"the MLA KV-cache scales ({dropped} k_scale / v_scale, of the decompressed keys and values) "
                      "are not written: SGLang would take them for its latent cache's scale; every runtime runs the "

@@ -43,8 +43,27 @@ VLLM_MODELOPT = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "W4A1
 # ...and for MoE layers (every model moepress writes): ModelOptFp8Config.FusedMoEMethodCls is
 # ModelOptFp8MoEMethod whatever the FP8 quant_algo, per-tensor weight scales [E, 2] / [E] and static
 # input scales only, so per-channel (FP8_PER_CHANNEL_PER_TOKEN) and block (FP8_PB_WO) experts do not
-# load; NVFP4 / W4A16_NVFP4 experts go to ModelOptNvFp4FusedMoE (modelopt.py, vLLM main 2026).
+# load; NVFP4 / W4A16_NVFP4 experts go to ModelOptNvFp4FusedMoE (modelopt.py). Re-read in the vLLM 0.33.0
+# wheel (2026-12): unchanged for a top-level quant_algo. Only under MIXED_PRECISION does 0.33.0 take block-FP8
+# experts (_BLOCK_FP8_MOE_ALGOS "FP8_PB_WO" / "FP8_BLOCK_SCALES" -> quantization/fp8.py Fp8MoEMethod), and then
+# under DeepSeek's names: it registers w13_weight_scale_inv [E, 2*ceil(I/128), ceil(H/128)] / w2_weight_scale_inv
+# (3-D), so a Model-Optimizer checkpoint's experts.N.*.weight_scale ([ceil(out/128), 1, ceil(in/128), 1]) has no
+# parameter to go to (fused_moe/routed_experts.py RoutedExperts.load_weights: AttributeError; models/deepseek_v2.py
+# load_weights: params_dict KeyError). So no block-FP8 experts of a Model-Optimizer checkpoint load in 0.33.0.
 VLLM_MODELOPT_MOE = {"FP8", "NVFP4", "W4A16_NVFP4", "MIXED_PRECISION"}
+
+# vLLM 0.33.0 (wheel, 2026-12) MIXED_PRECISION: modelopt.py ModelOptMixedPrecisionConfig. _resolve_quant_algo finds
+# a layer's entry in quantized_layers under its full module name ("model.layers.0.self_attn.q_proj", no prefix
+# stripped; only lm_head and language_model.model. <-> model.language_model. are tried besides), a fused
+# qkv_proj / gate_up_proj / fused_qkv_a_proj through its parts (packed_modules_mapping; parts of different
+# quant_algo: ValueError), the routed experts through any key under "<prefix>." (per-expert entries: the first one
+# found). get_quant_method upper-cases the entry's quant_algo and takes, for a linear, only LINEAR_ALGOS; any other
+# (W4A16_AWQ, W4A16_GPTQ, W4A8_AWQ, ...) or an unlisted linear gets UnquantizedLinearMethod (a bf16 weight: a packed
+# INT4 one fails its weight_loader's shape check, its scales have no parameter); for routed experts only the
+# algos below, any other returns None (unquantized experts: fails likewise). Attention KV-cache scales only for
+# Attention layers (not MLAAttention).
+VLLM_MIXED_LINEAR = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "W4A16_NVFP4", "MXFP8"}
+VLLM_MIXED_MOE = {"FP8", "NVFP4", "W4A16_NVFP4", "MXFP8"}  # + FP8_PB_WO under weight_scale_inv names (above)
 
 # SGLang 0.5.23: python/sglang/srt/configs/model_config.py ``_parse_modelopt_quant_config``: "FP8",
 # "MXFP8", "MIXED_PRECISION" and any quant_algo containing "FP4" (-> modelopt_fp4, whose

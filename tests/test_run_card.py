@@ -122,3 +122,21 @@ def test_card_of_an_export_tensorrt_llm_misloads_gives_no_tensorrt_llm_command(t
     card = _card(_export(tmp_path / "ok", name="hf-modelopt", export={}), {"quantize": {"format": "fp8"}},
                  fmt="hf-modelopt")
     assert "trtllm-serve ./hf-modelopt --backend pytorch" in card and "TensorRT-LLM <=" not in card, card
+
+
+def test_card_of_an_export_vllm_misloads_gives_no_vllm_command(tmp_path):
+    """A MIXED_PRECISION hf-modelopt export with INT4 attention, which vLLM 0.33's MIXED_PRECISION config loads as
+    unquantized linears (export.json misloaded_by vllm): the card told the reader to vllm serve it; it names the
+    failure, and a TensorRT-LLM failure beside it no longer sends the reader to vLLM."""
+    why = {"vllm": "fails loading its W4A16_AWQ linears (model.layers.*.self_attn.q_proj: unquantized)",
+           "tensorrt_llm": "fails loading its quantized MLA kv_b_proj (KeyError)"}
+    d = _export(tmp_path, name="hf-modelopt",
+                export={"misloaded_by": {"vllm": "0.33.0"}, "misloaded_why": {"vllm": why["vllm"]}})
+    card = _card(d, {"quantize": {"format": "nvfp4"}}, fmt="hf-modelopt")
+    assert f"**vLLM <= 0.33.0 {why['vllm']}**" in card and "vllm serve" not in card, card
+    assert "trtllm-serve ./hf-modelopt --backend pytorch" in card, card
+    (tmp_path / "both").mkdir()
+    d = _export(tmp_path / "both", name="hf-modelopt",
+                export={"misloaded_by": {"vllm": "0.33.0", "tensorrt_llm": "main 2026-09"}, "misloaded_why": why})
+    card = _card(d, {"quantize": {"format": "nvfp4"}}, fmt="hf-modelopt")
+    assert "vllm serve" not in card and "trtllm-serve" not in card and "serve it with vLLM" not in card, card

@@ -24,9 +24,7 @@ print(llm.generate(["def fibonacci(n):"])[0].outputs[0].text)
 ```
 """
 
-LOADING = {
-    "hf-modelopt": """\
-{tensorrt_llm}
+VLLM_MODELOPT = """\
 vLLM and SGLang read the same directory (`quant_method: modelopt`) for FP8 per tensor and NVFP4
 (the README's consumer table; other formats' experts do not load there: use the compressed-tensors
 or hf-fp8-block export):
@@ -34,7 +32,12 @@ or hf-fp8-block export):
 ```bash
 vllm serve {path} --quantization modelopt
 ```
-""",
+"""
+
+LOADING = {
+    "hf-modelopt": """\
+{tensorrt_llm}
+{vllm}""",
     "hf-fp8-block": """\
 TensorRT-LLM's PyTorch backend, vLLM and SGLang load DeepSeek-style block-FP8 natively:
 
@@ -151,9 +154,11 @@ def _loading(fmt: str, d: Path, name: str) -> list[str]:
     serve = "vLLM" if "sglang" in by else "vLLM or SGLang"
     tf = (f"\n**transformers <= {misload[0]} {misload[1]}**: serve it with {serve}.\n"
           if misload else CT_TRANSFORMERS)
+    vllm = consumer_misload(d, "vllm")  # hf-modelopt's MIXED_PRECISION layers vLLM loads unquantized
     trt = consumer_misload(d, "tensorrt_llm")
-    trt = f"**TensorRT-LLM <= {trt[0]} {trt[1]}**: serve it with vLLM.\n" if trt else TRTLLM
-    text = LOADING.get(fmt, "").replace("{transformers}", tf).replace("{tensorrt_llm}", trt)
+    trt = f"**TensorRT-LLM <= {trt[0]} {trt[1]}**{'.' if vllm else ': serve it with vLLM.'}\n" if trt else TRTLLM
+    vllm = f"**vLLM <= {vllm[0]} {vllm[1]}**.\n" if vllm else VLLM_MODELOPT
+    text = LOADING.get(fmt, "").replace("{transformers}", tf).replace("{tensorrt_llm}", trt).replace("{vllm}", vllm)
     text = text.replace("{path}", f"./{name}")
     cfg, tok = _json(d / "config.json"), _json(d / "tokenizer_config.json")
     if cfg.get("auto_map") or tok.get("auto_map"):
