@@ -190,3 +190,55 @@ def test_check_reads_either_block_scale_shape_alike(block_attn, src, tmp_path, c
     assert out[0] == out[1]
     # and read right: measured +0.16% perplexity, layer cosine >= 0.991 (a block grid misread would not be)
     assert abs(out[0]["metrics"]["ppl_increase"]) < 0.004 and out[0]["metrics"]["min_layer_cosine"] > 0.98
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 3, 2), (3, 2, 3, 1), (1, 3, 1, 3), (3, 3, 1, 1)])
+def test_a_4d_scale_not_in_modelopts_block_layout_is_refused(shape):
+    """Only [ceil(out/128), 1, ceil(in/128), 1] (vLLM 0.33's KFp8Block128 allocation) is Model-Optimizer's block grid:
+    a 4-D scale with another singleton pattern is no layout a consumer writes, and reading it as the grid of a
+    384 x 384 weight (3 x 3 blocks) would take 18 or 9 scales for 9 blocks in the wrong places."""
+    from moepress.compress.quant import fp8
+
+    assert fp8.scale_layout_error((384, 384), (3, 1, 3, 1)) is None
+    assert fp8.scale_layout_error((384, 384), shape) is not None
+    with pytest.raises(ValueError, match="weight_scale"):
+        fp8.dequantize(torch.zeros(384, 384).to(torch.float8_e4m3fn), torch.ones(shape))
+
+
+@pytest.mark.parametrize("out_f,in_f", [(384, 256), (192, 384)])
+def test_dequantize_block_takes_modelopts_4d_scale(out_f, in_f):
+    """fp8.dequantize_block (and fp8.dequantize) of a 4-D [ceil(out/128), 1, ceil(in/128), 1] scale: each 128x128
+    block (partial at the edge) times its own scale, computed here block by block."""
+    from moepress.compress.quant import fp8
+
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(out_f, in_f, generator=g) * 50).to(torch.float8_e4m3fn)
+    grid = torch.rand(math.ceil(out_f / 128), math.ceil(in_f / 128), generator=g) + 0.5
+    ref = q.float().clone()
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ref[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] *= grid[i, j]
+    four = grid.reshape(grid.shape[0], 1, grid.shape[1], 1)
+    torch.testing.assert_close(fp8.dequantize_block(q, four), ref, rtol=0, atol=0)
+    torch.testing.assert_close(fp8.dequantize(q, four), ref, rtol=0, atol=0)
+
+
+def test_read_linear_gives_the_2d_grid_of_a_4d_block_scale(block_attn):
+    """exporters/linears.read_linear (trtllm-ckpt's and ONNX's reader) of the 4-D export: Linear.scale is the
+    [ceil(out/128), ceil(in/128)] grid its users index ([ro, ci]: the same numbers, singleton dims dropped) and
+    Linear.dequantize is each 128x128 block times its own scale."""
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.exporters.linears import read_linear
+
+    r = CheckpointReader(block_attn)
+    for p, grid in (("q_proj", (3, 3)), ("k_proj", (2, 3))):
+        stored = r.get(ATTN + p + ".weight_scale")
+        assert tuple(stored.shape) == (grid[0], 1, grid[1], 1)
+        lin = read_linear(r, ATTN + p)
+        assert lin.scheme == "block" and tuple(lin.scale.shape) == grid, (p, tuple(lin.scale.shape))
+        torch.testing.assert_close(lin.scale, stored.float().reshape(grid), rtol=0, atol=0)
+        ref = r.get(ATTN + p + ".weight").float()
+        for i in range(grid[0]):
+            for j in range(grid[1]):
+                ref[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] *= stored[i, 0, j, 0]
+        torch.testing.assert_close(lin.dequantize(), ref, rtol=0, atol=0)

@@ -84,3 +84,32 @@ def test_trtllm_pytorch_build_refuses_an_export_that_says_tensorrt_llm_misloads_
         assert r.exit_code == 2 and line in r.output and "Traceback" not in r.output, r.output
         assert "re-export as its consumer_notes say, or build for another runtime" in r.output
         assert not (tmp_path / name / "b").exists()
+
+
+def test_fp8_per_channel_fused_a_is_declared_unscaled_too(tmp_path):
+    """fp8-dynamic (FP8 per channel, Model-Optimizer's FP8_PER_CHANNEL_PER_TOKEN) q_a / kv_a with a bf16 kv_b_proj:
+    the export names them weight_scale, and DeepseekV3WeightLoader copies fused_a's scales only from
+    kv_a_proj_with_mqa.weight_scale_inv (FP8) or its NVFP4 branch (module docstring), so per channel runs unscaled
+    exactly as per tensor does: declared, kv_b_proj not."""
+    rules = tuple((p, "fp8-dynamic") for p, _ in BF16_FUSED_A) + (("self_attn.kv_b_proj", "none"),)
+    info = _export(tmp_path, models.path("tiny-deepseek-v3"), format="fp8", rules=rules)
+    why = info["misloaded_why"].get("tensorrt_llm", "")
+    assert "fused_a" in why and "q_a_proj" in why and "kv_a_proj_with_mqa" in why and "kv_b_proj" not in why, why
+    assert info["misloaded_by"].get("tensorrt_llm") == "main 2026-09"
+
+
+def test_block_fp8_fused_a_alone_is_refused_naming_both_parts(tmp_path):
+    """Block-FP8 q_a_proj / kv_a_proj_with_mqa (whole 128 blocks: hidden 128, q_lora_rank 128, kv_a 128 + 128 rows)
+    with a bf16 kv_b_proj: DeepseekV3WeightLoader's FP8 fused_a reads no Model-Optimizer weight_scale (silently
+    unscaled) and SGLang reads no Model-Optimizer block-FP8 scale, so the fused_a alone is refused, naming both."""
+    src = make_random_checkpoint("deepseek_v3", tmp_path / "ds", kv_lora_rank=128, qk_rope_head_dim=128,
+                                 q_lora_rank=128, hidden_size=128, vocab_size=4096)
+    for f in models.path("tiny-deepseek-v3").glob("tokenizer*"):
+        shutil.copy(f, src)
+    rules = (("self_attn.q_a_proj", "fp8-block"), ("self_attn.kv_a_proj_with_mqa", "fp8-block"),
+             ("self_attn.kv_b_proj", "none"))
+    with pytest.raises(MoepressError) as e:
+        _export(tmp_path, src, format="fp8", rules=rules)
+    msg = str(e.value)
+    assert "block-FP8 MLA projections" in msg and "TensorRT-LLM" in msg, msg
+    assert "self_attn.q_a_proj" in msg and "self_attn.kv_a_proj_with_mqa" in msg, msg

@@ -78,3 +78,75 @@ def test_input_scale_snapped_only_for_identity_dequantized_fp8(fmt, identity):
         assert ref <= s < ref * 1.125 and (1 / s).to(fp8.FP8_DTYPE).float() * s == 1
     else:
         assert torch.equal(s, ref)
+
+
+def _e4m3_values() -> torch.Tensor:
+    """Every positive finite E4M3 (float8_e4m3fn) value, from its 256 bit patterns: 2^-9 .. 448."""
+    v = torch.arange(256, dtype=torch.uint8).view(fp8.FP8_DTYPE).float()
+    return v[torch.isfinite(v) & (v > 0)].unique()
+
+
+def test_e4m3_table_is_the_format():
+    """The table the tests below search: 126 positive values, subnormal 2^-9 the smallest, 448 the largest (OCP FP8
+    E4M3: 4 exponent bits, bias 7, 3 mantissa bits, S.1111.111 NaN)."""
+    v = _e4m3_values()
+    assert len(v) == 126 and v.min() == 2.0 ** -9 and v.max() == 448
+
+
+def test_identity_exact_input_scale_is_the_nearest_scale_at_least_s_with_an_e4m3_reciprocal():
+    """For s over E4M3's whole range and beyond: s' = 1/v for v the largest E4M3 value <= min(1/s, 448), found by
+    searching the table (not the bit step the function takes); so s' >= s (no more clipping), within one E4M3 step
+    (12.5%) over [1/448, 64], and the identity quantizes exactly (q(1/s') * s' == 1, vLLM's float32 pass).
+    The sweep includes s = fl(1/v) for every E4M3 v: where fl(1/s) == v again (81 of 126) s is kept."""
+    table = _e4m3_values()
+    s = torch.logspace(-12, 9, 2000, base=2.0)
+    s = torch.cat([s, 1 / table])  # reciprocals of E4M3 values: kept as they are
+    got = fp8.identity_exact_input_scale(s)
+    inv = torch.reciprocal(s).clamp(max=fp8.FP8_MAX)
+    v = torch.stack([table[table <= i].max() for i in inv])
+    torch.testing.assert_close(got, torch.reciprocal(v), rtol=0, atol=0)
+    assert bool((got >= s).all())
+    assert bool(((1 / got).clamp(max=fp8.FP8_MAX).to(fp8.FP8_DTYPE).float() * got == 1).all())
+    mid = (s >= 1 / 448) & (s <= 64)
+    assert bool((got[mid] < s[mid] * 1.125).all())
+
+
+def test_identity_exact_input_scale_below_e4m3_range_and_above_it():
+    """s < 1/448 (activations under 448 * s ... the identity saturates at 448): s' = 1/448, the smallest scale whose
+    reciprocal is representable; s > 512 (1/s under E4M3's smallest value 2^-9): no such scale, s is returned
+    as it is, finite."""
+    s = torch.tensor([1e-4, 1 / 1000, 600.0, 1e4])
+    got = fp8.identity_exact_input_scale(s)
+    torch.testing.assert_close(got[:2], torch.full((2,), 1 / 448), rtol=0, atol=0)
+    torch.testing.assert_close(got[2:], s[2:], rtol=0, atol=0)
+
+
+def test_deepseeks_other_linears_keep_modelopts_input_scale(deepseek_fp8):
+    """Only kv_b_proj is dequantized through the identity: DeepSeek's other attention and dense / shared-expert
+    static input scales stay amax / 448, whose reciprocal quantizes 1.0 exactly (q(1/s) * s == 1, what every
+    snapped scale does) only by chance: measured, none of these 28 does."""
+    ck, snapped, n = deepseek_fp8, [], 0
+    for name in ck.names():
+        if name.endswith(".input_scale") and "kv_b_proj" not in name and ".experts." not in name:
+            s = ck.get(name)
+            if (1 / s).clamp(max=fp8.FP8_MAX).to(fp8.FP8_DTYPE).float() * s == 1:
+                snapped.append(name)
+            n += 1
+    assert n == 28 and not snapped, snapped
+
+
+@pytest.mark.parametrize("fmt,snaps", [("fp8", True), ("w4a8-awq", False), ("nvfp4", False)])
+def test_only_fp8_per_tensor_input_is_snapped(fmt, snaps):
+    """vLLM's identity pass quantizes eye with the static scale as is only for FP8 per-tensor activations
+    (ModelOptFp8LinearMethod / CompressedTensorsW8A8Fp8: QuantFP8 x / s); W4A8 multiplies by pre_quant_scale first
+    and NVFP4 quantizes in 16-element blocks under a global scale, so their input scales stay amax-derived."""
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(256, 128) * 3
+    st = LinearStats(False)
+    st.add(x)
+    got = {}
+    for identity in (False, True):
+        res = LayerResult()
+        quantize_group(res, QuantConfig(format=fmt), fmt, ["kv_b_proj"], [w], st, identity_dequantized=identity)
+        got[identity] = res.tensors["kv_b_proj.input_scale"]
+    assert (not torch.equal(got[False], got[True])) == snaps
