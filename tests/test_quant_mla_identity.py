@@ -94,17 +94,21 @@ def test_e4m3_table_is_the_format():
 
 
 def test_identity_exact_input_scale_is_the_nearest_scale_at_least_s_with_an_e4m3_reciprocal():
-    """For s over E4M3's whole range and beyond: s' = 1/v for v the largest E4M3 value <= min(1/s, 448), found by
-    searching the table (not the bit step the function takes); so s' >= s (no more clipping), within one E4M3 step
-    (12.5%) over [1/448, 64], and the identity quantizes exactly (q(1/s') * s' == 1, vLLM's float32 pass).
-    The sweep includes s = fl(1/v) for every E4M3 v: where fl(1/s) == v again (81 of 126) s is kept."""
+    """For s over E4M3's whole range and beyond: s' is the smallest float32 1/v >= s over the E4M3 values v (s < 512),
+    found by searching the table (not the bit step the function takes); so s' >= s (no more clipping), within one
+    E4M3 step (12.5%) over [1/448, 64], and the identity quantizes exactly (q(1/s') * s' == 1, vLLM's float32
+    pass). The sweep includes s = fl(1/v) for every E4M3 v: each is kept as it is (all 126), and the function
+    applied to its own output changes nothing."""
     table = _e4m3_values()
+    recip = 1 / table  # float32, as the runtime computes it
     s = torch.logspace(-12, 9, 2000, base=2.0)
-    s = torch.cat([s, 1 / table])  # reciprocals of E4M3 values: kept as they are
+    s = s[s <= 512]
+    s = torch.cat([s, recip])
     got = fp8.identity_exact_input_scale(s)
-    inv = torch.reciprocal(s).clamp(max=fp8.FP8_MAX)
-    v = torch.stack([table[table <= i].max() for i in inv])
-    torch.testing.assert_close(got, torch.reciprocal(v), rtol=0, atol=0)
+    want = torch.stack([recip[recip >= x].min() for x in s])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(fp8.identity_exact_input_scale(recip), recip, rtol=0, atol=0)
+    torch.testing.assert_close(fp8.identity_exact_input_scale(got), got, rtol=0, atol=0)
     assert bool((got >= s).all())
     assert bool(((1 / got).clamp(max=fp8.FP8_MAX).to(fp8.FP8_DTYPE).float() * got == 1).all())
     mid = (s >= 1 / 448) & (s <= 64)

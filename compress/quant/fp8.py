@@ -151,11 +151,12 @@ def identity_exact_input_scale(s: torch.Tensor) -> torch.Tensor:
     fp8(clamp(1 * (1/s), 448))): every weight comes back times q(1/s) * s, up to 6.25% off, and
     far more when 1/s > 448 saturates. With 1/s' an E4M3 value that factor is exactly 1 (float32).
     ``s`` above 512 (1/s under E4M3's smallest subnormal 2^-9) has no such s' and is returned as is."""
-    inv = torch.reciprocal(s.float()).clamp(max=FP8_MAX)
-    q = inv.to(FP8_DTYPE)
-    bits = q.view(torch.uint8)
-    v = torch.where(q.float() > inv, (bits - 1).view(FP8_DTYPE), q).float()  # rounded down (positive: bits - 1)
-    return torch.where(v > 0, torch.reciprocal(v), s.float())
+    s = s.float()
+    q = torch.reciprocal(s).clamp(max=FP8_MAX).to(FP8_DTYPE)  # the nearest E4M3 v to 1/s
+    # keep v when the runtime's float32 1/v is still >= s (comparing v with fl(1/s) instead moved 45 of the
+    # 126 scales 1/v that are already exact one step, for a float32 ulp); else the E4M3 value below (bits - 1)
+    v = torch.where(torch.reciprocal(q.float()) >= s, q, (q.view(torch.uint8) - 1).view(FP8_DTYPE)).float()
+    return torch.where(v > 0, torch.reciprocal(v), s)
 
 
 def quantize_tensor(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
