@@ -256,14 +256,16 @@ def partial_fused_blocks(s: Source, modules: dict[str, dict]) -> list[str]:
 
 
 def refuse_partial_fused_blocks(s: Source, flag: str, modules: dict[str, dict],
-                                route: Callable[[list[str]], str]) -> None:
-    """One line naming the :func:`partial_fused_blocks` and ``route(them)``, the ways that take them."""
+                                route: Callable[[list[str]], str], why: str = "") -> None:
+    """One line naming the :func:`partial_fused_blocks` and ``route(them)``, the ways that take them; ``why``: what
+    this export's runtimes do with them (default: vLLM's compressed-tensors refusal)."""
     bad = partial_fused_blocks(s, modules)
     if bad:
+        why = why or f"vLLM refuses such a merged block-FP8 linear of a {flag} checkpoint at load " \
+            "(validate_fp8_block_shape)"
         raise MoepressError(
             f"--format {flag}: {len(bad)} block-FP8 linears that vLLM fuses with the next ones have {_dims(s, bad, 0)} "
-            f"rows, not whole 128-row blocks ({pattern(bad)}); vLLM refuses such a merged block-FP8 linear of a {flag} "
-            f"checkpoint at load (validate_fp8_block_shape): {route(bad)}")
+            f"rows, not whole 128-row blocks ({pattern(bad)}); {why}: {route(bad)}")
 
 
 def _dims(s: Source, names: list[str], axis: int) -> str:

@@ -35,7 +35,8 @@ Refused with one line (fused_moe.py): a layer whose routed experts are partly qu
 INT4 down projections left bf16 because no group divides their in_features) and block-FP8 experts
 whose width is over 128 and not a multiple of it: fused-MoE runtimes hold one quantization per
 layer's experts and stack gate and up into one weight; q/k/v, gate/up or DeepSeek's q_a / kv_a quantized
-unlike each other (``refuse_partly_fused``: the runtimes fuse each into one linear). Routed experts no
+unlike each other (``refuse_partly_fused``: the runtimes fuse each into one linear); block-FP8 q/k/v or gate/up
+parts before the last not in whole 128-row blocks (``refuse_partial_fused_q_k_v``). Routed experts no
 runtime loads from a Model-Optimizer checkpoint (``refuse_unloadable_experts``: INT4 weight-only, and W4A8
 on DeepSeek-V3 / Kimi K2, the format registry's ``trtllm_moe_families``; block FP8 for every family, its
 ``modelopt_moe_why``: ``refuse_modelopt_named_experts`` sends them to hf-fp8-block); block-FP8 MLA kv_b_proj /
@@ -68,6 +69,7 @@ from moepress.exporters.fused_moe import (
     refuse_fp4_expert_widths,
     refuse_mixed,
     refuse_partial_blocks,
+    refuse_partial_fused_blocks,
     refuse_partial_input_groups,
     refuse_partly_fused,
     refuse_unlike,
@@ -89,11 +91,12 @@ from moepress.exporters.hints import (
     alike_group,
     block_experts_route,
     ct_route,
+    fused_blocks_route,
     int4_routes,
     modelopt_named_experts,
     quantizes_experts,
 )
-from moepress.exporters.modelopt_misloads import misloads, refuse_block_fp8_mla, written
+from moepress.exporters.modelopt_misloads import MLA_FUSED_A, misloads, refuse_block_fp8_mla, written
 
 # the Model-Optimizer release whose export layout we follow (checked against it in tests)
 MODELOPT_LAYOUT_VERSION = "0.47.0"
@@ -212,6 +215,29 @@ def refuse_modelopt_named_experts(s, modules: dict) -> None:
                             f"{formats.FORMATS[fmt].modelopt_moe_why}: {block_experts_route(s, modules)}")
 
 
+# Block-FP8 q/k/v or a gate/up with a part before the last not whole 128-row blocks, e.g. tiny-qwen3-moe's [128, 64, 64]
+# q/k/v. vLLM 0.33.0 loads an FP8_PB_WO linear, in a single-algo or a MIXED_PRECISION export alike, with
+# ModelOptLinearMethod + KFp8Block128 (quantization/modelopt.py build_linear_method: a weight_scale of
+# cdiv(sum(rows), 128) rows; registered for weight_loader_v2), and QKVParallelLinear / MergedColumnParallelLinear
+# .weight_loader_v2 put part i's scale rows at ceil(offset_i / 128) (layers/linear.py adjust_block_scale_shard):
+# parameter.py load_qkv_weight / load_merged_column_weight narrow() past the grid, a RuntimeError at load (v of
+# [128, 64, 64]: row 2 of 2), else a part runs with its neighbour's scale. TensorRT-LLM main (00bbf71e,
+# _torch/modules/linear.py FP8BlockScalesLinearMethod.load_weights_fused_qkv_linear / _gate_up_linear:
+# remap_fused_shard_indices_by_divisible_factor, the same ceil; copy_weight_shard) copies into an empty slice past
+# its ceil(rows / 128)-row grid without an error: v's scales are dropped and v runs with k's. DeepSeek's q_a / kv_a
+# are left to refuse_block_fp8_mla, which refuses every block-FP8 one.
+FUSED_BLOCKS_WHY = ("vLLM and TensorRT-LLM read a merged block-FP8 linear's scales from a grid of ceil(rows / 128) "
+                    "rows, part i's at ceil(offset_i / 128): vLLM fails at load where a part's rows fall past it, "
+                    "TensorRT-LLM drops them without an error, and a part that fits may run on its neighbour's scale")
+
+
+def refuse_partial_fused_q_k_v(s, modules: dict) -> None:
+    """One line for block-FP8 fused parts not in whole blocks (FUSED_BLOCKS_WHY); not DeepSeek's q_a / kv_a."""
+    other = {n: m for n, m in modules.items() if not n.endswith(MLA_FUSED_A)}
+    refuse_partial_fused_blocks(s, "hf-modelopt", other, lambda bad: fused_blocks_route(s, modules, bad),
+                                FUSED_BLOCKS_WHY)
+
+
 def refuse_hf_modelopt(s, src: Path, modules: dict) -> None:
     """Everything hf-modelopt refuses of a ``moepress quantize`` output (``modules``: its layout's), before writing;
     also asked by trtllm-ckpt before it names hf-modelopt as the way for a DeepSeek-V3 / Kimi K2 checkpoint."""
@@ -229,6 +255,7 @@ def refuse_hf_modelopt(s, src: Path, modules: dict) -> None:
     refuse_partly_fused(s, "hf-modelopt", modules, "TensorRT-LLM (which misreads them), vLLM and SGLang")
     refuse_partial_blocks(s, "hf-modelopt", modules)
     refuse_partial_input_groups(s, "hf-modelopt", modules)
+    refuse_partial_fused_q_k_v(s, modules)
     refuse_fp4_expert_widths(s, "hf-modelopt", modules)  # vLLM and TensorRT-LLM read them with the same kernels
     refuse_modelopt_named_experts(s, modules)
     refuse_block_fp8_mla(s, modules)

@@ -390,11 +390,12 @@ def test_trtllm_engine_plan_counts_the_embedding_each_rank_holds(tmp_path, cli_r
 
 def test_mixed_hf_modelopt_export_is_judged_by_its_experts_format(cli_run, tmp_path):
     """A MIXED_PRECISION hf-modelopt export is planned and checked with its routed experts' format
-    (hf_quant_config.json quantized_layers): FP8 experts beside block-FP8 attention build (they were refused as
-    block-FP8 experts, the quantize --format); block-FP8 experts are refused whatever the top-level format."""
+    (hf_quant_config.json quantized_layers): FP8 experts beside a block-FP8 o_proj build (they were refused as
+    block-FP8 experts, the quantize --format); block-FP8 experts are refused whatever the top-level format. q/k/v
+    FP8 per tensor: block FP8, their [128, 64, 64] rows are refused by hf-modelopt (the runtimes' fused scale grid)."""
     q, e = tmp_path / "q", tmp_path / "e"
-    assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "--rule", "mlp.experts.*=fp8", "-o", q,
-                   "--quiet").exit_code == 0
+    assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "--rule", "mlp.experts.*=fp8", "--rule",
+                   "self_attn.[qkv]_proj=fp8", "-o", q, "--quiet").exit_code == 0
     assert cli_run("export", q, "--format", "hf-modelopt", "-o", e, "--quiet").exit_code == 0
     r = cli_run("build", e, "--target", "h200", "-o", tmp_path / "b", "--dry-run", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["format"] == "fp8", r.output
