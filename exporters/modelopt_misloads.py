@@ -34,9 +34,58 @@ def written(s, name: str) -> bool:
     return not (s.adapter.latent_kv_cache and name.endswith(KV_SCALES))
 
 
+# SGLang 0.5.23 routes a MIXED_PRECISION export by its quantized_layers (configs/model_config.py:1855-1865): with an
+# NVFP4 / W4A16_NVFP4 entry to ModelOptMixedPrecisionConfig, else to W4AFp8Config (DeepSeek-R1-W4AFP8's layout:
+# every linear block FP8 with weight_scale_inv, nothing excluded; INT4 experts with weight_scale_inv, zeros until
+# loaded: layers/quantization/w4afp8.py:78-195), which reads none of Model-Optimizer's per-tensor weight_scale.
+# ModelOptMixedPrecisionConfig.get_quant_method (layers/quantization/modelopt_quant.py:1036-1091) quantizes a layer
+# only as SGLANG_MIXED (FP8_PB_WO / MXFP8 as DeepSeek's weight_scale_inv layout, which hf-modelopt does not write),
+# else it is unquantized (bf16 parameters: packed 4-bit weights fail the size check, FP8 ones run unscaled); a fused
+# linear's quant_algo is found through the model class's packed_modules_mapping only (_resolve_quant_algo, 978-1008):
+# Qwen3-MoE maps qkv_proj and gate_up_proj (models/qwen3_moe.py:999-1002), DeepSeek only fused_qkv_a_proj_with_mqa
+# (models/deepseek_v2.py:3250-3275: its dense / shared-expert gate_up_proj finds none), Mixtral nothing (qkv_proj).
+SGLANG_MIXED = {"FP8", "NVFP4", "W4A16_NVFP4"}
+SGLANG_MIXED_UNFUSED = {"deepseek_v3": ((".gate_proj", ".up_proj"), "gate_up_proj", "'mlp.gate_proj=none', "
+                                        "'mlp.up_proj=none', 'mlp.shared_experts.gate_proj=none', "
+                                        "'mlp.shared_experts.up_proj=none'"),
+                        "mixtral": ((".q_proj", ".k_proj", ".v_proj"), "qkv_proj",
+                                    "'self_attn.q_proj=none', 'self_attn.k_proj=none', 'self_attn.v_proj=none'")}
+
+
+def sglang_mixed_algo(algo: str, names: str) -> str:
+    """Why SGLang 0.5.23's ModelOptMixedPrecisionConfig misloads layers of this quant_algo, and what to do instead."""
+    how = (f"reads its {algo} layers ({names}) as block FP8 under DeepSeek's weight_scale_inv (Fp8LinearMethod, "
+           "modelopt_quant.py:1054-1055), not the weight_scale written" if algo == "FP8_PB_WO" else
+           f"loads its {algo} layers ({names}) unquantized (ModelOptMixedPrecisionConfig quantizes a layer only as "
+           f"{' / '.join(sorted(SGLANG_MIXED))} or under DeepSeek's block-FP8 names, modelopt_quant.py:1036-1091)")
+    return how + "; for SGLang quantize them FP8 or NVFP4 (or keep them bf16)"
+
+
+def sglang_mixed(s, modules: dict) -> list[str]:
+    """How SGLang 0.5.23 fails on or misreads this export's MIXED_PRECISION quantized_layers (none, or one algo: [])."""
+    entries = {n: formats.FORMATS[m["format"]].modelopt_entry(m.get("group")) for n, m in modules.items()}
+    if len({tuple(sorted(e.items())) for e in entries.values()}) < 2:
+        return []
+    algos = {n: e["quant_algo"].upper() for n, e in entries.items()}
+    kinds = sorted(set(algos.values()))
+    if not set(kinds) & {"NVFP4", "W4A16_NVFP4"}:
+        return [f"fails on or misreads a MIXED_PRECISION export without an NVFP4 layer ({' / '.join(kinds)}: it loads "
+                "it as W4AFp8Config, every linear block FP8 with DeepSeek's weight_scale_inv and the routed experts "
+                "INT4 with weight_scale_inv, layers/quantization/w4afp8.py:78-195, none of which a Model-Optimizer "
+                "export holds); for SGLang quantize to one format, or mix only NVFP4 with FP8"]
+    routed, (parts, fused, rules) = routed_names(s), SGLANG_MIXED_UNFUSED.get(s.adapter.family, ((), "", ""))
+    unfused = sorted(n for n, a in algos.items() if n not in routed and n.endswith(parts) and a in SGLANG_MIXED)
+    why = [sglang_mixed_algo(a, pattern(n for n in algos if algos[n] == a)) for a in kinds if a not in SGLANG_MIXED]
+    if unfused:
+        why.append(f"loads its quantized {fused} unquantized ({pattern(unfused)}: its model class maps no packed "
+                   f"module for {fused}, so ModelOptMixedPrecisionConfig finds no quant_algo for it, "
+                   f"modelopt_quant.py:978-1008); for SGLang keep them bf16 (--rule {rules})")
+    return why
+
+
 def sglang_misloads(s, modules: dict, kv: bool) -> tuple[dict[str, str], list[str]]:
     """(misloaded_why, notes): what SGLang 0.5.23 fails on in this export, and what it reads otherwise."""
-    why, notes = [], []
+    why, notes = sglang_mixed(s, modules), []
     fp4 = sorted(n for n, m in modules.items()
                  if n.endswith(".kv_b_proj") and formats.FORMATS[m["format"]].element == "fp4")
     if fp4:  # deepseek_weight_loader.py:639-762: only FP8 / INT8 / AWQ are dequantized before the split

@@ -68,7 +68,13 @@ VLLM_MIXED_MOE = {"FP8", "NVFP4", "W4A16_NVFP4", "MXFP8"}  # + FP8_PB_WO under w
 # SGLang 0.5.23: python/sglang/srt/configs/model_config.py ``_parse_modelopt_quant_config``: "FP8",
 # "MXFP8", "MIXED_PRECISION" and any quant_algo containing "FP4" (-> modelopt_fp4, whose
 # ModelOptFp4Config.from_config accepts "FP8", "NVFP4", "NVFP4_AWQ", "W4A16_NVFP4",
-# layers/quantization/modelopt_quant.py); anything else is not a ModelOpt checkpoint to it.
+# layers/quantization/modelopt_quant.py); anything else is not a ModelOpt checkpoint to it. MIXED_PRECISION is
+# parsed, but loads only as model_config.py:1855-1865 routes it: with an NVFP4 / W4A16_NVFP4 entry to
+# ModelOptMixedPrecisionConfig (layers quantized only as SGLANG_MIXED; fused linears resolved through the model
+# class's packed_modules_mapping: not Mixtral's qkv_proj, not DeepSeek's dense / shared gate_up_proj), else to
+# W4AFp8Config (block-FP8 linears and INT4 experts under weight_scale_inv: no Model-Optimizer export loads there).
+# Checked per export by tools/sglang_check.py (tests/test_export_sglang_rules.py).
+SGLANG_MIXED = {"FP8", "NVFP4", "W4A16_NVFP4"}  # + FP8_PB_WO / MXFP8 under DeepSeek's weight_scale_inv names
 SGLANG_MODELOPT = {"FP8", "MXFP8", "MIXED_PRECISION", "NVFP4", "NVFP4_AWQ", "W4A16_NVFP4"}
 
 

@@ -140,3 +140,18 @@ def test_card_of_an_export_vllm_misloads_gives_no_vllm_command(tmp_path):
                 export={"misloaded_by": {"vllm": "0.33.0", "tensorrt_llm": "main 2026-09"}, "misloaded_why": why})
     card = _card(d, {"quantize": {"format": "nvfp4"}}, fmt="hf-modelopt")
     assert "vllm serve" not in card and "trtllm-serve" not in card and "serve it with vLLM" not in card, card
+
+
+def test_card_of_an_export_sglang_misloads_does_not_send_it_to_sglang(tmp_path):
+    """A MIXED_PRECISION hf-modelopt export SGLang 0.5.23 misreads (export.json misloaded_by sglang, e.g. FP8
+    experts + INT4 attention, which it loads as W4AFp8Config): the card said "vLLM and SGLang read the same
+    directory"; it names vLLM alone and lists SGLang's failure among the consumer notes."""
+    why = "fails on or misreads a MIXED_PRECISION export without an NVFP4 layer (FP8 / W4A8_AWQ: W4AFp8Config)"
+    d = _export(tmp_path, name="hf-modelopt", export={"misloaded_by": {"sglang": "0.5.23"}, "misloaded_why":
+                                                     {"sglang": why}, "consumer_notes": [f"SGLang <= 0.5.23 {why}"]})
+    card = _card(d, {"quantize": {"format": "fp8"}}, fmt="hf-modelopt")
+    assert "vLLM reads the same directory" in card and "vLLM and SGLang read" not in card, card
+    assert f"- SGLang <= 0.5.23 {why}" in card and "vllm serve ./hf-modelopt" in card, card
+    (tmp_path / "ok").mkdir()
+    card = _card(_export(tmp_path / "ok", name="hf-modelopt", export={}), {"quantize": {"format": "fp8"}})
+    assert "vLLM and SGLang read the same directory" in card, card

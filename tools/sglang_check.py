@@ -1,6 +1,6 @@
 """What SGLang 0.5.23 would do loading a Model-Optimizer (hf-modelopt) or DeepSeek block-FP8 (hf-fp8-block)
 export: an independent re-implementation (no moepress import) of the names, shapes, dtypes and assertions of
-its loader, for DeepSeek-V3 / Kimi K2, Qwen3-MoE and Mixtral.
+its loader, for DeepSeek-V3 / Kimi K2, Qwen3-MoE and Mixtral; MIXED_PRECISION on either route SGLang takes (C14-C18).
 
     python tools/sglang_check.py EXPORT_DIR [EXPORT_DIR ...]
 
@@ -31,6 +31,21 @@ Sources (sglang-0.5.23 wheel, python/sglang/...):
   C12 modelopt_quant.py:2747-2756  NVFP4 MoE: w1 / w3 weight_scale_2 must match (w1's used)
   C13 srt/layers/quantization/fp8.py:340-430  quant_method fp8: modules_to_not_convert, weight_block_size,
      weight_scale_inv [ceil(out/128), ceil(in/128)]; fused parts other than the last whole 128-row blocks
+  C14 model_config.py:1855-1865  quant_algo MIXED_PRECISION -> modelopt_mixed when any quantized_layers entry is
+     NVFP4 / W4A16_NVFP4, else w4afp8 (config.json's quantization_config is updated in place, 1727-1741)
+  C15 modelopt_quant.py:978-1008  ModelOptMixedPrecisionConfig._resolve_quant_algo: the prefix itself, else its
+     shards through the model class's packed_modules_mapping (qwen3_moe.py:999-1002 qkv_proj / gate_up_proj;
+     deepseek_v2.py:3250-3275 fused_qkv_a_proj_with_mqa only; mixtral.py none: model_loader/loader.py:180 {}),
+     else the first quantized_layers key under "prefix."; none found -> None
+  C16 modelopt_quant.py:1048-1063  mixed linear: excluded or algo outside FP8 / FP8_PB_WO / MXFP8 / NVFP4 /
+     W4A16_NVFP4 (W4A16_AWQ, W4A8_AWQ, FP8_PER_CHANNEL_PER_TOKEN, None) -> UnquantizedLinearMethod (a bf16
+     weight of the checkpoint's shape: packed 4-bit fails its size check, FP8 is cast without its scale; the
+     scales have no parameter: mixtral.py:435 KeyError, qwen3_moe.py / deepseek_weight_loader.py:528 skip them)
+  C17 modelopt_quant.py:1079-1091, fused_moe_triton/layer.py:499-505  mixed FusedMoE: FP8 / NVFP4 / W4A16_NVFP4 /
+     block FP8 / MXFP8, anything else (W4A8_AWQ) -> UnquantizedFusedMoEMethod (bf16 [E, 2I, H])
+  C18 w4afp8.py:78-104  W4AFp8Config: no ignored layers, every LinearBase Fp8LinearMethod(block [128, 128],
+     weight_scale_inv); w4afp8.py:133-195 W4AFp8MoEMethod: int8 w13 [E, 2I, H/2], w13_weight_scale_inv f32
+     [E, 2I, H/128] (zeros until loaded), so Model-Optimizer's weight_scale is never read
 """
 
 from __future__ import annotations
@@ -129,55 +144,109 @@ def stored_kind(meta, p):
     return {"F8_E4M3": "fp8", "U8": "fp4"}.get(dt, "bf16" if dt in ("BF16", "F16", "F32") else dt)
 
 
+# C15: the fused linears ModelOptMixedPrecisionConfig resolves through the model class's packed_modules_mapping
+MIXED_PACKED = {"deepseek": {"fused_qkv_a_proj_with_mqa": ["q_a_proj", "kv_a_proj_with_mqa"]},
+                "qwen3_moe": {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]},
+                "mixtral": {}}
+# C16 / C17: quant_algo -> method (absent: unquantized); modelopt_fp4 with W4A16_NVFP4 reads no input_scale
+MIXED_LINEAR = {"FP8": "modelopt_fp8", "NVFP4": "modelopt_fp4", "W4A16_NVFP4": "modelopt_fp4",
+                "FP8_PB_WO": "fp8", "FP8_BLOCK_SCALES": "fp8"}
+MIXED_MOE = MIXED_LINEAR
+WANT = {"modelopt_fp8": "fp8", "modelopt_fp4": "fp4", "fp8": "fp8", "w4afp8": "fp4", None: "bf16"}
+
+
+def resolve(prefix: str, layers: dict, packed: dict):  # C15
+    if prefix in layers:
+        return layers[prefix]["quant_algo"].upper()
+    base, proj = prefix.rsplit(".", 1)
+    algos = {layers[f"{base}.{s}"]["quant_algo"].upper() for s in packed.get(proj, []) if f"{base}.{s}" in layers}
+    if len(algos) > 1:
+        raise ValueError(f"{prefix}: mixed quant_algo within fused layer {algos} (modelopt_quant.py:996 ValueError)")
+    if algos:
+        return algos.pop()
+    return next((v["quant_algo"].upper() for k, v in layers.items() if k.startswith(prefix + ".")), None)
+
+
+def quant_route(d: Path, cfg, qc, fam, out):
+    """(method name, route(prefix, moe) -> (method or None for unquantized, w4a16)) or a FAIL list."""
+    qm = qc.get("quant_method")
+    if qm in (None, "modelopt"):  # C1
+        algo = qc.get("quant_algo")
+        ex = qc.get("ignore") or []
+        is_ex = lambda p: skipped(p, ex, out) or excluded_modelopt(p, ex)  # noqa: E731  C2 + C3
+        if algo == "MIXED_PRECISION":
+            return mixed_route(d, cfg, qc, fam, is_ex, out)
+        method = "modelopt_fp8" if algo == "FP8" else "modelopt_fp4" if algo and "FP4" in algo else None
+        if method is None:
+            return [("FAIL", f"quant_algo {algo!r}: not one SGLang's ModelOpt parser maps (model_config.py:1853)")]
+        return method, lambda p, moe: (None if is_ex(p) else method, algo == "W4A16_NVFP4")
+    if qm == "fp8":
+        ignored = qc.get("modules_to_not_convert") or qc.get("ignored_layers") or []
+        ignored = [v for n in ignored for v in (n.removeprefix("model."), "model." + n.removeprefix("model."))]
+        bs = qc.get("weight_block_size")
+        if bs != [128, 128]:
+            out.append(("FAIL", f"weight_block_size {bs}"))
+        return "fp8", lambda p, moe: (None if skipped(p, ignored, out) else "fp8", False)
+    return [("FAIL", f"quant_method {qm!r} not checked here")]
+
+
+def mixed_route(d: Path, cfg, qc, fam, is_ex, out):
+    hq = d / "hf_quant_config.json"
+    layers = qc.get("quantized_layers") or \
+        (json.loads(hq.read_text())["quantization"].get("quantized_layers") if hq.is_file() else None) or {}
+    if not any(v.get("quant_algo", "").upper() in ("NVFP4", "W4A16_NVFP4") for v in layers.values()):  # C14
+        return "w4afp8", lambda p, moe: ("w4afp8" if moe else "fp8", False)  # C18: nothing excluded
+    packed = dict(MIXED_PACKED[fam])
+    if fam == "deepseek" and not cfg.get("q_lora_rank"):
+        packed.pop("fused_qkv_a_proj_with_mqa")
+
+    def route(p, moe):
+        if is_ex(p):
+            return None, False
+        try:
+            algo = resolve(p, layers, packed)
+        except ValueError as e:
+            out.append(("FAIL", str(e)))
+            return None, False
+        return (MIXED_MOE if moe else MIXED_LINEAR).get(algo), algo == "W4A16_NVFP4"
+    return "modelopt_mixed", route
+
+
 def check(d: Path) -> list:
     cfg = json.loads((d / "config.json").read_text())
     qc = cfg.get("quantization_config") or {}
     meta = load(d)
     out = []
     fam, n_exp, (g, u, dn), mlp = family_layout(cfg)
-    qm = qc.get("quant_method")
-    w4a16 = False
-    if qm in (None, "modelopt"):  # C1
-        algo = qc.get("quant_algo")
-        method = "modelopt_fp8" if algo == "FP8" else "modelopt_fp4" if algo and "FP4" in algo else None
-        if method is None:
-            return [("FAIL", f"quant_algo {algo!r}: not one SGLang's ModelOpt parser maps (model_config.py:1853)")]
-        ex = qc.get("ignore") or []
-        w4a16 = algo == "W4A16_NVFP4"
-        want = "fp8" if method == "modelopt_fp8" else "fp4"
-        is_ex = lambda p: skipped(p, ex, out) or excluded_modelopt(p, ex)  # noqa: E731  C2 + C3
-    elif qm == "fp8":
-        method, want = "fp8", "fp8"
-        ignored = qc.get("modules_to_not_convert") or qc.get("ignored_layers") or []
-        ignored = [v for n in ignored for v in (n.removeprefix("model."), "model." + n.removeprefix("model."))]
-        is_ex = lambda p: skipped(p, ignored, out)  # noqa: E731
-        bs = qc.get("weight_block_size")
-        if bs != [128, 128]:
-            out.append(("FAIL", f"weight_block_size {bs}"))
-    else:
-        return [("FAIL", f"quant_method {qm!r} not checked here")]
+    got = quant_route(d, cfg, qc, fam, out)
+    if isinstance(got, list):
+        return got
+    name, route = got
     for i in range(cfg["num_hidden_layers"]):
         lins, moe = linears(cfg, fam, i)
         for prefix, parts in lins:
-            excl = is_ex(prefix)
+            method, w4a16 = route(prefix, False)
             kinds = {stored_kind(meta, p) for p in parts}
             if len(kinds) > 1:
                 out.append(("FAIL", f"{prefix}: parts stored {kinds}"))
                 continue
             kind = kinds.pop()
-            if excl and kind != "bf16":
-                out.append(("WRONG", f"{prefix}: SGLang keeps it unquantized but it is stored {kind}"))
-            elif not excl and kind != want:
-                out.append(("FAIL" if kind == "bf16" else "WRONG",
-                            f"{prefix}: SGLang quantizes it ({method}) but it is stored {kind}"))
-            elif not excl:
+            if method is None and kind != "bf16":  # C16: a packed 4-bit weight fails the bf16 size check
+                out.append(("FAIL" if kind == "fp4" else "WRONG",
+                            f"{prefix}: SGLang ({name}) keeps it unquantized but it is stored {kind}"))
+            elif method is not None and kind != WANT[method]:
+                out.append(("FAIL" if kind in ("bf16", "fp4") else "WRONG",
+                            f"{prefix}: SGLang quantizes it ({name}: {method}) but it is stored {kind}"))
+            elif method is not None:
                 out += check_linear(meta, method, prefix, parts, w4a16)
             if prefix.endswith("kv_b_proj") and kind == "fp4":  # C10
-                out.append(("FAIL", f"{prefix}: NVFP4 kv_b_proj: post_load_weights splits the packed U8 weight "
+                out.append(("FAIL", f"{prefix}: packed 4-bit kv_b_proj: post_load_weights splits the U8 weight "
                                     "into w_kc / w_vc undequantized (deepseek_weight_loader.py:639-762), "
                                     "forward_mla.py:586 bmm"))
         if moe:
-            out += check_moe(meta, method, f"model.layers.{i}.{mlp}.experts", n_exp, (g, u, dn), is_ex, want, w4a16)
+            pre = f"model.layers.{i}.{mlp}.experts"
+            method, w4a16 = route(pre, True)
+            out += check_moe(meta, name, method, pre, n_exp, (g, u, dn), w4a16)
     out += check_kv(meta, fam)
     return out
 
@@ -227,23 +296,29 @@ def check_linear(meta, method, prefix, parts, w4a16):
     return out
 
 
-def check_moe(meta, method, pre, n_exp, names, is_ex, want, w4a16):
+def check_moe(meta, name, method, pre, n_exp, names, w4a16):
     out = []
-    excl = is_ex(pre)
     kinds = {stored_kind(meta, f"{pre}.{e}.{n}") for e in range(n_exp) for n in names}
-    if excl and kinds != {"bf16"}:
-        out.append(("WRONG", f"{pre}: excluded but stored {kinds}"))
+    if method is None and kinds != {"bf16"}:
+        out.append(("WRONG" if kinds == {"fp8"} else "FAIL", f"{pre}: SGLang ({name}) runs them unquantized "
+                                                             f"(bf16 [E, 2I, H]) but they are stored {kinds}"))
         return out
-    if excl:
+    if method is None:
         return out
-    if kinds != {want}:
-        out.append(("FAIL", f"{pre}: experts stored {kinds}, SGLang {method} expects {want}"))
+    if kinds != {WANT[method]}:
+        out.append(("FAIL", f"{pre}: experts stored {kinds}, SGLang {name} ({method}) expects {WANT[method]}"))
         return out
     if f"{pre}.{n_exp}.{names[0]}.weight" in meta:
         out.append(("FAIL", f"{pre}: more experts than the config's {n_exp}"))
     for e in range(n_exp):
         for n in names:
             p = f"{pre}.{e}.{n}"
+            if method == "w4afp8":  # C18: read as weight_scale_inv [out, in/128] f32, else zeros
+                si, (o, i2) = meta.get(p + ".weight_scale_inv"), meta[p + ".weight"][1]
+                if si is None or si[1] != (o, i2 * 2 // 128):
+                    out.append(("WRONG", f"{p}.weight_scale_inv: {si and si[:2]}: W4AFp8MoEMethod's "
+                                         f"w13/w2_weight_scale_inv stay zeros (w4afp8.py:174-195); "
+                                         f"Model-Optimizer's weight_scale is never read"))
             sc = {"modelopt_fp8": ["weight_scale", "input_scale"],
                   "modelopt_fp4": ["weight_scale_2"] + ([] if w4a16 else ["input_scale"])}.get(method, [])
             for s in sc:

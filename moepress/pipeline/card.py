@@ -157,7 +157,8 @@ def _loading(fmt: str, d: Path, name: str) -> list[str]:
     vllm = consumer_misload(d, "vllm")  # hf-modelopt's MIXED_PRECISION layers vLLM loads unquantized
     trt = consumer_misload(d, "tensorrt_llm")
     trt = f"**TensorRT-LLM <= {trt[0]} {trt[1]}**{'.' if vllm else ': serve it with vLLM.'}\n" if trt else TRTLLM
-    vllm = f"**vLLM <= {vllm[0]} {vllm[1]}**.\n" if vllm else VLLM_MODELOPT
+    vllm = f"**vLLM <= {vllm[0]} {vllm[1]}**.\n" if vllm else \
+        VLLM_MODELOPT.replace("vLLM and SGLang read", "vLLM reads" if "sglang" in by else "vLLM and SGLang read")
     text = LOADING.get(fmt, "").replace("{transformers}", tf).replace("{tensorrt_llm}", trt).replace("{vllm}", vllm)
     text = text.replace("{path}", f"./{name}")
     cfg, tok = _json(d / "config.json"), _json(d / "tokenizer_config.json")
