@@ -175,11 +175,12 @@ def _refuse_misread_experts(s, schemes) -> None:
     refuse_fp4_expert_widths(s, "compressed-tensors", modules)
 
 
-# The newest transformers checked (5.24, integrations/compressed_tensors.py): it dequantizes each routed
+# The newest transformers checked (5.25.0; its integrations/compressed_tensors.py is 5.24.0's, and the Qwen3-MoE,
+# Mixtral and DeepSeek-V3 modeling files build and merge experts as 5.24's did): it dequantizes each routed
 # expert's tensors and merges them into its fused experts. NVFP4 (``tensor_group``) experts lose their
 # weight_global_scale (huggingface/transformers#48371); FP8 experts are ``weight * weight_scale``, which
 # for block FP8 broadcasts only a single 128x128 block; FP8 experts' input_scale is not loaded.
-TRANSFORMERS_CHECKED = "5.24"
+TRANSFORMERS_CHECKED = "5.25"
 
 
 def _expert_schemes(s, schemes) -> dict:

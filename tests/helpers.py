@@ -187,3 +187,16 @@ def write_with_mtp(cfg: dict, out: Path, block_fp8: bool = True) -> Path:
                   random_tensor(p + key, shape, seed=7).bfloat16())
         w.write_json("config.json", reader.config)
     return out
+
+
+def declared_for_installed_transformers(info: dict) -> bool:
+    """export.json ``misloaded_by`` transformers (the newest version checked) covers the transformers installed
+    here: where a test shows this transformers misloading an export, the export must say so for this version
+    (a newer release, unchecked, fails such a test until its behaviour is read and the version raised)."""
+    import transformers
+
+    def minor(v: str) -> tuple[int, int]:
+        major, minor_ = (v.split(".") + ["0"])[:2]
+        return int(major), int("".join(c for c in minor_ if c.isdigit()) or 0)
+
+    return minor(transformers.__version__) <= minor(info.get("misloaded_by", {}).get("transformers", "0.0"))

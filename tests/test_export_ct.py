@@ -33,12 +33,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from helpers import declared_for_installed_transformers
 from moepress import models
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.quant import int4
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint, read_quant_layout
 from moepress.compress.stream import StreamedModel
 from moepress.exporters import ExportConfig, export
+from moepress.exporters.compressed_tensors import TRANSFORMERS_CHECKED
 
 CASES = [(m, f) for m in models.BUNDLED for f in ("fp8", "int4-gptq")] + [("tiny-qwen3-moe", "fp8-dynamic")]
 FP8 = ("fp8", "fp8-dynamic")
@@ -287,7 +289,8 @@ def test_block_fp8_experts_transformers_cannot_merge_are_declared_and_refused_by
         info = json.loads((ct / "export.json").read_text())
         p = _load_without_moepress(tmp_path, ct)
         assert (p.returncode != 0) == fails, p.stderr[-2000:]
-        assert (info["misloaded_by"] == {"transformers": "5.24"}) == fails, info
+        assert (info["misloaded_by"] == {"transformers": TRANSFORMERS_CHECKED}) == fails, info
+        assert declared_for_installed_transformers(info) == fails, info
         r = cli_run("check", ct, "-r", model, "--max-samples", "2", "--seq-len", "32")
         if fails:
             assert "size of tensor" in p.stderr, p.stderr[-2000:]
@@ -472,7 +475,7 @@ def test_moe_layer_freq_transformers_does_not_read_is_declared_and_refused_by_ch
     q, e = tmp_path / "q", tmp_path / "ct"
     quantize_checkpoint(src, q, QuantConfig(format="fp8-dynamic"))
     info = export(q, e, ExportConfig(format="compressed-tensors"))
-    assert info["misloaded_by"] == {"transformers": "5.24"}
+    assert info["misloaded_by"] == {"transformers": TRANSFORMERS_CHECKED} and declared_for_installed_transformers(info)
     assert "moe_layer_freq 2" in info["misloaded_why"]["transformers"]
     assert any("moe_layer_freq 2" in n for n in info["consumer_notes"])
     r = cli_run("check", e, "-r", src, "--kind", "transformers", "--max-samples", "2", "--seq-len", "32")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import CT_LOADER, salient_inputs
+from helpers import CT_LOADER, declared_for_installed_transformers, salient_inputs
 from moepress import models
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.formats import FORMATS, QuantContext
@@ -26,6 +26,7 @@ from moepress.compress.quantize import QuantConfig, quantize_checkpoint, read_qu
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 from moepress.exporters import ExportConfig, export
+from moepress.exporters.compressed_tensors import TRANSFORMERS_CHECKED
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -234,7 +235,7 @@ def test_export_says_transformers_misloads_nvfp4_experts(quantized):
     info = json.loads((quantized["compressed-tensors"] / "export.json").read_text())
     notes = info["consumer_notes"]
     assert len(notes) == 1 and "weight_global_scale" in notes[0] and "48371" in notes[0]
-    assert info["misloaded_by"] == {"transformers": "5.24"}
+    assert info["misloaded_by"] == {"transformers": TRANSFORMERS_CHECKED} and declared_for_installed_transformers(info)
 
 
 def test_check_refuses_what_transformers_misloads(quantized, cli_run):
@@ -244,11 +245,12 @@ def test_check_refuses_what_transformers_misloads(quantized, cli_run):
                 "--max-samples", "2", "--seq-len", "32")
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1, r.stderr
-    for needle in ("compressed-tensors", "without weight_global_scale", "transformers <= 5.24", "vLLM"):
+    for needle in ("compressed-tensors", "without weight_global_scale", f"transformers <= {TRANSFORMERS_CHECKED}",
+                   "vLLM"):
         assert needle in lines[0], lines[0]
 
 
-@pytest.mark.xfail(strict=True, reason="transformers 5.24 drops weight_global_scale of NVFP4 experts (test above; "
+@pytest.mark.xfail(strict=True, reason="transformers 5.24-5.25 drop weight_global_scale of NVFP4 experts (test above; "
                    "upstream huggingface/transformers#48371, fix proposed in PR #48372)")
 def test_transformers_logits_match_our_weight_only_forward(quantized, loaded):
     r = CheckpointReader(quantized[("nvfp4", "tiny-qwen3-moe")])
