@@ -155,7 +155,8 @@ def identity_exact_input_scale(s: torch.Tensor) -> torch.Tensor:
     q = torch.reciprocal(s).clamp(max=FP8_MAX).to(FP8_DTYPE)  # the nearest E4M3 v to 1/s
     # keep v when the runtime's float32 1/v is still >= s (comparing v with fl(1/s) instead moved 45 of the
     # 126 scales 1/v that are already exact one step, for a float32 ulp); else the E4M3 value below (bits - 1)
-    v = torch.where(torch.reciprocal(q.float()) >= s, q, (q.view(torch.uint8) - 1).view(FP8_DTYPE)).float()
+    bits = q.view(torch.uint8)  # torch.where takes no float8 on CPU before torch 2.7
+    v = torch.where(torch.reciprocal(q.float()) >= s, bits, bits - 1).view(FP8_DTYPE).float()
     return torch.where(v > 0, torch.reciprocal(v), s)
 
 
