@@ -115,8 +115,11 @@ def test_transformers_logits_match_moepress_forward(ct, name, fmt):
     if fmt in FP8:
         # transformers' CT Linears fake-quantize inputs with input_scale; its fused experts do not
         default = logits[f"{e}|default"]
-        assert _rel(default, _forward(q, "non-experts")) < 1e-4
-        assert _rel(default, deq) > 1e-4  # the activation quantization did run
+        # measured 1.4e-7, and for fp8-dynamic 1.8e-7, but 1.2e-4 with torch 2.6 + transformers 5.24 (.ci/lowest) on
+        # an AMD EPYC: a per-token activation scale rounded the other way; 2.5e-4 is still 100x under the 0.033 of the
+        # run without activation quantization (below)
+        assert _rel(default, _forward(q, "non-experts")) < (2.5e-4 if fmt == "fp8-dynamic" else 1e-4)
+        assert _rel(default, deq) > 1e-3  # the activation quantization did run: measured 0.012 .. 0.046
 
 
 @pytest.mark.parametrize("name,fmt", CASES)

@@ -32,10 +32,11 @@ FLOAT32 = (1.5e-6, 1e-7)  # (max, mean): about twice the measured
 # differently); but an activation on an FP8 rounding boundary may round the other way in another build
 # (seen once: 0.03 on logits of ~13 = 2.3e-3 of the largest), moving that token's logits. So: nearly all
 # logits to float32 rounding, the rest within twice that flip.
-FP8_FLIP = 5e-3
+FP8_FLIP = {"fp8": 5e-3, "w4a8": 2e-2}
 FP8_EXACT_SHARE = 0.9  # one flipped token moves 1/24 of the logits
 # w4a8-awq quantizes every linear's input, experts' included: more flips, and an early one moves every later
-# token (measured with onnxruntime 1.20 + torch 2.6, .ci/lowest: 71% exact, max 3.1e-3; 1.32: all exact)
+# token (measured with onnxruntime 1.20 + torch 2.6, .ci/lowest: 71% exact, max 3.1e-3, and on an AMD EPYC max
+# 9.5e-3 for tiny-mixtral; 1.32: all exact)
 EXACT_SHARE = {"fp8": FP8_EXACT_SHARE, "w4a8": 0.35}
 
 
@@ -105,7 +106,7 @@ def test_onnxruntime_logits_match_torch(exported, model, kind):
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     if kind in STATIC_FP8_INPUTS:
         assert (rel <= FLOAT32[0]).float().mean().item() >= EXACT_SHARE[kind], rel.max().item()
-        assert rel.max().item() <= FP8_FLIP, rel.max().item()
+        assert rel.max().item() <= FP8_FLIP[kind], rel.max().item()
         assert agree >= 23 / 24  # measured 1.0
     else:
         assert rel.max().item() <= FLOAT32[0], rel.max().item()
@@ -258,7 +259,7 @@ def test_experts_with_their_own_input_scales_keep_them(exported, tmp_path):
     same = StreamedModel(exported[("tiny-mixtral", "fp8")]["src"]).forward([ids])[0]
     rel = (got - ref).abs() / ref.abs().max()
     assert (ref - same).abs().max() > 100 * FLOAT32[0] * ref.abs().max()  # the edit moves the logits
-    assert (rel <= FLOAT32[0]).float().mean().item() >= FP8_EXACT_SHARE and rel.max().item() <= FP8_FLIP
+    assert (rel <= FLOAT32[0]).float().mean().item() >= FP8_EXACT_SHARE and rel.max().item() <= FP8_FLIP["fp8"]
 
 
 @pytest.mark.parametrize("width", [32, 192])
