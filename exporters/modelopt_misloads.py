@@ -52,6 +52,15 @@ SGLANG_MIXED_UNFUSED = {"deepseek_v3": ((".gate_proj", ".up_proj"), "gate_up_pro
                                     "'self_attn.q_proj=none', 'self_attn.k_proj=none', 'self_attn.v_proj=none'")}
 
 
+def mixed_algos(modules: dict) -> dict[str, str]:
+    """{module: its upper-cased quantized_layers quant_algo} when the export is MIXED_PRECISION (its modules'
+    entries differ, as hf_modelopt.quant_configs decides), else {}."""
+    entries = {n: formats.FORMATS[m["format"]].modelopt_entry(m.get("group")) for n, m in modules.items()}
+    if len({tuple(sorted(e.items())) for e in entries.values()}) < 2:
+        return {}
+    return {n: e["quant_algo"].upper() for n, e in entries.items()}
+
+
 def sglang_mixed_algo(algo: str, names: str) -> str:
     """Why SGLang 0.5.23's ModelOptMixedPrecisionConfig misloads layers of this quant_algo, and what to do instead."""
     how = (f"reads its {algo} layers ({names}) as block FP8 under DeepSeek's weight_scale_inv (Fp8LinearMethod, "
@@ -63,10 +72,9 @@ def sglang_mixed_algo(algo: str, names: str) -> str:
 
 def sglang_mixed(s, modules: dict) -> list[str]:
     """How SGLang 0.5.23 fails on or misreads this export's MIXED_PRECISION quantized_layers (none, or one algo: [])."""
-    entries = {n: formats.FORMATS[m["format"]].modelopt_entry(m.get("group")) for n, m in modules.items()}
-    if len({tuple(sorted(e.items())) for e in entries.values()}) < 2:
+    algos = mixed_algos(modules)
+    if not algos:
         return []
-    algos = {n: e["quant_algo"].upper() for n, e in entries.items()}
     kinds = sorted(set(algos.values()))
     if not set(kinds) & {"NVFP4", "W4A16_NVFP4"}:
         return [f"fails on or misreads a MIXED_PRECISION export without an NVFP4 layer ({' / '.join(kinds)}: it loads "
@@ -153,13 +161,10 @@ VLLM_MIXED_MOE = {"FP8", "NVFP4", "W4A16_NVFP4", "MXFP8"}
 
 def vllm_misloads(s, modules: dict) -> list[str]:
     """How vLLM 0.33's MIXED_PRECISION config fails on this export's quantized_layers (none, or one algo: [])."""
-    entries = {n: formats.FORMATS[m["format"]].modelopt_entry(m.get("group")) for n, m in modules.items()}
-    if len({tuple(sorted(e.items())) for e in entries.values()}) < 2:
-        return []
     routed, bad = routed_names(s), {}
-    for n, e in entries.items():
-        if e["quant_algo"].upper() not in (VLLM_MIXED_MOE if n in routed else VLLM_MIXED_LINEAR):
-            bad.setdefault((e["quant_algo"], n in routed), []).append(n)
+    for n, algo in mixed_algos(modules).items():
+        if algo not in (VLLM_MIXED_MOE if n in routed else VLLM_MIXED_LINEAR):
+            bad.setdefault((algo, n in routed), []).append(n)
     return [f"fails loading its {algo} {'routed experts' if experts else 'linears'} ({pattern(names)}: "
             f"ModelOptMixedPrecisionConfig quantizes a MIXED_PRECISION layer only as "
             f"{' / '.join(sorted(VLLM_MIXED_MOE if experts else VLLM_MIXED_LINEAR))}, so it loads them unquantized)"
