@@ -46,8 +46,8 @@ misread them). What TensorRT-LLM and SGLang misread otherwise is declared in exp
 Each format's ``quant_algo`` is the name Model-Optimizer writes (Format.modelopt_entry): block FP8 is
 ``fp8_pb_wo``, which TensorRT-LLM and vLLM's linear methods read (compress/formats/fp8_block.py says
 where), its ``weight_scale`` written [ceil(out/128), 1, ceil(in/128), 1] as Model-Optimizer 0.47 exports it
-(Format.modelopt_scale; the quantize output stores the 2-D grid): the shape vLLM 0.33 allocates
-(quantization/modelopt.py ``KFp8Block128``; its loaders assert it, so the 2-D grid did not load), which
+and the quantize output stores it (Format.modelopt_scale reshapes older outputs' 2-D grid): the shape vLLM 0.33
+allocates (quantization/modelopt.py ``KFp8Block128``; its loaders assert it, so the 2-D grid did not load), which
 TensorRT-LLM's FP8BlockScalesLinearMethod squeezes (_torch/modules/linear.py, main 2026-11; 2-D loads there
 too). vLLM's Model-Optimizer MoE method takes per-tensor FP8 only, so no block-FP8 MoE model of this format
 loads there; the README's consumer table lists, per consumer, the names it accepts
@@ -179,7 +179,8 @@ def modelopt_name(n: str) -> str:
 
 def _modelopt_tensor(n: str, t: torch.Tensor, modules: dict) -> torch.Tensor:
     """A stored tensor as Model-Optimizer exports it: the stored bytes, already its layout, but for block FP8's
-    weight_scale, our 2-D grid written 4-D (Format.modelopt_scale: vLLM 0.33 refuses the 2-D grid)."""
+    weight_scale, a 2-D grid (quantize outputs written before they stored 4-D) written 4-D (Format.modelopt_scale:
+    vLLM 0.33 refuses the 2-D grid)."""
     part = linear_of(n, ("weight_scale",))
     return formats.FORMATS[modules[part[0]]["format"]].modelopt_scale(t) if part and part[0] in modules else t
 

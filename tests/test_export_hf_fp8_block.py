@@ -112,7 +112,10 @@ def test_quantized_input_is_renamed_not_requantized(exports):
     assert not any(n.endswith(".weight_scale") for n in out.names())
     for p in ("model.layers.2.mlp.experts.7.up_proj", "model.layers.2.self_attn.o_proj"):
         assert torch.equal(out.get(p + ".weight").view(torch.uint8), q.get(p + ".weight").view(torch.uint8))
-        assert torch.equal(out.get(p + ".weight_scale_inv"), q.get(p + ".weight_scale"))
+        # the quantize output's Model-Optimizer [ceil(out/128), 1, ceil(in/128), 1], as DeepSeek's 2-D grid
+        inv, stored = out.get(p + ".weight_scale_inv"), q.get(p + ".weight_scale")
+        assert stored.dim() == 4 and inv.shape == (stored.shape[0], stored.shape[2])
+        assert torch.equal(inv, stored.reshape(inv.shape))
     # same content as exporting the original directly (the quantizer's numerics are the exporter's)
     direct = CheckpointReader(exports["bf16"][0])
     p = "model.layers.2.mlp.shared_experts.gate_proj"

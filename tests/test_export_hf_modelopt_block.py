@@ -103,6 +103,40 @@ def test_block_scale_has_the_shape_modelopt_writes_and_vllm_allocates(src, block
     assert tuple(t[ATTN + "k_proj.weight_scale"].shape) == (1, 1, 3, 1)  # 128 rows
 
 
+
+def _declared_algos(d) -> dict[str, str]:
+    """Each quantized linear's quant_algo, upper-cased, as vLLM 0.33 reads a Model-Optimizer checkpoint's
+    declaration (quantization/modelopt.py ``from_config``: hf_quant_config.json's ``quantization``, the algo
+    upper-cased; MIXED_PRECISION: the per-layer ``quantized_layers`` entries); config.json must say the same."""
+    hq = json.loads((d / "hf_quant_config.json").read_text())["quantization"]
+    qc = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == hq["quant_algo"], qc
+    t = {k.split(":", 1)[1]: v for k, v in _tensors(d).items()}
+    bases = [k[: -len(".weight_scale")] for k in t if k.endswith(".weight_scale")]
+    if hq["quant_algo"].upper() == "MIXED_PRECISION":
+        return {b: hq["quantized_layers"][b]["quant_algo"].upper() for b in bases}
+    return dict.fromkeys(bases, hq["quant_algo"].upper())
+
+
+@pytest.mark.parametrize("fixture", ["all_block", "block_attn"])
+def test_the_quantize_output_stores_block_scales_as_its_config_declares_them(request, fixture):
+    """The quantize output itself (not its hf-modelopt export) declares Model-Optimizer's ``fp8_pb_wo`` in
+    hf_quant_config.json and config.json (quant_method modelopt), so vLLM 0.33 loads it with its FP8_PB_WO linear
+    method, which allocates ``weight_scale`` [ceil(out/128), 1, in/128, 1] and asserts the stored tensor has that
+    shape (parameter.py ``BasevLLMParameter._assert_and_load`` / ``_ColumnvLLMParameter.load_column_parallel_weight``;
+    ``RowvLLMParameter.load_row_parallel_weight`` narrows dim 2). It stored the 2-D grid [ceil(out/128), in/128],
+    which only the hf-modelopt export reshaped: pointed at the quantize output, vLLM failed to load it."""
+    q = request.getfixturevalue(fixture).parent / "q"
+    algos = _declared_algos(q)
+    t = {k.split(":", 1)[1]: v for k, v in _tensors(q).items()}
+    block = [b for b, a in algos.items() if a == "FP8_PB_WO"]
+    assert block and all(b.startswith("model.layers.") and ".self_attn." in b for b in block), sorted(algos)
+    for b in block:
+        w, s = t[b + ".weight"], t[b + ".weight_scale"]
+        assert w.dtype == torch.float8_e4m3fn and w.shape[1] % 128 == 0, b
+        assert tuple(s.shape) == vllm_block_scale_shape(*w.shape), (b, tuple(s.shape))
+
+
 def _with_block_scales(src, dst, four_d: bool):
     """A copy of the export ``src`` whose block-FP8 scales are all 4-D (Model-Optimizer's) or all 2-D (the grid
     hf-modelopt wrote before), whatever the exporter wrote: the block scale of an F8 weight is the tensor that is

@@ -205,8 +205,9 @@ class Format:
 
     def modelopt_scale(self, s: torch.Tensor) -> torch.Tensor:
         """A stored weight scale -> the shape Model-Optimizer 0.47 exports it in: block FP8's grid as
-        [ceil(out/128), 1, ceil(in/128), 1] (compress/quant/fp8.py modelopt_block: what vLLM 0.33 allocates);
-        every other scale is stored in that layout already."""
+        [ceil(out/128), 1, ceil(in/128), 1] (compress/quant/fp8.py modelopt_block: what vLLM 0.33 allocates;
+        the quantize output stores it so, one written before stored the 2-D grid); every other scale is stored in
+        that layout already."""
         from moepress.compress.quant import fp8
 
         return fp8.modelopt_block(s) if self.scale == "block" else s

@@ -1,9 +1,10 @@
 """``fp8-block``: E4M3 weights with one scale per 128x128 block, FP8 activations per 1x128 block.
 
-Stored: ``P.weight`` F8_E4M3, ``P.weight_scale`` F32 [ceil(out/128), ceil(in/128)] (the values
-DeepSeek-V3 ships as ``weight_scale_inv``: deepseek-ai/DeepSeek-V3 README_WEIGHTS.md). The hf-modelopt
-export writes that grid [ceil(out/128), 1, ceil(in/128), 1], as Model-Optimizer 0.47 exports it and vLLM 0.33
-allocates it (Format.modelopt_scale, compress/quant/fp8.py modelopt_block); readers take both. TensorRT-LLM
+Stored: ``P.weight`` F8_E4M3, ``P.weight_scale`` F32 [ceil(out/128), 1, ceil(in/128), 1], as Model-Optimizer
+0.47 exports it and vLLM 0.33 allocates it (compress/quant/fp8.py modelopt_block): the quantize output declares
+``fp8_pb_wo``, so vLLM reads it as one. Its values are the grid DeepSeek-V3 ships as 2-D ``weight_scale_inv``
+(deepseek-ai/DeepSeek-V3 README_WEIGHTS.md; hf-fp8-block and compressed-tensors write that 2-D grid). Readers take
+both shapes (quantize outputs written before stored the 2-D grid; hf-modelopt re-exports them 4-D). TensorRT-LLM
 QuantAlgo ``FP8_BLOCK_SCALES``. Model-Optimizer checkpoints name it ``fp8_pb_wo`` (modelopt 0.47
 export/quant_utils.py), and so do we: TensorRT-LLM canonicalises that alias to FP8_BLOCK_SCALES
 (tensorrt_llm/quantization/modelopt_config.py, parse_modelopt_quant_config) and vLLM 0.33 accepts it
@@ -33,8 +34,17 @@ from moepress.compress.quant import fp8
 from moepress.errors import MoepressError
 
 
+def _quantize_one(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, grid = fp8.quantize_block(w)
+    return q, fp8.modelopt_block(grid)
+
+
 def quantize(ws: list[torch.Tensor], ctx: QuantContext) -> Quantized:
-    return Quantized(_fp8.each(ws, fp8.quantize_block))
+    """E4M3 weights and their block scales in Model-Optimizer's 4-D layout (:func:`fp8.modelopt_block`): the
+    quantize output declares ``fp8_pb_wo`` (hf_quant_config.json, config.json), and vLLM 0.33 loads that from
+    it with the FP8_PB_WO linear method, which allocates [ceil(out/128), 1, in/128, 1] and asserts it
+    (model_executor/parameter.py ``_assert_and_load``); the 2-D grid did not load there."""
+    return Quantized(_fp8.each(ws, _quantize_one))
 
 
 def decode_deepseek(reader, base: str, dtype: torch.dtype):

@@ -38,6 +38,7 @@ from moepress.compress.formats import QuantContext, ct_inputs
 from moepress.compress.moe import expert_rows
 from moepress.compress.prune.evidence import LayerEvidence
 from moepress.compress.prune.routing import route_masked
+from moepress.compress.quant import fp8
 from moepress.errors import MoepressError
 
 
@@ -256,6 +257,7 @@ def encode_like(reader, base: str, w: torch.Tensor, names) -> tuple[dict[str, to
             raise MoepressError(f"{reader.path}: expert weight '{base}': the {fmt.name} quantizer gives '{suffix}', "
                                 f"not among the stored {stored}")
         ref = reader.get(hits[0])
+        t = _block_scale_as_stored(fmt, t, ref)
         if t.dtype != ref.dtype or t.shape != ref.shape:
             raise MoepressError(f"{reader.path}: '{hits[0]}' is {ref.dtype} {list(ref.shape)}; the {fmt.name} "
                                 f"quantizer gives {t.dtype} {list(t.shape)} for the merged expert")
@@ -265,6 +267,13 @@ def encode_like(reader, base: str, w: torch.Tensor, names) -> tuple[dict[str, to
                             f"writes {sorted(out)}")
     return out, fmt.name
 
+
+
+def _block_scale_as_stored(fmt, t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A block-FP8 scale in the stored one's layout: the fp8-block quantizer gives Model-Optimizer's 4-D
+    [ceil(out/128), 1, ceil(in/128), 1], DeepSeek's ``weight_scale_inv`` (and a quantize output written before
+    the quantizer did) is the 2-D grid of the same values (compress/quant/fp8.py ``block_grid``)."""
+    return fp8.block_grid(t) if fmt.scale == "block" and ref.dim() == 2 else t
 
 def encode_ct_int4(reader, base: str, w: torch.Tensor, stored: list[str]) -> dict[str, torch.Tensor]:
     """``w`` as compressed-tensors ``pack-quantized`` symmetric INT4 with the input's group count and scale

@@ -84,9 +84,9 @@ def _quantize_rows(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def block_grid(scale: torch.Tensor) -> torch.Tensor:
-    """A block scale as the 2-D grid [ceil(out/128), ceil(in/128)] (DeepSeek's ``weight_scale_inv``, our
-    quantize output): Model-Optimizer's [ceil(out/128), 1, ceil(in/128), 1] (:func:`modelopt_block`) viewed
-    without its two singleton dims; any other tensor as it is."""
+    """A block scale as the 2-D grid [ceil(out/128), ceil(in/128)] (DeepSeek's ``weight_scale_inv``, quantize
+    outputs written before they stored the 4-D form): Model-Optimizer's [ceil(out/128), 1, ceil(in/128), 1]
+    (:func:`modelopt_block`) viewed without its two singleton dims; any other tensor as it is."""
     if scale.ndim == 4 and scale.shape[1] == 1 and scale.shape[3] == 1:
         return scale.reshape(scale.shape[0], scale.shape[2])
     return scale
