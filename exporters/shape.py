@@ -2,9 +2,10 @@
 parameters outside them, attention and KV-cache shapes; and the stored bytes of a linear per format.
 
 Read from the layer modules built on the meta device, so a config-only directory is enough and a
-pruned checkpoint's smaller expert count is used as is. Kinds: ``attn`` (attention), ``replicated``
-(attention linears whole on every tensor-parallel rank: MLA's down-projections), ``dense`` (dense MLPs),
-``shared`` (shared experts), ``routed`` (routed experts, counted per expert).
+pruned checkpoint's smaller expert count is used as is. Kinds: ``attn`` (attention), ``kv`` (GQA's k_proj and
+v_proj: split by KV head, replicated when TP exceeds the KV heads), ``replicated`` (attention linears whole on every
+tensor-parallel rank: MLA's down-projections), ``dense`` (dense MLPs), ``shared`` (shared experts), ``routed``
+(routed experts, counted per expert).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class ModelShape:
     num_heads: int
     kv_per_token_layer: int  # cached values per token per layer (MLA latent or 2 x kv_heads x head_dim)
     kv_heads: int  # 0 for MLA (latent not split by TP)
-    # (kind, out, in, count): kind in attn, replicated (whole on every TP rank), dense, shared, routed
+    # (kind, out, in, count): kind in attn, kv (k_proj / v_proj), replicated (whole on every TP rank), dense, shared,
+    # routed
     # (routed: per expert, count = experts x layers)
     linears: tuple[tuple[str, int, int, int], ...]
     other_params: int  # norms, routers, biases (bf16, replicated)
@@ -102,7 +104,7 @@ class ModelShape:
 
     def bytes_by_kind(self, fmt: str) -> dict[str, float]:
         """Bytes per kind of parameter in ``fmt``; in the checkpoint's own format, as its linears are stored."""
-        out = {"attn": 0.0, "replicated": 0.0, "dense": 0.0, "shared": 0.0, "routed": 0.0}
+        out = {"attn": 0.0, "kv": 0.0, "replicated": 0.0, "dense": 0.0, "shared": 0.0, "routed": 0.0}
         for kind, o, i, f, c in self.rows(fmt):
             out[kind] += c * linear_bytes(o, i, f, self.int4_group)
         mtp_other, mtp_embed = self.mtp_params if _holds_mtp(fmt) else (0, 0)
@@ -114,6 +116,8 @@ class ModelShape:
 # MLA's down-projections, whole on every tensor-parallel rank: TensorRT-LLM _torch/modules/attention.py (class
 # MLA: kv_a_proj_with_mqa a Linear with no tensor_parallel_mode), vLLM models/deepseek_v2.py (ReplicatedLinear)
 REPLICATED = ("q_a_proj", "kv_a_proj_with_mqa")
+# GQA's key / value projections, split by whole KV heads (ModelShape.kv_heads; kind "kv")
+KV_PROJ = ("k_proj", "v_proj")
 
 
 def _layer_linears(layer) -> tuple[list[tuple[str, str, int, int, bool]], int]:
@@ -129,7 +133,8 @@ def _layer_linears(layer) -> tuple[list[tuple[str, str, int, int, bool]], int]:
         if not isinstance(m, nn.Linear):
             continue
         kind = ("routed" if id(m) in routed else "shared" if id(m) in shared
-                else "replicated" if name.endswith(REPLICATED) else "attn" if id(m) in attn else "dense")
+                else "replicated" if name.endswith(REPLICATED) else "dense" if id(m) not in attn
+                else "kv" if name.rpartition(".")[2] in KV_PROJ else "attn")
         lin.append((name, kind, m.out_features, m.in_features))
         n_lin += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
     total = sum(t.numel() for t in layer.parameters())

@@ -354,7 +354,8 @@ def test_block_fp8_linears_no_runtime_computes_in_blocks_are_planned_bf16():
     shape = model_shape(m)
     b = shape.bytes_by_kind("fp8-block")
     assert b["routed"] == sum(2 * o * i * c for k, o, i, c in shape.linears if k == "routed")
-    assert b["attn"] == 4 * (2 * (128 * 128 + 2 * 64 * 128) + 128 * 128 + 4)
+    assert b["attn"] + b["kv"] == 4 * (2 * (128 * 128 + 2 * 64 * 128) + 128 * 128 + 4)  # kv: k_proj, v_proj
+    assert b["kv"] == 4 * 2 * 2 * 64 * 128
     p = plan(m, "h100", "fp8-block")
     assert any("counted bf16" in n and "routed [128, 192], routed [192, 128]" in n for n in p.notes)
     assert not any("counted bf16" in n for n in plan(m, "h100", "fp8").notes)

@@ -63,3 +63,31 @@ def test_a_tp_neither_dividing_nor_a_multiple_of_the_kv_heads_is_refused():
     with pytest.raises(MoepressError, match="tp 4 neither divides the 6 KV heads nor is a multiple of them"):
         plan(cfg, "h200", "fp8", gpus=4)
     assert plan(cfg, "h200", "fp8", gpus=2).tp == 2
+
+
+def _kv_heads(n: int) -> dict:
+    cfg = json.loads(json.dumps(QWEN3_235B))
+    cfg["num_key_value_heads"] = n
+    return cfg
+
+
+@pytest.mark.parametrize("target,fmt", [("h200", "bf16"), ("h200", "fp8"), ("h200", "fp8-block"),
+                                        ("h200", "int4-awq"), ("b200", "nvfp4")])
+def test_replicated_kv_heads_count_a_whole_kv_head_of_weights_per_gpu(target, fmt):
+    """At TP 8 the 4 KV heads of Qwen3-235B-A22B are replicated (vLLM QKVParallelLinear: num_kv_heads = 1 per rank,
+    num_kv_head_replicas = 2; TensorRT-LLM's PyTorch backend: ceil(4 / 8) = 1 head per rank after _duplicate_kv), so
+    each GPU holds k_proj and v_proj rows of one whole head (128 rows of 4096, with their scales): exactly what a
+    model of 8 KV heads split 8 ways holds. The plan counted 4 heads / 8 GPUs = half a head (98.6 MB short in bf16)."""
+    four, eight = (plan(_kv_heads(n), target, fmt, gpus=8) for n in (4, 8))
+    assert (four.tp, four.ep) == (eight.tp, eight.ep) == (8, 8)
+    assert four.bytes_per_gpu["weights"] == eight.bytes_per_gpu["weights"]
+    assert four.bytes_per_gpu["kv_cache"] == eight.bytes_per_gpu["kv_cache"]  # one cached KV head a rank, both
+
+
+@pytest.mark.parametrize("target,fmt,per_value", [("h200", "bf16", 2), ("b200", "nvfp4", 1 / 2 + 1 / 16)])
+def test_kv_head_weights_per_gpu_by_hand(target, fmt, per_value):
+    """16 KV heads at TP 8 put two heads on each GPU, 4 heads (replicated) one: the difference is one head of k_proj
+    and one of v_proj, [128, 4096] each, in 94 layers (bf16: 2 B a value; NVFP4: 0.5 B + an E4M3 scale per 16 values,
+    the F32 scalars each rank holds once for either). Before: 2 heads - 0.5 head."""
+    four, sixteen = (plan(_kv_heads(n), target, fmt, gpus=8).bytes_per_gpu["weights"] for n in (4, 16))
+    assert sixteen - four == 94 * 2 * 128 * 4096 * per_value
