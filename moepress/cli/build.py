@@ -7,7 +7,15 @@ from collections.abc import Callable
 
 import click
 
-from moepress.cli.options import TEXT, measured, model_argument, output_options, progress_options, resolve_model
+from moepress.cli.options import (
+    TEXT,
+    Command,
+    measured,
+    model_argument,
+    output_options,
+    progress_options,
+    resolve_model,
+)
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import kv_cache
 
@@ -79,7 +87,7 @@ def _plan_options(f):
     return f
 
 
-@click.command("targets")
+@click.command("targets", cls=Command)
 @click.option("--json", "json_out", is_flag=True, help="Print the catalog as JSON.")
 def targets_cmd(json_out):
     """The GPU targets: compute capability, memory, bandwidth, interconnect, formats each runs."""
@@ -91,7 +99,7 @@ def targets_cmd(json_out):
         click.echo(render())
 
 
-@click.command("plan")
+@click.command("plan", cls=Command)
 @model_argument
 @_plan_options
 @click.option("--format", "fmt", cls=_RegistryOption, default=None, metavar="FORMAT", help_text=_format_help)
@@ -131,7 +139,7 @@ def build(artifact, target, out, cfg=None, *, progress=None, **flags) -> dict:
     return build_artifact(artifact, target, out, cfg, progress=progress, check=accuracy_check, **flags)
 
 
-@click.command("build")
+@click.command("build", cls=Command)
 @click.argument("artifact", metavar="ARTIFACT", type=TEXT)
 @_plan_options
 @click.option("--builder", cls=_RegistryOption, default=None, choices=lambda: list(_builders()),

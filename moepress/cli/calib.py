@@ -9,6 +9,7 @@ import click
 
 from moepress.cli.options import (
     PATH,
+    Group,
     calib_options,
     device_option,
     measured,
@@ -22,7 +23,7 @@ from moepress.errors import MoepressError
 from moepress.outputs import refuse_overlap
 
 
-@click.group("calib")
+@click.group("calib", cls=Group)
 def calib_group():
     """Calibration data (prepare a token file, reused by every stage) and routing statistics."""
 

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import click
 
-from moepress.cli.options import PATH, SEED, TEXT, device_option, progress_options, remember_output, run_measured
+from moepress.cli.options import (
+    PATH,
+    SEED,
+    TEXT,
+    Command,
+    device_option,
+    progress_options,
+    remember_output,
+    run_measured,
+)
 from moepress.errors import CheckFailed, MoepressError
 from moepress.outputs import refuse_overlap
 
@@ -91,7 +100,7 @@ def _human(result: dict) -> list[str]:
     return out
 
 
-@click.command("check")
+@click.command("check", cls=Command)
 @click.argument("candidate", metavar="CANDIDATE", type=TEXT)
 @click.option("--reference", "-r", required=True, metavar="REF", type=TEXT,
               help="The original checkpoint directory (or bundled model name) the candidate was made from.")

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from moepress.cli.options import measured, model_argument, output_options, progress_options, resolve_model
+from moepress.cli.options import Command, measured, model_argument, output_options, progress_options, resolve_model
 from moepress.errors import MoepressError
 
 
@@ -37,7 +37,7 @@ def _parse_options(values) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-@click.command("export")
+@click.command("export", cls=Command)
 @model_argument
 @click.option("--format", "fmt", required=True, type=FormatChoice(),
               help="hf-modelopt | hf-fp8-block | compressed-tensors | trtllm-ckpt | onnx "
@@ -67,7 +67,7 @@ def export_cmd(model, fmt, tp, ep, opset, extra, output, force, quiet, json_out)
         click.echo(f"exported {src} as {fmt} -> {output}")
 
 
-@click.command("formats")
+@click.command("formats", cls=Command)
 def formats_cmd():
     """List the export formats, their families and consumers."""
     for name, ex in sorted(FormatChoice.formats().items()):

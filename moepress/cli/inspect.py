@@ -6,7 +6,7 @@ import json
 
 import click
 
-from moepress.cli.options import model_argument, resolve_model
+from moepress.cli.options import Command, model_argument, resolve_model
 
 
 def _targets_line(table: dict) -> str:
@@ -21,7 +21,7 @@ def _targets_line(table: dict) -> str:
     return "\n           ".join(parts)
 
 
-@click.command("inspect")
+@click.command("inspect", cls=Command)
 @model_argument
 @click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON.")
 @click.option("--targets/--no-targets", "with_targets", default=True, show_default=True,

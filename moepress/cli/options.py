@@ -34,6 +34,54 @@ PATH = PathType(path_type=Path)
 TEXT = TextType()
 
 
+class Command(click.Command):
+    """Every moepress command: a single-valued option given more than once is bad input (click keeps the last
+    value silently, so a script's ``--format fp8`` lost to an appended ``--format int4-awq``). Options of
+    several values (``multiple=True``: ``--rule``, ``--calib``, ``--option``) and eager ones (``--help``) are
+    as click has them."""
+
+    def make_parser(self, ctx):
+        once = [p for p in self.get_params(ctx) if isinstance(p, click.Option) and not p.multiple
+                and not p.count and not p.is_eager]
+        for p in once:  # registered as click registers multiple=True (action append): every occurrence is kept
+            p.multiple = True
+        try:
+            parser = super().make_parser(ctx)
+        finally:
+            for p in once:
+                p.multiple = False
+        parse = parser.parse_args
+
+        def parse_once(args):
+            opts, largs, order = parse(args)
+            for name in dict.fromkeys(p.name for p in once):
+                given = opts.get(name)
+                if isinstance(given, list):
+                    if len(given) > 1 and not ctx.resilient_parsing:
+                        raise _given_twice([p for p in once if p.name == name], given, ctx)
+                    opts[name] = given[-1]
+            return opts, largs, order
+
+        parser.parse_args = parse_once
+        return parser
+
+
+class Group(Command, click.Group):
+    """A moepress command group (``calib``, ``recipe``): its subcommands are :class:`Command`."""
+
+    command_class = Command
+
+
+def _given_twice(params: list, given: list, ctx) -> click.BadOptionUsage:
+    """``--format given twice (fp8, int4-awq): expected it once``; a flag's occurrences by their spelling."""
+    p = params[0]
+    shown = [(p.secondary_opts[0] if v is False and p.secondary_opts else max(p.opts, key=len)) if p.is_flag
+             else " ".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in given]
+    name = "/".join([max(p.opts, key=len), *p.secondary_opts[:1]])
+    times = "twice" if len(given) == 2 else f"{len(given)} times"
+    return click.BadOptionUsage(p.opts[0], f"{name} given {times} ({', '.join(shown)}): expected it once", ctx)
+
+
 def resolve_model(arg: str) -> Path:
     """A checkpoint directory, or the name of a bundled model (e.g. ``tiny-qwen3-moe``)."""
     return models.resolve(arg)

@@ -7,6 +7,7 @@ import json
 import click
 
 from moepress.cli.options import (
+    Command,
     calib_options,
     device_option,
     model_argument,
@@ -54,7 +55,7 @@ def _method_help() -> str:
             "Default: auto (README: pruning table).")
 
 
-@click.command("prune")
+@click.command("prune", cls=Command)
 @model_argument
 @click.option("--ratio", type=float, default=None, help="Fraction of routed experts to drop per layer, e.g. 0.25 "
               "(the kept count is rounded down to a valid count).")

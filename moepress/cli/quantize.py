@@ -7,6 +7,7 @@ import json
 import click
 
 from moepress.cli.options import (
+    Command,
     calib_options,
     device_option,
     model_argument,
@@ -34,7 +35,7 @@ class FormatOption(click.Option):
         return super().get_help_record(ctx)
 
 
-@click.command("quantize")
+@click.command("quantize", cls=Command)
 @model_argument
 @click.option("--format", "fmt", cls=FormatOption, default=None, metavar="FORMAT")
 @click.option("--rule", "rules", multiple=True, metavar="PATTERN=FORMAT",

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from moepress.cli.options import PATH, TEXT, PathType, progress_options, remember_output, run_measured
+from moepress.cli.options import PATH, TEXT, Command, Group, PathType, progress_options, remember_output, run_measured
 from moepress.errors import CheckFailed
 from moepress.pipeline.recipe import STAGES
 from moepress.progress import Progress
 
 
-@click.command("run")
+@click.command("run", cls=Command)
 @click.argument("recipe", required=False, type=PathType(path_type=Path, dir_okay=False))
 @click.option("-o", "--output", "output", type=PATH, default=None, callback=remember_output,
               help="Run directory (default: the recipe's `output`, else ./moepress-out).")
@@ -69,7 +69,7 @@ def _human(s: dict) -> list[str]:
     return lines
 
 
-@click.group("recipe")
+@click.group("recipe", cls=Group)
 def recipe_group():
     """Recipes: the YAML files `moepress run` takes."""
 
@@ -97,7 +97,7 @@ def _scalar(v) -> str:
     return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-@click.command("publish")
+@click.command("publish", cls=Command)
 @click.argument("artifact", type=PATH)
 @click.option("--to", "to", required=True, metavar="DIR|hf://ORG/NAME", type=TEXT,
               help="Destination directory or Hub repo.")
