@@ -171,7 +171,8 @@ def _refuse_misread_experts(s, schemes) -> None:
         refuse_unpacked_experts(s, "compressed-tensors", set(modules))
     refuse_partial_blocks(s, "compressed-tensors", modules)
     refuse_partial_input_groups(s, "compressed-tensors", modules)
-    refuse_partial_fused_blocks(s, "compressed-tensors", modules, lambda bad: fused_blocks_route(s, modules, bad))
+    refuse_partial_fused_blocks(s, "compressed-tensors", modules,
+                                lambda bad: fused_blocks_route(s, modules, bad, "compressed-tensors"))
     refuse_fp4_expert_widths(s, "compressed-tensors", modules)
 
 
@@ -333,4 +334,5 @@ EXPORTER = Exporter(
     "compressed-tensors", export_compressed_tensors, description="compressed-tensors checkpoint (float-quantized FP8, "
     "pack-quantized INT4, nvfp4- / mxfp4-pack-quantized) written through the compressed-tensors library",
     consumers="vLLM, transformers (CompressedTensors), SGLang",
+    refuse_input=lambda s: _schemes(s.path, s),
 )

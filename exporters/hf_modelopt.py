@@ -235,7 +235,8 @@ FUSED_BLOCKS_WHY = ("vLLM and TensorRT-LLM read a merged block-FP8 linear's scal
 def refuse_partial_fused_q_k_v(s, modules: dict) -> None:
     """One line for block-FP8 fused parts not in whole blocks (FUSED_BLOCKS_WHY); not DeepSeek's q_a / kv_a."""
     other = {n: m for n, m in modules.items() if not n.endswith(MLA_FUSED_A)}
-    refuse_partial_fused_blocks(s, "hf-modelopt", other, lambda bad: fused_blocks_route(s, modules, bad),
+    refuse_partial_fused_blocks(s, "hf-modelopt", other,
+                                lambda bad: fused_blocks_route(s, modules, bad, "hf-modelopt"),
                                 FUSED_BLOCKS_WHY)
 
 
@@ -319,4 +320,5 @@ EXPORTER = Exporter(
     "weight-only experts refused) from a "
     "moepress quantize output",
     consumers="TensorRT-LLM (PyTorch backend); vLLM, SGLang for FP8 / NVFP4",
+    refuse_input=lambda s: refuse_hf_modelopt(s, s.path, require_layout(s, "hf-modelopt", "fp8")["modules"]),
 )

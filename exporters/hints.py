@@ -120,20 +120,38 @@ def _fp8_block_route(modules: dict) -> str:
     return fb
 
 
-def fused_blocks_route(s: Source, modules: dict, bad: list[str]) -> str:
+def fused_blocks_route(s: Source, modules: dict, bad: list[str], refusing: str) -> str:
     """Where block-FP8 linears go that vLLM fuses with partial blocks inside (fused_moe.partial_fused_blocks),
-    which compressed-tensors refuses: hf-fp8-block, whose config gives vLLM the block size that allows them, or
-    another format for them and the linears fused with them (one --rule per parent module)."""
+    which ``refusing`` (compressed-tensors, hf-modelopt) refuses: hf-fp8-block, whose config gives vLLM the block
+    size that allows them, or another format for them and the linears fused with them (one --rule per parent
+    module), then ``refusing`` again, or compressed-tensors where the routed experts stay in a format hf-modelopt
+    refuses (block FP8: :func:`modelopt_named_experts`)."""
     fb = _fp8_block_route(modules)
     parents = sorted({re.sub(r"^.*?layers\.\d+\.", "", n).rpartition(".")[0] for n in bad})
     rules = " ".join(f"--rule '{p}.*=fp8-dynamic'" for p in parents)
-    return f"{fb}, or quantize them and the linears fused with them in another format ({rules}), then export"
+    then = "compressed-tensors" if refusing == "hf-modelopt" and modelopt_named_experts(s, modules) else refusing
+    return f"{fb}, or quantize them and the linears fused with them in another format ({rules}), then export {then}"
 
 
 def ct_route(s: Source, modules: dict) -> str:
-    """The compressed-tensors export of a quantized source, or (some routed experts left unquantized or quantized
-    unlike the rest of their layer, which it refuses) of its per-tensor FP8 re-quantize."""
-    return CT if alike_experts(s, modules) else FP8_THEN_CT
+    """The compressed-tensors export of a quantized source where compressed-tensors takes it as it is (its own
+    checks, :func:`accepts`), else of its per-tensor FP8 re-quantize (any width, no blocks): e.g. routed experts
+    left unquantized or quantized unlike the rest of their layer, block-FP8 q/k/v not whole 128-row blocks."""
+    return CT if alike_experts(s, modules) and accepts("compressed-tensors", s) else FP8_THEN_CT
+
+
+def accepts(exporter: str, s: Source) -> bool:
+    """Whether export ``exporter`` takes ``s`` as it is: its own refusals before writing (Exporter.refuse_input),
+    asked, so that a hint names no export that refuses the same source."""
+    from moepress.exporters import exporters  # the exporter modules import this one
+
+    check = exporters()[exporter].refuse_input
+    try:
+        if check is not None:
+            check(s)
+    except MoepressError:
+        return False
+    return True
 
 
 def elsewhere(s: Source) -> str:
