@@ -259,6 +259,9 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
     refuse_written_formats(recipe, formats, reg)
     refuse_modelopt_experts(recipe, family, formats)
     refuse_ct_forms(recipe, formats)
+    if "compressed-tensors" in formats and recipe.get("quantize"):
+        with recipe_keys(src, "export"):
+            refuse_ct_fused_blocks(recipe, model)
     if adapter.experts_key():
         refuse_ct_expert_groups(recipe, formats, [adapter.hidden_size, adapter.moe_intermediate_size()])
 
@@ -293,6 +296,32 @@ def refuse_ct_forms(recipe: dict, exports: list[str]) -> None:
     if f.awq and not q.get("awq_fold"):
         raise MoepressError(f"{where} keeps AWQ's pre_quant_scale, which has no compressed-tensors form; expected "
                             "quantize.awq_fold: true (AWQ folded into the norms), or int4-gptq")
+
+
+def refuse_ct_fused_blocks(recipe: dict, model: Path) -> None:
+    """compressed-tensors after a quantize that gives fused parts (q/k/v, a dense or shared gate/up) a block format
+    with a part before the last not whole 128-row blocks: the export's own check (fused_moe.partial_fused_blocks,
+    vLLM validate_fp8_block_shape) asked of the linears the quantize section (format and rules) gives a format,
+    before prune and quantize (a prune keeps every non-expert linear and its rows)."""
+    from moepress.calib.config import CalibConfig
+    from moepress.compress.quantize import QuantConfig
+    from moepress.compress.quantize.free import linear_names
+    from moepress.compress.stream import StreamedModel
+    from moepress.exporters.fused_moe import refuse_partial_fused_blocks
+    from moepress.exporters.hf_common import open_source
+    from moepress.exporters.hints import fused_blocks_route
+
+    cfg = QuantConfig.from_recipe(recipe["quantize"], CalibConfig.from_recipe(recipe["calib"]))
+    s, sm, cache = open_source(model), StreamedModel(model, prefetch=False), {}
+    a = sm.adapter
+    modules = {}
+    for i in range(a.num_layers):
+        for rel in linear_names(sm, i, cache):
+            fmt = cfg.format_of(rel, a.layer_prefix(i) + rel)
+            if fmt:
+                modules[a.layer_prefix(i) + rel] = {"format": fmt}
+    refuse_partial_fused_blocks(s, "compressed-tensors", modules,
+                                lambda bad: fused_blocks_route(s, modules, bad, "compressed-tensors"))
 
 
 def refuse_ct_expert_groups(recipe: dict, exports: list[str], widths: list[int]) -> None:
