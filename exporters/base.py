@@ -43,9 +43,6 @@ class Exporter:
     # its refusals of the source model's config.json that no prune or quantize changes (onnx: the activation),
     # called as (src, adapter, reader) by the export and by run's preflight, before any stage
     refuse_source: Callable[[object, object, object], None] | None = None
-    # its refusals of an opened source (hf_common.Source) before anything is written: what a hint asks before it
-    # names this export for that source (hints.accepts); None: not asked
-    refuse_input: Callable[[object], None] | None = None
 
     def refuse_family(self, family: str, src, where: str = "") -> None:
         """One line if it writes no ``family`` model (``where``: the option that asked, default --format)."""

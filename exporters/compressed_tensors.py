@@ -334,5 +334,4 @@ EXPORTER = Exporter(
     "compressed-tensors", export_compressed_tensors, description="compressed-tensors checkpoint (float-quantized FP8, "
     "pack-quantized INT4, nvfp4- / mxfp4-pack-quantized) written through the compressed-tensors library",
     consumers="vLLM, transformers (CompressedTensors), SGLang",
-    refuse_input=lambda s: _schemes(s.path, s),
 )

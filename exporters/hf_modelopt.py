@@ -320,5 +320,4 @@ EXPORTER = Exporter(
     "weight-only experts refused) from a "
     "moepress quantize output",
     consumers="TensorRT-LLM (PyTorch backend); vLLM, SGLang for FP8 / NVFP4",
-    refuse_input=lambda s: refuse_hf_modelopt(s, s.path, require_layout(s, "hf-modelopt", "fp8")["modules"]),
 )

@@ -14,6 +14,7 @@ from moepress.exporters.fused_moe import (
     common_groups,
     expert_widths,
     fp4_expert_widths_ok,
+    partial_fused_blocks,
     refuse_partial_blocks,
     refuse_partial_input_groups,
     routed_linears,
@@ -134,24 +135,11 @@ def fused_blocks_route(s: Source, modules: dict, bad: list[str], refusing: str) 
 
 
 def ct_route(s: Source, modules: dict) -> str:
-    """The compressed-tensors export of a quantized source where compressed-tensors takes it as it is (its own
-    checks, :func:`accepts`), else of its per-tensor FP8 re-quantize (any width, no blocks): e.g. routed experts
-    left unquantized or quantized unlike the rest of their layer, block-FP8 q/k/v not whole 128-row blocks."""
-    return CT if alike_experts(s, modules) and accepts("compressed-tensors", s) else FP8_THEN_CT
-
-
-def accepts(exporter: str, s: Source) -> bool:
-    """Whether export ``exporter`` takes ``s`` as it is: its own refusals before writing (Exporter.refuse_input),
-    asked, so that a hint names no export that refuses the same source."""
-    from moepress.exporters import exporters  # the exporter modules import this one
-
-    check = exporters()[exporter].refuse_input
-    try:
-        if check is not None:
-            check(s)
-    except MoepressError:
-        return False
-    return True
+    """The compressed-tensors export of a quantized source where compressed-tensors takes it as it is, else of its
+    per-tensor FP8 re-quantize (any width, no blocks): routed experts left unquantized or quantized unlike the rest
+    of their layer, or block-FP8 parts that vLLM fuses not whole 128-row blocks (:func:`partial_fused_blocks`), are
+    refused there (compressed_tensors.py ``_refuse_misread_experts``)."""
+    return CT if alike_experts(s, modules) and not partial_fused_blocks(s, modules) else FP8_THEN_CT
 
 
 def elsewhere(s: Source) -> str:

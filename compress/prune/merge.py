@@ -268,12 +268,12 @@ def encode_like(reader, base: str, w: torch.Tensor, names) -> tuple[dict[str, to
     return out, fmt.name
 
 
-
 def _block_scale_as_stored(fmt, t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """A block-FP8 scale in the stored one's layout: the fp8-block quantizer gives Model-Optimizer's 4-D
     [ceil(out/128), 1, ceil(in/128), 1], DeepSeek's ``weight_scale_inv`` (and a quantize output written before
     the quantizer did) is the 2-D grid of the same values (compress/quant/fp8.py ``block_grid``)."""
     return fp8.block_grid(t) if fmt.scale == "block" and ref.dim() == 2 else t
+
 
 def encode_ct_int4(reader, base: str, w: torch.Tensor, stored: list[str]) -> dict[str, torch.Tensor]:
     """``w`` as compressed-tensors ``pack-quantized`` symmetric INT4 with the input's group count and scale
