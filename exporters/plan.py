@@ -1,31 +1,30 @@
 """Deployment planner: does MODEL in FORMAT fit TARGET, on how many GPUs, split how.
 
-Bytes per GPU, from the model's structure (exporters/shape.py: layer modules built on the meta
-device, so a config-only directory is enough and a pruned checkpoint's smaller expert count is
-used as is):
+Bytes per GPU, from the model's structure (exporters/shape.py: layer modules built on the meta device, so a
+config-only directory is enough and a pruned checkpoint's smaller expert count is used as is):
 
-- every ``nn.Linear`` of a decoder layer is stored in FORMAT, as ``moepress quantize`` writes it:
-  the bytes of one [out, in] weight and its scales are the format's ``stored_bytes`` (one module
-  per format in compress/formats/, which says what each stores; e.g. NVFP4: 0.5 B + an E4M3 scale
-  per 16 values + F32 global scales, modelopt's NVFP4 layout).
+- every ``nn.Linear`` of a decoder layer is stored in FORMAT, as ``moepress quantize`` writes it: the bytes of one
+  [out, in] weight and its scales are the format's ``stored_bytes`` (one module per format in compress/formats/, which
+  says what each stores; e.g. NVFP4: 0.5 B + an E4M3 scale per 16 values + F32 global scales, modelopt's NVFP4
+  layout).
 - embeddings, lm_head, norms, routers (and the correction bias) stay bf16.
-- split: attention, dense MLPs and shared experts by TP, k_proj / v_proj by whole KV heads (:func:`kv_proj_per_gpu`:
-  replicated when TP exceeds the KV heads); routed experts by EP (E/EP experts per
-  rank, then by moe_tp = TP/EP: TensorRT-LLM's mapping has moe_tp_size * moe_ep_size = tp_size,
-  tensorrt_llm/mapping.py); embeddings and lm_head vocab-parallel by TP; norms, routers and MLA's
-  down-projections (q_a_proj, kv_a_proj_with_mqa) replicated. A split whose rank share cuts a block or
-  group of the format (Format.split_unit) is refused for routed experts and noted for dense / shared MLPs.
-- KV cache for max_batch x max_seq_len tokens: MLA caches kv_lora_rank + qk_rope_head_dim values
-  per token per layer (the compressed latent, shared by all heads, so every TP rank holds it);
-  GQA caches 2 x kv_heads x head_dim, kv heads split by TP (at least one per rank).
-- activations / workspace: max_num_tokens x hidden x (4 + 2 top_k) x 2 B (residual, norm, attention
-  in/out, and the MoE dispatch holding top_k copies of each token in and out); and 10% of the
-  GPU's memory is left to CUDA context, NCCL and cuBLAS workspaces (TensorRT-LLM's KV-cache
-  manager takes 90% of the free memory by default: KvCacheConfig.free_gpu_memory_fraction).
-- ``runtime="onnx"`` (a TensorRT engine built from the ONNX export, exporters/onnx_export.py): no
-  KV cache (every call runs the whole sequence), one GPU, and the MoE computed densely over all
-  experts, so activations are max_batch x max_seq_len tokens x (E x moe_intermediate x 3 + hidden
-  x 6) float32 values (gate, up, their product per expert; residual stream and attention).
+- split: attention, dense MLPs and shared experts by TP, k_proj / v_proj by whole KV heads (replicated when TP
+  exceeds them: ModelShape.kv_bytes_per_rank); routed experts by EP (E/EP experts per rank, then by moe_tp = TP/EP:
+  TensorRT-LLM's mapping has moe_tp_size * moe_ep_size = tp_size, tensorrt_llm/mapping.py); embeddings and lm_head
+  vocab-parallel by TP; norms, routers and MLA's down-projections (q_a_proj, kv_a_proj_with_mqa) replicated. A
+  split whose rank share cuts a block or group of the format (Format.split_unit) is refused for routed experts and
+  noted for dense / shared MLPs.
+- KV cache for max_batch x max_seq_len tokens: MLA caches kv_lora_rank + qk_rope_head_dim values per token per layer
+  (the compressed latent, shared by all heads, so every TP rank holds it); GQA caches 2 x kv_heads x head_dim, kv
+  heads split by TP (at least one per rank).
+- activations / workspace: max_num_tokens x hidden x (4 + 2 top_k) x 2 B (residual, norm, attention in/out, and
+  the MoE dispatch holding top_k copies of each token in and out); and 10% of the GPU's memory is left to CUDA
+  context, NCCL and cuBLAS workspaces (TensorRT-LLM's KV-cache manager takes 90% of the free memory by default:
+  KvCacheConfig.free_gpu_memory_fraction).
+- ``runtime="onnx"`` (a TensorRT engine built from the ONNX export, exporters/onnx_export.py): no KV cache (every
+  call runs the whole sequence), one GPU, and the MoE computed densely over all experts, so activations are
+  max_batch x max_seq_len tokens x (E x moe_intermediate x 3 + hidden x 6) float32 values (gate, up, their product
+  per expert; residual stream and attention).
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from moepress.exporters.ct_layout import ct_matcher, is_ct
 from moepress.exporters.kernel_widths import fp4_widths_ok
 from moepress.exporters.kv_cache import KV_CACHE
 from moepress.exporters.runtime_formats import check_runtime_format, refuse_stored_formats, trtllm_experts_problem
-from moepress.exporters.shape import ModelShape, linear_bytes, model_shape
+from moepress.exporters.shape import ModelShape, model_shape
 from moepress.exporters.targets import PRODUCED, TARGETS, UNQUANTIZED, Target, get_target, pick_format
 
 RESERVE_FRACTION = 0.10
@@ -86,15 +85,13 @@ def per_gpu_bytes(shape: ModelShape, fmt: str, tp: int, ep: int, max_batch: int,
     b = shape.bytes_by_kind(fmt)
     moe_tp = tp // ep
     routed_per_expert = b["routed"] / shape.num_experts if shape.num_experts else 0.0
-    weights = ((b["attn"] + b["dense"] + b["shared"] + b["embed"]) / tp + kv_proj_per_gpu(shape, fmt, tp)
+    weights = ((b["attn"] + b["dense"] + b["shared"] + b["embed"]) / tp + shape.kv_bytes_per_rank(fmt, tp)
                + routed_per_expert * (shape.num_experts // ep) / moe_tp + b["other"] + b["replicated"])
     if runtime == "trtllm-engine":  # trtllm_ckpt writes the vocab embedding whole on every rank
         weights += 2.0 * shape.vocab_size * shape.hidden_size * (1 - 1 / tp)  # (use_parallel_embedding false)
     tokens = max_batch * max_seq_len
-    # GQA: heads split by TP, at least one per rank, as kv_proj_per_gpu's weights (vLLM 0.33.0 config/model.py
-    # get_num_kv_heads max(1, kv // tp); TensorRT-LLM d2a5560a _torch/pyexecutor/resource_manager.py KVCacheManager
-    # num_kv_heads_per_layer (kv + tp - 1) // tp)
-    if shape.kv_heads:
+    if shape.kv_heads:  # GQA: heads by TP, at least one per rank (vLLM 0.33.0 config/model.py get_num_kv_heads
+        # max(1, kv // tp); TensorRT-LLM d2a5560a _torch/pyexecutor/resource_manager.py (kv + tp - 1) // tp)
         per_tok = shape.kv_per_token_layer * math.ceil(shape.kv_heads / tp) / shape.kv_heads
     else:  # MLA latent: every rank holds it
         per_tok = shape.kv_per_token_layer
@@ -108,21 +105,6 @@ def per_gpu_bytes(shape: ModelShape, fmt: str, tp: int, ep: int, max_batch: int,
     d = {k: int(math.ceil(v)) for k, v in d.items()}
     d["total"] = sum(d.values())
     return d
-
-
-def kv_proj_per_gpu(shape: ModelShape, fmt: str, tp: int) -> float:
-    """Bytes of k_proj / v_proj (kind ``kv``) and their scales one TP rank holds: the rows of ceil(kv_heads / tp)
-    whole KV heads with their scales (per-tensor scalars whole on every rank), so with fewer KV heads than ranks each
-    rank holds one head (replicas). vLLM 0.33.0 (read at 0036d38d) model_executor/layers/linear.py QKVParallelLinear:
-    num_kv_heads 1 and num_kv_head_replicas tp / kv_heads, weight_loader takes head tp_rank // replicas, block scales
-    by adjust_block_scale_shard, a PerTensorScaleParameter per q / k / v. NVIDIA/TensorRT-LLM 00547a25
-    _torch/modules/attention.py: num_key_value_heads (kv + tp - 1) // tp, qkv_proj 2 * tp * kv_size rows split by TP,
-    after 088aa36b _torch/models/checkpoints/hf/weight_mapper.py _duplicate_kv_weights repeats each head tp / kv."""
-    if not shape.kv_heads:
-        return 0.0
-    heads = -(-shape.kv_heads // tp)
-    return sum(c * linear_bytes(o // shape.kv_heads * heads, i, f, shape.int4_group)
-               for k, o, i, f, c in shape.rows(fmt) if k == "kv")
 
 
 def _default_ep(num_experts: int, gpus: int) -> int:

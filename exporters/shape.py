@@ -113,6 +113,22 @@ class ModelShape:
         return out
 
 
+    def kv_bytes_per_rank(self, fmt: str, tp: int) -> float:
+        """Bytes of k_proj / v_proj (kind ``kv``) and their scales one TP rank holds: the rows of
+        ceil(kv_heads / tp) whole KV heads with their scales (per-tensor scalars whole on every rank), so with fewer
+        KV heads than ranks each rank holds one head (replicas). vLLM 0.33.0 (read at 0036d38d)
+        model_executor/layers/linear.py QKVParallelLinear: num_kv_heads 1 and num_kv_head_replicas tp / kv_heads,
+        weight_loader takes head tp_rank // replicas, block scales by adjust_block_scale_shard, a
+        PerTensorScaleParameter per q / k / v. NVIDIA/TensorRT-LLM 00547a25 _torch/modules/attention.py:
+        num_key_value_heads (kv + tp - 1) // tp, qkv_proj 2 * tp * kv_size rows split by TP, after 088aa36b
+        _torch/models/checkpoints/hf/weight_mapper.py _duplicate_kv_weights repeats each head tp / kv."""
+        if not self.kv_heads:
+            return 0.0
+        heads = -(-self.kv_heads // tp)
+        return sum(c * linear_bytes(o // self.kv_heads * heads, i, f, self.int4_group)
+                   for k, o, i, f, c in self.rows(fmt) if k == "kv")
+
+
 # MLA's down-projections, whole on every tensor-parallel rank: TensorRT-LLM _torch/modules/attention.py (class
 # MLA: kv_a_proj_with_mqa a Linear with no tensor_parallel_mode), vLLM models/deepseek_v2.py (ReplicatedLinear)
 REPLICATED = ("q_a_proj", "kv_a_proj_with_mqa")

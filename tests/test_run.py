@@ -501,7 +501,7 @@ def test_a_dangling_symlink_as_the_output_is_written_where_it_points(cli_run, tm
     """`-o LINK` to a directory not made yet: the stages create it, `moepress run` said "File exists"."""
     link, target = tmp_path / "link", tmp_path / "made" / "run"
     link.symlink_to(target)
-    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check="skip", quantize={"format": "fp8-block"},
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", quantize={"format": "fp8-block"},
                        export={"formats": ["hf-fp8-block"]})
     r = cli_run("run", rec, "-o", link)
     assert r.exit_code == 0, r.output

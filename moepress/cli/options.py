@@ -35,10 +35,10 @@ TEXT = TextType()
 
 
 class Command(click.Command):
-    """Every moepress command: a single-valued option given more than once is bad input (click keeps the last
-    value silently, so a script's ``--format fp8`` lost to an appended ``--format int4-awq``). Options of
-    several values (``multiple=True``: ``--rule``, ``--calib``, ``--option``) and eager ones (``--help``) are
-    as click has them."""
+    """Every moepress command: a single-valued option given again with another value is bad input (click keeps the
+    last value silently, so a script's ``--format fp8`` lost to an appended ``--format int4-awq``); the same value
+    again (``-q --quiet``) is taken. Options of several values (``multiple=True``: ``--rule``, ``--calib``,
+    ``--option``) and eager ones (``--help``) are as click has them."""
 
     def make_parser(self, ctx):
         once = [p for p in self.get_params(ctx) if isinstance(p, click.Option) and not p.multiple
@@ -57,7 +57,7 @@ class Command(click.Command):
             for name in dict.fromkeys(p.name for p in once):
                 given = opts.get(name)
                 if isinstance(given, list):
-                    if len(given) > 1 and not ctx.resilient_parsing:
+                    if len({repr(v) for v in given}) > 1 and not ctx.resilient_parsing:
                         raise _given_twice([p for p in once if p.name == name], given, ctx)
                     opts[name] = given[-1]
             return opts, largs, order
