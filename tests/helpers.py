@@ -137,6 +137,17 @@ def trtllm_ckpt(d, source, quant_algo="FP8", world=2, ep=2):
     return d
 
 
+def cli_quantized(out: Path, model: str, *args: str) -> Path:
+    """``moepress quantize MODEL ARGS -o OUT --quiet`` in-process (a module fixture's quantize output); OUT."""
+    from click.testing import CliRunner
+
+    from moepress.cli import cli
+
+    r = CliRunner().invoke(cli, ["quantize", model, *args, "-o", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
 def assert_one_line_error(r, *needles) -> str:
     """The bad-input contract of a CLI run (click's result): exit 2, no traceback, one line on stderr starting
     ``moepress: error:`` and naming each of ``needles``; returns that line."""

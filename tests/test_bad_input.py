@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_one_line_error, copy_checkpoint, edit_json, make_random_checkpoint
+from helpers import assert_one_line_error, cli_quantized, copy_checkpoint, edit_json, make_random_checkpoint
 from moepress import models
 
 
@@ -501,14 +501,7 @@ def test_a_bare_moepress_prints_its_help_not_an_error_line(cli_run):
 @pytest.fixture(scope="module")
 def fp8_block_deepseek(tmp_path_factory):
     """tiny-deepseek-v3 quantized to fp8-block (each test edits a copy)."""
-    from click.testing import CliRunner
-
-    from moepress.cli import cli
-
-    q = tmp_path_factory.mktemp("fp8-block") / "q"
-    r = CliRunner().invoke(cli, ["quantize", "tiny-deepseek-v3", "--format", "fp8-block", "-o", str(q), "--quiet"])
-    assert r.exit_code == 0, r.output
-    return q
+    return cli_quantized(tmp_path_factory.mktemp("fp8-block") / "q", "tiny-deepseek-v3", "--format", "fp8-block")
 
 
 def _edited_copy(q, dst, name, edit):

@@ -10,19 +10,14 @@ import shlex
 
 import pytest
 
+from helpers import cli_quantized
+
 EXPORTS = ("hf-modelopt", "compressed-tensors", "trtllm-ckpt", "onnx", "hf-fp8-block")
 
 
 @pytest.fixture(scope="module")
 def fp8_block(tmp_path_factory):
-    from click.testing import CliRunner
-
-    from moepress.cli import cli
-
-    q = tmp_path_factory.mktemp("fb") / "q"
-    r = CliRunner().invoke(cli, ["quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-o", str(q), "--quiet"])
-    assert r.exit_code == 0, r.output
-    return q
+    return cli_quantized(tmp_path_factory.mktemp("fb") / "q", "tiny-qwen3-moe", "--format", "fp8-block")
 
 
 def _steps(hint: str) -> list[tuple[list[str] | None, str]]:
