@@ -45,6 +45,12 @@ def linear_names(sm: StreamedModel, i: int, cache: dict[tuple, list[str]] | None
     return cache[key]
 
 
+def model_linear_names(sm: StreamedModel) -> list[tuple[str, str]]:
+    """Every linear of the model as (name in its layer, full name), layer by layer (what --rule patterns match)."""
+    a, cache = sm.adapter, {}
+    return [(rel, a.layer_prefix(i) + rel) for i in range(a.num_layers) for rel in linear_names(sm, i, cache)]
+
+
 def free_plan(sm: StreamedModel, i: int, cfg: QuantConfig, cache: dict[tuple, list[str]] | None = None) -> Plan:
     """Calibration-free layer i: the groups to quantize [(format, linear names)] and every stored
     tensor of the layer in the order :func:`quantize_tensors` consumes them (the groups' weights,

@@ -32,7 +32,7 @@ from moepress.compress.formats import ct_inputs
 from moepress.compress.quant import fp8
 from moepress.compress.quantize.calibrated import quantize_layer
 from moepress.compress.quantize.config import NONE, PROGRESS, REPORT, QuantConfig
-from moepress.compress.quantize.free import FreePipeline, linear_names
+from moepress.compress.quantize.free import FreePipeline, linear_names, model_linear_names
 from moepress.compress.quantize.group import LayerResult, apply_fake_quant, refuse_non_finite
 from moepress.compress.quantize.report import (
     QuantTotals,
@@ -92,7 +92,7 @@ def check_rules(sm: StreamedModel, cfg: QuantConfig) -> None:
     if not cfg.rules and cfg.format != NONE:
         return
     a, cache = sm.adapter, {}
-    names = [(rel, a.layer_prefix(i) + rel) for i in range(a.num_layers) for rel in linear_names(sm, i, cache)]
+    names = model_linear_names(sm)
     for pat, fmt in cfg.rules:
         if not any(fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(full, pat) for rel, full in names):
             layer = a.moe_layers()[0] if a.moe_layers() else 0

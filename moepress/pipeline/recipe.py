@@ -305,21 +305,16 @@ def refuse_ct_fused_blocks(recipe: dict, model: Path) -> None:
     before prune and quantize (a prune keeps every non-expert linear and its rows)."""
     from moepress.calib.config import CalibConfig
     from moepress.compress.quantize import QuantConfig
-    from moepress.compress.quantize.free import linear_names
+    from moepress.compress.quantize.free import model_linear_names
     from moepress.compress.stream import StreamedModel
     from moepress.exporters.fused_moe import refuse_partial_fused_blocks
     from moepress.exporters.hf_common import open_source
     from moepress.exporters.hints import fused_blocks_route
 
     cfg = QuantConfig.from_recipe(recipe["quantize"], CalibConfig.from_recipe(recipe["calib"]))
-    s, sm, cache = open_source(model), StreamedModel(model, prefetch=False), {}
-    a = sm.adapter
-    modules = {}
-    for i in range(a.num_layers):
-        for rel in linear_names(sm, i, cache):
-            fmt = cfg.format_of(rel, a.layer_prefix(i) + rel)
-            if fmt:
-                modules[a.layer_prefix(i) + rel] = {"format": fmt}
+    s = open_source(model)
+    given = {full: cfg.format_of(rel, full) for rel, full in model_linear_names(StreamedModel(model, prefetch=False))}
+    modules = {full: {"format": fmt} for full, fmt in given.items() if fmt}
     refuse_partial_fused_blocks(s, "compressed-tensors", modules,
                                 lambda bad: fused_blocks_route(s, modules, bad, "compressed-tensors"))
 
