@@ -26,9 +26,42 @@ import torch
 import torch.utils._device as _devmod
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 
 aten = torch.ops.aten
+
+
+def _leaves(x, out=None) -> list:
+    """Every leaf of nested tuples / lists / dicts (torch's pytree, without its per-node registry lookups: this
+    runs on every op of an emulated run, and the pytree calls were a quarter of its time)."""
+    out = [] if out is None else out
+    if isinstance(x, (tuple, list)):
+        for v in x:
+            _leaves(v, out)
+    elif isinstance(x, dict):
+        for v in x.values():
+            _leaves(v, out)
+    else:
+        out.append(x)
+    return out
+
+
+def tree_flatten(x):
+    return _leaves(x), None
+
+
+def tree_map(fn, x):
+    """``fn`` on every leaf, the containers rebuilt (named tuples and torch.return_types by their own type)."""
+    t = type(x)
+    if t is tuple or t is list:
+        return t(tree_map(fn, v) for v in x)
+    if t is dict:
+        return {k: tree_map(fn, v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        items = [tree_map(fn, v) for v in x]
+        return t(*items) if hasattr(x, "_fields") else t(items)
+    if isinstance(x, (list, dict)):
+        raise TypeError(f"vcuda: unexpected container {t}")
+    return fn(x)
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
 SYNCS: collections.Counter = collections.Counter()
