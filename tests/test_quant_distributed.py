@@ -15,18 +15,28 @@ def _digests(d):
             if p.suffix == ".safetensors" or p.name in ("moepress_quant.json", "hf_quant_config.json", "config.json")}
 
 
+@pytest.fixture
+def one_thread():
+    """torchrun gives each worker OMP_NUM_THREADS=1: a reference computed in this process uses one thread too,
+    so every per-batch number is computed by the same kernels."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.slow
-def test_two_rank_gloo_quantize_is_byte_identical_to_one_process(tmp_path):
+def test_two_rank_gloo_quantize_is_byte_identical_to_one_process(tmp_path, cli_run, monkeypatch, one_thread):
     # DeepSeek family (sigmoid routing, shared experts) and GPTQ: Hessians, expert routing and AWQ-free
     # INT4 all depend on every rank's calibration tokens
     args = ["quantize", str(models.path("tiny-deepseek-v3")), "--format", "int4-gptq", "--num-samples", "12",
             "--seq-len", "64", "--quiet"]
-    # torchrun gives each worker OMP_NUM_THREADS=1; the single-process reference uses one thread too,
-    # so every per-batch number is computed by the same kernels
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEPRESS_CACHE": str(tmp_path / "cache")}
-    one = subprocess.run([sys.executable, "-m", "moepress", *args, "-o", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+    monkeypatch.setenv("MOEPRESS_CACHE", env["MOEPRESS_CACHE"])
+    one = cli_run(*args, "-o", tmp_path / "one")  # the one-process reference, in this process
+    assert one.exit_code == 0, one.output[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "moepress", *args, "-o", str(tmp_path / "two")], env=env, capture_output=True,
                          text=True, timeout=300)
@@ -35,10 +45,10 @@ def test_two_rank_gloo_quantize_is_byte_identical_to_one_process(tmp_path):
     a, b = _digests(tmp_path / "one"), _digests(tmp_path / "two")
     assert len([n for n in a if n.endswith(".safetensors")]) >= 5
     assert a == b
-    _lost_rank_keeps_finished_layers(args, env, tmp_path, a)
+    _lost_rank_keeps_finished_layers(args, env, tmp_path, a, cli_run)
 
 
-def _lost_rank_keeps_finished_layers(args, env, tmp_path, reference):
+def _lost_rank_keeps_finished_layers(args, env, tmp_path, reference, cli_run):
     """Rank 1 dies (kill -9) after its layer 2: rank 0's collective fails; it exits 2 with one line and
     keeps its finished layers in OUT.partial (it removed them), and --resume in one process finishes
     the same bytes as the uninterrupted run."""
@@ -66,9 +76,8 @@ def _lost_rank_keeps_finished_layers(args, env, tmp_path, reference):
     assert len(lines) == 1 and "another rank exited" in lines[0] and "--resume" in lines[0], err0[-2000:]
     partial = tmp_path / "lost.partial"
     assert not out.exists() and len(list(partial.glob("*.safetensors"))) >= 2
-    resumed = subprocess.run([sys.executable, "-m", "moepress", *args, "-o", str(out), "--resume"], env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = cli_run(*args, "-o", out, "--resume")  # in one process: this one
+    assert resumed.exit_code == 0, resumed.output[-2000:]
     assert _digests(out) == reference
 
 
@@ -111,7 +120,10 @@ def _quantize_experts(cfg, groups, env, counts):
     return res
 
 
-def _rank_main(rank, world, init_file, out, fmt):
+SPLIT_FORMATS = ["w4a8-awq", "fp8", "nvfp4"]  # fp8 / nvfp4: float8 tensors cross ranks
+
+
+def _rank_main(rank, world, init_file, out):
     import torch
     import torch.distributed as tdist
 
@@ -120,29 +132,38 @@ def _rank_main(rank, world, init_file, out, fmt):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    counts: list = []
-    cfg, groups = _expert_groups(fmt)
-    res = _quantize_experts(cfg, groups, dist.current(), counts)
-    torch.save({"tensors": res.tensors, "alpha": res.awq_alpha, "counts": counts}, f"{out}/rank{rank}.pt")
+    for fmt in SPLIT_FORMATS:  # one pair of processes for every format (each start imports torch and moepress)
+        counts: list = []
+        cfg, groups = _expert_groups(fmt)
+        res = _quantize_experts(cfg, groups, dist.current(), counts)
+        torch.save({"tensors": res.tensors, "alpha": res.awq_alpha, "counts": counts}, f"{out}/{fmt}-rank{rank}.pt")
     tdist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def split_ranks(tmp_path_factory):
+    """Two gloo ranks, each quantizing its share of every format's expert groups: the directory of their results."""
+    import torch.multiprocessing as mp
+
+    d = tmp_path_factory.mktemp("split")
+    mp.spawn(_rank_main, args=(2, str(d / "init"), str(d)), nprocs=2, join=True)
+    return d
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["w4a8-awq", "fp8", "nvfp4"])  # fp8 / nvfp4: float8 tensors cross ranks
-def test_two_rank_expert_split_is_identical_to_one_process(tmp_path, fmt):
+@pytest.mark.parametrize("fmt", SPLIT_FORMATS)
+def test_two_rank_expert_split_is_identical_to_one_process(split_ranks, fmt):
     """Each gloo rank quantizes its share of a layer's expert groups (AWQ search + GPTQ batched);
     every rank ends with the one-process result, bit for bit."""
     import torch
-    import torch.multiprocessing as mp
 
     from moepress.calib.distributed import DistEnv
 
     cfg, groups = _expert_groups(fmt)
     one_counts: list = []
     one = _quantize_experts(cfg, groups, DistEnv(), one_counts)
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), fmt), nprocs=2, join=True)
     for r in range(2):
-        got = torch.load(tmp_path / f"rank{r}.pt")
+        got = torch.load(split_ranks / f"{fmt}-rank{r}.pt")
         assert list(got["tensors"]) == list(one.tensors) and len(one.tensors) >= 3 * 7
         assert all(torch.equal(v, got["tensors"][k]) for k, v in one.tensors.items())
         assert got["alpha"] == one.awq_alpha
@@ -222,27 +243,29 @@ def _ranks(args_of, env, timeout=120):
     raise AssertionError("no free port")
 
 
-@pytest.mark.parametrize("cmd,differs,needle", [
-    # another seed: rank 1's calibration statistics went into rank 0's output without a word (exit 0)
-    (["quantize", "tiny-qwen3-moe", "--format", "fp8", "--num-samples", "4", "--seq-len", "32"], ["--seed", "1"],
-     "seed 0 on rank 0, 1 on rank 1"),
-    # --resume on one rank only: its output check passed there alone, the other rank refused
-    (["quantize", "tiny-qwen3-moe", "--format", "fp8", "--num-samples", "4", "--seq-len", "32"], ["--resume"],
-     "resume False on rank 0, True on rank 1"),
+@pytest.mark.parametrize("cmd,differs,needles", [
+    # one pair of ranks for two refusals (the line names up to three differing options):
+    # another seed: rank 1's calibration statistics went into rank 0's output without a word (exit 0);
     # a rule refused on one rank only (it names no linear): that rank exited, the other waited in the group's start
-    (["quantize", "tiny-qwen3-moe", "--format", "fp8"], ["--rule", "nothing.*=none"],
-     "rules () on rank 0, (('nothing.*', 'none'),) on rank 1"),
+    (["quantize", "tiny-qwen3-moe", "--format", "fp8", "--num-samples", "4", "--seq-len", "32"],
+     ["--seed", "1", "--rule", "nothing.*=none"],
+     ["rules () on rank 0, (('nothing.*', 'none'),) on rank 1", "seed 0 on rank 0, 1 on rank 1"]),
+    # --resume on one rank only: its output check passed there alone, the other rank refused (compared before
+    # the quantization settings are: a case of its own)
+    (["quantize", "tiny-qwen3-moe", "--format", "fp8", "--num-samples", "4", "--seq-len", "32"], ["--resume"],
+     ["resume False on rank 0, True on rank 1"]),
     (["calib", "stats", "tiny-qwen3-moe", "--num-samples", "4", "--seq-len", "32"], ["--seed", "1"],
-     "seed 0 on rank 0, 1 on rank 1"),
+     ["seed 0 on rank 0, 1 on rank 1"]),
 ])
-def test_ranks_started_with_different_options_refuse_in_one_line(tmp_path, cmd, differs, needle):
+def test_ranks_started_with_different_options_refuse_in_one_line(tmp_path, cmd, differs, needles):
     """(Another --kv-cache on one rank hung: the same check, before any collective, refuses it.)"""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEPRESS_CACHE": str(tmp_path / "cache")}
     res = _ranks(lambda r: [*cmd, "-o", str(tmp_path / "out"), "--quiet", *(differs if r else [])], env)
     for code, err in res:
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1, err[-2000:]
-        assert "torchrun ranks were started with different options" in lines[0] and needle in lines[0], lines[0]
+        assert "torchrun ranks were started with different options" in lines[0], lines[0]
+        assert all(n in lines[0] for n in needles), lines[0]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.partial*"))
 
 
