@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from typing import TextIO
 
 # MOEPRESS_KILL_AT=STAGE:N[:SIGNAME] sends SIGKILL (or SIGNAME) to this process when STAGE finishes step N
-# (tests only).
-_KILL_AT, _, _KILL_SIG = os.environ.get("MOEPRESS_KILL_AT", "").partition(":SIG")
+# (tests only). Read at each step, not at import: the tests fork processes from one that imported moepress.
+KILL_AT = "MOEPRESS_KILL_AT"
 
 
 def _fmt_s(s: float) -> str:
@@ -40,9 +40,10 @@ class Task:
 
     def advance(self, n: int = 1, note: str = "") -> None:
         self.done += n
-        if _KILL_AT and _KILL_AT == f"{self.stage}:{self.done}":
+        at, _, sig = os.environ.get(KILL_AT, "").partition(":SIG")
+        if at and at == f"{self.stage}:{self.done}":
             # fault injection for resume tests: die like `kill -9` right after this step
-            os.kill(os.getpid(), getattr(signal, "SIG" + _KILL_SIG) if _KILL_SIG else signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, "SIG" + sig) if sig else signal.SIGKILL)
         el = time.monotonic() - self.t0
         eta = self.eta()
         if self.r.mode == "json":

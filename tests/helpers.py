@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+import forkserver
 
 TINY = {
     "qwen3_moe": dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
@@ -104,7 +105,7 @@ def transformers_logits(jobs: list[tuple[Path, torch.Tensor]], work: Path) -> li
         spec.append([str(d), str(work / f"ids{k}.pt"), str(work / f"out{k}.pt")])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
-    p = subprocess.run([sys.executable, "-c", TF_LOADER, json.dumps(spec)], cwd=work, env=env,
+    p = forkserver.run([sys.executable, "-c", TF_LOADER, json.dumps(spec)], cwd=work, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return [torch.load(o) for _, _, o in spec]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 
@@ -24,6 +23,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import forkserver
 import moepress.compress.quantize.config as qconfig
 from moepress import models
 from moepress.calib.distributed import DistEnv
@@ -144,7 +144,7 @@ def exported(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
     dirs = [str(e) for _, e in out.values()]
-    p = subprocess.run([sys.executable, "-c", LOADER, json.dumps(dirs), str(base / "ids.pt"), str(base / "lg.pt")],
+    p = forkserver.run([sys.executable, "-c", LOADER, json.dumps(dirs), str(base / "ids.pt"), str(base / "lg.pt")],
                        cwd=base, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return out, torch.load(base / "lg.pt")

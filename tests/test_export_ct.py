@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -33,6 +32,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import forkserver
 from helpers import declared_for_installed_transformers
 from moepress import models
 from moepress.compress.checkpoint import CheckpointReader
@@ -95,7 +95,7 @@ def ct(tmp_path_factory):
     # INT4 is weight-only: the default load equals the dequantized one; load it once
     jobs = [(str(e), ["dequantize", "default"] if fmt in FP8 else ["dequantize"])
             for (_, fmt), (_, e, _) in out.items()]
-    p = subprocess.run([sys.executable, "-c", LOADER, json.dumps(jobs), str(base / "ids.pt"), str(base / "logits.pt")],
+    p = forkserver.run([sys.executable, "-c", LOADER, json.dumps(jobs), str(base / "ids.pt"), str(base / "logits.pt")],
                        cwd=base, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return out, torch.load(base / "logits.pt")
@@ -221,7 +221,7 @@ def test_tied_lm_head_is_ignored_and_loads(tmp_path):
     torch.save(ids, tmp_path / "ids.pt")
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
     args = [json.dumps([(str(e), ["default"])]), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")]
-    p = subprocess.run([sys.executable, "-c", LOADER, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+    p = forkserver.run([sys.executable, "-c", LOADER, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     got = torch.load(tmp_path / "logits.pt")[f"{e}|default"]
@@ -262,7 +262,7 @@ def test_block_fp8_inputs_that_are_not_whole_groups_of_128_are_refused(tmp_path,
     export(q, tmp_path / "written", ExportConfig(format="compressed-tensors"))
     torch.save(IDS, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    p = subprocess.run([sys.executable, "-c", LOADER, json.dumps([[str(tmp_path / "written"), ["default"]]]),
+    p = forkserver.run([sys.executable, "-c", LOADER, json.dumps([[str(tmp_path / "written"), ["default"]]]),
                         str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
                        cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     last = p.stderr.strip().splitlines()[-1]  # 0.20.1: "unflatten: ... [1, 128] ..."; 0.15: "size of tensor a (192)"
@@ -273,7 +273,7 @@ def _load_without_moepress(tmp_path, *dirs):
     torch.save(IDS, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     jobs = json.dumps([[str(d), ["default"]] for d in dirs])
-    return subprocess.run([sys.executable, "-c", LOADER, jobs, str(tmp_path / "ids.pt"),
+    return forkserver.run([sys.executable, "-c", LOADER, jobs, str(tmp_path / "ids.pt"),
                            str(tmp_path / "logits.pt")], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=600)
 
@@ -316,7 +316,7 @@ def test_static_fp8_expert_input_scales_transformers_drops_are_noted(tmp_path, c
             "m = M.from_pretrained(sys.argv[1], dtype=torch.float32); "
             "print(sorted({n.split('.')[3] for n, _ in m.named_parameters() if n.endswith('input_scale')}))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    p = subprocess.run([sys.executable, "-c", code, str(ct)], env=env, capture_output=True, text=True, timeout=600)
+    p = forkserver.run([sys.executable, "-c", code, str(ct)], env=env, capture_output=True, text=True, timeout=600)
     assert p.stdout.split("\n")[-2] == "['self_attn']", p.stdout + p.stderr[-2000:]  # no expert keeps input_scale
     stored = json.loads((ct / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.0.mlp.experts.0.down_proj.input_scale" in stored  # written, then not loaded

@@ -32,6 +32,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import forkserver
 from moepress import models
 from moepress.calib.data import calibration_batches
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
@@ -79,7 +80,7 @@ def both(tmp_path_factory):
     batches = calibration_batches(src, (), 4, 64, 0, 4)
     torch.save(batches, base / "batches.pt")
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-c", MODELOPT, str(src), str(base / "batches.pt"), str(base / "modelopt")],
+    p = forkserver.Popen([sys.executable, "-c", MODELOPT, str(src), str(base / "batches.pt"), str(base / "modelopt")],
                          cwd=base, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     q = base / "q"
     quantize_checkpoint(src, q, QuantConfig(format="fp8", sequential=False, kv_cache="fp8"), batches=batches)

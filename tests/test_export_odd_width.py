@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -37,6 +36,7 @@ from click.testing import CliRunner
 from test_export_trtllm import expected_layout, load_rank
 from tokenizers import Tokenizer
 
+import forkserver
 from moepress import models
 from moepress.cli import cli
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
@@ -232,7 +232,7 @@ def results(tmp_path_factory):
     jobs.append(["fp8-kernel-path", "fp8-kernel-path", str(base / "x-bf16-hf-fp8-block"), None])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
-    p = subprocess.run([sys.executable, "-c", CONSUMER, json.dumps(jobs), str(base / "ids.pt"), str(base / "c.json")],
+    p = forkserver.run([sys.executable, "-c", CONSUMER, json.dumps(jobs), str(base / "ids.pt"), str(base / "c.json")],
                        cwd=base, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return exports, json.loads((base / "c.json").read_text()), ours

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import forkserver
 from moepress import models
 from moepress.compress import formats
 from moepress.compress.checkpoint import CheckpointReader
@@ -242,7 +242,7 @@ def staged(tmp_path_factory):
     torch.save(IDS, base / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
     dirs = [str(KIMI), str(out["pruned"]), str(out["ct"]), str(MXFP4), str(out["mx-pruned"])]
-    p = subprocess.run([sys.executable, "-c", LOADER, json.dumps(dirs), str(base / "ids.pt"), str(base / "l.pt")],
+    p = forkserver.run([sys.executable, "-c", LOADER, json.dumps(dirs), str(base / "ids.pt"), str(base / "l.pt")],
                        cwd=base, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return out, torch.load(base / "l.pt")

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+import forkserver
 from helpers import CT_LOADER
 from moepress import models
 from moepress.compress.checkpoint import CheckpointReader
@@ -84,7 +84,7 @@ def test_transformers_loads_the_compressed_tensors_export(quantized, tmp_path):
     torch.save(IDS, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
-    p = subprocess.run([sys.executable, "-c", CT_LOADER, str(quantized["ct"]), str(tmp_path / "ids.pt"),
+    p = forkserver.run([sys.executable, "-c", CT_LOADER, str(quantized["ct"]), str(tmp_path / "ids.pt"),
                         str(tmp_path / "out.pt")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 import warnings
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import forkserver
 from helpers import CT_LOADER, declared_for_installed_transformers, salient_inputs
 from moepress import models
 from moepress.compress.checkpoint import CheckpointReader
@@ -202,7 +202,7 @@ def loaded(quantized, tmp_path_factory):
     torch.save(IDS, base / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
-    p = subprocess.run([sys.executable, "-c", CT_LOADER, str(quantized["compressed-tensors"]), str(base / "ids.pt"),
+    p = forkserver.run([sys.executable, "-c", CT_LOADER, str(quantized["compressed-tensors"]), str(base / "ids.pt"),
                         str(base / "out.pt")], cwd=base, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return torch.load(base / "out.pt")

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import forkserver
 from moepress import models
 
 
@@ -59,7 +60,7 @@ def _lost_rank_keeps_finished_layers(args, env, tmp_path, reference, cli_run):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        ranks = [subprocess.Popen([sys.executable, "-m", "moepress", *args, "-o", str(out)], text=True,
+        ranks = [forkserver.Popen([sys.executable, "-m", "moepress", *args, "-o", str(out)], text=True,
                                   stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
                                   stderr=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
                                   env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
@@ -229,7 +230,7 @@ def _ranks(args_of, env, timeout=120):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        ranks = [subprocess.Popen([sys.executable, "-m", "moepress", *args_of(r)], text=True, stdout=subprocess.PIPE,
+        ranks = [forkserver.Popen([sys.executable, "-m", "moepress", *args_of(r)], text=True, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE,
                                   env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
