@@ -251,3 +251,27 @@ def run(argv, *, env=None, cwd=None, timeout=None, text=False, input=None, captu
     if check:
         res.check_returncode()
     return res
+
+
+SPAWN = """
+import importlib, sys
+sys.path.insert(0, sys.argv[1])
+fn = getattr(importlib.import_module(sys.argv[2]), sys.argv[3])
+fn(int(sys.argv[4]), *__import__("json").loads(sys.argv[5]))
+"""
+
+
+def spawn(fn, args: tuple, nprocs: int, timeout: float = 600) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)``: ``fn(i, *args)`` in ``nprocs`` forked processes at once
+    (``fn`` a module-level function, ``args`` JSON values); raises with a failed process's stderr."""
+    where = str(Path(sys.modules[fn.__module__].__file__).parent)
+    procs = [Popen([sys.executable, "-c", SPAWN, where, fn.__module__, fn.__name__, str(i), json.dumps(list(args))],
+                   text=True) for i in range(nprocs)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
+        if p.returncode != 0:
+            raise RuntimeError(f"process {i} of {nprocs} exited {p.returncode}: {err[-3000:]}")

@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+import forkserver
+
 E, K = 5, 2
 
 
@@ -49,11 +51,10 @@ def _worker(rank, world, init_file, out):
 
 @pytest.mark.slow
 def test_all_reduce_routing_sums_every_field_and_absmax_keeps_every_name(tmp_path):
-    import torch.multiprocessing as mp
 
     from moepress.calib.observers import LayerRouting
 
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    forkserver.spawn(_worker, (2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     (a, am), (b, bm) = _rank_stats(0), _rank_stats(1)
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt")

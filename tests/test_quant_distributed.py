@@ -144,10 +144,9 @@ def _rank_main(rank, world, init_file, out):
 @pytest.fixture(scope="module")
 def split_ranks(tmp_path_factory):
     """Two gloo ranks, each quantizing its share of every format's expert groups: the directory of their results."""
-    import torch.multiprocessing as mp
 
     d = tmp_path_factory.mktemp("split")
-    mp.spawn(_rank_main, args=(2, str(d / "init"), str(d)), nprocs=2, join=True)
+    forkserver.spawn(_rank_main, (2, str(d / "init"), str(d)), nprocs=2)
     return d
 
 
