@@ -180,11 +180,11 @@ class _Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _server(argv: list[str]) -> _Server:
+def _server(argv: list[str], moepress: bool) -> _Server:
     if len(argv) < 3 or argv[0] != sys.executable or argv[1] not in ("-c", "-m") or \
             (argv[1] == "-m" and argv[2] != "moepress"):
         raise ValueError(f"forkserver runs `python -c CODE ...` and `python -m moepress ...`, not {argv[:3]}")
-    kind = "moepress" if argv[1] == "-m" else "plain"
+    kind = "moepress" if moepress or argv[1] == "-m" else "plain"
     if kind not in _servers:
         _servers[kind] = _Server(kind)
     return _servers[kind]
@@ -197,13 +197,15 @@ def _close_all() -> None:
 
 
 class Popen:
-    """The part of ``subprocess.Popen`` the tests use; stdout / stderr are read when the process has ended."""
+    """The part of ``subprocess.Popen`` the tests use; stdout / stderr are read when the process has ended, or
+    followed as written (``follow``). ``moepress=True``: a ``-c`` script forked from the server that imported
+    moepress (a script that imports it anyway)."""
 
     def __init__(self, argv, *, env=None, cwd=None, text=False, input=None, start_new_session=False, stderr=None,
-                 **_ignored):
+                 moepress=False, **_ignored):
         argv = [str(a) for a in argv]
         self.args, self.text, self.returncode = argv, text, None
-        self._srv = _server(argv)
+        self._srv = _server(argv, moepress)
         data = input.encode() if isinstance(input, str) else input
         self._id, self.pid, self._dir = self._srv.start(argv[1:], os.environ if env is None else env, cwd, data,
                                                         start_new_session, stderr == subprocess.STDOUT)
@@ -224,6 +226,24 @@ class Popen:
         data = (self._dir / name).read_bytes()
         return data.decode(errors="replace") if self.text else data
 
+    def follow(self, name: str = "err", poll: float = 0.02):
+        """The lines of the child's stderr ("err") or stdout ("out") as it writes them, until it has ended."""
+        with open(self._dir / name, errors="replace") as f:
+            part = ""
+            while True:
+                chunk = f.readline()
+                if chunk:
+                    part += chunk
+                    if part.endswith("\n"):
+                        yield part
+                        part = ""
+                elif self.poll() is not None:
+                    rest = part + f.read()
+                    yield from rest.splitlines(keepends=True)
+                    return
+                else:
+                    time.sleep(poll)
+
     def communicate(self, input=None, timeout: float | None = None):
         self.wait(timeout)
         return self._read("out"), self._read("err")
@@ -239,10 +259,10 @@ class Popen:
         self.send_signal(signal.SIGKILL)
 
 
-def run(argv, *, env=None, cwd=None, timeout=None, text=False, input=None, capture_output=True,
-        check=False) -> subprocess.CompletedProcess:
+def run(argv, *, env=None, cwd=None, timeout=None, text=False, input=None, capture_output=True, check=False,
+        moepress=False) -> subprocess.CompletedProcess:
     """``subprocess.run(argv, capture_output=True, ...)`` in a forked child (a timeout kills it and raises)."""
-    p = Popen(argv, env=env, cwd=cwd, text=text, input=input)
+    p = Popen(argv, env=env, cwd=cwd, text=text, input=input, moepress=moepress)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -268,7 +288,7 @@ def spawn(fn, args: tuple, nprocs: int, timeout: float = 600) -> None:
     (``fn`` a module-level function, ``args`` JSON values); raises with a failed process's stderr."""
     where = str(Path(sys.modules[fn.__module__].__file__).parent)
     procs = [Popen([sys.executable, "-c", SPAWN, where, fn.__module__, fn.__name__, str(i), json.dumps(list(args))],
-                   text=True) for i in range(nprocs)]
+                   text=True, moepress=True) for i in range(nprocs)]
     try:
         outs = [p.communicate(timeout=timeout) for p in procs]
     finally:
