@@ -1,7 +1,7 @@
 """Peak memory of a streamed quantize is set by the largest layer, not by the layer count.
 
 The same synthetic layer shape is quantized with 2 and with 8 layers, each run in its own process
-(forked from one child after its imports: memprobe.run_probes); the peak RSS growth over the
+(tests/memprobe.py); the peak RSS growth over the
 process's baseline must (a) stay under 2x the stored (bf16) layer plus a fixed allowance for
 activations and buffers (the README's promise: "under 2 stored layers + 48 MB") and (b) not grow
 with the number of layers. Peak: the kernel's
@@ -16,7 +16,7 @@ at a time), and those slices give the same bits as the whole float32 weight.
 import pytest
 import torch
 
-from memprobe import MB, run_probe, run_probes
+from memprobe import MB, run_probe
 from moepress.compress.synthetic import write_synthetic
 
 HIDDEN, INTER, EXPERTS = 1024, 512, 24
@@ -42,26 +42,19 @@ PROBE = """
     quantize_checkpoint(model, out, cfg, batches=batches if cfg.needs_calibration else None)
     print(json.dumps({"grew": peak() - base}))
 """
-PRELOAD = """
-    import torch
-    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
-"""
-
 
 FORMATS = ["fp8-block", "fp8"]  # calibration-free and calibrated (int4-awq: same stream, bench/throughput.py)
 
 
 @pytest.fixture(scope="module")
 def grew(tmp_path_factory) -> dict[tuple[str, int], int]:
-    """Peak growth of each (format, layer count), each measured in a process of its own (forked from
-    one child after its imports: memprobe.run_probes)."""
+    """Peak growth of each (format, layer count), each measured in a process of its own."""
     tmp = tmp_path_factory.mktemp("quant-memory")
     warm = write_synthetic(WARM, tmp / "warm", seed=0)
     ckpts = {n: write_synthetic({**CONFIG, "num_hidden_layers": n}, tmp / f"synthetic-{n}", seed=0) for n in (2, 8)}
     cases = [(fmt, n) for fmt in FORMATS for n in ckpts]
-    res = run_probes(PROBE, [(ckpts[n], warm, tmp / f"out-{fmt}-{n}", fmt) for fmt, n in cases],
-                     preload=PRELOAD, timeout=900, threads=1)
-    return {case: r["grew"] for case, r in zip(cases, res, strict=True)}
+    return {(fmt, n): run_probe(PROBE, ckpts[n], warm, tmp / f"out-{fmt}-{n}", fmt, timeout=900, threads=1)["grew"]
+            for fmt, n in cases}
 
 
 FORKED = """
@@ -73,11 +66,13 @@ FORKED = """
 """
 
 
-def test_run_probes_measures_each_case_in_a_process_of_its_own():
-    """memprobe.run_probes, which the fixture above measures with: each case its own process (forked
-    from one parent) whose high-water mark counts what the case allocated after its reset only."""
-    a, b = run_probes(FORKED, [(64, 32), (0, 16)], preload="import json")
-    assert a["pid"] != b["pid"] and a["parent"] == b["parent"]
+def test_each_probe_is_a_process_of_its_own_measuring_only_what_it_allocated():
+    """memprobe.run_probe, forked from one server: each probe its own process whose high-water mark counts what
+    the probe allocated after its reset only (not the server's imports, nor what another probe held)."""
+    import os
+
+    a, b = run_probe(FORKED, 64, 32), run_probe(FORKED, 0, 16)
+    assert len({a["pid"], b["pid"], os.getpid()}) == 3 and a["parent"] == b["parent"] != os.getpid()
     assert 32 * MB <= a["grew"] < 36 * MB and 16 * MB <= b["grew"] < 20 * MB, (a["grew"] / MB, b["grew"] / MB)
 
 
