@@ -223,13 +223,16 @@ def _tree_digest(d: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_killed_quantize_resumes_at_its_layer_and_is_byte_identical(tmp_path):
+def test_killed_quantize_resumes_at_its_layer_and_is_byte_identical(cli_run, tmp_path):
+    """Only the killed run is a process of its own (kill -9); the uninterrupted reference and the resuming run are
+    in-process runs with the same one thread (conftest; the killed process gets OMP_NUM_THREADS=1), so the resumed
+    output holds layers of two processes and must still equal the reference byte for byte."""
     rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "int4-awq"})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "moepress", "run", str(rec), "--json"]
     # uninterrupted reference run
-    ref = subprocess.run(cmd + ["-o", str(tmp_path / "ref")], env=env, capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref = cli_run("run", rec, "--json", "-o", tmp_path / "ref")
+    assert ref.exit_code == 0, ref.output[-2000:]
     layers = json.loads((models.path(MODEL) / "config.json").read_text())["num_hidden_layers"]
     # killed (SIGKILL) right after the quantize stage finished layer 1, its second layer
     out = tmp_path / "run"
@@ -245,10 +248,10 @@ def test_killed_quantize_resumes_at_its_layer_and_is_byte_identical(tmp_path):
     kept = {f: (partial / f).stat() for f, _, _ in journal}
 
     # re-run: it says it resumes at layer 2, counts layers 0-1 as done and reports only layers 2.. after them
-    p = subprocess.run(cmd + ["-o", str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    r = cli_run("run", rec, "--json", "-o", out)
+    assert r.exit_code == 0, r.output[-2000:]
     assert statuses(out)["quantize"] == "resumed"
-    events = [json.loads(ln) for ln in p.stderr.splitlines() if ln.startswith("{")]
+    events = [json.loads(ln) for ln in r.stderr.splitlines() if ln.startswith("{")]
     infos = [e["message"] for e in events if e.get("event") == "info" and e["message"].startswith("quantize:")]
     assert infos == [f"quantize: resuming -> {out / 'quantize'}",
                      "quantize: resuming at layer 2 (2 finished layers kept from the killed run)"]
