@@ -355,7 +355,7 @@ def _outputs_tmpfs(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("args", [
-    ("quantize", "--format", "fp8"),
+    ("quantize", "--format", "fp8", "--num-samples", "4", "--seq-len", "32"),  # the output's size is the format's
     ("prune", "--ratio", "0.25", "--method", "frequency", "--num-samples", "2", "--seq-len", "32"),
     ("export", "--format", "hf-fp8-block"),
 ], ids=["quantize", "prune", "export"])
@@ -389,7 +389,8 @@ def test_second_writer_on_a_locked_partial_is_refused(cli_run, tmp_path):
 def test_lock_left_by_a_killed_run_is_taken_over(cli_run, tmp_path):
     (tmp_path / "O.partial").mkdir()
     (tmp_path / "O.partial.lock").write_text("")  # a killed process's lock file: no process holds it
-    r = cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8", "-o", tmp_path / "O", "--quiet")
+    r = cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8", "--num-samples", "4", "--seq-len", "32",
+                "-o", tmp_path / "O", "--quiet")  # calibrated, on little data: the lock is the point
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["O"]
 
@@ -471,7 +472,8 @@ def test_output_dot_in_an_empty_directory(cli_run, tmp_path, monkeypatch):
     here = tmp_path / "here"
     here.mkdir()
     monkeypatch.chdir(here)
-    r = cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8", "-o", ".", "--quiet")
+    r = cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8", "--num-samples", "4", "--seq-len", "32", "-o", ".",
+                "--quiet")  # calibrated, on little data: -o . is the point
     assert r.exit_code == 0, r.output
     from moepress.pipeline.runner import output_complete
 
@@ -850,19 +852,27 @@ def test_check_report_inside_the_candidate_is_refused(tmp_path, cli_run):
     assert sorted(p.name for p in cand.iterdir()) == before
 
 
-KILL_AT = textwrap.dedent("""
-    import os, sys
+# Quantize runs killed mid-write, each in a process of its own, all forked from ONE driver process that imported
+# moepress once (each new interpreter costs ~5 s of imports; the kill, the files and the lock it leaves are the
+# child's alone). argv[1] = JSON [{"args", "kill", "log"}]; prints the children's exit codes (-9: SIGKILL) as JSON.
+# kill: "after-progress" (layer 1's totals saved, its shard not yet written: os._exit(9)), "after-shard" (layer 1's
+# shard written and journaled, nothing after it: os._exit(9)) or "STAGE:N" (MOEPRESS_KILL_AT: SIGKILL after step N).
+KILLED_RUNS = textwrap.dedent("""
+    import json, os, sys, threading, traceback
+    from moepress import progress
+    from moepress.cli import main
     from moepress.compress.checkpoint import CheckpointWriter
     from moepress.compress.quantize import report
-    where, args = sys.argv[1], sys.argv[2:]
-    if where == "after-progress":  # layer 1's totals saved, its shard not yet written
+
+    def after_progress():
         save = report.QuantTotals.save
         def killing_save(self, partial):
             save(self, partial)
             if 1 in self.layers:
                 os._exit(9)
         report.QuantTotals.save = killing_save
-    else:  # layer 1's shard written and journaled, nothing after it
+
+    def after_shard():
         end = CheckpointWriter.end_shard
         def killing_end(self):
             end(self)
@@ -870,25 +880,84 @@ KILL_AT = textwrap.dedent("""
             if any(".layers.1." in n for _, names, _ in self._shards for n in names):
                 os._exit(9)
         CheckpointWriter.end_shard = killing_end
-    from moepress.cli import main
-    sys.argv = ["moepress", *args]
-    main()
+
+    codes = []
+    for job in json.loads(sys.argv[1]):
+        assert threading.active_count() == 1, threading.enumerate()  # fork only a process with no other thread
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(log, 1)
+                os.dup2(log, 2)
+                {"after-progress": after_progress, "after-shard": after_shard}.get(job["kill"], lambda: None)()
+                if ":" in job["kill"]:
+                    progress._KILL_AT, progress._KILL_SIG = job["kill"], ""
+                sys.argv = ["moepress", *job["args"]]
+                main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    print(json.dumps(codes))
 """)
+
+KILL_ARGS = ["--num-samples", "2", "--seq-len", "32", "--quiet"]
+KILLS = [(fmt, where) for fmt in ("fp8-dynamic", "fp8") for where in ("after-progress", "after-shard")]
+
+
+@pytest.fixture(scope="module")
+def killed_quantizes(tmp_path_factory):
+    """The partials the kill cases below resume, and their uninterrupted references (one per format, in-process
+    with the one thread the killed children get from OMP_NUM_THREADS=1): {(fmt, where) | "calib": (dir, code,
+    log)}, "ref": {fmt: dir}}. One driver process forks a child per kill."""
+    import json
+
+    from helpers import cli_quantized
+
+    d = tmp_path_factory.mktemp("killed")
+    jobs, keys = [], []
+    for fmt, where in KILLS:
+        jobs.append({"args": ["quantize", "tiny-mixtral", "--format", fmt, *KILL_ARGS, "-o", str(d / f"{fmt}-{where}")],
+                     "kill": where, "log": str(d / f"{fmt}-{where}.log")})
+        keys.append((fmt, where))
+    # the same --calib path with other contents after the kill (test_resume_refuses_a_partial_calibrated_on_...)
+    calib = d / "c.txt"
+    calib.write_text((models.path("tiny-qwen3-moe") / "config.json").read_text() * 20)
+    jobs.append({"args": ["quantize", "tiny-mixtral", "--format", "fp8", "--calib", str(calib), *KILL_ARGS,
+                          "-o", str(d / "calib" / "O")], "kill": "quantize:2", "log": str(d / "calib.log")})
+    keys.append("calib")
+    (d / "calib").mkdir()
+    p = subprocess.run([sys.executable, "-c", KILLED_RUNS, json.dumps(jobs)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    codes = json.loads(p.stdout)
+    killed = {k: (Path(j["args"][-1]), c, Path(j["log"]).read_text())
+              for k, j, c in zip(keys, jobs, codes, strict=True)}
+    killed["ref"] = {fmt: cli_quantized(d / f"ref-{fmt}", "tiny-mixtral", "--format", fmt, *KILL_ARGS[:-1])
+                     for fmt in ("fp8-dynamic", "fp8")}
+    killed["calib_file"] = calib
+    return killed
 
 
 @pytest.mark.parametrize("where", ["after-progress", "after-shard"])
 @pytest.mark.parametrize("fmt", ["fp8-dynamic", "fp8"])  # calibration-free (background writes), calibrated
-def test_resume_after_a_kill_between_progress_and_shard_is_byte_identical(cli_run, tmp_path, where, fmt):
+def test_resume_after_a_kill_between_progress_and_shard_is_byte_identical(cli_run, killed_quantizes, where, fmt):
     """The progress file (the report's totals) and the writer's journal are two files: a kill between
     their updates left a resumed run's quant_report / sidecar / configs missing a layer, or holding a
     layer twice. Totals are kept per layer and a resume keeps exactly the layers whose shards it keeps."""
-    args = ["quantize", "tiny-mixtral", "--format", fmt, "--num-samples", "2", "--seq-len", "32", "--quiet"]
-    ref, q = tmp_path / "ref", tmp_path / "q"
-    assert cli_run(*args, "-o", ref).exit_code == 0
-    p = subprocess.run([sys.executable, "-c", KILL_AT, where, *args, "-o", str(q)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert p.returncode == 9 and not q.exists(), p.stderr[-2000:]
-    r = cli_run(*args, "--resume", "-o", q)
+    q, code, log = killed_quantizes[fmt, where]
+    ref = killed_quantizes["ref"][fmt]
+    assert code == 9 and not q.exists() and q.with_name(q.name + ".partial").is_dir(), log[-2000:]
+    r = cli_run("quantize", "tiny-mixtral", "--format", fmt, *KILL_ARGS, "--resume", "-o", q)
     assert r.exit_code == 0, r.stderr
     files = sorted(f.name for f in ref.iterdir() if f.name != "moepress-manifest.json")
     assert files == sorted(f.name for f in q.iterdir() if f.name != "moepress-manifest.json")
@@ -896,19 +965,15 @@ def test_resume_after_a_kill_between_progress_and_shard_is_byte_identical(cli_ru
         assert (q / f).read_bytes() == (ref / f).read_bytes(), f
 
 
-def test_resume_refuses_a_partial_calibrated_on_data_since_edited(cli_run, tmp_path):
+def test_resume_refuses_a_partial_calibrated_on_data_since_edited(cli_run, killed_quantizes):
     """The same --calib path with other contents: resuming would write layers calibrated on two data sets."""
-    calib = tmp_path / "c.txt"
-    calib.write_text((models.path("tiny-qwen3-moe") / "config.json").read_text() * 20)
-    args = ["quantize", "tiny-mixtral", "--format", "fp8", "--calib", str(calib), "--num-samples", "2",
-            "--seq-len", "32", "--quiet", "-o", str(tmp_path / "O")]
-    p = subprocess.run([sys.executable, "-m", "moepress", *args], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "MOEPRESS_KILL_AT": "quantize:2"})
-    assert p.returncode == -9 and (tmp_path / "O.partial").is_dir(), p.stderr[-2000:]
+    out, code, log = killed_quantizes["calib"]
+    calib = killed_quantizes["calib_file"]
+    assert code == -9 and out.with_name("O.partial").is_dir(), log[-2000:]
     calib.write_text(calib.read_text()[::-1])
-    r = cli_run(*args, "--resume")
+    r = cli_run("quantize", "tiny-mixtral", "--format", "fp8", "--calib", calib, *KILL_ARGS, "-o", out, "--resume")
     assert r.exit_code == 2 and "calib_content" in r.stderr and "without --resume" in r.stderr, r.stderr
-    assert not (tmp_path / "O").exists()
+    assert not out.exists()
 
 
 def test_check_report_os_error_without_a_file_name_names_the_report(cli_run, tmp_path, monkeypatch, f3_checked):
