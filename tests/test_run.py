@@ -21,6 +21,11 @@ from moepress.pipeline.runner import source_digest
 MODEL = "tiny-mixtral"  # 8 experts top-2: the quickest bundled model to prune
 
 
+# Little calibration and evaluation data, for tests of which stages (re)run: what they assert does not depend on it
+SMALL = {"calib": {"num_samples": 2, "seq_len": 64},
+         "check": {"max_samples": 2, "seq_len": 64, "max_ppl_increase": "200%", "min_top1": 0.3, "max_kl": 2.0}}
+
+
 def write_recipe(path: Path, **sections) -> Path:
     r = {"model": MODEL, "calib": {"num_samples": 8, "seq_len": 128},
          "prune": {"ratio": 0.25, "method": "reap"},
@@ -124,7 +129,7 @@ def test_default_run_rerun_is_a_noop_and_its_quantized_model_publishes(default_r
 
 def test_rerun_is_a_noop_and_a_change_reruns_only_downstream(cli_run, tmp_path):
     out = tmp_path / "run"
-    rec = write_recipe(tmp_path / "r.yaml")
+    rec = write_recipe(tmp_path / "r.yaml", **SMALL)
     r = cli_run("run", rec, "-o", out)
     assert r.exit_code == 0, r.output
     first = statuses(out)
@@ -136,16 +141,14 @@ def test_rerun_is_a_noop_and_a_change_reruns_only_downstream(cli_run, tmp_path):
     assert set(statuses(out).values()) == {"skipped"}
 
     # a check gate changes: only the check re-runs
-    write_recipe(rec, check={"max_samples": 4, "seq_len": 128, "max_ppl_increase": "300%", "min_top1": 0.3,
-                             "max_kl": 2.0})
+    looser = {**SMALL["check"], "max_ppl_increase": "300%"}
+    write_recipe(rec, calib=SMALL["calib"], check=looser)
     r = cli_run("run", rec, "-o", out)
     assert r.exit_code == 0
     assert statuses(out) == {"prune": "skipped", "check:pruned": "ran"}
 
     # the prune ratio changes: prune and everything downstream re-run
-    write_recipe(rec, prune={"keep": 4, "method": "reap"}, check={"max_samples": 4, "seq_len": 128,
-                                                                   "max_ppl_increase": "300%", "min_top1": 0.3,
-                                                                   "max_kl": 2.0})
+    write_recipe(rec, prune={"keep": 4, "method": "reap"}, calib=SMALL["calib"], check=looser)
     r = cli_run("run", rec, "-o", out)
     assert statuses(out) == {"prune": "ran", "check:pruned": "ran"}
     assert json.loads((out / "prune" / "config.json").read_text())["num_local_experts"] == 4
@@ -520,7 +523,7 @@ def test_a_new_tokenizer_file_or_a_removed_report_or_plan_file_reruns_its_stage(
     m = Path(shutil.copytree(models.path(MODEL), tmp_path / "m"))
     out = tmp_path / "run"
     rec = write_recipe(tmp_path / "r.yaml", model=str(m), prune="skip", quantize={"format": "fp8"},
-                       export={"formats": ["onnx"]}, build={"targets": ["h100-sxm"]})
+                       export={"formats": ["onnx"]}, build={"targets": ["h100-sxm"]}, **SMALL)
     assert cli_run("run", rec, "-o", out).exit_code == 0
     (m / "tokenizer.model.v3").write_text("ONE")
     assert cli_run("run", rec, "-o", out).exit_code == 0
