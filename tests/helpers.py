@@ -212,3 +212,73 @@ def declared_for_installed_transformers(info: dict) -> bool:
         return int(major), int("".join(c for c in minor_ if c.isdigit()) or 0)
 
     return minor(transformers.__version__) <= minor(info.get("misloaded_by", {}).get("transformers", "0.0"))
+
+
+# The driver of killed_runs: argv[1] = JSON [{"args", "kill", "log"}]; forks one child per job, in turn; prints the
+# children's exit codes as JSON.
+KILLED_RUNS = textwrap.dedent("""
+    import json, os, sys, threading, traceback
+    from moepress import progress
+    from moepress.cli import main
+    from moepress.compress.checkpoint import CheckpointWriter
+    from moepress.compress.quantize import report
+
+    def after_progress():
+        save = report.QuantTotals.save
+        def killing_save(self, partial):
+            save(self, partial)
+            if 1 in self.layers:
+                os._exit(9)
+        report.QuantTotals.save = killing_save
+
+    def after_shard():
+        end = CheckpointWriter.end_shard
+        def killing_end(self):
+            end(self)
+            self.wait()
+            if any(".layers.1." in n for _, names, _ in self._shards for n in names):
+                os._exit(9)
+        CheckpointWriter.end_shard = killing_end
+
+    codes = []
+    for job in json.loads(sys.argv[1]):
+        assert threading.active_count() == 1, threading.enumerate()  # fork only a process with no other thread
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(log, 1)
+                os.dup2(log, 2)
+                {"after-progress": after_progress, "after-shard": after_shard}.get(job["kill"], lambda: None)()
+                if ":" in job["kill"]:
+                    progress._KILL_AT, progress._KILL_SIG = job["kill"], ""
+                sys.argv = ["moepress", *job["args"]]
+                main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    print(json.dumps(codes))
+""")
+
+
+def killed_runs(jobs: list[dict]) -> list[int]:
+    """moepress commands killed mid-run, each in a process of its own, all forked from ONE driver process that
+    imported moepress once (a new interpreter costs ~5 s of imports; the kill, the files and the lock it leaves are
+    the child's alone, as for ``python -m moepress``). Each job: ``args`` (the command line after ``moepress``),
+    ``log`` (the child's stdout and stderr) and ``kill``: "STAGE:N" (``MOEPRESS_KILL_AT``: SIGKILL right after STAGE's
+    step N), "after-progress" (quantize: os._exit(9) once layer 1's totals are saved, its shard not yet written) or
+    "after-shard" (os._exit(9) once layer 1's shard is written and journaled, nothing after it). The children get
+    OMP_NUM_THREADS=1. Returns their exit codes, as ``subprocess`` gives them (-9: killed by SIGKILL)."""
+    p = subprocess.run([sys.executable, "-c", KILLED_RUNS, json.dumps(jobs)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout)

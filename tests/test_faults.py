@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -852,64 +851,6 @@ def test_check_report_inside_the_candidate_is_refused(tmp_path, cli_run):
     assert sorted(p.name for p in cand.iterdir()) == before
 
 
-# Quantize runs killed mid-write, each in a process of its own, all forked from ONE driver process that imported
-# moepress once (each new interpreter costs ~5 s of imports; the kill, the files and the lock it leaves are the
-# child's alone). argv[1] = JSON [{"args", "kill", "log"}]; prints the children's exit codes (-9: SIGKILL) as JSON.
-# kill: "after-progress" (layer 1's totals saved, its shard not yet written: os._exit(9)), "after-shard" (layer 1's
-# shard written and journaled, nothing after it: os._exit(9)) or "STAGE:N" (MOEPRESS_KILL_AT: SIGKILL after step N).
-KILLED_RUNS = textwrap.dedent("""
-    import json, os, sys, threading, traceback
-    from moepress import progress
-    from moepress.cli import main
-    from moepress.compress.checkpoint import CheckpointWriter
-    from moepress.compress.quantize import report
-
-    def after_progress():
-        save = report.QuantTotals.save
-        def killing_save(self, partial):
-            save(self, partial)
-            if 1 in self.layers:
-                os._exit(9)
-        report.QuantTotals.save = killing_save
-
-    def after_shard():
-        end = CheckpointWriter.end_shard
-        def killing_end(self):
-            end(self)
-            self.wait()
-            if any(".layers.1." in n for _, names, _ in self._shards for n in names):
-                os._exit(9)
-        CheckpointWriter.end_shard = killing_end
-
-    codes = []
-    for job in json.loads(sys.argv[1]):
-        assert threading.active_count() == 1, threading.enumerate()  # fork only a process with no other thread
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                os.dup2(log, 1)
-                os.dup2(log, 2)
-                {"after-progress": after_progress, "after-shard": after_shard}.get(job["kill"], lambda: None)()
-                if ":" in job["kill"]:
-                    progress._KILL_AT, progress._KILL_SIG = job["kill"], ""
-                sys.argv = ["moepress", *job["args"]]
-                main()
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-    print(json.dumps(codes))
-""")
-
 KILL_ARGS = ["--num-samples", "2", "--seq-len", "32", "--quiet"]
 KILLS = [(fmt, where) for fmt in ("fp8-dynamic", "fp8") for where in ("after-progress", "after-shard")]
 
@@ -919,9 +860,7 @@ def killed_quantizes(tmp_path_factory):
     """The partials the kill cases below resume, and their uninterrupted references (one per format, in-process
     with the one thread the killed children get from OMP_NUM_THREADS=1): {(fmt, where) | "calib": (dir, code,
     log)}, "ref": {fmt: dir}}. One driver process forks a child per kill."""
-    import json
-
-    from helpers import cli_quantized
+    from helpers import cli_quantized, killed_runs
 
     d = tmp_path_factory.mktemp("killed")
     jobs, keys = [], []
@@ -936,10 +875,7 @@ def killed_quantizes(tmp_path_factory):
                           "-o", str(d / "calib" / "O")], "kill": "quantize:2", "log": str(d / "calib.log")})
     keys.append("calib")
     (d / "calib").mkdir()
-    p = subprocess.run([sys.executable, "-c", KILLED_RUNS, json.dumps(jobs)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    codes = json.loads(p.stdout)
+    codes = killed_runs(jobs)
     killed = {k: (Path(j["args"][-1]), c, Path(j["log"]).read_text())
               for k, j, c in zip(keys, jobs, codes, strict=True)}
     killed["ref"] = {fmt: cli_quantized(d / f"ref-{fmt}", "tiny-mixtral", "--format", fmt, *KILL_ARGS[:-1])

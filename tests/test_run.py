@@ -225,23 +225,39 @@ def _tree_digest(d: Path) -> dict:
             for p in sorted(d.rglob("*")) if p.is_file() and p.name != "moepress-manifest.json"}
 
 
+@pytest.fixture(scope="module")
+def killed_runs(tmp_path_factory):
+    """Two `moepress run`s killed (SIGKILL) mid-stage, each a process of its own, forked from one driver process
+    (helpers.killed_runs: one interpreter's imports, not two): {"quantize" | "export": (recipe, out, exit code,
+    log)}. quantize: int4-awq, killed right after it finished layer 1, its second layer; export: onnx of the
+    bundled model, killed after its second step."""
+    from helpers import killed_runs
+
+    d = tmp_path_factory.mktemp("killed-runs")
+    runs = {"quantize": (write_recipe(d / "q.yaml", prune="skip", check=None, quantize={"format": "int4-awq"}),
+                         "quantize:2"),
+            "export": (write_recipe(d / "e.yaml", prune="skip", quantize="skip", check=None,
+                                    export={"formats": ["onnx"]}), "export onnx:2")}
+    jobs = [{"args": ["run", str(rec), "--json", "-o", str(d / f"run-{k}")], "kill": kill, "log": str(d / f"{k}.log")}
+            for k, (rec, kill) in runs.items()]
+    codes = killed_runs(jobs)
+    return {k: (rec, d / f"run-{k}", code, (d / f"{k}.log").read_text())
+            for (k, (rec, _)), code in zip(runs.items(), codes, strict=True)}
+
+
 @pytest.mark.slow
-def test_killed_quantize_resumes_at_its_layer_and_is_byte_identical(cli_run, tmp_path):
-    """Only the killed run is a process of its own (kill -9); the uninterrupted reference and the resuming run are
-    in-process runs with the same one thread (conftest; the killed process gets OMP_NUM_THREADS=1), so the resumed
-    output holds layers of two processes and must still equal the reference byte for byte."""
-    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "int4-awq"})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "moepress", "run", str(rec), "--json"]
+def test_killed_quantize_resumes_at_its_layer_and_is_byte_identical(cli_run, tmp_path, killed_runs):
+    """Only the killed run is a process of its own (kill -9, the killed_runs fixture); the uninterrupted reference and
+    the resuming run are in-process runs with the same one thread (conftest; the killed process gets
+    OMP_NUM_THREADS=1), so the resumed output holds layers of two processes and must still equal the reference
+    byte for byte."""
+    rec, out, code, log = killed_runs["quantize"]
     # uninterrupted reference run
     ref = cli_run("run", rec, "--json", "-o", tmp_path / "ref")
     assert ref.exit_code == 0, ref.output[-2000:]
     layers = json.loads((models.path(MODEL) / "config.json").read_text())["num_hidden_layers"]
     # killed (SIGKILL) right after the quantize stage finished layer 1, its second layer
-    out = tmp_path / "run"
-    p = subprocess.run(cmd + ["-o", str(out)], env={**env, "MOEPRESS_KILL_AT": "quantize:2"},
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == -9, (p.returncode, p.stderr[-2000:])
+    assert code == -9, (code, log[-2000:])
     partial = out / "quantize.partial"
     assert not (out / "quantize").exists() and partial.is_dir()
     # what the killed run left: the embedding's shard and one shard per finished layer (0 and 1)
@@ -537,17 +553,13 @@ def test_a_new_tokenizer_file_or_a_removed_report_or_plan_file_reruns_its_stage(
     assert (out / "build" / "h100-sxm-tensorrt" / "plan.json").is_file()
 
 
-def test_a_killed_export_reruns_and_says_ran_not_resumed(tmp_path, cli_run):
+def test_a_killed_export_reruns_and_says_ran_not_resumed(cli_run, killed_runs):
     """Only quantize resumes its partial; run.json said "resumed" for an export that started over."""
-    rec = write_recipe(tmp_path / "r.yaml", prune="skip", quantize="skip", check=None, export={"formats": ["onnx"]})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["run", str(rec), "--json", "-o", str(tmp_path / "run")]
-    p = subprocess.run([sys.executable, "-m", "moepress", *cmd], env={**env, "MOEPRESS_KILL_AT": "export onnx:2"},
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == -9, (p.returncode, p.stderr[-2000:])
-    r = cli_run(*cmd)
+    rec, out, code, log = killed_runs["export"]
+    assert code == -9, (code, log[-2000:])
+    r = cli_run("run", rec, "--json", "-o", out)
     assert r.exit_code == 0, r.output
-    assert statuses(tmp_path / "run") == {"export:onnx": "ran"}
+    assert statuses(out) == {"export:onnx": "ran"}
     assert "export:onnx: running" in r.stderr and "resuming" not in r.stderr
 
 
