@@ -215,7 +215,8 @@ def declared_for_installed_transformers(info: dict) -> bool:
 
 
 # The driver of killed_runs: argv[1] = JSON [{"args", "kill", "log"}]; forks one child per job, in turn; prints the
-# children's exit codes as JSON.
+# children's exit codes as JSON. A job without "log" (or "kill") keeps the driver's stderr, its first line
+# {"child": PID}: a test reading it kills the child itself (tests/test_kill.py).
 KILLED_RUNS = textwrap.dedent("""
     import json, os, sys, threading, traceback
     from moepress import progress
@@ -249,12 +250,17 @@ KILLED_RUNS = textwrap.dedent("""
         if pid == 0:
             code = 0
             try:
-                log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                os.dup2(log, 1)
-                os.dup2(log, 2)
-                {"after-progress": after_progress, "after-shard": after_shard}.get(job["kill"], lambda: None)()
-                if ":" in job["kill"]:
-                    progress._KILL_AT, progress._KILL_SIG = job["kill"], ""
+                if job.get("log"):
+                    log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                    os.dup2(log, 1)
+                    os.dup2(log, 2)
+                else:  # stdout dropped, stderr the driver's, opened by a line naming this child for its killer
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+                    print(json.dumps({"child": os.getpid()}), file=sys.stderr, flush=True)
+                kill = job.get("kill", "")
+                {"after-progress": after_progress, "after-shard": after_shard}.get(kill, lambda: None)()
+                if ":" in kill:
+                    progress._KILL_AT, progress._KILL_SIG = kill, ""
                 sys.argv = ["moepress", *job["args"]]
                 main()
             except SystemExit as e:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import KILLED_RUNS
 from moepress import models
 from moepress.pipeline.runner import output_complete
 
@@ -29,32 +30,46 @@ def _digest(d: Path) -> dict:
             for p in sorted(d.rglob("*")) if p.is_file() and p.name != "moepress-manifest.json"}
 
 
-def _kill_at_random_layer(args: list, stage: str, rnd: random.Random) -> int:
-    """Run ``python -m moepress ARGS --json``; SIGKILL it once its progress events on stderr say
-    ``stage`` finished step k, k drawn from 1..total-2 when the stage starts. Returns k."""
+def _kill_each_at_a_random_layer(runs: list[tuple[list, str]], rnd: random.Random) -> list[int]:
+    """Run ``moepress ARGS --json`` for each (ARGS, stage) of ``runs``, in turn, each a process of its own forked
+    from one driver process (helpers.killed_runs' driver: one interpreter's imports for all); SIGKILL each once its
+    progress events on stderr say ``stage`` finished step k, k drawn from 1..total-2 when the stage starts.
+    Returns the k of each."""
+    jobs = [{"args": [*map(str, args), "--json"]} for args, _ in runs]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "moepress", *map(str, args), "--json"], env=env, text=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    watchdog = threading.Timer(300, p.kill)
+    p = subprocess.Popen([sys.executable, "-c", KILLED_RUNS, json.dumps(jobs)], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = None
+
+    def watchdog_kill():
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
+        p.kill()
+
+    watchdog = threading.Timer(300 * len(runs), watchdog_kill)
     watchdog.start()
-    k, seen = None, []
+    ks, seen, job = [], [], -1
     try:
         for line in p.stderr:
             seen.append(line)
             ev = json.loads(line) if line.startswith("{") else {}
-            if ev.get("stage") != stage:
+            if "child" in ev:  # the next run started
+                child, job, k = ev["child"], job + 1, None
+                continue
+            if job < 0 or ev.get("stage") != runs[job][1] or len(ks) > job:
                 continue
             if ev.get("event") == "start":
                 k = rnd.randint(1, ev["total"] - 2)  # at least one step and the commit still to come
             elif ev.get("event") == "progress" and ev.get("done") == k:
-                p.send_signal(signal.SIGKILL)
-                break
-        p.stderr.read()
+                os.kill(child, signal.SIGKILL)
+                ks.append(k)
+        out = p.stdout.read()
         p.wait()
     finally:
         watchdog.cancel()
-    assert p.returncode == -signal.SIGKILL, (p.returncode, "".join(seen)[-2000:])
-    return k
+    assert p.returncode == 0 and len(ks) == len(runs), (p.returncode, ks, "".join(seen)[-2000:])
+    assert json.loads(out) == [-signal.SIGKILL] * len(runs), (out, "".join(seen)[-2000:])
+    return ks
 
 
 @pytest.mark.slow
@@ -69,7 +84,15 @@ def test_kill_at_a_random_layer_of_prune_quantize_export(cli_run, tmp_path):
     quant = ["quantize", m, "--format", "fp8", "--num-samples", "4", "--seq-len", "32"]
     r = cli_run(*quant, "-o", ref, "--quiet")
     assert r.exit_code == 0, r.output
-    k = _kill_at_random_layer([*quant, "-o", q], "quantize", rnd)
+    # each killed at its random layer, in turn (the draws in this order: quantize, prune, export)
+    others = [
+        ("P", ["prune", m, "--ratio", "0.25", "--method", "frequency", "--num-samples", "4", "--seq-len", "32"],
+         "prune"),
+        ("E", ["export", m, "--format", "hf-fp8-block"], "export hf-fp8-block"),
+    ]
+    ks = _kill_each_at_a_random_layer([([*quant, "-o", q], "quantize"),
+                                       *[([*args, "-o", tmp_path / name], stage) for name, args, stage in others]], rnd)
+    k = ks[0]
     assert not q.exists() and (tmp_path / "Q.partial" / "writer-journal.json").is_file(), k
     r = cli_run(*quant, "--resume", "-o", q, "--quiet")
     assert r.exit_code == 0, r.output
@@ -77,13 +100,8 @@ def test_kill_at_a_random_layer_of_prune_quantize_export(cli_run, tmp_path):
     assert not (tmp_path / "Q.partial").exists() and not (tmp_path / "Q.partial.lock").exists()
 
     # prune and export do not resume: nothing named OUT after the kill, and a rerun succeeds
-    for name, args, stage in [
-        ("P", ["prune", m, "--ratio", "0.25", "--method", "frequency", "--num-samples", "4", "--seq-len", "32"],
-         "prune"),
-        ("E", ["export", m, "--format", "hf-fp8-block"], "export hf-fp8-block"),
-    ]:
+    for (name, args, stage), k in zip(others, ks[1:], strict=True):
         out = tmp_path / name
-        k = _kill_at_random_layer([*args, "-o", out], stage, rnd)
         assert not out.exists(), (stage, k)
         r = cli_run(*args, "-o", out, "--quiet")
         assert r.exit_code == 0, (stage, k, r.output)
