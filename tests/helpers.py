@@ -214,25 +214,21 @@ def declared_for_installed_transformers(info: dict) -> bool:
     return minor(transformers.__version__) <= minor(info.get("misloaded_by", {}).get("transformers", "0.0"))
 
 
-# The driver of killed_runs: argv[1] = JSON [{"args", "kill", "log"}]; forks one child per job, in turn; prints the
-# children's exit codes as JSON. A job without "log" (or "kill") keeps the driver's stderr, its first line
-# {"child": PID}: a test reading it kills the child itself (tests/test_kill.py).
-KILLED_RUNS = textwrap.dedent("""
-    import json, os, sys, threading, traceback
-    from moepress import progress
+# A moepress command killed mid-run (killed_runs): argv[1] = "after-progress" | "after-shard" | "", then its args.
+KILLED_RUN = textwrap.dedent("""
+    import os, sys
     from moepress.cli import main
     from moepress.compress.checkpoint import CheckpointWriter
     from moepress.compress.quantize import report
 
-    def after_progress():
+    if sys.argv[1] == "after-progress":  # quantize: layer 1's totals saved, its shard not yet written
         save = report.QuantTotals.save
         def killing_save(self, partial):
             save(self, partial)
             if 1 in self.layers:
                 os._exit(9)
         report.QuantTotals.save = killing_save
-
-    def after_shard():
+    elif sys.argv[1] == "after-shard":  # layer 1's shard written and journaled, nothing after it
         end = CheckpointWriter.end_shard
         def killing_end(self):
             end(self)
@@ -240,51 +236,25 @@ KILLED_RUNS = textwrap.dedent("""
             if any(".layers.1." in n for _, names, _ in self._shards for n in names):
                 os._exit(9)
         CheckpointWriter.end_shard = killing_end
-
-    codes = []
-    for job in json.loads(sys.argv[1]):
-        assert threading.active_count() == 1, threading.enumerate()  # fork only a process with no other thread
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                if job.get("log"):
-                    log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                    os.dup2(log, 1)
-                    os.dup2(log, 2)
-                else:  # stdout dropped, stderr the driver's, opened by a line naming this child for its killer
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-                    print(json.dumps({"child": os.getpid()}), file=sys.stderr, flush=True)
-                kill = job.get("kill", "")
-                {"after-progress": after_progress, "after-shard": after_shard}.get(kill, lambda: None)()
-                if ":" in kill:
-                    progress._KILL_AT, progress._KILL_SIG = kill, ""
-                sys.argv = ["moepress", *job["args"]]
-                main()
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-    print(json.dumps(codes))
+    sys.argv = ["moepress", *sys.argv[2:]]
+    main()
 """)
 
 
 def killed_runs(jobs: list[dict]) -> list[int]:
-    """moepress commands killed mid-run, each in a process of its own, all forked from ONE driver process that
-    imported moepress once (a new interpreter costs ~5 s of imports; the kill, the files and the lock it leaves are
-    the child's alone, as for ``python -m moepress``). Each job: ``args`` (the command line after ``moepress``),
-    ``log`` (the child's stdout and stderr) and ``kill``: "STAGE:N" (``MOEPRESS_KILL_AT``: SIGKILL right after STAGE's
-    step N), "after-progress" (quantize: os._exit(9) once layer 1's totals are saved, its shard not yet written) or
+    """moepress commands killed mid-run, in turn, each in a process of its own (forked from tests/forkserver.py's
+    moepress server: the kill, the files and the lock it leaves are the child's alone, as for ``python -m
+    moepress``). Each job: ``args`` (the command line after ``moepress``), ``log`` (the file that gets the child's
+    stdout and stderr) and ``kill``: "STAGE:N" (``MOEPRESS_KILL_AT``: SIGKILL right after STAGE's step N),
+    "after-progress" (quantize: os._exit(9) once layer 1's totals are saved, its shard not yet written) or
     "after-shard" (os._exit(9) once layer 1's shard is written and journaled, nothing after it). The children get
     OMP_NUM_THREADS=1. Returns their exit codes, as ``subprocess`` gives them (-9: killed by SIGKILL)."""
-    p = subprocess.run([sys.executable, "-c", KILLED_RUNS, json.dumps(jobs)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout)
+    codes = []
+    for job in jobs:
+        kill = job.get("kill", "")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **({"MOEPRESS_KILL_AT": kill} if ":" in kill else {})}
+        p = forkserver.run([sys.executable, "-c", KILLED_RUN, "" if ":" in kill else kill, *map(str, job["args"])],
+                           env=env, text=True, timeout=600, moepress=True)
+        Path(job["log"]).write_text(p.stdout + p.stderr)
+        codes.append(p.returncode)
+    return codes

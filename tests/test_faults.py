@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import forkserver
 from helpers import assert_one_line_error as _one_line
 from moepress import models
 
@@ -935,13 +936,12 @@ def test_an_interrupt_is_one_line_its_own_exit_code_and_keeps_the_finished_layer
     import signal
 
     out = tmp_path / "O"
-    p = subprocess.run([sys.executable, "-m", "moepress", "quantize", "tiny-qwen3-moe", "--format", "fp8",
+    # a process of its own (forked: tests/forkserver.py), its SIGINT handled as from a terminal (a shell's
+    # background job, CI started with &, inherits SIGINT ignored, which moepress keeps ignored: nohup's contract)
+    p = forkserver.run([sys.executable, "-m", "moepress", "quantize", "tiny-qwen3-moe", "--format", "fp8",
                         "--num-samples", "8", "--seq-len", "64", "-o", str(out), "--json", "--quiet"],
-                       capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "MOEPRESS_KILL_AT": f"quantize:2:{sig}"},  # the signal after layer 2
-                       # as from a terminal: a shell's background job (CI started with &) inherits SIGINT ignored,
-                       # which moepress keeps ignored (nohup's contract), and the run would finish
-                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                       text=True, timeout=120,
+                       env={**os.environ, "MOEPRESS_KILL_AT": f"quantize:2:{sig}"})  # the signal after layer 2
     stdout, stderr = p.stdout, p.stderr
     assert p.returncode == 128 + getattr(signal, sig), stderr
     line = f"interrupted by {sig}; the finished layers are kept in {tmp_path / 'O.partial'}: rerun with --resume"

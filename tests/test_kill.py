@@ -10,14 +10,13 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from helpers import KILLED_RUNS
+import forkserver
 from moepress import models
 from moepress.pipeline.runner import output_complete
 
@@ -31,44 +30,32 @@ def _digest(d: Path) -> dict:
 
 
 def _kill_each_at_a_random_layer(runs: list[tuple[list, str]], rnd: random.Random) -> list[int]:
-    """Run ``moepress ARGS --json`` for each (ARGS, stage) of ``runs``, in turn, each a process of its own forked
-    from one driver process (helpers.killed_runs' driver: one interpreter's imports for all); SIGKILL each once its
-    progress events on stderr say ``stage`` finished step k, k drawn from 1..total-2 when the stage starts.
-    Returns the k of each."""
-    jobs = [{"args": [*map(str, args), "--json"]} for args, _ in runs]
+    """Run ``moepress ARGS --json`` for each (ARGS, stage) of ``runs``, in turn, each a process of its own (forked
+    from tests/forkserver.py's server); SIGKILL each once its progress events on stderr say ``stage`` finished
+    step k, k drawn from 1..total-2 when the stage starts. Returns the k of each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-c", KILLED_RUNS, json.dumps(jobs)], env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    child = None
-
-    def watchdog_kill():
-        if child is not None:
-            os.kill(child, signal.SIGKILL)
-        p.kill()
-
-    watchdog = threading.Timer(300 * len(runs), watchdog_kill)
-    watchdog.start()
-    ks, seen, job = [], [], -1
-    try:
-        for line in p.stderr:
-            seen.append(line)
-            ev = json.loads(line) if line.startswith("{") else {}
-            if "child" in ev:  # the next run started
-                child, job, k = ev["child"], job + 1, None
-                continue
-            if job < 0 or ev.get("stage") != runs[job][1] or len(ks) > job:
-                continue
-            if ev.get("event") == "start":
-                k = rnd.randint(1, ev["total"] - 2)  # at least one step and the commit still to come
-            elif ev.get("event") == "progress" and ev.get("done") == k:
-                os.kill(child, signal.SIGKILL)
-                ks.append(k)
-        out = p.stdout.read()
-        p.wait()
-    finally:
-        watchdog.cancel()
-    assert p.returncode == 0 and len(ks) == len(runs), (p.returncode, ks, "".join(seen)[-2000:])
-    assert json.loads(out) == [-signal.SIGKILL] * len(runs), (out, "".join(seen)[-2000:])
+    ks = []
+    for args, stage in runs:
+        p = forkserver.Popen([sys.executable, "-m", "moepress", *map(str, args), "--json"], env=env, text=True)
+        watchdog = threading.Timer(300, p.kill)
+        watchdog.start()
+        k, seen = None, []
+        try:
+            for line in p.follow("err"):
+                seen.append(line)
+                ev = json.loads(line) if line.startswith("{") else {}
+                if ev.get("stage") != stage:
+                    continue
+                if ev.get("event") == "start":
+                    k = rnd.randint(1, ev["total"] - 2)  # at least one step and the commit still to come
+                elif ev.get("event") == "progress" and ev.get("done") == k:
+                    p.kill()
+                    break
+            p.wait()
+        finally:
+            watchdog.cancel()
+        assert p.returncode == -signal.SIGKILL, (p.returncode, "".join(seen)[-2000:])
+        ks.append(k)
     return ks
 
 

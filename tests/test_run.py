@@ -4,13 +4,13 @@ killed stage, publish."""
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+import forkserver
 from moepress import models
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint.writer import JOURNAL
@@ -64,8 +64,8 @@ def default_run(tmp_path_factory):
     run once, read by the tests below. Measured with one thread: 46 s wall (prune 16 s, quantize 4 s,
     the four checks 17 s); with torch's default 2 threads beside other jobs on the 2-core machine, 211 s."""
     out = tmp_path_factory.mktemp("default-run") / "run"
-    p = subprocess.run([sys.executable, "-m", "moepress", "run", "-o", str(out), "--json"], capture_output=True,
-                       text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = forkserver.run([sys.executable, "-m", "moepress", "run", "-o", str(out), "--json"], text=True, timeout=900,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     return out, json.loads(p.stdout)
 
