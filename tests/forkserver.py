@@ -7,8 +7,10 @@ consumer that never imports moepress) used to start a fresh interpreter, ~5 s of
 memory; it runs ``CODE`` / moepress's ``__main__`` exactly as the interpreter would (uncaught exception: a
 traceback and exit 1; ``SystemExit``; atexit handlers; non-daemon threads joined). What it does not re-run is
 interpreter start-up and the imports the server made, so a test of start-up itself (the ``moepress`` script,
-an import error) or of the kernel's RSS high-water mark (a fork inherits the server's pages) keeps
-``subprocess``. The server of ``-c`` never imports moepress (the consumer scripts assert it).
+an import error, what importing the CLI imports) keeps ``subprocess``; and a fork starts with the server's
+pages resident, so a peak RSS is read from a high-water mark reset after a warm-up (tests/memprobe.py). The
+``-c`` server never imports moepress (the consumer scripts assert it); ``moepress=True`` sends a ``-c`` script
+that would import it anyway to the server that has.
 
 One server per kind per test worker, started on first use, single-threaded (it forks; a thread holding a
 lock would leave that lock held in the child). Children write stdout / stderr to files the client reads.
