@@ -119,18 +119,26 @@ def test_an_export_refusing_the_models_config_is_refused_before_any_stage(cli_ru
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("rules", [None, {"mlp.experts.*": "fp8-dynamic"}])
-def test_block_fp8_fused_parts_compressed_tensors_refuses_are_refused_before_any_stage(cli_run, tmp_path, rules):
+@pytest.mark.parametrize("export,quant", [
+    ("compressed-tensors", {"format": "fp8-block"}),
+    ("compressed-tensors", {"format": "fp8-block", "rules": {"mlp.experts.*": "fp8-dynamic"}}),
+    # hf-modelopt takes no block-FP8 experts of this family (refused before any stage already): per-tensor FP8
+    # experts, block-FP8 attention
+    ("hf-modelopt", {"format": "fp8", "rules": {"self_attn.*": "fp8-block"}}),
+])
+def test_block_fp8_fused_parts_an_export_refuses_are_refused_before_any_stage(cli_run, tmp_path, export, quant):
     """tiny-qwen3-moe's q/k/v have 128, 64, 64 rows: block FP8 leaves k not whole 128-row blocks, which the
-    compressed-tensors export refuses (vLLM validate_fp8_block_shape), but only after prune and quantize had run.
-    The preflight asks the export's own check of the linears the quantize section gives a block format."""
-    q = {"format": "fp8-block", **({"rules": rules} if rules else {})}
-    rec = write_recipe(tmp_path / "r.yaml", model="tiny-qwen3-moe", prune={"ratio": 0.25}, quantize=q,
-                       export={"formats": ["compressed-tensors"]})
+    compressed-tensors export refuses (vLLM validate_fp8_block_shape) and hf-modelopt too (TensorRT-LLM's ceil(rows /
+    128) scale grid), but only after prune and quantize had run. The preflight asks the export's own check of the
+    linears the quantize section gives a block format."""
+    rec = write_recipe(tmp_path / "r.yaml", model="tiny-qwen3-moe", prune={"ratio": 0.25}, quantize=quant,
+                       export={"formats": [export]})
     r = cli_run("run", rec, "-o", tmp_path / "run")
-    one_line_error(r, "r.yaml: export.formats compressed-tensors:", "self_attn.k_proj", "not whole 128-row blocks",
+    one_line_error(r, f"r.yaml: export.formats {export}:", "self_attn.k_proj", "not whole 128-row blocks",
                    "--rule 'self_attn.*=fp8-dynamic'")
     assert not (tmp_path / "run").exists()
+    if export != "compressed-tensors":
+        return
     # the way it names passes the preflight (the export takes the fused parts in another format)
     ok = write_recipe(tmp_path / "ok.yaml", model="tiny-qwen3-moe", prune=None,
                       quantize={"format": "fp8-block", "rules": {"self_attn.*": "fp8-dynamic"}},

@@ -259,9 +259,10 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
     refuse_written_formats(recipe, formats, reg)
     refuse_modelopt_experts(recipe, family, formats)
     refuse_ct_forms(recipe, formats)
-    if "compressed-tensors" in formats and recipe.get("quantize"):
+    fusing = [f for f in ("compressed-tensors", "hf-modelopt") if f in formats]
+    if fusing and recipe.get("quantize"):
         with recipe_keys(src, "export"):
-            refuse_ct_fused_blocks(recipe, model)
+            refuse_fused_blocks(recipe, model, fusing)
     if adapter.experts_key():
         refuse_ct_expert_groups(recipe, formats, [adapter.hidden_size, adapter.moe_intermediate_size()])
 
@@ -298,25 +299,31 @@ def refuse_ct_forms(recipe: dict, exports: list[str]) -> None:
                             "quantize.awq_fold: true (AWQ folded into the norms), or int4-gptq")
 
 
-def refuse_ct_fused_blocks(recipe: dict, model: Path) -> None:
-    """compressed-tensors after a quantize that gives fused parts (q/k/v, a dense or shared gate/up) a block format
-    with a part before the last not whole 128-row blocks: the export's own check (fused_moe.partial_fused_blocks,
-    vLLM validate_fp8_block_shape) asked of the linears the quantize section (format and rules) gives a format,
-    before prune and quantize (a prune keeps every non-expert linear and its rows)."""
+def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
+    """compressed-tensors or hf-modelopt after a quantize that gives fused parts (q/k/v, a dense or shared gate/up) a
+    block format with a part before the last not whole 128-row blocks: each export's own check
+    (fused_moe.partial_fused_blocks; vLLM validate_fp8_block_shape, TensorRT-LLM's ceil(rows / 128) scale grid)
+    asked of the linears the quantize section (format and rules) gives a format, before prune and quantize (a prune
+    keeps every non-expert linear and its rows)."""
     from moepress.calib.config import CalibConfig
     from moepress.compress.quantize import QuantConfig
     from moepress.compress.quantize.free import model_linear_names
     from moepress.compress.stream import StreamedModel
     from moepress.exporters.fused_moe import refuse_partial_fused_blocks
     from moepress.exporters.hf_common import open_source
+    from moepress.exporters.hf_modelopt import refuse_partial_fused_q_k_v
     from moepress.exporters.hints import fused_blocks_route
 
     cfg = QuantConfig.from_recipe(recipe["quantize"], CalibConfig.from_recipe(recipe["calib"]))
     s = open_source(model)
     given = {full: cfg.format_of(rel, full) for rel, full in model_linear_names(StreamedModel(model, prefetch=False))}
     modules = {full: {"format": fmt} for full, fmt in given.items() if fmt}
-    refuse_partial_fused_blocks(s, "compressed-tensors", modules,
-                                lambda bad: fused_blocks_route(s, modules, bad, "compressed-tensors"))
+    for export in exports:
+        if export == "hf-modelopt":
+            refuse_partial_fused_q_k_v(s, modules)
+        else:
+            refuse_partial_fused_blocks(s, export, modules,
+                                        lambda bad, e=export: fused_blocks_route(s, modules, bad, e))
 
 
 def refuse_ct_expert_groups(recipe: dict, exports: list[str], widths: list[int]) -> None:
