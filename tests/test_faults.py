@@ -860,7 +860,7 @@ KILLS = [(fmt, where) for fmt in ("fp8-dynamic", "fp8") for where in ("after-pro
 def killed_quantizes(tmp_path_factory):
     """The partials the kill cases below resume, and their uninterrupted references (one per format, in-process
     with the one thread the killed children get from OMP_NUM_THREADS=1): {(fmt, where) | "calib": (dir, code,
-    log)}, "ref": {fmt: dir}}. One driver process forks a child per kill."""
+    log)}, "ref": {fmt: dir}}. Each kill is a process of its own (helpers.killed_runs: forked, tests/forkserver.py)."""
     from helpers import cli_quantized, killed_runs
 
     d = tmp_path_factory.mktemp("killed")

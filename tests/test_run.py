@@ -227,8 +227,8 @@ def _tree_digest(d: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def killed_runs(tmp_path_factory):
-    """Two `moepress run`s killed (SIGKILL) mid-stage, each a process of its own, forked from one driver process
-    (helpers.killed_runs: one interpreter's imports, not two): {"quantize" | "export": (recipe, out, exit code,
+    """Two `moepress run`s killed (SIGKILL) mid-stage, each a process of its own (helpers.killed_runs: forked from
+    tests/forkserver.py's server, no interpreter start-up each): {"quantize" | "export": (recipe, out, exit code,
     log)}. quantize: int4-awq, killed right after it finished layer 1, its second layer; export: onnx of the
     bundled model, killed after its second step."""
     from helpers import killed_runs
