@@ -155,6 +155,13 @@ def _vllm_targets(s, names: list[str]) -> list[str]:
     return names + [p for p in fused + probes if p not in have]
 
 
+def refuse_partial_fused_parts(s, modules: dict) -> None:
+    """One line for block-FP8 parts vLLM fuses that are not whole 128-row blocks (fused_moe.partial_fused_blocks:
+    vLLM validate_fp8_block_shape), naming the ways that take them; also asked by ``run``'s preflight."""
+    refuse_partial_fused_blocks(s, "compressed-tensors", modules,
+                                lambda bad: fused_blocks_route(s, modules, bad, "compressed-tensors"))
+
+
 def _refuse_misread_experts(s, schemes) -> None:
     """Refuse routed experts that fused-MoE consumers would misread (fused_moe.py): partly quantized
     layers; high-precision experts beside integer weights (transformers decompresses a non-FP8 experts
@@ -171,8 +178,7 @@ def _refuse_misread_experts(s, schemes) -> None:
         refuse_unpacked_experts(s, "compressed-tensors", set(modules))
     refuse_partial_blocks(s, "compressed-tensors", modules)
     refuse_partial_input_groups(s, "compressed-tensors", modules)
-    refuse_partial_fused_blocks(s, "compressed-tensors", modules,
-                                lambda bad: fused_blocks_route(s, modules, bad, "compressed-tensors"))
+    refuse_partial_fused_parts(s, modules)
     refuse_fp4_expert_widths(s, "compressed-tensors", modules)
 
 

@@ -112,7 +112,6 @@ class ModelShape:
         out["other"] = 2.0 * (self.other_params + mtp_other)
         return out
 
-
     def kv_bytes_per_rank(self, fmt: str, tp: int) -> float:
         """Bytes of k_proj / v_proj (kind ``kv``) and their scales one TP rank holds: the rows of
         ceil(kv_heads / tp) whole KV heads with their scales (per-tensor scalars whole on every rank), so with fewer

@@ -53,26 +53,10 @@ def _lost_rank_keeps_finished_layers(args, env, tmp_path, reference, cli_run):
     """Rank 1 dies (kill -9) after its layer 2: rank 0's collective fails; it exits 2 with one line and
     keeps its finished layers in OUT.partial (it removed them), and --resume in one process finishes
     the same bytes as the uninterrupted run."""
-    import socket
-
     out = tmp_path / "lost"
-    for _ in range(3):  # a free port can be taken by the other test worker's torchrun before rank 0 binds it
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ranks = [forkserver.Popen([sys.executable, "-m", "moepress", *args, "-o", str(out)], text=True,
-                                  stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
-                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                       **({"MOEPRESS_KILL_AT": "quantize:2"} if r else {})}) for r in range(2)]
-        _, err0 = ranks[0].communicate(timeout=300)
-        if "address already in use" not in err0.lower():
-            ranks[1].wait(timeout=300)
-            break
-        ranks[1].kill()  # it may be waiting on the other worker's store
-        ranks[1].wait()
-    assert ranks[1].returncode == -9 and ranks[0].returncode == 2, err0[-2000:]
+    (code0, err0), (code1, _) = _ranks(lambda r: [*args, "-o", str(out)], env, timeout=300,
+                                       env_of=lambda r: {"MOEPRESS_KILL_AT": "quantize:2"} if r else {})
+    assert code1 == -9 and code0 == 2, err0[-2000:]
     lines = err0.strip().splitlines()
     assert len(lines) == 1 and "another rank exited" in lines[0] and "--resume" in lines[0], err0[-2000:]
     partial = tmp_path / "lost.partial"
@@ -220,9 +204,9 @@ def test_only_a_lost_peer_becomes_peer_lost():
         assert got.value is own
 
 
-def _ranks(args_of, env, timeout=120):
-    """Two ranks started by hand (RANK, WORLD_SIZE, MASTER_*), rank r running ``moepress *args_of(r)``:
-    their (exit code, stderr) pairs."""
+def _ranks(args_of, env, timeout=120, env_of=lambda r: {}):
+    """Two ranks started by hand (RANK, WORLD_SIZE, MASTER_*), rank r running ``moepress *args_of(r)`` with
+    ``env_of(r)`` added to ``env``: their (exit code, stderr) pairs."""
     import socket
 
     for _ in range(3):  # a free port can be taken by the other test worker's torchrun before rank 0 binds it
@@ -232,7 +216,8 @@ def _ranks(args_of, env, timeout=120):
         ranks = [forkserver.Popen([sys.executable, "-m", "moepress", *args_of(r)], text=True, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE,
                                   env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **env_of(r)})
+                 for r in range(2)]
         try:
             out = [p.communicate(timeout=timeout) for p in ranks]
         finally:  # a rank left waiting for the other (the failure these tests look for) must not outlive the test

@@ -309,21 +309,17 @@ def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
     from moepress.compress.quantize import QuantConfig
     from moepress.compress.quantize.free import model_linear_names
     from moepress.compress.stream import StreamedModel
-    from moepress.exporters.fused_moe import refuse_partial_fused_blocks
+    from moepress.exporters.compressed_tensors import refuse_partial_fused_parts
     from moepress.exporters.hf_common import open_source
     from moepress.exporters.hf_modelopt import refuse_partial_fused_q_k_v
-    from moepress.exporters.hints import fused_blocks_route
 
     cfg = QuantConfig.from_recipe(recipe["quantize"], CalibConfig.from_recipe(recipe["calib"]))
     s = open_source(model)
     given = {full: cfg.format_of(rel, full) for rel, full in model_linear_names(StreamedModel(model, prefetch=False))}
     modules = {full: {"format": fmt} for full, fmt in given.items() if fmt}
+    refuse = {"compressed-tensors": refuse_partial_fused_parts, "hf-modelopt": refuse_partial_fused_q_k_v}
     for export in exports:
-        if export == "hf-modelopt":
-            refuse_partial_fused_q_k_v(s, modules)
-        else:
-            refuse_partial_fused_blocks(s, export, modules,
-                                        lambda bad, e=export: fused_blocks_route(s, modules, bad, e))
+        refuse[export](s, modules)
 
 
 def refuse_ct_expert_groups(recipe: dict, exports: list[str], widths: list[int]) -> None:
