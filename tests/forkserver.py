@@ -88,7 +88,7 @@ def child(job):
 
 print(json.dumps({"ready": os.getpid()}), flush=True)
 while True:
-    ready, _, _ = select.select([stdin], [], [], 0.02)
+    ready, _, _ = select.select([stdin], [], [], 0.02 if jobs else None)  # children to reap: poll, else wait
     if ready:
         chunk = os.read(stdin.fileno(), 1 << 16)
         if not chunk:
