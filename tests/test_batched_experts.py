@@ -109,6 +109,33 @@ def test_expert_batch_gives_the_one_by_one_layer_result(fmt):
     assert list(one.modules.items()) == list(many.modules.items())
 
 
+def test_a_group_nothing_batches_is_quantized_when_added_and_its_weights_let_go():
+    """FP8 (no batched quantizer): each group is quantized when added, so its float32 weights are not held
+    until the flush (which pended a whole budget of them, ~7 experts: 33 MB of test_quant_memory's fp8 peak);
+    recorded in ``res`` at the flush, in order, as the one-by-one calls record them."""
+    import weakref
+
+    from moepress.compress.quantize.group import quantize_group
+
+    cfg = QuantConfig(format="fp8", group_size=32)
+    groups = _groups("fp8", cfg)
+    res, alive = LayerResult(), []
+    eb = experts.ExpertBatch(res, cfg, budget=1 << 40)
+    for fmt, names, ws, st in groups:
+        copies = [w.clone() for w in ws]  # what calibrated.py hands over: float32 copies only the batch holds
+        alive += [weakref.ref(w) for w in copies]
+        eb.add(fmt, names, copies, st)
+        del copies
+    assert not any(r() is not None for r in alive) and not res.tensors
+    eb.flush()
+    ref = LayerResult()
+    for fmt, names, ws, st in groups:
+        quantize_group(ref, cfg, fmt, names, ws, st)
+    assert list(ref.tensors) == list(res.tensors) and len(res.tensors) >= 3 * B
+    assert all(torch.equal(v, res.tensors[k]) for k, v in ref.tensors.items())
+    assert list(ref.modules.items()) == list(res.modules.items()) and ref.shared == res.shared
+
+
 def test_gptq_in_place_and_row_chunks_change_nothing(monkeypatch):
     W, _, Hs = _items(3)
     w, H = W[0].reshape(2 * OUT, IN), Hs[0]

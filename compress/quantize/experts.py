@@ -8,7 +8,9 @@ calls :meth:`ExpertBatch.add` where it would call ``quantize_group``; the batch 
 quantizer over many such groups at once and records the results in the order they were added, so
 the layer's result is the one the one-by-one calls give, bit for bit on the CPU (batched.py says
 why). Groups the batched INT4 path does not cover (another format, no Hessian: round to nearest
-or the clip search, weights whose all-zero columns differ between gate and up) run one by one.
+or the clip search, weights whose all-zero columns differ between gate and up) run one by one: in one
+process when they are added (their float32 weights are not held until the flush: a whole budget of
+them was 33 MB of tests/test_quant_memory.py's fp8 peak), under torchrun at the flush, split across ranks.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from moepress.compress.formats.base import Quantized
 from moepress.compress.quant import batched, gptq, int4
 from moepress.compress.quantize.config import QuantConfig
 from moepress.compress.quantize.group import LayerResult, quant_context, quantize_group
+from moepress.compress.quantize.stats import amax_of
 
 # working memory a batch may take (stacked weights, Hessians and factors; the pending groups'
 # float32 weights and statistics): a few hundred MB, well under one stored Kimi K2 layer (~11 GB),
@@ -41,6 +44,7 @@ class _Group:
     names: list[str]
     ws: list[torch.Tensor]
     st: object | None
+    out: Quantized | None = None  # quantized already (at add: a group nothing batches)
 
 
 def _bytes(ws: list[torch.Tensor]) -> int:
@@ -62,21 +66,25 @@ class ExpertBatch:
         self.bytes = 0
 
     def add(self, fmt: str, names: list[str], ws: list[torch.Tensor], st) -> None:
-        """As ``quantize_group(res, cfg, fmt, names, ws, st)``, later."""
+        """As ``quantize_group(res, cfg, fmt, names, ws, st)``, later (recorded in ``res`` at the flush)."""
         if self.budget is None:
             self.budget = _budget(ws[0].device, self.env)
-        self.pending.append(_Group(fmt, list(names), ws, st))
+        g = _Group(fmt, list(names), ws, st)
+        self.pending.append(g)
+        if not self.env.enabled and not _batched(g, self.cfg, self.batched_int4):
+            _quantize_now(g, self.cfg)  # nothing to batch it with: its float32 weights go now, not at the flush
+            return
         self.bytes += _bytes(ws)
         if self.bytes >= self.budget:
             self.flush()
 
     def flush(self) -> None:
         groups, self.pending, self.bytes = self.pending, [], 0
-        if not groups:
-            return
-        outs = self._quantize(groups)
-        for g, out in zip(groups, outs, strict=True):
-            quantize_group(self.res, self.cfg, g.fmt, g.names, g.ws, g.st, out=out)
+        todo = [g for g in groups if g.out is None]
+        for g, out in zip(todo, self._quantize(todo) if todo else [], strict=True):
+            g.out = out
+        for g in groups:
+            quantize_group(self.res, self.cfg, g.fmt, g.names, g.ws, g.st, out=g.out)
 
     def _quantize(self, groups: list[_Group]) -> list[Quantized]:
         """Every group's quantizer output; under torchrun each rank computes a contiguous share."""
@@ -88,6 +96,16 @@ class ExpertBatch:
         device = groups[0].ws[0].device
         every = dist.all_gather_shares([_moved(q, "cpu") for q in part], env)
         return [_moved(q, device) for q in every]
+
+
+def _quantize_now(g: _Group, cfg: QuantConfig) -> None:
+    """``g`` through its format's one-by-one quantizer, as :func:`quantize_groups` would at the flush; what
+    ``quantize_group`` reads of it later is kept: the output, the weights' width and device, the input's amax
+    (not the float32 weights, the Hessian or the row sample: 6 MB an expert of tests/test_quant_memory's
+    1024 x 512 experts, 176 MB of weights and a 29 MB sample for one of Kimi K2's 7168 x 2048)."""
+    g.out = formats.FORMATS[g.fmt].quantize(g.ws, quant_context(cfg, g.st))
+    g.ws = [w.new_empty((0, w.shape[1])) for w in g.ws]
+    g.st = amax_of(g.st)
 
 
 def _budget(device: torch.device, env: dist.DistEnv) -> int:
@@ -118,8 +136,7 @@ def quantize_groups(groups: list[_Group], cfg: QuantConfig, batched_int4: bool =
     outs: list[Quantized | None] = [None] * len(groups)
     by_key: dict[tuple, list[int]] = {}
     for i, g in enumerate(groups):
-        opts = _int4_options(g.fmt) if batched_int4 else None
-        if opts is not None and _gptq_rounded(g, cfg, opts):
+        if _batched(g, cfg, batched_int4):
             by_key.setdefault((g.fmt, len(g.ws), tuple(g.ws[0].shape)), []).append(i)
         else:
             outs[i] = formats.FORMATS[g.fmt].quantize(g.ws, quant_context(cfg, g.st))
@@ -130,6 +147,12 @@ def quantize_groups(groups: list[_Group], cfg: QuantConfig, batched_int4: bool =
         for i, q in zip(idx, int4_batch([groups[i] for i in idx], cfg, **_int4_options(fmt)), strict=True):
             outs[i] = q
     return outs
+
+
+def _batched(g: _Group, cfg: QuantConfig, batched_int4: bool) -> bool:
+    """Does :func:`quantize_groups` batch this group (an INT4 group that GPTQ rounds)?"""
+    opts = _int4_options(g.fmt) if batched_int4 else None
+    return opts is not None and _gptq_rounded(g, cfg, opts)
 
 
 def _gptq_rounded(g: _Group, cfg: QuantConfig, opts: dict) -> bool:

@@ -183,6 +183,16 @@ def amax_only(x: torch.Tensor | None) -> LinearStats:
     return st
 
 
+def amax_of(st: LinearStats | None) -> LinearStats | None:
+    """Only the amax of ``st`` (None: None), the rest let go: what recording a group whose quantizer has
+    run still reads (its static input scale, compress/quantize/group.py quantize_group)."""
+    if st is None:
+        return None
+    kept = LinearStats(hessian=False)
+    kept.amax = st.amax
+    return kept
+
+
 def with_amax(st: LinearStats, x: torch.Tensor | None) -> LinearStats:
     """A view of ``st`` whose amax is that of the rows ``x`` (None without rows): statistics from one
     token set, the static input scale from another."""
