@@ -262,6 +262,11 @@ class StreamedModel:
             src = view
         return src.weight(name, dtype) if name.endswith(".weight") else src.get(name).to(dtype)
 
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """Stored tensor ``name`` in the compute dtype (float32 for the routers the family keeps so), decoded, on
+        the stream's device."""
+        return self._read(name)
+
     def _stored_of(self, name: str) -> dict[str, torch.Tensor]:
         """``name`` and its companions (scales) as stored: what decoding it on a device needs."""
         stem = name[: -len(".weight")] if name.endswith(".weight") else name

@@ -55,3 +55,38 @@ def test_routed_expert_statistics_come_from_its_own_tokens(monkeypatch):
         torch.testing.assert_close(std.S, h_e.double().T @ h_e.double(), rtol=1e-6, atol=1e-6)
         checked += 1
     assert checked >= 2, checked  # the premise: experts above the rule exist (measured: 16)
+
+
+
+def test_experts_let_go_of_their_stored_weights_once_quantized_with_the_same_bytes(tmp_path, monkeypatch):
+    """An expert's stored bf16 weights go as soon as its groups are quantized (FP8: when added,
+    compress/quantize/experts.py; calibrated.py _let_go), not at the layer's end; the input scale of the
+    --rule FP8 expert no calibration token reached is made from its weights after that, read again from the
+    checkpoint. The shards are those of a run that keeps every weight to the layer's end."""
+    import hashlib
+
+    import moepress.compress.quantize.stage as stage_mod
+    from moepress.compress.quantize import quantize_checkpoint
+
+    cfg = QuantConfig(format="int4-gptq", rules=(("model.layers.1.mlp.experts.9.*", "fp8"),), num_samples=2,
+                      seq_len=32)  # test_quant's expert without peers that saw tokens
+    held, reread = [], []  # per layer: quantized linears still holding their weight when the layer is done
+    apply, read = stage_mod.apply_fake_quant, StreamedModel._read
+
+    def spy_apply(layer, res):
+        mods = dict(layer.named_modules())
+        held.append({n for n in res.modules if mods[n].weight.numel()})
+        apply(layer, res)
+
+    monkeypatch.setattr(stage_mod, "apply_fake_quant", spy_apply)
+    monkeypatch.setattr(StreamedModel, "_read", lambda self, n, view=None: reread.append(n) or read(self, n, view))
+    quantize_checkpoint(models.path("tiny-qwen3-moe"), tmp_path / "a", cfg)
+    assert not {f"mlp.experts.9.{p}" for p in ("gate_proj", "up_proj", "down_proj")} & held[1]
+    assert "model.layers.1.mlp.experts.9.gate_proj.weight" in reread
+    monkeypatch.setattr(CalibratedLayer, "_let_go", lambda self, names, out: None)  # kept to the layer's end
+    quantize_checkpoint(models.path("tiny-qwen3-moe"), tmp_path / "b", cfg)
+
+    def shards(d):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("*.safetensors"))}
+
+    assert shards(tmp_path / "a") == shards(tmp_path / "b") and shards(tmp_path / "a")

@@ -57,7 +57,7 @@ from moepress.compress.quantize.stats import (
     shared_input_groups,
     with_amax,
 )
-from moepress.compress.stream import StreamedModel
+from moepress.compress.stream import StoredLinear, StreamedModel
 
 # k_scale / v_scale = amax / 448 of the keys / values the attention caches (compress/quant/kv.py)
 KV_SCALES = ("self_attn.k_scale", "self_attn.v_scale")
@@ -223,6 +223,11 @@ class CalibratedLayer:
             self.layer_stats.add(X)
         expert_groups: list[tuple[int, str, list[str]]] = []
         self.batch = ExpertBatch(self.res, self.cfg, self.env)  # their quantize_group calls, batched (experts.py)
+        sm, prefix = self.sm, self.sm.adapter.layer_prefix(self.i)
+        # for experts whose weights _let_go dropped: read again from the checkpoint, float32 (bf16 -> float32 is
+        # exact: the values the layer's StoredLinear weight gave). Not a method of self: the weights would hold
+        # self in a reference cycle, and with it the layer's result until the garbage collector ran
+        self.weights.reread = lambda n: sm.read_tensor(f"{prefix}{n}.weight")
         for e, ex in enumerate(self.moe.experts):
             toks = (idx == e).any(-1).nonzero().squeeze(-1) if idx is not None else torch.zeros(0, dtype=torch.long)
             x_e = X[toks] if X is not None else None
@@ -256,12 +261,25 @@ class CalibratedLayer:
             self._record_evidence(e, tokens, rule, (g, d), x_e)
         groups = []
         for fmt, names in by_format([n for n in (g, u) if fmt_of[n] is not None], fmt_of).items():
-            self.batch.add(fmt, names, [wx[n] for n in names], st_gu)
+            self._let_go(names, self.batch.add(fmt, names, [wx[n] for n in names], st_gu))
             groups.append((e, "gate_up", names))
         if fmt_of[d] is not None:
-            self.batch.add(fmt_of[d], [d], [wx[d]], st_d)
+            self._let_go([d], self.batch.add(fmt_of[d], [d], [wx[d]], st_d))
             groups.append((e, "down", [d]))
         return groups
+
+    def _let_go(self, names: list[str], out) -> None:
+        """The stored weights of linears quantized already (``out``: ExpertBatch.add's, None while pending),
+        let go now rather than at the layer's end, so the layer's stored experts shrink as their outputs
+        grow (the fp8 peak of tests/test_quant_memory.py held both: -36 MB). Nothing reads them again: a
+        sequential run's next forward dequantizes the output (apply_fake_quant drops them anyway), and the
+        input scale of experts no peer's tokens reached reads them from the checkpoint (``weights.reread``)."""
+        if out is None or out.skipped is not None:
+            return
+        for n in names:
+            m = self.linears[n]
+            if isinstance(m, StoredLinear):
+                m.weight = nn.Parameter(m.weight.new_empty(0), requires_grad=False)
 
     def _expert_stats(self, ex, gud: tuple[str, str, str], X: torch.Tensor | None, x_e: torch.Tensor | None,
                       rule: str, wx: dict[str, torch.Tensor]) -> tuple[LinearStats, LinearStats | None]:

@@ -65,18 +65,20 @@ class ExpertBatch:
         self.pending: list[_Group] = []
         self.bytes = 0
 
-    def add(self, fmt: str, names: list[str], ws: list[torch.Tensor], st) -> None:
-        """As ``quantize_group(res, cfg, fmt, names, ws, st)``, later (recorded in ``res`` at the flush)."""
+    def add(self, fmt: str, names: list[str], ws: list[torch.Tensor], st) -> Quantized | None:
+        """As ``quantize_group(res, cfg, fmt, names, ws, st)``, later (recorded in ``res`` at the flush).
+        Returns the quantizer's output where the group was quantized now, else None (pending)."""
         if self.budget is None:
             self.budget = _budget(ws[0].device, self.env)
         g = _Group(fmt, list(names), ws, st)
         self.pending.append(g)
         if not self.env.enabled and not _batched(g, self.cfg, self.batched_int4):
             _quantize_now(g, self.cfg)  # nothing to batch it with: its float32 weights go now, not at the flush
-            return
+            return g.out
         self.bytes += _bytes(ws)
         if self.bytes >= self.budget:
             self.flush()
+        return None
 
     def flush(self) -> None:
         groups, self.pending, self.bytes = self.pending, [], 0

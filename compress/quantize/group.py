@@ -95,12 +95,19 @@ class FloatWeights(dict):
     """``weights[name]``: that linear's weight in float32, made when asked and not kept (a
     float32 layer's weight itself; a bf16 :class:`StoredLinear`'s, a transient copy)."""
 
+    # a linear whose weight the layer let go once quantized (compress/quantize/calibrated.py _let_go): name ->
+    # its stored weight in float32, read again
+    reread: Callable[[str], torch.Tensor] | None = None
+
     def __init__(self, linears: dict[str, nn.Linear]):
         super().__init__()
         self._linears = linears
 
     def __missing__(self, name: str) -> torch.Tensor:
-        return self._linears[name].weight.detach().float()
+        m = self._linears[name]
+        if self.reread is not None and m.weight.numel() == 0 and m.in_features and m.out_features:
+            return self.reread(name)
+        return m.weight.detach().float()
 
     def get(self, name, default=None):  # noqa: D102  (dict.get skips __missing__)
         return self[name] if name in self._linears else default
