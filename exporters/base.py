@@ -43,10 +43,15 @@ class Exporter:
     # its refusals of the source model's config.json that no prune or quantize changes (onnx: the activation),
     # called as (src, adapter, reader) by the export and by run's preflight, before any stage
     refuse_source: Callable[[object, object, object], None] | None = None
+    # exports only a moepress quantize output: the formats a refusal of a bf16 source may name, in order
+    # (hints.quantize_first keeps those whose plain quantize it takes)
+    quantized_only: tuple[str, ...] = ()
 
-    def refuse_family(self, family: str, src, where: str = "") -> None:
-        """One line if it writes no ``family`` model (``where``: the option that asked, default --format)."""
+    def refuse_family(self, family: str, src, where: str = "", other: str | None = None) -> None:
+        """One line if it writes no ``family`` model (``where``: the option that asked, default --format; ``other``:
+        what to do instead, default ``other_families``)."""
         if self.families is not None and family not in self.families:
-            other = self.other_families(src) if callable(self.other_families) else self.other_families
+            if other is None:
+                other = self.other_families(src) if callable(self.other_families) else self.other_families
             raise MoepressError(f"{where or '--format ' + self.name}: not available for {family} models ({src}); "
                                 f"it supports {', '.join(self.families)}" + (f"; {other}" if other else ""))

@@ -83,16 +83,17 @@ from moepress.exporters.hf_common import (
     tensor_groups,
     unquantized_modules,
 )
-from moepress.exporters.hints import fused_blocks_route, int4_routes
+from moepress.exporters.hints import fused_blocks_route, int4_routes, quantize_first
 
 # moepress format -> compressed-tensors format, for the formats that have one (Format.ct_format)
 SUPPORTED = {n: f.ct_format for n, f in formats.FORMATS.items() if f.ct_format}
+FIRST = ("fp8", "fp8-dynamic", "fp8-block", "int4-gptq")  # what a bf16 source is quantized to first
 
 
 def _schemes(src: Path, s) -> tuple[dict[tuple[str, int | None], object], str]:
     """The compressed-tensors scheme of each (format, group size) the source holds (Format.ct_scheme;
     targets ["Linear"] when there is one, else the module names), and the one CT format they share."""
-    require_layout(s, "compressed-tensors", "fp8 (or fp8-dynamic, fp8-block, int4-gptq)")
+    require_layout(s, "compressed-tensors", lambda: quantize_first(s, "compressed-tensors", FIRST))
     fmts = s.formats
     # first what has no form at all (w4a8-awq, folded or not), so that the --awq-fold hint below is never a loop
     bad = sorted(fmts - set(SUPPORTED))
@@ -339,5 +340,5 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
 EXPORTER = Exporter(
     "compressed-tensors", export_compressed_tensors, description="compressed-tensors checkpoint (float-quantized FP8, "
     "pack-quantized INT4, nvfp4- / mxfp4-pack-quantized) written through the compressed-tensors library",
-    consumers="vLLM, transformers (CompressedTensors), SGLang",
+    consumers="vLLM, transformers (CompressedTensors), SGLang", quantized_only=FIRST,
 )

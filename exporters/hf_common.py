@@ -8,7 +8,7 @@ one decoder layer per shard (``writer.end_shard()`` at each layer boundary).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +75,12 @@ def any_block_grid(model) -> bool:
     return any(block_ok((o, i), k == "routed") for k, o, i, _ in model_shape(model).linears)
 
 
-def require_layout(s: Source, fmt: str, hint: str) -> dict:
-    """The source's moepress quantize layout; else a one-line error naming what to run first."""
+def require_layout(s: Source, fmt: str, hint: Callable[[], str]) -> dict:
+    """The source's moepress quantize layout; else a one-line error naming what to run first (``hint()``: the
+    formats, hints.quantize_first)."""
     if s.layout is None:
         raise MoepressError(f"--format {fmt} needs a quantized checkpoint: {s.path} has no moepress_quant.json "
-                            f"(run moepress quantize --format {hint} first)")
+                            f"(run moepress quantize --format {hint()} first)")
     if not s.layout.get("modules"):
         skipped = s.layout.get("skipped") or []
         why = (f"e.g. {skipped[0]['module']}: {skipped[0]['reason']}" if skipped else "quantized with --format none"

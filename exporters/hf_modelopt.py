@@ -91,9 +91,11 @@ from moepress.exporters.hints import (
     alike_group,
     block_experts_route,
     ct_route,
+    elsewhere,
     fused_blocks_route,
     int4_routes,
     modelopt_named_experts,
+    quantize_first,
     quantizes_experts,
 )
 from moepress.exporters.modelopt_misloads import MLA_FUSED_A, misloads, refuse_block_fp8_mla, written
@@ -275,9 +277,15 @@ def taken_route(route: str, s, src: Path) -> str:
     return route
 
 
+def elsewhere_taken(s) -> str:
+    """hints.elsewhere's way for a checkpoint trtllm-ckpt refuses, hf-modelopt only where hf-modelopt takes it as it
+    is (:func:`taken_route`): fp8-dynamic experts, or experts left bf16 by a --rule, were sent there in vain."""
+    return taken_route(elsewhere(s), s, s.path)
+
+
 def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
     s = open_source(src)
-    modules = require_layout(s, "hf-modelopt", "fp8 (or w4a8-awq, nvfp4)")["modules"]
+    modules = require_layout(s, "hf-modelopt", lambda: quantize_first(s, "hf-modelopt", FIRST))["modules"]
     refuse_hf_modelopt(s, src, modules)
     r = s.reader
     count, dropped = 0, []
@@ -314,10 +322,11 @@ def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
             "quantized_linears": len(modules), "exclude_modules": len(exclude), "dropped": dropped, **declared}
 
 
+FIRST = ("fp8", "w4a8-awq", "nvfp4")  # what a bf16 source is quantized to first (Exporter.quantized_only)
 EXPORTER = Exporter(
     "hf-modelopt", export_hf_modelopt, description="Hugging Face checkpoint with modelopt's hf_quant_config.json "
     "(FP8, NVFP4, W4A8_AWQ for Mixtral / Qwen3-MoE experts, fp8_pb_wo for other linears; block-FP8 and INT4 "
     "weight-only experts refused) from a "
     "moepress quantize output",
-    consumers="TensorRT-LLM (PyTorch backend); vLLM, SGLang for FP8 / NVFP4",
+    consumers="TensorRT-LLM (PyTorch backend); vLLM, SGLang for FP8 / NVFP4", quantized_only=FIRST,
 )

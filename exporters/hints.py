@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from moepress.compress import formats
+from moepress.compress.quant.int4 import effective_group
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
 from moepress.exporters.fused_moe import (
@@ -50,6 +51,40 @@ def quantizes_experts(s, fmt: str) -> bool:
         return False
     unit = f.split_unit[1] if f.split_unit and f.scale in ("group", "block") else 1
     return all(w % unit == 0 for w in widths)
+
+
+def decoder_linears(s) -> list[str]:
+    """Every decoder-layer linear but the routers (what a plain ``quantize --format F`` gives F), from the headers."""
+    a, r = s.adapter, s.reader
+    routers = tuple(a.router_prefix(i) for i in range(a.num_layers))
+    return [n[: -len(".weight")] for i in range(a.num_layers) for n in r.layer_names(i)
+            if n.endswith(".weight") and len(r.info(n).shape) == 2 and not n.startswith(routers)]
+
+
+def plain_quantize(s, fmt: str, export: str) -> str | None:
+    """The quantize flags (``--format F``, with the --group-size it needs) whose output of the bf16 source ``s`` the
+    ``export`` (hf-modelopt, compressed-tensors) takes, or None: routed experts its runtimes load
+    (Format.modelopt_experts_why), quantized whole and alike (:func:`quantizes_experts`; INT4 at a group every
+    expert width takes: fused_moe.refuse_unlike), block FP8 in whole 128-row fused parts and 128-wide inputs
+    (fused_moe.partial_fused_blocks, refuse_partial_input_groups). What a refusal of ``s`` may name."""
+    f = formats.FORMATS[fmt]
+    if (export == "hf-modelopt" and f.modelopt_experts_why(s.adapter.family)) or not quantizes_experts(s, fmt):
+        return None
+    if f.scale == "block":
+        modules = {n: {"format": fmt} for n in decoder_linears(s)}
+        if partial_fused_blocks(s, modules) or any(s.reader.info(n + ".weight").shape[1] % 128 for n in modules):
+            return None
+    widths = expert_widths(s)
+    if f.element == "int4" and len({effective_group(w, max(GROUP_SIZES)) for w in widths}) > 1:
+        return f"{fmt} --group-size {max(common_groups(widths))}"
+    return fmt
+
+
+def quantize_first(s, export: str, candidates: tuple[str, ...]) -> str:
+    """"F (or G, H --group-size N)": the ``candidates`` whose plain quantize ``export`` takes (:func:`plain_quantize`),
+    for the refusal of a bf16 source (hf_common.require_layout); "fp8" should none."""
+    ways = [w for w in (plain_quantize(s, f, export) for f in candidates) if w] or ["fp8"]
+    return ways[0] + (f" (or {', '.join(ways[1:])})" if ways[1:] else "")
 
 
 def alike_experts(s, modules: dict) -> bool:

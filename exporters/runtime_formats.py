@@ -60,11 +60,11 @@ def _check_hf_modelopt(t: Target, fmt: str, shape: ModelShape, kind: str = "hf-m
                    and not (shape.num_experts and formats.FORMATS[a].modelopt_experts_why(shape.family)),
                    f"no format an {'' if kind == 'hf-modelopt' else kind + ' or '}hf-modelopt export holds runs there "
                    f"with {shape.family} experts TensorRT-LLM loads; export the original bf16 model as {kinds}",
-                   to="hf-modelopt")
+                   to="hf-modelopt", shape=shape)
 
 
 def _refuse_export(t: Target, fmt: str, kind: str, ok, bf16_step: str, suffix: str = "",
-                   to: str | None = None) -> None:
+                   to: str | None = None, shape: ModelShape | None = None) -> None:
     """check_format(t, fmt, ok), its refusal reworded for an export of ``kind`` (whose format ``build`` cannot
     change): the format check_format suggests becomes a re-quantize then this export again (or export ``to``);
     bf16 ``bf16_step``."""
@@ -74,9 +74,22 @@ def _refuse_export(t: Target, fmt: str, kind: str, ok, bf16_step: str, suffix: s
     except MoepressError as e:
         why, _, alt = str(e).removeprefix(f"--format {fmt}: ").partition(": use ")
         alt = alt.split(" (")[0]
+        rules = mla_rules(shape, alt) if to == "hf-modelopt" and shape is not None else ""
         step = bf16_step if alt == UNQUANTIZED else \
-            f"re-quantize the original model with --format {alt}, then export {to}" + (" again" if to == kind else "")
+            f"re-quantize the original model with --format {alt}{rules}, then export {to}" + \
+            (" again" if to == kind else "")
         raise MoepressError(f"the {kind} export is {fmt}: {why}: {step}{suffix}") from None
+
+
+def mla_rules(shape: ModelShape, fmt: str) -> str:
+    """The --rule flags that keep bf16 what TensorRT-LLM's DeepSeek-V3 / Kimi K2 loader misreads in an hf-modelopt
+    export of ``fmt`` (modelopt_misloads.trtllm_misloads, which `moepress build` refuses: export.json misloaded_by):
+    the MLA kv_b_proj in any format, q_a / kv_a in FP8 per tensor or channel. Empty for a model without MLA."""
+    if shape.kv_heads:  # MLA: its latent cache is not split in KV heads (shape.py)
+        return ""
+    fused_a = formats.FORMATS[fmt].scale in ("tensor", "channel")
+    parts = ("kv_b_proj", *(("q_a_proj", "kv_a_proj_with_mqa") if fused_a else ()))
+    return "".join(f" --rule 'self_attn.{p}=none'" for p in parts)
 
 
 def trtllm_experts_problem(shape: ModelShape, t: Target, fmt: str) -> str | None:

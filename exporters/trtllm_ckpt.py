@@ -62,8 +62,8 @@ from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import pattern
 from moepress.exporters.hf_common import FLOAT_DTYPES, Source, open_source
-from moepress.exporters.hf_modelopt import taken_route
-from moepress.exporters.hints import HF_MODELOPT, elsewhere
+from moepress.exporters.hf_modelopt import elsewhere_taken
+from moepress.exporters.hints import HF_MODELOPT
 from moepress.exporters.kv_cache import kv_split_problem
 from moepress.exporters.linears import Linear, read_linear
 
@@ -154,7 +154,7 @@ def _quant_algo(reader: CheckpointReader, adapter) -> tuple[str | None, str | No
     lin = read_linear(reader, quantized[0], "--format trtllm-ckpt", WRITES)
     if lin.scheme != "tensor":  # FP8 per tensor: TensorRT-LLM QuantAlgo FP8
         raise MoepressError(f"--format trtllm-ckpt: {reader.path} is quantized as {lin.stored_as}, which this exporter "
-                            f"does not write: it writes {WRITES}; {elsewhere(_source(reader, adapter))}")
+                            f"does not write: it writes {WRITES}; {elsewhere_taken(_source(reader, adapter))}")
     _refuse_partly_fp8(reader, adapter, linears)
     return "FP8", kv
 
@@ -171,7 +171,7 @@ def _refuse_partly_fp8(reader: CheckpointReader, adapter, linears: list[str]) ->
     if plain:
         raise MoepressError(f"--format trtllm-ckpt: {reader.path} has {len(plain)} decoder linears not in FP8 per "
                             f"tensor ({pattern(plain)}); this exporter writes one quant_algo for every linear but "
-                            f"the routers; for mixed precision: {elsewhere(_source(reader, adapter))}")
+                            f"the routers; for mixed precision: {elsewhere_taken(_source(reader, adapter))}")
 
 
 def refuse_unwritten_attention(src: Path, adapter, reader) -> None:
@@ -182,20 +182,20 @@ def refuse_unwritten_attention(src: Path, adapter, reader) -> None:
     kind, act = adapter.build_rotary().rope_type, getattr(c, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has hidden_act {act!r}; this exporter writes a "
-                            f"SiLU-gated MLP (hidden_act swiglu): {elsewhere(open_source(src))}")
+                            f"SiLU-gated MLP (hidden_act swiglu): {elsewhere_taken(open_source(src))}")
     if kind != "default":
         raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has rope_type {kind!r} (rope scaling), which "
                             "this exporter does not write (TensorRT-LLM's PyTorch backend reads it from config.json): "
-                            f"{elsewhere(open_source(src))}")
+                            f"{elsewhere_taken(open_source(src))}")
     biased = [n for n in reader.names() if n.endswith(".bias")]
     if biased:  # written, the config below would say attn_bias false and the engine would run without them
         raise MoepressError(f"--format trtllm-ckpt: {src} stores {len(biased)} linear biases (e.g. {biased[0]}), which "
-                            f"this exporter does not write: {elsewhere(open_source(src))}")
+                            f"this exporter does not write: {elsewhere_taken(open_source(src))}")
     w = getattr(c, "sliding_window", None)
     if w is not None and int(w) < int(c.max_position_embeddings):
         raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has sliding_window {w} (shorter than max_position"
                             f"_embeddings {c.max_position_embeddings}), which this exporter does not write (TensorRT-"
-                            f"LLM's PyTorch backend reads it from config.json): {elsewhere(open_source(src))}")
+                            f"LLM's PyTorch backend reads it from config.json): {elsewhere_taken(open_source(src))}")
 
 
 def trtllm_config(adapter, cfg, quant_algo, kv_algo) -> dict:
@@ -407,7 +407,7 @@ def _other_families(src) -> str:
     where = "DeepSeek-V3 / Kimi K2 run only in TensorRT-LLM's PyTorch backend (no trtllm-build engine path)"
     try:
         s = open_source(Path(src))
-        return f"{where}; for this checkpoint: {taken_route(elsewhere(s), s, Path(src))}"
+        return f"{where}; for this checkpoint: {elsewhere_taken(s)}"
     except MoepressError:
         return f"{where}: {HF_MODELOPT}"
 

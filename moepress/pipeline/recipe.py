@@ -243,6 +243,7 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
     from moepress.compress.arch import get_adapter
     from moepress.compress.checkpoint import CheckpointReader
     from moepress.exporters import exporters
+    from moepress.pipeline.export_routes import other_exports, refuse_unquantized
 
     formats = (recipe.get("export") or {}).get("formats") or []
     if not formats:
@@ -252,19 +253,28 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
     family, reg = adapter.family, exporters()
     for fmt in formats:
         if fmt in reg:
-            reg[fmt].refuse_family(family, model, where=f"recipe export.formats {fmt}")
+            other = None  # what the family refusal names: for a recipe that quantizes, its output's, not the model's
+            if recipe.get("quantize") and reg[fmt].families is not None and family not in reg[fmt].families:
+                other = other_exports(recipe, model, fmt, reg)
+            reg[fmt].refuse_family(family, model, where=f"recipe export.formats {fmt}", other=other)
             if reg[fmt].refuse_source is not None:
                 with recipe_keys(src, "export"):
                     reg[fmt].refuse_source(model, adapter, reader)
+    refuse_unquantized(recipe, model, formats, reg)
     refuse_written_formats(recipe, formats, reg)
     refuse_modelopt_experts(recipe, family, formats)
-    refuse_ct_forms(recipe, formats)
+    refuse_ct_forms(recipe, formats, model)
     fusing = [f for f in ("compressed-tensors", "hf-modelopt") if f in formats]
     if fusing and recipe.get("quantize"):
         with recipe_keys(src, "export"):
             refuse_fused_blocks(recipe, model, fusing)
     if adapter.experts_key():
-        refuse_ct_expert_groups(recipe, formats, [adapter.hidden_size, adapter.moe_intermediate_size()])
+        refuse_ct_expert_groups(recipe, formats, expert_inputs(adapter))
+
+
+def expert_inputs(adapter) -> list[int]:
+    """The routed experts' in_features: hidden size (gate / up), expert width (down)."""
+    return [adapter.hidden_size, adapter.moe_intermediate_size()]
 
 
 def refuse_written_formats(recipe: dict, exports: list[str], reg: dict) -> None:
@@ -281,10 +291,12 @@ def refuse_written_formats(recipe: dict, exports: list[str], reg: dict) -> None:
                                 f"expected {' or '.join(ok) if len(ok) < 3 else 'one of ' + ', '.join(ok)}")
 
 
-def refuse_ct_forms(recipe: dict, exports: list[str]) -> None:
+def refuse_ct_forms(recipe: dict, exports: list[str], model: Path | None = None) -> None:
     """compressed-tensors after a quantize whose one format (no rules) has no compressed-tensors form, or keeps AWQ's
-    pre_quant_scale unfolded (exporters/compressed_tensors.py refuses both at export, after prune and quantize)."""
+    pre_quant_scale unfolded (exporters/compressed_tensors.py refuses both at export, after prune and quantize); the
+    refusal names the quantize changes this preflight takes (export_routes.ct_ways; ``model``: None names none)."""
     from moepress.compress import formats
+    from moepress.pipeline.export_routes import ct_ways
 
     q = recipe.get("quantize") or {}
     f = formats.FORMATS.get(q.get("format") or "")
@@ -292,11 +304,13 @@ def refuse_ct_forms(recipe: dict, exports: list[str]) -> None:
         return
     where = f"recipe export.formats compressed-tensors: quantize.format {f.name}"
     if not f.ct_format:
-        raise MoepressError(f"{where} has no compressed-tensors form; expected one of "
-                            f"{', '.join(n for n, g in formats.FORMATS.items() if g.ct_format)}")
+        ways = ct_ways(recipe, model, [(n, {"format": n}) for n, g in formats.FORMATS.items() if g.ct_format])
+        raise MoepressError(f"{where} has no compressed-tensors form; expected one of {', '.join(ways)}")
     if f.awq and not q.get("awq_fold"):
+        ways = ct_ways(recipe, model, [("quantize.awq_fold: true (AWQ folded into the norms)", {"awq_fold": True}),
+                                       ("quantize.format int4-gptq", {"format": "int4-gptq"})])
         raise MoepressError(f"{where} keeps AWQ's pre_quant_scale, which has no compressed-tensors form; expected "
-                            "quantize.awq_fold: true (AWQ folded into the norms), or int4-gptq")
+                            f"{' or '.join(ways)}")
 
 
 def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
@@ -306,6 +320,7 @@ def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
     asked of the linears the quantize section (format and rules) gives a format, before prune and quantize (a prune
     keeps every non-expert linear and its rows)."""
     from moepress.calib.config import CalibConfig
+    from moepress.compress import formats
     from moepress.compress.quantize import QuantConfig
     from moepress.compress.quantize.free import model_linear_names
     from moepress.compress.stream import StreamedModel
@@ -314,6 +329,9 @@ def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
     from moepress.exporters.hf_modelopt import refuse_partial_fused_q_k_v
 
     cfg = QuantConfig.from_recipe(recipe["quantize"], CalibConfig.from_recipe(recipe["calib"]))
+    given_formats = {cfg.format, *(f for _, f in cfg.rules)} & set(formats.FORMATS)
+    if all(formats.FORMATS[f].scale != "block" for f in given_formats):
+        return  # no block format: nothing to check (and no model to stream)
     s = open_source(model)
     given = {full: cfg.format_of(rel, full) for rel, full in model_linear_names(StreamedModel(model, prefetch=False))}
     modules = {full: {"format": fmt} for full, fmt in given.items() if fmt}
