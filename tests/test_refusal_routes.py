@@ -76,9 +76,9 @@ def _alternatives(msg: str, refusing: str) -> list[tuple[dict, str]]:
     "run moepress quantize --format F first", "export X", "use --format X") and recipe keys ("expected
     quantize.format F or G", "quantize.group_size N", "quantize.awq_fold: true", "export.formats X")."""
     hint, out = msg.split(": ", 1)[1], []
-    for flags, ex in re.findall(rf"quantize (?:with|them and the linears fused with them in another format) "
-                                rf"\(?([^;]*?)\)?, then export ({FMT})", hint):
-        out += [(c, ex) for c in _flags(flags)]
+    for *flags, ex in re.findall(rf"quantize (?:with (.*?)|them and the linears fused with them in another format "
+                                rf"\((.*?)\)), then export ({FMT})", hint):
+        out += [(c, ex) for c in _flags(flags[0] or flags[1])]
     hint = re.sub(rf"quantize (?:with|them[^;]*?) [^;]*?, then export {FMT}", "", hint)
     for flags in re.findall(r"quantize with ([^;,]*)", hint):  # then this export again
         fmts = re.search(rf"--format ({FMT}(?: or {FMT})*)", flags)
@@ -86,12 +86,15 @@ def _alternatives(msg: str, refusing: str) -> list[tuple[dict, str]]:
             out += [(c, refusing) for c in _flags(re.sub(r"--format \S+( or \S+)*", f"--format {f}" if f else "",
                                                          flags))]
     hint = re.sub(r"quantize with [^;,]*", "", hint)
+    for f in re.findall(rf"\(moepress quantize --format ({FMT})\)", hint):  # what the refusing export writes
+        out.append(({"format": f}, refusing))
     for flags in re.findall(r"run moepress quantize (.*?) first", hint):
         out += [(c, refusing) for c in _flags(flags)]
     for names in re.findall(rf"(?:export|use --format|export\.formats) ({FMT}(?:(?:, | or ){FMT})*)", hint):
         out += [({}, ex) for ex in re.split(r", | or ", names) if ex in EXPORTS]
     out += [({}, ex) for ex in re.findall(rf"\(({FMT}) takes them\)", hint)]
-    expected = hint.rpartition("; expected ")[2] if "; expected " in hint else ""
+    # a preflight's "expected" names recipe values (an export's describes what it writes: "expected bf16 or FP8 ...")
+    expected = hint.rpartition("; expected ")[2] if msg.startswith("recipe") and "; expected " in hint else ""
     for item in re.split(r", or |, | or ", re.sub(r"\([^)]*\)", "", expected.removeprefix("one of "))):
         group = re.search(r"quantize\.group_size (\d+)", item)
         change = {"group_size": int(group.group(1))} if group else {}

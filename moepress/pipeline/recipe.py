@@ -314,9 +314,11 @@ def refuse_ct_forms(recipe: dict, exports: list[str], model: Path | None = None)
 
 
 def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
-    """compressed-tensors or hf-modelopt after a quantize that gives fused parts (q/k/v, a dense or shared gate/up) a
-    block format with a part before the last not whole 128-row blocks: each export's own check
-    (fused_moe.partial_fused_blocks; vLLM validate_fp8_block_shape, TensorRT-LLM's ceil(rows / 128) scale grid)
+    """compressed-tensors or hf-modelopt after a quantize that gives block-FP8 routed experts that are not whole
+    128x128 blocks, block-FP8 linears whose in_features are not whole groups of 128, or fused parts (q/k/v, a dense
+    or shared gate/up) a block format with a part before the last not whole 128-row blocks: each export's own checks
+    (fused_moe.refuse_partial_blocks, refuse_partial_input_groups,
+    fused_moe.partial_fused_blocks: vLLM validate_fp8_block_shape, TensorRT-LLM's ceil(rows / 128) scale grid)
     asked of the linears the quantize section (format and rules) gives a format, before prune and quantize (a prune
     keeps every non-expert linear and its rows)."""
     from moepress.calib.config import CalibConfig
@@ -325,6 +327,7 @@ def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
     from moepress.compress.quantize.free import model_linear_names
     from moepress.compress.stream import StreamedModel
     from moepress.exporters.compressed_tensors import refuse_partial_fused_parts
+    from moepress.exporters.fused_moe import refuse_partial_blocks, refuse_partial_input_groups
     from moepress.exporters.hf_common import open_source
     from moepress.exporters.hf_modelopt import refuse_partial_fused_q_k_v
 
@@ -336,7 +339,9 @@ def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
     given = {full: cfg.format_of(rel, full) for rel, full in model_linear_names(StreamedModel(model, prefetch=False))}
     modules = {full: {"format": fmt} for full, fmt in given.items() if fmt}
     refuse = {"compressed-tensors": refuse_partial_fused_parts, "hf-modelopt": refuse_partial_fused_q_k_v}
-    for export in exports:
+    for export in exports:  # in the exports' order: the fused-block route assumes whole blocks and input groups
+        refuse_partial_blocks(s, export, modules)
+        refuse_partial_input_groups(s, export, modules)
         refuse[export](s, modules)
 
 
