@@ -150,8 +150,8 @@ def _build_alternatives(msg: str) -> list[tuple[dict, str]]:
     out = [(c, ex) for flags, ex in re.findall(rf"re-quantize the original model with (.*?), then export ({FMT})", msg)
            for c in _flags(flags)]
     bf16 = re.search(r"export the original (?:bf16 )?model as (?:a bf16 )?(.*)", msg)
-    return out + [({}, ex) for ex in re.findall(rf"({FMT})(?: \(builder|$)", bf16.group(1)) if ex in EXPORTS] \
-        if bf16 else out
+    names = re.split(r" or |, ", re.sub(r" ?\([^)]*\)", "", bf16.group(1))) if bf16 else []
+    return out + [({}, ex) for ex in names if ex in EXPORTS]
 
 
 def test_every_alternative_a_refusal_names_is_accepted(tmp_path):
