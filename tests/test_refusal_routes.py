@@ -25,7 +25,8 @@ from moepress.exporters import ExportConfig, export
 from moepress.exporters.runtime_formats import check_runtime_format
 from moepress.exporters.shape import model_shape
 from moepress.exporters.targets import TARGETS
-from moepress.pipeline.recipe import normalise, refuse_unavailable_exports
+from moepress.pipeline.preflight import refuse_unavailable_exports
+from moepress.pipeline.recipe import normalise
 
 MODELS = ("tiny-mixtral", "tiny-qwen3-moe", "tiny-deepseek-v3")
 EXPORTS = ("hf-modelopt", "hf-fp8-block", "compressed-tensors", "trtllm-ckpt", "onnx")

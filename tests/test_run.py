@@ -419,7 +419,7 @@ def test_hf_modelopt_of_experts_it_refuses_is_refused_before_any_stage(cli_run, 
 ])
 def test_recipes_hf_modelopt_takes_or_does_not_list_are_not_refused_early(quantize, exports):
     """The early refusal is for hf-modelopt after one quantize format it refuses for the experts; nothing else."""
-    from moepress.pipeline.recipe import refuse_modelopt_experts
+    from moepress.pipeline.preflight import refuse_modelopt_experts
 
     refuse_modelopt_experts({"quantize": quantize}, "qwen3_moe", exports)
     with pytest.raises(MoepressError, match="recipe export.formats hf-modelopt"):
@@ -444,7 +444,7 @@ def test_compressed_tensors_of_a_form_it_refuses_is_refused_before_any_stage(cli
     ({"format": "w4a8-awq"}, ["hf-modelopt"]),
 ])
 def test_recipes_compressed_tensors_takes_or_does_not_list_are_not_refused_early(quantize, exports):
-    from moepress.pipeline.recipe import refuse_ct_forms
+    from moepress.pipeline.preflight import refuse_ct_forms
 
     refuse_ct_forms({"quantize": quantize}, exports)
 
@@ -457,7 +457,7 @@ def test_recipes_compressed_tensors_takes_or_does_not_list_are_not_refused_early
 def test_recipes_an_exporter_writes_or_whose_rules_decide_are_not_refused_early(quantize, exports):
     """refuse_written_formats is for one quantize format alone (no rules) that the exporter does not write."""
     from moepress.exporters import exporters
-    from moepress.pipeline.recipe import refuse_written_formats
+    from moepress.pipeline.preflight import refuse_written_formats
 
     refuse_written_formats({"quantize": quantize}, exports, exporters())
     with pytest.raises(MoepressError, match="recipe export.formats onnx: quantize.format fp8-block"):
@@ -467,7 +467,7 @@ def test_recipes_an_exporter_writes_or_whose_rules_decide_are_not_refused_early(
 def test_compressed_tensors_of_int4_experts_in_two_groups_is_refused_before_any_stage(cli_run, tmp_path):
     """tiny-deepseek-v3's experts are 128 wide in, 64 wide out: group_size 128 gives down_proj groups of 64, gate /
     up groups of 128, which the compressed-tensors export refuses ("quantized 2 ways"), after quantize."""
-    from moepress.pipeline.recipe import refuse_ct_expert_groups
+    from moepress.pipeline.preflight import refuse_ct_expert_groups
 
     rec = write_recipe(tmp_path / "r.yaml", model="tiny-deepseek-v3", prune=None, quantize={"format": "int4-gptq"},
                        export={"formats": ["compressed-tensors"]})

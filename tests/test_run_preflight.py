@@ -143,7 +143,8 @@ def test_block_fp8_fused_parts_an_export_refuses_are_refused_before_any_stage(cl
     ok = write_recipe(tmp_path / "ok.yaml", model="tiny-qwen3-moe", prune=None,
                       quantize={"format": "fp8-block", "rules": {"self_attn.*": "fp8-dynamic"}},
                       export={"formats": ["compressed-tensors"]}, check=None, build=None)
-    from moepress.pipeline.recipe import load_recipe, preflight
+    from moepress.pipeline.preflight import preflight
+    from moepress.pipeline.recipe import load_recipe
 
     recipe, src = load_recipe(ok)
     from moepress import models

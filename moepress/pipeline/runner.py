@@ -38,7 +38,8 @@ from moepress.exporters import builders as builder_registry
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest
 from moepress.outputs import OutputLock, output_dir, write_text_atomic
 from moepress.pipeline.card import NO_CPU_RUNTIME, Accuracy, model_card
-from moepress.pipeline.recipe import STAGES, dump, export_config, preflight, recipe_keys
+from moepress.pipeline.preflight import preflight
+from moepress.pipeline.recipe import STAGES, dump, export_config, recipe_keys
 from moepress.progress import Progress
 
 # exports a CPU consumer here can check, and the candidate kind it runs as

@@ -1,0 +1,259 @@
+"""``moepress run``'s preflight: each stage's own checks that need nothing an earlier stage writes, asked of the
+recipe and the model before any stage runs (a bad value late in a recipe costs seconds, not the hours of prune and
+quantize before it), and what the exports need of the quantize section; a refusal of an export names only quantize
+sections and export formats this preflight itself takes (each candidate asked of these checks, so that no refusal
+sends a recipe to another refusal: tests/test_refusal_routes.py follows every one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moepress.errors import MoepressError
+from moepress.pipeline.recipe import export_config, key_where, recipe_keys
+
+
+def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
+    """Each stage's own checks that need nothing an earlier stage writes, run before any stage and before
+    the run directory is made, refused by recipe key: the prune options and the quantize rules against the
+    model, every export's options, the check's data (read and tokenized as the check will) and what the
+    exports need of the quantize format; so that a bad value late in the recipe costs seconds, not the
+    hours of prune and quantize before it."""
+    from moepress.calib.config import CalibConfig
+    from moepress.checks.config import CheckConfig
+    from moepress.checks.runner import eval_data
+    from moepress.compress.prune import PruneConfig
+    from moepress.compress.prune.stage import PruneStage
+    from moepress.exporters import refuse_config
+
+    calib = CalibConfig.from_recipe(recipe["calib"])
+    if recipe["prune"] is not None:
+        with recipe_keys(src, "prune"):
+            PruneStage(model, PruneConfig.from_recipe(recipe["prune"], calib))
+    if recipe["quantize"] is not None:  # the rules against the source's linears (a prune keeps their names)
+        from moepress.compress.quantize import QuantConfig
+        from moepress.compress.quantize.stage import check_rules, refuse_expert_index_rules
+        from moepress.compress.stream import StreamedModel
+
+        with recipe_keys(src, "quantize"):
+            sm, qcfg = StreamedModel(model, prefetch=False), QuantConfig.from_recipe(recipe["quantize"], calib)
+            check_rules(sm, qcfg)
+            if recipe["prune"] is not None:  # the prune renumbers the kept experts 0..N-1
+                refuse_expert_index_rules(sm, qcfg)
+    for fmt in (recipe.get("export") or {}).get("formats") or []:
+        with recipe_keys(src, "export"):
+            refuse_config(export_config(recipe["export"], fmt))
+    if recipe["check"] is not None:
+        with recipe_keys(src, "check"):
+            eval_data(model, CheckConfig.from_dict(recipe["check"], where=key_where(src, "check")))
+    refuse_unavailable_exports(recipe, model, src)
+
+
+def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -> None:
+    """An export format the model's family has no writer for, or whose writer refuses the model's config
+    (``Exporter.refuse_source``: an ONNX graph of a GELU MLP), refused in one line before any stage runs."""
+    from moepress.compress.arch import get_adapter
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.exporters import exporters
+
+    formats = (recipe.get("export") or {}).get("formats") or []
+    if not formats:
+        return
+    reader = CheckpointReader(model)
+    adapter = get_adapter(reader.config, reader.names())
+    family, reg = adapter.family, exporters()
+    for fmt in formats:
+        if fmt in reg:
+            other = None  # what the family refusal names: for a recipe that quantizes, its output's, not the model's
+            if recipe.get("quantize") and reg[fmt].families is not None and family not in reg[fmt].families:
+                other = other_exports(recipe, model, fmt, reg)
+            reg[fmt].refuse_family(family, model, where=f"recipe export.formats {fmt}", other=other)
+            if reg[fmt].refuse_source is not None:
+                with recipe_keys(src, "export"):
+                    reg[fmt].refuse_source(model, adapter, reader)
+    refuse_unquantized(recipe, model, formats, reg)
+    refuse_written_formats(recipe, formats, reg)
+    refuse_modelopt_experts(recipe, family, formats)
+    refuse_ct_forms(recipe, formats, model)
+    fusing = [f for f in ("compressed-tensors", "hf-modelopt") if f in formats]
+    if fusing and recipe.get("quantize"):
+        with recipe_keys(src, "export"):
+            refuse_fused_blocks(recipe, model, fusing)
+    if adapter.experts_key():
+        refuse_ct_expert_groups(recipe, formats, expert_inputs(adapter))
+
+
+def expert_inputs(adapter) -> list[int]:
+    """The routed experts' in_features: hidden size (gate / up), expert width (down)."""
+    return [adapter.hidden_size, adapter.moe_intermediate_size()]
+
+
+def refuse_written_formats(recipe: dict, exports: list[str], reg: dict) -> None:
+    """An export of a quantize format (one, no rules) its exporter does not write (Exporter.writes_format)."""
+    from moepress.compress import formats
+
+    q = recipe.get("quantize") or {}
+    f = formats.FORMATS.get(q.get("format") or "")
+    for name in exports if f is not None and not q.get("rules") else ():
+        writes = getattr(reg.get(name), "writes_format", None)
+        if writes is not None and not writes(f):
+            ok = [n for n, g in formats.produced().items() if writes(g)]
+            raise MoepressError(f"recipe export.formats {name}: quantize.format {f.name} is not a format it writes; "
+                                f"expected {' or '.join(ok) if len(ok) < 3 else 'one of ' + ', '.join(ok)}")
+
+
+def refuse_ct_forms(recipe: dict, exports: list[str], model: Path | None = None) -> None:
+    """compressed-tensors after a quantize whose one format (no rules) has no compressed-tensors form, or keeps AWQ's
+    pre_quant_scale unfolded (exporters/compressed_tensors.py refuses both at export, after prune and quantize); the
+    refusal names the quantize changes this preflight takes (:func:`ct_ways`; ``model``: None names none)."""
+    from moepress.compress import formats
+
+    q = recipe.get("quantize") or {}
+    f = formats.FORMATS.get(q.get("format") or "")
+    if "compressed-tensors" not in exports or f is None or q.get("rules"):
+        return
+    where = f"recipe export.formats compressed-tensors: quantize.format {f.name}"
+    if not f.ct_format:
+        ways = ct_ways(recipe, model, [(n, {"format": n}) for n, g in formats.FORMATS.items() if g.ct_format])
+        raise MoepressError(f"{where} has no compressed-tensors form; expected one of {', '.join(ways)}")
+    if f.awq and not q.get("awq_fold"):
+        ways = ct_ways(recipe, model, [("quantize.awq_fold: true (AWQ folded into the norms)", {"awq_fold": True}),
+                                       ("quantize.format int4-gptq", {"format": "int4-gptq"})])
+        raise MoepressError(f"{where} keeps AWQ's pre_quant_scale, which has no compressed-tensors form; expected "
+                            f"{' or '.join(ways)}")
+
+
+def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
+    """compressed-tensors or hf-modelopt after a quantize that gives block-FP8 routed experts that are not whole
+    128x128 blocks, block-FP8 linears whose in_features are not whole groups of 128, or fused parts (q/k/v, a dense
+    or shared gate/up) a block format with a part before the last not whole 128-row blocks: each export's own checks
+    (fused_moe.refuse_partial_blocks, refuse_partial_input_groups,
+    fused_moe.partial_fused_blocks: vLLM validate_fp8_block_shape, TensorRT-LLM's ceil(rows / 128) scale grid)
+    asked of the linears the quantize section (format and rules) gives a format, before prune and quantize (a prune
+    keeps every non-expert linear and its rows)."""
+    from moepress.calib.config import CalibConfig
+    from moepress.compress import formats
+    from moepress.compress.quantize import QuantConfig
+    from moepress.compress.quantize.free import model_linear_names
+    from moepress.compress.stream import StreamedModel
+    from moepress.exporters.compressed_tensors import refuse_partial_fused_parts
+    from moepress.exporters.fused_moe import refuse_partial_blocks, refuse_partial_input_groups
+    from moepress.exporters.hf_common import open_source
+    from moepress.exporters.hf_modelopt import refuse_partial_fused_q_k_v
+
+    cfg = QuantConfig.from_recipe(recipe["quantize"], CalibConfig.from_recipe(recipe["calib"]))
+    given_formats = {cfg.format, *(f for _, f in cfg.rules)} & set(formats.FORMATS)
+    if all(formats.FORMATS[f].scale != "block" for f in given_formats):
+        return  # no block format: nothing to check (and no model to stream)
+    s = open_source(model)
+    given = {full: cfg.format_of(rel, full) for rel, full in model_linear_names(StreamedModel(model, prefetch=False))}
+    modules = {full: {"format": fmt} for full, fmt in given.items() if fmt}
+    refuse = {"compressed-tensors": refuse_partial_fused_parts, "hf-modelopt": refuse_partial_fused_q_k_v}
+    for export in exports:  # in the exports' order: the fused-block route assumes whole blocks and input groups
+        refuse_partial_blocks(s, export, modules)
+        refuse_partial_input_groups(s, export, modules)
+        refuse[export](s, modules)
+
+
+def refuse_ct_expert_groups(recipe: dict, exports: list[str], widths: list[int]) -> None:
+    """compressed-tensors after an INT4 quantize (one format, no rules) whose quantize.group_size gives the routed
+    experts' projections (in_features ``widths``: hidden size for gate / up, expert width for down) unlike groups,
+    or leaves one unquantized: the export refuses such experts (exporters/fused_moe.py: vLLM takes one scheme per
+    layer's experts), after prune and quantize."""
+    from moepress.compress import formats
+    from moepress.compress.quant.int4 import effective_group
+    from moepress.exporters.fused_moe import common_groups
+
+    q = recipe.get("quantize") or {}
+    f = formats.FORMATS.get(q.get("format") or "")
+    if "compressed-tensors" not in exports or f is None or q.get("rules") or f.split_unit is not None:
+        return
+    g = int(q.get("group_size") or 128)
+    got = {w: effective_group(w, g) for w in sorted(set(widths))}
+    if len(set(got.values())) == 1 and None not in got.values():
+        return
+    fits = common_groups(got)
+    made = ", ".join(f"in_features {w}: {f'group {e}' if e else 'unquantized'}" for w, e in got.items())
+    raise MoepressError(f"recipe export.formats compressed-tensors: quantize.format {f.name} with quantize.group_size "
+                        f"{g} quantizes the routed experts unlike each other ({made}), which the export refuses (one "
+                        "scheme for a layer's experts); expected " + (f"quantize.group_size {max(fits)}" if fits else
+                                                                      "quantize.format fp8 or fp8-dynamic"))
+
+
+def refuse_modelopt_experts(recipe: dict, family: str, exports: list[str]) -> None:
+    """hf-modelopt after a quantize whose one format (no rules) gives the routed experts a form no runtime loads
+    from a Model-Optimizer checkpoint (exporters/hf_modelopt.py refuses it at export, hours later)."""
+    from moepress.compress import formats
+
+    q = recipe.get("quantize") or {}
+    f = formats.FORMATS.get(q.get("format") or "")
+    if "hf-modelopt" not in exports or f is None or q.get("rules"):
+        return
+    why = f.modelopt_experts_why(family)
+    if why:
+        raise MoepressError(f"recipe export.formats hf-modelopt: quantize.format {f.name} gives the {family} routed "
+                            f"experts a form no runtime loads from a Model-Optimizer checkpoint ({why}); expected "
+                            "hf-modelopt removed from export.formats"
+                            + (" (hf-fp8-block takes them)" if f.modelopt_moe_why else ""))
+
+
+def refuse_unquantized(recipe: dict, model: Path, exports: list[str], reg: dict) -> None:
+    """An export of a moepress quantize output only (Exporter.quantized_only: hf-modelopt, compressed-tensors) in a
+    recipe without a quantize section whose model is no quantize output either (the export refused it after prune),
+    naming the quantize formats it takes (hints.plain_quantize)."""
+    from moepress.exporters.hf_common import open_source
+    from moepress.exporters.hints import plain_quantize
+
+    for name in exports if recipe.get("quantize") is None else ():
+        if getattr(reg.get(name), "quantized_only", ()) and (s := open_source(model)).layout is None:
+            ways = [w.replace(" --group-size ", " with quantize.group_size ") for w in
+                    (plain_quantize(s, f, name) for f in reg[name].quantized_only) if w] or ["fp8"]
+            raise MoepressError(f"recipe export.formats {name}: it exports a moepress quantize output and the recipe "
+                                f"has no quantize section; expected quantize.format "
+                                f"{', '.join(ways[:-1])}{' or ' if ways[1:] else ''}{ways[-1]}")
+
+
+def ct_ways(recipe: dict, model: Path | None, changes: list[tuple[str, dict]]) -> list[str]:
+    """The ``changes`` (label, quantize keys) after which this preflight's compressed-tensors checks take the recipe,
+    each with the quantize.group_size an INT4 format needs (the largest that quantizes the experts alike)."""
+    from moepress.compress import formats
+    from moepress.compress.arch import get_adapter
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.compress.quantize.config import GROUP_SIZES
+
+    if model is None:
+        return [label for label, _ in changes]
+    reader = CheckpointReader(model)
+    adapter = get_adapter(reader.config, reader.names())
+    widths = expert_inputs(adapter) if adapter.experts_key() else []
+    ways = []
+    for label, change in changes:
+        q = {**recipe["quantize"], **change}
+        f = formats.FORMATS[q["format"]]
+        for g in (None, *sorted(GROUP_SIZES, reverse=True)) if f.element == "int4" else (None,):
+            r = {**recipe, "quantize": {**q, **({"group_size": g} if g else {})}}
+            try:
+                refuse_ct_forms(r, ["compressed-tensors"])  # no model: its refusal names no ways
+                if f.scale == "block":
+                    refuse_fused_blocks(r, model, ["compressed-tensors"])
+                refuse_ct_expert_groups(r, ["compressed-tensors"], widths)
+            except MoepressError:
+                continue
+            ways.append(label + (f" with quantize.group_size {g}" if g else ""))
+            break
+    return ways
+
+
+def other_exports(recipe: dict, model: Path, fmt: str, reg: dict) -> str:
+    """For the family refusal of export ``fmt``: the other exports this preflight takes of the recipe's quantize
+    output (the exporter's own hint reads the model, which the quantize changes)."""
+    ways = []
+    for other in (x for x in reg if x != fmt):
+        try:
+            refuse_unavailable_exports({**recipe, "export": {**recipe["export"], "formats": [other]}}, model)
+        except MoepressError:
+            continue
+        ways.append(other)
+    q = recipe["quantize"]
+    what = f"quantize.format {q['format']}" if q.get("format") and not q.get("rules") else "its quantize section"
+    return (f"for this recipe ({what}): expected export.formats {', '.join(ways[:-1])}{' or ' if ways[1:] else ''}"
+            f"{ways[-1]}" if ways else "")
