@@ -14,6 +14,7 @@ quantizes otherwise; build sent DeepSeek from hf-fp8-block on an L4 to an fp8 hf
 
 from __future__ import annotations
 
+import ast
 import functools
 import re
 
@@ -42,7 +43,7 @@ def _preflight(model: str, q: dict | None, ex: str) -> str | None:
 
 @functools.cache
 def _preflight_of(model: str, q: str, ex: str) -> str | None:
-    raw = {"model": model, "quantize": eval(q), "export": {"formats": [ex]}, "check": None}
+    raw = {"model": model, "quantize": ast.literal_eval(q), "export": {"formats": [ex]}, "check": None}
     try:
         refuse_unavailable_exports(normalise(raw), models.path(model))
     except MoepressError as e:
