@@ -35,6 +35,9 @@ COMPANION_SUFFIXES = (
 )
 
 LayerCallback = Callable[[int, DecoderLayer], None]
+# stored dtypes of linear weights a keep_stored stream keeps as stored and decodes at each call (StoredLinear.keep):
+# FP8 weights (DeepSeek / Kimi K2 block FP8, Model-Optimizer FP8) have the layer's shape and a decoder
+KEPT_QUANTIZED = ("F8_E4M3",)
 
 READ_AHEAD_BYTES = 256 << 20
 MMAP_THRESHOLD = 128 << 10
@@ -110,18 +113,44 @@ def read_ahead(reader: CheckpointReader, names: Iterable[str], budget: int = REA
 
 
 class StoredLinear(nn.Linear):
-    """An ``nn.Linear`` whose weight stays as stored (bf16) and is cast to the input's dtype at
-    each call, or, once quantized, is kept quantized (``qweight``: a function returning the
-    dequantized weight) and dequantized at each call. bf16 -> float32 is exact, so the float32
-    forward is bit-identical to one over a float32 copy of the layer, at half the memory
-    (a quarter / an eighth once FP8 / INT4). Still an ``nn.Linear``: hooks and names unchanged.
+    """An ``nn.Linear`` whose weight stays as stored and is made in the input's dtype at each call:
+    bf16 cast (bf16 -> float32 is exact), or a weight stored quantized (FP8: DeepSeek / Kimi K2 block
+    FP8, Model-Optimizer FP8) kept as stored with its scales (:meth:`keep`) and decoded by the
+    checkpoint's own decoder; once quantized by moepress it is kept quantized (``qweight``: a
+    function returning the dequantized weight) and dequantized at each call. Each gives the values
+    a float32 copy of the layer holds, so the forward is bit-identical to one over such a copy, at
+    half the memory (bf16), a quarter (FP8; an eighth once INT4). Still an ``nn.Linear``: hooks and
+    names unchanged.
     """
 
     qweight: Callable[[], torch.Tensor] | None = None
+    kept: tuple[str, ...] = ()  # checkpoint names of the stored tensors kept as buffers kept_0, kept_1, ...
+
+    def keep(self, reader, name: str, stored: dict[str, torch.Tensor]) -> None:
+        """Keep the weight ``name`` as stored (``stored``: it and its scales), decoded at each call. Its
+        ``weight`` is a meta tensor of the layer's shape: code reading it instead of :meth:`stored_weight`
+        fails loudly rather than computing with undecoded bytes."""
+        self.kept_reader, self.kept_name, self.kept = reader, name, tuple(stored)
+        for j, t in enumerate(stored.values()):
+            self.register_buffer(f"kept_{j}", t, persistent=False)  # moved and released with the layer
+
+    def stored_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The stored weight in ``dtype``: decoded (kept quantized) or cast (bf16)."""
+        if self.kept:
+            raw = {n: getattr(self, f"kept_{j}") for j, n in enumerate(self.kept)}
+            return LayerView(self.kept_reader, raw).weight(self.kept_name, dtype)
+        return self.weight.to(dtype)
+
+    def drop_stored(self) -> None:
+        """Let go of the stored weight (the layer is quantized: ``qweight`` or nothing reads it again)."""
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+        for j in range(len(self.kept)):
+            del self._buffers[f"kept_{j}"]
+        self.kept = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.qweight() if self.qweight is not None else self.weight
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        w = self.qweight().to(x.dtype) if self.qweight is not None else self.stored_weight(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
 class _OnDevice:
@@ -146,8 +175,9 @@ class StreamedModel:
 
     ``dtype`` is the compute dtype (float32 for exact comparisons); router tensors that the
     family keeps in float32 stay float32. ``keep_stored=True``: linear weights stored in bf16
-    stay bf16 in the layer (:class:`StoredLinear`, same results), which halves the memory of a
-    float32 stream; big checkpoints need it to stay within ~2x a stored layer.
+    stay bf16 in the layer, those stored in FP8 stay FP8 with their scales (:class:`StoredLinear`,
+    same results), which halves (quarters) the memory of a float32 stream; big checkpoints need it
+    to stay within ~2x a stored layer.
     ``read_ahead_bytes``: how far the background reader runs ahead of the layer being built.
     ``release_layers=True``: a layer :meth:`layers` yielded goes to the meta device when the next is
     asked for, before that one is read (the caller's loop variable still names it then); tensors
@@ -170,6 +200,7 @@ class StreamedModel:
         self.release_layers = release_layers
         bound_heap()
         self._linear_keys: dict[int, set[str]] = {}
+        self._kept: dict[str, dict[str, torch.Tensor]] = {}  # read_layer_state -> build_layer (keep)
         self._shapes: dict[tuple, tuple[dict[str, tuple[int, ...]], set[str]]] = {}  # by adapter.layer_shape_key
         self._rotary = None
         self._pos_cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -267,10 +298,11 @@ class StreamedModel:
         the stream's device."""
         return self._read(name)
 
-    def _stored_of(self, name: str) -> dict[str, torch.Tensor]:
+    def _stored_of(self, name: str, view: LayerView | None = None) -> dict[str, torch.Tensor]:
         """``name`` and its companions (scales) as stored: what decoding it on a device needs."""
         stem = name[: -len(".weight")] if name.endswith(".weight") else name
-        return {n: self.ckpt.get(n) for n in [name] + [stem + s for s in COMPANION_SUFFIXES] if n in self.ckpt}
+        src = view if view is not None else self.ckpt
+        return {n: src.get(n) for n in [name] + [stem + s for s in COMPANION_SUFFIXES] if n in self.ckpt}
 
     def read_layer_raw(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's tensors as stored (what the prefetch thread reads ahead)."""
@@ -294,10 +326,15 @@ class StreamedModel:
             name = prefix + key
             if name not in self.ckpt:
                 raise MoepressError(f"{self._where()}: tensor '{name}' is missing from the checkpoint")
-            if self.keep_stored and key in self._linear_keys[i] and self.ckpt.info(name).dtype == "BF16" \
-                    and self.dtype != torch.bfloat16:
+            stored = self.ckpt.info(name).dtype if self.keep_stored and key in self._linear_keys[i] else None
+            if stored == "BF16" and self.dtype != torch.bfloat16:
                 t = (view or self.ckpt).get(name)  # as stored; StoredLinear casts at each call
                 t = self.uploader.upload({name: t})[name] if view is None else t
+            elif stored in KEPT_QUANTIZED and self.dtype == torch.float32 and not self.adapter.keep_fp32(name):
+                # as stored with its scales (StoredLinear.keep, in build_layer); the state holds its shape only
+                raw = self._stored_of(name, view)
+                self._kept[name] = raw if view is not None else self.uploader.upload(raw)
+                t = torch.empty(self.ckpt.info(name).shape, dtype=torch.float8_e4m3fn, device="meta")
             else:
                 t = self._read(name, view)
             check_shape(self._where(), name, t.shape, shape)
@@ -308,9 +345,12 @@ class StreamedModel:
         with torch.device("meta"):
             layer = self.adapter.build_layer(i)
         layer.load_state_dict(state, assign=True, strict=True)
-        for m in layer.modules():
+        prefix, kept, self._kept = self.adapter.layer_prefix(i), self._kept, {}
+        for n, m in layer.named_modules():
             if type(m) is nn.Linear and m.weight.dtype != self.dtype:
                 m.__class__ = StoredLinear
+                if f"{prefix}{n}.weight" in kept:
+                    m.keep(self.ckpt, f"{prefix}{n}.weight", kept[f"{prefix}{n}.weight"])
         # a quantized checkpoint's layer runs its activation fake-quant: the stream is its forward
         fake_quant.prepare_layer(self.ckpt if self.uploader.on_cpu else self._on_device,
                                  self.adapter.layer_prefix(i), layer)

@@ -258,3 +258,25 @@ def killed_runs(jobs: list[dict]) -> list[int]:
         Path(job["log"]).write_text(p.stdout + p.stderr)
         codes.append(p.returncode)
     return codes
+
+
+def to_block_fp8(src, dst):
+    """Write src as a DeepSeek block-FP8 checkpoint: every decoder-layer linear weight but the router."""
+    from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+    from moepress.compress.quant.fp8 import quantize_block
+
+    reader = CheckpointReader(src)
+    with CheckpointWriter(dst, max_shard_bytes=200_000) as w:
+        for name in reader.names():
+            t = reader.get(name)
+            if ".layers." in name and name.endswith(".weight") and t.ndim == 2 and ".gate.weight" not in name:
+                q, s = quantize_block(t.float())
+                w.add(name, q)
+                w.add(name[: -len(".weight")] + ".weight_scale_inv", s)
+            else:
+                w.add(name, t)
+        cfg = dict(reader.config)
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}
+        w.write_json("config.json", cfg)
+        w.copy_aux_files(src)

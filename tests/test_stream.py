@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import make_random_checkpoint
+from helpers import make_random_checkpoint, to_block_fp8
 from moepress.calib.data import eval_batches
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
 from moepress.compress.quant.fp8 import dequantize_block, quantize_block
@@ -35,25 +35,6 @@ def test_random_checkpoint_streamed_matches_transformers(tmp_path, family):
     for prefetch in (True, False):
         got = StreamedModel(str(ckpt), prefetch=prefetch).forward([ids])[0]
         assert (got - want).abs().max().item() <= 1e-4
-
-
-def to_block_fp8(src, dst):
-    """Write src as a DeepSeek block-FP8 checkpoint: every decoder-layer linear weight but the router."""
-    reader = CheckpointReader(src)
-    with CheckpointWriter(dst, max_shard_bytes=200_000) as w:
-        for name in reader.names():
-            t = reader.get(name)
-            if ".layers." in name and name.endswith(".weight") and t.ndim == 2 and ".gate.weight" not in name:
-                q, s = quantize_block(t.float())
-                w.add(name, q)
-                w.add(name[: -len(".weight")] + ".weight_scale_inv", s)
-            else:
-                w.add(name, t)
-        cfg = dict(reader.config)
-        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                      "weight_block_size": [128, 128]}
-        w.write_json("config.json", cfg)
-        w.copy_aux_files(src)
 
 
 def test_block_fp8_deepseek_streamed_equals_transformers_on_dequantized(tmp_path):

@@ -209,7 +209,8 @@ class CalibratedLayer:
         """The weights handed to ``fmt``'s quantizer: as stored where it reads them exactly (the INT4
         quantizer, formats/_int4.py: no float32 copy of a wide weight next to its Hessian), else float32.
         Folded weights (fold.py FoldedWeights) are always made by ``self.weights``."""
-        if type(self.weights) is FloatWeights and _int4.reads_stored(FORMATS[fmt]):
+        if type(self.weights) is FloatWeights and _int4.reads_stored(FORMATS[fmt]) \
+                and not any(getattr(self.linears[n], "kept", ()) for n in names):  # FP8 as stored: not values
             return [self.linears[n].weight.detach() for n in names]
         return [self.weights[n] for n in names]
 
@@ -279,7 +280,7 @@ class CalibratedLayer:
         for n in names:
             m = self.linears[n]
             if isinstance(m, StoredLinear):
-                m.weight = nn.Parameter(m.weight.new_empty(0), requires_grad=False)
+                m.drop_stored()
 
     def _expert_stats(self, ex, gud: tuple[str, str, str], X: torch.Tensor | None, x_e: torch.Tensor | None,
                       rule: str, wx: dict[str, torch.Tensor]) -> tuple[LinearStats, LinearStats | None]:

@@ -105,6 +105,8 @@ class FloatWeights(dict):
 
     def __missing__(self, name: str) -> torch.Tensor:
         m = self._linears[name]
+        if isinstance(m, StoredLinear) and m.kept:  # stored quantized: decoded
+            return m.stored_weight(torch.float32)
         if self.reread is not None and m.weight.numel() == 0 and m.in_features and m.out_features:
             return self.reread(name)
         return m.weight.detach().float()
@@ -136,7 +138,7 @@ def apply_fake_quant(layer, res: LayerResult) -> None:
         m = mods[n]
         if isinstance(m, StoredLinear):
             m.qweight = _dequantizer(w, s, f, t)
-            m.weight = nn.Parameter(torch.empty(0, dtype=m.weight.dtype), requires_grad=False)
+            m.drop_stored()
             continue
         deq = _dequantizer(w, s, f, t)()
         m.weight.data.copy_(deq)  # in place: no second copy of the layer's weights
