@@ -334,7 +334,7 @@ class StreamedModel:
                 # as stored with its scales (StoredLinear.keep, in build_layer); the state holds its shape only
                 raw = self._stored_of(name, view)
                 self._kept[name] = raw if view is not None else self.uploader.upload(raw)
-                t = torch.empty(self.ckpt.info(name).shape, dtype=torch.float8_e4m3fn, device="meta")
+                t = torch.empty(shape, dtype=torch.float8_e4m3fn, device="meta")  # FP8: stored shape checked
             else:
                 t = self._read(name, view)
             check_shape(self._where(), name, t.shape, shape)
