@@ -175,9 +175,11 @@ class StreamedModel:
 
     ``dtype`` is the compute dtype (float32 for exact comparisons); router tensors that the
     family keeps in float32 stay float32. ``keep_stored=True``: linear weights stored in bf16
-    stay bf16 in the layer, those stored in FP8 stay FP8 with their scales (:class:`StoredLinear`,
-    same results), which halves (quarters) the memory of a float32 stream; big checkpoints need it
-    to stay within ~2x a stored layer.
+    stay bf16 in the layer (:class:`StoredLinear`, same results), which halves the memory of a
+    float32 stream; big checkpoints need it to stay within ~2x a stored layer. ``keep_fp8=True``
+    (with it): those stored in FP8 stay FP8 with their scales, a quarter of float32, for a stage that
+    reads weights only through :meth:`StoredLinear.stored_weight` (quantize; not prune, whose merge
+    rewrites weights in place).
     ``read_ahead_bytes``: how far the background reader runs ahead of the layer being built.
     ``release_layers=True``: a layer :meth:`layers` yielded goes to the meta device when the next is
     asked for, before that one is read (the caller's loop variable still names it then); tensors
@@ -188,7 +190,8 @@ class StreamedModel:
     """
 
     def __init__(self, source: str | CheckpointReader, *, dtype: torch.dtype = torch.float32,
-                 prefetch: bool = True, keep_stored: bool = False, read_ahead_bytes: int | None = None,
+                 prefetch: bool = True, keep_stored: bool = False, keep_fp8: bool = False,
+                 read_ahead_bytes: int | None = None,
                  release_layers: bool = False, device: torch.device | str | None = None):
         self.ckpt = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
         self.to(device)
@@ -196,6 +199,7 @@ class StreamedModel:
         self.dtype = dtype
         self.prefetch = prefetch
         self.keep_stored = keep_stored
+        self.keep_fp8 = keep_stored and keep_fp8
         self.read_ahead_bytes = read_ahead_bytes
         self.release_layers = release_layers
         bound_heap()
@@ -330,7 +334,8 @@ class StreamedModel:
             if stored == "BF16" and self.dtype != torch.bfloat16:
                 t = (view or self.ckpt).get(name)  # as stored; StoredLinear casts at each call
                 t = self.uploader.upload({name: t})[name] if view is None else t
-            elif stored in KEPT_QUANTIZED and self.dtype == torch.float32 and not self.adapter.keep_fp32(name):
+            elif self.keep_fp8 and stored in KEPT_QUANTIZED and self.dtype == torch.float32 \
+                    and not self.adapter.keep_fp32(name):
                 # as stored with its scales (StoredLinear.keep, in build_layer); the state holds its shape only
                 raw = self._stored_of(name, view)
                 self._kept[name] = raw if view is not None else self.uploader.upload(raw)
