@@ -413,3 +413,20 @@ def test_block_fp8_experts_beside_other_formats_are_sent_where_they_are_taken(tm
     q2 = tmp_path / "q2"
     assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-o", q2, "--quiet").exit_code == 0
     assert cli_run("export", q2, "--format", "hf-fp8-block", "-o", tmp_path / "fb", "--quiet").exit_code == 0
+
+
+def test_bf16_refusal_names_only_formats_the_export_takes(exported, tmp_path_factory):
+    """A bf16 source ("needs a quantized checkpoint") was sent to fixed formats: DeepSeek-V3 to w4a8-awq for
+    hf-modelopt, which refuses its INT4 experts; experts 40 wide beside hidden 72 to fp8-block and int4-gptq at
+    the default group for compressed-tensors, refused there (partial blocks; two INT4 groups). Every format the
+    hint names (with the --group-size it gives) now quantizes into a checkpoint that export takes (found by
+    helper P, session 38, on random models of shapes the bundled ones lack)."""
+    odd = _random(tmp_path_factory, "qwen3_moe", "tiny-qwen3-moe", hidden_size=72, moe_intermediate_size=40)
+    for model, ex in (("tiny-deepseek-v3", "hf-modelopt"), (odd, "compressed-tensors")):
+        msg = exported((model, None), ex)
+        named = re.search(r"quantize --format (.*?) first", msg or "")
+        assert named, msg
+        first, _, others = named.group(1).partition(" (or ")
+        for way in [first] + (others.rstrip(")").split(", ") if others else []):
+            fmt, _, group = way.partition(" --group-size ")
+            assert exported((model, fmt, int(group or 128), False), ex) is None, (way, msg)
