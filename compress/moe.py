@@ -10,6 +10,8 @@ That gives observers and quantizers one hook point per expert linear, and a laye
 Routing functions live in the family adapters and replicate transformers exactly.
 :class:`AttentionObserver` shows the key / value states a transformers attention module caches
 (what FP8 KV-cache scales are measured on), leaving its output unchanged.
+:class:`StoredLinear` is the linear a streamed layer holds where its weight stays as stored (bf16, FP8
+with its scales) or as quantized, made in the input's dtype at each call.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from moepress.compress.checkpoint import LayerView
 
 # route(moe, x2d) -> (router_logits, topk_weights [T, k], topk_indices [T, k])
 RouteFn = Callable[["SparseMoE", torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -227,3 +232,44 @@ class AttentionObserver:
     def remove(self) -> None:
         self.attn.config = self.config
         del self.attn.moepress_observer
+
+
+class StoredLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight stays as stored and is made in the input's dtype at each call:
+    bf16 cast (bf16 -> float32 is exact), or a weight stored quantized (FP8: DeepSeek / Kimi K2 block
+    FP8, Model-Optimizer FP8) kept as stored with its scales (:meth:`keep`) and decoded by the
+    checkpoint's own decoder; once quantized by moepress it is kept quantized (``qweight``: a
+    function returning the dequantized weight) and dequantized at each call. Each gives the values
+    a float32 copy of the layer holds, so the forward is bit-identical to one over such a copy, at
+    half the memory (bf16), a quarter (FP8; an eighth once INT4). Still an ``nn.Linear``: hooks and
+    names unchanged.
+    """
+
+    qweight: Callable[[], torch.Tensor] | None = None
+    kept: tuple[str, ...] = ()  # checkpoint names of the stored tensors kept as buffers kept_0, kept_1, ...
+
+    def keep(self, reader, name: str, stored: dict[str, torch.Tensor]) -> None:
+        """Keep the weight ``name`` as stored (``stored``: it and its scales), decoded at each call. Its
+        ``weight`` is a meta tensor of the layer's shape: code reading it instead of :meth:`stored_weight`
+        fails loudly rather than computing with undecoded bytes."""
+        self.kept_reader, self.kept_name, self.kept = reader, name, tuple(stored)
+        for j, t in enumerate(stored.values()):
+            self.register_buffer(f"kept_{j}", t, persistent=False)  # moved and released with the layer
+
+    def stored_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The stored weight in ``dtype``: decoded (kept quantized) or cast (bf16)."""
+        if self.kept:
+            raw = {n: getattr(self, f"kept_{j}") for j, n in enumerate(self.kept)}
+            return LayerView(self.kept_reader, raw).weight(self.kept_name, dtype)
+        return self.weight.to(dtype)
+
+    def drop_stored(self) -> None:
+        """Let go of the stored weight (the layer is quantized: ``qweight`` or nothing reads it again)."""
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+        for j in range(len(self.kept)):
+            del self._buffers[f"kept_{j}"]
+        self.kept = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.qweight().to(x.dtype) if self.qweight is not None else self.stored_weight(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))

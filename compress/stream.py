@@ -21,7 +21,7 @@ from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import CheckpointReader, LayerView
 from moepress.compress.checkpoint.buffers import BufferPool
 from moepress.compress.formats import fake_quant
-from moepress.compress.moe import DecoderLayer
+from moepress.compress.moe import DecoderLayer, StoredLinear
 from moepress.device import Uploader
 from moepress.errors import MoepressError
 from moepress.memwatch import glibc
@@ -110,47 +110,6 @@ def read_ahead(reader: CheckpointReader, names: Iterable[str], budget: int = REA
             del t
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-class StoredLinear(nn.Linear):
-    """An ``nn.Linear`` whose weight stays as stored and is made in the input's dtype at each call:
-    bf16 cast (bf16 -> float32 is exact), or a weight stored quantized (FP8: DeepSeek / Kimi K2 block
-    FP8, Model-Optimizer FP8) kept as stored with its scales (:meth:`keep`) and decoded by the
-    checkpoint's own decoder; once quantized by moepress it is kept quantized (``qweight``: a
-    function returning the dequantized weight) and dequantized at each call. Each gives the values
-    a float32 copy of the layer holds, so the forward is bit-identical to one over such a copy, at
-    half the memory (bf16), a quarter (FP8; an eighth once INT4). Still an ``nn.Linear``: hooks and
-    names unchanged.
-    """
-
-    qweight: Callable[[], torch.Tensor] | None = None
-    kept: tuple[str, ...] = ()  # checkpoint names of the stored tensors kept as buffers kept_0, kept_1, ...
-
-    def keep(self, reader, name: str, stored: dict[str, torch.Tensor]) -> None:
-        """Keep the weight ``name`` as stored (``stored``: it and its scales), decoded at each call. Its
-        ``weight`` is a meta tensor of the layer's shape: code reading it instead of :meth:`stored_weight`
-        fails loudly rather than computing with undecoded bytes."""
-        self.kept_reader, self.kept_name, self.kept = reader, name, tuple(stored)
-        for j, t in enumerate(stored.values()):
-            self.register_buffer(f"kept_{j}", t, persistent=False)  # moved and released with the layer
-
-    def stored_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The stored weight in ``dtype``: decoded (kept quantized) or cast (bf16)."""
-        if self.kept:
-            raw = {n: getattr(self, f"kept_{j}") for j, n in enumerate(self.kept)}
-            return LayerView(self.kept_reader, raw).weight(self.kept_name, dtype)
-        return self.weight.to(dtype)
-
-    def drop_stored(self) -> None:
-        """Let go of the stored weight (the layer is quantized: ``qweight`` or nothing reads it again)."""
-        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
-        for j in range(len(self.kept)):
-            del self._buffers[f"kept_{j}"]
-        self.kept = ()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.qweight().to(x.dtype) if self.qweight is not None else self.stored_weight(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
 class _OnDevice:
