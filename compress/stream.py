@@ -24,7 +24,7 @@ from moepress.compress.formats import fake_quant
 from moepress.compress.moe import DecoderLayer, StoredLinear
 from moepress.device import Uploader
 from moepress.errors import MoepressError
-from moepress.memwatch import glibc
+from moepress.memwatch import bound_heap
 
 # Tensors stored next to a weight by quantized formats; a layer module has no parameter
 # for them, the checkpoint's weight decoders consume them.
@@ -40,27 +40,6 @@ LayerCallback = Callable[[int, DecoderLayer], None]
 KEPT_QUANTIZED = ("F8_E4M3",)
 
 READ_AHEAD_BYTES = 256 << 20
-MMAP_THRESHOLD = 128 << 10
-_heap_bounded = False
-
-
-def bound_heap() -> None:
-    """Make glibc serve buffers of 128 KB and more with mmap, so a freed layer goes back to the OS.
-
-    glibc's default threshold grows (up to 32 MB) as large blocks are freed, after which weight
-    and activation buffers come from the heap and freed ones stay there, fragmented, so a streamed
-    stage's memory grows layer after layer (tests/test_quant_memory.py bounds it). A no-op where
-    the C library is not glibc.
-    """
-    global _heap_bounded
-    if _heap_bounded:
-        return
-    _heap_bounded = True
-    libc = glibc()
-    if libc is not None:
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (also stops its dynamic growth)
-
-
 def check_shape(where: str, name: str, got, expected: tuple[int, ...]) -> None:
     """A stored (or decoded) tensor's shape against the one config.json implies: a one-line refusal naming it."""
     if tuple(got) != tuple(expected):

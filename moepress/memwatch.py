@@ -49,7 +49,7 @@ def reset_hwm() -> bool:
 
 def glibc():
     """The process's glibc (``ctypes.CDLL``), loaded once; None where the C library is not glibc. The heap
-    policy of the streamed stages (compress/stream.py ``bound_heap``, :func:`trim_heap`) goes through it."""
+    policy of the streamed stages (:func:`bound_heap`, :func:`trim_heap`) goes through it."""
     global _libc
     if _libc is None:
         try:
@@ -65,7 +65,7 @@ def glibc():
 def trim_heap() -> None:
     """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``: the free top of every arena and,
     since glibc 2.8, the whole free pages inside it). Blocks under the mmap threshold (compress/stream.py
-    ``bound_heap``) that a layer's work freed stay in the heap, fragmented, and the resident set creeps up
+    :func:`bound_heap`) that a layer's work freed stay in the heap, fragmented, and the resident set creeps up
     layer after layer; a stage bound to stored layers calls this between layers. A no-op where the C
     library is not glibc."""
     libc = glibc()
@@ -130,3 +130,24 @@ class HostPeak:
             self.peak = self._sampler.peak
         else:
             self.peak = max(hwm(), rss(), self._carried)
+
+
+MMAP_THRESHOLD = 128 << 10
+_heap_bounded = False
+
+
+def bound_heap() -> None:
+    """Make glibc serve buffers of 128 KB and more with mmap, so a freed layer goes back to the OS.
+
+    glibc's default threshold grows (up to 32 MB) as large blocks are freed, after which weight
+    and activation buffers come from the heap and freed ones stay there, fragmented, so a streamed
+    stage's memory grows layer after layer (tests/test_quant_memory.py bounds it). A no-op where
+    the C library is not glibc.
+    """
+    global _heap_bounded
+    if _heap_bounded:
+        return
+    _heap_bounded = True
+    libc = glibc()
+    if libc is not None:
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (also stops its dynamic growth)

@@ -2,7 +2,7 @@
 
 A streamed stage reads every stored byte once, tensor after tensor. Into fresh buffers, each read
 costs the kernel a page fault and a zeroed page per 4 KiB (glibc serves blocks of 128 KB and more
-with fresh mmaps: compress/stream.py ``bound_heap``), and the unmap when it is freed: about as much
+with fresh mmaps: moepress/memwatch.py ``bound_heap``), and the unmap when it is freed: about as much
 CPU time as quantizing the bytes. A :class:`BufferPool` lends page-aligned blocks (anonymous mmaps,
 so O_DIRECT can read into them) and takes each one back when the last tensor using its memory is
 freed, whoever holds it and for however long (a quantizer, the shard writer, a layer module):
@@ -19,7 +19,7 @@ from collections import deque
 
 import torch
 
-POOL_MIN_BYTES = 128 << 10  # smaller blocks come from glibc's heap (compress/stream.py MMAP_THRESHOLD): no faults
+POOL_MIN_BYTES = 128 << 10  # smaller blocks come from glibc's heap (moepress/memwatch.py MMAP_THRESHOLD): no faults
 GRAIN = 64 << 10  # block sizes are rounded up to this, so tensors of nearly the same size share blocks
 
 
