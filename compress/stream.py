@@ -35,11 +35,14 @@ COMPANION_SUFFIXES = (
 )
 
 LayerCallback = Callable[[int, DecoderLayer], None]
-# stored dtypes of linear weights a keep_stored stream keeps as stored and decodes at each call (StoredLinear.keep):
-# FP8 weights (DeepSeek / Kimi K2 block FP8, Model-Optimizer FP8) have the layer's shape and a decoder
-KEPT_QUANTIZED = ("F8_E4M3",)
+# stored dtypes of linear weights a keep_quantized stream keeps as stored and decodes at each call
+# (StoredLinear.keep): FP8 (DeepSeek / Kimi K2 block FP8, Model-Optimizer FP8), packed INT4 (compressed-tensors
+# pack-quantized: Kimi K2 Thinking's experts), packed FP4 (MXFP4, NVFP4)
+KEPT_QUANTIZED = ("F8_E4M3", "I32", "U8")
 
 READ_AHEAD_BYTES = 256 << 20
+
+
 def check_shape(where: str, name: str, got, expected: tuple[int, ...]) -> None:
     """A stored (or decoded) tensor's shape against the one config.json implies: a one-line refusal naming it."""
     if tuple(got) != tuple(expected):
@@ -114,8 +117,9 @@ class StreamedModel:
     ``dtype`` is the compute dtype (float32 for exact comparisons); router tensors that the
     family keeps in float32 stay float32. ``keep_stored=True``: linear weights stored in bf16
     stay bf16 in the layer (:class:`StoredLinear`, same results), which halves the memory of a
-    float32 stream; big checkpoints need it to stay within ~2x a stored layer. ``keep_fp8=True``
-    (with it): those stored in FP8 stay FP8 with their scales, a quarter of float32, for a stage that
+    float32 stream; big checkpoints need it to stay within ~2x a stored layer. ``keep_quantized=True``
+    (with it): those stored quantized (FP8, packed INT4 / FP4) stay so with their scales, a quarter (an
+    eighth) of float32, for a stage that
     reads weights only through :meth:`StoredLinear.stored_weight` (quantize; not prune, whose merge
     rewrites weights in place).
     ``read_ahead_bytes``: how far the background reader runs ahead of the layer being built.
@@ -128,7 +132,7 @@ class StreamedModel:
     """
 
     def __init__(self, source: str | CheckpointReader, *, dtype: torch.dtype = torch.float32,
-                 prefetch: bool = True, keep_stored: bool = False, keep_fp8: bool = False,
+                 prefetch: bool = True, keep_stored: bool = False, keep_quantized: bool = False,
                  read_ahead_bytes: int | None = None,
                  release_layers: bool = False, device: torch.device | str | None = None):
         self.ckpt = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
@@ -137,7 +141,7 @@ class StreamedModel:
         self.dtype = dtype
         self.prefetch = prefetch
         self.keep_stored = keep_stored
-        self.keep_fp8 = keep_stored and keep_fp8
+        self.keep_quantized = keep_stored and keep_quantized
         self.read_ahead_bytes = read_ahead_bytes
         self.release_layers = release_layers
         bound_heap()
@@ -244,7 +248,9 @@ class StreamedModel:
         """``name`` and its companions (scales) as stored: what decoding it on a device needs."""
         stem = name[: -len(".weight")] if name.endswith(".weight") else name
         src = view if view is not None else self.ckpt
-        return {n: src.get(n) for n in [name] + [stem + s for s in COMPANION_SUFFIXES] if n in self.ckpt}
+        # names the files hold (a packed weight's ``.weight`` is an alias the reader decodes: not stored)
+        return {n: src.get(n) for n in [name] + [stem + s for s in COMPANION_SUFFIXES]
+                if n in self.ckpt and self.ckpt.info(n).name == n}
 
     def read_layer_raw(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's tensors as stored (what the prefetch thread reads ahead)."""
@@ -272,12 +278,14 @@ class StreamedModel:
             if stored == "BF16" and self.dtype != torch.bfloat16:
                 t = (view or self.ckpt).get(name)  # as stored; StoredLinear casts at each call
                 t = self.uploader.upload({name: t})[name] if view is None else t
-            elif self.keep_fp8 and stored in KEPT_QUANTIZED and self.dtype == torch.float32 \
+            elif self.keep_quantized and stored in KEPT_QUANTIZED and self.dtype == torch.float32 \
                     and not self.adapter.keep_fp32(name):
                 # as stored with its scales (StoredLinear.keep, in build_layer); the state holds its shape only
                 raw = self._stored_of(name, view)
+                if self._stored_shape(name) is None:  # packed: its decoded shape, checked once (FP8: the header's)
+                    check_shape(self._where(), name, LayerView(self.ckpt, raw).weight(name).shape, shape)
                 self._kept[name] = raw if view is not None else self.uploader.upload(raw)
-                t = torch.empty(shape, dtype=torch.float8_e4m3fn, device="meta")  # FP8: stored shape checked
+                t = torch.empty(shape, dtype=torch.float8_e4m3fn, device="meta")
             else:
                 t = self._read(name, view)
             check_shape(self._where(), name, t.shape, shape)
