@@ -10,8 +10,8 @@ That gives observers and quantizers one hook point per expert linear, and a laye
 Routing functions live in the family adapters and replicate transformers exactly.
 :class:`AttentionObserver` shows the key / value states a transformers attention module caches
 (what FP8 KV-cache scales are measured on), leaving its output unchanged.
-:class:`StoredLinear` is the linear a streamed layer holds where its weight stays as stored (bf16, FP8
-with its scales) or as quantized, made in the input's dtype at each call.
+:class:`StoredLinear` is the linear a streamed layer holds where its weight stays as stored (bf16, or
+quantized with its scales) or as moepress quantized it, made in the input's dtype at each call.
 """
 
 from __future__ import annotations
@@ -237,12 +237,12 @@ class AttentionObserver:
 class StoredLinear(nn.Linear):
     """An ``nn.Linear`` whose weight stays as stored and is made in the input's dtype at each call:
     bf16 cast (bf16 -> float32 is exact), or a weight stored quantized (FP8: DeepSeek / Kimi K2 block
-    FP8, Model-Optimizer FP8) kept as stored with its scales (:meth:`keep`) and decoded by the
-    checkpoint's own decoder; once quantized by moepress it is kept quantized (``qweight``: a
-    function returning the dequantized weight) and dequantized at each call. Each gives the values
-    a float32 copy of the layer holds, so the forward is bit-identical to one over such a copy, at
-    half the memory (bf16), a quarter (FP8; an eighth once INT4). Still an ``nn.Linear``: hooks and
-    names unchanged.
+    FP8, Model-Optimizer FP8; packed INT4 / FP4: Kimi K2 Thinking's experts, MXFP4, NVFP4) kept as
+    stored with its scales (:meth:`keep`) and decoded by the checkpoint's own decoder; once quantized
+    by moepress it is kept quantized (``qweight``: a function returning the dequantized weight) and
+    dequantized at each call. Each gives the values a float32 copy of the layer holds, so the forward
+    is bit-identical to one over such a copy, at half the memory (bf16), a quarter (FP8) or about an
+    eighth (INT4). Still an ``nn.Linear``: hooks and names unchanged.
     """
 
     qweight: Callable[[], torch.Tensor] | None = None
