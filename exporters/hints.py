@@ -72,7 +72,11 @@ def plain_quantize(s, fmt: str, export: str) -> str | None:
         return None
     if f.scale == "block":
         modules = {n: {"format": fmt} for n in decoder_linears(s)}
-        if partial_fused_blocks(s, modules) or any(s.reader.info(n + ".weight").shape[1] % 128 for n in modules):
+        try:
+            refuse_partial_input_groups(s, export, modules)
+        except MoepressError:
+            return None
+        if partial_fused_blocks(s, modules):
             return None
     widths = expert_widths(s)
     if f.element == "int4" and len({effective_group(w, max(GROUP_SIZES)) for w in widths}) > 1:

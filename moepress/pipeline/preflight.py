@@ -208,8 +208,7 @@ def refuse_unquantized(recipe: dict, model: Path, exports: list[str], reg: dict)
             ways = [w.replace(" --group-size ", " with quantize.group_size ") for w in
                     (plain_quantize(s, f, name) for f in reg[name].quantized_only) if w] or ["fp8"]
             raise MoepressError(f"recipe export.formats {name}: it exports a moepress quantize output and the recipe "
-                                f"has no quantize section; expected quantize.format "
-                                f"{', '.join(ways[:-1])}{' or ' if ways[1:] else ''}{ways[-1]}")
+                                f"has no quantize section; expected quantize.format {_either(ways)}")
 
 
 def ct_ways(recipe: dict, model: Path | None, changes: list[tuple[str, dict]]) -> list[str]:
@@ -255,5 +254,9 @@ def other_exports(recipe: dict, model: Path, fmt: str, reg: dict) -> str:
         ways.append(other)
     q = recipe["quantize"]
     what = f"quantize.format {q['format']}" if q.get("format") and not q.get("rules") else "its quantize section"
-    return (f"for this recipe ({what}): expected export.formats {', '.join(ways[:-1])}{' or ' if ways[1:] else ''}"
-            f"{ways[-1]}" if ways else "")
+    return f"for this recipe ({what}): expected export.formats {_either(ways)}" if ways else ""
+
+
+def _either(ways: list[str]) -> str:
+    """"a, b or c" (one way: "a")."""
+    return ", ".join(ways[:-1]) + (" or " if ways[1:] else "") + ways[-1]
