@@ -259,8 +259,7 @@ class StoredLinear(nn.Linear):
     def stored_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The stored weight in ``dtype``: decoded (kept quantized) or cast (bf16)."""
         if self.kept:
-            raw = {n: getattr(self, f"kept_{j}") for j, n in enumerate(self.kept)}
-            return LayerView(self.kept_reader, raw).weight(self.kept_name, dtype)
+            return LayerView(self.kept_reader, self.kept_tensors()).weight(self.kept_name, dtype)
         return self.weight.to(dtype)
 
     def drop_stored(self) -> None:
@@ -270,6 +269,22 @@ class StoredLinear(nn.Linear):
             del self._buffers[f"kept_{j}"]
         self.kept = ()
 
+    def kept_tensors(self) -> dict[str, torch.Tensor]:
+        """The kept weight's stored tensors by checkpoint name (empty unless :meth:`keep`)."""
+        return {n: getattr(self, f"kept_{j}") for j, n in enumerate(self.kept)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.qweight().to(x.dtype) if self.qweight is not None else self.stored_weight(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def decoded_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every floating-point parameter of ``module`` by name, a weight kept quantized decoded to float32
+    (:meth:`StoredLinear.stored_weight`), one at a time: what its forward computes with (a corrupt scale
+    shows there as NaN / Inf)."""
+    for n, m in module.named_modules():
+        for pn, p in m.named_parameters(recurse=False):
+            if pn == "weight" and isinstance(m, StoredLinear) and m.kept:
+                yield f"{n}.weight" if n else "weight", m.stored_weight(torch.float32)
+            elif p.is_floating_point():
+                yield f"{n}.{pn}" if n else pn, p

@@ -119,9 +119,8 @@ class StreamedModel:
     stay bf16 in the layer (:class:`StoredLinear`, same results), which halves the memory of a
     float32 stream; big checkpoints need it to stay within ~2x a stored layer. ``keep_quantized=True``
     (with it): those stored quantized (FP8, packed INT4 / FP4) stay so with their scales, a quarter (an
-    eighth) of float32, for a stage that
-    reads weights only through :meth:`StoredLinear.stored_weight` (quantize; not prune, whose merge
-    rewrites weights in place).
+    eighth) of float32, for a stage that reads weights only through :meth:`StoredLinear.stored_weight`
+    and rewrites one by encoding it anew (quantize; prune, whose fold re-encodes a merged expert).
     ``read_ahead_bytes``: how far the background reader runs ahead of the layer being built.
     ``release_layers=True``: a layer :meth:`layers` yielded goes to the meta device when the next is
     asked for, before that one is read (the caller's loop variable still names it then); tensors

@@ -35,7 +35,7 @@ import torch
 
 from moepress.compress import formats
 from moepress.compress.formats import QuantContext, ct_inputs
-from moepress.compress.moe import expert_rows
+from moepress.compress.moe import StoredLinear, expert_rows
 from moepress.compress.prune.evidence import LayerEvidence
 from moepress.compress.prune.routing import route_masked
 from moepress.compress.quant import fp8
@@ -137,7 +137,12 @@ def _refit_down(expert, x: torch.Tensor, pw: torch.Tensor, lost: torch.Tensor) -
     delta = torch.linalg.lu_solve(lu, pivots, cross.T).T  # gram is symmetric: L G^-1
     del lu, cross
     down = expert.linears()[2]
-    down.weight.data.copy_(delta.add_(down.weight))  # D + L G^-1 in float64, written into D's own storage
+    if isinstance(down, StoredLinear) and down.kept:  # kept quantized: re-encoded now, as it will be written
+        w = delta.add_(down.stored_weight(torch.float32)).float()
+        tensors, _ = encode_like(down.kept_reader, down.kept_name.removesuffix(".weight"), w, down.kept)
+        down.keep(down.kept_reader, down.kept_name, {n: t.to(w.device) for n, t in tensors.items()})
+    else:
+        down.weight.data.copy_(delta.add_(down.weight))  # D + L G^-1 in float64, written into D's own storage
 
 
 def fold_dropped(ev: LayerEvidence, kept: list[int], num_experts: int) -> dict:
@@ -166,13 +171,19 @@ def folded(ev: LayerEvidence, kept: list[int], stored: Callable[[int], torch.Ten
     projections back (``auto``'s race scores folded plans on a layer that the other plans share):
     ``stored(c)``, expert c's down projection as the checkpoint stores it, where the layer holds exactly
     that (float-stored experts: no second copy in memory), else a copy taken before."""
-    downs = {c: ev.moe.experts[c].linears()[2].weight.detach().clone() for c in kept} if stored is None else {}
+    lins = {c: ev.moe.experts[c].linears()[2] for c in kept}
+    # a down projection kept quantized: its stored tensors, given back as they are (the fold re-encodes anew)
+    downs = {c: lin.kept_tensors() if getattr(lin, "kept", ()) else lin.weight.detach().clone()
+             for c, lin in lins.items()} if stored is None else {}
     try:
         refit(ev, kept)
         yield
     finally:
-        for c in kept:
-            ev.moe.experts[c].linears()[2].weight.data.copy_(downs[c] if stored is None else stored(c))
+        for c, lin in lins.items():
+            if isinstance(downs.get(c), dict):
+                lin.keep(lin.kept_reader, lin.kept_name, downs[c])
+            else:
+                lin.weight.data.copy_(downs[c] if stored is None else stored(c))
 
 
 def stored_in_float(reader, names, bases: list[str]) -> bool:
@@ -238,16 +249,23 @@ def check_mergeable(reader, adapter, i: int) -> None:
         stored_form(reader, base, _stored_names(base, names))
 
 
+def form_label(reader, base: str, names) -> str:
+    """How :func:`encode_like` writes ``base`` (the report's ``stored_as``)."""
+    form = stored_form(reader, base, _stored_names(base, names))
+    if form == "float":
+        return str(reader.get_dtype(base + ".weight")).removeprefix("torch.")
+    return "compressed-tensors pack-quantized int4 (symmetric, group)" if form == "ct-int4" else form[0].name
+
+
 def encode_like(reader, base: str, w: torch.Tensor, names) -> tuple[dict[str, torch.Tensor], str]:
     """``base``'s merged weight ``w`` in the form the input stores ``base`` in: ({name: tensor}, what form).
     ``names``: the stored names of ``base``'s layer."""
     stored = _stored_names(base, names)
     form = stored_form(reader, base, stored)
     if form == "float":
-        dt = reader.get_dtype(base + ".weight")
-        return {base + ".weight": w.to(dt)}, str(dt).removeprefix("torch.")
+        return {base + ".weight": w.to(reader.get_dtype(base + ".weight"))}, form_label(reader, base, names)
     if form == "ct-int4":
-        return encode_ct_int4(reader, base, w, stored), "compressed-tensors pack-quantized int4 (symmetric, group)"
+        return encode_ct_int4(reader, base, w, stored), form_label(reader, base, names)
     fmt, group = form
     q = fmt.quantize([w.float()], QuantContext(group_size=group or 128))
     out = {}

@@ -19,7 +19,7 @@ import torch
 from moepress.calib.data import calibration_inputs
 from moepress.calib.observers import RoutingStats
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, read_later
-from moepress.compress.moe import DecoderLayer
+from moepress.compress.moe import DecoderLayer, decoded_weights
 from moepress.compress.prune.budget import plan_budget
 from moepress.compress.prune.config import REPORT_NAME, PruneConfig
 from moepress.compress.prune.evidence import LayerEvidence, RouteRecorder, Selection
@@ -81,11 +81,13 @@ class PruneStage:
                                 "selections; merging folds after a per-layer selection (reroute, reap, frequency, "
                                 "ean, auto)")
         self.reader = reader = CheckpointReader(model)
-        # Within 2 stored layers: bf16 weights stay as stored (StoredLinear: same float32 results, half
-        # the memory), the reader runs a sixteenth of a layer ahead (never a whole second layer; the
-        # rest of the second layer's room is the methods' working memory), and a layer is dropped
-        # before the next one is read (release_layers).
-        self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=read_ahead_budget(reader, 16, floor=0),
+        # Within 2 stored layers: bf16 weights stay as stored and quantized ones (block FP8, packed INT4)
+        # too, decoded at each call (StoredLinear: the same float32 results at a half, a quarter, an
+        # eighth of the memory); the reader runs a sixteenth of a layer ahead (never a whole second
+        # layer; the rest of the second layer's room is the methods' working memory), and a layer is
+        # dropped before the next one is read (release_layers).
+        self.sm = StreamedModel(reader, keep_stored=True, keep_quantized=True,
+                                read_ahead_bytes=read_ahead_budget(reader, 16, floor=0),
                                 release_layers=True, device=device)
         self.adapter = a = self.sm.adapter
         self.mtp = mtp_layers_present(a, reader)
@@ -214,11 +216,11 @@ class PruneStage:
         into every later layer's statistics, and the plan would rest on them; quantize refuses it alike."""
         if i in self.finite:
             return  # checked in the plan race
-        params = [(n, p) for n, p in layer.named_parameters() if p.is_floating_point()]
-        if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        finite = [torch.isfinite(p).all() for _, p in decoded_weights(layer)]  # one decoded weight at a time
+        if not finite or bool(torch.stack(finite).all()):
             self.finite.add(i)
             return  # one host sync per layer, whatever its expert count
-        name, p = next((n, p) for n, p in params if not bool(torch.isfinite(p).all()))
+        name, p = next((n, p) for n, p in decoded_weights(layer) if not bool(torch.isfinite(p).all()))
         raise MoepressError(f"{self.reader.path}: {self.adapter.layer_prefix(i)}{name}: "
                             f"{int((~torch.isfinite(p)).sum())} values are not finite (NaN or Inf) as "
                             "decoded (its scale, for a quantized input); expected finite weights")

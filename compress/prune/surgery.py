@@ -13,8 +13,8 @@ from torch import nn
 
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, LayerView, read_later
 from moepress.compress.checkpoint.writer import Deferred
-from moepress.compress.moe import DecoderLayer, SparseMoE
-from moepress.compress.prune.merge import encode_like
+from moepress.compress.moe import DecoderLayer, SparseMoE, StoredLinear
+from moepress.compress.prune.merge import encode_like, form_label
 from moepress.errors import MoepressError
 
 
@@ -75,7 +75,10 @@ def write_from_layer(w: CheckpointWriter, reader: CheckpointReader, adapter, i: 
     from the layer (``encode_like``) and the stored form is recorded in ``merged[...]["stored_as"]``."""
     prefix = adapter.layer_prefix(i)
     held = {prefix + k: v for k, v in layer.state_dict().items()
-            if prefix + k in reader and v.dtype == reader.get_dtype(prefix + k)}
+            if prefix + k in reader and not v.is_meta and v.dtype == reader.get_dtype(prefix + k)}
+    for m in layer.modules():  # weights kept quantized: their stored bytes and scales, as read
+        if isinstance(m, StoredLinear):
+            held.update((n, t) for n, t in m.kept_tensors().items() if not t.is_meta)
     for c, info in (merged or {}).items():
         names = reader.layer_names(i)
         for role, lin_name, lin in zip(("gate", "up", "down"), adapter.expert_names,
@@ -83,12 +86,14 @@ def write_from_layer(w: CheckpointWriter, reader: CheckpointReader, adapter, i: 
             if role not in info["rewritten"]:
                 continue
             base = adapter.expert_prefix(i, int(c)) + lin_name
-            tensors, form = encode_like(reader, base, lin.weight.detach(), names)
+            info["stored_as"] = form_label(reader, base, names)
+            if isinstance(lin, StoredLinear) and lin.kept:
+                continue  # kept quantized: re-encoded by the fold (merge._refit_down), held above
+            tensors, _ = encode_like(reader, base, lin.weight.detach(), names)
             held.update(tensors)
             # the layer now holds what was written (re-quantized where stored quantized): --sequential runs it
             # to gather the next layer's statistics on the pruned layers as written
             lin.weight.data.copy_(LayerView(reader, tensors).weight(base + ".weight", lin.weight.dtype))
-            info["stored_as"] = form
     for name, t in pruned_layer_tensors(LayerView(reader, held), adapter, i, kept):
         w.add(name, t)
     del held

@@ -335,7 +335,9 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
         raise MoepressError(f"--reference {reference}: {un.why}, which the streamed reference does not apply (it "
                             "streams the weights only); expected the checkpoint it was made from, or the `moepress "
                             "quantize` output it was exported from")
-    ref = StreamedModel(str(ref_dir), device=device)
+    # weights kept as stored (bf16, FP8, packed INT4), decoded at each call: the same forward at a half to an
+    # eighth of a float32 layer (a Kimi K2 MoE layer: ~17 GB stored in FP8, ~68 GB in float32)
+    ref = StreamedModel(str(ref_dir), device=device, keep_stored=True, keep_quantized=True)
     _refuse_other_family(Path(candidate), reference, ref.adapter.family)
     cand = open_candidate(candidate, cfg, device)
     try:
