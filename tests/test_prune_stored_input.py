@@ -43,8 +43,8 @@ def block_fp8(tmp_path_factory):
 
 
 @pytest.mark.parametrize("source,method", [("block-fp8", "auto"), ("block-fp8", "merge"), ("block-fp8", "lookahead"),
-                                           ("tiny-kimi-k2-int4", "auto"), ("tiny-kimi-k2-int4", "merge"),
-                                           ("tiny-qwen3-moe-mxfp4", "reroute")])
+                                           ("block-fp8", "merge-sequential"), ("tiny-kimi-k2-int4", "auto"),
+                                           ("tiny-kimi-k2-int4", "merge"), ("tiny-qwen3-moe-mxfp4", "reroute")])
 def test_quantized_linears_stay_as_stored_and_the_pruned_checkpoint_is_the_float32_layers(
         tmp_path, monkeypatch, block_fp8, source, method):
     src = block_fp8 if source == "block-fp8" else models.path(source)
@@ -67,7 +67,8 @@ def test_quantized_linears_stay_as_stored_and_the_pruned_checkpoint_is_the_float
     monkeypatch.setattr(StoredLinear, "keep", spy)
     monkeypatch.setattr(surgery, "write_from_layer", check_written)
     monkeypatch.setattr("moepress.compress.prune.stage.write_from_layer", check_written)
-    cfg = PruneConfig(method=method, ratio=0.5)
+    # sequential: the next layer's statistics are gathered on the pruned layer as written (re-encoded experts)
+    cfg = PruneConfig(method=method.removesuffix("-sequential"), ratio=0.5, sequential=method.endswith("sequential"))
     prune_checkpoint(src, tmp_path / "kept", cfg, batches=_ids(0))
     # the stored bytes with their scales, never a decoded float copy of the weight
     assert len(kept) >= 12 and all(dt not in FLOATS for d in kept for n, dt in d.items() if n.endswith(".weight"))
@@ -78,7 +79,7 @@ def test_quantized_linears_stay_as_stored_and_the_pruned_checkpoint_is_the_float
     assert not kept
     got, want = _result(tmp_path / "kept"), _result(tmp_path / "float32")
     assert got == want and got[0]
-    if method == "merge":
+    if method.startswith("merge"):
         assert all(lr["merged"] for lr in got[1][0]), "merge folded nothing"
 
 

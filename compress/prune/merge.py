@@ -170,18 +170,19 @@ def folded(ev: LayerEvidence, kept: list[int], stored: Callable[[int], torch.Ten
     """``refit`` on the loaded layer for the duration of the block, then the kept experts' own down
     projections back (``auto``'s race scores folded plans on a layer that the other plans share):
     ``stored(c)``, expert c's down projection as the checkpoint stores it, where the layer holds exactly
-    that (float-stored experts: no second copy in memory), else a copy taken before."""
+    that (float-stored experts: no second copy in memory), else a copy taken before; a down projection
+    kept quantized (``StoredLinear.keep``) gets its stored tensors back, which the fold replaced, not changed."""
     lins = {c: ev.moe.experts[c].linears()[2] for c in kept}
-    # a down projection kept quantized: its stored tensors, given back as they are (the fold re-encodes anew)
-    downs = {c: lin.kept_tensors() if getattr(lin, "kept", ()) else lin.weight.detach().clone()
-             for c, lin in lins.items()} if stored is None else {}
+    quantized = {c: lin.kept_tensors() for c, lin in lins.items() if isinstance(lin, StoredLinear) and lin.kept}
+    downs = {c: lin.weight.detach().clone() for c, lin in lins.items()
+             if c not in quantized} if stored is None else {}
     try:
         refit(ev, kept)
         yield
     finally:
         for c, lin in lins.items():
-            if isinstance(downs.get(c), dict):
-                lin.keep(lin.kept_reader, lin.kept_name, downs[c])
+            if c in quantized:
+                lin.keep(lin.kept_reader, lin.kept_name, quantized[c])
             else:
                 lin.weight.data.copy_(downs[c] if stored is None else stored(c))
 
