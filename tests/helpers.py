@@ -280,3 +280,23 @@ def to_block_fp8(src, dst):
                                       "weight_block_size": [128, 128]}
         w.write_json("config.json", cfg)
         w.copy_aux_files(src)
+
+
+def heldout_scores(src, work: Path, method: str, folds: list[list[torch.Tensor]], **prune) -> tuple[float, float]:
+    """A plan's held-out KL and NLL per token computed apart from the race: ``method`` run alone with --merge on
+    each of two folds, its checkpoint's next-token distribution against the original's on the other fold
+    (the two ways round pooled). ``prune``: the other PruneConfig fields (keep=, ratio=)."""
+    from moepress.calib.metrics import nll_sum, token_kl
+    from moepress.compress.prune import PruneConfig, prune_checkpoint
+    from moepress.compress.stream import StreamedModel
+
+    kls, nll, n = [], 0.0, 0
+    for f in range(2):
+        alone = work / f"{method}-{f}"
+        prune_checkpoint(src, alone, PruneConfig(method=method, merge=True, **prune), batches=folds[f])
+        held = folds[1 - f]
+        ref, got = StreamedModel(str(src)).forward(held), StreamedModel(str(alone)).forward(held)
+        kls += [token_kl(r, g) for r, g in zip(ref, got, strict=True)]
+        nll += sum(nll_sum(g, b)[0] for g, b in zip(got, held, strict=True))
+        n += sum(b[:, 1:].numel() for b in held)
+    return float(torch.cat(kls).mean()), nll / n

@@ -19,7 +19,7 @@ import torch
 
 from helpers import DSV3_SMALL as DSV3
 from helpers import QWEN_SMALL as QWEN
-from moepress.calib.metrics import nll_sum, token_kl
+from helpers import heldout_scores
 from moepress.calib.observers import LayerRouting, RoutingStats
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.prune import METHODS, PruneConfig, plan_budget, prune_checkpoint
@@ -69,17 +69,9 @@ def test_auto_scores_methods_out_of_fold_and_writes_the_best_run_alone(auto_run,
     assert plans["folds"] == 2 and plans["heldout_tokens"] == 8 * 48 and plans["heldout_samples"] == 8
     folds = split_folds(batches)
     for name in dict.fromkeys((plans["chosen"], "frequency")):
-        kls, nll, n = [], 0.0, 0
-        for f in range(2):
-            alone = tmp_path / f"{name}-{f}"
-            prune_checkpoint(src, alone, PruneConfig(method=name, keep=16, merge=True), batches=folds[f])
-            held = folds[1 - f]
-            ref, got = StreamedModel(str(src)).forward(held), StreamedModel(str(alone)).forward(held)
-            kls += [token_kl(r, g) for r, g in zip(ref, got, strict=True)]
-            nll += sum(nll_sum(g, b)[0] for g, b in zip(got, held, strict=True))
-            n += sum(b[:, 1:].numel() for b in held)
-        assert float(torch.cat(kls).mean()) == pytest.approx(kl[name], rel=1e-4), name
-        assert nll / n == pytest.approx(plans["candidates"][name]["heldout_nll"], rel=1e-5), name
+        got_kl, got_nll = heldout_scores(src, tmp_path, name, folds, keep=16)
+        assert got_kl == pytest.approx(kl[name], rel=1e-4), name
+        assert got_nll == pytest.approx(plans["candidates"][name]["heldout_nll"], rel=1e-5), name
     c = plans["choice"]
     others = {k: v for k, v in kl.items() if k != plans["chosen"]}
     assert c["runner_up"] == min(others, key=others.get)
