@@ -35,7 +35,7 @@ COMPANION_SUFFIXES = (
 )
 
 LayerCallback = Callable[[int, DecoderLayer], None]
-# stored dtypes of linear weights a keep_quantized stream keeps as stored and decodes at each call
+# stored dtypes of linear weights a keep_stored stream keeps as stored and decodes at each call
 # (StoredLinear.keep): FP8 (DeepSeek / Kimi K2 block FP8, Model-Optimizer FP8), packed INT4 (compressed-tensors
 # pack-quantized: Kimi K2 Thinking's experts), packed FP4 (MXFP4, NVFP4)
 KEPT_QUANTIZED = ("F8_E4M3", "I32", "U8")
@@ -115,12 +115,12 @@ class StreamedModel:
     """A checkpoint seen as a stream of decoder layers.
 
     ``dtype`` is the compute dtype (float32 for exact comparisons); router tensors that the
-    family keeps in float32 stay float32. ``keep_stored=True``: linear weights stored in bf16
-    stay bf16 in the layer (:class:`StoredLinear`, same results), which halves the memory of a
-    float32 stream; big checkpoints need it to stay within ~2x a stored layer. ``keep_quantized=True``
-    (with it): those stored quantized (FP8, packed INT4 / FP4) stay so with their scales, a quarter (an
-    eighth) of float32, for a stage that reads weights only through :meth:`StoredLinear.stored_weight`
-    and rewrites one by encoding it anew (quantize; prune, whose fold re-encodes a merged expert).
+    family keeps in float32 stay float32. ``keep_stored=True``: linear weights stay in the layer as
+    stored (:class:`StoredLinear`, same results): bf16 (half the memory of a float32 stream) and
+    quantized ones (FP8, packed INT4 / FP4) with their scales, decoded at each call (a quarter, an
+    eighth); big checkpoints need it to stay within ~2x a stored layer. For a stage that reads weights
+    only through :meth:`StoredLinear.stored_weight` and rewrites one by encoding it anew (quantize;
+    prune, whose fold re-encodes a merged expert; check and calib stats read none).
     ``read_ahead_bytes``: how far the background reader runs ahead of the layer being built.
     ``release_layers=True``: a layer :meth:`layers` yielded goes to the meta device when the next is
     asked for, before that one is read (the caller's loop variable still names it then); tensors
@@ -131,7 +131,7 @@ class StreamedModel:
     """
 
     def __init__(self, source: str | CheckpointReader, *, dtype: torch.dtype = torch.float32,
-                 prefetch: bool = True, keep_stored: bool = False, keep_quantized: bool = False,
+                 prefetch: bool = True, keep_stored: bool = False,
                  read_ahead_bytes: int | None = None,
                  release_layers: bool = False, device: torch.device | str | None = None):
         self.ckpt = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
@@ -140,7 +140,6 @@ class StreamedModel:
         self.dtype = dtype
         self.prefetch = prefetch
         self.keep_stored = keep_stored
-        self.keep_quantized = keep_stored and keep_quantized
         self.read_ahead_bytes = read_ahead_bytes
         self.release_layers = release_layers
         bound_heap()
@@ -277,7 +276,7 @@ class StreamedModel:
             if stored == "BF16" and self.dtype != torch.bfloat16:
                 t = (view or self.ckpt).get(name)  # as stored; StoredLinear casts at each call
                 t = self.uploader.upload({name: t})[name] if view is None else t
-            elif self.keep_quantized and stored in KEPT_QUANTIZED and self.dtype == torch.float32 \
+            elif stored in KEPT_QUANTIZED and self.dtype == torch.float32 \
                     and not self.adapter.keep_fp32(name):
                 # as stored with its scales (StoredLinear.keep, in build_layer); the state holds its shape only
                 raw = self._stored_of(name, view)

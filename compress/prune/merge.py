@@ -250,9 +250,10 @@ def check_mergeable(reader, adapter, i: int) -> None:
         stored_form(reader, base, _stored_names(base, names))
 
 
-def form_label(reader, base: str, names) -> str:
-    """How :func:`encode_like` writes ``base`` (the report's ``stored_as``)."""
-    form = stored_form(reader, base, _stored_names(base, names))
+def form_label(reader, base: str, names, form=None) -> str:
+    """How :func:`encode_like` writes ``base`` (the report's ``stored_as``); ``form``: its ``stored_form``
+    where the caller has it."""
+    form = form or stored_form(reader, base, _stored_names(base, names))
     if form == "float":
         return str(reader.get_dtype(base + ".weight")).removeprefix("torch.")
     return "compressed-tensors pack-quantized int4 (symmetric, group)" if form == "ct-int4" else form[0].name
@@ -264,9 +265,9 @@ def encode_like(reader, base: str, w: torch.Tensor, names) -> tuple[dict[str, to
     stored = _stored_names(base, names)
     form = stored_form(reader, base, stored)
     if form == "float":
-        return {base + ".weight": w.to(reader.get_dtype(base + ".weight"))}, form_label(reader, base, names)
+        return {base + ".weight": w.to(reader.get_dtype(base + ".weight"))}, form_label(reader, base, names, form)
     if form == "ct-int4":
-        return encode_ct_int4(reader, base, w, stored), form_label(reader, base, names)
+        return encode_ct_int4(reader, base, w, stored), form_label(reader, base, names, form)
     fmt, group = form
     q = fmt.quantize([w.float()], QuantContext(group_size=group or 128))
     out = {}

@@ -86,7 +86,7 @@ class PruneStage:
         # eighth of the memory); the reader runs a sixteenth of a layer ahead (never a whole second
         # layer; the rest of the second layer's room is the methods' working memory), and a layer is
         # dropped before the next one is read (release_layers).
-        self.sm = StreamedModel(reader, keep_stored=True, keep_quantized=True,
+        self.sm = StreamedModel(reader, keep_stored=True,
                                 read_ahead_bytes=read_ahead_budget(reader, 16, floor=0),
                                 release_layers=True, device=device)
         self.adapter = a = self.sm.adapter

@@ -79,8 +79,8 @@ def write_from_layer(w: CheckpointWriter, reader: CheckpointReader, adapter, i: 
     for m in layer.modules():  # weights kept quantized: their stored bytes and scales, as read
         if isinstance(m, StoredLinear):
             held.update((n, t) for n, t in m.kept_tensors().items() if not t.is_meta)
+    names = reader.layer_names(i) if merged else ()
     for c, info in (merged or {}).items():
-        names = reader.layer_names(i)
         for role, lin_name, lin in zip(("gate", "up", "down"), adapter.expert_names,
                                        layer.moe.experts[int(c)].linears(), strict=True):
             if role not in info["rewritten"]:

@@ -153,7 +153,7 @@ class QuantizeStage:
         # bf16 weights stay bf16 in the layer (StoredLinear: same float32 results, half the memory)
         # and the reader runs a bounded distance ahead: peak memory ~ one stored layer + its output
         self.budget = read_ahead_budget(reader)
-        self.sm = StreamedModel(reader, keep_stored=True, keep_quantized=True, read_ahead_bytes=self.budget,
+        self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=self.budget,
                                  device=device)
         self.adapter = self.sm.adapter
         self.sm.check_weights()

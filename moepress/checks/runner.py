@@ -337,7 +337,7 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
                             "quantize` output it was exported from")
     # weights kept as stored (bf16, FP8, packed INT4), decoded at each call: the same forward at a half to an
     # eighth of a float32 layer (a Kimi K2 MoE layer: ~17 GB stored in FP8, ~68 GB in float32)
-    ref = StreamedModel(str(ref_dir), device=device, keep_stored=True, keep_quantized=True)
+    ref = StreamedModel(str(ref_dir), device=device, keep_stored=True)
     _refuse_other_family(Path(candidate), reference, ref.adapter.family)
     cand = open_candidate(candidate, cfg, device)
     try:

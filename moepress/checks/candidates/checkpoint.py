@@ -33,7 +33,7 @@ class CheckpointCandidate(Candidate):
             raise MoepressError(f"{path}: {un.why}, which the checkpoint kind does not apply (it streams the weights "
                                 f"only); {other}")
         # weights kept as stored, as the reference's (checks/runner.py)
-        self.stream = StreamedModel(str(path), prefetch=False, keep_stored=True, keep_quantized=True)
+        self.stream = StreamedModel(str(path), prefetch=False, keep_stored=True)
         self.vocab_size = self.stream.adapter.vocab_size
         self.num_layers = self.stream.num_layers
 
