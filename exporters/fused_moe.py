@@ -81,12 +81,16 @@ def pattern(names) -> str:
 
 
 def fp8_formats(s: Source, flag: str) -> str:
+    """:func:`expert_fp8_formats` for ``s``'s family."""
+    return " or ".join(expert_fp8_formats(s.adapter.family, flag))
+
+
+def expert_fp8_formats(family: str, flag: str) -> list[str]:
     """The FP8 formats a refusal offers for routed experts (per tensor, per channel: any width quantizes whole),
     those whose experts the ``flag`` export's runtimes load: from a Model-Optimizer checkpoint TensorRT-LLM's
     (Format.trtllm_loads_experts: not fp8-dynamic's), from compressed-tensors every one."""
-    names = [n for n, f in formats.FORMATS.items() if f.scale in ("tensor", "channel")  # FP8 per tensor / channel
-             and (flag != MODELOPT or f.trtllm_loads_experts(s.adapter.family))]
-    return " or ".join(names)
+    return [n for n, f in formats.FORMATS.items() if f.scale in ("tensor", "channel")  # FP8 per tensor / channel
+            and (flag != MODELOPT or f.trtllm_loads_experts(family))]
 
 
 def _reason(s: Source, names: list[str]) -> str:

@@ -280,3 +280,26 @@ def test_trtllm_layout_is_documented_one(results, src):
         assert tuple(got[name].shape) == shape, name
         assert got[name].dtype == (torch.float8_e4m3fn if src == "fp8" and name.endswith(
             ("qkv.weight", "dense.weight", "fc.weight", "proj.weight")) else dtype), name
+
+
+def test_a_recipe_preflight_refuses_exactly_the_pairs_the_export_refuses():
+    """``moepress run`` refuses before any stage (moepress/pipeline/preflight.py) every (quantize format, export) pair
+    whose export refuses this fixture's quantized checkpoint (EXPECT, which test_consumer_reads_it_or_it_is_refused
+    checks against the exports), and no pair the export writes: else hours of prune and quantize end in that refusal,
+    or a recipe that works is turned away."""
+    from moepress.errors import MoepressError
+    from moepress.pipeline.preflight import refuse_unavailable_exports
+    from moepress.pipeline.recipe import normalise
+
+    wrong = []
+    for src, exporter in CASES:
+        rec = normalise({"model": str(FIXTURE), "prune": None, "quantize": None if src == "bf16" else {"format": src},
+                         "export": {"formats": [exporter]}, "check": None, "build": None})
+        try:
+            refuse_unavailable_exports(rec, FIXTURE)
+            refused = False
+        except MoepressError:
+            refused = True
+        if refused != (EXPECT[(src, exporter)] not in (TF, ORT, BACK)):
+            wrong.append((src, exporter, "refused" if refused else "taken"))
+    assert not wrong, wrong

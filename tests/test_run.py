@@ -467,20 +467,30 @@ def test_recipes_an_exporter_writes_or_whose_rules_decide_are_not_refused_early(
 def test_compressed_tensors_of_int4_experts_in_two_groups_is_refused_before_any_stage(cli_run, tmp_path):
     """tiny-deepseek-v3's experts are 128 wide in, 64 wide out: group_size 128 gives down_proj groups of 64, gate /
     up groups of 128, which the compressed-tensors export refuses ("quantized 2 ways"), after quantize."""
-    from moepress.pipeline.preflight import refuse_ct_expert_groups
+    from types import SimpleNamespace
+
+    from moepress.pipeline.preflight import refuse_expert_schemes
 
     rec = write_recipe(tmp_path / "r.yaml", model="tiny-deepseek-v3", prune=None, quantize={"format": "int4-gptq"},
                        export={"formats": ["compressed-tensors"]})
     r = cli_run("run", rec, "-o", tmp_path / "run")
     one_line_error(r, "recipe export.formats compressed-tensors: quantize.format int4-gptq with quantize.group_size "
-                   "128", "in_features 64: group 64, in_features 128: group 128", "expected quantize.group_size 64")
+                   "128", "gate_proj: group 128, up_proj: group 128, down_proj: group 64",
+                   "expected quantize.group_size 64, quantize.format fp8")
     assert not (tmp_path / "run").exists()
-    for q, widths in [({"format": "int4-gptq", "group_size": 64}, [128, 64]), ({"format": "fp8"}, [128, 64]),
-                      ({"format": "int4-gptq", "rules": {"self_attn.*": "fp8"}}, [128, 64]),
-                      ({"format": "int4-awq", "awq_fold": True}, [256, 128])]:
-        refuse_ct_expert_groups({"quantize": q}, ["compressed-tensors"], widths)  # not refused
-    with pytest.raises(MoepressError, match=r"in_features 200: unquantized.*expected quantize.format fp8"):
-        refuse_ct_expert_groups({"quantize": {"format": "int4-gptq"}}, ["compressed-tensors"], [256, 200])
+
+    def experts(h, w):
+        return SimpleNamespace(hidden_size=h, moe_intermediate_size=lambda: w, family="qwen3_moe",
+                               experts_key=lambda: 1, expert_names=["gate_proj", "up_proj", "down_proj"])
+    for q, (h, w) in [({"format": "int4-gptq", "group_size": 64}, (128, 64)), ({"format": "fp8"}, (128, 64)),
+                      ({"format": "int4-gptq", "rules": {"self_attn.*": "fp8"}}, (128, 64)),
+                      ({"format": "int4-awq", "awq_fold": True}, (256, 128)), ({"format": "nvfp4"}, (256, 128))]:
+        refuse_expert_schemes({"quantize": q}, ["compressed-tensors", "hf-modelopt"], experts(h, w))  # not refused
+    with pytest.raises(MoepressError, match=r"gate_proj, up_proj unquantized \(in_features 200 is over --group-size "
+                                            r"128.*beside their quantized down_proj.*expected quantize.format fp8"):
+        refuse_expert_schemes({"quantize": {"format": "int4-gptq"}}, ["compressed-tensors"], experts(200, 256))
+    with pytest.raises(MoepressError, match=r"hidden 192 and expert width 192.*expected quantize.format fp8$"):
+        refuse_expert_schemes({"quantize": {"format": "nvfp4"}}, ["hf-modelopt"], experts(192, 192))
 
 
 def test_cards_say_when_no_gate_was_applied_or_checks_are_off(tmp_path):

@@ -68,18 +68,25 @@ def act_order_of(ctx: QuantContext, use_awq: bool) -> QuantContext:
     return dataclasses.replace(ctx, gptq_act_order=use_awq)
 
 
+def skip(out_f: int, in_f: int, group_size: int) -> str | None:
+    """Why an [out_f, in_f] linear stays unquantized: no group of at most ``group_size`` divides its inputs, or
+    an odd row count (modelopt's pack_int4_in_uint8 holds two output rows per byte too)."""
+    if int4.effective_group(in_f, group_size) is None:
+        return f"in_features {in_f} is over --group-size {group_size} and not a multiple of it"
+    if out_f % 2:
+        return f"out_features {out_f} is odd: INT4 packs two output rows per byte"
+    return None
+
+
 def quantize(ws: list[torch.Tensor], ctx: QuantContext, *, use_awq: bool, use_gptq: bool,
              fp8_input: bool = False, with_scale_2: bool = False) -> Quantized:
     """INT4 weights of linears that share an input (one pre_quant_scale, one Hessian factorisation)."""
     st = ctx.stats
     ctx = act_order_of(ctx, use_awq)
+    why = next(filter(None, (skip(*w.shape, ctx.group_size) for w in ws)), None)  # the inputs are shared
+    if why:
+        return Quantized(skipped=why)
     group = int4.effective_group(ws[0].shape[1], ctx.group_size)
-    if group is None:
-        return Quantized(skipped=f"in_features {ws[0].shape[1]} is over --group-size {ctx.group_size} and not a "
-                                 "multiple of it")
-    if any(w.shape[0] % 2 for w in ws):  # modelopt's pack_int4_in_uint8 holds two output rows per byte too
-        return Quantized(skipped=f"out_features {next(w.shape[0] for w in ws if w.shape[0] % 2)} is odd: INT4 packs "
-                                 "two output rows per byte")
     # folded AWQ (fold.py): weights and statistics arrive smoothed; GPTQ / clip as for AWQ, nothing stored
     pqs, alpha = _smoothing(ws, st, group, use_awq and not ctx.awq_folded)
     H = _hessian(st, pqs, use_gptq or (use_awq and ctx.awq_gptq))

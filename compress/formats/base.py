@@ -67,7 +67,10 @@ class Format:
     config.json's flat quantization_config, where a MIXED_PRECISION layer of it is described; modelopt_flat_group:
     whether a checkpoint of this format alone has one too (Model-Optimizer 0.47 convert_hf_config.py
     ``convert_hf_quant_config_format``: FP8, NVFP4, W4A16_NVFP4 only). quantize: (weights of linears sharing an input,
-    :class:`QuantContext`) -> :class:`Quantized`; None for formats moepress plans but does not write.
+    :class:`QuantContext`) -> :class:`Quantized`; None for formats moepress plans but does not write. skip:
+    (out_features, in_features, --group-size) -> why a linear of that shape stays unquantized (stored as it was and
+    reported skipped), None when it quantizes; the quantizer and the checks made before a run (a recipe's preflight)
+    ask the same rule. None: every shape quantizes.
     """
 
     name: str
@@ -90,6 +93,7 @@ class Format:
     alternatives: tuple[str, ...] = ()
     stored: tuple[str, ...] = ()
     quantize: Callable[[list[torch.Tensor], QuantContext], Quantized] | None = None
+    skip: Callable[[int, int, int], str | None] | None = None
     stored_bytes: Callable[[int, int], float] | None = None
     modelopt_entry: Callable[[int | None], dict] | None = None
     modelopt_group: Callable[[int | None], dict] | None = None

@@ -21,7 +21,7 @@ FORMAT = Format(
     element="int4", scale="group", activation="none", archs=(80, 86, 89, 90), quant_algo="W4A16_AWQ",
     calibrated=True, awq=True, alternatives=("int4-gptq", "w4a8-awq", "nvfp4", "fp8"),
     stored=("weight", "weight_scale", "pre_quant_scale"),
-    quantize=partial(_int4.quantize, use_awq=True, use_gptq=False),
+    quantize=partial(_int4.quantize, use_awq=True, use_gptq=False), skip=_int4.skip,
     stored_bytes=partial(_int4.stored_bytes, awq_scale=True),
     modelopt_entry=_int4.modelopt_entry("W4A16_AWQ", awq_scale=True), modelopt_group=_int4.modelopt_group,
     ct_format="pack-quantized", ct_scheme=_int4.ct_scheme,  # folded only (--awq-fold)

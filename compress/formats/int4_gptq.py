@@ -17,7 +17,7 @@ FORMAT = Format(
     element="int4", scale="group", activation="none", archs=(80, 86, 89, 90), quant_algo="W4A16_GPTQ",
     calibrated=True, gptq=True, alternatives=("int4-awq", "w4a8-awq", "nvfp4", "fp8"),
     stored=("weight", "weight_scale"),
-    quantize=partial(_int4.quantize, use_awq=False, use_gptq=True),
+    quantize=partial(_int4.quantize, use_awq=False, use_gptq=True), skip=_int4.skip,
     stored_bytes=_int4.stored_bytes,
     modelopt_entry=_int4.modelopt_entry("W4A16_GPTQ", awq_scale=False), modelopt_group=_int4.modelopt_group,
     ct_format="pack-quantized", ct_scheme=_int4.ct_scheme,

@@ -24,10 +24,15 @@ from moepress.compress.quant import fp4
 GROUP = fp4.MX_BLOCK
 
 
+def skip(out_f: int, in_f: int, group_size: int) -> str | None:
+    """An input width that is not whole blocks stays unquantized (``group_size``: not used, the block is fixed)."""
+    return f"in_features {in_f} not a multiple of the MXFP4 block {GROUP}" if in_f % GROUP else None
+
+
 def quantize(ws: list[torch.Tensor], ctx: QuantContext) -> Quantized:
-    in_f = ws[0].shape[1]
-    if in_f % GROUP:
-        return Quantized(skipped=f"in_features {in_f} not a multiple of the MXFP4 block {GROUP}")
+    why = skip(*ws[0].shape, 0)
+    if why:
+        return Quantized(skipped=why)
     tensors = []
     for w in ws:
         q, s = fp4.mx_quantize(w)
@@ -61,7 +66,7 @@ FORMAT = Format(
     split_unit=(1, 32), description="E2M1 weights, E8M0 scale per 32 (OCP MX); bf16 activations",
     element="fp4", scale="group", activation="none", archs=(80, 86, 89, 90, 100, 120), quant_algo="W4A16_MXFP4",
     alternatives=("nvfp4-a16", "int4-gptq", "int4-awq", "fp8"), stored=("weight", "weight_scale"),
-    quantize=quantize, stored_bytes=stored_bytes,
+    quantize=quantize, skip=skip, stored_bytes=stored_bytes,
     ct_format="mxfp4-pack-quantized", ct_scheme=ct_scheme, decode=decode, weight_scale_dtype=torch.uint8,
     ct_tensors=ct_tensors,
     # moepress writes MXFP4 for compressed-tensors only (its hf-modelopt layout has no MXFP4 entry, trtllm-ckpt no

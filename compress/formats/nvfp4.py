@@ -39,11 +39,16 @@ from moepress.compress.quant.fp8 import FP8_DTYPE
 GROUP = nvfp4.BLOCK
 
 
+def skip(out_f: int, in_f: int, group_size: int) -> str | None:
+    """An input width that is not whole blocks stays unquantized (``group_size``: not used, the block is fixed)."""
+    return f"in_features {in_f} not a multiple of the NVFP4 block {GROUP}" if in_f % GROUP else None
+
+
 def quantize(ws: list[torch.Tensor], ctx: QuantContext) -> Quantized:
     """NVFP4 weights of linears that share an input: one ``weight_scale_2`` for the group."""
-    in_f = ws[0].shape[1]
-    if in_f % GROUP:
-        return Quantized(skipped=f"in_features {in_f} not a multiple of the NVFP4 block {GROUP}")
+    why = skip(*ws[0].shape, 0)
+    if why:
+        return Quantized(skipped=why)
     s2 = nvfp4.global_scale(torch.stack([w.abs().amax() for w in ws]).amax())
     tensors = []
     for w in ws:
@@ -106,7 +111,7 @@ FORMAT = Format(
     element="fp4", scale="group", activation="static", archs=(100, 120), quant_algo="NVFP4",
     calibrated=True, weight_scale_2=True, alternatives=("int4-awq", "w4a8-awq", "fp8-block", "fp8"),
     stored=("weight", "weight_scale", "weight_scale_2", "input_scale"),
-    quantize=quantize, stored_bytes=stored_bytes,
+    quantize=quantize, skip=skip, stored_bytes=stored_bytes,
     modelopt_entry=modelopt_entry("NVFP4"), modelopt_group=modelopt_group,
     modelopt_flat_group=True,
     ct_format="nvfp4-pack-quantized", ct_scheme=ct_scheme_of("NVFP4"),

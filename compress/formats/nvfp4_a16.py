@@ -29,7 +29,7 @@ FORMAT = Format(
     element="fp4", scale="group", activation="none", archs=(80, 86, 89, 90, 100, 120), quant_algo="W4A16_NVFP4",
     weight_scale_2=True, alternatives=("int4-awq", "int4-gptq", "nvfp4", "fp8"),
     stored=("weight", "weight_scale", "weight_scale_2"),
-    quantize=_nv.quantize, stored_bytes=partial(_nv.stored_bytes, scalars=1),
+    quantize=_nv.quantize, skip=_nv.skip, stored_bytes=partial(_nv.stored_bytes, scalars=1),
     modelopt_entry=_nv.modelopt_entry("W4A16_NVFP4"), modelopt_group=lambda group: {"weights": dict(_W)},
     modelopt_flat_group=True,
     ct_format="nvfp4-pack-quantized", ct_scheme=_nv.ct_scheme_of("NVFP4A16"),

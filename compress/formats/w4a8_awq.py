@@ -28,7 +28,7 @@ FORMAT = Format(
     element="int4", scale="group", activation="static", archs=(89, 90), quant_algo="W4A8_AWQ",
     calibrated=True, awq=True, weight_scale_2=True, alternatives=("int4-awq", "nvfp4", "fp8"),
     stored=("weight", "weight_scale", "pre_quant_scale", "input_scale", "weight_scale_2"),
-    quantize=partial(_int4.quantize, use_awq=True, use_gptq=False, fp8_input=True, with_scale_2=True),
+    quantize=partial(_int4.quantize, use_awq=True, use_gptq=False, fp8_input=True, with_scale_2=True), skip=_int4.skip,
     stored_bytes=partial(_int4.stored_bytes, awq_scale=True, scalars=2),
     modelopt_entry=_int4.modelopt_entry("W4A8_AWQ", awq_scale=True), modelopt_group=_modelopt_group,
     decode=_int4.decode,

@@ -78,13 +78,7 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
     if fusing and recipe.get("quantize"):
         with recipe_keys(src, "export"):
             refuse_fused_blocks(recipe, model, fusing)
-    if adapter.experts_key():
-        refuse_ct_expert_groups(recipe, formats, expert_inputs(adapter))
-
-
-def expert_inputs(adapter) -> list[int]:
-    """The routed experts' in_features: hidden size (gate / up), expert width (down)."""
-    return [adapter.hidden_size, adapter.moe_intermediate_size()]
+    refuse_expert_schemes(recipe, formats, adapter)
 
 
 def refuse_written_formats(recipe: dict, exports: list[str], reg: dict) -> None:
@@ -112,14 +106,17 @@ def refuse_ct_forms(recipe: dict, exports: list[str], model: Path | None = None)
     if "compressed-tensors" not in exports or f is None or q.get("rules"):
         return
     where = f"recipe export.formats compressed-tensors: quantize.format {f.name}"
+    ct_formats = [(f"quantize.format {n}", {"format": n}) for n, g in formats.FORMATS.items() if g.ct_format]
     if not f.ct_format:
-        ways = ct_ways(recipe, model, [(n, {"format": n}) for n, g in formats.FORMATS.items() if g.ct_format])
+        ways = ct_ways(recipe, model, ct_formats)
         raise MoepressError(f"{where} has no compressed-tensors form; expected one of {', '.join(ways)}")
     if f.awq and not q.get("awq_fold"):
         ways = ct_ways(recipe, model, [("quantize.awq_fold: true (AWQ folded into the norms)", {"awq_fold": True}),
                                        ("quantize.format int4-gptq", {"format": "int4-gptq"})])
+        # neither INT4 route takes this model's expert widths: the formats that do
+        ways = ways or ct_ways(recipe, model, ct_formats)
         raise MoepressError(f"{where} keeps AWQ's pre_quant_scale, which has no compressed-tensors form; expected "
-                            f"{' or '.join(ways)}")
+                            f"{' or '.join(ways) if len(ways) < 3 else 'one of ' + ', '.join(ways)}")
 
 
 def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
@@ -154,29 +151,69 @@ def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
         refuse[export](s, modules)
 
 
-def refuse_ct_expert_groups(recipe: dict, exports: list[str], widths: list[int]) -> None:
-    """compressed-tensors after an INT4 quantize (one format, no rules) whose quantize.group_size gives the routed
-    experts' projections (in_features ``widths``: hidden size for gate / up, expert width for down) unlike groups,
-    or leaves one unquantized: the export refuses such experts (exporters/fused_moe.py: vLLM takes one scheme per
-    layer's experts), after prune and quantize."""
+# what each export's consumers do with routed experts quantized partly or unlike (exporters/compressed_tensors.py,
+# exporters/hf_modelopt.py: the ``why`` of their refuse_mixed / refuse_unlike)
+FUSED_EXPERTS = {"compressed-tensors": "vLLM and transformers fuse a layer's experts under one scheme",
+                 "hf-modelopt": "TensorRT-LLM and vLLM fuse a layer's experts under one quantization"}
+UNPACKED = "transformers reads the expert weights of a pack-quantized (INT4 / FP4) checkpoint only as packed weights"
+
+
+def refuse_expert_schemes(recipe: dict, exports: list[str], adapter) -> None:
+    """compressed-tensors or hf-modelopt after a quantize (one format, no rules) that leaves some of the routed
+    experts' projections unquantized (the format's ``skip`` rule: an INT4 group or FP4 block that does not divide
+    their in_features, odd INT4 rows), or all of them beside packed INT4 / FP4 linears (compressed-tensors), groups
+    them unlike each other (INT4), or gives FP4 experts widths the FP4 fused-MoE kernels cannot run: each export
+    refuses these (exporters/fused_moe.py refuse_mixed, refuse_unpacked_experts, refuse_unlike,
+    refuse_fp4_expert_widths), after prune and quantize. The refusal names a quantize.group_size that quantizes
+    every projection alike, or the FP8 formats every listed export loads experts in (any width quantizes whole)."""
     from moepress.compress import formats
-    from moepress.compress.quant.int4 import effective_group
-    from moepress.exporters.fused_moe import common_groups
+    from moepress.exporters.fused_moe import common_groups, expert_fp8_formats
 
     q = recipe.get("quantize") or {}
     f = formats.FORMATS.get(q.get("format") or "")
-    if "compressed-tensors" not in exports or f is None or q.get("rules") or f.split_unit is not None:
+    fused = [e for e in exports if e in FUSED_EXPERTS]
+    if not fused or f is None or f.skip is None or q.get("rules") or not adapter.experts_key():
         return
-    g = int(q.get("group_size") or 128)
-    got = {w: effective_group(w, g) for w in sorted(set(widths))}
-    if len(set(got.values())) == 1 and None not in got.values():
+    h, w = adapter.hidden_size, adapter.moe_intermediate_size()
+    gate, up, down = adapter.expert_names
+    shapes = {gate: (w, h), up: (w, h), down: (h, w)}  # (out_features, in_features)
+    problem = _expert_scheme_problem(f, int(q.get("group_size") or 128), shapes, fused)
+    if problem is None:
         return
-    fits = common_groups(got)
-    made = ", ".join(f"in_features {w}: {f'group {e}' if e else 'unquantized'}" for w, e in got.items())
-    raise MoepressError(f"recipe export.formats compressed-tensors: quantize.format {f.name} with quantize.group_size "
-                        f"{g} quantizes the routed experts unlike each other ({made}), which the export refuses (one "
-                        "scheme for a layer's experts); expected " + (f"quantize.group_size {max(fits)}" if fits else
-                                                                      "quantize.format fp8 or fp8-dynamic"))
+    export, what, why = problem
+    fits = [x for x in common_groups({h, w}) if not any(f.skip(o, i, x) for o, i in shapes.values())] \
+        if f.element == "int4" else []
+    fp8 = [n for n in expert_fp8_formats(adapter.family, fused[0])
+           if all(n in expert_fp8_formats(adapter.family, e) for e in fused)]
+    ways = [f"quantize.group_size {max(fits)}"] if fits else []
+    ways += [f"quantize.format {n}" for n in fp8]
+    raise MoepressError(f"recipe export.formats {export}: quantize.format {f.name} {what}, which the export refuses "
+                        f"({why}); expected {_either(ways)}")
+
+
+def _expert_scheme_problem(f, g: int, shapes: dict[str, tuple[int, int]], fused: list[str]) -> tuple | None:
+    """(export, what the quantize does to the routed experts, why the export refuses it) for format ``f`` at
+    --group-size ``g`` on expert projections of ``shapes`` (name: (out, in)); None when the exports take it."""
+    from moepress.compress.quant.int4 import effective_group
+    from moepress.exporters.kernel_widths import fp4_widths_ok
+
+    skipped = {n: why for n, (o, i) in shapes.items() if (why := f.skip(o, i, g))}
+    reasons = "; ".join(sorted(set(skipped.values())))
+    groups = {n: effective_group(i, g) for n, (_, i) in shapes.items()} if f.element == "int4" else {}
+    if skipped and len(skipped) < len(shapes):
+        return fused[0], (f"leaves the routed experts' {', '.join(skipped)} unquantized ({reasons}) beside their "
+                          f"quantized {', '.join(n for n in shapes if n not in skipped)}"), FUSED_EXPERTS[fused[0]]
+    if skipped and "compressed-tensors" in fused:  # every projection: bf16 experts beside packed linears
+        return "compressed-tensors", f"leaves every routed-expert projection unquantized ({reasons})", UNPACKED
+    if not skipped and len(set(groups.values())) > 1:
+        return fused[0], (f"with quantize.group_size {g} groups the routed experts' projections unlike each other "
+                          f"({', '.join(f'{n}: group {x}' for n, x in groups.items())})"), FUSED_EXPERTS[fused[0]]
+    w, h = next(iter(shapes.values()))  # the gate projection: expert width out, hidden size in
+    if not skipped and f.element == "fp4" and not fp4_widths_ok(h, w):
+        return fused[0], (f"gives routed experts of hidden {h} and expert width {w}, which the FP4 fused-MoE kernels "
+                          "cannot run (exporters/kernel_widths.py: both multiples of 64, one of 128)"), \
+            FUSED_EXPERTS[fused[0]]
+    return None
 
 
 def refuse_modelopt_experts(recipe: dict, family: str, exports: list[str]) -> None:
@@ -223,7 +260,6 @@ def ct_ways(recipe: dict, model: Path | None, changes: list[tuple[str, dict]]) -
         return [label for label, _ in changes]
     reader = CheckpointReader(model)
     adapter = get_adapter(reader.config, reader.names())
-    widths = expert_inputs(adapter) if adapter.experts_key() else []
     ways = []
     for label, change in changes:
         q = {**recipe["quantize"], **change}
@@ -234,7 +270,7 @@ def ct_ways(recipe: dict, model: Path | None, changes: list[tuple[str, dict]]) -
                 refuse_ct_forms(r, ["compressed-tensors"])  # no model: its refusal names no ways
                 if f.scale == "block":
                     refuse_fused_blocks(r, model, ["compressed-tensors"])
-                refuse_ct_expert_groups(r, ["compressed-tensors"], widths)
+                refuse_expert_schemes(r, ["compressed-tensors"], adapter)
             except MoepressError:
                 continue
             ways.append(label + (f" with quantize.group_size {g}" if g else ""))

@@ -1,0 +1,75 @@
+"""A recipe whose quantize section leaves a model's routed experts partly quantized, grouped unlike each other, or
+at FP4 widths the fused-MoE kernels cannot run, before compressed-tensors or hf-modelopt, is refused before any stage
+(moepress/pipeline/preflight.py ``refuse_expert_schemes``) in one line that names a quantize section the preflight
+takes; the export itself refuses the quantized checkpoint, after prune and quantize (exporters/fused_moe.py), which
+is what the preflight spares the run. Found on a model none of the bundled ones resembles: gate / up in_features
+200, a multiple of neither the NVFP4 block (16) nor any INT4 group, down in_features 96.
+(tests/test_export_odd_width.py checks that the preflight refuses exactly the pairs the exports refuse on the
+width-192 fixture.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from test_run import write_recipe
+
+from helpers import assert_one_line_error, cli_quantized
+from moepress import models
+from moepress.compress.synthetic import write_synthetic
+from moepress.errors import MoepressError
+from moepress.pipeline.preflight import refuse_unavailable_exports
+from moepress.pipeline.recipe import normalise
+
+CALIB = {"num_samples": 2, "seq_len": 32}
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory):
+    """tiny-qwen3-moe's config with hidden size 200 and expert width 96, 2 layers, random weights, its tokenizer."""
+    src = models.path("tiny-qwen3-moe")
+    cfg = {**json.loads((src / "config.json").read_text()), "hidden_size": 200, "moe_intermediate_size": 96,
+           "intermediate_size": 176, "num_hidden_layers": 2, "num_local_experts": 6, "num_experts_per_tok": 2}
+    out = write_synthetic(cfg, tmp_path_factory.mktemp("odd") / "m")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, out / f)
+    return out
+
+
+def preflight(model, quantize: dict, export: str) -> None:
+    rec = normalise({"model": str(model), "calib": CALIB, "prune": None, "quantize": quantize,
+                     "export": {"formats": [export]}, "check": None, "build": None})
+    refuse_unavailable_exports(rec, model)
+
+
+@pytest.mark.parametrize("quantize,export,why,ways", [
+    ({"format": "nvfp4"}, "hf-modelopt", "gate_proj, up_proj unquantized (in_features 200 not a multiple of the "
+     "NVFP4 block 16) beside their quantized down_proj", "expected quantize.format fp8"),
+    ({"format": "w4a8-awq", "group_size": 32}, "hf-modelopt", "gate_proj, up_proj unquantized (in_features 200 is "
+     "over --group-size 32 and not a multiple of it)", "expected quantize.format fp8"),
+    ({"format": "mxfp4"}, "compressed-tensors", "gate_proj, up_proj unquantized (in_features 200 not a multiple of "
+     "the MXFP4 block 32)",
+     "expected quantize.format fp8 or quantize.format fp8-dynamic"),
+])
+def test_experts_left_partly_unquantized_are_refused_before_any_stage(cli_run, odd, tmp_path, quantize, export, why,
+                                                                      ways):
+    rec = write_recipe(tmp_path / "r.yaml", model=str(odd), calib=CALIB, prune=None, quantize=quantize,
+                       export={"formats": [export]})
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    assert_one_line_error(r, f"recipe export.formats {export}: quantize.format {quantize['format']} leaves the "
+                          f"routed experts' {why}", ways)
+    assert not (tmp_path / "run").exists()
+    preflight(odd, {"format": "fp8"}, export)  # the way it names is taken
+
+
+def test_the_export_refuses_what_the_preflight_refused(cli_run, odd, tmp_path):
+    """The refusal stands for the export's: NVFP4 quantizes down_proj and leaves gate / up in bf16, which no
+    fused-MoE runtime holds; hf-modelopt refuses that checkpoint in one line, after the quantize."""
+    with pytest.raises(MoepressError, match="leaves the routed experts"):
+        preflight(odd, {"format": "nvfp4"}, "hf-modelopt")
+    q = cli_quantized(tmp_path / "q", str(odd), "--format", "nvfp4", "--num-samples", "2", "--seq-len", "32")
+    skipped = {d["module"].rsplit(".", 1)[-1] for d in json.loads((q / "moepress_quant.json").read_text())["skipped"]}
+    assert {"gate_proj", "up_proj"} <= skipped and "down_proj" not in skipped
+    r = cli_run("export", q, "--format", "hf-modelopt", "-o", tmp_path / "e")
+    assert_one_line_error(r, "routed-expert linears stay unquantized beside quantized projections")
