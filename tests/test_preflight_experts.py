@@ -43,33 +43,41 @@ def preflight(model, quantize: dict, export: str) -> None:
     refuse_unavailable_exports(rec, model)
 
 
-@pytest.mark.parametrize("quantize,export,why,ways", [
-    ({"format": "nvfp4"}, "hf-modelopt", "gate_proj, up_proj unquantized (in_features 200 not a multiple of the "
-     "NVFP4 block 16) beside their quantized down_proj", "expected quantize.format fp8"),
-    ({"format": "w4a8-awq", "group_size": 32}, "hf-modelopt", "gate_proj, up_proj unquantized (in_features 200 is "
-     "over --group-size 32 and not a multiple of it)", "expected quantize.format fp8"),
-    ({"format": "mxfp4"}, "compressed-tensors", "gate_proj, up_proj unquantized (in_features 200 not a multiple of "
-     "the MXFP4 block 32)",
-     "expected quantize.format fp8 or quantize.format fp8-dynamic"),
+@pytest.mark.parametrize("quantize,export,what,ways", [
+    ({"format": "nvfp4"}, "hf-modelopt", "leaves the routed experts' gate_proj, up_proj unquantized (in_features 200 "
+     "not a multiple of the NVFP4 block 16) beside their quantized down_proj", "expected quantize.format fp8"),
+    ({"format": "w4a8-awq", "group_size": 32}, "hf-modelopt", "leaves the routed experts' gate_proj, up_proj "
+     "unquantized (in_features 200 is over --group-size 32 and not a multiple of it)", "expected quantize.format fp8"),
+    ({"format": "mxfp4"}, "compressed-tensors", "leaves the routed experts' gate_proj, up_proj unquantized "
+     "(in_features 200 not a multiple of the MXFP4 block 32)", "expected quantize.format fp8 or quantize.format "
+     "fp8-dynamic"),
+    ({"format": "int4-gptq", "group_size": 64}, "compressed-tensors", "leaves every routed-expert projection "
+     "unquantized (in_features 200 is over --group-size 64", "expected quantize.format fp8 or quantize.format "
+     "fp8-dynamic"),
 ])
-def test_experts_left_partly_unquantized_are_refused_before_any_stage(cli_run, odd, tmp_path, quantize, export, why,
-                                                                      ways):
+def test_experts_left_unquantized_are_refused_before_any_stage(cli_run, odd, tmp_path, quantize, export, what, ways):
     rec = write_recipe(tmp_path / "r.yaml", model=str(odd), calib=CALIB, prune=None, quantize=quantize,
                        export={"formats": [export]})
     r = cli_run("run", rec, "-o", tmp_path / "run")
-    assert_one_line_error(r, f"recipe export.formats {export}: quantize.format {quantize['format']} leaves the "
-                          f"routed experts' {why}", ways)
+    assert_one_line_error(r, f"recipe export.formats {export}: quantize.format {quantize['format']} {what}", ways)
     assert not (tmp_path / "run").exists()
     preflight(odd, {"format": "fp8"}, export)  # the way it names is taken
 
 
-def test_the_export_refuses_what_the_preflight_refused(cli_run, odd, tmp_path):
-    """The refusal stands for the export's: NVFP4 quantizes down_proj and leaves gate / up in bf16, which no
-    fused-MoE runtime holds; hf-modelopt refuses that checkpoint in one line, after the quantize."""
-    with pytest.raises(MoepressError, match="leaves the routed experts"):
-        preflight(odd, {"format": "nvfp4"}, "hf-modelopt")
-    q = cli_quantized(tmp_path / "q", str(odd), "--format", "nvfp4", "--num-samples", "2", "--seq-len", "32")
+@pytest.mark.parametrize("args,export,refusal", [
+    (["--format", "nvfp4"], "hf-modelopt", "routed-expert linears stay unquantized beside quantized projections"),
+    (["--format", "int4-gptq", "--group-size", "64"], "compressed-tensors",
+     "routed-expert linears stay unquantized (model.layers.*.mlp.experts.*.down_proj"),
+])
+def test_the_export_refuses_what_the_preflight_refused(cli_run, odd, tmp_path, args, export, refusal):
+    """The refusal stands for the export's, on the quantized checkpoint: NVFP4 quantizes down_proj and leaves gate / up
+    in bf16, which no fused-MoE runtime holds; INT4 in groups of 64 leaves every expert projection in bf16 beside
+    packed attention linears, which transformers does not read."""
+    quantize = {"format": args[1], **({"group_size": int(args[3])} if len(args) > 2 else {})}
+    with pytest.raises(MoepressError, match="unquantized"):
+        preflight(odd, quantize, export)
+    q = cli_quantized(tmp_path / "q", str(odd), *args, "--num-samples", "2", "--seq-len", "32")
     skipped = {d["module"].rsplit(".", 1)[-1] for d in json.loads((q / "moepress_quant.json").read_text())["skipped"]}
-    assert {"gate_proj", "up_proj"} <= skipped and "down_proj" not in skipped
-    r = cli_run("export", q, "--format", "hf-modelopt", "-o", tmp_path / "e")
-    assert_one_line_error(r, "routed-expert linears stay unquantized beside quantized projections")
+    assert {"gate_proj", "up_proj"} <= skipped
+    r = cli_run("export", q, "--format", export, "-o", tmp_path / "e")
+    assert_one_line_error(r, refusal)

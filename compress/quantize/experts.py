@@ -162,8 +162,7 @@ def _gptq_rounded(g: _Group, cfg: QuantConfig, opts: dict) -> bool:
     st = g.st
     needs_h = opts.get("use_gptq") or (opts.get("use_awq") and cfg.awq_gptq)
     return (bool(needs_h) and st is not None and getattr(st, "S", None) is not None and st.n > 0
-            and int4.effective_group(g.ws[0].shape[1], cfg.group_size) is not None
-            and not any(w.shape[0] % 2 for w in g.ws))  # odd widths: skipped by the one-by-one quantizer
+            and not any(_int4.skip(*w.shape, cfg.group_size) for w in g.ws))  # what the quantizer skips
 
 
 def int4_batch(groups: list[_Group], cfg: QuantConfig, *, use_awq: bool, use_gptq: bool,

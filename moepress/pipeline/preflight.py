@@ -155,6 +155,8 @@ def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
 # exporters/hf_modelopt.py: the ``why`` of their refuse_mixed / refuse_unlike)
 FUSED_EXPERTS = {"compressed-tensors": "vLLM and transformers fuse a layer's experts under one scheme",
                  "hf-modelopt": "TensorRT-LLM and vLLM fuse a layer's experts under one quantization"}
+FP4_WIDTHS = ("the FP4 fused-MoE kernels of vLLM and TensorRT-LLM need both widths multiples of 64 and one of 128: "
+              "exporters/kernel_widths.py")
 UNPACKED = "transformers reads the expert weights of a pack-quantized (INT4 / FP4) checkpoint only as packed weights"
 
 
@@ -187,7 +189,7 @@ def refuse_expert_schemes(recipe: dict, exports: list[str], adapter) -> None:
            if all(n in expert_fp8_formats(adapter.family, e) for e in fused)]
     ways = [f"quantize.group_size {max(fits)}"] if fits else []
     ways += [f"quantize.format {n}" for n in fp8]
-    raise MoepressError(f"recipe export.formats {export}: quantize.format {f.name} {what}, which the export refuses "
+    raise MoepressError(f"recipe export.formats {export}: quantize.format {f.name} {what}; the export refuses it "
                         f"({why}); expected {_either(ways)}")
 
 
@@ -210,9 +212,7 @@ def _expert_scheme_problem(f, g: int, shapes: dict[str, tuple[int, int]], fused:
                           f"({', '.join(f'{n}: group {x}' for n, x in groups.items())})"), FUSED_EXPERTS[fused[0]]
     w, h = next(iter(shapes.values()))  # the gate projection: expert width out, hidden size in
     if not skipped and f.element == "fp4" and not fp4_widths_ok(h, w):
-        return fused[0], (f"gives routed experts of hidden {h} and expert width {w}, which the FP4 fused-MoE kernels "
-                          "cannot run (exporters/kernel_widths.py: both multiples of 64, one of 128)"), \
-            FUSED_EXPERTS[fused[0]]
+        return fused[0], f"gives routed experts of hidden {h} and expert width {w}", FP4_WIDTHS
     return None
 
 
