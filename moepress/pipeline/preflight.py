@@ -116,7 +116,7 @@ def refuse_ct_forms(recipe: dict, exports: list[str], model: Path | None = None)
         # neither INT4 route takes this model's expert widths: the formats that do
         ways = ways or ct_ways(recipe, model, ct_formats)
         raise MoepressError(f"{where} keeps AWQ's pre_quant_scale, which has no compressed-tensors form; expected "
-                            f"{' or '.join(ways) if len(ways) < 3 else 'one of ' + ', '.join(ways)}")
+                            f"{_either(ways)}")
 
 
 def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
