@@ -54,6 +54,8 @@ def preflight(model, quantize: dict, export: str) -> None:
     ({"format": "int4-gptq", "group_size": 64}, "compressed-tensors", "leaves every routed-expert projection "
      "unquantized (in_features 200 is over --group-size 64", "expected quantize.format fp8 or quantize.format "
      "fp8-dynamic"),
+    ({"format": "nvfp4", "rules": {"self_attn.*": "fp8"}}, "hf-modelopt", "leaves the routed experts' gate_proj, "
+     "up_proj unquantized", "expected quantize.format fp8"),  # rules that name no expert: the format gives theirs
 ])
 def test_experts_left_unquantized_are_refused_before_any_stage(cli_run, odd, tmp_path, quantize, export, what, ways):
     rec = write_recipe(tmp_path / "r.yaml", model=str(odd), calib=CALIB, prune=None, quantize=quantize,
@@ -62,6 +64,13 @@ def test_experts_left_unquantized_are_refused_before_any_stage(cli_run, odd, tmp
     assert_one_line_error(r, f"recipe export.formats {export}: quantize.format {quantize['format']} {what}", ways)
     assert not (tmp_path / "run").exists()
     preflight(odd, {"format": "fp8"}, export)  # the way it names is taken
+
+
+def test_a_rule_that_gives_the_experts_their_format_leaves_the_decision_to_the_export(odd):
+    """A rule naming the experts (here some of them) is the user's explicit choice, which the export judges with
+    the quantized checkpoint in hand; the preflight refuses what the format alone decides."""
+    preflight(odd, {"format": "fp8", "rules": {"mlp.experts.*": "nvfp4"}}, "hf-modelopt")
+    preflight(odd, {"format": "nvfp4", "rules": {"mlp.experts.0.*": "fp8"}}, "hf-modelopt")
 
 
 @pytest.mark.parametrize("args,export,refusal", [

@@ -415,15 +415,26 @@ def test_hf_modelopt_of_experts_it_refuses_is_refused_before_any_stage(cli_run, 
 @pytest.mark.parametrize("quantize,exports", [
     ({"format": "fp8-block"}, ["hf-fp8-block", "compressed-tensors"]),  # the experts' form, where it loads
     ({"format": "fp8-block", "rules": {"mlp.experts.*": "fp8"}}, ["hf-modelopt"]),  # the experts' rule decides
+    ({"format": "fp8-block", "rules": {"mlp.experts.0.*": "fp8"}}, ["hf-modelopt"]),  # experts two ways: the export
     ({"format": "fp8"}, ["hf-modelopt"]),
 ])
 def test_recipes_hf_modelopt_takes_or_does_not_list_are_not_refused_early(quantize, exports):
-    """The early refusal is for hf-modelopt after one quantize format it refuses for the experts; nothing else."""
+    """The early refusal is for hf-modelopt after a quantize that gives every routed expert a format it refuses for
+    them, by quantize.format or by a rule; nothing else."""
+    from moepress.compress.checkpoint import CheckpointReader
     from moepress.pipeline.preflight import refuse_modelopt_experts
+    from moepress.pipeline.recipe import normalise
 
-    refuse_modelopt_experts({"quantize": quantize}, "qwen3_moe", exports)
-    with pytest.raises(MoepressError, match="recipe export.formats hf-modelopt"):
-        refuse_modelopt_experts({"quantize": {"format": "fp8-block"}}, "qwen3_moe", ["hf-modelopt"])
+    reader = CheckpointReader(models.path("tiny-qwen3-moe"))  # its experts: mlp.experts.E.*
+    adapter = get_adapter(reader.config, reader.names())
+
+    def recipe(q):
+        return normalise({"model": "tiny-qwen3-moe", "quantize": q, "export": {"formats": exports}, "check": None})
+    refuse_modelopt_experts(recipe(quantize), adapter, exports)
+    for q, given in [({"format": "fp8-block"}, "quantize.format fp8-block gives"),
+                     ({"format": "fp8", "rules": {"mlp.experts.*": "fp8-block"}}, "quantize.rules give fp8-block to")]:
+        with pytest.raises(MoepressError, match=f"recipe export.formats hf-modelopt: {given} the qwen3_moe routed"):
+            refuse_modelopt_experts(recipe(q), adapter, ["hf-modelopt"])
 
 
 @pytest.mark.parametrize("fmt,needle", [("int4-awq", "quantize.awq_fold: true"),
@@ -483,7 +494,6 @@ def test_compressed_tensors_of_int4_experts_in_two_groups_is_refused_before_any_
         return SimpleNamespace(hidden_size=h, moe_intermediate_size=lambda: w, family="qwen3_moe",
                                experts_key=lambda: 1, expert_names=["gate_proj", "up_proj", "down_proj"])
     for q, (h, w) in [({"format": "int4-gptq", "group_size": 64}, (128, 64)), ({"format": "fp8"}, (128, 64)),
-                      ({"format": "int4-gptq", "rules": {"self_attn.*": "fp8"}}, (128, 64)),
                       ({"format": "int4-awq", "awq_fold": True}, (256, 128)), ({"format": "nvfp4"}, (256, 128))]:
         refuse_expert_schemes({"quantize": q}, ["compressed-tensors", "hf-modelopt"], experts(h, w))  # not refused
     with pytest.raises(MoepressError, match=r"gate_proj, up_proj unquantized \(in_features 200 is over --group-size "

@@ -72,7 +72,7 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
                     reg[fmt].refuse_source(model, adapter, reader)
     refuse_unquantized(recipe, model, formats, reg)
     refuse_written_formats(recipe, formats, reg)
-    refuse_modelopt_experts(recipe, family, formats)
+    refuse_modelopt_experts(recipe, adapter, formats)
     refuse_ct_forms(recipe, formats, model)
     fusing = [f for f in ("compressed-tensors", "hf-modelopt") if f in formats]
     if fusing and recipe.get("quantize"):
@@ -151,6 +151,31 @@ def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
         refuse[export](s, modules)
 
 
+def experts_format(recipe: dict, adapter):
+    """The format the quantize section gives every routed-expert projection (its rules asked of each expert's name
+    in every MoE layer, as the quantize stage asks them; None where it gives them several formats, or leaves them
+    unquantized), and whether a rule names any of them (else quantize.format gives them theirs)."""
+    from moepress.calib.config import CalibConfig
+    from moepress.compress import formats
+    from moepress.compress.quantize import QuantConfig
+
+    q = recipe.get("quantize") or {}
+    if not q.get("rules"):
+        return formats.FORMATS.get(q.get("format") or ""), False
+    cfg = QuantConfig.from_recipe(q, CalibConfig.from_recipe(recipe["calib"]))
+    got, ruled = set(), False
+    for i in adapter.moe_layers() if adapter.experts_key() else ():
+        lp = adapter.layer_prefix(i)
+        for e in range(adapter.num_experts):
+            for n in adapter.expert_names:
+                full = adapter.expert_prefix(i, e) + n
+                rel = full.removeprefix(lp)
+                ruled |= cfg.rule_of(rel, full) is not None
+                got.add(cfg.format_of(rel, full))
+    fmt = got.pop() if len(got) == 1 else None
+    return formats.FORMATS.get(fmt or ""), ruled
+
+
 # what each export's consumers do with routed experts quantized partly or unlike (exporters/compressed_tensors.py,
 # exporters/hf_modelopt.py: the ``why`` of their refuse_mixed / refuse_unlike)
 FUSED_EXPERTS = {"compressed-tensors": "vLLM and transformers fuse a layer's experts under one scheme",
@@ -161,20 +186,21 @@ UNPACKED = "transformers reads the expert weights of a pack-quantized (INT4 / FP
 
 
 def refuse_expert_schemes(recipe: dict, exports: list[str], adapter) -> None:
-    """compressed-tensors or hf-modelopt after a quantize (one format, no rules) that leaves some of the routed
-    experts' projections unquantized (the format's ``skip`` rule: an INT4 group or FP4 block that does not divide
-    their in_features, odd INT4 rows), or all of them beside packed INT4 / FP4 linears (compressed-tensors), groups
-    them unlike each other (INT4), or gives FP4 experts widths the FP4 fused-MoE kernels cannot run: each export
-    refuses these (exporters/fused_moe.py refuse_mixed, refuse_unpacked_experts, refuse_unlike,
+    """compressed-tensors or hf-modelopt after a quantize whose format (no rule names an expert) leaves some of the
+    routed experts' projections unquantized (the format's ``skip`` rule: an INT4 group or FP4 block that does not
+    divide their in_features, odd INT4 rows), or all of them beside packed INT4 / FP4 linears (compressed-tensors),
+    groups them unlike each other (INT4), or gives FP4 experts widths the FP4 fused-MoE kernels cannot run: each
+    export refuses these (exporters/fused_moe.py refuse_mixed, refuse_unpacked_experts, refuse_unlike,
     refuse_fp4_expert_widths), after prune and quantize. The refusal names a quantize.group_size that quantizes
     every projection alike, or the FP8 formats every listed export loads experts in (any width quantizes whole)."""
-    from moepress.compress import formats
     from moepress.exporters.fused_moe import common_groups, expert_fp8_formats
 
     q = recipe.get("quantize") or {}
-    f = formats.FORMATS.get(q.get("format") or "")
     fused = [e for e in exports if e in FUSED_EXPERTS]
-    if not fused or f is None or f.skip is None or q.get("rules") or not adapter.experts_key():
+    if not fused or not adapter.experts_key():
+        return
+    f, ruled = experts_format(recipe, adapter)
+    if f is None or f.skip is None or ruled:  # a rule gives the experts their format: the export decides
         return
     h, w = adapter.hidden_size, adapter.moe_intermediate_size()
     gate, up, down = adapter.expert_names
@@ -216,18 +242,17 @@ def _expert_scheme_problem(f, g: int, shapes: dict[str, tuple[int, int]], fused:
     return None
 
 
-def refuse_modelopt_experts(recipe: dict, family: str, exports: list[str]) -> None:
-    """hf-modelopt after a quantize whose one format (no rules) gives the routed experts a form no runtime loads
-    from a Model-Optimizer checkpoint (exporters/hf_modelopt.py refuses it at export, hours later)."""
-    from moepress.compress import formats
-
-    q = recipe.get("quantize") or {}
-    f = formats.FORMATS.get(q.get("format") or "")
-    if "hf-modelopt" not in exports or f is None or q.get("rules"):
+def refuse_modelopt_experts(recipe: dict, adapter, exports: list[str]) -> None:
+    """hf-modelopt after a quantize whose format or rules give every routed expert a form no runtime loads from a
+    Model-Optimizer checkpoint (exporters/hf_modelopt.py refuses it at export, hours later)."""
+    if "hf-modelopt" not in exports:
         return
-    why = f.modelopt_experts_why(family)
+    f, ruled = experts_format(recipe, adapter)
+    family = adapter.family
+    why = f.modelopt_experts_why(family) if f is not None else ""
     if why:
-        raise MoepressError(f"recipe export.formats hf-modelopt: quantize.format {f.name} gives the {family} routed "
+        given = f"quantize.rules give {f.name} to" if ruled else f"quantize.format {f.name} gives"
+        raise MoepressError(f"recipe export.formats hf-modelopt: {given} the {family} routed "
                             f"experts a form no runtime loads from a Model-Optimizer checkpoint ({why}); expected "
                             "hf-modelopt removed from export.formats"
                             + (" (hf-fp8-block takes them)" if f.modelopt_moe_why else ""))
