@@ -61,6 +61,7 @@ from moepress.compress import formats
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
+    FUSES_EXPERTS,
     fused_name,
     pattern,
     refuse_fp4_expert_widths,
@@ -169,8 +170,8 @@ def _refuse_misread_experts(s, schemes) -> None:
     scheme's ``weight_packed`` only: CompressedTensorsDequantize.convert); partial block-FP8 grids; FP4
     experts at widths vLLM's FP4 fused-MoE kernels cannot tile."""
     modules = s.layout["modules"]
-    refuse_mixed(s, "compressed-tensors", set(modules), "vLLM and transformers fuse a layer's experts under one "
-                 "scheme (transformers drops the unquantized ones without an error)")
+    refuse_mixed(s, "compressed-tensors", set(modules), FUSES_EXPERTS["compressed-tensors"] + " (transformers drops "
+                 "the unquantized ones without an error)")
     refuse_unlike(s, "compressed-tensors", modules, "vLLM refuses a layer whose expert projections differ in scheme "
                   "(compressed_tensors_moe.py: 'All MoE projections need to have same quantization scheme') and "
                   "transformers runs one experts scheme over all of them")

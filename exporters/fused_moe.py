@@ -41,6 +41,10 @@ from moepress.exporters.hf_common import TRTLLM_FUSED, Source, fp8_block_grids, 
 from moepress.exporters.kernel_widths import fp4_widths_ok, grid_ok
 
 MODELOPT = "hf-modelopt"  # the export whose runtimes load FP8 experts per tensor only (fp8_formats)
+# who fuses a layer's routed experts into one quantized linear, per export (the ``why`` of refuse_mixed and
+# refuse_unlike; a recipe's preflight refuses the same before any stage)
+FUSES_EXPERTS = {"compressed-tensors": "vLLM and transformers fuse a layer's experts under one scheme",
+                 MODELOPT: "TensorRT-LLM and vLLM fuse a layer's experts under one quantization"}
 
 
 def routed_linears(s: Source) -> dict[int, list[str]]:

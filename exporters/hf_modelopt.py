@@ -65,6 +65,7 @@ from moepress.compress import formats
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
+    FUSES_EXPERTS,
     high_precision_layers,
     refuse_fp4_expert_widths,
     refuse_mixed,
@@ -252,10 +253,8 @@ def refuse_hf_modelopt(s, src: Path, modules: dict) -> None:
                             f"quant_algo; {ct_route(s, modules)}")
     refuse_unloadable_experts(s, modules)  # first: the refusals below suggest a --group-size, which cannot help
     # what a fused MoE cannot hold (fused_moe.py): TensorRT-LLM and vLLM quantize a layer's experts alike
-    refuse_mixed(s, "hf-modelopt", set(modules), "TensorRT-LLM and vLLM fuse a layer's experts under one "
-                 "quantization and would misread or refuse it")
-    refuse_unlike(s, "hf-modelopt", modules, "TensorRT-LLM and vLLM fuse a layer's experts under one quantization "
-                  "(one group size for all its projections)")
+    refuse_mixed(s, "hf-modelopt", set(modules), FUSES_EXPERTS["hf-modelopt"] + " and would misread or refuse it")
+    refuse_unlike(s, "hf-modelopt", modules, FUSES_EXPERTS["hf-modelopt"] + " (one group size for all its projections)")
     refuse_partly_fused(s, "hf-modelopt", modules, "TensorRT-LLM (which misreads them), vLLM and SGLang")
     refuse_partial_blocks(s, "hf-modelopt", modules)
     refuse_partial_input_groups(s, "hf-modelopt", modules)

@@ -169,17 +169,14 @@ def experts_format(recipe: dict, adapter):
         for e in range(adapter.num_experts):
             for n in adapter.expert_names:
                 full = adapter.expert_prefix(i, e) + n
-                rel = full.removeprefix(lp)
-                ruled |= cfg.rule_of(rel, full) is not None
-                got.add(cfg.format_of(rel, full))
-    fmt = got.pop() if len(got) == 1 else None
-    return formats.FORMATS.get(fmt or ""), ruled
+                k = cfg.rule_of(full.removeprefix(lp), full)  # QuantConfig.format_of's decision, asked once
+                ruled |= k is not None
+                got.add(cfg.format if k is None else cfg.rules[k][1])
+                if len(got) > 1:  # several formats (one of them a rule's): nothing to ask of one format
+                    return None, True
+    return formats.FORMATS.get(got.pop() if got else ""), ruled  # "none" (left unquantized) is no format
 
 
-# what each export's consumers do with routed experts quantized partly or unlike (exporters/compressed_tensors.py,
-# exporters/hf_modelopt.py: the ``why`` of their refuse_mixed / refuse_unlike)
-FUSED_EXPERTS = {"compressed-tensors": "vLLM and transformers fuse a layer's experts under one scheme",
-                 "hf-modelopt": "TensorRT-LLM and vLLM fuse a layer's experts under one quantization"}
 FP4_WIDTHS = ("the FP4 fused-MoE kernels of vLLM and TensorRT-LLM need both widths multiples of 64 and one of 128: "
               "exporters/kernel_widths.py")
 UNPACKED = "transformers reads the expert weights of a pack-quantized (INT4 / FP4) checkpoint only as packed weights"
@@ -193,10 +190,10 @@ def refuse_expert_schemes(recipe: dict, exports: list[str], adapter) -> None:
     export refuses these (exporters/fused_moe.py refuse_mixed, refuse_unpacked_experts, refuse_unlike,
     refuse_fp4_expert_widths), after prune and quantize. The refusal names a quantize.group_size that quantizes
     every projection alike, or the FP8 formats every listed export loads experts in (any width quantizes whole)."""
-    from moepress.exporters.fused_moe import common_groups, expert_fp8_formats
+    from moepress.exporters.fused_moe import FUSES_EXPERTS, common_groups, expert_fp8_formats
 
     q = recipe.get("quantize") or {}
-    fused = [e for e in exports if e in FUSED_EXPERTS]
+    fused = [e for e in exports if e in FUSES_EXPERTS]
     if not fused or not adapter.experts_key():
         return
     f, ruled = experts_format(recipe, adapter)
@@ -223,6 +220,7 @@ def _expert_scheme_problem(f, g: int, shapes: dict[str, tuple[int, int]], fused:
     """(export, what the quantize does to the routed experts, why the export refuses it) for format ``f`` at
     --group-size ``g`` on expert projections of ``shapes`` (name: (out, in)); None when the exports take it."""
     from moepress.compress.quant.int4 import effective_group
+    from moepress.exporters.fused_moe import FUSES_EXPERTS
     from moepress.exporters.kernel_widths import fp4_widths_ok
 
     skipped = {n: why for n, (o, i) in shapes.items() if (why := f.skip(o, i, g))}
@@ -230,12 +228,12 @@ def _expert_scheme_problem(f, g: int, shapes: dict[str, tuple[int, int]], fused:
     groups = {n: effective_group(i, g) for n, (_, i) in shapes.items()} if f.element == "int4" else {}
     if skipped and len(skipped) < len(shapes):
         return fused[0], (f"leaves the routed experts' {', '.join(skipped)} unquantized ({reasons}) beside their "
-                          f"quantized {', '.join(n for n in shapes if n not in skipped)}"), FUSED_EXPERTS[fused[0]]
+                          f"quantized {', '.join(n for n in shapes if n not in skipped)}"), FUSES_EXPERTS[fused[0]]
     if skipped and "compressed-tensors" in fused:  # every projection: bf16 experts beside packed linears
         return "compressed-tensors", f"leaves every routed-expert projection unquantized ({reasons})", UNPACKED
     if not skipped and len(set(groups.values())) > 1:
         return fused[0], (f"with quantize.group_size {g} groups the routed experts' projections unlike each other "
-                          f"({', '.join(f'{n}: group {x}' for n, x in groups.items())})"), FUSED_EXPERTS[fused[0]]
+                          f"({', '.join(f'{n}: group {x}' for n, x in groups.items())})"), FUSES_EXPERTS[fused[0]]
     w, h = next(iter(shapes.values()))  # the gate projection: expert width out, hidden size in
     if not skipped and f.element == "fp4" and not fp4_widths_ok(h, w):
         return fused[0], f"gives routed experts of hidden {h} and expert width {w}", FP4_WIDTHS
