@@ -15,10 +15,11 @@ import shutil
 import pytest
 from test_run import write_recipe
 
-from helpers import assert_one_line_error, cli_quantized
+from helpers import assert_one_line_error
 from moepress import models
 from moepress.compress.synthetic import write_synthetic
 from moepress.errors import MoepressError
+from moepress.exporters.fused_moe import FUSES_EXPERTS
 from moepress.pipeline.preflight import refuse_unavailable_exports
 from moepress.pipeline.recipe import normalise
 
@@ -81,12 +82,34 @@ def test_a_rule_that_gives_the_experts_their_format_leaves_the_decision_to_the_e
 def test_the_export_refuses_what_the_preflight_refused(cli_run, odd, tmp_path, args, export, refusal):
     """The refusal stands for the export's, on the quantized checkpoint: NVFP4 quantizes down_proj and leaves gate / up
     in bf16, which no fused-MoE runtime holds; INT4 in groups of 64 leaves every expert projection in bf16 beside
-    packed attention linears, which transformers does not read."""
+    packed attention linears, which transformers does not read. A standalone quantize says beforehand which of the
+    exports that fuse the experts will refuse its output (``exports_refusing``): exactly those that then do."""
     quantize = {"format": args[1], **({"group_size": int(args[3])} if len(args) > 2 else {})}
     with pytest.raises(MoepressError, match="unquantized"):
         preflight(odd, quantize, export)
-    q = cli_quantized(tmp_path / "q", str(odd), *args, "--num-samples", "2", "--seq-len", "32")
-    skipped = {d["module"].rsplit(".", 1)[-1] for d in json.loads((q / "moepress_quant.json").read_text())["skipped"]}
+    r = cli_run("quantize", odd, *args, "--num-samples", "2", "--seq-len", "32", "-o", tmp_path / "q", "--json")
+    assert r.exit_code == 0, r.output
+    noted = json.loads(r.stdout)["exports_refusing"]
+    assert export in noted and "unquantized" in noted[export], noted
+    skipped = {d["module"].rsplit(".", 1)[-1] for d in
+               json.loads((tmp_path / "q" / "moepress_quant.json").read_text())["skipped"]}
     assert {"gate_proj", "up_proj"} <= skipped
-    r = cli_run("export", q, "--format", export, "-o", tmp_path / "e")
-    assert_one_line_error(r, refusal)
+    for e in FUSES_EXPERTS:
+        r = cli_run("export", tmp_path / "q", "--format", e, "-o", tmp_path / e)
+        assert (r.exit_code == 2) == (e in noted), (e, noted, r.output)
+    assert_one_line_error(cli_run("export", tmp_path / "q", "--format", export, "-o", tmp_path / "e"), refusal)
+
+
+def test_quantize_says_before_it_runs_which_exports_will_refuse_its_output(cli_run, odd, tmp_path):
+    """In the CLI's own flags, before the first layer (the line comes ahead of the layers' progress)."""
+    r = cli_run("quantize", odd, "--format", "nvfp4", "--num-samples", "2", "--seq-len", "32", "-o", tmp_path / "q")
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    note = next(k for k, line in enumerate(lines) if line.startswith(
+        "note: `moepress export --format hf-modelopt` will refuse this output: --format nvfp4 leaves the routed "
+        "experts' gate_proj, up_proj unquantized"))
+    assert "expected --format fp8" in lines[note] and "quantize." not in lines[note]
+    assert note < next(k for k, line in enumerate(lines) if "layer 1/2" in line)
+    r = cli_run("quantize", odd, "--format", "fp8", "--num-samples", "2", "--seq-len", "32", "-o", tmp_path / "f",
+                "--json")
+    assert json.loads(r.stdout)["exports_refusing"] == {}

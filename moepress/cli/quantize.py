@@ -87,9 +87,13 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
                                  sequential=sequential, calib=cal, gptq_act_order=gptq_act_order,
                                  awq_clip=awq_clip, awq_gptq=awq_gptq, awq_fold=awq_fold)
     prog = Progress.from_flags(quiet, json_out)
+    refusing = export_refusals(src, cfg) if current().is_main else {}
+    for export, why in refusing.items():
+        prog.info(f"note: `moepress export --format {export}` will refuse this output: {why}")
     res, memory = run_measured(device, quantize_checkpoint, src, output, cfg, batches=cal.loader(src),
                                force=force, resume=resume, progress=prog)
     res["memory"] = memory
+    res["exports_refusing"] = refusing
     if not current().is_main:  # under torchrun, rank 0 reports
         return
     if json_out:
@@ -99,6 +103,22 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
                    + (f", {res['borrowed']} sparse experts (too few calibration tokens; quant_report.json: "
                       "sparse_expert_rule)" if res["borrowed"] else "")
                    + f") -> {output} in {res['seconds']:.1f}s")
+
+
+def export_refusals(src, cfg) -> dict[str, str]:
+    """What hf-modelopt and compressed-tensors will refuse of this quantize's output for the model's widths
+    (moepress/pipeline/preflight.py ``fused_export_refusals``), in the CLI's flags; empty where the checks
+    cannot be asked of the model (the stage then refuses it in its own words)."""
+    from moepress.errors import MoepressError
+    from moepress.pipeline.preflight import fused_export_refusals
+
+    q = {"format": cfg.format, "rules": dict(cfg.rules), "group_size": cfg.group_size}
+    try:
+        found = fused_export_refusals(q, src)
+    except MoepressError:
+        return {}
+    return {e: why.replace("quantize.format ", "--format ").replace("quantize.group_size ", "--group-size ")
+            for e, why in found.items()}
 
 
 COMMANDS = [quantize_cmd]
