@@ -29,6 +29,7 @@ layer), ``calibrated`` (one layer calibrated and quantized), ``free`` (calibrati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,8 +59,9 @@ read_quant_layout = formats.read_layout
 
 def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *, batches: Batches | None = None,
                         progress: Progress = QUIET, force: bool = False, resume: bool = False,
-                        trust_remote_code: bool = False, device: torch.device | None = None) -> dict:
-    """Quantize ``model`` into ``out`` (:func:`stage.quantize_checkpoint`); returns the summary.
+                        trust_remote_code: bool = False, device: torch.device | None = None,
+                        notes: Callable[[], list[str]] | None = None) -> dict:
+    """Quantize ``model`` into ``out`` (:func:`stage.quantize_checkpoint`, ``notes`` too); returns the summary.
 
     ``batches``: calibration token ids [B, S], or a function returning them. Python callers may
     leave them out: a config that needs calibration then gets its own calibration set
@@ -69,7 +71,7 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
         batches = CalibConfig(cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed, cfg.batch_size,
                               trust_remote_code).loader(model)
     return stage.quantize_checkpoint(model, out, cfg, batches=batches, progress=progress, force=force,
-                                     resume=resume, device=device)
+                                     resume=resume, device=device, notes=notes)
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,

@@ -54,15 +54,17 @@ Batches = list[torch.Tensor] | Callable[[], list[torch.Tensor]]
 
 def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *, batches: Batches | None = None,
                         progress: Progress = QUIET, force: bool = False, resume: bool = False,
-                        device: torch.device | None = None) -> dict:
+                        device: torch.device | None = None, notes: Callable[[], list[str]] | None = None) -> dict:
     """Quantize ``model`` into ``out``; returns the summary (also in quant_report.json).
 
     ``batches``: the calibration token ids, built by the caller; None only for a config that
     needs no calibration. ``device``: where layers are built and quantized (None: the CPU); a
-    runtime choice, not part of ``cfg``."""
+    runtime choice, not part of ``cfg``. ``notes``: lines said once the input and options are
+    validated, before the first layer (rank 0 only; the CLI's note of the exports that will refuse
+    the output)."""
     t0 = time.monotonic()
     stage = QuantizeStage(model, cfg, device=device)
-    stage.run(out, batches, force=force, resume=resume, progress=progress)
+    stage.run(out, batches, force=force, resume=resume, progress=progress, notes=notes)
     return stage.summary(out, t0)
 
 
@@ -168,7 +170,8 @@ class QuantizeStage:
 
     # ---- the run ------------------------------------------------------------------------------
 
-    def run(self, out: str | Path, batches: Batches | None, *, force: bool, resume: bool, progress: Progress) -> None:
+    def run(self, out: str | Path, batches: Batches | None, *, force: bool, resume: bool, progress: Progress,
+            notes: Callable[[], list[str]] | None = None) -> None:
         """Write the quantized checkpoint and its configs, sidecar and report into ``out``."""
         env, a = self.env, self.adapter
         if not env.is_main:
@@ -184,6 +187,8 @@ class QuantizeStage:
         if self.extra_layers:
             nextn = NO_NEXTN * self._declares_nextn()
             progress.info(f"layers {self.extra_layers} of {self.reader.path}: {EXTRA_LAYERS}{nextn}")
+        for line in notes() if notes is not None and env.is_main else ():
+            progress.info(line)
         self._take_batches(batches)
         # calibration-free: the shard of layer i is written while layer i+1 is quantized
         writer = (CheckpointWriter(out, force=force, resume=resume,

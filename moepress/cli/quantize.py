@@ -87,11 +87,14 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
                                  sequential=sequential, calib=cal, gptq_act_order=gptq_act_order,
                                  awq_clip=awq_clip, awq_gptq=awq_gptq, awq_fold=awq_fold)
     prog = Progress.from_flags(quiet, json_out)
-    refusing = export_refusals(src, cfg) if current().is_main else {}
-    for export, why in refusing.items():
-        prog.info(f"note: `moepress export --format {export}` will refuse this output: {why}")
+    refusing: dict[str, str] = {}
+
+    def notes() -> list[str]:  # asked by the stage once it has validated the input and the options
+        refusing.update(export_refusals(src, cfg))
+        return [f"note: `moepress export --format {e}` will refuse this output: {why}" for e, why in refusing.items()]
+
     res, memory = run_measured(device, quantize_checkpoint, src, output, cfg, batches=cal.loader(src),
-                               force=force, resume=resume, progress=prog)
+                               force=force, resume=resume, progress=prog, notes=notes)
     res["memory"] = memory
     res["exports_refusing"] = refusing
     if not current().is_main:  # under torchrun, rank 0 reports
