@@ -257,10 +257,16 @@ def _consumer_notes(experts: dict, misloaded: dict[str, str]) -> list[str]:
              for who, why in misloaded.items() if who == "transformers"]
     if "sglang" in misloaded:
         notes.append(f"SGLang <= {SGLANG_CHECKED} {misloaded['sglang']}")
-    if any(sch.input_activations is not None and not sch.input_activations.dynamic
-           for sch in experts.values()):
+    # transformers merges the experts into one fused module that holds dequantized weights and no quantization
+    # scheme (modeling_deepseek_v3.py DeepseekV3Experts, qwen3_moe / mixtral alike), so no scheme's activation
+    # quantization reaches them: a static input_scale is not loaded, a dynamic one is not applied
+    acts = {"static" if not sch.input_activations.dynamic else "dynamic"
+            for sch in experts.values() if sch.input_activations is not None}
+    why = {"static": "their static input_scale is not loaded",
+           "dynamic": "their inputs are not quantized at run time: the fused experts module has no quantization scheme"}
+    if acts:
         notes.append(f"transformers <= {TRANSFORMERS_CHECKED} runs the routed experts on unquantized activations "
-                     "(their static input_scale is not loaded); vLLM and SGLang apply it")
+                     f"({'; '.join(why[k] for k in sorted(acts, reverse=True))}); vLLM and SGLang quantize them")
     return notes
 
 
