@@ -11,8 +11,10 @@
 """
 
 import json
+import os
 import re
 import shutil
+import sys
 import warnings
 
 import onnx
@@ -22,11 +24,14 @@ from onnx import TensorProto, helper
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+import forkserver
+from helpers import QWEN_SMALL, assert_one_line_error
 from moepress import models
 from moepress.calib.data import eval_batches
 from moepress.checks import CheckConfig, run_check
 from moepress.checks.candidates import detect_kind
 from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.synthetic import write_synthetic
 from moepress.manifest import file_digests, read_manifest, write_manifest
 
 MODEL = "tiny-qwen3-moe"
@@ -303,3 +308,39 @@ def test_kimi_k2_export_runs_in_transformers_as_deepseek_v3(tmp_path, cli_run):
     assert r.exit_code in (0, 1), r.output  # 1: the tiny calibration may miss a gate; the check ran
     res = json.loads(r.stdout)
     assert res["candidate"]["kind"] == "transformers" and res["metrics"]["kl_mean"] < 0.05, res
+
+
+GRID_PROBE = """
+import json, sys, torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+d, n = sys.argv[1], sys.argv[2]
+got = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).state_dict()[n]
+shard = json.load(open(d + "/model.safetensors.index.json"))["weight_map"][n]
+with safe_open(d + "/" + shard, "pt") as f:
+    w, s = f.get_tensor(n).float(), f.get_tensor(n + "_scale_inv").float()
+blocks = s.repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
+print(float((got - w * blocks).abs().max() / (w * blocks).abs().max()), "moepress" in sys.modules)
+"""
+
+
+def test_block_fp8_grids_transformers_reads_with_another_block_are_refused(tmp_path, cli_run):
+    """A DeepSeek-layout block-FP8 checkpoint whose o_proj has 160 rows (2 scale rows): transformers takes the block
+    as 160 // 2 = 80 rows, so rows 80-127 load with the second block's scale, without an error (measured here in a
+    process that never imports moepress). The transformers kind refuses it in one line; the streamed kind checks it.
+    When a transformers release reads the grid in 128-row blocks, the probe fails: move FP8_GRID_CHECKED."""
+    cfg = {**QWEN_SMALL, "vocab_size": 4096, "hidden_size": 160, "head_dim": 32, "num_attention_heads": 4,
+           "moe_intermediate_size": 128, "num_experts": 4, "num_experts_per_tok": 2}
+    d = write_synthetic(cfg, tmp_path / "m", block_fp8=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(models.path(MODEL) / f, d / f)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = forkserver.run([sys.executable, "-c", GRID_PROBE, str(d), "model.layers.0.self_attn.o_proj.weight"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    err, imported = p.stdout.split("\n")[-2].split()
+    assert float(err) > 0.01 and imported == "False", p.stdout + p.stderr[-2000:]  # rows 80-127 off by a scale ratio
+    ref = shutil.copytree(d, tmp_path / "ref")  # not the candidate itself, which check refuses
+    args = ["check", d, "--reference", ref, "--max-samples", "2", "--seq-len", "32"]
+    assert_one_line_error(cli_run(*args, "--kind", "transformers"), "block-FP8 weights have a dimension over 128",
+                          "model.layers.0.mlp.experts.0.down_proj.weight: [160, 128]", "--kind checkpoint")
+    assert cli_run(*args, "--kind", "checkpoint").exit_code == 0

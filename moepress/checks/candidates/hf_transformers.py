@@ -94,7 +94,37 @@ def _open_transformers(path: Path, cfg: CheckConfig, device=None) -> Candidate:
         raise MoepressError(f"{path}: a Model-Optimizer checkpoint (quant_method modelopt), which transformers "
                             "loads as unquantized codes; check it with --kind checkpoint")
     refuse_misloaded(path)
+    refuse_ambiguous_fp8_grids(path, q)
     return TransformersCandidate(path, cfg, device)
+
+
+# the newest transformers checked to derive a block-FP8 weight's block from its scale grid
+FP8_GRID_CHECKED = "5.25"
+
+
+def refuse_ambiguous_fp8_grids(path: Path, q) -> None:
+    """One line for a DeepSeek-layout block-FP8 checkpoint (quant_method fp8, ``weight_scale_inv``) with a weight
+    whose scale grid transformers reads with another block: it takes the block as rows // scale rows
+    (integrations/finegrained_fp8.py ``Fp8Dequantize._dequantize_one``, 5.25), so a dimension over 128 that is not a
+    multiple of 128 (kernel_widths.grid_ok; e.g. 160 rows, 2 scale rows, read as 80-row blocks) loads with wrong
+    scales and no error. moepress's exports keep such linears bf16; a block-FP8 input or its pruned checkpoint
+    (stored bytes kept) can have them."""
+    import transformers
+
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.exporters.kernel_widths import grid_ok
+
+    if not (isinstance(q, dict) and q.get("quant_method") == "fp8") or \
+            _version(transformers.__version__) > _version(FP8_GRID_CHECKED):
+        return
+    r = CheckpointReader(path)
+    names = set(r.names())
+    bad = [n for n in sorted(names) if n + "_scale_inv" in names and not grid_ok(r.info(n).shape)]
+    if bad:
+        raise MoepressError(f"{path}: {len(bad)} block-FP8 weights have a dimension over 128 that is not a multiple of "
+                            f"128 (e.g. {bad[0]}: {list(r.info(bad[0]).shape)}), whose scale grid transformers "
+                            f"{transformers.__version__} reads with the block rows // scale rows, not 128 (wrong "
+                            "scales, no error); check it with --kind checkpoint")
 
 
 def misloaded(path: Path) -> str | None:
