@@ -112,9 +112,10 @@ def refuse_ambiguous_fp8_grids(path: Path, q) -> None:
     import transformers
 
     from moepress.compress.checkpoint import CheckpointReader
+    from moepress.compress.inspect import HF_FP8_METHOD
     from moepress.exporters.kernel_widths import grid_ok
 
-    if not (isinstance(q, dict) and q.get("quant_method") == "fp8") or \
+    if not (isinstance(q, dict) and q.get("quant_method") == HF_FP8_METHOD) or \
             _version(transformers.__version__) > _version(FP8_GRID_CHECKED):
         return
     r = CheckpointReader(path)
