@@ -110,8 +110,8 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
 
 def export_refusals(src, cfg) -> dict[str, str]:
     """What hf-modelopt and compressed-tensors will refuse of this quantize's output for the model's widths
-    (moepress/pipeline/preflight.py ``fused_export_refusals``), in the CLI's flags; empty where the checks
-    cannot be asked of the model (the stage then refuses it in its own words)."""
+    (moepress/pipeline/preflight.py ``fused_export_refusals``), in the CLI's flags. Asked after the stage has
+    validated the model; a check that still cannot be asked of it says nothing (a note, not a refusal)."""
     from moepress.errors import MoepressError
     from moepress.pipeline.preflight import fused_export_refusals
 
