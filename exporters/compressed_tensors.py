@@ -188,7 +188,9 @@ def _refuse_misread_experts(s, schemes) -> None:
 # Mixtral and DeepSeek-V3 modeling files build and merge experts as 5.24's did): it dequantizes each routed
 # expert's tensors and merges them into its fused experts. NVFP4 (``tensor_group``) experts lose their
 # weight_global_scale (huggingface/transformers#48371); FP8 experts are ``weight * weight_scale``, which
-# for block FP8 broadcasts only a single 128x128 block; FP8 experts' input_scale is not loaded.
+# for block FP8 broadcasts only a single 128x128 block; FP8 experts' input_scale is not loaded. Its FP8
+# dequantize (integrations/finegrained_fp8.py) takes a block-FP8 weight's block as rows // scale rows
+# (moepress/checks/candidates/hf_transformers.py refuse_ambiguous_fp8_grids).
 TRANSFORMERS_CHECKED = "5.25"
 
 

@@ -98,10 +98,6 @@ def _open_transformers(path: Path, cfg: CheckConfig, device=None) -> Candidate:
     return TransformersCandidate(path, cfg, device)
 
 
-# the newest transformers checked to derive a block-FP8 weight's block from its scale grid
-FP8_GRID_CHECKED = "5.25"
-
-
 def refuse_ambiguous_fp8_grids(path: Path, q) -> None:
     """One line for a DeepSeek-layout block-FP8 checkpoint (quant_method fp8, ``weight_scale_inv``) with a weight
     whose scale grid transformers reads with another block: it takes the block as rows // scale rows
@@ -113,10 +109,11 @@ def refuse_ambiguous_fp8_grids(path: Path, q) -> None:
 
     from moepress.compress.checkpoint import CheckpointReader
     from moepress.compress.inspect import HF_FP8_METHOD
+    from moepress.exporters.compressed_tensors import TRANSFORMERS_CHECKED
     from moepress.exporters.kernel_widths import grid_ok
 
     if not (isinstance(q, dict) and q.get("quant_method") == HF_FP8_METHOD) or \
-            _version(transformers.__version__) > _version(FP8_GRID_CHECKED):
+            _version(transformers.__version__) > _version(TRANSFORMERS_CHECKED):
         return
     r = CheckpointReader(path)
     names = set(r.names())
