@@ -63,16 +63,46 @@ def glibc():
 
 
 def trim_heap() -> None:
-    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``: the free top of every arena and,
-    since glibc 2.8, the whole free pages inside it). Blocks under the mmap threshold (compress/stream.py
-    :func:`bound_heap`) that a layer's work freed stay in the heap, fragmented, and the resident set creeps up
-    layer after layer; a stage bound to stored layers calls this between layers. A no-op where the C
-    library is not glibc."""
+    """Hand freed memory back to the OS: MKL's cached work buffers (:func:`mkl_service`) and the C heap's free
+    pages (glibc ``malloc_trim(0)``: the free top of every arena and, since glibc 2.8, the whole free pages
+    inside it). Blocks under the mmap threshold (compress/stream.py :func:`bound_heap`) that a layer's work
+    freed stay in the heap, fragmented, and the resident set creeps up layer after layer; MKL keeps the
+    buffers of its largest recent GEMM and LAPACK calls for reuse, whatever the next call needs. A stage
+    bound to stored layers calls this between layers and between the phases of a layer. A no-op where the
+    C library is not glibc and torch has no MKL."""
+    mkl = mkl_service()
+    if mkl is not None:
+        mkl.mkl_serv_free_buffers()
     libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)
 
 
+def mkl_service():
+    """torch's MKL (``ctypes.CDLL`` of libtorch_cpu, already loaded), loaded once; None where torch is built
+    without MKL or does not export it. oneMKL's ``mkl_free_buffers`` ("frees unused memory allocated by the
+    oneMKL Memory Allocator", all threads; oneMKL developer reference for C 2025.2, Support Functions) is
+    exported by torch's static MKL under its service-layer name ``mkl_serv_free_buffers``. Buffers in use
+    are not freed: calling it while another thread runs MKL is safe, and costs only the reallocation."""
+    global _mkl
+    if _mkl is None:
+        _mkl = False
+        try:
+            import ctypes
+            import os
+
+            import torch
+
+            if torch.backends.mkl.is_available():
+                lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+                lib.mkl_serv_free_buffers  # noqa: B018  (not exported: AttributeError)
+                _mkl = lib
+        except (OSError, AttributeError):
+            pass
+    return _mkl or None
+
+
+_mkl = None
 _libc = None
 
 

@@ -67,6 +67,24 @@ def test_trim_heap_hands_freed_heap_pages_back():
     assert before - after > 40 * MB, (before, after)
 
 
+def test_trim_heap_hands_mkl_work_buffers_back():
+    """MKL's Memory Allocator keeps the work buffers of its GEMMs for reuse, whatever the next call needs:
+    trim_heap() frees them (MKL's own count of the bytes it holds, ``mkl_serv_mem_stat``)."""
+    mkl = memwatch.mkl_service()
+    if mkl is None:
+        pytest.skip("torch without MKL")
+    import ctypes
+
+    mkl.mkl_serv_mem_stat.restype = ctypes.c_int64
+    n = ctypes.c_int(0)
+    a = torch.randn(512, 512, dtype=torch.float64)
+    b = a @ a
+    held = mkl.mkl_serv_mem_stat(ctypes.byref(n))
+    memwatch.trim_heap()
+    assert held > 0 and mkl.mkl_serv_mem_stat(ctypes.byref(n)) == 0, held
+    assert torch.equal(a @ a, b)  # MKL works on afterwards, as before
+
+
 def test_auto_and_cuda_n_on_a_machine_with_gpus(monkeypatch):
     """auto under torchrun: each rank its LOCAL_RANK-th GPU; cuda:N past the visible GPUs is refused in one line."""
     monkeypatch.setattr(device, "cuda_count", lambda: 4)

@@ -275,6 +275,7 @@ class PruneStage:
         method returns its ``Pending`` candidates instead (written once decided)."""
         merging = not (meth.candidates and kind == "trunk") and self.merges(i)
         ev, out_hs = self.evidence(i, layer, hs, meth.needs_outputs or merging)
+        trim_heap()  # the forward's buffers, before the search's or the fold's working set
         with default_device(self.sm.device):  # the search's own tensors beside the layer's
             if meth.candidates and kind == "trunk":
                 return candidate_states(self.sm, self.budget, meth, ev, layer, hs)
