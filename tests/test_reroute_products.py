@@ -1,14 +1,17 @@
 """The reroute search's error from per-token inner products (``compress/prune/search.py``
 ``PairProducts``): the products equal float64 dot products of the cached expert outputs, whichever
 way they were computed (a token's first experts all at once, or a few added later, past the table's
-capacity), and the error they give equals the post-block error evaluated on the outputs directly."""
+capacity), and the error they give equals the post-block error evaluated on the outputs directly; the
+search's reference states, computed a few rows at a time, are exactly those computed all at once."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 
 from moepress.compress.arch import get_adapter
-from moepress.compress.prune.search import ExpertOutputs, PairProducts
+from moepress.compress.prune.search import ExpertOutputs, PairProducts, RerouteSearch, rms_normalize
 
 TINY = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=64, hidden_size=32,
             intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
@@ -59,3 +62,28 @@ def test_pair_products_equal_float64_dot_products_of_the_cached_outputs(monkeypa
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(pp.p[t, la], f @ ref[t].double(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(pp.q[t, la], f @ base[t].double(), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_states_in_row_chunks_are_those_of_the_whole_tensors():
+    """``RerouteSearch._reference`` works ``work`` bytes of rows at a time (7 rows here): the routed output y0,
+    b = residual + block output - y0, ref = n(b + y0) and their float64 per-token products are bit for bit the
+    whole-tensor formulas, on recorded batches whose boundaries do not fall on the chunks'."""
+    g = torch.Generator().manual_seed(4)
+    moe = _moe(g)
+    T, H, k = 100, TINY["hidden_size"], TINY["num_experts_per_tok"]
+    x, res, blk = (torch.randn(T, H, generator=g) for _ in range(3))
+    idx = torch.stack([torch.randperm(32, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g)
+    rec = SimpleNamespace(tensors=lambda: (x, None, idx, w), residual=[res[:60], res[60:]],
+                          block_out=[blk[:33], blk[33:]])
+    s = RerouteSearch.__new__(RerouteSearch)  # the state _reference reads, without a layer's search
+    s.ev, s.budget, s.T, s.work = SimpleNamespace(recorder=rec), SimpleNamespace(top_k=k), T, 8 * k * H * 7
+    s.out = ExpertOutputs(x, moe)
+    s._reference(idx, w)
+    y0 = s.out.combine(torch.arange(T), idx, w)
+    base = res + blk - y0
+    ref = rms_normalize(base + y0)
+    rd, bd = ref.double(), base.double()
+    assert torch.equal(s.y0, y0) and torch.equal(s.base, base) and torch.equal(s.ref, ref)
+    assert torch.equal(s.rr, (rd * rd).sum(-1)) and torch.equal(s.rb, (rd * bd).sum(-1))
+    assert torch.equal(s.bb, (bd * bd).sum(-1)) and s.ref_sq == float((rd * rd).sum(-1).sum())

@@ -7,6 +7,8 @@ their inner products per token, from which the error of any routing is computed;
 
 from __future__ import annotations
 
+from itertools import chain
+
 import torch
 
 from moepress.compress.moe import SparseMoE
@@ -180,9 +182,9 @@ class RerouteSearch:
 
     # routings and errors are computed ``chunk`` rows at a time (CHUNK_BYTES of temporaries); the
     # expert outputs that a step's rows lack are computed together, each expert called once (each
-    # call casts its stored weights); the pair products are computed from temporaries of at most
-    # ``work`` bytes: a 32nd of the layer's experts, 1-128 MB, so that the search stays small
-    # beside the layer whatever the layer's size
+    # call casts its stored weights); the pair products and the reference states are computed from
+    # temporaries of at most ``work`` bytes: a 32nd of the layer's experts, 256 KB-128 MB, so that the
+    # search stays small beside the layer whatever the layer's size
     CHUNK_BYTES = 128 * 2**20
     STEP_LAYER_SHARE = 32
 
@@ -195,12 +197,14 @@ class RerouteSearch:
         self.T = x.shape[0]
         # bytes a row: its kept set, routing temporaries ([E] floats) and k x k float64 products
         self.chunk = max(64, self.CHUNK_BYTES // (16 * self.E + 32 * budget.top_k ** 2))
-        experts = sum(p.numel() * p.element_size() for p in ev.moe.experts.parameters())
-        work = min(self.CHUNK_BYTES, max(2**20, experts // self.STEP_LAYER_SHARE))
+        # the experts as stored: a weight kept quantized (StoredLinear.keep) is buffers, its parameter empty
+        stored = chain(ev.moe.experts.parameters(), ev.moe.experts.buffers())
+        experts = sum(t.numel() * t.element_size() for t in stored)
+        self.work = min(self.CHUNK_BYTES, max(2**18, experts // self.STEP_LAYER_SHARE))
         self.out = ExpertOutputs(x, ev.moe)
         cand = self._prefill(idx0)
         self._reference(idx0, w0)
-        self.prod = PairProducts(self.out, self.y0 if self.ref is None else self.ref, self.base, work)
+        self.prod = PairProducts(self.out, self.y0 if self.ref is None else self.ref, self.base, self.work)
         self.prod.ensure(torch.arange(self.T)[:, None].expand_as(cand).reshape(-1), cand.reshape(-1))
         self.keep = torch.ones(self.E, dtype=torch.bool)
         self.droppable = torch.ones(self.E, dtype=torch.bool)
@@ -228,20 +232,37 @@ class RerouteSearch:
 
     def _reference(self, idx0: torch.Tensor, w0: torch.Tensor) -> None:
         """y0, the original routed output; b = residual + block output - y0, so that b + y0 is the
-        recorded post-block state, and its normalisation ``ref``."""
-        rec = self.ev.recorder
-        self.y0 = self.out.combine(torch.arange(self.T), idx0, w0)
+        recorded post-block state, and its normalisation ``ref``; their per-token products in float64.
+        Computed ``work`` bytes of rows at a time (each row on its own: the same numbers as all at once):
+        the routed output of all tokens at once would gather top-k hidden-size rows a token (Kimi K2:
+        16k tokens x 8 x 7168 floats, 3.8 GB), and the float64 copies of the states as much again."""
+        rec, (T, h) = self.ev.recorder, self.ev.recorder.tensors()[0].shape
+        n = max(1, self.work // (8 * self.budget.top_k * h))
+        self.y0 = torch.empty(T, h)
+        for s in range(0, T, n):
+            self.y0[s: s + n] = self.out.combine(torch.arange(s, min(s + n, T)), idx0[s: s + n], w0[s: s + n])
+        self.base = self.ref = None
         if rec.residual:
-            self.base = torch.cat(rec.residual) + torch.cat(rec.block_out) - self.y0
-            self.ref = rms_normalize(self.base + self.y0)
-        else:
-            self.base = self.ref = None
-        ref = (self.y0 if self.ref is None else self.ref).double()
-        self.rr = (ref * ref).sum(-1)
-        self.ref_sq = float(self.rr.sum())
+            self.base, o = torch.cat(rec.residual), 0
+            for b in rec.block_out:  # residual + block output - y0, added in that order
+                self.base[o: o + b.shape[0]] += b
+                o += b.shape[0]
+            self.base -= self.y0
+            self.ref = torch.empty_like(self.base)
+        target = self.y0 if self.ref is None else self.ref
+        self.rr = torch.empty(T, dtype=torch.float64)
         if self.base is not None:
-            base = self.base.double()
-            self.rb, self.bb = (ref * base).sum(-1), (base * base).sum(-1)
+            self.rb, self.bb = torch.empty_like(self.rr), torch.empty_like(self.rr)
+        for s in range(0, T, n):
+            r = slice(s, s + n)
+            if self.base is not None:
+                self.ref[r] = rms_normalize(self.base[r] + self.y0[r])
+            ref = target[r].double()
+            self.rr[r] = (ref * ref).sum(-1)
+            if self.base is not None:
+                base = self.base[r].double()
+                self.rb[r], self.bb[r] = (ref * base).sum(-1), (base * base).sum(-1)
+        self.ref_sq = float(self.rr.sum())
 
     def _err(self, rows, idx, w) -> torch.Tensor:
         """Each row's error under routing (idx, w) [n, k], from the pair products: with v = b + sum_j w_j f_j
