@@ -258,8 +258,33 @@ def test_merge_of_experts_it_cannot_write_back_is_refused_before_any_layer(kw):
     from moepress import models
     from moepress.compress.prune.stage import PruneStage
 
-    with pytest.raises(MoepressError, match=r"experts\.0\.\w+_proj' is stored as weight_packed.*without merging"):
+    with pytest.raises(MoepressError, match=r"experts\.0\.down_proj' is stored as weight_packed.*without merging"):
         PruneStage(models.path("tiny-qwen3-moe-mxfp4"), PruneConfig(ratio=0.5, **kw))
+
+
+def test_merge_of_calibrated_gate_up_with_float_down_rewrites_only_down(tmp_path):
+    """A ``moepress quantize`` output whose experts' gate/up projections are int4-gptq (calibrated: no merge
+    could re-quantize them) and whose down projections stayed bf16 merges: a fold rewrites only down
+    projections (written in bf16), and every kept expert's gate/up tensors are the input's bytes."""
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 200, (4, 32), generator=g) for _ in range(2)]
+    q, out = tmp_path / "q", tmp_path / "p"
+    quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(
+        format="int4-gptq", group_size=32, rules=(("mlp.experts.*.down_proj", "none"),)), batches=batches)
+    prune_checkpoint(q, out, PruneConfig(method="merge", ratio=0.5, num_samples=8, seq_len=32), batches=batches)
+    row = json.loads((out / "prune_report.json").read_text())["layers"][0]
+    assert row["merged"] and {m["stored_as"] for m in row["merged"].values()} == {"bfloat16"}
+    a, b = _tensors(q), _tensors(out)
+    p = f"model.layers.{row['layer']}.mlp.experts."
+    for j, e in enumerate(k["expert"] for k in row["kept"]):
+        for lin in ("gate_proj", "up_proj"):
+            names = [n for n in a if n.startswith(f"{p}{e}.{lin}.")]
+            assert len(names) > 1  # quantized: codes and scales
+            for n in names:
+                assert torch.equal(a[n], b[n.replace(f"{p}{e}.", f"{p}{j}.")])
+        assert b[f"{p}{j}.down_proj.weight"].dtype == torch.bfloat16
 
 
 def test_ct_int4_encoding_keeps_the_codes_of_an_unchanged_expert():

@@ -242,12 +242,11 @@ def stored_form(reader, base: str, stored: list[str]):
 
 
 def check_mergeable(reader, adapter, i: int) -> None:
-    """Raise now (one line) if layer i's first routed expert could not be written back after merging:
-    every expert of a checkpoint is stored alike, so one says it for all."""
-    names = reader.layer_names(i)
-    pre = adapter.expert_prefix(i, 0)
-    for base in sorted({n.rpartition(".")[0] for n in names if n.startswith(pre)}):
-        stored_form(reader, base, _stored_names(base, names))
+    """Raise now (one line) if layer i's first routed expert's down projection, the one linear a fold rewrites
+    (:func:`refit`), could not be written back in its stored form: every expert of a checkpoint is stored
+    alike, so one says it for all. Gate and up projections are written as stored, whatever their format."""
+    base = adapter.expert_prefix(i, 0) + adapter.expert_names[2]
+    stored_form(reader, base, _stored_names(base, reader.layer_names(i)))
 
 
 def form_label(reader, base: str, names, form=None) -> str:
