@@ -275,13 +275,13 @@ class PruneStage:
         method returns its ``Pending`` candidates instead (written once decided)."""
         merging = not (meth.candidates and kind == "trunk") and self.merges(i)
         ev, out_hs = self.evidence(i, layer, hs, meth.needs_outputs or merging)
-        trim_heap()  # the forward's buffers, before the search's or the fold's working set
         with default_device(self.sm.device):  # the search's own tensors beside the layer's
             if meth.candidates and kind == "trunk":
                 return candidate_states(self.sm, self.budget, meth, ev, layer, hs)
             sel = select_stable(meth, ev, self.budget)
             if merging:
                 sel.extra["merged"] = fold_dropped(ev, sel.kept, self.budget.num_experts)
+                trim_heap()  # the fold's solver buffers (MKL keeps them), before the layer is written
         assert len(sel.kept) == self.budget.keep
         self.report_layers.append(layer_report(i, kind, sel, ev.stats, meth, self.budget.protected_in(i)))
         write_from_layer(self.w, self.reader, self.adapter, i, layer, sel.kept, sel.extra.get("merged"))
