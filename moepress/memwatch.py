@@ -82,8 +82,8 @@ def mkl_service():
     """torch's MKL (``ctypes.CDLL`` of libtorch_cpu, already loaded), loaded once; None where torch is built
     without MKL or does not export it. oneMKL's ``mkl_free_buffers`` ("frees unused memory allocated by the
     oneMKL Memory Allocator", all threads; oneMKL developer reference for C 2025.2, Support Functions) is
-    exported by torch's static MKL under its service-layer name ``mkl_serv_free_buffers``. Buffers in use
-    are not freed: calling it while another thread runs MKL is safe, and costs only the reallocation."""
+    exported by torch's static MKL under its service-layer name ``mkl_serv_free_buffers``. Only unused
+    buffers go; the next call that needs one allocates it again."""
     global _mkl
     if _mkl is None:
         _mkl = False

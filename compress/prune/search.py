@@ -236,7 +236,7 @@ class RerouteSearch:
         Computed ``work`` bytes of rows at a time (each row on its own: the same numbers as all at once):
         the routed output of all tokens at once would gather top-k hidden-size rows a token (Kimi K2:
         16k tokens x 8 x 7168 floats, 3.8 GB), and the float64 copies of the states as much again."""
-        rec, (T, h) = self.ev.recorder, self.ev.recorder.tensors()[0].shape
+        rec, (T, h) = self.ev.recorder, self.out.x.shape
         n = max(1, self.work // (8 * self.budget.top_k * h))
         self.y0 = torch.empty(T, h)
         for s in range(0, T, n):
