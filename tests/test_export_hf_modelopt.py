@@ -192,6 +192,25 @@ def test_check_passes_against_the_original(both, cli_run):
     assert r.exit_code == 0, r.output
 
 
+def test_transformers_misreads_it_and_check_refuses_that_reading_in_one_line(both, cli_run, tmp_path):
+    """transformers has no quantizer for quant_method "modelopt" (not a consumer hf-modelopt names): it loads the
+    export without an error, its FP8 codes as plain numbers (logits, in a process that never imports moepress,
+    far from the quantize output's streamed ones). ``check --kind transformers`` refuses it in one line instead
+    of measuring that misread model."""
+    from helpers import transformers_logits
+    from moepress.compress.stream import StreamedModel
+
+    _, ours, q, _ = both
+    ids = torch.randint(0, 4096, (1, 48), generator=torch.Generator().manual_seed(0))
+    got = transformers_logits([(ours, ids)], tmp_path / "tf")[0]["logits"]
+    want = StreamedModel(str(q)).forward([ids])[0]
+    assert float((got - want).norm() / want.norm()) > 0.35  # misread: 0.78 measured here
+    r = cli_run("check", ours, "--reference", "tiny-qwen3-moe", "--kind", "transformers", "--max-samples", "2",
+                "--seq-len", "64", "--quiet")
+    assert r.exit_code == 2 and "quant_method modelopt" in r.output and len(r.output.strip().splitlines()) == 1, \
+        r.output
+
+
 @pytest.mark.parametrize("fmt,modelopt_fmt", [("int4-awq", "int4_awq"), ("w4a8-awq", "w4a8_awq"),
                                               ("fp8-dynamic", "fp8_pc_pt"), ("fp8", "fp8")])
 def test_quant_config_equals_modelopts_for_each_algo(both, fmt, modelopt_fmt):
