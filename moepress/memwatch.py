@@ -9,6 +9,9 @@ falls back to sampling (:class:`PeakRSS`). Used by every stage's ``--json`` resu
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 import threading
 import time
 
@@ -47,19 +50,16 @@ def reset_hwm() -> bool:
         return False
 
 
+@functools.cache
 def glibc():
     """The process's glibc (``ctypes.CDLL``), loaded once; None where the C library is not glibc. The heap
     policy of the streamed stages (:func:`bound_heap`, :func:`trim_heap`) goes through it."""
-    global _libc
-    if _libc is None:
-        try:
-            import ctypes
-
-            _libc = ctypes.CDLL("libc.so.6")
-            _libc.malloc_trim  # noqa: B018  (absent outside glibc: AttributeError)
-        except (OSError, AttributeError):
-            _libc = False
-    return _libc or None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (absent outside glibc: AttributeError)
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def trim_heap() -> None:
@@ -78,32 +78,23 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+@functools.cache
 def mkl_service():
     """torch's MKL (``ctypes.CDLL`` of libtorch_cpu, already loaded), loaded once; None where torch is built
     without MKL or does not export it. oneMKL's ``mkl_free_buffers`` ("frees unused memory allocated by the
     oneMKL Memory Allocator", all threads; oneMKL developer reference for C 2025.2, Support Functions) is
     exported by torch's static MKL under its service-layer name ``mkl_serv_free_buffers``. Only unused
     buffers go; the next call that needs one allocates it again."""
-    global _mkl
-    if _mkl is None:
-        _mkl = False
-        try:
-            import ctypes
-            import os
+    import torch
 
-            import torch
-
-            if torch.backends.mkl.is_available():
-                lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-                lib.mkl_serv_free_buffers  # noqa: B018  (not exported: AttributeError)
-                _mkl = lib
-        except (OSError, AttributeError):
-            pass
-    return _mkl or None
-
-
-_mkl = None
-_libc = None
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        lib.mkl_serv_free_buffers  # noqa: B018  (not exported: AttributeError)
+    except (OSError, AttributeError):
+        return None
+    return lib
 
 
 class PeakRSS:

@@ -238,26 +238,22 @@ class RerouteSearch:
         16k tokens x 8 x 7168 floats, 3.8 GB), and the float64 copies of the states as much again."""
         rec, (T, h) = self.ev.recorder, self.out.x.shape
         n = max(1, self.work // (8 * self.budget.top_k * h))
-        self.y0 = torch.empty(T, h)
-        for s in range(0, T, n):
-            self.y0[s: s + n] = self.out.combine(torch.arange(s, min(s + n, T)), idx0[s: s + n], w0[s: s + n])
-        self.base = self.ref = None
+        self.y0, self.base, self.ref = torch.empty(T, h), None, None
+        self.rr = torch.empty(T, dtype=torch.float64)
         if rec.residual:
             self.base, o = torch.cat(rec.residual), 0
-            for b in rec.block_out:  # residual + block output - y0, added in that order
+            for b in rec.block_out:  # residual + block output (- y0 below), added in that order
                 self.base[o: o + b.shape[0]] += b
                 o += b.shape[0]
-            self.base -= self.y0
             self.ref = torch.empty_like(self.base)
-        target = self.y0 if self.ref is None else self.ref
-        self.rr = torch.empty(T, dtype=torch.float64)
-        if self.base is not None:
             self.rb, self.bb = torch.empty_like(self.rr), torch.empty_like(self.rr)
         for s in range(0, T, n):
             r = slice(s, s + n)
+            self.y0[r] = self.out.combine(torch.arange(s, min(s + n, T)), idx0[r], w0[r])
             if self.base is not None:
+                self.base[r] -= self.y0[r]
                 self.ref[r] = rms_normalize(self.base[r] + self.y0[r])
-            ref = target[r].double()
+            ref = (self.y0 if self.ref is None else self.ref)[r].double()
             self.rr[r] = (ref * ref).sum(-1)
             if self.base is not None:
                 base = self.base[r].double()

@@ -116,8 +116,7 @@ def refuse_ambiguous_fp8_grids(path: Path, q) -> None:
             _version(transformers.__version__) > _version(TRANSFORMERS_CHECKED):
         return
     r = CheckpointReader(path)
-    names = set(r.names())
-    bad = [n for n in sorted(names) if n + "_scale_inv" in names and not grid_ok(r.info(n).shape)]
+    bad = sorted(n for n in r.names() if n + "_scale_inv" in r and not grid_ok(r.info(n).shape))
     if bad:
         raise MoepressError(f"{path}: {len(bad)} block-FP8 weights have a dimension over 128 that is not a multiple of "
                             f"128 (e.g. {bad[0]}: {list(r.info(bad[0]).shape)}), whose scale grid transformers "
