@@ -304,7 +304,7 @@ def _reroute_case(tmp_path, family, overrides, bias_scale=None):
     moe.observers = []
     # the residual stream the block's output is added to (as RouteRecorder.attach records it)
     h = torch.randn(600, sm.adapter.hidden_size, generator=g) * torch.rand(600, 1, generator=g) * 3
-    rec.residual, rec.block_out = [h], [block]
+    rec.state = [h + block]
     with torch.no_grad():
         f = torch.stack([ex(x) for ex in moe.experts], 1)  # [T, E, H]
         logits, w0, i0 = sm.adapter.route(moe, x)
@@ -590,7 +590,7 @@ def test_reroute_error_from_pair_products_equals_the_error_of_the_outputs(tmp_pa
 
     sm, ev, _, _ = _reroute_case(tmp_path, "deepseek_v3", {"n_routed_experts": 16, "num_experts_per_tok": 3})
     if not residual:
-        ev.recorder.residual, ev.recorder.block_out = [], []
+        ev.recorder.state = []
     S = RerouteSearch(ev, plan_budget(sm.adapter, PruneConfig(keep=8)))
     g = torch.Generator().manual_seed(5)
     rows = torch.randperm(S.T, generator=g)[:200]

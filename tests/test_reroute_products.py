@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from moepress.compress.arch import get_adapter
+from moepress.compress.prune.evidence import RouteRecorder
 from moepress.compress.prune.search import ExpertOutputs, PairProducts, RerouteSearch, rms_normalize
 
 TINY = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=64, hidden_size=32,
@@ -64,26 +66,34 @@ def test_pair_products_equal_float64_dot_products_of_the_cached_outputs(monkeypa
         torch.testing.assert_close(pp.q[t, la], f @ base[t].double(), rtol=1e-12, atol=1e-12)
 
 
-def test_reference_states_in_row_chunks_are_those_of_the_whole_tensors():
+@pytest.mark.parametrize("recorded", [True, False])
+def test_reference_states_in_row_chunks_are_those_of_the_whole_tensors(recorded):
     """``RerouteSearch._reference`` works ``work`` bytes of rows at a time (7 rows here): the routed output y0,
-    b = residual + block output - y0, ref = n(b + y0) and their float64 per-token products are bit for bit the
-    whole-tensor formulas, on recorded batches whose boundaries do not fall on the chunks'."""
+    b = post-block state - y0, ref = n(b + y0) and their float64 per-token products are bit for bit the
+    whole-tensor formulas, on recorded batches whose boundaries do not fall on the chunks'; y0 is kept only
+    as the target of a search without a recorded state."""
     g = torch.Generator().manual_seed(4)
     moe = _moe(g)
     T, H, k = 100, TINY["hidden_size"], TINY["num_experts_per_tok"]
     x, res, blk = (torch.randn(T, H, generator=g) for _ in range(3))
     idx = torch.stack([torch.randperm(32, generator=g)[:k] for _ in range(T)])
     w = torch.rand(T, k, generator=g)
-    rec = SimpleNamespace(tensors=lambda: (x, None, idx, w), residual=[res[:60], res[60:]],
-                          block_out=[blk[:33], blk[33:]])
+    rec = RouteRecorder(T, T, 0)
+    rec.parts = [(x, None, idx, w)]
+    rec.state = [res[:60] + blk[:60], res[60:] + blk[60:]] if recorded else []  # as attach's hooks add them
     s = RerouteSearch.__new__(RerouteSearch)  # the state _reference reads, without a layer's search
     s.ev, s.budget, s.T, s.work = SimpleNamespace(recorder=rec), SimpleNamespace(top_k=k), T, 8 * k * H * 7
     s.out = ExpertOutputs(x, moe)
     s._reference(idx, w)
     y0 = s.out.combine(torch.arange(T), idx, w)
+    if not recorded:
+        yd = y0.double()
+        assert torch.equal(s.y0, y0) and s.base is None and s.ref is None
+        assert torch.equal(s.rr, (yd * yd).sum(-1)) and s.ref_sq == float((yd * yd).sum(-1).sum())
+        return
     base = res + blk - y0
     ref = rms_normalize(base + y0)
     rd, bd = ref.double(), base.double()
-    assert torch.equal(s.y0, y0) and torch.equal(s.base, base) and torch.equal(s.ref, ref)
+    assert s.y0 is None and torch.equal(s.base, base) and torch.equal(s.ref, ref)
     assert torch.equal(s.rr, (rd * rd).sum(-1)) and torch.equal(s.rb, (rd * bd).sum(-1))
     assert torch.equal(s.bb, (bd * bd).sum(-1)) and s.ref_sq == float((rd * rd).sum(-1).sum())

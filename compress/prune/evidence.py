@@ -1,8 +1,8 @@
 """What a pruning method sees for one MoE layer (``LayerEvidence``) and what it returns (``Selection``).
 
 ``RouteRecorder`` is the observer that keeps, for a seeded subsample of calibration tokens, what
-the reroute search replays: MoE inputs, router logits, the chosen experts and, around the block,
-the residual stream and the block's output.
+the reroute search replays: MoE inputs, router logits, the chosen experts and the hidden state
+after the block (the residual stream plus the block's output).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from moepress.compress.moe import DecoderLayer, SparseMoE
 class RouteRecorder:
     """Observer keeping what the reroute search needs for a fixed subsample of calibration tokens:
     the MoE input, the router logits, the chosen experts with their weights and (``attach``) the
-    residual stream entering the MoE block and the block's whole output (shared experts included),
-    whose sum is the hidden state the next layer normalises and reads."""
+    hidden state after the block: the residual stream entering it plus its whole output (shared
+    experts included), which the next layer normalises and reads. The sum is kept, not its two
+    terms (a token's hidden-size row less)."""
 
     def __init__(self, n_tokens: int, keep: int, seed: int):
         self.pick = torch.zeros(n_tokens, dtype=torch.bool)  # over all calibration tokens, in stream order
@@ -28,8 +29,7 @@ class RouteRecorder:
         self.offset = 0
         self.last = torch.zeros(0, dtype=torch.bool)
         self.parts: list[tuple[torch.Tensor, ...]] = []
-        self.residual: list[torch.Tensor] = []
-        self.block_out: list[torch.Tensor] = []
+        self.state: list[torch.Tensor] = []  # residual + block output, a part per forward
 
     def attach(self, layer: DecoderLayer) -> Callable[[], None]:
         """Observe ``layer``'s MoE block; returns a function that removes the hooks."""
@@ -37,11 +37,11 @@ class RouteRecorder:
             h = args[0].reshape(-1, args[0].shape[-1])
             m = self.pick[self.offset: self.offset + h.shape[0]]
             if m.any():
-                self.residual.append(h[m].detach().float())
+                self.state.append(h[m].detach().float())  # a copy (masked): the block output is added into it
 
         def post(mod, args, out):  # runs after on_route of the same tokens: self.last is their mask
             if self.last.any():
-                self.block_out.append(out.reshape(-1, out.shape[-1])[self.last].detach().float())
+                self.state[-1] += out.reshape(-1, out.shape[-1])[self.last].detach().float()
 
         layer.moe.observers.append(self)
         hooks = [layer.post_attention_layernorm.register_forward_pre_hook(pre),
@@ -61,6 +61,13 @@ class RouteRecorder:
         if len(self.parts) != 1:
             self.parts = [tuple(torch.cat(p) for p in zip(*self.parts, strict=True))]
         return self.parts[0]
+
+    def states(self) -> torch.Tensor | None:
+        """The post-block hidden states of the picked tokens [T, hidden], in stream order (concatenated
+        once, like ``tensors``); None without ``attach``."""
+        if len(self.state) > 1:
+            self.state = [torch.cat(self.state)]
+        return self.state[0] if self.state else None
 
 
 @dataclass

@@ -183,10 +183,10 @@ class RerouteSearch:
     # routings and errors are computed ``chunk`` rows at a time (CHUNK_BYTES of temporaries); the
     # expert outputs that a step's rows lack are computed together, each expert called once (each
     # call casts its stored weights); the pair products and the reference states are computed from
-    # temporaries of at most ``work`` bytes: a 32nd of the layer's experts, 256 KB-128 MB, so that the
+    # temporaries of at most ``work`` bytes: a 64th of the layer's experts, 256 KB-128 MB, so that the
     # search stays small beside the layer whatever the layer's size
     CHUNK_BYTES = 128 * 2**20
-    STEP_LAYER_SHARE = 32
+    STEP_LAYER_SHARE = 64
 
     def __init__(self, ev: LayerEvidence, budget: Budget):
         self.ev, self.budget = ev, budget
@@ -231,33 +231,32 @@ class RerouteSearch:
         return cand
 
     def _reference(self, idx0: torch.Tensor, w0: torch.Tensor) -> None:
-        """y0, the original routed output; b = residual + block output - y0, so that b + y0 is the
-        recorded post-block state, and its normalisation ``ref``; their per-token products in float64.
+        """y0, the original routed output; b = post-block state - y0 (the residual stream plus the shared
+        experts), so that b + y0 is the recorded state, and its normalisation ``ref``; their per-token
+        products in float64. y0 is kept only as the target without a recorded state (else a chunk's own).
         Computed ``work`` bytes of rows at a time (each row on its own: the same numbers as all at once):
         the routed output of all tokens at once would gather top-k hidden-size rows a token (Kimi K2:
         16k tokens x 8 x 7168 floats, 3.8 GB), and the float64 copies of the states as much again."""
-        rec, (T, h) = self.ev.recorder, self.out.x.shape
+        post, (T, h) = self.ev.recorder.states(), self.out.x.shape
         n = max(1, self.work // (8 * self.budget.top_k * h))
-        self.y0, self.base, self.ref = torch.empty(T, h), None, None
+        self.y0 = torch.empty(T, h) if post is None else None
+        self.base = self.ref = None
         self.rr = torch.empty(T, dtype=torch.float64)
-        if rec.residual:
-            self.base, o = torch.cat(rec.residual), 0
-            for b in rec.block_out:  # residual + block output (- y0 below), added in that order
-                self.base[o: o + b.shape[0]] += b
-                o += b.shape[0]
-            self.ref = torch.empty_like(self.base)
+        if post is not None:
+            self.base, self.ref = torch.empty_like(post), torch.empty_like(post)
             self.rb, self.bb = torch.empty_like(self.rr), torch.empty_like(self.rr)
         for s in range(0, T, n):
             r = slice(s, s + n)
-            self.y0[r] = self.out.combine(torch.arange(s, min(s + n, T)), idx0[r], w0[r])
-            if self.base is not None:
-                self.base[r] -= self.y0[r]
-                self.ref[r] = rms_normalize(self.base[r] + self.y0[r])
-            ref = (self.y0 if self.ref is None else self.ref)[r].double()
-            self.rr[r] = (ref * ref).sum(-1)
-            if self.base is not None:
-                base = self.base[r].double()
+            y0 = self.out.combine(torch.arange(s, min(s + n, T)), idx0[r], w0[r])
+            if post is None:
+                self.y0[r] = y0
+                ref = y0.double()
+            else:
+                self.base[r] = post[r] - y0
+                self.ref[r] = rms_normalize(self.base[r] + y0)
+                ref, base = self.ref[r].double(), self.base[r].double()
                 self.rb[r], self.bb[r] = (ref * base).sum(-1), (base * base).sum(-1)
+            self.rr[r] = (ref * ref).sum(-1)
         self.ref_sq = float(self.rr.sum())
 
     def _err(self, rows, idx, w) -> torch.Tensor:

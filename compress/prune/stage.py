@@ -277,6 +277,7 @@ class PruneStage:
         ev, out_hs = self.evidence(i, layer, hs, meth.needs_outputs or merging)
         with default_device(self.sm.device):  # the search's own tensors beside the layer's
             if meth.candidates and kind == "trunk":
+                del out_hs  # the unpruned layer's states: each candidate leaves its own
                 return candidate_states(self.sm, self.budget, meth, ev, layer, hs)
             sel = select_stable(meth, ev, self.budget)
             if merging:
