@@ -281,6 +281,29 @@ def test_methods_registry_and_reroute_report(tmp_path):
     assert man["stage"] == "prune" and man["config"]["keep"] == 4 and "prune_report.json" in man["files"]
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_route_recorder_keeps_what_the_decoder_layer_outputs_at_the_picked_tokens(tmp_path, family):
+    """The search's post-block state (RouteRecorder.attach: residual stream + the MoE block's whole output) is
+    the decoder layer's own output hidden state at the picked tokens, bit for bit, across forwards whose
+    token counts differ (the picks cross the batch boundary)."""
+    from moepress.compress.prune import RouteRecorder
+
+    ckpt = make_random_checkpoint(family, tmp_path / "m")
+    sm = StreamedModel(str(ckpt))
+    layer = sm.load_layer(sm.adapter.moe_layers()[0])
+    g = torch.Generator().manual_seed(3)
+    H = sm.adapter.hidden_size
+    hs = [torch.randn(2, 9, H, generator=g), torch.randn(3, 7, H, generator=g)]
+    rec = RouteRecorder(2 * 9 + 3 * 7, 20, 0)
+    remove = rec.attach(layer)
+    with torch.no_grad():
+        outs = sm.run_layer(layer, hs)
+    remove()
+    want = torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])[rec.pick]
+    assert rec.pick[:18].any() and rec.pick[18:].any()
+    assert torch.equal(rec.states(), want.float())
+
+
 def _reroute_case(tmp_path, family, overrides, bias_scale=None):
     """A MoE layer with 600 random tokens recorded through it and a residual stream, and the brute-force
     post-block error of any kept set: every expert's output for every token, each token fully routed
