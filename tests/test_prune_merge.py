@@ -303,15 +303,17 @@ def test_ct_int4_encoding_keeps_the_codes_of_an_unchanged_expert():
         assert torch.equal(got[n], r.get(n)) and torch.equal(got[base + ".weight_scale"], r.get(base + ".weight_scale"))
 
 
-def test_refit_is_the_ridge_least_squares_solution_it_describes():
+@pytest.mark.parametrize("n,inter", [(40, 7), (9, 30)], ids=["more-tokens-than-width", "fewer-tokens-than-width"])
+def test_refit_is_the_ridge_least_squares_solution_it_describes(n, inter):
     """A kept expert's new down projection D' minimises sum_t pw_t^2 ||D' h_t - (D h_t + lost_t)||^2
     + lam ||D' - D||^2, lam = 0.01 x mean(diag(sum_t pw_t^2 h_t h_t^T)): solved here as a stacked least-squares
-    problem (torch.linalg.lstsq), not through the refit's normal equations."""
+    problem (torch.linalg.lstsq), not through the refit's normal equations, with more tokens than the
+    expert's width (solved through its Gram matrix) and with fewer (through its tokens' kernel)."""
     from moepress.compress.moe import ExpertMLP
     from moepress.compress.prune.merge import _hidden, _refit_down
 
     torch.manual_seed(0)
-    H, inter, n = 12, 7, 40
+    H = 12
     ex = ExpertMLP(H, inter)  # float32 weights, as the stream's layers hold them
     x, lost = torch.randn(n, H), torch.randn(n, H, dtype=torch.float64) * 0.3
     pw = torch.rand(n, dtype=torch.float64) * 0.9 + 0.05  # not normalised: the weighting matters

@@ -125,17 +125,14 @@ def _refit_down(expert, x: torch.Tensor, pw: torch.Tensor, lost: torch.Tensor) -
     [n, H] (intermediate activations h [n, I]), their router weights ``pw`` [n] and the lost share ``lost`` [n, H].
     The working set is an [I, I] float64 Gram matrix at a time: the solve is ``torch.linalg.solve``'s own two
     steps (LU factors, then the triangular solves; the same bits), so that the Gram matrix is freed once
-    factored, and the correction is added to D in place."""
+    factored, and the correction is added to D in place. An expert with fewer tokens than its width is
+    solved through its tokens instead (:func:`_refit_kernel`)."""
     h = _hidden(expert, x).double()
-    ha = h * pw.double()[:, None] ** 2
-    gram = ha.T @ h
-    gram.diagonal().add_(RIDGE * float(gram.diagonal().mean()) + 1e-12)  # in place: the largest allocation
-    lu, pivots = torch.linalg.lu_factor(gram)
-    del gram
-    cross = lost.double().T @ ha
-    del h, ha
-    delta = torch.linalg.lu_solve(lu, pivots, cross.T).T  # gram is symmetric: L G^-1
-    del lu, cross
+    if h.shape[0] < h.shape[1]:
+        delta = _refit_kernel(h * pw.double()[:, None], lost.double() * pw.double()[:, None])
+    else:
+        delta = _refit_gram(h, pw, lost)
+    del h
     down = expert.linears()[2]
     if isinstance(down, StoredLinear) and down.kept:  # kept quantized: re-encoded now, as it will be written
         w = delta.add_(down.stored_weight(torch.float32)).float()
@@ -144,6 +141,30 @@ def _refit_down(expert, x: torch.Tensor, pw: torch.Tensor, lost: torch.Tensor) -
     else:
         down.weight.data.copy_(delta.add_(down.weight))  # D + L G^-1 in float64, written into D's own storage
 
+
+def _refit_gram(h: torch.Tensor, pw: torch.Tensor, lost: torch.Tensor) -> torch.Tensor:
+    """L (G + ridge)^-1 [H, I] through the [I, I] Gram matrix G = sum pw^2 h h^T (L = sum pw^2 lost h^T)."""
+    ha = h * pw.double()[:, None] ** 2
+    gram = ha.T @ h
+    gram.diagonal().add_(RIDGE * float(gram.diagonal().mean()) + 1e-12)  # in place: the largest allocation
+    lu, pivots = torch.linalg.lu_factor(gram)
+    del gram
+    cross = lost.double().T @ ha
+    del ha
+    return torch.linalg.lu_solve(lu, pivots, cross.T).T  # gram is symmetric: L G^-1
+
+
+def _refit_kernel(xw: torch.Tensor, yw: torch.Tensor) -> torch.Tensor:
+    """The same L (G + ridge)^-1 as :func:`_refit_gram` for an expert with fewer tokens n than its width I,
+    from the rows xw = pw h [n, I], yw = pw lost [n, H]: with G = xw^T xw and L = yw^T xw, the push-through
+    identity xw^T (xw xw^T + ridge)^-1 = (G + ridge)^-1 xw^T gives yw^T (K + ridge)^-1 xw, K = xw xw^T
+    [n, n]. Kimi K2's experts (2048 wide) get a few hundred search tokens each: an [n, n] solve and two
+    products of n rows instead of an [I, I] factorisation and its solve with H = 7168 right-hand sides. The
+    ridge is the same number: mean(diag(G)) = ||xw||^2 / I."""
+    ridge = RIDGE * float(xw.square().sum()) / xw.shape[1] + 1e-12
+    kernel = xw @ xw.T
+    kernel.diagonal().add_(ridge)
+    return yw.T @ torch.linalg.solve(kernel, xw)
 
 def fold_dropped(ev: LayerEvidence, kept: list[int], num_experts: int) -> dict:
     """Fold the dropped experts' routed output into the kept experts that take over their tokens
