@@ -72,8 +72,10 @@ def run_model(name: str, path: Path, args, methods: list[str], log) -> list[dict
                 for m in methods:
                     out = Path(tmp) / f"{m}-{ratio}-{seed}"
                     t0, c0 = time.monotonic(), time.process_time()
-                    res = prune_checkpoint(path, out, PruneConfig(method=m, ratio=ratio, num_samples=args.num_samples,
-                                                                  seq_len=args.seq_len, seed=seed), batches=calib)
+                    method, _, race = m.partition("[")  # auto[reap+frequency+ean]: auto --race reap,frequency,ean
+                    cfg = PruneConfig(method=method, ratio=ratio, num_samples=args.num_samples, seq_len=args.seq_len,
+                                      seed=seed, race=tuple(race.rstrip("]").split("+")) if race else ())
+                    res = prune_checkpoint(path, out, cfg, batches=calib)
                     dt, cpu = time.monotonic() - t0, time.process_time() - c0
                     row = {"model": name, "seed": seed, "ratio": ratio, "method": m, "ppl": held_out_ppl(out, ev),
                            "unpruned": base, "seconds": dt, "cpu_seconds": cpu, "kept": res["kept"],
@@ -155,7 +157,7 @@ def verdicts(rows: list[dict], unseen: set[str]) -> bool:
     times = {}
     for r in rows:
         times.setdefault(r["method"], []).append(r[key])
-    singles = {m: statistics.median(t) for m, t in times.items() if m != d and not METHODS[m].plans}
+    singles = {m: statistics.median(t) for m, t in times.items() if m != d and not METHODS[m.partition("[")[0]].plans}
     if d in times and singles:
         slow = max(singles, key=singles.get)
         ratio = statistics.median(times[d]) / singles[slow]
@@ -173,7 +175,8 @@ def main() -> int:
                     "('' for none)")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="bench/variants.py models to add ('' for none)")
     ap.add_argument("--ratios", default="0.25,0.5")
-    ap.add_argument("--methods", default="", help="comma-separated (default: every registered method)")
+    ap.add_argument("--methods", default="", help="comma-separated (default: every registered method); "
+                    "auto[reap+frequency+ean] = auto --race reap,frequency,ean")
     ap.add_argument("--seeds", default="0,1,2", help="calibration seeds")
     # the defaults of `moepress prune` (what a user gets, and what issue 21 measured with)
     ap.add_argument("--num-samples", type=int, default=PruneConfig.num_samples)

@@ -54,8 +54,8 @@ def test_a_command_without_options_gets_the_documented_defaults(cli_run, tmp_pat
     assert (cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed) == ((), 64, 256, 0)
     assert handed["device_spec"] == "auto" and handed["force"] is False
     if stage == "prune":
-        assert (cfg.method, cfg.ep_size, cfg.protect, cfg.sequential, cfg.search_tokens, cfg.merge) == \
-            ("auto", 1, (), False, 16384, None)
+        assert (cfg.method, cfg.ep_size, cfg.protect, cfg.sequential, cfg.search_tokens, cfg.merge, cfg.race) == \
+            ("auto", 1, (), False, 16384, None, ())
     else:
         assert (cfg.group_size, cfg.sequential, cfg.gptq_act_order, cfg.awq_gptq, cfg.awq_clip, cfg.awq_fold) == \
             (128, None, None, True, True, False)
@@ -64,7 +64,7 @@ def test_a_command_without_options_gets_the_documented_defaults(cli_run, tmp_pat
 
 @pytest.mark.parametrize("stage,args", [
     ("prune", ["--ratio", "0.25", "--method", "reap", "--ep-size", "2", "--protect", "3:5,1:2", "--sequential",
-               "--search-tokens", "100", "--no-merge"]),
+               "--search-tokens", "100", "--no-merge", "--race", "ean, frequency"]),
     ("quantize", ["--format", "int4-awq", "--rule", "self_attn.*=fp8", "--group-size", "64", "--kv-cache", "fp8",
                   "--no-sequential", "--gptq-act-order", "--no-awq-gptq", "--no-awq-clip", "--awq-fold",
                   "--resume"]),
@@ -82,8 +82,8 @@ def test_every_option_reaches_the_config(cli_run, tmp_path, handed, stage, args,
     torch.Generator().manual_seed(cfg.seed)  # torch takes it
     assert handed["device_spec"] == "cpu" and handed["force"] is True
     if stage == "prune":
-        assert (cfg.method, cfg.ratio, cfg.ep_size, cfg.protect, cfg.sequential, cfg.search_tokens, cfg.merge) == \
-            ("reap", 0.25, 2, ((1, 2), (3, 5)), True, 100, False)
+        assert (cfg.method, cfg.ratio, cfg.ep_size, cfg.protect, cfg.sequential, cfg.search_tokens, cfg.merge,
+                cfg.race) == ("reap", 0.25, 2, ((1, 2), (3, 5)), True, 100, False, ("ean", "frequency"))
     else:
         assert (cfg.format, cfg.rules, cfg.group_size, cfg.kv_cache, cfg.sequential, cfg.gptq_act_order) == \
             ("int4-awq", (("self_attn.*", "fp8"),), 64, "fp8", False, True)
@@ -144,6 +144,29 @@ def test_recipe_search_tokens_must_be_positive(value):
 
     with pytest.raises(MoepressError, match="search_tokens"):
         normalise({"model": "tiny-mixtral", "prune": {"keep": 4, "search_tokens": value}})
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--race", "reap"], "for one method, use --method reap"),
+    (["--race", "reap,merge"], "'merge' is not one of them"),
+    (["--race", "reap,lookahead"], "'lookahead' is not one of them"),
+    (["--method", "reap", "--race", "reap,ean"], "only --method auto races methods"),
+])
+def test_a_race_of_anything_but_two_of_autos_methods_is_refused(cli_run, tmp_path, args, says):
+    """`--race` picks two or more of auto's own methods; anything else is one line naming it, exit 2, nothing
+    written."""
+    r = cli_run("prune", "tiny-qwen3-moe", "--keep", "8", *args, "-o", tmp_path / "out", "--json")
+    assert r.exit_code == 2, r.output
+    err = json.loads(r.stdout)["error"]
+    assert err.startswith("--race ") and says in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_race_reaches_the_config():
+    """A recipe's prune.race is --race: the same names, in the order given (the stage puts them in auto's)."""
+    recipe = normalise({"model": "tiny-mixtral", "prune": {"keep": 4, "race": "reap, ean"}})
+    cfg = PruneConfig.from_recipe(recipe["prune"], CalibConfig.from_recipe(recipe["calib"]))
+    assert cfg.race == ("reap", "ean")
 
 
 def test_method_merge_with_no_merge_is_refused(cli_run, tmp_path):

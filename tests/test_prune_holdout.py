@@ -100,6 +100,25 @@ def test_auto_scores_methods_out_of_fold_and_writes_the_best_run_alone(auto_run,
     assert torch.equal(r_out.get(dense), r_src.get(dense))
 
 
+def test_a_race_of_two_methods_scores_them_as_the_whole_race_does_and_writes_the_chosen_one_alone(auto_run, tmp_path):
+    """`--race ean,frequency`: only those two are raced, each scored exactly as in the race of all four (a
+    plan does not depend on the others), the lower held-out KL is chosen, and the checkpoint is that method's
+    run alone on every sample with the dropped experts folded in, byte for byte."""
+    src, _, batches, _, rep = auto_run
+    out = tmp_path / "raced"
+    prune_checkpoint(src, out, PruneConfig(keep=16, race=("ean", "frequency")), batches=batches)
+    plans = json.loads((out / "prune_report.json").read_text())["plans"]
+    assert list(plans["candidates"]) == ["frequency", "ean"]  # auto's own order, whatever the order given
+    for name, got in plans["candidates"].items():
+        assert got == rep["plans"]["candidates"][name], name
+    kl = {k: v["heldout_kl"] for k, v in plans["candidates"].items()}
+    assert plans["chosen"] == min(kl, key=kl.get)
+    alone = tmp_path / "alone"
+    prune_checkpoint(src, alone, PruneConfig(method=plans["chosen"], keep=16, merge=True), batches=batches)
+    for f in sorted(alone.glob("*.safetensors")):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 def test_auto_with_one_sample_scores_on_it(tmp_path):
     """A single calibration sample cannot be split: the plans are scored on it, and the report says so."""
     src = write_synthetic(QWEN, tmp_path / "src")

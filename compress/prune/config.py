@@ -35,18 +35,20 @@ class PruneConfig:
     # fold the dropped experts into the kept ones (True / False); None: as the method does (``auto``: where
     # the experts are stored in float; ``merge``: always; the others: never)
     merge: bool | None = None
+    # auto: the methods raced, in auto's own order (``parse_race``); () = all of auto's own
+    race: tuple[str, ...] = ()
 
     @classmethod
     def from_flags(cls, *, method: str | None, ratio: float | None, keep: int | None, ep_size: int,
                    protect: str | None, sequential: bool, calib: CalibConfig, search_tokens: int,
-                   merge: bool | None = None) -> PruneConfig:
+                   merge: bool | None = None, race: str | None = None) -> PruneConfig:
         """``moepress prune``'s options; ``protect`` is the ``--protect`` string (``parse_protect``)."""
         if search_tokens < 1:
             raise MoepressError(f"--search-tokens {search_tokens}: expected a positive number")
         return cls(method=method or DEFAULT_METHOD, ratio=ratio, keep=keep, ep_size=ep_size,
                    protect=parse_protect(protect), sequential=sequential, calib=calib.sources,
                    num_samples=calib.num_samples, seq_len=calib.seq_len, seed=calib.seed, search_tokens=search_tokens,
-                   merge=merge)
+                   merge=merge, race=parse_race(race))
 
     @classmethod
     def from_recipe(cls, prune: dict, calib: CalibConfig) -> PruneConfig:
@@ -54,7 +56,13 @@ class PruneConfig:
         return cls(method=prune["method"] or DEFAULT_METHOD, ratio=prune["ratio"], keep=prune["keep"],
                    ep_size=prune["ep_size"], protect=parse_protect(prune["protect"]), sequential=prune["sequential"],
                    calib=calib.sources, num_samples=calib.num_samples, seq_len=calib.seq_len,
-                   seed=calib.seed, search_tokens=prune["search_tokens"], merge=prune["merge"])
+                   seed=calib.seed, search_tokens=prune["search_tokens"], merge=prune["merge"],
+                   race=parse_race(prune.get("race")))
+
+
+def parse_race(spec: str | None) -> tuple[str, ...]:
+    """``"frequency, ean"`` -> ("frequency", "ean"): names, blanks and repeats dropped (the stage checks them)."""
+    return tuple(dict.fromkeys(n.strip() for n in (spec or "").split(",") if n.strip()))
 
 
 def parse_protect(spec: str | None) -> tuple[tuple[int, int], ...]:

@@ -62,6 +62,22 @@ UNDECLARED = ("stored past num_hidden_layers and not declared by num_nextn_predi
               "them: not written")
 
 
+def race_of(method: PruneMethod, cfg: PruneConfig) -> tuple[str, ...]:
+    """The methods ``auto`` races: ``--race`` (two or more of auto's own, in auto's order, so that a tie goes the
+    same way however they were listed) or all of auto's own; () for any other method. One line where
+    ``--race`` names anything else or is given to a method that races nothing."""
+    if not cfg.race:
+        return method.plans
+    given = ",".join(cfg.race)
+    if not method.plans:
+        raise MoepressError(f"--race {given}: only --method auto races methods; --method {cfg.method} runs one")
+    bad = [m for m in cfg.race if m not in method.plans]
+    if bad or len(cfg.race) < 2:
+        what = f"'{bad[0]}' is not one of them" if bad else f"for one method, use --method {cfg.race[0]}"
+        raise MoepressError(f"--race {given}: expected two or more of {', '.join(method.plans)}; {what}")
+    return tuple(m for m in method.plans if m in cfg.race)
+
+
 class PruneStage:
     """One prune run: the opened checkpoint, its budget, and the steps that prune and write it."""
 
@@ -70,6 +86,7 @@ class PruneStage:
         if cfg.method not in METHODS:
             raise MoepressError(f"--method {cfg.method}: expected one of {', '.join(METHODS)}")
         self.cfg, self.method = cfg, METHODS[cfg.method]
+        self.race = race_of(self.method, cfg)
         # "always" / "float" (where the experts are stored in float) / "": the method's, unless --merge/--no-merge
         self.merge_rule = {True: "always", False: ""}.get(cfg.merge, self.method.merge)
         self._merges: dict[int, bool] = {}
@@ -132,7 +149,7 @@ class PruneStage:
                 w.add(name, read_later(reader, name))
             w.end_shard()
             if self.method.plans:  # the method chosen out of fold (a task of its own), then run on every sample
-                plan_info = PlanRace(self, list(self.method.plans), split_folds(batches)).run(progress)
+                plan_info = PlanRace(self, list(self.race), split_folds(batches)).run(progress)
                 self.method = METHODS[plan_info["chosen"]]
             with progress.task("prune", self.adapter.num_layers + len(self.mtp)) as task:  # its ETA: this run's
                 hs = self._run_single(task)

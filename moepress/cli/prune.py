@@ -74,11 +74,15 @@ def _method_help() -> str:
               help="Fold the dropped experts into the kept ones after selecting (kept down projections refit so "
                    "the pruned block reproduces the unpruned routed output; re-quantized where stored quantized). "
                    "Default: as the method does (auto: where the experts are stored in float; merge: always).")
+@click.option("--race", default="", metavar="M,M,...",
+              help="auto: the methods raced, two or more of reroute, reap, frequency, ean (default: all four). "
+                   "reroute's search costs the most where layers have many experts: --race reap,frequency,ean "
+                   "races without it (README: pruning table).")
 @calib_options
 @device_option
 @output_options
 @progress_options
-def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_tokens, merge, calib, num_samples,
+def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_tokens, merge, race, calib, num_samples,
               seq_len, seed, trust_remote_code, device, output, force, quiet, json_out):
     """Drop the least useful routed experts of every MoE layer of MODEL (one count for all layers).
 
@@ -94,7 +98,8 @@ def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_t
 
     cal = CalibConfig.from_flags(calib, num_samples, seq_len, seed, trust_remote_code)
     cfg = PruneConfig.from_flags(method=method, ratio=ratio, keep=keep, ep_size=ep_size, protect=protect,
-                                 sequential=sequential, calib=cal, search_tokens=search_tokens, merge=merge)
+                                 sequential=sequential, calib=cal, search_tokens=search_tokens, merge=merge,
+                                 race=race)
     src = resolve_model(model)
     result, memory = run_measured(device, prune_checkpoint, src, output, cfg, batches=cal.loader(src), force=force,
                                   progress=Progress.from_flags(quiet, json_out))

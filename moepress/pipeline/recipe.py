@@ -24,7 +24,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
               "trust_remote_code": (bool, False)},
     "prune": {"ratio": ((float, int), None), "keep": (int, None), "method": (str, None), "ep_size": (int, 1),
               "protect": (str, ""), "sequential": (bool, False), "search_tokens": (int, 16384),
-              "merge": (bool, None)},
+              "merge": (bool, None), "race": (str, "")},
     "quantize": {"format": (str, None), "group_size": (int, 128), "kv_cache": (str, None), "rules": (dict, {}),
                  "sequential": (bool, None), "gptq_act_order": (bool, None), "awq_clip": (bool, True),
                  "awq_gptq": (bool, True), "awq_fold": (bool, False)},
