@@ -123,10 +123,8 @@ def refit(ev: LayerEvidence, kept: list[int], release: bool = False) -> list[int
 def _refit_down(expert, x: torch.Tensor, pw: torch.Tensor, lost: torch.Tensor) -> None:
     """``refit`` for one kept expert: its down projection D += L (G + ridge)^-1 in place, from its tokens ``x``
     [n, H] (intermediate activations h [n, I]), their router weights ``pw`` [n] and the lost share ``lost`` [n, H].
-    The working set is an [I, I] float64 Gram matrix at a time: the solve is ``torch.linalg.solve``'s own two
-    steps (LU factors, then the triangular solves; the same bits), so that the Gram matrix is freed once
-    factored, and the correction is added to D in place. An expert with fewer tokens than its width is
-    solved through its tokens instead (:func:`_refit_kernel`)."""
+    Solved through the [I, I] Gram matrix (:func:`_refit_gram`), or, where the expert has fewer tokens than its
+    width, through its tokens' [n, n] kernel (:func:`_refit_kernel`); the correction is added to D in place."""
     h = _hidden(expert, x).double()
     if h.shape[0] < h.shape[1]:
         delta = _refit_kernel(h * pw.double()[:, None], lost.double() * pw.double()[:, None])
@@ -143,7 +141,9 @@ def _refit_down(expert, x: torch.Tensor, pw: torch.Tensor, lost: torch.Tensor) -
 
 
 def _refit_gram(h: torch.Tensor, pw: torch.Tensor, lost: torch.Tensor) -> torch.Tensor:
-    """L (G + ridge)^-1 [H, I] through the [I, I] Gram matrix G = sum pw^2 h h^T (L = sum pw^2 lost h^T)."""
+    """L (G + ridge)^-1 [H, I] through the [I, I] float64 Gram matrix G = sum pw^2 h h^T (L = sum pw^2 lost h^T):
+    ``torch.linalg.solve``'s own two steps (LU factors, then the triangular solves; the same bits), so that
+    the Gram matrix is freed once factored."""
     ha = h * pw.double()[:, None] ** 2
     gram = ha.T @ h
     gram.diagonal().add_(RIDGE * float(gram.diagonal().mean()) + 1e-12)  # in place: the largest allocation
@@ -165,6 +165,7 @@ def _refit_kernel(xw: torch.Tensor, yw: torch.Tensor) -> torch.Tensor:
     kernel = xw @ xw.T
     kernel.diagonal().add_(ridge)
     return yw.T @ torch.linalg.solve(kernel, xw)
+
 
 def fold_dropped(ev: LayerEvidence, kept: list[int], num_experts: int) -> dict:
     """Fold the dropped experts' routed output into the kept experts that take over their tokens

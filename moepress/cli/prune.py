@@ -77,7 +77,7 @@ def _method_help() -> str:
 @click.option("--race", default="", metavar="M,M,...",
               help="auto: the methods raced, two or more of reroute, reap, frequency, ean (default: all four). "
                    "reroute's search costs the most where layers have many experts: --race reap,frequency,ean "
-                   "races without it (README: pruning table).")
+                   "races without it (README: A cheaper race).")
 @calib_options
 @device_option
 @output_options
