@@ -351,15 +351,11 @@ class StreamedModel:
                 yield i, box
 
     def embed(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The input embeddings of ``batches`` in the compute dtype. An embedding stored as one float tensor
-        (every family's) is gathered as stored, on the stream's device, and the gathered rows cast (the same
-        values: a cast commutes with a gather), so no compute-dtype copy of the whole table exists: Kimi K2's
-        is 163840 x 7168, 2.3 GB stored in bf16, 4.7 GB in float32."""
+        """Input embeddings in the compute dtype. A float table is gathered as stored and the rows cast (a cast
+        commutes with a gather; a packed table reads as its integer dtype): no float32 copy (Kimi K2: 4.7 GB)."""
         name = self.adapter.embed_name
-        stem = name.removesuffix(".weight")
-        as_stored = (name in self.ckpt and self.ckpt.info(name).name == name
-                     and self.ckpt.get_dtype(name) in (torch.bfloat16, torch.float16, torch.float32)
-                     and not any(stem + c in self.ckpt for c in COMPANION_SUFFIXES))
+        as_stored = self.ckpt.get_dtype(name) in (torch.bfloat16, torch.float16, torch.float32) and not any(
+            name.removesuffix(".weight") + c in self.ckpt for c in COMPANION_SUFFIXES)
         w = self.uploader.upload({name: self.ckpt.get(name)})[name] if as_stored else self._read(name)
         dtype = torch.float32 if self.adapter.keep_fp32(name) else self.dtype
         for b in batches:
