@@ -31,7 +31,7 @@ def one(hidden: int, width: int, n: int, repeat: int, seed: int) -> dict:
     secs = {"gram": [], "kernel": []}
     for _ in range(repeat):
         t = time.perf_counter()
-        a = _refit_gram(h, pw, lost)
+        a = _refit_gram(h, pw[:, None], lost)
         secs["gram"].append(time.perf_counter() - t)
         t = time.perf_counter()
         b = _refit_kernel(h * pw[:, None], lost.double() * pw[:, None])

@@ -125,9 +125,9 @@ def _refit_down(expert, x: torch.Tensor, pw: torch.Tensor, lost: torch.Tensor) -
     [n, H] (intermediate activations h [n, I]), their router weights ``pw`` [n] and the lost share ``lost`` [n, H].
     Solved through the [I, I] Gram matrix (:func:`_refit_gram`), or, where the expert has fewer tokens than its
     width, through its tokens' [n, n] kernel (:func:`_refit_kernel`); the correction is added to D in place."""
-    h = _hidden(expert, x).double()
+    h, pw = _hidden(expert, x).double(), pw.double()[:, None]
     if h.shape[0] < h.shape[1]:
-        delta = _refit_kernel(h * pw.double()[:, None], lost.double() * pw.double()[:, None])
+        delta = _refit_kernel(h * pw, lost.double() * pw)
     else:
         delta = _refit_gram(h, pw, lost)
     del h
@@ -141,10 +141,10 @@ def _refit_down(expert, x: torch.Tensor, pw: torch.Tensor, lost: torch.Tensor) -
 
 
 def _refit_gram(h: torch.Tensor, pw: torch.Tensor, lost: torch.Tensor) -> torch.Tensor:
-    """L (G + ridge)^-1 [H, I] through the [I, I] float64 Gram matrix G = sum pw^2 h h^T (L = sum pw^2 lost h^T):
-    ``torch.linalg.solve``'s own two steps (LU factors, then the triangular solves; the same bits), so that
-    the Gram matrix is freed once factored."""
-    ha = h * pw.double()[:, None] ** 2
+    """L (G + ridge)^-1 [H, I] through the [I, I] float64 Gram matrix G = sum pw^2 h h^T (L = sum pw^2 lost h^T;
+    ``pw`` [n, 1] float64): ``torch.linalg.solve``'s own two steps (LU factors, then the triangular solves; the
+    same bits), so that the Gram matrix is freed once factored."""
+    ha = h * pw ** 2
     gram = ha.T @ h
     gram.diagonal().add_(RIDGE * float(gram.diagonal().mean()) + 1e-12)  # in place: the largest allocation
     lu, pivots = torch.linalg.lu_factor(gram)
