@@ -55,9 +55,10 @@ class ExpertOutputs:
             return torch.index_select(self.blocks[0], 0, slots)
         out = torch.empty(slots.numel(), self.blocks[0].shape[1])
         b = slots // self.rows
-        for j in torch.unique(b).tolist():
-            m = b == j
-            out[m] = torch.index_select(self.blocks[j], 0, slots[m] - j * self.rows)
+        order = torch.argsort(b, stable=True)  # positions grouped by block: one index_copy_ a block
+        blocks, counts = torch.unique_consecutive(b[order], return_counts=True)
+        for j, o in zip(blocks.tolist(), torch.split(order, counts.tolist()), strict=True):
+            out.index_copy_(0, o, torch.index_select(self.blocks[j], 0, slots[o] - j * self.rows))
         return out
 
     def combine(self, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
