@@ -7,6 +7,7 @@ short of the 5,590,544 B written; DeepSeek-V3's q_a_proj, whose partner kv_a_pro
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from safetensors import safe_open
@@ -129,3 +130,20 @@ def test_bf16_deepseek_v3_counts_its_mtp_layer_and_its_own_embedding_and_head():
     assert 684.0e9 <= sum(with_mtp.values()) / 2 < 685.5e9
     assert with_mtp["embed"] - trunk["embed"] == 2 * 2 * 129280 * 7168
     assert with_mtp["other"] - trunk["other"] == 2 * (3 * 7168 + 7168 * 14336 + 2 * 7168 + 1536 + 512 + 256 * 7168)
+
+
+def test_mtp_layers_the_config_declares_but_the_checkpoint_lacks_are_not_counted(tmp_path):
+    """A DeepSeek-V3 saved by transformers keeps num_nextn_predict_layers (1 by default) and drops the MTP layer's
+    tensors: inspect lists no MTP layer and plan budgets the trunk alone (it counted the absent layer: 10.5 MB
+    planned for a 6.0 MB checkpoint of this shape). A config alone still counts what it declares."""
+    from moepress.compress.inspect import summarize
+
+    base = models.resolve("tiny-deepseek-v3")
+    src = tmp_path / "src"
+    shutil.copytree(base, src)
+    cfg = {**json.loads((base / "config.json").read_text()), "num_nextn_predict_layers": 1}
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert "mtp" not in summarize(str(src))["layers"]
+    trunk = plan(str(base), "h100", "bf16", gpus=1).weights_total
+    assert plan(str(src), "h100", "bf16", gpus=1).weights_total == trunk
+    assert plan(cfg, "h100", "bf16", gpus=1).weights_total > trunk

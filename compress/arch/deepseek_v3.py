@@ -7,6 +7,8 @@ DeepseekV3ForCausalLM architecture, so it is recognised here natively and no rem
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from transformers import DeepseekV3Config
@@ -128,7 +130,15 @@ class DeepseekV3Adapter(Adapter):
                 "routed_scaling_factor": float(c.routed_scaling_factor),
                 "topk_method": "noaux_tc"}
 
+    def __init__(self, config: dict, names: Iterable[str] | None = None, where: str = "config.json"):
+        super().__init__(config, names, where)
+        # the layer numbers the checkpoint stores tensors of; empty: no names given, or a config-only directory
+        self._stored_layers = {int(n.split(".", 3)[2]) for n in names or () if n.startswith("model.layers.")}
+
     def mtp_layers(self) -> list[int]:
-        """Multi-token-prediction layers stored after the trunk (DeepSeek-V3: model.layers.61)."""
+        """Multi-token-prediction layers stored after the trunk (DeepSeek-V3: model.layers.61): those
+        ``num_nextn_predict_layers`` declares, less those a checkpoint with weights does not hold (one saved
+        by transformers keeps the config's count, 1 by default, and drops the layer's tensors)."""
         n = int(self.config.get("num_nextn_predict_layers", 0) or 0)
-        return list(range(self.num_layers, self.num_layers + n))
+        declared = range(self.num_layers, self.num_layers + n)
+        return [i for i in declared if not self._stored_layers or i in self._stored_layers]
