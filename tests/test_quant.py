@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import copy_checkpoint, make_random_checkpoint
+from helpers import assert_one_line_error, copy_checkpoint, make_random_checkpoint
 from moepress import models
 from moepress.calib.data import calibration_batches, eval_batches
 from moepress.calib.metrics import perplexity
@@ -362,6 +362,18 @@ def test_options_that_quantize_no_linear_are_refused(tmp_path, cli_run, args):
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "every linear of" in r.stderr and "would stay unquantized" in r.stderr and " ".join(args) in r.stderr
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_a_format_whose_block_no_linear_width_holds_is_refused(tmp_path, cli_run, fmt):
+    """Every input width 72 or 40 (not a multiple of the FP4 block of 16 or 32): each linear would stay bf16, as
+    the quantizer skips it; the run wrote a checkpoint of 0 quantized linears and exited 0 with a note. The refusal
+    names formats that hold some linear."""
+    src = make_random_checkpoint("mixtral", tmp_path / "m", hidden_size=72, intermediate_size=40)
+    r = cli_run("quantize", src, "--format", fmt, "-o", tmp_path / "q", "--quiet")
+    line = assert_one_line_error(r, f"--format {fmt}: every linear of", "would stay unquantized",
+                                 "model.layers.0.self_attn.q_proj: in_features 72 not a multiple of")
+    assert "e.g. --format fp8 or " in line and f"or {fmt}" not in line and not (tmp_path / "q").exists()
 
 
 def test_format_none_quantizes_only_what_the_rules_name(tmp_path, cli_run):

@@ -31,7 +31,7 @@ from moepress.compress.checkpoint.writer import check_output
 from moepress.compress.formats import ct_inputs
 from moepress.compress.quant import fp8
 from moepress.compress.quantize.calibrated import quantize_layer
-from moepress.compress.quantize.config import NONE, PROGRESS, REPORT, QuantConfig
+from moepress.compress.quantize.config import PROGRESS, REPORT, QuantConfig
 from moepress.compress.quantize.free import FreePipeline, linear_names, model_linear_names
 from moepress.compress.quantize.group import LayerResult, apply_fake_quant, refuse_non_finite
 from moepress.compress.quantize.report import (
@@ -90,8 +90,16 @@ def quantize_resume_key(cfg: QuantConfig, src: Path, device: torch.device | None
 def check_rules(sm: StreamedModel, cfg: QuantConfig) -> None:
     """Refuse, before any work, a --rule that names no linear of the model (a pattern written for another
     family, e.g. ``mlp.experts.*`` on Mixtral's ``block_sparse_moe.experts``), and --format / --rule that leave
-    every linear unquantized without a --kv-cache (the output would declare a quantization holding nothing)."""
-    if not cfg.rules and cfg.format != NONE:
+    every linear unquantized without a --kv-cache (the output would declare a quantization holding nothing),
+    by their names or by their shapes (a format whose block or group no linear's width holds)."""
+    if cfg.kv_cache is None and (why := _nothing_quantized(sm, cfg.format_of, cfg.group_size)) is not None:
+        asked = [f"--format {cfg.format}"] * (cfg.format is not None) + [f"--rule {p}={f}" for p, f in cfg.rules]
+        fit = [n for n, f in formats.FORMATS.items() if f.quantize is not None and f.scale is not None
+               and n != cfg.format and _nothing_quantized(sm, lambda r, u, n=n: n, cfg.group_size) is None]
+        raise MoepressError(f"{' '.join(asked)}: every linear of {sm.ckpt.path} would stay unquantized{why}; "
+                            "expected at least one linear in a format (or a --kv-cache)"
+                            + (f", e.g. --format {' or '.join(fit)}" if why and fit else ""))
+    if not cfg.rules:
         return
     a, cache = sm.adapter, {}
     names = model_linear_names(sm)
@@ -102,10 +110,27 @@ def check_rules(sm: StreamedModel, cfg: QuantConfig) -> None:
             raise MoepressError(f"--rule {pat}={fmt}: matches no linear of {sm.ckpt.path}; expected a pattern over "
                                 f"names such as {', '.join(sorted({seen[0], seen[-1]}))} (in the layer, or full)")
     refuse_shadowed_rules(cfg, names)
-    if cfg.kv_cache is None and not any(cfg.format_of(rel, full) for rel, full in names):
-        asked = [f"--format {cfg.format}"] * (cfg.format is not None) + [f"--rule {p}={f}" for p, f in cfg.rules]
-        raise MoepressError(f"{' '.join(asked)}: every linear of {sm.ckpt.path} would stay unquantized; expected "
-                            "at least one linear in a format (or a --kv-cache)")
+
+
+def _nothing_quantized(sm: StreamedModel, format_of: Callable[[str, str], str | None], group_size: int) -> str | None:
+    """None when some linear gets a format (``format_of(name in its layer, full name)``) that holds its shape;
+    else "" (every linear's format is none) or " (e.g. NAME: why its format skips it)" (formats.Format.skip: the
+    quantizer's own rule)."""
+    a, cache, why = sm.adapter, {}, ""
+    for i in range(a.num_layers):
+        prefix, shapes = a.layer_prefix(i), None
+        for rel in linear_names(sm, i, cache):
+            fmt = format_of(rel, prefix + rel)
+            skip = None if fmt is None else formats.FORMATS[fmt].skip
+            if fmt is not None and skip is None:
+                return None
+            if fmt is not None:
+                shapes = shapes or sm.expected_layer_shapes(i)
+                reason = skip(*shapes[rel + ".weight"][:2], group_size)
+                if reason is None:
+                    return None
+                why = why or f" (e.g. {prefix + rel}: {reason})"
+    return why
 
 
 def refuse_shadowed_rules(cfg: QuantConfig, names: list[tuple[str, str]]) -> None:
