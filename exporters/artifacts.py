@@ -33,6 +33,19 @@ def read_json(p: Path) -> dict | None:
         raise MoepressError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
+def json_object(p: Path, *keys: str) -> dict:
+    """The object at ``keys`` in the JSON file ``p`` ({} where the file or a key is absent); one line where the file
+    or a level on the way is not an object (a hand-edited ``"quantization": "fp8"`` crashed ``build``)."""
+    v = read_json(p)
+    for n in range(len(keys) + 1):
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise MoepressError(f"{p}: {'.'.join(keys[:n]) or 'the file'} {v!r:.60}: expected an object")
+        v = v.get(keys[n]) if n < len(keys) else v
+    return v
+
+
 def consumer_misload(d: Path, consumer: str) -> tuple[str, str] | None:
     """(newest affected version, how) where the export in ``d`` says ``consumer`` (export.json ``misloaded_by``
     key: transformers, sglang, tensorrt_llm, vllm) loads it wrongly or not at all (``misloaded_by`` / ``misloaded_why``,
@@ -112,14 +125,14 @@ def artifact_format(artifact: Path, kind: str, source: Path | None) -> str:
     Format.quant_algo), else the source checkpoint's own."""
     d = artifact_dir(artifact)
     if kind == "trtllm-ckpt":
-        algo = ((read_json(d / "config.json") or {}).get("quantization") or {}).get("quant_algo")
+        algo = json_object(d / "config.json", "quantization").get("quant_algo")
         f = formats.by_quant_algo(algo)
         if f is None:
             raise MoepressError(f"{d / 'config.json'}: quantization.quant_algo {algo!r}: expected one of "
                                 f"{', '.join(str(f.quant_algo) for f in formats.FORMATS.values())}")
         return f.name
     if kind == "hf-modelopt":
-        q = (read_json(d / "hf_quant_config.json") or {}).get("quantization") or {}
+        q = json_object(d / "hf_quant_config.json", "quantization")
         algo = q.get("quant_algo")
         if algo == "MIXED_PRECISION":  # the routed experts' format: what TensorRT-LLM's fused MoE must load
             algo = _experts_algo(q.get("quantized_layers"))
@@ -142,8 +155,7 @@ def _experts_algo(layers) -> str | None:
 
 def _trtllm_ckpt(artifact: Path, config: dict, gpus: int | None, ep: int | None, kv: str):
     """A trtllm-ckpt's mapping fixes the parallelism, its quantization the KV-cache dtype."""
-    m = config.get("mapping") or {}
-    world, ckpt_ep = int(m.get("world_size", 1)), int(m.get("moe_ep_size", 1) or 1)
+    world, ckpt_ep = _mapping(artifact_dir(artifact), config)
     if gpus is not None and gpus != world:
         raise MoepressError(f"--gpus {gpus}: {artifact} was exported for world_size {world}; "
                             f"use --gpus {world} or re-export with `moepress export --tp {gpus}`")
@@ -152,12 +164,11 @@ def _trtllm_ckpt(artifact: Path, config: dict, gpus: int | None, ep: int | None,
                             f"or re-export with `moepress export --ep {ep}`")
     gpus, ep = world, ckpt_ep
     where = artifact_dir(artifact) / "config.json"
-    if int(m.get("pp_size", 1) or 1) != 1:
-        raise MoepressError(f"{where}: mapping.pp_size {m.get('pp_size')}: moepress plans tp/ep only; "
-                            f"re-export with pp_size 1")
+    if (pp := config["mapping"].get("pp_size", 1)) != 1:
+        raise MoepressError(f"{where}: mapping.pp_size {pp}: moepress plans tp/ep only; re-export with pp_size 1")
     # the KV-cache dtype of a TensorRT engine is fixed by the checkpoint
     # (quantization.kv_cache_quant_algo, docs/source/architecture/checkpoint.md)
-    algo = (config.get("quantization") or {}).get("kv_cache_quant_algo")
+    algo = json_object(where, "quantization").get("kv_cache_quant_algo")
     cached = kv_cache.by_quant_algo(algo)
     ckpt_kv = cached.name if cached is not None and cached.trtllm_ckpt else kv_cache.DEFAULT
     if kv != ckpt_kv and kv != kv_cache.DEFAULT:
@@ -168,6 +179,32 @@ def _trtllm_ckpt(artifact: Path, config: dict, gpus: int | None, ep: int | None,
         raise MoepressError(f"{artifact}: {arch} has no TensorRT engine path in TensorRT-LLM; export "
                             f"--format hf-fp8-block (or hf-modelopt) and use the trtllm-pytorch builder")
     return gpus, ep, ckpt_kv
+
+
+def _mapping(d: Path, config: dict) -> tuple[int, int]:
+    """(world_size, moe_ep_size) of a trtllm-ckpt's ``mapping``, checked as TensorRT-LLM's Mapping checks its sizes
+    (tensorrt_llm/mapping.py: world_size = tp_size x pp_size x cp_size, moe_tp_size x moe_ep_size = tp_size; each a
+    whole number >= 1, absent ones as TensorRT-LLM defaults them) and against the rank files it implies
+    (docs/source/architecture/checkpoint.md: one rank{N}.safetensors per rank). ``config["mapping"]`` is left
+    holding the checked sizes."""
+    where, m = d / "config.json", config.get("mapping") or {}
+    if not isinstance(m, dict):
+        raise MoepressError(f"{where}: mapping {m!r}: expected an object (world_size, tp_size, moe_ep_size, ...)")
+    for key, v in m.items():
+        if key.endswith("_size") and key != "gpus_per_node" and (type(v) is not int or v < 1):
+            raise MoepressError(f"{where}: mapping.{key} {v!r}: expected a whole number >= 1")
+    world = m.get("world_size", 1)
+    tp, pp, cp, ep = m.get("tp_size", world), m.get("pp_size", 1), m.get("cp_size", 1), m.get("moe_ep_size", 1)
+    moe_tp = m.get("moe_tp_size", max(1, tp // ep))
+    if tp * pp * cp != world or moe_tp * ep != tp:
+        raise MoepressError(f"{where}: mapping {m}: expected world_size = tp_size x pp_size x cp_size and "
+                            "moe_tp_size x moe_ep_size = tp_size (TensorRT-LLM's Mapping)")
+    missing = [f"rank{r}.safetensors" for r in range(world) if not (d / f"rank{r}.safetensors").is_file()]
+    if missing:
+        raise MoepressError(f"{d}: {missing[0]} is missing: mapping.world_size {world} expects rank0 to "
+                            f"rank{world - 1}.safetensors")
+    config["mapping"] = m
+    return world, ep
 
 
 def _hf_modelopt(artifact: Path, config: dict, gpus: int | None, ep: int | None, kv: str):

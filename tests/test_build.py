@@ -302,6 +302,25 @@ def test_bad_input(cli_run, ckpt, onnx_dir, tmp_path):
         assert msg in r.output and len(r.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("edit, msg", [
+    ({"mapping": {"world_size": "x"}}, "mapping.world_size 'x': expected a whole number >= 1"),
+    ({"mapping": {"world_size": None}}, "mapping.world_size None: expected a whole number >= 1"),
+    ({"mapping": "oops"}, "mapping 'oops': expected an object"),
+    ({"mapping": {"world_size": 2, "tp_size": 2, "pp_size": 1, "moe_tp_size": 2, "moe_ep_size": 2}},
+     "expected world_size = tp_size x pp_size x cp_size and moe_tp_size x moe_ep_size = tp_size"),
+    ({"mapping": {"world_size": 4, "tp_size": 4, "moe_ep_size": 4}}, "rank2.safetensors is missing"),
+    ({"quantization": "fp8"}, "quantization 'fp8': expected an object"),
+], ids=["world-str", "world-null", "mapping-str", "moe-tp-x-ep", "ranks-missing", "quantization-str"])
+def test_a_malformed_trtllm_ckpt_config_is_one_line(cli_run, ckpt, tmp_path, edit, msg):
+    """A hand-edited mapping or quantization of a trtllm-ckpt's config.json ended `build` in a ValueError,
+    AttributeError or ZeroDivisionError traceback, exit 1."""
+    p = ckpt / "config.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), **edit}))
+    r = cli_run("build", ckpt, "--target", "h100", "-o", tmp_path / "x", "--dry-run")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_real_build_without_gpu_exits_2(cli_run, ckpt, onnx_dir, tmp_path):
     r = cli_run("build", ckpt, "--target", "h100", "-o", tmp_path / "e")
