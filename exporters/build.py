@@ -133,6 +133,12 @@ def _resolve(artifact: Path, target: str | Target, out: Path, o: BuildOptions) -
         raise MoepressError(f"{artifact}: cannot find the model it was exported from (export.json has no "
                             f"existing source); pass --reference MODEL")
     source = source.resolve()
+    if source == artifact.resolve():  # an HF checkpoint export plans from its own config: checked against its tensors
+        from moepress.compress.checkpoint import CheckpointReader
+        from moepress.compress.stream import StreamedModel
+
+        if (reader := CheckpointReader(source)).has_weights:  # (a config-only directory plans from the config)
+            StreamedModel(reader, prefetch=False)
     fmt = artifact_format(artifact, kind, source)
     gpus, ep, kv = fixed_by_artifact(kind, artifact, config, o.gpus, o.ep, o.kv_cache_dtype)
     p = _plan(artifact, kind, t, fmt, source, o, gpus, ep, kv, b.runtime)

@@ -321,6 +321,22 @@ def test_a_malformed_trtllm_ckpt_config_is_one_line(cli_run, ckpt, tmp_path, edi
     assert msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
 
 
+def test_an_hf_export_whose_config_disagrees_with_its_tensors_is_refused(cli_run, tmp_path):
+    """An hf-modelopt export plans from its own config.json: one saying 24 experts beside tensors of 8 was planned
+    (and its build written) with 24, exit 0."""
+    from helpers import cli_quantized
+    from moepress.exporters import ExportConfig, export
+
+    q = cli_quantized(tmp_path / "q", "tiny-mixtral", "--format", "fp8", "--num-samples", "2", "--seq-len", "32")
+    export(q, tmp_path / "e", ExportConfig(format="hf-modelopt"))
+    assert cli_run("build", tmp_path / "e", "--target", "h100", "-o", tmp_path / "ok", "--dry-run").exit_code == 0
+    p = tmp_path / "e" / "config.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), "num_local_experts": 24}))
+    r = cli_run("build", tmp_path / "e", "--target", "h100", "-o", tmp_path / "x", "--dry-run")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "config.json says num_local_experts=24 but layer 0 stores 8 routed experts" in r.output
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_real_build_without_gpu_exits_2(cli_run, ckpt, onnx_dir, tmp_path):
     r = cli_run("build", ckpt, "--target", "h100", "-o", tmp_path / "e")
