@@ -202,12 +202,14 @@ class StreamedModel:
             self.check_layer_shapes(i)
 
     def check_layer_shapes(self, i: int) -> None:
-        """Layer i's stored tensors against its layer module's shapes, from the shard headers alone (refused before
-        any work). Tensors stored packed and names the files lack (a decoder may serve them): when it is read."""
+        """Layer i's stored tensors against its layer module's names and shapes, from the shard headers alone (refused
+        before any work; ``in``: stored, or served by a decoder; a tensor stored packed: its shape when decoded)."""
         prefix = self.adapter.layer_prefix(i)
         for key, shape in self.expected_layer_shapes(i).items():
             name = prefix + key
-            if name in self.ckpt and (got := self._stored_shape(name)) is not None:
+            if name not in self.ckpt:
+                raise MoepressError(f"{self._where()}: tensor '{name}' is missing from the checkpoint")
+            if (got := self._stored_shape(name)) is not None:
                 check_shape(self._where(), name, got, shape)
 
     def _stored_shape(self, name: str) -> tuple[int, ...] | None:
@@ -269,9 +271,7 @@ class StreamedModel:
                                 f"layer as config.json describes it")
         state = {}
         for key, shape in expected.items():
-            name = prefix + key
-            if name not in self.ckpt:
-                raise MoepressError(f"{self._where()}: tensor '{name}' is missing from the checkpoint")
+            name = prefix + key  # in the checkpoint: check_layer_shapes
             stored = self.ckpt.info(name).dtype if self.keep_stored and key in self._linear_keys[i] else None
             if stored == "BF16" and self.dtype != torch.bfloat16:
                 t = (view or self.ckpt).get(name)  # as stored; StoredLinear casts at each call

@@ -45,6 +45,21 @@ def test_index_names_missing_tensor(good, tmp_path, cli_run):
     assert_one_line_error(cli_run("inspect", ck), "model.layers.0.mlp.experts.99.up_proj.weight", shards(ck)[0].name)
 
 
+def test_a_tensor_the_layer_needs_removed_cleanly_is_named_before_any_work(good, tmp_path, cli_run):
+    """One expert projection gone from its shard and the index alike: inspect reported it as a model (exit 0);
+    prune and quantize refused it only when reading its layer."""
+    from safetensors.torch import load_file, save_file
+
+    ck = copy_checkpoint(good, tmp_path / "c")
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    idx = ck / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    shard = ck / d["weight_map"].pop(name)
+    idx.write_text(json.dumps(d))
+    save_file({k: v for k, v in load_file(shard).items() if k != name}, shard, metadata={"format": "pt"})
+    assert_one_line_error(cli_run("inspect", ck), f"tensor '{name}' is missing from the checkpoint")
+
+
 def test_unsupported_architecture(good, tmp_path, cli_run):
     ck = copy_checkpoint(good, tmp_path / "c")
     edit_json(ck / "config.json", model_type="llama", architectures=["LlamaForCausalLM"])
