@@ -653,3 +653,22 @@ def test_a_token_file_gives_at_most_its_samples_and_a_refusal_names_checks_optio
     assert json.loads(r.stdout)["data"]["samples"] == 3, r.output  # the default --max-samples is larger
     r = cli_run("check", cand, "--reference", MODEL, "--data", tok, "--seq-len", "16", "--quiet")
     assert r.exit_code == 2 and "(run with --seq-len 32 --max-samples 3)" in r.stderr, r.output
+
+
+def test_a_reference_other_than_the_model_the_candidate_was_made_from_is_said(cli_run, tmp_path):
+    """`check` of a candidate quantized from tiny-mixtral against tiny-mixtral-w192 compared two models without a
+    word (a gate failing was the only sign; a close enough pair would pass). The manifests' inputs.model chain
+    names the original; the reference itself, a stage on the chain, or a copy of the original (same config.json)
+    gets no note."""
+    ref = models.path("tiny-mixtral")
+    p, q = tmp_path / "p", tmp_path / "q"
+    assert cli_run("prune", ref, "--keep", "6", "--method", "frequency", "--num-samples", "4", "--seq-len", "32",
+                   "-o", p, "--quiet").exit_code == 0
+    assert cli_run("quantize", p, "--format", "fp8-dynamic", "-o", q, "--quiet").exit_code == 0
+    cfg = CheckConfig(seq_len=32, max_samples=2)
+    other = models.path("tiny-mixtral-w192")
+    said = [n for n in run_check(q, other, cfg)["notes"] if "was made from" in n]
+    assert said == [f"{q} was made from {ref} (its moepress-manifest.json inputs.model), not from the reference "
+                    f"{other}: the figures compare two models"], said
+    for r in (ref, p, shutil.copytree(ref, tmp_path / "copy")):
+        assert not any("was made from" in n for n in run_check(q, r, cfg)["notes"]), r

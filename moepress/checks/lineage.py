@@ -9,12 +9,35 @@ read better than on held-out text.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from moepress.errors import MoepressError
 from moepress.manifest import read_manifest
 
 MAX_DEPTH = 8  # export <- quantize <- prune <- ... : far more links than a pipeline has
+
+
+def upstream(candidate: str | Path) -> Iterator[tuple[Path, dict]]:
+    """(directory, its moepress-manifest.json or {}) of ``candidate`` and of each checkpoint upstream of it,
+    nearest first, following ``inputs.model``; ends at one without a manifest (an original) or an unreadable one."""
+    d, seen = Path(candidate), set()
+    d = d if d.is_dir() else d.parent  # an .onnx file: its export directory
+    for _ in range(MAX_DEPTH):
+        try:
+            m = read_manifest(d) if d.is_dir() else {}
+        except (OSError, ValueError, MoepressError):  # a damaged manifest upstream: not this check's to judge
+            return
+        m = m if isinstance(m, dict) else {}
+        yield d, m
+        inputs = m.get("inputs") if isinstance(m.get("inputs"), dict) else {}
+        up = inputs.get("model")
+        # stages record their input resolved; a relative one (older manifests) would be read against
+        # this process's directory, which may hold another checkpoint of that name
+        if not isinstance(up, str) or not Path(up).is_absolute() or up in seen:
+            return
+        seen.add(up)
+        d = Path(up)
 
 
 def calibrated_on(candidate: str | Path, data: str) -> list[str]:
@@ -28,21 +51,18 @@ def calibrated_on(candidate: str | Path, data: str) -> list[str]:
         return []
     if not digests:
         return []
-    d, seen, hits = Path(candidate), set(), []
-    d = d if d.is_dir() else d.parent  # an .onnx file: its export directory
-    for _ in range(MAX_DEPTH):
-        try:
-            m = read_manifest(d) if d.is_dir() else {}
-        except (OSError, ValueError, MoepressError):  # a damaged manifest upstream: not this check's to judge
-            break
-        inputs = m.get("inputs") if isinstance(m, dict) and isinstance(m.get("inputs"), dict) else {}
-        if digests & set(inputs.get("calibration_sha256") or []):
-            hits.append(f"{d} ({m.get('stage')})")
-        up = inputs.get("model")
-        # stages record their input resolved; a relative one (older manifests) would be read against
-        # this process's directory, which may hold another checkpoint of that name
-        if not isinstance(up, str) or not Path(up).is_absolute() or up in seen:
-            break
-        seen.add(up)
-        d = Path(up)
-    return hits
+    return [f"{d} ({m.get('stage')})" for d, m in upstream(candidate)
+            if digests & set((m.get("inputs") if isinstance(m.get("inputs"), dict) else {}).get("calibration_sha256")
+                             or [])]
+
+
+def made_from_another(candidate: str | Path, reference: Path) -> Path | None:
+    """The original checkpoint ``candidate`` was made from (the end of its manifests' ``inputs.model`` links),
+    where that is known, exists and is not ``reference``: not the same directory, nor one of the same config.json
+    (a copy of it). None where it is the reference, a stage between is, or the chain says nothing."""
+    chain = [d for d, _ in upstream(candidate)]
+    root, ref = chain[-1] if len(chain) > 1 else None, reference.resolve()
+    if root is None or not (root / "config.json").is_file() or any(d.resolve() == ref for d in chain):
+        return None
+    same = (ref / "config.json").is_file() and (root / "config.json").read_bytes() == (ref / "config.json").read_bytes()
+    return None if same else root

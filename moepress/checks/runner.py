@@ -29,7 +29,7 @@ from moepress.checks.candidates.base import config_json
 from moepress.checks.candidates.checkpoint import unstreamed_activations
 from moepress.checks.candidates.onnx_runtime import graph_family
 from moepress.checks.config import CheckConfig, check_passed, evaluate_gates, refuse_unmeasurable
-from moepress.checks.lineage import calibrated_on
+from moepress.checks.lineage import calibrated_on, made_from_another
 from moepress.checks.routing import Agreement, RouteCapture
 from moepress.compress.arch import adapter_class
 from moepress.compress.stream import StreamedModel
@@ -232,7 +232,8 @@ def libraries_silent(silent: bool):
 def _data_notes(candidate: Path, ref_dir: Path, data: dict, batches: list[torch.Tensor],
                 trust_remote_code: bool) -> list[str]:
     """What the reader of the figures must know about the data: a stage upstream of the candidate was
-    calibrated on it (in-sample figures; also ``data["calibrated_on_by"]``), the candidate's tokenizer
+    calibrated on it (in-sample figures; also ``data["calibrated_on_by"]``), the candidate was made from another
+    model than the reference (its manifests say which), the candidate's tokenizer
     file is not the reference's (the data was tokenized with the reference's). A candidate tokenizer that
     encodes the data's text to other ids is refused: its consumers tokenize with it, so figures measured on
     the reference's ids would pass a model they feed other ids."""
@@ -242,6 +243,9 @@ def _data_notes(candidate: Path, ref_dir: Path, data: dict, batches: list[torch.
         data["calibrated_on_by"] = fitted
         notes.append(f"the check's data {data['source']} is the calibration data of {', '.join(fitted)}: "
                      "measured on text the candidate was fitted to, it reads better than held-out text would")
+    if (root := made_from_another(candidate, ref_dir)) is not None:
+        notes.append(f"{candidate} was made from {root} (its moepress-manifest.json inputs.model), not from the "
+                     f"reference {ref_dir}: the figures compare two models")
     tok_r, tok_c = ref_dir / "tokenizer.json", candidate / "tokenizer.json"
     if tok_c.is_file() and tok_r.is_file() and tok_c.read_bytes() != tok_r.read_bytes():
         _refuse_other_ids(candidate, ref_dir, batches, trust_remote_code)
