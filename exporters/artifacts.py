@@ -181,24 +181,29 @@ def _trtllm_ckpt(artifact: Path, config: dict, gpus: int | None, ep: int | None,
     return gpus, ep, ckpt_kv
 
 
+SIZES = ("world_size", "tp_size", "pp_size", "cp_size", "moe_tp_size", "moe_ep_size", "moe_cluster_size")
+
+
 def _mapping(d: Path, config: dict) -> tuple[int, int]:
     """(world_size, moe_ep_size) of a trtllm-ckpt's ``mapping``, checked as TensorRT-LLM's Mapping checks its sizes
-    (tensorrt_llm/mapping.py: world_size = tp_size x pp_size x cp_size, moe_tp_size x moe_ep_size = tp_size; each a
-    whole number >= 1, absent ones as TensorRT-LLM defaults them) and against the rank files it implies
+    (tensorrt_llm/mapping.py: world_size = tp_size x pp_size x cp_size, moe_tp_size x moe_ep_size x moe_cluster_size =
+    tp_size; each of :data:`SIZES` a whole number >= 1, absent ones as TensorRT-LLM defaults them; its other keys
+    are not read) and against the rank files it implies
     (docs/source/architecture/checkpoint.md: one rank{N}.safetensors per rank). ``config["mapping"]`` is left
     holding the checked sizes."""
     where, m = d / "config.json", config.get("mapping") or {}
     if not isinstance(m, dict):
         raise MoepressError(f"{where}: mapping {m!r}: expected an object (world_size, tp_size, moe_ep_size, ...)")
-    for key, v in m.items():
-        if key.endswith("_size") and key != "gpus_per_node" and (type(v) is not int or v < 1):
-            raise MoepressError(f"{where}: mapping.{key} {v!r}: expected a whole number >= 1")
+    for key in SIZES:
+        if key in m and (type(m[key]) is not int or m[key] < 1):
+            raise MoepressError(f"{where}: mapping.{key} {m[key]!r}: expected a whole number >= 1")
     world = m.get("world_size", 1)
     tp, pp, cp, ep = m.get("tp_size", world), m.get("pp_size", 1), m.get("cp_size", 1), m.get("moe_ep_size", 1)
-    moe_tp = m.get("moe_tp_size", max(1, tp // ep))
-    if tp * pp * cp != world or moe_tp * ep != tp:
+    cluster = m.get("moe_cluster_size", 1)
+    moe_tp = m.get("moe_tp_size", max(1, tp // (ep * cluster)))
+    if tp * pp * cp != world or moe_tp * ep * cluster != tp:
         raise MoepressError(f"{where}: mapping {m}: expected world_size = tp_size x pp_size x cp_size and "
-                            "moe_tp_size x moe_ep_size = tp_size (TensorRT-LLM's Mapping)")
+                            "moe_tp_size x moe_ep_size x moe_cluster_size = tp_size (TensorRT-LLM's Mapping)")
     missing = [f"rank{r}.safetensors" for r in range(world) if not (d / f"rank{r}.safetensors").is_file()]
     if missing:
         raise MoepressError(f"{d}: {missing[0]} is missing: mapping.world_size {world} expects rank0 to "

@@ -307,7 +307,7 @@ def test_bad_input(cli_run, ckpt, onnx_dir, tmp_path):
     ({"mapping": {"world_size": None}}, "mapping.world_size None: expected a whole number >= 1"),
     ({"mapping": "oops"}, "mapping 'oops': expected an object"),
     ({"mapping": {"world_size": 2, "tp_size": 2, "pp_size": 1, "moe_tp_size": 2, "moe_ep_size": 2}},
-     "expected world_size = tp_size x pp_size x cp_size and moe_tp_size x moe_ep_size = tp_size"),
+     "expected world_size = tp_size x pp_size x cp_size and moe_tp_size x moe_ep_size x moe_cluster_size = tp_size"),
     ({"mapping": {"world_size": 4, "tp_size": 4, "moe_ep_size": 4}}, "rank2.safetensors is missing"),
     ({"quantization": "fp8"}, "quantization 'fp8': expected an object"),
 ], ids=["world-str", "world-null", "mapping-str", "moe-tp-x-ep", "ranks-missing", "quantization-str"])
@@ -335,6 +335,17 @@ def test_an_hf_export_whose_config_disagrees_with_its_tensors_is_refused(cli_run
     r = cli_run("build", tmp_path / "e", "--target", "h100", "-o", tmp_path / "x", "--dry-run")
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "config.json says num_local_experts=24 but layer 0 stores 8 routed experts" in r.output
+
+
+def test_a_mapping_with_keys_moepress_does_not_read_builds(cli_run, ckpt, tmp_path):
+    """TensorRT-LLM's own Mapping.to_dict writes more than the sizes checked (rank, gpus_per_node, attention-DP
+    fields, a moe_cluster_size): those are not refused."""
+    p = ckpt / "config.json"
+    c = json.loads(p.read_text())
+    c["mapping"].update(rank=0, gpus_per_node=8, moe_cluster_size=1, attn_tp_size=-1, enable_attention_dp=False)
+    p.write_text(json.dumps(c))
+    r = cli_run("build", ckpt, "--target", "h100", "-o", tmp_path / "x", "--dry-run")
+    assert r.exit_code == 0, r.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

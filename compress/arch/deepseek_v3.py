@@ -133,7 +133,8 @@ class DeepseekV3Adapter(Adapter):
     def __init__(self, config: dict, names: Iterable[str] | None = None, where: str = "config.json"):
         super().__init__(config, names, where)
         # the layer numbers the checkpoint stores tensors of; empty: no names given, or a config-only directory
-        self._stored_layers = {int(n.split(".", 3)[2]) for n in names or () if n.startswith("model.layers.")}
+        self._stored_layers = {int(i) for n in names or () if n.startswith("model.layers.")
+                               and (i := n.split(".", 3)[2]).isdigit()}
 
     def mtp_layers(self) -> list[int]:
         """Multi-token-prediction layers stored after the trunk (DeepSeek-V3: model.layers.61): those
