@@ -34,7 +34,8 @@ module, and per-expert entries alone do not keep it dense (fused_moe.py).
 Inputs: a bf16 (or pruned) checkpoint — quantized here, calibration-free (``quant/fp8.py:
 quantize_block``, modelopt-identical numerics, see tests/test_quant_modelopt.py); a
 ``moepress quantize --format fp8-block`` output — ``weight_scale`` renamed ``weight_scale_inv``,
-no requantization; or a checkpoint already in this layout — copied. The export keeps a
+no requantization; or a checkpoint already in this layout — copied, but for linears no runtime computes in
+blocks at all (dequantized). The export keeps a
 ``moepress_quant.json`` so moepress's own forward of it (``StreamedModel``, ``moepress check``)
 applies the runtime's dynamic 1x128 activation quantization.
 """
@@ -50,6 +51,7 @@ from moepress.compress import formats
 from moepress.compress.quant import fp8
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
+from moepress.exporters.compressed_tensors import TRANSFORMERS_CHECKED
 from moepress.exporters.fused_moe import high_precision_layers, refuse_mixed
 from moepress.exporters.hf_common import (
     FLOAT_DTYPES,
@@ -61,7 +63,7 @@ from moepress.exporters.hf_common import (
     unquantized_modules,
 )
 from moepress.exporters.hints import FP8_THEN_CT, packed_names, packed_routes
-from moepress.exporters.kernel_widths import BLOCK
+from moepress.exporters.kernel_widths import BLOCK, grid_ok, runs_in_blocks
 
 # the format this layout stores: FP8 weights with a scale per 128x128 block (TensorRT-LLM FP8_BLOCK_SCALES)
 BLOCK_FP8 = formats.by_quant_algo("FP8_BLOCK_SCALES").name
@@ -101,11 +103,32 @@ def _rename_layer(r, a, names, writer, dtype, quantized: set[str], kept: list[st
 
 
 def _copy_layer(r, names, writer, quantized: set[str]) -> None:
-    """A layer already in this layout: copied."""
+    """Tensors past the trunk (embeddings, norm, head, DeepSeek's MTP layers) of a checkpoint in this layout: copied."""
     for n in names:
         writer.add(n, r.get(n))
         if n.endswith(".weight_scale_inv"):
             quantized.add(n[: -len(".weight_scale_inv")])
+
+
+def _copy_block_layer(r, a, names, writer, dtype, quantized: set[str], kept: list[str], misread: list[str]) -> None:
+    """A decoder layer already in this layout: copied as it ships (DeepSeek-V3's 576-row kv_a_proj_with_mqa included),
+    but a block-FP8 linear no runtime computes in blocks at all (kernel_widths.runs_in_blocks: an input width, or a
+    routed expert's width, that is not whole blocks) written dequantized, high precision, without its scale, as
+    from a bf16 input (a 200 x 72 expert was copied with its partial blocks: the runtimes and transformers refuse
+    it at load). ``misread``: the copied linears whose scale grid transformers reads otherwise (grid_ok)."""
+    for n in names:
+        base = n.removesuffix(".weight_scale_inv").removesuffix(".weight")
+        if base + ".weight_scale_inv" in r and not runs_in_blocks(tuple(r.info(base + ".weight").shape),
+                                                                  a.expert_index(base) is not None):
+            if n == base + ".weight":
+                writer.add(n, r.weight(n, dtype))
+                kept.append(base)
+            continue
+        writer.add(n, r.get(n))
+        if n.endswith(".weight_scale_inv"):
+            quantized.add(base)
+            if not grid_ok(r.info(base + ".weight").shape):  # copied as shipped; transformers reads its grid otherwise
+                misread.append(base)
 
 
 def _quantize_layer(r, a, i: int, names, writer, dtype, quantized: set[str], kept: list[str]) -> None:
@@ -157,6 +180,7 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
                             "TensorRT-LLM read the block from it); expected a checkpoint of 128 x 128 blocks")
     quantized: set[str] = set()
     kept: list[str] = []  # linears left in high precision (scale grid not read alike by consumers)
+    misread: list[str] = []  # linears copied in block FP8 whose grid transformers reads otherwise
     dtype = getattr(torch, cfg.dtype)
     with progress.task("export hf-fp8-block", a.num_layers + 2) as task:
         for kind, i, names in tensor_groups(s):
@@ -165,7 +189,7 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
             elif mode == "rename":
                 _rename_layer(r, a, names, writer, dtype, quantized, kept)
             elif mode == "copy":
-                _copy_layer(r, names, writer, quantized)
+                _copy_block_layer(r, a, names, writer, dtype, quantized, kept, misread)
             else:
                 _quantize_layer(r, a, i, names, writer, dtype, quantized, kept)
             writer.end_shard()
@@ -183,7 +207,23 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
                                               "modules": {m: {"format": BLOCK_FP8} for m in sorted(quantized)}})
     writer.copy_aux_files(src)
     return {"mode": mode, "quantized_linears": len(quantized), "modules_to_not_convert": len(not_converted),
-            "kept_high_precision": kept}
+            "kept_high_precision": kept, **_misread_notes(misread)}
+
+
+def _misread_notes(misread: list[str]) -> dict:
+    """export.json's consumer fields (artifacts.consumer_misload reads them) for linears copied in block FP8 with a
+    dimension over 128 that is not whole blocks (DeepSeek-V3 ships its 576-row kv_a_proj_with_mqa so; the runtimes
+    read the block from weight_block_size): transformers derives the block from the scale grid
+    (integrations/finegrained_fp8.py ``_dequantize_one``: block = rows // scale_rows), refusing the grid or, where
+    it divides the rows, dequantizing with the wrong block."""
+    if not misread:
+        return {}
+    why = (f"derives the block from the scale grid, and {len(misread)} linears copied in block FP8 have a dimension "
+           f"over 128 that is not whole blocks (e.g. {misread[0]}): it refuses their grid or dequantizes them with the "
+           "wrong block")
+    return {"consumer_notes": [f"transformers <= {TRANSFORMERS_CHECKED} {why}; vLLM, SGLang and TensorRT-LLM read "
+                               "the block from weight_block_size"],
+            "misloaded_by": {"transformers": TRANSFORMERS_CHECKED}, "misloaded_why": {"transformers": why}}
 
 
 EXPORTER = Exporter(

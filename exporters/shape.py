@@ -180,7 +180,7 @@ def model_shape(model: str | Path | dict) -> ModelShape:
     stored: collections.Counter = collections.Counter()
     ct_rows: list[tuple[str, str, int, int]] = []  # a compressed-tensors checkpoint's linears by full name
     kept: collections.Counter = collections.Counter()  # ModelShape.block_kept
-    native = not layout and _is_block(storage_format(cfg))  # hf-fp8-block copies its linears as stored
+    native = not layout and _is_block(storage_format(cfg))  # hf-fp8-block copies its linears (_copy_block_layer)
     other = 0
     built = {}
     for i in range(a.num_layers):
@@ -197,7 +197,9 @@ def model_shape(model: str | Path | dict) -> ModelShape:
                           for name, k, o, n, _ in lin)
         elif match:
             ct_rows += [(prefix + name, k, o, n) for name, k, o, n, _ in lin]
-        kept.update((k, o, n) for name, k, o, n, ok in lin if not ok and not native
+        # a native block-FP8 checkpoint is copied as it ships, but for linears no runtime computes in blocks at all
+        kept.update((k, o, n) for name, k, o, n, ok in lin if (not runs_in_blocks((o, n), k == "routed") if native
+                                                                 else not ok)
                     and (not layout or _is_block((mods.get(prefix + name) or {}).get("format"))))
         other += rest
     mtp, mtp_kept, mtp_params = _mtp_layers(a, native)

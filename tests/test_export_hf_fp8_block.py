@@ -229,3 +229,26 @@ def test_block_fp8_linears_kept_high_precision_are_written_in_the_export_dtype(t
         for k in kept:
             assert r.info(k + ".weight").dtype == code, (k, r.info(k + ".weight").dtype)
             assert torch.equal(r.get(k + ".weight"), src.weight(k + ".weight", getattr(torch, dtype)))
+
+
+def test_a_block_fp8_input_is_copied_but_for_linears_no_runtime_computes_in_blocks(tmp_path):
+    """A DeepSeek-style block-FP8 checkpoint of experts 72 wide was copied as it was: every runtime refuses such
+    block-FP8 experts, and transformers refused their grid at load. They are written dequantized (bf16, listed in
+    modules_to_not_convert), as from a bf16 input. A dense linear the runtimes do compute, copied as shipped with a
+    dimension over 128 that is not whole blocks (q_a_proj of 192 rows, as DeepSeek-V3's 576-row kv_a), is said to
+    be misread by transformers in export.json."""
+    from helpers import make_random_checkpoint, to_block_fp8
+
+    src = make_random_checkpoint("deepseek_v3", tmp_path / "bf16", hidden_size=256, intermediate_size=256,
+                                 moe_intermediate_size=72, q_lora_rank=192)
+    to_block_fp8(src, tmp_path / "fp8")
+    out = tmp_path / "fb"
+    export(tmp_path / "fp8", out, ExportConfig(format="hf-fp8-block"))
+    r, info = CheckpointReader(out), json.loads((out / "export.json").read_text())
+    gate, q_a = "model.layers.1.mlp.experts.0.gate_proj", "model.layers.1.self_attn.q_a_proj"
+    assert r.info(gate + ".weight").dtype == "BF16" and gate + ".weight_scale_inv" not in r
+    assert gate in json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    want = CheckpointReader(tmp_path / "fp8")
+    torch.testing.assert_close(r.get(gate + ".weight").float(), want.weight(gate + ".weight", torch.bfloat16).float())
+    assert torch.equal(r.get(q_a + ".weight").view(torch.uint8), want.get(q_a + ".weight").view(torch.uint8))
+    assert info["misloaded_by"] == {"transformers": "5.25"} and "q_a_proj" in info["misloaded_why"]["transformers"]
