@@ -354,9 +354,9 @@ class StreamedModel:
         """Input embeddings in the compute dtype. A float table is gathered as stored and the rows cast (a cast
         commutes with a gather; a packed table reads as its integer dtype): no float32 copy (Kimi K2: 4.7 GB)."""
         name = self.adapter.embed_name
-        as_stored = self.ckpt.get_dtype(name) in (torch.bfloat16, torch.float16, torch.float32) and not any(
-            name.removesuffix(".weight") + c in self.ckpt for c in COMPANION_SUFFIXES)
-        w = self.uploader.upload({name: self.ckpt.get(name)})[name] if as_stored else self._read(name)
+        stored = self._stored_of(name)  # the table and its companions as the files hold them
+        as_stored = list(stored) == [name] and stored[name].dtype in (torch.bfloat16, torch.float16, torch.float32)
+        w = self.uploader.upload(stored)[name] if as_stored else self._read(name)
         dtype = torch.float32 if self.adapter.keep_fp32(name) else self.dtype
         for b in batches:
             if bad := [v for v in (b.aminmax() if b.numel() else ()) if not 0 <= int(v) < w.shape[0]]:

@@ -155,7 +155,7 @@ def _experts_algo(layers) -> str | None:
 
 def _trtllm_ckpt(artifact: Path, config: dict, gpus: int | None, ep: int | None, kv: str):
     """A trtllm-ckpt's mapping fixes the parallelism, its quantization the KV-cache dtype."""
-    world, ckpt_ep = _mapping(artifact_dir(artifact), config)
+    world, ckpt_ep, pp = _mapping(artifact_dir(artifact), config)
     if gpus is not None and gpus != world:
         raise MoepressError(f"--gpus {gpus}: {artifact} was exported for world_size {world}; "
                             f"use --gpus {world} or re-export with `moepress export --tp {gpus}`")
@@ -164,7 +164,7 @@ def _trtllm_ckpt(artifact: Path, config: dict, gpus: int | None, ep: int | None,
                             f"or re-export with `moepress export --ep {ep}`")
     gpus, ep = world, ckpt_ep
     where = artifact_dir(artifact) / "config.json"
-    if (pp := config["mapping"].get("pp_size", 1)) != 1:
+    if pp != 1:
         raise MoepressError(f"{where}: mapping.pp_size {pp}: moepress plans tp/ep only; re-export with pp_size 1")
     # the KV-cache dtype of a TensorRT engine is fixed by the checkpoint
     # (quantization.kv_cache_quant_algo, docs/source/architecture/checkpoint.md)
@@ -184,13 +184,12 @@ def _trtllm_ckpt(artifact: Path, config: dict, gpus: int | None, ep: int | None,
 SIZES = ("world_size", "tp_size", "pp_size", "cp_size", "moe_tp_size", "moe_ep_size", "moe_cluster_size")
 
 
-def _mapping(d: Path, config: dict) -> tuple[int, int]:
-    """(world_size, moe_ep_size) of a trtllm-ckpt's ``mapping``, checked as TensorRT-LLM's Mapping checks its sizes
+def _mapping(d: Path, config: dict) -> tuple[int, int, int]:
+    """(world_size, moe_ep_size, pp_size) of a trtllm-ckpt's ``mapping``, checked as TensorRT-LLM's Mapping checks it
     (tensorrt_llm/mapping.py: world_size = tp_size x pp_size x cp_size, moe_tp_size x moe_ep_size x moe_cluster_size =
     tp_size; each of :data:`SIZES` a whole number >= 1, absent ones as TensorRT-LLM defaults them; its other keys
     are not read) and against the rank files it implies
-    (docs/source/architecture/checkpoint.md: one rank{N}.safetensors per rank). ``config["mapping"]`` is left
-    holding the checked sizes."""
+    (docs/source/architecture/checkpoint.md: one rank{N}.safetensors per rank)."""
     where, m = d / "config.json", config.get("mapping") or {}
     if not isinstance(m, dict):
         raise MoepressError(f"{where}: mapping {m!r}: expected an object (world_size, tp_size, moe_ep_size, ...)")
@@ -208,8 +207,7 @@ def _mapping(d: Path, config: dict) -> tuple[int, int]:
     if missing:
         raise MoepressError(f"{d}: {missing[0]} is missing: mapping.world_size {world} expects rank0 to "
                             f"rank{world - 1}.safetensors")
-    config["mapping"] = m
-    return world, ep
+    return world, ep, pp
 
 
 def _hf_modelopt(artifact: Path, config: dict, gpus: int | None, ep: int | None, kv: str):

@@ -132,8 +132,10 @@ class DeepseekV3Adapter(Adapter):
 
     def __init__(self, config: dict, names: Iterable[str] | None = None, where: str = "config.json"):
         super().__init__(config, names, where)
-        # the layer numbers the checkpoint stores tensors of; empty: no names given, or a config-only directory
-        self._stored_layers = {int(i) for n in names or () if n.startswith("model.layers.")
+        # the layer numbers the checkpoint stores tensors of, read only where MTP layers are declared (Kimi K2: none);
+        # empty: none declared, no names given, or a config-only directory
+        declared = int(self.config.get("num_nextn_predict_layers", 0) or 0)
+        self._stored_layers = {int(i) for n in (names or ()) if declared and n.startswith("model.layers.")
                                and (i := n.split(".", 3)[2]).isdigit()}
 
     def mtp_layers(self) -> list[int]:

@@ -121,15 +121,14 @@ def _nothing_quantized(sm: StreamedModel, format_of: Callable[[str, str], str | 
         prefix, shapes = a.layer_prefix(i), None
         for rel in linear_names(sm, i, cache):
             fmt = format_of(rel, prefix + rel)
-            skip = None if fmt is None else formats.FORMATS[fmt].skip
-            if fmt is not None and skip is None:
+            if fmt is None:
+                continue
+            if (skip := formats.FORMATS[fmt].skip) is None:
                 return None
-            if fmt is not None:
-                shapes = shapes or sm.expected_layer_shapes(i)
-                reason = skip(*shapes[rel + ".weight"][:2], group_size)
-                if reason is None:
-                    return None
-                why = why or f" (e.g. {prefix + rel}: {reason})"
+            shapes = shapes or sm.expected_layer_shapes(i)
+            if (reason := skip(*shapes[rel + ".weight"][:2], group_size)) is None:
+                return None
+            why = why or f" (e.g. {prefix + rel}: {reason})"
     return why
 
 

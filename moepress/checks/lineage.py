@@ -30,8 +30,7 @@ def upstream(candidate: str | Path) -> Iterator[tuple[Path, dict]]:
             return
         m = m if isinstance(m, dict) else {}
         yield d, m
-        inputs = m.get("inputs") if isinstance(m.get("inputs"), dict) else {}
-        up = inputs.get("model")
+        up = _inputs(m).get("model")
         # stages record their input resolved; a relative one (older manifests) would be read against
         # this process's directory, which may hold another checkpoint of that name
         if not isinstance(up, str) or not Path(up).is_absolute() or up in seen:
@@ -52,8 +51,13 @@ def calibrated_on(candidate: str | Path, data: str) -> list[str]:
     if not digests:
         return []
     return [f"{d} ({m.get('stage')})" for d, m in upstream(candidate)
-            if digests & set((m.get("inputs") if isinstance(m.get("inputs"), dict) else {}).get("calibration_sha256")
-                             or [])]
+            if digests & set(_inputs(m).get("calibration_sha256") or [])]
+
+
+def _inputs(manifest: dict) -> dict:
+    """A manifest's ``inputs`` ({} where it has none, or not an object)."""
+    v = manifest.get("inputs")
+    return v if isinstance(v, dict) else {}
 
 
 def made_from_another(candidate: str | Path, reference: Path) -> Path | None:
