@@ -95,8 +95,7 @@ def read_ahead(reader: CheckpointReader, names: Iterable[str], budget: int = REA
 
 
 class _OnDevice:
-    """A reader whose ``get`` returns the stored tensor on the uploader's device (a quantized
-    layer's activation scales, for its fake-quant hooks)."""
+    """A reader whose ``get`` returns the stored tensor on the uploader's device (activation scales for fake quant)."""
 
     def __init__(self, reader: CheckpointReader, uploader: Uploader):
         self._reader, self._uploader = reader, uploader
@@ -125,6 +124,7 @@ class StreamedModel:
     ``release_layers=True``: a layer :meth:`layers` yielded goes to the meta device when the next is
     asked for, before that one is read (the caller's loop variable still names it then); tensors
     taken out of it (``state_dict()`` given to a writer) stay valid.
+    ``on_build``: (reader, prefix, layer) callbacks as each layer is built (check: a runtime's activation quant).
     ``device``: where layers are built and hidden states live (moepress/device.py resolves it);
     on a GPU each layer's stored bytes are uploaded (:class:`Uploader`) while the previous layer
     computes, decoded there, and logits come back to the host. The CPU path is unchanged.
@@ -148,6 +148,7 @@ class StreamedModel:
         self._shapes: dict[tuple, tuple[dict[str, tuple[int, ...]], set[str]]] = {}  # by adapter.layer_shape_key
         self._rotary = None
         self._pos_cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.on_build: list[Callable[[CheckpointReader, str, DecoderLayer], None]] = []  # (reader, prefix, layer)
         self.check_weights()
 
     def to(self, device: torch.device | str | None) -> StreamedModel:
@@ -240,8 +241,7 @@ class StreamedModel:
         return src.weight(name, dtype) if name.endswith(".weight") else src.get(name).to(dtype)
 
     def read_tensor(self, name: str) -> torch.Tensor:
-        """Stored tensor ``name`` in the compute dtype (float32 for the routers the family keeps so), decoded, on
-        the stream's device."""
+        """Stored tensor ``name`` in the compute dtype (routers the family keeps float32), decoded, on its device."""
         return self._read(name)
 
     def _stored_of(self, name: str, view: LayerView | None = None) -> dict[str, torch.Tensor]:
@@ -301,8 +301,8 @@ class StreamedModel:
                 if f"{prefix}{n}.weight" in kept:
                     m.keep(self.ckpt, f"{prefix}{n}.weight", kept[f"{prefix}{n}.weight"])
         # a quantized checkpoint's layer runs its activation fake-quant: the stream is its forward
-        fake_quant.prepare_layer(self.ckpt if self.uploader.on_cpu else self._on_device,
-                                 self.adapter.layer_prefix(i), layer)
+        for attach in (fake_quant.prepare_layer, *self.on_build):
+            attach(self.ckpt if self.uploader.on_cpu else self._on_device, prefix, layer)
         return layer.eval()
 
     def load_layer(self, i: int) -> DecoderLayer:

@@ -188,6 +188,28 @@ def test_pruned_and_block_fp8_checkpoints(cli_run, ref, tmp_path):
     assert all(0 < p["rel_error"] < 0.2 for p in res["layers"]) and 0 < res["metrics"]["kl_mean"] < 0.05
 
 
+def test_a_native_block_fp8_checkpoint_is_checked_with_its_runtimes_activation_quant(ref, tmp_path):
+    """A DeepSeek-layout block-FP8 checkpoint (no moepress_quant.json) was streamed weight-only, while vLLM, SGLang
+    and TensorRT-LLM quantize its linears' inputs per token in 1x128 groups, and its hf-fp8-block export, the same
+    bytes with moepress_quant.json, was checked with that activation quant: the check read KL 0.0019 between
+    identical weights and understated the native checkpoint's own error. Every linear of this model runs in whole
+    blocks, so the export copies all of them: the two must read as identical, and alike against the original."""
+    from helpers import to_block_fp8
+    from moepress.exporters import ExportConfig, export
+
+    native, exported = tmp_path / "native", tmp_path / "hf-fp8-block"
+    to_block_fp8(ref, native)
+    export(native, exported, ExportConfig(format="hf-fp8-block"))
+    assert json.loads((exported / "export.json").read_text()).get("kept_high_precision", []) == []
+    cfg = CheckConfig(seq_len=64, max_samples=8)
+    same = run_check(exported, native, cfg)
+    assert same["metrics"]["kl_mean"] == 0 and all(p["rel_error"] == 0 for p in same["layers"]), same["metrics"]
+    assert any(n.startswith("the reference: DeepSeek-layout block FP8, run with") for n in same["notes"])
+    a, b = run_check(native, ref, cfg), run_check(exported, ref, cfg)
+    assert a["metrics"]["kl_mean"] == b["metrics"]["kl_mean"] > 0
+    assert [p["rel_error"] for p in a["layers"]] == [p["rel_error"] for p in b["layers"]]
+
+
 def test_bad_input_is_one_line_exit_2(cli_run, ref, tmp_path):
     def err(*args):
         r = cli_run("check", *args)

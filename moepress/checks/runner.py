@@ -26,7 +26,7 @@ from moepress.calib.metrics import LayerStats, LogitStats, error_jump
 from moepress.calib.sources import TEXT_SUFFIXES
 from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.candidates.base import config_json
-from moepress.checks.candidates.checkpoint import unstreamed_activations
+from moepress.checks.candidates.checkpoint import native_block_fp8, runtime_activations, unstreamed_activations
 from moepress.checks.candidates.onnx_runtime import graph_family
 from moepress.checks.config import CheckConfig, check_passed, evaluate_gates, refuse_unmeasurable
 from moepress.checks.lineage import calibrated_on, made_from_another
@@ -341,7 +341,7 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
                             "quantize` output it was exported from")
     # weights kept as stored (bf16, FP8, packed INT4), decoded at each call: the same forward at a half to an
     # eighth of a float32 layer (a Kimi K2 MoE layer: ~17 GB stored in FP8, ~68 GB in float32)
-    ref = StreamedModel(str(ref_dir), device=device, keep_stored=True)
+    ref = runtime_activations(StreamedModel(str(ref_dir), device=device, keep_stored=True))
     _refuse_other_family(Path(candidate), reference, ref.adapter.family)
     cand = open_candidate(candidate, cfg, device)
     try:
@@ -350,6 +350,11 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
                                 f"{reference} has {ref.adapter.vocab_size}")
         batches, data = eval_data(ref_dir, cfg)
         notes = _data_notes(Path(candidate), ref_dir, data, batches, cfg.trust_remote_code) + cand.notes
+        native = [who for who, sm in (("the reference", ref), ("the candidate", getattr(cand, "stream", None)))
+                  if sm is not None and native_block_fp8(sm)]
+        if native:
+            notes.append(f"{' and '.join(native)}: DeepSeek-layout block FP8, run with its runtimes' FP8 activations "
+                         "(per token in 1x128 groups)")
         comparable = cand.has_hidden and cand.num_layers == ref.num_layers
         if cand.has_hidden and not comparable:
             notes.append(f"per-layer comparison off: the candidate has {cand.num_layers} layers, "

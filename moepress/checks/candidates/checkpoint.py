@@ -14,9 +14,11 @@ import torch
 
 from moepress.checks.candidates.base import Candidate, CandidateKind, config_json
 from moepress.checks.config import CheckConfig
-from moepress.compress.formats import SIDECAR, by_quant_algo
+from moepress.compress.formats import SIDECAR, by_quant_algo, layout_of
+from moepress.compress.formats.fake_quant import act_hook
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
+from moepress.exporters.kernel_widths import BLOCK, runs_in_blocks
 
 
 class CheckpointCandidate(Candidate):
@@ -33,7 +35,7 @@ class CheckpointCandidate(Candidate):
             raise MoepressError(f"{path}: {un.why}, which the checkpoint kind does not apply (it streams the weights "
                                 f"only); {other}")
         # weights kept as stored, as the reference's (checks/runner.py)
-        self.stream = StreamedModel(str(path), prefetch=False, keep_stored=True)
+        self.stream = runtime_activations(StreamedModel(str(path), prefetch=False, keep_stored=True))
         self.vocab_size = self.stream.adapter.vocab_size
         self.num_layers = self.stream.num_layers
 
@@ -45,6 +47,37 @@ class CheckpointCandidate(Candidate):
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.stream.forward([ids])[0]
+
+
+def native_block_fp8(sm: StreamedModel) -> bool:
+    """A checkpoint in DeepSeek's block-FP8 layout (DeepSeek-V3, Kimi K2 and what prune keeps of them): config
+    ``quantization_config`` quant_method fp8 with 128x128 ``weight_block_size`` and dynamic activations, and no
+    moepress_quant.json (a moepress output declares its own activations there)."""
+    q = sm.config.get("quantization_config")
+    return (isinstance(q, dict) and q.get("quant_method") == "fp8" and list(q.get("weight_block_size") or ()) == BLOCK
+            and q.get("activation_scheme", "dynamic") == "dynamic" and not layout_of(sm.ckpt))
+
+
+def runtime_activations(sm: StreamedModel) -> StreamedModel:
+    """``sm`` computing a native block-FP8 checkpoint's linears as its runtimes do: inputs quantized to FP8 per
+    token in 1x128 groups (vLLM fp8_utils.py ``per_token_group_quant_fp8``, SGLang alike) on the linears they compute
+    in blocks (kernel_widths.runs_in_blocks), the same fake quant and linears as its hf-fp8-block export (the same
+    bytes) is checked with through its moepress_quant.json. The stream alone runs such a checkpoint weight-only
+    (prune and quantize gather their statistics so); a check of it, or against it, would understate its error and
+    read a difference between identical bytes. Returns ``sm``."""
+    if not native_block_fp8(sm):
+        return sm
+    hook = act_hook("fp8-block", None, None)
+
+    def attach(reader, prefix: str, layer) -> None:
+        for n, m in layer.named_modules():
+            full = prefix + n
+            if full + ".weight_scale_inv" in reader and runs_in_blocks(
+                    tuple(reader.info(full + ".weight").shape), sm.adapter.expert_index(full) is not None):
+                m.register_forward_pre_hook(hook)
+
+    sm.on_build.append(attach)
+    return sm
 
 
 def streamable(path: Path) -> bool:
