@@ -189,11 +189,20 @@ def peer_errors(env: DistEnv):
     try:
         yield
     except RuntimeError as e:
-        if not _peer_gone(e):
+        lost = peer_lost(e, env.rank, env.world_size)
+        if lost is None:
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PeerLost(f"distributed run (rank {env.rank} of {env.world_size}) stopped: {first[:300]} "
-                       "(another rank exited or lost its connection)") from None
+        raise lost from None
+
+
+def peer_lost(e: RuntimeError, rank: int, world_size: int) -> PeerLost | None:
+    """:class:`PeerLost` for a collective's error whose peer is gone (None: another error). The CLI asks it too, for
+    a collective outside a stage's :func:`peer_errors` (agreeing on the options, the calibration set, statistics)."""
+    if not _peer_gone(e):
+        return None
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return PeerLost(f"distributed run (rank {rank} of {world_size}) stopped: {first[:300]} "
+                    "(another rank exited or lost its connection)")
 
 
 def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:

@@ -206,9 +206,9 @@ def test_only_a_lost_peer_becomes_peer_lost():
         assert got.value is own
 
 
-def _ranks(args_of, env, timeout=120, env_of=lambda r: {}):
+def _ranks(args_of, env, timeout=120, env_of=lambda r: {}, stdout=False):
     """Two ranks started by hand (RANK, WORLD_SIZE, MASTER_*), rank r running ``moepress *args_of(r)`` with
-    ``env_of(r)`` added to ``env``: their (exit code, stderr) pairs."""
+    ``env_of(r)`` added to ``env``: their (exit code, stderr) pairs (with ``stdout``: (exit code, stderr, stdout))."""
     import socket
 
     for _ in range(3):  # a free port can be taken by the other test worker's torchrun before rank 0 binds it
@@ -226,7 +226,7 @@ def _ranks(args_of, env, timeout=120, env_of=lambda r: {}):
             for p in ranks:
                 p.kill()
         if not any("address already in use" in err.lower() for _, err in out):
-            return [(p.returncode, err) for p, (_, err) in zip(ranks, out, strict=True)]
+            return [(p.returncode, err, *([o] if stdout else [])) for p, (o, err) in zip(ranks, out, strict=True)]
     raise AssertionError("no free port")
 
 
@@ -254,6 +254,35 @@ def test_ranks_started_with_different_options_refuse_in_one_line(tmp_path, cmd, 
         assert "torchrun ranks were started with different options" in lines[0], lines[0]
         assert all(n in lines[0] for n in needles), lines[0]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.partial*"))
+
+
+def test_a_rank_lost_outside_a_stage_layer_loop_is_one_line(tmp_path):
+    """calib stats reduces its statistics after its layer loop, outside any peer_errors: a rank killed during the
+    loop gave the other a traceback through all_gather_object and exit 1, not the one line and exit 2."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEPRESS_CACHE": str(tmp_path / "cache")}
+    args = ["calib", "stats", "tiny-qwen3-moe", "--num-samples", "4", "--seq-len", "32", "-o", str(tmp_path / "s"),
+            "--quiet"]
+    (code0, err0), (code1, _) = _ranks(lambda r: args, env, env_of=lambda r: {"MOEPRESS_KILL_AT": "calib stats:1"}
+                                       if r else {})
+    lines = err0.strip().splitlines()
+    assert code1 == -9 and code0 == 2, err0[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("moepress: error: distributed run (rank 0 of 2) stopped: ") \
+        and "another rank exited" in lines[0], err0[-2000:]
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_refusal_under_torchrun_with_json_is_one_document(tmp_path):
+    """Every rank refusing the same bad input under --json printed its own result: two JSON documents on torchrun's
+    stdout, which json.loads refuses ("Extra data"). Rank 0 prints the result, as it does a success's."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    missing = str(tmp_path / "nonexistent")
+    res = _ranks(lambda r: ["quantize", missing, "--format", "fp8", "-o", str(tmp_path / "q"), "--json"], env,
+                 stdout=True)
+    assert [code for code, _, _ in res] == [2, 2], res
+    assert all(len(err.strip().splitlines()) == 1 and missing in err for _, err, _ in res), res
+    assert json.loads(res[0][2])["exit"] == 2 and res[1][2] == "", res
 
 
 LOST = "distributed run (rank 0 of 2) stopped: Connection closed by peer (another rank exited)"

@@ -50,6 +50,14 @@ class MoepressGroup(click.Group):
                 _refuse(ctx, ' '.join(str(e).split()))
             finally:
                 _leave_group()
+        except RuntimeError as e:  # under torchrun, a collective outside a stage's peer_errors, its peer gone
+            lost = _peer_lost(e)
+            if lost is None:
+                raise
+            try:
+                _refuse(ctx, str(lost))
+            finally:
+                _leave_group()
         except click.exceptions.NoArgsIsHelpError:
             raise  # a bare command group (`moepress calib`): its help, as click prints it
         except click.UsageError as e:  # a subcommand's option or argument: one line too (bad input)
@@ -82,12 +90,21 @@ def _leave_group() -> None:
         abandon(MoepressError.exit_code)
 
 
+def _peer_lost(e: RuntimeError):
+    """calib/distributed.py's PeerLost for ``e`` under torchrun when a peer is gone, else None."""
+    if _world_size() <= 1 or "torch.distributed" not in sys.modules:
+        return None
+    from moepress.calib.distributed import peer_lost
+
+    return peer_lost(e, _rank(), _world_size())
+
+
 def _refuse(ctx, line: str, code: int = MoepressError.exit_code) -> None:
     """Bad input (or an interrupt, with its own code): one line on stderr, exit 2; under --json also the
     result on stdout, {"error": line, "exit": 2}, so that a CI job reading the result finds one JSON document
-    whatever happened."""
+    whatever happened (under torchrun from rank 0 only, as a result is: every rank refusing alike gave one each)."""
     click.echo(f"moepress: {'error: ' if code == MoepressError.exit_code else ''}{line}", err=True)
-    if ctx.meta.get(JSON_META):
+    if ctx.meta.get(JSON_META) and _rank() == 0:
         click.echo(json.dumps({"error": line, "exit": code}))
     ctx.exit(code)
 
@@ -105,6 +122,13 @@ def _world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         return 1  # the stage's own torchrun check says what is wrong with it
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0")) if _world_size() > 1 else 0
+    except ValueError:
+        return 0
 
 
 def os_error_line(e: OSError, output=None) -> str:
