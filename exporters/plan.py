@@ -5,8 +5,7 @@ config-only directory is enough and a pruned checkpoint's smaller expert count i
 
 - every ``nn.Linear`` of a decoder layer is stored in FORMAT, as ``moepress quantize`` writes it: the bytes of one
   [out, in] weight and its scales are the format's ``stored_bytes`` (one module per format in compress/formats/, which
-  says what each stores; e.g. NVFP4: 0.5 B + an E4M3 scale per 16 values + F32 global scales, modelopt's NVFP4
-  layout).
+  says what each stores; e.g. NVFP4: 0.5 B + an E4M3 scale per 16 values + F32 global scales, modelopt's layout).
 - embeddings, lm_head, norms, routers (and the correction bias) stay bf16.
 - split: attention, dense MLPs and shared experts by TP, k_proj / v_proj by whole KV heads (replicated when TP
   exceeds them: ModelShape.kv_bytes_per_rank); routed experts by EP (E/EP experts per rank, then by moe_tp = TP/EP:
@@ -222,7 +221,8 @@ class _Planner:
     def fixed(self, gpus: int) -> Plan:
         why = self.unsplittable(gpus)
         if why is not None:
-            fits = [n for n in gpu_counts(self.t) if self.unsplittable(n) is None and self.make(n).fits]
+            fits = [n for n in gpu_counts(self.t) if n % (self.ep or 1) == 0 and self.unsplittable(n) is None
+                    and self.make(n).fits]  # counts the --ep given splits
             raise MoepressError(f"--gpus {gpus}: {why}; expected a GPU count that splits both"
                                 + (f" (e.g. {', '.join(map(str, fits[:4]))})" if fits else ""))
         t, p = self.t, self.make(gpus)

@@ -261,6 +261,13 @@ def test_splits_the_heads_or_experts_cannot_take_are_refused_and_skipped(cli_run
         c = {**cfg, "intermediate_size": 254} if ep == 1 else cfg
         with pytest.raises(MoepressError, match=rf"^--gpus {gpus}: {re.escape(msg)}; expected a GPU count"):
             plan(c, "h100", "bf16", gpus=gpus, ep=ep)
+    # an --ep larger than some GPU count the hint considered: ZeroDivisionError (moe_tp 0), exit 1 and a traceback;
+    # the GPU counts it names are those the --ep given splits
+    c = json.loads(open(KIMI).read())
+    with pytest.raises(MoepressError, match=r"^--gpus 6: tp 6 does not divide the 64 attention heads; .*\(e\.g\. 16, "):
+        plan(c, "h200", "fp8", gpus=6, ep=2)
+    with pytest.raises(MoepressError, match=r"^--gpus 6: .*splits both$"):
+        plan(c, "h200", "fp8", gpus=6, ep=3)
     r = cli_run("plan", "tiny-mixtral", "--target", "h100", "--max-seq-len", "100000")
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
     assert "--max-seq-len 100000: " in r.output
