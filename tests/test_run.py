@@ -600,12 +600,14 @@ def test_another_moepress_version_remakes_the_run(cli_run, tmp_path, monkeypatch
 
 
 def test_a_refused_build_is_recorded_once_and_skipped_on_rerun(cli_run, tmp_path):
-    """A target that cannot run the export: the build is refused (refused.txt, no manifest) and recorded; a rerun
-    skips it like any unchanged stage (the completeness test reads refused.txt, not a manifest)."""
-    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "nvfp4"},
-                       export={"formats": ["hf-modelopt"]}, build={"targets": ["h100-sxm"]})
+    """A build its plan refuses (8 GPUs for 4 attention heads): refused (refused.txt, no manifest) and recorded; a
+    rerun skips it like any unchanged stage (the completeness test reads refused.txt, not a manifest). (A target
+    that cannot run the quantize format is refused before any stage: test_run_preflight.py.)"""
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "fp8"},
+                       export={"formats": ["hf-modelopt"]}, build={"targets": ["h100-sxm"], "gpus": 8})
     out = tmp_path / "run"
     assert cli_run("run", rec, "-o", out).exit_code == 0
-    assert "NVFP4 needs sm100" in (out / "build" / "h100-sxm-trtllm-pytorch" / "refused.txt").read_text()
+    assert "does not divide the 4 attention heads" in (out / "build" / "h100-sxm-trtllm-pytorch" / "refused.txt"
+                                                        ).read_text()
     assert cli_run("run", rec, "-o", out).exit_code == 0
     assert statuses(out)["build:h100-sxm:trtllm-pytorch"] == "skipped"

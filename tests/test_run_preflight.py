@@ -29,6 +29,12 @@ FP8 = {"format": "fp8"}
     ({"prune": {"ratio": 0.25}, "quantize": {"format": "fp8", "rules": {"block_sparse_moe.*": "fp8",
                                                                           "block_sparse_moe.experts.*": "none"}}},
      "quantize.rules block_sparse_moe.experts.*=none: every linear it matches is decided by the earlier"),
+    # a build target that cannot run the quantize format was refused by the build, after every other stage, and the
+    # run exited 0; a build section no export has a builder for built nothing without a word
+    ({"quantize": FP8, "export": {"formats": ["hf-modelopt"]}, "build": {"targets": ["a100-80gb"]}},
+     "build.targets a100-80gb: quantize.format fp8: FP8 needs sm89+; A100 80GB SXM is sm80: "),
+    ({"quantize": FP8, "export": {"formats": ["compressed-tensors"]}, "build": {"targets": ["h100"]}},
+     "build.targets: no export of export.formats (compressed-tensors) has a builder; expected one of "),
 ])
 def test_a_value_a_stage_refuses_is_refused_before_any_stage_by_its_recipe_key(cli_run, tmp_path, sections, needle):
     rec = write_recipe(tmp_path / "r.yaml", **{"prune": None, **sections})
@@ -36,6 +42,49 @@ def test_a_value_a_stage_refuses_is_refused_before_any_stage_by_its_recipe_key(c
     one_line_error(r, f"r.yaml: {needle}")
     assert "--" not in r.output.split(": ", 2)[2].split(":")[0]  # the key, not a CLI flag, comes first
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model,export,target", [("tiny-qwen3-moe", "hf-modelopt", "a100-80gb"),
+                                                 ("tiny-deepseek-v3", "hf-fp8-block", "l40s"),
+                                                 ("tiny-mixtral", "trtllm-ckpt", "b200")])
+def test_the_format_a_build_target_refusal_names_passes_the_preflight(model, export, target):
+    """The format named instead of one the target cannot run is one the recipe's exports and that target's build
+    take: the same recipe with it passes (A100 and hf-modelopt: not int4-awq, whose Qwen3-MoE experts hf-modelopt
+    refuses)."""
+    import re
+
+    from moepress import models
+    from moepress.exporters.targets import TARGETS
+    from moepress.pipeline.preflight import refuse_unavailable_exports, refuse_unbuildable
+    from moepress.pipeline.recipe import normalise
+
+    def recipe(fmt):  # None: no quantize section
+        return normalise({"model": model, **({"quantize": {"format": fmt}} if fmt else {}),
+                          "export": {"formats": [export]}, "build": {"targets": [target]}})
+
+    refused = [f for f in ("fp8", "fp8-block", "int4-awq", "nvfp4")
+               if _refusal(lambda f=f: refuse_unbuildable(recipe(f), models.path(model)))]
+    assert refused, "no format refused on this target"
+    for f in refused:
+        line = _refusal(lambda f=f: refuse_unbuildable(recipe(f), models.path(model)))
+        if "no other format builds there" in line:  # named a target instead: one that runs the format
+            runs = re.search(r"a target that runs it \(([^)]*)\)", line).group(1).split(", ")
+            assert all(TARGETS[n].supports(f) for n in runs), line
+            continue
+        alt = re.search(r": use (no quantize section|[\w-]+)", line).group(1)
+        alt = None if alt == "no quantize section" else alt
+        assert _refusal(lambda alt=alt: refuse_unbuildable(recipe(alt), models.path(model))) is None, (line, alt)
+        assert _refusal(lambda alt=alt: refuse_unavailable_exports(recipe(alt), models.path(model))) is None, alt
+
+
+def _refusal(fn) -> str | None:
+    from moepress.errors import MoepressError
+
+    try:
+        fn()
+    except MoepressError as e:
+        return str(e)
+    return None
 
 
 def test_an_output_path_through_a_file_is_refused_naming_it(cli_run, tmp_path):

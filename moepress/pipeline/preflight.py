@@ -46,6 +46,61 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
         with recipe_keys(src, "check"):
             eval_data(model, CheckConfig.from_dict(recipe["check"], where=key_where(src, "check")))
     refuse_unavailable_exports(recipe, model, src)
+    refuse_unbuildable(recipe, model, src)
+
+
+def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
+    """A build section no export of the recipe builds for: no export in export.formats that a builder takes (the run
+    built nothing, without a word), or a target that cannot run quantize.format (targets.check_format: the build
+    refused it after prune, quantize, export and check had run, and the run exited 0). The format the refusal names
+    instead is one this preflight and a build of some export of the recipe take on that target."""
+    from moepress.exporters.builders import BUILDERS
+    from moepress.exporters.targets import TARGETS, UNQUANTIZED, check_format, get_target, suggest_format
+
+    if recipe.get("build") is None:
+        return
+    exports = (recipe.get("export") or {}).get("formats") or []
+    built = {x: b for b in BUILDERS.values() for x in b.kinds if x in exports}
+    if not built:
+        given, takes = ", ".join(exports) or "none", ", ".join(sorted(x for b in BUILDERS.values() for x in b.kinds))
+        raise MoepressError(f"{key_where(src, 'build', 'targets')}: no export of export.formats ({given}) has a "
+                            f"builder; expected one of {takes} in export.formats, or no build section")
+    fmt = (recipe.get("quantize") or {}).get("format")
+    for name in recipe["build"]["targets"] if fmt else ():
+        t = get_target(name)
+        try:
+            check_format(t, fmt)
+        except MoepressError as e:
+            why = str(e).removeprefix(f"--format {fmt}: ").partition(": use ")[0]
+            alt = suggest_format(t, fmt, loads=lambda a, t=t: _builds_as(recipe, model, t, a, built))
+            if alt != UNQUANTIZED:
+                step = f"use {alt}"
+            elif _builds_as(recipe, model, t, alt, built):
+                step = f"use no quantize section ({alt})"
+            else:
+                runs = [n for n, x in TARGETS.items() if x.supports(fmt)]
+                step = (f"no other format builds there from export.formats {', '.join(built)}; expected a target "
+                        f"that runs it ({', '.join(runs[:4])}) or another export")
+            raise MoepressError(f"{key_where(src, 'build', 'targets')} {name}: quantize.format {fmt}: {why}: {step}"
+                                ) from None
+
+
+def _builds_as(recipe: dict, model: Path, t, fmt: str, built: dict) -> bool:
+    """Whether quantize.format ``fmt`` passes this preflight's export checks and a build's format check on ``t`` for
+    some export of the recipe that a builder takes."""
+    from moepress.exporters.runtime_formats import check_runtime_format
+    from moepress.exporters.shape import model_shape
+    from moepress.exporters.targets import UNQUANTIZED
+
+    r = {**recipe, "quantize": None if fmt == UNQUANTIZED else {**recipe["quantize"], "format": fmt, "rules": {}}}
+    for x, b in built.items():
+        try:
+            refuse_unavailable_exports({**r, "export": {**r["export"], "formats": [x]}}, model)
+            check_runtime_format(t, fmt, model_shape(model), b.runtime, x)
+        except MoepressError:
+            continue
+        return True
+    return False
 
 
 def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -> None:
