@@ -14,11 +14,11 @@ import torch
 
 from moepress.checks.candidates.base import Candidate, CandidateKind, config_json
 from moepress.checks.config import CheckConfig
-from moepress.compress.formats import SIDECAR, by_quant_algo, layout_of
+from moepress.compress.formats import SIDECAR, by_quant_algo, fp8_block, layout_of
 from moepress.compress.formats.fake_quant import act_hook
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
-from moepress.exporters.kernel_widths import BLOCK, runs_in_blocks
+from moepress.exporters.kernel_widths import runs_in_blocks
 
 
 class CheckpointCandidate(Candidate):
@@ -53,9 +53,7 @@ def native_block_fp8(sm: StreamedModel) -> bool:
     """A checkpoint in DeepSeek's block-FP8 layout (DeepSeek-V3, Kimi K2 and what prune keeps of them): config
     ``quantization_config`` quant_method fp8 with 128x128 ``weight_block_size`` and dynamic activations, and no
     moepress_quant.json (a moepress output declares its own activations there)."""
-    q = sm.config.get("quantization_config")
-    return (isinstance(q, dict) and q.get("quant_method") == "fp8" and list(q.get("weight_block_size") or ()) == BLOCK
-            and q.get("activation_scheme", "dynamic") == "dynamic" and not layout_of(sm.ckpt))
+    return fp8_block.dynamic_native(sm.config) and not layout_of(sm.ckpt)
 
 
 def runtime_activations(sm: StreamedModel) -> StreamedModel:
