@@ -347,8 +347,14 @@ def check_kv(meta, fam):
 
 
 def main(argv):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("exports", nargs="+", metavar="EXPORT_DIR", help="hf-modelopt or hf-fp8-block export directories")
     bad = 0
-    for a in argv:
+    for a in ap.parse_args(argv).exports:
+        if not (Path(a) / "config.json").is_file():
+            ap.error(f"{a}: not a checkpoint directory (no config.json)")
         res = check(Path(a))
         bad += sum(1 for lvl, _ in res if lvl in ("FAIL", "WRONG"))
         print(f"{a}: {'ok' if not res else ''}")
