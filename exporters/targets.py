@@ -178,13 +178,14 @@ def check_format(target: Target, fmt: str, loads: Callable[[str], bool] | None =
     if target.supports(fmt):
         return
     where = [sm for sm, fs in _SM_FORMATS.items() if fmt in fs]
-    need = f"sm{min(where)}+" if where == [sm for sm in _SM_FORMATS if sm >= min(where)] else \
-        "/".join(f"sm{s}" for s in where)
+    # a format newer GPUs lack is TensorRT-LLM's matrix, not the hardware (vLLM runs W4A16 on Blackwell too)
+    need = f"needs sm{min(where)}+" if where == [sm for sm in _SM_FORMATS if sm >= min(where)] else \
+        f"runs in TensorRT-LLM on {'/'.join(f'sm{s}' for s in where)} only (its hardware support matrix)"
     alt = suggest_format(target, fmt, loads=loads)
     if alt not in PRODUCED:  # a format moepress plans but does not write: name one it writes too
         made = suggest_format(target, fmt, produced_only=True, loads=loads)
         alt = f"{alt} (Model-Optimizer writes it; moepress does not yet) or {made}"
-    raise MoepressError(f"--format {fmt}: {fmt.upper()} needs {need}; {target.gpu} is sm{target.sm}: "
+    raise MoepressError(f"--format {fmt}: {fmt.upper()} {need}; {target.gpu} is sm{target.sm}: "
                         f"use {alt} (it runs {', '.join(target.formats)})")
 
 

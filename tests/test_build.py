@@ -220,8 +220,9 @@ def test_trtllm_pytorch_bundle_kimi(cli_run, tmp_path):
         {"prompt": "The capital of France is", "text": " Paris."}
     # the same export on L40S: block FP8 needs Hopper
     r = cli_run("build", art, "--target", "l40s", "-o", tmp_path / "b2", "--dry-run")
-    assert r.exit_code == 2 and f"{art}: the hf-fp8-block export is fp8-block: FP8-BLOCK needs sm90/sm100; L40S is " \
-        "sm89: re-quantize the original model with --format fp8 --rule 'self_attn.kv_b_proj=none' --rule " \
+    assert r.exit_code == 2 and f"{art}: the hf-fp8-block export is fp8-block: FP8-BLOCK runs in TensorRT-LLM on " \
+        "sm90/sm100 only (its hardware support matrix); L40S is sm89: re-quantize the original model with --format " \
+        "fp8 --rule 'self_attn.kv_b_proj=none' --rule " \
         "'self_attn.q_a_proj=none' --rule 'self_attn.kv_a_proj_with_mqa=none', then export hf-modelopt" in r.output, \
         r.output  # the MLA projections TensorRT-LLM misreads kept bf16 (build refuses them: modelopt_misloads)
     # on A100 no format of either export runs DeepSeek experts: the refusal names both exports, then bf16 ones

@@ -195,9 +195,11 @@ def test_refusals(kimi):
         plan(kimi, "a100", "fp8")
     with pytest.raises(MoepressError, match=r"FP8 needs sm89\+; A100 80GB SXM is sm80: use int4-awq"):
         plan(kimi, "a100", "fp8", runtime="onnx")
-    with pytest.raises(MoepressError, match=r"FP8-BLOCK needs sm90/sm100; L40S is sm89: use fp8"):
+    with pytest.raises(MoepressError, match=r"FP8-BLOCK runs in TensorRT-LLM on sm90/sm100 only \(its hardware "
+                       r"support matrix\); L40S is sm89: use fp8"):
         plan(kimi, "l40s", "fp8-block")
-    with pytest.raises(MoepressError, match=r"INT4-AWQ needs .*RTX PRO 6000 Blackwell is sm120: use nvfp4"):
+    with pytest.raises(MoepressError, match=r"INT4-AWQ runs in TensorRT-LLM on .*RTX PRO 6000 Blackwell is sm120: "
+                       r"use nvfp4"):
         plan(kimi, "rtx-pro-6000", "int4-awq")
     with pytest.raises(MoepressError, match=r"--ep 5: the model has 384 routed experts, not divisible by 5; use --ep 4"
                        ):
@@ -305,7 +307,8 @@ def test_linears_a_rule_stores_otherwise_are_planned_as_stored(cli_run, tmp_path
     # B200 runs fp8, not int4-awq: the rule's format is held to the target too (it planned "fits yes" on the
     # fp8 headline, where `moepress build` then refused the export)
     if rule.endswith("int4-awq"):
-        with pytest.raises(MoepressError, match="its routed linears are stored int4-awq .a --rule.: INT4-AWQ needs"):
+        with pytest.raises(MoepressError, match="its routed linears are stored int4-awq .a --rule.: INT4-AWQ runs in "
+                           "TensorRT-LLM on sm80"):
             plan(str(q), "b200")
     else:
         assert plan(str(q), "b200").fits
