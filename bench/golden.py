@@ -6,9 +6,9 @@ bundled model.
     python bench/golden.py --write bench/golden-hashes.json   # record (before a refactor)
     python bench/golden.py --check bench/golden-hashes.json   # recompute and compare (after)
 
-Outputs go to a fixed directory (--work, default /tmp/moepress-golden) so that paths recorded in
-the outputs are the same in both runs; the bundled models are copied there first (WORK/_models), so a
-record made in one checkout checks in another (a clone of the commit before a change).
+Outputs go to one directory (--work, default /tmp/moepress-golden), written as WORK in the JSON files before
+hashing, so that a record made with one --work checks with another; the bundled models are copied there first
+(WORK/_models), so a record made in one checkout checks in another (a clone of the commit before a change).
 Keys whose values are wall-clock measurements or version
 strings (see VOLATILE) are removed from JSON files before hashing, and moepress-manifest.json's
 digests of such files are dropped with them; every other byte counts. An export an exporter
@@ -37,16 +37,21 @@ MODELS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-deepseek-v3"]
 CALIB = ["--num-samples", "8", "--seq-len", "64"]
 
 
-def _strip(obj):
+def _strip(obj, work: str = "\0"):
+    """``obj`` without VOLATILE keys, the work directory written WORK in its strings, and without the digests of
+    JSON files it lists (an export's ``source_sha256``: those files record paths; each is compared in its own case)."""
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
+        return {k: _strip(v, work) for k, v in obj.items()
+                if k not in VOLATILE and not (k.endswith(".json") and isinstance(v, str) and len(v) == 64)}
     if isinstance(obj, list):
-        return [_strip(v) for v in obj]
+        return [_strip(v, work) for v in obj]
+    if isinstance(obj, str):
+        return obj.replace(work, "WORK")
     return obj
 
 
-def digest_dir(d: Path) -> dict[str, str]:
-    """sha256 per file under ``d`` (relative path -> hex); JSON files without VOLATILE keys."""
+def digest_dir(d: Path, work: Path) -> dict[str, str]:
+    """sha256 per file under ``d`` (relative path -> hex); JSON files without VOLATILE keys, ``work`` as WORK."""
     out, normalised = {}, set()
     for p in sorted(d.rglob("*")):
         if not p.is_file():
@@ -55,14 +60,14 @@ def digest_dir(d: Path) -> dict[str, str]:
         data = p.read_bytes()
         if p.suffix == ".json":
             obj = json.loads(data)
-            stripped = _strip(obj)
+            stripped = _strip(obj, str(work))
             if stripped != obj:
                 normalised.add(rel)
             data = json.dumps(stripped, sort_keys=True).encode()
         out[rel] = hashlib.sha256(data).hexdigest()
     man = d / "moepress-manifest.json"
     if man.is_file():  # the manifest's own digests of normalised files vary with them
-        obj = _strip(json.loads(man.read_text()))
+        obj = _strip(json.loads(man.read_text()), str(work))
         for rel in normalised:
             obj.get("files", {}).pop(rel, None)
         out["moepress-manifest.json"] = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
@@ -128,6 +133,7 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated substrings: run (and compare) just the cases "
                     "whose name holds one, e.g. /prune/ or /quantize/,/export/ (exports need their quantize)")
     a = ap.parse_args()
+    a.work = a.work.resolve()  # the form the outputs record
     import torch
 
     torch.set_num_threads(1)
@@ -139,7 +145,7 @@ def main() -> int:
         if only and not any(o in name for o in only):
             continue
         code, out = thunk()
-        record[name] = {"exit": code, "files": digest_dir(out) if code == 0 and out.is_dir() else {}}
+        record[name] = {"exit": code, "files": digest_dir(out, a.work) if code == 0 and out.is_dir() else {}}
         print(f"{time.time() - t0:7.1f}s {name}: exit {code}, {len(record[name]['files'])} files", flush=True)
     if a.write:
         a.write.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
