@@ -146,8 +146,9 @@ def refuse_written_formats(recipe: dict, exports: list[str], reg: dict) -> None:
         writes = getattr(reg.get(name), "writes_format", None)
         if writes is not None and not writes(f):
             ok = [n for n, g in formats.produced().items() if writes(g)]
+            plain = "" if getattr(reg[name], "quantized_only", ()) else ", or no quantize section (the model as it is)"
             raise MoepressError(f"recipe export.formats {name}: quantize.format {f.name} is not a format it writes; "
-                                f"expected {' or '.join(ok) if len(ok) < 3 else 'one of ' + ', '.join(ok)}")
+                                f"expected {' or '.join(ok) if len(ok) < 3 else 'one of ' + ', '.join(ok)}{plain}")
 
 
 def refuse_ct_forms(recipe: dict, exports: list[str], model: Path | None = None) -> None:
