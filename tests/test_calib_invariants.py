@@ -139,16 +139,14 @@ def test_mixed_sources_are_interleaved_by_the_seed(tmp_path):
     assert len({tuple(p) for p in pats}) > 1
 
 
-def test_each_source_draws_its_documents_with_its_own_seed(tmp_path):
-    """The same documents given twice (mode=truncate: the draw of documents is the only draw) give other
-    documents from each copy, not the same samples twice."""
-    docs = [TEXT[i * 400:(i + 1) * 400] for i in range(40)]
+def test_the_same_source_given_twice_is_refused(tmp_path):
+    """It was drawn once per copy with its own seed: other documents with mode=truncate, but overlapping windows
+    with mode=pack (7 distinct samples of 8); its weight sets its share (test_calib_sources_spec.py)."""
     p = tmp_path / "d.jsonl"
-    p.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    spec = f"{p},mode=truncate"
-    cs = calibration_set(QWEN, (spec, spec), num_samples=6, seq_len=16, seed=0, cache=False)
-    rows = [tuple(r) for r in cs.input_ids.tolist()]
-    assert torch.bincount(cs.source).tolist() == [3, 3] and len(set(rows)) == 6
+    p.write_text("".join(json.dumps({"text": TEXT[i * 400:(i + 1) * 400]}) + "\n" for i in range(40)))
+    for spec in (f"{p},mode=truncate", str(p)):
+        with pytest.raises(MoepressError, match="the same source as --calib"):
+            calibration_set(QWEN, (spec, spec), num_samples=6, seq_len=16, seed=0, cache=False)
 
 
 def test_a_source_allotted_no_samples_is_not_read(tmp_path):

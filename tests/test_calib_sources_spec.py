@@ -6,6 +6,7 @@ records, and HF_DATASETS_OFFLINE alone counts as offline."""
 
 import hashlib
 import json
+import re
 
 import pytest
 
@@ -15,6 +16,7 @@ from moepress.calib.sources import (
     content_hash,
     open_documents,
     parse_source,
+    parse_sources,
 )
 from moepress.calib.sources.hub import _hub_reachable
 from moepress.errors import MoepressError
@@ -45,11 +47,46 @@ def test_hub_options_on_a_local_file_are_refused(tmp_path, opts, needle):
 
 def test_field_on_a_token_file_and_a_folder_as_jsonl_are_refused(tmp_path):
     (tmp_path / "t.safetensors").write_bytes(b"x")
-    with pytest.raises(MoepressError, match="field= does not apply to a token file"):
+    with pytest.raises(MoepressError, match="field= applies to JSON lines, Parquet and datasets, not a tokens file"):
         parse_source(f"{tmp_path / 't.safetensors'},field=text")
     (tmp_path / "dir").mkdir()
     with pytest.raises(MoepressError, match="type jsonl needs a file, got a folder"):
         parse_source(f"{tmp_path / 'dir'},type=jsonl")
+
+
+@pytest.mark.parametrize("opts,needle", [
+    # taken silently: the last value won, or the key was ignored (config= on a text file was refused)
+    (",weight=0.5,weight=2", "weight= given twice ('0.5', '2'); expected one value"),
+    ("@2,weight=3", "weight given twice (@2, weight=3); expected one value"),
+    (",field=body", "field= applies to JSON lines, Parquet and datasets, not a text file"),
+    (",split=train", "split= applies to saved and Hub datasets only"),
+])
+def test_an_option_given_twice_or_applying_to_no_such_source_is_refused(tmp_path, opts, needle):
+    (tmp_path / "d.txt").write_text("hello")
+    with pytest.raises(MoepressError, match=re.escape(needle)):
+        parse_source(f"{tmp_path / 'd.txt'}{opts}")
+    assert parse_source(f"{tmp_path / 'd.txt'},weight=2,weight=2").weight == 2.0  # the same value again is taken
+
+
+def test_a_source_named_twice_is_refused(tmp_path):
+    """Its samples were drawn twice, overlapping (7 distinct of 8); the weight sets a source's share."""
+    (tmp_path / "d.txt").write_text("hello")
+    with pytest.raises(MoepressError, match="the same source as --calib"):
+        parse_sources([f"{tmp_path / 'd.txt'}@0.5", f"{tmp_path / 'd.txt'}@0.5"])
+    assert len(parse_sources([str(tmp_path / "d.txt"), f"{tmp_path / 'd.txt'},mode=truncate"])) == 2
+
+
+def test_a_bad_jsonl_line_is_refused_whichever_lines_a_seed_samples(tmp_path):
+    """Lines were parsed when sampled: a malformed line 600 of 659 passed seeds 0-19 and stopped seed 20."""
+    for name, bad, needle in [("syntax", '{"text": "oops",,}', ":600: not a JSON object"),
+                              ("key", '{"body": "x"}', ":600: no field 'text' (fields: body)"),
+                              ("type", '{"text": 42}', ":600: field 'text' is a int")]:
+        lines = [json.dumps({"text": f"line {i}"}) for i in range(659)]
+        lines[599] = bad
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text("\n".join(lines) + "\n")
+        with pytest.raises(MoepressError, match=re.escape(str(p) + needle)):
+            JsonlDocuments(parse_source(str(p)))
 
 
 def test_a_missing_owner_slash_file_with_a_known_suffix_is_a_missing_file(tmp_path, monkeypatch):

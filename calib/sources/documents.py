@@ -84,24 +84,26 @@ class TextDocuments(Documents):
 
 
 class JsonlDocuments(Documents):
-    """One JSON object per non-empty line; line offsets are indexed up front, records parsed on use."""
+    """One JSON object per non-empty line. Every line is parsed and checked once as it is indexed, so that a bad
+    line is refused whichever documents a seed samples (they were parsed on use only: a malformed line 600 passed
+    seeds 0-19 and stopped seed 20); records are parsed again on use, from their offsets."""
 
     def __init__(self, src: SourceSpec):
         super().__init__(src)
         self.offsets: list[tuple[int, int, int]] = []  # (line number, start, end)
+        self.field: str | None = None
+        with open(src.path, "rb") as f:
+            if f.read(64).lstrip().startswith(b"["):
+                raise MoepressError(f"{src.path}: a JSON array; expected JSON lines (one object per line)")
         pos = 0
         with open(src.path, "rb") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     self.offsets.append((n, pos, pos + len(line)))
+                    self._value(self._parse(line, len(self.offsets) - 1), len(self.offsets) - 1)
                 pos += len(line)
         if not self.offsets:
             raise MoepressError(f"{src.path}: empty file")
-        with open(src.path, "rb") as f:
-            if f.read(64).lstrip().startswith(b"["):
-                raise MoepressError(f"{src.path}: a JSON array; expected JSON lines (one object per line)")
-        first = self._record(0)
-        self.field = _pick_field(src, list(first), self.where(0))
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -109,11 +111,7 @@ class JsonlDocuments(Documents):
     def where(self, i: int) -> str:
         return f"{self.src.path}:{self.offsets[i][0]}"
 
-    def _record(self, i: int) -> dict:
-        _, a, b = self.offsets[i]
-        with open(self.src.path, "rb") as f:
-            f.seek(a)
-            raw = f.read(b - a)
+    def _parse(self, raw: bytes, i: int) -> dict:
         try:
             rec = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -124,13 +122,22 @@ class JsonlDocuments(Documents):
             raise MoepressError(f"{self.where(i)}: expected a JSON object per line, got {type(rec).__name__}")
         return rec
 
-    def __getitem__(self, i: int):
-        rec = self._record(i)
+    def _value(self, rec: dict, i: int):
+        """Record ``i``'s document (its field picked from the first record)."""
+        if self.field is None:
+            self.field = _pick_field(self.src, list(rec), self.where(i))
         if self.field not in rec:
             raise MoepressError(f"{self.where(i)}: no field '{self.field}' (fields: {', '.join(rec) or 'none'})")
         if rec[self.field] is None:  # an empty document, as a null in a Parquet / dataset column
             return ""
         return _check_value(rec[self.field], self.where(i), self.field)
+
+    def __getitem__(self, i: int):
+        _, a, b = self.offsets[i]
+        with open(self.src.path, "rb") as f:
+            f.seek(a)
+            raw = f.read(b - a)
+        return self._value(self._parse(raw, i), i)
 
 
 class ColumnDocuments(Documents):

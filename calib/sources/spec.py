@@ -82,6 +82,8 @@ def parse_source(spec: str) -> SourceSpec:
         k = k.strip()
         if not sep or k not in KEYS:
             raise _err(spec, f"unknown option {o!r} (expected KEY=VALUE with KEY one of {', '.join(KEYS)})")
+        if k in kv and kv[k] != v.strip():  # as a CLI option given twice: the last one would win unseen
+            raise _err(spec, f"{k}= given twice ({kv[k]!r}, {v.strip()!r}); expected one value")
         kv[k] = v.strip()
     weight = 1.0
     m = _WEIGHT.match(loc)
@@ -92,9 +94,12 @@ def parse_source(spec: str) -> SourceSpec:
         raise _err(spec, f"weight {loc.rpartition('@')[2]!r}: expected a positive number")
     if "weight" in kv:
         try:
-            weight = float(kv.pop("weight"))
+            w = float(kv.pop("weight"))
         except ValueError:
             raise _err(spec, "weight must be a number") from None
+        if m and w != weight:
+            raise _err(spec, f"weight given twice (@{weight:g}, weight={w:g}); expected one value")
+        weight = w
     if not (weight > 0 and math.isfinite(weight)):
         raise _err(spec, f"weight {weight:g}: expected a positive number")
     mode = kv.pop("mode", "pack")
@@ -126,11 +131,23 @@ def parse_source(spec: str) -> SourceSpec:
     for k in ("config", "revision"):
         if k in kv:
             raise _err(spec, f"{k}= applies to Hub datasets only")
-    if kind == "tokens" and kv.get("field"):
-        raise _err(spec, "field= does not apply to a token file")
+    if kind in ("tokens", "text") and kv.get("field"):
+        raise _err(spec, f"field= applies to JSON lines, Parquet and datasets, not a {kind} "
+                         f"{'file' if p.is_file() else 'folder'}")
+    if kind != "dataset" and kv.get("split"):
+        raise _err(spec, "split= applies to saved and Hub datasets only")
     return SourceSpec(spec, str(p.resolve()), kind, weight, kv.get("field"), mode, kv.get("split"))
 
 
 def parse_sources(specs: tuple[str, ...] | list[str]) -> list[SourceSpec]:
-    """All ``--calib`` values; none means the bundled calibration text."""
-    return [parse_source(s) for s in specs] if specs else [parse_source(str(BUNDLED_CALIB))]
+    """All ``--calib`` values; none means the bundled calibration text. A source named twice (its samples drawn
+    twice, overlapping) is refused: its weight says how much of it to take."""
+    out = [parse_source(s) for s in specs] if specs else [parse_source(str(BUNDLED_CALIB))]
+    seen: dict[tuple, SourceSpec] = {}
+    for s in out:
+        same = (s.location, s.type, s.field, s.mode, s.split, s.config, s.revision)
+        if same in seen:
+            raise _err(s.spec, f"the same source as --calib {seen[same].spec}; expected each source once (its "
+                               "weight sets its share)")
+        seen[same] = s
+    return out
