@@ -78,6 +78,14 @@ def any_block_grid(model) -> bool:
 def require_layout(s: Source, fmt: str, hint: Callable[[], str]) -> dict:
     """The source's moepress quantize layout; else a one-line error naming what to run first (``hint()``: the
     formats, hints.quantize_first)."""
+    q = s.reader.config.get("quantization_config")
+    if s.layout is None and isinstance(q, dict) and q.get("quant_method") == "compressed-tensors":
+        # Kimi K2 Thinking's INT4 experts, or what prune keeps of them: quantizing again rounds them a second time
+        same = fmt == "compressed-tensors"
+        raise MoepressError(f"--format {fmt}: {s.path} is a compressed-tensors checkpoint already (config.json "
+                            "quantization_config); vLLM loads it as it is"
+                            + ("" if same else f"; for {fmt}, `moepress quantize --format {hint()}` of it rounds its "
+                               "quantized weights a second time"))
     if s.layout is None:
         raise MoepressError(f"--format {fmt} needs a quantized checkpoint: {s.path} has no moepress_quant.json "
                             f"(run moepress quantize --format {hint()} first)")

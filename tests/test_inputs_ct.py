@@ -319,6 +319,21 @@ def test_quantize_fp8_from_kimi_reads_the_decoded_weights(staged):
     assert _rel(StreamedModel(out["fp8"]).forward([IDS])[0], StreamedModel(KIMI).forward([IDS])[0]) < 0.05
 
 
+def test_an_export_of_a_compressed_tensors_input_says_it_is_one_already(staged, cli_run, tmp_path):
+    """Kimi's INT4 checkpoint pruned (still compressed-tensors, loaded as it is) was refused by the export with
+    "run moepress quantize first", and that quantize re-rounded its INT4 experts without a word."""
+    out, _ = staged
+    for src in (KIMI, out["pruned"]):
+        r = cli_run("export", src, "--format", "compressed-tensors", "-o", tmp_path / "x")
+        assert r.exit_code == 2 and f"{src} is a compressed-tensors checkpoint already (config.json " \
+            "quantization_config); vLLM loads it as it is" in r.stderr and "quantize" not in r.stderr, r.stderr
+        r = cli_run("export", src, "--format", "hf-modelopt", "-o", tmp_path / "y")
+        assert r.exit_code == 2 and "rounds its quantized weights a second time" in r.stderr, r.stderr
+    r = cli_run("quantize", KIMI, "--format", "fp8", "--num-samples", 2, "--seq-len", 16, "-o", tmp_path / "q")
+    assert r.exit_code == 0 and f"note: {KIMI} stores its weights quantized (quantization_config " \
+        "compressed-tensors); they are decoded and rounded again to fp8" in r.stderr, r.stderr
+
+
 @pytest.mark.skipif("nvfp4" not in formats.produced(), reason="nvfp4 quantizer not registered")
 def test_quantize_nvfp4_from_kimi(tmp_path):
     quantize_checkpoint(KIMI, tmp_path / "q", QuantConfig(format="nvfp4", num_samples=2, seq_len=32))

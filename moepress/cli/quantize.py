@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -91,7 +92,8 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
 
     def notes() -> list[str]:  # asked by the stage once it has validated the input and the options
         refusing.update(export_refusals(src, cfg))
-        return [f"note: `moepress export --format {e}` will refuse this output: {why}" for e, why in refusing.items()]
+        later = [f"note: `moepress export --format {e}` will refuse this output: {why}" for e, why in refusing.items()]
+        return [*stored_quantized(src, cfg), *later]
 
     res, memory = run_measured(device, quantize_checkpoint, src, output, cfg, batches=cal.loader(src),
                                force=force, resume=resume, progress=prog, notes=notes)
@@ -106,6 +108,16 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
                    + (f", {res['borrowed']} sparse experts (too few calibration tokens; quant_report.json: "
                       "sparse_expert_rule)" if res["borrowed"] else "")
                    + f") -> {output} in {res['seconds']:.1f}s")
+
+
+def stored_quantized(src, cfg) -> list[str]:
+    """A note when the input stores its weights quantized (DeepSeek / Kimi block FP8, Kimi K2 Thinking's INT4): they
+    are decoded and rounded again, a second rounding the output's error includes."""
+    q = json.loads((Path(src) / "config.json").read_text()).get("quantization_config")
+    if not (isinstance(q, dict) and q.get("quant_method")):
+        return []
+    return [f"note: {src} stores its weights quantized (quantization_config {q['quant_method']}); they are decoded "
+            f"and rounded again to {cfg.format or 'the formats of --rule'}"]
 
 
 def export_refusals(src, cfg) -> dict[str, str]:
