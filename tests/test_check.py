@@ -432,6 +432,19 @@ def test_one_rarely_routed_expert_scaled_fails_the_expert_gate(cli_run, tmp_path
     assert all(p["expert_error"] == 0.0 for p in res["layers"] if p["layer"] != 1)
 
 
+def test_an_expert_zeroed_reads_an_infinite_error_that_fails_any_gate(cli_run, tmp_path):
+    """An expert whose output is zero on one side only was divided by an epsilon: 6.3e30, which a
+    --max-expert-error 1e31 passed. It reads inf (null in --json) and fails any finite gate."""
+    ref = models.path("tiny-mixtral")
+    sm, rare = _rare_expert(ref, 1)
+    bad = _broken_copy(tmp_path, sm.adapter.expert_prefix(1, rare) + "w2.weight", lambda t: t * 0)
+    r = cli_run("check", bad, "--reference", ref, *MID, "--quiet", "--json", "--max-expert-error", "1e31",
+                "--max-layer-error", "none")
+    res = json.loads(r.stdout)
+    assert r.exit_code == 1 and res["failed"] == ["max_expert_error"], r.output
+    assert res["metrics"]["max_expert_error"] is None and res["layers"][1]["worst_expert"] == rare
+
+
 def _deepseek_copy(tmp_path, change=None, **config):
     """tiny-deepseek-v3 with one tensor changed (``change(state_dict)``) or config.json keys set."""
     from safetensors.torch import load_file, save_file
