@@ -226,6 +226,10 @@ def test_bad_input_is_one_line_exit_2(cli_run, ref, tmp_path):
     assert "--max-kl lots" in err(ref, "--reference", ref, "--max-kl", "lots")
     # a bare 2 read as 200%: a perplexity gate that can hardly fail
     assert "write 200%" in err(ref, "--reference", ref, "--max-ppl-increase", "2")
+    # a share gate above 1 never passes: 150% ran and failed (exit 1), and a bare 1.5 was sent to "write 150%"
+    for gate, v in (("--min-top1", "150%"), ("--min-top1", "1.5"), ("--min-routing-overlap", "101%"),
+                    ("--min-cosine", "2")):
+        assert f"{gate} {v}: expected at most 1 (100%)" in err(ref, "--reference", ref, gate, v)
     other = make_random_checkpoint("qwen3_moe", tmp_path / "vocab256")  # vocab 256 vs the bundled 4096
     assert "vocabulary of 256 tokens" in err(other, "--reference", ref, *SMALL)
     # another family with the same vocabulary and widths: it ran and failed a metric (exit 1), perplexity

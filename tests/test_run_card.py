@@ -85,6 +85,15 @@ def test_card_accuracy_lists_the_gates_applied_and_every_metric(tmp_path):
     assert "| kl_mean | 0.01235 |" in card and "| top1_agreement | 0.875 |" in card
 
 
+def test_card_names_gates_not_measured_as_such(tmp_path):
+    """A pruned candidate's expert gates are not measured (passed null): the card listed them among the gates
+    passed."""
+    unmeasured = {"metric": "max_expert_error", "op": "<=", "threshold": 0.5, "value": None, "passed": None}
+    acc = Accuracy({**PASSED, "gates": [*PASSED["gates"], unmeasured]})
+    card = _card(_export(tmp_path), {"quantize": {"format": "fp8-dynamic"}}, acc=acc)
+    assert "Gates passed (kl_mean <= 0.05). Not measured: max_expert_error." in card
+
+
 def test_card_size_is_every_listed_file_but_the_card_itself(tmp_path):
     """The size row counts the artifact's files on disk, not the card (listed once a run wrote it: the size
     a rerun states must not grow by the card's own bytes)."""

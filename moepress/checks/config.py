@@ -28,8 +28,11 @@ def parse_fraction(value, option: str) -> float | None:
             raise MoepressError(f"{option} {value}: expected a number such as 0.02 or 2%, or 'none'") from None
     if not math.isfinite(out) or out < 0:
         raise MoepressError(f"{option} {value}: expected a non-negative number")
+    name = option.lstrip("-").replace("-", "_")
+    if out > 1 and name in AT_MOST_ONE:  # agreement and cosine are at most 1: such a gate never passes
+        raise MoepressError(f"{option} {value}: expected at most 1 (100%), a share of tokens or a cosine")
     bare = not (isinstance(value, str) and str(value).strip().endswith("%"))
-    if bare and out > 1 and option.lstrip("-").replace("-", "_") in SHARES:
+    if bare and out > 1 and name in SHARES:
         # `--max-ppl-increase 2` meant 2% far more often than 200% (a gate that can hardly fail)
         raise MoepressError(f"{option} {value}: expected a fraction such as 0.02 or a percentage such as 2% "
                             f"(for {out:g} x 100% write {out * 100:g}%)")
@@ -40,6 +43,7 @@ GATE_FIELDS = ("max_ppl_increase", "min_top1", "max_kl", "max_kl_p99", "min_cosi
                "min_routing_overlap", "max_expert_error")
 # gates whose values are shares, written <= 1 or as %
 SHARES = ("max_ppl_increase", "min_top1", "min_cosine", "min_routing_overlap")
+AT_MOST_ONE = ("min_top1", "min_cosine", "min_routing_overlap")  # what they gate is at most 1
 
 
 @dataclass(frozen=True)

@@ -199,9 +199,11 @@ def _verdict(check: dict) -> str:
         return "No gate applied: measured only (`moepress publish` refuses it)."
     if not check.get("passed"):
         return "Gates FAILED: " + ", ".join(check.get("failed") or []) + "."
-    applied = [f"{g['metric']} {g['op']} {_fmt(g['threshold'])}" for g in gates or []
-               if isinstance(g, dict) and {"metric", "op", "threshold"} <= set(g)]
-    return "Gates passed" + (f" ({', '.join(applied)})." if applied else ".")
+    gates = [g for g in gates or [] if isinstance(g, dict) and {"metric", "op", "threshold"} <= set(g)]
+    applied = [f"{g['metric']} {g['op']} {_fmt(g['threshold'])}" for g in gates if g.get("passed") is not None]
+    unmeasured = [g["metric"] for g in gates if g.get("passed") is None]  # a pruned model's expert gates
+    return ("Gates passed" + (f" ({', '.join(applied)})." if applied else ".")
+            + (f" Not measured: {', '.join(unmeasured)}." if unmeasured else ""))
 
 
 def _accuracy(acc: Accuracy) -> list[str]:
