@@ -127,6 +127,31 @@ def test_default_run_rerun_is_a_noop_and_its_quantized_model_publishes(default_r
     assert _tree_digest(tmp_path / "pub") == _tree_digest(out / "quantize")
 
 
+def test_a_card_that_does_not_state_its_manifests_check_is_not_published(default_run, cli_run, tmp_path):
+    """The card edited with its manifest hash updated (nothing seals the card), or the artifact checked again
+    after the card was written: publish put out figures nothing had measured. A copy of the run's export."""
+    import shutil
+
+    from moepress.manifest import sha256_file
+
+    art = shutil.copytree(default_run[0] / "export" / "hf-modelopt", tmp_path / "art")
+    assert cli_run("publish", art, "--to", tmp_path / "pub").exit_code == 0
+    card, mpath = art / "README.md", art / "moepress-manifest.json"
+    text, manifest = card.read_text(), mpath.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| top1_agreement |"))
+    card.write_text(text.replace(row, "| top1_agreement | 0.9999 |"))
+    m = json.loads(manifest)
+    m["files"]["README.md"] = {"sha256": sha256_file(card), "size": card.stat().st_size}
+    mpath.write_text(json.dumps(m))
+    one_line_error(cli_run("publish", art, "--to", tmp_path / "pub2"), "README.md: the card does not state its "
+                   "manifest's accuracy check (expected '| top1_agreement |")
+    card.write_text(text)
+    mpath.write_text(manifest)
+    assert cli_run("check", art, "--reference", "tiny-qwen3-moe", "--seq-len", "32", "--max-samples", "4",
+                   "--quiet", "--max-ppl-increase", "none", "--max-kl", "none", "--min-top1", "none").exit_code == 0
+    one_line_error(cli_run("publish", art, "--to", tmp_path / "pub3"), "README.md: the card does not state")
+
+
 def test_rerun_is_a_noop_and_a_change_reruns_only_downstream(cli_run, tmp_path):
     out = tmp_path / "run"
     rec = write_recipe(tmp_path / "r.yaml", **SMALL)

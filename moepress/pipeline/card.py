@@ -220,6 +220,19 @@ def _accuracy(acc: Accuracy) -> list[str]:
     return lines
 
 
+def card_differs(card: Path, check: dict) -> str | None:
+    """Why a moepress card no longer states ``check`` (the manifest's accuracy section: its verdict line and
+    every metric row it records), or None. A card edited after it was written, or an artifact checked again
+    since, published figures nothing had measured; a card moepress did not write is not read."""
+    lines = card.read_text(errors="replace").splitlines()
+    if not any(line.startswith("Made with [moepress]") for line in lines):
+        return None
+    want = [_verdict(check), *(f"| {k} | {_fmt(v)} |" for k, v in (check.get("metrics") or {}).items())]
+    missing = [w for w in want if w not in lines]
+    return (f"{card}: the card does not state its manifest's accuracy check (expected {missing[0]!r}: edited, or "
+            "checked again after it was written); rewrite it with `moepress run`") if missing else None
+
+
 def model_card(artifact: str | Path, fmt: str, recipe: dict, source: str | Path, acc: Accuracy,
                prune: dict | None = None) -> str:
     """The card of ``artifact``: its facts from its own files where they differ by format (KV cache, loading,

@@ -17,6 +17,7 @@ from moepress.checks import verify_section
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, read_manifest, sha256_file
 from moepress.outputs import OutputLock, absolute, install, overlap
+from moepress.pipeline.card import card_differs
 
 
 def _digests(artifact: Path, files: dict) -> tuple[dict[str, dict], list[str]]:
@@ -84,7 +85,9 @@ def _problems(src: Path) -> tuple[list[str], dict]:
                         f"--reference ORIGINAL` first")
         return problems, {"accuracy_passed": None}
     v = verify_section(acc, digests, src)
-    return problems + v.problems, {"accuracy_passed": v.passed, "seal": v.seal}
+    card = src / "README.md"
+    stale = card_differs(card, acc) if card.is_file() else None
+    return problems + v.problems + ([stale] if stale else []), {"accuracy_passed": v.passed, "seal": v.seal}
 
 
 def publish(artifact: str | Path, to: str, force: bool = False) -> dict:
