@@ -85,8 +85,7 @@ class TextDocuments(Documents):
 
 class JsonlDocuments(Documents):
     """One JSON object per non-empty line. Every line is parsed and checked once as it is indexed, so that a bad
-    line is refused whichever documents a seed samples (they were parsed on use only: a malformed line 600 passed
-    seeds 0-19 and stopped seed 20); records are parsed again on use, from their offsets."""
+    line is refused whichever documents a seed samples; records are parsed again on use, from their offsets."""
 
     def __init__(self, src: SourceSpec):
         super().__init__(src)

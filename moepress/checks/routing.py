@@ -80,7 +80,7 @@ class RouteCapture:
         cand = _expert_outputs(moe, probe).to(ref.device)
         size = torch.minimum(cand.flatten(1).norm(dim=1), mine.flatten(1).norm(dim=1))
         diff = (cand - mine).flatten(1).norm(dim=1)
-        # an expert whose output is zero on one side and not the other: inf (an epsilon read 6e30, under a 1e31 gate)
+        # an expert whose output is zero on one side and not the other: inf, which fails any finite gate
         silent = torch.where(diff > 0, math.inf, 0.0).to(diff.dtype)  # one side's output zero: inf, both: 0
         err = torch.where(size > 0, diff / size.clamp_min(torch.finfo(size.dtype).tiny), silent).cpu()
         worst = int(err.nan_to_num(math.inf).argmax())

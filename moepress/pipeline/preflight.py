@@ -50,10 +50,10 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
 
 
 def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
-    """A build section no export of the recipe builds for: no export in export.formats that a builder takes (the run
-    built nothing, without a word), or a target that cannot run quantize.format (targets.check_format: the build
-    refused it after prune, quantize, export and check had run, and the run exited 0). The format the refusal names
-    instead is one this preflight and a build of some export of the recipe take on that target."""
+    """A build section no export of the recipe builds for: no export in export.formats that a builder takes, or a
+    target that cannot run quantize.format (targets.check_format), refused before the stages that a build would
+    follow. The format the refusal names instead is one this preflight and a build of some export of the recipe
+    take on that target."""
     from moepress.exporters.builders import BUILDERS
     from moepress.exporters.targets import TARGETS, UNQUANTIZED, check_format, get_target, suggest_format
 
