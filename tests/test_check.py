@@ -443,10 +443,13 @@ def test_an_expert_zeroed_reads_an_infinite_error_that_fails_any_gate(cli_run, t
     sm, rare = _rare_expert(ref, 1)
     bad = _broken_copy(tmp_path, sm.adapter.expert_prefix(1, rare) + "w2.weight", lambda t: t * 0)
     r = cli_run("check", bad, "--reference", ref, *MID, "--quiet", "--json", "--max-expert-error", "1e31",
-                "--max-layer-error", "none")
+                "--max-layer-error", "none", "--report", tmp_path / "rep")
     res = json.loads(r.stdout)
     assert r.exit_code == 1 and res["failed"] == ["max_expert_error"], r.output
     assert res["metrics"]["max_expert_error"] is None and res["layers"][1]["worst_expert"] == rare
+    # report.md names the expert per layer too (it had the gate row alone)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| routing overlap | worst expert's error |" in md and f"| inf (expert {rare}) |" in md, md
 
 
 def _deepseek_copy(tmp_path, change=None, **config):

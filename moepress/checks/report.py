@@ -119,6 +119,12 @@ def markdown(result: dict) -> str:
         l_rows = [[str(p["layer"]), f"{p['cosine']:.6f}", f"{p['cosine_min']:.4f}", f"{p['rel_error']:.4g}",
                    f"{p['rel_error_p99']:.4g}"] for p in result["layers"]]
         header = ["layer", "cosine (mean)", "cosine (min)", "rel. error (mean)", "rel. error (p99)"]
+        if any(p.get("routing_overlap") is not None for p in result["layers"]):  # MoE layers: routing, worst expert
+            header += ["routing overlap", "worst expert's error"]
+            for row, p in zip(l_rows, result["layers"], strict=True):
+                share, e = p.get("routing_overlap"), p.get("expert_error")
+                row += [f"{share:.4f}" if share is not None else "-",
+                        f"{e:.4g} (expert {p['worst_expert']})" if e is not None else "-"]
         lines += ["## Hidden states per layer (candidate vs reference, layer outputs)", "",
                   _md_table(header, l_rows), ""]
         if jump is not None:
