@@ -99,7 +99,8 @@ class JsonlDocuments(Documents):
             for n, line in enumerate(f, 1):
                 if line.strip():
                     self.offsets.append((n, pos, pos + len(line)))
-                    self._value(self._parse(line, len(self.offsets) - 1), len(self.offsets) - 1)
+                    i = len(self.offsets) - 1
+                    self._value(self._parse(line, i), i)
                 pos += len(line)
         if not self.offsets:
             raise MoepressError(f"{src.path}: empty file")

@@ -216,8 +216,12 @@ def _accuracy(acc: Accuracy) -> list[str]:
         lines += [f"This artifact was not checked ({acc.unchecked}). The {acc.upstream_kind} checkpoint it was "
                   f"exported from:", ""]
     lines += [_verdict(check), "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in (check.get("metrics") or {}).items()]
-    return lines
+    return lines + _metric_rows(check)
+
+
+def _metric_rows(check: dict) -> list[str]:
+    """The accuracy table's rows, one per recorded metric (publish reads them back: :func:`card_differs`)."""
+    return [f"| {k} | {_fmt(v)} |" for k, v in (check.get("metrics") or {}).items()]
 
 
 def card_differs(card: Path, check: dict) -> str | None:
@@ -227,7 +231,7 @@ def card_differs(card: Path, check: dict) -> str | None:
     lines = card.read_text(errors="replace").splitlines()
     if not any(line.startswith("Made with [moepress]") for line in lines):
         return None
-    want = [_verdict(check), *(f"| {k} | {_fmt(v)} |" for k, v in (check.get("metrics") or {}).items())]
+    want = [_verdict(check), *_metric_rows(check)]
     missing = [w for w in want if w not in lines]
     return (f"{card}: the card does not state its manifest's accuracy check (expected {missing[0]!r}: edited, or "
             "checked again after it was written); rewrite it with `moepress run`") if missing else None

@@ -55,7 +55,7 @@ def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
     follow. The format the refusal names instead is one this preflight and a build of some export of the recipe
     take on that target."""
     from moepress.exporters.builders import BUILDERS
-    from moepress.exporters.targets import TARGETS, UNQUANTIZED, check_format, get_target, suggest_format
+    from moepress.exporters.targets import check_format, get_target
 
     if recipe.get("build") is None:
         return
@@ -67,40 +67,44 @@ def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
                             f"builder; expected one of {takes} in export.formats, or no build section")
     fmt = (recipe.get("quantize") or {}).get("format")
     for name in recipe["build"]["targets"] if fmt else ():
-        t = get_target(name)
         try:
-            check_format(t, fmt)
+            check_format(get_target(name), fmt)
         except MoepressError as e:
             why = str(e).removeprefix(f"--format {fmt}: ").partition(": use ")[0]
-            alt = suggest_format(t, fmt, loads=lambda a, t=t: _builds_as(recipe, model, t, a, built))
-            if alt != UNQUANTIZED:
-                step = f"use {alt}"
-            elif _builds_as(recipe, model, t, alt, built):
-                step = f"use no quantize section ({alt})"
-            else:
-                runs = [n for n, x in TARGETS.items() if x.supports(fmt)]
-                step = (f"no other format builds there from export.formats {', '.join(built)}; expected a target "
-                        f"that runs it ({', '.join(runs[:4])}) or another export")
+            step = _instead(recipe, model, get_target(name), fmt, built)
             raise MoepressError(f"{key_where(src, 'build', 'targets')} {name}: quantize.format {fmt}: {why}: {step}"
                                 ) from None
 
 
-def _builds_as(recipe: dict, model: Path, t, fmt: str, built: dict) -> bool:
-    """Whether quantize.format ``fmt`` passes this preflight's export checks and a build's format check on ``t`` for
-    some export of the recipe that a builder takes."""
+def _instead(recipe: dict, model: Path, t, fmt: str, built: dict) -> str:
+    """What to do instead of quantize.format ``fmt`` that target ``t`` cannot run: a format that passes this
+    preflight's export checks and a build's format check on ``t`` for some export of the recipe a builder takes,
+    no quantize section, or targets that run ``fmt``."""
     from moepress.exporters.runtime_formats import check_runtime_format
     from moepress.exporters.shape import model_shape
-    from moepress.exporters.targets import UNQUANTIZED
+    from moepress.exporters.targets import TARGETS, UNQUANTIZED, suggest_format
 
-    r = {**recipe, "quantize": None if fmt == UNQUANTIZED else {**recipe["quantize"], "format": fmt, "rules": {}}}
-    for x, b in built.items():
-        try:
-            refuse_unavailable_exports({**r, "export": {**r["export"], "formats": [x]}}, model)
-            check_runtime_format(t, fmt, model_shape(model), b.runtime, x)
-        except MoepressError:
-            continue
-        return True
-    return False
+    shape = model_shape(model)  # once: every candidate format is asked of the same model
+
+    def builds(a: str) -> bool:
+        r = {**recipe, "quantize": None if a == UNQUANTIZED else {**recipe["quantize"], "format": a, "rules": {}}}
+        for x, b in built.items():
+            try:
+                refuse_unavailable_exports({**r, "export": {**r["export"], "formats": [x]}}, model)
+                check_runtime_format(t, a, shape, b.runtime, x)
+            except MoepressError:
+                continue
+            return True
+        return False
+
+    alt = suggest_format(t, fmt, loads=builds)
+    if alt != UNQUANTIZED:
+        return f"use {alt}"
+    if builds(alt):
+        return f"use no quantize section ({alt})"
+    runs = [n for n, x in TARGETS.items() if x.supports(fmt)]
+    return (f"no other format builds there from export.formats {', '.join(built)}; expected a target that runs it "
+            f"({', '.join(runs[:4])}) or another export")
 
 
 def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -> None:
