@@ -67,11 +67,8 @@ def _known_suffix(loc: str) -> bool:
     return loc.lower().endswith(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES + TOKEN_SUFFIXES)
 
 
-def parse_source(spec: str) -> SourceSpec:
-    """Parse and validate one ``--calib`` value (the location must exist; nothing is read yet)."""
-    spec = spec.strip()
-    if not spec:
-        raise MoepressError("--calib: empty source")
+def _options(spec: str) -> tuple[str, dict[str, str]]:
+    """The location and its KEY=VALUE options; an unknown key or one given twice with two values refused."""
     if Path(spec).exists():  # a path that happens to contain ',' or '@'
         loc, opts = spec, []
     else:
@@ -85,6 +82,11 @@ def parse_source(spec: str) -> SourceSpec:
         if k in kv and kv[k] != v.strip():  # as a CLI option given twice: the last one would win unseen
             raise _err(spec, f"{k}= given twice ({kv[k]!r}, {v.strip()!r}); expected one value")
         kv[k] = v.strip()
+    return loc, kv
+
+
+def _weight(spec: str, loc: str, kv: dict[str, str]) -> tuple[str, float]:
+    """The location without its ``@W`` suffix and the source's weight (``@W`` or ``weight=``, not both)."""
     weight = 1.0
     m = _WEIGHT.match(loc)
     if m and not Path(loc).exists():
@@ -102,25 +104,11 @@ def parse_source(spec: str) -> SourceSpec:
         weight = w
     if not (weight > 0 and math.isfinite(weight)):
         raise _err(spec, f"weight {weight:g}: expected a positive number")
-    mode = kv.pop("mode", "pack")
-    if mode not in MODES:
-        raise _err(spec, f"mode {mode!r}: expected one of {', '.join(MODES)}")
-    forced = kv.pop("type", None)
-    if forced is not None and forced not in TYPES:
-        raise _err(spec, f"unknown source type {forced!r}: expected one of {', '.join(TYPES)}")
+    return loc, weight
 
-    if loc == "bundled" and not Path(loc).exists():
-        loc = str(BUNDLED_CALIB)
-    if loc.startswith("hf:") or forced == "hub":
-        name = loc[3:] if loc.startswith("hf:") else loc
-        return SourceSpec(spec, name, "hub", weight, kv.get("field"), mode, kv.get("split"), kv.get("config"),
-                          kv.get("revision"))
-    p = Path(loc).expanduser()
-    if not p.exists():
-        if _HUB_NAME.match(loc) and not _known_suffix(loc) and not loc.startswith("."):
-            return SourceSpec(spec, loc, "hub", weight, kv.get("field"), mode, kv.get("split"), kv.get("config"),
-                              kv.get("revision"))
-        raise _err(spec, f"{loc}: no such file or directory")
+
+def _local_kind(spec: str, p: Path, forced: str | None, kv: dict[str, str]) -> str:
+    """The type of a local source, and the options that do not apply to it refused."""
     kind = forced or _detect_type(p)
     if kind is None:
         raise _err(spec, f"{p.name}: unknown source type (expected a folder or a file ending in "
@@ -136,6 +124,35 @@ def parse_source(spec: str) -> SourceSpec:
                          f"{'file' if p.is_file() else 'folder'}")
     if kind != "dataset" and kv.get("split"):
         raise _err(spec, "split= applies to saved and Hub datasets only")
+    return kind
+
+
+def parse_source(spec: str) -> SourceSpec:
+    """Parse and validate one ``--calib`` value (the location must exist; nothing is read yet)."""
+    spec = spec.strip()
+    if not spec:
+        raise MoepressError("--calib: empty source")
+    loc, kv = _options(spec)
+    loc, weight = _weight(spec, loc, kv)
+    mode = kv.pop("mode", "pack")
+    if mode not in MODES:
+        raise _err(spec, f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    forced = kv.pop("type", None)
+    if forced is not None and forced not in TYPES:
+        raise _err(spec, f"unknown source type {forced!r}: expected one of {', '.join(TYPES)}")
+    if loc == "bundled" and not Path(loc).exists():
+        loc = str(BUNDLED_CALIB)
+    if loc.startswith("hf:") or forced == "hub":
+        name = loc[3:] if loc.startswith("hf:") else loc
+        return SourceSpec(spec, name, "hub", weight, kv.get("field"), mode, kv.get("split"), kv.get("config"),
+                          kv.get("revision"))
+    p = Path(loc).expanduser()
+    if not p.exists():
+        if _HUB_NAME.match(loc) and not _known_suffix(loc) and not loc.startswith("."):
+            return SourceSpec(spec, loc, "hub", weight, kv.get("field"), mode, kv.get("split"), kv.get("config"),
+                              kv.get("revision"))
+        raise _err(spec, f"{loc}: no such file or directory")
+    kind = _local_kind(spec, p, forced, kv)
     return SourceSpec(spec, str(p.resolve()), kind, weight, kv.get("field"), mode, kv.get("split"))
 
 

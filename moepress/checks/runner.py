@@ -324,8 +324,9 @@ def run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, pr
         return _run_check(candidate, reference, cfg, progress, device)
 
 
-def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, progress, device) -> dict:
-    t0 = time.monotonic()
+def _open_reference(candidate, reference, cfg: CheckConfig, device) -> StreamedModel:
+    """The reference, streamed as its runtimes run it; one line where it is missing, is the candidate itself, or
+    carries activation scales the streamed reference would not apply."""
     ref_dir = Path(reference)
     if not ref_dir.exists():
         raise MoepressError(f"--reference {reference}: reference checkpoint not found")
@@ -341,7 +342,33 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
                             "quantize` output it was exported from")
     # weights kept as stored (bf16, FP8, packed INT4), decoded at each call: the same forward at a half to an
     # eighth of a float32 layer (a Kimi K2 MoE layer: ~17 GB stored in FP8, ~68 GB in float32)
-    ref = runtime_activations(StreamedModel(str(ref_dir), device=device, keep_stored=True))
+    return runtime_activations(StreamedModel(str(ref_dir), device=device, keep_stored=True))
+
+
+def _comparable(candidate, ref, cand, cfg: CheckConfig, notes: list[str]) -> bool:
+    """Whether the candidate's layers compare with the reference's one by one; a note where they do not, refused
+    where the gates need what cannot be measured."""
+    comparable = cand.has_hidden and cand.num_layers == ref.num_layers
+    if cand.has_hidden and not comparable:
+        notes.append(f"per-layer comparison off: the candidate has {cand.num_layers} layers, "
+                     f"the reference {ref.num_layers}")
+    elif not cand.has_hidden:
+        notes.append(f"per-layer comparison off: a {cand.kind} candidate gives logits only")
+    if not comparable:
+        refuse_unmeasurable(cfg, "layers", notes[-1])
+    if not (cand.streamed and cand.stream.adapter.num_experts == ref.adapter.num_experts):
+        refuse_unmeasurable(cfg, "routing", "the routing and expert gates need a streamed candidate with the "
+                            f"reference's {ref.adapter.num_experts} experts per layer")
+    if cand.streamed and cand.stream.adapter.hidden_size != ref.adapter.hidden_size:
+        raise MoepressError(f"{candidate}: hidden size {cand.stream.adapter.hidden_size}, the reference has "
+                            f"{ref.adapter.hidden_size}")
+    return comparable
+
+
+def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, progress, device) -> dict:
+    t0 = time.monotonic()
+    ref_dir = Path(reference)
+    ref = _open_reference(candidate, reference, cfg, device)
     _refuse_other_family(Path(candidate), reference, ref.adapter.family)
     cand = open_candidate(candidate, cfg, device)
     try:
@@ -355,20 +382,7 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
         if native:
             notes.append(f"{' and '.join(native)}: DeepSeek-layout block FP8, run with its runtimes' FP8 activations "
                          "(per token in 1x128 groups)")
-        comparable = cand.has_hidden and cand.num_layers == ref.num_layers
-        if cand.has_hidden and not comparable:
-            notes.append(f"per-layer comparison off: the candidate has {cand.num_layers} layers, "
-                         f"the reference {ref.num_layers}")
-        elif not cand.has_hidden:
-            notes.append(f"per-layer comparison off: a {cand.kind} candidate gives logits only")
-        if not comparable:
-            refuse_unmeasurable(cfg, "layers", notes[-1])
-        if not (cand.streamed and cand.stream.adapter.num_experts == ref.adapter.num_experts):
-            refuse_unmeasurable(cfg, "routing", "the routing and expert gates need a streamed candidate with the "
-                                f"reference's {ref.adapter.num_experts} experts per layer")
-        if cand.streamed and cand.stream.adapter.hidden_size != ref.adapter.hidden_size:
-            raise MoepressError(f"{candidate}: hidden size {cand.stream.adapter.hidden_size}, the reference has "
-                                f"{ref.adapter.hidden_size}")
+        comparable = _comparable(candidate, ref, cand, cfg, notes)
         layers = [LayerStats() for _ in range(ref.num_layers)] if comparable else None
         logit_stats, routing = LogitStats(), {}
         total = max(ref.num_layers, cand.num_layers or 0) if cand.streamed else ref.num_layers
