@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -80,7 +81,11 @@ def gpu_peak(device: torch.device | None) -> int | None:
 
 
 def reset_gpu_peak(device: torch.device | None) -> None:
+    """Start the GPU allocator's peak afresh. CUDA is started first: a stage's first CUDA call is this one, and
+    torch's ``reset_peak_memory_stats`` does not start it (torch 2.13 torch/cuda/memory.py calls the allocator
+    directly, which refuses a device it has not set up: "Invalid device argument 0: did you call init?")."""
     if not is_cpu(device) and torch.device(device).type == "cuda":
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -134,6 +139,7 @@ class Uploader:
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.on_cpu = self.device.type == "cpu"
         self._stream = None
+        self._lock = threading.Lock()
         self.timings: list[tuple[str, float, float]] = []
 
     def upload(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -150,24 +156,31 @@ class Uploader:
             for k in list(src):
                 out[k] = src.pop(k).to(self.device)
         else:
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(self.device)
+            stream = self._side_stream()
             inflight = 0
-            with torch.cuda.stream(self._stream):
+            with torch.cuda.stream(stream):
                 for k in list(src):
                     v = src.pop(k)
                     out[k] = v.pin_memory().to(self.device, non_blocking=True)
                     inflight += v.numel() * v.element_size()
                     del v
                     if inflight >= self.PINNED_BYTES:  # staging buffers free for reuse once copied
-                        self._stream.synchronize()
+                        stream.synchronize()
                         inflight = 0
-            self._stream.synchronize()
+            stream.synchronize()
             # allocated on the side stream, used on the caller's: without this the allocator may hand a
             # block the caller has freed (kernels still queued on it) to the next upload's copy
             self.handover(out)
         self.timings.append(("upload", t0, time.perf_counter()))
         return out
+
+    def _side_stream(self):
+        """The one side stream of every upload, made once under a lock: two threads' first uploads at once would
+        otherwise each make one, and a thread would then wait on the other's stream, not the one its copies are on."""
+        with self._lock:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.device)
+            return self._stream
 
     def handover(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Tensors uploaded on the side stream, now used by the compute stream: the allocator must

@@ -26,15 +26,6 @@ import torch
 from moepress.cli import cli
 
 res = {}
-try:
-    torch.ones(3, device="cuda") + torch.ones(3)
-except RuntimeError as e:
-    res["mixing"] = "device mismatch" in str(e)
-
-x = torch.rand(4096) * 1000  # CUDA divides by a CPU scalar as a product with its reciprocal
-q = (x.to("cuda") / 448.0).cpu()
-res["div"] = [torch.equal(q, x * (torch.tensor(1.0) / 448.0)), bool((q != x / 448.0).any())]
-
 def run(key, *args):
     try:
         rc = cli.main([str(a) for a in args], standalone_mode=False, prog_name="moepress") or 0
@@ -45,10 +36,20 @@ def run(key, *args):
     res[key] = rc
 
 C = ["--num-samples", "4", "--seq-len", "32", "--quiet"]
+# the first stage on the device starts CUDA itself, as `moepress ... --device cuda` does in a fresh process
 for d in ("cpu", "cuda"):
     run(f"mxfp4-{d}", "quantize", "tiny-qwen3-moe", "--format", "mxfp4", "--device", d, "-o", f"mx-{d}", "--quiet")
     run(f"fp8-block-{d}", "quantize", "tiny-deepseek-v3", "--format", "fp8-block", "--device", d, "-o", f"fb-{d}",
         "--quiet")
+try:
+    torch.ones(3, device="cuda") + torch.ones(3)
+except RuntimeError as e:
+    res["mixing"] = "device mismatch" in str(e)
+
+x = torch.rand(4096) * 1000  # CUDA divides by a CPU scalar as a product with its reciprocal
+q = (x.to("cuda") / 448.0).cpu()
+res["div"] = [torch.equal(q, x * (torch.tensor(1.0) / 448.0)), bool((q != x / 448.0).any())]
+
 run("int4-gptq", "quantize", "tiny-deepseek-v3", "--format", "int4-gptq", "--device", "cuda", "-o", "gptq", *C)
 run("w4a8-awq", "quantize", "tiny-qwen3-moe", "--format", "w4a8-awq", "--device", "cuda", "-o", "w4a8", *C)
 run("prune", "prune", "tiny-mixtral", "--ratio", "0.5", "--device", "cuda", "-o", "pruned", *C)
@@ -123,3 +124,46 @@ def test_check_runs_on_the_device_and_reports_it(stages):
     assert res["check"] == 0, res
     report = json.loads((d / "report" / "report.json").read_text())
     assert report["metrics"]["max_expert_error"] < 0.5 and report["metrics"]["min_routing_overlap"] == 1.0
+
+
+RACE = r"""
+import contextlib, json, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import vcuda
+vcuda.install()
+import torch
+from moepress.device import Uploader
+
+made, seen = [], {}
+
+class SlowStream:  # its first construction starts CUDA (slow), as torch.cuda.Stream's does
+    def __init__(self, device=None, **kw):
+        time.sleep(0.2 if not made else 0.002)
+        made.append(self)
+
+    def synchronize(self):
+        seen.setdefault(threading.current_thread().name, {}).setdefault("synced", set()).add(made.index(self))
+
+@contextlib.contextmanager
+def on(s):
+    seen.setdefault(threading.current_thread().name, {})["copies"] = made.index(s)
+    yield
+
+torch.cuda.Stream, torch.cuda.stream = SlowStream, on
+up = Uploader(torch.device("cuda"))
+ts = [threading.Thread(target=lambda: up.upload({f"w{j}": torch.randn(8, 8) for j in range(20)}), name=f"t{i}")
+      for i in range(2)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(json.dumps({"streams": len(made), "awaited": [v["copies"] in v["synced"] for v in seen.values()]}))
+"""
+
+
+def test_two_threads_first_uploads_wait_on_the_stream_their_copies_are_on():
+    """Two workers' first uploads at once (the calibration-free GPU path's two upload threads): one side stream
+    is made, and each thread waits on the stream its copies were queued on."""
+    p = subprocess.run([sys.executable, "-c", RACE, str(Path(__file__).parent)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res == {"streams": 1, "awaited": [True, True]}, res

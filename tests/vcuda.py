@@ -67,6 +67,15 @@ CPU = torch.device("cpu")
 SYNCS: collections.Counter = collections.Counter()
 ROOT = str(Path(__file__).resolve().parents[1])
 _mem = {"live": {}, "cur": 0, "peak": 0}
+# CUDA's lazy initialisation: a device tensor, a stream or torch.cuda.init() starts it; before that the
+# allocator's reset_peak_memory_stats refuses the device (torch 2.13 torch/cuda/memory.py calls the C binding
+# without _lazy_init; CUDACachingAllocator's assertValidDevice: "Invalid device argument 0: did you call init?")
+# and memory_stats reads {} (its is_initialized() check)
+_state = {"initialized": False}
+
+
+def _init() -> None:
+    _state["initialized"] = True
 _memlock = threading.Lock()
 
 
@@ -108,6 +117,7 @@ class VCuda(torch.Tensor):
             cls, elem.shape, dtype=elem.dtype, device=CUDA, strides=elem.stride(),
             storage_offset=elem.storage_offset(), requires_grad=elem.requires_grad, layout=elem.layout)
         r.elem = elem
+        _state["initialized"] = True
         st = elem.untyped_storage()
         key, nb = st.data_ptr(), st.nbytes()
         with _memlock:
@@ -366,6 +376,7 @@ def _dc_tf(self, func, types_, args=(), kwargs=None):
 
 class _Stream:
     def __init__(self, device=None, priority=0, **kw):
+        _init()
         self.device = CUDA
 
     def synchronize(self):
@@ -417,22 +428,24 @@ def _patch_cuda_module() -> None:
     c.device_count = lambda: 1
     c.current_device = lambda: 0
     c.set_device = lambda d: None
-    c.synchronize = lambda device=None: None
-    c.is_initialized = lambda: True
-    c._lazy_init = lambda: None
-    c.init = lambda: None
+    c.synchronize = lambda device=None: _init()
+    c.is_initialized = lambda: _state["initialized"]
+    c._lazy_init = _init
+    c.init = _init
     c.Stream = _Stream
     c.Event = _Event
     c.stream = lambda s=None: contextlib.nullcontext()
     c.device = lambda d=None: contextlib.nullcontext()
     c.current_stream = lambda device=None: _Stream()
     c.default_stream = lambda device=None: _Stream()
-    c.max_memory_allocated = lambda device=None: _mem["peak"]
-    c.memory_allocated = lambda device=None: _mem["cur"]
-    c.memory_reserved = lambda device=None: _mem["cur"]
-    c.max_memory_reserved = lambda device=None: _mem["peak"]
+    c.max_memory_allocated = lambda device=None: _mem["peak"] if _state["initialized"] else 0
+    c.memory_allocated = lambda device=None: _mem["cur"] if _state["initialized"] else 0
+    c.memory_reserved = lambda device=None: _mem["cur"] if _state["initialized"] else 0
+    c.max_memory_reserved = lambda device=None: _mem["peak"] if _state["initialized"] else 0
 
     def _reset(device=None):
+        if not _state["initialized"]:
+            raise RuntimeError("Invalid device argument 0: did you call init?")
         _mem["peak"] = _mem["cur"]
     c.reset_peak_memory_stats = _reset
     c.reset_max_memory_allocated = _reset
