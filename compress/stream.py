@@ -189,8 +189,8 @@ class StreamedModel:
         if missing:
             raise MoepressError(f"{self._where()}: config.json has num_hidden_layers={a.num_layers} "
                                 f"but the weights lack layer(s) {missing[:5]}")
-        moe = set(a.moe_layers())
-        for i in range(a.num_layers):
+        moe = set(a.moe_layers()) | {i for i in a.mtp_layers() if a.is_moe_layer(i)}  # an MTP layer's too
+        for i in [*range(a.num_layers), *a.mtp_layers()]:
             pat = re.compile(rf"{re.escape(a.layer_prefix(i) + a.ffn_attr)}\.experts\.(\d+)\.")
             found = {int(m.group(1)) for n in ck.layer_names(i) if (m := pat.match(n))}
             miscounted = len(found) != a.num_experts or (found and max(found) != a.num_experts - 1)

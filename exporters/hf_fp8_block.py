@@ -103,7 +103,8 @@ def _rename_layer(r, a, names, writer, dtype, quantized: set[str], kept: list[st
 
 
 def _copy_layer(r, names, writer, quantized: set[str]) -> None:
-    """Tensors past the trunk (embeddings, norm, head, DeepSeek's MTP layers) of a checkpoint in this layout: copied."""
+    """Tensors past the trunk (embeddings, norm, head, DeepSeek's MTP layers) of a bf16 checkpoint or a `moepress
+    quantize` output (which writes no MTP layer): copied, an MTP layer in bf16 (listed in modules_to_not_convert)."""
     for n in names:
         writer.add(n, r.get(n))
         if n.endswith(".weight_scale_inv"):
@@ -184,12 +185,12 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
     dtype = getattr(torch, cfg.dtype)
     with progress.task("export hf-fp8-block", a.num_layers + 2) as task:
         for kind, i, names in tensor_groups(s):
-            if kind != "layer":  # embeddings, norm, head, and layers past the trunk (DeepSeek's MTP)
+            if mode == "copy":  # DeepSeek's MTP layers (past the trunk, "embed") under the trunk's rule too
+                _copy_block_layer(r, a, names, writer, dtype, quantized, kept, misread)
+            elif kind != "layer":  # embeddings, norm, head, and layers past the trunk (DeepSeek's MTP)
                 _copy_layer(r, names, writer, quantized)
             elif mode == "rename":
                 _rename_layer(r, a, names, writer, dtype, quantized, kept)
-            elif mode == "copy":
-                _copy_block_layer(r, a, names, writer, dtype, quantized, kept, misread)
             else:
                 _quantize_layer(r, a, i, names, writer, dtype, quantized, kept)
             writer.end_shard()
@@ -206,8 +207,10 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
                                               "kv_cache": None, "shared": [], "borrowed": [], "skipped": [],
                                               "modules": {m: {"format": BLOCK_FP8} for m in sorted(quantized)}})
     writer.copy_aux_files(src)
+    mtp = [a.layer_prefix(i).rstrip(".") for i in a.mtp_layers()] if mode == "quantize" else []
     return {"mode": mode, "quantized_linears": len(quantized), "modules_to_not_convert": len(not_converted),
-            "kept_high_precision": kept, **_misread_notes(misread)}
+            "kept_high_precision": kept, **({"mtp_layers_high_precision": mtp} if mtp else {}),
+            **_misread_notes(misread)}
 
 
 def _misread_notes(misread: list[str]) -> dict:

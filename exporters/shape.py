@@ -229,19 +229,18 @@ _UNQUANTIZED = next(n for n, f in formats.FORMATS.items() if f.scale is None)  #
 
 def _mtp_layers(a, native: bool) -> tuple[collections.Counter, collections.Counter, tuple[int, int]]:
     """DeepSeek's MTP layers (adapter.mtp_layers; config num_nextn_predict_layers): their decoder linears, those
-    hf-fp8-block writes bf16 (all of them but in a block-FP8 checkpoint: it copies layers past the trunk as stored,
-    hf_fp8_block.export_hf_fp8_block), and their other and embedding parameters: each stores, beside a decoder
-    layer, enorm, hnorm, eh_proj [H, 2H], shared_head.norm, and its own embed_tokens and shared_head.head [V, H]
-    (deepseek-ai/DeepSeek-V3 README_WEIGHTS.md; vLLM 0.33.0 models/deepseek_mtp.py: eh_proj an nn.Linear whole on
-    every rank, embed_tokens and shared_head.head split by TP)."""
+    hf-fp8-block writes bf16 (all of them but in a block-FP8 checkpoint, which it copies under the trunk's rule:
+    bf16 only where no runtime computes a linear in blocks; hf_fp8_block.export_hf_fp8_block), and their other and
+    embedding parameters (adapter.mtp_extra_params; vLLM 0.33.0 models/deepseek_mtp.py: eh_proj an nn.Linear whole
+    on every rank, embed_tokens and shared_head.head split by TP)."""
     lin, kept, other, embed = collections.Counter(), collections.Counter(), 0, 0
-    H, V = a.hidden_size, a.vocab_size
-    for i in getattr(a, "mtp_layers", list)():
+    extra_other, extra_embed = a.mtp_extra_params()
+    for i in a.mtp_layers():
         with torch.device("meta"):
             rows, rest = _layer_linears(a.build_layer(i))
         lin.update((k, o, n) for _, k, o, n, _ in rows)
-        kept.update((k, o, n) for _, k, o, n, _ in rows if not native)
-        other, embed = other + rest + 3 * H + 2 * H * H, embed + 2 * V * H
+        kept.update((k, o, n) for _, k, o, n, _ in rows if not native or not runs_in_blocks((o, n), k == "routed"))
+        other, embed = other + rest + extra_other, embed + extra_embed
     return lin, kept, (other, embed)
 
 

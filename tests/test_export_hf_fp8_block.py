@@ -131,18 +131,52 @@ def test_check_passes_against_the_original(tmp_path, cli_run):
         assert f.metadata() == {"format": "pt"}
 
 
-def test_copied_mtp_layer_is_not_named_unconverted(tmp_path):
-    """DeepSeek's MTP layer (stored past num_hidden_layers) keeps its FP8 linears: only its high-precision
-    modules are in modules_to_not_convert (its FP8 q/kv/o and experts were listed as bf16)."""
-    from test_prune import write_deepseek_with_mtp
+def test_copied_mtp_layer_follows_the_trunks_rule(tmp_path):
+    """DeepSeek's MTP layer (stored past num_hidden_layers) is copied under the trunk's rule: a linear no runtime
+    computes in blocks is written dequantized and named in modules_to_not_convert, the others keep their FP8 and are
+    not named. Its FP8 q/kv/o and experts were once named as bf16; then its partial-block linears were copied in FP8
+    while the trunk's same linears were dequantized (the runtimes refuse them at load)."""
+    from helpers import write_with_mtp
 
-    src = write_deepseek_with_mtp(tmp_path)
-    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    # whole-block attention and experts but for q_b_proj / kv_b_proj (192 and 32 rows of 64 and 16 inputs)
+    cfg = {**json.loads((DSV3 / "config.json").read_text()), "hidden_size": 256, "moe_intermediate_size": 128,
+           "intermediate_size": 256, "num_nextn_predict_layers": 1}
+    src = write_with_mtp(cfg, tmp_path / "mtp")
+    n = cfg["num_hidden_layers"]
     export(src, tmp_path / "fb", ExportConfig(format="hf-fp8-block"))
-    listed = json.loads((tmp_path / "fb" / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
-    mtp = [m for m in listed if m.startswith(f"model.layers.{n}.")]
-    assert f"model.layers.{n}.eh_proj" in mtp and f"model.layers.{n}.mlp.gate" in mtp
-    assert not any(".self_attn." in m or ".experts." in m or ".shared_experts." in m for m in mtp), mtp
+    listed = set(json.loads((tmp_path / "fb" / "config.json").read_text())["quantization_config"]
+                 ["modules_to_not_convert"])
+    out, inp = CheckpointReader(tmp_path / "fb"), CheckpointReader(src)
+    mtp = [k[: -len(".weight_scale_inv")] for k in inp.names()
+           if k.startswith(f"model.layers.{n}.") and k.endswith(".weight_scale_inv")]
+    kept_fp8 = {m for m in mtp if out.info(m + ".weight").dtype == "F8_E4M3"}
+    assert kept_fp8 and len(kept_fp8) < len(mtp), (len(kept_fp8), len(mtp))  # both kinds, or the test shows nothing
+    for m in mtp:
+        trunk = m.replace(f"model.layers.{n}.", f"model.layers.{n - 1}.")
+        assert (m in kept_fp8) == (out.info(trunk + ".weight").dtype == "F8_E4M3"), m
+        assert (m in listed) == (m not in kept_fp8), m
+        assert (m + ".weight_scale_inv" in out) == (m in kept_fp8), m
+    assert {f"model.layers.{n}.eh_proj", f"model.layers.{n}.mlp.gate"} <= listed
+
+
+def test_a_bf16_mtp_layer_stays_bf16_and_the_summary_says_so(tmp_path):
+    """From a bf16 DeepSeek-V3 the trunk is quantized and the MTP layer copied in bf16 (DeepSeek ships it in FP8):
+    every one of its linears named in modules_to_not_convert, and export.json names the layer."""
+    from helpers import write_with_mtp
+
+    cfg = {**json.loads((DSV3 / "config.json").read_text()), "hidden_size": 256, "moe_intermediate_size": 128,
+           "intermediate_size": 256, "num_nextn_predict_layers": 1}
+    src = write_with_mtp(cfg, tmp_path / "mtp", block_fp8=False)
+    n = cfg["num_hidden_layers"]
+    export(src, tmp_path / "fb", ExportConfig(format="hf-fp8-block"))
+    listed = set(json.loads((tmp_path / "fb" / "config.json").read_text())["quantization_config"]
+                 ["modules_to_not_convert"])
+    out = CheckpointReader(tmp_path / "fb")
+    mtp = [k[: -len(".weight")] for k in out.names()
+           if k.startswith(f"model.layers.{n}.") and k.endswith("_proj.weight")]
+    assert mtp and all(out.info(m + ".weight").dtype == "BF16" and m in listed for m in mtp)
+    assert json.loads((tmp_path / "fb" / "export.json").read_text())["mtp_layers_high_precision"] == [
+        f"model.layers.{n}"]
 
 
 def test_copied_checkpoint_of_other_blocks_is_refused(tmp_path, cli_run):

@@ -164,6 +164,32 @@ def write_deepseek_with_mtp(tmp_path) -> Path:
     return write_with_mtp(MTP_CFG, tmp_path / "dsv3-mtp-fp8")
 
 
+@pytest.mark.parametrize("argv", [["inspect", "--no-targets"], ["export", "--format", "hf-fp8-block", "-o", "EXP"],
+                                  ["prune", "--keep", "8", "-o", "EXP"]])
+def test_an_mtp_layer_storing_other_experts_than_the_config_is_refused(tmp_path, cli_run, argv):
+    """A checkpoint whose MTP layer holds 32 experts under a config of 16 (its trunk pruned, the MTP layer not):
+    vLLM's MTP loader maps experts by the config's count and cannot load it. Checked as a trunk layer is (the MTP
+    layer's experts were never counted: inspect described it and export wrote it, exit 0)."""
+    from helpers import assert_one_line_error
+    from moepress.compress.checkpoint import CheckpointWriter
+
+    small = CheckpointReader(write_with_mtp(MTP_CFG, tmp_path / "e16"))
+    big = CheckpointReader(write_with_mtp({**MTP_CFG, "n_routed_experts": 32}, tmp_path / "e32"))
+    n = MTP_CFG["num_hidden_layers"]
+    with CheckpointWriter(tmp_path / "mixed") as w:
+        for name in small.names():
+            if not name.startswith(f"model.layers.{n}."):
+                w.add(name, small.get(name))
+        for name in big.names():
+            if name.startswith(f"model.layers.{n}."):
+                w.add(name, big.get(name))
+        w.write_json("config.json", small.config)
+    args = [str(tmp_path / "EXP") if a == "EXP" else a for a in argv]
+    r = cli_run(args[0], tmp_path / "mixed", *args[1:])
+    assert_one_line_error(r, "n_routed_experts=16", f"layer {n} stores 32 routed experts")
+    assert not (tmp_path / "EXP").exists()
+
+
 def test_block_fp8_with_mtp_layer_prunes_consistently(tmp_path):
     src = write_deepseek_with_mtp(tmp_path)
     ids = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0))

@@ -202,6 +202,14 @@ class Adapter:
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
+    def mtp_layers(self) -> list[int]:
+        """Multi-token-prediction layers stored after the trunk: none but in DeepSeek-V3's family."""
+        return []
+
+    def mtp_extra_params(self) -> tuple[int, int]:
+        """(other, embedding) parameters an MTP layer stores beside its decoder layer."""
+        return 0, 0
+
     @property
     def tie_word_embeddings(self) -> bool:
         return bool(self.config.get("tie_word_embeddings", False))

@@ -145,3 +145,10 @@ class DeepseekV3Adapter(Adapter):
         n = int(self.config.get("num_nextn_predict_layers", 0) or 0)
         declared = range(self.num_layers, self.num_layers + n)
         return [i for i in declared if not self._stored_layers or i in self._stored_layers]
+
+    def mtp_extra_params(self) -> tuple[int, int]:
+        """(other, embedding) parameters an MTP layer stores beside its decoder layer: enorm, hnorm,
+        shared_head.norm [H] and eh_proj [H, 2H]; its own embed_tokens and shared_head.head [V, H]
+        (deepseek-ai/DeepSeek-V3 README_WEIGHTS.md)."""
+        h, v = self.hidden_size, self.vocab_size
+        return 3 * h + 2 * h * h, 2 * v * h

@@ -18,7 +18,7 @@ MTP_SCORING = ("each MTP layer is scored by its own forward on the calibration t
 
 
 def mtp_layers_present(adapter, reader: CheckpointReader) -> list[int]:
-    declared = getattr(adapter, "mtp_layers", lambda: [])()
+    declared = adapter.mtp_layers()
     return [i for i in declared if reader.layer_names(i)]
 
 
