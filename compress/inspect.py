@@ -6,15 +6,19 @@ needed), so the numbers are the ones the stream will really load.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
+from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.arch.base import Adapter, count_params
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.formats import ct_inputs, fp8_block
 from moepress.compress.stream import StreamedModel
+from moepress.errors import MoepressError
 
 # transformers' quant_method of a FineGrainedFP8Config, which DeepSeek-V3 / Kimi K2 configs carry
 # with a weight_block_size (transformers/utils/quantization_config.py, QuantizationMethod.FP8):
@@ -35,33 +39,41 @@ def _layer_counts(adapter: Adapter, i: int) -> tuple[int, int]:
 
 
 def param_counts(adapter: Adapter) -> dict:
-    """Total and active parameters, embeddings and head included (head counted once if tied)."""
+    """Total and active parameters, embeddings and head included (head counted once if tied). DeepSeek's MTP
+    layers (stored past the trunk, run only to draft tokens) count in ``total`` and ``mtp``, not in ``active``,
+    as DeepSeek-V3 counts them (671B main model + 14B MTP module)."""
     cache = lru_cache(maxsize=None)(lambda moe: _layer_counts(adapter, first[moe]))
     first = {}
-    for i in range(adapter.num_layers):
+    mtp_layers = adapter.mtp_layers()
+    for i in [*range(adapter.num_layers), *mtp_layers]:
         first.setdefault(adapter.is_moe_layer(i), i)
     total = active = 0
     for i in range(adapter.num_layers):
         t, a = cache(adapter.is_moe_layer(i))
         total += t
         active += a
+    mtp = sum(cache(adapter.is_moe_layer(i))[0] + sum(adapter.mtp_extra_params()) for i in mtp_layers)
     per_expert = 3 * adapter.hidden_size * adapter.moe_intermediate_size()
-    experts = len(adapter.moe_layers()) * adapter.num_experts * per_expert
+    moe_layers = len(adapter.moe_layers()) + sum(adapter.is_moe_layer(i) for i in mtp_layers)
     emb = adapter.vocab_size * adapter.hidden_size
     head = 0 if adapter.tie_word_embeddings else emb
     norm = adapter.hidden_size
     return {
-        "total": total + emb + head + norm,
+        "total": total + emb + head + norm + mtp,
         "active": active + emb + head + norm,
-        "routed_experts": experts,
+        "routed_experts": moe_layers * adapter.num_experts * per_expert,
         "embeddings": emb,
         "lm_head": head,
+        **({"mtp": mtp} if mtp_layers else {}),
     }
 
 
-def storage_format(config: dict) -> str:
-    """How the checkpoint's weights are stored: a moepress format name where one applies, else what
-    its ``quantization_config`` says, else its dtype."""
+def storage_format(config: dict, layout: dict | None = None) -> str:
+    """How the checkpoint's weights are stored: a moepress format name where one applies (a ``moepress quantize``
+    output's moepress_quant.json names its formats), else what its ``quantization_config`` says, else its dtype."""
+    named = sorted({m.get("format") for m in ((layout or {}).get("modules") or {}).values()} - {None})
+    if named:
+        return ", ".join(named)
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") == HF_FP8_METHOD and qc.get("weight_block_size"):
         return fp8_block.FORMAT.name
@@ -75,21 +87,36 @@ def storage_format(config: dict) -> str:
 def module_formats(reader: CheckpointReader, adapter: Adapter) -> dict[str, dict[str, int]]:
     """How the decoder layers' 2-D weights are stored, per storage label: {label: {"routed experts": n,
     "other": m}}. A compressed-tensors packed module is labelled by its scheme (``int4 symmetric group
-    32 (compressed-tensors pack-quantized)``); any other weight by its stored dtype."""
+    32 (compressed-tensors pack-quantized)``), a module moepress_quant.json lists by its format (INT4, NVFP4
+    and MXFP4 are all uint8 on disk); any other weight by its stored dtype."""
+    named = (formats.layout_of(reader) or {}).get("modules") or {}
     out: dict[str, dict[str, int]] = {}
     for i in reader.layer_indices():
         names = set(reader.layer_names(i))
         bases = {n[: -len(ct_inputs.PACKED)] for n in names if n.endswith(ct_inputs.PACKED)}
         bases |= {n[: -len(".weight")] for n in names if n.endswith(".weight") and len(reader.info(n).shape) == 2}
         for b in bases:
-            label = ct_inputs.describe(reader, b) or reader.info(b + ".weight").dtype.lower()
+            label = (ct_inputs.describe(reader, b) or (named.get(b) or {}).get("format")
+                     or reader.info(b + ".weight").dtype.lower())
             kind = "routed experts" if adapter.expert_index(b + ".weight") is not None else "other"
             counts = out.setdefault(label, {})
             counts[kind] = counts.get(kind, 0) + 1
     return out
 
 
+def _refuse_non_hf_export(path: str) -> None:
+    """A `moepress export` output that is not a Hugging Face checkpoint (onnx: no config.json; trtllm-ckpt:
+    rank*.safetensors): one line naming it and its source, not the missing file the reader would name."""
+    d = Path(path)
+    if (d / "export.json").is_file() and (not (d / "config.json").is_file() or (d / "rank0.safetensors").is_file()):
+        info = json.loads((d / "export.json").read_text())
+        raise MoepressError(f"{path}: a `moepress export --format {info.get('format')}` output; inspect reads "
+                            "Hugging Face checkpoints (config.json with model.safetensors or its index): expected "
+                            f"its source, {info.get('source')}")
+
+
 def summarize(path: str) -> dict:
+    _refuse_non_hf_export(path)
     reader = CheckpointReader(path)
     a = get_adapter(reader.config, reader.names(), where=str(reader.path / "config.json"))
     if reader.has_weights:
@@ -113,14 +140,14 @@ def summarize(path: str) -> dict:
         },
         "routing": a.routing(),
         "params": param_counts(a),
-        "storage": storage_format(reader.config),
+        "storage": storage_format(reader.config, formats.read_layout(reader.path)),
         "has_weights": reader.has_weights,
         "bytes_on_disk": reader.bytes_by_dtype(),
         "remote_code": bool(reader.config.get("auto_map")),
     }
     if reader.has_weights:
         out["module_formats"] = module_formats(reader, a)
-    mtp = getattr(a, "mtp_layers", lambda: [])()
+    mtp = a.mtp_layers()
     if mtp:
         out["layers"]["mtp"] = mtp
     return out
@@ -175,7 +202,8 @@ def render(s: dict) -> str:
         f"intermediate {e['moe_intermediate_size']}",
         f"routing    {route}",
         f"params     {_fmt_count(p['total'])} total, {_fmt_count(p['active'])} active per token "
-        f"(routed experts {_fmt_count(p['routed_experts'])})",
+        f"(routed experts {_fmt_count(p['routed_experts'])}"
+        + (f"; MTP {_fmt_count(p['mtp'])}, not active" if p.get("mtp") else "") + ")",
         f"storage    {s['storage']}",
     ]
     if s["has_weights"]:

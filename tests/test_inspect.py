@@ -94,6 +94,25 @@ def test_param_counts_are_the_checkpoints_tensors(name):
     assert p["params"]["active"] == sum(numel.values()) - unused
 
 
+def test_mtp_layers_count_in_total_and_mtp_not_in_active(tmp_path):
+    """DeepSeek's MTP layer (stored past the trunk: a decoder layer, enorm, hnorm, eh_proj, its own embedding and
+    head) is in the total and ``mtp`` as the headers hold it, its experts in ``routed_experts``, and not in
+    ``active`` (it was left out of every count while the modules and bytes listed it)."""
+    from helpers import write_with_mtp
+    from moepress import models
+
+    cfg = {**json.loads((models.path("tiny-deepseek-v3") / "config.json").read_text()), "num_nextn_predict_layers": 1}
+    d = write_with_mtp(cfg, tmp_path / "mtp", block_fp8=False)
+    n, p = cfg["num_hidden_layers"], summarize(str(d))
+    numel = {k: math.prod(v["shape"]) for k, v in _headers(d).items() if not k.endswith("e_score_correction_bias")}
+    mtp = {k: v for k, v in numel.items() if k.startswith(f"model.layers.{n}.")}
+    trunk = p["params"]["total"] - p["params"]["mtp"]
+    assert p["layers"]["mtp"] == [n] and p["params"]["total"] == sum(numel.values())
+    assert p["params"]["mtp"] == sum(mtp.values())
+    assert p["params"]["routed_experts"] == sum(v for k, v in numel.items() if ".mlp.experts." in k)
+    assert p["params"]["active"] == summarize(str(models.path("tiny-deepseek-v3")))["params"]["active"] < trunk
+
+
 def test_module_formats_count_the_2d_weights_by_stored_dtype():
     """`module_formats`: the decoder layers' 2-D weights per stored dtype (the header's), routed experts apart."""
     from moepress import models
@@ -120,6 +139,33 @@ def test_storage_says_what_quantization_config_holds(tmp_path):
     del cfg["quantization_config"]["weight_block_size"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert summarize(str(tmp_path))["storage"] == "fp8"
+
+
+def test_a_moepress_quantize_output_is_described_by_its_formats(tmp_path):
+    """storage and module_formats name the formats moepress_quant.json lists (every quantized output read
+    "modelopt", and INT4, NVFP4 and MXFP4 modules all "u8", their bytes on disk)."""
+    from moepress import models
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+
+    for fmt in ("int4-awq", "nvfp4"):
+        out = tmp_path / fmt
+        quantize_checkpoint(str(models.path("tiny-qwen3-moe")), str(out),
+                            QuantConfig(format=fmt, num_samples=2, seq_len=16))
+        layout = json.loads((out / "moepress_quant.json").read_text())["modules"]
+        s = summarize(str(out))
+        assert s["storage"] == fmt
+        experts = sum(".mlp.experts." in m for m in layout)
+        assert s["module_formats"][fmt] == {"routed experts": experts, "other": len(layout) - experts}
+
+
+def test_an_onnx_export_is_refused_naming_its_source(tmp_path, cli_run):
+    """inspect of an ONNX export named a missing config.json; it names what the folder is and its source."""
+    from helpers import assert_one_line_error
+    from moepress import models
+
+    assert cli_run("export", "tiny-qwen3-moe", "--format", "onnx", "-o", tmp_path / "x", "--quiet").exit_code == 0
+    r = cli_run("inspect", tmp_path / "x")
+    assert_one_line_error(r, "moepress export --format onnx", str(models.path("tiny-qwen3-moe")))
 
 
 def _count(text: str) -> float:
