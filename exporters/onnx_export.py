@@ -28,8 +28,10 @@ from onnx import TensorProto, helper
 from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.formats import fp8_block
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
+from moepress.exporters.hints import packed_names
 from moepress.exporters.onnx_graph import FLOAT, Graph
 from moepress.exporters.onnx_layers import LayerBuilder
 
@@ -95,6 +97,28 @@ def refuse_opset(cfg) -> None:
                             f"defines and onnxruntime runs this export at)")
 
 
+def _not_carried(reader, adapter) -> tuple[list[str], list[str]]:
+    """What the graph does not hold as the checkpoint does, for export.json: the FP8 KV-cache scales (no KV cache),
+    DeepSeek's MTP layers (next-token logits only), compressed-tensors packed INT4 modules (decoded: bf16
+    initializers without Q/DQ) and a native block-FP8 checkpoint's dynamic activation quantization."""
+    scales = [n for n in reader.names() if n.endswith((".k_scale", ".v_scale"))]
+    mtp = [adapter.layer_prefix(i).rstrip(".") for i in adapter.mtp_layers()]
+    packed = packed_names(reader)
+    native = formats.read_layout(reader.path) is None and fp8_block.dynamic_native(reader.config)
+    notes = [f"the FP8 KV-cache scales ({len(scales)} k_scale / v_scale) are not carried: the graph has no KV "
+             f"cache (attention over the whole sequence in one forward)"] if scales else []
+    if mtp:
+        notes.append(f"the multi-token-prediction layer(s) {', '.join(mtp)} are not carried: the graph gives the "
+                     "next token's logits only")
+    if packed:
+        notes.append(f"{len(packed)} compressed-tensors packed modules (e.g. {packed[0].rsplit('.', 1)[0]}) are "
+                     "written decoded, as bf16 initializers without Q/DQ")
+    if native:  # DeepSeek-V3 / Kimi K2 as they ship: the only FP8 checkpoint the graph takes without static scales
+        notes.append("the checkpoint's runtimes quantize its block-FP8 linears' inputs per token in 1x128 groups "
+                     "(config activation_scheme dynamic); the graph quantizes their weights only")
+    return scales + mtp, notes
+
+
 def export_onnx(src: Path, writer, cfg, progress) -> dict:
     refuse_opset(cfg)
     reader = CheckpointReader(src)
@@ -103,9 +127,11 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
     refuse_source(src, adapter)
     try:
         min_bytes = int(cfg.option("external_min_bytes", 1024))
+        if min_bytes < 0:
+            raise ValueError
     except ValueError:
         raise MoepressError(f"--option external_min_bytes={cfg.option('external_min_bytes')}: expected an "
-                            f"integer byte count") from None
+                            f"integer byte count, 0 or more") from None
     g = Graph(writer.partial / "model.onnx.data", min_bytes)
     b = LayerBuilder(g, reader, adapter)
     outputs = []
@@ -138,9 +164,7 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
     onnx.save(model, str(writer.partial / "model.onnx"))
     writer.copy_aux_files(src)
-    dropped = [n for n in reader.names() if n.endswith((".k_scale", ".v_scale"))]
-    notes = [f"the FP8 KV-cache scales ({len(dropped)} k_scale / v_scale) are not carried: the graph has no KV "
-             f"cache (attention over the whole sequence in one forward)"] if dropped else []
+    dropped, notes = _not_carried(reader, adapter)
     return {"onnx": {"file": "model.onnx", "external_data": g.data_path.name, "opset": cfg.opset,
                      "nodes": len(g.nodes), "initializers": len(g.inits), "data_bytes": g.offset,
                      "weight_schemes": sorted(b.schemes), "moe": "dense experts x scattered top-k gate"},

@@ -380,6 +380,28 @@ def test_kv_cache_scales_not_carried_are_said(exported, tmp_path):
     assert all(not c["info"]["consumer_notes"] for c in exported.values())
 
 
+def test_what_the_graph_does_not_hold_as_the_checkpoint_does_is_said(tmp_path, cli_run):
+    """export.json says so (they were exported without a word): Kimi's compressed-tensors INT4 experts written
+    decoded (bf16, no Q/DQ), DeepSeek's MTP layer left out, a native block-FP8 checkpoint's dynamic activations not
+    in the graph. A negative external_min_bytes is refused, as a non-integer is."""
+    from helpers import DSV3_SMALL, assert_one_line_error, write_with_mtp
+    from moepress.exporters import ExportConfig, export
+
+    kimi = export(models.path("tiny-kimi-k2-int4"), tmp_path / "kimi", ExportConfig(format="onnx"))
+    assert [n for n in kimi["consumer_notes"] if "compressed-tensors packed modules" in n and "bf16" in n]
+    assert not kimi["dropped"]
+    src = write_with_mtp({**DSV3_SMALL, "max_position_embeddings": 128, "num_nextn_predict_layers": 1},
+                         tmp_path / "mtp")
+    ds = export(src, tmp_path / "ds", ExportConfig(format="onnx"))
+    n = DSV3_SMALL["num_hidden_layers"]
+    assert ds["dropped"] == [f"model.layers.{n}"]
+    assert [x for x in ds["consumer_notes"] if "multi-token-prediction" in x]
+    assert [x for x in ds["consumer_notes"] if "per token in 1x128 groups" in x and "weights only" in x]
+    r = cli_run("export", "tiny-qwen3-moe", "--format", "onnx", "--option", "external_min_bytes=-5", "-o",
+                tmp_path / "x")
+    assert_one_line_error(r, "external_min_bytes=-5")
+
+
 @pytest.mark.parametrize("act", ["gelu", "relu"])
 def test_hidden_act_is_the_configs(tmp_path, cli_run, act):
     """The stream (and transformers) run config.json's hidden_act; the graph hard-coded SiLU, so a gelu model
