@@ -246,6 +246,17 @@ def test_resume_refuses_a_partial_started_with_another_format(cli_run, tmp_path)
     assert _outputs_tree(tmp_path / "O.partial") == before and not out.exists()  # kept, untouched
 
 
+def test_a_resume_refusal_names_the_option_changed_not_what_follows_from_it(cli_run, tmp_path):
+    """fp8 (calibrated: its key records the device) resumed as fp8-dynamic (calibration-free: it does not) read
+    "was started with device cpu and format fp8, this run asks for device none and format fp8-dynamic"."""
+    m, out = _outputs_model(tmp_path), tmp_path / "O"
+    _outputs_partial(tmp_path, out, m, format="fp8", num_samples=4, seq_len=32)
+    r = cli_run("quantize", m, "--format", "fp8-dynamic", "--num-samples", "4", "--seq-len", "32", "--resume",
+                "-o", out)
+    line = _outputs_one_line(r, "O.partial", "was started with format fp8, this run asks for fp8-dynamic")
+    assert "device" not in line
+
+
 def test_resume_refuses_a_partial_of_another_model(cli_run, tmp_path):
     m, other, out = _outputs_model(tmp_path), _outputs_model(tmp_path, "tiny-mixtral", "X"), tmp_path / "O"
     before = _outputs_partial(tmp_path, out, other, format="fp8")

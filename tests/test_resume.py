@@ -245,3 +245,61 @@ def test_a_boundary_journaled_before_its_shard_is_not_a_boundary(tmp_path):
     w.add("l1.b", torch.ones(2))
     w.commit()
     assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == 4
+
+
+@pytest.mark.parametrize("change", ["truncated", "one byte", "deleted", "another run's"])
+def test_a_kept_shard_changed_since_the_killed_run_is_written_again(cli_run, tmp_path, change):
+    """The resume kept every journaled shard as it found it: a truncated one went into a finished output under the
+    manifest's sha256 of the bytes first written (exit 0, unreadable), another run's went in unnoticed, a deleted
+    one failed at the commit after all the work (and the partial could no longer resume). Each is checked against
+    the journal's size and sha256; from the first that differs on, the layers are written again."""
+    ref, q = tmp_path / "ref", tmp_path / "q"
+    assert cli_run(*ARGS, "-o", ref).exit_code == 0
+    other = tmp_path / "other"  # the same layers of another run (another format)
+    for out, args in ((q, ARGS), (other, ("quantize", MODEL, "--format", "fp8-dynamic", "--quiet"))):
+        with pytest.MonkeyPatch.context() as mp:
+            _kill_before_commit(mp)
+            with pytest.raises(Killed):
+                cli_run(*args, "-o", out)
+    partial = tmp_path / "q.partial"
+    shard = partial / json.loads((partial / JOURNAL).read_text())["shards"][1][0]  # layer 0's
+    if change == "truncated":
+        shard.write_bytes(shard.read_bytes()[:1000])
+    elif change == "one byte":
+        b = bytearray(shard.read_bytes())
+        b[-10] ^= 1
+        shard.write_bytes(bytes(b))
+    elif change == "deleted":
+        shard.unlink()
+    else:
+        shard.write_bytes((tmp_path / "other.partial" / shard.name).read_bytes())
+    r = cli_run(*ARGS, "--resume", "-o", q)
+    assert r.exit_code == 0, r.output
+    assert _digest(q) == _digest(ref)
+    assert json.loads((q / "moepress-manifest.json").read_text())["files"] == \
+        json.loads((ref / "moepress-manifest.json").read_text())["files"]
+
+
+def test_an_input_changed_behind_its_unchanged_manifest_is_another_input(cli_run, tmp_path):
+    """A moepress output as input: its identity was its moepress-manifest.json's digests, so a shard edited beside
+    an unchanged manifest resumed a partial of the old bytes (layers of both inputs in one output, exit 0)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    assert cli_run("prune", MODEL, "--method", "frequency", "--ratio", "0.25", "-o", src, "--quiet").exit_code == 0
+    with pytest.MonkeyPatch.context() as mp:
+        _kill_before_commit(mp)
+        with pytest.raises(Killed):
+            cli_run("quantize", src, "--format", "fp8-dynamic", "--quiet", "-o", tmp_path / "q")
+    f = next(p for p in sorted(src.glob("model-*.safetensors"))
+             if any(k.startswith("model.layers.0.") for k in load_file(p)))
+    t = load_file(f)
+    t = {k: v * 3 if k.endswith("q_proj.weight") else v for k, v in t.items()}
+    manifest = (src / "moepress-manifest.json").read_bytes()
+    save_file(t, str(f), metadata={"format": "pt"})
+    assert (src / "moepress-manifest.json").read_bytes() == manifest
+    r = cli_run("quantize", src, "--format", "fp8-dynamic", "--quiet", "--resume", "-o", tmp_path / "q")
+    assert r.exit_code == 2 and f.name in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    shutil.rmtree(tmp_path / "q.partial")

@@ -5,18 +5,22 @@ the new run must be the same run: same stage, same config, same input, same moep
 records the key in its journal when it creates the partial and continues a partial only when the
 recorded key equals the new one; otherwise one line names what differs and the partial is kept.
 
-The input's identity is cheap to compute on a 1 TB checkpoint: the file digests of its
-moepress-manifest.json when it has one (a moepress output; rewritten byte-identically, it keeps
-its identity), else each ``*.safetensors`` file's name and stamp (size, mtime, inode change time:
-:func:`moepress.manifest.file_stamp`; a file rewritten with its old size and mtime kept, by ``cp -p`` or
-``touch -r``, is another input) plus the sha256 of its config.json, index and auxiliary files (the
-tokenizer decides the calibration tokens).
+The input's identity is cheap to compute on a 1 TB checkpoint: each ``*.safetensors`` file's name and
+stamp (size, mtime, inode change time: :func:`moepress.manifest.file_stamp`; a file rewritten with its old
+size and mtime kept, by ``cp -p`` or ``touch -r``, is another input) plus the sha256 of its config.json,
+index and auxiliary files (the tokenizer decides the calibration tokens). A moepress output's
+moepress-manifest.json is not taken for it: a shard edited beside an unchanged manifest is another input.
+
+The shards a resume keeps are the killed run's own only while their bytes are those the journal recorded
+(:func:`first_changed_shard`: sha256 against the journal's digests, hashed in parallel); from the first one
+missing or changed on, the stage writes again, as an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from moepress import __version__
@@ -39,15 +43,25 @@ class ResumeRefused(MoepressError):
 def input_identity(src: str | os.PathLike) -> dict:
     """The identity of the checkpoint directory ``src`` (see the module docstring)."""
     src = Path(src)
-    try:
-        files = json.loads((src / MANIFEST_NAME).read_text()).get("files") if (src / MANIFEST_NAME).is_file() else None
-    except (OSError, ValueError, AttributeError):
-        files = None
-    if isinstance(files, dict) and files:
-        return {"manifest": {n: v.get("sha256") if isinstance(v, dict) else v for n, v in sorted(files.items())}}
     shards = {p.name: file_stamp(p.stat()) for p in sorted(src.glob("*.safetensors"))}
     small = [src / n for n in ("config.json", INDEX_NAME) if (src / n).is_file()] + aux_files(src)
     return {"shards": shards, "sha256": {p.name: sha256_file(p) for p in small}}
+
+
+def first_changed_shard(partial: Path, shards: list, digests: dict[str, dict]) -> int | None:
+    """The index of the first of ``shards`` (the journal's [file, names, bytes]) missing from ``partial`` or whose
+    size or sha256 is not what the journal recorded for it ({file: {sha256, size}}); None when all are as written."""
+    def changed(shard) -> bool:
+        f, want = partial / shard[0], digests.get(shard[0]) or {}
+        if not f.is_file():
+            return True
+        if "size" in want and f.stat().st_size != want["size"]:
+            return True
+        return "sha256" in want and sha256_file(f) != want["sha256"]
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib lets go of the GIL
+        flags = list(pool.map(changed, shards))
+    return flags.index(True) if True in flags else None
 
 
 def resume_key(stage: str, config: dict, src: str | os.PathLike) -> dict:
@@ -81,7 +95,10 @@ def _word(v) -> str:
 
 
 def _config_difference(old: dict, new: dict) -> list[str]:
+    """The options that differ; one that only one side records (quantize's ``device``, kept for calibrated
+    formats only) is named only when nothing both record differs: it follows from the other."""
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    keys = [k for k in keys if k in old and k in new] or keys
     if not keys:
         return []
     if len(keys) == 1:
@@ -104,7 +121,8 @@ def _input_difference(old: dict, new: dict) -> str:
         "was started from another input"
 
 
-__all__ = ["HINT", "ResumeRefused", "difference", "input_identity", "normalized", "resume_key"]
+__all__ = ["HINT", "ResumeRefused", "difference", "first_changed_shard", "input_identity", "normalized",
+           "resume_key"]
 
 
 JOURNAL = "writer-journal.json"  # CheckpointWriter's record of whole shards, boundaries and the key

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moepress.compress.checkpoint.auxiliary import aux_files
-from moepress.compress.checkpoint.resume import JOURNAL, normalized, resumable_journal
+from moepress.compress.checkpoint.resume import JOURNAL, first_changed_shard, normalized, resumable_journal
 from moepress.compress.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_NAME, write_safetensors
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, file_digests, versions, write_manifest
@@ -137,6 +137,7 @@ class CheckpointWriter:
         self._ends: list[int] = []  # shard counts at the caller's end_shard() calls (layer boundaries)
         self.transient = tuple(transient)
         self._digests: dict[str, dict] = {}  # shard file -> {sha256, size}, hashed while written
+        self.changed: str | None = None  # a resumed shard missing or changed since written (from it on: rewritten)
         # Stages fill this (stage, config, inputs ...); commit adds files and versions and
         # writes it as moepress-manifest.json.
         self.manifest: dict = {}
@@ -166,8 +167,12 @@ class CheckpointWriter:
             self._shards = [tuple(s) for s in j.get("shards", [])]  # type: ignore[misc]
             self._digests = j.get("digests", {})
             ends = j["ends"] if "ends" in j else [len(self._shards)]
-            # a boundary past the journaled shards is one whose shard was still being written
-            self._ends = [int(n) for n in ends if int(n) <= len(self._shards)]
+            # a boundary past the journaled shards is one whose shard was still being written; one past a shard
+            # missing or changed since (not the killed run's bytes) is written again
+            bad = first_changed_shard(self.partial, self._shards[:max(map(int, ends), default=0)], self._digests)
+            last = len(self._shards) if bad is None else bad
+            self.changed = None if bad is None else self._shards[bad][0]  # said by the stage
+            self._ends = [int(n) for n in ends if int(n) <= last]
             self._drop_unfinished()
             self._names = {n for _, names, _ in self._shards for n in names}
             if self.partial.exists() and (not resume or j.get("committing")):

@@ -222,6 +222,8 @@ class QuantizeStage:
         with writer as w, dist.peer_errors(env):  # a lost rank: PeerLost, and the writer keeps the partial
             self.w = w
             start = self._resume_point(progress)
+            if resume and not start and not w.changed:
+                progress.info("quantize: --resume: no finished layer of a killed run to keep; starting at layer 0")
             if a.embed_name not in self.done:
                 w.add(a.embed_name, read_later(self.reader, a.embed_name))  # read when its shard is written
                 w.end_shard()
@@ -298,6 +300,9 @@ class QuantizeStage:
                 raise MoepressError(box[1])
         if refused is not None:
             raise refused
+        if self.w.changed:
+            progress.info(f"quantize: {self.w.partial / self.w.changed} is missing or not the bytes the killed run "
+                          "wrote; its layer and those after it are written again")
         if start:
             progress.info(f"quantize: resuming at layer {start} ({start} finished layers kept from the killed run)")
         return start
@@ -390,7 +395,7 @@ def _quantized_name(name: str, done: set[str]) -> bool:
 class _NullWriter:
     """What ranks other than 0 write: nothing (rank 0 holds the checkpoint writer)."""
 
-    partial = None
+    partial = changed = None
 
     def __init__(self):
         self.manifest: dict = {}
