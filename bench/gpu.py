@@ -289,6 +289,7 @@ def main(argv=None) -> int:
         shapes = json.loads((gpu_src / "config.json").read_text())
         files = sorted(gpu_src.glob("*.safetensors"))
         raw_bytes = sum(p.stat().st_size for p in files)
+        cache_drop = drop_cache(files)  # how the reads below were made cold (raw_read drops it the same way)
         raw_s = raw_read(files)
         runs = [(d, m) for d in a.devices for m in (a.cpu_modes if d == "cpu" else a.modes)]
         for k, (dev, mode) in enumerate(runs):
@@ -315,13 +316,15 @@ def main(argv=None) -> int:
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; synthetic: Kimi K2 "
             f"{'real widths' if not a.small else 'small widths'} (hidden {cfg['hidden_size']}, experts "
             f"{cfg['moe_intermediate_size']} wide, dense {cfg['intermediate_size']}), layer 0 dense, layer 1 MoE, "
-            f"block FP8; raw read {raw_bytes / 1e9:.2f} GB in {raw_s:.2f} s; calibration {a.num_samples} x "
+            f"block FP8; raw read {raw_bytes / 1e9:.2f} GB in {raw_s:.2f} s ({raw_bytes / 1e9 / raw_s:.2f} GB/s, page "
+            f"cache dropped by {cache_drop}); calibration {a.num_samples} x "
             f"{a.seq_len} tokens; process baseline RSS {base / 1e9:.2f} GB")
     print(table(rows, head))
     print("\nstreamed forward, share of its time the GPU waited for uploads (idle fraction): "
           + (", ".join(f"{d} {v:.3f}" if v is not None else f"{d} -" for d, v in idle.items()) or "no GPU run"))
     print(f"\ntotal {time.monotonic() - t_start:.0f} s (synthetic checkpoints {synth_s:.0f} s)")
-    save(a.json_path, {"head": head, "rows": rows, "idle": idle, "raw_read_s": raw_s, "raw_bytes": raw_bytes})
+    save(a.json_path, {"head": head, "rows": rows, "idle": idle, "raw_read_s": raw_s, "raw_bytes": raw_bytes,
+                       "cache_drop": cache_drop})
     return 0
 
 

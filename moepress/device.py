@@ -36,7 +36,7 @@ def resolve(spec: str | torch.device | None = "auto") -> torch.device:
     spec = "auto" if spec is None else str(spec).strip().lower()
     m = _SPEC.match(spec)
     if m is None or (m.group(1) != "cuda" and m.group(2) is not None):
-        raise MoepressError(f"--device {spec}: expected {CHOICES}")
+        raise MoepressError(f"--device {spec or repr(spec)}: expected {CHOICES}")
     kind, index = m.group(1), m.group(2)
     if kind == "auto":  # under torchrun, each rank its own GPU
         n = cuda_count()

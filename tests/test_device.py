@@ -78,6 +78,13 @@ def test_malformed_device_is_refused(spec):
         resolve(spec)
 
 
+def test_an_empty_device_is_refused_by_run_too(cli_run, tmp_path):
+    """`run --device ''` fell back to the recipe's device (every other stage refuses it); the line quotes it."""
+    r = cli_run("run", "--device", "", "-o", tmp_path / "o")
+    assert r.exit_code == 2 and r.stderr.strip() == "moepress: error: --device '': expected auto|cpu|cuda|cuda:N"
+    assert not (tmp_path / "o").exists()
+
+
 def test_auto_is_the_cpu_without_cuda():
     assert resolve("auto") == (torch.device("cuda", 0) if HAS_CUDA else torch.device("cpu"))
     assert resolve(None) == resolve("auto")

@@ -37,7 +37,8 @@ def run_cmd(recipe, output, force_from, model, device, quiet, json_out):
     r, src = load_recipe(recipe, {"model": model} if model else None)
     out = output or Path(r.get("output") or "moepress-out")
     prog = Progress.from_flags(quiet, json_out)
-    summary, summary_memory = run_measured(device or r.get("device"), run_recipe, r, out, prog, force_from, src)
+    chosen = device if device is not None else r.get("device")  # an empty --device is refused, not the recipe's
+    summary, summary_memory = run_measured(chosen, run_recipe, r, out, prog, force_from, src)
     summary["memory"] = summary_memory
     if json_out:
         click.echo(json.dumps(summary, default=str))

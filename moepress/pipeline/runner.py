@@ -110,7 +110,7 @@ class Runner:
         if force_from is not None and force_from not in STAGES:
             raise MoepressError(f"--from {force_from}: expected one of {', '.join(STAGES)}")
         self.force_from = force_from
-        self.device = resolve_device(device or recipe.get("device"))  # a runtime choice: in no stage's key
+        self.device = resolve_device(device if device is not None else recipe.get("device"))  # in no stage's key
         self.model = resolve_model(recipe["model"])
         recipe_file = Path(recipe_src)
         # a symlinked -o: the directory it names (a dangling one is made)
