@@ -109,10 +109,15 @@ def _refuse_non_hf_export(path: str) -> None:
     rank*.safetensors): one line naming it and its source, not the missing file the reader would name."""
     d = Path(path)
     if (d / "export.json").is_file() and (not (d / "config.json").is_file() or (d / "rank0.safetensors").is_file()):
-        info = json.loads((d / "export.json").read_text())
-        raise MoepressError(f"{path}: a `moepress export --format {info.get('format')}` output; inspect reads "
-                            "Hugging Face checkpoints (config.json with model.safetensors or its index): expected "
-                            f"its source, {info.get('source')}")
+        try:
+            info = json.loads((d / "export.json").read_text())
+        except (OSError, ValueError):
+            info = None
+        info = info if isinstance(info, dict) else {}
+        fmt, source = info.get("format"), info.get("source")
+        raise MoepressError(f"{path}: a `moepress export{f' --format {fmt}' if fmt else ''}` output (export.json); "
+                            "inspect reads Hugging Face checkpoints (config.json with model.safetensors or its index)"
+                            + (f": expected its source, {source}" if source else ""))
 
 
 def summarize(path: str) -> dict:
