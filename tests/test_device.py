@@ -85,6 +85,18 @@ def test_an_empty_device_is_refused_by_run_too(cli_run, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
+    """Every rank computed on cuda:N while its NCCL group was on cuda:LOCAL_RANK."""
+    import moepress.device as device
+
+    monkeypatch.setattr(device, "cuda_count", lambda: 4)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(MoepressError, match=r"--device cuda:2: under torchrun each rank computes on its own GPU"):
+        resolve("cuda:2")
+    assert resolve("cuda") == torch.device("cuda", 1)
+
+
 def test_auto_is_the_cpu_without_cuda():
     assert resolve("auto") == (torch.device("cuda", 0) if HAS_CUDA else torch.device("cpu"))
     assert resolve(None) == resolve("auto")

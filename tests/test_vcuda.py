@@ -167,3 +167,45 @@ def test_two_threads_first_uploads_wait_on_the_stream_their_copies_are_on():
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res == {"streams": 1, "awaited": [True, True]}, res
+
+
+DECODE = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import vcuda
+vcuda.install()
+import torch
+from moepress.compress.formats import ct_inputs
+
+res = {}
+for bits in (8, 3, 4):  # compressed-tensors pack-quantized int32 words, decoded where the layer was uploaded
+    words = torch.randint(-2**31, 2**31 - 1, (5, 3), generator=torch.Generator().manual_seed(bits), dtype=torch.int64)
+    words = words.to(torch.int32)
+    n = 3 * 32 // bits
+    try:
+        got = ct_inputs.unpack_int32(words.to("cuda"), bits, n).cpu()
+        res[str(bits)] = torch.equal(got, ct_inputs.unpack_int32(words, bits, n))
+    except RuntimeError as e:
+        res[str(bits)] = str(e).splitlines()[0]
+class R:
+    path = "x"
+    def __contains__(self, n):
+        return True
+    def get(self, n):
+        return (torch.arange(64) // 32).to("cuda")
+try:
+    ct_inputs._check_g_idx(R(), "m", 64, 32)
+    res["g_idx"] = True
+except RuntimeError as e:
+    res["g_idx"] = str(e).splitlines()[0]
+print(json.dumps(res))
+"""
+
+
+def test_compressed_tensors_words_decode_on_the_device():
+    """A pack-quantized module of 8 or 3 bits (4 takes another path) decoded from its uploaded words, and a
+    plain-order weight_g_idx checked on the device: a CPU index tensor beside the device's (a GPU refuses)."""
+    p = subprocess.run([sys.executable, "-c", DECODE, str(Path(__file__).parent)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"8": True, "3": True, "4": True, "g_idx": True}

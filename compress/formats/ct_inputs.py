@@ -88,7 +88,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         v = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(rows, -1)[:, :n]
     else:
         words = packed.to(torch.int64) & 0xFFFFFFFF
-        pos = torch.arange(n, dtype=torch.int64) * bits
+        pos = torch.arange(n, dtype=torch.int64, device=packed.device) * bits  # on the words' device
         w, off = pos // 32, pos % 32
         lo = words[:, w] >> off
         nxt = words[:, (w + 1).clamp(max=words.shape[1] - 1)]
@@ -158,7 +158,7 @@ def _check_g_idx(reader, base: str, in_f: int, group: int) -> None:
         return
     g_idx = reader.get(name)
     if tuple(g_idx.shape) == (in_f,) and not g_idx.is_floating_point() and \
-            torch.equal(g_idx.long(), torch.arange(in_f) // group):
+            torch.equal(g_idx.long(), torch.arange(in_f, device=g_idx.device) // group):
         return
     raise MoepressError(f"{reader.path}: tensor '{name}': group act-order (columns scaled by groups out of order) "
                         "is not supported; compressed-tensors 0.20 no longer reads it either")

@@ -39,6 +39,7 @@ from moepress.compress.moe import StoredLinear, expert_rows
 from moepress.compress.prune.evidence import LayerEvidence
 from moepress.compress.prune.routing import route_masked
 from moepress.compress.quant import fp8
+from moepress.compress.quant.exact import div
 from moepress.errors import MoepressError
 
 
@@ -336,7 +337,7 @@ def encode_ct_int4(reader, base: str, w: torch.Tensor, stored: list[str]) -> dic
     # in the scale's dtype throughout, as compressed-tensors computes on a bf16 model's weights
     wp = torch.zeros(out_f, groups * g, dtype=scale.dtype, device=w.device)
     wp[:, :in_f] = w.to(scale.dtype)
-    fresh = wp.view(out_f, groups, g).abs().amax(dim=-1) / 7.5
+    fresh = div(wp.view(out_f, groups, g).abs().amax(dim=-1), 7.5)  # IEEE division on every device
     old = scale.to(device=w.device)
     q_old = torch.round(wp.view(out_f, groups, g) / old.masked_fill(old == 0, 1.0)[..., None])
     fits = (old > 0) & (q_old >= -8).all(dim=-1) & (q_old <= 7).all(dim=-1)
