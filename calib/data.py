@@ -370,8 +370,13 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
         perm = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))
         ids, src = ids[perm], src[perm]
     vocab = len(tok)
-    if ids.numel() and int(ids.max()) >= vocab:
-        raise MoepressError(f"token id {int(ids.max())} is outside the tokenizer's vocabulary ({vocab})")
+    bad = ((ids < 0) | (ids >= vocab)).any(dim=1).nonzero()
+    if bad.numel():  # a token file's ids: the source that gave them named
+        r = int(bad[0])
+        row = ids[r]
+        v = int(row[(row < 0) | (row >= vocab)][0])
+        raise MoepressError(f"--calib {specs[int(src[r])].spec}: token id {v} is outside the tokenizer's vocabulary "
+                            f"(0..{vocab - 1})")
     meta = {"key": key, "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
             "tokens": int(ids.numel()),
             "tokenizer": {**tok_fp, "model": str(model_dir), "eos_token_id": tok.eos_token_id, "vocab": vocab},

@@ -1,4 +1,4 @@
-"""Heatmap of routed-token share per MoE layer x expert (matplotlib, Agg backend: no display needed)."""
+"""Heatmap of routing-slot share per MoE layer x expert (matplotlib, Agg backend: no display needed)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from moepress.calib.observers import RoutingStats
 
 
 def plot_share(stats: RoutingStats, path: str | Path, title: str = "") -> Path:
-    """Write a PNG: rows are MoE layers, columns experts, colour the token share in % (log scale,
+    """Write a PNG: rows are MoE layers, columns experts, colour the share of the routing slots in % (log scale,
     the uniform share 100/E marked on the colour bar); never-routed experts are grey cells with a red x."""
     import matplotlib
 
@@ -40,10 +40,8 @@ def plot_share(stats: RoutingStats, path: str | Path, title: str = "") -> Path:
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
     im = ax.imshow(shown, aspect="auto", cmap=cmap, norm=LogNorm(vmin=lo, vmax=hi), interpolation="nearest")
     rows, cols = never.nonzero()
-    if rows.size:
-        ax.scatter(cols, rows, marker="x", c="#d62728", s=max(12, min(60, 900 / e)), linewidths=1.5,
-                   label=f"never routed ({rows.size})", zorder=3)
-        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    if rows.size:  # said in the subtitle (a legend above the plot covered it on narrow ones)
+        ax.scatter(cols, rows, marker="x", c="#d62728", s=max(12, min(60, 900 / e)), linewidths=1.5, zorder=3)
     annotate = e <= 32 and len(layers) <= 24
     if annotate:
         mid = (lo * hi) ** 0.5
@@ -51,7 +49,7 @@ def plot_share(stats: RoutingStats, path: str | Path, title: str = "") -> Path:
             for c in range(e):
                 v = shown[r, c]
                 if v == v:
-                    ax.text(c, r, f"{v:.0f}" if v >= 9.5 else f"{v:.1f}" if v >= 0.95 else f"{v:.2f}".lstrip("0"),
+                    ax.text(c, r, cell_label(v),
                             ha="center", va="center", fontsize=6.5, color="white" if v < mid else "black")
     ax.set_yticks(range(len(layers)), [str(i) for i in layers])
     step = 1 if e <= 40 else max(1, e // 32)
@@ -66,9 +64,17 @@ def plot_share(stats: RoutingStats, path: str | Path, title: str = "") -> Path:
     # a token takes top-k slots: the shares sum to 100% over the experts, a share is not the tokens' fraction
     sub = ("cells: % of the layer's top-k routing slots; " if annotate else "") + \
         f"uniform share {uniform:.3g}% (white line on the colour bar)"
-    ax.set_title("\n".join(t for t in (title, sub) if t), fontsize=9, loc="left")
+    never_line = f"red x: never routed ({rows.size})" if rows.size else ""
+    ax.set_title("\n".join(t for t in (title, sub, never_line) if t), fontsize=9, loc="left")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def cell_label(v: float) -> str:
+    """A cell's share in %, short: a routed expert's share under 0.005% reads "<.01", not ".00" (never routed)."""
+    if 0 < v < 0.005:
+        return "<.01"
+    return f"{v:.0f}" if v >= 9.5 else f"{v:.1f}" if v >= 0.95 else f"{v:.2f}".lstrip("0")

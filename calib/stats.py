@@ -104,7 +104,9 @@ def per_expert(stats: RoutingStats) -> dict:
         out[str(i)] = {"num_experts": lr.num_experts, "top_k": lr.top_k, "tokens": lr.tokens,
                        "counts": lr.counts.tolist(), "share": lr.share.tolist(), "gate_sum": lr.gate_sum.tolist(),
                        "mean_gate": lr.mean_gate.tolist(), "norm_sum": lr.norm_sum.tolist(),
-                       "mean_norm": lr.mean_norm.tolist(), "reap_sum": lr.reap_sum.tolist(), "reap": lr.reap.tolist()}
+                       "mean_norm": lr.mean_norm.tolist(), "reap_sum": lr.reap_sum.tolist(), "reap": lr.reap.tolist(),
+                       # REAP counts a token where the expert is in the raw logits' top-k, not where it was routed
+                       "reap_count": lr.reap_count.tolist()}
     return out
 
 

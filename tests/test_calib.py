@@ -622,3 +622,11 @@ def test_stats_defaults_reach_its_manifest_and_result(quiet_stats_run):
     assert manifest["config"] == {"calib": [], "num_samples": 2, "seq_len": 8, "seed": 0, "batch_size": 8,
                                   "rare": 0.1, "absmax": False, "dtype": "float32"}
     assert manifest["inputs"]["calibration_tokens"] == 16 and not (out / "input_absmax.safetensors").exists()
+
+
+def test_a_heatmap_cell_of_a_routed_expert_never_reads_zero():
+    """One routed slot in 32,768 (0.003%) printed ".00", read as never routed (a grey cell with an x)."""
+    from moepress.calib.heatmap import cell_label
+
+    assert cell_label(100 / 32768) == "<.01" and cell_label(0.004999) == "<.01"
+    assert [cell_label(v) for v in (0.005, 0.5, 1.0, 12.4)] == [".01", ".50", "1.0", "12"]

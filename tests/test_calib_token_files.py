@@ -170,7 +170,10 @@ def test_a_token_id_past_the_vocabulary_is_refused(tmp_path):
     last = torch.full((1, 8), vocab - 1)
     assert torch.equal(calibration_set(QWEN, (str(_save(tmp_path, last, tokenizer={"sha256": sha})),),
                                        num_samples=1, seq_len=8).input_ids, last)
-    past = last.clone()
-    past[0, 3] = vocab
-    with pytest.raises(MoepressError, match=f"token id {vocab} is outside the tokenizer's vocabulary \\({vocab}\\)"):
-        calibration_set(QWEN, (str(_save(tmp_path, past, tokenizer={"sha256": sha})),), num_samples=1, seq_len=8)
+    for bad in (vocab, -3):  # a negative id was caught only by the forward, the file unnamed
+        past = last.clone()
+        past[0, 3] = bad
+        f = _save(tmp_path, past, tokenizer={"sha256": sha})
+        with pytest.raises(MoepressError, match=f"--calib {f}: token id {bad} is outside the tokenizer's vocabulary "
+                                                f"\\(0..{vocab - 1}\\)"):
+            calibration_set(QWEN, (str(f),), num_samples=1, seq_len=8)

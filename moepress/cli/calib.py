@@ -84,7 +84,7 @@ def _check_output_dir(out: Path, force: bool) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Samples per forward batch (under torchrun, whole batches are split across ranks).")
 @click.option("--rare", type=click.FloatRange(min=0, max=1), default=0.1, show_default=True,
-              help="An expert is rarely routed when its token share is below RARE x the uniform share 1/E.")
+              help="An expert is rarely routed when its share of the routing slots is below RARE x the uniform share 1/E.")
 @click.option("--absmax", is_flag=True,
               help="Also write input_absmax.safetensors: per linear input, the max |x| per channel.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
@@ -96,11 +96,13 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
               device, output, force, quiet, json_out):
     """Routing statistics of MODEL over its calibration set, streamed one layer at a time.
 
-    Writes OUT/stats.json (per MoE layer and expert: routed tokens, share, gate-weight
-    mass, mean expert output norm, REAP saliency; the summary; the calibration set),
+    Writes OUT/stats.json (per MoE layer and expert: routed tokens, share of the layer's
+    top-k routing slots (sums to 1 over the experts), gate-weight mass (the routing weights
+    applied, DeepSeek's routed_scaling_factor included), mean expert output norm, REAP saliency
+    and the tokens it counts; the summary; the calibration set),
     OUT/routing.safetensors (the float64 sums and co-selection counts, RoutingStats.load; under
     torchrun the sums are added per rank, so their last bits differ from one process's),
-    OUT/heatmap.png (token share per layer x expert, never-routed experts marked) and
+    OUT/heatmap.png (routing-slot share per layer x expert, never-routed experts marked) and
     OUT/summary.txt; prints the summary (JSON with --json).
 
     Under `torchrun --nproc_per_node N -m moepress calib stats ...` the batches are split
@@ -152,7 +154,7 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
                 save_file(amax, str(w.partial / "input_absmax.safetensors"),
                           metadata={"format": "moepress-input-absmax"})
             plot_share(stats, w.partial / "heatmap.png",
-                       f"{src.name}: routed-token share per layer x expert ({tokens} calibration tokens, "
+                       f"{src.name}: routing-slot share per layer x expert ({tokens} calibration tokens, "
                        f"top-{facts['top_k']})")
         click.echo(json.dumps({"output": str(output), "tokens": tokens, "world_size": env.world_size,
                                **summary, "memory": memory}) if json_out else text + f"\nwrote {output}")
