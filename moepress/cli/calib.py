@@ -84,7 +84,8 @@ def _check_output_dir(out: Path, force: bool) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Samples per forward batch (under torchrun, whole batches are split across ranks).")
 @click.option("--rare", type=click.FloatRange(min=0, max=1), default=0.1, show_default=True,
-              help="An expert is rarely routed when its share of the routing slots is below RARE x the uniform share 1/E.")
+              help="An expert is rarely routed when its share of the routing slots is below RARE x the uniform "
+                   "share 1/E.")
 @click.option("--absmax", is_flag=True,
               help="Also write input_absmax.safetensors: per linear input, the max |x| per channel.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
