@@ -40,9 +40,14 @@ from moepress.compress.formats.base import GROUP
 from moepress.compress.inspect import storage_format
 from moepress.errors import MoepressError
 from moepress.exporters.ct_layout import ct_matcher, is_ct
-from moepress.exporters.kernel_widths import fp4_widths_ok
 from moepress.exporters.kv_cache import KV_CACHE
-from moepress.exporters.runtime_formats import check_runtime_format, refuse_stored_formats, trtllm_experts_problem
+from moepress.exporters.runtime_formats import (
+    check_runtime_format,
+    refuse_stored_formats,
+    trtllm_experts_problem,
+    vllm_only_int4,
+    width_notes,
+)
 from moepress.exporters.shape import ModelShape, model_shape
 from moepress.exporters.targets import PRODUCED, TARGETS, UNQUANTIZED, Target, get_target, pick_format
 
@@ -316,8 +321,11 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     why = None
     if fmt is None and bits is not None:
         fmt, why = pick_format(t, bits)
+    own = fmt is None and not given  # the checkpoint's own format: a plan of what exists, not a choice
     fmt = fmt or (UNQUANTIZED if given else default_format(model_dir_or_config))
-    check_runtime_format(t, fmt, shape, runtime, export)
+    vllm_only = vllm_only_int4(t, fmt) if own and runtime == "trtllm" and export is None else None
+    if vllm_only is None:
+        check_runtime_format(t, fmt, shape, runtime, export)
     refuse_stored_formats(t, shape, fmt, name)
     max_seq_len = _seq_len(name, shape, max_seq_len)
     _check_request(t, kv_cache_dtype, {"--max-seq-len": max_seq_len, "--max-batch": max_batch, "--gpus": gpus,
@@ -328,29 +336,13 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     p = planner.onnx(gpus) if runtime == "onnx" else planner.fixed(gpus) if gpus is not None else planner.fewest()
     if why:
         p.notes.insert(0, f"format chosen for {bits}-bit weights: {why}")
-    p.notes += _width_notes(shape, fmt)
+    p.notes += width_notes(shape, fmt)
     if runtime == "trtllm":
-        p.unloadable = trtllm_experts_problem(shape, t, fmt)
+        p.unloadable = vllm_only or trtllm_experts_problem(shape, t, fmt)
         if p.unloadable:
             p.notes.append(f"TensorRT-LLM cannot load it: {p.unloadable} (the sizes hold for vLLM with a "
                            "compressed-tensors export)")
     return p
-
-
-def _width_notes(shape: ModelShape, fmt: str) -> list[str]:
-    """Notes on linears whose widths the runtimes' kernels do not compute in ``fmt`` (exporters/kernel_widths.py):
-    block-FP8 linears hf-fp8-block keeps bf16 (ModelShape.rows), FP4 routed experts that the FP4 exports refuse."""
-    notes, unblocked = [], shape.unblocked(fmt)
-    if unblocked:
-        what = ", ".join(f"{k} [{o}, {i}]" for k, o, i in unblocked)
-        notes.append(f"hf-fp8-block keeps these bf16 (an input not in whole 128-wide groups, an expert width or a "
-                     f"part of a fused q/k/v, gate/up or q_a/kv_a not whole 128-row blocks), counted bf16: {what}")
-    fp4 = getattr(formats.FORMATS.get(fmt), "element", None) == "fp4"
-    if shape.num_experts and fp4 and not fp4_widths_ok(shape.hidden_size, shape.moe_intermediate):
-        notes.append(f"the FP4 fused-MoE kernels need the hidden size and expert width multiples of 64, one of 128 "
-                     f"(here {shape.hidden_size} / {shape.moe_intermediate}): compressed-tensors and hf-modelopt "
-                     f"refuse {fmt} routed experts; plan fp8 for them")
-    return notes
 
 
 def _gb(n: float) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from moepress.compress import formats
 from moepress.errors import MoepressError
+from moepress.exporters.kernel_widths import fp4_widths_ok
 from moepress.exporters.shape import ModelShape
 from moepress.exporters.targets import UNQUANTIZED, Target, check_format
 
@@ -118,3 +119,31 @@ def refuse_stored_formats(t: Target, shape: ModelShape, fmt: str, name: str) -> 
         except MoepressError as e:
             raise MoepressError(f"{name}: its {kind} linears are stored {f} (a --rule): "
                                 f"{str(e).removeprefix(f'--format {f}: ')}") from None
+
+
+def vllm_only_int4(t: Target, fmt: str) -> str | None:
+    """Why TensorRT-LLM does not run a checkpoint's own weight-only INT4 on ``t`` when vLLM does (None otherwise):
+    TensorRT-LLM's matrix has no W4A16 on Blackwell, vLLM's W4A16 kernels (Marlin, compressed-tensors WNA16,
+    capability 80+) run it there, as they serve Kimi K2 Thinking as it ships. So such a checkpoint is sized with a
+    note, as on Hopper where TensorRT-LLM's fused MoE cannot load INT4 experts; a --format asked is still refused."""
+    f = formats.FORMATS.get(fmt)
+    if f is None or t.supports(fmt) or f.element != "int4" or f.activation != "none" or t.sm < 80:
+        return None
+    return (f"TensorRT-LLM runs {fmt} on sm{'/sm'.join(str(s) for s in f.archs)} only (its hardware support "
+            f"matrix), not on sm{t.sm}")
+
+
+def width_notes(shape: ModelShape, fmt: str) -> list[str]:
+    """Notes on linears whose widths the runtimes' kernels do not compute in ``fmt`` (exporters/kernel_widths.py):
+    block-FP8 linears hf-fp8-block keeps bf16 (ModelShape.rows), FP4 routed experts that the FP4 exports refuse."""
+    notes, unblocked = [], shape.unblocked(fmt)
+    if unblocked:
+        what = ", ".join(f"{k} [{o}, {i}]" for k, o, i in unblocked)
+        notes.append(f"hf-fp8-block keeps these bf16 (an input not in whole 128-wide groups, an expert width or a "
+                     f"part of a fused q/k/v, gate/up or q_a/kv_a not whole 128-row blocks), counted bf16: {what}")
+    fp4 = getattr(formats.FORMATS.get(fmt), "element", None) == "fp4"
+    if shape.num_experts and fp4 and not fp4_widths_ok(shape.hidden_size, shape.moe_intermediate):
+        notes.append(f"the FP4 fused-MoE kernels need the hidden size and expert width multiples of 64, one of 128 "
+                     f"(here {shape.hidden_size} / {shape.moe_intermediate}): compressed-tensors and hf-modelopt "
+                     f"refuse {fmt} routed experts; plan fp8 for them")
+    return notes

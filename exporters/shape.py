@@ -26,14 +26,16 @@ from moepress.exporters.ct_layout import ct_matcher, ct_stored
 from moepress.exporters.kernel_widths import fused_block_ok, runs_in_blocks
 
 
-def linear_bytes(out_f: int, in_f: int, fmt: str, group: int | None = None) -> float:
+def linear_bytes(out_f: int, in_f: int, fmt: str, group: int | None = None, scale_bytes: int | None = None) -> float:
     """Stored bytes of one [out, in] weight and its scales in ``fmt`` (Format.stored_bytes); ``group``:
-    the INT4 group size when not the default 128 (Kimi K2 Thinking's experts: 32, 18% more scale bytes)."""
+    the INT4 group size when not the default 128 (Kimi K2 Thinking's experts: 32, 18% more scale bytes);
+    ``scale_bytes``: an INT4 checkpoint's own scale width when not moepress's F32 (Kimi's BF16)."""
     f = formats.FORMATS.get(fmt)
     if f is None or f.stored_bytes is None:
         raise MoepressError(f"--format {fmt}: unknown format; expected one of {', '.join(formats.FORMATS)}")
-    if group is not None and f.element == "int4":
-        return f.stored_bytes(out_f, in_f, group=group)
+    if f.element == "int4" and (group is not None or scale_bytes is not None):
+        return f.stored_bytes(out_f, in_f, **({"group": group} if group else {}),
+                              **({"scale_bytes": scale_bytes} if scale_bytes else {}))
     return f.stored_bytes(out_f, in_f)
 
 
@@ -72,6 +74,12 @@ class ModelShape:
     # embed_tokens and shared_head.head). Counted in the formats whose checkpoint holds them (:func:`_holds_mtp`)
     mtp: tuple[tuple[str, int, int, int], ...] = ()
     mtp_params: tuple[int, int] = (0, 0)
+    # a compressed-tensors checkpoint's INT4 scales as stored: in the model's dtype (compressed-tensors writes them
+    # so; Kimi K2 Thinking: BF16), not moepress's F32; counted when its own format is planned
+    int4_scale_bytes: int | None = None
+
+    def _scale_bytes(self, fmt: str) -> int | None:
+        return self.int4_scale_bytes if fmt == self.stored_format else None
 
     @property
     def moe_intermediate(self) -> int:
@@ -106,7 +114,7 @@ class ModelShape:
         """Bytes per kind of parameter in ``fmt``; in the checkpoint's own format, as its linears are stored."""
         out = {"attn": 0.0, "kv": 0.0, "replicated": 0.0, "dense": 0.0, "shared": 0.0, "routed": 0.0}
         for kind, o, i, f, c in self.rows(fmt):
-            out[kind] += c * linear_bytes(o, i, f, self.int4_group)
+            out[kind] += c * linear_bytes(o, i, f, self.int4_group, self._scale_bytes(fmt))
         mtp_other, mtp_embed = self.mtp_params if _holds_mtp(fmt) else (0, 0)
         out["embed"] = 2.0 * (self.embed_params + mtp_embed)
         out["other"] = 2.0 * (self.other_params + mtp_other)
@@ -124,7 +132,7 @@ class ModelShape:
         if not self.kv_heads:
             return 0.0
         heads = -(-self.kv_heads // tp)
-        return sum(c * linear_bytes(o // self.kv_heads * heads, i, f, self.int4_group)
+        return sum(c * linear_bytes(o // self.kv_heads * heads, i, f, self.int4_group, self._scale_bytes(fmt))
                    for k, o, i, f, c in self.rows(fmt) if k == "kv")
 
 
@@ -170,6 +178,18 @@ def _config_and_adapter(model: str | Path | dict):
     return reader.config, get_adapter(reader.config, reader.names(), where=str(p / "config.json"))
 
 
+def _ct_scale_bytes(model, cfg: dict) -> int:
+    """Bytes of a compressed-tensors checkpoint's INT4 group scale as its headers store it (Kimi K2 Thinking's and
+    llm-compressor's: the model's dtype, BF16; moepress's export: F32); a config alone: the model's dtype."""
+    if isinstance(model, str | Path) and Path(model).is_dir():
+        reader = CheckpointReader(Path(model))
+        if reader.has_weights:
+            for n in reader.names():
+                if n.endswith(".weight_packed") and n[: -len("_packed")] + "_scale" in reader:
+                    return 4 if reader.info(n[: -len("_packed")] + "_scale").dtype == "F32" else 2
+    return 2 if str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16") in ("bfloat16", "float16") else 4
+
+
 def model_shape(model: str | Path | dict) -> ModelShape:
     """Structure of a checkpoint or config-only directory (or a config dict)."""
     cfg, a = _config_and_adapter(model)
@@ -204,8 +224,10 @@ def model_shape(model: str | Path | dict) -> ModelShape:
         other += rest
     mtp, mtp_kept, mtp_params = _mtp_layers(a, native)
     fmt, group = (layout.get("format"), _int4_group(layout)) if layout else (None, None)
+    scale_bytes = None
     if match:
         stored, fmt, group = ct_stored(ct_rows, match, _UNQUANTIZED)
+        scale_bytes = _ct_scale_bytes(model, cfg)
     H, V = a.hidden_size, a.vocab_size
     embed = V * H * (1 if a.tie_word_embeddings else 2)
     other += H  # final norm
@@ -221,7 +243,7 @@ def model_shape(model: str | Path | dict) -> ModelShape:
                       int(cfg.get("max_position_embeddings") or 0), group, fmt,
                       tuple((k, o, n, f, c) for (k, o, n, f), c in sorted(stored.items())),
                       tuple((k, o, n, c) for (k, o, n), c in sorted((kept + mtp_kept).items())),
-                      tuple((k, o, n, c) for (k, o, n), c in sorted(mtp.items())), mtp_params)
+                      tuple((k, o, n, c) for (k, o, n), c in sorted(mtp.items())), mtp_params, scale_bytes)
 
 
 _UNQUANTIZED = next(n for n, f in formats.FORMATS.items() if f.scale is None)  # what a --rule "none" leaves

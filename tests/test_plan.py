@@ -399,18 +399,19 @@ def _kimi_thinking(tmp_path):
 def test_a_compressed_tensors_checkpoint_is_planned_as_it_stores_its_linears(tmp_path, cli_run):
     """Kimi K2 Thinking was planned in bf16 (2,053 GB: 32 H200 in 4 nodes) although its routed experts are INT4 (one
     node of 8 H200 holds it): its quantization_config was not read. Hand numbers: expert = 3 x (7,340,032 packed +
-    4 x 458,752 F32 group-32 scales) = 27,525,120 B; attention bf16 61 x 202,244,096; shared experts bf16
-    60 x 88,080,384; dense MLP bf16 792,723,456."""
+    2 x 458,752 group-32 scales in the model's dtype, BF16, as Kimi stores them; they were counted F32, 63 GB too
+    many on Kimi K2 Thinking) = 24,772,608 B; attention bf16 61 x 202,244,096; shared experts bf16 60 x 88,080,384;
+    dense MLP bf16 792,723,456."""
     d = _kimi_thinking(tmp_path)
     shape = model_shape(d)
     assert (shape.stored_format, shape.int4_group) == ("int4-gptq", 32)
     b = shape.bytes_by_kind("int4-gptq")
-    assert b["routed"] == 23040 * 27_525_120
+    assert b["routed"] == 23040 * 24_772_608
     assert b["attn"] + b["replicated"] == 61 * 202_244_096
     assert (b["shared"], b["dense"]) == (60 * 88_080_384, 792_723_456)
     p = plan(str(d), "h200")
     assert (p.format, p.gpus, p.nodes) == ("int4-gptq", 8, 1)
-    assert p.weights_total == 23040 * 27_525_120 + 61 * 202_244_096 + 60 * 88_080_384 + 792_723_456 + EMBED + OTHER
+    assert p.weights_total == 23040 * 24_772_608 + 61 * 202_244_096 + 60 * 88_080_384 + 792_723_456 + EMBED + OTHER
     r = cli_run("plan", d, "--target", "h200", "--format", "fp8-block", "--json")  # --format still plans all in it
     assert json.loads(r.output)["format"] == "fp8-block" and json.loads(r.output)["gpus"] == 16
 
@@ -437,3 +438,21 @@ def test_a_compressed_tensors_scheme_no_format_stores_is_refused_unless_a_format
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
     assert "quantization_config.config_groups.group_0" in r.stderr and "plan it with --format" in r.stderr
     assert cli_run("plan", d, "--target", "h200", "--format", "fp8-block").exit_code == 0
+
+
+def test_a_native_int4_checkpoint_on_blackwell_is_sized_for_vllm(cli_run):
+    """Kimi K2 Thinking's own INT4 on B200 was refused (TensorRT-LLM's matrix has no W4A16 there) while on H200 it
+    was sized with a note that TensorRT-LLM cannot load it; vLLM serves it as stored on both. Now sized with that
+    note on both, its bytes those the checkpoint holds (within 1%: the I64 weight_shape tensors and the F32 router
+    bias are counted as bf16 others); an INT4 --format asked for B200 is still refused."""
+    from moepress import models
+    from moepress.compress.checkpoint import CheckpointReader
+
+    d = models.path("tiny-kimi-k2-int4")
+    p = plan(str(d), "b200")
+    assert p.format == "int4-gptq" and p.fits and "TensorRT-LLM runs int4-gptq on sm80" in (p.unloadable or "")
+    r = CheckpointReader(d)
+    stored = sum(r.info(n).nbytes for n in r.names())
+    assert abs(p.weights_total / stored - 1) < 0.01, (p.weights_total, stored)
+    refused = cli_run("plan", d, "--target", "b200", "--format", "int4-gptq")
+    assert refused.exit_code == 2 and "use nvfp4" in refused.stderr

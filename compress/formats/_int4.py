@@ -139,14 +139,16 @@ def decode(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return int4.dequantize(int4.unpack_int4(q), s, dtype)
 
 
-def stored_bytes(out_f: int, in_f: int, *, awq_scale: bool = False, scalars: int = 0, group: int = GROUP) -> float:
+def stored_bytes(out_f: int, in_f: int, *, awq_scale: bool = False, scalars: int = 0, group: int = GROUP,
+                 scale_bytes: int = 4) -> float:
     """Packed INT4 + F32 group scales (+ F32 pre_quant_scale [in], + F32 scalars); a linear whose
-    in_features is not a multiple of the group stays bf16 (int4.effective_group)."""
+    in_features is not a multiple of the group stays bf16 (int4.effective_group). ``scale_bytes``: 2 for a
+    checkpoint storing its group scales in bf16 (compressed-tensors: Kimi K2 Thinking)."""
     n = out_f * in_f
     if (in_f > group and in_f % group) or out_f % 2:  # left bf16 (quantize: skipped)
         return 2 * n
     groups = -(-in_f // group)  # in_f < group: one group per row (the group is clamped)
-    return n / 2 + 4 * out_f * groups + (4 * in_f if awq_scale else 0) + 4 * scalars
+    return n / 2 + scale_bytes * out_f * groups + (4 * in_f if awq_scale else 0) + 4 * scalars
 
 
 def modelopt_entry(algo: str, *, awq_scale: bool):
