@@ -171,9 +171,10 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
                      "fuse a layer's experts under one quantization", other_formats=False)  # it writes block FP8 only
     packed = packed_names(r)
     if packed:  # compressed-tensors INT / FP4 or gpt-oss MXFP4 modules: copied packed, consumers saw no weight
+        way, routes = "quantize with --format fp8-block, then export hf-fp8-block", packed_routes(r)
         raise MoepressError(f"--format hf-fp8-block: {src} stores {len(packed)} packed tensors (e.g. {packed[0]}); "
-                            "expected a bf16 or block-FP8 checkpoint (quantize with --format fp8-block, then export "
-                            f"hf-fp8-block); {packed_routes(r)}")
+                            "expected a bf16 or block-FP8 checkpoint" + ("" if way in routes else f" ({way})")
+                            + f"; {routes}")
     block = list(fp8.block_size_of(r.config)) if mode == "copy" else BLOCK
     if block != BLOCK:  # copied bytes keep their block grid
         raise MoepressError(f"--format hf-fp8-block: {src}/config.json has weight_block_size "

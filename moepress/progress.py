@@ -30,16 +30,23 @@ class Task:
         self.r, self.stage, self.total, self.unit = reporter, stage, total, unit
         self.done = 0
         self.t0 = time.monotonic()
+        self._first: tuple[float, int] | None = None  # (time, steps) at the first advance
         self._bar = None
 
     def eta(self) -> float | None:
+        """Seconds left at the rate of the steps after the first: the first is unlike the rest (DeepSeek's dense
+        layer 0 before 60 MoE layers, the embedding, a resume's finished layers counted at once)."""
         if not self.done:
             return None
-        el = time.monotonic() - self.t0
-        return el / self.done * (self.total - self.done)
+        now = time.monotonic()
+        t, d = self._first if self._first is not None and self.done > self._first[1] else (self.t0, 0)
+        return (now - t) / (self.done - d) * (self.total - self.done)
 
     def advance(self, n: int = 1, note: str = "") -> None:
+        first = self.done == 0
         self.done += n
+        if first:
+            self._first = (time.monotonic(), self.done)
         at, _, sig = os.environ.get(KILL_AT, "").partition(":SIG")
         if at and at == f"{self.stage}:{self.done}":
             # fault injection for resume tests: die like `kill -9` right after this step

@@ -113,3 +113,12 @@ def test_quantize_says_before_it_runs_which_exports_will_refuse_its_output(cli_r
     r = cli_run("quantize", odd, "--format", "fp8", "--num-samples", "2", "--seq-len", "32", "-o", tmp_path / "f",
                 "--json")
     assert json.loads(r.stdout)["exports_refusing"] == {}
+
+
+def test_quiet_quantize_still_says_which_exports_will_refuse_its_output(cli_run, odd, tmp_path):
+    """--quiet hid the start's notes, and its result line said nothing of them: an output that two exports refuse
+    looked like any other until the export."""
+    r = cli_run("quantize", odd, "--format", "nvfp4", "--num-samples", "2", "--seq-len", "32", "-o", tmp_path / "q",
+                "--quiet")
+    assert r.exit_code == 0 and not r.stderr.strip(), r.output
+    assert "`moepress export` will refuse it as compressed-tensors, hf-modelopt" in r.stdout, r.stdout

@@ -69,3 +69,18 @@ def test_prune_auto_times_its_plan_race_apart_from_the_chosen_method_s_run(cli_r
     assert r.exit_code == 0, r.output
     ev = [(e["event"], e.get("stage")) for e in map(json.loads, r.stderr.splitlines()) if e.get("event") != "step"]
     assert ev.index(("end", "plans")) < ev.index(("start", "prune")), ev
+
+
+def test_eta_is_the_rate_of_the_steps_after_the_first(clock):
+    """A cheap first step (DeepSeek's dense layer 0 before its MoE layers, a resume's finished layers counted at
+    once) set the rate of every later ETA: 61 Kimi-shaped layers read ETA 8 s after layer 1 for 44 s of work."""
+    out = io.StringIO()
+    with Progress("json", stream=out).task("quantize", 10) as t:
+        clock[0] = 1.0
+        t.advance(note="dense layer 0")
+        clock[0] = 11.0
+        t.advance()
+        clock[0] = 21.0
+        t.advance()
+    eta = [json.loads(ln).get("eta_s") for ln in out.getvalue().splitlines()][1:4]
+    assert eta == [9.0, 80.0, 70.0]  # not 80 x 1 / 2 = 40 and 70 x 21 / 3 = 49

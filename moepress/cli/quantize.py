@@ -107,7 +107,10 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
         click.echo(f"quantized {src} ({res['quant_algo']}, {res['quantized_linears']} linears"
                    + (f", {res['borrowed']} sparse experts (too few calibration tokens; quant_report.json: "
                       "sparse_expert_rule)" if res["borrowed"] else "")
-                   + f") -> {output} in {res['seconds']:.1f}s")
+                   + f") -> {output} in {res['seconds']:.1f}s"
+                   # said in the result too: --quiet hides the notes, not what the output is good for
+                   + (f"; `moepress export` will refuse it as {', '.join(sorted(refusing))} (the start's notes say "
+                      "why, shown without --quiet; --json: exports_refusing)" if refusing else ""))
 
 
 def stored_quantized(src, cfg) -> list[str]:
