@@ -13,6 +13,7 @@ Backend: NCCL when CUDA is available, else gloo (CPU). Outside torchrun (no
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import os
 import sys
@@ -26,6 +27,7 @@ from moepress.calib.observers import LayerRouting
 from moepress.errors import MoepressError, PeerLost
 
 T = TypeVar("T")
+PG_TIMEOUT_MIN = 60  # the process group's collective timeout (init)
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,10 @@ def init(backend: str | None = None) -> DistEnv:
         _rendezvous_env(env)
         if backend == "nccl":
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend=backend)
+        # rank 0 alone may work a long while before the next collective (a resume hashes the kept shards of a
+        # partial: ~10 min for a terabyte at 2 GB/s); NCCL's default is 10 min. torchrun's agent, not this
+        # timeout, ends the group when a rank dies.
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=PG_TIMEOUT_MIN))
     return DistEnv(env.rank, env.world_size, env.local_rank, dist.get_backend())
 
 

@@ -145,7 +145,7 @@ def summarize(path: str) -> dict:
         },
         "routing": a.routing(),
         "params": param_counts(a),
-        "storage": storage_format(reader.config, formats.read_layout(reader.path)),
+        "storage": storage_format(reader.config, formats.layout_of(reader)),
         "has_weights": reader.has_weights,
         "bytes_on_disk": reader.bytes_by_dtype(),
         "remote_code": bool(reader.config.get("auto_map")),

@@ -102,13 +102,11 @@ def _rename_layer(r, a, names, writer, dtype, quantized: set[str], kept: list[st
             writer.add(n, r.get(n))
 
 
-def _copy_layer(r, names, writer, quantized: set[str]) -> None:
+def _copy_layer(r, names, writer) -> None:
     """Tensors past the trunk (embeddings, norm, head, DeepSeek's MTP layers) of a bf16 checkpoint or a `moepress
     quantize` output (which writes no MTP layer): copied, an MTP layer in bf16 (listed in modules_to_not_convert)."""
     for n in names:
         writer.add(n, r.get(n))
-        if n.endswith(".weight_scale_inv"):
-            quantized.add(n[: -len(".weight_scale_inv")])
 
 
 def _copy_block_layer(r, a, names, writer, dtype, quantized: set[str], kept: list[str], misread: list[str]) -> None:
@@ -189,7 +187,7 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
             if mode == "copy":  # DeepSeek's MTP layers (past the trunk, "embed") under the trunk's rule too
                 _copy_block_layer(r, a, names, writer, dtype, quantized, kept, misread)
             elif kind != "layer":  # embeddings, norm, head, and layers past the trunk (DeepSeek's MTP)
-                _copy_layer(r, names, writer, quantized)
+                _copy_layer(r, names, writer)
             elif mode == "rename":
                 _rename_layer(r, a, names, writer, dtype, quantized, kept)
             else:

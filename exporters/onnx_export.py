@@ -97,8 +97,9 @@ def refuse_opset(cfg) -> None:
                             f"defines and onnxruntime runs this export at)")
 
 
-def _not_carried(reader, adapter) -> tuple[list[str], list[str]]:
-    """What the graph does not hold as the checkpoint does, for export.json: the FP8 KV-cache scales (no KV cache),
+def _not_carried(reader, adapter) -> tuple[list[str], list[str], list[str]]:
+    """What the graph does not hold as the checkpoint does, for export.json (tensors dropped, layers dropped, notes):
+    the FP8 KV-cache scales (no KV cache),
     DeepSeek's MTP layers (next-token logits only), compressed-tensors packed INT4 modules (decoded: bf16
     initializers without Q/DQ) and a native block-FP8 checkpoint's dynamic activation quantization."""
     scales = [n for n in reader.names() if n.endswith((".k_scale", ".v_scale"))]
@@ -116,7 +117,7 @@ def _not_carried(reader, adapter) -> tuple[list[str], list[str]]:
     if native:  # DeepSeek-V3 / Kimi K2 as they ship: the only FP8 checkpoint the graph takes without static scales
         notes.append("the checkpoint's runtimes quantize its block-FP8 linears' inputs per token in 1x128 groups "
                      "(config activation_scheme dynamic); the graph quantizes their weights only")
-    return scales + mtp, notes
+    return scales, mtp, notes
 
 
 def export_onnx(src: Path, writer, cfg, progress) -> dict:
@@ -164,11 +165,11 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
     onnx.save(model, str(writer.partial / "model.onnx"))
     writer.copy_aux_files(src)
-    dropped, notes = _not_carried(reader, adapter)
+    dropped, layers, notes = _not_carried(reader, adapter)
     return {"onnx": {"file": "model.onnx", "external_data": g.data_path.name, "opset": cfg.opset,
                      "nodes": len(g.nodes), "initializers": len(g.inits), "data_bytes": g.offset,
                      "weight_schemes": sorted(b.schemes), "moe": "dense experts x scattered top-k gate"},
-            "dropped": dropped, "consumer_notes": notes}
+            "dropped": dropped, **({"dropped_layers": layers} if layers else {}), "consumer_notes": notes}
 
 
 EXPORTER = Exporter(

@@ -49,7 +49,8 @@ def resolve(spec: str | torch.device | None = "auto") -> torch.device:
         raise MoepressError(f"--device {spec}: {why} (torch {torch.__version__}); use --device cpu or auto")
     # a bare ``cuda`` under torchrun is each rank's own GPU, as ``auto`` (calib/distributed.py's NCCL
     # group uses cuda:LOCAL_RANK; every rank on cuda:0 would not match it)
-    if index is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # NCCL's group is on cuda:LOCAL_RANK
+    world = os.environ.get("WORLD_SIZE", "1").strip()  # a bad value is the process group's to refuse, in one line
+    if index is not None and world.isdigit() and int(world) > 1:  # NCCL's group is on cuda:LOCAL_RANK
         raise MoepressError(f"--device {spec}: under torchrun each rank computes on its own GPU (cuda:LOCAL_RANK, "
                             "where its NCCL group is); expected --device cuda or auto")
     i = int(index) if index is not None else int(os.environ.get("LOCAL_RANK", 0)) % n

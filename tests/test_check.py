@@ -452,6 +452,30 @@ def test_an_expert_zeroed_reads_an_infinite_error_that_fails_any_gate(cli_run, t
     assert "| routing overlap | worst expert's error |" in md and f"| inf (expert {rare}) |" in md, md
 
 
+def test_an_expert_with_nan_weights_fails_the_expert_gate(cli_run, tmp_path):
+    """A routed expert the eval tokens do not reach, its down projection NaN: its error read 0 (NaN compared False
+    took the zero-output branch) and the check passed, exit 0. It reads NaN now, which no gate passes."""
+    ref = models.path("tiny-mixtral")
+    sm, rare = _rare_expert(ref, 1)
+    bad = _broken_copy(tmp_path, sm.adapter.expert_prefix(1, rare) + "w2.weight", lambda t: t * float("nan"))
+    r = cli_run("check", bad, "--reference", ref, *MID, "--quiet", "--json", "--max-layer-error", "none")
+    res = json.loads(r.stdout)
+    assert r.exit_code == 1 and "max_expert_error" in res["failed"], r.output
+    assert res["metrics"]["max_expert_error"] is None and res["layers"][1]["worst_expert"] == rare
+
+
+def test_fewer_windows_than_asked_are_said(cli_run, tmp_path):
+    """--max-samples 1000 of 1024 tokens evaluated the 39 windows the text holds, said only in data.samples."""
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(DEFAULT_EVAL.read_text().split()[:600]))
+    r = cli_run("check", "tiny-qwen3-moe", "--reference", "tiny-qwen3-moe", "--kind", "transformers",
+                "--data", text, "--max-samples", "1000", "--seq-len", "64", "--quiet", "--json")
+    res = json.loads(r.stdout)
+    n = res["data"]["samples"]
+    assert r.exit_code == 0 and 0 < n < 1000, r.output
+    assert any(f"holds {n} windows of 64 tokens, fewer than --max-samples 1000" in x for x in res["notes"])
+
+
 def _deepseek_copy(tmp_path, change=None, **config):
     """tiny-deepseek-v3 with one tensor changed (``change(state_dict)``) or config.json keys set."""
     from safetensors.torch import load_file, save_file

@@ -199,3 +199,15 @@ def test_inspect_text_says_what_the_config_and_files_hold(tmp_path, cli_run):
     size = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in _headers(d).values())
     shown, unit = lines["on"].split()[1:3]
     assert abs(float(shown) * {"KB": 1e3, "MB": 1e6, "GB": 1e9}[unit] / size - 1) < 5e-3, lines["on"]
+
+
+@pytest.mark.parametrize("text", ["{", '{"modules": {"a": "fp8"}}', "[1]"])
+def test_an_unreadable_sidecar_is_one_line(tmp_path, cli_run, text):
+    """A moepress_quant.json that is not the sidecar quantize writes gave a traceback once inspect read it."""
+    from helpers import assert_one_line_error
+    from moepress import models
+
+    d = tmp_path / "m"
+    shutil.copytree(models.path("tiny-qwen3-moe"), d)
+    (d / "moepress_quant.json").write_text(text)
+    assert_one_line_error(cli_run("inspect", d), "moepress_quant.json")

@@ -150,6 +150,8 @@ def on(s):
     yield
 
 torch.cuda.Stream, torch.cuda.stream = SlowStream, on
+pin = torch.Tensor.pin_memory
+torch.Tensor.pin_memory = lambda self, *a, **k: (time.sleep(0.02), pin(self, *a, **k))[1]  # a host copy: 0.4 s a call
 up = Uploader(torch.device("cuda"))
 ts = [threading.Thread(target=lambda: up.upload({f"w{j}": torch.randn(8, 8) for j in range(20)}), name=f"t{i}")
       for i in range(2)]
@@ -161,7 +163,9 @@ print(json.dumps({"streams": len(made), "awaited": [v["copies"] in v["synced"] f
 
 def test_two_threads_first_uploads_wait_on_the_stream_their_copies_are_on():
     """Two workers' first uploads at once (the calibration-free GPU path's two upload threads): one side stream
-    is made, and each thread waits on the stream its copies were queued on."""
+    is made, and each thread waits on the stream its copies were queued on (the thread whose stream was made
+    second queued its copies on its own, then, its upload outlasting the other's slow first construction, waited
+    on the other's)."""
     p = subprocess.run([sys.executable, "-c", RACE, str(Path(__file__).parent)], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]

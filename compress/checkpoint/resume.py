@@ -52,12 +52,15 @@ def first_changed_shard(partial: Path, shards: list, digests: dict[str, dict]) -
     """The index of the first of ``shards`` (the journal's [file, names, bytes]) missing from ``partial`` or whose
     size or sha256 is not what the journal recorded for it ({file: {sha256, size}}); None when all are as written."""
     def changed(shard) -> bool:
-        f, want = partial / shard[0], digests.get(shard[0]) or {}
-        if not f.is_file():
+        f = partial / str(shard[0])
+        want = (digests.get(shard[0]) if isinstance(digests, dict) else None) or {}
+        want = want if isinstance(want, dict) else {}
+        try:  # a shard that cannot be read is not one to keep
+            if not f.is_file() or ("size" in want and f.stat().st_size != want["size"]):
+                return True
+            return "sha256" in want and sha256_file(f) != want["sha256"]
+        except OSError:
             return True
-        if "size" in want and f.stat().st_size != want["size"]:
-            return True
-        return "sha256" in want and sha256_file(f) != want["sha256"]
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib lets go of the GIL
         flags = list(pool.map(changed, shards))

@@ -68,7 +68,17 @@ def read_layout(model_dir: str | Path) -> dict | None:
     """``moepress_quant.json`` of a ``moepress quantize`` output: {"format", "group_size",
     "modules": {prefix: {"format", "group"}}, "shared", ...}; None for any other checkpoint."""
     p = Path(model_dir) / SIDECAR
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        layout = json.loads(p.read_text())
+    except (OSError, ValueError):
+        layout = None
+    mods = layout.get("modules", {}) if isinstance(layout, dict) else None
+    if not isinstance(mods, dict) or not all(isinstance(m, dict) for m in mods.values()):
+        raise MoepressError(f"{p}: unreadable or not the sidecar `moepress quantize` writes (expected a JSON object "
+                            "whose modules map each linear to its format)")
+    return layout
 
 
 def layout_of(reader) -> dict | None:

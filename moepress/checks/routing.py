@@ -49,10 +49,11 @@ class Agreement(NamedTuple):
 
 class RouteCapture:
     """Observer on the reference's MoE block: each batch's router input and the experts chosen, and on a few
-    tokens of the first batch every expert's router score and output."""
+    tokens of the first sample every expert's router score and output."""
 
-    def __init__(self, moe: SparseMoE):
+    def __init__(self, moe: SparseMoE, per_sample: int | None = None):
         self.num_experts = moe.num_experts
+        self.per_sample = per_sample  # tokens of one eval sample: the probe is taken from the first sample
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.probe: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None  # [tokens, experts]: the router's logits on the probe
@@ -62,8 +63,11 @@ class RouteCapture:
     @torch.no_grad()
     def on_route(self, moe, x, logits, weights, indices) -> None:
         self.seen.append((x, indices))
-        if self.probe is None:  # spread over the batch: not only its first sequence's first positions
-            pick = torch.linspace(0, x.shape[0] - 1, min(PROBE_TOKENS, x.shape[0])).round().long().to(x.device)
+        if self.probe is None:
+            # spread over the first sample's positions (not only its first ones), whatever --batch-size puts
+            # beside it: over the whole batch, the expert errors moved by 20% with the batch size
+            n = min(self.per_sample or x.shape[0], x.shape[0])
+            pick = torch.linspace(0, n - 1, min(PROBE_TOKENS, n)).round().long().to(x.device)
             self.probe, self.scores = x[pick], logits[pick].float()
             self.outputs = _expert_outputs(moe, self.probe)
 
@@ -80,9 +84,12 @@ class RouteCapture:
         cand = _expert_outputs(moe, probe).to(ref.device)
         size = torch.minimum(cand.flatten(1).norm(dim=1), mine.flatten(1).norm(dim=1))
         diff = (cand - mine).flatten(1).norm(dim=1)
-        # an expert whose output is zero on one side and not the other: inf, which fails any finite gate
+        # an expert whose output is zero on one side and not the other: inf, which fails any finite gate; one
+        # whose output is not finite (NaN weights) reads NaN, which no gate passes (NaN compared is False, so it
+        # took the zero-output branch and read 0)
         silent = torch.where(diff > 0, math.inf, 0.0).to(diff.dtype)  # one side's output zero: inf, both: 0
-        err = torch.where(size > 0, diff / size.clamp_min(torch.finfo(size.dtype).tiny), silent).cpu()
+        err = torch.where(size > 0, diff / size.clamp_min(torch.finfo(size.dtype).tiny), silent)
+        err = torch.where(torch.isfinite(diff) & torch.isfinite(size), err, math.nan).cpu()
         worst = int(err.nan_to_num(math.inf).argmax())
         hits = total = 0
         for x, ref_idx in self.seen:

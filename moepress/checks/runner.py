@@ -118,7 +118,7 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
     for sm, i, layer in _Lockstep(order):
         if sm is ref:
             moe = layer.moe
-            capture = RouteCapture(moe) if moe is not None else None
+            capture = RouteCapture(moe, batches[0].shape[1]) if moe is not None else None
             hr = ref.run_layer(layer, hr)
             del layer, moe  # freed before the next one is built: one layer runs, the next is being read
             continue
@@ -377,6 +377,9 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
                                 f"{reference} has {ref.adapter.vocab_size}")
         batches, data = eval_data(ref_dir, cfg)
         notes = _data_notes(Path(candidate), ref_dir, data, batches, cfg.trust_remote_code) + cand.notes
+        if cfg.max_samples and data.get("samples", cfg.max_samples) < cfg.max_samples:  # the text ran out
+            notes.append(f"{data['source']} holds {data['samples']} windows of {cfg.seq_len} tokens, fewer than "
+                         f"--max-samples {cfg.max_samples}: all of them were evaluated")
         native = [who for who, sm in (("the reference", ref), ("the candidate", getattr(cand, "stream", None)))
                   if sm is not None and native_block_fp8(sm)]
         if native:
@@ -401,9 +404,9 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
         per_layer, jump = _layer_metrics(layers, embed, routing, metrics)
         renumbered = [i for i, a in routing.items() if a.renumbered]
         if renumbered:
-            notes.append(f"the candidate's experts are the reference's renumbered at layer(s) "
-                         f"{', '.join(map(str, renumbered))} (matched by their router rows; routing and experts "
-                         "compared so)")
+            notes.append(f"the candidate's router rows are the reference's renumbered at layer(s) "
+                         f"{', '.join(map(str, renumbered))}: each expert compared with the one its row stands for "
+                         "(experts moved with their rows match; rows moved alone show in the expert error)")
         gates = evaluate_gates(cfg, metrics)
         gen = generations(ref, cand, batches, ref_dir, cfg) if cfg.generate else None
         failed = [g["metric"] for g in gates if g["passed"] is False]
