@@ -18,6 +18,7 @@ from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
 from moepress.errors import MoepressError
+from moepress.exporters.ct_layout import is_ct
 from moepress.exporters.kernel_widths import TRTLLM_FUSED, block_ok, fused_block_ok
 from moepress.exporters.shape import model_shape
 
@@ -78,8 +79,7 @@ def any_block_grid(model) -> bool:
 def require_layout(s: Source, fmt: str, hint: Callable[[], str]) -> dict:
     """The source's moepress quantize layout; else a one-line error naming what to run first (``hint()``: the
     formats, hints.quantize_first)."""
-    q = s.reader.config.get("quantization_config")
-    if s.layout is None and isinstance(q, dict) and q.get("quant_method") == "compressed-tensors":
+    if s.layout is None and is_ct(s.reader.config):
         # Kimi K2 Thinking's INT4 experts, or what prune keeps of them: quantizing again rounds them a second time
         same = fmt == "compressed-tensors"
         raise MoepressError(f"--format {fmt}: {s.path} is a compressed-tensors checkpoint already (config.json "

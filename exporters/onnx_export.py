@@ -105,7 +105,7 @@ def _not_carried(reader, adapter) -> tuple[list[str], list[str], list[str]]:
     scales = [n for n in reader.names() if n.endswith((".k_scale", ".v_scale"))]
     mtp = [adapter.layer_prefix(i).rstrip(".") for i in adapter.mtp_layers()]
     packed = packed_names(reader)
-    native = formats.read_layout(reader.path) is None and fp8_block.dynamic_native(reader.config)
+    native = formats.layout_of(reader) is None and fp8_block.dynamic_native(reader.config)
     notes = [f"the FP8 KV-cache scales ({len(scales)} k_scale / v_scale) are not carried: the graph has no KV "
              f"cache (attention over the whole sequence in one forward)"] if scales else []
     if mtp:

@@ -167,32 +167,31 @@ def _layer_linears(layer) -> tuple[list[tuple[str, str, int, int, bool]], int]:
 
 
 def _config_and_adapter(model: str | Path | dict):
+    """(config, adapter, reader: None for a config file or dict)."""
     if isinstance(model, str | Path) and Path(model).is_file() and str(model).endswith(".json"):
-        return (cfg := read_config_file(model)), get_adapter(cfg, where=str(model))
+        return (cfg := read_config_file(model)), get_adapter(cfg, where=str(model)), None
     if isinstance(model, dict):
-        return model, get_adapter(model)
+        return model, get_adapter(model), None
     p = Path(model)
     if not (p / "config.json").is_file():
         raise MoepressError(f"{model}: not a checkpoint or config directory (no config.json)")
     reader = CheckpointReader(p)
-    return reader.config, get_adapter(reader.config, reader.names(), where=str(p / "config.json"))
+    return reader.config, get_adapter(reader.config, reader.names(), where=str(p / "config.json")), reader
 
 
-def _ct_scale_bytes(model, cfg: dict) -> int:
+def _ct_scale_bytes(reader: CheckpointReader | None, cfg: dict) -> int:
     """Bytes of a compressed-tensors checkpoint's INT4 group scale as its headers store it (Kimi K2 Thinking's and
     llm-compressor's: the model's dtype, BF16; moepress's export: F32); a config alone: the model's dtype."""
-    if isinstance(model, str | Path) and Path(model).is_dir():
-        reader = CheckpointReader(Path(model))
-        if reader.has_weights:
-            for n in reader.names():
-                if n.endswith(".weight_packed") and n[: -len("_packed")] + "_scale" in reader:
-                    return 4 if reader.info(n[: -len("_packed")] + "_scale").dtype == "F32" else 2
+    if reader is not None and reader.has_weights:
+        for n in reader.names():
+            if n.endswith(".weight_packed") and n[: -len("_packed")] + "_scale" in reader:
+                return 4 if reader.info(n[: -len("_packed")] + "_scale").dtype == "F32" else 2
     return 2 if str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16") in ("bfloat16", "float16") else 4
 
 
 def model_shape(model: str | Path | dict) -> ModelShape:
     """Structure of a checkpoint or config-only directory (or a config dict)."""
-    cfg, a = _config_and_adapter(model)
+    cfg, a, reader = _config_and_adapter(model)
     layout = _layout(model)
     where = str(model) if isinstance(model, str | Path) else "<config>"
     match = None if layout else ct_matcher(cfg, where, strict=False)
@@ -227,7 +226,7 @@ def model_shape(model: str | Path | dict) -> ModelShape:
     scale_bytes = None
     if match:
         stored, fmt, group = ct_stored(ct_rows, match, _UNQUANTIZED)
-        scale_bytes = _ct_scale_bytes(model, cfg)
+        scale_bytes = _ct_scale_bytes(reader, cfg)
     H, V = a.hidden_size, a.vocab_size
     embed = V * H * (1 if a.tie_word_embeddings else 2)
     other += H  # final norm
