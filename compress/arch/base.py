@@ -38,7 +38,7 @@ class Adapter:
     # the KV cache holds a compressed latent, not the keys / values k_scale / v_scale are measured on (MLA)
     latent_kv_cache: ClassVar[bool] = False
     # linears (name suffixes) a runtime dequantizes by running its quant method on an identity matrix
-    # (vLLM's MLA kv_b_proj split): a static FP8 input scale there must quantize 1.0 exactly
+    # (vLLM's MLA kv_b_proj split): a static FP8 or NVFP4 input scale there must quantize 1.0 exactly
     # (compress/quant/fp8.py identity_exact_input_scale)
     identity_dequantized: ClassVar[tuple[str, ...]] = ()
 

@@ -109,6 +109,9 @@ class Format:
     weight_scale_dtype: torch.dtype | None = None
     # a static input scale other than FP8's amax / 448 (NVFP4: amax / (6 * 448)) and its fake quant
     input_scale_of: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # the code a static input of 1.0 becomes where an input scale can make a runtime's identity pass exact
+    # (compress/quant/fp8.py identity_exact_input_scale), besides FP8 per tensor's 1.0: NVFP4's E2M1 6
+    identity_top: float | None = None
     input_quant: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # compressed-tensors tensors written directly from our stored ones (suffix -> tensor), for formats
     # whose stored bytes already are the library's (NVFP4, MXFP4) instead of through its compressor
@@ -154,6 +157,12 @@ class Format:
         """The input is cast to FP8 with the static per-tensor ``input_scale`` as is (not W4A8's
         x * pre_quant_scale, not NVFP4's per-block scales under a global one)."""
         return self.static_input and self.element == "fp8" and self.scale == "tensor"
+
+    @property
+    def identity_code(self) -> float | None:
+        """The code an input of 1.0 becomes under an input scale made for identity passes (``identity_top``; FP8 per
+        tensor: 1.0); None: the format has no static input scale that makes such a pass exact."""
+        return 1.0 if self.fp8_tensor_input else self.identity_top
 
     @property
     def dynamic_input(self) -> bool:

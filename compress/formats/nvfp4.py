@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from moepress.compress.formats.base import Format, QuantContext, Quantized
-from moepress.compress.quant import nvfp4
+from moepress.compress.quant import fp4, nvfp4
 from moepress.compress.quant.fp8 import FP8_DTYPE
 
 GROUP = nvfp4.BLOCK
@@ -116,5 +116,5 @@ FORMAT = Format(
     modelopt_flat_group=True,
     ct_format="nvfp4-pack-quantized", ct_scheme=ct_scheme_of("NVFP4"),
     decode_stored=decode_stored, weight_scale_dtype=FP8_DTYPE,
-    input_scale_of=input_scale, input_quant=nvfp4.fake_quant_input, ct_tensors=ct_tensors,
+    input_scale_of=input_scale, input_quant=nvfp4.fake_quant_input, ct_tensors=ct_tensors, identity_top=fp4.E2M1_MAX,
 )

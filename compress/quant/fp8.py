@@ -135,11 +135,13 @@ def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return div(amax.float(), FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
 
 
-def identity_exact_input_scale(s: torch.Tensor) -> torch.Tensor:
-    """The static per-tensor FP8 input scale ``s`` raised to the nearest ``s' >= s`` whose reciprocal
-    is an E4M3 value (<= 448), so that a runtime dequantizing the weight through an identity matrix
-    gets it back unscaled. Activations then clip at 448 * s' instead of 448 * s: never more clipping,
-    a range under 12.5% (one E4M3 step: 3 mantissa bits) wider for s in [1/448, 64].
+def identity_exact_input_scale(s: torch.Tensor, top: float = 1.0) -> torch.Tensor:
+    """The static input scale ``s`` raised to the nearest ``s' >= s`` for which ``1 / (top * s')`` is an E4M3
+    value (<= 448), so that a runtime dequantizing the weight through an identity matrix gets it back
+    unscaled. ``top`` is the code 1.0 becomes: 1 for an FP8 per-tensor input (1.0 -> fp8(1 / s')), 6 for NVFP4
+    (a block holding one 1.0 gets the E4M3 block scale (1 / s') / 6 and the E2M1 code 6). Activations then clip
+    at a range under 12.5% wider (one E4M3 step: 3 mantissa bits, for 1 / (top * s) in E4M3's normal range
+    [2^-6, 448]): never more clipping. s under 1 / (top * 448) (an input whose amax is under 1) is raised to it.
 
     Why: vLLM 0.33 splits an MLA ``kv_b_proj`` into W_UK / W_UV at load
     (model_executor/layers/attention/mla_attention.py:417 ``split_kv_b_proj``) through
@@ -149,15 +151,18 @@ def identity_exact_input_scale(s: torch.Tensor) -> torch.Tensor:
     compressed-tensors' ``CompressedTensorsW8A8Fp8`` run ``quant_method.apply(layer, eye)`` (:560-569),
     which quantizes the identity with the static input scale (input_quant_fp8.py:216-220:
     fp8(clamp(1 * (1/s), 448))): every weight comes back times q(1/s) * s, up to 6.25% off, and
-    far more when 1/s > 448 saturates. With 1/s' an E4M3 value that factor is exactly 1 (float32).
-    ``s`` above 512 (1/s under E4M3's smallest subnormal 2^-9) has no such s' and is returned as is."""
+    far more when 1/s > 448 saturates. NVFP4's linears (ModelOptNvFp4LinearMethod, CompressedTensorsW4A4Fp4 on
+    Blackwell) quantize the identity with csrc's ``cvt_warp_fp16_to_fp4`` (block scale e4m3(G / 6), G = 1 / s;
+    code e2m1(G / scale)): times e2m1(G / sf) * sf / G, up to 6% off. With 1 / (top * s') an E4M3 value v the
+    code is exactly ``top`` and the factor top * v * s' is 1 (float32). ``s`` with no such s' (1 / (top * s)
+    under E4M3's smallest subnormal 2^-9) is returned as is."""
     s = s.float()
-    q = torch.reciprocal(s).clamp(max=FP8_MAX).to(FP8_DTYPE)  # the nearest E4M3 v to 1/s
-    # keep v when the runtime's float32 1/v is still >= s (comparing v with fl(1/s) instead moved 45 of the
-    # 126 scales 1/v that are already exact one step, for a float32 ulp); else the E4M3 value below (bits - 1)
+    q = torch.reciprocal(s * top).clamp(max=FP8_MAX).to(FP8_DTYPE)  # the nearest E4M3 v to 1 / (top * s)
+    # keep v when the runtime's float32 1 / (top * v) is still >= s (comparing v with fl(1/s) instead moved 45 of
+    # the 126 FP8 scales 1/v that are already exact one step, for a float32 ulp); else the E4M3 value below
     bits = q.view(torch.uint8)  # torch.where takes no float8 on CPU before torch 2.7
-    v = torch.where(torch.reciprocal(q.float()) >= s, bits, bits - 1).view(FP8_DTYPE).float()
-    return torch.where(v > 0, torch.reciprocal(v), s)
+    v = torch.where(torch.reciprocal(q.float() * top) >= s, bits, bits - 1).view(FP8_DTYPE).float()
+    return torch.where(v > 0, torch.reciprocal(v * top), s)
 
 
 def quantize_tensor(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

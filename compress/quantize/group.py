@@ -59,7 +59,7 @@ def quantize_group(res: LayerResult, cfg: QuantConfig, fmt: str, names: list[str
     quantizer (``out``: its result, computed by the caller: compress/quantize/experts.py), add the
     static input scale where the format has one, and record them in ``res``. ``identity_dequantized``:
     a runtime dequantizes these weights through an identity matrix (the adapter's
-    ``identity_dequantized``), so a static per-tensor FP8 input scale is made to quantize 1.0 exactly."""
+    ``identity_dequantized``), so a static FP8 per-tensor or NVFP4 input scale is made to quantize 1.0 exactly."""
     f = formats.FORMATS[fmt]
     if out is None:
         out = f.quantize(ws, quant_context(cfg, st))
@@ -77,8 +77,8 @@ def quantize_group(res: LayerResult, cfg: QuantConfig, fmt: str, names: list[str
             a = st.amax if st is not None and st.amax is not None else torch.zeros(ws[0].shape[1], device=ws[0].device)
             amax = (a * pqs).amax() if pqs is not None else a.amax()
         isc = f.input_scale(amax).reshape(())
-        if identity_dequantized and f.fp8_tensor_input:
-            isc = fp8.identity_exact_input_scale(isc)
+        if identity_dequantized and f.identity_code:
+            isc = fp8.identity_exact_input_scale(isc, f.identity_code)
         for n in names:
             tensors[n]["input_scale"] = isc
     for n in names:
