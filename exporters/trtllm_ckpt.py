@@ -28,8 +28,11 @@ Layout facts, with their sources in NVIDIA/TensorRT-LLM:
   experts with ``moe_intermediate_size`` and Q/K RMSNorm (``attention.q_layernorm.weight``,
   ``attention.k_layernorm.weight`` [head_size]) for qwen3 / qwen3_moe (``qwen/convert.py``).
 
-Releases that accept it: the checkpoint format and ``trtllm-build`` exist from TensorRT-LLM
-v0.8 on; Mixtral loads in every release that ships ``trtllm-build``. Qwen3-MoE needs a release
+Releases that accept it: those whose ``PretrainedConfig`` reads a nested ``moe`` section (MoeConfig),
+``quantization.quant_algo`` (QuantConfig) and ``mapping.moe_tp_size`` / ``moe_ep_size`` (the first such tag is
+not pinned here). The v0.8-era ``PretrainedConfig.from_dict`` (modeling_utils.py at 27712aa7) reads
+use_smooth_quant / enable_fp8 and Mapping(world_size, tp_size, pp_size) and refuses these tensor names;
+``layers/moe.py`` at 03961722 still has MoeConfig.tp_mode and no moe_tp / moe_ep mapping. Qwen3-MoE needs a release
 whose MODEL_MAP lists ``Qwen3MoeForCausalLM`` and whose QWen attention has ``qk_layernorm``
 (the 2025 0.2x releases); the newest releases removed the TensorRT engine backend
 (``docs/source/legacy/tensorrt-backend-removal.md``): there, use ``hf-modelopt`` (PyTorch backend).
@@ -172,6 +175,20 @@ def _refuse_partly_fp8(reader: CheckpointReader, adapter, linears: list[str]) ->
         raise MoepressError(f"--format trtllm-ckpt: {reader.path} has {len(plain)} decoder linears not in FP8 per "
                             f"tensor ({pattern(plain)}); this exporter writes one quant_algo for every linear but "
                             f"the routers; for mixed precision: {elsewhere_taken(_source(reader, adapter))}")
+    unscaled = [b for b in linears if not _static_input(reader, b + ".input_scale")]
+    if unscaled:  # written as 0: TensorRT-LLM divides by it (layers/moe.py forward_experts: fc2_quant = 1 / scale)
+        raise MoepressError(f"--format trtllm-ckpt: {reader.path} has {len(unscaled)} FP8 linears without a static "
+                            f"input_scale > 0 ({pattern(unscaled)}); TensorRT-LLM's FP8 (QuantAlgo FP8) quantizes "
+                            f"every input with its activation_scaling_factor: quantize with --format fp8 (calibrated "
+                            f"input scales)")
+
+
+def _static_input(reader: CheckpointReader, name: str) -> bool:
+    """A one-value, finite, positive static input scale."""
+    if name not in reader or reader.info(name).nbytes > 4:
+        return False
+    v = float(reader.get(name).float().reshape(()))
+    return 0.0 < v < float("inf")
 
 
 def refuse_unwritten_attention(src: Path, adapter, reader) -> None:
@@ -415,6 +432,6 @@ def _other_families(src) -> str:
 EXPORTER = Exporter(
     "trtllm-ckpt", export_trtllm, description="TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) "
     "for trtllm-build", families=SUPPORTED, sharded=True, other_families=_other_families,
-    refuse_source=refuse_unwritten_attention, consumers="TensorRT-LLM trtllm-build (v0.8+, TensorRT backend)",
+    refuse_source=refuse_unwritten_attention, consumers="TensorRT-LLM trtllm-build (releases with MoeConfig and moe_tp / moe_ep mapping, TensorRT backend)",
     writes_format=lambda f: f.scale == "tensor" and f.static_input,  # WRITES: FP8 per tensor
 )

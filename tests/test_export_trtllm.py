@@ -271,6 +271,36 @@ def test_foreign_fp8_scales_fuse_at_the_largest(exports, tmp_path):
         reader.get(a + "k_scale"))
 
 
+@pytest.mark.parametrize("how", ["missing", "zero"])
+def test_fp8_linears_without_a_static_input_scale_are_refused(exports, tmp_path, cli_run, how):
+    """An FP8 per-tensor checkpoint whose expert w2 has no input_scale (another producer's weight-only FP8) or a zero
+    one: TensorRT-LLM quantizes every FP8 input with activation_scaling_factor and divides by proj's
+    (layers/moe.py forward_experts, fc2_quant = 1 / scale); the export wrote 0.0 there and exited 0."""
+    src = shutil.copytree(exports["fp8_src"], tmp_path / "noin")
+    gone = "model.layers.1.block_sparse_moe.experts.3.w2.input_scale"
+
+    def edit(t):
+        if gone not in t:
+            return False
+        if how == "missing":
+            del t[gone]
+        else:
+            t[gone] = torch.zeros_like(t[gone])
+        return True
+
+    _rewrite(src, edit)
+    index = src / "model.safetensors.index.json"
+    if how == "missing" and index.exists():
+        m = json.loads(index.read_text())
+        del m["weight_map"][gone]
+        index.write_text(json.dumps(m))
+    r = cli_run("export", src, "--format", "trtllm-ckpt", "-o", tmp_path / "t", "--quiet")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "1 FP8 linears without a static input_scale > 0 (model.layers.*.block_sparse_moe.experts.*.w2)" \
+        in r.stderr, r.stderr
+    assert not (tmp_path / "t").exists()
+
+
 def test_fp8_excludes_the_routers_and_only_them(exports):
     """TensorRT-LLM's quantize_layers takes exclude_modules as given (fnmatch patterns; an explicit list replaces
     its defaults '*lm_head', '*router', ...): the float32 routers must match one, the FP8 linears none."""
