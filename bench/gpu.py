@@ -15,13 +15,16 @@ What it does, in one run:
     rounding; int4-gptq; prune ``auto`` at 50%) as ``python -m moepress ... --device D --json`` in its
     own process: per-layer seconds from the progress events, host RSS and GPU peaks from the JSON
     result (moepress/device.py); GPU runs first (issue 22's targets first: int4-awq, prune auto,
-    fp8-block), keeping CPU_RESERVE_S back for each CPU run, then the CPU runs (beside a GPU only
+    fp8-block), each keeping GPU_FLOOR_S back for each GPU run after it and CPU_RESERVE_S for each CPU
+    run, then the CPU runs (beside a GPU only
     ``--cpu-modes`` fp8-block: a calibrated mode does not finish a Kimi-width layer on a CPU in the
     time); a run that would overrun is stopped and shows the layers it finished;
   * a streamed forward on each device: the share of time the compute waited for uploads;
   * projects: Kimi K2 = dense layer + 60 x (MoE layer / experts x 384) (an upper bound: the MoE
     layer's attention and shared expert are counted per expert); fp8-block as a multiple of the raw
-    read of the same bytes; host RAM as peak RSS / stored MoE layer x Kimi K2's stored MoE layer.
+    read of the same bytes (the faster of a buffered and an O_DIRECT read); host RAM as the baseline
+    (imports, and CUDA's context and pinned staging for a GPU row) plus what grew, scaled by Kimi K2's stored
+    MoE layer / the checkpoint's (none where the checkpoint's dense layer is the larger: it sets the peak).
 
 Targets (issue 22, one H200): fp8-block within 1.5x the raw read; int4-awq <= 2 h; prune auto
 <= 1 h; host RAM <= 64 GB. Prints a Markdown table; ``--json PATH`` also writes every figure.
@@ -49,8 +52,8 @@ from throughput import drop_cache, raw_read  # noqa: E402
 
 KIMI_LAYERS, KIMI_MOE_LAYERS, KIMI_EXPERTS = 61, 60, 384
 # Kimi K2's stored MoE layer (block FP8): 384 routed + 1 shared expert x 3 x 7168 x 2048 bytes, plus
-# its MLA attention (~0.19 GB) and router: what one streamed layer costs in host memory
-KIMI_MOE_LAYER_BYTES = 385 * 3 * 7168 * 2048 + 190e6
+# its MLA attention (q_a, q_b, kv_a, kv_b, o: ~101M FP8 weights) and router: one streamed layer's bytes
+KIMI_MOE_LAYER_BYTES = 385 * 3 * 7168 * 2048 + 112e6  # attention: ~101M FP8 weights; router 384 x 7168 F32
 MODES = {  # name -> (stage command, options, calibrated); the order they run in: issue 22's targets first
     "int4-awq": (["quantize", "--format", "int4-awq"], True),
     "prune-auto": (["prune", "--method", "auto", "--ratio", "0.5"], True),
@@ -59,6 +62,7 @@ MODES = {  # name -> (stage command, options, calibrated); the order they run in
     "fp8": (["quantize", "--format", "fp8"], True),
 }
 CPU_RESERVE_S = 60.0  # kept back from the GPU runs for each CPU run
+GPU_FLOOR_S = 45.0  # kept back from a GPU run for each GPU run after it (the first ones matter most)
 TARGET_HOURS = {"int4-awq": 2.0, "prune-auto": 1.0}
 TARGET_RAW_RATIO = 1.5
 TARGET_HOST_GB = 64.0
@@ -177,17 +181,24 @@ def idle_share(src: Path, device: str, tokens: int) -> float | None:
     return idle_fraction(sm.uploader.timings, time.perf_counter() - t0) if sm.uploader.timings else 0.0
 
 
-def baseline_rss() -> int:
-    """Peak RSS of a process that only imports what a stage imports (Python, torch, moepress)."""
+def baseline_rss(device: str = "cpu") -> int:
+    """Peak RSS of a process that only imports what a stage imports (Python, torch, moepress) and, for a GPU
+    row, starts CUDA as a stage does (context, cuBLAS, the uploader's pinned staging): what does not grow
+    with the layer."""
     code = ("import torch, moepress.cli, moepress.compress.quantize, moepress.compress.prune; "
-            "from moepress import memwatch; print(memwatch.hwm())")
+            "from moepress import memwatch; from moepress.device import Uploader; "
+            + ("torch.cuda.init(); a = torch.ones(256, 256, device='cuda'); (a @ a).sum().item(); "
+               "p = torch.empty(Uploader.PINNED_BYTES, dtype=torch.uint8, pin_memory=True); p.fill_(0); "
+               if device != "cpu" else "")
+            + "print(memwatch.hwm())")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def project(row: dict, experts: int, moe_layer_bytes: int, raw_s: float | None, raw_bytes: int,
-            base: int) -> dict:
+            base: int, dense_layer_bytes: int = 0) -> dict:
     """Kimi K2 figures from one row: hours, x raw read (fp8-block), host GB (the process's baseline
-    plus what grew with the layer, scaled to Kimi K2's stored MoE layer)."""
+    plus what grew with the layer, scaled to Kimi K2's stored MoE layer; none where the checkpoint's dense
+    layer is larger than its MoE layer)."""
     ls = row["layer_s"]
     out = {"per_expert_s": None, "kimi_h": None, "raw_ratio": None, "kimi_host_gb": None}
     if len(ls) >= 2:
@@ -198,7 +209,9 @@ def project(row: dict, experts: int, moe_layer_bytes: int, raw_s: float | None, 
         out["raw_ratio"] = row["stage_s"] / raw_s if row.get("stage_s") else None  # the whole stage, all bytes
         if out["kimi_h"] is not None:  # at the raw read's rate, Kimi K2's bytes take
             out["kimi_raw_h"] = KIMI_MOE_LAYER_BYTES * KIMI_MOE_LAYERS / (raw_bytes / raw_s) / 3600
-    if row["host_peak"]:
+    if row["host_peak"] and moe_layer_bytes >= dense_layer_bytes:
+        # what grew with the layer, scaled to Kimi K2's; not where the dense layer is the larger (then it sets
+        # the peak, which the same dense layer in Kimi K2 would set too, and scaling it by the MoE layer misleads)
         grown = max(row["host_peak"] - base, 0)
         out["kimi_host_gb"] = (base + grown / moe_layer_bytes * KIMI_MOE_LAYER_BYTES) / 1e9
     return out
@@ -248,8 +261,9 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--num-samples", type=int, default=None, help="Calibration samples (default 16; small 4).")
     ap.add_argument("--seq-len", type=int, default=None, help="Tokens per sample (default 256; small 32).")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="Time for the whole bench (default 450 s; small 300): GPU runs take what they need, "
-                         "CPU runs share what is left and stop at their share.")
+                    help="Time for the whole bench (default 450 s; small 300): each GPU run may take what is "
+                         "left but a floor for each run after it; CPU runs share what is left and stop at their "
+                         "share.")
     ap.add_argument("--work", type=Path, default=None, help="Where the synthetic checkpoints go (default: a tmp dir).")
     ap.add_argument("--json", dest="json_path", type=Path, default=None, help="Also write every figure here.")
     a = ap.parse_args(argv)
@@ -283,14 +297,15 @@ def main(argv=None) -> int:
         counts = {d: (a.cpu_experts if d == "cpu" else a.experts) for d in a.devices}
         top_k = 2 if a.small else 8
         srcs = {n: synthetic(work / f"kimi-{n}e", f, n, 4096, top_k) for n in sorted(set(counts.values()))}
-        base = baseline_rss()
+        base = {d: baseline_rss(d) for d in a.devices}
         synth_s = time.monotonic() - t_start
         gpu_src = srcs[counts[a.devices[0]]]
         shapes = json.loads((gpu_src / "config.json").read_text())
         files = sorted(gpu_src.glob("*.safetensors"))
         raw_bytes = sum(p.stat().st_size for p in files)
         cache_drop = drop_cache(files)  # how the reads below were made cold (raw_read drops it the same way)
-        raw_s = raw_read(files)
+        reads = {"buffered": raw_read(files), "O_DIRECT": raw_read(files, direct=True)}  # moepress reads O_DIRECT
+        raw_s = min(t for t in reads.values() if t is not None)
         runs = [(d, m) for d in a.devices for m in (a.cpu_modes if d == "cpu" else a.modes)]
         for k, (dev, mode) in enumerate(runs):
             left = a.budget_s - (time.monotonic() - t_start) - 20  # 20 s for the table and the idle figure
@@ -299,8 +314,9 @@ def main(argv=None) -> int:
             drop_cache(sorted(src.glob("*.safetensors")))
             row = run_stage(mode, src, work / "out", dev, calib, timeout)
             row["experts"] = counts[dev]
-            row.update(project(row, counts[dev], layer_bytes(src)[1], raw_s if src == gpu_src else None, raw_bytes,
-                               base))
+            sizes = layer_bytes(src)
+            row.update(project(row, counts[dev], sizes[1], raw_s if src == gpu_src else None, raw_bytes,
+                               base[dev], sizes[0]))
             if a.small:  # tiny widths say nothing about Kimi K2: no projection, no verdict
                 row.update(kimi_h=None, kimi_host_gb=None, raw_ratio=None)
             rows.append(row)
@@ -316,24 +332,28 @@ def main(argv=None) -> int:
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; synthetic: Kimi K2 "
             f"{'real widths' if not a.small else 'small widths'} (hidden {cfg['hidden_size']}, experts "
             f"{cfg['moe_intermediate_size']} wide, dense {cfg['intermediate_size']}), layer 0 dense, layer 1 MoE, "
-            f"block FP8; raw read {raw_bytes / 1e9:.2f} GB in {raw_s:.2f} s ({raw_bytes / 1e9 / raw_s:.2f} GB/s, page "
-            f"cache dropped by {cache_drop}); calibration {a.num_samples} x "
-            f"{a.seq_len} tokens; process baseline RSS {base / 1e9:.2f} GB")
+            f"block FP8; raw read {raw_bytes / 1e9:.2f} GB in {raw_s:.2f} s ({raw_bytes / 1e9 / raw_s:.2f} GB/s; "
+            + ", ".join(f"{k} {v:.2f} s" if v is not None else f"{k} refused" for k, v in reads.items())
+            + f"; page cache dropped by {cache_drop}; {fs_type(work)}); calibration {a.num_samples} x "
+            f"{a.seq_len} tokens; process baseline RSS "
+            + ", ".join(f"{d} {b / 1e9:.2f} GB" for d, b in base.items()) + "; host RAM not projected where the "
+            "dense layer outweighs the MoE layer")
     print(table(rows, head))
     print("\nstreamed forward, share of its time the GPU waited for uploads (idle fraction): "
           + (", ".join(f"{d} {v:.3f}" if v is not None else f"{d} -" for d, v in idle.items()) or "no GPU run"))
     print(f"\ntotal {time.monotonic() - t_start:.0f} s (synthetic checkpoints {synth_s:.0f} s)")
     save(a.json_path, {"head": head, "rows": rows, "idle": idle, "raw_read_s": raw_s, "raw_bytes": raw_bytes,
-                       "cache_drop": cache_drop})
+                       "raw_reads_s": reads, "cache_drop": cache_drop, "baseline_rss": base})
     return 0
 
 
 def run_timeout(left: float, dev: str, runs: list[tuple[str, str]]) -> float:
-    """Seconds for the next run: GPU runs first share what is left but CPU_RESERVE_S per CPU run (at most
-    600 s each, so that a slow one cannot use up the whole budget); CPU runs share what the GPU runs left."""
+    """Seconds for the next run: a GPU run takes what is left but GPU_FLOOR_S for each later GPU run and
+    CPU_RESERVE_S for each CPU run (at most 600 s), so that the runs first in line (issue 22's targets) get the
+    time the later, quicker ones do not need; CPU runs share what the GPU runs left."""
     gpu, cpu = sum(1 for d, _ in runs if d != "cpu"), sum(1 for d, _ in runs if d == "cpu")
     if dev != "cpu":
-        return max(min(600.0, (left - CPU_RESERVE_S * cpu) / max(gpu, 1)), 30.0)
+        return max(min(600.0, left - GPU_FLOOR_S * (gpu - 1) - CPU_RESERVE_S * cpu), 30.0)
     return max(left / max(cpu, 1), 5.0)
 
 
@@ -352,6 +372,20 @@ def save(path: Path | None, record: dict) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1, default=str))
         os.replace(tmp, path)
+
+
+def fs_type(path: Path) -> str:
+    """The file system the checkpoints were read from (a tmpfs "raw read" is a memory copy), from /proc/mounts."""
+    try:
+        mounts = [ln.split() for ln in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return "file system unknown"
+    p = str(Path(path).resolve())
+    best = max((m for m in mounts if len(m) > 2 and (p == m[1] or p.startswith(m[1].rstrip("/") + "/"))),
+               key=lambda m: len(m[1]), default=None)
+    if best is None:
+        return "file system unknown"
+    return f"read from {best[2]}" + (" (memory: the raw read is no disk's)" if best[2] in ("tmpfs", "ramfs") else "")
 
 
 def gpu_name() -> str:

@@ -7,8 +7,9 @@ For one checkpoint (e.g. from bench/make_synthetic.py), in one run:
     (so the number is the disk's, not RAM's), through the page cache and with O_DIRECT; the
     faster of the two is the floor the ratios use;
   * `moepress quantize` for each mode (calibration-free fp8-block; calibrated fp8 and int4-awq),
-    each in its own process, cache dropped before each: wall time, ratio to the floor, peak RSS
-    (from wait4 of that process alone), and the largest layer's size for scale;
+    each in its own process, cache dropped before each: the process's wall time (start-up and imports
+    included), ratio to the floor, peak RSS (from wait4 of that process alone) and, less an import-only
+    process's, as a multiple of the largest layer;
   * llm-compressor's `model_free_ptq` FP8_BLOCK as the peer, where llmcompressor is installed
     (--peer-python: it pins other transformers / compressed-tensors versions, so its own venv).
   * core scaling of calibration-free fp8-block on the CPU (issue 22): the same run pinned to 1, 2, ...
@@ -81,14 +82,42 @@ def raw_read(files: list[Path], chunk: int = 64 << 20, direct: bool = False) -> 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, float, int, str]:
     """(wall seconds, peak RSS MB (1e6 bytes, as the pinned runs' host_rss_peak_bytes) of that process, exit
-    code, stderr tail)."""
-    t0 = time.monotonic()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.monotonic() - t0
-    err = p.stderr.read() if p.stderr else ""
+    code, stderr tail). stderr goes to a file: a pipe read only after the wait would block a child writing more
+    than the pipe holds."""
+    with tempfile.TemporaryFile("w+") as err_file:
+        t0 = time.monotonic()
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.monotonic() - t0
+        err_file.seek(0)
+        err = err_file.read()
     p.returncode = os.waitstatus_to_exitcode(status)
     return wall, ru.ru_maxrss * 1024 / 1e6, p.returncode, err[-400:]  # ru_maxrss: KiB
+
+
+def import_baseline_mb(env: dict) -> float:
+    """Peak RSS MB of a process that only imports what `moepress quantize` imports: what does not grow with
+    the layer, left out of the "x largest layer" column."""
+    code = "import torch, moepress.cli, moepress.compress.quantize"
+    return timed([sys.executable, "-c", code], env)[1]
+
+
+def one_cpu_per_core(cpus: list[int]) -> list[int]:
+    """``cpus`` ordered so that each physical core's first logical CPU comes before any core's second
+    (hyperthreads): the first n are n cores where the machine has them (sysfs topology; as given without it)."""
+    def core(c: int) -> tuple[str, str]:
+        t = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+        try:
+            return (t / "physical_package_id").read_text().strip(), (t / "core_id").read_text().strip()
+        except OSError:
+            return ("", str(c))
+    seen: dict[tuple[str, str], int] = {}
+    rank = {}
+    for c in cpus:
+        k = core(c)
+        rank[c] = seen.get(k, 0)
+        seen[k] = rank[c] + 1
+    return sorted(cpus, key=lambda c: (rank[c], c))
 
 
 def largest_layer_bytes(model: Path) -> int:
@@ -108,12 +137,13 @@ def largest_layer_bytes(model: Path) -> int:
 
 def core_scaling(model: Path, out: Path, cores: list[int], floor: float, files: list[Path],
                  repeat: int = 1) -> list[tuple]:
-    """fp8-block on the first n allowed cores for each n in ``cores``, ``repeat`` rounds over the core
-    counts (interleaved, so a shared machine's load drifts over all of them alike; the median counts,
-    the spread shows the noise): rows (name, seconds, x floor, peak RSS MB, status). Seconds are the
-    stage's own (its ``--json`` result: the interpreter's start and imports excluded, which on a
-    loaded machine would swamp the difference); the status gives the speed-up over the first core count."""
-    allowed = sorted(os.sched_getaffinity(0))
+    """fp8-block on n allowed cores (one logical CPU per physical core first) for each n in ``cores``,
+    ``repeat`` rounds over the core counts (interleaved, so a shared machine's load drifts over all of them
+    alike; the median counts, the spread shows the noise): rows (name, seconds, x floor, peak RSS MB,
+    status). Seconds are the stage's own (its ``--json`` result: the interpreter's start and imports
+    excluded, which on a loaded machine would swamp the difference); the status gives the speed-up over
+    the first core count."""
+    allowed = one_cpu_per_core(sorted(os.sched_getaffinity(0)))
     runs: dict[int, list[tuple[float, float]]] = {n: [] for n in cores if n <= len(allowed)}
     errors: dict[int, str] = {}
     for _ in range(repeat):
@@ -130,7 +160,7 @@ def core_scaling(model: Path, out: Path, cores: list[int], floor: float, files: 
             rows.append((f"fp8-block on {n} cores", None, None, None, f"only {len(allowed)} cores here"))
             continue
         cpus = allowed[:n]
-        name = f"fp8-block, taskset -c {','.join(map(str, cpus)) if n <= 4 else f'{cpus[0]}-{cpus[-1]}'}"
+        name = f"fp8-block, taskset -c {','.join(map(str, sorted(cpus))) if n <= 4 else f'{n} cores'}"
         if n in errors:
             rows.append((name, None, None, None, errors[n]))
             continue
@@ -209,7 +239,7 @@ def main(argv=None) -> int:
             drop_cache(files)
             wall, rss, rc, err = timed(exe + ["quantize", str(a.model), "--format", mode, "-o", str(out),
                                               "--force", "--quiet", *calib], env)
-            rows.append((f"moepress quantize {mode}", wall, wall / floor, rss,
+            rows.append((f"moepress quantize {mode} (process wall)", wall, wall / floor, rss,
                          "ok" if rc == 0 else f"exit {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}"))
             shutil.rmtree(out, ignore_errors=True)
         has_peer = subprocess.run([a.peer_python, "-c", "import llmcompressor"], capture_output=True).returncode == 0
@@ -223,7 +253,7 @@ def main(argv=None) -> int:
                     str(a.model), str(work / "peer"), str(a.threads)]
             drop_cache(files)
             wall, rss, rc, err = timed(peer, env)
-            rows.append((f"llm-compressor {ver} model_free_ptq FP8_BLOCK ({a.threads} workers)", wall,
+            rows.append((f"llm-compressor {ver} model_free_ptq FP8_BLOCK ({a.threads} workers, process wall)", wall,
                          wall / floor, rss, "ok" if rc == 0 else f"exit {rc}: {err.strip()[-200:]}"))
             shutil.rmtree(work / "peer", ignore_errors=True)
         else:
@@ -232,17 +262,18 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    layer = largest_layer_bytes(a.model)
+    layer, base = largest_layer_bytes(a.model), import_baseline_mb(env)
     print(f"checkpoint {a.model}: {total / 1e9:.2f} GB in {len(files)} shards; largest layer {layer / 1e6:.0f} MB; "
+          f"import-only process {base:.0f} MB (left out of x largest layer); "
           f"{a.threads} threads; {os.cpu_count()} CPUs")
-    print("| run | seconds | x I/O floor | peak RSS MB | x largest layer | status |")
+    print("| run | seconds | x I/O floor | peak RSS MB | (peak - import-only) x largest layer | status |")
     print("|---|---|---|---|---|---|")
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
     for name, secs, ratio, rss, status in rows:
         print(f"| {name} | {f(secs, '.1f')} | {f(ratio, '.2f')} | {f(rss, '.0f')} | "
-              f"{f(rss * 1e6 / layer if rss and layer else None, '.2f')} | {status} |")
+              f"{f((rss - base) * 1e6 / layer if rss and layer else None, '.2f')} | {status} |")
     return 0
 
 

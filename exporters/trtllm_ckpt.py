@@ -432,6 +432,7 @@ def _other_families(src) -> str:
 EXPORTER = Exporter(
     "trtllm-ckpt", export_trtllm, description="TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) "
     "for trtllm-build", families=SUPPORTED, sharded=True, other_families=_other_families,
-    refuse_source=refuse_unwritten_attention, consumers="TensorRT-LLM trtllm-build (releases with MoeConfig and moe_tp / moe_ep mapping, TensorRT backend)",
+    refuse_source=refuse_unwritten_attention,
+    consumers="TensorRT-LLM trtllm-build (releases with MoeConfig and moe_tp / moe_ep mapping, TensorRT backend)",
     writes_format=lambda f: f.scale == "tensor" and f.static_input,  # WRITES: FP8 per tensor
 )
