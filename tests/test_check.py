@@ -733,8 +733,11 @@ def test_a_reference_other_than_the_model_the_candidate_was_made_from_is_said(cl
     assert cli_run("quantize", p, "--format", "fp8-dynamic", "-o", q, "--quiet").exit_code == 0
     cfg = CheckConfig(seq_len=32, max_samples=2)
     other = models.path("tiny-mixtral-w192")
-    said = [n for n in run_check(q, other, cfg)["notes"] if "was made from" in n]
+    res = run_check(q, other, cfg)
+    said = [n for n in res["notes"] if "was made from" in n]
     assert said == [f"{q} was made from {ref} (its moepress-manifest.json inputs.model), not from the reference "
                     f"{other}: the figures compare two models"], said
+    assert res["data"]["made_from"] == str(ref)  # recorded with the check: publish refuses it (test_publish_guards)
     for r in (ref, p, shutil.copytree(ref, tmp_path / "copy")):
-        assert not any("was made from" in n for n in run_check(q, r, cfg)["notes"]), r
+        res = run_check(q, r, cfg)
+        assert not any("was made from" in n for n in res["notes"]) and "made_from" not in res["data"], r

@@ -38,7 +38,9 @@ def accuracy_section(result: dict) -> dict:
     keep = ("ppl_reference", "ppl_candidate", "ppl_increase", "kl_mean", "kl_p99", "top1_agreement",
             "min_layer_cosine", "final_layer_rel_error", "max_layer_rel_error", "min_routing_overlap",
             "max_expert_error", "tokens")
-    return {"passed": result["passed"], "failed": result["failed"], "reference": result["reference"],
+    ref = result["reference"]  # absolute where it is a directory here: a relative name says nothing elsewhere
+    ref = str(Path(ref).resolve()) if isinstance(ref, str) and Path(ref).exists() else ref
+    return {"passed": result["passed"], "failed": result["failed"], "reference": ref,
             "data": result["data"], "metrics": {k: result["metrics"][k] for k in keep if k in result["metrics"]},
             "error_jump": result["error_jump"],
             "gates": [{k: g[k] for k in ("metric", "value", "op", "threshold", "passed")} for g in result["gates"]],
@@ -59,25 +61,48 @@ def _manifest_dir(candidate: str | Path) -> Path | None:
     return d
 
 
-def prepare_record(candidate: str | Path) -> bool:
-    """Before a check: whether its result will be recorded in the candidate's manifest, and if so this
-    user's manifest key, created now (a key that cannot be made or is readable by others is refused
-    before the check runs, not after)."""
-    if _manifest_dir(candidate) is None:
-        return False
+def prepare_record(candidate: str | Path) -> dict | None:
+    """Before a check: None where its result will not be recorded (moepress did not write the candidate); else
+    this user's manifest key, created now (a key that cannot be made or is readable by others is refused before
+    the check runs, not after), and the identity of the files the check will read (:func:`record_in_manifest`
+    records nothing when they changed while it ran)."""
+    d = _manifest_dir(candidate)
+    if d is None:
+        return None
     seal.load_key(create=True)
-    return True
+    return _identity(d)
 
 
-def record_in_manifest(candidate: str | Path, result: dict) -> bool:
+def _identity(d: Path) -> dict[str, tuple | None]:
+    """The manifest's and every listed file's (inode, device, size, mtime): a directory replaced (an export with
+    --force) or a file rewritten in place between two calls shows here without reading the bytes."""
+    out: dict[str, tuple | None] = {}
+    for rel in [MANIFEST_NAME, *sorted(read_manifest(d).get("files", {}))]:
+        try:
+            st = (d / rel).stat()
+            out[rel] = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+        except OSError:
+            out[rel] = None
+    return out
+
+
+def record_in_manifest(candidate: str | Path, result: dict, before: dict | None = None) -> bool:
     """Add ``accuracy`` to the candidate's manifest when moepress wrote the candidate; True if it did.
 
     The section gets the sha256 and size of the files checked (every file the manifest lists but
     documentation, hashed now) and an HMAC seal with this user's key (moepress/checks/seal.py), so
-    that publishing can tell the section and the files from ones edited after the check."""
+    that publishing can tell the section and the files from ones edited after the check. ``before``
+    (:func:`prepare_record`'s): the files as the check began; one replaced or rewritten since is refused,
+    not sealed as measured."""
     d = _manifest_dir(candidate)
     if d is None:
         return False
+    if before is not None:
+        now = _identity(d)
+        changed = [rel for rel in sorted(set(before) | set(now)) if before.get(rel) != now.get(rel)]
+        if changed:
+            raise MoepressError(f"{d / changed[0]}: changed while the check ran (rewritten, replaced or added); "
+                                f"the check is not recorded in {MANIFEST_NAME}: run it again")
     section = jsonable(accuracy_section(result))
     try:
         section["files"] = recorded_files(d, read_manifest(d).get("files", {}))

@@ -1,11 +1,10 @@
 """Run a check: the reference streamed layer by layer, the candidate beside it, metrics, gates.
 
-A streamed candidate advances in lockstep with the reference: read reference layer i,
-run it on every batch, free it; read candidate layer i, run it, compare the two outputs,
-free it. The next layer is read in the background while one runs, so memory is about two
-layers plus the activations of both models, whatever the models' sizes. A whole
-candidate (transformers, ONNX, engine) runs in its own runtime; the reference keeps each
-layer's output (activations only) until the candidate's are compared at the end.
+A streamed candidate advances in lockstep with the reference: read reference layer i, run it on every
+batch, free it; read candidate layer i, run it, compare the two outputs, free it. The next layer is read in
+the background while one runs, so memory is about two layers plus the activations of both models, whatever
+the models' sizes. A whole candidate (transformers, ONNX, engine) runs in its own runtime; the reference
+keeps each layer's output (activations only) until the candidate's are compared at the end.
 """
 
 from __future__ import annotations
@@ -233,7 +232,7 @@ def _data_notes(candidate: Path, ref_dir: Path, data: dict, batches: list[torch.
                 trust_remote_code: bool) -> list[str]:
     """What the reader of the figures must know about the data: a stage upstream of the candidate was
     calibrated on it (in-sample figures; also ``data["calibrated_on_by"]``), the candidate was made from another
-    model than the reference (its manifests say which), the candidate's tokenizer
+    model than the reference (its manifests say which; ``data["made_from"]``), the candidate's tokenizer
     file is not the reference's (the data was tokenized with the reference's). A candidate tokenizer that
     encodes the data's text to other ids is refused: its consumers tokenize with it, so figures measured on
     the reference's ids would pass a model they feed other ids."""
@@ -243,7 +242,8 @@ def _data_notes(candidate: Path, ref_dir: Path, data: dict, batches: list[torch.
         data["calibrated_on_by"] = fitted
         notes.append(f"the check's data {data['source']} is the calibration data of {', '.join(fitted)}: "
                      "measured on text the candidate was fitted to, it reads better than held-out text would")
-    if (root := made_from_another(candidate, ref_dir)) is not None:
+    if (root := made_from_another(candidate, ref_dir)) is not None:  # recorded, sealed: publish refuses it
+        data["made_from"] = str(root)
         notes.append(f"{candidate} was made from {root} (its moepress-manifest.json inputs.model), not from the "
                      f"reference {ref_dir}: the figures compare two models")
     tok_r, tok_c = ref_dir / "tokenizer.json", candidate / "tokenizer.json"

@@ -8,8 +8,9 @@ afterwards (a threshold raised, a metric lowered, a gate removed) no longer matc
 The key: ``$MOEPRESS_KEY_FILE``, else ``~/.config/moepress/manifest.key``; 32 random bytes, hex,
 created on first use with mode 0600 (its directory 0700); a key of one's own is any 32 or more ASCII
 characters. A key file that others may read or
-write is refused: whoever can read it can seal any section. On another machine (no key file)
-publish cannot verify the seal, says so, and relies on its recomputations.
+write, that another user owns, or whose directory others may write, is refused: whoever can read it can
+seal any section, whoever can replace it can seal with their own. Without the key (another machine) publish
+cannot verify the seal and refuses (``--force`` publishes on its recomputations alone, and says so).
 
 The MAC covers the canonical JSON of the section without its ``seal`` entry: keys sorted, no
 whitespace, ASCII, as the section reads back from the manifest (so a float prints the same way).
@@ -21,6 +22,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -44,6 +46,14 @@ def _read(path: Path) -> bytes:
     if st.st_mode & 0o077:
         raise MoepressError(f"{path}: the manifest key may be read or written by others (mode "
                             f"{st.st_mode & 0o777:o}); expected mode 600 (chmod 600 {path})")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise MoepressError(f"{path}: the manifest key belongs to another user (uid {st.st_uid}); expected "
+                            f"this user's own key file")
+    parent = path.parent.stat()
+    if parent.st_mode & 0o022 and not parent.st_mode & 0o1000:  # others could swap the key (sticky: they cannot)
+        raise MoepressError(f"{path.parent}: others may write the directory of the manifest key (mode "
+                            f"{parent.st_mode & 0o777:o}), so they could replace the key; expected one only its "
+                            f"owner writes (chmod go-w {path.parent})")
     if len(text) < 32:
         raise MoepressError(f"{path}: not a manifest key (expected at least 32 ASCII characters, as the 64 hex "
                             "digits of a made key); remove it to make a new one")
@@ -103,6 +113,8 @@ def check_seal(section: dict, key: bytes) -> str | None:
     s = section.get("seal")
     if not isinstance(s, dict) or not isinstance(s.get("mac"), str):
         return "the accuracy section is not sealed (edited after the check, or recorded by an older moepress)"
+    if not re.fullmatch(r"[0-9a-f]{64}", s["mac"]):
+        return "the accuracy section's seal is not an HMAC-SHA256 in hex (edited after the check)"
     if s.get("key_id") != key_id(key):
         return (f"the accuracy section was sealed with another key (id {s.get('key_id')}, this user's is "
                 f"{key_id(key)}): edited after the check, or checked by another user or machine; set {KEY_ENV} "

@@ -6,7 +6,8 @@ checked and a seal (moepress/checks/seal.py). :func:`verify_section` trusts none
 in it: each gate's verdict is recomputed from the recorded metric and threshold, the overall
 verdict from the gates, the checked files' digests are compared with the files as they are now,
 every file the artifact lists (documentation aside) must have been checked, a check that applied
-no gate is no evidence, and the seal is verified when this user's key is available.
+no gate is no evidence, a check against another model than the candidate was made from compares two
+models, and the seal must verify with this user's key (without one it cannot).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def recompute_gates(acc: dict) -> tuple[list[tuple[str, bool]], list[str]]:
     metrics = acc.get("metrics") if isinstance(acc.get("metrics"), dict) else {}
     known = {g.metric: g for g in GATES}
     applied, problems = [], []
+    if not isinstance(acc.get("gates") or [], list):
+        return [], [f"accuracy.gates: expected a list of gates, got {type(acc['gates']).__name__}"]
     for rec in acc.get("gates") or []:
         name = rec.get("metric") if isinstance(rec, dict) else None
         g = known.get(name)
@@ -101,7 +104,7 @@ def _files(acc: dict, digests: dict[str, dict], root: Path) -> list[str]:
 
 def _seal(acc: dict, v: Verdict) -> None:
     key = sealing.load_key(create=False)
-    if key is None:
+    if key is None:  # the section may have been edited: its recomputed verdict alone proves nothing
         v.seal = (f"not verified: no key at {sealing.key_path()} (checked on another machine?); the verdict was "
                   f"recomputed from the recorded metrics, gates and file digests")
         return
@@ -130,11 +133,20 @@ def verify_section(acc: dict, digests: dict[str, dict], root: Path) -> Verdict:
         v.problems.append(f"{where}: accuracy.passed is {acc.get('passed')} (failed: {recorded}) but its gates "
                           f"{state} on the recorded metrics (accuracy section edited after the check)")
     v.problems += _files(acc, digests, root)
+    data = acc.get("data") if isinstance(acc.get("data"), dict) else {}
+    if data.get("made_from"):  # checks/runner.py _data_notes: the reference was not the candidate's origin
+        v.problems.append(f"{root}: its accuracy check compared it with {acc.get('reference')}, not with "
+                          f"{data['made_from']}, the model it was made from; run `moepress check {root} "
+                          f"--reference {data['made_from']}`")
     if not applied:
         v.problems.append(f"{root}: its accuracy check applied no gate (every gate 'none'), so it shows nothing; "
                           f"run `moepress check` with at least one gate")
     elif v.failed:
         v.problems.append(f"{root}: its accuracy check failed ({', '.join(v.failed)})")
+    if v.seal.startswith("not verified"):  # last: what was recomputed wrong says more
+        v.problems.append(f"{where}: cannot verify the accuracy section's seal: no manifest key at "
+                          f"{sealing.key_path()} (checked by another user or machine?); set {sealing.KEY_ENV} to "
+                          f"the key of the check")
     return v
 
 

@@ -195,10 +195,10 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
     if report_dir is not None:  # the report must not land in (or swallow) what it describes
         refuse_overlap(report_dir, (cand, ref), "--report ")
         check_report_dir(report_dir)
-    prepare_record(cand)
+    before = prepare_record(cand)
     result, memory = run_measured(device, run_check, cand, ref, cfg, progress=prog)
     result["memory"] = memory
-    result["manifest_updated"] = record_in_manifest(cand, result)
+    result["manifest_updated"] = record_in_manifest(cand, result, before)
     if report_dir is not None:
         result["report"] = str(write_report(result, report_dir))
     if json_out:

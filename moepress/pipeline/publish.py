@@ -10,6 +10,7 @@ refused even then.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -122,10 +123,30 @@ def publish(artifact: str | Path, to: str, force: bool = False) -> dict:
         if copy_problems:
             shutil.rmtree(tmp, ignore_errors=True)
             raise MoepressError(f"{copy_problems[0]} (while copying)")
-        install(tmp, dst)  # an empty dst replaced; the current directory filled in place
+        _place(tmp, dst)
     finally:
         lock.release()
     return {"published": str(Path(to)), "files": len(read_manifest(dst).get("files", {})), **extra}
+
+
+def _place(tmp: Path, dst: Path) -> None:
+    """The verified copy ``tmp`` renamed to ``dst``, which must still be absent or an empty directory: what was
+    put there while the artifact was copied is never replaced (rename(2) replaces only an empty directory, so
+    the test and the rename leave no gap that would lose it); the current directory is filled in place."""
+    try:
+        if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+            raise MoepressError(f"--to {dst}: no longer empty (written while the artifact was copied); nothing "
+                                "published")
+        if dst.exists() and dst.resolve() == Path.cwd().resolve():
+            install(tmp, dst)
+            return
+        try:
+            os.rename(tmp, dst)
+        except OSError as e:  # ENOTEMPTY / EEXIST: filled between the test and the rename
+            raise MoepressError(f"--to {dst}: cannot take the copy ({e.strerror or e}: written while the artifact "
+                                "was copied?); nothing published") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _upload_hf(src: Path, repo: str) -> dict:

@@ -312,9 +312,9 @@ class Runner:
                     "data": _data_digest(cfg.data)})
 
         def fn(resume):
-            prepare_record(cand)  # this user's manifest key, before the check runs
+            before = prepare_record(cand)  # this user's manifest key, before the check runs
             result = run_check(cand, self.model, cfg, progress=self.prog, device=self.device)
-            record_in_manifest(cand, result)
+            record_in_manifest(cand, result, before)
             write_report(result, out)
             res = jsonable({k: result[k] for k in ("passed", "failed", "metrics", "error_jump", "gates")})
             return res
