@@ -127,7 +127,8 @@ def _resolve(artifact: Path, target: str | Target, out: Path, o: BuildOptions) -
     bad = consumer_misload(artifact_dir(artifact), b.consumer) if b.consumer else None
     if bad is not None:
         raise MoepressError(f"{artifact_dir(artifact) / 'export.json'}: the export says {b.consumer} <= {bad[0]} "
-                            f"{bad[1]}; re-export as its consumer_notes say, or build for another runtime")
+                            f"{bad[1]}; quantize again as its consumer_notes say (the --rule flags or formats they "
+                            f"name) and export that, or build for another runtime")
     source = source_model(artifact, kind, o.reference)
     if source is None:
         raise MoepressError(f"{artifact}: cannot find the model it was exported from (export.json has no "

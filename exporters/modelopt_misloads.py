@@ -7,6 +7,8 @@ leaves out tensors a runtime would misread (:func:`written`)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from moepress.compress import formats
 from moepress.errors import MoepressError
 from moepress.exporters.fused_moe import pattern, routed_names
@@ -134,6 +136,32 @@ def trtllm_misloads(s, modules: dict) -> list[str]:
     fused_a = _mla(s, modules, MLA_FUSED_A, lambda f: f.scale in ("tensor", "channel"))  # FP8 (block: refused)
     return ([TRTLLM_MLA_KV_B.format(pattern(kv_b))] if kv_b else []) + \
         ([TRTLLM_MLA_FUSED_A.format(pattern(fused_a))] if fused_a else [])
+
+
+MLA_PROJECTIONS = ("self_attn.kv_b_proj", "self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")
+
+
+def planned_trtllm_misloads(reader, adapter, format_of, group_size: int) -> tuple[list[str], list[str]]:
+    """:func:`trtllm_misloads` of the hf-modelopt export of a quantize not yet run, and the ``--rule`` values
+    (PATTERN=none) that keep those projections bf16: ``format_of(rel, full)`` the format (None: bf16) a linear of
+    ``reader``'s checkpoint would get; a width the format skips stays bf16. Block FP8 projections are left out:
+    that export refuses them (:func:`refuse_block_fp8_mla`)."""
+    if not adapter.latent_kv_cache:
+        return [], []
+    modules = {}
+    for name in reader.names():
+        base = name.removesuffix(".weight")
+        rel = next((p for p in MLA_PROJECTIONS if base.endswith("." + p)), None)
+        fmt = format_of(rel, base) if rel and name.endswith(".weight") else None
+        f = formats.FORMATS.get(fmt) if fmt else None
+        if f is None or f.scale == "block" or (f.skip and f.skip(*reader.info(name).shape[:2], group_size)):
+            continue
+        modules[base] = {"format": fmt}
+    s = SimpleNamespace(adapter=adapter)
+    keep = [p for p in MLA_PROJECTIONS[:1] if _mla(s, modules, (".kv_b_proj",), lambda f: True)]
+    if _mla(s, modules, MLA_FUSED_A, lambda f: f.scale in ("tensor", "channel")):
+        keep += MLA_PROJECTIONS[1:]
+    return trtllm_misloads(s, modules), [f"{p}=none" for p in keep]
 
 
 def refuse_block_fp8_mla(s, modules: dict) -> None:

@@ -43,6 +43,7 @@ from moepress.exporters.ct_layout import ct_matcher, is_ct
 from moepress.exporters.kv_cache import KV_CACHE
 from moepress.exporters.runtime_formats import (
     check_runtime_format,
+    mla_rules,
     refuse_stored_formats,
     trtllm_experts_problem,
     vllm_only_int4,
@@ -337,6 +338,10 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     if why:
         p.notes.insert(0, f"format chosen for {bits}-bit weights: {why}")
     p.notes += width_notes(shape, fmt)
+    rules = mla_rules(shape, fmt) if runtime == "trtllm" and not own and fmt != UNQUANTIZED else ""
+    if rules and formats.FORMATS[fmt].scale != "block":  # block FP8 goes hf-fp8-block, which TensorRT-LLM reads
+        p.notes.append(f"an hf-modelopt export of {fmt} quantizes MLA projections TensorRT-LLM's DeepSeek loader "
+                       f"misreads (`moepress build` refuses it); for TensorRT-LLM quantize with{rules}")
     if runtime == "trtllm":
         p.unloadable = vllm_only or trtllm_experts_problem(shape, t, fmt)
         if p.unloadable:

@@ -82,7 +82,7 @@ def test_trtllm_pytorch_build_refuses_an_export_that_says_tensorrt_llm_misloads_
         line = (f"{e / 'export.json'}: the export says tensorrt_llm <= main 2026-09 fails loading its quantized MLA "
                 "kv_b_proj")
         assert r.exit_code == 2 and line in r.output and "Traceback" not in r.output, r.output
-        assert "re-export as its consumer_notes say, or build for another runtime" in r.output
+        assert "quantize again as its consumer_notes say (the --rule flags or formats they name)" in r.output
         assert not (tmp_path / name / "b").exists()
 
 
@@ -113,3 +113,41 @@ def test_block_fp8_fused_a_alone_is_refused_naming_both_parts(tmp_path):
     msg = str(e.value)
     assert "block-FP8 MLA projections" in msg and "TensorRT-LLM" in msg, msg
     assert "self_attn.q_a_proj" in msg and "self_attn.kv_a_proj_with_mqa" in msg, msg
+
+
+@pytest.mark.parametrize("fmt,rules,refused", [
+    ("fp8", (), True), ("nvfp4", (), True), ("fp8-block", (), False),
+    ("fp8", ("self_attn.kv_b_proj=none", "self_attn.q_a_proj=none", "self_attn.kv_a_proj_with_mqa=none"), False),
+    ("nvfp4", ("self_attn.kv_b_proj=none",), False)])
+def test_quantize_says_up_front_what_a_tensorrt_llm_build_will_refuse(cli_run, tmp_path, fmt, rules, refused):
+    """The build's refusal (an export whose MLA projections TensorRT-LLM's DeepSeek loader misreads) came after the
+    quantize (hours on Kimi K2): quantize now says it before its first layer, with the --rule flags that avoid it,
+    and in its result (builds_refusing); the same misloads as the export then declares. Block FP8 goes the
+    hf-fp8-block route (hf-modelopt refuses it), NVFP4 fused_a loads (its branch reads Model-Optimizer's names)."""
+    args = [a for r in rules for a in ("--rule", r)]
+    r = cli_run("quantize", "tiny-deepseek-v3", "--format", fmt, *args, "--num-samples", "4", "--seq-len", "32",
+                "-o", tmp_path / "q", "--json")
+    assert r.exit_code == 0, r.output
+    said = json.loads(r.stdout.strip().splitlines()[-1])["builds_refusing"]
+    assert bool(said) == refused, said
+    if refused:
+        assert "kv_b_proj" in said["trtllm-pytorch"] and "--rule 'self_attn.kv_b_proj=none'" in r.stderr
+        assert ("fused_a" in said["trtllm-pytorch"]) == (fmt == "fp8")
+        e = tmp_path / "e"
+        assert cli_run("export", tmp_path / "q", "--format", "hf-modelopt", "-o", e, "--quiet").exit_code == 0
+        assert json.loads((e / "export.json").read_text())["misloaded_why"]["tensorrt_llm"] == \
+            said["trtllm-pytorch"]
+
+
+@pytest.mark.parametrize("model,fmt,target,flags", [
+    ("tiny-deepseek-v3", "fp8", "h100", ["kv_b_proj", "q_a_proj", "kv_a_proj_with_mqa"]),
+    ("tiny-deepseek-v3", "nvfp4", "b200", ["kv_b_proj"]),
+    ("tiny-deepseek-v3", "fp8-block", "h100", []), ("tiny-qwen3-moe", "fp8", "h100", [])])
+def test_plan_says_which_mla_projections_a_tensorrt_llm_build_needs_bf16(model, fmt, target, flags):
+    """`moepress plan --format fp8` said "fits yes" and nothing of the MLA projections the build then refuses."""
+    from moepress.exporters.plan import plan
+
+    notes = [n for n in plan(models.path(model), target, fmt).notes if "MLA projections" in n]
+    assert bool(notes) == bool(flags), notes
+    for f in flags:
+        assert f"--rule 'self_attn.{f}=none'" in notes[0], notes

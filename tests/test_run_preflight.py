@@ -35,6 +35,10 @@ FP8 = {"format": "fp8"}
      "build.targets a100-80gb: quantize.format fp8: FP8 needs sm89+; A100 80GB SXM is sm80: "),
     ({"quantize": FP8, "export": {"formats": ["compressed-tensors"]}, "build": {"targets": ["h100"]}},
      "build.targets: no export of export.formats (compressed-tensors) has a builder; expected one of "),
+    # DeepSeek's quantized MLA projections in hf-modelopt: the build refused them after every other stage
+    ({"model": "tiny-deepseek-v3", "quantize": FP8, "export": {"formats": ["hf-modelopt"]},
+      "build": {"targets": ["h100"]}},
+     "build.targets: TensorRT-LLM's DeepSeek loader fails loading its quantized MLA kv_b_proj"),
 ])
 def test_a_value_a_stage_refuses_is_refused_before_any_stage_by_its_recipe_key(cli_run, tmp_path, sections, needle):
     rec = write_recipe(tmp_path / "r.yaml", **{"prune": None, **sections})

@@ -89,16 +89,17 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
                                  awq_clip=awq_clip, awq_gptq=awq_gptq, awq_fold=awq_fold)
     prog = Progress.from_flags(quiet, json_out)
     refusing: dict[str, str] = {}
+    builds: dict[str, str] = {}
 
     def notes() -> list[str]:  # asked by the stage once it has validated the input and the options
         refusing.update(export_refusals(src, cfg))
         later = [f"note: `moepress export --format {e}` will refuse this output: {why}" for e, why in refusing.items()]
-        return [*stored_quantized(src, cfg), *later]
+        return [*stored_quantized(src, cfg), *later, *mla_notes(src, cfg, builds)]
 
     res, memory = run_measured(device, quantize_checkpoint, src, output, cfg, batches=cal.loader(src),
                                force=force, resume=resume, progress=prog, notes=notes)
     res["memory"] = memory
-    res["exports_refusing"] = refusing
+    res["exports_refusing"], res["builds_refusing"] = refusing, builds
     if not current().is_main:  # under torchrun, rank 0 reports
         return
     if json_out:
@@ -110,7 +111,9 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
                    + f") -> {output} in {res['seconds']:.1f}s"
                    # said in the result too: --quiet hides the notes, not what the output is good for
                    + (f"; `moepress export` will refuse it as {', '.join(sorted(refusing))} (the start's notes say "
-                      "why, shown without --quiet; --json: exports_refusing)" if refusing else ""))
+                      "why, shown without --quiet; --json: exports_refusing)" if refusing else "")
+                   + ("; `moepress build` will refuse its hf-modelopt export for TensorRT-LLM (--json: "
+                      "builds_refusing)" if builds else ""))
 
 
 def stored_quantized(src, cfg) -> list[str]:
@@ -121,6 +124,27 @@ def stored_quantized(src, cfg) -> list[str]:
         return []
     return [f"note: {src} stores its weights quantized (quantization_config {q['quant_method']}); they are decoded "
             f"and rounded again to {cfg.format or 'the formats of --rule'}"]
+
+
+def mla_notes(src, cfg, builds: dict[str, str]) -> list[str]:
+    """A note (and ``builds["trtllm-pytorch"]``) where TensorRT-LLM's DeepSeek-V3 / Kimi K2 loader would misread
+    the MLA projections of this output's hf-modelopt export, which `moepress build` then refuses: said before the
+    hours of quantizing, with the --rule flags that keep them bf16 (vLLM loads them either way)."""
+    from moepress.errors import MoepressError
+    from moepress.pipeline.preflight import trtllm_mla_misloads
+
+    try:
+        why, keep = trtllm_mla_misloads({"format": cfg.format, "rules": dict(cfg.rules),
+                                         "group_size": cfg.group_size}, src)
+    except MoepressError:
+        return []
+    if not why:
+        return []
+    builds["trtllm-pytorch"] = "; ".join(why)
+    flags = " ".join(f"--rule '{k}'" for k in keep)
+    return [f"note: TensorRT-LLM's DeepSeek loader {builds['trtllm-pytorch']}, once this output is exported "
+            f"hf-modelopt (`moepress build` refuses that export; vLLM loads it); for TensorRT-LLM quantize with "
+            f"{flags}"]
 
 
 def export_refusals(src, cfg) -> dict[str, str]:

@@ -66,6 +66,13 @@ def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
         raise MoepressError(f"{key_where(src, 'build', 'targets')}: no export of export.formats ({given}) has a "
                             f"builder; expected one of {takes} in export.formats, or no build section")
     fmt = (recipe.get("quantize") or {}).get("format")
+    if "hf-modelopt" in built and recipe.get("quantize") and recipe["build"]["targets"]:
+        why, keep = trtllm_mla_misloads(recipe["quantize"], model)
+        if why:
+            raise MoepressError(f"{key_where(src, 'build', 'targets')}: TensorRT-LLM's DeepSeek loader {why[0]} in "
+                                f"the hf-modelopt export of this quantize section, so its build would be refused; "
+                                f"expected quantize.rules {{{', '.join(k.replace('=', ': ') for k in keep)}}}, or "
+                                f"hf-modelopt not in export.formats")
     for name in recipe["build"]["targets"] if fmt else ():
         try:
             check_format(get_target(name), fmt)
@@ -403,3 +410,20 @@ def fused_export_refusals(quantize: dict, model: Path) -> dict[str, str]:
         except MoepressError as e:
             out[export] = str(e).removeprefix(f"recipe export.formats {export}: ").removeprefix(f"--format {export}: ")
     return out
+
+
+def trtllm_mla_misloads(quantize: dict, model: Path) -> tuple[list[str], list[str]]:
+    """What TensorRT-LLM's DeepSeek-V3 / Kimi K2 loader would misread of the hf-modelopt export of the quantize
+    section ``quantize`` (format, rules, group_size) on ``model``, and the --rule values keeping it bf16
+    (exporters/modelopt_misloads.py ``planned_trtllm_misloads``: `moepress build` refuses such an export)."""
+    from moepress.compress.arch import get_adapter
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.compress.quantize.config import QuantConfig
+    from moepress.exporters.modelopt_misloads import planned_trtllm_misloads
+
+    reader = CheckpointReader(model)
+    cfg = QuantConfig(format=quantize.get("format"), rules=tuple((str(k), str(v)) for k, v in
+                                                                 dict(quantize.get("rules") or {}).items()),
+                      group_size=int(quantize.get("group_size") or 128))
+    return planned_trtllm_misloads(reader, get_adapter(reader.config, reader.names()), cfg.format_of,
+                                   cfg.group_size)
