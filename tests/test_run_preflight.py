@@ -35,6 +35,19 @@ FP8 = {"format": "fp8"}
      "build.targets a100-80gb: quantize.format fp8: FP8 needs sm89+; A100 80GB SXM is sm80: "),
     ({"quantize": FP8, "export": {"formats": ["compressed-tensors"]}, "build": {"targets": ["h100"]}},
      "build.targets: no export of export.formats (compressed-tensors) has a builder; expected one of "),
+    # recipe values read with another meaning than written, or run into a traceback (audit, 2026-12-05)
+    ({"quantize": FP8, "export": {"formats": ["hf-modelopt"]}, "build": {"targets": ["h100-sxm"], "dry_run": None}},
+     "build.dry_run: expected bool, got null (leave the key out for its default, true)"),
+    ({"calib": None}, "calib: expected a mapping"),
+    ({"prune": {"ratio": 0.25, "ep_size": 1, "ep-size": 3}}, "prune.ep_size: given twice"),
+    ({"check": {"max_kl": 0.05, "max-kl": "none"}}, "check.max_kl: given twice"),
+    ({"quantize": FP8, "export": {"formats": ["hf-modelopt", "hf-modelopt"]}}, "export.formats: 'hf-modelopt' listed "
+                                                                               "twice"),
+    ({"quantize": FP8, "export": {"formats": ["hf-modelopt"]}, "build": {"targets": ["h100-sxm", "h100"]}},
+     "build.targets: 'h100' and 'h100-sxm' are one GPU"),
+    ({"device": "tpu"}, "device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ({"prune": {"ratio": "25e-2"}}, "prune.ratio: expected float/int, got '25e-2' (YAML 1.1 reads an exponent"),
+    ({"prune": {"ratio": 0.25, "protect": 185}}, "prune.protect: expected str, got 185 (YAML read it as a number"),
     # DeepSeek's quantized MLA projections in hf-modelopt: the build refused them after every other stage
     ({"model": "tiny-deepseek-v3", "quantize": FP8, "export": {"formats": ["hf-modelopt"]},
       "build": {"targets": ["h100"]}},
@@ -204,3 +217,27 @@ def test_block_fp8_fused_parts_an_export_refuses_are_refused_before_any_stage(cl
     from moepress import models
 
     preflight(recipe, models.path("tiny-qwen3-moe"), src)
+
+
+def test_yaml_merge_keys_and_home_paths_read_as_written(tmp_path, monkeypatch):
+    """``<<: *anchor`` was refused ("could not determine a constructor for the tag ...merge"); ``output: ~/x`` ran
+    into a directory named ``~`` under the current one."""
+    from moepress.pipeline.recipe import load_recipe
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    p = tmp_path / "r.yaml"
+    p.write_text("model: tiny-qwen3-moe\noutput: ~/out\nprune:\n  <<: {ratio: 0.5, method: reap}\n  ratio: 0.25\n")
+    r, _ = load_recipe(p)
+    assert r["prune"]["ratio"] == 0.25 and r["prune"]["method"] == "reap"
+    assert r["output"] == str(tmp_path / "home" / "out")
+
+
+def test_an_already_quantized_model_is_refused_before_the_prune(cli_run, tmp_path):
+    """A recipe quantizing a moepress quantize output ran its prune, then quantize refused naming the prune's
+    directory."""
+    q = tmp_path / "q"
+    assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-o", q, "--quiet").exit_code == 0
+    rec = write_recipe(tmp_path / "r.yaml", model=str(q), quantize=FP8, check="skip")
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    one_line_error(r, f"r.yaml: model: {q} is already quantized by moepress")
+    assert not (tmp_path / "run").exists()

@@ -30,7 +30,12 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
         with recipe_keys(src, "prune"):
             PruneStage(model, PruneConfig.from_recipe(recipe["prune"], calib))
     if recipe["quantize"] is not None:  # the rules against the source's linears (a prune keeps their names)
+        from moepress.compress import formats
         from moepress.compress.quantize import QuantConfig
+
+        if formats.read_layout(model) is not None:  # the quantize stage refuses it, after the prune
+            raise MoepressError(f"{key_where(src, 'model')}: {model} is already quantized by moepress "
+                                f"({formats.SIDECAR}); expected the original model for a recipe that quantizes")
         from moepress.compress.quantize.stage import check_rules, refuse_expert_index_rules
         from moepress.compress.stream import StreamedModel
 

@@ -9,6 +9,9 @@ frozen config (``PruneConfig``, ``QuantConfig``, ``ExportConfig``, ``CheckConfig
 from __future__ import annotations
 
 import copy
+import json
+import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,12 +62,16 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
         raise MoepressError(f"{src}: 'model' must name a checkpoint directory or a bundled model")
     if raw.get("output") is not None and not isinstance(raw["output"], str):
         raise MoepressError(f"{key_where(src, 'output')}: expected a directory path, got {raw['output']!r}")
-    out: dict = {"model": raw["model"], "output": raw.get("output")}
+    # a path as a shell would take it (``~/x``, not a directory named ``~`` under the current one)
+    out: dict = {"model": _home(raw["model"]), "output": _home(raw.get("output"))}
     if raw.get("device") is not None:  # where the stages compute (moepress/device.py); outputs do not depend on it
-        if not isinstance(raw["device"], str):
+        if not isinstance(raw["device"], str) or not _DEVICE.fullmatch(raw["device"].strip().lower()):
             raise MoepressError(f"{key_where(src, 'device')}: expected auto, cpu, cuda or cuda:N, "
                                 f"got {raw['device']!r}")
         out["device"] = raw["device"]
+    if "calib" in raw and raw["calib"] is None:
+        raise MoepressError(f"{key_where(src, 'calib')}: expected a mapping (calibration is no stage to skip; leave "
+                            f"the key out, or {{}}, for its defaults)")
     for section, schema in SCHEMA.items():
         val = raw.get(section, {} if section in ("calib", "check") else None)
         if val is None:
@@ -72,6 +79,10 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
             continue
         if not isinstance(val, dict):
             raise MoepressError(f"{key_where(src, section)}: expected a mapping (or null to skip the stage)")
+        spelt = [str(k).replace("-", "_") for k in val]
+        twice = next((k for k in spelt if spelt.count(k) > 1), None)
+        if twice is not None:  # ep_size and ep-size: the later one won, silently
+            raise MoepressError(f"{key_where(src, section, twice)}: given twice (with - and with _)")
         if schema is None:  # check
             from moepress.checks.config import CheckConfig
 
@@ -89,9 +100,12 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
         sec = {}
         for key, (typ, default) in schema.items():
             v = norm.get(key, copy.deepcopy(default))
+            tname = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+            if v is None and default is not None:  # dry_run: null ran a real build
+                raise MoepressError(f"{key_where(src, section, key)}: expected {tname}, got null (leave the key "
+                                    f"out for its default, {json.dumps(default)})")
             if v is not None and (not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool)):
-                tname = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
-                raise MoepressError(f"{key_where(src, section, key)}: expected {tname}, got {v!r}")
+                raise MoepressError(f"{key_where(src, section, key)}: expected {tname}, got {v!r}{_yaml_hint(v, typ)}")
             _check_value(src, section, key, v)
             sec[key] = v
         out[section] = sec
@@ -149,6 +163,9 @@ def _check_value(src: str, section: str, key: str, v) -> None:
         bad = [x for x in v if not isinstance(x, elem)]
         if bad:
             raise MoepressError(f"{key_where(src, section, key)}: expected a list of {elem.__name__}, got {bad[0]!r}")
+        twice = next((x for x in v if v.count(x) > 1), None)
+        if twice is not None:  # a format listed twice ran once and was reported skipped
+            raise MoepressError(f"{key_where(src, section, key)}: {twice!r} listed twice")
     if (section, key) in POSITIVE and v is not None and v < 1:
         raise MoepressError(f"{key_where(src, section, key)}: expected a positive number, got {v!r}")
     if key == "seed" and isinstance(v, int) and not -(2**63) <= v < 2**63:  # torch's generator takes 64 bits
@@ -156,12 +173,39 @@ def _check_value(src: str, section: str, key: str, v) -> None:
     if (section, key) == ("build", "targets"):
         from moepress.exporters.targets import TARGETS, get_target
 
+        seen: dict[str, str] = {}
         for t in v:
             try:
-                get_target(t)
+                name = get_target(t).name
             except MoepressError:
                 raise MoepressError(f"{key_where(src, section, key)}: unknown GPU target {t!r}; expected one of "
                                     f"{', '.join(TARGETS)}") from None
+            if name in seen:
+                raise MoepressError(f"{key_where(src, section, key)}: {t!r} and {seen[name]!r} are one GPU ({name})")
+            seen[name] = t
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _home(path):
+    """``~`` and ``~/...`` expanded as a shell would (a string only)."""
+    return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
+
+
+def _yaml_hint(v, typ) -> str:
+    """Why YAML (1.1, as PyYAML reads it) gave another type than the one written, where that is likely."""
+    if isinstance(v, bool):
+        return " (YAML reads yes / no / on / off as true / false: quote it, or write none where a gate takes it)"
+    if typ is str and isinstance(v, (int, float)):
+        return " (YAML read it as a number, 3:5 too: quote it)"
+    if isinstance(v, str) and typ in (float, (float, int)):
+        try:
+            float(v)
+            return " (YAML 1.1 reads an exponent without a dot as text: write 0.25 or 2.5e-1)"
+        except ValueError:
+            return ""
+    return ""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -171,6 +215,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for k, _ in node.value:
+            if k.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: merged by the base loader, own keys win
+                continue
             key = self.construct_object(k, deep=deep)
             if isinstance(key, (str, int, float, bool)) and key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"found duplicate key {key!r}", k.start_mark)
@@ -190,7 +236,7 @@ def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -
         raise MoepressError(f"{p}: cannot read the recipe ({e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         raise MoepressError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
     raw = raw or {}
     for key, value in (overrides or {}).items():
