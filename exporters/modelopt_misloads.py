@@ -164,6 +164,18 @@ def planned_trtllm_misloads(reader, adapter, format_of, group_size: int) -> tupl
     return trtllm_misloads(s, modules), [f"{p}=none" for p in keep]
 
 
+def quantize_trtllm_misloads(quantize: dict, model) -> tuple[list[str], list[str]]:
+    """:func:`planned_trtllm_misloads` of a quantize section or flags (format, rules, group_size) on ``model``."""
+    from moepress.compress.arch import get_adapter
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.compress.quantize.config import QuantConfig
+
+    reader = CheckpointReader(model)
+    rules = tuple((str(k), str(v)) for k, v in dict(quantize.get("rules") or {}).items())
+    cfg = QuantConfig(format=quantize.get("format"), rules=rules, group_size=int(quantize.get("group_size") or 128))
+    return planned_trtllm_misloads(reader, get_adapter(reader.config, reader.names()), cfg.format_of, cfg.group_size)
+
+
 def refuse_block_fp8_mla(s, modules: dict) -> None:
     """One line for block-FP8 MLA projections TensorRT-LLM misreads (kv_b_proj, q_a / kv_a): SGLang 0.5.23 reads no
     Model-Optimizer block-FP8 weight_scale either (README), so only vLLM would run the export."""

@@ -58,17 +58,16 @@ from pathlib import Path
 
 import torch
 
-from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
-from moepress.exporters.fused_moe import pattern
-from moepress.exporters.hf_common import FLOAT_DTYPES, Source, open_source
+from moepress.exporters.hf_common import open_source
 from moepress.exporters.hf_modelopt import elsewhere_taken
 from moepress.exporters.hints import HF_MODELOPT
 from moepress.exporters.kv_cache import kv_split_problem
 from moepress.exporters.linears import Linear, read_linear
+from moepress.exporters.trtllm_refusals import WRITES, quant_algo, refuse_unwritten_attention
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -127,92 +126,6 @@ class StreamingSafetensors:
 # ---- config ----------------------------------------------------------------------------------
 SUPPORTED = ("mixtral", "qwen3_moe")
 TRTLLM_ARCH = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-
-
-# what this exporter writes (_quant_algo): the words of its refusals
-WRITES = "bf16 or FP8 per tensor (moepress quantize --format fp8)"
-
-
-def _source(reader: CheckpointReader, adapter) -> Source:
-    """The checkpoint as hints.elsewhere reads it (its layout, if moepress quantize wrote it)."""
-    return Source(Path(reader.path), reader, adapter, formats.read_layout(reader.path))
-
-
-def _decoder_linears(reader: CheckpointReader, adapter) -> list[str]:
-    """Every decoder linear but the routers, by prefix (``...experts.3.w1``)."""
-    routers = tuple(adapter.router_prefix(i) for i in range(adapter.num_layers))
-    return [n[: -len(".weight")] for i in range(adapter.num_layers) for n in reader.layer_names(i)
-            if n.endswith(".weight") and len(reader.info(n).shape) == 2 and not n.startswith(routers)]
-
-
-def _quant_algo(reader: CheckpointReader, adapter) -> tuple[str | None, str | None]:
-    """(quant_algo, kv_cache_quant_algo) from every decoder linear: all stored in float is bf16; a quantized
-    one decides (FP8 per tensor then needs all of them so; anything else is refused). Every linear, not one
-    probe: a linear left bf16 (a --rule, a width quantize skipped) says nothing of the others."""
-    kv = "FP8" if any(n.endswith((".k_scale", ".v_scale")) for n in reader.layer_names(0)) else None
-    linears = _decoder_linears(reader, adapter)
-    quantized = [b for b in linears if reader.info(b + ".weight").dtype not in FLOAT_DTYPES]
-    if not quantized:
-        return None, kv
-    lin = read_linear(reader, quantized[0], "--format trtllm-ckpt", WRITES)
-    if lin.scheme != "tensor":  # FP8 per tensor: TensorRT-LLM QuantAlgo FP8
-        raise MoepressError(f"--format trtllm-ckpt: {reader.path} is quantized as {lin.stored_as}, which this exporter "
-                            f"does not write: it writes {WRITES}; {elsewhere_taken(_source(reader, adapter))}")
-    _refuse_partly_fp8(reader, adapter, linears)
-    return "FP8", kv
-
-
-def _refuse_partly_fp8(reader: CheckpointReader, adapter, linears: list[str]) -> None:
-    """An FP8 checkpoint must be FP8 per tensor in every decoder linear but the routers: the config has one
-    quant_algo and excludes only lm_head and the routers, and the writer fuses q/k/v and w3/w1 under one
-    scale (an attention left bf16 made every weight of its layer bf16 under quant_algo FP8)."""
-    def fp8_per_tensor(base: str) -> bool:
-        scale = base + ".weight_scale"
-        return reader.info(base + ".weight").dtype == "F8_E4M3" and scale in reader and reader.info(scale).nbytes <= 4
-
-    plain = [b for b in linears if not fp8_per_tensor(b)]
-    if plain:
-        raise MoepressError(f"--format trtllm-ckpt: {reader.path} has {len(plain)} decoder linears not in FP8 per "
-                            f"tensor ({pattern(plain)}); this exporter writes one quant_algo for every linear but "
-                            f"the routers; for mixed precision: {elsewhere_taken(_source(reader, adapter))}")
-    unscaled = [b for b in linears if not _static_input(reader, b + ".input_scale")]
-    if unscaled:  # written as 0: TensorRT-LLM divides by it (layers/moe.py forward_experts: fc2_quant = 1 / scale)
-        raise MoepressError(f"--format trtllm-ckpt: {reader.path} has {len(unscaled)} FP8 linears without a static "
-                            f"input_scale > 0 ({pattern(unscaled)}); TensorRT-LLM's FP8 (QuantAlgo FP8) quantizes "
-                            f"every input with its activation_scaling_factor: quantize with --format fp8 (calibrated "
-                            f"input scales)")
-
-
-def _static_input(reader: CheckpointReader, name: str) -> bool:
-    """A one-value, finite, positive static input scale."""
-    if name not in reader or reader.info(name).nbytes > 4:
-        return False
-    v = float(reader.get(name).float().reshape(()))
-    return 0.0 < v < float("inf")
-
-
-def refuse_unwritten_attention(src: Path, adapter, reader) -> None:
-    """The config written below has unscaled rotary embeddings, no attention window, no biases and SiLU-gated MLPs
-    (``rotary_scaling``, ``max_attention_window_size``, ``attention_bias`` unmapped; ``hidden_act`` swiglu): a model
-    with other is refused rather than built to compute differently from its checkpoint."""
-    c = adapter.hf_config
-    kind, act = adapter.build_rotary().rope_type, getattr(c, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has hidden_act {act!r}; this exporter writes a "
-                            f"SiLU-gated MLP (hidden_act swiglu): {elsewhere_taken(open_source(src))}")
-    if kind != "default":
-        raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has rope_type {kind!r} (rope scaling), which "
-                            "this exporter does not write (TensorRT-LLM's PyTorch backend reads it from config.json): "
-                            f"{elsewhere_taken(open_source(src))}")
-    biased = [n for n in reader.names() if n.endswith(".bias")]
-    if biased:  # written, the config below would say attn_bias false and the engine would run without them
-        raise MoepressError(f"--format trtllm-ckpt: {src} stores {len(biased)} linear biases (e.g. {biased[0]}), which "
-                            f"this exporter does not write: {elsewhere_taken(open_source(src))}")
-    w = getattr(c, "sliding_window", None)
-    if w is not None and int(w) < int(c.max_position_embeddings):
-        raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has sliding_window {w} (shorter than max_position"
-                            f"_embeddings {c.max_position_embeddings}), which this exporter does not write (TensorRT-"
-                            f"LLM's PyTorch backend reads it from config.json): {elsewhere_taken(open_source(src))}")
 
 
 def trtllm_config(adapter, cfg, quant_algo, kv_algo) -> dict:
@@ -401,7 +314,7 @@ def export_trtllm(src: Path, writer, cfg, progress) -> dict:
     refuse_unwritten_attention(src, adapter, reader)
     if cfg.dtype not in DTYPES:
         raise MoepressError(f"--dtype {cfg.dtype}: expected bfloat16, float16 or float32")
-    qalgo, kvalgo = _quant_algo(reader, adapter)
+    qalgo, kvalgo = quant_algo(reader, adapter)
     config = trtllm_config(adapter, cfg, qalgo, kvalgo)
     writer.write_json("config.json", config)
     files = [StreamingSafetensors(writer.partial / f"rank{r}.safetensors") for r in range(cfg.tp)]

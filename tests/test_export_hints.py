@@ -227,7 +227,7 @@ def test_engine_from_a_trtllm_ckpt_is_suggested_what_a_trtllm_ckpt_holds():
     msg = str(e.value)
     assert "FP8 needs sm89+; A100 80GB SXM is sm80" in msg and "--format" not in msg, msg
     named = re.findall(r"as a ([\w-]+) trtllm-ckpt|--format ([\w-]+), then export trtllm-ckpt", msg)
-    assert named and all(f in ("bf16", "fp8", "") for m in named for f in m), msg  # trtllm_ckpt._quant_algo
+    assert named and all(f in ("bf16", "fp8", "") for m in named for f in m), msg  # trtllm_refusals.quant_algo
 
 
 def _refused(fn) -> str:

@@ -157,7 +157,7 @@ def test_recipe_seed_range_and_yaml_error_line(cli_run, tmp_path):
     assert r.exit_code == 2 and "calib.seed: expected a 64-bit integer, got 9223372036854775808" in r.stderr
     rec.write_text("model: tiny-qwen3-moe\n\tprune: {ratio: 0.25}\n")
     r = cli_run("recipe", "show", rec)
-    assert r.exit_code == 2 and f"{rec}: line 2 not valid YAML" in r.stderr, r.output
+    assert r.exit_code == 2 and f"{rec}: line 2 column 1 not valid YAML" in r.stderr, r.output
 
 
 def test_an_empty_recipe_with_model_given_runs_on_that_model(cli_run, tmp_path):

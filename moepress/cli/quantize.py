@@ -131,10 +131,10 @@ def mla_notes(src, cfg, builds: dict[str, str]) -> list[str]:
     the MLA projections of this output's hf-modelopt export, which `moepress build` then refuses: said before the
     hours of quantizing, with the --rule flags that keep them bf16 (vLLM loads them either way)."""
     from moepress.errors import MoepressError
-    from moepress.pipeline.preflight import trtllm_mla_misloads
+    from moepress.exporters.modelopt_misloads import quantize_trtllm_misloads
 
     try:
-        why, keep = trtllm_mla_misloads({"format": cfg.format, "rules": dict(cfg.rules),
+        why, keep = quantize_trtllm_misloads({"format": cfg.format, "rules": dict(cfg.rules),
                                          "group_size": cfg.group_size}, src)
     except MoepressError:
         return []

@@ -60,6 +60,7 @@ def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
     follow. The format the refusal names instead is one this preflight and a build of some export of the recipe
     take on that target."""
     from moepress.exporters.builders import BUILDERS
+    from moepress.exporters.modelopt_misloads import quantize_trtllm_misloads
     from moepress.exporters.targets import check_format, get_target
 
     if recipe.get("build") is None:
@@ -72,7 +73,7 @@ def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
                             f"builder; expected one of {takes} in export.formats, or no build section")
     fmt = (recipe.get("quantize") or {}).get("format")
     if "hf-modelopt" in built and recipe.get("quantize") and recipe["build"]["targets"]:
-        why, keep = trtllm_mla_misloads(recipe["quantize"], model)
+        why, keep = quantize_trtllm_misloads(recipe["quantize"], model)
         if why:
             raise MoepressError(f"{key_where(src, 'build', 'targets')}: TensorRT-LLM's DeepSeek loader {why[0]} in "
                                 f"the hf-modelopt export of this quantize section, so its build would be refused; "
@@ -415,20 +416,3 @@ def fused_export_refusals(quantize: dict, model: Path) -> dict[str, str]:
         except MoepressError as e:
             out[export] = str(e).removeprefix(f"recipe export.formats {export}: ").removeprefix(f"--format {export}: ")
     return out
-
-
-def trtllm_mla_misloads(quantize: dict, model: Path) -> tuple[list[str], list[str]]:
-    """What TensorRT-LLM's DeepSeek-V3 / Kimi K2 loader would misread of the hf-modelopt export of the quantize
-    section ``quantize`` (format, rules, group_size) on ``model``, and the --rule values keeping it bf16
-    (exporters/modelopt_misloads.py ``planned_trtllm_misloads``: `moepress build` refuses such an export)."""
-    from moepress.compress.arch import get_adapter
-    from moepress.compress.checkpoint import CheckpointReader
-    from moepress.compress.quantize.config import QuantConfig
-    from moepress.exporters.modelopt_misloads import planned_trtllm_misloads
-
-    reader = CheckpointReader(model)
-    cfg = QuantConfig(format=quantize.get("format"), rules=tuple((str(k), str(v)) for k, v in
-                                                                 dict(quantize.get("rules") or {}).items()),
-                      group_size=int(quantize.get("group_size") or 128))
-    return planned_trtllm_misloads(reader, get_adapter(reader.config, reader.names()), cfg.format_of,
-                                   cfg.group_size)
