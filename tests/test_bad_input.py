@@ -369,6 +369,29 @@ def test_non_finite_weight_is_named_before_the_activations_it_spoils(tmp_path, c
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.parametrize("value,fmt,needles", [
+    (float("inf"), "fp8", ["model.layers.1.post_attention_layernorm.weight: 1 values are not finite"]),
+    (float("inf"), "int4-gptq", ["model.layers.1.post_attention_layernorm.weight: 1 values are not finite"]),
+    (3e38, "int4-gptq", ["model.layers.1: its output on the calibration samples holds NaN or Inf with finite weights"]),
+])
+def test_non_finite_activations_are_refused_before_their_statistics(tmp_path, cli_run, value, fmt, needles):
+    """A norm weight of Inf (or one that overflows the activations) gave a traceback from the sparse-expert evidence's
+    eigvalsh (any calibrated format) or GPTQ's factorisation: refused in one line, naming a weight that holds it."""
+    from safetensors.torch import load_file, save_file
+
+    ck = copy_checkpoint(models.resolve("tiny-qwen3-moe"), tmp_path / "c")
+    name = "model.layers.1.post_attention_layernorm.weight"
+    for shard in ck.glob("*.safetensors"):
+        t = load_file(shard)
+        if name in t:
+            t[name][0] = value
+            save_file(t, shard, metadata={"format": "pt"})
+    r = cli_run("quantize", ck, "--format", fmt, "-o", tmp_path / "q", "--quiet", "--num-samples", "4",
+                "--seq-len", "32")
+    assert_one_line_error(r, *needles)
+    assert not (tmp_path / "q").exists()
+
+
 def test_integer_weight_without_scales_is_refused(good, tmp_path, cli_run):
     """int8 bytes with no quantization_config were read as weight values (exit 0)."""
     from safetensors.torch import load_file, save_file

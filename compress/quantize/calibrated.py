@@ -58,6 +58,7 @@ from moepress.compress.quantize.stats import (
     with_amax,
 )
 from moepress.compress.stream import StoredLinear, StreamedModel
+from moepress.errors import MoepressError
 
 # k_scale / v_scale = amax / 448 of the keys / values the attention caches (compress/quant/kv.py)
 KV_SCALES = ("self_attn.k_scale", "self_attn.v_scale")
@@ -124,6 +125,8 @@ class CalibratedLayer:
 
     def run(self, hs: list[torch.Tensor]) -> tuple[LayerResult, list[torch.Tensor] | None]:
         outs = self.observe(hs)
+        if outs is not None:
+            self._refuse_non_finite_outputs(outs)
         if self.cfg.awq_fold:  # AWQ smoothing folded into norms / v_proj / up_proj (fold.py)
             fold_layer(self)
         self.quantize_non_experts()
@@ -132,6 +135,28 @@ class CalibratedLayer:
         if self.kv:
             self.kv_scales()
         return self.res, outs
+
+    def _refuse_non_finite_outputs(self, outs: list[torch.Tensor]) -> None:
+        """NaN / Inf activations make a Hessian unfactorable (GPTQ's, and the sparse-expert evidence's: a traceback,
+        or a silent round-to-nearest), and no input scale refuses them in a weight-only format: the layer's output
+        is checked before anything is computed from its statistics, and a weight holding NaN / Inf (a linear's,
+        decoded, or a norm's or router's) is named as the cause."""
+        bad = torch.stack([~torch.isfinite(o).all() for o in outs]).any().to(torch.int32) if outs else \
+            torch.zeros((), dtype=torch.int32, device=self.sm.device)
+        if self.env.enabled:  # every rank refuses, or none: one alone would leave the others in a collective
+            tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)
+        if not bool(bad):
+            return
+        prefix = self.sm.adapter.layer_prefix(self.i)
+        params = [(n + ".weight", self.weights[n]) for n in self.targets]  # linears decoded; then norms, routers
+        params += [(n, p) for n, p in self.layer.named_parameters() if p.dtype in (torch.float32, torch.bfloat16,
+                                                                                    torch.float16)]
+        for n, w in params:
+            k = int((~torch.isfinite(w)).sum())
+            if k:
+                raise MoepressError(f"{prefix}{n}: {k} values are not finite (NaN or Inf); expected finite weights")
+        raise MoepressError(f"{prefix.rstrip('.')}: its output on the calibration samples holds NaN or Inf with finite "
+                            f"weights (activations overflow); nothing can be calibrated from them")
 
     @property
     def _experts_calibrated(self) -> bool:
