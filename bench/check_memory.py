@@ -80,7 +80,7 @@ def main() -> int:
                 print(p.stderr, file=sys.stderr)
                 return 1
             res[what] = json.loads(p.stdout)
-    mb = 2**20
+    mb = 1e6  # MB, as the other benches print (not MiB)
     print(f"synthetic qwen3_moe: {args.layers} layers x {args.experts} experts, hidden {h}; "
           f"one layer {layer / mb:.0f} MB, model {model / mb:.0f} MB (float32); {args.samples} x 64 tokens")
     for what, label in (("forward", "one streamed forward"), ("check", "check (two streams in lockstep)")):
