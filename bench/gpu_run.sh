@@ -57,10 +57,12 @@ left=$(( 570 - TESTS_S - ($(date +%s) - T0) ))
 budget=$(( left > 150 ? left - 30 : 120 ))
 log "bench/gpu.py with a ${budget}s budget"
 # the checkpoints on the working tree's disk: /tmp may be a tmpfs, whose "raw read" is a memory copy
+rm -rf .gpu-work  # what a run killed by its time limit left (gpu.py's own cleanup does not run then)
 mkdir -p .gpu-work
 timeout $(( budget + 30 )) env PYTHONUNBUFFERED=1 "$PY" bench/gpu.py --budget-s "$budget" --work .gpu-work \
   --json "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.md"
 log "bench: exit ${PIPESTATUS[0]}"
+rm -rf .gpu-work
 
 # 3. the gpu-marked tests with their prints, the quickest and most telling first (memory bound and I/O
 #    overlap; calibration-free bytes; then calibrated perplexity, which a time limit may cut short); each

@@ -109,3 +109,43 @@ def test_a_destination_filled_while_copying_is_kept_not_replaced(tmp_path):
     (tmp / "config.json").write_text("{}")
     _place(tmp, dst)  # an empty one takes the copy
     assert (dst / "config.json").is_file() and not tmp.exists()
+
+
+def test_a_refused_record_still_reports_the_check(cli_run, tmp_path, monkeypatch):
+    """The record refused (files changed while the check ran) lost the whole check's figures: the report and the
+    --json result came after it. Now they are written, and the refusal is the exit code and the last line."""
+    import json
+
+    import moepress.checks.report as report
+
+    monkeypatch.setenv(sealing.KEY_ENV, str(tmp_path / "keys" / "k"))
+    (tmp_path / "keys").mkdir(mode=0o700)
+    q = tmp_path / "q"
+    assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-o", q, "--quiet").exit_code == 0
+    real = report._identity
+    calls = []
+
+    def changing(d):  # the second snapshot (after the check) differs, as a rewritten shard's would
+        calls.append(d)
+        out = real(d)
+        return out if len(calls) == 1 else {**out, "model.safetensors": (0, 0)}
+
+    monkeypatch.setattr(report, "_identity", changing)
+    r = cli_run("check", q, "--reference", "tiny-qwen3-moe", "--max-samples", "2", "--seq-len", "32", "--json",
+                "--report", tmp_path / "rep")
+    assert r.exit_code == 2 and "changed while the check ran" in r.stderr, r.output
+    res = next(d for d in map(json.loads, r.stdout.strip().splitlines()) if "manifest_updated" in d)
+    assert res["manifest_updated"] is False and "changed while the check ran" in res["manifest_refused"]
+    assert (tmp_path / "rep" / "report.md").is_file()
+    assert "accuracy" not in json.loads((q / "moepress-manifest.json").read_text())
+
+
+def test_null_for_a_list_or_mapping_key_is_its_empty_default(tmp_path):
+    """``rules:`` with every entry commented out reads as null: the empty mapping, not a refusal."""
+    from moepress.pipeline.recipe import load_recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text("model: tiny-qwen3-moe\nquantize:\n  format: fp8\n  rules:\n    # 'self_attn.*': none\n"
+                 "export:\n  formats: [hf-modelopt]\n  options:\n")
+    r, _ = load_recipe(p)
+    assert r["quantize"]["rules"] == {} and r["export"]["options"] == {}

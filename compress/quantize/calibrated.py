@@ -141,14 +141,14 @@ class CalibratedLayer:
         or a silent round-to-nearest), and no input scale refuses them in a weight-only format: the layer's output
         is checked before anything is computed from its statistics, and a weight holding NaN / Inf (a linear's,
         decoded, or a norm's or router's) is named as the cause."""
-        bad = torch.stack([~torch.isfinite(o).all() for o in outs]).any().to(torch.int32) if outs else \
-            torch.zeros((), dtype=torch.int32, device=self.sm.device)
+        bad = torch.tensor([int(any(bool((~torch.isfinite(o)).any()) for o in outs))], dtype=torch.int32)
         if self.env.enabled:  # every rank refuses, or none: one alone would leave the others in a collective
+            bad = bad.to(self.env.device)
             tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)
-        if not bool(bad):
+        if not int(bad.item()):
             return
         prefix = self.sm.adapter.layer_prefix(self.i)
-        params = [(n + ".weight", self.weights[n]) for n in self.targets]  # linears decoded; then norms, routers
+        params = [(n + ".weight", self.weights[n]) for n in self.linears]  # linears decoded; then norms, routers
         params += [(n, p) for n, p in self.layer.named_parameters() if p.dtype in (torch.float32, torch.bfloat16,
                                                                                     torch.float16)]
         for n, w in params:
@@ -214,8 +214,10 @@ class CalibratedLayer:
         for st in {id(v): v for v in self.stats.values()}.values():
             st.gather(self.env)
         self.moe_inputs, self.routes = gather_list(self.moe_inputs, self.env), gather_list(self.routes, self.env)
-        for n in self.kv:
-            tdist.all_reduce(self.kv[n], op=tdist.ReduceOp.MAX)
+        for n in self.kv:  # on the group's device (NCCL takes no CPU tensor, gloo no CUDA one)
+            t = self.kv[n].to(self.env.device)
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+            self.kv[n] = t.to(self.kv[n].device)
 
     # ---- quantization --------------------------------------------------------------------------
 

@@ -73,14 +73,16 @@ def prepare_record(candidate: str | Path) -> dict | None:
     return _identity(d)
 
 
-def _identity(d: Path) -> dict[str, tuple | None]:
-    """The manifest's and every listed file's (inode, device, size, mtime): a directory replaced (an export with
-    --force) or a file rewritten in place between two calls shows here without reading the bytes."""
-    out: dict[str, tuple | None] = {}
-    for rel in [MANIFEST_NAME, *sorted(read_manifest(d).get("files", {}))]:
+def _identity(d: Path) -> dict[str, object]:
+    """The manifest's file list (its digests: another export's differ) and every listed file's size and mtime: a
+    directory replaced (an export with --force) or a file rewritten in place shows here without reading the
+    bytes. Not inodes: some file systems (FUSE without use_ino, CIFS noserverino) renumber them unprompted."""
+    listed = read_manifest(d).get("files", {})
+    out: dict[str, object] = {MANIFEST_NAME: json.dumps(listed, sort_keys=True, default=str)}
+    for rel in sorted(listed):
         try:
             st = (d / rel).stat()
-            out[rel] = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+            out[rel] = (st.st_size, st.st_mtime_ns)
         except OSError:
             out[rel] = None
     return out

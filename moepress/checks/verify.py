@@ -117,7 +117,8 @@ def _seal(acc: dict, v: Verdict) -> None:
 def verify_section(acc: dict, digests: dict[str, dict], root: Path) -> Verdict:
     """Everything this module recomputes of ``acc``, the accuracy section of the manifest of the
     artifact ``root``, against its files as they are now (``digests``: rel -> sha256, size). The
-    problems name the manifest, the file or the artifact, seal first, a failed check last."""
+    problems name the manifest, the file or the artifact: a seal that does not match first, a failed check
+    next to last, a seal that could not be verified (no key) last."""
     v = Verdict()
     where = root / MANIFEST_NAME
     _seal(acc, v)
@@ -146,7 +147,7 @@ def verify_section(acc: dict, digests: dict[str, dict], root: Path) -> Verdict:
     if v.seal.startswith("not verified"):  # last: what was recomputed wrong says more
         v.problems.append(f"{where}: cannot verify the accuracy section's seal: no manifest key at "
                           f"{sealing.key_path()} (checked by another user or machine?); set {sealing.KEY_ENV} to "
-                          f"the key of the check")
+                          f"a copy of the checking user's key that you own (mode 600)")
     return v
 
 

@@ -179,6 +179,7 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
         write_report,
     )
     from moepress.checks.config import GATE_FIELDS, failure_line, parse_fraction
+    from moepress.errors import MoepressError
     from moepress.progress import Progress
 
     for name in GATE_FIELDS:  # refused under the option's name; CheckConfig parses the value as written (a
@@ -198,7 +199,11 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
     before = prepare_record(cand)
     result, memory = run_measured(device, run_check, cand, ref, cfg, progress=prog)
     result["memory"] = memory
-    result["manifest_updated"] = record_in_manifest(cand, result, before)
+    try:  # the figures are reported either way; a check whose files changed while it ran is not recorded
+        result["manifest_updated"], refused = record_in_manifest(cand, result, before), None
+    except MoepressError as e:
+        result["manifest_updated"], refused = False, e
+        result["manifest_refused"] = str(e)
     if report_dir is not None:
         result["report"] = str(write_report(result, report_dir))
     if json_out:
@@ -208,6 +213,8 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
             click.echo(line)
         if report_dir is not None:
             click.echo(f"wrote {report_dir}/report.md")
+    if refused is not None:
+        raise refused
     if result["passed"] is False:
         raise CheckFailed(failure_line(result["gates"], result["error_jump"]))
 

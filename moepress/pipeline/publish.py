@@ -10,6 +10,7 @@ refused even then.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -143,8 +144,10 @@ def _place(tmp: Path, dst: Path) -> None:
         try:
             os.rename(tmp, dst)
         except OSError as e:  # ENOTEMPTY / EEXIST: filled between the test and the rename
-            raise MoepressError(f"--to {dst}: cannot take the copy ({e.strerror or e}: written while the artifact "
-                                "was copied?); nothing published") from None
+            why = "written while the artifact was copied" if e.errno in (errno.ENOTEMPTY, errno.EEXIST) else \
+                "a mount point or not writable?"
+            raise MoepressError(f"--to {dst}: cannot take the copy ({e.strerror or e}: {why}); nothing "
+                                "published") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

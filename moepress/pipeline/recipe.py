@@ -101,6 +101,8 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
         for key, (typ, default) in schema.items():
             v = norm.get(key, copy.deepcopy(default))
             tname = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+            if v is None and isinstance(default, (list, dict)):  # ``rules:`` with its entries commented out
+                v = copy.deepcopy(default)
             if v is None and default is not None:  # dry_run: null ran a real build
                 raise MoepressError(f"{key_where(src, section, key)}: expected {tname}, got null (leave the key "
                                     f"out for its default, {json.dumps(default)})")

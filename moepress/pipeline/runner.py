@@ -314,8 +314,8 @@ class Runner:
         def fn(resume):
             before = prepare_record(cand)  # this user's manifest key, before the check runs
             result = run_check(cand, self.model, cfg, progress=self.prog, device=self.device)
+            write_report(result, out)  # kept where the record is refused (files changed while it ran)
             record_in_manifest(cand, result, before)
-            write_report(result, out)
             res = jsonable({k: result[k] for k in ("passed", "failed", "metrics", "error_jump", "gates")})
             return res
 
