@@ -138,6 +138,28 @@ def trtllm_misloads(s, modules: dict) -> list[str]:
         ([TRTLLM_MLA_FUSED_A.format(pattern(fused_a))] if fused_a else [])
 
 
+# TensorRT-LLM's weight-only and W4A8 GEMMs for linears (cpp/tensorrt_llm/kernels/cutlass_kernels/fpA_intB_gemm/
+# fpA_intB_gemm_template.h generic_mixed_gemm_kernelLauncher): fine-grained INT4 scales in groups of 64 or 128 only,
+# of 128 only with FP8 activations ("Only group size 64 and 128 supported for fine grained kernels"): --group-size 32,
+# or a group shrunk to a narrower input (compress/quant/int4.py effective_group), throws at the first GEMM
+TRTLLM_INT4_GROUPS = (64, 128)
+
+
+def trtllm_group_misloads(s, modules: dict) -> list[str]:
+    """The export's INT4 linears (not routed experts: their fused-MoE kernels are not read here) in groups
+    TensorRT-LLM's INT4 GEMMs do not run (none: [])."""
+    routed, bad = routed_names(s), {}
+    for n, m in sorted(modules.items()):
+        f = formats.FORMATS.get(m.get("format"))
+        if f is None or f.element != "int4" or m.get("group") is None or n in routed:
+            continue
+        ok = (128,) if f.static_input else TRTLLM_INT4_GROUPS
+        if m["group"] not in ok:
+            bad.setdefault((m["format"], m["group"], ok), []).append(n)
+    return [f"fails at its first INT4 GEMM ({pattern(names)}: {fmt} in groups of {g}; fpA_intB_gemm_template.h runs "
+            f"groups of {' or '.join(map(str, ok))} only)" for (fmt, g, ok), names in bad.items()]
+
+
 MLA_PROJECTIONS = ("self_attn.kv_b_proj", "self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")
 
 
@@ -216,11 +238,16 @@ def misloads(s, modules: dict, kv: bool, dropped: int) -> dict:
     ``consumer_notes`` for this export (``kv``: it holds KV-cache scales; ``dropped``: MLA KV scales left out)."""
     misloaded, notes = sglang_misloads(s, modules, kv)
     by = {k: SGLANG_CHECKED for k in misloaded}
-    if trt := trtllm_misloads(s, modules):
-        misloaded["tensorrt_llm"], by["tensorrt_llm"] = "; ".join(trt), TRTLLM_CHECKED
-        notes.append(f"TensorRT-LLM ({TRTLLM_CHECKED}) {misloaded['tensorrt_llm']}; vLLM loads them; for TensorRT-LLM "
+    trt, groups = trtllm_misloads(s, modules), trtllm_group_misloads(s, modules)
+    if trt or groups:
+        misloaded["tensorrt_llm"], by["tensorrt_llm"] = "; ".join(trt + groups), TRTLLM_CHECKED
+    if trt:
+        notes.append(f"TensorRT-LLM ({TRTLLM_CHECKED}) {'; '.join(trt)}; vLLM loads them; for TensorRT-LLM "
                      "keep them bf16 (--rule 'self_attn.kv_b_proj=none', and for an FP8 fused_a "
                      "'self_attn.q_a_proj=none', 'self_attn.kv_a_proj_with_mqa=none')")
+    if groups:
+        notes.append(f"TensorRT-LLM ({TRTLLM_CHECKED}) {'; '.join(groups)}; for TensorRT-LLM quantize with "
+                     "--group-size 128 (a narrower input: keep it bf16 with --rule PATTERN=none)")
     if vllm := vllm_misloads(s, modules):
         misloaded["vllm"], by["vllm"] = "; ".join(vllm), VLLM_CHECKED
         notes.append(f"vLLM <= {VLLM_CHECKED} {misloaded['vllm']}; for vLLM quantize them FP8 or NVFP4 (or keep "
