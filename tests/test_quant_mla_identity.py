@@ -26,17 +26,22 @@ def vllm_identity_dequant(q: torch.Tensor, weight_scale: torch.Tensor, input_sca
     return (xq.float() @ q.float().T * input_scale * weight_scale).T
 
 
-@pytest.fixture(scope="module")
-def deepseek_fp8(tmp_path_factory):
+def _deepseek(tmp_path_factory, fmt: str):
+    """tiny-deepseek-v3 quantized to ``fmt`` (8 x 128 calibration tokens), opened."""
     from moepress.calib.data import calibration_batches
     from moepress.compress.checkpoint import CheckpointReader
     from moepress.compress.quantize import quantize_checkpoint
     from moepress.models import path
 
-    out = tmp_path_factory.mktemp("mla") / "fp8"
-    quantize_checkpoint(path("tiny-deepseek-v3"), out, QuantConfig(format="fp8"),
+    out = tmp_path_factory.mktemp("mla") / fmt
+    quantize_checkpoint(path("tiny-deepseek-v3"), out, QuantConfig(format=fmt),
                         batches=calibration_batches(path("tiny-deepseek-v3"), (), 8, 128, 0, 8))
     return CheckpointReader(out)
+
+
+@pytest.fixture(scope="module")
+def deepseek_fp8(tmp_path_factory):
+    return _deepseek(tmp_path_factory, "fp8")
 
 
 def test_vllm_identity_dequant_of_deepseek_kv_b_proj_is_exact(deepseek_fp8):
@@ -79,15 +84,7 @@ def vllm_nvfp4_identity_dequant(ck, p: str) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def deepseek_nvfp4(tmp_path_factory):
-    from moepress.calib.data import calibration_batches
-    from moepress.compress.checkpoint import CheckpointReader
-    from moepress.compress.quantize import quantize_checkpoint
-    from moepress.models import path
-
-    out = tmp_path_factory.mktemp("mla") / "nvfp4"
-    quantize_checkpoint(path("tiny-deepseek-v3"), out, QuantConfig(format="nvfp4"),
-                        batches=calibration_batches(path("tiny-deepseek-v3"), (), 8, 128, 0, 8))
-    return CheckpointReader(out)
+    return _deepseek(tmp_path_factory, "nvfp4")
 
 
 def test_vllm_nvfp4_identity_dequant_of_deepseek_kv_b_proj_is_exact(deepseek_nvfp4):
