@@ -56,6 +56,14 @@ def test_default_recipe_is_valid_and_shown(cli_run):
     assert res.exit_code == 0
     shown = yaml.safe_load(res.output)
     assert shown == r  # the effective recipe, defaults filled in
+    # what the run takes for keys left unset (shown null or absent above): said, not left to guess
+    assert "# not set, so: output: -o, else ./moepress-out; device: --device, else auto" in res.output
+
+
+def test_recipe_show_names_the_prune_method_run_takes(cli_run, tmp_path):
+    rec = write_recipe(tmp_path / "r.yaml", prune={"ratio": 0.25})
+    res = cli_run("recipe", "show", rec)
+    assert res.exit_code == 0 and "prune.method: auto" in res.output, res.output
 
 
 @pytest.fixture(scope="module")

@@ -81,11 +81,17 @@ def recipe_show(recipe):
     """Print the effective recipe (defaults filled in; the check section as written, the defaults it takes
     in a comment); without RECIPE the embedded default."""
     from moepress.checks.config import CheckConfig
+    from moepress.compress.prune.config import DEFAULT_METHOD
     from moepress.pipeline.recipe import dump, load_recipe
 
     r, src = load_recipe(recipe)
     click.echo(f"# effective recipe from {src}")
     click.echo(dump(r), nl=False)
+    unset = ([] if r.get("output") else ["output: -o, else ./moepress-out"]) + \
+        ([] if r.get("device") else ["device: --device, else auto"]) + \
+        ([f"prune.method: {DEFAULT_METHOD}"] if r.get("prune") and not r["prune"].get("method") else [])
+    if unset:  # what run takes where the recipe leaves a key unset (null above, or absent)
+        click.echo("# not set, so: " + "; ".join(unset))
     if r.get("check") is not None:  # kept as written: a gate written is applied even where it is unmeasured
         given = {str(k).replace("-", "_") for k in r["check"]}
         rest = {k: v for k, v in CheckConfig().to_dict().items() if k not in given | {"asked", "kind"}}
