@@ -114,9 +114,14 @@ def _detect_engine(path: Path) -> bool:
     return any(path.glob("rank*.engine")) or len(list(path.glob("*.engine")) + list(path.glob("*.plan"))) == 1
 
 
-def _open_engine(path: Path, cfg: CheckConfig, device=None) -> Candidate:  # the engine's own GPU
+def _open_engine(path: Path, cfg: CheckConfig, device=None) -> Candidate:
+    """The engine on ``device``'s GPU where it names one (``cuda:N``): TensorRT deserializes and runs on the
+    current CUDA device, which is made that one; otherwise the current one."""
     if not torch.cuda.is_available():
         raise MoepressError(f"{path}: an engine runs on an NVIDIA GPU only, and this machine has none")
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
     if path.is_dir() and any(path.glob("rank*.engine")) and (path / "config.json").is_file():
         try:
             return TrtllmCandidate(path, cfg)
