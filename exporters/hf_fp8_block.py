@@ -63,7 +63,7 @@ from moepress.exporters.hf_common import (
     unquantized_modules,
 )
 from moepress.exporters.hints import FP8_THEN_CT, packed_names, packed_routes
-from moepress.exporters.kernel_widths import BLOCK, grid_ok, runs_in_blocks
+from moepress.exporters.kernel_widths import BLOCK, fused_blocks_ok, fused_group, grid_ok, runs_in_blocks
 
 # the format this layout stores: FP8 weights with a scale per 128x128 block (TensorRT-LLM FP8_BLOCK_SCALES)
 BLOCK_FP8 = formats.by_quant_algo("FP8_BLOCK_SCALES").name
@@ -111,14 +111,14 @@ def _copy_layer(r, names, writer) -> None:
 
 def _copy_block_layer(r, a, names, writer, dtype, quantized: set[str], kept: list[str], misread: list[str]) -> None:
     """A decoder layer already in this layout: copied as it ships (DeepSeek-V3's 576-row kv_a_proj_with_mqa included),
-    but a block-FP8 linear no runtime computes in blocks at all (kernel_widths.runs_in_blocks: an input width, or a
-    routed expert's width, that is not whole blocks) written dequantized, high precision, without its scale, as
-    from a bf16 input (a 200 x 72 expert was copied with its partial blocks: the runtimes and transformers refuse
-    it at load). ``misread``: the copied linears whose scale grid transformers reads otherwise (grid_ok)."""
+    but a block-FP8 linear the runtimes do not compute in blocks (:func:`_copies`: an input width, or a routed expert's
+    width, that is not whole blocks, and every part of a fused q/k/v, gate/up or q_a/kv_a when a part but the last of
+    DeepSeek's pair is not whole 128-row blocks: vLLM and SGLang refuse such a fused group at load) written
+    dequantized, high precision, without its scale, as from a bf16 input. ``misread``: the copied linears whose
+    scale grid transformers reads otherwise (grid_ok)."""
     for n in names:
         base = n.removesuffix(".weight_scale_inv").removesuffix(".weight")
-        if base + ".weight_scale_inv" in r and not runs_in_blocks(tuple(r.info(base + ".weight").shape),
-                                                                  a.expert_index(base) is not None):
+        if base + ".weight_scale_inv" in r and not _copies(r, a, base):
             if n == base + ".weight":
                 writer.add(n, r.weight(n, dtype))
                 kept.append(base)
@@ -128,6 +128,23 @@ def _copy_block_layer(r, a, names, writer, dtype, quantized: set[str], kept: lis
             quantized.add(base)
             if not grid_ok(r.info(base + ".weight").shape):  # copied as shipped; transformers reads its grid otherwise
                 misread.append(base)
+
+
+def _copies(r, a, base: str) -> bool:
+    """Whether a stored block-FP8 linear is copied as it ships: the runtimes compute it in blocks
+    (kernel_widths.runs_in_blocks) and, where they fuse it with others, every part but the last of DeepSeek's q_a / kv_a
+    pair is whole 128-row blocks (kernel_widths.fused_blocks_ok). Unlike a bf16 input's rule (block_linear_ok), a
+    dense output over 128 rows that transformers reads with another grid is copied (and said: grid_ok)."""
+    routed = a.expert_index(base) is not None
+
+    def shape(b: str) -> tuple:
+        return tuple(r.info(b + ".weight").shape)
+
+    if not runs_in_blocks(shape(base), routed):
+        return False
+    parts = [] if routed else fused_group(r, base)
+    return all(runs_in_blocks(shape(p), False) for p in parts) and fused_blocks_ok(
+        base.rpartition(".")[2], [shape(p)[0] for p in parts])
 
 
 def _quantize_layer(r, a, i: int, names, writer, dtype, quantized: set[str], kept: list[str]) -> None:

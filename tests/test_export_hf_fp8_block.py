@@ -269,20 +269,44 @@ def test_a_block_fp8_input_is_copied_but_for_linears_no_runtime_computes_in_bloc
     """A DeepSeek-style block-FP8 checkpoint of experts 72 wide was copied as it was: every runtime refuses such
     block-FP8 experts, and transformers refused their grid at load. They are written dequantized (bf16, listed in
     modules_to_not_convert), as from a bf16 input. A dense linear the runtimes do compute, copied as shipped with a
-    dimension over 128 that is not whole blocks (q_a_proj of 192 rows, as DeepSeek-V3's 576-row kv_a), is said to
-    be misread by transformers in export.json."""
+    dimension over 128 that is not whole blocks (kv_a_proj_with_mqa of 576 rows, the last of its fused pair, as in
+    DeepSeek-V3), is said to be misread by transformers in export.json."""
     from helpers import make_random_checkpoint, to_block_fp8
 
     src = make_random_checkpoint("deepseek_v3", tmp_path / "bf16", hidden_size=256, intermediate_size=256,
-                                 moe_intermediate_size=72, q_lora_rank=192)
+                                 moe_intermediate_size=72, q_lora_rank=256, kv_lora_rank=512, qk_rope_head_dim=64)
     to_block_fp8(src, tmp_path / "fp8")
     out = tmp_path / "fb"
     export(tmp_path / "fp8", out, ExportConfig(format="hf-fp8-block"))
     r, info = CheckpointReader(out), json.loads((out / "export.json").read_text())
-    gate, q_a = "model.layers.1.mlp.experts.0.gate_proj", "model.layers.1.self_attn.q_a_proj"
+    gate, kv_a = "model.layers.1.mlp.experts.0.gate_proj", "model.layers.1.self_attn.kv_a_proj_with_mqa"
     assert r.info(gate + ".weight").dtype == "BF16" and gate + ".weight_scale_inv" not in r
     assert gate in json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
     want = CheckpointReader(tmp_path / "fp8")
     torch.testing.assert_close(r.get(gate + ".weight").float(), want.weight(gate + ".weight", torch.bfloat16).float())
-    assert torch.equal(r.get(q_a + ".weight").view(torch.uint8), want.get(q_a + ".weight").view(torch.uint8))
-    assert info["misloaded_by"] == {"transformers": "5.25"} and "q_a_proj" in info["misloaded_why"]["transformers"]
+    assert r.info(kv_a + ".weight").shape[0] == 576
+    assert torch.equal(r.get(kv_a + ".weight").view(torch.uint8), want.get(kv_a + ".weight").view(torch.uint8))
+    assert info["misloaded_by"] == {"transformers": "5.25"} and "kv_a_proj_with_mqa" in \
+        info["misloaded_why"]["transformers"]
+
+
+@pytest.mark.parametrize("family,over,group", [
+    ("deepseek_v3", {"q_lora_rank": 192}, ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")),
+    ("qwen3_moe", {"hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 128, "head_dim": 64,
+                   "num_key_value_heads": 1}, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))])
+def test_a_copied_fused_group_with_a_partial_part_is_written_bf16_whole(tmp_path, family, over, group):
+    """The copy of a block-FP8 input kept a fused q_a / kv_a (q_a of 192 rows) or q/k/v (64-row k / v) in FP8 where
+    a part but DeepSeek's kv_a is not whole 128-row blocks: vLLM (fp8_utils.validate_fp8_block_shape) and SGLang
+    (validate_block_quant_shapes) refuse the fused linear at load. Written bf16 as a group, as from a bf16 input."""
+    from helpers import make_random_checkpoint, to_block_fp8
+
+    src = make_random_checkpoint(family, tmp_path / "bf16", **over)
+    to_block_fp8(src, tmp_path / "fp8")
+    out = tmp_path / "fb"
+    export(tmp_path / "fp8", out, ExportConfig(format="hf-fp8-block"))
+    r = CheckpointReader(out)
+    skipped = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    for p in group:
+        name = f"model.layers.1.{p}"
+        assert r.info(name + ".weight").dtype == "BF16" and name + ".weight_scale_inv" not in r, name
+        assert name in skipped, name
