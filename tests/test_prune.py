@@ -656,3 +656,17 @@ def test_reroute_error_from_pair_products_equals_the_error_of_the_outputs(tmp_pa
     want = (d * d).sum(-1)
     # measured 1.2e-9 (errors ~1e-5 from terms ~64: the expansion cancels) and 1.7e-15 without a residual
     torch.testing.assert_close(got, want, rtol=3e-9 if residual else 1e-13, atol=0)
+
+
+@pytest.mark.parametrize("config,kw,note", [
+    ("QWEN", {"keep": 7}, "refuses 7 experts (7 not a multiple of 4); --keep 8 runs there"),
+    ("QWEN", {"keep": 4}, "refuses 4 experts (4 not above top_k=4); --keep 8 runs there"),
+    ("QWEN", {"keep": 10}, "refuses 10 experts (10 not a multiple of 4); --keep 8 or 12 runs there"),
+    ("DSV3", {"keep": 8}, "refuses 8 experts (topk_group x 2 per group = 4 not above top_k=4); --keep 12 runs"),
+    ("QWEN", {"keep": 8}, None), ("DSV3", {"keep": 12}, None)])
+def test_counts_tensorrt_llms_blackwell_fused_moe_refuses_are_said(config, kw, note):
+    """trtllm-gen's routing kernels check num_experts % 4 == 0, num_experts > top_k and top_k < topk_group x experts
+    per group (TensorRT-LLM cpp/tensorrt_llm/thop/fp8BlockScaleMoe.cpp): such a count loads everywhere and fails
+    at the first forward on a B200; the prune says so, with a count that runs there."""
+    said = [d for d in budget(globals()[config], **kw).decisions if "trtllm-gen" in d]
+    assert (said[0].split("refuses ", 1)[1].startswith(note.split("refuses ", 1)[1]) if note else not said), said

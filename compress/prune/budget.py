@@ -95,10 +95,37 @@ def plan_budget(adapter, cfg: PruneConfig, layers: list[int] | None = None) -> B
                          f"(topk_group={topk_group}: {topk_group * (K // n_group)} reachable >= top_k={k})")
     if cfg.ep_size > 1:
         decisions.append(f"--ep-size {cfg.ep_size}: {K} experts = {K // cfg.ep_size} per rank")
+    decisions += _kernel_notes(grid, K)
     protected = _protected(cfg, layers, grid, K)
     if protected:
         decisions.append("protected: " + ", ".join(f"{layer}:{e}" for layer, e in cfg.protect))
     return Budget(E, K, k, n_group, topk_group, {i: frozenset(s) for i, s in protected.items()}, tuple(decisions))
+
+
+def _trtllm_gen_problems(grid: _Grid, n: int) -> list[str]:
+    """Why TensorRT-LLM's trtllm-gen fused MoE refuses ``n`` experts ([]: it runs them). Its routing kernels check
+    num_experts % 4 == 0, num_experts > top_k and, with groups, top_k < topk_group x experts per group
+    (cpp/tensorrt_llm/thop/fp8BlockScaleMoe.cpp run_fp8_block_scale_moe, TensorRT-LLM c40f1157; flashinfer
+    csrc/trtllm_fused_moe_kernel_launcher.cu, which vLLM's trtllm FP8 MoE calls); its Blackwell default for
+    block-FP8 experts (_torch/model_config.py resolve_moe_backend)."""
+    k, reach = grid.top_k, grid.topk_group * (n // grid.n_group)
+    return [w for w, bad in ((f"{n} not a multiple of 4", n % 4), (f"{n} not above top_k={k}", n <= k),
+                             (f"topk_group x {n // grid.n_group} per group = {reach} not above top_k={k}",
+                              grid.n_group > 1 and reach <= k)) if bad]
+
+
+def _kernel_notes(grid: _Grid, K: int) -> list[str]:
+    """A note where the kept count loads in every runtime but TensorRT-LLM's Blackwell fused MoE refuses it at the
+    first forward, with the nearest valid counts below and above it that run there too (none: said)."""
+    why = _trtllm_gen_problems(grid, K)
+    if not why:
+        return []
+    fits = [n for n in grid.valid() if not _trtllm_gen_problems(grid, n)]
+    near = [n for n in (max((n for n in fits if n < K), default=None), min((n for n in fits if n > K), default=None))
+            if n is not None]
+    return [f"note: TensorRT-LLM's trtllm-gen fused MoE (its Blackwell default for block-FP8 experts) refuses "
+            f"{K} experts ({'; '.join(why)}); " + (f"--keep {' or '.join(map(str, near))} runs there" if near else
+                                                   "no count below the model's runs there")]
 
 
 def _check_options(cfg: PruneConfig, grid: _Grid) -> None:
