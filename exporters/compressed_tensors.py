@@ -157,6 +157,20 @@ def _vllm_targets(s, names: list[str]) -> list[str]:
     return names + [p for p in fused + probes if p not in have]
 
 
+def _moe_probe_ignores(s, quantized: set[str], ignore: list[str]) -> list[str]:
+    """For each MoE layer whose routed experts all stay unquantized, the names vLLM looks the layer up under
+    (VLLM_MOE_PROBES) that no ``ignore`` entry matches yet: vLLM decides the fused layer's ignore by them, so a Mixtral
+    layer ignored under its w1 / w2 / w3 names got the "Linear" scheme over bf16 weights (unscaled FP8), or no
+    scheme at all (KeyError) when schemes differ."""
+    out = []
+    for i, layer in sorted(routed_linears(s).items()):
+        if quantized.intersection(layer):
+            continue
+        out += [n for n in (fused_name(s.adapter, i) + p for p in VLLM_MOE_PROBES)
+                if not any(ct_ignore.matches(e, n) for e in ignore + out)]
+    return out
+
+
 def refuse_partial_fused_parts(s, modules: dict) -> None:
     """One line for block-FP8 parts vLLM fuses that are not whole 128-row blocks (fused_moe.partial_fused_blocks:
     vLLM validate_fp8_block_shape), naming the ways that take them; also asked by ``run``'s preflight."""
@@ -336,6 +350,7 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
     ignore = [n for n in unquantized_modules(s, set(modules)) if not n.endswith("embed_tokens")]
     ignore = ct_ignore.condensed(ignore, set(modules))  # Kimi's patterns where they fit (ct_ignore.py)
     ignore += _fused_ignores(s, set(unquantized_modules(s, set(modules))), set(modules), ignore)
+    ignore += _moe_probe_ignores(s, set(modules), ignore)
     qc = QuantizationConfig(config_groups={f"group_{k}": sch for k, sch in enumerate(schemes.values())},
                             format=ct_format, quantization_status=QuantizationStatus.COMPRESSED, ignore=ignore)
     writer.write_json("config.json", output_config(s, None))

@@ -557,3 +557,21 @@ def test_block_fp8_fused_parts_but_the_last_must_be_whole_blocks_in_runtime_orde
     assert "quantize with --format fp8-block, then export hf-fp8-block" in r.stderr
     assert "(--rule 'self_attn.*=fp8-dynamic'), then export" in r.stderr
     assert cli_run("export", q, "--format", "hf-fp8-block", "-o", tmp_path / "fb", "--quiet").exit_code == 2
+
+
+@pytest.mark.parametrize("model,moe", [("tiny-mixtral", "block_sparse_moe"), ("tiny-qwen3-moe", "mlp")])
+def test_a_layer_of_unquantized_experts_is_ignored_under_the_names_vllm_looks_it_up_by(tmp_path, model, moe):
+    """vLLM decides a fused MoE layer's scheme, its ignore included, by layer + ".0.gate_proj" / ".0.up_proj" /
+    ".0.down_proj" (compressed_tensors_moe.py get_moe_method; should_ignore_layer matches ignore entries by name):
+    Mixtral's layer ignored only under its w1 / w2 / w3 names got the "Linear" FP8 scheme over its bf16 weights
+    (Qwen3-MoE's own names are those)."""
+    from compressed_tensors.utils.match import match_name
+
+    q, e = tmp_path / "q", tmp_path / "ct"
+    quantize_checkpoint(models.path(model), q, QuantConfig(
+        format="fp8", rules=((f"model.layers.0.{moe}.experts.*", "none"),), num_samples=2, seq_len=32))
+    export(q, e, ExportConfig(format="compressed-tensors"))
+    ignore = json.loads((e / "config.json").read_text())["quantization_config"]["ignore"]
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        assert any(match_name(f"model.layers.0.{moe}.experts.0.{p}", t) for t in ignore), (p, ignore[-4:])
+        assert not any(match_name(f"model.layers.1.{moe}.experts.0.{p}", t) for t in ignore), p
