@@ -283,6 +283,13 @@ def _consumer_notes(experts: dict, misloaded: dict[str, str]) -> list[str]:
     if acts:
         notes.append(f"transformers <= {TRANSFORMERS_CHECKED} runs the routed experts on unquantized activations "
                      f"({'; '.join(why[k] for k in sorted(acts, reverse=True))}); vLLM and SGLang quantize them")
+    # vLLM main (compressed_tensors_moe_w4a4_mxfp4.py at cd5f1c27) picks its MXFP4 MoE method from the weights alone
+    # and, where its CUTLASS MXFP4 MoE runs (Blackwell), quantizes the activations to MXFP4 as well
+    if any(sch.weights is not None and sch.weights.type == "float" and sch.weights.num_bits == 4
+           and sch.weights.group_size == 32 and sch.input_activations is None for sch in experts.values()):
+        notes.append("vLLM main runs MXFP4 routed experts with MXFP4 activations where its CUTLASS MXFP4 MoE runs "
+                     "(Blackwell), whatever input_activations says, which computes other than the weight-only "
+                     "forward moepress checks; elsewhere (Marlin) they run weight-only")
     return notes
 
 

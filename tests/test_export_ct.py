@@ -575,3 +575,15 @@ def test_a_layer_of_unquantized_experts_is_ignored_under_the_names_vllm_looks_it
     for p in ("gate_proj", "up_proj", "down_proj"):
         assert any(match_name(f"model.layers.0.{moe}.experts.0.{p}", t) for t in ignore), (p, ignore[-4:])
         assert not any(match_name(f"model.layers.1.{moe}.experts.0.{p}", t) for t in ignore), p
+
+
+@pytest.mark.parametrize("fmt,said", [("mxfp4", True), ("nvfp4-a16", False)])
+def test_mxfp4_experts_say_vllm_may_quantize_their_activations(tmp_path, fmt, said):
+    """vLLM main picks its MXFP4 MoE method from the weights alone and, on Blackwell (CUTLASS MXFP4 MoE), quantizes
+    the activations to MXFP4 too (compressed_tensors_moe_w4a4_mxfp4.py at cd5f1c27): said in consumer_notes;
+    NVFP4 weight-only experts (groups of 16) are not that method."""
+    q, e = tmp_path / "q", tmp_path / "ct"
+    quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(format=fmt))
+    export(q, e, ExportConfig(format="compressed-tensors"))
+    notes = json.loads((e / "export.json").read_text())["consumer_notes"]
+    assert any("MXFP4 routed experts with MXFP4 activations" in n for n in notes) == said, notes
