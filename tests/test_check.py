@@ -188,15 +188,24 @@ def test_pruned_and_block_fp8_checkpoints(cli_run, ref, tmp_path):
     assert all(0 < p["rel_error"] < 0.2 for p in res["layers"]) and 0 < res["metrics"]["kl_mean"] < 0.05
 
 
-def test_a_native_block_fp8_checkpoint_is_checked_with_its_runtimes_activation_quant(ref, tmp_path):
+def test_a_native_block_fp8_checkpoint_is_checked_with_its_runtimes_activation_quant(tmp_path):
     """A DeepSeek-layout block-FP8 checkpoint (no moepress_quant.json) was streamed weight-only, while vLLM, SGLang
     and TensorRT-LLM quantize its linears' inputs per token in 1x128 groups, and its hf-fp8-block export, the same
     bytes with moepress_quant.json, was checked with that activation quant: the check read KL 0.0019 between
     identical weights and understated the native checkpoint's own error. Every linear of this model runs in whole
-    blocks, so the export copies all of them: the two must read as identical, and alike against the original."""
-    from helpers import to_block_fp8
+    blocks, fused q/k/v included (head_dim 64: k / v of 128 rows; the bundled model's 64-row k / v are written bf16
+    by the export, as vLLM and SGLang fuse them), so the export copies all of them: the two must read as identical,
+    and alike against the original."""
+    import shutil
+
+    from helpers import make_random_checkpoint, to_block_fp8
     from moepress.exporters import ExportConfig, export
 
+    ref = make_random_checkpoint("qwen3_moe", tmp_path / "ref", vocab_size=4096, hidden_size=128, head_dim=64,
+                                 num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=128,
+                                 intermediate_size=256)
+    for f in models.path(MODEL).glob("tokenizer*"):
+        shutil.copy(f, ref)
     native, exported = tmp_path / "native", tmp_path / "hf-fp8-block"
     to_block_fp8(ref, native)
     export(native, exported, ExportConfig(format="hf-fp8-block"))

@@ -88,7 +88,8 @@ def test_transformers_loads_the_compressed_tensors_export(quantized, tmp_path):
                         str(tmp_path / "out.pt")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
-    assert json.loads((quantized["ct"] / "export.json").read_text())["consumer_notes"] == []  # loads exactly
+    notes = json.loads((quantized["ct"] / "export.json").read_text())["consumer_notes"]
+    assert not any(n.startswith("transformers") for n in notes), notes  # transformers loads it exactly
     r = CheckpointReader(quantized["tiny-qwen3-moe"])
     st = got["state"]
     for i in range(4):  # every weight exactly ours: attention, and the fused experts transformers builds
