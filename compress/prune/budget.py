@@ -1,10 +1,10 @@
 """Constraints: one kept count for every pruned layer, and the experts that must stay.
 
-The count is a multiple of ``--ep-size`` (expert-parallel fused MoE needs num_experts % ep_size
-== 0) and of ``n_group`` (the same number per group), and keeps top-k reachable. Rounding:
-``--ratio`` is a size budget, so its count is rounded *down* to the nearest valid one (the pruned
-checkpoint is never larger than asked for); ``--keep`` is taken literally and refused when
-invalid, with the valid neighbours.
+The count is a multiple of ``--ep-size`` (TensorRT-LLM's expert-parallel fused MoE needs num_experts %
+ep_size == 0; vLLM spreads a remainder over its ranks) and of ``n_group`` (the same number per group), and
+keeps top-k reachable. Rounding: ``--ratio`` is a size budget, so its count is rounded *down* to the nearest
+valid one (the pruned checkpoint is never larger than asked for); ``--keep`` is taken literally and refused
+when invalid, with the valid neighbours.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class _Grid:
         n_group, ep = self.n_group, self.ep_size
         return " and ".join(w for w, on in ((f"n_group={n_group}: the same number per group", n_group > 1),
                                            (f"--ep-size {ep}: num_experts % ep_size == 0 for "
-                                            "expert-parallel fused MoE", ep > 1)) if on)
+                                            "TensorRT-LLM's expert-parallel fused MoE", ep > 1)) if on)
 
     def problem(self, n: int) -> str | None:
         """Why keeping ``n`` experts breaks the routing, or None."""
