@@ -63,7 +63,7 @@ from moepress.exporters.hf_common import (
     unquantized_modules,
 )
 from moepress.exporters.hints import FP8_THEN_CT, packed_names, packed_routes
-from moepress.exporters.kernel_widths import BLOCK, fused_blocks_ok, fused_group, grid_ok, runs_in_blocks
+from moepress.exporters.kernel_widths import BLOCK, fused_block_ok, grid_ok, runs_in_blocks
 
 # the format this layout stores: FP8 weights with a scale per 128x128 block (TensorRT-LLM FP8_BLOCK_SCALES)
 BLOCK_FP8 = formats.by_quant_algo("FP8_BLOCK_SCALES").name
@@ -131,20 +131,11 @@ def _copy_block_layer(r, a, names, writer, dtype, quantized: set[str], kept: lis
 
 
 def _copies(r, a, base: str) -> bool:
-    """Whether a stored block-FP8 linear is copied as it ships: the runtimes compute it in blocks
-    (kernel_widths.runs_in_blocks) and, where they fuse it with others, every part but the last of DeepSeek's q_a / kv_a
-    pair is whole 128-row blocks (kernel_widths.fused_blocks_ok). Unlike a bf16 input's rule (block_linear_ok), a
-    dense output over 128 rows that transformers reads with another grid is copied (and said: grid_ok)."""
-    routed = a.expert_index(base) is not None
-
-    def shape(b: str) -> tuple:
-        return tuple(r.info(b + ".weight").shape)
-
-    if not runs_in_blocks(shape(base), routed):
-        return False
-    parts = [] if routed else fused_group(r, base)
-    return all(runs_in_blocks(shape(p), False) for p in parts) and fused_blocks_ok(
-        base.rpartition(".")[2], [shape(p)[0] for p in parts])
+    """Whether a stored block-FP8 linear is copied as it ships: the export's rule (kernel_widths.fused_block_ok) with
+    runs_in_blocks for each shape, so that a dense output over 128 rows transformers reads with another grid is
+    copied (and said: grid_ok), not dequantized as a bf16 input's would stay (block_linear_ok)."""
+    return fused_block_ok(r, lambda b: tuple(r.info(b + ".weight").shape), base, a.expert_index(base) is not None,
+                          shape_ok=runs_in_blocks)
 
 
 def _quantize_layer(r, a, i: int, names, writer, dtype, quantized: set[str], kept: list[str]) -> None:

@@ -76,15 +76,18 @@ def fused_blocks_ok(leaf: str, rows: list[int]) -> bool:
     return all(r % BLOCK[0] == 0 for r in (rows[:-1] if last_free else rows))
 
 
-def fused_block_ok(names, shape_of, base: str, is_routed: bool) -> bool:
+def fused_block_ok(names, shape_of, base: str, is_routed: bool, shape_ok=None) -> bool:
     """Whether hf-fp8-block writes the linear ``base`` in block FP8 (else bf16), the one decision its export and the
     planner take: :func:`block_ok` of its [out, in] shape and, for a dense linear the runtimes fuse with others
     (:func:`fused_group` in ``names``), every part's too, each part but the last of DeepSeek's q_a / kv_a pair in
-    whole 128-row blocks (:func:`fused_blocks_ok`). ``shape_of``: a linear's name -> its [out, in] shape."""
-    if not block_ok(shape_of(base), is_routed):
+    whole 128-row blocks (:func:`fused_blocks_ok`). ``shape_of``: a linear's name -> its [out, in] shape.
+    ``shape_ok``: the per-shape rule in place of :func:`block_ok` (a block-FP8 input copied as it ships:
+    :func:`runs_in_blocks`, whose dense outputs transformers may read with another grid)."""
+    shape_ok = shape_ok or block_ok
+    if not shape_ok(shape_of(base), is_routed):
         return False
     parts = [] if is_routed else fused_group(names, base)
-    return all(block_ok(shape_of(p), False) for p in parts) and fused_blocks_ok(
+    return all(shape_ok(shape_of(p), False) for p in parts) and fused_blocks_ok(
         base.rpartition(".")[2], [shape_of(p)[0] for p in parts])
 
 

@@ -129,11 +129,17 @@ def _mla(s, modules: dict, suffixes: tuple[str, ...], pick) -> list[str]:
                   and pick(formats.FORMATS[m["format"]]))
 
 
+def _trtllm_mla_parts(s, modules: dict) -> tuple[list[str], list[str]]:
+    """The export's MLA projections TensorRT-LLM's DeepSeek loader misreads: (quantized kv_b_proj, any format;
+    FP8 per tensor or channel q_a / kv_a). FP4 fused_a is left out: its NVFP4 branch reads Model-Optimizer's
+    names (block FP8: refused)."""
+    return (_mla(s, modules, (".kv_b_proj",), lambda f: True),
+            _mla(s, modules, MLA_FUSED_A, lambda f: f.scale in ("tensor", "channel")))
+
+
 def trtllm_misloads(s, modules: dict) -> list[str]:
-    """How TensorRT-LLM's DeepSeek loader misreads this export's MLA projections (none: []). FP4 fused_a is left
-    out: its NVFP4 branch reads Model-Optimizer's names."""
-    kv_b = _mla(s, modules, (".kv_b_proj",), lambda f: True)
-    fused_a = _mla(s, modules, MLA_FUSED_A, lambda f: f.scale in ("tensor", "channel"))  # FP8 (block: refused)
+    """How TensorRT-LLM's DeepSeek loader misreads this export's MLA projections (none: [])."""
+    kv_b, fused_a = _trtllm_mla_parts(s, modules)
     return ([TRTLLM_MLA_KV_B.format(pattern(kv_b))] if kv_b else []) + \
         ([TRTLLM_MLA_FUSED_A.format(pattern(fused_a))] if fused_a else [])
 
@@ -180,21 +186,18 @@ def planned_trtllm_misloads(reader, adapter, format_of, group_size: int) -> tupl
             continue
         modules[base] = {"format": fmt}
     s = SimpleNamespace(adapter=adapter)
-    keep = [p for p in MLA_PROJECTIONS[:1] if _mla(s, modules, (".kv_b_proj",), lambda f: True)]
-    if _mla(s, modules, MLA_FUSED_A, lambda f: f.scale in ("tensor", "channel")):
-        keep += MLA_PROJECTIONS[1:]
+    kv_b, fused_a = _trtllm_mla_parts(s, modules)
+    keep = [*MLA_PROJECTIONS[:1 if kv_b else 0], *(MLA_PROJECTIONS[1:] if fused_a else ())]
     return trtllm_misloads(s, modules), [f"{p}=none" for p in keep]
 
 
-def quantize_trtllm_misloads(quantize: dict, model) -> tuple[list[str], list[str]]:
-    """:func:`planned_trtllm_misloads` of a quantize section or flags (format, rules, group_size) on ``model``."""
+def quantize_trtllm_misloads(cfg, model) -> tuple[list[str], list[str]]:
+    """:func:`planned_trtllm_misloads` of the quantize ``cfg`` (a QuantConfig: ``format_of``, ``group_size``) on
+    ``model``."""
     from moepress.compress.arch import get_adapter
     from moepress.compress.checkpoint import CheckpointReader
-    from moepress.compress.quantize.config import QuantConfig
 
     reader = CheckpointReader(model)
-    rules = tuple((str(k), str(v)) for k, v in dict(quantize.get("rules") or {}).items())
-    cfg = QuantConfig(format=quantize.get("format"), rules=rules, group_size=int(quantize.get("group_size") or 128))
     return planned_trtllm_misloads(reader, get_adapter(reader.config, reader.names()), cfg.format_of, cfg.group_size)
 
 

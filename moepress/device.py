@@ -27,6 +27,12 @@ CHOICES = "auto|cpu|cuda|cuda:N"
 _SPEC = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 
 
+def is_spec(spec: str) -> bool:
+    """Whether ``spec`` (lower case, stripped) is one of CHOICES: auto, cpu, cuda or cuda:N."""
+    m = _SPEC.match(spec)
+    return m is not None and (m.group(1) == "cuda" or m.group(2) is None)
+
+
 def resolve(spec: str | torch.device | None = "auto") -> torch.device:
     """``auto`` (or None): a CUDA device when torch sees one (torchrun's LOCAL_RANK-th), else the CPU; ``cpu``;
     ``cuda`` (torchrun's LOCAL_RANK-th, else the first) / ``cuda:N``: that GPU, refused in one line where
@@ -34,9 +40,9 @@ def resolve(spec: str | torch.device | None = "auto") -> torch.device:
     if isinstance(spec, torch.device):
         spec = str(spec)
     spec = "auto" if spec is None else str(spec).strip().lower()
-    m = _SPEC.match(spec)
-    if m is None or (m.group(1) != "cuda" and m.group(2) is not None):
+    if not is_spec(spec):
         raise MoepressError(f"--device {spec or repr(spec)}: expected {CHOICES}")
+    m = _SPEC.match(spec)
     kind, index = m.group(1), m.group(2)
     if kind == "auto":  # under torchrun, each rank its own GPU
         n = cuda_count()

@@ -56,7 +56,7 @@ def install(work: Path, out: Path) -> None:
     """Rename the finished directory ``work`` to ``out``; an existing ``out`` is moved to :func:`retired`
     first and removed after. A kill at any point leaves the old ``out`` or the new one whole (or neither
     between the renames), never a half-removed one at ``out``. The caller holds ``out``'s lock."""
-    if out.exists() and _is_cwd(out):
+    if out.exists() and is_cwd(out):
         return _install_in_place(work, out)
     old = retired(out)
     clear_retired(out)
@@ -100,7 +100,8 @@ def _install_in_place(work: Path, out: Path) -> None:
     clear_retired(out)
 
 
-def _is_cwd(path: Path) -> bool:
+def is_cwd(path: Path) -> bool:
+    """Whether ``path`` is the current directory (a directory renamed over it would strand the shell)."""
     try:
         return os.path.samefile(path, os.getcwd())
     except OSError:  # the current directory was removed

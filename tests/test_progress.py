@@ -18,16 +18,20 @@ def clock(monkeypatch):
     return now
 
 
+def _json_steps(clock, total: int, steps: list[tuple[float, str | None]]) -> list[dict]:
+    """The --json events of a "quantize" task of ``total`` steps advanced at each (clock time, note)."""
+    out = io.StringIO()
+    with Progress("json", stream=out).task("quantize", total) as t:
+        for at, note in steps:
+            clock[0] = at
+            t.advance(**({"note": note} if note else {}))
+    return [json.loads(ln) for ln in out.getvalue().splitlines()]
+
+
 def test_json_events_count_steps_and_eta(clock):
     """start, one progress event per step (done / total, elapsed, ETA = elapsed / done x steps left, the note only
     where given), end with the steps done."""
-    out = io.StringIO()
-    with Progress("json", stream=out).task("quantize", 4) as t:
-        clock[0] = 10.0
-        t.advance(note="layer 0")
-        clock[0] = 20.0
-        t.advance()
-    ev = [json.loads(ln) for ln in out.getvalue().splitlines()]
+    ev = _json_steps(clock, 4, [(10.0, "layer 0"), (20.0, None)])
     for e in ev:
         assert isinstance(e.pop("time"), float)
     assert ev == [
@@ -74,13 +78,5 @@ def test_prune_auto_times_its_plan_race_apart_from_the_chosen_method_s_run(cli_r
 def test_eta_is_the_rate_of_the_steps_after_the_first(clock):
     """A cheap first step (DeepSeek's dense layer 0 before its MoE layers, a resume's finished layers counted at
     once) set the rate of every later ETA: 61 Kimi-shaped layers read ETA 8 s after layer 1 for 44 s of work."""
-    out = io.StringIO()
-    with Progress("json", stream=out).task("quantize", 10) as t:
-        clock[0] = 1.0
-        t.advance(note="dense layer 0")
-        clock[0] = 11.0
-        t.advance()
-        clock[0] = 21.0
-        t.advance()
-    eta = [json.loads(ln).get("eta_s") for ln in out.getvalue().splitlines()][1:4]
+    eta = [e.get("eta_s") for e in _json_steps(clock, 10, [(1.0, "dense layer 0"), (11.0, None), (21.0, None)])][1:4]
     assert eta == [9.0, 80.0, 70.0]  # not 80 x 1 / 2 = 40 and 70 x 21 / 3 = 49

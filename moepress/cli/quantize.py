@@ -134,8 +134,7 @@ def mla_notes(src, cfg, builds: dict[str, str]) -> list[str]:
     from moepress.exporters.modelopt_misloads import quantize_trtllm_misloads
 
     try:
-        why, keep = quantize_trtllm_misloads({"format": cfg.format, "rules": dict(cfg.rules),
-                                         "group_size": cfg.group_size}, src)
+        why, keep = quantize_trtllm_misloads(cfg, src)
     except MoepressError:
         return []
     if not why:

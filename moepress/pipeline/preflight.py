@@ -55,10 +55,12 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
 
 
 def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
-    """A build section no export of the recipe builds for: no export in export.formats that a builder takes, or a
-    target that cannot run quantize.format (targets.check_format), refused before the stages that a build would
-    follow. The format the refusal names instead is one this preflight and a build of some export of the recipe
-    take on that target."""
+    """A build section no export of the recipe builds for, refused before the stages a build would follow: no export
+    in export.formats that a builder takes, an hf-modelopt export whose MLA projections TensorRT-LLM misreads, or a
+    target that cannot run quantize.format (targets.check_format; the format named instead is one this preflight
+    and a build of some export of the recipe take on that target)."""
+    from moepress.calib.config import CalibConfig
+    from moepress.compress.quantize import QuantConfig
     from moepress.exporters.builders import BUILDERS
     from moepress.exporters.modelopt_misloads import quantize_trtllm_misloads
     from moepress.exporters.targets import check_format, get_target
@@ -73,12 +75,12 @@ def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
                             f"builder; expected one of {takes} in export.formats, or no build section")
     fmt = (recipe.get("quantize") or {}).get("format")
     if "hf-modelopt" in built and recipe.get("quantize") and recipe["build"]["targets"]:
-        why, keep = quantize_trtllm_misloads(recipe["quantize"], model)
+        why, keep = quantize_trtllm_misloads(QuantConfig.from_recipe(recipe["quantize"], CalibConfig()), model)
         if why:
+            rules = ", ".join(k.replace("=", ": ") for k in keep)
             raise MoepressError(f"{key_where(src, 'build', 'targets')}: TensorRT-LLM's DeepSeek loader {why[0]} in "
                                 f"the hf-modelopt export of this quantize section, so its build would be refused; "
-                                f"expected quantize.rules {{{', '.join(k.replace('=', ': ') for k in keep)}}}, or "
-                                f"hf-modelopt not in export.formats")
+                                f"expected quantize.rules {{{rules}}}, or hf-modelopt not in export.formats")
     for name in recipe["build"]["targets"] if fmt else ():
         try:
             check_format(get_target(name), fmt)

@@ -18,7 +18,7 @@ from pathlib import Path
 from moepress.checks import verify_section
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, read_manifest, sha256_file
-from moepress.outputs import OutputLock, absolute, install, overlap
+from moepress.outputs import OutputLock, absolute, install, is_cwd, overlap
 from moepress.pipeline.card import card_differs
 
 
@@ -138,7 +138,7 @@ def _place(tmp: Path, dst: Path) -> None:
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             raise MoepressError(f"--to {dst}: no longer empty (written while the artifact was copied); nothing "
                                 "published")
-        if dst.exists() and dst.resolve() == Path.cwd().resolve():
+        if dst.exists() and is_cwd(dst):
             install(tmp, dst)
             return
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -65,7 +64,9 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
     # a path as a shell would take it (``~/x``, not a directory named ``~`` under the current one)
     out: dict = {"model": _home(raw["model"]), "output": _home(raw.get("output"))}
     if raw.get("device") is not None:  # where the stages compute (moepress/device.py); outputs do not depend on it
-        if not isinstance(raw["device"], str) or not _DEVICE.fullmatch(raw["device"].strip().lower()):
+        from moepress.device import is_spec
+
+        if not isinstance(raw["device"], str) or not is_spec(raw["device"].strip().lower()):
             raise MoepressError(f"{key_where(src, 'device')}: expected auto, cpu, cuda or cuda:N, "
                                 f"got {raw['device']!r}")
         out["device"] = raw["device"]
@@ -185,9 +186,6 @@ def _check_value(src: str, section: str, key: str, v) -> None:
             if name in seen:
                 raise MoepressError(f"{key_where(src, section, key)}: {t!r} and {seen[name]!r} are one GPU ({name})")
             seen[name] = t
-
-
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def _home(path):
