@@ -48,8 +48,8 @@ def json_object(p: Path, *keys: str) -> dict:
 
 def consumer_misload(d: Path, consumer: str) -> tuple[str, str] | None:
     """(newest affected version, how) where the export in ``d`` says ``consumer`` (export.json ``misloaded_by``
-    key: transformers, sglang, tensorrt_llm, vllm) loads it wrongly or not at all (``misloaded_by`` / ``misloaded_why``,
-    written by the compressed-tensors and hf-modelopt exporters)."""
+    key: transformers, sglang, tensorrt_llm, vllm, tensorrt) loads it wrongly or not at all (``misloaded_by`` /
+    ``misloaded_why``, written by the compressed-tensors, hf-modelopt, hf-fp8-block and onnx exporters)."""
     info = read_json(d / "export.json")
     info = info if isinstance(info, dict) else {}
     by = info.get("misloaded_by") if isinstance(info.get("misloaded_by"), dict) else {}

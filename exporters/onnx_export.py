@@ -31,8 +31,9 @@ from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.formats import fp8_block
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
+from moepress.exporters.fused_moe import pattern
 from moepress.exporters.hints import packed_names
-from moepress.exporters.onnx_graph import FLOAT, Graph
+from moepress.exporters.onnx_graph import FLOAT, TENSORRT_CHECKED, Graph
 from moepress.exporters.onnx_layers import LayerBuilder
 
 
@@ -169,7 +170,30 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
     return {"onnx": {"file": "model.onnx", "external_data": g.data_path.name, "opset": cfg.opset,
                      "nodes": len(g.nodes), "initializers": len(g.inits), "data_bytes": g.offset,
                      "weight_schemes": sorted(b.schemes), "moe": "dense experts x scattered top-k gate"},
-            "dropped": dropped, **({"dropped_layers": layers} if layers else {}), "consumer_notes": notes}
+            "dropped": dropped, **({"dropped_layers": layers} if layers else {}),
+            "consumer_notes": notes + _tensorrt_notes(b), **_tensorrt_misloads(b)}
+
+
+def _tensorrt_misloads(b) -> dict:
+    """export.json's ``misloaded_by`` / ``misloaded_why`` for TensorRT (``moepress build --builder tensorrt``
+    refuses the export; onnxruntime runs it): weights whose DequantizeLinear TensorRT does not take
+    (onnx_graph.py ``TENSORRT_INT4_BLOCKS``)."""
+    if not b.tensorrt_rejects:
+        return {}
+    why = "; ".join(f"{what}: {pattern(n.removesuffix('.weight') for n in names)}"
+                    for (what, _), names in b.tensorrt_rejects.items())
+    return {"misloaded_by": {"tensorrt": TENSORRT_CHECKED},
+            "misloaded_why": {"tensorrt": f"refuses the graph's weights ({why}); onnxruntime runs it"}}
+
+
+def _tensorrt_notes(b) -> list[str]:
+    """What TensorRT makes of the graph, where it differs from what the checkpoint's format says."""
+    notes = [f"TensorRT <= {TENSORRT_CHECKED} {_tensorrt_misloads(b)['misloaded_why']['tensorrt']}: "
+             f"{'; or '.join(dict.fromkeys(hint for _, hint in b.tensorrt_rejects))}"] if b.tensorrt_rejects else []
+    if b.weight_only_int4:
+        notes.append(f"TensorRT runs INT4 weight-only: the FP8 Q/DQ in front of the INT4 linears "
+                     f"({pattern(b.weight_only_int4)}) is computed as fake quantization, not an FP8 x INT4 GEMM")
+    return notes
 
 
 EXPORTER = Exporter(

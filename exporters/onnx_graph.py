@@ -104,6 +104,15 @@ class Graph:
         self.data.close()
 
 
+# TensorRT's Q/DQ rules (docs.nvidia.com/deeplearning/tensorrt, latest pages read 2026-12, 11.3 the newest
+# versioned one: inference-library/quantized-types-schemes.html "INT4 quantization requires per-block scales. The
+# supported block sizes are {64, 128}", "TensorRT only supports INT4 for weight quantization";
+# operators/docs/Dequantize.html: a 2-D scale is "block quantization (supported for DataType::kINT4 only)").
+# TensorRT reads the block as in_features // scale columns (``_block_dq``).
+TENSORRT_INT4_BLOCKS = (64, 128)
+TENSORRT_CHECKED = "11.3"
+
+
 # ---- weights as graph pieces -------------------------------------------------------------------
 class GraphBuilder:
     """Graph pieces that read the checkpoint: weights (with their Q/DQ), linears, RMSNorm."""
@@ -111,6 +120,9 @@ class GraphBuilder:
     def __init__(self, g: Graph, reader: CheckpointReader, adapter):
         self.g, self.reader, self.a = g, reader, adapter
         self.schemes: set[str] = set()  # how the weights are stored (linears.stored_name), for export.json
+        # (why TensorRT refuses a weight's DQ, what to do) -> the weights
+        self.tensorrt_rejects: dict[tuple[str, str], list[str]] = {}
+        self.weight_only_int4: list[str] = []  # INT4 linears behind an FP8 activation Q/DQ (w4a8-awq)
 
     def plain(self, name: str, t: torch.Tensor) -> str:
         """An unquantized tensor kept in its stored dtype, cast to float32 in the graph."""
@@ -143,9 +155,16 @@ class GraphBuilder:
             return g.op("DequantizeLinear", [g.init(name, w), g.init(name + ".scale", lin.scale.reshape(-1).float())],
                         axis=0)
         if scheme == "block":
+            self.tensorrt_rejects.setdefault(("FP8 weights with 2-D block scales (TensorRT dequantizes block-wise "
+                                              "INT4 only)", "quantize to fp8 and export that"), []).append(name)
             return self._block_dq(name, w, lin.scale)
         # group (INT4): ONNX INT4 initializer, blocked DQ along the input axis (whole groups: read_linear)
         s = lin.scale.float()
+        if (block := w.shape[-1] // s.shape[-1]) not in TENSORRT_INT4_BLOCKS:
+            ok = " or ".join(map(str, TENSORRT_INT4_BLOCKS))
+            self.tensorrt_rejects.setdefault((f"INT4 weights in blocks of {block} (TensorRT takes blocks of {ok})",
+                                              f"quantize with --group-size {ok} (linears of fewer input features "
+                                              f"than that: --rule PATTERN=none) and export that"), []).append(name)
         q = g.init(name, w, onnx_type=TensorProto.INT4, raw=pack_int4_onnx(w))
         return g.op("DequantizeLinear", [q, g.init(name + ".scale", s)], axis=1, block_size=w.shape[-1] // s.shape[-1])
 
@@ -172,6 +191,8 @@ class GraphBuilder:
             return x
         # per-tensor: TensorRT quantizes activations per tensor only (a scalar scale), so experts with
         # one input scale (every `moepress quantize` output) share one Q/DQ, others get one each
+        if lins[0].scheme == "group":
+            self.weight_only_int4.append(name)
         scales = [x_.input_scale.float().reshape(()) for x_ in lins]
         if all(torch.equal(v, scales[0]) for v in scales):
             return self.qdq(x, name, scales[0])
@@ -207,4 +228,4 @@ class GraphBuilder:
         return g.op("Mul", [self.plain(wname, self.reader.get(wname)), y])
 
 
-__all__ = ["FLOAT", "WRITES", "Graph", "GraphBuilder", "pack_int4_onnx"]
+__all__ = ["FLOAT", "TENSORRT_CHECKED", "TENSORRT_INT4_BLOCKS", "WRITES", "Graph", "GraphBuilder", "pack_int4_onnx"]

@@ -229,6 +229,50 @@ def test_qdq_nodes_are_the_forms_tensorrt_takes(exported, model, kind):
     assert n_dq > 0
 
 
+def test_tensorrt_takes_every_int4_block_and_w4a8_is_said_to_run_weight_only(exported):
+    """TensorRT dequantizes INT4 in blocks of 64 or 128 only (docs quantized-types-schemes.html): the default
+    group size (128; 64 where tiny-deepseek-v3's down projections are 64 wide) exports what it takes, and the
+    export says nothing against it, except for the one linear narrower than 64 (tiny-deepseek-v3's kv_b_proj:
+    in_features = kv_lora_rank 32, one group of 32), which it names; w4a8-awq's FP8 activation Q/DQ beside
+    INT4 weights is said to be fake quant."""
+    for model, kind in [c for c in CASES if c[1] in ("int4", "w4a8")]:
+        d = exported[(model, kind)]["dir"]
+        m = onnx.load(str(d / "model.onnx"), load_external_data=False)
+        dims = {t.name: list(t.dims) for t in m.graph.initializer}
+        blocks = {n.input[0]: dims[n.input[0]][1] // dims[n.input[1]][1] for n in m.graph.node
+                  if n.op_type == "DequantizeLinear" and n.input[0] in dims
+                  and any(a.name == "block_size" for a in n.attribute)}
+        odd = sorted({k.split(".", 3)[3] for k, b in blocks.items() if b not in (64, 128)})
+        info = json.loads((d / "export.json").read_text())
+        if model == "tiny-deepseek-v3":
+            assert odd == ["self_attn.kv_b_proj.weight"], odd
+            why = info["misloaded_why"]["tensorrt"]
+            assert why.endswith("blocks of 32 (TensorRT takes blocks of 64 or 128): "
+                                "model.layers.*.self_attn.kv_b_proj); onnxruntime runs it"), why
+        else:
+            assert blocks and not odd and "misloaded_by" not in info, (odd, info.get("misloaded_why"))
+        assert any("INT4 weight-only" in n for n in info["consumer_notes"]) == (kind == "w4a8"), info
+
+
+def test_int4_blocks_tensorrt_does_not_take_are_said_and_its_build_refuses(tmp_path, cli_run):
+    """--group-size 32: onnxruntime runs the graph, TensorRT refuses INT4 blocks other than 64 / 128; the
+    export says so (misloaded_by tensorrt, with what to do) and `moepress build` refuses it in one line."""
+    from moepress.exporters import ExportConfig, export
+
+    q = tmp_path / "q"
+    quantize_checkpoint(models.path("tiny-mixtral"), q, QuantConfig(format="int4-awq", group_size=32,
+                                                                     num_samples=2, seq_len=32))
+    info = export(q, tmp_path / "onnx", ExportConfig(format="onnx"))
+    why = info["misloaded_why"]["tensorrt"]
+    assert "INT4 weights in blocks of 32" in why and "block_sparse_moe.experts.*.w1" in why
+    assert any("--group-size 64 or 128" in n for n in info["consumer_notes"])
+    ids = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(_ort_logits(tmp_path / "onnx", ids)).all()
+    r = cli_run("build", tmp_path / "onnx", "--target", "h100", "-o", tmp_path / "b", "--dry-run")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "tensorrt <= " in r.stderr and "blocks of 32" in r.stderr and not (tmp_path / "b").exists()
+
+
 def _ort_logits(onnx_dir: Path, ids: torch.Tensor) -> torch.Tensor:
     """onnxruntime's logits of the export in ``onnx_dir`` (one thread, Q/DQ kept as written)."""
     so = session_options()
@@ -288,6 +332,11 @@ def test_block_fp8_input_is_dequantized_per_expert_and_matches_the_stream(tmp_pa
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     got, ref = _ort_logits(dst, ids), StreamedModel(src).forward([ids])[0]
     assert ((got - ref).abs().max() / ref.abs().max()).item() <= FLOAT32[0]
+    # TensorRT's Dequantize takes a 2-D (block) scale for INT4 only (operators/docs/Dequantize.html): said, and
+    # `moepress build` for TensorRT refuses it (onnxruntime runs it, above)
+    info = json.loads((dst / "export.json").read_text())
+    assert "tensorrt" in info["misloaded_by"] and "2-D block scales" in info["misloaded_why"]["tensorrt"]
+    assert "mlp.experts.*.down_proj" in info["misloaded_why"]["tensorrt"]
 
 
 def test_linear_biases_are_in_the_graph(tmp_path, cli_run):

@@ -42,5 +42,5 @@ BUILDER = Builder(
     "tensorrt", "onnx", commands, requires=("tensorrt",),
     install="tensorrt is not installed: pip install tensorrt (or moepress[tensorrt]) on a GPU machine",
     description="TensorRT engine from the onnx export (tensorrt Python API, strongly typed)",
-    runtime="onnx", files=files, hardware_compatibility=True,
+    runtime="onnx", files=files, hardware_compatibility=True, consumer="tensorrt",
 )
