@@ -630,3 +630,12 @@ def test_a_heatmap_cell_of_a_routed_expert_never_reads_zero():
 
     assert cell_label(100 / 32768) == "<.01" and cell_label(0.004999) == "<.01"
     assert [cell_label(v) for v in (0.005, 0.5, 1.0, 12.4)] == [".01", ".50", "1.0", "12"]
+
+
+@pytest.mark.parametrize("rare", ["nan", "-0.1", "1.5"])
+def test_rare_outside_zero_to_one_is_one_line(cli_run, tmp_path, rare):
+    """click's FloatRange let NaN through (every comparison with it is false): stats.json held NaN (not JSON) and
+    no expert was ever rare."""
+    r = cli_run("calib", "stats", "tiny-qwen3-moe", "--rare", rare, "-o", tmp_path / "s")
+    assert_one_line_error(r, "--rare", rare)
+    assert not (tmp_path / "s").exists()

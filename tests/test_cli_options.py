@@ -136,6 +136,16 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory(cli_run, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["canary.txt"]
 
 
+@pytest.mark.parametrize("option", ["--protect", "--race"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_list_option_is_refused_not_taken_for_its_default(cli_run, tmp_path, option, value):
+    """`--protect "$KEEP"` with KEEP unset protected nothing and `--race ""` raced all four methods, exit 0."""
+    r = cli_run("prune", "tiny-qwen3-moe", "--keep", "8", option, value, "-o", tmp_path / "out", "--json")
+    assert r.exit_code == 2, r.output
+    assert f"'{option}'" in json.loads(r.stdout)["error"] and "empty string" in json.loads(r.stdout)["error"]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("value", [0, -3])
 def test_recipe_search_tokens_must_be_positive(value):
     """`moepress prune --search-tokens 0` is refused (exit 2); a recipe's prune.search_tokens 0 reached the

@@ -54,7 +54,7 @@ def test_device_cpu_writes_the_default_bytes(cli_run, tmp_path, fmt):
     model = "tiny-qwen3-moe"
     quantize(cli_run, model, fmt, tmp_path / "cpu", "--device", "cpu")
     cal = CalibConfig.from_flags((), 2, 24, 0, False)
-    cfg = QuantConfig.from_flags(format=fmt, rules=(), group_size=128, kv_cache=None, sequential=None, calib=cal,
+    cfg = QuantConfig.from_flags(format=fmt, rules=(), group_size=None, kv_cache=None, sequential=None, calib=cal,
                                  gptq_act_order=None, awq_clip=True, awq_gptq=True)
     src = models.path(model)
     quantize_checkpoint(src, tmp_path / "api", cfg, batches=cal.loader(src))

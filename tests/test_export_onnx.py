@@ -141,6 +141,13 @@ def test_opset_outside_21_to_the_newest_is_one_line_exit_2(cli_run, tmp_path, op
     assert not Path(tmp_path / "o").exists()
 
 
+def test_opset_is_refused_by_an_exporter_writing_no_graph(cli_run, tmp_path):
+    """--opset 17 with hf-modelopt was ignored, exit 0."""
+    r = cli_run("export", models.path("tiny-mixtral"), "--format", "hf-modelopt", "--opset", 17, "-o", tmp_path / "o")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "only --format onnx" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_tp_or_ep_is_refused_by_an_unsharded_exporter(cli_run, tmp_path):
     """--tp 2 was ignored: one unsharded graph written, exit 0."""
     r = cli_run("export", models.path("tiny-mixtral"), "--format", "onnx", "--tp", 2, "-o", tmp_path / "o")

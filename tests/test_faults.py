@@ -78,6 +78,18 @@ def test_index_symlink_out_of_directory_refused(tmp_path, cli_run):
     _one_line(cli_run("inspect", single, "--no-targets"), "model.safetensors", "outside the model directory")
 
 
+def test_a_shard_in_a_symlink_loop_is_one_line(tmp_path, cli_run):
+    """pathlib raises RuntimeError (not OSError) on a symlink loop, which was a traceback."""
+    ck = _f78_copy(tmp_path)
+    shard = _f78_shard_of(ck)
+    shard.unlink()
+    shard.symlink_to(ck / "loopA")
+    (ck / "loopA").symlink_to(ck / "loopB")
+    (ck / "loopB").symlink_to(ck / "loopA")
+    _one_line(cli_run("quantize", ck, "--format", "fp8-block", "-o", tmp_path / "q"), str(shard), "cannot be resolved")
+    assert not (tmp_path / "q").exists()
+
+
 def test_index_entry_text_file_not_echoed(tmp_path, cli_run):
     import struct
 

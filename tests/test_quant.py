@@ -240,6 +240,8 @@ def test_cli_and_bad_input(cli_run, tmp_path):
     _one_line(cli_run("quantize", "tiny-qwen3-moe", "--format", "int3", "-o", tmp_path / "x"), "--format int3")
     _one_line(cli_run("quantize", "tiny-qwen3-moe", "--format", "int4-awq", "--group-size", "100", "-o",
                       tmp_path / "x"), "--group-size 100")
+    _one_line(cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8", "--group-size", "64", "-o", tmp_path / "x"),
+              "--group-size 64: only the INT4 formats")  # was quantized as if not said
     _one_line(cli_run("quantize", "tiny-qwen3-moe", "-o", tmp_path / "x"), "--format")
     _one_line(cli_run("quantize", "tiny-qwen3-moe", "--rule", "mlp.*", "-o", tmp_path / "x"), "PATTERN=FORMAT")
     _one_line(cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-o", tmp_path / "q"), "not empty")

@@ -95,14 +95,25 @@ class QuantConfig:
             raise MoepressError(f"--kv-cache {self.kv_cache}: expected {', '.join(KV_CACHE_FORMATS)}")
 
     @classmethod
-    def from_flags(cls, *, format: str | None, rules, group_size: int, kv_cache: str | None, sequential: bool | None,
-                   calib: CalibConfig, gptq_act_order: bool | None, awq_clip: bool, awq_gptq: bool,
-                   awq_fold: bool = False) -> QuantConfig:
-        """``moepress quantize``'s options; ``rules`` are the ``--rule PATTERN=FORMAT`` strings."""
-        return cls(format=format, rules=parse_rules(rules), group_size=group_size, kv_cache=kv_cache,
-                   sequential=sequential, calib=calib.sources, num_samples=calib.num_samples,
+    def from_flags(cls, *, format: str | None, rules, group_size: int | None, kv_cache: str | None,
+                   sequential: bool | None, calib: CalibConfig, gptq_act_order: bool | None, awq_clip: bool,
+                   awq_gptq: bool, awq_fold: bool = False) -> QuantConfig:
+        """``moepress quantize``'s options; ``rules`` are the ``--rule PATTERN=FORMAT`` strings; ``group_size``
+        None: not given (128)."""
+        return cls(format=format, rules=parse_rules(rules), group_size=128 if group_size is None else group_size,
+                   kv_cache=kv_cache, sequential=sequential, calib=calib.sources, num_samples=calib.num_samples,
                    seq_len=calib.seq_len, seed=calib.seed, batch_size=calib.batch_size,
-                   gptq_act_order=gptq_act_order, awq_clip=awq_clip, awq_gptq=awq_gptq, awq_fold=awq_fold)
+                   gptq_act_order=gptq_act_order, awq_clip=awq_clip, awq_gptq=awq_gptq,
+                   awq_fold=awq_fold).refuse_unused_group(group_size, "--group-size")
+
+    def refuse_unused_group(self, given: int | None, flag: str) -> QuantConfig:
+        """Self, or a refusal of a group size given where no format takes one (a script's ``--group-size 64`` with
+        ``--format fp8`` would otherwise quantize as if it had not been said)."""
+        if given is not None and not any(FORMATS[f].element == "int4" for f in self.formats()):
+            takes = ", ".join(n for n, f in FORMATS.items() if f.element == "int4")
+            raise MoepressError(f"{flag} {given}: only the INT4 formats take a group size ({takes}); "
+                                f"{', '.join(sorted(self.formats())) or 'no format'} here")
+        return self
 
     @classmethod
     def from_recipe(cls, q: dict, c: CalibConfig) -> QuantConfig:

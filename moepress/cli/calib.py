@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from moepress.cli.options import (
+    FRACTION,
     PATH,
     Group,
     calib_options,
@@ -83,7 +84,7 @@ def _check_output_dir(out: Path, force: bool) -> None:
 @calib_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Samples per forward batch (under torchrun, whole batches are split across ranks).")
-@click.option("--rare", type=click.FloatRange(min=0, max=1), default=0.1, show_default=True,
+@click.option("--rare", type=FRACTION, default=0.1, show_default=True,
               help="An expert is rarely routed when its share of the routing slots is below RARE x the uniform "
                    "share 1/E.")
 @click.option("--absmax", is_flag=True,

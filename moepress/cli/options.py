@@ -30,8 +30,34 @@ class TextType(_NonEmpty, click.types.StringParamType):
     """A string naming a file, directory or model, the empty string refused."""
 
 
+class ListType(click.types.StringParamType):
+    """A comma-separated list option whose absence means its default: the empty string (a script's unset variable)
+    refused rather than read as that default."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("got an empty string; leave the option out for its default", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class Fraction(click.FloatRange):
+    """A number in [0, 1]: click.FloatRange with NaN refused (every comparison with NaN is false, so the range
+    let it through)."""
+
+    def __init__(self):
+        super().__init__(min=0, max=1)
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if v != v:
+            self.fail(f"{value!r}: expected a number in [0, 1]", param, ctx)
+        return v
+
+
 PATH = PathType(path_type=Path)
 TEXT = TextType()
+FRACTION = Fraction()
+LIST = ListType()
 
 
 class Command(click.Command):

@@ -43,7 +43,7 @@ class FormatOption(click.Option):
               help="Per-module format (fnmatch on the module name within the layer, e.g. 'mlp.experts.*=int4-awq', "
                    "'self_attn.*=fp8', 'mlp.shared_experts.*=none'); first match wins (a rule an earlier one leaves "
                    "nothing to decide is refused), --format for the rest.")
-@click.option("--group-size", type=int, default=128, show_default=True, help="INT4 group size: 128, 64 or 32.")
+@click.option("--group-size", type=int, default=None, show_default="128", help="INT4 group size: 128, 64 or 32.")
 @click.option("--kv-cache", type=click.Choice(["fp8"]), default=None, help="Also compute FP8 K/V cache scales.")
 @click.option("--sequential/--no-sequential", default=None,
               help="Calibrate each layer on the quantized layers before it (default for AWQ / GPTQ formats), or on "
