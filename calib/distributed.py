@@ -91,9 +91,10 @@ def init(backend: str | None = None) -> DistEnv:
 
 
 def _rendezvous_env(env: DistEnv) -> None:
-    """The env:// rendezvous (init_process_group's default) reads MASTER_ADDR / MASTER_PORT, raising a
-    ValueError (a traceback) without them: WORLD_SIZE set by hand or by another launcher."""
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    """The env:// rendezvous (init_process_group's default) reads RANK, MASTER_ADDR and MASTER_PORT, raising a
+    ValueError (a traceback) without them: WORLD_SIZE set by hand or by another launcher. LOCAL_RANK too: each
+    rank's GPU (its NCCL group's and its compute device, moepress/device.py) is cuda:LOCAL_RANK."""
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:
         raise MoepressError(f"WORLD_SIZE={env.world_size} but {' and '.join(missing)} not set: expected "
                             "torchrun's environment (torchrun sets them all), or no WORLD_SIZE for one process")
@@ -225,15 +226,26 @@ def all_gather_shares(part: list[T], env: DistEnv) -> list[T]:
     process computes, item by item."""
     if not env.enabled:
         return list(part)
+
+    return [x for p in all_gather_saved(list(part), env, torch.device("cpu")) for x in p]
+
+
+def all_gather_saved(obj, env: DistEnv, device: torch.device) -> list:
+    """Every rank's ``obj`` (tensors in it on any device), in rank order, its tensors on ``device``.
+
+    torch.save, not all_gather_object's plain pickle: pickle cannot rebuild float8 tensors (torch 2.13:
+    "UntypedStorage has no attribute dtype"), which the FP8 and NVFP4 expert shares hold, and it rebuilds a
+    CUDA tensor on the GPU it was pickled from (rank 1's sums arrived on cuda:1 in rank 0's process, and adding
+    them to rank 0's failed); ``map_location`` puts every rank's tensors where this rank computes."""
+    if not env.enabled:
+        return [obj]
     import torch.distributed as dist
 
-    # torch.save, not all_gather_object's plain pickle: pickle cannot rebuild float8 tensors (torch 2.13:
-    # "UntypedStorage has no attribute dtype"), which the FP8 and NVFP4 expert shares hold
     buf = io.BytesIO()
-    torch.save(list(part), buf)
+    torch.save(obj, buf)
     everyone: list = [None] * env.world_size
     dist.all_gather_object(everyone, buf.getvalue())
-    return [x for b in everyone for x in torch.load(io.BytesIO(b), weights_only=False)]
+    return [torch.load(io.BytesIO(b), map_location=device, weights_only=False) for b in everyone]
 
 
 def agree(env: DistEnv, options: dict) -> None:

@@ -457,6 +457,10 @@ def test_a_malformed_world_size_is_left_to_the_torchrun_commands(cli_run, monkey
     ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"}, "MASTER_PORT='x': expected an integer"),
     ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555", "LOCAL_WORLD_SIZE": "x"},
      "LOCAL_WORLD_SIZE='x': expected an integer"),
+    # RANK was taken as 0 (torch's rendezvous then raised a ValueError); LOCAL_RANK as RANK for the NCCL group
+    # and as 0 for the compute device
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555", "RANK": ""}, "RANK not set"),
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555", "LOCAL_RANK": ""}, "LOCAL_RANK not set"),
 ])
 @pytest.mark.parametrize("args", [["quantize", "tiny-mixtral", "--format", "fp8-block"],
                                   ["calib", "stats", "tiny-mixtral"]])
@@ -468,8 +472,9 @@ def test_a_partial_torchrun_environment_is_refused_naming_the_variable(cli_run, 
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
     for k, v in env.items():
-        monkeypatch.setenv(k, v)
+        monkeypatch.setenv(k, v) if v else monkeypatch.delenv(k)
     assert_one_line_error(cli_run(*args, "-o", tmp_path / "o"), named)
     assert not any(tmp_path.iterdir())
 

@@ -2,8 +2,10 @@
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -206,7 +208,7 @@ def test_only_a_lost_peer_becomes_peer_lost():
         assert got.value is own
 
 
-def _ranks(args_of, env, timeout=120, env_of=lambda r: {}, stdout=False):
+def _ranks(args_of, env, timeout=120, env_of=lambda r: {}, stdout=False, cwd_of=lambda r: None):
     """Two ranks started by hand (RANK, WORLD_SIZE, MASTER_*), rank r running ``moepress *args_of(r)`` with
     ``env_of(r)`` added to ``env``: their (exit code, stderr) pairs (with ``stdout``: (exit code, stderr, stdout))."""
     import socket
@@ -218,7 +220,8 @@ def _ranks(args_of, env, timeout=120, env_of=lambda r: {}, stdout=False):
         ranks = [forkserver.Popen([sys.executable, "-m", "moepress", *args_of(r)], text=True, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE,
                                   env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **env_of(r)})
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **env_of(r)},
+                                  cwd=cwd_of(r))
                  for r in range(2)]
         try:
             out = [p.communicate(timeout=timeout) for p in ranks]
@@ -253,6 +256,34 @@ def test_ranks_started_with_different_options_refuse_in_one_line(tmp_path, cmd, 
         assert code == 2 and len(lines) == 1, err[-2000:]
         assert "torchrun ranks were started with different options" in lines[0], lines[0]
         assert all(n in lines[0] for n in needles), lines[0]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.partial*"))
+
+
+@pytest.mark.parametrize("cmd,edited,needle", [
+    (["quantize", "m", "--format", "fp8"], "m/config.json", "the input checkpoint"),
+    (["calib", "stats", "m", "--calib", "c.txt"], "c.txt", "the calibration samples"),
+])
+def test_ranks_reading_other_inputs_by_the_same_names_refuse_in_one_line(tmp_path, cmd, edited, needle):
+    """The same command in two working directories (or on two nodes) whose MODEL or --calib are other files: each
+    rank's statistics went into rank 0's output, exit 0 (quantize compared the calibration sources' bytes, not
+    the model; calib stats neither)."""
+    import json
+
+    for d in ("a", "b"):
+        shutil.copytree(models.path("tiny-qwen3-moe"), tmp_path / d / "m")
+        (tmp_path / d / "c.txt").write_text((Path(__file__).parents[1] / "calib/data/calib.txt").read_text())
+    f = tmp_path / "b" / edited
+    if f.suffix == ".json":
+        f.write_text(json.dumps({**json.loads(f.read_text()), "rms_norm_eps": 1e-5}))
+    else:
+        f.write_text(f.read_text()[::-1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEPRESS_CACHE": "off"}
+    res = _ranks(lambda r: [*cmd, "--num-samples", "4", "--seq-len", "32", "-o", str(tmp_path / "out"), "--quiet"],
+                 env, cwd_of=lambda r: tmp_path / "ab"[r])
+    for code, err in res:
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err[-2000:]
+        assert "torchrun ranks were started with different options" in lines[0] and needle in lines[0], lines[0]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.partial*"))
 
 

@@ -18,6 +18,7 @@ missing or changed on, the stage writes again, as an uninterrupted run would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,23 @@ def input_identity(src: str | os.PathLike) -> dict:
     shards = {p.name: file_stamp(p.stat()) for p in sorted(src.glob("*.safetensors"))}
     small = [src / n for n in ("config.json", INDEX_NAME) if (src / n).is_file()] + aux_files(src)
     return {"shards": shards, "sha256": {p.name: sha256_file(p) for p in small}}
+
+
+def input_fingerprint(src: str | os.PathLike) -> str:
+    """What every torchrun rank must see alike in the checkpoint directory ``src`` (a digest of: the sha256 of its
+    config.json, index and auxiliary files, and each shard's size and header (tensor names, dtypes, shapes,
+    offsets)). Unlike :func:`input_identity` it holds nothing of one machine's file system (inode, times), so
+    ranks on two nodes reading their own copies agree; weights rewritten with every shape kept are not caught
+    (that would hash every byte on every rank)."""
+    src = Path(src)
+    small = [src / n for n in ("config.json", INDEX_NAME) if (src / n).is_file()] + aux_files(src)
+    shards = {}
+    for p in sorted(src.glob("*.safetensors")):
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            shards[p.name] = [p.stat().st_size, hashlib.sha256(f.read(min(n, 100 << 20))).hexdigest()]
+    key = {"shards": shards, "sha256": {p.name: sha256_file(p) for p in small}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def first_changed_shard(partial: Path, shards: list, digests: dict[str, dict]) -> int | None:

@@ -211,9 +211,11 @@ class CalibratedLayer:
 
     def _gather(self) -> None:
         """torchrun: every rank's statistics, folded in global batch order."""
+        dev = self.sm.device
         for st in {id(v): v for v in self.stats.values()}.values():
-            st.gather(self.env)
-        self.moe_inputs, self.routes = gather_list(self.moe_inputs, self.env), gather_list(self.routes, self.env)
+            st.gather(self.env, dev)
+        self.moe_inputs, self.routes = (gather_list(self.moe_inputs, self.env, dev),
+                                        gather_list(self.routes, self.env, dev))
         for n in self.kv:  # on the group's device (NCCL takes no CPU tensor, gloo no CUDA one)
             t = self.kv[n].to(self.env.device)
             tdist.all_reduce(t, op=tdist.ReduceOp.MAX)

@@ -26,7 +26,7 @@ from moepress.calib import distributed as dist
 from moepress.calib.data import source_hashes
 from moepress.compress import formats
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, read_later
-from moepress.compress.checkpoint.resume import ResumeRefused, resume_key
+from moepress.compress.checkpoint.resume import ResumeRefused, input_fingerprint, resume_key
 from moepress.compress.checkpoint.writer import check_output
 from moepress.compress.formats import ct_inputs
 from moepress.compress.quant import fp8
@@ -173,6 +173,9 @@ class QuantizeStage:
         self.env = dist.init()
         dist.agree(self.env, asdict(cfg))
         self.reader = reader = CheckpointReader(model)
+        # a rank whose MODEL resolved to other weights (a relative path, another node's copy) fed its statistics
+        # into rank 0's output
+        dist.agree(self.env, {"the input checkpoint (config, index, shard headers)": input_fingerprint(reader.path)})
         if formats.read_layout(reader.path) is not None:
             raise MoepressError(f"{reader.path}: already quantized by moepress ({formats.SIDECAR}); "
                                 "quantize the original")

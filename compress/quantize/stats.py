@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as tdist
 
+from moepress.calib.distributed import all_gather_saved
 from moepress.compress.quant import gptq
 from moepress.compress.quantize.config import AWQ_SAMPLE_ROWS, SHARED_INPUT
 
@@ -75,10 +75,10 @@ class LinearStats:
         else:
             self.S.add_(xd.T @ xd)  # in place: one [in, in] sum alive
 
-    def gather(self, env) -> None:
-        """Fold every rank's calls, in global order (ranks hold contiguous shards of the batches)."""
-        everyone: list = [None] * env.world_size
-        tdist.all_gather_object(everyone, (self.calls, self.amax))
+    def gather(self, env, device: torch.device) -> None:
+        """Fold every rank's calls, in global order (ranks hold contiguous shards of the batches), on ``device``
+        (where this rank computes)."""
+        everyone = all_gather_saved((self.calls, self.amax), env, device)
         self.calls = []
         amaxes = [am for _, am in everyone if am is not None]
         self.amax = torch.stack(amaxes).amax(0) if amaxes else None
@@ -112,13 +112,11 @@ class LinearStats:
         return torch.cat(self.rows) if self.rows else torch.zeros(0)
 
 
-def gather_list(items: list, env) -> list:
-    """Every rank's list, concatenated in rank order (= global batch order)."""
+def gather_list(items: list, env, device: torch.device) -> list:
+    """Every rank's list, concatenated in rank order (= global batch order), its tensors on ``device``."""
     if not env.enabled:
         return items
-    everyone: list = [None] * env.world_size
-    tdist.all_gather_object(everyone, items)
-    return [x for part in everyone for x in part]
+    return [x for part in all_gather_saved(items, env, device) for x in part]
 
 
 def shared_input_groups(names: list[str]) -> list[list[str]]:

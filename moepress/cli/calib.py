@@ -54,7 +54,8 @@ def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, out
     src = resolve_model(model)
     if not output.name.endswith((".safetensors", ".pt")):
         raise MoepressError(f"-o {output}: expected a file name ending in .safetensors or .pt")
-    refuse_overlap(output, (src,), "-o ")  # a .safetensors file inside the model would read as one of its shards
+    # a .safetensors file inside the model would read as one of its shards; over a --calib file, it replaced its input
+    refuse_overlap(output, (src, *local_sources(calib)), "-o ")
     # a sidecar of ours alone is what a run killed between the two writes left (no token file to keep); any other
     # file by its name may be the user's
     for p in (output, *(() if orphan_sidecar(output) else (sidecar_path(output),))):
@@ -70,6 +71,14 @@ def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, out
         raise MoepressError(f"{output}: cannot write ({e.strerror})") from None
     out = {"output": str(output), "path": str(output), "cached": cs.cached, **side, "memory": memory}
     click.echo(json.dumps(out) if json_out else _prepare_text(output, side, cs.cached))
+
+
+def local_sources(calib) -> list[Path]:
+    """The files and folders the ``--calib`` values read (not the Hub's): an output inside one was read back as
+    calibration data by the next run."""
+    from moepress.calib.sources import parse_sources
+
+    return [s.path for s in parse_sources(calib) if s.path.exists()]
 
 
 def _check_output_dir(out: Path, force: bool) -> None:
@@ -117,18 +126,22 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
     from moepress.calib.heatmap import plot_share
     from moepress.calib.stats import collect, per_expert, render, summarize
     from moepress.compress.checkpoint import CheckpointWriter
+    from moepress.compress.checkpoint.resume import input_fingerprint
     from moepress.progress import Progress
 
-    src = resolve_model(model)
-    refuse_overlap(output, (src,), "-o ")
-    _check_output_dir(output, force)
-    env = dist.init()
+    env = dist.init()  # first: a rank refusing before it joined left the others waiting in the group's start-up
     config = {"calib": list(calib), "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
               "batch_size": batch_size, "rare": rare, "absmax": absmax, "dtype": dtype}
     dist.agree(env, {**config, "force": force})
+    src = resolve_model(model)
+    refuse_overlap(output, (src, *local_sources(calib)), "-o ")
+    _check_output_dir(output, force)
     prog = Progress.from_flags(quiet or not env.is_main, json_out and env.is_main)
     cs = dist.run_main_first(env, lambda: calibration_set(src, calib, num_samples, seq_len, seed,
                                                           trust_remote_code))
+    # the same tokens and the same weights on every rank (a relative path, another node's copy)
+    dist.agree(env, {"the calibration samples": cs.meta.get("key"),
+                     "the input checkpoint (config, index, shard headers)": input_fingerprint(src)})
     batches = dist.shard(cs.batches(batch_size), env.rank, env.world_size)
     (stats, amax, facts), memory = run_measured(device, collect, src, batches, absmax=absmax, progress=prog,
                                                 dtype=getattr(torch, dtype),

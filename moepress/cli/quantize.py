@@ -78,10 +78,11 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
     and norms stay unquantized.
     """
     from moepress.calib.config import CalibConfig
-    from moepress.calib.distributed import current
+    from moepress.calib.distributed import current, init
     from moepress.compress.quantize import QuantConfig, quantize_checkpoint
     from moepress.progress import Progress
 
+    init()  # under torchrun, joined first: a rank refusing before it joined left the others waiting in its start-up
     src = resolve_model(model)
     cal = CalibConfig.from_flags(calib, num_samples, seq_len, seed, trust_remote_code)
     cfg = QuantConfig.from_flags(format=fmt, rules=rules, group_size=group_size, kv_cache=kv_cache,
