@@ -13,6 +13,7 @@ from moepress import models
 from moepress.calib.data import allocate, calibration_batches, calibration_set, load_tokenizer
 from moepress.calib.distributed import shard
 from moepress.calib.observers import InputAbsMax, LayerRouting, RoutingStats
+from moepress.calib.sources.spec import BUNDLED_CALIB
 from moepress.calib.stats import collect
 
 QWEN = "tiny-qwen3-moe"
@@ -639,3 +640,21 @@ def test_rare_outside_zero_to_one_is_one_line(cli_run, tmp_path, rare):
     r = cli_run("calib", "stats", "tiny-qwen3-moe", "--rare", rare, "-o", tmp_path / "s")
     assert_one_line_error(r, "--rare", rare)
     assert not (tmp_path / "s").exists()
+
+
+def test_an_output_over_a_calibration_source_is_refused(cli_run, tmp_path):
+    """calib stats -o inside a --calib folder: its summary.txt was the next run's calibration text; calib prepare
+    -o the --calib token file (with --force) replaced its own input, its sidecar naming bytes that no longer exist."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    shutil.copy(BUNDLED_CALIB, folder / "a.txt")
+    r = cli_run("calib", "stats", "tiny-mixtral", "--calib", folder, "-o", folder / "st")
+    assert_one_line_error(r, f"-o {folder / 'st'}", "inside the input")
+    tok = tmp_path / "tok.safetensors"
+    r = cli_run("calib", "prepare", "tiny-mixtral", "--num-samples", "4", "--seq-len", "16", "-o", tok)
+    assert r.exit_code == 0, r.output
+    before = tok.read_bytes()
+    r = cli_run("calib", "prepare", "tiny-mixtral", "--calib", tok, "--num-samples", "2", "--seq-len", "16", "-o", tok,
+                "--force")
+    assert_one_line_error(r, f"-o {tok}", "is the input")
+    assert tok.read_bytes() == before and not (folder / "st").exists()
