@@ -26,7 +26,10 @@ from moepress.errors import MoepressError
 from moepress.outputs import pid_alive
 
 FORMAT = "moepress-calib"
-VERSION = 1
+VERSION = 1  # the token file's and cache entry's layout
+# in the cache key, raised whenever the samples one key yields change (calib/data.py: allocate, _pack, _truncate,
+# _render): an older moepress's samples were served for the same key (2: empty documents add no EOS)
+SAMPLING = 2
 
 
 def cache_root() -> Path | None:
@@ -48,7 +51,8 @@ def calib_cache_dir() -> Path | None:
 
 def cache_key(fields: dict) -> str:
     """sha256 of what decides the token ids (tokenizer, sources' contents, parameters, format)."""
-    blob = json.dumps({"format": FORMAT, "version": VERSION, **fields}, sort_keys=True, separators=(",", ":"))
+    blob = json.dumps({"format": FORMAT, "version": VERSION, "sampling": SAMPLING, **fields}, sort_keys=True,
+                      separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

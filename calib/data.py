@@ -199,7 +199,8 @@ def _prepared_samples(src: SourceSpec, n: int, seq_len: int, tokenizer_sha: str,
     # what the token file was sampled from, transitively: a token file prepared from another one is still that
     # text's data (read_hashes: check's in-sample note)
     origin = _origins(side.get("sources"))
-    return ids[:n], {**info, "documents": int(ids.shape[0]), "documents_used": n, "from_sha256": sorted(origin)}
+    return ids[:n], {**info, "documents": int(ids.shape[0]), "documents_used": n, "from_sha256": sorted(origin),
+                     "seed": side.get("seed")}
 
 
 def _origins(made) -> set[str]:
@@ -377,6 +378,8 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
         v = int(row[(row < 0) | (row >= vocab)][0])
         raise MoepressError(f"--calib {specs[int(src[r])].spec}: token id {v} is outside the tokenizer's vocabulary "
                             f"(0..{vocab - 1})")
+    if len(specs) == 1 and specs[0].type == "tokens":  # its first rows, whatever --seed: the file's own seed drew them
+        seed = infos[0].get("seed")
     meta = {"key": key, "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
             "tokens": int(ids.numel()),
             "tokenizer": {**tok_fp, "model": str(model_dir), "eos_token_id": tok.eos_token_id, "vocab": vocab},

@@ -24,6 +24,18 @@ def test_another_num_samples_is_not_served_from_the_cache(tmp_path, monkeypatch)
     assert torch.equal(b.input_ids, calibration_set(QWEN, num_samples=8, seq_len=32, seed=0, cache=False).input_ids)
 
 
+def test_an_entry_of_an_older_sampling_is_a_miss(tmp_path, monkeypatch):
+    """The key names the sampling code's version (cache.SAMPLING): samples drawn by an older moepress (e.g. with an
+    EOS after each empty document) were served for the same key."""
+    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache_mod, "SAMPLING", cache_mod.SAMPLING - 1)
+    calibration_set(QWEN, num_samples=4, seq_len=32, seed=0)
+    monkeypatch.undo()
+    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
+    assert not calibration_set(QWEN, num_samples=4, seq_len=32, seed=0).cached
+    assert calibration_set(QWEN, num_samples=4, seq_len=32, seed=0).cached
+
+
 def test_an_edited_cache_entry_is_a_miss(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
     a = calibration_set(QWEN, num_samples=4, seq_len=32, seed=0)

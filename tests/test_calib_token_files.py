@@ -158,6 +158,15 @@ def test_a_prepared_source_gives_its_first_samples(tmp_path):
     assert list((tmp_path / "cache").rglob("*.safetensors")) == []  # the file is its own cache: not copied
 
 
+def test_a_prepared_source_alone_records_the_seed_that_drew_it(tmp_path):
+    """Its first rows whatever --seed: the samples of --seed 0 and --seed 7 were the same, and stats.json /
+    the manifests said 0 and 7."""
+    ids = torch.arange(40).view(5, 8)
+    p = _save(tmp_path, ids, tokenizer={"sha256": tokenizer_fingerprint(QWEN)["sha256"]}, seed=3)
+    got = [calibration_set(QWEN, (str(p),), num_samples=3, seq_len=8, seed=s) for s in (0, 7)]
+    assert all(torch.equal(c.input_ids, ids[:3]) and c.meta["seed"] == 3 for c in got)
+
+
 def test_a_prepared_source_of_another_tokenizer_is_refused(tmp_path):
     p = _save(tmp_path, torch.arange(16).view(2, 8), tokenizer={"sha256": "0" * 64, "model": "other-model"})
     with pytest.raises(MoepressError, match="prepared with another tokenizer.*made for other-model"):
