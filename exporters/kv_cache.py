@@ -2,8 +2,10 @@
 them (``kv_cache_quant_algo``) and the GPU architectures whose kernels run them; and the tensor-parallel
 sizes each runtime splits a model's KV heads over (:func:`kv_split_problem`).
 
-Sources: TensorRT-LLM ``docs/source/features/quantization.md``, "Hardware Support Matrix" ("FP8 KV
-Cache" and "NVFP4 KV Cache" columns; the table is quoted in exporters/targets.py);
+Sources: TensorRT-LLM ``docs/source/features/quantization.md``, "Hardware Support Matrix" (its "FP8 KV
+Cache" column at 09d4c79b, quoted in exporters/targets.py; that table has no NVFP4 KV column: the NVFP4 KV
+cache is a recipe of the 1.3 / 1.4 docs, nvidia.github.io/TensorRT-LLM/1.3.0rc27/features/quantization.html
+"NVFP4 KV Cache", made offline with Model-Optimizer, and is budgeted on Blackwell, where NVFP4 runs);
 ``kv_cache_quant_algo`` takes TensorRT-LLM's QuantAlgo names (tensorrt_llm/quantization/mode.py),
 in a TensorRT-LLM checkpoint's config.json (docs/source/architecture/checkpoint.md) and in
 Model-Optimizer's hf_quant_config.json. NVFP4 stores 4 bits plus one E4M3 scale per 16 values.

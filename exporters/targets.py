@@ -27,7 +27,8 @@ Sources (checked 2026-11):
   ``int4-awq`` = W4A16 AWQ, ``int4-gptq`` = W4A16 GPTQ, ``w4a8-awq`` = W4A8 AWQ, ``nvfp4`` = NVFP4
   (listed for planning; moepress does not produce it yet). vLLM runs some of these on more
   architectures (e.g. FP8 through Marlin weight-only kernels on sm80); the catalog follows
-  TensorRT-LLM, the stack the builders target.
+  TensorRT-LLM, the stack the builders target, except for the weight-only FP4 formats (``mxfp4``,
+  ``nvfp4-a16``: Format.archs from sm80, vLLM's Marlin FP4 kernels), which the matrix has on Blackwell only.
 - Memory, bandwidth, interconnect: NVIDIA's datasheets (A100: "NVIDIA A100 Tensor Core GPU"
   datasheet; A10G: AWS G5 page; L4, L40S, H100, H200, GH200, B200 (HGX B200), GB200 (GB200 NVL72),
   RTX PRO 6000 Blackwell Server Edition datasheets). Memory is the marketed capacity in GB (1e9).
@@ -49,7 +50,7 @@ UNQUANTIZED = next(n for n, f in formats.FORMATS.items() if f.scale is None)
 # what moepress writes: the unquantized checkpoint and every format `moepress quantize` produces
 PRODUCED = tuple(n for n, f in formats.FORMATS.items() if f.produced or n == UNQUANTIZED)
 
-# TensorRT-LLM's hardware support matrix (see module docstring), by SM: each format declares the SM
+# TensorRT-LLM's hardware support matrix (module docstring; weight-only FP4 as vLLM), by SM: each format declares the SM
 # versions that run it (Format.archs); listed in the registry's order
 _SM_FORMATS = {sm: tuple(f.name for f in formats.FORMATS.values() if sm in f.archs)
                for sm in (80, 86, 89, 90, 100, 120)}

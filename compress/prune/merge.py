@@ -1,11 +1,12 @@
 """Merging: fold the dropped experts into the kept ones, after any selection.
 
-Which experts stay is the selecting method's choice: the ``merge`` method keeps the highest REAP scores, as
-REAM (arXiv 2604.04356) takes REAP-score centroids; ``auto`` folds into the kept experts of the method its
-race chose (where the experts are stored in float, so quantized experts keep their bytes); ``--merge``
-folds after any per-layer method. The router: a kept expert keeps its own router row and correction bias;
-a dropped expert's row and bias are removed with it, as HC-SMoE does after merging (wazenmai/HC-SMoE
-commit bd77eba, hcsmoe/merging/grouping_mixtral.py ``prune_experts``: ``gate.weight.data[dominant_experts]``).
+Which experts stay is the selecting method's choice: the ``merge`` method keeps the highest REAP scores of each
+routing group (REAM, arXiv 2604.04356, takes REAP-score centroids across the layer); ``auto`` folds into the kept
+experts of the method its race chose (where the experts are stored in float, so quantized experts keep their
+bytes); ``--merge`` folds after any per-layer method. The router: a kept expert keeps its own router row and
+correction bias; a dropped expert's row is removed with it, as HC-SMoE does after merging (wazenmai/HC-SMoE
+commit bd77eba, hcsmoe/merging/grouping_mixtral.py ``prune_experts``: ``gate.weight.data[dominant_experts]``),
+and its correction bias likewise (HC-SMoE's models have none).
 Tokens that chose a dropped expert are then routed among the kept ones by the family's own router (``route_masked``,
 exact), so every layer keeps the same count and every runtime loads the result.
 
