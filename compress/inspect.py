@@ -87,8 +87,8 @@ def storage_format(config: dict, layout: dict | None = None) -> str:
 def module_formats(reader: CheckpointReader, adapter: Adapter) -> dict[str, dict[str, int]]:
     """How the decoder layers' 2-D weights are stored, per storage label: {label: {"routed experts": n,
     "other": m}}. A compressed-tensors packed module is labelled by its scheme (``int4 symmetric group
-    32 (compressed-tensors pack-quantized)``), a module moepress_quant.json lists by its format (INT4, NVFP4
-    and MXFP4 are all uint8 on disk); any other weight by its stored dtype."""
+    32 (compressed-tensors pack-quantized)``), a module moepress_quant.json lists by its format and group
+    (``int4-awq group 128``; INT4, NVFP4 and MXFP4 are all uint8 on disk); any other weight by its stored dtype."""
     named = (formats.layout_of(reader) or {}).get("modules") or {}
     out: dict[str, dict[str, int]] = {}
     for i in reader.layer_indices():
@@ -96,8 +96,11 @@ def module_formats(reader: CheckpointReader, adapter: Adapter) -> dict[str, dict
         bases = {n[: -len(ct_inputs.PACKED)] for n in names if n.endswith(ct_inputs.PACKED)}
         bases |= {n[: -len(".weight")] for n in names if n.endswith(".weight") and len(reader.info(n).shape) == 2}
         for b in bases:
-            label = (ct_inputs.describe(reader, b) or (named.get(b) or {}).get("format")
-                     or reader.info(b + ".weight").dtype.lower())
+            m = named.get(b) or {}
+            # with its group, as a compressed-tensors module's label has it: one layout may hold two (a linear
+            # narrower than --group-size gets a smaller one)
+            own = m.get("format") and m["format"] + (f" group {m['group']}" if m.get("group") else "")
+            label = ct_inputs.describe(reader, b) or own or reader.info(b + ".weight").dtype.lower()
             kind = "routed experts" if adapter.expert_index(b + ".weight") is not None else "other"
             counts = out.setdefault(label, {})
             counts[kind] = counts.get(kind, 0) + 1

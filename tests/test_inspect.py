@@ -142,20 +142,26 @@ def test_storage_says_what_quantization_config_holds(tmp_path):
 
 
 def test_a_moepress_quantize_output_is_described_by_its_formats(tmp_path):
-    """storage and module_formats name the formats moepress_quant.json lists (every quantized output read
-    "modelopt", and INT4, NVFP4 and MXFP4 modules all "u8", their bytes on disk)."""
+    """storage and module_formats name the formats moepress_quant.json lists, with their groups (every quantized
+    output read "modelopt", and INT4, NVFP4 and MXFP4 modules all "u8", their bytes on disk; tiny-deepseek-v3's
+    int4-awq holds groups of 128, 64 and 32, which read as all 128)."""
     from moepress import models
     from moepress.compress.quantize import QuantConfig, quantize_checkpoint
 
-    for fmt in ("int4-awq", "nvfp4"):
-        out = tmp_path / fmt
-        quantize_checkpoint(str(models.path("tiny-qwen3-moe")), str(out),
-                            QuantConfig(format=fmt, num_samples=2, seq_len=16))
+    for model, fmt in (("tiny-qwen3-moe", "int4-awq"), ("tiny-qwen3-moe", "nvfp4"), ("tiny-deepseek-v3", "int4-awq")):
+        out = tmp_path / f"{model}-{fmt}"
+        quantize_checkpoint(str(models.path(model)), str(out), QuantConfig(format=fmt, num_samples=2, seq_len=16))
         layout = json.loads((out / "moepress_quant.json").read_text())["modules"]
         s = summarize(str(out))
         assert s["storage"] == fmt
-        experts = sum(".mlp.experts." in m for m in layout)
-        assert s["module_formats"][fmt] == {"routed experts": experts, "other": len(layout) - experts}
+        want: dict = {}
+        for name, m in layout.items():
+            counts = want.setdefault(f"{fmt} group {m['group']}" if m.get("group") else fmt, {})
+            kind = "routed experts" if ".mlp.experts." in name else "other"
+            counts[kind] = counts.get(kind, 0) + 1
+        assert {k: v for k, v in s["module_formats"].items() if k.startswith(fmt)} == want
+        if model == "tiny-deepseek-v3":
+            assert {f"{fmt} group {g}" for g in (128, 64, 32)} <= set(want)
 
 
 def test_an_onnx_export_is_refused_naming_its_source(tmp_path, cli_run):

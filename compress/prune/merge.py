@@ -19,7 +19,10 @@ pruning at every weight tried. Here instead each kept expert's down projection i
 block's: the kept expert takes, on each token routed to it, the share of the dropped experts' output
 that its router weight gives it. The statistics are router-weighted output moments (Gram matrix of the
 router-weighted intermediate activations, its cross moment with the target), ridge-regularised towards
-the expert's own weights. Gate and up projections are unchanged.
+the expert's own weights. Gate and up projections are unchanged. Where the runtime quantizes activations
+(a block-FP8 input: 1x128 per-token groups), the target outputs are computed as the runtime computes them,
+but the Gram matrix is of the down projections' inputs before that quantization: the fit is to inputs a
+quantization step away from those the runtime multiplies.
 
 The refit weights are written in the input's stored form (:func:`encode_like`): cast to the stored float
 dtype, or re-quantized by the format registry's quantizer of the input's format (DeepSeek block FP8
