@@ -67,13 +67,16 @@ def detect() -> DistEnv:
     return DistEnv(rank, world, local, None)
 
 
-def init(backend: str | None = None) -> DistEnv:
-    """Join the process group torchrun describes (idempotent); one rank when not under torchrun."""
+def init(backend: str | None = None, device: str | None = None) -> DistEnv:
+    """Join the process group torchrun describes (idempotent); one rank when not under torchrun. ``device``: the
+    command's --device; ``cpu`` joins with gloo (NCCL put a CUDA context on every GPU of a CPU run)."""
     import torch.distributed as dist
 
     env = detect()
     if not env.enabled:
         return env
+    if backend is None and str(device or "").strip().lower() == "cpu":
+        backend = "gloo"
     if backend is None:
         # NCCL wants one GPU per rank on a node; fewer GPUs than local ranks -> gloo on CPU
         local_world = _int_env("LOCAL_WORLD_SIZE", env.world_size)
@@ -267,6 +270,16 @@ def agree(env: DistEnv, options: dict) -> None:
             what = "; ".join(f"{k} {first.get(k)!r} on rank 0, {theirs.get(k)!r} on rank {r}" for k in keys[:3])
             raise MoepressError(f"torchrun ranks were started with different options ({what}); expected every "
                                 "rank to run the same command")
+
+
+def agree_on_input(env: DistEnv, path) -> None:
+    """Every rank reads the same checkpoint under its MODEL (:func:`agree` on its fingerprint: config, index and
+    shard headers, nothing of one machine's file system): a rank whose MODEL resolved to other weights (a relative
+    path run from another directory, another node's copy) fed its statistics into rank 0's output."""
+    if env.enabled:
+        from moepress.compress.checkpoint.resume import input_fingerprint
+
+        agree(env, {"the input checkpoint (config, index, shard headers)": input_fingerprint(path)})
 
 
 def _check_same(env: DistEnv, what: str, value) -> None:

@@ -186,9 +186,12 @@ OBSERVED_ATTENTION = "moepress-observed"  # our entry in transformers' Attention
 
 
 def _observed_attention(module: nn.Module, query, key, value, *args, **kwargs):
-    """Tell the observer the key / value states, then run the module's own attention function."""
+    """Tell the observer the key / value states (an observer returning a pair replaces them: the KV cache a
+    runtime quantizes), then run the module's own attention function."""
     obs: AttentionObserver = module.moepress_observer
-    obs.on_kv(key, value)
+    got = obs.on_kv(key, value)
+    if got is not None:
+        key, value = got
     return obs.delegate(module, query, key, value, *args, **kwargs)
 
 
@@ -216,7 +219,7 @@ class AttentionObserver:
     transformers 5, and for MLA it would see the latent, not what modelopt measures).
     """
 
-    def __init__(self, attn: nn.Module, on_kv: Callable[[torch.Tensor, torch.Tensor], None]):
+    def __init__(self, attn: nn.Module, on_kv: Callable[[torch.Tensor, torch.Tensor], tuple | None]):
         if OBSERVED_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
             AttentionInterface.register(OBSERVED_ATTENTION, _observed_attention)
         self.attn, self.on_kv, self.config = attn, on_kv, attn.config

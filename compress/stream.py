@@ -183,12 +183,10 @@ class StreamedModel:
                 raise MoepressError(f"{self._where()}: tensor '{name}' is missing from the checkpoint")
             if (got := self._stored_shape(name)) is not None:
                 check_shape(self._where(), name, got, shape)
-        # extra layers: every stage writes the layers the config counts, so these would be dropped without a word
-        for bad, how in ((set(range(a.num_layers)) - set(ck.layer_indices()), "lack"),
-                         (set(ck.layer_indices()) - set(range(a.num_layers)) - set(a.mtp_layers()), "also hold")):
-            if bad:
-                raise MoepressError(f"{self._where()}: config.json has num_hidden_layers={a.num_layers} "
-                                    f"but the weights {how} layer(s) {sorted(bad)[:5]}")
+        missing = sorted(set(range(a.num_layers)) - set(ck.layer_indices()))
+        if missing:
+            raise MoepressError(f"{self._where()}: config.json has num_hidden_layers={a.num_layers} "
+                                f"but the weights lack layer(s) {missing[:5]}")
         moe = set(a.moe_layers()) | {i for i in a.mtp_layers() if a.is_moe_layer(i)}  # an MTP layer's too
         for i in [*range(a.num_layers), *a.mtp_layers()]:
             pat = re.compile(rf"{re.escape(a.layer_prefix(i) + a.ffn_attr)}\.experts\.(\d+)\.")

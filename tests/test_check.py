@@ -750,3 +750,27 @@ def test_a_reference_other_than_the_model_the_candidate_was_made_from_is_said(cl
     for r in (ref, p, shutil.copytree(ref, tmp_path / "copy")):
         res = run_check(q, r, cfg)
         assert not any("was made from" in n for n in res["notes"]) and "made_from" not in res["data"], r
+
+
+def test_fp8_kv_cache_scales_are_applied_as_the_runtime_caches(tmp_path, cli_run):
+    """`quantize --kv-cache fp8` writes k_scale / v_scale; check streamed the keys and values unquantized, so scales
+    100x too small (every cached value clamped to +-448 x s: ppl x4.7 under vLLM's FP8 cache) passed unchanged. The
+    cached keys and values are now x / s in E4M3 times s; the right scales still pass."""
+    from safetensors.torch import load_file, save_file
+
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    quantize_checkpoint(models.path("tiny-mixtral"), good, QuantConfig(format="fp8", kv_cache="fp8", num_samples=4,
+                                                                       seq_len=64))
+    shutil.copytree(good, bad)
+    (bad / "moepress-manifest.json").unlink()
+    for f in bad.glob("*.safetensors"):
+        t = load_file(f)
+        if any(k.endswith((".k_scale", ".v_scale")) for k in t):
+            save_file({k: v * 0.01 if k.endswith((".k_scale", ".v_scale")) else v for k, v in t.items()}, f,
+                      metadata={"format": "pt"})
+    args = ("-r", "tiny-mixtral", "--max-samples", "4", "--seq-len", "128", "--json")
+    ok, broken = (cli_run("check", d, *args) for d in (good, bad))
+    assert ok.exit_code == 0, ok.output
+    assert broken.exit_code == 1 and json.loads(broken.stdout)["metrics"]["kl_mean"] > 0.5, broken.output

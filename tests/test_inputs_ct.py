@@ -444,6 +444,24 @@ def test_zero_point_of_another_shape_is_refused(tmp_path):
         r.weight(BASE + ".weight")
 
 
+@pytest.mark.parametrize("edit,says", [
+    ({"num_bits": 8}, "int 8-bit symmetric group"),  # compressed-tensors decodes the 4-bit words as 8-bit values
+    ({"symmetric": False}, "int 4-bit asymmetric group"),  # it asserts: asymmetric needs zero points
+    ({"strategy": "channel", "group_size": None}, "int 4-bit symmetric channel"),  # a size mismatch there
+    ({"type": "float"}, "float 4-bit symmetric group"),
+])
+def test_a_config_that_does_not_describe_the_stored_tensors_is_refused(tmp_path, edit, says):
+    """compressed-tensors decompresses by the config; the reader read the tensors alone (bits from the word count,
+    symmetry from a zero point's presence), so a config saying otherwise was decoded as if it agreed."""
+    r = _int4_module(tmp_path, 4, 64, torch.ones(4, 2, dtype=torch.bfloat16))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"].update(edit)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MoepressError, match=rf"{BASE}\.weight_packed' stores 4-bit symmetric .*\({says}\)"):
+        CheckpointReader(tmp_path).weight(BASE + ".weight")
+    assert torch.equal(r.weight(BASE + ".weight"), torch.ones(4, 64))  # as the config first said: decoded
+
+
 def test_mxfp4_scale_per_24_values_is_refused(tmp_path):
     """MXFP4 has one scale per 32 values; a [2, 2] scale over 48 values is not that (the library refuses)."""
     from compressed_tensors.quantization import preset_name_to_scheme

@@ -73,3 +73,33 @@ def test_ct_int4_group_whose_codes_reach_plus_8_on_the_old_scale_gets_a_fresh_sc
     q = quantize(w, scale, zp, args, dtype=torch.int8)
     assert torch.equal(got["e.weight_scale"], scale)
     assert torch.equal(got["e.weight_packed"], pack_to_int32(q, 4))
+
+
+def test_ct_int4_group_the_refit_shrank_gets_compressed_tensors_scale():
+    """A group whose values still fit the input's scale keeps it, unless that scale is over twice compressed-tensors'
+    own (amax / 7.5): a group the refit shrank 10x was written on the coarse old grid, relative error ~1 (0.1 on
+    its own). Rows 0-11: old scale 10x the fresh one -> the library's scale and codes; rows 12-23: old scale
+    7.5 / 7 of it -> kept."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    from moepress.compress.prune.merge import encode_ct_int4
+
+    out_f, in_f, group = 24, 64, 32
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    wg = w.view(out_f, in_f // group, group)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group)
+    fresh, _ = calculate_qparams(wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0), args)
+    old = fresh.float() * torch.where(torch.arange(out_f)[:, None] < 12, 10.0, 7.5 / 7)
+    old = old.to(torch.bfloat16)
+
+    class R:
+        path = "stub"
+        t = {"e.weight_packed": torch.zeros(out_f, in_f // 8, dtype=torch.int32), "e.weight_scale": old,
+             "e.weight_shape": torch.tensor([out_f, in_f])}
+
+        def get(self, n):
+            return self.t[n]
+
+    got = encode_ct_int4(R(), "e", w.float(), sorted(R.t))["e.weight_scale"]
+    assert torch.equal(got[:12], fresh[:12]) and torch.equal(got[12:], old[12:])

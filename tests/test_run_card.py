@@ -5,6 +5,8 @@ suite passed). Each takes milliseconds: no stage runs."""
 import json
 from importlib import metadata
 
+import pytest
+
 from moepress.manifest import file_digests, versions, write_manifest
 from moepress.pipeline.card import Accuracy, model_card
 from moepress.pipeline.recipe import normalise
@@ -164,3 +166,38 @@ def test_card_of_an_export_sglang_misloads_does_not_send_it_to_sglang(tmp_path):
     (tmp_path / "ok").mkdir()
     card = _card(_export(tmp_path / "ok", name="hf-modelopt", export={}), {"quantize": {"format": "fp8"}})
     assert "vLLM and SGLang read the same directory" in card, card
+
+
+@pytest.mark.parametrize("fmt,who,command", [
+    ("onnx", "tensorrt", "trtexec"),  # INT4 in blocks of 32 / block-FP8 weights: TensorRT refuses the graph
+    ("hf-fp8-block", "transformers", "from_pretrained"),  # a partial fused group transformers misreads
+    ("compressed-tensors", "vllm", "vllm serve"),
+])
+def test_card_of_any_export_gives_no_command_for_a_runtime_its_export_says_misloads_it(tmp_path, fmt, who, command):
+    """The onnx, hf-fp8-block and compressed-tensors cards kept their trtexec / from_pretrained / vllm serve
+    lines whatever export.json's misloaded_by said (only hf-modelopt's and compressed-tensors' transformers
+    slots read it)."""
+    why = "refuses the graph's weights (INT4 weights in blocks of 32)"
+    d = _export(tmp_path, name=fmt, export={"misloaded_by": {who: "9.9"}, "misloaded_why": {who: why}})
+    card = _card(d, {"quantize": {"format": "fp8"}}, fmt=fmt)
+    assert f"<= 9.9 {why}**" in card and command not in card, card
+    (tmp_path / "ok").mkdir()
+    assert command in _card(_export(tmp_path / "ok", name=fmt, export={}), {"quantize": {"format": "fp8"}}, fmt=fmt)
+
+
+def test_a_rerun_withdraws_the_cards_of_the_run_before_until_its_checks_end(tmp_path):
+    """A rerun records each check in its export's manifest as it ends and writes the cards after the last: meanwhile,
+    or after a kill, an export's card said "Gates passed" beside a manifest recording the new check failed. At
+    the start of the run each card is replaced by a note that the export is being made again, listed as such."""
+    import hashlib
+
+    from moepress.manifest import read_manifest
+    from moepress.pipeline.card import withdraw_cards, write_card
+
+    d = _export(tmp_path / "export", name="hf-modelopt", export={}) if (tmp_path / "export").mkdir() is None else None
+    write_card(d, _card(d, {"quantize": {"format": "fp8"}}))
+    assert "Gates passed" in (d / "README.md").read_text()
+    withdraw_cards(tmp_path)
+    text = (d / "README.md").read_text()
+    assert "Gates passed" not in text and "not measured yet" in text, text
+    assert read_manifest(d)["files"]["README.md"]["sha256"] == hashlib.sha256(text.encode()).hexdigest()

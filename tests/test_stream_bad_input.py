@@ -35,15 +35,6 @@ def test_config_with_more_layers_than_stored_names_the_missing_layer(good, tmp_p
     assert_one_line_error(cli_run("inspect", ck), "num_hidden_layers=3", "lack layer(s) [2]")
 
 
-def test_config_with_fewer_layers_than_stored_names_the_extra_layer(good, tmp_path, cli_run):
-    """A config counting fewer layers than the weights hold: every stage wrote the counted ones only, exit 0."""
-    ck = copy_checkpoint(good, tmp_path / "c")
-    edit_json(ck / "config.json", num_hidden_layers=1)
-    assert_one_line_error(cli_run("quantize", ck, "--format", "fp8-block", "-o", tmp_path / "q"),
-                          "num_hidden_layers=1", "also hold layer(s) [1]")
-    assert not (tmp_path / "q").exists()
-
-
 def test_experts_numbered_from_one_are_refused(good, tmp_path, cli_run):
     """Layer 0's experts stored as 1..8 instead of 0..7: eight of them, but not the ones config.json implies."""
     ck = copy_checkpoint(good, tmp_path / "c")

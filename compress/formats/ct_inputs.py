@@ -84,7 +84,8 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     (compressed-tensors ``unpack_from_int32`` along dim 1)."""
     rows = packed.shape[0]
     if bits == 4:  # two values per byte, low nibble first (little-endian words)
-        b = packed.contiguous().view(torch.uint8)
+        # a fresh contiguous copy: .contiguous() keeps a [G, 1] transpose's stride (G, not 1), which view refuses
+        b = packed.clone(memory_format=torch.contiguous_format).view(torch.uint8)
         v = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(rows, -1)[:, :n]
     else:
         words = packed.to(torch.int64) & 0xFFFFFFFF
@@ -145,7 +146,31 @@ def decode_pack_quantized(reader, base: str) -> torch.Tensor:
             raise MoepressError(f"{reader.path}: tensor '{base}.weight_zero_point' has shape {list(zp.shape)}; "
                                 f"expected {list(scale.shape)}, as its weight_scale")
         q = q - _grouped(q, zp.to(scale.dtype))
+    _check_declared(reader, base, bits, list(scale.shape), base + ".weight_zero_point" in reader)
     return q * _grouped(q, scale)
+
+
+def _check_declared(reader, base: str, bits: int, scale_shape: list[int], has_zp: bool) -> None:
+    """Refuse a module no config group's weights describe: compressed-tensors decompresses by the config
+    (compressors/pack_quantized/base.py decompress, 0.20.1: num_bits, symmetric, strategy), so stored tensors
+    it does not describe read as other numbers there (``num_bits: 8`` over 4-bit words) or not at all."""
+    declared = _weight_args(reader)
+    cols, n = (scale_shape[-1] if scale_shape else 1), math.prod(scale_shape)
+
+    def describes(w: dict) -> bool:
+        strategy = w.get("strategy")
+        return ((w.get("type") or "int") == "int" and int(w.get("num_bits") or bits) == bits
+                and bool(w.get("symmetric", True)) != has_zp
+                and not (strategy == "tensor" and n != 1) and not (strategy == "channel" and cols != 1))
+
+    if declared and not any(describes(w) for w in declared):
+        said = "; ".join(f"{w.get('type')} {w.get('num_bits')}-bit "
+                         f"{'symmetric' if w.get('symmetric', True) else 'asymmetric'} {w.get('strategy')}"
+                         for w in declared)
+        raise MoepressError(f"{reader.path}: tensor '{base}{PACKED}' stores {bits}-bit "
+                            f"{'asymmetric' if has_zp else 'symmetric'} int values with a weight_scale of shape "
+                            f"{scale_shape}, which no quantization_config.config_groups weights entry describes "
+                            f"({said}); compressed-tensors would decode other numbers or refuse it")
 
 
 def _check_g_idx(reader, base: str, in_f: int, group: int) -> None:

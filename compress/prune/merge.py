@@ -330,7 +330,9 @@ def encode_ct_int4(reader, base: str, w: torch.Tensor, stored: list[str]) -> dic
     ``formats.ct_inputs`` reads the same bytes back as compressed-tensors does. A group whose values all
     still round into [-8, 7] on the input's own scale keeps that scale: values the refit left alone keep
     their codes (a fresh amax / 7.5 scale re-rounds a group holding a -8 code, moving it by ~7%, and
-    Kimi K2's INT4 grid is the one its experts were trained on)."""
+    Kimi K2's INT4 grid is the one its experts were trained on), unless that scale is over twice the fresh one
+    (a group the refit shrank: its values would use a few codes of the coarse grid, at 10x shrinkage a relative
+    error of ~1 against ~0.1)."""
     packed, scale = reader.get(base + ct_inputs.PACKED), reader.get(base + ".weight_scale")
     out_f, in_f = w.shape
     if base + ".weight_zero_point" in stored or scale.ndim != 2 or packed.shape != (out_f, -(-in_f // 8)):
@@ -344,7 +346,7 @@ def encode_ct_int4(reader, base: str, w: torch.Tensor, stored: list[str]) -> dic
     fresh = div(wp.view(out_f, groups, g).abs().amax(dim=-1), 7.5)  # IEEE division on every device
     old = scale.to(device=w.device)
     q_old = torch.round(wp.view(out_f, groups, g) / old.masked_fill(old == 0, 1.0)[..., None])
-    fits = (old > 0) & (q_old >= -8).all(dim=-1) & (q_old <= 7).all(dim=-1)
+    fits = (old > 0) & (q_old >= -8).all(dim=-1) & (q_old <= 7).all(dim=-1) & (old <= 2 * fresh)
     s = torch.where(fits, old, fresh)
     sd = s.masked_fill(s == 0, 1.0).repeat_interleave(g, dim=1)
     q = torch.clamp(torch.round(wp / sd), -8, 7)[:, :in_f].to(torch.int64) + 8

@@ -182,8 +182,9 @@ class FreePipeline:
     On the CPU the pool has one worker per core this process may run on (``sched_getaffinity``:
     ``taskset`` and cgroup CPU sets are honoured) and torch runs single-threaded meanwhile, so
     workers and torch's own threads never oversubscribe the cores. On a GPU (the stream's device)
-    two workers upload, quantize and download groups, so one group's host copies overlap another's
-    kernels; torch's CPU threads are left as they are.
+    two workers upload, quantize and download groups, so one group's host work overlaps another's
+    kernels (one upload stream, the default compute stream and blocking downloads are shared: copies
+    do not overlap kernels); torch's CPU threads are left as they are.
     """
 
     GPU_WORKERS = 2

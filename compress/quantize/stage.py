@@ -26,7 +26,7 @@ from moepress.calib import distributed as dist
 from moepress.calib.data import source_hashes
 from moepress.compress import formats
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, read_later
-from moepress.compress.checkpoint.resume import ResumeRefused, input_fingerprint, resume_key
+from moepress.compress.checkpoint.resume import ResumeRefused, resume_key
 from moepress.compress.checkpoint.writer import check_output
 from moepress.compress.formats import ct_inputs
 from moepress.compress.quant import fp8
@@ -173,17 +173,14 @@ class QuantizeStage:
         self.env = dist.init()
         dist.agree(self.env, asdict(cfg))
         self.reader = reader = CheckpointReader(model)
-        # a rank whose MODEL resolved to other weights (a relative path, another node's copy) fed its statistics
-        # into rank 0's output
-        dist.agree(self.env, {"the input checkpoint (config, index, shard headers)": input_fingerprint(reader.path)})
+        dist.agree_on_input(self.env, reader.path)  # a rank's MODEL may be other weights (another node's copy)
         if formats.read_layout(reader.path) is not None:
             raise MoepressError(f"{reader.path}: already quantized by moepress ({formats.SIDECAR}); "
                                 "quantize the original")
         # bf16 weights stay bf16 in the layer (StoredLinear: same float32 results, half the memory)
         # and the reader runs a bounded distance ahead: peak memory ~ one stored layer + its output
         self.budget = read_ahead_budget(reader)
-        self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=self.budget,
-                                 device=device)
+        self.sm = StreamedModel(reader, keep_stored=True, read_ahead_bytes=self.budget, device=device)
         self.adapter = self.sm.adapter
         self.sm.check_weights()
         check_rules(self.sm, cfg)

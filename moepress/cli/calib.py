@@ -126,10 +126,10 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
     from moepress.calib.heatmap import plot_share
     from moepress.calib.stats import collect, per_expert, render, summarize
     from moepress.compress.checkpoint import CheckpointWriter
-    from moepress.compress.checkpoint.resume import input_fingerprint
     from moepress.progress import Progress
 
-    env = dist.init()  # first: a rank refusing before it joined left the others waiting in the group's start-up
+    # joined first: a rank refusing before it joined left the others waiting in the group's start-up
+    env = dist.init(device=device)
     config = {"calib": list(calib), "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
               "batch_size": batch_size, "rare": rare, "absmax": absmax, "dtype": dtype}
     dist.agree(env, {**config, "force": force})
@@ -140,8 +140,8 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
     cs = dist.run_main_first(env, lambda: calibration_set(src, calib, num_samples, seq_len, seed,
                                                           trust_remote_code))
     # the same tokens and the same weights on every rank (a relative path, another node's copy)
-    dist.agree(env, {"the calibration samples": cs.meta.get("key"),
-                     "the input checkpoint (config, index, shard headers)": input_fingerprint(src)})
+    dist.agree(env, {"the calibration samples": cs.meta.get("key")})
+    dist.agree_on_input(env, src)
     batches = dist.shard(cs.batches(batch_size), env.rank, env.world_size)
     (stats, amax, facts), memory = run_measured(device, collect, src, batches, absmax=absmax, progress=prog,
                                                 dtype=getattr(torch, dtype),

@@ -6,7 +6,15 @@ import json
 
 import click
 
-from moepress.cli.options import Command, measured, model_argument, output_options, progress_options, resolve_model
+from moepress.cli.options import (
+    Command,
+    given,
+    measured,
+    model_argument,
+    output_options,
+    progress_options,
+    resolve_model,
+)
 from moepress.errors import MoepressError
 
 
@@ -44,7 +52,7 @@ def _parse_options(values) -> tuple[tuple[str, str], ...]:
                    "(`moepress formats` describes each).")
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel size (trtllm-ckpt).")
 @click.option("--ep", type=int, default=1, show_default=True, help="Expert-parallel size (trtllm-ckpt).")
-@click.option("--opset", type=int, default=None, show_default="21", help="ONNX opset (onnx).")
+@click.option("--opset", type=int, default=21, show_default=True, help="ONNX opset (onnx).")
 @click.option("--option", "extra", multiple=True, metavar="KEY=VALUE", help="Exporter-specific option.")
 @output_options
 @progress_options
@@ -58,9 +66,9 @@ def export_cmd(model, fmt, tp, ep, opset, extra, output, force, quiet, json_out)
     from moepress.progress import Progress
 
     src = resolve_model(model)
-    if opset is not None and fmt != "onnx":  # the exporters' own options: --option, refused per exporter
+    if given("opset") and fmt != "onnx":  # the exporters' own options: --option, refused per exporter
         raise MoepressError(f"--opset {opset}: only --format onnx takes it; --format {fmt} writes no ONNX graph")
-    cfg = ExportConfig(format=fmt, tp=tp, ep=ep, opset=21 if opset is None else opset, options=_parse_options(extra))
+    cfg = ExportConfig(format=fmt, tp=tp, ep=ep, opset=opset, options=_parse_options(extra))
     prog = Progress.from_flags(quiet, json_out)
     info, memory = measured(None, lambda: export(src, output, cfg, force=force, progress=prog))  # on the CPU
     if json_out:

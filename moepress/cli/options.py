@@ -30,16 +30,6 @@ class TextType(_NonEmpty, click.types.StringParamType):
     """A string naming a file, directory or model, the empty string refused."""
 
 
-class ListType(click.types.StringParamType):
-    """A comma-separated list option whose absence means its default: the empty string (a script's unset variable)
-    refused rather than read as that default."""
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, str) and not value.strip():
-            self.fail("got an empty string; leave the option out for its default", param, ctx)
-        return super().convert(value, param, ctx)
-
-
 class Fraction(click.FloatRange):
     """A number in [0, 1]: click.FloatRange with NaN refused (every comparison with NaN is false, so the range
     let it through)."""
@@ -54,10 +44,23 @@ class Fraction(click.FloatRange):
         return v
 
 
+def given(name: str) -> bool:
+    """The running command's option ``name`` was given (not its default): an option whose default means "not
+    asked" tells an explicit empty or inapplicable value apart without a default of its own."""
+    return click.get_current_context().get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+
+def refuse_empty(**values) -> None:
+    """A list option given as the empty string (a script's unset variable) is bad input, not its default."""
+    for name, v in values.items():
+        if given(name) and not str(v).strip():
+            raise click.BadParameter("got an empty string; leave the option out for its default",
+                                     param_hint=f"'--{name.replace('_', '-')}'")
+
+
 PATH = PathType(path_type=Path)
 TEXT = TextType()
 FRACTION = Fraction()
-LIST = ListType()
 
 
 class Command(click.Command):

@@ -7,13 +7,13 @@ import json
 import click
 
 from moepress.cli.options import (
-    LIST,
     Command,
     calib_options,
     device_option,
     model_argument,
     output_options,
     progress_options,
+    refuse_empty,
     resolve_model,
     run_measured,
 )
@@ -64,7 +64,7 @@ def _method_help() -> str:
 @click.option("--method", type=MethodChoice(), default=None, help=_method_help())
 @click.option("--ep-size", type=int, default=1, show_default=True,
               help="Expert-parallel size: the kept count is made a multiple of it.")
-@click.option("--protect", type=LIST, default=None, metavar="L:E,...", help="Experts that always stay, e.g. 3:5,3:7.")
+@click.option("--protect", default="", metavar="L:E,...", help="Experts that always stay, e.g. 3:5,3:7.")
 @click.option("--sequential", is_flag=True,
               help="Gather layer i+1's statistics on the already pruned layers 0..i (lookahead always does; "
                    "with auto it applies to every plan).")
@@ -75,7 +75,7 @@ def _method_help() -> str:
               help="Fold the dropped experts into the kept ones after selecting (kept down projections refit so "
                    "the pruned block reproduces the unpruned routed output; re-quantized where stored quantized). "
                    "Default: as the method does (auto: where the experts are stored in float; merge: always).")
-@click.option("--race", type=LIST, default=None, metavar="M,M,...",
+@click.option("--race", default="", metavar="M,M,...",
               help="auto: the methods raced, two or more of reroute, reap, frequency, ean (default: all four). "
                    "reroute's search costs the most where layers have many experts: --race reap,frequency,ean "
                    "races without it (README: A cheaper race).")
@@ -97,10 +97,11 @@ def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_t
     from moepress.compress.prune import PruneConfig, prune_checkpoint
     from moepress.progress import Progress
 
+    refuse_empty(protect=protect, race=race)
     cal = CalibConfig.from_flags(calib, num_samples, seq_len, seed, trust_remote_code)
-    cfg = PruneConfig.from_flags(method=method, ratio=ratio, keep=keep, ep_size=ep_size, protect=protect or "",
+    cfg = PruneConfig.from_flags(method=method, ratio=ratio, keep=keep, ep_size=ep_size, protect=protect,
                                  sequential=sequential, calib=cal, search_tokens=search_tokens, merge=merge,
-                                 race=race or "")
+                                 race=race)
     src = resolve_model(model)
     result, memory = run_measured(device, prune_checkpoint, src, output, cfg, batches=cal.loader(src), force=force,
                                   progress=Progress.from_flags(quiet, json_out))

@@ -11,6 +11,7 @@ from moepress.cli.options import (
     Command,
     calib_options,
     device_option,
+    given,
     model_argument,
     output_options,
     progress_options,
@@ -43,7 +44,7 @@ class FormatOption(click.Option):
               help="Per-module format (fnmatch on the module name within the layer, e.g. 'mlp.experts.*=int4-awq', "
                    "'self_attn.*=fp8', 'mlp.shared_experts.*=none'); first match wins (a rule an earlier one leaves "
                    "nothing to decide is refused), --format for the rest.")
-@click.option("--group-size", type=int, default=None, show_default="128", help="INT4 group size: 128, 64 or 32.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="INT4 group size: 128, 64 or 32.")
 @click.option("--kv-cache", type=click.Choice(["fp8"]), default=None, help="Also compute FP8 K/V cache scales.")
 @click.option("--sequential/--no-sequential", default=None,
               help="Calibrate each layer on the quantized layers before it (default for AWQ / GPTQ formats), or on "
@@ -82,10 +83,12 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
     from moepress.compress.quantize import QuantConfig, quantize_checkpoint
     from moepress.progress import Progress
 
-    init()  # under torchrun, joined first: a rank refusing before it joined left the others waiting in its start-up
+    # under torchrun, joined first: a rank refusing before it joined left the others waiting in its start-up
+    init(device=device)
     src = resolve_model(model)
     cal = CalibConfig.from_flags(calib, num_samples, seq_len, seed, trust_remote_code)
-    cfg = QuantConfig.from_flags(format=fmt, rules=rules, group_size=group_size, kv_cache=kv_cache,
+    cfg = QuantConfig.from_flags(format=fmt, rules=rules, group_size=group_size if given("group_size") else None,
+                                 kv_cache=kv_cache,
                                  sequential=sequential, calib=cal, gptq_act_order=gptq_act_order,
                                  awq_clip=awq_clip, awq_gptq=awq_gptq, awq_fold=awq_fold)
     prog = Progress.from_flags(quiet, json_out)

@@ -3,12 +3,18 @@ and how to load it in TensorRT-LLM, vLLM and transformers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from moepress.exporters.artifacts import consumer_misload, kv_cache_declared, transformers_misload
-from moepress.manifest import read_manifest
+from moepress.manifest import file_digests, read_manifest, update_manifest
+from moepress.outputs import write_text_atomic
+
+CARD = "README.md"
+PENDING = ("# {name}\n\n`moepress run` is making this export again: its figures are not measured yet. "
+           "The run writes its card when its checks end; a run killed before then leaves this note.\n")
 
 TRTLLM = """\
 TensorRT-LLM (PyTorch backend; reads `hf_quant_config.json`):
@@ -45,21 +51,9 @@ TensorRT-LLM's PyTorch backend, vLLM and SGLang load DeepSeek-style block-FP8 na
 trtllm-serve {path} --backend pytorch
 vllm serve {path}
 ```
-
-transformers (dequantizes on CPU):
-
-```python
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("{path}")
-```
-""",
+{transformers_fp8}""",
     "compressed-tensors": """\
-vLLM:
-
-```bash
-vllm serve {path}
-```
-{transformers}""",
+{vllm_ct}{transformers}""",
     "trtllm-ckpt": """\
 A TensorRT-LLM checkpoint for `trtllm-build` (releases that still ship it):
 
@@ -70,13 +64,7 @@ trtllm-build --checkpoint_dir {path} --output_dir engine --gemm_plugin auto --mo
 or `moepress build {path} --target h100-sxm -o engine` (plans, builds, checks accuracy).
 """,
     "onnx": """\
-ONNX with QuantizeLinear/DequantizeLinear for TensorRT:
-
-```bash
-trtexec --onnx={path}/model.onnx --stronglyTyped --saveEngine=model.plan
-```
-
-or `moepress build {path} --target h100-sxm -o engine`. onnxruntime runs it on CPU, with its QDQ
+{tensorrt}onnxruntime runs it on CPU, with its QDQ
 fusions off (they target integer kernels; some releases reject the FP8 Q/DQ they would fuse):
 
 ```python
@@ -88,6 +76,33 @@ sess = ort.InferenceSession("{path}/model.onnx", so)
 """,
 }
 
+
+# the snippets of a runtime an export may say misloads it (export.json misloaded_by): replaced by the warning
+BY_CONSUMER = {
+    "tensorrt": ("{tensorrt}", "TensorRT", """\
+ONNX with QuantizeLinear/DequantizeLinear for TensorRT:
+
+```bash
+trtexec --onnx={path}/model.onnx --stronglyTyped --saveEngine=model.plan
+```
+
+or `moepress build {path} --target h100-sxm -o engine`. """),
+    "transformers": ("{transformers_fp8}", "transformers", """
+transformers (dequantizes on CPU):
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{path}")
+```
+"""),
+    "vllm": ("{vllm_ct}", "vLLM", """\
+vLLM:
+
+```bash
+vllm serve {path}
+```
+"""),
+}
 
 CT_TRANSFORMERS = """
 transformers (with `compressed-tensors` installed):
@@ -160,6 +175,10 @@ def _loading(fmt: str, d: Path, name: str) -> list[str]:
     vllm = f"**vLLM <= {vllm[0]} {vllm[1]}**.\n" if vllm else \
         VLLM_MODELOPT.replace("vLLM and SGLang read", "vLLM reads" if "sglang" in by else "vLLM and SGLang read")
     text = LOADING.get(fmt, "").replace("{transformers}", tf).replace("{tensorrt_llm}", trt).replace("{vllm}", vllm)
+    for key, (slot, who, snippet) in BY_CONSUMER.items():
+        bad = consumer_misload(d, key)
+        text = text.replace(slot, f"\n**{who} <= {bad[0]} {bad[1]}** (export.json misloaded_by; its consumer notes "
+                                  "say what to do).\n\n" if bad else snippet)
     text = text.replace("{path}", f"./{name}")
     cfg, tok = _json(d / "config.json"), _json(d / "tokenizer_config.json")
     if cfg.get("auto_map") or tok.get("auto_map"):
@@ -193,6 +212,16 @@ class Accuracy:
     unchecked: str = NO_CPU_RUNTIME
 
 
+# how `moepress check` ran the artifact, by its candidate kind (moepress/checks/candidates/)
+MEASURED_BY = {
+    "checkpoint": "moepress's streamed forward, with the activation and KV-cache quantization its runtimes apply",
+    "transformers": "transformers' own loader (where it computes a layer otherwise than vLLM, e.g. experts on "
+                    "unquantized activations, the consumer notes below say so)",
+    "onnx": "onnxruntime",
+    "engine": "the built engine",
+}
+
+
 def _verdict(check: dict) -> str:
     gates = check.get("gates")
     if check.get("passed") is None or gates == []:
@@ -215,8 +244,10 @@ def _accuracy(acc: Accuracy) -> list[str]:
     if acc.check is None:
         lines += [f"This artifact was not checked ({acc.unchecked}). The {acc.upstream_kind} checkpoint it was "
                   f"exported from:", ""]
-    lines += [_verdict(check), "", "| metric | value |", "|---|---|"]
-    return lines + _metric_rows(check)
+    lines += [_verdict(check), ""]
+    if check.get("kind") in MEASURED_BY:  # whose numbers they are: transformers may compute what vLLM quantizes
+        lines += [f"Measured through {MEASURED_BY[check['kind']]}.", ""]
+    return lines + ["| metric | value |", "|---|---|", *_metric_rows(check)]
 
 
 def _metric_rows(check: dict) -> list[str]:
@@ -263,3 +294,24 @@ def model_card(artifact: str | Path, fmt: str, recipe: dict, source: str | Path,
               "from, the export config and the versions used; its `pipeline` section, the recipe and the "
               "source model's hashes. `moepress publish` verifies it.", ""]
     return "\n".join(lines)
+
+
+def write_card(d: Path, text: str, pipeline: dict | None = None) -> None:
+    """The export ``d``'s card ``text`` and its entry in the export's manifest (and the manifest's ``pipeline``
+    section); nothing is written where both already say so (a kill between the card and its entry is mended)."""
+    p, m = d / CARD, read_manifest(d)
+    listed = (m.get("files") or {}).get(CARD, {}).get("sha256")
+    same = pipeline is None or m.get("pipeline") == json.loads(json.dumps(pipeline))
+    if p.exists() and p.read_text() == text and same and listed == hashlib.sha256(p.read_bytes()).hexdigest():
+        return
+    write_text_atomic(p, text)
+    known = {k: v for k, v in m.get("files", {}).items() if k != CARD}
+    update_manifest(d, files=file_digests(d, known), **({"pipeline": pipeline} if pipeline is not None else {}))
+
+
+def withdraw_cards(out: Path) -> None:
+    """The cards an earlier run wrote under ``out``/export, replaced by a note that this run is making the export
+    again: a rerun records each check in the export's manifest as it ends and writes the cards after the last,
+    so meanwhile (or after a kill) a card said "Gates passed" beside a manifest recording the new check failed."""
+    for p in sorted((out / "export").glob(f"*/{CARD}")):
+        write_card(p.parent, PENDING.format(name=p.parent.name))

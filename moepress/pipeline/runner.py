@@ -35,9 +35,9 @@ import moepress
 from moepress.compress.checkpoint import aux_files
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import builders as builder_registry
-from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, update_manifest
+from moepress.manifest import MANIFEST_NAME, read_manifest
 from moepress.outputs import OutputLock, output_dir, write_text_atomic
-from moepress.pipeline.card import NO_CPU_RUNTIME, Accuracy, model_card
+from moepress.pipeline.card import NO_CPU_RUNTIME, Accuracy, model_card, withdraw_cards, write_card
 from moepress.pipeline.preflight import preflight
 from moepress.pipeline.recipe import STAGES, dump, export_config, recipe_keys
 from moepress.progress import Progress
@@ -199,6 +199,7 @@ class Runner:
         r = self.recipe
         # the old run.json away: the stages below replace its outputs, and a kill must not leave it describing them
         (self.out / RUN_JSON).unlink(missing_ok=True)
+        withdraw_cards(self.out)  # so are the cards (rewritten after the checks)
         write_text_atomic(self.out / "recipe.yaml", dump(r))
         self.prog.info(f"run: {self.recipe_src} on {self.model} -> {self.out}")
         self.source_sha256 = source_digest(self.model)
@@ -335,16 +336,8 @@ class Runner:
         """The export's README.md and its manifest's ``pipeline`` section (the recipe, the source model's
         hashes: what the export's own manifest, naming only the checkpoint it read, leaves out)."""
         prune = (self.record.get("prune") or {}).get("result")
-        text = model_card(d, fmt, self.recipe, self.model, acc, prune)
-        pipeline = {"recipe": self.recipe, "source": str(self.model), "source_sha256": self.source_sha256}
-        p, m = d / "README.md", read_manifest(d)
-        listed = (m.get("files") or {}).get("README.md", {}).get("sha256")
-        if p.exists() and p.read_text() == text and m.get("pipeline") == json.loads(json.dumps(pipeline)) \
-                and listed == hashlib.sha256(p.read_bytes()).hexdigest():
-            return  # a kill between the README and its manifest entry is mended here, not kept
-        write_text_atomic(p, text)
-        known = {k: v for k, v in m.get("files", {}).items() if k != "README.md"}
-        update_manifest(d, files=file_digests(d, known), pipeline=pipeline)
+        write_card(d, model_card(d, fmt, self.recipe, self.model, acc, prune),
+                   {"recipe": self.recipe, "source": str(self.model), "source_sha256": self.source_sha256})
 
     def _build(self, target: str, fmt: str, artifact: Path, art_key: str) -> dict:
         from moepress.checks import CheckConfig, run_check

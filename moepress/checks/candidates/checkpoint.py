@@ -16,6 +16,8 @@ from moepress.checks.candidates.base import Candidate, CandidateKind, config_jso
 from moepress.checks.config import CheckConfig
 from moepress.compress.formats import SIDECAR, by_quant_algo, fp8_block, layout_of
 from moepress.compress.formats.fake_quant import act_hook
+from moepress.compress.moe import AttentionObserver
+from moepress.compress.quant import fp8
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 from moepress.exporters.kernel_widths import runs_in_blocks
@@ -35,7 +37,7 @@ class CheckpointCandidate(Candidate):
             raise MoepressError(f"{path}: {un.why}, which the checkpoint kind does not apply (it streams the weights "
                                 f"only); {other}")
         # weights kept as stored, as the reference's (checks/runner.py)
-        self.stream = runtime_activations(StreamedModel(str(path), prefetch=False, keep_stored=True))
+        self.stream = runtime_kv_cache(runtime_activations(StreamedModel(str(path), prefetch=False, keep_stored=True)))
         self.vocab_size = self.stream.adapter.vocab_size
         self.num_layers = self.stream.num_layers
 
@@ -47,6 +49,28 @@ class CheckpointCandidate(Candidate):
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.stream.forward([ids])[0]
+
+
+def runtime_kv_cache(sm: StreamedModel) -> StreamedModel:
+    """``sm`` with an FP8 KV cache where the checkpoint holds its scales (``self_attn.k_scale`` / ``v_scale`` of a
+    moepress quantize output, ``self_attn.k_proj.k_scale`` / ``v_proj.v_scale`` of its hf-modelopt export): the
+    keys and values the attention reads are the cached ones, x / s clamped to +-448, in E4M3, times s, as vLLM
+    writes and reads its cache (csrc quantization/fp8 ``scaled_convert``); the stream alone left them
+    unquantized, so scales 100x off passed the check unchanged. Not for a latent (MLA) cache, whose runtimes
+    keep its scale at 1.0 whatever the checkpoint holds (README, --kv-cache). Returns ``sm``."""
+    if sm.adapter.latent_kv_cache:
+        return sm
+
+    def attach(reader, prefix: str, layer) -> None:
+        names = [next((prefix + f"self_attn.{n}" for n in (f"{k}_scale", f"{k}_proj.{k}_scale")
+                       if prefix + f"self_attn.{n}" in reader), None) for k in "kv"]
+        if None in names:
+            return
+        ks, vs = (reader.get(n).float().reshape(()) for n in names)
+        AttentionObserver(layer.self_attn, lambda key, value: (fp8.fake_quant(key, ks), fp8.fake_quant(value, vs)))
+
+    sm.on_build.append(attach)
+    return sm
 
 
 def native_block_fp8(sm: StreamedModel) -> bool:
