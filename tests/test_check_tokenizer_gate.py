@@ -7,6 +7,8 @@ import json
 import random
 import shutil
 
+import pytest
+
 from helpers import assert_one_line_error
 from moepress import models
 
@@ -55,3 +57,10 @@ def test_a_percentage_over_100_is_a_gate_and_a_bare_number_over_1_names_the_opti
     assert r.exit_code == 0 and (gates["--max-ppl-increase"], gates["--min-top1"]) == (1.5, 1.0), r.output
     assert_one_line_error(cli_run("check", cand, "--reference", MODEL, "--max-ppl-increase", "1.5", *SMALL),
                           "--max-ppl-increase 1.5", "write 150%")
+
+
+@pytest.mark.parametrize("option", ["--max-kl", "--max-layer-error", "--max-expert-error"])
+def test_a_percentage_of_a_gate_that_is_not_a_share_is_refused(cli_run, tmp_path, option):
+    """--max-kl 5% was 0.05 nats: a KL divergence or a relative error is no share of anything."""
+    r = cli_run("check", models.path(MODEL), "--reference", MODEL, option, "5%", *SMALL)
+    assert_one_line_error(r, f"{option} 5%", "not a share")

@@ -32,6 +32,9 @@ def parse_fraction(value, option: str) -> float | None:
     if out > 1 and name in AT_MOST_ONE:  # agreement and cosine are at most 1: such a gate never passes
         raise MoepressError(f"{option} {value}: expected at most 1 (100%), a share of tokens or a cosine")
     bare = not (isinstance(value, str) and str(value).strip().endswith("%"))
+    if not bare and name in GATE_FIELDS and name not in SHARES:  # 5% of a KL in nats, of a relative error: no meaning
+        raise MoepressError(f"{option} {value}: this gate is not a share (a KL divergence in nats, a relative error); "
+                            f"expected a plain number such as {out:g}")
     if bare and out > 1 and name in SHARES:
         # `--max-ppl-increase 2` meant 2% far more often than 200% (a gate that can hardly fail)
         raise MoepressError(f"{option} {value}: expected a fraction such as 0.02 or a percentage such as 2% "

@@ -41,7 +41,8 @@ def upstream(candidate: str | Path) -> Iterator[tuple[Path, dict]]:
 
 def calibrated_on(candidate: str | Path, data: str) -> list[str]:
     """``"DIR (stage)"`` of each stage upstream of ``candidate`` (itself included) whose calibration sources
-    read the same bytes as the check's ``data`` (a ``--calib``-style source); [] when none or unknown."""
+    read the same files as the check's ``data`` (a ``--calib``-style source: names and bytes, as
+    calib/sources/hashing.py ``content_hash`` covers them); [] when none or unknown."""
     from moepress.calib.data import read_hashes
 
     try:
