@@ -273,13 +273,30 @@ def agree(env: DistEnv, options: dict) -> None:
 
 
 def agree_on_input(env: DistEnv, path) -> None:
-    """Every rank reads the same checkpoint under its MODEL (:func:`agree` on its fingerprint: config, index and
-    shard headers, nothing of one machine's file system): a rank whose MODEL resolved to other weights (a relative
-    path run from another directory, another node's copy) fed its statistics into rank 0's output."""
+    """Every rank reads the same checkpoint under its MODEL (its fingerprint: config, index and shard headers,
+    nothing of one machine's file system): a rank whose MODEL resolved to other weights (a relative path run from
+    another directory, another node's copy) fed its statistics into rank 0's output."""
     if env.enabled:
         from moepress.compress.checkpoint.resume import input_fingerprint
 
-        agree(env, {"the input checkpoint (config, index, shard headers)": input_fingerprint(path)})
+        agree_on_read(env, "input checkpoints (config, index, shard headers)", input_fingerprint(path))
+
+
+def agree_on_read(env: DistEnv, what: str, value) -> None:
+    """Every rank read the same ``what`` (``value``: its digest) under the same names, else every rank refuses
+    with one line."""
+    if not env.enabled:
+        return
+    import torch.distributed as dist
+
+    everyone: list = [None] * env.world_size
+    with peer_errors(env):
+        dist.all_gather_object(everyone, value)
+    other = next((r for r, v in enumerate(everyone) if v != everyone[0]), None)
+    if other is not None:
+        raise MoepressError(f"torchrun ranks read different {what} under the same names ({everyone[0]} on rank "
+                            f"0, {everyone[other]} on rank {other}); expected every rank to see the same files (a "
+                            "relative path run from another directory, another node's copy)")
 
 
 def _check_same(env: DistEnv, what: str, value) -> None:

@@ -54,10 +54,9 @@ def scheme_format(scheme: dict, ct_format: str | None) -> tuple[str, int | None]
     for f in formats.FORMATS.values():
         if f.ct_scheme is None or f.awq or f.ct_format != ct_format:
             continue
-        try:  # an INT4 group format's scheme needs a group: a channel-strategy config has none (not ours)
-            ours = f.ct_scheme(group, ["Linear"])
-        except (ValueError, TypeError):
+        if f.element == "int4" and group is None:  # its scheme needs a group: a channel-strategy config is not ours
             continue
+        ours = f.ct_scheme(group, ["Linear"])
         if (_args(ours.weights), _args(ours.input_activations)) == \
                 (_args(theirs.weights), _args(theirs.input_activations)):
             return f.name, group if f.element == "int4" else None

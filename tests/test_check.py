@@ -759,18 +759,21 @@ def test_fp8_kv_cache_scales_are_applied_as_the_runtime_caches(tmp_path, cli_run
     from safetensors.torch import load_file, save_file
 
     from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+    from moepress.exporters import ExportConfig, export
 
-    good, bad = tmp_path / "good", tmp_path / "bad"
+    good = tmp_path / "good"
     quantize_checkpoint(models.path("tiny-mixtral"), good, QuantConfig(format="fp8", kv_cache="fp8", num_samples=4,
                                                                        seq_len=64))
-    shutil.copytree(good, bad)
-    (bad / "moepress-manifest.json").unlink()
-    for f in bad.glob("*.safetensors"):
-        t = load_file(f)
-        if any(k.endswith((".k_scale", ".v_scale")) for k in t):
-            save_file({k: v * 0.01 if k.endswith((".k_scale", ".v_scale")) else v for k, v in t.items()}, f,
-                      metadata={"format": "pt"})
+    export(good, tmp_path / "good-modelopt", ExportConfig(format="hf-modelopt"))  # k_proj.k_scale / v_proj.v_scale
     args = ("-r", "tiny-mixtral", "--max-samples", "4", "--seq-len", "128", "--json")
-    ok, broken = (cli_run("check", d, *args) for d in (good, bad))
-    assert ok.exit_code == 0, ok.output
-    assert broken.exit_code == 1 and json.loads(broken.stdout)["metrics"]["kl_mean"] > 0.5, broken.output
+    for d in (good, tmp_path / "good-modelopt"):
+        bad = shutil.copytree(d, tmp_path / f"bad-{d.name}")
+        (bad / "moepress-manifest.json").unlink()
+        for f in bad.glob("*.safetensors"):
+            t = load_file(f)
+            if any(k.endswith((".k_scale", ".v_scale")) for k in t):
+                save_file({k: v * 0.01 if k.endswith((".k_scale", ".v_scale")) else v for k, v in t.items()}, f,
+                          metadata={"format": "pt"})
+        ok, broken = (cli_run("check", c, *args) for c in (d, bad))
+        assert ok.exit_code == 0, ok.output
+        assert broken.exit_code == 1 and json.loads(broken.stdout)["metrics"]["kl_mean"] > 0.5, (d, broken.output)

@@ -109,6 +109,7 @@ def test_default_run_runs_every_stage_and_passes_its_checks(default_run):
         assert borrowed == (fmt not in checked) and "Gates passed (ppl_increase <= 0.05, " in card, fmt
         if borrowed:
             assert "The quantized checkpoint it was exported from:" in card
+        assert "Measured through " in card, fmt  # which runtime's figures they are
         # the method auto chose, and the source's hashes in the export's own manifest
         chosen = res["stages"]["prune"]["result"]["chosen"]
         assert chosen in ("reroute", "reap", "frequency", "ean") and f"| pruning | auto method (chose {chosen})" in card

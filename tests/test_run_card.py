@@ -87,6 +87,14 @@ def test_card_accuracy_lists_the_gates_applied_and_every_metric(tmp_path):
     assert "| kl_mean | 0.01235 |" in card and "| top1_agreement | 0.875 |" in card
 
 
+@pytest.mark.parametrize("kind,says", [("transformers", "transformers' own loader"), ("onnx", "onnxruntime")])
+def test_card_says_which_runtime_measured_its_figures(tmp_path, kind, says):
+    """A compressed-tensors export is checked through transformers, which may compute its experts on unquantized
+    activations where vLLM quantizes them: the figures are that runtime's, said beside them."""
+    card = _card(_export(tmp_path), {"quantize": {"format": "fp8"}}, acc=Accuracy({**PASSED, "kind": kind}))
+    assert f"Measured through {says}" in card, card
+
+
 def test_card_names_gates_not_measured_as_such(tmp_path):
     """A pruned candidate's expert gates are not measured (passed null): the card listed them among the gates
     passed."""
@@ -194,10 +202,13 @@ def test_a_rerun_withdraws_the_cards_of_the_run_before_until_its_checks_end(tmp_
     from moepress.manifest import read_manifest
     from moepress.pipeline.card import withdraw_cards, write_card
 
-    d = _export(tmp_path / "export", name="hf-modelopt", export={}) if (tmp_path / "export").mkdir() is None else None
-    write_card(d, _card(d, {"quantize": {"format": "fp8"}}))
+    (tmp_path / "export").mkdir()
+    d, mine = (_export(tmp_path / "export", name=n, export={}) for n in ("hf-modelopt", "mine"))
+    write_card(d, _card(d, {"quantize": {"format": "fp8"}}), {"recipe": {}})
+    (mine / "README.md").write_text("the user's own")
     assert "Gates passed" in (d / "README.md").read_text()
-    withdraw_cards(tmp_path)
+    withdraw_cards(tmp_path, ["hf-modelopt", "mine"])
+    assert (mine / "README.md").read_text() == "the user's own"  # no run wrote it
     text = (d / "README.md").read_text()
     assert "Gates passed" not in text and "not measured yet" in text, text
     assert read_manifest(d)["files"]["README.md"]["sha256"] == hashlib.sha256(text.encode()).hexdigest()

@@ -151,7 +151,7 @@ class ColumnDocuments(Documents):
         return self.n
 
     def where(self, i: int) -> str:
-        return f"{self.src.location} (row {i + 1})"  # counted from 1, as a JSONL file's lines are"
+        return f"{self.src.location} (row {i + 1})"  # counted from 1, as a JSONL file's lines are
 
     def __getitem__(self, i: int):
         v = self.column[i]

@@ -191,9 +191,11 @@ class CheckpointReader:
         checkpoint can make moepress read only its own files. The exception is the Hugging Face
         hub cache (huggingface_hub file_download.py: ``snapshots/<revision>/<file>`` is a symlink
         to ``../../blobs/<hash>``): a snapshot's files may resolve into its repository's blobs."""
-        try:
+        try:  # a symlink loop: RuntimeError from resolve (Python <= 3.12), ELOOP from stat (3.13 resolves it)
             root, target = self.path.resolve(), file.resolve()
-        except (OSError, RuntimeError) as e:  # pathlib: RuntimeError on a symlink loop (Python <= 3.12)
+            if file.is_symlink():
+                file.stat()
+        except (OSError, RuntimeError) as e:
             raise MoepressError(f"{file}: cannot be resolved ({e}); expected a file or a link to one") from None
         if target.is_relative_to(root):
             return

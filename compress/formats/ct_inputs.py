@@ -84,8 +84,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     (compressed-tensors ``unpack_from_int32`` along dim 1)."""
     rows = packed.shape[0]
     if bits == 4:  # two values per byte, low nibble first (little-endian words)
-        # a fresh contiguous copy: .contiguous() keeps a [G, 1] transpose's stride (G, not 1), which view refuses
-        b = packed.clone(memory_format=torch.contiguous_format).view(torch.uint8)
+        b = packed.contiguous().view(torch.uint8)
         v = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(rows, -1)[:, :n]
     else:
         words = packed.to(torch.int64) & 0xFFFFFFFF
@@ -141,12 +140,14 @@ def decode_pack_quantized(reader, base: str) -> torch.Tensor:
             if zp.ndim != 2 or zp.shape[0] != words or scale.ndim != 2 or zp.shape[1] != scale.shape[1]:
                 raise MoepressError(f"{reader.path}: tensor '{base}.weight_zero_point' has shape {list(zp.shape)}; "
                                     f"expected [{words}, {scale.shape[-1]}] (packed along dim 0, as its weight_scale)")
-            zp = unpack_int32(zp.t().contiguous(), bits, out_f).t()
+            # a fresh contiguous copy: .contiguous() keeps a [G, 1] transpose's stride (G, not 1), which view refuses
+            zp = unpack_int32(zp.t().clone(memory_format=torch.contiguous_format), bits, out_f).t()
         elif tuple(zp.shape) != tuple(scale.shape):
             raise MoepressError(f"{reader.path}: tensor '{base}.weight_zero_point' has shape {list(zp.shape)}; "
                                 f"expected {list(scale.shape)}, as its weight_scale")
         q = q - _grouped(q, zp.to(scale.dtype))
-    _check_declared(reader, base, bits, list(scale.shape), base + ".weight_zero_point" in reader)
+    asymmetric = base + ".weight_zero_point" in reader and bool((zp != 0).any())  # older releases stored zeros
+    _check_declared(reader, base, bits, list(scale.shape), asymmetric)
     return q * _grouped(q, scale)
 
 
@@ -154,12 +155,12 @@ def _check_declared(reader, base: str, bits: int, scale_shape: list[int], has_zp
     """Refuse a module no config group's weights describe: compressed-tensors decompresses by the config
     (compressors/pack_quantized/base.py decompress, 0.20.1: num_bits, symmetric, strategy), so stored tensors
     it does not describe read as other numbers there (``num_bits: 8`` over 4-bit words) or not at all."""
-    declared = _weight_args(reader)
+    declared = [w for w in _weight_args(reader) if w]  # a group without weights quantizes none
     cols, n = (scale_shape[-1] if scale_shape else 1), math.prod(scale_shape)
 
-    def describes(w: dict) -> bool:
-        strategy = w.get("strategy")
-        return ((w.get("type") or "int") == "int" and int(w.get("num_bits") or bits) == bits
+    def describes(w: dict) -> bool:  # QuantizationArgs' defaults: 8 bits; strategy group with a group size, else tensor
+        strategy = w.get("strategy") or ("group" if w.get("group_size") else "tensor")
+        return ((w.get("type") or "int") == "int" and int(w.get("num_bits") or 8) == bits
                 and bool(w.get("symmetric", True)) != has_zp
                 and not (strategy == "tensor" and n != 1) and not (strategy == "channel" and cols != 1))
 

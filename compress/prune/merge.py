@@ -346,7 +346,7 @@ def encode_ct_int4(reader, base: str, w: torch.Tensor, stored: list[str]) -> dic
     fresh = div(wp.view(out_f, groups, g).abs().amax(dim=-1), 7.5)  # IEEE division on every device
     old = scale.to(device=w.device)
     q_old = torch.round(wp.view(out_f, groups, g) / old.masked_fill(old == 0, 1.0)[..., None])
-    fits = (old > 0) & (q_old >= -8).all(dim=-1) & (q_old <= 7).all(dim=-1) & (old <= 2 * fresh)
+    fits = (old > 0) & (q_old >= -8).all(dim=-1) & (q_old <= 7).all(dim=-1) & ((old <= 2 * fresh) | (fresh == 0))
     s = torch.where(fits, old, fresh)
     sd = s.masked_fill(s == 0, 1.0).repeat_interleave(g, dim=1)
     q = torch.clamp(torch.round(wp / sd), -8, 7)[:, :in_f].to(torch.int64) + 8

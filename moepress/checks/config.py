@@ -34,7 +34,7 @@ def parse_fraction(value, option: str) -> float | None:
     bare = not (isinstance(value, str) and str(value).strip().endswith("%"))
     if not bare and name in GATE_FIELDS and name not in SHARES:  # 5% of a KL in nats, of a relative error: no meaning
         raise MoepressError(f"{option} {value}: this gate is not a share (a KL divergence in nats, a relative error); "
-                            f"expected a plain number such as {out:g}")
+                            "expected a plain number")
     if bare and out > 1 and name in SHARES:
         # `--max-ppl-increase 2` meant 2% far more often than 200% (a gate that can hardly fail)
         raise MoepressError(f"{option} {value}: expected a fraction such as 0.02 or a percentage such as 2% "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
     cs = dist.run_main_first(env, lambda: calibration_set(src, calib, num_samples, seq_len, seed,
                                                           trust_remote_code))
     # the same tokens and the same weights on every rank (a relative path, another node's copy)
-    dist.agree(env, {"the calibration samples": cs.meta.get("key")})
+    dist.agree_on_read(env, "calibration samples", hashlib.sha256(cs.input_ids.numpy().tobytes()).hexdigest()[:16])
     dist.agree_on_input(env, src)
     batches = dist.shard(cs.batches(batch_size), env.rank, env.world_size)
     (stats, amax, facts), memory = run_measured(device, collect, src, batches, absmax=absmax, progress=prog,

@@ -309,9 +309,12 @@ def write_card(d: Path, text: str, pipeline: dict | None = None) -> None:
     update_manifest(d, files=file_digests(d, known), **({"pipeline": pipeline} if pipeline is not None else {}))
 
 
-def withdraw_cards(out: Path) -> None:
-    """The cards an earlier run wrote under ``out``/export, replaced by a note that this run is making the export
-    again: a rerun records each check in the export's manifest as it ends and writes the cards after the last,
-    so meanwhile (or after a kill) a card said "Gates passed" beside a manifest recording the new check failed."""
-    for p in sorted((out / "export").glob(f"*/{CARD}")):
-        write_card(p.parent, PENDING.format(name=p.parent.name))
+def withdraw_cards(out: Path, formats) -> None:
+    """The cards an earlier run wrote under ``out``/export for the exports this run makes (``formats``), replaced by
+    a note that the run is making them again: a rerun records each check in the export's manifest as it ends and
+    writes the cards after the last, so meanwhile (or after a kill) a card said "Gates passed" beside a manifest
+    recording the new check failed. A folder no run wrote a card into (no manifest ``pipeline``) is left alone."""
+    for fmt in formats:
+        d = out / "export" / fmt
+        if (d / CARD).is_file() and "pipeline" in read_manifest(d):
+            write_card(d, PENDING.format(name=fmt))

@@ -199,7 +199,7 @@ class Runner:
         r = self.recipe
         # the old run.json away: the stages below replace its outputs, and a kill must not leave it describing them
         (self.out / RUN_JSON).unlink(missing_ok=True)
-        withdraw_cards(self.out)  # so are the cards (rewritten after the checks)
+        withdraw_cards(self.out, (r["export"] or {}).get("formats", ()))  # so are the cards (written after the checks)
         write_text_atomic(self.out / "recipe.yaml", dump(r))
         self.prog.info(f"run: {self.recipe_src} on {self.model} -> {self.out}")
         self.source_sha256 = source_digest(self.model)
@@ -318,6 +318,7 @@ class Runner:
             write_report(result, out)  # kept where the record is refused (files changed while it ran)
             record_in_manifest(cand, result, before)
             res = jsonable({k: result[k] for k in ("passed", "failed", "metrics", "error_jump", "gates")})
+            res["kind"] = result["candidate"]["kind"]  # the card says which runtime measured it
             return res
 
         # done only while the candidate still carries the verdict (a rerun of its stage writes a new manifest)

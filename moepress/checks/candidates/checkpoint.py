@@ -20,6 +20,7 @@ from moepress.compress.moe import AttentionObserver
 from moepress.compress.quant import fp8
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
+from moepress.exporters.artifacts import kv_cache_declared
 from moepress.exporters.kernel_widths import runs_in_blocks
 
 
@@ -52,19 +53,21 @@ class CheckpointCandidate(Candidate):
 
 
 def runtime_kv_cache(sm: StreamedModel) -> StreamedModel:
-    """``sm`` with an FP8 KV cache where the checkpoint holds its scales (``self_attn.k_scale`` / ``v_scale`` of a
-    moepress quantize output, ``self_attn.k_proj.k_scale`` / ``v_proj.v_scale`` of its hf-modelopt export): the
-    keys and values the attention reads are the cached ones, x / s clamped to +-448, in E4M3, times s, as vLLM
-    writes and reads its cache (csrc quantization/fp8 ``scaled_convert``); the stream alone left them
-    unquantized, so scales 100x off passed the check unchanged. Not for a latent (MLA) cache, whose runtimes
-    keep its scale at 1.0 whatever the checkpoint holds (README, --kv-cache). Returns ``sm``."""
-    if sm.adapter.latent_kv_cache:
+    """``sm`` with an FP8 KV cache where the checkpoint declares one and holds one scale per k / v
+    (``self_attn.k_scale`` / ``v_scale`` of a moepress quantize output, ``self_attn.k_proj.k_scale`` /
+    ``v_proj.v_scale`` of its hf-modelopt export): the keys and values the attention reads are the cached ones,
+    x / s clamped to +-448, in E4M3, times s, as vLLM writes and reads its cache (csrc quantization/fp8
+    ``scaled_convert``); the stream alone left them unquantized, so scales 100x off passed the check unchanged.
+    Not for a latent (MLA) cache, whose runtimes keep its scale at 1.0 whatever the checkpoint holds (README,
+    --kv-cache), nor per-head scales. Returns ``sm``."""
+    declared = kv_cache_declared(sm.ckpt.path)
+    if sm.adapter.latent_kv_cache or declared is None or declared.quant_algo != "FP8":
         return sm
 
     def attach(reader, prefix: str, layer) -> None:
         names = [next((prefix + f"self_attn.{n}" for n in (f"{k}_scale", f"{k}_proj.{k}_scale")
                        if prefix + f"self_attn.{n}" in reader), None) for k in "kv"]
-        if None in names:
+        if None in names or any(reader.get(n).numel() != 1 for n in names):  # per-head scales: not simulated
             return
         ks, vs = (reader.get(n).float().reshape(()) for n in names)
         AttentionObserver(layer.self_attn, lambda key, value: (fp8.fake_quant(key, ks), fp8.fake_quant(value, vs)))
