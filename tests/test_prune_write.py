@@ -59,20 +59,26 @@ def test_ct_int4_group_whose_codes_reach_plus_8_on_the_old_scale_gets_a_fresh_sc
     ratio = wg.amax(-1).float() / old.float()
     assert ((ratio >= 7.5) & (ratio < 8.5)).all()
 
-    class R:
-        path = "stub"
-        t = {"e.weight_packed": torch.zeros(out_f, in_f // 8, dtype=torch.int32), "e.weight_scale": old,
-             "e.weight_shape": torch.tensor([out_f, in_f])}
-
-        def get(self, n):
-            return self.t[n]
-
-    got = encode_ct_int4(R(), "e", w.float(), sorted(R.t))
+    got = encode_ct_int4(_stub_reader(out_f, in_f, old), "e", w.float(), ["e.weight_packed", "e.weight_scale",
+                                                                           "e.weight_shape"])
     args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group)
     scale, zp = calculate_qparams(wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0), args)
     q = quantize(w, scale, zp, args, dtype=torch.int8)
     assert torch.equal(got["e.weight_scale"], scale)
     assert torch.equal(got["e.weight_packed"], pack_to_int32(q, 4))
+
+
+def _stub_reader(out_f: int, in_f: int, scale: torch.Tensor):
+    """A reader holding one pack-quantized INT4 module ``e`` whose stored scale is ``scale``."""
+    class R:
+        path = "stub"
+        t = {"e.weight_packed": torch.zeros(out_f, in_f // 8, dtype=torch.int32), "e.weight_scale": scale,
+             "e.weight_shape": torch.tensor([out_f, in_f])}
+
+        def get(self, n):
+            return self.t[n]
+
+    return R()
 
 
 def test_ct_int4_group_the_refit_shrank_gets_compressed_tensors_scale():
@@ -93,13 +99,6 @@ def test_ct_int4_group_the_refit_shrank_gets_compressed_tensors_scale():
     old = fresh.float() * torch.where(torch.arange(out_f)[:, None] < 12, 10.0, 7.5 / 7)
     old = old.to(torch.bfloat16)
 
-    class R:
-        path = "stub"
-        t = {"e.weight_packed": torch.zeros(out_f, in_f // 8, dtype=torch.int32), "e.weight_scale": old,
-             "e.weight_shape": torch.tensor([out_f, in_f])}
-
-        def get(self, n):
-            return self.t[n]
-
-    got = encode_ct_int4(R(), "e", w.float(), sorted(R.t))["e.weight_scale"]
+    got = encode_ct_int4(_stub_reader(out_f, in_f, old), "e", w.float(), ["e.weight_packed", "e.weight_scale",
+                                                                           "e.weight_shape"])["e.weight_scale"]
     assert torch.equal(got[:12], fresh[:12]) and torch.equal(got[12:], old[12:])
