@@ -123,13 +123,13 @@ DSV3_SMALL = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalL
                   norm_topk_prob=True, num_nextn_predict_layers=0)
 
 
-def trtllm_ckpt(d, source, quant_algo="FP8", world=2, ep=2):
+def trtllm_ckpt(d, source, quant_algo="FP8", world=2, ep=2, kv=None):
     """A TensorRT-LLM checkpoint (docs/source/architecture/checkpoint.md): config.json + rank{N}."""
     d.mkdir()
     cfg = {"architecture": "MixtralForCausalLM", "dtype": "bfloat16",
            "mapping": {"world_size": world, "tp_size": world, "pp_size": 1, "moe_tp_size": world // ep,
                        "moe_ep_size": ep},
-           "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": None},
+           "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": kv},
            "moe": {"num_experts": 8, "top_k": 2, "normalization_mode": 1}}
     (d / "config.json").write_text(json.dumps(cfg))
     for r in range(world):

@@ -28,12 +28,16 @@ def _modelopt(d, model, algo="FP8", kv=None):
 
 
 @pytest.mark.parametrize("target", ["l4", "l40s"])
-def test_fp8_context_fmha_is_enabled_on_ada(tmp_path, target):
+def test_fp8_context_fmha_is_enabled_on_ada_with_an_fp8_kv_cache(tmp_path, target):
     """TensorRT-LLM's attention op: "FP8 FMHA can only be enabled on sm_89, sm_90, sm_100, sm_103, sm_120 or
-    sm_121" (its fp8_context_fmha pre-check): an FP8 engine for Ada (L4, L40S: sm89) gets it too."""
-    ckpt = trtllm_ckpt(tmp_path / "ckpt", models.path("tiny-mixtral"))
-    cmd = shlex.split(build(ckpt, target, tmp_path / "b")["commands"][0])
+    sm_121" (its fp8_context_fmha pre-check): an FP8 engine for Ada (L4, L40S: sm89) gets it too. With paged
+    context FMHA it needs an FP8 KV cache (builder.py build(): "FP8 Paged Context FMHA is disabled because it must
+    be used together with fp8 KV Cache"): without one the flag was written and dropped with a warning."""
+    with_kv = trtllm_ckpt(tmp_path / "ckpt", models.path("tiny-mixtral"), kv="FP8")
+    cmd = shlex.split(build(with_kv, target, tmp_path / "b")["commands"][0])
     assert cmd[cmd.index("--use_fp8_context_fmha") + 1] == "enable"
+    without = trtllm_ckpt(tmp_path / "ckpt2", models.path("tiny-mixtral"))
+    assert "--use_fp8_context_fmha" not in build(without, target, tmp_path / "b2")["commands"][0]
 
 
 @pytest.mark.parametrize("name,gbs", [

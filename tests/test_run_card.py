@@ -212,3 +212,12 @@ def test_a_rerun_withdraws_the_cards_of_the_run_before_until_its_checks_end(tmp_
     text = (d / "README.md").read_text()
     assert "Gates passed" not in text and "not measured yet" in text, text
     assert read_manifest(d)["files"]["README.md"]["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_onnx_card_gives_trtexec_the_input_shapes(tmp_path):
+    """trtexec fixes a dynamic dimension given no shape to 1 (samples/common/sampleEngines.cpp): the card's command
+    built an engine taking one token of one sequence."""
+    d = _export(tmp_path, name="onnx", export={})
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "max_position_embeddings": 1024}))
+    card = _card(d, {"quantize": {"format": "fp8"}}, fmt="onnx")
+    assert "--minShapes=input_ids:1x1 --optShapes=input_ids:8x512 --maxShapes=input_ids:8x1024" in card, card

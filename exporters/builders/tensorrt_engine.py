@@ -40,9 +40,8 @@ def trtexec_command(onnx: Path, engine: Path, max_batch: int, max_seq_len: int, 
     if hw == "ampere_plus":
         cmd.append("--hardwareCompatibilityLevel=ampere+")
     elif hw == "same_compute_capability":
-        # the Python API has HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY; trtexec's help
-        # (samples/common/sampleOptions.cpp, TensorRT 10.x) lists only none | ampere+, so this
-        # spelling needs a newer trtexec: the Python builder is the reference
+        # TensorRT 10.9+ (samples/common/sampleOptions.cpp parses samecomputecapability from v10.9.0; the Python
+        # enum SAME_COMPUTE_CAPABILITY appears in python/src/infer/pyCore.cpp at v10.9.0 too)
         cmd.append("--hardwareCompatibilityLevel=sameComputeCapability")
     return cmd
 
@@ -67,6 +66,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, max_batch: i
     if hardware_compatibility == "ampere_plus":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     elif hardware_compatibility == "same_compute_capability":
+        if not hasattr(trt.HardwareCompatibilityLevel, "SAME_COMPUTE_CAPABILITY"):  # TensorRT < 10.9
+            raise RuntimeError(f"--hardware-compatibility same_compute_capability: TensorRT {trt.__version__} has "
+                               "no such level (10.9 and newer do); use none or ampere_plus")
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
     if workspace_gb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))

@@ -38,10 +38,12 @@ def commands(ctx: Context) -> list[list[str]]:
     if (ctx.config.get("moe") or {}).get("num_experts") or ctx.config.get("moe_num_experts"):
         # the MoE plugin (layers/moe.py); checkpoint config.json "moe": {num_experts, top_k, ...}
         cmd[cmd.index("--remove_input_padding"):cmd.index("--remove_input_padding")] = ["--moe_plugin", plugin]
-    fp8_qdq = ((ctx.config.get("quantization") or {}).get("quant_algo")) == "FP8"
-    if fp8_qdq and t.sm >= FP8_FMHA_MIN_SM:
-        # FP8 context FMHA: for a checkpoint with FP8 Q/DQ (QuantAlgo FP8); Ada/Hopper/Blackwell kernels;
-        # reads FP8 Q/K/V (needs paged context FMHA)
+    quant = ctx.config.get("quantization") or {}
+    if quant.get("quant_algo") == "FP8" and quant.get("kv_cache_quant_algo") == "FP8" and t.sm >= FP8_FMHA_MIN_SM:
+        # FP8 context FMHA: for a checkpoint with FP8 Q/DQ (QuantAlgo FP8); Ada/Hopper/Blackwell kernels. With paged
+        # context FMHA it needs an FP8 KV cache: without one trtllm-build turns it off with a warning (TensorRT-LLM
+        # builder.py build(), 008b2b8d: "FP8 Paged Context FMHA is disabled because it must be used together with
+        # fp8 KV Cache")
         cmd += ["--use_fp8_context_fmha", "enable"]
     return [cmd]
 

@@ -83,10 +83,12 @@ BY_CONSUMER = {
 ONNX with QuantizeLinear/DequantizeLinear for TensorRT:
 
 ```bash
-trtexec --onnx={path}/model.onnx --stronglyTyped --saveEngine=model.plan
+trtexec --onnx={path}/model.onnx --stronglyTyped --saveEngine=model.plan \\
+  --minShapes=input_ids:1x1 --optShapes=input_ids:8x{half} --maxShapes=input_ids:8x{seq}
 ```
 
-or `moepress build {path} --target h100-sxm -o engine`. """),
+(trtexec fixes a dynamic dimension it is given no shape for to 1), or `moepress build {path} --target h100-sxm -o
+engine`. """),
     "transformers": ("{transformers_fp8}", "transformers", """
 transformers (dequantizes on CPU):
 
@@ -179,8 +181,9 @@ def _loading(fmt: str, d: Path, name: str) -> list[str]:
         bad = consumer_misload(d, key)
         text = text.replace(slot, f"\n**{who} <= {bad[0]} {bad[1]}** (export.json misloaded_by; its consumer notes "
                                   "say what to do).\n\n" if bad else snippet)
-    text = text.replace("{path}", f"./{name}")
     cfg, tok = _json(d / "config.json"), _json(d / "tokenizer_config.json")
+    seq = max(2, min(4096, int(cfg.get("max_position_embeddings") or 4096)))  # the plan's default, within the model's
+    text = text.replace("{path}", f"./{name}").replace("{seq}", str(seq)).replace("{half}", str(seq // 2))
     if cfg.get("auto_map") or tok.get("auto_map"):
         text += ("\nThe model or its tokenizer is the checkpoint's own code (`auto_map`): pass "
                  "`--trust-remote-code` to `vllm serve` / `trtllm-serve` and `trust_remote_code=True` to "
