@@ -122,3 +122,19 @@ def test_quiet_quantize_still_says_which_exports_will_refuse_its_output(cli_run,
                 "--quiet")
     assert r.exit_code == 0 and not r.stderr.strip(), r.output
     assert "`moepress export` will refuse it as compressed-tensors, hf-modelopt" in r.stdout, r.stdout
+
+
+def test_quantize_names_the_exports_that_refuse_its_expert_form_and_they_do(cli_run, tmp_path):
+    """int4-awq on tiny-qwen3-moe said no export would refuse it (only widths were asked); compressed-tensors then
+    refused AWQ's unfolded pre_quant_scale and hf-modelopt the INT4 weight-only experts. And tiny-deepseek-v3's
+    int4-gptq was told --group-size 64 for hf-modelopt, which refuses its INT4 experts at any group size."""
+    r = cli_run("quantize", "tiny-qwen3-moe", "--format", "int4-awq", "--num-samples", "2", "--seq-len", "32",
+                "-o", tmp_path / "q", "--json")
+    noted = json.loads(r.stdout)["exports_refusing"]
+    assert set(noted) == set(FUSES_EXPERTS) and "--awq-fold" in noted["compressed-tensors"], noted
+    for e in FUSES_EXPERTS:
+        assert cli_run("export", tmp_path / "q", "--format", e, "-o", tmp_path / e).exit_code == 2, e
+    r = cli_run("quantize", "tiny-deepseek-v3", "--format", "int4-gptq", "--num-samples", "2", "--seq-len", "32",
+                "-o", tmp_path / "d", "--json")
+    why = json.loads(r.stdout)["exports_refusing"]["hf-modelopt"]
+    assert "--group-size" not in why and "no runtime loads" in why, why

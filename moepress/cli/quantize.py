@@ -152,18 +152,25 @@ def mla_notes(src, cfg, builds: dict[str, str]) -> list[str]:
 
 def export_refusals(src, cfg) -> dict[str, str]:
     """What hf-modelopt and compressed-tensors will refuse of this quantize's output for the model's widths
-    (moepress/pipeline/preflight.py ``fused_export_refusals``), in the CLI's flags. Asked after the stage has
+    (moepress/pipeline/export_refusals.py), in the CLI's flags. Asked after the stage has
     validated the model; a check that still cannot be asked of it says nothing (a note, not a refusal)."""
     from moepress.errors import MoepressError
-    from moepress.pipeline.preflight import fused_export_refusals
+    from moepress.pipeline.export_refusals import fused_export_refusals
 
-    q = {"format": cfg.format, "rules": dict(cfg.rules), "group_size": cfg.group_size}
+    q = {"format": cfg.format, "rules": dict(cfg.rules), "group_size": cfg.group_size, "awq_fold": cfg.awq_fold}
     try:
         found = fused_export_refusals(q, src)
     except MoepressError:
         return {}
-    return {e: why.replace("quantize.format ", "--format ").replace("quantize.group_size ", "--group-size ")
-            for e, why in found.items()}
+    flags = (("quantize.format ", "--format "), ("quantize.group_size ", "--group-size "),
+             ("quantize.awq_fold: true", "--awq-fold"), ("quantize.rules give", "--rule gives"),
+             ("expected hf-modelopt removed from export.formats", "expected another export format"))
+    out = {}
+    for e, why in found.items():
+        for recipe_key, flag in flags:
+            why = why.replace(recipe_key, flag)
+        out[e] = why
+    return out
 
 
 COMMANDS = [quantize_cmd]

@@ -394,27 +394,3 @@ def other_exports(recipe: dict, model: Path, fmt: str, reg: dict) -> str:
 def _either(ways: list[str]) -> str:
     """"a, b or c" (one way: "a")."""
     return ", ".join(ways[:-1]) + (" or " if ways[1:] else "") + ways[-1]
-
-
-def fused_export_refusals(quantize: dict, model: Path) -> dict[str, str]:
-    """What each export that fuses a layer's routed experts (hf-modelopt, compressed-tensors) would refuse of the
-    quantize section ``quantize``'s output for ``model``'s widths (the routed experts' scheme, FP4 kernel widths,
-    partial FP8 blocks), by export: the checks ``refuse_unavailable_exports`` asks of a recipe whose formats
-    another model of the family's widths would pass. A standalone `moepress quantize` says them before it runs,
-    so that hours of quantizing are not followed by the export's refusal (what an export never takes of a
-    format or a family is `moepress formats`' to say)."""
-    from moepress.compress.arch import get_adapter
-    from moepress.compress.checkpoint import CheckpointReader
-    from moepress.exporters.fused_moe import FUSES_EXPERTS
-
-    reader = CheckpointReader(model)
-    adapter = get_adapter(reader.config, reader.names())
-    recipe = {"calib": {}, "quantize": quantize}
-    out = {}
-    for export in FUSES_EXPERTS:
-        try:
-            refuse_expert_schemes(recipe, [export], adapter)
-            refuse_fused_blocks(recipe, model, [export])
-        except MoepressError as e:
-            out[export] = str(e).removeprefix(f"recipe export.formats {export}: ").removeprefix(f"--format {export}: ")
-    return out

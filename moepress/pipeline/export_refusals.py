@@ -1,0 +1,53 @@
+"""What the exports that fuse a layer's routed experts (hf-modelopt, compressed-tensors) would refuse of a quantize
+not yet run: the preflight's checks (moepress/pipeline/preflight.py) asked of one quantize section, for the
+standalone `moepress quantize` to say before it runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moepress.errors import MoepressError
+from moepress.pipeline.preflight import (
+    experts_format,
+    refuse_ct_forms,
+    refuse_expert_schemes,
+    refuse_fused_blocks,
+    refuse_modelopt_experts,
+)
+
+
+def _experts_quantized(recipe: dict, adapter) -> bool:
+    """Whether the quantize section quantizes some routed-expert projection (its format's ``skip`` rule at the group
+    size, on the model's widths): one that leaves them all bf16 writes no expert form an export could refuse."""
+    f, _ = experts_format(recipe, adapter)
+    if f is None or not adapter.experts_key():
+        return False
+    h, w, g = adapter.hidden_size, adapter.moe_intermediate_size(), int(recipe["quantize"].get("group_size") or 128)
+    return f.skip is None or not all(f.skip(o, i, g) for o, i in ((w, h), (w, h), (h, w)))
+
+
+def fused_export_refusals(quantize: dict, model: Path) -> dict[str, str]:
+    """What each export that fuses a layer's routed experts (hf-modelopt, compressed-tensors) would refuse of the
+    quantize section ``quantize``'s output for ``model``'s widths (the routed experts' scheme, FP4 kernel widths,
+    partial FP8 blocks), by export: the checks ``refuse_unavailable_exports`` asks of a recipe whose formats
+    another model of the family's widths would pass. A standalone `moepress quantize` says them before it runs,
+    so that hours of quantizing are not followed by the export's refusal (what an export never takes of a
+    format or a family is `moepress formats`' to say)."""
+    from moepress.compress.arch import get_adapter
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.exporters.fused_moe import FUSES_EXPERTS
+
+    reader = CheckpointReader(model)
+    adapter = get_adapter(reader.config, reader.names())
+    recipe = {"calib": {}, "quantize": quantize}
+    out = {}
+    for export in FUSES_EXPERTS:
+        try:  # the experts' form first: a family no group size makes loadable is not told to change its group size
+            if _experts_quantized(recipe, adapter):  # experts left bf16 load wherever their format would not
+                refuse_modelopt_experts(recipe, adapter, [export])
+            refuse_ct_forms(recipe, [export], model)
+            refuse_expert_schemes(recipe, [export], adapter)
+            refuse_fused_blocks(recipe, model, [export])
+        except MoepressError as e:
+            out[export] = str(e).removeprefix(f"recipe export.formats {export}: ").removeprefix(f"--format {export}: ")
+    return out
