@@ -28,11 +28,11 @@ def _experts_quantized(recipe: dict, adapter) -> bool:
 
 def fused_export_refusals(quantize: dict, model: Path) -> dict[str, str]:
     """What each export that fuses a layer's routed experts (hf-modelopt, compressed-tensors) would refuse of the
-    quantize section ``quantize``'s output for ``model``'s widths (the routed experts' scheme, FP4 kernel widths,
-    partial FP8 blocks), by export: the checks ``refuse_unavailable_exports`` asks of a recipe whose formats
-    another model of the family's widths would pass. A standalone `moepress quantize` says them before it runs,
-    so that hours of quantizing are not followed by the export's refusal (what an export never takes of a
-    format or a family is `moepress formats`' to say)."""
+    quantize section ``quantize``'s output for ``model``, by export: first the experts' form (INT4 weight-only
+    experts, which no runtime loads from a Model-Optimizer checkpoint; AWQ's unfolded pre_quant_scale, which
+    compressed-tensors has no form for), then the widths (the routed experts' scheme, FP4 kernel widths, partial
+    FP8 blocks): the preflight's checks of a recipe. A standalone `moepress quantize` says them before it runs,
+    so that hours of quantizing are not followed by the export's refusal."""
     from moepress.compress.arch import get_adapter
     from moepress.compress.checkpoint import CheckpointReader
     from moepress.exporters.fused_moe import FUSES_EXPERTS
