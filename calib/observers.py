@@ -117,10 +117,11 @@ class LayerRouting:
         self.counts[e] += tokens.numel()
         self.gate_sum[e] += g.sum()
         self.norm_sum[e] += n.sum()
-        if self._ref is not None:
+        if self._ref is not None:  # a masked sum, not a boolean index (a nonzero: one host sync per expert on CUDA)
             ref_g, hit = self._ref
             m = hit[tokens, e]
-            self._add_reap(e, ref_g[tokens[m], e], y_e[m])
+            self.reap_sum[e] += (torch.where(m, ref_g[tokens, e].double(), 0.0) * n).sum()
+            self.reap_count[e] += m.sum()
 
     def to(self, device) -> "LayerRouting":
         for k in self._FIELDS:
