@@ -120,7 +120,7 @@ class LayerRouting:
         if self._ref is not None:  # a masked sum, not a boolean index (a nonzero: one host sync per expert on CUDA)
             ref_g, hit = self._ref
             m = hit[tokens, e]
-            self.reap_sum[e] += (torch.where(m, ref_g[tokens, e].double(), 0.0) * n).sum()
+            self.reap_sum[e] += torch.where(m, ref_g[tokens, e].double() * n, 0.0).sum()  # an inf elsewhere: not NaN
             self.reap_count[e] += m.sum()
 
     def to(self, device) -> "LayerRouting":

@@ -218,6 +218,10 @@ def test_onnx_card_gives_trtexec_the_input_shapes(tmp_path):
     """trtexec fixes a dynamic dimension given no shape to 1 (samples/common/sampleEngines.cpp): the card's command
     built an engine taking one token of one sequence."""
     d = _export(tmp_path, name="onnx", export={})
-    (d / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "max_position_embeddings": 1024}))
-    card = _card(d, {"quantize": {"format": "fp8"}}, fmt="onnx")
+    (d / "config.json").unlink()  # an onnx export holds none: the source's says the positions
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "max_position_embeddings": 1024}))
+    card = model_card(d, "onnx", normalise({"model": "tiny-qwen3-moe", "quantize": {"format": "fp8"}}), src,
+                      Accuracy(PASSED))
     assert "--minShapes=input_ids:1x1 --optShapes=input_ids:8x512 --maxShapes=input_ids:8x1024" in card, card

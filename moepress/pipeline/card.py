@@ -162,7 +162,7 @@ def _calibrated(recipe: dict) -> bool:
         q, CalibConfig.from_recipe(recipe["calib"])).needs_calibration)
 
 
-def _loading(fmt: str, d: Path, name: str) -> list[str]:
+def _loading(fmt: str, d: Path, name: str, source: Path) -> list[str]:
     """How to load it; where this artifact's own export.json says a consumer misloads it, that consumer's
     snippet is replaced by the warning, and its consumer notes are listed."""
     info = _json(d / "export.json")
@@ -182,7 +182,9 @@ def _loading(fmt: str, d: Path, name: str) -> list[str]:
         text = text.replace(slot, f"\n**{who} <= {bad[0]} {bad[1]}** (export.json misloaded_by; its consumer notes "
                                   "say what to do).\n\n" if bad else snippet)
     cfg, tok = _json(d / "config.json"), _json(d / "tokenizer_config.json")
-    seq = max(2, min(4096, int(cfg.get("max_position_embeddings") or 4096)))  # the plan's default, within the model's
+    # the plan's default, within the model's positions (an onnx export has no config.json: the source's)
+    positions = cfg.get("max_position_embeddings") or _json(source / "config.json").get("max_position_embeddings")
+    seq = max(2, min(4096, int(positions or 4096)))
     text = text.replace("{path}", f"./{name}").replace("{seq}", str(seq)).replace("{half}", str(seq // 2))
     if cfg.get("auto_map") or tok.get("auto_map"):
         text += ("\nThe model or its tokenizer is the checkpoint's own code (`auto_map`): pass "
@@ -291,7 +293,7 @@ def model_card(artifact: str | Path, fmt: str, recipe: dict, source: str | Path,
         lines.append(f"| calibration | {c.get('num_samples')} samples x {c.get('seq_len')} tokens, seed "
                      f"{c.get('seed')}, {', '.join(c.get('sources') or []) or 'bundled text'} |")
     lines += ["", "## Accuracy against the original", "", *_accuracy(acc)]
-    lines += ["", "## Loading", "", *_loading(fmt, d, name),
+    lines += ["", "## Loading", "", *_loading(fmt, d, name, Path(source)),
               "## Provenance", "",
               "`moepress-manifest.json` lists every file's sha256 and size, the checkpoint it was exported "
               "from, the export config and the versions used; its `pipeline` section, the recipe and the "

@@ -8,22 +8,11 @@ from pathlib import Path
 
 from moepress.errors import MoepressError
 from moepress.pipeline.preflight import (
-    experts_format,
     refuse_ct_forms,
     refuse_expert_schemes,
     refuse_fused_blocks,
     refuse_modelopt_experts,
 )
-
-
-def _experts_quantized(recipe: dict, adapter) -> bool:
-    """Whether the quantize section quantizes some routed-expert projection (its format's ``skip`` rule at the group
-    size, on the model's widths): one that leaves them all bf16 writes no expert form an export could refuse."""
-    f, _ = experts_format(recipe, adapter)
-    if f is None or not adapter.experts_key():
-        return False
-    h, w, g = adapter.hidden_size, adapter.moe_intermediate_size(), int(recipe["quantize"].get("group_size") or 128)
-    return f.skip is None or not all(f.skip(o, i, g) for o, i in ((w, h), (w, h), (h, w)))
 
 
 def fused_export_refusals(quantize: dict, model: Path) -> dict[str, str]:
@@ -43,8 +32,7 @@ def fused_export_refusals(quantize: dict, model: Path) -> dict[str, str]:
     out = {}
     for export in FUSES_EXPERTS:
         try:  # the experts' form first: a family no group size makes loadable is not told to change its group size
-            if _experts_quantized(recipe, adapter):  # experts left bf16 load wherever their format would not
-                refuse_modelopt_experts(recipe, adapter, [export])
+            refuse_modelopt_experts(recipe, adapter, [export])
             refuse_ct_forms(recipe, [export], model)
             refuse_expert_schemes(recipe, [export], adapter)
             refuse_fused_blocks(recipe, model, [export])

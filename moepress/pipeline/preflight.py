@@ -315,10 +315,21 @@ def _expert_scheme_problem(f, g: int, shapes: dict[str, tuple[int, int]], fused:
     return None
 
 
+def experts_quantized(recipe: dict, adapter) -> bool:
+    """Whether the quantize section quantizes some routed-expert projection (its format's ``skip`` rule at the group
+    size, on the model's widths): one that leaves them all bf16 writes no expert form an export could refuse."""
+    f, _ = experts_format(recipe, adapter)
+    if f is None or not adapter.experts_key():
+        return False
+    h, w, g = adapter.hidden_size, adapter.moe_intermediate_size(), int(recipe["quantize"].get("group_size") or 128)
+    return f.skip is None or not all(f.skip(o, i, g) for o, i in ((w, h), (w, h), (h, w)))
+
+
 def refuse_modelopt_experts(recipe: dict, adapter, exports: list[str]) -> None:
     """hf-modelopt after a quantize whose format or rules give every routed expert a form no runtime loads from a
-    Model-Optimizer checkpoint (exporters/hf_modelopt.py refuses it at export, hours later)."""
-    if "hf-modelopt" not in exports:
+    Model-Optimizer checkpoint (exporters/hf_modelopt.py refuses it at export, hours later); not where the experts'
+    widths leave them all bf16, which the export takes."""
+    if "hf-modelopt" not in exports or not experts_quantized(recipe, adapter):
         return
     f, ruled = experts_format(recipe, adapter)
     family = adapter.family
