@@ -41,11 +41,16 @@ class ResumeRefused(MoepressError):
         self.partial, self.detail = partial, detail
 
 
+def _small_files(src: Path) -> list[Path]:
+    """The files an input's identity hashes whole: config.json, the index, the auxiliary files (tokenizer...)."""
+    return [src / n for n in ("config.json", INDEX_NAME) if (src / n).is_file()] + aux_files(src)
+
+
 def input_identity(src: str | os.PathLike) -> dict:
     """The identity of the checkpoint directory ``src`` (see the module docstring)."""
     src = Path(src)
     shards = {p.name: file_stamp(p.stat()) for p in sorted(src.glob("*.safetensors"))}
-    small = [src / n for n in ("config.json", INDEX_NAME) if (src / n).is_file()] + aux_files(src)
+    small = _small_files(src)
     return {"shards": shards, "sha256": {p.name: sha256_file(p) for p in small}}
 
 
@@ -56,7 +61,7 @@ def input_fingerprint(src: str | os.PathLike) -> str:
     ranks on two nodes reading their own copies agree; weights rewritten with every shape kept are not caught
     (that would hash every byte on every rank)."""
     src = Path(src)
-    small = [src / n for n in ("config.json", INDEX_NAME) if (src / n).is_file()] + aux_files(src)
+    small = _small_files(src)
     shards = {}
     for p in sorted(src.glob("*.safetensors")):
         with open(p, "rb") as f:

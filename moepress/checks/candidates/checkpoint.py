@@ -67,9 +67,10 @@ def runtime_kv_cache(sm: StreamedModel) -> StreamedModel:
     def attach(reader, prefix: str, layer) -> None:
         names = [next((prefix + f"self_attn.{n}" for n in (f"{k}_scale", f"{k}_proj.{k}_scale")
                        if prefix + f"self_attn.{n}" in reader), None) for k in "kv"]
-        if None in names or any(reader.get(n).numel() != 1 for n in names):  # per-head scales: not simulated
+        scales = [reader.get(n) for n in names] if None not in names else []
+        if not scales or any(s.numel() != 1 for s in scales):  # none, or per-head scales: not simulated
             return
-        ks, vs = (reader.get(n).float().reshape(()) for n in names)
+        ks, vs = (s.float().reshape(()) for s in scales)
         AttentionObserver(layer.self_attn, lambda key, value: (fp8.fake_quant(key, ks), fp8.fake_quant(value, vs)))
 
     sm.on_build.append(attach)
