@@ -32,8 +32,8 @@ PROBE = textwrap.dedent("""
     from moepress.checks.runner import eval_data
     from moepress.compress.stream import StreamedModel
     from moepress.memwatch import HostPeak, rss
-    what, path, samples = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    cfg = CheckConfig(seq_len=64, max_samples=samples, batch_size=4)
+    what, path, samples, seq_len = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[5])
+    cfg = CheckConfig(seq_len=seq_len, max_samples=samples)  # check's default batch size
     if what == "forward":
         batches, _ = eval_data(__import__("pathlib").Path(path), cfg)
         run = lambda: StreamedModel(path).forward(batches)
@@ -55,15 +55,18 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--inter", type=int, default=512)
-    ap.add_argument("--samples", type=int, default=8, help="evaluation samples of 64 tokens")
+    ap.add_argument("--samples", type=int, default=8, help="evaluation samples of --seq-len tokens")
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sample (check's default)")
+    ap.add_argument("--vocab", type=int, default=32768, help="vocabulary of the synthetic (the tokenizer's ids "
+                    "stay below 4096): the head's logits are [tokens, vocab]")
     args = ap.parse_args()
-    cfg = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=4096,
+    cfg = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=args.vocab,
                hidden_size=args.hidden, intermediate_size=args.inter, moe_intermediate_size=args.inter,
                num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                num_experts=args.experts, num_experts_per_tok=4, norm_topk_prob=True)
     h = args.hidden
     layer = args.experts * 3 * h * args.inter * 4 + 4 * (h * 256 * 2 + h * 128 * 2) + args.experts * h * 4
-    model = args.layers * layer + 2 * 4096 * h * 4
+    model = args.layers * layer + 2 * args.vocab * h * 4
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_synthetic(cfg, Path(tmp) / "synthetic", seed=0)
         for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -74,7 +77,7 @@ def main() -> int:
             os.link(f, same / f.name)
         res = {}
         for what in ("forward", "check"):
-            p = subprocess.run([sys.executable, "-c", PROBE, what, str(ckpt), str(args.samples), str(same)],
+            p = subprocess.run([sys.executable, "-c", PROBE, what, str(ckpt), str(args.samples), str(same), str(args.seq_len)],
                                capture_output=True, text=True)
             if p.returncode:
                 print(p.stderr, file=sys.stderr)
@@ -82,7 +85,8 @@ def main() -> int:
             res[what] = json.loads(p.stdout)
     mb = 1e6  # MB, as the other benches print (not MiB)
     print(f"synthetic qwen3_moe: {args.layers} layers x {args.experts} experts, hidden {h}; "
-          f"one layer {layer / mb:.0f} MB, model {model / mb:.0f} MB (float32); {args.samples} x 64 tokens")
+          f"vocabulary {args.vocab}; one layer {layer / mb:.0f} MB, model {model / mb:.0f} MB (float32); "
+          f"{args.samples} x {args.seq_len} tokens")
     for what, label in (("forward", "one streamed forward"), ("check", "check (two streams in lockstep)")):
         g = res[what]["grew"]
         print(f"  {label:34s} peak RSS growth {g / mb:6.0f} MB = {g / layer:4.1f} layers = "

@@ -18,10 +18,16 @@ CHUNK_ELEMENTS = 2 * 1024 * 1024
 
 
 def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood (float64) and the number of predicted tokens."""
-    lp = F.log_softmax(logits[:, :-1].double(), dim=-1)
-    nll = -lp.gather(-1, ids[:, 1:, None].to(lp.device)).squeeze(-1)
-    return float(nll.sum()), nll.numel()
+    """Summed next-token negative log-likelihood (float64) and the number of predicted tokens, a
+    sequence's positions at a time (no [B, S, V] float64 temporary)."""
+    step, last = max(1, CHUNK_ELEMENTS // logits.shape[-1]), logits.shape[1] - 1
+    tot = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for b in range(logits.shape[0]):
+        for s in range(0, last, step):
+            e = min(s + step, last)
+            lp = F.log_softmax(logits[b, s:e].double(), dim=-1)
+            tot -= lp.gather(-1, ids[b, s + 1:e + 1, None].to(lp.device)).sum()
+    return float(tot), logits.shape[0] * max(last, 0)
 
 
 def perplexity(logits: list[torch.Tensor], batches: list[torch.Tensor]) -> float:

@@ -70,3 +70,29 @@ def test_check_peak_rss_is_a_few_stored_layers_not_two_models(tmp_path, store):
     # of each model, the reference's read-ahead, the hidden states). Layers decoded to float32 when read: 4.2, 6.9
     msg = f"peak grew {grew / MB:.1f} MB = {grew / stored:.2f} stored layers of {stored / MB:.1f} MB"
     assert grew < 3.0 * stored, msg
+
+
+LOGITS_PROBE = """
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from moepress.checks import CheckConfig, run_check
+    cfg = CheckConfig(seq_len=256, max_samples=8, batch_size=8)  # check's defaults: one batch of 8 x 256
+    run_check(sys.argv[4], sys.argv[3], cfg)
+    base = reset_peak()
+    res = run_check(sys.argv[2], sys.argv[1], cfg)
+    print(json.dumps({"grew": peak() - base, "kl": res["metrics"]["kl_mean"], "tokens": res["metrics"]["tokens"]}))
+"""
+
+
+def test_check_takes_the_logits_a_sequence_at_a_time(tmp_path):
+    """The head's logits and their float64 metrics are taken one sequence (and a few positions) at a time: a
+    vocabulary of 32768 at check's default batch of 8 x 256 tokens peaks below one batch-wide float64
+    [B, S, V] tensor (512 MiB), of which the whole-batch NLL made two (measured 2026-12-05: 1602 MiB then,
+    247 MiB now; bench/check_memory.py's 8-layer synthetic: 1681 -> 258 MB)."""
+    small = {**CONFIG, "num_hidden_layers": 2, "num_experts": 4, "vocab_size": 32768}
+    ckpt, same = _pair(small, tmp_path / "synthetic")
+    warm = _pair({**small, "num_hidden_layers": 1}, tmp_path / "warm")
+    r = run_probe(LOGITS_PROBE, ckpt, same, *warm)
+    assert r["kl"] == 0.0 and r["tokens"] == 8 * 256
+    batch_f64 = 8 * 256 * 32768 * 8
+    assert r["grew"] < batch_f64, f"peak grew {r['grew'] / MB:.0f} MB against {batch_f64 / MB:.0f} MB"

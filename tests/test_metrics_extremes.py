@@ -88,6 +88,22 @@ def test_kl_over_several_chunks_is_every_positions(monkeypatch):
     np.testing.assert_allclose(got, _np_kl(ref.double().numpy(), cand.double().numpy()), rtol=1e-12, atol=1e-15)
 
 
+def test_nll_over_several_chunks_is_every_predicted_tokens(monkeypatch):
+    """The NLL is taken a sequence's positions at a time (no [B, S, V] float64 temporary): with chunks of
+    3 positions (and a short last one) it still sums every position's NLL of its next token, against
+    numpy's log-softmax of the whole [B, S, V] at once; the last position predicts nothing."""
+    from moepress.calib import metrics
+
+    g = torch.Generator().manual_seed(3)
+    logits, ids = torch.randn(2, 8, 40, generator=g), torch.randint(0, 40, (2, 8), generator=g)
+    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 3 * 40)
+    got, n = metrics.nll_sum(logits, ids)
+    x = logits.double().numpy()[:, :-1]
+    lp = x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    want = -np.take_along_axis(lp, ids.numpy()[:, 1:, None], -1).sum()
+    assert n == 2 * 7 and abs(got - want) <= 1e-12 * abs(want)
+
+
 def test_identical_hidden_states_with_zero_tokens_agree_perfectly():
     """A token whose state is zero in both runs (identical runs) has cosine 1 and error 0, not the 0 / 0 of
     the formulas: a self-check would otherwise fail --min-cosine on it."""

@@ -133,10 +133,10 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
         if task is not None:
             note = f"rel. error {layers[i].summary()['rel_error']:.3g}" if layers is not None else ""
             task.advance(note=note)
-    nr, wr = ref.head_weights()
-    nc, wc = cs.head_weights()
+    (nr, wr), (nc, wc) = ref.head_weights(), cs.head_weights()
     for ids, a, b in zip(batches, hr, hc, strict=True):
-        logit_stats.add(F.linear(nr(a), wr), F.linear(nc(b), wc), ids)
+        for r in range(ids.shape[0]):  # one sequence's [S, V] logits at a time, not the batch's
+            logit_stats.add(F.linear(nr(a[r:r + 1]), wr), F.linear(nc(b[r:r + 1]), wc), ids[r:r + 1])
     return embed
 
 
