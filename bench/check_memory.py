@@ -77,8 +77,8 @@ def main() -> int:
             os.link(f, same / f.name)
         res = {}
         for what in ("forward", "check"):
-            p = subprocess.run([sys.executable, "-c", PROBE, what, str(ckpt), str(args.samples), str(same), str(args.seq_len)],
-                               capture_output=True, text=True)
+            argv = [what, str(ckpt), str(args.samples), str(same), str(args.seq_len)]
+            p = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True)
             if p.returncode:
                 print(p.stderr, file=sys.stderr)
                 return 1

@@ -191,19 +191,21 @@ def _ct_input_linear(f, amax: torch.Tensor):
 
 
 @pytest.mark.parametrize("name", [n for n in PRODUCED if formats.FORMATS[n].ct_scheme is not None])
-def test_activation_fake_quant_is_compressed_tensors_input_quantization(name):
+@pytest.mark.parametrize("over", [1.0, 4.0])
+def test_activation_fake_quant_is_compressed_tensors_input_quantization(name, over):
     """The input hook of a quantized linear (fake_quant.act_hook: the stream's forward of a quantized
     checkpoint) computes compressed-tensors' input quantization of the format's scheme (forward_quantize):
     static FP8 per tensor at the library's scale, FP8 per token / per 1x128 block at run time, NVFP4 blocks
     of 16 under the library's global scale; none for the weight-only formats. Static / dynamic as the
-    scheme declares them."""
+    scheme declares them. ``over`` > 1: tokens past the calibrated range (x over its amax) saturate
+    as the library clamps them (an unclamped cast to E4M3 gives NaN)."""
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
     from moepress.compress.formats.fake_quant import act_hook
 
     f = formats.FORMATS[name]
     x = torch.randn(2, 5, 256, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 4, 256)
-    amax = x.abs().amax()
+    amax = x.abs().amax() / over  # the calibrated amax; the input goes over it x over
     lin, ia = _ct_input_linear(f, amax)
     assert f.static_input == (ia is not None and ia.dynamic is not True)
     assert f.dynamic_input == (ia is not None and ia.dynamic is True)

@@ -430,7 +430,9 @@ def test_reroute_incremental_contributions_equal_brute_force_each_step(tmp_path)
 def test_each_kept_expert_is_refit_on_the_tokens_the_pruned_router_sends_it(tmp_path, monkeypatch):
     """merge's refit: kept expert c is refit on exactly the tokens that the pruned layer (what the writer
     writes: the kept router rows and correction bias) routes to c, in token order, with the weight it gives c
-    there. DeepSeek with a correction bias large enough to move tokens between experts and groups."""
+    there, towards the share of the lost output its weight gives it: (unpruned MoE block - pruned MoE block,
+    both run as modules) / the pruned weights' sum (2.5, DeepSeek's routed_scaling_factor, not 1). DeepSeek
+    with a correction bias large enough to move tokens between experts and groups."""
     import copy
 
     from moepress.compress.prune import merge as merge_mod
@@ -439,16 +441,20 @@ def test_each_kept_expert_is_refit_on_the_tokens_the_pruned_router_sends_it(tmp_
                                  bias_scale=0.2)
     kept = [e for e in range(ev.moe.num_experts) if e % 4 < 2]
     seen = {}
-    monkeypatch.setattr(merge_mod, "_refit_down", lambda ex, xs, pw, lost: seen.__setitem__(id(ex), (xs, pw)))
+    monkeypatch.setattr(merge_mod, "_refit_down", lambda ex, xs, pw, lost: seen.__setitem__(id(ex), (xs, pw, lost)))
     with torch.no_grad():
         merge_mod.refit(ev, kept)
-        _, w1, i1 = sm.adapter.route(prune_moe_module(copy.deepcopy(ev.moe), kept), x)
-    assert len(seen) >= 4  # kept experts that take tokens (the bias favours a few)
+        pruned = prune_moe_module(copy.deepcopy(ev.moe), kept)
+        _, w1, i1 = sm.adapter.route(pruned, x)
+        share = (ev.moe(x) - pruned(x)).float() / w1.float().sum(1, keepdim=True)
+    assert len(seen) >= 4 and abs(float(w1.float().sum(1).mean()) - 2.5) < 1e-4  # the bias favours a few
     for j, c in enumerate(kept):
         hit = (i1 == j).any(1)
-        xs, pw = seen.get(id(ev.moe.experts[c]), (x[:0], torch.zeros(0)))
+        xs, pw, lost = seen.get(id(ev.moe.experts[c]), (x[:0], torch.zeros(0), share[:0]))
         assert torch.equal(xs, x[hit]), (c, xs.shape[0], int(hit.sum()))
         torch.testing.assert_close(pw.float(), (w1 * (i1 == j)).sum(1)[hit].float(), rtol=1e-5, atol=1e-6)
+        # measured 5.8e-10 where |share| reaches 4.7e-3 (float32 rounding)
+        torch.testing.assert_close(lost.float(), share[hit], rtol=0, atol=1.2e-9)
 
 
 def test_lookahead_keeps_the_candidate_closest_after_the_next_layer(tmp_path):
@@ -670,3 +676,21 @@ def test_counts_tensorrt_llms_blackwell_fused_moe_refuses_are_said(config, kw, n
     at the first forward on a B200; the prune says so, with a count that runs there."""
     said = [d for d in budget(globals()[config], **kw).decisions if "trtllm-gen" in d]
     assert (said[0].split("refuses ", 1)[1].startswith(note.split("refuses ", 1)[1]) if note else not said), said
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-moe", "tiny-mixtral"])
+def test_a_config_with_both_expert_count_keys_gets_both_rewritten(name):
+    """transformers 5 reads Qwen3-MoE's and Mixtral's expert count under either key (``attribute_map``), and
+    a config saved by one version and edited by another can carry both: the pruned config.json sets every one
+    of them, so no reader finds the old count beside the new one."""
+    import transformers
+
+    from moepress import models
+
+    config = json.loads((models.path(name) / "config.json").read_text())
+    n = config.get("num_local_experts", config.get("num_experts"))
+    both = {**config, "num_experts": n, "num_local_experts": n}
+    out = get_adapter(both).config_with_experts(n // 2)
+    assert out["num_experts"] == out["num_local_experts"] == n // 2
+    read = transformers.AutoConfig.for_model(**out)
+    assert read.num_local_experts == read.num_experts == n // 2
