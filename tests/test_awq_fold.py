@@ -248,6 +248,19 @@ def test_no_smoothing_is_a_candidate_of_every_fold():
     assert awq.shared_error(parts, torch.ones(64), 32) < 0.99 * min(grid)  # measured 0.965 x
 
 
+def test_a_tie_keeps_no_smoothing():
+    """On a tie (every candidate's loss zero: all-zero weights, or a part without tokens, an expert no
+    calibration token reached) awq.search_shared keeps the identity it scored first (alpha None): a
+    smoothing vector would be folded into the norm and router for no gain, adding their bf16 rounding."""
+    from moepress.compress.quant import awq
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 96, generator=g) * torch.linspace(0.1, 5, 96)
+    for parts in ([([torch.zeros(32, 96)], x)], [([torch.randn(32, 96, generator=g)], torch.zeros(0, 96))]):
+        p, alpha, err = awq.search_shared(parts, x.abs().mean(0), 32)
+        assert alpha is None and torch.equal(p, torch.ones(96)) and err == 0.0
+
+
 def test_sparse_experts_down_is_not_folded():
     """A routed expert below calibrated.py's evidence rule (fewer tokens than input channels) is
     rounded to nearest without smoothing by unfolded AWQ, so the fold leaves its up -> down alone;

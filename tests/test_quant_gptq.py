@@ -246,3 +246,32 @@ def test_permute_sym_in_place_equals_index_select(n, rows):
     want = H.index_select(0, perm).index_select(1, perm)
     out = _permute_sym_(H, perm, rows=rows)
     assert out.data_ptr() == H.data_ptr() and torch.equal(out, want)
+
+
+@pytest.mark.parametrize("fmt", ["int4-awq", "w4a8-awq"])
+def test_clip_search_sees_the_input_the_gemm_reads(fmt):
+    """With ``--no-awq-gptq`` the clip ratios are searched on what the INT4 GEMM multiplies: the smoothed input
+    x * pre_quant_scale, and for W4A8 its FP8 quantization at the static input scale. Each stored group
+    scale is AWQ's clip search (``awq.clip_scales``, checked against Model-Optimizer elsewhere) on exactly
+    that input; the unsmoothed or the unquantized input picks other ratios for some groups (asserted, so
+    the comparison can tell them apart). Three groups of 128 on two fused projections."""
+    from moepress.compress.quant import awq, fp8
+    from moepress.compress.quantize import LayerResult, LinearStats, QuantConfig, quantize_group
+
+    xs = _inputs(d=384)
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(64, 384, generator=g) * 0.05 for _ in range(2)]
+    names = ["mlp.gate_proj", "mlp.up_proj"]
+    st = LinearStats(hessian=False)
+    for x in xs:
+        st.add(x)
+    res = LayerResult()
+    quantize_group(res, QuantConfig(format=fmt, awq_gptq=False), fmt, names, ws, st)
+    pqs = res.tensors["mlp.gate_proj.pre_quant_scale"]
+    smoothed = st.sample() * pqs
+    seen = fp8.fake_quant(smoothed, fp8.scale_from_amax((st.amax * pqs).amax())) if fmt == "w4a8-awq" else smoothed
+    others = [st.sample()] + ([smoothed] if fmt == "w4a8-awq" else [])
+    for n, w in zip(names, ws, strict=True):
+        want = awq.clip_scales(w / pqs, seen, 128)
+        assert torch.equal(res.tensors[n + ".weight_scale"], want), n
+        assert all(not torch.equal(awq.clip_scales(w / pqs, o, 128), want) for o in others), n
