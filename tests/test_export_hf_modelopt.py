@@ -276,20 +276,39 @@ def _trtllm_excluded(name: str, exclude: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(".".join(parts[:k]), p) for k in range(len(parts), 0, -1) for p in exclude)
 
 
-@pytest.mark.parametrize("model,fused", [("tiny-qwen3-moe", "self_attn.qkv_proj"),
-                                         ("tiny-deepseek-v3", "self_attn.fused_a")])
-def test_linears_left_high_precision_are_excluded_by_their_fused_name(tmp_path, model, fused):
+@pytest.mark.parametrize("model,rule,fused,layers,quantized", [
+    ("tiny-qwen3-moe", "self_attn.*", "self_attn.qkv_proj", range(4), "mlp.experts"),
+    ("tiny-deepseek-v3", "self_attn.*", "self_attn.fused_a", range(4), "mlp.experts"),
+    ("tiny-qwen3-moe", "model.layers.0.mlp.experts.*", "mlp.experts", [0], "mlp.experts")])
+def test_linears_left_high_precision_are_excluded_by_their_fused_name(tmp_path, model, rule, fused, layers, quantized):
     """Attention left bf16 by a --rule was listed as q_proj, k_proj, v_proj; TensorRT-LLM's PyTorch
     backend builds one fused qkv_proj (DeepSeek: fused_a = q_a_proj + kv_a_proj_with_mqa), matches its
-    name against exclude_modules, and built it quantized over bf16 tensors without scales."""
+    name against exclude_modules, and built it quantized over bf16 tensors without scales. Likewise a layer
+    whose routed experts all stay bf16: the fused MoE module (mlp.experts) is excluded by its own name, in
+    hf_quant_config.json and in config.json's ignore (vLLM matches the fused name there too)."""
     q = tmp_path / "q"
-    quantize_checkpoint(models.path(model), q, QuantConfig(format="fp8", rules=(("self_attn.*", "none"),),
+    quantize_checkpoint(models.path(model), q, QuantConfig(format="fp8", rules=((rule, "none"),),
                                                            num_samples=2, seq_len=32))
     export(q, tmp_path / "m", ExportConfig(format="hf-modelopt"))
     exclude = json.loads((tmp_path / "m" / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
-    for i in range(4):
-        assert _trtllm_excluded(f"model.layers.{i}.{fused}", exclude), (i, exclude)
-    assert not _trtllm_excluded("model.layers.1.mlp.experts", exclude)  # the quantized experts stay quantized
+    ignore = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]["ignore"]
+    for names in (exclude, ignore):
+        for i in layers:
+            assert _trtllm_excluded(f"model.layers.{i}.{fused}", names), (i, names)
+        assert not _trtllm_excluded(f"model.layers.1.{quantized}", names)  # the quantized ones stay quantized
+
+
+@pytest.mark.parametrize("fmt,group", [("nvfp4", 16), ("int4-awq", 64), ("int4-awq", 32), ("int4-gptq", 128)])
+def test_flat_group_size_is_the_stored_group(fmt, group):
+    """vLLM reads config.json's flat group_size (modelopt.py from_config) and allocates weight scales of
+    [out, in // group_size]; Model-Optimizer's conversion compared above does not write it, so it is
+    checked here: the group the linears are stored in (NVFP4's 16, INT4's --group-size)."""
+    from moepress.exporters.hf_modelopt import quant_configs
+
+    names = ["model.layers.0.mlp.experts.0.w1", "model.layers.0.self_attn.q_proj"]
+    hf, flat = quant_configs({}, {n: {"format": fmt, "group": None if fmt == "nvfp4" else group} for n in names},
+                             ["lm_head"], False)
+    assert hf["quantization"]["group_size"] == flat["group_size"] == group
 
 
 def test_folded_w4a8_awq_gets_a_ones_pre_quant_scale_per_awq_linear(tmp_path):

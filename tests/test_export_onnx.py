@@ -280,6 +280,27 @@ def test_int4_blocks_tensorrt_does_not_take_are_said_and_its_build_refuses(tmp_p
     assert "tensorrt <= " in r.stderr and "blocks of 32" in r.stderr and not (tmp_path / "b").exists()
 
 
+def test_every_int4_block_tensorrt_does_not_take_is_declared(tmp_path):
+    """Read with the onnx package (not moepress): hidden 96 leaves the linears that read the hidden state
+    in one group of 96 (fewer input features than the default group 128), a block of 64 or more that TensorRT
+    still refuses; each blocked INT4 DequantizeLinear's block (input features / scale columns, as TensorRT
+    reads it) outside {64, 128} makes the export say so."""
+    from helpers import make_random_checkpoint
+    from moepress.exporters import ExportConfig, export
+
+    src = make_random_checkpoint("mixtral", tmp_path / "src", vocab_size=4096, hidden_size=96, intermediate_size=128)
+    for f in models.path("tiny-mixtral").glob("tokenizer*"):
+        shutil.copy(f, src)
+    quantize_checkpoint(src, tmp_path / "q", QuantConfig(format="int4-awq", num_samples=2, seq_len=32))
+    info = export(tmp_path / "q", tmp_path / "o", ExportConfig(format="onnx"))
+    m = onnx.load(str(tmp_path / "o" / "model.onnx"), load_external_data=False)
+    dims = {t.name: list(t.dims) for t in m.graph.initializer}
+    blocks = {dims[n.input[0]][1] // dims[n.input[1]][1] for n in m.graph.node if n.op_type == "DequantizeLinear"
+              and any(a.name == "block_size" for a in n.attribute)}
+    assert 96 in blocks, blocks
+    assert "INT4 weights in blocks of 96" in info["misloaded_why"]["tensorrt"], info["misloaded_why"]
+
+
 def _ort_logits(onnx_dir: Path, ids: torch.Tensor) -> torch.Tensor:
     """onnxruntime's logits of the export in ``onnx_dir`` (one thread, Q/DQ kept as written)."""
     so = session_options()

@@ -23,6 +23,19 @@ def test_each_gate_fails_on_the_wrong_side_of_its_threshold():
         assert problems == [] and all(ok is ((v >= 0.5) if m in MIN_GATES else (v <= 0.5)) for m, ok in applied)
 
 
+def test_a_non_finite_value_fails_every_gate_even_on_its_passing_side():
+    """-inf is below every maximum and +inf above every minimum, yet no measurement gives them (a KL, an error,
+    a cosine): a manifest holding one (hand-edited, or a broken metric) fails its gate in the check and in
+    publish's recomputation, as NaN does."""
+    cfg = CheckConfig(**{g.field: 0.5 for g in GATES})
+    for v in (float("nan"), float("inf"), float("-inf")):
+        metrics = {g.metric: v for g in GATES}
+        gates = evaluate_gates(cfg, metrics)
+        assert [g["passed"] for g in gates] == [False] * len(GATES), (v, gates)
+        applied, _ = recompute_gates({"metrics": metrics, "gates": gates})
+        assert applied and not any(ok for _, ok in applied), (v, applied)
+
+
 def test_default_gates_are_the_documented_ones():
     """README "Accuracy gates for CI" and CheckConfig's docstring."""
     c = CheckConfig()

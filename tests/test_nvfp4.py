@@ -161,6 +161,12 @@ def test_checkpoint_layout_and_shared_scales(quantized):
     assert not torch.equal(r.get(p + "0.down_proj.weight_scale_2"), r.get(p + "1.down_proj.weight_scale_2"))
     hq = json.loads((quantized["hf-modelopt"] / "hf_quant_config.json").read_text())["quantization"]
     assert hq["quant_algo"] == "NVFP4" and hq["group_size"] == 16
+    # vLLM (modelopt.py, config.json form) allocates weight_scale [out, in // group_size]: every stored grid is it
+    flat = json.loads((quantized["hf-modelopt"] / "config.json").read_text())["quantization_config"]
+    e = CheckpointReader(quantized["hf-modelopt"])
+    grids = {2 * e.info(n.removesuffix("_scale")).shape[1] // e.info(n).shape[1] for n in e.names()
+             if n.endswith(".weight_scale")}
+    assert flat["group_size"] == 16 and grids == {16}, (flat.get("group_size"), grids)
     a16 = CheckpointReader(quantized[("nvfp4-a16", "tiny-qwen3-moe")])
     assert not any(n.endswith(".input_scale") for n in a16.names())
     assert json.loads((a16.path / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A16_NVFP4"

@@ -456,3 +456,31 @@ def test_a_native_int4_checkpoint_on_blackwell_is_sized_for_vllm(cli_run):
     assert abs(p.weights_total / stored - 1) < 0.01, (p.weights_total, stored)
     refused = cli_run("plan", d, "--target", "b200", "--format", "int4-gptq")
     assert refused.exit_code == 2 and "use nvfp4" in refused.stderr
+
+
+def _ct_groups(*groups) -> dict:
+    """A compressed-tensors quantization_config of (format, group, targets, ct format) groups, each scheme the
+    format's own (its ``ct_scheme``: what moepress's export writes for it)."""
+    from moepress.compress import formats
+
+    def one(fmt, group, targets, ct_format):
+        return {**formats.FORMATS[fmt].ct_scheme(group, targets).model_dump(exclude_none=True), "format": ct_format}
+
+    return {"quant_method": "compressed-tensors", "format": "mixed", "ignore": ["lm_head"],
+            "config_groups": {f"group_{k}": one(*g) for k, g in enumerate(groups)}}
+
+
+def test_a_compressed_tensors_checkpoint_is_planned_in_its_experts_format_and_smallest_group():
+    """The checkpoint's format is its routed experts' even where other quantized linears outnumber them (here one
+    INT4 expert against every FP8 attention linear), and INT4 scales are counted at its smallest group (experts
+    at 128, attention at 32): the largest would under-count the scales' bytes."""
+    from moepress import models
+
+    cfg = json.loads((models.path("tiny-qwen3-moe") / "config.json").read_text())
+    one_expert = _ct_groups(("int4-gptq", 128, ["re:model\\.layers\\.0\\.mlp\\.experts\\.0\\..*"], "pack-quantized"),
+                            ("fp8", None, ["re:.*self_attn.*"], "float-quantized"))
+    assert model_shape({**cfg, "quantization_config": one_expert}).stored_format == "int4-gptq"
+    two_groups = _ct_groups(("int4-gptq", 128, ["re:.*mlp\\.experts.*"], "pack-quantized"),
+                            ("int4-gptq", 32, ["re:.*self_attn.*"], "pack-quantized"))
+    shape = model_shape({**cfg, "quantization_config": two_groups})
+    assert (shape.stored_format, shape.int4_group) == ("int4-gptq", 32)

@@ -303,6 +303,35 @@ def test_ct_int4_encoding_keeps_the_codes_of_an_unchanged_expert():
         assert torch.equal(got[n], r.get(n)) and torch.equal(got[base + ".weight_scale"], r.get(base + ".weight_scale"))
 
 
+def test_ct_int4_encoding_of_a_grown_group_takes_a_fresh_scale():
+    """A refit that grew a group past what its stored scale codes (-8..7) is re-encoded at a fresh scale, not
+    clipped at the old one: decoded by compressed-tensors' own unpack_from_int32 and dequantize, every weight
+    is within 0.6 of its group's step of the refit weight (half a step; the library's amax / 7.5 scale puts a
+    group's positive amax at 7.5, clamped to 7; the bf16 scale and weight round: measured 0.533). Clipped at
+    the old scale, column 0 would be off by several steps."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.compress.prune.merge import encode_ct_int4
+
+    r = CheckpointReader(models.path("tiny-kimi-k2-int4"))
+    n = next(n for n in r.names() if n.endswith(".down_proj.weight_packed"))
+    base = n.removesuffix(".weight_packed")
+    w = r.weight(base + ".weight", torch.float32).clone()
+    w[:, 0] *= 3.0  # column 0's groups now reach past their stored scale's codes
+    got = encode_ct_int4(r, base, w, sorted(m for m in r.names() if m.startswith(base + ".")))
+    s = got[base + ".weight_scale"]
+    group = w.shape[1] // s.shape[1]
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group)
+    q = unpack_from_int32(got[n], 4, torch.Size(w.shape))
+    deq = dequantize(q, s, None, args).float()
+    step = s.float().repeat_interleave(args.group_size, dim=1)
+    assert not torch.equal(s, r.get(base + ".weight_scale"))
+    assert ((deq - w).abs() <= 0.6 * step).all(), float(((deq - w).abs() / step).max())
+
+
 @pytest.mark.parametrize("n,inter", [(40, 7), (9, 30)], ids=["more-tokens-than-width", "fewer-tokens-than-width"])
 def test_refit_is_the_ridge_least_squares_solution_it_describes(n, inter):
     """A kept expert's new down projection D' minimises sum_t pw_t^2 ||D' h_t - (D h_t + lost_t)||^2
