@@ -52,7 +52,7 @@ def refuse(config, *needles, **kw):
 def test_budget_ratio_keep_and_ep_rounding():
     assert budget(QWEN, ratio=0.25).keep == 12 and budget(QWEN, ratio=0.5).keep == 8
     assert budget(QWEN, keep=7).keep == 7
-    # 60 experts, drop 0.8: 60 x (1 - 0.8) is 11.999999999999998 in float64; by hand it keeps 12
+    # 60 experts, drop 0.8: 60 x (1 - 0.8) is 11.999999999999996 in float64; by hand it keeps 12
     assert budget({**QWEN, "num_experts": 60}, ratio=0.8).keep == 12
     b = budget(QWEN, ratio=0.25, ep_size=5)  # 12 -> 10: rounded down, the size budget holds
     assert b.keep == 10 and any("rounded down to 10" in d for d in b.decisions)
