@@ -489,3 +489,17 @@ def test_a_size_below_one_is_refused_before_the_export_s_own_is_suggested(cli_ru
     r = cli_run("build", ckpt, "--target", "h100-sxm", "--dry-run", opt, "0", "-o", tmp_path / "b")
     line = assert_one_line_error(r, f"{opt}: expected a positive number, got 0")
     assert "re-export" not in line
+
+
+@pytest.mark.parametrize("hw,level", [("none", "kNONE"), ("ampere_plus", "kAMPERE_PLUS"),
+                                      ("same_compute_capability", "kSAME_COMPUTE_CAPABILITY")])
+def test_the_trtexec_equivalent_asks_for_the_same_hardware_level(tmp_path, hw, level):
+    """build.sh's trtexec line parsed as trtexec parses it (TensorRT v11.1 samples/common/sampleOptions.cpp:
+    --hardwareCompatibilityLevel lower-cased, "ampere+" -> kAMPERE_PLUS, "samecomputecapability" ->
+    kSAME_COMPUTE_CAPABILITY, absent -> kNONE): the level the Python build was asked for."""
+    from moepress.exporters.builders.tensorrt_engine import trtexec_command
+
+    trtexec = {"none": "kNONE", "ampere+": "kAMPERE_PLUS", "samecomputecapability": "kSAME_COMPUTE_CAPABILITY"}
+    cmd = trtexec_command(tmp_path / "m.onnx", tmp_path / "e.plan", 8, 256, tmp_path / "t.cache", hw=hw)
+    given = [a.split("=", 1)[1].lower() for a in cmd if a.startswith("--hardwareCompatibilityLevel=")]
+    assert trtexec[given[0] if given else "none"] == level, cmd

@@ -63,6 +63,34 @@ def test_a_tp_neither_dividing_nor_a_multiple_of_the_kv_heads_is_refused():
     with pytest.raises(MoepressError, match="tp 4 neither divides the 6 KV heads nor is a multiple of them"):
         plan(cfg, "h200", "fp8", gpus=4)
     assert plan(cfg, "h200", "fp8", gpus=2).tp == 2
+    # above the KV heads TP must be a multiple of them (vLLM's QKVParallelLinear replicates whole heads)
+    with pytest.raises(MoepressError, match="tp 8 neither divides the 6 KV heads nor is a multiple of them"):
+        plan(cfg, "h200", "fp8", gpus=8)
+
+
+@pytest.mark.parametrize("target,kv,per_value", [("h200", "bf16", 2.0), ("h200", "fp8", 1.0),
+                                                  ("b200", "nvfp4", 0.5625)])
+def test_the_kv_cache_budget_is_in_the_cache_dtype(target, kv, per_value):
+    """Each rank caches one of the 4 KV heads at TP 8 (2 x 128 values a token a layer) in the chosen dtype: 2 bytes
+    a value in bf16, 1 in FP8, 4 bits plus one E4M3 scale per 16 values in NVFP4 (0.5625), by hand."""
+    p = plan(dict(QWEN3_235B), target, "fp8", gpus=8, max_batch=1, max_seq_len=1024, kv_cache_dtype=kv)
+    assert p.bytes_per_gpu["kv_cache"] == 1024 * 94 * 2 * 128 * per_value
+
+
+def test_an_nvfp4_kv_cache_is_refused_before_blackwell():
+    """NVFP4 KV caching is a Blackwell recipe (exporters/kv_cache.py's source); Hopper caches bf16 or FP8."""
+    with pytest.raises(MoepressError, match="--kv-cache-dtype nvfp4: .*sm90"):
+        plan(dict(QWEN3_235B), "h200", "fp8", kv_cache_dtype="nvfp4")
+
+
+def test_expert_parallelism_never_exceeds_the_experts_and_moe_tp_splits_only_the_rest():
+    """8 routed experts on 16 GPUs: EP 8 (whole experts per rank: moe_tp x moe_ep = tp, tensorrt_llm/mapping.py),
+    moe_tp 2; with EP 8 on 8 GPUs no rank cuts an expert (moe_tp 1), so a width 8 does not divide still plans."""
+    few = {**QWEN3_235B, "num_experts": 8}
+    p = plan(few, "h100", "bf16", gpus=16)
+    assert (p.ep, p.moe_tp, p.experts_per_rank) == (8, 2, 1)
+    odd = {**QWEN3_235B, "moe_intermediate_size": 1500}
+    assert plan(odd, "h200", "fp8", gpus=8, ep=8).moe_tp == 1
 
 
 def _kv_heads(n: int) -> dict:
