@@ -303,3 +303,36 @@ def test_an_input_changed_behind_its_unchanged_manifest_is_another_input(cli_run
     r = cli_run("quantize", src, "--format", "fp8-dynamic", "--quiet", "--resume", "-o", tmp_path / "q")
     assert r.exit_code == 2 and f.name in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
     shutil.rmtree(tmp_path / "q.partial")
+
+
+def test_commit_says_committing_before_it_renames_a_shard_and_a_resume_takes_nothing_of_such_a_partial(
+        tmp_path, monkeypatch):
+    """commit journals "committing" before its first shard rename; a partial killed after that (shards partly
+    renamed, a stray file of the killed run beside them) is cleared by the next run, even under --resume: the
+    output holds only what the new run wrote."""
+    out, seen = tmp_path / "out", []
+    real = CheckpointWriter._name_shards
+
+    def spy(self):
+        seen.append(json.loads((self.partial / JOURNAL).read_text()).get("committing"))
+        return real(self)
+    monkeypatch.setattr(CheckpointWriter, "_name_shards", spy)
+    w = CheckpointWriter(out, max_shard_bytes=16)
+    w.add("a", torch.ones(4))
+    w.end_shard()
+    w.commit()
+    assert seen == [True]
+    w = CheckpointWriter(tmp_path / "killed", max_shard_bytes=16)
+    w.add("a", torch.ones(4))
+    w.end_shard()
+    w._write_journal(committing=True)  # killed here, one shard renamed already
+    (w.partial / "model-00001-of-00002.safetensors").write_bytes(b"from the killed run")
+    w._lock.release()
+    del w
+    w = CheckpointWriter(tmp_path / "killed", resume=True, max_shard_bytes=16)
+    assert w.written_names == set() and not any((tmp_path / "killed.partial").glob("model-*"))
+    w.add("b", torch.ones(2))
+    w.end_shard()
+    w.commit()
+    files = sorted(p.name for p in (tmp_path / "killed").glob("*.safetensors"))
+    assert files == ["model-00001-of-00001.safetensors"], files  # no stray shard of the killed run
