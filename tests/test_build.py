@@ -503,3 +503,28 @@ def test_the_trtexec_equivalent_asks_for_the_same_hardware_level(tmp_path, hw, l
     cmd = trtexec_command(tmp_path / "m.onnx", tmp_path / "e.plan", 8, 256, tmp_path / "t.cache", hw=hw)
     given = [a.split("=", 1)[1].lower() for a in cmd if a.startswith("--hardwareCompatibilityLevel=")]
     assert trtexec[given[0] if given else "none"] == level, cmd
+
+
+def test_same_compute_capability_on_a_tensorrt_without_it_is_refused_in_one_line_before_the_parse(
+        tmp_path, monkeypatch, capsys):
+    """TensorRT < 10.9 has no SAME_COMPUTE_CAPABILITY level (python/src/infer/pyCore.cpp gains it at v10.9.0): the
+    engine builder refuses it in one line, exit 2, before the ONNX parse (minutes on a large export) and with
+    no traceback. A stand-in tensorrt module of 10.8 whose Logger fails if anything reaches it."""
+    import types
+
+    from moepress.exporters.builders import tensorrt_engine
+
+    class Level:
+        NONE, AMPERE_PLUS = 0, 1
+
+    def reached(*a, **k):
+        raise AssertionError("the build went on past the refusal")
+
+    trt = types.SimpleNamespace(__version__="10.8.0", HardwareCompatibilityLevel=Level, Logger=reached,
+                                Builder=reached, OnnxParser=reached)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    rc = tensorrt_engine.main([str(tmp_path / "model.onnx"), str(tmp_path / "e.plan"),
+                               "--hardware-compatibility", "same_compute_capability"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "10.9 and newer" in err and "TensorRT 10.8.0" in err
+    assert not (tmp_path / "e.plan").exists()

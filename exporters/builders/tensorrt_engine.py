@@ -46,12 +46,25 @@ def trtexec_command(onnx: Path, engine: Path, max_batch: int, max_seq_len: int, 
     return cmd
 
 
+def _hw_level(trt, hw: str):
+    """TensorRT's HardwareCompatibilityLevel for ``hw`` (None: none); one that this TensorRT lacks is refused."""
+    if hw == "ampere_plus":
+        return trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    if hw == "same_compute_capability":
+        if not hasattr(trt.HardwareCompatibilityLevel, "SAME_COMPUTE_CAPABILITY"):  # TensorRT < 10.9
+            raise RuntimeError(f"--hardware-compatibility same_compute_capability: TensorRT {trt.__version__} has "
+                               "no such level (10.9 and newer do); use none or ampere_plus")
+        return trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
+    return None
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, *, max_batch: int = 8, max_seq_len: int = 4096,
                  timing_cache: str | Path | None = None, hardware_compatibility: str = "none",
                  workspace_gb: float | None = None) -> dict:
     """Parse ``onnx_path`` into a strongly typed network and serialize the engine; returns facts."""
     import tensorrt as trt
 
+    level = _hw_level(trt, hardware_compatibility)  # before the parse: a refusal costs no minutes of it
     t0 = time.monotonic()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -63,13 +76,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, max_batch: i
     config = builder.create_builder_config()
     cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
     config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
-    if hardware_compatibility == "ampere_plus":
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-    elif hardware_compatibility == "same_compute_capability":
-        if not hasattr(trt.HardwareCompatibilityLevel, "SAME_COMPUTE_CAPABILITY"):  # TensorRT < 10.9
-            raise RuntimeError(f"--hardware-compatibility same_compute_capability: TensorRT {trt.__version__} has "
-                               "no such level (10.9 and newer do); use none or ampere_plus")
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
+    if level is not None:
+        config.hardware_compatibility_level = level
     if workspace_gb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     profile = builder.create_optimization_profile()
@@ -108,9 +116,13 @@ def main(argv=None) -> int:
         print("tensorrt is not installed: pip install tensorrt (or moepress[tensorrt]) on a GPU machine",
               file=sys.stderr)
         return 2
-    info = build_engine(a.onnx, a.engine, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
-                        timing_cache=a.timing_cache, hardware_compatibility=a.hardware_compatibility,
-                        workspace_gb=a.workspace_gb)
+    try:
+        info = build_engine(a.onnx, a.engine, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
+                            timing_cache=a.timing_cache, hardware_compatibility=a.hardware_compatibility,
+                            workspace_gb=a.workspace_gb)
+    except RuntimeError as e:  # a refusal or TensorRT's own failure, said in one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(info))
     return 0
 
