@@ -300,3 +300,36 @@ def heldout_scores(src, work: Path, method: str, folds: list[list[torch.Tensor]]
         nll += sum(nll_sum(g, b)[0] for g, b in zip(got, held, strict=True))
         n += sum(b[:, 1:].numel() for b in held)
     return float(torch.cat(kls).mean()), nll / n
+
+
+class FakeAdapter:
+    """The facts ``plan_budget`` reads, for a softmax top-1 router over E experts."""
+
+    def __init__(self, E):
+        self.num_experts = E
+
+    def routing(self):
+        return {"scoring": "softmax", "top_k": 1, "renormalize": True}
+
+    def moe_layers(self):
+        return [0]
+
+
+def count_evidence(per: torch.Tensor, keep: int, empty: int = 0):
+    """(evidence, budget, chunks) of one softmax top-1 layer from per-group routing counts ``per`` [G, E]
+    (``empty`` more groups without samples after them), keeping ``keep`` experts."""
+    from moepress.calib.observers import LayerRouting
+    from moepress.compress.prune import PruneConfig, plan_budget
+    from moepress.compress.prune.evidence import LayerEvidence
+
+    E = per.shape[1]
+    chunks = []
+    for g in range(per.shape[0]):
+        c = LayerRouting(E, 1, int(per[g].sum()))
+        c.counts = per[g].clone()
+        chunks.append(c)
+    chunks += [LayerRouting(E, 1, 0) for _ in range(empty)]
+    total = LayerRouting(E, 1, int(per.sum()))
+    total.counts = per.sum(0)
+    budget = plan_budget(FakeAdapter(E), PruneConfig(keep=keep))
+    return LayerEvidence(0, None, total, {"scoring": "softmax"}, None, chunks), budget, chunks

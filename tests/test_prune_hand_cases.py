@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import DSV3_SMALL, transformers_logits
+from helpers import DSV3_SMALL, FakeAdapter, count_evidence, transformers_logits
 from moepress import models
 from moepress.calib.observers import LayerRouting
 from moepress.calib.stats import layer_summary
@@ -19,17 +19,6 @@ from moepress.compress.prune import METHODS, PruneConfig, plan_budget
 from moepress.compress.prune.evidence import LayerEvidence
 from moepress.compress.prune.stability import jackknife
 from moepress.compress.synthetic import write_synthetic
-
-
-class _FakeAdapter:
-    def __init__(self, E):
-        self.num_experts = E
-
-    def routing(self):
-        return {"scoring": "softmax", "top_k": 1, "renormalize": True}
-
-    def moe_layers(self):
-        return [0]
 
 
 def test_summary_of_a_top2_layer_divides_by_routing_slots():
@@ -50,7 +39,7 @@ def test_frequency_ties_keep_the_lower_expert_index():
     E = 4
     lr = LayerRouting(E, 1, 11)
     lr.counts = torch.tensor([5, 3, 3, 0])
-    budget = plan_budget(_FakeAdapter(E), PruneConfig(keep=2))
+    budget = plan_budget(FakeAdapter(E), PruneConfig(keep=2))
     ev = LayerEvidence(0, None, lr, {"scoring": "softmax"}, None, None)
     assert METHODS["frequency"].select(ev, budget).kept == [0, 1]
     lr.counts = torch.tensor([0, 0, 0, 7])
@@ -60,17 +49,8 @@ def test_frequency_ties_keep_the_lower_expert_index():
 def test_a_jackknife_flip_off_the_boundary_pair_makes_the_decision_fragile():
     """expert 0's 100 tokens all come from one group; the boundary (weakest kept 1 vs strongest dropped 2)
     is firm (z >> 2), but without group 0 expert 0 falls below expert 2: 1 flip of 8 -> fragile."""
-    E, G = 4, 8
-    per = torch.tensor([[100, 10, 5, 0]] + [[0, 10, 5 + (g % 2), 0] for g in range(1, G)])
-    chunks = []
-    for g in range(G):
-        c = LayerRouting(E, 1, int(per[g].sum()))
-        c.counts = per[g].clone()
-        chunks.append(c)
-    total = LayerRouting(E, 1, int(per.sum()))
-    total.counts = per.sum(0)
-    budget = plan_budget(_FakeAdapter(E), PruneConfig(keep=2))
-    ev = LayerEvidence(0, None, total, {"scoring": "softmax"}, None, chunks)
+    per = torch.tensor([[100, 10, 5, 0]] + [[0, 10, 5 + (g % 2), 0] for g in range(1, 8)])
+    ev, budget, chunks = count_evidence(per, keep=2)
     sel = METHODS["frequency"].select(ev, budget)
     assert sel.kept == [0, 1]
     row = jackknife(METHODS["frequency"], ev, budget, sel, chunks)
@@ -86,23 +66,15 @@ def test_fragile_threshold_is_two_noise_units():
     from moepress.compress.prune.evidence import Selection
     from moepress.compress.prune.stability import stability
 
-    E, G = 4, 4
+    E = 4
     per = torch.tensor([[50, 40, 13, 10], [50, 40, 10, 10], [50, 40, 13, 10], [50, 40, 10, 10]])
-    chunks = []
-    for g in range(G):
-        c = LayerRouting(E, 1, int(per[g].sum()))
-        c.counts = per[g].clone()
-        chunks.append(c)
-    total = LayerRouting(E, 1, int(per.sum()))
-    total.counts = per.sum(0)
-    budget = plan_budget(_FakeAdapter(E), PruneConfig(keep=3))
-    ev = LayerEvidence(0, None, total, {"scoring": "softmax"}, None, chunks)
+    ev, budget, chunks = count_evidence(per, keep=3)
     sel = METHODS["frequency"].select(ev, budget)
     row = jackknife(METHODS["frequency"], ev, budget, sel, chunks)
     assert row["z"] == pytest.approx(6 / math.sqrt(12), rel=1e-12)
     assert row["jackknife_flips"] == "0/4" and row["fragile"] is True
-    budget_r = plan_budget(_FakeAdapter(E), PruneConfig(keep=3, method="reroute"))
-    ev_r = LayerEvidence(0, None, total, {"scoring": "softmax"}, None, None)
+    budget_r = plan_budget(FakeAdapter(E), PruneConfig(keep=3, method="reroute"))
+    ev_r = LayerEvidence(0, None, ev.stats, {"scoring": "softmax"}, None, None)
     for margin, fragile in ((1.5, True), (2.0, False), (2.5, False)):
         b = {"weakest_kept": 2, "strongest_dropped": 3, "margin": margin, "noise": 1.0}
         sel = Selection([0, 1, 2], torch.zeros(E, dtype=torch.float64), {"boundary": b})
@@ -117,7 +89,7 @@ def test_reap_method_scores_divide_by_the_reference_token_count():
     lr.counts = torch.tensor([4, 2, 4, 0])
     lr.reap_sum = torch.tensor([8.0, 3.0, 2.0, 0.0], dtype=torch.float64)
     lr.reap_count = torch.tensor([4, 1, 4, 1])
-    budget = plan_budget(_FakeAdapter(E), PruneConfig(keep=2))
+    budget = plan_budget(FakeAdapter(E), PruneConfig(keep=2))
     ev = LayerEvidence(0, None, lr, {"scoring": "sigmoid"}, None, None)
     sel = METHODS["reap"].select(ev, budget)
     assert sel.scores.tolist() == [2.0, 3.0, 0.5, 0.0] and sel.kept == [0, 1]
@@ -126,18 +98,9 @@ def test_reap_method_scores_divide_by_the_reference_token_count():
 def test_jackknife_ignores_groups_without_samples():
     """fewer samples than CHUNKS leaves groups empty; the jackknife is over the 5 groups that hold
     samples, so appending 3 empty groups changes nothing (hand formula: sqrt(G/(G-1) * sum (m_g - mean)^2))."""
-    E, G = 4, 5
+    G = 5
     per = torch.tensor([[30, 20, 11, 9], [28, 22, 9, 11], [31, 19, 12, 10], [29, 21, 12, 8], [30, 20, 9, 12]])
-    chunks = []
-    for g in range(G):
-        c = LayerRouting(E, 1, int(per[g].sum()))
-        c.counts = per[g].clone()
-        chunks.append(c)
-    chunks += [LayerRouting(E, 1, 0) for _ in range(3)]
-    total = LayerRouting(E, 1, int(per.sum()))
-    total.counts = per.sum(0)
-    budget = plan_budget(_FakeAdapter(E), PruneConfig(keep=3))
-    ev = LayerEvidence(0, None, total, {"scoring": "softmax"}, None, chunks)
+    ev, budget, chunks = count_evidence(per, keep=3, empty=3)
     sel = METHODS["frequency"].select(ev, budget)
     row = jackknife(METHODS["frequency"], ev, budget, sel, chunks)
     own = [float(per[g, 2] - per[g, 3]) for g in range(G)]
@@ -199,7 +162,7 @@ def test_ean_jackknife_is_the_se_of_a_sum():
     E = 4
     norms = [[30.0, 20.0, 11.0, 9.0], [28.0, 22.0, 9.5, 11.0], [31.0, 19.0, 12.0, 10.0], [29.0, 21.0, 12.5, 8.0]]
     chunks, total = _chunks(E, {"norm_sum": norms, "counts": [[3, 2, 1, 1]] * 4})
-    budget = plan_budget(_FakeAdapter(E), PruneConfig(keep=3))
+    budget = plan_budget(FakeAdapter(E), PruneConfig(keep=3))
     ev = LayerEvidence(0, None, total, {"scoring": "softmax"}, None, chunks)
     sel = METHODS["ean"].select(ev, budget)
     row = jackknife(METHODS["ean"], ev, budget, sel, chunks)
@@ -216,7 +179,7 @@ def test_reap_jackknife_is_over_the_leave_one_out_means():
     sums = [[9.0, 6.0, 3.0, 1.0], [8.0, 5.0, 2.5, 1.5], [10.0, 6.5, 3.5, 0.5], [9.5, 5.5, 2.0, 1.2]]
     cnts = [[3, 3, 2, 1], [3, 2, 2, 2], [4, 3, 2, 1], [3, 3, 1, 2]]
     chunks, total = _chunks(E, {"reap_sum": sums, "reap_count": cnts, "counts": cnts})
-    budget = plan_budget(_FakeAdapter(E), PruneConfig(keep=3))
+    budget = plan_budget(FakeAdapter(E), PruneConfig(keep=3))
     ev = LayerEvidence(0, None, total, {"scoring": "softmax"}, None, chunks)
     sel = METHODS["reap"].select(ev, budget)
     row = jackknife(METHODS["reap"], ev, budget, sel, chunks)

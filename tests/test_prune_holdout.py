@@ -19,7 +19,7 @@ import torch
 
 from helpers import DSV3_SMALL as DSV3
 from helpers import QWEN_SMALL as QWEN
-from helpers import heldout_scores
+from helpers import FakeAdapter, count_evidence, heldout_scores
 from moepress.calib.observers import LayerRouting, RoutingStats
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.prune import METHODS, PruneConfig, plan_budget, prune_checkpoint
@@ -147,17 +147,9 @@ def test_chunked_routing_adds_up_to_the_layer_statistics(tmp_path):
 def test_jackknife_noise_of_a_frequency_margin_is_the_textbook_formula():
     """Per-group counts given: the margin between the weakest kept and strongest dropped expert,
     its delete-a-group jackknife standard error, and the flips, computed here by hand."""
-    E, G = 4, 5
+    G = 5
     per = torch.tensor([[30, 20, 11, 9], [28, 22, 9, 11], [31, 19, 12, 10], [29, 21, 12, 8], [30, 20, 9, 12]])
-    chunks = []
-    for g in range(G):
-        lr = LayerRouting(E, 1, int(per[g].sum()))
-        lr.counts = per[g].clone()
-        chunks.append(lr)
-    total = LayerRouting(E, 1, int(per.sum()))
-    total.counts = per.sum(0)
-    budget = plan_budget(_FakeAdapter(E), PruneConfig(keep=3))
-    ev = LayerEvidence(0, None, total, {"scoring": "softmax"}, None, chunks)
+    ev, budget, chunks = count_evidence(per, keep=3)
     sel = METHODS["frequency"].select(ev, budget)
     assert sel.kept == [0, 1, 2]
     row = jackknife(METHODS["frequency"], ev, budget, sel, chunks)
@@ -177,16 +169,7 @@ def test_jackknife_noise_of_a_frequency_margin_is_the_textbook_formula():
 def test_a_tie_at_the_boundary_is_fragile():
     """Two experts no sample routed to, one kept by index: margin 0 and noise 0 were reported z None, not
     fragile, though one token to the dropped expert flips the decision."""
-    E, G = 4, 4
-    chunks = []
-    for _ in range(G):
-        lr = LayerRouting(E, 1, 50)
-        lr.counts = torch.tensor([30, 20, 0, 0])
-        chunks.append(lr)
-    total = LayerRouting(E, 1, 50 * G)
-    total.counts = torch.tensor([30, 20, 0, 0]) * G
-    budget = plan_budget(_FakeAdapter(E), PruneConfig(keep=3))
-    ev = LayerEvidence(0, None, total, {"scoring": "softmax"}, None, chunks)
+    ev, budget, chunks = count_evidence(torch.tensor([[30, 20, 0, 0]] * 4), keep=3)
     sel = METHODS["frequency"].select(ev, budget)
     row = jackknife(METHODS["frequency"], ev, budget, sel, chunks)
     assert (row["margin"], row["noise"], row["z"], row["fragile"]) == (0.0, 0.0, 0.0, True)
@@ -211,19 +194,6 @@ def test_a_dead_even_choice_is_fragile():
     z None and not fragile, though the choice was the first name in the list."""
     c = choice_margin("a", {"a": [1.0, 2.0, 3.0], "b": [1.0, 2.0, 3.0]}, positions=30)
     assert (c["kl_margin"], c["kl_margin_noise"], c["z"], c["fragile"]) == (0.0, 0.0, 0.0, True)
-
-
-class _FakeAdapter:
-    """The facts ``plan_budget`` reads, for a softmax top-1 router over E experts."""
-
-    def __init__(self, E):
-        self.num_experts = E
-
-    def routing(self):
-        return {"scoring": "softmax", "top_k": 1, "renormalize": True}
-
-    def moe_layers(self):
-        return [0]
 
 
 @pytest.mark.parametrize("method", ["frequency", "reroute"])
@@ -294,7 +264,7 @@ def test_a_search_boundary_tie_is_fragile():
     E = 4
     total = LayerRouting(E, 1, 200)
     total.counts = torch.tensor([90, 60, 30, 20])
-    budget = plan_budget(_FakeAdapter(E), PruneConfig(keep=3, method="reroute"))
+    budget = plan_budget(FakeAdapter(E), PruneConfig(keep=3, method="reroute"))
     ev = LayerEvidence(0, None, total, {"scoring": "softmax"}, None, None)
     boundary = {"weakest_kept": 3, "strongest_dropped": 2, "margin": 0.0, "noise": 0.0,
                 "noise_from": "per-token paired differences over 2 search tokens", "tokens_that_differ": 0}
