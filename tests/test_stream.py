@@ -37,6 +37,40 @@ def test_random_checkpoint_streamed_matches_transformers(tmp_path, family):
         assert (got - want).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("family,overrides", [
+    ("qwen3_moe", {"norm_topk_prob": False}),
+    ("deepseek_v3", {"norm_topk_prob": False}),
+    ("deepseek_v3", {"n_shared_experts": 2}),
+    ("deepseek_v3", {"routed_scaling_factor": 1.0, "n_group": 2, "topk_group": 1}),
+    ("qwen3_moe", {"hidden_act": "gelu"}),
+    ("mixtral", {"hidden_act": "gelu"}),
+    ("qwen3_moe", {"decoder_sparse_step": 2, "mlp_only_layers": []}),
+    ("qwen3_moe", {"num_hidden_layers": 3, "mlp_only_layers": [1]})])
+def test_less_common_configs_stream_as_transformers_runs_them(tmp_path, family, overrides):
+    """Config values no bundled or default random checkpoint has: unnormalised top-k weights (Qwen3-MoE,
+    DeepSeek), two shared experts, one expert group of two, a gelu MLP, MoE every other layer, a dense layer
+    named by mlp_only_layers."""
+    ckpt = make_random_checkpoint(family, tmp_path / family, **overrides)
+    ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+    got = StreamedModel(str(ckpt)).forward([ids])[0]
+    assert (got - transformers_logits(ckpt, ids)).abs().max().item() <= 1e-4
+
+
+def test_linears_kept_as_stored_add_their_bias(tmp_path):
+    """attention_bias: q/k/v/o carry biases; a keep_stored stream (prune and quantize build layers so) over a
+    bf16 checkpoint runs them as StoredLinear, which adds the bias as nn.Linear does."""
+    ckpt = make_random_checkpoint("qwen3_moe", tmp_path / "m", attention_bias=True)
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.5)
+    model.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(4))
+    got = StreamedModel(str(tmp_path / "bf16"), keep_stored=True).forward([ids])[0]
+    assert (got - transformers_logits(tmp_path / "bf16", ids)).abs().max().item() <= 1e-4
+
+
 def test_block_fp8_deepseek_streamed_equals_transformers_on_dequantized(tmp_path):
     src = bundled_path("tiny-deepseek-v3")
     fp8 = tmp_path / "fp8"
@@ -131,6 +165,20 @@ def test_tied_checkpoint_streamed_matches_transformers(tmp_path):
     """tie_word_embeddings: true: transformers writes no lm_head.weight and projects with the embedding."""
     ckpt = make_random_checkpoint("qwen3_moe", tmp_path / "tied", tie_word_embeddings=True)
     assert "lm_head.weight" not in CheckpointReader(ckpt).names()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    got = StreamedModel(str(ckpt)).forward([ids])[0]
+    assert (got - transformers_logits(ckpt, ids)).abs().max().item() <= 1e-4
+
+
+def test_a_tied_checkpoint_that_stores_a_head_projects_as_transformers(tmp_path):
+    """tie_word_embeddings: true beside a stored lm_head.weight unlike the embedding: the stream projects with
+    the table transformers does."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = make_random_checkpoint("qwen3_moe", tmp_path / "tied", tie_word_embeddings=True, max_shard_size="100GB")
+    sd = load_file(str(ckpt / "model.safetensors"))
+    sd["lm_head.weight"] = torch.randn_like(sd["model.embed_tokens.weight"])
+    save_file(sd, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
     got = StreamedModel(str(ckpt)).forward([ids])[0]
     assert (got - transformers_logits(ckpt, ids)).abs().max().item() <= 1e-4
