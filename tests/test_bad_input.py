@@ -615,3 +615,24 @@ def test_shard_holding_a_tensor_the_index_does_not_list(good, tmp_path, cli_run,
     where = f"lists it in '{wm[name]}'" if stray == "duplicate" else "does not list it"
     assert_one_line_error(r, other.name, key, where)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_an_error_whose_text_spans_lines_is_one_line(monkeypatch, json_out):
+    """A MoepressError with a newline in its text: one stderr line, exit 2; under --json the one document's
+    error field joined the same way."""
+    from click.testing import CliRunner
+
+    import moepress.cli.inspect as inspect_mod
+    from moepress.cli import cli
+    from moepress.errors import MoepressError
+
+    def refuse(_):
+        raise MoepressError("first part\n  second part")
+    monkeypatch.setattr(inspect_mod, "resolve_model", refuse)
+    r = CliRunner().invoke(cli, ["inspect", "whatever", *(["--json"] if json_out else [])], catch_exceptions=False)
+    assert r.exit_code == 2
+    if json_out:
+        assert json.loads(r.stdout) == {"error": "first part second part", "exit": 2}
+    else:
+        assert [ln for ln in r.stderr.splitlines() if ln.strip()] == ["moepress: error: first part second part"]

@@ -80,3 +80,24 @@ def test_eta_is_the_rate_of_the_steps_after_the_first(clock):
     once) set the rate of every later ETA: 61 Kimi-shaped layers read ETA 8 s after layer 1 for 44 s of work."""
     eta = [e.get("eta_s") for e in _json_steps(clock, 10, [(1.0, "dense layer 0"), (11.0, None), (21.0, None)])][1:4]
     assert eta == [9.0, 80.0, 70.0]  # not 80 x 1 / 2 = 40 and 70 x 21 / 3 = 49
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_quiet_silences_json_events_and_a_terminals_bar():
+    """--quiet wins over --json (options.py: JSON-lines events on stderr, "none with --quiet"), and on a terminal
+    draws no progress bar."""
+    out = io.StringIO()
+    p = Progress.from_flags(quiet=True, json_events=True)
+    p.stream = out
+    p.info("hello")
+    with p.task("quantize", 2) as t:
+        t.advance(note="x")
+    tty = _Terminal()
+    with Progress("quiet", stream=tty).task("quantize", 2) as t:
+        t.advance(note="x")
+        t.advance()
+    assert out.getvalue() == "" and tty.getvalue() == ""

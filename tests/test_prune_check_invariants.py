@@ -155,3 +155,18 @@ def test_check_sees_a_changed_final_norm(tmp_path):
     cand = _broken_copy(tmp_path, "model.norm.weight", lambda t: (t.float() * 2).to(t.dtype))
     res = run_check(cand, models.path("tiny-mixtral"), CheckConfig(seq_len=32, max_samples=2))
     assert res["metrics"]["kl_mean"] > 1e-4
+
+
+def test_lineage_follows_no_relative_input_model(tmp_path, monkeypatch):
+    """An older manifest's relative inputs.model is not read against this process's directory, which may hold
+    another model of that name: the candidate is not said to be made from another model than the reference."""
+    from moepress.checks.lineage import made_from_another, upstream
+
+    cand, ref, other = tmp_path / "cand", tmp_path / "ref", tmp_path / "cwd" / "orig"
+    for d, cfg in ((cand, "{}"), (ref, '{"a": 1}'), (other, '{"b": 2}')):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(cfg)
+    (cand / "moepress-manifest.json").write_text(json.dumps({"stage": "quantize", "inputs": {"model": "orig"}}))
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert [d for d, _ in upstream(cand)] == [cand]
+    assert made_from_another(cand, ref) is None

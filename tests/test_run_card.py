@@ -225,3 +225,27 @@ def test_onnx_card_gives_trtexec_the_input_shapes(tmp_path):
     card = model_card(d, "onnx", normalise({"model": "tiny-qwen3-moe", "quantize": {"format": "fp8"}}), src,
                       Accuracy(PASSED))
     assert "--minShapes=input_ids:1x1 --optShapes=input_ids:8x512 --maxShapes=input_ids:8x1024" in card, card
+
+
+def _card_with(tmp_path, verdict: str):
+    p = tmp_path / "README.md"
+    p.write_text("\n".join(["# m — onnx", "", "Made with [moepress](https://github.com/moepress/moepress) 0.1.0 "
+                            "from `m`.", "", "## Accuracy against the original", "", verdict, "",
+                            "| metric | value |", "|---|---|", "| kl_mean | 0.01 |", ""]))
+    return p
+
+
+def test_a_card_saying_passed_beside_a_failed_check_of_the_same_metrics_is_stale(tmp_path):
+    """publish's card check reads the verdict line too: the same metrics under a stricter gate failed, and a card
+    still saying "Gates passed" is not the manifest's check."""
+    from moepress.pipeline.card import card_differs
+
+    gate = {"metric": "kl_mean", "value": 0.01, "op": "<="}
+    passed = {"passed": True, "failed": [], "metrics": {"kl_mean": 0.01},
+              "gates": [{**gate, "threshold": 0.05, "passed": True}]}
+    failed = {"passed": False, "failed": ["kl_mean"], "metrics": {"kl_mean": 0.01},
+              "gates": [{**gate, "threshold": 0.005, "passed": False}]}
+    assert card_differs(_card_with(tmp_path, "Gates passed (kl_mean <= 0.05)."), passed) is None
+    assert card_differs(_card_with(tmp_path, "Gates FAILED: kl_mean."), failed) is None
+    why = card_differs(_card_with(tmp_path, "Gates passed (kl_mean <= 0.05)."), failed)
+    assert why is not None and "Gates FAILED: kl_mean." in why

@@ -168,3 +168,33 @@ def test_an_empty_recipe_with_model_given_runs_on_that_model(cli_run, tmp_path):
     r = cli_run("run", rec, "--model", "tiny-qwen3-moe", "-o", out, "--quiet")
     assert r.exit_code == 0, r.output
     assert yaml.safe_load((out / "recipe.yaml").read_text())["model"] == "tiny-qwen3-moe"
+
+
+def _run_onnx(cli_run, rec, out, *extra, opset=21) -> dict:
+    """`moepress run` of a prune + ONNX export recipe (no check); each stage's status in run.json."""
+    rec.write_text(yaml.safe_dump({"model": "tiny-mixtral", "calib": {"num_samples": 2, "seq_len": 32},
+                                   "prune": {"ratio": 0.25, "method": "reap"},
+                                   "export": {"formats": ["onnx"], "opset": opset}, "check": None}))
+    r = cli_run("run", rec, "-o", out, "--quiet", *extra)
+    assert r.exit_code == 0, r.output
+    return {k: v["status"] for k, v in json.loads((out / "run.json").read_text())["stages"].items()}
+
+
+def test_a_changed_export_option_reruns_the_export_only(cli_run, tmp_path):
+    """The export's key holds its options: opset 21 -> 22 reruns it (the graph is opset 22), not the prune."""
+    import onnx
+
+    rec, out = tmp_path / "r.yaml", tmp_path / "run"
+    assert _run_onnx(cli_run, rec, out) == {"prune": "ran", "export:onnx": "ran"}
+    assert _run_onnx(cli_run, rec, out) == {"prune": "skipped", "export:onnx": "skipped"}
+    assert _run_onnx(cli_run, rec, out, opset=22) == {"prune": "skipped", "export:onnx": "ran"}
+    model = onnx.load(next((out / "export" / "onnx").glob("*.onnx")), load_external_data=False)
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {22}
+
+
+def test_from_a_stage_reruns_it_and_every_stage_after_it(cli_run, tmp_path):
+    """`run --from prune` forces prune and the export after it (the export's inputs would look unchanged to a
+    rerun that compared only its own key's options)."""
+    rec, out = tmp_path / "r.yaml", tmp_path / "run"
+    assert _run_onnx(cli_run, rec, out) == {"prune": "ran", "export:onnx": "ran"}
+    assert _run_onnx(cli_run, rec, out, "--from", "prune") == {"prune": "ran", "export:onnx": "ran"}
