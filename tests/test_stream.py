@@ -56,21 +56,6 @@ def test_less_common_configs_stream_as_transformers_runs_them(tmp_path, family, 
     assert (got - transformers_logits(ckpt, ids)).abs().max().item() <= 1e-4
 
 
-def test_linears_kept_as_stored_add_their_bias(tmp_path):
-    """attention_bias: q/k/v/o carry biases; a keep_stored stream (prune and quantize build layers so) over a
-    bf16 checkpoint runs them as StoredLinear, which adds the bias as nn.Linear does."""
-    ckpt = make_random_checkpoint("qwen3_moe", tmp_path / "m", attention_bias=True)
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(".bias"):
-                p.normal_(0, 0.5)
-    model.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
-    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(4))
-    got = StreamedModel(str(tmp_path / "bf16"), keep_stored=True).forward([ids])[0]
-    assert (got - transformers_logits(tmp_path / "bf16", ids)).abs().max().item() <= 1e-4
-
-
 def test_block_fp8_deepseek_streamed_equals_transformers_on_dequantized(tmp_path):
     src = bundled_path("tiny-deepseek-v3")
     fp8 = tmp_path / "fp8"
