@@ -85,10 +85,10 @@ LOGITS_PROBE = """
 
 
 def test_check_takes_the_logits_a_sequence_at_a_time(tmp_path):
-    """The head's logits and their float64 metrics are taken one sequence (and a few positions) at a time: a
-    vocabulary of 32768 at check's default batch of 8 x 256 tokens peaks below one batch-wide float64
-    [B, S, V] tensor (512 MiB), of which the whole-batch NLL made two (measured 2026-12-05: 1602 MiB then,
-    247 MiB now; bench/check_memory.py's 8-layer synthetic: 1681 -> 258 MB)."""
+    """The head's logits and their float64 metrics are taken one sequence at a time: a vocabulary of 32768 at
+    check's default batch of 8 x 256 tokens peaks below one batch-wide float64 [B, S, V] tensor (512 MiB; the
+    whole-batch NLL made two). Measured 247 MiB. That the NLL is also taken a few positions at a time is
+    test_metrics_extremes.py's."""
     small = {**CONFIG, "num_hidden_layers": 2, "num_experts": 4, "vocab_size": 32768}
     ckpt, same = _pair(small, tmp_path / "synthetic")
     warm = _pair({**small, "num_hidden_layers": 1}, tmp_path / "warm")

@@ -300,9 +300,10 @@ def test_linears_left_high_precision_are_excluded_by_their_fused_name(tmp_path, 
 
 @pytest.mark.parametrize("fmt,group", [("nvfp4", 16), ("int4-awq", 64), ("int4-awq", 32), ("int4-gptq", 128)])
 def test_flat_group_size_is_the_stored_group(fmt, group):
-    """vLLM reads config.json's flat group_size (modelopt.py from_config) and allocates weight scales of
-    [out, in // group_size]; Model-Optimizer's conversion compared above does not write it, so it is
-    checked here: the group the linears are stored in (NVFP4's 16, INT4's --group-size)."""
+    """config.json's flat group_size and hf_quant_config.json's are the group the linears are stored in (NVFP4's
+    16, INT4's --group-size): vLLM reads the flat one for NVFP4 (modelopt.py from_config) and allocates weight
+    scales of [out, in // group_size]; TensorRT-LLM reads hf_quant_config.json's for INT4. Model-Optimizer's
+    conversion compared above does not write the flat one, so it is checked here."""
     from moepress.exporters.hf_modelopt import quant_configs
 
     names = ["model.layers.0.mlp.experts.0.w1", "model.layers.0.self_attn.q_proj"]

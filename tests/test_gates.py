@@ -15,7 +15,7 @@ MAX_GATES = {"ppl_increase", "kl_mean", "kl_p99", "max_layer_rel_error", "max_ex
 def test_each_gate_fails_on_the_wrong_side_of_its_threshold():
     assert {g.metric for g in GATES} == MIN_GATES | MAX_GATES
     cfg = CheckConfig(**{g.field: 0.5 for g in GATES})
-    for v in (0.4, 0.6, 0.49999, 0.50001, 0.5):  # 0.5 exactly: at the threshold passes either way (README)
+    for v in (0.4, 0.6, 0.49999, 0.50001, 0.5):  # 0.5 exactly: at the threshold passes either way (<=, >=)
         gates = evaluate_gates(cfg, {g.metric: v for g in GATES})
         for g in gates:
             assert g["passed"] is ((v >= 0.5) if g["metric"] in MIN_GATES else (v <= 0.5)), (g, v)

@@ -97,7 +97,9 @@ def test_quiet_silences_json_events_and_a_terminals_bar():
     with p.task("quantize", 2) as t:
         t.advance(note="x")
     tty = _Terminal()
-    with Progress("quiet", stream=tty).task("quantize", 2) as t:
+    q = Progress.from_flags(quiet=True, json_events=False)
+    q.stream = tty
+    with q.task("quantize", 2) as t:
         t.advance(note="x")
         t.advance()
     assert out.getvalue() == "" and tty.getvalue() == ""

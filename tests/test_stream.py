@@ -48,8 +48,8 @@ def test_random_checkpoint_streamed_matches_transformers(tmp_path, family):
     ("qwen3_moe", {"num_hidden_layers": 3, "mlp_only_layers": [1]})])
 def test_less_common_configs_stream_as_transformers_runs_them(tmp_path, family, overrides):
     """Config values no bundled or default random checkpoint has: unnormalised top-k weights (Qwen3-MoE,
-    DeepSeek), two shared experts, one expert group of two, a gelu MLP, MoE every other layer, a dense layer
-    named by mlp_only_layers."""
+    DeepSeek), two shared experts, one of two expert groups chosen per token, a gelu MLP, MoE every other layer,
+    a dense layer named by mlp_only_layers."""
     ckpt = make_random_checkpoint(family, tmp_path / family, **overrides)
     ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
     got = StreamedModel(str(ckpt)).forward([ids])[0]

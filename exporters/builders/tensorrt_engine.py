@@ -120,8 +120,8 @@ def main(argv=None) -> int:
         info = build_engine(a.onnx, a.engine, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
                             timing_cache=a.timing_cache, hardware_compatibility=a.hardware_compatibility,
                             workspace_gb=a.workspace_gb)
-    except RuntimeError as e:  # a refusal or TensorRT's own failure, said in one line
-        print(f"error: {e}", file=sys.stderr)
+    except (RuntimeError, OSError) as e:  # a refusal, TensorRT's own failure, an unreadable file: one line
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     print(json.dumps(info))
     return 0
