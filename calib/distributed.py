@@ -251,6 +251,16 @@ def all_gather_saved(obj, env: DistEnv, device: torch.device) -> list:
     return [torch.load(io.BytesIO(b), map_location=device, weights_only=False) for b in everyone]
 
 
+def _gather(env: DistEnv, value) -> list:
+    """Every rank's ``value`` (picklable), in rank order; a lost peer said as :class:`PeerLost`."""
+    import torch.distributed as dist
+
+    everyone: list = [None] * env.world_size
+    with peer_errors(env):
+        dist.all_gather_object(everyone, value)
+    return everyone
+
+
 def agree(env: DistEnv, options: dict) -> None:
     """Every rank was started with the same ``options`` (a command's settings as plain data), else every
     rank refuses with the same line naming what differs. A rank started with another --seed or --group-size
@@ -258,11 +268,7 @@ def agree(env: DistEnv, options: dict) -> None:
     ranks waiting in a collective only some of them call."""
     if not env.enabled:
         return
-    import torch.distributed as dist
-
-    everyone: list = [None] * env.world_size
-    with peer_errors(env):
-        dist.all_gather_object(everyone, options)
+    everyone = _gather(env, options)
     first = everyone[0]
     for r, theirs in enumerate(everyone[1:], 1):
         keys = [k for k in sorted(set(first) | set(theirs)) if first.get(k) != theirs.get(k)]
@@ -287,11 +293,7 @@ def agree_on_read(env: DistEnv, what: str, value) -> None:
     with one line."""
     if not env.enabled:
         return
-    import torch.distributed as dist
-
-    everyone: list = [None] * env.world_size
-    with peer_errors(env):
-        dist.all_gather_object(everyone, value)
+    everyone = _gather(env, value)
     other = next((r for r, v in enumerate(everyone) if v != everyone[0]), None)
     if other is not None:
         raise MoepressError(f"torchrun ranks read different {what} under the same names ({everyone[0]} on rank "

@@ -315,9 +315,10 @@ class FakeAdapter:
         return [0]
 
 
-def count_evidence(per: torch.Tensor, keep: int, empty: int = 0):
-    """(evidence, budget, chunks) of one softmax top-1 layer from per-group routing counts ``per`` [G, E]
-    (``empty`` more groups without samples after them), keeping ``keep`` experts."""
+def count_evidence(per: torch.Tensor, keep: int, empty: int = 0, **fields):
+    """(evidence, budget, chunks) of one softmax top-1 layer from per-group routing counts ``per`` [G, E] and
+    any other LayerRouting ``fields`` per group ([G][E] values; the layer's are their sums), ``empty`` more groups
+    without samples after them, keeping ``keep`` experts."""
     from moepress.calib.observers import LayerRouting
     from moepress.compress.prune import PruneConfig, plan_budget
     from moepress.compress.prune.evidence import LayerEvidence
@@ -327,9 +328,13 @@ def count_evidence(per: torch.Tensor, keep: int, empty: int = 0):
     for g in range(per.shape[0]):
         c = LayerRouting(E, 1, int(per[g].sum()))
         c.counts = per[g].clone()
+        for k, v in fields.items():
+            setattr(c, k, torch.tensor(v[g], dtype=getattr(c, k).dtype))
         chunks.append(c)
     chunks += [LayerRouting(E, 1, 0) for _ in range(empty)]
     total = LayerRouting(E, 1, int(per.sum()))
     total.counts = per.sum(0)
+    for k in fields:
+        setattr(total, k, sum(getattr(c, k) for c in chunks[:per.shape[0]]))
     budget = plan_budget(FakeAdapter(E), PruneConfig(keep=keep))
     return LayerEvidence(0, None, total, {"scoring": "softmax"}, None, chunks), budget, chunks

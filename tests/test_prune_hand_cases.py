@@ -141,29 +141,11 @@ def test_a_prefix_regex_picking_one_expert_is_refused_as_compressed_tensors_matc
         refuse_index_patterns(src, conf, adapter)
 
 
-def _chunks(E, fields):
-    """LayerRouting per group from {field: [G][E] values}; the total is their sum."""
-    G = len(next(iter(fields.values())))
-    chunks = []
-    for g in range(G):
-        c = LayerRouting(E, 1, 10)
-        for k, v in fields.items():
-            setattr(c, k, torch.tensor(v[g], dtype=getattr(c, k).dtype))
-        chunks.append(c)
-    total = LayerRouting(E, 1, 10 * G)
-    for k in fields:
-        setattr(total, k, sum(getattr(c, k) for c in chunks))
-    return chunks, total
-
-
 def test_ean_jackknife_is_the_se_of_a_sum():
     """ean is a sum over tokens like frequency: se = sqrt(G/(G-1) * sum_g (m_g - mean m)^2) of the groups'
     own margins (weakest kept 2 vs strongest dropped 3)."""
-    E = 4
     norms = [[30.0, 20.0, 11.0, 9.0], [28.0, 22.0, 9.5, 11.0], [31.0, 19.0, 12.0, 10.0], [29.0, 21.0, 12.5, 8.0]]
-    chunks, total = _chunks(E, {"norm_sum": norms, "counts": [[3, 2, 1, 1]] * 4})
-    budget = plan_budget(FakeAdapter(E), PruneConfig(keep=3))
-    ev = LayerEvidence(0, None, total, {"scoring": "softmax"}, None, chunks)
+    ev, budget, chunks = count_evidence(torch.tensor([[3, 2, 1, 1]] * 4), keep=3, norm_sum=norms)
     sel = METHODS["ean"].select(ev, budget)
     row = jackknife(METHODS["ean"], ev, budget, sel, chunks)
     assert (row["weakest_kept"], row["strongest_dropped"]) == (2, 3)
@@ -175,12 +157,10 @@ def test_ean_jackknife_is_the_se_of_a_sum():
 def test_reap_jackknife_is_over_the_leave_one_out_means():
     """REAP is a per-token mean: its jackknife is the textbook one over the leave-one-group-out means,
     sqrt((G-1)/G * sum_i (theta_i - mean theta)^2), theta_i = margin of (sum - group i) sums / counts."""
-    E, G = 4, 4
+    G = 4
     sums = [[9.0, 6.0, 3.0, 1.0], [8.0, 5.0, 2.5, 1.5], [10.0, 6.5, 3.5, 0.5], [9.5, 5.5, 2.0, 1.2]]
     cnts = [[3, 3, 2, 1], [3, 2, 2, 2], [4, 3, 2, 1], [3, 3, 1, 2]]
-    chunks, total = _chunks(E, {"reap_sum": sums, "reap_count": cnts, "counts": cnts})
-    budget = plan_budget(FakeAdapter(E), PruneConfig(keep=3))
-    ev = LayerEvidence(0, None, total, {"scoring": "softmax"}, None, chunks)
+    ev, budget, chunks = count_evidence(torch.tensor(cnts), keep=3, reap_sum=sums, reap_count=cnts)
     sel = METHODS["reap"].select(ev, budget)
     row = jackknife(METHODS["reap"], ev, budget, sel, chunks)
     k, d = row["weakest_kept"], row["strongest_dropped"]
