@@ -1,0 +1,70 @@
+"""A killed calibrated quantize run is resumed only on the kind of device it started on (stage.py
+quantize_resume_key: GPU and CPU solves round differently, so layers from both would match neither
+uninterrupted run); a calibration-free run's bytes are the same on both, so its key names no device."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moepress.compress.checkpoint import CheckpointWriter
+from moepress.compress.checkpoint.writer import JOURNAL
+
+CALIB = ("--num-samples", "2", "--seq-len", "24")
+
+
+class Killed(BaseException):
+    pass
+
+
+def _kill_after_first_shard(mp) -> None:
+    write, count = CheckpointWriter._write_shard, [0]
+
+    def write_shard(self, *a):
+        write(self, *a)
+        count[0] += 1
+        if count[0] == 2:  # the embedding's shard, then layer 0's
+            raise Killed
+
+    def abort(self):  # as a kill leaves it: the partial on disk, the lock released
+        if self._pool is not None:
+            try:
+                self.wait()
+            except BaseException:
+                pass
+            self._pool.shutdown()
+        self._lock.release()
+    mp.setattr(CheckpointWriter, "_write_shard", write_shard)
+    mp.setattr(CheckpointWriter, "abort", abort)
+
+
+def _kill(cli_run, args):
+    with pytest.MonkeyPatch.context() as mp:
+        _kill_after_first_shard(mp)
+        with pytest.raises(Killed):
+            cli_run(*args)
+
+
+def test_calibrated_partial_started_on_a_gpu_is_not_resumed_on_the_cpu(cli_run, tmp_path):
+    q = tmp_path / "q"
+    args = ("quantize", "tiny-qwen3-moe", "--format", "int4-awq", "-q", *CALIB, "-o", q)
+    _kill(cli_run, args)
+    journal = q.with_name("q.partial") / JOURNAL
+    j = json.loads(journal.read_text())
+    assert j["key"]["config"]["device"] == "cpu"  # a calibrated run's key names its device kind
+    j["key"]["config"]["device"] = "cuda"  # as a killed run on a GPU leaves it
+    journal.write_text(json.dumps(j))
+    r = cli_run(*args, "--resume")
+    assert r.exit_code == 2 and "device" in r.output, r.output
+    assert not q.exists()
+
+
+def test_calibration_free_partial_key_names_no_device(cli_run, tmp_path):
+    q = tmp_path / "q"
+    args = ("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-q", "-o", q)
+    _kill(cli_run, args)
+    j = json.loads((q.with_name("q.partial") / JOURNAL).read_text())
+    assert "device" not in j["key"]["config"]  # same bytes on every device: resumable anywhere
+    r = cli_run(*args, "--resume")
+    assert r.exit_code == 0, r.output
