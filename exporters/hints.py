@@ -254,11 +254,16 @@ def fp4_routes(reader, fp4: str) -> str:
     onnx): a moepress quantize output goes to the exports that write its format (MXFP4: compressed-tensors
     only, compress/formats/mxfp4.py; NVFP4: hf-modelopt or compressed-tensors); FP4 stored packed without
     moepress_quant.json (a compressed-tensors MXFP4 release), which those two export only from a quantize
-    output, to :func:`packed_routes`."""
+    output, to :func:`packed_routes`; FP4 under Model-Optimizer's names without it, to the runtimes that load it.
+    """
     layout = formats.layout_of(reader)
     packed = packed_routes(reader) if layout is None else ""
     if packed:
         return f"; for this {fp4} checkpoint: {packed}"
+    if layout is None:  # FP4 under Model-Optimizer's own names (a released NVFP4 checkpoint), not a quantize output
+        return (f"; this {fp4} checkpoint has no moepress_quant.json, and hf-modelopt / compressed-tensors export "
+                "only moepress quantize outputs: where it is a Model-Optimizer export (hf_quant_config.json), "
+                "TensorRT-LLM's PyTorch backend, vLLM and SGLang load it as stored")
     if any(".experts." in d["module"] for d in layout.get("skipped", [])):  # both refuse it (refuse_mixed)
         return f"; {FP8_THEN_CT}"
     use = "compressed-tensors" if fp4 == "MXFP4" else "hf-modelopt or compressed-tensors"

@@ -8,8 +8,7 @@ import torch
 from helpers import copy_checkpoint
 from moepress.calib.data import calibration_batches
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
-from moepress.compress.quantize import QuantConfig, quantize_checkpoint
-from moepress.compress.quantize import experts
+from moepress.compress.quantize import QuantConfig, experts, quantize_checkpoint
 from moepress.models import path as bundled_path
 
 CALIB = {"num_samples": 8, "seq_len": 128}

@@ -7,8 +7,7 @@ import torch
 
 from moepress.calib.data import calibration_batches
 from moepress.compress.checkpoint import CheckpointReader
-from moepress.compress.quantize import QuantConfig, quantize_checkpoint
-from moepress.compress.quantize import experts
+from moepress.compress.quantize import QuantConfig, experts, quantize_checkpoint
 from moepress.models import path as bundled_path
 
 CALIB = {"num_samples": 4, "seq_len": 128}
@@ -24,7 +23,6 @@ def test_batched_gptq_of_non_square_experts_matches_one_by_one(tmp_path, monkeyp
         quantize_checkpoint(src, out, QuantConfig(format="int4-gptq", **CALIB), batches=batches)
         outs[flag] = CheckpointReader(out)
     one, many = outs[False], outs[True]
-    rep_tokens = None
     for e in range(4):
         for proj in ("gate_proj", "up_proj", "down_proj"):
             p = f"model.layers.1.mlp.experts.{e}.{proj}"

@@ -1,7 +1,8 @@
 """--kv-cache fp8 with a calibration-free weight format (fp8-dynamic, or none): no linear needs input
-statistics, but the k/v scales (also with --sequential, where the layer is run only when something is observed) still need the layer run on the calibration tokens. Layer 0's k_scale /
-v_scale must be amax / 448 of what transformers' own cache holds for layer 0 (its input is the
-embedding, so no quantized layer changes it)."""
+statistics, but the k/v scales (also with --sequential, where the layer is run only when something is
+observed) still need the layer run on the calibration tokens. Layer 0's k_scale / v_scale must be
+amax / 448 of what transformers' own cache holds for layer 0 (its input is the embedding, so no
+quantized layer changes it)."""
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ def test_kv_scales_of_a_calibration_free_format_are_the_cached_amax(tmp_path, se
     src = bundled_path("tiny-qwen3-moe")
     batches = calibration_batches(src, (), CALIB["num_samples"], CALIB["seq_len"], 0, 8)
     out = tmp_path / "q"
-    quantize_checkpoint(src, out, QuantConfig(format="fp8-dynamic", kv_cache="fp8", sequential=sequential, **CALIB), batches=batches)
+    cfg = QuantConfig(format="fp8-dynamic", kv_cache="fp8", sequential=sequential, **CALIB)
+    quantize_checkpoint(src, out, cfg, batches=batches)
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     k = v = torch.zeros(())
     for b in batches:

@@ -7,10 +7,10 @@ import json
 import pytest
 import transformers as tf
 from safetensors.torch import load_file
+from test_quant_extra_tensors import _add_to_last_shard
 
 from helpers import copy_checkpoint, make_random_checkpoint
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
-from test_quant_extra_tensors import _add_to_last_shard
 
 
 @pytest.fixture(scope="module")

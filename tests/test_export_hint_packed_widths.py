@@ -1,0 +1,22 @@
+"""compressed-tensors pack-quantized INT4 stores 8 values per int32 word (compressed_tensors pack_to_int32,
+num_bits 4: 32 // 4), so a weight_packed of 48 int32 columns has in_features 384 = 3 x 128: block FP8 fits it and
+the hint for such a checkpoint (stored packed, no moepress_quant.json) names the fp8-block route, not the per-tensor
+fp8 one."""
+import torch
+
+
+def test_packed_int4_of_128_multiple_widths_is_sent_to_block_fp8(tmp_path):
+    from safetensors.torch import save_file
+
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.exporters.hints import packed_routes
+
+    p = "model.layers.0.mlp.experts.0."
+    save_file({p + "down_proj.weight_packed": torch.zeros(16, 384 // 8, dtype=torch.int32),
+               p + "down_proj.weight_scale": torch.ones(16, 3, dtype=torch.bfloat16),
+               p + "up_proj.weight_packed": torch.zeros(384, 128 // 8, dtype=torch.int32),
+               p + "up_proj.weight_scale": torch.ones(384, 1, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    hint = packed_routes(CheckpointReader(tmp_path))
+    assert "--format fp8-block, then export hf-fp8-block" in hint, hint
+    assert "export onnx" in hint  # INT4 (I32 words), not FP4: onnx decodes it
