@@ -92,9 +92,9 @@ def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
 
 
 def _instead(recipe: dict, model: Path, t, fmt: str, built: dict) -> str:
-    """What to do instead of quantize.format ``fmt`` that target ``t`` cannot run: a format that passes this
-    preflight's export checks and a build's format check on ``t`` for some export of the recipe a builder takes,
-    no quantize section, or targets that run ``fmt``."""
+    """What to do instead of quantize.format ``fmt`` that target ``t`` cannot run: a format that every export of the
+    recipe takes (this preflight's export checks) and a build's format check on ``t`` passes for some export a
+    builder takes, no quantize section, or targets that run ``fmt``."""
     from moepress.exporters.runtime_formats import check_runtime_format
     from moepress.exporters.shape import model_shape
     from moepress.exporters.targets import TARGETS, UNQUANTIZED, suggest_format
@@ -103,9 +103,12 @@ def _instead(recipe: dict, model: Path, t, fmt: str, built: dict) -> str:
 
     def builds(a: str) -> bool:
         r = {**recipe, "quantize": None if a == UNQUANTIZED else {**recipe["quantize"], "format": a, "rules": {}}}
+        try:  # every export of the recipe, as this preflight asks them: a format one refuses fails the run
+            refuse_unavailable_exports(r, model)
+        except MoepressError:
+            return False
         for x, b in built.items():
             try:
-                refuse_unavailable_exports({**r, "export": {**r["export"], "formats": [x]}}, model)
                 check_runtime_format(t, a, shape, b.runtime, x)
             except MoepressError:
                 continue
@@ -118,8 +121,8 @@ def _instead(recipe: dict, model: Path, t, fmt: str, built: dict) -> str:
     if builds(alt):
         return f"use no quantize section ({alt})"
     runs = [n for n, x in TARGETS.items() if x.supports(fmt)]
-    return (f"no other format builds there from export.formats {', '.join(built)}; expected a target that runs it "
-            f"({', '.join(runs[:4])}) or another export")
+    return (f"no other format that every export of export.formats ({', '.join(recipe['export']['formats'])}) takes "
+            f"builds there; expected a target that runs it ({', '.join(runs[:4])}) or other exports")
 
 
 def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -> None:

@@ -116,13 +116,23 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
         raise MoepressError(f"{key_where(src, 'prune')}: give exactly one of ratio and keep")
     if out["quantize"] is not None and not out["quantize"]["format"] and not out["quantize"]["rules"]:
         raise MoepressError(f"{key_where(src, 'quantize', 'format')}: required (or rules)")
-    if out["export"] is not None and not out["export"]["formats"]:
-        out["export"] = None
-    if out["build"] is not None and not out["build"]["targets"]:
-        out["build"] = None
+    for section, key in (("export", "formats"), ("build", "targets")):
+        _skip_if_empty(src, out, raw, section, key)
     if out["quantize"] is not None:
         _check_quantize(src, out)
     return out
+
+
+def _skip_if_empty(src: str, out: dict, raw: dict, section: str, key: str) -> None:
+    """A section whose list ``key`` is empty or left out runs nothing: it becomes None. Refused where the section
+    sets other keys (``export: {tp: 2}`` exported nothing, without a word: its formats have no default)."""
+    if out[section] is None or out[section][key]:
+        return
+    given = sorted(str(k).replace("-", "_") for k in raw[section] if str(k).replace("-", "_") != key)
+    if given:
+        raise MoepressError(f"{key_where(src, section, key)}: required: the section sets {', '.join(given)} but "
+                            f"names no {key} (an empty {section} section, or null, skips the stage)")
+    out[section] = None
 
 
 def _check_quantize(src: str, recipe: dict) -> None:
