@@ -78,9 +78,15 @@ def export_cmd(model, fmt, tp, ep, opset, extra, output, force, quiet, json_out)
 
 
 @click.command("formats", cls=Command)
-def formats_cmd():
+@click.option("--json", "json_out", is_flag=True, help="Print the list as JSON (families null: every family).")
+def formats_cmd(json_out):
     """List the export formats, their families and consumers."""
-    for name, ex in sorted(FormatChoice.formats().items()):
+    exs = sorted(FormatChoice.formats().items())
+    if json_out:
+        click.echo(json.dumps({name: {"description": ex.description, "families": list(ex.families or ()) or None,
+                                      "consumers": ex.consumers or None} for name, ex in exs}, indent=2))
+        return
+    for name, ex in exs:
         fam = ", ".join(ex.families or ()) or "all families"
         click.echo(f"{name:20s} {ex.description} ({fam}){'; loaded by ' + ex.consumers if ex.consumers else ''}")
 
