@@ -254,6 +254,17 @@ def test_deeply_nested_header_is_one_line(good, tmp_path, cli_run):
     ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e6"}}, ["rope_theta='1e6'", "positive number"]),
     # a model of no layers was "quantized" (exit 0, a finished-looking output)
     ({"num_hidden_layers": -1}, ["num_hidden_layers=-1", "expected a whole number >= 1"]),
+    ({"num_hidden_layers": 0}, ["num_hidden_layers=0", "expected a whole number >= 1"]),
+    # KeyError / RuntimeError / TypeError tracebacks from transformers' rope validation and layers
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, ["rope_parameters", "'factor'"]),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e6, "factor": 8.0}}, ["low_freq_factor"]),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": "4"}},
+     ["rope parameter factor='4'", "positive number"]),
+    # accepted, and every rotary frequency scaled by a negative number
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e6, "factor": -4.0}},
+     ["rope parameter factor=-4.0", "positive number"]),
+    ({"head_dim": -32}, ["head_dim=-32", "expected a whole number >= 1"]),
+    ({"moe_intermediate_size": 0}, ["moe_intermediate_size=0", "expected a whole number >= 1"]),
 ])
 def test_config_values_no_layer_can_use(good, tmp_path, cli_run, changes, needles):
     ck = copy_checkpoint(good, tmp_path / "c")

@@ -16,6 +16,14 @@ from moepress.errors import MoepressError
 TOP_K_KEY = "num_experts_per_tok"  # experts each token is routed to, in every supported family's config
 
 
+# per-family widths (DeepSeek's MLA ranks, Qwen3's head_dim, the MLP widths): whole numbers >= 1 where set
+SIZE_KEYS = ("head_dim", "intermediate_size", "moe_intermediate_size", "q_lora_rank", "kv_lora_rank",
+             "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+# rope parameters (transformers' modeling_rope_utils) that only a positive number makes sense of
+ROPE_POSITIVE = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "beta_fast",
+                 "beta_slow")
+
+
 def is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
@@ -44,7 +52,7 @@ class Adapter:
 
     def __init__(self, config: dict, names: Iterable[str] | None = None, where: str = "config.json"):
         self.config = dict(config)
-        missing = [k for k in ("hidden_size", "num_hidden_layers", "vocab_size") if not config.get(k)]
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "vocab_size") if config.get(k) is None]
         if missing or self.experts_key() is None:
             need = missing or [" or ".join(self.experts_keys)]
             raise MoepressError(f"{where}: {self.family} config lacks {', '.join(need)}")
@@ -54,16 +62,22 @@ class Adapter:
         self._check_raw(where)
         try:
             self.hf_config = self.make_hf_config(self.config)
-        except (TypeError, ValueError, StrictDataclassError) as e:
+        except (TypeError, ValueError, KeyError, StrictDataclassError) as e:
             # huggingface_hub's strict dataclasses (transformers 5 configs) say
-            # "Validation error for field 'x':\n    TypeError: Field 'x' expected int, got str (value: ...)"
-            last = str(e).strip().splitlines()[-1].strip().removeprefix("TypeError: ").removeprefix("ValueError: ")
+            # "Validation error for field 'x':\n    TypeError: Field 'x' expected int, got str (value: ...)";
+            # its rope validation raises KeyError("Missing required keys in `rope_parameters` ...")
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            last = str(msg).strip().splitlines()[-1].strip().removeprefix("TypeError: ").removeprefix("ValueError: ")
             raise MoepressError(f"{where}: {last}") from None
         self.hf_config._attn_implementation = "sdpa"
         if not set_top_k:  # transformers' default applies
             self._check_expert_counts(where, getattr(self.hf_config, TOP_K_KEY, None), default=True)
         self._check_common(where)
         self.check_config(where)
+        try:  # the rotary embedding's frequencies from the rope parameters, as every layer stream builds them
+            self.build_rotary()
+        except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
+            raise MoepressError(f"{where}: rope parameters {self._rope()!r}: {e}") from None
 
     def _check_common(self, where: str) -> None:
         """Refuse what every family's layers would fail on later with a traceback (or silently build
@@ -73,6 +87,10 @@ class Adapter:
         c = self.hf_config
         for key in ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads"):
             v = self.config.get(key, getattr(c, key, 1))
+            if v is not None and not is_count(v):
+                raise MoepressError(f"{where}: {key}={v!r}: expected a whole number >= 1")
+        for key in SIZE_KEYS:  # widths a layer is built with, where the config sets them (null: the family's default)
+            v = self.config.get(key)
             if v is not None and not is_count(v):
                 raise MoepressError(f"{where}: {key}={v!r}: expected a whole number >= 1")
         act = getattr(c, "hidden_act", "silu")
@@ -90,16 +108,24 @@ class Adapter:
             if v is not None and v != "auto" and not (isinstance(v, str) and isinstance(getattr(torch, v, None),
                                                                                            torch.dtype)):
                 raise MoepressError(f"{where}: {key}={v!r}: expected a torch dtype name such as \"bfloat16\"")
-        rope = self.config.get("rope_parameters") or self.config.get("rope_scaling") or {}
+        rope = self._rope()
         if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
             return  # per-layer-type sets (or a malformed value) are left to transformers' own validation
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
             raise MoepressError(f"{where}: rope_type {kind!r}: expected one of default, "
                                 f"{', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
+        for key in ROPE_POSITIVE:  # scalings transformers takes as given: a negative factor scales frequencies by < 0
+            v = rope.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not v > 0):
+                raise MoepressError(f"{where}: rope parameter {key}={v!r}: expected a positive number")
         theta = rope.get("rope_theta", self.config.get("rope_theta", 1.0))
         if isinstance(theta, bool) or not isinstance(theta, int | float) or not theta > 0:
             raise MoepressError(f"{where}: rope_theta={theta!r}: expected a positive number")
+
+    def _rope(self):
+        """The config's rope parameters (transformers 5 ``rope_parameters``, or 4.x's ``rope_scaling``); {} if none."""
+        return self.config.get("rope_parameters") or self.config.get("rope_scaling") or {}
 
     def _check_expert_counts(self, where: str, top_k, default: bool = False) -> None:
         """Refuse expert counts no router can use, before any work: the routed-expert count a whole
