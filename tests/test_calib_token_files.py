@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
+from helpers import assert_one_line_error
 from moepress import models
 from moepress.calib.cache import load_token_file, save_token_file
 from moepress.calib.data import calibration_set
@@ -186,3 +187,18 @@ def test_a_token_id_past_the_vocabulary_is_refused(tmp_path):
         with pytest.raises(MoepressError, match=f"--calib {f}: token id {bad} is outside the tokenizer's vocabulary "
                                                 f"\\(0..{vocab - 1}\\)"):
             calibration_set(QWEN, (str(f),), num_samples=1, seq_len=8)
+
+
+def test_token_ids_past_the_models_embedding_are_refused_when_prepared(tmp_path, cli_run):
+    """A tokenizer larger than the model's embedding (config.json vocab_size 256 under the bundled 4096-token
+    tokenizer): `calib prepare` refuses, naming the source and the config, instead of writing a token file that
+    every stage refuses later ("token id ... out of range")."""
+    src = models.path("tiny-qwen3-moe")
+    m = tmp_path / "m"
+    m.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (m / f).write_bytes((src / f).read_bytes())
+    (m / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()), "vocab_size": 256}))
+    r = cli_run("calib", "prepare", m, "-o", tmp_path / "t.safetensors", "--num-samples", "2", "--seq-len", "16")
+    line = assert_one_line_error(r, "past the model's embedding", "config.json vocab_size 256")
+    assert "--calib" in line and not (tmp_path / "t.safetensors").exists()
