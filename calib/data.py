@@ -307,7 +307,8 @@ def _check_embedding_rows(model_dir: Path, ids: torch.Tensor, src: torch.Tensor,
         return
     r = int((ids >= n).any(dim=1).nonzero()[0])
     raise MoepressError(f"--calib {specs[int(src[r])].spec}: token id {int(ids[r].max())} is past the model's "
-                        f"embedding (config.json vocab_size {n}): the tokenizer of {model_dir} is larger than the model")
+                        f"embedding (config.json vocab_size {n}): the tokenizer of {model_dir} is larger than the "
+                        "model")
 
 
 def source_hashes(sources: tuple[str, ...] | list[str]) -> dict[str, str | None]:
