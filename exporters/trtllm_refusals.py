@@ -77,10 +77,15 @@ def static_input(reader: CheckpointReader, name: str) -> bool:
 
 
 def refuse_unwritten_attention(src: Path, adapter, reader) -> None:
-    """The config trtllm_ckpt.py writes has unscaled rotary embeddings, no attention window, no biases and
-    SiLU-gated MLPs (``rotary_scaling``, ``max_attention_window_size``, ``attention_bias`` unmapped; ``hidden_act``
+    """The config trtllm_ckpt.py writes has MoE layers only, unscaled rotary embeddings, no attention window, no
+    biases and SiLU-gated MLPs (``rotary_scaling``, ``max_attention_window_size``, ``attention_bias`` unmapped; ``hidden_act``
     swiglu): a model with other is refused rather than built to compute differently from its checkpoint."""
     c = adapter.hf_config
+    dense = [i for i in range(adapter.num_layers) if not adapter.is_moe_layer(i)]
+    if dense:  # found by the writer at that layer, after a run's prune and quantize (trtllm_ckpt.py experts)
+        raise MoepressError(f"--format trtllm-ckpt: {src}/config.json makes layer(s) {dense[:5]} dense"
+                            f"{adapter.layer_kind()}; this exporter writes MoE layers only: "
+                            f"{elsewhere_taken(open_source(src))}")
     kind, act = adapter.build_rotary().rope_type, getattr(c, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has hidden_act {act!r}; this exporter writes a "

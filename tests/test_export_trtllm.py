@@ -481,7 +481,7 @@ def test_dense_layers_are_refused_naming_the_keys(cli_run, tmp_path):
     src = make_random_checkpoint("qwen3_moe", tmp_path / "m", decoder_sparse_step=2)
     r = cli_run("export", src, "--format", "trtllm-ckpt", "-o", tmp_path / "o")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
-    assert "layer 0 is dense (decoder_sparse_step=2, mlp_only_layers=[])" in r.stderr, r.stderr
+    assert "makes layer(s) [0] dense (decoder_sparse_step=2, mlp_only_layers=[])" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -506,3 +506,24 @@ def test_rotary_base_from_a_hub_config_with_top_level_rope_theta(tmp_path, famil
     (src / "config.json").write_text(json.dumps(cfg))
     export(src, tmp_path / "o", ExportConfig(format="trtllm-ckpt"))
     assert json.loads((tmp_path / "o" / "config.json").read_text())["rotary_base"] == 1000000.0
+
+
+def test_a_dense_layer_is_refused_before_a_run_prunes_and_quantizes(cli_run, tmp_path):
+    """Qwen3-MoE with mlp_only_layers [0]: this exporter writes MoE layers only. The refusal came from the writer at
+    layer 0, so `moepress run` pruned, quantized and wrote three exports first, then exited 2 naming no recipe key;
+    it is now refused up front, by export.formats, before -o is made."""
+    from test_run import write_recipe
+
+    from helpers import make_random_checkpoint
+
+    src = make_random_checkpoint("qwen3_moe", tmp_path / "m", mlp_only_layers=[0], vocab_size=4096)
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # the bundled tokenizer (4096 tokens): a run calibrates
+        shutil.copy(models.path("tiny-qwen3-moe") / f, src / f)
+    r = cli_run("export", src, "--format", "trtllm-ckpt", "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "makes layer(s) [0] dense" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    rec = write_recipe(tmp_path / "r.yaml", model=str(src), quantize={"format": "fp8"},
+                       export={"formats": ["hf-modelopt", "trtllm-ckpt"]})
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    assert r.exit_code == 2 and "export.formats trtllm-ckpt" in r.stderr and "dense" in r.stderr, r.output
+    assert not (tmp_path / "run").exists()
