@@ -265,6 +265,11 @@ def test_deeply_nested_header_is_one_line(good, tmp_path, cli_run):
      ["rope parameter factor=-4.0", "positive number"]),
     ({"head_dim": -32}, ["head_dim=-32", "expected a whole number >= 1"]),
     ({"moe_intermediate_size": 0}, ["moe_intermediate_size=0", "expected a whole number >= 1"]),
+    # prune and calib stats ran on NaN norms; quantize blamed "activations overflow"
+    ({"rms_norm_eps": -1e-6}, ["rms_norm_eps=-1e-06", "small positive number"]),
+    ({"rms_norm_eps": float("nan")}, ["rms_norm_eps=nan", "small positive number"]),
+    # calibrated through a window of no tokens (exit 0, other scales)
+    ({"sliding_window": 0}, ["sliding_window=0", "whole number of positions"]),
 ])
 def test_config_values_no_layer_can_use(good, tmp_path, cli_run, changes, needles):
     ck = copy_checkpoint(good, tmp_path / "c")

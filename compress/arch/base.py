@@ -97,6 +97,12 @@ class Adapter:
         if act not in ACT2FN:
             raise MoepressError(f"{where}: hidden_act={act!r}: expected one of transformers' activations "
                                 f"(e.g. silu, gelu)")
+        eps = self.config.get("rms_norm_eps")  # NaN or < 0: every norm's output NaN, the stages ran on (exit 0)
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < 1):
+            raise MoepressError(f"{where}: rms_norm_eps={eps!r}: expected a small positive number (e.g. 1e-6)")
+        w = self.config.get("sliding_window")  # <= 0: a window of no tokens, which the calibration forward took
+        if w is not None and not is_count(w):
+            raise MoepressError(f"{where}: sliding_window={w!r}: expected a whole number of positions >= 1, or null")
 
     def _check_raw(self, where: str) -> None:
         """Before transformers' config class sees them (it raises or logs): a dtype that is not a torch
