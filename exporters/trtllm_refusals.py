@@ -78,8 +78,9 @@ def static_input(reader: CheckpointReader, name: str) -> bool:
 
 def refuse_unwritten_attention(src: Path, adapter, reader) -> None:
     """The config trtllm_ckpt.py writes has MoE layers only, unscaled rotary embeddings, no attention window, no
-    biases and SiLU-gated MLPs (``rotary_scaling``, ``max_attention_window_size``, ``attention_bias`` unmapped; ``hidden_act``
-    swiglu): a model with other is refused rather than built to compute differently from its checkpoint."""
+    biases and SiLU-gated MLPs (``rotary_scaling``, ``max_attention_window_size``, ``attention_bias`` unmapped;
+    ``hidden_act`` swiglu): a model with other is refused rather than built to compute differently from its
+    checkpoint."""
     c = adapter.hf_config
     dense = [i for i in range(adapter.num_layers) if not adapter.is_moe_layer(i)]
     if dense:  # found by the writer at that layer, after a run's prune and quantize (trtllm_ckpt.py experts)
