@@ -378,6 +378,16 @@ def test_a_format_whose_block_no_linear_width_holds_is_refused(tmp_path, cli_run
     assert "e.g. --format fp8 or " in line and f"or {fmt}" not in line and not (tmp_path / "q").exists()
 
 
+def test_an_int4_group_no_linear_width_holds_names_the_group_that_does(tmp_path, cli_run):
+    """Widths 192 and 320 (multiples of 64, not of 128): --format int4-gptq at the default group 128 leaves every
+    linear bf16. The refusal named other formats only; --group-size 64 quantizes them all."""
+    src = make_random_checkpoint("mixtral", tmp_path / "m", hidden_size=192, intermediate_size=320,
+                                 num_attention_heads=3, num_key_value_heads=1, head_dim=64)
+    r = cli_run("quantize", src, "--format", "int4-gptq", "-o", tmp_path / "q", "--quiet")
+    line = assert_one_line_error(r, "--format int4-gptq: every linear of", "in_features 192 is over --group-size 128")
+    assert "e.g. --group-size 64, or --format fp8 or " in line and not (tmp_path / "q").exists()
+
+
 def test_format_none_quantizes_only_what_the_rules_name(tmp_path, cli_run):
     q = tmp_path / "q"
     r = cli_run("quantize", "tiny-mixtral", "--format", "none", "--rule", "self_attn.*=fp8-dynamic", "-o", q,

@@ -31,7 +31,7 @@ from moepress.compress.checkpoint.writer import check_output
 from moepress.compress.formats import ct_inputs
 from moepress.compress.quant import fp8
 from moepress.compress.quantize.calibrated import quantize_layer
-from moepress.compress.quantize.config import PROGRESS, REPORT, QuantConfig
+from moepress.compress.quantize.config import GROUP_SIZES, PROGRESS, REPORT, QuantConfig
 from moepress.compress.quantize.free import FreePipeline, linear_names, model_linear_names
 from moepress.compress.quantize.group import LayerResult, apply_fake_quant, refuse_non_finite
 from moepress.compress.quantize.report import (
@@ -57,11 +57,10 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
                         device: torch.device | None = None, notes: Callable[[], list[str]] | None = None) -> dict:
     """Quantize ``model`` into ``out``; returns the summary (also in quant_report.json).
 
-    ``batches``: the calibration token ids, built by the caller; None only for a config that
-    needs no calibration. ``device``: where layers are built and quantized (None: the CPU); a
-    runtime choice, not part of ``cfg``. ``notes``: lines said once the input and options are
-    validated, before the first layer (rank 0 only; the CLI's note of the exports that will refuse
-    the output)."""
+    ``batches``: the calibration token ids, built by the caller; None only for a config that needs no calibration.
+    ``device``: where layers are built and quantized (None: the CPU); a runtime choice, not part of ``cfg``.
+    ``notes``: lines said once the input and options are validated, before the first layer (rank 0 only; the
+    CLI's note of the exports that will refuse the output)."""
     t0 = time.monotonic()
     stage = QuantizeStage(model, cfg, device=device)
     stage.run(out, batches, force=force, resume=resume, progress=progress, notes=notes)
@@ -88,17 +87,18 @@ def quantize_resume_key(cfg: QuantConfig, src: Path, device: torch.device | None
 
 
 def check_rules(sm: StreamedModel, cfg: QuantConfig) -> None:
-    """Refuse, before any work, a --rule that names no linear of the model (a pattern written for another
-    family, e.g. ``mlp.experts.*`` on Mixtral's ``block_sparse_moe.experts``), and --format / --rule that leave
-    every linear unquantized without a --kv-cache (the output would declare a quantization holding nothing),
-    by their names or by their shapes (a format whose block or group no linear's width holds)."""
+    """Refuse, before any work, a --rule naming no linear of the model (``mlp.experts.*`` on Mixtral), and --format
+    / --rule leaving every linear unquantized without a --kv-cache (a quantization holding nothing), by their names or
+    their shapes (no linear's width holds the format's block or group: a smaller --group-size, or formats, named)."""
     if cfg.kv_cache is None and (why := _nothing_quantized(sm, cfg.format_of, cfg.group_size)) is not None:
         asked = [f"--format {cfg.format}"] * (cfg.format is not None) + [f"--rule {p}={f}" for p, f in cfg.rules]
         fit = [n for n, f in formats.FORMATS.items() if f.quantize is not None and f.scale is not None
                and n != cfg.format and _nothing_quantized(sm, lambda r, u, n=n: n, cfg.group_size) is None]
+        groups = [g for g in GROUP_SIZES if g < cfg.group_size and _nothing_quantized(sm, cfg.format_of, g) is None]
+        eg = [f"--group-size {g}" for g in groups[-1:]] + [f"--format {' or '.join(fit)}"] * bool(fit)
         raise MoepressError(f"{' '.join(asked)}: every linear of {sm.ckpt.path} would stay unquantized{why}; "
-                            "expected at least one linear in a format (or a --kv-cache)"
-                            + (f", e.g. --format {' or '.join(fit)}" if why and fit else ""))
+                            f"expected at least one linear in a format (or a --kv-cache){', e.g. ' * bool(why and eg)}"
+                            + ", or ".join(eg) * bool(why))
     if not cfg.rules:
         return
     a, cache = sm.adapter, {}
