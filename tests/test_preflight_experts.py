@@ -15,7 +15,7 @@ import shutil
 import pytest
 from test_run import write_recipe
 
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, make_random_checkpoint
 from moepress import models
 from moepress.compress.synthetic import write_synthetic
 from moepress.errors import MoepressError
@@ -140,3 +140,17 @@ def test_quantize_names_the_exports_that_refuse_its_expert_form_and_they_do(cli_
                 "-o", tmp_path / "d", "--json")
     why = json.loads(r.stdout)["exports_refusing"]["hf-modelopt"]
     assert "--group-size" not in why and "no runtime loads" in why, why
+
+
+@pytest.mark.parametrize("model,takes", [("tiny-qwen3-moe", True), ("tiny-mixtral-w192", True), ("hidden192", False)])
+def test_the_export_named_for_block_fp8_experts_takes_them(cli_run, tmp_path, model, takes):
+    """fp8-block experts, which hf-modelopt refuses: its note named hf-fp8-block as taking them whatever the widths;
+    with hidden 192 and experts 320 wide no linear runs in 128x128 blocks, and hf-fp8-block refuses the output (with
+    hidden 128 it takes it, keeping 192-wide experts bf16). Named exactly where that export exits 0."""
+    if model == "hidden192":
+        model = make_random_checkpoint("mixtral", tmp_path / "m", hidden_size=192, intermediate_size=320,
+                                       num_attention_heads=3, num_key_value_heads=1, head_dim=64)
+    r = cli_run("quantize", model, "--format", "fp8-block", "-o", tmp_path / "q", "--json")
+    why = json.loads(r.stdout)["exports_refusing"]["hf-modelopt"]
+    assert ("(hf-fp8-block takes them)" in why) == takes, why
+    assert (cli_run("export", tmp_path / "q", "--format", "hf-fp8-block", "-o", tmp_path / "h").exit_code == 0) == takes

@@ -342,7 +342,17 @@ def refuse_modelopt_experts(recipe: dict, adapter, exports: list[str]) -> None:
         raise MoepressError(f"recipe export.formats hf-modelopt: {given} the {family} routed "
                             f"experts a form no runtime loads from a Model-Optimizer checkpoint ({why}); expected "
                             "hf-modelopt removed from export.formats"
-                            + (" (hf-fp8-block takes them)" if f.modelopt_moe_why else ""))
+                            + (" (hf-fp8-block takes them)" if f.modelopt_moe_why and _blocks_run(adapter) else ""))
+
+
+def _blocks_run(adapter) -> bool:
+    """Whether hf-fp8-block takes the output: some linear runs in 128x128 block FP8 (kernel_widths.runs_in_blocks:
+    the attention's inputs, hidden wide, or the experts'), others it keeps bf16; it refuses a model of none
+    (hidden 192, experts 320 wide)."""
+    from moepress.exporters.kernel_widths import runs_in_blocks
+
+    h, w = adapter.hidden_size, adapter.moe_intermediate_size()
+    return runs_in_blocks((h, h), False) or (runs_in_blocks((w, h), True) and runs_in_blocks((h, w), True))
 
 
 def refuse_unquantized(recipe: dict, model: Path, exports: list[str], reg: dict) -> None:
