@@ -41,3 +41,14 @@ def test_padded_context_logits_are_cut_to_the_vocabulary(tmp_path, monkeypatch):
     # sample 1, position 2 is packed row 1 * S + 2 = 5: entries 5 * 8 + 0..4
     assert lg[1, 2].tolist() == [40.0, 41.0, 42.0, 43.0, 44.0]
     assert cand.vocab_size == V and cand.num_layers == 2
+
+
+def test_a_trtllm_ckpt_export_is_refused_naming_what_to_check_instead(tmp_path, cli_run):
+    """check of its own trtllm-ckpt export said only "found rank0.safetensors but no model.safetensors.index.json":
+    one line now says what it is and what can be checked (its engine, or its source)."""
+    from helpers import assert_one_line_error
+
+    out = tmp_path / "t"
+    assert cli_run("export", "tiny-mixtral", "--format", "trtllm-ckpt", "-o", out, "--quiet").exit_code == 0
+    assert_one_line_error(cli_run("check", out, "-r", "tiny-mixtral", "--max-samples", "2"),
+                          "a trtllm-ckpt export", "moepress build", "--kind engine")

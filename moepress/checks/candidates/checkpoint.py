@@ -163,6 +163,10 @@ def _detect_checkpoint(path: Path) -> bool:
 
 
 def _open_checkpoint(path: Path, cfg: CheckConfig, device=None) -> Candidate:
+    if (path / "rank0.safetensors").is_file() and (path / "export.json").is_file():  # its config.json is TensorRT-LLM's
+        raise MoepressError(f"{path}: a trtllm-ckpt export (export.json), which trtllm-build loads and no runtime here "
+                            f"runs: build its engine (`moepress build {path} --target T`) and check the engine "
+                            "directory on a GPU (--kind engine), or check the checkpoint it was exported from")
     cand = CheckpointCandidate(path, cfg)
     cand.stream.to(device)
     return cand
