@@ -139,6 +139,7 @@ class _Planner:
     max_num_tokens: int
     kv_cache_dtype: str
     runtime: str
+    flag: str = "--gpus"  # the option that gave the GPU count (--tp stands for it)
 
     def make(self, n: int) -> Plan:
         shape, t, E = self.shape, self.t, self.shape.num_experts
@@ -178,7 +179,7 @@ class _Planner:
 
     def onnx(self, gpus: int | None) -> Plan:
         t = self.t
-        for opt, v in (("--gpus", gpus), ("--ep", self.ep)):
+        for opt, v in ((self.flag, gpus), ("--ep", self.ep)):
             if v not in (None, 1):
                 raise MoepressError(f"{opt} {v}: a TensorRT engine from the ONNX export runs on one GPU; use "
                                     f"{opt} 1, or the trtllm-ckpt / hf-modelopt exports for tensor/expert parallelism")
@@ -229,14 +230,14 @@ class _Planner:
         if why is not None:
             fits = [n for n in gpu_counts(self.t) if n % (self.ep or 1) == 0 and self.unsplittable(n) is None
                     and self.make(n).fits]  # counts the --ep given splits
-            raise MoepressError(f"--gpus {gpus}: {why}; expected a GPU count that splits both"
+            raise MoepressError(f"{self.flag} {gpus}: {why}; expected a GPU count that splits both"
                                 + (f" (e.g. {', '.join(map(str, fits[:4]))})" if fits else ""))
         t, p = self.t, self.make(gpus)
         if not p.fits:
             best = self.smallest()
             hint = f"use --gpus {best.gpus}" if best else f"use a smaller format than {self.fmt} or a bigger GPU"
             raise MoepressError(
-                f"--gpus {gpus}: {self.fmt} needs {_gb(p.bytes_per_gpu['total'])} per {t.gpu} "
+                f"{self.flag} {gpus}: {self.fmt} needs {_gb(p.bytes_per_gpu['total'])} per {t.gpu} "
                 f"(weights {_gb(p.bytes_per_gpu['weights'])}, KV cache {_gb(p.bytes_per_gpu['kv_cache'])}) "
                 f"of {_gb(t.memory_bytes)}: {hint}")
         return p
@@ -332,8 +333,9 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     _check_request(t, kv_cache_dtype, {"--max-seq-len": max_seq_len, "--max-batch": max_batch, "--gpus": gpus,
                                        "--tp": tp, "--ep": ep})
     max_num_tokens = max_num_tokens or min(max_batch * max_seq_len, 8192)
+    flag = "--tp" if gpus is None and tp is not None else "--gpus"
     gpus = _parallelism(shape.num_experts, gpus, tp, ep)
-    planner = _Planner(name, shape, t, fmt, ep, max_seq_len, max_batch, max_num_tokens, kv_cache_dtype, runtime)
+    planner = _Planner(name, shape, t, fmt, ep, max_seq_len, max_batch, max_num_tokens, kv_cache_dtype, runtime, flag)
     p = planner.onnx(gpus) if runtime == "onnx" else planner.fixed(gpus) if gpus is not None else planner.fewest()
     if why:
         p.notes.insert(0, f"format chosen for {bits}-bit weights: {why}")

@@ -268,6 +268,9 @@ def test_splits_the_heads_or_experts_cannot_take_are_refused_and_skipped(cli_run
     c = json.loads(open(KIMI).read())
     with pytest.raises(MoepressError, match=r"^--gpus 6: tp 6 does not divide the 64 attention heads; .*\(e\.g\. 16, "):
         plan(c, "h200", "fp8", gpus=6, ep=2)
+    # the count given by --tp alone is named as --tp (it said "--gpus 6", an option not given)
+    with pytest.raises(MoepressError, match=r"^--tp 6: tp 6 does not divide the 64 attention heads"):
+        plan(c, "h200", "fp8", tp=6, ep=2)
     with pytest.raises(MoepressError, match=r"^--gpus 6: .*splits both$"):
         plan(c, "h200", "fp8", gpus=6, ep=3)
     r = cli_run("plan", "tiny-mixtral", "--target", "h100", "--max-seq-len", "100000")
