@@ -10,6 +10,17 @@ from moepress.compress.quantize.config import QuantConfig
 from moepress.compress.quantize.stats import LinearStats
 
 
+def _gate_up_groups(width: int) -> list:
+    """B experts' gate and up of ``width`` inputs, sharing one Hessian per expert (int4-gptq)."""
+    W, xs, _ = _items(2, width=width)
+    groups = []
+    for b in range(B):
+        st = LinearStats(hessian=True)
+        st.add(xs[b])
+        groups.append(("int4-gptq", [f"e{b}.gate", f"e{b}.up"], [W[b, 0], W[b, 1]], st))
+    return groups
+
+
 def _same(one, many):
     assert list(one.tensors) == list(many.tensors)
     for k, v in one.tensors.items():
@@ -33,12 +44,7 @@ def test_a_width_no_group_divides_is_left_unquantized_batched_too():
     """72 inputs, group 32: formats/_int4.py skips every such linear; the batch must skip them too (it built one
     GPTQ batch of them, with no group to quantize by)."""
     cfg = QuantConfig(format="int4-gptq", group_size=32)
-    W, xs, _ = _items(2, width=72)
-    groups = []
-    for b in range(B):
-        st = LinearStats(hessian=True)
-        st.add(xs[b])
-        groups.append(("int4-gptq", [f"e{b}.gate", f"e{b}.up"], [W[b, 0], W[b, 1]], st))
+    groups = _gate_up_groups(72)
     one = _run(groups, cfg, batched_int4=False, budget=1 << 40)
     assert len(one.skipped) == 2 * B and not one.modules  # 72 % 32: nothing quantized, each said
     _same(one, _run(groups, cfg, batched_int4=True, budget=1 << 40))
@@ -48,12 +54,7 @@ def test_experts_narrower_than_the_group_use_their_width_as_group_batched_too():
     """48 inputs, --group-size 64: int4.effective_group gives one group of 48 (min(group, width)), as the
     one-by-one quantizer stores it (one scale column); the batch must not use 64."""
     cfg = QuantConfig(format="int4-gptq", group_size=64)
-    W, xs, _ = _items(2, width=48)
-    groups = []
-    for b in range(B):
-        st = LinearStats(hessian=True)
-        st.add(xs[b])
-        groups.append(("int4-gptq", [f"e{b}.gate", f"e{b}.up"], [W[b, 0], W[b, 1]], st))
+    groups = _gate_up_groups(48)
     one = _run(groups, cfg, batched_int4=False, budget=1 << 40)
     assert not one.skipped and one.tensors["e0.gate.weight_scale"].shape[-1] == 1
     _same(one, _run(groups, cfg, batched_int4=True, budget=1 << 40))

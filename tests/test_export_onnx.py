@@ -409,10 +409,13 @@ def test_yarn_attention_scaling_is_in_the_graph(tmp_path, cli_run):
     assert ((got - want).abs().max() / want.abs().max()).item() <= FLOAT32[0]
 
 
-def test_per_channel_fp8_weights_export_as_transformers_computes_them(tmp_path):
-    """E4M3 weights with a [out, 1] weight_scale and no moepress layout (an outside FP8 W8A16 per-channel
-    checkpoint) export as one DequantizeLinear per weight on axis 0; no other test has such a weight, so scales
-    applied to the wrong rows passed. Reference: transformers' float32 forward of the weights dequantized (w x s)."""
+@pytest.mark.parametrize("flat", [False, True], ids=["out-1", "out"])
+def test_per_channel_fp8_weights_export_as_transformers_computes_them(tmp_path, flat):
+    """E4M3 weights with a [out, 1] weight_scale, or a 1-D [out] one (Model-Optimizer's own layout,
+    FP8_PER_CHANNEL_PER_TOKEN, read as per channel, not as a block grid), and no moepress layout (an outside FP8
+    W8A16 per-channel checkpoint) export as one DequantizeLinear per weight on axis 0; no other test has such a
+    weight, so scales applied to the wrong rows passed. Reference: transformers' float32 forward of the weights
+    dequantized (w x s)."""
     from transformers import AutoModelForCausalLM
 
     from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
@@ -428,7 +431,7 @@ def test_per_channel_fp8_weights_export_as_transformers_computes_them(tmp_path):
                 q, s = quantize_channel(t.float())
                 assert s.shape == (t.shape[0], 1) and s.unique().numel() > 1
                 wq.add(name, q)
-                wq.add(name[: -len(".weight")] + ".weight_scale", s)
+                wq.add(name[: -len(".weight")] + ".weight_scale", s.reshape(-1).contiguous() if flat else s)
                 wd.add(name, q.float() * s)
             else:
                 wq.add(name, t)

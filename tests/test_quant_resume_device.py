@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_resume import _die_on_abort
 
 from moepress.compress.checkpoint import CheckpointWriter
 from moepress.compress.checkpoint.writer import JOURNAL
@@ -27,16 +28,8 @@ def _kill_after_first_shard(mp) -> None:
         if count[0] == 2:  # the embedding's shard, then layer 0's
             raise Killed
 
-    def abort(self):  # as a kill leaves it: the partial on disk, the lock released
-        if self._pool is not None:
-            try:
-                self.wait()
-            except BaseException:
-                pass
-            self._pool.shutdown()
-        self._lock.release()
     mp.setattr(CheckpointWriter, "_write_shard", write_shard)
-    mp.setattr(CheckpointWriter, "abort", abort)
+    _die_on_abort(mp)  # as a kill leaves it: the partial on disk, the lock released
 
 
 def _kill(cli_run, args):
