@@ -30,6 +30,7 @@ import torch
 from moepress import __version__
 from moepress.calib import cache as cache_mod
 from moepress.calib.cache import load_token_file
+from moepress.calib.model_limits import check_embedding_rows, check_positions
 from moepress.calib.sources import (
     BUNDLED_CALIB,
     SourceSpec,
@@ -40,7 +41,6 @@ from moepress.calib.sources import (
     sidecar_path,
 )
 from moepress.calib.tokenizer import load_tokenizer, needs_remote_code, tokenizer_fingerprint
-from moepress.compress.checkpoint import read_config_file
 from moepress.errors import MoepressError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -279,38 +279,6 @@ def _check_params(num_samples: int, seq_len: int) -> None:
         raise MoepressError(f"--seq-len {seq_len}: expected at least 2")
 
 
-def check_positions(model_dir: str | Path, seq_len: int) -> None:
-    """Refuse samples longer than the model's ``max_position_embeddings`` (config.json, when the
-    directory has one): positions past it were never trained, so statistics and perplexities taken
-    there describe no input the model is meant to see."""
-    d = Path(model_dir)
-    if d.is_file():
-        raise MoepressError(f"{model_dir}: expected a model directory, got a file")
-    if not (d / "config.json").is_file():
-        return  # a tokenizer-only directory: nothing to check
-    cfg = read_config_file(d / "config.json")  # unreadable / not an object: one line naming it
-    text = cfg.get("text_config")
-    m = cfg.get("max_position_embeddings") or (text.get("max_position_embeddings") if isinstance(text, dict) else None)
-    if isinstance(m, int) and not isinstance(m, bool) and 0 < m < seq_len:
-        raise MoepressError(f"--seq-len {seq_len}: {model_dir} has max_position_embeddings {m}; expected at most {m}")
-
-
-def _check_embedding_rows(model_dir: Path, ids: torch.Tensor, src: torch.Tensor, specs) -> None:
-    """Refuse token ids past the model's embedding (config.json ``vocab_size``): a tokenizer larger than the model's
-    table gave them, and every stage would refuse them later (``calib prepare`` wrote a file none could use)."""
-    if not (model_dir / "config.json").is_file() or not ids.numel():
-        return
-    cfg = read_config_file(model_dir / "config.json")
-    text = cfg.get("text_config")
-    n = cfg.get("vocab_size") or (text.get("vocab_size") if isinstance(text, dict) else None)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or int(ids.max()) < n:
-        return
-    r = int((ids >= n).any(dim=1).nonzero()[0])
-    raise MoepressError(f"--calib {specs[int(src[r])].spec}: token id {int(ids[r].max())} is past the model's "
-                        f"embedding (config.json vocab_size {n}): the tokenizer of {model_dir} is larger than the "
-                        "model")
-
-
 def source_hashes(sources: tuple[str, ...] | list[str]) -> dict[str, str | None]:
     """sha256 of what each ``--calib`` source reads (none: the bundled text), keyed by the source as given,
     memoised in the cache like :func:`calibration_set`'s."""
@@ -372,7 +340,7 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
         hit = cache_mod.cache_get(key)
         if hit is not None and tuple(hit[0].shape) == (num_samples, seq_len):  # the key covers both: a bug's guard
             ids, src, side = hit
-            _check_embedding_rows(model_dir, ids, src, specs)
+            check_embedding_rows(model_dir, ids, src, specs)
             return CalibSet(ids, src, _as_asked(side, specs, model_dir), cached=True)
 
     tok = load_tokenizer(model_dir, trust_remote_code)
@@ -395,7 +363,7 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
         v = int(row[(row < 0) | (row >= vocab)][0])
         raise MoepressError(f"--calib {specs[int(src[r])].spec}: token id {v} is outside the tokenizer's vocabulary "
                             f"(0..{vocab - 1})")
-    _check_embedding_rows(model_dir, ids, src, specs)
+    check_embedding_rows(model_dir, ids, src, specs)
     if len(specs) == 1 and specs[0].type == "tokens":  # its first rows, whatever --seed: the file's own seed drew them
         seed = infos[0].get("seed")
     meta = {"key": key, "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
