@@ -50,7 +50,7 @@ class Task:
         at, _, sig = os.environ.get(KILL_AT, "").partition(":SIG")
         if at and at == f"{self.stage}:{self.done}":
             # fault injection for resume tests: die like `kill -9` right after this step
-            os.kill(os.getpid(), getattr(signal, "SIG" + sig) if sig else signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, "SIG" + sig, signal.SIGKILL) if sig else signal.SIGKILL)
         el = time.monotonic() - self.t0
         eta = self.eta()
         if self.r.mode == "json":

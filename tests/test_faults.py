@@ -976,3 +976,20 @@ def test_an_interrupt_is_one_line_its_own_exit_code_and_keeps_the_finished_layer
     assert stderr.strip().splitlines() == [f"moepress: {line}"]
     assert json.loads(stdout) == {"error": line, "exit": 128 + getattr(signal, sig)}
     assert not out.exists() and list((tmp_path / "O.partial").glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_says_to_rerun_it_not_to_pass_resume(tmp_path):
+    """`moepress run` interrupted in its quantize said "rerun with --resume", an option run does not have (it
+    resumes a killed quantize by itself)."""
+    import signal
+
+    rec = tmp_path / "r.yaml"
+    rec.write_text("model: tiny-qwen3-moe\ncalib: {num_samples: 8, seq_len: 64}\nquantize: {format: fp8}\n"
+                   "check: null\n")
+    p = forkserver.run([sys.executable, "-m", "moepress", "run", str(rec), "-o", str(tmp_path / "O"), "--quiet"],
+                       text=True, timeout=120, env={**os.environ, "MOEPRESS_KILL_AT": "quantize:2:SIGINT"})
+    assert p.returncode == 128 + signal.SIGINT, p.stderr
+    kept = tmp_path / "O" / "quantize.partial"
+    assert p.stderr.strip().splitlines() == [f"moepress: interrupted by SIGINT; the finished layers are kept in "
+                                             f"{kept}: rerun it (run resumes it)"]

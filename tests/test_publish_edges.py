@@ -71,6 +71,16 @@ def test_publish_refuses_a_manifest_listing_no_files_and_a_missing_artifact(tmp_
     assert not (tmp_path / "pub").exists()
 
 
+def test_force_does_not_publish_a_directory_with_no_manifest(tmp_path, cli_run):
+    """--force published an interrupted quantize's OUT.partial (shards and a writer journal, no config, no manifest)
+    and exited 0: it overrides a failed check or changed files, not the absence of a finished artifact."""
+    art = _artifact(tmp_path)
+    (art / MANIFEST_NAME).unlink()
+    _one_line(cli_run("publish", art, "--to", tmp_path / "pub", "--force"),
+              f"{art / MANIFEST_NAME}: missing or lists no files; expected a finished moepress output")
+    assert not (tmp_path / "pub").exists() and not (tmp_path / "pub.partial").exists()
+
+
 def test_publish_replaces_a_partial_copy_left_by_a_killed_publish(tmp_path, cli_run):
     art = _artifact(tmp_path)
     (tmp_path / "pub.partial").mkdir()

@@ -71,7 +71,8 @@ class MoepressGroup(click.Group):
         except KeyboardInterrupt as e:  # click said "Aborted!" and exited 1, the failed check's code
             name = getattr(e, "name", "SIGINT")
             kept = getattr(e, "kept", None)
-            _refuse(ctx, f"interrupted by {name}" + (f"; the finished layers are kept in {kept}: rerun with --resume"
+            again = "rerun it (run resumes it)" if ctx.invoked_subcommand == "run" else "rerun with --resume"
+            _refuse(ctx, f"interrupted by {name}" + (f"; the finished layers are kept in {kept}: {again}"
                                                        if kept is not None else ""),
                     128 + getattr(e, "signum", signal.SIGINT))
 

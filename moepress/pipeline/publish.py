@@ -98,6 +98,9 @@ def publish(artifact: str | Path, to: str, force: bool = False) -> dict:
         raise MoepressError(f"{src}: no such artifact directory")
     dst = None if to.startswith("hf://") else _destination(src, to)
     problems, info = _problems(src)
+    if problems and problems[0].endswith(": missing or lists no files"):  # no finished artifact: not even forced
+        raise MoepressError(f"{problems[0]}; expected a finished moepress output (--force publishes one whose check "
+                            "failed or whose files changed, not a partial or foreign directory)")
     if problems and not force:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise MoepressError(f"{problems[0]}{more}; refusing to publish (--force to publish anyway)")
