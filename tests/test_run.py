@@ -193,6 +193,24 @@ def test_rerun_is_a_noop_and_a_change_reruns_only_downstream(cli_run, tmp_path):
     assert statuses(out) == {"prune": "skipped", "check:pruned": "ran"}
 
 
+def test_a_moved_run_directory_runs_its_stages_where_it_now_is(cli_run, tmp_path):
+    """A run directory moved (or copied) skipped every stage and kept results naming the old one: build.sh built from
+    the old path's trtllm-ckpt, run.json listed the old outputs. Its stages run again where they are."""
+    import shutil
+
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "fp8"},
+                       export={"formats": ["hf-modelopt"]}, build={"targets": ["h100"]})
+    old, new = tmp_path / "old", tmp_path / "new"
+    assert cli_run("run", rec, "-o", old).exit_code == 0
+    shutil.move(old, new)
+    r = cli_run("run", rec, "-o", new, "--json")
+    assert r.exit_code == 0, r.output
+    assert set(statuses(new).values()) == {"ran"}, statuses(new)
+    scripts = [p.read_text() for p in (new / "build").glob("*/build.sh")]
+    assert scripts and all(str(old) not in t and str(new) in t for t in scripts)
+    assert str(old) not in (new / "run.json").read_text()
+
+
 def test_failed_gate_exits_1_and_names_the_artifact(cli_run, tmp_path):
     rec = write_recipe(tmp_path / "r.yaml", check={"max_samples": 4, "seq_len": 128, "max_ppl_increase": "0.1%"})
     r = cli_run("run", rec, "-o", tmp_path / "run")
@@ -622,7 +640,7 @@ def test_another_moepress_version_remakes_the_run(cli_run, tmp_path, monkeypatch
     and the run kept the old version's artifacts (quantize's own --resume already refused another version)."""
     import moepress
 
-    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "fp8-dynamic"},
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "fp8"},
                        export={"formats": ["compressed-tensors"]})
     out = tmp_path / "run"
     assert cli_run("run", rec, "-o", out).exit_code == 0

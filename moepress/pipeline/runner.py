@@ -154,8 +154,10 @@ class Runner:
         """Run ``fn(resume: bool) -> result`` into ``out`` unless its key and output are unchanged; ``resume``
         only for a ``resumable`` stage (quantize) whose partial this key started."""
         st = self._load_state(sid)
-        if not self._forced(sid) and st.get("key") == key and st.get("done") and complete(out) \
-                and _same_files(out, st.get("files")):
+        # written for this very path: a run directory moved or copied keeps results (build.sh, run.json) that name
+        # the old one, so its stages run again where they now are
+        if not self._forced(sid) and st.get("key") == key and st.get("done") and st.get("output") == str(out) \
+                and complete(out) and _same_files(out, st.get("files")):
             self.prog.info(f"{sid}: unchanged, skipped ({out})")
             self.record[sid] = {"status": "skipped", "key": key, "output": str(out), "result": st.get("result")}
             return st.get("result") or {}
@@ -172,7 +174,7 @@ class Runner:
             result = fn(resume) or {}
         secs = round(time.monotonic() - t0, 3)
         self._save_state(sid, {"key": key, "done": True, "result": result, "seconds": secs,
-                               "files": _listed(out)})
+                               "files": _listed(out), "output": str(out)})
         self.record[sid] = {"status": "resumed" if resume else "ran", "key": key, "output": str(out),
                             "seconds": secs, "memory": mem.report(), "result": result}
         return result
