@@ -107,16 +107,25 @@ def module_formats(reader: CheckpointReader, adapter: Adapter) -> dict[str, dict
     return out
 
 
-def _refuse_non_hf_export(path: str) -> None:
-    """A `moepress export` output that is not a Hugging Face checkpoint (onnx: no config.json; trtllm-ckpt:
-    rank*.safetensors): one line naming it and its source, not the missing file the reader would name."""
+def non_hf_export(path: str | Path) -> dict | None:
+    """The export.json record ({} where unreadable) of a `moepress export` output that is not a Hugging Face
+    checkpoint (onnx: no config.json; trtllm-ckpt: rank*.safetensors beside TensorRT-LLM's config.json); None for
+    anything else."""
     d = Path(path)
-    if (d / "export.json").is_file() and (not (d / "config.json").is_file() or (d / "rank0.safetensors").is_file()):
-        try:
-            info = json.loads((d / "export.json").read_text())
-        except (OSError, ValueError):
-            info = None
-        info = info if isinstance(info, dict) else {}
+    if not (d / "export.json").is_file() or ((d / "config.json").is_file() and not (d / "rank0.safetensors").is_file()):
+        return None
+    try:
+        info = json.loads((d / "export.json").read_text())
+    except (OSError, ValueError):
+        info = None
+    return info if isinstance(info, dict) else {}
+
+
+def _refuse_non_hf_export(path: str) -> None:
+    """A `moepress export` output that is not a Hugging Face checkpoint: one line naming it and its source, not the
+    missing file the reader would name."""
+    info = non_hf_export(path)
+    if info is not None:
         fmt, source = info.get("format"), info.get("source")
         raise MoepressError(f"{path}: a `moepress export{f' --format {fmt}' if fmt else ''}` output (export.json); "
                             "inspect reads Hugging Face checkpoints (config.json with model.safetensors or its index)"

@@ -251,10 +251,7 @@ class _RankWriter:
         return quant
 
     def experts(self, i: int, quant: bool) -> None:
-        a, tl = self.a, f"transformer.layers.{i}."
-        if not a.is_moe_layer(i):
-            raise MoepressError(f"{self.src}: layer {i} is dense{a.layer_kind()}; this exporter writes MoE layers "
-                                "only")
+        a, tl = self.a, f"transformer.layers.{i}."  # a dense layer: refused before (refuse_unwritten_attention)
         router = self.reader.get(a.router_prefix(i) + "weight").float()
         for r in range(self.tp):
             self.put(r, tl + "mlp.router.weight", router)

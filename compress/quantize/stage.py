@@ -95,10 +95,10 @@ def check_rules(sm: StreamedModel, cfg: QuantConfig) -> None:
         fit = [n for n, f in formats.FORMATS.items() if f.quantize is not None and f.scale is not None
                and n != cfg.format and _nothing_quantized(sm, lambda r, u, n=n: n, cfg.group_size) is None]
         groups = [g for g in GROUP_SIZES if g < cfg.group_size and _nothing_quantized(sm, cfg.format_of, g) is None]
-        eg = [f"--group-size {g}" for g in groups[-1:]] + [f"--format {' or '.join(fit)}"] * bool(fit)
+        eg = ", or ".join([f"--group-size {g}" for g in groups[-1:]] + [f"--format {' or '.join(fit)}"] * bool(fit))
         raise MoepressError(f"{' '.join(asked)}: every linear of {sm.ckpt.path} would stay unquantized{why}; "
-                            f"expected at least one linear in a format (or a --kv-cache){', e.g. ' * bool(why and eg)}"
-                            + ", or ".join(eg) * bool(why))
+                            "expected at least one linear in a format (or a --kv-cache)"
+                            + (f", e.g. {eg}" if why and eg else ""))
     if not cfg.rules:
         return
     a, cache = sm.adapter, {}

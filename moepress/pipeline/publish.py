@@ -78,8 +78,10 @@ def _problems(src: Path) -> tuple[list[str], dict]:
     """Every reason not to publish ``src`` (first the file problems), and what the result reports of its check."""
     m = read_manifest(src)
     files = m.get("files")
-    if not files or not isinstance(files, dict):
-        return [f"{src / MANIFEST_NAME}: missing or lists no files"], {"accuracy_passed": None}
+    if not files or not isinstance(files, dict):  # no finished artifact: refused even with --force
+        raise MoepressError(f"{src / MANIFEST_NAME}: missing or lists no files; expected a finished moepress output "
+                            "(--force publishes one whose check failed or whose files changed, not a partial or "
+                            "foreign directory)")
     digests, problems = _digests(src, files)
     acc = m.get("accuracy")
     if not isinstance(acc, dict):
@@ -98,9 +100,6 @@ def publish(artifact: str | Path, to: str, force: bool = False) -> dict:
         raise MoepressError(f"{src}: no such artifact directory")
     dst = None if to.startswith("hf://") else _destination(src, to)
     problems, info = _problems(src)
-    if problems and problems[0].endswith(": missing or lists no files"):  # no finished artifact: not even forced
-        raise MoepressError(f"{problems[0]}; expected a finished moepress output (--force publishes one whose check "
-                            "failed or whose files changed, not a partial or foreign directory)")
     if problems and not force:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise MoepressError(f"{problems[0]}{more}; refusing to publish (--force to publish anyway)")

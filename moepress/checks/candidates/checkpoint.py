@@ -16,6 +16,7 @@ from moepress.checks.candidates.base import Candidate, CandidateKind, config_jso
 from moepress.checks.config import CheckConfig
 from moepress.compress.formats import SIDECAR, by_quant_algo, fp8_block, layout_of
 from moepress.compress.formats.fake_quant import act_hook
+from moepress.compress.inspect import non_hf_export
 from moepress.compress.moe import AttentionObserver
 from moepress.compress.quant import fp8
 from moepress.compress.stream import StreamedModel
@@ -163,7 +164,7 @@ def _detect_checkpoint(path: Path) -> bool:
 
 
 def _open_checkpoint(path: Path, cfg: CheckConfig, device=None) -> Candidate:
-    if (path / "rank0.safetensors").is_file() and (path / "export.json").is_file():  # its config.json is TensorRT-LLM's
+    if non_hf_export(path) is not None:  # a trtllm-ckpt (an ONNX export is detected as the onnx kind first)
         raise MoepressError(f"{path}: a trtllm-ckpt export (export.json), which trtllm-build loads and no runtime here "
                             f"runs: build its engine (`moepress build {path} --target T`) and check the engine "
                             "directory on a GPU (--kind engine), or check the checkpoint it was exported from")
