@@ -124,8 +124,8 @@ def shutdown() -> None:
 def abandon(code: int) -> None:
     """Exit now with ``code``, without tearing the process group down, when one is joined: after a peer is
     lost, gloo's teardown at interpreter exit can abort the process ("terminate called without an active
-    exception", SIGABRT) after the one-line error was printed, so torchrun and CI saw -6, not 2. The stage
-    already kept its partial; nothing else is left to clean up."""
+    exception", SIGABRT) after the one-line error was printed, which would turn the exit status into -6
+    instead of ``code``. The stage already kept its partial; nothing else is left to clean up."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

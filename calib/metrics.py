@@ -45,7 +45,7 @@ def margin_z(margin: float, noise: float) -> float:
 
 
 def safe_exp(x: float) -> float:
-    """exp(x), inf past float64's range (a mean NLL above ~709 nats: math.exp raised OverflowError)."""
+    """exp(x), inf past float64's range (a mean NLL above ~709 nats, where math.exp raises OverflowError)."""
     return math.exp(x) if x < 709.0 else math.inf if x == x else math.nan
 
 

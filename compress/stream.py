@@ -1,9 +1,9 @@
 """Layer-streamed model: embeddings -> each decoder layer (load, run every batch, free) -> norm -> head.
 
-Memory is one decoder layer plus the activations of the batches in flight, whatever the
-model's size. Stages drive the loop themselves (``embed`` / ``layers`` / ``run_layer`` /
-``head``) or use :meth:`StreamedModel.forward` with callbacks where observers and
-transforms attach.
+Memory is the decoder layer being run, the next one's stored tensors being read ahead, and the
+activations of the batches in flight, whatever the model's size. Stages drive the loop themselves
+(``embed`` / ``layers`` / ``run_layer`` / ``head``) or use :meth:`StreamedModel.forward` with callbacks
+where observers and transforms attach.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def read_ahead(reader: CheckpointReader, names: Iterable[str], budget: int = REA
                threads: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, stored tensor)`` for ``names`` in order while ``threads`` background threads
     read the next ones (independent preads, GIL released: they overlap the caller's compute and keep
-    several requests at the disk), at most ``budget`` bytes ahead (at least one tensor), into a
-    :class:`BufferPool` that recycles the blocks the caller frees (at most ``budget`` bytes idle).
+    several requests at the disk), until ``budget`` bytes are in flight (so up to one tensor past it; at
+    least one tensor), into a :class:`BufferPool` that recycles the blocks the caller frees (at most
+    ``budget`` bytes idle).
     ``names`` may be a lazy iterable spanning layers: layer i+1 is read while layer i computes."""
     it = iter(names)
     queue: deque[tuple[str, int, Future]] = deque()
@@ -120,8 +121,8 @@ class StreamedModel:
     prune, whose fold re-encodes a merged expert; check and calib stats read none).
     ``read_ahead_bytes``: how far the background reader runs ahead of the layer being built.
     ``release_layers=True``: a layer :meth:`layers` yielded goes to the meta device when the next is
-    asked for, before that one is read (the caller's loop variable still names it then); tensors
-    taken out of it (``state_dict()`` given to a writer) stay valid.
+    asked for, before that one is built from its (read-ahead) stored tensors (the caller's loop variable
+    still names it then); tensors taken out of it (``state_dict()`` given to a writer) stay valid.
     ``on_build``: (reader, prefix, layer) callbacks as each layer is built (check: a runtime's activation quant).
     ``device``: where layers are built and hidden states live (moepress/device.py resolves it);
     on a GPU each layer's stored bytes are uploaded (:class:`Uploader`) while the previous layer

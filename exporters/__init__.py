@@ -85,8 +85,8 @@ def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool =
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config)
     ex.refuse_family(adapter.family, src)
-    # the shard headers against config.json before anything is written (a tensor of the wrong shape was
-    # exported as it was, or failed mid-export with a traceback); StreamedModel checks them when built
+    # the shard headers against config.json before anything is written (a tensor of the wrong shape is
+    # refused in one line, not exported as it is or failed mid-export); StreamedModel checks them when built
     refuse_packed_shapes(StreamedModel(reader, prefetch=False))
     with CheckpointWriter(out, force=force, sources=(src,)) as writer:
         summary = ex.fn(src, writer, cfg, progress) or {}

@@ -35,7 +35,8 @@ def read_json(p: Path) -> dict | None:
 
 def json_object(p: Path, *keys: str) -> dict:
     """The object at ``keys`` in the JSON file ``p`` ({} where the file or a key is absent); one line where the file
-    or a level on the way is not an object (a hand-edited ``"quantization": "fp8"`` crashed ``build``)."""
+    or a level on the way is not an object (a hand-edited ``"quantization": "fp8"``: one line, not a traceback in
+    ``build``)."""
     v = read_json(p)
     for n in range(len(keys) + 1):
         if v is None:

@@ -31,7 +31,7 @@ config files consumers read:
   experts of a layer share each projection's ``input_scale`` (quantize stage's convention,
   equal to modelopt's _QuantFusedExperts export).
 
-Refused with one line (fused_moe.py): a layer whose routed experts are partly quantized (e.g.
+Refused with one line (fused_moe.py and this module): a layer whose routed experts are partly quantized (e.g.
 INT4 down projections left bf16 because no group divides their in_features) and block-FP8 experts
 whose width is over 128 and not a multiple of it: fused-MoE runtimes hold one quantization per
 layer's experts and stack gate and up into one weight; q/k/v, gate/up or DeepSeek's q_a / kv_a quantized
@@ -47,7 +47,7 @@ Each format's ``quant_algo`` is the name Model-Optimizer writes (Format.modelopt
 ``fp8_pb_wo``, which TensorRT-LLM and vLLM's linear methods read (compress/formats/fp8_block.py says
 where), its ``weight_scale`` written [ceil(out/128), 1, ceil(in/128), 1] as Model-Optimizer 0.47 exports it
 and the quantize output stores it (Format.modelopt_scale reshapes older outputs' 2-D grid): the shape vLLM 0.33
-allocates (quantization/modelopt.py ``KFp8Block128``; its loaders assert it, so the 2-D grid did not load), which
+allocates (quantization/modelopt.py ``KFp8Block128``; its loaders assert it, so a 2-D grid is refused), which
 TensorRT-LLM's FP8BlockScalesLinearMethod squeezes (_torch/modules/linear.py, main 2026-11; 2-D loads there
 too). vLLM's Model-Optimizer MoE method takes per-tensor FP8 only, so no block-FP8 MoE model of this format
 loads there; the README's consumer table lists, per consumer, the names it accepts
@@ -182,7 +182,7 @@ def modelopt_name(n: str) -> str:
 
 def _modelopt_tensor(n: str, t: torch.Tensor, modules: dict) -> torch.Tensor:
     """A stored tensor as Model-Optimizer exports it: the stored bytes, already its layout, but for block FP8's
-    weight_scale, a 2-D grid (quantize outputs written before they stored 4-D) written 4-D (Format.modelopt_scale:
+    weight_scale, a 2-D grid (DeepSeek's, or any checkpoint storing the grid) written 4-D (Format.modelopt_scale:
     vLLM 0.33 refuses the 2-D grid)."""
     part = linear_of(n, ("weight_scale",))
     return formats.FORMATS[modules[part[0]]["format"]].modelopt_scale(t) if part and part[0] in modules else t

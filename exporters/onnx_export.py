@@ -6,7 +6,7 @@ offset / length in each TensorProto, onnx/onnx ``docs/ExternalData.md``) and dro
 exporter holds one layer's tensors whatever the model's size; ``model.onnx`` keeps only the
 graph. Tensors smaller than ``--option external_min_bytes`` (default 1024) stay inline.
 
-Contract (moepress/checks/candidates.py): input ``input_ids`` int64 [B, S] -> ``logits``
+Contract (moepress/checks/candidates/, ``base.ONNX_CONTRACT``): input ``input_ids`` int64 [B, S] -> ``logits``
 [B, S, V] and ``hidden_states.{i}`` [B, S, H] (decoder layer i's output, before the final norm).
 
 Weights keep their stored form with DequantizeLinear / QuantizeLinear (opset 21; the forms per

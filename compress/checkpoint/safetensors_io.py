@@ -131,7 +131,7 @@ class _HashingFile:
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """A small file's bytes, its header in a fixed order: ``safetensors.torch.save`` writes ``__metadata__`` in
-    its hash map's order, another in each process, so equal tensors gave files of other sha256s."""
+    its hash map's order, another in each process, so equal tensors would give files of different sha256s."""
     order, hb, _ = _layout(tensors, metadata)
     data = [t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in (tensors[n] for n in order)]
     return b"".join([struct.pack("<Q", len(hb)), hb, *data])
@@ -139,7 +139,8 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
 def _layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[list[str], bytes, int]:
     """(tensor order, padded header bytes, data section size)."""
-    # largest alignment first, then by name (what safetensors.torch does), so every tensor is aligned
+    # largest element size first, then by name, so every tensor is aligned (safetensors.torch orders
+    # equal sizes by dtype first: the bytes need not equal its own)
     order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
     header: dict = {"__metadata__": metadata} if metadata else {}
     off = 0

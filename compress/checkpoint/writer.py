@@ -100,11 +100,11 @@ def check_output(out: str | os.PathLike, *, force: bool = False, resume: bool = 
 class CheckpointWriter:
     """Writes a sharded safetensors checkpoint atomically.
 
-    Tensors are buffered and written in shards of at most ``max_shard_bytes`` (a shard
-    also ends where the caller calls :meth:`end_shard`, e.g. at a layer boundary). The journal
-    records where the caller's boundaries fall: a resume drops the trailing shards written after the
-    last one (part of a layer bigger than ``max_shard_bytes``), so the stage writes that layer again
-    from its start, into the same shards an uninterrupted run writes.
+    Tensors are buffered and a shard is cut once it holds ``max_shard_bytes`` (so it may exceed that by one tensor;
+    a shard also ends where the caller calls :meth:`end_shard`, e.g. at a layer boundary). The journal records where
+    the caller's boundaries fall: a resume drops the trailing shards written after the last one (part of a layer
+    bigger than ``max_shard_bytes``), so the stage writes that layer again from its start, into the same shards an
+    uninterrupted run writes.
     Everything goes to ``<out>.partial/``; :meth:`commit` names the shards
     ``model-0000i-of-0000N.safetensors``, writes the index and renames the directory to
     ``<out>``. Until then nothing named ``<out>`` exists (or the old one stays, with --force).

@@ -1,7 +1,7 @@
 """What a quantization format is, as data: one frozen :class:`Format` per format.
 
 Everything a stage, exporter, planner or the CLI needs to know about a format is an attribute
-here, so that no module outside this package compares a format's name: the names its consumers
+here, so that no module outside this package decides a format's properties from its name: the names its consumers
 use (TensorRT-LLM / Model-Optimizer ``quant_algo``, the compressed-tensors format and scheme), the
 tensors it stores, the GPU architectures that run it, its weight quantizer, its activation
 fake-quant and its decoder.
@@ -66,9 +66,10 @@ class Format:
     (Model-Optimizer's ``fp8_pb_wo``), read back as this format. modelopt_group: the format's config group in
     config.json's flat quantization_config, where a MIXED_PRECISION layer of it is described; modelopt_flat_group:
     whether a checkpoint of this format alone has one too (Model-Optimizer 0.47 convert_hf_config.py
-    ``convert_hf_quant_config_format``: FP8, NVFP4, W4A16_NVFP4 only). quantize: (weights of linears sharing an input,
-    :class:`QuantContext`) -> :class:`Quantized`; None for formats moepress plans but does not write. skip:
-    (out_features, in_features, --group-size) -> why a linear of that shape stays unquantized (stored as it was and
+    ``convert_hf_quant_config_format``: of moepress's formats FP8, NVFP4 and W4A16_NVFP4). quantize: (weights of
+    linears sharing an input, :class:`QuantContext`) -> :class:`Quantized`; None for formats moepress plans but does
+    not write. skip: (out_features, in_features, --group-size) -> why a linear of that shape stays unquantized
+    (stored as it was and
     reported skipped), None when it quantizes; the quantizer and the checks made before a run (a recipe's preflight)
     ask the same rule. None: every shape quantizes.
     """

@@ -43,7 +43,7 @@ def quantize(ws: list[torch.Tensor], ctx: QuantContext) -> Quantized:
     """E4M3 weights and their block scales in Model-Optimizer's 4-D layout (:func:`fp8.modelopt_block`): the
     quantize output declares ``fp8_pb_wo`` (hf_quant_config.json, config.json), and vLLM 0.33 loads that from
     it with the FP8_PB_WO linear method, which allocates [ceil(out/128), 1, in/128, 1] and asserts it
-    (model_executor/parameter.py ``_assert_and_load``); the 2-D grid did not load there."""
+    (model_executor/parameter.py ``_assert_and_load``): a 2-D grid is refused there."""
     return Quantized(_fp8.each(ws, _quantize_one))
 
 

@@ -90,7 +90,7 @@ def search(ws: list[torch.Tensor], x: torch.Tensor, act_mean: torch.Tensor, grou
 
 
 # llm-awq auto_clip's grid (n_grid 20, max_shrink 0.5: 1, 0.975, ..., 0.5), a superset of modelopt
-# awq_clip's (0.5, 0.55, ..., 0.95, 1; lower held-out perplexity on tiny-mixtral, same elsewhere);
+# awq_clip's (0.5, 0.55, ..., 0.95, 1: every ratio modelopt tries is tried, and finer steps between);
 # 1.0 comes first so that a tie (a group no calibration row touches: every loss is 0) keeps amax / 7
 CLIP_RATIOS = tuple(1.0 - 0.5 * k / 20 for k in range(21))
 MODELOPT_CLIP_RATIOS = (*(round(0.5 + 0.05 * k, 2) for k in range(10)), 1.0)  # its order: ties go to 0.5

@@ -1,6 +1,8 @@
 """GPTQ and the AWQ scale search over a batch of weights with identical shapes (a layer's routed
 experts), as a few large tensor ops instead of one small op per expert; same numerics as
-:mod:`gptq` and :mod:`awq`, and on the CPU the same bits.
+:mod:`gptq` and :mod:`awq` (the Hessian's precision :func:`gptq.hessian_dtype`), and on the CPU the same
+bits (the CPU never batches an input wider than ``gptq.WIDE_INPUT``: one such Hessian and its factors pass
+compress/quantize/experts.py's batch budget, so it goes one by one).
 
 Batch layout: ``W`` [B, K, out, in] holds K weights (an expert's gate and up, or its down) of B
 items (experts); item b's K weights read one input, whose Hessian is ``H[b]`` [in, in] (one
@@ -29,6 +31,7 @@ import torch
 from moepress.compress.quant import awq, int4
 from moepress.compress.quant.awq import TINY
 from moepress.compress.quant.exact import div
+from moepress.compress.quant.gptq import hessian_dtype
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +66,13 @@ def factor(H: torch.Tensor, dead: torch.Tensor, damp: float = 0.01, act_order: b
            exact: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched :func:`gptq.factor`: ``H`` [B, in, in] (overwritten), ``dead`` [B, in] the all-zero
     weight columns of each item -> (column order [B, in], upper Cholesky factor of the damped H^-1
-    in that order [B, in, in], float64). An item whose damped H is not positive definite gets the
-    identity (round to nearest), as one-by-one."""
+    in that order [B, in, in], in :func:`gptq.hessian_dtype` of ``in``). An item whose damped H is not
+    positive definite gets the identity (round to nearest), as one-by-one."""
     if not damp > 0:
         raise ValueError(f"GPTQ: damp must be > 0, got {damp}")
     exact = exact_default(H) if exact is None else exact
     B, n, _ = H.shape
-    H = H.double()
+    H = H.to(hessian_dtype(n))
     if act_order:
         perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=-1, descending=True, stable=True)
         H = H.gather(1, perm[:, :, None].expand(B, n, n)).gather(2, perm[:, None, :].expand(B, n, n))
@@ -95,8 +98,8 @@ def factor(H: torch.Tensor, dead: torch.Tensor, damp: float = 0.01, act_order: b
 
 
 # On the CPU the column loop streams its block of columns [items, K, out, block] once per column:
-# items are taken a few at a time so that block stays in cache (measured on 2 cores: one batch of
-# 128 experts x 2 x [512, 128] was 3x slower than one by one; a cache-sized one is faster)
+# items are taken a few at a time so that block stays in cache (one batch of a whole layer's experts
+# would stream it from memory on every column)
 CPU_BLOCK_BYTES = 1 << 20
 
 
@@ -121,9 +124,9 @@ def _gptq(W: torch.Tensor, perm: torch.Tensor, U: torch.Tensor, group: int, bloc
           exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
     B, K, out, cols = W.shape
     scales = group_scales(W, group)  # from the original weight
-    sd = scales.double()
+    sd = scales.to(U.dtype)
     idx = perm[:, None, None, :].expand(B, K, out, cols)
-    W = W.double().gather(-1, idx)
+    W = W.to(U.dtype).gather(-1, idx)
     Q = torch.zeros(W.shape, dtype=torch.int8, device=W.device)
     for b0 in range(0, cols, block_size):
         b1 = min(b0 + block_size, cols)

@@ -55,8 +55,8 @@ def quantize_block(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> t
     q = torch.empty(out, inp, dtype=FP8_DTYPE, device=w.device)
     scale = torch.empty(nr, nc, dtype=torch.float32, device=w.device)
     # a few block rows at a time, so the float32 working copy stays in the CPU's cache instead of
-    # streaming a whole expert through memory ~6 times: faster on one core, and cores that share
-    # the memory bus scale. Blocks are independent, so the bytes are those of one whole-tensor pass.
+    # streaming a whole expert through memory several times: the pass is bound by compute, not by the
+    # memory bus the cores share. Blocks are independent, so the bytes are those of one whole-tensor pass.
     step = max(1, _CHUNK // max(1, br * inp) if w.device.type == "cpu" else nr)
     for r in range(0, nr, step):
         k = min(step, nr - r)
@@ -71,11 +71,11 @@ _CHUNK = 1 << 20  # float32 elements per working copy (4 MiB: an L2/L3 slice, on
 def _quantize_rows(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Whole blocks ``v`` [k, br, nc, bc] -> fp8 into ``q`` (same view); returns their scales [k, nc]."""
     # in float32 in a reused scratch buffer: no fresh pages per tensor (a mixed bf16/float32 division
-    # is ~10x slower on CPU; fresh buffers cost page faults); bf16 -> float32 is exact
+    # takes torch's slow CPU path; fresh buffers cost page faults); bf16 -> float32 is exact
     f = _scratch(v.numel(), v.device).view(v.shape)
     f.copy_(v)
-    # max |w| per block (no |w| buffer), reduced along the contiguous last dim first (~3x faster on CPU
-    # than both dims at once); a max is exact in any order
+    # max |w| per block (no |w| buffer), reduced along the contiguous last dim first (a contiguous
+    # reduction), then across rows; a max is exact in any order
     amax = torch.maximum(f.amax(dim=3), f.amin(dim=3).neg()).amax(dim=1)
     scale = div(amax, FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
     f.div_(scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)
@@ -84,8 +84,8 @@ def _quantize_rows(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def block_grid(scale: torch.Tensor) -> torch.Tensor:
-    """A block scale as the 2-D grid [ceil(out/128), ceil(in/128)] (DeepSeek's ``weight_scale_inv``, quantize
-    outputs written before they stored the 4-D form): Model-Optimizer's [ceil(out/128), 1, ceil(in/128), 1]
+    """A block scale as the 2-D grid [ceil(out/128), ceil(in/128)] (DeepSeek's ``weight_scale_inv``, or any
+    checkpoint that stores the grid): Model-Optimizer's [ceil(out/128), 1, ceil(in/128), 1]
     (:func:`modelopt_block`) viewed without its two singleton dims; any other tensor as it is."""
     if scale.ndim == 4 and scale.shape[1] == 1 and scale.shape[3] == 1:
         return scale.reshape(scale.shape[0], scale.shape[2])
@@ -158,8 +158,8 @@ def identity_exact_input_scale(s: torch.Tensor, top: float = 1.0) -> torch.Tenso
     under E4M3's smallest subnormal 2^-9) is returned as is."""
     s = s.float()
     q = torch.reciprocal(s * top).clamp(max=FP8_MAX).to(FP8_DTYPE)  # the nearest E4M3 v to 1 / (top * s)
-    # keep v when the runtime's float32 1 / (top * v) is still >= s (comparing v with fl(1/s) instead moved 45 of
-    # the 126 FP8 scales 1/v that are already exact one step, for a float32 ulp); else the E4M3 value below
+    # keep v when the runtime's float32 1 / (top * v) is still >= s (not v against fl(1/s): an s whose 1/s is
+    # already an E4M3 value must keep it, whatever a float32 ulp says); else the E4M3 value below
     bits = q.view(torch.uint8)  # torch.where takes no float8 on CPU before torch 2.7
     v = torch.where(torch.reciprocal(q.float() * top) >= s, bits, bits - 1).view(FP8_DTYPE).float()
     return torch.where(v > 0, torch.reciprocal(v * top), s)
@@ -219,7 +219,8 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def fake_quant_per_token(x: torch.Tensor, group: int | None = None) -> torch.Tensor:
     """Dynamic FP8 activations: one scale per token (``group`` None) or per token and ``group``
-    channels (DeepSeek-V3's 1x128 activation blocks for block-FP8 weights)."""
+    channels (DeepSeek-V3's 1x128 activation blocks for block-FP8 weights); a width that is not a multiple
+    of ``group`` gets one scale per token."""
     shape = x.shape
     xs = x if group is None else x.reshape(*shape[:-1], -1, group) if shape[-1] % group == 0 else x
     s = scale_from_amax(xs.detach().abs().amax(dim=-1, keepdim=True)).to(x.dtype)

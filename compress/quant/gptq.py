@@ -4,7 +4,8 @@ Model-Optimizer's numerics (modelopt 0.47: modelopt/torch/quantization/model_cal
 utils/calib_utils.py ``update_hessian``, ``compute_hessian_inverse``, ``gptq_blockwise_update``,
 adapted there from IST-DASLab/FP-Quant ``gptq.py``; the original is IST-DASLab/gptq ``gptq.py``).
 
-    H      = 2/n sum_t x_t x_t^T over the layer's calibration inputs     (hessian_update)
+    H      = 2/n sum_t x_t x_t^T over the layer's calibration inputs     (quantize/stats.py; hessian_update
+             is its float64 reference form)
     dead   = all-zero weight columns (modelopt): their H row/column is zeroed and H_ii = 1
     H     += damp * mean(diag H) * I   (damp > 0, so a channel no calibration token touched,
              H_ii == 0 and hence its whole H row zero, is decoupled: it is rounded to nearest and
@@ -63,7 +64,7 @@ def hessian_update(H: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[tor
 # 18432-wide input is 2.7 GB, more than the whole stored Kimi K2 layer 0 that reads it: float64 could
 # never meet "GPTQ within 2x the stored layer"); float32 is the precision of the reference
 # implementations (IST-DASLab gptq.py, modelopt calib_utils.update_hessian) and of the GPU path.
-# Up to it, float64 as always (every bundled model and expert width: their outputs are unchanged).
+# Up to it, float64 (every bundled model's widths, and Kimi K2's 7168 and 2048).
 WIDE_INPUT = 8192
 # the working copy of the weight is processed in chunks of at most this many bytes of output rows
 # (GPTQ rounds each row independently given the factor: the same bits whatever the chunks,
@@ -124,8 +125,7 @@ def factor(H: torch.Tensor, w: torch.Tensor | None, damp: float = 0.01, act_orde
 
     It depends on ``w`` only through its all-zero columns (``dead``, when the caller has them: then
     ``w`` is unused), so linears that read the same input (gate/up, q/k/v) share one:
-    :func:`gptq_quantize_shared`. The factorisation is the bulk of GPTQ's cost at real sizes (an
-    in=7168 Hessian: ~9 s of ~15 s per [2048, 7168] weight, 2 cores).
+    :func:`gptq_quantize_shared`. The factorisation, O(in^3), is the bulk of GPTQ's cost at real widths.
     ``overwrite``: H is the caller's to destroy (the permutation and the factor reuse its memory).
     """
     perm = (torch.argsort(torch.diag(H).double(), descending=True, stable=True) if act_order

@@ -9,7 +9,7 @@ produced from this at load time).
 
 Group size: ``group_size`` input channels, clamped to in_features when the linear is narrower;
 in_features must then be divisible by the group (else the linear is left unquantized and
-reported: see compress/quantize.py).
+reported: compress/formats/_int4.py ``skip``).
 """
 
 from __future__ import annotations

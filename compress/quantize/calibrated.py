@@ -301,7 +301,7 @@ class CalibratedLayer:
     def _let_go(self, names: list[str], out) -> None:
         """The stored weights of linears quantized already (``out``: ExpertBatch.add's, None while pending),
         let go now rather than at the layer's end, so the layer's stored experts shrink as their outputs
-        grow (the fp8 peak of tests/test_quant_memory.py held both: -36 MB). Nothing reads them again: a
+        grow (else the peak holds a layer's stored and quantized experts at once). Nothing reads them again: a
         sequential run's next forward dequantizes the output (apply_fake_quant drops them anyway), and the
         input scale of experts no peer's tokens reached reads them from the checkpoint (``weights.reread``)."""
         if out is None or out.skipped is not None:

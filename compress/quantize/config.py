@@ -53,7 +53,7 @@ class QuantConfig:
     # rounds its weights by data (AWQ / GPTQ), which then fits the inputs it will see; one pass over the
     # unquantized model when only activation scales are calibrated (fp8, nvfp4), as Model-Optimizer and
     # TensorRT-LLM calibrate them: a quantized prefix only adds its noise to a per-tensor amax
-    # (bench/quant_suite.py measured no systematic gain from it over calibration seeds).
+    # (bench/quant_suite.py compares both over calibration seeds).
     sequential: bool | None = None
     calib: tuple[str, ...] = ()
     num_samples: int = 64
@@ -62,9 +62,9 @@ class QuantConfig:
     batch_size: int = 8
     gptq_damp: float = 0.01
     # GPTQ columns by decreasing Hessian diagonal (llm-compressor's "static" act order) or in order.
-    # None: act order for AWQ + GPTQ, in order for plain GPTQ (Model-Optimizer's GPTQ order):
-    # bench/quant_suite.py over the bundled models, derived variants and two calibration seeds measured
-    # plain GPTQ better in order in 8 of 9 paired cells, AWQ + GPTQ worse in order in every one.
+    # None: act order for AWQ + GPTQ, in order for plain GPTQ (Model-Optimizer's GPTQ order), the
+    # better of the two for each over calibration seeds and models (--gptq-act-order / --no-gptq-act-order
+    # compare them).
     gptq_act_order: bool | None = None
     # AWQ (int4-awq, w4a8-awq): after the scale search, the smoothed weight W / pre_quant_scale is
     # rounded by GPTQ on the smoothed input's Hessian (scales amax / 7), llm-compressor's AWQ + GPTQ

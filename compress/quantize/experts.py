@@ -30,7 +30,7 @@ from moepress.compress.quantize.group import LayerResult, quant_context, quantiz
 from moepress.compress.quantize.stats import amax_of
 
 # working memory a batch may take (stacked weights, Hessians and factors; the pending groups'
-# float32 weights and statistics): a few hundred MB, well under one stored Kimi K2 layer (~11 GB),
+# float32 weights and statistics): a few hundred MB, well under one stored Kimi K2 MoE layer (~17 GB in FP8),
 # yet a whole small-expert layer's projection (384 experts x 128 wide) in one or two batches
 BATCH_BYTES = 512 << 20
 # on an accelerator the point is few large kernels: batches up to this share of its memory

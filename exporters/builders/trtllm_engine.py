@@ -6,7 +6,7 @@ Flags read from ``tensorrt_llm/commands/build.py`` (NVIDIA/TensorRT-LLM at 008b2
 ``tensorrt_llm/plugin/plugin.py: add_plugin_argument`` (``--gemm_plugin --moe_plugin
 --gpt_attention_plugin --remove_input_padding --use_paged_context_fmha --use_fp8_context_fmha``).
 ``--gather_context_logits`` because the accuracy check reads the prompt's logits
-(moepress/checks/candidates.py, engine kind).
+(moepress/checks/candidates/engine.py).
 
 ``trtllm-build`` belongs to TensorRT-LLM's TensorRT engine backend, which newer releases removed
 (``docs/source/legacy/tensorrt-backend-removal.md``: "trtllm-build / trtllm-refit / trtllm-prune"
