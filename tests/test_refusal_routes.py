@@ -18,6 +18,8 @@ import ast
 import functools
 import re
 
+import pytest
+
 from moepress import models
 from moepress.compress import formats
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
@@ -201,3 +203,15 @@ def test_every_alternative_a_refusal_names_is_accepted(tmp_path):
                                 dead.append(f"build {model} {f} {ex} {t}: {e}\n    -> {to} after quantize {change}: "
                                             f"{why}")
     assert not dead, "\n".join(dict.fromkeys(dead))
+
+
+@pytest.mark.parametrize("kind, held", [("trtllm-ckpt", "TRTLLM_CKPT_FORMATS"), ("onnx", "ONNX_FORMATS")])
+def test_the_planners_list_of_what_an_export_holds_is_what_its_exporter_writes(kind, held):
+    """runtime_formats keeps its own tuples (the planner does not import the exporters, which import onnx): they
+    must name exactly the formats the exporter's ``writes_format`` takes, and bf16."""
+    from moepress.compress import formats
+    from moepress.exporters import exporters, runtime_formats
+
+    writes = exporters()[kind].writes_format
+    expected = {f.name for f in formats.FORMATS.values() if writes(f)} | {runtime_formats.UNQUANTIZED}
+    assert set(getattr(runtime_formats, held)) == expected
