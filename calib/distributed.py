@@ -90,6 +90,15 @@ def init(backend: str | None = None, device: str | None = None) -> DistEnv:
         # partial: ~10 min for a terabyte at 2 GB/s); NCCL's default is 10 min. torchrun's agent, not this
         # timeout, ends the group when a rank dies.
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=PG_TIMEOUT_MIN))
+        # no rank leaves the start-up before every rank is through it: init_process_group returns on a rank once
+        # its own connections are made, while a peer may still read the others' addresses from the rendezvous
+        # store (in rank 0's process when the ranks are started by hand) or finish its gloo handshake. A rank that
+        # refuses its input at once (os._exit, :func:`abandon`) would break that peer's start-up, which would then
+        # print "Connection reset by peer" and a C++ stack instead of the same one-line refusal. The barrier runs
+        # over the group's own connections (torch's TORCH_DIST_INIT_BARRIER goes through the store, whose host
+        # may be the rank that leaves).
+        with peer_errors(DistEnv(env.rank, env.world_size, env.local_rank, backend)):
+            dist.barrier(device_ids=[env.local_rank]) if backend == "nccl" else dist.barrier()
     return DistEnv(env.rank, env.world_size, env.local_rank, dist.get_backend())
 
 
