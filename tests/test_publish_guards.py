@@ -112,8 +112,9 @@ def test_a_destination_filled_while_copying_is_kept_not_replaced(tmp_path):
 
 
 def test_a_refused_record_still_reports_the_check(cli_run, tmp_path, monkeypatch):
-    """The record refused (files changed while the check ran) lost the whole check's figures: the report and the
-    --json result came after it. Now they are written, and the refusal is the exit code and the last line."""
+    """A record refused (files changed while the check ran) keeps the whole check's figures: the report and the
+    --json result are written, and the refusal is the exit code and the last line; stdout holds one JSON document,
+    the result with the refusal's ``error`` and ``exit``."""
     import json
 
     import moepress.checks.report as report
@@ -134,8 +135,9 @@ def test_a_refused_record_still_reports_the_check(cli_run, tmp_path, monkeypatch
     r = cli_run("check", q, "--reference", "tiny-qwen3-moe", "--max-samples", "2", "--seq-len", "32", "--json",
                 "--report", tmp_path / "rep")
     assert r.exit_code == 2 and "changed while the check ran" in r.stderr, r.output
-    res = next(d for d in map(json.loads, r.stdout.strip().splitlines()) if "manifest_updated" in d)
+    res = json.loads(r.stdout)  # one document: the result, carrying the refusal and the exit code
     assert res["manifest_updated"] is False and "changed while the check ran" in res["manifest_refused"]
+    assert res["exit"] == 2 and "changed while the check ran" in res["error"]
     assert (tmp_path / "rep" / "report.md").is_file()
     assert "accuracy" not in json.loads((q / "moepress-manifest.json").read_text())
 

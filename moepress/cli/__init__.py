@@ -14,7 +14,7 @@ import sys
 import click
 
 from moepress import __version__
-from moepress.cli.options import OUTPUT_META
+from moepress.cli.options import OUTPUT_META, RESULT_PRINTED
 from moepress.errors import CheckFailed, Interrupted, MoepressError
 
 # the commands that split their work across torchrun's ranks (calib/distributed.py); any other would
@@ -105,7 +105,7 @@ def _refuse(ctx, line: str, code: int = MoepressError.exit_code) -> None:
     result on stdout, {"error": line, "exit": 2}, so that a CI job reading the result finds one JSON document
     whatever happened (under torchrun from rank 0 only, as a result is: every rank refusing alike gave one each)."""
     click.echo(f"moepress: {'error: ' if code == MoepressError.exit_code else ''}{line}", err=True)
-    if ctx.meta.get(JSON_META) and _rank() == 0:
+    if ctx.meta.get(JSON_META) and _rank() == 0 and not ctx.meta.get(RESULT_PRINTED):
         click.echo(json.dumps({"error": line, "exit": code}))
     ctx.exit(code)
 

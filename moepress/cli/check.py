@@ -9,6 +9,7 @@ import click
 
 from moepress.cli.options import (
     PATH,
+    RESULT_PRINTED,
     SEED,
     TEXT,
     Command,
@@ -207,6 +208,9 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
     if report_dir is not None:
         result["report"] = str(write_report(result, report_dir))
     if json_out:
+        if refused is not None:  # one document on stdout: the result and the refusal together (exit 2 below)
+            result.update(error=" ".join(str(refused).split()), exit=MoepressError.exit_code)
+            click.get_current_context().meta[RESULT_PRINTED] = True
         click.echo(json.dumps(jsonable(result), default=str))
     else:
         for line in _human(result):

@@ -120,6 +120,10 @@ def model_argument(f):
     return click.argument("model", metavar="MODEL", type=TEXT)(f)
 
 
+# ctx.meta key: the command already printed its --json result (which then carries "error" and "exit"): a refusal
+# raised after it adds no second document to stdout
+RESULT_PRINTED = "moepress.result_printed"
+
 # ctx.meta key: the command's output path, which an OS error without a file name is reported against
 OUTPUT_META = "moepress.output"
 
