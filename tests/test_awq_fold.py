@@ -165,7 +165,7 @@ def test_folded_export_loads_in_transformers(exported, name):
         assert not any("pre_quant_scale" in k for k in f.keys())
     ours = StreamedModel(r).forward([IDS])[0]
     theirs = logits[str(e)]
-    assert ((theirs - ours).norm() / ours.norm()).item() < 1e-5  # measured 2e-7
+    assert ((theirs - ours).norm() / ours.norm()).item() < 1e-6  # measured 2.3e-7
 
 
 def test_unfolded_awq_and_w4a8_refused(exported, tmp_path, cli_run):
@@ -222,10 +222,10 @@ def test_shared_vector_consensus_of_the_readers_own_vectors():
         x = torch.randn(n_rows, 96, generator=g) * spread.pow(tilt)
         parts.append(([torch.randn(40, 96, generator=g), torch.randn(40, 96, generator=g)], x))
     own = [awq.search(ws, x, x.abs().mean(0), 32)[0] for ws, x in parts]
-    assert torch.allclose(fold_mod.consensus(parts[:1], 32), own[0], rtol=1e-5)
+    assert torch.allclose(fold_mod.consensus(parts[:1], 32), own[0], rtol=4e-7)  # measured 1.6e-7
     both = fold_mod.consensus(parts, 32)
     geo = ((200 * own[0].log() + 40 * own[1].log()) / 240).exp()
-    assert torch.allclose(both / both.max(), geo / geo.max(), rtol=1e-4)
+    assert torch.allclose(both / both.max(), geo / geo.max(), rtol=5e-7)  # measured 2.3e-7
     grid = awq.search_shared(parts, torch.cat([x for _, x in parts]).abs().mean(0), 32)[0]
     losses = [fold_mod.shared_loss(parts, v, 32) for v in (both, grid, torch.ones(96))]
     assert min(losses[:2]) < losses[2]  # smoothing beats none on this input
@@ -310,7 +310,7 @@ def test_dense_sites_fold_to_unfolded_awq_bit_for_bit(tmp_path):
             assert alphas[True][key] == alphas[False][key] and codes_equal, n
             same.append(leaf)
             if leaf not in ("up_proj", "kv_b_proj"):
-                assert torch.allclose(u.get(f"{n}.weight_scale"), f.get(f"{n}.weight_scale"), rtol=1e-5), n
+                assert torch.allclose(u.get(f"{n}.weight_scale"), f.get(f"{n}.weight_scale"), rtol=8e-7), n
         else:
             assert not codes_equal, n
     assert {"gate_proj", "up_proj", "down_proj", "q_a_proj", "q_b_proj"} <= set(same), same

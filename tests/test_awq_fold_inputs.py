@@ -37,7 +37,7 @@ def test_folded_moe_inputs_are_what_the_folded_layer_feeds_its_experts(monkeypat
     sm.run_layer(layer, hs)
     h.remove()
     # measured 1.3e-6 abs; inputs divided by p instead: 0.19 relative
-    torch.testing.assert_close(torch.cat(cl.moe_inputs), torch.cat(seen), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(cl.moe_inputs), torch.cat(seen), rtol=1e-5, atol=3e-6)  # measured 1.3e-6 abs
 
 
 def test_v_proj_is_not_folded_when_the_kv_cache_is_quantized():
@@ -109,4 +109,4 @@ def test_norm_folds_are_exact_with_the_norm_rounded_to_its_stored_dtype():
             new = getattr(layer, f.source).weight.detach().float()
             assert not torch.equal(new, g[f.source])  # the premise: something was folded
             for r in f.readers:
-                torch.testing.assert_close(new / cl.weights.cols[r], g[f.source], rtol=1e-6, atol=0, msg=r)
+                torch.testing.assert_close(new / cl.weights.cols[r], g[f.source], rtol=2.4e-7, atol=0, msg=r)

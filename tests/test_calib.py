@@ -82,7 +82,7 @@ def test_routed_counts_equal_transformers_routers(name):
         assert torch.equal(lr.counts, want[i]), f"{name} layer {i}"
         assert lr.tokens == tokens and int(lr.counts.sum()) == tokens * facts["top_k"]
         assert torch.equal(lr.coselect.diagonal(), lr.counts)
-        torch.testing.assert_close(lr.gate_sum, mass[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lr.gate_sum, mass[i], rtol=1e-6, atol=1e-7)  # measured 3.1e-7 relative
 
 
 # ---- sampling ---------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def test_prepare_writes_a_token_file_stages_take_back(qwen, sources, tmp_path, c
     assert side["format"] == "moepress-calib" and side["num_samples"] == 10 and side["seq_len"] == 40
     res = json.loads(r.stdout)  # --json: the sidecar's description, where it is, and whether the cache served it
     assert {k: res[k] for k in side} == side and res["output"] == res["path"] == str(out)
-    assert res["cached"] in (True, False) and res["memory"]["host_rss_peak_bytes"] > 0
+    assert isinstance(res["cached"], bool) and res["memory"]["host_rss_peak_bytes"] > 0
     assert side["tokenizer"]["sha256"] and side["sources"][0]["sha256"]
     with safe_open(str(out), "pt") as f:
         ids = f.get_tensor("input_ids")

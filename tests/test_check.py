@@ -185,7 +185,7 @@ def test_pruned_and_block_fp8_checkpoints(cli_run, ref, tmp_path):
         w.copy_aux_files(ref)
     res = run_check(fp8, ref, CheckConfig(seq_len=64, max_samples=8))
     assert res["candidate"]["kind"] == "checkpoint" and res["candidate"]["quantization"] == "fp8"
-    assert all(0 < p["rel_error"] < 0.2 for p in res["layers"]) and 0 < res["metrics"]["kl_mean"] < 0.05
+    assert all(0 < p["rel_error"] < 0.2 for p in res["layers"]) and 0 < res["metrics"]["kl_mean"] < 0.004
 
 
 def test_a_native_block_fp8_checkpoint_is_checked_with_its_runtimes_activation_quant(tmp_path):

@@ -116,14 +116,14 @@ def test_compressed_tensors_checkpoint_through_transformers(cli_run, ref, tmp_pa
     res = json.loads(r.stdout)
     assert res["candidate"]["kind"] == "transformers" and res["candidate"]["quantization"] == "compressed-tensors"
     m = res["metrics"]
-    assert 0 < m["kl_mean"] < 1 and 0.5 < m["top1_agreement"] < 1
+    assert 0 < m["kl_mean"] < 0.025 and 0.85 < m["top1_agreement"] < 1  # measured 0.0104, 0.939
     assert len(res["layers"]) == 4 and all(0 < p["rel_error"] < 1 for p in res["layers"])
     # independent: transformers' own perplexity of the same windows
     model = AutoModelForCausalLM.from_pretrained(str(ct), dtype=torch.float32).eval()
     ids = torch.cat(eval_batches(ref, seq_len=64, max_windows=8))
     with torch.no_grad():
         loss = model(ids, labels=ids).loss
-    assert m["ppl_candidate"] == pytest.approx(float(torch.exp(loss)), rel=1e-5)
+    assert m["ppl_candidate"] == pytest.approx(float(torch.exp(loss)), rel=1e-6)  # measured 2.1e-7
 
 
 def test_transformers_kind_matches_the_streamed_reference_layer_by_layer(ref):
@@ -131,8 +131,8 @@ def test_transformers_kind_matches_the_streamed_reference_layer_by_layer(ref):
     assert res["passed"] and res["candidate"]["kind"] == "transformers"
     m = res["metrics"]
     # measured (2-core CPU): KL 2.4e-13, perplexity change 3.1e-8, layer error <= 2.4e-7; the
-    # bounds leave ~4x (KL, a square of the logit differences: ~40x)
-    assert m["kl_mean"] < 1e-11 and m["top1_agreement"] >= 0.998 and abs(m["ppl_increase"]) < 1.5e-7
+    # bounds leave ~5x (KL, a square of the logit differences: ~8x; measured up to 4.1e-13 too)
+    assert m["kl_mean"] < 2e-12 and m["top1_agreement"] >= 0.998 and abs(m["ppl_increase"]) < 1.5e-7
     # every layer, the last one included (transformers returns it after the final norm)
     assert len(res["layers"]) == 4 and all(p["rel_error"] < 1e-6 for p in res["layers"])
     assert res["embedding"]["rel_error"] == 0.0
@@ -199,8 +199,8 @@ def test_onnx_export_matches_the_reference(cli_run, ref, onnx_dir, tmp_path):
     m = res["metrics"]
     assert res["candidate"]["kind"] == "onnx" and res["candidate"]["hidden_states"] == 4
     # measured (2-core CPU): KL 2.4e-13, perplexity change 3.1e-8, layer error <= 2.4e-7; the
-    # bounds leave ~4x (KL, a square of the logit differences: ~40x)
-    assert m["kl_mean"] < 1e-11 and m["top1_agreement"] >= 0.998 and abs(m["ppl_increase"]) < 1.5e-7
+    # bounds leave ~5x (KL, a square of the logit differences: ~8x; measured up to 4.1e-13 too)
+    assert m["kl_mean"] < 2e-12 and m["top1_agreement"] >= 0.998 and abs(m["ppl_increase"]) < 1.5e-7
     assert len(res["layers"]) == 4 and all(p["rel_error"] < 1e-6 for p in res["layers"])
     assert res["error_jump"] is None  # float32 rounding alone is no jump (JUMP_FLOOR)
     assert res["generations"]["samples"][0]["same_prefix_tokens"] == 3
@@ -307,7 +307,7 @@ def test_kimi_k2_export_runs_in_transformers_as_deepseek_v3(tmp_path, cli_run):
     r = cli_run("check", ct, "--reference", "tiny-kimi-k2-int4", "--seq-len", 32, "--max-samples", 2, "--json")
     assert r.exit_code in (0, 1), r.output  # 1: the tiny calibration may miss a gate; the check ran
     res = json.loads(r.stdout)
-    assert res["candidate"]["kind"] == "transformers" and res["metrics"]["kl_mean"] < 0.05, res
+    assert res["candidate"]["kind"] == "transformers" and res["metrics"]["kl_mean"] < 0.015, res  # measured 0.0069
 
 
 GRID_PROBE = """

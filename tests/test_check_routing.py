@@ -82,4 +82,4 @@ def test_the_expert_error_does_not_depend_on_the_batch_size(cli_run, tmp_path):
         assert r.exit_code == 0, r.output
         got.add(json.loads(r.stdout)["metrics"]["max_expert_error"])
     # the same probe tokens: equal but for the float rounding of batched matmuls (measured 1.1e-7 relative)
-    assert min(got) > 0 and max(got) / min(got) - 1 < 1e-5, got
+    assert min(got) > 0 and max(got) / min(got) - 1 < 5e-7, got

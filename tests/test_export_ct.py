@@ -111,7 +111,7 @@ def test_transformers_logits_match_moepress_forward(ct, name, fmt):
     q, e, _ = out[(name, fmt)]
     deq = logits[f"{e}|dequantize"]
     # dequantized weights, no activation quantization, both sides
-    assert _rel(deq, _forward(q, "none")) < 1e-5
+    assert _rel(deq, _forward(q, "none")) < 1e-6  # measured <= 2.2e-7
     if fmt in FP8:
         # transformers' CT Linears fake-quantize inputs with input_scale; its fused experts do not
         default = logits[f"{e}|default"]
@@ -373,7 +373,7 @@ def test_experts_scheme_is_the_first_config_group(tmp_path):
     p = _load_without_moepress(tmp_path, ct)
     assert p.returncode == 0, p.stderr[-2000:]
     got = torch.load(tmp_path / "logits.pt")[f"{ct}|default"]
-    assert _rel(got, _forward(q, "none")) < 1e-4
+    assert _rel(got, _forward(q, "none")) < 1e-6  # measured 0.0 (int4 weights decoded alike, no activation quant)
 
 
 def _vllm_scheme_group(groups: dict, layer_name: str) -> str | None:
@@ -481,7 +481,7 @@ def test_deepseek_without_shared_experts_exports_int4_that_transformers_runs(tmp
     assert p.returncode == 0, p.stderr[-3000:]
     logits = torch.load(tmp_path / "logits.pt")
     for e, q in jobs.items():
-        assert _rel(logits[f"{e}|default"], _forward(q, "none")) < 1e-4, e
+        assert _rel(logits[f"{e}|default"], _forward(q, "none")) < 1e-6, e  # measured 1.8e-7
 
 
 def test_moe_layer_freq_transformers_does_not_read_is_declared_and_refused_by_check(tmp_path, cli_run):

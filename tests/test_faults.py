@@ -263,8 +263,7 @@ def test_a_resume_refusal_names_the_option_changed_not_what_follows_from_it(cli_
     "was started with device cpu and format fp8, this run asks for device none and format fp8-dynamic"."""
     m, out = _outputs_model(tmp_path), tmp_path / "O"
     _outputs_partial(tmp_path, out, m, format="fp8", num_samples=4, seq_len=32)
-    r = cli_run("quantize", m, "--format", "fp8-dynamic", "--num-samples", "4", "--seq-len", "32", "--resume",
-                "-o", out)
+    r = cli_run("quantize", m, "--format", "fp8-dynamic", "--resume", "-o", out)
     line = _outputs_one_line(r, "O.partial", "was started with format fp8, this run asks for fp8-dynamic")
     assert "device" not in line
 
@@ -881,6 +880,13 @@ def test_check_report_inside_the_candidate_is_refused(tmp_path, cli_run):
 
 
 KILL_ARGS = ["--num-samples", "2", "--seq-len", "32", "--quiet"]
+
+
+def _kill_args(fmt: str) -> list[str]:
+    """KILL_ARGS, less the calibration options a calibration-free format refuses."""
+    return KILL_ARGS if fmt == "fp8" else KILL_ARGS[-1:]
+
+
 KILLS = [(fmt, where) for fmt in ("fp8-dynamic", "fp8") for where in ("after-progress", "after-shard")]
 
 
@@ -894,7 +900,8 @@ def killed_quantizes(tmp_path_factory):
     d = tmp_path_factory.mktemp("killed")
     jobs, keys = [], []
     for fmt, where in KILLS:
-        jobs.append({"args": ["quantize", "tiny-mixtral", "--format", fmt, *KILL_ARGS, "-o", str(d / f"{fmt}-{where}")],
+        jobs.append({"args": ["quantize", "tiny-mixtral", "--format", fmt, *_kill_args(fmt), "-o",
+                              str(d / f"{fmt}-{where}")],
                      "kill": where, "log": str(d / f"{fmt}-{where}.log")})
         keys.append((fmt, where))
     # the same --calib path with other contents after the kill (test_resume_refuses_a_partial_calibrated_on_...)
@@ -907,7 +914,7 @@ def killed_quantizes(tmp_path_factory):
     codes = killed_runs(jobs)
     killed = {k: (Path(j["args"][-1]), c, Path(j["log"]).read_text())
               for k, j, c in zip(keys, jobs, codes, strict=True)}
-    killed["ref"] = {fmt: cli_quantized(d / f"ref-{fmt}", "tiny-mixtral", "--format", fmt, *KILL_ARGS[:-1])
+    killed["ref"] = {fmt: cli_quantized(d / f"ref-{fmt}", "tiny-mixtral", "--format", fmt, *_kill_args(fmt)[:-1])
                      for fmt in ("fp8-dynamic", "fp8")}
     killed["calib_file"] = calib
     return killed
@@ -922,7 +929,7 @@ def test_resume_after_a_kill_between_progress_and_shard_is_byte_identical(cli_ru
     q, code, log = killed_quantizes[fmt, where]
     ref = killed_quantizes["ref"][fmt]
     assert code == 9 and not q.exists() and q.with_name(q.name + ".partial").is_dir(), log[-2000:]
-    r = cli_run("quantize", "tiny-mixtral", "--format", fmt, *KILL_ARGS, "--resume", "-o", q)
+    r = cli_run("quantize", "tiny-mixtral", "--format", fmt, *_kill_args(fmt), "--resume", "-o", q)
     assert r.exit_code == 0, r.stderr
     files = sorted(f.name for f in ref.iterdir() if f.name != "moepress-manifest.json")
     assert files == sorted(f.name for f in q.iterdir() if f.name != "moepress-manifest.json")

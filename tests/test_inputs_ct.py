@@ -284,7 +284,7 @@ def test_transformers_loads_packed_inputs_logits_match_the_stream(staged, which)
     out, logits = staged
     d = {"kimi": KIMI, "kimi-pruned": out["pruned"], "mxfp4": MXFP4, "mxfp4-pruned": out["mx-pruned"]}[which]
     ours = StreamedModel(d).forward([IDS])[0]
-    assert _rel(logits[str(d)], ours) < 1e-5  # measured 2e-7: the same decoded weights, float32 both sides
+    assert _rel(logits[str(d)], ours) < 1e-6  # measured 2.2e-7: the same decoded weights, float32 both sides
 
 
 def test_mxfp4_fixture_reader_equals_library_decompression():
@@ -359,7 +359,7 @@ def test_kimi_style_int4_export_config_layout_and_transformers_logits(staged):
     assert r.info(b + ".weight_scale").shape == (128, 2)
     assert all(".mlp.experts." in n for n in r.names() if n.endswith(".weight_packed"))
     assert r.info("model.layers.1.mlp.shared_experts.down_proj.weight").dtype == "BF16"
-    assert _rel(logits[str(out["ct"])], StreamedModel(out["q"]).forward([IDS])[0]) < 1e-5
+    assert _rel(logits[str(out["ct"])], StreamedModel(out["q"]).forward([IDS])[0]) < 1e-6  # measured 1.6e-7
 
 
 # ---- memory --------------------------------------------------------------------------------------

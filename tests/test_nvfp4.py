@@ -233,7 +233,7 @@ def test_transformers_drops_the_experts_global_scale(quantized, loaded):
     p = "model.layers.0.mlp.experts."
     got = loaded["state"]["model.layers.0.mlp.experts.down_proj"][3]
     ours = q.weight(p + "3.down_proj.weight", torch.float32) / q.get(p + "3.down_proj.weight_scale_2")
-    assert ((got - ours).norm() / ours.norm()).item() < 4e-3
+    assert ((got - ours).norm() / ours.norm()).item() < 2e-7  # measured 3.8e-8: exactly ours, float32 rounding
 
 
 def test_export_says_transformers_misloads_nvfp4_experts(quantized):

@@ -61,7 +61,7 @@ def test_pruned_bundled_loads_in_transformers_and_matches_stream(pruned, tf_logi
     want = tf_logits[name]
     got = StreamedModel(str(dst)).forward([ids])[0]
     diff = (got - want).abs().max().item()
-    assert diff <= 1e-4, f"pruned {name}: streamed logits differ from transformers by {diff}"
+    assert diff <= 3e-5, f"pruned {name}: streamed logits differ from transformers by {diff}"
     report = json.loads((dst / "prune_report.json").read_text())
     assert [r["layer"] for r in report["layers"]] == StreamedModel(str(src)).adapter.moe_layers()
 
@@ -94,7 +94,7 @@ def test_router_surgery_is_exact_for_tokens_whose_experts_were_kept(pruned, name
     else:  # DeepSeek: a dropped expert may have made its group's score; only then can routing change
         assert same.sum() >= 0.8 * all_kept.sum()
     assert all_kept.sum() >= 0.3 * x.shape[0], "too few tokens kept all their experts for a meaningful test"
-    torch.testing.assert_close(y1[same], y0[same], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y1[same], y0[same], rtol=1e-6, atol=5e-7)  # measured max 2.4e-7 abs
     # and the search's routing simulation is the pruned router, for every token
     keep = torch.zeros(orig.num_experts, dtype=torch.bool)
     keep[kept] = True

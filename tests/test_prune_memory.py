@@ -106,7 +106,7 @@ def test_expert_output_cache_across_blocks_equals_the_experts(tmp_path):
     with torch.no_grad():
         want = torch.stack([sum(w[r, j] * moe.experts[int(idx[r, j])](x[r:r + 1])[0] for j in range(4))
                             for r in range(100)])
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-7)  # measured: 0.077 of rtol=1e-5, atol=1e-6
 
 
 PROBE = """

@@ -94,7 +94,7 @@ def test_merged_checkpoint_loads_in_transformers(deepseek, tmp_path):
     ids = torch.cat(eval_batches(src, seq_len=64, max_windows=2))
     want = transformers_logits([(out, ids)], tmp_path)[0]["logits"]  # a process without moepress
     got = StreamedModel(str(out)).forward([ids])[0]
-    assert (got - want).abs().max().item() <= 1e-4
+    assert (got - want).abs().max().item() <= 1.5e-5  # measured 6.2e-6
 
 
 def test_merge_fits_calibration_better_than_pruning_the_same_experts(deepseek):
@@ -355,7 +355,7 @@ def test_refit_is_the_ridge_least_squares_solution_it_describes(n, inter):
     with torch.no_grad():  # as refit calls it
         _refit_down(ex, x, pw.float(), lost.float())
     got = ex.linears()[2].weight.detach().double()
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+    assert torch.allclose(got, want, rtol=1e-6, atol=2e-7), (got - want).abs().max()  # measured 9.7e-8 abs
 
 
 def test_sequential_merge_of_a_quantized_input_gathers_statistics_on_the_layers_it_wrote(tmp_path):
@@ -382,7 +382,7 @@ def test_sequential_merge_of_a_quantized_input_gathers_statistics_on_the_layers_
     got = torch.zeros_like(want)
     for r in rows[2]["kept"] + rows[2]["dropped"]:
         got[r["expert"]] = r["score"]
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), (got - want).abs().max()
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-9), (got - want).abs().max()  # measured 0.0
 
 
 def test_fold_of_an_expert_fed_only_by_group_moves_does_not_crash(tmp_path, cli_run):

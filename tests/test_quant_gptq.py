@@ -69,7 +69,7 @@ def test_hessian_update_equals_modelopt():
             ref, n_ref = update_hessian(x, ref, n_ref)
     H, n = _hessian(xs)
     assert n == n_ref == 512
-    torch.testing.assert_close(H.float(), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(H.float(), ref, rtol=1.5e-6, atol=1.5e-5)  # measured: 0.058 of rtol=1e-5, atol=1e-4
 
 
 @torch.no_grad()

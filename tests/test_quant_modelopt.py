@@ -94,9 +94,9 @@ def test_awq_pre_quant_scales_and_int4_weights_equal_modelopt(group):
 
     x = torch.cat(xs)
     pqs, alpha, _ = awq.search([w], x, x.abs().mean(0), group)
-    torch.testing.assert_close(pqs, ref_pqs.reshape(-1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(pqs, ref_pqs.reshape(-1), rtol=4e-7, atol=0)
     q, s = int4.quantize(w / pqs[None, :], group)
-    torch.testing.assert_close(s, ref_ws.reshape(s.shape), rtol=1e-5, atol=0)
+    torch.testing.assert_close(s, ref_ws.reshape(s.shape), rtol=4e-7, atol=0)
     agree = (int4.pack_int4(q) == ref_packed).float().mean().item()
     assert agree > 0.999, f"packed INT4 bytes agree {agree:.4%}"  # rounding ties at 1e-5 relative scale noise
     assert 0.0 <= alpha <= 1.0
@@ -115,7 +115,7 @@ def test_awq_clip_scales_equal_modelopt_awq_full():
 
     x = torch.cat(xs)
     pqs, _, _ = awq.search([w], x, x.abs().mean(0), group)
-    torch.testing.assert_close(pqs, ref_pqs, rtol=1e-5, atol=0)
+    torch.testing.assert_close(pqs, ref_pqs, rtol=4e-7, atol=0)
     s = awq.clip_scales(w / pqs[None, :], x * pqs[None, :], group, awq.MODELOPT_CLIP_RATIOS)
     rtn = int4.group_scales(w / pqs[None, :], group)
     assert (s < rtn * 0.99).float().mean() > 0.3  # the clip really clips (not a vacuous comparison)

@@ -251,7 +251,7 @@ def test_bf16_weights_kept_as_stored_keep_their_biases_as_transformers(tmp_path)
     sm = StreamedModel(str(tmp_path / "m"), keep_stored=True)
     layer = next(sm.layers())[1]
     assert isinstance(layer.self_attn.q_proj, StoredLinear) and layer.self_attn.q_proj.bias is not None
-    assert (sm.forward([ids])[0] - want).abs().max().item() <= 1e-4
+    assert (sm.forward([ids])[0] - want).abs().max().item() <= 1e-6  # measured 0.0
 
 
 def test_a_bf16_stream_keeps_the_deepseek_router_in_float32_as_transformers():

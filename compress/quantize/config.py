@@ -38,6 +38,10 @@ SPARSE_EXPERT_RULES = ("rtn", "all-tokens", "borrow")
 AWQ_SAMPLE_ROWS = 1024  # rows of calibration input the AWQ search evaluates per linear group
 
 
+# the settings of the calibration a config reads (none of them matters to a calibration-free one)
+CALIBRATION_FIELDS = ("sequential", "calib", "num_samples", "seq_len", "seed", "batch_size")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """One quantize run. ``format`` applies to every linear of every decoder layer unless
@@ -113,6 +117,27 @@ class QuantConfig:
             takes = ", ".join(n for n, f in FORMATS.items() if f.element == "int4")
             raise MoepressError(f"{flag} {given}: only the INT4 formats take a group size ({takes}); "
                                 f"{', '.join(sorted(self.formats())) or 'no format'} here")
+        return self
+
+    def refuse_unused(self, asked) -> QuantConfig:
+        """Self, or a refusal of an option ``asked`` (names of the options given) that no format of this run uses:
+        a script's ``--gptq-act-order`` or ``--num-samples`` with a calibration-free format would otherwise run as
+        if it had not been said, and the manifest would record the value as used."""
+        fmts = sorted(self.formats())
+        awq = any(FORMATS[f].awq for f in fmts)
+        uses = {"gptq_act_order": ("--gptq-act-order", any(self.needs_hessian(f) for f in fmts),
+                                   "only formats rounded by GPTQ take it (int4-gptq; int4-awq, w4a8-awq with "
+                                   "--awq-gptq)"),
+                "awq_gptq": ("--awq-gptq", awq, "only the AWQ formats take it"),
+                "awq_clip": ("--awq-clip", awq and not self.awq_gptq,
+                             "only the AWQ formats with --no-awq-gptq search a clip"),
+                **{k: (flag, self.needs_calibration, "only calibrated formats (or --kv-cache) read calibration data")
+                   for k, flag in (("sequential", "--sequential"), ("calib", "--calib"),
+                                   ("num_samples", "--num-samples"), ("seq_len", "--seq-len"), ("seed", "--seed"))}}
+        for name in (n for n in uses if n in asked):
+            flag, used, why = uses[name]
+            if not used:
+                raise MoepressError(f"{flag}: {why}; {', '.join(fmts) or 'no format'} here")
         return self
 
     @classmethod

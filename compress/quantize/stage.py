@@ -31,7 +31,7 @@ from moepress.compress.checkpoint.writer import check_output
 from moepress.compress.formats import ct_inputs
 from moepress.compress.quant import fp8
 from moepress.compress.quantize.calibrated import quantize_layer
-from moepress.compress.quantize.config import GROUP_SIZES, PROGRESS, REPORT, QuantConfig
+from moepress.compress.quantize.config import CALIBRATION_FIELDS, GROUP_SIZES, PROGRESS, REPORT, QuantConfig
 from moepress.compress.quantize.free import FreePipeline, linear_names, model_linear_names
 from moepress.compress.quantize.group import LayerResult, apply_fake_quant, refuse_non_finite
 from moepress.compress.quantize.report import (
@@ -73,16 +73,14 @@ NO_NEXTN = " and config.json says num_nextn_predict_layers=0"
 
 
 def quantize_resume_key(cfg: QuantConfig, src: Path, device: torch.device | None = None) -> dict:
-    """The key a quantize partial is resumed by: the config, what the calibration sources read, the input,
-    and for a calibrated config the kind of device (CPU, CUDA) it runs on."""
-    # what the sources read: a resume must not finish, on edited calibration data, a run whose first layers
-    # were calibrated on the old data (the sources' names alone are the same)
-    key = {**asdict(cfg), "calib_content": source_hashes(cfg.calib)}
-    if cfg.needs_calibration:
-        # the GPU's solves round unlike the CPU's (batched, float32 matmuls): layers calibrated on one and
-        # then the other would match neither device's uninterrupted run; calibration-free formats are
-        # byte-identical on both
-        key["device"] = torch.device(device or "cpu").type
+    """The key a quantize partial is resumed by: the config, the input, and for a calibrated config what the
+    calibration sources read (a resume must not finish, on edited calibration data, a run whose first layers were
+    calibrated on the old data) and the kind of device it runs on (the GPU's solves round unlike the CPU's: layers
+    calibrated on one and then the other would match neither device's run; calibration-free formats are
+    byte-identical on both, and their calibration settings change no byte)."""
+    key = {**asdict(cfg), "calib_content": source_hashes(cfg.calib), "device": torch.device(device or "cpu").type}
+    if not cfg.needs_calibration:
+        key = {k: v for k, v in key.items() if k not in (*CALIBRATION_FIELDS, "calib_content", "device")}
     return resume_key("quantize", key, src)
 
 
@@ -203,7 +201,7 @@ class QuantizeStage:
         # a resumed partial must have been started by this very run (config, input, moepress)
         key, sources = quantize_resume_key(self.cfg, self.reader.path, self.sm.device), (self.reader.path,)
         # what __init__'s agreement on the config could not compare yet, before any rank-dependent step
-        dist.agree(env, {"calib_content": key["config"]["calib_content"], "device": key["config"].get("device"),
+        dist.agree(env, {"calib_content": key["config"].get("calib_content"), "device": key["config"].get("device"),
                          "force": force, "resume": resume})
         # refused before the calibration, by every rank (none waits for a rank 0 that gave up); the
         # writer checks again under its lock
