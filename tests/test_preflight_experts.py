@@ -67,11 +67,32 @@ def test_experts_left_unquantized_are_refused_before_any_stage(cli_run, odd, tmp
     preflight(odd, {"format": "fp8"}, export)  # the way it names is taken
 
 
-def test_a_rule_that_gives_the_experts_their_format_leaves_the_decision_to_the_export(odd):
-    """A rule naming the experts (here some of them) is the user's explicit choice, which the export judges with
-    the quantized checkpoint in hand; the preflight refuses what the format alone decides."""
-    preflight(odd, {"format": "fp8", "rules": {"mlp.experts.*": "nvfp4"}}, "hf-modelopt")
+def test_a_rule_giving_every_expert_one_format_is_judged_as_that_format(odd):
+    """Rules that give every routed expert one format (README's "export as Kimi ships": --rule
+    'mlp.experts.*=int4-gptq') are refused as that format would be, naming the rules; rules giving the experts
+    several formats leave the decision to the export, which judges the quantized checkpoint."""
+    with pytest.raises(MoepressError, match="quantize.rules' format nvfp4 leaves the routed experts' gate_proj, "
+                       "up_proj unquantized .* expected quantize.rules' format fp8"):
+        preflight(odd, {"format": "fp8", "rules": {"mlp.experts.*": "nvfp4"}}, "hf-modelopt")
+    with pytest.raises(MoepressError, match="quantize.rules' format int4-gptq leaves every routed-expert projection "
+                       "unquantized"):
+        preflight(odd, {"format": "fp8", "rules": {"mlp.experts.*": "int4-gptq"}, "group_size": 64},
+                  "compressed-tensors")
     preflight(odd, {"format": "nvfp4", "rules": {"mlp.experts.0.*": "fp8"}}, "hf-modelopt")
+
+
+def test_quantize_notes_the_exports_that_refuse_experts_a_rule_quantizes(cli_run, tmp_path):
+    """The standalone quantize's note (exports_refusing), for rules as for --format: tiny-mixtral-w192's experts
+    (expert width 192) in INT4 groups of 128 by a rule leave their down projections unquantized beside the others."""
+    from moepress.cli.quantize import export_refusals
+    from moepress.compress.quantize import QuantConfig
+
+    cfg = QuantConfig(format=None, rules=(("block_sparse_moe.experts.*", "int4-gptq"),), group_size=128)
+    refusing = export_refusals(models.path("tiny-mixtral-w192"), cfg)
+    assert refusing["compressed-tensors"].startswith("--rule format int4-gptq leaves the routed experts' w2 "
+                                                     "unquantized"), refusing
+    assert refusing["compressed-tensors"].endswith("expected --group-size 64, --rule format fp8 or --rule format "
+                                                   "fp8-dynamic"), refusing
 
 
 @pytest.mark.parametrize("args,export,refusal", [

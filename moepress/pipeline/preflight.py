@@ -261,21 +261,19 @@ UNPACKED = "transformers reads the expert weights of a pack-quantized (INT4 / FP
 
 
 def refuse_expert_schemes(recipe: dict, exports: list[str], adapter) -> None:
-    """compressed-tensors or hf-modelopt after a quantize whose format (no rule names an expert) leaves some of the
-    routed experts' projections unquantized (the format's ``skip`` rule: an INT4 group or FP4 block that does not
-    divide their in_features, odd INT4 rows), or all of them beside packed INT4 / FP4 linears (compressed-tensors),
-    groups them unlike each other (INT4), or gives FP4 experts widths the FP4 fused-MoE kernels cannot run: each
-    export refuses these (exporters/fused_moe.py refuse_mixed, refuse_unpacked_experts, refuse_unlike,
-    refuse_fp4_expert_widths), after prune and quantize. The refusal names a quantize.group_size that quantizes
-    every projection alike, or the FP8 formats every listed export loads experts in (any width quantizes whole)."""
+    """compressed-tensors or hf-modelopt after a quantize whose format (or rules: one format for every expert)
+    leaves some of the routed experts' projections unquantized (the format's ``skip`` rule: an INT4 group or FP4
+    block not dividing their in_features, odd INT4 rows), or all of them beside packed INT4 / FP4 linears
+    (compressed-tensors), groups them unlike each other (INT4), or gives FP4 experts widths the FP4 fused-MoE kernels
+    cannot run: each export refuses these (exporters/fused_moe.py refuse_mixed, refuse_unpacked_experts, refuse_unlike,
+    refuse_fp4_expert_widths). The refusal names a quantize.group_size that quantizes every projection alike, or the
+    FP8 formats every listed export loads experts in (any width quantizes whole)."""
     from moepress.exporters.fused_moe import FUSES_EXPERTS, common_groups, expert_fp8_formats
 
     q = recipe.get("quantize") or {}
     fused = [e for e in exports if e in FUSES_EXPERTS]
-    if not fused or not adapter.experts_key():
-        return
-    f, ruled = experts_format(recipe, adapter)
-    if f is None or f.skip is None or ruled:  # a rule gives the experts their format: the export decides
+    f, ruled = experts_format(recipe, adapter) if fused and adapter.experts_key() else (None, False)
+    if f is None or f.skip is None:
         return
     h, w = adapter.hidden_size, adapter.moe_intermediate_size()
     gate, up, down = adapter.expert_names
@@ -288,10 +286,11 @@ def refuse_expert_schemes(recipe: dict, exports: list[str], adapter) -> None:
         if f.element == "int4" else []
     fp8 = [n for n in expert_fp8_formats(adapter.family, fused[0])
            if all(n in expert_fp8_formats(adapter.family, e) for e in fused)]
+    key = "quantize.rules' format" if ruled else "quantize.format"  # a rule (or rules) gives the experts theirs
     ways = [f"quantize.group_size {max(fits)}"] if fits else []
-    ways += [f"quantize.format {n}" for n in fp8]
-    raise MoepressError(f"recipe export.formats {export}: quantize.format {f.name} {what}; the export refuses it "
-                        f"({why}); expected {_either(ways)}")
+    ways += [f"{key} {n}" for n in fp8]
+    raise MoepressError(f"recipe export.formats {export}: {key} {f.name} {what}; the export refuses it ({why}); "
+                        f"expected {_either(ways)}")
 
 
 def _expert_scheme_problem(f, g: int, shapes: dict[str, tuple[int, int]], fused: list[str]) -> tuple | None:
