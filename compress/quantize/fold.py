@@ -339,6 +339,7 @@ class LayerFolder:
                 p = self._fold_norm(mods[f.source], f.source, p)
             else:
                 rows[f.source] = f.row_p
+                self._fold_bias(mods[f.source], f.source, f.row_p)
             if f.router is not None:
                 self._fold_router(mods[f.router], f.router, p)
                 cl.moe_inputs = [x * p[None, :] for x in cl.moe_inputs]
@@ -362,6 +363,17 @@ class LayerFolder:
         norm.weight.data.copy_(new.to(norm.weight.dtype))
         self.cl.res.tensors[name + ".weight"] = new
         return p_eff
+
+    def _fold_bias(self, lin: nn.Module, name: str, p: torch.Tensor) -> None:
+        """A source linear's bias b -> round(b * p) in its stored dtype: its rows are scaled by p, and so is its bias
+        (llm-compressor's smoothing does the same), or the readers' output would gain W (b / p - b). In place for the
+        calibration that follows, and recorded for the writer."""
+        b = getattr(lin, "bias", None)
+        if b is None:
+            return
+        new = (b.data.float() * p.to(b.device)).to(self._stored_dtype(name + ".bias"))
+        b.data.copy_(new.to(b.dtype))
+        self.cl.res.tensors[name + ".bias"] = new
 
     def _fold_router(self, router: nn.Module, name: str, p: torch.Tensor) -> None:
         """Router columns / p, rounded to its stored dtype: logits unchanged up to that rounding."""
