@@ -41,8 +41,9 @@ class Exporter:
     # (a recipe's quantize.format without rules: refused before any stage; the exporter reads the checkpoint)
     writes_format: Callable[[object], bool] | None = None
     # its refusals of the source model's config.json that no prune or quantize changes (onnx: the activation),
-    # called as (src, adapter, reader) by the export and by run's preflight, before any stage
-    refuse_source: Callable[[object, object, object], None] | None = None
+    # called as (src, adapter, reader) by the export and by run's preflight, before any stage (which also passes
+    # ``instead``: what its refusal names to do, for a recipe whose quantize changes what other exports take)
+    refuse_source: Callable[..., None] | None = None
     # exports only a moepress quantize output: the formats a refusal of a bf16 source may name, in order
     # (hints.quantize_first keeps those whose plain quantize it takes)
     quantized_only: tuple[str, ...] = ()

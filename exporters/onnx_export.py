@@ -81,8 +81,9 @@ def refuse_activation(src: Path, adapter) -> None:
                             f"write; expected one of {', '.join(GRAPH_ACTIVATIONS)}")
 
 
-def refuse_source(src: Path, adapter, reader=None) -> None:
-    """What of the source's config.json the graph cannot compute: its rotary embedding and activation."""
+def refuse_source(src: Path, adapter, reader=None, instead: str | None = None) -> None:
+    """What of the source's config.json the graph cannot compute: its rotary embedding and activation (whose
+    refusals name the values the graph takes: ``instead`` is not needed)."""
     refuse_length_dependent_rope(src, adapter)
     refuse_activation(src, adapter)
 

@@ -76,31 +76,35 @@ def static_input(reader: CheckpointReader, name: str) -> bool:
     return 0.0 < v < float("inf")
 
 
-def refuse_unwritten_attention(src: Path, adapter, reader) -> None:
+def refuse_unwritten_attention(src: Path, adapter, reader, instead: str | None = None) -> None:
     """The config trtllm_ckpt.py writes has MoE layers only, unscaled rotary embeddings, no attention window, no
     biases and SiLU-gated MLPs (``rotary_scaling``, ``max_attention_window_size``, ``attention_bias`` unmapped;
     ``hidden_act`` swiglu): a model with other is refused rather than built to compute differently from its
-    checkpoint."""
+    checkpoint. ``instead``: what the refusal names to do (a recipe's, whose quantize changes what the other
+    exports take); default: the exports that take ``src`` itself."""
     c = adapter.hf_config
+
+    def elsewhere() -> str:
+        return instead or elsewhere_taken(open_source(src))
     dense = [i for i in range(adapter.num_layers) if not adapter.is_moe_layer(i)]
     if dense:  # found by the writer at that layer, after a run's prune and quantize (trtllm_ckpt.py experts)
         raise MoepressError(f"--format trtllm-ckpt: {src}/config.json makes layer(s) {dense[:5]} dense"
                             f"{adapter.layer_kind()}; this exporter writes MoE layers only: "
-                            f"{elsewhere_taken(open_source(src))}")
+                            f"{elsewhere()}")
     kind, act = adapter.build_rotary().rope_type, getattr(c, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has hidden_act {act!r}; this exporter writes a "
-                            f"SiLU-gated MLP (hidden_act swiglu): {elsewhere_taken(open_source(src))}")
+                            f"SiLU-gated MLP (hidden_act swiglu): {elsewhere()}")
     if kind != "default":
         raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has rope_type {kind!r} (rope scaling), which "
                             "this exporter does not write (TensorRT-LLM's PyTorch backend reads it from config.json): "
-                            f"{elsewhere_taken(open_source(src))}")
+                            f"{elsewhere()}")
     biased = [n for n in reader.names() if n.endswith(".bias")]
     if biased:  # written, the config would say attn_bias false and the engine would run without them
         raise MoepressError(f"--format trtllm-ckpt: {src} stores {len(biased)} linear biases (e.g. {biased[0]}), which "
-                            f"this exporter does not write: {elsewhere_taken(open_source(src))}")
+                            f"this exporter does not write: {elsewhere()}")
     w = getattr(c, "sliding_window", None)
     if w is not None and int(w) < int(c.max_position_embeddings):
         raise MoepressError(f"--format trtllm-ckpt: {src}/config.json has sliding_window {w} (shorter than max_position"
                             f"_embeddings {c.max_position_embeddings}), which this exporter does not write (TensorRT-"
-                            f"LLM's PyTorch backend reads it from config.json): {elsewhere_taken(open_source(src))}")
+                            f"LLM's PyTorch backend reads it from config.json): {elsewhere()}")

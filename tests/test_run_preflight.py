@@ -193,6 +193,21 @@ def test_an_export_refusing_the_models_config_is_refused_before_any_stage(cli_ru
     assert not (tmp_path / "run").exists()
 
 
+def test_a_source_refusal_in_a_recipe_that_quantizes_names_the_recipes_way(cli_run, tmp_path):
+    """trtllm-ckpt's refusal of a sliding window named the export that takes the bf16 model (hf-fp8-block), which
+    refuses the recipe's fp8 quantize output: in a recipe that quantizes, it names the recipe key to change."""
+    from tests.test_export_onnx import _with_config
+
+    src = _with_config(tmp_path, "tiny-mixtral", sliding_window=64)
+    rec = write_recipe(tmp_path / "r.yaml", model=str(src), quantize=FP8,
+                       export={"formats": ["hf-modelopt", "trtllm-ckpt"]})
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    one_line_error(r, "export.formats trtllm-ckpt", "sliding_window 64")
+    assert r.stderr.strip().endswith("which this exporter does not write (TensorRT-LLM's PyTorch backend reads it "
+                                     "from config.json): for this recipe, drop trtllm-ckpt from export.formats")
+    assert "hf-fp8-block" in cli_run("export", src, "--format", "trtllm-ckpt", "-o", tmp_path / "e").stderr
+
+
 @pytest.mark.parametrize("export,quant", [
     ("compressed-tensors", {"format": "fp8-block"}),
     ("compressed-tensors", {"format": "fp8-block", "rules": {"mlp.experts.*": "fp8-dynamic"}}),

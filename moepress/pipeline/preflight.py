@@ -144,9 +144,10 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
             if recipe.get("quantize") and reg[fmt].families is not None and family not in reg[fmt].families:
                 other = other_exports(recipe, model, fmt, reg)
             reg[fmt].refuse_family(family, model, where=f"recipe export.formats {fmt}", other=other)
-            if reg[fmt].refuse_source is not None:
+            if reg[fmt].refuse_source is not None:  # the exporter's hint reads the model, which a quantize changes
                 with recipe_keys(src, "export"):
-                    reg[fmt].refuse_source(model, adapter, reader)
+                    reg[fmt].refuse_source(model, adapter, reader, instead=f"for this recipe, drop {fmt} from "
+                                           "export.formats" if recipe.get("quantize") else None)
     refuse_unquantized(recipe, model, formats, reg)
     refuse_written_formats(recipe, formats, reg)
     refuse_modelopt_experts(recipe, adapter, formats)
