@@ -160,10 +160,10 @@ def test_recipe_seed_range_and_yaml_error_line(cli_run, tmp_path):
     assert r.exit_code == 2 and f"{rec}: line 2 column 1 not valid YAML" in r.stderr, r.output
 
 
-def test_an_empty_recipe_with_model_given_runs_on_that_model(cli_run, tmp_path):
-    """`moepress run empty.yaml --model M`: the flag fills the empty file's model (run.yaml records it)."""
-    rec = tmp_path / "empty.yaml"
-    rec.write_text("# nothing yet\n")
+def test_a_recipe_without_a_model_with_model_given_runs_on_that_model(cli_run, tmp_path):
+    """`moepress run r.yaml --model M`: the flag fills the file's missing model (run.yaml records it)."""
+    rec = tmp_path / "r.yaml"
+    rec.write_text("quantize:\n  format: fp8-block\ncheck: null\n")
     out = tmp_path / "run"
     r = cli_run("run", rec, "--model", "tiny-qwen3-moe", "-o", out, "--quiet")
     assert r.exit_code == 0, r.output

@@ -263,3 +263,12 @@ def test_an_already_quantized_model_is_refused_before_the_prune(cli_run, tmp_pat
     r = cli_run("run", rec, "-o", tmp_path / "run")
     one_line_error(r, f"r.yaml: model: {q} is already quantized by moepress")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_with_no_stage_is_refused(cli_run, tmp_path):
+    """A recipe of a model alone (its sections left out are null, not the default recipe's) ran nothing and exited
+    0 with an empty run.json: refused, pointing at the default recipe."""
+    rec = tmp_path / "r.yaml"
+    rec.write_text("model: tiny-qwen3-moe\nquantize: null\n")
+    one_line_error(cli_run("run", rec, "-o", tmp_path / "run"), "r.yaml: no stage to run", "moepress recipe show")
+    assert not (tmp_path / "run").exists()

@@ -184,6 +184,9 @@ class Runner:
         """The whole recipe, holding OUT's run lock: a second run into OUT is refused, not interleaved stage
         by stage with this one (a check could read an export the other run then replaces, and seal its
         verdict onto the other's files)."""
+        if all(self.recipe[s] is None for s in ("prune", "quantize", "export", "build")):  # check has no candidate
+            raise MoepressError(f"{self.recipe_src}: no stage to run (prune, quantize, export and build are null or "
+                                "left out): expected one or more; `moepress recipe show` prints the default recipe")
         preflight(self.recipe, self.model, self.recipe_src)  # before hours of prune and quantize, not after
         with recipe_keys(self.recipe_src, "calib"):  # the calibration data read (and cached) before OUT is made
             self.calib_key = self._calib_key()
