@@ -256,6 +256,10 @@ def stored_form(reader, base: str, stored: list[str]):
     if stored_in_float(reader, stored, [base]):
         return "float"
     if base + ct_inputs.PACKED in stored and ct_inputs.ct_format(reader, base) == ct_inputs.CT_PACKED:
+        if base + ".weight_zero_point" in stored:  # asymmetric groups: encode_ct_int4 writes symmetric ones only
+            raise MoepressError(f"{reader.path}: expert weight '{base}' is pack-quantized INT4 with a "
+                                "weight_zero_point (asymmetric groups); merging (--merge, --method merge) re-quantizes "
+                                "symmetric INT4 only: prune without merging, or merge a bf16 copy")
         return "ct-int4"
     fmt, group = _format_of(reader, base)
     if fmt is None or fmt.quantize is None or fmt.calibrated:
