@@ -63,9 +63,10 @@ def test_a_command_without_options_gets_the_documented_defaults(cli_run, tmp_pat
 
 
 @pytest.mark.parametrize("stage,args", [
-    ("prune", ["--ratio", "0.25", "--method", "reap", "--ep-size", "2", "--protect", "3:5,1:2", "--sequential",
+    ("prune", ["--ratio", "0.25", "--method", "auto", "--ep-size", "2", "--protect", "3:5,1:2", "--sequential",
                "--search-tokens", "100", "--no-merge", "--race", "ean, frequency"]),
-    ("quantize", ["--format", "int4-awq", "--rule", "self_attn.*=fp8", "--group-size", "64", "--kv-cache", "fp8",
+    # every option one that takes effect: --gptq-act-order for the rule's GPTQ, --no-awq-clip with --no-awq-gptq
+    ("quantize", ["--format", "int4-awq", "--rule", "self_attn.*=int4-gptq", "--group-size", "64", "--kv-cache", "fp8",
                   "--no-sequential", "--gptq-act-order", "--no-awq-gptq", "--no-awq-clip", "--awq-fold",
                   "--resume"]),
 ])
@@ -83,10 +84,10 @@ def test_every_option_reaches_the_config(cli_run, tmp_path, handed, stage, args,
     assert handed["device_spec"] == "cpu" and handed["force"] is True
     if stage == "prune":
         assert (cfg.method, cfg.ratio, cfg.ep_size, cfg.protect, cfg.sequential, cfg.search_tokens, cfg.merge,
-                cfg.race) == ("reap", 0.25, 2, ((1, 2), (3, 5)), True, 100, False, ("ean", "frequency"))
+                cfg.race) == ("auto", 0.25, 2, ((1, 2), (3, 5)), True, 100, False, ("ean", "frequency"))
     else:
         assert (cfg.format, cfg.rules, cfg.group_size, cfg.kv_cache, cfg.sequential, cfg.gptq_act_order) == \
-            ("int4-awq", (("self_attn.*", "fp8"),), 64, "fp8", False, True)
+            ("int4-awq", (("self_attn.*", "int4-gptq"),), 64, "fp8", False, True)
         assert (cfg.awq_gptq, cfg.awq_clip, cfg.awq_fold, handed["resume"]) == (False, False, True, True)
 
 
@@ -186,3 +187,19 @@ def test_method_merge_with_no_merge_is_refused(cli_run, tmp_path):
                 "-o", tmp_path / "out")
     assert r.exit_code == 2, r.output
     assert "--no-merge" in r.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["prune", "tiny-qwen3-moe", "--ratio", "0.25", "--method", "frequency", "--search-tokens", "100"],
+     "--search-tokens: --method frequency samples no tokens"),
+    (["prune", "tiny-qwen3-moe", "--ratio", "0.25", "--method", "reap", "--search-tokens", "100"],
+     "--search-tokens: --method reap samples no tokens"),
+    (["check", "tiny-qwen3-moe", "-r", "tiny-qwen3-moe", "--gen-tokens", "5"],
+     "--gen-tokens 5: only with --generate N"),
+])
+def test_an_option_that_would_have_no_effect_is_refused(cli_run, tmp_path, args, line):
+    """Accepted and ignored before: --search-tokens with a method that samples no tokens (as --race with a method
+    that races nothing), --gen-tokens without --generate."""
+    r = cli_run(*args, "-o" if args[0] == "prune" else "--report", tmp_path / "o")
+    assert r.exit_code == 2 and r.stderr.startswith(f"moepress: error: {line}"), r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

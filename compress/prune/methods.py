@@ -90,3 +90,11 @@ def reap_scores(stats: LayerRouting) -> torch.Tensor:
     g_j(x) * ||f_j(x)||_2 over the tokens whose raw-logit top-k holds j, g_j the softmax over all experts
     (renormalised over that top-k when the config says norm_topk_prob); see ``LayerRouting``."""
     return stats.reap
+
+
+def reads_search_tokens(method: PruneMethod, merge: bool | None) -> bool:
+    """Whether a run of ``method`` (``merge``: --merge / --no-merge, None: the method's own) samples routed tokens
+    for a search or a fold (``--search-tokens``): reroute's search, lookahead's candidates, auto's race, a fold of
+    the dropped experts; frequency, ean and reap alone count every token."""
+    return method.needs_outputs or bool(method.candidates or method.plans) or (bool(method.merge) if merge is None
+                                                                                else merge)

@@ -14,6 +14,7 @@ from moepress.cli.options import (
     TEXT,
     Command,
     device_option,
+    given,
     progress_options,
     remember_output,
     run_measured,
@@ -183,6 +184,8 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
     from moepress.errors import MoepressError
     from moepress.progress import Progress
 
+    if generate == 0 and given("gen_tokens"):  # would have no effect
+        raise MoepressError(f"--gen-tokens {gen_tokens}: only with --generate N (N prompts to generate from)")
     for name in GATE_FIELDS:  # refused under the option's name; CheckConfig parses the value as written (a
         parse_fraction(gate_options[name], "--" + name.replace("_", "-"))  # parsed 150% would read as a bare 1.5)
     gates = {name: gate_options[name] for name in GATE_FIELDS}

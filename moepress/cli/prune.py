@@ -10,6 +10,7 @@ from moepress.cli.options import (
     Command,
     calib_options,
     device_option,
+    given,
     model_argument,
     output_options,
     progress_options,
@@ -102,6 +103,11 @@ def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_t
     cfg = PruneConfig.from_flags(method=method, ratio=ratio, keep=keep, ep_size=ep_size, protect=protect,
                                  sequential=sequential, calib=cal, search_tokens=search_tokens, merge=merge,
                                  race=race)
+    from moepress.compress.prune.methods import METHODS, reads_search_tokens
+
+    if given("search_tokens") and not reads_search_tokens(METHODS[cfg.method], merge):  # as --race: one line
+        raise MoepressError(f"--search-tokens: --method {cfg.method} samples no tokens (reroute, lookahead, auto, "
+                            "merge and --merge do)")
     src = resolve_model(model)
     result, memory = run_measured(device, prune_checkpoint, src, output, cfg, batches=cal.loader(src), force=force,
                                   progress=Progress.from_flags(quiet, json_out))
