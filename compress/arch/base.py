@@ -49,6 +49,9 @@ class Adapter:
     # (vLLM's MLA kv_b_proj split): a static FP8 or NVFP4 input scale there must quantize 1.0 exactly
     # (compress/quant/fp8.py identity_exact_input_scale)
     identity_dequantized: ClassVar[tuple[str, ...]] = ()
+    # transformers' config class counts multi-token-prediction layers when config.json does not (DeepSeek-V3:
+    # num_nextn_predict_layers defaults to 1): an output without them must say num_nextn_predict_layers=0
+    nextn_by_default: ClassVar[bool] = False
 
     def __init__(self, config: dict, names: Iterable[str] | None = None, where: str = "config.json"):
         self.config = dict(config)

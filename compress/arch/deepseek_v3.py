@@ -46,6 +46,7 @@ class DeepseekV3Adapter(Adapter):
     model_types = ("deepseek_v3", "kimi_k2")
     architectures = ("DeepseekV3ForCausalLM",)
     experts_keys = ("n_routed_experts",)
+    nextn_by_default = True  # configuration_deepseek_v3.py 5.24: num_mtp_layers = 1, alias num_nextn_predict_layers
     # moe_layer_freq as vLLM's deepseek_v2.py and DeepSeek's reference code read it (layer i % freq == 0);
     # transformers 5.24's modeling_deepseek_v3.py ignores it (every layer past first_k_dense_replace is MoE)
     layer_kind_keys = ("first_k_dense_replace", "moe_layer_freq")

@@ -271,7 +271,7 @@ class QuantizeStage:
         """Whether the output's config must say num_nextn_predict_layers=0 for the layers not written: where it has
         the key, and for DeepSeek-V3 (Kimi K2) whose transformers config defaults it to 1
         (configuration_deepseek_v3.py 5.24: num_mtp_layers = 1, alias num_nextn_predict_layers)."""
-        return "num_nextn_predict_layers" in self.reader.config or self.adapter.family == "deepseek_v3"
+        return "num_nextn_predict_layers" in self.reader.config or self.adapter.nextn_by_default
 
     def _resume_point(self, progress: Progress) -> int:
         """The first layer a killed run did not finish (rank 0's, under torchrun), with the totals of the

@@ -63,7 +63,7 @@ def _method_help() -> str:
               "(the kept count is rounded down to a valid count).")
 @click.option("--keep", type=int, default=None, help="Routed experts to keep per layer (exact).")
 @click.option("--method", type=MethodChoice(), default=None, help=_method_help())
-@click.option("--ep-size", type=int, default=1, show_default=True,
+@click.option("--ep-size", "--ep", "ep_size", type=int, default=1, show_default=True,
               help="Expert-parallel size: the kept count is made a multiple of it.")
 @click.option("--protect", default="", metavar="L:E,...", help="Experts that always stay, e.g. 3:5,3:7.")
 @click.option("--sequential", is_flag=True,
