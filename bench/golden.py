@@ -96,12 +96,15 @@ def _model_copy(work: Path, name: str) -> Path:
 
 def cases(work: Path, models: list[str]):
     """Yield (case name, thunk returning (exit code, output dir))."""
+    from moepress.compress.formats import FORMATS
+
     for name in models:
         m = _model_copy(work, name)
         for fmt in QUANT:
             out = work / name / f"q-{fmt}"
-            yield f"{name}/quantize/{fmt}", lambda m=m, fmt=fmt, out=out: (
-                run_cli("quantize", m, "--format", fmt, *CALIB, "-o", out, "--force", "--quiet"), out)
+            calib = CALIB if FORMATS[fmt].calibrated else []  # a calibration-free format refuses them
+            yield f"{name}/quantize/{fmt}", lambda m=m, fmt=fmt, out=out, calib=calib: (
+                run_cli("quantize", m, "--format", fmt, *calib, "-o", out, "--force", "--quiet"), out)
         out = work / name / "q-fp8-kv"
         yield f"{name}/quantize/fp8+kv", lambda m=m, out=out: (
             run_cli("quantize", m, "--format", "fp8", "--kv-cache", "fp8", *CALIB, "-o", out, "--force", "--quiet"),

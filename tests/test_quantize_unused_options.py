@@ -36,3 +36,16 @@ def test_an_option_no_format_of_the_run_uses_is_refused(cli_run, tmp_path, args,
 def test_an_option_a_rule_or_the_kv_cache_uses_is_taken(cli_run, tmp_path, args):
     r = cli_run("quantize", "tiny-qwen3-moe", *args, "-o", tmp_path / "out", "--quiet")
     assert r.exit_code == 0, r.output
+
+
+def test_a_calibration_free_output_records_no_calibration(cli_run, tmp_path):
+    """Its manifest and report recorded num_samples / seq_len / seed as if it had been calibrated on them."""
+    import json
+
+    for fmt, calibrated in (("fp8-block", False), ("fp8", True)):
+        out = tmp_path / fmt
+        args = SMALL if calibrated else []
+        assert cli_run("quantize", "tiny-qwen3-moe", "--format", fmt, *args, "-o", out, "--quiet").exit_code == 0
+        for f in ("moepress-manifest.json", "quant_report.json"):
+            cfg = json.loads((out / f).read_text())["config"]
+            assert ({"num_samples", "seq_len", "seed", "calib"} <= set(cfg)) == calibrated, (fmt, f, cfg)

@@ -8,7 +8,7 @@ quant_report.json, and the run pipeline hashes it into the stage key.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from moepress.calib.config import CalibConfig
 from moepress.compress import formats
@@ -118,6 +118,12 @@ class QuantConfig:
             raise MoepressError(f"{flag} {given}: only the INT4 formats take a group size ({takes}); "
                                 f"{', '.join(sorted(self.formats())) or 'no format'} here")
         return self
+
+    def recorded(self) -> dict:
+        """The config as the output's manifest and report record it and a resume compares it: a calibration-free one
+        without the calibration settings, which change none of its bytes."""
+        d = asdict(self)
+        return d if self.needs_calibration else {k: v for k, v in d.items() if k not in CALIBRATION_FIELDS}
 
     def refuse_unused(self, asked) -> QuantConfig:
         """Self, or a refusal of an option ``asked`` (names of the options given) that no format of this run uses:

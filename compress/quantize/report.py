@@ -10,7 +10,6 @@ formats); NVIDIA/Model-Optimizer modelopt/torch/export/unified_export_hf.py and 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -158,7 +157,7 @@ def sidecar(cfg: QuantConfig, totals: QuantTotals) -> dict:
 def quant_report(reader: CheckpointReader, family: str, cfg: QuantConfig, totals: QuantTotals,
                  calibration_tokens: int) -> dict:
     """quant_report.json."""
-    return {"model": str(reader.path), "family": family, "config": dataclasses.asdict(cfg),
+    return {"model": str(reader.path), "family": family, "config": cfg.recorded(),
             "quant_algo": totals.quant_algo(), "quantized_linears": len(totals.modules),
             "experts_with_borrowed_scales": totals.borrowed, "left_unquantized": totals.skipped,
             "awq_alpha": totals.alphas,
@@ -179,7 +178,7 @@ def sparse_expert_rule() -> dict:
 def manifest_entries(reader: CheckpointReader, cfg: QuantConfig, totals: QuantTotals) -> dict:
     """What the stage adds to the output's moepress-manifest.json."""
     inputs = {"model": str(reader.path.resolve()), **calibration_inputs(cfg.calib, cfg.needs_calibration)}
-    return {"stage": "quantize", "config": dataclasses.asdict(cfg), "inputs": inputs,
+    return {"stage": "quantize", "config": cfg.recorded(), "inputs": inputs,
             "report": {"quant_algo": totals.quant_algo(), "quantized_linears": len(totals.modules),
                        "experts_with_borrowed_scales": totals.borrowed,
                        "expert_calibration_tokens": totals.expert_tokens,

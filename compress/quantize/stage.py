@@ -31,7 +31,7 @@ from moepress.compress.checkpoint.writer import check_output
 from moepress.compress.formats import ct_inputs
 from moepress.compress.quant import fp8
 from moepress.compress.quantize.calibrated import quantize_layer
-from moepress.compress.quantize.config import CALIBRATION_FIELDS, GROUP_SIZES, PROGRESS, REPORT, QuantConfig
+from moepress.compress.quantize.config import GROUP_SIZES, PROGRESS, REPORT, QuantConfig
 from moepress.compress.quantize.free import FreePipeline, linear_names, model_linear_names
 from moepress.compress.quantize.group import LayerResult, apply_fake_quant, refuse_non_finite
 from moepress.compress.quantize.report import (
@@ -78,9 +78,9 @@ def quantize_resume_key(cfg: QuantConfig, src: Path, device: torch.device | None
     calibrated on the old data) and the kind of device it runs on (the GPU's solves round unlike the CPU's: layers
     calibrated on one and then the other would match neither device's run; calibration-free formats are
     byte-identical on both, and their calibration settings change no byte)."""
-    key = {**asdict(cfg), "calib_content": source_hashes(cfg.calib), "device": torch.device(device or "cpu").type}
-    if not cfg.needs_calibration:
-        key = {k: v for k, v in key.items() if k not in (*CALIBRATION_FIELDS, "calib_content", "device")}
+    key = cfg.recorded()
+    if cfg.needs_calibration:
+        key |= {"calib_content": source_hashes(cfg.calib), "device": torch.device(device or "cpu").type}
     return resume_key("quantize", key, src)
 
 
