@@ -233,9 +233,12 @@ def main(argv=None) -> int:
         rows += core_scaling(a.model, work / "scaling", [int(c) for c in a.cores.split(",") if c], floor, files,
                              a.repeat)
         exe = [sys.executable, "-m", "moepress"]
+        from moepress.compress.formats import FORMATS
+
         for mode in [m for m in a.modes.split(",") if m]:
             out = work / mode
-            calib = [] if mode == "fp8-block" else ["--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len)]
+            # a calibration-free format refuses the calibration options
+            calib = ["--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len)] if FORMATS[mode].calibrated else []
             drop_cache(files)
             wall, rss, rc, err = timed(exe + ["quantize", str(a.model), "--format", mode, "-o", str(out),
                                               "--force", "--quiet", *calib], env)

@@ -64,7 +64,7 @@ def test_a_command_without_options_gets_the_documented_defaults(cli_run, tmp_pat
 
 @pytest.mark.parametrize("stage,args", [
     ("prune", ["--ratio", "0.25", "--method", "auto", "--ep-size", "2", "--protect", "3:5,1:2", "--sequential",
-               "--search-tokens", "100", "--no-merge", "--race", "ean, frequency"]),
+               "--search-tokens", "100", "--no-merge", "--race", "reroute, frequency"]),
     # every option one that takes effect: --gptq-act-order for the rule's GPTQ, --no-awq-clip with --no-awq-gptq
     ("quantize", ["--format", "int4-awq", "--rule", "self_attn.*=int4-gptq", "--group-size", "64", "--kv-cache", "fp8",
                   "--no-sequential", "--gptq-act-order", "--no-awq-gptq", "--no-awq-clip", "--awq-fold",
@@ -84,7 +84,7 @@ def test_every_option_reaches_the_config(cli_run, tmp_path, handed, stage, args,
     assert handed["device_spec"] == "cpu" and handed["force"] is True
     if stage == "prune":
         assert (cfg.method, cfg.ratio, cfg.ep_size, cfg.protect, cfg.sequential, cfg.search_tokens, cfg.merge,
-                cfg.race) == ("auto", 0.25, 2, ((1, 2), (3, 5)), True, 100, False, ("ean", "frequency"))
+                cfg.race) == ("auto", 0.25, 2, ((1, 2), (3, 5)), True, 100, False, ("reroute", "frequency"))
     else:
         assert (cfg.format, cfg.rules, cfg.group_size, cfg.kv_cache, cfg.sequential, cfg.gptq_act_order) == \
             ("int4-awq", (("self_attn.*", "int4-gptq"),), 64, "fp8", False, True)
@@ -194,6 +194,8 @@ def test_method_merge_with_no_merge_is_refused(cli_run, tmp_path):
      "--search-tokens: --method frequency samples no tokens"),
     (["prune", "tiny-qwen3-moe", "--ratio", "0.25", "--method", "reap", "--search-tokens", "100"],
      "--search-tokens: --method reap samples no tokens"),
+    (["prune", "tiny-qwen3-moe", "--ratio", "0.25", "--race", "ean,frequency", "--no-merge", "--search-tokens", "9"],
+     "--search-tokens: --method auto racing ean, frequency samples no tokens"),
     (["check", "tiny-qwen3-moe", "-r", "tiny-qwen3-moe", "--gen-tokens", "5"],
      "--gen-tokens 5: only with --generate N"),
 ])

@@ -74,10 +74,12 @@ def test_a_rule_giving_every_expert_one_format_is_judged_as_that_format(odd):
     with pytest.raises(MoepressError, match="quantize.rules' format nvfp4 leaves the routed experts' gate_proj, "
                        "up_proj unquantized .* expected quantize.rules' format fp8"):
         preflight(odd, {"format": "fp8", "rules": {"mlp.experts.*": "nvfp4"}}, "hf-modelopt")
+    # bf16 experts beside FP8 linears: nothing packed, which compressed-tensors takes (quantize and export run)
+    preflight(odd, {"format": "fp8", "rules": {"mlp.experts.*": "int4-gptq"}, "group_size": 64}, "compressed-tensors")
     with pytest.raises(MoepressError, match="quantize.rules' format int4-gptq leaves every routed-expert projection "
-                       "unquantized"):
-        preflight(odd, {"format": "fp8", "rules": {"mlp.experts.*": "int4-gptq"}, "group_size": 64},
-                  "compressed-tensors")
+                       "unquantized"):  # beside packed INT4 linears (another rule's): refused by the export
+        preflight(odd, {"format": "fp8", "rules": {"mlp.experts.*": "int4-gptq", "self_attn.*": "int4-awq"},
+                        "group_size": 64}, "compressed-tensors")
     preflight(odd, {"format": "nvfp4", "rules": {"mlp.experts.0.*": "fp8"}}, "hf-modelopt")
 
 
@@ -89,10 +91,10 @@ def test_quantize_notes_the_exports_that_refuse_experts_a_rule_quantizes(cli_run
 
     cfg = QuantConfig(format=None, rules=(("block_sparse_moe.experts.*", "int4-gptq"),), group_size=128)
     refusing = export_refusals(models.path("tiny-mixtral-w192"), cfg)
-    assert refusing["compressed-tensors"].startswith("--rule format int4-gptq leaves the routed experts' w2 "
-                                                     "unquantized"), refusing
-    assert refusing["compressed-tensors"].endswith("expected --group-size 64, --rule format fp8 or --rule format "
-                                                   "fp8-dynamic"), refusing
+    assert refusing["compressed-tensors"].startswith("the --rule giving the experts int4-gptq leaves the routed "
+                                                     "experts' w2 unquantized"), refusing
+    assert refusing["compressed-tensors"].endswith("expected --group-size 64, the --rule giving the experts fp8 or "
+                                                   "the --rule giving the experts fp8-dynamic"), refusing
 
 
 @pytest.mark.parametrize("args,export,refusal", [

@@ -10,12 +10,13 @@ SMALL = ["--num-samples", "4", "--seq-len", "32"]
 
 
 @pytest.mark.parametrize("args, flag", [
-    (["--format", "fp8", "--gptq-act-order", *SMALL], "--gptq-act-order"),
-    (["--format", "fp8", "--no-awq-gptq", *SMALL], "--awq-gptq"),
-    (["--format", "fp8", "--no-awq-clip", *SMALL], "--awq-clip"),
-    (["--format", "int4-awq", "--no-awq-clip", *SMALL], "--awq-clip"),  # the clip search runs with --no-awq-gptq only
+    (["--format", "fp8", "--gptq-act-order", *SMALL], "--gptq-act-order/--no-gptq-act-order"),
+    (["--format", "fp8", "--no-awq-gptq", *SMALL], "--awq-gptq/--no-awq-gptq"),
+    (["--format", "fp8", "--no-awq-clip", *SMALL], "--awq-clip/--no-awq-clip"),
+    # the clip search runs with --no-awq-gptq only
+    (["--format", "int4-awq", "--no-awq-clip", *SMALL], "--awq-clip/--no-awq-clip"),
     (["--format", "mxfp4", "--num-samples", "4"], "--num-samples"),
-    (["--format", "fp8-block", "--sequential"], "--sequential"),
+    (["--format", "fp8-block", "--sequential"], "--sequential/--no-sequential"),
     (["--format", "fp8-dynamic", "--calib", "bundled"], "--calib"),
     (["--format", "fp8-block", "--seed", "3"], "--seed"),
 ], ids=["act-order-fp8", "no-awq-gptq-fp8", "no-awq-clip-fp8", "no-awq-clip-awq-gptq", "num-samples-mxfp4",

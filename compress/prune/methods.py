@@ -92,9 +92,12 @@ def reap_scores(stats: LayerRouting) -> torch.Tensor:
     return stats.reap
 
 
-def reads_search_tokens(method: PruneMethod, merge: bool | None) -> bool:
-    """Whether a run of ``method`` (``merge``: --merge / --no-merge, None: the method's own) samples routed tokens
-    for a search or a fold (``--search-tokens``): reroute's search, lookahead's candidates, auto's race, a fold of
-    the dropped experts; frequency, ean and reap alone count every token."""
-    return method.needs_outputs or bool(method.candidates or method.plans) or (bool(method.merge) if merge is None
-                                                                                else merge)
+def reads_search_tokens(method: PruneMethod, merge: bool | None, race: tuple[str, ...] = ()) -> bool:
+    """Whether a run of ``method`` (``merge``: --merge / --no-merge, None: the method's own; ``race``: --race) samples
+    routed tokens for a search or a fold (``--search-tokens``): reroute's search, lookahead's candidates, a race of
+    either, a fold of the dropped experts; frequency, ean and reap alone count every token."""
+    if bool(method.merge) if merge is None else merge:
+        return True
+    if method.plans:  # the methods raced decide (auto's own callable selects nothing)
+        return any(reads_search_tokens(METHODS[m], False) for m in race or method.plans)
+    return method.needs_outputs or bool(method.candidates)

@@ -131,14 +131,14 @@ class QuantConfig:
         if it had not been said, and the manifest would record the value as used."""
         fmts = sorted(self.formats())
         awq = any(FORMATS[f].awq for f in fmts)
-        uses = {"gptq_act_order": ("--gptq-act-order", any(self.needs_hessian(f) for f in fmts),
+        uses = {"gptq_act_order": ("--gptq-act-order/--no-gptq-act-order", any(self.needs_hessian(f) for f in fmts),
                                    "only formats rounded by GPTQ take it (int4-gptq; int4-awq, w4a8-awq with "
                                    "--awq-gptq)"),
-                "awq_gptq": ("--awq-gptq", awq, "only the AWQ formats take it"),
-                "awq_clip": ("--awq-clip", awq and not self.awq_gptq,
+                "awq_gptq": ("--awq-gptq/--no-awq-gptq", awq, "only the AWQ formats take it"),
+                "awq_clip": ("--awq-clip/--no-awq-clip", awq and not self.awq_gptq,
                              "only the AWQ formats with --no-awq-gptq search a clip"),
                 **{k: (flag, self.needs_calibration, "only calibrated formats (or --kv-cache) read calibration data")
-                   for k, flag in (("sequential", "--sequential"), ("calib", "--calib"),
+                   for k, flag in (("sequential", "--sequential/--no-sequential"), ("calib", "--calib"),
                                    ("num_samples", "--num-samples"), ("seq_len", "--seq-len"), ("seed", "--seed"))}}
         for name in (n for n in uses if n in asked):
             flag, used, why = uses[name]

@@ -105,9 +105,10 @@ def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_t
                                  race=race)
     from moepress.compress.prune.methods import METHODS, reads_search_tokens
 
-    if given("search_tokens") and not reads_search_tokens(METHODS[cfg.method], merge):  # as --race: one line
-        raise MoepressError(f"--search-tokens: --method {cfg.method} samples no tokens (reroute, lookahead, auto, "
-                            "merge and --merge do)")
+    if given("search_tokens") and not reads_search_tokens(METHODS[cfg.method], merge, cfg.race):  # as --race
+        raced = f" racing {', '.join(cfg.race)}" if cfg.race else ""
+        raise MoepressError(f"--search-tokens: --method {cfg.method}{raced} samples no tokens (reroute, lookahead, a "
+                            "race of either, merge and --merge do)")
     src = resolve_model(model)
     result, memory = run_measured(device, prune_checkpoint, src, output, cfg, batches=cal.loader(src), force=force,
                                   progress=Progress.from_flags(quiet, json_out))

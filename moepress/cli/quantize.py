@@ -164,7 +164,7 @@ def export_refusals(src, cfg) -> dict[str, str]:
         found = fused_export_refusals(q, src)
     except MoepressError:
         return {}
-    flags = (("quantize.rules' format ", "--rule format "), ("quantize.format ", "--format "),
+    flags = (("quantize.rules' format ", "the --rule giving the experts "), ("quantize.format ", "--format "),
              ("quantize.group_size ", "--group-size "),
              ("quantize.awq_fold: true", "--awq-fold"), ("quantize.rules give", "--rule gives"),
              ("expected hf-modelopt removed from export.formats", "expected another export format"))

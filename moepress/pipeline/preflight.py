@@ -256,11 +256,6 @@ def experts_format(recipe: dict, adapter):
     return formats.FORMATS.get(got.pop() if got else ""), ruled  # "none" (left unquantized) is no format
 
 
-FP4_WIDTHS = ("the FP4 fused-MoE kernels of vLLM and TensorRT-LLM need both widths multiples of 64 and one of 128: "
-              "exporters/kernel_widths.py")
-UNPACKED = "transformers reads the expert weights of a pack-quantized (INT4 / FP4) checkpoint only as packed weights"
-
-
 def refuse_expert_schemes(recipe: dict, exports: list[str], adapter) -> None:
     """compressed-tensors or hf-modelopt after a quantize whose format (or rules: one format for every expert)
     leaves some of the routed experts' projections unquantized (the format's ``skip`` rule: an INT4 group or FP4
@@ -270,6 +265,7 @@ def refuse_expert_schemes(recipe: dict, exports: list[str], adapter) -> None:
     refuse_fp4_expert_widths). The refusal names a quantize.group_size that quantizes every projection alike, or the
     FP8 formats every listed export loads experts in (any width quantizes whole)."""
     from moepress.exporters.fused_moe import FUSES_EXPERTS, common_groups, expert_fp8_formats
+    from moepress.pipeline.expert_schemes import expert_scheme_problem
 
     q = recipe.get("quantize") or {}
     fused = [e for e in exports if e in FUSES_EXPERTS]
@@ -279,7 +275,8 @@ def refuse_expert_schemes(recipe: dict, exports: list[str], adapter) -> None:
     h, w = adapter.hidden_size, adapter.moe_intermediate_size()
     gate, up, down = adapter.expert_names
     shapes = {gate: (w, h), up: (w, h), down: (h, w)}  # (out_features, in_features)
-    problem = _expert_scheme_problem(f, int(q.get("group_size") or 128), shapes, fused)
+    others = {q.get("format"), *(q.get("rules") or {}).values()} - {f.name} if ruled else {f.name}
+    problem = expert_scheme_problem(f, int(q.get("group_size") or 128), shapes, fused, others)
     if problem is None:
         return
     export, what, why = problem
@@ -292,30 +289,6 @@ def refuse_expert_schemes(recipe: dict, exports: list[str], adapter) -> None:
     ways += [f"{key} {n}" for n in fp8]
     raise MoepressError(f"recipe export.formats {export}: {key} {f.name} {what}; the export refuses it ({why}); "
                         f"expected {_either(ways)}")
-
-
-def _expert_scheme_problem(f, g: int, shapes: dict[str, tuple[int, int]], fused: list[str]) -> tuple | None:
-    """(export, what the quantize does to the routed experts, why the export refuses it) for format ``f`` at
-    --group-size ``g`` on expert projections of ``shapes`` (name: (out, in)); None when the exports take it."""
-    from moepress.compress.quant.int4 import effective_group
-    from moepress.exporters.fused_moe import FUSES_EXPERTS
-    from moepress.exporters.kernel_widths import fp4_widths_ok
-
-    skipped = {n: why for n, (o, i) in shapes.items() if (why := f.skip(o, i, g))}
-    reasons = "; ".join(sorted(set(skipped.values())))
-    groups = {n: effective_group(i, g) for n, (_, i) in shapes.items()} if f.element == "int4" else {}
-    if skipped and len(skipped) < len(shapes):
-        return fused[0], (f"leaves the routed experts' {', '.join(skipped)} unquantized ({reasons}) beside their "
-                          f"quantized {', '.join(n for n in shapes if n not in skipped)}"), FUSES_EXPERTS[fused[0]]
-    if skipped and "compressed-tensors" in fused:  # every projection: bf16 experts beside packed linears
-        return "compressed-tensors", f"leaves every routed-expert projection unquantized ({reasons})", UNPACKED
-    if not skipped and len(set(groups.values())) > 1:
-        return fused[0], (f"with quantize.group_size {g} groups the routed experts' projections unlike each other "
-                          f"({', '.join(f'{n}: group {x}' for n, x in groups.items())})"), FUSES_EXPERTS[fused[0]]
-    w, h = next(iter(shapes.values()))  # the gate projection: expert width out, hidden size in
-    if not skipped and f.element == "fp4" and not fp4_widths_ok(h, w):
-        return fused[0], f"gives routed experts of hidden {h} and expert width {w}", FP4_WIDTHS
-    return None
 
 
 def experts_quantized(recipe: dict, adapter) -> bool:
