@@ -238,7 +238,8 @@ def main(argv=None) -> int:
         for mode in [m for m in a.modes.split(",") if m]:
             out = work / mode
             # a calibration-free format refuses the calibration options
-            calib = ["--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len)] if FORMATS[mode].calibrated else []
+            calibrated = FORMATS[mode].calibrated
+            calib = ["--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len)] if calibrated else []
             drop_cache(files)
             wall, rss, rc, err = timed(exe + ["quantize", str(a.model), "--format", mode, "-o", str(out),
                                               "--force", "--quiet", *calib], env)
