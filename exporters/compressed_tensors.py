@@ -266,6 +266,18 @@ def _sglang_misloads(s, schemes) -> str | None:
             "layout)")
 
 
+def _dense_group_notes(s, experts: dict) -> list[str]:
+    """Dense INT4 linears in more than one group size (a narrow MLA kv_b_proj gets a smaller group): transformers'
+    default load keeps each module's scheme, but ``CompressedTensorsConfig(dequantize=True)`` converts every dense
+    module with one (integrations/compressed_tensors.py get_dense_scheme) and fails on the others."""
+    groups = {m.get("group") for n, m in s.layout["modules"].items() if n not in experts and m.get("group")}
+    if len(groups) < 2:
+        return []
+    return [f"transformers <= {TRANSFORMERS_CHECKED} loads it by default, but CompressedTensorsConfig(dequantize=True) "
+            f"fails on its dense linears' INT4 group sizes {sorted(groups)} (one scheme for every dense module); "
+            "vLLM loads them (a scheme per module); quantize with a --group-size every width takes for one size"]
+
+
 def _consumer_notes(experts: dict, misloaded: dict[str, str]) -> list[str]:
     """Known consumer bugs this checkpoint meets, said at export (the bytes follow the specification)."""
     sglang = "vLLM loads them correctly" if "sglang" in misloaded else "vLLM and SGLang load them correctly"
@@ -348,7 +360,7 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
     if (sg := _sglang_misloads(s, schemes)) is not None:
         misloaded["sglang"] = sg
         checked["sglang"] = SGLANG_CHECKED
-    notes = _consumer_notes(experts, misloaded)
+    notes = _consumer_notes(experts, misloaded) + _dense_group_notes(s, experts)
     if dropped:
         notes.append(f"the FP8 KV-cache scales ({len(dropped)} k_scale / v_scale) are not carried: no kv_cache_scheme "
                      "is written, so runtimes keep the KV cache in the model's dtype; hf-modelopt carries them")

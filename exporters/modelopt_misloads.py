@@ -200,7 +200,8 @@ def planned_trtllm_misloads(reader, adapter, format_of, group_size: int) -> tupl
     s = SimpleNamespace(adapter=adapter)
     kv_b, fused_a = _trtllm_mla_parts(s, modules)
     keep = [*MLA_PROJECTIONS[:1 if kv_b else 0], *(MLA_PROJECTIONS[1:] if fused_a else ())]
-    return trtllm_misloads(s, modules), [f"{p}=none" for p in keep]
+    present = {p for p in keep if any(b.endswith("." + p) for b in modules)}  # no q_a_proj without q_lora_rank
+    return trtllm_misloads(s, modules), [f"{p}=none" for p in keep if p in present]
 
 
 def quantize_trtllm_misloads(cfg, model) -> tuple[list[str], list[str]]:
@@ -221,9 +222,13 @@ def refuse_block_fp8_mla(s, modules: dict) -> None:
         raise MoepressError(f"--format hf-modelopt: {s.path}: its block-FP8 MLA projections ({pattern(parts)}) are "
                             f"misread by TensorRT-LLM (DeepseekV3WeightLoader reads their scales only as DeepSeek's "
                             f"weight_scale_inv: kv_b_proj a KeyError, fused_a silently unscaled) and SGLang; keep "
-                            f"them bf16 (--rule 'self_attn.kv_b_proj=none' --rule 'self_attn.q_a_proj=none' --rule "
-                            f"'self_attn.kv_a_proj_with_mqa=none'), or export an fp8-block quantize output with "
-                            f"--format hf-fp8-block (weight_scale_inv)")
+                            f"them bf16 ({_keep_rules(modules, MLA_PROJECTIONS)}), or export an fp8-block quantize "
+                            f"output with --format hf-fp8-block (weight_scale_inv)")
+
+
+def _keep_rules(modules: dict, parts) -> str:
+    """The --rule PART=none flags of the ``parts`` this export holds (no q_a_proj without q_lora_rank)."""
+    return " ".join(f"--rule '{p}=none'" for p in parts if any(b.endswith("." + p) for b in modules))
 
 
 VLLM_CHECKED = "0.33.0"
@@ -258,8 +263,7 @@ def misloads(s, modules: dict, kv: bool, dropped: int) -> dict:
         misloaded["tensorrt_llm"], by["tensorrt_llm"] = "; ".join(trt + groups), TRTLLM_CHECKED
     if trt:
         notes.append(f"TensorRT-LLM ({TRTLLM_CHECKED}) {'; '.join(trt)}; vLLM loads them; for TensorRT-LLM "
-                     "keep them bf16 (--rule 'self_attn.kv_b_proj=none', and for an FP8 fused_a "
-                     "'self_attn.q_a_proj=none', 'self_attn.kv_a_proj_with_mqa=none')")
+                     f"keep them bf16 ({_keep_rules(modules, MLA_PROJECTIONS)})")
     if groups:
         notes.append(f"TensorRT-LLM ({TRTLLM_CHECKED}) {'; '.join(groups)}; for TensorRT-LLM quantize with "
                      "--group-size 128 (a narrower input: keep it bf16 with --rule PATTERN=none)")
