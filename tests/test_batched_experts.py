@@ -37,9 +37,9 @@ def _items(seed=0, width=IN):
     return W, xs, Hs
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_batched_gptq_is_bit_identical_to_one_by_one(act_order):
-    W, _, Hs = _items()
+def _batched_equals_one_by_one(seed: int, act_order: bool):
+    """Batched GPTQ of _items(seed) against gptq_quantize item by item, bit for bit: (W, Q, S, U)."""
+    W, _, Hs = _items(seed)
     dead = torch.stack([(W[b, 0] == 0).all(0) for b in range(B)])
     perm, U = batched.factor(torch.stack(Hs), dead, 0.01, act_order)
     Q, S = batched.gptq(W, perm, U, GROUP, block_size=40)
@@ -48,6 +48,13 @@ def test_batched_gptq_is_bit_identical_to_one_by_one(act_order):
             q, s = gptq.gptq_quantize(W[b, k], Hs[b], GROUP, 0.01, act_order, block_size=40)
             assert torch.equal(Q[b, k], q), (b, k)
             assert torch.equal(S[b, k], s)
+    return W, Q, S, U
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_batched_gptq_is_bit_identical_to_one_by_one(act_order):
+    W, Q, S, U = _batched_equals_one_by_one(0, act_order)
+    assert U.dtype == torch.float64
     # GPTQ really rounded (not RTN everywhere): the rank-full items differ from round to nearest
     assert not torch.equal(Q[0, 0], (W[0, 0] / S[0, 0].repeat_interleave(GROUP, 1)).round().clamp(-8, 7).to(torch.int8))
 
@@ -162,16 +169,7 @@ def test_batched_gptq_of_a_wide_input_is_float32_and_bit_identical_to_one_by_one
     """Past WIDE_INPUT (here lowered to the test's width) the batched factor and column loop work in float32,
     as the one-by-one path does: not float64 Hessians of a 14336-wide down projection on an accelerator."""
     monkeypatch.setattr(gptq, "WIDE_INPUT", IN - 1)
-    W, _, Hs = _items(5)
-    dead = torch.stack([(W[b, 0] == 0).all(0) for b in range(B)])
-    perm, U = batched.factor(torch.stack(Hs), dead, 0.01, act_order)
-    assert U.dtype == torch.float32
-    Q, S = batched.gptq(W, perm, U, GROUP, block_size=40)
-    for b in range(B):
-        for k in range(2):
-            q, s = gptq.gptq_quantize(W[b, k], Hs[b], GROUP, 0.01, act_order, block_size=40)
-            assert torch.equal(Q[b, k], q), (b, k)
-            assert torch.equal(S[b, k], s)
+    assert _batched_equals_one_by_one(5, act_order)[3].dtype == torch.float32
 
 
 def _shards(d):
