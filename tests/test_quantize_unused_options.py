@@ -50,3 +50,26 @@ def test_a_calibration_free_output_records_no_calibration(cli_run, tmp_path):
         for f in ("moepress-manifest.json", "quant_report.json"):
             cfg = json.loads((out / f).read_text())["config"]
             assert ({"num_samples", "seq_len", "seed", "calib"} <= set(cfg)) == calibrated, (fmt, f, cfg)
+
+
+def test_a_recipe_quantize_key_no_format_uses_is_refused_by_its_key(cli_run, tmp_path):
+    """The recipe's own quantize keys are judged as the CLI's flags are (its calib section, shared with prune, is
+    not): an fp8-block section with awq_gptq: false ran as if it had not been said."""
+    rec = tmp_path / "r.yaml"
+    rec.write_text("model: tiny-qwen3-moe\nquantize:\n  format: fp8-block\n  awq_gptq: false\n")
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    assert r.exit_code == 2 and r.stderr.strip() == (f"moepress: error: {rec}: quantize.awq_gptq: only the AWQ "
+                                                     "formats take it; fp8-block here"), r.output
+    rec.write_text("model: tiny-qwen3-moe\nquantize:\n  format: int4-awq\n  awq_gptq: false\n  awq_clip: false\n")
+    assert cli_run("recipe", "show", rec).exit_code == 0
+
+
+def test_the_effective_recipe_a_run_writes_runs_again(cli_run, tmp_path):
+    """OUT/recipe.yaml (and `recipe show`) write every key with its default (awq_gptq: true, gptq_act_order: null):
+    those are not asked, so the recipe a run wrote runs again."""
+    rec = tmp_path / "r.yaml"
+    rec.write_text("model: tiny-qwen3-moe\ncalib: {num_samples: 2, seq_len: 32}\nquantize: {format: fp8-block}\n"
+                   "check: null\n")
+    assert cli_run("run", rec, "-o", tmp_path / "a", "--quiet").exit_code == 0
+    r = cli_run("run", tmp_path / "a" / "recipe.yaml", "-o", tmp_path / "b", "--quiet")
+    assert r.exit_code == 0, r.output

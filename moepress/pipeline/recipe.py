@@ -119,7 +119,7 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
     for section, key in (("export", "formats"), ("build", "targets")):
         _skip_if_empty(src, out, raw, section, key)
     if out["quantize"] is not None:
-        _check_quantize(src, out)
+        _check_quantize(src, out, {k for k, v in out["quantize"].items() if v != SCHEMA["quantize"][k][1]})
     return out
 
 
@@ -135,14 +135,17 @@ def _skip_if_empty(src: str, out: dict, raw: dict, section: str, key: str) -> No
     out[section] = None
 
 
-def _check_quantize(src: str, recipe: dict) -> None:
+def _check_quantize(src: str, recipe: dict, given: set[str]) -> None:
     """The quantize section as the stage will build it, refused now and by its recipe key (the stage's
-    own message names the CLI flag: ``--format int3`` -> ``quantize.format int3``)."""
+    own message names the CLI flag: ``--format int3`` -> ``quantize.format int3``); its own keys set off their
+    defaults (``given``: what ``recipe show`` prints runs as written) that no format of it uses, as the CLI refuses
+    their flags (the calib section is shared with prune: not judged here)."""
     from moepress.calib.config import CalibConfig
     from moepress.compress.quantize.config import QuantConfig
 
     with recipe_keys(src, "quantize"):
-        QuantConfig.from_recipe(recipe["quantize"], CalibConfig.from_recipe(recipe["calib"]))
+        cfg = QuantConfig.from_recipe(recipe["quantize"], CalibConfig.from_recipe(recipe["calib"]))
+        cfg.refuse_unused(given & {"gptq_act_order", "awq_gptq", "awq_clip", "sequential"})
 
 
 @contextmanager
@@ -154,7 +157,7 @@ def recipe_keys(src: str, section: str):
     except MoepressError as e:
         msg = str(e)
         flag, _, rest = msg.partition(" ") if msg.startswith("--") else ("", "", msg)
-        name = flag.rstrip(":")
+        name = flag.rstrip(":").split("/")[0]  # a boolean flag named in both forms: its first
         key = KEYS.get(section, {}).get(name, name.removeprefix("--").replace("-", "_"))
         sep = ":" if flag.endswith(":") or not key else ""
         raise MoepressError(f"{key_where(src, section, key) if key else key_where(src, section)}{sep} {rest}") from None
