@@ -157,8 +157,8 @@ def recipe_keys(src: str, section: str):
     except MoepressError as e:
         msg = str(e)
         flag, _, rest = msg.partition(" ") if msg.startswith("--") else ("", "", msg)
-        name = flag.rstrip(":").split("/")[0]  # a boolean flag named in both forms: its first
-        key = KEYS.get(section, {}).get(name, name.removeprefix("--").replace("-", "_"))
+        name = flag.rstrip(":")  # a boolean flag named in both forms (--awq-gptq/--no-awq-gptq): its first
+        key = KEYS.get(section, {}).get(name, name.split("/")[0].removeprefix("--").replace("-", "_"))
         sep = ":" if flag.endswith(":") or not key else ""
         raise MoepressError(f"{key_where(src, section, key) if key else key_where(src, section)}{sep} {rest}") from None
 
