@@ -200,8 +200,7 @@ def planned_trtllm_misloads(reader, adapter, format_of, group_size: int) -> tupl
     s = SimpleNamespace(adapter=adapter)
     kv_b, fused_a = _trtllm_mla_parts(s, modules)
     keep = [*MLA_PROJECTIONS[:1 if kv_b else 0], *(MLA_PROJECTIONS[1:] if fused_a else ())]
-    present = {p for p in keep if any(b.endswith("." + p) for b in modules)}  # no q_a_proj without q_lora_rank
-    return trtllm_misloads(s, modules), [f"{p}=none" for p in keep if p in present]
+    return trtllm_misloads(s, modules), [f"{p}=none" for p in _held(modules, keep)]
 
 
 def quantize_trtllm_misloads(cfg, model) -> tuple[list[str], list[str]]:
@@ -226,9 +225,14 @@ def refuse_block_fp8_mla(s, modules: dict) -> None:
                             f"output with --format hf-fp8-block (weight_scale_inv)")
 
 
+def _held(modules: dict, parts) -> list[str]:
+    """The ``parts`` (MLA projection names) some module of ``modules`` is (no q_a_proj without q_lora_rank)."""
+    return [p for p in parts if any(b.endswith("." + p) for b in modules)]
+
+
 def _keep_rules(modules: dict, parts) -> str:
-    """The --rule PART=none flags of the ``parts`` this export holds (no q_a_proj without q_lora_rank)."""
-    return " ".join(f"--rule '{p}=none'" for p in parts if any(b.endswith("." + p) for b in modules))
+    """The --rule PART=none flags of the ``parts`` this export holds."""
+    return " ".join(f"--rule '{p}=none'" for p in _held(modules, parts))
 
 
 VLLM_CHECKED = "0.33.0"

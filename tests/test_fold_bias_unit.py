@@ -11,7 +11,9 @@ from moepress.compress.quantize.fold import LayerFolder
 
 
 def _folder(stored=torch.bfloat16):
-    return SimpleNamespace(_stored_dtype=lambda name: stored, cl=SimpleNamespace(res=SimpleNamespace(tensors={})))
+    f = SimpleNamespace(_stored_dtype=lambda name: stored, cl=SimpleNamespace(res=SimpleNamespace(tensors={})))
+    f._store = lambda *a: LayerFolder._store(f, *a)
+    return f
 
 
 def test_fold_bias_scales_in_place_and_records_the_stored_dtype():

@@ -126,7 +126,8 @@ class QuantConfig:
         return d if self.needs_calibration else {k: v for k, v in d.items() if k not in CALIBRATION_FIELDS}
 
     def refuse_unused(self, asked) -> QuantConfig:
-        """Self, or a refusal of an option ``asked`` (names of the options given) that no format of this run uses:
+        """Self, or a refusal of an option ``asked`` (names of the options given; those it does not judge are
+        ignored) that no format of this run uses:
         a script's ``--gptq-act-order`` or ``--num-samples`` with a calibration-free format would otherwise run as
         if it had not been said, and the manifest would record the value as used."""
         fmts = sorted(self.formats())

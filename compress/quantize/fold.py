@@ -354,29 +354,29 @@ class LayerFolder:
     def _stored_dtype(self, rel: str) -> torch.dtype:
         return self.cl.sm.ckpt.get(self.cl.sm.adapter.layer_prefix(self.cl.i) + rel).dtype
 
+    def _store(self, param: torch.Tensor, rel: str, value: torch.Tensor) -> torch.Tensor:
+        """``value`` rounded to ``rel``'s stored dtype: into ``param`` (the calibration that follows reads it) and
+        recorded for the writer; returns the rounded tensor."""
+        new = value.to(self._stored_dtype(rel))
+        param.data.copy_(new.to(param.dtype))
+        self.cl.res.tensors[rel] = new
+        return new
+
     def _fold_norm(self, norm: nn.Module, name: str, p: torch.Tensor) -> torch.Tensor:
         """norm weight g -> round(g * p) in its stored dtype; returns the vector that rounded weight
         carries (round(g * p) / g), which the readers then divide by."""
-        g = norm.weight.data.float()
-        new = (g * p).to(self._stored_dtype(name + ".weight"))
-        p_eff = torch.where(g != 0, new.float() / torch.where(g != 0, g, 1.0), p)
-        norm.weight.data.copy_(new.to(norm.weight.dtype))
-        self.cl.res.tensors[name + ".weight"] = new
-        return p_eff
+        g = norm.weight.data.float().clone()  # float() of a float32 weight is the weight, which _store overwrites
+        new = self._store(norm.weight, name + ".weight", g * p)
+        return torch.where(g != 0, new.float() / torch.where(g != 0, g, 1.0), p)
 
     def _fold_bias(self, lin: nn.Module, name: str, p: torch.Tensor) -> None:
         """A source linear's bias b -> round(b * p) in its stored dtype: its rows are scaled by p, and so is its bias
         (llm-compressor's smoothing does the same), or the readers' output would gain W (b / p - b). In place for the
         calibration that follows, and recorded for the writer."""
         b = getattr(lin, "bias", None)
-        if b is None:
-            return
-        new = (b.data.float() * p.to(b.device)).to(self._stored_dtype(name + ".bias"))
-        b.data.copy_(new.to(b.dtype))
-        self.cl.res.tensors[name + ".bias"] = new
+        if b is not None:
+            self._store(b, name + ".bias", b.data.float() * p.to(b.device))
 
     def _fold_router(self, router: nn.Module, name: str, p: torch.Tensor) -> None:
         """Router columns / p, rounded to its stored dtype: logits unchanged up to that rounding."""
-        new = (router.weight.data.float() / p[None, :]).to(self._stored_dtype(name + ".weight"))
-        router.weight.data.copy_(new.to(router.weight.dtype))
-        self.cl.res.tensors[name + ".weight"] = new
+        self._store(router.weight, name + ".weight", router.weight.data.float() / p[None, :])

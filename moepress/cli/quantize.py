@@ -91,8 +91,7 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
                                  kv_cache=kv_cache,
                                  sequential=sequential, calib=cal, gptq_act_order=gptq_act_order,
                                  awq_clip=awq_clip, awq_gptq=awq_gptq, awq_fold=awq_fold)
-    cfg.refuse_unused({n for n in ("gptq_act_order", "awq_gptq", "awq_clip", "sequential", "calib", "num_samples",
-                                   "seq_len", "seed") if given(n)})
+    cfg.refuse_unused({p.name for p in click.get_current_context().command.params if given(p.name)})
     prog = Progress.from_flags(quiet, json_out)
     refusing: dict[str, str] = {}
     builds: dict[str, str] = {}

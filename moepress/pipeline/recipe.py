@@ -145,7 +145,7 @@ def _check_quantize(src: str, recipe: dict, given: set[str]) -> None:
 
     with recipe_keys(src, "quantize"):
         cfg = QuantConfig.from_recipe(recipe["quantize"], CalibConfig.from_recipe(recipe["calib"]))
-        cfg.refuse_unused(given & {"gptq_act_order", "awq_gptq", "awq_clip", "sequential"})
+        cfg.refuse_unused(given)
 
 
 @contextmanager
