@@ -28,8 +28,9 @@ from moepress.outputs import pid_alive
 FORMAT = "moepress-calib"
 VERSION = 1  # the token file's and cache entry's layout
 # in the cache key, raised whenever the samples one key yields change (calib/data.py: allocate, _pack, _truncate,
-# _render): an older moepress's samples were served for the same key (2: empty documents add no EOS)
-SAMPLING = 2
+# _render, a text file's pieces): an older moepress's samples were served for the same key (2: empty documents add
+# no EOS; 3: text files over calib/sources/documents.py's PIECE_BYTES sampled by pieces)
+SAMPLING = 3
 
 
 def cache_root() -> Path | None:

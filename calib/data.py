@@ -33,11 +33,14 @@ from moepress.calib.cache import load_token_file
 from moepress.calib.model_limits import check_embedding_rows, check_positions
 from moepress.calib.sources import (
     BUNDLED_CALIB,
+    PIECE_BYTES,
     SourceSpec,
     content_hash,
     hub_documents,
     open_documents,
     parse_sources,
+    piece_start,
+    read_utf8,
     sidecar_path,
 )
 from moepress.calib.tokenizer import load_tokenizer, needs_remote_code, tokenizer_fingerprint
@@ -76,7 +79,32 @@ def eval_batches(model_dir: str | Path, text_path: str | Path = DEFAULT_EVAL, se
                  max_windows: int | None = None, trust_remote_code: bool = False) -> list[torch.Tensor]:
     check_positions(model_dir, seq_len)
     tok = load_tokenizer(model_dir, trust_remote_code)
-    return windows(tok(read_text(text_path), verbose=False)["input_ids"], seq_len, max_windows, source=text_path)
+    need = None if max_windows is None else max_windows * seq_len
+    return windows(_leading_tokens(tok, text_path, need), seq_len, max_windows, source=text_path)
+
+
+# tokens past the ``need`` a prefix must give before its first ``need`` are taken as the whole text's: a cut
+# moves the tokens next to it only
+_CUT_MARGIN = 64
+
+
+def _leading_tokens(tok, path: str | Path, need: int | None) -> list[int]:
+    """The text's tokens, or its first ``need`` of them: a file over PIECE_BYTES is tokenized as growing prefixes
+    cut at a line end (x4 each time) until one gives ``need`` tokens and a margin, not whole for a few windows."""
+    p = Path(path)
+    size = p.stat().st_size if p.is_file() else 0
+    if need is None or size <= PIECE_BYTES:
+        return tok(read_text(p), verbose=False)["input_ids"]
+    end = PIECE_BYTES
+    while True:
+        with open(p, "rb") as f:
+            cut = piece_start(f, end, size)
+        ids = tok(read_utf8(p, 0, cut), verbose=False)["input_ids"]
+        if cut >= size:
+            return ids
+        if len(ids) >= need + _CUT_MARGIN:
+            return ids[:need]
+        end *= 4
 
 
 # ---- calibration sets ------------------------------------------------------------------------
@@ -152,15 +180,26 @@ def _ordered_docs(docs, g: torch.Generator):
             yield f"document {i + 1}", d
 
 
+# a chunk of documents is tokenized once it holds this many characters, whatever its count: a few long documents
+# (a large text file's 1 MiB pieces) hold far more tokens than a calibration set takes
+CHUNK_CHARS = 1 << 18
+
+
+def _chars(doc) -> int:
+    return len(doc) if isinstance(doc, str) else sum(len(str(m.get("content", ""))) for m in doc)
+
+
 def _chunks(it, sizes=(4, 16, 64, 256)):
-    """Growing chunks, so a source that needs few documents tokenizes few."""
-    k = 0
+    """(where, document) pairs in growing chunks, so a source that needs few documents tokenizes few (which
+    documents a sample takes does not depend on the chunks: sampling stops at the document that completes it)."""
+    k, n = 0, 0
     buf = []
     for x in it:
         buf.append(x)
-        if len(buf) >= sizes[min(k, len(sizes) - 1)]:
+        n += _chars(x[1])
+        if len(buf) >= sizes[min(k, len(sizes) - 1)] or n >= CHUNK_CHARS:
             yield buf
-            buf, k = [], k + 1
+            buf, k, n = [], k + 1, 0
     if buf:
         yield buf
 

@@ -118,7 +118,7 @@ def test_calib_readers_do_not_echo_file_bytes(tmp_path):
 
     from moepress.calib.cache import FORMAT, VERSION, load_token_file
     from moepress.calib.sources import sidecar_path
-    from moepress.calib.sources.documents import _read_utf8
+    from moepress.calib.sources.documents import read_utf8
     from moepress.errors import MoepressError
 
     text = b"qz7w:x:0:0:s3cr3t\n"
@@ -132,7 +132,7 @@ def test_calib_readers_do_not_echo_file_bytes(tmp_path):
         assert "qz7w" not in str(e.value) and "'q'" not in str(e.value), e.value
     (tmp_path / "b.txt").write_bytes(b"\xfe" + text)
     with pytest.raises(MoepressError, match="not UTF-8") as e:
-        _read_utf8(tmp_path / "b.txt")
+        read_utf8(tmp_path / "b.txt")
     assert "0xfe" not in str(e.value) and "qz7w" not in str(e.value), e.value
 
 

@@ -13,8 +13,9 @@ windows, the default; ``truncate``: one document per sample, its first seq-len t
 shorter documents skipped), ``split`` (dataset split), ``type`` (force a type), and for
 the Hub ``config`` and ``revision``.
 
-Types by extension: ``.txt .md .rst .text`` text (a file is one document; a folder is
-every such file under it); ``.jsonl .json`` JSON lines, one document per record (a
+Types by extension: ``.txt .md .rst .text`` text (a file is one document, or with mode=pack
+pieces of about 1 MiB cut at line ends where it is larger; a folder is every such file under
+it); ``.jsonl .json`` JSON lines, one document per record (a
 string field, or chat ``messages`` rendered with the tokenizer's chat template);
 ``.parquet``; a folder written by ``datasets``' ``save_to_disk``; ``.safetensors .pt``
 with a ``.json`` sidecar: a prepared token file.
@@ -29,6 +30,7 @@ returns one by index, so sampling touches (and tokenizes) only what it uses.
 """
 
 from moepress.calib.sources.documents import (
+    PIECE_BYTES,
     ColumnDocuments,
     Documents,
     JsonlDocuments,
@@ -36,6 +38,8 @@ from moepress.calib.sources.documents import (
     dataset_documents,
     open_documents,
     parquet_documents,
+    piece_start,
+    read_utf8,
 )
 from moepress.calib.sources.hashing import _file_sha, content_hash, sidecar_path, text_files
 from moepress.calib.sources.hub import hub_documents
@@ -54,7 +58,8 @@ from moepress.calib.sources.spec import (
     parse_sources,
 )
 
-__all__ = ["AUTO_FIELDS", "BUNDLED_CALIB", "JSONL_SUFFIXES", "KEYS", "MODES", "PARQUET_SUFFIXES", "TEXT_SUFFIXES",
-           "TOKEN_SUFFIXES", "TYPES", "ColumnDocuments", "Documents", "JsonlDocuments", "SourceSpec", "TextDocuments",
-           "_file_sha", "content_hash", "dataset_documents", "hub_documents", "open_documents", "parquet_documents",
-           "parse_source", "parse_sources", "sidecar_path", "text_files"]
+__all__ = ["AUTO_FIELDS", "BUNDLED_CALIB", "JSONL_SUFFIXES", "KEYS", "MODES", "PARQUET_SUFFIXES", "PIECE_BYTES",
+           "TEXT_SUFFIXES", "TOKEN_SUFFIXES", "TYPES", "ColumnDocuments", "Documents", "JsonlDocuments", "SourceSpec",
+           "TextDocuments", "_file_sha", "content_hash", "dataset_documents", "hub_documents", "open_documents",
+           "parquet_documents", "parse_source", "parse_sources", "piece_start", "read_utf8", "sidecar_path",
+           "text_files"]

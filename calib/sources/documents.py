@@ -50,37 +50,78 @@ def _pick_field(src: SourceSpec, columns: list[str], where: str) -> str:
                         f"name one with --calib FILE,field=NAME")
 
 
-def _read_utf8(p: Path) -> str:
+# a text file larger than this is read as pieces of about this size (``TextDocuments``): tokenizing a whole
+# corpus file held it in memory several times over (a 366 MB file: 24 GB peak) for the few thousand tokens a
+# calibration takes
+PIECE_BYTES = 1 << 20
+
+
+def read_utf8(p: Path, start: int = 0, end: int | None = None) -> str:
+    """Bytes [start, end) of p decoded; a decoding error names the file's offset, never its bytes."""
     try:
-        return p.read_bytes().decode("utf-8")
+        with open(p, "rb") as f:
+            f.seek(start)
+            return f.read(-1 if end is None else end - start).decode("utf-8")
     except UnicodeDecodeError as e:  # the offset only: never echo a file's bytes (it may be any file)
-        raise MoepressError(f"{p}: not UTF-8 text (invalid byte at offset {e.start})") from None
+        raise MoepressError(f"{p}: not UTF-8 text (invalid byte at offset {start + e.start})") from None
+
+
+def piece_start(f, at: int, size: int) -> int:
+    """Where a piece starting near byte ``at`` starts: just after the first newline at or after ``at`` (within
+    PIECE_BYTES), else at the first UTF-8 character start from ``at``, so that every piece decodes alone and
+    consecutive pieces tile the file. Found from ``at`` alone: a piece is read without reading those before it."""
+    if at <= 0 or at >= size:
+        return min(max(at, 0), size)
+    f.seek(at - 1)
+    buf = f.read(PIECE_BYTES + 1)
+    nl = buf.find(b"\n")
+    if nl >= 0:
+        return at + nl
+    k = 1
+    while k < len(buf) and buf[k] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+        k += 1
+    return at - 1 + k
 
 
 class TextDocuments(Documents):
-    """Each text file is one document; empty files in a folder are skipped."""
+    """Each text file is one document; empty files in a folder are skipped. With mode=pack, a file over
+    PIECE_BYTES is several documents instead, its pieces of about PIECE_BYTES cut at line ends (one is read, and
+    tokenized, only when sampling draws it); with mode=truncate, which takes each document's first seq-len tokens,
+    such a file is its first piece."""
 
     def __init__(self, src: SourceSpec):
         super().__init__(src)
         files = text_files(src.path)
         if not files:
             raise MoepressError(f"{src.path}: no text files ({' '.join(TEXT_SUFFIXES)}) in this folder")
-        self.files = [f for f in files if f.stat().st_size > 0]
+        sized = [(f, f.stat().st_size) for f in files]
+        self.files = [f for f, n in sized if n > 0]
         if not self.files:
             what = "empty file" if src.path.is_file() else f"all {len(files)} text files are empty"
             raise MoepressError(f"{src.path}: {what}")
+        many = src.mode == "pack"
+        # (file, piece, pieces of that file, file size)
+        self.pieces = [(f, k, m, n) for f, n in sized if n > 0
+                       for m in [-(-n // PIECE_BYTES) if many else 1] for k in range(m)]
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.pieces)
 
     def __getitem__(self, i: int) -> str:
-        text = _read_utf8(self.files[i])
-        if not text.strip() and self.src.path.is_file():
-            raise MoepressError(f"{self.files[i]}: empty file (only whitespace)")
-        return text
+        f, k, m, n = self.pieces[i]
+        if n <= PIECE_BYTES:
+            text = read_utf8(f)
+            if not text.strip() and self.src.path.is_file():
+                raise MoepressError(f"{f}: empty file (only whitespace)")
+            return text
+        with open(f, "rb") as fh:
+            a = piece_start(fh, k * PIECE_BYTES, n)
+            b = piece_start(fh, (k + 1) * PIECE_BYTES, n)  # the file's end for its last piece
+        return read_utf8(f, a, b)
 
     def where(self, i: int) -> str:
-        return str(self.files[i])
+        f, k, m, _ = self.pieces[i]
+        return str(f) if m == 1 else f"{f} (piece {k + 1} of {m})"
 
 
 class JsonlDocuments(Documents):

@@ -162,7 +162,8 @@ def calib_options(f):
                      help="Number of calibration samples.")(f)
     f = click.option("--calib", "calib", multiple=True, metavar="SOURCE",
                      help="Calibration source, repeatable (mixed by weight): LOCATION[@WEIGHT][,KEY=VALUE...]. "
-                          "LOCATION: a text file or folder (.txt .md .rst), JSONL (.jsonl; field text, or chat "
+                          "LOCATION: a text file or folder (.txt .md .rst; with mode=pack a file over 1 MiB is "
+                          "drawn from as 1 MiB pieces cut at line ends), JSONL (.jsonl; field text, or chat "
                           "messages rendered with the chat template), Parquet, a datasets save_to_disk folder, "
                           "a token file from `calib prepare` (.safetensors/.pt), `bundled`, or hf:NAME (Hub). "
                           "Keys: weight, field, mode=pack|truncate (default pack: documents joined with EOS "

@@ -1,0 +1,118 @@
+"""A large text file is calibrated on by pieces: what sampling reads is bounded by what it draws, not the file.
+
+A corpus file of a few hundred MB was read and tokenized whole for the few thousand tokens a calibration takes
+(a 366 MB file: 24 GB peak RSS, 108 s); ``check``'s evaluation text likewise, for its first windows.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from moepress import models
+from moepress.calib import data as data_mod
+from moepress.calib.sources import documents as docs_mod
+from moepress.calib.sources import parse_source
+from moepress.calib.tokenizer import load_tokenizer
+from moepress.errors import MoepressError
+
+MODEL = models.resolve("tiny-mixtral")
+
+
+def _text(n_lines: int, seed: int = 0) -> str:
+    """Lines of varying length, some with multi-byte characters, one far longer than the others."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "déjà", "naïve", "東京", "数据", "😀", "omega", "x"]
+    lines = [" ".join(rng.choices(words, k=rng.randint(1, 8))) for _ in range(n_lines)]
+    lines[n_lines // 2] = "".join(rng.choices(words, k=200))  # no newline for ~1 KB
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Pieces of 97 bytes, so that a small file has many (and a line longer than a piece)."""
+    monkeypatch.setattr(docs_mod, "PIECE_BYTES", 97)
+    monkeypatch.setattr(data_mod, "PIECE_BYTES", 97)
+
+
+def test_pieces_tile_the_file_and_end_at_line_ends(tmp_path, small_pieces):
+    text = _text(400)
+    p = tmp_path / "corpus.txt"
+    p.write_text(text, encoding="utf-8")
+    docs = docs_mod.TextDocuments(parse_source(str(p)))
+    pieces = [docs[i] for i in range(len(docs))]
+    assert len(pieces) == -(-len(text.encode()) // 97)
+    assert "".join(pieces) == text  # every byte once, in order, each piece decoded alone
+    long_line = text.splitlines()[200]
+    ends = [x for x in pieces if x and not x.endswith("\n")]
+    assert ends and all(x in long_line for x in ends)  # only a line longer than a piece is cut mid-line
+    assert docs.where(3) == f"{p} (piece 4 of {len(docs)})"
+
+
+def test_truncate_takes_a_large_file_as_one_document_its_first_piece(tmp_path, small_pieces):
+    text = _text(400)
+    p = tmp_path / "corpus.txt"
+    p.write_text(text, encoding="utf-8")
+    docs = docs_mod.TextDocuments(parse_source(f"{p},mode=truncate"))
+    raw = text.encode()
+    assert len(docs) == 1 and docs[0] == raw[:raw.index(b"\n", 96) + 1].decode()  # through the line holding byte 97
+
+
+def test_an_invalid_byte_in_a_piece_names_its_offset_in_the_file(tmp_path, small_pieces):
+    raw = bytearray(_text(400).encode())
+    at = len(raw) * 2 // 3
+    while raw[at] & 0xC0 == 0x80 or raw[at] == 0x0A:  # an ASCII or leading byte, not a newline
+        at += 1
+    raw[at] = 0xFF
+    p = tmp_path / "corpus.txt"
+    p.write_bytes(bytes(raw))
+    docs = docs_mod.TextDocuments(parse_source(str(p)))
+    with pytest.raises(MoepressError, match=f"not UTF-8 text \\(invalid byte at offset {at}\\)"):
+        [docs[i] for i in range(len(docs))]
+
+
+def test_a_large_file_is_tokenized_by_the_pieces_drawn_only(tmp_path):
+    """A file of ~5 MiB (~4M tokens) at the real piece size: 8 x 64 tokens take one piece (a token holds at
+    least one byte here: a byte-level BPE), not the whole file."""
+    p = tmp_path / "corpus.txt"
+    p.write_text(_text(200_000), encoding="utf-8")
+    seen = set()
+    for seed in (0, 1):
+        cs = data_mod.calibration_set(MODEL, (str(p),), num_samples=8, seq_len=64, seed=seed, cache=False)
+        info = cs.meta["sources"][0]
+        assert cs.input_ids.shape == (8, 64)
+        assert info["documents"] == -(-p.stat().st_size // docs_mod.PIECE_BYTES) == 5
+        assert 8 * 64 <= info["tokens_read"] <= docs_mod.PIECE_BYTES + 2000, info  # a piece and its last line
+        assert info["documents_used"] == 1, info
+        seen.add(tuple(cs.input_ids[0].tolist()))
+    assert len(seen) == 2  # seeds draw other pieces
+
+
+def test_eval_windows_of_a_large_file_are_the_whole_texts_first_tokens(tmp_path, monkeypatch):
+    """check's evaluation text: its first windows, tokenized from a prefix that grows until it holds them."""
+    monkeypatch.setattr(data_mod, "PIECE_BYTES", 1024)
+    p = tmp_path / "eval.txt"
+    p.write_text(_text(3000, seed=1), encoding="utf-8")
+    ids = load_tokenizer(MODEL)(p.read_text(encoding="utf-8"), verbose=False)["input_ids"]
+    assert len(ids) > 40 * 64 + 1000  # the prefix grows past its first cuts and stops before the end
+    calls = []
+    real = data_mod.read_utf8
+    monkeypatch.setattr(data_mod, "read_utf8", lambda *a: calls.append(a) or real(*a))
+    rows = data_mod.eval_batches(MODEL, p, seq_len=64, max_windows=40)
+    assert [r.tolist() for b in rows for r in b] == [ids[i * 64:(i + 1) * 64] for i in range(40)]
+    assert len(calls) >= 2 and calls[-1][2] < p.stat().st_size
+    # all windows: the whole text, as before
+    rows = data_mod.eval_batches(MODEL, p, seq_len=64)
+    assert sum(b.shape[0] for b in rows) == len(ids) // 64
+
+
+def test_chunks_of_long_documents_hold_one_document():
+    """Documents are tokenized in growing chunks (4, 16, ...), a chunk cut short once it holds CHUNK_CHARS."""
+    big, small = "a" * data_mod.CHUNK_CHARS, "b" * 10
+    chunks = list(data_mod._chunks((f"d{i}", big) for i in range(3)))
+    assert [len(c) for c in chunks] == [1, 1, 1]
+    chunks = list(data_mod._chunks((f"d{i}", small) for i in range(30)))
+    assert [len(c) for c in chunks] == [4, 16, 10]
+    chat = [{"role": "user", "content": big}]
+    assert [len(c) for c in data_mod._chunks([("c", chat), ("s", small)])] == [1, 1]
