@@ -13,6 +13,8 @@ two processes from writing the same output.
 - :class:`OutputLock`: an exclusive ``flock`` on ``OUT.partial.lock``, held while ``OUT.partial``
   is written. The kernel drops a flock with its process, so a lock file left by a killed run is
   free and the next run takes it over.
+- :func:`require_space`: an output its file system cannot hold refused before any work (a full disk
+  found an hour into a 1 TB model's quantization).
 """
 
 from __future__ import annotations
@@ -200,7 +202,36 @@ class OutputLock:
             pass
 
 
-__all__ = ["OutputLock", "absolute", "clear_retired", "install", "output_dir", "overlap", "refuse_overlap", "retired"]
+SKIP_SPACE_CHECK = "MOEPRESS_SKIP_SPACE_CHECK"
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def require_space(out: str | os.PathLike, need: int, what: str) -> None:
+    """Refuse an output whose file system cannot hold ``need`` bytes, a lower bound of what the stage writes
+    (``what``: e.g. "the pruned tensors"), less what ``OUT.partial`` holds (kept by a resumed run, replaced
+    by a new one). A lower bound, so the refusal is never wrong where the file system reports its free space
+    truly; an old ``OUT`` replaced by --force is removed only once the new one is complete, so it frees
+    nothing. ``MOEPRESS_SKIP_SPACE_CHECK=1`` skips the check (file systems that misreport their free space)."""
+    if os.environ.get(SKIP_SPACE_CHECK, "") not in ("", "0"):
+        return
+    out = absolute(out)
+    partial = out.with_name(out.name + ".partial")
+    held = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if partial.is_dir() else 0
+    at = out.parent
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    free = shutil.disk_usage(at).free
+    if need - held > free:
+        raise MoepressError(f"{out}: {what} need at least {_size(need - held)}, and its file system has "
+                            f"{_size(free)} free; free space or choose another output (or set "
+                            f"{SKIP_SPACE_CHECK}=1 where the free space is misreported)")
+
+
+__all__ = ["SKIP_SPACE_CHECK", "OutputLock", "absolute", "clear_retired", "install", "output_dir", "overlap",
+           "refuse_overlap", "require_space", "retired"]
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -207,3 +207,27 @@ def _ranges(xs: list[int]) -> str:
     if not xs:
         return "none"
     return f"{xs[0]}..{xs[-1]}" if xs == list(range(xs[0], xs[-1] + 1)) else ",".join(map(str, xs))
+
+
+def kept_bytes(reader, adapter, keep: int, pruned: list[int], unwritten: list[int]) -> int:
+    """A lower bound of the bytes of the pruned checkpoint's tensors (its output's free-space check): every stored
+    tensor, less the layers not written and, in each pruned layer, all but its ``keep`` smallest routed experts
+    (and a router's rows: a tensor of the layer with one row per expert counted at ``keep`` rows)."""
+    pruned_set, skip = set(pruned), {n for i in unwritten for n in reader.layer_names(i)}
+    per_layer = {n: i for i in pruned_set for n in reader.layer_names(i)}
+    experts: dict[int, dict[int, int]] = {}
+    total = 0
+    for name in reader.names():
+        if name in skip:
+            continue
+        info = reader.info(name)
+        at = adapter.expert_index(name)
+        if at is not None and at[0] in pruned_set:
+            per = experts.setdefault(at[0], {})
+            per[at[1]] = per.get(at[1], 0) + info.nbytes
+        elif name in per_layer and info.shape and info.shape[0] == adapter.num_experts:
+            total += info.nbytes // adapter.num_experts * keep
+        else:
+            total += info.nbytes
+    return total + sum(sum(sorted(per.values())[:keep]) for per in experts.values())
+

@@ -20,7 +20,7 @@ from moepress.calib.data import calibration_inputs
 from moepress.calib.observers import RoutingStats
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, read_later
 from moepress.compress.moe import DecoderLayer, decoded_weights
-from moepress.compress.prune.budget import plan_budget
+from moepress.compress.prune.budget import kept_bytes, plan_budget
 from moepress.compress.prune.config import REPORT_NAME, PruneConfig
 from moepress.compress.prune.evidence import LayerEvidence, RouteRecorder, Selection
 from moepress.compress.prune.holdout import split_folds
@@ -37,6 +37,7 @@ from moepress.compress.stream import StreamedModel, read_ahead_budget
 from moepress.device import default_device
 from moepress.errors import MoepressError
 from moepress.memwatch import trim_heap
+from moepress.outputs import require_space
 from moepress.progress import QUIET, Progress
 
 # token ids [B, S] per batch, or a function returning them (called once the options are validated)
@@ -54,6 +55,9 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *, ba
     """
     t0 = time.monotonic()
     stage = PruneStage(model, cfg, device=device)
+    a = stage.adapter
+    require_space(out, kept_bytes(stage.reader, a, stage.budget.keep, a.moe_layers() + stage.mtp, stage.undeclared),
+                  "the pruned tensors")
     stage.run(out, batches() if callable(batches) else batches, force=force, progress=progress)
     return stage.summary(out, t0)
 

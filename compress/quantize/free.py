@@ -51,6 +51,36 @@ def model_linear_names(sm: StreamedModel) -> list[tuple[str, str]]:
     return [(rel, a.layer_prefix(i) + rel) for i in range(a.num_layers) for rel in linear_names(sm, i, cache)]
 
 
+def _int4_layout(f, cfg: QuantConfig) -> dict:
+    """An INT4 format's stored size arguments: the group asked, and no AWQ scale where --awq-fold folds it."""
+    if f.element != "int4":
+        return {}
+    return {"group": cfg.group_size, **({"awq_scale": False} if cfg.awq_fold else {})}
+
+
+def quantized_bytes(sm: StreamedModel, cfg: QuantConfig) -> int:
+    """A lower bound of the bytes of the quantized checkpoint's tensors (its output's free-space check): every
+    linear given a format that holds its shape at that format's stored size, every other stored tensor of the
+    model's layers and of none at its stored size (a linear left unquantized is written as stored, or
+    dequantized: larger)."""
+    a, r, cache = sm.adapter, sm.ckpt, {}
+    total = sum(r.info(n).nbytes for n in r.top_names())
+    for i in range(a.num_layers):
+        prefix, shapes, quantized = a.layer_prefix(i), None, set()
+        for rel in linear_names(sm, i, cache):
+            f = FORMATS.get(cfg.format_of(rel, prefix + rel) or "")
+            if f is None or f.stored_bytes is None:
+                continue
+            shapes = shapes or sm.expected_layer_shapes(i)
+            out_f, in_f = shapes[rel + ".weight"][:2]
+            if f.skip is None or f.skip(out_f, in_f, cfg.group_size) is None:
+                total += int(f.stored_bytes(out_f, in_f, **_int4_layout(f, cfg)))
+                quantized.add(rel)
+        total += sum(r.info(n).nbytes for n in r.layer_names(i)
+                     if n[len(prefix):].rpartition(".")[0] not in quantized)
+    return total
+
+
 def free_plan(sm: StreamedModel, i: int, cfg: QuantConfig, cache: dict[tuple, list[str]] | None = None) -> Plan:
     """Calibration-free layer i: the groups to quantize [(format, linear names)] and every stored
     tensor of the layer in the order :func:`quantize_tensors` consumes them (the groups' weights,

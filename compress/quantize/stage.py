@@ -32,7 +32,7 @@ from moepress.compress.formats import ct_inputs
 from moepress.compress.quant import fp8
 from moepress.compress.quantize.calibrated import quantize_layer
 from moepress.compress.quantize.config import GROUP_SIZES, PROGRESS, REPORT, QuantConfig
-from moepress.compress.quantize.free import FreePipeline, linear_names, model_linear_names
+from moepress.compress.quantize.free import FreePipeline, linear_names, model_linear_names, quantized_bytes
 from moepress.compress.quantize.group import LayerResult, apply_fake_quant, refuse_non_finite
 from moepress.compress.quantize.report import (
     QuantTotals,
@@ -45,6 +45,7 @@ from moepress.compress.quantize.report import (
 from moepress.compress.stream import StreamedModel, read_ahead_budget
 from moepress.device import default_device
 from moepress.errors import MoepressError
+from moepress.outputs import require_space
 from moepress.progress import QUIET, Progress
 
 # token ids [B, S] per batch, or a function returning them (called once the checkpoint is validated,
@@ -206,6 +207,7 @@ class QuantizeStage:
         # refused before the calibration, by every rank (none waits for a rank 0 that gave up); the
         # writer checks again under its lock
         check_output(out, force=force, resume=resume, resume_key=key, sources=sources)
+        require_space(out, quantized_bytes(self.sm, self.cfg), "the quantized tensors")
         if self.extra_layers:
             nextn = NO_NEXTN * self._declares_nextn()
             progress.info(f"layers {self.extra_layers} of {self.reader.path}: {EXTRA_LAYERS}{nextn}")
