@@ -15,7 +15,10 @@ Sampling, per source (weights split ``num_samples`` by largest remainder):
   special tokens (chat documents through the chat template), each one sample of its first
   ``seq_len`` tokens; documents shorter than ``seq_len`` are skipped.
 
-With several sources the samples are shuffled together by seed.
+With several sources the samples are shuffled together by seed. Both modes (:mod:`moepress.calib.sampling`)
+tokenize documents in growing chunks and stop at the document that completes the samples; a document over
+about 1M characters is tokenized by parts (pack: in a seeded random order, until the samples are complete;
+truncate: its first part), and a text file over 1 MiB is read as pieces (:mod:`moepress.calib.sources`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from moepress import __version__
 from moepress.calib import cache as cache_mod
 from moepress.calib.cache import load_token_file
 from moepress.calib.model_limits import check_embedding_rows, check_positions
+from moepress.calib.sampling import CUT_MARGIN, pack, truncate
 from moepress.calib.sources import (
     BUNDLED_CALIB,
     PIECE_BYTES,
@@ -83,11 +87,6 @@ def eval_batches(model_dir: str | Path, text_path: str | Path = DEFAULT_EVAL, se
     return windows(_leading_tokens(tok, text_path, need), seq_len, max_windows, source=text_path)
 
 
-# tokens past the ``need`` a prefix must give before its first ``need`` are taken as the whole text's: a cut
-# moves the tokens next to it only
-_CUT_MARGIN = 64
-
-
 def _leading_tokens(tok, path: str | Path, need: int | None) -> list[int]:
     """The text's tokens, or its first ``need`` of them: a file over PIECE_BYTES is tokenized as growing prefixes
     cut at a line end (x4 each time) until one gives ``need`` tokens and a margin, not whole for a few windows."""
@@ -102,7 +101,7 @@ def _leading_tokens(tok, path: str | Path, need: int | None) -> list[int]:
         ids = tok(read_utf8(p, 0, cut), verbose=False)["input_ids"]
         if cut >= size:
             return ids
-        if len(ids) >= need + _CUT_MARGIN:
+        if len(ids) >= need + CUT_MARGIN:
             return ids[:need]
         end *= 4
 
@@ -134,76 +133,6 @@ def allocate(n: int, weights: list[float]) -> list[int]:
     return out
 
 
-def _render(tok, doc, where: str) -> tuple[str, bool]:
-    """(text, is_chat): chat messages through the tokenizer's chat template when it has one."""
-    if isinstance(doc, str):
-        return doc, False
-    if getattr(tok, "chat_template", None):
-        try:
-            return tok.apply_chat_template(doc, tokenize=False), True
-        except Exception as e:  # jinja errors for roles a template rejects, etc.
-            raise MoepressError(f"{where}: the chat template rejects these messages ({e})") from None
-    return "".join(f"{m['role']}: {m['content']}\n" for m in doc), False
-
-
-def _encode(tok, texts: list[str], special: list[bool]) -> list[list[int]]:
-    out: list[list[int] | None] = [None] * len(texts)
-    for flag in (False, True):
-        idx = [i for i, s in enumerate(special) if s == flag]
-        if idx:
-            enc = tok([texts[i] for i in idx], add_special_tokens=flag, verbose=False)["input_ids"]
-            for i, ids in zip(idx, enc, strict=True):
-                out[i] = list(ids)
-    return out  # type: ignore[return-value]
-
-
-def _random_order(n: int, g: torch.Generator):
-    """0..n-1 in a seeded random order; lazily for huge n (sampling usually stops after a few thousand)."""
-    if n <= 10_000_000:
-        yield from torch.randperm(n, generator=g).tolist()
-        return
-    seen: set[int] = set()
-    while len(seen) < n:
-        for i in torch.randint(n, (4096,), generator=g).tolist():
-            if i not in seen:
-                seen.add(i)
-                yield i
-
-
-def _ordered_docs(docs, g: torch.Generator):
-    """(where, document) in a seeded random order."""
-    if hasattr(docs, "__len__"):
-        for i in _random_order(len(docs), g):
-            yield docs.where(i), docs[i]
-    else:  # a streamed (Hub) dataset, already shuffled by seed
-        for i, d in enumerate(docs):
-            yield f"document {i + 1}", d
-
-
-# a chunk of documents is tokenized once it holds this many characters, whatever its count: a few long documents
-# (a large text file's 1 MiB pieces) hold far more tokens than a calibration set takes
-CHUNK_CHARS = 1 << 18
-
-
-def _chars(doc) -> int:
-    return len(doc) if isinstance(doc, str) else sum(len(str(m.get("content", ""))) for m in doc)
-
-
-def _chunks(it, sizes=(4, 16, 64, 256)):
-    """(where, document) pairs in growing chunks, so a source that needs few documents tokenizes few (which
-    documents a sample takes does not depend on the chunks: sampling stops at the document that completes it)."""
-    k, n = 0, 0
-    buf = []
-    for x in it:
-        buf.append(x)
-        n += _chars(x[1])
-        if len(buf) >= sizes[min(k, len(sizes) - 1)] or n >= CHUNK_CHARS:
-            yield buf
-            buf, k, n = [], k + 1, 0
-    if buf:
-        yield buf
-
-
 def _sample_source(tok, src: SourceSpec, n: int, seq_len: int, seed: int, index: int,
                    tokenizer_sha: str) -> tuple[torch.Tensor, dict]:
     """n samples [n, seq_len] from one source, and what was used."""
@@ -216,7 +145,7 @@ def _sample_source(tok, src: SourceSpec, n: int, seq_len: int, seed: int, index:
     docs = hub_documents(src, seed + index) if src.type == "hub" else open_documents(src)
     g_docs = torch.Generator().manual_seed(seed + index)
     g_pick = torch.Generator().manual_seed(seed + index)
-    sample = _pack if src.mode == "pack" else _truncate
+    sample = pack if src.mode == "pack" else truncate
     out, used, total = sample(tok, src, docs, n, seq_len, g_docs, g_pick)
     n_docs = len(docs) if hasattr(docs, "__len__") else None
     return out, {**info, "documents": n_docs, "documents_used": used, "tokens_read": total}
@@ -247,68 +176,6 @@ def _origins(made) -> set[str]:
     made = [x for x in made or [] if isinstance(x, dict)]
     out = {x["sha256"] for x in made if isinstance(x.get("sha256"), str)}
     return out | {h for x in made for h in x.get("from_sha256") or [] if isinstance(h, str)}
-
-
-def _pack(tok, src: SourceSpec, docs, n: int, seq_len: int, g_docs: torch.Generator,
-          g_pick: torch.Generator) -> tuple[torch.Tensor, int, int]:
-    """mode=pack: (samples, documents used, tokens read)."""
-    eos = tok.eos_token_id
-    used = 0
-    stream: list[int] = []
-    need = n * seq_len
-    for chunk in _chunks(_ordered_docs(docs, g_docs)):
-        rendered = [_render(tok, d, w) for w, d in chunk]
-        for ids in _encode(tok, [t for t, _ in rendered], [False] * len(rendered)):
-            used += 1
-            if not ids:  # an empty document (a null or "" field) is no text: no EOS for it either
-                continue
-            stream.extend(ids)
-            if eos is not None:
-                stream.append(eos)
-            if len(stream) >= need:
-                break
-        if len(stream) >= need:
-            break
-    total = len(stream)
-    nwin = total // seq_len
-    if total == 0:
-        raise MoepressError(f"{src.location}: all {used} documents are empty (null or \"\" text); "
-                            f"expected text to calibrate on (name its field with --calib FILE,field=NAME)")
-    if nwin == 0:
-        raise MoepressError(f"{src.location}: {total} tokens, fewer than one sample of --seq-len {seq_len} needs")
-    if nwin < n:
-        raise MoepressError(f"{src.location}: {total} tokens give {nwin} samples of --seq-len {seq_len}, "
-                            f"fewer than the {n} asked (lower --num-samples or --seq-len, or add data)")
-    rows = torch.tensor(stream[: nwin * seq_len], dtype=torch.long).view(nwin, seq_len)
-    return rows[torch.randperm(nwin, generator=g_pick)[:n]], used, total
-
-
-def _truncate(tok, src: SourceSpec, docs, n: int, seq_len: int, g_docs: torch.Generator,
-              g_pick: torch.Generator) -> tuple[torch.Tensor, int, int]:
-    """mode=truncate: (samples, documents used, tokens read); ``g_pick`` is not used."""
-    used = 0
-    total = 0
-    rows_l: list[list[int]] = []
-    longest = 0
-    for chunk in _chunks(_ordered_docs(docs, g_docs)):
-        rendered = [_render(tok, d, w) for w, d in chunk]
-        for ids in _encode(tok, [t for t, _ in rendered], [not chat for _, chat in rendered]):
-            used += 1
-            longest = max(longest, len(ids))
-            total += len(ids)
-            if len(ids) >= seq_len:
-                rows_l.append(ids[:seq_len])
-                if len(rows_l) == n:
-                    break
-        if len(rows_l) == n:
-            break
-    if not rows_l:
-        raise MoepressError(f"{src.location}: no document has the {seq_len} tokens one sample needs "
-                            f"(longest: {longest} tokens; mode=truncate)")
-    if len(rows_l) < n:
-        raise MoepressError(f"{src.location}: only {len(rows_l)} document(s) have {seq_len} tokens or more, "
-                            f"fewer than the {n} samples asked (mode=truncate; try mode=pack)")
-    return torch.tensor(rows_l, dtype=torch.long), used, total
 
 
 def _check_params(num_samples: int, seq_len: int) -> None:

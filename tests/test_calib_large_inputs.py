@@ -12,6 +12,7 @@ import pytest
 
 from moepress import models
 from moepress.calib import data as data_mod
+from moepress.calib import sampling
 from moepress.calib.sources import documents as docs_mod
 from moepress.calib.sources import parse_source
 from moepress.calib.tokenizer import load_tokenizer
@@ -109,10 +110,101 @@ def test_eval_windows_of_a_large_file_are_the_whole_texts_first_tokens(tmp_path,
 
 def test_chunks_of_long_documents_hold_one_document():
     """Documents are tokenized in growing chunks (4, 16, ...), a chunk cut short once it holds CHUNK_CHARS."""
-    big, small = "a" * data_mod.CHUNK_CHARS, "b" * 10
-    chunks = list(data_mod._chunks((f"d{i}", big) for i in range(3)))
+    big, small = "a" * sampling.CHUNK_CHARS, "b" * 10
+    chunks = list(sampling.chunks((f"d{i}", big) for i in range(3)))
     assert [len(c) for c in chunks] == [1, 1, 1]
-    chunks = list(data_mod._chunks((f"d{i}", small) for i in range(30)))
+    chunks = list(sampling.chunks((f"d{i}", small) for i in range(30)))
     assert [len(c) for c in chunks] == [4, 16, 10]
     chat = [{"role": "user", "content": big}]
-    assert [len(c) for c in data_mod._chunks([("c", chat), ("s", small)])] == [1, 1]
+    assert [len(c) for c in sampling.chunks([("c", chat), ("s", small)])] == [1, 1]
+
+
+@pytest.fixture
+def long_docs(monkeypatch):
+    """Documents over 1500 characters are long (tokenized by parts)."""
+    monkeypatch.setattr(sampling, "LONG_CHARS", 1500)
+
+
+def _record_text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "x", "river", "stone"]
+    return "\n".join(" ".join(rng.choices(words, k=9)) for _ in range(n_words // 9)) + "\n"
+
+
+def _jsonl(tmp_path, texts) -> str:
+    import json
+
+    p = tmp_path / "data.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return str(p)
+
+
+def test_a_long_record_is_tokenized_by_parts_in_pack_mode(tmp_path, long_docs):
+    """One record of ~60k characters: 2 x 64 tokens read one part (~1500 characters), drawn at random by seed;
+    each sample is text of the record (decoded, a substring of it)."""
+    text = _record_text(9000, 0)
+    src = _jsonl(tmp_path, [text])
+    whole = len(load_tokenizer(MODEL)(text, verbose=False)["input_ids"])
+    tok = load_tokenizer(MODEL)
+    starts = set()
+    for seed in range(4):
+        cs = data_mod.calibration_set(MODEL, (src,), num_samples=2, seq_len=64, seed=seed, cache=False)
+        info = cs.meta["sources"][0]
+        assert 128 <= info["tokens_read"] <= whole / 20, (info, whole)
+        for row in cs.input_ids:
+            assert tok.decode(row.tolist()) in text
+        starts.add(text.index(tok.decode(cs.input_ids[0].tolist())) // 1500)
+    assert len(starts) >= 2  # other parts at other seeds
+
+
+def test_a_long_record_in_truncate_mode_is_its_first_tokens(tmp_path, long_docs):
+    text = _record_text(9000, 1)
+    src = _jsonl(tmp_path, [text, _record_text(900, 2)])
+    ids = load_tokenizer(MODEL)(text, verbose=False)["input_ids"]  # with the special tokens, as truncate takes
+    short = load_tokenizer(MODEL)(_record_text(900, 2), verbose=False)["input_ids"]
+    for seq_len in (64, 500):  # 500: more than the first part holds, so the whole record is tokenized
+        cs = data_mod.calibration_set(MODEL, (f"{src},mode=truncate",), num_samples=1, seq_len=seq_len, seed=0,
+                                      cache=False)
+        rows = [r.tolist() for r in cs.input_ids]
+        assert rows == [ids[:seq_len]] or rows == [short[:seq_len]], rows
+    cs = data_mod.calibration_set(MODEL, (f"{src},mode=truncate",), num_samples=2, seq_len=64, seed=0, cache=False)
+    assert sorted(r.tolist() for r in cs.input_ids) == sorted([ids[:64], short[:64]])
+    assert cs.meta["sources"][0]["tokens_read"] < len(ids)  # the long record: its first part only
+
+
+def test_parquet_rows_are_read_by_their_row_group(tmp_path, monkeypatch):
+    """Each row read is the table's row (pyarrow's own read of the whole column), from its row group alone."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = [f"row {i} " + "word " * (i % 7) for i in range(1000)]
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": texts, "n": list(range(1000))}), p, row_group_size=64)
+    docs = docs_mod.open_documents(parse_source(str(p)))
+    read = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, k, **kw: read.append(k) or real(self, k, **kw))
+    whole = pq.read_table(p, columns=["text"]).column("text").to_pylist()
+    for i in (0, 63, 64, 999, 500, 65):
+        assert docs[i] == whole[i]
+    assert read == [0, 1, 15, 7]  # row groups of 64 rows: 0, 0, 1, 15, 7, 1 (kept)
+    assert len(docs) == 1000 and docs.where(999) == f"{p} (row 1000)"
+
+
+def test_a_compressed_jsonl_is_refused_in_one_line(tmp_path):
+    import gzip
+
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(gzip.compress(b'{"text": "hello"}\n'))
+    with pytest.raises(MoepressError, match=r"d\.jsonl: gzip / zstd compressed; expected JSON lines as text"):
+        docs_mod.open_documents(parse_source(str(p)))
+
+
+def test_the_jsonl_index_takes_16_bytes_a_record(tmp_path):
+    import sys
+
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(f'{{"text": "r{i}"}}\n' + ("\n" if i % 3 == 0 else "") for i in range(100_000)))
+    docs = docs_mod.open_documents(parse_source(str(p)))
+    assert len(docs) == 100_000
+    assert sys.getsizeof(docs.lines) + sys.getsizeof(docs.starts) < 17 * 100_000
+    assert docs[99_999] == "r99999" and docs.where(4) == f"{p}:7"  # blank lines after records 0 and 3
