@@ -89,7 +89,7 @@ def chunks(it, sizes=(4, 16, 64, 256)):
 
 # a document longer than this many characters is tokenized by parts of about this size (mode=pack: in a seeded
 # random order, until the samples are complete; mode=truncate: its first part), never whole for a few thousand
-# tokens: one 200 MB record took ~25x its size in memory to tokenize
+# tokens: a tokenizer holds many times the size of the text it encodes at once
 LONG_CHARS = 1 << 20
 
 

@@ -53,9 +53,8 @@ def _pick_field(src: SourceSpec, columns: list[str], where: str) -> str:
                         f"name one with --calib FILE,field=NAME")
 
 
-# a text file larger than this is read as pieces of about this size (``TextDocuments``): tokenizing a whole
-# corpus file held it in memory several times over (a 366 MB file: 24 GB peak) for the few thousand tokens a
-# calibration takes
+# a text file larger than this is read as pieces of about this size (``TextDocuments``): a calibration takes a few
+# thousand tokens, and a tokenizer holds many times the size of the text it encodes at once
 PIECE_BYTES = 1 << 20
 
 
@@ -133,8 +132,7 @@ class JsonlDocuments(Documents):
 
     def __init__(self, src: SourceSpec):
         super().__init__(src)
-        # each non-empty line's number and start offset, 16 bytes a line (a tuple per line took ~150: 0.7 GB for
-        # a 3 GB file of 4.7M records)
+        # each non-empty line's number and start offset, 16 bytes a line (a Python tuple would take ~150)
         self.lines, self.starts = array("q"), array("q")
         self.field: str | None = None
         with open(src.path, "rb") as f:
@@ -230,8 +228,8 @@ def parquet_documents(src: SourceSpec) -> ColumnDocuments:
 
 
 class _RowGroups:
-    """A Parquet file's column read by row group, as sampling reaches its rows (the whole column of a 2.2 GB
-    file took 4.8 GB); the row groups read last are kept, up to KEEP_BYTES."""
+    """A Parquet file's column read by row group, as sampling reaches its rows, not whole; the row groups read
+    last are kept, up to KEEP_BYTES."""
 
     KEEP_BYTES = 512 << 20
 
