@@ -418,13 +418,20 @@ def test_mixed_schemes_name_the_experts_where_vllm_looks(tmp_path, cli_run):
     assert _rel(got, _forward(q, "non-experts")) < 1e-4
 
 
-def test_ct_ignore_names_every_high_precision_linear_as_the_library_matches(tmp_path):
+@pytest.mark.parametrize("collapse_at", [None, 8])
+def test_ct_ignore_names_every_high_precision_linear_as_the_library_matches(tmp_path, monkeypatch, collapse_at):
     """Only routed experts quantized (Kimi's layout), but a layer whose routed experts all stay bf16 (a full-name
     --rule) beside FP8 experts elsewhere: Kimi's four
     ignore patterns do not cover those experts, so the export must list them explicitly. Every module that is
     stored high precision must be matched by an ignore entry as compressed-tensors (and vLLM's
-    should_ignore_layer) matches them, and no quantized module may be."""
+    should_ignore_layer) matches them, and no quantized module may be. With collapse_at, the long-list limit
+    lowered so that the list is folded into patterns (ct_ignore.collapsed): the same modules."""
     from compressed_tensors.utils.match import match_name
+
+    import moepress.exporters.ct_ignore as ct_ignore
+
+    if collapse_at is not None:
+        monkeypatch.setattr(ct_ignore, "COLLAPSE_AT", collapse_at)
 
     q, e = tmp_path / "q", tmp_path / "ct"
     quantize_checkpoint(models.path("tiny-qwen3-moe"), q, QuantConfig(
@@ -441,6 +448,8 @@ def test_ct_ignore_names_every_high_precision_linear_as_the_library_matches(tmp_
     missed = sorted(m for m in plain if not any(match_name(m, t) for t in ignore))
     wrong = sorted(m for m in quantized if any(match_name(m, t) for t in ignore))
     assert not missed and not wrong, (missed[:4], wrong[:4], ignore[:6])
+    if collapse_at is not None:  # folded: far fewer entries, patterns among them
+        assert len(ignore) < len(plain) / 4 and any(t.startswith("re:") for t in ignore), ignore
 
 
 def test_deepseek_without_shared_experts_exports_int4_that_transformers_runs(tmp_path):
