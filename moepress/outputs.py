@@ -217,7 +217,7 @@ def require_space(out: str | os.PathLike, need: int, what: str) -> None:
     nothing. ``MOEPRESS_SKIP_SPACE_CHECK=1`` skips the check (file systems that misreport their free space)."""
     if os.environ.get(SKIP_SPACE_CHECK, "") not in ("", "0"):
         return
-    out = absolute(out)
+    out = output_dir(out)  # a symbolic link at OUT: its target's file system, where the stage writes
     partial = out.with_name(out.name + ".partial")
     held = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if partial.is_dir() else 0
     at = out.parent

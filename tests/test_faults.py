@@ -399,6 +399,12 @@ def test_real_full_disk_3mb_tmpfs(cli_run, tmp_path, monkeypatch, args, skip_che
         else:
             _outputs_one_line(r, f"{mnt / 'O'}: the", "tensors need at least", "MB free")
         assert list(mnt.iterdir()) == []  # nothing left behind
+        if args[0] != "export" and not skip_check:  # -o a link on the large disk to a folder on the small one
+            (mnt / "O").mkdir()
+            (tmp_path / "link").symlink_to(mnt / "O")
+            r = cli_run(args[0], models.path("tiny-mixtral"), *args[1:], "-o", tmp_path / "link", "--quiet")
+            _outputs_one_line(r, f"{mnt / 'O'}: the", "tensors need at least", "MB free")
+            assert list((mnt / "O").iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
 
