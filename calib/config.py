@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from moepress.calib.data import calibration_batches
+from moepress.progress import QUIET, Progress
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class CalibConfig:
         return cls(tuple(section.get("sources") or ()), section.get("num_samples", 64), section.get("seq_len", 256),
                    section.get("seed", 0), trust_remote_code=bool(section.get("trust_remote_code", False)))
 
-    def loader(self, model_dir: str | Path) -> Callable[[], list[torch.Tensor]]:
+    def loader(self, model_dir: str | Path, progress: Progress = QUIET) -> Callable[[], list[torch.Tensor]]:
         """What a stage's ``batches=`` takes: called by the stage once it has validated its input
         (so a bad option is reported before calibration data is read), rank 0 first under torchrun."""
         return partial(calibration_batches, model_dir, self.sources, self.num_samples, self.seq_len, self.seed,
-                       self.batch_size, self.trust_remote_code)
+                       self.batch_size, self.trust_remote_code, progress=progress)

@@ -49,6 +49,7 @@ from moepress.calib.sources import (
 )
 from moepress.calib.tokenizer import load_tokenizer, needs_remote_code, tokenizer_fingerprint
 from moepress.errors import MoepressError
+from moepress.progress import QUIET, Progress
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_CALIB = BUNDLED_CALIB
@@ -220,14 +221,29 @@ def calibration_inputs(sources: tuple[str, ...] | list[str], calibrated: bool = 
     return {"calibration_sha256": sorted(read_hashes(sources))}
 
 
+# a local source at least this large is named before it is read: hashing it (for the cache key) and, for JSON lines,
+# checking every record take a while with nothing else to show
+LARGE_SOURCE = 256 << 20
+
+
+def _say_large(specs: list[SourceSpec], progress: Progress) -> None:
+    for s in specs:
+        if s.type in ("hub", "tokens") or not s.path.is_file() or s.path.stat().st_size < LARGE_SOURCE:
+            continue
+        every = ", every record checked" if s.type == "jsonl" else ""
+        progress.info(f"calibration: reading {s.path} ({s.path.stat().st_size / 1e9:.1f} GB): hashed for the "
+                      f"calibration cache's key (remembered while the file is unchanged){every}")
+
+
 def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] = (), num_samples: int = 64,
                     seq_len: int = 256, seed: int = 0, trust_remote_code: bool = False, *,
-                    cache: bool = True) -> CalibSet:
+                    cache: bool = True, progress: Progress = QUIET) -> CalibSet:
     """The calibration samples for ``model_dir``'s tokenizer, from the cache when it holds them."""
     _check_params(num_samples, seq_len)
     check_positions(model_dir, seq_len)
     model_dir = Path(model_dir)
     specs = parse_sources(tuple(sources))
+    _say_large(specs, progress)
     if needs_remote_code(model_dir) and not trust_remote_code:
         raise MoepressError(f"{model_dir}: the tokenizer needs its own Python code; "
                             f"pass --trust-remote-code to allow it")
@@ -296,7 +312,8 @@ def _as_asked(side: dict, specs: list[SourceSpec], model_dir: Path) -> dict:
 
 def calibration_batches(model_dir: str | Path, sources: tuple[str, ...] = (), num_samples: int = 64,
                         seq_len: int = 256, seed: int = 0, batch_size: int = 8,
-                        trust_remote_code: bool = False, *, cache: bool = True) -> list[torch.Tensor]:
+                        trust_remote_code: bool = False, *, cache: bool = True,
+                        progress: Progress = QUIET) -> list[torch.Tensor]:
     """Calibration token batches [B, seq_len] for a model: the stable entry point every stage uses.
 
     ``sources`` are ``--calib`` values (default: the bundled calibration text); ``num_samples``
@@ -304,4 +321,4 @@ def calibration_batches(model_dir: str | Path, sources: tuple[str, ...] = (), nu
     same tokenizer, sources and parameters made them before.
     """
     return calibration_set(model_dir, sources, num_samples, seq_len, seed, trust_remote_code,
-                           cache=cache).batches(batch_size)
+                           cache=cache, progress=progress).batches(batch_size)

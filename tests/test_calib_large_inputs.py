@@ -208,3 +208,24 @@ def test_the_jsonl_index_takes_16_bytes_a_record(tmp_path):
     assert len(docs) == 100_000
     assert sys.getsizeof(docs.lines) + sys.getsizeof(docs.starts) < 17 * 100_000
     assert docs[99_999] == "r99999" and docs.where(4) == f"{p}:7"  # blank lines after records 0 and 3
+
+
+@pytest.mark.parametrize("flags", [(), ("--json",), ("--quiet",)])
+def test_a_large_source_is_named_before_it_is_read(cli_run, tmp_path, monkeypatch, flags):
+    """Hashing a corpus of gigabytes and checking every record of a JSONL take a while with nothing else on the
+    screen: the source is named first (as a JSON event with --json, not at all with --quiet)."""
+    import json
+
+    monkeypatch.setattr(data_mod, "LARGE_SOURCE", 1000)
+    src = _jsonl(tmp_path, [_record_text(900, k) for k in range(3)])
+    r = cli_run("prune", "tiny-mixtral", "-o", tmp_path / "p", "--method", "frequency", "--ratio", "0.25",
+                "--calib", src, "--num-samples", "4", "--seq-len", "32", *flags)
+    assert r.exit_code == 0, r.output
+    said = [ln for ln in r.stderr.splitlines() if "calibration: reading" in ln]
+    if flags == ("--quiet",):
+        assert not said
+    elif flags == ("--json",):
+        assert len(said) == 1 and json.loads(said[0])["event"] == "info", said
+    else:
+        assert said == [f"calibration: reading {src} (0.0 GB): hashed for the calibration cache's key (remembered "
+                        "while the file is unchanged), every record checked"], said

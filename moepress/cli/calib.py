@@ -51,6 +51,7 @@ def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, out
     from moepress.calib.cache import orphan_sidecar, save_token_file
     from moepress.calib.data import calibration_set
     from moepress.calib.sources import sidecar_path
+    from moepress.progress import Progress
 
     src = resolve_model(model)
     if not output.name.endswith((".safetensors", ".pt")):
@@ -64,7 +65,9 @@ def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, out
             raise MoepressError(f"{p}: exists (pass --force to replace it)")
     if output.is_dir():
         raise MoepressError(f"{output}: is a directory; expected a file name ending in .safetensors or .pt")
-    cs, memory = measured(None, lambda: calibration_set(src, calib, num_samples, seq_len, seed, trust_remote_code))
+    prog = Progress.from_flags(quiet, json_out)
+    cs, memory = measured(None, lambda: calibration_set(src, calib, num_samples, seq_len, seed, trust_remote_code,
+                                                        progress=prog))
     meta = {k: v for k, v in cs.meta.items() if k != "file"}
     try:
         side = save_token_file(output, cs.input_ids, cs.source, meta)
@@ -139,7 +142,7 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
     _check_output_dir(output, force)
     prog = Progress.from_flags(quiet or not env.is_main, json_out and env.is_main)
     cs = dist.run_main_first(env, lambda: calibration_set(src, calib, num_samples, seq_len, seed,
-                                                          trust_remote_code))
+                                                          trust_remote_code, progress=prog))
     # the same tokens and the same weights on every rank (a relative path, another node's copy)
     dist.agree_on_read(env, "calibration samples", hashlib.sha256(cs.input_ids.numpy().tobytes()).hexdigest()[:16])
     dist.agree_on_input(env, src)

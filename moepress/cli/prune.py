@@ -110,8 +110,9 @@ def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_t
         raise MoepressError(f"--search-tokens: --method {cfg.method}{raced} samples no tokens (reroute, lookahead, a "
                             "race of either, merge and --merge do)")
     src = resolve_model(model)
-    result, memory = run_measured(device, prune_checkpoint, src, output, cfg, batches=cal.loader(src), force=force,
-                                  progress=Progress.from_flags(quiet, json_out))
+    prog = Progress.from_flags(quiet, json_out)
+    result, memory = run_measured(device, prune_checkpoint, src, output, cfg, batches=cal.loader(src, prog),
+                                  force=force, progress=prog)
     result["memory"] = memory
     if json_out:
         click.echo(json.dumps(result))

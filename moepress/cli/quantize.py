@@ -101,7 +101,7 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
         later = [f"note: `moepress export --format {e}` will refuse this output: {why}" for e, why in refusing.items()]
         return [*stored_quantized(src, cfg), *later, *mla_notes(src, cfg, builds)]
 
-    res, memory = run_measured(device, quantize_checkpoint, src, output, cfg, batches=cal.loader(src),
+    res, memory = run_measured(device, quantize_checkpoint, src, output, cfg, batches=cal.loader(src, prog),
                                force=force, resume=resume, progress=prog, notes=notes)
     res["memory"] = memory
     res["exports_refusing"], res["builds_refusing"] = refusing, builds

@@ -270,7 +270,7 @@ class Runner:
         key = _key({"stage": "prune", "input": src_key, "calib": calib_key, "config": dataclasses.asdict(cfg)})
 
         def fn(resume):
-            res = prune_checkpoint(src, out, cfg, batches=c.loader(src), force=True, progress=self.prog,
+            res = prune_checkpoint(src, out, cfg, batches=c.loader(src, self.prog), force=True, progress=self.prog,
                                    device=self.device)
             return {k: res[k] for k in ("method", "chosen", "num_experts", "kept") if k in res}
 
@@ -289,7 +289,7 @@ class Runner:
 
         def fn(resume):
             try:
-                res = quantize_checkpoint(src, out, cfg, batches=c.loader(src), force=True, resume=resume,
+                res = quantize_checkpoint(src, out, cfg, batches=c.loader(src, self.prog), force=True, resume=resume,
                                           progress=self.prog, device=self.device)
             except ResumeRefused as e:  # the partial was started by another run: kept, and said how to restart
                 raise ResumeRefused(e.partial, e.detail, "rerun with --from quantize to start it again") from None
