@@ -228,11 +228,11 @@ LARGE_SOURCE = 256 << 20
 
 def _say_large(specs: list[SourceSpec], progress: Progress) -> None:
     for s in specs:
-        if s.type in ("hub", "tokens") or not s.path.is_file() or s.path.stat().st_size < LARGE_SOURCE:
-            continue
-        every = ", every record checked" if s.type == "jsonl" else ""
-        progress.info(f"calibration: reading {s.path} ({s.path.stat().st_size / 1e9:.1f} GB): hashed for the "
-                      f"calibration cache's key (remembered while the file is unchanged){every}")
+        size = s.path.stat().st_size if s.type not in ("hub", "tokens") and s.path.is_file() else 0
+        if size >= LARGE_SOURCE:
+            every = ", every record checked" if s.type == "jsonl" else ""
+            progress.info(f"calibration: reading {s.path} ({size / 1e9:.1f} GB): hashed for the calibration "
+                          f"cache's key (remembered while the file is unchanged){every}")
 
 
 def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] = (), num_samples: int = 64,

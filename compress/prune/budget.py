@@ -214,7 +214,7 @@ def kept_bytes(reader, adapter, keep: int, pruned: list[int], unwritten: list[in
     tensor, less the layers not written and, in each pruned layer, all but its ``keep`` smallest routed experts
     (and a router's rows: a tensor of the layer with one row per expert counted at ``keep`` rows)."""
     pruned_set, skip = set(pruned), {n for i in unwritten for n in reader.layer_names(i)}
-    per_layer = {n: i for i in pruned_set for n in reader.layer_names(i)}
+    in_pruned = {n for i in pruned_set for n in reader.layer_names(i)}
     experts: dict[int, dict[int, int]] = {}
     total = 0
     for name in reader.names():
@@ -225,7 +225,7 @@ def kept_bytes(reader, adapter, keep: int, pruned: list[int], unwritten: list[in
         if at is not None and at[0] in pruned_set:
             per = experts.setdefault(at[0], {})
             per[at[1]] = per.get(at[1], 0) + info.nbytes
-        elif name in per_layer and info.shape and info.shape[0] == adapter.num_experts:
+        elif name in in_pruned and info.shape and info.shape[0] == adapter.num_experts:
             total += info.nbytes // adapter.num_experts * keep
         else:
             total += info.nbytes

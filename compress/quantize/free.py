@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 from moepress.compress.checkpoint import CheckpointReader, LayerView
+from moepress.compress.formats import Format
 from moepress.compress.quantize.config import FORMATS, QuantConfig
 from moepress.compress.quantize.group import LayerResult, quantize_group
 from moepress.compress.quantize.stats import by_format, shared_input_groups
@@ -51,7 +52,23 @@ def model_linear_names(sm: StreamedModel) -> list[tuple[str, str]]:
     return [(rel, a.layer_prefix(i) + rel) for i in range(a.num_layers) for rel in linear_names(sm, i, cache)]
 
 
-def _int4_layout(f, cfg: QuantConfig) -> dict:
+def formatted_linears(sm: StreamedModel, format_of: Callable[[str, str], str | None],
+                      group_size: int) -> Iterator[tuple[int, str, Format, int, int, str | None]]:
+    """(layer, linear's name in it, its format, out and in features, why the format skips that shape or None) for
+    every linear ``format_of(name in its layer, full name)`` gives a format, layer by layer."""
+    a, cache = sm.adapter, {}
+    for i in range(a.num_layers):
+        prefix, shapes = a.layer_prefix(i), None
+        for rel in linear_names(sm, i, cache):
+            if (name := format_of(rel, prefix + rel)) is None:
+                continue
+            f = FORMATS[name]
+            shapes = shapes or sm.expected_layer_shapes(i)
+            out_f, in_f = shapes[rel + ".weight"][:2]
+            yield i, rel, f, out_f, in_f, None if f.skip is None else f.skip(out_f, in_f, group_size)
+
+
+def _int4_layout(f: Format, cfg: QuantConfig) -> dict:
     """An INT4 format's stored size arguments: the group asked, and no AWQ scale where --awq-fold folds it."""
     if f.element != "int4":
         return {}
@@ -63,21 +80,16 @@ def quantized_bytes(sm: StreamedModel, cfg: QuantConfig) -> int:
     linear given a format that holds its shape at that format's stored size, every other stored tensor of the
     model's layers and of none at its stored size (a linear left unquantized is written as stored, or
     dequantized: larger)."""
-    a, r, cache = sm.adapter, sm.ckpt, {}
+    a, r = sm.adapter, sm.ckpt
     total = sum(r.info(n).nbytes for n in r.top_names())
+    quantized: dict[int, set[str]] = {}
+    for i, rel, f, out_f, in_f, skipped in formatted_linears(sm, cfg.format_of, cfg.group_size):
+        if skipped is None and f.stored_bytes is not None:
+            total += int(f.stored_bytes(out_f, in_f, **_int4_layout(f, cfg)))
+            quantized.setdefault(i, set()).add(rel)
     for i in range(a.num_layers):
-        prefix, shapes, quantized = a.layer_prefix(i), None, set()
-        for rel in linear_names(sm, i, cache):
-            f = FORMATS.get(cfg.format_of(rel, prefix + rel) or "")
-            if f is None or f.stored_bytes is None:
-                continue
-            shapes = shapes or sm.expected_layer_shapes(i)
-            out_f, in_f = shapes[rel + ".weight"][:2]
-            if f.skip is None or f.skip(out_f, in_f, cfg.group_size) is None:
-                total += int(f.stored_bytes(out_f, in_f, **_int4_layout(f, cfg)))
-                quantized.add(rel)
-        total += sum(r.info(n).nbytes for n in r.layer_names(i)
-                     if n[len(prefix):].rpartition(".")[0] not in quantized)
+        prefix, held = a.layer_prefix(i), quantized.get(i, set())
+        total += sum(r.info(n).nbytes for n in r.layer_names(i) if n[len(prefix):].rpartition(".")[0] not in held)
     return total
 
 

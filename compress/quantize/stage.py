@@ -32,7 +32,13 @@ from moepress.compress.formats import ct_inputs
 from moepress.compress.quant import fp8
 from moepress.compress.quantize.calibrated import quantize_layer
 from moepress.compress.quantize.config import GROUP_SIZES, PROGRESS, REPORT, QuantConfig
-from moepress.compress.quantize.free import FreePipeline, linear_names, model_linear_names, quantized_bytes
+from moepress.compress.quantize.free import (
+    FreePipeline,
+    formatted_linears,
+    linear_names,
+    model_linear_names,
+    quantized_bytes,
+)
 from moepress.compress.quantize.group import LayerResult, apply_fake_quant, refuse_non_finite
 from moepress.compress.quantize.report import (
     QuantTotals,
@@ -115,19 +121,11 @@ def _nothing_quantized(sm: StreamedModel, format_of: Callable[[str, str], str | 
     """None when some linear gets a format (``format_of(name in its layer, full name)``) that holds its shape;
     else "" (every linear's format is none) or " (e.g. NAME: why its format skips it)" (formats.Format.skip: the
     quantizer's own rule)."""
-    a, cache, why = sm.adapter, {}, ""
-    for i in range(a.num_layers):
-        prefix, shapes = a.layer_prefix(i), None
-        for rel in linear_names(sm, i, cache):
-            fmt = format_of(rel, prefix + rel)
-            if fmt is None:
-                continue
-            if (skip := formats.FORMATS[fmt].skip) is None:
-                return None
-            shapes = shapes or sm.expected_layer_shapes(i)
-            if (reason := skip(*shapes[rel + ".weight"][:2], group_size)) is None:
-                return None
-            why = why or f" (e.g. {prefix + rel}: {reason})"
+    why = ""
+    for i, rel, _, _, _, skipped in formatted_linears(sm, format_of, group_size):
+        if skipped is None:
+            return None
+        why = why or f" (e.g. {sm.adapter.layer_prefix(i) + rel}: {skipped})"
     return why
 
 
