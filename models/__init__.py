@@ -26,7 +26,9 @@ def all_paths() -> list[Path]:
 
 
 def resolve(arg: str) -> Path:
-    """A checkpoint directory, or the name of a bundled model (e.g. ``tiny-qwen3-moe``)."""
+    """A checkpoint directory; the name of a bundled model (e.g. ``tiny-qwen3-moe``); or a Hugging Face Hub
+    id (``org/name``, ``org/name@revision``) already in the local Hub cache, as ``hf download`` leaves it:
+    its snapshot folder. moepress never downloads: a checkpoint is hundreds of GB, fetched once, on purpose."""
     from moepress.errors import MoepressError
 
     p = Path(arg)
@@ -34,5 +36,47 @@ def resolve(arg: str) -> Path:
         return p
     if arg in BUNDLED or arg in FIXTURES:
         return path(arg)
-    raise MoepressError(f"{arg}: no such checkpoint directory (bundled models: {', '.join(BUNDLED)}; test "
-                        f"fixtures: {', '.join(FIXTURES)})")
+    hub = _hub_snapshot(arg)
+    if hub is not None:
+        return hub
+    repo, _, rev = arg.partition("@")
+    cached = (f", nor a Hugging Face Hub id in the local cache ({_hub_cache()}; fetch it first: "
+              f"hf download {repo}{f' --revision {rev}' if rev else ''})" if _hub_id(arg) else "")
+    raise MoepressError(f"{arg}: no such checkpoint directory{cached} (bundled models: {', '.join(BUNDLED)}; "
+                        f"test fixtures: {', '.join(FIXTURES)})")
+
+
+def _hub_id(arg: str) -> bool:
+    """``org/name`` or ``org/name@revision``, as the Hub spells a model id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo = arg.partition("@")[0]
+    if repo.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _hub_snapshot(arg: str) -> Path | None:
+    """The snapshot folder of Hub id ``arg`` in the local Hub cache (HF_HUB_CACHE / HF_HOME), without network
+    access (``local_files_only``); None where it is not a Hub id or not cached."""
+    if not _hub_id(arg):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo, _, rev = arg.partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=rev or None, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None

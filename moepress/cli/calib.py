@@ -16,6 +16,7 @@ from moepress.cli.options import (
     device_option,
     measured,
     model_argument,
+    model_label,
     output_options,
     progress_options,
     resolve_model,
@@ -173,8 +174,8 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
                 save_file(amax, str(w.partial / "input_absmax.safetensors"),
                           metadata={"format": "moepress-input-absmax"})
             plot_share(stats, w.partial / "heatmap.png",
-                       f"{src.name}: routing-slot share per layer x expert ({tokens} calibration tokens, "
-                       f"top-{facts['top_k']})")
+                       f"{model_label(model, src)}: routing-slot share per layer x expert ({tokens} calibration "
+                       f"tokens, top-{facts['top_k']})")
         click.echo(json.dumps({"output": str(output), "tokens": tokens, "world_size": env.world_size,
                                **summary, "memory": memory}) if json_out else text + f"\nwrote {output}")
     dist.barrier(env)

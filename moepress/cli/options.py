@@ -116,6 +116,11 @@ def resolve_model(arg: str) -> Path:
     return models.resolve(arg)
 
 
+def model_label(arg: str, path: Path) -> str:
+    """How a result line names MODEL: the folder's name, or the Hub id as given (not its snapshot's commit)."""
+    return path.name if Path(arg).exists() or "/" not in arg else arg
+
+
 def model_argument(f):
     return click.argument("model", metavar="MODEL", type=TEXT)(f)
 

@@ -12,6 +12,7 @@ from moepress.cli.options import (
     device_option,
     given,
     model_argument,
+    model_label,
     output_options,
     progress_options,
     refuse_empty,
@@ -117,7 +118,7 @@ def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_t
     if json_out:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"{src.name}: kept {result['kept']} of {result['num_experts']} routed experts in "
+        click.echo(f"{model_label(model, src)}: kept {result['kept']} of {result['num_experts']} routed experts in "
                    f"{result['moe_layers']} MoE layers ({cfg.method}); dropped experts took "
                    f"{100 * result['dropped_token_share_mean']:.1f}% of routing assignments on calibration data")
         for note in result["constraints"]:
