@@ -29,8 +29,9 @@ FORMAT = "moepress-calib"
 VERSION = 1  # the token file's and cache entry's layout
 # in the cache key, raised whenever the samples one key yields change (calib/data.py: allocate, _pack, _truncate,
 # _render, a text file's pieces): an older moepress's samples were served for the same key (2: empty documents add
-# no EOS; 3: text files over calib/sources/documents.py's PIECE_BYTES sampled by pieces)
-SAMPLING = 3
+# no EOS; 3: text files over calib/sources/documents.py's PIECE_BYTES sampled by pieces; 4: pack takes at most
+# calib/sampling.py's 1/PACK_DOCS of the tokens from one document)
+SAMPLING = 4
 
 
 def cache_root() -> Path | None:

@@ -9,8 +9,9 @@ Sampling, per source (weights split ``num_samples`` by largest remainder):
 
 * ``pack``: documents in a seeded random order are tokenized (no special tokens) and
   concatenated with EOS after each until the stream holds enough tokens for the source's
-  share; the stream is cut into ``seq_len`` windows and the samples drawn from them by
-  seed. A single long document (the bundled text) thus gives random windows of it.
+  share, each giving at most its first 1/16 of them (the cap doubled where the source
+  runs out first); the stream is cut into ``seq_len`` windows and the samples drawn from
+  them by seed. A single document (the bundled text) gives random windows of all of it.
 * ``truncate``: documents in a seeded random order, tokenized with the tokenizer's
   special tokens (chat documents through the chat template), each one sample of its first
   ``seq_len`` tokens; documents shorter than ``seq_len`` are skipped.

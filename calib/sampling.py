@@ -106,9 +106,12 @@ def _cut(text: str, a: int, size: int) -> int:
     return b
 
 
-def _long_parts(tok, text: str, seed: int, index: int) -> Iterator[list[int]]:
-    """A long document's parts of about LONG_CHARS characters, tokenized one at a time in an order drawn from
-    ``seed`` and the document's ``index`` in the draw."""
+def _parts(text: str, seed: int, index: int) -> Iterator[str]:
+    """A document's text as it is tokenized: whole, or (over LONG_CHARS characters) by parts of about LONG_CHARS,
+    in an order drawn from ``seed`` and the document's ``index`` in the draw."""
+    if len(text) <= LONG_CHARS:
+        yield text
+        return
     bounds, a = [], 0
     while a < len(text):
         b = _cut(text, a, LONG_CHARS)
@@ -117,36 +120,112 @@ def _long_parts(tok, text: str, seed: int, index: int) -> Iterator[list[int]]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
     for k in torch.randperm(len(bounds), generator=g).tolist():
         a, b = bounds[k]
-        yield _encode(tok, [text[a:b]], [False])[0]
+        yield text[a:b]
+
+
+# mode=pack: one document gives at most 1/PACK_DOCS of a source's tokens (its first ones; a long document's, from
+# its first part in the seeded order of its parts) while the source holds enough other text, so a corpus of long
+# documents (books, long chats) is not calibrated on the one or two drawn first. A source the cap leaves short is
+# packed again with the cap doubled until it fills; a source of one document gives random windows of it whole.
+PACK_DOCS = 16
+# a capped document is tokenized from a prefix of this many characters per token of the cap (cut at a line end),
+# whole where the prefix gives fewer than the cap and CUT_MARGIN
+PREFIX_CHARS = 16
+
+
+class _Doc:
+    """A document drawn for pack: its number in the draw, the tokens of its parts read so far and the parts
+    still to read; ``head``: the first tokens of its first part, from a prefix, until that part is read whole."""
+
+    def __init__(self, tok, number: int, parts: Iterator[str], first: str, ids: list[int] | None,
+                 head: list[int] | None = None):
+        """``ids``: the first part's tokens where they are known, else ``head`` (or nothing: tokenized now)."""
+        self.tok, self.number, self.parts = tok, number, parts
+        self.pending, self.head = (first, head) if ids is None and head is not None else (None, None)
+        self.ids: list[int] = ids if ids is not None else [] if head is not None else _encode(tok, [first], [False])[0]
+        self.whole = False
+
+    def first(self, k: int) -> list[int]:
+        """Its first ``k`` tokens (or more: whole parts); ``whole`` once every part is read."""
+        if self.pending is not None:
+            if k <= len(self.head):
+                return self.head[:k]
+            self.ids, self.pending, self.head = _encode(self.tok, [self.pending], [False])[0], None, None
+        while len(self.ids) < k and not self.whole:
+            part = next(self.parts, None)
+            if part is None:
+                self.whole = True
+            else:
+                self.ids.extend(_encode(self.tok, [part], [False])[0])
+        return self.ids
+
+
+def _drawn(tok, chunk: list, cap: int, seed: int, used: int) -> list[_Doc | None]:
+    """A chunk's documents for pack (None: an empty one), each tokenized as far as its first ``cap`` tokens need:
+    a prefix of the first part, the chunk's prefixes in one batch."""
+    parts = [_parts(_render(tok, d, w)[0], seed, used + k + 1) for k, (w, d) in enumerate(chunk)]
+    firsts = [next(p) for p in parts]
+    prefixes = [t[:_cut(t, 0, cap * PREFIX_CHARS)] for t in firsts]
+    enc = _encode(tok, prefixes, [False] * len(prefixes))
+    out: list[_Doc | None] = []
+    for k, (first, prefix, ids) in enumerate(zip(firsts, prefixes, enc, strict=True)):
+        if not first:  # an empty document (a null or "" field) is no text: no EOS for it either
+            out.append(None)
+        elif len(prefix) == len(first):  # the whole first part
+            out.append(_Doc(tok, used + k + 1, parts[k], first, ids))
+        elif len(ids) < cap + CUT_MARGIN:  # too short a prefix: the whole part, now
+            out.append(_Doc(tok, used + k + 1, parts[k], first, None))
+        else:  # the prefix's last tokens may differ from the whole part's
+            out.append(_Doc(tok, used + k + 1, parts[k], first, None, ids[:len(ids) - CUT_MARGIN]))
+    return out
+
+
+def _pack_stream(tok, docs, need: int, cap: int, g_docs: torch.Generator) -> tuple[list[int], int]:
+    """(token stream of at least ``need`` tokens where the source holds them, documents used): each document's
+    first ``cap`` tokens and EOS; a source the cap leaves short is packed again (``_repack``)."""
+    eos = tok.eos_token_id
+    used, stream, taken = 0, [], []
+    for chunk in chunks(_ordered_docs(docs, g_docs)):
+        for doc in _drawn(tok, chunk, cap, g_docs.initial_seed(), used):
+            used += 1
+            if doc is None:
+                continue
+            taken.append(doc)
+            stream.extend(doc.first(cap)[:cap])
+            if len(stream) >= need:
+                return stream, used
+            if eos is not None:
+                stream.append(eos)
+    return _repack(taken, need, cap, eos, used)
+
+
+def _repack(taken: list[_Doc], need: int, cap: int, eos: int | None, read: int) -> tuple[list[int], int]:
+    """The documents read, packed again with the cap doubled until they fill ``need`` (or hold no more). One
+    document: its parts whole until they fill ``need``, so that the samples are random windows of all of it.
+    Returns (stream, documents used)."""
+    if len(taken) == 1:
+        stream = list(taken[0].first(need))
+        if len(stream) >= need:
+            return stream, taken[0].number
+        return stream + ([eos] if eos is not None else []), read
+    while True:
+        stream: list[int] = []
+        for doc in taken:
+            stream.extend(doc.first(cap)[:cap])
+            if len(stream) >= need:
+                return stream, doc.number
+            if eos is not None:
+                stream.append(eos)
+        if cap >= need or all(d.whole for d in taken):
+            return stream, read
+        cap *= 2
 
 
 def pack(tok, src: SourceSpec, docs, n: int, seq_len: int, g_docs: torch.Generator,
          g_pick: torch.Generator) -> tuple[torch.Tensor, int, int]:
     """mode=pack: (samples, documents used, tokens read)."""
-    eos = tok.eos_token_id
-    used = 0
-    stream: list[int] = []
     need = n * seq_len
-    for chunk in chunks(_ordered_docs(docs, g_docs)):
-        texts = [_render(tok, d, w)[0] for w, d in chunk]
-        short = _encode(tok, [t if len(t) <= LONG_CHARS else "" for t in texts], [False] * len(texts))
-        for text, ids in zip(texts, short, strict=True):
-            used += 1
-            long = len(text) > LONG_CHARS
-            if not long and not ids:  # an empty document (a null or "" field) is no text: no EOS for it either
-                continue
-            parts = _long_parts(tok, text, g_docs.initial_seed(), used) if long else [ids]
-            for part in parts:  # a long document: stopped at the part that completes the samples
-                stream.extend(part)
-                if len(stream) >= need:
-                    break
-            else:
-                if eos is not None:
-                    stream.append(eos)
-            if len(stream) >= need:
-                break
-        if len(stream) >= need:
-            break
+    stream, used = _pack_stream(tok, docs, need, max(seq_len, -(-need // PACK_DOCS)), g_docs)
     total = len(stream)
     nwin = total // seq_len
     if total == 0:

@@ -173,7 +173,8 @@ def calib_options(f):
                           "a token file from `calib prepare` (.safetensors/.pt), `bundled`, or hf:NAME (Hub). "
                           "Keys: weight, field, mode=pack|truncate (default pack: documents joined with EOS "
                           "and cut into --seq-len windows, no BOS added, documents simply joined where the "
-                          "tokenizer has no EOS; truncate: one document per sample with the tokenizer's special "
+                          "tokenizer has no EOS, one document giving at most 1/16 of the tokens while the "
+                          "source has enough others; truncate: one document per sample with the tokenizer's special "
                           "tokens (e.g. BOS), shorter ones skipped), split, type, config, revision. "
                           "Default: the bundled calibration text. "
                           "Example: --calib code.jsonl@3,field=content --calib chat.jsonl,mode=truncate.")(f)
