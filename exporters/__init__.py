@@ -16,12 +16,14 @@ Also here: GPU targets (targets.py, kv_cache.py), the deployment planner (plan.p
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import field
 from pathlib import Path
 
 from moepress.errors import MoepressError
 from moepress.exporters.base import ExportConfig, Exporter
 from moepress.manifest import read_manifest, sha256_file, versions
+from moepress.outputs import require_space
 from moepress.progress import Progress
 
 EXPORTERS: dict[str, Exporter] = {}
@@ -72,6 +74,17 @@ def refuse_packed_shapes(sm) -> None:
                 raise MoepressError(f"{ck.path}: tensor '{ws}' is {got}, config.json implies {list(shape)}")
 
 
+def written_bytes(reader) -> int:
+    """A lower bound of the bytes an export of ``reader``'s checkpoint writes (its output's free-space check):
+    every stored tensor once, a floating-point one at one byte per element (FP8, the narrowest any exporter
+    converts floats to: hf-fp8-block), halved for what an exporter leaves out (MTP layers, KV-cache scales)."""
+    total = 0
+    for name in reader.names():
+        info = reader.info(name)
+        total += min(info.nbytes, math.prod(info.shape)) if info.dtype.startswith(("F", "BF")) else info.nbytes
+    return total // 2
+
+
 def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool = False, progress=None) -> dict:
     """Run exporter ``cfg.format`` on checkpoint ``src`` into ``out``; returns export.json's content."""
     # imported here: this package's light modules (targets, kv_cache) are read when the CLI starts
@@ -88,6 +101,7 @@ def export(src: str | Path, out: str | Path, cfg: ExportConfig, *, force: bool =
     # the shard headers against config.json before anything is written (a tensor of the wrong shape is
     # refused in one line, not exported as it is or failed mid-export); StreamedModel checks them when built
     refuse_packed_shapes(StreamedModel(reader, prefetch=False))
+    require_space(out, written_bytes(reader), f"the {cfg.format} export's tensors")
     with CheckpointWriter(out, force=force, sources=(src,)) as writer:
         summary = ex.fn(src, writer, cfg, progress) or {}
         # the source's own manifest already holds its digests (hashing 1 TB again costs minutes)
