@@ -171,10 +171,19 @@ def cache_paths(key: str) -> Path | None:
     return None if d is None else d / f"{key}.safetensors"
 
 
+# MOEPRESS_CACHE=off: nothing is written, but what this process built or hashed is reused within it (a `run`'s
+# up-front key and its stages share one set, and a source is hashed once), under the same keys and stamps as on disk
+_PROCESS_SETS: dict[str, tuple] = {}
+_PROCESS_HASHES: dict = {}
+
+
 def cache_get(key: str):
-    """(input_ids, source, sidecar) for key, or None (absent, damaged, or cache off)."""
+    """(input_ids, source, sidecar) for key, or None (absent, damaged, or the cache off and not built here)."""
     p = cache_paths(key)
-    if p is None or not p.exists() or not sidecar_path(p).exists():
+    if p is None:
+        hit = _PROCESS_SETS.get(key)
+        return None if hit is None else (hit[0].clone(), hit[1].clone(), json.loads(hit[2]))
+    if not p.exists() or not sidecar_path(p).exists():
         return None
     try:
         ids, src, side = load_token_file(p)
@@ -187,6 +196,7 @@ def cache_put(key: str, input_ids: torch.Tensor, source: torch.Tensor, meta: dic
     """Store a calibration set under key; a cache that cannot be written is skipped (returns None)."""
     p = cache_paths(key)
     if p is None:
+        _PROCESS_SETS[key] = (input_ids.clone(), source.clone(), json.dumps({**meta, "key": key}))
         return None
     try:
         save_token_file(p, input_ids, source, {**meta, "key": key})
@@ -196,10 +206,11 @@ def cache_put(key: str, input_ids: torch.Tensor, source: torch.Tensor, meta: dic
 
 
 def load_hash_memo() -> dict:
-    """Content-hash memo (path -> size, mtime, sha256) kept in the cache so big sources are hashed once."""
+    """Content-hash memo (path -> size, mtime, sha256) kept in the cache so big sources are hashed once (the
+    cache off: this process's)."""
     d = calib_cache_dir()
     if d is None:
-        return {}
+        return _PROCESS_HASHES
     try:
         memo = json.loads((d / "file-hashes.json").read_text())
     except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON: hash again

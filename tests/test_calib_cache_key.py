@@ -1,6 +1,7 @@
 """The calibration token cache (``calib/cache.py``): another ``num_samples`` is a miss, an edited or
 damaged entry is a miss (its sidecar's sha256), an entry under another key's name is a miss, an entry of
-another shape under the asked key is a miss, and ``MOEPRESS_CACHE=off`` writes nothing; ``~`` in
+another shape under the asked key is a miss, and ``MOEPRESS_CACHE=off`` writes nothing (what a process
+built or hashed it reuses); ``~`` in
 ``MOEPRESS_CACHE`` is the home directory, each size keeps an entry of its own, and a cache that cannot be
 written is skipped."""
 
@@ -65,9 +66,39 @@ def test_cache_off_writes_nothing(tmp_path, monkeypatch):
     for v in ("off", "0", "none", "false", " OFF "):
         monkeypatch.setenv("MOEPRESS_CACHE", v)
         assert cache_mod.cache_root() is None
-    calibration_set(QWEN, num_samples=2, seq_len=16, seed=0)  # the last spelling: the calls read the root
-    assert not calibration_set(QWEN, num_samples=2, seq_len=16, seed=0).cached
+    a = calibration_set(QWEN, num_samples=2, seq_len=16, seed=0)  # the last spelling: the calls read the root
+    assert not a.cached
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_off_hashes_a_source_and_builds_a_set_once_per_process(tmp_path, monkeypatch):
+    """With nothing written, a `run` still hashes its source once and builds one set for its up-front key and
+    its stages (a 3.2 GB JSONL: hashed 6 times and indexed 3 times per run)."""
+    from moepress.calib import data as data_mod
+    from moepress.calib.data import source_hashes
+    from moepress.calib.sources import hashing
+
+    monkeypatch.setenv("MOEPRESS_CACHE", "off")
+    monkeypatch.setattr(cache_mod, "_PROCESS_SETS", {})
+    monkeypatch.setattr(cache_mod, "_PROCESS_HASHES", {})
+    src = tmp_path / "corpus.txt"
+    src.write_text("a few words of text to calibrate on, again and again.\n" * 200)
+    opened, built = [], []
+    monkeypatch.setattr(hashing, "open", lambda p, *a: opened.append(str(p)) or open(p, *a), raising=False)
+    real = data_mod._sample_source
+    monkeypatch.setattr(data_mod, "_sample_source", lambda *a, **k: built.append(1) or real(*a, **k))
+    sets = [calibration_set(QWEN, (str(src),), num_samples=2, seq_len=16, seed=0) for _ in range(3)]
+    source_hashes([str(src)])
+    assert opened.count(str(src)) == 1 and len(built) == 1, (opened, built)
+    assert [s.cached for s in sets] == [False, True, True]
+    assert all(torch.equal(s.input_ids, sets[0].input_ids) for s in sets)
+    sets[1].input_ids.fill_(0)  # a caller's changes do not reach the next one
+    assert torch.equal(calibration_set(QWEN, (str(src),), num_samples=2, seq_len=16, seed=0).input_ids,
+                       sets[0].input_ids)
+    src.write_text("other text, hashed again: its stamp changed.\n" * 200)
+    calibration_set(QWEN, (str(src),), num_samples=2, seq_len=16, seed=0)
+    assert opened.count(str(src)) == 2 and len(built) == 2
+    assert list(tmp_path.iterdir()) == [src]
 
 
 def test_a_cache_entry_of_another_shape_under_the_asked_key_is_a_miss(tmp_path, monkeypatch):
