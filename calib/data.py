@@ -227,6 +227,15 @@ def calibration_inputs(sources: tuple[str, ...] | list[str], calibrated: bool = 
 LARGE_SOURCE = 256 << 20
 
 
+def _read_cost(s: SourceSpec) -> tuple[int, int]:
+    """The order sources are sampled in: files smallest first, then folders and datasets, the Hub last, so that a
+    source too small for its share is refused before a large one is read (each source's samples come from its own
+    seeded generators: the order changes none of them)."""
+    if s.type == "hub":
+        return (2, 0)
+    return (0, s.path.stat().st_size) if s.path.is_file() else (1, 0)
+
+
 def _say_large(specs: list[SourceSpec], progress: Progress) -> None:
     for s in specs:
         size = s.path.stat().st_size if s.type not in ("hub", "tokens") and s.path.is_file() else 0
@@ -268,11 +277,10 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
 
     tok = load_tokenizer(model_dir, trust_remote_code)
     counts = allocate(num_samples, [s.weight for s in specs])
-    parts, infos = [], []
-    for i, (s, n) in enumerate(zip(specs, counts, strict=True)):
-        rows, info = _sample_source(tok, s, n, seq_len, seed, i, tok_fp["sha256"])
-        parts.append(rows)
-        infos.append({**s.describe(), "sha256": hashes[i], **info})
+    drawn = {i: _sample_source(tok, specs[i], counts[i], seq_len, seed, i, tok_fp["sha256"])
+             for i in sorted(range(len(specs)), key=lambda i: _read_cost(specs[i]))}
+    parts = [drawn[i][0] for i in range(len(specs))]
+    infos = [{**s.describe(), "sha256": hashes[i], **drawn[i][1]} for i, s in enumerate(specs)]
     ids = torch.cat(parts)
     src = torch.cat([torch.full((p.shape[0],), i, dtype=torch.long) for i, p in enumerate(parts)])
     if len(specs) > 1:

@@ -233,3 +233,31 @@ def test_a_large_source_is_named_before_it_is_read(cli_run, tmp_path, monkeypatc
     else:
         assert said == [f"calibration: reading {src} (0.0 GB): hashed for the calibration cache's key (remembered "
                         "while the file is unchanged), every record checked"], said
+
+
+def test_a_source_too_small_for_its_share_is_refused_before_a_large_one_is_read(tmp_path, monkeypatch):
+    import json
+
+    big, tiny = tmp_path / "big.jsonl", tmp_path / "tiny.jsonl"
+    big.write_text("".join(json.dumps({"text": _record_text(900, k)}) + "\n" for k in range(300)))
+    tiny.write_text("".join(json.dumps({"text": f"record {k}, a few words"}) + "\n" for k in range(3)))
+    opened = []
+    real = data_mod.open_documents
+    monkeypatch.setattr(data_mod, "open_documents", lambda s: opened.append(s.path.name) or real(s))
+    with pytest.raises(MoepressError, match="tiny.jsonl: .* fewer than one sample"):
+        data_mod.calibration_set(MODEL, (f"{big}@0.9", f"{tiny}@0.1"), num_samples=16, seq_len=64, cache=False)
+    assert opened == ["tiny.jsonl"]
+
+
+def test_the_order_sources_are_read_in_changes_no_sample(tmp_path, monkeypatch):
+    import json
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"text": _record_text(200, k)}) + "\n" for k in range(40)))
+    b.write_text("".join(json.dumps({"text": _record_text(300, 100 + k)}) + "\n" for k in range(40)))
+    args = ((f"{a}@0.5", f"{b}@0.5"),)
+    first = data_mod.calibration_set(MODEL, *args, num_samples=8, seq_len=64, seed=2, cache=False)
+    monkeypatch.setattr(data_mod, "_read_cost", lambda s: -data_mod.Path(s.path).stat().st_size)  # largest first
+    second = data_mod.calibration_set(MODEL, *args, num_samples=8, seq_len=64, seed=2, cache=False)
+    assert first.input_ids.equal(second.input_ids) and first.source.equal(second.source)
+    assert set(first.source.tolist()) == {0, 1}
