@@ -145,10 +145,11 @@ class _Doc:
         self.ids: list[int] = ids if ids is not None else [] if head is not None else _encode(tok, [first], [False])[0]
         self.whole = False
 
-    def first(self, k: int) -> list[int]:
-        """Its first ``k`` tokens (or more: whole parts); ``whole`` once every part is read."""
+    def first(self, k: int, parts: bool = False) -> list[int]:
+        """Its first ``k`` tokens, or (``parts``) its parts read whole until they hold ``k``; ``whole`` once every
+        part is read."""
         if self.pending is not None:
-            if k <= len(self.head):
+            if k <= len(self.head) and not parts:
                 return self.head[:k]
             self.ids, self.pending, self.head = _encode(self.tok, [self.pending], [False])[0], None, None
         while len(self.ids) < k and not self.whole:
@@ -160,12 +161,12 @@ class _Doc:
         return self.ids
 
 
-def _drawn(tok, chunk: list, cap: int, seed: int, used: int) -> list[_Doc | None]:
+def _drawn(tok, chunk: list, cap: int | None, seed: int, used: int) -> list[_Doc | None]:
     """A chunk's documents for pack (None: an empty one), each tokenized as far as its first ``cap`` tokens need:
-    a prefix of the first part, the chunk's prefixes in one batch."""
+    a prefix of the first part, the chunk's prefixes in one batch (no cap: the first parts whole)."""
     parts = [_parts(_render(tok, d, w)[0], seed, used + k + 1) for k, (w, d) in enumerate(chunk)]
     firsts = [next(p) for p in parts]
-    prefixes = [t[:_cut(t, 0, cap * PREFIX_CHARS)] for t in firsts]
+    prefixes = [t[:_cut(t, 0, cap * PREFIX_CHARS)] for t in firsts] if cap else firsts
     enc = _encode(tok, prefixes, [False] * len(prefixes))
     out: list[_Doc | None] = []
     for k, (first, prefix, ids) in enumerate(zip(firsts, prefixes, enc, strict=True)):
@@ -180,9 +181,10 @@ def _drawn(tok, chunk: list, cap: int, seed: int, used: int) -> list[_Doc | None
     return out
 
 
-def _pack_stream(tok, docs, need: int, cap: int, g_docs: torch.Generator) -> tuple[list[int], int]:
+def _pack_stream(tok, docs, need: int, cap: int | None, g_docs: torch.Generator) -> tuple[list[int], int]:
     """(token stream of at least ``need`` tokens where the source holds them, documents used): each document's
-    first ``cap`` tokens and EOS; a source the cap leaves short is packed again (``_repack``)."""
+    first ``cap`` tokens and EOS; a source the cap leaves short is packed again (``_repack``). No cap (one sample
+    asked: one document fills it): each document's parts whole, until the stream holds ``need``."""
     eos = tok.eos_token_id
     used, stream, taken = 0, [], []
     for chunk in chunks(_ordered_docs(docs, g_docs)):
@@ -191,12 +193,12 @@ def _pack_stream(tok, docs, need: int, cap: int, g_docs: torch.Generator) -> tup
             if doc is None:
                 continue
             taken.append(doc)
-            stream.extend(doc.first(cap)[:cap])
+            stream.extend(doc.first(cap)[:cap] if cap else doc.first(need - len(stream), parts=True))
             if len(stream) >= need:
                 return stream, used
             if eos is not None:
                 stream.append(eos)
-    return _repack(taken, need, cap, eos, used)
+    return _repack(taken, need, cap, eos, used) if cap else (stream, used)
 
 
 def _repack(taken: list[_Doc], need: int, cap: int, eos: int | None, read: int) -> tuple[list[int], int]:
@@ -204,7 +206,7 @@ def _repack(taken: list[_Doc], need: int, cap: int, eos: int | None, read: int) 
     document: its parts whole until they fill ``need``, so that the samples are random windows of all of it.
     Returns (stream, documents used)."""
     if len(taken) == 1:
-        stream = list(taken[0].first(need))
+        stream = list(taken[0].first(need, parts=True))
         if len(stream) >= need:
             return stream, taken[0].number
         return stream + ([eos] if eos is not None else []), read
@@ -225,7 +227,8 @@ def pack(tok, src: SourceSpec, docs, n: int, seq_len: int, g_docs: torch.Generat
          g_pick: torch.Generator) -> tuple[torch.Tensor, int, int]:
     """mode=pack: (samples, documents used, tokens read)."""
     need = n * seq_len
-    stream, used = _pack_stream(tok, docs, need, max(seq_len, -(-need // PACK_DOCS)), g_docs)
+    cap = max(seq_len, -(-need // PACK_DOCS))
+    stream, used = _pack_stream(tok, docs, need, cap if cap < need else None, g_docs)
     total = len(stream)
     nwin = total // seq_len
     if total == 0:

@@ -46,8 +46,8 @@ def _jsonl(path, docs: list[str]):
     return path
 
 
-def _samples(path, seed: int = 0) -> torch.Tensor:
-    return torch.cat(calibration_batches(MODEL, (str(path),), N, SEQ, seed, cache=False))
+def _samples(path, seed: int = 0, n: int = N, seq: int = SEQ) -> torch.Tensor:
+    return torch.cat(calibration_batches(MODEL, (str(path),), n, seq, seed, cache=False))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -67,17 +67,22 @@ def test_pack_spreads_a_source_of_few_long_documents_over_several(tmp_path, word
     assert len(per_doc) >= 4 and max(per_doc.values()) <= 256, per_doc
 
 
-def test_pack_of_one_document_draws_windows_from_all_of_it(tmp_path, words):
+@pytest.mark.parametrize("n,seq", [(N, SEQ), (2, SEQ), (1, 16)])  # the cap at a sixteenth, at SEQ, none
+def test_pack_of_one_document_draws_windows_from_all_of_it(tmp_path, words, n, seq):
     rng = random.Random(0)
-    text = "".join(" " + words[i] for i in rng.choices(list(words), k=3000))
+    # 5 characters a token: the prefix of PREFIX_CHARS a token of the cap holds both samples of (2, SEQ)
+    short = [i for i in words if len(words[i]) == 4]
+    assert len(short) >= 5
+    text = "".join(" " + words[i] for i in rng.choices(short, k=3000))
     path = _jsonl(tmp_path / "one.jsonl", [text])
     doc = load_tokenizer(MODEL)(text, add_special_tokens=False)["input_ids"]
     starts = []
-    for row in _samples(path).tolist():
-        at = [k for k in range(len(doc) - SEQ + 1) if doc[k:k + SEQ] == row]
-        assert len(at) == 1  # every sample is a window of the document
-        starts.append(at[0])
-    assert max(starts) > 2 * N * SEQ  # not only its first tokens: windows of the whole document
+    for seed in range(3):
+        for row in _samples(path, seed, n, seq).tolist():
+            at = [k for k in range(len(doc) - seq + 1) if doc[k:k + seq] == row]
+            assert len(at) == 1  # every sample is a window of the document
+            starts.append(at[0])
+    assert max(starts) >= max(2 * n * seq, len(doc) // 4)  # not only its first tokens: windows of all of it
 
 
 def test_pack_keeps_short_documents_whole(tmp_path, words):
