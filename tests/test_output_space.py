@@ -8,18 +8,20 @@ or a run that fits would be refused.
 from __future__ import annotations
 
 import glob
+import json
 import shutil
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from moepress import models
 from moepress import outputs as outputs_mod
 from moepress.calib import data as data_mod
 from moepress.compress.checkpoint import CheckpointReader
-from moepress.compress.prune import PruneConfig
+from moepress.compress.prune import PruneConfig, prune_checkpoint
 from moepress.compress.prune.budget import kept_bytes
 from moepress.compress.prune.stage import PruneStage
 from moepress.compress.quantize import QuantConfig
@@ -193,3 +195,49 @@ def test_the_export_bound_is_below_what_the_export_writes(cli_run, tmp_path, mod
     assert r.exit_code == 0, r.output
     bound, written = written_bytes(CheckpointReader(src)), _file_bytes(tmp_path / "e")
     assert 0.12 * written <= bound <= written, (bound, written)  # measured: 0.24-0.38 of the files written
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["mtp-layer", "undeclared-layer"])
+def test_a_deepseek_prune_with_an_extra_layer_runs_where_exactly_its_output_fits(tmp_path, monkeypatch,
+                                                                                 declared):
+    """DeepSeek-V3 with its MTP layer (pruned like the trunk's layers), or the same layer undeclared
+    (num_nextn_predict_layers 0: not written): the bound is at most the tensors written, so free space equal to
+    them passes the check."""
+    from test_prune import MTP_CFG
+
+    from helpers import write_with_mtp
+
+    src = write_with_mtp(MTP_CFG, tmp_path / "dsv3")
+    if not declared:
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
+    state = {"free": 10**15}
+    monkeypatch.setattr(outputs_mod.shutil, "disk_usage", lambda p: Usage(2 * 10**15, 0, state["free"]))
+    monkeypatch.delenv(outputs_mod.SKIP_SPACE_CHECK, raising=False)
+    ids = [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))]
+    cfg = PruneConfig(method="frequency", keep=8)
+    prune_checkpoint(src, tmp_path / "p1", cfg, batches=ids)
+    state["free"] = _tensor_bytes(tmp_path / "p1")
+    prune_checkpoint(src, tmp_path / "p2", cfg, batches=ids)  # refused (MoepressError) where the bound exceeds it
+    assert _tensor_bytes(tmp_path / "p2") == state["free"]
+
+
+def test_a_symlinked_output_is_checked_on_the_file_system_of_its_target(tmp_path, monkeypatch):
+    """-o LINK -> a folder on a small file system: the check reads the target's free space (where the stage
+    writes), not the link's. The same as test_faults.py's tmpfs case, without root (it skips there)."""
+    small = tmp_path / "small"
+    (small / "O").mkdir(parents=True)
+    link = tmp_path / "big" / "link"
+    link.parent.mkdir()
+    link.symlink_to(small / "O")
+
+    def usage(p):
+        on_small = Path(p).resolve() == small or small in Path(p).resolve().parents
+        return Usage(2 * 10**15, 0, 1000 if on_small else 10**15)
+
+    monkeypatch.setattr(outputs_mod.shutil, "disk_usage", usage)
+    monkeypatch.delenv(outputs_mod.SKIP_SPACE_CHECK, raising=False)
+    with pytest.raises(MoepressError, match=r"small/O: the tensors need at least 2\.0 MB, and its file system has "
+                                            r"0\.0 MB free"):
+        outputs_mod.require_space(link, 2_000_000, "the tensors")
+    outputs_mod.require_space(tmp_path / "big" / "plain", 2_000_000, "the tensors")  # the large one: room
