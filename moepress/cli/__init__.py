@@ -67,6 +67,8 @@ class MoepressGroup(click.Group):
             click.echo(f"moepress: check failed: {' '.join(str(e).split())}", err=True)
             ctx.exit(CheckFailed.exit_code)
         except OSError as e:  # a full disk, a read-only or busy file system, a denied path: bad input too
+            if _from_stdout(e):
+                _stdout_unwritable(ctx, e)
             _refuse(ctx, os_error_line(e, ctx.meta.get(OUTPUT_META)))
         except KeyboardInterrupt as e:  # click said "Aborted!" and exited 1, the failed check's code
             name = getattr(e, "name", "SIGINT")
@@ -106,8 +108,48 @@ def _refuse(ctx, line: str, code: int = MoepressError.exit_code) -> None:
     whatever happened (under torchrun from rank 0 only, as a result is: every rank refusing alike gave one each)."""
     click.echo(f"moepress: {'error: ' if code == MoepressError.exit_code else ''}{line}", err=True)
     if ctx.meta.get(JSON_META) and _rank() == 0 and not ctx.meta.get(RESULT_PRINTED):
-        click.echo(json.dumps({"error": line, "exit": code}))
+        try:
+            click.echo(json.dumps({"error": line, "exit": code}))
+        except OSError as e:
+            if not _from_stdout(e):
+                raise
+            ctx.exit(code)  # the line above said why; stdout cannot take the result
     ctx.exit(code)
+
+
+def _from_stdout(e: OSError) -> bool:
+    """Did writing standard output raise ``e``? (click.echo's ``file`` in the traceback is it; a closed pipe is
+    only ever stdout here: moepress writes no pipe of its own.)"""
+    if e.errno == errno.EPIPE:
+        return True
+    tb = e.__traceback__
+    while tb is not None:
+        f = tb.tb_frame.f_locals.get("file")
+        try:
+            if f is not None and f.fileno() == sys.stdout.fileno():
+                return True
+        except (AttributeError, OSError, ValueError):  # not a file, or a captured stream (tests)
+            pass
+        tb = tb.tb_next
+    return False
+
+
+def _stdout_unwritable(ctx, err: OSError) -> None:
+    """Standard output failed (its reader gone: `| head`; a full device): nothing more is written to it. A closed
+    pipe exits quietly with SIGPIPE's code (128 + 13), as `yes | head` does; another error says so in one line on
+    stderr, exit 2 (not the output directory's fault: it may be complete)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())  # the buffer's rest and the interpreter's last flush go nowhere
+        os.close(null)
+    except (OSError, ValueError):
+        pass
+    if err.errno == errno.EPIPE:
+        ctx.exit(128 + signal.SIGPIPE)
+    name = errno.errorcode.get(err.errno, f"errno {err.errno}") if err.errno is not None else type(err).__name__
+    click.echo(f"moepress: error: standard output: {err.strerror or err} ({name}); the result was not written "
+               "there", err=True)
+    ctx.exit(MoepressError.exit_code)
 
 
 def _interrupt(signum, frame) -> None:
@@ -149,9 +191,9 @@ def cli():
     """Prune, quantize, export and build Mixture-of-Experts LLMs, one decoder layer at a time.
 
     Stages: prune | quantize | export | build | check, chained by `run`.
-    MODEL is a Hugging Face checkpoint directory or a bundled model name (tiny-qwen3-moe,
-    tiny-mixtral, tiny-deepseek-v3; test fixtures tiny-kimi-k2-int4, tiny-mixtral-w192,
-    tiny-qwen3-moe-mxfp4).
+    MODEL is a Hugging Face checkpoint directory, a Hub id (org/name) already in the local Hub
+    cache, or a bundled model name (tiny-qwen3-moe, tiny-mixtral, tiny-deepseek-v3; test fixtures
+    tiny-kimi-k2-int4, tiny-mixtral-w192, tiny-qwen3-moe-mxfp4).
     """
 
 
