@@ -19,6 +19,7 @@ two processes from writing the same output.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -163,7 +164,16 @@ class OutputLock:
 
     def acquire(self) -> None:
         while self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except (PermissionError, FileNotFoundError, NotADirectoryError) as e:  # read-only, gone, a file
+                raise MoepressError(f"{self.path.parent}: cannot write there ({e.strerror}); expected a writable "
+                                    f"folder to hold {self.path.name.removesuffix('.lock')}") from None
+            except OSError as e:
+                if e.errno != errno.EROFS:
+                    raise
+                raise MoepressError(f"{self.path.parent}: a read-only file system; expected a writable folder to "
+                                    f"hold {self.path.name.removesuffix('.lock')}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

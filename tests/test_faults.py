@@ -1018,3 +1018,23 @@ def test_an_interrupted_run_says_to_rerun_it_not_to_pass_resume(tmp_path):
     kept = tmp_path / "O" / "quantize.partial"
     assert p.stderr.strip().splitlines() == [f"moepress: interrupted by SIGINT; the finished layers are kept in "
                                              f"{kept}: rerun it (run resumes it)"]
+
+
+def test_an_output_in_a_folder_moepress_cannot_write_names_that_folder(tmp_path):
+    """-o in a read-only folder: one line naming the folder and what is expected, not the internal lock file.
+    As root, the folder's mode stops no write: the test drops root's override capabilities with capsh."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    cmd = [sys.executable, "-m", "moepress", "quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-q",
+           "-o", str(ro / "q")]
+    if os.geteuid() == 0:
+        if shutil.which("capsh") is None:
+            pytest.skip("root without capsh: a read-only folder cannot be made")
+        cmd = ["capsh", "--drop=cap_dac_override,cap_dac_read_search,cap_fowner", "--", "-c",
+               " ".join(f"'{c}'" for c in cmd)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (f"moepress: error: {ro}: cannot write there (Permission denied); "
+                                                 "expected a writable folder to hold q.partial"), p.stderr
+    assert list(ro.iterdir()) == []
