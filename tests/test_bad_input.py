@@ -652,3 +652,16 @@ def test_an_error_whose_text_spans_lines_is_one_line(monkeypatch, json_out):
         assert json.loads(r.stdout) == {"error": "first part second part", "exit": 2}
     else:
         assert [ln for ln in r.stderr.splitlines() if ln.strip()] == ["moepress: error: first part second part"]
+
+
+@pytest.mark.parametrize("args", [
+    ["quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-o", "-q"],
+    ["prune", "tiny-qwen3-moe", "--ratio", "0.25", "-o", "--force"],
+    ["calib", "prepare", "tiny-qwen3-moe", "-o", "--json"],
+])
+def test_an_option_of_the_command_given_as_the_output_is_refused(cli_run, tmp_path, monkeypatch, args):
+    """`-o -q`: click takes `-q` as the path: a folder named `-q` was written, and --quiet not applied."""
+    monkeypatch.chdir(tmp_path)
+    r = cli_run(*args)
+    assert_one_line_error(r, f"{args[-1]} is an option of this command, not a path", f"-o ./{args[-1]}")
+    assert list(tmp_path.iterdir()) == []

@@ -1038,3 +1038,22 @@ def test_an_output_in_a_folder_moepress_cannot_write_names_that_folder(tmp_path)
     assert p.stderr.strip().splitlines()[-1] == (f"moepress: error: {ro}: cannot write there (Permission denied); "
                                                  "expected a writable folder to hold q.partial"), p.stderr
     assert list(ro.iterdir()) == []
+
+
+def test_a_second_calib_prepare_of_the_same_file_at_once_is_refused(cli_run, tmp_path):
+    """Both wrote and both said "wrote ... seed N", one's samples lost; the lock is held from the exists check to
+    the rename."""
+    from moepress.outputs import OutputLock
+
+    out = tmp_path / "t.safetensors"
+    lock = OutputLock(tmp_path / "t.safetensors.lock", "held by the test")
+    lock.acquire()  # another `calib prepare -o t.safetensors` writing it
+    try:
+        r = cli_run("calib", "prepare", "tiny-mixtral", "--num-samples", "2", "--seq-len", "16", "-o", out)
+        _outputs_one_line(r, f"-o {out}: another moepress process is writing it", "t.safetensors.lock is locked")
+        assert not out.exists()
+    finally:
+        lock.release()
+    r = cli_run("calib", "prepare", "tiny-mixtral", "--num-samples", "2", "--seq-len", "16", "-o", out, "--quiet")
+    assert r.exit_code == 0 and out.exists(), r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors", "t.safetensors.json"]

@@ -19,11 +19,12 @@ from moepress.cli.options import (
     model_label,
     output_options,
     progress_options,
+    remember_output,
     resolve_model,
     run_measured,
 )
 from moepress.errors import MoepressError
-from moepress.outputs import refuse_overlap
+from moepress.outputs import OutputLock, refuse_overlap
 
 
 @click.group("calib", cls=Group)
@@ -41,7 +42,7 @@ def _prepare_text(path: Path, side: dict, cached: bool) -> str:
 @calib_group.command("prepare")
 @model_argument
 @calib_options
-@click.option("-o", "--output", "output", required=True, type=PATH,
+@click.option("-o", "--output", "output", required=True, type=PATH, callback=remember_output,
               help="Token file to write: NAME.safetensors or NAME.pt, with NAME.<ext>.json describing it. "
                    "Any stage takes it back as --calib FILE, with the same --seq-len and at most its --num-samples.")
 @click.option("--force", is_flag=True, help="Replace the file if it exists.")
@@ -59,21 +60,33 @@ def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, out
         raise MoepressError(f"-o {output}: expected a file name ending in .safetensors or .pt")
     # a .safetensors file inside the model would read as one of its shards; over a --calib file, it replaced its input
     refuse_overlap(output, (src, *local_sources(calib)), "-o ")
-    # a sidecar of ours alone is what a run killed between the two writes left (no token file to keep); any other
-    # file by its name may be the user's
-    for p in (output, *(() if orphan_sidecar(output) else (sidecar_path(output),))):
-        if p.exists() and not force:
-            raise MoepressError(f"{p}: exists (pass --force to replace it)")
-    if output.is_dir():
-        raise MoepressError(f"{output}: is a directory; expected a file name ending in .safetensors or .pt")
-    prog = Progress.from_flags(quiet, json_out)
-    cs, memory = measured(None, lambda: calibration_set(src, calib, num_samples, seq_len, seed, trust_remote_code,
-                                                        progress=prog))
-    meta = {k: v for k, v in cs.meta.items() if k != "file"}
+    # held from the exists check to the rename: a second `prepare -o` of the same file at once is refused (both
+    # wrote, one's samples were lost, and both said "wrote")
     try:
-        side = save_token_file(output, cs.input_ids, cs.source, meta)
+        output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise MoepressError(f"{output}: cannot write ({e.strerror})") from None
+        raise MoepressError(f"{output.parent}: cannot create the folder ({e.strerror})") from None
+    lock = OutputLock(output.with_name(output.name + ".lock"),
+                      f"-o {output}: another moepress process is writing it ({output.name}.lock is locked)")
+    lock.acquire()
+    try:
+        # a sidecar of ours alone is what a run killed between the two writes left (no token file to keep); any
+        # other file by its name may be the user's
+        for p in (output, *(() if orphan_sidecar(output) else (sidecar_path(output),))):
+            if p.exists() and not force:
+                raise MoepressError(f"{p}: exists (pass --force to replace it)")
+        if output.is_dir():
+            raise MoepressError(f"{output}: is a directory; expected a file name ending in .safetensors or .pt")
+        prog = Progress.from_flags(quiet, json_out)
+        cs, memory = measured(None, lambda: calibration_set(src, calib, num_samples, seq_len, seed,
+                                                            trust_remote_code, progress=prog))
+        meta = {k: v for k, v in cs.meta.items() if k != "file"}
+        try:
+            side = save_token_file(output, cs.input_ids, cs.source, meta)
+        except OSError as e:
+            raise MoepressError(f"{output}: cannot write ({e.strerror})") from None
+    finally:
+        lock.release()
     out = {"output": str(output), "path": str(output), "cached": cs.cached, **side, "memory": memory}
     click.echo(json.dumps(out) if json_out else _prepare_text(output, side, cs.cached))
 

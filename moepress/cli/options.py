@@ -134,8 +134,13 @@ OUTPUT_META = "moepress.output"
 
 
 def remember_output(ctx: click.Context, param, value):
-    """-o's callback: keep the output path where the CLI's error handler finds it."""
+    """-o's callback: keep the output path where the CLI's error handler finds it. An option of the command's own
+    as the value (`-o -q`: click takes it as the path) is refused: a folder named `-q` was written, unquiet."""
     if value is not None:
+        own = {o for p in ctx.command.params for o in (*p.opts, *p.secondary_opts)}
+        if str(value) in own:
+            raise click.BadParameter(f"{value} is an option of this command, not a path (a folder of that name: "
+                                     f"-o ./{value})", ctx, param)
         ctx.meta[OUTPUT_META] = str(value)
     return value
 
