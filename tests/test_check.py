@@ -777,3 +777,35 @@ def test_fp8_kv_cache_scales_are_applied_as_the_runtime_caches(tmp_path, cli_run
         ok, broken = (cli_run("check", c, *args) for c in (d, bad))
         assert ok.exit_code == 0, ok.output
         assert broken.exit_code == 1 and json.loads(broken.stdout)["metrics"]["kl_mean"] > 0.5, (d, broken.output)
+
+
+def test_no_record_gates_without_touching_the_manifest_and_a_read_only_artifact_is_refused_first(cli_run, tmp_path):
+    """A read-only artifact (an artifact store, a CI cache): the check ran whole, passed, then exited 2 for the
+    record it could not write. Now refused before it runs, and --no-record checks it, recording nothing."""
+    import subprocess
+    import sys
+
+    q = tmp_path / "q"
+    r = cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-o", q, "--quiet")
+    assert r.exit_code == 0, r.output
+    manifest = (q / "moepress-manifest.json").read_bytes()
+    args = ["check", q, "-r", "tiny-qwen3-moe", "--max-samples", "2", "--seq-len", "32", "--max-ppl-increase", "0.1",
+            "--quiet"]
+    r = cli_run(*args, "--no-record", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["manifest_updated"] is False, r.output
+    assert (q / "moepress-manifest.json").read_bytes() == manifest
+    if os.geteuid() == 0 and shutil.which("capsh") is None:
+        pytest.skip("root without capsh: a read-only folder cannot be made")
+    q.chmod(0o555)
+    try:
+        cmd = [sys.executable, "-m", "moepress", *map(str, args)]
+        if os.geteuid() == 0:  # root ignores the mode unless it drops its override capabilities
+            cmd = ["capsh", "--drop=cap_dac_override,cap_dac_read_search,cap_fowner", "--", "-c",
+                   " ".join(f"'{c}'" for c in cmd)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    finally:
+        q.chmod(0o755)
+    assert p.returncode == 2 and p.stdout == "", (p.stdout, p.stderr)
+    assert p.stderr.strip() == (f"moepress: error: {q}: cannot record the check in its moepress-manifest.json "
+                                "(Permission denied); expected a writable artifact folder (or --no-record: the gate "
+                                "alone, nothing recorded)"), p.stderr

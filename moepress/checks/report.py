@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import moepress.checks.seal as seal
@@ -70,6 +71,13 @@ def prepare_record(candidate: str | Path) -> dict | None:
     if d is None:
         return None
     seal.load_key(create=True)
+    try:  # a read-only artifact: refused before the check runs (it ran whole, passed, then exited 2)
+        fd, probe = tempfile.mkstemp(dir=d, prefix=".moepress-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise MoepressError(f"{d}: cannot record the check in its {MANIFEST_NAME} ({e.strerror}); expected a "
+                            "writable artifact folder (or --no-record: the gate alone, nothing recorded)") from None
     return _identity(d)
 
 

@@ -150,10 +150,12 @@ def _human(result: dict) -> list[str]:
 @click.option("--report", "report_dir", type=PATH, default=None, metavar="DIR",
               callback=remember_output,
               help="Write report.json, report.md, layer_error.png and its moepress-manifest.json into DIR.")
+@click.option("--no-record", is_flag=True,
+              help="Gate only: record nothing in the candidate's moepress-manifest.json (a read-only artifact).")
 @device_option
 @progress_options
 def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size, seed, generate, gen_tokens,
-              trust_remote_code, report_dir, device, quiet, json_out, **gate_options):
+              trust_remote_code, report_dir, no_record, device, quiet, json_out, **gate_options):
     """Compare CANDIDATE with the reference checkpoint on held-out text and gate on the result.
 
     Metrics: perplexity of both and its relative change; KL(reference || candidate) of
@@ -167,9 +169,9 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
 
     Exit code 0: every gate passed; 1: a gate failed (the metric is named on stderr);
     2: bad input. The metrics are added to the candidate's moepress-manifest.json when
-    moepress wrote it, with the digests of the files checked, sealed with this user's key
-    ($MOEPRESS_KEY_FILE or ~/.config/moepress/manifest.key, made on first use): what
-    `moepress publish` verifies.
+    moepress wrote it (not with --no-record), with the digests of the files checked, sealed
+    with this user's key ($MOEPRESS_KEY_FILE or ~/.config/moepress/manifest.key, made on
+    first use): what `moepress publish` verifies.
     """
     from moepress.checks import (
         CheckConfig,
@@ -200,11 +202,12 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
     if report_dir is not None:  # the report must not land in (or swallow) what it describes
         refuse_overlap(report_dir, (cand, ref), "--report ")
         check_report_dir(report_dir)
-    before = prepare_record(cand)
+    before = None if no_record else prepare_record(cand)
     result, memory = run_measured(device, run_check, cand, ref, cfg, progress=prog)
     result["memory"] = memory
     try:  # the figures are reported either way; a check whose files changed while it ran is not recorded
-        result["manifest_updated"], refused = record_in_manifest(cand, result, before), None
+        result["manifest_updated"] = False if no_record else record_in_manifest(cand, result, before)
+        refused = None
     except MoepressError as e:
         result["manifest_updated"], refused = False, e
         result["manifest_refused"] = str(e)
