@@ -663,3 +663,26 @@ def test_a_refused_build_is_recorded_once_and_skipped_on_rerun(cli_run, tmp_path
                                                         ).read_text()
     assert cli_run("run", rec, "-o", out).exit_code == 0
     assert statuses(out)["build:h100-sxm:trtllm-pytorch"] == "skipped"
+
+
+def test_a_run_reusing_a_directory_removes_the_earlier_recipes_outputs_it_does_not_produce(cli_run, tmp_path):
+    """Run A (prune, fp8, export hf-modelopt + onnx, checked), then run B into the same directory (quantize fp8-block,
+    export compressed-tensors, no prune): A's prune, its hf-modelopt / onnx exports and their checks stayed, complete
+    and manifest-valid, naming a D/quantize that B had replaced."""
+    out = tmp_path / "run"
+    a = write_recipe(tmp_path / "a.yaml", calib=SMALL["calib"], check=SMALL["check"], quantize={"format": "fp8"},
+                     export={"formats": ["hf-modelopt", "onnx"]})
+    assert cli_run("run", a, "-o", out, "--quiet").exit_code == 0
+    assert {p.name for p in (out / "export").iterdir()} == {"hf-modelopt", "onnx"}
+    assert {p.name for p in (out / "check").iterdir()} == {"quantized", "hf-modelopt", "onnx"}
+    b = write_recipe(tmp_path / "b.yaml", calib=SMALL["calib"], check=SMALL["check"], prune="skip",
+                     quantize={"format": "fp8-block"}, export={"formats": ["hf-fp8-block"]})
+    r = cli_run("run", b, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "run: removed export/hf-modelopt, an earlier run's output this recipe does not produce" in r.output
+    summary = json.loads((out / "run.json").read_text())
+    assert {p.name for p in out.iterdir()} == {".state", "recipe.yaml", "run.json", "quantize", "export", "check"}
+    assert [p.name for p in (out / "export").iterdir()] == ["hf-fp8-block"] == list(summary["artifacts"])
+    assert {p.name for p in (out / "check").iterdir()} == {"quantized", "hf-fp8-block"}
+    states = {json.loads(p.read_text()).get("output") for p in (out / ".state").glob("*.json")}
+    assert states == {v["output"] for v in summary["stages"].values()}

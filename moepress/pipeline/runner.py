@@ -40,6 +40,7 @@ from moepress.outputs import OutputLock, output_dir, write_text_atomic
 from moepress.pipeline.card import NO_CPU_RUNTIME, Accuracy, model_card, withdraw_cards, write_card
 from moepress.pipeline.preflight import preflight
 from moepress.pipeline.recipe import STAGES, dump, export_config, recipe_keys
+from moepress.pipeline.stale import planned, withdraw
 from moepress.progress import Progress
 
 # exports a CPU consumer here can check, and the candidate kind it runs as
@@ -205,6 +206,7 @@ class Runner:
         # the old run.json away: the stages below replace its outputs, and a kill must not leave it describing them
         (self.out / RUN_JSON).unlink(missing_ok=True)
         withdraw_cards(self.out, (r["export"] or {}).get("formats", ()))  # so are the cards (written after the checks)
+        withdraw(self.out, planned(self.out, r), self.state_dir, self.prog.info)  # what this recipe cannot write
         write_text_atomic(self.out / "recipe.yaml", dump(r))
         self.prog.info(f"run: {self.recipe_src} on {self.model} -> {self.out}")
         self.source_sha256 = source_digest(self.model)
@@ -247,6 +249,7 @@ class Runner:
                    "checks": {n: {"passed": c.get("passed"), "failed": c.get("failed"),
                                   "metrics": c.get("metrics")} for n, c in checks.items()},
                    "builds": builds, "failed_checks": self.failed_checks}
+        withdraw(self.out, {Path(v["output"]) for v in self.record.values()}, self.state_dir, self.prog.info)
         write_text_atomic(self.out / RUN_JSON, json.dumps(summary, indent=2, default=str))
         return summary
 
@@ -382,12 +385,9 @@ def _unchecked(artifacts: dict[str, tuple[Path, str]]) -> dict[str, str]:
     """The exports no CPU runtime here checks, and why (their cards carry the input's verdict, so labelled)."""
     from moepress.checks import misloaded
 
-    out = {}
-    for fmt, (d, _) in artifacts.items():
-        why = NO_CPU_RUNTIME if fmt not in CHECKABLE else misloaded(d) if CHECKABLE[fmt] == "transformers" else None
-        if why:
-            out[fmt] = why
-    return out
+    why = {fmt: NO_CPU_RUNTIME if fmt not in CHECKABLE else misloaded(d) if CHECKABLE[fmt] == "transformers" else None
+           for fmt, (d, _) in artifacts.items()}
+    return {fmt: w for fmt, w in why.items() if w}
 
 
 def _data_digest(data: str | None) -> dict | None:
@@ -400,10 +400,8 @@ def _data_digest(data: str | None) -> dict | None:
 
 
 def _summary(d) -> dict:
-    if not isinstance(d, dict):
-        return {}
-    return json.loads(json.dumps({k: v for k, v in d.items() if k not in ("versions", "source_sha256")},
-                                 default=str))
+    keep = {k: v for k, v in d.items() if k not in ("versions", "source_sha256")} if isinstance(d, dict) else {}
+    return json.loads(json.dumps(keep, default=str))
 
 
 def run_recipe(recipe: dict, out: Path, progress: Progress, force_from: str | None = None,
