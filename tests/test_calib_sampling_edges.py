@@ -52,16 +52,22 @@ def _bos_model(tmp_path):
     return d
 
 
+def _long_record(tmp_path, seed: int):
+    """(text, JSONL path) of one record of 1000 lines of 9 words (~60k characters)."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "x", "river", "stone"]
+    text = "\n".join(" ".join(rng.choices(words, k=9)) for _ in range(1000)) + "\n"
+    p = tmp_path / "data.jsonl"
+    p.write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+    return text, p
+
+
 def test_a_long_record_tokenized_whole_in_truncate_mode_keeps_its_special_tokens(tmp_path, monkeypatch):
     """mode=truncate takes a document's first seq-len tokens with the tokenizer's special tokens (BOS); a long
     document whose first part holds too few tokens is tokenized whole, and must keep them too."""
     monkeypatch.setattr(sampling, "LONG_CHARS", 1500)
     d = _bos_model(tmp_path)
-    rng = random.Random(1)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "x", "river", "stone"]
-    text = "\n".join(" ".join(rng.choices(words, k=9)) for _ in range(1000)) + "\n"
-    p = tmp_path / "data.jsonl"
-    p.write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+    text, p = _long_record(tmp_path, seed=1)
     tok = load_tokenizer(d)
     ids = tok(text, verbose=False)["input_ids"]
     assert ids[0] == 1 and tok(text, add_special_tokens=False, verbose=False)["input_ids"][0] != 1
@@ -76,11 +82,7 @@ def test_a_long_record_in_pack_mode_is_drawn_from_other_parts_at_other_seeds(tmp
     """One record of ~60k characters, parts of ~1500: the part a seed's samples come from is drawn by the seed,
     so four seeds' samples lie far apart in the record (not all within one part's ~1500 characters)."""
     monkeypatch.setattr(sampling, "LONG_CHARS", 1500)
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "x", "river", "stone"]
-    text = "\n".join(" ".join(rng.choices(words, k=9)) for _ in range(1000)) + "\n"
-    p = tmp_path / "data.jsonl"
-    p.write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+    text, p = _long_record(tmp_path, seed=0)
     tok = load_tokenizer(MODEL)
     at = []
     for seed in range(4):
