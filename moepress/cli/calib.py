@@ -60,12 +60,12 @@ def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, out
         raise MoepressError(f"-o {output}: expected a file name ending in .safetensors or .pt")
     # a .safetensors file inside the model would read as one of its shards; over a --calib file, it replaced its input
     refuse_overlap(output, (src, *local_sources(calib)), "-o ")
-    # held from the exists check to the rename: a second `prepare -o` of the same file at once is refused (both
-    # wrote, one's samples were lost, and both said "wrote")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MoepressError(f"{output.parent}: cannot create the folder ({e.strerror})") from None
+    # held from the exists check to the rename: a second `prepare -o` of the same file at once is refused (both
+    # wrote, one's samples were lost, and both said "wrote")
     lock = OutputLock(output.with_name(output.name + ".lock"),
                       f"-o {output}: another moepress process is writing it ({output.name}.lock is locked)")
     lock.acquire()
