@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -39,12 +40,17 @@ def file_stamp(st: os.stat_result) -> dict:
 
 
 def versions() -> dict[str, str]:
+    """Python's and the packages' versions, and torch's CPU thread count where torch is loaded: CPU sums, and so
+    a calibrated output's last bits, depend on it (reproduce its bytes with the same OMP_NUM_THREADS)."""
     out = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_num_threads"):
+        out["torch_threads"] = str(torch.get_num_threads())
     return out
 
 

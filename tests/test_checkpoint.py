@@ -306,3 +306,17 @@ def test_an_index_spelling_one_shard_two_ways_is_one_shard(tmp_path):
     assert set(want) == set(mine)
     for n in mine[:4]:
         assert torch.equal(r.get(n), want[n]), n
+
+
+def test_the_manifest_records_torch_s_cpu_thread_count(tmp_path):
+    """Calibrated bytes depend on it in their last bits (OMP_NUM_THREADS 1 vs 2): what reproducing them needs."""
+    import torch
+
+    from moepress.manifest import versions
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert versions()["torch_threads"] == "3"
+    finally:
+        torch.set_num_threads(before)
