@@ -666,23 +666,37 @@ def test_a_refused_build_is_recorded_once_and_skipped_on_rerun(cli_run, tmp_path
 
 
 def test_a_run_reusing_a_directory_removes_the_earlier_recipes_outputs_it_does_not_produce(cli_run, tmp_path):
-    """Run A (prune, fp8, export hf-modelopt + onnx, checked), then run B into the same directory (quantize fp8-block,
-    export compressed-tensors, no prune): A's prune, its hf-modelopt / onnx exports and their checks stayed, complete
-    and manifest-valid, naming a D/quantize that B had replaced."""
+    """Run A (prune, fp8, export hf-modelopt + onnx, checked, built for H100), then run B into the same directory
+    (quantize fp8-block, export hf-fp8-block, no prune): A's prune, its exports, their checks and the onnx build
+    stayed, complete and manifest-valid, naming a D/quantize that B had replaced. The onnx build is removed when B
+    ends (a build's name is decided as it runs); a file of the user's in export/ is not the run's to remove, and an
+    export/ that links to another disk stays a link."""
     out = tmp_path / "run"
+    build = {"targets": ["h100"]}
     a = write_recipe(tmp_path / "a.yaml", calib=SMALL["calib"], check=SMALL["check"], quantize={"format": "fp8"},
-                     export={"formats": ["hf-modelopt", "onnx"]})
+                     export={"formats": ["hf-modelopt", "onnx"]}, build=build)
     assert cli_run("run", a, "-o", out, "--quiet").exit_code == 0
     assert {p.name for p in (out / "export").iterdir()} == {"hf-modelopt", "onnx"}
     assert {p.name for p in (out / "check").iterdir()} == {"quantized", "hf-modelopt", "onnx"}
+    assert {p.name for p in (out / "build").iterdir()} == {"h100-trtllm-pytorch", "h100-tensorrt"}
+    disk = tmp_path / "other-disk"  # export/ a link to another file system: what is removed is the run's, in it
+    disk.mkdir()
+    (out / "export").rename(disk / "export")
+    (out / "export").symlink_to(disk / "export")
+    (out / "export" / "NOTES.md").write_text("the user's")
     b = write_recipe(tmp_path / "b.yaml", calib=SMALL["calib"], check=SMALL["check"], prune="skip",
-                     quantize={"format": "fp8-block"}, export={"formats": ["hf-fp8-block"]})
+                     quantize={"format": "fp8-block"}, export={"formats": ["hf-fp8-block"]}, build=build)
     r = cli_run("run", b, "-o", out)
     assert r.exit_code == 0, r.output
-    assert "run: removed export/hf-modelopt, an earlier run's output this recipe does not produce" in r.output
+    for gone in ("prune", "export/hf-modelopt", "export/onnx", "check/hf-modelopt", "build/h100-tensorrt"):
+        assert f"run: removed {gone}, an earlier run's output this recipe does not produce" in r.output, gone
     summary = json.loads((out / "run.json").read_text())
-    assert {p.name for p in out.iterdir()} == {".state", "recipe.yaml", "run.json", "quantize", "export", "check"}
-    assert [p.name for p in (out / "export").iterdir()] == ["hf-fp8-block"] == list(summary["artifacts"])
+    assert {p.name for p in out.iterdir()} == {".state", "recipe.yaml", "run.json", "quantize", "export", "check",
+                                               "build"}
+    assert (out / "export").is_symlink() and {p.name for p in (out / "export").iterdir()} == {"hf-fp8-block",
+                                                                                             "NOTES.md"}
+    assert list(summary["artifacts"]) == ["hf-fp8-block"]
     assert {p.name for p in (out / "check").iterdir()} == {"quantized", "hf-fp8-block"}
-    states = {json.loads(p.read_text()).get("output") for p in (out / ".state").glob("*.json")}
-    assert states == {v["output"] for v in summary["stages"].values()}
+    assert [p.name for p in (out / "build").iterdir()] == ["h100-trtllm-pytorch"]
+    states = {p.stem.replace("__", ":") for p in (out / ".state").glob("*.json")}
+    assert states == set(summary["stages"])

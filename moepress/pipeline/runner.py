@@ -206,7 +206,7 @@ class Runner:
         # the old run.json away: the stages below replace its outputs, and a kill must not leave it describing them
         (self.out / RUN_JSON).unlink(missing_ok=True)
         withdraw_cards(self.out, (r["export"] or {}).get("formats", ()))  # so are the cards (written after the checks)
-        withdraw(self.out, planned(self.out, r), self.state_dir, self.prog.info)  # what this recipe cannot write
+        withdraw(self.out, planned(self.out, r, self.state_dir), self.state_dir, self.prog.info)  # cannot write
         write_text_atomic(self.out / "recipe.yaml", dump(r))
         self.prog.info(f"run: {self.recipe_src} on {self.model} -> {self.out}")
         self.source_sha256 = source_digest(self.model)

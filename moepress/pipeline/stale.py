@@ -2,63 +2,79 @@
 
 `moepress run -o D` reuses D; a recipe that drops an export, a check or a build left that stage's earlier output
 in D, complete and manifest-valid, naming inputs (D/quantize) that this run has since replaced: it looked finished
-and was not what run.json describes. They are removed with their partials and state files: when a run starts,
-those its recipe cannot produce; when it ends, those it did not produce (a check or build decided while it ran).
+and was not what run.json describes. The stages an earlier run recorded in D/.state are removed, with their
+partials and state files: when a run starts, those its recipe cannot produce; when it ends, those it did not
+produce (a check or build decided while it ran). Nothing a run did not record there is touched.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-# the run directory's stage outputs (moepress/pipeline/runner.py's layout)
-LAYOUT = ("prune", "quantize", "export/*", "check/*", "build/*")
 SUFFIXES = (".partial.lock", ".partial")
 
 
-def planned(out: Path, recipe: dict) -> set[Path]:
-    """The stage outputs ``recipe`` may write in ``out``, builds aside (their names are decided as they run)."""
+def stage_path(out: Path, sid: str) -> Path:
+    """Where stage ``sid`` writes in run directory ``out`` (moepress/pipeline/runner.py's layout)."""
+    kind, _, rest = sid.partition(":")
+    if kind in ("prune", "quantize"):
+        return out / kind
+    if kind == "build":
+        target, _, builder = rest.partition(":")
+        return out / "build" / f"{target}-{builder}"
+    return out / kind / rest
+
+
+def recorded(state_dir: Path) -> dict[str, Path]:
+    """The stage ids an earlier run recorded in ``state_dir`` and their state files."""
+    files = sorted(state_dir.glob("*.json")) if state_dir.is_dir() else []
+    return {p.stem.replace("__", ":"): p for p in files}
+
+
+def planned(out: Path, recipe: dict, state_dir: Path) -> set[Path]:
+    """The stage outputs ``recipe`` may write in ``out``; every recorded build, where it builds (their names are
+    decided as it runs)."""
     keep = {out / s for s in ("prune", "quantize") if recipe[s] is not None}
     formats = list((recipe["export"] or {}).get("formats", ()))
     keep |= {out / "export" / f for f in formats}
     if recipe["check"] is not None:
         last = "quantized" if recipe["quantize"] is not None else "pruned" if recipe["prune"] is not None else None
         keep |= {out / "check" / n for n in [last, *formats] if n}
-    keep |= set(out.glob("build/*")) if recipe["build"] is not None else set()
-    return {p.with_name(_base(p.name)) for p in keep}
+    if recipe["build"] is not None:
+        keep |= {stage_path(out, sid) for sid in recorded(state_dir) if sid.startswith("build:")}
+    return keep
 
 
-def _base(name: str) -> str:
-    for s in SUFFIXES:
-        if name.endswith(s):
-            return name[: -len(s)]
-    return name
+def _remove(p: Path) -> bool:
+    """``p`` gone (a symbolic link: the link, never what it points to); True if there was something."""
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+        return True
+    if p.is_dir():
+        shutil.rmtree(p)
+        return True
+    return False
 
 
 def withdraw(out: Path, keep: set[Path], state_dir: Path, say=None) -> list[str]:
-    """Remove every stage output under ``out`` not in ``keep`` (with its ``.partial`` and lock) and the state files
-    that name it, each said through ``say``; returns what was removed, relative to ``out``."""
-    gone: list[str] = []
-    for pattern in LAYOUT:
-        for p in sorted(out.glob(pattern)):
-            if p.with_name(_base(p.name)) in keep:
-                continue
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-            gone.append(p.relative_to(out).as_posix())
-    removed = {str(out / g) for g in gone}
-    for st in sorted(state_dir.glob("*.json")) if state_dir.is_dir() else ():
-        try:
-            named = json.loads(st.read_text()).get("output")
-        except (OSError, ValueError, AttributeError):
+    """Remove each stage an earlier run recorded in ``state_dir`` whose output is not in ``keep``: its output, its
+    ``.partial`` and lock, and its state file, each said through ``say``; returns the outputs removed, relative to
+    ``out``."""
+    gone = []
+    for sid, state in recorded(state_dir).items():
+        p = stage_path(out, sid)
+        if p in keep:
             continue
-        if named in removed:
-            st.unlink(missing_ok=True)
-    for parent in ("export", "check", "build"):  # an emptied stage folder goes too
+        if _remove(p):
+            gone.append(p.relative_to(out).as_posix())
+        for s in SUFFIXES:
+            _remove(p.with_name(p.name + s))
+        state.unlink(missing_ok=True)
+    for parent in ("export", "check", "build"):  # a stage folder this left empty goes too (not a link to one)
         d = out / parent
-        if d.is_dir() and not any(d.iterdir()):
+        if d.is_dir() and not d.is_symlink() and not any(d.iterdir()):
             d.rmdir()
-    gone = [g for g in gone if not g.endswith(SUFFIXES)]
     for g in gone if say is not None else ():
         say(f"run: removed {g}, an earlier run's output this recipe does not produce")
     return gone
