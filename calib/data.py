@@ -9,9 +9,10 @@ Sampling, per source (weights split ``num_samples`` by largest remainder):
 
 * ``pack``: documents in a seeded random order are tokenized (no special tokens) and
   concatenated with EOS after each until the stream holds enough tokens for the source's
-  share, each giving at most its first 1/16 of them (the cap doubled where the source
-  runs out first); the stream is cut into ``seq_len`` windows and the samples drawn from
-  them by seed. A single document (the bundled text) gives random windows of all of it.
+  share, each giving at most its first 1/16 of them, or one sample's worth where fewer
+  than 16 samples are drawn (the cap doubled where the source runs out first); the stream
+  is cut into ``seq_len`` windows and the samples drawn from them by seed. A single
+  document (the bundled text) gives random windows of all of it.
 * ``truncate``: documents in a seeded random order, tokenized with the tokenizer's
   special tokens (chat documents through the chat template), each one sample of its first
   ``seq_len`` tokens; documents shorter than ``seq_len`` are skipped.
@@ -229,8 +230,8 @@ LARGE_SOURCE = 256 << 20
 
 def _read_cost(s: SourceSpec) -> tuple[int, int]:
     """The order sources are sampled in: files smallest first, then folders and datasets, the Hub last, so that a
-    source too small for its share is refused before a large one is read (each source's samples come from its own
-    seeded generators: the order changes none of them)."""
+    source too small for its share is refused before a large one is indexed and tokenized (every source is hashed
+    first, for the cache key; each source's samples come from its own seeded generators: the order changes none)."""
     if s.type == "hub":
         return (2, 0)
     return (0, s.path.stat().st_size) if s.path.is_file() else (1, 0)

@@ -123,9 +123,10 @@ def _parts(text: str, seed: int, index: int) -> Iterator[str]:
         yield text[a:b]
 
 
-# mode=pack: one document gives at most 1/PACK_DOCS of a source's tokens (its first ones; a long document's, from
-# its first part in the seeded order of its parts) while the source holds enough other text, so a corpus of long
-# documents (books, long chats) is not calibrated on the one or two drawn first. A source the cap leaves short is
+# mode=pack: one document gives at most 1/PACK_DOCS of a source's tokens, or one sample's worth where fewer than
+# PACK_DOCS samples are drawn (its first ones; a long document's, from its first part in the seeded order of its
+# parts) while the source holds enough other text, so a corpus of long documents (books, long chats) is not
+# calibrated on the one or two drawn first. A source the cap leaves short is
 # packed again with the cap doubled until it fills; a source of one document gives random windows of it whole.
 PACK_DOCS = 16
 # a capped document is tokenized from a prefix of this many characters per token of the cap (cut at a line end),

@@ -40,8 +40,10 @@ def resolve(arg: str) -> Path:
     if hub is not None:
         return hub
     repo, _, rev = arg.partition("@")
+    # org/name whose org is a local folder reads as a mistyped path: no download hint for it
+    hub = _hub_id(arg) and not Path(repo).parent.exists()
     cached = (f", nor a Hugging Face Hub id in the local cache ({_hub_cache()}; fetch it first: "
-              f"hf download {repo}{f' --revision {rev}' if rev else ''})" if _hub_id(arg) else "")
+              f"hf download {repo}{f' --revision {rev}' if rev else ''})" if hub else "")
     raise MoepressError(f"{arg}: no such checkpoint directory{cached} (bundled models: {', '.join(BUNDLED)}; "
                         f"test fixtures: {', '.join(FIXTURES)})")
 

@@ -658,6 +658,7 @@ def test_an_error_whose_text_spans_lines_is_one_line(monkeypatch, json_out):
     ["quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-o", "-q"],
     ["prune", "tiny-qwen3-moe", "--ratio", "0.25", "-o", "--force"],
     ["calib", "prepare", "tiny-qwen3-moe", "-o", "--json"],
+    ["prune", "tiny-qwen3-moe", "--ratio", "0.25", "-o", "--help"],
 ])
 def test_an_option_of_the_command_given_as_the_output_is_refused(cli_run, tmp_path, monkeypatch, args):
     """`-o -q`: click takes `-q` as the path: a folder named `-q` was written, and --quiet not applied."""

@@ -1057,3 +1057,13 @@ def test_a_second_calib_prepare_of_the_same_file_at_once_is_refused(cli_run, tmp
     r = cli_run("calib", "prepare", "tiny-mixtral", "--num-samples", "2", "--seq-len", "16", "-o", out, "--quiet")
     assert r.exit_code == 0 and out.exists(), r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors", "t.safetensors.json"]
+
+
+def test_a_refused_calib_prepare_leaves_no_folder_it_made(cli_run, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("a few words\n")
+    out = tmp_path / "new" / "sub" / "t.safetensors"
+    r = cli_run("calib", "prepare", "tiny-mixtral", "--num-samples", "2", "--seq-len", "16", "--calib", small,
+                "-o", out)
+    assert r.exit_code == 2 and "fewer than one sample" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]

@@ -78,6 +78,9 @@ def test_a_hub_id_not_in_the_cache_is_refused_with_the_download_command(hub, cli
     assert len(lines) == 1 and given in lines[0] and "local cache" in lines[0] and hint in lines[0], r.output
 
 
-def test_a_name_that_is_no_hub_id_gets_no_hub_hint(hub, cli_run):
-    r = cli_run("inspect", "no-such-model")
+@pytest.mark.parametrize("given", ["no-such-model", "out/pruned"])  # out/ exists: a mistyped local path
+def test_a_name_that_is_no_hub_id_gets_no_hub_hint(hub, cli_run, tmp_path, monkeypatch, given):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    r = cli_run("inspect", given)
     assert r.exit_code == 2 and "no such checkpoint directory" in r.output and "hf download" not in r.output

@@ -9,8 +9,8 @@ LOCATION is a file or folder, ``bundled`` (the bundled calibration text), ``hf:N
 same), or a token file made by ``moepress calib prepare``. Keys: ``weight`` (same as
 ``@WEIGHT``), ``field`` (JSONL/Parquet/dataset column; default ``text``, else
 ``messages``), ``mode`` (``pack``: documents concatenated with EOS and cut into
-windows, the default, one document giving at most 1/16 of the tokens while the source has
-enough others; ``truncate``: one document per sample, its first seq-len tokens,
+windows, the default, one document giving at most 1/16 of the tokens (one sample's worth below 16
+samples) while the source has enough others; ``truncate``: one document per sample, its first seq-len tokens,
 shorter documents skipped), ``split`` (dataset split), ``type`` (force a type), and for
 the Hub ``config`` and ``revision``.
 

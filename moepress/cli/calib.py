@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -39,6 +40,25 @@ def _prepare_text(path: Path, side: dict, cached: bool) -> str:
             f"{' (from the cache)' if cached else ''}; {srcs}")
 
 
+@contextmanager
+def _parent_folders(path: Path):
+    """``path``'s folder, made for the command and removed again (the folders it made, while empty) where the
+    command fails: a refused `calib prepare -o new/sub/t.safetensors` left new/sub behind."""
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # the deepest first
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException as e:
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        if isinstance(e, OSError) and not isinstance(e, MoepressError):
+            raise MoepressError(f"{path.parent}: cannot create the folder ({e.strerror})") from None
+        raise
+
+
 @calib_group.command("prepare")
 @model_argument
 @calib_options
@@ -50,9 +70,7 @@ def _prepare_text(path: Path, side: dict, cached: bool) -> str:
 def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, output, force, quiet, json_out):
     """Tokenize and sample MODEL's calibration set into a token file (reused from the cache when it
     holds the same tokenizer, sources and parameters)."""
-    from moepress.calib.cache import orphan_sidecar, save_token_file
     from moepress.calib.data import calibration_set
-    from moepress.calib.sources import sidecar_path
     from moepress.progress import Progress
 
     src = resolve_model(model)
@@ -60,35 +78,40 @@ def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, out
         raise MoepressError(f"-o {output}: expected a file name ending in .safetensors or .pt")
     # a .safetensors file inside the model would read as one of its shards; over a --calib file, it replaced its input
     refuse_overlap(output, (src, *local_sources(calib)), "-o ")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MoepressError(f"{output.parent}: cannot create the folder ({e.strerror})") from None
     # held from the exists check to the rename: a second `prepare -o` of the same file at once is refused (both
     # wrote, one's samples were lost, and both said "wrote")
     lock = OutputLock(output.with_name(output.name + ".lock"),
                       f"-o {output}: another moepress process is writing it ({output.name}.lock is locked)")
-    lock.acquire()
-    try:
-        # a sidecar of ours alone is what a run killed between the two writes left (no token file to keep); any
-        # other file by its name may be the user's
-        for p in (output, *(() if orphan_sidecar(output) else (sidecar_path(output),))):
-            if p.exists() and not force:
-                raise MoepressError(f"{p}: exists (pass --force to replace it)")
-        if output.is_dir():
-            raise MoepressError(f"{output}: is a directory; expected a file name ending in .safetensors or .pt")
-        prog = Progress.from_flags(quiet, json_out)
-        cs, memory = measured(None, lambda: calibration_set(src, calib, num_samples, seq_len, seed,
-                                                            trust_remote_code, progress=prog))
-        meta = {k: v for k, v in cs.meta.items() if k != "file"}
+    with _parent_folders(output):
+        lock.acquire()
         try:
-            side = save_token_file(output, cs.input_ids, cs.source, meta)
-        except OSError as e:
-            raise MoepressError(f"{output}: cannot write ({e.strerror})") from None
-    finally:
-        lock.release()
+            prog = Progress.from_flags(quiet, json_out)
+            cs, side, memory = _prepare(output, force, lambda: calibration_set(
+                src, calib, num_samples, seq_len, seed, trust_remote_code, progress=prog))
+        finally:
+            lock.release()
     out = {"output": str(output), "path": str(output), "cached": cs.cached, **side, "memory": memory}
     click.echo(json.dumps(out) if json_out else _prepare_text(output, side, cs.cached))
+
+
+def _prepare(output: Path, force: bool, build):
+    """(calibration set, sidecar, memory) of the token file ``output`` that ``build()``'s set is written to: one that
+    exists is refused without ``force`` (a sidecar of ours alone is what a run killed between the two writes left:
+    no token file to keep; any other file by its name may be the user's)."""
+    from moepress.calib.cache import orphan_sidecar, save_token_file
+    from moepress.calib.sources import sidecar_path
+
+    for p in (output, *(() if orphan_sidecar(output) else (sidecar_path(output),))):
+        if p.exists() and not force:
+            raise MoepressError(f"{p}: exists (pass --force to replace it)")
+    if output.is_dir():
+        raise MoepressError(f"{output}: is a directory; expected a file name ending in .safetensors or .pt")
+    cs, memory = measured(None, build)
+    meta = {k: v for k, v in cs.meta.items() if k != "file"}
+    try:
+        return cs, save_token_file(output, cs.input_ids, cs.source, meta), memory
+    except OSError as e:
+        raise MoepressError(f"{output}: cannot write ({e.strerror})") from None
 
 
 def local_sources(calib) -> list[Path]:

@@ -137,7 +137,7 @@ def remember_output(ctx: click.Context, param, value):
     """-o's callback: keep the output path where the CLI's error handler finds it. An option of the command's own
     as the value (`-o -q`: click takes it as the path) is refused: a folder named `-q` was written, unquiet."""
     if value is not None:
-        own = {o for p in ctx.command.params for o in (*p.opts, *p.secondary_opts)}
+        own = {o for p in ctx.command.get_params(ctx) for o in (*p.opts, *p.secondary_opts)}  # --help too
         if str(value) in own:
             raise click.BadParameter(f"{value} is an option of this command, not a path (a folder of that name: "
                                      f"-o ./{value})", ctx, param)
@@ -178,7 +178,8 @@ def calib_options(f):
                           "a token file from `calib prepare` (.safetensors/.pt), `bundled`, or hf:NAME (Hub). "
                           "Keys: weight, field, mode=pack|truncate (default pack: documents joined with EOS "
                           "and cut into --seq-len windows, no BOS added, documents simply joined where the "
-                          "tokenizer has no EOS, one document giving at most 1/16 of the tokens while the "
+                          "tokenizer has no EOS, one document giving at most 1/16 of the tokens (one sample's "
+                          "worth below 16 samples) while the "
                           "source has enough others; truncate: one document per sample with the tokenizer's special "
                           "tokens (e.g. BOS), shorter ones skipped), split, type, config, revision. "
                           "Default: the bundled calibration text. "
