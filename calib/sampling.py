@@ -140,10 +140,10 @@ class _Doc:
 
     def __init__(self, tok, number: int, parts: Iterator[str], first: str, ids: list[int] | None,
                  head: list[int] | None = None):
-        """``ids``: the first part's tokens where they are known, else ``head`` (or nothing: tokenized now)."""
+        """``ids``: the first part's tokens where they are known, else ``head``, its first tokens."""
         self.tok, self.number, self.parts = tok, number, parts
-        self.pending, self.head = (first, head) if ids is None and head is not None else (None, None)
-        self.ids: list[int] = ids if ids is not None else [] if head is not None else _encode(tok, [first], [False])[0]
+        self.pending, self.head = (first, head) if ids is None else (None, None)
+        self.ids: list[int] = [] if ids is None else ids
         self.whole = False
 
     def first(self, k: int, parts: bool = False) -> list[int]:
@@ -176,7 +176,7 @@ def _drawn(tok, chunk: list, cap: int | None, seed: int, used: int) -> list[_Doc
         elif len(prefix) == len(first):  # the whole first part
             out.append(_Doc(tok, used + k + 1, parts[k], first, ids))
         elif len(ids) < cap + CUT_MARGIN:  # too short a prefix: the whole part, now
-            out.append(_Doc(tok, used + k + 1, parts[k], first, None))
+            out.append(_Doc(tok, used + k + 1, parts[k], first, _encode(tok, [first], [False])[0]))
         else:  # the prefix's last tokens may differ from the whole part's
             out.append(_Doc(tok, used + k + 1, parts[k], first, None, ids[:len(ids) - CUT_MARGIN]))
     return out

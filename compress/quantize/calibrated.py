@@ -42,7 +42,7 @@ import moepress.compress.quantize.config as qconfig
 from moepress.calib.distributed import DistEnv
 from moepress.calib.observers import in_side_computation
 from moepress.compress.formats import _int4
-from moepress.compress.moe import AttentionObserver, expert_rows
+from moepress.compress.moe import AttentionObserver, expert_tokens
 from moepress.compress.quant import kv as kvq
 from moepress.compress.quantize.config import FORMATS, QuantConfig
 from moepress.compress.quantize.experts import ExpertBatch
@@ -258,12 +258,10 @@ class CalibratedLayer:
         # exact: the values the layer's StoredLinear weight gave). Not a method of self: the weights would hold
         # self in a reference cycle, and with it the layer's result until the garbage collector ran
         self.weights.reread = lambda n: sm.read_tensor(f"{prefix}{n}.weight")
-        # every expert's tokens from one stable sort (expert_rows), not a scan of idx [T, k] per expert, which is
-        # O(experts x tokens) a layer
-        tokens_of = {e: t for e, t, _ in expert_rows(idx, len(self.moe.experts))} if idx is not None else {}
-        none = idx.new_zeros(0, dtype=torch.long) if idx is not None else torch.zeros(0, dtype=torch.long)
+        n = len(self.moe.experts)
+        tokens = expert_tokens(idx, n) if idx is not None else [torch.zeros(0, dtype=torch.long)] * n
         for e, ex in enumerate(self.moe.experts):
-            toks = tokens_of.get(e, none)
+            toks = tokens[e]
             x_e = X[toks] if X is not None else None
             expert_groups += self._quantize_expert(e, ex, X, x_e)
         self.batch.flush()

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from moepress.compress import formats
-from moepress.compress.moe import expert_rows
+from moepress.compress.moe import expert_tokens
 from moepress.compress.quant import awq, int4
 from moepress.compress.quantize.config import AWQ_SAMPLE_ROWS, SHARED_INPUT
 from moepress.compress.quantize.group import FloatWeights
@@ -233,9 +233,9 @@ class LayerFolder:
         if ffn.shared_experts is not None:
             sx = ffn.shared_experts
             self._up_to_down(f"{fa}.shared_experts", sx, stats.get(f"{fa}.shared_experts.{sx.names[2]}"))
-        tokens_of = {e: t for e, t, _ in expert_rows(idx, len(ffn.experts))} if X is not None else {}
+        tokens = expert_tokens(idx, len(ffn.experts)) if X is not None else []
         for e, ex in enumerate(ffn.experts if X is not None else ()):
-            rows = self._own_rows(X, tokens_of.get(e, idx.new_zeros(0, dtype=torch.long)), down=True)
+            rows = self._own_rows(X, tokens[e], down=True)
             if rows is not None:  # None: unfolded AWQ rounds this down_proj to nearest, unsmoothed
                 self._up_to_down(f"{fa}.experts.{e}", ex, None, rows)
 
@@ -287,11 +287,11 @@ class LayerFolder:
         if others or not all(self._awq(n) for n in readers):
             return X, idx
         parts, own = [], []
-        tokens_of = {e: t for e, t, _ in expert_rows(idx, len(moe.experts))}
+        tokens = expert_tokens(idx, len(moe.experts))
         for k, (p, ex) in enumerate(mlps):
             names = [f"{p}.{n}" for n in ex.names[:2]]
             routed = k < len(moe.experts)
-            toks = tokens_of.get(k, idx.new_zeros(0, dtype=torch.long)) if routed else slice(None)
+            toks = tokens[k] if routed else slice(None)
             parts.append((lambda names=names: [cl.weights[n] for n in names], X[toks][:AWQ_SAMPLE_ROWS]))
             o = self._own_rows(X, toks, down=False) if routed else X
             own.append(None if o is None else o[:AWQ_SAMPLE_ROWS])

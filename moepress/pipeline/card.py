@@ -11,6 +11,7 @@ from pathlib import Path
 from moepress.exporters.artifacts import consumer_misload, kv_cache_declared, transformers_misload
 from moepress.manifest import file_digests, read_manifest, update_manifest
 from moepress.outputs import write_text_atomic
+from moepress.pipeline.stale import stage_path
 
 CARD = "README.md"
 PENDING = ("# {name}\n\n`moepress run` is making this export again: its figures are not measured yet. "
@@ -320,6 +321,6 @@ def withdraw_cards(out: Path, formats) -> None:
     writes the cards after the last, so meanwhile (or after a kill) a card said "Gates passed" beside a manifest
     recording the new check failed. A folder no run wrote a card into (no manifest ``pipeline``) is left alone."""
     for fmt in formats:
-        d = out / "export" / fmt
+        d = stage_path(out, f"export:{fmt}")
         if (d / CARD).is_file() and "pipeline" in read_manifest(d):
             write_card(d, PENDING.format(name=fmt))

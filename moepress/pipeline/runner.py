@@ -40,7 +40,7 @@ from moepress.outputs import OutputLock, output_dir, write_text_atomic
 from moepress.pipeline.card import NO_CPU_RUNTIME, Accuracy, model_card, withdraw_cards, write_card
 from moepress.pipeline.preflight import preflight
 from moepress.pipeline.recipe import STAGES, dump, export_config, recipe_keys
-from moepress.pipeline.stale import planned, withdraw
+from moepress.pipeline.stale import planned, stage_path, state_file, withdraw
 from moepress.progress import Progress
 
 # exports a CPU consumer here can check, and the candidate kind it runs as
@@ -135,7 +135,7 @@ class Runner:
         return STAGES.index(sid.split(":")[0]) >= STAGES.index(self.force_from)
 
     def _state_path(self, sid: str) -> Path:
-        return self.state_dir / (sid.replace(":", "__") + ".json")
+        return state_file(self.state_dir, sid)
 
     def _load_state(self, sid: str) -> dict:
         p = self._state_path(sid)
@@ -269,7 +269,7 @@ class Runner:
 
         c = CalibConfig.from_recipe(self.recipe["calib"])
         cfg = PruneConfig.from_recipe(self.recipe["prune"], c)
-        out = self.out / "prune"
+        out = stage_path(self.out, "prune")
         key = _key({"stage": "prune", "input": src_key, "calib": calib_key, "config": dataclasses.asdict(cfg)})
 
         def fn(resume):
@@ -287,7 +287,7 @@ class Runner:
 
         c = CalibConfig.from_recipe(self.recipe["calib"])
         cfg = QuantConfig.from_recipe(self.recipe["quantize"], c)
-        out = self.out / "quantize"
+        out = stage_path(self.out, "quantize")
         key = _key({"stage": "quantize", "input": src_key, "calib": calib_key, "config": dataclasses.asdict(cfg)})
 
         def fn(resume):
@@ -305,7 +305,7 @@ class Runner:
         from moepress.exporters import export
 
         cfg = export_config(self.recipe["export"], fmt)
-        out = self.out / "export" / fmt
+        out = stage_path(self.out, f"export:{fmt}")
         out.parent.mkdir(parents=True, exist_ok=True)
         key = _key({"stage": "export", "input": src_key, "config": dataclasses.asdict(cfg)})
         self.stage(f"export:{fmt}", key, out, lambda resume: _summary(export(src, out, cfg, force=True,
@@ -316,7 +316,7 @@ class Runner:
         from moepress.checks import CheckConfig, jsonable, prepare_record, record_in_manifest, run_check, write_report
 
         cfg = CheckConfig.from_dict({**self.recipe["check"], "kind": kind}, where="recipe check")
-        out = self.out / "check" / name
+        out = stage_path(self.out, f"check:{name}")
         key = _key({"stage": "check", "candidate": cand_key, "reference": ref_key, "config": cfg.to_dict(),
                     "data": _data_digest(cfg.data)})
 
@@ -354,7 +354,7 @@ class Runner:
 
         b = self.recipe["build"]
         builder = BUILDERS[fmt]
-        out = self.out / "build" / f"{target}-{builder}"
+        out = stage_path(self.out, f"build:{target}:{builder}")
         out.parent.mkdir(parents=True, exist_ok=True)
         key = _key({"stage": "build", "artifact": art_key, "target": target, "builder": builder, "config": b})
 

@@ -16,7 +16,8 @@ SUFFIXES = (".partial.lock", ".partial")
 
 
 def stage_path(out: Path, sid: str) -> Path:
-    """Where stage ``sid`` writes in run directory ``out`` (moepress/pipeline/runner.py's layout)."""
+    """Where stage ``sid`` writes in run directory ``out``: the run directory's layout, for the runner and for
+    what an earlier run left."""
     kind, _, rest = sid.partition(":")
     if kind in ("prune", "quantize"):
         return out / kind
@@ -26,8 +27,13 @@ def stage_path(out: Path, sid: str) -> Path:
     return out / kind / rest
 
 
+def state_file(state_dir: Path, sid: str) -> Path:
+    """Stage ``sid``'s key and result (what skipping and resuming read)."""
+    return state_dir / (sid.replace(":", "__") + ".json")
+
+
 def recorded(state_dir: Path) -> dict[str, Path]:
-    """The stage ids an earlier run recorded in ``state_dir`` and their state files."""
+    """The stage ids an earlier run recorded in ``state_dir`` and their state files (:func:`state_file` read back)."""
     files = sorted(state_dir.glob("*.json")) if state_dir.is_dir() else []
     return {p.stem.replace("__", ":"): p for p in files}
 
