@@ -61,3 +61,28 @@ def test_calibration_free_partial_key_names_no_device(cli_run, tmp_path):
     assert "device" not in j["key"]["config"]  # same bytes on every device: resumable anywhere
     r = cli_run(*args, "--resume")
     assert r.exit_code == 0, r.output
+
+
+def test_calibrated_partial_is_resumed_only_under_the_thread_count_it_started_with(cli_run, tmp_path):
+    # torch's CPU reductions split by thread: AWQ's scales differ in the last bit between 1 and 2 threads, so
+    # layers from both would match neither uninterrupted run
+    import torch
+
+    q = tmp_path / "q"
+    args = ("quantize", "tiny-qwen3-moe", "--format", "int4-awq", "-q", *CALIB, "-o", q)
+    _kill(cli_run, args)
+    journal = q.with_name("q.partial") / JOURNAL
+    j = json.loads(journal.read_text())
+    assert j["key"]["config"]["torch_threads"] == torch.get_num_threads()
+    j["key"]["config"]["torch_threads"] = torch.get_num_threads() + 1  # as a run under more threads leaves it
+    journal.write_text(json.dumps(j))
+    r = cli_run(*args, "--resume")
+    assert r.exit_code == 2 and "OMP_NUM_THREADS" in r.output, r.output
+    assert not q.exists() and journal.is_file()  # refused, the partial kept
+
+
+def test_calibration_free_partial_key_names_no_thread_count(cli_run, tmp_path):
+    q = tmp_path / "q"
+    _kill(cli_run, ("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-q", "-o", q))
+    j = json.loads((q.with_name("q.partial") / JOURNAL).read_text())
+    assert "torch_threads" not in j["key"]["config"]  # same bytes under any thread count (one worker per tensor)

@@ -31,6 +31,7 @@ from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, file_stamp, sha256_file
 
 HINT = "rerun with the same options or without --resume"
+LABELS = {"torch_threads": "torch threads (OMP_NUM_THREADS)"}  # key entries that are not options: how to set them
 
 
 class ResumeRefused(MoepressError):
@@ -128,9 +129,10 @@ def _config_difference(old: dict, new: dict) -> list[str]:
     if not keys:
         return []
     if len(keys) == 1:
-        return [f"was started with {keys[0]} {_word(old.get(keys[0]))}, this run asks for {_word(new.get(keys[0]))}"]
-    was = " and ".join(f"{k} {_word(old.get(k))}" for k in keys)
-    now = " and ".join(f"{k} {_word(new.get(k))}" for k in keys)
+        k = keys[0]
+        return [f"was started with {LABELS.get(k, k)} {_word(old.get(k))}, this run asks for {_word(new.get(k))}"]
+    was = " and ".join(f"{LABELS.get(k, k)} {_word(old.get(k))}" for k in keys)
+    now = " and ".join(f"{LABELS.get(k, k)} {_word(new.get(k))}" for k in keys)
     return [f"was started with {was}, this run asks for {now}"]
 
 

@@ -84,10 +84,14 @@ def quantize_resume_key(cfg: QuantConfig, src: Path, device: torch.device | None
     calibration sources read (a resume must not finish, on edited calibration data, a run whose first layers were
     calibrated on the old data) and the kind of device it runs on (the GPU's solves round unlike the CPU's: layers
     calibrated on one and then the other would match neither device's run; calibration-free formats are
-    byte-identical on both, and their calibration settings change no byte)."""
+    byte-identical on both, and their calibration settings change no byte). On the CPU, torch's thread count too:
+    its reductions split by thread, so AWQ's scales round by it (1 and 2 threads differ in the last bit)."""
     key = cfg.recorded()
     if cfg.needs_calibration:
-        key |= {"calib_content": source_hashes(cfg.calib), "device": torch.device(device or "cpu").type}
+        kind = torch.device(device or "cpu").type
+        key |= {"calib_content": source_hashes(cfg.calib), "device": kind}
+        if kind == "cpu":
+            key["torch_threads"] = torch.get_num_threads()
     return resume_key("quantize", key, src)
 
 
