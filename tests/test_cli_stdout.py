@@ -21,7 +21,8 @@ def _run(args, stdout) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("args", [["formats"], ["formats", "--json"], ["recipe", "show"]])
+@pytest.mark.parametrize("args", [["formats"], ["formats", "--json"], ["recipe", "show"], ["--help"], ["--version"],
+                                  ["quantize", "--help"]])
 def test_a_closed_pipe_ends_quietly_with_sigpipes_code(args):
     r, w = os.pipe()
     os.close(r)  # the reader is gone before the first write

@@ -41,6 +41,10 @@ class MoepressGroup(click.Group):
             raise  # a bare `moepress`: the help
         except click.UsageError as e:  # `moepress --bogus`: one line, as a subcommand's options
             _refuse(ctx, f"moepress: {' '.join(e.format_message().split())} (see moepress --help)")
+        except OSError as e:  # `moepress --help | true`: the help is printed here, before any subcommand runs
+            if not _from_stdout(e):
+                raise
+            _stdout_unwritable(ctx, e)
 
     def invoke(self, ctx):
         try:
