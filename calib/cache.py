@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from moepress.calib.sources import sidecar_path
+from moepress.codeid import source_digest
 from moepress.errors import MoepressError
 from moepress.outputs import pid_alive
 
@@ -52,8 +53,11 @@ def calib_cache_dir() -> Path | None:
 
 
 def cache_key(fields: dict) -> str:
-    """sha256 of what decides the token ids (tokenizer, sources' contents, parameters, format)."""
-    blob = json.dumps({"format": FORMAT, "version": VERSION, "sampling": SAMPLING, **fields}, sort_keys=True,
+    """sha256 of what decides the token ids (tokenizer, sources' contents, parameters, format, and the code that
+    draws them: the calibration package's source digest, so an edit that changes the samples without raising
+    SAMPLING still misses)."""
+    blob = json.dumps({"format": FORMAT, "version": VERSION, "sampling": SAMPLING,
+                       "code": source_digest("moepress.calib"), **fields}, sort_keys=True,
                       separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 
-from moepress import __version__
 from moepress.calib import cache as cache_mod
 from moepress.calib.cache import load_token_file
 from moepress.calib.model_limits import check_embedding_rows, check_positions
@@ -50,6 +49,7 @@ from moepress.calib.sources import (
     sidecar_path,
 )
 from moepress.calib.tokenizer import load_tokenizer, needs_remote_code, tokenizer_fingerprint
+from moepress.codeid import code_id
 from moepress.errors import MoepressError
 from moepress.progress import QUIET, Progress
 
@@ -302,7 +302,7 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
             "tokens": int(ids.numel()),
             "tokenizer": {**tok_fp, "model": str(model_dir), "eos_token_id": tok.eos_token_id, "vocab": vocab},
             "sources": infos, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "moepress": __version__}
+            "moepress": code_id()}
     if cacheable:
         cache_mod.cache_put(key, ids, src, meta)
     return CalibSet(ids, src, meta)

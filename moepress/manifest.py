@@ -15,6 +15,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from moepress.codeid import code_id
 from moepress.errors import MoepressError
 
 MANIFEST_NAME = "moepress-manifest.json"
@@ -48,6 +49,7 @@ def versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    out["moepress"] = code_id()  # the release and the digest of its code (moepress/codeid.py)
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_num_threads"):
         out["torch_threads"] = str(torch.get_num_threads())

@@ -37,6 +37,37 @@ def test_an_entry_of_an_older_sampling_is_a_miss(tmp_path, monkeypatch):
     assert calibration_set(QWEN, num_samples=4, seq_len=32, seed=0).cached
 
 
+def test_an_entry_drawn_by_other_calibration_code_of_the_same_version_is_a_miss(tmp_path, monkeypatch):
+    """Two sample-changing commits left SAMPLING as it was, and the version is the same between releases: the key
+    also names the calibration package's source digest, so samples other code drew are not served (audit77 F3)."""
+    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache_mod, "source_digest", lambda *p: "0" * 16)  # the calibration code before an edit
+    calibration_set(QWEN, num_samples=4, seq_len=32, seed=0)
+    monkeypatch.undo()
+    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
+    assert not calibration_set(QWEN, num_samples=4, seq_len=32, seed=0).cached
+    assert calibration_set(QWEN, num_samples=4, seq_len=32, seed=0).cached
+
+
+def test_the_calibration_code_digest_follows_its_files(tmp_path, monkeypatch):
+    """The digest is of the calibration package's files as they are: one more byte in one of them changes it."""
+    import importlib.util
+
+    from moepress import codeid
+
+    root = tmp_path / "calib"
+    shutil.copytree(importlib.util.find_spec("moepress.calib").submodule_search_locations[0], root,
+                    ignore=shutil.ignore_patterns("__pycache__", "data"))
+
+    class Spec:
+        submodule_search_locations = [str(root)]
+
+    monkeypatch.setattr(codeid.importlib.util, "find_spec", lambda name: Spec)
+    before = codeid.source_digest.__wrapped__("moepress.calib")
+    (root / "sampling.py").write_text((root / "sampling.py").read_text() + "\n")
+    assert codeid.source_digest.__wrapped__("moepress.calib") != before
+
+
 def test_an_edited_cache_entry_is_a_miss(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
     a = calibration_set(QWEN, num_samples=4, seq_len=32, seed=0)

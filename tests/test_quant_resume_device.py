@@ -86,3 +86,21 @@ def test_calibration_free_partial_key_names_no_thread_count(cli_run, tmp_path):
     _kill(cli_run, ("quantize", "tiny-qwen3-moe", "--format", "fp8-block", "-q", "-o", q))
     j = json.loads((q.with_name("q.partial") / JOURNAL).read_text())
     assert "torch_threads" not in j["key"]["config"]  # same bytes under any thread count (one worker per tensor)
+
+
+@pytest.mark.parametrize("fmt", ["fp8-block", "int4-awq"])
+def test_a_partial_started_by_other_code_of_the_same_version_is_not_resumed(cli_run, tmp_path, monkeypatch, fmt):
+    """After an upgrade (or any edit) under the same version number, a --resume finished a partial the old code
+    started: layers calibrated on the old code's samples beside the new code's (audit77 F2). The resume key names
+    the code by its digest (moepress/codeid.py); the refusal names both and keeps the partial."""
+    from moepress import codeid
+
+    q = tmp_path / "q"
+    args = ("quantize", "tiny-qwen3-moe", "--format", fmt, "-q", *(CALIB if fmt == "int4-awq" else ()), "-o", q)
+    _kill(cli_run, args)
+    journal = q.with_name("q.partial") / JOURNAL
+    assert json.loads(journal.read_text())["key"]["moepress"] == codeid.code_id()
+    monkeypatch.setattr(codeid, "source_digest", lambda *p: "0" * 16)  # the upgraded code
+    r = cli_run(*args, "--resume")
+    assert r.exit_code == 2 and "was started by moepress" in r.output and "0" * 16 in r.output, r.output
+    assert not q.exists() and journal.is_file()

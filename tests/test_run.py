@@ -651,6 +651,23 @@ def test_another_moepress_version_remakes_the_run(cli_run, tmp_path, monkeypatch
     assert statuses(out) == {"quantize": "ran", "export:compressed-tensors": "ran"}
 
 
+def test_other_code_under_the_same_version_remakes_the_run(cli_run, tmp_path, monkeypatch):
+    """The version stays the same between releases and under an editable install: a run upgraded to other code
+    of the same version kept every stage the old code wrote, reporting its check as current (audit77 F1). The
+    stage keys name the code by its digest (moepress/codeid.py); here the digest is changed as an edit would."""
+    from moepress import codeid
+
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "fp8"},
+                       export={"formats": ["compressed-tensors"]})
+    out = tmp_path / "run"
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    assert set(statuses(out).values()) == {"skipped"}
+    monkeypatch.setattr(codeid, "source_digest", lambda *p: "0" * 16)
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    assert statuses(out) == {"quantize": "ran", "export:compressed-tensors": "ran"}
+
+
 def test_a_refused_build_is_recorded_once_and_skipped_on_rerun(cli_run, tmp_path):
     """A build its plan refuses (8 GPUs for 4 attention heads): refused (refused.txt, no manifest) and recorded; a
     rerun skips it like any unchanged stage (the completeness test reads refused.txt, not a manifest). (A target

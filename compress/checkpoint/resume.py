@@ -24,7 +24,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from moepress import __version__
+from moepress.codeid import code_id
 from moepress.compress.checkpoint.auxiliary import aux_files
 from moepress.compress.checkpoint.safetensors_io import INDEX_NAME
 from moepress.errors import MoepressError
@@ -93,7 +93,7 @@ def first_changed_shard(partial: Path, shards: list, digests: dict[str, dict]) -
 
 def resume_key(stage: str, config: dict, src: str | os.PathLike) -> dict:
     """The key a resumable stage passes to :class:`CheckpointWriter` (``config``: ``asdict(cfg)``)."""
-    return normalized({"stage": stage, "config": config, "input": input_identity(src), "moepress": __version__})
+    return normalized({"stage": stage, "config": config, "input": input_identity(src), "moepress": code_id()})
 
 
 def normalized(key: dict | None) -> dict | None:

@@ -86,12 +86,10 @@ def quantize_resume_key(cfg: QuantConfig, src: Path, device: torch.device | None
     calibrated on one and then the other would match neither device's run; calibration-free formats are
     byte-identical on both, and their calibration settings change no byte). On the CPU, torch's thread count too:
     its reductions split by thread, so AWQ's scales round by it (1 and 2 threads differ in the last bit)."""
-    key = cfg.recorded()
+    key, kind = cfg.recorded(), torch.device(device or "cpu").type
     if cfg.needs_calibration:
-        kind = torch.device(device or "cpu").type
-        key |= {"calib_content": source_hashes(cfg.calib), "device": kind}
-        if kind == "cpu":
-            key["torch_threads"] = torch.get_num_threads()
+        key |= {"calib_content": source_hashes(cfg.calib), "device": kind,
+                **({"torch_threads": torch.get_num_threads()} if kind == "cpu" else {})}
     return resume_key("quantize", key, src)
 
 

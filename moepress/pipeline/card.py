@@ -283,9 +283,9 @@ def model_card(artifact: str | Path, fmt: str, recipe: dict, source: str | Path,
     m = read_manifest(d)
     files = m.get("files", {})
     size = sum(v["size"] for k, v in files.items() if k != "README.md")
-    name = d.name
+    name, release = d.name, str(m.get("versions", {}).get("moepress", "")).split("+")[0]  # not the code's digest
     lines = [f"# {Path(source).name} — {fmt}", "",
-             f"Made with [moepress](https://github.com/moepress/moepress) {m.get('versions', {}).get('moepress', '')} "
+             f"Made with [moepress](https://github.com/moepress/moepress) {release} "
              f"from `{Path(source).name}`.", "",
              "| | |", "|---|---|", f"| format | `{fmt}` |", f"| size on disk | {size / 1e6:.2f} MB |"]
     lines += _prune_row(recipe, prune) + _quant_rows(recipe, d)

@@ -31,7 +31,7 @@ import shutil
 import time
 from pathlib import Path
 
-import moepress
+from moepress.codeid import code_id
 from moepress.compress.checkpoint import aux_files
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import builders as builder_registry
@@ -210,7 +210,7 @@ class Runner:
         write_text_atomic(self.out / "recipe.yaml", dump(r))
         self.prog.info(f"run: {self.recipe_src} on {self.model} -> {self.out}")
         self.source_sha256 = source_digest(self.model)
-        src_key = _key({"source": self.source_sha256, "moepress": moepress.__version__})  # every key chains on
+        src_key = _key({"source": self.source_sha256, "moepress": code_id()})  # every key chains on
         calib_key = self.calib_key
         current, cur_key, cur_kind = self.model, src_key, "source"
 

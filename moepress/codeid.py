@@ -1,0 +1,41 @@
+"""Which moepress code is running: its version and a digest of its own source files.
+
+``moepress.__version__`` names a release; between releases, and always under an editable install, it stays the
+same while the code changes. What a stage's output depends on therefore names the code by its digest
+too: a run's stage keys (moepress/pipeline/runner.py), a quantize partial's resume key
+(compress/checkpoint/resume.py) and the calibration cache's key (calib/cache.py, over the calibration
+package alone). After an upgrade, or any edit, a run re-runs its stages, a ``--resume`` refuses a
+partial another moepress started and the cache draws its samples again, instead of reusing what other
+code wrote as if this code had.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import moepress
+
+# every package of moepress (pyproject's package map), by import name
+PACKAGES = ("moepress", "moepress.compress", "moepress.calib", "moepress.exporters", "moepress.models")
+
+
+@functools.cache
+def source_digest(*packages: str) -> str:
+    """sha256 (16 hex digits) of every ``*.py`` file of ``packages``: its path within the package and its bytes.
+    The folders come from the import system without importing anything (an editable install maps them apart)."""
+    h = hashlib.sha256()
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        for root in sorted(spec.submodule_search_locations or ()) if spec else ():
+            for p in sorted(Path(root).rglob("*.py")):
+                if "__pycache__" not in p.parts:
+                    h.update(f"{name}:{p.relative_to(root).as_posix()}\0".encode() + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def code_id() -> str:
+    """``VERSION+DIGEST``: this moepress, as the keys of what it writes name it."""
+    return f"{moepress.__version__}+{source_digest(*PACKAGES)}"
