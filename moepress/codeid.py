@@ -24,16 +24,27 @@ PACKAGES = ("moepress", "moepress.compress", "moepress.calib", "moepress.exporte
 
 @functools.cache
 def source_digest(*packages: str) -> str:
-    """sha256 (16 hex digits) of every ``*.py`` file of ``packages``: its path within the package and its bytes.
-    The folders come from the import system without importing anything (an editable install maps them apart)."""
-    h = hashlib.sha256()
+    """sha256 (16 hex digits) of the modules of ``packages``: each one's dotted name and bytes. The folders come
+    from the import system without importing anything; a module is named once whichever folder holds it (a wheel
+    nests compress/ inside moepress/, an editable install maps it apart: the same code, the same digest). Only
+    importable ``*.py`` files count (not an editor's ``.#name.py`` lock link); one that cannot be read is named as
+    unreadable. ``"no-source"`` where no module file is found (a zip or ``.pyc``-only install): the version alone."""
+    modules: dict[str, Path] = {}
     for name in packages:
         spec = importlib.util.find_spec(name)
         for root in sorted(spec.submodule_search_locations or ()) if spec else ():
-            for p in sorted(Path(root).rglob("*.py")):
-                if "__pycache__" not in p.parts:
-                    h.update(f"{name}:{p.relative_to(root).as_posix()}\0".encode() + p.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+            for p in Path(root).rglob("*.py"):
+                rel = p.relative_to(root).with_suffix("").parts
+                if "__pycache__" not in rel and all(part.isidentifier() for part in rel) and p.is_file():
+                    modules.setdefault(".".join((name, *rel)), p)
+    h = hashlib.sha256()
+    for module, p in sorted(modules.items()):
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            data = f"unreadable: {e.strerror}".encode()
+        h.update(f"{module}\0".encode() + data + b"\0")
+    return h.hexdigest()[:16] if modules else "no-source"
 
 
 def code_id() -> str:

@@ -104,3 +104,19 @@ def test_a_partial_started_by_other_code_of_the_same_version_is_not_resumed(cli_
     r = cli_run(*args, "--resume")
     assert r.exit_code == 2 and "was started by moepress" in r.output and "0" * 16 in r.output, r.output
     assert not q.exists() and journal.is_file()
+
+
+def test_a_partial_of_another_moepress_is_refused_for_that_alone(cli_run, tmp_path):
+    """Other code keys other entries (an older one recorded no thread count): the refusal names the code, not an
+    OMP_NUM_THREADS "none" no setting could match."""
+    q = tmp_path / "q"
+    args = ("quantize", "tiny-qwen3-moe", "--format", "int4-awq", "-q", *CALIB, "-o", q)
+    _kill(cli_run, args)
+    journal = q.with_name("q.partial") / JOURNAL
+    j = json.loads(journal.read_text())
+    j["key"]["moepress"] = "0.1.0"  # as the previous release left it
+    del j["key"]["config"]["torch_threads"]
+    journal.write_text(json.dumps(j))
+    r = cli_run(*args, "--resume")
+    assert r.exit_code == 2 and "was started by moepress 0.1.0, this is 0.1.0+" in r.output, r.output
+    assert "threads" not in r.output, r.output

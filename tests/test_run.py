@@ -364,6 +364,25 @@ def test_check_reruns_when_its_data_or_its_candidate_was_rewritten(cli_run, tmp_
     assert json.loads((out / "quantize" / "moepress_quant.json").read_text())["format"] == "fp8-dynamic"
 
 
+def test_check_reruns_when_the_bundled_held_out_text_changed(cli_run, tmp_path, monkeypatch):
+    """A check on the default data (the bundled calib/data/eval.txt: package data, which the code's digest does not
+    cover) kept its old verdict after the text changed; its key now holds the text's sha256."""
+    from moepress.calib import data as data_mod
+
+    text = tmp_path / "eval.txt"
+    text.write_bytes(data_mod.DEFAULT_EVAL.read_bytes())
+    monkeypatch.setattr(data_mod, "DEFAULT_EVAL", text)
+    out = tmp_path / "run"
+    check = {"max_samples": 2, "seq_len": 64, "max_ppl_increase": "200%"}
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", quantize={"format": "fp8-dynamic"}, check=check)
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    cli_run("run", rec, "-o", out)
+    assert statuses(out) == {"quantize": "skipped", "check:quantized": "skipped"}
+    text.write_text(text.read_text()[::-1])  # as another release's text would be
+    cli_run("run", rec, "-o", out)
+    assert statuses(out) == {"quantize": "skipped", "check:quantized": "ran"}
+
+
 def test_run_into_a_directory_holding_its_recipe_or_other_files_is_refused(cli_run, tmp_path):
     """`moepress run recipe.yaml -o .` rewrote the user's recipe.yaml (comments gone, --model applied)."""
     d = tmp_path / "d"

@@ -109,8 +109,8 @@ def difference(old, new: dict | None) -> str:
     parts = []
     if old.get("stage") != new.get("stage"):
         parts.append(f"was started by the {old.get('stage')} stage, this run is {new.get('stage')}")
-    if old.get("moepress") != new.get("moepress"):
-        parts.append(f"was started by moepress {old.get('moepress')}, this is {new.get('moepress')}")
+    if old.get("moepress") != new.get("moepress"):  # other code keys other entries: naming them would mislead
+        return "; ".join([*parts, f"was started by moepress {old.get('moepress')}, this is {new.get('moepress')}"])
     parts += _config_difference(old.get("config") or {}, new.get("config") or {})
     if old.get("input") != new.get("input"):
         parts.append(_input_difference(old.get("input") or {}, new.get("input") or {}))

@@ -392,9 +392,11 @@ def _unchecked(artifacts: dict[str, tuple[Path, str]]) -> dict[str, str]:
 
 def _data_digest(data: str | None) -> dict | None:
     """What the check's evaluation data holds (a file or directory edited between runs is another check)."""
-    if data is None or not Path(data).exists():
-        return None  # the bundled held-out text, or a Hub dataset by name
-    p = Path(data)
+    from moepress.calib.data import DEFAULT_EVAL
+
+    if data is not None and not Path(data).exists():
+        return None  # a Hub dataset by name
+    p = Path(data) if data is not None else DEFAULT_EVAL  # the bundled held-out text: package data, not code
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     return _hashed({f.relative_to(p).as_posix() if p.is_dir() else p.name: f for f in files})
 
