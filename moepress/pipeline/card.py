@@ -271,7 +271,8 @@ def card_differs(card: Path, check: dict) -> str | None:
     want = [_verdict(check), *_metric_rows(check)]
     missing = [w for w in want if w not in lines]
     return (f"{card}: the card does not state its manifest's accuracy check (expected {missing[0]!r}: edited, "
-            "checked again after it was written, or written by an older moepress); rewrite it with `moepress run`") if missing else None
+            "checked again after it was written, or written by an older moepress); rewrite it with `moepress run`"
+            ) if missing else None
 
 
 def model_card(artifact: str | Path, fmt: str, recipe: dict, source: str | Path, acc: Accuracy,
