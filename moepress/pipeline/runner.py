@@ -25,19 +25,26 @@ finished layers; the next run with the same key resumes there (the quantize stag
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 
 from moepress.codeid import code_id
-from moepress.compress.checkpoint import aux_files
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import builders as builder_registry
-from moepress.manifest import MANIFEST_NAME, read_manifest
+from moepress.manifest import MANIFEST_NAME, versions
 from moepress.outputs import OutputLock, output_dir, write_text_atomic
 from moepress.pipeline.card import NO_CPU_RUNTIME, Accuracy, model_card, withdraw_cards, write_card
+from moepress.pipeline.keys import (
+    accuracy_digest,
+    data_digest,
+    listed,
+    output_complete,
+    same_files,
+    source_digest,
+    stage_key,
+)
 from moepress.pipeline.preflight import preflight
 from moepress.pipeline.recipe import STAGES, dump, export_config, recipe_keys
 from moepress.pipeline.stale import planned, stage_path, state_file, withdraw
@@ -51,53 +58,6 @@ BUILDERS = {k: b.name for b in builder_registry.BUILDERS.values() for k in b.kin
 
 
 RUN_JSON = "run.json"  # the finished run's summary
-
-
-def _key(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _hashed(files: dict[str, Path]) -> dict[str, str]:
-    """sha256 of each file, memoised by (size, mtime) in the calibration cache (big files hashed once)."""
-    from moepress.calib.cache import load_hash_memo, save_hash_memo
-    from moepress.calib.sources import _file_sha
-
-    memo = load_hash_memo()
-    n = len(memo)
-    out = {name: _file_sha(p, memo) for name, p in files.items()}
-    if len(memo) != n:
-        save_hash_memo(memo)
-    return out
-
-
-def source_digest(model: Path) -> dict[str, str]:
-    """sha256 of the model's files: weights, configs and each file a stage copies (aux_files: tokenizer*)."""
-    files = {p.name: p for p in model.iterdir() if p.is_file() and p.name != MANIFEST_NAME and p.suffix in
-             (".safetensors", ".json", ".jinja", ".txt", ".model", ".tiktoken", ".py")}
-    return _hashed(dict(sorted({**files, **{p.name: p for p in aux_files(model)}}.items())))
-
-
-def output_complete(d: Path) -> bool:
-    """The directory exists and holds every file its manifest lists, with the listed size."""
-    if not (d / MANIFEST_NAME).is_file():
-        return False
-    files = read_manifest(d).get("files", {})
-    return bool(files) and all((d / f).is_file() and (d / f).stat().st_size == v["size"] for f, v in files.items())
-
-
-def _listed(d: Path) -> dict[str, str] | None:
-    """The sha256 of each file ``d``'s manifest lists (None: no manifest, e.g. a check's report directory)."""
-    if not (d / MANIFEST_NAME).is_file():
-        return None
-    return {f: v.get("sha256") for f, v in (read_manifest(d).get("files") or {}).items() if isinstance(v, dict)}
-
-
-def _same_files(d: Path, recorded: dict[str, str] | None) -> bool:
-    """Every file the stage wrote is still listed as it wrote it: another command writing into the run's
-    directory (`moepress quantize -o RUN/quantize --force`) writes a new manifest, and the stage runs again.
-    Files added since (the model card) do not count."""
-    now = _listed(d) or {}
-    return recorded is None or all(now.get(f) == h for f, h in recorded.items())
 
 
 class Runner:
@@ -158,7 +118,7 @@ class Runner:
         # written for this very path: a run directory moved or copied keeps results (build.sh, run.json) that name
         # the old one, so its stages run again where they now are
         if not self._forced(sid) and st.get("key") == key and st.get("done") and st.get("output") == str(out) \
-                and complete(out) and _same_files(out, st.get("files")):
+                and complete(out) and same_files(out, st.get("files")):
             self.prog.info(f"{sid}: unchanged, skipped ({out})")
             self.record[sid] = {"status": "skipped", "key": key, "output": str(out), "result": st.get("result")}
             return st.get("result") or {}
@@ -175,7 +135,7 @@ class Runner:
             result = fn(resume) or {}
         secs = round(time.monotonic() - t0, 3)
         self._save_state(sid, {"key": key, "done": True, "result": result, "seconds": secs,
-                               "files": _listed(out), "output": str(out)})
+                               "files": listed(out), "output": str(out)})
         self.record[sid] = {"status": "resumed" if resume else "ran", "key": key, "output": str(out),
                             "seconds": secs, "memory": mem.report(), "result": result}
         return result
@@ -210,7 +170,7 @@ class Runner:
         write_text_atomic(self.out / "recipe.yaml", dump(r))
         self.prog.info(f"run: {self.recipe_src} on {self.model} -> {self.out}")
         self.source_sha256 = source_digest(self.model)
-        src_key = _key({"source": self.source_sha256, "moepress": code_id()})  # every key chains on
+        src_key = stage_key({"source": self.source_sha256, "moepress": code_id()})  # every key chains on
         calib_key = self.calib_key
         current, cur_key, cur_kind = self.model, src_key, "source"
 
@@ -270,7 +230,7 @@ class Runner:
         c = CalibConfig.from_recipe(self.recipe["calib"])
         cfg = PruneConfig.from_recipe(self.recipe["prune"], c)
         out = stage_path(self.out, "prune")
-        key = _key({"stage": "prune", "input": src_key, "calib": calib_key, "config": dataclasses.asdict(cfg)})
+        key = stage_key({"stage": "prune", "input": src_key, "calib": calib_key, "config": dataclasses.asdict(cfg)})
 
         def fn(resume):
             res = prune_checkpoint(src, out, cfg, batches=c.loader(src, self.prog), force=True, progress=self.prog,
@@ -288,7 +248,9 @@ class Runner:
         c = CalibConfig.from_recipe(self.recipe["calib"])
         cfg = QuantConfig.from_recipe(self.recipe["quantize"], c)
         out = stage_path(self.out, "quantize")
-        key = _key({"stage": "quantize", "input": src_key, "calib": calib_key, "config": dataclasses.asdict(cfg)})
+        # a calibration-free format reads no calibration data: its settings and samples change none of its bytes
+        key = stage_key({"stage": "quantize", "input": src_key, "config": cfg.recorded(),
+                    "calib": calib_key if cfg.needs_calibration else None})
 
         def fn(resume):
             try:
@@ -307,7 +269,7 @@ class Runner:
         cfg = export_config(self.recipe["export"], fmt)
         out = stage_path(self.out, f"export:{fmt}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        key = _key({"stage": "export", "input": src_key, "config": dataclasses.asdict(cfg)})
+        key = stage_key({"stage": "export", "input": src_key, "config": dataclasses.asdict(cfg)})
         self.stage(f"export:{fmt}", key, out, lambda resume: _summary(export(src, out, cfg, force=True,
                                                                              progress=self.prog)))
         return out
@@ -317,8 +279,11 @@ class Runner:
 
         cfg = CheckConfig.from_dict({**self.recipe["check"], "kind": kind}, where="recipe check")
         out = stage_path(self.out, f"check:{name}")
-        key = _key({"stage": "check", "candidate": cand_key, "reference": ref_key, "config": cfg.to_dict(),
-                    "data": _data_digest(cfg.data)})
+        # the verdict is the consumer's (transformers, compressed-tensors, onnxruntime...): another version of one
+        # measures again; moepress's own code is in the candidate's key
+        libs = {k: v for k, v in versions().items() if k not in ("moepress", "torch_threads")}
+        key = stage_key({"stage": "check", "candidate": cand_key, "reference": ref_key, "config": cfg.to_dict(),
+                    "data": data_digest(cfg.data), "versions": libs})
 
         def fn(resume):
             before = prepare_record(cand)  # this user's manifest key, before the check runs
@@ -327,11 +292,18 @@ class Runner:
             record_in_manifest(cand, result, before)
             res = jsonable({k: result[k] for k in ("passed", "failed", "metrics", "error_jump", "gates")})
             res["kind"] = result["candidate"]["kind"]  # the card says which runtime measured it
+            res["accuracy_sha256"] = accuracy_digest(cand)
             return res
 
-        # done only while the candidate still carries the verdict (a rerun of its stage writes a new manifest)
-        res = self.stage(f"check:{name}", key, out, fn, complete=lambda d: output_complete(d) and (
-            not (cand / MANIFEST_NAME).is_file() or "accuracy" in read_manifest(cand)))
+        def complete(d: Path) -> bool:
+            """Done only while the candidate carries this run's verdict: a rerun of its stage writes a new manifest,
+            a standalone `moepress check` another verdict (which publish would read beside this run's card)."""
+            if not output_complete(d) or not (cand / MANIFEST_NAME).is_file():
+                return output_complete(d)
+            return (self._load_state(f"check:{name}").get("result") or {}).get("accuracy_sha256") == \
+                accuracy_digest(cand)
+
+        res = self.stage(f"check:{name}", key, out, fn, complete=complete)
         verdict = ("FAILED (" + ", ".join(res.get("failed") or []) + ")" if res.get("passed") is False
                    else "passed" if res.get("passed") else "measured (no gate applied)")
         m = res.get("metrics") or {}
@@ -356,7 +328,7 @@ class Runner:
         builder = BUILDERS[fmt]
         out = stage_path(self.out, f"build:{target}:{builder}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        key = _key({"stage": "build", "artifact": art_key, "target": target, "builder": builder, "config": b})
+        key = stage_key({"stage": "build", "artifact": art_key, "target": target, "builder": builder, "config": b})
 
         def check(engine, reference, progress=None):  # the built engine against the original model
             return run_check(engine, reference, CheckConfig(kind="engine"), progress=progress)
@@ -388,17 +360,6 @@ def _unchecked(artifacts: dict[str, tuple[Path, str]]) -> dict[str, str]:
     why = {fmt: NO_CPU_RUNTIME if fmt not in CHECKABLE else misloaded(d) if CHECKABLE[fmt] == "transformers" else None
            for fmt, (d, _) in artifacts.items()}
     return {fmt: w for fmt, w in why.items() if w}
-
-
-def _data_digest(data: str | None) -> dict | None:
-    """What the check's evaluation data holds (a file or directory edited between runs is another check)."""
-    from moepress.calib.data import DEFAULT_EVAL
-
-    if data is not None and not Path(data).exists():
-        return None  # a Hub dataset by name
-    p = Path(data) if data is not None else DEFAULT_EVAL  # the bundled held-out text: package data, not code
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    return _hashed({f.relative_to(p).as_posix() if p.is_dir() else p.name: f for f in files})
 
 
 def _summary(d) -> dict:

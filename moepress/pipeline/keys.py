@@ -1,0 +1,87 @@
+"""What `moepress run` keys its stages by and how it tells a stage's output is still the one it wrote.
+
+A stage is skipped only when its key is unchanged and its output is complete and as written
+(moepress/pipeline/runner.py ``Runner.stage``). The keys hold what decides the output: the model's files and
+the code (``source_digest``, moepress/codeid.py), the configs, the calibration and evaluation data's bytes
+(``data_digest``), and for a check the consumers' versions and the verdict it recorded in the candidate's
+manifest (``accuracy_digest``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from moepress.compress.checkpoint import aux_files
+from moepress.errors import MoepressError
+from moepress.manifest import MANIFEST_NAME, read_manifest
+
+
+def stage_key(fields: dict) -> str:
+    """sha256 of a stage's key fields (JSON, keys sorted)."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _hashed(files: dict[str, Path]) -> dict[str, str]:
+    """sha256 of each file, memoised by (size, mtime) in the calibration cache (big files hashed once)."""
+    from moepress.calib.cache import load_hash_memo, save_hash_memo
+    from moepress.calib.sources import _file_sha
+
+    memo = load_hash_memo()
+    n = len(memo)
+    out = {name: _file_sha(p, memo) for name, p in files.items()}
+    if len(memo) != n:
+        save_hash_memo(memo)
+    return out
+
+
+def source_digest(model: Path) -> dict[str, str]:
+    """sha256 of the model's files: weights, configs and each file a stage copies (aux_files: tokenizer*)."""
+    files = {p.name: p for p in model.iterdir() if p.is_file() and p.name != MANIFEST_NAME and p.suffix in
+             (".safetensors", ".json", ".jinja", ".txt", ".model", ".tiktoken", ".py")}
+    return _hashed(dict(sorted({**files, **{p.name: p for p in aux_files(model)}}.items())))
+
+
+def output_complete(d: Path) -> bool:
+    """The directory exists and holds every file its manifest lists, with the listed size."""
+    if not (d / MANIFEST_NAME).is_file():
+        return False
+    files = read_manifest(d).get("files", {})
+    return bool(files) and all((d / f).is_file() and (d / f).stat().st_size == v["size"] for f, v in files.items())
+
+
+def listed(d: Path) -> dict[str, str] | None:
+    """The sha256 of each file ``d``'s manifest lists (None: no manifest, e.g. a check's report directory)."""
+    if not (d / MANIFEST_NAME).is_file():
+        return None
+    return {f: v.get("sha256") for f, v in (read_manifest(d).get("files") or {}).items() if isinstance(v, dict)}
+
+
+def same_files(d: Path, recorded: dict[str, str] | None) -> bool:
+    """Every file the stage wrote is still listed as it wrote it: another command writing into the run's
+    directory (`moepress quantize -o RUN/quantize --force`) writes a new manifest, and the stage runs again.
+    Files added since (the model card) do not count."""
+    now = listed(d) or {}
+    return recorded is None or all(now.get(f) == h for f, h in recorded.items())
+
+
+def accuracy_digest(cand: Path) -> str | None:
+    """sha256 of the accuracy section of ``cand``'s manifest (None without one)."""
+    acc = read_manifest(cand).get("accuracy")
+    return None if acc is None else hashlib.sha256(json.dumps(acc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_digest(data: str | None) -> dict | None:
+    """What the check's evaluation data holds (a file or directory edited between runs is another check); data in
+    the calibration sources' syntax (``FILE,field=text``, ``FILE@W``, several) as the calibration key hashes it."""
+    from moepress.calib.data import DEFAULT_EVAL, source_hashes
+
+    if data is not None and not Path(data).exists():
+        try:
+            return source_hashes((data,))  # None for a Hub dataset by name: its revision is the Hub's
+        except MoepressError:
+            return None  # not a source the calibration reader takes: the check itself says what it expected
+    p = Path(data) if data is not None else DEFAULT_EVAL  # the bundled held-out text: package data, not code
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return _hashed({f.relative_to(p).as_posix() if p.is_dir() else p.name: f for f in files})
