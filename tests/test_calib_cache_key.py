@@ -8,6 +8,7 @@ written is skipped."""
 import os
 import shutil
 
+import pytest
 import torch
 
 from moepress import models
@@ -25,23 +26,14 @@ def test_another_num_samples_is_not_served_from_the_cache(tmp_path, monkeypatch)
     assert torch.equal(b.input_ids, calibration_set(QWEN, num_samples=8, seq_len=32, seed=0, cache=False).input_ids)
 
 
-def test_an_entry_of_an_older_sampling_is_a_miss(tmp_path, monkeypatch):
-    """The key names the sampling code's version (cache.SAMPLING): samples drawn by an older moepress (e.g. with an
-    EOS after each empty document) were served for the same key."""
+@pytest.mark.parametrize("attr, value", [("SAMPLING", cache_mod.SAMPLING - 1),
+                                         ("source_digest", lambda *p: "0" * 16)])
+def test_an_entry_drawn_by_other_sampling_code_is_a_miss(tmp_path, monkeypatch, attr, value):
+    """The key names the sampling code: its version (cache.SAMPLING; samples drawn by an older moepress, e.g. with
+    an EOS after each empty document, were served for the same key) and the calibration package's source digest
+    (two sample-changing commits left SAMPLING as it was; audit77 F3)."""
     monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cache_mod, "SAMPLING", cache_mod.SAMPLING - 1)
-    calibration_set(QWEN, num_samples=4, seq_len=32, seed=0)
-    monkeypatch.undo()
-    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
-    assert not calibration_set(QWEN, num_samples=4, seq_len=32, seed=0).cached
-    assert calibration_set(QWEN, num_samples=4, seq_len=32, seed=0).cached
-
-
-def test_an_entry_drawn_by_other_calibration_code_of_the_same_version_is_a_miss(tmp_path, monkeypatch):
-    """Two sample-changing commits left SAMPLING as it was, and the version is the same between releases: the key
-    also names the calibration package's source digest, so samples other code drew are not served (audit77 F3)."""
-    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cache_mod, "source_digest", lambda *p: "0" * 16)  # the calibration code before an edit
+    monkeypatch.setattr(cache_mod, attr, value)  # the code before an edit
     calibration_set(QWEN, num_samples=4, seq_len=32, seed=0)
     monkeypatch.undo()
     monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))

@@ -39,12 +39,17 @@ def _kill(cli_run, args):
             cli_run(*args)
 
 
-def test_calibrated_partial_started_on_a_gpu_is_not_resumed_on_the_cpu(cli_run, tmp_path):
+def _killed_awq(cli_run, tmp_path):
+    """A calibrated quantize killed after its first layer: (its arguments, its output, its journal, the journal)."""
     q = tmp_path / "q"
     args = ("quantize", "tiny-qwen3-moe", "--format", "int4-awq", "-q", *CALIB, "-o", q)
     _kill(cli_run, args)
     journal = q.with_name("q.partial") / JOURNAL
-    j = json.loads(journal.read_text())
+    return args, q, journal, json.loads(journal.read_text())
+
+
+def test_calibrated_partial_started_on_a_gpu_is_not_resumed_on_the_cpu(cli_run, tmp_path):
+    args, q, journal, j = _killed_awq(cli_run, tmp_path)
     assert j["key"]["config"]["device"] == "cpu"  # a calibrated run's key names its device kind
     j["key"]["config"]["device"] = "cuda"  # as a killed run on a GPU leaves it
     journal.write_text(json.dumps(j))
@@ -68,11 +73,7 @@ def test_calibrated_partial_is_resumed_only_under_the_thread_count_it_started_wi
     # layers from both would match neither uninterrupted run
     import torch
 
-    q = tmp_path / "q"
-    args = ("quantize", "tiny-qwen3-moe", "--format", "int4-awq", "-q", *CALIB, "-o", q)
-    _kill(cli_run, args)
-    journal = q.with_name("q.partial") / JOURNAL
-    j = json.loads(journal.read_text())
+    args, q, journal, j = _killed_awq(cli_run, tmp_path)
     assert j["key"]["config"]["torch_threads"] == torch.get_num_threads()
     j["key"]["config"]["torch_threads"] = torch.get_num_threads() + 1  # as a run under more threads leaves it
     journal.write_text(json.dumps(j))
@@ -109,11 +110,7 @@ def test_a_partial_started_by_other_code_of_the_same_version_is_not_resumed(cli_
 def test_a_partial_of_another_moepress_is_refused_for_that_alone(cli_run, tmp_path):
     """Other code keys other entries (an older one recorded no thread count): the refusal names the code, not an
     OMP_NUM_THREADS "none" no setting could match."""
-    q = tmp_path / "q"
-    args = ("quantize", "tiny-qwen3-moe", "--format", "int4-awq", "-q", *CALIB, "-o", q)
-    _kill(cli_run, args)
-    journal = q.with_name("q.partial") / JOURNAL
-    j = json.loads(journal.read_text())
+    args, q, journal, j = _killed_awq(cli_run, tmp_path)
     j["key"]["moepress"] = "0.1.0"  # as the previous release left it
     del j["key"]["config"]["torch_threads"]
     journal.write_text(json.dumps(j))

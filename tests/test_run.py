@@ -654,26 +654,13 @@ def test_a_killed_export_reruns_and_says_ran_not_resumed(cli_run, killed_runs):
     assert "export:onnx: running" in r.stderr and "resuming" not in r.stderr
 
 
-def test_another_moepress_version_remakes_the_run(cli_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("change", ["version", "code"])
+def test_other_moepress_code_remakes_the_run(cli_run, tmp_path, monkeypatch, change):
     """No stage key held the moepress version: after an upgrade that fixes an exporter, every stage was skipped
-    and the run kept the old version's artifacts (quantize's own --resume already refused another version)."""
+    and the run kept the old version's artifacts. The version also stays the same between releases and under an
+    editable install, so the keys name the code by its digest too (moepress/codeid.py; audit77 F1): here the one
+    or the other changes, as an upgrade or an edit would."""
     import moepress
-
-    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "fp8"},
-                       export={"formats": ["compressed-tensors"]})
-    out = tmp_path / "run"
-    assert cli_run("run", rec, "-o", out).exit_code == 0
-    assert cli_run("run", rec, "-o", out).exit_code == 0
-    assert set(statuses(out).values()) == {"skipped"}
-    monkeypatch.setattr(moepress, "__version__", moepress.__version__ + ".post1")
-    assert cli_run("run", rec, "-o", out).exit_code == 0
-    assert statuses(out) == {"quantize": "ran", "export:compressed-tensors": "ran"}
-
-
-def test_other_code_under_the_same_version_remakes_the_run(cli_run, tmp_path, monkeypatch):
-    """The version stays the same between releases and under an editable install: a run upgraded to other code
-    of the same version kept every stage the old code wrote, reporting its check as current (audit77 F1). The
-    stage keys name the code by its digest (moepress/codeid.py); here the digest is changed as an edit would."""
     from moepress import codeid
 
     rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "fp8"},
@@ -682,7 +669,10 @@ def test_other_code_under_the_same_version_remakes_the_run(cli_run, tmp_path, mo
     assert cli_run("run", rec, "-o", out).exit_code == 0
     assert cli_run("run", rec, "-o", out).exit_code == 0
     assert set(statuses(out).values()) == {"skipped"}
-    monkeypatch.setattr(codeid, "source_digest", lambda *p: "0" * 16)
+    if change == "version":
+        monkeypatch.setattr(moepress, "__version__", moepress.__version__ + ".post1")
+    else:
+        monkeypatch.setattr(codeid, "source_digest", lambda *p: "0" * 16)
     assert cli_run("run", rec, "-o", out).exit_code == 0
     assert statuses(out) == {"quantize": "ran", "export:compressed-tensors": "ran"}
 
