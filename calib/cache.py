@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from moepress.calib.sources import sidecar_path
-from moepress.codeid import source_digest
+from moepress.codeid import package_digest
 from moepress.errors import MoepressError
 from moepress.outputs import pid_alive
 
@@ -57,7 +57,7 @@ def cache_key(fields: dict) -> str:
     draws them: the calibration package's source digest, so an edit that changes the samples without raising
     SAMPLING still misses)."""
     blob = json.dumps({"format": FORMAT, "version": VERSION, "sampling": SAMPLING,
-                       "code": source_digest("moepress.calib"), **fields}, sort_keys=True,
+                       "code": package_digest("moepress.calib"), **fields}, sort_keys=True,
                       separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 

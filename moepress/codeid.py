@@ -23,7 +23,7 @@ PACKAGES = ("moepress", "moepress.compress", "moepress.calib", "moepress.exporte
 
 
 @functools.cache
-def source_digest(*packages: str) -> str:
+def package_digest(*packages: str) -> str:
     """sha256 (16 hex digits) of the modules of ``packages``: each one's dotted name and bytes. The folders come
     from the import system without importing anything; a module is named once whichever folder holds it (a wheel
     nests compress/ inside moepress/, an editable install maps it apart: the same code, the same digest). Only
@@ -49,4 +49,4 @@ def source_digest(*packages: str) -> str:
 
 def code_id() -> str:
     """``VERSION+DIGEST``: this moepress, as the keys of what it writes name it."""
-    return f"{moepress.__version__}+{source_digest(*PACKAGES)}"
+    return f"{moepress.__version__}+{package_digest(*PACKAGES)}"

@@ -27,7 +27,7 @@ def test_another_num_samples_is_not_served_from_the_cache(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("attr, value", [("SAMPLING", cache_mod.SAMPLING - 1),
-                                         ("source_digest", lambda *p: "0" * 16)])
+                                         ("package_digest", lambda *p: "0" * 16)])
 def test_an_entry_drawn_by_other_sampling_code_is_a_miss(tmp_path, monkeypatch, attr, value):
     """The key names the sampling code: its version (cache.SAMPLING; samples drawn by an older moepress, e.g. with
     an EOS after each empty document, were served for the same key) and the calibration package's source digest
@@ -55,9 +55,9 @@ def test_the_calibration_code_digest_follows_its_files(tmp_path, monkeypatch):
         submodule_search_locations = [str(root)]
 
     monkeypatch.setattr(codeid.importlib.util, "find_spec", lambda name: Spec)
-    before = codeid.source_digest.__wrapped__("moepress.calib")
+    before = codeid.package_digest.__wrapped__("moepress.calib")
     (root / "sampling.py").write_text((root / "sampling.py").read_text() + "\n")
-    assert codeid.source_digest.__wrapped__("moepress.calib") != before
+    assert codeid.package_digest.__wrapped__("moepress.calib") != before
 
 
 def test_an_edited_cache_entry_is_a_miss(tmp_path, monkeypatch):

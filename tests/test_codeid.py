@@ -28,7 +28,7 @@ def _digest(monkeypatch, locations: dict) -> str:
 
     monkeypatch.setattr(codeid.importlib.util, "find_spec", lambda name: Spec(locations[name]))
     try:
-        return codeid.source_digest.__wrapped__(*MODULES)
+        return codeid.package_digest.__wrapped__(*MODULES)
     finally:
         monkeypatch.setattr(codeid.importlib.util, "find_spec", importlib.util.find_spec)
 

@@ -101,7 +101,7 @@ def test_a_partial_started_by_other_code_of_the_same_version_is_not_resumed(cli_
     _kill(cli_run, args)
     journal = q.with_name("q.partial") / JOURNAL
     assert json.loads(journal.read_text())["key"]["moepress"] == codeid.code_id()
-    monkeypatch.setattr(codeid, "source_digest", lambda *p: "0" * 16)  # the upgraded code
+    monkeypatch.setattr(codeid, "package_digest", lambda *p: "0" * 16)  # the upgraded code
     r = cli_run(*args, "--resume")
     assert r.exit_code == 2 and "was started by moepress" in r.output and "0" * 16 in r.output, r.output
     assert not q.exists() and journal.is_file()

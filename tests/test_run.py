@@ -672,7 +672,7 @@ def test_other_moepress_code_remakes_the_run(cli_run, tmp_path, monkeypatch, cha
     if change == "version":
         monkeypatch.setattr(moepress, "__version__", moepress.__version__ + ".post1")
     else:
-        monkeypatch.setattr(codeid, "source_digest", lambda *p: "0" * 16)
+        monkeypatch.setattr(codeid, "package_digest", lambda *p: "0" * 16)
     assert cli_run("run", rec, "-o", out).exit_code == 0
     assert statuses(out) == {"quantize": "ran", "export:compressed-tensors": "ran"}
 

@@ -1,8 +1,8 @@
 """What `moepress run` keys its stages by and how it tells a stage's output is still the one it wrote.
 
 A stage is skipped only when its key is unchanged and its output is complete and as written
-(moepress/pipeline/runner.py ``Runner.stage``). The keys hold what decides the output: the model's files and
-the code (``source_digest``, moepress/codeid.py), the configs, the calibration and evaluation data's bytes
+(moepress/pipeline/runner.py ``Runner.stage``). The keys hold what decides the output: the model's files
+(``source_digest``) and moepress's code (moepress/codeid.py), the configs, the calibration and evaluation data's bytes
 (``data_digest``), and for a check the consumers' versions and the verdict it recorded in the candidate's
 manifest (``accuracy_digest``).
 """
