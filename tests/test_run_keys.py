@@ -80,3 +80,40 @@ def test_a_calibration_free_quantize_is_not_redone_for_other_calibration_setting
                                        quantize={"format": "int4-awq"}, calib={"num_samples": 16, "seq_len": 64}),
                    "-o", out).exit_code == 0
     assert statuses(out) == {"quantize": "ran"}  # a calibrated format: other samples, other bytes
+
+
+def test_a_check_sealed_with_another_key_is_made_again(cli_run, tmp_path, monkeypatch):
+    """Under another MOEPRESS_KEY_FILE the run skipped its checks, whose verdicts stayed sealed with the old key,
+    which publish refuses. The checks run again and seal with the new key; the card, stating the same figures, is
+    the same, and so is the build that records it."""
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", quantize={"format": "fp8"}, check=CHECK,
+                       export={"formats": ["hf-modelopt"]}, build={"targets": ["h100-sxm"]})
+    out = tmp_path / "run"
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    monkeypatch.setenv("MOEPRESS_KEY_FILE", str(tmp_path / "another.key"))
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    assert {k for k, v in statuses(out).items() if v == "ran"} == {"check:quantized", "check:hf-modelopt"}
+    assert cli_run("publish", out / "export" / "hf-modelopt", "--to", tmp_path / "pub").exit_code == 0
+
+
+def test_a_build_is_made_again_when_the_card_it_records_changed(cli_run, tmp_path, monkeypatch):
+    """A check on other held-out text rewrites the export's card (its figures); the build's manifest records the
+    artifact's files, the card among them, and its engine check reads that text: the build ran again."""
+    from moepress.calib import data as data_mod
+    from moepress.checks import runner as check_runner
+
+    text = tmp_path / "eval.txt"
+    text.write_bytes(data_mod.DEFAULT_EVAL.read_bytes())
+    monkeypatch.setattr(data_mod, "DEFAULT_EVAL", text)  # what the key hashes
+    monkeypatch.setattr(check_runner, "DEFAULT_EVAL", text)  # what the check reads
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", quantize={"format": "fp8"}, check=CHECK,
+                       export={"formats": ["hf-modelopt"]}, build={"targets": ["h100-sxm"]})
+    out = tmp_path / "run"
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    card = (out / "export" / "hf-modelopt" / "README.md").read_text()
+    text.write_text(text.read_text()[::-1])
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    assert (out / "export" / "hf-modelopt" / "README.md").read_text() != card
+    st = statuses(out)
+    assert {k for k, v in st.items() if v == "ran"} == {"check:quantized", "check:hf-modelopt",
+                                                         *(k for k in st if k.startswith("build:"))}, st

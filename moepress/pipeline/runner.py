@@ -42,6 +42,7 @@ from moepress.pipeline.keys import (
     listed,
     output_complete,
     same_files,
+    sealing_key_id,
     source_digest,
     stage_key,
 )
@@ -283,7 +284,7 @@ class Runner:
         # measures again; moepress's own code is in the candidate's key
         libs = {k: v for k, v in versions().items() if k not in ("moepress", "torch_threads")}
         key = stage_key({"stage": "check", "candidate": cand_key, "reference": ref_key, "config": cfg.to_dict(),
-                    "data": data_digest(cfg.data), "versions": libs})
+                    "data": data_digest(cfg.data), "versions": libs, "sealed_by": sealing_key_id()})
 
         def fn(resume):
             before = prepare_record(cand)  # this user's manifest key, before the check runs
@@ -328,7 +329,11 @@ class Runner:
         builder = BUILDERS[fmt]
         out = stage_path(self.out, f"build:{target}:{builder}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        key = stage_key({"stage": "build", "artifact": art_key, "target": target, "builder": builder, "config": b})
+        # the card, rewritten by each check, is part of the artifact the build records; its engine check reads the
+        # bundled held-out text
+        key = stage_key({"stage": "build", "artifact": art_key, "target": target, "builder": builder, "config": b,
+                         "card": (listed(artifact) or {}).get("README.md"),
+                         "data": data_digest(None)})
 
         def check(engine, reference, progress=None):  # the built engine against the original model
             return run_check(engine, reference, CheckConfig(kind="engine"), progress=progress)
