@@ -251,7 +251,7 @@ class Runner:
         out = stage_path(self.out, "quantize")
         # a calibration-free format reads no calibration data: its settings and samples change none of its bytes
         key = stage_key({"stage": "quantize", "input": src_key, "config": cfg.recorded(),
-                    "calib": calib_key if cfg.needs_calibration else None})
+                         "calib": calib_key if cfg.needs_calibration else None})
 
         def fn(resume):
             try:
@@ -284,7 +284,7 @@ class Runner:
         # measures again; moepress's own code is in the candidate's key
         libs = {k: v for k, v in versions().items() if k not in ("moepress", "torch_threads")}
         key = stage_key({"stage": "check", "candidate": cand_key, "reference": ref_key, "config": cfg.to_dict(),
-                    "data": data_digest(cfg.data), "versions": libs, "sealed_by": sealing_key_id()})
+                         "data": data_digest(cfg.data), "versions": libs, "sealed_by": sealing_key_id()})
 
         def fn(resume):
             before = prepare_record(cand)  # this user's manifest key, before the check runs
