@@ -20,8 +20,8 @@ from moepress.errors import MoepressError
 
 MANIFEST_NAME = "moepress-manifest.json"
 
-_PACKAGES = ("moepress", "torch", "transformers", "safetensors", "nvidia-modelopt", "compressed-tensors",
-             "onnx", "onnxruntime", "tensorrt", "tensorrt-llm")
+_LIBRARIES = ("torch", "transformers", "safetensors", "nvidia-modelopt", "compressed-tensors", "onnx", "onnxruntime",
+              "tensorrt", "tensorrt-llm")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 16 * 1024 * 1024) -> str:
@@ -40,16 +40,23 @@ def file_stamp(st: os.stat_result) -> dict:
             "ino": st.st_ino}
 
 
-def versions() -> dict[str, str]:
-    """Python's and the packages' versions, and torch's CPU thread count where torch is loaded: CPU sums, and so
-    a calibrated output's last bits, depend on it (reproduce its bytes with the same OMP_NUM_THREADS)."""
+def library_versions() -> dict[str, str]:
+    """Python's and the installed libraries' versions (those not installed left out)."""
     out = {"python": platform.python_version()}
-    for name in _PACKAGES:
+    for name in _LIBRARIES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
-    out["moepress"] = code_id()  # the release and the digest of its code (moepress/codeid.py)
+    return out
+
+
+def versions() -> dict[str, str]:
+    """Python's, moepress's (the release and the digest of its code: moepress/codeid.py) and the libraries'
+    versions, and torch's CPU thread count where torch is loaded: CPU sums, and so a calibrated output's last bits,
+    depend on it (reproduce its bytes with the same OMP_NUM_THREADS)."""
+    libs = library_versions()
+    out = {"python": libs.pop("python"), "moepress": code_id(), **libs}
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_num_threads"):
         out["torch_threads"] = str(torch.get_num_threads())

@@ -57,8 +57,8 @@ def test_a_check_measures_again_under_another_version_of_a_consumer_library(cli_
     rec = write_recipe(tmp_path / "r.yaml", prune="skip", quantize={"format": "fp8-dynamic"}, check=CHECK)
     out = tmp_path / "run"
     assert cli_run("run", rec, "-o", out).exit_code == 0
-    real = manifest.versions
-    monkeypatch.setattr(runner, "versions", lambda: {**real(), "transformers": "99.0.0"})
+    real = manifest.library_versions
+    monkeypatch.setattr(runner, "library_versions", lambda: {**real(), "transformers": "99.0.0"})
     assert cli_run("run", rec, "-o", out).exit_code == 0
     assert statuses(out) == {"quantize": "skipped", "check:quantized": "ran"}
 

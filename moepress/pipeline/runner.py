@@ -33,7 +33,7 @@ from pathlib import Path
 from moepress.codeid import code_id
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import builders as builder_registry
-from moepress.manifest import MANIFEST_NAME, versions
+from moepress.manifest import MANIFEST_NAME, library_versions
 from moepress.outputs import OutputLock, output_dir, write_text_atomic
 from moepress.pipeline.card import NO_CPU_RUNTIME, Accuracy, model_card, withdraw_cards, write_card
 from moepress.pipeline.keys import (
@@ -282,9 +282,9 @@ class Runner:
         out = stage_path(self.out, f"check:{name}")
         # the verdict is the consumer's (transformers, compressed-tensors, onnxruntime...): another version of one
         # measures again; moepress's own code is in the candidate's key
-        libs = {k: v for k, v in versions().items() if k not in ("moepress", "torch_threads")}
         key = stage_key({"stage": "check", "candidate": cand_key, "reference": ref_key, "config": cfg.to_dict(),
-                         "data": data_digest(cfg.data), "versions": libs, "sealed_by": sealing_key_id()})
+                         "data": data_digest(cfg.data), "versions": library_versions(),
+                         "sealed_by": sealing_key_id()})
 
         def fn(resume):
             before = prepare_record(cand)  # this user's manifest key, before the check runs
@@ -299,10 +299,10 @@ class Runner:
         def complete(d: Path) -> bool:
             """Done only while the candidate carries this run's verdict: a rerun of its stage writes a new manifest,
             a standalone `moepress check` another verdict (which publish would read beside this run's card)."""
-            if not output_complete(d) or not (cand / MANIFEST_NAME).is_file():
-                return output_complete(d)
-            return (self._load_state(f"check:{name}").get("result") or {}).get("accuracy_sha256") == \
-                accuracy_digest(cand)
+            if not output_complete(d):
+                return False
+            recorded = (self._load_state(f"check:{name}").get("result") or {}).get("accuracy_sha256")
+            return not (cand / MANIFEST_NAME).is_file() or recorded == accuracy_digest(cand)
 
         res = self.stage(f"check:{name}", key, out, fn, complete=complete)
         verdict = ("FAILED (" + ", ".join(res.get("failed") or []) + ")" if res.get("passed") is False
