@@ -15,7 +15,7 @@ from pathlib import Path
 
 from moepress.compress.checkpoint import aux_files
 from moepress.errors import MoepressError
-from moepress.manifest import MANIFEST_NAME, read_manifest
+from moepress.manifest import MANIFEST_NAME, file_stamp, read_manifest, sha256_file
 
 
 def stage_key(fields: dict) -> str:
@@ -64,6 +64,24 @@ def same_files(d: Path, recorded: dict[str, str] | None) -> bool:
     Files added since (the model card) do not count."""
     now = listed(d) or {}
     return recorded is None or all(now.get(f) == h for f, h in recorded.items())
+
+
+def stamps(d: Path, files: dict[str, str] | None) -> dict[str, dict] | None:
+    """Each listed file's stamp (size, mtime, inode change time, device, inode) as the stage leaves it."""
+    return None if files is None else {f: file_stamp((d / f).stat()) for f in files if (d / f).is_file()}
+
+
+def unedited(d: Path, files: dict[str, str] | None, stamped: dict[str, dict] | None) -> bool:
+    """Every file the stage wrote still holds the bytes it wrote: a file whose stamp moved since (edited in place
+    with its size kept, which the manifest's sizes cannot tell) is hashed again against the sha256 it was written
+    with. Stamps alone decide nothing: a `touch` or a hard link costs one read, not the stage."""
+    for f, h in (files or {}).items():
+        p = d / f
+        if not p.is_file():
+            return False
+        if (stamped or {}).get(f) != file_stamp(p.stat()) and h is not None and sha256_file(p) != h:
+            return False
+    return True
 
 
 def accuracy_digest(cand: Path) -> str | None:

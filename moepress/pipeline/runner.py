@@ -45,6 +45,8 @@ from moepress.pipeline.keys import (
     sealing_key_id,
     source_digest,
     stage_key,
+    stamps,
+    unedited,
 )
 from moepress.pipeline.preflight import preflight
 from moepress.pipeline.recipe import STAGES, dump, export_config, recipe_keys
@@ -119,8 +121,11 @@ class Runner:
         # written for this very path: a run directory moved or copied keeps results (build.sh, run.json) that name
         # the old one, so its stages run again where they now are
         if not self._forced(sid) and st.get("key") == key and st.get("done") and st.get("output") == str(out) \
-                and complete(out) and same_files(out, st.get("files")):
+                and complete(out) and same_files(out, st.get("files")) \
+                and unedited(out, st.get("files"), st.get("stamps")):
             self.prog.info(f"{sid}: unchanged, skipped ({out})")
+            if st.get("stamps") != (now := stamps(out, st.get("files"))):  # touched, same bytes: not hashed again
+                self._save_state(sid, {**st, "stamps": now})
             self.record[sid] = {"status": "skipped", "key": key, "output": str(out), "result": st.get("result")}
             return st.get("result") or {}
         partial = out.parent / (out.name + ".partial")
@@ -135,8 +140,9 @@ class Runner:
         with MemoryPeaks(self.device) as mem:
             result = fn(resume) or {}
         secs = round(time.monotonic() - t0, 3)
+        files = listed(out)
         self._save_state(sid, {"key": key, "done": True, "result": result, "seconds": secs,
-                               "files": listed(out), "output": str(out)})
+                               "files": files, "stamps": stamps(out, files), "output": str(out)})
         self.record[sid] = {"status": "resumed" if resume else "ran", "key": key, "output": str(out),
                             "seconds": secs, "memory": mem.report(), "result": result}
         return result
