@@ -13,10 +13,12 @@ same calibration set with the same tokenizer reuses the tokens.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
 import os
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -52,12 +54,32 @@ def calib_cache_dir() -> Path | None:
     return None if root is None else root / "calib"
 
 
+# the code that reads the sources and draws the samples: the calibration package, and compress.arch, whose config
+# loading the tokenizer's (calib/tokenizer.py: Kimi's tiktoken tokenizer) goes through
+SAMPLING_CODE = ("moepress.calib", "moepress.compress.arch")
+# the libraries that read a Parquet file or a Hub dataset into records (the tokenizer's libraries are in its
+# fingerprint: calib/tokenizer.py)
+READERS = ("datasets", "pyarrow")
+
+
+@functools.cache
+def reader_versions() -> dict[str, str]:
+    """The installed versions of ``READERS`` (those not installed left out)."""
+    out = {}
+    for name in READERS:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def cache_key(fields: dict) -> str:
     """sha256 of what decides the token ids (tokenizer, sources' contents, parameters, format, and the code that
-    draws them: the calibration package's source digest, so an edit that changes the samples without raising
-    SAMPLING still misses)."""
+    draws them: the source digest of ``SAMPLING_CODE``, so an edit that changes the samples without raising
+    SAMPLING still misses, and the versions of the libraries that read the records)."""
     blob = json.dumps({"format": FORMAT, "version": VERSION, "sampling": SAMPLING,
-                       "code": package_digest("moepress.calib"), **fields}, sort_keys=True,
+                       "code": package_digest(*SAMPLING_CODE), "readers": reader_versions(), **fields}, sort_keys=True,
                       separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -3,8 +3,8 @@
 ``moepress.__version__`` names a release; between releases, and always under an editable install, it stays the
 same while the code changes. What a stage's output depends on therefore names the code by its digest
 too: a run's stage keys (moepress/pipeline/runner.py), a quantize partial's resume key
-(compress/checkpoint/resume.py) and the calibration cache's key (calib/cache.py, over the calibration
-package alone). After an upgrade, or any edit, a run re-runs its stages, a ``--resume`` refuses a
+(compress/checkpoint/resume.py) and the calibration cache's key (calib/cache.py, over the code that
+draws the samples: ``SAMPLING_CODE``). After an upgrade, or any edit, a run re-runs its stages, a ``--resume`` refuses a
 partial another moepress started and the cache draws its samples again, instead of reusing what other
 code wrote as if this code had.
 """

@@ -27,7 +27,8 @@ def test_another_num_samples_is_not_served_from_the_cache(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("attr, value", [("SAMPLING", cache_mod.SAMPLING - 1),
-                                         ("package_digest", lambda *p: "0" * 16)])
+                                         ("package_digest", lambda *p: "0" * 16),
+                                         ("reader_versions", lambda: {"datasets": "0.1", "pyarrow": "0.1"})])
 def test_an_entry_drawn_by_other_sampling_code_is_a_miss(tmp_path, monkeypatch, attr, value):
     """The key names the sampling code: its version (cache.SAMPLING; samples drawn by an older moepress, e.g. with
     an EOS after each empty document, were served for the same key) and the calibration package's source digest
@@ -160,3 +161,30 @@ def test_each_num_samples_and_seq_len_keeps_its_own_entry(tmp_path, monkeypatch)
     assert [c.cached for c in first + again] == [False] * 3 + [True] * 3
     assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(first, again, strict=True))
     assert len(list((tmp_path / "cache" / "calib").glob("*.safetensors"))) == 3
+
+
+def test_the_key_follows_the_config_loading_code_the_tokenizer_goes_through(tmp_path, monkeypatch):
+    """compress/arch's config loading decides which tokenizer Kimi's tiktoken path builds: an edit there is other
+    sampling code (audit80 S10)."""
+    import importlib.util
+
+    from moepress import codeid
+
+    root = tmp_path / "arch"
+    shutil.copytree(importlib.util.find_spec("moepress.compress.arch").submodule_search_locations[0], root,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+
+    class Spec:
+        submodule_search_locations = [str(root)]
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(codeid.importlib.util, "find_spec",
+                        lambda n: Spec if n == "moepress.compress.arch" else real(n))
+    codeid.package_digest.cache_clear()
+    try:
+        before = cache_mod.cache_key({"tokenizer": "t"})
+        (root / "base.py").write_text((root / "base.py").read_text() + "\n")
+        codeid.package_digest.cache_clear()
+        assert cache_mod.cache_key({"tokenizer": "t"}) != before
+    finally:
+        codeid.package_digest.cache_clear()
