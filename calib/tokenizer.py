@@ -27,9 +27,21 @@ def _tokenizer_config(model_dir: Path) -> dict:
 
 
 def needs_remote_code(model_dir: str | Path) -> bool:
-    """True when the tokenizer is a class shipped as Python code in the checkpoint (Kimi K2's)."""
-    auto = _tokenizer_config(Path(model_dir)).get("auto_map") or {}
-    return bool(auto.get("AutoTokenizer")) if isinstance(auto, dict) else bool(auto)
+    """True when the tokenizer is a class shipped as Python code in the checkpoint (Kimi K2's): an ``auto_map``
+    whose ``tokenizer_class`` transformers does not have. Where it has the class, it loads its own without
+    trust_remote_code (and with it would run the checkpoint's code instead), so none is asked for."""
+    cfg = _tokenizer_config(Path(model_dir))
+    auto = cfg.get("auto_map") or {}
+    if not (auto.get("AutoTokenizer") if isinstance(auto, dict) else auto):
+        return False
+    return not native_tokenizer(cfg.get("tokenizer_class"))
+
+
+def native_tokenizer(name) -> bool:
+    """Whether transformers provides the tokenizer class ``name`` (tokenization_auto's lookup by name)."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    return isinstance(name, str) and any(tokenizer_class_from_name(n) is not None for n in (name, name + "Fast"))
 
 
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):

@@ -15,6 +15,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from moepress.atomic import replace_file
 from moepress.codeid import code_id
 from moepress.errors import MoepressError
 
@@ -80,9 +81,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
     p = Path(directory) / MANIFEST_NAME
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    os.replace(tmp, p)
+    replace_file(p, json.dumps(manifest, indent=2, default=str) + "\n")
 
 
 def update_manifest(directory: str | os.PathLike, **sections) -> dict:

@@ -26,6 +26,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from moepress.atomic import replace_file
 from moepress.errors import MoepressError
 
 
@@ -247,6 +248,4 @@ __all__ = ["SKIP_SPACE_CHECK", "OutputLock", "absolute", "clear_retired", "insta
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``path`` through a temporary file renamed over it: a kill leaves the old file or the new
     one, never half of one (a run's summary, a resumable stage's progress file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_file(path, text)

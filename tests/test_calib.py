@@ -359,6 +359,7 @@ def test_missing_tokenizer_and_remote_code(qwen, tmp_path, cli_run):
     shutil.copytree(qwen, remote)
     cfg = json.loads((remote / "tokenizer_config.json").read_text())
     cfg["auto_map"] = {"AutoTokenizer": [None, "tokenization_tiny.TinyTokenizer"]}
+    cfg["tokenizer_class"] = "TinyTokenizer"  # a class transformers does not have
     (remote / "tokenizer_config.json").write_text(json.dumps(cfg))
     (remote / "tokenization_tiny.py").write_text(
         "from transformers import PreTrainedTokenizerFast\n\n\nclass TinyTokenizer(PreTrainedTokenizerFast):\n"

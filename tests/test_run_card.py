@@ -249,3 +249,19 @@ def test_a_card_saying_passed_beside_a_failed_check_of_the_same_metrics_is_stale
     assert card_differs(_card_with(tmp_path, "Gates FAILED: kl_mean."), failed) is None
     why = card_differs(_card_with(tmp_path, "Gates passed (kl_mean <= 0.05)."), failed)
     assert why is not None and "Gates FAILED: kl_mean." in why
+
+
+@pytest.mark.parametrize("files, needs", [
+    ({"config": {"model_type": "qwen3_moe", "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}}, False),
+    ({"config": {"model_type": "kimi_k2", "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}}, True),
+    ({"tokenizer_config": {"tokenizer_class": "PreTrainedTokenizerFast", "auto_map": {"AutoTokenizer": ["t.T"]}}},
+     False),
+    ({"tokenizer_config": {"tokenizer_class": "TikTokenTokenizer", "auto_map": {"AutoTokenizer": ["t.T"]}}}, True),
+])
+def test_card_asks_for_remote_code_only_where_transformers_has_no_class_of_its_own(tmp_path, files, needs):
+    """transformers loads a qwen3_moe model, or a PreTrainedTokenizerFast tokenizer, with its own classes; with
+    trust_remote_code it runs the checkpoint's auto_map code instead (audit82: a card told users to pass it for a
+    stranger's modeling file). kimi_k2 and TikTokenTokenizer are not transformers' own."""
+    card = _card(_export(tmp_path, **files), {"quantize": {"format": "fp8-dynamic"}})
+    assert ("pass `--trust-remote-code`" in card) is needs, card
+    assert ("Load it without `--trust-remote-code`" in card) is not needs, card

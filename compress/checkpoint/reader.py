@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from moepress.compress import formats
+from moepress.compress.checkpoint.auxiliary import aux_files, check_inside
 from moepress.compress.checkpoint.buffers import POOL_MIN_BYTES, BufferPool
 from moepress.compress.checkpoint.safetensors_io import _DIRECT_ALIGN, _DTYPES, INDEX_NAME, SINGLE_NAME, read_header
 from moepress.compress.formats import ct_inputs, gptoss_mxfp4
@@ -106,6 +107,8 @@ class CheckpointReader:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         _check_directory(self.path)
+        for p in [*self.path.glob("*.json"), *aux_files(self.path)]:  # what stages read and copy: its own files
+            check_inside(self.path, p, f"{p}: resolves to")
         self.config: dict = read_config_file(self.path / "config.json")
         if not isinstance(self.config.get("quantization_config") or {}, dict):
             raise MoepressError(f"{self.path / 'config.json'}: quantization_config is "
@@ -140,7 +143,7 @@ class CheckpointReader:
         if index.exists():
             self._load_index(index)
         elif single.exists():
-            self._check_inside(single, f"{single}: resolves to")
+            check_inside(self.path, single, f"{single}: resolves to")
             header, base = read_header(single)
             for name, meta in header.items():
                 if name != "__metadata__":
@@ -166,7 +169,7 @@ class CheckpointReader:
         for fname, names in sorted(by_file.items()):
             _check_relative(index, names[0], fname)  # once per shard: an index names ~1M tensors in ~60 files
             shard = self.path / fname
-            self._check_inside(shard, f"{index}: weight_map entry '{names[0]}' -> '{fname}' resolves to")
+            check_inside(self.path, shard, f"{index}: weight_map entry '{names[0]}' -> '{fname}' resolves to")
             if not shard.exists():
                 raise MoepressError(f"{index}: shard '{fname}' (holding {len(names)} tensors, "
                                     f"e.g. {names[0]}) is missing")
@@ -185,23 +188,6 @@ class CheckpointReader:
                 raise MoepressError(f"{shard}: holds tensor '{extra}' but {INDEX_NAME} {where} (transformers and "
                                     f"vLLM load every tensor of a shard); expected the index to list each shard's "
                                     f"tensors")
-
-    def _check_inside(self, file: Path, what: str) -> None:
-        """Refuse a shard that resolves (symlinks followed) outside the model directory, so a
-        checkpoint can make moepress read only its own files. The exception is the Hugging Face
-        hub cache (huggingface_hub file_download.py: ``snapshots/<revision>/<file>`` is a symlink
-        to ``../../blobs/<hash>``): a snapshot's files may resolve into its repository's blobs."""
-        try:  # a symlink loop: RuntimeError from resolve (Python <= 3.12), ELOOP from stat (3.13 resolves it)
-            root, target = self.path.resolve(), file.resolve()
-            if file.is_symlink():
-                file.stat()
-        except (OSError, RuntimeError) as e:
-            raise MoepressError(f"{file}: cannot be resolved ({e}); expected a file or a link to one") from None
-        if target.is_relative_to(root):
-            return
-        if root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs":
-            return
-        raise MoepressError(f"{what} {target}, outside the model directory {root}")
 
     def _add(self, name: str, meta: dict, file: Path, base: int) -> None:
         code = meta.get("dtype")

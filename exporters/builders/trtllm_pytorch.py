@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moepress.calib.tokenizer import native_tokenizer
 from moepress.exporters import kv_cache
 from moepress.exporters.builders.base import Builder, Context, script
 
@@ -111,13 +112,6 @@ def files(ctx: Context, cmds: list[list[str]]) -> tuple[dict[str, str], list[lis
             "serve.sh": script(cmds), "build.sh": script([smoke])}, cmds + [smoke]
 
 
-def _native_tokenizer(name) -> bool:
-    """Whether transformers provides the tokenizer class ``name`` (tokenization_auto's lookup by name)."""
-    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
-
-    return isinstance(name, str) and any(tokenizer_class_from_name(n) is not None for n in (name, name + "Fast"))
-
-
 def remote_code(directory: Path, config: dict) -> str | None:
     """Why TensorRT-LLM cannot load the export in ``directory`` without its own Python code (None: it can)."""
     arch = (config.get("architectures") or [None])[0]
@@ -131,7 +125,7 @@ def remote_code(directory: Path, config: dict) -> str | None:
     except (OSError, ValueError):
         tok = {}  # not this check's to report: the tokenizer load says what is wrong with it
     auto = tok.get("auto_map") if isinstance(tok, dict) else None
-    if isinstance(auto, dict) and auto.get("AutoTokenizer") and not _native_tokenizer(tok.get("tokenizer_class")):
+    if isinstance(auto, dict) and auto.get("AutoTokenizer") and not native_tokenizer(tok.get("tokenizer_class")):
         return (f"{tok_path}: auto_map names the checkpoint's own tokenizer code ({tok.get('tokenizer_class')}, "
                 f"which transformers does not provide)")
     return None

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from moepress.calib.tokenizer import native_tokenizer
 from moepress.exporters.artifacts import consumer_misload, kv_cache_declared, transformers_misload
 from moepress.manifest import file_digests, read_manifest, update_manifest
 from moepress.outputs import write_text_atomic
@@ -187,13 +188,29 @@ def _loading(fmt: str, d: Path, name: str, source: Path) -> list[str]:
     positions = cfg.get("max_position_embeddings") or _json(source / "config.json").get("max_position_embeddings")
     seq = max(2, min(4096, int(positions or 4096)))
     text = text.replace("{path}", f"./{name}").replace("{seq}", str(seq)).replace("{half}", str(seq // 2))
-    if cfg.get("auto_map") or tok.get("auto_map"):
-        text += ("\nThe model or its tokenizer is the checkpoint's own code (`auto_map`): pass "
-                 "`--trust-remote-code` to `vllm serve` / `trtllm-serve` and `trust_remote_code=True` to "
-                 "transformers.\n")
+    text += _remote_code(cfg, tok)
     notes = info.get("consumer_notes")
     notes = [n for n in notes if isinstance(n, str)] if isinstance(notes, list) else []
     return [text, *(["## Consumer notes", "", *[f"- {n}" for n in notes], ""] if notes else [])]
+
+
+def _remote_code(cfg: dict, tok: dict) -> str:
+    """What the card says of the checkpoint's own code (``auto_map``): pass trust_remote_code where transformers
+    has no class of its own for the model (Kimi K2's ``kimi_k2``) or its tokenizer (a ``tokenizer_class`` it does
+    not know); otherwise not to, since with it transformers runs the checkpoint's code instead of its own."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not (cfg.get("auto_map") or tok.get("auto_map")):
+        return ""
+    model = bool(cfg.get("auto_map")) and cfg.get("model_type") not in CONFIG_MAPPING
+    tokenizer = bool(tok.get("auto_map")) and not native_tokenizer(tok.get("tokenizer_class"))
+    if model or tokenizer:
+        return ("\nThe model or its tokenizer is the checkpoint's own code (`auto_map`): pass "
+                "`--trust-remote-code` to `vllm serve` / `trtllm-serve` and `trust_remote_code=True` to "
+                "transformers.\n")
+    return ("\nThe checkpoint carries its own code (`auto_map`), which its runtimes do not need: transformers has "
+            "classes of its own for the model and its tokenizer. Load it without `--trust-remote-code` / "
+            "`trust_remote_code=True`, which would run that code instead.\n")
 
 
 def _fmt(v) -> str:

@@ -50,7 +50,7 @@ from moepress.pipeline.keys import (
 )
 from moepress.pipeline.preflight import preflight
 from moepress.pipeline.recipe import STAGES, dump, export_config, recipe_keys
-from moepress.pipeline.stale import planned, stage_path, state_file, withdraw
+from moepress.pipeline.stale import planned, refuse_links, stage_path, state_file, withdraw
 from moepress.progress import Progress
 
 # exports a CPU consumer here can check, and the candidate kind it runs as
@@ -109,10 +109,7 @@ class Runner:
 
     def _save_state(self, sid: str, state: dict) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        p = self._state_path(sid)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2, default=str))
-        tmp.replace(p)
+        write_text_atomic(self._state_path(sid), json.dumps(state, indent=2, default=str))
 
     def stage(self, sid: str, key: str, out: Path, fn, complete=output_complete, resumable: bool = False) -> dict:
         """Run ``fn(resume: bool) -> result`` into ``out`` unless its key and output are unchanged; ``resume``
@@ -158,6 +155,7 @@ class Runner:
         preflight(self.recipe, self.model, self.recipe_src)  # before hours of prune and quantize, not after
         with recipe_keys(self.recipe_src, "calib"):  # the calibration data read (and cached) before OUT is made
             self.calib_key = self._calib_key()
+        refuse_links(self.out)
         # .state/ first: it marks OUT as a run's directory even when run.json is gone
         self.state_dir.mkdir(parents=True, exist_ok=True)
         lock = OutputLock(self.state_dir / "run.lock", f"-o {self.out}: another moepress run is using it "
@@ -353,7 +351,7 @@ class Runner:
             except MoepressError as e:  # a target that cannot run this artifact: recorded, not fatal
                 shutil.rmtree(out, ignore_errors=True)  # an earlier config's build is not this one's
                 out.mkdir(parents=True)
-                (out / "refused.txt").write_text(str(e) + "\n")
+                write_text_atomic(out / "refused.txt", str(e) + "\n")
                 return {"refused": str(e)}
             return _summary(res)
 

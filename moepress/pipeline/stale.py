@@ -9,10 +9,15 @@ produce (a check or build decided while it ran). Nothing a run did not record th
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
+from moepress.errors import MoepressError
+
 SUFFIXES = (".partial.lock", ".partial")
+FOLDERS = ("export", "check", "build", ".state")  # a run directory's folders of stage outputs and state
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a format, check, target or builder name: one path part
 
 
 def stage_path(out: Path, sid: str) -> Path:
@@ -32,10 +37,35 @@ def state_file(state_dir: Path, sid: str) -> Path:
     return state_dir / (sid.replace(":", "__") + ".json")
 
 
+def well_formed(sid: str) -> bool:
+    """A stage id a run writes: ``prune``, ``quantize``, ``export:F``, ``check:N``, ``build:T:B``, each name one
+    path part (not ``..``): an id read back from a directory that came from elsewhere names no path outside its
+    stage folder."""
+    kind, _, rest = sid.partition(":")
+    names = {"prune": 0, "quantize": 0, "export": 1, "check": 1, "build": 2}.get(kind)
+    parts = rest.split(":") if rest else []
+    return names is not None and len(parts) == names and all(_NAME.fullmatch(n) for n in parts)
+
+
 def recorded(state_dir: Path) -> dict[str, Path]:
-    """The stage ids an earlier run recorded in ``state_dir`` and their state files (:func:`state_file` read back)."""
+    """The stage ids an earlier run recorded in ``state_dir`` and their state files (:func:`state_file` read back);
+    a file that names no stage a run writes is not one of them."""
     files = sorted(state_dir.glob("*.json")) if state_dir.is_dir() else []
-    return {p.stem.replace("__", ":"): p for p in files}
+    return {sid: p for p in files if well_formed(sid := p.stem.replace("__", ":"))}
+
+
+def refuse_links(out: Path) -> None:
+    """Refuse a run directory holding a symbolic link where the run writes or removes (its top level, its stage
+    folders, .state/): the run would write through it or remove what it points to, outside the directory. ``out``
+    itself may be a link (the user's choice of where the run goes)."""
+    entries = [*out.iterdir()] if out.is_dir() else []
+    for d in FOLDERS:
+        if (out / d).is_dir() and not (out / d).is_symlink():
+            entries += (out / d).iterdir()
+    for p in entries:
+        if p.is_symlink():
+            raise MoepressError(f"-o {out}: {p.relative_to(out)} is a symbolic link (to {p.readlink()}); a run "
+                                "writes and removes its own files there, not through links: remove it")
 
 
 def planned(out: Path, recipe: dict, state_dir: Path) -> set[Path]:

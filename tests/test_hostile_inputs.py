@@ -1,0 +1,108 @@
+"""Inputs made by someone else to make moepress write, delete or publish outside where it should (audit82): a
+checkpoint's files linked to private files outside it, a downloaded run directory whose stage folders, state files
+or temporary names are links out of it. Each is refused in one line or left untouched; what it points to never
+changes and never travels in an output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from helpers import assert_one_line_error
+from moepress import models
+from moepress.atomic import replace_file
+
+SECRET = "HF_TOKEN=hf_secret_value\n"
+
+
+def _model(tmp_path):
+    return shutil.copytree(models.path("tiny-qwen3-moe"), tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "modeling_evil.py", "quant_report.json", "tokenizer.json"])
+def test_a_checkpoint_file_linked_outside_the_checkpoint_is_refused_and_never_copied(cli_run, tmp_path, name):
+    m = _model(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    (m / name).unlink(missing_ok=True)
+    os.symlink(secret, m / name)
+    out = tmp_path / "q"
+    r = cli_run("quantize", m, "--format", "fp8-dynamic", "-o", out, "--quiet")
+    assert_one_line_error(r, name, "outside the model directory")
+    assert not out.exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_a_checkpoint_file_linked_inside_the_checkpoint_is_taken(cli_run, tmp_path):
+    m = _model(tmp_path)
+    (m / "sub").mkdir()
+    (m / "tokenizer.json").rename(m / "sub" / "tokenizer.json")
+    os.symlink("sub/tokenizer.json", m / "tokenizer.json")
+    r = cli_run("quantize", m, "--format", "fp8-dynamic", "-o", tmp_path / "q", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "q" / "tokenizer.json").read_bytes() == (m / "sub" / "tokenizer.json").read_bytes()
+
+
+def _run_dir(tmp_path):
+    """An earlier run's directory (as one would download it) and a recipe for it."""
+    rec = tmp_path / "r.yaml"
+    rec.write_text("model: tiny-qwen3-moe\nquantize: {format: fp8-dynamic}\ncheck: null\n")
+    out = tmp_path / "run"
+    (out / ".state").mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.txt").write_text("a user's file\n")
+    return rec, out, victim
+
+
+@pytest.mark.parametrize("link", ["export", "quantize", "check", "recipe.yaml.tmp", ".state/quantize.json.tmp"])
+def test_a_run_directory_holding_a_link_where_the_run_writes_is_refused(cli_run, tmp_path, link):
+    rec, out, victim = _run_dir(tmp_path)
+    target = victim if "." not in link.lstrip(".") else victim / "thesis.txt"
+    os.symlink(target, out / link)
+    (out / ".state" / "export__thesis.json").write_text(json.dumps({"key": "x", "done": True}))
+    assert_one_line_error(cli_run("run", rec, "-o", out), link.split("/")[-1], "symbolic link")
+    assert sorted(p.name for p in victim.iterdir()) == ["thesis.txt"]
+    assert (victim / "thesis.txt").read_text() == "a user's file\n"
+
+
+def test_a_state_file_naming_no_stage_removes_nothing(cli_run, tmp_path):
+    """``.state/check__...json`` read as stage ``check:..`` named the run directory itself, which was removed."""
+    rec, out, _ = _run_dir(tmp_path)
+    (out / "notes").mkdir()
+    (out / "notes" / "keep.txt").write_text("mine\n")
+    (out / "check").mkdir()
+    (out / ".state" / "check__...json").write_text("{}")
+    r = cli_run("run", rec, "-o", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert (out / "notes" / "keep.txt").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_a_replaced_file_is_never_written_through_a_link_at_its_temporary_name(tmp_path, kind):
+    victim = tmp_path / "victim"
+    victim.write_text("a user's file\n")
+    (tmp_path / "a").mkdir()
+    path = tmp_path / "a" / "moepress-manifest.json"
+    (os.symlink if kind == "symlink" else os.link)(victim, path.with_name(path.name + ".tmp"))
+    replace_file(path, "{}\n")
+    assert path.read_text() == "{}\n" and not path.is_symlink()
+    assert victim.read_text() == "a user's file\n"
+    assert not path.with_name(path.name + ".tmp").exists()
+
+
+def test_a_tokenizer_auto_map_beside_a_class_transformers_has_is_not_run(cli_run, tmp_path):
+    """moepress asked for --trust-remote-code whenever tokenizer_config.json had an auto_map, and with it
+    transformers runs the checkpoint's tokenizer code even where it has the named class itself."""
+    m = _model(tmp_path)
+    cfg = json.loads((m / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    (m / "tokenizer_config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoTokenizer": [None, "tok_x.T"]}}))
+    ran = tmp_path / "ran"
+    (m / "tok_x.py").write_text(f"open({str(ran)!r}, 'w').close()\nfrom transformers import "
+                                "PreTrainedTokenizerFast as T\n")
+    r = cli_run("calib", "prepare", m, "--num-samples", 2, "--seq-len", 32, "-o", tmp_path / "t.pt", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert not ran.exists()
