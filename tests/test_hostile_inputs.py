@@ -106,3 +106,17 @@ def test_a_tokenizer_auto_map_beside_a_class_transformers_has_is_not_run(cli_run
     r = cli_run("calib", "prepare", m, "--num-samples", 2, "--seq-len", 32, "-o", tmp_path / "t.pt", "--quiet")
     assert r.exit_code == 0, r.output
     assert not ran.exists()
+
+
+@pytest.mark.parametrize("key, value", [("num_experts", 10**9), ("num_hidden_layers", 10**7)])
+@pytest.mark.parametrize("command", ["inspect", "plan"])
+def test_a_config_with_counts_past_any_model_is_refused_before_anything_is_built(cli_run, tmp_path, key, value,
+                                                                                  command):
+    """A config-only inspect or plan built each layer's modules for 10^9 experts or 10^7 layers until memory ran
+    out (audit82 M1)."""
+    d = tmp_path / "cfg"
+    d.mkdir()
+    cfg = json.loads((models.path("tiny-qwen3-moe") / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, key: value}))
+    args = ("--target", "h100") if command == "plan" else ()
+    assert_one_line_error(cli_run(command, d, *args), key, str(value), "expected")

@@ -14,6 +14,11 @@ from moepress.compress.moe import DecoderLayer, ExpertMLP, Router, SparseMoE
 from moepress.errors import MoepressError
 
 TOP_K_KEY = "num_experts_per_tok"  # experts each token is routed to, in every supported family's config
+# counts past which a config is refused before anything is built from it (a config-only inspect builds each
+# layer's modules: 10^9 experts or 10^7 layers ran until memory ran out): far above any released model's
+# (Kimi K2: 61 layers, 384 routed experts), low enough that inspect and plan take seconds
+MAX_LAYERS = 1024
+MAX_EXPERTS = 8192
 
 
 # per-family widths (DeepSeek's MLA ranks, Qwen3's head_dim, the MLP widths): whole numbers >= 1 where set
@@ -108,9 +113,13 @@ class Adapter:
             raise MoepressError(f"{where}: sliding_window={w!r}: expected a whole number of positions >= 1, or null")
 
     def _check_raw(self, where: str) -> None:
-        """Before transformers' config class sees them (it raises or logs): a dtype that is not a torch
-        dtype's name, a rope type or theta that rotary embeddings cannot use."""
+        """Before transformers' config class sees them (it raises or logs): a layer count past ``MAX_LAYERS``, a
+        dtype that is not a torch dtype's name, a rope type or theta that rotary embeddings cannot use."""
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        layers = self.config.get("num_hidden_layers")
+        if is_count(layers) and layers > MAX_LAYERS:  # before transformers' config makes per-layer lists of it
+            raise MoepressError(f"{where}: num_hidden_layers={layers}: expected at most {MAX_LAYERS}")
 
         for key in ("dtype", "torch_dtype"):
             v = self.config.get(key)
@@ -143,8 +152,9 @@ class Adapter:
         parameters means the config is wrong)."""
         key = self.experts_key()
         n = self.config[key]
-        if not is_count(n):
-            raise MoepressError(f"{where}: {key}={n!r}: expected a whole number of routed experts >= 1")
+        if not is_count(n) or n > MAX_EXPERTS:
+            raise MoepressError(f"{where}: {key}={n!r}: expected a whole number of routed experts in "
+                                f"1..{MAX_EXPERTS}")
         if not is_count(top_k) or top_k > n:
             said = f"{TOP_K_KEY} not set, transformers' default {top_k!r}" if default else f"{TOP_K_KEY}={top_k!r}"
             raise MoepressError(f"{where}: {said} with {key}={n}: expected a whole number of experts "
