@@ -22,8 +22,8 @@ def _tokenizer_config(model_dir: Path) -> dict:
     p = model_dir / "tokenizer_config.json"
     try:
         return json.loads(p.read_text()) if p.exists() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise MoepressError(f"{p}: not valid JSON") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise MoepressError(f"{p}: not valid JSON, or nested too deeply to read") from None
 
 
 def needs_remote_code(model_dir: str | Path) -> bool:

@@ -120,3 +120,67 @@ def test_a_config_with_counts_past_any_model_is_refused_before_anything_is_built
     (d / "config.json").write_text(json.dumps({**cfg, key: value}))
     args = ("--target", "h100") if command == "plan" else ()
     assert_one_line_error(cli_run(command, d, *args), key, str(value), "expected")
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8))
+
+
+@pytest.mark.parametrize("text", [
+    f"{BOMB}model: tiny-qwen3-moe\nquantize:\n  format: fp8\n  rules: {{x: *i}}\n",
+    "model: tiny-qwen3-moe\ncheck: &c {data: [*c]}\nquantize: {format: fp8}\n",
+    "model: tiny-qwen3-moe\nquantize: {format: fp8, rules: " + "[" * 5000 + "]" * 5000 + "}\n",
+])
+def test_a_recipe_that_expands_without_bound_is_refused_in_one_line(cli_run, tmp_path, text):
+    """Ten aliases of ten aliases (10^9 values), an alias of its own parent, and 5000 nested lists: memory ran out
+    or a RecursionError traceback (audit82 M2, L1)."""
+    rec = tmp_path / "r.yaml"
+    rec.write_text(text)
+    line = assert_one_line_error(cli_run("run", rec, "-o", tmp_path / "out"), str(rec), "not a recipe")
+    assert "expand" in line or "nested" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
+def test_a_json_nested_past_the_readers_depth_is_one_line(cli_run, tmp_path, name):
+    m = _model(tmp_path)
+    cfg = json.loads((m / name).read_text())
+    (m / name).write_text(json.dumps(cfg)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert_one_line_error(cli_run("quantize", m, "--format", "fp8", "-o", tmp_path / "q"), name)
+
+
+def test_a_tensor_dimension_past_int64_is_refused_in_one_line(cli_run, tmp_path):
+    """[2^64, 2^64, 0] holds no bytes, so its size checked out; quantize then died in torch with an overflow
+    traceback (audit82 L1)."""
+    import struct
+
+    m = _model(tmp_path)
+    shard = sorted(m.glob("*.safetensors"))[0]
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    header["model.extra.weight"] = {"dtype": "BF16", "shape": [2**64, 2**64, 0], "data_offsets": [end, end]}
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    shard.write_bytes(struct.pack("<Q", len(hb)) + hb + raw[8 + n:])
+    index = json.loads((m / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.extra.weight"] = shard.name
+    (m / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_one_line_error(cli_run("quantize", m, "--format", "fp8", "-o", tmp_path / "q"), shard.name)
+
+
+def test_a_pickled_candidate_holding_more_than_tensors_is_refused_in_one_line(cli_run, tmp_path):
+    """transformers loads pytorch_model.bin with weights_only=True, which refuses other objects; its
+    UnpicklingError was a traceback (exit 1, read by CI as a failed check) suggesting weights_only=False."""
+    import fractions
+
+    import torch
+
+    m = _model(tmp_path)
+    for p in m.glob("*.safetensors*"):
+        p.unlink()
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "x": fractions.Fraction(1, 3)}, m / "pytorch_model.bin")
+    r = cli_run("check", m, "--reference", "tiny-qwen3-moe", "--kind", "transformers", "--max-samples", 2,
+                "--seq-len", 32)
+    assert_one_line_error(r, str(m), "pickled", "expected safetensors")

@@ -50,6 +50,8 @@ def _json(path: Path) -> dict:
         raise MoepressError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except UnicodeDecodeError as e:
         raise MoepressError(f"{path}: not valid JSON (not UTF-8 text: invalid byte at offset {e.start})") from None
+    except RecursionError:
+        raise MoepressError(f"{path}: expected a config (JSON nested too deeply to read)") from None
 
 
 def read_config_file(path: str | Path) -> dict:

@@ -288,9 +288,11 @@ def _check_offsets(path: Path, header: dict) -> int:
 
 def _entry_ok(meta) -> bool:
     """A header entry as the safetensors format defines it: {dtype: str, shape: [int >= 0],
-    data_offsets: [begin, end] with 0 <= begin <= end}."""
+    data_offsets: [begin, end] with 0 <= begin <= end}; every number one torch holds (int64: a dimension of 2^64
+    beside a 0 is an empty tensor no torch call takes)."""
     def ints(v) -> bool:
-        return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+        return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
+                                           for x in v)
 
     if not isinstance(meta, dict) or not isinstance(meta.get("dtype"), str):
         return False

@@ -237,6 +237,26 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_VALUES = 100_000  # a recipe's values, aliases expanded: a few hundred in any real one
+
+
+def _expanded_over(obj, budget: int) -> bool:
+    """Whether ``obj`` holds more than ``budget`` values counted as every later walk meets them: YAML aliases
+    share one object, so ten aliases of ten aliases of ... load small and expand to billions (or, an alias of
+    its own parent, without end) in the first json.dumps or copy of the recipe."""
+    stack = [obj]
+    while stack:
+        budget -= 1
+        if budget < 0:
+            return True
+        o = stack.pop()
+        if isinstance(o, dict):
+            stack += [*o.keys(), *o.values()]
+        elif isinstance(o, list):
+            stack += o
+    return False
+
+
 def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -> tuple[dict, str]:
     """The effective recipe from ``path`` (None: the embedded default) and its source name."""
     p = Path(path) if path is not None else DEFAULT_RECIPE
@@ -251,6 +271,10 @@ def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         raise MoepressError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise MoepressError(f"{p}: not a recipe (nested too deeply to read)") from None
+    if _expanded_over(raw, MAX_VALUES):
+        raise MoepressError(f"{p}: not a recipe (its aliases expand to over {MAX_VALUES} values)")
     raw = raw or {}
     for key, value in (overrides or {}).items():
         raw[key] = value

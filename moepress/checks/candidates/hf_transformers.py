@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,9 @@ class TransformersCandidate(Candidate):
                                                              trust_remote_code=cfg.trust_remote_code, **kw)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as e:
             raise MoepressError(f"{path}: transformers cannot load it as a causal LM ({first_line(e)})") from None
+        except pickle.UnpicklingError:  # torch.load(weights_only=True) on a pickle holding more than tensors
+            raise MoepressError(f"{path}: a pickled checkpoint holding more than tensors, which is not loaded (it "
+                                "could run code); expected safetensors") from None
         self.model = model.to(self.device).eval()
         text = self.model.config.get_text_config()
         self.vocab_size = int(text.vocab_size)
