@@ -184,3 +184,24 @@ def test_a_pickled_candidate_holding_more_than_tensors_is_refused_in_one_line(cl
     r = cli_run("check", m, "--reference", "tiny-qwen3-moe", "--kind", "transformers", "--max-samples", 2,
                 "--seq-len", 32)
     assert_one_line_error(r, str(m), "pickled", "expected safetensors")
+
+
+@pytest.mark.parametrize("rel", ["../secret.txt", "/etc/hostname"])
+def test_publish_never_reads_a_file_a_manifest_lists_outside_the_artifact(cli_run, tmp_path, rel, monkeypatch):
+    """A manifest listing ``../secret.txt`` made publish hash it: a sha256 oracle for any file (audit82 L4)."""
+    from moepress.manifest import read_manifest, write_manifest
+    from moepress.pipeline import publish
+
+    (tmp_path / "secret.txt").write_text(SECRET)
+    a = tmp_path / "art"
+    r = cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-dynamic", "-o", a, "--quiet")
+    assert r.exit_code == 0, r.output
+    m = read_manifest(a)
+    m["files"][rel] = {"sha256": "0" * 64, "size": 1}
+    write_manifest(a, m)
+    hashed = []
+    real = publish.sha256_file
+    monkeypatch.setattr(publish, "sha256_file", lambda p: hashed.append(str(p)) or real(p))
+    problems = publish.verify(a)
+    assert any(rel in p and "outside the artifact" in p for p in problems), problems
+    assert not [h for h in hashed if "secret" in h or "hostname" in h], hashed

@@ -27,6 +27,9 @@ def _digests(artifact: Path, files: dict) -> tuple[dict[str, dict], list[str]]:
     problems, now = [], {}
     for rel, info in sorted(files.items()):
         p = artifact / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:  # never read: a manifest names only its own files
+            problems.append(f"{artifact / MANIFEST_NAME}: lists '{rel}', outside the artifact")
+            continue
         if not p.is_file():
             problems.append(f"{p}: listed in the manifest but missing")
             continue
