@@ -205,3 +205,14 @@ def test_publish_never_reads_a_file_a_manifest_lists_outside_the_artifact(cli_ru
     problems = publish.verify(a)
     assert any(rel in p and "outside the artifact" in p for p in problems), problems
     assert not [h for h in hashed if "secret" in h or "hostname" in h], hashed
+
+
+def test_packed_tensors_the_config_does_not_declare_are_refused(cli_run, tmp_path):
+    """Kimi's INT4 experts with quantization_config removed: moepress decoded them by their names and the check
+    passed (error 0), while transformers left those experts randomly initialised (+114% perplexity; audit82 M3)."""
+    m = shutil.copytree(models.path("tiny-kimi-k2-int4"), tmp_path / "k")
+    cfg = json.loads((m / "config.json").read_text())
+    del cfg["quantization_config"]
+    (m / "config.json").write_text(json.dumps(cfg))
+    r = cli_run("check", m, "--reference", "tiny-kimi-k2-int4", "--max-samples", 2, "--seq-len", 32)
+    assert_one_line_error(r, "config.json", "weight_packed", "quant_method None", "'compressed-tensors'")

@@ -205,7 +205,7 @@ def test_gptoss_blocks_equal_transformers_dequantization(tmp_path):
         assert ref.shape == (3, 96, 10) and torch.equal(gptoss_mxfp4.dequantize(blocks, scales, dtype), ref)
     save_file({"model.layers.0.mlp.experts.gate_up_proj_blocks": blocks,
                "model.layers.0.mlp.experts.gate_up_proj_scales": scales}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"quantization_config": {"quant_method": "mxfp4"}}')  # as gpt-oss's
     r = CheckpointReader(tmp_path)
     name = "model.layers.0.mlp.experts.gate_up_proj"
     assert name in r and torch.equal(r.weight(name, torch.bfloat16), convert_moe_packed_tensors(blocks, scales))

@@ -124,6 +124,7 @@ class CheckpointReader:
         # module names served by a decoder from packed tensors (P.weight from P.weight_packed, gpt-oss P
         # from P_blocks): `name in reader` and `info` answer for them, `get` reads only stored tensors
         self._aliases = {**ct_inputs.packed_aliases(self._tensors), **gptoss_mxfp4.packed_aliases(self._tensors)}
+        self._check_packed_declared()
         self._by_layer: dict[int, list[str]] = defaultdict(list)
         self._top: list[str] = []  # of no decoder layer
         for name in self._tensors:
@@ -190,6 +191,20 @@ class CheckpointReader:
                 raise MoepressError(f"{shard}: holds tensor '{extra}' but {INDEX_NAME} {where} (transformers and "
                                     f"vLLM load every tensor of a shard); expected the index to list each shard's "
                                     f"tensors")
+
+    def _check_packed_declared(self) -> None:
+        """Refuse packed tensors config.json does not declare: the runtimes decode them by its
+        quantization_config (compressed-tensors' pack-quantized formats, gpt-oss' mxfp4 blocks) and, without
+        it, load each such module's weight as missing, randomly initialised, while moepress decodes them by
+        their names: a check would pass what no runtime runs."""
+        method = (self.config.get("quantization_config") or {}).get("quant_method")
+        for packed, want in ((ct_inputs.packed_aliases(self._tensors), "compressed-tensors"),
+                             (gptoss_mxfp4.packed_aliases(self._tensors), "mxfp4")):
+            if packed and method != want:
+                name = min(packed.values())
+                raise MoepressError(f"{self.path / 'config.json'}: tensor '{name}' is stored packed, but "
+                                    f"quantization_config declares quant_method {method!r}; expected {want!r}, as "
+                                    "the runtimes decode it by (without it they load the weight as missing)")
 
     def _add(self, name: str, meta: dict, file: Path, base: int) -> None:
         code = meta.get("dtype")
