@@ -216,3 +216,12 @@ def test_packed_tensors_the_config_does_not_declare_are_refused(cli_run, tmp_pat
     (m / "config.json").write_text(json.dumps(cfg))
     r = cli_run("check", m, "--reference", "tiny-kimi-k2-int4", "--max-samples", 2, "--seq-len", 32)
     assert_one_line_error(r, "config.json", "weight_packed", "quant_method None", "'compressed-tensors'")
+
+
+def test_a_shard_name_holding_a_nul_byte_is_one_line(cli_run, tmp_path):
+    m = _model(tmp_path)
+    index = json.loads((m / "model.safetensors.index.json").read_text())
+    name = sorted(index["weight_map"])[0]
+    index["weight_map"][name] = "model\u0000.safetensors"
+    (m / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_one_line_error(cli_run("inspect", m), "model.safetensors.index.json", name, "expected a shard file name")

@@ -65,7 +65,7 @@ def read_config_file(path: str | Path) -> dict:
 def _check_relative(index: Path, name, fname) -> None:
     """An index entry names a shard by a path relative to the model directory: not absolute,
     no '..' (transformers joins it to the directory; an absolute path would replace it)."""
-    if not isinstance(fname, str) or not fname:
+    if not isinstance(fname, str) or not fname or "\0" in fname:
         raise MoepressError(f"{index}: weight_map entry '{name}': expected a shard file name, got {fname!r}")
     p = Path(fname)
     if p.is_absolute() or ".." in p.parts:
