@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from helpers import assert_one_line_error
 from moepress import models
 from moepress.checks.candidates.onnx_runtime import session_options
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
@@ -465,7 +466,7 @@ def test_what_the_graph_does_not_hold_as_the_checkpoint_does_is_said(tmp_path, c
     """export.json says so (they were exported without a word): Kimi's compressed-tensors INT4 experts written
     decoded (bf16, no Q/DQ), DeepSeek's MTP layer left out, a native block-FP8 checkpoint's dynamic activations not
     in the graph. A negative external_min_bytes is refused, as a non-integer is."""
-    from helpers import DSV3_SMALL, assert_one_line_error, write_with_mtp
+    from helpers import DSV3_SMALL, write_with_mtp
     from moepress.exporters import ExportConfig, export
 
     kimi = export(models.path("tiny-kimi-k2-int4"), tmp_path / "kimi", ExportConfig(format="onnx"))
@@ -500,3 +501,18 @@ def test_an_activation_the_graph_does_not_write_is_refused(tmp_path, cli_run):
     r = cli_run("export", src, "--format", "onnx", "-o", tmp_path / "x", "--quiet")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "hidden_act 'quick_gelu'" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_graph_onnxruntime_loads_but_cannot_run_is_one_line(exported, cli_run, tmp_path):
+    """One INT4 DequantizeLinear's block_size made 64 beside scales of 128-wide blocks: the session loads and
+    its run raised; the check died with a traceback, exit 1 (read by CI as a failed gate) and no --json
+    (audit84)."""
+    (model, kind), e = next(((k, v) for k, v in exported.items() if k[1] == "int4"))
+    d = shutil.copytree(e["dir"], tmp_path / "onnx")
+    m = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    node = next(n for n in m.graph.node if n.op_type == "DequantizeLinear"
+                and any(a.name == "block_size" and a.i == 128 for a in n.attribute))
+    next(a for a in node.attribute if a.name == "block_size").i = 64
+    onnx.save(m, str(d / "model.onnx"))
+    r = cli_run("check", d, "--reference", models.path(model), "--max-samples", 2, "--seq-len", 32, "--quiet")
+    assert_one_line_error(r, "model.onnx", "onnxruntime cannot run it")

@@ -125,7 +125,10 @@ class OnnxCandidate(Candidate):
                 feed["attention_mask"] = torch.ones_like(x).numpy().astype(self.id_dtype)
             if "position_ids" in self.inputs:
                 feed["position_ids"] = torch.arange(x.shape[1]).expand_as(x).numpy().astype(self.id_dtype)
-            parts.append(self.sess.run(names, feed))
+            try:
+                parts.append(self.sess.run(names, feed))
+            except Exception as e:  # a graph that loads but cannot run (a scale shape its block_size contradicts)
+                raise MoepressError(f"{self.file}: onnxruntime cannot run it ({first_line(e)})") from None
         out = [torch.cat([torch.from_numpy(p[k]).float() for p in parts]) for k in range(len(names))]
         lg = out[0]
         if lg.ndim != 3 or tuple(lg.shape[:2]) != tuple(ids.shape):
