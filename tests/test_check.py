@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_random_checkpoint
+from helpers import assert_one_line_error, make_random_checkpoint
 from moepress import models
 from moepress.calib.data import DEFAULT_EVAL, calibration_batches
 from moepress.calib.metrics import LogitStats, error_jump, hidden_error, quantile, token_kl
@@ -506,16 +506,22 @@ def _bias_zeroed(sd) -> bool:
     return name in sd
 
 
-@pytest.mark.parametrize("change,config", [(_bias_zeroed, {}), (None, {"num_experts_per_tok": 3}),
-                                           (None, {"num_experts_per_tok": 5})],
-                         ids=["correction-bias-zeroed", "top-k-4-to-3", "top-k-4-to-5"])
-def test_routing_breaks_fail_the_routing_gate(cli_run, tmp_path, change, config):
-    """A dropped DeepSeek correction bias or another top-k (an exporter's plausible mistakes): perplexity
-    moved by under 1.5% and KL stayed under its gate (measured on MID: +0.23% / +1.39% / -0.15%, KL 0.012 /
-    0.018 / 0.011); only top-1 failed, which 4-bit formats also fail on small models. The candidate's router, given
-    the reference's inputs, agrees on 75-80% of the choices (over the larger top-k, so that choosing more
-    experts counts too; measured 0.78 / 0.75 / 0.80); a correct candidate on all of them."""
-    bad = _deepseek_copy(tmp_path, change, **config)
+@pytest.mark.parametrize("k", [3, 5])
+def test_another_top_k_is_refused_before_the_check_runs(cli_run, tmp_path, k):
+    """Another top-k (an exporter's plausible mistake) moved perplexity by under 1.5% and KL stayed under its gate;
+    the routing gate caught it (0.75 / 0.80). No stage changes top-k, so the candidate is refused as another
+    model in one line (moepress/checks/consistency.py)."""
+    bad = _deepseek_copy(tmp_path, None, num_experts_per_tok=k)
+    r = cli_run("check", bad, "--reference", models.path("tiny-deepseek-v3"), *MID, "--quiet")
+    assert_one_line_error(r, "num_experts_per_tok", f"is {k}", "has 4")
+
+
+def test_routing_breaks_fail_the_routing_gate(cli_run, tmp_path):
+    """A dropped DeepSeek correction bias (an exporter's plausible mistake): perplexity moved by +0.23% and KL
+    stayed under its gate (0.012 on MID); only top-1 failed, which 4-bit formats also fail on small models. The
+    candidate's router, given the reference's inputs, agrees on 78% of the choices (over the larger top-k); a
+    correct candidate on all of them."""
+    bad = _deepseek_copy(tmp_path, _bias_zeroed)
     args = ("check", bad, "--reference", models.path("tiny-deepseek-v3"), *MID, "--quiet", "--json", "--min-top1",
             "none")
     r = cli_run(*args)

@@ -225,3 +225,30 @@ def test_a_shard_name_holding_a_nul_byte_is_one_line(cli_run, tmp_path):
     index["weight_map"][name] = "model\u0000.safetensors"
     (m / "model.safetensors.index.json").write_text(json.dumps(index))
     assert_one_line_error(cli_run("inspect", m), "model.safetensors.index.json", name, "expected a shard file name")
+
+
+@pytest.fixture(scope="module")
+def fp8_mixtral(tmp_path_factory):
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+
+    out = tmp_path_factory.mktemp("fp8") / "q"
+    quantize_checkpoint(models.path("tiny-mixtral"), out, QuantConfig(format="fp8-dynamic"))
+    return out
+
+
+@pytest.mark.parametrize("key, value", [("rms_norm_eps", 1e-3), ("tie_word_embeddings", True),
+                                        ("num_experts_per_tok", 1), ("hidden_act", "gelu")])
+def test_a_candidate_whose_config_says_another_model_is_refused(cli_run, tmp_path, fp8_mixtral, key, value):
+    """An rms_norm_eps x100 (perplexity -0.03%) or a flipped tie_word_embeddings (not read by the streamed
+    check; a loader honouring it replaces lm_head with the embedding) passed every gate (audit84)."""
+    c = shutil.copytree(fp8_mixtral, tmp_path / "c")
+    cfg = json.loads((c / "config.json").read_text())
+    assert cfg.get(key, "unset") != value
+    (c / "config.json").write_text(json.dumps({**cfg, key: value}))
+    r = cli_run("check", c, "--reference", "tiny-mixtral", "--max-samples", 2, "--seq-len", 32)
+    assert_one_line_error(r, "config.json", key, repr(value), "the reference")
+
+
+def test_a_candidate_with_the_references_config_is_checked(cli_run, fp8_mixtral):
+    r = cli_run("check", fp8_mixtral, "--reference", "tiny-mixtral", "--max-samples", 2, "--seq-len", 32, "--quiet")
+    assert r.exit_code == 0, r.output

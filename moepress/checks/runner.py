@@ -24,13 +24,11 @@ from moepress.calib.data import DEFAULT_EVAL, calibration_set, eval_batches, loa
 from moepress.calib.metrics import LayerStats, LogitStats, error_jump
 from moepress.calib.sources import TEXT_SUFFIXES
 from moepress.checks.candidates import Candidate, open_candidate
-from moepress.checks.candidates.base import config_json
 from moepress.checks.candidates.checkpoint import native_block_fp8, runtime_activations, unstreamed_activations
-from moepress.checks.candidates.onnx_runtime import graph_family
 from moepress.checks.config import CheckConfig, check_passed, evaluate_gates, refuse_unmeasurable
+from moepress.checks.consistency import refuse_other_config, refuse_other_family
 from moepress.checks.lineage import calibrated_on, made_from_another
 from moepress.checks.routing import Agreement, RouteCapture
-from moepress.compress.arch import adapter_class
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 
@@ -303,20 +301,6 @@ def _layer_metrics(layers: list[LayerStats] | None, embed, routing: dict[int, Ag
     return per_layer, jump
 
 
-def _refuse_other_family(candidate: Path, reference, family: str) -> None:
-    """A candidate whose config.json (beside an ONNX file: its folder's) names another family than the
-    reference's, refused before it is loaded: with the same vocabulary it would run, and fail or pass on
-    numbers of two unrelated models."""
-    folder = candidate if candidate.is_dir() else candidate.parent
-    try:
-        other = adapter_class(config_json(folder) or {}).family
-    except MoepressError:  # no config.json, or an architecture moepress does not stream
-        other = graph_family(candidate)
-    if other is not None and other != family:
-        raise MoepressError(f"{candidate}: a {other} model, the reference {reference} is {family}; expected the "
-                            "checkpoint the candidate was made from")
-
-
 def run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, progress=None, device=None) -> dict:
     """Compare ``candidate`` with the ``reference`` checkpoint; returns the result (metrics, gates, ...).
     The streamed models run on ``device`` (None: the CPU)."""
@@ -369,12 +353,13 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
     t0 = time.monotonic()
     ref_dir = Path(reference)
     ref = _open_reference(candidate, reference, cfg, device)
-    _refuse_other_family(Path(candidate), reference, ref.adapter.family)
+    refuse_other_family(Path(candidate), reference, ref.adapter)
     cand = open_candidate(candidate, cfg, device)
     try:
         if cand.vocab_size is not None and cand.vocab_size != ref.adapter.vocab_size:
             raise MoepressError(f"{candidate}: vocabulary of {cand.vocab_size} tokens, the reference "
                                 f"{reference} has {ref.adapter.vocab_size}")
+        refuse_other_config(Path(candidate), reference, ref.adapter)
         batches, data = eval_data(ref_dir, cfg)
         notes = _data_notes(Path(candidate), ref_dir, data, batches, cfg.trust_remote_code) + cand.notes
         if cfg.max_samples and data.get("samples", cfg.max_samples) < cfg.max_samples:  # the text ran out
