@@ -30,11 +30,15 @@ def needs_remote_code(model_dir: str | Path) -> bool:
     """True when the tokenizer is a class shipped as Python code in the checkpoint (Kimi K2's): an ``auto_map``
     whose ``tokenizer_class`` transformers does not have. Where it has the class, it loads its own without
     trust_remote_code (and with it would run the checkpoint's code instead), so none is asked for."""
-    cfg = _tokenizer_config(Path(model_dir))
-    auto = cfg.get("auto_map") or {}
-    if not (auto.get("AutoTokenizer") if isinstance(auto, dict) else auto):
+    if not _auto_map(Path(model_dir)):
         return False
-    return not native_tokenizer(cfg.get("tokenizer_class"))
+    return not native_tokenizer(_tokenizer_config(Path(model_dir)).get("tokenizer_class"))
+
+
+def _auto_map(model_dir: Path) -> bool:
+    """Whether tokenizer_config.json names a tokenizer class of the checkpoint's own code (``auto_map``)."""
+    auto = _tokenizer_config(model_dir).get("auto_map") or {}
+    return bool(auto.get("AutoTokenizer") if isinstance(auto, dict) else auto)
 
 
 def native_tokenizer(name) -> bool:
@@ -52,7 +56,10 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
                             f"pass --trust-remote-code to allow it")
     tokenizer_files(model_dir)
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code,
+        # not the checkpoint's tokenizer code beside a class transformers has (tokenizer_config.json's auto_map and
+        # tokenizer_class): with trust_remote_code, transformers runs that code in place of its own class
+        shadowed = _auto_map(Path(model_dir)) and not needs_remote_code(model_dir)
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code and not shadowed,
                                              **_family_config(Path(model_dir)))
     except ValueError as e:
         if "trust_remote_code" in str(e):

@@ -31,6 +31,8 @@ def read_json(p: Path) -> dict | None:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise MoepressError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except RecursionError:
+        raise MoepressError(f"{p}: not valid JSON (nested too deeply to read)") from None
 
 
 def json_object(p: Path, *keys: str) -> dict:

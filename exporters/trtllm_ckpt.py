@@ -98,6 +98,7 @@ class StreamingSafetensors:
     def __init__(self, path: Path):
         self.path = path
         self.data_path = path.with_suffix(".data.tmp")
+        self.data_path.unlink(missing_ok=True)  # made new: never written through a link found there
         self.f = open(self.data_path, "wb")
         self.header: dict[str, dict] = {}
         self.offset = 0
@@ -115,6 +116,7 @@ class StreamingSafetensors:
         self.f.close()
         head = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
         head += b" " * ((-len(head)) % 8)
+        self.path.unlink(missing_ok=True)
         with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
             out.write(struct.pack("<Q", len(head)))
             out.write(head)

@@ -74,6 +74,8 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         m = json.loads(p.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MoepressError(f"{p}: not a moepress manifest (invalid JSON: {e})") from None
+    except RecursionError:
+        raise MoepressError(f"{p}: not a moepress manifest (nested too deeply to read)") from None
     if not isinstance(m, dict):
         raise MoepressError(f"{p}: not a moepress manifest (expected a JSON object, got {type(m).__name__})")
     return m

@@ -106,6 +106,11 @@ def test_a_tokenizer_auto_map_beside_a_class_transformers_has_is_not_run(cli_run
     r = cli_run("calib", "prepare", m, "--num-samples", 2, "--seq-len", 32, "-o", tmp_path / "t.pt", "--quiet")
     assert r.exit_code == 0, r.output
     assert not ran.exists()
+    # nor with --trust-remote-code (given for the model's code, or in a recipe): transformers' class is loaded
+    r = cli_run("calib", "prepare", m, "--num-samples", 2, "--seq-len", 32, "-o", tmp_path / "u.pt", "--quiet",
+                "--trust-remote-code", "--seed", 1)  # another seed: tokenized again, not the first call's cache
+    assert r.exit_code == 0, r.output
+    assert not ran.exists()
 
 
 @pytest.mark.parametrize("key, value", [("num_experts", 10**9), ("num_hidden_layers", 10**7)])
@@ -252,3 +257,54 @@ def test_a_candidate_whose_config_says_another_model_is_refused(cli_run, tmp_pat
 def test_a_candidate_with_the_references_config_is_checked(cli_run, fp8_mixtral):
     r = cli_run("check", fp8_mixtral, "--reference", "tiny-mixtral", "--max-samples", 2, "--seq-len", 32, "--quiet")
     assert r.exit_code == 0, r.output
+
+
+def test_publish_refuses_a_link_in_the_artifact_and_force_copies_the_link_not_its_target(cli_run, tmp_path):
+    """notes.txt -> a private file, listed with its sha256: publish verified it (a sha256 oracle) and --force copied
+    the private bytes into the destination (review56)."""
+    import hashlib
+
+    from moepress.manifest import read_manifest, write_manifest
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    a = tmp_path / "art"
+    assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-dynamic", "-o", a, "--quiet").exit_code == 0
+    os.symlink(secret, a / "notes.txt")
+    m = read_manifest(a)
+    m["files"]["notes.txt"] = {"sha256": hashlib.sha256(SECRET.encode()).hexdigest(), "size": len(SECRET)}
+    write_manifest(a, m)
+    assert_one_line_error(cli_run("publish", a, "--to", tmp_path / "pub"), "notes.txt", "a link")
+    r = cli_run("publish", a, "--to", tmp_path / "pub", "--force")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "pub" / "notes.txt").is_symlink()
+    assert not any(SECRET in p.read_text(errors="replace") for p in (tmp_path / "pub").rglob("*")
+                   if p.is_file() and not p.is_symlink())
+
+
+def test_a_shard_written_where_a_resumed_partial_holds_a_link_replaces_the_link(tmp_path):
+    import torch
+
+    from moepress.compress.checkpoint.safetensors_io import write_safetensors
+
+    victim = tmp_path / "victim"
+    victim.write_text("a user's file\n")
+    shard = tmp_path / "model-00001.safetensors.tmp"
+    os.symlink(victim, shard)
+    write_safetensors(shard, {"w": torch.ones(4)})
+    assert not shard.is_symlink() and victim.read_text() == "a user's file\n"
+
+
+def test_a_users_own_link_beside_the_runs_files_is_not_refused(cli_run, tmp_path):
+    rec, out, _ = _run_dir(tmp_path)
+    os.symlink(rec, out / "my-recipe.yaml")
+    r = cli_run("run", rec, "-o", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert (out / "my-recipe.yaml").is_symlink()
+
+
+def test_a_manifest_nested_past_the_readers_depth_is_one_line(cli_run, tmp_path):
+    a = tmp_path / "art"
+    assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-dynamic", "-o", a, "--quiet").exit_code == 0
+    (a / "moepress-manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert_one_line_error(cli_run("publish", a, "--to", tmp_path / "pub"), "moepress-manifest.json", "nested")

@@ -48,3 +48,21 @@ def test_a_same_size_edit_of_a_config_reruns_the_stage(cli_run, tmp_path):
     r = cli_run("run", rec, "-o", out)
     assert r.exit_code == 0 and statuses(out) == {"prune": "ran"}, r.output
     assert cfg.read_text() == text
+
+
+def test_an_edit_that_keeps_size_and_mtime_reruns_the_stage(cli_run, tmp_path):
+    """``touch -r`` / ``cp -p`` keep a file's size and mtime over other bytes: the inode change time tells."""
+    out = tmp_path / "run"
+    rec = write_recipe(tmp_path / "r.yaml", calib=SMALL["calib"], check=None)
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    shard = sorted((out / "prune").glob("*.safetensors"))[0]
+    written, st = _sha(shard), shard.stat()
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF
+    with open(shard, "r+b") as f:
+        f.write(raw)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    r = cli_run("run", rec, "-o", out)
+    assert r.exit_code == 0 and statuses(out) == {"prune": "ran"}, r.output
+    assert _sha(shard) == written

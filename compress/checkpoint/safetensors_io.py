@@ -48,8 +48,10 @@ DIRECT_MIN_FILE_BYTES = 16 << 20  # smaller shards (tiny models, tests) go throu
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict:
     """Write a safetensors file straight from the tensors' memory (no serialised copy of the
-    shard in RAM, unlike ``safetensors.torch.save``), hashing while writing. Returns {"sha256", "size"}.
+    shard in RAM, unlike ``safetensors.torch.save``), hashing while writing. Returns {"sha256", "size"}. The file
+    is made new: a link at ``path`` (a resumed partial that came from elsewhere) is removed, not written through.
     """
+    path.unlink(missing_ok=True)
     if any(t.dtype not in DTYPE_NAMES for t in tensors.values()):
         data = save_bytes(tensors, metadata=metadata)  # dtypes we have no code for: the library's way
         path.write_bytes(data)

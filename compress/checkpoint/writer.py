@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from moepress.atomic import replace_file
 from moepress.compress.checkpoint.auxiliary import aux_files
 from moepress.compress.checkpoint.resume import JOURNAL, first_changed_shard, normalized, resumable_journal
 from moepress.compress.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_NAME, write_safetensors
@@ -193,12 +194,10 @@ class CheckpointWriter:
     def _write_journal(self, committing: bool = False) -> None:
         """Replace the journal atomically (by the writing thread; ``_ends`` may name shards still queued).
         ``committing``: the shards are being renamed to their final names, none is resumable any more."""
-        tmp = self._journal_path().with_suffix(".tmp")
         state = {"committing": True} if committing else \
             {"shards": self._shards, "ends": list(self._ends), "digests": self._digests}
-        with naming(tmp):
-            tmp.write_text(json.dumps({"key": self.resume_key, **state}))
-        os.replace(tmp, self._journal_path())
+        with naming(self._journal_path()):
+            replace_file(self._journal_path(), json.dumps({"key": self.resume_key, **state}))
 
     def _drop_unfinished(self) -> None:
         """A resumed journal's shards after its last caller boundary (a layer cut off between two of its

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from moepress.compress.checkpoint import aux_files
+from moepress.compress.checkpoint.auxiliary import check_inside
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, file_stamp, read_manifest, sha256_file
 
@@ -40,6 +41,9 @@ def source_digest(model: Path) -> dict[str, str]:
     """sha256 of the model's files: weights, configs and each file a stage copies (aux_files: tokenizer*)."""
     files = {p.name: p for p in model.iterdir() if p.is_file() and p.name != MANIFEST_NAME and p.suffix in
              (".safetensors", ".json", ".jinja", ".txt", ".model", ".tiktoken", ".py")}
+    for p in files.values():  # their digests travel in every manifest: none of a file outside the checkpoint
+        if p.is_symlink():
+            check_inside(model, p, f"{p}: resolves to")
     return _hashed(dict(sorted({**files, **{p.name: p for p in aux_files(model)}}.items())))
 
 

@@ -30,6 +30,10 @@ def _digests(artifact: Path, files: dict) -> tuple[dict[str, dict], list[str]]:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:  # never read: a manifest names only its own files
             problems.append(f"{artifact / MANIFEST_NAME}: lists '{rel}', outside the artifact")
             continue
+        if _linked(artifact, p):
+            problems.append(f"{p}: a link; an artifact holds its own files, and publish copies no file a link "
+                            "points to")
+            continue
         if not p.is_file():
             problems.append(f"{p}: listed in the manifest but missing")
             continue
@@ -39,9 +43,21 @@ def _digests(artifact: Path, files: dict) -> tuple[dict[str, dict], list[str]]:
             problems.append(f"{p}: sha256 differs from the manifest (modified after it was written)")
     for p in sorted(artifact.rglob("*")):
         rel = p.relative_to(artifact).as_posix()
-        if p.is_file() and p.name != MANIFEST_NAME and rel not in files:
+        if p.is_symlink() and rel not in files:
+            problems.append(f"{p}: a link; an artifact holds its own files, and publish copies no file a link "
+                            "points to")
+        elif p.is_file() and p.name != MANIFEST_NAME and rel not in files:
             problems.append(f"{p}: not listed in the manifest")
     return now, problems
+
+
+def _linked(artifact: Path, p: Path) -> bool:
+    """Whether ``p`` or a folder between it and ``artifact`` is a symbolic link."""
+    while p != artifact and p != p.parent:
+        if p.is_symlink():
+            return True
+        p = p.parent
+    return False
 
 
 def verify(artifact: Path) -> list[str]:
@@ -120,7 +136,7 @@ def publish(artifact: str | Path, to: str, force: bool = False) -> dict:
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            shutil.copytree(src, tmp)
+            shutil.copytree(src, tmp, symlinks=True)  # --force: a link stays a link, its target is not copied
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise MoepressError(f"--to {dst}: cannot copy the artifact ({e.strerror or e})") from None

@@ -104,7 +104,7 @@ class Runner:
         p = self._state_path(sid)
         try:
             return json.loads(p.read_text()) if p.exists() else {}
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # not a state this run can use
             return {}
 
     def _save_state(self, sid: str, state: dict) -> None:
