@@ -1,7 +1,22 @@
-import pytest
-import torch
+import atexit
+import os
+import shutil
+import tempfile
 
-from moepress import models
+# Caches the tests would otherwise leave in the user's home, set before anything imports the libraries that read
+# them: moepress's calibration cache (shared across runs, a new entry for every edit of the code), transformers'
+# copies of remote code (a test loads a tokenizer of its own code), matplotlib's font list. Subprocesses inherit
+# them. Removed when the session ends.
+_SCRATCH = tempfile.mkdtemp(prefix="moepress-tests-")
+atexit.register(shutil.rmtree, _SCRATCH, True)
+for _var, _sub in (("MOEPRESS_CACHE", "moepress-cache"), ("HF_MODULES_CACHE", "hf-modules"),
+                   ("MPLCONFIGDIR", "matplotlib")):
+    os.environ[_var] = os.path.join(_SCRATCH, _sub)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from moepress import models  # noqa: E402
 
 # One thread: tests that spawn processes (torchrun, CLI subprocesses) or run beside other jobs on the
 # 2-core CI machines slow down ~10x when every process asks for 2 threads (measured).

@@ -117,7 +117,10 @@ _servers: dict[str, _Server] = {}
 
 class _Server:
     def __init__(self, kind: str):
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS")}
+        # a moepress child runs the code this process imports (PYTHONPATH kept: a checkout run through a path hook
+        # or sitecustomize); a consumer child imports only what is installed
+        drop = ("OMP_NUM_THREADS",) if kind == "moepress" else ("PYTHONPATH", "OMP_NUM_THREADS")
+        env = {k: v for k, v in os.environ.items() if k not in drop}
         if kind == "moepress" and "OMP_WAIT_POLICY" not in env:  # what the `moepress` entry point sets before torch
             env.setdefault("GOMP_SPINCOUNT", "10000")
         self.dir = Path(tempfile.mkdtemp(prefix=f"forkserver-{kind}-"))

@@ -30,7 +30,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, cli_run, monkeypatch):
         torch.set_num_threads(threads)
     assert r.exit_code == 0, r.output
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEPRESS_CACHE": str(cache)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "MOEPRESS_CACHE": str(cache)}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "moepress", *args, "-o", str(tmp_path / "two")],
                        env=env, capture_output=True, text=True, timeout=300)

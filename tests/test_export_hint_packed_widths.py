@@ -16,7 +16,7 @@ def test_packed_int4_of_128_multiple_widths_is_sent_to_block_fp8(tmp_path):
                p + "down_proj.weight_scale": torch.ones(16, 3, dtype=torch.bfloat16),
                p + "up_proj.weight_packed": torch.zeros(384, 128 // 8, dtype=torch.int32),
                p + "up_proj.weight_scale": torch.ones(384, 1, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"quantization_config": {"quant_method": "compressed-tensors"}}')
     hint = packed_routes(CheckpointReader(tmp_path))
     assert "--format fp8-block, then export hf-fp8-block" in hint, hint
     assert "export onnx" in hint  # INT4 (I32 words), not FP4: onnx decodes it

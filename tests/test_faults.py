@@ -739,8 +739,8 @@ def test_publish_checks_the_copy_before_it_gets_its_name(f3_checked, tmp_path, c
 
     art, copytree = _f3_copy(f3_checked[0], tmp_path), shutil.copytree
 
-    def faulty_copytree(src, dst):
-        copytree(src, dst)
+    def faulty_copytree(src, dst, **kw):
+        copytree(src, dst, **kw)
         shard = next(iter(sorted(dst.glob("model-*.safetensors"))))
         shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
 

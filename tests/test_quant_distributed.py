@@ -36,7 +36,7 @@ def test_two_rank_gloo_quantize_is_byte_identical_to_one_process(tmp_path, cli_r
     # INT4 all depend on every rank's calibration tokens
     args = ["quantize", str(models.path("tiny-deepseek-v3")), "--format", "int4-gptq", "--num-samples", "12",
             "--seq-len", "64", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEPRESS_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "MOEPRESS_CACHE": str(tmp_path / "cache")}
     monkeypatch.setenv("MOEPRESS_CACHE", env["MOEPRESS_CACHE"])
     one = cli_run(*args, "-o", tmp_path / "one")  # the one-process reference, in this process
     assert one.exit_code == 0, one.output[-2000:]
@@ -249,7 +249,7 @@ def _ranks(args_of, env, timeout=120, env_of=lambda r: {}, stdout=False, cwd_of=
 ])
 def test_ranks_started_with_different_options_refuse_in_one_line(tmp_path, cmd, differs, needles):
     """(Another --kv-cache on one rank hung: the same check, before any collective, refuses it.)"""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEPRESS_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "MOEPRESS_CACHE": str(tmp_path / "cache")}
     res = _ranks(lambda r: [*cmd, "-o", str(tmp_path / "out"), "--quiet", *(differs if r else [])], env)
     for code, err in res:
         lines = err.strip().splitlines()
@@ -290,7 +290,7 @@ def test_ranks_reading_other_inputs_by_the_same_names_refuse_in_one_line(tmp_pat
 def test_a_rank_lost_outside_a_stage_layer_loop_is_one_line(tmp_path):
     """calib stats reduces its statistics after its layer loop, outside any peer_errors: a rank killed during the
     loop gave the other a traceback through all_gather_object and exit 1, not the one line and exit 2."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEPRESS_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "MOEPRESS_CACHE": str(tmp_path / "cache")}
     args = ["calib", "stats", "tiny-qwen3-moe", "--num-samples", "4", "--seq-len", "32", "-o", str(tmp_path / "s"),
             "--quiet"]
     (code0, err0), (code1, _) = _ranks(lambda r: args, env, env_of=lambda r: {"MOEPRESS_KILL_AT": "calib stats:1"}
