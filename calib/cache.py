@@ -18,7 +18,6 @@ import glob
 import hashlib
 import json
 import os
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ import torch
 from moepress.calib.sources import sidecar_path
 from moepress.codeid import package_digest
 from moepress.errors import MoepressError
+from moepress.manifest import installed_versions
 from moepress.outputs import pid_alive
 
 FORMAT = "moepress-calib"
@@ -65,13 +65,7 @@ READERS = ("datasets", "pyarrow")
 @functools.cache
 def reader_versions() -> dict[str, str]:
     """The installed versions of ``READERS`` (those not installed left out)."""
-    out = {}
-    for name in READERS:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return installed_versions(READERS)
 
 
 def cache_key(fields: dict) -> str:

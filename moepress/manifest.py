@@ -41,15 +41,20 @@ def file_stamp(st: os.stat_result) -> dict:
             "ino": st.st_ino}
 
 
-def library_versions() -> dict[str, str]:
-    """Python's and the installed libraries' versions (those not installed left out)."""
-    out = {"python": platform.python_version()}
-    for name in _LIBRARIES:
+def installed_versions(names) -> dict[str, str]:
+    """The installed versions of the distributions ``names`` (those not installed left out)."""
+    out = {}
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def library_versions() -> dict[str, str]:
+    """Python's and the installed libraries' versions (those not installed left out)."""
+    return {"python": platform.python_version(), **installed_versions(_LIBRARIES)}
 
 
 def versions() -> dict[str, str]:
