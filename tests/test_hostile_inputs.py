@@ -298,9 +298,10 @@ def test_a_shard_written_where_a_resumed_partial_holds_a_link_replaces_the_link(
 def test_a_users_own_link_beside_the_runs_files_is_not_refused(cli_run, tmp_path):
     rec, out, _ = _run_dir(tmp_path)
     os.symlink(rec, out / "my-recipe.yaml")
+    os.symlink(rec, out / "run.sh")
     r = cli_run("run", rec, "-o", out, "--quiet")
     assert r.exit_code == 0, r.output
-    assert (out / "my-recipe.yaml").is_symlink()
+    assert (out / "my-recipe.yaml").is_symlink() and (out / "run.sh").is_symlink()
 
 
 def test_a_manifest_nested_past_the_readers_depth_is_one_line(cli_run, tmp_path):

@@ -17,8 +17,9 @@ from moepress.errors import MoepressError
 
 SUFFIXES = (".partial.lock", ".partial")
 FOLDERS = ("export", "check", "build", ".state")  # a run directory's folders of stage outputs and state
-# what a run writes at the top of its directory (with .partial, .partial.lock and .tmp siblings)
-RUN_NAMES = ("prune", "quantize", "export", "check", "build", "recipe", "run")
+# what a run writes at the top of its directory, and their .partial, .partial.lock and .tmp siblings
+RUN_NAMES = {f"{n}{s}" for n in ("prune", "quantize", "export", "check", "build", "recipe.yaml", "run.json", ".state")
+             for s in ("", ".partial", ".partial.lock", ".tmp")}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a format, check, target or builder name: one path part
 
 
@@ -61,8 +62,7 @@ def refuse_links(out: Path) -> None:
     partials, recipe.yaml, run.json, .state/ and the stage folders' entries): the run would write through it or
     remove what it points to, outside the directory. ``out`` itself may be a link (the user's choice of where the
     run goes), and so may a file of the user's beside the run's."""
-    entries = [p for p in out.iterdir() if p.name == ".state" or p.name.split(".")[0] in RUN_NAMES] \
-        if out.is_dir() else []
+    entries = [p for p in out.iterdir() if p.name in RUN_NAMES] if out.is_dir() else []
     for d in FOLDERS:
         if (out / d).is_dir() and not (out / d).is_symlink():
             entries += (out / d).iterdir()
