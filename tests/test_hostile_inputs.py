@@ -309,3 +309,20 @@ def test_a_manifest_nested_past_the_readers_depth_is_one_line(cli_run, tmp_path)
     assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8-dynamic", "-o", a, "--quiet").exit_code == 0
     (a / "moepress-manifest.json").write_text("[" * 100_000 + "]" * 100_000)
     assert_one_line_error(cli_run("publish", a, "--to", tmp_path / "pub"), "moepress-manifest.json", "nested")
+
+
+def test_a_resumed_partial_holding_links_at_the_names_it_writes_is_never_written_through(tmp_path):
+    """A partial that came from elsewhere, resumed: its config.json and tokenizer.json were links outside."""
+    from moepress.compress.checkpoint.writer import CheckpointWriter
+
+    victim = tmp_path / "victim"
+    victim.write_text("a user's file\n")
+    m = _model(tmp_path)
+    w = CheckpointWriter(tmp_path / "out")
+    for name in ("config.json", "tokenizer.json"):
+        os.symlink(victim, w.partial / name)
+    w.write_json("config.json", {"a": 1})
+    w.copy_aux_files(m)
+    assert victim.read_text() == "a user's file\n"
+    assert json.loads((w.partial / "config.json").read_text()) == {"a": 1}
+    assert (w.partial / "tokenizer.json").read_bytes() == (m / "tokenizer.json").read_bytes()

@@ -276,12 +276,13 @@ class CheckpointWriter:
         path = self.partial / relname
         with naming(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            replace_file(path, text)  # made anew: a resumed partial may hold a link at the name
 
     def copy_aux_files(self, src: str | os.PathLike) -> list[str]:
         copied = []
         for p in aux_files(Path(src)):
             with naming(self.partial / p.name):
+                (self.partial / p.name).unlink(missing_ok=True)  # a link there is replaced, not written through
                 shutil.copy2(p, self.partial / p.name)
             copied.append(p.name)
         return copied
