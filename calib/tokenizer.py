@@ -30,14 +30,13 @@ def needs_remote_code(model_dir: str | Path) -> bool:
     """True when the tokenizer is a class shipped as Python code in the checkpoint (Kimi K2's): an ``auto_map``
     whose ``tokenizer_class`` transformers does not have. Where it has the class, it loads its own without
     trust_remote_code (and with it would run the checkpoint's code instead), so none is asked for."""
-    if not _auto_map(Path(model_dir)):
-        return False
-    return not native_tokenizer(_tokenizer_config(Path(model_dir)).get("tokenizer_class"))
+    cfg = _tokenizer_config(Path(model_dir))
+    return _auto_map(cfg) and not native_tokenizer(cfg.get("tokenizer_class"))
 
 
-def _auto_map(model_dir: Path) -> bool:
-    """Whether tokenizer_config.json names a tokenizer class of the checkpoint's own code (``auto_map``)."""
-    auto = _tokenizer_config(model_dir).get("auto_map") or {}
+def _auto_map(cfg: dict) -> bool:
+    """Whether tokenizer_config.json (``cfg``) names a tokenizer class of the checkpoint's own code (``auto_map``)."""
+    auto = cfg.get("auto_map") or {}
     return bool(auto.get("AutoTokenizer") if isinstance(auto, dict) else auto)
 
 
@@ -51,14 +50,15 @@ def native_tokenizer(name) -> bool:
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    if needs_remote_code(model_dir) and not trust_remote_code:
+    needs = needs_remote_code(model_dir)
+    if needs and not trust_remote_code:
         raise MoepressError(f"{model_dir}: the tokenizer needs its own Python code; "
                             f"pass --trust-remote-code to allow it")
     tokenizer_files(model_dir)
+    # not the checkpoint's tokenizer code beside a class transformers has (tokenizer_config.json's auto_map and
+    # tokenizer_class): with trust_remote_code, transformers runs that code in place of its own class
+    shadowed = not needs and _auto_map(_tokenizer_config(Path(model_dir)))
     try:
-        # not the checkpoint's tokenizer code beside a class transformers has (tokenizer_config.json's auto_map and
-        # tokenizer_class): with trust_remote_code, transformers runs that code in place of its own class
-        shadowed = _auto_map(Path(model_dir)) and not needs_remote_code(model_dir)
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code and not shadowed,
                                              **_family_config(Path(model_dir)))
     except ValueError as e:

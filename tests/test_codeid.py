@@ -15,20 +15,22 @@ MODULES = {"moepress": {"__init__.py": "A = 1\n", "cli/__init__.py": "B = 2\n"},
            "moepress.compress": {"__init__.py": "C = 3\n", "quant/fp8.py": "D = 4\n"}}
 
 
-def _write(root, files: dict) -> None:
+def _write(root, files: dict):
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
+    return root
 
 
-def _digest(monkeypatch, locations: dict) -> str:
+def _digest(monkeypatch, locations: dict, *packages: str) -> str:
+    """package_digest of ``packages`` (default: MODULES') with each package found at ``locations[name]``."""
     class Spec:
         def __init__(self, where):
             self.submodule_search_locations = [str(where)]
 
     monkeypatch.setattr(codeid.importlib.util, "find_spec", lambda name: Spec(locations[name]))
     try:
-        return codeid.package_digest.__wrapped__(*MODULES)
+        return codeid.package_digest.__wrapped__(*(packages or MODULES))
     finally:
         monkeypatch.setattr(codeid.importlib.util, "find_spec", importlib.util.find_spec)
 

@@ -4,9 +4,10 @@ the import system pointed at it (as tests/test_codeid.py does)."""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import tomllib
+
+from test_codeid import _digest, _write
 
 from moepress import codeid
 
@@ -15,22 +16,7 @@ FILES = {"__init__.py": "A = 1\n", "cli/__init__.py": "B = 2\n", "quant/fp8.py":
 
 
 def _tree(root: pathlib.Path, files: dict = FILES) -> pathlib.Path:
-    for rel, text in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-    return root
-
-
-def _digest(monkeypatch, where: dict, *packages: str) -> str:
-    class Spec:
-        def __init__(self, p):
-            self.submodule_search_locations = [str(p)]
-
-    monkeypatch.setattr(codeid.importlib.util, "find_spec", lambda name: Spec(where[name]))
-    try:
-        return codeid.package_digest.__wrapped__(*packages)
-    finally:
-        monkeypatch.setattr(codeid.importlib.util, "find_spec", importlib.util.find_spec)
+    return _write(root, files)
 
 
 def test_a_module_renamed_with_the_same_bytes_is_other_code(tmp_path, monkeypatch):

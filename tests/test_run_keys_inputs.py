@@ -31,37 +31,31 @@ def test_edited_weights_make_the_run_quantize_again(cli_run, tmp_path):
     assert statuses(out) == {"quantize": "ran"}
 
 
-def test_data_folder_file_in_a_subfolder_edited_makes_the_check_run_again(cli_run, tmp_path):
-    """A text folder as check.data is read recursively (calib/sources/hashing.py text_files: rglob): an edited
-    file in a subfolder is other evaluation data."""
+def _edited_data_folder_reruns_the_check(cli_run, tmp_path, files: list[str], edited: str) -> None:
+    """A text folder of ``files`` as check.data, run, ``edited`` rewritten, run again: only the check runs."""
     text = (models.path("tiny-mixtral") / "config.json").read_text() * 40
     data = tmp_path / "eval"
-    (data / "sub").mkdir(parents=True)
-    (data / "top.txt").write_text(text)
-    (data / "sub" / "nested.txt").write_text(text)
+    for rel in files:
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_text(text)
     rec = write_recipe(tmp_path / "r.yaml", prune="skip", quantize={"format": "fp8-dynamic"},
                        check={**CHECK, "data": str(data)})
     out = tmp_path / "run"
     assert cli_run("run", rec, "-o", out).exit_code == 0
-    (data / "sub" / "nested.txt").write_text(text[::-1])
+    (data / edited).write_text(text[::-1])
     assert cli_run("run", rec, "-o", out).exit_code == 0
     assert statuses(out) == {"quantize": "skipped", "check:quantized": "ran"}
+
+
+def test_data_folder_file_in_a_subfolder_edited_makes_the_check_run_again(cli_run, tmp_path):
+    """A text folder as check.data is read recursively (calib/sources/hashing.py text_files: rglob): an edited
+    file in a subfolder is other evaluation data."""
+    _edited_data_folder_reruns_the_check(cli_run, tmp_path, ["top.txt", "sub/nested.txt"], "sub/nested.txt")
 
 
 def test_data_folder_two_files_of_one_name_each_count(cli_run, tmp_path):
     """a/x.txt and b/x.txt are two files of the evaluation data: editing the first is other data too."""
-    text = (models.path("tiny-mixtral") / "config.json").read_text() * 40
-    data = tmp_path / "eval"
-    for sub in ("a", "b"):
-        (data / sub).mkdir(parents=True)
-        (data / sub / "x.txt").write_text(text)
-    rec = write_recipe(tmp_path / "r.yaml", prune="skip", quantize={"format": "fp8-dynamic"},
-                       check={**CHECK, "data": str(data)})
-    out = tmp_path / "run"
-    assert cli_run("run", rec, "-o", out).exit_code == 0
-    (data / "a" / "x.txt").write_text(text[::-1])
-    assert cli_run("run", rec, "-o", out).exit_code == 0
-    assert statuses(out) == {"quantize": "skipped", "check:quantized": "ran"}
+    _edited_data_folder_reruns_the_check(cli_run, tmp_path, ["a/x.txt", "b/x.txt"], "a/x.txt")
 
 
 def test_a_standalone_check_with_the_same_verdict_but_other_figures_makes_the_run_check_again(cli_run, tmp_path):

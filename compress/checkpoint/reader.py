@@ -109,8 +109,10 @@ class CheckpointReader:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         _check_directory(self.path)
-        for p in [*self.path.glob("*.json"), *aux_files(self.path)]:  # what stages read and copy: its own files
-            check_inside(self.path, p, f"{p}: resolves to")
+        for p in self.path.glob("*.json"):  # what stages read and copy: its own files (aux_files refuses the rest)
+            if p.is_symlink():
+                check_inside(self.path, p, f"{p}: resolves to")
+        aux_files(self.path)
         self.config: dict = read_config_file(self.path / "config.json")
         if not isinstance(self.config.get("quantization_config") or {}, dict):
             raise MoepressError(f"{self.path / 'config.json'}: quantization_config is "

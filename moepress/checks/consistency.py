@@ -28,31 +28,31 @@ SAME = ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
         "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 
 
-def _candidate(candidate: Path) -> tuple[Path, Adapter | None]:
-    """The candidate's folder (beside an ONNX file: the file's) and the adapter its config.json builds (None:
-    no config.json, an architecture moepress does not stream, or a config it refuses: its loader says)."""
-    folder = candidate if candidate.is_dir() else candidate.parent
-    conf = config_json(folder)
+def refuse_other_family(candidate: Path, reference, ref: Adapter) -> Adapter | None:
+    """One line where ``candidate`` (its config.json, beside an ONNX file its folder's, else its graph's name) is
+    another family than the reference's, before it is loaded: with the same vocabulary it would run, and fail or
+    pass on numbers of two unrelated models. Returns the adapter its config.json builds, for
+    :func:`refuse_other_config` (None: no config.json, or one moepress does not stream or refuses: its loader
+    says)."""
+    conf = config_json(candidate if candidate.is_dir() else candidate.parent)
     try:
-        return folder, adapter_class(conf)(conf) if conf is not None else None
-    except MoepressError:
-        return folder, None
-
-
-def refuse_other_family(candidate: Path, reference, ref: Adapter) -> None:
-    """One line where ``candidate`` (its config.json, else its ONNX graph's name) is another family than the
-    reference's, before it is loaded: with the same vocabulary it would run, and fail or pass on numbers of two
-    unrelated models."""
-    _, cand = _candidate(candidate)
-    other = cand.family if cand is not None else graph_family(candidate)
+        cls = adapter_class(conf or {})
+    except MoepressError:  # no config.json, or an architecture moepress does not stream
+        cls = None
+    other = cls.family if cls is not None else graph_family(candidate)
     if other is not None and other != ref.family:
         raise MoepressError(f"{candidate}: a {other} model, the reference {reference} is {ref.family}; expected "
                             "the checkpoint the candidate was made from")
+    try:
+        return cls(conf) if cls is not None else None
+    except MoepressError:
+        return None
 
 
-def refuse_other_config(candidate: Path, reference, ref: Adapter) -> None:
-    """One line where ``candidate``'s config.json sets one of ``SAME`` otherwise than the reference's."""
-    folder, cand = _candidate(candidate)
+def refuse_other_config(candidate: Path, reference, ref: Adapter, cand: Adapter | None) -> None:
+    """One line where the candidate's config.json (``cand``: its adapter) sets one of ``SAME`` otherwise than
+    the reference's."""
+    folder = candidate if candidate.is_dir() else candidate.parent
     for key in SAME if cand is not None else ():
         mine, theirs = getattr(cand.hf_config, key, None), getattr(ref.hf_config, key, None)
         if mine != theirs:

@@ -353,13 +353,13 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
     t0 = time.monotonic()
     ref_dir = Path(reference)
     ref = _open_reference(candidate, reference, cfg, device)
-    refuse_other_family(Path(candidate), reference, ref.adapter)
+    own = refuse_other_family(Path(candidate), reference, ref.adapter)  # its config's adapter
     cand = open_candidate(candidate, cfg, device)
     try:
         if cand.vocab_size is not None and cand.vocab_size != ref.adapter.vocab_size:
             raise MoepressError(f"{candidate}: vocabulary of {cand.vocab_size} tokens, the reference "
                                 f"{reference} has {ref.adapter.vocab_size}")
-        refuse_other_config(Path(candidate), reference, ref.adapter)
+        refuse_other_config(Path(candidate), reference, ref.adapter, own)
         batches, data = eval_data(ref_dir, cfg)
         notes = _data_notes(Path(candidate), ref_dir, data, batches, cfg.trust_remote_code) + cand.notes
         if cfg.max_samples and data.get("samples", cfg.max_samples) < cfg.max_samples:  # the text ran out

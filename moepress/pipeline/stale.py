@@ -19,7 +19,7 @@ SUFFIXES = (".partial.lock", ".partial")
 FOLDERS = ("export", "check", "build", ".state")  # a run directory's folders of stage outputs and state
 # what a run writes at the top of its directory, and their .partial, .partial.lock and .tmp siblings
 RUN_NAMES = {f"{n}{s}" for n in ("prune", "quantize", "export", "check", "build", "recipe.yaml", "run.json", ".state")
-             for s in ("", ".partial", ".partial.lock", ".tmp")}
+             for s in ("", ".tmp", *SUFFIXES)}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a format, check, target or builder name: one path part
 
 
