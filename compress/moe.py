@@ -179,14 +179,23 @@ class DecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        residual = hidden_states
-        h = self.input_layernorm(hidden_states)
-        h, _ = self.self_attn(hidden_states=h, position_embeddings=position_embeddings,
-                              attention_mask=attention_mask)
-        h = residual + h
-        residual = h
-        h = self.ffn(self.post_attention_layernorm(h))
-        return residual + h
+        return self.parts(hidden_states, position_embeddings, attention_mask)[2]
+
+    def parts(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+              attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the attention block's output, the feed-forward block's output, the layer's output): the forward's
+        steps, so that a check can hold each block to the reference's on the same input."""
+        attn = self.attention(hidden_states, position_embeddings, attention_mask)
+        h = hidden_states + attn
+        ffn = self.ffn(self.post_attention_layernorm(h))
+        return attn, ffn, h + ffn
+
+    def attention(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention block's output (before the residual is added)."""
+        h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states),
+                              position_embeddings=position_embeddings, attention_mask=attention_mask)
+        return h
 
 
 # ---- observable attention ----------------------------------------------------------------------

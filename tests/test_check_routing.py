@@ -13,7 +13,7 @@ import torch
 from moepress.checks.config import GATES, CheckConfig, evaluate_gates, refuse_unmeasurable
 from moepress.checks.report import accuracy_section
 from moepress.checks.routing import PROBE_TOKENS, Agreement, RouteCapture, _order
-from moepress.checks.runner import _moe_rows
+from moepress.checks.rows import _moe_rows
 from moepress.checks.verify import recompute_gates
 from moepress.errors import MoepressError
 
@@ -22,6 +22,7 @@ class _Moe:
     def __init__(self, n: int):
         self.num_experts, self.observers = n, []
         self.experts = [torch.nn.Identity() for _ in range(n)]
+        self.shared_experts = None
 
 
 def test_probe_is_16_tokens_spread_over_the_first_batch():
@@ -44,12 +45,13 @@ def test_order_is_a_renumbering_or_the_identity():
 
 def test_a_nan_expert_error_wins_over_the_other_layers():
     m = {}
-    _moe_rows({1: Agreement(1.0, False, 0.1, 0), 2: Agreement(1.0, False, math.nan, 3),
-               3: Agreement(0.9, False, 0.2, 1)}, m)
+    _moe_rows({1: Agreement(1.0, False, 0.1, 0, 1.0, 0), 2: Agreement(1.0, False, math.nan, 3, math.nan, 3),
+               3: Agreement(0.9, False, 0.2, 1, 2.0, 1)}, m)
     assert math.isnan(m["max_expert_error"]) and m["min_routing_overlap"] == 0.9
+    assert math.isnan(m["max_expert_error_ratio"])
 
 
-@pytest.mark.parametrize("field", ["min_routing_overlap", "max_expert_error"])  # literal: not derived from GATES
+@pytest.mark.parametrize("field", ["min_routing_overlap", "max_expert_error", "max_expert_error_ratio"])
 def test_an_asked_routing_gate_is_refused_where_there_is_no_routing(field):
     with pytest.raises(MoepressError, match=f"--{field.replace('_', '-')}"):
         refuse_unmeasurable(CheckConfig(**{field: 0.5}, asked=(field,)), "routing", "pruned")
@@ -70,16 +72,21 @@ def test_every_gate_metric_reaches_the_manifest_and_publish_re_evaluates_it():
 def test_the_expert_error_does_not_depend_on_the_batch_size(cli_run, tmp_path):
     """The 16 tokens each expert is probed on were spread over the first batch: --batch-size 8, 3, 1 read
     max_expert_error 0.123, 0.143, 0.118 for one int4-awq candidate (here 0.123 - 0.132). Taken from the
-    first sample now."""
+    first sample now; the blocks' errors from the first 8 samples."""
     q = tmp_path / "q"
     assert cli_run("quantize", "tiny-qwen3-moe", "--format", "int4-awq", "--num-samples", "2", "--seq-len", "32",
                    "-o", q, "--quiet").exit_code == 0
-    got = set()
+    got, attention = set(), set()
     for b in (8, 3, 1):
         r = cli_run("check", q, "--reference", "tiny-qwen3-moe", "--max-samples", "4", "--seq-len", "64",
                     "--batch-size", b, "--quiet", "--json", "--max-ppl-increase", "none", "--min-top1", "none",
                     "--max-kl", "none", "--max-expert-error", "none")
         assert r.exit_code == 0, r.output
-        got.add(json.loads(r.stdout)["metrics"]["max_expert_error"])
+        m = json.loads(r.stdout)["metrics"]
+        got.add(m["max_expert_error"])
+        attention.add(m["max_attention_error_ratio"])
     # the same probe tokens: equal but for the float rounding of batched matmuls (measured 1.1e-7 relative)
     assert min(got) > 0 and max(got) / min(got) - 1 < 5e-7, got
+    # the blocks on the first 8 samples, whatever the batches: taken from the first batch, the attention ratio
+    # moved with the batch size
+    assert min(attention) > 0 and max(attention) / min(attention) - 1 < 1e-5, attention

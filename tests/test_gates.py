@@ -9,7 +9,8 @@ from moepress.checks.config import GATES, CheckConfig, evaluate_gates
 from moepress.checks.verify import recompute_gates, verify_section
 
 MIN_GATES = {"top1_agreement", "min_layer_cosine", "min_routing_overlap"}  # pass at or above the threshold
-MAX_GATES = {"ppl_increase", "kl_mean", "kl_p99", "max_layer_rel_error", "max_expert_error"}  # at or below
+MAX_GATES = {"ppl_increase", "kl_mean", "kl_p99", "max_layer_rel_error", "max_expert_error",  # at or below
+             "max_expert_error_ratio", "max_attention_error_ratio"}
 
 
 def test_each_gate_fails_on_the_wrong_side_of_its_threshold():
@@ -40,20 +41,21 @@ def test_default_gates_are_the_documented_ones():
     """README "Accuracy gates for CI" and CheckConfig's docstring."""
     c = CheckConfig()
     assert (c.max_ppl_increase, c.min_top1, c.max_kl, c.max_kl_p99, c.min_cosine, c.max_layer_error,
-            c.min_routing_overlap, c.max_expert_error) == (0.02, 0.85, 0.05, None, None, 1.0, 0.95, 0.5)
+            c.min_routing_overlap, c.max_expert_error, c.max_expert_error_ratio, c.max_attention_error_ratio) == \
+        (0.02, 0.85, 0.05, None, None, 1.0, 0.95, 0.5, 3.0, 4.0)
 
 
 def test_max_layer_rel_error_is_the_worst_layers():
     """The worst layer's error, not the last's (on real models the error grows, so the two agree there)."""
     from moepress.calib.metrics import LayerStats
-    from moepress.checks.runner import _layer_metrics
+    from moepress.checks.rows import layer_metrics
 
     ref = torch.ones(1, 4, 8)
     layers = [LayerStats(), LayerStats()]
     layers[0].add(ref, ref * 3)  # relative error 2
     layers[1].add(ref, ref * 1.1)  # 0.1
     metrics = {}
-    _layer_metrics(layers, None, {}, metrics)
+    layer_metrics(layers, None, {}, {}, metrics)
     assert abs(metrics["max_layer_rel_error"] - 2.0) < 1e-12 and abs(metrics["final_layer_rel_error"] - 0.1) < 1e-6
 
 

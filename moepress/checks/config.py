@@ -43,7 +43,7 @@ def parse_fraction(value, option: str) -> float | None:
 
 
 GATE_FIELDS = ("max_ppl_increase", "min_top1", "max_kl", "max_kl_p99", "min_cosine", "max_layer_error",
-               "min_routing_overlap", "max_expert_error")
+               "min_routing_overlap", "max_expert_error", "max_expert_error_ratio", "max_attention_error_ratio")
 # gates whose values are shares, written <= 1 or as %
 SHARES = ("max_ppl_increase", "min_top1", "min_cosine", "min_routing_overlap")
 AT_MOST_ONE = ("min_top1", "min_cosine", "min_routing_overlap")  # what they gate is at most 1
@@ -63,7 +63,11 @@ class CheckConfig:
     ``min_routing_overlap`` the lowest per-MoE-layer share of the reference's expert choices the candidate's
     router makes on the same inputs; ``max_expert_error`` the largest error of one routed expert's output on
     the reference's inputs to its layer against the reference expert its router row stands for, relative to
-    the smaller of the two, every expert whether the eval tokens reach it or not (checks/routing.py).
+    the smaller of the two, every expert whether the eval tokens reach it or not, the shared experts too
+    (checks/routing.py); ``max_expert_error_ratio`` the largest ratio of one expert's error to the median error
+    of its layer's routed experts stored alike, and ``max_attention_error_ratio`` of one layer's attention
+    block's own error (on the reference's input to the layer) to the median over the layers whose attention is
+    stored alike (checks/peers.py, checks/local.py): a fault in one block stands out against its peers.
     Data: ``data`` (None: the bundled held-out text), ``seq_len`` tokens per sample,
     ``max_samples`` samples, ``batch_size``. ``generate`` prompts decoded greedily for
     ``gen_tokens`` tokens each, side by side. ``kind`` the candidate kind (``auto``: detected).
@@ -77,6 +81,8 @@ class CheckConfig:
     max_layer_error: float | None = 1.0
     min_routing_overlap: float | None = 0.95
     max_expert_error: float | None = 0.5
+    max_expert_error_ratio: float | None = 3.0
+    max_attention_error_ratio: float | None = 4.0
     data: str | None = None
     seq_len: int = 256
     max_samples: int = 32
@@ -133,7 +139,9 @@ class Gate:
     op: str  # "<=" or ">="
     option: str  # the CLI flag
     percent: bool = False  # show as a percentage
-    needs: str = ""  # measured only for some candidates: "layers" (per-layer hidden states), "routing"
+    # measured only for some candidates: "layers" (per-layer hidden states), "routing" (a streamed candidate with the
+    # reference's experts), "blocks" (a streamed candidate with the reference's layers)
+    needs: str = ""
 
 
 GATES = (
@@ -145,6 +153,9 @@ GATES = (
     Gate("max_layer_rel_error", "max_layer_error", "<=", "--max-layer-error", needs="layers"),
     Gate("min_routing_overlap", "min_routing_overlap", ">=", "--min-routing-overlap", needs="routing"),
     Gate("max_expert_error", "max_expert_error", "<=", "--max-expert-error", needs="routing"),
+    Gate("max_expert_error_ratio", "max_expert_error_ratio", "<=", "--max-expert-error-ratio", needs="routing"),
+    Gate("max_attention_error_ratio", "max_attention_error_ratio", "<=", "--max-attention-error-ratio",
+         needs="blocks"),
 )
 
 

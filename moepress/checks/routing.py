@@ -21,9 +21,11 @@ count (not for pruned ones, whose experts are others).
 
 Each expert's own error: the candidate expert's output on those tokens against its reference expert's,
 every expert whether or not the eval tokens reach it, relative to the smaller of the two outputs, so an
-expert scaled by 2 or by 1/2 reads 1.0 alike. A wrong scale on an expert the router rarely picks moves
-the whole model's outputs by a fraction of a percent, under every whole-model gate; on the expert itself
-it is an error of the expert's own size.
+expert scaled by 2 or by 1/2 reads 1.0 alike; the shared experts likewise, against the reference's. A wrong
+scale on an expert the router rarely picks moves the whole model's outputs by a fraction of a percent,
+under every whole-model gate; on the expert itself it is an error of the expert's own size. Each expert's
+error is also held to its peers' (``peers``): over the median error of the layer's routed experts stored
+alike, on the same tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import NamedTuple
 
 import torch
 
+from moepress.checks.peers import peer_ratios, relative_error, stored_form
 from moepress.compress.moe import SparseMoE
 
 PROBE_TOKENS = 16  # tokens each expert's output is kept on, to match candidate experts to the reference's
@@ -44,7 +47,9 @@ class Agreement(NamedTuple):
     share: float  # of (token, expert) choices both routers make, over the larger top-k
     renumbered: bool  # the candidate's experts are the reference's in another order
     expert_error: float  # largest over experts: |out_cand - out_ref| / min(|out_cand|, |out_ref|), probe tokens
-    worst_expert: int  # the candidate's expert with that error
+    worst_expert: int | str  # the candidate's expert with that error ("shared": the shared experts)
+    error_ratio: float | None  # largest over experts: its error / the median of its peers' (None: too few alike)
+    ratio_expert: int | str | None  # the expert with that ratio
 
 
 class RouteCapture:
@@ -58,6 +63,7 @@ class RouteCapture:
         self.probe: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None  # [tokens, experts]: the router's logits on the probe
         self.outputs: torch.Tensor | None = None  # [experts, tokens, hidden]
+        self.shared: torch.Tensor | None = None  # [tokens, hidden]: the shared experts' output on the probe
         moe.observers.append(self)
 
     @torch.no_grad()
@@ -70,6 +76,8 @@ class RouteCapture:
             pick = torch.linspace(0, n - 1, min(PROBE_TOKENS, n)).round().long().to(x.device)
             self.probe, self.scores = x[pick], logits[pick].float()
             self.outputs = _expert_outputs(moe, self.probe)
+            if moe.shared_experts is not None:
+                self.shared = moe.shared_experts(self.probe).float()
 
     @torch.no_grad()
     def overlap(self, moe: SparseMoE) -> Agreement | None:
@@ -82,15 +90,20 @@ class RouteCapture:
         order = _order(moe.route(moe, probe)[0].float().to(self.scores.device), self.scores)
         mine = ref[order.to(ref.device)]  # the reference expert each candidate expert's router row stands for
         cand = _expert_outputs(moe, probe).to(ref.device)
-        size = torch.minimum(cand.flatten(1).norm(dim=1), mine.flatten(1).norm(dim=1))
-        diff = (cand - mine).flatten(1).norm(dim=1)
         # an expert whose output is zero on one side and not the other: inf, which fails any finite gate; one
-        # whose output is not finite (NaN weights) reads NaN, which no gate passes (NaN compared is False, so it
-        # took the zero-output branch and read 0)
-        silent = torch.where(diff > 0, math.inf, 0.0).to(diff.dtype)  # one side's output zero: inf, both: 0
-        err = torch.where(size > 0, diff / size.clamp_min(torch.finfo(size.dtype).tiny), silent)
-        err = torch.where(torch.isfinite(diff) & torch.isfinite(size), err, math.nan).cpu()
-        worst = int(err.nan_to_num(math.inf).argmax())
+        # whose output is not finite (NaN weights) reads NaN, which no gate passes
+        errors = relative_error(cand - mine, cand, mine).cpu().tolist()
+        names: list[int | str] = list(range(len(errors)))
+        forms = [stored_form(e) for e in moe.experts]
+        judged = []
+        if self.shared is not None and moe.shared_experts is not None:
+            sc = moe.shared_experts(probe).float().to(ref.device)[None]
+            judged = [(float(relative_error(sc - self.shared[None], sc, self.shared[None])[0]),
+                       stored_form(moe.shared_experts))]
+            names.append("shared")
+        routed, shared = peer_ratios(errors, forms, judged)
+        worst, err = _worst_of(names, errors + [e for e, _ in judged])
+        ratio_at, ratio = _worst_of(names, routed + shared)
         hits = total = 0
         for x, ref_idx in self.seen:
             _, _, idx = moe.route(moe, x.to(moe.gate.weight.device))
@@ -98,7 +111,15 @@ class RouteCapture:
             idx = order.to(dev)[idx.to(dev)]  # the candidate's expert j is the reference's order[j]
             hits += int((ref_idx[:, :, None] == idx[:, None, :]).any(-1).sum())
             total += ref_idx.shape[0] * max(ref_idx.shape[1], idx.shape[1])
-        return Agreement(hits / total, bool((order != torch.arange(len(order))).any()), float(err[worst]), worst)
+        return Agreement(hits / total, bool((order != torch.arange(len(order))).any()), err, worst, ratio, ratio_at)
+
+
+def _worst_of(names: list, values: list[float | None]) -> tuple:
+    """(name, value) of the largest value, a NaN the largest of all; (None, None) where every value is None."""
+    pairs = [(n, v) for n, v in zip(names, values, strict=True) if v is not None]
+    if not pairs:
+        return None, None
+    return max(pairs, key=lambda p: math.inf if math.isnan(p[1]) else p[1])
 
 
 def _order(cand: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

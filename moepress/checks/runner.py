@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,20 +20,20 @@ import torch
 import torch.nn.functional as F
 
 from moepress.calib.data import DEFAULT_EVAL, calibration_set, eval_batches, load_tokenizer
-from moepress.calib.metrics import LayerStats, LogitStats, error_jump
+from moepress.calib.metrics import LayerStats, LogitStats
 from moepress.calib.sources import TEXT_SUFFIXES
 from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.candidates.checkpoint import native_block_fp8, runtime_activations, unstreamed_activations
 from moepress.checks.config import CheckConfig, check_passed, evaluate_gates, refuse_unmeasurable
 from moepress.checks.consistency import refuse_other_config, refuse_other_family
 from moepress.checks.lineage import calibrated_on, made_from_another
+from moepress.checks.local import BlockErrors, BlockProbe
 from moepress.checks.routing import Agreement, RouteCapture
+from moepress.checks.rows import layer_metrics
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 
 PROMPT_TOKENS = 16
-# Relative hidden-state error below which two runs count as equal (float32 rounding between runtimes).
-JUMP_FLOOR = 1e-5
 
 
 def eval_data(ref_dir: Path, cfg: CheckConfig) -> tuple[list[torch.Tensor], dict]:
@@ -103,7 +102,9 @@ class _Lockstep:
 
 @torch.no_grad()
 def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit_stats: LogitStats, task,
-              routing: dict[int, Agreement]):
+              routing: dict[int, Agreement], blocks: dict[int, BlockErrors]):
+    """The candidate streamed beside the reference; per layer (``layers`` given: the same layer count) its hidden
+    states, its blocks on the reference's inputs (``blocks``) and its routing and experts (``routing``)."""
     cs = cand.stream
     hr, hc = ref.embed(batches), cs.embed(batches)
     embed = LayerStats()
@@ -111,10 +112,11 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
         embed.add(a, b)
     n = max(ref.num_layers, cs.num_layers)
     order = [(m, i) for i in range(n) for m in (ref, cs) if i < m.num_layers]
-    capture = None
+    capture = probe = None
     for sm, i, layer in _Lockstep(order):
         if sm is ref:
             moe = layer.moe
+            probe = BlockProbe(ref, layer, hr) if layers is not None else None  # before the observers
             capture = RouteCapture(moe, batches[0].shape[1]) if moe is not None else None
             hr = ref.run_layer(layer, hr)
             del layer, moe  # freed before the next one is built: one layer runs, the next is being read
@@ -122,7 +124,9 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
         moe = layer.moe
         if capture is not None and moe is not None and (got := capture.overlap(moe)) is not None:
             routing[i] = got
-        capture = None
+        if probe is not None:
+            blocks[i] = probe.compare(cs, layer)
+        capture = probe = None
         hc = cs.run_layer(layer, hc)
         del layer, moe
         if layers is not None:
@@ -265,42 +269,6 @@ def _refuse_other_ids(candidate: Path, ref_dir: Path, batches: list[torch.Tensor
                             "tokenizer, or a reference with this one")
 
 
-def _worst(pick, values: list[float]) -> float:
-    """``pick`` (min / max) of ``values``, NaN if any is: min() and max() skip a NaN after a finite value."""
-    return math.nan if any(v != v for v in values) else pick(values)
-
-
-def _moe_rows(routing: dict[int, Agreement], metrics: dict) -> dict[int, dict]:
-    """Per MoE layer: routing agreement and the worst expert's own error; their extremes into ``metrics``."""
-    rows = {i: {"routing_overlap": a.share, "expert_error": a.expert_error, "worst_expert": a.worst_expert}
-            for i, a in routing.items()}
-    if routing:
-        metrics["min_routing_overlap"] = min(a.share for a in routing.values())
-        metrics["max_expert_error"] = _worst(max, [a.expert_error for a in routing.values()])
-    return rows
-
-
-def _layer_metrics(layers: list[LayerStats] | None, embed, routing: dict[int, Agreement],
-                   metrics: dict) -> tuple[list[dict], dict | None]:
-    """Per-layer rows (hidden-state agreement; routing agreement and expert error at MoE layers), the layer
-    where the error jumps, and the per-layer headline metrics, added to ``metrics``."""
-    moe = _moe_rows(routing, metrics)
-    if layers is None:
-        return [], None
-    per_layer = [{"layer": i, **s.summary(), **moe.get(i, {})} for i, s in enumerate(layers)]
-    start = embed.summary()["rel_error"] if embed is not None else 0.0
-    k = error_jump([p["rel_error"] for p in per_layer], start)
-    before = (per_layer[k - 1]["rel_error"] if k else start) if k is not None else None
-    jump = None
-    # grows there (or turns NaN), above float32 rounding noise between two runtimes
-    if k is not None and not per_layer[k]["rel_error"] <= max(before, JUMP_FLOOR):
-        jump = {"layer": k, "before": before, "after": per_layer[k]["rel_error"]}
-    metrics["min_layer_cosine"] = _worst(min, [p["cosine"] for p in per_layer])
-    metrics["final_layer_rel_error"] = per_layer[-1]["rel_error"]
-    metrics["max_layer_rel_error"] = _worst(max, [p["rel_error"] for p in per_layer])
-    return per_layer, jump
-
-
 def run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, progress=None, device=None) -> dict:
     """Compare ``candidate`` with the ``reference`` checkpoint; returns the result (metrics, gates, ...).
     The streamed models run on ``device`` (None: the CPU)."""
@@ -340,6 +308,9 @@ def _comparable(candidate, ref, cand, cfg: CheckConfig, notes: list[str]) -> boo
         notes.append(f"per-layer comparison off: a {cand.kind} candidate gives logits only")
     if not comparable:
         refuse_unmeasurable(cfg, "layers", notes[-1])
+    if not (cand.streamed and comparable):
+        refuse_unmeasurable(cfg, "blocks", "the attention gate needs a streamed candidate with the reference's "
+                            f"{ref.num_layers} layers")
     if not (cand.streamed and cand.stream.adapter.num_experts == ref.adapter.num_experts):
         refuse_unmeasurable(cfg, "routing", "the routing and expert gates need a streamed candidate with the "
                             f"reference's {ref.adapter.num_experts} experts per layer")
@@ -372,12 +343,12 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
                          "(per token in 1x128 groups)")
         comparable = _comparable(candidate, ref, cand, cfg, notes)
         layers = [LayerStats() for _ in range(ref.num_layers)] if comparable else None
-        logit_stats, routing = LogitStats(), {}
+        logit_stats, routing, blocks = LogitStats(), {}, {}
         total = max(ref.num_layers, cand.num_layers or 0) if cand.streamed else ref.num_layers
 
         def run(task):
             if cand.streamed:
-                return _streamed(ref, cand, batches, layers, logit_stats, task, routing)
+                return _streamed(ref, cand, batches, layers, logit_stats, task, routing, blocks)
             return _whole(ref, cand, batches, layers, logit_stats, task)
 
         if progress is not None:
@@ -386,7 +357,7 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
         else:
             embed = run(None)
         metrics = logit_stats.summary()
-        per_layer, jump = _layer_metrics(layers, embed, routing, metrics)
+        per_layer, jump = layer_metrics(layers, embed, routing, blocks, metrics)
         renumbered = [i for i, a in routing.items() if a.renumbered]
         if renumbered:
             notes.append(f"the candidate's router rows are the reference's renumbered at layer(s) "

@@ -84,6 +84,14 @@ def _human(result: dict) -> list[str]:
             out.append(f"  hidden cosine per layer  {cos}{gate('min_layer_cosine')}")
         if result["error_jump"] is not None and result["error_jump"]["after"] > 0:
             out.append(f"  error jumps at layer {result['error_jump']['layer']}")
+        if any("attention_error" in p for p in result["layers"]):
+            own = ", ".join(f"{p['layer']}: {p['attention_error']:.3g} / {p['ffn_error']:.3g}"
+                            for p in result["layers"] if "attention_error" in p)
+            out.append(f"  attention / feed-forward error on the reference's input  {own}")
+            if "max_attention_error_ratio" in m:
+                ratio = ", ".join(f"{p['layer']}: {p['attention_error_ratio']:.3g}" for p in result["layers"]
+                                  if p.get("attention_error_ratio") is not None)
+                out.append(f"  attention error / median of its peers  {ratio}{gate('max_attention_error_ratio')}")
     if "min_routing_overlap" in m:
         share = ", ".join(f"{p['layer']}: {p['routing_overlap']:.4f}" for p in result["layers"]
                           if "routing_overlap" in p)
@@ -91,6 +99,10 @@ def _human(result: dict) -> list[str]:
         worst = ", ".join(f"{p['layer']}: {p['expert_error']:.3g} (expert {p['worst_expert']})"
                           for p in result["layers"] if "expert_error" in p)
         out.append(f"  worst expert's rel. error per MoE layer  {worst}{gate('max_expert_error')}")
+        if "max_expert_error_ratio" in m:
+            ratio = ", ".join(f"{p['layer']}: {p['expert_error_ratio']:.3g} (expert {p['ratio_expert']})"
+                              for p in result["layers"] if p.get("expert_error_ratio") is not None)
+            out.append(f"  worst expert's error / its layer's median  {ratio}{gate('max_expert_error_ratio')}")
     out += [f"  {g['metric']}: not measured for this candidate{gate(g['metric'])}" for g in result["gates"]
             if g["passed"] is None]
     out += [f"  note: {n}" for n in result["notes"]]
@@ -134,6 +146,13 @@ def _human(result: dict) -> list[str]:
                    "against the reference expert its router row stands for, relative to the smaller of the two "
                    "(a scale off by 2 either way: 1.0), every expert whether the eval tokens reach it or not (as "
                    "--min-routing-overlap: streamed candidates with the reference's experts; 'none': off).")
+@click.option("--max-expert-error-ratio", default="3", metavar="RATIO", show_default=True,
+              help="Gate: largest ratio of one expert's error (as --max-expert-error; shared experts too) to the "
+                   "median error of its layer's routed experts stored alike (the same candidates; 'none': off).")
+@click.option("--max-attention-error-ratio", default="4", metavar="RATIO", show_default=True,
+              help="Gate: largest ratio of one layer's attention error, on the reference's input to the layer, to "
+                   "the median over the layers whose attention is stored alike (streamed candidates with the "
+                   "reference's layers; 'none': off).")
 @click.option("--kind", type=KindChoice(), default="auto", show_default=True,
               help="Candidate kind; auto detects it from the path.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sample.")

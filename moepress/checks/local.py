@@ -1,0 +1,72 @@
+"""Each decoder layer's blocks held to the reference's on the reference's input (teacher-forced).
+
+The hidden-state rows compare the candidate run on its own states, so a layer's error carries every error
+before it, and a fault in one attention block reads as a slightly larger step among the rest. Here, on the
+first eval samples, the candidate's attention block gets the reference's input to the layer and its
+feed-forward block the reference's input to that block; each is compared with the reference's block on the
+same input: the block's own error, relative to the smaller of the two outputs. AWQ scales folded into a
+norm, v_proj or up_proj stay inside a block, so a folded candidate compares as an unfolded one.
+
+The attention errors are gated against their peers (``peers``): each layer's against the median over the
+layers whose attention is stored alike. The feed-forward error is reported (a pruned layer's shows what the
+pruning cost that layer), not gated: its experts are (``routing``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moepress.checks.peers import peer_ratios, relative_error, stored_form
+from moepress.compress.moe import DecoderLayer
+
+
+@dataclass
+class BlockErrors:
+    """One layer's blocks against the reference's: errors and how its attention is stored."""
+
+    attention: float
+    ffn: float
+    attention_form: tuple
+
+
+PROBE_SAMPLES = 8  # the first eval samples the blocks are compared on, whatever --batch-size splits them into
+
+
+class BlockProbe:
+    """The reference's layer run in its parts on the first PROBE_SAMPLES samples of its input states ``hs`` (one
+    tensor, however the batches split them, so the errors do not move with --batch-size): the layer's input, the
+    attention block's output, the feed-forward block's output."""
+
+    @torch.no_grad()
+    def __init__(self, sm, layer: DecoderLayer, hs: list[torch.Tensor]):
+        h, n = [], 0
+        for b in hs:
+            if n < PROBE_SAMPLES:
+                h.append(b[:PROBE_SAMPLES - n])
+                n += h[-1].shape[0]
+        self.h = h = torch.cat(h)
+        self.attn, self.ffn, _ = layer.parts(h, sm.position_embeddings(h), sm.attention_mask(h))
+
+    @torch.no_grad()
+    def compare(self, sm, layer: DecoderLayer) -> BlockErrors:
+        """The candidate's ``layer`` (streamed by ``sm``) on the reference's inputs to each block."""
+        h = self.h
+        attn = layer.attention(h, sm.position_embeddings(h), sm.attention_mask(h))
+        ffn = layer.ffn(layer.post_attention_layernorm(h + self.attn))
+
+        def err(c, r):
+            c, r = c.float().reshape(1, -1), r.float().reshape(1, -1)
+            return float(relative_error(c - r, c, r)[0])
+
+        return BlockErrors(err(attn, self.attn), err(ffn, self.ffn), stored_form(layer.self_attn))
+
+
+def block_rows(blocks: dict[int, BlockErrors]) -> dict[int, dict]:
+    """Per layer: its attention and feed-forward errors and the attention's ratio to its peers (None: fewer
+    than 3 layers' attention stored alike)."""
+    keys = sorted(blocks)
+    ratios, _ = peer_ratios([blocks[i].attention for i in keys], [blocks[i].attention_form for i in keys])
+    return {i: {"attention_error": blocks[i].attention, "attention_error_ratio": r, "ffn_error": blocks[i].ffn}
+            for i, r in zip(keys, ratios, strict=True)}

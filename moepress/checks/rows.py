@@ -1,0 +1,65 @@
+"""A check's per-layer rows and the headline metrics drawn from them: hidden-state agreement, each block's own
+error and its ratio to its peers', routing agreement and the experts' errors at MoE layers."""
+
+from __future__ import annotations
+
+import math
+
+from moepress.calib.metrics import LayerStats, error_jump
+from moepress.checks.local import BlockErrors, block_rows
+from moepress.checks.routing import Agreement
+
+# Relative hidden-state error below which two runs count as equal (float32 rounding between runtimes).
+JUMP_FLOOR = 1e-5
+
+
+def _worst(pick, values: list[float]) -> float:
+    """``pick`` (min / max) of ``values``, NaN if any is: min() and max() skip a NaN after a finite value."""
+    return math.nan if any(v != v for v in values) else pick(values)
+
+
+def _moe_rows(routing: dict[int, Agreement], metrics: dict) -> dict[int, dict]:
+    """Per MoE layer: routing agreement, the worst expert's own error and the largest ratio of an expert's error
+    to its peers'; their extremes into ``metrics``."""
+    rows = {i: {"routing_overlap": a.share, "expert_error": a.expert_error, "worst_expert": a.worst_expert,
+                "expert_error_ratio": a.error_ratio, "ratio_expert": a.ratio_expert}
+            for i, a in routing.items()}
+    if routing:
+        metrics["min_routing_overlap"] = min(a.share for a in routing.values())
+        metrics["max_expert_error"] = _worst(max, [a.expert_error for a in routing.values()])
+        ratios = [a.error_ratio for a in routing.values() if a.error_ratio is not None]
+        if ratios:
+            metrics["max_expert_error_ratio"] = _worst(max, ratios)
+    return rows
+
+
+def _block_rows(blocks: dict[int, BlockErrors], metrics: dict) -> dict[int, dict]:
+    """Per layer: its attention and feed-forward blocks' own errors, the attention's ratio to its peers'; the
+    largest ratio into ``metrics``."""
+    rows = block_rows(blocks)
+    ratios = [r["attention_error_ratio"] for r in rows.values() if r["attention_error_ratio"] is not None]
+    if ratios:
+        metrics["max_attention_error_ratio"] = _worst(max, ratios)
+    return rows
+
+
+def layer_metrics(layers: list[LayerStats] | None, embed, routing: dict[int, Agreement],
+                   blocks: dict[int, BlockErrors], metrics: dict) -> tuple[list[dict], dict | None]:
+    """Per-layer rows (hidden-state agreement; the blocks' own errors; routing agreement and expert error at MoE
+    layers), the layer where the error jumps, and the per-layer headline metrics, added to ``metrics``."""
+    moe = _moe_rows(routing, metrics)
+    own = _block_rows(blocks, metrics)
+    if layers is None:
+        return [], None
+    per_layer = [{"layer": i, **s.summary(), **own.get(i, {}), **moe.get(i, {})} for i, s in enumerate(layers)]
+    start = embed.summary()["rel_error"] if embed is not None else 0.0
+    k = error_jump([p["rel_error"] for p in per_layer], start)
+    before = (per_layer[k - 1]["rel_error"] if k else start) if k is not None else None
+    jump = None
+    # grows there (or turns NaN), above float32 rounding noise between two runtimes
+    if k is not None and not per_layer[k]["rel_error"] <= max(before, JUMP_FLOOR):
+        jump = {"layer": k, "before": before, "after": per_layer[k]["rel_error"]}
+    metrics["min_layer_cosine"] = _worst(min, [p["cosine"] for p in per_layer])
+    metrics["final_layer_rel_error"] = per_layer[-1]["rel_error"]
+    metrics["max_layer_rel_error"] = _worst(max, [p["rel_error"] for p in per_layer])
+    return per_layer, jump

@@ -1,0 +1,167 @@
+"""`moepress check`: each block held to its peers (checks/peers.py, checks/local.py).
+
+A fault in one attention block or one expert that every absolute gate passes (a q_proj scale x 2, gate and up
+swapped in one expert or in the shared experts) fails the peer-ratio gates; the correct candidate they were
+made from passes them; a folded AWQ candidate compares block by block as an unfolded one.
+"""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moepress import models
+from moepress.checks.peers import FLOOR, peer_ratios, stored_form
+from moepress.compress.moe import ExpertMLP
+from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+
+MID = ["--seq-len", "128", "--max-samples", "16"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory):
+    """tiny-mixtral and tiny-deepseek-v3 in fp8-dynamic (no calibration)."""
+    out = {}
+    for name in ("tiny-mixtral", "tiny-deepseek-v3"):
+        q = tmp_path_factory.mktemp("q") / name
+        quantize_checkpoint(models.path(name), q, QuantConfig(format="fp8-dynamic"))
+        out[name] = q
+    return out
+
+
+def _edited(src, dst, edit):
+    """A copy of ``src`` with ``edit(tensors)`` applied to every shard's tensors (in place)."""
+    out = shutil.copytree(src, dst)
+    every = {}
+    shards = {f: load_file(f) for f in sorted(out.glob("*.safetensors"))}
+    for sd in shards.values():
+        every.update(sd)
+    for f, sd in shards.items():
+        before = dict(sd)
+        edit(sd, every)
+        if any(sd[n] is not before[n] for n in sd):
+            save_file({n: t.contiguous() for n, t in sd.items()}, f, metadata={"format": "pt"})
+    return out
+
+
+def _swap(prefix: str, a: str, b: str):
+    """The tensors of ``prefix + a`` exchanged with those of ``prefix + b`` (weights and scales alike)."""
+    def edit(sd, every):
+        for n in sd:
+            for x, y in ((a, b), (b, a)):
+                if n.startswith(prefix + x + "."):
+                    sd[n] = every[prefix + y + n[len(prefix + x):]]
+    return edit
+
+
+def _check(cli_run, cand, ref, *extra, data=MID):
+    r = cli_run("check", cand, "--reference", models.path(ref), *data, "--quiet", "--json", "--no-record", *extra)
+    return r, json.loads(r.stdout)
+
+
+def test_the_correct_candidates_pass_within_twice_their_peers(cli_run, fp8):
+    """The correct fp8-dynamic candidates: every block within 2x its peers' median (measured 1.0-1.4)."""
+    for name, q in fp8.items():
+        r, res = _check(cli_run, q, name)
+        m = res["metrics"]
+        assert r.exit_code == 0, r.output
+        assert 0.8 < m["max_attention_error_ratio"] < 2 and 0.8 < m["max_expert_error_ratio"] < 2, (name, m)
+
+
+def test_one_attention_q_scale_doubled_fails_the_attention_gate_alone(cli_run, fp8, tmp_path):
+    """Layer 1's q_proj weight scale x 2 (a sharper softmax in one layer): on the default data perplexity +1.6%,
+    KL 0.018, top-1 0.90, every other gate passes; its attention block errs 10x the median of the layers' on the
+    reference's input."""
+    def edit(sd, every):
+        for n in sd:
+            if n.startswith("model.layers.1.self_attn.q_proj.weight_scale"):
+                sd[n] = sd[n] * 2
+    bad = _edited(fp8["tiny-mixtral"], tmp_path / "q2", edit)
+    r, res = _check(cli_run, bad, "tiny-mixtral", data=())
+    assert r.exit_code == 1 and res["failed"] == ["max_attention_error_ratio"], r.output
+    rows = res["layers"]
+    assert max(range(len(rows)), key=lambda i: rows[i]["attention_error_ratio"]) == 1
+    assert rows[1]["attention_error_ratio"] > 6 and all(rows[i]["attention_error_ratio"] < 2 for i in (0, 2, 3))
+    assert "attention error / median of its peers" in cli_run("check", bad, "--reference", models.path("tiny-mixtral"),
+                                                              *MID, "--no-record").stdout
+
+
+def test_gate_and_up_swapped_in_one_expert_fails_the_expert_ratio_gate(cli_run, fp8, tmp_path):
+    """Expert 3 of layer 1 with its gate and up projections exchanged: 0.30 of its output, under the 0.5 expert
+    gate (the tiny model's small pre-activations keep SiLU nearly linear), 9.6x its layer's median."""
+    bad = _edited(fp8["tiny-mixtral"], tmp_path / "swap",
+                  _swap("model.layers.1.block_sparse_moe.experts.3.", "w1", "w3"))
+    r, res = _check(cli_run, bad, "tiny-mixtral")
+    assert r.exit_code == 1 and res["failed"] == ["max_expert_error_ratio"], r.output
+    row = res["layers"][1]
+    assert row["ratio_expert"] == 3 and row["expert_error_ratio"] > 6 and row["expert_error"] < 0.5
+
+
+def test_the_shared_experts_are_held_to_the_routed_ones(cli_run, fp8, tmp_path):
+    """DeepSeek's shared experts of layer 1 with gate and up exchanged: 0.42 of their output, passed before (no
+    gate saw the shared experts); 8.8x the median of the layer's routed experts. Their down projection x 2:
+    the expert gate names them."""
+    q = fp8["tiny-deepseek-v3"]
+    bad = _edited(q, tmp_path / "swap", _swap("model.layers.1.mlp.shared_experts.", "gate_proj", "up_proj"))
+    r, res = _check(cli_run, bad, "tiny-deepseek-v3")
+    assert r.exit_code == 1 and res["failed"] == ["max_expert_error_ratio"], r.output
+    assert res["layers"][1]["ratio_expert"] == "shared" and res["layers"][1]["expert_error_ratio"] > 6
+
+    def down(sd, every):
+        for n in sd:
+            if n.startswith("model.layers.2.mlp.shared_experts.down_proj.weight_scale"):
+                sd[n] = sd[n] * 2
+    r, res = _check(cli_run, _edited(q, tmp_path / "down", down), "tiny-deepseek-v3", "--max-ppl-increase", "none")
+    assert r.exit_code == 1 and res["failed"] == ["max_expert_error", "max_expert_error_ratio"], r.output
+    row = res["layers"][2]
+    assert row["worst_expert"] == "shared" and row["expert_error"] == pytest.approx(1, rel=0.05)
+
+
+def test_a_folded_awq_candidate_compares_block_by_block_as_an_unfolded_one(tmp_path):
+    """--awq-fold moves the AWQ scales into the norms before the blocks: fed the reference's normed input, a
+    folded block would err by the scales; on the reference's input to the layer, through its own norm, each
+    block errs as the unfolded candidate's (the same rounding up to the fold)."""
+    from moepress.checks import CheckConfig, run_check
+
+    ref = models.path("tiny-mixtral")
+    rows = {}
+    for fold in (False, True):
+        q = tmp_path / f"fold-{fold}"
+        quantize_checkpoint(ref, q, QuantConfig(format="int4-awq", awq_fold=fold, num_samples=4, seq_len=64))
+        res = run_check(q, ref, CheckConfig(seq_len=64, max_samples=8))
+        assert res["passed"], res["failed"]
+        rows[fold] = res["layers"]
+    for a, b in zip(rows[False], rows[True], strict=True):
+        assert b["attention_error"] < 1.5 * a["attention_error"] and b["ffn_error"] < 1.5 * a["ffn_error"], (a, b)
+
+
+def test_peer_ratios_group_by_form_floor_and_count():
+    """Each error over the median of its form's; fewer than 3 alike: none; an exact group (median 0) reads the
+    floor, so one broken block among exact copies stands out; a NaN error's ratio is NaN; a judged block (the
+    shared experts) is held to a group without joining it."""
+    errs = [0.1, 0.1, 0.08, 0.3, 0.12, 0.0, 0.0, 0.0, 0.02, 0.5, 0.5]
+    forms = ["a"] * 5 + ["x"] * 4 + ["b"] * 2
+    ratios, judged = peer_ratios(errs, forms, [(0.22, "a"), (0.1, "b"), (math.nan, "a")])
+    assert ratios[:5] == pytest.approx([1.0, 1.0, 0.8, 3.0, 1.2], rel=1e-9)
+    assert ratios[5:9] == pytest.approx([0.0, 0.0, 0.0, 0.02 / FLOOR], rel=1e-9) and ratios[9:] == [None, None]
+    assert judged[0] == pytest.approx(2.2) and judged[1] is None and math.isnan(judged[2])
+    ratios, _ = peer_ratios([0.1, 0.1, math.nan, 0.1], ["a"] * 4)
+    assert ratios[:2] == [1.0, 1.0] and math.isnan(ratios[2])
+
+
+def test_stored_form_tells_formats_apart_not_widths():
+    """Two experts of other widths in one dtype are stored alike; in another dtype they are not."""
+    a, b = ExpertMLP(16, 8), ExpertMLP(16, 24)
+    assert stored_form(a) == stored_form(b)
+    assert stored_form(a) != stored_form(ExpertMLP(16, 8).to(torch.bfloat16))
