@@ -44,7 +44,7 @@ def _block_rows(blocks: dict[int, BlockErrors], metrics: dict) -> dict[int, dict
 
 
 def layer_metrics(layers: list[LayerStats] | None, embed, routing: dict[int, Agreement],
-                   blocks: dict[int, BlockErrors], metrics: dict) -> tuple[list[dict], dict | None]:
+                  blocks: dict[int, BlockErrors], metrics: dict) -> tuple[list[dict], dict | None]:
     """Per-layer rows (hidden-state agreement; the blocks' own errors; routing agreement and expert error at MoE
     layers), the layer where the error jumps, and the per-layer headline metrics, added to ``metrics``."""
     moe = _moe_rows(routing, metrics)
