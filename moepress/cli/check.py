@@ -142,10 +142,11 @@ def _human(result: dict) -> list[str]:
                    "makes on the reference's router inputs (streamed candidates with the reference's experts; "
                    "'none': off).")
 @click.option("--max-expert-error", default="0.5", metavar="REL", show_default=True,
-              help="Gate: largest error of one routed expert's output on the reference's inputs to its layer "
-                   "against the reference expert its router row stands for, relative to the smaller of the two "
-                   "(a scale off by 2 either way: 1.0), every expert whether the eval tokens reach it or not (as "
-                   "--min-routing-overlap: streamed candidates with the reference's experts; 'none': off).")
+              help="Gate: largest error of one routed expert's output (or the shared experts') on the reference's "
+                   "inputs to its layer against the reference expert its router row stands for, relative to the "
+                   "smaller of the two (a scale off by 2 either way: 1.0), every expert whether the eval tokens "
+                   "reach it or not (as --min-routing-overlap: streamed candidates with the reference's experts; "
+                   "'none': off).")
 @click.option("--max-expert-error-ratio", default="3", metavar="RATIO", show_default=True,
               help="Gate: largest ratio of one expert's error (as --max-expert-error; shared experts too) to the "
                    "median error of its layer's routed experts stored alike (the same candidates; 'none': off).")
