@@ -158,6 +158,10 @@ def test_peer_ratios_group_by_form_floor_and_count():
     assert judged[0] == pytest.approx(2.2) and judged[1] is None and math.isnan(judged[2])
     ratios, _ = peer_ratios([0.1, 0.1, math.nan, 0.1], ["a"] * 4)
     assert ratios[:2] == [1.0, 1.0] and math.isnan(ratios[2])
+    ratios, _ = peer_ratios([0.1, math.inf, 0.1, 0.1], ["a"] * 4)  # inf over a finite median: inf
+    assert ratios[1] == math.inf and ratios[0] == 1.0
+    ratios, _ = peer_ratios([0.1, math.inf, math.nan, math.inf], ["a"] * 4)  # mostly broken: the median is inf
+    assert ratios[0] == 0.0 and math.isnan(ratios[1]) and math.isnan(ratios[2])
 
 
 def test_stored_form_tells_formats_apart_not_widths():
@@ -165,3 +169,53 @@ def test_stored_form_tells_formats_apart_not_widths():
     a, b = ExpertMLP(16, 8), ExpertMLP(16, 24)
     assert stored_form(a) == stored_form(b)
     assert stored_form(a) != stored_form(ExpertMLP(16, 8).to(torch.bfloat16))
+
+
+def test_a_ratio_gate_asked_where_no_block_has_peers_is_refused(fp8, tmp_path):
+    """Layers 0 and 1's attention kept bf16 by rules, 2 and 3's in FP8: two groups of two, no ratio. The gate given
+    explicitly was shown "not measured" and the check passed, even with layer 2's q_proj scale x 2; it is refused
+    in one line now. Left at its default, the check runs and a note names the layers no peers covered."""
+    from moepress.checks import CheckConfig, run_check
+    from moepress.errors import MoepressError
+
+    ref = models.path("tiny-mixtral")
+    q = tmp_path / "mixed"
+    quantize_checkpoint(ref, q, QuantConfig(format="fp8-dynamic", rules=(("model.layers.0.self_attn.*", "none"),
+                                                                          ("model.layers.1.self_attn.*", "none"))))
+    small = {"seq_len": 64, "max_samples": 8}
+    with pytest.raises(MoepressError, match=r"--max-attention-error-ratio 4.0 .*fewer than 3 layers' attention"):
+        run_check(q, ref, CheckConfig(max_attention_error_ratio=4.0, asked=("max_attention_error_ratio",), **small))
+    res = run_check(q, ref, CheckConfig(**small))
+    assert res["passed"] and "max_attention_error_ratio" not in res["metrics"]
+    assert any(n.startswith("attention of layer(s) 0, 1, 2, 3: fewer than 3") for n in res["notes"]), res["notes"]
+
+
+def test_an_asked_attention_gate_is_refused_where_blocks_cannot_be_run():
+    """A candidate that runs whole (ONNX, transformers, an engine) or has other layers cannot be fed the
+    reference's input to a layer: the attention gate given explicitly is refused before the check runs."""
+    from moepress.checks import CheckConfig
+    from moepress.checks.config import refuse_unmeasurable
+    from moepress.errors import MoepressError
+
+    cfg = CheckConfig(max_attention_error_ratio=4.0, asked=("max_attention_error_ratio",))
+    with pytest.raises(MoepressError, match="--max-attention-error-ratio 4.0 .*whole"):
+        refuse_unmeasurable(cfg, "blocks", "whole")
+    refuse_unmeasurable(CheckConfig(), "blocks", "whole")  # at its default, not asked: shown not measured
+
+
+def test_stored_form_of_quantized_experts(fp8):
+    """Experts kept as stored (FP8 weight and scale) are alike and unlike the reference's bf16 ones."""
+    from moepress.checks import CheckConfig
+    from moepress.checks.candidates import open_candidate
+    from moepress.compress.stream import StreamedModel
+
+    cand = open_candidate(fp8["tiny-mixtral"], CheckConfig(), None)
+    try:
+        layer = cand.stream.build_layer(1, cand.stream.read_layer_state(1))
+        forms = {stored_form(e) for e in layer.moe.experts}
+        assert len(forms) == 1 and any(n == "weight_scale" for _, ts in next(iter(forms)) for n, _ in ts)
+    finally:
+        cand.close()
+    ref = StreamedModel(str(models.path("tiny-mixtral")), keep_stored=True)
+    bf16 = stored_form(ref.build_layer(1, ref.read_layer_state(1)).moe.experts[0])
+    assert bf16 not in forms

@@ -171,6 +171,19 @@ def refuse_unmeasurable(cfg: CheckConfig, needs: str, why: str) -> None:
                                 "off ('none') for this candidate")
 
 
+def refuse_unmeasured(cfg: CheckConfig, metrics: dict, why: dict[str, str]) -> None:
+    """A gate asked for (as :func:`refuse_unmeasurable`) whose metric the run could not take, refused after it: a
+    ratio gate where no block had 2 others stored alike to be held to (``why``: the metric's reason)."""
+    defaults = CheckConfig()
+    for g in GATES:
+        thr = getattr(cfg, g.field)
+        asked = thr is not None and (g.field in cfg.asked or thr != getattr(defaults, g.field))
+        if asked and metrics.get(g.metric) is None:
+            raise MoepressError(f"{g.option} {thr} (check.{g.field} in a recipe): "
+                                f"{why.get(g.metric, 'not measured for this candidate')}; expected the gate off "
+                                "('none') for this candidate")
+
+
 def fmt(value: float, percent: bool = False) -> str:
     if value is None:
         return "n/a"

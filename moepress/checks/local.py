@@ -2,7 +2,7 @@
 
 The hidden-state rows compare the candidate run on its own states, so a layer's error carries every error
 before it, and a fault in one attention block reads as a slightly larger step among the rest. Here, on the
-first eval samples, the candidate's attention block gets the reference's input to the layer and its
+first eval samples (2048 tokens), the candidate's attention block gets the reference's input to the layer and its
 feed-forward block the reference's input to that block; each is compared with the reference's block on the
 same input: the block's own error, relative to the smaller of the two outputs. AWQ scales folded into a
 norm, v_proj or up_proj stay inside a block, so a folded candidate compares as an unfolded one.
@@ -31,20 +31,23 @@ class BlockErrors:
     attention_form: tuple
 
 
-PROBE_SAMPLES = 8  # the first eval samples the blocks are compared on, whatever --batch-size splits them into
+# the blocks are compared on the first eval samples holding this many tokens (8 samples of 256; one sample at
+# least), whatever --batch-size splits them into: three such tensors are kept a layer
+PROBE_TOKENS = 2048
 
 
 class BlockProbe:
-    """The reference's layer run in its parts on the first PROBE_SAMPLES samples of its input states ``hs`` (one
-    tensor, however the batches split them, so the errors do not move with --batch-size): the layer's input, the
-    attention block's output, the feed-forward block's output."""
+    """The reference's layer run in its parts on the first samples of its input states ``hs`` that hold
+    PROBE_TOKENS tokens (one tensor, however the batches split them, so the errors do not move with
+    --batch-size): the layer's input, the attention block's output, the feed-forward block's output."""
 
     @torch.no_grad()
     def __init__(self, sm, layer: DecoderLayer, hs: list[torch.Tensor]):
+        want = max(1, PROBE_TOKENS // hs[0].shape[1])
         h, n = [], 0
         for b in hs:
-            if n < PROBE_SAMPLES:
-                h.append(b[:PROBE_SAMPLES - n])
+            if n < want:
+                h.append(b[:want - n])
                 n += h[-1].shape[0]
         self.h = h = torch.cat(h)
         self.attn, self.ffn, _ = layer.parts(h, sm.position_embeddings(h), sm.attention_mask(h))

@@ -11,6 +11,26 @@ from moepress.checks.routing import Agreement
 
 # Relative hidden-state error below which two runs count as equal (float32 rounding between runtimes).
 JUMP_FLOOR = 1e-5
+# why a ratio gate has no value: no block had peers
+UNPEERED = {"max_expert_error_ratio": "no MoE layer has 3 routed experts stored alike (the same tensor names and "
+            "dtypes) for an expert's error to be held to",
+            "max_attention_error_ratio": "fewer than 3 layers' attention blocks are stored alike (the same tensor "
+            "names and dtypes) for one's error to be held to"}
+
+
+def unpeered_notes(per_layer: list[dict]) -> list[str]:
+    """Notes naming the layers whose attention, or whose worst expert, had too few blocks stored alike for a ratio:
+    the ratio gates do not cover them."""
+    notes = []
+    att = [p["layer"] for p in per_layer if "attention_error" in p and p["attention_error_ratio"] is None]
+    exp = [p["layer"] for p in per_layer if "expert_error" in p and p.get("expert_error_ratio") is None]
+    if att:
+        notes.append(f"attention of layer(s) {', '.join(map(str, att))}: fewer than 3 layers' attention stored alike, "
+                     "not held to its peers (--max-attention-error-ratio)")
+    if exp:
+        notes.append(f"experts of layer(s) {', '.join(map(str, exp))}: fewer than 3 routed experts stored alike, not "
+                     "held to their peers (--max-expert-error-ratio)")
+    return notes
 
 
 def _worst(pick, values: list[float]) -> float:

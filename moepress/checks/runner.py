@@ -24,12 +24,12 @@ from moepress.calib.metrics import LayerStats, LogitStats
 from moepress.calib.sources import TEXT_SUFFIXES
 from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.candidates.checkpoint import native_block_fp8, runtime_activations, unstreamed_activations
-from moepress.checks.config import CheckConfig, check_passed, evaluate_gates, refuse_unmeasurable
+from moepress.checks.config import CheckConfig, check_passed, evaluate_gates, refuse_unmeasurable, refuse_unmeasured
 from moepress.checks.consistency import refuse_other_config, refuse_other_family
 from moepress.checks.lineage import calibrated_on, made_from_another
 from moepress.checks.local import BlockErrors, BlockProbe
 from moepress.checks.routing import Agreement, RouteCapture
-from moepress.checks.rows import layer_metrics
+from moepress.checks.rows import UNPEERED, layer_metrics, unpeered_notes
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 
@@ -358,6 +358,8 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
             embed = run(None)
         metrics = logit_stats.summary()
         per_layer, jump = layer_metrics(layers, embed, routing, blocks, metrics)
+        refuse_unmeasured(cfg, metrics, UNPEERED)
+        notes += unpeered_notes(per_layer)
         renumbered = [i for i, a in routing.items() if a.renumbered]
         if renumbered:
             notes.append(f"the candidate's router rows are the reference's renumbered at layer(s) "
