@@ -159,29 +159,33 @@ GATES = (
 )
 
 
+def _asked(cfg: CheckConfig) -> list[Gate]:
+    """The gates asked for: on, and set to other than their default or named in ``cfg.asked``."""
+    defaults = CheckConfig()
+    return [g for g in GATES if (thr := getattr(cfg, g.field)) is not None
+            and (g.field in cfg.asked or thr != getattr(defaults, g.field))]
+
+
+def _refuse(cfg: CheckConfig, g: Gate, why: str) -> None:
+    raise MoepressError(f"{g.option} {getattr(cfg, g.field)} (check.{g.field} in a recipe): {why}; expected the gate "
+                        "off ('none') for this candidate")
+
+
 def refuse_unmeasurable(cfg: CheckConfig, needs: str, why: str) -> None:
     """A gate that needs what this candidate does not give (``needs``: per-layer hidden states, a router)
     and was asked for (set to other than its default, or named in ``cfg.asked``) is refused before the check
     runs: a CI job's gate must never pass unmeasured. A default gate nobody asked for is shown unmeasured."""
-    defaults = CheckConfig()
-    for g in GATES:
-        thr = getattr(cfg, g.field)
-        if g.needs == needs and thr is not None and (g.field in cfg.asked or thr != getattr(defaults, g.field)):
-            raise MoepressError(f"{g.option} {thr} (check.{g.field} in a recipe): {why}; expected the gate "
-                                "off ('none') for this candidate")
+    for g in _asked(cfg):
+        if g.needs == needs:
+            _refuse(cfg, g, why)
 
 
 def refuse_unmeasured(cfg: CheckConfig, metrics: dict, why: dict[str, str]) -> None:
     """A gate asked for (as :func:`refuse_unmeasurable`) whose metric the run could not take, refused after it: a
     ratio gate where no block had 2 others stored alike to be held to (``why``: the metric's reason)."""
-    defaults = CheckConfig()
-    for g in GATES:
-        thr = getattr(cfg, g.field)
-        asked = thr is not None and (g.field in cfg.asked or thr != getattr(defaults, g.field))
-        if asked and metrics.get(g.metric) is None:
-            raise MoepressError(f"{g.option} {thr} (check.{g.field} in a recipe): "
-                                f"{why.get(g.metric, 'not measured for this candidate')}; expected the gate off "
-                                "('none') for this candidate")
+    for g in _asked(cfg):
+        if metrics.get(g.metric) is None:
+            _refuse(cfg, g, why.get(g.metric, "not measured for this candidate"))
 
 
 def fmt(value: float, percent: bool = False) -> str:

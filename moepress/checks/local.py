@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moepress.checks.peers import peer_ratios, relative_error, stored_form
+from moepress.checks.peers import relative_error, stored_form
 from moepress.compress.moe import DecoderLayer
 
 
@@ -65,11 +65,3 @@ class BlockProbe:
 
         return BlockErrors(err(attn, self.attn), err(ffn, self.ffn), stored_form(layer.self_attn))
 
-
-def block_rows(blocks: dict[int, BlockErrors]) -> dict[int, dict]:
-    """Per layer: its attention and feed-forward errors and the attention's ratio to its peers (None: fewer
-    than 3 layers' attention stored alike)."""
-    keys = sorted(blocks)
-    ratios, _ = peer_ratios([blocks[i].attention for i in keys], [blocks[i].attention_form for i in keys])
-    return {i: {"attention_error": blocks[i].attention, "attention_error_ratio": r, "ffn_error": blocks[i].ffn}
-            for i, r in zip(keys, ratios, strict=True)}

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 from moepress.calib.metrics import LayerStats, error_jump
-from moepress.checks.local import BlockErrors, block_rows
+from moepress.checks.local import BlockErrors
+from moepress.checks.peers import peer_ratios
 from moepress.checks.routing import Agreement
 
 # Relative hidden-state error below which two runs count as equal (float32 rounding between runtimes).
@@ -56,11 +57,12 @@ def _moe_rows(routing: dict[int, Agreement], metrics: dict) -> dict[int, dict]:
 def _block_rows(blocks: dict[int, BlockErrors], metrics: dict) -> dict[int, dict]:
     """Per layer: its attention and feed-forward blocks' own errors, the attention's ratio to its peers'; the
     largest ratio into ``metrics``."""
-    rows = block_rows(blocks)
-    ratios = [r["attention_error_ratio"] for r in rows.values() if r["attention_error_ratio"] is not None]
-    if ratios:
-        metrics["max_attention_error_ratio"] = _worst(max, ratios)
-    return rows
+    keys = sorted(blocks)
+    ratios, _ = peer_ratios([blocks[i].attention for i in keys], [blocks[i].attention_form for i in keys])
+    if any(r is not None for r in ratios):
+        metrics["max_attention_error_ratio"] = _worst(max, [r for r in ratios if r is not None])
+    return {i: {"attention_error": blocks[i].attention, "attention_error_ratio": r, "ffn_error": blocks[i].ffn}
+            for i, r in zip(keys, ratios, strict=True)}
 
 
 def layer_metrics(layers: list[LayerStats] | None, embed, routing: dict[int, Agreement],
