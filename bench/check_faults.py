@@ -4,8 +4,9 @@ Quantizes the bundled models (and, with ``--variants``, bench/variants.py's) in 
 correct candidate with the default gates, then injects one fault at a time into a copy of some of them
 (layer 1: an attention scale, an expert's or the shared experts' down scale, gate and up swapped, a scale
 tensor rolled by one row, an AWQ pre_quant_scale doubled) and checks each again. Prints per candidate the
-failing gates, the two peer ratios (checks/peers.py) and the largest expert error, then their ranges over the
-correct candidates: what the README's table of faults comes from.
+failing gates, the three peer ratios (attention and expert errors: checks/peers.py; expert weights:
+checks/weights.py) and the largest expert error, then their ranges over the correct candidates: what the
+README's table of faults comes from.
 
     python bench/check_faults.py                       # bundled models, 9 formats, faults in 4 formats
     python bench/check_faults.py --formats fp8,int4-awq --fault-formats fp8 --variants
@@ -96,11 +97,11 @@ def inject(src: Path, dst: Path, fault) -> bool:
     return True
 
 
-def check(cand: Path, ref: Path) -> tuple[list[str], float | None, float | None, float | None]:
+def check(cand: Path, ref: Path) -> tuple[list[str], float | None, float | None, float | None, float | None]:
     res = run_check(cand, ref, CheckConfig())
     m = res["metrics"]
     return (res["failed"], m.get("max_attention_error_ratio"), m.get("max_expert_error_ratio"),
-            m.get("max_expert_error"))
+            m.get("max_expert_error"), m.get("max_weight_error_ratio"))
 
 
 def _fmt(v):
@@ -124,26 +125,26 @@ def main(argv=None) -> int:
 
         refs.update({Path(d).name: Path(d) for d in variants.build(work / "variants", list(variants.VARIANTS)
                                                                    + list(variants.EXTRA))})
-    ranges: dict[str, list[float]] = {"attention": [], "expert": [], "expert error": []}
-    print(f"{'candidate':<44} {'attention':>9} {'expert':>7} {'exp.err':>7}  failing gates")
+    ranges: dict[str, list[float]] = {"attention": [], "expert": [], "weight": [], "expert error": []}
+    print(f"{'candidate':<44} {'attention':>9} {'expert':>7} {'weight':>7} {'exp.err':>7}  failing gates")
     for name, ref in refs.items():
         for fmt in a.formats.split(","):
             q = work / f"{name}-{fmt}"
             if not q.exists():
                 quantize_checkpoint(ref, q, QuantConfig(format=fmt))
-            failed, att, exp, err = check(q, ref)
-            for k, v in (("attention", att), ("expert", exp), ("expert error", err)):
+            failed, att, exp, err, wr = check(q, ref)
+            for k, v in (("attention", att), ("expert", exp), ("weight", wr), ("expert error", err)):
                 ranges[k] += [v] if v is not None else []
-            print(f"{q.name:<44} {_fmt(att):>9} {_fmt(exp):>7} {_fmt(err):>7}  {', '.join(failed) or '-'}",
-                  flush=True)
+            print(f"{q.name:<44} {_fmt(att):>9} {_fmt(exp):>7} {_fmt(wr):>7} {_fmt(err):>7}  "
+                  f"{', '.join(failed) or '-'}", flush=True)
             if name not in models.BUNDLED or fmt not in a.fault_formats.split(","):
                 continue
             for fault_name, fault in FAULTS.items():
                 bad = work / f"{q.name}--{fault_name.replace(' ', '_').replace('/', '-')}"
                 if not bad.exists() and not inject(q, bad, fault):
                     continue
-                failed, att, exp, err = check(bad, ref)
-                print(f"  {fault_name:<42} {_fmt(att):>9} {_fmt(exp):>7} {_fmt(err):>7}  "
+                failed, att, exp, err, wr = check(bad, ref)
+                print(f"  {fault_name:<42} {_fmt(att):>9} {_fmt(exp):>7} {_fmt(wr):>7} {_fmt(err):>7}  "
                       f"{', '.join(failed) or 'PASSES'}", flush=True)
     for k, v in ranges.items():
         if v:

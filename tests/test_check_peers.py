@@ -103,9 +103,10 @@ def test_gate_and_up_swapped_in_one_expert_fails_the_expert_ratio_gate(cli_run, 
     bad = _edited(fp8["tiny-mixtral"], tmp_path / "swap",
                   _swap("model.layers.1.block_sparse_moe.experts.3.", "w1", "w3"))
     r, res = _check(cli_run, bad, "tiny-mixtral")
-    assert r.exit_code == 1 and res["failed"] == ["max_expert_error_ratio"], r.output
+    assert r.exit_code == 1 and res["failed"] == ["max_expert_error_ratio", "max_weight_error_ratio"], r.output
     row = res["layers"][1]
     assert row["ratio_expert"] == 3 and row["expert_error_ratio"] > 6 and row["expert_error"] < 0.5
+    assert row["weight_expert"] == 3 and row["weight_error_ratio"] > 20
 
 
 def test_the_shared_experts_are_held_to_the_routed_ones(cli_run, fp8, tmp_path):

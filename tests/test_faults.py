@@ -694,8 +694,8 @@ def test_publish_refuses_check_with_every_gate_none(f3_checked, tmp_path, cli_ru
     art = _f3_copy(f3_checked[0], tmp_path)
     r = cli_run("check", art, "--reference", "tiny-qwen3-moe", *F3_FAST, "--max-ppl-increase", "none",
                 "--min-top1", "none", "--max-kl", "none", "--max-layer-error", "none", "--min-routing-overlap", "none",
-                "--max-expert-error", "none", "--max-expert-error-ratio", "none", "--max-attention-error-ratio", "none",
-                "--report", tmp_path / "rep")
+                "--max-expert-error", "none", "--max-expert-error-ratio", "none", "--max-weight-error-ratio", "none",
+                "--max-attention-error-ratio", "none", "--report", tmp_path / "rep")
     assert r.exit_code == 0, r.output  # nothing was gated, so nothing failed
     # ... and nothing passed: the verdict says so (it printed PASS, as the report and the manifest's passed: true)
     assert "MEASURED, no gate applied" in r.output and "PASS" not in r.output

@@ -10,7 +10,7 @@ from moepress.checks.verify import recompute_gates, verify_section
 
 MIN_GATES = {"top1_agreement", "min_layer_cosine", "min_routing_overlap"}  # pass at or above the threshold
 MAX_GATES = {"ppl_increase", "kl_mean", "kl_p99", "max_layer_rel_error", "max_expert_error",  # at or below
-             "max_expert_error_ratio", "max_attention_error_ratio"}
+             "max_expert_error_ratio", "max_weight_error_ratio", "max_attention_error_ratio"}
 
 
 def test_each_gate_fails_on_the_wrong_side_of_its_threshold():

@@ -131,7 +131,7 @@ def test_publish_recompute_passes_a_metric_at_its_threshold():
     metrics = {"kl_mean": 0.0, "top1_agreement": 1.0, "ppl_increase": 0.0}
     gates = evaluate_gates(CheckConfig(max_kl=0.0, min_top1=1.0, max_ppl_increase=0.0, max_layer_error=None,
                                        min_routing_overlap=None, max_expert_error=None, max_expert_error_ratio=None,
-                                       max_attention_error_ratio=None), metrics)
+                                       max_weight_error_ratio=None, max_attention_error_ratio=None), metrics)
     assert all(g["passed"] for g in gates)
     applied, problems = recompute_gates({"metrics": metrics, "gates": gates})
     assert problems == [] and all(ok for _, ok in applied)

@@ -31,6 +31,11 @@ def act_hook(fmt: str, pre_quant_scale: torch.Tensor | None, input_scale: torch.
 def attach(layer: nn.Module, specs: Specs) -> None:
     mods = dict(layer.named_modules())
     for name, (fmt, pqs, isc) in specs.items():
+        # kept on the module too: the check compares the weight as computed with, knowing how it was rounded
+        # (checks/weights.py)
+        mods[name].quant_format = fmt
+        if pqs is not None:
+            mods[name].pre_quant_scale = pqs
         if pqs is None and isc is None and not FORMATS[fmt].dynamic_input:
             continue
         mods[name].register_forward_pre_hook(act_hook(fmt, pqs, isc))

@@ -43,7 +43,8 @@ def parse_fraction(value, option: str) -> float | None:
 
 
 GATE_FIELDS = ("max_ppl_increase", "min_top1", "max_kl", "max_kl_p99", "min_cosine", "max_layer_error",
-               "min_routing_overlap", "max_expert_error", "max_expert_error_ratio", "max_attention_error_ratio")
+               "min_routing_overlap", "max_expert_error", "max_expert_error_ratio", "max_weight_error_ratio",
+               "max_attention_error_ratio")
 # gates whose values are shares, written <= 1 or as %
 SHARES = ("max_ppl_increase", "min_top1", "min_cosine", "min_routing_overlap")
 AT_MOST_ONE = ("min_top1", "min_cosine", "min_routing_overlap")  # what they gate is at most 1
@@ -65,7 +66,9 @@ class CheckConfig:
     the reference's inputs to its layer against the reference expert its router row stands for, relative to
     the smaller of the two, every expert whether the eval tokens reach it or not, the shared experts too
     (checks/routing.py); ``max_expert_error_ratio`` the largest ratio of one expert's error to the median error
-    of its layer's routed experts stored alike, and ``max_attention_error_ratio`` of one layer's attention
+    of its layer's routed experts stored alike; ``max_weight_error_ratio`` the largest ratio of one expert linear's
+    weight error to the median of the same linear's in its layer's experts stored alike, where those agree
+    (round-to-nearest formats; checks/weights.py); and ``max_attention_error_ratio`` of one layer's attention
     block's own error (on the reference's input to the layer) to the median over the layers whose attention is
     stored alike (checks/peers.py, checks/local.py): a fault in one block stands out against its peers.
     Data: ``data`` (None: the bundled held-out text), ``seq_len`` tokens per sample,
@@ -82,6 +85,7 @@ class CheckConfig:
     min_routing_overlap: float | None = 0.95
     max_expert_error: float | None = 0.5
     max_expert_error_ratio: float | None = 3.0
+    max_weight_error_ratio: float | None = 2.0
     max_attention_error_ratio: float | None = 4.0
     data: str | None = None
     seq_len: int = 256
@@ -154,6 +158,7 @@ GATES = (
     Gate("min_routing_overlap", "min_routing_overlap", ">=", "--min-routing-overlap", needs="routing"),
     Gate("max_expert_error", "max_expert_error", "<=", "--max-expert-error", needs="routing"),
     Gate("max_expert_error_ratio", "max_expert_error_ratio", "<=", "--max-expert-error-ratio", needs="routing"),
+    Gate("max_weight_error_ratio", "max_weight_error_ratio", "<=", "--max-weight-error-ratio", needs="routing"),
     Gate("max_attention_error_ratio", "max_attention_error_ratio", "<=", "--max-attention-error-ratio",
          needs="blocks"),
 )

@@ -38,7 +38,8 @@ def accuracy_section(result: dict) -> dict:
     the files checked and the seal."""
     keep = ("ppl_reference", "ppl_candidate", "ppl_increase", "kl_mean", "kl_p99", "top1_agreement",
             "min_layer_cosine", "final_layer_rel_error", "max_layer_rel_error", "min_routing_overlap",
-            "max_expert_error", "max_expert_error_ratio", "max_attention_error_ratio", "tokens")
+            "max_expert_error", "max_expert_error_ratio", "max_weight_error_ratio", "max_attention_error_ratio",
+            "tokens")
     ref = result["reference"]  # absolute where it is a directory here: a relative name says nothing elsewhere
     ref = str(Path(ref).resolve()) if isinstance(ref, str) and Path(ref).exists() else ref
     return {"passed": result["passed"], "failed": result["failed"], "reference": ref,
@@ -163,12 +164,15 @@ def markdown(result: dict) -> str:
             for row, p in zip(l_rows, result["layers"], strict=True):
                 row += [_num(p.get("attention_error")), _num(p.get("attention_error_ratio")), _num(p.get("ffn_error"))]
         if any(p.get("routing_overlap") is not None for p in result["layers"]):  # MoE layers: routing, worst expert
-            header += ["routing overlap", "worst expert's error", "worst expert's error / its peers'"]
+            header += ["routing overlap", "worst expert's error", "worst expert's error / its peers'",
+                       "worst expert's weight error / its peers'"]
             for row, p in zip(l_rows, result["layers"], strict=True):
                 share, e, r = p.get("routing_overlap"), p.get("expert_error"), p.get("expert_error_ratio")
+                w = p.get("weight_error_ratio")
                 row += [f"{share:.4f}" if share is not None else "-",
                         f"{e:.4g} (expert {p['worst_expert']})" if e is not None else "-",
-                        f"{r:.4g} (expert {p['ratio_expert']})" if r is not None else "-"]
+                        f"{r:.4g} (expert {p['ratio_expert']})" if r is not None else "-",
+                        f"{w:.4g} (expert {p['weight_expert']})" if w is not None else "-"]
         lines += ["## Hidden states per layer (candidate vs reference, layer outputs)", "",
                   _md_table(header, l_rows), ""]
         if jump is not None:

@@ -25,7 +25,7 @@ expert scaled by 2 or by 1/2 reads 1.0 alike; the shared experts likewise, again
 scale on an expert the router rarely picks moves the whole model's outputs by a fraction of a percent,
 under every whole-model gate; on the expert itself it is an error of the expert's own size. Each expert's
 error is also held to its peers' (``peers``): over the median error of the layer's routed experts stored
-alike, on the same tokens.
+alike, on the same tokens; and each expert's weights to its peers' (``weights``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 
 from moepress.checks.peers import peer_ratios, relative_error, stored_form
+from moepress.checks.weights import WeightSketch
 from moepress.compress.moe import SparseMoE
 
 PROBE_TOKENS = 16  # tokens each expert's output is kept on, to match candidate experts to the reference's
@@ -50,13 +51,15 @@ class Agreement(NamedTuple):
     worst_expert: int | str  # the candidate's expert with that error ("shared": the shared experts)
     error_ratio: float | None  # largest over experts: its error / the median of its peers' (None: too few alike)
     ratio_expert: int | str | None  # the expert with that ratio
+    weight_ratio: float | None = None  # largest over experts: weight error / its agreeing peers' (checks/weights.py)
+    weight_expert: int | None = None  # the expert with that ratio
 
 
 class RouteCapture:
     """Observer on the reference's MoE block: each batch's router input and the experts chosen, and on a few
     tokens of the first sample every expert's router score and output."""
 
-    def __init__(self, moe: SparseMoE, per_sample: int | None = None):
+    def __init__(self, moe: SparseMoE, per_sample: int | None = None, weights: bool = True):
         self.num_experts = moe.num_experts
         self.per_sample = per_sample  # tokens of one eval sample: the probe is taken from the first sample
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -64,6 +67,7 @@ class RouteCapture:
         self.scores: torch.Tensor | None = None  # [tokens, experts]: the router's logits on the probe
         self.outputs: torch.Tensor | None = None  # [experts, tokens, hidden]
         self.shared: torch.Tensor | None = None  # [tokens, hidden]: the shared experts' output on the probe
+        self.weights = WeightSketch(moe) if weights else None  # not where the candidate has other experts
         moe.observers.append(self)
 
     @torch.no_grad()
@@ -111,7 +115,10 @@ class RouteCapture:
             idx = order.to(dev)[idx.to(dev)]  # the candidate's expert j is the reference's order[j]
             hits += int((ref_idx[:, :, None] == idx[:, None, :]).any(-1).sum())
             total += ref_idx.shape[0] * max(ref_idx.shape[1], idx.shape[1])
-        return Agreement(hits / total, bool((order != torch.arange(len(order))).any()), err, worst, ratio, ratio_at)
+        weight_at, weight = (None, None) if self.weights is None else \
+            _worst_of(list(range(moe.num_experts)), self.weights.ratios(moe, order))
+        return Agreement(hits / total, bool((order != torch.arange(len(order))).any()), err, worst, ratio, ratio_at,
+                         weight, weight_at)
 
 
 def _worst_of(names: list, values: list[float | None]) -> tuple:

@@ -16,7 +16,9 @@ JUMP_FLOOR = 1e-5
 UNPEERED = {"max_expert_error_ratio": "no MoE layer has 3 routed experts stored alike (the same tensor names and "
             "dtypes) for an expert's error to be held to",
             "max_attention_error_ratio": "fewer than 3 layers' attention blocks are stored alike (the same tensor "
-            "names and dtypes) for one's error to be held to"}
+            "names and dtypes) for one's error to be held to",
+            "max_weight_error_ratio": "no MoE layer has 3 routed experts stored alike whose weight errors agree "
+            "(round-to-nearest formats; not AWQ / GPTQ) for one expert's to be held to"}
 
 
 def unpeered_notes(per_layer: list[dict]) -> list[str]:
@@ -31,6 +33,11 @@ def unpeered_notes(per_layer: list[dict]) -> list[str]:
     if exp:
         notes.append(f"experts of layer(s) {', '.join(map(str, exp))}: fewer than 3 routed experts stored alike, not "
                      "held to their peers (--max-expert-error-ratio)")
+    weights = [p["layer"] for p in per_layer if "expert_error" in p and p.get("weight_error_ratio") is None]
+    if weights:
+        notes.append(f"expert weights of layer(s) {', '.join(map(str, weights))}: their errors do not agree across "
+                     "experts stored alike (calibrated rounding such as AWQ / GPTQ, or too few alike), not held to "
+                     "their peers (--max-weight-error-ratio)")
     return notes
 
 
@@ -43,7 +50,8 @@ def _moe_rows(routing: dict[int, Agreement], metrics: dict) -> dict[int, dict]:
     """Per MoE layer: routing agreement, the worst expert's own error and the largest ratio of an expert's error
     to its peers'; their extremes into ``metrics``."""
     rows = {i: {"routing_overlap": a.share, "expert_error": a.expert_error, "worst_expert": a.worst_expert,
-                "expert_error_ratio": a.error_ratio, "ratio_expert": a.ratio_expert}
+                "expert_error_ratio": a.error_ratio, "ratio_expert": a.ratio_expert,
+                "weight_error_ratio": a.weight_ratio, "weight_expert": a.weight_expert}
             for i, a in routing.items()}
     if routing:
         metrics["min_routing_overlap"] = min(a.share for a in routing.values())
@@ -51,6 +59,9 @@ def _moe_rows(routing: dict[int, Agreement], metrics: dict) -> dict[int, dict]:
         ratios = [a.error_ratio for a in routing.values() if a.error_ratio is not None]
         if ratios:
             metrics["max_expert_error_ratio"] = _worst(max, ratios)
+        weights = [a.weight_ratio for a in routing.values() if a.weight_ratio is not None]
+        if weights:
+            metrics["max_weight_error_ratio"] = _worst(max, weights)
     return rows
 
 
