@@ -117,8 +117,8 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
         if sm is ref:
             moe = layer.moe
             probe = BlockProbe(ref, layer, hr) if layers is not None else None  # before the observers
-            capture = RouteCapture(moe, batches[0].shape[1], weights=cs.adapter.num_experts == ref.adapter.num_experts
-                                   ) if moe is not None else None
+            alike = cs.adapter.num_experts == ref.adapter.num_experts  # else no expert is compared
+            capture = RouteCapture(moe, batches[0].shape[1], weights=alike) if moe is not None else None
             hr = ref.run_layer(layer, hr)
             del layer, moe  # freed before the next one is built: one layer runs, the next is being read
             continue

@@ -2,23 +2,22 @@
 or transposed, one expert's weights exchanged) that its output on the 16 probe tokens reads within the spread
 of correct experts.
 
-Each linear of each routed expert (gate, up, down) is compared with the reference expert's through a sketch: its
-weight as the candidate computes with it (decoded; AWQ's ``pre_quant_scale`` multiplied into its columns) times
-fixed Gaussian columns (SKETCH, more where the weight has few rows: SAMPLES entries at least), against the
-reference weight times the same columns. The relative error of the sketches estimates that of the weights
-(Frobenius) to about 1%, without holding the reference's weights beside the candidate's (Kimi K2: 138 MB of
-sketches per layer, against 17 GB of weights; more where weights are narrow, as the bundled models'); a weight
-narrower than its sketch is compared whole. The weights
-alone, without activation quantization: what the stored bytes say.
+Each linear of each routed expert (gate, up, down) is compared with the reference expert's as the candidate
+computes with it (decoded; AWQ's ``pre_quant_scale`` multiplied into its columns; no activation quantization:
+what the stored bytes say). The norm of the difference is estimated through a sketch, the weight times fixed
+Gaussian columns (SKETCH, more where the weight has few rows: SAMPLES entries at least; a weight narrower than
+that whole), to about 1% for quantization noise, without holding the reference's weights beside the
+candidate's (Kimi K2: 138 MB of sketches per layer, against 17 GB of weights); the weights' own norms are exact.
 
-Each linear's error is held to the median of the same linear in the layer's experts stored alike, only where those
-peers agree. Round-to-nearest formats err alike on every expert (FP8, block FP8, NVFP4, MXFP4 on the bundled
-models: the largest within 3% of the median), so one faulty expert stands out: an NVFP4 or block-FP8 scale
-rolled by one row reads 2.6-3.8. Calibrated rounding (AWQ, GPTQ) and smoothing folded into the weights spread
-the errors with the calibration (1.2-1.5 on the bundled models), and a weight ratio cannot tell a fault from
-calibration there: a ``moepress quantize`` output of such a format is not judged here, nor is any group whose
-second-largest ratio is over TIGHT (the output-level expert gates still judge them; they read the same faults
-on the bundled models).
+Each linear's error is held to the median of the same linear in the layer's experts stored alike, where its
+rounding is known to be to nearest and those peers agree. Round-to-nearest formats err alike on every expert
+(FP8, block FP8, NVFP4, MXFP4 on the bundled models: the largest within 5% of the median), so one faulty expert
+stands out: an NVFP4 or block-FP8 scale rolled by one row reads 2.6-3.8. Calibrated rounding (AWQ, GPTQ) and
+smoothing folded into the weights spread the errors with the calibration, beside experts rounded to nearest
+for want of tokens (an ``--awq-fold`` export read 2.4 over its median), and a weight ratio cannot tell a fault
+from calibration there: only a ``moepress quantize`` output of a round-to-nearest format and weights stored in
+float are judged, and only in groups whose second-largest ratio is at most TIGHT (the output-level expert gates
+judge the rest).
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from moepress.checks.peers import MIN_PEERS, peer_ratios, relative_error, stored_form
+from moepress.checks.peers import MIN_PEERS, peer_ratios, stored_form
 from moepress.compress.formats import FORMATS
 from moepress.compress.moe import SparseMoE, StoredLinear
 
@@ -40,13 +39,15 @@ TIGHT = 1.1  # the second-largest ratio of a group whose errors agree (round-to-
 
 
 @lru_cache(maxsize=8)
-def _columns(width: int, rows: int, device: str) -> torch.Tensor:
-    """[width, k] float32: k = max(SKETCH, SAMPLES / rows) standard normal columns, seeded by the shape (the same
-    for the reference and the candidate); the identity where k would reach ``width`` (the weight itself, exact)."""
+def _columns(width: int, rows: int, device: str) -> torch.Tensor | None:
+    """[width, k] float32: k = max(SKETCH, SAMPLES / rows) standard normal columns scaled by 1 / sqrt(k), so that
+    |D P| estimates |D| (Frobenius), seeded by the shape (the same for the reference and the candidate); None
+    where k would reach ``width``: the weight is compared whole."""
     k = max(SKETCH, -(-SAMPLES // rows))
     if k >= width:
-        return torch.eye(width, device=device)
-    return torch.randn(width, k, generator=torch.Generator().manual_seed(width * 65537 + rows)).to(device)
+        return None
+    g = torch.Generator().manual_seed(width * 65537 + rows)
+    return (torch.randn(width, k, generator=g) / math.sqrt(k)).to(device)
 
 
 def effective_weight(lin: nn.Linear) -> torch.Tensor:
@@ -63,10 +64,24 @@ def effective_weight(lin: nn.Linear) -> torch.Tensor:
     return w if pqs is None else w * pqs.to(w.device, torch.float32)[None]
 
 
-def sketch(lin: nn.Linear) -> torch.Tensor:
-    """[out, k]: the linear's effective weight times k fixed Gaussian columns (``_columns``)."""
+def sketch(lin: nn.Linear) -> tuple[torch.Tensor, float]:
+    """The linear's effective weight times the fixed columns of its shape (``_columns``; the weight itself where
+    narrow), and the weight's own norm, exact: a sketched norm errs with the weight's spectrum, its error's not
+    (quantization noise is flat)."""
     w = effective_weight(lin)
-    return w @ _columns(w.shape[1], w.shape[0], str(w.device))
+    p = _columns(w.shape[1], w.shape[0], str(w.device))
+    return (w if p is None else w @ p), float(w.norm())
+
+
+def sketch_error(cand: tuple[torch.Tensor, float], ref: tuple[torch.Tensor, float]) -> float:
+    """|W_c - W_r| / min(|W_c|, |W_r|) from their sketches: the difference's norm estimated, the norms exact; 0 where
+    both are zero, inf where one is, NaN where anything is not finite (as ``peers.relative_error``)."""
+    (a, na), (b, nb) = cand, ref
+    d = float((a - b.to(a.device)).norm())
+    if not (math.isfinite(d) and math.isfinite(na) and math.isfinite(nb)):
+        return math.nan
+    size = min(na, nb)
+    return d / size if size > 0 else (math.inf if d > 0 else 0.0)
 
 
 class WeightSketch:
@@ -83,22 +98,26 @@ class WeightSketch:
         worst: list[float | None] = [None] * len(moe.experts)
         for role in range(len(self.ref[0])):
             lins = [e.linears()[role] for e in moe.experts]
-            errors = []
-            for lin, k in zip(lins, order.tolist(), strict=True):  # one expert's sketch at a time, not a stack
-                cand = sketch(lin)[None]
-                ref = self.ref[k][role].to(cand.device)[None]
-                errors.append(float(relative_error(cand - ref, cand, ref)[0]))
+            # one expert's sketch at a time, not a stack
+            errors = [sketch_error(sketch(lin), self.ref[k][role]) for lin, k in zip(lins, order.tolist(), strict=True)]
             for j, r in enumerate(agreeing(errors, [stored_form(lin) for lin in lins])):
-                if r is not None and not calibrated_rounding(lins[j]):
+                if r is not None and rounded_to_nearest(lins[j]):
                     worst[j] = r if worst[j] is None else max(worst[j], r, key=_nan_last)
         return worst
 
 
-def calibrated_rounding(lin: nn.Linear) -> bool:
-    """Whether ``lin`` is a ``moepress quantize`` output of a format that rounds by calibration (AWQ, GPTQ:
-    ``fake_quant.attach`` names its format on the module), whose weight error says nothing of a fault."""
+def rounded_to_nearest(lin: nn.Linear) -> bool:
+    """Whether ``lin``'s stored weight is known to be rounded to nearest: a ``moepress quantize`` output of a format
+    that rounds so (not AWQ, not GPTQ: ``fake_quant.attach`` names the format on the module), or a weight stored in
+    float (a copy or a cast). Quantized otherwise (a compressed-tensors or third-party checkpoint, which may be AWQ
+    or GPTQ with a few experts rounded to nearest for want of tokens, beside which a calibrated one stands out):
+    not judged."""
     fmt = getattr(lin, "quant_format", None)
-    return fmt in FORMATS and (FORMATS[fmt].awq or FORMATS[fmt].gptq)
+    if fmt is not None:
+        return fmt in FORMATS and not (FORMATS[fmt].awq or FORMATS[fmt].gptq)
+    if isinstance(lin, StoredLinear) and (lin.kept or lin.qweight is not None):
+        return False
+    return lin.weight.is_floating_point() and lin.weight.element_size() >= 2
 
 
 def _nan_last(v: float) -> float:
