@@ -11,8 +11,8 @@ candidate's (Kimi K2: 138 MB of sketches per layer, against 17 GB of weights); t
 
 Each linear's error is held to the median of the same linear in the layer's experts stored alike, where its
 rounding is known to be to nearest and those peers agree. Round-to-nearest formats err alike on every expert
-(FP8, block FP8, NVFP4, MXFP4 on the bundled models: the largest within 5% of the median), so one faulty expert
-stands out: an NVFP4 or block-FP8 scale rolled by one row reads 2.6-3.8. Calibrated rounding (AWQ, GPTQ) and
+(FP8, block FP8, NVFP4, MXFP4 on the bundled models: the largest within 3% of the median), so one faulty expert
+stands out: an NVFP4 or block-FP8 scale rolled by one row reads 2.5-3.7. Calibrated rounding (AWQ, GPTQ) and
 smoothing folded into the weights spread the errors with the calibration, beside experts rounded to nearest
 for want of tokens (an ``--awq-fold`` export read 2.4 over its median), and a weight ratio cannot tell a fault
 from calibration there: only a ``moepress quantize`` output of a round-to-nearest format and weights stored in
