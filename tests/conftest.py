@@ -58,3 +58,16 @@ def manifest_key(tmp_path_factory):
         os.environ.pop("MOEPRESS_KEY_FILE", None)
     else:
         os.environ["MOEPRESS_KEY_FILE"] = old
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny models' ops are too small to gain from a second thread, and on a loaded 2-core machine two OpenMP
+    threads per op make them 10-20x slower: one thread for the module's tests, restored afterwards (a module asks
+    for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -39,14 +39,7 @@ ROUTER = re.compile(r"\.(mlp|block_sparse_moe)\.gate\.weight$")
 SMALL = ["--seq-len", "64", "--max-samples", "8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models' ops are too small to gain from a second thread, and on a loaded 2-core
-    machine two OpenMP threads per op make them 10-20x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

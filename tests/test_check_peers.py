@@ -21,12 +21,7 @@ from moepress.compress.quantize import QuantConfig, quantize_checkpoint
 MID = ["--seq-len", "128", "--max-samples", "16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,7 @@ MID = ["--seq-len", "128", "--max-samples", "16"]
 ROLLED = "model.layers.1.block_sparse_moe.experts.3.w1.weight_scale"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
