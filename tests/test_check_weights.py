@@ -3,7 +3,8 @@
 A scale tensor rolled by one row in one expert (an exporter's layout slip) passes every output-level gate: its
 output on the probe tokens errs within the spread of correct experts. Its weights, compared with the reference's
 as the candidate computes with them, stand out against the same linear in the layer's other experts, where the
-format rounds to nearest and those agree; where they do not agree (AWQ, GPTQ), nothing is judged.
+rounding is known to be to nearest and those agree; elsewhere (AWQ, GPTQ, a format moepress did not write, errors
+that do not agree) nothing is judged.
 """
 
 import json

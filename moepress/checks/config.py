@@ -67,10 +67,10 @@ class CheckConfig:
     the smaller of the two, every expert whether the eval tokens reach it or not, the shared experts too
     (checks/routing.py); ``max_expert_error_ratio`` the largest ratio of one expert's error to the median error
     of its layer's routed experts stored alike; ``max_weight_error_ratio`` the largest ratio of one expert linear's
-    weight error to the median of the same linear's in its layer's experts stored alike, where those agree
-    (round-to-nearest formats; checks/weights.py); and ``max_attention_error_ratio`` of one layer's attention
-    block's own error (on the reference's input to the layer) to the median over the layers whose attention is
-    stored alike (checks/peers.py, checks/local.py): a fault in one block stands out against its peers.
+    weight error to the median of the same linear's in its layer's experts stored alike, where the rounding is
+    known to be to nearest and those agree (checks/weights.py); and ``max_attention_error_ratio`` of one layer's
+    attention block's own error (on the reference's input to the layer) to the median over the layers whose
+    attention is stored alike (checks/peers.py, checks/local.py): a fault in one block stands out against its peers.
     Data: ``data`` (None: the bundled held-out text), ``seq_len`` tokens per sample,
     ``max_samples`` samples, ``batch_size``. ``generate`` prompts decoded greedily for
     ``gen_tokens`` tokens each, side by side. ``kind`` the candidate kind (``auto``: detected).

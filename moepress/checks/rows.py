@@ -17,8 +17,8 @@ UNPEERED = {"max_expert_error_ratio": "no MoE layer has 3 routed experts stored 
             "dtypes) for an expert's error to be held to",
             "max_attention_error_ratio": "fewer than 3 layers' attention blocks are stored alike (the same tensor "
             "names and dtypes) for one's error to be held to",
-            "max_weight_error_ratio": "no MoE layer has 3 routed experts stored alike whose weight errors agree "
-            "(round-to-nearest formats; not AWQ / GPTQ) for one expert's to be held to"}
+            "max_weight_error_ratio": "no MoE layer has 3 routed experts stored alike, rounded to nearest (a "
+            "moepress output of such a format, or float) and with agreeing weight errors, for one's to be held to"}
 
 
 def unpeered_notes(per_layer: list[dict]) -> list[str]:
@@ -35,9 +35,9 @@ def unpeered_notes(per_layer: list[dict]) -> list[str]:
                      "held to their peers (--max-expert-error-ratio)")
     weights = [p["layer"] for p in per_layer if "expert_error" in p and p.get("weight_error_ratio") is None]
     if weights:
-        notes.append(f"expert weights of layer(s) {', '.join(map(str, weights))}: their errors do not agree across "
-                     "experts stored alike (calibrated rounding such as AWQ / GPTQ, or too few alike), not held to "
-                     "their peers (--max-weight-error-ratio)")
+        notes.append(f"expert weights of layer(s) {', '.join(map(str, weights))}: not known rounded to nearest "
+                     "(AWQ / GPTQ, or a format moepress did not write), or their errors do not agree across the "
+                     "experts stored alike, or too few are alike: not held to their peers (--max-weight-error-ratio)")
     return notes
 
 

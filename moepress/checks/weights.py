@@ -98,6 +98,8 @@ class WeightSketch:
         worst: list[float | None] = [None] * len(moe.experts)
         for role in range(len(self.ref[0])):
             lins = [e.linears()[role] for e in moe.experts]
+            if not any(rounded_to_nearest(lin) for lin in lins):
+                continue  # nothing to judge: no weight decoded for it
             # one expert's sketch at a time, not a stack
             errors = [sketch_error(sketch(lin), self.ref[k][role]) for lin, k in zip(lins, order.tolist(), strict=True)]
             for j, r in enumerate(agreeing(errors, [stored_form(lin) for lin in lins])):

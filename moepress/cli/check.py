@@ -158,8 +158,9 @@ def _human(result: dict) -> list[str]:
 @click.option("--max-weight-error-ratio", default="2", metavar="RATIO", show_default=True,
               help="Gate: largest ratio of one expert linear's weight error (decoded as the candidate computes with "
                    "it, against the reference's) to the median of the same linear's in its layer's experts stored "
-                   "alike, where those errors agree (round-to-nearest formats; not AWQ / GPTQ; the same candidates "
-                   "as --max-expert-error; 'none': off).")
+                   "alike, where the rounding is known to be to nearest (a moepress output of fp8, fp8-block, "
+                   "fp8-dynamic, nvfp4, nvfp4-a16 or mxfp4, or float weights) and those errors agree (the same "
+                   "candidates as --max-expert-error; 'none': off).")
 @click.option("--max-attention-error-ratio", default="4", metavar="RATIO", show_default=True,
               help="Gate: largest ratio of one layer's attention error, on the reference's input to the layer, to "
                    "the median over the layers whose attention is stored alike (streamed candidates with the "
