@@ -27,8 +27,13 @@ MIN_PEERS = 3  # blocks stored alike, the block itself included, for a median to
 def relative_error(diff: torch.Tensor, cand: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """|diff| / min(|cand|, |ref|) per leading index (norms over the rest), so a scale off by 2 either way reads
     1.0; 0 where both are zero, inf where one is, NaN where either is not finite (no gate passes NaN)."""
-    size = torch.minimum(cand.flatten(1).norm(dim=1), ref.flatten(1).norm(dim=1))
-    d = diff.flatten(1).norm(dim=1)
+    return norm_ratio(diff.flatten(1).norm(dim=1), cand.flatten(1).norm(dim=1), ref.flatten(1).norm(dim=1))
+
+
+def norm_ratio(d: torch.Tensor, cand: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``relative_error`` from the norms: the difference's ``d``, the two sides' ``cand`` and ``ref`` (a caller
+    that estimates one of them, as checks/weights.py the difference's, keeps the same zero, inf and NaN rules)."""
+    size = torch.minimum(cand, ref)
     silent = torch.where(d > 0, math.inf, 0.0).to(d.dtype)
     err = torch.where(size > 0, d / size.clamp_min(torch.finfo(size.dtype).tiny), silent)
     return torch.where(torch.isfinite(d) & torch.isfinite(size), err, math.nan)

@@ -29,7 +29,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from moepress.checks.peers import MIN_PEERS, peer_ratios, stored_form
+from moepress.checks.peers import MIN_PEERS, norm_ratio, peer_ratios, stored_form
 from moepress.compress.formats import FORMATS
 from moepress.compress.moe import SparseMoE, StoredLinear
 
@@ -74,14 +74,11 @@ def sketch(lin: nn.Linear) -> tuple[torch.Tensor, float]:
 
 
 def sketch_error(cand: tuple[torch.Tensor, float], ref: tuple[torch.Tensor, float]) -> float:
-    """|W_c - W_r| / min(|W_c|, |W_r|) from their sketches: the difference's norm estimated, the norms exact; 0 where
-    both are zero, inf where one is, NaN where anything is not finite (as ``peers.relative_error``)."""
+    """|W_c - W_r| / min(|W_c|, |W_r|) from their sketches (``peers.norm_ratio``): the difference's norm estimated,
+    the norms exact."""
     (a, na), (b, nb) = cand, ref
-    d = float((a - b.to(a.device)).norm())
-    if not (math.isfinite(d) and math.isfinite(na) and math.isfinite(nb)):
-        return math.nan
-    size = min(na, nb)
-    return d / size if size > 0 else (math.inf if d > 0 else 0.0)
+    d = (a - b.to(a.device)).norm().cpu()
+    return float(norm_ratio(d[None], torch.tensor([na], dtype=d.dtype), torch.tensor([nb], dtype=d.dtype))[0])
 
 
 class WeightSketch:
