@@ -66,11 +66,11 @@ class CheckConfig:
     the reference's inputs to its layer against the reference expert its router row stands for, relative to
     the smaller of the two, every expert whether the eval tokens reach it or not, the shared experts too
     (checks/routing.py); ``max_expert_error_ratio`` the largest ratio of one expert's error to the median error
-    of its layer's routed experts stored alike; ``max_weight_error_ratio`` the largest ratio of one expert linear's
-    weight error to the median of the same linear's in its layer's experts stored alike, where the rounding is
-    known to be to nearest and those agree (checks/weights.py); and ``max_attention_error_ratio`` of one layer's
-    attention block's own error (on the reference's input to the layer) to the median over the layers whose
-    attention is stored alike (checks/peers.py, checks/local.py): a fault in one block stands out against its peers.
+    of its layer's routed experts stored alike; ``max_weight_error_ratio`` the largest ratio of one linear's weight
+    error to the error its format's rounding to nearest makes on the reference's weight (checks/weights.py);
+    and ``max_attention_error_ratio`` of one layer's attention block's own error (on the reference's input to the
+    layer) to the median over the layers whose attention is stored alike (checks/peers.py, checks/local.py): a
+    fault in one block stands out against its peers.
     Data: ``data`` (None: the bundled held-out text), ``seq_len`` tokens per sample,
     ``max_samples`` samples, ``batch_size``. ``generate`` prompts decoded greedily for
     ``gen_tokens`` tokens each, side by side. ``kind`` the candidate kind (``auto``: detected).
@@ -158,7 +158,7 @@ GATES = (
     Gate("min_routing_overlap", "min_routing_overlap", ">=", "--min-routing-overlap", needs="routing"),
     Gate("max_expert_error", "max_expert_error", "<=", "--max-expert-error", needs="routing"),
     Gate("max_expert_error_ratio", "max_expert_error_ratio", "<=", "--max-expert-error-ratio", needs="routing"),
-    Gate("max_weight_error_ratio", "max_weight_error_ratio", "<=", "--max-weight-error-ratio", needs="routing"),
+    Gate("max_weight_error_ratio", "max_weight_error_ratio", "<=", "--max-weight-error-ratio", needs="blocks"),
     Gate("max_attention_error_ratio", "max_attention_error_ratio", "<=", "--max-attention-error-ratio",
          needs="blocks"),
 )

@@ -9,7 +9,8 @@ norm, v_proj or up_proj stay inside a block, so a folded candidate compares as a
 
 The attention errors are gated against their peers (``peers``): each layer's against the median over the
 layers whose attention is stored alike. The feed-forward error is reported (a pruned layer's shows what the
-pruning cost that layer), not gated: its experts are (``routing``).
+pruning cost that layer), not gated: its experts are (``routing``). The weights of the layer's linears other than
+the routed experts' (attention, shared experts, a dense MLP) are held to their own rounding's error (``weights``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from moepress.checks.peers import relative_error, stored_form
+from moepress.checks.weights import Sketches, linears
 from moepress.compress.moe import DecoderLayer
 
 
@@ -29,6 +31,8 @@ class BlockErrors:
     attention: float
     ffn: float
     attention_form: tuple
+    weight_ratio: float | None = None  # the largest weight error over its rounding's (checks/weights.py)
+    weight_module: str | None = None  # the linear with it
 
 
 # the blocks are compared on the first eval samples holding this many tokens (8 samples of 256; one sample at
@@ -42,7 +46,13 @@ class BlockProbe:
     --batch-size): the layer's input, the attention block's output, the feed-forward block's output."""
 
     @torch.no_grad()
-    def __init__(self, sm, layer: DecoderLayer, hs: list[torch.Tensor]):
+    def __init__(self, sm, layer: DecoderLayer, hs: list[torch.Tensor], formats: dict[str, str] | None = None,
+                 skip: str | None = None):
+        """``formats``: the candidate's format of each linear in the layer (checks/weights.py), whose linears but
+        those under ``skip`` (the routed experts, which :class:`~moepress.checks.routing.RouteCapture` compares) are
+        sketched to be compared; None: not compared."""
+        self.skip = skip
+        self.weights = None if formats is None else Sketches(linears(layer, skip), formats)
         want = max(1, PROBE_TOKENS // hs[0].shape[1])
         h, n = [], 0
         for b in hs:
@@ -63,5 +73,6 @@ class BlockProbe:
             c, r = c.float().reshape(1, -1), r.float().reshape(1, -1)
             return float(relative_error(c - r, c, r)[0])
 
-        return BlockErrors(err(attn, self.attn), err(ffn, self.ffn), stored_form(layer.self_attn))
+        wr, wm = (None, None) if self.weights is None else self.weights.ratio(linears(layer, self.skip))
+        return BlockErrors(err(attn, self.attn), err(ffn, self.ffn), stored_form(layer.self_attn), wr, wm)
 

@@ -164,15 +164,17 @@ def markdown(result: dict) -> str:
             for row, p in zip(l_rows, result["layers"], strict=True):
                 row += [_num(p.get("attention_error")), _num(p.get("attention_error_ratio")), _num(p.get("ffn_error"))]
         if any(p.get("routing_overlap") is not None for p in result["layers"]):  # MoE layers: routing, worst expert
-            header += ["routing overlap", "worst expert's error", "worst expert's error / its peers'",
-                       "worst expert's weight error / its peers'"]
+            header += ["routing overlap", "worst expert's error", "worst expert's error / its peers'"]
             for row, p in zip(l_rows, result["layers"], strict=True):
                 share, e, r = p.get("routing_overlap"), p.get("expert_error"), p.get("expert_error_ratio")
-                w = p.get("weight_error_ratio")
                 row += [f"{share:.4f}" if share is not None else "-",
                         f"{e:.4g} (expert {p['worst_expert']})" if e is not None else "-",
-                        f"{r:.4g} (expert {p['ratio_expert']})" if r is not None else "-",
-                        f"{w:.4g} (expert {p['weight_expert']})" if w is not None else "-"]
+                        f"{r:.4g} (expert {p['ratio_expert']})" if r is not None else "-"]
+        if any("weight_error_ratio" in p for p in result["layers"]):  # each linear's weights against its rounding
+            header += ["worst weight error / its rounding's"]
+            for row, p in zip(l_rows, result["layers"], strict=True):
+                w = p.get("weight_error_ratio")
+                row.append(f"{w:.4g} ({p['weight_module']})" if w is not None else "-")
         lines += ["## Hidden states per layer (candidate vs reference, layer outputs)", "",
                   _md_table(header, l_rows), ""]
         if jump is not None:

@@ -25,7 +25,7 @@ expert scaled by 2 or by 1/2 reads 1.0 alike; the shared experts likewise, again
 scale on an expert the router rarely picks moves the whole model's outputs by a fraction of a percent,
 under every whole-model gate; on the expert itself it is an error of the expert's own size. Each expert's
 error is also held to its peers' (``peers``): over the median error of the layer's routed experts stored
-alike, on the same tokens; and each expert's weights to its peers' (``weights``).
+alike, on the same tokens; and each expert's weights to the error their own rounding makes (``weights``).
 """
 
 from __future__ import annotations
@@ -51,15 +51,19 @@ class Agreement(NamedTuple):
     worst_expert: int | str  # the candidate's expert with that error ("shared": the shared experts)
     error_ratio: float | None  # largest over experts: its error / the median of its peers' (None: too few alike)
     ratio_expert: int | str | None  # the expert with that ratio
-    weight_ratio: float | None = None  # largest over experts: weight error / its agreeing peers' (checks/weights.py)
-    weight_expert: int | None = None  # the expert with that ratio
+    weight_ratio: float | None = None  # largest over experts' linears: weight error / its rounding's (weights.py)
+    weight_module: str | None = None  # the linear with that ratio, named in the layer
 
 
 class RouteCapture:
     """Observer on the reference's MoE block: each batch's router input and the experts chosen, and on a few
     tokens of the first sample every expert's router score and output."""
 
-    def __init__(self, moe: SparseMoE, per_sample: int | None = None, weights: bool = True):
+    def __init__(self, moe: SparseMoE, per_sample: int | None = None, weights: dict[str, str] | None = None,
+                 prefix: str = ""):
+        """``weights``: the candidate's format of each linear in the layer (checks/weights.py), where its experts are
+        the reference's (same count) and their weights are compared (None: not compared); ``prefix``: the MoE
+        block's name in the layer."""
         self.num_experts = moe.num_experts
         self.per_sample = per_sample  # tokens of one eval sample: the probe is taken from the first sample
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -67,7 +71,7 @@ class RouteCapture:
         self.scores: torch.Tensor | None = None  # [tokens, experts]: the router's logits on the probe
         self.outputs: torch.Tensor | None = None  # [experts, tokens, hidden]
         self.shared: torch.Tensor | None = None  # [tokens, hidden]: the shared experts' output on the probe
-        self.weights = WeightSketch(moe) if weights else None  # not where the candidate has other experts
+        self.weights = WeightSketch(moe, weights, prefix) if weights is not None else None
         moe.observers.append(self)
 
     @torch.no_grad()
@@ -115,8 +119,10 @@ class RouteCapture:
             idx = order.to(dev)[idx.to(dev)]  # the candidate's expert j is the reference's order[j]
             hits += int((ref_idx[:, :, None] == idx[:, None, :]).any(-1).sum())
             total += ref_idx.shape[0] * max(ref_idx.shape[1], idx.shape[1])
-        weight_at, weight = (None, None) if self.weights is None else \
-            _worst_of(list(range(moe.num_experts)), self.weights.ratios(moe, order))
+        weight_at = weight = None
+        if self.weights is not None:
+            pairs = self.weights.ratios(moe, order)
+            weight_at, weight = _worst_of([n for _, n in pairs], [v for v, _ in pairs])
         return Agreement(hits / total, bool((order != torch.arange(len(order))).any()), err, worst, ratio, ratio_at,
                          weight, weight_at)
 

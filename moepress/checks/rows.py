@@ -17,8 +17,9 @@ UNPEERED = {"max_expert_error_ratio": "no MoE layer has 3 routed experts stored 
             "dtypes) for an expert's error to be held to",
             "max_attention_error_ratio": "fewer than 3 layers' attention blocks are stored alike (the same tensor "
             "names and dtypes) for one's error to be held to",
-            "max_weight_error_ratio": "no MoE layer has 3 routed experts stored alike, rounded to nearest (a "
-            "moepress output of such a format, or float) and with agreeing weight errors, for one's to be held to"}
+            "max_weight_error_ratio": "no linear's weights are known rounded to nearest (a moepress output of fp8, "
+            "fp8-block, fp8-dynamic, nvfp4, nvfp4-a16 or mxfp4, or float) for their error to be held to that "
+            "rounding's"}
 
 
 def unpeered_notes(per_layer: list[dict]) -> list[str]:
@@ -33,11 +34,11 @@ def unpeered_notes(per_layer: list[dict]) -> list[str]:
     if exp:
         notes.append(f"experts of layer(s) {', '.join(map(str, exp))}: fewer than 3 routed experts stored alike, not "
                      "held to their peers (--max-expert-error-ratio)")
-    weights = [p["layer"] for p in per_layer if "expert_error" in p and p.get("weight_error_ratio") is None]
+    weights = [p["layer"] for p in per_layer if "weight_error_ratio" in p and p["weight_error_ratio"] is None]
     if weights:
-        notes.append(f"expert weights of layer(s) {', '.join(map(str, weights))}: not known rounded to nearest "
-                     "(AWQ / GPTQ, or a format moepress did not write), or their errors do not agree across the "
-                     "experts stored alike, or too few are alike: not held to their peers (--max-weight-error-ratio)")
+        notes.append(f"weights of layer(s) {', '.join(map(str, weights))}: none known rounded to nearest "
+                     "(AWQ / GPTQ, or a format moepress did not write): not held to their own rounding's error "
+                     "(--max-weight-error-ratio)")
     return notes
 
 
@@ -50,8 +51,7 @@ def _moe_rows(routing: dict[int, Agreement], metrics: dict) -> dict[int, dict]:
     """Per MoE layer: routing agreement, the worst expert's own error and the largest ratio of an expert's error
     to its peers'; their extremes into ``metrics``."""
     rows = {i: {"routing_overlap": a.share, "expert_error": a.expert_error, "worst_expert": a.worst_expert,
-                "expert_error_ratio": a.error_ratio, "ratio_expert": a.ratio_expert,
-                "weight_error_ratio": a.weight_ratio, "weight_expert": a.weight_expert}
+                "expert_error_ratio": a.error_ratio, "ratio_expert": a.ratio_expert}
             for i, a in routing.items()}
     if routing:
         metrics["min_routing_overlap"] = min(a.share for a in routing.values())
@@ -59,9 +59,21 @@ def _moe_rows(routing: dict[int, Agreement], metrics: dict) -> dict[int, dict]:
         ratios = [a.error_ratio for a in routing.values() if a.error_ratio is not None]
         if ratios:
             metrics["max_expert_error_ratio"] = _worst(max, ratios)
-        weights = [a.weight_ratio for a in routing.values() if a.weight_ratio is not None]
-        if weights:
-            metrics["max_weight_error_ratio"] = _worst(max, weights)
+    return rows
+
+
+def _weight_rows(routing: dict[int, Agreement], blocks: dict[int, BlockErrors], metrics: dict) -> dict[int, dict]:
+    """Per layer: the largest ratio of a linear's weight error to its rounding's (routed experts from ``routing``,
+    the rest from ``blocks``) and that linear's name; the largest into ``metrics``."""
+    rows = {}
+    for i in sorted(set(routing) | set(blocks)):
+        judged = [(x.weight_ratio, x.weight_module) for x in (routing.get(i), blocks.get(i))
+                  if x is not None and x.weight_ratio is not None]
+        v, n = max(judged, key=lambda p: math.inf if math.isnan(p[0]) else p[0]) if judged else (None, None)
+        rows[i] = {"weight_error_ratio": v, "weight_module": n}
+    weights = [r["weight_error_ratio"] for r in rows.values() if r["weight_error_ratio"] is not None]
+    if weights:
+        metrics["max_weight_error_ratio"] = _worst(max, weights)
     return rows
 
 
@@ -82,9 +94,11 @@ def layer_metrics(layers: list[LayerStats] | None, embed, routing: dict[int, Agr
     layers), the layer where the error jumps, and the per-layer headline metrics, added to ``metrics``."""
     moe = _moe_rows(routing, metrics)
     own = _block_rows(blocks, metrics)
+    weights = _weight_rows(routing, blocks, metrics)
     if layers is None:
         return [], None
-    per_layer = [{"layer": i, **s.summary(), **own.get(i, {}), **moe.get(i, {})} for i, s in enumerate(layers)]
+    per_layer = [{"layer": i, **s.summary(), **own.get(i, {}), **moe.get(i, {}), **weights.get(i, {})}
+                 for i, s in enumerate(layers)]
     start = embed.summary()["rel_error"] if embed is not None else 0.0
     k = error_jump([p["rel_error"] for p in per_layer], start)
     before = (per_layer[k - 1]["rel_error"] if k else start) if k is not None else None

@@ -30,6 +30,7 @@ from moepress.checks.lineage import calibrated_on, made_from_another
 from moepress.checks.local import BlockErrors, BlockProbe
 from moepress.checks.routing import Agreement, RouteCapture
 from moepress.checks.rows import UNPEERED, layer_metrics, unpeered_notes
+from moepress.checks.weights import candidate_formats
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 
@@ -116,9 +117,10 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
     for sm, i, layer in _Lockstep(order):
         if sm is ref:
             moe = layer.moe
-            probe = BlockProbe(ref, layer, hr) if layers is not None else None  # before the observers
+            fmts, ffn = candidate_formats(cs, i), f"{ref.adapter.ffn_attr}."
+            probe = BlockProbe(ref, layer, hr, fmts, f"{ffn}experts.") if layers is not None else None  # before hooks
             alike = cs.adapter.num_experts == ref.adapter.num_experts  # else no expert is compared
-            capture = RouteCapture(moe, batches[0].shape[1], weights=alike) if moe is not None else None
+            capture = RouteCapture(moe, batches[0].shape[1], fmts if alike else None, ffn) if moe is not None else None
             hr = ref.run_layer(layer, hr)
             del layer, moe  # freed before the next one is built: one layer runs, the next is being read
             continue
@@ -310,8 +312,8 @@ def _comparable(candidate, ref, cand, cfg: CheckConfig, notes: list[str]) -> boo
     if not comparable:
         refuse_unmeasurable(cfg, "layers", notes[-1])
     if not (cand.streamed and comparable):
-        refuse_unmeasurable(cfg, "blocks", "the attention gate needs a streamed candidate with the reference's "
-                            f"{ref.num_layers} layers")
+        refuse_unmeasurable(cfg, "blocks", "the attention and weight gates need a streamed candidate with the "
+                            f"reference's {ref.num_layers} layers")
     if not (cand.streamed and cand.stream.adapter.num_experts == ref.adapter.num_experts):
         refuse_unmeasurable(cfg, "routing", "the routing and expert gates need a streamed candidate with the "
                             f"reference's {ref.adapter.num_experts} experts per layer")

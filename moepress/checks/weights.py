@@ -1,41 +1,44 @@
-"""Each routed expert's weights held to its peers': a fault in the stored bytes (a scale tensor rolled by one row
-or transposed, one expert's weights exchanged) that its output on the 16 probe tokens reads within the spread
-of correct experts.
+"""Each expert's weights held to the error their own rounding makes: a fault in the stored bytes (a scale tensor
+rolled by one row or transposed, one expert's weights exchanged) that its output on the 16 probe tokens reads
+within the spread of correct experts.
 
-Each linear of each routed expert (gate, up, down) is compared with the reference expert's as the candidate
-computes with it (decoded; AWQ's ``pre_quant_scale`` multiplied into its columns; no activation quantization:
-what the stored bytes say). The norm of the difference is estimated through a sketch, the weight times fixed
-Gaussian columns (SKETCH, more where the weight has few rows: SAMPLES entries at least; a weight narrower than
-that whole), to about 1% for quantization noise, without holding the reference's weights beside the
+Each linear of each expert (routed, and the shared experts; gate, up, down) is compared with the reference expert's
+as the candidate computes with it (decoded; AWQ's ``pre_quant_scale`` multiplied into its columns; no activation
+quantization: what the stored bytes say). The norm of the difference is estimated through a sketch, the weight
+times fixed Gaussian columns (SKETCH, more where the weight has few rows: SAMPLES entries at least; a weight
+narrower than that whole), to about 1% for quantization noise, without holding the reference's weights beside the
 candidate's (Kimi K2: 138 MB of sketches per layer, against 17 GB of weights); the weights' own norms are exact.
 
-Each linear's error is held to the median of the same linear in the layer's experts stored alike, where its
-rounding is known to be to nearest and those peers agree. Round-to-nearest formats err alike on every expert
-(FP8, block FP8, NVFP4, MXFP4 on the bundled models: the largest within 3% of the median), so one faulty expert
-stands out: an NVFP4 or block-FP8 scale rolled by one row reads 2.5-3.7. Calibrated rounding (AWQ, GPTQ) and
-smoothing folded into the weights spread the errors with the calibration, beside experts rounded to nearest
-for want of tokens (an ``--awq-fold`` export read 2.4 over its median), and a weight ratio cannot tell a fault
-from calibration there: only a ``moepress quantize`` output of a round-to-nearest format and weights stored in
-float are judged, and only in groups whose second-largest ratio is at most TIGHT (the output-level expert gates
-judge the rest).
+That error is held to the error the format's own rounding makes on the same reference weight: while the reference
+layer is in memory, each weight the candidate stores in a format ``moepress quantize`` rounds to nearest (fp8,
+fp8-block, fp8-dynamic, nvfp4, nvfp4-a16, mxfp4; named by the candidate's moepress_quant.json) is quantized by that
+format's quantizer, gate and up together as ``quantize`` groups them, decoded and sketched through the same
+columns; a weight stored in float is expected to equal the reference's. A correct candidate reads 1 whatever the
+experts' weights look like; held to the median of the layer's other experts instead, one expert fine-tuned off a
+grid its peers sit on exactly (a bf16 upcast of an MXFP4 or block-FP8 model, re-quantized to its format) read 10.
+Both errors are floored at FLOOR, bf16's precision: a reference weight may reach the quantizer through bf16 (a
+float32 or block-FP8 checkpoint decoded to the working dtype), so differences at that level are no fault.
+Calibrated rounding (AWQ, GPTQ) and quantized weights moepress did not write (a compressed-tensors or third-party
+checkpoint) have no rounding to reproduce and are not judged (the output-level expert gates judge them).
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from functools import lru_cache
 
 import torch
 from torch import nn
 
-from moepress.checks.peers import MIN_PEERS, norm_ratio, peer_ratios, stored_form
-from moepress.compress.formats import FORMATS
+from moepress.checks.peers import norm_ratio
+from moepress.compress.formats import FORMATS, layout_of
+from moepress.compress.formats.base import QuantContext
 from moepress.compress.moe import SparseMoE, StoredLinear
+from moepress.compress.quantize.stats import shared_input_groups
 
 SKETCH = 8  # Gaussian columns each weight is multiplied by, at least
 SAMPLES = 8192  # sketch entries per linear, at least: its error's norm estimated to 0.8% (1 / sqrt(2 SAMPLES))
-TIGHT = 1.1  # the second-largest ratio of a group whose errors agree (round-to-nearest: 1.04 at most measured)
+FLOOR = 2.0 ** -8  # relative weight error below which two weights count as equal: bf16's precision (module docstring)
 
 
 @lru_cache(maxsize=8)
@@ -81,28 +84,104 @@ def sketch_error(cand: tuple[torch.Tensor, float], ref: tuple[torch.Tensor, floa
     return float(norm_ratio(d[None], torch.tensor([na], dtype=d.dtype), torch.tensor([nb], dtype=d.dtype))[0])
 
 
-class WeightSketch:
-    """The reference MoE layer's routed experts, sketched before the layer is freed."""
+def candidate_formats(stream, i: int) -> dict[str, str]:
+    """The format of each linear of layer ``i`` in the streamed checkpoint ``stream``, by module name in the layer
+    (``self_attn.v_proj``, ``mlp.experts.3.gate_proj``), as its moepress_quant.json names them ({}: none named)."""
+    prefix = stream.adapter.layer_prefix(i)
+    mods = (layout_of(stream.ckpt) or {}).get("modules") or {}
+    return {k[len(prefix):]: m["format"] for k, m in mods.items()
+            if k.startswith(prefix) and isinstance(m, dict) and isinstance(m.get("format"), str)}
 
-    def __init__(self, moe: SparseMoE):
-        self.ref = [[sketch(lin) for lin in e.linears()] for e in moe.experts]
+
+class Sketches:
+    """Named linears of a reference module, sketched, each with the error its rounding to nearest in the format the
+    candidate stores it in makes (``formats``: by name; linears that read one input rounded together, as
+    ``quantize`` groups them: FP8's shared weight scale, NVFP4's shared ``weight_scale_2``)."""
+
+    def __init__(self, lins: dict[str, nn.Linear], formats: dict[str, str]):
+        self.sketches = {n: sketch(lin) for n, lin in lins.items()}
+        self.expected: dict[str, tuple[str, float]] = {}
+        for names in _groups(list(lins), formats):
+            rounded = expected_sketches([effective_weight(lins[n]) for n in names], formats[names[0]])
+            for n, sk in zip(names, rounded or [], strict=False):
+                self.expected[n] = (formats[n], sketch_error(sk, self.sketches[n]))
+
+    def ratio(self, lins: dict[str, nn.Linear]) -> tuple[float | None, str | None]:
+        """(the largest over the candidate's linears ``lins`` of max(error, FLOOR) / max(expected, FLOOR), its name):
+        a NaN the largest; (None, None) where none is judged: not known rounded to nearest, or rounded otherwise than
+        its expected error was computed for."""
+        worst: tuple[float | None, str | None] = (None, None)
+        for n, lin in lins.items():
+            if n not in self.sketches or not rounded_to_nearest(lin):
+                continue
+            fmt = getattr(lin, "quant_format", None)
+            if fmt is None:
+                expected = 0.0  # stored in float: a copy, or a cast finer than FLOOR
+            elif n in self.expected and self.expected[n][0] == fmt:
+                expected = self.expected[n][1]
+            else:
+                continue
+            err = sketch_error(sketch(lin), self.sketches[n])
+            v = max(err, FLOOR) / max(expected, FLOOR) if not math.isnan(err) else math.nan
+            if worst[0] is None or _nan_last(v) > _nan_last(worst[0]):
+                worst = (v, n)
+        return worst
+
+
+def _groups(names: list[str], formats: dict[str, str]) -> list[list[str]]:
+    """The linears ``names`` a format moepress rounds to nearest names, grouped as ``quantize`` rounds them: those
+    that read one input (compress/quantize/stats.py) together where they share a format, the rest alone."""
+    known = [n for n in names if _nearest(formats.get(n))]
+    out = []
+    for grp in shared_input_groups(known):
+        out += [grp] if len({formats[n] for n in grp}) == 1 else [[n] for n in grp]
+    return out
+
+
+def linears(module: nn.Module, skip: str | None = None) -> dict[str, nn.Linear]:
+    """``module``'s linears by name, those under ``skip`` (a name prefix) left out."""
+    return {n: m for n, m in module.named_modules()
+            if isinstance(m, nn.Linear) and not (skip and n.startswith(skip))}
+
+
+class WeightSketch:
+    """The reference MoE layer's routed experts, sketched before the layer is freed (:class:`Sketches`)."""
+
+    def __init__(self, moe: SparseMoE, formats: dict[str, str] | None = None, prefix: str = ""):
+        """``formats``: the candidate's by module name (:func:`candidate_formats`); ``prefix``: the MoE block's name
+        in the layer (``mlp.``)."""
+        formats = formats or {}
+        self.prefix = prefix
+        self.ref = []
+        for k, e in enumerate(moe.experts):
+            at = f"{prefix}experts.{k}."
+            self.ref.append(Sketches(linears(e), {n[len(at):]: f for n, f in formats.items() if n.startswith(at)}))
 
     @torch.no_grad()
-    def ratios(self, moe: SparseMoE, order: torch.Tensor) -> list[float | None]:
-        """Per candidate expert (expert j against the reference's ``order[j]``): the largest over its linears of
-        its weight error over the median of the same linear's in the experts stored alike, where they agree
-        (None: no linear judged)."""
-        worst: list[float | None] = [None] * len(moe.experts)
-        for role in range(len(self.ref[0])):
-            lins = [e.linears()[role] for e in moe.experts]
-            if not any(rounded_to_nearest(lin) for lin in lins):
-                continue  # nothing to judge: no weight decoded for it
-            # one expert's sketch at a time, not a stack
-            errors = [sketch_error(sketch(lin), self.ref[k][role]) for lin, k in zip(lins, order.tolist(), strict=True)]
-            for j, r in enumerate(agreeing(errors, [stored_form(lin) for lin in lins])):
-                if r is not None and rounded_to_nearest(lins[j]):
-                    worst[j] = r if worst[j] is None else max(worst[j], r, key=_nan_last)
-        return worst
+    def ratios(self, moe: SparseMoE, order: torch.Tensor) -> list[tuple[float | None, str | None]]:
+        """Per candidate expert (expert j against the reference's ``order[j]``): its :meth:`Sketches.ratio`, the
+        linear named in the layer."""
+        out = []
+        for j, (e, k) in enumerate(zip(moe.experts, order.tolist(), strict=True)):
+            v, n = self.ref[k].ratio(linears(e))
+            out.append((v, None if n is None else f"{self.prefix}experts.{j}.{n}"))
+        return out
+
+
+def expected_sketches(ws: list[torch.Tensor], fmt: str) -> list[tuple[torch.Tensor, float]] | None:
+    """The sketches of ``ws`` (one group of linears reading one input) quantized to ``fmt`` by its own quantizer
+    and decoded (None: the format leaves them unquantized, e.g. a width not whole blocks)."""
+    f = FORMATS[fmt]
+    q = f.quantize([w.float() for w in ws], QuantContext())
+    if q.skipped:
+        return None
+    out = []
+    for t in q.tensors:
+        e = f.dequantize(t, torch.float32)
+        p = _columns(e.shape[1], e.shape[0], str(e.device))
+        out.append(((e if p is None else e @ p), float(e.norm())))
+        del e
+    return out
 
 
 def rounded_to_nearest(lin: nn.Linear) -> bool:
@@ -113,7 +192,7 @@ def rounded_to_nearest(lin: nn.Linear) -> bool:
     not judged."""
     fmt = getattr(lin, "quant_format", None)
     if fmt is not None:
-        return fmt in FORMATS and not (FORMATS[fmt].awq or FORMATS[fmt].gptq)
+        return _nearest(fmt)
     if isinstance(lin, StoredLinear) and (lin.kept or lin.qweight is not None):
         return False
     return lin.weight.is_floating_point() and lin.weight.element_size() >= 2
@@ -123,13 +202,6 @@ def _nan_last(v: float) -> float:
     return math.inf if math.isnan(v) else v
 
 
-def agreeing(errors: list[float], forms: list) -> list[float | None]:
-    """``peer_ratios`` of ``errors``, kept only in groups (stored alike) of MIN_PEERS or more whose second-largest
-    ratio is at most TIGHT: where the peers agree, one error far from them is a fault."""
-    ratios, _ = peer_ratios(errors, forms)
-    groups: dict = defaultdict(list)
-    for r, f in zip(ratios, forms, strict=True):
-        if r is not None:
-            groups[f].append(_nan_last(r))
-    tight = {f for f, rs in groups.items() if len(rs) >= MIN_PEERS and sorted(rs)[-2] <= TIGHT}
-    return [r if f in tight else None for r, f in zip(ratios, forms, strict=True)]
+def _nearest(fmt: str | None) -> bool:
+    """Does moepress's quantizer of ``fmt`` round each weight to nearest (no calibration: not AWQ, not GPTQ)?"""
+    return fmt is not None and fmt in FORMATS and FORMATS[fmt].produced and not (FORMATS[fmt].awq or FORMATS[fmt].gptq)

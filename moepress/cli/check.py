@@ -92,6 +92,10 @@ def _human(result: dict) -> list[str]:
                 ratio = ", ".join(f"{p['layer']}: {p['attention_error_ratio']:.3g}" for p in result["layers"]
                                   if p.get("attention_error_ratio") is not None)
                 out.append(f"  attention error / median of its peers  {ratio}{gate('max_attention_error_ratio')}")
+            if "max_weight_error_ratio" in m:
+                ratio = ", ".join(f"{p['layer']}: {p['weight_error_ratio']:.3g} ({p['weight_module']})"
+                                  for p in result["layers"] if p.get("weight_error_ratio") is not None)
+                out.append(f"  worst weight error / its own rounding's  {ratio}{gate('max_weight_error_ratio')}")
     if "min_routing_overlap" in m:
         share = ", ".join(f"{p['layer']}: {p['routing_overlap']:.4f}" for p in result["layers"]
                           if "routing_overlap" in p)
@@ -103,11 +107,6 @@ def _human(result: dict) -> list[str]:
             ratio = ", ".join(f"{p['layer']}: {p['expert_error_ratio']:.3g} (expert {p['ratio_expert']})"
                               for p in result["layers"] if p.get("expert_error_ratio") is not None)
             out.append(f"  worst expert's error / its layer's median  {ratio}{gate('max_expert_error_ratio')}")
-        if "max_weight_error_ratio" in m:
-            ratio = ", ".join(f"{p['layer']}: {p['weight_error_ratio']:.3g} (expert {p['weight_expert']})"
-                              for p in result["layers"] if p.get("weight_error_ratio") is not None)
-            out.append(f"  worst expert's weight error / its layer's median  {ratio}"
-                       f"{gate('max_weight_error_ratio')}")
     out += [f"  {g['metric']}: not measured for this candidate{gate(g['metric'])}" for g in result["gates"]
             if g["passed"] is None]
     out += [f"  note: {n}" for n in result["notes"]]
@@ -156,11 +155,11 @@ def _human(result: dict) -> list[str]:
               help="Gate: largest ratio of one expert's error (as --max-expert-error; shared experts too) to the "
                    "median error of its layer's routed experts stored alike (the same candidates; 'none': off).")
 @click.option("--max-weight-error-ratio", default="2", metavar="RATIO", show_default=True,
-              help="Gate: largest ratio of one expert linear's weight error (decoded as the candidate computes with "
-                   "it, against the reference's) to the median of the same linear's in its layer's experts stored "
-                   "alike, where the rounding is known to be to nearest (a moepress output of fp8, fp8-block, "
-                   "fp8-dynamic, nvfp4, nvfp4-a16 or mxfp4, or float weights) and those errors agree (the same "
-                   "candidates as --max-expert-error; 'none': off).")
+              help="Gate: largest ratio of one decoder-layer linear's weight error (decoded as the candidate "
+                   "computes with it, against the reference's) to the error its format's rounding to nearest makes "
+                   "on the reference's weight, where that rounding is known (a moepress output of fp8, fp8-block, "
+                   "fp8-dynamic, nvfp4, nvfp4-a16 or mxfp4, or float weights; routed experts where the candidate "
+                   "has the reference's; the same candidates as --max-attention-error-ratio; 'none': off).")
 @click.option("--max-attention-error-ratio", default="4", metavar="RATIO", show_default=True,
               help="Gate: largest ratio of one layer's attention error, on the reference's input to the layer, to "
                    "the median over the layers whose attention is stored alike (streamed candidates with the "
