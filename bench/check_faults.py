@@ -4,9 +4,9 @@ Quantizes the bundled models (and, with ``--variants``, bench/variants.py's) in 
 correct candidate with the default gates, then injects one fault at a time into a copy of some of them
 (layer 1: an attention scale, an expert's or the shared experts' down scale, gate and up swapped, a scale
 tensor rolled by one row, an AWQ pre_quant_scale doubled) and checks each again. Prints per candidate the
-failing gates, the three peer ratios (attention and expert errors: checks/peers.py; expert weights:
-checks/weights.py) and the largest expert error, then their ranges over the correct candidates: what the
-README's table of faults comes from.
+failing gates, the three ratios (attention and expert errors to their peers': checks/peers.py; each linear's
+weight error to its own rounding's: checks/weights.py) and the largest expert error, then their ranges over the
+correct candidates: what the README's table of faults comes from.
 
     python bench/check_faults.py                       # bundled models, 9 formats, faults in 4 formats
     python bench/check_faults.py --formats fp8,int4-awq --fault-formats fp8 --variants

@@ -33,6 +33,7 @@ class BlockErrors:
     attention_form: tuple
     weight_ratio: float | None = None  # the largest weight error over its rounding's (checks/weights.py)
     weight_module: str | None = None  # the linear with it
+    weighed: bool = False  # were its weights compared (a moepress quantize output made from the reference)
 
 
 # the blocks are compared on the first eval samples holding this many tokens (8 samples of 256; one sample at
@@ -74,5 +75,6 @@ class BlockProbe:
             return float(relative_error(c - r, c, r)[0])
 
         wr, wm = (None, None) if self.weights is None else self.weights.ratio(linears(layer, self.skip))
-        return BlockErrors(err(attn, self.attn), err(ffn, self.ffn), stored_form(layer.self_attn), wr, wm)
+        return BlockErrors(err(attn, self.attn), err(ffn, self.ffn), stored_form(layer.self_attn), wr, wm,
+                           self.weights is not None)
 

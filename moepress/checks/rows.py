@@ -17,9 +17,9 @@ UNPEERED = {"max_expert_error_ratio": "no MoE layer has 3 routed experts stored 
             "dtypes) for an expert's error to be held to",
             "max_attention_error_ratio": "fewer than 3 layers' attention blocks are stored alike (the same tensor "
             "names and dtypes) for one's error to be held to",
-            "max_weight_error_ratio": "no linear's weights are known rounded to nearest (a moepress output of fp8, "
-            "fp8-block, fp8-dynamic, nvfp4, nvfp4-a16 or mxfp4, or float) for their error to be held to that "
-            "rounding's"}
+            "max_weight_error_ratio": "no linear's weights are known rounded to nearest (a `moepress quantize` "
+            "output, made from the reference, of fp8, fp8-block, fp8-dynamic, nvfp4, nvfp4-a16 or mxfp4, or a "
+            "linear it left in float) for their error to be held to that rounding's"}
 
 
 def unpeered_notes(per_layer: list[dict]) -> list[str]:
@@ -63,15 +63,16 @@ def _moe_rows(routing: dict[int, Agreement], metrics: dict) -> dict[int, dict]:
 
 
 def _weight_rows(routing: dict[int, Agreement], blocks: dict[int, BlockErrors], metrics: dict) -> dict[int, dict]:
-    """Per layer: the largest ratio of a linear's weight error to its rounding's (routed experts from ``routing``,
-    the rest from ``blocks``) and that linear's name; the largest into ``metrics``."""
+    """Per layer whose weights were compared: the largest ratio of a linear's weight error to its rounding's
+    (routed experts from ``routing``, the rest from ``blocks``) and that linear's name; the largest into
+    ``metrics``."""
+    judged = {i: [(x.weight_ratio, x.weight_module) for x in (routing.get(i), blocks.get(i))
+                  if x is not None and x.weight_ratio is not None] for i in set(routing) | set(blocks)}
     rows = {}
-    for i in sorted(set(routing) | set(blocks)):
-        judged = [(x.weight_ratio, x.weight_module) for x in (routing.get(i), blocks.get(i))
-                  if x is not None and x.weight_ratio is not None]
-        v, n = max(judged, key=lambda p: math.inf if math.isnan(p[0]) else p[0]) if judged else (None, None)
+    for i in sorted(i for i, b in blocks.items() if b.weighed):
+        v, n = max(judged[i], key=lambda p: math.inf if math.isnan(p[0]) else p[0]) if judged[i] else (None, None)
         rows[i] = {"weight_error_ratio": v, "weight_module": n}
-    weights = [r["weight_error_ratio"] for r in rows.values() if r["weight_error_ratio"] is not None]
+    weights = [v for pairs in judged.values() for v, _ in pairs]
     if weights:
         metrics["max_weight_error_ratio"] = _worst(max, weights)
     return rows

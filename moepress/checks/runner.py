@@ -103,9 +103,10 @@ class _Lockstep:
 
 @torch.no_grad()
 def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit_stats: LogitStats, task,
-              routing: dict[int, Agreement], blocks: dict[int, BlockErrors]):
+              routing: dict[int, Agreement], blocks: dict[int, BlockErrors], weigh: bool = True):
     """The candidate streamed beside the reference; per layer (``layers`` given: the same layer count) its hidden
-    states, its blocks on the reference's inputs (``blocks``) and its routing and experts (``routing``)."""
+    states, its blocks on the reference's inputs (``blocks``) and its routing and experts (``routing``); its
+    weights too where ``weigh`` (checks/weights.py)."""
     cs = cand.stream
     hr, hc = ref.embed(batches), cs.embed(batches)
     embed = LayerStats()
@@ -117,7 +118,7 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
     for sm, i, layer in _Lockstep(order):
         if sm is ref:
             moe = layer.moe
-            fmts, ffn = candidate_formats(cs, i), f"{ref.adapter.ffn_attr}."
+            fmts, ffn = candidate_formats(cs, i) if weigh else None, f"{ref.adapter.ffn_attr}."
             probe = BlockProbe(ref, layer, hr, fmts, f"{ffn}experts.") if layers is not None else None  # before hooks
             alike = cs.adapter.num_experts == ref.adapter.num_experts  # else no expert is compared
             capture = RouteCapture(moe, batches[0].shape[1], fmts if alike else None, ffn) if moe is not None else None
@@ -351,7 +352,9 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
 
         def run(task):
             if cand.streamed:
-                return _streamed(ref, cand, batches, layers, logit_stats, task, routing, blocks)
+                # a candidate made from another model (its manifests say so) has other weights: not compared
+                weigh = "made_from" not in data
+                return _streamed(ref, cand, batches, layers, logit_stats, task, routing, blocks, weigh)
             return _whole(ref, cand, batches, layers, logit_stats, task)
 
         if progress is not None:

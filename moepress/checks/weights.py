@@ -84,12 +84,16 @@ def sketch_error(cand: tuple[torch.Tensor, float], ref: tuple[torch.Tensor, floa
     return float(norm_ratio(d[None], torch.tensor([na], dtype=d.dtype), torch.tensor([nb], dtype=d.dtype))[0])
 
 
-def candidate_formats(stream, i: int) -> dict[str, str]:
+def candidate_formats(stream, i: int) -> dict[str, str] | None:
     """The format of each linear of layer ``i`` in the streamed checkpoint ``stream``, by module name in the layer
-    (``self_attn.v_proj``, ``mlp.experts.3.gate_proj``), as its moepress_quant.json names them ({}: none named)."""
+    (``self_attn.v_proj``, ``mlp.experts.3.gate_proj``), as its moepress_quant.json names them; None where it has
+    none (not a ``moepress quantize`` output: its weights are not compared, so that a model fine-tuned or cast from
+    the reference is not read as faulty)."""
+    lay = layout_of(stream.ckpt)
+    if not lay:
+        return None
     prefix = stream.adapter.layer_prefix(i)
-    mods = (layout_of(stream.ckpt) or {}).get("modules") or {}
-    return {k[len(prefix):]: m["format"] for k, m in mods.items()
+    return {k[len(prefix):]: m["format"] for k, m in (lay.get("modules") or {}).items()
             if k.startswith(prefix) and isinstance(m, dict) and isinstance(m.get("format"), str)}
 
 
