@@ -123,8 +123,9 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(Path(__file__).parent))
         import variants
 
-        refs.update({Path(d).name: Path(d) for d in variants.build(work / "variants", list(variants.VARIANTS)
-                                                                   + list(variants.EXTRA))})
+        # build() names the bundled models and fixtures, and gives the variants' directories
+        refs.update({Path(d).name: models.resolve(d) for d in variants.build(work / "variants", list(variants.VARIANTS)
+                                                                             + list(variants.EXTRA))})
     ranges: dict[str, list[float]] = {"attention": [], "expert": [], "weight": [], "expert error": []}
     print(f"{'candidate':<44} {'attention':>9} {'expert':>7} {'weight':>7} {'exp.err':>7}  failing gates")
     for name, ref in refs.items():
