@@ -132,12 +132,12 @@ class GraphBuilder:
 
     def weight(self, name: str, lins: list[Linear], names: list[str] | None = None) -> str:
         """Float weight [out, in] (one linear) or [E, out, in] (stacked experts, ``names`` = each
-        expert's tensor name) as graph value.
+        expert's tensor name; one expert too, E = 1: the experts' MatMul takes a 3-D weight) as graph value.
 
         Every DequantizeLinear is of one 2-D weight, as TensorRT's IDequantizeLayer takes them (NvInfer.h,
         TensorRT 10.x: scale "a rank that is lower or equal to 2", a block scale "the same rank as the
         input"): stacked quantized experts are dequantized one by one and concatenated."""
-        g, stacked = self.g, len(lins) > 1
+        g, stacked = self.g, names is not None
         scheme = lins[0].scheme
         if any(x.scheme != scheme for x in lins):
             raise MoepressError(f"{self.reader.path}: '{name}' mixes quantization schemes across experts")

@@ -516,3 +516,25 @@ def test_a_graph_onnxruntime_loads_but_cannot_run_is_one_line(exported, cli_run,
     onnx.save(m, str(d / "model.onnx"))
     r = cli_run("check", d, "--reference", models.path(model), "--max-samples", 2, "--seq-len", 32, "--quiet")
     assert_one_line_error(r, "model.onnx", "onnxruntime cannot run it")
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_one_routed_expert_exports_a_graph_onnxruntime_runs(tmp_path, cli_run, fmt):
+    """A model pruned to one routed expert (top-1 Mixtral, --keep 1): the experts' weight was written 2-D for a
+    MatMul that transposes a 3-D one, and onnxruntime refused to load the graph its export had written (exit 0).
+    Reference: the stream's forward of the same checkpoint (fake-quant for fp8)."""
+    src = shutil.copytree(models.path("tiny-mixtral"), tmp_path / "top1")
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_experts_per_tok": 1}))
+    one = tmp_path / "one"
+    assert cli_run("prune", src, "--keep", "1", "--method", "frequency", "--num-samples", "4", "--seq-len", "64",
+                   "-o", one, "--quiet").exit_code == 0
+    if fmt == "fp8":
+        quantize_checkpoint(one, tmp_path / "q", QuantConfig(format="fp8", num_samples=4, seq_len=64))
+        one = tmp_path / "q"
+    assert cli_run("export", one, "--format", "onnx", "-o", tmp_path / "x", "--quiet").exit_code == 0
+    ids = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
+    want = StreamedModel(one).forward([ids])[0]
+    got = _ort_logits(tmp_path / "x", ids)
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert rel <= (FLOAT32[0] if fmt == "bf16" else FP8_FLIP["fp8"]), rel
