@@ -64,6 +64,14 @@ def consumer_misload(d: Path, consumer: str) -> tuple[str, str] | None:
     return upto, how if isinstance(how, str) else "loads it wrongly"
 
 
+def misloading_consumers(d: Path) -> dict[str, str]:
+    """Every consumer the export in ``d`` says loads it wrongly or not at all, with the newest affected version
+    (export.json ``misloaded_by``; {} where it names none)."""
+    info = read_json(d / "export.json")
+    by = info.get("misloaded_by") if isinstance(info, dict) else None
+    return {c: v for c, v in by.items() if isinstance(v, str) and v} if isinstance(by, dict) else {}
+
+
 def transformers_misload(d: Path) -> tuple[str, str] | None:
     """:func:`consumer_misload` for transformers."""
     return consumer_misload(d, "transformers")

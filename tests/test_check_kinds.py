@@ -338,3 +338,20 @@ def test_block_fp8_grids_transformers_reads_with_another_block_are_refused(tmp_p
     assert_one_line_error(cli_run(*args, "--kind", "transformers"), "block-FP8 weights have a dimension over 128",
                           "model.layers.0.mlp.experts.0.down_proj.weight: [160, 128]", "--kind checkpoint")
     assert cli_run(*args, "--kind", "checkpoint").exit_code == 0
+
+
+def test_an_export_its_runtimes_misload_is_said_so(cli_run, tmp_path):
+    """A helper's find: a streamed export whose export.json says every runtime of its format misloads it passed the
+    check with nothing said (the check reads its files as moepress does). The consumers it names are now in the
+    notes: here TensorRT-LLM, whose DeepSeek loader reads a quantized MLA kv_b_proj's scale by another name."""
+    q, hf = tmp_path / "q", tmp_path / "hf"
+    assert cli_run("quantize", "tiny-deepseek-v3", "--format", "fp8", "--num-samples", "4", "--seq-len", "64",
+                   "-o", q, "--quiet").exit_code == 0
+    assert cli_run("export", q, "--format", "hf-modelopt", "-o", hf, "--quiet").exit_code == 0
+    r = cli_run("check", hf, "--reference", models.path("tiny-deepseek-v3"), "--seq-len", "64", "--max-samples", "4",
+                "--json", "--quiet", "--no-record")
+    notes = [n for n in json.loads(r.stdout)["notes"] if "export.json says" in n]
+    assert len(notes) == 1 and "tensorrt_llm <= main 2026-09" in notes[0], r.output
+    r = cli_run("check", q, "--reference", models.path("tiny-deepseek-v3"), "--seq-len", "64", "--max-samples", "4",
+                "--json", "--quiet", "--no-record")
+    assert not any("export.json says" in n for n in json.loads(r.stdout)["notes"]), r.output

@@ -33,6 +33,7 @@ from moepress.checks.rows import UNPEERED, layer_metrics, unpeered_notes
 from moepress.checks.weights import candidate_formats
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
+from moepress.exporters.artifacts import misloading_consumers
 
 PROMPT_TOKENS = 16
 
@@ -252,6 +253,11 @@ def _data_notes(candidate: Path, ref_dir: Path, data: dict, batches: list[torch.
         data["made_from"] = str(root)
         notes.append(f"{candidate} was made from {root} (its moepress-manifest.json inputs.model), not from the "
                      f"reference {ref_dir}: the figures compare two models")
+    if bad := misloading_consumers(candidate if candidate.is_dir() else candidate.parent):
+        # the check reads the files as moepress does; those runtimes would not run this model
+        notes.append(f"its export.json says {', '.join(f'{c} <= {v}' for c, v in sorted(bad.items()))} load it "
+                     "wrongly or not at all (misloaded_why says how): these figures are moepress's reading of its "
+                     "files, not theirs")
     tok_r, tok_c = ref_dir / "tokenizer.json", candidate / "tokenizer.json"
     if tok_c.is_file() and tok_r.is_file() and tok_c.read_bytes() != tok_r.read_bytes():
         _refuse_other_ids(candidate, ref_dir, batches, trust_remote_code)
