@@ -6,8 +6,10 @@ exporters and runtimes take, so that no refusal sends the user to another refusa
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from moepress.compress import formats
+from moepress.compress.arch import get_adapter
 from moepress.compress.quant.int4 import effective_group
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
@@ -177,8 +179,18 @@ def ct_route(s: Source, modules: dict) -> str:
     """The compressed-tensors export of a quantized source where compressed-tensors takes it as it is, else of its
     per-tensor FP8 re-quantize (any width, no blocks): routed experts left unquantized or quantized unlike the rest
     of their layer, or block-FP8 parts that vLLM fuses not whole 128-row blocks (:func:`partial_fused_blocks`), are
-    refused there (compressed_tensors.py ``_refuse_misread_experts``)."""
-    return CT if alike_experts(s, modules) and not partial_fused_blocks(s, modules) else FP8_THEN_CT
+    refused there (compressed_tensors.py ``_refuse_misread_experts``), as FP4 routed experts of widths its FP4
+    fused-MoE kernels cannot run are (fused_moe.refuse_fp4_expert_widths)."""
+    takes = alike_experts(s, modules) and not partial_fused_blocks(s, modules)
+    return CT if takes and not _fp4_experts_refused(s, modules) else FP8_THEN_CT
+
+
+def _fp4_experts_refused(s: Source, modules: dict) -> bool:
+    """Whether ``s``'s routed experts are stored in an FP4 format at widths the FP4 fused-MoE kernels cannot run,
+    which both FP4 exports refuse (fused_moe.fp4_expert_widths_ok)."""
+    fmts = {modules[n]["format"] for n in routed_names(s) if n in modules}
+    fp4 = any(f in formats.FORMATS and formats.FORMATS[f].element == "fp4" for f in fmts)
+    return fp4 and not fp4_expert_widths_ok(s)
 
 
 def elsewhere(s: Source) -> str:
@@ -265,6 +277,9 @@ def fp4_routes(reader, fp4: str) -> str:
                 "only moepress quantize outputs: where it is a Model-Optimizer export (hf_quant_config.json), "
                 "TensorRT-LLM's PyTorch backend, vLLM and SGLang load it as stored")
     if any(".experts." in d["module"] for d in layout.get("skipped", [])):  # both refuse it (refuse_mixed)
+        return f"; {FP8_THEN_CT}"
+    src = Source(Path(reader.path), reader, get_adapter(reader.config), layout)
+    if _fp4_experts_refused(src, layout.get("modules") or {}):  # both refuse their widths
         return f"; {FP8_THEN_CT}"
     use = "compressed-tensors" if fp4 == "MXFP4" else "hf-modelopt or compressed-tensors"
     return f" (for {fp4} use --format {use})"

@@ -434,3 +434,22 @@ def test_bf16_refusal_names_only_formats_the_export_takes(exported, tmp_path_fac
         for way in [first] + (others.rstrip(")").split(", ") if others else []):
             fmt, _, group = way.partition(" --group-size ")
             assert exported((model, fmt, int(group or 128), False), ex) is None, (way, msg)
+
+
+def test_fp4_experts_of_widths_no_fp4_kernel_runs_are_sent_to_fp8_not_to_an_export_that_refuses(tmp_path):
+    """A helper's find: MXFP4 experts of hidden 96 and width 160 (the FP4 fused-MoE kernels need both multiples of
+    64 and one of 128): hf-modelopt and onnx refused them with "export compressed-tensors", which refuses them too.
+    Their hints now name the route that takes them: FP8, then compressed-tensors (taken here)."""
+    from helpers import make_random_checkpoint
+
+    m = make_random_checkpoint("mixtral", tmp_path / "m", hidden_size=96, intermediate_size=160)
+    q = tmp_path / "q"
+    quantize_checkpoint(m, q, QuantConfig(format="mxfp4"))
+    route = "quantize with --format fp8 (or fp8-dynamic), then export compressed-tensors"
+    for fmt in ("hf-modelopt", "onnx", "compressed-tensors"):
+        with pytest.raises(MoepressError) as e:
+            export(q, tmp_path / fmt, ExportConfig(format=fmt))
+        assert fmt == "compressed-tensors" or route in str(e.value), e.value
+    f = tmp_path / "f"
+    quantize_checkpoint(m, f, QuantConfig(format="fp8-dynamic"))
+    export(f, tmp_path / "ct", ExportConfig(format="compressed-tensors"))
