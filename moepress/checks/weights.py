@@ -1,25 +1,26 @@
-"""Each expert's weights held to the error their own rounding makes: a fault in the stored bytes (a scale tensor
-rolled by one row or transposed, one expert's weights exchanged) that its output on the 16 probe tokens reads
-within the spread of correct experts.
+"""Each linear's weights held to the error their own rounding makes: a fault in the stored bytes (a scale tensor
+rolled by one row or transposed, one expert's weights exchanged) that the block's output reads within the spread
+of correct blocks.
 
-Each linear of each expert (routed, and the shared experts; gate, up, down) is compared with the reference expert's
-as the candidate computes with it (decoded; AWQ's ``pre_quant_scale`` multiplied into its columns; no activation
-quantization: what the stored bytes say). The norm of the difference is estimated through a sketch, the weight
-times fixed Gaussian columns (SKETCH, more where the weight has few rows: SAMPLES entries at least; a weight
-narrower than that whole), to about 1% for quantization noise, without holding the reference's weights beside the
-candidate's (Kimi K2: 138 MB of sketches per layer, against 17 GB of weights); the weights' own norms are exact.
+Each linear of a decoder layer (attention, a dense MLP, the shared experts; the routed experts where the candidate
+has the reference's, matched through their router rows) is compared with the reference's as the candidate computes
+with it (decoded; AWQ's ``pre_quant_scale`` multiplied into its columns; no activation quantization: what the
+stored bytes say). The norm of the difference is estimated through a sketch, the weight times fixed Gaussian
+columns (SKETCH, more where the weight has few rows: SAMPLES entries at least; a weight narrower than that whole),
+to about 1% for quantization noise, without holding the reference's weights beside the candidate's (Kimi K2: 138 MB
+of sketches per MoE layer, against 17 GB of weights); the weights' own norms are exact.
 
 That error is held to the error the format's own rounding makes on the same reference weight: while the reference
 layer is in memory, each weight the candidate stores in a format ``moepress quantize`` rounds to nearest (fp8,
 fp8-block, fp8-dynamic, nvfp4, nvfp4-a16, mxfp4; named by the candidate's moepress_quant.json) is quantized by that
-format's quantizer, gate and up together as ``quantize`` groups them, decoded and sketched through the same
-columns; a weight stored in float is expected to equal the reference's. A correct candidate reads 1 whatever the
-experts' weights look like; held to the median of the layer's other experts instead, one expert fine-tuned off a
-grid its peers sit on exactly (a bf16 upcast of an MXFP4 or block-FP8 model, re-quantized to its format) read 10.
-Both errors are floored at FLOOR, bf16's precision: a reference weight may reach the quantizer through bf16 (a
-float32 or block-FP8 checkpoint decoded to the working dtype), so differences at that level are no fault.
-Calibrated rounding (AWQ, GPTQ) and quantized weights moepress did not write (a compressed-tensors or third-party
-checkpoint) have no rounding to reproduce and are not judged (the output-level expert gates judge them).
+format's quantizer (the linears that read one input together, as ``quantize`` groups them), decoded and sketched
+through the same columns. A correct candidate reads 1 whatever its weights look like; held to the median of the
+layer's other experts instead, one expert fine-tuned off a grid its peers sit on exactly (a bf16 upcast of an MXFP4
+or block-FP8 model, re-quantized to its format) read 10. Both errors are floored at FLOOR, bf16's precision: a
+reference weight may reach the quantizer through bf16 (a float32 or block-FP8 checkpoint decoded to the working
+dtype), so differences at that level are no fault. Calibrated rounding (AWQ, GPTQ), quantized weights moepress did
+not write (a compressed-tensors or third-party checkpoint) and weights stored in float (an export may hold a
+rounding dequantized) have no rounding to reproduce and are not judged (the output-level gates judge them).
 """
 
 from __future__ import annotations
@@ -118,13 +119,10 @@ class Sketches:
         for n, lin in lins.items():
             if n not in self.sketches or not rounded_to_nearest(lin):
                 continue
-            fmt = getattr(lin, "quant_format", None)
-            if fmt is None:
-                expected = 0.0  # stored in float: a copy, or a cast finer than FLOOR
-            elif n in self.expected and self.expected[n][0] == fmt:
-                expected = self.expected[n][1]
-            else:
+            fmt = lin.quant_format
+            if n not in self.expected or self.expected[n][0] != fmt:
                 continue
+            expected = self.expected[n][1]
             err = sketch_error(sketch(lin), self.sketches[n])
             v = max(err, FLOOR) / max(expected, FLOOR) if not math.isnan(err) else math.nan
             if worst[0] is None or _nan_last(v) > _nan_last(worst[0]):
@@ -190,16 +188,11 @@ def expected_sketches(ws: list[torch.Tensor], fmt: str) -> list[tuple[torch.Tens
 
 def rounded_to_nearest(lin: nn.Linear) -> bool:
     """Whether ``lin``'s stored weight is known to be rounded to nearest: a ``moepress quantize`` output of a format
-    that rounds so (not AWQ, not GPTQ: ``fake_quant.attach`` names the format on the module), or a weight stored in
-    float (a copy or a cast). Quantized otherwise (a compressed-tensors or third-party checkpoint, which may be AWQ
-    or GPTQ with a few experts rounded to nearest for want of tokens, beside which a calibrated one stands out):
-    not judged."""
-    fmt = getattr(lin, "quant_format", None)
-    if fmt is not None:
-        return _nearest(fmt)
-    if isinstance(lin, StoredLinear) and (lin.kept or lin.qweight is not None):
-        return False
-    return lin.weight.is_floating_point() and lin.weight.element_size() >= 2
+    that rounds so (not AWQ, not GPTQ: ``fake_quant.attach`` names the format on the module). Not a weight stored
+    in float, which an export may hold dequantized (hf-fp8-block keeps a linear whose blocks a runtime would split
+    in bf16, holding its FP8 rounding), and not a quantized weight of unknown origin (a compressed-tensors or
+    third-party checkpoint: AWQ or GPTQ beside experts rounded to nearest for want of tokens)."""
+    return _nearest(getattr(lin, "quant_format", None))
 
 
 def _nan_last(v: float) -> float:
