@@ -104,11 +104,13 @@ class Sketches:
     ``quantize`` groups them: FP8's shared weight scale, NVFP4's shared ``weight_scale_2``)."""
 
     def __init__(self, lins: dict[str, nn.Linear], formats: dict[str, str]):
-        self.sketches = {n: sketch(lin) for n, lin in lins.items()}
+        """Only the linears the candidate rounds to nearest are sketched (an AWQ candidate's: none)."""
+        self.sketches: dict[str, tuple[torch.Tensor, float]] = {}
         self.expected: dict[str, tuple[str, float]] = {}
         for names in _groups(list(lins), formats):
             rounded = expected_sketches([effective_weight(lins[n]) for n in names], formats[names[0]])
             for n, sk in zip(names, rounded or [], strict=False):
+                self.sketches[n] = sketch(lins[n])
                 self.expected[n] = (formats[n], sketch_error(sk, self.sketches[n]))
 
     def ratio(self, lins: dict[str, nn.Linear]) -> tuple[float | None, str | None]:
@@ -117,10 +119,7 @@ class Sketches:
         its expected error was computed for."""
         worst: tuple[float | None, str | None] = (None, None)
         for n, lin in lins.items():
-            if n not in self.sketches or not rounded_to_nearest(lin):
-                continue
-            fmt = lin.quant_format
-            if n not in self.expected or self.expected[n][0] != fmt:
+            if not rounded_to_nearest(lin) or n not in self.expected or self.expected[n][0] != lin.quant_format:
                 continue
             expected = self.expected[n][1]
             err = sketch_error(sketch(lin), self.sketches[n])
