@@ -133,6 +133,32 @@ def test_a_rolled_v_proj_scale_fails_the_weight_gate_in_a_pruned_candidate_too(c
     assert res["layers"][1]["weight_module"] == "self_attn.v_proj" and res["layers"][1]["weight_error_ratio"] > 2
 
 
+def test_a_quantize_of_a_decoded_export_carries_two_roundings_and_is_judged_only_against_its_input(cli_run, tmp_path):
+    """A review's find: nvfp4-a16 exported to compressed-tensors (no moepress_quant.json), that export quantized to
+    fp8 and checked against the original read 3.79 (its weights hold both roundings, the expected error only the
+    second's). Two quantize stages between the candidate and the reference: not judged; against the export it was
+    quantized from: judged, exact."""
+    q, ct, q2 = tmp_path / "q", tmp_path / "ct", tmp_path / "q2"
+    quantize_checkpoint(models.path("tiny-mixtral"), q, QuantConfig(format="nvfp4-a16"))
+    assert cli_run("export", q, "--format", "compressed-tensors", "-o", ct, "--quiet").exit_code == 0
+    quantize_checkpoint(ct, q2, QuantConfig(format="fp8-dynamic"))
+    r, res = _check(cli_run, q2)
+    assert "max_weight_error_ratio" not in res["metrics"], r.output
+    r, res = _check(cli_run, q2, ref=ct)
+    assert res["metrics"]["max_weight_error_ratio"] == pytest.approx(1.0, abs=1e-6), r.output
+
+
+def test_linears_of_one_input_split_by_a_rule_are_rounded_as_quantize_groups_them(tmp_path):
+    """A review's find: --rule giving k_proj another format than q_proj and v_proj, which quantize still rounds
+    together (one FP8 scale): the expected error had rounded each alone (1.028 over the rounding)."""
+    from moepress.checks.weights import _groups
+
+    fmts = {"self_attn.q_proj": "fp8", "self_attn.k_proj": "nvfp4-a16", "self_attn.v_proj": "fp8",
+            "self_attn.o_proj": "fp8"}
+    assert _groups(list(fmts), fmts) == [["self_attn.q_proj", "self_attn.v_proj"], ["self_attn.k_proj"],
+                                         ["self_attn.o_proj"]]
+
+
 def _on_grid(src, dst, fmt: str, layer: int, off: int):
     """A copy of ``src`` whose layer ``layer`` routed experts hold weights already on ``fmt``'s grid (rounded by its
     quantizer and stored in bf16, exactly: a bf16 upcast of a checkpoint shipped in ``fmt``), except expert ``off``,

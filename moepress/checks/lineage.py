@@ -71,3 +71,15 @@ def made_from_another(candidate: str | Path, reference: Path) -> Path | None:
         return None
     same = (ref / "config.json").is_file() and (root / "config.json").read_bytes() == (ref / "config.json").read_bytes()
     return None if same else root
+
+
+def quantized_twice(candidate: str | Path, reference: Path) -> bool:
+    """Whether more than one ``moepress quantize`` lies between ``candidate`` and ``reference`` (the whole chain
+    where the reference is not in it): a quantize of a decoded export of a quantize output carries two roundings,
+    and its weights are not the second's rounding of the reference's."""
+    ref, n = reference.resolve(), 0
+    for d, m in upstream(candidate):
+        if d.resolve() == ref:
+            break
+        n += m.get("stage") == "quantize"
+    return n > 1

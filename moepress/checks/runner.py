@@ -26,7 +26,7 @@ from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.candidates.checkpoint import native_block_fp8, runtime_activations, unstreamed_activations
 from moepress.checks.config import CheckConfig, check_passed, evaluate_gates, refuse_unmeasurable, refuse_unmeasured
 from moepress.checks.consistency import refuse_other_config, refuse_other_family
-from moepress.checks.lineage import calibrated_on, made_from_another
+from moepress.checks.lineage import calibrated_on, made_from_another, quantized_twice
 from moepress.checks.local import BlockErrors, BlockProbe
 from moepress.checks.routing import Agreement, RouteCapture
 from moepress.checks.rows import UNPEERED, layer_metrics, unpeered_notes
@@ -358,8 +358,8 @@ def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, p
 
         def run(task):
             if cand.streamed:
-                # a candidate made from another model (its manifests say so) has other weights: not compared
-                weigh = "made_from" not in data
+                # made from another model, or rounded twice (its manifests say so): other weights, not compared
+                weigh = "made_from" not in data and not quantized_twice(candidate, ref_dir)
                 return _streamed(ref, cand, batches, layers, logit_stats, task, routing, blocks, weigh)
             return _whole(ref, cand, batches, layers, logit_stats, task)
 

@@ -35,7 +35,7 @@ from moepress.checks.peers import norm_ratio
 from moepress.compress.formats import FORMATS, layout_of
 from moepress.compress.formats.base import QuantContext
 from moepress.compress.moe import SparseMoE, StoredLinear
-from moepress.compress.quantize.stats import shared_input_groups
+from moepress.compress.quantize.stats import by_format, shared_input_groups
 
 SKETCH = 8  # Gaussian columns each weight is multiplied by, at least
 SAMPLES = 8192  # sketch entries per linear, at least: its error's norm estimated to 0.8% (1 / sqrt(2 SAMPLES))
@@ -130,13 +130,10 @@ class Sketches:
 
 
 def _groups(names: list[str], formats: dict[str, str]) -> list[list[str]]:
-    """The linears ``names`` a format moepress rounds to nearest names, grouped as ``quantize`` rounds them: those
-    that read one input (compress/quantize/stats.py) together where they share a format, the rest alone."""
+    """The linears ``names`` a format moepress rounds to nearest names, grouped as ``quantize`` rounds them
+    (compress/quantize/stats.py): those that read one input together, split by format where a --rule mixes them."""
     known = [n for n in names if _nearest(formats.get(n))]
-    out = []
-    for grp in shared_input_groups(known):
-        out += [grp] if len({formats[n] for n in grp}) == 1 else [[n] for n in grp]
-    return out
+    return [part for grp in shared_input_groups(known) for part in by_format(grp, formats).values()]
 
 
 def linears(module: nn.Module, skip: str | None = None) -> dict[str, nn.Linear]:
