@@ -18,8 +18,8 @@ UNPEERED = {"max_expert_error_ratio": "no MoE layer has 3 routed experts stored 
             "max_attention_error_ratio": "fewer than 3 layers' attention blocks are stored alike (the same tensor "
             "names and dtypes) for one's error to be held to",
             "max_weight_error_ratio": "no linear's weights are known rounded to nearest (a `moepress quantize` "
-            "output, made from the reference, of fp8, fp8-block, fp8-dynamic, nvfp4, nvfp4-a16 or mxfp4, or a "
-            "linear it left in float) for their error to be held to that rounding's"}
+            "output of fp8, fp8-block, fp8-dynamic, nvfp4, nvfp4-a16 or mxfp4, made from the reference with one "
+            "quantize) for their error to be held to that rounding's"}
 
 
 def unpeered_notes(per_layer: list[dict]) -> list[str]:

@@ -157,9 +157,10 @@ def _human(result: dict) -> list[str]:
 @click.option("--max-weight-error-ratio", default="2", metavar="RATIO", show_default=True,
               help="Gate: largest ratio of one decoder-layer linear's weight error (decoded as the candidate "
                    "computes with it, against the reference's) to the error its format's rounding to nearest makes "
-                   "on the reference's weight, where that rounding is known (a moepress output of fp8, fp8-block, "
-                   "fp8-dynamic, nvfp4, nvfp4-a16 or mxfp4, or float weights; routed experts where the candidate "
-                   "has the reference's; the same candidates as --max-attention-error-ratio; 'none': off).")
+                   "on the reference's weight, where that rounding is known (a moepress quantize output of fp8, "
+                   "fp8-block, fp8-dynamic, nvfp4, nvfp4-a16 or mxfp4 made from the reference; routed experts where "
+                   "the candidate has the reference's; the same candidates as --max-attention-error-ratio; 'none': "
+                   "off).")
 @click.option("--max-attention-error-ratio", default="4", metavar="RATIO", show_default=True,
               help="Gate: largest ratio of one layer's attention error, on the reference's input to the layer, to "
                    "the median over the layers whose attention is stored alike (streamed candidates with the "
