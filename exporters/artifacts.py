@@ -55,10 +55,9 @@ def consumer_misload(d: Path, consumer: str) -> tuple[str, str] | None:
     ``misloaded_why``, written by the compressed-tensors, hf-modelopt, hf-fp8-block and onnx exporters)."""
     info = read_json(d / "export.json")
     info = info if isinstance(info, dict) else {}
-    by = info.get("misloaded_by") if isinstance(info.get("misloaded_by"), dict) else {}
     why = info.get("misloaded_why") if isinstance(info.get("misloaded_why"), dict) else {}
-    upto = by.get(consumer)
-    if not isinstance(upto, str) or not upto:
+    upto = _misloaded_by(info).get(consumer)
+    if upto is None:
         return None
     how = why.get(consumer)
     return upto, how if isinstance(how, str) else "loads it wrongly"
@@ -67,7 +66,11 @@ def consumer_misload(d: Path, consumer: str) -> tuple[str, str] | None:
 def misloading_consumers(d: Path) -> dict[str, str]:
     """Every consumer the export in ``d`` says loads it wrongly or not at all, with the newest affected version
     (export.json ``misloaded_by``; {} where it names none)."""
-    info = read_json(d / "export.json")
+    return _misloaded_by(read_json(d / "export.json"))
+
+
+def _misloaded_by(info) -> dict[str, str]:
+    """export.json's ``misloaded_by`` entries that name a version (``info``: the file's contents, whatever they are)."""
     by = info.get("misloaded_by") if isinstance(info, dict) else None
     return {c: v for c, v in by.items() if isinstance(v, str) and v} if isinstance(by, dict) else {}
 

@@ -24,6 +24,15 @@ FLOOR = 1e-3  # a median below it reads as FLOOR: blocks stored exactly (error 0
 MIN_PEERS = 3  # blocks stored alike, the block itself included, for a median to mean anything
 
 
+def worst_of(names: list, values: list[float | None]) -> tuple:
+    """(name, value) of the largest value, a NaN the largest of all (no gate passes it); (None, None) where every
+    value is None."""
+    pairs = [(n, v) for n, v in zip(names, values, strict=True) if v is not None]
+    if not pairs:
+        return None, None
+    return max(pairs, key=lambda p: math.inf if math.isnan(p[1]) else p[1])
+
+
 def relative_error(diff: torch.Tensor, cand: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """|diff| / min(|cand|, |ref|) per leading index (norms over the rest), so a scale off by 2 either way reads
     1.0; 0 where both are zero, inf where one is, NaN where either is not finite (no gate passes NaN)."""

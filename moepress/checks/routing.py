@@ -30,12 +30,11 @@ alike, on the same tokens; and each expert's weights to the error their own roun
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
-from moepress.checks.peers import peer_ratios, relative_error, stored_form
+from moepress.checks.peers import peer_ratios, relative_error, stored_form, worst_of
 from moepress.checks.weights import WeightSketch
 from moepress.compress.moe import SparseMoE
 
@@ -110,8 +109,8 @@ class RouteCapture:
                        stored_form(moe.shared_experts))]
             names.append("shared")
         routed, shared = peer_ratios(errors, forms, judged)
-        worst, err = _worst_of(names, errors + [e for e, _ in judged])
-        ratio_at, ratio = _worst_of(names, routed + shared)
+        worst, err = worst_of(names, errors + [e for e, _ in judged])
+        ratio_at, ratio = worst_of(names, routed + shared)
         hits = total = 0
         for x, ref_idx in self.seen:
             _, _, idx = moe.route(moe, x.to(moe.gate.weight.device))
@@ -122,17 +121,9 @@ class RouteCapture:
         weight_at = weight = None
         if self.weights is not None:
             pairs = self.weights.ratios(moe, order)
-            weight_at, weight = _worst_of([n for _, n in pairs], [v for v, _ in pairs])
+            weight_at, weight = worst_of([n for _, n in pairs], [v for v, _ in pairs])
         return Agreement(hits / total, bool((order != torch.arange(len(order))).any()), err, worst, ratio, ratio_at,
                          weight, weight_at)
-
-
-def _worst_of(names: list, values: list[float | None]) -> tuple:
-    """(name, value) of the largest value, a NaN the largest of all; (None, None) where every value is None."""
-    pairs = [(n, v) for n, v in zip(names, values, strict=True) if v is not None]
-    if not pairs:
-        return None, None
-    return max(pairs, key=lambda p: math.inf if math.isnan(p[1]) else p[1])
 
 
 def _order(cand: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 
 from moepress.calib.metrics import LayerStats, error_jump
 from moepress.checks.local import BlockErrors
-from moepress.checks.peers import peer_ratios
+from moepress.checks.peers import peer_ratios, worst_of
 from moepress.checks.routing import Agreement
 
 # Relative hidden-state error below which two runs count as equal (float32 rounding between runtimes).
@@ -70,7 +70,7 @@ def _weight_rows(routing: dict[int, Agreement], blocks: dict[int, BlockErrors], 
                   if x is not None and x.weight_ratio is not None] for i in set(routing) | set(blocks)}
     rows = {}
     for i in sorted(i for i, b in blocks.items() if b.weighed):
-        v, n = max(judged[i], key=lambda p: math.inf if math.isnan(p[0]) else p[0]) if judged[i] else (None, None)
+        n, v = worst_of([n for _, n in judged[i]], [v for v, _ in judged[i]])
         rows[i] = {"weight_error_ratio": v, "weight_module": n}
     weights = [v for pairs in judged.values() for v, _ in pairs]
     if weights:

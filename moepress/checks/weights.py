@@ -31,7 +31,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from moepress.checks.peers import norm_ratio
+from moepress.checks.peers import norm_ratio, worst_of
 from moepress.compress.formats import FORMATS, layout_of
 from moepress.compress.formats.base import QuantContext
 from moepress.compress.moe import SparseMoE, StoredLinear
@@ -69,10 +69,13 @@ def effective_weight(lin: nn.Linear) -> torch.Tensor:
 
 
 def sketch(lin: nn.Linear) -> tuple[torch.Tensor, float]:
-    """The linear's effective weight times the fixed columns of its shape (``_columns``; the weight itself where
-    narrow), and the weight's own norm, exact: a sketched norm errs with the weight's spectrum, its error's not
-    (quantization noise is flat)."""
-    w = effective_weight(lin)
+    """:func:`sketch_weight` of the linear's effective weight."""
+    return sketch_weight(effective_weight(lin))
+
+
+def sketch_weight(w: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The weight times the fixed columns of its shape (``_columns``; the weight itself where narrow), and its own
+    norm, exact: a sketched norm errs with the weight's spectrum, its error's not (quantization noise is flat)."""
     p = _columns(w.shape[1], w.shape[0], str(w.device))
     return (w if p is None else w @ p), float(w.norm())
 
@@ -108,25 +111,24 @@ class Sketches:
         self.sketches: dict[str, tuple[torch.Tensor, float]] = {}
         self.expected: dict[str, tuple[str, float]] = {}
         for names in _groups(list(lins), formats):
-            rounded = expected_sketches([effective_weight(lins[n]) for n in names], formats[names[0]])
-            for n, sk in zip(names, rounded or [], strict=False):
-                self.sketches[n] = sketch(lins[n])
+            ws = [effective_weight(lins[n]) for n in names]  # decoded once (a block-FP8 or INT4 reference)
+            rounded = expected_sketches(ws, formats[names[0]])
+            for n, w, sk in zip(names, ws, rounded or [], strict=False):
+                self.sketches[n] = sketch_weight(w)
                 self.expected[n] = (formats[n], sketch_error(sk, self.sketches[n]))
 
     def ratio(self, lins: dict[str, nn.Linear]) -> tuple[float | None, str | None]:
         """(the largest over the candidate's linears ``lins`` of max(error, FLOOR) / max(expected, FLOOR), its name):
         a NaN the largest; (None, None) where none is judged: not known rounded to nearest, or rounded otherwise than
         its expected error was computed for."""
-        worst: tuple[float | None, str | None] = (None, None)
+        names, ratios = [], []
         for n, lin in lins.items():
             if not rounded_to_nearest(lin) or n not in self.expected or self.expected[n][0] != lin.quant_format:
                 continue
-            expected = self.expected[n][1]
             err = sketch_error(sketch(lin), self.sketches[n])
-            v = max(err, FLOOR) / max(expected, FLOOR) if not math.isnan(err) else math.nan
-            if worst[0] is None or _nan_last(v) > _nan_last(worst[0]):
-                worst = (v, n)
-        return worst
+            names.append(n)
+            ratios.append(max(err, FLOOR) / max(self.expected[n][1], FLOOR) if not math.isnan(err) else math.nan)
+        return worst_of(names, ratios)[::-1]
 
 
 def _groups(names: list[str], formats: dict[str, str]) -> list[list[str]]:
@@ -170,16 +172,10 @@ def expected_sketches(ws: list[torch.Tensor], fmt: str) -> list[tuple[torch.Tens
     """The sketches of ``ws`` (one group of linears reading one input) quantized to ``fmt`` by its own quantizer
     and decoded (None: the format leaves them unquantized, e.g. a width not whole blocks)."""
     f = FORMATS[fmt]
-    q = f.quantize([w.float() for w in ws], QuantContext())
+    q = f.quantize(ws, QuantContext())
     if q.skipped:
         return None
-    out = []
-    for t in q.tensors:
-        e = f.dequantize(t, torch.float32)
-        p = _columns(e.shape[1], e.shape[0], str(e.device))
-        out.append(((e if p is None else e @ p), float(e.norm())))
-        del e
-    return out
+    return [sketch_weight(f.dequantize(t, torch.float32)) for t in q.tensors]
 
 
 def rounded_to_nearest(lin: nn.Linear) -> bool:
@@ -189,10 +185,6 @@ def rounded_to_nearest(lin: nn.Linear) -> bool:
     in bf16, holding its FP8 rounding), and not a quantized weight of unknown origin (a compressed-tensors or
     third-party checkpoint: AWQ or GPTQ beside experts rounded to nearest for want of tokens)."""
     return _nearest(getattr(lin, "quant_format", None))
-
-
-def _nan_last(v: float) -> float:
-    return math.inf if math.isnan(v) else v
 
 
 def _nearest(fmt: str | None) -> bool:
