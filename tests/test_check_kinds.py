@@ -355,3 +355,19 @@ def test_an_export_its_runtimes_misload_is_said_so(cli_run, tmp_path):
     r = cli_run("check", q, "--reference", models.path("tiny-deepseek-v3"), "--seq-len", "64", "--max-samples", "4",
                 "--json", "--quiet", "--no-record")
     assert not any("export.json says" in n for n in json.loads(r.stdout)["notes"]), r.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="transformers keeps FP8 weights quantized on a GPU")
+def test_fp8_weights_transformers_dequantized_on_load_are_said_so(cli_run, tmp_path):
+    """transformers loads a finegrained-FP8 checkpoint without a GPU dequantized and drops its quantization_config
+    (quantizer_finegrained_fp8.py validate_environment, 5.25): the check ran it with unquantized activations and
+    said nothing, so its figures read lower than any runtime's (an hf-fp8-block export read KL 0.0084 through
+    transformers, 0.0107 streamed with its 1x128 activation quantization: a helper's find)."""
+    x = tmp_path / "x"
+    assert cli_run("export", MODEL, "--format", "hf-fp8-block", "-o", x, "--quiet").exit_code == 0
+    r = cli_run("check", x, "--reference", MODEL, "--seq-len", "32", "--max-samples", "2", "--kind", "transformers",
+                "--json", "--quiet")
+    assert r.exit_code in (0, 1), r.output
+    res = json.loads(r.stdout)
+    assert res["candidate"]["kind"] == "transformers" and res["candidate"]["quantization"] is None  # dequantized
+    assert any("dequantized its fp8 weights" in n and "unquantized" in n for n in res["notes"]), res["notes"]

@@ -49,7 +49,7 @@ class TransformersCandidate(Candidate):
         q = getattr(self.model.config, "quantization_config", None)
         method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
         self.quantization = getattr(method, "value", method)  # transformers' QuantizationMethod is a str enum
-        self.notes = consumer_notes(path)
+        self.notes = consumer_notes(path) + dequantized_note(conf, self.quantization)
 
     def describe(self) -> dict:
         return {**super().describe(), "class": type(self.model).__name__, "device": self.device,
@@ -82,6 +82,31 @@ def _fp4_weights(conf: dict) -> bool:
     An activation-quantizing NVFP4 export does not get here (``refuse_misloaded``)."""
     q = conf.get("quantization_config") or {}
     return isinstance(q, dict) and q.get("quant_method") == "compressed-tensors" and "fp4" in str(q.get("format"))
+
+
+def dequantized_note(conf: dict, loaded_method) -> list[str]:
+    """A note where config.json declares a quantization that the loaded model no longer holds: transformers
+    decoded the weights on load and runs every activation unquantized. Its finegrained-FP8 quantizer does so
+    without a GPU or XPU, warning once and dropping ``quantization_config`` from the loaded config
+    (quantizers/quantizer_finegrained_fp8.py ``validate_environment``, 5.25); FP4 compressed-tensors checkpoints are
+    loaded so here (``_fp4_weights``). A runtime that quantizes the activations (vLLM, SGLang, transformers on a
+    GPU) errs more than the figures say."""
+    q = conf.get("quantization_config")
+    declared = q.get("quant_method") if isinstance(q, dict) else None
+    if not declared or (loaded_method and not _fp4_weights(conf)) or not _quantizes_activations(q):
+        return []
+    return [f"transformers dequantized its {declared} weights on load (without a GPU for FP8; FP4 compressed-tensors "
+            "always): activations ran unquantized, so the error reads lower than in a runtime that quantizes them"]
+
+
+def _quantizes_activations(q: dict) -> bool:
+    """Does the declared scheme quantize activations: finegrained FP8 (always dynamic or static per its
+    ``activation_scheme``), a compressed-tensors group with ``input_activations``; unknown methods: no."""
+    if q.get("quant_method") == "fp8":
+        return True
+    groups = q.get("config_groups") if q.get("quant_method") == "compressed-tensors" else None
+    return isinstance(groups, dict) and any(isinstance(g, dict) and g.get("input_activations")
+                                            for g in groups.values())
 
 
 def _detect_transformers(path: Path) -> bool:
