@@ -180,16 +180,21 @@ def _on_grid(src, dst, fmt: str, layer: int, off: int):
     return out
 
 
-def test_an_expert_off_the_grid_its_peers_sit_on_is_not_a_fault(cli_run, tmp_path):
-    """A review's reproduction: the reference's experts on the MXFP4 grid but one, re-quantized to mxfp4. Its peers
-    quantize exactly (error 0) while it errs as MXFP4 errs: held to the peers' median it read 10.2 and failed; held
-    to its own rounding it reads 1."""
-    ref = _on_grid(models.path("tiny-mixtral"), tmp_path / "ref", "mxfp4", layer=1, off=3)
+@pytest.mark.parametrize(("model", "off", "worst"), [("tiny-mixtral", 3, 3), ("tiny-deepseek-v3", -1, "shared")])
+def test_an_expert_off_the_grid_its_peers_sit_on_is_not_a_fault(cli_run, tmp_path, model, off, worst):
+    """A review's reproduction: the reference's routed experts on the MXFP4 grid but one (tiny-mixtral) or but the
+    shared experts (tiny-deepseek-v3), re-quantized to mxfp4. The peers quantize exactly (error 0) while the other
+    errs as MXFP4 errs: held to the peers' median its weights read 10.2 and its output 73 (the shared experts':
+    143), failing; held to their own rounding (weights; the output's denominator floored at the error the rounded
+    expert makes on the same tokens) both read 1."""
+    ref = _on_grid(models.path(model), tmp_path / "ref", "mxfp4", layer=1, off=off)
     q = tmp_path / "q"
     quantize_checkpoint(ref, q, QuantConfig(format="mxfp4"))
-    r, res = _check(cli_run, q, "--max-expert-error-ratio", "none", ref=ref)
-    assert "max_weight_error_ratio" not in res["failed"], r.output
+    r, res = _check(cli_run, q, ref=ref)
+    assert not {"max_weight_error_ratio", "max_expert_error_ratio"} & set(res["failed"]), r.output
     assert res["metrics"]["max_weight_error_ratio"] == pytest.approx(1.0, abs=1e-6)
+    row = res["layers"][1]
+    assert row["ratio_expert"] == worst and row["expert_error_ratio"] == pytest.approx(1.0, abs=0.02), row  # 1.0000
 
 
 @pytest.mark.parametrize(("spectrum", "tol"), [("flat", 0.05), ("a few directions", 0.03)])
@@ -225,6 +230,9 @@ class _Expert(torch.nn.Module):
     def linears(self):
         return self.g, self.u, self.d
 
+    def forward(self, x):
+        return self.d(torch.nn.functional.silu(self.g(x)) * self.u(x))
+
 
 def test_a_nan_weight_in_any_linear_is_the_experts_ratio():
     """Experts stored in fp8-dynamic as their reference weights x 1.01 (an error of 0.01 besides the rounding's,
@@ -234,7 +242,9 @@ def test_a_nan_weight_in_any_linear_is_the_experts_ratio():
     ws = [[torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(16, 8, generator=g)]
           for _ in range(4)]
     ref = type("M", (), {"experts": [_Expert(w) for w in ws]})()
-    sk = WeightSketch(ref, {f"experts.{k}.{n}": "fp8-dynamic" for k in range(4) for n in "gud"})
+    probe = torch.randn(5, 16, generator=g)
+    sk = WeightSketch(ref, {f"experts.{k}.{n}": "fp8-dynamic" for k in range(4) for n in "gud"}, "", probe,
+                      torch.stack([e(probe) for e in ref.experts]))
     bad = [[t * 1.01 for t in w] for w in ws]
     bad[2][2] = torch.full_like(bad[2][2], math.nan)
     cand = [_Expert(w) for w in bad]

@@ -64,19 +64,25 @@ def stored_form(module: nn.Module) -> tuple:
     return tuple(out)
 
 
-def peer_ratios(errors: list[float], forms: list[Hashable], judged: list[tuple[float, Hashable]] = ()
+def peer_ratios(errors: list[float], forms: list[Hashable], judged: list[tuple[float, Hashable]] = (),
+                floors: list[float | None] | None = None, judged_floors: list[float | None] | None = None
                 ) -> tuple[list[float | None], list[float | None]]:
     """Each error over the median of the errors stored alike among ``errors`` (None: fewer than MIN_PEERS
     alike); ``judged``: further (error, form) pairs held to the same peers without being counted among them (a
-    shared expert against the routed ones). A NaN error's ratio is NaN; an inf one's inf."""
+    shared expert against the routed ones); ``floors`` / ``judged_floors``: per error, the error its own rounding makes
+    (None: unknown), below which its denominator does not go, so a block that errs as its format errs is no fault
+    where its peers happen to round exactly (reference weights already on the format's grid). A NaN error's ratio
+    is NaN; an inf one's inf."""
     groups: dict[Hashable, list[float]] = defaultdict(list)
     for e, f in zip(errors, forms, strict=True):
         groups[f].append(math.inf if math.isnan(e) else e)
 
-    def ratio(e: float, f: Hashable) -> float | None:
+    def ratio(e: float, f: Hashable, floor: float | None = None) -> float | None:
         peers = groups.get(f, [])
         if len(peers) < MIN_PEERS:
             return None
-        return e / max(median(peers), FLOOR)
+        return e / max(median(peers), FLOOR, floor or 0.0)
 
-    return [ratio(e, f) for e, f in zip(errors, forms, strict=True)], [ratio(e, f) for e, f in judged]
+    floors, judged_floors = floors or [None] * len(errors), judged_floors or [None] * len(judged)
+    return ([ratio(e, f, fl) for e, f, fl in zip(errors, forms, floors, strict=True)],
+            [ratio(e, f, fl) for (e, f), fl in zip(judged, judged_floors, strict=True)])

@@ -70,7 +70,8 @@ class RouteCapture:
         self.scores: torch.Tensor | None = None  # [tokens, experts]: the router's logits on the probe
         self.outputs: torch.Tensor | None = None  # [experts, tokens, hidden]
         self.shared: torch.Tensor | None = None  # [tokens, hidden]: the shared experts' output on the probe
-        self.weights = WeightSketch(moe, weights, prefix) if weights is not None else None
+        self.formats, self.prefix = weights, prefix
+        self.weights: WeightSketch | None = None  # built on the first batch, with the probe tokens
         moe.observers.append(self)
 
     @torch.no_grad()
@@ -85,6 +86,8 @@ class RouteCapture:
             self.outputs = _expert_outputs(moe, self.probe)
             if moe.shared_experts is not None:
                 self.shared = moe.shared_experts(self.probe).float()
+            if self.formats is not None:
+                self.weights = WeightSketch(moe, self.formats, self.prefix, self.probe, self.outputs, self.shared)
 
     @torch.no_grad()
     def overlap(self, moe: SparseMoE) -> Agreement | None:
@@ -108,7 +111,9 @@ class RouteCapture:
             judged = [(float(relative_error(sc - self.shared[None], sc, self.shared[None])[0]),
                        stored_form(moe.shared_experts))]
             names.append("shared")
-        routed, shared = peer_ratios(errors, forms, judged)
+        floors = self.weights.expected_errors(order) if self.weights is not None else None
+        shared_floor = self.weights.shared_floor if self.weights is not None else None
+        routed, shared = peer_ratios(errors, forms, judged, floors, [shared_floor] * len(judged))
         worst, err = worst_of(names, errors + [e for e, _ in judged])
         ratio_at, ratio = worst_of(names, routed + shared)
         hits = total = 0

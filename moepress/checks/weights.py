@@ -31,7 +31,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from moepress.checks.peers import norm_ratio, worst_of
+from moepress.checks.peers import norm_ratio, relative_error, worst_of
 from moepress.compress.formats import FORMATS, layout_of
 from moepress.compress.formats.base import QuantContext
 from moepress.compress.moe import SparseMoE, StoredLinear
@@ -106,16 +106,19 @@ class Sketches:
     candidate stores it in makes (``formats``: by name; linears that read one input rounded together, as
     ``quantize`` groups them: FP8's shared weight scale, NVFP4's shared ``weight_scale_2``)."""
 
-    def __init__(self, lins: dict[str, nn.Linear], formats: dict[str, str]):
-        """Only the linears the candidate rounds to nearest are sketched (an AWQ candidate's: none)."""
+    def __init__(self, lins: dict[str, nn.Linear], formats: dict[str, str],
+                 rounded: dict[str, torch.Tensor] | None = None):
+        """Only the linears the candidate rounds to nearest are sketched (an AWQ candidate's: none); ``rounded``:
+        where given, each such linear's rounded weight is put there (to run the module as its rounding would)."""
         self.sketches: dict[str, tuple[torch.Tensor, float]] = {}
         self.expected: dict[str, tuple[str, float]] = {}
         for names in _groups(list(lins), formats):
             ws = [effective_weight(lins[n]) for n in names]  # decoded once (a block-FP8 or INT4 reference)
-            rounded = expected_sketches(ws, formats[names[0]])
-            for n, w, sk in zip(names, ws, rounded or [], strict=False):
+            for n, w, r in zip(names, ws, expected_weights(ws, formats[names[0]]) or [], strict=False):
                 self.sketches[n] = sketch_weight(w)
-                self.expected[n] = (formats[n], sketch_error(sk, self.sketches[n]))
+                self.expected[n] = (formats[n], sketch_error(sketch_weight(r), self.sketches[n]))
+                if rounded is not None:
+                    rounded[n] = r
 
     def ratio(self, lins: dict[str, nn.Linear]) -> tuple[float | None, str | None]:
         """(the largest over the candidate's linears ``lins`` of max(error, FLOOR) / max(expected, FLOOR), its name):
@@ -145,17 +148,31 @@ def linears(module: nn.Module, skip: str | None = None) -> dict[str, nn.Linear]:
 
 
 class WeightSketch:
-    """The reference MoE layer's routed experts, sketched before the layer is freed (:class:`Sketches`)."""
+    """The reference MoE layer's routed experts, sketched before the layer is freed (:class:`Sketches`), and each
+    expert's output error its rounding makes on the probe tokens (``floors``)."""
 
-    def __init__(self, moe: SparseMoE, formats: dict[str, str] | None = None, prefix: str = ""):
+    @torch.no_grad()
+    def __init__(self, moe: SparseMoE, formats: dict[str, str] | None, prefix: str, probe: torch.Tensor,
+                 outputs: torch.Tensor, shared: torch.Tensor | None = None):
         """``formats``: the candidate's by module name (:func:`candidate_formats`); ``prefix``: the MoE block's name
-        in the layer (``mlp.``)."""
+        in the layer (``mlp.``); ``probe``: the tokens the experts are compared on, ``outputs`` [experts, tokens,
+        hidden]: the reference's experts' outputs on them, ``shared``: its shared experts' (None: it has none)."""
         formats = formats or {}
         self.prefix = prefix
-        self.ref = []
+        self.ref, self.floors = [], []
         for k, e in enumerate(moe.experts):
-            at = f"{prefix}experts.{k}."
-            self.ref.append(Sketches(linears(e), {n[len(at):]: f for n, f in formats.items() if n.startswith(at)}))
+            sk, floor = _sketched(e, formats, f"{prefix}experts.{k}.", probe, outputs[k])
+            self.ref.append(sk)
+            self.floors.append(floor)
+        # the shared experts' weights are judged with the layer's other linears (local.py); here only their floor
+        self.shared_floor = None if shared is None else _sketched(moe.shared_experts, formats,
+                                                                  f"{prefix}shared_experts.", probe, shared)[1]
+
+    def expected_errors(self, order: torch.Tensor) -> list[float | None]:
+        """Per candidate expert (the reference's ``order[j]``): the output error its rounding makes on the probe
+        (None: none of its linears judged), the expert-ratio gate's floor (peers.peer_ratios): an expert that errs
+        as its format rounds is no fault where its peers round exactly (reference weights on the format's grid)."""
+        return [self.floors[k] for k in order.tolist()]
 
     @torch.no_grad()
     def ratios(self, moe: SparseMoE, order: torch.Tensor) -> list[tuple[float | None, str | None]]:
@@ -168,14 +185,47 @@ class WeightSketch:
         return out
 
 
-def expected_sketches(ws: list[torch.Tensor], fmt: str) -> list[tuple[torch.Tensor, float]] | None:
-    """The sketches of ``ws`` (one group of linears reading one input) quantized to ``fmt`` by its own quantizer
-    and decoded (None: the format leaves them unquantized, e.g. a width not whole blocks)."""
+def _sketched(module: nn.Module, formats: dict[str, str], at: str, probe: torch.Tensor, ref: torch.Tensor
+              ) -> tuple[Sketches, float | None]:
+    """``module``'s linears (named ``at`` + their name in it in ``formats``) sketched, and the output error their
+    rounding makes on ``probe`` against ``ref`` (None: none of them rounded to nearest)."""
+    rounded: dict[str, torch.Tensor] = {}
+    sk = Sketches(linears(module), {n[len(at):]: f for n, f in formats.items() if n.startswith(at)}, rounded)
+    return sk, (_rounded_error(module, rounded, sk, probe, ref) if rounded else None)
+
+
+def _rounded_error(expert: nn.Module, rounded: dict[str, torch.Tensor], sk: Sketches, probe: torch.Tensor,
+                   ref: torch.Tensor) -> float:
+    """The relative error of ``expert``'s output on ``probe`` with the linears ``rounded`` computing with those
+    weights, their inputs quantized as their formats quantize them at run time (dynamic activations; a static
+    input scale is the candidate's, unknown here: left out, so the error is, if anything, understated), against
+    ``ref``, its output as it is."""
+    mods = dict(expert.named_modules())
+    handles = []
+    for n, w in rounded.items():
+        f = FORMATS[sk.expected[n][0]]
+
+        def hook(mod, args, out, w=w, f=f):
+            x = f.fake_quant_input(args[0].float())
+            return torch.nn.functional.linear(x, w.to(x.device), getattr(mod, "bias", None)).to(out.dtype)
+
+        handles.append(mods[n].register_forward_hook(hook))
+    try:
+        out = expert(probe).float()
+    finally:
+        for h in handles:
+            h.remove()
+    return float(relative_error((out - ref.to(out.device))[None], out[None], ref.to(out.device)[None])[0])
+
+
+def expected_weights(ws: list[torch.Tensor], fmt: str) -> list[torch.Tensor] | None:
+    """``ws`` (one group of linears reading one input) quantized to ``fmt`` by its own quantizer and decoded, float32
+    (None: the format leaves them unquantized, e.g. a width not whole blocks)."""
     f = FORMATS[fmt]
     q = f.quantize(ws, QuantContext())
     if q.skipped:
         return None
-    return [sketch_weight(f.dequantize(t, torch.float32)) for t in q.tensors]
+    return [f.dequantize(t, torch.float32) for t in q.tensors]
 
 
 def rounded_to_nearest(lin: nn.Linear) -> bool:
