@@ -5,7 +5,9 @@ the same tokens, every layer's attention. A fault in one block (a scale off by 2
 a pre_quant_scale doubled) can stay under an absolute gate that must also pass the coarsest correct format,
 while it stands out against its peers at once. The ratio is taken against the median of the blocks stored
 alike (the same tensor names and dtypes: one format), so that a model quantized by rules (attention in FP8,
-experts in INT4; one layer kept in bf16) compares each block with its own format only.
+experts in INT4; one layer kept in bf16) compares each block with its own format only. Where the error a block's
+own rounding makes is known (an expert of a round-to-nearest moepress output: checks/weights.py), it floors the
+median: peers that round exactly (reference weights already on the format's grid) do not make it a fault.
 
 The README's accuracy-gate section gives the ratios measured on correct and faulty artifacts.
 """

@@ -106,7 +106,7 @@ def _human(result: dict) -> list[str]:
         if "max_expert_error_ratio" in m:
             ratio = ", ".join(f"{p['layer']}: {p['expert_error_ratio']:.3g} (expert {p['ratio_expert']})"
                               for p in result["layers"] if p.get("expert_error_ratio") is not None)
-            out.append(f"  worst expert's error / its layer's median  {ratio}{gate('max_expert_error_ratio')}")
+            out.append(f"  worst expert's error / its layer's median (or own rounding's)  {ratio}{gate('max_expert_error_ratio')}")
     out += [f"  {g['metric']}: not measured for this candidate{gate(g['metric'])}" for g in result["gates"]
             if g["passed"] is None]
     out += [f"  note: {n}" for n in result["notes"]]
@@ -153,7 +153,8 @@ def _human(result: dict) -> list[str]:
                    "'none': off).")
 @click.option("--max-expert-error-ratio", default="3", metavar="RATIO", show_default=True,
               help="Gate: largest ratio of one expert's error (as --max-expert-error; shared experts too) to the "
-                   "median error of its layer's routed experts stored alike (the same candidates; 'none': off).")
+                   "median error of its layer's routed experts stored alike, or to the error its own rounding makes "
+                   "where that is larger and known (as --max-weight-error-ratio) (the same candidates; 'none': off).")
 @click.option("--max-weight-error-ratio", default="2", metavar="RATIO", show_default=True,
               help="Gate: largest ratio of one decoder-layer linear's weight error (decoded as the candidate "
                    "computes with it, against the reference's) to the error its format's rounding to nearest makes "
