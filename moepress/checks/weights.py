@@ -21,6 +21,9 @@ reference weight may reach the quantizer through bf16 (a float32 or block-FP8 ch
 dtype), so differences at that level are no fault. Calibrated rounding (AWQ, GPTQ), quantized weights moepress did
 not write (a compressed-tensors or third-party checkpoint) and weights stored in float (an export may hold a
 rounding dequantized) have no rounding to reproduce and are not judged (the output-level gates judge them).
+
+The routed and shared experts' rounded weights also give the output error their rounding makes on the expert
+gate's probe tokens: the floor of the expert-ratio gate's denominator (peers.peer_ratios).
 """
 
 from __future__ import annotations
@@ -206,8 +209,8 @@ def _rounded_error(expert: nn.Module, rounded: dict[str, torch.Tensor], sk: Sket
         f = FORMATS[sk.expected[n][0]]
 
         def hook(mod, args, out, w=w, f=f):
-            x = f.fake_quant_input(args[0].float())
-            return torch.nn.functional.linear(x, w.to(x.device), getattr(mod, "bias", None)).to(out.dtype)
+            x, b = f.fake_quant_input(args[0].float()), getattr(mod, "bias", None)
+            return torch.nn.functional.linear(x, w.to(x.device), None if b is None else b.float()).to(out.dtype)
 
         handles.append(mods[n].register_forward_hook(hook))
     try:
