@@ -163,6 +163,19 @@ def test_peer_ratios_group_by_form_floor_and_count():
     assert ratios[0] == 0.0 and math.isnan(ratios[1]) and math.isnan(ratios[2])
 
 
+def test_a_blocks_own_rounding_floors_its_median():
+    """Exact peers (median 0): a block that errs as its own rounding does (its floor) reads 1, a block erring 3x
+    its floor reads 3, a block without a floor reads over FLOOR; a floor under the median changes nothing; NaN
+    stays NaN; the judged blocks take their own floors."""
+    errs, forms = [0.0] * 6 + [0.1, 0.3, 0.1, math.nan], ["a"] * 10
+    floors = [None] * 6 + [0.1, 0.1, None, 0.1]
+    ratios, judged = peer_ratios(errs, forms, [(0.2, "a"), (0.2, "a")], floors, [0.2, None])
+    assert ratios[5:9] == pytest.approx([0, 1.0, 3.0, 0.1 / FLOOR], rel=1e-9) and math.isnan(ratios[9])
+    assert judged == pytest.approx([1.0, 0.2 / FLOOR], rel=1e-9)
+    ratios, _ = peer_ratios([0.1, 0.1, 0.1, 0.3], ["a"] * 4, [0.01, 0.01, 0.01, 0.01])
+    assert ratios == pytest.approx([1.0, 1.0, 1.0, 3.0], rel=1e-9)
+
+
 def test_stored_form_tells_formats_apart_not_widths():
     """Two experts of other widths in one dtype are stored alike; in another dtype they are not."""
     a, b = ExpertMLP(16, 8), ExpertMLP(16, 24)
