@@ -172,7 +172,7 @@ def test_a_blocks_own_rounding_floors_its_median():
     ratios, judged = peer_ratios(errs, forms, [(0.2, "a"), (0.2, "a")], floors, [0.2, None])
     assert ratios[5:9] == pytest.approx([0, 1.0, 3.0, 0.1 / FLOOR], rel=1e-9) and math.isnan(ratios[9])
     assert judged == pytest.approx([1.0, 0.2 / FLOOR], rel=1e-9)
-    ratios, _ = peer_ratios([0.1, 0.1, 0.1, 0.3], ["a"] * 4, [0.01, 0.01, 0.01, 0.01])
+    ratios, _ = peer_ratios([0.1, 0.1, 0.1, 0.3], ["a"] * 4, floors=[0.01] * 4)
     assert ratios == pytest.approx([1.0, 1.0, 1.0, 3.0], rel=1e-9)
 
 
