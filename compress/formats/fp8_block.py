@@ -62,13 +62,19 @@ def decode_deepseek(reader, base: str, dtype: torch.dtype):
     return fp8.dequantize_block(q, s, (br, bc), dtype)
 
 
+def transformers_fp8(q) -> bool:
+    """``q`` (a config's quantization_config) is transformers' finegrained FP8 (quant_method fp8: DeepSeek's
+    block-FP8 layout and what transformers itself writes), whose linears quantize their activations."""
+    return isinstance(q, dict) and q.get("quant_method") == "fp8"
+
+
 def dynamic_native(config: dict) -> bool:
     """A config in DeepSeek's block-FP8 layout whose runtimes quantize the activations too (DeepSeek-V3, Kimi K2):
     quant_method fp8, 128x128 ``weight_block_size``, dynamic activations (per token in 1x128 groups: vLLM
     fp8_utils.py ``per_token_group_quant_fp8``; vLLM's Fp8Config takes block weights with dynamic activations only)."""
     q = config.get("quantization_config")
-    return (isinstance(q, dict) and q.get("quant_method") == "fp8" and list(q.get("weight_block_size") or ()) == [
-        GROUP, GROUP] and q.get("activation_scheme", "dynamic") == "dynamic")
+    return (transformers_fp8(q) and list(q.get("weight_block_size") or ()) == [GROUP, GROUP]
+            and q.get("activation_scheme", "dynamic") == "dynamic")
 
 
 def ct_scheme(group, targets):

@@ -106,7 +106,8 @@ def _human(result: dict) -> list[str]:
         if "max_expert_error_ratio" in m:
             ratio = ", ".join(f"{p['layer']}: {p['expert_error_ratio']:.3g} (expert {p['ratio_expert']})"
                               for p in result["layers"] if p.get("expert_error_ratio") is not None)
-            out.append(f"  worst expert's error / its layer's median (or own rounding's)  {ratio}{gate('max_expert_error_ratio')}")
+            out.append(f"  worst expert's error / its layer's median (or own rounding's)  {ratio}"
+                       f"{gate('max_expert_error_ratio')}")
     out += [f"  {g['metric']}: not measured for this candidate{gate(g['metric'])}" for g in result["gates"]
             if g["passed"] is None]
     out += [f"  note: {n}" for n in result["notes"]]

@@ -11,6 +11,7 @@ import torch
 from moepress.checks.candidates.base import Candidate, CandidateKind, Outputs, config_json, first_line
 from moepress.checks.config import CheckConfig
 from moepress.compress.arch import transformers_config
+from moepress.compress.formats import fp8_block
 from moepress.errors import MoepressError
 from moepress.exporters.artifacts import read_json, transformers_misload
 
@@ -102,7 +103,7 @@ def dequantized_note(conf: dict, loaded_method) -> list[str]:
 def _quantizes_activations(q: dict) -> bool:
     """Does the declared scheme quantize activations: finegrained FP8 (always dynamic or static per its
     ``activation_scheme``), a compressed-tensors group with ``input_activations``; unknown methods: no."""
-    if q.get("quant_method") == "fp8":
+    if fp8_block.transformers_fp8(q):
         return True
     groups = q.get("config_groups") if q.get("quant_method") == "compressed-tensors" else None
     return isinstance(groups, dict) and any(isinstance(g, dict) and g.get("input_activations")
