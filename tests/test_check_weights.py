@@ -9,6 +9,7 @@ weight errs; a correct candidate reads 1 whatever its experts' weights look like
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -308,3 +309,48 @@ def test_an_awq_candidate_is_not_judged_by_its_weights(cli_run, tmp_path):
     r = cli_run("check", q, "--reference", models.path("tiny-mixtral"), *MID, "--quiet", "--no-record",
                 "--max-weight-error-ratio", "2")
     assert r.exit_code == 2 and "--max-weight-error-ratio 2" in r.stderr and len(r.stderr.splitlines()) == 1, r.output
+
+
+def _renumbered(src, dst, perm):
+    """A copy of ``src`` whose experts and router rows are renumbered alike (new expert j = old ``perm[j]``), the
+    names in its JSON files too (what an expert-placement tool writes)."""
+    out = shutil.copytree(src, dst)
+    inv = {k: j for j, k in enumerate(perm)}
+
+    def ren(s):
+        return re.sub(r"\.experts\.(\d+)\.", lambda m: f".experts.{inv[int(m.group(1))]}.", s)
+
+    for f in out.glob("*.safetensors"):
+        sd = load_file(f)
+        save_file({ren(n): t[perm].contiguous() if n.endswith(".gate.weight") else t for n, t in sd.items()}, f,
+                  metadata={"format": "pt"})
+
+    def walk(o):
+        if isinstance(o, dict):
+            return {ren(k): walk(v) for k, v in o.items()}
+        return [walk(v) for v in o] if isinstance(o, list) else ren(o) if isinstance(o, str) else o
+
+    for name in ("moepress_quant.json", "hf_quant_config.json", "model.safetensors.index.json"):
+        if (out / name).exists():
+            (out / name).write_text(json.dumps(walk(json.loads((out / name).read_text()))))
+    (out / "moepress-manifest.json").unlink(missing_ok=True)
+    return out
+
+
+def test_a_renumbered_candidate_storing_its_experts_in_two_formats_keeps_the_floor_of_each(cli_run, tmp_path):
+    """A review's find: experts 0-3 in fp8-dynamic, 4-7 in mxfp4 by a --rule, then renumbered (new j = old
+    (j + 4) % 8). The floor of reference expert k was rounded in the format the candidate's expert k is stored in,
+    not the format of the candidate expert that stands for it, so an fp8-dynamic expert got an MXFP4 floor and its
+    rolled scale (old expert 0's w1, now expert 4's) passed at 1.70 (6.68 before the floor). A floor rounded in
+    another format than the candidate's expert is not used."""
+    q = tmp_path / "q"
+    quantize_checkpoint(models.path("tiny-mixtral"), q,
+                        QuantConfig(format="mxfp4", rules=(("block_sparse_moe.experts.[0-3].*", "fp8-dynamic"),)))
+    perm = _renumbered(q, tmp_path / "perm", [4, 5, 6, 7, 0, 1, 2, 3])
+    bad = _rolled(perm, tmp_path / "bad", ["model.layers.1.block_sparse_moe.experts.4.w1.weight_scale"])
+    r, res = _check(cli_run, bad)
+    assert r.exit_code == 1 and "max_expert_error_ratio" in res["failed"], r.output
+    row = res["layers"][1]
+    assert row["ratio_expert"] == 4 and row["expert_error_ratio"] > 5, row  # measured 6.68
+    r, res = _check(cli_run, perm)
+    assert r.exit_code == 0 and res["metrics"]["max_expert_error_ratio"] < 2, r.output  # measured 1.28

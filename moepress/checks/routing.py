@@ -111,8 +111,7 @@ class RouteCapture:
             judged = [(float(relative_error(sc - self.shared[None], sc, self.shared[None])[0]),
                        stored_form(moe.shared_experts))]
             names.append("shared")
-        floors = self.weights.expected_errors(order) if self.weights is not None else None
-        shared_floor = self.weights.shared_floor if self.weights is not None else None
+        floors, shared_floor = self.weights.expected_errors(moe, order) if self.weights is not None else (None, None)
         routed, shared = peer_ratios(errors, forms, judged, floors, [shared_floor] * len(judged))
         worst, err = worst_of(names, errors + [e for e, _ in judged])
         ratio_at, ratio = worst_of(names, routed + shared)

@@ -168,14 +168,20 @@ class WeightSketch:
             self.ref.append(sk)
             self.floors.append(floor)
         # the shared experts' weights are judged with the layer's other linears (local.py); here only their floor
-        self.shared_floor = None if shared is None else _sketched(moe.shared_experts, formats,
-                                                                  f"{prefix}shared_experts.", probe, shared)[1]
+        self.shared = None if shared is None else _sketched(moe.shared_experts, formats, f"{prefix}shared_experts.",
+                                                            probe, shared)
 
-    def expected_errors(self, order: torch.Tensor) -> list[float | None]:
-        """Per candidate expert (the reference's ``order[j]``): the output error its rounding makes on the probe
-        (None: none of its linears judged), the expert-ratio gate's floor (peers.peer_ratios): an expert that errs
-        as its format rounds is no fault where its peers round exactly (reference weights on the format's grid)."""
-        return [self.floors[k] for k in order.tolist()]
+    def expected_errors(self, moe: SparseMoE, order: torch.Tensor) -> tuple[list[float | None], float | None]:
+        """The expert-ratio gate's floors (peers.peer_ratios): per candidate expert j of ``moe``, the output error the
+        rounding of the reference's expert ``order[j]`` makes on the probe, and the shared experts'. An expert that
+        errs as its format rounds is no fault where its peers round exactly (reference weights on the format's
+        grid). None where no linear was rounded, or where the candidate's expert stores one in another format than
+        the floor was rounded in (the reference's expert k was rounded as the candidate's expert k is stored: a
+        renumbered candidate whose --rule gave its experts different formats)."""
+        floors = [_floor(self.ref[k], self.floors[k], e) for e, k in zip(moe.experts, order.tolist(), strict=True)]
+        if self.shared is None or moe.shared_experts is None:
+            return floors, None
+        return floors, _floor(*self.shared, moe.shared_experts)
 
     @torch.no_grad()
     def ratios(self, moe: SparseMoE, order: torch.Tensor) -> list[tuple[float | None, str | None]]:
@@ -186,6 +192,13 @@ class WeightSketch:
             v, n = self.ref[k].ratio(linears(e))
             out.append((v, None if n is None else f"{self.prefix}experts.{j}.{n}"))
         return out
+
+
+def _floor(sk: Sketches, floor: float | None, cand: nn.Module) -> float | None:
+    """``floor`` where every linear it was rounded for is stored in that format in the candidate's module ``cand``."""
+    lins = linears(cand)
+    same = all(n in lins and getattr(lins[n], "quant_format", None) == f for n, (f, _) in sk.expected.items())
+    return floor if same else None
 
 
 def _sketched(module: nn.Module, formats: dict[str, str], at: str, probe: torch.Tensor, ref: torch.Tensor
@@ -206,13 +219,18 @@ def _rounded_error(expert: nn.Module, rounded: dict[str, torch.Tensor], sk: Sket
     mods = dict(expert.named_modules())
     handles = []
     for n, w in rounded.items():
-        f = FORMATS[sk.expected[n][0]]
+        f, raw = FORMATS[sk.expected[n][0]], []
 
-        def hook(mod, args, out, w=w, f=f):
-            x, b = f.fake_quant_input(args[0].float()), getattr(mod, "bias", None)
+        # the input as it comes, before the reference's own pre-hooks (a native block-FP8 reference quantizes its
+        # activations so): the candidate format's quantization replaces theirs
+        def keep(mod, args, raw=raw):
+            raw[:] = [args[0]]
+
+        def hook(mod, args, out, w=w, f=f, raw=raw):
+            x, b = f.fake_quant_input(raw[0].float()), getattr(mod, "bias", None)
             return torch.nn.functional.linear(x, w.to(x.device), None if b is None else b.float()).to(out.dtype)
 
-        handles.append(mods[n].register_forward_hook(hook))
+        handles += [mods[n].register_forward_pre_hook(keep, prepend=True), mods[n].register_forward_hook(hook)]
     try:
         out = expert(probe).float()
     finally:
