@@ -21,6 +21,7 @@ from moepress.checks.weights import (
     SAMPLES,
     WeightSketch,
     _columns,
+    _rounded_error,
     effective_weight,
     rounded_to_nearest,
     sketch,
@@ -354,3 +355,18 @@ def test_a_renumbered_candidate_storing_its_experts_in_two_formats_keeps_the_flo
     assert row["ratio_expert"] == 4 and row["expert_error_ratio"] > 5, row  # measured 6.68
     r, res = _check(cli_run, perm)
     assert r.exit_code == 0 and res["metrics"]["max_expert_error_ratio"] < 2, r.output  # measured 1.28
+
+
+def test_the_floor_reads_each_linears_input_before_the_references_own_pre_hooks():
+    """A reviewer's find: the floor's rounded linears took their input after the reference's own pre-hooks (a
+    native block-FP8 reference quantizes its activations so), quantizing it twice, up to 10% low. Here a pre-hook
+    zeroes the gate's input; the rounded weights are the weights themselves, so from the input as it came the
+    expert's output is its own (error 0), from the hooked one it is not."""
+    g = torch.Generator().manual_seed(0)
+    e = _Expert([torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(16, 8, generator=g)])
+    x = torch.randn(5, 16, generator=g)
+    with torch.no_grad():
+        ref = e(x)
+    e.g.register_forward_pre_hook(lambda mod, args: (args[0] * 0,))
+    sk = type("S", (), {"expected": {"g": ("mxfp4", 0.0)}})()
+    assert _rounded_error(e, {"g": e.g.weight.detach().float()}, sk, x, ref) == pytest.approx(0.0, abs=1e-6)

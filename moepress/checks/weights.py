@@ -210,6 +210,7 @@ def _sketched(module: nn.Module, formats: dict[str, str], at: str, probe: torch.
     return sk, (_rounded_error(module, rounded, sk, probe, ref) if rounded else None)
 
 
+@torch.no_grad()
 def _rounded_error(expert: nn.Module, rounded: dict[str, torch.Tensor], sk: Sketches, probe: torch.Tensor,
                    ref: torch.Tensor) -> float:
     """The relative error of ``expert``'s output on ``probe`` with the linears ``rounded`` computing with those
