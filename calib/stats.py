@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from moepress.calib.observers import InputAbsMax, RoutingStats
+from moepress.compress.moe import first_non_finite
 from moepress.compress.stream import StreamedModel
+from moepress.errors import MoepressError
 from moepress.progress import QUIET, Progress
 
 
@@ -41,6 +43,9 @@ def collect(model: str | Path, batches: list[torch.Tensor], *, absmax: bool = Fa
     hs = sm.embed(batches)
     with progress.task("calib stats", sm.num_layers) as task:
         for i, layer in sm.layers():
+            if (bad := first_non_finite(layer)) is not None:  # NaN statistics would be written as if measured
+                raise MoepressError(f"{sm.ckpt.path}: {a.layer_prefix(i)}{bad[0]}: {bad[1]} values are not finite "
+                                    "(NaN or Inf) as decoded; expected finite weights")
             lr = stats.attach(i, layer)
             obs = None
             if absmax:

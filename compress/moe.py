@@ -299,6 +299,16 @@ class StoredLinear(nn.Linear):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
+def first_non_finite(module: nn.Module) -> tuple[str, int] | None:
+    """(name, count) of ``module``'s first decoded weight holding NaN / Inf values, None where all are finite;
+    one host sync where all are."""
+    finite = [torch.isfinite(p).all() for _, p in decoded_weights(module)]
+    if not finite or bool(torch.stack(finite).all()):
+        return None
+    return next((n, int((~torch.isfinite(p)).sum())) for n, p in decoded_weights(module)
+                if not bool(torch.isfinite(p).all()))
+
+
 def decoded_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Every floating-point parameter of ``module`` by name, a weight kept quantized decoded to float32
     (:meth:`StoredLinear.stored_weight`), one at a time: what its forward computes with (a corrupt scale

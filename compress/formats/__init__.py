@@ -78,6 +78,11 @@ def read_layout(model_dir: str | Path) -> dict | None:
     if not isinstance(mods, dict) or not all(isinstance(m, dict) for m in mods.values()):
         raise MoepressError(f"{p}: unreadable or not the sidecar `moepress quantize` writes (expected a JSON object "
                             "whose modules map each linear to its format)")
+    bad = next(((n, m.get("format")) for n, m in mods.items()
+                if not isinstance(m.get("format"), str) or m["format"] not in FORMATS), None)
+    if bad is not None:
+        raise MoepressError(f"{p}: module '{bad[0]}' has format {json.dumps(bad[1])}; expected one of "
+                            f"{', '.join(sorted(FORMATS))}")
     return layout
 
 

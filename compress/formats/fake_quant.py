@@ -5,10 +5,13 @@ compress/quant/fp8.py, compress/quant/nvfp4.py), or the format's dynamic FP8).""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from moepress.compress.formats import FORMATS, layout_of
+from moepress.compress.formats import FORMATS, SIDECAR, layout_of
+from moepress.errors import MoepressError
 
 # module name in a layer -> (format name, pre_quant_scale, input_scale)
 Specs = dict[str, tuple[str, torch.Tensor | None, torch.Tensor | None]]
@@ -54,4 +57,9 @@ def prepare_layer(reader, prefix: str, layer: nn.Module) -> None:
         opt = {s: reader.get(full + s).float() if full + s in reader else None
                for s in (".pre_quant_scale", ".input_scale")}
         specs[full[len(prefix):]] = (m["format"], opt[".pre_quant_scale"], opt[".input_scale"])
+    mods = dict(layer.named_modules())
+    missing = next((n for n in specs if not isinstance(mods.get(n), nn.Linear)), None)
+    if missing is not None:
+        raise MoepressError(f"{Path(reader.path) / SIDECAR}: module '{prefix}{missing}' is not a linear of the "
+                            "model's layer; expected the linears the checkpoint holds")
     attach(layer, specs)

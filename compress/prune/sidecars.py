@@ -51,7 +51,7 @@ def _patterns(src: Path, config: dict) -> Iterator[tuple[str, str, Callable[[str
     objs = [("config.json", config.get("quantization_config"))]
     hq = src / "hf_quant_config.json"
     if hq.is_file():
-        objs.append((hq.name, json.loads(hq.read_text())))
+        objs.append((hq.name, _json_object(hq)))
     for fname, obj in objs:
         for p in dict.fromkeys(_pattern_strings(obj)):
             if p.startswith("re:"):
@@ -170,6 +170,17 @@ def renumber_expert_rows(report: dict, kept: dict[int, dict[int, int]]) -> dict:
     return out
 
 
+def _json_object(p: Path) -> dict:
+    """``p``'s JSON object; one line naming the file otherwise."""
+    try:
+        obj = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise MoepressError(f"{p}: not readable JSON ({type(e).__name__}); expected the file quantize wrote") from None
+    if not isinstance(obj, dict):
+        raise MoepressError(f"{p}: a JSON {type(obj).__name__}; expected the JSON object quantize wrote")
+    return obj
+
+
 def pruned_sidecars(src: Path, adapter, report_layers: list[dict], config: dict) -> dict[str, dict]:
     """The pruned checkpoint's ``config`` and the quantization files of ``src`` that exist, rewritten for
     the pruned experts: {file name: JSON}."""
@@ -179,7 +190,7 @@ def pruned_sidecars(src: Path, adapter, report_layers: list[dict], config: dict)
     for name in QUANT_SIDECARS:
         p = src / name
         if p.is_file():
-            obj = renumber_expert_rows(renumber(json.loads(p.read_text()), rename), kept)
+            obj = renumber_expert_rows(renumber(_json_object(p), rename), kept)
             out[name] = rewrite_report_counts(obj, kept) if name == "quant_report.json" else obj
     report, layout = out.get("quant_report.json"), out.get("moepress_quant.json")
     if isinstance(report, dict) and isinstance(layout, dict) and isinstance(layout.get("modules"), dict) \

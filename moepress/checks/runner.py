@@ -31,6 +31,7 @@ from moepress.checks.local import BlockErrors, BlockProbe
 from moepress.checks.routing import Agreement, RouteCapture
 from moepress.checks.rows import UNPEERED, layer_metrics, unpeered_notes
 from moepress.checks.weights import candidate_formats
+from moepress.compress.moe import first_non_finite
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 from moepress.exporters.artifacts import misloading_consumers
@@ -118,6 +119,7 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
     capture = probe = None
     for sm, i, layer in _Lockstep(order):
         if sm is ref:
+            _refuse_non_finite(ref, i, layer)
             moe = layer.moe
             fmts, ffn = candidate_formats(cs, i) if weigh else None, f"{ref.adapter.ffn_attr}."
             probe = BlockProbe(ref, layer, hr, fmts, f"{ffn}experts.") if layers is not None else None  # before hooks
@@ -147,12 +149,20 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
     return embed
 
 
+def _refuse_non_finite(ref, i: int, layer) -> None:
+    """A reference weight holding NaN / Inf makes every figure NaN, which would read as the candidate's failure."""
+    if (bad := first_non_finite(layer)) is not None:
+        raise MoepressError(f"{ref.ckpt.path}: reference {ref.adapter.layer_prefix(i)}{bad[0]}: {bad[1]} values are "
+                            "not finite (NaN or Inf) as decoded; expected finite weights")
+
+
 @torch.no_grad()
 def _whole(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit_stats: LogitStats, task):
     hr = ref.embed(batches)
     emb_ref = hr if cand.has_hidden else None
     kept: list[list[torch.Tensor]] = []
-    for _i, layer in ref.layers():
+    for i, layer in ref.layers():
+        _refuse_non_finite(ref, i, layer)
         hr = ref.run_layer(layer, hr)
         if layers is not None:
             kept.append(hr)  # activations only: one [B, S, H] per batch and layer

@@ -231,7 +231,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if k.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: merged by the base loader, own keys win
                 continue
             key = self.construct_object(k, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise yaml.constructor.ConstructorError(None, None, f"found a {type(key).__name__} as a key",
+                                                        k.start_mark)
+            if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"found duplicate key {key!r}", k.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)

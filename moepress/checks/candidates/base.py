@@ -106,9 +106,12 @@ def config_json(path: Path) -> dict | None:
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text())
+        conf = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
+    if not isinstance(conf, dict):
+        raise MoepressError(f"{p}: expected a JSON object")
+    return conf
 
 
 def first_line(e: BaseException) -> str:

@@ -35,7 +35,11 @@ def graph_family(path: Path) -> str | None:
         return None
     import onnx
 
-    name = onnx.load(str(f), load_external_data=False).graph.name
+    try:
+        name = onnx.load(str(f), load_external_data=False).graph.name
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and onnx's own, on a corrupt or truncated file
+        raise MoepressError(f"{f}: not a readable ONNX model ({first_line(e)}); expected the graph an export "
+                            "wrote") from None
     return name.removeprefix("moepress-") if name.startswith("moepress-") else None
 
 
