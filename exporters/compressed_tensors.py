@@ -266,6 +266,20 @@ def _sglang_misloads(s, schemes) -> str | None:
             "layout)")
 
 
+def _fp4_dtype_notes(s) -> list[str]:
+    """FP4 weights from a model not in bf16: compressed-tensors (0.20) leaves the weights it decompresses from FP4
+    in bf16, so transformers' forward in the config's float16 / float32 fails on them ("expected m1 and m2 to have
+    the same dtype"; a helper's find on a float16 source)."""
+    conf = s.reader.config
+    dtype = conf.get("dtype") or conf.get("torch_dtype")
+    fp4 = any(formats.FORMATS[m["format"]].element == "fp4" for m in s.layout["modules"].values())
+    if not fp4 or dtype in (None, "bfloat16"):
+        return []
+    return [f"transformers <= {TRANSFORMERS_CHECKED} decompresses its FP4 weights to bf16 while the model runs in its "
+            f"config's {dtype}: its first forward fails unless loaded with dtype=torch.bfloat16 (or "
+            "CompressedTensorsConfig(dequantize=True)); vLLM and SGLang are not affected"]
+
+
 def _dense_group_notes(s, experts: dict) -> list[str]:
     """Dense INT4 linears in more than one group size (a narrow MLA kv_b_proj gets a smaller group): transformers'
     default load keeps each module's scheme, but ``CompressedTensorsConfig(dequantize=True)`` converts every dense
@@ -360,7 +374,7 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
     if (sg := _sglang_misloads(s, schemes)) is not None:
         misloaded["sglang"] = sg
         checked["sglang"] = SGLANG_CHECKED
-    notes = _consumer_notes(experts, misloaded) + _dense_group_notes(s, experts)
+    notes = _consumer_notes(experts, misloaded) + _dense_group_notes(s, experts) + _fp4_dtype_notes(s)
     if dropped:
         notes.append(f"the FP8 KV-cache scales ({len(dropped)} k_scale / v_scale) are not carried: no kv_cache_scheme "
                      "is written, so runtimes keep the KV cache in the model's dtype; hf-modelopt carries them")

@@ -596,3 +596,49 @@ def test_mxfp4_experts_say_vllm_may_quantize_their_activations(tmp_path, fmt, sa
     export(q, e, ExportConfig(format="compressed-tensors"))
     notes = json.loads((e / "export.json").read_text())["consumer_notes"]
     assert any("MXFP4 routed experts with MXFP4 activations" in n for n in notes) == said, notes
+
+
+FP4_DTYPE_PROBE = textwrap.dedent("""
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = []
+    for kw in ({}, {"dtype": torch.bfloat16}):
+        m = AutoModelForCausalLM.from_pretrained(sys.argv[1], **kw).eval()
+        try:
+            with torch.no_grad():
+                m(input_ids=ids, use_cache=False)
+            out.append("ran")
+        except RuntimeError as e:
+            out.append("failed" if "same dtype" in str(e) else repr(e))
+    assert not any(k.startswith("moepress") for k in sys.modules), "moepress was imported"
+    print(" ".join(out))
+""")
+
+
+def test_an_fp4_export_of_a_float16_model_says_transformers_needs_bf16(tmp_path):
+    """A helper's find: compressed-tensors leaves FP4-decompressed weights bf16, so transformers' default load of an
+    MXFP4 export of a float16 model (the config's dtype) fails on its first forward; the README said it loads.
+    The export says so; the consumer, in a process that never imports moepress, fails by default and runs in
+    bf16."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "fp16"
+    src.mkdir()
+    for f in models.path("tiny-mixtral").iterdir():
+        if f.suffix == ".safetensors":
+            save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(f).items()}, src / f.name,
+                      metadata={"format": "pt"})
+        elif f.is_file():
+            (src / f.name).write_bytes(f.read_bytes())
+    conf = json.loads((src / "config.json").read_text())
+    conf.pop("torch_dtype", None)
+    (src / "config.json").write_text(json.dumps({**conf, "dtype": "float16"}))
+    quantize_checkpoint(src, tmp_path / "q", QuantConfig(format="mxfp4"))
+    export(tmp_path / "q", tmp_path / "ct", ExportConfig(format="compressed-tensors"))
+    notes = json.loads((tmp_path / "ct" / "export.json").read_text())["consumer_notes"]
+    assert any("float16" in n and "dtype=torch.bfloat16" in n for n in notes), notes
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = forkserver.run([sys.executable, "-c", FP4_DTYPE_PROBE, str(tmp_path / "ct")], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.split() == ["failed", "ran"], p.stdout + p.stderr[-2000:]
