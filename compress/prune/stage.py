@@ -19,7 +19,7 @@ import torch
 from moepress.calib.data import calibration_inputs
 from moepress.calib.observers import RoutingStats
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, read_later
-from moepress.compress.moe import DecoderLayer, decoded_weights
+from moepress.compress.moe import DecoderLayer, first_non_finite
 from moepress.compress.prune.budget import kept_bytes, plan_budget
 from moepress.compress.prune.config import REPORT_NAME, PruneConfig
 from moepress.compress.prune.evidence import LayerEvidence, RouteRecorder, Selection
@@ -237,14 +237,13 @@ class PruneStage:
         into every later layer's statistics, and the plan would rest on them; quantize refuses it alike."""
         if i in self.finite:
             return  # checked in the plan race
-        finite = [torch.isfinite(p).all() for _, p in decoded_weights(layer)]  # one decoded weight at a time
-        if not finite or bool(torch.stack(finite).all()):
+        bad = first_non_finite(layer)  # one decoded weight at a time, one host sync per layer where all are finite
+        if bad is None:
             self.finite.add(i)
-            return  # one host sync per layer, whatever its expert count
-        name, p = next((n, p) for n, p in decoded_weights(layer) if not bool(torch.isfinite(p).all()))
-        raise MoepressError(f"{self.reader.path}: {self.adapter.layer_prefix(i)}{name}: "
-                            f"{int((~torch.isfinite(p)).sum())} values are not finite (NaN or Inf) as "
-                            "decoded (its scale, for a quantized input); expected finite weights")
+            return
+        raise MoepressError(f"{self.reader.path}: {self.adapter.layer_prefix(i)}{bad[0]}: {bad[1]} values are not "
+                            "finite (NaN or Inf) as decoded (its scale, for a quantized input); expected finite "
+                            "weights")
 
     def _settle(self, pending: Pending, state: list[torch.Tensor], nxt: DecoderLayer | None,
                 task) -> list[torch.Tensor]:
