@@ -115,13 +115,11 @@ class Sketches:
         where given, each such linear's rounded weight is put there (to run the module as its rounding would)."""
         self.sketches: dict[str, tuple[torch.Tensor, float]] = {}
         self.expected: dict[str, tuple[str, float]] = {}
-        for names in _groups(list(lins), formats):
-            ws = [effective_weight(lins[n]) for n in names]  # decoded once (a block-FP8 or INT4 reference)
-            for n, w, r in zip(names, ws, expected_weights(ws, formats[names[0]]) or [], strict=False):
-                self.sketches[n] = sketch_weight(w)
-                self.expected[n] = (formats[n], sketch_error(sketch_weight(r), self.sketches[n]))
-                if rounded is not None:
-                    rounded[n] = r
+        for n, w, r in _rounded(lins, formats):
+            self.sketches[n] = sketch_weight(w)
+            self.expected[n] = (formats[n], sketch_error(sketch_weight(r), self.sketches[n]))
+            if rounded is not None:
+                rounded[n] = r
 
     def ratio(self, lins: dict[str, nn.Linear]) -> tuple[float | None, str | None]:
         """(the largest over the candidate's linears ``lins`` of max(error, FLOOR) / max(expected, FLOOR), its name):
@@ -135,6 +133,14 @@ class Sketches:
             names.append(n)
             ratios.append(max(err, FLOOR) / max(self.expected[n][1], FLOOR) if not math.isnan(err) else math.nan)
         return worst_of(names, ratios)[::-1]
+
+
+def _rounded(lins: dict[str, nn.Linear], formats: dict[str, str]):
+    """(name, effective weight, its rounding to nearest in ``formats[name]``) for each linear of ``lins`` whose format
+    rounds to nearest and leaves it quantized, each group's weights decoded once (a block-FP8 or INT4 reference)."""
+    for names in _groups(list(lins), formats):
+        ws = [effective_weight(lins[n]) for n in names]
+        yield from zip(names, ws, expected_weights(ws, formats[names[0]]) or [], strict=False)
 
 
 def _groups(names: list[str], formats: dict[str, str]) -> list[list[str]]:
@@ -162,14 +168,21 @@ class WeightSketch:
         hidden]: the reference's experts' outputs on them, ``shared``: its shared experts' (None: it has none)."""
         formats = formats or {}
         self.prefix = prefix
-        self.ref, self.floors = [], []
+        self.ref: list[Sketches] = []
+        self.floors: list[tuple[dict[str, str], float | None]] = []  # per expert: the formats rounded in, the error
         for k, e in enumerate(moe.experts):
-            sk, floor = _sketched(e, formats, f"{prefix}experts.{k}.", probe, outputs[k])
-            self.ref.append(sk)
-            self.floors.append(floor)
-        # the shared experts' weights are judged with the layer's other linears (local.py); here only their floor
-        self.shared = None if shared is None else _sketched(moe.shared_experts, formats, f"{prefix}shared_experts.",
-                                                            probe, shared)
+            rounded: dict[str, torch.Tensor] = {}
+            self.ref.append(Sketches(linears(e), _own(formats, f"{prefix}experts.{k}."), rounded))
+            fmts = {n: f for n, (f, _) in self.ref[-1].expected.items()}
+            self.floors.append((fmts, _rounded_error(e, rounded, fmts, probe, outputs[k]) if rounded else None))
+        # the shared experts' weights are sketched and judged with the layer's other linears (local.py): here only
+        # their rounding, for their floor
+        self.shared = None
+        if shared is not None:
+            own = _own(formats, f"{prefix}shared_experts.")
+            rounded = {n: r for n, _, r in _rounded(linears(moe.shared_experts), own)}
+            fmts = {n: own[n] for n in rounded}
+            self.shared = (fmts, _rounded_error(moe.shared_experts, rounded, fmts, probe, shared) if rounded else None)
 
     def expected_errors(self, moe: SparseMoE, order: torch.Tensor) -> tuple[list[float | None], float | None]:
         """The expert-ratio gate's floors (peers.peer_ratios): per candidate expert j of ``moe``, the output error the
@@ -178,7 +191,7 @@ class WeightSketch:
         grid). None where no linear was rounded, or where the candidate's expert stores one in another format than
         the floor was rounded in (the reference's expert k was rounded as the candidate's expert k is stored: a
         renumbered candidate whose --rule gave its experts different formats)."""
-        floors = [_floor(self.ref[k], self.floors[k], e) for e, k in zip(moe.experts, order.tolist(), strict=True)]
+        floors = [_floor(*self.floors[k], e) for e, k in zip(moe.experts, order.tolist(), strict=True)]
         if self.shared is None or moe.shared_experts is None:
             return floors, None
         return floors, _floor(*self.shared, moe.shared_experts)
@@ -194,33 +207,29 @@ class WeightSketch:
         return out
 
 
-def _floor(sk: Sketches, floor: float | None, cand: nn.Module) -> float | None:
-    """``floor`` where every linear it was rounded for is stored in that format in the candidate's module ``cand``."""
+def _floor(fmts: dict[str, str], floor: float | None, cand: nn.Module) -> float | None:
+    """``floor`` where every linear it was rounded for (``fmts``: by name) is stored in that format in the candidate's
+    module ``cand``."""
     lins = linears(cand)
-    same = all(n in lins and getattr(lins[n], "quant_format", None) == f for n, (f, _) in sk.expected.items())
-    return floor if same else None
+    return floor if all(n in lins and getattr(lins[n], "quant_format", None) == f for n, f in fmts.items()) else None
 
 
-def _sketched(module: nn.Module, formats: dict[str, str], at: str, probe: torch.Tensor, ref: torch.Tensor
-              ) -> tuple[Sketches, float | None]:
-    """``module``'s linears (named ``at`` + their name in it in ``formats``) sketched, and the output error their
-    rounding makes on ``probe`` against ``ref`` (None: none of them rounded to nearest)."""
-    rounded: dict[str, torch.Tensor] = {}
-    sk = Sketches(linears(module), {n[len(at):]: f for n, f in formats.items() if n.startswith(at)}, rounded)
-    return sk, (_rounded_error(module, rounded, sk, probe, ref) if rounded else None)
+def _own(formats: dict[str, str], at: str) -> dict[str, str]:
+    """The formats of the linears named ``at`` + their name in a module, by that name."""
+    return {n[len(at):]: f for n, f in formats.items() if n.startswith(at)}
 
 
 @torch.no_grad()
-def _rounded_error(expert: nn.Module, rounded: dict[str, torch.Tensor], sk: Sketches, probe: torch.Tensor,
-                   ref: torch.Tensor) -> float:
+def _rounded_error(expert: nn.Module, rounded: dict[str, torch.Tensor], fmts: dict[str, str],
+                   probe: torch.Tensor, ref: torch.Tensor) -> float:
     """The relative error of ``expert``'s output on ``probe`` with the linears ``rounded`` computing with those
-    weights, their inputs quantized as their formats quantize them at run time (dynamic activations; a static
-    input scale is the candidate's, unknown here: left out, so the error is, if anything, understated), against
-    ``ref``, its output as it is."""
+    weights (rounded in ``fmts``), their inputs quantized as their formats quantize them at run time (dynamic
+    activations; a static input scale is the candidate's, unknown here: left out, so the error is, if anything,
+    understated), against ``ref``, its output as it is."""
     mods = dict(expert.named_modules())
     handles = []
     for n, w in rounded.items():
-        f, raw = FORMATS[sk.expected[n][0]], []
+        f, raw = FORMATS[fmts[n]], []
 
         # the input as it comes, before the reference's own pre-hooks (a native block-FP8 reference quantizes its
         # activations so): the candidate format's quantization replaces theirs
