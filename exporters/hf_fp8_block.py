@@ -156,10 +156,17 @@ def _quantize_layer(r, a, i: int, names, writer, dtype, quantized: set[str], kep
             writer.add(n, r.get(n))
 
 
+def _block_candidates(s, mode: str) -> list[str]:
+    """The linears this export would write in block FP8 were their grids whole (a quantize output's block-FP8
+    modules; every decoder linear of a bf16 model), in order."""
+    if mode == "rename":
+        return [n for n, m in (s.layout.get("modules") or {}).items() if formats.FORMATS[m["format"]].scale == "block"]
+    return [s.adapter.layer_prefix(i) + m for i in range(s.adapter.num_layers) for m in layer_linears(s.adapter, i)]
+
+
 def _written_fp8(s) -> set[str]:
     """The linears of a ``moepress quantize --format fp8-block`` output this export writes in block FP8."""
-    return {n for n, m in (s.layout.get("modules") or {}).items() if formats.FORMATS[m["format"]].scale == "block"
-            and block_linear_ok(s.reader, s.adapter, n)}
+    return {n for n in _block_candidates(s, "rename") if block_linear_ok(s.reader, s.adapter, n)}
 
 
 def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
@@ -186,6 +193,11 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
         raise MoepressError(f"--format hf-fp8-block: {src}/config.json has weight_block_size "
                             f"{block}; this layout declares {BLOCK} (vLLM, SGLang and "
                             "TensorRT-LLM read the block from it); expected a checkpoint of 128 x 128 blocks")
+    given = _block_candidates(s, mode) if mode != "copy" else []
+    if given and not any(block_linear_ok(r, a, n) for n in given):  # refused before the pass over the model
+        raise MoepressError(f"--format hf-fp8-block: no linear of {src} has a 128x128 block grid every runtime "
+                            f"computes as stored (e.g. {given[0]}); expected input widths (and routed experts' "
+                            f"widths) that are multiples of 128: {FP8_THEN_CT}")
     quantized: set[str] = set()
     kept: list[str] = []  # linears left in high precision (scale grid not read alike by consumers)
     misread: list[str] = []  # linears copied in block FP8 whose grid transformers reads otherwise

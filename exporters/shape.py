@@ -166,6 +166,21 @@ def _layer_linears(layer) -> tuple[list[tuple[str, str, int, int, bool]], int]:
     return [(n, k, o, i, fused_block_ok(names, shapes.get, n, k == "routed")) for n, k, o, i in lin], total - n_lin
 
 
+def block_linears(model: str | Path) -> list[tuple[str, str, bool]]:
+    """(name in its layer, full name, whether hf-fp8-block writes it in block FP8 once quantized so:
+    kernel_widths.fused_block_ok, as :func:`_layer_linears` decides) for every decoder linear of the trunk, as
+    ``model``'s config builds it: what a quantize section's rules are asked of before anything is quantized."""
+    _, a, _ = _config_and_adapter(model)
+    built, out = {}, []
+    for i in range(a.num_layers):
+        key = a.layer_shape_key(i)
+        if key not in built:
+            with torch.device("meta"):
+                built[key] = _layer_linears(a.build_layer(i))[0]
+        out += [(name, a.layer_prefix(i) + name, ok) for name, _, _, _, ok in built[key]]
+    return out
+
+
 def _config_and_adapter(model: str | Path | dict):
     """(config, adapter, reader: None for a config file or dict)."""
     if isinstance(model, str | Path) and Path(model).is_file() and str(model).endswith(".json"):
@@ -203,7 +218,7 @@ def model_shape(model: str | Path | dict) -> ModelShape:
     other = 0
     built = {}
     for i in range(a.num_layers):
-        key = a.is_moe_layer(i)
+        key = a.layer_shape_key(i)
         if key not in built:  # layers of one kind have one structure: build one on the meta device
             with torch.device("meta"):
                 layer = a.build_layer(i)
@@ -298,4 +313,4 @@ def _int4_group(layout: dict | None) -> int | None:
     return g if isinstance(g, int) and g > 0 else None
 
 
-__all__ = ["ModelShape", "linear_bytes", "model_shape"]
+__all__ = ["ModelShape", "block_linears", "linear_bytes", "model_shape"]

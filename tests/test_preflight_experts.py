@@ -174,6 +174,48 @@ def test_the_export_named_for_block_fp8_experts_takes_them(cli_run, tmp_path, mo
         model = make_random_checkpoint("mixtral", tmp_path / "m", hidden_size=192, intermediate_size=320,
                                        num_attention_heads=3, num_key_value_heads=1, head_dim=64)
     r = cli_run("quantize", model, "--format", "fp8-block", "-o", tmp_path / "q", "--json")
-    why = json.loads(r.stdout)["exports_refusing"]["hf-modelopt"]
+    refusing = json.loads(r.stdout)["exports_refusing"]
+    why = refusing["hf-modelopt"]
     assert ("(hf-fp8-block takes them)" in why) == takes, why
+    assert ("hf-fp8-block" not in refusing) == takes, refusing  # the quantize says so before it runs
     assert (cli_run("export", tmp_path / "q", "--format", "hf-fp8-block", "-o", tmp_path / "h").exit_code == 0) == takes
+
+
+def hidden192(tmp_path):
+    return make_random_checkpoint("mixtral", tmp_path / "m", hidden_size=192, intermediate_size=320,
+                                  num_attention_heads=3, num_key_value_heads=1, head_dim=64)
+
+
+@pytest.mark.parametrize("quantize,what", [({"format": "fp8-block"}, "this quantize gives block FP8"),
+                                           (None, "of ")])
+def test_hf_fp8_block_of_no_block_grid_is_refused_before_any_stage(cli_run, tmp_path, quantize, what):
+    """hidden 192, experts 320 wide: no linear runs in 128x128 blocks, and hf-fp8-block refuses the output (test
+    above) or the bf16 model itself; run refused it only after the quantize (or the export's pass over the model)."""
+    model = hidden192(tmp_path)
+    rec = write_recipe(tmp_path / "r.yaml", model=str(model), prune=None, quantize=quantize, check=None,
+                       export={"formats": ["hf-fp8-block"]})
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    assert_one_line_error(r, f"recipe export.formats hf-fp8-block: no linear {what}", "128x128 block grid",
+                          "quantize with --format fp8")
+    assert not (tmp_path / "run").exists()
+    if quantize is None:  # the export's own refusal of the model, before its pass over the layers (no progress line)
+        assert_one_line_error(cli_run("export", model, "--format", "hf-fp8-block", "-o", tmp_path / "h"),
+                              "no linear of", "128x128 block grid")
+    preflight(model, {"format": "fp8"}, "compressed-tensors")  # the way it names is taken
+
+
+def test_hf_fp8_block_asks_the_linears_the_rules_give_block_fp8(cli_run, tmp_path):
+    """tiny-mixtral-w192: its attention runs in 128x128 blocks, its 192-wide experts do not. With the attention left
+    bf16 by a rule, no linear given block FP8 is written in blocks: refused up front, and the export does refuse it;
+    with the attention quantized too, taken. The export refuses before its pass over the layers (no progress line)."""
+    model = models.path("tiny-mixtral-w192")
+    rules = {"self_attn.*": "none"}
+    with pytest.raises(MoepressError, match=r"no linear this quantize gives block FP8 \(e\.g\. "
+                                            r"model\.layers\.0\.block_sparse_moe\.experts\.0\.w1\)"):
+        preflight(model, {"format": "fp8-block", "rules": rules}, "hf-fp8-block")
+    preflight(model, {"format": "fp8-block"}, "hf-fp8-block")
+    rule = [a for k, v in rules.items() for a in ("--rule", f"{k}={v}")]
+    r = cli_run("quantize", model, "--format", "fp8-block", *rule, "-o", tmp_path / "q", "--json")
+    assert "hf-fp8-block" in json.loads(r.stdout)["exports_refusing"]
+    assert_one_line_error(cli_run("export", tmp_path / "q", "--format", "hf-fp8-block", "-o", tmp_path / "h"),
+                          "no linear of", "128x128 block grid")

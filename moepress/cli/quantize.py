@@ -156,11 +156,11 @@ def export_refusals(src, cfg) -> dict[str, str]:
     (moepress/pipeline/export_refusals.py), in the CLI's flags. Asked after the stage has
     validated the model; a check that still cannot be asked of it says nothing (a note, not a refusal)."""
     from moepress.errors import MoepressError
-    from moepress.pipeline.export_refusals import fused_export_refusals
+    from moepress.pipeline.export_refusals import quantize_export_refusals
 
     q = {"format": cfg.format, "rules": dict(cfg.rules), "group_size": cfg.group_size, "awq_fold": cfg.awq_fold}
     try:
-        found = fused_export_refusals(q, src)
+        found = quantize_export_refusals(q, src)
     except MoepressError:
         return {}
     flags = (("quantize.rules' format ", "the --rule giving the experts "), ("quantize.format ", "--format "),

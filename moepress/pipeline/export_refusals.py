@@ -1,6 +1,6 @@
-"""What the exports that fuse a layer's routed experts (hf-modelopt, compressed-tensors) would refuse of a quantize
-not yet run: the preflight's checks (moepress/pipeline/preflight.py) asked of one quantize section, for the
-standalone `moepress quantize` to say before it runs."""
+"""What the exports that fuse a layer's routed experts (hf-modelopt, compressed-tensors), and hf-fp8-block, would
+refuse of a quantize not yet run: the preflight's checks (moepress/pipeline/preflight.py) asked of one quantize
+section, for the standalone `moepress quantize` to say before it runs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from moepress.errors import MoepressError
 from moepress.pipeline.preflight import (
+    refuse_block_grid,
     refuse_ct_forms,
     refuse_expert_schemes,
     refuse_fused_blocks,
@@ -15,12 +16,13 @@ from moepress.pipeline.preflight import (
 )
 
 
-def fused_export_refusals(quantize: dict, model: Path) -> dict[str, str]:
+def quantize_export_refusals(quantize: dict, model: Path) -> dict[str, str]:
     """What each export that fuses a layer's routed experts (hf-modelopt, compressed-tensors) would refuse of the
     quantize section ``quantize``'s output for ``model``, by export: first the experts' form (INT4 weight-only
     experts, which no runtime loads from a Model-Optimizer checkpoint; AWQ's unfolded pre_quant_scale, which
     compressed-tensors has no form for), then the widths (the routed experts' scheme, FP4 kernel widths, partial
-    FP8 blocks): the preflight's checks of a recipe. A standalone `moepress quantize` says them before it runs,
+    FP8 blocks); and hf-fp8-block's, a block format given to no linear whose 128x128 grid every runtime computes:
+    the preflight's checks of a recipe. A standalone `moepress quantize` says them before it runs,
     so that hours of quantizing are not followed by the export's refusal."""
     from moepress.compress.arch import get_adapter
     from moepress.compress.checkpoint import CheckpointReader
@@ -38,4 +40,8 @@ def fused_export_refusals(quantize: dict, model: Path) -> dict[str, str]:
             refuse_fused_blocks(recipe, model, [export])
         except MoepressError as e:
             out[export] = str(e).removeprefix(f"recipe export.formats {export}: ").removeprefix(f"--format {export}: ")
+    try:
+        refuse_block_grid(recipe, model, ["hf-fp8-block"])
+    except MoepressError as e:
+        out["hf-fp8-block"] = str(e).removeprefix("recipe export.formats hf-fp8-block: ")
     return out

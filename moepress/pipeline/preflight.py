@@ -152,11 +152,36 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
     refuse_written_formats(recipe, formats, reg)
     refuse_modelopt_experts(recipe, adapter, formats)
     refuse_ct_forms(recipe, formats, model)
+    refuse_block_grid(recipe, model, formats)
     fusing = [f for f in ("compressed-tensors", "hf-modelopt") if f in formats]
     if fusing and recipe.get("quantize"):
         with recipe_keys(src, "export"):
             refuse_fused_blocks(recipe, model, fusing)
     refuse_expert_schemes(recipe, formats, adapter)
+
+
+def refuse_block_grid(recipe: dict, model: Path, exports: list[str]) -> None:
+    """hf-fp8-block where no linear it would write in block FP8 has a 128x128 grid every runtime computes as stored
+    (shape.block_linears): none the quantize section gives a block format, or, without one, none of a bf16 model.
+    The export refuses that output (hf_fp8_block.export_hf_fp8_block), after the quantize."""
+    from moepress.calib.config import CalibConfig
+    from moepress.compress import formats
+    from moepress.compress.quantize import QuantConfig
+    from moepress.exporters.hf_common import open_source
+    from moepress.exporters.hints import FP8_THEN_CT
+    from moepress.exporters.shape import block_linears
+
+    q = recipe.get("quantize")
+    if "hf-fp8-block" not in exports or q is None and ((s := open_source(model)).layout is not None or s.block_fp8):
+        return  # a quantize output or a block-FP8 checkpoint: the export asks its stored modules, as stored
+    cfg = QuantConfig.from_recipe(q, CalibConfig.from_recipe(recipe["calib"])) if q is not None else None
+    given = [(full, ok) for rel, full, ok in block_linears(model)
+             if cfg is None or getattr(formats.FORMATS.get(cfg.format_of(rel, full) or ""), "scale", None) == "block"]
+    if given and not any(ok for _, ok in given):
+        what = "this quantize gives block FP8" if cfg is not None else f"of {model}"
+        raise MoepressError(f"recipe export.formats hf-fp8-block: no linear {what} (e.g. {given[0][0]}) has a "
+                            "128x128 block grid every runtime computes as stored; expected input widths (and routed "
+                            f"experts' widths) that are multiples of 128: {FP8_THEN_CT}")
 
 
 def refuse_written_formats(recipe: dict, exports: list[str], reg: dict) -> None:
