@@ -15,9 +15,15 @@ class ExportConfig:
     format: str
     tp: int = 1  # tensor-parallel size (trtllm-ckpt shards)
     ep: int = 1  # expert-parallel size (trtllm-ckpt: moe_ep_size)
-    dtype: str = "bfloat16"  # dtype of unquantized tensors in the output
+    dtype: str | None = None  # dtype of unquantized tensors in the output (None: :meth:`float_dtype`)
     opset: int = 21  # onnx
     options: tuple[tuple[str, str], ...] = ()  # exporter-specific KEY=VALUE (--option)
+
+    def float_dtype(self, reader, adapter) -> str:
+        """The dtype of the unquantized tensors written: ``dtype`` where set, else the source's as its embedding is
+        stored (never quantized), so that a float16 model keeps its mantissa; bfloat16 for a float32 (or other)
+        one, as it is deployed (TensorRT-LLM's FP8 / INT4 GEMMs take 16-bit activations)."""
+        return self.dtype or {"F16": "float16"}.get(reader.info(adapter.embed_name).dtype, "bfloat16")
 
     def option(self, key: str, default=None):
         return dict(self.options).get(key, default)

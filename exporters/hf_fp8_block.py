@@ -201,7 +201,7 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
     quantized: set[str] = set()
     kept: list[str] = []  # linears left in high precision (scale grid not read alike by consumers)
     misread: list[str] = []  # linears copied in block FP8 whose grid transformers reads otherwise
-    dtype = getattr(torch, cfg.dtype)
+    dtype = getattr(torch, cfg.float_dtype(r, a))
     with progress.task("export hf-fp8-block", a.num_layers + 2) as task:
         for kind, i, names in tensor_groups(s):
             if mode == "copy":  # DeepSeek's MTP layers (past the trunk, "embed") under the trunk's rule too

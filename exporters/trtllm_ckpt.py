@@ -130,7 +130,7 @@ SUPPORTED = ("mixtral", "qwen3_moe")
 TRTLLM_ARCH = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
-def trtllm_config(adapter, cfg, quant_algo, kv_algo) -> dict:
+def trtllm_config(adapter, cfg, quant_algo, kv_algo, dtype: str) -> dict:
     c = adapter.hf_config
     tp, ep = cfg.tp, cfg.ep
     # transformers 5 moves a hub config's top-level rope_theta (Qwen3-30B-A3B: 1e6) into rope_parameters
@@ -139,7 +139,7 @@ def trtllm_config(adapter, cfg, quant_algo, kv_algo) -> dict:
     routing = adapter.routing()
     out = {
         "architecture": TRTLLM_ARCH[adapter.family],
-        "dtype": cfg.dtype,
+        "dtype": dtype,
         "logits_dtype": "float32",
         "vocab_size": adapter.vocab_size,
         "hidden_size": adapter.hidden_size,
@@ -204,10 +204,10 @@ def _fuse_fp8(lins: list[Linear]) -> tuple[list[torch.Tensor], torch.Tensor, tor
 class _RankWriter:
     """Writes the checkpoint's tensors into every rank's file, one decoder layer at a time."""
 
-    def __init__(self, src: Path, reader: CheckpointReader, adapter, cfg, files, qalgo, kvalgo):
+    def __init__(self, src: Path, reader: CheckpointReader, adapter, cfg, files, qalgo, kvalgo, dtype: str):
         self.src, self.reader, self.a, self.files = src, reader, adapter, files
         self.tp, self.ep, self.moe_tp = cfg.tp, cfg.ep, cfg.tp // cfg.ep
-        self.dtype = DTYPES[cfg.dtype]
+        self.dtype = DTYPES[dtype]
         self.qalgo, self.kvalgo = qalgo, kvalgo
 
     def fp(self, t: torch.Tensor) -> torch.Tensor:
@@ -311,13 +311,14 @@ def export_trtllm(src: Path, writer, cfg, progress) -> dict:
     EXPORTER.refuse_family(adapter.family, src)  # export() checks it; a direct call should too
     check_mapping(adapter, cfg.tp, cfg.ep)
     refuse_unwritten_attention(src, adapter, reader)
-    if cfg.dtype not in DTYPES:
-        raise MoepressError(f"--dtype {cfg.dtype}: expected bfloat16, float16 or float32")
+    dtype = cfg.float_dtype(reader, adapter)
+    if dtype not in DTYPES:
+        raise MoepressError(f"export dtype {dtype}: expected one of {', '.join(DTYPES)}")
     qalgo, kvalgo = quant_algo(reader, adapter)
-    config = trtllm_config(adapter, cfg, qalgo, kvalgo)
+    config = trtllm_config(adapter, cfg, qalgo, kvalgo, dtype)
     writer.write_json("config.json", config)
     files = [StreamingSafetensors(writer.partial / f"rank{r}.safetensors") for r in range(cfg.tp)]
-    w = _RankWriter(src, reader, adapter, cfg, files, qalgo, kvalgo)
+    w = _RankWriter(src, reader, adapter, cfg, files, qalgo, kvalgo, dtype)
     w.embeddings()
     with progress.task("export trtllm-ckpt", adapter.num_layers) as task:
         for i in range(adapter.num_layers):
@@ -328,7 +329,7 @@ def export_trtllm(src: Path, writer, cfg, progress) -> dict:
         f.close()
     writer.copy_aux_files(src)
     return {"trtllm": {"architecture": config["architecture"], "quant_algo": qalgo, "kv_cache_quant_algo": kvalgo,
-                       "mapping": config["mapping"], "ranks": [f.path.name for f in files]}}
+                       "mapping": config["mapping"], "ranks": [f.path.name for f in files], "dtype": dtype}}
 
 
 def _other_families(src) -> str:

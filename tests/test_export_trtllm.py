@@ -58,17 +58,22 @@ def expected_layout(cfg: dict, tp: int, ep: int) -> dict[str, tuple[tuple[int, .
     return out
 
 
-def _bf16_copy(src: Path, dst: Path) -> Path:
-    """``src`` with its float tensors in bf16 (the exporter writes bf16: equal bits to compare)."""
+def _copy_as(src: Path, dst: Path, dtype: torch.dtype) -> Path:
+    """``src`` with its float tensors (and config dtype) in ``dtype``."""
     from moepress.compress.checkpoint import CheckpointWriter
 
     r = CheckpointReader(src)
     with CheckpointWriter(dst) as w:
         for n in r.names():
             t = r.get(n)
-            w.add(n, t.bfloat16() if t.is_floating_point() else t)
-        w.write_json("config.json", r.config)
+            w.add(n, t.to(dtype) if t.is_floating_point() else t)
+        w.write_json("config.json", {**r.config, "dtype": str(dtype).removeprefix("torch.")})
     return dst
+
+
+def _bf16_copy(src: Path, dst: Path) -> Path:
+    """``src`` with its float tensors in bf16 (the exporter writes bf16: equal bits to compare)."""
+    return _copy_as(src, dst, torch.bfloat16)
 
 
 @pytest.fixture(scope="module")
@@ -527,3 +532,20 @@ def test_a_dense_layer_is_refused_before_a_run_prunes_and_quantizes(cli_run, tmp
     r = cli_run("run", rec, "-o", tmp_path / "run")
     assert r.exit_code == 2 and "export.formats trtllm-ckpt" in r.stderr and "dense" in r.stderr, r.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("stored,written", [(torch.float16, "float16"), (torch.float32, "bfloat16")])
+def test_unquantized_tensors_keep_a_float16_source_precision(tmp_path, stored, written):
+    """A float16 model's unquantized tensors are written float16 (config dtype float16), bit-equal to the source:
+    bf16 would drop 3 of their 10 mantissa bits. A float32 one is written bf16, as it is deployed."""
+    from moepress.exporters import ExportConfig, export
+
+    src = _copy_as(make_random_checkpoint("mixtral", tmp_path / "m"), tmp_path / "m16", stored)
+    export(src, tmp_path / "o", ExportConfig(format="trtllm-ckpt"))
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["dtype"] == written
+    rank, r = load_rank(tmp_path / "o", 0), CheckpointReader(src)
+    for ours, theirs in (("transformer.vocab_embedding.weight", "model.embed_tokens.weight"),
+                         ("lm_head.weight", "lm_head.weight"),
+                         ("transformer.layers.0.attention.dense.weight", "model.layers.0.self_attn.o_proj.weight")):
+        assert rank[ours].dtype == getattr(torch, written), ours
+        assert torch.equal(rank[ours], r.get(theirs).to(getattr(torch, written))), ours
