@@ -57,7 +57,12 @@ def open_source(src: Path) -> Source:
     reader = CheckpointReader(src)
     if not reader.has_weights:
         raise MoepressError(f"{src}: checkpoint has no weights (only config.json)")
-    return Source(Path(src), reader, get_adapter(reader.config), formats.read_layout(src))
+    layout = formats.read_layout(src)
+    missing = next((n for n in (layout or {}).get("modules") or {} if n + ".weight" not in reader), None)
+    if missing is not None:  # a module the exports would declare quantized with no weight behind it
+        raise MoepressError(f"{src}/{formats.SIDECAR}: module '{missing}' has no tensor '{missing}.weight' in the "
+                            "checkpoint; expected the modules `moepress quantize` wrote")
+    return Source(Path(src), reader, get_adapter(reader.config), layout)
 
 
 def fp8_block_grids(s: Source) -> bool:

@@ -49,6 +49,17 @@ def test_a_layout_entry_naming_no_format_or_no_linear_is_refused(cli_run, q8, tm
                                   "--seq-len", "32", "-o", tmp_path / "p", "--quiet"), *needles)
 
 
+@pytest.mark.parametrize("fmt", ["hf-modelopt", "compressed-tensors"])
+def test_an_export_of_a_layout_naming_a_module_with_no_weight_is_refused(cli_run, q8, tmp_path, fmt):
+    """A module moepress_quant.json lists but the checkpoint does not hold: the exports wrote it into their
+    quantization config (modules quantized that do not exist) and exited 0."""
+    ghost = "model.layers.0.self_attn.nonexistent"
+    bad = _edited_layout(q8, tmp_path / "bad", lambda m: m.update({ghost: {"format": "fp8"}}))
+    assert_one_line_error(cli_run("export", bad, "--format", fmt, "-o", tmp_path / "e", "--quiet"),
+                          "moepress_quant.json", f"'{ghost}'", f"'{ghost}.weight'")
+    assert not (tmp_path / "e").exists()
+
+
 @pytest.mark.parametrize(("name", "text", "what"), [("quant_report.json", "{", "not readable JSON"),
                                                     ("hf_quant_config.json", "{", "not readable JSON"),
                                                     ("hf_quant_config.json", "[]", "a JSON list")])
