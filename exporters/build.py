@@ -50,7 +50,7 @@ from moepress.exporters.builders.tensorrt_engine import HW_LEVELS
 from moepress.exporters.plan import Plan, check_sizes, plan
 from moepress.exporters.plan import render as render_plan
 from moepress.exporters.targets import Target, get_target
-from moepress.manifest import file_digests, read_manifest, versions, write_manifest
+from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, resized, versions, write_manifest
 from moepress.outputs import OutputLock, clear_retired, install, output_dir
 
 # (engine directory, reference model, progress) -> the check's record
@@ -195,6 +195,7 @@ def build(artifact: str | Path, target: str | Target, out: str | Path, cfg: Buil
     o = cfg if cfg is not None else BuildOptions(**flags)
     out = output_dir(out, [Path(artifact)])
     job = _resolve(Path(artifact), target, out, o)
+    _refuse_resized(artifact_dir(Path(artifact)))
     out.parent.mkdir(parents=True, exist_ok=True)  # as the other stages' -o (the lock file sits beside OUT)
     lock = OutputLock(out.with_name(out.name + ".partial.lock"),
                       f"{out}: another moepress process is writing it ({out}.partial is locked)")
@@ -210,6 +211,16 @@ def build(artifact: str | Path, target: str | Target, out: str | Path, cfg: Buil
     finally:
         lock.release()
     return result
+
+
+def _refuse_resized(adir: Path) -> None:
+    """An artifact whose files are no longer the sizes its manifest lists (a truncated copy): built, or planned
+    with --dry-run, it would fail in the builder or record the manifest's hashes for other bytes."""
+    bad = resized(adir)
+    if bad:
+        f, now, was = bad[0]
+        raise MoepressError(f"{adir / f}: {'missing' if now is None else f'{now} bytes'}; its {MANIFEST_NAME} lists "
+                            f"{was} bytes; expected the files `moepress export` wrote (export it again)")
 
 
 def _manifest(work: Path, ctx: Context, result: dict) -> None:

@@ -99,6 +99,17 @@ def update_manifest(directory: str | os.PathLike, **sections) -> dict:
     return m
 
 
+def resized(directory: str | os.PathLike) -> list[tuple[str, int | None, object]]:
+    """The files the directory's manifest lists whose size on disk differs, as (name, size on disk or None where
+    gone, listed size): a truncated copy or a rewritten file, told without reading their bytes."""
+    d, out = Path(directory), []
+    for f, v in (read_manifest(d).get("files") or {}).items():
+        now = (d / f).stat().st_size if (d / f).is_file() else None
+        if now != (v.get("size") if isinstance(v, dict) else None):
+            out.append((f, now, v.get("size") if isinstance(v, dict) else None))
+    return out
+
+
 def file_digests(directory: str | os.PathLike, known: dict[str, dict] | None = None) -> dict[str, dict]:
     """sha256 and size of every file under directory (the manifest itself excluded)."""
     root = Path(directory)

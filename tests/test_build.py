@@ -533,3 +533,22 @@ def test_same_compute_capability_on_a_tensorrt_without_it_is_refused_in_one_line
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "10.9 and newer" in err and "TensorRT 10.8.0" in err
     assert not (tmp_path / "e.plan").exists()
+
+
+@pytest.mark.parametrize("cut", ["short", "gone"])
+def test_an_artifact_cut_short_after_its_export_is_refused(cli_run, onnx_dir, tmp_path, cut):
+    """A file whose size is not the one the artifact's manifest lists (a copy cut short, a file gone): --dry-run
+    planned it and exited 0, and a build would record the manifest's hashes for other bytes."""
+    from helpers import assert_one_line_error
+    from moepress.manifest import file_digests, write_manifest
+
+    (onnx_dir / "generation_config.json").write_text("{}")
+    write_manifest(onnx_dir, {"stage": "export", "files": file_digests(onnx_dir)})
+    if cut == "short":
+        (onnx_dir / "model.onnx").write_bytes(b"\x08")
+    else:
+        (onnx_dir / "generation_config.json").unlink()
+    r = cli_run("build", onnx_dir, "--target", "l40s", "-o", tmp_path / "t", "--dry-run")
+    name, now = ("model.onnx", "1 bytes") if cut == "short" else ("generation_config.json", "missing")
+    assert_one_line_error(r, f"{name}: {now}; its moepress-manifest.json lists", "export it again")
+    assert not (tmp_path / "t").exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 from moepress.compress.checkpoint import aux_files
 from moepress.compress.checkpoint.auxiliary import check_inside
 from moepress.errors import MoepressError
-from moepress.manifest import MANIFEST_NAME, file_stamp, read_manifest, sha256_file
+from moepress.manifest import MANIFEST_NAME, file_stamp, read_manifest, resized, sha256_file
 
 
 def stage_key(fields: dict) -> str:
@@ -51,8 +51,7 @@ def output_complete(d: Path) -> bool:
     """The directory exists and holds every file its manifest lists, with the listed size."""
     if not (d / MANIFEST_NAME).is_file():
         return False
-    files = read_manifest(d).get("files", {})
-    return bool(files) and all((d / f).is_file() and (d / f).stat().st_size == v["size"] for f, v in files.items())
+    return bool(read_manifest(d).get("files")) and not resized(d)
 
 
 def listed(d: Path) -> dict[str, str] | None:
