@@ -57,21 +57,17 @@ def for_sm(sm: int) -> tuple[str, ...]:
 
 
 
-def kv_split_problem(kv_heads: int, tp: int, runtime: str) -> str | None:
-    """Why ``runtime`` cannot run ``kv_heads`` GQA KV heads at tensor-parallel size ``tp`` (None: it can; MLA, 0
-    KV heads here, caches one latent every rank holds). TensorRT-LLM's PyTorch backend and vLLM split them, or
-    replicate them when tp is a multiple of them, asserting one or the other (NVIDIA/TensorRT-LLM 4dfeee6c
-    _torch/models/checkpoints/hf/qwen3_moe_weight_mapper.py _duplicate_kv; vLLM 0.33.0 layers/linear.py
-    QKVParallelLinear num_kv_head_replicas, models/qwen3_moe.py and mixtral.py). A trtllm-ckpt (an engine's
-    source, trtllm_ckpt.check_mapping) splits them only: TensorRT-LLM's own converters copy them for tp > kv
-    (NVIDIA/TensorRT-LLM 0428c188 tensorrt_llm/models/convert_utils.py dup_kv_weight, called by
-    models/qwen/convert.py), trtllm_ckpt.py does not."""
-    if not kv_heads or kv_heads % tp == 0:
+def kv_split_problem(kv_heads: int, tp: int) -> str | None:
+    """Why no runtime can run ``kv_heads`` GQA KV heads at tensor-parallel size ``tp`` (None: it can; MLA, 0
+    KV heads here, caches one latent every rank holds). Every runtime splits them, or replicates them when tp is a
+    multiple of them, asserting one or the other: TensorRT-LLM's PyTorch backend and vLLM (NVIDIA/TensorRT-LLM
+    4dfeee6c _torch/models/checkpoints/hf/qwen3_moe_weight_mapper.py _duplicate_kv; vLLM 0.33.0 layers/linear.py
+    QKVParallelLinear num_kv_head_replicas, models/qwen3_moe.py and mixtral.py), and an engine built from a
+    trtllm-ckpt, whose ranks trtllm_ckpt.kv_rows writes as TensorRT-LLM's own converters do (NVIDIA/TensorRT-LLM
+    0428c188 tensorrt_llm/models/convert_utils.py dup_kv_weight)."""
+    if not kv_heads or kv_heads % tp == 0 or tp % kv_heads == 0:
         return None
-    if runtime == "trtllm-engine":
-        return (f"tp {tp} does not divide the {kv_heads} KV heads (a trtllm-ckpt splits them over its ranks, never "
-                "replicates them; TensorRT-LLM's PyTorch backend does, loading an hf-modelopt or hf-fp8-block export)")
-    return None if tp % kv_heads == 0 else f"tp {tp} neither divides the {kv_heads} KV heads nor is a multiple of them"
+    return f"tp {tp} neither divides the {kv_heads} KV heads nor is a multiple of them"
 
 
 __all__ = ["DEFAULT", "KVCache", "KV_CACHE", "by_quant_algo", "for_sm", "kv_split_problem"]

@@ -199,7 +199,7 @@ class _Planner:
         intermediate / moe_tp of every expert (layers/moe.py); exporters/trtllm_ckpt.check_mapping refuses the same."""
         heads, inter = self.shape.num_heads, self.shape.moe_intermediate
         moe_tp = n // (self.ep if self.ep is not None else _default_ep(self.shape.num_experts, n))
-        kv = kv_cache.kv_split_problem(self.shape.kv_heads, n, self.runtime)
+        kv = kv_cache.kv_split_problem(self.shape.kv_heads, n)
         if heads % n or kv:
             return f"tp {n} does not divide the {heads} attention heads" if heads % n else kv
         if inter and inter % moe_tp:

@@ -86,6 +86,17 @@ def split_rows(w: torch.Tensor, parts: int, rank: int) -> torch.Tensor:
     return w.chunk(parts, dim=0)[rank].contiguous() if parts > 1 else w
 
 
+def kv_rows(w: torch.Tensor, kv_heads: int, tp: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s rows of k_proj / v_proj ([kv_heads * head_dim, in]): its share of the heads, or, at a tp
+    that is a multiple of them, the whole head ``rank // (tp // kv_heads)``: TensorRT-LLM's converters replicate
+    each KV head over tp / kv ranks (NVIDIA/TensorRT-LLM 0428c188 tensorrt_llm/models/convert_utils.py
+    dup_kv_weight), and its attention layer runs ceil(kv / tp) KV heads a rank (layers/attention.py
+    num_attention_kv_heads) while the config keeps num_key_value_heads."""
+    if kv_heads >= tp:
+        return split_rows(w, tp, rank)
+    return split_rows(w, kv_heads, rank // (tp // kv_heads))
+
+
 def split_cols(w: torch.Tensor, parts: int, rank: int) -> torch.Tensor:
     return w.chunk(parts, dim=-1)[rank].contiguous() if parts > 1 else w
 
@@ -184,8 +195,9 @@ def check_mapping(adapter, tp: int, ep: int) -> None:
     if adapter.num_experts % ep:
         raise MoepressError(f"--ep {ep}: must divide the {adapter.num_experts} experts "
                             f"(TensorRT-LLM's fused MoE needs num_experts % ep == 0)")
-    if heads % tp or kv_split_problem(kv, tp, "trtllm-engine"):  # it splits the KV heads, never replicates them
-        raise MoepressError(f"--tp {tp}: must divide num_attention_heads={heads} and num_key_value_heads={kv}")
+    if heads % tp or kv_split_problem(kv, tp):  # it splits the KV heads, or replicates them
+        raise MoepressError(f"--tp {tp}: must divide num_attention_heads={heads}, and divide num_key_value_heads={kv} "
+                            "or be a multiple of it")
     inter = adapter.moe_intermediate_size()
     if inter % (tp // ep):
         raise MoepressError(f"--tp {tp} --ep {ep}: moe_tp_size={tp // ep} must divide the expert "
@@ -234,8 +246,9 @@ class _RankWriter:
         else:
             wq, wk, wv, wo = (fp(x.dequantize()) for x in attn)
         for r in range(tp):
+            kv = int(self.a.hf_config.num_key_value_heads)
             self.put(r, tl + "attention.qkv.weight",
-                     torch.cat([split_rows(wq, tp, r), split_rows(wk, tp, r), split_rows(wv, tp, r)], 0))
+                     torch.cat([split_rows(wq, tp, r), kv_rows(wk, kv, tp, r), kv_rows(wv, kv, tp, r)], 0))
             self.put(r, tl + "attention.dense.weight", split_cols(wo, tp, r))
             if quant:
                 self.put(r, tl + "attention.qkv.weights_scaling_factor", s_qkv)

@@ -382,7 +382,7 @@ def test_fp8_scales_and_dequantized_weights(exports):
 @pytest.mark.parametrize("model,args,expect", [
     ("tiny-deepseek-v3", [], "PyTorch backend"),
     ("tiny-mixtral", ["--tp", "3", "--ep", "3"], "must divide the 8 experts"),
-    ("tiny-qwen3-moe", ["--tp", "4", "--ep", "1"], "num_key_value_heads=2"),
+    ("tiny-qwen3-moe", ["--tp", "3", "--ep", "1"], "num_key_value_heads=2 or be a multiple of it"),
     ("tiny-mixtral", ["--tp", "2", "--ep", "4"], "must divide --tp 2"),
 ])
 def test_bad_mapping_is_one_line_exit_2(cli_run, tmp_path, model, args, expect):
@@ -549,3 +549,24 @@ def test_unquantized_tensors_keep_a_float16_source_precision(tmp_path, stored, w
                          ("transformer.layers.0.attention.dense.weight", "model.layers.0.self_attn.o_proj.weight")):
         assert rank[ours].dtype == getattr(torch, written), ours
         assert torch.equal(rank[ours], r.get(theirs).to(getattr(torch, written))), ours
+
+
+def test_kv_heads_are_replicated_at_a_tp_that_is_a_multiple_of_them(tmp_path):
+    """tiny-mixtral's 2 KV heads at TP 4: each rank holds its query head and the whole KV head rank // 2, as
+    TensorRT-LLM's converters write it (convert_utils.py dup_kv_weight: each head repeated tp / kv times, then split
+    by rank); the config keeps num_key_value_heads 2 (its attention runs ceil(2 / 4) = 1 KV head a rank). The export
+    refused TP 4."""
+    from moepress.exporters import ExportConfig, export
+
+    export(MIXTRAL, tmp_path / "o", ExportConfig(format="trtllm-ckpt", tp=4, ep=4))
+    c = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert c["num_key_value_heads"] == 2 and c["mapping"]["tp_size"] == 4
+    r = CheckpointReader(MIXTRAL)
+    hd = c["head_size"]
+    for i in range(c["num_hidden_layers"]):
+        q, k, v = (r.get(f"model.layers.{i}.self_attn.{p}_proj.weight") for p in "qkv")
+        for rank in range(4):
+            qkv = load_rank(tmp_path / "o", rank)[f"transformer.layers.{i}.attention.qkv.weight"]
+            want = torch.cat([q[rank * hd:(rank + 1) * hd], k[rank // 2 * hd:(rank // 2 + 1) * hd],
+                              v[rank // 2 * hd:(rank // 2 + 1) * hd]])
+            assert torch.equal(qkv, want.bfloat16()), (i, rank)
