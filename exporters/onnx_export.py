@@ -88,6 +88,25 @@ def refuse_source(src: Path, adapter, reader=None, instead: str | None = None) -
     refuse_activation(src, adapter)
 
 
+def _min_bytes(cfg) -> int:
+    """--option external_min_bytes: a byte count, 0 or more (default 1024)."""
+    try:
+        min_bytes = int(cfg.option("external_min_bytes", 1024))
+        if min_bytes < 0:
+            raise ValueError
+    except ValueError:
+        raise MoepressError(f"--option external_min_bytes={cfg.option('external_min_bytes')}: expected an "
+                            f"integer byte count, 0 or more") from None
+    return min_bytes
+
+
+def refuse_config(cfg) -> None:
+    """The export's options, before anything is read: --opset within what this export needs and onnxruntime runs,
+    --option external_min_bytes a byte count."""
+    _min_bytes(cfg)
+    refuse_opset(cfg)
+
+
 def refuse_opset(cfg) -> None:
     """--opset within what this export needs and onnxruntime runs."""
     if cfg.opset < 21:
@@ -123,19 +142,12 @@ def _not_carried(reader, adapter) -> tuple[list[str], list[str], list[str]]:
 
 
 def export_onnx(src: Path, writer, cfg, progress) -> dict:
-    refuse_opset(cfg)
+    refuse_config(cfg)
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config, reader.names())
     refuse_dynamic_inputs(src)
     refuse_source(src, adapter)
-    try:
-        min_bytes = int(cfg.option("external_min_bytes", 1024))
-        if min_bytes < 0:
-            raise ValueError
-    except ValueError:
-        raise MoepressError(f"--option external_min_bytes={cfg.option('external_min_bytes')}: expected an "
-                            f"integer byte count, 0 or more") from None
-    g = Graph(writer.partial / "model.onnx.data", min_bytes)
+    g = Graph(writer.partial / "model.onnx.data", _min_bytes(cfg))
     b = LayerBuilder(g, reader, adapter)
     outputs = []
     try:
@@ -200,7 +212,7 @@ def _tensorrt_notes(b) -> list[str]:
 EXPORTER = Exporter(
     "onnx", export_onnx, description="ONNX with QuantizeLinear/DequantizeLinear (FP8, INT4 block-wise, opset 21) "
     "and MoE routing in the graph", consumers="TensorRT (trtexec / ONNX parser), onnxruntime",
-    options=("external_min_bytes",), check_config=refuse_opset, refuse_source=refuse_source,
+    options=("external_min_bytes",), check_config=refuse_config, refuse_source=refuse_source,
     # refuse_dynamic_inputs; FP4 has no Q/DQ form here (onnx_layers.py)
     writes_format=lambda f: not f.dynamic_input and f.element != "fp4",
 )

@@ -25,10 +25,10 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
     from moepress.compress.prune.stage import PruneStage
     from moepress.exporters import refuse_config
 
-    calib = CalibConfig.from_recipe(recipe["calib"])
+    calib, stage = CalibConfig.from_recipe(recipe["calib"]), None
     if recipe["prune"] is not None:
         with recipe_keys(src, "prune"):
-            PruneStage(model, PruneConfig.from_recipe(recipe["prune"], calib))
+            stage = PruneStage(model, PruneConfig.from_recipe(recipe["prune"], calib))
     if recipe["quantize"] is not None:  # the rules against the source's linears (a prune keeps their names)
         from moepress.compress import formats
         from moepress.compress.quantize import QuantConfig
@@ -47,11 +47,32 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
     for fmt in (recipe.get("export") or {}).get("formats") or []:
         with recipe_keys(src, "export"):
             refuse_config(export_config(recipe["export"], fmt))
+    refuse_mapping(recipe, model, stage, src)
     if recipe["check"] is not None:
         with recipe_keys(src, "check"):
             eval_data(model, CheckConfig.from_dict(recipe["check"], where=key_where(src, "check")))
     refuse_unavailable_exports(recipe, model, src)
     refuse_unbuildable(recipe, model, src)
+
+
+def refuse_mapping(recipe: dict, model: Path, stage, src: str = "recipe") -> None:
+    """trtllm-ckpt's export.tp and export.ep against the model's heads, KV heads, expert width and the experts the
+    prune keeps (``stage``: its PruneStage, None without one): trtllm_ckpt.check_mapping, which the export asks."""
+    from moepress.compress.arch import get_adapter
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.exporters.trtllm_ckpt import SUPPORTED, check_mapping
+
+    if "trtllm-ckpt" not in ((recipe.get("export") or {}).get("formats") or []):
+        return
+    if stage is not None:
+        adapter = get_adapter(stage.adapter.config_with_experts(stage.budget.keep))
+    else:
+        reader = CheckpointReader(model)
+        adapter = get_adapter(reader.config, reader.names())
+    if adapter.family in SUPPORTED:  # another family: refuse_unavailable_exports names the exports it takes
+        with recipe_keys(src, "export"):
+            cfg = export_config(recipe["export"], "trtllm-ckpt")
+            check_mapping(adapter, cfg.tp, cfg.ep)
 
 
 def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:

@@ -1,0 +1,48 @@
+"""Recipes a later stage refused after prune or quantize had run, for reasons the recipe and the model's config
+already held (a helper's audit of run's preflight): each is refused by the preflight, naming the recipe key, before
+any stage writes."""
+
+from __future__ import annotations
+
+import pytest
+from test_run import write_recipe
+
+from helpers import assert_one_line_error
+from moepress import models
+from moepress.errors import MoepressError
+from moepress.pipeline.preflight import preflight
+from moepress.pipeline.recipe import normalise
+
+
+def _preflight(**sections) -> None:
+    raw = {"model": "tiny-mixtral", "check": None, **sections}
+    preflight(normalise(raw), models.path(raw["model"]))
+
+
+@pytest.mark.parametrize("sections,needles", [
+    ({"quantize": {"format": "fp8"}, "export": {"formats": ["trtllm-ckpt"], "tp": 3, "ep": 3}},
+     ["recipe: export.ep 3: must divide the 8 experts"]),
+    # the prune keeps 6 of 8: ep 4 divides the model's experts, not the pruned model's
+    ({"prune": {"keep": 6}, "quantize": {"format": "fp8"}, "export": {"formats": ["trtllm-ckpt"], "tp": 4, "ep": 4}},
+     ["recipe: export.ep 4: must divide the 6 experts"]),
+    ({"export": {"formats": ["trtllm-ckpt"], "tp": 3, "ep": 1}}, ["recipe: export.tp 3: must divide"]),
+    ({"quantize": {"format": "fp8"}, "export": {"formats": ["onnx"], "options": {"external_min_bytes": "abc"}}},
+     ["recipe: export.options external_min_bytes=abc: expected an integer byte count"]),
+])
+def test_export_options_an_export_refuses_are_refused_before_any_stage(sections, needles):
+    with pytest.raises(MoepressError) as e:
+        _preflight(**sections)
+    for n in needles:
+        assert n in str(e.value), str(e.value)
+
+
+def test_a_mapping_the_export_takes_passes(tmp_path):
+    """TP 4 over tiny-mixtral's 4 heads and 2 KV heads (replicated), EP 2 over the 6 experts a prune keeps."""
+    _preflight(prune={"keep": 6}, quantize={"format": "fp8"}, export={"formats": ["trtllm-ckpt"], "tp": 4, "ep": 2})
+
+
+def test_run_refuses_an_ep_the_pruned_model_cannot_split_before_the_prune(cli_run, tmp_path):
+    rec = write_recipe(tmp_path / "r.yaml", model="tiny-mixtral", prune={"keep": 6}, quantize={"format": "fp8"},
+                       export={"formats": ["trtllm-ckpt"], "tp": 4, "ep": 4}, check=None)
+    assert_one_line_error(cli_run("run", rec, "-o", tmp_path / "run"), "export.ep 4: must divide the 6 experts")
+    assert not (tmp_path / "run").exists()
