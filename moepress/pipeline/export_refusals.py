@@ -1,5 +1,5 @@
-"""What the exports that fuse a layer's routed experts (hf-modelopt, compressed-tensors), and hf-fp8-block, would
-refuse of a quantize not yet run: the preflight's checks (moepress/pipeline/preflight.py) asked of one quantize
+"""What the exports (those that fuse a layer's routed experts: hf-modelopt, compressed-tensors; and the others)
+would refuse of a quantize not yet run: the preflight's checks (moepress/pipeline/preflight.py) asked of one quantize
 section, for the standalone `moepress quantize` to say before it runs."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from moepress.pipeline.preflight import (
     refuse_expert_schemes,
     refuse_fused_blocks,
     refuse_modelopt_experts,
+    refuse_written_formats,
 )
 
 
@@ -21,11 +22,13 @@ def quantize_export_refusals(quantize: dict, model: Path) -> dict[str, str]:
     quantize section ``quantize``'s output for ``model``, by export: first the experts' form (INT4 weight-only
     experts, which no runtime loads from a Model-Optimizer checkpoint; AWQ's unfolded pre_quant_scale, which
     compressed-tensors has no form for), then the widths (the routed experts' scheme, FP4 kernel widths, partial
-    FP8 blocks); and hf-fp8-block's, a block format given to no linear whose 128x128 grid every runtime computes:
-    the preflight's checks of a recipe. A standalone `moepress quantize` says them before it runs,
-    so that hours of quantizing are not followed by the export's refusal."""
+    FP8 blocks); and each other export of the model's family: a format it does not write, and hf-fp8-block's
+    block format given to no linear whose 128x128 grid every runtime computes: the preflight's checks of a recipe.
+    A standalone `moepress quantize` says them before it runs, so that hours of quantizing are not followed by the
+    export's refusal."""
     from moepress.compress.arch import get_adapter
     from moepress.compress.checkpoint import CheckpointReader
+    from moepress.exporters import exporters
     from moepress.exporters.fused_moe import FUSES_EXPERTS
 
     reader = CheckpointReader(model)
@@ -40,8 +43,11 @@ def quantize_export_refusals(quantize: dict, model: Path) -> dict[str, str]:
             refuse_fused_blocks(recipe, model, [export])
         except MoepressError as e:
             out[export] = str(e).removeprefix(f"recipe export.formats {export}: ").removeprefix(f"--format {export}: ")
-    try:
-        refuse_block_grid(recipe, model, ["hf-fp8-block"])
-    except MoepressError as e:
-        out["hf-fp8-block"] = str(e).removeprefix("recipe export.formats hf-fp8-block: ")
-    return out
+    reg = exporters()
+    for export in [e for e, x in reg.items() if e not in out and (x.families is None or adapter.family in x.families)]:
+        try:  # the format it writes (trtllm-ckpt, onnx, hf-fp8-block: one each), then hf-fp8-block's grid
+            refuse_written_formats(recipe, [export], reg)
+            refuse_block_grid(recipe, model, [export])
+        except MoepressError as e:
+            out[export] = str(e).removeprefix(f"recipe export.formats {export}: ")
+    return dict(sorted(out.items()))
