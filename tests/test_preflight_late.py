@@ -46,3 +46,27 @@ def test_run_refuses_an_ep_the_pruned_model_cannot_split_before_the_prune(cli_ru
                        export={"formats": ["trtllm-ckpt"], "tp": 4, "ep": 4}, check=None)
     assert_one_line_error(cli_run("run", rec, "-o", tmp_path / "run"), "export.ep 4: must divide the 6 experts")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model,fmt,export,needle", [
+    ("tiny-mixtral", "fp8-dynamic", "trtllm-ckpt", "quantize.format fp8-dynamic is not a format it writes"),
+    ("tiny-mixtral", "fp8", "hf-fp8-block", "quantize.format fp8 is not a format it writes"),
+    ("tiny-qwen3-moe", "int4-awq", "compressed-tensors", "keeps AWQ's pre_quant_scale"),
+])
+def test_rules_giving_every_linear_one_format_are_asked_as_that_format(model, fmt, export, needle):
+    """{"*": F} quantizes as quantize.format F does, which the preflight refuses for these exports; with rules it
+    asked nothing and the export refused after the quantize. The refusal says the rules gave the format."""
+    with pytest.raises(MoepressError) as e:
+        _preflight(model=model, quantize={"rules": {"*": fmt}}, export={"formats": [export]})
+    assert needle in str(e.value) and f"(quantize.rules give every linear {fmt}: replace them" in str(e.value)
+    with pytest.raises(MoepressError, match=needle):  # as the format itself
+        _preflight(model=model, quantize={"format": fmt}, export={"formats": [export]})
+
+
+def test_rules_giving_the_linears_several_formats_are_not_read_as_one():
+    from moepress.pipeline.one_format import as_one_format
+
+    rec = normalise({"model": "tiny-mixtral", "quantize": {"format": "fp8", "rules": {"self_attn.*": "none"}}})
+    assert as_one_format(rec, models.path("tiny-mixtral")) is rec
+    rec = normalise({"model": "tiny-mixtral", "quantize": {"format": "fp8", "rules": {"*": "fp8-block"}}})
+    assert as_one_format(rec, models.path("tiny-mixtral"))["quantize"]["format"] == "fp8-block"

@@ -152,6 +152,7 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
     from moepress.compress.arch import get_adapter
     from moepress.compress.checkpoint import CheckpointReader
     from moepress.exporters import exporters
+    from moepress.pipeline.one_format import read_as_one_format
 
     formats = (recipe.get("export") or {}).get("formats") or []
     if not formats:
@@ -170,9 +171,10 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
                     reg[fmt].refuse_source(model, adapter, reader, instead=f"for this recipe, drop {fmt} from "
                                            "export.formats" if recipe.get("quantize") else None)
     refuse_unquantized(recipe, model, formats, reg)
-    refuse_written_formats(recipe, formats, reg)
+    with read_as_one_format(recipe, model) as one:  # rules giving every linear one format: asked as that format
+        refuse_written_formats(one, formats, reg)
+        refuse_ct_forms(one, formats, model)
     refuse_modelopt_experts(recipe, adapter, formats)
-    refuse_ct_forms(recipe, formats, model)
     refuse_block_grid(recipe, model, formats)
     fusing = [f for f in ("compressed-tensors", "hf-modelopt") if f in formats]
     if fusing and recipe.get("quantize"):
