@@ -70,3 +70,25 @@ def test_rules_giving_the_linears_several_formats_are_not_read_as_one():
     assert as_one_format(rec, models.path("tiny-mixtral")) is rec
     rec = normalise({"model": "tiny-mixtral", "quantize": {"format": "fp8", "rules": {"*": "fp8-block"}}})
     assert as_one_format(rec, models.path("tiny-mixtral"))["quantize"]["format"] == "fp8-block"
+
+
+@pytest.mark.parametrize("sections,needles", [
+    ({"prune": {"keep": 6}, "check": {"min_routing_overlap": 0.9}},
+     ["check.min_routing_overlap 0.9", "the prune changes the experts per layer"]),
+    ({"quantize": {"format": "fp8"}, "export": {"formats": ["compressed-tensors"]}, "check": {"max_expert_error": 0.4}},
+     ["check.max_expert_error 0.4", "the compressed-tensors export is checked in transformers"]),
+    ({"quantize": {"format": "fp8"}, "export": {"formats": ["onnx"]}, "check": {"max_weight_error_ratio": 3}},
+     ["check.max_weight_error_ratio 3", "the onnx export is checked in onnx, not streamed"]),
+])
+def test_check_gates_no_candidate_of_the_recipe_gives_are_refused_before_any_stage(sections, needles):
+    """The check stage refused them after the prune (or quantize and export, with the quantize output's own check
+    passed)."""
+    with pytest.raises(MoepressError) as e:
+        _preflight(**sections)
+    for n in needles:
+        assert n in str(e.value), str(e.value)
+
+
+def test_check_gates_the_streamed_candidates_give_pass():
+    _preflight(quantize={"format": "fp8"}, export={"formats": ["hf-modelopt"]},
+               check={"min_routing_overlap": 0.9, "max_weight_error_ratio": 3})

@@ -24,6 +24,7 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
     from moepress.compress.prune import PruneConfig
     from moepress.compress.prune.stage import PruneStage
     from moepress.exporters import refuse_config
+    from moepress.pipeline.check_gates import refuse_unmeasurable_gates
 
     calib, stage = CalibConfig.from_recipe(recipe["calib"]), None
     if recipe["prune"] is not None:
@@ -51,6 +52,7 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
     if recipe["check"] is not None:
         with recipe_keys(src, "check"):
             eval_data(model, CheckConfig.from_dict(recipe["check"], where=key_where(src, "check")))
+    refuse_unmeasurable_gates(recipe, src)
     refuse_unavailable_exports(recipe, model, src)
     refuse_unbuildable(recipe, model, src)
 

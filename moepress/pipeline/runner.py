@@ -36,6 +36,7 @@ from moepress.exporters import builders as builder_registry
 from moepress.manifest import MANIFEST_NAME, library_versions
 from moepress.outputs import OutputLock, output_dir, write_text_atomic
 from moepress.pipeline.card import NO_CPU_RUNTIME, Accuracy, model_card, withdraw_cards, write_card
+from moepress.pipeline.check_gates import CHECKABLE
 from moepress.pipeline.keys import (
     accuracy_digest,
     data_digest,
@@ -53,9 +54,6 @@ from moepress.pipeline.recipe import STAGES, dump, export_config, recipe_keys
 from moepress.pipeline.stale import planned, refuse_links, stage_path, state_file, withdraw
 from moepress.progress import Progress
 
-# exports a CPU consumer here can check, and the candidate kind it runs as
-CHECKABLE = {"hf-modelopt": "checkpoint", "hf-fp8-block": "checkpoint", "compressed-tensors": "transformers",
-             "onnx": "onnx"}
 # which builder turns which export into an engine / deployment (each builder declares the export it takes)
 BUILDERS = {k: b.name for b in builder_registry.BUILDERS.values() for k in b.kinds}
 

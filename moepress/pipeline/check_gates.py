@@ -1,0 +1,31 @@
+"""What a run's check section asks of candidates the recipe makes: a gate that needs a streamed candidate with the
+reference's experts (routing, expert errors) or its blocks (attention, weights) is refused by the check stage for
+a pruned candidate or an export checked outside the stream, after prune, quantize and export; the preflight asks
+it of the recipe first."""
+
+from __future__ import annotations
+
+# exports a CPU consumer here can check, and the candidate kind it runs as (checks/candidates/)
+CHECKABLE = {"hf-modelopt": "checkpoint", "hf-fp8-block": "checkpoint", "compressed-tensors": "transformers",
+             "onnx": "onnx"}
+
+
+def refuse_unmeasurable_gates(recipe: dict, src: str = "recipe") -> None:
+    """A check gate the recipe's candidates cannot give (checks/runner.py _comparable refuses it at the check): the
+    routing and expert gates where the prune changes the experts per layer, those and the block gates where an
+    export is checked in transformers or onnxruntime, not streamed layer by layer."""
+    from moepress.checks.config import CheckConfig, refuse_unmeasurable
+    from moepress.pipeline.recipe import key_where, recipe_keys
+
+    if recipe.get("check") is None:
+        return
+    cfg = CheckConfig.from_dict(recipe["check"], where=key_where(src, "check"))
+    with recipe_keys(src, "check"):
+        if recipe.get("prune") is not None:
+            refuse_unmeasurable(cfg, "routing", "the prune changes the experts per layer, and the routing and expert "
+                                "gates need a candidate with the reference's experts per layer")
+        for fmt in (recipe.get("export") or {}).get("formats") or []:
+            if CHECKABLE.get(fmt, "checkpoint") != "checkpoint":
+                why = f"the {fmt} export is checked in {CHECKABLE[fmt]}, not streamed layer by layer, and the"
+                refuse_unmeasurable(cfg, "routing", f"{why} routing and expert gates need a streamed candidate")
+                refuse_unmeasurable(cfg, "blocks", f"{why} attention and weight gates need a streamed candidate")
