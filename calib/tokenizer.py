@@ -21,9 +21,12 @@ TOKENIZER_GLOBS = ("*.tiktoken", "tokenization_*.py", "chat_template*")
 def _tokenizer_config(model_dir: Path) -> dict:
     p = model_dir / "tokenizer_config.json"
     try:
-        return json.loads(p.read_text()) if p.exists() else {}
+        cfg = json.loads(p.read_text()) if p.exists() else {}
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise MoepressError(f"{p}: not valid JSON, or nested too deeply to read") from None
+    if not isinstance(cfg, dict):
+        raise MoepressError(f"{p}: a JSON {type(cfg).__name__}; expected a JSON object (the tokenizer's settings)")
+    return cfg
 
 
 def needs_remote_code(model_dir: str | Path) -> bool:

@@ -112,3 +112,14 @@ def test_a_nan_in_the_reference_is_the_references_not_the_candidates(cli_run, q8
     """The check failed the correct candidate (expert error NaN, exit 1); the reference is named instead."""
     assert_one_line_error(cli_run("check", q8, "--reference", nan_model, *SMALL), "reference",
                           "experts.3.w2.weight", "not finite")
+
+
+@pytest.mark.parametrize("text,kind", [("[1, 2]", "list"), ('"str"', "str")])
+def test_a_tokenizer_config_that_is_no_json_object_is_one_line(cli_run, tmp_path, text, kind):
+    """tokenizer_config.json holding a list or a string: AttributeError tracebacks (exit 1) in quantize and prune."""
+    bad = shutil.copytree(models.path(MODEL), tmp_path / "m")
+    (bad / "tokenizer_config.json").write_text(text)
+    for args in (("quantize", bad, "--format", "fp8", "-o", tmp_path / "q"),
+                 ("prune", bad, "--keep", "6", "--method", "frequency", "-o", tmp_path / "p")):
+        r = cli_run(*args, "--num-samples", "2", "--seq-len", "32", "--quiet")
+        assert_one_line_error(r, "tokenizer_config.json: a JSON " + kind, "expected a JSON object")

@@ -117,6 +117,30 @@ def test_a_kill_inside_commit_restarts_on_resume(cli_run, tmp_path, where):
     assert _digest(q) == _digest(ref) and not partial.exists()
 
 
+@pytest.mark.parametrize("left", [(), (JOURNAL + ".tmp",)])
+def test_a_kill_before_the_first_journal_restarts_on_resume(cli_run, tmp_path, left):
+    """Killed after the writer made OUT.partial, before its first journal (the partial empty, or holding the
+    journal's temporary file): `--resume` and `moepress run`'s rerun refused it as "an older moepress"'s. Nothing
+    in it is lost: it starts afresh."""
+    ref, q, partial = tmp_path / "ref", tmp_path / "q", tmp_path / "q.partial"
+    assert cli_run(*ARGS, "-o", ref).exit_code == 0
+    partial.mkdir()
+    for name in left:
+        (partial / name).write_text('{"shards": [')
+    r = cli_run(*ARGS, "--resume", "-o", q)
+    assert r.exit_code == 0, r.output
+    assert _digest(q) == _digest(ref) and not partial.exists()
+
+
+def test_a_partial_with_a_shard_and_no_journal_is_still_refused(cli_run, tmp_path):
+    q, partial = tmp_path / "q", tmp_path / "q.partial"
+    partial.mkdir()
+    (partial / "model-00001.safetensors").write_bytes(b"\0" * 16)
+    r = cli_run(*ARGS, "--resume", "-o", q)
+    assert r.exit_code == 2 and "has no record of the run" in r.stderr, r.output
+    assert (partial / "model-00001.safetensors").is_file()
+
+
 def test_resume_of_a_partial_without_its_totals_is_refused(cli_run, tmp_path):
     """What the old order left (every layer journaled, no progress file): refused in one line, the partial kept."""
     q, partial = tmp_path / "q", tmp_path / "q.partial"

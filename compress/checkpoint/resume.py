@@ -157,11 +157,17 @@ JOURNAL = "writer-journal.json"  # CheckpointWriter's record of whole shards, bo
 _NO_JOURNAL = object()  # a partial without a journal: started by an older moepress
 
 
+def _unwritten(partial: Path) -> bool:
+    """Whether ``partial`` holds nothing but the first journal's temporary file: killed after the writer made it,
+    before it recorded a key, with nothing to lose."""
+    return all(p.is_dir() or p.name == JOURNAL + ".tmp" for p in partial.rglob("*"))
+
+
 def resumable_journal(partial: Path, key: dict | None) -> dict:
     """The journal of ``partial`` when it may be resumed with ``key`` ({} when there is no partial);
     else :class:`ResumeRefused` naming what differs. A partial killed while it was committed (its journal
-    says so, or it has its manifest and no journal) gives ``{"committing": True}``: nothing in it is
-    resumable, and the writer starts afresh."""
+    says so, or it has its manifest and no journal), or before it held anything (:func:`_unwritten`), gives
+    ``{"committing": True}``: nothing in it is resumable, and the writer starts afresh."""
     if not partial.is_dir():
         return {}
     p = partial / JOURNAL
@@ -169,7 +175,7 @@ def resumable_journal(partial: Path, key: dict | None) -> dict:
         journal = json.loads(p.read_text()) if p.is_file() else _NO_JOURNAL
     except (OSError, ValueError):
         raise MoepressError(f"{p}: unreadable journal; rerun without --resume") from None
-    if (journal is _NO_JOURNAL and (partial / MANIFEST_NAME).is_file()) or \
+    if (journal is _NO_JOURNAL and ((partial / MANIFEST_NAME).is_file() or _unwritten(partial))) or \
             (isinstance(journal, dict) and journal.get("committing")):
         return {"committing": True}
     if journal is _NO_JOURNAL:
