@@ -47,7 +47,7 @@ def write_synthetic(config: dict, out: str | Path, *, seed: int = 0, dtype: torc
     """Write a checkpoint for ``config`` (config.json dict) with random weights; returns its path."""
     adapter = get_adapter(config)
     cfg = dict(config)
-    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    cfg["torch_dtype"] = cfg["dtype"] = str(dtype).replace("torch.", "")  # transformers 5 reads dtype
     if block_fp8:
         cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                       "weight_block_size": [128, 128]}

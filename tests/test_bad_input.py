@@ -36,6 +36,18 @@ def test_truncated_shard(good, tmp_path, cli_run):
     assert_one_line_error(cli_run("inspect", ck), s.name, "truncated")
 
 
+def test_a_shard_with_bytes_past_its_data_is_refused(good, tmp_path, cli_run):
+    """The safetensors library refuses such a file ("file not fully covered"); moepress read it and exited 0."""
+    from safetensors import SafetensorError, safe_open
+
+    ck = copy_checkpoint(good, tmp_path / "c")
+    s = shards(ck)[-1]
+    s.write_bytes(s.read_bytes() + bytes(4096))
+    with pytest.raises(SafetensorError):
+        safe_open(str(s), "pt")
+    assert_one_line_error(cli_run("inspect", ck), s.name, "4096 bytes past the data its header lists")
+
+
 def test_index_names_missing_tensor(good, tmp_path, cli_run):
     ck = copy_checkpoint(good, tmp_path / "c")
     idx = ck / "model.safetensors.index.json"

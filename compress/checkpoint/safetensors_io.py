@@ -272,6 +272,9 @@ def read_header(path: Path) -> tuple[dict, int]:
     end = _check_offsets(path, header)
     if 8 + n + end > size:
         raise MoepressError(f"{path}: truncated shard: header says {8 + n + end} bytes, file has {size}")
+    if 8 + n + end < size:  # the safetensors library refuses it ("file not fully covered"): so do its consumers
+        raise MoepressError(f"{path}: {size - 8 - n - end} bytes past the data its header lists ({8 + n + end} "
+                            f"bytes); expected a safetensors file its library reads (no trailing bytes)")
     return header, 8 + n
 
 
