@@ -31,11 +31,16 @@ def test_blank_lines_in_jsonl_do_not_shift_the_documents(tmp_path):
     assert docs.where(2) == f"{p}:5"  # line 5 of the file (1-based), as an editor counts it
 
 
-def test_chat_messages_without_role_or_content_are_refused(tmp_path):
+@pytest.mark.parametrize("second,what", [([{"text": "no role"}], "element 0 has no role key"),
+                                         ([{"role": "user", "content": "a"}, {"role": "user"}],
+                                          "element 1 has no content key"),
+                                         ([1], "element 0 is a int")])
+def test_chat_messages_without_role_or_content_are_refused(tmp_path, second, what):
+    """Naming the element and what it lacks: the message said the field "is a list", which it is."""
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
-                 + json.dumps({"messages": [{"text": "no role"}]}) + "\n")
-    with pytest.raises(MoepressError, match=r":2: field 'messages' is a list"):
+                 + json.dumps({"messages": second}) + "\n")
+    with pytest.raises(MoepressError, match=rf":2: field 'messages' {what}; expected text or chat messages"):
         JsonlDocuments(parse_source(str(p)))
 
 

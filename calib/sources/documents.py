@@ -37,6 +37,12 @@ def _check_value(v, where: str, field: str):
         return v
     if isinstance(v, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in v):
         return v
+    if isinstance(v, list):  # a list, not chat messages: name the first element that is none
+        k, m = next((k, m) for k, m in enumerate(v) if not (isinstance(m, dict) and "role" in m and "content" in m))
+        what = f"has no {'role' if 'role' not in m else 'content'} key" if isinstance(m, dict) else \
+            f"is a {type(m).__name__}"
+        raise MoepressError(f"{where}: field '{field}' element {k} {what}; expected text or chat messages (a list "
+                            "of {role, content})")
     raise MoepressError(f"{where}: field '{field}' is a {type(v).__name__}, expected text or chat messages "
                         f"(a list of {{role, content}})")
 
