@@ -38,7 +38,7 @@ from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
 from moepress.exporters.hf_common import TRTLLM_FUSED, Source, fp8_block_grids, fused_parts
-from moepress.exporters.kernel_widths import fp4_widths_ok, grid_ok
+from moepress.exporters.kernel_widths import TRTLLM_INT4_MOE_GROUP, fp4_widths_ok, grid_ok
 
 MODELOPT = "hf-modelopt"  # the export whose runtimes load FP8 experts per tensor only (fp8_formats)
 # who fuses a layer's routed experts into one quantized linear, per export (the ``why`` of refuse_mixed and
@@ -113,7 +113,7 @@ def _hint(s: Source, names: list[str], flag: str, other_formats: bool = True) ->
     # one group for every projection of the experts (else they are quantized two ways: refuse_unlike)
     widths = expert_widths(s)
     int4 = any(formats.FORMATS[m["format"]].element == "int4" for m in layout.get("modules", {}).values())
-    fits = common_groups(widths) if int4 and any(n in skipped for n in names) else []
+    fits = _loaded_groups(common_groups(widths), flag) if int4 and any(n in skipped for n in names) else []
     if fits:
         return (f"quantize with --group-size {max(fits)} (divides {', '.join(map(str, widths))}), or with an FP8 "
                 f"format (--format {fp8_formats(s, flag)})")
@@ -194,13 +194,19 @@ def refuse_unlike(s: Source, flag: str, modules: dict[str, dict], why: str) -> N
                                 f"({ways}); {why}: {_alike_hint(s, kinds, flag)}")
 
 
+def _loaded_groups(groups: list[int], flag: str) -> list[int]:
+    """The INT4 groups a runtime loads the routed experts of ``flag``'s export in: from hf-modelopt only
+    TensorRT-LLM's, in groups of 128 (:data:`TRTLLM_INT4_MOE_GROUP`); compressed-tensors' kernels any."""
+    return [g for g in groups if g == TRTLLM_INT4_MOE_GROUP] if "hf-modelopt" in flag else groups
+
+
 def _alike_hint(s: Source, kinds: dict[tuple[str, int | None], list[str]], flag: str) -> str:
     """What to run instead: one --group-size that divides every expert projection's in_features (the
     formats agree), else one format for the routed experts, else per-tensor FP8 (takes any width)."""
     if len({fmt for fmt, _ in kinds}) > 1:
         return "quantize a layer's routed experts with one format (one --rule for all of them)"
     widths = expert_widths(s, [n for ns in kinds.values() for n in ns])
-    fits = common_groups(widths)
+    fits = _loaded_groups(common_groups(widths), flag)
     return (f"quantize with --group-size {max(fits)} (divides {', '.join(map(str, widths))})" if fits else
             f"quantize with --format {fp8_formats(s, flag)}")
 

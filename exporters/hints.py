@@ -24,6 +24,7 @@ from moepress.exporters.fused_moe import (
     routed_names,
 )
 from moepress.exporters.hf_common import Source, fp8_block_grids
+from moepress.exporters.kernel_widths import TRTLLM_INT4_MOE_GROUP
 
 
 def alike_group(s, modules: dict) -> int | None:
@@ -124,7 +125,10 @@ def int4_routes(s, refusing: str) -> str:
     else:
         ct = f"quantize with{regroup}, then " if group else ""
     ways = [f"{ct}export compressed-tensors (vLLM, SGLang, transformers)"]
-    if all(formats.FORMATS[f].trtllm_loads_experts(s.adapter.family) for f in routed):
+    grouped = {group} if group else {modules[n].get("group") for ns in routed_linears(s).values() for n in ns
+                                     if n in modules}
+    if all(formats.FORMATS[f].trtllm_loads_experts(s.adapter.family) for f in routed) and \
+            grouped == {TRTLLM_INT4_MOE_GROUP}:  # its INT4 fused MoE allocates groups of 128 only
         ways.append(f"{f'quantize with{regroup}, then ' if group else ''}export hf-modelopt "
                     "(TensorRT-LLM's PyTorch backend)")
     ways.append("export onnx (a TensorRT engine)")

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from moepress.compress import formats
 from moepress.errors import MoepressError
 from moepress.exporters.fused_moe import pattern, routed_names
+from moepress.exporters.kernel_widths import TRTLLM_INT4_MOE_GROUP
 
 SGLANG_CHECKED = "0.5.23"
 KV_SCALES = (".k_scale", ".v_scale")
@@ -151,10 +152,6 @@ def trtllm_misloads(s, modules: dict) -> list[str]:
 TRTLLM_INT4_GROUPS = (64, 128)
 
 
-# Its fused MoE for INT4 experts (_torch/modules/fused_moe/quantization.py WInt4AFP8FusedMoEMethod.create_weights,
-# main 2026-12) allocates fc31_weight_scale / fc2_weight_scale of hidden_size // 128 and intermediate // 128 groups:
-# experts in other groups fail to load (their scales are copied into those shapes)
-TRTLLM_INT4_MOE_GROUP = 128
 
 
 def trtllm_group_misloads(s, modules: dict) -> list[str]:

@@ -40,3 +40,27 @@ def test_int4_groups_tensorrt_llm_cannot_run_are_declared(tmp_path, cli_run, fmt
         assert f"{fmt} in groups of {group}" in why and "self_attn.q_proj" in why
         r = cli_run("build", e, "--target", "h100", "--dry-run", "-o", tmp_path / "b")
         assert r.exit_code == 2 and "fails at its first INT4 GEMM" in r.output, r.output
+
+
+def test_no_refusal_sends_w4a8_experts_to_a_group_tensorrt_llm_cannot_load(tmp_path, cli_run):
+    """Experts 96 wide in w4a8-awq (down_proj grouped by 96, gate/up by 128): hf-modelopt's refusal named
+    --group-size 32, and trtllm-ckpt's "quantize with --group-size 32, then export hf-modelopt"; that export is
+    written and TensorRT-LLM, the only runtime loading W4A8 experts from it, fails loading them (groups of 128 only).
+    Now neither names a group for hf-modelopt, and what each names is taken."""
+    from helpers import assert_one_line_error, make_random_checkpoint
+
+    vocab = json.loads((models.path("tiny-qwen3-moe") / "config.json").read_text())["vocab_size"]
+    src = make_random_checkpoint("qwen3_moe", tmp_path / "m", hidden_size=256, moe_intermediate_size=96,
+                                 vocab_size=vocab, intermediate_size=256, decoder_sparse_step=2)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (src / f).write_bytes((models.path("tiny-qwen3-moe") / f).read_bytes())
+    q = tmp_path / "q"
+    quantize_checkpoint(src, q, QuantConfig(format="w4a8-awq", num_samples=2, seq_len=32))
+    line = assert_one_line_error(cli_run("export", q, "--format", "hf-modelopt", "-o", tmp_path / "h"),
+                                 "quantized 2 ways", "quantize with --format fp8")
+    assert "--group-size" not in line, line
+    line = assert_one_line_error(cli_run("export", q, "--format", "trtllm-ckpt", "-o", tmp_path / "t"), "dense")
+    assert "export hf-modelopt" not in line and "--group-size 32, then export compressed-tensors" in line, line
+    g32 = tmp_path / "g32"  # the compressed-tensors route it names is taken
+    quantize_checkpoint(src, g32, QuantConfig(format="int4-gptq", group_size=32, num_samples=2, seq_len=32))
+    assert cli_run("export", g32, "--format", "compressed-tensors", "-o", tmp_path / "c").exit_code == 0
