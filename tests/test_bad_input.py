@@ -435,6 +435,10 @@ def test_integer_weight_without_scales_is_refused(good, tmp_path, cli_run):
     assert_one_line_error(r, name, "stored as int8 with no quantization scales")
 
 
+def gridded(tmp_path):
+    return make_random_checkpoint("qwen3_moe", tmp_path / "grid", hidden_size=128, moe_intermediate_size=128)
+
+
 @pytest.mark.parametrize("change,needle", [("shape", "has shape"), ("dtype", "stored as int32")])
 @pytest.mark.parametrize("fmt", ["hf-fp8-block", "onnx", "trtllm-ckpt"])
 def test_export_refuses_a_tensor_unlike_its_config(good, tmp_path, cli_run, change, needle, fmt):
@@ -442,7 +446,8 @@ def test_export_refuses_a_tensor_unlike_its_config(good, tmp_path, cli_run, chan
     exit 0) or failed mid-export with a traceback; an int32 weight was cast to bf16 (exit 0)."""
     from safetensors.torch import load_file, save_file
 
-    ck = copy_checkpoint(good, tmp_path / "c")
+    # hf-fp8-block refuses a model with no 128x128 block grid before reading a tensor: one with experts 128 wide
+    ck = copy_checkpoint(gridded(tmp_path) if fmt == "hf-fp8-block" else good, tmp_path / "c")
     name = "model.layers.1.mlp.experts.3.up_proj.weight"
     for shard in shards(ck):
         t = load_file(shard)

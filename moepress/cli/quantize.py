@@ -166,8 +166,7 @@ def export_refusals(src, cfg) -> dict[str, str]:
     flags = (("quantize.rules' format ", "the --rule giving the experts "), ("quantize.format ", "--format "),
              ("quantize.group_size ", "--group-size "),
              ("quantize.awq_fold: true", "--awq-fold"), ("quantize.rules give", "--rule gives"),
-             ("expected hf-modelopt removed from export.formats", "expected another export format"),
-             ("or no quantize section (the model as it is)", "or the model unquantized"))
+             ("expected hf-modelopt removed from export.formats", "expected another export format"))
     out = {}
     for e, why in found.items():
         for recipe_key, flag in flags:

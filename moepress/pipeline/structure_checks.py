@@ -1,0 +1,54 @@
+"""Export checks of run's preflight that ask the model's structure as a stage after the quantize would see it:
+hf-fp8-block's 128x128 grids and trtllm-ckpt's tensor / expert parallel mapping (moepress/pipeline/preflight.py
+calls them before any stage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moepress.errors import MoepressError
+from moepress.pipeline.recipe import export_config, recipe_keys
+
+
+def refuse_block_grid(recipe: dict, model: Path, exports: list[str]) -> None:
+    """hf-fp8-block where no linear it would write in block FP8 has a 128x128 grid every runtime computes as stored
+    (shape.block_linears): none the quantize section gives a block format, or, without one, none of a bf16 model.
+    The export refuses that output (hf_fp8_block.export_hf_fp8_block), after the quantize."""
+    from moepress.calib.config import CalibConfig
+    from moepress.compress import formats
+    from moepress.compress.quantize import QuantConfig
+    from moepress.exporters.hf_common import open_source
+    from moepress.exporters.hints import FP8_THEN_CT
+    from moepress.exporters.shape import block_linears
+
+    q = recipe.get("quantize")
+    if "hf-fp8-block" not in exports or q is None and ((s := open_source(model)).layout is not None or s.block_fp8):
+        return  # a quantize output or a block-FP8 checkpoint: the export asks its stored modules, as stored
+    cfg = QuantConfig.from_recipe(q, CalibConfig.from_recipe(recipe["calib"])) if q is not None else None
+    given = [(full, ok) for rel, full, ok in block_linears(model)
+             if cfg is None or getattr(formats.FORMATS.get(cfg.format_of(rel, full) or ""), "scale", None) == "block"]
+    if given and not any(ok for _, ok in given):
+        what = "this quantize gives block FP8" if cfg is not None else f"of {model}"
+        raise MoepressError(f"recipe export.formats hf-fp8-block: no linear {what} (e.g. {given[0][0]}) has a "
+                            "128x128 block grid every runtime computes as stored; expected input widths (and routed "
+                            f"experts' widths) that are multiples of 128: {FP8_THEN_CT}")
+
+
+def refuse_mapping(recipe: dict, model: Path, stage, src: str = "recipe") -> None:
+    """trtllm-ckpt's export.tp and export.ep against the model's heads, KV heads, expert width and the experts the
+    prune keeps (``stage``: its PruneStage, None without one): trtllm_ckpt.check_mapping, which the export asks."""
+    from moepress.compress.arch import get_adapter
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.exporters.trtllm_ckpt import SUPPORTED, check_mapping
+
+    if "trtllm-ckpt" not in ((recipe.get("export") or {}).get("formats") or []):
+        return
+    if stage is not None:
+        adapter = get_adapter(stage.adapter.config_with_experts(stage.budget.keep))
+    else:
+        reader = CheckpointReader(model)
+        adapter = get_adapter(reader.config, reader.names())
+    if adapter.family in SUPPORTED:  # another family: refuse_unavailable_exports names the exports it takes
+        with recipe_keys(src, "export"):
+            cfg = export_config(recipe["export"], "trtllm-ckpt")
+            check_mapping(adapter, cfg.tp, cfg.ep)
