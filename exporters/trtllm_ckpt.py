@@ -245,8 +245,8 @@ class _RankWriter:
             (wo,), s_o, a_o = _fuse_fp8([o])
         else:
             wq, wk, wv, wo = (fp(x.dequantize()) for x in attn)
+        kv = int(self.a.hf_config.num_key_value_heads)
         for r in range(tp):
-            kv = int(self.a.hf_config.num_key_value_heads)
             self.put(r, tl + "attention.qkv.weight",
                      torch.cat([split_rows(wq, tp, r), kv_rows(wk, kv, tp, r), kv_rows(wv, kv, tp, r)], 0))
             self.put(r, tl + "attention.dense.weight", split_cols(wo, tp, r))

@@ -92,3 +92,14 @@ def test_check_gates_no_candidate_of_the_recipe_gives_are_refused_before_any_sta
 def test_check_gates_the_streamed_candidates_give_pass():
     _preflight(quantize={"format": "fp8"}, export={"formats": ["hf-modelopt"]},
                check={"min_routing_overlap": 0.9, "max_weight_error_ratio": 3})
+
+
+def test_a_build_target_that_cannot_run_a_format_the_rules_give_is_refused_before_any_stage():
+    """quantize.format is asked of the targets; a rule's format was not, and the build refused its export after the
+    quantize and the export."""
+    rec = {"quantize": {"format": "fp8", "rules": {"block_sparse_moe.experts.*": "nvfp4"}},
+           "export": {"formats": ["hf-modelopt"]}, "build": {"targets": ["h100"]}}
+    with pytest.raises(MoepressError, match="build.targets h100: quantize.rules give nvfp4, which H100 SXM .sm90. "
+                                            "does not run; expected a target that runs it .b200"):
+        _preflight(**rec)
+    _preflight(**{**rec, "build": {"targets": ["b200"]}})

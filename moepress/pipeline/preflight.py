@@ -10,7 +10,7 @@ from pathlib import Path
 
 from moepress.errors import MoepressError
 from moepress.pipeline.recipe import export_config, key_where, recipe_keys
-from moepress.pipeline.structure_checks import refuse_block_grid, refuse_mapping
+from moepress.pipeline.structure_checks import refuse_block_grid, refuse_mapping, refuse_rule_formats
 
 
 def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
@@ -93,6 +93,7 @@ def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
             step = _instead(recipe, model, get_target(name), fmt, built)
             raise MoepressError(f"{key_where(src, 'build', 'targets')} {name}: quantize.format {fmt}: {why}: {step}"
                                 ) from None
+    refuse_rule_formats(recipe, src)
 
 
 def _instead(recipe: dict, model: Path, t, fmt: str, built: dict) -> str:

@@ -1,6 +1,6 @@
-"""Export checks of run's preflight that ask the model's structure as a stage after the quantize would see it:
-hf-fp8-block's 128x128 grids and trtllm-ckpt's tensor / expert parallel mapping (moepress/pipeline/preflight.py
-calls them before any stage)."""
+"""Checks of run's preflight that ask the model's structure as a stage after the quantize would see it:
+hf-fp8-block's 128x128 grids, trtllm-ckpt's tensor / expert parallel mapping, and the formats quantize rules give
+against the build targets (moepress/pipeline/preflight.py calls them before any stage)."""
 
 from __future__ import annotations
 
@@ -52,3 +52,21 @@ def refuse_mapping(recipe: dict, model: Path, stage, src: str = "recipe") -> Non
         with recipe_keys(src, "export"):
             cfg = export_config(recipe["export"], "trtllm-ckpt")
             check_mapping(adapter, cfg.tp, cfg.ep)
+
+
+def refuse_rule_formats(recipe: dict, src: str = "recipe") -> None:
+    """A build target that cannot run a format quantize.rules give (targets.check_format; quantize.format itself is
+    asked by refuse_unbuildable): the build refuses its export after the quantize."""
+    from moepress.compress import formats
+    from moepress.exporters.targets import TARGETS, get_target
+
+    rules = (((recipe.get("quantize") or {}).get("rules")) or {}).values()
+    given = [f for f in dict.fromkeys(rules) if getattr(formats.FORMATS.get(f), "scale", None) is not None]
+    for name in (recipe.get("build") or {}).get("targets") or ():
+        t = get_target(name)
+        for fmt in given:
+            if not t.supports(fmt):
+                runs = [k for k, x in TARGETS.items() if x.supports(fmt)]
+                raise MoepressError(f"{src}: build.targets {name}: quantize.rules give {fmt}, which {t.gpu} (sm{t.sm}) "
+                                    f"does not run; expected a target that runs it ({', '.join(runs[:4])}), or rules "
+                                    "of formats it runs")
