@@ -103,3 +103,22 @@ def test_a_build_target_that_cannot_run_a_format_the_rules_give_is_refused_befor
                                             "does not run; expected a target that runs it .b200"):
         _preflight(**rec)
     _preflight(**{**rec, "build": {"targets": ["b200"]}})
+
+
+@pytest.mark.parametrize("model,quantize,needle,way", [
+    ("tiny-deepseek-v3", {"format": "int4-gptq"}, "groups self_attn.kv_b_proj (32 inputs) by 32",
+     {"rules": {"self_attn.kv_b_proj": "none"}}),
+    ("tiny-mixtral", {"format": "int4-gptq", "group_size": 32}, "groups self_attn.q_proj (128 inputs) by 32",
+     {"group_size": 128}),
+])
+def test_int4_groups_tensorrt_cannot_build_from_onnx_are_refused_before_any_stage(model, quantize, needle, way):
+    """TensorRT takes INT4 blocks of 64 or 128 (onnx_graph.TENSORRT_INT4_BLOCKS): DeepSeek's 32-wide kv_b_proj
+    input at the default group, or --group-size 32, were refused by the build after quantize and export (and run
+    exited 0). The way the refusal names is taken."""
+    rec = {"model": model, "quantize": quantize, "export": {"formats": ["onnx"]}, "build": {"targets": ["h100"]}}
+    with pytest.raises(MoepressError) as e:
+        _preflight(**rec)
+    assert "build.targets h100: the onnx export's TensorRT engine takes INT4 blocks of 128 or 64" in str(e.value)
+    assert needle in str(e.value), str(e.value)
+    _preflight(**{**rec, "quantize": {**quantize, **way}})
+    _preflight(**{**rec, "build": None})  # no TensorRT build: onnxruntime runs any group

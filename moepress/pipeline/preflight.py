@@ -10,7 +10,12 @@ from pathlib import Path
 
 from moepress.errors import MoepressError
 from moepress.pipeline.recipe import export_config, key_where, recipe_keys
-from moepress.pipeline.structure_checks import refuse_block_grid, refuse_mapping, refuse_rule_formats
+from moepress.pipeline.structure_checks import (
+    refuse_block_grid,
+    refuse_mapping,
+    refuse_rule_formats,
+    refuse_tensorrt_int4_blocks,
+)
 
 
 def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
@@ -94,6 +99,7 @@ def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
             raise MoepressError(f"{key_where(src, 'build', 'targets')} {name}: quantize.format {fmt}: {why}: {step}"
                                 ) from None
     refuse_rule_formats(recipe, src)
+    refuse_tensorrt_int4_blocks(recipe, model, src)
 
 
 def _instead(recipe: dict, model: Path, t, fmt: str, built: dict) -> str:

@@ -70,3 +70,40 @@ def refuse_rule_formats(recipe: dict, src: str = "recipe") -> None:
                 raise MoepressError(f"{src}: build.targets {name}: quantize.rules give {fmt}, which {t.gpu} (sm{t.sm}) "
                                     f"does not run; expected a target that runs it ({', '.join(runs[:4])}), or rules "
                                     "of formats it runs")
+
+
+def refuse_tensorrt_int4_blocks(recipe: dict, model: Path, src: str = "recipe") -> None:
+    """An onnx export built for a target (TensorRT) of INT4 linears whose group is not a block TensorRT takes
+    (onnx_graph.TENSORRT_INT4_BLOCKS: 64 or 128; a linear of fewer input features than the group is grouped by its
+    width, compress/quant/int4.py effective_group, DeepSeek's 32-wide kv_b_proj input included): the build refuses
+    the export after quantize and export."""
+    from moepress.calib.config import CalibConfig
+    from moepress.compress.quant.int4 import effective_group
+    from moepress.compress.quantize import QuantConfig
+    from moepress.compress.quantize.free import formatted_linears
+    from moepress.compress.stream import StreamedModel
+    from moepress.exporters.fused_moe import pattern
+    from moepress.exporters.onnx_graph import TENSORRT_INT4_BLOCKS
+
+    targets = (recipe.get("build") or {}).get("targets") or []
+    if not targets or recipe.get("quantize") is None or "onnx" not in (recipe.get("export") or {}).get("formats", []):
+        return
+    cfg = QuantConfig.from_recipe(recipe["quantize"], CalibConfig.from_recipe(recipe["calib"]))
+    bad = {}
+    for _, rel, f, _, in_f, skip in formatted_linears(StreamedModel(model, prefetch=False), cfg.format_of,
+                                                      cfg.group_size):
+        if f.element == "int4" and skip is None and (g := effective_group(in_f, cfg.group_size)) not in \
+                TENSORRT_INT4_BLOCKS:
+            bad.setdefault(rel, (g, in_f))
+    if bad:
+        rel, (g, in_f) = next(iter(bad.items()))
+        rel = pattern([rel])
+        blocks = sorted(TENSORRT_INT4_BLOCKS, reverse=True)
+        wide = [i for _, i in bad.values() if i >= blocks[-1]]
+        group = next((b for b in blocks if all(effective_group(i, b) in blocks for i in wide)), None) if wide else None
+        none = pattern(r for r, (_, i) in bad.items() if i < blocks[-1] or group is None)  # no block groups them
+        ways = ([f"quantize.group_size {group}"] if group else []) + \
+            ([f"quantize.rules {{{', '.join(f'{r}: none' for r in none.split(', '))}}}"] if none else [])
+        raise MoepressError(f"{src}: build.targets {targets[0]}: the onnx export's TensorRT engine takes INT4 "
+                            f"blocks of {' or '.join(map(str, blocks))}, and this quantize groups {rel} ({in_f} "
+                            f"inputs) by {g}; expected {' and '.join(ways)}, or onnx built for no target")
