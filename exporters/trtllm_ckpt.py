@@ -245,10 +245,10 @@ class _RankWriter:
             (wo,), s_o, a_o = _fuse_fp8([o])
         else:
             wq, wk, wv, wo = (fp(x.dequantize()) for x in attn)
-        kv = int(self.a.hf_config.num_key_value_heads)
+        kv_heads = int(self.a.hf_config.num_key_value_heads)
         for r in range(tp):
             self.put(r, tl + "attention.qkv.weight",
-                     torch.cat([split_rows(wq, tp, r), kv_rows(wk, kv, tp, r), kv_rows(wv, kv, tp, r)], 0))
+                     torch.cat([split_rows(wq, tp, r), kv_rows(wk, kv_heads, tp, r), kv_rows(wv, kv_heads, tp, r)], 0))
             self.put(r, tl + "attention.dense.weight", split_cols(wo, tp, r))
             if quant:
                 self.put(r, tl + "attention.qkv.weights_scaling_factor", s_qkv)

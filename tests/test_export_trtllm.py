@@ -377,6 +377,14 @@ def test_fp8_scales_and_dequantized_weights(exports):
                 down = r[t + "mlp.proj.weight"][slot].float() * r[t + "mlp.proj.weights_scaling_factor"][slot]
                 want = reader.get(p + f"{e}.w2.weight").float() * reader.get(p + f"{e}.w2.weight_scale")
                 assert torch.equal(down, want)
+            # the fused q/k/v of this rank (its share of the heads; an FP8 KV cache at tp 2 gave rank 1 all of K and V)
+            qkv = r[t + "attention.qkv.weight"].float() * r[t + "attention.qkv.weights_scaling_factor"]
+            a = f"model.layers.{i}.self_attn."
+            want = torch.cat([(reader.get(a + f"{n}_proj.weight").float() * reader.get(a + f"{n}_proj.weight_scale"))
+                              .chunk(2)[rk] for n in "qkv"])
+            assert qkv.shape == want.shape, (i, rk, qkv.shape)
+            bound = want.abs() * 2.0 ** -4 + float(r[t + "attention.qkv.weights_scaling_factor"]) * 2.0 ** -9
+            assert ((qkv - want).abs() <= bound).all(), (i, rk)
 
 
 @pytest.mark.parametrize("model,args,expect", [

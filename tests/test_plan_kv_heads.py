@@ -26,7 +26,7 @@ QWEN3_235B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe
 def test_an_engine_plan_suggests_no_tp_the_trtllm_ckpt_export_refuses():
     """Every plan of an engine (runtime trtllm-engine) on every target, in each format a trtllm-ckpt holds, is a
     split check_mapping takes; where only TP 8 holds the model (bf16 on 80 GB GPUs), TP 8 replicates the 4 KV heads
-    (it was refused while a trtllm-ckpt split them only). TP 6 neither divides 4 nor is a multiple of it."""
+    (it was refused while a trtllm-ckpt split them only). TP 4 neither divides 6 KV heads nor is a multiple of them."""
     adapter = get_adapter(QWEN3_235B)
     planned = 0
     for t in TARGETS.values():
@@ -44,9 +44,10 @@ def test_an_engine_plan_suggests_no_tp_the_trtllm_ckpt_export_refuses():
     p = plan(dict(QWEN3_235B), "h100", "bf16", runtime="trtllm-engine", max_batch=1, max_seq_len=1024)
     assert (p.tp, p.ep) == (8, 8) and p.bytes_per_gpu["kv_cache"] == 1024 * 94 * 2 * 128 * 2  # one KV head a rank
     check_mapping(adapter, 8, 8)
-    with pytest.raises(MoepressError, match="--tp 6: must divide num_attention_heads=64, and divide "
-                                            "num_key_value_heads=4 or be a multiple of it"):
-        check_mapping(adapter, 6, 2)
+    six = get_adapter({**QWEN3_235B, "num_key_value_heads": 6})  # tp 4 divides the 64 heads, not the 6 KV heads
+    with pytest.raises(MoepressError, match="--tp 4: must divide num_attention_heads=64, and divide "
+                                            "num_key_value_heads=6 or be a multiple of it"):
+        check_mapping(six, 4, 4)
 
 
 def test_the_pytorch_backend_plan_replicates_kv_heads():

@@ -60,16 +60,17 @@ def refuse_rule_formats(recipe: dict, src: str = "recipe") -> None:
     from moepress.compress import formats
     from moepress.exporters.targets import TARGETS, get_target
 
-    rules = (((recipe.get("quantize") or {}).get("rules")) or {}).values()
-    given = [f for f in dict.fromkeys(rules) if getattr(formats.FORMATS.get(f), "scale", None) is not None]
+    q = recipe.get("quantize") or {}
+    given = [f for f in dict.fromkeys([q.get("format"), *(q.get("rules") or {}).values()])
+             if getattr(formats.FORMATS.get(f or ""), "scale", None) is not None]
     for name in (recipe.get("build") or {}).get("targets") or ():
         t = get_target(name)
-        for fmt in given:
+        for fmt in given[1:] if q.get("format") in given else given:  # quantize.format: refuse_unbuildable's
             if not t.supports(fmt):
-                runs = [k for k, x in TARGETS.items() if x.supports(fmt)]
+                runs = [k for k, x in TARGETS.items() if all(x.supports(f) for f in given)]  # and the others
+                other = f"a target that runs every format of the quantize ({', '.join(runs[:4])}), or " if runs else ""
                 raise MoepressError(f"{src}: build.targets {name}: quantize.rules give {fmt}, which {t.gpu} (sm{t.sm}) "
-                                    f"does not run; expected a target that runs it ({', '.join(runs[:4])}), or rules "
-                                    "of formats it runs")
+                                    f"does not run; expected {other}rules of formats it runs")
 
 
 def refuse_tensorrt_int4_blocks(recipe: dict, model: Path, src: str = "recipe") -> None:
