@@ -15,7 +15,7 @@ import torch
 from moepress.compress import formats
 from moepress.compress.arch import get_adapter
 from moepress.compress.arch.base import Adapter, count_params
-from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.checkpoint import CheckpointReader, declared_dtype
 from moepress.compress.formats import ct_inputs, fp8_block
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
@@ -81,7 +81,7 @@ def storage_format(config: dict, layout: dict | None = None) -> str:
         # e.g. "compressed-tensors pack-quantized" (Kimi K2 Thinking's routed experts)
         label = " ".join(dict.fromkeys(str(x) for x in (qc.get("quant_method"), qc.get("format")) if x))
         return label or "quantized"
-    return str(config.get("dtype") or config.get("torch_dtype") or "unknown")  # transformers 5 reads dtype
+    return str(declared_dtype(config) or "unknown")
 
 
 def module_formats(reader: CheckpointReader, adapter: Adapter) -> dict[str, dict[str, int]]:

@@ -58,6 +58,7 @@ import torch
 
 import moepress.exporters.ct_ignore as ct_ignore
 from moepress.compress import formats
+from moepress.compress.checkpoint import declared_dtype
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
@@ -270,8 +271,7 @@ def _fp4_dtype_notes(s) -> list[str]:
     """FP4 weights from a model not in bf16: compressed-tensors (0.20) leaves the weights it decompresses from FP4
     in bf16, so transformers' forward in the config's float16 / float32 fails on them ("expected m1 and m2 to have
     the same dtype"; a helper's find on a float16 source)."""
-    conf = s.reader.config
-    dtype = conf.get("dtype") or conf.get("torch_dtype")
+    dtype = declared_dtype(s.reader.config)
     fp4 = any(formats.FORMATS[m["format"]].element == "fp4" for m in s.layout["modules"].values())
     if not fp4 or dtype in (None, "bfloat16"):
         return []

@@ -19,7 +19,7 @@ from torch import nn
 
 from moepress.compress import formats
 from moepress.compress.arch import get_adapter
-from moepress.compress.checkpoint import CheckpointReader, read_config_file
+from moepress.compress.checkpoint import CheckpointReader, declared_dtype, read_config_file
 from moepress.compress.inspect import storage_format
 from moepress.errors import MoepressError
 from moepress.exporters.ct_layout import ct_matcher, ct_stored
@@ -201,7 +201,7 @@ def _ct_scale_bytes(reader: CheckpointReader | None, cfg: dict) -> int:
         for n in reader.names():
             if n.endswith(".weight_packed") and n[: -len("_packed")] + "_scale" in reader:
                 return 4 if reader.info(n[: -len("_packed")] + "_scale").dtype == "F32" else 2
-    return 2 if str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16") in ("bfloat16", "float16") else 4
+    return 2 if str(declared_dtype(cfg) or "bfloat16") in ("bfloat16", "float16") else 4
 
 
 def model_shape(model: str | Path | dict) -> ModelShape:

@@ -104,9 +104,10 @@ def resized(directory: str | os.PathLike) -> list[tuple[str, int | None, object]
     gone, listed size): a truncated copy or a rewritten file, told without reading their bytes."""
     d, out = Path(directory), []
     for f, v in (read_manifest(d).get("files") or {}).items():
+        listed = v.get("size") if isinstance(v, dict) else None
         now = (d / f).stat().st_size if (d / f).is_file() else None
-        if now != (v.get("size") if isinstance(v, dict) else None):
-            out.append((f, now, v.get("size") if isinstance(v, dict) else None))
+        if now != listed:
+            out.append((f, now, listed))
     return out
 
 

@@ -17,6 +17,7 @@ from moepress.compress.checkpoint.reader import (
     CheckpointReader,
     LayerView,
     TensorInfo,
+    declared_dtype,
     decode_weight,
     read_config_file,
 )
@@ -24,5 +25,6 @@ from moepress.compress.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_NAME,
 from moepress.compress.checkpoint.writer import CheckpointWriter, read_later
 
 __all__ = ["AUX_FILE_PATTERNS", "DTYPE_NAMES", "INDEX_NAME", "SINGLE_NAME", "CheckpointReader", "CheckpointWriter",
-           "LayerView", "TensorInfo", "aux_files", "decode_weight", "read_config_file", "read_later",
+           "LayerView", "TensorInfo", "aux_files", "declared_dtype", "decode_weight", "read_config_file",
+           "read_later",
            "write_safetensors"]

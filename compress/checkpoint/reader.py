@@ -62,6 +62,12 @@ def read_config_file(path: str | Path) -> dict:
     return cfg
 
 
+def declared_dtype(config: dict) -> str | None:
+    """The dtype config.json declares for the model's weights: ``dtype`` (transformers 5 writes and reads it),
+    else ``torch_dtype`` (older ones); None where it declares neither."""
+    return config.get("dtype") or config.get("torch_dtype")
+
+
 def _check_relative(index: Path, name, fname) -> None:
     """An index entry names a shard by a path relative to the model directory: not absolute,
     no '..' (transformers joins it to the directory; an absolute path would replace it)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import moepress.compress.quantize.config as qconfig
 from moepress import __version__
 from moepress.calib.data import calibration_inputs
-from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.checkpoint import CheckpointReader, declared_dtype
 from moepress.compress.checkpoint.resume import ResumeRefused
 from moepress.compress.quantize.config import FORMATS, PROGRESS, QuantConfig
 from moepress.compress.quantize.group import LayerResult
@@ -142,7 +142,7 @@ def model_config(reader: CheckpointReader, hf_quant: dict) -> dict:
     conf.pop("quantization_config", None)
     conf["quantization_config"] = {"quant_method": "modelopt", **hf_quant["quantization"]}
     # transformers 5 writes "dtype" only, older ones "torch_dtype": both name the stored one, not bf16
-    conf["torch_dtype"] = conf.get("dtype") or conf.get("torch_dtype") or "bfloat16"
+    conf["torch_dtype"] = declared_dtype(conf) or "bfloat16"
     return conf
 
 
