@@ -22,6 +22,7 @@ from moepress import models
 from moepress.cli import build as B
 from moepress.errors import MoepressError
 from moepress.exporters import environment as E
+from moepress.pipeline import preflight
 
 H100 = {"gpu": "NVIDIA H100 80GB HBM3", "sm": 90, "count": 8, "cuda": "12.8", "driver": "570.86"}
 
@@ -195,7 +196,9 @@ def test_run_fails_on_a_failed_engine_check_and_a_refusal_replaces_the_old_build
     assert r.exit_code == 1 and "build:h100:trtllm-engine" in r.stderr, r.output
     built = tmp_path / "run" / "build" / "h100-trtllm-engine"
     assert (built / "engine" / "rank0.engine").is_file()
-    # the same run with a build the target refuses: the refusal alone, not beside the earlier engine
+    # the same run with a build the target refuses: the refusal alone, not beside the earlier engine (the
+    # preflight, switched off here, refuses this one before any stage: tests/test_preflight_builds.py)
+    monkeypatch.setattr(preflight, "refuse_unplannable", lambda *a, **k: None)
     recipe["build"]["max_seq_len"] = 4_000_000_000
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
     r = cli_run("run", tmp_path / "r.yaml", "-o", tmp_path / "run", "--quiet")

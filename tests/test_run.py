@@ -678,17 +678,18 @@ def test_other_moepress_code_remakes_the_run(cli_run, tmp_path, monkeypatch, cha
 
 
 def test_a_refused_build_is_recorded_once_and_skipped_on_rerun(cli_run, tmp_path):
-    """A build its plan refuses (8 GPUs for 4 attention heads): refused (refused.txt, no manifest) and recorded; a
-    rerun skips it like any unchanged stage (the completeness test reads refused.txt, not a manifest). (A target
-    that cannot run the quantize format is refused before any stage: test_run_preflight.py.)"""
+    """A build its plan refuses (the onnx engine on the 2 GPUs build.gpus gives the hf-modelopt build beside it):
+    refused (refused.txt, no manifest) and recorded; a rerun skips it like any unchanged stage (the completeness test
+    reads refused.txt, not a manifest). (A plan refused for every export of the recipe, or a target that cannot run
+    the quantize format, is refused before any stage: test_preflight_builds.py, test_run_preflight.py.)"""
     rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "fp8"},
-                       export={"formats": ["hf-modelopt"]}, build={"targets": ["h100-sxm"], "gpus": 8})
+                       export={"formats": ["hf-modelopt", "onnx"]}, build={"targets": ["h100-sxm"], "gpus": 2})
     out = tmp_path / "run"
     assert cli_run("run", rec, "-o", out).exit_code == 0
-    assert "does not divide the 4 attention heads" in (out / "build" / "h100-sxm-trtllm-pytorch" / "refused.txt"
-                                                        ).read_text()
+    assert "the ONNX export runs on one GPU" in (out / "build" / "h100-sxm-tensorrt" / "refused.txt").read_text()
+    assert (out / "build" / "h100-sxm-trtllm-pytorch" / "plan.json").is_file()
     assert cli_run("run", rec, "-o", out).exit_code == 0
-    assert statuses(out)["build:h100-sxm:trtllm-pytorch"] == "skipped"
+    assert statuses(out)["build:h100-sxm:tensorrt"] == "skipped"
 
 
 def test_a_run_reusing_a_directory_removes_the_earlier_recipes_outputs_it_does_not_produce(cli_run, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moepress.errors import MoepressError
+from moepress.pipeline.build_plans import refuse_unplannable
 from moepress.pipeline.recipe import export_config, key_where, recipe_keys
 from moepress.pipeline.structure_checks import (
     refuse_block_grid,
@@ -61,6 +62,7 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
     refuse_unmeasurable_gates(recipe, src)
     refuse_unavailable_exports(recipe, model, src)
     refuse_unbuildable(recipe, model, src)
+    refuse_unplannable(recipe, model, stage, src)
 
 
 def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:

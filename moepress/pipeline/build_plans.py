@@ -1,0 +1,90 @@
+"""Run's preflight of the build section: each (target, export a builder takes) planned as `moepress build` will plan
+it (exporters/plan.py), on the model as the prune leaves it, before any stage runs. A build refused here used to be
+recorded in the run's refused.txt after prune, quantize and export, and the run exited 0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moepress.errors import MoepressError
+from moepress.pipeline.recipe import export_config
+
+# the plan's option names (`moepress build`'s flags), as a recipe spells them; a trtllm-ckpt's GPU count is its
+# export's world size (export.tp: moepress writes pp_size 1), its EP size export.ep
+_KEYS = {"--max-seq-len": "build.max_seq_len", "--max-batch": "build.max_batch"}
+_CKPT_KEYS = {"--gpus": "export.tp", "--ep": "export.ep", "--tp": "export.tp"}
+
+
+def refuse_unplannable(recipe: dict, model: Path, stage, src: str = "recipe") -> None:
+    """Each build target's plan of each export in export.formats that a builder takes: the GPU count (build.gpus, or a
+    trtllm-ckpt's export.tp) against the target, the heads and the experts the prune keeps (``stage``: the preflight's
+    PruneStage, None without a prune), build.max_seq_len against the model, and the fit on the target. Planned in the
+    format the export will hold (one quantize format, rules that give every linear one, or the model's own); a
+    quantize whose rules give several formats is left to the build, but for a trtllm-ckpt's world size."""
+    from moepress.exporters.builders import BUILDERS
+    from moepress.exporters.shape import model_shape
+
+    b = recipe.get("build")
+    exports = (recipe.get("export") or {}).get("formats") or []
+    built = [(x, bd) for x in exports for bd in BUILDERS.values() if x in bd.kinds]
+    if b is None or not b["targets"] or not built:
+        return
+    shape = model_shape(stage.adapter.config_with_experts(stage.budget.keep) if stage is not None else model)
+    name = f"{model} (as the prune leaves it)" if stage is not None else str(model)
+    splits = [x for x, bd in built if bd.runtime != "onnx"]
+    for target in b["targets"]:
+        for export, builder in built:
+            if builder.runtime == "onnx" and splits and b["gpus"] not in (None, 1):
+                continue  # build.gpus is the other exports' count: the onnx build's refusal is recorded beside them
+            fmt = planned_format(recipe, model, export)
+            try:
+                _plan(recipe, shape, target, export, builder.runtime, fmt)
+            except MoepressError as e:
+                why = _recipe_words(str(e).removeprefix(f"--target {target}: "), export, name)
+                raise MoepressError(f"{src}: build.targets {target} ({export} export): {why}") from None
+
+
+def _plan(recipe: dict, shape, target: str, export: str, runtime: str, fmt: str | None) -> None:
+    """The build's plan (exporters/build.py _resolve), with what the export fixes: a trtllm-ckpt's world size and EP
+    size, a KV cache the quantize calibrates into an export that carries it. ``fmt`` None (rules giving several
+    formats): the world size only."""
+    from moepress.exporters import kv_cache
+    from moepress.exporters.plan import plan
+
+    b, q = recipe["build"], recipe.get("quantize") or {}
+    gpus, ep = b["gpus"], None
+    if export == "trtllm-ckpt":
+        cfg = export_config(recipe["export"], export)
+        if gpus is not None and gpus != cfg.tp:
+            raise MoepressError(f"build.gpus {gpus}: the trtllm-ckpt export is written for world size {cfg.tp} "
+                                f"(export.tp); expected build.gpus {cfg.tp}, or no build.gpus (the export fixes it)")
+        gpus, ep = cfg.tp, cfg.ep
+    if fmt is None:
+        return
+    kv = q.get("kv_cache") if runtime != "onnx" and q.get("kv_cache") in kv_cache.KV_CACHE else kv_cache.DEFAULT
+    p = plan(shape, target, fmt, gpus=gpus, ep=ep, max_seq_len=b["max_seq_len"], max_batch=b["max_batch"],
+             kv_cache_dtype=kv, runtime=runtime, export=export)
+    if p.unloadable:
+        raise MoepressError(p.unloadable)
+
+
+def planned_format(recipe: dict, model: Path, export: str) -> str | None:
+    """The weight format the build will plan ``export`` in (exporters/artifacts.artifact_format): hf-fp8-block's
+    block FP8, the quantize's one format, or the model's own; None where the rules give several."""
+    from moepress.exporters.plan import default_format
+    from moepress.pipeline.one_format import as_one_format
+
+    if export == "hf-fp8-block":
+        return "fp8-block"
+    if recipe.get("quantize") is None:
+        return default_format(model, ct=export != "onnx")
+    q = as_one_format(recipe, model)["quantize"]
+    return None if q.get("rules") else q["format"]
+
+
+def _recipe_words(msg: str, export: str, name: str) -> str:
+    """A plan's refusal in the recipe's keys: its flags as build (or a trtllm-ckpt's export) keys, its model as
+    the recipe's."""
+    for flag, key in ({**_KEYS, **_CKPT_KEYS} if export == "trtllm-ckpt" else _KEYS).items():
+        msg = msg.replace(flag, key)
+    return msg.replace("--gpus", "build.gpus").replace("<config>", name)
