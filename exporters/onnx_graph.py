@@ -139,8 +139,13 @@ class GraphBuilder:
         input"): stacked quantized experts are dequantized one by one and concatenated."""
         g, stacked = self.g, names is not None
         scheme = lins[0].scheme
-        if any(x.scheme != scheme for x in lins):
-            raise MoepressError(f"{self.reader.path}: '{name}' mixes quantization schemes across experts")
+        odd = next((i for i, x in enumerate(lins) if x.scheme != scheme), None)
+        if odd is not None:  # a layer's experts are one stacked weight: one scheme for all of them
+            each = names or [name] * len(lins)
+            how = [stored_name(s) if s != "none" else "unquantized" for s in (lins[odd].scheme, scheme)]
+            raise MoepressError(f"{self.reader.path}: {each[odd]} is stored {how[0]} and {each[0]} {how[1]}; "
+                                "the onnx export stacks a layer's experts, which takes one format for every expert: "
+                                "quantize them alike (one format, or rules that give every expert of a layer the same)")
         self.schemes.add(stored_name(scheme))
         if stacked and scheme != "none":
             ws = [g.op("Unsqueeze", [self.weight(n, [x]), g.const([0])]) for n, x in zip(names, lins, strict=True)]
