@@ -92,9 +92,11 @@ SUPPORTED = {n: f.ct_format for n, f in formats.FORMATS.items() if f.ct_format}
 FIRST = ("fp8", "fp8-dynamic", "fp8-block", "int4-gptq")  # what a bf16 source is quantized to first
 
 
-def _schemes(src: Path, s) -> tuple[dict[tuple[str, int | None], object], str]:
+def layout_schemes(src: Path, s) -> tuple[dict[tuple[str, int | None], object], str]:
     """The compressed-tensors scheme of each (format, group size) the source holds (Format.ct_scheme;
-    targets ["Linear"] when there is one, else the module names), and the one CT format they share."""
+    targets ["Linear"] when there is one, else the module names), and the one CT format they share; refused in one
+    line where the layout has no compressed-tensors form (also asked by run's preflight of the layout a recipe's
+    quantize rules would write: moepress/pipeline/rule_layouts.py)."""
     require_layout(s, "compressed-tensors", lambda: quantize_first(s, "compressed-tensors", FIRST))
     fmts = s.formats
     # first what has no form at all (w4a8-awq, folded or not), so that the --awq-fold hint below is never a loop
@@ -350,7 +352,7 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     s = open_source(src)
-    schemes, ct_format = _schemes(src, s)
+    schemes, ct_format = layout_schemes(src, s)
     modules = s.layout["modules"]
     compressor = BaseCompressor.get_value_from_registry(ct_format)
     r, a = s.reader, s.adapter

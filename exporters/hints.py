@@ -106,7 +106,7 @@ def int4_routes(s, refusing: str) -> str:
     then export compressed-tensors (...), or export onnx (...)"), built from what each exporter takes (so that no hint
     names an export that refuses the same source): onnx every INT4 format; hf-modelopt routed experts whose
     format a runtime loads from a Model-Optimizer checkpoint (hf_modelopt.refuse_unloadable_experts); a
-    compressed-tensors form for int4-gptq and folded int4-awq only (compressed_tensors._schemes); both
+    compressed-tensors form for int4-gptq and folded int4-awq only (compressed_tensors.layout_schemes); both
     need a layer's experts quantized alike (fused_moe.refuse_unlike). Empty when the source is not INT4."""
     modules = (s.layout or {}).get("modules") or {}
     fs = [formats.FORMATS[f] for f in sorted({m["format"] for m in modules.values()}) if f in formats.FORMATS]

@@ -145,6 +145,7 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
     from moepress.compress.checkpoint import CheckpointReader
     from moepress.exporters import exporters
     from moepress.pipeline.one_format import read_as_one_format
+    from moepress.pipeline.rule_layouts import refuse_rule_layouts
 
     formats = (recipe.get("export") or {}).get("formats") or []
     if not formats:
@@ -166,6 +167,7 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
     with read_as_one_format(recipe, model) as one:  # rules giving every linear one format: asked as that format
         refuse_written_formats(one, formats, reg)
         refuse_ct_forms(one, formats, model)
+        refuse_rule_layouts(one, model, formats, src)  # rules giving several formats: the layout they write
     refuse_modelopt_experts(recipe, adapter, formats)
     refuse_block_grid(recipe, model, formats)
     fusing = [f for f in ("compressed-tensors", "hf-modelopt") if f in formats]

@@ -1,0 +1,46 @@
+"""Quantize rules that give several formats (or one beside linears left unquantized) are asked as the layout they
+write: run's preflight refuses, before any stage, each export that refuses that quantize output, and takes each that
+exports it. They passed the preflight's checks of one format, and the export refused the output after prune and
+quantize. The exports themselves are the oracle: the rules are quantized and each export is run."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import cli_quantized
+from moepress import models
+from moepress.errors import MoepressError
+from moepress.exporters import ExportConfig, export
+from moepress.pipeline.preflight import preflight
+from moepress.pipeline.recipe import normalise
+
+MODEL = "tiny-mixtral"
+EXPORTS = ["trtllm-ckpt", "onnx", "compressed-tensors", "hf-modelopt", "hf-fp8-block"]
+
+
+def _refused(fn) -> str | None:
+    try:
+        fn()
+    except MoepressError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("fmt,rules,taken", [
+    # attention left bf16: trtllm-ckpt has one quant_algo, hf-fp8-block writes block FP8 only
+    ("fp8", {"self_attn.*": "none"}, {"onnx", "compressed-tensors", "hf-modelopt"}),
+    # NVFP4 experts beside FP8 attention: one compressed-tensors format per checkpoint; onnx / trtllm-ckpt write no FP4
+    ("fp8", {"block_sparse_moe.experts.*": "nvfp4"}, {"hf-modelopt"}),
+    # one expert of each layer left bf16: a fused MoE (and onnx's stacked experts) takes one format for all
+    ("fp8", {"block_sparse_moe.experts.0.*": "none"}, set()),
+])
+def test_the_preflight_refuses_the_exports_that_refuse_what_the_rules_write(tmp_path, fmt, rules, taken):
+    args = [a for pat, f in rules.items() for a in ("--rule", f"{pat}={f}")]
+    q = cli_quantized(tmp_path / "q", MODEL, "--format", fmt, *args, "--num-samples", "2", "--seq-len", "32")
+    for x in EXPORTS:
+        by_export = _refused(lambda: export(q, tmp_path / x, ExportConfig(format=x)))
+        raw = {"model": MODEL, "check": None, "quantize": {"format": fmt, "rules": rules}, "export": {"formats": [x]}}
+        by_preflight = _refused(lambda: preflight(normalise(raw), models.path(MODEL)))
+        assert (by_export is None) == (x in taken), (x, by_export)
+        assert (by_preflight is None) == (by_export is None), (x, by_preflight, by_export)
+        assert by_preflight is None or f"export.formats {x}" in by_preflight, by_preflight
