@@ -18,9 +18,9 @@ MODEL = "tiny-mixtral"
 EXPORTS = ["trtllm-ckpt", "onnx", "compressed-tensors", "hf-modelopt", "hf-fp8-block"]
 
 
-def _refused(fn) -> str | None:
+def _refused(fn, *args) -> str | None:
     try:
-        fn()
+        fn(*args)
     except MoepressError as e:
         return str(e)
     return None
@@ -38,9 +38,9 @@ def test_the_preflight_refuses_the_exports_that_refuse_what_the_rules_write(tmp_
     args = [a for pat, f in rules.items() for a in ("--rule", f"{pat}={f}")]
     q = cli_quantized(tmp_path / "q", MODEL, "--format", fmt, *args, "--num-samples", "2", "--seq-len", "32")
     for x in EXPORTS:
-        by_export = _refused(lambda: export(q, tmp_path / x, ExportConfig(format=x)))
+        by_export = _refused(export, q, tmp_path / x, ExportConfig(format=x))
         raw = {"model": MODEL, "check": None, "quantize": {"format": fmt, "rules": rules}, "export": {"formats": [x]}}
-        by_preflight = _refused(lambda: preflight(normalise(raw), models.path(MODEL)))
+        by_preflight = _refused(preflight, normalise(raw), models.path(MODEL))
         assert (by_export is None) == (x in taken), (x, by_export)
         assert (by_preflight is None) == (by_export is None), (x, by_preflight, by_export)
         assert by_preflight is None or f"export.formats {x}" in by_preflight, by_preflight
