@@ -184,8 +184,10 @@ def ct_route(s: Source, modules: dict) -> str:
     per-tensor FP8 re-quantize (any width, no blocks): routed experts left unquantized or quantized unlike the rest
     of their layer, or block-FP8 parts that vLLM fuses not whole 128-row blocks (:func:`partial_fused_blocks`), are
     refused there (compressed_tensors.py ``_refuse_misread_experts``), as FP4 routed experts of widths its FP4
-    fused-MoE kernels cannot run are (fused_moe.refuse_fp4_expert_widths)."""
-    takes = alike_experts(s, modules) and not partial_fused_blocks(s, modules)
+    fused-MoE kernels cannot run are (fused_moe.refuse_fp4_expert_widths), as formats of two compressed-tensors
+    formats are (one per checkpoint: compressed_tensors.layout_schemes)."""
+    cts = {getattr(formats.FORMATS.get(m["format"]), "ct_format", None) for m in modules.values()}
+    takes = len(cts) == 1 and None not in cts and alike_experts(s, modules) and not partial_fused_blocks(s, modules)
     return CT if takes and not _fp4_experts_refused(s, modules) else FP8_THEN_CT
 
 

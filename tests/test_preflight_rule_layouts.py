@@ -44,3 +44,22 @@ def test_the_preflight_refuses_the_exports_that_refuse_what_the_rules_write(tmp_
         assert (by_export is None) == (x in taken), (x, by_export)
         assert (by_preflight is None) == (by_export is None), (x, by_preflight, by_export)
         assert by_preflight is None or f"export.formats {x}" in by_preflight, by_preflight
+
+
+def test_mixed_ct_formats_are_told_before_the_quantize_and_not_sent_to_compressed_tensors(cli_run, tmp_path):
+    """MXFP4 experts beside FP8 attention: hf-modelopt has no MXFP4 quant_algo and compressed-tensors takes one
+    compressed-tensors format per checkpoint. The quantize names both exports as refusing its output (it named
+    hf-modelopt only), and hf-modelopt's refusal sends it through an FP8 re-quantize, not straight to
+    compressed-tensors, which refuses it."""
+    import json
+
+    r = cli_run("quantize", MODEL, "--format", "fp8", "--rule", "block_sparse_moe.experts.*=mxfp4", "--num-samples",
+                "2", "--seq-len", "32", "-o", tmp_path / "q", "--json")
+    assert r.exit_code == 0, r.output
+    refusing = json.loads(r.stdout)["exports_refusing"]
+    assert set(refusing) == {"compressed-tensors", "hf-modelopt"}, refusing
+    assert "mixes fp8, mxfp4" in refusing["compressed-tensors"]
+    ct = _refused(export, tmp_path / "q", tmp_path / "ct", ExportConfig(format="compressed-tensors"))
+    assert ct is not None and "mixes fp8, mxfp4" in ct, ct
+    hf = _refused(export, tmp_path / "q", tmp_path / "hf", ExportConfig(format="hf-modelopt"))
+    assert hf is not None and "have no modelopt quant_algo; quantize with --format fp8" in hf, hf

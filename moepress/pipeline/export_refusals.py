@@ -13,6 +13,7 @@ from moepress.pipeline.preflight import (
     refuse_fused_blocks,
     refuse_modelopt_experts,
 )
+from moepress.pipeline.rule_layouts import refuse_rule_layouts
 from moepress.pipeline.structure_checks import refuse_block_grid
 
 
@@ -22,8 +23,8 @@ def quantize_export_refusals(quantize: dict, model: Path) -> dict[str, str]:
     experts, which no runtime loads from a Model-Optimizer checkpoint; AWQ's unfolded pre_quant_scale, which
     compressed-tensors has no form for), then the widths (the routed experts' scheme, FP4 kernel widths, partial
     FP8 blocks); and hf-fp8-block's: a block format given to no linear whose 128x128 grid every runtime computes.
-    The preflight's checks of a recipe; an export that does not write the format at all is not named (every
-    quantize would be told of it).
+    The preflight's checks of a recipe (rules of several formats: of the layout they write); an export that does not
+    write the format at all is not named (every quantize would be told of it).
     A standalone `moepress quantize` says them before it runs, so that hours of quantizing are not followed by the
     export's refusal."""
     from moepress.compress.arch import get_adapter
@@ -40,8 +41,10 @@ def quantize_export_refusals(quantize: dict, model: Path) -> dict[str, str]:
             refuse_ct_forms(recipe, [export], model)
             refuse_expert_schemes(recipe, [export], adapter)
             refuse_fused_blocks(recipe, model, [export])
+            refuse_rule_layouts(recipe, model, [export])  # rules of several formats: the layout they write
         except MoepressError as e:
-            out[export] = str(e).removeprefix(f"recipe export.formats {export}: ").removeprefix(f"--format {export}: ")
+            out[export] = str(e).removeprefix(f"recipe export.formats {export}: ").removeprefix(
+                f"recipe: export.formats {export}: ").removeprefix(f"--format {export}: ")
     try:  # a block format given to no linear hf-fp8-block writes in blocks (another format: not one it takes)
         refuse_block_grid(recipe, model, ["hf-fp8-block"])
     except MoepressError as e:
