@@ -146,15 +146,17 @@ def test_a_folded_awq_candidate_compares_block_by_block_as_an_unfolded_one(tmp_p
 
 
 def test_peer_ratios_group_by_form_floor_and_count():
-    """Each error over the median of its form's; fewer than 3 alike: none; an exact group (median 0) reads the
-    floor, so one broken block among exact copies stands out; a NaN error's ratio is NaN; a judged block (the
-    shared experts) is held to a group without joining it."""
+    """Each error over the median of its form's; fewer than 3 alike: none, 3: judged; an exact group (median 0)
+    reads the floor, so one broken block among exact copies stands out; a NaN error's ratio is NaN; a judged block
+    (the shared experts) is held to a group without joining it."""
     errs = [0.1, 0.1, 0.08, 0.3, 0.12, 0.0, 0.0, 0.0, 0.02, 0.5, 0.5]
     forms = ["a"] * 5 + ["x"] * 4 + ["b"] * 2
     ratios, judged = peer_ratios(errs, forms, [(0.22, "a"), (0.1, "b"), (math.nan, "a")])
     assert ratios[:5] == pytest.approx([1.0, 1.0, 0.8, 3.0, 1.2], rel=1e-9)
     assert ratios[5:9] == pytest.approx([0.0, 0.0, 0.0, 0.02 / FLOOR], rel=1e-9) and ratios[9:] == [None, None]
     assert judged[0] == pytest.approx(2.2) and judged[1] is None and math.isnan(judged[2])
+    ratios, _ = peer_ratios([0.1, 0.1, 0.4], ["c"] * 3)  # exactly 3 alike: judged (a group of 3 experts)
+    assert ratios == pytest.approx([1.0, 1.0, 4.0], rel=1e-9)
     ratios, _ = peer_ratios([0.1, 0.1, math.nan, 0.1], ["a"] * 4)
     assert ratios[:2] == [1.0, 1.0] and math.isnan(ratios[2])
     ratios, _ = peer_ratios([0.1, math.inf, 0.1, 0.1], ["a"] * 4)  # inf over a finite median: inf

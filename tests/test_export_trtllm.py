@@ -332,16 +332,18 @@ def test_normalization_mode_follows_norm_topk_prob(tmp_path, norm):
     assert json.loads((tmp_path / "o" / "config.json").read_text())["moe"]["normalization_mode"] == int(norm)
 
 
-def test_lm_head_rows_padded_to_a_multiple_of_tp(tmp_path):
-    """A vocabulary tp does not divide (255 over 2 ranks): each rank's lm_head has 128 rows, the first 255 are the
-    source's and the padding is zero (TensorRT-LLM _utils.pad_vocab_size)."""
+@pytest.mark.parametrize("tp", [2, 4])
+def test_lm_head_rows_padded_to_a_multiple_of_tp(tmp_path, tp):
+    """A vocabulary tp does not divide (255 over 2 or 4 ranks): each rank's lm_head has ceil(255 / tp) rows, the
+    first 255 are the source's and the padding is zero (TensorRT-LLM _utils.pad_vocab_size). At tp 4 the padding is
+    1 row, not 255 % 4 = 3 (at tp 2 they agree)."""
     from helpers import make_random_checkpoint
     from moepress.exporters import ExportConfig, export
 
     src = make_random_checkpoint("mixtral", tmp_path / "m", vocab_size=255)
-    export(src, tmp_path / "o", ExportConfig(format="trtllm-ckpt", tp=2, ep=1))
-    heads = [load_rank(tmp_path / "o", r)["lm_head.weight"] for r in (0, 1)]
-    assert [h.shape[0] for h in heads] == [128, 128]
+    export(src, tmp_path / "o", ExportConfig(format="trtllm-ckpt", tp=tp, ep=1))
+    heads = [load_rank(tmp_path / "o", r)["lm_head.weight"] for r in range(tp)]
+    assert [h.shape[0] for h in heads] == [-(-255 // tp)] * tp
     full = torch.cat(heads)
     assert torch.equal(full[:255], CheckpointReader(src).get("lm_head.weight").bfloat16()) and not full[255:].any()
 

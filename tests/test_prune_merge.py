@@ -262,6 +262,21 @@ def test_merge_of_experts_it_cannot_write_back_is_refused_before_any_layer(kw):
         PruneStage(models.path("tiny-qwen3-moe-mxfp4"), PruneConfig(ratio=0.5, **kw))
 
 
+def test_merge_of_calibrated_down_projections_is_refused_before_any_layer(tmp_path):
+    """int4-gptq down projections (a ``moepress quantize`` output): a merged one could only be re-rounded to nearest,
+    without the calibration that made its codes, and would still be labelled int4-gptq; refused in one line when the
+    prune is set up, naming the tensor and its format."""
+    from moepress.compress.prune.stage import PruneStage
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    q = tmp_path / "q"
+    quantize_checkpoint(models.path("tiny-mixtral"), q, QuantConfig(format="int4-gptq"),
+                        batches=[torch.randint(0, 200, (2, 32), generator=g)])
+    with pytest.raises(MoepressError, match=r"experts\.0\.w2' is stored as .*its calibrated format int4-gptq"):
+        PruneStage(q, PruneConfig(ratio=0.5, method="merge"))
+
+
 def test_merge_of_calibrated_gate_up_with_float_down_rewrites_only_down(tmp_path):
     """A ``moepress quantize`` output whose experts' gate/up projections are int4-gptq (calibrated: no merge
     could re-quantize them) and whose down projections stayed bf16 merges: a fold rewrites only down
