@@ -118,6 +118,10 @@ def _resolve(artifact: Path, target: str | Target, out: Path, o: BuildOptions) -
     if o.hardware_compatibility != "none" and not b.hardware_compatibility:
         raise MoepressError(f"--hardware-compatibility {o.hardware_compatibility}: only a TensorRT engine built from "
                             f"an onnx export takes it; the {b.name} builder ({kind} export) would not apply it")
+    if b.runtime == "onnx" and o.kv_cache_dtype != kv_cache.DEFAULT:  # would change the plan's words only
+        raise MoepressError(f"--kv-cache-dtype {o.kv_cache_dtype}: a TensorRT engine from the ONNX export has no KV "
+                            "cache (each call runs the whole sequence); expected no --kv-cache-dtype, or the "
+                            "trtllm-ckpt / hf-modelopt exports")
     config = read_json(artifact_dir(artifact) / "config.json") or {}
     if b.remote_code is not None and not o.trust_remote_code:
         why = b.remote_code(artifact_dir(artifact), config)

@@ -297,6 +297,9 @@ def test_bad_input(cli_run, ckpt, onnx_dir, tmp_path):
         (("build", ckpt, "--target", "h100", "--ep", "1"), "--ep 1: " + str(ckpt) + " was exported with moe_ep_size 2"),
         (("build", ckpt, "--target", "h100", "--max-seq-len", "1025"), "has max_position_embeddings 1024"),
         (("build", onnx_dir, "--target", "h100", "--ep", "2"), "--ep 2: a TensorRT engine from the ONNX export"),
+        # accepted before: build.sh byte for byte the bf16 one, the plan "KV cache fp8" beside "no KV cache"
+        (("build", onnx_dir, "--target", "h100", "--kv-cache-dtype", "fp8"),
+         "--kv-cache-dtype fp8: a TensorRT engine from the ONNX export has no KV cache"),
     ]
     for args, msg in cases:
         r = cli_run(*args, "-o", tmp_path / "x", "--dry-run")

@@ -254,6 +254,23 @@ def test_yaml_merge_keys_and_home_paths_read_as_written(tmp_path, monkeypatch):
     assert r["output"] == str(tmp_path / "home" / "out")
 
 
+def test_an_anchor_defined_under_an_x_key_merges(tmp_path):
+    """A top-level key holding the anchor (``x-base: &b {...}``, as Compose files do) was refused as unknown, so
+    ``<<: *anchor`` worked only with the anchor inside a section; an x- key is not read, any other unknown key is
+    refused."""
+    from moepress.errors import MoepressError
+    from moepress.pipeline.recipe import load_recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text("x-fp8: &q {format: fp8, kv_cache: fp8}\nmodel: tiny-qwen3-moe\nquantize:\n  <<: *q\n  format: "
+                 "fp8-dynamic\n")
+    r, _ = load_recipe(p)
+    assert r["quantize"]["format"] == "fp8-dynamic" and r["quantize"]["kv_cache"] == "fp8" and "x-fp8" not in r
+    p.write_text("base: &q {format: fp8}\nmodel: tiny-qwen3-moe\nquantize: *q\n")
+    with pytest.raises(MoepressError, match="unknown key 'base'"):
+        load_recipe(p)
+
+
 def test_an_already_quantized_model_is_refused_before_the_prune(cli_run, tmp_path):
     """A recipe quantizing a moepress quantize output ran its prune, then quantize refused naming the prune's
     directory."""

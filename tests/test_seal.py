@@ -77,3 +77,14 @@ def test_a_key_shorter_than_32_characters_is_refused_and_one_of_32_is_used(tmp_p
         sealing.load_key()
     p.write_text("y" * 32 + "\n")
     assert sealing.load_key() == b"y" * 32
+
+
+def test_a_key_of_raw_bytes_is_refused_saying_what_a_key_is(tmp_path, monkeypatch):
+    """`head -c 64 /dev/urandom > KEY` was refused as "cannot read the manifest key ('ascii' codec can't decode
+    ...)": a key file is text, which the line now says."""
+    p = tmp_path / "manifest.key"
+    monkeypatch.setenv("MOEPRESS_KEY_FILE", str(p))
+    p.write_bytes(bytes(range(128, 192)))
+    os.chmod(p, 0o600)
+    with pytest.raises(MoepressError, match="not a manifest key \\(not ASCII text\\); expected at least 32 ASCII"):
+        sealing.load_key()

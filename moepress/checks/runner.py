@@ -39,6 +39,12 @@ from moepress.exporters.artifacts import misloading_consumers
 PROMPT_TOKENS = 16
 
 
+def windowed(src: str | None) -> bool:
+    """Whether the check's data ``src`` is read as consecutive windows (a text file, or None: the bundled held-out
+    text), which no seed draws."""
+    return src is None or (Path(src).suffix.lower() in TEXT_SUFFIXES and not Path(src).is_dir())
+
+
 def eval_data(ref_dir: Path, cfg: CheckConfig) -> tuple[list[torch.Tensor], dict]:
     """Token batches [B, seq_len] from the held-out data, tokenized with the reference's tokenizer.
 
@@ -47,7 +53,7 @@ def eval_data(ref_dir: Path, cfg: CheckConfig) -> tuple[list[torch.Tensor], dict
     ``max_samples`` samples drawn with ``seed``.
     """
     src = cfg.data
-    if src is None or (Path(src).suffix.lower() in TEXT_SUFFIXES and not Path(src).is_dir()):
+    if windowed(src):
         path = Path(src) if src else DEFAULT_EVAL
         rows = torch.cat(eval_batches(ref_dir, path, cfg.seq_len, cfg.max_samples, cfg.trust_remote_code))
         info = {"source": str(path), "windows": "consecutive"}

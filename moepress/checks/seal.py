@@ -41,8 +41,11 @@ def _read(path: Path) -> bytes:
     try:
         st = path.stat()
         text = path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MoepressError(f"{path}: cannot read the manifest key ({getattr(e, 'strerror', None) or e})") from None
+    except UnicodeDecodeError:  # raw random bytes (head -c 64 /dev/urandom): the key is text
+        raise MoepressError(f"{path}: not a manifest key (not ASCII text); expected at least 32 ASCII characters, "
+                            "as the 64 hex digits of a made key (e.g. `openssl rand -hex 32`)") from None
+    except OSError as e:
+        raise MoepressError(f"{path}: cannot read the manifest key ({e.strerror or e})") from None
     if st.st_mode & 0o077:
         raise MoepressError(f"{path}: the manifest key may be read or written by others (mode "
                             f"{st.st_mode & 0o777:o}); expected mode 600 (chmod 600 {path})")

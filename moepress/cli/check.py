@@ -216,11 +216,16 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
         write_report,
     )
     from moepress.checks.config import GATE_FIELDS, failure_line, parse_fraction
+    from moepress.checks.runner import windowed
     from moepress.errors import MoepressError
     from moepress.progress import Progress
 
     if generate == 0 and given("gen_tokens"):  # would have no effect
         raise MoepressError(f"--gen-tokens {gen_tokens}: only with --generate N (N prompts to generate from)")
+    if given("seed") and windowed(data):  # would have no effect
+        raise MoepressError(f"--seed {seed}: {'the text --data' if data else 'the bundled held-out text'} is read "
+                            "as consecutive windows, which no seed draws; expected --seed with JSONL, Parquet, a "
+                            "dataset folder or hf:NAME data")
     for name in GATE_FIELDS:  # refused under the option's name; CheckConfig parses the value as written (a
         parse_fraction(gate_options[name], "--" + name.replace("_", "-"))  # parsed 150% would read as a bare 1.5)
     gates = {name: gate_options[name] for name in GATE_FIELDS}

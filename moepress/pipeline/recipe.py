@@ -54,7 +54,8 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
     """Validate ``raw`` and return the effective recipe (defaults filled; skipped stages None)."""
     if not isinstance(raw, dict):
         raise MoepressError(f"{src}: expected a YAML mapping at the top level")
-    bad = sorted(set(raw) - TOP, key=str)
+    # x- keys hold what other keys refer to (YAML anchors for ``<<: *anchor``), as in Compose files; never read
+    bad = sorted({k for k in raw if not (isinstance(k, str) and k.startswith("x-"))} - TOP, key=str)
     if bad:
         raise MoepressError(f"{src}: unknown key '{bad[0]}' (expected {', '.join(sorted(TOP))})")
     if not isinstance(raw.get("model"), str) or not raw["model"]:
