@@ -279,3 +279,22 @@ def test_safetensors_bytes_are_safetensors_own_bytes_whatever_the_dict_order():
     assert ckpt_io.safetensors_bytes(t) == save(t)
     back = load(ckpt_io.safetensors_bytes(t, {"format": "x", "version": "1"}))
     assert set(back) == set(t) and all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in t.items())
+
+
+@pytest.mark.parametrize("layers", [0, 1])
+def test_an_interrupt_keeps_the_partial_only_where_a_layer_finished(tmp_path, layers):
+    """Ctrl-C before any layer finished said "the finished layers are kept in OUT.partial: rerun with --resume",
+    and the --resume then said there was no finished layer to keep: the partial is removed and nothing is said."""
+    from moepress.compress.checkpoint.writer import CheckpointWriter
+
+    out = tmp_path / "o"
+    with pytest.raises(KeyboardInterrupt) as e:
+        with CheckpointWriter(out, resume_key={"k": 1}) as w:
+            for i in range(layers):
+                w.add(f"model.layers.{i}.w", torch.ones(4))
+                w.end_shard()
+            w.add(f"model.layers.{layers}.w", torch.ones(4))  # the layer the interrupt cuts
+            raise KeyboardInterrupt
+    partial = tmp_path / "o.partial"
+    assert getattr(e.value, "kept", None) == (partial if layers else None)
+    assert partial.is_dir() == bool(layers) and not out.exists()

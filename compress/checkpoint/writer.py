@@ -352,7 +352,8 @@ class CheckpointWriter:
             except BaseException:  # e.g. a full disk while writing the index or the manifest
                 self.abort()
                 raise
-        elif isinstance(exc, KeyboardInterrupt) and self.resume_key is not None and self.partial.is_dir():
+        elif isinstance(exc, KeyboardInterrupt) and self.resume_key is not None and self.partial.is_dir() \
+                and max(self._ends, default=0) > 0:  # a layer finished (a boundary past a shard), here or before
             self.abort(keep=True)  # Ctrl-C / SIGTERM: the finished layers stay, as a kill leaves them
             exc.kept = self.partial
         elif getattr(exc, "keep_partial", False) and self.partial.is_dir():
