@@ -21,7 +21,7 @@ FP8 = {"format": "fp8"}
     ({"quantize": FP8, "export": {"formats": ["hf-modelopt"]}, "build": {"gpus": 2, "dry-run": True}},
      "build.targets: required: the section sets dry_run, gpus but names no targets"),
     ({"quantize": FP8, "export": {"formats": ["onnx"], "options": {"bogus": 1}}}, "export.options bogus: not an"),
-    ({"quantize": FP8, "check": {"data": "/nonexistent/eval.txt"}}, "check: /nonexistent/eval.txt: file not found"),
+    ({"quantize": FP8, "check": {"data": "/nonexistent/eval.txt"}}, "check.data /nonexistent/eval.txt: file not found"),
     ({"quantize": FP8, "check": {"seq_len": 5000}}, "check.seq_len 5000: "),
     # a prune or calib value made OUT and wrote recipe.yaml there first, and named --method / --calib
     ({"prune": {"ratio": 0.25, "method": "bogus"}}, "prune.method bogus: expected one of"),

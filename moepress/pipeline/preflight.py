@@ -57,7 +57,7 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
             refuse_config(export_config(recipe["export"], fmt))
     refuse_mapping(recipe, model, stage, src)  # trtllm-ckpt's tp / ep, with the experts the prune keeps
     if recipe["check"] is not None:
-        with recipe_keys(src, "check"):
+        with recipe_keys(src, "check", files="data"):
             eval_data(model, CheckConfig.from_dict(recipe["check"], where=key_where(src, "check")))
     refuse_unmeasurable_gates(recipe, src)
     refuse_unavailable_exports(recipe, model, src)
