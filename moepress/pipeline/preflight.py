@@ -10,7 +10,9 @@ from pathlib import Path
 
 from moepress.errors import MoepressError
 from moepress.pipeline.build_plans import refuse_unplannable
+from moepress.pipeline.one_format import read_as_one_format
 from moepress.pipeline.recipe import export_config, key_where, recipe_keys
+from moepress.pipeline.rule_layouts import refuse_rule_layouts
 from moepress.pipeline.structure_checks import (
     refuse_block_grid,
     refuse_mapping,
@@ -63,6 +65,8 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
     refuse_unavailable_exports(recipe, model, src)
     refuse_unbuildable(recipe, model, src)
     refuse_unplannable(recipe, model, stage, src)
+    with read_as_one_format(recipe, model) as one:  # last: the checks above name the ways of one format or rule
+        refuse_rule_layouts(one, model, (recipe.get("export") or {}).get("formats") or [], src)
 
 
 def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
@@ -144,8 +148,6 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
     from moepress.compress.arch import get_adapter
     from moepress.compress.checkpoint import CheckpointReader
     from moepress.exporters import exporters
-    from moepress.pipeline.one_format import read_as_one_format
-    from moepress.pipeline.rule_layouts import refuse_rule_layouts
 
     formats = (recipe.get("export") or {}).get("formats") or []
     if not formats:
@@ -167,7 +169,6 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
     with read_as_one_format(recipe, model) as one:  # rules giving every linear one format: asked as that format
         refuse_written_formats(one, formats, reg)
         refuse_ct_forms(one, formats, model)
-        refuse_rule_layouts(one, model, formats, src)  # rules giving several formats: the layout they write
     refuse_modelopt_experts(recipe, adapter, formats)
     refuse_block_grid(recipe, model, formats)
     fusing = [f for f in ("compressed-tensors", "hf-modelopt") if f in formats]
