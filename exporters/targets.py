@@ -225,13 +225,17 @@ def pick_format(target: Target, bits: int) -> tuple[str, str]:
 
 
 def render(targets=None) -> str:
+    """The catalog as a table; under a target, the other names it answers to (``h100-sxm``)."""
+    ts = list(targets or TARGETS.values())
     rows = [("target", "GPU", "SM", "memory", "bandwidth", "interconnect", "formats")]
-    for t in targets or TARGETS.values():
-        rows.append((t.name, t.gpu, f"sm{t.sm}", f"{t.memory_gb:g} GB", f"{t.bandwidth_gbs / 1000:g} TB/s",
-                     f"{t.interconnect} ({t.link_gbs:g} GB/s)", ", ".join(t.formats)))
+    rows += [(t.name, t.gpu, f"sm{t.sm}", f"{t.memory_gb:g} GB", f"{t.bandwidth_gbs / 1000:g} TB/s",
+              f"{t.interconnect} ({t.link_gbs:g} GB/s)", ", ".join(t.formats)) for t in ts]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1]
-                     for r in rows)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
+    out = lines[:1]
+    for t, line in zip(ts, lines[1:], strict=True):
+        out += [line] + ([f"  also: {', '.join(t.aliases)}"] if t.aliases else [])
+    return "\n".join(out)
 
 
 __all__ = ["KV_CACHE", "PRODUCED", "UNQUANTIZED", "Target", "TARGETS", "register_target", "get_target", "check_format",

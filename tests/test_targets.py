@@ -60,6 +60,9 @@ def test_targets_cli(cli_run):
     assert d["h200"]["compute_capability"] == "9.0" and "fp8-block" in d["h200"]["formats"]
     r = cli_run("targets")
     assert r.exit_code == 0 and "rtx-pro-6000" in r.output and "sm120" in r.output
+    # the default recipe's h100-sxm was a name no listing showed: each target's other names follow its row
+    lines = r.output.splitlines()
+    assert lines[lines.index(next(ln for ln in lines if ln.startswith("h100 "))) + 1] == "  also: h100-sxm"
 
 
 def test_kv_cache_bytes_per_value_are_the_formats():
