@@ -149,6 +149,7 @@ class CheckpointWriter:
         self._take_partial(resume)
         self._next = len(self._shards)
         self._inherited = len(self._shards)  # shards of an earlier run: abort() keeps the partial
+        self._units = 0  # units (layers) this run finished: end_shard(unit=True)
         # background=True: a shard is written (and hashed) by a thread while the caller computes
         # the next one; at most one shard is in flight, so memory is two shards at most.
         if background:
@@ -220,9 +221,12 @@ class CheckpointWriter:
         if self._buf_bytes >= self.max_shard_bytes:
             self._cut()  # not a boundary of the caller's: a resume does not keep a layer cut here
 
-    def end_shard(self) -> None:
+    def end_shard(self, unit: bool = True) -> None:
         """Write the buffered tensors as one shard (no-op if nothing is buffered) and record a boundary:
-        the shards up to here hold whole units of the caller's (layers), which a resume keeps."""
+        the shards up to here hold whole units of the caller's (layers), which a resume keeps. ``unit`` False: what
+        comes before the units (quantize's embedding), which a resume keeps too, but which alone is no finished work
+        an interrupt keeps the partial for."""
+        self._units += unit
         n = self._next + bool(self._buf)  # the shards queued once this one is
         if self._ends and self._ends[-1] == n:
             return
@@ -353,7 +357,7 @@ class CheckpointWriter:
                 self.abort()
                 raise
         elif isinstance(exc, KeyboardInterrupt) and self.resume_key is not None and self.partial.is_dir() \
-                and max(self._ends, default=0) > 0:  # a layer finished (a boundary past a shard), here or before
+                and (self._units or self._inherited):  # a layer finished, here or in the run this one resumes
             self.abort(keep=True)  # Ctrl-C / SIGTERM: the finished layers stay, as a kill leaves them
             exc.kept = self.partial
         elif getattr(exc, "keep_partial", False) and self.partial.is_dir():

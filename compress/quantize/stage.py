@@ -226,7 +226,7 @@ class QuantizeStage:
                 progress.info("quantize: --resume: no finished layer of a killed run to keep; starting at layer 0")
             if a.embed_name not in self.done:
                 w.add(a.embed_name, read_later(self.reader, a.embed_name))  # read when its shard is written
-                w.end_shard()
+                w.end_shard(unit=False)  # no layer yet: an interrupt now leaves nothing to resume
             hs = self.sm.embed(self.batches) if self.calibrated else None
             with progress.task("quantize", a.num_layers) as task:
                 if start:
@@ -410,7 +410,7 @@ class _NullWriter:
     def add(self, name, tensor):
         pass
 
-    def end_shard(self):
+    def end_shard(self, unit=True):
         pass
 
     def write_json(self, rel, obj):
