@@ -289,3 +289,24 @@ def test_a_recipe_with_no_stage_is_refused(cli_run, tmp_path):
     rec.write_text("model: tiny-qwen3-moe\nquantize: null\n")
     one_line_error(cli_run("run", rec, "-o", tmp_path / "run"), "r.yaml: no stage to run", "moepress recipe show")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_check_refusal_names_check_data_only_for_the_data(tmp_path):
+    """A missing data file is check.data's; a model without a tokenizer is not (the line named check.data for it)."""
+    import shutil
+
+    from moepress import models
+    from moepress.errors import MoepressError
+    from moepress.pipeline.preflight import preflight
+    from moepress.pipeline.recipe import normalise
+
+    bare = shutil.copytree(models.path("tiny-qwen3-moe"), tmp_path / "m",
+                           ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    (tmp_path / "eval.txt").write_text("some held-out text\n" * 50)
+    full = models.path("tiny-qwen3-moe")
+    for model, check, where in ((full, {"data": str(tmp_path / "none.txt")}, "recipe: check.data "),
+                                (bare, {"data": str(tmp_path / "eval.txt")}, "recipe: check: "),
+                                (bare, {}, "recipe: check: ")):
+        with pytest.raises(MoepressError) as e:
+            preflight(normalise({"model": str(model), "prune": {"ratio": 0.25}, "check": check}), model)
+        assert str(e.value).startswith(where), str(e.value)

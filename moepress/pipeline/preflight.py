@@ -59,8 +59,14 @@ def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
             refuse_config(export_config(recipe["export"], fmt))
     refuse_mapping(recipe, model, stage, src)  # trtllm-ckpt's tp / ep, with the experts the prune keeps
     if recipe["check"] is not None:
-        with recipe_keys(src, "check", files="data"):
-            eval_data(model, CheckConfig.from_dict(recipe["check"], where=key_where(src, "check")))
+        try:
+            with recipe_keys(src, "check"):
+                eval_data(model, CheckConfig.from_dict(recipe["check"], where=key_where(src, "check")))
+        except MoepressError as e:  # a refusal of the data file names check.data (not the model's tokenizer's)
+            data, at = recipe["check"].get("data"), f"{key_where(src, 'check')}: "
+            if data and str(e).startswith(f"{at}{data}"):
+                raise MoepressError(f"{key_where(src, 'check', 'data')} {str(e).removeprefix(at)}") from None
+            raise
     refuse_unmeasurable_gates(recipe, src)
     refuse_unavailable_exports(recipe, model, src)
     refuse_unbuildable(recipe, model, src)

@@ -150,15 +150,14 @@ def _check_quantize(src: str, recipe: dict, given: set[str]) -> None:
 
 
 @contextmanager
-def recipe_keys(src: str, section: str, files: str = ""):
+def recipe_keys(src: str, section: str):
     """A stage's own refusal, whose line names its CLI flag (``--format int3: ...``), raised again naming
-    the recipe's key (``recipe.yaml: quantize.format int3: ...``); a line naming a file gets the section, or
-    the section's key ``files`` where one key names the files (check.data)."""
+    the recipe's key (``recipe.yaml: quantize.format int3: ...``); a line naming a file gets the section."""
     try:
         yield
     except MoepressError as e:
         msg = str(e)
-        flag, _, rest = msg.partition(" ") if msg.startswith("--") else (f"--{files}" if files else "", "", msg)
+        flag, _, rest = msg.partition(" ") if msg.startswith("--") else ("", "", msg)
         name = flag.rstrip(":")  # a boolean flag named in both forms (--awq-gptq/--no-awq-gptq): its first
         key = KEYS.get(section, {}).get(name, name.split("/")[0].removeprefix("--").replace("-", "_"))
         sep = ":" if flag.endswith(":") or not key else ""
