@@ -87,3 +87,25 @@ def test_run_refuses_a_gpu_count_the_heads_cannot_split_before_the_prune(cli_run
                        build={"targets": ["h100"], "gpus": 3}, check=None)
     assert_one_line_error(cli_run("run", rec, "-o", tmp_path / "run"), "build.gpus 3: tp 3 does not divide")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("quantize,fmt", [
+    # hf-fp8-block carries no KV cache: its build budgets the model's dtype, whatever the quantize calibrated
+    ({"format": "fp8-block", "kv_cache": "fp8"}, "hf-fp8-block"),
+    # one format beside linears a rule leaves unquantized: the build plans the export's quant_algo (fp8)
+    ({"format": "fp8", "rules": {"self_attn.*": "none"}}, "hf-modelopt"),
+])
+def test_the_fit_is_planned_as_the_build_reads_the_export(tmp_path, quantize, fmt):
+    """Both passed the preflight (an FP8 KV cache assumed; no plan for rules with `none`) and the build refused after
+    every other stage: the build of the real export is the oracle."""
+    src = models.path(MODEL)
+    section = {"targets": ["h100"], "gpus": 1, "max_batch": 100000}
+    with pytest.raises(MoepressError, match="build.gpus 1: .* needs"):
+        _preflight(quantize=quantize, export={"formats": [fmt]}, build=section)
+    rules = tuple((k, v) for k, v in quantize.get("rules", {}).items())
+    q = tmp_path / "q"
+    quantize_checkpoint(src, q, QuantConfig(format=quantize["format"], kv_cache=quantize.get("kv_cache"), rules=rules,
+                                            sequential=False), batches=calibration_batches(src, (), 2, 32, 0, 2))
+    export(q, tmp_path / fmt, ExportConfig(format=fmt))
+    with pytest.raises(MoepressError, match="--gpus 1: .* needs"):
+        build(tmp_path / fmt, "h100", tmp_path / "b", reference=src, gpus=1, max_batch=100000)

@@ -13,14 +13,15 @@ from moepress.pipeline.recipe import export_config
 # export's world size (export.tp: moepress writes pp_size 1), its EP size export.ep
 _KEYS = {"--max-seq-len": "build.max_seq_len", "--max-batch": "build.max_batch"}
 _CKPT_KEYS = {"--gpus": "export.tp", "--ep": "export.ep", "--tp": "export.tp"}
+KV_CARRIED = ("hf-modelopt", "trtllm-ckpt")
 
 
 def refuse_unplannable(recipe: dict, model: Path, stage, src: str = "recipe") -> None:
     """Each build target's plan of each export in export.formats that a builder takes: the GPU count (build.gpus, or a
     trtllm-ckpt's export.tp) against the target, the heads and the experts the prune keeps (``stage``: the preflight's
     PruneStage, None without a prune), build.max_seq_len against the model, and the fit on the target. Planned in the
-    format the export will hold (one quantize format, rules that give every linear one, or the model's own); a
-    quantize whose rules give several formats is left to the build, but for a trtllm-ckpt's world size."""
+    format the build reads of the export (:func:`planned_format`), every linear in it; where that is not one format
+    the plan is left to the build, but for a trtllm-ckpt's world size."""
     from moepress.exporters.builders import BUILDERS
     from moepress.exporters.shape import model_shape
 
@@ -32,13 +33,13 @@ def refuse_unplannable(recipe: dict, model: Path, stage, src: str = "recipe") ->
     shape = model_shape(stage.adapter.config_with_experts(stage.budget.keep) if stage is not None else model)
     name = f"{model} (as the prune leaves it)" if stage is not None else str(model)
     splits = [x for x, bd in built if bd.runtime != "onnx"]
+    fmts = {x: planned_format(recipe, model, x) for x, _ in built}
     for target in b["targets"]:
         for export, builder in built:
             if builder.runtime == "onnx" and splits and b["gpus"] not in (None, 1):
                 continue  # build.gpus is the other exports' count: the onnx build's refusal is recorded beside them
-            fmt = planned_format(recipe, model, export)
             try:
-                _plan(recipe, shape, target, export, builder.runtime, fmt)
+                _plan(recipe, shape, target, export, builder.runtime, fmts[export])
             except MoepressError as e:
                 why = _recipe_words(str(e).removeprefix(f"--target {target}: "), export, name)
                 raise MoepressError(f"{src}: build.targets {target} ({export} export): {why}") from None
@@ -61,7 +62,8 @@ def _plan(recipe: dict, shape, target: str, export: str, runtime: str, fmt: str 
         gpus, ep = cfg.tp, cfg.ep
     if fmt is None:
         return
-    kv = q.get("kv_cache") if runtime != "onnx" and q.get("kv_cache") in kv_cache.KV_CACHE else kv_cache.DEFAULT
+    # the exports that carry a calibrated KV cache (artifacts.kv_cache_declared): hf-fp8-block and onnx hold none
+    kv = q.get("kv_cache") if export in KV_CARRIED and q.get("kv_cache") in kv_cache.KV_CACHE else kv_cache.DEFAULT
     p = plan(shape, target, fmt, gpus=gpus, ep=ep, max_seq_len=b["max_seq_len"], max_batch=b["max_batch"],
              kv_cache_dtype=kv, runtime=runtime, export=export)
     if p.unloadable:
@@ -70,16 +72,26 @@ def _plan(recipe: dict, shape, target: str, export: str, runtime: str, fmt: str 
 
 def planned_format(recipe: dict, model: Path, export: str) -> str | None:
     """The weight format the build will plan ``export`` in (exporters/artifacts.artifact_format): hf-fp8-block's
-    block FP8, the quantize's one format, or the model's own; None where the rules give several."""
+    block FP8, the quantize's one format (rules leaving some linears unquantized beside it included), onnx's
+    quantize.format (the layout's), hf-modelopt's routed experts' one format; None where that is not one format."""
+    from moepress.exporters.fused_moe import routed_names
     from moepress.exporters.plan import default_format
     from moepress.pipeline.one_format import as_one_format
+    from moepress.pipeline.rule_layouts import planned_source
 
     if export == "hf-fp8-block":
         return "fp8-block"
     if recipe.get("quantize") is None:
         return default_format(model, ct=export != "onnx")
     q = as_one_format(recipe, model)["quantize"]
-    return None if q.get("rules") else q["format"]
+    if not q.get("rules") or export == "onnx":
+        return q["format"]
+    s = planned_source(recipe, model)
+    given = {n: m["format"] for n, m in s.layout["modules"].items()}
+    one = set(given.values())
+    if len(one) > 1 and export == "hf-modelopt":  # MIXED_PRECISION: the plan reads the routed experts' quant_algo
+        one = {f for n, f in given.items() if n in routed_names(s)}
+    return one.pop() if len(one) == 1 else None
 
 
 def _recipe_words(msg: str, export: str, name: str) -> str:
