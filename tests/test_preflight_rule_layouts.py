@@ -63,3 +63,18 @@ def test_mixed_ct_formats_are_told_before_the_quantize_and_not_sent_to_compresse
     assert ct is not None and "mixes fp8, mxfp4" in ct, ct
     hf = _refused(export, tmp_path / "q", tmp_path / "hf", ExportConfig(format="hf-modelopt"))
     assert hf is not None and "have no modelopt quant_algo; quantize with --format fp8" in hf, hf
+
+
+def test_the_exports_a_family_refusal_names_take_what_the_rules_write():
+    """trtllm-ckpt has no DeepSeek writer; its refusal names the other exports of this quantize output, and named
+    hf-fp8-block, which then refused the int4-gptq the rules write: each export it names now passes the preflight."""
+    import re
+
+    raw = {"model": "tiny-deepseek-v3", "check": None,
+           "quantize": {"format": "int4-gptq", "rules": {"self_attn.*": "none", "mlp.shared_experts.*": "none"}}}
+    model = models.path("tiny-deepseek-v3")
+    line = _refused(preflight, normalise({**raw, "export": {"formats": ["trtllm-ckpt"]}}), model)
+    named = re.search(r"expected export.formats (.*)$", line).group(1).replace(" or ", ", ").split(", ")
+    assert named and "hf-fp8-block" not in named, line
+    for x in named:
+        assert _refused(preflight, normalise({**raw, "export": {"formats": [x]}}), model) is None, x

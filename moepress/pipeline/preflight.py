@@ -10,7 +10,7 @@ from pathlib import Path
 
 from moepress.errors import MoepressError
 from moepress.pipeline.build_plans import refuse_unplannable
-from moepress.pipeline.one_format import read_as_one_format
+from moepress.pipeline.one_format import as_one_format, read_as_one_format
 from moepress.pipeline.recipe import export_config, key_where, recipe_keys
 from moepress.pipeline.rule_layouts import refuse_rule_layouts
 from moepress.pipeline.structure_checks import (
@@ -403,8 +403,10 @@ def other_exports(recipe: dict, model: Path, fmt: str, reg: dict) -> str:
     output (the exporter's own hint reads the model, which the quantize changes)."""
     ways = []
     for other in (x for x in reg if x != fmt):
+        r = {**recipe, "export": {**recipe["export"], "formats": [other]}}
         try:
-            refuse_unavailable_exports({**recipe, "export": {**recipe["export"], "formats": [other]}}, model)
+            refuse_unavailable_exports(r, model)
+            refuse_rule_layouts(as_one_format(r, model), model, [other])  # what the rules write: asked last
         except MoepressError:
             continue
         ways.append(other)

@@ -5,6 +5,7 @@ format, and the export refused the quantize output after prune and quantize."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from moepress.errors import MoepressError
@@ -40,9 +41,9 @@ def planned_source(recipe: dict, model: Path):
         group = effective_group(in_f, cfg.group_size) if f.element == "int4" else \
             f.split_unit[1] if f.element == "fp4" else None
         modules[full] = {"format": f.name, **({"group": group} if group else {})}
-    s = open_source(model)
-    return Source(s.path, s.reader, s.adapter, {"format": cfg.format, "modules": modules, "skipped": skipped,
-                                                 "awq_fold": cfg.awq_fold})
+    s = open_source(model)  # its messages name the output, not the model (whose tensors it reads)
+    return Source(OUTPUT, s.reader, s.adapter, {"format": cfg.format, "modules": modules, "skipped": skipped,
+                                                "awq_fold": cfg.awq_fold})
 
 
 def refuse_rule_layouts(recipe: dict, model: Path, exports: list[str], src: str = "recipe") -> None:
@@ -60,7 +61,7 @@ def refuse_rule_layouts(recipe: dict, model: Path, exports: list[str], src: str 
     modules, reg = s.layout["modules"], exporters()
     for x in exports:
         _refuse_unwritten(s, x, getattr(reg.get(x), "writes_format", None))
-    with recipe_keys(src, "export"):
+    with recipe_keys(src, "export"), _rules_decide():
         if "trtllm-ckpt" in exports:
             _refuse_partly_quantized(s)
         if "onnx" in exports:
@@ -69,6 +70,17 @@ def refuse_rule_layouts(recipe: dict, model: Path, exports: list[str], src: str 
             layout_schemes(OUTPUT, s)
         if "hf-modelopt" in exports:
             refuse_hf_modelopt(s, OUTPUT, modules)
+
+
+@contextmanager
+def _rules_decide():
+    """An export's refusal of the layout, with what decides it: its hints name formats and flags, which a rule
+    outranks."""
+    try:
+        yield
+    except MoepressError as e:
+        raise MoepressError(f"{e} (asked of the layout quantize.rules write: a rule outranks quantize.format, so "
+                            "change the rules)") from None
 
 
 def _refuse_unwritten(s, export: str, writes) -> None:
