@@ -47,8 +47,8 @@ def refuse_unplannable(recipe: dict, model: Path, stage, src: str = "recipe") ->
 
 def _plan(recipe: dict, shape, target: str, export: str, runtime: str, fmt: str | None) -> None:
     """The build's plan (exporters/build.py _resolve), with what the export fixes: a trtllm-ckpt's world size and EP
-    size, a KV cache the quantize calibrates into an export that carries it. ``fmt`` None (rules giving several
-    formats): the world size only."""
+    size, a KV cache the quantize calibrates into an export that carries it. ``fmt`` None (no one format the build
+    reads of the export: :func:`planned_format`): the world size only."""
     from moepress.exporters import kv_cache
     from moepress.exporters.plan import plan
 

@@ -60,16 +60,17 @@ def refuse_rule_layouts(recipe: dict, model: Path, exports: list[str], src: str 
         return
     modules, reg = s.layout["modules"], exporters()
     for x in exports:
-        _refuse_unwritten(s, x, getattr(reg.get(x), "writes_format", None))
-    with recipe_keys(src, "export"), _rules_decide():
+        _refuse_unwritten(s, x, getattr(reg.get(x), "writes_format", None), src)
+    with recipe_keys(src, "export"):
         if "trtllm-ckpt" in exports:
             _refuse_partly_quantized(s)
         if "onnx" in exports:
             _refuse_unlike_stacks(s)
-        if "compressed-tensors" in exports:
-            layout_schemes(OUTPUT, s)
-        if "hf-modelopt" in exports:
-            refuse_hf_modelopt(s, OUTPUT, modules)
+        with _rules_decide():  # the exports' own lines, whose hints name formats and flags
+            if "compressed-tensors" in exports:
+                layout_schemes(OUTPUT, s)
+            if "hf-modelopt" in exports:
+                refuse_hf_modelopt(s, OUTPUT, modules)
 
 
 @contextmanager
@@ -83,7 +84,7 @@ def _rules_decide():
                             "change the rules)") from None
 
 
-def _refuse_unwritten(s, export: str, writes) -> None:
+def _refuse_unwritten(s, export: str, writes, src: str = "recipe") -> None:
     """A format the rules give that ``export`` does not write, naming the linears it goes to."""
     from moepress.compress import formats
     from moepress.exporters.fused_moe import pattern
@@ -94,7 +95,7 @@ def _refuse_unwritten(s, export: str, writes) -> None:
     bad = sorted(f for f in by_format if writes is not None and not writes(formats.FORMATS[f]))
     if bad:
         ok = [n for n, g in formats.produced().items() if writes(g)]
-        raise MoepressError(f"recipe export.formats {export}: quantize.rules give {bad[0]} to "
+        raise MoepressError(f"{src}: export.formats {export}: quantize.rules give {bad[0]} to "
                             f"{pattern(by_format[bad[0]])}, which {export} does not write; expected rules of "
                             f"{' or '.join(ok)}, or {export} removed from export.formats")
 
