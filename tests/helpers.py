@@ -230,8 +230,8 @@ KILLED_RUN = textwrap.dedent("""
         report.QuantTotals.save = killing_save
     elif sys.argv[1] == "after-shard":  # layer 1's shard written and journaled, nothing after it
         end = CheckpointWriter.end_shard
-        def killing_end(self):
-            end(self)
+        def killing_end(self, unit=True):
+            end(self, unit)
             self.wait()
             if any(".layers.1." in n for _, names, _ in self._shards for n in names):
                 os._exit(9)
