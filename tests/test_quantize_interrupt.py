@@ -23,7 +23,7 @@ def test_an_interrupt_keeps_the_partial_only_after_a_finished_layer(cli_run, tmp
 
     monkeypatch.setattr(stage, "quantize_layer", interrupted)
     out = tmp_path / "q"
-    args = ("quantize", "tiny-qwen3-moe", "--format", "int4-awq", "--num-samples", "2", "--seq-len", "32", "-o", out)
+    args = ("quantize", "tiny-mixtral", "--format", "fp8", "--num-samples", "2", "--seq-len", "32", "-o", out)
     r = cli_run(*args)
     assert r.exit_code == 128 + signal.SIGINT, r.output
     partial = tmp_path / "q.partial"
