@@ -11,7 +11,7 @@ from moepress.pipeline.recipe import export_config
 
 # the plan's option names (`moepress build`'s flags), as a recipe spells them; a trtllm-ckpt's GPU count is its
 # export's world size (export.tp: moepress writes pp_size 1), its EP size export.ep
-_KEYS = {"--max-seq-len": "build.max_seq_len", "--max-batch": "build.max_batch"}
+_KEYS = {"--max-seq-len": "build.max_seq_len", "--max-batch": "build.max_batch", "--gpus": "build.gpus"}
 _CKPT_KEYS = {"--gpus": "export.tp", "--ep": "export.ep", "--tp": "export.tp"}
 KV_CARRIED = ("hf-modelopt", "trtllm-ckpt")
 
@@ -99,4 +99,4 @@ def _recipe_words(msg: str, export: str, name: str) -> str:
     the recipe's."""
     for flag, key in ({**_KEYS, **_CKPT_KEYS} if export == "trtllm-ckpt" else _KEYS).items():
         msg = msg.replace(flag, key)
-    return msg.replace("--gpus", "build.gpus").replace("<config>", name)
+    return msg.replace("<config>", name)

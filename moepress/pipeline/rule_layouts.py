@@ -5,6 +5,8 @@ format, and the export refused the quantize output after prune and quantize."""
 
 from __future__ import annotations
 
+import functools
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,7 +20,21 @@ OUTPUT = Path("the quantize output of these quantize.rules")
 def planned_source(recipe: dict, model: Path):
     """``model`` as an export would open the quantize output of ``recipe``'s rules (exporters.hf_common.Source, the
     model's reader with the planned layout: a linear the rules give a format whose ``skip`` holds its shape is
-    listed as the quantize stage lists it, else as skipped), or None for a quantize section without rules."""
+    listed as the quantize stage lists it, else as skipped), or None for a quantize section without rules. Made
+    once per quantize section and model: the preflight asks it of every export and build (a pass over every linear
+    of the model each time, some 70,000 on Kimi K2)."""
+    q = recipe.get("quantize") or {}
+    if not q.get("rules"):
+        return None
+    config = Path(model) / "config.json"  # a model rewritten in place is planned again
+    stamp = (config.stat().st_mtime_ns, config.stat().st_size) if config.is_file() else None
+    return _planned(json.dumps([q, recipe["calib"]], sort_keys=True, default=str), str(model), stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _planned(sections: str, model: str, stamp):
+    """:func:`planned_source` of the quantize and calib sections ``sections`` (JSON) for ``model`` as its config.json
+    was at ``stamp``: the cache's key."""
     from moepress.calib.config import CalibConfig
     from moepress.compress.quant.int4 import effective_group
     from moepress.compress.quantize import QuantConfig
@@ -26,10 +42,8 @@ def planned_source(recipe: dict, model: Path):
     from moepress.compress.stream import StreamedModel
     from moepress.exporters.hf_common import Source, open_source
 
-    q = (recipe.get("quantize") or {})
-    if not q.get("rules"):
-        return None
-    cfg = QuantConfig.from_recipe(q, CalibConfig.from_recipe(recipe["calib"]))
+    q, calib = json.loads(sections)
+    cfg = QuantConfig.from_recipe(q, CalibConfig.from_recipe(calib))
     sm = StreamedModel(model, prefetch=False)
     modules, skipped = {}, []
     for i, rel, f, _, in_f, skip in formatted_linears(sm, cfg.format_of, cfg.group_size):
