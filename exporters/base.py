@@ -50,6 +50,10 @@ class Exporter:
     # called as (src, adapter, reader) by the export and by run's preflight, before any stage (which also passes
     # ``instead``: what its refusal names to do, for a recipe whose quantize changes what other exports take)
     refuse_source: Callable[..., None] | None = None
+    # its refusals of the checkpoint's stored form (the formats its tensors are stored in, moepress_quant.json's
+    # layout), called as (src,) by the export before it writes and by run's preflight on the recipe's model where
+    # no quantize section changes that form (a prune keeps the stored bytes of what it keeps)
+    refuse_input: Callable[[object], None] | None = None
     # exports only a moepress quantize output: the formats a refusal of a bf16 source may name, in order
     # (hints.quantize_first keeps those whose plain quantize it takes)
     quantized_only: tuple[str, ...] = ()

@@ -400,5 +400,5 @@ EXPORTER = Exporter(
     "compressed-tensors", export_compressed_tensors, description="compressed-tensors checkpoint (float-quantized FP8, "
     "pack-quantized INT4, nvfp4- / mxfp4-pack-quantized) written through the compressed-tensors library",
     consumers="vLLM, transformers (CompressedTensors; not NVFP4 experts: transformers#48371, said in export.json), "
-              "SGLang", quantized_only=FIRST,
+              "SGLang", quantized_only=FIRST, refuse_input=lambda src: layout_schemes(src, open_source(src)),
 )

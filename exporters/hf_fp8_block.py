@@ -169,7 +169,9 @@ def _written_fp8(s) -> set[str]:
     return {n for n in _block_candidates(s, "rename") if block_linear_ok(s.reader, s.adapter, n)}
 
 
-def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
+def refuse_input(src: Path):
+    """A bf16, block-FP8 (DeepSeek's, or a moepress fp8-block output) checkpoint it writes, as (Source, mode:
+    copy / rename / quantize); else one line."""
     s = open_source(src)
     r, a = s.reader, s.adapter
     if s.layout is not None and s.formats != {BLOCK_FP8}:
@@ -198,6 +200,12 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
         raise MoepressError(f"--format hf-fp8-block: no linear of {src} has a 128x128 block grid every runtime "
                             f"computes as stored (e.g. {given[0]}); expected input widths (and routed experts' "
                             f"widths) that are multiples of 128: {FP8_THEN_CT}")
+    return s, mode
+
+
+def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
+    s, mode = refuse_input(src)
+    r, a = s.reader, s.adapter
     quantized: set[str] = set()
     kept: list[str] = []  # linears left in high precision (scale grid not read alike by consumers)
     misread: list[str] = []  # linears copied in block FP8 whose grid transformers reads otherwise
@@ -252,5 +260,5 @@ EXPORTER = Exporter(
     "hf-fp8-block", export_hf_fp8_block, description="DeepSeek-V3 / Kimi K2 native block-FP8 Hugging Face checkpoint "
     "(weight_scale_inv per 128x128 block); from bf16 (calibration-free) or fp8-block",
     consumers="TensorRT-LLM (PyTorch backend), vLLM, SGLang, transformers (FineGrainedFP8)",
-    writes_format=lambda f: f.name == BLOCK_FP8,
+    writes_format=lambda f: f.name == BLOCK_FP8, refuse_input=refuse_input,
 )

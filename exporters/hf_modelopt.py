@@ -282,10 +282,16 @@ def elsewhere_taken(s) -> str:
     return taken_route(elsewhere(s), s, s.path)
 
 
-def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
+def refuse_input(src: Path):
+    """A moepress quantize output whose layout this export writes (its Source and modules); else one line."""
     s = open_source(src)
     modules = require_layout(s, "hf-modelopt", lambda: quantize_first(s, "hf-modelopt", FIRST))["modules"]
     refuse_hf_modelopt(s, src, modules)
+    return s, modules
+
+
+def export_hf_modelopt(src: Path, writer, cfg, progress) -> dict:
+    s, modules = refuse_input(src)
     r = s.reader
     count, dropped = 0, []
     folded = _folded_awq(s.layout, modules)
@@ -328,4 +334,5 @@ EXPORTER = Exporter(
     "weight-only experts refused) from a "
     "moepress quantize output",
     consumers="TensorRT-LLM (PyTorch backend); vLLM, SGLang for FP8 / NVFP4", quantized_only=FIRST,
+    refuse_input=refuse_input,
 )

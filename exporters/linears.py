@@ -128,3 +128,18 @@ def read_linear(reader: CheckpointReader, prefix: str, flag: str = "", accepts: 
 
 
 __all__ = ["FP8_SCALES", "Linear", "read_linear", "stored_name"]
+
+
+def refuse_fp4(reader: CheckpointReader, adapter, flag: str, accepts: str) -> None:
+    """The refusal :func:`read_linear` gives the first decoder-layer linear stored in FP4 (a U8 weight whose
+    weight_scale is E4M3, NVFP4, or E8M0, MXFP4), found from the headers: an exporter that rewrites linears one by
+    one (onnx, trtllm-ckpt) reaches it mid-export; asked first, it refuses before anything is written (and run's
+    preflight, before the prune that keeps the stored bytes)."""
+    names = [n for n in reader.names() if n.endswith(".weight") and ".layers." in n] + reader.packed_modules()
+    for name in names:
+        base = name[: -len(".weight")]
+        if reader.info(name).dtype == "U8" and base + ".weight_scale" in reader and \
+                reader.info(base + ".weight_scale").dtype in ("F8_E4M3", "U8"):
+            read_linear(reader, base, flag, accepts)
+            return
+

@@ -33,7 +33,8 @@ from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import pattern
 from moepress.exporters.hints import packed_names
-from moepress.exporters.onnx_graph import FLOAT, TENSORRT_CHECKED, Graph
+from moepress.exporters.linears import refuse_fp4
+from moepress.exporters.onnx_graph import FLOAT, TENSORRT_CHECKED, WRITES, Graph
 from moepress.exporters.onnx_layers import LayerBuilder
 
 
@@ -49,6 +50,13 @@ def refuse_dynamic_inputs(src: Path) -> None:
                             "quantized per token at run time, which ONNX Q/DQ with constant scales cannot hold: "
                             "quantize with --format fp8 (static input scales, or int4-awq, int4-gptq, w4a8-awq: "
                             "they export too), then export onnx, or export the original")
+
+
+def refuse_input(src: Path) -> None:
+    """The stored forms the graph has no Q/DQ for: activations quantized at run time, FP4 weights."""
+    refuse_dynamic_inputs(src)
+    reader = CheckpointReader(src)
+    refuse_fp4(reader, get_adapter(reader.config, reader.names()), "--format onnx", WRITES)
 
 
 # transformers' modeling_rope_utils.dynamic_rope_update: these recompute inv_freq from the sequence
@@ -145,7 +153,7 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
     refuse_config(cfg)
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config, reader.names())
-    refuse_dynamic_inputs(src)
+    refuse_input(src)
     refuse_source(src, adapter)
     g = Graph(writer.partial / "model.onnx.data", _min_bytes(cfg))
     b = LayerBuilder(g, reader, adapter)
@@ -212,7 +220,7 @@ def _tensorrt_notes(b) -> list[str]:
 EXPORTER = Exporter(
     "onnx", export_onnx, description="ONNX with QuantizeLinear/DequantizeLinear (FP8, INT4 block-wise, opset 21) "
     "and MoE routing in the graph", consumers="TensorRT (trtexec / ONNX parser), onnxruntime",
-    options=("external_min_bytes",), check_config=refuse_config, refuse_source=refuse_source,
+    options=("external_min_bytes",), check_config=refuse_config, refuse_source=refuse_source, refuse_input=refuse_input,
     # refuse_dynamic_inputs; FP4 has no Q/DQ form here (onnx_layers.py)
     writes_format=lambda f: not f.dynamic_input and f.element != "fp4",
 )

@@ -66,7 +66,7 @@ from moepress.exporters.hf_common import open_source
 from moepress.exporters.hf_modelopt import elsewhere_taken
 from moepress.exporters.hints import HF_MODELOPT
 from moepress.exporters.kv_cache import kv_split_problem
-from moepress.exporters.linears import Linear, read_linear
+from moepress.exporters.linears import Linear, read_linear, refuse_fp4
 from moepress.exporters.trtllm_refusals import WRITES, quant_algo, refuse_unwritten_attention
 
 FP8 = torch.float8_e4m3fn
@@ -327,6 +327,7 @@ def export_trtllm(src: Path, writer, cfg, progress) -> dict:
     dtype = cfg.float_dtype(reader, adapter)
     if dtype not in DTYPES:
         raise MoepressError(f"export dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    refuse_fp4(reader, adapter, "--format trtllm-ckpt", WRITES)  # before the first rank's tensors, not mid-way
     qalgo, kvalgo = quant_algo(reader, adapter)
     config = trtllm_config(adapter, cfg, qalgo, kvalgo, dtype)
     writer.write_json("config.json", config)
@@ -355,10 +356,18 @@ def _other_families(src) -> str:
         return f"{where}: {HF_MODELOPT}"
 
 
+def refuse_input(src: Path) -> None:
+    """The stored forms it does not write: FP4 weights, anything but FP8 per tensor in every decoder linear."""
+    reader = CheckpointReader(src)
+    adapter = get_adapter(reader.config, reader.names())
+    refuse_fp4(reader, adapter, "--format trtllm-ckpt", WRITES)
+    quant_algo(reader, adapter)
+
+
 EXPORTER = Exporter(
     "trtllm-ckpt", export_trtllm, description="TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) "
     "for trtllm-build", families=SUPPORTED, sharded=True, other_families=_other_families,
-    refuse_source=refuse_unwritten_attention,
+    refuse_source=refuse_unwritten_attention, refuse_input=refuse_input,
     consumers="TensorRT-LLM trtllm-build (releases with MoeConfig and moe_tp / moe_ep mapping, TensorRT backend)",
     writes_format=lambda f: f.scale == "tensor" and f.static_input,  # WRITES: FP8 per tensor
 )

@@ -172,6 +172,8 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
                     reg[fmt].refuse_source(model, adapter, reader, instead=f"for this recipe, drop {fmt} from "
                                            "export.formats" if recipe.get("quantize") else None)
     refuse_unquantized(recipe, model, formats, reg)
+    if recipe.get("quantize") is None:
+        refuse_stored_forms(model, formats, reg)
     with read_as_one_format(recipe, model) as one:  # rules giving every linear one format: asked as that format
         refuse_written_formats(one, formats, reg)
         refuse_ct_forms(one, formats, model)
@@ -182,6 +184,20 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
         with recipe_keys(src, "export"):
             refuse_fused_blocks(recipe, model, fusing)
     refuse_expert_schemes(recipe, formats, adapter)
+
+
+def refuse_stored_forms(model: Path, exports: list[str], reg: dict) -> None:
+    """An export that refuses the model's stored form (``Exporter.refuse_input``: FP4 weights for onnx, a
+    moepress_quant.json layout it does not write, packed tensors), in a recipe with no quantize section to change
+    that form: the prune keeps the stored bytes of the experts it keeps, so the export would refuse its output."""
+    for name in exports:
+        check = getattr(reg.get(name), "refuse_input", None)
+        if check is None:
+            continue
+        try:
+            check(model)
+        except MoepressError as e:
+            raise MoepressError(f"recipe export.formats {name}: {str(e).removeprefix(f'--format {name}: ')}") from None
 
 
 def refuse_written_formats(recipe: dict, exports: list[str], reg: dict) -> None:
