@@ -97,6 +97,23 @@ def test_quantize_notes_the_exports_that_refuse_experts_a_rule_quantizes(cli_run
                                                    "the --rule giving the experts fp8-dynamic"), refusing
 
 
+@pytest.mark.parametrize("rules", [
+    (("*experts.*", "nvfp4"), ("*self_attn.*", "fp8")),  # one compressed-tensors format per checkpoint
+    (("*experts.*", "int4-awq"), ("*self_attn.*", "fp8-block")),  # hf-modelopt: INT4 weight-only experts
+])
+def test_quantize_notes_of_rules_speak_in_flags(rules):
+    """The standalone quantize's notes of rules (moepress/pipeline/rule_layouts.py words them for a recipe) name its
+    flags: no recipe key (``quantize.rules``, ``quantize.format``, ``export.formats``) is left in them."""
+    from moepress.cli.quantize import export_refusals
+    from moepress.compress.quantize import QuantConfig
+
+    refusing = export_refusals(models.path("tiny-qwen3-moe"), QuantConfig(format=None, rules=rules))
+    assert refusing, rules
+    for export, why in refusing.items():
+        assert not any(k in why for k in ("quantize.", "export.formats", "recipe")), (export, why)
+        assert "--rule" in why or "another export format" in why, (export, why)
+
+
 @pytest.mark.parametrize("args,export,refusal", [
     (["--format", "nvfp4"], "hf-modelopt", "routed-expert linears stay unquantized beside quantized projections"),
     (["--format", "int4-gptq", "--group-size", "64"], "compressed-tensors",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -163,15 +164,19 @@ def export_refusals(src, cfg) -> dict[str, str]:
         found = quantize_export_refusals(q, src)
     except MoepressError:
         return {}
-    flags = (("quantize.rules' format ", "the --rule giving the experts "), ("quantize.format ", "--format "),
+    # the recipe's words in the rule layouts' refusals (moepress/pipeline/rule_layouts.py) first, then single keys
+    flags = (("the quantize output of these quantize.rules", "the output of these --rule flags"),
+             ("the layout quantize.rules write: a rule outranks quantize.format, so change the rules",
+              "the layout the --rule flags write: a --rule outranks --format, so change the --rule flags"),
+             ("quantize.rules' format ", "the --rule giving the experts "), ("quantize.format ", "--format "),
              ("quantize.group_size ", "--group-size "),
              ("quantize.awq_fold: true", "--awq-fold"), ("quantize.rules give", "--rule gives"),
-             ("expected hf-modelopt removed from export.formats", "expected another export format"))
+             ("expected rules of ", "expected --rule flags of "))
     out = {}
     for e, why in found.items():
         for recipe_key, flag in flags:
             why = why.replace(recipe_key, flag)
-        out[e] = why
+        out[e] = re.sub(r"\b(expected|or) [\w-]+ removed from export\.formats", r"\1 another export format", why)
     return out
 
 
