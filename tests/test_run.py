@@ -415,6 +415,11 @@ def test_run_into_a_directory_holding_its_recipe_or_other_files_is_refused(cli_r
     ({"quantize": {"format": "int3"}}, ["quantize.format int3: expected one of"]),
     ({"quantize": {"format": "fp8", "group_size": 100}}, ["quantize.group_size 100: expected 128"]),
     ({"check": {"seed": 2**80}}, ["check: seed 1208925819614629174706176: expected a 64-bit integer"]),
+    # keys that would have no effect, refused as the CLI refuses --seed on text and --gen-tokens without --generate
+    ({"check": {"seed": 3}}, ["check.seed 3: the bundled held-out text (no check.data) is read as consecutive"]),
+    ({"check": {"seed": 3, "data": str(Path(__file__).parents[1] / "calib" / "data" / "eval.txt")}},
+     ["check.seed 3: the text check.data is read as consecutive windows"]),
+    ({"check": {"gen_tokens": 8}}, ["check.gen_tokens 8: only with check.generate N"]),
     ({"check": {"trust_remote_code": "no"}}, ["check: trust_remote_code 'no': expected true or false"]),
     ({"check": {"max_kl": [1]}}, ["check: max_kl [1]"]),
     # a bool is no number, 0 GPUs no count, a prune needs its amount, a quantize its format; each by its key
@@ -722,3 +727,14 @@ def test_a_run_reusing_a_directory_removes_the_earlier_recipes_outputs_it_does_n
     assert [p.name for p in (out / "build").iterdir()] == ["h100-trtllm-pytorch"]
     states = {p.stem.replace("__", ":") for p in (out / ".state").glob("*.json")}
     assert states == set(summary["stages"])
+
+
+def test_a_check_seed_with_drawn_data_and_gen_tokens_with_generate_are_taken(tmp_path):
+    """The keys refused above are taken where they have an effect: a seed drawing JSONL samples, gen_tokens with
+    generate."""
+    from moepress.checks.config import CheckConfig
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a b c"}\n')
+    cfg = CheckConfig.from_dict({"seed": 3, "data": str(data), "generate": 2, "gen_tokens": 8})
+    assert (cfg.seed, cfg.gen_tokens) == (3, 8)

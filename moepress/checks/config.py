@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
+from moepress.calib.sources.spec import TEXT_SUFFIXES
 from moepress.errors import MoepressError
+
+
+def windowed(src: str | None) -> bool:
+    """Whether the check's data ``src`` is read as consecutive windows (a text file, or None: the bundled held-out
+    text), which no seed draws."""
+    return src is None or (Path(src).suffix.lower() in TEXT_SUFFIXES and not Path(src).is_dir())
 
 OFF = ("none", "off")  # not "": an unset CI variable (--max-ppl-increase "$X") must not turn a gate off
 
@@ -126,9 +134,18 @@ class CheckConfig:
         if bad:
             raise MoepressError(f"{where}: unknown key '{bad[0]}' (expected {', '.join(sorted(known))})")
         try:
-            return cls(**norm, asked=tuple(k for k in GATE_FIELDS if k in norm))
+            cfg = cls(**norm, asked=tuple(k for k in GATE_FIELDS if k in norm))
         except MoepressError as e:  # the value's own message, under the recipe file and section
             raise MoepressError(f"{where}: {e}") from None
+        # keys that would have no effect, refused as the CLI refuses --seed / --gen-tokens
+        if "seed" in norm and windowed(cfg.data):
+            text = "the text check.data" if cfg.data else "the bundled held-out text (no check.data)"
+            raise MoepressError(f"{where}.seed {cfg.seed}: {text} is read as consecutive windows, which no seed "
+                                "draws; expected check.seed with JSONL, Parquet, a dataset folder or hf:NAME data")
+        if "gen_tokens" in norm and not cfg.generate:
+            raise MoepressError(f"{where}.gen_tokens {cfg.gen_tokens}: only with check.generate N (N prompts to "
+                                "generate from)")
+        return cfg
 
     def to_dict(self) -> dict:
         return asdict(self)

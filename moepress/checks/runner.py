@@ -21,10 +21,16 @@ import torch.nn.functional as F
 
 from moepress.calib.data import DEFAULT_EVAL, calibration_set, eval_batches, load_tokenizer
 from moepress.calib.metrics import LayerStats, LogitStats
-from moepress.calib.sources import TEXT_SUFFIXES
 from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.candidates.checkpoint import native_block_fp8, runtime_activations, unstreamed_activations
-from moepress.checks.config import CheckConfig, check_passed, evaluate_gates, refuse_unmeasurable, refuse_unmeasured
+from moepress.checks.config import (
+    CheckConfig,
+    check_passed,
+    evaluate_gates,
+    refuse_unmeasurable,
+    refuse_unmeasured,
+    windowed,
+)
 from moepress.checks.consistency import refuse_other_config, refuse_other_family
 from moepress.checks.lineage import calibrated_on, made_from_another, quantized_twice
 from moepress.checks.local import BlockErrors, BlockProbe
@@ -37,12 +43,6 @@ from moepress.errors import MoepressError
 from moepress.exporters.artifacts import misloading_consumers
 
 PROMPT_TOKENS = 16
-
-
-def windowed(src: str | None) -> bool:
-    """Whether the check's data ``src`` is read as consecutive windows (a text file, or None: the bundled held-out
-    text), which no seed draws."""
-    return src is None or (Path(src).suffix.lower() in TEXT_SUFFIXES and not Path(src).is_dir())
 
 
 def eval_data(ref_dir: Path, cfg: CheckConfig) -> tuple[list[torch.Tensor], dict]:

@@ -215,8 +215,7 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
         run_check,
         write_report,
     )
-    from moepress.checks.config import GATE_FIELDS, failure_line, parse_fraction
-    from moepress.checks.runner import windowed
+    from moepress.checks.config import GATE_FIELDS, failure_line, parse_fraction, windowed
     from moepress.errors import MoepressError
     from moepress.progress import Progress
 
