@@ -134,12 +134,15 @@ def refuse_fp4(reader: CheckpointReader, adapter, flag: str, accepts: str) -> No
     """The refusal :func:`read_linear` gives the first decoder-layer linear stored in FP4 (a U8 weight whose
     weight_scale is E4M3, NVFP4, or E8M0, MXFP4), found from the headers: an exporter that rewrites linears one by
     one (onnx, trtllm-ckpt) reaches it mid-export; asked first, it refuses before anything is written (and run's
-    preflight, before the prune that keeps the stored bytes)."""
-    names = [n for n in reader.names() if n.endswith(".weight") and ".layers." in n] + reader.packed_modules()
-    for name in names:
-        base = name[: -len(".weight")]
-        if reader.info(name).dtype == "U8" and base + ".weight_scale" in reader and \
-                reader.info(base + ".weight_scale").dtype in ("F8_E4M3", "U8"):
-            read_linear(reader, base, flag, accepts)
-            return
+    preflight, before the prune that keeps the stored bytes). The trunk's layers only (``adapter.num_layers``): the
+    exporters write no MTP layer and no layer stored past the trunk. A compressed-tensors packed weight is read
+    under its ``.weight`` name, as the exporters read it."""
+    for i in range(adapter.num_layers):
+        for n in reader.layer_names(i):
+            base = n.removesuffix("_packed").removesuffix(".weight") if n.endswith((".weight", ".weight_packed")) \
+                else None
+            if base is not None and reader.info(base + ".weight").dtype == "U8" and base + ".weight_scale" in reader \
+                    and reader.info(base + ".weight_scale").dtype in ("F8_E4M3", "U8"):
+                read_linear(reader, base, flag, accepts)
+                return
 

@@ -53,3 +53,30 @@ def test_a_stored_form_the_export_takes_passes(sources, tmp_path):
     """Kimi's packed INT4 experts: onnx decodes them; the preflight lets the recipe through."""
     export(sources["kimi-int4"], tmp_path / "e", ExportConfig(format="onnx"))
     _preflight(sources["kimi-int4"], "onnx")
+
+
+def test_fp4_outside_the_trunk_is_not_the_exports_business(tmp_path):
+    """An NVFP4 expert in DeepSeek's MTP layer, which the onnx graph does not carry: the export writes the trunk, so
+    neither it nor the preflight refuses the model for it."""
+    import torch
+
+    from helpers import DSV3_SMALL, write_with_mtp
+    from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
+
+    src = write_with_mtp({**DSV3_SMALL, "max_position_embeddings": 128, "num_nextn_predict_layers": 1},
+                         tmp_path / "bf16", block_fp8=False)
+    r, out = CheckpointReader(src), tmp_path / "mtp-fp4"
+    base = f"model.layers.{DSV3_SMALL['num_hidden_layers']}.mlp.experts.0.down_proj"
+    rows, cols = r.info(base + ".weight").shape
+    with CheckpointWriter(out, force=True) as w:
+        for name in r.names():
+            if name == base + ".weight":  # NVFP4 as stored: E2M1 pairs, E4M3 scales of 16 inputs
+                w.add(name, torch.zeros(rows, cols // 2, dtype=torch.uint8))
+                w.add(base + ".weight_scale", torch.ones(rows, cols // 16).to(torch.float8_e4m3fn))
+                w.add(base + ".weight_scale_2", torch.ones(()))
+            else:
+                w.add(name, r.get(name))
+        w.write_json("config.json", r.config)
+        w.copy_aux_files(src)
+    export(out, tmp_path / "e", ExportConfig(format="onnx"))
+    _preflight(out, "onnx")

@@ -248,11 +248,6 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self._tensors or name in self._aliases
 
-    def packed_modules(self) -> list[str]:
-        """The module weights served from packed tensors (compressed-tensors ``P.weight_packed``, gpt-oss
-        ``_blocks``) by their ``.weight`` names: what ``names`` does not list but ``in`` and ``info`` answer for."""
-        return list(self._aliases)
-
     def info(self, name: str) -> TensorInfo:
         """Where a stored tensor lies; for a module weight stored packed, its packed tensor's."""
         try:

@@ -189,7 +189,8 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
 def refuse_stored_forms(model: Path, exports: list[str], reg: dict) -> None:
     """An export that refuses the model's stored form (``Exporter.refuse_input``: FP4 weights for onnx, a
     moepress_quant.json layout it does not write, packed tensors), in a recipe with no quantize section to change
-    that form: the prune keeps the stored bytes of the experts it keeps, so the export would refuse its output."""
+    that form: the prune keeps the stored bytes and the layout of the experts it keeps, so the export would refuse
+    its output too (short of a rule for some expert indices, whose experts the prune might all drop)."""
     for name in exports:
         check = getattr(reg.get(name), "refuse_input", None)
         if check is None:
