@@ -13,6 +13,7 @@ from moepress.pipeline.build_plans import refuse_unplannable
 from moepress.pipeline.one_format import as_one_format, read_as_one_format
 from moepress.pipeline.recipe import export_config, key_where, recipe_keys
 from moepress.pipeline.rule_layouts import refuse_rule_layouts
+from moepress.pipeline.source_forms import either, refuse_stored_forms, refuse_unquantized
 from moepress.pipeline.structure_checks import (
     refuse_block_grid,
     refuse_mapping,
@@ -186,21 +187,6 @@ def refuse_unavailable_exports(recipe: dict, model: Path, src: str = "recipe") -
     refuse_expert_schemes(recipe, formats, adapter)
 
 
-def refuse_stored_forms(model: Path, exports: list[str], reg: dict) -> None:
-    """An export that refuses the model's stored form (``Exporter.refuse_input``: FP4 weights for onnx, a
-    moepress_quant.json layout it does not write, packed tensors), in a recipe with no quantize section to change
-    that form: the prune keeps the stored bytes and the layout of the experts it keeps, so the export would refuse
-    its output too (short of a rule for some expert indices, whose experts the prune might all drop)."""
-    for name in exports:
-        check = getattr(reg.get(name), "refuse_input", None)
-        if check is None:
-            continue
-        try:
-            check(model)
-        except MoepressError as e:
-            raise MoepressError(f"recipe export.formats {name}: {str(e).removeprefix(f'--format {name}: ')}") from None
-
-
 def refuse_written_formats(recipe: dict, exports: list[str], reg: dict) -> None:
     """An export of a quantize format (one, no rules) its exporter does not write (Exporter.writes_format)."""
     from moepress.compress import formats
@@ -237,7 +223,7 @@ def refuse_ct_forms(recipe: dict, exports: list[str], model: Path | None = None)
         # neither INT4 route takes this model's expert widths: the formats that do
         ways = ways or ct_ways(recipe, model, ct_formats)
         raise MoepressError(f"{where} keeps AWQ's pre_quant_scale, which has no compressed-tensors form; expected "
-                            f"{_either(ways)}")
+                            f"{either(ways)}")
 
 
 def refuse_fused_blocks(recipe: dict, model: Path, exports: list[str]) -> None:
@@ -330,7 +316,7 @@ def refuse_expert_schemes(recipe: dict, exports: list[str], adapter) -> None:
     ways = [f"quantize.group_size {max(fits)}"] if fits else []
     ways += [f"{key} {n}" for n in fp8]
     raise MoepressError(f"recipe export.formats {export}: {key} {f.name} {what}; the export refuses it ({why}); "
-                        f"expected {_either(ways)}")
+                        f"expected {either(ways)}")
 
 
 def experts_quantized(recipe: dict, adapter) -> bool:
@@ -368,21 +354,6 @@ def _blocks_run(adapter) -> bool:
 
     h, w = adapter.hidden_size, adapter.moe_intermediate_size()
     return runs_in_blocks((h, h), False) or (runs_in_blocks((w, h), True) and runs_in_blocks((h, w), True))
-
-
-def refuse_unquantized(recipe: dict, model: Path, exports: list[str], reg: dict) -> None:
-    """An export of a moepress quantize output only (Exporter.quantized_only: hf-modelopt, compressed-tensors) in a
-    recipe without a quantize section whose model is no quantize output either (the export refused it after prune),
-    naming the quantize formats it takes (hints.plain_quantize)."""
-    from moepress.exporters.hf_common import open_source
-    from moepress.exporters.hints import plain_quantize
-
-    for name in exports if recipe.get("quantize") is None else ():
-        if getattr(reg.get(name), "quantized_only", ()) and (s := open_source(model)).layout is None:
-            ways = [w.replace(" --group-size ", " with quantize.group_size ") for w in
-                    (plain_quantize(s, f, name) for f in reg[name].quantized_only) if w] or ["fp8"]
-            raise MoepressError(f"recipe export.formats {name}: it exports a moepress quantize output and the recipe "
-                                f"has no quantize section; expected quantize.format {_either(ways)}")
 
 
 def ct_ways(recipe: dict, model: Path | None, changes: list[tuple[str, dict]]) -> list[str]:
@@ -429,9 +400,4 @@ def other_exports(recipe: dict, model: Path, fmt: str, reg: dict) -> str:
         ways.append(other)
     q = recipe["quantize"]
     what = f"quantize.format {q['format']}" if q.get("format") and not q.get("rules") else "its quantize section"
-    return f"for this recipe ({what}): expected export.formats {_either(ways)}" if ways else ""
-
-
-def _either(ways: list[str]) -> str:
-    """"a, b or c" (one way: "a")."""
-    return ", ".join(ways[:-1]) + (" or " if ways[1:] else "") + ways[-1]
+    return f"for this recipe ({what}): expected export.formats {either(ways)}" if ways else ""
