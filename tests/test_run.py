@@ -420,6 +420,9 @@ def test_run_into_a_directory_holding_its_recipe_or_other_files_is_refused(cli_r
     ({"check": {"seed": 3, "data": str(Path(__file__).parents[1] / "calib" / "data" / "eval.txt")}},
      ["check.seed 3: the text check.data is read as consecutive windows"]),
     ({"check": {"gen_tokens": 8}}, ["check.gen_tokens 8: only with check.generate N"]),
+    # an empty output wrote ./moepress-out; an opset without onnx did nothing
+    ({"output": ""}, ["output: expected a directory path, got ''"]),
+    ({"export": {"formats": ["hf-modelopt"], "opset": 18}}, ["export.opset 18: only the onnx export reads it"]),
     ({"check": {"trust_remote_code": "no"}}, ["check: trust_remote_code 'no': expected true or false"]),
     ({"check": {"max_kl": [1]}}, ["check: max_kl [1]"]),
     # a bool is no number, 0 GPUs no count, a prune needs its amount, a quantize its format; each by its key
@@ -738,3 +741,25 @@ def test_a_check_seed_with_drawn_data_and_gen_tokens_with_generate_are_taken(tmp
     data.write_text('{"text": "a b c"}\n')
     cfg = CheckConfig.from_dict({"seed": 3, "data": str(data), "generate": 2, "gen_tokens": 8})
     assert (cfg.seed, cfg.gen_tokens) == (3, 8)
+
+
+def test_recipe_refusals_name_only_what_the_recipe_can_do(tmp_path, monkeypatch):
+    """calib: [] is not told to write null (calib: null is refused); an unknown check key's list leaves out kind
+    (refused as no recipe key); check.data ~/x is the home directory's, as model, output and calib.sources are."""
+    from moepress.errors import MoepressError
+    from moepress.pipeline.recipe import normalise
+
+    with pytest.raises(MoepressError) as e:
+        normalise({"model": MODEL, "calib": []})
+    assert str(e.value) == "recipe: calib: expected a mapping"
+    with pytest.raises(MoepressError) as e:
+        normalise({"model": MODEL, "check": {"Max_kl": 0.1}})
+    assert "max_kl" in str(e.value) and "kind" not in str(e.value), str(e.value)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "t.txt").write_text("some held-out text\n")
+    monkeypatch.setenv("HOME", str(home))
+    got = normalise({"model": MODEL, "check": {"data": "~/t.txt"}})
+    assert got["check"]["data"] == str(home / "t.txt")
+    # the default opset beside no onnx export is taken: `recipe show` writes every default
+    assert normalise({"model": MODEL, "export": {"formats": ["hf-modelopt"], "opset": 21}})["export"]["opset"] == 21

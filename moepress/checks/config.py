@@ -132,7 +132,8 @@ class CheckConfig:
         norm = {str(k).replace("-", "_"): v for k, v in (d or {}).items()}
         bad = sorted(set(norm) - known)
         if bad:
-            raise MoepressError(f"{where}: unknown key '{bad[0]}' (expected {', '.join(sorted(known))})")
+            # kind: the runner's, never a recipe's (each artifact is checked as what it is)
+            raise MoepressError(f"{where}: unknown key '{bad[0]}' (expected {', '.join(sorted(known - {'kind'}))})")
         try:
             cfg = cls(**norm, asked=tuple(k for k in GATE_FIELDS if k in norm))
         except MoepressError as e:  # the value's own message, under the recipe file and section

@@ -60,7 +60,7 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
         raise MoepressError(f"{src}: unknown key '{bad[0]}' (expected {', '.join(sorted(TOP))})")
     if not isinstance(raw.get("model"), str) or not raw["model"]:
         raise MoepressError(f"{src}: 'model' must name a checkpoint directory or a bundled model")
-    if raw.get("output") is not None and not isinstance(raw["output"], str):
+    if raw.get("output") is not None and (not isinstance(raw["output"], str) or not raw["output"].strip()):
         raise MoepressError(f"{key_where(src, 'output')}: expected a directory path, got {raw['output']!r}")
     # a path as a shell would take it (``~/x``, not a directory named ``~`` under the current one)
     out: dict = {"model": _home(raw["model"]), "output": _home(raw.get("output"))}
@@ -80,7 +80,8 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
             out[section] = None
             continue
         if not isinstance(val, dict):
-            raise MoepressError(f"{key_where(src, section)}: expected a mapping (or null to skip the stage)")
+            skip = "" if section == "calib" else " (or null to skip the stage)"  # calib: null is refused above
+            raise MoepressError(f"{key_where(src, section)}: expected a mapping{skip}")
         spelt = [str(k).replace("-", "_") for k in val]
         twice = next((k for k in spelt if spelt.count(k) > 1), None)
         if twice is not None:  # ep_size and ep-size: the later one won, silently
@@ -91,6 +92,7 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
             if "kind" in val:  # the runner checks each artifact as what it is
                 raise MoepressError(f"{key_where(src, section, 'kind')}: not a recipe key (each artifact is checked "
                                     "with the kind its format needs)")
+            val = {k: _home(v) if str(k) == "data" else v for k, v in val.items()}  # as model, output, calib
             CheckConfig.from_dict(val, where=key_where(src, section))
             out[section] = copy.deepcopy(val)
             continue
@@ -119,9 +121,20 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
         raise MoepressError(f"{key_where(src, 'quantize', 'format')}: required (or rules)")
     for section, key in (("export", "formats"), ("build", "targets")):
         _skip_if_empty(src, out, raw, section, key)
+    _refuse_unused_opset(src, out)
     if out["quantize"] is not None:
         _check_quantize(src, out, {k for k, v in out["quantize"].items() if v != SCHEMA["quantize"][k][1]})
     return out
+
+
+def _refuse_unused_opset(src: str, out: dict) -> None:
+    """``export.opset`` set off its default without onnx in ``export.formats``: only the ONNX export reads it (as
+    ``tp`` / ``ep`` given to an export that writes no ranks are refused by the exporter). Its default is taken, as
+    `recipe show` writes it."""
+    if out["export"] is not None and out["export"]["opset"] != SCHEMA["export"]["opset"][1] \
+            and "onnx" not in (out["export"]["formats"] or []):
+        raise MoepressError(f"{key_where(src, 'export', 'opset')} {out['export']['opset']}: only the onnx export reads "
+                            "it; expected onnx in export.formats, or no opset")
 
 
 def _skip_if_empty(src: str, out: dict, raw: dict, section: str, key: str) -> None:
