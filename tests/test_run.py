@@ -4,6 +4,7 @@ killed stage, publish."""
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -763,3 +764,23 @@ def test_recipe_refusals_name_only_what_the_recipe_can_do(tmp_path, monkeypatch)
     assert got["check"]["data"] == str(home / "t.txt")
     # the default opset beside no onnx export is taken: `recipe show` writes every default
     assert normalise({"model": MODEL, "export": {"formats": ["hf-modelopt"], "opset": 21}})["export"]["opset"] == 21
+
+
+def test_a_bad_check_data_file_is_named_by_the_key_or_flag_that_gave_it(tmp_path, cli_run):
+    """Calibration's refusal of a data file named --calib, which check has not: run's preflight said `check.calib`
+    (no such key), `moepress check` said --calib. Now check.data and --data."""
+    from moepress import models
+    from moepress.errors import MoepressError
+    from moepress.pipeline.preflight import preflight
+    from moepress.pipeline.recipe import normalise
+
+    bad = tmp_path / "data.xyz"
+    bad.write_text("x")
+    with pytest.raises(MoepressError) as e:
+        preflight(normalise({"model": MODEL, "check": {"data": str(bad)}}, "r.yaml"), models.path(MODEL), "r.yaml")
+    assert str(e.value).startswith(f"r.yaml: check.data {bad}: ") and "calib" not in str(e.value), str(e.value)
+    cand = tmp_path / "cand"
+    shutil.copytree(models.path(MODEL), cand)  # not the reference itself, which check refuses first
+    r = cli_run("check", cand, "-r", MODEL, "--data", bad)
+    one_line_error(r, f"--data {bad}: ", "unknown source type")
+    assert "--calib" not in r.output

@@ -61,8 +61,9 @@ def eval_data(ref_dir: Path, cfg: CheckConfig) -> tuple[list[torch.Tensor], dict
         try:
             cs = calibration_set(ref_dir, (src,), _at_most(src, cfg.max_samples), cfg.seq_len, cfg.seed,
                                  cfg.trust_remote_code)
-        except MoepressError as e:  # a token file's refusal names calib's count option: check's is --max-samples
-            raise MoepressError(str(e).replace("--num-samples", "--max-samples")) from None
+        except MoepressError as e:  # calibration's refusals name its options: check's are --data and --max-samples
+            raise MoepressError(str(e).replace("--num-samples", "--max-samples").replace("--calib ", "--data ")) \
+                from None
         rows = cs.input_ids
         tokens = [x for x in cs.meta.get("sources", []) if isinstance(x, dict) and x.get("type") == "tokens"]
         # a token file gives its first samples (calib/data.py: _prepared_samples): no seed draws them
