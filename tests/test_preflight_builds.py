@@ -109,3 +109,21 @@ def test_the_fit_is_planned_as_the_build_reads_the_export(tmp_path, quantize, fm
     export(q, tmp_path / fmt, ExportConfig(format=fmt))
     with pytest.raises(MoepressError, match="--gpus 1: .* needs"):
         build(tmp_path / fmt, "h100", tmp_path / "b", reference=src, gpus=1, max_batch=100000)
+
+
+def test_a_real_build_this_machine_cannot_run_is_refused_before_any_stage(monkeypatch):
+    """build.dry_run false where the build would find no CUDA device (or not the target's GPU, or its packages
+    absent): refused naming the key, with what the build itself would say (exporters/environment.py); the run
+    recorded each build refused after every other stage and exited 0. With the GPU and the packages there, taken."""
+    from moepress.exporters import environment
+
+    build_section = {"targets": ["h100"], "dry_run": False}
+    monkeypatch.setattr(environment, "gpu_info", lambda: {})
+    with pytest.raises(MoepressError) as e:
+        _preflight(export={"formats": ["hf-modelopt"]}, build=build_section)
+    assert str(e.value).startswith("recipe: build.dry_run false: build.targets h100 (hf-modelopt export, "), e.value
+    assert "no CUDA device" in str(e.value) and "expected build.dry_run true" in str(e.value), e.value
+    h100 = {"gpu": "NVIDIA H100 80GB HBM3", "sm": 90, "count": 1, "cuda": "12.8", "driver": "570"}
+    monkeypatch.setattr(environment, "gpu_info", lambda: dict(h100))
+    monkeypatch.setattr(environment, "_importable", lambda mod: True)
+    _preflight(export={"formats": ["hf-modelopt"]}, build=build_section)

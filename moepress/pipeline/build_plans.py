@@ -39,16 +39,35 @@ def refuse_unplannable(recipe: dict, model: Path, stage, src: str = "recipe") ->
             if builder.runtime == "onnx" and splits and b["gpus"] not in (None, 1):
                 continue  # build.gpus is the other exports' count: the onnx build's refusal is recorded beside them
             try:
-                _plan(recipe, shape, target, export, builder.runtime, fmts[export])
+                gpus = _plan(recipe, shape, target, export, builder.runtime, fmts[export])
             except MoepressError as e:
                 why = _recipe_words(str(e).removeprefix(f"--target {target}: "), export, name)
                 raise MoepressError(f"{src}: build.targets {target} ({export} export): {why}") from None
+            if not b["dry_run"]:
+                _refuse_missing(builder, target, gpus, export, src)
 
 
-def _plan(recipe: dict, shape, target: str, export: str, runtime: str, fmt: str | None) -> None:
+def _refuse_missing(builder, target: str, gpus: int | None, export: str, src: str) -> None:
+    """A real build (build.dry_run false) this machine cannot run: no CUDA device, another GPU than the target's, too
+    few of them, the builder's packages or commands absent (exporters/environment.py, as the build asks); the run
+    recorded each such build refused after every other stage and exited 0."""
+    from moepress.exporters import environment
+    from moepress.exporters.targets import get_target
+
+    try:
+        environment.check_environment(builder, get_target(target), gpus or 1)
+    except MoepressError as e:
+        why = str(e).removesuffix(" (use --dry-run to write the plan and commands)")
+        raise MoepressError(f"{src}: build.dry_run false: build.targets {target} ({export} export, {builder.name} "
+                            f"builder): {why}; expected build.dry_run true (the plans and commands) on this machine") \
+            from None
+
+
+def _plan(recipe: dict, shape, target: str, export: str, runtime: str, fmt: str | None) -> int | None:
     """The build's plan (exporters/build.py _resolve), with what the export fixes: a trtllm-ckpt's world size and EP
     size, a KV cache the quantize calibrates into an export that carries it. ``fmt`` None (no one format the build
-    reads of the export: :func:`planned_format`): the world size only."""
+    reads of the export: :func:`planned_format`): the world size only. Returns the plan's GPU count (None: the build
+    decides it)."""
     from moepress.exporters import kv_cache
     from moepress.exporters.plan import plan
 
@@ -61,13 +80,14 @@ def _plan(recipe: dict, shape, target: str, export: str, runtime: str, fmt: str 
                                 f"(export.tp); expected build.gpus {cfg.tp}, or no build.gpus (the export fixes it)")
         gpus, ep = cfg.tp, cfg.ep
     if fmt is None:
-        return
+        return gpus
     # the exports that carry a calibrated KV cache (artifacts.kv_cache_declared): hf-fp8-block and onnx hold none
     kv = q.get("kv_cache") if export in KV_CARRIED and q.get("kv_cache") in kv_cache.KV_CACHE else kv_cache.DEFAULT
     p = plan(shape, target, fmt, gpus=gpus, ep=ep, max_seq_len=b["max_seq_len"], max_batch=b["max_batch"],
              kv_cache_dtype=kv, runtime=runtime, export=export)
     if p.unloadable:
         raise MoepressError(p.unloadable)
+    return p.gpus
 
 
 def planned_format(recipe: dict, model: Path, export: str) -> str | None:
