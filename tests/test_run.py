@@ -424,6 +424,8 @@ def test_run_into_a_directory_holding_its_recipe_or_other_files_is_refused(cli_r
     # an empty output wrote ./moepress-out; an opset without onnx did nothing
     ({"output": ""}, ["output: expected a directory path, got ''"]),
     ({"export": {"formats": ["hf-modelopt"], "opset": 18}}, ["export.opset 18: only the onnx export reads it"]),
+    # `recipe show` passed an unknown export format, which run's preflight refuses
+    ({"export": {"formats": ["gguf"]}}, ["export.formats gguf: expected one of hf-modelopt"]),
     ({"check": {"trust_remote_code": "no"}}, ["check: trust_remote_code 'no': expected true or false"]),
     ({"check": {"max_kl": [1]}}, ["check: max_kl [1]"]),
     # a bool is no number, 0 GPUs no count, a prune needs its amount, a quantize its format; each by its key
@@ -784,3 +786,15 @@ def test_a_bad_check_data_file_is_named_by_the_key_or_flag_that_gave_it(tmp_path
     r = cli_run("check", cand, "-r", MODEL, "--data", bad)
     one_line_error(r, f"--data {bad}: ", "unknown source type")
     assert "--calib" not in r.output
+
+
+@pytest.mark.parametrize("model,needle", [("empty", "not a checkpoint directory (no config.json)"),
+                                          ("nonexistent-model", "no such checkpoint directory")])
+def test_a_recipe_model_that_is_no_checkpoint_is_named_by_its_key(cli_run, tmp_path, model, needle):
+    """A folder without config.json was refused by the first stage under its own section (`quantize: ...`); a name
+    that is nothing, without the recipe file."""
+    (tmp_path / "empty").mkdir()
+    rec = tmp_path / "r.yaml"
+    rec.write_text(yaml.safe_dump({"model": str(tmp_path / model) if model == "empty" else model, "check": None,
+                                   "quantize": {"format": "fp8"}}))
+    one_line_error(cli_run("run", rec, "-o", tmp_path / "out"), f"{rec}: model: ", needle)

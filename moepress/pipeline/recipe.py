@@ -200,6 +200,13 @@ def _check_value(src: str, section: str, key: str, v) -> None:
         raise MoepressError(f"{key_where(src, section, key)}: expected a positive number, got {v!r}")
     if key == "seed" and isinstance(v, int) and not -(2**63) <= v < 2**63:  # torch's generator takes 64 bits
         raise MoepressError(f"{key_where(src, section, key)}: expected a 64-bit integer, got {v!r}")
+    if (section, key) == ("export", "formats"):  # refused by run's preflight too, but `recipe show` passed it
+        from moepress.exporters import exporters
+
+        names = exporters()
+        bad = [f for f in v if f not in names]
+        if bad:
+            raise MoepressError(f"{key_where(src, section, key)} {bad[0]}: expected one of {', '.join(names)}")
     if (section, key) == ("build", "targets"):
         from moepress.exporters.targets import TARGETS, get_target
 

@@ -50,7 +50,7 @@ from moepress.pipeline.keys import (
     unedited,
 )
 from moepress.pipeline.preflight import preflight
-from moepress.pipeline.recipe import STAGES, dump, export_config, recipe_keys
+from moepress.pipeline.recipe import STAGES, dump, export_config, key_where, recipe_keys
 from moepress.pipeline.stale import planned, refuse_links, stage_path, state_file, withdraw
 from moepress.progress import Progress
 
@@ -73,7 +73,12 @@ class Runner:
             raise MoepressError(f"--from {force_from}: expected one of {', '.join(STAGES)}")
         self.force_from = force_from
         self.device = resolve_device(device if device is not None else recipe.get("device"))  # in no stage's key
-        self.model = resolve_model(recipe["model"])
+        try:  # named by the recipe's key: a stage's refusal of a folder without config.json named its own section
+            self.model = resolve_model(recipe["model"])
+            if not (self.model / "config.json").is_file():
+                raise MoepressError(f"{self.model}: not a checkpoint directory (no config.json)")
+        except MoepressError as e:
+            raise MoepressError(f"{key_where(recipe_src, 'model')}: {e}") from None
         recipe_file = Path(recipe_src)
         # a symlinked -o: the directory it names (a dangling one is made)
         self.out = output_dir(self.out, (self.model, *((recipe_file,) if recipe_file.is_file() else ())))
