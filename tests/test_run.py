@@ -424,6 +424,8 @@ def test_run_into_a_directory_holding_its_recipe_or_other_files_is_refused(cli_r
     # an empty output wrote ./moepress-out; an opset without onnx did nothing
     ({"output": ""}, ["output: expected a directory path, got ''"]),
     ({"export": {"formats": ["hf-modelopt"], "opset": 18}}, ["export.opset 18: only the onnx export reads it"]),
+    # a gate written `off` (the CLI's word): YAML 1.1 reads it as false, and the line now says so
+    ({"check": {"max_ppl_increase": False}}, ["max_ppl_increase False: expected", "YAML reads yes / no / on / off"]),
     # `recipe show` passed an unknown export format, which run's preflight refuses
     ({"export": {"formats": ["gguf"]}}, ["export.formats gguf: expected one of hf-modelopt"]),
     ({"check": {"trust_remote_code": "no"}}, ["check: trust_remote_code 'no': expected true or false"]),

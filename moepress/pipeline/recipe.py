@@ -93,7 +93,11 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
                 raise MoepressError(f"{key_where(src, section, 'kind')}: not a recipe key (each artifact is checked "
                                     "with the kind its format needs)")
             val = {k: _home(v) if str(k) == "data" else v for k, v in val.items()}  # as model, output, calib
-            CheckConfig.from_dict(val, where=key_where(src, section))
+            try:
+                CheckConfig.from_dict(val, where=key_where(src, section))
+            except MoepressError as e:  # a gate written off / no: YAML 1.1 read it as a boolean
+                said = next((v for v in val.values() if isinstance(v, bool) and f" {v}:" in str(e)), None)
+                raise MoepressError(str(e) + ("" if said is None else _yaml_hint(said, str))) from None
             out[section] = copy.deepcopy(val)
             continue
         norm = {str(k).replace("-", "_"): v for k, v in val.items()}
