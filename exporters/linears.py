@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from moepress.compress import formats
-from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
 from moepress.compress.quant import int4
 from moepress.compress.quant.fp8 import DEFAULT_BLOCK, block_grid, block_size_of, dequantize_block
 from moepress.compress.quantize.config import GROUP_SIZES
@@ -130,6 +130,9 @@ def read_linear(reader: CheckpointReader, prefix: str, flag: str = "", accepts: 
 __all__ = ["FP8_SCALES", "Linear", "read_linear", "stored_name"]
 
 
+_FP4_SCALE_NAMES = {DTYPE_NAMES[d] for d in FP4_SCALE_DTYPES}  # as the shard headers spell them
+
+
 def refuse_fp4(reader: CheckpointReader, adapter, flag: str, accepts: str) -> None:
     """The refusal :func:`read_linear` gives the first decoder-layer linear stored in FP4 (a U8 weight whose
     weight_scale is E4M3, NVFP4, or E8M0, MXFP4), found from the headers: an exporter that rewrites linears one by
@@ -142,7 +145,7 @@ def refuse_fp4(reader: CheckpointReader, adapter, flag: str, accepts: str) -> No
             base = n.removesuffix("_packed").removesuffix(".weight") if n.endswith((".weight", ".weight_packed")) \
                 else None
             if base is not None and reader.info(base + ".weight").dtype == "U8" and base + ".weight_scale" in reader \
-                    and reader.info(base + ".weight_scale").dtype in ("F8_E4M3", "U8"):
+                    and reader.info(base + ".weight_scale").dtype in _FP4_SCALE_NAMES:
                 read_linear(reader, base, flag, accepts)
                 return
 

@@ -52,11 +52,12 @@ def refuse_dynamic_inputs(src: Path) -> None:
                             "they export too), then export onnx, or export the original")
 
 
-def refuse_input(src: Path) -> None:
-    """The stored forms the graph has no Q/DQ for: activations quantized at run time, FP4 weights."""
+def refuse_input(src: Path, reader: CheckpointReader | None = None, adapter=None) -> None:
+    """The stored forms the graph has no Q/DQ for: activations quantized at run time, FP4 weights. ``reader`` /
+    ``adapter``: the export's own, opened once."""
     refuse_dynamic_inputs(src)
-    reader = CheckpointReader(src)
-    refuse_fp4(reader, get_adapter(reader.config, reader.names()), "--format onnx", WRITES)
+    reader = reader or CheckpointReader(src)
+    refuse_fp4(reader, adapter or get_adapter(reader.config, reader.names()), "--format onnx", WRITES)
 
 
 # transformers' modeling_rope_utils.dynamic_rope_update: these recompute inv_freq from the sequence
@@ -153,7 +154,7 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
     refuse_config(cfg)
     reader = CheckpointReader(src)
     adapter = get_adapter(reader.config, reader.names())
-    refuse_input(src)
+    refuse_input(src, reader, adapter)
     refuse_source(src, adapter)
     g = Graph(writer.partial / "model.onnx.data", _min_bytes(cfg))
     b = LayerBuilder(g, reader, adapter)

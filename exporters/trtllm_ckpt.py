@@ -327,8 +327,7 @@ def export_trtllm(src: Path, writer, cfg, progress) -> dict:
     dtype = cfg.float_dtype(reader, adapter)
     if dtype not in DTYPES:
         raise MoepressError(f"export dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    refuse_fp4(reader, adapter, "--format trtllm-ckpt", WRITES)  # before the first rank's tensors, not mid-way
-    qalgo, kvalgo = quant_algo(reader, adapter)
+    qalgo, kvalgo = refuse_input(src, reader, adapter)  # before the first rank's tensors, not mid-way
     config = trtllm_config(adapter, cfg, qalgo, kvalgo, dtype)
     writer.write_json("config.json", config)
     files = [StreamingSafetensors(writer.partial / f"rank{r}.safetensors") for r in range(cfg.tp)]
@@ -356,12 +355,13 @@ def _other_families(src) -> str:
         return f"{where}: {HF_MODELOPT}"
 
 
-def refuse_input(src: Path) -> None:
-    """The stored forms it does not write: FP4 weights, anything but FP8 per tensor in every decoder linear."""
-    reader = CheckpointReader(src)
-    adapter = get_adapter(reader.config, reader.names())
+def refuse_input(src: Path, reader: CheckpointReader | None = None, adapter=None) -> tuple[str | None, str | None]:
+    """The stored forms it does not write: FP4 weights, anything but FP8 per tensor in every decoder linear; else
+    (quant_algo, kv_cache_quant_algo). ``reader`` / ``adapter``: the export's own, opened once."""
+    reader = reader or CheckpointReader(src)
+    adapter = adapter or get_adapter(reader.config, reader.names())
     refuse_fp4(reader, adapter, "--format trtllm-ckpt", WRITES)
-    quant_algo(reader, adapter)
+    return quant_algo(reader, adapter)
 
 
 EXPORTER = Exporter(

@@ -34,6 +34,7 @@ def refuse_unplannable(recipe: dict, model: Path, stage, src: str = "recipe") ->
     name = f"{model} (as the prune leaves it)" if stage is not None else str(model)
     splits = [x for x, bd in built if bd.runtime != "onnx"]
     fmts = {x: planned_format(recipe, model, x) for x, _ in built}
+    gpu = None if b["dry_run"] else _gpu()  # asked once (nvidia-smi), not per target and export
     for target in b["targets"]:
         for export, builder in built:
             if builder.runtime == "onnx" and splits and b["gpus"] not in (None, 1):
@@ -43,11 +44,17 @@ def refuse_unplannable(recipe: dict, model: Path, stage, src: str = "recipe") ->
             except MoepressError as e:
                 why = _recipe_words(str(e).removeprefix(f"--target {target}: "), export, name)
                 raise MoepressError(f"{src}: build.targets {target} ({export} export): {why}") from None
-            if not b["dry_run"]:
-                _refuse_missing(builder, target, gpus, export, src)
+            if gpu is not None:
+                _refuse_missing(builder, target, gpus, gpu, export, src)
 
 
-def _refuse_missing(builder, target: str, gpus: int | None, export: str, src: str) -> None:
+def _gpu() -> dict:
+    from moepress.exporters import environment
+
+    return environment.gpu_info()
+
+
+def _refuse_missing(builder, target: str, gpus: int | None, gpu: dict, export: str, src: str) -> None:
     """A real build (build.dry_run false) this machine cannot run: no CUDA device, another GPU than the target's, too
     few of them, the builder's packages or commands absent (exporters/environment.py, as the build asks); the run
     recorded each such build refused after every other stage and exited 0."""
@@ -55,7 +62,7 @@ def _refuse_missing(builder, target: str, gpus: int | None, export: str, src: st
     from moepress.exporters.targets import get_target
 
     try:
-        environment.check_environment(builder, get_target(target), gpus or 1)
+        environment.check_environment(builder, get_target(target), gpus or 1, gpu=gpu)
     except MoepressError as e:
         why = str(e).removesuffix(" (use --dry-run to write the plan and commands)")
         raise MoepressError(f"{src}: build.dry_run false: build.targets {target} ({export} export, {builder.name} "
