@@ -484,6 +484,19 @@ def test_hardware_compatibility_is_refused_where_the_builder_would_not_apply_it(
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("which", ["ckpt", "onnx_dir"])
+def test_trust_remote_code_is_refused_where_the_builder_runs_no_checkpoint_code(cli_run, request, tmp_path, which):
+    """trtllm-build (a trtllm-ckpt) and TensorRT (an onnx export) load no checkpoint Python; the flag was taken and
+    granted nothing. Only the trtllm-pytorch builder's scripts run it (test_faults.py)."""
+    from helpers import assert_one_line_error
+
+    art = request.getfixturevalue(which)
+    r = cli_run("build", art, "--target", "h100-sxm", "--dry-run", "--trust-remote-code", "-o", tmp_path / "b")
+    builder = "trtllm-engine" if which == "ckpt" else "tensorrt"
+    assert_one_line_error(r, "--trust-remote-code", f"the {builder} builder", "expected no --trust-remote-code")
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("opt", ["--gpus", "--ep", "--tp"])
 def test_a_size_below_one_is_refused_before_the_export_s_own_is_suggested(cli_run, ckpt, tmp_path, opt):
     """`build CKPT --gpus 0` on a trtllm-ckpt answered "re-export with `moepress export --tp 0`"."""

@@ -62,7 +62,7 @@ def test_experts_left_unquantized_are_refused_before_any_stage(cli_run, odd, tmp
     rec = write_recipe(tmp_path / "r.yaml", model=str(odd), calib=CALIB, prune=None, quantize=quantize,
                        export={"formats": [export]})
     r = cli_run("run", rec, "-o", tmp_path / "run")
-    assert_one_line_error(r, f"recipe export.formats {export}: quantize.format {quantize['format']} {what}", ways)
+    assert_one_line_error(r, f"{rec}: export.formats {export}: quantize.format {quantize['format']} {what}", ways)
     assert not (tmp_path / "run").exists()
     preflight(odd, {"format": "fp8"}, export)  # the way it names is taken
 
@@ -212,7 +212,7 @@ def test_hf_fp8_block_of_no_block_grid_is_refused_before_any_stage(cli_run, tmp_
     rec = write_recipe(tmp_path / "r.yaml", model=str(model), prune=None, quantize=quantize, check=None,
                        export={"formats": ["hf-fp8-block"]})
     r = cli_run("run", rec, "-o", tmp_path / "run")
-    assert_one_line_error(r, f"recipe export.formats hf-fp8-block: no linear {what}", "128x128 block grid",
+    assert_one_line_error(r, f"{rec}: export.formats hf-fp8-block: no linear {what}", "128x128 block grid",
                           "quantize with --format fp8")
     assert not (tmp_path / "run").exists()
     if quantize is None:  # the export's own refusal of the model, before its pass over the layers (no progress line)

@@ -421,6 +421,7 @@ def test_run_into_a_directory_holding_its_recipe_or_other_files_is_refused(cli_r
     ({"check": {"seed": 3, "data": str(Path(__file__).parents[1] / "calib" / "data" / "eval.txt")}},
      ["check.seed 3: the text check.data is read as consecutive windows"]),
     ({"check": {"gen_tokens": 8}}, ["check.gen_tokens 8: only with check.generate N"]),
+    ({"check": {"generate": 40}}, ["check.generate 40: at most check.max_samples (32)"]),
     # an empty output wrote ./moepress-out; an opset without onnx did nothing
     ({"output": ""}, ["output: expected a directory path, got ''"]),
     ({"export": {"formats": ["hf-modelopt"], "opset": 18}}, ["export.opset 18: only the onnx export reads it"]),
@@ -481,7 +482,7 @@ def test_an_export_the_family_has_no_writer_for_is_refused_before_any_stage(cli_
     """trtllm-ckpt writes Mixtral and Qwen3-MoE only: a DeepSeek recipe ran prune and quantize first."""
     rec = write_recipe(tmp_path / "r.yaml", model="tiny-deepseek-v3", export={"formats": ["trtllm-ckpt"]})
     r = cli_run("run", rec, "-o", tmp_path / "run")
-    one_line_error(r, "recipe export.formats trtllm-ckpt", "deepseek_v3")
+    one_line_error(r, f"{rec}: export.formats trtllm-ckpt", "deepseek_v3")
     assert not (tmp_path / "run" / "prune").exists()
 
 
@@ -492,7 +493,7 @@ def test_hf_modelopt_of_experts_it_refuses_is_refused_before_any_stage(cli_run, 
     rec = write_recipe(tmp_path / "r.yaml", model="tiny-qwen3-moe", quantize={"format": fmt},
                        export={"formats": ["hf-modelopt"]})
     r = cli_run("run", rec, "-o", tmp_path / "run")
-    one_line_error(r, f"recipe export.formats hf-modelopt: quantize.format {fmt}", needle)
+    one_line_error(r, f"{rec}: export.formats hf-modelopt: quantize.format {fmt}", needle)
     assert not (tmp_path / "run" / "prune").exists() and not (tmp_path / "run" / "quantize").exists()
 
 
@@ -528,7 +529,7 @@ def test_compressed_tensors_of_a_form_it_refuses_is_refused_before_any_stage(cli
     rec = write_recipe(tmp_path / "r.yaml", model="tiny-qwen3-moe", quantize={"format": fmt},
                        export={"formats": ["compressed-tensors"]})
     r = cli_run("run", rec, "-o", tmp_path / "run")
-    one_line_error(r, f"recipe export.formats compressed-tensors: quantize.format {fmt}", needle)
+    one_line_error(r, f"{rec}: export.formats compressed-tensors: quantize.format {fmt}", needle)
     assert not (tmp_path / "run" / "prune").exists() and not (tmp_path / "run" / "quantize").exists()
 
 
@@ -569,7 +570,7 @@ def test_compressed_tensors_of_int4_experts_in_two_groups_is_refused_before_any_
     rec = write_recipe(tmp_path / "r.yaml", model="tiny-deepseek-v3", prune=None, quantize={"format": "int4-gptq"},
                        export={"formats": ["compressed-tensors"]})
     r = cli_run("run", rec, "-o", tmp_path / "run")
-    one_line_error(r, "recipe export.formats compressed-tensors: quantize.format int4-gptq with quantize.group_size "
+    one_line_error(r, f"{rec}: export.formats compressed-tensors: quantize.format int4-gptq with quantize.group_size "
                    "128", "gate_proj: group 128, up_proj: group 128, down_proj: group 64",
                    "expected quantize.group_size 64, quantize.format fp8")
     assert not (tmp_path / "run").exists()

@@ -145,7 +145,7 @@ def test_an_export_of_a_quantize_format_it_does_not_write_is_refused_before_any_
     the CLI's --format; the exporters declare what they write (Exporter.writes_format), as the stages refuse."""
     rec = write_recipe(tmp_path / "r.yaml", prune=None, quantize={"format": quant}, export={"formats": [export]})
     r = cli_run("run", rec, "-o", tmp_path / "run")
-    one_line_error(r, f"recipe export.formats {export}: quantize.format {quant}", expected)
+    one_line_error(r, f"{rec}: export.formats {export}: quantize.format {quant}", expected)
     assert not (tmp_path / "run").exists()
 
 

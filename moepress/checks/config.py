@@ -146,6 +146,9 @@ class CheckConfig:
         if "gen_tokens" in norm and not cfg.generate:
             raise MoepressError(f"{where}.gen_tokens {cfg.gen_tokens}: only with check.generate N (N prompts to "
                                 "generate from)")
+        if cfg.generate > cfg.max_samples:  # the prompts are the samples' starts: more would be cut silently
+            raise MoepressError(f"{where}.generate {cfg.generate}: at most check.max_samples ({cfg.max_samples}), "
+                                "since each prompt is the start of one evaluation sample")
         return cfg
 
     def to_dict(self) -> dict:

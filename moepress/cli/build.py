@@ -168,6 +168,8 @@ def build_cmd(artifact, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_d
 
     if reference is not None:
         reference = str(resolve_model(reference))
+    if trust_remote_code:  # refused by the flag only: a recipe's build.trust_remote_code is for all its builds
+        _refuse_unused_remote_code(artifact, builder)
     prog = Progress.from_flags(quiet, json_out)
     opts = BuildOptions(dry_run=dry_run, builder=builder, gpus=gpus, tp=tp, ep=ep, max_seq_len=max_seq_len,
                         max_batch=max_batch, force=force, reference=reference, kv_cache_dtype=kv_cache_dtype,
@@ -181,6 +183,24 @@ def build_cmd(artifact, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_d
     acc = res.get("accuracy") or {}
     if acc.get("passed") is False:  # the engine is kept (and recorded); the job fails as a check does
         raise CheckFailed(f"engine accuracy check failed: {engine_failure(acc)} ({res['out']})")
+
+
+def _refuse_unused_remote_code(artifact: str, builder: str | None) -> None:
+    """--trust-remote-code with a builder whose commands load no checkpoint code (TensorRT from ONNX, trtllm-build
+    from a trtllm-ckpt): the flag would grant nothing, so it is refused as --hardware-compatibility is."""
+    from pathlib import Path
+
+    from moepress.exporters.artifacts import detect_artifact
+    from moepress.exporters.builders import choose
+
+    path = Path(artifact)
+    if not path.exists():  # the build names it
+        return
+    kind = detect_artifact(path)
+    b = choose(kind, builder, path)
+    if b.remote_code is None:
+        raise MoepressError(f"--trust-remote-code: the {b.name} builder ({kind} export) runs none of the "
+                            "checkpoint's own code; expected no --trust-remote-code")
 
 
 def engine_failure(acc: dict) -> str:

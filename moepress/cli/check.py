@@ -221,6 +221,9 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
 
     if generate == 0 and given("gen_tokens"):  # would have no effect
         raise MoepressError(f"--gen-tokens {gen_tokens}: only with --generate N (N prompts to generate from)")
+    if generate > max_samples:  # the prompts are the samples' starts: more would be cut silently
+        raise MoepressError(f"--generate {generate}: at most --max-samples ({max_samples}), since each prompt is "
+                            "the start of one evaluation sample")
     if given("seed") and windowed(data):  # would have no effect
         raise MoepressError(f"--seed {seed}: {'the text --data' if data else 'the bundled held-out text'} is read "
                             "as consecutive windows, which no seed draws; expected --seed with JSONL, Parquet, a "

@@ -23,6 +23,18 @@ from moepress.pipeline.structure_checks import (
 
 
 def preflight(recipe: dict, model: Path, src: str = "recipe") -> None:
+    """_preflight, its refusals under the recipe file: the checks it shares with the standalone quantize's notes
+    (export_refusals.py) name the recipe as ``recipe export.formats F: ...``, said here as ``FILE: export.formats
+    F: ...`` as every other recipe refusal is."""
+    try:
+        _preflight(recipe, model, src)
+    except MoepressError as e:
+        if src == "recipe" or not str(e).startswith("recipe "):
+            raise
+        raise MoepressError(f"{src}: {str(e).removeprefix('recipe ')}") from None
+
+
+def _preflight(recipe: dict, model: Path, src: str) -> None:
     """Each stage's own checks that need nothing an earlier stage writes, run before any stage and before
     the run directory is made, refused by recipe key: the prune options and the quantize rules against the
     model, every export's options, the check's data (read and tokenized as the check will) and what the
