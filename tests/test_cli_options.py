@@ -196,6 +196,8 @@ def test_method_merge_with_no_merge_is_refused(cli_run, tmp_path):
      "--search-tokens: --method reap samples no tokens"),
     (["prune", "tiny-qwen3-moe", "--ratio", "0.25", "--race", "ean,frequency", "--no-merge", "--search-tokens", "9"],
      "--search-tokens: --method auto racing ean, frequency samples no tokens"),
+    (["prune", "tiny-qwen3-moe", "--ratio", "0.25", "--method", "lookahead", "--sequential"],
+     "--sequential: --method lookahead always gathers a layer's statistics on the pruned layers before it"),
     (["check", "tiny-qwen3-moe", "-r", "tiny-qwen3-moe", "--gen-tokens", "5"],
      "--gen-tokens 5: only with --generate N"),
     (["check", "tiny-qwen3-moe", "-r", "tiny-qwen3-moe", "--generate", "9", "--max-samples", "4"],
@@ -205,7 +207,7 @@ def test_method_merge_with_no_merge_is_refused(cli_run, tmp_path):
 ])
 def test_an_option_that_would_have_no_effect_is_refused(cli_run, tmp_path, args, line):
     """Accepted and ignored before: --search-tokens with a method that samples no tokens (as --race with a method
-    that races nothing), --gen-tokens without --generate, --seed with text data (read as consecutive windows),
+    that races nothing), --sequential with lookahead (sequential always), --gen-tokens without --generate, --seed with text data (read as consecutive windows),
     --generate above --max-samples (its prompts are the samples' starts: cut to their count)."""
     r = cli_run(*args, "-o" if args[0] == "prune" else "--report", tmp_path / "o")
     assert r.exit_code == 2 and r.stderr.startswith(f"moepress: error: {line}"), r.output

@@ -310,3 +310,13 @@ def test_a_check_refusal_names_check_data_only_for_the_data(tmp_path):
         with pytest.raises(MoepressError) as e:
             preflight(normalise({"model": str(model), "prune": {"ratio": 0.25}, "check": check}), model)
         assert str(e.value).startswith(where), str(e.value)
+
+
+def test_a_recipe_s_sequential_lookahead_is_refused_before_any_stage(cli_run, tmp_path):
+    """prune.sequential with lookahead (which always gathers a layer's statistics on the pruned layers before it)
+    changed nothing and was taken, as --sequential was."""
+    rec = write_recipe(tmp_path / "r.yaml", prune={"ratio": 0.25, "method": "lookahead", "sequential": True},
+                       check=None)
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    one_line_error(r, f"{rec}: prune.sequential: --method lookahead always gathers", "expected no --sequential")
+    assert not (tmp_path / "run").exists()

@@ -101,6 +101,9 @@ class PruneStage:
             raise MoepressError(f"--merge: {cfg.method} decides each layer one layer later from candidate "
                                 "selections; merging folds after a per-layer selection (reroute, reap, frequency, "
                                 "ean, auto)")
+        if cfg.sequential and self.method.candidates:  # a flag that would change nothing
+            raise MoepressError(f"--sequential: --method {cfg.method} always gathers a layer's statistics on the "
+                                "pruned layers before it; expected no --sequential")
         self.reader = reader = CheckpointReader(model)
         # Within 2 stored layers: bf16 weights stay as stored and quantized ones (block FP8, packed INT4)
         # too, decoded at each call (StoredLinear: the same float32 results at a half, a quarter, an
