@@ -207,8 +207,9 @@ def test_method_merge_with_no_merge_is_refused(cli_run, tmp_path):
 ])
 def test_an_option_that_would_have_no_effect_is_refused(cli_run, tmp_path, args, line):
     """Accepted and ignored before: --search-tokens with a method that samples no tokens (as --race with a method
-    that races nothing), --sequential with lookahead (sequential always), --gen-tokens without --generate, --seed with text data (read as consecutive windows),
-    --generate above --max-samples (its prompts are the samples' starts: cut to their count)."""
+    that races nothing), --sequential with lookahead (sequential always), --gen-tokens without --generate, --seed
+    with text data (read as consecutive windows), --generate above --max-samples (its prompts are the samples'
+    starts: cut to their count)."""
     r = cli_run(*args, "-o" if args[0] == "prune" else "--report", tmp_path / "o")
     assert r.exit_code == 2 and r.stderr.startswith(f"moepress: error: {line}"), r.output
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
