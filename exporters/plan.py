@@ -266,6 +266,8 @@ def _seq_len(name: str, shape: ModelShape, asked: int | None) -> int:
         return min(DEFAULT_SEQ_LEN, m) if m else DEFAULT_SEQ_LEN
     if m and asked > m:
         raise MoepressError(f"--max-seq-len {asked}: {name} has max_position_embeddings {m}; expected at most {m}")
+    if asked == 1:  # (below 1: check_sizes) prompt and output share it: one token leaves none to generate
+        raise MoepressError("--max-seq-len 1: expected at least 2 (it counts the prompt and the generated tokens)")
     return asked
 
 

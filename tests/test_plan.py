@@ -277,6 +277,9 @@ def test_splits_the_heads_or_experts_cannot_take_are_refused_and_skipped(cli_run
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
     assert "--max-seq-len 100000: " in r.output
     assert "has max_position_embeddings 1024; expected at most 1024" in r.output
+    r = cli_run("plan", "tiny-mixtral", "--target", "h100", "--max-seq-len", "1")  # no token left to generate
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert "--max-seq-len 1: expected at least 2" in r.output
     r = cli_run("plan", "tiny-mixtral", "--target", "h100", "--json")
     assert json.loads(r.output)["max_seq_len"] == 1024  # the default, capped by the model
 

@@ -31,6 +31,10 @@ REFUSED = [
      "build.gpus 3: tp 3 does not divide the 4 attention heads"),
     ("hf-modelopt", {"targets": ["h100"], "max_seq_len": 4096}, {"max_seq_len": 4096},
      "build.max_seq_len 4096: "),
+    # one token (prompt and output share the count) leaves none to generate: planned and built before
+    ("onnx", {"targets": ["h100"], "max_seq_len": 1}, {"max_seq_len": 1}, "build.max_seq_len 1: expected at least 2"),
+    ("trtllm-ckpt", {"targets": ["h100"], "max_seq_len": 1}, {"max_seq_len": 1},
+     "build.max_seq_len 1: expected at least 2"),
     ("onnx", {"targets": ["l4"], "max_batch": 4096}, {"max_batch": 4096},
      "build.targets l4 (onnx export): the ONNX engine needs"),
     ("hf-modelopt", {"targets": ["l4"], "gpus": 1, "max_batch": 40960}, {"gpus": 1, "max_batch": 40960},
