@@ -143,6 +143,10 @@ def test_a_folded_awq_candidate_compares_block_by_block_as_an_unfolded_one(tmp_p
         rows[fold] = res["layers"]
     for a, b in zip(rows[False], rows[True], strict=True):
         assert b["attention_error"] < 1.5 * a["attention_error"] and b["ffn_error"] < 1.5 * a["ffn_error"], (a, b)
+        # the router and the experts get the input the folded norm gives them. Fed the reference's normed input they
+        # read overlaps of 0.984-0.994 and expert errors up to 1.10x the unfolded's; measured now: at most 1 of
+        # 1024 choices differs (the fold rescales the router's columns in bf16: a near tie flips), 1.04x
+        assert 1 - b["routing_overlap"] <= 0.002 and b["expert_error"] < 1.08 * a["expert_error"], (a, b)
 
 
 def test_peer_ratios_group_by_form_floor_and_count():

@@ -3,13 +3,17 @@ reference's router sends them to?
 
 At each MoE layer the candidate's router (its weights, correction bias, top-k and groups: its tensors
 and its config.json; not the weights' scaling, which chooses no expert) is given the reference's
-router input, so whatever else the candidate quantizes in the layer changes nothing here: a correct
-quantized or exported checkpoint routes exactly as the reference (moepress never quantizes a router),
-while a dropped or permuted correction bias or another top-k show at once (router rows permuted without
-their experts show in the experts' own error, below). Such
-breaks can move the whole-model metrics by under 1% (a dropped DeepSeek-V3 correction bias: +0.15%
-perplexity on the bundled tiny-deepseek-v3), which perplexity, KL and top-1 gates cannot tell from
-quantization noise.
+router input as the candidate's own norm gives it: the reference's normed input with the norm's weight
+swapped for the candidate's (RMSNorm: weight x the normalised state, so one per-channel ratio), since an AWQ
+fold multiplies that weight by its scales and divides the router's and the experts' columns by them
+(compress/quantize/fold.py): fed the reference's normed input, a folded candidate read routing overlaps down to
+0.92 where it routes as the reference but for bf16 rounding of its router. So whatever else the candidate
+quantizes in the layer changes nothing here: a correct quantized or exported checkpoint routes as the reference
+(moepress never quantizes a router; an AWQ fold's rescaled router may flip a near tie), while a dropped or
+permuted correction bias or another top-k show at once (router rows permuted without their experts show in the
+experts' own error, below). Such breaks can move the whole-model metrics by under 1% (a dropped DeepSeek-V3
+correction bias: +0.15% perplexity on the bundled tiny-deepseek-v3), which perplexity, KL and top-1 gates cannot
+tell from quantization noise.
 
 Experts are matched by their router rows, not by index: a candidate whose experts are the reference's in
 another order, with their router rows moved alike (an expert-placement tool that rewrites the
@@ -59,11 +63,12 @@ class RouteCapture:
     tokens of the first sample every expert's router score and output."""
 
     def __init__(self, moe: SparseMoE, per_sample: int | None = None, weights: dict[str, str] | None = None,
-                 prefix: str = ""):
+                 prefix: str = "", norm: torch.Tensor | None = None):
         """``weights``: the candidate's format of each linear in the layer (checks/weights.py), where its experts are
         the reference's (same count) and their weights are compared (None: not compared); ``prefix``: the MoE
-        block's name in the layer."""
+        block's name in the layer; ``norm``: the weight of the reference's norm before the block."""
         self.num_experts = moe.num_experts
+        self.norm = None if norm is None else norm.detach().float().clone()
         self.per_sample = per_sample  # tokens of one eval sample: the probe is taken from the first sample
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.probe: torch.Tensor | None = None
@@ -89,14 +94,26 @@ class RouteCapture:
             if self.formats is not None:
                 self.weights = WeightSketch(moe, self.formats, self.prefix, self.probe, self.outputs, self.shared)
 
+    def _as_candidate(self, norm: torch.Tensor | None):
+        """The reference's normed input -> the candidate's (``norm``: the weight of its norm before the block):
+        x x norm / the reference's, per channel; the identity where the weights are equal or either is not
+        known, and on a channel whose reference weight is zero (its normalised state is not in x)."""
+        if norm is None or self.norm is None or norm.shape != self.norm.shape:
+            return lambda x: x
+        cand = norm.detach().float().to(self.norm.device)
+        if torch.equal(cand, self.norm):
+            return lambda x: x
+        ratio = torch.where(self.norm != 0, cand / self.norm, torch.ones_like(cand))
+        return lambda x: (x.float() * ratio.to(x.device)).to(x.dtype)
+
     @torch.no_grad()
-    def overlap(self, moe: SparseMoE) -> Agreement | None:
-        """The candidate layer ``moe`` against the reference on the same inputs, or None when its experts
-        are not the reference's (another count)."""
+    def overlap(self, moe: SparseMoE, norm: torch.Tensor | None = None) -> Agreement | None:
+        """The candidate layer ``moe`` (``norm``: the weight of its norm before the block) against the reference on
+        the same inputs, or None when its experts are not the reference's (another count)."""
         if moe.num_experts != self.num_experts or not self.seen:
             return None
-        ref = self.outputs
-        probe = self.probe.to(moe.gate.weight.device)
+        ref, mine_in = self.outputs, self._as_candidate(norm)
+        probe = mine_in(self.probe.to(moe.gate.weight.device))
         order = _order(moe.route(moe, probe)[0].float().to(self.scores.device), self.scores)
         mine = ref[order.to(ref.device)]  # the reference expert each candidate expert's router row stands for
         cand = _expert_outputs(moe, probe).to(ref.device)
@@ -117,7 +134,7 @@ class RouteCapture:
         ratio_at, ratio = worst_of(names, routed + shared)
         hits = total = 0
         for x, ref_idx in self.seen:
-            _, _, idx = moe.route(moe, x.to(moe.gate.weight.device))
+            _, _, idx = moe.route(moe, mine_in(x.to(moe.gate.weight.device)))
             dev = ref_idx.device
             idx = order.to(dev)[idx.to(dev)]  # the candidate's expert j is the reference's order[j]
             hits += int((ref_idx[:, :, None] == idx[:, None, :]).any(-1).sum())

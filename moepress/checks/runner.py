@@ -131,12 +131,13 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
             fmts, ffn = candidate_formats(cs, i) if weigh else None, f"{ref.adapter.ffn_attr}."
             probe = BlockProbe(ref, layer, hr, fmts, f"{ffn}experts.") if layers is not None else None  # before hooks
             alike = cs.adapter.num_experts == ref.adapter.num_experts  # else no expert is compared
-            capture = RouteCapture(moe, batches[0].shape[1], fmts if alike else None, ffn) if moe is not None else None
+            capture = RouteCapture(moe, batches[0].shape[1], fmts if alike else None, ffn,
+                                   _norm(layer)) if moe is not None else None
             hr = ref.run_layer(layer, hr)
             del layer, moe  # freed before the next one is built: one layer runs, the next is being read
             continue
         moe = layer.moe
-        if capture is not None and moe is not None and (got := capture.overlap(moe)) is not None:
+        if capture is not None and moe is not None and (got := capture.overlap(moe, _norm(layer))) is not None:
             routing[i] = got
         if probe is not None:
             blocks[i] = probe.compare(cs, layer)
@@ -154,6 +155,11 @@ def _streamed(ref, cand: Candidate, batches, layers: list[LayerStats] | None, lo
         for r in range(ids.shape[0]):  # one sequence's [S, V] logits at a time, not the batch's
             logit_stats.add(F.linear(nr(a[r:r + 1]), wr), F.linear(nc(b[r:r + 1]), wc), ids[r:r + 1])
     return embed
+
+
+def _norm(layer) -> torch.Tensor | None:
+    """The weight of the layer's norm before its feed-forward block (RouteCapture: an AWQ fold rescales it)."""
+    return getattr(getattr(layer, "post_attention_layernorm", None), "weight", None)
 
 
 def _refuse_non_finite(ref, i: int, layer) -> None:
