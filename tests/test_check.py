@@ -30,7 +30,7 @@ from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter
 from moepress.compress.quant.fp8 import quantize_block
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
-from moepress.manifest import read_manifest
+from moepress.manifest import read_manifest, write_manifest
 
 MODEL = "tiny-qwen3-moe"
 ROUTER = re.compile(r"\.(mlp|block_sparse_moe)\.gate\.weight$")
@@ -255,6 +255,18 @@ def test_bad_input_is_one_line_exit_2(cli_run, ref, tmp_path):
     assert "exists and is not a directory" in err(same, "--reference", ref, *SMALL, "--report", tmp_path / "afile")
     assert ((same / "moepress-manifest.json").read_bytes() if (same / "moepress-manifest.json").exists()
             else None) == manifest  # no check recorded
+    # a --report into another output: its manifest was replaced by the report's (its digests lost), exit 0
+    other = tmp_path / "export"
+    other.mkdir()
+    write_manifest(other, {"stage": "export", "files": {}})
+    held = (other / "moepress-manifest.json").read_bytes()
+    line = err(same, "--reference", ref, *SMALL, "--report", other)
+    assert f"--report {other}: holds the moepress-manifest.json of an export stage" in line, line
+    assert (other / "moepress-manifest.json").read_bytes() == held and sorted(p.name for p in other.iterdir()) == [
+        "moepress-manifest.json"]
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    assert "holds a config.json (a checkpoint)" in err(same, "--reference", ref, *SMALL, "--report", tmp_path / "ckpt")
 
 
 def test_jsonl_data_is_sampled_with_the_seed(ref, tmp_path):

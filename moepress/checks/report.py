@@ -238,6 +238,7 @@ def write_report(result: dict, out: str | Path) -> Path:
     manifest is removed first and the new one moved last, so a killed run never leaves a report
     whose manifest vouches for it."""
     out = Path(out)
+    refuse_other_output(out)
     tmp = _report_partial(out)
     try:
         _write_report_files(result, tmp)
@@ -265,11 +266,30 @@ def _report_partial(out: Path) -> Path:
 
 
 def check_report_dir(out: str | Path) -> None:
-    """Refuse, before a check runs for hours, a ``--report`` it could not write (a file, no write access)."""
+    """Refuse, before a check runs for hours, a ``--report`` it could not write (a file, no write access) or must
+    not write into (another stage's output, whose manifest the report's would replace)."""
     out = Path(out)
+    refuse_other_output(out)
     shutil.rmtree(_report_partial(out), ignore_errors=True)
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
         raise MoepressError(f"--report {out}: cannot write into it (permission denied)")
+
+
+def refuse_other_output(out: Path) -> None:
+    """A ``--report`` directory holding a checkpoint or another stage's output: the report's manifest would replace
+    that output's (its digests lost: `moepress publish` then refuses it) and its files land beside the output's."""
+    if not out.is_dir():
+        return
+    try:
+        stage = read_manifest(out).get("stage")
+        what = f"the {MANIFEST_NAME} of {'an' if str(stage)[:1] in 'aeiou' else 'a'} {stage} stage"
+    except MoepressError:
+        stage, what = "", f"an unreadable {MANIFEST_NAME}"
+    if stage in (None, "check"):
+        what = "a config.json (a checkpoint)" if (out / "config.json").exists() else None
+    if what is not None:
+        raise MoepressError(f"--report {out}: holds {what}, which the report would overwrite; expected a new or "
+                            "empty directory, or an earlier check's report")
 
 
 def _write_report_files(result: dict, out: Path) -> None:
