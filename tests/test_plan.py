@@ -22,6 +22,7 @@ import re
 
 import pytest
 
+from moepress import models
 from moepress.errors import MoepressError
 from moepress.exporters.plan import RESERVE_FRACTION, plan
 from moepress.exporters.shape import linear_bytes, model_shape
@@ -223,6 +224,17 @@ def test_plan_of_a_broken_config_file_is_one_line(cli_run, tmp_path, content, ne
     r = cli_run("plan", f, "--target", "h100")
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and "partial.json" in lines[0] and needle in lines[0], r.output
+
+
+def test_plan_of_a_config_file_whose_quantization_config_is_no_object_is_one_line(cli_run, tmp_path):
+    """The checkpoint directory refused it; the config file alone reached .get on a str: a traceback."""
+    cfg = json.loads((models.path("tiny-qwen3-moe") / "config.json").read_text())
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({**cfg, "quantization_config": "fp8"}))
+    r = cli_run("plan", f, "--target", "h100")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0] == f"moepress: error: {f}: quantization_config is str; expected a JSON object", lines
 
 
 def test_plan_cli(cli_run):

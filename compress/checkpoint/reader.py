@@ -59,6 +59,9 @@ def read_config_file(path: str | Path) -> dict:
     cfg = _json(Path(path))
     if not isinstance(cfg, dict):
         raise MoepressError(f"{path}: expected a JSON object")
+    if not isinstance(cfg.get("quantization_config") or {}, dict):  # every reader of it asks .get of it
+        raise MoepressError(f"{path}: quantization_config is {type(cfg['quantization_config']).__name__}; expected a "
+                            "JSON object")
     return cfg
 
 
@@ -120,9 +123,6 @@ class CheckpointReader:
                 check_inside(self.path, p, f"{p}: resolves to")
         aux_files(self.path)
         self.config: dict = read_config_file(self.path / "config.json")
-        if not isinstance(self.config.get("quantization_config") or {}, dict):
-            raise MoepressError(f"{self.path / 'config.json'}: quantization_config is "
-                                f"{type(self.config['quantization_config']).__name__}; expected a JSON object")
         self._tensors: dict[str, TensorInfo] = {}
         self._fds: dict[Path, int] = {}
         self._direct_fds: dict[Path, int | None] = {}  # None: this file system refuses O_DIRECT
