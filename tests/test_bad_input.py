@@ -334,6 +334,10 @@ def test_export_option_the_exporter_does_not_read_is_refused(good, tmp_path, cli
                           "--option bogus", "expected external_min_bytes")
     assert_one_line_error(cli_run("export", good, "-o", tmp_path / "e", "--format", "hf-fp8-block", "--option",
                                   "external_min_bytes=1"), "--option external_min_bytes", "expected none")
+    # a key given twice: the last won without a word, and export.json recorded both
+    assert_one_line_error(cli_run("export", good, "-o", tmp_path / "e", "--format", "onnx", "--option",
+                                  "external_min_bytes=1", "--option", "external_min_bytes = 2"),
+                          "--option external_min_bytes: given twice")
     assert not (tmp_path / "e").exists()
 
 

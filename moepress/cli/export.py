@@ -41,6 +41,8 @@ def _parse_options(values) -> tuple[tuple[str, str], ...]:
         if "=" not in v:
             raise MoepressError(f"--option {v}: expected KEY=VALUE")
         k, _, val = v.partition("=")
+        if any(k.strip() == seen for seen, _ in out):  # the last would win silently, both recorded
+            raise MoepressError(f"--option {k.strip()}: given twice; expected each KEY once")
         out.append((k.strip(), val.strip()))
     return tuple(out)
 
