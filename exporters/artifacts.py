@@ -19,7 +19,7 @@ import moepress.exporters.kv_cache as kv_cache
 from moepress.compress import formats
 from moepress.compress.inspect import HF_FP8_METHOD
 from moepress.errors import MoepressError
-from moepress.exporters.plan import default_format
+from moepress.exporters.own_format import default_format
 from moepress.exporters.targets import UNQUANTIZED
 
 
@@ -150,9 +150,8 @@ def artifact_format(artifact: Path, kind: str, source: Path | None) -> str:
         algo = q.get("quant_algo")
         if algo == "MIXED_PRECISION":  # the routed experts' format: what TensorRT-LLM's fused MoE must load
             algo = _experts_algo(q.get("quantized_layers"))
-        own = default_format(d)
         f = formats.by_quant_algo(algo)
-        return f.name if f is not None else own
+        return f.name if f is not None else default_format(d)
     if kind == "hf-fp8-block":
         return "fp8-block"
     return default_format(source, ct=False) if source else UNQUANTIZED  # onnx: packed inputs decoded (bf16)

@@ -29,7 +29,6 @@ config-only directory is enough and a pruned checkpoint's smaller expert count i
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +36,9 @@ from pathlib import Path
 import moepress.exporters.kv_cache as kv_cache
 from moepress.compress import formats
 from moepress.compress.formats.base import GROUP
-from moepress.compress.inspect import storage_format
 from moepress.errors import MoepressError
-from moepress.exporters.ct_layout import ct_matcher, is_ct
 from moepress.exporters.kv_cache import KV_CACHE
+from moepress.exporters.own_format import default_format
 from moepress.exporters.runtime_formats import (
     check_runtime_format,
     mla_rules,
@@ -356,29 +354,6 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-def default_format(model, ct: bool = True) -> str:
-    """The checkpoint's own format: moepress_quant.json's, block-FP8 configs, a compressed-tensors config's (its
-    routed experts' scheme: exporters/ct_layout.py; ``ct`` False: unquantized, as an onnx export of such a
-    checkpoint decodes its packed weights), else unquantized."""
-    if isinstance(model, dict):
-        cfg = model
-    elif Path(model).is_file():
-        cfg = json.loads(Path(model).read_text())
-    else:
-        p = Path(model)
-        layout = formats.read_layout(p)
-        if layout and layout.get("format") in formats.FORMATS:
-            return layout["format"]
-        cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
-    if is_ct(cfg) and not ct:
-        return UNQUANTIZED
-    if is_ct(cfg):  # a scheme moepress has no format of: refused, naming it (plan it with --format)
-        ct_matcher(cfg, str(model) if not isinstance(model, dict) else "<config>")
-        return model_shape(model).stored_format or UNQUANTIZED
-    s = storage_format(cfg)
-    return s if s in formats.FORMATS else UNQUANTIZED
 
 
 def applicable(model, targets=None, max_seq_len: int | None = None, max_batch: int = 8) -> dict:

@@ -237,6 +237,25 @@ def test_plan_of_a_config_file_whose_quantization_config_is_no_object_is_one_lin
     assert lines[0] == f"moepress: error: {f}: quantization_config is str; expected a JSON object", lines
 
 
+def test_a_config_file_alone_is_planned_in_the_format_its_quantization_config_names(cli_run, tmp_path):
+    """A Model-Optimizer config (a quantize output's or an hf-modelopt export's config.json, or NVIDIA's) was planned
+    as bf16 without a word; its quant_algo names the format, as its directory's moepress_quant.json does. Another
+    quantization_config (GPTQ's here) names none moepress sizes: refused, asking for --format."""
+    cfg = json.loads((models.path("tiny-qwen3-moe") / "config.json").read_text())
+    for algo, fmt in (("FP8", "fp8"), ("NVFP4", "nvfp4"), ("W4A16_AWQ", "int4-awq")):
+        f = tmp_path / f"{algo}.json"
+        f.write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "modelopt", "quant_algo": algo}}))
+        r = cli_run("plan", f, "--target", "b200", "--json")
+        assert r.exit_code == 0 and json.loads(r.output)["format"] == fmt, r.output
+    f = tmp_path / "gptq.json"
+    f.write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    r = cli_run("plan", f, "--target", "h100")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert f"{f}: quantization_config (gptq) names no weight format moepress plans; expected --format" in lines[0]
+    assert cli_run("plan", f, "--target", "h100", "--format", "int4-gptq").exit_code == 0
+
+
 def test_plan_cli(cli_run):
     r = cli_run("plan", "tiny-qwen3-moe", "--target", "h100", "--json")
     assert r.exit_code == 0, r.output

@@ -102,7 +102,7 @@ def planned_format(recipe: dict, model: Path, export: str) -> str | None:
     block FP8, the quantize's one format (rules leaving some linears unquantized beside it included), onnx's
     quantize.format (the layout's), hf-modelopt's routed experts' one format; None where that is not one format."""
     from moepress.exporters.fused_moe import routed_names
-    from moepress.exporters.plan import default_format
+    from moepress.exporters.own_format import default_format
     from moepress.pipeline.one_format import as_one_format
     from moepress.pipeline.rule_layouts import planned_source
 
