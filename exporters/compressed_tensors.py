@@ -335,14 +335,15 @@ def _compress_layer(r, modules: dict, prefix: str, compressor, schemes, writer) 
                 writer.add(f"{base}.{k}", t)
             done.update(f"{base}.{k}" for k in stored)
             continue
-        sd = {"weight": r.weight(base + ".weight", torch.float32),
-              "weight_scale": formats.FORMATS[fmt].ct_scale(r.get(base + ".weight_scale"))}
+        # an hf-fp8-block export's block grid is under DeepSeek's name (its moepress_quant.json lists the modules)
+        scale = base + (".weight_scale" if base + ".weight_scale" in r else ".weight_scale_inv")
+        sd = {"weight": r.weight(base + ".weight", torch.float32), "weight_scale": f.ct_scale(r.get(scale))}
         if base + ".input_scale" in r:
             sd["input_scale"] = r.get(base + ".input_scale").float().reshape(1)
         out = compressor.compress(sd, schemes[(fmt, m.get("group"))])
         for k, t in sorted(out.items()):
             writer.add(f"{base}.{k}", t)
-        done.update(f"{base}.{k}" for k in ("weight", "weight_scale", "input_scale"))
+        done.update(f"{base}.{k}" for k in ("weight", "weight_scale", "weight_scale_inv", "input_scale"))
     return done
 
 
