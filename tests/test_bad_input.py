@@ -262,6 +262,8 @@ def test_deeply_nested_header_is_one_line(good, tmp_path, cli_run):
     ({"hidden_act": "bogus"}, ["hidden_act='bogus'", "transformers' activations"]),
     ({"dtype": "bogus"}, ["dtype='bogus'", "expected a torch dtype name"]),
     ({"num_key_value_heads": 0}, ["num_key_value_heads=0", "expected a whole number >= 1"]),
+    # a config alone was planned (its KV cache sized for 3 heads); a checkpoint was refused by a tensor's shape
+    ({"num_key_value_heads": 3}, ["num_key_value_heads=3", "expected a divisor of num_attention_heads=4"]),
     ({"rope_parameters": {"rope_type": "bogus", "rope_theta": 1e6}}, ["rope_type 'bogus'", "expected one of"]),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e6"}}, ["rope_theta='1e6'", "positive number"]),
     # a model of no layers was "quantized" (exit 0, a finished-looking output)

@@ -44,8 +44,9 @@ def test_an_engine_plan_suggests_no_tp_the_trtllm_ckpt_export_refuses():
     p = plan(dict(QWEN3_235B), "h100", "bf16", runtime="trtllm-engine", max_batch=1, max_seq_len=1024)
     assert (p.tp, p.ep) == (8, 8) and p.bytes_per_gpu["kv_cache"] == 1024 * 94 * 2 * 128 * 2  # one KV head a rank
     check_mapping(adapter, 8, 8)
-    six = get_adapter({**QWEN3_235B, "num_key_value_heads": 6})  # tp 4 divides the 64 heads, not the 6 KV heads
-    with pytest.raises(MoepressError, match="--tp 4: must divide num_attention_heads=64, and divide "
+    # tp 4 divides the 48 heads, not the 6 KV heads (64 heads over 6 KV heads: refused as a config, no GQA)
+    six = get_adapter({**QWEN3_235B, "num_attention_heads": 48, "num_key_value_heads": 6})
+    with pytest.raises(MoepressError, match="--tp 4: must divide num_attention_heads=48, and divide "
                                             "num_key_value_heads=6 or be a multiple of it"):
         check_mapping(six, 4, 4)
 

@@ -101,6 +101,9 @@ class Adapter:
             v = self.config.get(key)
             if v is not None and not is_count(v):
                 raise MoepressError(f"{where}: {key}={v!r}: expected a whole number >= 1")
+        heads, kv = getattr(c, "num_attention_heads", None), getattr(c, "num_key_value_heads", None)
+        if is_count(heads) and is_count(kv) and heads % kv:  # every KV head serves heads / kv query heads
+            raise MoepressError(f"{where}: num_key_value_heads={kv}: expected a divisor of num_attention_heads={heads}")
         act = getattr(c, "hidden_act", "silu")
         if act not in ACT2FN:
             raise MoepressError(f"{where}: hidden_act={act!r}: expected one of transformers' activations "
