@@ -61,11 +61,14 @@ DEFAULT_EVAL = DATA_DIR / "eval.txt"
 def read_text(path: str | Path) -> str:
     p = Path(path)
     try:
-        return p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MoepressError(f"{p}: file not found") from None
     except UnicodeDecodeError as e:
         raise MoepressError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    if (at := text.find("\0")) >= 0:  # valid UTF-8, yet no text holds NUL: a binary file (an image of zeros)
+        raise MoepressError(f"{p}: not text (a NUL byte at character {at}); expected a UTF-8 text file")
+    return text
 
 
 def windows(ids: list[int] | torch.Tensor, seq_len: int, max_windows: int | None = None,

@@ -160,6 +160,7 @@ def sources(tmp_path_factory):
     (d / "empty.txt").write_text("")
     (d / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     (d / "short.txt").write_text("def f(): pass\n")
+    (d / "zeros.txt").write_bytes(b"\0" * 20000)  # valid UTF-8: calibrated on NUL tokens before
     (d / "nofield.jsonl").write_text('{"body": "x"}\n{"body": "y"}\n')
     (d / "data.xyz").write_text("hello")
     return d
@@ -287,6 +288,7 @@ def test_prepare_refuses_an_output_it_cannot_write_before_reading_data(tmp_path,
     ("nofield.jsonl", ["nofield.jsonl:1", "no 'text' or 'messages' field", "body"]),
     ("nofield.jsonl,field=text", ["nofield.jsonl:1", "no field 'text'"]),
     ("latin1.txt", ["latin1.txt", "not UTF-8"]),
+    ("zeros.txt", ["zeros.txt", "not text (a NUL byte at offset 0)"]),
     ("short.txt", ["short.txt", "fewer than one sample"]),
     ("data.xyz", ["data.xyz", "unknown source type"]),
     ("docs.jsonl,colour=red", ["unknown option"]),

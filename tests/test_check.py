@@ -249,6 +249,8 @@ def test_bad_input_is_one_line_exit_2(cli_run, ref, tmp_path):
     assert "not a candidate moepress can run" in err(tmp_path / "empty", "--reference", ref)
     same = shutil.copytree(ref, tmp_path / "same")
     assert "file not found" in err(same, "--reference", ref, "--data", tmp_path / "missing.txt")
+    (tmp_path / "zeros.txt").write_bytes(b"x" * 10 + b"\0" * 20000)  # valid UTF-8: evaluated as NUL tokens before
+    assert "zeros.txt: not text (a NUL byte at" in err(same, "--reference", ref, "--data", tmp_path / "zeros.txt")
     # a --report it cannot write is refused before the check runs (it ran whole, then failed)
     (tmp_path / "afile").write_text("x")
     manifest = (same / "moepress-manifest.json").read_bytes() if (same / "moepress-manifest.json").exists() else None

@@ -69,9 +69,13 @@ def read_utf8(p: Path, start: int = 0, end: int | None = None) -> str:
     try:
         with open(p, "rb") as f:
             f.seek(start)
-            return f.read(-1 if end is None else end - start).decode("utf-8")
+            raw = f.read(-1 if end is None else end - start)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:  # the offset only: never echo a file's bytes (it may be any file)
         raise MoepressError(f"{p}: not UTF-8 text (invalid byte at offset {start + e.start})") from None
+    if (at := raw.find(b"\0")) >= 0:  # valid UTF-8, yet no text holds NUL: a binary file (a file of zeros)
+        raise MoepressError(f"{p}: not text (a NUL byte at offset {start + at}); expected a UTF-8 text file")
+    return text
 
 
 def piece_start(f, at: int, size: int) -> int:
