@@ -95,6 +95,17 @@ TF_LOADER = textwrap.dedent("""
 """)
 
 
+def checkpoint_tensors(d: Path, pattern: str = "*.safetensors") -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint directory ``d``'s safetensors files (``pattern``), by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(d).glob(pattern)):
+        with safe_open(f, "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
 def transformers_logits(jobs: list[tuple[Path, torch.Tensor]], work: Path) -> list[dict]:
     """Each (checkpoint, ids) run by transformers in ONE subprocess without moepress (a consumer's
     process: no moepress attention function or module registered in transformers' globals)."""

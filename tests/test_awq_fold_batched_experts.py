@@ -4,10 +4,10 @@ must not search AWQ again on weights the fold already divided by p: a folded che
 quantizer's (formats/_int4.py with awq_folded) bit for bit."""
 
 import torch
-from safetensors import safe_open
 
 import moepress.compress.quantize.config as qconfig
 import moepress.compress.quantize.experts as experts_mod
+from helpers import checkpoint_tensors
 from moepress import models
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
 
@@ -15,11 +15,7 @@ IDS = torch.randint(1, 4096, (4, 64), generator=torch.Generator().manual_seed(0)
 
 
 def _all(d):
-    out = {}
-    for f in sorted(d.glob("model-*.safetensors")):
-        with safe_open(f, "pt") as s:
-            out.update({k: s.get_tensor(k) for k in s.keys()})
-    return out
+    return checkpoint_tensors(d, "model-*.safetensors")
 
 
 def test_folded_awq_gptq_experts_store_no_pre_quant_scale_and_equal_one_by_one(tmp_path, monkeypatch):

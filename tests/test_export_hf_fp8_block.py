@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import transformers_logits
+from helpers import checkpoint_tensors, transformers_logits
 from moepress import models
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
@@ -312,14 +312,6 @@ def test_a_copied_fused_group_with_a_partial_part_is_written_bf16_whole(tmp_path
         assert name in skipped, name
 
 
-def _tensors(d) -> dict:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
 def test_this_exports_output_exports_again(exports, tmp_path):
     """hf-fp8-block's own output as input: its moepress_quant.json lists the modules, their grids under DeepSeek's
     weight_scale_inv. hf-fp8-block refused it ("no linear ... (e.g. none)") after a pass over the model, and
@@ -329,10 +321,10 @@ def test_this_exports_output_exports_again(exports, tmp_path):
     fb, _ = exports["bf16"]
     again, ct = tmp_path / "again", tmp_path / "ct"
     export(fb, again, ExportConfig(format="hf-fp8-block"))
-    a, b = _tensors(fb), _tensors(again)
+    a, b = checkpoint_tensors(fb), checkpoint_tensors(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     export(fb, ct, ExportConfig(format="compressed-tensors"))
-    c = _tensors(ct)
+    c = checkpoint_tensors(ct)
     blocks = [k.removesuffix(".weight_scale_inv") for k in a if k.endswith(".weight_scale_inv")]
     assert len(blocks) > 10
     for n in blocks:
