@@ -19,7 +19,7 @@ import moepress.exporters.kv_cache as kv_cache
 from moepress.compress import formats
 from moepress.compress.inspect import HF_FP8_METHOD
 from moepress.errors import MoepressError
-from moepress.exporters.own_format import default_format
+from moepress.exporters.own_format import default_format, experts_algo
 from moepress.exporters.targets import UNQUANTIZED
 
 
@@ -149,21 +149,12 @@ def artifact_format(artifact: Path, kind: str, source: Path | None) -> str:
         q = json_object(d / "hf_quant_config.json", "quantization")
         algo = q.get("quant_algo")
         if algo == "MIXED_PRECISION":  # the routed experts' format: what TensorRT-LLM's fused MoE must load
-            algo = _experts_algo(q.get("quantized_layers"))
+            algo = experts_algo(q.get("quantized_layers"))
         f = formats.by_quant_algo(algo)
         return f.name if f is not None else default_format(d)
     if kind == "hf-fp8-block":
         return "fp8-block"
     return default_format(source, ct=False) if source else UNQUANTIZED  # onnx: packed inputs decoded (bf16)
-
-
-def _experts_algo(layers) -> str | None:
-    """The quant_algo of the routed experts in a MIXED_PRECISION hf_quant_config.json's ``quantized_layers``
-    (module name -> {quant_algo, ...}; modelopt quant_utils.py), or None."""
-    for name, entry in sorted(layers.items()) if isinstance(layers, dict) else ():
-        if ".experts." in name and isinstance(entry, dict):
-            return entry.get("quant_algo")
-    return None
 
 
 def _trtllm_ckpt(artifact: Path, config: dict, gpus: int | None, ep: int | None, kv: str):

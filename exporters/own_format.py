@@ -38,8 +38,22 @@ def default_format(model, ct: bool = True) -> str:
     if s in formats.FORMATS or not cfg.get("quantization_config"):
         return s if s in formats.FORMATS else UNQUANTIZED
     qc = cfg["quantization_config"]
-    if qc.get("quant_method") == "modelopt" and (f := formats.by_quant_algo(qc.get("quant_algo"))) is not None:
+    algo = qc.get("quant_algo") if qc.get("quant_method") == "modelopt" else None
+    if algo == "MIXED_PRECISION":  # the routed experts' format, as the build sizes it
+        algo = experts_algo(qc.get("quantized_layers"))
+    if algo is not None and (f := formats.by_quant_algo(algo)) is not None:
         return f.name  # a Model-Optimizer checkpoint's config (an hf-modelopt export's, a quantize output's) alone
-    where = model if not isinstance(model, dict) else "<config>"  # was planned as bf16 without a word
-    raise MoepressError(f"{where}: quantization_config ({s}) names no weight format moepress plans; expected "
-                        f"--format FORMAT, the weights' format ({', '.join(formats.FORMATS)})")
+    where = model if isinstance(model, dict) or Path(model).is_file() else Path(model) / "config.json"
+    given = f"quant_algo {qc.get('quant_algo')}" if qc.get("quant_method") == "modelopt" else s
+    raise MoepressError(f"{'<config>' if isinstance(model, dict) else where}: quantization_config ({given}) names "
+                        f"no weight format moepress sizes (sized as bf16, the plan would be wrong); expected one of "
+                        f"{', '.join(formats.FORMATS)} (`moepress plan --format FORMAT` sizes it as one)")
+
+
+def experts_algo(layers) -> str | None:
+    """The quant_algo of the routed experts in a MIXED_PRECISION hf_quant_config.json's ``quantized_layers``
+    (module name -> {quant_algo, ...}; modelopt quant_utils.py), or None."""
+    for name, entry in sorted(layers.items()) if isinstance(layers, dict) else ():
+        if ".experts." in name and isinstance(entry, dict):
+            return entry.get("quant_algo")
+    return None

@@ -461,6 +461,16 @@ def test_mixed_hf_modelopt_export_is_judged_by_its_experts_format(cli_run, tmp_p
     r = cli_run("build", art, "--target", "h200", "-o", tmp_path / "b2", "--dry-run")
     assert r.exit_code == 2 and "weight_scale_inv" in r.stderr and not (tmp_path / "b2").exists(), r.output
 
+    # a Model-Optimizer algorithm moepress has no format of: the build was sized as bf16 without a word
+    qc = {"quant_method": "modelopt", "quant_algo": "W4A8_MXFP4_FP8"}
+    art = _modelopt(tmp_path / "mx", {**cfg, "quantization_config": qc}, algo="W4A8_MXFP4_FP8")
+    from helpers import assert_one_line_error
+
+    assert_one_line_error(cli_run("build", art, "--target", "b200", "-o", tmp_path / "b3", "--dry-run"),
+                          f"{art / 'config.json'}: quantization_config (quant_algo W4A8_MXFP4_FP8) names no weight "
+                          "format moepress sizes")
+    assert not (tmp_path / "b3").exists()
+
 
 def test_an_onnx_export_of_a_packed_int4_checkpoint_is_planned_as_the_graph_holds_it(cli_run, tmp_path):
     """The onnx export decodes Kimi's compressed-tensors INT4 experts into bf16 initializers (export.json

@@ -263,7 +263,7 @@ def test_bad_input_is_one_line_exit_2(cli_run, ref, tmp_path):
     write_manifest(other, {"stage": "export", "files": {}})
     held = (other / "moepress-manifest.json").read_bytes()
     line = err(same, "--reference", ref, *SMALL, "--report", other)
-    assert f"--report {other}: holds the moepress-manifest.json of an export stage" in line, line
+    assert f"--report {other}: holds the moepress-manifest.json of the 'export' stage" in line, line
     assert (other / "moepress-manifest.json").read_bytes() == held and sorted(p.name for p in other.iterdir()) == [
         "moepress-manifest.json"]
     (tmp_path / "ckpt").mkdir()

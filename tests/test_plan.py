@@ -252,8 +252,28 @@ def test_a_config_file_alone_is_planned_in_the_format_its_quantization_config_na
     r = cli_run("plan", f, "--target", "h100")
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1, r.output
-    assert f"{f}: quantization_config (gptq) names no weight format moepress plans; expected --format" in lines[0]
+    assert f"{f}: quantization_config (gptq) names no weight format moepress sizes" in lines[0]
+    assert "`moepress plan --format FORMAT` sizes it as one" in lines[0]
     assert cli_run("plan", f, "--target", "h100", "--format", "int4-gptq").exit_code == 0
+    # a quantize --rule output's config alone: MIXED_PRECISION, sized by its routed experts' format as its build is
+    f = tmp_path / "mixed.json"
+    layers = {"model.layers.0.mlp.experts.0.gate_proj": {"quant_algo": "NVFP4"},
+              "model.layers.0.self_attn.q_proj": {"quant_algo": "FP8"}}
+    f.write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION",
+                                                            "quantized_layers": layers}}))
+    r = cli_run("plan", f, "--target", "b200", "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["format"] == "nvfp4", r.output
+
+
+def test_an_mla_config_is_not_held_to_a_kv_head_count(cli_run, tmp_path):
+    """A KV head count that does not divide the heads is refused (test_bad_input.py), as written in the file: a
+    DeepSeek-V3 config that leaves it out (transformers' config class fills in 128) plans, its MLA reads none."""
+    cfg = json.loads((models.path("tiny-deepseek-v3") / "config.json").read_text())
+    cfg.pop("num_key_value_heads", None)
+    f = tmp_path / "dsv3.json"
+    f.write_text(json.dumps(cfg))
+    r = cli_run("plan", f, "--target", "h100")
+    assert r.exit_code == 0, r.output
 
 
 def test_plan_cli(cli_run):

@@ -101,8 +101,10 @@ class Adapter:
             v = self.config.get(key)
             if v is not None and not is_count(v):
                 raise MoepressError(f"{where}: {key}={v!r}: expected a whole number >= 1")
-        heads, kv = getattr(c, "num_attention_heads", None), getattr(c, "num_key_value_heads", None)
-        if is_count(heads) and is_count(kv) and heads % kv:  # every KV head serves heads / kv query heads
+        # every KV head serves heads / kv query heads; as written (DeepSeek's config class fills in 128 where the file
+        # leaves it out, and its MLA attention reads no KV head count)
+        heads, kv = self.config.get("num_attention_heads"), self.config.get("num_key_value_heads")
+        if self.config.get("kv_lora_rank") is None and is_count(heads) and is_count(kv) and heads % kv:
             raise MoepressError(f"{where}: num_key_value_heads={kv}: expected a divisor of num_attention_heads={heads}")
         act = getattr(c, "hidden_act", "silu")
         if act not in ACT2FN:

@@ -101,9 +101,6 @@ class PruneStage:
             raise MoepressError(f"--merge: {cfg.method} decides each layer one layer later from candidate "
                                 "selections; merging folds after a per-layer selection (reroute, reap, frequency, "
                                 "ean, auto)")
-        if cfg.sequential and self.method.candidates:  # a flag that would change nothing
-            raise MoepressError(f"--sequential: --method {cfg.method} always gathers a layer's statistics on the "
-                                "pruned layers before it; expected no --sequential")
         self.reader = reader = CheckpointReader(model)
         # Within 2 stored layers: bf16 weights stay as stored and quantized ones (block FP8, packed INT4)
         # too, decoded at each call (StoredLinear: the same float32 results at a half, a quarter, an
@@ -115,6 +112,10 @@ class PruneStage:
                                 release_layers=True, device=device)
         self.adapter = a = self.sm.adapter
         self.mtp = mtp_layers_present(a, reader)
+        if cfg.sequential and self.method.candidates and len(self.mtp) < 2:  # a flag that would change nothing
+            raise MoepressError(f"--sequential: --method {cfg.method} always gathers a layer's statistics on the "
+                                "pruned layers before it (it changes only an MTP layer's input from another MTP "
+                                "layer, and this model has fewer than 2); expected no --sequential")
         self.finite: set[int] = set()  # layers whose weights refuse_non_finite found finite (auto reads them twice)
         # stored past num_hidden_layers and not a declared MTP layer: no runtime reads them; not written
         self.undeclared = [i for i in reader.layer_indices() if i >= a.num_layers and i not in self.mtp]

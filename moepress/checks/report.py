@@ -282,14 +282,15 @@ def refuse_other_output(out: Path) -> None:
         return
     try:
         stage = read_manifest(out).get("stage")
-        what = f"the {MANIFEST_NAME} of {'an' if str(stage)[:1] in 'aeiou' else 'a'} {stage} stage"
+        what = f"the {MANIFEST_NAME} of the {stage!r} stage"
     except MoepressError:
         stage, what = "", f"an unreadable {MANIFEST_NAME}"
     if stage in (None, "check"):
         what = "a config.json (a checkpoint)" if (out / "config.json").exists() else None
     if what is not None:
-        raise MoepressError(f"--report {out}: holds {what}, which the report would overwrite; expected a new or "
-                            "empty directory, or an earlier check's report")
+        raise MoepressError(f"--report {out}: holds {what}; the report's files would land beside it and its "
+                            f"{MANIFEST_NAME} would be the directory's; expected a directory that is neither a "
+                            "moepress output nor a checkpoint (or an earlier check's report)")
 
 
 def _write_report_files(result: dict, out: Path) -> None:
