@@ -12,6 +12,7 @@ original by `moepress check`.
 from __future__ import annotations
 
 import json
+from importlib import metadata
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from moepress.compress.quantize import QuantConfig, quantize_checkpoint
 from moepress.compress.stream import StreamedModel
 from moepress.exporters import ExportConfig, export
 
+CT_VERSION = tuple(int(x) for x in metadata.version("compressed-tensors").split(".")[:2])
 DSV3 = models.path("tiny-deepseek-v3")
 IDS = torch.randint(1, 256, (2, 32), generator=torch.Generator().manual_seed(0))
 # a DeepSeek-V3 whose widths the runtimes take in block FP8 (kernel_widths.block_ok: inputs and expert widths
@@ -330,6 +332,8 @@ def test_this_exports_output_exports_again(exports, tmp_path):
     for n in blocks:
         assert torch.equal(c[n + ".weight"].view(torch.uint8), a[n + ".weight"].view(torch.uint8)), n
         assert torch.equal(c[n + ".weight_scale"].float(), a[n + ".weight_scale_inv"].float()), n
+    if CT_VERSION < (0, 20):  # measured there; 0.15 (the lowest bound) fails to decompress a block-FP8 linear of
+        return  # more than one block row ([384, 128] by a [3, 1] grid): as any compressed-tensors block-FP8 export
     tf = transformers_logits([(ct, IDS)], tmp_path / "tf")[0]["logits"]
     # transformers' CT Linears quantize their inputs per 1x128 group; its fused experts run dequantized weights
     # (test_export_ct.py): so does moepress's forward here
