@@ -61,14 +61,9 @@ DEFAULT_EVAL = DATA_DIR / "eval.txt"
 def read_text(path: str | Path) -> str:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        return read_utf8(p)  # UTF-8 and no NUL byte, as calibration text
     except FileNotFoundError:
         raise MoepressError(f"{p}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise MoepressError(f"{p}: not UTF-8 text (byte {e.start})") from None
-    if (at := text.find("\0")) >= 0:  # valid UTF-8, yet no text holds NUL: a binary file (an image of zeros)
-        raise MoepressError(f"{p}: not text (a NUL byte at character {at}); expected a UTF-8 text file")
-    return text
 
 
 def windows(ids: list[int] | torch.Tensor, seq_len: int, max_windows: int | None = None,

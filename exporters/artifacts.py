@@ -19,7 +19,7 @@ import moepress.exporters.kv_cache as kv_cache
 from moepress.compress import formats
 from moepress.compress.inspect import HF_FP8_METHOD
 from moepress.errors import MoepressError
-from moepress.exporters.own_format import default_format, experts_algo
+from moepress.exporters.own_format import default_format, modelopt_format
 from moepress.exporters.targets import UNQUANTIZED
 
 
@@ -146,11 +146,7 @@ def artifact_format(artifact: Path, kind: str, source: Path | None) -> str:
                                 f"{', '.join(str(f.quant_algo) for f in formats.FORMATS.values())}")
         return f.name
     if kind == "hf-modelopt":
-        q = json_object(d / "hf_quant_config.json", "quantization")
-        algo = q.get("quant_algo")
-        if algo == "MIXED_PRECISION":  # the routed experts' format: what TensorRT-LLM's fused MoE must load
-            algo = experts_algo(q.get("quantized_layers"))
-        f = formats.by_quant_algo(algo)
+        f = modelopt_format(json_object(d / "hf_quant_config.json", "quantization"))
         return f.name if f is not None else default_format(d)
     if kind == "hf-fp8-block":
         return "fp8-block"

@@ -181,7 +181,7 @@ def refuse_input(src: Path):
                             f"{', '.join(sorted(s.formats)) or 'nothing (moepress_quant.json lists no module)'}; "
                             f"expected fp8-block or a bf16 checkpoint: {way}")
     # copy: DeepSeek's block FP8, or this export's own output (its moepress_quant.json lists DeepSeek-named modules)
-    own = s.layout is not None and all(f"{m}.weight_scale_inv" in r for m in s.layout.get("modules") or {"": 0})
+    own = s.layout is not None and all(f"{m}.weight_scale_inv" in r for m in s.layout["modules"])  # (not empty: above)
     mode = "copy" if own or (s.layout is None and s.block_fp8) else "rename" if s.layout is not None else "quantize"
     if mode == "rename":  # a --rule that left some of a layer's experts bf16: transformers then fails at load
         refuse_mixed(s, "hf-fp8-block", _written_fp8(s), "transformers' FP8 path, vLLM, SGLang and TensorRT-LLM "

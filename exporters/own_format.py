@@ -38,16 +38,24 @@ def default_format(model, ct: bool = True) -> str:
     if s in formats.FORMATS or not cfg.get("quantization_config"):
         return s if s in formats.FORMATS else UNQUANTIZED
     qc = cfg["quantization_config"]
-    algo = qc.get("quant_algo") if qc.get("quant_method") == "modelopt" else None
-    if algo == "MIXED_PRECISION":  # the routed experts' format, as the build sizes it
-        algo = experts_algo(qc.get("quantized_layers"))
-    if algo is not None and (f := formats.by_quant_algo(algo)) is not None:
+    modelopt = qc.get("quant_method") == "modelopt" and qc.get("quant_algo") is not None
+    if modelopt and (f := modelopt_format(qc)) is not None:
         return f.name  # a Model-Optimizer checkpoint's config (an hf-modelopt export's, a quantize output's) alone
     where = model if isinstance(model, dict) or Path(model).is_file() else Path(model) / "config.json"
-    given = f"quant_algo {qc.get('quant_algo')}" if qc.get("quant_method") == "modelopt" else s
+    given = f"quant_algo {qc['quant_algo']}" if modelopt else s
     raise MoepressError(f"{'<config>' if isinstance(model, dict) else where}: quantization_config ({given}) names "
                         f"no weight format moepress sizes (sized as bf16, the plan would be wrong); expected one of "
                         f"{', '.join(formats.FORMATS)} (`moepress plan --format FORMAT` sizes it as one)")
+
+
+def modelopt_format(q: dict) -> formats.Format | None:
+    """The format a Model-Optimizer quantization dict names (hf_quant_config.json's ``quantization``, config.json's
+    quantization_config): its quant_algo's, a MIXED_PRECISION one's routed experts' (what TensorRT-LLM's fused MoE
+    must load); quant_algo None: bf16; None: no moepress format."""
+    algo = q.get("quant_algo")
+    if algo == "MIXED_PRECISION":
+        algo = experts_algo(q.get("quantized_layers"))
+    return formats.by_quant_algo(algo)
 
 
 def experts_algo(layers) -> str | None:

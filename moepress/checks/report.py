@@ -282,11 +282,11 @@ def refuse_other_output(out: Path) -> None:
         return
     try:
         stage = read_manifest(out).get("stage")
-        what = f"the {MANIFEST_NAME} of the {stage!r} stage"
     except MoepressError:
-        stage, what = "", f"an unreadable {MANIFEST_NAME}"
-    if stage in (None, "check"):
-        what = "a config.json (a checkpoint)" if (out / "config.json").exists() else None
+        what = f"an unreadable {MANIFEST_NAME}"
+    else:
+        what = f"the {MANIFEST_NAME} of the {stage!r} stage" if stage not in (None, "check") else \
+            "a config.json (a checkpoint)" if (out / "config.json").exists() else None
     if what is not None:
         raise MoepressError(f"--report {out}: holds {what}; the report's files would land beside it and its "
                             f"{MANIFEST_NAME} would be the directory's; expected a directory that is neither a "
