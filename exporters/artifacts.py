@@ -51,8 +51,9 @@ def json_object(p: Path, *keys: str) -> dict:
 
 def consumer_misload(d: Path, consumer: str) -> tuple[str, str] | None:
     """(newest affected version, how) where the export in ``d`` says ``consumer`` (export.json ``misloaded_by``
-    key: transformers, sglang, tensorrt_llm, vllm, tensorrt) loads it wrongly or not at all (``misloaded_by`` /
-    ``misloaded_why``, written by the compressed-tensors, hf-modelopt, hf-fp8-block and onnx exporters)."""
+    key: transformers, compressed_tensors (the library transformers loads it through), sglang, tensorrt_llm, vllm,
+    tensorrt) loads it wrongly or not at all (``misloaded_by`` / ``misloaded_why``, written by the
+    compressed-tensors, hf-modelopt, hf-fp8-block and onnx exporters)."""
     info = read_json(d / "export.json")
     info = info if isinstance(info, dict) else {}
     why = info.get("misloaded_why") if isinstance(info.get("misloaded_why"), dict) else {}

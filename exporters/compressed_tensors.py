@@ -57,14 +57,13 @@ from pathlib import Path
 import torch
 
 import moepress.exporters.ct_ignore as ct_ignore
+import moepress.exporters.ct_misloads as ct_misloads
 from moepress.compress import formats
-from moepress.compress.checkpoint import declared_dtype
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
     FUSES_EXPERTS,
     fused_name,
-    pattern,
     refuse_fp4_expert_widths,
     refuse_mixed,
     refuse_partial_blocks,
@@ -201,41 +200,6 @@ def _refuse_misread_experts(s, schemes) -> None:
     refuse_fp4_expert_widths(s, "compressed-tensors", modules)
 
 
-# The newest transformers checked (5.25.0; its integrations/compressed_tensors.py is 5.24.0's, and the Qwen3-MoE,
-# Mixtral and DeepSeek-V3 modeling files build and merge experts as 5.24's did): it dequantizes each routed
-# expert's tensors and merges them into its fused experts. NVFP4 (``tensor_group``) experts lose their
-# weight_global_scale (huggingface/transformers#48371); FP8 experts are ``weight * weight_scale``, which
-# for block FP8 broadcasts only a single 128x128 block; FP8 experts' input_scale is not loaded. Its FP8
-# dequantize (integrations/finegrained_fp8.py) takes a block-FP8 weight's block as rows // scale rows
-# (moepress/checks/candidates/hf_transformers.py refuse_ambiguous_fp8_grids).
-TRANSFORMERS_CHECKED = "5.25"
-
-
-def _expert_schemes(s, schemes) -> dict:
-    """{routed-expert module: its compressed-tensors scheme}."""
-    routed = routed_names(s)
-    return {n: schemes[(m["format"], m.get("group"))] for n, m in s.layout["modules"].items() if n in routed}
-
-
-def _misloaded(s, experts: dict) -> dict[str, str]:
-    """{consumer: how the newest checked version loads this checkpoint wrongly or not at all}; ``experts``:
-    {routed-expert module: its scheme}."""
-    misread = s.adapter.transformers_misreads()
-    if misread is not None:
-        return {"transformers": misread}
-    strategies = {sch.weights.strategy for sch in experts.values() if sch.weights is not None}
-    if "tensor_group" in strategies:
-        return {"transformers": "loads its NVFP4 routed experts without weight_global_scale (wrong weights, no "
-                                "error: huggingface/transformers#48371)"}
-    big = [n for n, sch in experts.items() if sch.weights is not None and sch.weights.strategy == "block"
-           and any(d > b for d, b in zip(s.reader.info(n + ".weight").shape, sch.weights.block_structure,
-                                         strict=True))]
-    if big:
-        return {"transformers": f"cannot load its block-FP8 routed experts larger than one block ({pattern(big)}): "
-                                "it multiplies each by its scale without expanding the blocks"}
-    return {}
-
-
 def _fused_ignores(s, high: set[str], quantized: set[str], ignore: list[str]) -> list[str]:
     """A fused qkv_proj / gate_up_proj whose parts all stay high precision (``high``), by its fused name where no
     ``ignore`` entry names it: SGLang applies entries naming its parts only through the model class's
@@ -248,77 +212,6 @@ def _fused_ignores(s, high: set[str], quantized: set[str], ignore: list[str]) ->
                                                                               for e in ignore):
             out.append("re:" + re.escape(name) + "$")
     return out
-
-
-SGLANG_CHECKED = "0.5.23"
-MLA_PARTS = ("q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj")
-
-
-def _sglang_misloads(s, schemes) -> str | None:
-    """How SGLang 0.5.23 fails a DeepSeek-style checkpoint whose MLA projections are packed (INT4 / FP4): its loader
-    concatenates q_a_proj's and kv_a_proj_with_mqa's tensors of every name into fused_qkv_a_proj_with_mqa
-    (models/deepseek_common/deepseek_weight_loader.py:463-478: weight_shape / weight_global_scale of two parts
-    into a one-part parameter, layers/linear.py:376 asserts the size) and reads kv_b_proj.weight (:625-639; a
-    packed kv_b_proj has weight_packed)."""
-    packed = sorted(n for n, m in s.layout["modules"].items() if n.rsplit(".", 1)[-1] in MLA_PARTS
-                    and (w := schemes[(m["format"], m.get("group"))].weights) is not None and w.num_bits < 8)
-    if not packed:
-        return None
-    return (f"fails loading its packed MLA projections ({pattern(packed)}: fused q_a / kv_a tensors concatenated "
-            "into one-part parameters, kv_b_proj read as .weight); keep them bf16 (--rule 'self_attn.*=none', Kimi's "
-            "layout)")
-
-
-def _fp4_dtype_notes(s) -> list[str]:
-    """FP4 weights from a model not in bf16: compressed-tensors (0.20) leaves the weights it decompresses from FP4
-    in bf16, so transformers' forward in the config's float16 / float32 fails on them ("expected m1 and m2 to have
-    the same dtype"; a helper's find on a float16 source)."""
-    dtype = declared_dtype(s.reader.config)
-    fp4 = any(formats.FORMATS[m["format"]].element == "fp4" for m in s.layout["modules"].values())
-    if not fp4 or dtype in (None, "bfloat16"):
-        return []
-    return [f"transformers <= {TRANSFORMERS_CHECKED} decompresses its FP4 weights to bf16 while the model runs in its "
-            f"config's {dtype}: its first forward fails unless loaded with dtype=torch.bfloat16 (or "
-            "CompressedTensorsConfig(dequantize=True)); vLLM and SGLang are not affected"]
-
-
-def _dense_group_notes(s, experts: dict) -> list[str]:
-    """Dense INT4 linears in more than one group size (a narrow MLA kv_b_proj gets a smaller group): transformers'
-    default load keeps each module's scheme, but ``CompressedTensorsConfig(dequantize=True)`` converts every dense
-    module with one (integrations/compressed_tensors.py get_dense_scheme) and fails on the others."""
-    groups = {m.get("group") for n, m in s.layout["modules"].items() if n not in experts and m.get("group")}
-    if len(groups) < 2:
-        return []
-    return [f"transformers <= {TRANSFORMERS_CHECKED} loads it by default, but CompressedTensorsConfig(dequantize=True) "
-            f"fails on its dense linears' INT4 group sizes {sorted(groups)} (one scheme for every dense module); "
-            "vLLM loads them (a scheme per module); quantize with a --group-size every width takes for one size"]
-
-
-def _consumer_notes(experts: dict, misloaded: dict[str, str]) -> list[str]:
-    """Known consumer bugs this checkpoint meets, said at export (the bytes follow the specification)."""
-    sglang = "vLLM loads them correctly" if "sglang" in misloaded else "vLLM and SGLang load them correctly"
-    notes = [f"transformers <= {TRANSFORMERS_CHECKED} {why}; {sglang}"
-             for who, why in misloaded.items() if who == "transformers"]
-    if "sglang" in misloaded:
-        notes.append(f"SGLang <= {SGLANG_CHECKED} {misloaded['sglang']}")
-    # transformers merges the experts into one fused module that holds dequantized weights and no quantization
-    # scheme (modeling_deepseek_v3.py DeepseekV3Experts, qwen3_moe / mixtral alike), so no scheme's activation
-    # quantization reaches them: a static input_scale is not loaded, a dynamic one is not applied
-    acts = {"static" if not sch.input_activations.dynamic else "dynamic"
-            for sch in experts.values() if sch.input_activations is not None}
-    why = {"static": "their static input_scale is not loaded",
-           "dynamic": "their inputs are not quantized at run time: the fused experts module has no quantization scheme"}
-    if acts:
-        notes.append(f"transformers <= {TRANSFORMERS_CHECKED} runs the routed experts on unquantized activations "
-                     f"({'; '.join(why[k] for k in sorted(acts, reverse=True))}); vLLM and SGLang quantize them")
-    # vLLM main (compressed_tensors_moe_w4a4_mxfp4.py at cd5f1c27) picks its MXFP4 MoE method from the weights alone
-    # and, where its CUTLASS MXFP4 MoE runs (Blackwell), quantizes the activations to MXFP4 as well
-    if any(sch.weights is not None and sch.weights.type == "float" and sch.weights.num_bits == 4
-           and sch.weights.group_size == 32 and sch.input_activations is None for sch in experts.values()):
-        notes.append("vLLM main runs MXFP4 routed experts with MXFP4 activations where its CUTLASS MXFP4 MoE runs "
-                     "(Blackwell), whatever input_activations says, which computes other than the weight-only "
-                     "forward moepress checks; elsewhere (Marlin) they run weight-only")
-    return notes
 
 
 def _compress_layer(r, modules: dict, prefix: str, compressor, schemes, writer) -> set[str]:
@@ -371,13 +264,8 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
                 writer.add(n, r.get(n))
             writer.end_shard()
             task.advance(note=f"layer {i}" if kind == "layer" else kind)
-    experts = _expert_schemes(s, schemes)
-    misloaded = _misloaded(s, experts)
-    checked = {k: TRANSFORMERS_CHECKED for k in misloaded}
-    if (sg := _sglang_misloads(s, schemes)) is not None:
-        misloaded["sglang"] = sg
-        checked["sglang"] = SGLANG_CHECKED
-    notes = _consumer_notes(experts, misloaded) + _dense_group_notes(s, experts) + _fp4_dtype_notes(s)
+    found = ct_misloads.misloads(s, schemes)
+    notes = found["consumer_notes"]
     if dropped:
         notes.append(f"the FP8 KV-cache scales ({len(dropped)} k_scale / v_scale) are not carried: no kv_cache_scheme "
                      "is written, so runtimes keep the KV cache in the model's dtype; hf-modelopt carries them")
@@ -393,8 +281,7 @@ def export_compressed_tensors(src: Path, writer, cfg, progress) -> dict:
     ModelCompressor(quantization_config=qc).update_config(str(writer.partial))
     writer.copy_aux_files(src)
     return {"ct_format": ct_format, "compressed_tensors_version": ct_version,
-            "quantized_linears": len(modules), "ignore": len(ignore), "dropped": dropped, "consumer_notes": notes,
-            "misloaded_by": checked, "misloaded_why": misloaded}
+            "quantized_linears": len(modules), "ignore": len(ignore), "dropped": dropped, **found}
 
 
 EXPORTER = Exporter(

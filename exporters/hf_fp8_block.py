@@ -51,7 +51,7 @@ from moepress.compress import formats
 from moepress.compress.quant import fp8
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
-from moepress.exporters.compressed_tensors import TRANSFORMERS_CHECKED
+from moepress.exporters.ct_misloads import TRANSFORMERS_CHECKED
 from moepress.exporters.fused_moe import high_precision_layers, refuse_mixed
 from moepress.exporters.hf_common import (
     FLOAT_DTYPES,

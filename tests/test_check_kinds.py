@@ -322,7 +322,7 @@ def test_block_fp8_grids_transformers_reads_with_another_block_are_refused(tmp_p
     as 160 // 2 = 80 rows, so rows 80-127 load with the second block's scale, without an error (measured here in a
     process that never imports moepress). The transformers kind refuses it in one line; the streamed kind checks it.
     When a transformers release reads the grid in 128-row blocks, the probe fails: the refusal's version gate
-    (compressed_tensors.TRANSFORMERS_CHECKED) stays below it."""
+    (ct_misloads.TRANSFORMERS_CHECKED) stays below it."""
     cfg = {**QWEN_SMALL, "vocab_size": 4096, "hidden_size": 160, "head_dim": 32, "num_attention_heads": 4,
            "moe_intermediate_size": 128, "num_experts": 4, "num_experts_per_tok": 2}
     d = write_synthetic(cfg, tmp_path / "m", block_fp8=True)

@@ -26,7 +26,7 @@ from moepress.compress.quantize import QuantConfig, quantize_checkpoint, read_qu
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 from moepress.exporters import ExportConfig, export
-from moepress.exporters.compressed_tensors import TRANSFORMERS_CHECKED
+from moepress.exporters.ct_misloads import TRANSFORMERS_CHECKED
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

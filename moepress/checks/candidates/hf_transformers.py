@@ -13,7 +13,7 @@ from moepress.checks.config import CheckConfig
 from moepress.compress.arch import transformers_config
 from moepress.compress.formats import fp8_block
 from moepress.errors import MoepressError
-from moepress.exporters.artifacts import read_json, transformers_misload
+from moepress.exporters.artifacts import consumer_misload, read_json
 
 
 class TransformersCandidate(Candidate):
@@ -139,7 +139,7 @@ def refuse_ambiguous_fp8_grids(path: Path, q) -> None:
 
     from moepress.compress.checkpoint import CheckpointReader
     from moepress.compress.inspect import HF_FP8_METHOD
-    from moepress.exporters.compressed_tensors import TRANSFORMERS_CHECKED
+    from moepress.exporters.ct_misloads import TRANSFORMERS_CHECKED
     from moepress.exporters.kernel_widths import grid_ok
 
     if not (isinstance(q, dict) and q.get("quant_method") == HF_FP8_METHOD) or \
@@ -155,15 +155,27 @@ def refuse_ambiguous_fp8_grids(path: Path, q) -> None:
 
 
 def misloaded(path: Path) -> str | None:
-    """Why the installed transformers loads the export in ``path`` wrongly or not at all (export.json
-    ``misloaded_by``: the newest affected version; ``misloaded_why``: how), or None."""
+    """Why the installed transformers, or the compressed-tensors it loads through, loads the export in ``path``
+    wrongly or not at all (export.json ``misloaded_by``: the newest affected version; ``misloaded_why``: how), or
+    None."""
     import transformers
 
-    misload = transformers_misload(Path(path))
-    if misload is None or _version(transformers.__version__) > _version(misload[0]):
+    for key, name, version in (("transformers", "transformers", transformers.__version__),
+                               ("compressed_tensors", "compressed-tensors", _installed("compressed-tensors"))):
+        misload = consumer_misload(Path(path), key)
+        if misload is not None and version is not None and _version(version) <= _version(misload[0]):
+            return f"{name} {version} {misload[1]} (export.json misloaded_by: {name} <= {misload[0]})"
+    return None
+
+
+def _installed(dist: str) -> str | None:
+    """The installed version of ``dist``, or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
         return None
-    upto, how = misload
-    return f"transformers {transformers.__version__} {how} (export.json misloaded_by: transformers <= {upto})"
 
 
 def consumer_notes(path: Path) -> list[str]:
