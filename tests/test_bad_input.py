@@ -295,6 +295,10 @@ def test_config_values_no_layer_can_use(good, tmp_path, cli_run, changes, needle
     ({"n_group": 3}, ["n_group=3", "equal groups"]),
     ({"topk_group": 5}, ["topk_group=5", "expected 1..4 groups"]),
     ({"moe_layer_freq": "a"}, ["moe_layer_freq='a'", "expected a whole number"]),
+    # a traceback from the layer-kind test (int(None)); transformers cannot build it either
+    ({"first_k_dense_replace": None}, ["first_k_dense_replace=None", "expected a whole number"]),
+    # transformers' alias of n_routed_experts: it reads whichever the file sets last
+    ({"num_local_experts": 16}, ["n_routed_experts=32 and num_local_experts=16 disagree"]),
     # routed as sigmoid / noaux_tc (transformers), served by vLLM as the config says
     ({"scoring_func": "softmax"}, ["scoring_func='softmax'", "expected 'sigmoid'"]),
     ({"topk_method": "greedy"}, ["topk_method='greedy'", "expected 'noaux_tc'"]),

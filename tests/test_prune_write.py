@@ -102,3 +102,43 @@ def test_ct_int4_group_the_refit_shrank_gets_compressed_tensors_scale():
     got = encode_ct_int4(_stub_reader(out_f, in_f, old), "e", w.float(), ["e.weight_packed", "e.weight_scale",
                                                                            "e.weight_shape"])["e.weight_scale"]
     assert torch.equal(got[:12], fresh[:12]) and torch.equal(got[12:], old[12:])
+
+
+def test_a_deepseek_config_naming_the_expert_count_twice_is_rewritten_under_both_keys(tmp_path):
+    """num_local_experts is transformers' alias of DeepSeek's n_routed_experts (attribute_map): where a config.json
+    holds both, transformers takes the one the file sets last. Prune rewrote n_routed_experts alone, so transformers
+    built 32 experts over 16 stored ones and refused the output (size mismatch). Both keys now say 16, and
+    transformers' own config class reads 16."""
+    import shutil
+
+    import transformers
+
+    from moepress import models
+
+    src = tmp_path / "src"
+    shutil.copytree(models.path("tiny-deepseek-v3"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_local_experts": cfg["n_routed_experts"]}, sort_keys=True))
+    out = tmp_path / "p"
+    prune_checkpoint(src, out, PruneConfig(method="frequency", ratio=0.5),
+                     batches=[torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))])
+    written = json.loads((out / "config.json").read_text())
+    assert written["n_routed_experts"] == written["num_local_experts"] == 16
+    assert transformers.AutoConfig.from_pretrained(out).n_routed_experts == 16
+    assert CheckpointReader(out).info("model.layers.1.mlp.gate.weight").shape[0] == 16
+
+
+def test_prune_says_what_transformers_misreads_in_its_output(tmp_path):
+    """DeepSeek's moe_layer_freq 2: transformers builds every layer as MoE (test_export_ct.py), in the pruned output
+    as in its input. Prune said nothing; the note is in its constraints (printed, prune_report.json)."""
+    from moepress import models
+
+    cfg = json.loads((models.path("tiny-deepseek-v3") / "config.json").read_text())
+    cfg.update(num_hidden_layers=3, first_k_dense_replace=0, moe_layer_freq=2, n_routed_experts=8, n_group=1,
+               topk_group=1, num_experts_per_tok=2)
+    src = write_synthetic(cfg, tmp_path / "src", seed=0)
+    out = tmp_path / "p"
+    prune_checkpoint(src, out, PruneConfig(method="frequency", keep=4),
+                     batches=[torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))])
+    notes = json.loads((out / "prune_report.json").read_text())["constraints"]
+    assert any(n.startswith("note: transformers builds every layer") and "moe_layer_freq 2" in n for n in notes), notes

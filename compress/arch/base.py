@@ -64,6 +64,10 @@ class Adapter:
         if missing or self.experts_key() is None:
             need = missing or [" or ".join(self.experts_keys)]
             raise MoepressError(f"{where}: {self.family} config lacks {', '.join(need)}")
+        counts = {k: config[k] for k in self.experts_keys if config.get(k) is not None}
+        if len({repr(v) for v in counts.values()}) > 1:  # transformers reads whichever the file sets last
+            raise MoepressError(f"{where}: {' and '.join(f'{k}={v!r}' for k, v in counts.items())} disagree: expected "
+                                "one routed-expert count")
         set_top_k = TOP_K_KEY in self.config
         if set_top_k:  # before transformers' typed config refuses it with a multi-line message
             self._check_expert_counts(where, self.config[TOP_K_KEY])

@@ -45,7 +45,9 @@ class DeepseekV3Adapter(Adapter):
     family = "deepseek_v3"
     model_types = ("deepseek_v3", "kimi_k2")
     architectures = ("DeepseekV3ForCausalLM",)
-    experts_keys = ("n_routed_experts",)
+    # num_local_experts: an alias transformers' config class maps onto n_routed_experts (configuration_deepseek_v3.py
+    # attribute_map, 5.25): a pruned config rewrites both
+    experts_keys = ("n_routed_experts", "num_local_experts")
     nextn_by_default = True  # configuration_deepseek_v3.py 5.24: num_mtp_layers = 1, alias num_nextn_predict_layers
     # moe_layer_freq as vLLM's deepseek_v2.py and DeepSeek's reference code read it (layer i % freq == 0);
     # transformers 5.24's modeling_deepseek_v3.py ignores it (every layer past first_k_dense_replace is MoE)
@@ -71,9 +73,9 @@ class DeepseekV3Adapter(Adapter):
         """Group-limited routing needs n_group groups of >= 2 experts (each group is ranked by its two
         best scores), 1..n_group of them competing, enough experts among them for top-k."""
         c, n, k = self.hf_config, self.num_experts, self.top_k
-        for key in ("moe_layer_freq", "num_nextn_predict_layers"):
+        for key in ("moe_layer_freq", "num_nextn_predict_layers", "first_k_dense_replace"):
             v = self.config.get(key)
-            if v is not None and not (is_count(v) or v == 0):
+            if (v is not None or key == "first_k_dense_replace" and key in self.config) and not (is_count(v) or v == 0):
                 raise MoepressError(f"{where}: {key}={v!r}: expected a whole number")
         # transformers 5.24 routes every DeepSeek-V3 config by sigmoid + correction bias (noaux_tc); vLLM's
         # deepseek_v2.py follows the config's scoring_func / topk_method instead, so a config naming another

@@ -132,6 +132,9 @@ class PruneStage:
             self.notes.append("norm_topk_prob=false: the softmax runs over fewer experts after pruning, so the "
                               "weights of every token grow by sum(exp(all logits)) / sum(exp(kept logits)); choices "
                               "among kept experts are unchanged")
+        if (misread := a.transformers_misreads()) is not None:  # the output keeps the input's layer kinds
+            self.notes.append(f"note: transformers {misread}, in this output as in its input; vLLM and SGLang read "
+                              "the config as moepress does")
         self.report_layers: list[dict] = []
         self.batches: list[torch.Tensor] = []
         self.w: CheckpointWriter | None = None
