@@ -33,6 +33,15 @@ def check_positions(model_dir: str | Path, seq_len: int) -> None:
         raise MoepressError(f"--seq-len {seq_len}: {model_dir} has max_position_embeddings {m}; expected at most {m}")
 
 
+def check_generation(model_dir: str | Path, prompt: int, new_tokens: int) -> None:
+    """Refuse greedy generations (check's ``--generate``) whose ``prompt`` tokens and ``new_tokens`` pass the model's
+    ``max_position_embeddings``, as :func:`check_positions` refuses long samples."""
+    m = _config_int(Path(model_dir), "max_position_embeddings")
+    if m is not None and prompt + new_tokens > m:
+        raise MoepressError(f"--gen-tokens {new_tokens}: after a {prompt}-token prompt, {model_dir} has "
+                            f"max_position_embeddings {m}; expected at most {max(m - prompt, 0)}")
+
+
 def check_embedding_rows(model_dir: Path, ids: torch.Tensor, src: torch.Tensor, specs) -> None:
     """Refuse token ids past the model's embedding (``vocab_size``): a tokenizer larger than the model's table gave
     them, and every stage would refuse them later (``calib prepare`` wrote a file none could use). ``src``: each

@@ -97,6 +97,9 @@ def refuse_source(src: Path, adapter, reader=None, instead: str | None = None) -
     refuse_activation(src, adapter)
 
 
+PROTOBUF_LIMIT = 2**31 - 2**20  # a protobuf message is at most 2 GiB; the graph's own nodes take the rest
+
+
 def _min_bytes(cfg) -> int:
     """--option external_min_bytes: a byte count, 0 or more (default 1024)."""
     try:
@@ -186,6 +189,11 @@ def export_onnx(src: Path, writer, cfg, progress) -> dict:
     # the lowest IR version the opset allows (onnx's VERSION_TABLE: opset 21-22 -> IR 10, 23 -> 11, ...),
     # so that older runtimes load what they can run
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    inline = sum(len(i.raw_data) for i in g.inits)
+    if inline > PROTOBUF_LIMIT:  # onnx.save would fail serializing it (protobuf's EncodeError), after the whole pass
+        raise MoepressError(f"--option external_min_bytes={_min_bytes(cfg)}: {inline} bytes of tensors inline in "
+                            f"model.onnx, over protobuf's 2 GiB; expected a threshold that moves more of them to "
+                            f"the external data file (default 1024)")
     onnx.save(model, str(writer.partial / "model.onnx"))
     writer.copy_aux_files(src)
     dropped, layers, notes = _not_carried(reader, adapter)

@@ -537,6 +537,26 @@ def test_calibration_past_the_models_positions_is_refused(tmp_path, cli_run, arg
     assert not any(tmp_path.iterdir())
 
 
+def test_generations_past_the_models_positions_are_refused(tmp_path, cli_run):
+    """check --generate ran its 16-token prompts on for --gen-tokens new ones past max_position_embeddings (116
+    positions of a 64-position model, exit 0; a recipe's gen_tokens 100000 ran for hours after the other stages):
+    refused before any work, by the check and by run's preflight."""
+    import yaml
+
+    from moepress import models
+
+    ref = copy_checkpoint(models.path("tiny-mixtral"), tmp_path / "ref")
+    edit_json(ref / "config.json", max_position_embeddings=64)
+    r = cli_run("check", "tiny-mixtral", "-r", ref, "--seq-len", "64", "--generate", "1", "--gen-tokens", "49",
+                "--no-record")
+    assert_one_line_error(r, "--gen-tokens 49", "max_position_embeddings 64", "at most 48")
+    recipe = {"model": str(ref), "quantize": {"format": "fp8-dynamic"}, "export": None, "build": None,
+              "check": {"seq_len": 32, "max_samples": 1, "generate": 1, "gen_tokens": 49}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert_one_line_error(cli_run("run", tmp_path / "r.yaml", "-o", tmp_path / "out"), "check.gen_tokens 49")
+    assert not (tmp_path / "out").exists()
+
+
 def test_single_file_beside_an_index_is_refused(good, tmp_path, cli_run):
     """A directory holding both model.safetensors and model.safetensors.index.json (a leftover of a
     re-save): transformers 5.24 loads model.safetensors (modeling_utils checks SAFE_WEIGHTS_NAME before

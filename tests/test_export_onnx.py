@@ -484,6 +484,20 @@ def test_what_the_graph_does_not_hold_as_the_checkpoint_does_is_said(tmp_path, c
     assert_one_line_error(r, "external_min_bytes=-5")
 
 
+def test_inline_tensors_over_protobufs_limit_are_refused(tmp_path, cli_run, monkeypatch):
+    """A threshold that keeps more than 2 GiB inline (a 2.4 GB model with external_min_bytes=1e11) failed in
+    onnx.save with protobuf's EncodeError traceback after the whole pass; now one line naming the option. The
+    limit is lowered here to what a tiny model keeps inline."""
+    import moepress.exporters.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 10_000)
+    r = cli_run("export", "tiny-qwen3-moe", "--format", "onnx", "--option", "external_min_bytes=100000000000", "-o",
+                tmp_path / "x", "--quiet")
+    assert_one_line_error(r, "external_min_bytes=100000000000", "over protobuf's 2 GiB")
+    assert not (tmp_path / "x").exists()
+    assert cli_run("export", "tiny-qwen3-moe", "--format", "onnx", "-o", tmp_path / "y", "--quiet").exit_code == 0
+
+
 @pytest.mark.parametrize("act", ["gelu", "relu"])
 def test_hidden_act_is_the_configs(tmp_path, cli_run, act):
     """The stream (and transformers) run config.json's hidden_act; the graph hard-coded SiLU, so a gelu model

@@ -23,6 +23,8 @@ FP8 = {"format": "fp8"}
     ({"quantize": FP8, "export": {"formats": ["onnx"], "options": {"bogus": 1}}}, "export.options bogus: not an"),
     ({"quantize": FP8, "check": {"data": "/nonexistent/eval.txt"}}, "check.data /nonexistent/eval.txt: file not found"),
     ({"quantize": FP8, "check": {"seq_len": 5000}}, "check.seq_len 5000: "),
+    # written into quant_report.json and the manifest, and ignored (the CLI refuses --group-size with fp8)
+    ({"quantize": {**FP8, "group_size": 64}}, "quantize.group_size 64: only the INT4 formats take a group size"),
     # a prune or calib value made OUT and wrote recipe.yaml there first, and named --method / --calib
     ({"prune": {"ratio": 0.25, "method": "bogus"}}, "prune.method bogus: expected one of"),
     ({"prune": {"keep": 0}}, "prune.keep 0: expected 1..7"),

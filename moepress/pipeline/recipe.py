@@ -164,6 +164,7 @@ def _check_quantize(src: str, recipe: dict, given: set[str]) -> None:
     with recipe_keys(src, "quantize"):
         cfg = QuantConfig.from_recipe(recipe["quantize"], CalibConfig.from_recipe(recipe["calib"]))
         cfg.refuse_unused(given)
+        cfg.refuse_unused_group(recipe["quantize"].get("group_size") if "group_size" in given else None, "--group-size")
 
 
 @contextmanager
