@@ -9,7 +9,7 @@ import math
 
 from moepress.compress import formats
 from moepress.compress.checkpoint import declared_dtype
-from moepress.exporters.fused_moe import pattern, routed_names
+from moepress.exporters.fused_moe import marlin_note, pattern, routed_names
 
 # The newest transformers checked (5.25.0; its integrations/compressed_tensors.py is 5.24.0's, and the Qwen3-MoE,
 # Mixtral and DeepSeek-V3 modeling files build and merge experts as 5.24's did): it dequantizes each routed
@@ -165,6 +165,7 @@ def misloads(s, schemes) -> dict:
         misloaded["sglang"] = sg
         checked["sglang"] = SGLANG_CHECKED
     notes = _consumer_notes(experts, misloaded) + _dense_scheme_notes(s, experts, schemes) + _fp4_dtype_notes(s)
+    notes += marlin_note(s, s.layout["modules"])
     if grids := misread_block_grids(s, schemes):
         misloaded["compressed_tensors"] = (f"guesses the block grids of {len(grids)} block-FP8 linears from their "
                                            f"scales' shapes ({pattern(grids)}): the load fails or misreads them")
@@ -173,3 +174,4 @@ def misloads(s, schemes) -> dict:
                      f"{misloaded['compressed_tensors']} when transformers loads it; compressed-tensors 0.19 and "
                      "later, vLLM and SGLang read the scheme")
     return {"consumer_notes": notes, "misloaded_by": checked, "misloaded_why": misloaded}
+

@@ -38,7 +38,7 @@ from moepress.compress import formats
 from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
 from moepress.exporters.hf_common import TRTLLM_FUSED, Source, fp8_block_grids, fused_parts
-from moepress.exporters.kernel_widths import TRTLLM_INT4_MOE_GROUP, fp4_widths_ok, grid_ok
+from moepress.exporters.kernel_widths import TRTLLM_INT4_MOE_GROUP, fp4_widths_ok, grid_ok, marlin_tiles
 
 MODELOPT = "hf-modelopt"  # the export whose runtimes load FP8 experts per tensor only (fp8_formats)
 # who fuses a layer's routed experts into one quantized linear, per export (the ``why`` of refuse_mixed and
@@ -176,6 +176,31 @@ def refuse_fp4_expert_widths(s: Source, flag: str, modules: dict) -> None:
             f"--format {flag}: {modules[fp4[0]]['format']} routed experts of hidden {h} and expert width {i}; "
             "vLLM's FP4 fused-MoE kernels need both multiples of 64 and one of 128 (Marlin's tiles; FlashInfer's "
             f"CUTLASS NVFP4 MoE cannot pad a gated expert): quantize the experts with --format {fp8_formats(s, flag)}")
+
+
+def fp4_dense_untiled(s: Source, modules: dict) -> list[str]:
+    """The FP4 linears outside the routed experts that vLLM's Marlin cannot tile (:func:`kernel_widths.marlin_tiles`),
+    a fused q/k/v or gate/up by its parts' rows together (the stored FP4 weights are packed two to a byte)."""
+    routed = routed_names(s)
+    fp4 = {n for n, m in modules.items() if n not in routed and formats.FORMATS[m["format"]].element == "fp4"}
+    shape = {n: s.reader.info(n + ".weight").shape for n in fp4}
+    groups = [parts for parts in fused_parts(s, fp4).values() if len(parts) > 1]
+    grouped = {n for parts in groups for n in parts}
+    groups += [[n] for n in sorted(fp4 - grouped)]
+    return sorted(n for parts in groups if not marlin_tiles(2 * shape[parts[0]][1], sum(shape[p][0] for p in parts))
+                  for n in parts)
+
+
+def marlin_note(s, modules: dict) -> list[str]:
+    """A consumer note on the FP4 linears outside the routed experts that vLLM's Marlin cannot tile
+    (:func:`fp4_dense_untiled`): vLLM loads them, then fails at the first forward."""
+    bad = fp4_dense_untiled(s, modules)
+    if not bad:
+        return []
+    return [f"vLLM runs FP4 linears outside the routed experts with Marlin (MXFP4 and NVFP4-A16 always, NVFP4 before "
+            f"Blackwell), which tiles in_features x out_features by 128x128, 64x128, 128x64 or 64x256 only: "
+            f"{len(bad)} linears here fit none ({pattern(bad)}) and fail at its first forward; keep them bf16 "
+            f"(--rule PATTERN=none) or quantize them FP8"]
 
 
 def refuse_unlike(s: Source, flag: str, modules: dict[str, dict], why: str) -> None:

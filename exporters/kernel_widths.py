@@ -110,3 +110,17 @@ def fp4_widths_ok(hidden: int, width: int) -> bool:
     ``_torch/modules/fused_moe/quantization.py`` NVFP4FusedMoEMethod ``create_weights``: ``hidden_size //
     scaling_vector_size // block_scales_vec_size``)."""
     return hidden % 64 == 0 and width % 64 == 0 and (hidden % 128 == 0 or width % 128 == 0)
+
+
+# vLLM's Marlin GEMM tiles a linear of in_features K and out_features N by one of these (thread_k, thread_n)
+# (csrc/quantization/marlin/marlin.cu small_batch_thread_configs / large_batch_thread_configs, 778460ce; "Invalid
+# thread config" at the first forward where none divides): vLLM runs FP4 dense linears with it (compressed-tensors
+# W4A16 MXFP4 / NVFP4 always, schemes/compressed_tensors_w4a16_*.py; NVFP4 before Blackwell, modelopt.py
+# prepare_fp4_layer_for_marlin)
+MARLIN_TILES = ((128, 128), (64, 128), (128, 64), (64, 256))
+
+
+def marlin_tiles(k: int, n: int) -> bool:
+    """Whether Marlin tiles a [n, k] linear (:data:`MARLIN_TILES`)."""
+    return any(k % tk == 0 and n % tn == 0 for tk, tn in MARLIN_TILES)
+

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from moepress.compress import formats
 from moepress.errors import MoepressError
-from moepress.exporters.fused_moe import pattern, routed_names
+from moepress.exporters.fused_moe import marlin_note, pattern, routed_names
 from moepress.exporters.kernel_widths import TRTLLM_INT4_MOE_GROUP
 
 SGLANG_CHECKED = "0.5.23"
@@ -272,6 +272,7 @@ def misloads(s, modules: dict, kv: bool, dropped: int) -> dict:
         misloaded["vllm"], by["vllm"] = "; ".join(vllm), VLLM_CHECKED
         notes.append(f"vLLM <= {VLLM_CHECKED} {misloaded['vllm']}; for vLLM quantize them FP8 or NVFP4 (or keep "
                      "them bf16)")
+    notes += marlin_note(s, modules)
     if dropped:
         notes.append(f"the MLA KV-cache scales ({dropped} k_scale / v_scale, of the decompressed keys and values) "
                      "are not written: SGLang would take them for its latent cache's scale; every runtime runs the "
