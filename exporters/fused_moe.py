@@ -219,6 +219,20 @@ def refuse_unlike(s: Source, flag: str, modules: dict[str, dict], why: str) -> N
                                 f"({ways}); {why}: {_alike_hint(s, kinds, flag)}")
 
 
+def refuse_unloaded_expert_groups(s: Source, flag: str, modules: dict[str, dict], why: str) -> None:
+    """Refuse INT4 routed experts in a group no runtime loads them in from ``flag``'s export (:func:`_loaded_groups`:
+    from hf-modelopt only TensorRT-LLM's fused MoE, in groups of 128); ``why``: what its runtimes do instead."""
+    kinds: dict[tuple[str, int | None], list[str]] = {}
+    for n in sorted(routed_names(s)):
+        m = modules.get(n)
+        if m and formats.FORMATS[m["format"]].element == "int4" and m.get("group") \
+                and not _loaded_groups([m["group"]], flag):
+            kinds.setdefault((m["format"], m["group"]), []).append(n)
+    for (fmt, g), names in sorted(kinds.items()):
+        raise MoepressError(f"--format {flag}: its routed experts are {fmt} in groups of {g} ({pattern(names)}); "
+                            f"{why}: {_alike_hint(s, kinds, flag)}")
+
+
 def _loaded_groups(groups: list[int], flag: str) -> list[int]:
     """The INT4 groups a runtime loads the routed experts of ``flag``'s export in: from hf-modelopt only
     TensorRT-LLM's, in groups of 128 (:data:`TRTLLM_INT4_MOE_GROUP`); compressed-tensors' kernels any."""

@@ -66,6 +66,8 @@ from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.fused_moe import (
     FUSES_EXPERTS,
+    common_groups,
+    expert_widths,
     high_precision_layers,
     refuse_fp4_expert_widths,
     refuse_mixed,
@@ -74,6 +76,7 @@ from moepress.exporters.fused_moe import (
     refuse_partial_input_groups,
     refuse_partly_fused,
     refuse_unlike,
+    refuse_unloaded_expert_groups,
     routed_names,
 )
 from moepress.exporters.hf_common import (
@@ -89,7 +92,6 @@ from moepress.exporters.hf_common import (
 from moepress.exporters.hints import (
     FP8_THEN_HF_MODELOPT,
     HF_MODELOPT,
-    alike_group,
     block_experts_route,
     ct_route,
     elsewhere,
@@ -99,6 +101,7 @@ from moepress.exporters.hints import (
     quantize_first,
     quantizes_experts,
 )
+from moepress.exporters.kernel_widths import TRTLLM_INT4_MOE_GROUP
 from moepress.exporters.modelopt_misloads import MLA_FUSED_A, misloads, refuse_block_fp8_mla, written
 
 # the Model-Optimizer release whose export layout we follow (checked against it in tests)
@@ -198,9 +201,14 @@ def refuse_unloadable_experts(s, modules: dict) -> None:
         f = formats.FORMATS[fmt]
         if not f.trtllm_loads_experts(s.adapter.family):
             ways = int4_routes(s, "hf-modelopt") or ct_route(s, modules)
+            # INT4 experts load only in TensorRT-LLM's groups of 128 (refuse_unloaded_expert_groups)
+            take = TRTLLM_INT4_MOE_GROUP in common_groups(expert_widths(s))
             fit = [a for a in f.alternatives if formats.FORMATS[a].modelopt_entry is not None
-                   and not formats.FORMATS[a].modelopt_experts_why(s.adapter.family) and quantizes_experts(s, a)]
-            group = alike_group(s, modules) if formats.FORMATS[fit[0]].element == "int4" else None
+                   and not formats.FORMATS[a].modelopt_experts_why(s.adapter.family) and quantizes_experts(s, a)
+                   and (take or formats.FORMATS[a].element != "int4")]
+            now = {modules[n].get("group") for n in routed if n in modules}
+            group = TRTLLM_INT4_MOE_GROUP if formats.FORMATS[fit[0]].element == "int4" and \
+                now != {TRTLLM_INT4_MOE_GROUP} else None
             again = f"--format {fit[0]}" + (f" --group-size {group}" if group else "") + \
                 (f" (or {', '.join(fit[1:])})" if fit[1:] else "")
             raise MoepressError(f"--format hf-modelopt: {s.path}: its {s.adapter.family} routed experts are {fmt}; "
@@ -255,6 +263,9 @@ def refuse_hf_modelopt(s, src: Path, modules: dict) -> None:
     # what a fused MoE cannot hold (fused_moe.py): TensorRT-LLM and vLLM quantize a layer's experts alike
     refuse_mixed(s, "hf-modelopt", set(modules), FUSES_EXPERTS["hf-modelopt"] + " and would misread or refuse it")
     refuse_unlike(s, "hf-modelopt", modules, FUSES_EXPERTS["hf-modelopt"] + " (one group size for all its projections)")
+    refuse_unloaded_expert_groups(s, "hf-modelopt", modules, "TensorRT-LLM's INT4 fused MoE allocates their scales "
+                                  "in groups of 128 only (WInt4AFP8FusedMoEMethod.create_weights), and vLLM / SGLang "
+                                  "load no INT4 experts from a Model-Optimizer checkpoint: no runtime would load them")
     refuse_partly_fused(s, "hf-modelopt", modules, "TensorRT-LLM (which misreads them), vLLM and SGLang")
     refuse_partial_blocks(s, "hf-modelopt", modules)
     refuse_partial_input_groups(s, "hf-modelopt", modules)

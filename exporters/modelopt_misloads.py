@@ -12,7 +12,6 @@ from types import SimpleNamespace
 from moepress.compress import formats
 from moepress.errors import MoepressError
 from moepress.exporters.fused_moe import marlin_note, pattern, routed_names
-from moepress.exporters.kernel_widths import TRTLLM_INT4_MOE_GROUP
 
 SGLANG_CHECKED = "0.5.23"
 KV_SCALES = (".k_scale", ".v_scale")
@@ -155,24 +154,19 @@ TRTLLM_INT4_GROUPS = (64, 128)
 
 
 def trtllm_group_misloads(s, modules: dict) -> list[str]:
-    """The export's INT4 linears in groups TensorRT-LLM's INT4 GEMMs do not run, and its INT4 routed experts in
-    groups its fused MoE does not allocate (none: [])."""
-    routed, bad, experts = routed_names(s), {}, {}
+    """The export's INT4 linears outside the routed experts in groups TensorRT-LLM's INT4 GEMMs do not run (none:
+    []). Routed experts in groups its fused MoE does not allocate are refused before (hf_modelopt.py,
+    fused_moe.refuse_unloaded_expert_groups)."""
+    routed, bad = routed_names(s), {}
     for n, m in sorted(modules.items()):
         f = formats.FORMATS.get(m.get("format"))
-        if f is None or f.element != "int4" or m.get("group") is None:
-            continue
-        if n in routed:
-            if m["group"] != TRTLLM_INT4_MOE_GROUP:
-                experts.setdefault((m["format"], m["group"]), []).append(n)
+        if f is None or f.element != "int4" or m.get("group") is None or n in routed:
             continue
         ok = (128,) if f.static_input else TRTLLM_INT4_GROUPS
         if m["group"] not in ok:
             bad.setdefault((m["format"], m["group"], ok), []).append(n)
     return [f"fails at its first INT4 GEMM ({pattern(names)}: {fmt} in groups of {g}; fpA_intB_gemm_template.h runs "
-            f"groups of {' or '.join(map(str, ok))} only)" for (fmt, g, ok), names in bad.items()] + \
-        [f"fails loading its INT4 routed experts ({pattern(names)}: {fmt} in groups of {g}; WInt4AFP8FusedMoEMethod "
-         f"allocates groups of {TRTLLM_INT4_MOE_GROUP} only)" for (fmt, g), names in experts.items()]
+            f"groups of {' or '.join(map(str, ok))} only)" for (fmt, g, ok), names in bad.items()]
 
 
 MLA_PROJECTIONS = ("self_attn.kv_b_proj", "self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")
