@@ -23,6 +23,13 @@ FP8 = {"format": "fp8"}
     ({"quantize": FP8, "export": {"formats": ["onnx"], "options": {"bogus": 1}}}, "export.options bogus: not an"),
     ({"quantize": FP8, "check": {"data": "/nonexistent/eval.txt"}}, "check.data /nonexistent/eval.txt: file not found"),
     ({"quantize": FP8, "check": {"seq_len": 5000}}, "check.seq_len 5000: "),
+    # the weight gate refused at the check, after the prune / quantize it cannot be measured on
+    ({"prune": {"ratio": 0.25}, "check": {"max_weight_error_ratio": 3}},
+     "check.max_weight_error_ratio 3.0 (check.max_weight_error_ratio in a recipe): it holds weights rounded to nearest "
+     "by `moepress quantize` to that rounding's error, and this recipe's candidates are not quantized"),
+    ({"quantize": {"format": "int4-gptq"}, "check": {"max_weight_error_ratio": 3}},
+     "check.max_weight_error_ratio 3.0 (check.max_weight_error_ratio in a recipe): it holds weights rounded to nearest "
+     "by `moepress quantize` to that rounding's error, and this recipe's quantize formats round none so"),
     # written into quant_report.json and the manifest, and ignored (the CLI refuses --group-size with fp8)
     ({"quantize": {**FP8, "group_size": 64}}, "quantize.group_size 64: only the INT4 formats take a group size"),
     # a prune or calib value made OUT and wrote recipe.yaml there first, and named --method / --calib

@@ -206,6 +206,13 @@ def refuse_unmeasurable(cfg: CheckConfig, needs: str, why: str) -> None:
             _refuse(cfg, g, why)
 
 
+def refuse_unmeasurable_gate(cfg: CheckConfig, field: str, why: str) -> None:
+    """:func:`refuse_unmeasurable` for the one gate of ``field`` (a CheckConfig field)."""
+    for g in _asked(cfg):
+        if g.field == field:
+            _refuse(cfg, g, why)
+
+
 def refuse_unmeasured(cfg: CheckConfig, metrics: dict, why: dict[str, str]) -> None:
     """A gate asked for (as :func:`refuse_unmeasurable`) whose metric the run could not take, refused after it: a
     ratio gate where no block had 2 others stored alike to be held to (``why``: the metric's reason)."""

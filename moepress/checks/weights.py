@@ -146,7 +146,7 @@ def _rounded(lins: dict[str, nn.Linear], formats: dict[str, str]):
 def _groups(names: list[str], formats: dict[str, str]) -> list[list[str]]:
     """The linears ``names`` a format moepress rounds to nearest names, grouped as ``quantize`` rounds them
     (compress/quantize/stats.py): those that read one input together, split by format where a --rule mixes them."""
-    known = [n for n in names if _nearest(formats.get(n))]
+    known = [n for n in names if rounds_to_nearest(formats.get(n))]
     return [part for grp in shared_input_groups(known) for part in by_format(grp, formats).values()]
 
 
@@ -265,9 +265,9 @@ def rounded_to_nearest(lin: nn.Linear) -> bool:
     in float, which an export may hold dequantized (hf-fp8-block keeps a linear whose blocks a runtime would split
     in bf16, holding its FP8 rounding), and not a quantized weight of unknown origin (a compressed-tensors or
     third-party checkpoint: AWQ or GPTQ beside experts rounded to nearest for want of tokens)."""
-    return _nearest(getattr(lin, "quant_format", None))
+    return rounds_to_nearest(getattr(lin, "quant_format", None))
 
 
-def _nearest(fmt: str | None) -> bool:
+def rounds_to_nearest(fmt: str | None) -> bool:
     """Does moepress's quantizer of ``fmt`` round each weight to nearest (no calibration: not AWQ, not GPTQ)?"""
     return fmt is not None and fmt in FORMATS and FORMATS[fmt].produced and not (FORMATS[fmt].awq or FORMATS[fmt].gptq)

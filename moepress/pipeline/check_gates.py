@@ -13,7 +13,8 @@ def refuse_unmeasurable_gates(recipe: dict, src: str = "recipe") -> None:
     """A check gate the recipe's candidates cannot give (checks/runner.py _comparable refuses it at the check): the
     routing and expert gates where the prune changes the experts per layer, those and the block gates where an onnx
     export is checked in onnxruntime, not streamed layer by layer."""
-    from moepress.checks.config import CheckConfig, refuse_unmeasurable
+    from moepress.checks.config import CheckConfig, refuse_unmeasurable, refuse_unmeasurable_gate
+    from moepress.checks.weights import rounds_to_nearest
     from moepress.pipeline.recipe import key_where, recipe_keys
 
     if recipe.get("check") is None:
@@ -23,6 +24,12 @@ def refuse_unmeasurable_gates(recipe: dict, src: str = "recipe") -> None:
         if recipe.get("prune") is not None:
             refuse_unmeasurable(cfg, "routing", "the prune changes the experts per layer, and the routing and expert "
                                 "gates need a candidate with the reference's experts per layer")
+        q = recipe.get("quantize") or {}
+        if not any(rounds_to_nearest(f) for f in {q.get("format"), *(q.get("rules") or {}).values()}):
+            refuse_unmeasurable_gate(cfg, "max_weight_error_ratio", "it holds weights rounded to nearest by "
+                                     "`moepress quantize` to that rounding's error, and this recipe's " + (
+                                         "quantize formats round none so (AWQ / GPTQ)" if q else "candidates are "
+                                         "not quantized"))
         for fmt in (recipe.get("export") or {}).get("formats") or []:
             # onnx: checked whatever its formats; a compressed-tensors export transformers misloads goes unchecked
             # (runner._unchecked), which its formats decide after the quantize: its gates are the check's to refuse
