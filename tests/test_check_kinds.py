@@ -211,6 +211,16 @@ def test_onnx_outside_the_contract_is_exit_2(cli_run, ref, tmp_path):
     assert r.exit_code == 2 and "no output 'logits'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_an_onnx_export_given_as_the_checkpoint_kind_is_named_as_onnx(cli_run, ref, tmp_path):
+    """--kind checkpoint on a `moepress export --format onnx` output was refused as "a trtllm-ckpt export"."""
+    from moepress.exporters import ExportConfig, export
+
+    export(ref, tmp_path / "onnx", ExportConfig(format="onnx"))
+    r = cli_run("check", tmp_path / "onnx", "--reference", ref, *SMALL, "--kind", "checkpoint", "--no-record")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "an onnx export (export.json)" in r.stderr and "--kind onnx" in r.stderr and "trtllm" not in r.stderr
+
+
 def test_engine_needs_a_gpu_here(cli_run, ref, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: test_engine_on_gpu covers it")

@@ -23,6 +23,7 @@ FP8 = {"format": "fp8"}
     ({"quantize": FP8, "export": {"formats": ["onnx"], "options": {"bogus": 1}}}, "export.options bogus: not an"),
     ({"quantize": FP8, "check": {"data": "/nonexistent/eval.txt"}}, "check.data /nonexistent/eval.txt: file not found"),
     ({"quantize": FP8, "check": {"seq_len": 5000}}, "check.seq_len 5000: "),
+    ({"quantize": FP8, "check": {"data": ""}}, "check.data: empty source"),  # named check.calib, no such key
     # the weight gate refused at the check, after the prune / quantize it cannot be measured on
     ({"prune": {"ratio": 0.25}, "check": {"max_weight_error_ratio": 3}},
      "check.max_weight_error_ratio 3.0 (check.max_weight_error_ratio in a recipe): it holds weights rounded to nearest "

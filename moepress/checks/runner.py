@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,8 +64,8 @@ def eval_data(ref_dir: Path, cfg: CheckConfig) -> tuple[list[torch.Tensor], dict
             cs = calibration_set(ref_dir, (src,), _at_most(src, cfg.max_samples), cfg.seq_len, cfg.seed,
                                  cfg.trust_remote_code)
         except MoepressError as e:  # calibration's refusals name its options: check's are --data and --max-samples
-            raise MoepressError(str(e).replace("--num-samples", "--max-samples").replace("--calib ", "--data ")) \
-                from None
+            msg = str(e).replace("--num-samples", "--max-samples")
+            raise MoepressError(re.sub(r"--calib(?![\w-])", "--data", msg)) from None
         rows = cs.input_ids
         tokens = [x for x in cs.meta.get("sources", []) if isinstance(x, dict) and x.get("type") == "tokens"]
         # a token file gives its first samples (calib/data.py: _prepared_samples): no seed draws them

@@ -164,7 +164,12 @@ def _detect_checkpoint(path: Path) -> bool:
 
 
 def _open_checkpoint(path: Path, cfg: CheckConfig, device=None) -> Candidate:
-    if non_hf_export(path) is not None:  # a trtllm-ckpt (an ONNX export is detected as the onnx kind first)
+    info = non_hf_export(path)
+    if info is not None and info.get("format") == "onnx":  # --kind checkpoint given for an ONNX export
+        raise MoepressError(f"{path}: an onnx export (export.json), which the streamed checkpoint kind does not "
+                            "read: check it with --kind onnx (onnxruntime), or check the checkpoint it was exported "
+                            "from")
+    if info is not None:
         raise MoepressError(f"{path}: a trtllm-ckpt export (export.json), which trtllm-build loads and no runtime here "
                             f"runs: build its engine (`moepress build {path} --target T`) and check the engine "
                             "directory on a GPU (--kind engine), or check the checkpoint it was exported from")
