@@ -284,6 +284,9 @@ def test_deeply_nested_header_is_one_line(good, tmp_path, cli_run):
     ({"rms_norm_eps": float("nan")}, ["rms_norm_eps=nan", "small positive number"]),
     # calibrated through a window of no tokens (exit 0, other scales)
     ({"sliding_window": 0}, ["sliding_window=0", "whole number of positions"]),
+    # 0 read as unset (plan of 4096 positions, export exit 0); -5 refused naming --max-seq-len, never given
+    ({"max_position_embeddings": 0}, ["max_position_embeddings=0", "expected a positive whole number"]),
+    ({"max_position_embeddings": -5}, ["max_position_embeddings=-5", "expected a positive whole number"]),
 ])
 def test_config_values_no_layer_can_use(good, tmp_path, cli_run, changes, needles):
     ck = copy_checkpoint(good, tmp_path / "c")

@@ -130,6 +130,9 @@ class Adapter:
         if is_count(layers) and layers > MAX_LAYERS:  # before transformers' config makes per-layer lists of it
             raise MoepressError(f"{where}: num_hidden_layers={layers}: expected at most {MAX_LAYERS}")
 
+        v = self.config.get("max_position_embeddings")  # 0 read as unset (a plan of 4096), -5 as a --max-seq-len
+        if v is not None and not is_count(v):
+            raise MoepressError(f"{where}: max_position_embeddings={v!r}: expected a positive whole number")
         for key in ("dtype", "torch_dtype"):
             v = self.config.get(key)
             if v is not None and v != "auto" and not (isinstance(v, str) and isinstance(getattr(torch, v, None),
