@@ -198,3 +198,7 @@ def test_from_a_stage_reruns_it_and_every_stage_after_it(cli_run, tmp_path):
     rec, out = tmp_path / "r.yaml", tmp_path / "run"
     assert _run_onnx(cli_run, rec, out) == {"prune": "ran", "export:onnx": "ran"}
     assert _run_onnx(cli_run, rec, out, "--from", "prune") == {"prune": "ran", "export:onnx": "ran"}
+    # a stage the recipe does not have: "nothing to do", exit 0, the --from ignored without a word
+    r = cli_run("run", rec, "-o", out, "--quiet", "--from", "check")
+    assert r.exit_code == 2 and r.stderr.strip().endswith("has no check section; expected one of its stages "
+                                                          "(prune, export)"), r.output

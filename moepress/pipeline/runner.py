@@ -71,6 +71,10 @@ class Runner:
         self.recipe_src = recipe_src
         if force_from is not None and force_from not in STAGES:
             raise MoepressError(f"--from {force_from}: expected one of {', '.join(STAGES)}")
+        if force_from is not None and recipe.get(force_from) is None:  # it said "nothing to do", exit 0
+            have = [s for s in STAGES if recipe.get(s) is not None]
+            raise MoepressError(f"--from {force_from}: {recipe_src} has no {force_from} section; expected one of its "
+                                f"stages ({', '.join(have)})")
         self.force_from = force_from
         self.device = resolve_device(device if device is not None else recipe.get("device"))  # in no stage's key
         try:  # named by the recipe's key: a stage's refusal of a folder without config.json named its own section
