@@ -138,6 +138,8 @@ def _resolve(artifact: Path, target: str | Target, out: Path, o: BuildOptions) -
         raise MoepressError(f"{artifact}: cannot find the model it was exported from (export.json has no "
                             f"existing source); pass --reference MODEL")
     source = source.resolve()
+    if o.reference is not None:
+        _refuse_other_reference(Path(o.reference), source)
     if source == artifact.resolve():  # an HF checkpoint export plans from its own config: checked against its tensors
         from moepress.compress.checkpoint import CheckpointReader
         from moepress.compress.stream import StreamedModel
@@ -256,6 +258,18 @@ def _run_commands(b: Builder, ctx: Context, cmds: list[list[str]], work: Path) -
             raise MoepressError(f"{cc[0]} failed (exit {r.returncode}): "
                                 f"{(r.stderr.strip().splitlines() or ['no output'])[-1]}")
     return logs
+
+
+def _refuse_other_reference(ref: Path, source: Path) -> None:
+    """--reference of another model than the export's (family, widths, vocabulary): the engine's accuracy check, after
+    the build, would refuse it; a dry run never asked."""
+    keys = ("model_type", "hidden_size", "vocab_size")
+    a, b = ({k: (read_json(p / "config.json") or {}).get(k) for k in keys} for p in (ref, source))
+    if a != b:
+        diff = ", ".join(f"{k} {a[k]!r}" for k in keys if a[k] != b[k])
+        raise MoepressError(f"--reference {ref}: {diff}, where the export's source {source} has "
+                            f"{', '.join(f'{k} {b[k]!r}' for k in keys if a[k] != b[k])}; expected the model it was "
+                            "exported from")
 
 
 def _run(b: Builder, ctx: Context, cmds: list[list[str]], work: Path, reference: str | Path, progress,
