@@ -327,7 +327,12 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     fmt = fmt or (UNQUANTIZED if given else default_format(model_dir_or_config))
     vllm_only = vllm_only_int4(t, fmt) if own and runtime == "trtllm" and export is None else None
     if vllm_only is None:
-        check_runtime_format(t, fmt, shape, runtime, export)
+        try:
+            check_runtime_format(t, fmt, shape, runtime, export)
+        except MoepressError as e:  # the checkpoint's own format was never given as --format
+            msg = str(e)
+            raise MoepressError(f"{name}: quantized as {fmt}{msg.removeprefix(f'--format {fmt}')}" if own and
+                                msg.startswith(f"--format {fmt}:") else msg) from None
     refuse_stored_formats(t, shape, fmt, name)
     max_seq_len = _seq_len(name, shape, max_seq_len)
     _check_request(t, kv_cache_dtype, {"--max-seq-len": max_seq_len, "--max-batch": max_batch, "--gpus": gpus,

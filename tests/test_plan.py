@@ -190,6 +190,19 @@ def test_gqa_kv_cache():
     assert p.bytes_per_gpu["kv_cache"] == 2 * 1024 * cfg["num_hidden_layers"] * (2 * 4 * 128) * 2
 
 
+def test_a_quantized_checkpoint_planned_in_its_own_format_is_refused_naming_it(tmp_path):
+    """plan of a quantize output without --format plans its own format; a target that cannot run it was refused as
+    "--format fp8: ...", a flag never given."""
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+
+    q = tmp_path / "q"
+    quantize_checkpoint(models.path("tiny-mixtral"), q, QuantConfig(format="fp8-dynamic"))
+    with pytest.raises(MoepressError) as e:
+        plan(str(q), "a100")
+    assert str(e.value).startswith(f"{q}: quantized as fp8-dynamic: FP8-DYNAMIC runs in TensorRT-LLM on sm90 "), \
+        str(e.value)
+
+
 def test_refusals(kimi):
     # not int4-awq: TensorRT-LLM's fused MoE does not load INT4 weight-only experts
     with pytest.raises(MoepressError, match=r"FP8 needs sm89\+; A100 80GB SXM is sm80: use bf16"):
