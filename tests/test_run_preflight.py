@@ -61,6 +61,7 @@ FP8 = {"format": "fp8"}
      "build.targets: 'h100' and 'h100-sxm' are one GPU"),
     ({"device": "tpu"}, "device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
     ({"prune": {"ratio": "25e-2"}}, "prune.ratio: expected float/int, got '25e-2' (YAML 1.1 reads an exponent"),
+    ({"prune": {"ratio": "0.25"}}, "prune.ratio: expected float/int, got '0.25' (a quoted number is text in YAML"),
     ({"prune": {"ratio": 0.25, "protect": 185}}, "prune.protect: expected str, got 185 (YAML read it as a number"),
     # DeepSeek's quantized MLA projections in hf-modelopt: the build refused them after every other stage
     ({"model": "tiny-deepseek-v3", "quantize": FP8, "export": {"formats": ["hf-modelopt"]},

@@ -241,9 +241,11 @@ def _yaml_hint(v, typ) -> str:
     if isinstance(v, str) and typ in (float, (float, int)):
         try:
             float(v)
-            return " (YAML 1.1 reads an exponent without a dot as text: write 0.25 or 2.5e-1)"
         except ValueError:
             return ""
+        if "e" in v.lower() and "." not in v.lower().split("e")[0]:
+            return " (YAML 1.1 reads an exponent without a dot as text: write 0.25 or 2.5e-1)"
+        return " (a quoted number is text in YAML: leave the quotes out)"
     return ""
 
 
