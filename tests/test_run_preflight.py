@@ -4,6 +4,7 @@ output directory is made, naming the recipe key (the stages' own messages name C
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.test_run import one_line_error, write_recipe
 
@@ -330,4 +331,13 @@ def test_a_recipe_s_sequential_lookahead_is_refused_before_any_stage(cli_run, tm
                        check=None)
     r = cli_run("run", rec, "-o", tmp_path / "run")
     one_line_error(r, f"{rec}: prune.sequential: --method lookahead always gathers", "expected no --sequential")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the recipe's cuda device exists here")
+def test_a_recipe_device_this_machine_lacks_is_refused_by_its_key(cli_run, tmp_path):
+    """It was refused as "--device cuda: ...", a flag never given."""
+    rec = write_recipe(tmp_path / "r.yaml", prune=None, quantize=FP8, device="cuda")
+    r = cli_run("run", rec, "-o", tmp_path / "run")
+    one_line_error(r, "r.yaml: device cuda: this torch build has no CUDA")
     assert not (tmp_path / "run").exists()

@@ -38,6 +38,14 @@ def run_cmd(recipe, output, force_from, model, device, quiet, json_out):
     out = output or Path(r.get("output") or "moepress-out")
     prog = Progress.from_flags(quiet, json_out)
     chosen = device if device is not None else r.get("device")  # an empty --device is refused, not the recipe's
+    if device is None and chosen is not None:  # the recipe's device refused by its key, not as a --device flag
+        from moepress.device import resolve
+        from moepress.errors import MoepressError
+
+        try:
+            resolve(chosen)
+        except MoepressError as e:
+            raise MoepressError(f"{src}: device {str(e).removeprefix('--device ')}") from None
     summary, summary_memory = run_measured(chosen, run_recipe, r, out, prog, force_from, src)
     summary["memory"] = summary_memory
     if json_out:
