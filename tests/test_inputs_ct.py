@@ -554,3 +554,28 @@ def test_prune_refuses_a_quantization_pattern_that_picks_experts_by_index(tmp_pa
     else:
         assert r.exit_code == 0, r.output
         assert pattern in json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]["ignore"]
+
+
+def test_per_tensor_fp8_weights_wider_than_a_block_equal_library(tmp_path, cli_run):
+    """compressed-tensors' static FP8 (llm-compressor's, and moepress's own compressed-tensors fp8 export) stores a
+    per-tensor weight_scale of shape [1]; the reader took it for a 1x1 block grid and, for a weight over 128 in either
+    dimension, failed (size mismatch): prune, quantize and calib stats stopped with a traceback on such an input."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=8, type="float",
+                                                                             strategy="tensor", symmetric=True))
+    w = torch.randn(256, 192, generator=torch.Generator().manual_seed(0))
+    scale = (w.abs().max() / 448.0).reshape(1)
+    packed = BaseCompressor.get_value_from_registry("float-quantized").compress(
+        {"weight": w, "weight_scale": scale}, scheme)
+    r = _write(tmp_path / "one", packed, scheme, "float-quantized")
+    base = "model.layers.0.mlp.experts.0.down_proj"
+    assert tuple(r.get(base + ".weight_scale").shape) == (1,)
+    assert torch.equal(r.weight(base + ".weight", torch.float32), _library(r, base, "float-quantized").float())
+    q, ct = tmp_path / "q", tmp_path / "ct"
+    quantize_checkpoint(models.path("tiny-mixtral"), q, QuantConfig(format="fp8", num_samples=2, seq_len=32))
+    export(q, ct, ExportConfig(format="compressed-tensors"))
+    r = cli_run("prune", ct, "--method", "frequency", "--ratio", "0.25", "--num-samples", "2", "--seq-len", "32", "-o",
+                tmp_path / "p", "--quiet")
+    assert r.exit_code == 0, r.output

@@ -203,6 +203,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     why = scale_layout_error(tuple(q.shape), tuple(scale.shape))
     if why is not None:
         raise ValueError(f"weight_scale {why}")
+    if scale.numel() == 1:  # per tensor in any shape: compressed-tensors' static FP8 stores [1]
+        return (q.float() * scale.float().reshape(())).to(dtype)
     s = block_grid(scale.float())
     if s.ndim == 1 and q.ndim == 2:  # per channel, Model-Optimizer's [out]: one scale per row
         s = s.reshape(-1, 1)
