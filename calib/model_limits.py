@@ -34,12 +34,13 @@ def check_positions(model_dir: str | Path, seq_len: int) -> None:
 
 
 def check_generation(model_dir: str | Path, prompt: int, new_tokens: int) -> None:
-    """Refuse greedy generations (check's ``--generate``) whose ``prompt`` tokens and ``new_tokens`` pass the model's
-    ``max_position_embeddings``, as :func:`check_positions` refuses long samples."""
+    """Refuse greedy generations (check's ``--generate``) whose last forward, over the ``prompt`` tokens and all but
+    the last of ``new_tokens``, passes the model's ``max_position_embeddings``, as :func:`check_positions` refuses
+    long samples."""
     m = _config_int(Path(model_dir), "max_position_embeddings")
-    if m is not None and prompt + new_tokens > m:
+    if m is not None and prompt + new_tokens - 1 > m:
         raise MoepressError(f"--gen-tokens {new_tokens}: after a {prompt}-token prompt, {model_dir} has "
-                            f"max_position_embeddings {m}; expected at most {max(m - prompt, 0)}")
+                            f"max_position_embeddings {m}; expected at most {max(m - prompt + 1, 0)}")
 
 
 def check_embedding_rows(model_dir: Path, ids: torch.Tensor, src: torch.Tensor, specs) -> None:

@@ -85,13 +85,24 @@ def _dense_scheme_notes(s, experts: dict, schemes: dict) -> list[str]:
     are not ``re:`` patterns naming experts (integrations/compressed_tensors.py get_dense_scheme; moepress writes
     module names, the routed experts' group first) and, from compressed-tensors 0.19 (which applies the scheme it is
     given; earlier ones guess it from the scale's shape, ``misread_block_grids``), fails on the others. Per-tensor
-    and per-channel FP8 scales broadcast alike there, so that mix reads right."""
+    and per-channel FP8 scales broadcast alike there, and so does a one-block block-FP8 linear's [1, 1] grid: those
+    mixes read right."""
     first = next(iter(schemes.values())).weights
     key = ("type", "num_bits", "strategy", "group_size", "block_structure")
-    dense = {(m["format"], m.get("group")) for n, m in s.layout["modules"].items() if n not in experts}
-    ws = [w for k in dense if (w := schemes[k].weights) is not None]
-    if not any([getattr(w, a) for a in key] != [getattr(first, a) for a in key]
-               and not {w.strategy, first.strategy} <= {"tensor", "channel"} for w in ws):
+
+    def misread(n, w) -> bool:
+        if [getattr(w, a) for a in key] == [getattr(first, a) for a in key]:
+            return False
+        if {w.strategy, first.strategy} <= {"tensor", "channel"}:
+            return False
+        one_block = w.strategy == "block" and all(
+            d <= b for d, b in zip(s.reader.info(n + ".weight").shape, w.block_structure, strict=True))
+        return not (one_block and first.strategy in ("tensor", "channel"))
+
+    dense = {n: schemes[(m["format"], m.get("group"))].weights for n, m in s.layout["modules"].items()
+             if n not in experts}
+    ws = [w for w in dense.values() if w is not None]
+    if not any(misread(n, w) for n, w in dense.items() if w is not None):
         return []
     what = f"INT4 group sizes {sorted({w.group_size for w in ws})}" if first.type == "int" else \
         f"FP8 weight strategies {sorted({w.strategy for w in ws})}, read as {first.strategy}"
@@ -140,7 +151,8 @@ CT_GUESSES_BLOCKS = "0.18"
 def misread_block_grids(s, schemes) -> list[str]:
     """Block-quantized linears whose grid compressed-tensors <= 0.18 guesses otherwise from the scale's shape: more
     than one block row in one block column (per-channel: the load fails), or a dimension the blocks do not divide
-    (rows // scale rows is not the block: wrong scales, no error). Not the routed experts: transformers multiplies
+    (rows // scale rows is not the block: the load fails, or where those guessed blocks tile the rows, e.g. 192 as
+    2 x 96, wrong scales and no error). Not the routed experts: transformers multiplies
     their FP8 weights by their scales itself (integrations/compressed_tensors.py; ``_misloaded`` says where that
     fails)."""
     bad, routed = [], routed_names(s)

@@ -29,3 +29,32 @@ def test_mixed_dense_int4_groups_are_declared_for_transformers_dequantize(cli_ru
     ex = json.loads((e / "export.json").read_text())
     said = json.dumps(ex.get("consumer_notes", []))
     assert "(dequantize=True) fails on its dense linears' INT4 group sizes [32, 64]" in said, said
+
+
+def test_one_block_fp8_attention_beside_per_channel_experts_is_not_declared(tmp_path):
+    """Block-FP8 attention whose every linear is one 128x128 block ([1, 1] scale grid) beside per-channel FP8 experts:
+    CompressedTensorsConfig(dequantize=True) decompresses the attention with the experts' per-channel scheme, and a
+    [1, 1] scale broadcasts alike, so transformers loads it right; the export said that load fails (a review's find).
+    The load, in a process that never imports moepress, is the evidence."""
+    import os
+    import sys
+
+    import torch
+
+    import forkserver
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+    from moepress.exporters import ExportConfig, export
+    from tests.helpers import CT_LOADER
+
+    src = make_random_checkpoint("qwen3_moe", tmp_path / "m", hidden_size=128, num_attention_heads=4,
+                                 num_key_value_heads=4, head_dim=32, moe_intermediate_size=128,
+                                 intermediate_size=256)
+    q, e = tmp_path / "q", tmp_path / "e"
+    quantize_checkpoint(src, q, QuantConfig(format="fp8-dynamic", rules=(("self_attn.*", "fp8-block"),)))
+    info = export(q, e, ExportConfig(format="compressed-tensors"))
+    assert not [n for n in info["consumer_notes"] if "dequantize=True" in n], info["consumer_notes"]
+    torch.save(torch.randint(1, 256, (1, 8)), tmp_path / "ids.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = forkserver.run([sys.executable, "-c", CT_LOADER, str(e), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]

@@ -32,6 +32,10 @@ FP8 = {"format": "fp8"}
     ({"quantize": {"format": "int4-gptq"}, "check": {"max_weight_error_ratio": 3}},
      "check.max_weight_error_ratio 3.0 (check.max_weight_error_ratio in a recipe): it holds weights rounded to nearest "
      "by `moepress quantize` to that rounding's error, and this recipe's quantize formats round none so"),
+    # hf-modelopt refuses INT4 experts in other groups than 128 (no runtime loads them): after the quantize
+    ({"quantize": {"format": "w4a8-awq", "group_size": 64}, "export": {"formats": ["hf-modelopt"]}},
+     "export.formats hf-modelopt: quantize.format w4a8-awq with quantize.group_size 64 groups the routed experts "
+     "by 64"),
     # written into quant_report.json and the manifest, and ignored (the CLI refuses --group-size with fp8)
     ({"quantize": {**FP8, "group_size": 64}}, "quantize.group_size 64: only the INT4 formats take a group size"),
     # a prune or calib value made OUT and wrote recipe.yaml there first, and named --method / --calib
@@ -341,3 +345,21 @@ def test_a_recipe_device_this_machine_lacks_is_refused_by_its_key(cli_run, tmp_p
     r = cli_run("run", rec, "-o", tmp_path / "run")
     one_line_error(r, "r.yaml: device cuda: this torch build has no CUDA")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_weight_gate_on_a_model_quantized_before_the_recipe_is_measured(tmp_path):
+    """A recipe without a quantize section whose model is a `moepress quantize` output rounded to nearest: its weight
+    gate is measured (the preflight read only the quantize section, and refused it)."""
+    from moepress import models
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+    from moepress.errors import MoepressError
+    from moepress.pipeline.check_gates import refuse_unmeasurable_gates
+    from moepress.pipeline.recipe import normalise
+
+    q = tmp_path / "q"
+    quantize_checkpoint(models.path("tiny-mixtral"), q, QuantConfig(format="fp8-dynamic"))
+    recipe = normalise({"model": str(q), "export": {"formats": ["hf-modelopt"]},
+                        "check": {"max_weight_error_ratio": 3}})
+    refuse_unmeasurable_gates(recipe, "r.yaml", q)
+    with pytest.raises(MoepressError, match="this recipe's candidates are not quantized"):
+        refuse_unmeasurable_gates(recipe, "r.yaml", models.path("tiny-mixtral"))

@@ -9,12 +9,13 @@ CHECKABLE = {"hf-modelopt": "checkpoint", "hf-fp8-block": "checkpoint", "compres
              "onnx": "onnx"}
 
 
-def refuse_unmeasurable_gates(recipe: dict, src: str = "recipe") -> None:
+def refuse_unmeasurable_gates(recipe: dict, src: str = "recipe", model=None) -> None:
     """A check gate the recipe's candidates cannot give (checks/runner.py _comparable refuses it at the check): the
     routing and expert gates where the prune changes the experts per layer, those and the block gates where an onnx
     export is checked in onnxruntime, not streamed layer by layer."""
     from moepress.checks.config import CheckConfig, refuse_unmeasurable, refuse_unmeasurable_gate
     from moepress.checks.weights import rounds_to_nearest
+    from moepress.compress.quantize import read_quant_layout
     from moepress.pipeline.recipe import key_where, recipe_keys
 
     if recipe.get("check") is None:
@@ -25,7 +26,10 @@ def refuse_unmeasurable_gates(recipe: dict, src: str = "recipe") -> None:
             refuse_unmeasurable(cfg, "routing", "the prune changes the experts per layer, and the routing and expert "
                                 "gates need a candidate with the reference's experts per layer")
         q = recipe.get("quantize") or {}
-        if not any(rounds_to_nearest(f) for f in {q.get("format"), *(q.get("rules") or {}).values()}):
+        # without a quantize section, the model's own layout (a `moepress quantize` output as the recipe's model)
+        stored = (read_quant_layout(model) or {}).get("modules", {}) if not q and model is not None else {}
+        made = {q.get("format"), *(q.get("rules") or {}).values()} | {m.get("format") for m in stored.values()}
+        if not any(rounds_to_nearest(f) for f in made):
             refuse_unmeasurable_gate(cfg, "max_weight_error_ratio", "it holds weights rounded to nearest by "
                                      "`moepress quantize` to that rounding's error, and this recipe's " + (
                                          "quantize formats round none so (AWQ / GPTQ)" if q else "candidates are "

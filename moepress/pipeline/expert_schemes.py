@@ -6,6 +6,9 @@ from __future__ import annotations
 
 FP4_WIDTHS = ("the FP4 fused-MoE kernels of vLLM and TensorRT-LLM need both widths multiples of 64 and one of 128: "
               "exporters/kernel_widths.py")
+TRTLLM_INT4_EXPERTS = ("TensorRT-LLM's INT4 fused MoE allocates groups of 128 only, and vLLM / SGLang load no "
+                       "INT4 experts from a Model-Optimizer checkpoint: exporters/fused_moe.py "
+                       "refuse_unloaded_expert_groups")
 UNPACKED = "transformers reads the expert weights of a pack-quantized (INT4 / FP4) checkpoint only as packed weights"
 
 
@@ -18,7 +21,7 @@ def expert_scheme_problem(f, g: int, shapes: dict[str, tuple[int, int]], fused: 
     from moepress.compress import formats
     from moepress.compress.quant.int4 import effective_group
     from moepress.exporters.fused_moe import FUSES_EXPERTS
-    from moepress.exporters.kernel_widths import fp4_widths_ok
+    from moepress.exporters.kernel_widths import TRTLLM_INT4_MOE_GROUP, fp4_widths_ok
 
     skipped = {n: why for n, (o, i) in shapes.items() if (why := f.skip(o, i, g))}
     reasons = "; ".join(sorted(set(skipped.values())))
@@ -32,6 +35,9 @@ def expert_scheme_problem(f, g: int, shapes: dict[str, tuple[int, int]], fused: 
     if not skipped and len(set(groups.values())) > 1:
         return fused[0], (f"with quantize.group_size {g} groups the routed experts' projections unlike each other "
                           f"({', '.join(f'{n}: group {x}' for n, x in groups.items())})"), FUSES_EXPERTS[fused[0]]
+    if not skipped and "hf-modelopt" in fused and set(groups.values()) - {TRTLLM_INT4_MOE_GROUP}:
+        return "hf-modelopt", (f"with quantize.group_size {g} groups the routed experts by "
+                               f"{', '.join(map(str, sorted(set(groups.values()))))}"), TRTLLM_INT4_EXPERTS
     w, h = next(iter(shapes.values()))  # the gate projection: expert width out, hidden size in
     if not skipped and f.element == "fp4" and not fp4_widths_ok(h, w):
         return fused[0], f"gives routed experts of hidden {h} and expert width {w}", FP4_WIDTHS

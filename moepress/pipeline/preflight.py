@@ -84,7 +84,7 @@ def _preflight(recipe: dict, model: Path, src: str) -> None:
             if data and str(e).startswith(f"{at}{data}"):
                 raise MoepressError(f"{key_where(src, 'check', 'data')} {str(e).removeprefix(at)}") from None
             raise
-    refuse_unmeasurable_gates(recipe, src)
+    refuse_unmeasurable_gates(recipe, src, model)
     refuse_unavailable_exports(recipe, model, src)
     refuse_unbuildable(recipe, model, src)
     refuse_unplannable(recipe, model, stage, src)
@@ -309,6 +309,7 @@ def refuse_expert_schemes(recipe: dict, exports: list[str], adapter) -> None:
     refuse_fp4_expert_widths). The refusal names a quantize.group_size that quantizes every projection alike, or the
     FP8 formats every listed export loads experts in (any width quantizes whole)."""
     from moepress.exporters.fused_moe import FUSES_EXPERTS, common_groups, expert_fp8_formats
+    from moepress.exporters.kernel_widths import TRTLLM_INT4_MOE_GROUP
     from moepress.pipeline.expert_schemes import expert_scheme_problem
 
     q = recipe.get("quantize") or {}
@@ -324,8 +325,8 @@ def refuse_expert_schemes(recipe: dict, exports: list[str], adapter) -> None:
     if problem is None:
         return
     export, what, why = problem
-    fits = [x for x in common_groups({h, w}) if not any(f.skip(o, i, x) for o, i in shapes.values())] \
-        if f.element == "int4" else []
+    fits = [x for x in common_groups({h, w}) if not any(f.skip(o, i, x) for o, i in shapes.values())
+            and (x == TRTLLM_INT4_MOE_GROUP or "hf-modelopt" not in fused)] if f.element == "int4" else []
     fp8 = [n for n in expert_fp8_formats(adapter.family, fused[0])
            if all(n in expert_fp8_formats(adapter.family, e) for e in fused)]
     key = "quantize.rules' format" if ruled else "quantize.format"  # a rule (or rules) gives the experts theirs
