@@ -27,12 +27,22 @@ def _expert_schemes(s, schemes) -> dict:
     return {n: schemes[(m["format"], m.get("group"))] for n, m in s.layout["modules"].items() if n in routed}
 
 
-def _misloaded(s, experts: dict) -> dict[str, str]:
+def _misloaded(s, experts: dict, schemes: dict) -> dict[str, str]:
     """{consumer: how the newest checked version loads this checkpoint wrongly or not at all}; ``experts``:
     {routed-expert module: its scheme}."""
     misread = s.adapter.transformers_misreads()
     if misread is not None:
         return {"transformers": misread}
+    # DeepseekV3Attention.expand_kv (5.24-5.25) runs kv_b_proj on a [batch, 1, seq, rank] tensor, and
+    # compressed-tensors' dynamic TOKEN strategy keeps dims 0 and 1 only (quantization/utils/helpers.py
+    # calculate_qparams, 0.15-0.20)
+    token = sorted(n for n, m in s.layout["modules"].items() if n.endswith("self_attn.kv_b_proj") and
+                   (a := schemes[(m["format"], m.get("group"))].input_activations) is not None and
+                   a.dynamic is True and a.strategy == "token")
+    if token:
+        return {"transformers": f"quantizes the inputs of {pattern(token)} with one FP8 scale per sequence, not per "
+                                "token (it runs them as [batch, 1, seq, rank]); for transformers quantize them "
+                                "with static scales (--rule 'self_attn.kv_b_proj=fp8') or keep them bf16"}
     strategies = {sch.weights.strategy for sch in experts.values() if sch.weights is not None}
     if "tensor_group" in strategies:
         return {"transformers": "loads its NVFP4 routed experts without weight_global_scale (wrong weights, no "
@@ -171,7 +181,7 @@ def misloads(s, schemes) -> dict:
     """export.json's ``consumer_notes``, ``misloaded_by`` and ``misloaded_why`` for the source ``s`` written with
     ``schemes`` ({(format, group): compressed-tensors scheme})."""
     experts = _expert_schemes(s, schemes)
-    misloaded = _misloaded(s, experts)
+    misloaded = _misloaded(s, experts, schemes)
     checked = {k: TRANSFORMERS_CHECKED for k in misloaded}
     if (sg := _sglang_misloads(s, schemes)) is not None:
         misloaded["sglang"] = sg

@@ -503,6 +503,31 @@ def test_deepseek_without_shared_experts_exports_int4_that_transformers_runs(tmp
         assert _rel(logits[f"{e}|default"], _forward(q, "none")) < 1e-6, e  # measured 1.8e-7
 
 
+def test_dynamic_fp8_kv_b_proj_transformers_scales_per_sequence_is_declared(tmp_path, cli_run):
+    """transformers' DeepseekV3Attention.expand_kv runs kv_b_proj on a [batch, 1, seq, rank] tensor and
+    compressed-tensors' dynamic token strategy keeps dims 0 and 1: one FP8 scale per sequence, not per token. The
+    fp8-dynamic export of tiny-deepseek-v3 loaded 2.8% off moepress's forward with no word (a helper's sweep); now
+    export.json says so and check's transformers kind refuses it. The way it names (kv_b_proj with a static scale)
+    loads as moepress computes it."""
+    outs = {}
+    for name, rules in (("dyn", ()), ("static", (("self_attn.kv_b_proj", "fp8"),))):
+        q, e = tmp_path / f"q-{name}", tmp_path / f"ct-{name}"
+        quantize_checkpoint(models.path("tiny-deepseek-v3"), q, QuantConfig(format="fp8-dynamic", rules=rules,
+                                                                           num_samples=2, seq_len=64))
+        outs[name] = (q, e, export(q, e, ExportConfig(format="compressed-tensors")))
+    dyn, static = outs["dyn"][2], outs["static"][2]
+    assert "one FP8 scale per sequence" in dyn["misloaded_why"]["transformers"], dyn["misloaded_why"]
+    assert "self_attn.kv_b_proj=fp8" in dyn["misloaded_why"]["transformers"]
+    assert "transformers" not in static["misloaded_by"], static["misloaded_by"]
+    r = cli_run("check", outs["dyn"][1], "-r", "tiny-deepseek-v3", "--max-samples", "2", "--seq-len", "32")
+    assert r.exit_code == 2 and "one FP8 scale per sequence" in r.stderr, r.output
+    p = _load_without_moepress(tmp_path, outs["dyn"][1], outs["static"][1])
+    assert p.returncode == 0, p.stderr[-2000:]
+    logits = torch.load(tmp_path / "logits.pt")
+    rel = {k: _rel(logits[f"{outs[k][1]}|default"], _forward(outs[k][0], "non-experts")) for k in outs}
+    assert rel["dyn"] > 1e-3 and rel["static"] < 1e-4, rel  # measured 0.028 and 1.3e-7
+
+
 def test_moe_layer_freq_transformers_does_not_read_is_declared_and_refused_by_check(tmp_path, cli_run):
     """DeepSeek's moe_layer_freq 2 (layers 1 and 3 dense, as vLLM and DeepSeek's code read it): transformers 5.24
     ignores the key and builds every layer as MoE, so the compressed-tensors export loaded with random experts and
