@@ -118,7 +118,9 @@ def test_block_fp8_fused_a_alone_is_refused_naming_both_parts(tmp_path):
 @pytest.mark.parametrize("fmt,rules,refused", [
     ("fp8", (), True), ("nvfp4", (), True), ("fp8-block", (), False),
     ("fp8", ("self_attn.kv_b_proj=none", "self_attn.q_a_proj=none", "self_attn.kv_a_proj_with_mqa=none"), False),
-    ("nvfp4", ("self_attn.kv_b_proj=none",), False)])
+    ("nvfp4", ("self_attn.kv_b_proj=none",), False),
+    # hf-modelopt refuses its INT4 routed experts outright: the kv_b_proj rule would lead to a refused export
+    ("int4-awq", (), False)])
 def test_quantize_says_up_front_what_a_tensorrt_llm_build_will_refuse(cli_run, tmp_path, fmt, rules, refused):
     """The build's refusal (an export whose MLA projections TensorRT-LLM's DeepSeek loader misreads) came after the
     quantize (hours on Kimi K2): quantize now says it before its first layer, with the --rule flags that avoid it,

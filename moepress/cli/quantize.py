@@ -100,7 +100,9 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
     def notes() -> list[str]:  # asked by the stage once it has validated the input and the options
         refusing.update(export_refusals(src, cfg))
         later = [f"note: `moepress export --format {e}` will refuse this output: {why}" for e, why in refusing.items()]
-        return [*stored_quantized(src, cfg), *later, *mla_notes(src, cfg, builds)]
+        # the hf-modelopt export refused outright: a rule that keeps its MLA projections bf16 would not make it
+        mla = [] if "hf-modelopt" in refusing else mla_notes(src, cfg, builds)
+        return [*stored_quantized(src, cfg), *later, *mla]
 
     res, memory = run_measured(device, quantize_checkpoint, src, output, cfg, batches=cal.loader(src, prog),
                                force=force, resume=resume, progress=prog, notes=notes)

@@ -13,9 +13,10 @@ UNPACKED = "transformers reads the expert weights of a pack-quantized (INT4 / FP
 
 
 def expert_scheme_problem(f, g: int, shapes: dict[str, tuple[int, int]], fused: list[str],
-                          formats_run: set) -> tuple | None:
+                          formats_run: set, family: str = "") -> tuple | None:
     """(export, what the quantize does to the routed experts, why the export refuses it) for format ``f`` at
-    --group-size ``g`` on expert projections of ``shapes`` (name: (out, in)); None when the exports take it.
+    --group-size ``g`` on expert projections of ``shapes`` (name: (out, in)) of the model ``family``; None when the
+    exports take it.
     ``formats_run``: the section's formats for the other linears (compressed-tensors refuses bf16 experts beside
     packed INT4 / FP4 linears only)."""
     from moepress.compress import formats
@@ -35,7 +36,9 @@ def expert_scheme_problem(f, g: int, shapes: dict[str, tuple[int, int]], fused: 
     if not skipped and len(set(groups.values())) > 1:
         return fused[0], (f"with quantize.group_size {g} groups the routed experts' projections unlike each other "
                           f"({', '.join(f'{n}: group {x}' for n, x in groups.items())})"), FUSES_EXPERTS[fused[0]]
-    if not skipped and "hf-modelopt" in fused and set(groups.values()) - {TRTLLM_INT4_MOE_GROUP}:
+    # INT4 experts TensorRT-LLM loads at all (W4A8 of Mixtral / Qwen3-MoE; the others hf-modelopt refuses at any group)
+    if not skipped and "hf-modelopt" in fused and f.trtllm_loads_experts(family) \
+            and set(groups.values()) - {TRTLLM_INT4_MOE_GROUP}:
         return "hf-modelopt", (f"with quantize.group_size {g} groups the routed experts by "
                                f"{', '.join(map(str, sorted(set(groups.values()))))}"), TRTLLM_INT4_EXPERTS
     w, h = next(iter(shapes.values()))  # the gate projection: expert width out, hidden size in

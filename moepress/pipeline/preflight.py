@@ -321,7 +321,7 @@ def refuse_expert_schemes(recipe: dict, exports: list[str], adapter) -> None:
     gate, up, down = adapter.expert_names
     shapes = {gate: (w, h), up: (w, h), down: (h, w)}  # (out_features, in_features)
     others = {q.get("format"), *(q.get("rules") or {}).values()} - {f.name} if ruled else {f.name}
-    problem = expert_scheme_problem(f, int(q.get("group_size") or 128), shapes, fused, others)
+    problem = expert_scheme_problem(f, int(q.get("group_size") or 128), shapes, fused, others, adapter.family)
     if problem is None:
         return
     export, what, why = problem
