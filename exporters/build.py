@@ -265,10 +265,9 @@ def _refuse_other_reference(ref: Path, source: Path) -> None:
     the build, would refuse it; a dry run never asked."""
     keys = ("model_type", "hidden_size", "vocab_size")
     a, b = ({k: (read_json(p / "config.json") or {}).get(k) for k in keys} for p in (ref, source))
-    if a != b:
-        diff = ", ".join(f"{k} {a[k]!r}" for k in keys if a[k] != b[k])
-        raise MoepressError(f"--reference {ref}: {diff}, where the export's source {source} has "
-                            f"{', '.join(f'{k} {b[k]!r}' for k in keys if a[k] != b[k])}; expected the model it was "
+    if diff := [k for k in keys if a[k] != b[k]]:
+        raise MoepressError(f"--reference {ref}: {', '.join(f'{k} {a[k]!r}' for k in diff)}, where the export's source "
+                            f"{source} has {', '.join(f'{k} {b[k]!r}' for k in diff)}; expected the model it was "
                             "exported from")
 
 

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from moepress.calib.model_limits import check_generation
 from moepress.calib.sources.spec import TEXT_SUFFIXES
 from moepress.errors import MoepressError
 
@@ -56,6 +57,9 @@ GATE_FIELDS = ("max_ppl_increase", "min_top1", "max_kl", "max_kl_p99", "min_cosi
 # gates whose values are shares, written <= 1 or as %
 SHARES = ("max_ppl_increase", "min_top1", "min_cosine", "min_routing_overlap")
 AT_MOST_ONE = ("min_top1", "min_cosine", "min_routing_overlap")  # what they gate is at most 1
+
+
+PROMPT_TOKENS = 16  # tokens of each --generate prompt: the start of an evaluation sample
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,12 @@ class CheckConfig:
                                 "since each prompt is the start of one evaluation sample")
         return cfg
 
+    def refuse_long_generations(self, ref_dir: Path) -> None:
+        """``generate``'s prompts and new tokens past the reference's positions, refused before any work (of a run's
+        stages too)."""
+        if self.generate:
+            check_generation(ref_dir, min(PROMPT_TOKENS, self.seq_len), self.gen_tokens)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -197,19 +207,13 @@ def _refuse(cfg: CheckConfig, g: Gate, why: str) -> None:
                         "off ('none') for this candidate")
 
 
-def refuse_unmeasurable(cfg: CheckConfig, needs: str, why: str) -> None:
+def refuse_unmeasurable(cfg: CheckConfig, needs: str, why: str, field: str | None = None) -> None:
     """A gate that needs what this candidate does not give (``needs``: per-layer hidden states, a router)
     and was asked for (set to other than its default, or named in ``cfg.asked``) is refused before the check
-    runs: a CI job's gate must never pass unmeasured. A default gate nobody asked for is shown unmeasured."""
+    runs: a CI job's gate must never pass unmeasured (``field``: only that gate). A default gate nobody asked
+    for is shown unmeasured."""
     for g in _asked(cfg):
-        if g.needs == needs:
-            _refuse(cfg, g, why)
-
-
-def refuse_unmeasurable_gate(cfg: CheckConfig, field: str, why: str) -> None:
-    """:func:`refuse_unmeasurable` for the one gate of ``field`` (a CheckConfig field)."""
-    for g in _asked(cfg):
-        if g.field == field:
+        if g.needs == needs and field in (None, g.field):
             _refuse(cfg, g, why)
 
 

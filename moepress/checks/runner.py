@@ -22,10 +22,10 @@ import torch.nn.functional as F
 
 from moepress.calib.data import DEFAULT_EVAL, calibration_set, eval_batches, load_tokenizer
 from moepress.calib.metrics import LayerStats, LogitStats
-from moepress.calib.model_limits import check_generation
 from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.candidates.checkpoint import native_block_fp8, runtime_activations, unstreamed_activations
 from moepress.checks.config import (
+    PROMPT_TOKENS,
     CheckConfig,
     check_passed,
     evaluate_gates,
@@ -43,8 +43,6 @@ from moepress.compress.moe import first_non_finite
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 from moepress.exporters.artifacts import misloading_consumers
-
-PROMPT_TOKENS = 16
 
 
 def eval_data(ref_dir: Path, cfg: CheckConfig) -> tuple[list[torch.Tensor], dict]:
@@ -358,8 +356,7 @@ def _comparable(candidate, ref, cand, cfg: CheckConfig, notes: list[str]) -> boo
 def _run_check(candidate: str | Path, reference: str | Path, cfg: CheckConfig, progress, device) -> dict:
     t0 = time.monotonic()
     ref_dir = Path(reference)
-    if cfg.generate:
-        check_generation(ref_dir, min(PROMPT_TOKENS, cfg.seq_len), cfg.gen_tokens)
+    cfg.refuse_long_generations(ref_dir)
     ref = _open_reference(candidate, reference, cfg, device)
     own = refuse_other_family(Path(candidate), reference, ref.adapter)  # its config's adapter
     cand = open_candidate(candidate, cfg, device)

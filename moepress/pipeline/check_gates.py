@@ -13,7 +13,7 @@ def refuse_unmeasurable_gates(recipe: dict, src: str = "recipe", model=None) -> 
     """A check gate the recipe's candidates cannot give (checks/runner.py _comparable refuses it at the check): the
     routing and expert gates where the prune changes the experts per layer, those and the block gates where an onnx
     export is checked in onnxruntime, not streamed layer by layer."""
-    from moepress.checks.config import CheckConfig, refuse_unmeasurable, refuse_unmeasurable_gate
+    from moepress.checks.config import CheckConfig, refuse_unmeasurable
     from moepress.checks.weights import rounds_to_nearest
     from moepress.compress.quantize import read_quant_layout
     from moepress.pipeline.recipe import key_where, recipe_keys
@@ -30,10 +30,10 @@ def refuse_unmeasurable_gates(recipe: dict, src: str = "recipe", model=None) -> 
         stored = (read_quant_layout(model) or {}).get("modules", {}) if not q and model is not None else {}
         made = {q.get("format"), *(q.get("rules") or {}).values()} | {m.get("format") for m in stored.values()}
         if not any(rounds_to_nearest(f) for f in made):
-            refuse_unmeasurable_gate(cfg, "max_weight_error_ratio", "it holds weights rounded to nearest by "
-                                     "`moepress quantize` to that rounding's error, and this recipe's " + (
-                                         "quantize formats round none so (AWQ / GPTQ)" if q else "candidates are "
-                                         "not quantized"))
+            refuse_unmeasurable(cfg, "blocks", "it holds weights rounded to nearest by `moepress quantize` to that "
+                                "rounding's error, and this recipe's " + ("quantize formats round none so (AWQ / GPTQ)"
+                                                                          if q else "candidates are not quantized"),
+                                field="max_weight_error_ratio")
         for fmt in (recipe.get("export") or {}).get("formats") or []:
             # onnx: checked whatever its formats; a compressed-tensors export transformers misloads goes unchecked
             # (runner._unchecked), which its formats decide after the quantize: its gates are the check's to refuse

@@ -41,9 +41,8 @@ def _preflight(recipe: dict, model: Path, src: str) -> None:
     exports need of the quantize format; so that a bad value late in the recipe costs seconds, not the
     hours of prune and quantize before it."""
     from moepress.calib.config import CalibConfig
-    from moepress.calib.model_limits import check_generation
     from moepress.checks.config import CheckConfig
-    from moepress.checks.runner import PROMPT_TOKENS, eval_data
+    from moepress.checks.runner import eval_data
     from moepress.compress.prune import PruneConfig
     from moepress.compress.prune.stage import PruneStage
     from moepress.exporters import refuse_config
@@ -77,8 +76,7 @@ def _preflight(recipe: dict, model: Path, src: str) -> None:
             with recipe_keys(src, "check"):
                 cfg = CheckConfig.from_dict(recipe["check"], where=key_where(src, "check"))
                 eval_data(model, cfg)
-                if cfg.generate:
-                    check_generation(model, min(PROMPT_TOKENS, cfg.seq_len), cfg.gen_tokens)
+                cfg.refuse_long_generations(model)
         except MoepressError as e:  # a refusal of the data file names check.data (not the model's tokenizer's)
             data, at = recipe["check"].get("data"), f"{key_where(src, 'check')}: "
             if data and str(e).startswith(f"{at}{data}"):

@@ -14,6 +14,7 @@ from moepress.compress.arch import transformers_config
 from moepress.compress.formats import fp8_block
 from moepress.errors import MoepressError
 from moepress.exporters.artifacts import consumer_misload, read_json
+from moepress.manifest import installed_versions
 
 
 class TransformersCandidate(Candidate):
@@ -161,21 +162,12 @@ def misloaded(path: Path) -> str | None:
     import transformers
 
     for key, name, version in (("transformers", "transformers", transformers.__version__),
-                               ("compressed_tensors", "compressed-tensors", _installed("compressed-tensors"))):
+                               ("compressed_tensors", "compressed-tensors",
+                                installed_versions(["compressed-tensors"]).get("compressed-tensors"))):
         misload = consumer_misload(Path(path), key)
         if misload is not None and version is not None and _version(version) <= _version(misload[0]):
             return f"{name} {version} {misload[1]} (export.json misloaded_by: {name} <= {misload[0]})"
     return None
-
-
-def _installed(dist: str) -> str | None:
-    """The installed version of ``dist``, or None."""
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def consumer_notes(path: Path) -> list[str]:
