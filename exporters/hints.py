@@ -24,7 +24,7 @@ from moepress.exporters.fused_moe import (
     routed_names,
 )
 from moepress.exporters.hf_common import Source, fp8_block_grids
-from moepress.exporters.kernel_widths import TRTLLM_INT4_MOE_GROUP
+from moepress.exporters.kernel_widths import TENSORRT_INT4_BLOCKS, TRTLLM_INT4_MOE_GROUP
 
 
 def alike_group(s, modules: dict) -> int | None:
@@ -114,9 +114,9 @@ def int4_routes(s, refusing: str) -> str:
         return ""
     routed = {modules[n]["format"] for ns in routed_linears(s).values() for n in ns if n in modules}
     group = alike_group(s, modules)
+    onnx = onnx_route({m.get("group") for m in modules.values() if formats.FORMATS[m["format"]].element == "int4"})
     if group is None and not alike_experts(s, modules):  # no group quantizes them whole and alike: fused exports refuse
-        return ", or ".join(w for w in (FP8_THEN_CT, "export onnx (a TensorRT engine)") if not w.startswith(
-            f"export {refusing}"))
+        return ", or ".join(w for w in (FP8_THEN_CT, onnx) if not w.startswith(f"export {refusing}"))
     regroup = f" --group-size {group}" if group else ""
     if any(f.ct_format is None for f in fs):  # w4a8-awq: no form, folded or not
         ct = f"re-quantize with --format int4-gptq (or int4-awq --awq-fold){regroup}, then "
@@ -131,7 +131,7 @@ def int4_routes(s, refusing: str) -> str:
             grouped == {TRTLLM_INT4_MOE_GROUP}:  # its INT4 fused MoE allocates groups of 128 only
         ways.append(f"{f'quantize with{regroup}, then ' if group else ''}export hf-modelopt "
                     "(TensorRT-LLM's PyTorch backend)")
-    ways.append("export onnx (a TensorRT engine)")
+    ways.append(onnx)
     ways = [w for w in ways if not w.startswith(f"export {refusing}")]
     return ", or ".join(ways)
 
@@ -230,6 +230,16 @@ def elsewhere(s: Source) -> str:
     return HF_MODELOPT
 
 
+def onnx_route(blocks: set) -> str:
+    """The onnx export as a route for INT4 linears stored in these blocks: a TensorRT engine where TensorRT takes
+    every block (kernel_widths.TENSORRT_INT4_BLOCKS), otherwise onnxruntime (the export declares TensorRT's misload,
+    and `moepress build` refuses it)."""
+    if blocks and blocks <= set(TENSORRT_INT4_BLOCKS):
+        return "export onnx (a TensorRT engine)"
+    ok = " or ".join(map(str, TENSORRT_INT4_BLOCKS))
+    return f"export onnx (onnxruntime; TensorRT takes INT4 blocks of {ok} only)"
+
+
 def packed_names(reader) -> list[str]:
     """The tensors stored packed (compressed-tensors INT4 / FP4 ``weight_packed``, gpt-oss MXFP4 ``_blocks``)."""
     return sorted(n for n in reader.names() if n.endswith((".weight_packed", "_blocks")))
@@ -250,8 +260,19 @@ def packed_routes(reader) -> str:
     then = ("--format fp8-block, then export hf-fp8-block" if _whole_input_groups(reader)
             else "--format fp8, then export hf-modelopt")
     return ("vLLM and SGLang load its packed compressed-tensors form as stored, or "
-            + ("" if fp4 else "export onnx (a TensorRT engine), or ")
+            + ("" if fp4 else f"{onnx_route(_packed_blocks(reader, packed))}, or ")
             + f"quantize with {then} (TensorRT-LLM's PyTorch backend)")
+
+
+def _packed_blocks(reader, packed: list[str]) -> set[int]:
+    """The INT4 group of each packed weight (8 values an I32 column) over its ``weight_scale`` columns, from the
+    shard headers: the blocks its onnx export writes."""
+    blocks = set()
+    for n in packed:
+        scale = n.removesuffix("_packed") + "_scale"
+        if n.endswith(".weight_packed") and scale in reader:
+            blocks.add(reader.info(n).shape[-1] * 8 // max(reader.info(scale).shape[-1], 1))
+    return blocks
 
 
 def _whole_input_groups(reader) -> bool:

@@ -13,6 +13,12 @@ from __future__ import annotations
 # into those shapes)
 TRTLLM_INT4_MOE_GROUP = 128
 
+# TensorRT's INT4 Q/DQ blocks (docs.nvidia.com/deeplearning/tensorrt, latest pages read 2026-12, 11.3 the newest
+# versioned one: inference-library/quantized-types-schemes.html "INT4 quantization requires per-block scales. The
+# supported block sizes are {64, 128}", "TensorRT only supports INT4 for weight quantization"): an onnx export of
+# INT4 linears in other blocks runs in onnxruntime, not in a TensorRT engine
+TENSORRT_INT4_BLOCKS = (64, 128)
+
 BLOCK = [128, 128]  # DeepSeek-V3's block-FP8 weight block (its config.json weight_block_size)
 
 

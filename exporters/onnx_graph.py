@@ -33,6 +33,7 @@ from onnx import TensorProto, helper
 
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.errors import MoepressError
+from moepress.exporters.kernel_widths import TENSORRT_INT4_BLOCKS
 from moepress.exporters.linears import Linear, read_linear, stored_name
 
 FLOAT = TensorProto.FLOAT
@@ -104,12 +105,9 @@ class Graph:
         self.data.close()
 
 
-# TensorRT's Q/DQ rules (docs.nvidia.com/deeplearning/tensorrt, latest pages read 2026-12, 11.3 the newest
-# versioned one: inference-library/quantized-types-schemes.html "INT4 quantization requires per-block scales. The
-# supported block sizes are {64, 128}", "TensorRT only supports INT4 for weight quantization";
+# TensorRT's Q/DQ rules (kernel_widths.TENSORRT_INT4_BLOCKS: INT4 weights only, per-block scales of 64 or 128;
 # operators/docs/Dequantize.html: a 2-D scale is "block quantization (supported for DataType::kINT4 only)").
 # TensorRT reads the block as in_features // scale columns (``_block_dq``).
-TENSORRT_INT4_BLOCKS = (64, 128)
 TENSORRT_CHECKED = "11.3"
 
 

@@ -177,6 +177,9 @@ def _refusals_lead_somewhere(exported, key, exports=EXPORTS):
             assert (src, to) != (key, ex), f"{ex} on {key} suggests itself: {msg}"
             again = exported(src, to)
             assert again is None, f"{ex} on {key}: {msg}\n  -> {to} on {src} refused: {again}"
+            if to == "onnx" and "export onnx (a TensorRT engine)" in msg:  # the engine takes its INT4 blocks
+                info = json.loads((exported.out(src, to) / "export.json").read_text())
+                assert "tensorrt" not in info.get("misloaded_by", {}), f"{ex} on {key}: {msg}\n  -> {info}"
 
 
 def test_hf_modelopt_refuses_unloadable_experts_before_group_sizes(exported):
