@@ -21,6 +21,10 @@ group ``weight_scale`` by ``weight_scale_2`` itself — so the stored weight_sca
 amax / 7; its load_expert_w3_w1_weight reads the stored weight as "[(N//2)*I4x2, K], two int4 elts
 in output dim packed into one", modelopt's pack_int4_in_uint8 order (int4.py). Storing the
 shared values makes that max exact. Pass every fused weight to :func:`weight_scale_2`.
+
+:func:`dequantize` gives q x weight_scale, what TensorRT-LLM's SM90 fused MoE applies; its dense W4A8 GEMM
+(_torch/modules/linear.py W4A8_AWQ_LinearMethod, CUTLASS mixed_input_utils.hpp dequantize_A_kblock) rounds
+q x fp16(weight_scale / weight_scale_2) to E4M3 first, a rounding left out here (README, W4A8 section).
 """
 
 from __future__ import annotations
