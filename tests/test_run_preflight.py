@@ -83,6 +83,8 @@ def test_a_value_a_stage_refuses_is_refused_before_any_stage_by_its_recipe_key(c
 
 @pytest.mark.parametrize("model,exports,target", [("tiny-qwen3-moe", ["hf-modelopt"], "a100-80gb"),
                                                   ("tiny-deepseek-v3", ["hf-fp8-block"], "l40s"),
+                                                  # hf-fp8-block writes block FP8 from bf16 too: not "no quantize"
+                                                  ("tiny-deepseek-v3", ["hf-fp8-block"], "a100-80gb"),
                                                   ("tiny-mixtral", ["trtllm-ckpt"], "b200"),
                                                   ("tiny-qwen3-moe", ["onnx"], "a100-80gb"),
                                                   ("tiny-qwen3-moe", ["onnx", "compressed-tensors"], "a100-80gb")])
@@ -95,6 +97,7 @@ def test_the_format_a_build_target_refusal_names_passes_the_preflight(model, exp
 
     from moepress import models
     from moepress.exporters.targets import TARGETS
+    from moepress.pipeline.build_plans import refuse_unplannable
     from moepress.pipeline.preflight import refuse_unavailable_exports, refuse_unbuildable
     from moepress.pipeline.recipe import normalise
 
@@ -115,6 +118,8 @@ def test_the_format_a_build_target_refusal_names_passes_the_preflight(model, exp
         alt = None if alt == "no quantize section" else alt
         assert _refusal(lambda alt=alt: refuse_unbuildable(recipe(alt), models.path(model))) is None, (line, alt)
         assert _refusal(lambda alt=alt: refuse_unavailable_exports(recipe(alt), models.path(model))) is None, alt
+        dry = {**recipe(alt), "build": {**recipe(alt)["build"], "dry_run": True}}  # the plan, no GPU asked for
+        assert _refusal(lambda dry=dry: refuse_unplannable(dry, models.path(model), None)) is None, (line, alt)
 
 
 def _refusal(fn) -> str | None:

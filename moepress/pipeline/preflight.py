@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moepress.errors import MoepressError
-from moepress.pipeline.build_plans import refuse_unplannable
+from moepress.pipeline.build_plans import planned_format, refuse_unplannable
 from moepress.pipeline.one_format import as_one_format, read_as_one_format
 from moepress.pipeline.recipe import export_config, key_where, recipe_keys
 from moepress.pipeline.rule_layouts import refuse_rule_layouts
@@ -146,8 +146,8 @@ def _instead(recipe: dict, model: Path, t, fmt: str, built: dict) -> str:
         except MoepressError:
             return False
         for x, b in built.items():
-            try:
-                check_runtime_format(t, a, shape, b.runtime, x)
+            try:  # in the format the export writes from it (hf-fp8-block: block FP8 from a bf16 model too)
+                check_runtime_format(t, planned_format(r, model, x) or a, shape, b.runtime, x)
             except MoepressError:
                 continue
             return True
