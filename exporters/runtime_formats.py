@@ -100,8 +100,15 @@ def trtllm_experts_problem(shape: ModelShape, t: Target, fmt: str) -> str | None
     if not shape.num_experts or f.trtllm_loads_experts(shape.family):
         return None
     alts = [a for a in f.alternatives if t.supports(a) and formats.FORMATS[a].trtllm_loads_experts(shape.family)]
+    alt = alts[0] if alts else UNQUANTIZED
+    rules = mla_rules(shape, alt) if alt != UNQUANTIZED else ""
+    block = "fp8-block"
+    if rules and t.supports(block) and formats.FORMATS[block].trtllm_loads_experts(shape.family):
+        # MLA (DeepSeek-V3 / Kimi K2): its own block FP8 under DeepSeek's names loads as it ships, no --rule
+        return (f"{f.trtllm_moe_why}, so {fmt} {shape.family} routed experts do not load; use {block} (export "
+                f"hf-fp8-block) on {t.gpu}")
     return (f"{f.trtllm_moe_why}, so {fmt} {shape.family} routed experts do not load; use "
-            f"{alts[0] if alts else UNQUANTIZED} on {t.gpu}")
+            f"{alt}{f' with{rules}' if rules else ''} on {t.gpu}")
 
 
 def refuse_stored_formats(t: Target, shape: ModelShape, fmt: str, name: str) -> None:
