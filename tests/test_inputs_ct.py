@@ -457,9 +457,23 @@ def test_a_config_that_does_not_describe_the_stored_tensors_is_refused(tmp_path,
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["quantization_config"]["config_groups"]["group_0"]["weights"].update(edit)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MoepressError, match=rf"{BASE}\.weight_packed' stores 4-bit symmetric .*\({says}\)"):
+    with pytest.raises(MoepressError, match=rf"{BASE}\.weight_packed' stores 4-bit symmetric .*\({says}[^;)]*\)"):
         CheckpointReader(tmp_path).weight(BASE + ".weight")
     assert torch.equal(r.weight(BASE + ".weight"), torch.ones(4, 64))  # as the config first said: decoded
+
+
+def test_one_scale_column_under_a_smaller_declared_group_is_refused(tmp_path):
+    """A [out, 1] scale reads as one group per row, which a config group_size of 32 over 64 inputs does not
+    describe: transformers allocates ceil(64 / 32) = 2 scale columns and refuses the stored one, while the reader
+    decoded it as one 64-wide group and the check passed it."""
+    r = _int4_module(tmp_path, 4, 64, torch.ones(4, 1, dtype=torch.bfloat16), group=64)
+    assert torch.equal(r.weight(BASE + ".weight"), torch.ones(4, 64))  # as declared: one 64-wide group a row
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MoepressError, match=rf"{BASE}\.weight_packed' stores 4-bit symmetric int values with a "
+                       r"weight_scale of shape \[4, 1\], which no .*\(int 4-bit symmetric group group_size 32\)"):
+        CheckpointReader(tmp_path).weight(BASE + ".weight")
 
 
 def test_mxfp4_scale_per_24_values_is_refused(tmp_path):

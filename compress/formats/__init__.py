@@ -103,11 +103,30 @@ def _decode_modelopt(reader, base: str, dtype: torch.dtype):
     q, s = t["weight"], t["weight_scale"]
     fp4 = q.dtype == torch.uint8 and s.dtype in (FP8_DTYPE, torch.uint8)
     element = "fp4" if fp4 else {torch.uint8: "int4", FP8_DTYPE: "fp8"}.get(q.dtype)
-    if element == "fp8" and (why := fp8_scale_layout_error(tuple(q.shape), tuple(s.shape))) is not None:
+    why = fp8_scale_layout_error(tuple(q.shape), tuple(s.shape)) if element == "fp8" else \
+        _packed_scale_error(element, tuple(q.shape), tuple(s.shape), s.dtype)
+    if why is not None:
         raise MoepressError(f"{reader.path}: tensor '{base}.weight_scale' {why}")
     for f in FORMATS.values():
         if f.element == element and f.decodes and f.weight_scale_dtype in (None, s.dtype):
             return f.dequantize(t, dtype)
+    return None
+
+
+def _packed_scale_error(element: str | None, q: tuple, s: tuple, s_dtype: torch.dtype) -> str | None:
+    """Why a packed weight's ``weight_scale`` is not the grid its decoder reads (None if it is): FP4 [out, in / 2]
+    bytes take one scale per 16 inputs (NVFP4, E4M3) or 32 (MXFP4, E8M0); Model-Optimizer's INT4 [out / 2, in]
+    bytes one per group of the inputs, [out, in / group]. Another shape would fail deep in the decoder, or, where
+    it happens to broadcast, decode wrong."""
+    if element == "fp4" and len(q) == 2:
+        block = 16 if s_dtype == FP8_DTYPE else 32
+        want = (q[0], q[1] * 2 // block)
+        if s != want:
+            return (f"has shape {list(s)}; expected {list(want)} (one scale per {block} inputs) for a packed FP4 "
+                    f"weight {list(q)} ({q[1] * 2} inputs)")
+    if element == "int4" and len(q) == 2 and not (len(s) == 2 and s[0] == 2 * q[0] and s[1] and q[1] % s[1] == 0):
+        return (f"has shape {list(s)}; expected [{2 * q[0]}, {q[1]} / group] for a packed INT4 weight {list(q)} "
+                f"({2 * q[0]} rows, {q[1]} inputs)")
     return None
 
 

@@ -147,14 +147,15 @@ def decode_pack_quantized(reader, base: str) -> torch.Tensor:
                                 f"expected {list(scale.shape)}, as its weight_scale")
         q = q - _grouped(q, zp.to(scale.dtype))
     asymmetric = base + ".weight_zero_point" in reader and bool((zp != 0).any())  # older releases stored zeros
-    _check_declared(reader, base, bits, list(scale.shape), asymmetric)
+    _check_declared(reader, base, bits, list(scale.shape), asymmetric, in_f)
     return q * _grouped(q, scale)
 
 
-def _check_declared(reader, base: str, bits: int, scale_shape: list[int], has_zp: bool) -> None:
+def _check_declared(reader, base: str, bits: int, scale_shape: list[int], has_zp: bool, in_f: int) -> None:
     """Refuse a module no config group's weights describe: compressed-tensors decompresses by the config
-    (compressors/pack_quantized/base.py decompress, 0.20.1: num_bits, symmetric, strategy), so stored tensors
-    it does not describe read as other numbers there (``num_bits: 8`` over 4-bit words) or not at all."""
+    (compressors/pack_quantized/base.py decompress, 0.20.1: num_bits, symmetric, strategy, group_size), so stored
+    tensors it does not describe read as other numbers there (``num_bits: 8`` over 4-bit words) or not at all
+    (transformers allocates a group scale of ceil(in / group_size) columns and refuses the stored one)."""
     declared = [w for w in _weight_args(reader) if w]  # a group without weights quantizes none
     cols, n = (scale_shape[-1] if scale_shape else 1), math.prod(scale_shape)
 
@@ -162,12 +163,13 @@ def _check_declared(reader, base: str, bits: int, scale_shape: list[int], has_zp
         strategy = w.get("strategy") or ("group" if w.get("group_size") else "tensor")
         return ((w.get("type") or "int") == "int" and int(w.get("num_bits") or 8) == bits
                 and bool(w.get("symmetric", True)) != has_zp
-                and not (strategy == "tensor" and n != 1) and not (strategy == "channel" and cols != 1))
+                and not (strategy == "tensor" and n != 1) and not (strategy == "channel" and cols != 1)
+                and not (strategy == "group" and w.get("group_size") and cols != -(-in_f // int(w["group_size"]))))
 
     if declared and not any(describes(w) for w in declared):
         said = "; ".join(f"{w.get('type')} {w.get('num_bits')}-bit "
                          f"{'symmetric' if w.get('symmetric', True) else 'asymmetric'} {w.get('strategy')}"
-                         for w in declared)
+                         + (f" group_size {w['group_size']}" if w.get("group_size") else "") for w in declared)
         raise MoepressError(f"{reader.path}: tensor '{base}{PACKED}' stores {bits}-bit "
                             f"{'asymmetric' if has_zp else 'symmetric'} int values with a weight_scale of shape "
                             f"{scale_shape}, which no quantization_config.config_groups weights entry describes "
