@@ -344,6 +344,19 @@ def test_check_config_from_recipe():
         cfg.max_kl = 1.0  # frozen: what the manifest records is what ran
 
 
+def test_a_failing_expert_gate_names_its_layer_and_expert(cli_run, ref, tmp_path):
+    """One routed expert's down projection x3 in layer 2: the failure line names that layer and expert beside the
+    metric (it named the metric only, and the hidden-state jump, which starts at that layer's input)."""
+    def change(name, t):
+        return t * 3 if ".layers.2.mlp.experts.5.down_proj." in name else t
+
+    cand = rewrite(ref, tmp_path / "expert5", change, {"scaled": "layer 2 expert 5"})
+    r = cli_run("check", cand, "--reference", ref, *SMALL, "--quiet", "--no-record")
+    err = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(err) == 1, r.output
+    assert re.search(r"check failed: max_expert_error \S+ at layer 2 \(expert 5\) > max 0.5", err[0]), err[0]
+
+
 def test_gates_fail_on_nan_and_name_the_first_failure():
     cfg = CheckConfig(max_kl_p99=0.5)
     gates = evaluate_gates(cfg, {"ppl_increase": 0.031, "top1_agreement": 0.97, "kl_mean": float("nan"),

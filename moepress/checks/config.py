@@ -266,15 +266,36 @@ def verdict(passed: bool | None, failed: list[str], word: tuple[str, str] = ("PA
     return word[0] if passed else f"{word[1]}: " + ", ".join(failed)
 
 
-def failure_line(gates: list[dict], jump: dict | None) -> str:
-    """One line: the first failing metric, its value and threshold, the others, and where the error jumps."""
+# a per-layer metric's row key in the check's "layers" rows, and the key naming what in that layer gave it
+WHERE = {"max_expert_error": ("expert_error", "worst_expert", "expert "),
+         "max_expert_error_ratio": ("expert_error_ratio", "ratio_expert", "expert "),
+         "max_weight_error_ratio": ("weight_error_ratio", "weight_module", ""),
+         "max_attention_error_ratio": ("attention_error_ratio", None, ""),
+         "min_routing_overlap": ("routing_overlap", None, ""),
+         "max_layer_rel_error": ("rel_error", None, ""), "min_layer_cosine": ("cosine", None, "")}
+
+
+def _where(metric: str, value, layers: list[dict] | None) -> str:
+    """" at layer L (what)": the layer row whose value is the failing headline value (NaN: the first NaN)."""
+    key, what, word = WHERE.get(metric, (None, None, ""))
+    for row in layers or [] if key else []:
+        v = row.get(key)
+        if v is not None and (v == value or (v != v and value != value)):
+            name = row.get(what) if what else None
+            return f" at layer {row['layer']}" + (f" ({word}{name})" if name is not None else "")
+    return ""
+
+
+def failure_line(gates: list[dict], jump: dict | None, layers: list[dict] | None = None) -> str:
+    """One line: the first failing metric, its value and threshold, the layer (and expert or linear) that gave a
+    per-layer metric, the others, and where the error jumps."""
     failed = [g for g in gates if g["passed"] is False]
     first = failed[0]
     worse = ">" if first["op"] == "<=" else "<"
     bound = "max" if first["op"] == "<=" else "min"
     pct = first.get("percent", False)
-    line = (f"{first['metric']} {fmt(first['value'], pct)} {worse} {bound} {fmt(first['threshold'], pct)} "
-            f"({first['option']})")
+    line = (f"{first['metric']} {fmt(first['value'], pct)}{_where(first['metric'], first['value'], layers)} "
+            f"{worse} {bound} {fmt(first['threshold'], pct)} ({first['option']})")
     if len(failed) > 1:
         line += "; also " + ", ".join(f"{g['metric']} {fmt(g['value'], g.get('percent', False))}"
                                       for g in failed[1:])

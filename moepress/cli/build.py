@@ -209,7 +209,7 @@ def engine_failure(acc: dict) -> str:
 
     if acc.get("error"):
         return acc["error"]
-    return failure_line(acc.get("gates") or [], acc.get("error_jump"))
+    return failure_line(acc.get("gates") or [], acc.get("error_jump"), acc.get("layers"))
 
 
 COMMANDS = [build_cmd, targets_cmd, plan_cmd]

@@ -266,7 +266,7 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
     if refused is not None:
         raise refused
     if result["passed"] is False:
-        raise CheckFailed(failure_line(result["gates"], result["error_jump"]))
+        raise CheckFailed(failure_line(result["gates"], result["error_jump"], result.get("layers")))
 
 
 COMMANDS = [check_cmd]
