@@ -49,8 +49,9 @@ def _refused(conf: dict, key: str, value) -> str | None:
 
 # written out here, not read from SAME: a key dropped there fails its case
 KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta",
-        "rope_scaling", "rope_parameters", "tie_word_embeddings", "sliding_window", "num_experts_per_tok",
-        "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "scoring_func", "topk_method",
+        "rope_scaling", "rope_parameters", "rope_interleave", "tie_word_embeddings", "sliding_window",
+        "num_experts_per_tok", "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "scoring_func",
+        "topk_method",
         "first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step", "mlp_only_layers", "kv_lora_rank",
         "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 
@@ -62,7 +63,8 @@ def test_each_key_no_stage_changes_is_compared(key):
     lines = [_refused(c, key, values.get(key, _other(c.get(key)))) for c in confs]
     if key in NOT_KEPT:
         return
-    named = {key, "rope_scaling"} if key == "rope_parameters" else {key}  # transformers' alias of rope_parameters
+    # transformers 5 reads rope_scaling into rope_parameters: an edit of either is named as rope_parameters
+    named = {key, "rope_parameters"} if key == "rope_scaling" else {key}
     assert any(line and any(f"{k} is " in line for k in named) for line in lines), (key, lines)
 
 

@@ -20,9 +20,12 @@ from moepress.compress.arch.base import Adapter
 from moepress.errors import MoepressError
 
 # transformers config attributes that define the model a runtime builds, which no stage changes
-# (the hidden size and vocabulary are compared apart, with the candidate loaded: checks/runner.py)
+# (the hidden size and vocabulary are compared apart, with the candidate loaded: checks/runner.py); rope_parameters
+# before rope_scaling, transformers 5's name for what the older key also reads; rope_interleave: DeepSeek-V3's
+# rotary layout (transformers' DeepseekV3Config, default true), which swaps the rotary halves when false
 SAME = ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
-        "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings", "sliding_window",
+        "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling", "rope_interleave", "tie_word_embeddings",
+        "sliding_window",
         "num_experts_per_tok", "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "scoring_func",
         "topk_method", "first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step", "mlp_only_layers",
         "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
