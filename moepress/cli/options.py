@@ -8,8 +8,21 @@ import click
 
 from moepress import models
 
-# a seed torch's generators take (torch.Generator.manual_seed: a signed or unsigned 64-bit integer)
-SEED = click.IntRange(-(2**63), 2**63 - 1)
+
+class _Seed(click.ParamType):
+    """A seed torch's generators take (torch.Generator.manual_seed: a 64-bit integer; the recipe's signed range),
+    checked here rather than by click.IntRange, whose help text printed both 19-digit bounds."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        v = click.INT.convert(value, param, ctx)
+        if not -(2**63) <= v < 2**63:
+            self.fail(f"{value} is not a signed 64-bit integer (-2**63 <= seed < 2**63)", param, ctx)
+        return v
+
+
+SEED = _Seed()
 
 
 class _NonEmpty:
