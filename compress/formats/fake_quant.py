@@ -56,13 +56,14 @@ def prepare_layer(reader, prefix: str, layer: nn.Module) -> None:
             continue
         opt = {s: reader.get(full + s).float() if full + s in reader else None
                for s in (".pre_quant_scale", ".input_scale")}
-        if opt[".input_scale"] is None and FORMATS[m["format"]].static_input:  # else read as weight-only: wrong
-            raise MoepressError(f"{Path(reader.path)}: tensor '{full}.input_scale' is missing; expected the static "
-                                f"input scale {m['format']} stores for every linear ({SIDECAR} names it {m['format']})")
         specs[full[len(prefix):]] = (m["format"], opt[".pre_quant_scale"], opt[".input_scale"])
     mods = dict(layer.named_modules())
     missing = next((n for n in specs if not isinstance(mods.get(n), nn.Linear)), None)
     if missing is not None:
         raise MoepressError(f"{Path(reader.path) / SIDECAR}: module '{prefix}{missing}' is not a linear of the "
                             "model's layer; expected the linears the checkpoint holds")
+    for n, (fmt, _, isc) in specs.items():  # without its input_scale it would run weight-only: another model
+        if isc is None and FORMATS[fmt].static_input:
+            raise MoepressError(f"{Path(reader.path)}: tensor '{prefix}{n}.input_scale' is missing; expected the "
+                                f"static input scale {fmt} stores for every linear ({SIDECAR} names it {fmt})")
     attach(layer, specs)
