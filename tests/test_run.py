@@ -738,6 +738,24 @@ def test_a_run_reusing_a_directory_removes_the_earlier_recipes_outputs_it_does_n
     assert states == set(summary["stages"])
 
 
+def test_a_run_into_an_earlier_run_of_another_model_is_refused_and_leaves_it(cli_run, tmp_path):
+    """Another model's recipe (or the default recipe, a mistyped command) into an earlier run's directory removed
+    that run's outputs, hours of quantize on a real model, without a --force: refused, the earlier run untouched."""
+    out = tmp_path / "run"
+    a = write_recipe(tmp_path / "a.yaml", calib=SMALL["calib"], check="skip", prune="skip",
+                     quantize={"format": "fp8"})
+    assert cli_run("run", a, "-o", out, "--quiet").exit_code == 0
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    b = write_recipe(tmp_path / "b.yaml", model="tiny-qwen3-moe", calib=SMALL["calib"], check="skip", prune="skip",
+                     quantize={"format": "fp8"})
+    r = cli_run("run", b, "-o", out, "--quiet")
+    one_line_error(r, f"-o {out}: holds an earlier run of {models.path(MODEL).resolve()}", "not of "
+                   f"{models.path('tiny-qwen3-moe').resolve()}; expected a new or empty directory, or an earlier "
+                   "run of the same model")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == before
+    assert cli_run("run", a, "-o", out, "--quiet").exit_code == 0  # the same model: reused
+
+
 def test_a_check_seed_with_drawn_data_and_gen_tokens_with_generate_are_taken(tmp_path):
     """The keys refused above are taken where they have an effect: a seed drawing JSONL samples, gen_tokens with
     generate."""

@@ -51,7 +51,7 @@ from moepress.pipeline.keys import (
 )
 from moepress.pipeline.preflight import preflight
 from moepress.pipeline.recipe import STAGES, dump, export_config, key_where, recipe_keys
-from moepress.pipeline.stale import planned, refuse_links, stage_path, state_file, withdraw
+from moepress.pipeline.stale import claim_for_model, planned, refuse_links, stage_path, state_file, withdraw
 from moepress.progress import Progress
 
 # which builder turns which export into an engine / deployment (each builder declares the export it takes)
@@ -169,6 +169,7 @@ class Runner:
                                                        f"({self.state_dir / 'run.lock'} is locked)")
         lock.acquire()
         try:
+            claim_for_model(self.out, self.state_dir, self.model)
             return self._run()
         finally:
             lock.release()

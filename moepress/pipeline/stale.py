@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from moepress.errors import MoepressError
+from moepress.outputs import write_text_atomic
 
 SUFFIXES = (".partial.lock", ".partial")
 FOLDERS = ("export", "check", "build", ".state")  # a run directory's folders of stage outputs and state
@@ -70,6 +71,22 @@ def refuse_links(out: Path) -> None:
         if p.is_symlink():
             raise MoepressError(f"-o {out}: {p.relative_to(out)} is a symbolic link (to {p.readlink()}); a run "
                                 "writes and removes its own files there, not through links: remove it")
+
+
+def claim_for_model(out: Path, state_dir: Path, model: Path) -> None:
+    """Refuse a run directory an earlier run made of another model (``.state/model``: the resolved model directory
+    it ran on, one line); record this model there otherwise. The run replaces or removes every earlier stage
+    output, so another model's run (hours of quantize) went with a mistyped ``-o``, where every stage command
+    asks ``--force`` to replace a non-empty output."""
+    p, this = state_dir / "model", str(model.resolve())
+    try:
+        earlier = p.read_text().strip() if p.is_file() else ""
+    except (UnicodeDecodeError, OSError):
+        earlier = ""
+    if earlier and earlier != this:
+        raise MoepressError(f"-o {out}: holds an earlier run of {earlier} ({p}), not of {this}; expected a new or "
+                            "empty directory, or an earlier run of the same model (remove that run to replace it)")
+    write_text_atomic(p, this + "\n")
 
 
 def planned(out: Path, recipe: dict, state_dir: Path) -> set[Path]:
