@@ -258,10 +258,23 @@ def packed_routes(reader) -> str:
     # block FP8 where the widths allow (fused_moe.refuse_partial_input_groups), then DeepSeek's names: hf-modelopt
     # refuses block-FP8 experts (Format.modelopt_moe_why)
     then = ("--format fp8-block, then export hf-fp8-block" if _whole_input_groups(reader)
-            else "--format fp8, then export hf-modelopt")
+            else f"--format fp8{_mla_rules(reader)}, then export hf-modelopt")
     return ("vLLM and SGLang load its packed compressed-tensors form as stored, or "
             + ("" if fp4 else f"{onnx_route(_packed_blocks(reader, packed))}, or ")
             + f"quantize with {then} (TensorRT-LLM's PyTorch backend)")
+
+
+def _mla_rules(reader) -> str:
+    """The --rule flags that keep bf16 the MLA projections TensorRT-LLM's DeepSeek loader misreads in an hf-modelopt
+    export of per-tensor FP8 (runtime_formats.mla_rules; `moepress build` refuses it without them); empty for a
+    model without MLA."""
+    from moepress.exporters.runtime_formats import mla_rules
+    from moepress.exporters.shape import model_shape
+
+    try:
+        return mla_rules(model_shape(reader.path), "fp8")
+    except MoepressError:  # a config moepress does not shape: its own refusal says why, not this hint
+        return ""
 
 
 def _packed_blocks(reader, packed: list[str]) -> set[int]:

@@ -39,3 +39,25 @@ def test_packed_int4_in_blocks_of_32_is_sent_to_onnxruntime_not_tensorrt(tmp_pat
     hint = packed_routes(CheckpointReader(tmp_path))
     assert "export onnx (onnxruntime; TensorRT takes INT4 blocks of 64 or 128 only)" in hint, hint
     assert "a TensorRT engine" not in hint, hint
+
+
+def test_kimis_packed_int4_hint_to_hf_modelopt_carries_the_mla_rules_the_build_asks(tmp_path, cli_run):
+    """Kimi K2's INT4 (tiny: widths not whole 128-blocks) was sent to per-tensor fp8 through hf-modelopt with no
+    --rule, which `moepress build` refuses for TensorRT-LLM's MLA loader; followed as written, the hint builds."""
+    import re
+    import shlex
+
+    from moepress import models
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.exporters.hints import packed_routes
+
+    kimi = models.path("tiny-kimi-k2-int4")
+    hint = packed_routes(CheckpointReader(kimi))
+    flags = re.search(r"quantize with (--format fp8 [^,]*), then export hf-modelopt", hint)
+    assert flags and "--rule 'self_attn.kv_b_proj=none'" in flags.group(1), hint
+    q, e = tmp_path / "q", tmp_path / "e"
+    assert cli_run("quantize", kimi, "-o", q, *shlex.split(flags.group(1)), "--num-samples", "2", "--seq-len", "32",
+                   "--quiet").exit_code == 0
+    assert cli_run("export", q, "-o", e, "--format", "hf-modelopt", "--quiet").exit_code == 0
+    r = cli_run("build", e, "--target", "h100", "-o", tmp_path / "b", "--dry-run", "--quiet")
+    assert r.exit_code == 0, r.output

@@ -149,6 +149,8 @@ def test_plan_says_when_trtllm_cannot_load_the_experts(kimi):
     assert "WInt4AFP8" in p.unloadable and "use fp8-block (export hf-fp8-block) on H200" in p.unloadable
     # where the target runs no block FP8 (L40S, sm89), per-tensor fp8 with the rules the build asks for
     assert "use fp8 with --rule 'self_attn.kv_b_proj=none'" in plan(kimi, "l40s", "int4-awq").unloadable
+    # a 4-bit alternative stays 4-bit, with the one rule its MLA needs (not block FP8, twice the bytes)
+    assert "use nvfp4-a16 with --rule 'self_attn.kv_b_proj=none' on B200" in plan(kimi, "b200", "mxfp4").unloadable
     assert any("TensorRT-LLM cannot load it" in n for n in p.notes)
     assert "W4A8_CUSTOM" in plan(kimi, "h200", "w4a8-awq").unloadable
     assert plan(kimi, "h200", "fp8-block").unloadable is None
