@@ -754,6 +754,9 @@ def test_a_run_into_an_earlier_run_of_another_model_is_refused_and_leaves_it(cli
                    "run of the same model")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == before
     assert cli_run("run", a, "-o", out, "--quiet").exit_code == 0  # the same model: reused
+    moved = shutil.copytree(models.path(MODEL), tmp_path / "moved")  # the same files elsewhere: the same model
+    r = cli_run("run", a, "-o", out, "--quiet", "--model", moved)
+    assert r.exit_code == 0, r.output
 
 
 def test_a_check_seed_with_drawn_data_and_gen_tokens_with_generate_are_taken(tmp_path):

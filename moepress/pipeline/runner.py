@@ -169,7 +169,8 @@ class Runner:
                                                        f"({self.state_dir / 'run.lock'} is locked)")
         lock.acquire()
         try:
-            claim_for_model(self.out, self.state_dir, self.model)
+            self.source_sha256 = source_digest(self.model)
+            claim_for_model(self.out, self.state_dir, self.model, self.source_sha256)
             return self._run()
         finally:
             lock.release()
@@ -182,7 +183,6 @@ class Runner:
         withdraw(self.out, planned(self.out, r, self.state_dir), self.state_dir, self.prog.info)  # cannot write
         write_text_atomic(self.out / "recipe.yaml", dump(r))
         self.prog.info(f"run: {self.recipe_src} on {self.model} -> {self.out}")
-        self.source_sha256 = source_digest(self.model)
         src_key = stage_key({"source": self.source_sha256, "moepress": code_id()})  # every key chains on
         calib_key = self.calib_key
         current, cur_key, cur_kind = self.model, src_key, "source"

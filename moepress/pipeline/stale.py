@@ -9,6 +9,8 @@ produce (a check or build decided while it ran). Nothing a run did not record th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -73,20 +75,25 @@ def refuse_links(out: Path) -> None:
                                 "writes and removes its own files there, not through links: remove it")
 
 
-def claim_for_model(out: Path, state_dir: Path, model: Path) -> None:
-    """Refuse a run directory an earlier run made of another model (``.state/model``: the resolved model directory
-    it ran on, one line); record this model there otherwise. The run replaces or removes every earlier stage
-    output, so another model's run (hours of quantize) went with a mistyped ``-o``, where every stage command
-    asks ``--force`` to replace a non-empty output."""
-    p, this = state_dir / "model", str(model.resolve())
+def claim_for_model(out: Path, state_dir: Path, model: Path, digest: dict) -> None:
+    """Refuse a run directory an earlier run made of another model (``.state/model``: the resolved directory it ran
+    on and its files' digest): one at another path with other files; the same model moved or copied, or edited
+    where it was, is this model. Record this model there otherwise. The run replaces or removes every earlier
+    stage output, so another model's run (hours of quantize) went with a mistyped ``-o``, where every stage
+    command asks ``--force`` to replace a non-empty output."""
+    p = state_dir / "model"
+    this = {"path": str(model.resolve()), "sha256": hashlib.sha256(json.dumps(digest, sort_keys=True).encode())
+            .hexdigest()}
     try:
-        earlier = p.read_text().strip() if p.is_file() else ""
-    except (UnicodeDecodeError, OSError):
-        earlier = ""
-    if earlier and earlier != this:
-        raise MoepressError(f"-o {out}: holds an earlier run of {earlier} ({p}), not of {this}; expected a new or "
-                            "empty directory, or an earlier run of the same model (remove that run to replace it)")
-    write_text_atomic(p, this + "\n")
+        earlier = json.loads(p.read_text()) if p.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        earlier = {}
+    if isinstance(earlier, dict) and isinstance(earlier.get("path"), str) and earlier["path"] != this["path"] \
+            and earlier.get("sha256") != this["sha256"]:
+        raise MoepressError(f"-o {out}: holds an earlier run of {earlier['path']} ({p}), not of {this['path']}; "
+                            "expected a new or empty directory, or an earlier run of the same model (remove that run "
+                            "to replace it)")
+    write_text_atomic(p, json.dumps(this) + "\n")
 
 
 def planned(out: Path, recipe: dict, state_dir: Path) -> set[Path]:
