@@ -24,7 +24,7 @@ from moepress.exporters.fused_moe import (
     routed_names,
 )
 from moepress.exporters.hf_common import Source, fp8_block_grids
-from moepress.exporters.kernel_widths import TENSORRT_INT4_BLOCKS, TRTLLM_INT4_MOE_GROUP
+from moepress.exporters.kernel_widths import TENSORRT_INT4_BLOCKS, TRTLLM_INT4_MOE_GROUP, mla_rule_flags
 
 
 def alike_group(s, modules: dict) -> int | None:
@@ -266,15 +266,9 @@ def packed_routes(reader) -> str:
 
 def _mla_rules(reader) -> str:
     """The --rule flags that keep bf16 the MLA projections TensorRT-LLM's DeepSeek loader misreads in an hf-modelopt
-    export of per-tensor FP8 (runtime_formats.mla_rules; `moepress build` refuses it without them); empty for a
-    model without MLA."""
-    from moepress.exporters.runtime_formats import mla_rules
-    from moepress.exporters.shape import model_shape
-
-    try:
-        return mla_rules(model_shape(reader.path), "fp8")
-    except MoepressError:  # a config moepress does not shape: its own refusal says why, not this hint
-        return ""
+    export of per-tensor FP8 (`moepress build` refuses it without them); empty for a model without MLA (no
+    ``kv_lora_rank``: DeepSeek-V3 / Kimi K2's latent attention)."""
+    return mla_rule_flags(per_tensor=True) if (reader.config or {}).get("kv_lora_rank") else ""
 
 
 def _packed_blocks(reader, packed: list[str]) -> set[int]:

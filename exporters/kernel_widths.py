@@ -130,3 +130,10 @@ def marlin_tiles(k: int, n: int) -> bool:
     """Whether Marlin tiles a [n, k] linear (:data:`MARLIN_TILES`)."""
     return any(k % tk == 0 and n % tn == 0 for tk, tn in MARLIN_TILES)
 
+
+def mla_rule_flags(per_tensor: bool) -> str:
+    """The --rule flags that keep bf16 what TensorRT-LLM's DeepSeek-V3 / Kimi K2 loader misreads in an hf-modelopt
+    export (modelopt_misloads.trtllm_misloads): the MLA kv_b_proj in any format, q_a / kv_a in FP8 per tensor or
+    channel (``per_tensor``)."""
+    parts = ("kv_b_proj", *(("q_a_proj", "kv_a_proj_with_mqa") if per_tensor else ()))
+    return "".join(f" --rule 'self_attn.{p}=none'" for p in parts)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from moepress.compress import formats
 from moepress.errors import MoepressError
-from moepress.exporters.kernel_widths import fp4_widths_ok
+from moepress.exporters.kernel_widths import fp4_widths_ok, mla_rule_flags
 from moepress.exporters.shape import ModelShape
 from moepress.exporters.targets import UNQUANTIZED, Target, check_format
 
@@ -88,9 +88,7 @@ def mla_rules(shape: ModelShape, fmt: str) -> str:
     the MLA kv_b_proj in any format, q_a / kv_a in FP8 per tensor or channel. Empty for a model without MLA."""
     if shape.kv_heads:  # MLA: its latent cache is not split in KV heads (shape.py)
         return ""
-    fused_a = formats.FORMATS[fmt].scale in ("tensor", "channel")
-    parts = ("kv_b_proj", *(("q_a_proj", "kv_a_proj_with_mqa") if fused_a else ()))
-    return "".join(f" --rule 'self_attn.{p}=none'" for p in parts)
+    return mla_rule_flags(formats.FORMATS[fmt].scale in ("tensor", "channel"))
 
 
 def trtllm_experts_problem(shape: ModelShape, t: Target, fmt: str) -> str | None:
