@@ -89,7 +89,8 @@ def init(backend: str | None = None, device: str | None = None) -> DistEnv:
         # rank 0 alone may work a long while before the next collective (a resume hashes the kept shards of a
         # partial: ~10 min for a terabyte at 2 GB/s); NCCL's default is 10 min. torchrun's agent, not this
         # timeout, ends the group when a rank dies.
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=PG_TIMEOUT_MIN))
+        with _default_signals():
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=PG_TIMEOUT_MIN))
         # no rank leaves the start-up before every rank is through it: init_process_group returns on a rank once
         # its own connections are made, while a peer may still read the others' addresses from the rendezvous
         # store (in rank 0's process when the ranks are started by hand) or finish its gloo handshake. A rank that
@@ -97,9 +98,33 @@ def init(backend: str | None = None, device: str | None = None) -> DistEnv:
         # print "Connection reset by peer" and a C++ stack instead of the same one-line refusal. The barrier runs
         # over the group's own connections (torch's TORCH_DIST_INIT_BARRIER goes through the store, whose host
         # may be the rank that leaves).
-        with peer_errors(DistEnv(env.rank, env.world_size, env.local_rank, backend)):
+        with peer_errors(DistEnv(env.rank, env.world_size, env.local_rank, backend)), _default_signals():
             dist.barrier(device_ids=[env.local_rank]) if backend == "nccl" else dist.barrier()
     return DistEnv(env.rank, env.world_size, env.local_rank, dist.get_backend())
+
+
+@contextlib.contextmanager
+def _default_signals():
+    """SIGINT and SIGTERM end the process at once while it waits in torch's start-up (the rendezvous store, gloo's
+    handshake: C++ that runs no Python signal handler until it returns, up to PG_TIMEOUT_MIN for a peer that never
+    comes); nothing is written before it. Their handlers (the CLI's one-line interruption) come back after it; a
+    signal the process ignored stays ignored."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, h in kept.items():
+        if h not in (signal.SIG_IGN, None):  # None: a handler not set from Python, left alone
+            signal.signal(s, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for s, h in kept.items():
+            if h is not None:
+                signal.signal(s, h)
 
 
 def _rendezvous_env(env: DistEnv) -> None:

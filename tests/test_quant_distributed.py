@@ -353,3 +353,39 @@ def test_a_refusal_under_a_joined_group_exits_2_after_its_line_without_tearing_i
     assert exits == [2] and r.exit_code == 2, (exits, r.output)
     assert r.stderr.strip().splitlines() == [f"moepress: error: {line}"]
     assert json.loads(r.stdout) == {"error": line, "exit": 2}
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_rank_waiting_in_start_up_for_a_peer_ends_at_a_signal(tmp_path, sig):
+    """Rank 0 of two, its peer never started: it waits in torch's rendezvous (C++, up to the group's 60-minute
+    timeout), where the CLI's Python handler for SIGTERM / SIGINT never ran: it outlived both signals. It ends at the
+    signal now, writing nothing."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "MOEPRESS_CACHE": str(tmp_path / "cache")}
+    p = forkserver.Popen([sys.executable, "-m", "moepress", "quantize", "tiny-qwen3-moe", "--format", "fp8",
+                          "-o", str(tmp_path / "q"), "--device", "cpu"], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # rank 0 hosts the rendezvous store: listening = in the start-up
+            with socket.socket() as c:
+                if c.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.2)
+        else:
+            raise AssertionError("rank 0 never listened")
+        time.sleep(1)
+        p.send_signal(getattr(signal, sig))
+        p.communicate(timeout=30)  # was: still waiting after both signals
+    finally:
+        p.kill()
+    assert p.returncode == -getattr(signal, sig), p.returncode
+    assert not (tmp_path / "q").exists()
