@@ -757,6 +757,8 @@ def test_a_run_into_an_earlier_run_of_another_model_is_refused_and_leaves_it(cli
     moved = shutil.copytree(models.path(MODEL), tmp_path / "moved")  # the same files elsewhere: the same model
     r = cli_run("run", a, "-o", out, "--quiet", "--model", moved)
     assert r.exit_code == 0, r.output
+    (out / ".state" / "model").unlink()  # a run directory made before .state/model: its run.json names the model
+    one_line_error(cli_run("run", b, "-o", out, "--quiet"), f"holds an earlier run of {moved.resolve()}")
 
 
 def test_a_check_seed_with_drawn_data_and_gen_tokens_with_generate_are_taken(tmp_path):

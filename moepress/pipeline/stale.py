@@ -84,13 +84,17 @@ def claim_for_model(out: Path, state_dir: Path, model: Path, digest: dict) -> No
     p = state_dir / "model"
     this = {"path": str(model.resolve()), "sha256": hashlib.sha256(json.dumps(digest, sort_keys=True).encode())
             .hexdigest()}
-    try:
-        earlier = json.loads(p.read_text()) if p.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+    try:  # a run directory made before .state/model: its run.json's model (a path as given, absolute or not)
+        earlier = json.loads(p.read_text()) if p.is_file() else {"path": json.loads(
+            (out / "run.json").read_text()).get("model")} if (out / "run.json").is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, AttributeError):
         earlier = {}
+    if isinstance(earlier, dict) and isinstance(earlier.get("path"), str) and not Path(earlier["path"]).is_absolute():
+        earlier = {}  # relative to the directory that run started in, unknown here
     if isinstance(earlier, dict) and isinstance(earlier.get("path"), str) and earlier["path"] != this["path"] \
             and earlier.get("sha256") != this["sha256"]:
-        raise MoepressError(f"-o {out}: holds an earlier run of {earlier['path']} ({p}), not of {this['path']}; "
+        said = p if p.is_file() else out / "run.json"
+        raise MoepressError(f"-o {out}: holds an earlier run of {earlier['path']} ({said}), not of {this['path']}; "
                             "expected a new or empty directory, or an earlier run of the same model (remove that run "
                             "to replace it)")
     write_text_atomic(p, json.dumps(this) + "\n")
