@@ -90,6 +90,20 @@ def test_kill_after_the_last_shard_resumes_with_the_totals(cli_run, tmp_path):
     assert not (q / PROGRESS).exists() and not (q / JOURNAL).exists() and not partial.exists()
 
 
+def test_a_rerun_without_resume_says_it_discards_the_killed_runs_layers(cli_run, tmp_path):
+    """A killed quantize's finished layers went without a word when the command was rerun without --resume."""
+    q = tmp_path / "q"
+    with pytest.MonkeyPatch.context() as mp:
+        _kill_after_shard(mp, 2)
+        with pytest.raises(Killed):
+            cli_run(*ARGS, "-o", q)
+    assert (tmp_path / "q.partial" / PROGRESS).is_file()
+    r = cli_run(*(a for a in ARGS if a != "--quiet"), "-o", q)  # a note, as the others: not under --quiet
+    assert r.exit_code == 0, r.output
+    assert f"note: {tmp_path / 'q.partial'} holds the finished layers of an earlier quantize, discarded now; " \
+        "--resume keeps them" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("where", ["_name_shards", "install"])
 def test_a_kill_inside_commit_restarts_on_resume(cli_run, tmp_path, where):
     """Killed while the commit renamed the shards (the journal was gone already) or just before the partial was

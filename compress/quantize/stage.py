@@ -207,6 +207,10 @@ class QuantizeStage:
         # refused before the calibration, by every rank (none waits for a rank 0 that gave up); the
         # writer checks again under its lock
         check_output(out, force=force, resume=resume, resume_key=key, sources=sources)
+        partial = Path(out).with_name(Path(out).name + ".partial")
+        if not resume and env.is_main and (partial / PROGRESS).is_file():  # the writer clears it: hours, on Kimi K2
+            progress.info(f"note: {partial} holds the finished layers of an earlier quantize, discarded now; "
+                          "--resume keeps them (with the same options)")
         require_space(out, quantized_bytes(self.sm, self.cfg), "the quantized tensors")
         if self.extra_layers:
             nextn = NO_NEXTN * self._declares_nextn()
