@@ -188,6 +188,20 @@ class OutputLock:
             else:  # removed (and maybe recreated) between our open and our lock: lock the new file
                 os.close(fd)
 
+    def refuse_if_held(self) -> None:
+        """:meth:`acquire`'s refusal where another process holds the lock now, without taking or creating it: for
+        a check before the work (every torchrun rank asks; only rank 0 takes the lock, after its calibration)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # no lock file: nobody holds it
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MoepressError(self.busy) from None
+        finally:
+            os.close(fd)
+
     def _names(self, fd: int) -> bool:
         try:
             st = os.stat(self.path)

@@ -421,6 +421,12 @@ def test_second_writer_on_a_locked_partial_is_refused(cli_run, tmp_path):
         r = cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8", "-o", tmp_path / "O")
         _outputs_one_line(r, "O: another moepress process is writing it", "O.partial is locked")
         assert (partial / "shard-00000.safetensors").read_bytes() == b"in progress"  # not touched
+        # said by the check every torchrun rank makes before its calibration (rank 1 said "connection reset")
+        from moepress.compress.checkpoint.writer import check_output
+        from moepress.errors import MoepressError
+
+        with pytest.raises(MoepressError, match="O: another moepress process is writing it"):
+            check_output(tmp_path / "O")
         assert not (tmp_path / "O").exists()
     finally:
         lock.release()

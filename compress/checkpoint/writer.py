@@ -94,8 +94,15 @@ def check_output(out: str | os.PathLike, *, force: bool = False, resume: bool = 
         raise MoepressError(f"{out}: output path exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise MoepressError(f"{out}: output directory is not empty (pass --force to replace it)")
+    busy(out, partial).refuse_if_held()  # every rank says so alike, before its calibration
     if resume:
         resumable_journal(partial, normalized(resume_key))
+
+
+def busy(out: Path, partial: Path) -> OutputLock:
+    """The lock a writer of ``out`` holds on its partial, with the refusal another process gets."""
+    return OutputLock(partial.with_name(partial.name + ".lock"),
+                      f"{out}: another moepress process is writing it ({partial} is locked)")
 
 
 class CheckpointWriter:
@@ -142,8 +149,7 @@ class CheckpointWriter:
         # Stages fill this (stage, config, inputs ...); commit adds files and versions and
         # writes it as moepress-manifest.json.
         self.manifest: dict = {}
-        self._lock = OutputLock(self.partial.with_name(self.partial.name + ".lock"),
-                                f"{self.out}: another moepress process is writing it ({self.partial} is locked)")
+        self._lock = busy(self.out, self.partial)
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._take_partial(resume)
