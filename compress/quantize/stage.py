@@ -51,7 +51,7 @@ from moepress.compress.quantize.report import (
 from moepress.compress.stream import StreamedModel, read_ahead_budget
 from moepress.device import default_device
 from moepress.errors import MoepressError
-from moepress.outputs import require_space
+from moepress.outputs import output_dir, require_space
 from moepress.progress import QUIET, Progress
 
 # token ids [B, S] per batch, or a function returning them (called once the checkpoint is validated,
@@ -207,7 +207,7 @@ class QuantizeStage:
         # refused before the calibration, by every rank (none waits for a rank 0 that gave up); the
         # writer checks again under its lock
         check_output(out, force=force, resume=resume, resume_key=key, sources=sources)
-        partial = Path(out).with_name(Path(out).name + ".partial")
+        partial = (o := output_dir(out)).with_name(o.name + ".partial")  # `-o .`: beside the directory
         if not resume and env.is_main and (partial / PROGRESS).is_file():  # the writer clears it: hours, on Kimi K2
             progress.info(f"note: {partial} holds the finished layers of an earlier quantize, discarded now; "
                           "--resume keeps them (with the same options)")
