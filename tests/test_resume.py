@@ -100,7 +100,7 @@ def test_a_rerun_without_resume_says_it_discards_the_killed_runs_layers(cli_run,
     assert (tmp_path / "q.partial" / PROGRESS).is_file()
     r = cli_run(*(a for a in ARGS if a != "--quiet"), "-o", q)  # a note, as the others: not under --quiet
     assert r.exit_code == 0, r.output
-    assert f"note: {tmp_path / 'q.partial'} holds the finished layers of an earlier quantize, discarded now; " \
+    assert f"note: {tmp_path / 'q.partial'} holds the finished layers of an earlier run, discarded now; " \
         "--resume keeps them" in r.stderr, r.stderr
 
 

@@ -81,9 +81,11 @@ def naming(path: Path) -> Iterator[None]:
 
 
 def check_output(out: str | os.PathLike, *, force: bool = False, resume: bool = False, resume_key: dict | None = None,
-                 sources: Iterable[str | os.PathLike] = ()) -> None:
+                 sources: Iterable[str | os.PathLike] = (), finished: str | None = None, say=None) -> None:
     """What :class:`CheckpointWriter` refuses before it touches anything, without taking the lock:
-    a stage calls it before its calibration, so that a bad ``-o`` is refused in a second."""
+    a stage calls it before its calibration, so that a bad ``-o`` is refused in a second. ``finished``: the file a
+    killed run of the stage leaves in its partial beside finished work, which the writer clears unless resumed:
+    said through ``say`` (hours of a quantize went without a word)."""
     sources = tuple(sources)
     out = output_dir(out, sources)
     if not out.name:
@@ -97,6 +99,9 @@ def check_output(out: str | os.PathLike, *, force: bool = False, resume: bool = 
     busy(out, partial).refuse_if_held()  # every rank says so alike, before its calibration
     if resume:
         resumable_journal(partial, normalized(resume_key))
+    elif say is not None and finished is not None and (partial / finished).is_file():
+        say(f"note: {partial} holds the finished layers of an earlier run, discarded now; --resume keeps them "
+            "(with the same options)")
 
 
 def busy(out: Path, partial: Path) -> OutputLock:

@@ -51,7 +51,7 @@ from moepress.compress.quantize.report import (
 from moepress.compress.stream import StreamedModel, read_ahead_budget
 from moepress.device import default_device
 from moepress.errors import MoepressError
-from moepress.outputs import output_dir, require_space
+from moepress.outputs import require_space
 from moepress.progress import QUIET, Progress
 
 # token ids [B, S] per batch, or a function returning them (called once the checkpoint is validated,
@@ -204,13 +204,9 @@ class QuantizeStage:
         # what __init__'s agreement on the config could not compare yet, before any rank-dependent step
         dist.agree(env, {"calib_content": key["config"].get("calib_content"), "device": key["config"].get("device"),
                          "force": force, "resume": resume})
-        # refused before the calibration, by every rank (none waits for a rank 0 that gave up); the
-        # writer checks again under its lock
-        check_output(out, force=force, resume=resume, resume_key=key, sources=sources)
-        partial = (o := output_dir(out)).with_name(o.name + ".partial")  # `-o .`: beside the directory
-        if not resume and env.is_main and (partial / PROGRESS).is_file():  # the writer clears it: hours, on Kimi K2
-            progress.info(f"note: {partial} holds the finished layers of an earlier quantize, discarded now; "
-                          "--resume keeps them (with the same options)")
+        # every rank, before the calibration (none waits for a rank 0 that gave up); the writer checks under its lock
+        check_output(out, force=force, resume=resume, resume_key=key, sources=sources, finished=PROGRESS,
+                     say=progress.info if env.is_main else None)
         require_space(out, quantized_bytes(self.sm, self.cfg), "the quantized tensors")
         if self.extra_layers:
             nextn = NO_NEXTN * self._declares_nextn()
