@@ -101,7 +101,8 @@ def trtllm_experts_problem(shape: ModelShape, t: Target, fmt: str) -> str | None
     alt = alts[0] if alts else UNQUANTIZED
     rules = mla_rules(shape, alt) if alt != UNQUANTIZED else ""
     block = "fp8-block"
-    if "q_a_proj" in rules and t.supports(block) and formats.FORMATS[block].trtllm_loads_experts(shape.family):
+    per_tensor = formats.FORMATS[alt].scale in ("tensor", "channel")
+    if rules and per_tensor and t.supports(block) and formats.FORMATS[block].trtllm_loads_experts(shape.family):
         # per-tensor FP8 of an MLA model (DeepSeek-V3 / Kimi K2), which leaves its MLA projections bf16: its own
         # block FP8 under DeepSeek's names loads as it ships, no --rule (a 4-bit alternative keeps its rules)
         return (f"{f.trtllm_moe_why}, so {fmt} {shape.family} routed experts do not load; use {block} (export "

@@ -278,7 +278,9 @@ WHERE = {"max_expert_error": ("expert_error", "worst_expert", "expert "),
 def _where(metric: str, value, layers: list[dict] | None) -> str:
     """" at layer L (what)": the layer row whose value is the failing headline value (NaN: the first NaN)."""
     key, what, word = WHERE.get(metric, (None, None, ""))
-    for row in layers or [] if key else []:
+    if key is None:
+        return ""
+    for row in layers or []:
         v = row.get(key)
         if v is not None and (v == value or (v != v and value != value)):
             name = row.get(what) if what else None

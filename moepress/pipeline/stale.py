@@ -9,7 +9,6 @@ produce (a check or build decided while it ran). Nothing a run did not record th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from moepress.errors import MoepressError
 from moepress.outputs import write_text_atomic
+from moepress.pipeline.keys import stage_key
 
 SUFFIXES = (".partial.lock", ".partial")
 FOLDERS = ("export", "check", "build", ".state")  # a run directory's folders of stage outputs and state
@@ -82,21 +82,19 @@ def claim_for_model(out: Path, state_dir: Path, model: Path, digest: dict) -> No
     stage output, so another model's run (hours of quantize) went with a mistyped ``-o``, where every stage
     command asks ``--force`` to replace a non-empty output."""
     p = state_dir / "model"
-    this = {"path": str(model.resolve()), "sha256": hashlib.sha256(json.dumps(digest, sort_keys=True).encode())
-            .hexdigest()}
-    try:  # a run directory made before .state/model: its run.json's model (a path as given, absolute or not)
-        earlier = json.loads(p.read_text()) if p.is_file() else {"path": json.loads(
-            (out / "run.json").read_text()).get("model")} if (out / "run.json").is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, AttributeError):
+    this = {"path": str(model.resolve()), "sha256": stage_key(digest)}
+    said = p if p.is_file() else out / "run.json"  # a run directory made before .state/model: its run.json's model
+    try:
+        earlier = json.loads(said.read_text()) if said.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         earlier = {}
-    if isinstance(earlier, dict) and isinstance(earlier.get("path"), str) and not Path(earlier["path"]).is_absolute():
-        earlier = {}  # relative to the directory that run started in, unknown here
-    if isinstance(earlier, dict) and isinstance(earlier.get("path"), str) and earlier["path"] != this["path"] \
-            and earlier.get("sha256") != this["sha256"]:
-        said = p if p.is_file() else out / "run.json"
-        raise MoepressError(f"-o {out}: holds an earlier run of {earlier['path']} ({said}), not of {this['path']}; "
-                            "expected a new or empty directory, or an earlier run of the same model (remove that run "
-                            "to replace it)")
+    path = earlier.get("path" if said == p else "model") if isinstance(earlier, dict) else None
+    # a relative path named the directory that run started in, unknown here
+    if isinstance(path, str) and Path(path).is_absolute() and path != this["path"] and \
+            earlier.get("sha256") != this["sha256"]:
+        raise MoepressError(f"-o {out}: holds an earlier run of {path} ({said}), not of {this['path']}; expected a "
+                            "new or empty directory, or an earlier run of the same model (remove that run to replace "
+                            "it)")
     write_text_atomic(p, json.dumps(this) + "\n")
 
 
