@@ -24,8 +24,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from moepress.compress.checkpoint import LayerView
 
@@ -95,6 +93,9 @@ class ExpertMLP(nn.Module):
         setattr(self, g, nn.Linear(hidden, inter, bias=False))
         setattr(self, u, nn.Linear(hidden, inter, bias=False))
         setattr(self, d, nn.Linear(inter, hidden, bias=False))
+        from transformers.activations import ACT2FN  # here: importing this module (the planner, `moepress
+        # formats`) needs no transformers; building a layer does (the families' attention is transformers')
+
         self.act_fn = ACT2FN[act]
 
     def linears(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
@@ -238,6 +239,8 @@ class AttentionObserver:
     """
 
     def __init__(self, attn: nn.Module, on_kv: Callable[[torch.Tensor, torch.Tensor], tuple | None]):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
         if OBSERVED_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
             AttentionInterface.register(OBSERVED_ATTENTION, _observed_attention)
         self.attn, self.on_kv, self.config = attn, on_kv, attn.config

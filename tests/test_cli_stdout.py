@@ -50,3 +50,16 @@ def test_a_refusal_under_json_with_a_full_standard_output_is_still_one_line(tmp_
     with open("/dev/full", "w") as full:
         p = _run(["quantize", "tiny-qwen3-moe", "--format", "nope", "-o", tmp_path / "q", "--json"], full)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--format nope" in p.stderr, p.stderr
+
+
+def test_listing_the_formats_imports_no_modeling_code():
+    """`moepress formats` reads each exporter's declaration: importing the exporters (and, under them, the
+    layer building blocks and the quantize package's configuration) must not import transformers' modeling
+    code or the quantize stage, which took it from ~2 s to ~6 s."""
+    code = ("import sys\nfrom moepress.cli import cli\n"
+            "try:\n    cli.main(['formats', '--json'], prog_name='moepress')\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('transformers.modeling_utils', 'transformers.activations',"
+            " 'moepress.compress.quantize.stage', 'moepress.calib.observers') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout[-300:]

@@ -29,15 +29,13 @@ layer), ``calibrated`` (one layer calibrated and quantized), ``free`` (calibrati
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from moepress.calib.config import CalibConfig
 from moepress.compress import formats
-from moepress.compress.quantize import stage
-from moepress.compress.quantize.calibrated import quantize_layer
 from moepress.compress.quantize.config import (
     AWQ_SAMPLE_ROWS,
     FORMATS,
@@ -47,11 +45,24 @@ from moepress.compress.quantize.config import (
     QuantConfig,
     parse_rules,
 )
-from moepress.compress.quantize.free import quantize_tensors
-from moepress.compress.quantize.group import LayerResult, quantize_group
-from moepress.compress.quantize.stage import Batches, QuantizeStage
-from moepress.compress.quantize.stats import LinearStats
 from moepress.progress import QUIET, Progress
+
+if TYPE_CHECKING:
+    import torch
+
+    from moepress.compress.quantize.stage import Batches
+
+# The stage's names, imported on first use: ``config`` (what the exporters, the planner and `moepress formats`
+# read) must not pull in the stage's observers, transformers' modeling code and the distributed runtime.
+_LAZY = {"quantize_layer": "calibrated", "quantize_tensors": "free", "LayerResult": "group",
+         "quantize_group": "group", "Batches": "stage", "QuantizeStage": "stage", "LinearStats": "stats"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 SIDECAR = formats.SIDECAR
 read_quant_layout = formats.read_layout
@@ -70,6 +81,8 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
     if batches is None and cfg.needs_calibration:
         batches = CalibConfig(cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed, cfg.batch_size,
                               trust_remote_code).loader(model)
+    from moepress.compress.quantize import stage
+
     return stage.quantize_checkpoint(model, out, cfg, batches=batches, progress=progress, force=force,
                                      resume=resume, device=device, notes=notes)
 
