@@ -18,7 +18,7 @@ from moepress.compress.checkpoint import CheckpointReader
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
 from moepress.compress.synthetic import write_synthetic
 
-LAYERS, EXPERTS, HIDDEN, INTER = 8, 32, 256, 512
+LAYERS, EXPERTS, HIDDEN, INTER = 4, 32, 256, 512
 CONFIG = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=4096, hidden_size=HIDDEN,
               intermediate_size=INTER, moe_intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=4,
               num_key_value_heads=2, head_dim=64, num_experts=EXPERTS, num_experts_per_tok=4, norm_topk_prob=True)
@@ -75,7 +75,8 @@ def test_check_peak_rss_is_a_few_stored_layers_not_two_models(tmp_path, store):
     grew = r["grew"]
     # measured (2026-12-04, 8 layers; the two models hold 16): bf16 2.24, block FP8 2.48 stored layers (a layer
     # of each model, the reference's read-ahead, the hidden states). Layers decoded to float32 when read: 4.2, 6.9.
-    # A bf16 reference and its fp8-block quantization, whose weights are compared (2026-12-06): 1.79
+    # A bf16 reference and its fp8-block quantization, whose weights are compared (2026-12-06): 1.79. With 4
+    # layers (2026-12-07; the two models hold 8, over the bound): 2.20, 2.39, 1.79, the same per layer.
     msg = f"peak grew {grew / MB:.1f} MB = {grew / stored:.2f} stored layers of {stored / MB:.1f} MB"
     assert grew < 3.0 * stored, msg
 
