@@ -32,11 +32,16 @@ class KVCache:
     quant_algo: str | None  # None: the model's own dtype (no KV quantization)
     archs: tuple[int, ...]
     trtllm_ckpt: bool = True
+    # the architectures that run it for an MLA model's latent cache (None: the same as ``archs``): an FP8 latent
+    # needs an FP8 MLA kernel, which TensorRT-LLM has on Hopper (FlashMLA's FP8 kernel) and Blackwell
+    # (trtllm-gen) only: examples/models/core/deepseek_v3/README.md "FP8 KV Cache and MLA" (NVIDIA/TensorRT-LLM
+    # main, 2026-11)
+    mla_archs: tuple[int, ...] | None = None
 
 
 KV_CACHE: dict[str, KVCache] = {k.name: k for k in (
     KVCache("bf16", 2, None, (80, 86, 89, 90, 100, 120)),
-    KVCache("fp8", 1, "FP8", (80, 86, 89, 90, 100, 120)),
+    KVCache("fp8", 1, "FP8", (80, 86, 89, 90, 100, 120), mla_archs=(90, 100)),
     KVCache("nvfp4", 0.5625, "NVFP4", (100,), trtllm_ckpt=False),
 )}
 
@@ -50,9 +55,9 @@ def by_quant_algo(algo: str | None) -> KVCache | None:
     return next((k for k in KV_CACHE.values() if algo is not None and k.quant_algo == algo), None)
 
 
-def for_sm(sm: int) -> tuple[str, ...]:
-    """The KV-cache dtypes TensorRT-LLM runs on compute capability ``sm``."""
-    return tuple(k.name for k in KV_CACHE.values() if sm in k.archs)
+def for_sm(sm: int, mla: bool = False) -> tuple[str, ...]:
+    """The KV-cache dtypes TensorRT-LLM runs on compute capability ``sm`` (``mla``: for an MLA model's latent)."""
+    return tuple(k.name for k in KV_CACHE.values() if sm in (k.mla_archs or k.archs if mla else k.archs))
 
 
 

@@ -269,10 +269,16 @@ def _seq_len(name: str, shape: ModelShape, asked: int | None) -> int:
     return asked
 
 
-def _check_request(t: Target, kv_cache_dtype: str, sizes: dict[str, int | None]) -> None:
+def _check_request(t: Target, name: str, shape: ModelShape, kv_cache_dtype: str, sizes: dict[str, int | None]) -> None:
     if kv_cache_dtype not in t.kv_cache_dtypes:
         raise MoepressError(f"--kv-cache-dtype {kv_cache_dtype}: {t.gpu} (sm{t.sm}) caches "
                             f"{', '.join(t.kv_cache_dtypes)}; use {kv_cache.DEFAULT}")
+    mla = kv_cache.for_sm(t.sm, mla=True)
+    if not shape.kv_heads and kv_cache_dtype not in mla:  # MLA: one latent cached per token (shape.py)
+        on = ", ".join(f"sm{a}" for a in kv_cache.KV_CACHE[kv_cache_dtype].mla_archs or ())
+        raise MoepressError(f"--kv-cache-dtype {kv_cache_dtype}: {name} caches an MLA latent, which TensorRT-LLM's "
+                            f"{kv_cache_dtype} MLA kernels run on {on} only, not on {t.gpu} (sm{t.sm}); use "
+                            f"{', '.join(mla)}")
     check_sizes(sizes)
 
 
@@ -335,8 +341,8 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
                                 msg.startswith(f"--format {fmt}:") else msg) from None
     refuse_stored_formats(t, shape, fmt, name)
     max_seq_len = _seq_len(name, shape, max_seq_len)
-    _check_request(t, kv_cache_dtype, {"--max-seq-len": max_seq_len, "--max-batch": max_batch, "--gpus": gpus,
-                                       "--tp": tp, "--ep": ep})
+    _check_request(t, name, shape, kv_cache_dtype, {"--max-seq-len": max_seq_len, "--max-batch": max_batch,
+                                                    "--gpus": gpus, "--tp": tp, "--ep": ep})
     max_num_tokens = max_num_tokens or min(max_batch * max_seq_len, 8192)
     flag = "--tp" if gpus is None and tp is not None else "--gpus"
     gpus = _parallelism(shape.num_experts, gpus, tp, ep)

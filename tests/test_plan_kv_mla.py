@@ -1,0 +1,29 @@
+"""An FP8 KV cache for an MLA model (DeepSeek-V3, Kimi K2: one latent cached per token) needs an FP8 MLA kernel,
+which TensorRT-LLM has on Hopper and Blackwell sm100 only (examples/models/core/deepseek_v3/README.md, "FP8 KV
+Cache and MLA"); a GQA model's FP8 cache runs from Ampere on (docs/source/features/quantization.md)."""
+
+import pytest
+
+from moepress import models
+from moepress.errors import MoepressError
+from moepress.exporters.plan import plan
+
+
+@pytest.mark.parametrize("target", ["a100", "l40s", "rtx-pro-6000"])
+def test_an_fp8_mla_cache_off_hopper_and_sm100_is_refused_naming_the_latent(target):
+    with pytest.raises(MoepressError) as e:
+        plan(models.path("tiny-deepseek-v3"), target, kv_cache_dtype="fp8")
+    msg = str(e.value)
+    assert msg.startswith("--kv-cache-dtype fp8:") and "MLA latent" in msg and msg.endswith("use bf16"), msg
+    # the refusal's alternative plans
+    assert plan(models.path("tiny-deepseek-v3"), target, kv_cache_dtype="bf16").kv_cache_dtype == "bf16"
+
+
+@pytest.mark.parametrize("target", ["h100", "h200", "b200"])
+def test_an_fp8_mla_cache_on_hopper_and_sm100_is_planned(target):
+    assert plan(models.path("tiny-deepseek-v3"), target, kv_cache_dtype="fp8").kv_cache_dtype == "fp8"
+
+
+@pytest.mark.parametrize("target", ["a100", "l40s", "rtx-pro-6000"])
+def test_a_gqa_models_fp8_cache_is_planned_where_the_mla_one_is_not(target):
+    assert plan(models.path("tiny-mixtral"), target, kv_cache_dtype="fp8").kv_cache_dtype == "fp8"
