@@ -193,14 +193,18 @@ def fp4_dense_untiled(s: Source, modules: dict) -> list[str]:
 
 def marlin_note(s, modules: dict) -> list[str]:
     """A consumer note on the FP4 linears outside the routed experts that vLLM's Marlin cannot tile
-    (:func:`fp4_dense_untiled`): vLLM loads them, then fails at the first forward."""
+    (:func:`fp4_dense_untiled`): vLLM without Marlin's tile padding loads them, then fails at the first forward.
+    Since vllm-project/vllm#45295 (merged 2026-06-11: ``marlin_padded_nk`` in model_executor/layers/quantization/
+    utils/marlin_utils.py) vLLM zero-pads every dense Marlin linear to a tile, so the note names the releases
+    before it."""
     bad = fp4_dense_untiled(s, modules)
     if not bad:
         return []
     return [f"vLLM runs FP4 linears outside the routed experts with Marlin (MXFP4 and NVFP4-A16 always, NVFP4 before "
-            f"Blackwell), which tiles in_features x out_features by 128x128, 64x128, 128x64 or 64x256 only: "
-            f"{len(bad)} linears here fit none ({pattern(bad)}) and fail at its first forward; keep them bf16 "
-            f"(--rule PATTERN=none) or quantize them FP8"]
+            f"Blackwell), which tiles in_features x out_features by 128x128, 64x128, 128x64 or 64x256: "
+            f"{len(bad)} linears here fit none ({pattern(bad)}); vLLM releases before its Marlin tile padding "
+            f"(vllm-project/vllm#45295, June 2026) fail at their first forward, later ones pad them; for those, keep "
+            f"them bf16 (--rule PATTERN=none) or quantize them FP8"]
 
 
 def refuse_unlike(s: Source, flag: str, modules: dict[str, dict], why: str) -> None:
