@@ -380,17 +380,19 @@ def test_build_refusal_of_a_trtllm_ckpt_names_it_first(artifact, tmp_path):
 
 def test_build_of_hf_modelopt_names_a_re_export_it_takes(artifact, tmp_path):
     """No --format (build has none): a format the hf-modelopt export holds and TensorRT-LLM loads on that
-    GPU, followed once; else (A100: no quantized Mixtral experts it loads) exports of the bf16 model."""
+    GPU, followed once (on A100 too: nvfp4-a16)."""
     a = artifact(("tiny-mixtral", "nvfp4", 128, False), "hf-modelopt")
     msg = _refused(lambda: build(a, "h100", tmp_path / "b", dry_run=True))
-    assert msg.startswith(f"{a}: the hf-modelopt export is nvfp4: NVFP4 needs sm100+") and "--format nvfp4" not in msg
+    assert msg.startswith(f"{a}: the hf-modelopt export is nvfp4: NVFP4 needs sm100+"), msg
     fmt = re.search(r"re-quantize the original model with --format ([\w-]+), then export hf-modelopt", msg)
-    assert fmt, msg
+    assert fmt and fmt.group(1) != "nvfp4" and not re.search(r"--format nvfp4\b(?!-)", msg), msg
     build(artifact(("tiny-mixtral", fmt.group(1), 128, False), "hf-modelopt"), "h100", tmp_path / "b2", dry_run=True)
     msg = _refused(lambda: build(a, "a100-80gb", tmp_path / "b", dry_run=True))
     assert msg.startswith(f"{a}: the hf-modelopt export is nvfp4: ") and "use bf16" not in msg, msg
-    assert "export the original bf16 model as trtllm-ckpt (builder trtllm-engine) or onnx (builder tensorrt)" in msg
-    build(artifact(("tiny-mixtral", None, 128, False), "trtllm-ckpt"), "a100-80gb", tmp_path / "b3", dry_run=True)
+    # the same weights with bf16 activations (W4A16_NVFP4: TensorRT-LLM's dequantizing MoE from sm80)
+    assert msg.endswith("re-quantize the original model with --format nvfp4-a16, then export hf-modelopt again"), msg
+    build(artifact(("tiny-mixtral", "nvfp4-a16", 128, False), "hf-modelopt"), "a100-80gb", tmp_path / "b3",
+          dry_run=True)
 
 
 def test_build_of_an_onnx_export_names_a_re_export_it_takes(artifact, tmp_path):

@@ -109,7 +109,9 @@ FORMAT = Format(
     name="nvfp4",
     split_unit=(1, 16), description="E2M1 weights + activations, E4M3 scale per 16, FP32 global scale (Blackwell)",
     element="fp4", scale="group", activation="static", archs=(100, 120), quant_algo="NVFP4",
-    calibrated=True, weight_scale_2=True, alternatives=("int4-awq", "w4a8-awq", "fp8-block", "fp8"),
+    # nvfp4-a16 first: the same weights with bf16 activations, which TensorRT-LLM runs from sm80 (W4A16_NVFP4, a
+    # dequantizing MoE) and vLLM with Marlin
+    calibrated=True, weight_scale_2=True, alternatives=("nvfp4-a16", "int4-awq", "w4a8-awq", "fp8-block", "fp8"),
     stored=("weight", "weight_scale", "weight_scale_2", "input_scale"),
     quantize=quantize, skip=skip, stored_bytes=stored_bytes,
     modelopt_entry=modelopt_entry("NVFP4"), modelopt_group=modelopt_group,
