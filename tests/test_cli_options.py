@@ -213,3 +213,12 @@ def test_an_option_that_would_have_no_effect_is_refused(cli_run, tmp_path, args,
     r = cli_run(*args, "-o" if args[0] == "prune" else "--report", tmp_path / "o")
     assert r.exit_code == 2 and r.stderr.startswith(f"moepress: error: {line}"), r.output
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_the_check_kind_help_lists_every_registered_kind(cli_run):
+    """`moepress check --help` names the candidate kinds without importing their registry: the list it shows is
+    the registry's, all of it."""
+    from moepress.checks import CANDIDATE_KINDS
+
+    r = cli_run("check", "--help")
+    assert r.exit_code == 0 and f"--kind [{'|'.join(['auto', *CANDIDATE_KINDS])}]" in r.output, r.output

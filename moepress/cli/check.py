@@ -28,6 +28,8 @@ class KindChoice(click.ParamType):
     (so that `moepress --help` does not import torch)."""
 
     name = "kind"
+    # the help's list, kept without importing the registry (tests/test_cli_options.py holds it to the registry)
+    METAVAR = "[auto|checkpoint|transformers|onnx|engine]"
 
     @staticmethod
     def kinds() -> list[str]:
@@ -36,7 +38,7 @@ class KindChoice(click.ParamType):
         return ["auto", *CANDIDATE_KINDS]
 
     def get_metavar(self, param, ctx=None):
-        return "[auto|checkpoint|transformers|onnx|engine|...]"
+        return self.METAVAR
 
     def convert(self, value, param, ctx):
         if value not in self.kinds():
