@@ -662,3 +662,17 @@ def test_an_output_over_a_calibration_source_is_refused(cli_run, tmp_path):
                 "--force")
     assert_one_line_error(r, f"-o {tok}", "is the input")
     assert tok.read_bytes() == before and not (folder / "st").exists()
+
+
+@pytest.mark.parametrize("stage", [["quantize", "--format", "fp8"], ["prune", "--ratio", "0.25"]])
+def test_a_stage_output_over_its_calibration_file_is_refused_and_leaves_it(cli_run, tmp_path, stage):
+    """quantize / prune -o a folder holding the --calib file, with --force: the writer cleared the folder (the
+    calibration file with it) and the run went on, its manifest naming a file that no longer existed."""
+    out = tmp_path / "u"
+    out.mkdir()
+    shutil.copy(BUNDLED_CALIB, out / "my.txt")
+    (out / "notes.txt").write_text("x")
+    r = cli_run(stage[0], "tiny-qwen3-moe", *stage[1:], "--calib", out / "my.txt", "--num-samples", "4",
+                "--seq-len", "32", "-o", out, "--force", "-q")
+    assert_one_line_error(r, str(out), f"contains the input {out / 'my.txt'}")
+    assert sorted(p.name for p in out.iterdir()) == ["my.txt", "notes.txt"]

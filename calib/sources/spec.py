@@ -168,3 +168,11 @@ def parse_sources(specs: tuple[str, ...] | list[str]) -> list[SourceSpec]:
                                "weight sets its share)")
         seen[same] = s
     return out
+
+
+def local_paths(specs: tuple[str, ...] | list[str]) -> list[Path]:
+    """The files and folders the ``--calib`` values read (not the Hub's): a stage's inputs beside its model, which
+    its output may not equal, sit inside or contain (``-o`` over them read the output back as calibration data
+    next time, or ``--force`` deleted them before they were read)."""
+    return [s.path for s in parse_sources(specs) if s.path.exists()]
+

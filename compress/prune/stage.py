@@ -18,7 +18,9 @@ import torch
 
 from moepress.calib.data import calibration_inputs
 from moepress.calib.observers import RoutingStats
+from moepress.calib.sources import local_paths
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, read_later
+from moepress.compress.checkpoint.writer import check_output
 from moepress.compress.moe import DecoderLayer, first_non_finite
 from moepress.compress.prune.budget import kept_bytes, plan_budget
 from moepress.compress.prune.config import REPORT_NAME, PruneConfig
@@ -58,6 +60,9 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *, ba
     a = stage.adapter
     require_space(out, kept_bytes(stage.reader, a, stage.budget.keep, a.moe_layers() + stage.mtp, stage.undeclared),
                   "the pruned tensors")
+    # before the calibration: an -o over the model or a --calib file refused in a second (with --force, the
+    # writer deleted a --calib file inside -o before it was read)
+    check_output(out, force=force, sources=stage.inputs)
     stage.run(out, batches() if callable(batches) else batches, force=force, progress=progress)
     return stage.summary(out, t0)
 
@@ -102,6 +107,7 @@ class PruneStage:
                                 "selections; merging folds after a per-layer selection (reroute, reap, frequency, "
                                 "ean, auto)")
         self.reader = reader = CheckpointReader(model)
+        self.inputs = (reader.path, *local_paths(cfg.calib))  # what the output may not overlap
         # Within 2 stored layers: bf16 weights stay as stored and quantized ones (block FP8, packed INT4)
         # too, decoded at each call (StoredLinear: the same float32 results at a half, a quarter, an
         # eighth of the memory); the reader runs a sixteenth of a layer ahead (never a whole second
@@ -150,7 +156,7 @@ class PruneStage:
         reader, cfg = self.reader, self.cfg
         top_names = reader.top_names()
         plan_info = None
-        with CheckpointWriter(out, force=force, sources=(reader.path,)) as w:
+        with CheckpointWriter(out, force=force, sources=self.inputs) as w:
             self.w = w
             w.manifest.update({"stage": "prune", "config": asdict(cfg),
                                "inputs": {"model": str(reader.path.resolve()),

@@ -125,6 +125,13 @@ class QuantConfig:
         d = asdict(self)
         return d if self.needs_calibration else {k: v for k, v in d.items() if k not in CALIBRATION_FIELDS}
 
+    def inputs(self, reader) -> tuple:
+        """The stage's inputs, which its output may not overlap: ``reader``'s model and, where calibrated, the local
+        ``--calib`` files and folders (``-o`` over one with ``--force`` deleted it before it was read)."""
+        from moepress.calib.sources import local_paths
+
+        return (reader.path, *(local_paths(self.calib) if self.needs_calibration else ()))
+
     def refuse_unused(self, asked) -> QuantConfig:
         """Self, or a refusal of an option ``asked`` (names of the options given; those it does not judge are
         ignored) that no format of this run uses:

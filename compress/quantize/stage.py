@@ -200,7 +200,7 @@ class QuantizeStage:
         if not env.is_main:
             progress = QUIET
         # a resumed partial must have been started by this very run (config, input, moepress)
-        key, sources = quantize_resume_key(self.cfg, self.reader.path, self.sm.device), (self.reader.path,)
+        key, sources = quantize_resume_key(self.cfg, self.reader.path, self.sm.device), self.cfg.inputs(self.reader)
         # what __init__'s agreement on the config could not compare yet, before any rank-dependent step
         dist.agree(env, {"calib_content": key["config"].get("calib_content"), "device": key["config"].get("device"),
                          "force": force, "resume": resume})

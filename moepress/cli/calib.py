@@ -115,11 +115,9 @@ def _prepare(output: Path, force: bool, build):
 
 
 def local_sources(calib) -> list[Path]:
-    """The files and folders the ``--calib`` values read (not the Hub's): an output inside one was read back as
-    calibration data by the next run."""
-    from moepress.calib.sources import parse_sources
+    from moepress.calib.sources import local_paths
 
-    return [s.path for s in parse_sources(calib) if s.path.exists()]
+    return local_paths(calib)
 
 
 def _check_output_dir(out: Path, force: bool) -> None:
