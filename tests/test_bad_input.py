@@ -720,3 +720,20 @@ def test_an_option_of_the_command_given_as_the_output_is_refused(cli_run, tmp_pa
     r = cli_run(*args)
     assert_one_line_error(r, f"{args[-1]} is an option of this command, not a path", f"-o ./{args[-1]}")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("model_type", ["llama4_moe_x", None])
+@pytest.mark.parametrize("command", [["inspect"], ["quantize", "--format", "fp8-dynamic"]])
+def test_a_model_type_transformers_cannot_build_is_refused_though_architectures_name_a_family(
+        good, tmp_path, cli_run, model_type, command):
+    """A config.json whose model_type is another (or missing) while ``architectures`` names Qwen3-MoE: taken as
+    Qwen3-MoE, its export loaded in `moepress check` (which hands transformers the family's config) and passed,
+    while transformers and vLLM, which build the config by model_type, refuse it."""
+    ck = copy_checkpoint(good, tmp_path / "c")
+    conf = json.loads((ck / "config.json").read_text())
+    conf.update(model_type=model_type) if model_type else conf.pop("model_type")
+    (ck / "config.json").write_text(json.dumps(conf))
+    out = tmp_path / "q"
+    r = cli_run(command[0], ck, *command[1:], *(["-o", out] if command[0] == "quantize" else []))
+    assert_one_line_error(r, "config.json", f"model_type {model_type!r}", "expected model_type 'qwen3_moe'")
+    assert not out.exists()

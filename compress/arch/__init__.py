@@ -31,16 +31,22 @@ def _load_all() -> None:
 
 
 def adapter_class(config: dict, where: str = "config.json"):
+    """The family of ``config`` by its ``model_type``, the key transformers' AutoConfig (and vLLM, through it)
+    builds the model's config by: a checkpoint whose model_type is missing or another one's loads in neither,
+    though its ``architectures`` name one of ours, so it is refused (a check of its export, built with the
+    family's own config, had passed what its consumers cannot load)."""
     _load_all()
     mt = config.get("model_type")
     archs = config.get("architectures") or []
     for cls in FAMILIES.values():
         if mt in cls.model_types:
             return cls
-    for cls in FAMILIES.values():
-        if any(a in cls.architectures for a in archs):
-            return cls
     supported = ", ".join(sorted(t for c in FAMILIES.values() for t in c.model_types))
+    ours = next((c for c in FAMILIES.values() if any(a in c.architectures for a in archs)), None)
+    if ours is not None:
+        raise MoepressError(f"{where}: model_type {mt!r} with architectures {archs}; expected model_type "
+                            f"{' or '.join(repr(t) for t in ours.model_types)} (transformers and vLLM build the "
+                            "model's config by its model_type)")
     raise MoepressError(f"{where}: unsupported architecture (model_type={mt!r}, architectures={archs}); "
                         f"expected an MoE family: {supported}")
 
