@@ -281,7 +281,9 @@ def test_deeply_nested_header_is_one_line(good, tmp_path, cli_run):
     ({"moe_intermediate_size": 0}, ["moe_intermediate_size=0", "expected a whole number >= 1"]),
     # prune and calib stats ran on NaN norms; quantize blamed "activations overflow"
     ({"rms_norm_eps": -1e-6}, ["rms_norm_eps=-1e-06", "small positive number"]),
-    ({"rms_norm_eps": float("nan")}, ["rms_norm_eps=nan", "small positive number"]),
+    # NaN / Infinity: no JSON numbers (TensorRT-LLM's reader refuses them); a routed_scaling_factor NaN was copied
+    ({"rms_norm_eps": float("nan")}, ["NaN is not a JSON number"]),
+    ({"router_aux_loss_coef": float("-inf")}, ["-Infinity is not a JSON number"]),
     # calibrated through a window of no tokens (exit 0, other scales)
     ({"sliding_window": 0}, ["sliding_window=0", "whole number of positions"]),
     # 0 read as unset (plan of 4096 positions, export exit 0); -5 refused naming --max-seq-len, never given
@@ -298,6 +300,8 @@ def test_config_values_no_layer_can_use(good, tmp_path, cli_run, changes, needle
     ({"n_group": 3}, ["n_group=3", "equal groups"]),
     ({"topk_group": 5}, ["topk_group=5", "expected 1..4 groups"]),
     ({"moe_layer_freq": "a"}, ["moe_layer_freq='a'", "expected a whole number"]),
+    # read as 1, written as 0: vLLM's deepseek_v2.py divides the layer index by it
+    ({"moe_layer_freq": 0}, ["moe_layer_freq=0", "expected 1 or more"]),
     # a traceback from the layer-kind test (int(None)); transformers cannot build it either
     ({"first_k_dense_replace": None}, ["first_k_dense_replace=None", "expected a whole number"]),
     # transformers' alias of n_routed_experts: it reads whichever the file sets last

@@ -77,6 +77,9 @@ class DeepseekV3Adapter(Adapter):
             v = self.config.get(key)
             if (v is not None or key == "first_k_dense_replace" and key in self.config) and not (is_count(v) or v == 0):
                 raise MoepressError(f"{where}: {key}={v!r}: expected a whole number")
+        if self.config.get("moe_layer_freq") == 0:  # vLLM's deepseek_v2.py: layer_idx % moe_layer_freq
+            raise MoepressError(f"{where}: moe_layer_freq=0: expected 1 or more (every moe_layer_freq-th layer past "
+                                "first_k_dense_replace is MoE; vLLM divides by it)")
         # transformers 5.24 routes every DeepSeek-V3 config by sigmoid + correction bias (noaux_tc); vLLM's
         # deepseek_v2.py follows the config's scoring_func / topk_method instead, so a config naming another
         # routing would be served unlike the model moepress measured

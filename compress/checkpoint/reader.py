@@ -39,9 +39,21 @@ class TensorInfo:
     nbytes: int
 
 
+class _NotJSONNumber(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    """Python reads NaN / Infinity in JSON; JSON has no such numbers (RFC 8259), strict readers (TensorRT-LLM's
+    C++ one, serde) refuse the file, and a config value of NaN routes or scales nothing."""
+    raise _NotJSONNumber(name)
+
+
 def _json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), parse_constant=_no_constant)
+    except _NotJSONNumber as e:
+        raise MoepressError(f"{path}: not valid JSON ({e} is not a JSON number; expected a finite number)") from None
     except FileNotFoundError:
         raise MoepressError(f"{path}: file not found") from None
     except PermissionError as e:
