@@ -183,6 +183,10 @@ def load_token_file(path: str | os.PathLike, verify: bool = True) -> tuple[torch
     n, s = side.get("num_samples"), side.get("seq_len")
     if ids is None or src is None or ids.ndim != 2 or list(ids.shape) != [n, s] or src.shape != (n,):
         raise MoepressError(f"{path}: expected tensors input_ids [{n}, {s}] and source [{n}] as {side_p.name} says")
+    for name, v in (("input_ids", ids), ("source", src)):  # float ids were truncated to other tokens
+        if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
+            raise MoepressError(f"{path}: tensor '{name}' is {str(v.dtype).removeprefix('torch.')}; expected "
+                                "integer token ids (int64 or int32, as `moepress calib prepare` writes)")
     return ids.long(), src.long(), side
 
 

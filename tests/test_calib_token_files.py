@@ -202,3 +202,22 @@ def test_token_ids_past_the_models_embedding_are_refused_when_prepared(tmp_path,
     r = cli_run("calib", "prepare", m, "-o", tmp_path / "t.safetensors", "--num-samples", "2", "--seq-len", "16")
     line = assert_one_line_error(r, "past the model's embedding", "config.json vocab_size 256")
     assert "--calib" in line and not (tmp_path / "t.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_token_ids_are_refused_not_truncated(tmp_path, dtype):
+    """A token file whose input_ids are floats (325.7), its sidecar's sha256 matching: read as ids 325, other
+    tokens than the file's author meant."""
+    from safetensors.torch import save_file
+
+    p = _save(tmp_path, torch.arange(12).view(3, 4))
+    save_file({"input_ids": (torch.arange(12).view(3, 4) + 0.7).to(dtype), "source": torch.zeros(3, dtype=torch.int32)},
+              str(p), metadata={"format": "moepress-calib", "version": "1"})
+    side_p = tmp_path / "t.safetensors.json"
+    data = p.read_bytes()
+    side = json.loads(side_p.read_text())
+    side["file"].update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    side_p.write_text(json.dumps(side))
+    with pytest.raises(MoepressError, match=f"tensor 'input_ids' is {str(dtype).removeprefix('torch.')}; expected "
+                                            "integer token ids"):
+        load_token_file(p)
