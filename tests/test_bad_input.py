@@ -289,6 +289,10 @@ def test_deeply_nested_header_is_one_line(good, tmp_path, cli_run):
     # 0 read as unset (plan of 4096 positions, export exit 0); -5 refused naming --max-seq-len, never given
     ({"max_position_embeddings": 0}, ["max_position_embeddings=0", "expected a positive whole number"]),
     ({"max_position_embeddings": -5}, ["max_position_embeddings=-5", "expected a positive whole number"]),
+    # copied into the outputs (transformers logged a warning, exit 0): no token stops generation
+    ({"eos_token_id": 99999}, ["eos_token_id=99999", "below vocab_size"]),
+    ({"eos_token_id": [1, -2]}, ["eos_token_id=[1, -2]", "below vocab_size"]),
+    ({"bos_token_id": "<s>"}, ["bos_token_id='<s>'", "expected a token id"]),
 ])
 def test_config_values_no_layer_can_use(good, tmp_path, cli_run, changes, needles):
     ck = copy_checkpoint(good, tmp_path / "c")

@@ -133,6 +133,15 @@ class Adapter:
         v = self.config.get("max_position_embeddings")  # 0 read as unset (a plan of 4096), -5 as a --max-seq-len
         if v is not None and not is_count(v):
             raise MoepressError(f"{where}: max_position_embeddings={v!r}: expected a positive whole number")
+        vocab = self.config.get("vocab_size")
+        for key in ("bos_token_id", "eos_token_id"):  # copied into every output (generation stops on no such
+            # token); checked before transformers' config class logs it
+            v = self.config.get(key)
+            ids = v if isinstance(v, list) else [v]
+            if v is not None and not all(type(t) is int and 0 <= t < (vocab if is_count(vocab) else t + 1)
+                                         for t in ids):
+                raise MoepressError(f"{where}: {key}={v!r}: expected a token id (or a list of them) below vocab_size "
+                                    f"{vocab}")
         for key in ("dtype", "torch_dtype"):
             v = self.config.get(key)
             if v is not None and v != "auto" and not (isinstance(v, str) and isinstance(getattr(torch, v, None),
