@@ -676,3 +676,11 @@ def test_a_stage_output_over_its_calibration_file_is_refused_and_leaves_it(cli_r
                 "--seq-len", "32", "-o", out, "--force", "-q")
     assert_one_line_error(r, str(out), f"contains the input {out / 'my.txt'}")
     assert sorted(p.name for p in out.iterdir()) == ["my.txt", "notes.txt"]
+
+
+@pytest.mark.parametrize("spec", ["bundled@-1", "bundled@nan", "hf:org/data@inf"])
+def test_a_bad_weight_of_a_named_source_names_the_weight(spec, tmp_path, cli_run):
+    """The bundled text and a Hub dataset are no paths: a bad weight on them read "no such file or directory"."""
+    r = cli_run("calib", "prepare", QWEN, "--calib", spec, "--seq-len", 16, "--num-samples", 2,
+                "-o", tmp_path / "c.safetensors")
+    assert_one_line_error(r, f"--calib {spec}", f"weight '{spec.rpartition('@')[2]}'", "positive number")

@@ -91,8 +91,9 @@ def _weight(spec: str, loc: str, kv: dict[str, str]) -> tuple[str, float]:
     m = _WEIGHT.match(loc)
     if m and not Path(loc).exists():
         loc, weight = m.group(1), float(m.group(2))
-    elif "@" in loc and not Path(loc).exists() and Path(loc.rpartition("@")[0]).exists():
-        # FILE@-1, FILE@nan, FILE@abc: a weight that is not a positive number, not a missing file
+    elif "@" in loc and not Path(loc).exists() and (Path(base := loc.rpartition("@")[0]).exists() or
+                                                    base == "bundled" or base.startswith("hf:")):
+        # FILE@-1, bundled@nan, hf:NAME@abc: a weight that is not a positive number, not a missing file
         raise _err(spec, f"weight {loc.rpartition('@')[2]!r}: expected a positive number")
     if "weight" in kv:
         try:
