@@ -8,7 +8,6 @@ format registry's decoders (:func:`moepress.compress.formats.decode`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -22,6 +21,7 @@ import torch
 from moepress.compress import formats
 from moepress.compress.checkpoint.auxiliary import aux_files, check_inside
 from moepress.compress.checkpoint.buffers import POOL_MIN_BYTES, BufferPool
+from moepress.compress.checkpoint.json_files import read_config_file, read_json_file
 from moepress.compress.checkpoint.safetensors_io import _DIRECT_ALIGN, _DTYPES, INDEX_NAME, SINGLE_NAME, read_header
 from moepress.compress.formats import ct_inputs, gptoss_mxfp4
 from moepress.errors import MoepressError
@@ -37,44 +37,6 @@ class TensorInfo:
     file: Path
     offset: int  # absolute byte offset of the data in the file
     nbytes: int
-
-
-class _NotJSONNumber(ValueError):
-    pass
-
-
-def _no_constant(name: str):
-    """Python reads NaN / Infinity in JSON; JSON has no such numbers (RFC 8259), strict readers (TensorRT-LLM's
-    C++ one, serde) refuse the file, and a config value of NaN routes or scales nothing."""
-    raise _NotJSONNumber(name)
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(), parse_constant=_no_constant)
-    except _NotJSONNumber as e:
-        raise MoepressError(f"{path}: not valid JSON ({e} is not a JSON number; expected a finite number)") from None
-    except FileNotFoundError:
-        raise MoepressError(f"{path}: file not found") from None
-    except PermissionError as e:
-        raise MoepressError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise MoepressError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise MoepressError(f"{path}: not valid JSON (not UTF-8 text: invalid byte at offset {e.start})") from None
-    except RecursionError:
-        raise MoepressError(f"{path}: expected a config (JSON nested too deeply to read)") from None
-
-
-def read_config_file(path: str | Path) -> dict:
-    """A config.json-like file as a dict; one line naming the file when it is unreadable or not an object."""
-    cfg = _json(Path(path))
-    if not isinstance(cfg, dict):
-        raise MoepressError(f"{path}: expected a JSON object")
-    if not isinstance(cfg.get("quantization_config") or {}, dict):  # every reader of it asks .get of it
-        raise MoepressError(f"{path}: quantization_config is {type(cfg['quantization_config']).__name__}; expected a "
-                            "JSON object")
-    return cfg
 
 
 def declared_dtype(config: dict) -> str | None:
@@ -177,7 +139,7 @@ class CheckpointReader:
                 raise MoepressError(f"{self.path}: found {others[0].name} but no {INDEX_NAME} or {SINGLE_NAME}")
 
     def _load_index(self, index: Path) -> None:
-        data = _json(index)
+        data = read_json_file(index)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             raise MoepressError(f"{index}: expected a 'weight_map' object")
