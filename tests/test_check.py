@@ -780,7 +780,7 @@ def test_a_token_file_gives_at_most_its_samples_and_a_refusal_names_checks_optio
 
 
 def test_a_reference_other_than_the_model_the_candidate_was_made_from_is_said(cli_run, tmp_path):
-    """`check` of a candidate quantized from tiny-mixtral against tiny-mixtral-w192 compared two models without a
+    """`check` of a candidate quantized from tiny-mixtral against another Mixtral compared two models without a
     word (a gate failing was the only sign; a close enough pair would pass). The manifests' inputs.model chain
     names the original; the reference itself, a stage on the chain, or a copy of the original (same config.json)
     gets no note."""
@@ -790,7 +790,11 @@ def test_a_reference_other_than_the_model_the_candidate_was_made_from_is_said(cl
                    "-o", p, "--quiet").exit_code == 0
     assert cli_run("quantize", p, "--format", "fp8-dynamic", "-o", q, "--quiet").exit_code == 0
     cfg = CheckConfig(seq_len=32, max_samples=2)
-    other = models.path("tiny-mixtral-w192")
+    # another model of the same architecture (a fine-tune: its own config.json, the same settings); one of other
+    # widths (tiny-mixtral-w192) is refused before it runs (test_check_same_config.py)
+    other = shutil.copytree(ref, tmp_path / "finetune")
+    (other / "config.json").write_text(json.dumps({**json.loads((ref / "config.json").read_text()),
+                                                   "_name_or_path": "someone/tiny-mixtral-finetune"}))
     res = run_check(q, other, cfg)
     said = [n for n in res["notes"] if "was made from" in n]
     assert said == [f"{q} was made from {ref} (its moepress-manifest.json inputs.model), not from the reference "

@@ -48,7 +48,8 @@ def _refused(conf: dict, key: str, value) -> str | None:
 
 
 # written out here, not read from SAME: a key dropped there fails its case
-KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta",
+KEYS = ("num_hidden_layers", "intermediate_size", "moe_intermediate_size", "n_shared_experts",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta",
         "rope_scaling", "rope_parameters", "rope_interleave", "tie_word_embeddings", "sliding_window",
         "num_experts_per_tok", "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "scoring_func",
         "topk_method",

@@ -19,11 +19,14 @@ from moepress.compress.arch import adapter_class
 from moepress.compress.arch.base import Adapter
 from moepress.errors import MoepressError
 
-# transformers config attributes that define the model a runtime builds, which no stage changes
+# transformers config attributes that define the model a runtime builds, which no stage changes: its layers and
+# feed-forward widths (a candidate of other widths ran against the reference, its figures drifting: the two streams
+# of unequal layer counts raced), its attention, rope and routing
 # (the hidden size and vocabulary are compared apart, with the candidate loaded: checks/runner.py); rope_parameters
 # before rope_scaling, transformers 5's name for what the older key also reads; rope_interleave: DeepSeek-V3's
 # rotary layout (transformers' DeepseekV3Config, default true), which swaps the rotary halves when false
-SAME = ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+SAME = ("num_hidden_layers", "intermediate_size", "moe_intermediate_size", "n_shared_experts",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
         "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling", "rope_interleave", "tie_word_embeddings",
         "sliding_window",
         "num_experts_per_tok", "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "scoring_func",

@@ -100,9 +100,13 @@ class _Lockstep:
             nxt = self.pool.submit(self.order[0][0].read_layer_state, self.order[0][1]) if self.order else None
             for k, (sm, i) in enumerate(self.order):
                 state = nxt.result()
-                nxt = (self.pool.submit(self.order[k + 1][0].read_layer_state, self.order[k + 1][1])
-                       if k + 1 < len(self.order) else None)
+                after = self.order[k + 1] if k + 1 < len(self.order) else None
+                # a stream's read and build share its kept-as-stored weights: its next layer is read once this one
+                # is built (only the other stream's is read beside the build)
+                nxt = self.pool.submit(after[0].read_layer_state, after[1]) if after and after[0] is not sm else None
                 layer = sm.build_layer(i, state)
+                if after and after[0] is sm:
+                    nxt = self.pool.submit(sm.read_layer_state, after[1])
                 del state
                 yield sm, i, layer
                 del layer
