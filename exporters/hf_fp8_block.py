@@ -189,6 +189,7 @@ def refuse_input(src: Path):
     packed = packed_names(r)
     if packed:  # compressed-tensors INT / FP4 or gpt-oss MXFP4 modules: copied packed, consumers saw no weight
         way, routes = "quantize with --format fp8-block, then export hf-fp8-block", packed_routes(r)
+        way = way if any_block_grid(src) else FP8_THEN_CT  # no linear with a 128x128 grid: this export refuses it
         raise MoepressError(f"--format hf-fp8-block: {src} stores {len(packed)} packed tensors (e.g. {packed[0]}); "
                             "expected a bf16 or block-FP8 checkpoint" + ("" if way in routes else f" ({way})")
                             + f"; {routes}")

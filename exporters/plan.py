@@ -351,7 +351,10 @@ def plan(model_dir_or_config, target: str | Target, fmt: str | None = None, gpus
     if why:
         p.notes.insert(0, f"format chosen for {bits}-bit weights: {why}")
     p.notes += width_notes(shape, fmt)
-    rules = mla_rules(shape, fmt) if runtime == "trtllm" and not own and fmt != UNQUANTIZED else ""
+    # a quantize to come (not a checkpoint or export of that format already, whose export.json says whether
+    # TensorRT-LLM misreads it, and `moepress build` refuses it then)
+    planned = not own and fmt != UNQUANTIZED and export is None and shape.stored_format != fmt
+    rules = mla_rules(shape, fmt) if runtime == "trtllm" and planned else ""
     if rules and formats.FORMATS[fmt].scale != "block":  # block FP8 goes hf-fp8-block, which TensorRT-LLM reads
         p.notes.append(f"an hf-modelopt export of {fmt} quantizes MLA projections TensorRT-LLM's DeepSeek loader "
                        f"misreads (`moepress build` refuses it); for TensorRT-LLM quantize with{rules}")

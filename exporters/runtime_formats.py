@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from moepress.compress import formats
 from moepress.errors import MoepressError
-from moepress.exporters.kernel_widths import fp4_widths_ok, mla_rule_flags
+from moepress.exporters.kernel_widths import block_ok, fp4_widths_ok, mla_rule_flags
 from moepress.exporters.shape import ModelShape
 from moepress.exporters.targets import UNQUANTIZED, Target, check_format
 
@@ -102,7 +102,9 @@ def trtllm_experts_problem(shape: ModelShape, t: Target, fmt: str) -> str | None
     rules = mla_rules(shape, alt) if alt != UNQUANTIZED else ""
     block = "fp8-block"
     per_tensor = formats.FORMATS[alt].scale in ("tensor", "channel")
-    if rules and per_tensor and t.supports(block) and formats.FORMATS[block].trtllm_loads_experts(shape.family):
+    # hf-fp8-block writes the linears of 128x128 grids only, and refuses a model with none (kimi-shaped widths 96)
+    grid = any(block_ok((o, i), k == "routed") for k, o, i, _ in shape.linears) and t.supports(block)
+    if rules and per_tensor and grid and formats.FORMATS[block].trtllm_loads_experts(shape.family):
         # per-tensor FP8 of an MLA model (DeepSeek-V3 / Kimi K2), which leaves its MLA projections bf16: its own
         # block FP8 under DeepSeek's names loads as it ships, no --rule (a 4-bit alternative keeps its rules)
         return (f"{f.trtllm_moe_why}, so {fmt} {shape.family} routed experts do not load; use {block} (export "

@@ -344,3 +344,30 @@ def test_this_exports_output_exports_again(exports, tmp_path):
     r._moepress_quant = {**lay, "modules": {k: v for k, v in lay["modules"].items() if ".experts." not in k}}
     # measured 0.0 (test_export_ct.py allows 1e-4 for the lowest versions' rounding of a per-token scale)
     assert _rel(tf, StreamedModel(r).forward([IDS])[0]) < 1e-4
+
+
+def test_a_packed_input_without_a_block_grid_is_not_sent_to_a_block_fp8_quantize(tmp_path, cli_run):
+    """Kimi K2 Thinking's INT4 layout (made by compressed-tensors: tools/make_kimi_int4.py) at widths no 128x128
+    grid divides (hidden 320, experts 96): the refusal named `quantize --format fp8-block, then export
+    hf-fp8-block`, which this export then refused (no linear with a 128x128 block grid)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from moepress.compress.synthetic import write_synthetic
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import make_kimi_int4 as mk
+
+    conf = {**json.loads((DSV3 / "config.json").read_text()), "hidden_size": 320, "intermediate_size": 448,
+            "moe_intermediate_size": 96, "q_lora_rank": 96, "kv_lora_rank": 40, "qk_nope_head_dim": 32,
+            "qk_rope_head_dim": 16, "v_head_dim": 32, "num_hidden_layers": 2}
+    bf = write_synthetic(conf, tmp_path / "bf16", seed=1)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(DSV3 / f, bf / f)
+    src = tmp_path / "int4"
+    mk.write_fixture(bf, src, mk.kimi_scheme(), "pack-quantized", mk.KIMI_IGNORE, "kimi_k2", "# synthetic\n")
+    r = cli_run("export", src, "--format", "hf-fp8-block", "-o", tmp_path / "fb")
+    assert r.exit_code == 2 and "packed tensors" in r.stderr, r.output
+    assert "fp8-block, then export hf-fp8-block" not in r.stderr, r.stderr
+    assert "quantize with --format fp8 (or fp8-dynamic), then export compressed-tensors" in r.stderr, r.stderr

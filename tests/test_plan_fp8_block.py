@@ -147,3 +147,19 @@ def test_mtp_layers_the_config_declares_but_the_checkpoint_lacks_are_not_counted
     trunk = plan(str(base), "h100", "bf16", gpus=1).weights_total
     assert plan(str(src), "h100", "bf16", gpus=1).weights_total == trunk
     assert plan(cfg, "h100", "bf16", gpus=1).weights_total > trunk
+
+
+@pytest.mark.parametrize("widths,block", [
+    # Kimi-K2-shaped at widths no 128x128 grid divides: hf-fp8-block refuses a model with no such linear
+    (dict(hidden_size=320, intermediate_size=448, moe_intermediate_size=96, q_lora_rank=96, kv_lora_rank=40,
+          qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32), False),
+    (DS128, True)])
+def test_the_block_fp8_alternative_is_named_only_where_hf_fp8_block_writes_it(tmp_path, widths, block):
+    """int4-gptq DeepSeek-V3 experts, which TensorRT-LLM does not load: the alternative was fp8-block (export
+    hf-fp8-block) whatever the widths, and that export then refused a model without one 128x128 linear."""
+    conf = {**json.loads((models.path("tiny-deepseek-v3") / "config.json").read_text()), **widths}
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    note = next(n for n in plan(tmp_path, "h100", "int4-gptq").notes if n.startswith("TensorRT-LLM cannot load"))
+    assert ("use fp8-block (export hf-fp8-block)" in note) == block, note
+    if not block:
+        assert "use fp8 with --rule 'self_attn.kv_b_proj=none'" in note, note
