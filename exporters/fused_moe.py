@@ -175,7 +175,15 @@ def refuse_fp4_expert_widths(s: Source, flag: str, modules: dict) -> None:
         raise MoepressError(
             f"--format {flag}: {modules[fp4[0]]['format']} routed experts of hidden {h} and expert width {i}; "
             "vLLM's FP4 fused-MoE kernels need both multiples of 64 and one of 128 (Marlin's tiles; FlashInfer's "
-            f"CUTLASS NVFP4 MoE cannot pad a gated expert): quantize the experts with --format {fp8_formats(s, flag)}")
+            f"CUTLASS NVFP4 MoE cannot pad a gated expert): {_fp8_instead(s, flag)}")
+
+
+def _fp8_instead(s: Source, flag: str) -> str:
+    """FP8 for the routed experts: by a --rule where the export holds mixed formats (hf-modelopt), the whole model
+    where it holds one (compressed-tensors refuses a checkpoint that mixes FP4 and FP8)."""
+    if flag == MODELOPT:
+        return f"quantize the experts with --format {fp8_formats(s, flag)}"
+    return f"quantize the model with --format {fp8_formats(s, flag)} (this export holds one format)"
 
 
 def fp4_dense_untiled(s: Source, modules: dict) -> list[str]:

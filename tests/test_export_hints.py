@@ -446,7 +446,8 @@ def test_bf16_refusal_names_only_formats_the_export_takes(exported, tmp_path_fac
 def test_fp4_experts_of_widths_no_fp4_kernel_runs_are_sent_to_fp8_not_to_an_export_that_refuses(tmp_path):
     """A helper's find: MXFP4 experts of hidden 96 and width 160 (the FP4 fused-MoE kernels need both multiples of
     64 and one of 128): hf-modelopt and onnx refused them with "export compressed-tensors", which refuses them too.
-    Their hints now name the route that takes them: FP8, then compressed-tensors (taken here)."""
+    Their hints now name the route that takes them: FP8, then compressed-tensors (taken here); compressed-tensors'
+    own refusal named FP8 experts by a --rule, which it then refused as mixed formats."""
     from helpers import make_random_checkpoint
 
     m = make_random_checkpoint("mixtral", tmp_path / "m", hidden_size=96, intermediate_size=160)
@@ -457,6 +458,9 @@ def test_fp4_experts_of_widths_no_fp4_kernel_runs_are_sent_to_fp8_not_to_an_expo
         with pytest.raises(MoepressError) as e:
             export(q, tmp_path / fmt, ExportConfig(format=fmt))
         assert fmt == "compressed-tensors" or route in str(e.value), e.value
+    # compressed-tensors holds one format: FP8 experts beside FP4 linears (a --rule) it refuses as mixed
+    assert str(e.value).endswith("quantize the model with --format fp8 or fp8-dynamic (this export holds one "
+                                 "format)"), e.value
     f = tmp_path / "f"
     quantize_checkpoint(m, f, QuantConfig(format="fp8-dynamic"))
     export(f, tmp_path / "ct", ExportConfig(format="compressed-tensors"))
