@@ -132,3 +132,26 @@ def test_int4_groups_tensorrt_cannot_build_from_onnx_are_refused_before_any_stag
     assert needle in str(e.value), str(e.value)
     _preflight(**{**rec, "quantize": {**quantize, **way}})
     _preflight(**{**rec, "build": None})  # no TensorRT build: onnxruntime runs any group
+
+
+def test_the_int4_group_named_for_tensorrt_is_one_whose_rules_leave_linears_quantized(tmp_path):
+    """Kimi-K2-shaped widths (hidden 320, experts 96, kv_lora 40) at group 32: the refusal named rules keeping every
+    linear bf16, which quantize then refused (nothing left to quantize). It names the group under which most linears
+    fall in TensorRT's blocks (64: the 96-wide inputs stay bf16, as quantize leaves them) and the rule for the
+    narrower kv_b_proj, which that group would group by its 40 inputs; that way is taken."""
+    import json
+
+    from moepress.compress.synthetic import write_synthetic
+
+    conf = {**json.loads((models.path("tiny-deepseek-v3") / "config.json").read_text()), "hidden_size": 320,
+            "intermediate_size": 448, "moe_intermediate_size": 96, "q_lora_rank": 96, "kv_lora_rank": 40,
+            "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "num_hidden_layers": 2}
+    m = write_synthetic(conf, tmp_path / "k2", seed=0)
+    rec = {"model": str(m), "quantize": {"format": "int4-gptq", "group_size": 32}, "export": {"formats": ["onnx"]},
+           "build": {"targets": ["h100"]}}
+    with pytest.raises(MoepressError) as e:
+        _preflight(**rec)
+    assert str(e.value).endswith("expected quantize.group_size 64 and quantize.rules {self_attn.kv_b_proj: none}, "
+                                 "or onnx built for no target"), str(e.value)
+    _preflight(**{**rec, "quantize": {"format": "int4-gptq", "group_size": 64,
+                                      "rules": {"self_attn.kv_b_proj": "none"}}})

@@ -83,28 +83,42 @@ def refuse_tensorrt_int4_blocks(recipe: dict, model: Path, src: str = "recipe") 
     from moepress.compress.quantize import QuantConfig
     from moepress.compress.quantize.free import formatted_linears
     from moepress.compress.stream import StreamedModel
-    from moepress.exporters.fused_moe import pattern
     from moepress.exporters.onnx_graph import TENSORRT_INT4_BLOCKS
 
     targets = (recipe.get("build") or {}).get("targets") or []
     if not targets or recipe.get("quantize") is None or "onnx" not in (recipe.get("export") or {}).get("formats", []):
         return
     cfg = QuantConfig.from_recipe(recipe["quantize"], CalibConfig.from_recipe(recipe["calib"]))
-    bad = {}
+    bad, ins = {}, {}
     for _, rel, f, _, in_f, skip in formatted_linears(StreamedModel(model, prefetch=False), cfg.format_of,
                                                       cfg.group_size):
-        if f.element == "int4" and skip is None and (g := effective_group(in_f, cfg.group_size)) not in \
-                TENSORRT_INT4_BLOCKS:
-            bad.setdefault(rel, (g, in_f))
+        if f.element == "int4":
+            ins[rel] = in_f  # skipped at this group too: another group may quantize it
+            if skip is None and (g := effective_group(in_f, cfg.group_size)) not in TENSORRT_INT4_BLOCKS:
+                bad.setdefault(rel, (g, in_f))
     if bad:
-        rel, (g, in_f) = next(iter(bad.items()))
-        rel = pattern([rel])
-        blocks = sorted(TENSORRT_INT4_BLOCKS, reverse=True)
-        wide = [i for _, i in bad.values() if i >= blocks[-1]]
-        group = next((b for b in blocks if all(effective_group(i, b) in blocks for i in wide)), None) if wide else None
-        none = pattern(r for r, (_, i) in bad.items() if i < blocks[-1] or group is None)  # no block groups them
-        ways = ([f"quantize.group_size {group}"] if group else []) + \
-            ([f"quantize.rules {{{', '.join(f'{r}: none' for r in none.split(', '))}}}"] if none else [])
-        raise MoepressError(f"{src}: build.targets {targets[0]}: the onnx export's TensorRT engine takes INT4 "
-                            f"blocks of {' or '.join(map(str, blocks))}, and this quantize groups {rel} ({in_f} "
-                            f"inputs) by {g}; expected {' and '.join(ways)}, or onnx built for no target")
+        raise MoepressError(_int4_blocks_refusal(src, targets[0], bad, ins, cfg.group_size))
+
+
+def _int4_blocks_refusal(src: str, target: str, bad: dict, ins: dict, group_size: int) -> str:
+    """The refusal of INT4 groups TensorRT does not take (``bad``: linear -> (group, inputs); ``ins``: every INT4
+    linear -> its inputs), naming the group size under which the most linears fall in TensorRT's blocks (inputs
+    not a multiple of it are left bf16, as quantize does) and rules keeping bf16 those it would group otherwise
+    (narrower inputs: one group per row); never advice that leaves no linear quantized (quantize refuses that)."""
+    from moepress.compress.quant.int4 import effective_group
+    from moepress.exporters.fused_moe import pattern
+    from moepress.exporters.onnx_graph import TENSORRT_INT4_BLOCKS
+
+    rel, (g, in_f) = next(iter(bad.items()))
+    blocks = sorted(TENSORRT_INT4_BLOCKS, reverse=True)
+    taken = {b: [r for r, i in ins.items() if effective_group(i, b) in blocks] for b in blocks}
+    group = max(blocks, key=lambda b: (len(taken[b]), b))
+    if not taken[group]:  # no group puts one linear in a block TensorRT takes
+        ways = ["a quantize of other formats (quantize.format or quantize.rules)"]
+    else:
+        none = [r for r, i in ins.items() if effective_group(i, group) not in (*blocks, None)]
+        ways = ([f"quantize.group_size {group}"] if group != group_size else []) + \
+            ([f"quantize.rules {{{', '.join(f'{r}: none' for r in pattern(none).split(', '))}}}"] if none else [])
+    return (f"{src}: build.targets {target}: the onnx export's TensorRT engine takes INT4 blocks of "
+            f"{' or '.join(map(str, blocks))}, and this quantize groups {pattern([rel])} ({in_f} inputs) by {g}; "
+            f"expected {' and '.join(ways)}, or onnx built for no target")
