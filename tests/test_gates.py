@@ -70,3 +70,17 @@ def test_a_file_added_after_the_check_is_not_vouched_for(tmp_path, monkeypatch):
     v = verify_section(acc, {"model.safetensors": d, "extra.safetensors": d, "README.md": d}, tmp_path)
     assert [p for p in v.problems if "extra.safetensors" in p and "not covered by the accuracy check" in p]
     assert not [p for p in v.problems if "README.md" in p] and v.passed is True
+
+
+def test_a_value_that_would_read_as_its_threshold_is_printed_with_the_digits_that_tell_them_apart():
+    """A perplexity increase of +2.0014% failed its +2% gate printed "(+2.00%) [<= +2.00%: FAIL]"; a top-1
+    agreement of 0.8499996 would read 0.85 beside its 0.85 minimum."""
+    from moepress.checks.config import failure_line, fmt
+
+    cfg = CheckConfig()
+    metrics = {"ppl_increase": 0.020014, "kl_mean": 0.001, "kl_p99": 0.01, "top1_agreement": 0.9}
+    gates = [g for g in evaluate_gates(cfg, metrics) if g["metric"] in metrics]
+    line = failure_line(gates, None)
+    assert line.startswith("ppl_increase +2.001% > max +2.00%"), line
+    assert fmt(0.0133, True, 0.02) == "+1.33%" and fmt(0.02, True, 0.02) == "+2.00%"
+    assert fmt(0.8499996, False, 0.85) == "0.8499996" and fmt(0.9, False, 0.85) == "0.9"

@@ -225,12 +225,18 @@ def refuse_unmeasured(cfg: CheckConfig, metrics: dict, why: dict[str, str]) -> N
             _refuse(cfg, g, why.get(g.metric, "not measured for this candidate"))
 
 
-def fmt(value: float, percent: bool = False) -> str:
+def fmt(value: float, percent: bool = False, beside: float | None = None) -> str:
+    """``value`` for a person (a percentage: signed, two decimals); with the threshold it is judged against
+    (``beside``), as many more digits as tell the two apart (+2.0014% failed a gate printed "+2.00%: FAIL")."""
     if value is None:
         return "n/a"
-    if percent:
-        return f"{100 * value:+.2f}%"
-    return f"{value:.4g}"
+    base = 2 if percent else 4
+    bound = None if beside is None or beside == value else fmt(beside, percent)
+    for d in range(base, base + 6):
+        s = f"{100 * value:+.{d}f}%" if percent else f"{value:.{d}g}"
+        if s != bound:
+            return s
+    return s
 
 
 def evaluate_gates(cfg: CheckConfig, metrics: dict) -> list[dict]:
@@ -296,7 +302,8 @@ def failure_line(gates: list[dict], jump: dict | None, layers: list[dict] | None
     worse = ">" if first["op"] == "<=" else "<"
     bound = "max" if first["op"] == "<=" else "min"
     pct = first.get("percent", False)
-    line = (f"{first['metric']} {fmt(first['value'], pct)}{_where(first['metric'], first['value'], layers)} "
+    line = (f"{first['metric']} {fmt(first['value'], pct, first['threshold'])}"
+            f"{_where(first['metric'], first['value'], layers)} "
             f"{worse} {bound} {fmt(first['threshold'], pct)} ({first['option']})")
     if len(failed) > 1:
         line += "; also " + ", ".join(f"{g['metric']} {fmt(g['value'], g.get('percent', False))}"

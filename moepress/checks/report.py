@@ -150,7 +150,7 @@ def markdown(result: dict) -> str:
     lines += ["## Next-token distributions", "", _md_table(["metric", "value"], rows), ""]
     if result["gates"]:
         word = {True: "pass", False: "FAIL"}
-        g_rows = [[g["metric"], fmt(g["value"], g.get("percent", False)),
+        g_rows = [[g["metric"], fmt(g["value"], g.get("percent", False), g["threshold"]),
                    f"{g['op']} {fmt(g['threshold'], g.get('percent', False))}", word.get(g["passed"], "n/a")]
                   for g in result["gates"]]
         lines += ["## Gates", "", _md_table(["metric", "value", "gate", "result"], g_rows), ""]

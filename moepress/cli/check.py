@@ -64,6 +64,11 @@ def _human(result: dict) -> list[str]:
     m, d, c = result["metrics"], result["data"], result["candidate"]
     gates = {g["metric"]: g for g in result["gates"]}
 
+    def val(metric, spec, percent=False):  # as judged: more digits where they would read as the threshold
+        g = gates.get(metric)
+        return fmt(m[metric], percent, g["threshold"]) if g is not None else (
+            fmt(m[metric], True) if percent else format(m[metric], spec))
+
     def gate(metric):
         g = gates.get(metric)
         if g is None:
@@ -74,10 +79,10 @@ def _human(result: dict) -> list[str]:
     out = [f"{Path(c['path']).name} ({c['kind']}) vs {Path(result['reference']).name}: {d['samples']} x "
            f"{d['seq_len']} tokens of {Path(d['source']).name}",
            f"  perplexity       {m['ppl_reference']:.4g} -> {m['ppl_candidate']:.4g} "
-           f"({fmt(m['ppl_increase'], True)}){gate('ppl_increase')}",
-           f"  KL(ref||cand)    mean {m['kl_mean']:.4g}, p99 {m['kl_p99']:.4g} nats/token{gate('kl_mean')}"
-           f"{gate('kl_p99')}",
-           f"  top-1 agreement  {m['top1_agreement']:.4f}{gate('top1_agreement')}"]
+           f"({val('ppl_increase', '', True)}){gate('ppl_increase')}",
+           f"  KL(ref||cand)    mean {val('kl_mean', '.4g')}, p99 {val('kl_p99', '.4g')} nats/token"
+           f"{gate('kl_mean')}{gate('kl_p99')}",
+           f"  top-1 agreement  {val('top1_agreement', '.4f')}{gate('top1_agreement')}"]
     if result["layers"]:
         errs = ", ".join(f"{p['layer']}: {p['rel_error']:.3g}" for p in result["layers"])
         out.append(f"  hidden rel. error per layer  {errs}{gate('max_layer_rel_error')}")
