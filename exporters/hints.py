@@ -245,6 +245,11 @@ def packed_names(reader) -> list[str]:
     return sorted(n for n in reader.names() if n.endswith((".weight_packed", "_blocks")))
 
 
+# the onnx export writes packed INT4 decoded (bf16 initializers without Q/DQ: onnx_export.py), so a TensorRT engine
+# builds from it whatever its groups
+PACKED_ONNX = "export onnx (decoded to bf16: onnxruntime or a TensorRT engine)"
+
+
 def packed_routes(reader) -> str:
     """Where a checkpoint stored packed without moepress_quant.json goes (empty if none is packed): vLLM and SGLang
     load its compressed-tensors form as stored (hf-modelopt and compressed-tensors export only a moepress
@@ -260,7 +265,7 @@ def packed_routes(reader) -> str:
     then = ("--format fp8-block, then export hf-fp8-block" if _whole_input_groups(reader)
             else f"--format fp8{_mla_rules(reader)}, then export hf-modelopt")
     return ("vLLM and SGLang load its packed compressed-tensors form as stored, or "
-            + ("" if fp4 else f"{onnx_route(_packed_blocks(reader, packed))}, or ")
+            + ("" if fp4 else f"{PACKED_ONNX}, or ")
             + f"quantize with {then} (TensorRT-LLM's PyTorch backend)")
 
 
@@ -269,17 +274,6 @@ def _mla_rules(reader) -> str:
     export of per-tensor FP8 (`moepress build` refuses it without them); empty for a model without MLA (no
     ``kv_lora_rank``: DeepSeek-V3 / Kimi K2's latent attention)."""
     return mla_rule_flags(per_tensor=True) if (reader.config or {}).get("kv_lora_rank") else ""
-
-
-def _packed_blocks(reader, packed: list[str]) -> set[int]:
-    """The INT4 group of each packed weight (8 values an I32 column) over its ``weight_scale`` columns, from the
-    shard headers: the blocks its onnx export writes."""
-    blocks = set()
-    for n in packed:
-        scale = n.removesuffix("_packed") + "_scale"
-        if n.endswith(".weight_packed") and scale in reader:
-            blocks.add(reader.info(n).shape[-1] * 8 // max(reader.info(scale).shape[-1], 1))
-    return blocks
 
 
 def _whole_input_groups(reader) -> bool:

@@ -20,25 +20,24 @@ def test_packed_int4_of_128_multiple_widths_is_sent_to_block_fp8(tmp_path):
     hint = packed_routes(CheckpointReader(tmp_path))
     assert "--format fp8-block, then export hf-fp8-block" in hint, hint
     assert "export onnx" in hint  # INT4 (I32 words), not FP4: onnx decodes it
-    assert "export onnx (a TensorRT engine)" in hint, hint  # blocks of 128: TensorRT takes them
+    assert "export onnx (decoded to bf16: onnxruntime or a TensorRT engine)" in hint, hint
 
 
-def test_packed_int4_in_blocks_of_32_is_sent_to_onnxruntime_not_tensorrt(tmp_path):
-    """Kimi K2's INT4 experts are grouped by 32 (its config.json group_size): their onnx export keeps blocks of 32,
-    which TensorRT refuses (export.json misloaded_by tensorrt; `moepress build` refuses it), so the hint names
-    onnxruntime for it."""
-    from safetensors.torch import save_file
-
+def test_kimis_packed_int4_in_blocks_of_32_is_sent_to_an_onnx_export_tensorrt_builds(tmp_path, cli_run):
+    """Kimi K2's INT4 experts are grouped by 32 (its config.json group_size), a block TensorRT's INT4 takes not:
+    the hint sent them to onnxruntime only, while the onnx export writes packed INT4 decoded (bf16 initializers,
+    no Q/DQ), which a TensorRT engine builds. Followed as written: exported, and the TensorRT build planned."""
+    from moepress import models
     from moepress.compress.checkpoint import CheckpointReader
     from moepress.exporters.hints import packed_routes
 
-    p = "model.layers.1.mlp.experts.0."
-    save_file({p + "down_proj.weight_packed": torch.zeros(16, 64 // 8, dtype=torch.int32),
-               p + "down_proj.weight_scale": torch.ones(16, 2, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text('{"quantization_config": {"quant_method": "compressed-tensors"}}')
-    hint = packed_routes(CheckpointReader(tmp_path))
-    assert "export onnx (onnxruntime; TensorRT takes INT4 blocks of 64 or 128 only)" in hint, hint
-    assert "a TensorRT engine" not in hint, hint
+    kimi = models.path("tiny-kimi-k2-int4")
+    hint = packed_routes(CheckpointReader(kimi))
+    assert "export onnx (decoded to bf16: onnxruntime or a TensorRT engine)" in hint, hint
+    e = tmp_path / "e"
+    assert cli_run("export", kimi, "-o", e, "--format", "onnx", "--quiet").exit_code == 0
+    r = cli_run("build", e, "--target", "h100", "-o", tmp_path / "b", "--dry-run", "--quiet")
+    assert r.exit_code == 0 and (tmp_path / "b" / "build.sh").exists(), r.output
 
 
 def test_kimis_packed_int4_hint_to_hf_modelopt_carries_the_mla_rules_the_build_asks(tmp_path, cli_run):
