@@ -27,3 +27,21 @@ def test_an_fp8_mla_cache_on_hopper_and_sm100_is_planned(target):
 @pytest.mark.parametrize("target", ["a100", "l40s", "rtx-pro-6000"])
 def test_a_gqa_models_fp8_cache_is_planned_where_the_mla_one_is_not(target):
     assert plan(models.path("tiny-mixtral"), target, kv_cache_dtype="fp8").kv_cache_dtype == "fp8"
+
+
+def test_plan_budgets_the_kv_cache_a_checkpoint_declares_as_build_does(tmp_path, cli_run):
+    """`quantize --kv-cache fp8` and its hf-modelopt export declare an FP8 KV cache (kv_cache_quant_algo), which
+    TensorRT-LLM uses: `moepress build` budgeted it, `moepress plan` of the same export a bf16 cache."""
+    import json
+
+    q, e = tmp_path / "q", tmp_path / "e"
+    assert cli_run("quantize", "tiny-qwen3-moe", "--format", "fp8", "--kv-cache", "fp8", "--num-samples", "2",
+                   "--seq-len", "32", "-o", q, "--quiet").exit_code == 0
+    assert cli_run("export", q, "--format", "hf-modelopt", "-o", e, "--quiet").exit_code == 0
+    for d in (q, e):
+        r = cli_run("plan", d, "--target", "h100", "--json")
+        assert r.exit_code == 0 and json.loads(r.stdout)["kv_cache_dtype"] == "fp8", r.output
+    r = cli_run("build", e, "--target", "h100", "-o", tmp_path / "b", "--dry-run", "--quiet")
+    assert r.exit_code == 0 and json.loads((tmp_path / "b" / "plan.json").read_text())["kv_cache_dtype"] == "fp8"
+    r = cli_run("plan", "tiny-qwen3-moe", "--target", "h100", "--json")  # none declared: the model's own dtype
+    assert json.loads(r.stdout)["kv_cache_dtype"] == "bf16"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
@@ -70,7 +71,8 @@ def _hw_levels() -> list[str]:
 
 def _plan_options(f):
     f = click.option("--kv-cache-dtype", type=click.Choice(list(kv_cache.KV_CACHE)), default=kv_cache.DEFAULT,
-                     show_default=True, help="KV-cache dtype the plan budgets for.")(f)
+                     show_default=True, help="KV-cache dtype the plan budgets for (bf16: the quantized cache the "
+                                             "checkpoint or export declares, if any, as its runtime uses it).")(f)
     f = click.option("--max-batch", type=int, default=8, show_default=True,
                      help="Concurrent sequences the KV cache must hold.")(f)
     f = click.option("--max-seq-len", type=int, default=None,
@@ -119,6 +121,11 @@ def plan_cmd(model, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_dtype
     if fmt is not None and bits is not None:
         raise MoepressError(f"--bits {bits} with --format {fmt}: --bits chooses a format; give one of them")
     src = model if model.endswith(".json") else str(resolve_model(model))
+    if kv_cache_dtype == kv_cache.DEFAULT and not model.endswith(".json"):  # as `moepress build` budgets it
+        from moepress.exporters.artifacts import kv_cache_declared
+
+        declared = kv_cache_declared(Path(src))  # the quantized KV cache the checkpoint says its runtime uses
+        kv_cache_dtype = declared.name if declared is not None else kv_cache_dtype
     p = plan(src, target, fmt, gpus=gpus, tp=tp, ep=ep, max_seq_len=max_seq_len, max_batch=max_batch,
              kv_cache_dtype=kv_cache_dtype, bits=int(bits) if bits else None)
     click.echo(json.dumps(p.to_dict(), indent=2) if json_out else render(p))
