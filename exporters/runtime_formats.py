@@ -150,9 +150,30 @@ def width_notes(shape: ModelShape, fmt: str) -> list[str]:
         what = ", ".join(f"{k} [{o}, {i}]" for k, o, i in unblocked)
         notes.append(f"hf-fp8-block keeps these bf16 (an input not in whole 128-wide groups, an expert width or a "
                      f"part of a fused q/k/v, gate/up or q_a/kv_a not whole 128-row blocks), counted bf16: {what}")
+    notes += _int4_kept_notes(shape, fmt)
     fp4 = getattr(formats.FORMATS.get(fmt), "element", None) == "fp4"
     if shape.num_experts and fp4 and not fp4_widths_ok(shape.hidden_size, shape.moe_intermediate):
         notes.append(f"the FP4 fused-MoE kernels need the hidden size and expert width multiples of 64, one of 128 "
                      f"(here {shape.hidden_size} / {shape.moe_intermediate}): compressed-tensors and hf-modelopt "
                      f"refuse {fmt} routed experts; plan fp8 for them")
     return notes
+
+
+def _int4_kept_notes(shape: ModelShape, fmt: str) -> list[str]:
+    """An INT4 format planned from an unquantized model: the linears whose in_features its group does not divide
+    (quantize leaves them bf16; compress/quant/int4.py effective_group), counted bf16, and the largest group size
+    (quantize --group-size) that would quantize them all."""
+    from moepress.compress.quantize.config import GROUP_SIZES
+
+    f = formats.FORMATS.get(fmt)
+    if f is None or f.element != "int4" or shape.stored_format == fmt:
+        return []
+    group = shape.int4_group or max(GROUP_SIZES)
+    kept = sorted({(k, i) for k, _, i, _ in shape.linears if i > group and i % group})
+    if not kept:
+        return []
+    fits = [g for g in sorted(GROUP_SIZES, reverse=True) if all(i % g == 0 for _, i in kept)]
+    way = f"; --group-size {fits[0]} quantizes them" if fits else ""
+    return [f"{fmt} in groups of {group} leaves bf16 the linears whose inputs it does not divide, counted bf16: "
+            f"{', '.join(f'{k} ({i} inputs)' for k, i in kept)}{way}"]
+

@@ -1,4 +1,4 @@
-"""An FP8 KV cache for an MLA model (DeepSeek-V3, Kimi K2: one latent cached per token) needs an FP8 MLA kernel,
+"""Plan notes and refusals of what a runtime runs otherwise than asked. An FP8 KV cache for an MLA model (DeepSeek-V3, Kimi K2: one latent cached per token) needs an FP8 MLA kernel,
 which TensorRT-LLM has on Hopper and Blackwell sm100 only (examples/models/core/deepseek_v3/README.md, "FP8 KV
 Cache and MLA"); a GQA model's FP8 cache runs from Ampere on (docs/source/features/quantization.md)."""
 
@@ -45,3 +45,12 @@ def test_plan_budgets_the_kv_cache_a_checkpoint_declares_as_build_does(tmp_path,
     assert r.exit_code == 0 and json.loads((tmp_path / "b" / "plan.json").read_text())["kv_cache_dtype"] == "fp8"
     r = cli_run("plan", "tiny-qwen3-moe", "--target", "h100", "--json")  # none declared: the model's own dtype
     assert json.loads(r.stdout)["kv_cache_dtype"] == "bf16"
+
+
+def test_an_int4_plan_names_the_linears_its_group_leaves_bf16_and_the_group_that_quantizes_them():
+    """tiny-mixtral-w192's experts take 192 inputs, which groups of 128 do not divide: quantize leaves them bf16 and
+    the plan counts them bf16 (an INT4 plan sized almost as bf16 said nothing of it)."""
+    notes = [n for n in plan(models.path("tiny-mixtral-w192"), "h100", "int4-awq").notes if "groups of" in n]
+    assert notes == ["int4-awq in groups of 128 leaves bf16 the linears whose inputs it does not divide, counted "
+                     "bf16: routed (192 inputs); --group-size 64 quantizes them"], notes
+    assert not [n for n in plan(models.path("tiny-mixtral"), "h100", "int4-awq").notes if "groups of" in n]
