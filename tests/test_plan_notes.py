@@ -1,6 +1,8 @@
-"""Plan notes and refusals of what a runtime runs otherwise than asked. An FP8 KV cache for an MLA model (DeepSeek-V3, Kimi K2: one latent cached per token) needs an FP8 MLA kernel,
-which TensorRT-LLM has on Hopper and Blackwell sm100 only (examples/models/core/deepseek_v3/README.md, "FP8 KV
-Cache and MLA"); a GQA model's FP8 cache runs from Ampere on (docs/source/features/quantization.md)."""
+"""Plan notes and refusals of what a runtime runs otherwise than asked. An FP8 KV cache for an MLA model
+(DeepSeek-V3, Kimi K2: one latent cached per token) needs an FP8 MLA kernel, which TensorRT-LLM has on Hopper and
+Blackwell sm100 only (examples/models/core/deepseek_v3/README.md, "FP8 KV Cache and MLA"); a GQA model's FP8 cache
+runs from Ampere on (docs/source/features/quantization.md). A declared KV cache is budgeted; an INT4 group that
+leaves linears bf16 is said."""
 
 import pytest
 
