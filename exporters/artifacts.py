@@ -211,6 +211,16 @@ def _mapping(d: Path, config: dict) -> tuple[int, int, int]:
     return world, ep, pp
 
 
+def declared_kv_refusal(where: Path, kv: str, e: MoepressError) -> MoepressError:
+    """``e`` (a plan's refusal), reworded where it refuses the KV cache ``where`` declares rather than one asked for
+    (--kv-cache-dtype bf16 does not change what its runtime caches): what to re-quantize."""
+    if not str(e).startswith(f"--kv-cache-dtype {kv}:"):
+        return e
+    why = str(e).split(": ", 1)[1].rsplit("; use ", 1)[0]
+    return MoepressError(f"{where}: it declares a {kv} KV cache, which its runtime uses: {why}; expected a quantize "
+                         f"without --kv-cache {kv} (quantize.kv_cache in a recipe) for this target")
+
+
 def _hf_modelopt(artifact: Path, config: dict, gpus: int | None, ep: int | None, kv: str):
     """A KV cache calibrated into the export is budgeted unless another dtype is asked for."""
     cached = kv_cache_declared(artifact_dir(artifact))
@@ -229,4 +239,5 @@ def fixed_by_artifact(kind: str, artifact: Path, config: dict, gpus: int | None,
     return fix(artifact, config, gpus, ep, kv_cache_dtype) if fix else (gpus, ep, kv_cache_dtype)
 
 
-__all__ = ["artifact_dir", "artifact_format", "detect_artifact", "fixed_by_artifact", "read_json", "source_model"]
+__all__ = ["artifact_dir", "artifact_format", "declared_kv_refusal", "detect_artifact", "fixed_by_artifact",
+           "read_json", "source_model"]

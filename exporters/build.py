@@ -40,6 +40,7 @@ from moepress.exporters.artifacts import (
     artifact_dir,
     artifact_format,
     consumer_misload,
+    declared_kv_refusal,
     detect_artifact,
     fixed_by_artifact,
     read_json,
@@ -94,6 +95,8 @@ def _plan(artifact: Path, kind: str, t: Target, fmt: str, source: Path, o: Build
     except MoepressError as e:
         if str(e).startswith(f"the {kind} export is "):  # the format refusal: plan knows the source, not the export
             raise MoepressError(f"{artifact}: {e}") from None
+        if kv != o.kv_cache_dtype:  # the export's own KV cache, never asked for
+            raise declared_kv_refusal(artifact, kv, e) from None
         if kind != "trtllm-ckpt" or not str(e).startswith(f"--gpus {gpus}:"):
             raise
         # the split is fixed by the export: suggest re-exporting for the GPU count that fits

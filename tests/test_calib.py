@@ -674,8 +674,27 @@ def test_a_stage_output_over_its_calibration_file_is_refused_and_leaves_it(cli_r
     (out / "notes.txt").write_text("x")
     r = cli_run(stage[0], "tiny-qwen3-moe", *stage[1:], "--calib", out / "my.txt", "--num-samples", "4",
                 "--seq-len", "32", "-o", out, "--force", "-q")
-    assert_one_line_error(r, str(out), f"contains the input {out / 'my.txt'}")
+    assert_one_line_error(r, str(out), f"contains the --calib source {out / 'my.txt'}")
     assert sorted(p.name for p in out.iterdir()) == ["my.txt", "notes.txt"]
+
+
+def test_a_run_directory_inside_its_calibration_folder_is_refused_before_any_stage(cli_run, tmp_path):
+    """`run -o` inside a calib.sources folder: refused once quantize had started, naming neither the source nor
+    the recipe's key; now before the run directory is made. A Hub source of a name that is also a local folder is
+    no local input."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(BUNDLED_CALIB, data / "calib.txt")
+    rec = tmp_path / "r.yaml"
+    rec.write_text(f"model: tiny-qwen3-moe\ncalib: {{sources: [{data}], num_samples: 4, seq_len: 32}}\n"
+                   "quantize: {format: fp8}\ncheck: null\n")
+    r = cli_run("run", rec, "-o", data / "out")
+    assert_one_line_error(r, f"{data / 'out'}: the output is inside the calib.sources source {data}")
+    assert not (data / "out").exists()
+    from moepress.calib.sources import local_paths
+
+    (tmp_path / "org" / "ds").mkdir(parents=True)
+    assert local_paths([f"hf:{tmp_path / 'org' / 'ds'}"]) == []
 
 
 @pytest.mark.parametrize("spec", ["bundled@-1", "bundled@nan", "hf:org/data@inf"])

@@ -56,3 +56,32 @@ def test_an_int4_plan_names_the_linears_its_group_leaves_bf16_and_the_group_that
     assert notes == ["int4-awq in groups of 128 leaves bf16 the linears whose inputs it does not divide, counted "
                      "bf16: routed (192 inputs); --group-size 64 quantizes them"], notes
     assert not [n for n in plan(models.path("tiny-mixtral"), "h100", "int4-awq").notes if "groups of" in n]
+
+
+MLA_RULES = ("--rule", "self_attn.kv_b_proj=none", "--rule", "self_attn.q_a_proj=none", "--rule",
+             "self_attn.kv_a_proj_with_mqa=none")
+
+
+def test_an_mla_export_declaring_an_fp8_cache_is_refused_naming_the_quantize_not_a_flag(tmp_path, cli_run):
+    """An export quantized with --kv-cache fp8 carries its cache (its runtime uses it): on an RTX PRO 6000 the
+    refusal said "--kv-cache-dtype fp8 ...; use bf16", an option never given, and --kv-cache-dtype bf16 was refused
+    alike. It names the quantize to redo; the recipe's, quantize.kv_cache."""
+    from helpers import assert_one_line_error
+    from moepress.pipeline.preflight import preflight
+    from moepress.pipeline.recipe import normalise
+
+    q, e = tmp_path / "q", tmp_path / "e"
+    assert cli_run("quantize", "tiny-deepseek-v3", "--format", "nvfp4", "--kv-cache", "fp8", *MLA_RULES,
+                   "--num-samples", "2", "--seq-len", "32", "-o", q, "--quiet").exit_code == 0
+    assert cli_run("export", q, "--format", "hf-modelopt", "-o", e, "--quiet").exit_code == 0
+    for args in (["build", e, "-o", tmp_path / "b", "--dry-run"], ["plan", e]):
+        for kv in ([], ["--kv-cache-dtype", "bf16"]):
+            r = cli_run(*args, "--target", "rtx-pro-6000", *kv)
+            assert_one_line_error(r, f"{e}: it declares a fp8 KV cache", "MLA latent",
+                                  "expected a quantize without --kv-cache fp8")
+    rec = {"model": "tiny-deepseek-v3", "check": None, "export": {"formats": ["hf-modelopt"]},
+           "quantize": {"format": "nvfp4", "kv_cache": "fp8",
+                        "rules": {r.split("=")[0]: "none" for r in MLA_RULES[1::2]}},
+           "build": {"targets": ["rtx-pro-6000"]}}
+    with pytest.raises(MoepressError, match=r"quantize.kv_cache fp8: .* MLA latent.*expected no quantize.kv_cache"):
+        preflight(normalise(rec), models.path("tiny-deepseek-v3"))

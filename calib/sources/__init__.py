@@ -58,10 +58,11 @@ from moepress.calib.sources.spec import (
     local_paths,
     parse_source,
     parse_sources,
+    refuse_output_over,
 )
 
 __all__ = ["AUTO_FIELDS", "BUNDLED_CALIB", "JSONL_SUFFIXES", "KEYS", "MODES", "PARQUET_SUFFIXES", "PIECE_BYTES",
            "TEXT_SUFFIXES", "TOKEN_SUFFIXES", "TYPES", "ColumnDocuments", "Documents", "JsonlDocuments", "SourceSpec",
            "TextDocuments", "_file_sha", "content_hash", "dataset_documents", "hub_documents", "local_paths",
            "open_documents", "parquet_documents", "parse_source", "parse_sources", "piece_start", "read_utf8",
-           "sidecar_path", "text_files"]
+           "refuse_output_over", "sidecar_path", "text_files"]

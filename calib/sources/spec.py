@@ -175,5 +175,16 @@ def local_paths(specs: tuple[str, ...] | list[str]) -> list[Path]:
     """The files and folders the ``--calib`` values read (not the Hub's): a stage's inputs beside its model, which
     its output may not equal, sit inside or contain (``-o`` over them read the output back as calibration data
     next time, or ``--force`` deleted them before they were read)."""
-    return [s.path for s in parse_sources(specs) if s.path.exists()]
+    return [s.path for s in parse_sources(specs) if s.type != "hub" and s.path.exists()]
+
+
+def refuse_output_over(out, specs: tuple[str, ...] | list[str], flag: str = "--calib") -> None:
+    """One line where the output ``out`` is, sits inside or contains a local calibration source (``flag``: how the
+    user named them): the next run would read the output as calibration data, and --force deleted the source."""
+    from moepress.outputs import overlap
+
+    for p in local_paths(specs):
+        if (how := overlap(out, p)) is not None:
+            raise MoepressError(f"{out}: the output {how} the {flag} source {p}; expected a path outside the "
+                                "calibration data (the next run would read the output as calibration data)")
 

@@ -140,8 +140,8 @@ class Adapter:
             ids = v if isinstance(v, list) else [v]
             if v is not None and not all(type(t) is int and 0 <= t < (vocab if is_count(vocab) else t + 1)
                                          for t in ids):
-                raise MoepressError(f"{where}: {key}={v!r}: expected a token id (or a list of them) below vocab_size "
-                                    f"{vocab}")
+                below = f" below vocab_size {vocab}" if is_count(vocab) else ""
+                raise MoepressError(f"{where}: {key}={v!r}: expected a token id (or a list of them){below}")
         for key in ("dtype", "torch_dtype"):
             v = self.config.get(key)
             if v is not None and v != "auto" and not (isinstance(v, str) and isinstance(getattr(torch, v, None),

@@ -18,7 +18,7 @@ import torch
 
 from moepress.calib.data import calibration_inputs
 from moepress.calib.observers import RoutingStats
-from moepress.calib.sources import local_paths
+from moepress.calib.sources import local_paths, refuse_output_over
 from moepress.compress.checkpoint import CheckpointReader, CheckpointWriter, read_later
 from moepress.compress.checkpoint.writer import check_output
 from moepress.compress.moe import DecoderLayer, first_non_finite
@@ -62,6 +62,7 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *, ba
                   "the pruned tensors")
     # before the calibration: an -o over the model or a --calib file refused in a second (with --force, the
     # writer deleted a --calib file inside -o before it was read)
+    refuse_output_over(out, cfg.calib)
     check_output(out, force=force, sources=stage.inputs)
     stage.run(out, batches() if callable(batches) else batches, force=force, progress=progress)
     return stage.summary(out, t0)

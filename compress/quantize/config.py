@@ -125,12 +125,16 @@ class QuantConfig:
         d = asdict(self)
         return d if self.needs_calibration else {k: v for k, v in d.items() if k not in CALIBRATION_FIELDS}
 
-    def inputs(self, reader) -> tuple:
-        """The stage's inputs, which its output may not overlap: ``reader``'s model and, where calibrated, the local
-        ``--calib`` files and folders (``-o`` over one with ``--force`` deleted it before it was read)."""
-        from moepress.calib.sources import local_paths
+    def inputs(self, reader, out) -> tuple:
+        """The stage's inputs, which its output ``out`` may not overlap: ``reader``'s model and, where calibrated,
+        the local ``--calib`` files and folders (``-o`` over one with ``--force`` deleted it before it was read),
+        refused here by name."""
+        from moepress.calib.sources import local_paths, refuse_output_over
 
-        return (reader.path, *(local_paths(self.calib) if self.needs_calibration else ()))
+        if not self.needs_calibration:
+            return (reader.path,)
+        refuse_output_over(out, self.calib)
+        return (reader.path, *local_paths(self.calib))
 
     def refuse_unused(self, asked) -> QuantConfig:
         """Self, or a refusal of an option ``asked`` (names of the options given; those it does not judge are

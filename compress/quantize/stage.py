@@ -196,11 +196,10 @@ class QuantizeStage:
     def run(self, out: str | Path, batches: Batches | None, *, force: bool, resume: bool, progress: Progress,
             notes: Callable[[], list[str]] | None = None) -> None:
         """Write the quantized checkpoint and its configs, sidecar and report into ``out``."""
-        env, a = self.env, self.adapter
-        if not env.is_main:
-            progress = QUIET
+        env, a, progress = self.env, self.adapter, progress if self.env.is_main else QUIET
         # a resumed partial must have been started by this very run (config, input, moepress)
-        key, sources = quantize_resume_key(self.cfg, self.reader.path, self.sm.device), self.cfg.inputs(self.reader)
+        key, sources = quantize_resume_key(self.cfg, self.reader.path, self.sm.device), self.cfg.inputs(self.reader,
+                                                                                                         out)
         # what __init__'s agreement on the config could not compare yet, before any rank-dependent step
         dist.agree(env, {"calib_content": key["config"].get("calib_content"), "device": key["config"].get("device"),
                          "force": force, "resume": resume})

@@ -121,13 +121,17 @@ def plan_cmd(model, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_dtype
     if fmt is not None and bits is not None:
         raise MoepressError(f"--bits {bits} with --format {fmt}: --bits chooses a format; give one of them")
     src = model if model.endswith(".json") else str(resolve_model(model))
-    if kv_cache_dtype == kv_cache.DEFAULT and not model.endswith(".json"):  # as `moepress build` budgets it
-        from moepress.exporters.artifacts import kv_cache_declared
+    from moepress.exporters.artifacts import declared_kv_refusal, kv_cache_declared
 
+    declared = None
+    if kv_cache_dtype == kv_cache.DEFAULT and not model.endswith(".json"):  # as `moepress build` budgets it
         declared = kv_cache_declared(Path(src))  # the quantized KV cache the checkpoint says its runtime uses
         kv_cache_dtype = declared.name if declared is not None else kv_cache_dtype
-    p = plan(src, target, fmt, gpus=gpus, tp=tp, ep=ep, max_seq_len=max_seq_len, max_batch=max_batch,
-             kv_cache_dtype=kv_cache_dtype, bits=int(bits) if bits else None)
+    try:
+        p = plan(src, target, fmt, gpus=gpus, tp=tp, ep=ep, max_seq_len=max_seq_len, max_batch=max_batch,
+                 kv_cache_dtype=kv_cache_dtype, bits=int(bits) if bits else None)
+    except MoepressError as e:
+        raise (declared_kv_refusal(Path(src), kv_cache_dtype, e) if declared is not None else e) from None
     click.echo(json.dumps(p.to_dict(), indent=2) if json_out else render(p))
 
 

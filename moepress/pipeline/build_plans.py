@@ -90,8 +90,16 @@ def _plan(recipe: dict, shape, target: str, export: str, runtime: str, fmt: str 
         return gpus
     # the exports that carry a calibrated KV cache (artifacts.kv_cache_declared): hf-fp8-block and onnx hold none
     kv = q.get("kv_cache") if export in KV_CARRIED and q.get("kv_cache") in kv_cache.KV_CACHE else kv_cache.DEFAULT
-    p = plan(shape, target, fmt, gpus=gpus, ep=ep, max_seq_len=b["max_seq_len"], max_batch=b["max_batch"],
-             kv_cache_dtype=kv, runtime=runtime, export=export)
+    try:
+        p = plan(shape, target, fmt, gpus=gpus, ep=ep, max_seq_len=b["max_seq_len"], max_batch=b["max_batch"],
+                 kv_cache_dtype=kv, runtime=runtime, export=export)
+    except MoepressError as e:  # the recipe asks the KV cache by quantize.kv_cache, which the export carries
+        msg = str(e)
+        if not msg.startswith(f"--kv-cache-dtype {kv}:") or kv == kv_cache.DEFAULT:
+            raise
+        why = msg.split(": ", 1)[1].rsplit("; use ", 1)[0]
+        raise MoepressError(f"quantize.kv_cache {kv}: {why}; expected no quantize.kv_cache for this target") \
+            from None
     if p.unloadable:
         raise MoepressError(p.unloadable)
     return p.gpus

@@ -30,6 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
+from moepress.calib.sources import refuse_output_over
 from moepress.codeid import code_id
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import builders as builder_registry
@@ -86,6 +87,7 @@ class Runner:
         recipe_file = Path(recipe_src)
         # a symlinked -o: the directory it names (a dangling one is made)
         self.out = output_dir(self.out, (self.model, *((recipe_file,) if recipe_file.is_file() else ())))
+        refuse_output_over(self.out, (recipe.get("calib") or {}).get("sources") or (), "calib.sources")
         self.state_dir = self.out / ".state"
         file = next((p for p in (self.out, *self.out.parents) if p.exists() and not p.is_dir()), None)
         if file is not None:
