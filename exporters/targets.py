@@ -109,7 +109,8 @@ class Target:
         d = dataclasses.asdict(self)
         d.update(compute_capability=self.compute_capability, formats=list(self.formats),
                  trtllm_matrix=list(self.trtllm_matrix),
-                 kv_cache_dtypes=list(self.kv_cache_dtypes), aliases=list(self.aliases))
+                 kv_cache_dtypes=list(self.kv_cache_dtypes), aliases=list(self.aliases),
+                 kv_cache_dtypes_mla=list(kv_cache.for_sm(self.sm, mla=True)))  # an MLA model's latent cache
         return d
 
 

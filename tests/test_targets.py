@@ -71,3 +71,13 @@ def test_kv_cache_bytes_per_value_are_the_formats():
     from moepress.exporters.kv_cache import KV_CACHE
 
     assert {k: v.bytes for k, v in KV_CACHE.items()} == {"bf16": 2, "fp8": 1, "nvfp4": 0.5 + 1 / 16}
+
+
+def test_targets_json_lists_the_kv_caches_an_mla_model_gets(cli_run):
+    """An FP8 latent (DeepSeek-V3, Kimi K2) needs TensorRT-LLM's FP8 MLA kernels, Hopper and sm100 only: `targets
+    --json` listed fp8 for every target with no word of it, while the planner refuses it off them."""
+    import json
+
+    d = json.loads(cli_run("targets", "--json").stdout)
+    assert d["a100-80gb"]["kv_cache_dtypes"] == ["bf16", "fp8"] and d["a100-80gb"]["kv_cache_dtypes_mla"] == ["bf16"]
+    assert d["h100"]["kv_cache_dtypes_mla"] == ["bf16", "fp8"] and d["rtx-pro-6000"]["kv_cache_dtypes_mla"] == ["bf16"]
