@@ -95,7 +95,7 @@ def _plan(artifact: Path, kind: str, t: Target, fmt: str, source: Path, o: Build
     except MoepressError as e:
         if str(e).startswith(f"the {kind} export is "):  # the format refusal: plan knows the source, not the export
             raise MoepressError(f"{artifact}: {e}") from None
-        if kv != o.kv_cache_dtype:  # the export's own KV cache, never asked for
+        if kv != o.kv_cache_dtype and str(e).startswith(f"--kv-cache-dtype {kv}:"):  # the export's own, not asked
             raise declared_kv_refusal(artifact, kv, e) from None
         if kind != "trtllm-ckpt" or not str(e).startswith(f"--gpus {gpus}:"):
             raise

@@ -87,7 +87,6 @@ class Runner:
         recipe_file = Path(recipe_src)
         # a symlinked -o: the directory it names (a dangling one is made)
         self.out = output_dir(self.out, (self.model, *((recipe_file,) if recipe_file.is_file() else ())))
-        refuse_output_over(self.out, (recipe.get("calib") or {}).get("sources") or (), "calib.sources")
         self.state_dir = self.out / ".state"
         file = next((p for p in (self.out, *self.out.parents) if p.exists() and not p.is_dir()), None)
         if file is not None:
@@ -164,6 +163,7 @@ class Runner:
         preflight(self.recipe, self.model, self.recipe_src)  # before hours of prune and quantize, not after
         with recipe_keys(self.recipe_src, "calib"):  # the calibration data read (and cached) before OUT is made
             self.calib_key = self._calib_key()
+        refuse_output_over(self.out, self.recipe["calib"].get("sources") or (), "calib.sources")
         refuse_links(self.out)
         # .state/ first: it marks OUT as a run's directory even when run.json is gone
         self.state_dir.mkdir(parents=True, exist_ok=True)
