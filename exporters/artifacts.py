@@ -211,14 +211,11 @@ def _mapping(d: Path, config: dict) -> tuple[int, int, int]:
     return world, ep, pp
 
 
-def declared_kv_refusal(where: Path, kv: str, e: MoepressError) -> MoepressError:
-    """``e`` (a plan's refusal), reworded where it refuses the KV cache ``where`` declares rather than one asked for
+def declared_kv_refusal(where: Path, e) -> MoepressError:
+    """A plan's refusal of the KV cache ``where`` declares (plan.KVCacheRefused ``e``), not one asked for
     (--kv-cache-dtype bf16 does not change what its runtime caches): what to re-quantize."""
-    if not str(e).startswith(f"--kv-cache-dtype {kv}:"):
-        return e
-    why = str(e).split(": ", 1)[1].rsplit("; use ", 1)[0]
-    return MoepressError(f"{where}: it declares a {kv} KV cache, which its runtime uses: {why}; expected a quantize "
-                         f"without --kv-cache {kv} (quantize.kv_cache in a recipe) for this target")
+    return MoepressError(f"{where}: it declares a {e.kv} KV cache, which its runtime uses: {e.why}; expected a "
+                         f"quantize without --kv-cache {e.kv} (quantize.kv_cache in a recipe) for this target")
 
 
 def _hf_modelopt(artifact: Path, config: dict, gpus: int | None, ep: int | None, kv: str):

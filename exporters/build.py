@@ -48,7 +48,7 @@ from moepress.exporters.artifacts import (
 )
 from moepress.exporters.builders import BUILDERS, BuildConfig, Builder, Context
 from moepress.exporters.builders.tensorrt_engine import HW_LEVELS
-from moepress.exporters.plan import Plan, check_sizes, plan
+from moepress.exporters.plan import KVCacheRefused, Plan, check_sizes, plan
 from moepress.exporters.plan import render as render_plan
 from moepress.exporters.targets import Target, get_target
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, resized, versions, write_manifest
@@ -95,8 +95,8 @@ def _plan(artifact: Path, kind: str, t: Target, fmt: str, source: Path, o: Build
     except MoepressError as e:
         if str(e).startswith(f"the {kind} export is "):  # the format refusal: plan knows the source, not the export
             raise MoepressError(f"{artifact}: {e}") from None
-        if kv != o.kv_cache_dtype and str(e).startswith(f"--kv-cache-dtype {kv}:"):  # the export's own, not asked
-            raise declared_kv_refusal(artifact, kv, e) from None
+        if kv != o.kv_cache_dtype and isinstance(e, KVCacheRefused):  # the export's own KV cache, not asked for
+            raise declared_kv_refusal(artifact, e) from None
         if kind != "trtllm-ckpt" or not str(e).startswith(f"--gpus {gpus}:"):
             raise
         # the split is fixed by the export: suggest re-exporting for the GPU count that fits

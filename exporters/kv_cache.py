@@ -57,7 +57,7 @@ def by_quant_algo(algo: str | None) -> KVCache | None:
 
 def for_sm(sm: int, mla: bool = False) -> tuple[str, ...]:
     """The KV-cache dtypes TensorRT-LLM runs on compute capability ``sm`` (``mla``: for an MLA model's latent)."""
-    return tuple(k.name for k in KV_CACHE.values() if sm in (k.mla_archs or k.archs if mla else k.archs))
+    return tuple(k.name for k in KV_CACHE.values() if sm in ((k.mla_archs or k.archs) if mla else k.archs))
 
 
 

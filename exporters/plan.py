@@ -269,16 +269,24 @@ def _seq_len(name: str, shape: ModelShape, asked: int | None) -> int:
     return asked
 
 
+class KVCacheRefused(MoepressError):
+    """A KV-cache dtype the target does not run for this model, as --kv-cache-dtype asked it; ``why`` for the
+    callers that name where the dtype came from instead (an export that declares it, a recipe's quantize.kv_cache)."""
+
+    def __init__(self, kv: str, why: str, instead: str):
+        super().__init__(f"--kv-cache-dtype {kv}: {why}; use {instead}")
+        self.kv, self.why = kv, why
+
+
 def _check_request(t: Target, name: str, shape: ModelShape, kv_cache_dtype: str, sizes: dict[str, int | None]) -> None:
     if kv_cache_dtype not in t.kv_cache_dtypes:
-        raise MoepressError(f"--kv-cache-dtype {kv_cache_dtype}: {t.gpu} (sm{t.sm}) caches "
-                            f"{', '.join(t.kv_cache_dtypes)}; use {kv_cache.DEFAULT}")
+        raise KVCacheRefused(kv_cache_dtype, f"{t.gpu} (sm{t.sm}) caches {', '.join(t.kv_cache_dtypes)}",
+                             kv_cache.DEFAULT)
     mla = kv_cache.for_sm(t.sm, mla=True)
     if not shape.kv_heads and kv_cache_dtype not in mla:  # MLA: one latent cached per token (shape.py)
         on = ", ".join(f"sm{a}" for a in kv_cache.KV_CACHE[kv_cache_dtype].mla_archs or ())
-        raise MoepressError(f"--kv-cache-dtype {kv_cache_dtype}: {name} caches an MLA latent, which TensorRT-LLM's "
-                            f"{kv_cache_dtype} MLA kernels run on {on} only, not on {t.gpu} (sm{t.sm}); use "
-                            f"{', '.join(mla)}")
+        raise KVCacheRefused(kv_cache_dtype, f"{name} caches an MLA latent, which TensorRT-LLM's {kv_cache_dtype} "
+                             f"MLA kernels run on {on} only, not on {t.gpu} (sm{t.sm})", ", ".join(mla))
     check_sizes(sizes)
 
 

@@ -6,6 +6,7 @@ hf-modelopt export holds; the refusal names a step that the planned artifact's b
 from __future__ import annotations
 
 from moepress.compress import formats
+from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
 from moepress.exporters.kernel_widths import block_ok, fp4_widths_ok, mla_rule_flags
 from moepress.exporters.shape import ModelShape
@@ -163,8 +164,6 @@ def _int4_kept_notes(shape: ModelShape, fmt: str) -> list[str]:
     """An INT4 format planned from an unquantized model: the linears whose in_features its group does not divide
     (quantize leaves them bf16; compress/quant/int4.py effective_group), counted bf16, and the largest group size
     (quantize --group-size) that would quantize them all."""
-    from moepress.compress.quantize.config import GROUP_SIZES
-
     f = formats.FORMATS.get(fmt)
     if f is None or f.element != "int4" or shape.stored_format == fmt:
         return []
@@ -176,4 +175,3 @@ def _int4_kept_notes(shape: ModelShape, fmt: str) -> list[str]:
     way = f"; --group-size {fits[0]} quantizes them" if fits else ""
     return [f"{fmt} in groups of {group} leaves bf16 the linears whose inputs it does not divide, counted bf16: "
             f"{', '.join(f'{k} ({i} inputs)' for k, i in kept)}{way}"]
-

@@ -178,13 +178,13 @@ def local_paths(specs: tuple[str, ...] | list[str]) -> list[Path]:
     return [s.path for s in parse_sources(specs) if s.type != "hub" and s.path.exists()]
 
 
-def refuse_output_over(out, specs: tuple[str, ...] | list[str], flag: str = "--calib") -> None:
-    """One line where the output ``out`` is, sits inside or contains a local calibration source (``flag``: how the
-    user named them): the next run would read the output as calibration data, and --force deleted the source."""
+def refuse_output_over(out, paths: list[Path], flag: str = "--calib") -> None:
+    """One line where the output ``out`` is, sits inside or contains one of the local calibration sources
+    ``paths`` (:func:`local_paths`; ``flag``: how the user named them): the next run would read the output as
+    calibration data, and --force deleted the source."""
     from moepress.outputs import overlap
 
-    for p in local_paths(specs):
+    for p in paths:
         if (how := overlap(out, p)) is not None:
             raise MoepressError(f"{out}: the output {how} the {flag} source {p}; expected a path outside the "
                                 "calibration data (the next run would read the output as calibration data)")
-

@@ -62,7 +62,7 @@ def prune_checkpoint(model: str | Path, out: str | Path, cfg: PruneConfig, *, ba
                   "the pruned tensors")
     # before the calibration: an -o over the model or a --calib file refused in a second (with --force, the
     # writer deleted a --calib file inside -o before it was read)
-    refuse_output_over(out, cfg.calib)
+    refuse_output_over(out, stage.inputs[1:])
     check_output(out, force=force, sources=stage.inputs)
     stage.run(out, batches() if callable(batches) else batches, force=force, progress=progress)
     return stage.summary(out, t0)

@@ -131,10 +131,9 @@ class QuantConfig:
         refused here by name."""
         from moepress.calib.sources import local_paths, refuse_output_over
 
-        if not self.needs_calibration:
-            return (reader.path,)
-        refuse_output_over(out, self.calib)
-        return (reader.path, *local_paths(self.calib))
+        paths = local_paths(self.calib) if self.needs_calibration else []
+        refuse_output_over(out, paths)
+        return (reader.path, *paths)
 
     def refuse_unused(self, asked) -> QuantConfig:
         """Self, or a refusal of an option ``asked`` (names of the options given; those it does not judge are

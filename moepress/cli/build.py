@@ -116,7 +116,7 @@ def plan_cmd(model, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_dtype
     config counts its remaining experts). Bytes per GPU: weights (attention and dense parts split
     by TP, routed experts by EP), KV cache for --max-batch x --max-seq-len, activations, 10% reserve.
     """
-    from moepress.exporters.plan import plan, render
+    from moepress.exporters.plan import KVCacheRefused, plan, render
 
     if fmt is not None and bits is not None:
         raise MoepressError(f"--bits {bits} with --format {fmt}: --bits chooses a format; give one of them")
@@ -130,8 +130,8 @@ def plan_cmd(model, target, gpus, tp, ep, max_seq_len, max_batch, kv_cache_dtype
     try:
         p = plan(src, target, fmt, gpus=gpus, tp=tp, ep=ep, max_seq_len=max_seq_len, max_batch=max_batch,
                  kv_cache_dtype=kv_cache_dtype, bits=int(bits) if bits else None)
-    except MoepressError as e:
-        raise (declared_kv_refusal(Path(src), kv_cache_dtype, e) if declared is not None else e) from None
+    except KVCacheRefused as e:
+        raise (declared_kv_refusal(Path(src), e) if declared is not None else e) from None
     click.echo(json.dumps(p.to_dict(), indent=2) if json_out else render(p))
 
 

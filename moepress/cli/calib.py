@@ -77,7 +77,9 @@ def prepare_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, out
     if not output.name.endswith((".safetensors", ".pt")):
         raise MoepressError(f"-o {output}: expected a file name ending in .safetensors or .pt")
     # a .safetensors file inside the model would read as one of its shards; over a --calib file, it replaced its input
-    refuse_overlap(output, (src, *local_sources(calib)), "-o ")
+    from moepress.calib.sources import local_paths
+
+    refuse_overlap(output, (src, *local_paths(calib)), "-o ")
     # held from the exists check to the rename: a second `prepare -o` of the same file at once is refused (both
     # wrote, one's samples were lost, and both said "wrote")
     lock = OutputLock(output.with_name(output.name + ".lock"),
@@ -112,12 +114,6 @@ def _prepare(output: Path, force: bool, build):
         return cs, save_token_file(output, cs.input_ids, cs.source, meta), memory
     except OSError as e:
         raise MoepressError(f"{output}: cannot write ({e.strerror})") from None
-
-
-def local_sources(calib) -> list[Path]:
-    from moepress.calib.sources import local_paths
-
-    return local_paths(calib)
 
 
 def _check_output_dir(out: Path, force: bool) -> None:
@@ -173,7 +169,9 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
               "batch_size": batch_size, "rare": rare, "absmax": absmax, "dtype": dtype}
     dist.agree(env, {**config, "force": force})
     src = resolve_model(model)
-    refuse_overlap(output, (src, *local_sources(calib)), "-o ")
+    from moepress.calib.sources import local_paths
+
+    refuse_overlap(output, (src, *local_paths(calib)), "-o ")
     _check_output_dir(output, force)
     prog = Progress.from_flags(quiet or not env.is_main, json_out and env.is_main)
     cs = dist.run_main_first(env, lambda: calibration_set(src, calib, num_samples, seq_len, seed,

@@ -76,7 +76,7 @@ def _plan(recipe: dict, shape, target: str, export: str, runtime: str, fmt: str 
     reads of the export: :func:`planned_format`): the world size only. Returns the plan's GPU count (None: the build
     decides it)."""
     from moepress.exporters import kv_cache
-    from moepress.exporters.plan import plan
+    from moepress.exporters.plan import KVCacheRefused, plan
 
     b, q = recipe["build"], recipe.get("quantize") or {}
     gpus, ep = b["gpus"], None
@@ -93,12 +93,10 @@ def _plan(recipe: dict, shape, target: str, export: str, runtime: str, fmt: str 
     try:
         p = plan(shape, target, fmt, gpus=gpus, ep=ep, max_seq_len=b["max_seq_len"], max_batch=b["max_batch"],
                  kv_cache_dtype=kv, runtime=runtime, export=export)
-    except MoepressError as e:  # the recipe asks the KV cache by quantize.kv_cache, which the export carries
-        msg = str(e)
-        if not msg.startswith(f"--kv-cache-dtype {kv}:") or kv == kv_cache.DEFAULT:
+    except KVCacheRefused as e:  # the recipe asks the KV cache by quantize.kv_cache, which the export carries
+        if kv == kv_cache.DEFAULT:
             raise
-        why = msg.split(": ", 1)[1].rsplit("; use ", 1)[0]
-        raise MoepressError(f"quantize.kv_cache {kv}: {why}; expected no quantize.kv_cache for this target") \
+        raise MoepressError(f"quantize.kv_cache {kv}: {e.why}; expected no quantize.kv_cache for this target") \
             from None
     if p.unloadable:
         raise MoepressError(p.unloadable)

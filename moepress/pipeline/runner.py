@@ -30,7 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
-from moepress.calib.sources import refuse_output_over
+from moepress.calib.sources import local_paths, refuse_output_over
 from moepress.codeid import code_id
 from moepress.errors import CheckFailed, MoepressError
 from moepress.exporters import builders as builder_registry
@@ -163,7 +163,7 @@ class Runner:
         preflight(self.recipe, self.model, self.recipe_src)  # before hours of prune and quantize, not after
         with recipe_keys(self.recipe_src, "calib"):  # the calibration data read (and cached) before OUT is made
             self.calib_key = self._calib_key()
-        refuse_output_over(self.out, self.recipe["calib"].get("sources") or (), "calib.sources")
+        refuse_output_over(self.out, local_paths(self.recipe["calib"].get("sources") or ()), "calib.sources")
         refuse_links(self.out)
         # .state/ first: it marks OUT as a run's directory even when run.json is gone
         self.state_dir.mkdir(parents=True, exist_ok=True)
