@@ -37,7 +37,6 @@ from moepress.calib.cache import load_token_file
 from moepress.calib.model_limits import check_embedding_rows, check_positions
 from moepress.calib.sampling import CUT_MARGIN, pack, truncate
 from moepress.calib.sources import (
-    BUNDLED_CALIB,
     PIECE_BYTES,
     SourceSpec,
     content_hash,
@@ -54,7 +53,6 @@ from moepress.errors import MoepressError
 from moepress.progress import QUIET, Progress
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-DEFAULT_CALIB = BUNDLED_CALIB
 DEFAULT_EVAL = DATA_DIR / "eval.txt"
 
 

@@ -126,7 +126,7 @@ class StreamedModel:
     ``on_build``: (reader, prefix, layer) callbacks as each layer is built (check: a runtime's activation quant).
     ``device``: where layers are built and hidden states live (moepress/device.py resolves it);
     on a GPU each layer's stored bytes are uploaded (:class:`Uploader`) while the previous layer
-    computes, decoded there, and logits come back to the host. The CPU path is unchanged.
+    computes, decoded there, and logits come back to the host; on the CPU the stored tensors are used as read.
     """
 
     def __init__(self, source: str | CheckpointReader, *, dtype: torch.dtype = torch.float32,

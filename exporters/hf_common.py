@@ -53,6 +53,14 @@ class Source:
         return any(n.endswith(".weight_scale_inv") for n in self.reader.names())
 
 
+def decoder_linears(reader: CheckpointReader, adapter) -> list[str]:
+    """Every decoder-layer linear but the routers (what a plain ``quantize --format F`` gives F), from the headers,
+    by prefix (``...experts.3.w1``)."""
+    routers = tuple(adapter.router_prefix(i) for i in range(adapter.num_layers))
+    return [n[: -len(".weight")] for i in range(adapter.num_layers) for n in reader.layer_names(i)
+            if n.endswith(".weight") and len(reader.info(n).shape) == 2 and not n.startswith(routers)]
+
+
 def open_source(src: Path) -> Source:
     reader = CheckpointReader(src)
     if not reader.has_weights:

@@ -23,7 +23,7 @@ from moepress.exporters.fused_moe import (
     routed_linears,
     routed_names,
 )
-from moepress.exporters.hf_common import Source, fp8_block_grids
+from moepress.exporters.hf_common import Source, decoder_linears, fp8_block_grids
 from moepress.exporters.kernel_widths import TENSORRT_INT4_BLOCKS, TRTLLM_INT4_MOE_GROUP, mla_rule_flags
 
 
@@ -56,14 +56,6 @@ def quantizes_experts(s, fmt: str) -> bool:
     return all(w % unit == 0 for w in widths)
 
 
-def decoder_linears(s) -> list[str]:
-    """Every decoder-layer linear but the routers (what a plain ``quantize --format F`` gives F), from the headers."""
-    a, r = s.adapter, s.reader
-    routers = tuple(a.router_prefix(i) for i in range(a.num_layers))
-    return [n[: -len(".weight")] for i in range(a.num_layers) for n in r.layer_names(i)
-            if n.endswith(".weight") and len(r.info(n).shape) == 2 and not n.startswith(routers)]
-
-
 def plain_quantize(s, fmt: str, export: str) -> str | None:
     """The quantize flags (``--format F``, with the --group-size it needs) whose output of the bf16 source ``s`` the
     ``export`` (hf-modelopt, compressed-tensors) takes, or None: routed experts its runtimes load
@@ -74,7 +66,7 @@ def plain_quantize(s, fmt: str, export: str) -> str | None:
     if (export == "hf-modelopt" and f.modelopt_experts_why(s.adapter.family)) or not quantizes_experts(s, fmt):
         return None
     if f.scale == "block":
-        modules = {n: {"format": fmt} for n in decoder_linears(s)}
+        modules = {n: {"format": fmt} for n in decoder_linears(s.reader, s.adapter)}
         try:
             refuse_partial_input_groups(s, export, modules)
         except MoepressError:

@@ -32,6 +32,7 @@ import torch
 from onnx import TensorProto, helper
 
 from moepress.compress.checkpoint import CheckpointReader
+from moepress.compress.quant import fp4
 from moepress.errors import MoepressError
 from moepress.exporters.kernel_widths import TENSORRT_INT4_BLOCKS
 from moepress.exporters.linears import Linear, read_linear, stored_name
@@ -47,10 +48,7 @@ _ONNX_DTYPE = {torch.float32: TensorProto.FLOAT, torch.bfloat16: TensorProto.BFL
 # ---- pure tensor functions -------------------------------------------------------------------
 def pack_int4_onnx(q: torch.Tensor) -> bytes:
     """int8 values in [-8, 7] -> ONNX INT4 raw data (element 2i in the low nibble of byte i)."""
-    flat = q.reshape(-1).to(torch.int16) & 0xF
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    return (flat[0::2] | (flat[1::2] << 4)).to(torch.uint8).numpy().tobytes()
+    return fp4.pack(q.reshape(-1).to(torch.int16) & 0xF).numpy().tobytes()
 
 
 # ---- a graph written as it is built ----------------------------------------------------------

@@ -84,7 +84,7 @@ class LayerBuilder(GraphBuilder):
         with torch.device("meta"):
             scaling = float(a.build_attention(i).scaling)
         nh = int(c.num_attention_heads)
-        if a.family == "deepseek_v3":
+        if a.latent_kv_cache:  # MLA
             nope, rope, dv, rank = (int(c.qk_nope_head_dim), int(c.qk_rope_head_dim), int(c.v_head_dim),
                                     int(c.kv_lora_rank))
             if c.q_lora_rank:
@@ -110,7 +110,7 @@ class LayerBuilder(GraphBuilder):
             hd = int(getattr(c, "head_dim", None) or c.hidden_size // nh)
             q, k, v = (self.heads(self.linear(x, p + f"{n}_proj"), h, hd)
                        for n, h in (("q", nh), ("k", nkv), ("v", nkv)))
-            if a.family == "qwen3_moe":  # per-head RMSNorm on q and k before rotary
+            if a.qk_norm:  # per-head RMSNorm on q and k before rotary
                 eps = float(c.rms_norm_eps)
                 q, k = self.rmsnorm(q, p + "q_norm.weight", eps), self.rmsnorm(k, p + "k_norm.weight", eps)
             q, k = self.rope_half(q, cos, sin, hd), self.rope_half(k, cos, sin, hd)

@@ -116,7 +116,7 @@ def trtllm_experts_problem(shape: ModelShape, t: Target, fmt: str) -> str | None
 
 def refuse_stored_formats(t: Target, shape: ModelShape, fmt: str, name: str) -> None:
     """A checkpoint planned in its own format whose --rules stored some linears in another: each such format
-    against the target too (the checkpoint's headline format alone let w4a8-awq experts plan on a B200)."""
+    against the target too (the checkpoint's headline format alone does not say what its experts need)."""
     if fmt != shape.stored_format:
         return
     others: dict[str, str] = {}

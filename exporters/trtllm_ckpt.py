@@ -60,6 +60,7 @@ import torch
 
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointReader
+from moepress.compress.quant.fp8 import requantize as fp8_requantize
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
 from moepress.exporters.hf_common import open_source
@@ -69,19 +70,10 @@ from moepress.exporters.kv_cache import kv_split_problem
 from moepress.exporters.linears import Linear, read_linear, refuse_fp4
 from moepress.exporters.trtllm_refusals import WRITES, quant_algo, refuse_unwritten_attention
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 # ---- pure tensor functions -------------------------------------------------------------------
-def fp8_requantize(q: torch.Tensor, scale: float, new_scale: float) -> torch.Tensor:
-    """FP8 values at ``scale`` re-rounded to ``new_scale`` (>= scale); exact when equal."""
-    if scale == new_scale:
-        return q
-    return (q.float() * (scale / new_scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-
-
 def split_rows(w: torch.Tensor, parts: int, rank: int) -> torch.Tensor:
     return w.chunk(parts, dim=0)[rank].contiguous() if parts > 1 else w
 
@@ -260,7 +252,7 @@ class _RankWriter:
                 self.put(r, tl + "attention.kv_cache_scaling_factor", torch.tensor([kv], dtype=torch.float32))
             self.put(r, tl + "input_layernorm.weight", fp(reader.get(lp + "input_layernorm.weight")))
             self.put(r, tl + "post_layernorm.weight", fp(reader.get(lp + "post_attention_layernorm.weight")))
-            if self.a.family == "qwen3_moe":
+            if self.a.qk_norm:
                 self.put(r, tl + "attention.q_layernorm.weight", fp(reader.get(lp + "self_attn.q_norm.weight")))
                 self.put(r, tl + "attention.k_layernorm.weight", fp(reader.get(lp + "self_attn.k_norm.weight")))
         return quant

@@ -10,7 +10,7 @@ from moepress.compress import formats
 from moepress.compress.checkpoint import CheckpointReader
 from moepress.errors import MoepressError
 from moepress.exporters.fused_moe import pattern
-from moepress.exporters.hf_common import FLOAT_DTYPES, Source, open_source
+from moepress.exporters.hf_common import FLOAT_DTYPES, Source, decoder_linears, open_source
 from moepress.exporters.hf_modelopt import elsewhere_taken
 from moepress.exporters.linears import read_linear
 
@@ -21,13 +21,6 @@ WRITES = "bf16 or FP8 per tensor (moepress quantize --format fp8)"
 def source(reader: CheckpointReader, adapter) -> Source:
     """The checkpoint as hints.elsewhere reads it (its layout, if moepress quantize wrote it)."""
     return Source(Path(reader.path), reader, adapter, formats.read_layout(reader.path))
-
-
-def decoder_linears(reader: CheckpointReader, adapter) -> list[str]:
-    """Every decoder linear but the routers, by prefix (``...experts.3.w1``)."""
-    routers = tuple(adapter.router_prefix(i) for i in range(adapter.num_layers))
-    return [n[: -len(".weight")] for i in range(adapter.num_layers) for n in reader.layer_names(i)
-            if n.endswith(".weight") and len(reader.info(n).shape) == 2 and not n.startswith(routers)]
 
 
 def quant_algo(reader: CheckpointReader, adapter) -> tuple[str | None, str | None]:

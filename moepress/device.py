@@ -2,7 +2,7 @@
 peaks (host RSS, GPU) every stage reports in its ``--json`` result.
 
 One device argument flows from the CLI (or a recipe's ``device`` key) to the code that allocates
-(STYLE.md, streaming to the GPU); no module picks a device on its own. The device is a runtime
+(../shared/STYLE.md, streaming to the GPU); no module picks a device on its own. The device is a runtime
 argument, never part of a stage's config: it does not change what a stage writes (calibration-free
 formats are byte-identical on every device; calibrated ones agree within float32 rounding), so a
 manifest and a resume key do not depend on it.
@@ -136,9 +136,9 @@ class MemoryPeaks:
 
 class Uploader:
     """Stored tensors to the compute device: host -> pinned buffer -> device, on a side CUDA stream,
-    so the next layer's copy runs while this layer computes (STYLE.md, streaming to the GPU).
+    so the next layer's copy runs while this layer computes (../shared/STYLE.md, streaming to the GPU).
 
-    On the CPU every method returns its input unchanged: the CPU path is the path it always was.
+    On the CPU every method returns its input unchanged.
     ``timings`` collects (what, start, end) wall times of uploads and waits, from which the
     benchmarks compute how long the device sat idle waiting for bytes.
     """

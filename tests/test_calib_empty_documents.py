@@ -60,13 +60,14 @@ def test_check_data_from_a_token_file_does_not_claim_the_seed(tmp_path, cli_run)
 def test_a_token_file_prepared_from_a_token_file_keeps_its_text_as_calibration_data(tmp_path, cli_run):
     """calib prepare --calib big.safetensors -o small.safetensors (a subset): a stage calibrated on small
     recorded big's hash but not the text big was sampled from, so check --data TEXT gave no in-sample note."""
-    from moepress.calib.data import DEFAULT_CALIB, calibration_inputs, source_hashes
+    from moepress.calib.data import calibration_inputs, source_hashes
+    from moepress.calib.sources import BUNDLED_CALIB
 
     big, small, tiny = tmp_path / "big.safetensors", tmp_path / "small.safetensors", tmp_path / "tiny.safetensors"
     for args in (("-o", big, "--num-samples", 6), ("--calib", big, "-o", small, "--num-samples", 3),
                  ("--calib", small, "-o", tiny, "--num-samples", 2)):  # tiny: a subset of a subset
         r = cli_run("calib", "prepare", "tiny-qwen3-moe", "--seq-len", 16, "-q", *args)
         assert r.exit_code == 0, r.stderr
-    text = source_hashes((str(DEFAULT_CALIB),))[str(DEFAULT_CALIB)]
+    text = source_hashes((str(BUNDLED_CALIB),))[str(BUNDLED_CALIB)]
     for f in (big, small, tiny):  # transitively: however many token files lie between the text and this one
         assert text in calibration_inputs((str(f),))["calibration_sha256"], f.name

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from moepress.calib.sources.spec import TEXT_SUFFIXES, SourceSpec
-from moepress.manifest import file_stamp
+from moepress.manifest import file_stamp, sha256_file
 
 
 def _file_sha(p: Path, memo: dict | None) -> str:
@@ -18,11 +18,7 @@ def _file_sha(p: Path, memo: dict | None) -> str:
         if isinstance(hit, dict) and isinstance(hit.get("sha256"), str) and \
                 all(hit.get(k) == v for k, v in stamp.items()):
             return hit["sha256"]
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    d = h.hexdigest()
+    d = sha256_file(p)
     if memo is not None:
         memo[key] = {**stamp, "sha256": d}
     return d

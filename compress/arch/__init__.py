@@ -33,8 +33,8 @@ def _load_all() -> None:
 def adapter_class(config: dict, where: str = "config.json"):
     """The family of ``config`` by its ``model_type``, the key transformers' AutoConfig (and vLLM, through it)
     builds the model's config by: a checkpoint whose model_type is missing or another one's loads in neither,
-    though its ``architectures`` name one of ours, so it is refused (a check of its export, built with the
-    family's own config, had passed what its consumers cannot load)."""
+    though its ``architectures`` name one of ours, so it is refused (a check built with the family's own
+    config would pass what its consumers cannot load)."""
     _load_all()
     mt = config.get("model_type")
     archs = config.get("architectures") or []

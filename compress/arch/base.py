@@ -15,7 +15,7 @@ from moepress.errors import MoepressError
 
 TOP_K_KEY = "num_experts_per_tok"  # experts each token is routed to, in every supported family's config
 # counts past which a config is refused before anything is built from it (a config-only inspect builds each
-# layer's modules: 10^9 experts or 10^7 layers ran until memory ran out): far above any released model's
+# layer's modules: a count such as 10^9 experts would run until memory runs out): far above any released model's
 # (Kimi K2: 61 layers, 384 routed experts), low enough that inspect and plan take seconds
 MAX_LAYERS = 1024
 MAX_EXPERTS = 8192
@@ -50,6 +50,8 @@ class Adapter:
     expert_names: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
     # the KV cache holds a compressed latent, not the keys / values k_scale / v_scale are measured on (MLA)
     latent_kv_cache: ClassVar[bool] = False
+    # per-head RMSNorm of q and k before rotary (self_attn.q_norm / k_norm): the exporters write it
+    qk_norm: ClassVar[bool] = False
     # linears (name suffixes) a runtime dequantizes by running its quant method on an identity matrix
     # (vLLM's MLA kv_b_proj split): a static FP8 or NVFP4 input scale there must quantize 1.0 exactly
     # (compress/quant/fp8.py identity_exact_input_scale)

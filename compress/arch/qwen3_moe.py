@@ -22,6 +22,7 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch
 
 class Qwen3MoeAdapter(Adapter):
     family = "qwen3_moe"
+    qk_norm = True
     model_types = ("qwen3_moe",)
     layer_kind_keys = ("decoder_sparse_step", "mlp_only_layers")
     architectures = ("Qwen3MoeForCausalLM",)

@@ -85,7 +85,7 @@ def check_output(out: str | os.PathLike, *, force: bool = False, resume: bool = 
     """What :class:`CheckpointWriter` refuses before it touches anything, without taking the lock:
     a stage calls it before its calibration, so that a bad ``-o`` is refused in a second. ``finished``: the file a
     killed run of the stage leaves in its partial beside finished work, which the writer clears unless resumed:
-    said through ``say`` (hours of a quantize went without a word)."""
+    said through ``say``, since clearing it discards work."""
     sources = tuple(sources)
     out = output_dir(out, sources)
     if not out.name:

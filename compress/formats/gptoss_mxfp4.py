@@ -32,9 +32,7 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
             or blocks.ndim < 3:
         raise ValueError(f"blocks {blocks.dtype} {list(blocks.shape)} / scales {scales.dtype} {list(scales.shape)}: "
                          "expected uint8 [..., R, G, 16] and uint8 [..., R, G]")
-    v = fp4.E2M1_VALUES.to(blocks.device, dtype)[fp4.unpack(blocks).long()]  # [..., R, G, 32]
-    v = torch.ldexp(v, (scales.to(torch.int32) - fp4.E8M0_BIAS).unsqueeze(-1))
-    return v.to(dtype).flatten(-2).transpose(-1, -2).contiguous()
+    return fp4.mx_dequantize(blocks.flatten(-2), scales, dtype).transpose(-1, -2).contiguous()
 
 
 def decode(reader, base: str, dtype: torch.dtype) -> torch.Tensor | None:

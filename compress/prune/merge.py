@@ -12,9 +12,8 @@ exact), so every layer keeps the same count and every runtime loads the result.
 
 How a dropped expert is folded: into the kept experts that its tokens are routed to after pruning, in
 output space. HC-SMoE and REAM average the members' parameters (weighted by routing frequency, resp. by
-gate-weighted activations, after aligning neurons); on the bundled models that average, neurons aligned
-by mutual-best matching and weighted by the routing mass each member hands over, was worse than plain
-pruning at every weight tried. Here instead each kept expert's down projection is refit
+gate-weighted activations, after aligning neurons); a parameter average mixes neurons that compute different
+functions, so here instead (bench/prune_quality.py compares the methods) each kept expert's down projection is refit
 (:func:`refit`) so that, on calibration tokens, the pruned block's routed output reproduces the unpruned
 block's: the kept expert takes, on each token routed to it, the share of the dropped experts' output
 that its router weight gives it. The statistics are router-weighted output moments (Gram matrix of the

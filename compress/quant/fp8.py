@@ -178,6 +178,13 @@ def quantize_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w.float() / scale).to(FP8_DTYPE), scale
 
 
+def requantize(q: torch.Tensor, scale: float, new_scale: float) -> torch.Tensor:
+    """FP8 values at ``scale`` re-rounded to ``new_scale`` (>= scale); exact when equal."""
+    if scale == new_scale:
+        return q
+    return (q.float() * (scale / new_scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
 def scale_layout_error(q_shape, s_shape) -> str | None:
     """Why an FP8 weight's ``weight_scale`` is none of the layouts :func:`dequantize` reads (None if it is
     one): per tensor, per channel ([out] as Model-Optimizer writes it, [out, 1] as compressed-tensors does)

@@ -87,14 +87,8 @@ def quantize_checkpoint(model: str | Path, out: str | Path, cfg: QuantConfig, *,
                                      resume=resume, device=device, notes=notes)
 
 
-def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
-             calib_batches: list[torch.Tensor] | None = None, progress: Progress = QUIET, **kw) -> dict:
-    """Same as :func:`quantize_checkpoint` (``calib_batches`` are its ``batches``)."""
-    return quantize_checkpoint(model_dir, out_dir, cfg, batches=calib_batches, progress=progress, **kw)
-
-
 __all__ = [
     "AWQ_SAMPLE_ROWS", "FORMATS", "MIN_EXPERT_TOKENS", "REPORT", "SHARED_INPUT", "SIDECAR", "Batches", "LayerResult",
-    "LinearStats", "QuantConfig", "QuantizeStage", "parse_rules", "quantize", "quantize_checkpoint", "quantize_group",
+    "LinearStats", "QuantConfig", "QuantizeStage", "parse_rules", "quantize_checkpoint", "quantize_group",
     "quantize_layer", "quantize_tensors", "read_quant_layout",
 ]

@@ -15,16 +15,13 @@ holds it), and AWQ's scale search fits a handful of rows, so the rounding fits t
 tokens rather than the expert's input distribution. The rule (config.py): an expert that
 calibration routed fewer than ``max(MIN_EXPERT_TOKENS, SPARSE_EXPERT_RATIO x input width)`` tokens
 (ratio 1: fewer tokens than channels) is rounded to nearest, all three projections (its static
-input scale still from its own tokens, or the peers' without any). Chosen by measurement
-(bench/quant_suite.py, int4-gptq on tiny-deepseek-v3, the Kimi-style variant and top-1 Mixtral,
-two calibration seeds) against the alternatives it implements: gate/up statistics from every
-MoE-input token with down rounded to nearest (``borrow``), and statistics from every MoE-input
-token through the sparse expert (``all-tokens``, llm-compressor's ``moe_calibrate_all_experts``
-for the sparse ones) or through every expert (``ALL_TOKENS_STATISTICS``). The three sparse-expert
-rules came out equal within the seeds' spread; every expert from all tokens moved perplexity by
-up to +-0.25% in either direction between seeds, so it is not the default. Round to nearest was
-chosen among the equals because it needs nothing the expert did not see (no statistics of tokens
-routed elsewhere, no second pass of every expert over every token) and cannot overfit.
+input scale still from its own tokens, or the peers' without any). Round to nearest needs
+nothing the expert did not see (no statistics of tokens routed elsewhere, no second pass of every
+expert over every token) and cannot overfit. The alternatives kept for comparison
+(bench/quant_suite.py; README, "sparse experts"): gate/up statistics from every MoE-input token
+with down rounded to nearest (``borrow``), and statistics from every MoE-input token through the
+sparse expert (``all-tokens``, llm-compressor's ``moe_calibrate_all_experts`` for the sparse ones)
+or through every expert (``ALL_TOKENS_STATISTICS``).
 quant_report.json lists per expert its tokens, its gate/up input Hessian's rank and damped
 condition number (stats.hessian_evidence), where its statistics came from and each projection's
 rounding; ``experts_with_borrowed_scales`` lists the sparse ones.

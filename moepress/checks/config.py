@@ -227,7 +227,7 @@ def refuse_unmeasured(cfg: CheckConfig, metrics: dict, why: dict[str, str]) -> N
 
 def fmt(value: float, percent: bool = False, beside: float | None = None) -> str:
     """``value`` for a person (a percentage: signed, two decimals); with the threshold it is judged against
-    (``beside``), as many more digits as tell the two apart (+2.0014% failed a gate printed "+2.00%: FAIL")."""
+    (``beside``), as many more digits as tell the two apart, so a failing value never prints as the threshold."""
     if value is None:
         return "n/a"
     base = 2 if percent else 4

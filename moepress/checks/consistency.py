@@ -3,8 +3,8 @@ and one whose config.json says another model than the reference's in a setting n
 
 The runtimes build the model from config.json: an export whose ``rms_norm_eps``, rope, activation, routing
 (top-k, renormalisation, scaling, groups) or tied embeddings differ from the reference's runs another model,
-one the whole-model gates may not tell apart (an ``rms_norm_eps`` x100 moves perplexity by 0.03%; a
-``tie_word_embeddings`` flipped is not read by the streamed check at all, while a loader that honours it
+one the whole-model gates may not tell apart (an ``rms_norm_eps`` x100 moves perplexity less than quantization
+noise; a ``tie_word_embeddings`` flipped is not read by the streamed check at all, while a loader that honours it
 replaces lm_head with the embedding). Prune keeps every one of them (it keeps top-k and the group counts:
 compress/prune/budget.py); quantize and the exporters copy them.
 """

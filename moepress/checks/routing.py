@@ -11,9 +11,8 @@ fold multiplies that weight by its scales and divides the router's and the exper
 quantizes in the layer changes nothing here: a correct quantized or exported checkpoint routes as the reference
 (moepress never quantizes a router; an AWQ fold's rescaled router may flip a near tie), while a dropped or
 permuted correction bias or another top-k show at once (router rows permuted without their experts show in the
-experts' own error, below). Such breaks can move the whole-model metrics by under 1% (a dropped DeepSeek-V3
-correction bias: +0.15% perplexity on the bundled tiny-deepseek-v3), which perplexity, KL and top-1 gates cannot
-tell from quantization noise.
+experts' own error, below). Such breaks (a dropped DeepSeek-V3 correction bias) can move the whole-model metrics
+less than quantization does, so perplexity, KL and top-1 gates cannot tell them from quantization noise.
 
 Experts are matched by their router rows, not by index: a candidate whose experts are the reference's in
 another order, with their router rows moved alike (an expert-placement tool that rewrites the
@@ -84,7 +83,7 @@ class RouteCapture:
         self.seen.append((x, indices))
         if self.probe is None:
             # spread over the first sample's positions (not only its first ones), whatever --batch-size puts
-            # beside it: over the whole batch, the expert errors moved by 20% with the batch size
+            # beside it: the probe, and so the expert errors, must not depend on the batch's make-up
             n = min(self.per_sample or x.shape[0], x.shape[0])
             pick = torch.linspace(0, n - 1, min(PROBE_TOKENS, n)).round().long().to(x.device)
             self.probe, self.scores = x[pick], logits[pick].float()

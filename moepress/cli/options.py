@@ -1,4 +1,4 @@
-"""Options shared by every stage: one name, one meaning everywhere (STYLE.md, click section)."""
+"""Options shared by every stage: one name, one meaning everywhere (../shared/STYLE.md, click section)."""
 
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ OUTPUT_META = "moepress.output"
 
 def remember_output(ctx: click.Context, param, value):
     """-o's callback: keep the output path where the CLI's error handler finds it. An option of the command's own
-    as the value (`-o -q`: click takes it as the path) is refused: a folder named `-q` was written, unquiet."""
+    as the value (`-o -q`: click takes it as the path) is refused: a folder named `-q` would be written, unquiet."""
     if value is not None:
         own = {o for p in ctx.command.get_params(ctx) for o in (*p.opts, *p.secondary_opts)}  # --help too
         if str(value) in own:

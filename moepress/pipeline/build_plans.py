@@ -1,6 +1,6 @@
 """Run's preflight of the build section: each (target, export a builder takes) planned as `moepress build` will plan
-it (exporters/plan.py), on the model as the prune leaves it, before any stage runs. A build refused here used to be
-recorded in the run's refused.txt after prune, quantize and export, and the run exited 0."""
+it (exporters/plan.py), on the model as the prune leaves it, before any stage runs: a build the target refuses
+stops the run before hours of prune, quantize and export, not after them."""
 
 from __future__ import annotations
 

@@ -118,7 +118,7 @@ def _refuse_partly_quantized(s) -> None:
     """trtllm-ckpt writes one quant_algo for every decoder linear but the routers
     (exporters/trtllm_refusals.refuse_partly_fp8): none left unquantized beside FP8 ones."""
     from moepress.exporters.fused_moe import pattern
-    from moepress.exporters.trtllm_refusals import decoder_linears
+    from moepress.exporters.hf_common import decoder_linears
 
     plain = [n for n in decoder_linears(s.reader, s.adapter) if n not in s.layout["modules"]]
     if plain:

@@ -58,7 +58,7 @@ def runtime_kv_cache(sm: StreamedModel) -> StreamedModel:
     (``self_attn.k_scale`` / ``v_scale`` of a moepress quantize output, ``self_attn.k_proj.k_scale`` /
     ``v_proj.v_scale`` of its hf-modelopt export): the keys and values the attention reads are the cached ones,
     x / s clamped to +-448, in E4M3, times s, as vLLM writes and reads its cache (csrc quantization/fp8
-    ``scaled_convert``); the stream alone left them unquantized, so scales 100x off passed the check unchanged.
+    ``scaled_convert``); without it the stream would run the cache unquantized, and a wrong scale would not show.
     Not for a latent (MLA) cache, whose runtimes keep its scale at 1.0 whatever the checkpoint holds (README,
     --kv-cache), nor per-head scales. Returns ``sm``."""
     declared = kv_cache_declared(sm.ckpt.path)
