@@ -108,7 +108,8 @@ def test_cache_off_hashes_a_source_and_builds_a_set_once_per_process(tmp_path, m
     src = tmp_path / "corpus.txt"
     src.write_text("a few words of text to calibrate on, again and again.\n" * 200)
     opened, built = [], []
-    monkeypatch.setattr(hashing, "open", lambda p, *a: opened.append(str(p)) or open(p, *a), raising=False)
+    real_sha = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda p: opened.append(str(p)) or real_sha(p))
     real = data_mod._sample_source
     monkeypatch.setattr(data_mod, "_sample_source", lambda *a, **k: built.append(1) or real(*a, **k))
     sets = [calibration_set(QWEN, (str(src),), num_samples=2, seq_len=16, seed=0) for _ in range(3)]

@@ -103,3 +103,17 @@ def test_quiet_silences_json_events_and_a_terminals_bar():
         t.advance(note="x")
         t.advance()
     assert out.getvalue() == "" and tty.getvalue() == ""
+
+
+def test_a_terminal_gets_rich_s_bar_with_steps_done_and_eta(clock):
+    """On a terminal, human mode draws rich's bar (the only code that uses rich, so .ci/lowest runs this at its
+    lower bound): the stage, steps done of total and the ETA column, not the log lines written off a terminal."""
+    tty = _Terminal()
+    p = Progress("human", stream=tty)
+    with p.task("quantize", 4) as t:
+        clock[0] = 5.0
+        t.advance(note="layer 0")
+        t.advance()
+    drawn = tty.getvalue()
+    assert "quantize" in drawn and "2/4" in drawn and "ETA" in drawn, drawn
+    assert "layer 1/4 (25%)" not in drawn, drawn
