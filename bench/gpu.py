@@ -15,8 +15,7 @@ What it does, in one run:
     rounding; int4-gptq; prune ``auto`` at 50%) as ``python -m moepress ... --device D --json`` in its
     own process: per-layer seconds from the progress events, host RSS and GPU peaks from the JSON
     result (moepress/device.py); GPU runs first (issue 22's targets first: int4-awq, prune auto,
-    fp8-block), each keeping GPU_FLOOR_S back for each GPU run after it and CPU_RESERVE_S for each CPU
-    run, then the CPU runs (beside a GPU only
+    fp8-block), each with its WEIGHT's share of the time left, then the CPU runs (beside a GPU only
     ``--cpu-modes`` fp8-block: a calibrated mode does not finish a Kimi-width layer on a CPU in the
     time); a run that would overrun is stopped and shows the layers it finished;
   * a streamed forward on each device: the share of time the compute waited for uploads;
@@ -61,8 +60,10 @@ MODES = {  # name -> (stage command, options, calibrated); the order they run in
     "int4-gptq": (["quantize", "--format", "int4-gptq"], True),
     "fp8": (["quantize", "--format", "fp8"], True),
 }
-CPU_RESERVE_S = 60.0  # kept back from the GPU runs for each CPU run
-GPU_FLOOR_S = 45.0  # kept back from a GPU run for each GPU run after it (the first ones matter most)
+# each run's share of the time left (run_timeout): issue 22's targets first and most (int4-awq <= 2 h,
+# prune auto <= 1 h), calibration-free fp8-block needs one read of the layers
+WEIGHT = {"int4-awq": 4.0, "prune-auto": 3.0, "fp8-block": 1.0, "int4-gptq": 2.0, "fp8": 1.0}
+CPU_WEIGHT = 1.5  # a CPU run (fp8-block beside a GPU)
 TARGET_HOURS = {"int4-awq": 2.0, "prune-auto": 1.0}
 TARGET_RAW_RATIO = 1.5
 TARGET_HOST_GB = 64.0
@@ -311,7 +312,9 @@ def main(argv=None) -> int:
             left = a.budget_s - (time.monotonic() - t_start) - 20  # 20 s for the table and the idle figure
             timeout = run_timeout(left, dev, runs[k:])
             src = srcs[counts[dev]]
-            drop_cache(sorted(src.glob("*.safetensors")))
+            # cold reads where the raw read is the reference (calibration-free); elsewhere these files' pages
+            # only: a whole-cache drop makes every stage re-read torch's CUDA libraries
+            drop_cache(sorted(src.glob("*.safetensors")), whole=not MODES[mode][1])
             row = run_stage(mode, src, work / "out", dev, calib, timeout)
             row["experts"] = counts[dev]
             sizes = layer_bytes(src)
@@ -348,13 +351,15 @@ def main(argv=None) -> int:
 
 
 def run_timeout(left: float, dev: str, runs: list[tuple[str, str]]) -> float:
-    """Seconds for the next run: a GPU run takes what is left but GPU_FLOOR_S for each later GPU run and
-    CPU_RESERVE_S for each CPU run (at most 600 s), so that the runs first in line (issue 22's targets) get the
-    time the later, quicker ones do not need; CPU runs share what the GPU runs left."""
-    gpu, cpu = sum(1 for d, _ in runs if d != "cpu"), sum(1 for d, _ in runs if d == "cpu")
-    if dev != "cpu":
-        return max(min(600.0, left - GPU_FLOOR_S * (gpu - 1) - CPU_RESERVE_S * cpu), 30.0)
-    return max(left / max(cpu, 1), 5.0)
+    """Seconds for the next run: its WEIGHT's share of what is left among the runs still to come (at most
+    600 s; at least 30 s on a GPU, 5 s on the CPU). The time is read from the clock before each run, so a run
+    that finishes early leaves its time to the ones after it; issue 22's targets weigh most."""
+    share = _weight(dev, runs[0][1]) / sum(_weight(d, m) for d, m in runs)
+    return max(min(600.0, left * share), 30.0 if dev != "cpu" else 5.0)
+
+
+def _weight(dev: str, mode: str) -> float:
+    return CPU_WEIGHT if dev == "cpu" else WEIGHT[mode]
 
 
 def guarded(fn, *args):

@@ -26,4 +26,5 @@ ls -la .whl
 bytes=$( { git ls-files -z; git ls-files -z -o --exclude-standard; find .whl -type f -print0; } \
   | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
 echo "gpu_wheels: $(( bytes / 1048576 )) MiB travel (working tree + .whl; limit 64 MiB)"
-[ "$bytes" -le $(( 62 * 1048576 )) ] || { echo "gpu_wheels: over 62 MiB: remove untracked files first" >&2; exit 1; }
+# the run carries at most 64 MiB; half a MiB kept as margin
+[ "$bytes" -le $(( 127 * 524288 )) ] || { echo "gpu_wheels: over 63.5 MiB: remove untracked files first" >&2; exit 1; }

@@ -34,14 +34,15 @@ import time
 from pathlib import Path
 
 
-def drop_cache(paths) -> str:
-    """Empty the page cache: all of it where we may (root: /proc/sys/vm/drop_caches), else these
-    files' pages (posix_fadvise DONTNEED, advisory: the kernel may keep some, a sandboxed kernel all).
+def drop_cache(paths, whole: bool = True) -> str:
+    """Empty the page cache: all of it where we may and ``whole`` (root: /proc/sys/vm/drop_caches), else
+    these files' pages (posix_fadvise DONTNEED, advisory: the kernel may keep some, a sandboxed kernel all).
     Returns which was done, for the record beside the raw read it makes cold."""
     os.sync()
     try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return "drop_caches"
+        if whole:
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            return "drop_caches"
     except OSError:
         pass
     for p in paths:

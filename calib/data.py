@@ -284,13 +284,7 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
         perm = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))
         ids, src = ids[perm], src[perm]
     vocab = len(tok)
-    bad = ((ids < 0) | (ids >= vocab)).any(dim=1).nonzero()
-    if bad.numel():  # a token file's ids: the source that gave them named
-        r = int(bad[0])
-        row = ids[r]
-        v = int(row[(row < 0) | (row >= vocab)][0])
-        raise MoepressError(f"--calib {specs[int(src[r])].spec}: token id {v} is outside the tokenizer's vocabulary "
-                            f"(0..{vocab - 1})")
+    _refuse_out_of_vocab(ids, src, specs, vocab)
     check_embedding_rows(model_dir, ids, src, specs)
     if len(specs) == 1 and specs[0].type == "tokens":  # its first rows, whatever --seed: the file's own seed drew them
         seed = infos[0].get("seed")
@@ -302,6 +296,17 @@ def calibration_set(model_dir: str | Path, sources: tuple[str, ...] | list[str] 
     if cacheable:
         cache_mod.cache_put(key, ids, src, meta)
     return CalibSet(ids, src, meta)
+
+
+def _refuse_out_of_vocab(ids: torch.Tensor, src: torch.Tensor, specs: list[SourceSpec], vocab: int) -> None:
+    """A token file's ids outside the tokenizer's vocabulary, refused naming the source that gave them."""
+    bad = ((ids < 0) | (ids >= vocab)).any(dim=1).nonzero()
+    if bad.numel():
+        r = int(bad[0])
+        row = ids[r]
+        v = int(row[(row < 0) | (row >= vocab)][0])
+        raise MoepressError(f"--calib {specs[int(src[r])].spec}: token id {v} is outside the tokenizer's vocabulary "
+                            f"(0..{vocab - 1})")
 
 
 def _as_asked(side: dict, specs: list[SourceSpec], model_dir: Path) -> dict:

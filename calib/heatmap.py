@@ -18,13 +18,8 @@ def plot_share(stats: RoutingStats, path: str | Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    layers = sorted(stats.layers)
-    e = max(stats.layers[i].num_experts for i in layers)
-    share = torch.full((len(layers), e), float("nan"), dtype=torch.float64)
-    for r, i in enumerate(layers):
-        lr = stats.layers[i]
-        share[r, : lr.num_experts] = lr.share.cpu()
-    pct = (share * 100).numpy()
+    layers, pct = share_percent(stats)
+    e = pct.shape[1]
     never = pct == 0
     shown = pct.copy()
     shown[never] = float("nan")
@@ -44,13 +39,7 @@ def plot_share(stats: RoutingStats, path: str | Path, title: str = "") -> Path:
         ax.scatter(cols, rows, marker="x", c="#d62728", s=max(12, min(60, 900 / e)), linewidths=1.5, zorder=3)
     annotate = e <= 32 and len(layers) <= 24
     if annotate:
-        mid = (lo * hi) ** 0.5
-        for r in range(len(layers)):
-            for c in range(e):
-                v = shown[r, c]
-                if v == v:
-                    ax.text(c, r, cell_label(v),
-                            ha="center", va="center", fontsize=6.5, color="white" if v < mid else "black")
+        _label_cells(ax, shown, (lo * hi) ** 0.5)
     ax.set_yticks(range(len(layers)), [str(i) for i in layers])
     step = 1 if e <= 40 else max(1, e // 32)
     ax.set_xticks(range(0, e, step))
@@ -71,6 +60,27 @@ def plot_share(stats: RoutingStats, path: str | Path, title: str = "") -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def share_percent(stats: RoutingStats):
+    """(MoE layer indices, [layers, experts] share of the routing slots in %; NaN past a layer's expert count)."""
+    layers = sorted(stats.layers)
+    e = max(stats.layers[i].num_experts for i in layers)
+    share = torch.full((len(layers), e), float("nan"), dtype=torch.float64)
+    for r, i in enumerate(layers):
+        lr = stats.layers[i]
+        share[r, : lr.num_experts] = lr.share.cpu()
+    return layers, (share * 100).numpy()
+
+
+def _label_cells(ax, shown, mid: float) -> None:
+    """Each routed cell's share written in it, white on the dark half of the colour map."""
+    for r in range(shown.shape[0]):
+        for c in range(shown.shape[1]):
+            v = shown[r, c]
+            if v == v:
+                ax.text(c, r, cell_label(v), ha="center", va="center", fontsize=6.5,
+                        color="white" if v < mid else "black")
 
 
 def cell_label(v: float) -> str:

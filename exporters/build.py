@@ -52,7 +52,7 @@ from moepress.exporters.plan import KVCacheRefused, Plan, check_sizes, plan
 from moepress.exporters.plan import render as render_plan
 from moepress.exporters.targets import Target, get_target
 from moepress.manifest import MANIFEST_NAME, file_digests, read_manifest, resized, versions, write_manifest
-from moepress.outputs import OutputLock, clear_retired, install, output_dir
+from moepress.outputs import OutputLock, clear_retired, install, output_dir, refuse_existing
 
 # (engine directory, reference model, progress) -> the check's record
 Check = Callable[[Path, Path, object], dict]
@@ -160,9 +160,8 @@ def _resolve(artifact: Path, target: str | Target, out: Path, o: BuildOptions) -
 
 
 def _workdir(out: Path, force: bool) -> Path:
-    """OUT.partial, empty; refuses a non-empty OUT unless ``force``."""
-    if out.exists() and any(out.iterdir()) and not force:
-        raise MoepressError(f"{out}: exists and is not empty; use --force to replace it")
+    """OUT.partial, empty; an existing OUT refused unless the build may replace it (outputs.refuse_existing)."""
+    refuse_existing(out, force)
     work = out.with_name(out.name + ".partial")
     clear_retired(out)
     if work.exists():
@@ -213,10 +212,10 @@ def build(artifact: str | Path, target: str | Target, out: str | Path, cfg: Buil
         work = _workdir(out, o.force)
         try:
             result = _write(job, work, o, progress, check)
+            install(work, out)  # the old OUT moved aside whole, then replaced: never half-removed at OUT
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-        install(work, out)  # the old OUT moved aside whole, then replaced: never half-removed at OUT
     finally:
         lock.release()
     return result

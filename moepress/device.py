@@ -168,7 +168,9 @@ class Uploader:
         else:
             stream = self._side_stream()
             inflight = 0
-            with torch.cuda.stream(stream):
+            # the device first: leaving a stream context alone restores the thread's previous stream through
+            # its current device, device 0 in a fresh thread, where CUDA 12 then makes a context (about 0.5 GB)
+            with torch.cuda.device(self.device), torch.cuda.stream(stream):
                 for k in list(src):
                     v = src.pop(k)
                     out[k] = v.pin_memory().to(self.device, non_blocking=True)

@@ -42,7 +42,20 @@ def output_dir(path: str | os.PathLike, sources: Iterable[str | os.PathLike] = (
     overlaps one of ``sources``, the stage's inputs."""
     p = absolute(path)
     refuse_overlap(p, sources)
-    return p.resolve() if p.is_symlink() else p
+    return resolved(p) if p.is_symlink() else p
+
+
+def resolved(p: str | os.PathLike) -> Path:
+    """``p`` with every symbolic link followed; a link loop refused in one line (Python 3.11 raises
+    RuntimeError for it, later ones OSError ELOOP)."""
+    try:
+        return Path(p).resolve()
+    except RuntimeError:
+        raise MoepressError(f"{p}: a loop of symbolic links; expected a path that names a folder") from None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise MoepressError(f"{p}: a loop of symbolic links; expected a path that names a folder") from None
 
 
 def retired(out: Path) -> Path:
@@ -115,7 +128,7 @@ def is_cwd(path: Path) -> bool:
 def overlap(out: str | os.PathLike, source: str | os.PathLike) -> str | None:
     """How ``out`` overlaps ``source`` once both are resolved (symlinks followed): "is",
     "is inside", "contains", or None when they are apart."""
-    o, s = Path(out).resolve(), Path(source).resolve()
+    o, s = resolved(out), resolved(source)
     if o == s:
         return "is"
     if s in o.parents:
@@ -137,6 +150,41 @@ def pid_alive(pid: str) -> bool:
     except OSError:  # another user's process
         return True
     return True
+
+
+def refuse_existing(out: Path, force: bool) -> None:
+    """What an existing ``out`` must be for a stage to replace it, refused before any work: a directory; empty,
+    or with --force one a moepress stage wrote (its manifest: --force never deletes a folder of other files);
+    not holding the current directory; and, unless it is the current directory (filled in place), one this user
+    may rename, since the finished output is renamed into its place (a mount point, an immutable folder or
+    another user's in a sticky parent would fail only at the end, the work lost)."""
+    from moepress.manifest import MANIFEST_NAME
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise MoepressError(f"{out}: output path exists and is not a directory")
+    held = next(out.iterdir(), None)
+    if held is not None and not force:
+        raise MoepressError(f"{out}: output directory is not empty (pass --force to replace it)")
+    if held is not None and not (out / MANIFEST_NAME).is_file():
+        raise MoepressError(f"{out}: --force replaces only an output a moepress stage wrote (no {MANIFEST_NAME}; "
+                            f"it holds {held.name}); expected a new or empty folder")
+    if is_cwd(out):
+        return
+    cwd = Path(os.getcwd()).resolve()
+    if resolved(out) in cwd.parents:
+        raise MoepressError(f"{out}: holds the current directory {cwd}; expected an output that does not contain it")
+    if os.path.ismount(out):
+        raise MoepressError(f"{out}: a mount point, which the finished output cannot be renamed over; expected a "
+                            "new folder inside it")
+    probe = out.with_name(out.name + ".partial.probe")
+    try:
+        os.rename(out, probe)
+    except OSError as e:
+        raise MoepressError(f"{out}: cannot be replaced ({e.strerror}), and the finished output is renamed into its "
+                            "place; expected a folder this user may rename, or a new path") from None
+    os.rename(probe, out)
 
 
 def refuse_overlap(out: str | os.PathLike, sources: Iterable[str | os.PathLike], label: str = "") -> None:
@@ -256,7 +304,7 @@ def require_space(out: str | os.PathLike, need: int, what: str) -> None:
 
 
 __all__ = ["SKIP_SPACE_CHECK", "OutputLock", "absolute", "clear_retired", "install", "output_dir", "overlap",
-           "refuse_overlap", "require_space", "retired"]
+           "refuse_existing", "refuse_overlap", "require_space", "retired"]
 
 
 def write_text_atomic(path: Path, text: str) -> None:

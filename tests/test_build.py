@@ -80,6 +80,7 @@ def test_build_into_the_current_directory_keeps_it(ckpt, tmp_path, monkeypatch):
     out = tmp_path / "here"
     out.mkdir()
     (out / "old.txt").write_text("x")
+    (out / "moepress-manifest.json").write_text("{}")  # an earlier output
     monkeypatch.chdir(out)
     build(ckpt, "h100", ".", force=True, dry_run=True)
     assert os.getcwd() == str(out) and os.path.samefile(".", out)
@@ -123,7 +124,7 @@ def test_trtllm_engine_refusals(ckpt, tmp_path, mixtral):
     assert "--use_fp8_context_fmha" not in res["commands"][0]
     assert not (tmp_path / "o1").exists()  # nothing written on a refusal
     # OUT not empty without --force
-    with pytest.raises(MoepressError, match="exists and is not empty; use --force"):
+    with pytest.raises(MoepressError, match=r"output directory is not empty \(pass --force"):
         build(bf16, "a100", tmp_path / "o3")
     build(bf16, "l4", tmp_path / "o3", force=True)
 

@@ -56,6 +56,9 @@ def test_output_not_empty_needs_force(tmp_path):
     (out / "old.txt").write_text("x")
     with pytest.raises(MoepressError, match="not empty.*--force"):
         CheckpointWriter(out)
+    with pytest.raises(MoepressError, match="--force replaces only an output a moepress stage wrote"):
+        CheckpointWriter(out, force=True)  # old.txt alone: no stage wrote it
+    (out / "moepress-manifest.json").write_text("{}")  # an earlier output
     with CheckpointWriter(out, force=True) as w:
         w.add("a", torch.ones(3))
     assert not (out / "old.txt").exists() and (out / "model.safetensors.index.json").exists()

@@ -115,7 +115,7 @@ def test_values_equal_modelopts_to_fp8_rounding(both):
     fp8_weights = [k for k in a if a[k].dtype == torch.float8_e4m3fn]
     assert len(fp8_weights) == 4 * (4 + 16 * 3)
     for k in (k for k in a if k.endswith(("k_proj.k_scale", "v_proj.v_scale"))):  # the FP8 KV-cache scales
-        torch.testing.assert_close(b[k], a[k], rtol=0.02, atol=0)
+        torch.testing.assert_close(b[k], a[k], rtol=0.01, atol=0)  # measured <= 0.0051
     for k in a:  # high-precision tensors (embeddings, norms, routers, lm_head): bit-equal
         if a[k].dtype == torch.bfloat16:
             assert torch.equal(a[k], b[k]), k
@@ -127,7 +127,8 @@ def test_values_equal_modelopts_to_fp8_rounding(both):
             assert torch.equal(sb, qkv.max())
         else:
             assert torch.equal(sa, sb), p
-        torch.testing.assert_close(b[p + ".input_scale"], a[p + ".input_scale"], rtol=0.02, atol=0)
+        # measured <= 0.0066
+        torch.testing.assert_close(b[p + ".input_scale"], a[p + ".input_scale"], rtol=0.013, atol=0)
         da, db = a[k].float() * sa, b[k].float() * sb
         # one E4M3 ulp: 2^-3 relative (3 mantissa bits), subnormal step 2^-9 * scale
         ulp = torch.maximum(da.abs(), db.abs()) * 2**-3 + torch.maximum(sa, sb) * 2**-9
@@ -163,6 +164,7 @@ def test_output_not_empty_needs_force(both, tmp_path, cli_run):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("x")
+    (out / "moepress-manifest.json").write_text("{}")  # an earlier output
     r = cli_run("export", q, "--format", "hf-modelopt", "-o", out)
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "--force" in r.output
     r = cli_run("export", q, "--format", "hf-modelopt", "-o", out, "--force", "--quiet")

@@ -675,6 +675,23 @@ def test_publish_refuses_accuracy_passed_edited_after_failed_check(f3_checked, t
     assert r.exit_code == 0 and "published despite (--force)" in r.stdout and (tmp_path / "pub").is_dir()
 
 
+def test_publish_without_the_key_recomputes_each_gate_from_its_value(f3_checked, tmp_path, cli_run, monkeypatch):
+    """Every record edited consistently (accuracy.passed, failed and each gate's passed): without the key that
+    seals it, publish still recomputes each gate from its value and threshold and names the one that fails."""
+    art = _f3_copy(f3_checked[1], tmp_path)
+
+    def edit(m):
+        m["accuracy"]["passed"] = True
+        m["accuracy"]["failed"] = []
+        for g in m["accuracy"]["gates"]:
+            g["passed"] = True if g.get("passed") is not None else None
+
+    _f3_manifest(art, edit)
+    monkeypatch.setenv("MOEPRESS_KEY_FILE", str(tmp_path / "no-key"))
+    _one_line(cli_run("publish", art, "--to", tmp_path / "pub"), "recorded passed True, but", "is False")
+    assert not (tmp_path / "pub").exists() and not (tmp_path / "pub.partial").exists()
+
+
 def test_publish_refuses_tampered_shard_with_updated_manifest_digest(f3_checked, tmp_path, cli_run, monkeypatch):
     from moepress.manifest import sha256_file
 

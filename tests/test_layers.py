@@ -65,7 +65,7 @@ def test_no_format_name_comparisons_outside_the_registry_and_cli():
     assert not found, found
 
 
-@pytest.mark.parametrize("limit_file,limit_fn", [(420, 80)])
+@pytest.mark.parametrize("limit_file,limit_fn", [(420, 60)])
 def test_files_and_functions_stay_small(limit_file, limit_fn):
     long_files, long_fns = [], []
     for f in _product_files():

@@ -61,7 +61,7 @@ def test_pruned_bundled_loads_in_transformers_and_matches_stream(pruned, tf_logi
     want = tf_logits[name]
     got = StreamedModel(str(dst)).forward([ids])[0]
     diff = (got - want).abs().max().item()
-    assert diff <= 3e-5, f"pruned {name}: streamed logits differ from transformers by {diff}"
+    assert diff <= 2e-5, f"pruned {name}: streamed logits differ from transformers by {diff}"  # measured <= 9.5e-6
     report = json.loads((dst / "prune_report.json").read_text())
     assert [r["layer"] for r in report["layers"]] == StreamedModel(str(src)).adapter.moe_layers()
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -248,7 +249,10 @@ def read_header(path: Path) -> tuple[dict, int]:
     Returns (header, offset of the data section). Errors describe what is wrong and never echo
     the file's bytes: the path may name any file (an index entry, a symlink), not a shard."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode) or stat.S_ISCHR(st.st_mode):  # a read would wait
+            raise MoepressError(f"{path}: not a regular file; expected a safetensors file")
+        size = st.st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:

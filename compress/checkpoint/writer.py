@@ -25,7 +25,7 @@ from moepress.compress.checkpoint.resume import JOURNAL, first_changed_shard, no
 from moepress.compress.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_NAME, write_safetensors
 from moepress.errors import MoepressError
 from moepress.manifest import MANIFEST_NAME, file_digests, versions, write_manifest
-from moepress.outputs import OutputLock, clear_retired, install, output_dir, refuse_overlap
+from moepress.outputs import OutputLock, clear_retired, install, output_dir, refuse_existing, refuse_overlap
 
 
 class Deferred:
@@ -92,11 +92,8 @@ def check_output(out: str | os.PathLike, *, force: bool = False, resume: bool = 
         raise MoepressError(f"{out}: expected an output directory, not the file system root")
     partial = out.with_name(out.name + ".partial")
     refuse_overlap(partial, sources)
-    if out.exists() and not out.is_dir():
-        raise MoepressError(f"{out}: output path exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise MoepressError(f"{out}: output directory is not empty (pass --force to replace it)")
-    busy(out, partial).refuse_if_held()  # every rank says so alike, before its calibration
+    busy(out, partial).refuse_if_held()
+    refuse_existing(out, force)  # every rank says so alike, before its calibration
     if resume:
         resumable_journal(partial, normalized(resume_key))
     elif say is not None and finished is not None and (partial / finished).is_file():

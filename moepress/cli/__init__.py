@@ -225,4 +225,8 @@ def main() -> None:
     for s in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(s) is not signal.SIG_IGN:  # a signal the parent had ignored stays ignored (nohup, &)
             signal.signal(s, _interrupt)
-    cli(prog_name="moepress")
+    try:
+        cli(prog_name="moepress")
+    finally:  # done, its result or refusal said: a signal during the interpreter's exit (about a second of
+        for s in (signal.SIGINT, signal.SIGTERM):  # torch's teardown) must not turn a finished run's code into 130
+            signal.signal(s, signal.SIG_IGN)

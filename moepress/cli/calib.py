@@ -25,7 +25,7 @@ from moepress.cli.options import (
     run_measured,
 )
 from moepress.errors import MoepressError
-from moepress.outputs import OutputLock, refuse_overlap
+from moepress.outputs import OutputLock, output_dir, refuse_existing, refuse_overlap
 
 
 @click.group("calib", cls=Group)
@@ -116,13 +116,6 @@ def _prepare(output: Path, force: bool, build):
         raise MoepressError(f"{output}: cannot write ({e.strerror})") from None
 
 
-def _check_output_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise MoepressError(f"{out}: output path exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise MoepressError(f"{out}: output directory is not empty (pass --force to replace it)")
-
-
 @calib_group.command("stats")
 @model_argument
 @calib_options
@@ -158,9 +151,7 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
 
     from moepress.calib import distributed as dist
     from moepress.calib.data import calibration_set
-    from moepress.calib.heatmap import plot_share
-    from moepress.calib.stats import collect, per_expert, render, summarize
-    from moepress.compress.checkpoint import CheckpointWriter
+    from moepress.calib.stats import collect, render, summarize
     from moepress.progress import Progress
 
     # joined first: a rank refusing before it joined left the others waiting in the group's start-up
@@ -172,7 +163,7 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
     from moepress.calib.sources import local_paths
 
     refuse_overlap(output, (src, *local_paths(calib)), "-o ")
-    _check_output_dir(output, force)
+    refuse_existing(output_dir(output), force)
     prog = Progress.from_flags(quiet or not env.is_main, json_out and env.is_main)
     cs = dist.run_main_first(env, lambda: calibration_set(src, calib, num_samples, seq_len, seed,
                                                           trust_remote_code, progress=prog))
@@ -190,30 +181,42 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
     tokens = int(cs.input_ids.numel())
     text = render(summary, facts, tokens)
     if env.is_main:
-        calib_meta = {k: v for k, v in cs.meta.items() if k != "file"}
-        with CheckpointWriter(output, force=force, sources=(src,)) as w:
-            w.manifest.update({"stage": "calib-stats", "config": config,
-                               "inputs": {"model": str(src), "calibration": calib_meta.get("key"),
-                                          "calibration_tokens": tokens}, "world_size": env.world_size})
-            w.write_json("stats.json", {"model": str(src), **facts, "world_size": env.world_size,
-                                        "calibration": calib_meta, "summary": summary,
-                                        "layers": per_expert(stats)})
-            w.write_text("summary.txt", text + "\n")
-            stats.save(w.partial / "routing.safetensors")
-            if absmax:
-                from safetensors.torch import save_file
-
-                save_file(amax, str(w.partial / "input_absmax.safetensors"),
-                          metadata={"format": "moepress-input-absmax"})
-            plot_share(stats, w.partial / "heatmap.png",
-                       f"{model_label(model, src)}: routing-slot share per layer x expert ({tokens} calibration "
-                       f"tokens, top-{facts['top_k']})")
+        _write_stats(output, force, (model, src), config, cs, env.world_size,
+                     (stats, amax if absmax else None, facts, summary, text))
         click.echo(json.dumps({"output": str(output), "tokens": tokens, "world_size": env.world_size,
                                **summary, "memory": memory}) if json_out else text + f"\nwrote {output}")
     dist.barrier(env)
     # on success only: after a lost peer, tearing the group down can abort this rank (SIGABRT) after its one-line
     # error; the CLI then leaves without it (calib.distributed.abandon)
     dist.shutdown()
+
+
+def _write_stats(output, force, model_src, config, cs, world_size, measured) -> None:
+    """OUT/stats.json, summary.txt, routing.safetensors, input_absmax.safetensors (with --absmax), heatmap.png and
+    the manifest, renamed into place complete (CheckpointWriter). ``measured``: (stats, amax or None, facts,
+    summary, the summary's text)."""
+    from moepress.calib.heatmap import plot_share
+    from moepress.calib.stats import per_expert
+    from moepress.compress.checkpoint import CheckpointWriter
+
+    (model, src), (stats, amax, facts, summary, text) = model_src, measured
+    calib_meta = {k: v for k, v in cs.meta.items() if k != "file"}
+    tokens = int(cs.input_ids.numel())
+    title = f"{model_label(model, src)}: routing-slot share per layer x expert ({tokens} calibration tokens, " \
+            f"top-{facts['top_k']})"
+    with CheckpointWriter(output, force=force, sources=(src,)) as w:
+        w.manifest.update({"stage": "calib-stats", "config": config,
+                           "inputs": {"model": str(src), "calibration": calib_meta.get("key"),
+                                      "calibration_tokens": tokens}, "world_size": world_size})
+        w.write_json("stats.json", {"model": str(src), **facts, "world_size": world_size,
+                                    "calibration": calib_meta, "summary": summary, "layers": per_expert(stats)})
+        w.write_text("summary.txt", text + "\n")
+        stats.save(w.partial / "routing.safetensors")
+        if amax is not None:
+            from safetensors.torch import save_file
+
+            save_file(amax, str(w.partial / "input_absmax.safetensors"), metadata={"format": "moepress-input-absmax"})
+        plot_share(stats, w.partial / "heatmap.png", title)
 
 
 COMMANDS = [calib_group]

@@ -83,38 +83,7 @@ def _human(result: dict) -> list[str]:
            f"  KL(ref||cand)    mean {val('kl_mean', '.4g')}, p99 {val('kl_p99', '.4g')} nats/token"
            f"{gate('kl_mean')}{gate('kl_p99')}",
            f"  top-1 agreement  {val('top1_agreement', '.4f')}{gate('top1_agreement')}"]
-    if result["layers"]:
-        errs = ", ".join(f"{p['layer']}: {p['rel_error']:.3g}" for p in result["layers"])
-        out.append(f"  hidden rel. error per layer  {errs}{gate('max_layer_rel_error')}")
-        if gate("min_layer_cosine"):  # the gate is on the cosines: printed beside them, not the errors
-            cos = ", ".join(f"{p['layer']}: {p['cosine']:.6f}" for p in result["layers"])
-            out.append(f"  hidden cosine per layer  {cos}{gate('min_layer_cosine')}")
-        if result["error_jump"] is not None and result["error_jump"]["after"] > 0:
-            out.append(f"  error jumps at layer {result['error_jump']['layer']}")
-        if any("attention_error" in p for p in result["layers"]):
-            own = ", ".join(f"{p['layer']}: {p['attention_error']:.3g} / {p['ffn_error']:.3g}"
-                            for p in result["layers"] if "attention_error" in p)
-            out.append(f"  attention / feed-forward error on the reference's input  {own}")
-            if "max_attention_error_ratio" in m:
-                ratio = ", ".join(f"{p['layer']}: {p['attention_error_ratio']:.3g}" for p in result["layers"]
-                                  if p.get("attention_error_ratio") is not None)
-                out.append(f"  attention error / median of its peers  {ratio}{gate('max_attention_error_ratio')}")
-            if "max_weight_error_ratio" in m:
-                ratio = ", ".join(f"{p['layer']}: {p['weight_error_ratio']:.3g} ({p['weight_module']})"
-                                  for p in result["layers"] if p.get("weight_error_ratio") is not None)
-                out.append(f"  worst weight error / its own rounding's  {ratio}{gate('max_weight_error_ratio')}")
-    if "min_routing_overlap" in m:
-        share = ", ".join(f"{p['layer']}: {p['routing_overlap']:.4f}" for p in result["layers"]
-                          if "routing_overlap" in p)
-        out.append(f"  routing overlap per MoE layer  {share}{gate('min_routing_overlap')}")
-        worst = ", ".join(f"{p['layer']}: {p['expert_error']:.3g} (expert {p['worst_expert']})"
-                          for p in result["layers"] if "expert_error" in p)
-        out.append(f"  worst expert's rel. error per MoE layer  {worst}{gate('max_expert_error')}")
-        if "max_expert_error_ratio" in m:
-            ratio = ", ".join(f"{p['layer']}: {p['expert_error_ratio']:.3g} (expert {p['ratio_expert']})"
-                              for p in result["layers"] if p.get("expert_error_ratio") is not None)
-            out.append(f"  worst expert's error / its layer's median (or own rounding's)  {ratio}"
-                       f"{gate('max_expert_error_ratio')}")
+    out += _layer_lines(result, m, gate) + _routing_lines(result["layers"], m, gate)
     out += [f"  {g['metric']}: not measured for this candidate{gate(g['metric'])}" for g in result["gates"]
             if g["passed"] is None]
     out += [f"  note: {n}" for n in result["notes"]]
@@ -123,6 +92,52 @@ def _human(result: dict) -> list[str]:
         out += [f"  prompt     {s['prompt']!r}", f"  reference  {s['reference']!r}",
                 f"  candidate  {s['candidate']!r}  (same first {s['same_prefix_tokens']}/{s['new_tokens']} tokens)"]
     out.append(verdict(result["passed"], result["failed"]))
+    return out
+
+
+def _layer_lines(result: dict, m: dict, gate) -> list[str]:
+    """Per decoder layer: hidden-state errors (and cosines where gated), where the error jumps, and each layer's
+    own attention / feed-forward error on the reference's input with the ratios gated on them."""
+    out = []
+    if not result["layers"]:
+        return out
+    errs = ", ".join(f"{p['layer']}: {p['rel_error']:.3g}" for p in result["layers"])
+    out.append(f"  hidden rel. error per layer  {errs}{gate('max_layer_rel_error')}")
+    if gate("min_layer_cosine"):  # the gate is on the cosines: printed beside them, not the errors
+        cos = ", ".join(f"{p['layer']}: {p['cosine']:.6f}" for p in result["layers"])
+        out.append(f"  hidden cosine per layer  {cos}{gate('min_layer_cosine')}")
+    if result["error_jump"] is not None and result["error_jump"]["after"] > 0:
+        out.append(f"  error jumps at layer {result['error_jump']['layer']}")
+    if any("attention_error" in p for p in result["layers"]):
+        own = ", ".join(f"{p['layer']}: {p['attention_error']:.3g} / {p['ffn_error']:.3g}"
+                        for p in result["layers"] if "attention_error" in p)
+        out.append(f"  attention / feed-forward error on the reference's input  {own}")
+        if "max_attention_error_ratio" in m:
+            ratio = ", ".join(f"{p['layer']}: {p['attention_error_ratio']:.3g}" for p in result["layers"]
+                              if p.get("attention_error_ratio") is not None)
+            out.append(f"  attention error / median of its peers  {ratio}{gate('max_attention_error_ratio')}")
+        if "max_weight_error_ratio" in m:
+            ratio = ", ".join(f"{p['layer']}: {p['weight_error_ratio']:.3g} ({p['weight_module']})"
+                              for p in result["layers"] if p.get("weight_error_ratio") is not None)
+            out.append(f"  worst weight error / its own rounding's  {ratio}{gate('max_weight_error_ratio')}")
+    return out
+
+
+def _routing_lines(layers: list[dict], m: dict, gate) -> list[str]:
+    """Per MoE layer: the share of the reference's expert choices kept, the worst expert's error and its ratio."""
+    out = []
+    if "min_routing_overlap" in m:
+        share = ", ".join(f"{p['layer']}: {p['routing_overlap']:.4f}" for p in layers
+                          if "routing_overlap" in p)
+        out.append(f"  routing overlap per MoE layer  {share}{gate('min_routing_overlap')}")
+        worst = ", ".join(f"{p['layer']}: {p['expert_error']:.3g} (expert {p['worst_expert']})"
+                          for p in layers if "expert_error" in p)
+        out.append(f"  worst expert's rel. error per MoE layer  {worst}{gate('max_expert_error')}")
+        if "max_expert_error_ratio" in m:
+            ratio = ", ".join(f"{p['layer']}: {p['expert_error_ratio']:.3g} (expert {p['ratio_expert']})"
+                              for p in layers if p.get("expert_error_ratio") is not None)
+            out.append(f"  worst expert's error / its layer's median (or own rounding's)  {ratio}"
+                       f"{gate('max_expert_error_ratio')}")
     return out
 
 
@@ -216,27 +231,16 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
     from moepress.checks import (
         CheckConfig,
         check_report_dir,
-        jsonable,
         prepare_record,
         record_in_manifest,
         run_check,
         write_report,
     )
-    from moepress.checks.config import GATE_FIELDS, failure_line, parse_fraction, windowed
+    from moepress.checks.config import GATE_FIELDS, failure_line
     from moepress.errors import MoepressError
     from moepress.progress import Progress
 
-    if generate == 0 and given("gen_tokens"):  # would have no effect
-        raise MoepressError(f"--gen-tokens {gen_tokens}: only with --generate N (N prompts to generate from)")
-    if generate > max_samples:  # the prompts are the samples' starts: more would be cut silently
-        raise MoepressError(f"--generate {generate}: at most --max-samples ({max_samples}), since each prompt is "
-                            "the start of one evaluation sample")
-    if given("seed") and windowed(data):  # would have no effect
-        raise MoepressError(f"--seed {seed}: {'the text --data' if data else 'the bundled held-out text'} is read "
-                            "as consecutive windows, which no seed draws; expected --seed with JSONL, Parquet, a "
-                            "dataset folder or hf:NAME data")
-    for name in GATE_FIELDS:  # refused under the option's name; CheckConfig parses the value as written (a
-        parse_fraction(gate_options[name], "--" + name.replace("_", "-"))  # parsed 150% would read as a bare 1.5)
+    _refuse_options(data, seed, generate, gen_tokens, max_samples, gate_options)
     gates = {name: gate_options[name] for name in GATE_FIELDS}
     ctx = click.get_current_context()
     asked = tuple(n for n in gates if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT)
@@ -260,8 +264,38 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
         result["manifest_refused"] = str(e)
     if report_dir is not None:
         result["report"] = str(write_report(result, report_dir))
+    _print_result(result, refused, json_out, report_dir)
+    if refused is not None:
+        raise refused
+    if result["passed"] is False:
+        raise CheckFailed(failure_line(result["gates"], result["error_jump"], result.get("layers")))
+
+
+def _refuse_options(data, seed, generate, gen_tokens, max_samples, gate_options) -> None:
+    """Options that would have no effect, or be cut silently, and gate values refused under the option's name."""
+    from moepress.checks.config import GATE_FIELDS, parse_fraction, windowed
+    from moepress.errors import MoepressError
+
+    if generate == 0 and given("gen_tokens"):  # would have no effect
+        raise MoepressError(f"--gen-tokens {gen_tokens}: only with --generate N (N prompts to generate from)")
+    if generate > max_samples:  # the prompts are the samples' starts: more would be cut silently
+        raise MoepressError(f"--generate {generate}: at most --max-samples ({max_samples}), since each prompt is "
+                            "the start of one evaluation sample")
+    if given("seed") and windowed(data):  # would have no effect
+        raise MoepressError(f"--seed {seed}: {'the text --data' if data else 'the bundled held-out text'} is read "
+                            "as consecutive windows, which no seed draws; expected --seed with JSONL, Parquet, a "
+                            "dataset folder or hf:NAME data")
+    for name in GATE_FIELDS:  # refused under the option's name; CheckConfig parses the value as written (a
+        parse_fraction(gate_options[name], "--" + name.replace("_", "-"))  # parsed 150% would read as a bare 1.5)
+
+
+def _print_result(result: dict, refused, json_out: bool, report_dir) -> None:
+    """The result on stdout: one JSON document (with a manifest refusal beside the figures), or the human lines."""
+    from moepress.checks import jsonable
+    from moepress.errors import MoepressError
+
     if json_out:
-        if refused is not None:  # one document on stdout: the result and the refusal together (exit 2 below)
+        if refused is not None:  # one document on stdout: the result and the refusal together (exit 2 after)
             result.update(error=" ".join(str(refused).split()), exit=MoepressError.exit_code)
             click.get_current_context().meta[RESULT_PRINTED] = True
         click.echo(json.dumps(jsonable(result), default=str))
@@ -270,10 +304,6 @@ def check_cmd(candidate, reference, data, kind, seq_len, max_samples, batch_size
             click.echo(line)
         if report_dir is not None:
             click.echo(f"wrote {report_dir}/report.md")
-    if refused is not None:
-        raise refused
-    if result["passed"] is False:
-        raise CheckFailed(failure_line(result["gates"], result["error_jump"], result.get("layers")))
 
 
 COMMANDS = [check_cmd]

@@ -159,7 +159,8 @@ def remember_output(ctx: click.Context, param, value):
 
 
 def output_options(f):
-    f = click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")(f)
+    f = click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty: an earlier output of "
+                     "a moepress stage (its moepress-manifest.json), never a folder of other files.")(f)
     f = click.option("-o", "--output", "output", required=True, type=PATH,
                      callback=remember_output,
                      help="Output directory (written to OUT.partial, renamed into place when complete).")(f)

@@ -52,6 +52,23 @@ def key_where(src: str, *keys) -> str:
 
 def normalise(raw: dict, src: str = "recipe") -> dict:
     """Validate ``raw`` and return the effective recipe (defaults filled; skipped stages None)."""
+    out = _top_level(raw, src)
+    for section in SCHEMA:
+        out[section] = _section(raw, src, section)
+    if out["prune"] is not None and (out["prune"]["ratio"] is None) == (out["prune"]["keep"] is None):
+        raise MoepressError(f"{key_where(src, 'prune')}: give exactly one of ratio and keep")
+    if out["quantize"] is not None and not out["quantize"]["format"] and not out["quantize"]["rules"]:
+        raise MoepressError(f"{key_where(src, 'quantize', 'format')}: required (or rules)")
+    for section, key in (("export", "formats"), ("build", "targets")):
+        _skip_if_empty(src, out, raw, section, key)
+    _refuse_unused_opset(src, out)
+    if out["quantize"] is not None:
+        _check_quantize(src, out, {k for k, v in out["quantize"].items() if v != SCHEMA["quantize"][k][1]})
+    return out
+
+
+def _top_level(raw: dict, src: str) -> dict:
+    """The top-level keys checked: model, output and device read; the sections' names known."""
     if not isinstance(raw, dict):
         raise MoepressError(f"{src}: expected a YAML mapping at the top level")
     # x- keys hold what other keys refer to (YAML anchors for ``<<: *anchor``), as in Compose files; never read
@@ -74,61 +91,59 @@ def normalise(raw: dict, src: str = "recipe") -> dict:
     if "calib" in raw and raw["calib"] is None:
         raise MoepressError(f"{key_where(src, 'calib')}: expected a mapping (calibration is no stage to skip; leave "
                             f"the key out, or {{}}, for its defaults)")
-    for section, schema in SCHEMA.items():
-        val = raw.get(section, {} if section in ("calib", "check") else None)
-        if val is None:
-            out[section] = None
-            continue
-        if not isinstance(val, dict):
-            skip = "" if section == "calib" else " (or null to skip the stage)"  # calib: null is refused above
-            raise MoepressError(f"{key_where(src, section)}: expected a mapping{skip}")
-        spelt = [str(k).replace("-", "_") for k in val]
-        twice = next((k for k in spelt if spelt.count(k) > 1), None)
-        if twice is not None:  # ep_size and ep-size: the later one won, silently
-            raise MoepressError(f"{key_where(src, section, twice)}: given twice (with - and with _)")
-        if schema is None:  # check
-            from moepress.checks.config import CheckConfig
-
-            if "kind" in val:  # the runner checks each artifact as what it is
-                raise MoepressError(f"{key_where(src, section, 'kind')}: not a recipe key (each artifact is checked "
-                                    "with the kind its format needs)")
-            val = {k: _home(v) if str(k) == "data" else v for k, v in val.items()}  # as model, output, calib
-            try:
-                CheckConfig.from_dict(val, where=key_where(src, section))
-            except MoepressError as e:  # a gate written off / no: YAML 1.1 read it as a boolean
-                said = next((v for v in val.values() if isinstance(v, bool) and f" {v}:" in str(e)), None)
-                raise MoepressError(str(e) + ("" if said is None else _yaml_hint(said, str))) from None
-            out[section] = copy.deepcopy(val)
-            continue
-        norm = {str(k).replace("-", "_"): v for k, v in val.items()}
-        unknown = sorted(set(norm) - set(schema))
-        if unknown:
-            raise MoepressError(f"{key_where(src, section, unknown[0])}: unknown key "
-                                f"(expected {', '.join(sorted(schema))})")
-        sec = {}
-        for key, (typ, default) in schema.items():
-            v = norm.get(key, copy.deepcopy(default))
-            tname = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
-            if v is None and isinstance(default, (list, dict)):  # ``rules:`` with its entries commented out
-                v = copy.deepcopy(default)
-            if v is None and default is not None:  # dry_run: null ran a real build
-                raise MoepressError(f"{key_where(src, section, key)}: expected {tname}, got null (leave the key "
-                                    f"out for its default, {json.dumps(default)})")
-            if v is not None and (not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool)):
-                raise MoepressError(f"{key_where(src, section, key)}: expected {tname}, got {v!r}{_yaml_hint(v, typ)}")
-            _check_value(src, section, key, v)
-            sec[key] = v
-        out[section] = sec
-    if out["prune"] is not None and (out["prune"]["ratio"] is None) == (out["prune"]["keep"] is None):
-        raise MoepressError(f"{key_where(src, 'prune')}: give exactly one of ratio and keep")
-    if out["quantize"] is not None and not out["quantize"]["format"] and not out["quantize"]["rules"]:
-        raise MoepressError(f"{key_where(src, 'quantize', 'format')}: required (or rules)")
-    for section, key in (("export", "formats"), ("build", "targets")):
-        _skip_if_empty(src, out, raw, section, key)
-    _refuse_unused_opset(src, out)
-    if out["quantize"] is not None:
-        _check_quantize(src, out, {k for k, v in out["quantize"].items() if v != SCHEMA["quantize"][k][1]})
     return out
+
+
+def _section(raw: dict, src: str, section: str) -> dict | None:
+    """One section as its schema says (None: a skipped stage); ``check`` as CheckConfig reads it."""
+    val = raw.get(section, {} if section in ("calib", "check") else None)
+    if val is None:
+        return None
+    if not isinstance(val, dict):
+        skip = "" if section == "calib" else " (or null to skip the stage)"  # calib: null is refused before
+        raise MoepressError(f"{key_where(src, section)}: expected a mapping{skip}")
+    spelt = [str(k).replace("-", "_") for k in val]
+    twice = next((k for k in spelt if spelt.count(k) > 1), None)
+    if twice is not None:  # ep_size and ep-size: the later one won, silently
+        raise MoepressError(f"{key_where(src, section, twice)}: given twice (with - and with _)")
+    if SCHEMA[section] is None:
+        return _check_section(val, src, section)
+    norm = {str(k).replace("-", "_"): v for k, v in val.items()}
+    schema = SCHEMA[section]
+    unknown = sorted(set(norm) - set(schema))
+    if unknown:
+        raise MoepressError(f"{key_where(src, section, unknown[0])}: unknown key "
+                            f"(expected {', '.join(sorted(schema))})")
+    sec = {}
+    for key, (typ, default) in schema.items():
+        v = norm.get(key, copy.deepcopy(default))
+        tname = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        if v is None and isinstance(default, (list, dict)):  # ``rules:`` with its entries commented out
+            v = copy.deepcopy(default)
+        if v is None and default is not None:  # dry_run: null ran a real build
+            raise MoepressError(f"{key_where(src, section, key)}: expected {tname}, got null (leave the key "
+                                f"out for its default, {json.dumps(default)})")
+        if v is not None and (not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool)):
+            raise MoepressError(f"{key_where(src, section, key)}: expected {tname}, got {v!r}{_yaml_hint(v, typ)}")
+        _check_value(src, section, key, v)
+        sec[key] = v
+    return sec
+
+
+def _check_section(val: dict, src: str, section: str) -> dict:
+    """The check section: CheckConfig's keys (no ``kind``: each artifact is checked as what it is)."""
+    from moepress.checks.config import CheckConfig
+
+    if "kind" in val:
+        raise MoepressError(f"{key_where(src, section, 'kind')}: not a recipe key (each artifact is checked "
+                            "with the kind its format needs)")
+    val = {k: _home(v) if str(k) == "data" else v for k, v in val.items()}  # as model, output, calib
+    try:
+        CheckConfig.from_dict(val, where=key_where(src, section))
+    except MoepressError as e:  # a gate written off / no: YAML 1.1 read it as a boolean
+        said = next((v for v in val.values() if isinstance(v, bool) and f" {v}:" in str(e)), None)
+        raise MoepressError(str(e) + ("" if said is None else _yaml_hint(said, str))) from None
+    return copy.deepcopy(val)
 
 
 def _refuse_unused_opset(src: str, out: dict) -> None:
