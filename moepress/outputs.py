@@ -152,12 +152,13 @@ def pid_alive(pid: str) -> bool:
     return True
 
 
-def refuse_existing(out: Path, force: bool) -> None:
+def refuse_existing(out: Path, force: bool, probe: bool = True) -> None:
     """What an existing ``out`` must be for a stage to replace it, refused before any work: a directory; empty,
     or with --force one a moepress stage wrote (its manifest: --force never deletes a folder of other files);
     not holding the current directory; and, unless it is the current directory (filled in place), one this user
     may rename, since the finished output is renamed into its place (a mount point, an immutable folder or
-    another user's in a sticky parent would fail only at the end, the work lost)."""
+    another user's in a sticky parent would fail only at the end, the work lost): tried by renaming it and back
+    where ``probe`` (one torchrun rank: two renaming at once would refuse each other)."""
     from moepress.manifest import MANIFEST_NAME
 
     if not out.exists():
@@ -172,19 +173,24 @@ def refuse_existing(out: Path, force: bool) -> None:
                             f"it holds {held.name}); expected a new or empty folder")
     if is_cwd(out):
         return
-    cwd = Path(os.getcwd()).resolve()
+    try:
+        cwd = Path(os.getcwd()).resolve()
+    except OSError:  # the current directory was removed: nothing of it to keep
+        cwd = Path("/")
     if resolved(out) in cwd.parents:
         raise MoepressError(f"{out}: holds the current directory {cwd}; expected an output that does not contain it")
     if os.path.ismount(out):
         raise MoepressError(f"{out}: a mount point, which the finished output cannot be renamed over; expected a "
                             "new folder inside it")
-    probe = out.with_name(out.name + ".partial.probe")
+    if not probe:
+        return
+    aside = out.with_name(out.name + ".partial.probe")
     try:
-        os.rename(out, probe)
+        os.rename(out, aside)
     except OSError as e:
         raise MoepressError(f"{out}: cannot be replaced ({e.strerror}), and the finished output is renamed into its "
                             "place; expected a folder this user may rename, or a new path") from None
-    os.rename(probe, out)
+    os.rename(aside, out)
 
 
 def refuse_overlap(out: str | os.PathLike, sources: Iterable[str | os.PathLike], label: str = "") -> None:
