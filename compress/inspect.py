@@ -20,11 +20,6 @@ from moepress.compress.formats import ct_inputs, fp8_block
 from moepress.compress.stream import StreamedModel
 from moepress.errors import MoepressError
 
-# transformers' quant_method of a FineGrainedFP8Config, which DeepSeek-V3 / Kimi K2 configs carry
-# with a weight_block_size (transformers/utils/quantization_config.py, QuantizationMethod.FP8):
-# the block-FP8 checkpoints fp8_block's input decoder reads.
-HF_FP8_METHOD = "fp8"
-
 
 def _layer_counts(adapter: Adapter, i: int) -> tuple[int, int]:
     """(total, active-per-token) parameters of decoder layer i."""
@@ -75,7 +70,7 @@ def storage_format(config: dict, layout: dict | None = None) -> str:
     if named:
         return ", ".join(named)
     qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") == HF_FP8_METHOD and qc.get("weight_block_size"):
+    if fp8_block.block_config(qc):
         return fp8_block.FORMAT.name
     if qc:
         # e.g. "compressed-tensors pack-quantized" (Kimi K2 Thinking's routed experts)

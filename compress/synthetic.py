@@ -17,6 +17,7 @@ import torch
 
 from moepress.compress.arch import get_adapter
 from moepress.compress.checkpoint import DTYPE_NAMES, CheckpointWriter
+from moepress.compress.formats import fp8_block
 from moepress.compress.quant.fp8 import quantize_block
 
 
@@ -49,8 +50,7 @@ def write_synthetic(config: dict, out: str | Path, *, seed: int = 0, dtype: torc
     cfg = dict(config)
     cfg["torch_dtype"] = cfg["dtype"] = str(dtype).replace("torch.", "")  # transformers 5 reads dtype
     if block_fp8:
-        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                      "weight_block_size": [128, 128]}
+        cfg["quantization_config"] = fp8_block.quantization_config()
     else:
         cfg.pop("quantization_config", None)
     assert dtype in DTYPE_NAMES

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import moepress.exporters.kv_cache as kv_cache
 from moepress.compress import formats
-from moepress.compress.inspect import HF_FP8_METHOD
+from moepress.compress.formats import fp8_block
 from moepress.errors import MoepressError
 from moepress.exporters.own_format import default_format, modelopt_format
 from moepress.exporters.targets import UNQUANTIZED
@@ -116,7 +116,7 @@ def detect_artifact(path: Path) -> str:
     if (path / "hf_quant_config.json").is_file():
         return "hf-modelopt"
     qc = (cfg or {}).get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") == HF_FP8_METHOD and qc.get("weight_block_size"):
+    if fp8_block.block_config(qc):
         return "hf-fp8-block"
     raise MoepressError(f"{path}: not a build input; expected a trtllm-ckpt export (config.json with "
                         f"architecture + mapping, rank0.safetensors), an onnx export (*.onnx), an hf-modelopt "

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from moepress.compress import formats
+from moepress.compress.formats import fp8_block
 from moepress.compress.quant import fp8
 from moepress.errors import MoepressError
 from moepress.exporters.base import Exporter
@@ -67,11 +68,6 @@ from moepress.exporters.kernel_widths import BLOCK, fused_block_ok, grid_ok, run
 
 # the format this layout stores: FP8 weights with a scale per 128x128 block (TensorRT-LLM FP8_BLOCK_SCALES)
 BLOCK_FP8 = formats.by_quant_algo("FP8_BLOCK_SCALES").name
-
-
-def block_quantization_config(not_converted: list[str]) -> dict:
-    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": BLOCK,
-            "modules_to_not_convert": not_converted}
 
 
 def layer_linears(adapter, i: int) -> list[str]:
@@ -232,7 +228,7 @@ def export_hf_fp8_block(src: Path, writer, cfg, progress) -> dict:
     not_converted = unquantized_modules(s, quantized)
     # a layer whose routed experts all stay high precision: named as the fused module too (fused_moe.py)
     not_converted = sorted(not_converted + high_precision_layers(s, set(not_converted)))
-    writer.write_json("config.json", output_config(s, block_quantization_config(not_converted)))
+    writer.write_json("config.json", output_config(s, fp8_block.quantization_config(not_converted)))
     writer.write_json("moepress_quant.json", {"format": BLOCK_FP8, "rules": [], "group_size": None,
                                               "kv_cache": None, "shared": [], "borrowed": [], "skipped": [],
                                               "modules": {m: {"format": BLOCK_FP8} for m in sorted(quantized)}})

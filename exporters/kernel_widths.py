@@ -7,6 +7,8 @@ hf-modelopt; one that fails :func:`runs_in_blocks` no runtime computes in block 
 
 from __future__ import annotations
 
+from moepress.compress.quant.fp8 import DEFAULT_BLOCK
+
 # TensorRT-LLM's fused MoE for INT4 experts (_torch/modules/fused_moe/quantization.py
 # WInt4AFP8FusedMoEMethod.create_weights, main 2026-12) allocates fc31_weight_scale / fc2_weight_scale of
 # hidden_size // 128 and intermediate // 128 groups: experts in other groups fail to load (their scales are copied
@@ -19,7 +21,7 @@ TRTLLM_INT4_MOE_GROUP = 128
 # INT4 linears in other blocks runs in onnxruntime, not in a TensorRT engine
 TENSORRT_INT4_BLOCKS = (64, 128)
 
-BLOCK = [128, 128]  # DeepSeek-V3's block-FP8 weight block (its config.json weight_block_size)
+BLOCK = list(DEFAULT_BLOCK)  # DeepSeek-V3's block-FP8 weight block (its config.json weight_block_size)
 
 
 def grid_ok(shape) -> bool:

@@ -62,10 +62,29 @@ def decode_deepseek(reader, base: str, dtype: torch.dtype):
     return fp8.dequantize_block(q, s, (br, bc), dtype)
 
 
+# transformers' quant_method of a FineGrainedFP8Config, which DeepSeek-V3 / Kimi K2 configs carry with a
+# weight_block_size (transformers/utils/quantization_config.py, QuantizationMethod.FP8)
+HF_METHOD = "fp8"
+
+
 def transformers_fp8(q) -> bool:
     """``q`` (a config's quantization_config) is transformers' finegrained FP8 (quant_method fp8: DeepSeek's
     block-FP8 layout and what transformers itself writes), whose linears quantize their activations."""
-    return isinstance(q, dict) and q.get("quant_method") == "fp8"
+    return isinstance(q, dict) and q.get("quant_method") == HF_METHOD
+
+
+def block_config(q) -> bool:
+    """``q`` is a block-FP8 quantization_config (quant_method fp8 with a weight_block_size): what this format's
+    input decoder reads, and what an hf-fp8-block export writes."""
+    return transformers_fp8(q) and bool(q.get("weight_block_size"))
+
+
+def quantization_config(not_converted: list[str] | None = None) -> dict:
+    """DeepSeek-V3's block-FP8 quantization_config (128x128 blocks, dynamic activations), with the modules left in
+    high precision where given (transformers' ``modules_to_not_convert``)."""
+    q = {"quant_method": HF_METHOD, "fmt": "e4m3", "activation_scheme": "dynamic",
+         "weight_block_size": list(fp8.DEFAULT_BLOCK)}
+    return q if not_converted is None else {**q, "modules_to_not_convert": not_converted}
 
 
 def dynamic_native(config: dict) -> bool:

@@ -139,11 +139,11 @@ def refuse_ambiguous_fp8_grids(path: Path, q) -> None:
     import transformers
 
     from moepress.compress.checkpoint import CheckpointReader
-    from moepress.compress.inspect import HF_FP8_METHOD
+    from moepress.compress.formats import fp8_block
     from moepress.exporters.ct_misloads import TRANSFORMERS_CHECKED
     from moepress.exporters.kernel_widths import grid_ok
 
-    if not (isinstance(q, dict) and q.get("quant_method") == HF_FP8_METHOD) or \
+    if not fp8_block.transformers_fp8(q) or \
             _version(transformers.__version__) > _version(TRANSFORMERS_CHECKED):
         return
     r = CheckpointReader(path)
