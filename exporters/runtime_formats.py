@@ -10,7 +10,7 @@ from moepress.compress.quantize.config import GROUP_SIZES
 from moepress.errors import MoepressError
 from moepress.exporters.kernel_widths import block_ok, fp4_widths_ok, mla_rule_flags
 from moepress.exporters.shape import ModelShape
-from moepress.exporters.targets import UNQUANTIZED, Target, check_format
+from moepress.exporters.targets import UNQUANTIZED, FormatRefused, Target, check_format
 
 # what a trtllm-ckpt holds (trtllm_ckpt.py _quant_algo), all an engine built from one (trtllm-engine) can be
 TRTLLM_CKPT_FORMATS = (UNQUANTIZED, "fp8")
@@ -73,9 +73,8 @@ def _refuse_export(t: Target, fmt: str, kind: str, ok, bf16_step: str, suffix: s
     to = to or kind
     try:
         check_format(t, fmt, ok)
-    except MoepressError as e:
-        why, _, alt = str(e).removeprefix(f"--format {fmt}: ").partition(": use ")
-        alt = alt.split(" (")[0]
+    except FormatRefused as e:
+        why, alt = e.why, e.alt
         rules = mla_rules(shape, alt) if to == "hf-modelopt" and shape is not None else ""
         step = bf16_step if alt == UNQUANTIZED else \
             f"re-quantize the original model with --format {alt}{rules}, then export {to}" + \

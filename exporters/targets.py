@@ -172,6 +172,15 @@ def min_sm(fmt: str) -> int:
     return min(sm for sm, fs in _SM_FORMATS.items() if fmt in fs)
 
 
+class FormatRefused(MoepressError):
+    """A format the target does not run, as --format asked it: ``why`` (what it needs, what the target is) and
+    ``alt`` (the closest format it runs) for the callers that reword it for an export or a recipe key."""
+
+    def __init__(self, fmt: str, why: str, alt: str, suggestion: str, runs: str):
+        super().__init__(f"--format {fmt}: {why}: use {suggestion} (it runs {runs})")
+        self.fmt, self.why, self.alt = fmt, why, alt
+
+
 def check_format(target: Target, fmt: str, loads: Callable[[str], bool] | None = None) -> None:
     """Raise a one-line refusal with a suggestion when ``target`` cannot run ``fmt`` (``loads``: which formats
     the suggestion may name, e.g. those whose MoE experts the runtime loads)."""
@@ -183,12 +192,12 @@ def check_format(target: Target, fmt: str, loads: Callable[[str], bool] | None =
     # a format newer GPUs lack is TensorRT-LLM's matrix, not the hardware (vLLM runs W4A16 on Blackwell too)
     need = f"needs sm{min(where)}+" if where == [sm for sm in _SM_FORMATS if sm >= min(where)] else \
         f"runs in TensorRT-LLM on {'/'.join(f'sm{s}' for s in where)} only (its hardware support matrix)"
-    alt = suggest_format(target, fmt, loads=loads)
+    alt = suggestion = suggest_format(target, fmt, loads=loads)
     if alt not in PRODUCED:  # a format moepress plans but does not write: name one it writes too
         made = suggest_format(target, fmt, produced_only=True, loads=loads)
-        alt = f"{alt} (Model-Optimizer writes it; moepress does not yet) or {made}"
-    raise MoepressError(f"--format {fmt}: {fmt.upper()} {need}; {target.gpu} is sm{target.sm}: "
-                        f"use {alt} (it runs {', '.join(target.formats)})")
+        suggestion = f"{alt} (Model-Optimizer writes it; moepress does not yet) or {made}"
+    raise FormatRefused(fmt, f"{fmt.upper()} {need}; {target.gpu} is sm{target.sm}", alt, suggestion,
+                        ", ".join(target.formats))
 
 
 def suggest_format(target: Target, fmt: str, produced_only: bool = False,
@@ -240,4 +249,4 @@ def render(targets=None) -> str:
 
 
 __all__ = ["KV_CACHE", "PRODUCED", "UNQUANTIZED", "Target", "TARGETS", "register_target", "get_target", "check_format",
-           "suggest_format", "pick_format", "min_sm", "render", "FP8_FMHA_MIN_SM"]
+           "FormatRefused", "suggest_format", "pick_format", "min_sm", "render", "FP8_FMHA_MIN_SM"]

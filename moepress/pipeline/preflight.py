@@ -99,7 +99,7 @@ def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
     from moepress.compress.quantize import QuantConfig
     from moepress.exporters.builders import BUILDERS
     from moepress.exporters.modelopt_misloads import quantize_trtllm_misloads
-    from moepress.exporters.targets import check_format, get_target
+    from moepress.exporters.targets import FormatRefused, check_format, get_target
 
     if recipe.get("build") is None:
         return
@@ -120,8 +120,8 @@ def refuse_unbuildable(recipe: dict, model: Path, src: str = "recipe") -> None:
     for name in recipe["build"]["targets"] if fmt else ():
         try:
             check_format(get_target(name), fmt)
-        except MoepressError as e:
-            why = str(e).removeprefix(f"--format {fmt}: ").partition(": use ")[0]
+        except FormatRefused as e:
+            why = e.why
             step = _instead(recipe, model, get_target(name), fmt, built)
             raise MoepressError(f"{key_where(src, 'build', 'targets')} {name}: quantize.format {fmt}: {why}: {step}"
                                 ) from None
