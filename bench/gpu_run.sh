@@ -80,6 +80,7 @@ gpu_tests() {  # SECONDS KEYWORDS
 # torchrun on the GPU: 2 ranks on cuda:0 (one GPU: gloo, calib/distributed.py), statistics gathered to the
 # device (all_gather_saved's map_location) and KV scales reduced there; NCCL needs a GPU a rank
 log "torchrun, 2 ranks, --device cuda"
+rm -rf /tmp/moepress-torchrun
 timeout 40 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m moepress quantize tiny-qwen3-moe \
   --format int4-gptq --kv-cache fp8 --num-samples 16 --seq-len 64 --device cuda -o /tmp/moepress-torchrun --json \
   > "$OUT/torchrun.log" 2>&1

@@ -75,6 +75,8 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     p = Path(directory) / MANIFEST_NAME
     if not p.exists():
         return {}
+    if p.is_fifo() or p.is_socket() or p.is_char_device():  # a read would wait for a writer
+        raise MoepressError(f"{p}: not a regular file; expected a moepress manifest")
     try:
         m = json.loads(p.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -22,7 +22,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import shutil
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -152,13 +154,13 @@ def pid_alive(pid: str) -> bool:
     return True
 
 
-def refuse_existing(out: Path, force: bool, probe: bool = True) -> None:
+def refuse_existing(out: Path, force: bool) -> None:
     """What an existing ``out`` must be for a stage to replace it, refused before any work: a directory; empty,
     or with --force one a moepress stage wrote (its manifest: --force never deletes a folder of other files);
-    not holding the current directory; and, unless it is the current directory (filled in place), one this user
-    may rename, since the finished output is renamed into its place (a mount point, an immutable folder or
-    another user's in a sticky parent would fail only at the end, the work lost): tried by renaming it and back
-    where ``probe`` (one torchrun rank: two renaming at once would refuse each other)."""
+    not holding the current directory; and, unless it is the current directory (filled in place), one the
+    finished output can be renamed over: not a mount point, nor another user's in a sticky parent (``/tmp``, a
+    shared ``/scratch``), which would fail only at the end, the work lost. Read-only, so every torchrun rank
+    asks it alike (an immutable folder, chattr +i, is not detected: it fails at the end)."""
     from moepress.manifest import MANIFEST_NAME
 
     if not out.exists():
@@ -179,18 +181,27 @@ def refuse_existing(out: Path, force: bool, probe: bool = True) -> None:
         cwd = Path("/")
     if resolved(out) in cwd.parents:
         raise MoepressError(f"{out}: holds the current directory {cwd}; expected an output that does not contain it")
-    if os.path.ismount(out):
+    if mount_point(out):
         raise MoepressError(f"{out}: a mount point, which the finished output cannot be renamed over; expected a "
                             "new folder inside it")
-    if not probe:
-        return
-    aside = out.with_name(out.name + ".partial.probe")
+    st, parent = out.stat(), out.parent.stat()
+    uid = os.geteuid()
+    if parent.st_mode & stat.S_ISVTX and uid != 0 and uid not in (st.st_uid, parent.st_uid):
+        raise MoepressError(f"{out}: another user's folder in {out.parent}, whose sticky bit lets only its owner "
+                            "rename it, and the finished output is renamed into its place; expected a new path")
+
+
+def mount_point(p: Path) -> bool:
+    """Whether ``p`` is where a file system is mounted: as /proc/self/mountinfo lists it (a btrfs subvolume,
+    another device number without a mount, is no mount point), else os.path.ismount."""
     try:
-        os.rename(out, aside)
-    except OSError as e:
-        raise MoepressError(f"{out}: cannot be replaced ({e.strerror}), and the finished output is renamed into its "
-                            "place; expected a folder this user may rename, or a new path") from None
-    os.rename(aside, out)
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return os.path.ismount(p)
+    # field 5: the mount point, with space, tab, newline and backslash escaped as octal (\040 ...)
+    points = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), ln.split()[4]) for ln in lines
+              if len(ln.split()) > 4}
+    return str(resolved(p)) in points
 
 
 def refuse_overlap(out: str | os.PathLike, sources: Iterable[str | os.PathLike], label: str = "") -> None:

@@ -5,7 +5,6 @@ work. Also: a link loop as -o, a FIFO in place of an input file, a signal during
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import forkserver
 from helpers import assert_one_line_error
 from moepress import models, outputs
 
@@ -51,30 +51,32 @@ def test_force_refuses_an_output_that_holds_the_current_directory(tmp_path, cli_
     assert (out / "config.json").is_file() and (out / "sub").is_dir()
 
 
-@pytest.mark.parametrize("how", ["mount point", "rename refused"])
+@pytest.mark.parametrize("how", ["mount point", "sticky parent"])
 def test_an_output_that_cannot_be_renamed_over_is_refused_before_the_work(tmp_path, cli_run, monkeypatch, how):
-    """An existing empty -o that is a mount point (EBUSY), immutable or another user's in a sticky parent (EPERM)
-    failed at the final rename, after the whole stage, its work discarded."""
-    out = tmp_path / "mnt"
+    """An existing empty -o that is a mount point (EBUSY) or another user's in a sticky parent (EPERM) failed at
+    the final rename, after the whole stage, its work discarded."""
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    out = parent / "mnt"
     out.mkdir()
     if how == "mount point":
-        monkeypatch.setattr(outputs.os.path, "ismount", lambda p: Path(p) == out)
+        monkeypatch.setattr(outputs, "mount_point", lambda p: Path(p) == out)
         needle = "a mount point"
-    else:
-        real = os.rename
-
-        def rename(a, b):
-            if Path(a) == out:
-                raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(a))
-            return real(a, b)
-
-        monkeypatch.setattr(outputs.os, "rename", rename)
-        needle = "cannot be replaced (Operation not permitted)"
+    else:  # /tmp's mode; this user is neither the folder's owner nor the parent's
+        parent.chmod(0o1777)
+        monkeypatch.setattr(outputs.os, "geteuid", lambda: os.stat(out).st_uid + 4242)
+        needle = "another user's folder"
     calibrated = ("quantize", "tiny-mixtral", "--format", "int4-awq", "--num-samples", "2", "--seq-len", "32",
                   "--quiet")
     assert_one_line_error(cli_run(*calibrated, "-o", out), str(out), needle)
-    assert out.is_dir() and not any(out.iterdir())
-    assert not (tmp_path / "mnt.partial").exists() and not (tmp_path / "mnt.partial.probe").exists()
+    assert out.is_dir() and not any(out.iterdir()) and not (parent / "mnt.partial").exists()
+
+
+def test_mount_points_are_read_from_the_mount_table():
+    """/proc/self/mountinfo, not a device number that differs (a btrfs subvolume can be renamed)."""
+    assert outputs.mount_point(Path("/")) and not outputs.mount_point(Path(__file__).parent)
+    if Path("/proc/self/mountinfo").is_file():
+        assert outputs.mount_point(Path("/proc"))
 
 
 def test_a_symlink_loop_as_output_is_one_line(tmp_path, cli_run):
@@ -90,20 +92,33 @@ def test_a_fifo_in_place_of_an_input_file_is_refused_not_waited_on(tmp_path, nam
     shutil.copytree(models.path("tiny-mixtral"), src)
     (src / name).unlink()
     os.mkfifo(src / name)
-    p = subprocess.run([sys.executable, "-m", "moepress", "inspect", str(src), "--no-targets"],
-                       capture_output=True, text=True, timeout=120)
+    p = forkserver.run([sys.executable, "-m", "moepress", "inspect", str(src), "--no-targets"], text=True,
+                       timeout=60)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and name in lines[0] and "not a regular file" in lines[0], p.stderr
 
 
-def test_a_signal_during_the_interpreters_exit_keeps_a_finished_runs_code(tmp_path):
-    """SIGTERM after the command returned (torch's teardown takes about a second): exit 0, nothing on stderr,
-    not 143 or an "Exception ignored in atexit callback" traceback."""
+@pytest.mark.parametrize("args, code", [(["formats"], 0), (["inspect", "/no/such/model"], 2)])
+def test_a_signal_during_the_interpreters_exit_keeps_the_runs_code(tmp_path, args, code):
+    """SIGTERM after the command returned (torch's teardown takes about a second): the code already decided (0,
+    or 2 after a refusal) and what was printed, not 143 or an "Exception ignored in atexit callback" traceback;
+    nor is the signal ignored (the process leaves at once, not after the 30 s sleep)."""
     script = ("import atexit, os, signal, sys, time\n"
-              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.3)))\n"
-              "sys.argv = ['moepress', 'formats']\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))\n"
+              f"sys.argv = ['moepress', *{args!r}]\n"
               "from moepress.cli import main\n"
               "main()\n")
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert p.returncode == 0 and p.stderr == "", (p.returncode, p.stderr[-2000:])
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=25, cwd=tmp_path)
+    assert p.returncode == code and "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, \
+        (p.returncode, p.stderr[-2000:])
+    assert (p.stdout if code == 0 else p.stderr).strip(), "what was printed before the signal was lost"
+
+
+def test_a_fifo_manifest_is_refused_not_waited_on(tmp_path):
+    from moepress.errors import MoepressError
+    from moepress.manifest import read_manifest
+
+    os.mkfifo(tmp_path / "moepress-manifest.json")
+    with pytest.raises(MoepressError, match="moepress-manifest.json: not a regular file"):
+        read_manifest(tmp_path)

@@ -704,6 +704,13 @@ def test_a_refused_build_is_recorded_once_and_skipped_on_rerun(cli_run, tmp_path
     assert (out / "build" / "h100-sxm-trtllm-pytorch" / "plan.json").is_file()
     assert cli_run("run", rec, "-o", out).exit_code == 0
     assert statuses(out)["build:h100-sxm:tensorrt"] == "skipped"
+    # build.gpus 1 then: the engine is built where its refusal was recorded (the runner's own record, replaced)
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "fp8"},
+                       export={"formats": ["hf-modelopt", "onnx"]}, build={"targets": ["h100-sxm"], "gpus": 1})
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    built = out / "build" / "h100-sxm-tensorrt"
+    assert statuses(out)["build:h100-sxm:tensorrt"] == "ran" and not (built / "refused.txt").exists()
+    assert (built / "plan.json").is_file() and (built / "moepress-manifest.json").is_file()
 
 
 def test_a_run_reusing_a_directory_removes_the_earlier_recipes_outputs_it_does_not_produce(cli_run, tmp_path):

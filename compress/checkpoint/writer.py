@@ -81,13 +81,11 @@ def naming(path: Path) -> Iterator[None]:
 
 
 def check_output(out: str | os.PathLike, *, force: bool = False, resume: bool = False, resume_key: dict | None = None,
-                 sources: Iterable[str | os.PathLike] = (), finished: str | None = None, say=None,
-                 main: bool = True) -> None:
+                 sources: Iterable[str | os.PathLike] = (), finished: str | None = None, say=None) -> None:
     """What :class:`CheckpointWriter` refuses before it touches anything, without taking the lock:
     a stage calls it before its calibration, so that a bad ``-o`` is refused in a second. ``finished``: the file a
     killed run of the stage leaves in its partial beside finished work, which the writer clears unless resumed:
-    said through ``say``, since clearing it discards work. ``main``: the torchrun rank that writes (the one that
-    tries renaming an existing ``out``: outputs.refuse_existing)."""
+    said through ``say``, since clearing it discards work."""
     sources = tuple(sources)
     out = output_dir(out, sources)
     if not out.name:
@@ -95,7 +93,7 @@ def check_output(out: str | os.PathLike, *, force: bool = False, resume: bool = 
     partial = out.with_name(out.name + ".partial")
     refuse_overlap(partial, sources)
     busy(out, partial).refuse_if_held()
-    refuse_existing(out, force, probe=main)  # every rank says so alike, before its calibration
+    refuse_existing(out, force)  # every rank says so alike, before its calibration
     if resume:
         resumable_journal(partial, normalized(resume_key))
     elif say is not None and finished is not None and (partial / finished).is_file():

@@ -3,8 +3,10 @@ byte, low nibble first: 32 values per block) and ``P_scales`` U8 [E, R, G] (E8M0
 127), for ``P`` = ``...mlp.experts.gate_up_proj`` / ``...mlp.experts.down_proj``.
 
 Read as transformers reads it (transformers 5.24 ``integrations/mxfp4.py``
-``convert_moe_packed_tensors``): the E2M1 table in the requested dtype, ``ldexp`` by the exponent
-(a float32 product rounded to the dtype), rows of ``G * 32`` values, then dims 1 and 2 swapped.
+``convert_moe_packed_tensors``): E2M1 values times 2 ** (exponent - 127), exact in float32 and in
+the requested dtype (quant/fp4.mx_dequantize), rows of ``G * 32`` values, then dims 1 and 2 swapped.
+One difference: an exponent byte of 255, NaN in the OCP MX spec, decodes to NaN here, where
+transformers' ``ldexp`` gives +-inf (or 0).
 The result is the [E, G*32, R] parameter of transformers' ``GptOssExperts`` (``x @ W``; for
 ``gate_up_proj`` [E, hidden, 2 * intermediate]). moepress has no gpt-oss architecture adapter: this
 is the tensor-level decoder the reader offers (``CheckpointReader.weight("...experts.gate_up_proj")``).

@@ -205,7 +205,7 @@ class QuantizeStage:
                          "force": force, "resume": resume})
         # every rank, before the calibration (none waits for a rank 0 that gave up); the writer checks under its lock
         check_output(out, force=force, resume=resume, resume_key=key, sources=sources, finished=PROGRESS,
-                     say=progress.info if env.is_main else None, main=env.is_main)
+                     say=progress.info if env.is_main else None)
         require_space(out, quantized_bytes(self.sm, self.cfg), "the quantized tensors")
         if self.extra_layers:
             nextn = NO_NEXTN * self._declares_nextn()

@@ -225,8 +225,26 @@ def main() -> None:
     for s in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(s) is not signal.SIG_IGN:  # a signal the parent had ignored stays ignored (nohup, &)
             signal.signal(s, _interrupt)
+    code = 1
     try:
         cli(prog_name="moepress")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        raise
     finally:  # done, its result or refusal said: a signal during the interpreter's exit (about a second of
-        for s in (signal.SIGINT, signal.SIGTERM):  # torch's teardown) must not turn a finished run's code into 130
-            signal.signal(s, signal.SIG_IGN)
+        for s in (signal.SIGINT, signal.SIGTERM):  # torch's teardown) ends it with the code already decided
+            signal.signal(s, _exit_with(code))
+
+
+def _exit_with(code: int):
+    """A signal handler that leaves at once with ``code`` (what was printed is flushed first): for a signal
+    after the work is done, which must neither turn a finished run's exit code into 130 nor be ignored."""
+    def handler(signum, frame) -> None:
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except (OSError, ValueError):  # a closed pipe or stream
+                pass
+        os._exit(code)
+    return handler

@@ -163,7 +163,7 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
     from moepress.calib.sources import local_paths
 
     refuse_overlap(output, (src, *local_paths(calib)), "-o ")
-    refuse_existing(output_dir(output), force, probe=env.is_main)
+    refuse_existing(output_dir(output), force)
     prog = Progress.from_flags(quiet or not env.is_main, json_out and env.is_main)
     cs = dist.run_main_first(env, lambda: calibration_set(src, calib, num_samples, seq_len, seed,
                                                           trust_remote_code, progress=prog))

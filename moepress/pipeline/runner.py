@@ -353,6 +353,8 @@ class Runner:
             return run_check(engine, reference, CheckConfig(kind="engine"), progress=progress)
 
         def fn(resume):
+            if (out / "refused.txt").is_file():  # an earlier config's refusal, this runner's own record
+                shutil.rmtree(out)
             opts = bmod.BuildOptions(dry_run=b["dry_run"], builder=builder, gpus=b["gpus"],
                                      max_seq_len=b["max_seq_len"], max_batch=b["max_batch"], force=True,
                                      reference=self.model, trust_remote_code=b["trust_remote_code"])
