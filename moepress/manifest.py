@@ -75,7 +75,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     p = Path(directory) / MANIFEST_NAME
     if not p.exists():
         return {}
-    if p.is_fifo() or p.is_socket() or p.is_char_device():  # a read would wait for a writer
+    if not p.is_file():  # a FIFO would wait for a writer, a device be read whole
         raise MoepressError(f"{p}: not a regular file; expected a moepress manifest")
     try:
         m = json.loads(p.read_text())

@@ -195,7 +195,7 @@ def mount_point(p: Path) -> bool:
     """Whether ``p`` is where a file system is mounted: as /proc/self/mountinfo lists it (a btrfs subvolume,
     another device number without a mount, is no mount point), else os.path.ismount."""
     try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        lines = os.fsdecode(Path("/proc/self/mountinfo").read_bytes()).splitlines()  # as paths decode
     except OSError:
         return os.path.ismount(p)
     # field 5: the mount point, with space, tab, newline and backslash escaped as octal (\040 ...)

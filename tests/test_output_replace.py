@@ -122,3 +122,26 @@ def test_a_fifo_manifest_is_refused_not_waited_on(tmp_path):
     os.mkfifo(tmp_path / "moepress-manifest.json")
     with pytest.raises(MoepressError, match="moepress-manifest.json: not a regular file"):
         read_manifest(tmp_path)
+
+
+def test_a_signal_the_parent_ignored_stays_ignored_through_the_exit(tmp_path):
+    """`moepress ... &` from a script ignores SIGINT (as nohup does): one during the exit must not cut the atexit
+    work after it short."""
+    script = ("import atexit, os, signal, sys\n"
+              "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+              f"atexit.register(lambda: open({str(tmp_path / 'done')!r}, 'w').close())\n"
+              "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+              "sys.argv = ['moepress', 'formats']\n"
+              "from moepress.cli import main\n"
+              "main()\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 0 and (tmp_path / "done").exists(), (p.returncode, p.stderr[-2000:])
+
+
+def test_a_manifest_that_is_a_folder_is_refused(tmp_path):
+    from moepress.errors import MoepressError
+    from moepress.manifest import read_manifest
+
+    (tmp_path / "moepress-manifest.json").mkdir()
+    with pytest.raises(MoepressError, match="moepress-manifest.json: not a regular file"):
+        read_manifest(tmp_path)

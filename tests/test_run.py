@@ -713,6 +713,23 @@ def test_a_refused_build_is_recorded_once_and_skipped_on_rerun(cli_run, tmp_path
     assert (built / "plan.json").is_file() and (built / "moepress-manifest.json").is_file()
 
 
+def test_a_folder_the_run_never_recorded_at_a_build_path_is_not_replaced(cli_run, tmp_path):
+    """A user's folder where a build's output goes (build/<target>-<builder>), with no record of the run's: refused
+    in one line, kept; the runner replaced it with its refusal record (or the build) unasked."""
+    out = tmp_path / "run"
+    first = write_recipe(tmp_path / "a.yaml", prune="skip", check=None, quantize={"format": "fp8"},
+                         export={"formats": ["hf-modelopt"]}, build={"targets": ["h100-sxm"], "gpus": 1})
+    assert cli_run("run", first, "-o", out).exit_code == 0  # an earlier run's directory, with no tensorrt build
+    mine = out / "build" / "h100-sxm-tensorrt"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    rec = write_recipe(tmp_path / "r.yaml", prune="skip", check=None, quantize={"format": "fp8"},
+                       export={"formats": ["hf-modelopt", "onnx"]}, build={"targets": ["h100-sxm"], "gpus": 2})
+    r = cli_run("run", rec, "-o", out)
+    assert r.exit_code == 2 and "a folder this run directory's records do not name" in r.stderr, r.output[-2000:]
+    assert (mine / "notes.txt").read_text() == "precious" and not (mine / "refused.txt").exists()
+
+
 def test_a_run_reusing_a_directory_removes_the_earlier_recipes_outputs_it_does_not_produce(cli_run, tmp_path):
     """Run A (prune, fp8, export hf-modelopt + onnx, checked, built for H100), then run B into the same directory
     (quantize fp8-block, export hf-fp8-block, no prune): A's prune, its exports, their checks and the onnx build

@@ -222,9 +222,9 @@ def main() -> None:
     # once, when torch loads it; a wait policy or spin count the user set wins.
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-    for s in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(s) is not signal.SIG_IGN:  # a signal the parent had ignored stays ignored (nohup, &)
-            signal.signal(s, _interrupt)
+    handled = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    for s in handled:  # a signal the parent had ignored stays ignored (nohup, &)
+        signal.signal(s, _interrupt)
     code = 1
     try:
         cli(prog_name="moepress")
@@ -233,7 +233,7 @@ def main() -> None:
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         raise
     finally:  # done, its result or refusal said: a signal during the interpreter's exit (about a second of
-        for s in (signal.SIGINT, signal.SIGTERM):  # torch's teardown) ends it with the code already decided
+        for s in handled:  # torch's teardown) ends it with the code already decided
             signal.signal(s, _exit_with(code))
 
 

@@ -352,8 +352,15 @@ class Runner:
         def check(engine, reference, progress=None):  # the built engine against the original model
             return run_check(engine, reference, CheckConfig(kind="engine"), progress=progress)
 
+        sid = f"build:{target}:{builder}"
+        ours = self._state_path(sid).is_file()  # what sits at OUT is this run directory's (stale.py's rule)
+
         def fn(resume):
-            if (out / "refused.txt").is_file():  # an earlier config's refusal, this runner's own record
+            if out.exists() and not ours:  # neither its build nor its refusal record: not the run's to replace
+                raise MoepressError(f"{out}: a folder this run directory's records do not name (no "
+                                    f"{self._state_path(sid).name} in {self.state_dir}); expected nothing there: "
+                                    "move it away")
+            if (out / "refused.txt").is_file():  # an earlier config's refusal, the runner's own record
                 shutil.rmtree(out)
             opts = bmod.BuildOptions(dry_run=b["dry_run"], builder=builder, gpus=b["gpus"],
                                      max_seq_len=b["max_seq_len"], max_batch=b["max_batch"], force=True,
@@ -367,7 +374,7 @@ class Runner:
                 return {"refused": str(e)}
             return _summary(res)
 
-        res = self.stage(f"build:{target}:{builder}", key, out, fn,
+        res = self.stage(sid, key, out, fn,
                          complete=lambda d: output_complete(d) or (d / "refused.txt").is_file())
         if (res.get("accuracy") or {}).get("passed") is False:  # the engine was built and failed its check
             self.failed_checks.append(f"build:{target}:{builder}")
