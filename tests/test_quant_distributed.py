@@ -32,10 +32,11 @@ def one_thread():
 
 @pytest.mark.slow
 def test_two_rank_gloo_quantize_is_byte_identical_to_one_process(tmp_path, cli_run, monkeypatch, one_thread):
-    # DeepSeek family (sigmoid routing, shared experts) and GPTQ: Hessians, expert routing and AWQ-free
-    # INT4 all depend on every rank's calibration tokens
-    args = ["quantize", str(models.path("tiny-deepseek-v3")), "--format", "int4-gptq", "--num-samples", "12",
-            "--seq-len", "64", "--quiet"]
+    # DeepSeek family (sigmoid routing, shared experts) and GPTQ: Hessians, expert routing, AWQ-free INT4 and
+    # the FP8 KV-cache scales (a max over every rank's keys and values) all depend on every rank's calibration
+    # tokens (12 samples: a batch of 8 on rank 0, 4 on rank 1)
+    args = ["quantize", str(models.path("tiny-deepseek-v3")), "--format", "int4-gptq", "--kv-cache", "fp8",
+            "--num-samples", "12", "--seq-len", "64", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "MOEPRESS_CACHE": str(tmp_path / "cache")}
     monkeypatch.setenv("MOEPRESS_CACHE", env["MOEPRESS_CACHE"])
     one = cli_run(*args, "-o", tmp_path / "one")  # the one-process reference, in this process
@@ -48,32 +49,14 @@ def test_two_rank_gloo_quantize_is_byte_identical_to_one_process(tmp_path, cli_r
     a, b = _digests(tmp_path / "one"), _digests(tmp_path / "two")
     assert len([n for n in a if n.endswith(".safetensors")]) >= 5
     assert a == b
-    _lost_rank_keeps_finished_layers(args, env, tmp_path, a, cli_run)
-
-
-@pytest.mark.slow
-def test_two_rank_fp8_kv_cache_scales_are_one_process_s(tmp_path, cli_run, monkeypatch, one_thread):
-    """--kv-cache fp8 under torchrun: k_scale / v_scale from every rank's keys and values (a max over ranks), not
-    rank 0's share. 16 samples: one batch of 8 (QuantConfig's) a rank, so each rank sees other tokens."""
-    args = ["quantize", str(models.path("tiny-qwen3-moe")), "--format", "fp8", "--kv-cache", "fp8",
-            "--num-samples", "16", "--seq-len", "64", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "MOEPRESS_CACHE": str(tmp_path / "cache")}
-    monkeypatch.setenv("MOEPRESS_CACHE", env["MOEPRESS_CACHE"])
-    one = cli_run(*args, "-o", tmp_path / "one")
-    assert one.exit_code == 0, one.output[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "moepress", *args, "-o", str(tmp_path / "two")], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
     from safetensors import safe_open
 
     kv = {}
-    for run in ("one", "two"):
-        for f in sorted((tmp_path / run).glob("*.safetensors")):
-            with safe_open(f, "pt") as h:
-                kv.update({(run, k): h.get_tensor(k) for k in h.keys() if k.endswith((".k_scale", ".v_scale"))})
-    assert kv and all(kv[("one", k)].equal(kv[("two", k)]) for r, k in kv if r == "one"), kv
-    assert _digests(tmp_path / "one") == _digests(tmp_path / "two")
+    for f in sorted((tmp_path / "one").glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            kv.update({k: h.get_tensor(k) for k in h.keys() if k.endswith((".k_scale", ".v_scale"))})
+    assert len(kv) == 8, sorted(kv)  # 4 layers' K and V scales, within the digests compared above
+    _lost_rank_keeps_finished_layers(args, env, tmp_path, a, cli_run)
 
 
 def _lost_rank_keeps_finished_layers(args, env, tmp_path, reference, cli_run):
