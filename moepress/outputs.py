@@ -52,10 +52,8 @@ def resolved(p: str | os.PathLike) -> Path:
     RuntimeError for it, later ones OSError ELOOP)."""
     try:
         return Path(p).resolve()
-    except RuntimeError:
-        raise MoepressError(f"{p}: a loop of symbolic links; expected a path that names a folder") from None
-    except OSError as e:
-        if e.errno != errno.ELOOP:
+    except (RuntimeError, OSError) as e:
+        if isinstance(e, OSError) and e.errno != errno.ELOOP:
             raise
         raise MoepressError(f"{p}: a loop of symbolic links; expected a path that names a folder") from None
 
@@ -199,19 +197,20 @@ def mount_point(p: Path) -> bool:
     except OSError:
         return os.path.ismount(p)
     # field 5: the mount point, with space, tab, newline and backslash escaped as octal (\040 ...)
-    points = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), ln.split()[4]) for ln in lines
-              if len(ln.split()) > 4}
+    fields = (ln.split() for ln in lines)
+    points = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), f[4]) for f in fields if len(f) > 4}
     return str(resolved(p)) in points
 
 
-def refuse_overlap(out: str | os.PathLike, sources: Iterable[str | os.PathLike], label: str = "") -> None:
+def refuse_overlap(out: str | os.PathLike, sources: Iterable[str | os.PathLike], label: str = "",
+                   what: str = "the input", why: str = "the input (it is read while the output is written)") -> None:
     """One-line :class:`MoepressError` when the output ``out`` equals, sits inside or contains one
-    of ``sources`` (the stage's inputs). ``label`` prefixes the path (e.g. ``"--report "``)."""
+    of ``sources`` (the stage's inputs). ``label`` prefixes the path (e.g. ``"--report "``); ``what`` names a
+    source and ``why`` says what the output must stay outside of (calibration data: calib.sources)."""
     for src in sources:
         how = overlap(out, src)
         if how is not None:
-            raise MoepressError(f"{label}{out}: the output {how} the input {src}; "
-                                "expected a path outside the input (it is read while the output is written)")
+            raise MoepressError(f"{label}{out}: the output {how} {what} {src}; expected a path outside {why}")
 
 
 class OutputLock:

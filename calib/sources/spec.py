@@ -182,9 +182,7 @@ def refuse_output_over(out, paths: list[Path], flag: str = "--calib") -> None:
     """One line where the output ``out`` is, sits inside or contains one of the local calibration sources
     ``paths`` (:func:`local_paths`; ``flag``: how the user named them): the next run would read the output as
     calibration data, and --force deleted the source."""
-    from moepress.outputs import overlap
+    from moepress.outputs import refuse_overlap
 
-    for p in paths:
-        if (how := overlap(out, p)) is not None:
-            raise MoepressError(f"{out}: the output {how} the {flag} source {p}; expected a path outside the "
-                                "calibration data (the next run would read the output as calibration data)")
+    refuse_overlap(out, paths, what=f"the {flag} source",
+                   why="the calibration data (the next run would read the output as calibration data)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moepress.compress.checkpoint.safetensors_io import refuse_special
 from moepress.errors import MoepressError
 
 
@@ -22,8 +23,7 @@ def _no_constant(name: str):
 def read_json_file(path: Path) -> dict:
     """A JSON file as Python values; one line naming the file where it cannot be read as JSON."""
     try:
-        if path.is_fifo() or path.is_socket() or path.is_char_device():  # a read would wait for a writer
-            raise MoepressError(f"{path}: not a regular file; expected a JSON file")
+        refuse_special(path, "a JSON file")
         return json.loads(path.read_text(), parse_constant=_no_constant)
     except _NotJSONNumber as e:
         raise MoepressError(f"{path}: not valid JSON ({e} is not a JSON number; expected a finite number)") from None

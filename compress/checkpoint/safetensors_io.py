@@ -243,16 +243,25 @@ class _DirectWriter:
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # about the safetensors bound (safetensors/src/tensor.rs MAX_HEADER_SIZE)
 
 
+def refuse_special(path: Path, expected: str) -> None:
+    """One line for a FIFO, socket or character device where a file is read (a FIFO's read waits for a writer that
+    never comes, a device's never ends); a missing or unreadable path is left to the read that reports it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode):
+        raise MoepressError(f"{path}: not a regular file; expected {expected}")
+
+
 def read_header(path: Path) -> tuple[dict, int]:
     """Parse a safetensors header and check the file holds all the data it announces.
 
     Returns (header, offset of the data section). Errors describe what is wrong and never echo
     the file's bytes: the path may name any file (an index entry, a symlink), not a shard."""
     try:
-        st = path.stat()
-        if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode) or stat.S_ISCHR(st.st_mode):  # a read would wait
-            raise MoepressError(f"{path}: not a regular file; expected a safetensors file")
-        size = st.st_size
+        refuse_special(path, "a safetensors file")
+        size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:

@@ -105,7 +105,7 @@ class _Lockstep:
                 # is built (only the other stream's is read beside the build)
                 nxt = self.pool.submit(after[0].read_layer_state, after[1]) if after and after[0] is not sm else None
                 layer = sm.build_layer(i, state)
-                if after and after[0] is sm:
+                if nxt is None and after is not None:
                     nxt = self.pool.submit(sm.read_layer_state, after[1])
                 del state
                 yield sm, i, layer

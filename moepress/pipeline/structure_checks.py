@@ -75,7 +75,7 @@ def refuse_rule_formats(recipe: dict, src: str = "recipe") -> None:
 
 def refuse_tensorrt_int4_blocks(recipe: dict, model: Path, src: str = "recipe") -> None:
     """An onnx export built for a target (TensorRT) of INT4 linears whose group is not a block TensorRT takes
-    (onnx_graph.TENSORRT_INT4_BLOCKS: 64 or 128; a linear of fewer input features than the group is grouped by its
+    (kernel_widths.TENSORRT_INT4_BLOCKS: 64 or 128; a linear of fewer input features than the group is grouped by its
     width, compress/quant/int4.py effective_group, DeepSeek's 32-wide kv_b_proj input included): the build refuses
     the export after quantize and export."""
     from moepress.calib.config import CalibConfig
@@ -83,7 +83,7 @@ def refuse_tensorrt_int4_blocks(recipe: dict, model: Path, src: str = "recipe") 
     from moepress.compress.quantize import QuantConfig
     from moepress.compress.quantize.free import formatted_linears
     from moepress.compress.stream import StreamedModel
-    from moepress.exporters.onnx_graph import TENSORRT_INT4_BLOCKS
+    from moepress.exporters.kernel_widths import TENSORRT_INT4_BLOCKS
 
     targets = (recipe.get("build") or {}).get("targets") or []
     if not targets or recipe.get("quantize") is None or "onnx" not in (recipe.get("export") or {}).get("formats", []):
@@ -107,7 +107,7 @@ def _int4_blocks_refusal(src: str, target: str, bad: dict, ins: dict, group_size
     (narrower inputs: one group per row); never advice that leaves no linear quantized (quantize refuses that)."""
     from moepress.compress.quant.int4 import effective_group
     from moepress.exporters.fused_moe import pattern
-    from moepress.exporters.onnx_graph import TENSORRT_INT4_BLOCKS
+    from moepress.exporters.kernel_widths import TENSORRT_INT4_BLOCKS
 
     rel, (g, in_f) = next(iter(bad.items()))
     blocks = sorted(TENSORRT_INT4_BLOCKS, reverse=True)
