@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moepress import models
-from moepress.checks.peers import FLOOR, peer_ratios, stored_form
+from moepress.checks.peers import FLOOR, peer_ratios, relative_error, stored_form
 from moepress.compress.moe import ExpertMLP
 from moepress.compress.quantize import QuantConfig, quantize_checkpoint
 
@@ -180,6 +180,21 @@ def test_a_blocks_own_rounding_floors_its_median():
     assert judged == pytest.approx([1.0, 0.2 / FLOOR], rel=1e-9)
     ratios, _ = peer_ratios([0.1, 0.1, 0.1, 0.3], ["a"] * 4, floors=[0.01] * 4)
     assert ratios == pytest.approx([1.0, 1.0, 1.0, 3.0], rel=1e-9)
+
+
+def test_an_expert_off_by_two_either_way_reads_one_and_a_silenced_one_never_passes():
+    """The expert error is |y - y_ref| / min(|y|, |y_ref|): an expert's output x 2 and x 1/2 both read 1.0 (over
+    --max-expert-error 0.5; divided by the reference's norm, x 1/2 read 0.5 and passed it), a zeroed one inf, two
+    zero outputs 0, a NaN NaN."""
+    ref = torch.randn(6, 4, 8, generator=torch.Generator().manual_seed(0))
+    cand = ref.clone()
+    cand[0] *= 2
+    cand[1] *= 0.5
+    cand[2] = 0
+    ref[3] = cand[3] = 0
+    cand[4, 0, 0] = math.nan
+    err = relative_error(cand - ref, cand, ref).tolist()
+    assert err[:4] == pytest.approx([1.0, 1.0, math.inf, 0.0], rel=1e-6) and math.isnan(err[4]) and err[5] == 0
 
 
 def test_stored_form_tells_formats_apart_not_widths():

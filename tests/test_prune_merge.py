@@ -414,3 +414,42 @@ def test_fold_of_an_expert_fed_only_by_group_moves_does_not_crash(tmp_path, cli_
     for layer in rep["layers"]:
         for m in layer["merged"].values():
             assert sum(m["mass_share"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_refit_hands_each_kept_expert_the_lost_output_over_its_tokens_summed_weights(tmp_path, monkeypatch):
+    """DeepSeek's routing weights sum to routed_scaling_factor (2.5), not 1: the lost routed output a kept expert
+    absorbs is divided by the token's summed pruned weights (merge.refit's docstring), so the kept experts restore
+    it once between them, not 2.5 times (at 2.5x the merged model's KL doubled). Recomputed here from the experts'
+    own forwards, the family's router and route_masked, not through the merge's routed outputs."""
+    from helpers import make_random_checkpoint
+    from moepress.compress.prune import LayerEvidence, RouteRecorder, merge
+    from moepress.compress.prune.routing import route_masked
+
+    ckpt = make_random_checkpoint("deepseek_v3", tmp_path / "m", n_routed_experts=8, routed_scaling_factor=2.5)
+    sm = StreamedModel(str(ckpt))
+    moe = sm.load_layer(sm.adapter.moe_layers()[0]).moe
+    x = torch.randn(300, sm.adapter.hidden_size, generator=torch.Generator().manual_seed(0))
+    rec = RouteRecorder(300, 300, 0)
+    moe.observers = [rec]
+    kept, keep = [0, 2, 4, 6], torch.zeros(8, dtype=torch.bool)
+    keep[kept] = True
+    with torch.no_grad():
+        moe(x)
+        f = torch.stack([ex(x) for ex in moe.experts], 1).double()  # [T, E, H], before the refit changes any
+        logits, w, idx = sm.adapter.route(moe, x)
+        pw, pidx = route_masked(logits, keep, sm.adapter.routing(), moe.gate.e_score_correction_bias.float())
+    moe.observers = []
+
+    def out(ws, ids):
+        return (f.gather(1, ids[..., None].expand(-1, -1, f.shape[-1])) * ws[..., None].double()).sum(1)
+
+    assert torch.allclose(pw.double().sum(-1), torch.tensor(2.5, dtype=torch.float64))
+    want = (out(w, idx) - out(pw, pidx)) / pw.double().sum(-1, keepdim=True)
+    got = []
+    monkeypatch.setattr(merge, "_refit_down", lambda ex, xs, p, lost: got.append((xs, lost)))
+    changed = merge.refit(LayerEvidence(0, moe, None, sm.adapter.routing(), rec), kept)
+    assert changed and len(got) == len(changed)
+    for xs, lost in got:
+        tok = torch.stack([(x == r).all(1).nonzero()[0, 0] for r in xs])
+        err = float((lost.double() - want[tok]).abs().max() / want[tok].abs().max())
+        assert err < 2.5e-7, err  # measured 1.0e-7 (float32 routed outputs); 1.5 at 2.5x
