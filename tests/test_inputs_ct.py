@@ -593,3 +593,24 @@ def test_per_tensor_fp8_weights_wider_than_a_block_equal_library(tmp_path, cli_r
     r = cli_run("prune", ct, "--method", "frequency", "--ratio", "0.25", "--num-samples", "2", "--seq-len", "32", "-o",
                 tmp_path / "p", "--quiet")
     assert r.exit_code == 0, r.output
+
+
+def test_a_stage_calibrating_on_an_activation_quantizing_input_says_it_streams_it_weight_only(tmp_path, cli_run):
+    """A compressed-tensors checkpoint whose scheme quantizes activations (input_activations) is streamed weight-only
+    (the stream fake-quantizes activations only as a moepress_quant.json says): prune, calib stats and a calibrated
+    quantize say their statistics come from that weight-only forward (`moepress check` refuses it as a reference);
+    a calibration-free quantize and a bf16 input say nothing of it."""
+    cli_run("quantize", "tiny-mixtral", "--format", "fp8-dynamic", "-o", tmp_path / "fd", "--quiet")
+    assert cli_run("export", tmp_path / "fd", "--format", "compressed-tensors", "-o", tmp_path / "ct").exit_code == 0
+    small = ("--num-samples", 2, "--seq-len", 32)
+    says = "input_activations), which moepress's stream leaves out: the calibration statistics come from its " \
+           "weight-only forward"
+    for args, noted in ((("prune", tmp_path / "ct", "--ratio", 0.25, "--method", "frequency", *small), True),
+                        (("calib", "stats", tmp_path / "ct", *small), True),
+                        (("quantize", tmp_path / "ct", "--format", "fp8", *small), True),
+                        (("quantize", tmp_path / "ct", "--format", "fp8-block"), False),
+                        (("prune", "tiny-mixtral", "--ratio", 0.25, "--method", "frequency", *small), False)):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        r = cli_run(*args, "-o", out)
+        assert r.exit_code == 0, r.output
+        assert (says in r.output) is noted, (args, r.output)

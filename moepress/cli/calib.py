@@ -23,6 +23,7 @@ from moepress.cli.options import (
     remember_output,
     resolve_model,
     run_measured,
+    weight_only_notes,
 )
 from moepress.errors import MoepressError
 from moepress.outputs import OutputLock, output_dir, refuse_existing, refuse_overlap
@@ -165,6 +166,8 @@ def stats_cmd(model, calib, num_samples, seq_len, seed, trust_remote_code, batch
     refuse_overlap(output, (src, *local_paths(calib)), "-o ")
     refuse_existing(output_dir(output), force)
     prog = Progress.from_flags(quiet or not env.is_main, json_out and env.is_main)
+    for line in weight_only_notes(src):
+        prog.info(line)
     cs = dist.run_main_first(env, lambda: calibration_set(src, calib, num_samples, seq_len, seed,
                                                           trust_remote_code, progress=prog))
     # the same tokens and the same weights on every rank (a relative path, another node's copy)

@@ -134,6 +134,18 @@ def model_label(arg: str, path: Path) -> str:
     return path.name if Path(arg).exists() or "/" not in arg else arg
 
 
+def weight_only_notes(src: Path) -> list[str]:
+    """A note where MODEL quantizes activations the stream leaves out (a compressed-tensors ``input_activations``
+    scheme, a Model-Optimizer checkpoint's activation scales without moepress_quant.json): a stage calibrating on
+    it takes its statistics from the weight-only forward, not the model vLLM or transformers run (`moepress check`
+    refuses it as a reference for the same reason)."""
+    from moepress.checks.candidates.checkpoint import unstreamed_activations
+
+    un = unstreamed_activations(Path(src))
+    return [] if un is None else [f"note: {src}: {un.why}, which moepress's stream leaves out: the calibration "
+                                  "statistics come from its weight-only forward"]
+
+
 def model_argument(f):
     return click.argument("model", metavar="MODEL", type=TEXT)(f)
 

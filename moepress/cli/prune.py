@@ -18,6 +18,7 @@ from moepress.cli.options import (
     refuse_empty,
     resolve_model,
     run_measured,
+    weight_only_notes,
 )
 from moepress.errors import MoepressError
 
@@ -112,6 +113,8 @@ def prune_cmd(model, ratio, keep, method, ep_size, protect, sequential, search_t
                             "race of either, merge and --merge do)")
     src = resolve_model(model)
     prog = Progress.from_flags(quiet, json_out)
+    for line in weight_only_notes(src):
+        prog.info(line)
     result, memory = run_measured(device, prune_checkpoint, src, output, cfg, batches=cal.loader(src, prog),
                                   force=force, progress=prog)
     result["memory"] = memory

@@ -18,6 +18,7 @@ from moepress.cli.options import (
     progress_options,
     resolve_model,
     run_measured,
+    weight_only_notes,
 )
 
 
@@ -102,7 +103,8 @@ def quantize_cmd(model, fmt, rules, group_size, kv_cache, sequential, gptq_act_o
         later = [f"note: `moepress export --format {e}` will refuse this output: {why}" for e, why in refusing.items()]
         # the hf-modelopt export refused outright: a rule that keeps its MLA projections bf16 would not make it
         mla = [] if "hf-modelopt" in refusing else mla_notes(src, cfg, builds)
-        return [*stored_quantized(src, cfg), *later, *mla]
+        weight_only = weight_only_notes(src) if cfg.needs_calibration else []
+        return [*stored_quantized(src, cfg), *weight_only, *later, *mla]
 
     res, memory = run_measured(device, quantize_checkpoint, src, output, cfg, batches=cal.loader(src, prog),
                                force=force, resume=resume, progress=prog, notes=notes)
