@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 from moepress.compress import formats
 from moepress.errors import MoepressError
+from moepress.exporters.ct_misloads import TRANSFORMERS_CHECKED
 from moepress.exporters.fused_moe import marlin_note, pattern, routed_names
 
 SGLANG_CHECKED = "0.5.23"
@@ -267,6 +268,10 @@ def misloads(s, modules: dict, kv: bool, dropped: int) -> dict:
         notes.append(f"vLLM <= {VLLM_CHECKED} {misloaded['vllm']}; for vLLM quantize them FP8 or NVFP4 (or keep "
                      "them bf16)")
     notes += marlin_note(s, modules)
+    # transformers' quantizers/auto.py (5.25) maps no "modelopt" quant_method: it warns and reads the stored codes
+    # as plain weights (NVFP4's packed ones fail on their shapes)
+    notes.append(f"transformers <= {TRANSFORMERS_CHECKED} has no Model-Optimizer quantizer: it warns and loads the "
+                 "quantized weights without their scales; vLLM, SGLang and TensorRT-LLM load this export")
     if dropped:
         notes.append(f"the MLA KV-cache scales ({dropped} k_scale / v_scale, of the decompressed keys and values) "
                      "are not written: SGLang would take them for its latent cache's scale; every runtime runs the "

@@ -198,11 +198,12 @@ def test_transformers_misreads_it_and_check_refuses_that_reading_in_one_line(bot
     """transformers has no quantizer for quant_method "modelopt" (not a consumer hf-modelopt names): it loads the
     export without an error, its FP8 codes as plain numbers (logits, in a process that never imports moepress,
     far from the quantize output's streamed ones). ``check --kind transformers`` refuses it in one line instead
-    of measuring that misread model."""
+    of measuring that misread model, and the export's consumer_notes say so."""
     from helpers import transformers_logits
     from moepress.compress.stream import StreamedModel
 
-    _, ours, q, _ = both
+    _, ours, q, info = both
+    assert any(n.startswith("transformers <= ") and "no Model-Optimizer quantizer" in n for n in info["consumer_notes"])
     ids = torch.randint(0, 4096, (1, 48), generator=torch.Generator().manual_seed(0))
     got = transformers_logits([(ours, ids)], tmp_path / "tf")[0]["logits"]
     want = StreamedModel(str(q)).forward([ids])[0]
