@@ -119,7 +119,7 @@ class CalibSet:
     def batches(self, batch_size: int = 8) -> list[torch.Tensor]:
         if batch_size < 1:
             raise MoepressError(f"--batch-size {batch_size}: expected a positive number")
-        return list(self.input_ids.split(batch_size))
+        return list(self.input_ids.split(min(batch_size, max(1, self.input_ids.shape[0]))))  # split takes a C long
 
 
 def allocate(n: int, weights: list[float]) -> list[int]:

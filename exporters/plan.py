@@ -112,7 +112,7 @@ def per_gpu_bytes(shape: ModelShape, fmt: str, tp: int, ep: int, max_batch: int,
 
 def _default_ep(num_experts: int, gpus: int) -> int:
     """Largest EP size that divides both the GPU count and the expert count (1 without experts)."""
-    return max(d for d in range(1, gpus + 1) if gpus % d == 0 and num_experts % d == 0) if num_experts else 1
+    return max(d for d in range(1, num_experts + 1) if gpus % d == 0 and num_experts % d == 0) if num_experts else 1
 
 
 def gpu_counts(target: Target) -> list[int]:

@@ -372,6 +372,14 @@ def test_export_option_the_exporter_does_not_read_is_refused(good, tmp_path, cli
     (["calib", "prepare", "tiny-mixtral", "--num-samples", "0", "-o", "x.bin"], ["'--num-samples'", "x>=1"]),
     # an unknown method is named before the model is looked for
     (["prune", "no-such-model", "--ratio", "0.5", "--method", "magic", "-o", "x"], ["--method magic", "reap"]),
+    # a weight whose split overflowed (inf, or NaN for two): a traceback; '@1' read the current directory as text
+    (["calib", "prepare", "tiny-mixtral", "--calib", "bundled@1e308", "-o", "x.pt"], ["bundled@1e308", "up to"]),
+    (["calib", "prepare", "tiny-mixtral", "--calib", "@1", "-o", "x.pt"], ["--calib @1", "no location"]),
+    # the plan walked every number up to --gpus for its EP size: no end at 2**63
+    (["plan", "tiny-mixtral", "--target", "h100", "--gpus", str(2**63)], ["--gpus", "does not divide"]),
+    # the hint was "write inf%", itself refused
+    (["check", "tiny-mixtral", "-r", "tiny-qwen3-moe", "--max-ppl-increase", "1e308"], ["'none' turns it off"]),
+    (["prune", "tiny-mixtral", "--ratio", "0.5", "--protect", ",", "-o", "x"], ["--protect ','", "no LAYER:EXPERT"]),
 ])
 def test_option_and_command_errors_are_one_line(cli_run, args, needles, tmp_path, monkeypatch):
     """Click's own usage errors (a bad choice, a value out of range, an unknown command) printed a
@@ -379,6 +387,29 @@ def test_option_and_command_errors_are_one_line(cli_run, args, needles, tmp_path
     monkeypatch.chdir(tmp_path)  # -o x: a command that failed to refuse would write there
     assert_one_line_error(cli_run(*args), *needles)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_batch_size_past_a_c_long_is_all_the_samples(cli_run, tmp_path):
+    """torch.split takes a C long: --batch-size 2**63 gave an overflow traceback (exit 1, read as a failed gate)."""
+    r = cli_run("calib", "stats", "tiny-mixtral", "--num-samples", 2, "--seq-len", 16, "--batch-size", 2**63,
+                "-o", tmp_path / "s", "--quiet")
+    assert r.exit_code == 0, r.output
+
+
+def test_an_option_given_twice_in_two_spellings_of_one_value_is_taken(cli_run, tmp_path):
+    """--num-samples 4 --num-samples 04 is one value (as the README says of an option repeated with its value);
+    two values are refused."""
+    args = ("calib", "prepare", "tiny-mixtral", "--seq-len", 16, "-o")
+    assert cli_run(*args, tmp_path / "a.safetensors", "--num-samples", "4", "--num-samples", "04").exit_code == 0
+    assert_one_line_error(cli_run(*args, tmp_path / "b.safetensors", "--num-samples", "4", "--num-samples", "5"),
+                          "--num-samples given twice (4, 5)")
+
+
+@pytest.mark.parametrize("value,reads", [("010", "8"), ("1:30", "90"), ("-07", "-7")])
+def test_a_recipe_number_yaml_reads_as_octal_or_base_60_is_refused(cli_run, tmp_path, value, reads):
+    """YAML 1.1 (PyYAML) reads 010 as 8 and 1:30 as 90: a recipe's num_samples or seed ran with another value."""
+    (tmp_path / "r.yaml").write_text(f"model: tiny-mixtral\ncalib: {{seed: {value}}}\n")
+    assert_one_line_error(cli_run("recipe", "show", tmp_path / "r.yaml"), f"{value!r} reads as {reads}")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

@@ -22,6 +22,7 @@ AUTO_FIELDS = ("text", "messages")
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT = re.compile(r"^(.*)@([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
+MAX_WEIGHT = 1e9  # a source's @W / weight= (relative to the other sources')
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,8 @@ def _weight(spec: str, loc: str, kv: dict[str, str]) -> tuple[str, float]:
         if m and w != weight:
             raise _err(spec, f"weight given twice (@{weight:g}, weight={w:g}); expected one value")
         weight = w
-    if not (weight > 0 and math.isfinite(weight)):
-        raise _err(spec, f"weight {weight:g}: expected a positive number")
+    if not 0 < weight <= MAX_WEIGHT:  # relative weights: a larger one would only overflow the split's products
+        raise _err(spec, f"weight {weight:g}: expected a positive number up to {MAX_WEIGHT:g}")
     return loc, weight
 
 
@@ -135,6 +136,8 @@ def parse_source(spec: str) -> SourceSpec:
         raise MoepressError("--calib: empty source")
     loc, kv = _options(spec)
     loc, weight = _weight(spec, loc, kv)
+    if not loc.strip():  # '@1', ':mode=doc': else the current directory, read as text
+        raise _err(spec, "no location before its weight or options; expected a file, folder, dataset or bundled")
     mode = kv.pop("mode", "pack")
     if mode not in MODES:
         raise _err(spec, f"mode {mode!r}: expected one of {', '.join(MODES)}")

@@ -79,4 +79,6 @@ def parse_protect(spec: str | None) -> tuple[tuple[int, int], ...]:
         if layer < 0 or expert < 0:
             raise MoepressError(f"--protect {part!r}: expected non-negative LAYER:EXPERT")
         out.append((layer, expert))
+    if not out and (spec or "").strip():  # ',' protected nothing, where '' is refused as empty
+        raise MoepressError(f"--protect {spec!r}: no LAYER:EXPERT pair; expected pairs like 3:5,3:7")
     return tuple(sorted(set(out)))

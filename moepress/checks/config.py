@@ -46,8 +46,8 @@ def parse_fraction(value, option: str) -> float | None:
                             "expected a plain number")
     if bare and out > 1 and name in SHARES:
         # `--max-ppl-increase 2` meant 2% far more often than 200% (a gate that can hardly fail)
-        raise MoepressError(f"{option} {value}: expected a fraction such as 0.02 or a percentage such as 2% "
-                            f"(for {out:g} x 100% write {out * 100:g}%)")
+        hint = f"for {out:g} x 100% write {out * 100:g}%" if math.isfinite(out * 100) else "'none' turns it off"
+        raise MoepressError(f"{option} {value}: expected a fraction such as 0.02 or a percentage such as 2% ({hint})")
     return out
 
 

@@ -69,7 +69,7 @@ def eval_data(ref_dir: Path, cfg: CheckConfig) -> tuple[list[torch.Tensor], dict
         # a token file gives its first samples (calib/data.py: _prepared_samples): no seed draws them
         how = f"the token file's first {rows.shape[0]}" if tokens else f"sampled (seed {cfg.seed})"
         info = {"source": src, "windows": how}
-    batches = list(rows.split(cfg.batch_size))
+    batches = list(rows.split(min(cfg.batch_size, max(1, rows.shape[0]))))  # torch.split takes a C long
     return batches, {**info, "samples": int(rows.shape[0]), "seq_len": cfg.seq_len, "tokens": int(rows.numel())}
 
 

@@ -94,12 +94,14 @@ class Command(click.Command):
                 p.multiple = False
         parse = parser.parse_args
 
+        p_of = {p.name: p for p in once}
+
         def parse_once(args):
             opts, largs, order = parse(args)
             for name in dict.fromkeys(p.name for p in once):
                 given = opts.get(name)
                 if isinstance(given, list):
-                    if len({repr(v) for v in given}) > 1 and not ctx.resilient_parsing:
+                    if len(_values(p_of[name], given, ctx)) > 1 and not ctx.resilient_parsing:
                         raise _given_twice([p for p in once if p.name == name], given, ctx)
                     opts[name] = given[-1]
             return opts, largs, order
@@ -112,6 +114,15 @@ class Group(Command, click.Group):
     """A moepress command group (``calib``, ``recipe``): its subcommands are :class:`Command`."""
 
     command_class = Command
+
+
+def _values(p: click.Option, given: list, ctx) -> set[str]:
+    """The distinct values of an option's occurrences as its type reads them (``--ratio 0.5 --ratio 0.50`` is one
+    value); as written where one does not convert (its own error comes later)."""
+    try:
+        return {repr(p.type_cast_value(ctx, v)) for v in given}
+    except (click.UsageError, ValueError, TypeError):
+        return {repr(v) for v in given}
 
 
 def _given_twice(params: list, given: list, ctx) -> click.BadOptionUsage:

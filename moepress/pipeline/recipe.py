@@ -282,6 +282,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node):
+        return _plain_number(node, super().construct_yaml_int(node))
+
+    def construct_yaml_float(self, node):
+        return _plain_number(node, super().construct_yaml_float(node))
+
+
+def _plain_number(node, value):
+    """``value``, unless YAML 1.1 read the number's text as octal (``010``: 8) or base 60 (``1:30``: 90), which a
+    YAML 1.2 reader and the recipe's author read as written."""
+    digits = node.value.lstrip("+-").replace("_", "")
+    if ":" in digits or (len(digits) > 1 and digits[0] == "0" and digits[1].isdigit()):
+        raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} reads as {value} in YAML 1.1 (octal or "
+                                                f"base 60); expected a number without leading zeros or colons, or "
+                                                f"quote it", node.start_mark)
+    return value
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_yaml_float)
+
 
 MAX_VALUES = 100_000  # a recipe's values, aliases expanded: a few hundred in any real one
 
@@ -320,7 +341,7 @@ def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -
     except RecursionError:
         raise MoepressError(f"{p}: not a recipe (nested too deeply to read)") from None
     if _expanded_over(raw, MAX_VALUES):
-        raise MoepressError(f"{p}: not a recipe (its aliases expand to over {MAX_VALUES} values)")
+        raise MoepressError(f"{p}: not a recipe (over {MAX_VALUES} values, its aliases expanded)")
     raw = raw or {}
     for key, value in (overrides or {}).items():
         raw[key] = value
