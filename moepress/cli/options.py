@@ -118,10 +118,11 @@ class Group(Command, click.Group):
 
 def _values(p: click.Option, given: list, ctx) -> set[str]:
     """The distinct values of an option's occurrences as its type reads them (``--ratio 0.5 --ratio 0.50`` is one
-    value); as written where one does not convert (its own error comes later)."""
+    value); as written where one does not convert (moepress's own types raise MoepressError; the option's own
+    refusal comes later, or this one names both values)."""
     try:
         return {repr(p.type_cast_value(ctx, v)) for v in given}
-    except (click.UsageError, ValueError, TypeError):
+    except Exception:
         return {repr(v) for v in given}
 
 
