@@ -128,6 +128,31 @@ def refuse_opset(cfg) -> None:
     if cfg.opset > newest:
         raise MoepressError(f"--opset {cfg.opset}: expected 21..{newest} (the newest opset onnx {onnx.__version__} "
                             f"defines and onnxruntime runs this export at)")
+    if not _loads_opset(cfg.opset):
+        import onnxruntime
+
+        runs = max((o for o in range(21, cfg.opset) if _loads_opset(o)), default=None)
+        raise MoepressError(f"--opset {cfg.opset}: onnxruntime {onnxruntime.__version__} refuses graphs of that "
+                            f"opset (newer than the onnx releases it knows); expected 21..{runs}")
+
+
+def _loads_opset(opset: int) -> bool:
+    """Whether the installed onnxruntime loads a one-node graph stamped with ``opset``: a release refuses opsets
+    newer than the onnx releases it knows (onnxruntime 1.20 at onnx 1.17's 22: "Opset 22 is under development"),
+    whatever onnx defines. True where onnxruntime is not installed (the graph's other consumer is TensorRT)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return True
+    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y"))
+    m = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = helper.find_min_ir_version_for(list(m.opset_import))
+    try:
+        onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime's Fail / InvalidGraph: the opset is not one it loads
+        return False
+    return True
 
 
 def _not_carried(reader, adapter) -> tuple[list[str], list[str], list[str]]:
