@@ -119,7 +119,13 @@ class CalibSet:
     def batches(self, batch_size: int = 8) -> list[torch.Tensor]:
         if batch_size < 1:
             raise MoepressError(f"--batch-size {batch_size}: expected a positive number")
-        return list(self.input_ids.split(min(batch_size, max(1, self.input_ids.shape[0]))))  # split takes a C long
+        return split_rows(self.input_ids, batch_size)
+
+
+def split_rows(rows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``rows`` in batches of ``batch_size`` (the last shorter); a batch size past the rows is all of them
+    (torch.split takes a C long: 2**63 overflowed)."""
+    return list(rows.split(min(batch_size, max(1, rows.shape[0]))))
 
 
 def allocate(n: int, weights: list[float]) -> list[int]:

@@ -20,6 +20,7 @@ would need [T, k, I, H] weight copies instead, worse in memory.
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import onnx
@@ -131,11 +132,12 @@ def refuse_opset(cfg) -> None:
     if not _loads_opset(cfg.opset):
         import onnxruntime
 
-        runs = max((o for o in range(21, cfg.opset) if _loads_opset(o)), default=None)
+        runs = next((o for o in range(cfg.opset - 1, 20, -1) if _loads_opset(o)), None)
         raise MoepressError(f"--opset {cfg.opset}: onnxruntime {onnxruntime.__version__} refuses graphs of that "
                             f"opset (newer than the onnx releases it knows); expected 21..{runs}")
 
 
+@cache  # an export asks refuse_config twice (exporters.export, then the exporter itself)
 def _loads_opset(opset: int) -> bool:
     """Whether the installed onnxruntime loads a one-node graph stamped with ``opset``: a release refuses opsets
     newer than the onnx releases it knows (onnxruntime 1.20 at onnx 1.17's 22: "Opset 22 is under development"),

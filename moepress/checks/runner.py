@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moepress.calib.data import DEFAULT_EVAL, calibration_set, eval_batches, load_tokenizer
+from moepress.calib.data import DEFAULT_EVAL, calibration_set, eval_batches, load_tokenizer, split_rows
 from moepress.calib.metrics import LayerStats, LogitStats
 from moepress.checks.candidates import Candidate, open_candidate
 from moepress.checks.candidates.checkpoint import native_block_fp8, runtime_activations, unstreamed_activations
@@ -69,7 +69,7 @@ def eval_data(ref_dir: Path, cfg: CheckConfig) -> tuple[list[torch.Tensor], dict
         # a token file gives its first samples (calib/data.py: _prepared_samples): no seed draws them
         how = f"the token file's first {rows.shape[0]}" if tokens else f"sampled (seed {cfg.seed})"
         info = {"source": src, "windows": how}
-    batches = list(rows.split(min(cfg.batch_size, max(1, rows.shape[0]))))  # torch.split takes a C long
+    batches = split_rows(rows, cfg.batch_size)
     return batches, {**info, "samples": int(rows.shape[0]), "seq_len": cfg.seq_len, "tokens": int(rows.numel())}
 
 
