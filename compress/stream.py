@@ -141,7 +141,7 @@ class StreamedModel:
         self.keep_stored = keep_stored
         self.read_ahead_bytes = read_ahead_bytes
         self.release_layers = release_layers
-        bound_heap()
+        bound_heap(sum(self.ckpt.bytes_by_dtype().values()))
         self._linear_keys: dict[int, set[str]] = {}
         self._kept: dict[str, dict[str, torch.Tensor]] = {}  # read_layer_state -> build_layer (keep)
         self._shapes: dict[tuple, tuple[dict[str, tuple[int, ...]], set[str]]] = {}  # by adapter.layer_shape_key

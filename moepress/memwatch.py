@@ -154,19 +154,25 @@ class HostPeak:
 
 
 MMAP_THRESHOLD = 128 << 10
+# The stored size from which a streamed model gets the bounded heap: what glibc's own heap keeps is a few layers,
+# which matters for a model of gigabytes and not for one of megabytes, whose many small buffers would each cost
+# fresh pages (a page fault per 4 KB) under the bound.
+BOUND_FROM_BYTES = 64 << 20
 _heap_bounded = False
 
 
-def bound_heap() -> None:
+def bound_heap(model_bytes: int | None = None) -> None:
     """Make glibc serve buffers of 128 KB and more with mmap, so a freed layer goes back to the OS.
 
     glibc's default threshold grows (up to 32 MB) as large blocks are freed, after which weight
     and activation buffers come from the heap and freed ones stay there, fragmented, so a streamed
-    stage's memory grows layer after layer (tests/test_quant_memory.py bounds it). A no-op where
-    the C library is not glibc.
+    stage's memory grows layer after layer (tests/test_quant_memory.py bounds it). ``model_bytes``: the
+    stored size of the model a stage streams; under :data:`BOUND_FROM_BYTES` the heap is left as glibc runs
+    it (None: bound whatever the size). Once bound, the process stays so. A no-op where the C library is
+    not glibc.
     """
     global _heap_bounded
-    if _heap_bounded:
+    if _heap_bounded or (model_bytes is not None and model_bytes < BOUND_FROM_BYTES):
         return
     _heap_bounded = True
     libc = glibc()

@@ -38,6 +38,11 @@ PRELUDE = textwrap.dedent("""
 
     def peak():
         return _status("VmHWM")
+
+    # the heap of a streamed model of gigabytes (moepress/memwatch.py bound_heap), which the probes' stand-ins,
+    # of megabytes, would not get by their size
+    from moepress.memwatch import bound_heap
+    bound_heap()
 """)
 
 MB = 2**20

@@ -126,3 +126,29 @@ def test_idle_fraction_is_the_share_of_time_spent_waiting():
     timings = [("wait", 0.0, 1.0), ("upload", 0.0, 3.0), ("wait", 2.0, 2.5)]
     assert idle_fraction(timings, 3.0) == pytest.approx(0.5)
     assert idle_fraction([], 3.0) is None and idle_fraction(timings, 0.0) is None
+
+
+@pytest.mark.parametrize("below", [True, False])
+def test_a_streamed_model_gets_the_bounded_heap_from_its_stored_size(monkeypatch, below):
+    """StreamedModel asks glibc to map every buffer of 128 KB and more (mallopt M_MMAP_THRESHOLD) for a model
+    stored in BOUND_FROM_BYTES or more, and leaves a smaller one's heap as glibc runs it. The bundled model's
+    stored size is put just over or at the bound (a fake C library records the call)."""
+    from moepress import models
+    from moepress.compress.checkpoint import CheckpointReader
+    from moepress.compress.stream import StreamedModel
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, *args):
+            calls.append(args)
+
+    reader = CheckpointReader(models.path("tiny-mixtral"))
+    stored = sum(reader.bytes_by_dtype().values())
+    monkeypatch.setattr(memwatch, "glibc", lambda: Libc())
+    monkeypatch.setattr(memwatch, "_heap_bounded", False)
+    monkeypatch.setattr(memwatch, "BOUND_FROM_BYTES", stored + 1 if below else stored)
+    StreamedModel(reader)
+    assert calls == ([] if below else [(-3, 128 << 10)])
+    StreamedModel(reader)
+    assert len(calls) == (0 if below else 1)  # asked once per process
