@@ -60,11 +60,13 @@ def _token_chunks(ref: torch.Tensor, cand: torch.Tensor):
 
 def token_kl(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> torch.Tensor:
     """KL(ref || cand) of the next-token distributions at every position, float64 [T] (nats)."""
-    out = []
-    for r, c in _token_chunks(ref_logits, cand_logits):
-        lr, lc = F.log_softmax(r, -1), F.log_softmax(c, -1)
-        out.append((lr.exp() * (lr - lc)).sum(-1).clamp(min=0.0))  # rounding can give -1e-17
-    return torch.cat(out)
+    chunks = _token_chunks(ref_logits, cand_logits)
+    return torch.cat([_kl(F.log_softmax(r, -1), F.log_softmax(c, -1)) for r, c in chunks])
+
+
+def _kl(lr: torch.Tensor, lc: torch.Tensor) -> torch.Tensor:
+    """KL per row from the two models' log-probabilities [T, V]."""
+    return (lr.exp() * (lr - lc)).sum(-1).clamp(min=0.0)  # rounding can give -1e-17
 
 
 def top1_matches(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> tuple[int, int]:
@@ -107,16 +109,27 @@ class LogitStats:
     kl: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, ref_logits: torch.Tensor, cand_logits: torch.Tensor, ids: torch.Tensor) -> None:
+        """Logits [B, S, V] of both models on the token ids [B, S]: each chunk of positions is turned into
+        log-probabilities once, for the perplexities and the KL alike."""
         cand_logits = cand_logits.to(ref_logits.device)  # a runtime's logits beside a streamed reference's
-        a, n = nll_sum(ref_logits, ids)
-        b, _ = nll_sum(cand_logits, ids)
-        self.nll_ref += a
-        self.nll_cand += b
-        self.predicted += n
+        ids = ids.to(ref_logits.device)
+        # position s predicts token s + 1; a sequence's last position predicts none (its target a placeholder)
+        target = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1, 1)
+        has = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        has[:, -1] = False
+        has, nll, step = has.reshape(-1), torch.zeros(2, dtype=torch.float64, device=ids.device), 0
+        for r, c in _token_chunks(ref_logits, cand_logits):
+            lr, lc = F.log_softmax(r, -1), F.log_softmax(c, -1)
+            self.kl.append(_kl(lr, lc))
+            t, keep = target[step:step + r.shape[0]], has[step:step + r.shape[0]]
+            nll -= torch.stack([lr.gather(-1, t)[keep].sum(), lc.gather(-1, t)[keep].sum()])
+            step += r.shape[0]
+        self.nll_ref += float(nll[0])
+        self.nll_cand += float(nll[1])
+        self.predicted += int(has.sum())
         m, k = top1_matches(ref_logits, cand_logits)
         self.top1 += m
         self.positions += k
-        self.kl.append(token_kl(ref_logits, cand_logits))
 
     def summary(self) -> dict:
         kl = torch.cat(self.kl) if self.kl else torch.empty(0, dtype=torch.float64)
