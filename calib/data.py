@@ -54,6 +54,9 @@ from moepress.progress import QUIET, Progress
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_EVAL = DATA_DIR / "eval.txt"
+# The first prefix of an evaluation text tokenized for ``need`` tokens: English runs about 4 bytes per token in a
+# BPE vocabulary; twice that, so most texts need one prefix (a shorter one is grown x4).
+PREFIX_BYTES_PER_TOKEN, MIN_PREFIX_BYTES = 8, 4096
 
 
 def read_text(path: str | Path) -> str:
@@ -87,13 +90,14 @@ def eval_batches(model_dir: str | Path, text_path: str | Path = DEFAULT_EVAL, se
 
 
 def _leading_tokens(tok, path: str | Path, need: int | None) -> list[int]:
-    """The text's tokens, or its first ``need`` of them: a file over PIECE_BYTES is tokenized as growing prefixes
-    cut at a line end (x4 each time) until one gives ``need`` tokens and a margin, not whole for a few windows."""
+    """The text's tokens, or its first ``need`` of them: a longer file is tokenized as growing prefixes cut at a
+    line end, from about PREFIX_BYTES_PER_TOKEN bytes per token needed (at most PIECE_BYTES) and x4 each time,
+    until one gives ``need`` tokens and a margin, not whole for a few windows."""
     p = Path(path)
     size = p.stat().st_size if p.is_file() else 0
-    if need is None or size <= PIECE_BYTES:
+    end = size if need is None else min(PIECE_BYTES, max(MIN_PREFIX_BYTES, PREFIX_BYTES_PER_TOKEN * need))
+    if size <= end:
         return tok(read_text(p), verbose=False)["input_ids"]
-    end = PIECE_BYTES
     while True:
         with open(p, "rb") as f:
             cut = piece_start(f, end, size)

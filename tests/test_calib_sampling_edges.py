@@ -117,3 +117,25 @@ def test_eval_windows_of_a_large_file_are_exactly_the_first_max_windows(tmp_path
     assert len(ids) > 250 * seq_len + 1000
     rows = [r.tolist() for b in data_mod.eval_batches(MODEL, p, seq_len=seq_len, max_windows=max_windows) for r in b]
     assert rows == [ids[i * seq_len:(i + 1) * seq_len] for i in range(max_windows)]
+
+
+@pytest.mark.parametrize("max_windows,seq_len", [(16, 256), (1, 8), (128, 512)])
+def test_eval_windows_of_a_text_under_a_piece_are_taken_from_a_prefix_as_the_whole_texts(monkeypatch, max_windows,
+                                                                                        seq_len):
+    """The check's own evaluation text (150 KB, under PIECE_BYTES) is tokenized from a prefix of about 8 bytes per
+    token needed, not whole, and its windows are still the whole text's first tokens; 128 x 512 tokens is more
+    than the text holds (all of its windows, from the whole text)."""
+    tok = load_tokenizer(MODEL)
+    ids = tok(data_mod.read_text(data_mod.DEFAULT_EVAL), verbose=False)["input_ids"]
+    lengths = []
+
+    def spy(*args, **kw):
+        lengths.append(len(args[0]))
+        return tok(*args, **kw)
+
+    monkeypatch.setattr(data_mod, "load_tokenizer", lambda *a: spy)
+    rows = [r.tolist() for b in data_mod.eval_batches(MODEL, data_mod.DEFAULT_EVAL, seq_len, max_windows) for r in b]
+    n = min(max_windows, len(ids) // seq_len)
+    assert rows == [ids[i * seq_len:(i + 1) * seq_len] for i in range(n)]
+    whole = len(data_mod.read_text(data_mod.DEFAULT_EVAL))
+    assert lengths[0] < whole / 4 if n == max_windows else lengths[-1] == whole
