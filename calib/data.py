@@ -98,6 +98,8 @@ def _leading_tokens(tok, path: str | Path, need: int | None) -> list[int]:
     end = size if need is None else min(PIECE_BYTES, max(MIN_PREFIX_BYTES, PREFIX_BYTES_PER_TOKEN * need))
     if size <= end:
         return tok(read_text(p), verbose=False)["input_ids"]
+    if size <= PIECE_BYTES:
+        read_text(p)  # read whole, a text under a piece is checked whole (UTF-8, no NUL byte); a prefix is tokenized
     while True:
         with open(p, "rb") as f:
             cut = piece_start(f, end, size)

@@ -114,7 +114,7 @@ class LogitStats:
         cand_logits = cand_logits.to(ref_logits.device)  # a runtime's logits beside a streamed reference's
         ids = ids.to(ref_logits.device)
         # position s predicts token s + 1; a sequence's last position predicts none (its target a placeholder)
-        target = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1, 1)
+        target = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1).reshape(-1, 1)
         has = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         has[:, -1] = False
         has, nll, step = has.reshape(-1), torch.zeros(2, dtype=torch.float64, device=ids.device), 0

@@ -139,3 +139,14 @@ def test_eval_windows_of_a_text_under_a_piece_are_taken_from_a_prefix_as_the_who
     assert rows == [ids[i * seq_len:(i + 1) * seq_len] for i in range(n)]
     whole = len(data_mod.read_text(data_mod.DEFAULT_EVAL))
     assert lengths[0] < whole / 4 if n == max_windows else lengths[-1] == whole
+
+
+@pytest.mark.parametrize("bad", [b"\xff", b"\x00"])
+def test_an_evaluation_text_under_a_piece_with_a_bad_byte_past_its_prefix_is_refused(tmp_path, bad):
+    """Only a prefix of a text under PIECE_BYTES is tokenized for a few windows; the text is still read whole, so
+    an invalid UTF-8 or NUL byte past that prefix is refused as in a text tokenized whole."""
+    text = data_mod.DEFAULT_EVAL.read_bytes()
+    p = tmp_path / "eval.txt"
+    p.write_bytes(text[:100_000] + bad + text[100_000:])
+    with pytest.raises(MoepressError, match=r"eval\.txt: .*100000"):
+        data_mod.eval_batches(MODEL, p, seq_len=16, max_windows=2)
