@@ -34,7 +34,8 @@ def collect(model: str | Path, batches: list[torch.Tensor], *, absmax: bool = Fa
     torchrun they count this rank's batches, before the ranks' statistics are added)."""
     # weights kept as stored (bf16, FP8, packed INT4), decoded at each call: the same statistics at a half to
     # an eighth of a float32 layer's memory
-    sm = StreamedModel(str(model), dtype=dtype, device=device, keep_stored=True)
+    # a layer's weights let go before the next is built (its observers still name its modules)
+    sm = StreamedModel(str(model), dtype=dtype, device=device, keep_stored=True, release_layers=True)
     a = sm.adapter
     stats = RoutingStats()
     for i in a.moe_layers():  # every layer present even with no batches (ranks hold the same layers)

@@ -32,6 +32,10 @@ COMPANION_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".weight_scale_2", "
                       ".weight_packed", ".weight_shape", ".weight_zero_point", ".k_scale", ".v_scale",
                       ".weight_global_scale", ".input_global_scale")
 
+# companions a decoder reads as numbers, kept on the host where the layer goes to a GPU (a packed weight's
+# [out, in]: compressed-tensors' weight_shape, read at each decode)
+HOST_SUFFIXES = (".weight_shape",)
+
 LayerCallback = Callable[[int, DecoderLayer], None]
 # stored dtypes of linear weights a keep_stored stream keeps as stored and decodes at each call
 # (StoredLinear.keep): FP8 (DeepSeek / Kimi K2 block FP8, Model-Optimizer FP8), packed INT4 (compressed-tensors
@@ -153,7 +157,7 @@ class StreamedModel:
     def to(self, device: torch.device | str | None) -> StreamedModel:
         """Build later layers on ``device`` (None: the CPU); returns self."""
         self.device = torch.device("cpu") if device is None else torch.device(device)
-        self.uploader = Uploader(self.device)
+        self.uploader = Uploader(self.device, host=HOST_SUFFIXES)
         self._on_device = _OnDevice(self.ckpt, self.uploader)
         self._rotary, self._pos_cache = None, {}
         self._masks: dict[tuple, torch.Tensor] = {}  # (length, device) -> sliding-window mask
@@ -416,4 +420,5 @@ class StreamedModel:
             hs = self.run_layer(layer, hs)
             if after_layer is not None:
                 after_layer(i, layer, hs)
+            del layer  # not held while the next layer is built
         return self.head(hs)

@@ -145,9 +145,12 @@ class Uploader:
 
     PINNED_BYTES = 256 << 20
 
-    def __init__(self, device: torch.device | None):
+    def __init__(self, device: torch.device | None, host: tuple[str, ...] = ()):
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.on_cpu = self.device.type == "cpu"
+        # name suffixes of tensors left on the host: numbers a decoder reads (``tolist``), where each read of a
+        # device tensor would wait for the device to finish its queue
+        self.host = host
         self._stream = None
         self._lock = threading.Lock()
         self.timings: list[tuple[str, float, float]] = []
@@ -161,7 +164,7 @@ class Uploader:
             return tensors
         t0 = time.perf_counter()
         src, tensors = dict(tensors), None
-        out = {}
+        out = {k: src.pop(k) for k in list(src) if self.host and k.endswith(self.host)}
         if self.device.type != "cuda":
             for k in list(src):
                 out[k] = src.pop(k).to(self.device)
@@ -199,8 +202,9 @@ class Uploader:
         not hand their memory back to the side stream before the compute stream is done with it."""
         if not self.on_cpu and self.device.type == "cuda":
             cur = torch.cuda.current_stream(self.device)
-            for v in tensors.values():
-                v.record_stream(cur)
+            for k, v in tensors.items():
+                if not (self.host and k.endswith(self.host)):
+                    v.record_stream(cur)
         return tensors
 
     def ahead(self, layers: Iterator[tuple[int, list[dict[str, torch.Tensor]]]]

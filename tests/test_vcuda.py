@@ -67,6 +67,8 @@ for name, src in (("full", "tiny-mixtral"), ("half", "pruned")):  # 8 experts; t
     syncs(f"fp8-{name}", "quantize", src, "--format", "fp8", "--device", "cuda", "-o", f"fp8-{name}", *C)
     syncs(f"merge-{name}", "prune", src, "--ratio", "0.5", "--method", "merge", "--device", "cuda", "-o",
           f"merge-{name}", *C)
+# Kimi K2 Thinking's layout: packed INT4 experts decoded at each call, their weight_shape read as numbers
+syncs("kimi-stats", "calib", "stats", "tiny-kimi-k2-int4", "--device", "cuda", "-o", "kimi-stats", *C)
 print(json.dumps(res))
 """
 
@@ -213,3 +215,10 @@ def test_compressed_tensors_words_decode_on_the_device():
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout.strip().splitlines()[-1]) == {"8": True, "3": True, "4": True, "g_idx": True}
+
+
+def test_a_packed_int4_stream_reads_its_weight_shapes_on_the_host(stages):
+    """A compressed-tensors pack-quantized weight is decoded at every forward; its weight_shape stays on the host
+    (stream.py HOST_SUFFIXES), so reading it waits for nothing: as uploaded, two syncs per expert linear and batch."""
+    got = stages[1]["syncs-kimi-stats"]
+    assert stages[1]["kimi-stats"] == 0 and not [s for s in got if "ct_inputs.py" in s], got

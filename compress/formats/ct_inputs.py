@@ -197,11 +197,12 @@ def _weight_shape(reader, base: str, packed_shape, scale_shape) -> tuple[int, in
     config's one group size."""
     if base + ".weight_shape" not in reader:
         return packed_shape[0], scale_shape[-1] * _group_size(reader)
-    ws = reader.get(base + ".weight_shape")
-    if ws.numel() != 2 or ws.is_floating_point() or min(ws.tolist()) < 1:
-        raise MoepressError(f"{reader.path}: tensor '{base}.weight_shape' is {ws.tolist()}; expected two positive "
+    ws = reader.get(base + ".weight_shape")  # on the host where the layer is on a GPU (stream.py HOST_SUFFIXES)
+    vals = ws.tolist()
+    if ws.numel() != 2 or ws.is_floating_point() or min(vals) < 1:
+        raise MoepressError(f"{reader.path}: tensor '{base}.weight_shape' is {vals}; expected two positive "
                             "integers [out_features, in_features]")
-    out_f, in_f = (int(v) for v in ws.tolist())
+    out_f, in_f = (int(v) for v in vals)
     return out_f, in_f
 
 

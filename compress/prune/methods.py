@@ -55,8 +55,8 @@ def keep_top(scores: torch.Tensor, budget: Budget, layer: int) -> list[int]:
     """The best-scored experts, protected ones first, the same number in every group."""
     E = budget.num_experts
     prot = budget.protected_in(layer)
-    key = {e: (e not in prot, -float(scores[e]) if not math.isnan(float(scores[e])) else math.inf, e)
-           for e in range(E)}
+    vals = scores.tolist()  # one read of the scores (on a GPU, each float(scores[e]) waited for the device)
+    key = {e: (e not in prot, -vals[e] if not math.isnan(vals[e]) else math.inf, e) for e in range(E)}
     size = E // budget.n_group
     kept: list[int] = []
     for g in range(budget.n_group):

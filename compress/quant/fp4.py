@@ -19,6 +19,8 @@ compressed-tensors 0.20.1 ``compressors/mx_utils.py`` ``decompress_mx_scale``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 E2M1_MAX = 6.0
@@ -37,15 +39,22 @@ def cast_e2m1(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     sign = (x < 0).to(torch.uint8)
     mag = x.abs()
-    # the tables go to x's device (searchsorted and == refuse a CPU table beside CUDA values)
-    code = torch.searchsorted(_BOUNDS.to(mag.device), mag.contiguous(), out_int32=True).to(torch.uint8)
-    tie = (mag.unsqueeze(-1) == _ODD_BOUNDS.to(mag.device)).any(-1).to(torch.uint8)
+    bounds, odd, _ = _tables(mag.device)  # searchsorted and == refuse a CPU table beside CUDA values
+    code = torch.searchsorted(bounds, mag.contiguous(), out_int32=True).to(torch.uint8)
+    tie = (mag.unsqueeze(-1) == odd).any(-1).to(torch.uint8)
     return (sign << 3) + code + tie
+
+
+@functools.cache
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(_BOUNDS, _ODD_BOUNDS, E2M1_VALUES) on ``device``, copied once per device: a copy from host memory to a GPU
+    waits for it (a stream sync), at every decode of every expert's weight."""
+    return _BOUNDS.to(device), _ODD_BOUNDS.to(device), E2M1_VALUES.to(device)
 
 
 def e2m1_values(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 codes -> their E2M1 values in ``dtype``."""
-    return E2M1_VALUES.to(codes.device)[codes.long()].to(dtype)
+    return _tables(codes.device)[2][codes.long()].to(dtype)
 
 
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:

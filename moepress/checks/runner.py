@@ -181,6 +181,7 @@ def _whole(ref, cand: Candidate, batches, layers: list[LayerStats] | None, logit
     for i, layer in ref.layers():
         _refuse_non_finite(ref, i, layer)
         hr = ref.run_layer(layer, hr)
+        del layer  # not held while the next layer is built
         if layers is not None:
             kept.append(hr)  # activations only: one [B, S, H] per batch and layer
         if task is not None:
