@@ -112,9 +112,9 @@ def test_calibrated_stages_run_on_the_device(stages, key):
 
 @pytest.mark.parametrize("stage", ["fp8", "merge"])
 def test_host_syncs_do_not_grow_with_the_expert_count(stages, stage):
-    """A host sync (``.item()``, ``.tolist()``, ``nonzero``) stalls a GPU until its queue drains; per expert,
-    that is thousands per Kimi K2 layer. The same stage on the same tokens with 8 and with 4 experts per
-    layer syncs at the same call sites, as often (per forward or per layer, never per expert)."""
+    """A host sync (``.item()``, ``.tolist()``, ``float(t)``, ``int(t)``, ``nonzero``) stalls a GPU until its
+    queue drains; per expert, that is thousands per Kimi K2 layer. The same stage on the same tokens with 8 and
+    with 4 experts per layer syncs at the same call sites, as often (per forward or per layer, never per expert)."""
     res = stages[1]
     assert res[f"{stage}-full"] == 0 and res[f"{stage}-half"] == 0, res
     full, half = res[f"syncs-{stage}-full"], res[f"syncs-{stage}-half"]

@@ -332,11 +332,18 @@ class VCudaMode(TorchFunctionMode):
             return _on_host(func, args, kwargs)
 
 
+# reads of a device tensor's values on the host that reach _on_host (a C++ binding's CUDA guard), not aten's
+# _local_scalar_dense / nonzero below the torch function mode: float(t), int(t), t.nonzero() ...
+_HOST_READS = {"__float__", "__int__", "__bool__", "__index__", "item", "nonzero", "tolist"}
+
+
 def _on_host(func, args, kwargs):
     flat = tree_flatten((args, kwargs))[0]
     vs = [a for a in flat if isinstance(a, VCuda)]
     if not vs:
         raise RuntimeError(f"{func}: needs CUDA and was given no device tensor")
+    if getattr(func, "__name__", "") in _HOST_READS:
+        SYNCS[(func.__name__, _site())] += 1
     if func is not T.copy_ and any(type(a) is torch.Tensor and a.dim() > 0 for a in flat):
         raise RuntimeError(f"device mismatch in {func}: cuda:0 and cpu")
     with torch._C.DisableTorchFunction():

@@ -150,7 +150,7 @@ def _refit_gram(h: torch.Tensor, pw: torch.Tensor, lost: torch.Tensor) -> torch.
     same bits), so that the Gram matrix is freed once factored."""
     ha = h * pw ** 2
     gram = ha.T @ h
-    gram.diagonal().add_(RIDGE * float(gram.diagonal().mean()) + 1e-12)  # in place: the largest allocation
+    gram.diagonal().add_(RIDGE * gram.diagonal().mean() + 1e-12)  # in place (the largest allocation); no host read
     lu, pivots = torch.linalg.lu_factor(gram)
     del gram
     cross = lost.double().T @ ha
@@ -165,7 +165,7 @@ def _refit_kernel(xw: torch.Tensor, yw: torch.Tensor) -> torch.Tensor:
     [n, n]. Kimi K2's experts (2048 wide) get a few hundred search tokens each: an [n, n] solve and two
     products of n rows instead of an [I, I] factorisation and its solve with H = 7168 right-hand sides. The
     ridge is the same number: mean(diag(G)) = ||xw||^2 / I."""
-    ridge = RIDGE * float(xw.square().sum()) / xw.shape[1] + 1e-12
+    ridge = RIDGE * xw.square().sum() / xw.shape[1] + 1e-12  # a device scalar: no read per expert
     kernel = xw @ xw.T
     kernel.diagonal().add_(ridge)
     return yw.T @ torch.linalg.solve(kernel, xw)

@@ -80,14 +80,14 @@ def _boundaries(scores: torch.Tensor, kept: list[int], budget: Budget, layer: in
     """(weakest kept, strongest dropped) per group, protected experts and unscored ones left out."""
     E, prot = budget.num_experts, budget.protected_in(layer)
     size = E // budget.n_group
-    keep = set(kept)
+    keep, vals = set(kept), scores.tolist()  # read once (on a GPU, each float(scores[e]) waited for the device)
     out = []
     for g in range(budget.n_group):
-        members = [e for e in range(g * size, (g + 1) * size) if e not in prot and not math.isnan(float(scores[e]))]
+        members = [e for e in range(g * size, (g + 1) * size) if e not in prot and not math.isnan(vals[e])]
         k = [e for e in members if e in keep]
         d = [e for e in members if e not in keep]
         if k and d:
-            out.append((min(k, key=lambda e: float(scores[e])), max(d, key=lambda e: float(scores[e]))))
+            out.append((min(k, key=lambda e: vals[e]), max(d, key=lambda e: vals[e])))
     return out
 
 

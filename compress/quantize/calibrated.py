@@ -50,7 +50,8 @@ from moepress.compress.quantize.stats import (
     amax_only,
     by_format,
     gather_list,
-    hessian_evidence,
+    hessian_pending,
+    hessian_read,
     shared_input_groups,
     with_amax,
 )
@@ -131,6 +132,9 @@ class CalibratedLayer:
             self.quantize_experts()
         if self.kv:
             self.kv_scales()
+        ev = self.res.expert_evidence  # the experts' Hessian figures, read from the device at once
+        for entry, h in zip(ev, hessian_read([e["hessian"] for e in ev]), strict=True):
+            entry["hessian"] = h
         return self.res, outs
 
     def _refuse_non_finite_outputs(self, outs: list[torch.Tensor]) -> None:
@@ -347,7 +351,7 @@ class CalibratedLayer:
         g, d = gd
         entry = {"expert": e, "tokens": tokens, "statistics": RULE_STATISTICS[rule],
                  "rounding": {"gate_up": self._rounding(g, rule), "down": self._rounding(d, rule, down=True)},
-                 "hessian": hessian_evidence(x_e, self.cfg.gptq_damp)}
+                 "hessian": hessian_pending(x_e, self.cfg.gptq_damp)}  # read with the layer's others (run)
         self.res.expert_evidence.append(entry)
         if rule != "routed":
             self.res.borrowed.append({"layer": self.i, "expert": e, "tokens": tokens, "rule": rule,

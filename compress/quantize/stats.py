@@ -155,21 +155,44 @@ def hessian_evidence(x: torch.Tensor | None, damp: float, exact_width: int = 512
     Exact (eigvalsh) up to ``exact_width`` channels, where it costs little; wider inputs get the
     bound min(tokens, width) and the ratio of the damped diagonal's extremes (a lower bound of the
     condition number), so a 7168-wide expert costs O(tokens x width), not O(width^3)."""
+    return hessian_read([hessian_pending(x, damp, exact_width)])[0]
+
+
+def hessian_pending(x: torch.Tensor | None, damp: float, exact_width: int = 512) -> tuple:
+    """:func:`hessian_evidence`'s figures, a float64 tensor on ``x``'s device not yet read on the host (on a GPU
+    each read waits for the device: a layer's experts are read at once by :func:`hessian_read`)."""
     if x is None or x.shape[0] == 0:
-        return {"rank": 0, "condition": None, "estimate": "none"}
+        return None, 0, 0, damp
     n, width = x.shape
     xd = x.double()
     if width <= exact_width:
         ev = torch.linalg.eigvalsh(xd.T @ xd / n)
-        top = float(ev[-1])
-        rank = int((ev > max(top, 1e-300) * width * 1e-12).sum())
-        d = damp * float(ev.sum()) / width
-        cond = (top + d) / max(float(ev[0]) + d, 1e-300)
-        return {"rank": rank, "condition": round(cond, 1), "estimate": "eigvalsh"}
+        top = ev[-1]
+        rank = (ev > top.clamp(min=1e-300) * width * 1e-12).sum().double()
+        return torch.stack([top, rank, ev.sum(), ev[0]]), n, width, damp
     diag = (xd * xd).sum(0) / n
-    d = damp * float(diag.mean())
-    cond = (float(diag.max()) + d) / max(float(diag.min()) + d, 1e-300)
-    return {"rank": min(n, width), "condition": round(cond, 1), "estimate": "diagonal (rank: upper bound)"}
+    return torch.stack([diag.mean(), diag.max(), diag.min()]), n, width, damp
+
+
+def hessian_read(pending: list[tuple]) -> list[dict]:
+    """The evidence of :func:`hessian_pending`'s figures, all read from their device in one copy."""
+    figs = [f for f, *_ in pending if f is not None]
+    vals = iter(torch.cat(figs).tolist() if figs else [])
+    out = []
+    for f, n, width, damp in pending:
+        if f is None:
+            out.append({"rank": 0, "condition": None, "estimate": "none"})
+        elif f.numel() == 4:  # eigvalsh: the largest eigenvalue, the rank, their sum, the smallest
+            top, rank, total, low = (next(vals) for _ in range(4))
+            d = damp * total / width
+            cond = (top + d) / max(low + d, 1e-300)
+            out.append({"rank": int(rank), "condition": round(cond, 1), "estimate": "eigvalsh"})
+        else:  # the diagonal's mean, max and min
+            mean, high, low = (next(vals) for _ in range(3))
+            d = damp * mean
+            cond = (high + d) / max(low + d, 1e-300)
+            out.append({"rank": min(n, width), "condition": round(cond, 1), "estimate": "diagonal (rank: upper bound)"})
+    return out
 
 
 def amax_only(x: torch.Tensor | None) -> LinearStats:
