@@ -31,11 +31,7 @@ from moepress.memwatch import bound_heap
 COMPANION_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale",
                       ".weight_packed", ".weight_shape", ".weight_zero_point", ".k_scale", ".v_scale",
                       ".weight_global_scale", ".input_global_scale")
-
-# companions a decoder reads as numbers, kept on the host where the layer goes to a GPU (a packed weight's
-# [out, in]: compressed-tensors' weight_shape, read at each decode)
-HOST_SUFFIXES = (".weight_shape",)
-
+HOST_SUFFIXES = (".weight_shape",)  # companions a decoder reads as numbers (each decode): on the host, not a GPU
 LayerCallback = Callable[[int, DecoderLayer], None]
 # stored dtypes of linear weights a keep_stored stream keeps as stored and decodes at each call
 # (StoredLinear.keep): FP8 (DeepSeek / Kimi K2 block FP8, Model-Optimizer FP8), packed INT4 (compressed-tensors
