@@ -122,11 +122,12 @@ class LogitStats:
             lr, lc = F.log_softmax(r, -1), F.log_softmax(c, -1)
             self.kl.append(_kl(lr, lc))
             t, keep = target[step:step + r.shape[0]], has[step:step + r.shape[0]]
-            nll -= torch.stack([lr.gather(-1, t)[keep].sum(), lc.gather(-1, t)[keep].sum()])
+            # torch.where, not a boolean mask: a mask is a host sync on a GPU, at every chunk
+            nll -= torch.stack([torch.where(keep, lp.gather(-1, t)[:, 0], 0.0).sum() for lp in (lr, lc)])
             step += r.shape[0]
         self.nll_ref += float(nll[0])
         self.nll_cand += float(nll[1])
-        self.predicted += int(has.sum())
+        self.predicted += ids.shape[0] * max(ids.shape[1] - 1, 0)
         m, k = top1_matches(ref_logits, cand_logits)
         self.top1 += m
         self.positions += k
