@@ -155,6 +155,10 @@ class Uploader:
         self._lock = threading.Lock()
         self.timings: list[tuple[str, float, float]] = []
 
+    def stays(self, name: str) -> bool:
+        """Whether tensor ``name`` stays on the host (its suffix is one of ``host``)."""
+        return bool(self.host) and name.endswith(self.host)
+
     def upload(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``tensors`` on the device; the call returns once the copies are complete (from any thread).
         Host memory: each host tensor is let go once copied (where the caller holds no other
@@ -164,7 +168,7 @@ class Uploader:
             return tensors
         t0 = time.perf_counter()
         src, tensors = dict(tensors), None
-        out = {k: src.pop(k) for k in list(src) if self.host and k.endswith(self.host)}
+        out = {k: src.pop(k) for k in list(src) if self.stays(k)}
         if self.device.type != "cuda":
             for k in list(src):
                 out[k] = src.pop(k).to(self.device)
@@ -203,7 +207,7 @@ class Uploader:
         if not self.on_cpu and self.device.type == "cuda":
             cur = torch.cuda.current_stream(self.device)
             for k, v in tensors.items():
-                if not (self.host and k.endswith(self.host)):
+                if not self.stays(k):
                     v.record_stream(cur)
         return tensors
 
