@@ -204,3 +204,31 @@ def test_a_taken_hessian_is_the_sum_itself_and_taken_once():
     assert taken.data_ptr() == ptr and st.S is None and torch.equal(copy, taken)
     with pytest.raises(RuntimeError, match="taken"):
         st.make_hessian()
+
+
+MOE_INPUTS_PROBE = """
+    import json, sys, torch
+    from moepress.compress.quantize import QuantConfig, quantize_checkpoint
+
+    model, warm, out = sys.argv[1:4]
+    cfg = QuantConfig(format="fp8")
+    quantize_checkpoint(warm, out + "-warm", cfg, batches=[torch.randint(0, 512, (2, 16))])
+    batches = [torch.randint(0, 512, (8, 512), generator=torch.Generator().manual_seed(s)) for s in range(8)]
+    base = reset_peak()
+    quantize_checkpoint(model, out, cfg, batches=batches)
+    print(json.dumps({"grew": peak() - base}))
+"""
+
+
+def test_calibrated_quantize_holds_the_layers_moe_inputs_once(tmp_path):
+    """The routed experts are calibrated from the layer's MoE inputs concatenated; the batches' pieces are let go
+    then, not held beside the concatenation (Kimi K2 at its calibration tokens: about 10 GB each). A layer of
+    small experts on 64 x 512 tokens of width 512 (X = 64 MB of float32 MoE inputs): peak growth measured 6.1 X,
+    7.1 X with both held (the rest: the hidden states in and out, attention and router activations)."""
+    cfg = dict(CONFIG, hidden_size=512, intermediate_size=64, moe_intermediate_size=64, head_dim=32, num_experts=4,
+               num_experts_per_tok=2, num_hidden_layers=1)
+    model = write_synthetic(cfg, tmp_path / "m", seed=0)
+    warm = write_synthetic({**cfg, "hidden_size": 64}, tmp_path / "w", seed=0)
+    x = 64 * 512 * 512 * 4
+    r = run_probe(MOE_INPUTS_PROBE, model, warm, tmp_path / "o", timeout=300, threads=1)
+    assert r["grew"] < 6.5 * x, f"quantize grew {r['grew'] / x:.2f} x the MoE inputs ({x / MB:.0f} MB)"

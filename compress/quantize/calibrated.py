@@ -250,6 +250,7 @@ class CalibratedLayer:
         X = torch.cat(self.moe_inputs) if self.moe_inputs else None
         idx = torch.cat(self.routes) if self.routes else None
         if X is not None:
+            self.moe_inputs = [X]  # the batches' pieces go: one copy of the layer's MoE inputs, not two
             self.layer_stats = LinearStats(hessian=False)
             self.layer_stats.add(X)
         expert_groups: list[tuple[int, str, list[str]]] = []
