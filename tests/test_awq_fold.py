@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -241,8 +242,8 @@ def test_no_smoothing_is_a_candidate_of_every_fold():
     g = torch.Generator().manual_seed(0)
     parts = [([torch.randn(24, 64, generator=g) * c], torch.randn(256, 64, generator=g) * c)]
     act = c.flip(0)  # says the small channels are the large ones
-    p, alpha, _ = awq.search_shared(parts, act, 32)
-    assert alpha is None and torch.equal(p, torch.ones(64))
+    p, k, _ = awq.search_shared(parts, act, 32)
+    assert awq.alpha_of(int(k)) is None and torch.equal(p, torch.ones(64))
     wsc = awq.weight_scale(parts[0][0], 32)
     grid = [awq.shared_error(parts, awq.candidate_scales(act, wsc, k / 10), 32) for k in range(11)]
     assert awq.shared_error(parts, torch.ones(64), 32) < 0.99 * min(grid)  # measured 0.965 x
@@ -257,8 +258,8 @@ def test_a_tie_keeps_no_smoothing():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 96, generator=g) * torch.linspace(0.1, 5, 96)
     for parts in ([([torch.zeros(32, 96)], x)], [([torch.randn(32, 96, generator=g)], torch.zeros(0, 96))]):
-        p, alpha, err = awq.search_shared(parts, x.abs().mean(0), 32)
-        assert alpha is None and torch.equal(p, torch.ones(96)) and err == 0.0
+        p, k, err = awq.search_shared(parts, x.abs().mean(0), 32)
+        assert int(k) == 0 and torch.equal(p, torch.ones(96)) and float(err) == 0.0
 
 
 def test_sparse_experts_down_is_not_folded():
@@ -280,6 +281,31 @@ def test_sparse_experts_down_is_not_folded():
     folded = {int(f.source.split(".")[-2]) for f in folder.folds if ".experts." in f.source}
     assert folded == {e for e, t in enumerate(tokens) if t >= need}
     assert folded and any(qconfig.MIN_EXPERT_TOKENS <= t < need for t in tokens), tokens
+
+
+HOST_READS = ("__float__", "__int__", "__bool__", "item", "tolist", "nonzero")
+
+
+def test_a_layers_folds_read_the_host_once_not_per_expert(monkeypatch):
+    """A host read (``float(t)``, ``.tolist()``, ...) of a GPU tensor waits for the device's queue to drain. The fold
+    searches per routed expert (its consensus and its up -> down vector, twelve candidates each): the candidates'
+    losses and the choices stay on the device, and the layer's choices are read at once when the fold is applied.
+    Counted on tiny-mixtral's first layer (8 experts, 3 of them folded up -> down)."""
+    sm = StreamedModel(models.path("tiny-mixtral"))
+    ids = torch.randint(1, 4096, (4, 128), generator=torch.Generator().manual_seed(1))
+    (i, layer), *_ = sm.layers(0)
+    cl = CalibratedLayer(sm, i, layer, QuantConfig(format="int4-awq", awq_fold=True), DistEnv())
+    cl.observe(sm.embed([ids]))
+    reads = []
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _n=name, _f=real, **k: reads.append(_n) or _f(t, *a, **k))
+    folder = fold_mod.LayerFolder(cl)
+    folder.plan()
+    folder.apply()
+    monkeypatch.undo()
+    assert len([f for f in folder.folds if ".experts." in f.source]) == 3
+    assert len(reads) <= 3, collections.Counter(reads)  # the experts' token lists (twice), the choices
 
 
 def test_dense_sites_fold_to_unfolded_awq_bit_for_bit(tmp_path):

@@ -63,6 +63,35 @@ def fake_int4(w: torch.Tensor, group: int) -> torch.Tensor:
     return int4.dequantize(q, s)
 
 
+def _grid(ws: list[torch.Tensor], x: torch.Tensor, act_mean: torch.Tensor, group: int, n_grid: int):
+    """The alpha grid's candidate scales and their summed squared output errors (float64, on the device: read
+    by the caller at once, not one host read per candidate and linear), and the reference outputs' norm."""
+    x = x.float()
+    ref = [x @ w.float().T for w in ws]
+    norm = x.new_zeros((), dtype=torch.float64)
+    for r in ref:  # in order, in float64: the sums a Python float accumulated
+        norm = norm + (r * r).sum().double()
+    wsc = weight_scale(ws, group)
+    scales, errs = [], []
+    for k in range(n_grid + 1):
+        s = candidate_scales(act_mean, wsc, k / n_grid)  # modelopt: torch.arange(0, 1 + step, step), step 0.1
+        xs, err = x / s, norm.new_zeros(())
+        for w, r in zip(ws, ref, strict=True):
+            err = err + ((xs @ fake_int4(w.float() * s, group).T - r) ** 2).sum().double()
+        scales.append(s)
+        errs.append(err)
+    return scales, errs, norm
+
+
+def first_best(errs: list[torch.Tensor]) -> torch.Tensor:
+    """The index (0-d, on the errors' device, no host read) that keeping candidate 0 unless a later error is
+    strictly less selects: the first of equal minima; a NaN error never wins, and one at index 0 is kept."""
+    e = torch.stack(errs)
+    e = torch.where(e.isnan(), torch.inf, e)
+    e[0] = torch.where(errs[0].isnan(), -torch.inf, e[0])
+    return torch.argmin(e)
+
+
 @torch.no_grad()
 def search(ws: list[torch.Tensor], x: torch.Tensor, act_mean: torch.Tensor, group: int,
            n_grid: int = 10) -> tuple[torch.Tensor, float, float]:
@@ -70,23 +99,24 @@ def search(ws: list[torch.Tensor], x: torch.Tensor, act_mean: torch.Tensor, grou
 
     Returns (pre_quant_scale [in] float32, alpha, relative output error at alpha).
     """
-    x = x.float()
-    ref = [x @ w.float().T for w in ws]
-    norm = sum(float((r * r).sum()) for r in ref) or 1.0
-    wsc = weight_scale(ws, group)
+    scales, errs, norm = _grid(ws, x, act_mean, group, n_grid)
+    norm, *errs = torch.stack([norm, *errs]).tolist()  # one host read
     best = (float("inf"), 0.0, torch.ones_like(act_mean, dtype=torch.float32))
-    for k in range(n_grid + 1):
-        alpha = k / n_grid  # modelopt: torch.arange(0, 1 + step, step), step 0.1
-        s = candidate_scales(act_mean, wsc, alpha)
-        xs = x / s
-        err = 0.0
-        for w, r in zip(ws, ref, strict=True):
-            y = xs @ fake_int4(w.float() * s, group).T
-            err += float(((y - r) ** 2).sum())
+    for k, (err, s) in enumerate(zip(errs, scales, strict=True)):
         if err < best[0]:
-            best = (err, alpha, s)
+            best = (err, k / n_grid, s)
     err, alpha, s = best
-    return (1.0 / s).float(), alpha, err / norm
+    return (1.0 / s).float(), alpha, err / (norm or 1.0)
+
+
+@torch.no_grad()
+def search_vector(ws: list[torch.Tensor], x: torch.Tensor, act_mean: torch.Tensor, group: int,
+                  n_grid: int = 10) -> torch.Tensor:
+    """:func:`search`'s pre_quant_scale, chosen on the device (no host read)."""
+    scales, errs, norm = _grid(ws, x, act_mean, group, n_grid)
+    ones = torch.ones_like(act_mean, dtype=torch.float32)
+    k = first_best([norm.new_full((), float("inf")), *errs])  # candidate 0: none finite keeps the ones
+    return (1.0 / torch.stack([ones, *scales])[k]).float()
 
 
 # llm-awq auto_clip's grid (n_grid 20, max_shrink 0.5: 1, 0.975, ..., 0.5), a superset of modelopt
@@ -127,7 +157,7 @@ def _weights(ws):
 
 @torch.no_grad()
 def search_shared(parts: list[tuple], act_mean: torch.Tensor, group: int, n_grid: int = 10,
-                  tie=None) -> tuple[torch.Tensor, float | None, float]:
+                  tie=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pre_quant_scale shared by several groups of linears that read the same input channels, each
     group on its own rows of that input: ``parts`` = [(weights, rows x [n, in]), ...], weights a list of
     [out, in] tensors or a function returning it (made when needed: one expert's at a time), e.g. every
@@ -140,7 +170,9 @@ def search_shared(parts: list[tuple], act_mean: torch.Tensor, group: int, n_grid
     1 / weight_scale), and a folded vector, which every reader of the input must share, could
     otherwise be worse on the calibration loss than leaving the input unsmoothed.
 
-    Returns (pre_quant_scale [in] float32, alpha (None: no smoothing won), its :func:`shared_error`)."""
+    Returns, on the device without a host read (a fold searches once per routed expert): the
+    pre_quant_scale [in] float32, the candidate's index (0-d; 0: no smoothing, k: alpha (k - 1) / n_grid,
+    :func:`alpha_of`) and its :func:`shared_error`."""
     wsum, rows = None, 0
     for ws, _ in parts:
         for w in _weights(ws):
@@ -149,28 +181,28 @@ def search_shared(parts: list[tuple], act_mean: torch.Tensor, group: int, n_grid
             r = (g / (g.amax(dim=-1, keepdim=True) + TINY)).reshape(out, inp).sum(0)
             wsum, rows = (r if wsum is None else wsum + r), rows + out
     wsc = wsum / rows
-    ones = torch.ones_like(act_mean, dtype=torch.float32)
-    best = (shared_error(parts, ones, group), None, ones)
+    scales = [torch.ones_like(act_mean, dtype=torch.float32)]
     for k in range(n_grid + 1):
-        alpha = k / n_grid
-        s = candidate_scales(act_mean, wsc, alpha)
-        if tie is not None:
-            s = tie(s)
-        err = shared_error(parts, s, group)
-        if err < best[0]:
-            best = (err, alpha, s)
-    err, alpha, s = best
-    return (1.0 / s).float(), alpha, err
+        s = candidate_scales(act_mean, wsc, k / n_grid)
+        scales.append(s if tie is None else tie(s))
+    errs = [shared_error(parts, s, group) for s in scales]
+    k = first_best(errs)
+    return (1.0 / torch.stack(scales)[k]).float(), k, torch.stack(errs)[k]
 
 
-def shared_error(parts: list[tuple], s: torch.Tensor, group: int) -> float:
-    """Squared output error, summed over the parts' linears and rows, of smoothing by ``s`` and rounding
-    to nearest: sum ||(x / s) Q(W * s)^T - x W^T||^2."""
-    err = 0.0
+def alpha_of(k: int, n_grid: int = 10) -> float | None:
+    """The alpha of :func:`search_shared`'s candidate ``k`` (None: no smoothing)."""
+    return None if k == 0 else (k - 1) / n_grid
+
+
+def shared_error(parts: list[tuple], s: torch.Tensor, group: int) -> torch.Tensor:
+    """Squared output error (0-d float64, on the device), summed over the parts' linears and rows, of smoothing
+    by ``s`` and rounding to nearest: sum ||(x / s) Q(W * s)^T - x W^T||^2."""
+    err = s.new_zeros((), dtype=torch.float64)
     for ws, x in parts:
         if x.shape[0] == 0:
             continue
         x = x.float()
         for w in _weights(ws):
-            err += float(((x / s) @ fake_int4(w.float() * s, group).T - x @ w.float().T).pow(2).sum())
+            err = err + ((x / s) @ fake_int4(w.float() * s, group).T - x @ w.float().T).pow(2).sum().double()
     return err

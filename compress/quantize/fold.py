@@ -80,7 +80,7 @@ class Fold:
     p: torch.Tensor
     row_p: torch.Tensor | None = None  # source is a linear (v_proj, up_proj)
     router: str | None = None
-    alpha: float | None = None
+    choice: torch.Tensor | None = None  # awq.search_shared's candidate (its alpha read once a layer: apply)
     stats: list[LinearStats] = field(default_factory=list)  # observed statistics of this input
 
 
@@ -164,7 +164,7 @@ def consensus(parts: list[tuple], group: int, own: list | None = None) -> torch.
         if o is None or o.shape[0] == 0:
             logs.append(torch.zeros(x.shape[1], device=x.device))
         else:
-            logs.append(awq.search(_weights(ws), o, o.abs().mean(0), group)[0].clamp(min=TINY).log())
+            logs.append(awq.search_vector(_weights(ws), o, o.abs().mean(0), group).clamp(min=TINY).log())
         weights.append(float(x.shape[0]))
     if not logs:
         return None
@@ -175,7 +175,7 @@ def consensus(parts: list[tuple], group: int, own: list | None = None) -> torch.
 
 
 @torch.no_grad()
-def shared_loss(parts: list[tuple], pqs: torch.Tensor, group: int) -> float:
+def shared_loss(parts: list[tuple], pqs: torch.Tensor, group: int) -> torch.Tensor:
     """Sum over the parts' linears and rows of the squared output error of smoothing by ``pqs`` and
     rounding to nearest (awq.search_shared's loss)."""
     return awq.shared_error(parts, 1.0 / pqs, group)
@@ -254,7 +254,7 @@ class LayerFolder:
             return
         found = self._search(readers, st)
         if found is not None:
-            self.folds.append(Fold(norm, readers, found[0], alpha=found[1], stats=[st]))
+            self.folds.append(Fold(norm, readers, found[0], choice=found[1], stats=[st]))
 
     def _v_to_o(self) -> None:
         """v_proj (GQA-tied) or MLA's kv_b_proj value rows -> o_proj."""
@@ -269,7 +269,7 @@ class LayerFolder:
         st = self.cl.stats.get(o)
         found = self._search([o], st, maps[0])
         if found is not None:
-            self.folds.append(Fold(v, [o], found[0], row_p=maps[1](found[0]), alpha=found[1], stats=[st]))
+            self.folds.append(Fold(v, [o], found[0], row_p=maps[1](found[0]), choice=found[1], stats=[st]))
 
     def _moe_fold(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """post_attention_layernorm -> router + every routed and shared expert's gate/up: one vector,
@@ -295,22 +295,24 @@ class LayerFolder:
             parts.append((lambda names=names: [cl.weights[n] for n in names], X[toks][:AWQ_SAMPLE_ROWS]))
             o = self._own_rows(X, toks, down=False) if routed else X
             own.append(None if o is None else o[:AWQ_SAMPLE_ROWS])
-        p, alpha = self._shared_vector(parts, own, X, self._group(readers[0]))
+        p, choice = self._shared_vector(parts, own, X, self._group(readers[0]))
         shared = [cl.stats[readers[-1]]] if moe.shared_experts is not None and readers[-1] in cl.stats else []
-        self.folds.append(Fold("post_attention_layernorm", readers, p, router=f"{fa}.gate", alpha=alpha, stats=shared))
+        self.folds.append(Fold("post_attention_layernorm", readers, p, router=f"{fa}.gate", choice=choice,
+                               stats=shared))
         return X, idx
 
     def _shared_vector(self, parts: list[tuple], own: list, X: torch.Tensor,
-                       group: int) -> tuple[torch.Tensor, float | None]:
+                       group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The vector of the MoE input: the best, by the loss summed over every reader on its own rows,
         of awq.search_shared's candidates (no smoothing, and the alpha grid on pooled statistics) and
-        the consensus of the readers' own AWQ vectors (see :func:`consensus`). alpha None: the
-        consensus or no smoothing won."""
-        p, alpha, loss = awq.search_shared(parts, X.abs().mean(0), group)
+        the consensus of the readers' own AWQ vectors (see :func:`consensus`), chosen on the device; the
+        grid's candidate index, 0 where the consensus or no smoothing won."""
+        p, k, loss = awq.search_shared(parts, X.abs().mean(0), group)
         c = consensus(parts, group, own)
-        if c is not None and shared_loss(parts, c, group) < loss:
-            return c, None
-        return p, alpha
+        if c is None:
+            return p, k
+        better = shared_loss(parts, c, group) < loss
+        return torch.where(better, c, p), torch.where(better, 0, k)
 
     def _up_to_down(self, prefix: str, ex, st: LinearStats | None, x: torch.Tensor | None = None) -> None:
         """up_proj -> down_proj of one MLP: its down input's observed statistics ``st``, or made from its
@@ -325,7 +327,7 @@ class LayerFolder:
                 st.add(ex.act_fn(nn.functional.linear(c, w[g])) * nn.functional.linear(c, w[u]))
         found = self._search([d], st)
         if found is not None:
-            self.folds.append(Fold(u, [d], found[0], row_p=found[0], alpha=found[1],
+            self.folds.append(Fold(u, [d], found[0], row_p=found[0], choice=found[1],
                                    stats=[st] if x is None else []))
 
     # ---- the folded model ---------------------------------------------------------------------------
@@ -336,6 +338,10 @@ class LayerFolder:
         cl = self.cl
         mods = dict(self.layer.named_modules())
         cols, rows = {}, {}
+        chosen = [f for f in self.folds if f.choice is not None]
+        for f, k in zip(chosen, torch.stack([f.choice for f in chosen]).tolist() if chosen else [], strict=True):
+            if awq.alpha_of(k) is not None:  # one host read a layer
+                cl.res.awq_alpha[f.readers[0]] = awq.alpha_of(k)
         for f in self.folds:
             p = f.p
             if f.row_p is None:
@@ -350,8 +356,6 @@ class LayerFolder:
                 scale_stats(st, p)
             for n in f.readers:
                 cols[n] = p
-            if f.alpha is not None:
-                cl.res.awq_alpha[f.readers[0]] = f.alpha
         cl.weights = FoldedWeights(cl.linears, cols, rows)
 
     def _stored_dtype(self, rel: str) -> torch.dtype:
