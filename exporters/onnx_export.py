@@ -133,8 +133,9 @@ def refuse_opset(cfg) -> None:
         import onnxruntime
 
         runs = next((o for o in range(cfg.opset - 1, 20, -1) if _loads_opset(o)), None)
+        expected = f"expected 21..{runs}" if runs else "it runs none from 21 on: a newer onnxruntime is needed"
         raise MoepressError(f"--opset {cfg.opset}: onnxruntime {onnxruntime.__version__} refuses graphs of that "
-                            f"opset (newer than the onnx releases it knows); expected 21..{runs}")
+                            f"opset (newer than the onnx releases it knows); {expected}")
 
 
 @cache  # an export asks refuse_config twice (exporters.export, then the exporter itself)

@@ -144,6 +144,17 @@ def test_opset_outside_21_to_the_newest_is_one_line_exit_2(cli_run, tmp_path, op
     assert not Path(tmp_path / "o").exists()
 
 
+def test_an_onnxruntime_running_no_opset_from_21_is_named_so(cli_run, tmp_path, monkeypatch):
+    """An onnxruntime older than the export's opsets (outside the dependency range, but installed): the refusal
+    said "expected 21..None"."""
+    from moepress.exporters import onnx_export
+
+    monkeypatch.setattr(onnx_export, "_loads_opset", lambda opset: False)
+    r = cli_run("export", models.path("tiny-mixtral"), "--format", "onnx", "--opset", 21, "-o", tmp_path / "o")
+    assert_one_line_error(r, "--opset 21: onnxruntime")
+    assert "None" not in r.stderr and "a newer onnxruntime is needed" in r.stderr
+
+
 def test_opset_is_refused_by_an_exporter_writing_no_graph(cli_run, tmp_path):
     """--opset 17 with hf-modelopt was ignored, exit 0."""
     r = cli_run("export", models.path("tiny-mixtral"), "--format", "hf-modelopt", "--opset", 17, "-o", tmp_path / "o")
