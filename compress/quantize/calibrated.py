@@ -247,10 +247,9 @@ class CalibratedLayer:
     def quantize_experts(self) -> None:
         """Routed experts one at a time, from the layer's MoE input and its routing; then their
         input scales shared per projection."""
-        X = torch.cat(self.moe_inputs) if self.moe_inputs else None
+        X = self.moe_input()
         idx = torch.cat(self.routes) if self.routes else None
         if X is not None:
-            self.moe_inputs = [X]  # the batches' pieces go: one copy of the layer's MoE inputs, not two
             self.layer_stats = LinearStats(hessian=False)
             self.layer_stats.add(X)
         expert_groups: list[tuple[int, str, list[str]]] = []
@@ -394,11 +393,18 @@ class CalibratedLayer:
                     fmt, pqs, _ = res.specs[n]
                     res.specs[n] = (fmt, pqs, per_proj_amax[key].clone())
 
+    def moe_input(self) -> torch.Tensor | None:
+        """The layer's MoE inputs as one tensor (None: none observed), held once: the batches' pieces are let go
+        once concatenated (Kimi K2 at its calibration tokens: about 10 GB each), and a later call copies nothing."""
+        if len(self.moe_inputs) > 1:
+            self.moe_inputs = [torch.cat(self.moe_inputs)]
+        return self.moe_inputs[0] if self.moe_inputs else None
+
     def _all_tokens_input_scale(self, e: int, proj: str, n: str) -> torch.Tensor:
         """Linear ``n``'s static input scale from every MoE-input token run through expert e: for a
         projection whose experts of its format saw no token at all (a --rule giving one rarely-routed
         expert its own format), whose own amax would be 0 and clamp every activation to nothing."""
-        X = torch.cat(self.moe_inputs)
+        X = self.moe_input()
         fmt, pqs, _ = self.res.specs[n]
         if proj == "gate_up":
             amax = X.abs().amax(dim=0)

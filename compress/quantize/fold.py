@@ -239,15 +239,17 @@ class LayerFolder:
             if rows is not None:  # None: unfolded AWQ rounds this down_proj to nearest, unsmoothed
                 self._up_to_down(f"{fa}.experts.{e}", ex, None, rows)
 
-    def _own_rows(self, X: torch.Tensor, toks: torch.Tensor, down: bool) -> torch.Tensor | None:
+    def _own_rows(self, X: torch.Tensor, toks: torch.Tensor, down: bool,
+                  rows: int | None = None) -> torch.Tensor | None:
         """The MoE-input rows that unfolded AWQ's statistics of a routed expert come from, by the
         calibrated layer's evidence rule (calibrated.py ``_evidence_rule``): its own tokens
         (``routed``), every token (``all-tokens``; ``borrow``'s gate/up), or None (``rtn``, ``borrow``'s
-        down: rounded to nearest without smoothing, so a fold would smooth on evidence the rule refuses)."""
+        down: rounded to nearest without smoothing, so a fold would smooth on evidence the rule refuses); the first
+        ``rows`` of them (default: all)."""
         rule = self.cl._evidence_rule(int(toks.numel()), X.shape[1], pooled=True)
         if rule == "routed":
-            return X[toks]
-        return X if rule == "all-tokens" or (rule == "borrow" and not down) else None
+            return X[toks[:rows]]
+        return X[:rows] if rule == "all-tokens" or (rule == "borrow" and not down) else None
 
     def _norm_fold(self, norm: str, readers: list[str], st: LinearStats | None) -> None:
         if not all(self._awq(n) for n in readers):
@@ -277,7 +279,7 @@ class LayerFolder:
         cl, moe, fa = self.cl, self.layer.moe, self.layer.ffn_attr
         if not cl.moe_inputs:
             return None, None
-        X, idx = torch.cat(cl.moe_inputs), torch.cat(cl.routes)
+        X, idx = cl.moe_input(), torch.cat(cl.routes)
         mlps = [(f"{fa}.experts.{e}", ex) for e, ex in enumerate(moe.experts)]
         if moe.shared_experts is not None:
             mlps.append((f"{fa}.shared_experts", moe.shared_experts))
@@ -291,10 +293,11 @@ class LayerFolder:
         for k, (p, ex) in enumerate(mlps):
             names = [f"{p}.{n}" for n in ex.names[:2]]
             routed = k < len(moe.experts)
-            toks = tokens[k] if routed else slice(None)
-            parts.append((lambda names=names: [cl.weights[n] for n in names], X[toks][:AWQ_SAMPLE_ROWS]))
-            o = self._own_rows(X, toks, down=False) if routed else X
-            own.append(None if o is None else o[:AWQ_SAMPLE_ROWS])
+            # the first sampled rows only, not a copy of every routed row sliced (the copy would stay alive under
+            # the slice: top-k copies of the MoE input over the layer's experts)
+            first = X[tokens[k][:AWQ_SAMPLE_ROWS]] if routed else X[:AWQ_SAMPLE_ROWS]
+            parts.append((lambda names=names: [cl.weights[n] for n in names], first))
+            own.append(self._own_rows(X, tokens[k], down=False, rows=AWQ_SAMPLE_ROWS) if routed else first)
         p, choice = self._shared_vector(parts, own, X, self._group(readers[0]))
         shared = [cl.stats[readers[-1]]] if moe.shared_experts is not None and readers[-1] in cl.stats else []
         self.folds.append(Fold("post_attention_layernorm", readers, p, router=f"{fa}.gate", choice=choice,
@@ -351,7 +354,7 @@ class LayerFolder:
                 self._fold_bias(mods[f.source], f.source, f.row_p)
             if f.router is not None:
                 self._fold_router(mods[f.router], f.router, p)
-                cl.moe_inputs = [x * p[None, :] for x in cl.moe_inputs]
+                cl.moe_inputs = [x.mul_(p[None, :]) for x in cl.moe_inputs]  # in place: held once
             for st in {id(s): s for s in f.stats if s is not None}.values():
                 scale_stats(st, p)
             for n in f.readers:
