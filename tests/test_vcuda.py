@@ -69,6 +69,9 @@ for name, src in (("full", "tiny-mixtral"), ("half", "pruned")):  # 8 experts; t
           f"merge-{name}", *C)
 # Kimi K2 Thinking's layout: packed INT4 experts decoded at each call, their weight_shape read as numbers
 syncs("kimi-stats", "calib", "stats", "tiny-kimi-k2-int4", "--device", "cuda", "-o", "kimi-stats", *C)
+# ... and a merge refit re-encodes kept experts' down projections: their weight_shape stays on the host as well
+syncs("kimi-merge", "prune", "tiny-kimi-k2-int4", "--ratio", "0.5", "--method", "merge", "--sequential", "--device",
+      "cuda", "-o", "kimi-merge", *C)
 print(json.dumps(res))
 """
 
@@ -220,5 +223,6 @@ def test_compressed_tensors_words_decode_on_the_device():
 def test_a_packed_int4_stream_reads_its_weight_shapes_on_the_host(stages):
     """A compressed-tensors pack-quantized weight is decoded at every forward; its weight_shape stays on the host
     (stream.py HOST_SUFFIXES), so reading it waits for nothing: as uploaded, two syncs per expert linear and batch."""
-    got = stages[1]["syncs-kimi-stats"]
-    assert stages[1]["kimi-stats"] == 0 and not [s for s in got if "ct_inputs.py" in s], got
+    for key in ("kimi-stats", "kimi-merge"):  # a stream; a merge's refit re-encoding kept experts
+        got = stages[1][f"syncs-{key}"]
+        assert stages[1][key] == 0 and not [s for s in got if "ct_inputs.py" in s], (key, got)

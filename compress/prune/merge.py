@@ -43,6 +43,7 @@ from moepress.compress.prune.evidence import LayerEvidence
 from moepress.compress.prune.routing import route_masked
 from moepress.compress.quant import fp8
 from moepress.compress.quant.exact import div
+from moepress.compress.stream import HOST_SUFFIXES
 from moepress.errors import MoepressError
 
 
@@ -139,7 +140,10 @@ def _refit_down(expert, x: torch.Tensor, pw: torch.Tensor, lost: torch.Tensor) -
     if isinstance(down, StoredLinear) and down.kept:  # kept quantized: re-encoded now, as it will be written
         w = delta.add_(down.stored_weight(torch.float32)).float()
         tensors, _ = encode_like(down.kept_reader, down.kept_name.removesuffix(".weight"), w, down.kept)
-        down.keep(down.kept_reader, down.kept_name, {n: t.to(w.device) for n, t in tensors.items()})
+        # as the stream keeps a stored linear's companions: a decoder's numbers on the host (a read of each, at each
+        # decode, would wait for the GPU), the rest on the layer's device
+        down.keep(down.kept_reader, down.kept_name,
+                  {n: t if n.endswith(HOST_SUFFIXES) else t.to(w.device) for n, t in tensors.items()})
     else:
         down.weight.data.copy_(delta.add_(down.weight))  # D + L G^-1 in float64, written into D's own storage
 
