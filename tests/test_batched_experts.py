@@ -2,6 +2,7 @@
 experts.py) gives the bytes of the one-by-one path, and GPTQ's in-place / row-chunked memory savings
 (compress/quant/gptq.py) change no value (issue 22, items 2 and 4)."""
 
+import collections
 import hashlib
 import os
 
@@ -114,6 +115,26 @@ def test_expert_batch_gives_the_one_by_one_layer_result(fmt):
         assert torch.equal(v, many.tensors[k]), k
     assert one.awq_alpha == many.awq_alpha and one.shared == many.shared
     assert list(one.modules.items()) == list(many.modules.items())
+
+
+def test_a_batchs_host_reads_do_not_grow_with_its_experts(monkeypatch):
+    """On a GPU a host read (a bool, ``torch.equal``, ``.tolist()``) waits for the device's queue to drain: the
+    batch's decisions (whose weights share their all-zero columns) are read at once, not per expert. INT4 GPTQ
+    (no AWQ: its CPU path's exact per-item sums read floats that the GPU's do not) on 9 and on 4 experts."""
+    cfg = QuantConfig(format="int4-gptq", group_size=32)
+    groups = _groups("int4-gptq", cfg)
+    reads = collections.Counter()
+    for name in ("__float__", "__int__", "__bool__", "item", "tolist", "nonzero"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda t, *a, _n=name, _f=real, **k: reads.update([_n]) or _f(t, *a, **k))
+    monkeypatch.setattr(torch, "equal", lambda *a, _f=torch.equal: reads.update(["equal"]) or _f(*a))
+    counts = []
+    for n in (len(groups), 8):
+        reads.clear()
+        _run(groups[:n], cfg, batched_int4=True, budget=1 << 40)
+        counts.append(dict(reads))
+    assert counts[0] == counts[1], counts
 
 
 def test_a_group_nothing_batches_is_quantized_when_added_and_its_weights_let_go():

@@ -156,6 +156,8 @@ class VCuda(torch.Tensor):
             SYNCS[("item", _site())] += 1
         elif func is aten.nonzero.default:
             SYNCS[("nonzero", _site())] += 1
+        elif func in _SYNCING_OPS and has_v:
+            SYNCS[(_SYNCING_OPS[func], _site())] += 1
         if func in DIVS and isinstance(args[0], VCuda) and _cpu_scalar(args[1]) and not kwargs:
             out = _div_by_cpu_scalar(func, args[0], args[1])
             if out is not None:
@@ -334,6 +336,12 @@ class VCudaMode(TorchFunctionMode):
 
 # reads of a device tensor's values on the host that reach _on_host (a C++ binding's CUDA guard), not aten's
 # _local_scalar_dense / nonzero below the torch function mode: float(t), int(t), t.nonzero() ...
+# ops that wait for the device on CUDA: a bool or a size the host needs, or a solver's error check (linalg's
+# non-_ex functions end in _linalg_check_errors; eigh checks its own). Device-to-host copies are not counted.
+_SYNCING_OPS = {aten._linalg_check_errors.default: "linalg check", aten._linalg_eigh.default: "eigh",
+                aten.equal.default: "equal", aten.allclose.default: "allclose", aten._unique2.default: "unique",
+                aten.masked_select.default: "masked_select", aten.repeat_interleave.Tensor: "repeat_interleave",
+                aten.bincount.default: "bincount"}
 _HOST_READS = {"__float__", "__int__", "__bool__", "__index__", "item", "nonzero", "tolist"}
 
 

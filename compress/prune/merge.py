@@ -155,7 +155,7 @@ def _refit_gram(h: torch.Tensor, pw: torch.Tensor, lost: torch.Tensor) -> torch.
     ha = h * pw ** 2
     gram = ha.T @ h
     gram.diagonal().add_(RIDGE * gram.diagonal().mean() + 1e-12)  # in place (the largest allocation); no host read
-    lu, pivots = torch.linalg.lu_factor(gram)
+    lu, pivots, _ = torch.linalg.lu_factor_ex(gram)  # lu_factor's own call, without its error check: a host read
     del gram
     cross = lost.double().T @ ha
     del ha
@@ -172,7 +172,9 @@ def _refit_kernel(xw: torch.Tensor, yw: torch.Tensor) -> torch.Tensor:
     ridge = RIDGE * xw.square().sum() / xw.shape[1] + 1e-12  # a device scalar: no read per expert
     kernel = xw @ xw.T
     kernel.diagonal().add_(ridge)
-    return yw.T @ torch.linalg.solve(kernel, xw)
+    # solve's own call without its error check (a host read per expert on a GPU): the ridge makes the kernel
+    # positive definite
+    return yw.T @ torch.linalg.solve_ex(kernel, xw)[0]
 
 
 def fold_dropped(ev: LayerEvidence, kept: list[int], num_experts: int) -> dict:

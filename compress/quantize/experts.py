@@ -198,9 +198,11 @@ def _gptq_batch(groups: list[_Group], wqs: list[list[torch.Tensor]], pqs: list, 
     else one by one."""
     out: list = [None] * len(groups)
     shared = []
+    deads = [[(w == 0).all(dim=0) for w in wq] for wq in wqs]
+    agree = torch.stack([torch.stack([(d == ds[0]).all() for d in ds]).all() for ds in deads]).tolist()  # one read
     for i, wq in enumerate(wqs):
-        dead = [(w == 0).all(dim=0) for w in wq]
-        if all(torch.equal(d, dead[0]) for d in dead):
+        dead = deads[i]
+        if agree[i]:
             shared.append((i, dead[0]))
         else:
             H = _int4._hessian(groups[i].st, pqs[i], True)
