@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -243,7 +244,9 @@ class AttentionObserver:
 
         if OBSERVED_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
             AttentionInterface.register(OBSERVED_ATTENTION, _observed_attention)
-        self.attn, self.on_kv, self.config = attn, on_kv, attn.config
+        # the module holds its observer; the observer holds the module weakly: a layer dropped (the stream lets each
+        # go) is freed at once, not at the garbage collector's next cycle with its stored weights
+        self.attn, self.on_kv, self.config = weakref.ref(attn), on_kv, attn.config
         impl = self.config._attn_implementation
         eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
         self.delegate = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
@@ -254,8 +257,10 @@ class AttentionObserver:
         attn.config, attn.moepress_observer = observed, self
 
     def remove(self) -> None:
-        self.attn.config = self.config
-        del self.attn.moepress_observer
+        attn = self.attn()
+        if attn is not None:
+            attn.config = self.config
+            del attn.moepress_observer
 
 
 class StoredLinear(nn.Linear):

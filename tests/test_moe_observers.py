@@ -2,6 +2,9 @@
 ``torch.where(indices == e)`` loop of transformers' experts (which skips experts no token chose), and
 ``AttentionObserver`` against the keys and values transformers' own cache stores."""
 
+import gc
+import weakref
+
 import torch
 import transformers as tf
 
@@ -44,3 +47,18 @@ def test_attention_observer_sees_what_transformers_caches_and_remove_restores_th
         obs.remove()
         assert attn.config is model.config and not hasattr(attn, "moepress_observer")
         assert torch.equal(model(ids).logits, want) and len(seen) == 1  # no longer observed
+
+
+def test_an_observed_attention_module_is_freed_when_dropped():
+    """A check's candidate with an FP8 KV cache keeps its layers' observers attached: the module and its observer
+    referred to each other, so each dropped layer's attention (its stored weights) lived until the garbage
+    collector's next cycle. Collection off: a dropped module is freed at once."""
+    attn = _tiny_qwen3().model.layers[1].self_attn
+    AttentionObserver(attn, lambda k, v: None)
+    ref = weakref.ref(attn)
+    gc.disable()
+    try:
+        del attn
+        assert ref() is None
+    finally:
+        gc.enable()
