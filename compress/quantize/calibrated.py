@@ -247,8 +247,7 @@ class CalibratedLayer:
     def quantize_experts(self) -> None:
         """Routed experts one at a time, from the layer's MoE input and its routing; then their
         input scales shared per projection."""
-        X = self.moe_input()
-        idx = torch.cat(self.routes) if self.routes else None
+        X, idx = self.moe_input(), torch.cat(self.routes) if self.routes else None
         if X is not None:
             self.layer_stats = LinearStats(hessian=False)
             self.layer_stats.add(X)
@@ -394,8 +393,8 @@ class CalibratedLayer:
                     res.specs[n] = (fmt, pqs, per_proj_amax[key].clone())
 
     def moe_input(self) -> torch.Tensor | None:
-        """The layer's MoE inputs as one tensor (None: none observed), held once: the batches' pieces are let go
-        once concatenated (Kimi K2 at its calibration tokens: about 10 GB each), and a later call copies nothing."""
+        """The layer's MoE inputs as one tensor (None: none), held once: the pieces go once concatenated (Kimi K2 at its
+        calibration tokens: about 10 GB each); a later call copies nothing."""
         if len(self.moe_inputs) > 1:
             self.moe_inputs = [torch.cat(self.moe_inputs)]
         return self.moe_inputs[0] if self.moe_inputs else None
