@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from moepress.cli import cli
+from moepress.errors import MoepressError
 from moepress.pipeline.recipe import load_recipe
 
 CALIB = Path(__file__).resolve().parent.parent / "calib" / "data" / "calib.txt"
@@ -202,3 +203,23 @@ def test_from_a_stage_reruns_it_and_every_stage_after_it(cli_run, tmp_path):
     r = cli_run("run", rec, "-o", out, "--quiet", "--from", "check")
     assert r.exit_code == 2 and r.stderr.strip().endswith("has no check section; expected one of its stages "
                                                           "(prune, export)"), r.output
+
+
+def test_a_rerun_removes_the_verdicts_on_the_outputs_it_replaces(cli_run, tmp_path, monkeypatch):
+    """A rerun whose stages rewrite a checked candidate (here: another calibration seed) was killed before checking
+    it again: the earlier run's report ("passed") stood beside bytes it never read. The checks of what a stage
+    replaces go when that stage starts; here the run stops at its first check, as a kill there would."""
+    from moepress.pipeline import runner
+
+    out = tmp_path / "run"
+    check = {"max_samples": 2, "seq_len": 32, "max_ppl_increase": None, "min_top1": None, "max_kl": None}
+    rec = _recipe(tmp_path, calib={"num_samples": 4, "seq_len": 32, "seed": 0}, export={"formats": ["onnx"]},
+                  check=check)
+    assert cli_run("run", rec, "-o", out).exit_code == 0
+    assert {p.name for p in (out / "check").iterdir()} == {"quantized", "onnx"}
+    monkeypatch.setattr(runner.Runner, "_check", lambda *a: (_ for _ in ()).throw(MoepressError("killed")))
+    rec = _recipe(tmp_path, calib={"num_samples": 4, "seq_len": 32, "seed": 1}, export={"formats": ["onnx"]},
+                  check=check)
+    assert cli_run("run", rec, "-o", out).exit_code != 0
+    assert not (out / "check").exists() or not any((out / "check").iterdir())
+    assert not [p for p in (out / ".state").iterdir() if p.name.startswith("check")]

@@ -52,7 +52,15 @@ from moepress.pipeline.keys import (
 )
 from moepress.pipeline.preflight import preflight
 from moepress.pipeline.recipe import STAGES, dump, export_config, key_where, recipe_keys
-from moepress.pipeline.stale import claim_for_model, planned, refuse_links, stage_path, state_file, withdraw
+from moepress.pipeline.stale import (
+    claim_for_model,
+    planned,
+    refuse_links,
+    stage_path,
+    state_file,
+    withdraw,
+    withdraw_stage,
+)
 from moepress.progress import Progress
 
 # which builder turns which export into an engine / deployment (each builder declares the export it takes)
@@ -60,6 +68,7 @@ BUILDERS = {k: b.name for b in builder_registry.BUILDERS.values() for k in b.kin
 
 
 RUN_JSON = "run.json"  # the finished run's summary
+CHECKED_AS = {"prune": "pruned", "quantize": "quantized"}  # the check of a stage's output (an export: its format)
 
 
 class Runner:
@@ -137,6 +146,9 @@ class Runner:
         # not resumed: the stage's writer clears the partial, under its lock (another process may hold it)
         resume = resumable and st.get("key") == key and not st.get("done") and partial.exists() \
             and not self._forced(sid)
+        checked = CHECKED_AS.get(sid, sid.partition(":")[2] if sid.startswith("export:") else None)
+        if checked and withdraw_stage(self.out, f"check:{checked}", self.state_dir):  # its verdict: of other bytes
+            self.prog.info(f"{sid}: removed check/{checked}, the verdict on the output this replaces")
         self._save_state(sid, {"key": key, "done": False, "started": time.time()})
         self.prog.info(f"{sid}: {'resuming' if resume else 'running'} -> {out}")
         from moepress.device import MemoryPeaks
@@ -192,11 +204,11 @@ class Runner:
         if r["prune"] is not None:
             current = self._prune(current, cur_key, calib_key)
             cur_key = self.record["prune"]["key"]
-            cur_kind = "pruned"
+            cur_kind = CHECKED_AS["prune"]
         if r["quantize"] is not None:
             current = self._quantize(current, cur_key, calib_key)
             cur_key = self.record["quantize"]["key"]
-            cur_kind = "quantized"
+            cur_kind = CHECKED_AS["quantize"]
         artifacts: dict[str, tuple[Path, str]] = {}
         if r["export"] is not None:
             for fmt in r["export"]["formats"]:

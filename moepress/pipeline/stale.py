@@ -112,6 +112,18 @@ def planned(out: Path, recipe: dict, state_dir: Path) -> set[Path]:
     return keep
 
 
+def withdraw_stage(out: Path, sid: str, state_dir: Path) -> bool:
+    """Remove stage ``sid``'s output, its ``.partial`` and lock and its state file (True: an output was there): a
+    check whose candidate is about to be rewritten, whose verdict would otherwise stand beside bytes it never read
+    while the run is between the two (and after a kill there)."""
+    p = stage_path(out, sid)
+    gone = _remove(p)
+    for s in SUFFIXES:
+        _remove(p.with_name(p.name + s))
+    state_file(state_dir, sid).unlink(missing_ok=True)
+    return gone
+
+
 def _remove(p: Path) -> bool:
     """``p`` gone (a symbolic link: the link, never what it points to); True if there was something."""
     if p.is_symlink() or p.is_file():
