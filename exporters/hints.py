@@ -74,8 +74,10 @@ def plain_quantize(s, fmt: str, export: str) -> str | None:
         if partial_fused_blocks(s, modules):
             return None
     widths = expert_widths(s)
-    if f.element == "int4" and len({effective_group(w, max(GROUP_SIZES)) for w in widths}) > 1:
-        return f"{fmt} --group-size {max(common_groups(widths))}"
+    groups = {effective_group(w, max(GROUP_SIZES)) for w in widths}
+    if f.element == "int4" and (len(groups) > 1 or None in groups):  # None: the default group leaves it unquantized
+        common = common_groups(widths)
+        return f"{fmt} --group-size {max(common)}" if common else None
     return fmt
 
 

@@ -464,3 +464,17 @@ def test_fp4_experts_of_widths_no_fp4_kernel_runs_are_sent_to_fp8_not_to_an_expo
     f = tmp_path / "f"
     quantize_checkpoint(m, f, QuantConfig(format="fp8-dynamic"))
     export(f, tmp_path / "ct", ExportConfig(format="compressed-tensors"))
+
+
+def test_a_bf16_source_no_default_group_fits_is_sent_to_int4_with_a_group_that_does(exported, tmp_path_factory):
+    """Hidden 160, experts 224 wide: no width takes the default group of 128, so the bf16 source's refusal named
+    plain int4-gptq, which quantize then refused (every linear would stay unquantized). Each format the refusal
+    names, with its flags, quantizes and exports."""
+    src = _random(tmp_path_factory, "mixtral", "tiny-mixtral", hidden_size=160, intermediate_size=224)
+    msg = exported((src, None, 128, False), "compressed-tensors")
+    named = re.search(r"run moepress quantize --format (.+) first\)$", msg).group(1)
+    ways = [w.strip() for w in re.sub(r"[()]|\bor\b", ",", named).split(",") if w.strip()]
+    assert "int4-gptq --group-size 32" in ways, msg
+    for way in ways:
+        fmt, _, group = way.partition(" --group-size ")
+        assert exported((src, fmt, int(group or 128), False), "compressed-tensors") is None, f"{msg}\n  -> {way}"
