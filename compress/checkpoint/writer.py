@@ -145,6 +145,8 @@ class CheckpointWriter:
         self._shards: list[tuple[str, list[str], int]] = []  # (file, names, bytes)
         self._names: set[str] = set()
         self._ends: list[int] = []  # shard counts at the caller's end_shard() calls (layer boundaries)
+        self._unit_ends: list[int] = []  # the boundaries of units (layers) this run finished: end_shard(unit=True)
+        self._units_journaled = False  # one of them in the journal, its shards written: a resume keeps it
         self.transient = tuple(transient)
         self._digests: dict[str, dict] = {}  # shard file -> {sha256, size}, hashed while written
         self.changed: str | None = None  # a resumed shard missing or changed since written (from it on: rewritten)
@@ -157,7 +159,6 @@ class CheckpointWriter:
         self._take_partial(resume)
         self._next = len(self._shards)
         self._inherited = len(self._shards)  # shards of an earlier run: abort() keeps the partial
-        self._units = 0  # units (layers) this run finished: end_shard(unit=True)
         # background=True: a shard is written (and hashed) by a thread while the caller computes
         # the next one; at most one shard is in flight, so memory is two shards at most.
         if background:
@@ -207,6 +208,8 @@ class CheckpointWriter:
             {"shards": self._shards, "ends": list(self._ends), "digests": self._digests}
         with naming(self._journal_path()):
             replace_file(self._journal_path(), json.dumps({"key": self.resume_key, **state}))
+        if not committing:
+            self._units_journaled = any(e <= len(state["shards"]) for e in self._unit_ends)
 
     def _drop_unfinished(self) -> None:
         """A resumed journal's shards after its last caller boundary (a layer cut off between two of its
@@ -234,8 +237,9 @@ class CheckpointWriter:
         the shards up to here hold whole units of the caller's (layers), which a resume keeps. ``unit`` False: what
         comes before the units (quantize's embedding), which a resume keeps too, but which alone is no finished work
         an interrupt keeps the partial for."""
-        self._units += unit
         n = self._next + bool(self._buf)  # the shards queued once this one is
+        if unit:
+            self._unit_ends.append(n)
         if self._ends and self._ends[-1] == n:
             return
         self._ends.append(n)  # before the shard's journal entry is written (maybe by the thread)
@@ -365,7 +369,7 @@ class CheckpointWriter:
                 self.abort()
                 raise
         elif isinstance(exc, KeyboardInterrupt) and self.resume_key is not None and self.partial.is_dir() \
-                and (self._units or self._inherited):  # a layer finished, here or in the run this one resumes
+                and (self._units_journaled or self._inherited):  # a layer a resume keeps, here or resumed
             self.abort(keep=True)  # Ctrl-C / SIGTERM: the finished layers stay, as a kill leaves them
             exc.kept = self.partial
         elif getattr(exc, "keep_partial", False) and self.partial.is_dir():
