@@ -229,11 +229,10 @@ class LayerFolder:
             self._norm_fold("post_attention_layernorm", [f"{fa}.{g}", f"{fa}.{u}"], stats.get(f"{fa}.{g}"))
             self._up_to_down(fa, ffn, stats.get(f"{fa}.{ffn.names[2]}"))
             return
-        X, idx = self._moe_fold()
+        X, tokens = self._moe_fold()
         if ffn.shared_experts is not None:
             sx = ffn.shared_experts
             self._up_to_down(f"{fa}.shared_experts", sx, stats.get(f"{fa}.shared_experts.{sx.names[2]}"))
-        tokens = expert_tokens(idx, len(ffn.experts)) if X is not None else []
         for e, ex in enumerate(ffn.experts if X is not None else ()):
             rows = self._own_rows(X, tokens[e], down=True)
             if rows is not None:  # None: unfolded AWQ rounds this down_proj to nearest, unsmoothed
@@ -273,13 +272,14 @@ class LayerFolder:
         if found is not None:
             self.folds.append(Fold(v, [o], found[0], row_p=maps[1](found[0]), choice=found[1], stats=[st]))
 
-    def _moe_fold(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _moe_fold(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """post_attention_layernorm -> router + every routed and shared expert's gate/up: one vector,
-        each expert scored on its own tokens. Returns the MoE input and routing (None: none observed)."""
+        each expert scored on its own tokens. Returns the MoE input (None: none observed) and each routed expert's
+        tokens."""
         cl, moe, fa = self.cl, self.layer.moe, self.layer.ffn_attr
         if not cl.moe_inputs:
-            return None, None
-        X, idx = cl.moe_input(), torch.cat(cl.routes)
+            return None, []
+        X, tokens = cl.moe_input(), expert_tokens(torch.cat(cl.routes), len(moe.experts))
         mlps = [(f"{fa}.experts.{e}", ex) for e, ex in enumerate(moe.experts)]
         if moe.shared_experts is not None:
             mlps.append((f"{fa}.shared_experts", moe.shared_experts))
@@ -287,9 +287,8 @@ class LayerFolder:
         downs = {f"{p}.{ex.names[2]}" for p, ex in mlps}
         others = [n for n in cl.linears if n.startswith(fa + ".") and n not in readers and n not in downs]
         if others or not all(self._awq(n) for n in readers):
-            return X, idx
+            return X, tokens
         parts, own = [], []
-        tokens = expert_tokens(idx, len(moe.experts))
         for k, (p, ex) in enumerate(mlps):
             names = [f"{p}.{n}" for n in ex.names[:2]]
             routed = k < len(moe.experts)
@@ -302,7 +301,7 @@ class LayerFolder:
         shared = [cl.stats[readers[-1]]] if moe.shared_experts is not None and readers[-1] in cl.stats else []
         self.folds.append(Fold("post_attention_layernorm", readers, p, router=f"{fa}.gate", choice=choice,
                                stats=shared))
-        return X, idx
+        return X, tokens
 
     def _shared_vector(self, parts: list[tuple], own: list, X: torch.Tensor,
                        group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,9 +341,10 @@ class LayerFolder:
         mods = dict(self.layer.named_modules())
         cols, rows = {}, {}
         chosen = [f for f in self.folds if f.choice is not None]
-        for f, k in zip(chosen, torch.stack([f.choice for f in chosen]).tolist() if chosen else [], strict=True):
-            if awq.alpha_of(k) is not None:  # one host read a layer
-                cl.res.awq_alpha[f.readers[0]] = awq.alpha_of(k)
+        ks = torch.stack([f.choice for f in chosen]).tolist() if chosen else []  # one host read a layer
+        for f, alpha in zip(chosen, map(awq.alpha_of, ks), strict=True):
+            if alpha is not None:
+                cl.res.awq_alpha[f.readers[0]] = alpha
         for f in self.folds:
             p = f.p
             if f.row_p is None:

@@ -113,9 +113,9 @@ def planned(out: Path, recipe: dict, state_dir: Path) -> set[Path]:
 
 
 def withdraw_stage(out: Path, sid: str, state_dir: Path) -> bool:
-    """Remove stage ``sid``'s output, its ``.partial`` and lock and its state file (True: an output was there): a
-    check whose candidate is about to be rewritten, whose verdict would otherwise stand beside bytes it never read
-    while the run is between the two (and after a kill there)."""
+    """Remove stage ``sid``'s output, its ``.partial`` and lock and its state file (True: an output was there): an
+    earlier run's output the recipe no longer produces (:func:`withdraw`), or a check whose candidate is about to be
+    rewritten, whose verdict would otherwise stand beside bytes it never read (and after a kill there)."""
     p = stage_path(out, sid)
     gone = _remove(p)
     for s in SUFFIXES:
@@ -140,15 +140,10 @@ def withdraw(out: Path, keep: set[Path], state_dir: Path, say=None) -> list[str]
     ``.partial`` and lock, and its state file, each said through ``say``; returns the outputs removed, relative to
     ``out``."""
     gone = []
-    for sid, state in recorded(state_dir).items():
+    for sid in recorded(state_dir):
         p = stage_path(out, sid)
-        if p in keep:
-            continue
-        if _remove(p):
+        if p not in keep and withdraw_stage(out, sid, state_dir):
             gone.append(p.relative_to(out).as_posix())
-        for s in SUFFIXES:
-            _remove(p.with_name(p.name + s))
-        state.unlink(missing_ok=True)
     for parent in ("export", "check", "build"):  # a stage folder this left empty goes too (not a link to one)
         d = out / parent
         if d.is_dir() and not d.is_symlink() and not any(d.iterdir()):
