@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -349,3 +350,18 @@ def count_evidence(per: torch.Tensor, keep: int, empty: int = 0, **fields):
         setattr(total, k, sum(getattr(c, k) for c in chunks[:per.shape[0]]))
     budget = plan_budget(FakeAdapter(E), PruneConfig(keep=keep))
     return LayerEvidence(0, None, total, {"scoring": "softmax"}, None, chunks), budget, chunks
+
+
+HOST_READS = ("__float__", "__int__", "__bool__", "item", "tolist", "nonzero")  # each waits for a GPU's queue
+
+
+def count_host_reads(monkeypatch) -> collections.Counter:
+    """Calls that read a tensor on the host (the Tensor methods above and ``torch.equal``), counted by name until
+    ``monkeypatch`` undoes them: on a GPU each waits for the device's queue to drain."""
+    reads = collections.Counter()
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda t, *a, _n=name, _f=real, **k: reads.update([_n]) or _f(t, *a, **k))
+    monkeypatch.setattr(torch, "equal", lambda *a, _f=torch.equal: reads.update(["equal"]) or _f(*a))
+    return reads

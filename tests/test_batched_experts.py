@@ -2,13 +2,13 @@
 experts.py) gives the bytes of the one-by-one path, and GPTQ's in-place / row-chunked memory savings
 (compress/quant/gptq.py) change no value (issue 22, items 2 and 4)."""
 
-import collections
 import hashlib
 import os
 
 import pytest
 import torch
 
+from helpers import count_host_reads
 from moepress import models
 from moepress.compress import formats
 from moepress.compress.quant import awq, batched, gptq
@@ -123,12 +123,7 @@ def test_a_batchs_host_reads_do_not_grow_with_its_experts(monkeypatch):
     (no AWQ: its CPU path's exact per-item sums read floats that the GPU's do not) on 9 and on 4 experts."""
     cfg = QuantConfig(format="int4-gptq", group_size=32)
     groups = _groups("int4-gptq", cfg)
-    reads = collections.Counter()
-    for name in ("__float__", "__int__", "__bool__", "item", "tolist", "nonzero"):
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name,
-                            lambda t, *a, _n=name, _f=real, **k: reads.update([_n]) or _f(t, *a, **k))
-    monkeypatch.setattr(torch, "equal", lambda *a, _f=torch.equal: reads.update(["equal"]) or _f(*a))
+    reads = count_host_reads(monkeypatch)
     counts = []
     for n in (len(groups), 8):
         reads.clear()
